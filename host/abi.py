@@ -1,0 +1,71 @@
+"""Guest ABI v1, as constants the host checks against (``guest_sdk/ABI.md`` is the prose).
+
+One place for names, codes and limits, so the linker, the tool dispatcher and
+the bundle validator cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+ABI_VERSION: Final = 1
+SUPPORTED_ABI_VERSIONS: Final = frozenset({1})
+ABI_SECTION: Final = "torpor.abi"
+
+IMPORT_MODULE: Final = "torpor"
+ENTRY_EXPORT: Final = "torpor_main"
+MEMORY_EXPORT: Final = "memory"
+ASYNC_BUF_EXPORT: Final = "__torpor_async"
+GLOBAL_EXPORT_PREFIX: Final = "torpor.g"
+
+# Imports every agent may use: they touch nothing but the agent's own input,
+# output and log. ``tool_call`` is defined only when the policy grants a tool.
+CORE_IMPORTS: Final = frozenset(
+    {"input_len", "input_read", "output_write", "log", "response_len", "response_read", "abort"}
+)
+TOOL_IMPORT: Final = "tool_call"
+SUSPENDING_IMPORTS: Final = (f"{IMPORT_MODULE}.{TOOL_IMPORT}",)
+
+ASYNCIFY_EXPORTS: Final = (
+    "asyncify_start_unwind",
+    "asyncify_stop_unwind",
+    "asyncify_start_rewind",
+    "asyncify_stop_rewind",
+    "asyncify_get_state",
+)
+
+# Error codes a guest receives (negative i32) and their names in error objects.
+E_FAULT: Final = -1
+E_INVALID_JSON: Final = -2
+E_TOO_LARGE: Final = -3
+E_UNKNOWN_TOOL: Final = -4
+E_INVALID_ARGS: Final = -5
+E_TOOL_FAILED: Final = -6
+E_DENIED: Final = -7
+E_RESULT_TOO_LARGE: Final = -8
+E_RATE_LIMITED: Final = -9
+E_TIMEOUT: Final = -10
+E_UNAVAILABLE: Final = -11
+
+ERROR_CODES: Final[dict[str, int]] = {
+    "fault": E_FAULT,
+    "invalid_json": E_INVALID_JSON,
+    "too_large": E_TOO_LARGE,
+    "unknown_tool": E_UNKNOWN_TOOL,
+    "invalid_args": E_INVALID_ARGS,
+    "tool_failed": E_TOOL_FAILED,
+    "denied": E_DENIED,
+    "result_too_large": E_RESULT_TOO_LARGE,
+    "rate_limited": E_RATE_LIMITED,
+    "timeout": E_TIMEOUT,
+    "unavailable": E_UNAVAILABLE,
+}
+
+ABORT_PANIC: Final = 0
+ABORT_OOM: Final = 1
+
+MAX_TOOL_NAME: Final = 128
+MAX_ARGS: Final = 1 << 20
+MAX_OUTPUT: Final = 1 << 20
+MAX_LOG: Final = 64 << 10
+MAX_RESPONSE: Final = 1 << 20

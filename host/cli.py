@@ -1,0 +1,358 @@
+"""The ``torpor`` command line: a thin layer over :class:`host.runtime.Host`.
+
+Every command takes ``--json`` for scripts. Errors are typed exceptions turned
+into one readable line (``torpor: error[code]: message``) and a non-zero exit
+code; with ``--json`` the error is a JSON object on stdout instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import bundle as bundle_mod
+from .errors import ConfigError, TorporError
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the command ran, the agent did not complete
+EXIT_ERROR = 2  # the command itself could not do its work
+
+
+def _emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=None, default=str))
+    else:
+        human()
+
+
+def _host(args: argparse.Namespace) -> Any:
+    from .runtime import Host
+
+    return Host(args.store)
+
+
+def _parse_input(text: str | None) -> Any:
+    if text is None:
+        return {}
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"--input {text}: cannot read file ({exc.strerror})") from exc
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--input is not valid JSON: {exc}") from exc
+
+
+# -- build / pack / inspect-bundle ---------------------------------------------------
+def cmd_build(args: argparse.Namespace) -> int:
+    raw = bundle_mod.build_dir(args.dir)
+    return _write_bundle(args, raw)
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    try:
+        module = Path(args.module).read_bytes()
+        policy_text = Path(args.policy).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+    tools = {Path(p).stem: Path(p).read_text(encoding="utf-8") for p in args.tool or []}
+    raw = bundle_mod.pack(module, policy_text, tools=tools, policy_source=args.policy)
+    return _write_bundle(args, raw)
+
+
+def _write_bundle(args: argparse.Namespace, raw: bytes) -> int:
+    b = bundle_mod.load_bytes(raw, source=args.output)
+    out = Path(args.output)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_bytes(raw)
+        tmp.replace(out)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {out}: {exc.strerror}") from exc
+    data = {"bundle": str(out), "digest": b.digest, "name": b.name, "size": len(raw), "module_size": len(b.module)}
+    _emit(args, data, lambda: print(f"built {out} ({b.name}, {len(raw)} bytes, digest {b.digest[:16]})"))
+    return EXIT_OK
+
+
+def cmd_inspect_bundle(args: argparse.Namespace) -> int:
+    import wasmtime
+
+    b = bundle_mod.load(args.bundle)
+    module = wasmtime.Module(wasmtime.Engine(), b.module)
+    data = {
+        "digest": b.digest,
+        "name": b.name,
+        "abi_version": b.abi_version,
+        "module_sha256": b.module_digest,
+        "module_size": len(b.module),
+        "imports": [f"{i.module}.{i.name}" for i in module.imports],
+        "exports": [e.name for e in module.exports],
+        "host_tools": sorted(b.tools),
+        "policy": b.policy_text,
+    }
+
+    def human() -> None:
+        print(f"bundle   {args.bundle}\nname     {b.name}\ndigest   {b.digest}\nabi      v{b.abi_version}")
+        print(f"module   {len(b.module)} bytes, sha256 {b.module_digest[:16]}")
+        print("imports  " + ", ".join(data["imports"]))
+        print("exports  " + ", ".join(data["exports"]))
+        if b.tools:
+            print("tools    " + ", ".join(sorted(b.tools)) + " (host-side Python)")
+        print("policy:\n" + "\n".join("  " + line for line in b.policy_text.splitlines()))
+
+    _emit(args, data, human)
+    return EXIT_OK
+
+
+# -- run / resume / ps / inspect / fork --------------------------------------------------
+def _print_result(res: Any) -> None:
+    status = res.status
+    print(f"agent {res.agent_id}: {status}")
+    if res.output is not None:
+        print(json.dumps(res.output, indent=2))
+    if res.error:
+        print(f"error[{res.error['code']}]: {res.error['message']}")
+    if res.pending and status not in ("completed", "failed"):
+        print(f"waiting on {res.pending.get('tool')} (call {res.pending.get('seq')})")
+    print(f"fuel {res.fuel_used}, tool calls {res.tool_calls}, suspensions {res.suspensions}, "
+          f"checkpoints {res.checkpoints}, snapshot bytes {res.snapshot_bytes}")
+
+
+def _result_exit(res: Any) -> int:
+    return EXIT_OK if res.status == "completed" else EXIT_FAILED
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runtime import run_sync
+
+    if args.fuel is not None and args.fuel < 0:
+        raise ConfigError("--fuel must be a non-negative integer")
+    b = bundle_mod.load(args.bundle)
+    payload = _parse_input(args.input)
+    host = _host(args)
+    try:
+        res = run_sync(lambda: host.run(b, payload, fuel=args.fuel, on_behalf_of=args.on_behalf_of))
+    finally:
+        host.close()
+    if not args.json:
+        for line in res.logs:
+            print(f"[{line['level']}] {line['message']}", file=sys.stderr)
+    _emit(args, res.to_dict(), lambda: _print_result(res))
+    return _result_exit(res)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from .runtime import run_sync
+
+    host = _host(args)
+    try:
+        if args.all:
+            results = run_sync(host.resume_all)
+        elif args.agent:
+            results = [run_sync(lambda: host.resume(args.agent))]
+        else:
+            raise ConfigError("name an agent to resume, or pass --all")
+    finally:
+        host.close()
+    data = [r.to_dict() for r in results]
+
+    def human() -> None:
+        if not results:
+            print("nothing to resume")
+        for r in results:
+            _print_result(r)
+
+    _emit(args, data if args.all else data[0], human)
+    return EXIT_OK if all(r.status == "completed" for r in results) else EXIT_FAILED
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    host = _host(args)
+    try:
+        agents = host.list_agents()
+    finally:
+        host.close()
+    rows = [{
+        "agent_id": a["agent_id"], "name": a.get("name"), "status": a.get("status"),
+        "fuel_used": a.get("usage", {}).get("fuel_used", 0), "tool_calls": a.get("usage", {}).get("tool_calls", 0),
+        "checkpoints": a.get("checkpoints", 0), "last_checkpoint_bytes": a.get("last_checkpoint_bytes", 0),
+        "created_at": a.get("created_at"),
+    } for a in agents if not args.status or a.get("status") == args.status]
+
+    def human() -> None:
+        print(f"{'AGENT':26}  {'NAME':14}  {'STATUS':16}  {'FUEL':>12}  {'CALLS':>6}  {'CKPT':>5}  {'LAST':>6}")
+        for r in rows:
+            print(f"{r['agent_id']:26}  {str(r['name'])[:14]:14}  {r['status']:16}  {r['fuel_used']:>12}  "
+                  f"{r['tool_calls']:>6}  {r['checkpoints']:>5}  {r['last_checkpoint_bytes']:>6}")
+
+    _emit(args, rows, human)
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    host = _host(args)
+    try:
+        info = host.inspect(args.agent)
+    finally:
+        host.close()
+
+    def human() -> None:
+        print(f"agent    {info['agent_id']} ({info.get('name')}, bundle {str(info.get('bundle_digest'))[:16]})")
+        print(f"status   {info.get('status')}")
+        if info.get("principal"):
+            print(f"for      {info['principal']}")
+        if info.get("parent"):
+            print(f"forked   from {info['parent']['agent_id']} at checkpoint {info['parent']['checkpoint']}")
+        if info.get("output") is not None:
+            print("output   " + json.dumps(info["output"]))
+        if info.get("error"):
+            print(f"error    [{info['error']['code']}] {info['error']['message']}")
+        if info.get("pending") and info.get("status") not in ("completed", "failed", "terminated"):
+            print(f"pending  {info['pending']['tool']} {json.dumps(info['pending'].get('args'))} (call {info['pending']['seq']})")
+        u = info.get("usage", {})
+        print(f"usage    fuel {u.get('fuel_used', 0)}, tool calls {u.get('tool_calls', 0)}, suspensions "
+              f"{u.get('suspensions', 0)}, hibernations {u.get('hibernations', 0)}, tokens {u.get('tokens', 0)}")
+        cps = info["checkpoint_list"]
+        print(f"checkpoints ({len(cps)}):")
+        shown = cps if len(cps) <= 12 else cps[:5] + [None] + cps[-5:]
+        for c in shown:
+            if c is None:
+                print("  ...")
+                continue
+            ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["created_at"]))
+            print(f"  #{c['seq']:<5} {c['size']:>7} bytes  {ts}")
+
+    _emit(args, info, human)
+    return EXIT_OK
+
+
+def cmd_fork(args: argparse.Namespace) -> int:
+    host = _host(args)
+    try:
+        new_id = host.fork(args.agent, args.checkpoint)
+    finally:
+        host.close()
+    _emit(args, {"agent_id": new_id, "parent": args.agent, "checkpoint": args.checkpoint},
+          lambda: print(f"forked {args.agent}@{args.checkpoint} as {new_id}; run `torpor resume {new_id}`"))
+    return EXIT_OK
+
+
+# -- policy -----------------------------------------------------------------
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    import policies
+
+    pol = policies.load_policy(args.file)
+    data = {"file": args.file, "ok": True, "agent": pol.agent.name, "tools": sorted(pol.grants)}
+    _emit(args, data, lambda: print(f"{args.file}: ok ({pol.agent.name}, {len(pol.grants)} tool grants)"))
+    return EXIT_OK
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    import policies
+
+    pol = policies.load_policy(args.file)
+    req_args = _parse_input(args.args)
+    req = policies.ToolRequest(agent_id="explain", tool=args.tool, args=req_args, call_seq=1, agent_name=pol.agent.name)
+    exp = policies.explain(pol, req, policies.Usage(), time.time())
+    _emit(args, exp.to_dict(), lambda: print(str(exp)))
+    return EXIT_OK
+
+
+# -- parser -----------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="torpor", description="Run AI agents as sandboxed, hibernating WebAssembly instances.")
+    p.add_argument("--version", action="version", version="torpor 0.1.0")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str, store: bool = False) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("--json", action="store_true", help="print one JSON document")
+        if store:
+            sp.add_argument("--store", default=None, help="store directory (default: $TORPOR_STORE or the user data dir)")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("build", cmd_build, "compile an agent directory (C sources + policy.toml) into a bundle")
+    sp.add_argument("dir")
+    sp.add_argument("-o", "--output", required=True)
+    sp = add("pack", cmd_pack, "pack a wasm module built elsewhere with a policy into a bundle")
+    sp.add_argument("module")
+    sp.add_argument("--policy", required=True)
+    sp.add_argument("--tool", action="append", help="a host-side Python tool module to include (repeatable)")
+    sp.add_argument("-o", "--output", required=True)
+    sp = add("inspect-bundle", cmd_inspect_bundle, "show a bundle's digest, ABI, imports, exports and policy")
+    sp.add_argument("bundle")
+
+    sp = add("run", cmd_run, "run an agent bundle to completion (or until it waits on a human)", store=True)
+    sp.add_argument("bundle")
+    sp.add_argument("--input", help="JSON input, or @FILE")
+    sp.add_argument("--fuel", type=int, help="fuel budget for this run (overrides the policy)")
+    sp.add_argument("--on-behalf-of", help="the principal the agent acts for")
+    sp = add("resume", cmd_resume, "resume a suspended agent from its latest checkpoint", store=True)
+    sp.add_argument("agent", nargs="?")
+    sp.add_argument("--all", action="store_true", help="resume every unfinished agent")
+    sp = add("ps", cmd_ps, "list agents", store=True)
+    sp.add_argument("--status", help="only agents with this status")
+    sp = add("inspect", cmd_inspect, "show an agent: status, output, checkpoints, pending call, usage", store=True)
+    sp.add_argument("agent")
+    sp = add("fork", cmd_fork, "start a new agent from an earlier checkpoint of another", store=True)
+    sp.add_argument("agent")
+    sp.add_argument("--checkpoint", type=int, required=True)
+
+    pol = sub.add_parser("policy", help="check and explain policy files")
+    psub = pol.add_subparsers(dest="policy_command", metavar="SUBCOMMAND")
+    sp = psub.add_parser("check", help="validate a policy file")
+    sp.add_argument("file")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_policy_check)
+    sp = psub.add_parser("explain", help="show the decision for a tool call and every rule behind it")
+    sp.add_argument("file")
+    sp.add_argument("--tool", required=True)
+    sp.add_argument("--args", default="{}", help="JSON arguments")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_policy_explain)
+    return p
+
+
+def _error_code(exc: BaseException) -> str:
+    code = getattr(exc, "code", None)
+    if isinstance(code, str):
+        return code
+    return type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``torpor`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    fn = getattr(args, "fn", None)
+    if fn is None:
+        parser.print_help()
+        return EXIT_ERROR
+    from policies import PolicyError
+    from snapshots.errors import SnapshotError, StoreError
+
+    try:
+        return int(fn(args))
+    except (TorporError, PolicyError, SnapshotError, StoreError) as exc:
+        code = _error_code(exc)
+        if getattr(args, "json", False):
+            print(json.dumps({"status": "error", "error": {"code": code, "message": str(exc)}}))
+        else:
+            print(f"torpor: error[{code}]: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("torpor: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

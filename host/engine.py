@@ -1,0 +1,265 @@
+"""One Wasmtime engine per host, its on-disk compile cache, and loaded modules.
+
+Compiling a module costs milliseconds to seconds; spawning an agent must cost
+microseconds. So each module is compiled once per (module digest, engine
+configuration, Wasmtime version), serialized to ``<store>/cache``, and later
+deserialized — after its checksum is verified, because Wasmtime trusts
+serialized artifacts blindly and a corrupt one must be rebuilt, never loaded.
+In memory, each module gets one :class:`LoadedModule` holding the compiled
+module, the pristine memory image snapshots are diffed against, and one
+``InstancePre`` per grant set, reused across spawns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import wasmtime
+
+from . import abi
+from .errors import ImportNotGranted, ModuleError
+
+EPOCH_TICK_S = 0.005
+MAX_WASM_STACK = 512 << 10
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine settings that change generated code (and so the cache key)."""
+
+    max_wasm_stack: int = MAX_WASM_STACK
+    cranelift_opt_level: str = "speed"
+
+    def fingerprint(self) -> str:
+        try:
+            wt_version = metadata.version("wasmtime")
+        except metadata.PackageNotFoundError:  # pragma: no cover
+            wt_version = "unknown"
+        blob = json.dumps({"cfg": self.__dict__, "fuel": True, "epoch": True, "wasmtime": wt_version}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Engine:
+    """A Wasmtime engine with fuel and epoch interruption, plus its epoch ticker.
+
+    The ticker is a daemon thread that bumps the engine's epoch every
+    ``EPOCH_TICK_S``; a store's deadline is a number of ticks, which is how a
+    runaway guest is stopped by wall clock without a signal.
+    """
+
+    def __init__(self, config: EngineConfig | None = None, cache_dir: Path | None = None) -> None:
+        self.config = config or EngineConfig()
+        cfg = wasmtime.Config()
+        cfg.consume_fuel = True
+        cfg.epoch_interruption = True
+        cfg.max_wasm_stack = self.config.max_wasm_stack
+        cfg.cranelift_opt_level = self.config.cranelift_opt_level
+        self.wasmtime = wasmtime.Engine(cfg)
+        self.fingerprint = self.config.fingerprint()
+        self.cache_dir = cache_dir
+        self._modules: dict[str, LoadedModule] = {}
+        self._lock = threading.Lock()
+        self._ticker: threading.Thread | None = None
+        self.cache_hits = 0
+        self.cache_rebuilds = 0
+
+    # -- epochs -------------------------------------------------------------
+    def ensure_ticker(self) -> None:
+        if self._ticker is None:
+            with self._lock:
+                if self._ticker is None:
+                    t = threading.Thread(target=self._tick, name="torpor-epoch", daemon=True)
+                    t.start()
+                    self._ticker = t
+
+    def _tick(self) -> None:
+        eng = self.wasmtime
+        while True:
+            time.sleep(EPOCH_TICK_S)
+            eng.increment_epoch()
+
+    @staticmethod
+    def deadline_ticks(seconds: float) -> int:
+        return max(1, int(seconds / EPOCH_TICK_S) + 1)
+
+    # -- compile cache -------------------------------------------------------
+    def compile(self, wasm: bytes, digest: str) -> wasmtime.Module:
+        """A compiled module, from the disk cache when a verified entry exists."""
+        if self.cache_dir is None:
+            return self._compile_fresh(wasm)
+        key = f"{digest[:32]}-{self.fingerprint}"
+        art = self.cache_dir / f"{key}.cwasm"
+        meta = self.cache_dir / f"{key}.json"
+        if art.exists() and meta.exists():
+            try:
+                info = json.loads(meta.read_text())
+                blob = art.read_bytes()
+                if info.get("sha256") == hashlib.sha256(blob).hexdigest() and info.get("module") == digest:
+                    module = wasmtime.Module.deserialize(self.wasmtime, blob)
+                    self.cache_hits += 1
+                    return module
+            except (OSError, ValueError, wasmtime.WasmtimeError):
+                pass
+            # Stale or corrupt: drop it and rebuild below.
+            self.cache_rebuilds += 1
+            for p in (art, meta):
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+        module = self._compile_fresh(wasm)
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            blob = module.serialize()
+            tmp = art.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(blob)
+            os.replace(tmp, art)
+            tmp_meta = meta.with_suffix(f".tmp{os.getpid()}")
+            tmp_meta.write_text(json.dumps({"sha256": hashlib.sha256(blob).hexdigest(), "module": digest}))
+            os.replace(tmp_meta, meta)
+        except OSError:
+            pass  # a read-only or full cache only costs a recompile next time
+        return module
+
+    def _compile_fresh(self, wasm: bytes) -> wasmtime.Module:
+        try:
+            return wasmtime.Module(self.wasmtime, wasm)
+        except wasmtime.WasmtimeError as exc:
+            raise ModuleError(f"invalid WebAssembly module: {_first_line(str(exc))}") from exc
+
+    def load(self, wasm: bytes, digest: str) -> LoadedModule:
+        """The process-wide :class:`LoadedModule` for this module digest."""
+        loaded = self._modules.get(digest)
+        if loaded is None:
+            module = self.compile(wasm, digest)
+            loaded = LoadedModule.create(self, module, digest)
+            with self._lock:
+                loaded = self._modules.setdefault(digest, loaded)
+        return loaded
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+@dataclass
+class LoadedModule:
+    """A compiled agent module with what spawning and snapshotting need."""
+
+    engine: Engine
+    module: wasmtime.Module
+    digest: str
+    imports: list[tuple[str, str, str]]  # (module, name, kind)
+    pristine: bytes  # linear memory right after instantiation
+    async_buf: tuple[int, int]  # (address, size) of the asyncify data
+    global_exports: tuple[tuple[str, str], ...]  # (export name, kind) of snapshotted globals
+    suspendable: bool
+    _pres: dict[Any, wasmtime.InstancePre] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, engine: Engine, module: wasmtime.Module, digest: str) -> LoadedModule:
+        exports = {e.name: e.type for e in module.exports}
+        if abi.ENTRY_EXPORT not in exports or not isinstance(exports[abi.ENTRY_EXPORT], wasmtime.FuncType):
+            raise ModuleError(
+                f"the module has no `{abi.ENTRY_EXPORT}` function export: an agent's entry point is "
+                f"`int {abi.ENTRY_EXPORT}(void)` (see guest_sdk/ABI.md)"
+            )
+        entry_ty = exports[abi.ENTRY_EXPORT]
+        assert isinstance(entry_ty, wasmtime.FuncType)
+        if list(entry_ty.params) or len(list(entry_ty.results)) > 1:
+            raise ModuleError(f"`{abi.ENTRY_EXPORT}` must take no parameters and return at most one i32")
+        if not isinstance(exports.get(abi.MEMORY_EXPORT), wasmtime.MemoryType):
+            raise ModuleError("the module does not export its linear memory as `memory`")
+        imports: list[tuple[str, str, str]] = []
+        for imp in module.imports:
+            kind = type(imp.type).__name__.replace("Type", "").lower()
+            imports.append((imp.module, imp.name or "", kind))
+        suspendable = all(name in exports for name in abi.ASYNCIFY_EXPORTS)
+        globals_ = tuple(
+            (name, _valkind(ty.content))
+            for name, ty in exports.items()
+            if name.startswith(abi.GLOBAL_EXPORT_PREFIX) and isinstance(ty, wasmtime.GlobalType) and ty.mutable
+        )
+        pristine, async_buf = _pristine_image(engine, module, imports)
+        return cls(engine, module, digest, imports, pristine, async_buf, globals_, suspendable)
+
+    def check_imports(self, granted_tools: bool, wasi_allow: frozenset[str], policy_name: str) -> None:
+        """Refuse, before anything runs, a module importing what the policy does not grant."""
+        for mod, name, kind in self.imports:
+            if mod == abi.IMPORT_MODULE and kind == "func":
+                if name in abi.CORE_IMPORTS:
+                    continue
+                if name == abi.TOOL_IMPORT:
+                    if granted_tools:
+                        continue
+                    raise ImportNotGranted(
+                        f"the module imports `torpor.tool_call` but policy `{policy_name}` grants no tools; "
+                        "add a [tools.\"NAME\"] table to policy.toml"
+                    )
+                raise ImportNotGranted(f"the module imports `torpor.{name}`, which is not part of guest ABI v{abi.ABI_VERSION}")
+            if mod == "wasi_snapshot_preview1" and name in wasi_allow:
+                continue
+            hint = " (add it to [wasi] allow in policy.toml)" if mod == "wasi_snapshot_preview1" else ""
+            raise ImportNotGranted(
+                f"the module imports `{mod}.{name}` ({kind}), which policy `{policy_name}` does not grant{hint}"
+            )
+
+    def instance_pre(self, key: Any, make_linker: Any) -> wasmtime.InstancePre:
+        pre = self._pres.get(key)
+        if pre is None:
+            linker = make_linker(self.engine.wasmtime)
+            try:
+                pre = linker.instantiate_pre(self.module)
+            except wasmtime.WasmtimeError as exc:
+                raise ModuleError(f"cannot link the module: {_first_line(str(exc))}") from exc
+            self._pres[key] = pre
+        return pre
+
+
+def _valkind(ty: wasmtime.ValType) -> str:
+    s = str(ty)
+    if s not in ("i32", "i64", "f32", "f64"):
+        raise ModuleError(f"a mutable global of type {s} cannot be snapshotted")
+    return s
+
+
+def _pristine_image(engine: Engine, module: wasmtime.Module, imports: list[tuple[str, str, str]]) -> tuple[bytes, tuple[int, int]]:
+    """Instantiate once with inert imports and read the initial memory and asyncify buffer.
+
+    Instantiation runs no guest code (we refuse start functions below), so the
+    memory is exactly the data segments: the image every snapshot is a delta
+    against and every restore starts from.
+    """
+    store = wasmtime.Store(engine.wasmtime)
+    store.set_fuel(0)
+    linker = wasmtime.Linker(engine.wasmtime)
+    linker.allow_shadowing(True)
+    try:
+        linker.define_unknown_imports_as_traps(module)
+        inst = linker.instantiate(store, module)
+    except wasmtime.WasmtimeError as exc:
+        raise ModuleError(f"cannot instantiate the module: {_first_line(str(exc))}") from exc
+    except wasmtime.Trap as exc:
+        raise ModuleError(f"the module traps while instantiating (start function?): {_first_line(str(exc))}") from exc
+    exports = inst.exports(store)
+    mem = exports[abi.MEMORY_EXPORT]
+    assert isinstance(mem, wasmtime.Memory)
+    pristine = bytes(mem.read(store, 0, mem.data_len(store)))
+    buf = exports.get(abi.ASYNC_BUF_EXPORT)
+    async_buf = (0, 0)
+    if isinstance(buf, wasmtime.Global):
+        addr = int(buf.value(store))
+        if 0 < addr and addr + 8 <= len(pristine):
+            cur = int.from_bytes(pristine[addr : addr + 4], "little")
+            end = int.from_bytes(pristine[addr + 4 : addr + 8], "little")
+            if cur == addr + 8 and addr + 8 < end <= len(pristine):
+                async_buf = (addr, end - addr)
+    return pristine, async_buf

@@ -1,0 +1,72 @@
+"""Typed errors of the host.
+
+Every error the host raises on purpose derives from :class:`TorporError` and
+carries a stable machine-readable ``code`` beside a message a person can act
+on. The CLI prints ``error[code]: message`` (or a JSON object with ``--json``)
+and exits non-zero; embedders can catch the classes.
+"""
+
+from __future__ import annotations
+
+
+class TorporError(Exception):
+    """Base of all deliberate host errors."""
+
+    code = "error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ToolchainError(TorporError):
+    """The guest toolchain failed: compiler missing, compile error, Binaryen failure."""
+
+    code = "toolchain"
+
+
+class ModuleError(TorporError):
+    """A wasm module is malformed or does not follow the guest ABI."""
+
+    code = "invalid_module"
+
+
+class AbiVersionError(ModuleError):
+    """The module was built for a guest ABI version this host does not implement."""
+
+    code = "abi_version"
+
+
+class ImportNotGranted(ModuleError):
+    """The module imports something its policy does not grant."""
+
+    code = "import_not_granted"
+
+
+class BundleError(TorporError):
+    """A bundle file is missing, truncated, corrupted or not a bundle."""
+
+    code = "invalid_bundle"
+
+
+class AgentNotFound(TorporError):
+    """No agent with that id in the store."""
+
+    code = "agent_not_found"
+
+
+class AgentStateError(TorporError):
+    """The agent is not in a state that allows the operation (e.g. resume of a finished agent)."""
+
+    code = "invalid_state"
+
+
+class ConfigError(TorporError):
+    """Invalid host configuration or command-line input."""
+
+    code = "invalid_config"

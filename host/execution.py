@@ -1,0 +1,366 @@
+"""One agent's live Wasmtime instance and the suspend/resume mechanics around it.
+
+An :class:`Execution` is synchronous and single-threaded on purpose: it runs
+the guest until the guest finishes, fails, or reaches a tool call. At a tool
+call the ``tool_call`` import asks Asyncify to unwind the wasm stack into the
+agent's own linear memory and returns; the entry export then returns to us
+and the whole agent is linear memory plus a few mutable globals. From there
+the instance can stay in memory (warm) and be rewound in place, or be captured
+(:meth:`capture`), dropped, and later rebuilt from the capture in a fresh
+instance (:meth:`restore`). Either way the guest's ``tool_call`` returns the
+tool's answer as if it had simply blocked.
+
+The orchestration (policies, tools, the store, anyio) lives in
+:mod:`host.runtime`; this module knows only Wasmtime and the ABI.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import wasmtime
+
+from snapshots.delta import MemoryDelta, apply_delta, diff_memory
+from snapshots.format import GlobalValue
+
+from . import abi
+from .engine import LoadedModule
+
+_tls = threading.local()
+
+NORMAL, UNWINDING, REWINDING = 0, 1, 2
+PAGE = 65536
+U32 = 0xFFFFFFFF
+
+
+class GuestAbort(Exception):
+    """Raised inside the ``abort`` import; carries the guest's reason out of the wasm call."""
+
+    def __init__(self, kind: int, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class ImportFault(Exception):
+    """A host import found the guest's arguments unusable (answered with an error code)."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+@dataclass(frozen=True)
+class PendingCall:
+    """The tool call an unwound agent is waiting on."""
+
+    seq: int
+    tool: str
+    args: Any  # parsed JSON
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "tool": self.tool, "args": self.args}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PendingCall:
+        return cls(int(d["seq"]), str(d["tool"]), d.get("args"))
+
+
+@dataclass(frozen=True)
+class Suspended:
+    call: PendingCall
+
+
+@dataclass(frozen=True)
+class Completed:
+    output: Any
+    exit_code: int = 0
+
+
+@dataclass(frozen=True)
+class Failed:
+    code: str
+    message: str
+
+
+Outcome = Suspended | Completed | Failed
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-agent resource limits enforced by Wasmtime."""
+
+    fuel: int  # total fuel for the agent's whole run, across suspensions
+    memory_bytes: int
+    deadline_s: float  # wall clock the guest may spend executing, per run
+
+
+@dataclass(frozen=True)
+class Captured:
+    """Everything needed to rebuild an unwound agent in a fresh instance."""
+
+    memory: MemoryDelta
+    globals: tuple[GlobalValue, ...]
+    async_buf: tuple[int, int]
+
+
+def error_response(code: str, message: str, **extra: Any) -> bytes:
+    body: dict[str, Any] = {"code": code, "message": message}
+    body.update(extra)
+    body.setdefault("retryable", False)
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+@dataclass
+class Execution:
+    """A live instance of one agent (see the module docstring)."""
+
+    loaded: LoadedModule
+    pre: wasmtime.InstancePre
+    limits: Limits
+    input: bytes
+    fuel_used: int = 0
+    call_seq: int = 0
+    log_sink: Callable[[int, str], None] | None = None
+    output: bytes | None = None
+    response: bytes = b""
+    response_status: int = 0
+    mode: int = NORMAL
+    pending: PendingCall | None = None
+    async_buf: tuple[int, int] = (0, 0)
+    _store: Any = None
+    _exports: Any = None
+    _mem: Any = None
+    _entry: Any = None
+    _funcs: dict[str, Any] = field(default_factory=dict)
+
+    # -- lifecycle ----------------------------------------------------------
+    def _instantiate(self) -> None:
+        store = wasmtime.Store(self.loaded.engine.wasmtime)
+        store.set_limits(memory_size=self.limits.memory_bytes)
+        inst = self.pre.instantiate(store)
+        exports = inst.exports(store)
+        self._store = store
+        self._exports = exports
+        self._mem = exports[abi.MEMORY_EXPORT]
+        self._entry = exports[abi.ENTRY_EXPORT]
+        if self.loaded.suspendable:
+            self._funcs = {name: exports[name] for name in abi.ASYNCIFY_EXPORTS[:4]}
+
+    def start(self) -> Outcome:
+        """Instantiate fresh and run the entry export."""
+        self._instantiate()
+        if self.loaded.suspendable:
+            self.async_buf = self.loaded.async_buf
+            if self.async_buf == (0, 0):
+                # A module built without the SDK's buffer: reserve a fresh page past
+                # everything the guest has, before its first instruction runs.
+                old = self._mem.grow(self._store, 1)
+                self.async_buf = (old * PAGE, PAGE)
+        return self._call_entry()
+
+    @classmethod
+    def restore(cls, loaded: LoadedModule, pre: wasmtime.InstancePre, limits: Limits, input: bytes,
+                captured: Captured, *, fuel_used: int, call_seq: int, pending: PendingCall,
+                log_sink: Callable[[int, str], None] | None = None) -> Execution:
+        """Rebuild an unwound agent in a fresh instance (call :meth:`resume` next)."""
+        ex = cls(loaded, pre, limits, input, fuel_used=fuel_used, call_seq=call_seq, log_sink=log_sink)
+        ex._instantiate()
+        store, mem = ex._store, ex._mem
+        size = captured.memory.memory_size
+        cur = mem.data_len(store)
+        if size > cur:
+            if mem.grow(store, (size - cur + PAGE - 1) // PAGE) < 0:
+                raise ValueError("cannot grow memory to the snapshot's size")
+        apply_delta(captured.memory, ex._buffer())
+        for g in captured.globals:
+            ex._exports[g.name].set_value(store, _val(g))
+        ex.async_buf = captured.async_buf
+        ex.pending = pending
+        return ex
+
+    def resume(self, status: int, response: bytes) -> Outcome:
+        """Rewind into the pending ``tool_call``, which returns ``status`` with ``response``."""
+        if self.pending is None:
+            raise RuntimeError("resume() without a pending call")
+        self.response_status = status
+        self.response = response
+        self._funcs["asyncify_start_rewind"](self._store, self.async_buf[0])
+        self.mode = REWINDING
+        return self._call_entry()
+
+    def release(self) -> None:
+        """Drop the instance; the agent lives on only in its capture."""
+        self._store = self._exports = self._mem = self._entry = None
+        self._funcs = {}
+
+    @property
+    def live(self) -> bool:
+        return self._store is not None
+
+    # -- running ------------------------------------------------------------
+    def _call_entry(self) -> Outcome:
+        store = self._store
+        remaining = self.limits.fuel - self.fuel_used
+        if remaining <= 0:
+            return Failed("out_of_fuel", "the agent's fuel budget is used up")
+        store.set_fuel(remaining)
+        self.loaded.engine.ensure_ticker()
+        store.set_epoch_deadline(self.loaded.engine.deadline_ticks(self.limits.deadline_s))
+        prev = getattr(_tls, "ex", None)
+        _tls.ex = self
+        try:
+            result = self._entry(store)
+            outcome: Outcome
+            if self.mode == UNWINDING:
+                self._funcs["asyncify_stop_unwind"](store)
+                self.mode = NORMAL
+                assert self.pending is not None
+                outcome = Suspended(self.pending)
+            else:
+                code = int(result) if isinstance(result, int) else 0
+                if code != 0:
+                    outcome = Failed("agent_error", f"the agent returned {code} from {abi.ENTRY_EXPORT}")
+                else:
+                    outcome = Completed(self._output_value(), 0)
+        except GuestAbort as exc:
+            outcome = Failed("memory_limit" if exc.kind == abi.ABORT_OOM else "aborted", str(exc))
+        except wasmtime.Trap as trap:
+            outcome = self._classify_trap(trap)
+        except wasmtime.WasmtimeError as exc:
+            outcome = Failed("trap", _first_line(str(exc)))
+        finally:
+            _tls.ex = prev
+            try:
+                self.fuel_used += remaining - store.get_fuel()
+            except wasmtime.WasmtimeError:
+                self.fuel_used = self.limits.fuel
+        if not isinstance(outcome, Suspended):
+            self.mode = NORMAL
+        return outcome
+
+    def _output_value(self) -> Any:
+        if self.output is None:
+            return None
+        return json.loads(self.output)
+
+    def _classify_trap(self, trap: wasmtime.Trap) -> Failed:
+        code = trap.trap_code
+        msg = _first_line(trap.message)
+        if code == wasmtime.TrapCode.OUT_OF_FUEL:
+            return Failed("out_of_fuel", f"the agent ran out of fuel (budget {self.limits.fuel})")
+        if code == wasmtime.TrapCode.INTERRUPT:
+            return Failed("deadline_exceeded", f"the agent exceeded its wall-clock budget of {self.limits.deadline_s:g} s")
+        if code == wasmtime.TrapCode.STACK_OVERFLOW:
+            return Failed("stack_overflow", "the agent exhausted its call stack (unbounded recursion?)")
+        if self.mode == UNWINDING and code == wasmtime.TrapCode.UNREACHABLE:
+            return Failed(
+                "suspend_overflow",
+                f"the agent's stack at this tool call does not fit the {self.async_buf[1]}-byte suspension "
+                "buffer; rebuild with a larger -DTORPOR_ASYNC_STACK",
+            )
+        if code == wasmtime.TrapCode.MEMORY_OUT_OF_BOUNDS and self._shadow_stack_overflowed():
+            return Failed("stack_overflow", "the agent overflowed its C stack (unbounded recursion?)")
+        return Failed("trap", msg)
+
+    def _shadow_stack_overflowed(self) -> bool:
+        sp = self._exports.get("__stack_pointer") if self._exports is not None else None
+        if not isinstance(sp, wasmtime.Global):
+            return False
+        try:
+            value = int(sp.value(self._store)) & U32
+        except wasmtime.WasmtimeError:
+            return False
+        return value < 1024 or value > self._mem.data_len(self._store)
+
+    # -- memory -------------------------------------------------------------
+    def _buffer(self) -> Any:
+        store = self._store
+        n = self._mem.data_len(store)
+        base = ctypes.addressof(self._mem.data_ptr(store).contents)
+        return (ctypes.c_ubyte * n).from_address(base)
+
+    def memory_size(self) -> int:
+        return int(self._mem.data_len(self._store))
+
+    def read(self, ptr: int, length: int, limit: int) -> bytes:
+        p = ptr & U32
+        if length < 0:
+            raise ImportFault(abi.E_FAULT, f"negative length {length}")
+        if length > limit:
+            raise ImportFault(abi.E_TOO_LARGE, f"{length} bytes exceeds the limit of {limit}")
+        store = self._store
+        n = self._mem.data_len(store)
+        if p + length > n:
+            raise ImportFault(abi.E_FAULT, f"range [{p}, {p + length}) is outside linear memory ({n} bytes)")
+        if length == 0:
+            return b""
+        base = ctypes.addressof(self._mem.data_ptr(store).contents)
+        return ctypes.string_at(base + p, length)
+
+    def write(self, ptr: int, cap: int, data: bytes) -> int:
+        p = ptr & U32
+        if cap < 0:
+            raise ImportFault(abi.E_FAULT, f"negative capacity {cap}")
+        count = min(cap, len(data))
+        store = self._store
+        n = self._mem.data_len(store)
+        if p + count > n:
+            raise ImportFault(abi.E_FAULT, f"range [{p}, {p + count}) is outside linear memory ({n} bytes)")
+        if count:
+            base = ctypes.addressof(self._mem.data_ptr(store).contents)
+            ctypes.memmove(base + p, data, count)
+        return count
+
+    # -- capture ------------------------------------------------------------
+    def capture(self) -> Captured:
+        """The unwound agent's state: memory delta against the pristine image, globals, buffer."""
+        store, exports = self._store, self._exports
+        delta = diff_memory(self.loaded.pristine, self._buffer())
+        globals_ = tuple(
+            GlobalValue(name, kind, exports[name].value(store))  # type: ignore[arg-type]
+            for name, kind in self.loaded.global_exports
+        )
+        return Captured(delta, globals_, self.async_buf)
+
+    # -- imports (called by Wasmtime through the linker) ----------------------
+    def begin_unwind(self, call: PendingCall) -> None:
+        addr, size = self.async_buf
+        store = self._store
+        base = ctypes.addressof(self._mem.data_ptr(store).contents)
+        hdr = (ctypes.c_uint32 * 2).from_address(base + addr)
+        hdr[0] = addr + 8
+        hdr[1] = addr + size
+        self.pending = call
+        self._funcs["asyncify_start_unwind"](store, addr)
+        self.mode = UNWINDING
+
+    def finish_rewind(self) -> int:
+        self._funcs["asyncify_stop_rewind"](self._store)
+        self.mode = NORMAL
+        return self.response_status
+
+
+def _val(g: GlobalValue) -> wasmtime.Val:
+    if g.kind == "i32":
+        return wasmtime.Val.i32(int(g.value))
+    if g.kind == "i64":
+        return wasmtime.Val.i64(int(g.value))
+    if g.kind == "f32":
+        return wasmtime.Val.f32(float(g.value))
+    return wasmtime.Val.f64(float(g.value))
+
+
+def _first_line(text: str) -> str:
+    text = text.strip()
+    return text.splitlines()[0] if text else "trap"
+
+
+def current() -> Execution:
+    ex: Execution | None = getattr(_tls, "ex", None)
+    if ex is None:  # pragma: no cover - only if Wasmtime calls us outside _call_entry
+        raise RuntimeError("host import called outside an agent execution")
+    return ex

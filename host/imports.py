@@ -1,0 +1,127 @@
+"""The ``torpor`` host imports of guest ABI v1, defined on a Wasmtime linker.
+
+Every pointer and length a guest passes is checked against its linear memory
+before use (see :meth:`Execution.read`); a bad one earns an error code, never a
+host exception. The functions find their agent through a thread-local set by
+:class:`~host.execution.Execution` around each call into wasm, because one
+linker (and one ``InstancePre``) serves every agent of a module.
+"""
+
+from __future__ import annotations
+
+import json
+
+import wasmtime
+
+from . import abi
+from .execution import GuestAbort, ImportFault, PendingCall, current, error_response
+
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
+def _fault(ex_errno: int, message: str) -> int:
+    ex = current()
+    name = next((k for k, v in abi.ERROR_CODES.items() if v == ex_errno), "fault")
+    ex.response = error_response(name, message)
+    ex.response_status = ex_errno
+    return ex_errno
+
+
+def input_len() -> int:
+    return len(current().input)
+
+
+def input_read(ptr: int, cap: int) -> int:
+    ex = current()
+    try:
+        return ex.write(ptr, cap, ex.input)
+    except ImportFault as f:
+        return f.errno
+
+
+def output_write(ptr: int, length: int) -> int:
+    ex = current()
+    try:
+        data = ex.read(ptr, length, abi.MAX_OUTPUT)
+    except ImportFault as f:
+        return f.errno
+    try:
+        json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return abi.E_INVALID_JSON
+    ex.output = data
+    return 0
+
+
+def log(level: int, ptr: int, length: int) -> int:
+    ex = current()
+    try:
+        data = ex.read(ptr, length, abi.MAX_LOG)
+    except ImportFault as f:
+        return f.errno
+    if ex.log_sink is not None:
+        ex.log_sink(level if 0 <= level < len(LOG_LEVELS) else 1, data.decode("utf-8", "replace"))
+    return 0
+
+
+def response_len() -> int:
+    return len(current().response)
+
+
+def response_read(ptr: int, cap: int) -> int:
+    ex = current()
+    try:
+        return ex.write(ptr, cap, ex.response)
+    except ImportFault as f:
+        return f.errno
+
+
+def abort(kind: int, ptr: int, length: int) -> None:
+    ex = current()
+    try:
+        msg = ex.read(ptr, min(max(length, 0), 4096), 4096).decode("utf-8", "replace")
+    except ImportFault:
+        msg = ""
+    what = "out of memory" if kind == abi.ABORT_OOM else "agent aborted"
+    raise GuestAbort(kind, f"{what}: {msg}" if msg else what)
+
+
+def tool_call(name_ptr: int, name_len: int, args_ptr: int, args_len: int) -> int:
+    ex = current()
+    if ex.mode == 2:  # REWINDING: this is the same call, now answered
+        return ex.finish_rewind()
+    try:
+        name_raw = ex.read(name_ptr, name_len, abi.MAX_TOOL_NAME)
+        args_raw = ex.read(args_ptr, args_len, abi.MAX_ARGS)
+    except ImportFault as f:
+        return _fault(f.errno, f"tool_call: {f}")
+    try:
+        name = name_raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return _fault(abi.E_UNKNOWN_TOOL, "tool_call: the tool name is not UTF-8")
+    try:
+        args = json.loads(args_raw) if args_raw.strip() else {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        return _fault(abi.E_INVALID_JSON, f"tool_call: the arguments to {name!r} are not JSON ({exc})")
+    ex.call_seq += 1
+    ex.begin_unwind(PendingCall(ex.call_seq, name, args))
+    return 0
+
+
+def define(linker: wasmtime.Linker, *, tools: bool) -> None:
+    """Define the ABI's imports; ``tool_call`` only when the policy grants a tool."""
+    i32 = wasmtime.ValType.i32()
+
+    def ty(n_params: int, n_results: int) -> wasmtime.FuncType:
+        return wasmtime.FuncType([i32] * n_params, [i32] * n_results)
+
+    m = abi.IMPORT_MODULE
+    linker.define_func(m, "input_len", ty(0, 1), input_len)
+    linker.define_func(m, "input_read", ty(2, 1), input_read)
+    linker.define_func(m, "output_write", ty(2, 1), output_write)
+    linker.define_func(m, "log", ty(3, 1), log)
+    linker.define_func(m, "response_len", ty(0, 1), response_len)
+    linker.define_func(m, "response_read", ty(2, 1), response_read)
+    linker.define_func(m, "abort", ty(3, 0), abort)
+    if tools:
+        linker.define_func(m, abi.TOOL_IMPORT, ty(4, 1), tool_call)

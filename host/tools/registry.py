@@ -1,0 +1,164 @@
+"""Declaring tools, validating their arguments, and loading user tools.
+
+A tool is a Python callable ``fn(args, ctx)`` (sync or async) whose first
+parameter is annotated with a pydantic model: the guest's JSON arguments are
+validated against that model (strictly: no silent coercion, no unknown keys)
+before the tool runs, so a tool never sees malformed input. A *transactional*
+tool instead takes ``fn(args, ctx, txn)`` and does its whole effect inside the
+store transaction that also records its result in the journal: that is how
+``kv.incr`` happens exactly once even if the host is killed at any moment.
+
+User tools are named in a policy as ``module:function``; the module is either
+shipped inside the bundle (``*.py`` beside the agent's sources) or importable
+on the host's ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import ConfigError
+
+
+class ToolError(Exception):
+    """Raise from a tool to give the guest a structured error it can act on."""
+
+    def __init__(self, code: str, message: str, *, retryable: bool = False, **details: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable
+        self.details = details
+
+
+class AnyArgs(BaseModel):
+    """Arguments of a tool that takes any JSON object."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+@dataclass
+class ToolContext:
+    """What a tool knows about the call: who, which call, and the host services it may use."""
+
+    agent_id: str
+    agent_name: str
+    call_seq: int
+    kv_namespace: str
+    principal: str | None = None
+    now: Callable[[], float] = field(default=lambda: 0.0)
+    store: Any = None  # the host's AgentStore, for tools that keep state
+    secrets: dict[str, str] = field(default_factory=dict)  # credentials leased for this call (host side only)
+
+
+@dataclass
+class ToolSpec:
+    """A registered tool."""
+
+    name: str
+    func: Callable[..., Any]
+    args_model: type[BaseModel]
+    idempotent: bool = False
+    transactional: bool = False
+    description: str = ""
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.func)
+
+    def validate(self, args: Any) -> BaseModel:
+        """Validate guest arguments; raise ToolError('invalid_args') with a readable summary."""
+        if not isinstance(args, dict):
+            raise ToolError("invalid_args", f"{self.name}: arguments must be a JSON object, got {type(args).__name__}")
+        try:
+            return self.args_model.model_validate(args, strict=True)
+        except ValidationError as exc:
+            parts = []
+            for err in exc.errors()[:5]:
+                loc = ".".join(str(x) for x in err["loc"]) or "(arguments)"
+                parts.append(f"{loc}: {err['msg']}")
+            raise ToolError("invalid_args", f"{self.name}: " + "; ".join(parts)) from None
+
+
+def tool(name: str, *, idempotent: bool = False, transactional: bool = False, description: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark a function as a tool (the registry reads these attributes)."""
+
+    def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn.__torpor_tool__ = {  # type: ignore[attr-defined]
+            "name": name,
+            "idempotent": idempotent,
+            "transactional": transactional,
+            "description": description or (fn.__doc__ or "").strip().split("\n")[0],
+        }
+        return fn
+
+    return mark
+
+
+def spec_from_function(fn: Callable[..., Any], *, name: str | None = None, idempotent: bool | None = None) -> ToolSpec:
+    """Build a ToolSpec from a function and its annotations."""
+    meta: dict[str, Any] = getattr(fn, "__torpor_tool__", {})
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # annotations that do not resolve: accept any object
+        hints = {}
+    params = list(inspect.signature(fn).parameters)
+    model: type[BaseModel] = AnyArgs
+    if params:
+        ann = hints.get(params[0])
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+    tool_name = name or meta.get("name") or fn.__name__
+    return ToolSpec(
+        name=tool_name,
+        func=fn,
+        args_model=model,
+        idempotent=bool(meta.get("idempotent", False) if idempotent is None else idempotent),
+        transactional=bool(meta.get("transactional", False)),
+        description=str(meta.get("description", "")),
+    )
+
+
+def load_handler(ref: str, *, bundle_tools: dict[str, str], bundle_digest: str) -> Callable[..., Any]:
+    """Resolve ``module:function``, preferring a module shipped in the bundle."""
+    if ":" not in ref:
+        raise ConfigError(f"tool handler {ref!r} must look like `module:function`")
+    mod_name, _, func_name = ref.partition(":")
+    if mod_name in bundle_tools:
+        module = _bundle_module(mod_name, bundle_tools[mod_name], bundle_digest)
+    else:
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as exc:
+            raise ConfigError(
+                f"tool handler {ref!r}: cannot import module {mod_name!r} ({exc}); ship it in the bundle "
+                "as a .py file beside the agent's sources, or make it importable on the host"
+            ) from exc
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise ConfigError(f"tool handler {ref!r}: module {mod_name!r} has no function {func_name!r}")
+    return typing.cast(Callable[..., Any], fn)
+
+
+def _bundle_module(mod_name: str, source: str, digest: str) -> types.ModuleType:
+    # Namespaced by bundle digest: two versions of an agent never share tool code.
+    qual = f"torpor_bundle_{digest[:16]}_{mod_name}"
+    module = sys.modules.get(qual)
+    if module is None:
+        module = types.ModuleType(qual)
+        module.__file__ = f"<bundle {digest[:12]}>/{mod_name}.py"
+        sys.modules[qual] = module
+        try:
+            exec(compile(source, module.__file__, "exec"), module.__dict__)
+        except Exception as exc:
+            del sys.modules[qual]
+            raise ConfigError(f"host tool module {mod_name}.py in the bundle failed to load: {exc}") from exc
+    return module
