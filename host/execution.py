@@ -19,10 +19,12 @@ from __future__ import annotations
 import ctypes
 import json
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import wasmtime
+from wasmtime import _ffi
+from wasmtime._extern import wrap_extern as _wrap_extern
 
 from snapshots.delta import MemoryDelta, apply_delta, diff_memory
 from snapshots.format import GlobalValue
@@ -135,20 +137,21 @@ class Execution:
     _exports: Any = None
     _mem: Any = None
     _entry: Any = None
-    _funcs: dict[str, Any] = field(default_factory=dict)
+    _instance: Any = None
 
     # -- lifecycle ----------------------------------------------------------
     def _instantiate(self) -> None:
         store = wasmtime.Store(self.loaded.engine.wasmtime)
         store.set_limits(memory_size=self.limits.memory_bytes)
         inst = self.pre.instantiate(store)
-        exports = inst.exports(store)
         self._store = store
-        self._exports = exports
-        self._mem = exports[abi.MEMORY_EXPORT]
-        self._entry = exports[abi.ENTRY_EXPORT]
-        if self.loaded.suspendable:
-            self._funcs = {name: exports[name] for name in abi.ASYNCIFY_EXPORTS[:4]}
+        self._instance = inst
+        self._exports = _LazyExports(store, inst)
+        self._mem = self._exports[abi.MEMORY_EXPORT]
+        self._entry = self._exports[abi.ENTRY_EXPORT]
+
+    def _func(self, name: str) -> Any:
+        return self._exports[name]
 
     def start(self) -> Outcome:
         """Instantiate fresh and run the entry export."""
@@ -188,14 +191,13 @@ class Execution:
             raise RuntimeError("resume() without a pending call")
         self.response_status = status
         self.response = response
-        self._funcs["asyncify_start_rewind"](self._store, self.async_buf[0])
+        self._func("asyncify_start_rewind")(self._store, self.async_buf[0])
         self.mode = REWINDING
         return self._call_entry()
 
     def release(self) -> None:
         """Drop the instance; the agent lives on only in its capture."""
-        self._store = self._exports = self._mem = self._entry = None
-        self._funcs = {}
+        self._store = self._exports = self._mem = self._entry = self._instance = None
 
     @property
     def live(self) -> bool:
@@ -216,7 +218,7 @@ class Execution:
             result = self._entry(store)
             outcome: Outcome
             if self.mode == UNWINDING:
-                self._funcs["asyncify_stop_unwind"](store)
+                self._func("asyncify_stop_unwind")(store)
                 self.mode = NORMAL
                 assert self.pending is not None
                 outcome = Suspended(self.pending)
@@ -335,13 +337,48 @@ class Execution:
         hdr[0] = addr + 8
         hdr[1] = addr + size
         self.pending = call
-        self._funcs["asyncify_start_unwind"](store, addr)
+        self._func("asyncify_start_unwind")(store, addr)
         self.mode = UNWINDING
 
     def finish_rewind(self) -> int:
-        self._funcs["asyncify_stop_rewind"](self._store)
+        self._func("asyncify_stop_rewind")(self._store)
         self.mode = NORMAL
         return self.response_status
+
+
+class _LazyExports:
+    """Exports looked up one by one, on first use.
+
+    ``Instance.exports()`` in wasmtime-py wraps every export of the instance,
+    which costs more than instantiation itself; a spawn needs only the memory
+    and the entry point, and the rest only at a suspension.
+    """
+
+    __slots__ = ("_cache", "_ctx", "_inst")
+
+    def __init__(self, store: wasmtime.Store, inst: wasmtime.Instance) -> None:
+        self._ctx = store._context()
+        self._inst = inst._instance
+        self._cache: dict[str, Any] = {}
+
+    def get(self, name: str) -> Any:
+        try:
+            return self._cache[name]
+        except KeyError:
+            pass
+        raw = name.encode()
+        item = _ffi.wasmtime_extern_t()
+        if not _ffi.wasmtime_instance_export_get(self._ctx, ctypes.byref(self._inst), raw, len(raw), ctypes.byref(item)):
+            return None
+        ext = _wrap_extern(item)
+        self._cache[name] = ext
+        return ext
+
+    def __getitem__(self, name: str) -> Any:
+        ext = self.get(name)
+        if ext is None:
+            raise KeyError(name)
+        return ext
 
 
 def _val(g: GlobalValue) -> wasmtime.Val:

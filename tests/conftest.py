@@ -1,0 +1,45 @@
+"""Shared fixtures: guests really compiled from source by the project's own toolchain, once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from host import bundle as bundle_mod
+from host.bundle import Bundle
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "guest_sdk" / "examples"
+GUESTS = Path(__file__).resolve().parent / "guests"
+
+
+class BundleFactory:
+    """Builds agent directories into bundle files, caching by directory."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self._cache: dict[Path, Path] = {}
+
+    def path(self, agent_dir: Path) -> Path:
+        agent_dir = agent_dir.resolve()
+        if agent_dir not in self._cache:
+            raw = bundle_mod.build_dir(agent_dir)
+            p = self.out / f"{agent_dir.name}.torpor"
+            p.write_bytes(raw)
+            self._cache[agent_dir] = p
+        return self._cache[agent_dir]
+
+    def example(self, name: str) -> Path:
+        return self.path(EXAMPLES / name)
+
+    def guest(self, name: str) -> Path:
+        return self.path(GUESTS / name)
+
+    def load(self, agent_dir: Path) -> Bundle:
+        return bundle_mod.load(self.path(agent_dir))
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> BundleFactory:
+    return BundleFactory(tmp_path_factory.mktemp("bundles"))

@@ -1,0 +1,169 @@
+"""Bad input, each case against one long-lived host: a clear typed error, then the next agent runs normally."""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from conftest import EXAMPLES, GUESTS, BundleFactory
+from host import bundle as bundle_mod
+from host.errors import BundleError, ImportNotGranted, ModuleError
+from host.runtime import Host, RunResult
+from policies import PolicyError
+
+HELLO_POLICY = (EXAMPLES / "hello" / "policy.toml").read_text()
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
+    h = Host(tmp_path_factory.mktemp("store"))
+    yield h
+    h.close()
+
+
+def run(host: Host, b: bundle_mod.Bundle, input: Any = None, **kw: Any) -> RunResult:
+    return anyio.run(lambda: host.run(b, input, **kw))
+
+
+@pytest.fixture(autouse=True)
+def host_still_works(host: Host, bundles: BundleFactory) -> Iterator[None]:
+    yield
+    res = run(host, bundles.load(EXAMPLES / "hello"), {"name": "after"})
+    assert res.status == "completed" and res.output == {"greeting": "hello, after"}
+
+
+def guest(bundles: BundleFactory, name: str) -> bundle_mod.Bundle:
+    return bundles.load(GUESTS / name)
+
+
+def test_not_wasm_is_refused() -> None:
+    with pytest.raises(ModuleError, match="not a WebAssembly module"):
+        bundle_mod.pack(b"hello, I am not wasm", HELLO_POLICY)
+
+
+def test_truncated_wasm_is_refused(bundles: BundleFactory) -> None:
+    module = bundles.load(EXAMPLES / "hello").module
+    with pytest.raises((ModuleError, Exception)) as info:
+        bundle_mod.pack(module[: len(module) // 2], HELLO_POLICY)
+    assert "Traceback" not in str(info.value)
+
+
+def test_module_without_entry(host: Host, bundles: BundleFactory) -> None:
+    with pytest.raises(ModuleError, match="torpor_main"):
+        run(host, guest(bundles, "noentry"))
+
+
+def test_import_not_granted(host: Host, bundles: BundleFactory) -> None:
+    with pytest.raises(ImportNotGranted, match="tool_call"):
+        run(host, guest(bundles, "notool"))
+
+
+def test_infinite_loop_runs_out_of_fuel(host: Host, bundles: BundleFactory) -> None:
+    res = run(host, guest(bundles, "loop"), {}, fuel=5_000_000)
+    assert res.status == "failed" and res.error is not None
+    assert res.error["code"] == "out_of_fuel"
+
+
+def test_infinite_loop_hits_deadline(host: Host, bundles: BundleFactory, tmp_path: Path) -> None:
+    b = guest(bundles, "loop")
+    text = b.policy_text.replace("[budgets]", "[budgets]\nwall_clock = \"200ms\"", 1) if "[budgets]" in b.policy_text else b.policy_text + "\n[budgets]\nwall_clock = \"200ms\"\n"
+    fast = bundle_mod.load_bytes(bundle_mod.pack(b.module, _without_key(text, "fuel")))
+    res = run(host, fast, {}, fuel=10**15)
+    assert res.error is not None and res.error["code"] == "deadline_exceeded"
+
+
+def _without_key(text: str, key: str) -> str:
+    return "\n".join(line for line in text.splitlines() if not line.strip().startswith(f"{key} ") and not line.strip().startswith(f"{key}="))
+
+
+def test_memory_growth_hits_limit(host: Host, bundles: BundleFactory) -> None:
+    res = run(host, guest(bundles, "grow"), {})
+    assert res.error is not None and res.error["code"] == "memory_limit"
+
+
+def test_unbounded_recursion(host: Host, bundles: BundleFactory) -> None:
+    res = run(host, guest(bundles, "recurse"), {})
+    assert res.error is not None and res.error["code"] == "stack_overflow"
+
+
+def test_wild_pointers_get_error_codes(host: Host, bundles: BundleFactory) -> None:
+    res = run(host, guest(bundles, "wild"), {})
+    assert res.status == "completed", res.error
+    out = res.output
+    assert isinstance(out, dict) and out
+    # Every probe got a negative error code back; none crashed the host.
+    assert all(isinstance(v, int) and v < 0 for v in _leaves(out)), out
+
+
+def _leaves(value: Any) -> Iterator[Any]:
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _leaves(v)
+    else:
+        yield value
+
+
+def test_unknown_tool_and_bad_args(host: Host, bundles: BundleFactory) -> None:
+    res = run(host, guest(bundles, "badargs"), {})
+    assert res.status == "completed", res.error
+    assert res.output is not None
+    text = str(res.output)
+    assert "-2" in text or "invalid_json" in text
+    assert "-5" in text or "invalid_args" in text
+
+
+def test_corrupted_bundle(bundles: BundleFactory, tmp_path: Path) -> None:
+    raw = bytearray(bundles.example("hello").read_bytes())
+    for pos in (len(raw) // 3, len(raw) // 2, len(raw) - 30):
+        bad = bytearray(raw)
+        bad[pos] ^= 0xFF
+        with pytest.raises(BundleError):
+            bundle_mod.load_bytes(bytes(bad))
+    with pytest.raises(BundleError):
+        bundle_mod.load_bytes(bytes(raw[: len(raw) // 2]))
+    # A member swapped for another with a valid zip CRC is caught by the manifest digest.
+    p = tmp_path / "swapped.torpor"
+    with zipfile.ZipFile(bundles.example("hello")) as src, zipfile.ZipFile(p, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "policy.toml":
+                data += b"\n# tampered\n"
+            dst.writestr(item, data)
+    with pytest.raises(BundleError, match="digest"):
+        bundle_mod.load(p)
+
+
+def test_corrupted_compile_cache_is_rebuilt(bundles: BundleFactory, tmp_path: Path) -> None:
+    b = bundles.load(EXAMPLES / "hello")
+    with Host(tmp_path) as h1:
+        assert run(h1, b, {"name": "x"}).status == "completed"
+    arts = list((tmp_path / "cache").glob("*.cwasm"))
+    assert len(arts) == 1
+    data = bytearray(arts[0].read_bytes())
+    data[len(data) // 2] ^= 0x55
+    arts[0].write_bytes(bytes(data))
+    h2 = Host(tmp_path)
+    try:
+        res = run(h2, b, {"name": "y"})
+        assert res.output == {"greeting": "hello, y"}
+        assert h2.engine.cache_rebuilds == 1
+    finally:
+        h2.close()
+
+
+def test_malformed_policy_names_the_field(tmp_path: Path) -> None:
+    d = tmp_path / "agent"
+    d.mkdir()
+    (d / "agent.c").write_text((EXAMPLES / "hello" / "agent.c").read_text())
+    (d / "policy.toml").write_text('[agent]\nname = "x"\n[budgets]\nfuell = 100\n')
+    with pytest.raises(PolicyError) as info:
+        bundle_mod.build_dir(d)
+    assert "fuell" in str(info.value) and "fuel" in str(info.value)

@@ -1,0 +1,78 @@
+"""End to end through the real `torpor` CLI: build, run, budgets, exit codes, JSON output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from conftest import EXAMPLES, BundleFactory
+
+
+def torpor(*args: str, store: Path | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "host.cli", *args]
+    if store is not None and args and args[0] in {"run", "resume", "ps", "inspect", "fork"}:
+        cmd += ["--store", str(store)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def run_json(*args: str, store: Path) -> tuple[int, dict[str, Any]]:
+    proc = torpor(*args, "--json", store=store)
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_build_and_run_hello(tmp_path: Path) -> None:
+    out = tmp_path / "h.torpor"
+    proc = torpor("build", str(EXAMPLES / "hello"), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    code, res = run_json("run", str(out), "--input", '{"name":"ada"}', store=tmp_path / "store")
+    assert code == 0
+    assert res["status"] == "completed"
+    assert res["output"] == {"greeting": "hello, ada"}
+    assert res["fuel_used"] > 0
+    assert res["tool_calls"] == 0
+    assert isinstance(res["agent_id"], str) and len(res["agent_id"]) == 26
+
+
+def test_hello_out_of_fuel(bundles: BundleFactory, tmp_path: Path) -> None:
+    code, res = run_json("run", str(bundles.example("hello")), "--input", '{"name":"ada"}', "--fuel", "10", store=tmp_path)
+    assert code != 0
+    assert res["status"] == "failed"
+    assert res["error"]["code"] == "out_of_fuel"
+
+
+def test_human_output_and_error_line(bundles: BundleFactory, tmp_path: Path) -> None:
+    proc = torpor("run", str(bundles.example("hello")), "--input", '{"name":"bob"}', store=tmp_path)
+    assert proc.returncode == 0
+    assert "hello, bob" in proc.stdout
+    bad = torpor("run", str(tmp_path / "missing.torpor"), store=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("torpor: error[invalid_bundle]:")
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_steps_suspends_at_every_call(bundles: BundleFactory, tmp_path: Path) -> None:
+    code, res = run_json("run", str(bundles.example("steps")), "--input", '{"n":50}', store=tmp_path)
+    assert code == 0, res
+    assert res["output"] == {"sum": 1275, "last": 50}
+    assert res["suspensions"] >= 50
+    assert res["checkpoints"] >= 50
+    assert res["snapshot_bytes"] > 0
+    code, info = run_json("inspect", res["agent_id"], store=tmp_path)
+    assert code == 0
+    assert info["status"] == "completed"
+    assert len(info["checkpoint_list"]) == res["checkpoints"]
+    code, rows = run_json("ps", store=tmp_path)
+    assert [r["agent_id"] for r in rows] == [res["agent_id"]]
+
+
+def test_inspect_bundle(bundles: BundleFactory) -> None:
+    proc = torpor("inspect-bundle", str(bundles.example("steps")), "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["abi_version"] == 1
+    assert "torpor.tool_call" in info["imports"]
+    assert "asyncify_start_unwind" in info["exports"]
+    assert len(info["digest"]) == 64
