@@ -45,6 +45,9 @@ void BinaryenAddCustomSection(BinaryenModuleRef module, const char* name, const 
 bool BinaryenModuleValidate(BinaryenModuleRef module);
 BinaryenModuleAllocateAndWriteResult BinaryenModuleAllocateAndWrite(BinaryenModuleRef module, const char* sourceMapUrl);
 void BinaryenModuleDispose(BinaryenModuleRef module);
+uint32_t BinaryenFeatureAll(void);
+uint32_t BinaryenModuleGetFeatures(BinaryenModuleRef module);
+void BinaryenModuleSetFeatures(BinaryenModuleRef module, uint32_t features);
 void free(void*);
 """
 
@@ -103,6 +106,9 @@ def asyncify(
         if mod == ffi.NULL:
             raise ToolchainError("Binaryen could not parse the module")
         try:
+            # Accept whatever features the compiler used (bulk memory, sign-ext, ...);
+            # Asyncify itself introduces none.
+            lib.BinaryenModuleSetFeatures(mod, lib.BinaryenFeatureAll())
             exported: set[str] = set()
             kind_global = lib.BinaryenExternalGlobal()
             for i in range(lib.BinaryenGetNumExports(mod)):

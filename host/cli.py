@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -352,6 +353,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("torpor: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a host bug: still one line, and the traceback on request
+        if os.environ.get("TORPOR_DEBUG"):
+            raise
+        msg = f"internal error ({type(exc).__name__}: {exc}); rerun with TORPOR_DEBUG=1 for a traceback"
+        if getattr(args, "json", False):
+            print(json.dumps({"status": "error", "error": {"code": "internal", "message": msg}}))
+        else:
+            print(f"torpor: error[internal]: {msg}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -241,7 +241,6 @@ def _pristine_image(engine: Engine, module: wasmtime.Module, imports: list[tuple
     store = wasmtime.Store(engine.wasmtime)
     store.set_fuel(0)
     linker = wasmtime.Linker(engine.wasmtime)
-    linker.allow_shadowing(True)
     try:
         linker.define_unknown_imports_as_traps(module)
         inst = linker.instantiate(store, module)

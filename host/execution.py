@@ -292,12 +292,12 @@ class Execution:
         p = ptr & U32
         if length < 0:
             raise ImportFault(abi.E_FAULT, f"negative length {length}")
-        if length > limit:
-            raise ImportFault(abi.E_TOO_LARGE, f"{length} bytes exceeds the limit of {limit}")
         store = self._store
         n = self._mem.data_len(store)
         if p + length > n:
             raise ImportFault(abi.E_FAULT, f"range [{p}, {p + length}) is outside linear memory ({n} bytes)")
+        if length > limit:
+            raise ImportFault(abi.E_TOO_LARGE, f"{length} bytes exceeds the limit of {limit}")
         if length == 0:
             return b""
         base = ctypes.addressof(self._mem.data_ptr(store).contents)
@@ -307,11 +307,13 @@ class Execution:
         p = ptr & U32
         if cap < 0:
             raise ImportFault(abi.E_FAULT, f"negative capacity {cap}")
-        count = min(cap, len(data))
         store = self._store
         n = self._mem.data_len(store)
-        if p + count > n:
-            raise ImportFault(abi.E_FAULT, f"range [{p}, {p + count}) is outside linear memory ({n} bytes)")
+        # The guest claims [ptr, ptr + cap) is its buffer: all of it must be in bounds,
+        # or a short answer could land in memory the guest did not offer.
+        if p + cap > n:
+            raise ImportFault(abi.E_FAULT, f"range [{p}, {p + cap}) is outside linear memory ({n} bytes)")
+        count = min(cap, len(data))
         if count:
             base = ctypes.addressof(self._mem.data_ptr(store).contents)
             ctypes.memmove(base + p, data, count)

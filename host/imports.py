@@ -10,6 +10,7 @@ linker (and one ``InstancePre``) serves every agent of a module.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import wasmtime
 
@@ -17,6 +18,15 @@ from . import abi
 from .execution import GuestAbort, ImportFault, PendingCall, current, error_response
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(data: bytes) -> Any:
+    """Parse RFC 8259 JSON: Python's NaN and Infinity extensions are refused."""
+    return json.loads(data, parse_constant=_no_constant)
 
 
 def _fault(ex_errno: int, message: str) -> int:
@@ -46,7 +56,7 @@ def output_write(ptr: int, length: int) -> int:
     except ImportFault as f:
         return f.errno
     try:
-        json.loads(data)
+        strict_json(data)
     except (ValueError, UnicodeDecodeError):
         return abi.E_INVALID_JSON
     ex.output = data
@@ -55,12 +65,14 @@ def output_write(ptr: int, length: int) -> int:
 
 def log(level: int, ptr: int, length: int) -> int:
     ex = current()
+    if not 0 <= level < len(LOG_LEVELS):
+        return abi.E_INVALID_ARGS
     try:
         data = ex.read(ptr, length, abi.MAX_LOG)
     except ImportFault as f:
         return f.errno
     if ex.log_sink is not None:
-        ex.log_sink(level if 0 <= level < len(LOG_LEVELS) else 1, data.decode("utf-8", "replace"))
+        ex.log_sink(level, data.decode("utf-8", "replace"))
     return 0
 
 
@@ -100,7 +112,7 @@ def tool_call(name_ptr: int, name_len: int, args_ptr: int, args_len: int) -> int
     except UnicodeDecodeError:
         return _fault(abi.E_UNKNOWN_TOOL, "tool_call: the tool name is not UTF-8")
     try:
-        args = json.loads(args_raw) if args_raw.strip() else {}
+        args = strict_json(args_raw) if args_raw.strip() else {}
     except (ValueError, UnicodeDecodeError) as exc:
         return _fault(abi.E_INVALID_JSON, f"tool_call: the arguments to {name!r} are not JSON ({exc})")
     ex.call_seq += 1

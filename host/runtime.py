@@ -40,7 +40,8 @@ import platformdirs
 import policies
 from snapshots.errors import SnapshotError
 from snapshots.format import Snapshot, decode_snapshot, encode_snapshot
-from snapshots.lmdb_store import GroupCommitter, LmdbStore
+from snapshots.group_commit import GroupCommitter
+from snapshots.lmdb_store import LmdbStore
 
 from . import abi, bundle as bundle_mod, imports
 from .bundle import Bundle
@@ -155,6 +156,12 @@ class Host:
         self._owner = {"pid": os.getpid(), "host": socket.gethostname()}
 
     # -- context management ---------------------------------------------------
+    def __enter__(self) -> Host:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     async def __aenter__(self) -> Host:
         return self
 
