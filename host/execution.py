@@ -191,9 +191,7 @@ class Execution:
             raise RuntimeError("resume() without a pending call")
         self.response_status = status
         self.response = response
-        self._func("asyncify_start_rewind")(self._store, self.async_buf[0])
-        self.mode = REWINDING
-        return self._call_entry()
+        return self._call_entry(rewind=True)
 
     def release(self) -> None:
         """Drop the instance; the agent lives on only in its capture."""
@@ -204,7 +202,7 @@ class Execution:
         return self._store is not None
 
     # -- running ------------------------------------------------------------
-    def _call_entry(self) -> Outcome:
+    def _call_entry(self, rewind: bool = False) -> Outcome:
         store = self._store
         remaining = self.limits.fuel - self.fuel_used
         if remaining <= 0:
@@ -215,6 +213,9 @@ class Execution:
         prev = getattr(_tls, "ex", None)
         _tls.ex = self
         try:
+            if rewind:
+                self._func("asyncify_start_rewind")(store, self.async_buf[0])
+                self.mode = REWINDING
             result = self._entry(store)
             outcome: Outcome
             if self.mode == UNWINDING:

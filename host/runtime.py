@@ -153,7 +153,7 @@ class Host:
         self._limiter = anyio.CapacityLimiter(wasm_threads or max(1, os.cpu_count() or 1))
         self._bundles: dict[str, Bundle] = {}
         self._tools: dict[str, dict[str, ToolSpec]] = {}
-        self._owner = {"pid": os.getpid(), "host": socket.gethostname()}
+        self._owner = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
 
     # -- context management ---------------------------------------------------
     def __enter__(self) -> Host:
@@ -397,11 +397,9 @@ class Host:
             return False
         owner = rec.get("owner") or {}
         if owner.get("host") == self._owner["host"] and owner.get("pid") not in (None, os.getpid()):
-            try:
-                os.kill(int(owner["pid"]), 0)
+            start = _process_start(int(owner["pid"]))
+            if start is not None and start == owner.get("start"):
                 return False  # its process is alive and still driving it
-            except (ProcessLookupError, PermissionError, ValueError, TypeError):
-                pass
         return True
 
     # -- internals: driving ------------------------------------------------------
@@ -676,6 +674,23 @@ class Host:
             snapshot_bytes=int(rec.get("snapshot_bytes", 0)),
             pending=rec.get("pending") if rec["status"] not in TERMINAL else None, logs=list(agent.logs),
         )
+
+
+def _process_start(pid: int) -> int | None:
+    """The kernel's start time of a live (non-zombie) process, or None.
+
+    Start time and pid together name a process: a recycled pid has another
+    start time, and a killed process not yet reaped (a zombie) is dead to us.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
 
 
 def run_sync(coro_fn: Callable[[], Awaitable[T]]) -> T:
