@@ -252,14 +252,16 @@ class Execution:
 
     def _classify_trap(self, trap: wasmtime.Trap) -> Failed:
         code = trap.trap_code
-        msg = _first_line(trap.message)
+        msg = _trap_summary(trap.message)
         if code == wasmtime.TrapCode.OUT_OF_FUEL:
             return Failed("out_of_fuel", f"the agent ran out of fuel (budget {self.limits.fuel})")
         if code == wasmtime.TrapCode.INTERRUPT:
             return Failed("deadline_exceeded", f"the agent exceeded its wall-clock budget of {self.limits.deadline_s:g} s")
         if code == wasmtime.TrapCode.STACK_OVERFLOW:
             return Failed("stack_overflow", "the agent exhausted its call stack (unbounded recursion?)")
-        if self.mode == UNWINDING and code == wasmtime.TrapCode.UNREACHABLE:
+        if self.mode == UNWINDING:
+            # Asyncify ran out of room saving the stack (it traps, or faults past the
+            # buffer): the agent is failed here and never snapshotted, so no state escapes.
             return Failed(
                 "suspend_overflow",
                 f"the agent's stack at this tool call does not fit the {self.async_buf[1]}-byte suspension "
@@ -392,6 +394,16 @@ def _val(g: GlobalValue) -> wasmtime.Val:
     if g.kind == "f32":
         return wasmtime.Val.f32(float(g.value))
     return wasmtime.Val.f64(float(g.value))
+
+
+def _trap_summary(text: str) -> str:
+    """The informative lines of a Wasmtime trap ("wasm trap: ...", "memory fault at ...")."""
+    lines = [ln.strip() for ln in text.splitlines()]
+    picked = [ln.split(": ", 1)[1] if ln[:1].isdigit() and ": " in ln else ln
+              for ln in lines if "wasm trap:" in ln or "memory fault" in ln]
+    if picked:
+        return "; ".join(p.replace("wasm trap: ", "") for p in reversed(picked))
+    return _first_line(text)
 
 
 def _first_line(text: str) -> str:

@@ -24,6 +24,7 @@ the tool is idempotent or transactional, otherwise the agent is parked
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import socket
@@ -300,7 +301,7 @@ class Host:
             "created_at": now, "updated_at": now, "output": None, "error": None, "owner": None,
             "checkpoints": 1, "pending": snap.pending, "usage": dict(snap.usage),
         })
-        forked = Snapshot(**{**snap.__dict__, "agent_id": new_id, "seq": 1, "created_at": now})
+        forked = dataclasses.replace(snap, agent_id=new_id, seq=1, created_at=now)
         data = encode_snapshot(forked)
         new["snapshot_bytes"] = len(data)
         new["last_checkpoint_bytes"] = len(data)

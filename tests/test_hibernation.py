@@ -1,0 +1,116 @@
+"""Hibernation through the host: warm and cold paths agree, checkpoints, fork, and what resume refuses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import lmdb
+import pytest
+
+from conftest import EXAMPLES, GUESTS, BundleFactory
+from host import bundle as bundle_mod
+from host.errors import AgentNotFound, AgentStateError, TorporError
+from host.runtime import Host, RunResult
+
+
+def run(host: Host, b: bundle_mod.Bundle, input: Any = None, **kw: Any) -> RunResult:
+    return anyio.run(lambda: host.run(b, input, **kw))
+
+
+def expected_acc(n: int) -> int:
+    acc = 7
+    for i in range(n):
+        acc = (acc * 31 + i) & ((1 << 64) - 1)
+    return acc - (1 << 64) if acc >= 1 << 63 else acc
+
+
+def test_cold_and_warm_paths_reach_the_same_state(bundles: BundleFactory, tmp_path: Path) -> None:
+    b = bundles.load(GUESTS / "slowtool")
+    with Host(tmp_path / "warm", warm_idle_s=10.0) as warm:
+        w = run(warm, b, {"n": 8, "ms": 20})
+        w_info = warm.inspect(w.agent_id)
+    with Host(tmp_path / "cold", warm_idle_s=0.001) as cold:
+        c = run(cold, b, {"n": 8, "ms": 20})
+        c_info = cold.inspect(c.agent_id)
+    assert w.status == c.status == "completed", (w.error, c.error)
+    assert w.output == c.output == {"acc": expected_acc(8), "calls": 8}
+    assert w_info["usage"]["hibernations"] == 0
+    assert c_info["usage"]["hibernations"] == 8  # released at every wait, rebuilt from its snapshot
+    assert c.checkpoints == w.checkpoints == 8
+
+
+def test_stack_too_deep_to_suspend_fails_cleanly(bundles: BundleFactory, tmp_path: Path) -> None:
+    b = bundles.load(GUESTS / "deepwait")
+    with Host(tmp_path) as host:
+        ok = run(host, b, {"depth": 20})
+        assert ok.status == "completed", ok.error
+        for depth in (600, 1500):  # overflows the 16 KiB buffer; the deeper one faults past it
+            deep = run(host, b, {"depth": depth})
+            assert deep.status == "failed" and deep.error is not None
+            assert deep.error["code"] == "suspend_overflow", deep.error
+        assert run(host, bundles.load(EXAMPLES / "hello"), {"name": "x"}).status == "completed"
+
+
+def test_fork_continues_from_an_earlier_checkpoint(bundles: BundleFactory, tmp_path: Path) -> None:
+    with Host(tmp_path) as host:
+        res = run(host, bundles.load(EXAMPLES / "steps"), {"n": 20})
+        assert res.output == {"sum": 210, "last": 20}
+        child = host.fork(res.agent_id, 10)
+        info = host.inspect(child)
+        assert info["status"] == "suspended"
+        assert info["parent"] == {"agent_id": res.agent_id, "checkpoint": 10}
+        out = anyio.run(lambda: host.resume(child))
+        # Calls 1..10 are the parent's; the fork's own counter starts where the parent's ended (20).
+        assert out.status == "completed"
+        assert out.output == {"sum": sum(range(1, 11)) + sum(range(21, 31)), "last": 30}
+        with pytest.raises(TorporError, match="no checkpoint 999"):
+            host.fork(res.agent_id, 999)
+
+
+def test_resume_refuses_unknown_and_finished_agents(bundles: BundleFactory, tmp_path: Path) -> None:
+    with Host(tmp_path) as host:
+        res = run(host, bundles.load(EXAMPLES / "hello"), {"name": "x"})
+        with pytest.raises(AgentStateError, match="completed"):
+            anyio.run(lambda: host.resume(res.agent_id))
+        with pytest.raises(AgentNotFound):
+            anyio.run(lambda: host.resume("01NOSUCHAGENT0000000000000"))
+
+
+def _flip_checkpoint_byte(db_dir: Path, agent_id: str, seq: int, offset: int) -> None:
+    env = lmdb.open(str(db_dir), max_dbs=32)
+    cps = env.open_db(b"checkpoints")
+    key = agent_id.encode() + b"\0" + seq.to_bytes(8, "big")
+    with env.begin(write=True, db=cps) as txn:
+        value = bytearray(txn.get(key))
+        value[offset] ^= 0x40
+        txn.put(key, bytes(value))
+    env.close()
+
+
+def test_corrupt_checkpoint_is_refused_not_restored(bundles: BundleFactory, tmp_path: Path) -> None:
+    with Host(tmp_path) as host:
+        res = run(host, bundles.load(EXAMPLES / "steps"), {"n": 5})
+        child = host.fork(res.agent_id, 3)
+    _flip_checkpoint_byte(tmp_path / "db", child, 1, 40)
+    with Host(tmp_path) as host:
+        with pytest.raises(TorporError) as info:
+            anyio.run(lambda: host.resume(child))
+        assert info.value.code == "snapshot_corrupt"
+        assert host.get_agent(child)["status"] == "suspended"  # nothing lost: an operator can fork an earlier one
+
+
+def test_two_host_processes_share_one_store(bundles: BundleFactory, tmp_path: Path) -> None:
+    bundle = str(bundles.example("steps"))
+    cmd = [sys.executable, "-m", "host.cli", "run", bundle, "--input", '{"n": 60}', "--store", str(tmp_path), "--json"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for (stdout, stderr), p in zip(outs, procs, strict=True):
+        assert p.returncode == 0, stderr
+        assert json.loads(stdout)["output"] == {"sum": 1830, "last": 60}
+    with Host(tmp_path) as host:
+        assert sorted(a["status"] for a in host.list_agents()) == ["completed", "completed"]

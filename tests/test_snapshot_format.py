@@ -1,0 +1,319 @@
+"""The snapshot record: round trips, size, and refusal of every kind of bad input."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import random
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from snapshots import (
+    FORMAT_VERSION,
+    GlobalValue,
+    MemoryDelta,
+    Snapshot,
+    SnapshotCorrupt,
+    SnapshotError,
+    SnapshotMismatch,
+    SnapshotVersionError,
+    apply_delta,
+    decode_snapshot,
+    diff_memory,
+    encode_snapshot,
+    peek_snapshot,
+)
+
+PAGE = 65536
+DIGEST = hashlib.sha256(b"agent module").hexdigest()
+OTHER_DIGEST = hashlib.sha256(b"another module").hexdigest()
+
+
+def small_agent_memory(touch_bss: bool) -> tuple[bytes, bytearray]:
+    """A 17-page C-agent-like memory: rodata at 1024, stack below 69632, heap above.
+
+    The agent changed a few hundred bytes of its stack page and of one heap page (and,
+    with ``touch_bss``, a malloc word that shares its page with the rodata strings).
+    """
+    rnd = random.Random(7)
+    pristine = bytearray(17 * PAGE)
+    words = [b"torpor_main\0", b"http.get\0", b"calling tool %s\0", b"application/json\0"]
+    rodata = b"".join(rnd.choice(words) for _ in range(120))[:1800]
+    pristine[1024 : 1024 + len(rodata)] = rodata
+    mem = bytearray(pristine)
+    stack = b"".join(
+        struct.pack("<I", rnd.choice([69632 + 16 * rnd.randrange(20), rnd.randrange(64), 0]))
+        for _ in range(64)
+    )
+    mem[69632 - len(stack) : 69632] = stack
+    heap = (
+        struct.pack("<II", 0x83, 0)
+        + b'{"tool":"http.get","args":{"url":"https://api.example.com/items"}}\0'
+    )
+    mem[69632 : 69632 + len(heap)] = heap
+    if touch_bss:
+        bss = 1024 + len(rodata) + 8
+        mem[bss : bss + 8] = struct.pack("<II", 69632 + 128, 3)
+    return bytes(pristine), mem
+
+
+def make_snapshot(memory: MemoryDelta, **over: object) -> Snapshot:
+    fields: dict[str, object] = {
+        "agent_id": "agt_01HZX3K9Q4M2B7N8P5R6T1V0WY",
+        "seq": 3,
+        "module_digest": DIGEST,
+        "abi_version": 1,
+        "memory": memory,
+        "globals": (GlobalValue("__stack_pointer", "i32", 69632 - 256),),
+        "async_buf": (69632 + 512, 1024),
+        "entry": "torpor_main",
+        "pending": {
+            "tool": "http.get",
+            "args": {"url": "https://api.example.com/items"},
+            "call": 3,
+        },
+        "usage": {"fuel": 1234567, "tool_calls": 3},
+        "created_at": 1732270000.25,
+    }
+    fields.update(over)
+    return Snapshot(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def small() -> tuple[bytes, bytearray, Snapshot]:
+    pristine, mem = small_agent_memory(touch_bss=False)
+    return pristine, mem, make_snapshot(diff_memory(pristine, mem))
+
+
+def resign(body: bytes) -> bytes:
+    return body + hashlib.blake2b(body, digest_size=16).digest()
+
+
+def test_round_trip_raw(small: tuple[bytes, bytearray, Snapshot]) -> None:
+    _, _, snap = small
+    assert decode_snapshot(encode_snapshot(snap)) == snap
+
+
+def test_round_trip_xor_restores_memory(small: tuple[bytes, bytearray, Snapshot]) -> None:
+    pristine, mem, snap = small
+    data = encode_snapshot(snap, pristine=pristine)
+    back = decode_snapshot(
+        data, pristine=pristine, expect_module_digest=DIGEST, expect_abi_version=1
+    )
+    assert back == snap
+    target = bytearray(pristine)
+    apply_delta(back.memory, (ctypes.c_ubyte * len(target)).from_buffer(target))
+    assert target == mem
+
+
+def test_small_agent_record_size() -> None:
+    """The density target: a hibernated small agent in a few hundred bytes.
+
+    About 64 bytes are the record's own (header, digest, checksum, zstd frame); the rest
+    is this agent's metadata (~170 bytes of ids and JSON) and ~330 changed memory bytes.
+    """
+    for touch_bss in (False, True):
+        pristine, mem = small_agent_memory(touch_bss)
+        snap = make_snapshot(diff_memory(pristine, mem))
+        xor = encode_snapshot(snap, pristine=pristine)
+        assert len(xor) <= 450, len(xor)
+        if touch_bss:  # XOR keeps the rodata page out of the record
+            assert len(xor) + 150 < len(encode_snapshot(snap))
+
+
+def test_peek_reads_header_only(small: tuple[bytes, bytearray, Snapshot]) -> None:
+    pristine, _, snap = small
+    data = encode_snapshot(snap, pristine=pristine)
+    head = peek_snapshot(data)
+    assert (head.format_version, head.abi_version, head.module_digest) == (
+        FORMAT_VERSION,
+        1,
+        DIGEST,
+    )
+    assert head.xor_pristine and head.size == len(data)
+
+
+def test_xor_record_needs_pristine(small: tuple[bytes, bytearray, Snapshot]) -> None:
+    pristine, _, snap = small
+    data = encode_snapshot(snap, pristine=pristine)
+    with pytest.raises(SnapshotError, match="pass pristine="):
+        decode_snapshot(data)
+
+
+def test_xor_with_wrong_size_pristine_is_mismatch(small: tuple[bytes, bytearray, Snapshot]) -> None:
+    pristine, _, snap = small
+    data = encode_snapshot(snap, pristine=pristine)
+    with pytest.raises(SnapshotMismatch, match="not from the checkpoint's module"):
+        decode_snapshot(data, pristine=pristine + bytes(PAGE))
+
+
+def test_truncated_at_every_length(small: tuple[bytes, bytearray, Snapshot]) -> None:
+    pristine, _, snap = small
+    data = encode_snapshot(snap, pristine=pristine)
+    for n in range(len(data)):
+        with pytest.raises(SnapshotCorrupt, match="unusable"):
+            decode_snapshot(data[:n], pristine=pristine)
+
+
+def test_every_single_bit_flip_is_caught(small: tuple[bytes, bytearray, Snapshot]) -> None:
+    pristine, _, snap = small
+    data = encode_snapshot(snap, pristine=pristine)
+    for byte in range(len(data)):
+        for bit in range(8):
+            bad = bytearray(data)
+            bad[byte] ^= 1 << bit
+            with pytest.raises(SnapshotCorrupt):
+                decode_snapshot(bytes(bad), pristine=pristine)
+
+
+def test_bad_magic_and_garbage() -> None:
+    with pytest.raises(SnapshotCorrupt, match="bad magic"):
+        decode_snapshot(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(SnapshotCorrupt, match="bad magic"):
+        decode_snapshot(b"{}")
+    with pytest.raises(SnapshotCorrupt, match="truncated"):
+        decode_snapshot(b"")
+
+
+def test_wrong_module_digest(small: tuple[bytes, bytearray, Snapshot]) -> None:
+    _, _, snap = small
+    data = encode_snapshot(snap)
+    with pytest.raises(SnapshotMismatch) as info:
+        decode_snapshot(data, expect_module_digest=OTHER_DIGEST)
+    assert DIGEST in str(info.value) and OTHER_DIGEST in str(info.value)
+
+
+def test_wrong_abi(small: tuple[bytes, bytearray, Snapshot]) -> None:
+    _, _, snap = small
+    with pytest.raises(SnapshotMismatch, match="ABI version 1, expected ABI version 2"):
+        decode_snapshot(encode_snapshot(snap), expect_abi_version=2)
+
+
+def test_unknown_format_version(small: tuple[bytes, bytearray, Snapshot]) -> None:
+    _, _, snap = small
+    body = bytearray(encode_snapshot(snap)[:-16])
+    body[4] = 99  # the version byte, with a valid checksum: written by a newer Torpor
+    with pytest.raises(SnapshotVersionError, match=r"version 99 is not supported.*reads versions 1"):
+        decode_snapshot(resign(bytes(body)))
+
+
+def test_unknown_feature_flags(small: tuple[bytes, bytearray, Snapshot]) -> None:
+    _, _, snap = small
+    body = bytearray(encode_snapshot(snap)[:-16])
+    body[5] |= 0x80
+    with pytest.raises(SnapshotVersionError, match="feature flags"):
+        decode_snapshot(resign(bytes(body)))
+
+
+def test_inconsistent_payload_with_valid_checksum(small: tuple[bytes, bytearray, Snapshot]) -> None:
+    _, _, snap = small
+    data = encode_snapshot(snap)
+    body = data[:-16]
+    prefix = body[:42]
+    for payload in (b"\x00" * 5, b"not zstd at all"):
+        with pytest.raises(SnapshotCorrupt, match="inconsistent"):
+            decode_snapshot(resign(prefix + payload))
+
+
+def test_globals_keep_exact_values() -> None:
+    nan_bits = struct.unpack("<d", struct.pack("<Q", 0x7FF8_0000_DEAD_BEEF))[0]
+    globs = (
+        GlobalValue("a", "i32", -(2**31)),
+        GlobalValue("b", "i32", 2**32 - 1),
+        GlobalValue("c", "i64", 2**64 - 1),
+        GlobalValue("d", "i64", -(2**63)),
+        GlobalValue("e", "f32", 1.5),
+        GlobalValue("f", "f64", -math.inf),
+        GlobalValue("g", "f64", nan_bits),
+    )
+    snap = make_snapshot(MemoryDelta(PAGE, 4096, ()), globals=globs)
+    back = decode_snapshot(encode_snapshot(snap))
+    assert back.globals[:6] == globs[:6]
+    assert struct.pack("<d", back.globals[6].value) == struct.pack("<d", nan_bits)
+
+
+def test_invalid_values_refused() -> None:
+    with pytest.raises(ValueError, match="not a valid i32"):
+        GlobalValue("x", "i32", 2**32)
+    with pytest.raises(ValueError, match="kind"):
+        GlobalValue("x", "v128", 0)  # type: ignore[arg-type]
+    mem = MemoryDelta(0, 4096, ())
+    with pytest.raises(ValueError, match="seq"):
+        make_snapshot(mem, seq=0)
+    with pytest.raises(ValueError, match="module_digest"):
+        make_snapshot(mem, module_digest="abc")
+    with pytest.raises(ValueError, match="JSON-able"):
+        encode_snapshot(make_snapshot(mem, usage={"x": object()}))
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.text(max_size=20)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@st.composite
+def snapshots_(draw: st.DrawFn) -> tuple[bytes, Snapshot]:
+    chunk = draw(st.sampled_from([256, 4096]))
+    pristine = bytes(draw(st.binary(max_size=3 * chunk)))
+    size = len(pristine) + draw(st.integers(0, 2 * chunk))
+    mem = bytearray(pristine) + bytearray(size - len(pristine))
+    for pos, data in draw(
+        st.lists(
+            st.tuples(st.integers(0, max(size - 1, 0)), st.binary(min_size=1, max_size=64)),
+            max_size=5,
+        )
+    ):
+        if size:
+            mem[pos : pos + len(data)] = data[: size - pos]
+    kinds = st.sampled_from(["i32", "i64", "f32", "f64"])
+    globs = []
+    for name, kind in draw(
+        st.lists(st.tuples(st.text(min_size=1, max_size=20), kinds), max_size=4)
+    ):
+        if kind == "i32":
+            value: int | float = draw(st.integers(-(2**31), 2**32 - 1))
+        elif kind == "i64":
+            value = draw(st.integers(-(2**63), 2**64 - 1))
+        else:
+            value = draw(st.floats(allow_nan=False))
+        globs.append(GlobalValue(name, kind, value))
+    snap = Snapshot(
+        agent_id=draw(st.text(min_size=1, max_size=40)),
+        seq=draw(st.integers(1, 2**64 - 1)),
+        module_digest=hashlib.sha256(draw(st.binary(max_size=8))).hexdigest(),
+        abi_version=draw(st.integers(0, 2**32 - 1)),
+        memory=diff_memory(pristine, mem, chunk_size=chunk),
+        globals=tuple(globs),
+        async_buf=(draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 2**32 - 1))),
+        entry=draw(st.text(max_size=30)),
+        pending=draw(st.none() | st.dictionaries(st.text(max_size=10), json_values, max_size=4)),
+        usage=draw(st.dictionaries(st.text(max_size=10), json_values, max_size=4)),
+        created_at=draw(st.floats(allow_nan=False)),
+    )
+    return pristine, snap
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=snapshots_(), xor=st.booleans(), level=st.sampled_from([1, 3, 19]))
+def test_encode_decode_property(case: tuple[bytes, Snapshot], xor: bool, level: int) -> None:
+    pristine, snap = case
+    data = encode_snapshot(snap, level=level, pristine=pristine if xor else None)
+    back = decode_snapshot(
+        data,
+        pristine=pristine if xor else None,
+        expect_module_digest=snap.module_digest,
+        expect_abi_version=snap.abi_version,
+    )
+    assert back == snap
