@@ -153,6 +153,19 @@ class Execution:
     def _func(self, name: str) -> Any:
         return self._exports[name]
 
+    def prepare(self) -> None:
+        """Spawn: a fresh instance, armed with budget and deadline, before its first instruction."""
+        self._instantiate()
+        self._arm()
+
+    def _arm(self) -> int:
+        remaining = self.limits.fuel - self.fuel_used
+        store = self._store
+        store.set_fuel(max(0, remaining))
+        self.loaded.engine.ensure_ticker()
+        store.set_epoch_deadline(self.loaded.engine.deadline_ticks(self.limits.deadline_s))
+        return remaining
+
     def start(self) -> Outcome:
         """Instantiate fresh and run the entry export."""
         self._instantiate()
@@ -204,12 +217,9 @@ class Execution:
     # -- running ------------------------------------------------------------
     def _call_entry(self, rewind: bool = False) -> Outcome:
         store = self._store
-        remaining = self.limits.fuel - self.fuel_used
+        remaining = self._arm()
         if remaining <= 0:
             return Failed("out_of_fuel", "the agent's fuel budget is used up")
-        store.set_fuel(remaining)
-        self.loaded.engine.ensure_ticker()
-        store.set_epoch_deadline(self.loaded.engine.deadline_ticks(self.limits.deadline_s))
         prev = getattr(_tls, "ex", None)
         _tls.ex = self
         try:
