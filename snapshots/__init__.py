@@ -1,1 +1,65 @@
-"""snapshots"""
+"""Torpor snapshots: linear-memory deltas, the checkpoint format, and the agent store.
+
+This package stores and encodes, nothing more: it depends on lmdb and zstandard only
+(never on wasmtime, anyio, host/ or policies/), so that the snapshot format and the
+store can be read by tools and other hosts without a Wasm runtime.
+"""
+
+from .delta import DEFAULT_CHUNK_SIZE, MemoryDelta, apply_delta, diff_memory, full_copy
+from .errors import (
+    CheckpointExists,
+    NotFound,
+    SnapshotCorrupt,
+    SnapshotError,
+    SnapshotMismatch,
+    SnapshotVersionError,
+    StoreError,
+    StoreFull,
+    StoreUnavailable,
+)
+from .format import (
+    FORMAT_VERSION,
+    SUPPORTED_VERSIONS,
+    GlobalValue,
+    Snapshot,
+    SnapshotHeader,
+    decode_snapshot,
+    encode_snapshot,
+    peek_snapshot,
+)
+from .group_commit import GroupCommitter
+from .lmdb_store import LmdbStore
+from .store import BLOB_BUCKETS, AgentStore, CheckpointInfo, Outcome, ReadTxn, WriteTxn
+
+__all__ = [
+    "BLOB_BUCKETS",
+    "DEFAULT_CHUNK_SIZE",
+    "FORMAT_VERSION",
+    "SUPPORTED_VERSIONS",
+    "AgentStore",
+    "CheckpointExists",
+    "CheckpointInfo",
+    "GlobalValue",
+    "GroupCommitter",
+    "LmdbStore",
+    "MemoryDelta",
+    "NotFound",
+    "Outcome",
+    "ReadTxn",
+    "Snapshot",
+    "SnapshotCorrupt",
+    "SnapshotError",
+    "SnapshotHeader",
+    "SnapshotMismatch",
+    "SnapshotVersionError",
+    "StoreError",
+    "StoreFull",
+    "StoreUnavailable",
+    "WriteTxn",
+    "apply_delta",
+    "decode_snapshot",
+    "diff_memory",
+    "encode_snapshot",
+    "full_copy",
+    "peek_snapshot",
+]

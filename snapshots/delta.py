@@ -1,0 +1,296 @@
+"""Linear-memory deltas against a module's pristine image.
+
+Why deltas: a hibernated agent differs from its freshly instantiated module in a few
+pages (stack, a little heap, some globals in .bss). Copying and compressing the whole
+linear memory costs about 0.4 ms per MiB; finding the changed chunks without copying
+the untouched ones keeps the suspend path inside its budget and the record tiny.
+
+Why libc ``memcmp`` through ctypes: comparing two ``memoryview`` objects in CPython walks
+them byte by byte (about 0.35 ns a byte, 370 µs per MiB), and ``bytes`` equality needs
+a copy of guest memory first. ``memcmp`` compares in place at memory bandwidth (about
+37 µs per MiB here) for under a microsecond of call overhead, so the scan compares large
+spans first and narrows down only where they differ (see ``_gallop``). Where no libc
+``memcmp`` can be loaded a slower copy-based path gives the same answers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import SnapshotCorrupt, SnapshotMismatch
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "MemoryDelta", "apply_delta", "diff_memory", "full_copy"]
+
+DEFAULT_CHUNK_SIZE = 4096
+
+# The scan gallops: it compares a window of memory at once, doubles the window (up to
+# _MAX_WINDOW) while memory matches and shrinks it by _SHRINK when it does not, down to a
+# single chunk. Equal memory is thus read about once, in few large memcmp calls, and a
+# changed chunk costs a handful of small ones. Measured with timeit on a 1 MiB memory
+# (best of 7, µs per diff, this 2-core machine) against the other designs tried:
+#   layout                  galloping  two-level 64K/fanout 4  recursive fanout 8
+#   2 chunks changed early      64            72                      100
+#   2 chunks changed late       73            73                      128
+#   8 chunks scattered         108           139                      245
+#   nothing changed             37            47                       34
+_MAX_WINDOW = 256 * 1024
+_SHRINK = 4
+
+
+def _load_memcmp() -> Callable[[int, int, int], int] | None:
+    """Bind libc ``memcmp`` taking raw addresses, or None where there is no libc."""
+    try:
+        libc = ctypes.cdll.msvcrt if sys.platform == "win32" else ctypes.CDLL(None)
+        fn = libc.memcmp
+    except (OSError, AttributeError):  # pragma: no cover - platform without libc
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t]
+    return fn
+
+
+_memcmp = _load_memcmp()
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryDelta:
+    """The chunks of a linear memory that differ from the module's pristine image.
+
+    ``memory_size`` is the size of the memory that was diffed (in bytes; a restore must
+    grow the fresh instance's memory to exactly this size before applying), ``chunk_size``
+    the granularity, and ``chunks`` the ascending ``(chunk_index, current_bytes)`` pairs.
+    Every chunk is ``chunk_size`` bytes long except a final chunk cut short by the end of
+    memory. It is immutable so that a Snapshot holding it can be shared between threads.
+    """
+
+    memory_size: int
+    chunk_size: int
+    chunks: tuple[tuple[int, bytes], ...]
+
+    def __post_init__(self) -> None:
+        if self.chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
+        if self.memory_size < 0:
+            raise ValueError(f"memory_size must be >= 0, got {self.memory_size}")
+        last = -1
+        nchunks = -(-self.memory_size // self.chunk_size)
+        for index, data in self.chunks:
+            if index <= last:
+                raise ValueError(
+                    f"chunk indices must be strictly ascending, got {index} after {last}"
+                )
+            if index >= nchunks:
+                raise ValueError(
+                    f"chunk {index} lies outside a memory of {self.memory_size} bytes "
+                    f"({nchunks} chunks of {self.chunk_size})"
+                )
+            expected = min(self.chunk_size, self.memory_size - index * self.chunk_size)
+            if len(data) != expected:
+                raise ValueError(f"chunk {index} holds {len(data)} bytes, expected {expected}")
+            last = index
+
+    @property
+    def changed_bytes(self) -> int:
+        """Total size of the changed chunks (what a raw encoding would have to store)."""
+        return sum(len(data) for _, data in self.chunks)
+
+    def offsets(self) -> Iterator[tuple[int, bytes]]:
+        """The changed chunks as ``(byte_offset, bytes)`` pairs."""
+        for index, data in self.chunks:
+            yield index * self.chunk_size, data
+
+
+class _Region:
+    """A raw address and length for a buffer, keeping its owner alive while in use."""
+
+    __slots__ = ("addr", "keep", "size")
+
+    def __init__(self, addr: int, size: int, keep: object) -> None:
+        self.addr = addr
+        self.size = size
+        self.keep = keep
+
+
+def _region(buf: Buffer, *, writable: bool = False) -> _Region:
+    """Find the address of a buffer without copying it when at all possible.
+
+    ctypes arrays (how the host maps Wasmtime's linear memory) and ``bytes`` give their
+    address directly; other writable buffers through ``from_buffer``. A read-only
+    buffer that is not ``bytes`` is copied once (rare: the host never hands one over).
+    """
+    if isinstance(buf, ctypes.Array):
+        return _Region(ctypes.addressof(buf), ctypes.sizeof(buf), buf)
+    if isinstance(buf, bytes) and not writable:
+        ptr = ctypes.c_char_p(buf)
+        addr = ctypes.cast(ptr, ctypes.c_void_p).value
+        return _Region(addr or 0, len(buf), (buf, ptr))
+    view = memoryview(buf)
+    if not view.c_contiguous:
+        raise ValueError("memory buffers must be C-contiguous")
+    size = view.nbytes
+    if view.readonly:
+        if writable:
+            raise ValueError("the target memory buffer is read-only; pass a writable buffer")
+        return _region(view.tobytes())
+    if size == 0:
+        return _Region(0, 0, view)
+    arr = (ctypes.c_char * size).from_buffer(view)
+    return _Region(ctypes.addressof(arr), size, (view, arr))
+
+
+_zero_page: ctypes.Array[ctypes.c_char] | None = None
+
+
+def _zeros_addr(size: int) -> int:
+    """Address of a static all-zero buffer of at least ``size`` bytes (the largest window)."""
+    global _zero_page
+    if _zero_page is None or ctypes.sizeof(_zero_page) < size:
+        _zero_page = ctypes.create_string_buffer(size)
+    return ctypes.addressof(_zero_page)
+
+
+def _gallop(
+    memcmp: Callable[[int, int, int], int],
+    caddr: int,
+    refaddr: int,
+    ref_moves: bool,
+    start: int,
+    end: int,
+    chunk_size: int,
+    out: list[int],
+) -> None:
+    """Append to ``out`` the chunks of [start, end) that differ from the reference.
+
+    ``start`` is chunk-aligned. The reference is ``refaddr + offset`` when ``ref_moves``
+    (the pristine image) or the fixed zero buffer at ``refaddr`` otherwise (memory past
+    the pristine image, which a fresh instance grown as far holds as zeros).
+    """
+    pos = start
+    window = chunk_size
+    max_window = _MAX_WINDOW if chunk_size < _MAX_WINDOW else chunk_size
+    append = out.append
+    while pos < end:
+        if window > end - pos:
+            window = end - pos
+        ref = refaddr + pos if ref_moves else refaddr
+        if memcmp(caddr + pos, ref, window) == 0:
+            pos += window
+            if window < max_window:
+                window *= 2
+        elif window <= chunk_size:
+            append(pos // chunk_size)
+            pos += chunk_size
+            window = chunk_size
+        else:
+            window = max(chunk_size, (window // _SHRINK) // chunk_size * chunk_size)
+
+
+def _changed_chunks_memcmp(
+    memcmp: Callable[[int, int, int], int],
+    pristine: _Region,
+    current: _Region,
+    chunk_size: int,
+) -> list[int]:
+    """Indices of the chunks of ``current`` that differ from ``pristine`` (zero past its end)."""
+    n = current.size
+    plen = pristine.size
+    out: list[int] = []
+    aligned = plen - plen % chunk_size
+    _gallop(memcmp, current.addr, pristine.addr, True, 0, aligned, chunk_size, out)
+    if aligned < plen:
+        # The one chunk holding the end of the pristine image: compare its two halves.
+        end = min(aligned + chunk_size, n)
+        tail = end - plen
+        if memcmp(current.addr + aligned, pristine.addr + aligned, plen - aligned) != 0 or (
+            tail > 0 and ctypes.string_at(current.addr + plen, tail) != bytes(tail)
+        ):
+            out.append(aligned // chunk_size)
+        aligned = end
+    if aligned < n:
+        zeros = _zeros_addr(max(_MAX_WINDOW, chunk_size))
+        _gallop(memcmp, current.addr, zeros, False, aligned, n, chunk_size, out)
+    return out
+
+
+def _changed_chunks_copy(pristine: bytes, current: bytes, chunk_size: int) -> list[int]:
+    """Copy-based fallback of ``_changed_chunks_memcmp`` for platforms without memcmp."""
+    out: list[int] = []
+    for start in range(0, len(current), chunk_size):
+        ref = pristine[start : start + chunk_size]
+        chunk = current[start : start + chunk_size]
+        if len(ref) < len(chunk):
+            ref += bytes(len(chunk) - len(ref))
+        if chunk != ref:
+            out.append(start // chunk_size)
+    return out
+
+
+def diff_memory(
+    pristine: Buffer, current: Buffer, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> MemoryDelta:
+    """Return the chunks of ``current`` that differ from the module's ``pristine`` image.
+
+    ``current`` is read in place (a ctypes array over Wasmtime's memory, or any buffer)
+    and may be larger than ``pristine`` when the agent grew its memory; the excess is
+    compared against zeros, which is what a fresh instance grown to the same size holds.
+    Only the changed chunks are copied out.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    preg = _region(pristine)
+    creg = _region(current)
+    if preg.size > creg.size:
+        raise SnapshotMismatch(
+            f"current memory is {creg.size} bytes but the pristine image is {preg.size} bytes: "
+            "a linear memory never shrinks, so this pristine image is not from this agent's module"
+        )
+    if _memcmp is not None:
+        indices = _changed_chunks_memcmp(_memcmp, preg, creg, chunk_size)
+        chunks = tuple(
+            (
+                i,
+                ctypes.string_at(
+                    creg.addr + i * chunk_size, min(chunk_size, creg.size - i * chunk_size)
+                ),
+            )
+            for i in indices
+        )
+    else:  # pragma: no cover - exercised through monkeypatching in tests
+        cur = ctypes.string_at(creg.addr, creg.size) if creg.size else b""
+        pri = ctypes.string_at(preg.addr, preg.size) if preg.size else b""
+        indices = _changed_chunks_copy(pri, cur, chunk_size)
+        chunks = tuple((i, cur[i * chunk_size : (i + 1) * chunk_size]) for i in indices)
+    return MemoryDelta(creg.size, chunk_size, chunks)
+
+
+def apply_delta(delta: MemoryDelta, target: Buffer) -> None:
+    """Write the changed chunks of ``delta`` into ``target``.
+
+    ``target`` must already hold the module's pristine image (a freshly instantiated
+    module's memory) grown to exactly ``delta.memory_size`` bytes: a memory of another
+    size would make ``memory.size`` answer differently after the restore.
+    """
+    reg = _region(target, writable=True)
+    if reg.size != delta.memory_size:
+        raise SnapshotMismatch(
+            f"target memory is {reg.size} bytes but the snapshot was taken of a "
+            f"{delta.memory_size}-byte memory: grow the fresh instance's memory to "
+            f"{delta.memory_size} bytes before applying"
+        )
+    for offset, data in delta.offsets():
+        if offset + len(data) > reg.size:  # guarded by MemoryDelta, kept as a last line
+            raise SnapshotCorrupt(f"chunk at offset {offset} does not fit a {reg.size}-byte memory")
+        ctypes.memmove(reg.addr + offset, data, len(data))
+
+
+def full_copy(current: Buffer) -> bytes:
+    """Copy the whole memory: the naive baseline the benchmarks compare deltas with."""
+    reg = _region(current)
+    return ctypes.string_at(reg.addr, reg.size) if reg.size else b""

@@ -1,0 +1,74 @@
+"""Typed errors of the snapshot codec and of the agent store.
+
+Why a hierarchy of its own: the host has to tell apart "this checkpoint can never be
+restored" (corrupt, foreign, too new) from "the disk or the store directory is in
+trouble" (retry elsewhere, page an operator) without parsing messages. Every message
+says what was found and what the reader can do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointExists",
+    "NotFound",
+    "SnapshotCorrupt",
+    "SnapshotError",
+    "SnapshotMismatch",
+    "SnapshotVersionError",
+    "StoreError",
+    "StoreFull",
+    "StoreUnavailable",
+]
+
+
+class SnapshotError(Exception):
+    """Base of every error raised while encoding, decoding or applying a snapshot."""
+
+
+class SnapshotCorrupt(SnapshotError):
+    """The bytes are not an intact snapshot record (truncated, bit-flipped, bad magic).
+
+    Raised instead of ever returning a half-decoded Snapshot: a restore from damaged
+    bytes would resume the agent in a state it never was in.
+    """
+
+
+class SnapshotMismatch(SnapshotError):
+    """An intact snapshot that belongs to another module, ABI version or memory.
+
+    The message names the expected and the found value, so that the operator can tell
+    whether the agent's module was upgraded under it (restore with the old module) or the
+    checkpoint was handed to the wrong agent.
+    """
+
+
+class SnapshotVersionError(SnapshotError):
+    """An intact record written in a snapshot format this code does not know.
+
+    Usually a newer Torpor wrote it; the message lists the versions this one reads.
+    """
+
+
+class StoreError(Exception):
+    """Base of every error raised by an agent store."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be opened or written at all (missing, read-only, no permission)."""
+
+
+class StoreFull(StoreError):
+    """The disk under the store refused more data.
+
+    The LMDB map grows by itself, so this is raised only when the filesystem itself is
+    out of space (or the map cannot grow past free disk space). The transaction that
+    hit it was aborted whole: nothing of it is on disk.
+    """
+
+
+class NotFound(StoreError):
+    """A record that the caller required to exist does not."""
+
+
+class CheckpointExists(StoreError):
+    """A checkpoint with this (agent, seq) is already stored; checkpoints are immutable."""

@@ -1,0 +1,182 @@
+"""The agent store interface: what a host needs from durable storage, and nothing more.
+
+Why Protocols: a single host keeps its agents in an embedded LMDB file
+(``snapshots.lmdb_store.LmdbStore``); a fleet of hosts will keep them in NATS JetStream.
+The host codes against these classes only, so that swapping the backend is one
+constructor call. The store knows nothing of Wasmtime or of the snapshot format: values
+are JSON-able dicts and opaque bytes.
+
+Why transaction *functions*: a write may have to be run again (the LMDB map grew, a
+replicated backend lost a race), so the primary write API takes a function of a
+``WriteTxn`` and may call it more than once. Such a function must only read and write
+through the transaction it is given, and must not have other side effects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+__all__ = [
+    "BLOB_BUCKETS",
+    "AgentStore",
+    "CheckpointInfo",
+    "Outcome",
+    "ReadTxn",
+    "WriteTxn",
+]
+
+T = TypeVar("T")
+
+#: Named buckets for opaque blobs (agent bundles, audit records, approvals, host
+#: metadata). Adding a bucket is adding its name here.
+BLOB_BUCKETS: tuple[str, ...] = ("bundles", "audit", "approvals", "meta")
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    """One stored checkpoint of an agent, without its bytes."""
+
+    seq: int
+    size: int
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one transaction function run in a batch: a value or an error."""
+
+    value: Any = None
+    error: BaseException | None = None
+
+
+class ReadTxn(Protocol):
+    """A consistent read-only view of the store (a snapshot in time; never blocks writers).
+
+    Iterators are valid only while the transaction is open.
+    """
+
+    def get_agent(self, agent_id: str) -> dict[str, Any] | None:
+        """The agent record (it includes ``"agent_id"``), or None."""
+        ...
+
+    def iter_agents(self) -> Iterator[dict[str, Any]]:
+        """Every agent record, in ascending agent_id order (by UTF-8 bytes)."""
+        ...
+
+    def get_checkpoint(self, agent_id: str, seq: int) -> bytes | None:
+        """The bytes of checkpoint ``seq`` of the agent, or None."""
+        ...
+
+    def latest_checkpoint(self, agent_id: str) -> int | None:
+        """The highest checkpoint seq stored for the agent, or None."""
+        ...
+
+    def list_checkpoints(self, agent_id: str) -> list[CheckpointInfo]:
+        """The agent's checkpoints in ascending seq order."""
+        ...
+
+    def get_journal(self, agent_id: str, call_seq: int) -> dict[str, Any] | None:
+        """The journal entry of the agent's tool call ``call_seq``, or None."""
+        ...
+
+    def iter_journal(self, agent_id: str) -> Iterator[tuple[int, dict[str, Any]]]:
+        """The agent's journal entries as (call_seq, entry) in ascending call_seq order."""
+        ...
+
+    def kv_get(self, namespace: str, key: str) -> bytes | None:
+        """A value of the small key-value space (counters, rate-limit state), or None."""
+        ...
+
+    def kv_keys(self, namespace: str, prefix: str = "") -> list[str]:
+        """The keys of ``namespace`` that start with ``prefix``, sorted."""
+        ...
+
+    def get_blob(self, bucket: str, key: str) -> bytes | None:
+        """A blob of one of the ``BLOB_BUCKETS``, or None."""
+        ...
+
+    def iter_blobs(self, bucket: str, prefix: str = "") -> Iterator[tuple[str, bytes]]:
+        """The (key, blob) pairs of a bucket whose key starts with ``prefix``, sorted."""
+        ...
+
+
+class WriteTxn(ReadTxn, Protocol):
+    """A read-write transaction: all of its writes land together or not at all."""
+
+    def put_agent(self, record: dict[str, Any]) -> None:
+        """Insert or replace an agent record; ``record["agent_id"]`` names it."""
+        ...
+
+    def delete_agent(self, agent_id: str, *, purge: bool = False, missing_ok: bool = False) -> None:
+        """Remove an agent record; with ``purge`` also its checkpoints and journal.
+
+        Raises NotFound when there is no such agent, unless ``missing_ok``.
+        """
+        ...
+
+    def put_checkpoint(self, agent_id: str, seq: int, blob: bytes, created_at: float) -> None:
+        """Store checkpoint ``seq``; raises CheckpointExists if it is already stored."""
+        ...
+
+    def prune_checkpoints(self, agent_id: str, keep_from: int) -> int:
+        """Delete the agent's checkpoints with seq < ``keep_from``; return how many."""
+        ...
+
+    def put_journal(self, agent_id: str, call_seq: int, entry: dict[str, Any]) -> None:
+        """Insert or replace the journal entry of tool call ``call_seq``."""
+        ...
+
+    def kv_set(self, namespace: str, key: str, value: bytes) -> None:
+        """Set a key-value entry."""
+        ...
+
+    def kv_delete(self, namespace: str, key: str) -> bool:
+        """Delete a key-value entry; return whether it existed."""
+        ...
+
+    def kv_incr(self, namespace: str, key: str, delta: int = 1) -> int:
+        """Add ``delta`` to a counter stored as decimal ASCII (missing counts as 0)."""
+        ...
+
+    def put_blob(self, bucket: str, key: str, value: bytes) -> None:
+        """Insert or replace a blob in one of the ``BLOB_BUCKETS``."""
+        ...
+
+    def delete_blob(self, bucket: str, key: str) -> bool:
+        """Delete a blob; return whether it existed."""
+        ...
+
+
+class AgentStore(Protocol):
+    """A durable store of agents, checkpoints, journals, counters and blobs."""
+
+    def read(self) -> AbstractContextManager[ReadTxn]:
+        """Open a read-only snapshot view; close it promptly (it pins old pages)."""
+        ...
+
+    def write(self) -> AbstractContextManager[WriteTxn]:
+        """A write transaction as a context manager: commit on success, abort on error.
+
+        Cannot re-run its body, so it may fail where ``transact`` would have retried:
+        prefer ``transact``.
+        """
+        ...
+
+    def transact(self, fn: Callable[[WriteTxn], T]) -> T:
+        """Run ``fn`` in a write transaction and commit durably; retried as needed."""
+        ...
+
+    def transact_batch(self, fns: Sequence[Callable[[WriteTxn], Any]]) -> list[Outcome]:
+        """Run many functions in one durable commit, each isolated from the others' errors.
+
+        A function that raises has none of its writes committed and its error in its
+        Outcome; the others commit. Errors of the store itself (StoreFull, ...) raise.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the store; transactions must be closed first."""
+        ...
