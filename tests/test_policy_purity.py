@@ -54,5 +54,7 @@ def test_policies_imports_nothing_that_acts() -> None:
 
 
 def test_only_the_loader_touches_files() -> None:
-    users = {p.name for p in PACKAGE.glob("*.py") if {"pathlib", "tomllib", "io"} & imported_modules(p)}
+    users = {
+        p.name for p in PACKAGE.glob("*.py") if {"pathlib", "tomllib", "io"} & imported_modules(p)
+    }
     assert users == {"schema.py"}

@@ -1,0 +1,1118 @@
+"""The policy file: schema, loader and reference.
+
+Policy file reference (``policy.toml``)
+=======================================
+
+Every agent bundle carries one ``policy.toml``.  It says who the agent is, what
+it may spend, which tools it may call with which arguments and how often, what
+must never leave it, and which WASI imports it may use.  Anything the policy
+does not grant is refused: the host links only granted imports, and every tool
+call passes through :func:`policies.decide` before the tool runs.
+
+The file is checked when it is loaded.  Unknown keys and typos are errors that
+name the file, the field's full dotted path and the nearest valid key::
+
+    policy.toml: [budgets] unknown key 'tokns' — did you mean 'tokens'?
+
+Wrong types and bad values (a negative budget, ``"5 parsecs"``, a regex or an
+approval condition that does not parse) name the field too, and all problems
+are reported at once.
+
+Units
+-----
+* **durations**: a number of seconds, or a string of number+unit parts with
+  units ``ms``, ``s``, ``m`` (or ``min``), ``h``, ``d``: ``"500ms"``,
+  ``"30s"``, ``"5m"``, ``"1h30m"``, ``"7d"``.  Must be greater than zero.
+* **sizes**: an integer number of bytes, or a string with ``B``, ``KiB``,
+  ``MiB``, ``GiB``: ``"32MiB"``.  ``"MB"`` is refused as ambiguous.
+* **rates**: ``"N/unit"`` or ``"N/<duration>"``: ``"100/s"``, ``"10/min"``,
+  ``"1000/h"``, ``"5/10s"``.  A sliding window: at most N calls in any
+  window of that length.
+* **integers** may use underscores (``50_000_000``), as TOML allows.
+
+[agent] (required)
+------------------
+``name``         required; lowercase letters, digits, ``_`` and ``-`` (at most 64).
+``description``  free text.
+``version``      free text (the bundle digest is the authoritative version;
+                 this is the human label).
+``pool``         the concurrency pool (agent class) the agent runs in;
+                 default ``"default"``.  Same naming rule as ``name``.
+``priority``     integer; higher runs first when its pool has a queue.  Default 0.
+
+[budgets] (all optional; absent means unlimited)
+------------------------------------------------
+A *run* is one host-side execution segment: from spawn or resume until the
+agent completes, fails or suspends (hibernates on a wait).  *Total* budgets
+accumulate over every run of one agent.
+
+``fuel``              Wasmtime fuel per run (positive integer).
+``fuel_total``        fuel across all runs.
+``memory``            linear-memory cap (size).
+``wall_clock``        wall-clock time per run (duration).
+``wall_clock_total``  elapsed time since spawn, including time spent waiting
+                      hibernated — a deadline for the whole task (duration).
+``tool_calls``        total tool calls the agent may make (calls the policy
+                      allowed or sent for approval; denied calls are counted as
+                      denials instead).
+``tokens``            LLM tokens, as reported by tools.
+``token_warnings``    fractions of ``tokens`` (each between 0 and 1, exclusive)
+                      at which a warning event is recorded, e.g. ``[0.5, 0.8]``.
+                      Needs ``tokens``.
+``warnings``          fractions at which a warning is recorded for the other
+                      cumulative budgets (``fuel_total``, ``wall_clock_total``,
+                      ``tool_calls``).
+``max_denials``       denials tolerated (non-negative integer); the denial that
+                      goes beyond this terminates the agent instead of being
+                      returned to it.
+``stall_timeout``     a running agent that makes no progress (no tool call, no
+                      output) for this long is reported as stalled (duration).
+
+Crossing a limit is "exceeding" it: ``tool_calls = 3`` allows exactly three
+calls; ``tokens = 1000`` terminates once more than 1000 tokens are used.
+
+[tools."NAME"] — grants
+-----------------------
+Each table grants one tool; the tool name is the key (quote it: it has dots).
+Builtin tools: ``kv.get``, ``kv.set``, ``kv.incr``, ``clock.now``, ``log``.
+Any other name is a user tool and needs a ``handler``.
+
+``handler``      ``"module:function"`` — the Python callable implementing a
+                 user tool (the host imports it).  Not allowed on builtins.
+``description``  free text.
+``idempotent``   whether the call may safely run twice (after a crash).
+                 Builtins declare a default (``kv.get``, ``kv.set``,
+                 ``clock.now``: true; ``kv.incr``, ``log``: false); a policy may
+                 only tighten it (true → false).  User tools default to false.
+``credentials``  names of the secrets the host brokers to this tool's handler
+                 (never to agent code).
+``rate``         a rate or an array of rates (all must hold), e.g.
+                 ``["10/s", "1000/h"]``.  Denied calls do not count.
+``max_calls``    total calls of this tool over the agent's life.
+``approval``     ``true`` (every call needs a human), ``false`` (none), or a
+                 table ``{ when = "CONDITION", reason = "TEXT" }``; without
+                 ``when`` every call needs approval.
+
+``[tools."NAME".args.PATH]`` — argument constraints.  PATH is a dotted path
+into the JSON arguments; quote it when it has dots:
+``[tools."x".args."vendor.id"]``.  Digits select array elements
+(``items.0``) and ``*`` every element or value (``items.*.price``: the
+constraint applies to each).  Keys:
+
+``required``        true: the argument must be present.
+``forbidden``       true: the argument must be absent (no other key allowed).
+``type``            one of ``string``, ``number``, ``integer``, ``boolean``,
+                    ``array``, ``object``, ``null``.
+``allow``           array of allowed values (strings, numbers, booleans).
+``deny``            array of refused values.
+``pattern``         regular expression (Python ``re``, searched) a string must match.
+``forbid_pattern``  regular expression a value must not match (non-strings are
+                    matched in their JSON form).
+``min``, ``max``    inclusive numeric bounds (the value must be a number).
+``min_length``, ``max_length``  bounds on a string's or array's length.
+
+When the value is an array, ``allow``, ``deny``, ``pattern``,
+``forbid_pattern``, ``min`` and ``max`` apply to each element; ``type`` and the
+length bounds apply to the array itself.  An absent argument passes every
+constraint except ``required``.
+
+Approval conditions
+~~~~~~~~~~~~~~~~~~~
+``when`` is a one-line condition over the call's arguments: comparisons
+``> >= < <= == !=`` between an argument path and a literal (number, string in
+single or double quotes, ``true``, ``false``, ``null``), combined with ``and``,
+``or``, ``not`` and parentheses (``not`` binds tightest, then ``and``, then
+``or``).  A path alone is true when the argument is ``true``.  Examples::
+
+    amount > 50000
+    amount > 10_000 and (vendor.new or not vendor.verified)
+    currency != "EUR" or amount >= 1e6
+
+If the condition cannot be decided (``amount`` missing, or a string), approval
+is required: conditions fail closed.
+
+[[validators]] — output guardrails
+----------------------------------
+Each validator has ``on`` (where it applies) and exactly one check.
+
+``on``       array of targets: ``"tool:NAME"`` (the arguments of an outbound
+             call to a granted tool), ``"tool:*"`` (every tool call), or
+             ``"output"`` (the agent's final output).
+``action``   what a violation does: ``"deny"`` (default; a structured denial
+             the agent can act on, or a failed run for ``output``),
+             ``"approval"`` (the call — or the output's release — waits for
+             a human), ``"terminate"`` (the agent is stopped).
+``reason``   text added to the violation's reason.
+
+Checks (one per validator):
+
+``detect``          array of detectors: ``email``, ``phone``, ``card`` (Luhn
+                    checked, network prefix), ``national_id`` (US SSN, UK NINO),
+                    ``secret`` (AWS keys, ``sk-…``, GitHub/GitLab/Slack/Stripe
+                    tokens, Google API keys, JWTs, PEM private keys,
+                    high-entropy bearer tokens and ``api_key = …`` values,
+                    passwords).  Every string, integer and key anywhere in the
+                    value is scanned.  Denial codes: ``pii_detected`` for
+                    the first four, ``secret_detected`` for ``secret``.
+``spending_limit``  ``{ field = PATH, max = N, action = ... }``: the sum of the
+                    numbers at PATH (``*`` allowed) must not exceed N.  Code
+                    ``spending_limit``.  A non-numeric value is a violation;
+                    an absent field passes (make it ``required`` in the
+                    tool's ``args`` if it must be there).
+``rows_affected``   ``{ field = PATH, max = N, action = ... }``: same, for rows
+                    touched.  Code ``rows_limit``.
+``custom``          ``"module:function"``: a callable the host imports and
+                    passes to the engine (see :class:`policies.CustomValidator`);
+                    it returns ``None`` to pass or a reason string.  Code
+                    ``denied_by_validator``.  A missing or raising custom
+                    validator is a violation (fail closed).
+
+``action`` inside ``spending_limit`` / ``rows_affected`` overrides the
+validator's ``action``.
+
+[wasi]
+------
+``allow``  array of WASI preview1 function names the module may import
+           (``fd_write``, ``clock_time_get``, ``random_get``, …).  Empty by
+           default: no WASI at all.
+
+Rule locators
+-------------
+Every decision names the rule that made it, written as it reads in the file:
+``tools."slack.post".args.channel.allow``, ``tools."kv.incr".rate``,
+``tools."erp.create_po".approval``, ``validators[0].detect.card``,
+``budgets.tokens``.  ``tools`` alone means "no grant for this tool".
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from .detectors import DETECTORS
+from .errors import PolicyError, PolicyIssue
+from .expr import Condition
+from .paths import locator, parse_path
+from .units import RateLimit, format_duration, parse_duration, parse_rate, parse_size, type_name
+
+# --- constants the host shares -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuiltinTool:
+    """A tool the host provides itself; ``idempotent`` is its declared default."""
+
+    name: str
+    idempotent: bool
+    description: str
+
+
+BUILTIN_TOOLS: Mapping[str, BuiltinTool] = {
+    t.name: t
+    for t in (
+        BuiltinTool("kv.get", True, "read a key from the agent's key-value store"),
+        BuiltinTool("kv.set", True, "write a key in the agent's key-value store"),
+        BuiltinTool("kv.incr", False, "add to an integer key and return the new value"),
+        BuiltinTool("clock.now", True, "the current time"),
+        BuiltinTool("log", False, "write a line to the agent's log"),
+    )
+}
+
+WASI_PREVIEW1: frozenset[str] = frozenset(
+    (
+        "args_get",
+        "args_sizes_get",
+        "environ_get",
+        "environ_sizes_get",
+        "clock_res_get",
+        "clock_time_get",
+        "fd_advise",
+        "fd_allocate",
+        "fd_close",
+        "fd_datasync",
+        "fd_fdstat_get",
+        "fd_fdstat_set_flags",
+        "fd_fdstat_set_rights",
+        "fd_filestat_get",
+        "fd_filestat_set_size",
+        "fd_filestat_set_times",
+        "fd_pread",
+        "fd_prestat_get",
+        "fd_prestat_dir_name",
+        "fd_pwrite",
+        "fd_read",
+        "fd_readdir",
+        "fd_renumber",
+        "fd_seek",
+        "fd_sync",
+        "fd_tell",
+        "fd_write",
+        "path_create_directory",
+        "path_filestat_get",
+        "path_filestat_set_times",
+        "path_link",
+        "path_open",
+        "path_readlink",
+        "path_remove_directory",
+        "path_rename",
+        "path_symlink",
+        "path_unlink_file",
+        "poll_oneoff",
+        "proc_exit",
+        "proc_raise",
+        "sched_yield",
+        "random_get",
+        "sock_accept",
+        "sock_recv",
+        "sock_send",
+        "sock_shutdown",
+    )
+)
+"""Every function of ``wasi_snapshot_preview1`` a policy may name in ``[wasi] allow``."""
+
+ACTIONS = ("deny", "approval", "terminate")
+ARG_TYPES = ("string", "number", "integer", "boolean", "array", "object", "null")
+
+_NAME = re.compile(r"^[a-z0-9_-]{1,64}$")
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$")
+_REF = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*$")
+_CREDENTIAL = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+def _suggest(word: str, choices: list[str] | tuple[str, ...] | frozenset[str]) -> str | None:
+    found = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _custom_error(message: str, suggestion: str | None) -> PydanticCustomError:
+    """A validation error whose message is final and which carries a suggestion for :class:`PolicyError`."""
+    # pydantic fills only ``{key}`` fields named in the context, and the only key is
+    # ``suggestion``; the message itself is already formatted.
+    return PydanticCustomError("policy_value", message, {"suggestion": suggestion or ""})
+
+
+def _choice_error(
+    what: str, value: str, choices: list[str] | tuple[str, ...] | frozenset[str]
+) -> PydanticCustomError:
+    """A value outside a closed set; carries the nearest valid one as ``suggestion``."""
+    suggestion = _suggest(value, choices)
+    hint = (
+        f" — did you mean {suggestion!r}?"
+        if suggestion
+        else f"; valid: {', '.join(sorted(choices))}"
+    )
+    return _custom_error(f"unknown {what} {value!r}{hint}", suggestion)
+
+
+# --- field types ----------------------------------------------------------------------
+
+
+def _number(value: object) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number, got {type_name(value)}")
+    return value
+
+
+def _non_negative_number(value: object) -> int | float:
+    n = _number(value)
+    if n < 0:
+        raise ValueError(f"must not be negative (got {n})")
+    return n
+
+
+def _regex(value: object) -> re.Pattern[str]:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a regular expression string, got {type_name(value)}")
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+
+
+def _condition(value: object) -> Condition:
+    if not isinstance(value, str):
+        raise ValueError(
+            f"expected a condition string such as 'amount > 50000', got {type_name(value)}"
+        )
+    return Condition.parse(value)
+
+
+def _rates(value: object) -> tuple[RateLimit, ...]:
+    if isinstance(value, str):
+        return (parse_rate(value),)
+    if isinstance(value, list | tuple):
+        return tuple(parse_rate(v) for v in value)
+    raise ValueError(
+        f'expected a rate such as "100/s" or an array of rates, got {type_name(value)}'
+    )
+
+
+def _ref(value: object) -> str:
+    if not isinstance(value, str) or not _REF.match(value):
+        shown = repr(value) if isinstance(value, str) else type_name(value)
+        raise ValueError(
+            f"expected 'module:function' (e.g. 'procurement_tools:create_po'), got {shown}"
+        )
+    return value
+
+
+def _scalar_list(value: object) -> tuple[str | int | float | bool, ...]:
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"expected an array of values, got {type_name(value)}")
+    for i, v in enumerate(value):
+        if not isinstance(v, str | int | float | bool):
+            raise ValueError(
+                f"item {i} is {type_name(v)}; only strings, numbers and booleans can be listed"
+            )
+    return tuple(value)
+
+
+PositiveInt = Annotated[int, Field(strict=True, gt=0)]
+NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
+Duration = Annotated[float, PlainValidator(parse_duration)]
+Size = Annotated[int, PlainValidator(parse_size)]
+Number = Annotated[float, PlainValidator(_number), PlainSerializer(lambda x: x, return_type=Any)]
+NonNegativeNumber = Annotated[
+    float, PlainValidator(_non_negative_number), PlainSerializer(lambda x: x, return_type=Any)
+]
+Regex = Annotated[
+    re.Pattern[str], PlainValidator(_regex), PlainSerializer(lambda p: p.pattern, return_type=str)
+]
+ConditionField = Annotated[
+    Condition, PlainValidator(_condition), PlainSerializer(str, return_type=str)
+]
+Rates = Annotated[
+    tuple[RateLimit, ...],
+    PlainValidator(_rates),
+    PlainSerializer(lambda rs: [r.text for r in rs], return_type=list[str]),
+]
+Ref = Annotated[str, PlainValidator(_ref)]
+ScalarList = Annotated[
+    tuple[str | int | float | bool, ...],
+    PlainValidator(_scalar_list),
+    PlainSerializer(list, return_type=list[str | int | float | bool]),
+]
+
+
+class _Model(BaseModel):
+    """Closed, immutable models: a key the schema does not know is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+# --- sections -------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9_-]+", "-", text.lower()).strip("-")[:64] or "agent"
+
+
+class AgentSpec(_Model):
+    """``[agent]``: who the agent is and where it queues."""
+
+    name: StrictStr
+    description: StrictStr = ""
+    version: StrictStr | None = None
+    pool: StrictStr = "default"
+    priority: StrictInt = 0
+
+    @field_validator("name", "pool")
+    @classmethod
+    def _valid_name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise _custom_error(
+                f"{v!r} is not a valid name; use 1-64 lowercase letters, digits, '_' and '-', e.g. {_slug(v)!r}",
+                _slug(v),
+            )
+        return v
+
+
+class Budgets(_Model):
+    """``[budgets]``, resolved: bytes for sizes, seconds for durations, ``None`` for unlimited."""
+
+    fuel: PositiveInt | None = None
+    fuel_total: PositiveInt | None = None
+    memory: Size | None = None
+    wall_clock: Duration | None = None
+    wall_clock_total: Duration | None = None
+    tool_calls: NonNegativeInt | None = None
+    tokens: NonNegativeInt | None = None
+    token_warnings: tuple[float, ...] = ()
+    warnings: tuple[float, ...] = ()
+    max_denials: NonNegativeInt | None = None
+    stall_timeout: Duration | None = None
+
+    @field_validator("token_warnings", "warnings", mode="before")
+    @classmethod
+    def _fractions(cls, v: object) -> tuple[float, ...]:
+        if not isinstance(v, list | tuple):
+            raise ValueError(
+                f"expected an array of fractions such as [0.5, 0.8], got {type_name(v)}"
+            )
+        out: list[float] = []
+        for x in v:
+            if isinstance(x, bool) or not isinstance(x, int | float) or not 0 < x < 1:
+                raise ValueError(
+                    f"each threshold must be a fraction between 0 and 1 (exclusive), e.g. 0.8; got {x!r}"
+                )
+            out.append(float(x))
+        if len(set(out)) != len(out):
+            raise ValueError("thresholds must not repeat")
+        return tuple(sorted(out))
+
+
+def _is_set(value: object) -> bool:
+    """Whether a constraint key is in use (``min = 0`` is; ``required = false`` is not)."""
+    return value is not None and value is not False and value != ()
+
+
+class ArgConstraint(_Model):
+    """Constraints on one argument path of one tool."""
+
+    required: StrictBool = False
+    forbidden: StrictBool = False
+    type: Literal["string", "number", "integer", "boolean", "array", "object", "null"] | None = None
+    allow: ScalarList | None = None
+    deny: ScalarList = ()
+    pattern: Regex | None = None
+    forbid_pattern: Regex | None = None
+    min: Number | None = None
+    max: Number | None = None
+    min_length: NonNegativeInt | None = None
+    max_length: NonNegativeInt | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ArgConstraint:
+        if self.forbidden:
+            others = [k for k in self.keys_set() if k != "forbidden"]
+            if others:
+                raise ValueError(
+                    f"forbidden = true cannot be combined with {', '.join(sorted(others))}: "
+                    "a forbidden argument has no value to check"
+                )
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(
+                f"min ({self.min}) is greater than max ({self.max}); no value could pass"
+            )
+        if (
+            self.min_length is not None
+            and self.max_length is not None
+            and self.min_length > self.max_length
+        ):
+            raise ValueError(
+                f"min_length ({self.min_length}) is greater than max_length ({self.max_length})"
+            )
+        if self.allow is not None and not self.allow:
+            raise ValueError(
+                "allow = [] would refuse every value; use forbidden = true to refuse the argument"
+            )
+        return self
+
+    @cached_property
+    def keys_in_use(self) -> tuple[str, ...]:
+        """:meth:`keys_set`, computed once (the engine asks on every call)."""
+        return self.keys_set()
+
+    def keys_set(self) -> tuple[str, ...]:
+        """The constraint keys in use, in a stable order (for rule locators)."""
+        return tuple(k for k in type(self).model_fields if _is_set(getattr(self, k)))
+
+
+class Approval(_Model):
+    """``approval = { when = ..., reason = ... }``; no ``when`` means always."""
+
+    when: ConditionField | None = None
+    reason: StrictStr = "this call needs a human's approval"
+
+
+def _approval(value: object) -> object:
+    if value is True:
+        return {}
+    if value is False:
+        return None
+    return value
+
+
+class ToolGrant(_Model):
+    """``[tools."NAME"]``: the permission to call one tool, and its limits."""
+
+    handler: Ref | None = None
+    description: StrictStr = ""
+    idempotent: StrictBool = False
+    credentials: tuple[StrictStr, ...] = ()
+    rate: Rates = ()
+    max_calls: NonNegativeInt | None = None
+    approval: Annotated[Approval | None, BeforeValidator(_approval)] = None
+    args: dict[str, ArgConstraint] = Field(default_factory=dict)
+
+    @field_validator("credentials")
+    @classmethod
+    def _credential_names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            if not _CREDENTIAL.match(name):
+                raise ValueError(
+                    f"{name!r} is not a credential name; use letters, digits and '_', e.g. 'erp_token'"
+                )
+        return v
+
+    @field_validator("args")
+    @classmethod
+    def _arg_paths(cls, v: dict[str, ArgConstraint]) -> dict[str, ArgConstraint]:
+        for key in v:
+            parse_path(key)
+        return v
+
+    @cached_property
+    def constraints(self) -> tuple[tuple[str, tuple[str, ...], ArgConstraint], ...]:
+        """``(path text, path segments, constraint)`` for every argument rule, in file order."""
+        return tuple((k, parse_path(k), c) for k, c in self.args.items())
+
+
+class Limit(_Model):
+    """``spending_limit`` / ``rows_affected``: the sum of numbers at ``field`` must not exceed ``max``."""
+
+    field: StrictStr
+    max: NonNegativeNumber
+    action: Literal["deny", "approval", "terminate"] | None = None
+
+    @field_validator("field")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        parse_path(v)
+        return v
+
+    @cached_property
+    def segments(self) -> tuple[str, ...]:
+        return parse_path(self.field)
+
+
+class Validator(_Model):
+    """``[[validators]]``: one guardrail on outbound tool arguments and/or the final output."""
+
+    on: tuple[StrictStr, ...]
+    detect: tuple[StrictStr, ...] | None = None
+    spending_limit: Limit | None = None
+    rows_affected: Limit | None = None
+    custom: Ref | None = None
+    action: Literal["deny", "approval", "terminate"] | None = None
+    reason: StrictStr | None = None
+
+    @field_validator("on")
+    @classmethod
+    def _targets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError('on = [] applies nowhere; give e.g. ["tool:slack.post", "output"]')
+        for t in v:
+            if t == "output" or (t.startswith("tool:") and len(t) > 5):
+                continue
+            guess = (
+                "tool:" + t.split(":", 1)[-1]
+                if ":" in t
+                else _suggest(t, ["output"]) or f"tool:{t}"
+            )
+            raise _custom_error(
+                f"unknown target {t!r} — did you mean {guess!r}? Targets are 'tool:NAME', 'tool:*' or 'output'",
+                guess,
+            )
+        return v
+
+    @field_validator("detect")
+    @classmethod
+    def _detectors(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError(f"detect = [] detects nothing; list some of {', '.join(DETECTORS)}")
+        for name in v:
+            if name not in DETECTORS:
+                raise _choice_error("detector", name, DETECTORS)
+        return v
+
+    @model_validator(mode="after")
+    def _one_check(self) -> Validator:
+        kinds = self.kinds_set()
+        if len(kinds) != 1:
+            what = "none" if not kinds else " and ".join(kinds)
+            raise ValueError(
+                f"a validator needs exactly one of detect, spending_limit, rows_affected, custom (got {what}); "
+                "use one [[validators]] table per check"
+            )
+        return self
+
+    def kinds_set(self) -> list[str]:
+        return [
+            k
+            for k in ("detect", "spending_limit", "rows_affected", "custom")
+            if getattr(self, k) is not None
+        ]
+
+    @property
+    def kind(self) -> str:
+        """Which check this validator runs: ``detect``, ``spending_limit``, ``rows_affected`` or ``custom``."""
+        return self.kinds_set()[0]
+
+    @property
+    def effective_action(self) -> str:
+        """The action a violation takes: the check's own, else the validator's, else ``deny``."""
+        inner = self.spending_limit or self.rows_affected
+        if inner is not None and inner.action is not None:
+            return inner.action
+        return self.action or "deny"
+
+    def applies_to_tool(self, tool: str) -> bool:
+        return "tool:*" in self.on or f"tool:{tool}" in self.on
+
+    @property
+    def applies_to_output(self) -> bool:
+        return "output" in self.on
+
+
+class WasiSpec(_Model):
+    """``[wasi]``: the WASI preview1 functions the module may import (none by default)."""
+
+    allow: tuple[StrictStr, ...] = ()
+
+    @field_validator("allow")
+    @classmethod
+    def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            if name not in WASI_PREVIEW1:
+                raise _choice_error("WASI function", name, WASI_PREVIEW1)
+        return v
+
+
+# --- the policy -----------------------------------------------------------------------
+
+
+class Policy(_Model):
+    """A loaded, checked policy.  Immutable; build it with :func:`parse_policy` or :func:`load_policy`."""
+
+    agent: AgentSpec
+    budgets: Budgets = Field(default_factory=Budgets)
+    tools: dict[str, ToolGrant] = Field(default_factory=dict)
+    validators: tuple[Validator, ...] = ()
+    wasi: WasiSpec = Field(default_factory=WasiSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _builtin_defaults(cls, data: Any) -> Any:
+        """Fill each builtin's declared ``idempotent`` so the grant says what the host will do."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("tools"), Mapping):
+            return data
+        tools = dict(data["tools"])
+        for name, grant in tools.items():
+            if name in BUILTIN_TOOLS and isinstance(grant, Mapping) and "idempotent" not in grant:
+                tools[name] = {**grant, "idempotent": BUILTIN_TOOLS[name].idempotent}
+        return {**data, "tools": tools}
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Policy:
+        issues = _semantic_issues(self.model_dump())
+        if issues:
+            raise PolicyError(issues)
+        return self
+
+    # Helpers the host calls.
+
+    @property
+    def grants(self) -> Mapping[str, ToolGrant]:
+        """Tool name → grant, for every tool the agent may call."""
+        return self.tools
+
+    @property
+    def wasi_allow(self) -> frozenset[str]:
+        """The WASI preview1 function names the linker may define."""
+        return frozenset(self.wasi.allow)
+
+    @cached_property
+    def tool_validators(self) -> Mapping[str, tuple[tuple[int, Validator], ...]]:
+        """Tool name → ``(index, validator)`` for the validators on that tool's arguments."""
+        return {
+            name: tuple((i, v) for i, v in enumerate(self.validators) if v.applies_to_tool(name))
+            for name in self.tools
+        }
+
+    @cached_property
+    def output_validators(self) -> tuple[tuple[int, Validator], ...]:
+        """``(index, validator)`` for the validators on the final output."""
+        return tuple((i, v) for i, v in enumerate(self.validators) if v.applies_to_output)
+
+    @property
+    def custom_validator_refs(self) -> tuple[str, ...]:
+        """Every ``custom = "module:function"`` the host must import and pass to the engine."""
+        return tuple(dict.fromkeys(v.custom for v in self.validators if v.custom is not None))
+
+    @property
+    def handler_refs(self) -> Mapping[str, str]:
+        """Tool name → ``module:function`` for every user tool."""
+        return {n: g.handler for n, g in self.tools.items() if g.handler is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The policy as plain JSON, with units resolved (bytes, seconds) — for display and digests."""
+        data: dict[str, Any] = self.model_dump(mode="json")
+        return data
+
+    @cached_property
+    def digest(self) -> str:
+        """``sha256:<hex>`` of the resolved policy: equal meaning, equal digest ("30s" == "30000ms")."""
+        canonical = json.dumps(
+            self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
+        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+    def summary(self) -> str:
+        """A few readable lines for ``torpor policy check``."""
+        lines = [
+            f"agent {self.agent.name}" + (f" ({self.agent.version})" if self.agent.version else "")
+        ]
+        if self.agent.description:
+            lines.append(f"  {self.agent.description}")
+        lines.append(f"  pool {self.agent.pool}, priority {self.agent.priority}")
+        b = self.budgets
+        parts = []
+        for name in ("fuel", "fuel_total", "tool_calls", "tokens", "max_denials"):
+            v = getattr(b, name)
+            if v is not None:
+                parts.append(f"{name}={v:,}")
+        if b.memory is not None:
+            parts.append(f"memory={b.memory:,}B")
+        for name in ("wall_clock", "wall_clock_total", "stall_timeout"):
+            v = getattr(b, name)
+            if v is not None:
+                parts.append(f"{name}={format_duration(v)}")
+        lines.append("budgets: " + (", ".join(parts) if parts else "none (unlimited)"))
+        if b.token_warnings:
+            lines.append("  token warnings at " + ", ".join(f"{x:.0%}" for x in b.token_warnings))
+        lines.append(f"tools ({len(self.tools)}):")
+        for name, g in self.tools.items():
+            bits = ["builtin" if name in BUILTIN_TOOLS else f"handler {g.handler}"]
+            bits.append("idempotent" if g.idempotent else "not idempotent")
+            if g.rate:
+                bits.append("rate " + ", ".join(r.text for r in g.rate))
+            if g.max_calls is not None:
+                bits.append(f"max {g.max_calls} calls")
+            if g.args:
+                bits.append(f"{len(g.args)} argument rule(s)")
+            if g.approval is not None:
+                bits.append(
+                    "approval " + (f"when {g.approval.when}" if g.approval.when else "always")
+                )
+            if g.credentials:
+                bits.append("credentials " + ", ".join(g.credentials))
+            lines.append(f"  {name}: " + "; ".join(bits))
+        lines.append(f"validators ({len(self.validators)}):")
+        for i, v in enumerate(self.validators):
+            lines.append(f"  [{i}] {v.kind} on {', '.join(v.on)} -> {v.effective_action}")
+        lines.append("wasi: " + (", ".join(self.wasi.allow) if self.wasi.allow else "none"))
+        lines.append(f"digest {self.digest}")
+        return "\n".join(lines)
+
+
+def _semantic_issues(data: Mapping[str, Any]) -> list[PolicyIssue]:
+    """Checks that need more than one section: grants vs builtins, validator targets vs grants.
+
+    They run over the raw tables (defensively typed) so that they can be
+    reported together with schema errors, not one run later.
+    """
+    issues: list[PolicyIssue] = []
+    builtin_names = tuple(BUILTIN_TOOLS)
+    tools = data.get("tools")
+    tools = tools if isinstance(tools, Mapping) else {}
+    for name, grant in tools.items():
+        where = locator("tools", str(name))
+        if not isinstance(grant, Mapping):
+            continue
+        if not _TOOL_NAME.match(str(name)):
+            issues.append(
+                PolicyIssue(
+                    f"{where}: {name!r} is not a valid tool name; use letters, digits, '_', '-' and dots, e.g. 'erp.create_po'",
+                    where,
+                )
+            )
+            continue
+        builtin = BUILTIN_TOOLS.get(name)
+        if builtin is not None:
+            if grant.get("handler") is not None:
+                issues.append(
+                    PolicyIssue(
+                        f"{where}.handler: {name} is a builtin tool; remove `handler` (or grant a tool with another name)",
+                        f"{where}.handler",
+                    )
+                )
+            if grant.get("idempotent") is True and not builtin.idempotent:
+                issues.append(
+                    PolicyIssue(
+                        f"{where}.idempotent: {name} is not idempotent; a policy may only tighten a builtin "
+                        "(set idempotent = false or remove it)",
+                        f"{where}.idempotent",
+                    )
+                )
+        elif grant.get("handler") is None:
+            guess = _suggest(str(name), builtin_names)
+            need = 'a user tool needs handler = "module:function"'
+            hint = f" — did you mean {guess!r}? Otherwise {need}" if guess else f"; {need}"
+            issues.append(
+                PolicyIssue(
+                    f"{where}: {name!r} is not a builtin tool ({', '.join(builtin_names)}){hint}",
+                    where,
+                    guess,
+                )
+            )
+    granted = tuple(str(n) for n in tools)
+    validators = data.get("validators")
+    for i, v in enumerate(validators if isinstance(validators, list | tuple) else ()):
+        targets = v.get("on") if isinstance(v, Mapping) else None
+        for t in targets if isinstance(targets, list | tuple) else ():
+            if (
+                isinstance(t, str)
+                and t.startswith("tool:")
+                and t != "tool:*"
+                and len(t) > 5
+                and t[5:] not in tools
+            ):
+                guess = _suggest(t[5:], granted)
+                hint = (
+                    f" — did you mean 'tool:{guess}'?"
+                    if guess
+                    else " (grant it in [tools] or fix the name)"
+                )
+                issues.append(
+                    PolicyIssue(
+                        f"validators[{i}].on: {t!r} names a tool this policy does not grant{hint}",
+                        f"validators[{i}].on",
+                        f"tool:{guess}" if guess else None,
+                    )
+                )
+    budgets = data.get("budgets")
+    if (
+        isinstance(budgets, Mapping)
+        and budgets.get("token_warnings")
+        and budgets.get("tokens") is None
+    ):
+        issues.append(
+            PolicyIssue(
+                "budgets.token_warnings: warnings need a token budget; set budgets.tokens",
+                "budgets.token_warnings",
+            )
+        )
+    return issues
+
+
+# --- loading ----------------------------------------------------------------------------
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and check a policy file; raises :class:`PolicyError` naming the file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PolicyError([PolicyIssue("file not found", source=str(p))]) from None
+    except UnicodeDecodeError as exc:
+        raise PolicyError(
+            [PolicyIssue(f"not UTF-8 text ({exc.reason} at byte {exc.start})", source=str(p))]
+        ) from None
+    except OSError as exc:
+        raise PolicyError(
+            [PolicyIssue(f"cannot read: {exc.strerror or exc}", source=str(p))]
+        ) from None
+    return parse_policy(text, source=str(p))
+
+
+def parse_policy(text: str, source: str = "<string>") -> Policy:
+    """Parse and check policy TOML; every problem is reported in one :class:`PolicyError`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError([PolicyIssue(f"not valid TOML: {exc}", source=source)]) from None
+    return policy_from_dict(data, source=source)
+
+
+def policy_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Policy:
+    """Check an already-parsed policy table (e.g. from JSON or a test)."""
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        pairs = _drop_consequences([(e, _issue_from(e, source)) for e in errors])
+        # Unknown keys first: a typo is the likeliest root cause of what follows.
+        pairs.sort(key=lambda p: 0 if p[0]["type"] == "extra_forbidden" else 1)
+        issues = [i for _, i in pairs]
+        seen = {i.field for i in issues}
+        issues += [i for i in _semantic_issues(data) if i.field not in seen]
+        raise PolicyError(issues, source=source) from None
+    except PolicyError as exc:
+        raise exc.with_source(source) from None
+
+
+def _drop_consequences(pairs: list[tuple[Any, PolicyIssue]]) -> list[tuple[Any, PolicyIssue]]:
+    """Hide "X is missing" when an unknown key next to it is a misspelling of X."""
+    meant = {
+        (tuple(e["loc"][:-1]), i.suggestion)
+        for e, i in pairs
+        if e["type"] == "extra_forbidden" and i.suggestion
+    }
+    return [
+        (e, i)
+        for e, i in pairs
+        if not (e["type"] == "missing" and (tuple(e["loc"][:-1]), str(e["loc"][-1])) in meant)
+    ]
+
+
+# --- turning pydantic's errors into ones a person can act on ---------------------------
+
+_EXPECTED = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "int_parsing": "an integer",
+    "bool_type": "a boolean (true or false)",
+    "bool_parsing": "a boolean (true or false)",
+    "float_type": "a number",
+    "dict_type": "a table",
+    "model_type": "a table",
+    "model_attributes_type": "a table",
+    "tuple_type": "an array",
+    "list_type": "an array",
+}
+
+
+def _unwrap(tp: Any) -> Any:
+    while True:
+        origin = get_origin(tp)
+        if origin is Annotated:
+            tp = get_args(tp)[0]
+        elif origin is Union or type(tp).__name__ == "UnionType":
+            members = [a for a in get_args(tp) if a is not type(None)]
+            if len(members) != 1:
+                return tp
+            tp = members[0]
+        else:
+            return tp
+
+
+def _keys_at(loc: tuple[int | str, ...]) -> list[str] | None:
+    """The valid keys of the table at ``loc``, found by walking the schema."""
+    tp: Any = Policy
+    for el in loc:
+        tp = _unwrap(tp)
+        origin = get_origin(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(str(el))
+            if field is None:
+                return None
+            tp = field.annotation
+        elif origin in (dict, Mapping):
+            tp = get_args(tp)[1]
+        elif origin in (tuple, list):
+            tp = get_args(tp)[0]
+        else:
+            return None
+    tp = _unwrap(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return list(tp.model_fields)
+    return None
+
+
+def _issue_from(err: Any, source: str) -> PolicyIssue:
+    loc: tuple[int | str, ...] = tuple(err["loc"])
+    kind: str = err["type"]
+    field = locator(*loc) if loc else None
+    ctx: dict[str, Any] = err.get("ctx") or {}
+    value = err.get("input")
+
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        parent = loc[:-1]
+        valid = _keys_at(parent) or []
+        suggestion = _suggest(key, valid)
+        where = f"[{locator(*parent)}] unknown key" if parent else "unknown top-level key"
+        if (
+            len(parent) >= 3
+            and parent[0] == "tools"
+            and parent[-2] == "args"
+            and isinstance(value, Mapping)
+        ):
+            path = f"{parent[-1]}.{key}"
+            quoted = locator("tools", str(parent[1]), "args") + f'."{path}"'
+            return PolicyIssue(
+                f"{where} {key!r} — a nested argument path must be quoted as one key: [{quoted}]",
+                field,
+                path,
+                source,
+            )
+        if suggestion:
+            message = f"{where} {key!r} — did you mean {suggestion!r}?"
+        else:
+            message = (
+                f"{where} {key!r}; valid keys: {', '.join(valid)}" if valid else f"{where} {key!r}"
+            )
+        return PolicyIssue(message, field, suggestion, source)
+
+    if kind == "missing":
+        if len(loc) == 1:
+            return PolicyIssue(
+                f'[{field}] table is missing; every policy needs it (e.g. [agent] with name = "my-agent")',
+                field,
+                None,
+                source,
+            )
+        return PolicyIssue(f"{field} is required", field, None, source)
+
+    if kind in _EXPECTED:
+        return PolicyIssue(
+            f"{field}: expected {_EXPECTED[kind]}, got {type_name(value)}", field, None, source
+        )
+
+    if kind == "literal_error":
+        choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        suggestion = _suggest(str(value), choices) if isinstance(value, str) else None
+        hint = f" — did you mean {suggestion!r}?" if suggestion else ""
+        return PolicyIssue(
+            f"{field}: {value!r} is not one of {', '.join(repr(c) for c in choices)}{hint}",
+            field,
+            suggestion,
+            source,
+        )
+
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        rel = {
+            "greater_than": ("gt", "greater than"),
+            "greater_than_equal": ("ge", "at least"),
+            "less_than": ("lt", "less than"),
+            "less_than_equal": ("le", "at most"),
+        }[kind]
+        return PolicyIssue(
+            f"{field}: must be {rel[1]} {ctx.get(rel[0])} (got {value!r})", field, None, source
+        )
+
+    if kind == "value_error":
+        msg = str(ctx.get("error", err["msg"]))
+        return PolicyIssue(f"{field}: {msg}", field, None, source)
+
+    suggestion = ctx.get("suggestion") or None
+    return PolicyIssue(f"{field}: {err['msg']}", field, suggestion, source)
