@@ -143,6 +143,7 @@ class RunResult:
 
 
 Tool = Callable[[dict[str, Any]], Any]
+# tools dicts map granted tool names to callables; None = granted but not registered
 
 
 class MockHost:
@@ -166,7 +167,7 @@ class MockHost:
         self,
         path: Path,
         input_json: str | bytes = b"{}",
-        tools: dict[str, Tool] | None = None,
+        tools: dict[str, Tool | None] | None = None,
         fuel: int = 10**10,
         memory_limit: int | None = None,
     ) -> GuestSession:
@@ -182,7 +183,7 @@ class GuestSession:
         host: MockHost,
         module: wasmtime.Module,
         input_json: str | bytes,
-        tools: dict[str, Tool],
+        tools: dict[str, Tool | None],
         fuel: int,
         memory_limit: int | None,
     ):
@@ -269,12 +270,12 @@ class GuestSession:
         return 0
 
     def _log(self, caller: wasmtime.Caller, level: int, ptr: int, n: int) -> int:
+        if level not in (0, 1, 2, 3):
+            return E_INVALID_ARGS
         if not self._range(caller, ptr, n):
             return E_FAULT
         if n > MAX_LOG:
             return E_TOO_LARGE
-        if level not in (0, 1, 2, 3):
-            return E_INVALID_ARGS
         msg = bytes(self.memory.read(caller, ptr, ptr + n)).decode("utf-8", "replace")
         self.result.logs.append((level, msg))
         return 0
@@ -290,8 +291,8 @@ class GuestSession:
         err: dict[str, Any] = {"code": CODE_NAMES[code], "message": message, "retryable": retryable}
         if rule is not None:
             err["rule"] = rule
-        if details is not None:
-            err["details"] = details
+        if details:  # attached details are members of the error object (ABI.md section 5)
+            err.update({k: v for k, v in details.items() if k not in err})
         self.response = json.dumps(err).encode()
         return code
 
@@ -312,26 +313,38 @@ class GuestSession:
             name = bytes(self.memory.read(caller, np, np + nl)).decode("utf-8")
         except UnicodeDecodeError:
             return self._error(E_UNKNOWN_TOOL, "tool name is not UTF-8")
-        tool = self.tools.get(name)
-        if tool is None:
-            return self._error(E_UNKNOWN_TOOL, f"no tool named {name!r} is granted")
+        raw = bytes(self.memory.read(caller, ap, ap + al))
         try:
-            args = strict_json(bytes(self.memory.read(caller, ap, ap + al)))
+            args = strict_json(raw) if raw.strip() else {}
         except ValueError:
             return self._error(E_INVALID_JSON, "arguments are not valid JSON")
+        if name not in self.tools:  # not granted (whether or not it exists)
+            return self._error(
+                E_DENIED,
+                f"tool {name!r} is not granted",
+                "tools",
+                details={"reason_code": "not_granted"},
+            )
+        tool = self.tools[name]
+        if tool is None:  # granted, but not registered
+            return self._error(E_UNKNOWN_TOOL, f"no tool named {name!r} is available")
         if not isinstance(args, dict):
             return self._error(E_INVALID_ARGS, "arguments must be a JSON object")
         try:
             result = tool(args)
         except ToolError as e:
             return self._error(e.code, e.message, e.rule, e.retryable, e.details)
-        except Exception as e:
+        except Exception as e:  # a raising tool is tool_failed
+            # host.tools.registry.ToolError carries a code *name* and **details
+            code = {v: k for k, v in CODE_NAMES.items()}.get(
+                getattr(e, "code", None), E_TOOL_FAILED
+            )
             return self._error(
-                E_TOOL_FAILED,
+                code,
                 str(e) or type(e).__name__,
                 None,
                 bool(getattr(e, "retryable", False)),
-                getattr(e, "details", None),
+                getattr(e, "details", None) or None,
             )
         data = json.dumps(result).encode()
         if len(data) > MAX_RESPONSE:
@@ -510,15 +523,17 @@ def asyncify(
         )
         lib.BinaryenSetOptimizeLevel(2)
         lib.BinaryenSetShrinkLevel(1)
-        lib.BinaryenSetPassArgument(b"asyncify-imports", b"torpor.tool_call")
-        names = [ffi.new("char[]", p.encode()) for p in passes]
-        lib.BinaryenModuleRunPasses(m, ffi.new("const char*[]", names), len(names))
+        # mutable globals are exported first, as the host's build does: Asyncify's
+        # own globals stay private (asyncify_start_rewind resets them)
         for i in range(lib.BinaryenGetNumGlobals(m)):
             g = lib.BinaryenGetGlobalByIndex(m, i)
             if lib.BinaryenGlobalIsMutable(g):
                 lib.BinaryenAddGlobalExport(
                     m, lib.BinaryenGlobalGetName(g), f"torpor.g{i}".encode()
                 )
+        lib.BinaryenSetPassArgument(b"asyncify-imports", b"torpor.tool_call")
+        names = [ffi.new("char[]", p.encode()) for p in passes]
+        lib.BinaryenModuleRunPasses(m, ffi.new("const char*[]", names), len(names))
         lib.BinaryenAddCustomSection(m, b"torpor.abi", b"1", 1)
         if not lib.BinaryenModuleValidate(m):
             raise RuntimeError("binaryen validation failed")
@@ -536,7 +551,7 @@ class HibernatingRun:
     unwound, its memory and mutable globals copied out, the instance dropped, and
     a fresh instance rewound from the copy (ABI.md, "Suspension")."""
 
-    def __init__(self, host: MockHost, wasm: bytes, input_json: str, tools: dict[str, Tool]):
+    def __init__(self, host: MockHost, wasm: bytes, input_json: str, tools: dict[str, Tool | None]):
         self.host, self.input, self.tools = host, input_json, tools
         self.module = wasmtime.Module(host.engine, wasm)
         self.pending: int | None = None
@@ -606,6 +621,8 @@ class _ResumableSession(GuestSession):
 
 EXAMPLES = REPO / "guest_sdk" / "examples"
 GUESTS = REPO / "tests" / "guests"
+# the test guests this SDK test-suite owns (others in tests/guests/ belong to host tests)
+SDK_GUESTS = ("loop", "grow", "recurse", "wild", "notool", "noentry", "badargs", "sdk_selftest")
 _built: dict[str, Path] | None = None
 
 
@@ -624,9 +641,8 @@ def built() -> dict[str, Path]:
         for d in sorted(EXAMPLES.iterdir()):
             if (d / "agent.c").exists():
                 jobs[d.name] = ([d / "agent.c"], [])
-        for d in sorted(GUESTS.iterdir()):
-            if (d / "agent.c").exists():
-                jobs[f"guests/{d.name}"] = ([d / "agent.c"], [])
+        for name in SDK_GUESTS:
+            jobs[f"guests/{name}"] = ([GUESTS / name / "agent.c"], [])
         flat = {k.replace("/", "__"): v for k, v in jobs.items()}
         paths = compile_many(flat, out)
         _built = {k: paths[k.replace("/", "__")] for k in jobs}

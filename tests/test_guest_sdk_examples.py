@@ -19,6 +19,7 @@ from guest_sdk_mock import (
     GUESTS,
     KV,
     REPO,
+    SDK_GUESTS,
     MockHost,
     ToolError,
     built,
@@ -40,7 +41,7 @@ def imports_exports(path: Path) -> tuple[set[tuple[str, str]], set[str]]:
 
 
 def test_every_example_and_guest_has_a_policy() -> None:
-    dirs = [d for d in [*EXAMPLES.iterdir(), *GUESTS.iterdir()] if d.is_dir()]
+    dirs = [d for d in EXAMPLES.iterdir() if d.is_dir()] + [GUESTS / g for g in SDK_GUESTS]
     assert {d.name for d in EXAMPLES.iterdir() if d.is_dir()} >= {"hello", "steps", "inventory"}
     for d in dirs:
         assert (d / "agent.c").exists() and (d / "policy.toml").exists(), d
@@ -221,8 +222,9 @@ def test_notool(host: MockHost) -> None:
     kv = KV()
     r = host.run(built()["guests/notool"], "{}", tools={"kv.get": kv.get})
     assert r.status == "completed"
-    assert r.output["kv.set"]["code"] == "unknown_tool" and r.output["kv.set"]["rc"] == -4
-    assert r.output["no.such.tool"]["code"] == "unknown_tool"
+    assert r.output["kv.set"]["code"] == "denied" and r.output["kv.set"]["rc"] == -7
+    assert r.output["kv.set"]["response"]["rule"] == "tools"
+    assert r.output["no.such.tool"]["code"] == "denied"
     assert r.output["kv.get"] == {"rc": 0, "code": "ok", "message": "", "response": {"value": None}}
 
 
@@ -254,6 +256,7 @@ def test_sdk_tool_wrappers(host: MockHost) -> None:
         "clock.now": lambda a: {"unix_ms": 1_700_000_000_123},
         "test.deny": deny,
         "test.echo": lambda a: a,
+        "no.such.tool": None,  # granted by the policy, but no such tool on the host
     }
     r = host.run(built()["guests/sdk_selftest"], "{}", tools=tools)
     assert r.status == "completed", (r.error_code, r.error_message)
@@ -270,6 +273,7 @@ def test_sdk_tool_wrappers(host: MockHost) -> None:
     }
     assert o["unknown"]["code"] == -4 and o["unknown"]["name"] == "unknown_tool"
     assert o["unknown"]["raw"]["code"] == "unknown_tool" and o["unknown"]["ok"] is False
+    assert o["ungranted"]["code"] == -7 and o["ungranted"]["name"] == "denied"
     assert o["denied"] == {
         "ok": False,
         "code": -7,

@@ -1,6 +1,7 @@
 /* notool: calls tools its policy does not grant (kv.set: registered but not
  * granted; no.such.tool: not registered at all). Both must come back as
- * structured errors it can handle, then a granted tool still works.
+ * structured errors it can handle (denied, rule "tools", ABI.md 4.5), then a
+ * granted tool still works.
  * Output: {"kv.set": {...}, "no.such.tool": {...}, "kv.get": {...}} */
 #include "torpor.h"
 

@@ -288,11 +288,16 @@ int torpor_main(void) {
     torpor_jb_f(&b, "{\"value\": %lld, \"err\": %d, \"code\": %s, \"message\": %s}",
                 (long long)bad, err, e ? e->code_name : NULL, e ? e->message : NULL);
 
-    /* raw torpor_call: unknown tool, then a policy-style denial from the host */
+    /* raw torpor_call: granted but unknown, not granted, then a rule's denial */
     torpor_result r = torpor_call("no.such.tool", NULL);
     torpor_jb_key(&b, "unknown");
     torpor_jb_f(&b, "{\"ok\": %b, \"code\": %d, \"name\": %s, \"retryable\": %b, \"raw\": %j}", r.ok,
                 r.code, r.code_name, r.retryable, r.raw);
+    torpor_result_free(&r);
+
+    r = torpor_call("not.granted", "{}");
+    torpor_jb_key(&b, "ungranted");
+    torpor_jb_f(&b, "{\"code\": %d, \"name\": %s, \"rule\": %s}", r.code, r.code_name, r.rule);
     torpor_result_free(&r);
 
     r = torpor_callf("test.deny", "{\"channel\": %s}", "#general");
