@@ -88,14 +88,16 @@ def cmd_inspect_bundle(args: argparse.Namespace) -> int:
 
     b = bundle_mod.load(args.bundle)
     module = wasmtime.Module(wasmtime.Engine(), b.module)
+    imports = [f"{i.module}.{i.name}" for i in module.imports]
+    exports = [e.name for e in module.exports]
     data = {
         "digest": b.digest,
         "name": b.name,
         "abi_version": b.abi_version,
         "module_sha256": b.module_digest,
         "module_size": len(b.module),
-        "imports": [f"{i.module}.{i.name}" for i in module.imports],
-        "exports": [e.name for e in module.exports],
+        "imports": imports,
+        "exports": exports,
         "host_tools": sorted(b.tools),
         "policy": b.policy_text,
     }
@@ -103,8 +105,8 @@ def cmd_inspect_bundle(args: argparse.Namespace) -> int:
     def human() -> None:
         print(f"bundle   {args.bundle}\nname     {b.name}\ndigest   {b.digest}\nabi      v{b.abi_version}")
         print(f"module   {len(b.module)} bytes, sha256 {b.module_digest[:16]}")
-        print("imports  " + ", ".join(data["imports"]))
-        print("exports  " + ", ".join(data["exports"]))
+        print("imports  " + ", ".join(imports))
+        print("exports  " + ", ".join(exports))
         if b.tools:
             print("tools    " + ", ".join(sorted(b.tools)) + " (host-side Python)")
         print("policy:\n" + "\n".join("  " + line for line in b.policy_text.splitlines()))
@@ -223,7 +225,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               f"{u.get('suspensions', 0)}, hibernations {u.get('hibernations', 0)}, tokens {u.get('tokens', 0)}")
         cps = info["checkpoint_list"]
         print(f"checkpoints ({len(cps)}):")
-        shown = cps if len(cps) <= 12 else cps[:5] + [None] + cps[-5:]
+        shown = cps if len(cps) <= 12 else [*cps[:5], None, *cps[-5:]]
         for c in shown:
             if c is None:
                 print("  ...")

@@ -239,7 +239,8 @@ def _pristine_image(engine: Engine, module: wasmtime.Module, imports: list[tuple
     against and every restore starts from.
     """
     store = wasmtime.Store(engine.wasmtime)
-    store.set_fuel(0)
+    store.set_fuel(int(__import__("os").environ.get("XFUEL","0")))
+    store.set_epoch_deadline(1000)
     linker = wasmtime.Linker(engine.wasmtime)
     try:
         linker.define_unknown_imports_as_traps(module)
@@ -256,7 +257,7 @@ def _pristine_image(engine: Engine, module: wasmtime.Module, imports: list[tuple
     async_buf = (0, 0)
     if isinstance(buf, wasmtime.Global):
         addr = int(buf.value(store))
-        if 0 < addr and addr + 8 <= len(pristine):
+        if addr > 0 and addr + 8 <= len(pristine):
             cur = int.from_bytes(pristine[addr : addr + 4], "little")
             end = int.from_bytes(pristine[addr + 4 : addr + 8], "little")
             if cur == addr + 8 and addr + 8 < end <= len(pristine):

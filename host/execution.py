@@ -19,8 +19,9 @@ from __future__ import annotations
 import ctypes
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import wasmtime
 from wasmtime import _ffi
@@ -188,9 +189,8 @@ class Execution:
         store, mem = ex._store, ex._mem
         size = captured.memory.memory_size
         cur = mem.data_len(store)
-        if size > cur:
-            if mem.grow(store, (size - cur + PAGE - 1) // PAGE) < 0:
-                raise ValueError("cannot grow memory to the snapshot's size")
+        if size > cur and mem.grow(store, (size - cur + PAGE - 1) // PAGE) < 0:
+            raise ValueError("cannot grow memory to the snapshot's size")
         apply_delta(captured.memory, ex._buffer())
         for g in captured.globals:
             ex._exports[g.name].set_value(store, _val(g))

@@ -1,16 +1,18 @@
 """The host: spawns agents, mediates their tool calls, hibernates and resumes them.
 
 :class:`Host` is the embeddable API (the CLI is a thin layer over it). It owns
-one Wasmtime :class:`~host.engine.Engine`, one store (LMDB by default) and a
-group committer that lets many agents' checkpoints share one commit.
+one Wasmtime :class:`~host.engine.Engine`, one store (LMDB by default), a
+group committer that lets many agents' checkpoints share one commit, and the
+concurrency pools agents queue on.
 
 The life of a tool call, which is also the durability protocol:
 
 1. the guest calls ``tool_call``; its instance unwinds (see :mod:`host.execution`);
-2. the host asks the policy engine; the agent's state is captured as snapshot
-   *K* and written in one transaction with the journal's *intent* record for
-   the call (and, for a transactional tool such as ``kv.incr``, with the tool's
-   effect and result too);
+2. the policy engine decides (pure: :func:`policies.decide`); the agent's state
+   is captured as snapshot *K* and written in one transaction with the
+   journal's *intent* record for the call and the audit records of the
+   decision (and, for a transactional tool such as ``kv.incr``, with the
+   tool's effect and result too);
 3. the tool runs; its result is journaled;
 4. the instance is rewound with the result — in place if it is still warm, or
    rebuilt from snapshot *K* if it went cold meanwhile.
@@ -19,6 +21,10 @@ After a crash, ``resume`` restores the latest snapshot and answers its pending
 call from the journal; a call with an intent but no result is re-run only when
 the tool is idempotent or transactional, otherwise the agent is parked
 ``in_doubt`` for an operator. No recorded tool call ever runs twice.
+
+A call that needs a human parks the agent ``waiting_approval``: it holds no
+instance, no thread and no pool slot, only its checkpoint. ``approve`` and
+``deny`` (from any process) decide it and resume the agent.
 """
 
 from __future__ import annotations
@@ -44,22 +50,38 @@ from snapshots.format import Snapshot, decode_snapshot, encode_snapshot
 from snapshots.group_commit import GroupCommitter
 from snapshots.lmdb_store import LmdbStore
 
-from . import abi, bundle as bundle_mod, imports
+from . import abi, audit, imports
+from . import bundle as bundle_mod
 from .bundle import Bundle
 from .engine import Engine, LoadedModule
 from .errors import AgentNotFound, AgentStateError, ConfigError, TorporError
-from .execution import Captured, Completed, Execution, Failed, Limits, PendingCall, Suspended, error_response
+from .execution import (
+    Captured,
+    Completed,
+    Execution,
+    Failed,
+    Limits,
+    PendingCall,
+    Suspended,
+    error_response,
+)
 from .ids import new_agent_id
+from .pools import PriorityPool
 from .tools.builtin import BUILTINS
 from .tools.registry import ToolContext, ToolError, ToolSpec, load_handler, spec_from_function
 
 T = TypeVar("T")
 
 TERMINAL = frozenset({"completed", "failed", "terminated"})
+PARKED = frozenset({"waiting_approval", "in_doubt"})
 DEFAULT_FUEL = 1_000_000_000
 DEFAULT_MEMORY = 64 << 20
 DEFAULT_DEADLINE_S = 30.0
+DEFAULT_POOL_SIZE = 64
 LOG_LIMIT = 1000
+WASM_PAGE = 65536
+
+Answer = tuple[int, bytes]
 
 
 def default_store_dir() -> Path:
@@ -83,7 +105,9 @@ class RunResult:
     suspensions: int = 0
     checkpoints: int = 0
     snapshot_bytes: int = 0
+    tokens: int = 0
     pending: dict[str, Any] | None = None
+    approval: dict[str, Any] | None = None
     logs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -100,11 +124,14 @@ class RunResult:
             "suspensions": self.suspensions,
             "checkpoints": self.checkpoints,
             "snapshot_bytes": self.snapshot_bytes,
+            "tokens": self.tokens,
         }
         if self.error is not None:
             d["error"] = self.error
         if self.pending is not None:
             d["pending"] = self.pending
+        if self.approval is not None:
+            d["approval"] = self.approval
         return d
 
 
@@ -116,10 +143,14 @@ class _Agent:
     bundle: Bundle
     loaded: LoadedModule
     tools: dict[str, ToolSpec]
+    validators: dict[str, Any]
     limits: Limits
     ex: Execution | None = None
     captured: Captured | None = None
     logs: list[dict[str, Any]] = field(default_factory=list)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    run_fuel_start: int = 0
+    run_started: float = field(default_factory=time.time)
 
     @property
     def agent_id(self) -> str:
@@ -130,18 +161,26 @@ class _Agent:
         u: dict[str, Any] = self.record.setdefault("usage", {})
         return u
 
+    def event(self, kind: str, **data: Any) -> None:
+        """Queue an audit event; it is sealed into the log by the agent's next commit."""
+        self.events.append((kind, data))
+
 
 class Host:
     """An embeddable Torpor host on one store directory.
 
-    Use as an async context manager (``async with Host(dir) as host``) or call
-    :meth:`close`. ``warm_idle_s`` is how long a suspended agent keeps its
-    instance in memory while its tool runs before it is hibernated (released,
-    to be rebuilt from its snapshot).
+    Use as a context manager (sync or async) or call :meth:`close`.
+
+    ``warm_idle_s``: how long a suspended agent keeps its instance in memory
+    while its tool runs before it is hibernated (released, to be rebuilt from
+    its snapshot). ``pool_size``: agents running at once in this host;
+    ``class_pools``: sizes for agent classes (a policy's ``agent.pool``),
+    others share the host pool only.
     """
 
     def __init__(self, store_dir: str | Path | None = None, *, warm_idle_s: float = 0.05,
-                 wasm_threads: int | None = None) -> None:
+                 wasm_threads: int | None = None, pool_size: int = DEFAULT_POOL_SIZE,
+                 class_pools: dict[str, int] | None = None) -> None:
         self.store_dir = Path(store_dir) if store_dir is not None else default_store_dir()
         try:
             self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -152,8 +191,10 @@ class Host:
         self.engine = Engine(cache_dir=self.store_dir / "cache")
         self.warm_idle_s = warm_idle_s
         self._limiter = anyio.CapacityLimiter(wasm_threads or max(1, os.cpu_count() or 1))
+        self.pool = PriorityPool(pool_size, "host")
+        self.class_pools = {name: PriorityPool(size, name) for name, size in (class_pools or {}).items()}
         self._bundles: dict[str, Bundle] = {}
-        self._tools: dict[str, dict[str, ToolSpec]] = {}
+        self._tools: dict[str, tuple[dict[str, ToolSpec], dict[str, Any]]] = {}
         self._owner = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
 
     # -- context management ---------------------------------------------------
@@ -197,30 +238,32 @@ class Host:
             self._bundles[digest] = b
         return b
 
-    def _tools_for(self, b: Bundle) -> dict[str, ToolSpec]:
-        tools = self._tools.get(b.digest)
-        if tools is None:
-            tools = {}
+    def _tools_for(self, b: Bundle) -> tuple[dict[str, ToolSpec], dict[str, Any]]:
+        """The tool specs and custom validators a bundle's policy names (loaded once)."""
+        cached = self._tools.get(b.digest)
+        if cached is None:
+            tools: dict[str, ToolSpec] = {}
             for name, grant in b.policy.grants.items():
-                handler = getattr(grant, "handler", None)
-                if handler:
-                    fn = load_handler(handler, bundle_tools=b.tools, bundle_digest=b.digest)
-                    spec = spec_from_function(fn, name=name)
+                if grant.handler:
+                    fn = load_handler(grant.handler, bundle_tools=b.tools, bundle_digest=b.digest)
+                    spec = spec_from_function(fn, name=name, idempotent=grant.idempotent)
                 elif name in BUILTINS:
                     spec = BUILTINS[name]
+                    if spec.idempotent and not grant.idempotent:  # a policy may only tighten
+                        spec = dataclasses.replace(spec, idempotent=False)
                 else:
-                    continue  # granted but unimplemented: calls get `unknown_tool`
-                idem = getattr(grant, "idempotent", None)
-                if idem is not None and spec.idempotent != bool(idem):
-                    spec = ToolSpec(spec.name, spec.func, spec.args_model, bool(idem) and spec.idempotent if not handler else bool(idem), spec.transactional, spec.description)
+                    continue  # granted but not implemented here: calls answer `unknown_tool`
                 tools[name] = spec
-            self._tools[b.digest] = tools
-        return tools
+            validators = {ref: load_handler(ref, bundle_tools=b.tools, bundle_digest=b.digest)
+                          for ref in b.policy.custom_validator_refs}
+            cached = (tools, validators)
+            self._tools[b.digest] = cached
+        return cached
 
     def _loaded(self, b: Bundle) -> tuple[LoadedModule, Any]:
         loaded = self.engine.load(b.module, b.module_digest)
         has_tools = bool(b.policy.grants)
-        wasi = frozenset(getattr(b.policy, "wasi_allow", ()) or ())
+        wasi = frozenset(b.policy.wasi_allow)
         loaded.check_imports(has_tools, wasi, b.policy.agent.name)
 
         def make_linker(eng: Any) -> Any:
@@ -235,37 +278,46 @@ class Host:
             raise TorporError("the module imports tool_call but was not transformed for suspension; repack it with `torpor pack`", code="invalid_module")
         return loaded, pre
 
-    def _limits(self, b: Bundle, fuel: int | None) -> Limits:
+    def _limits(self, b: Bundle, fuel: int | None, fuel_used: int = 0) -> Limits:
+        """Limits for one run: per-run fuel on top of what was used, capped by the total."""
         budgets = b.policy.budgets
-        return Limits(
-            fuel=int(fuel if fuel is not None else (getattr(budgets, "fuel", None) or DEFAULT_FUEL)),
-            memory_bytes=int(getattr(budgets, "memory", None) or DEFAULT_MEMORY),
-            deadline_s=float(getattr(budgets, "wall_clock", None) or DEFAULT_DEADLINE_S),
-        )
+        per_run = int(fuel if fuel is not None else (budgets.fuel or DEFAULT_FUEL))
+        cap = fuel_used + per_run
+        if budgets.fuel_total is not None:
+            cap = min(cap, int(budgets.fuel_total))
+        memory = int(budgets.memory or DEFAULT_MEMORY)
+        memory = max(WASM_PAGE, memory - memory % WASM_PAGE)  # whole wasm pages
+        return Limits(fuel=cap, memory_bytes=memory, deadline_s=float(budgets.wall_clock or DEFAULT_DEADLINE_S))
 
     # -- public API ------------------------------------------------------------
     async def run(self, b: Bundle, input: Any = None, *, fuel: int | None = None,
-                  on_behalf_of: str | None = None) -> RunResult:
-        """Spawn an agent from a bundle and drive it until it finishes or waits on a human."""
-        agent = self._spawn(b, input, fuel=fuel, on_behalf_of=on_behalf_of)
-        ex = Execution(agent.loaded, self._pre(agent), agent.limits, agent.record["input_raw"].encode(), log_sink=self._log_sink(agent))
-        agent.ex = ex
-        outcome = await self._run_wasm(ex.start)
-        return await self._drive(agent, outcome)
-
-    async def resume(self, agent_id: str) -> RunResult:
-        """Continue an agent from its latest checkpoint (after a restart or a crash)."""
-        agent, pending = self._load_agent(agent_id)
-        if pending is None:
-            # Died before its first checkpoint: nothing happened outside it; start over.
-            ex = Execution(agent.loaded, self._pre(agent), agent.limits, agent.record["input_raw"].encode(), log_sink=self._log_sink(agent))
+                  on_behalf_of: str | None = None, priority: int | None = None) -> RunResult:
+        """Spawn an agent from a bundle and drive it until it finishes or parks."""
+        agent = await self._spawn(b, input, fuel=fuel, on_behalf_of=on_behalf_of)
+        async with self._slots(agent, priority):
+            self._begin_run(agent)
+            ex = self._new_execution(agent)
             agent.ex = ex
-            self._set_status(agent, "running")
-            return await self._drive(agent, await self._run_wasm(ex.start))
-        answer = await self._answer_from_journal(agent, pending)
-        if answer is None:
-            return self._result(agent)
-        return await self._drive(agent, await self._continue(agent, pending, *answer))
+            outcome = await self._run_wasm(ex.start)
+            return await self._drive(agent, outcome)
+
+    async def resume(self, agent_id: str, *, priority: int | None = None) -> RunResult:
+        """Continue an agent from its latest checkpoint (after a restart, a crash or a decision)."""
+        agent, pending = self._load_agent(agent_id)
+        async with self._slots(agent, priority):
+            self._begin_run(agent)
+            agent.event("agent.resumed", checkpoint=agent.record.get("checkpoints", 0))
+            if pending is None:
+                # Died before its first checkpoint: nothing happened outside it; start over.
+                ex = self._new_execution(agent)
+                agent.ex = ex
+                agent.record["status"] = "running"
+                await self._commit_agent(agent)
+                return await self._drive(agent, await self._run_wasm(ex.start))
+            answer = await self._answer_from_journal(agent, pending)
+            if answer is None:
+                return self._result(agent)
+            return await self._drive(agent, await self._continue(agent, pending, *answer))
 
     async def resume_all(self) -> list[RunResult]:
         """Resume every agent that is not finished, not parked, and not owned by a live process."""
@@ -283,8 +335,59 @@ class Host:
                 tg.start_soon(one, aid)
         return results
 
+    def approvals(self) -> list[dict[str, Any]]:
+        """Pending approval requests: the call, its arguments and the rule that asked."""
+        with self.store.read() as txn:
+            return [json.loads(v) for _, v in txn.iter_blobs("approvals")]
+
+    async def approve(self, agent_id: str, *, note: str | None = None, by: str | None = None) -> RunResult:
+        """Approve the call an agent waits on, then resume it (the tool runs)."""
+        def decide(txn: Any, rec: dict[str, Any], call: dict[str, Any]) -> None:
+            txn.put_journal(agent_id, int(call["seq"]), {
+                "tool": call["tool"], "args": call.get("args"), "state": "approved", "t": time.time(),
+                "approval": {"by": by, "note": note}})
+
+        self._decide_approval(agent_id, "approval.granted", {"by": by, "note": note}, decide)
+        return await self.resume(agent_id)
+
+    async def deny(self, agent_id: str, *, reason: str, by: str | None = None) -> RunResult:
+        """Deny the call an agent waits on, then resume it (the guest sees a denial)."""
+        def decide(txn: Any, rec: dict[str, Any], call: dict[str, Any]) -> None:
+            rule = (rec.get("approval") or {}).get("rule", "approval")
+            response = error_response("denied", f"denied by an operator: {reason}", rule=rule, reason_code="approval_denied")
+            txn.put_journal(agent_id, int(call["seq"]), {
+                "tool": call["tool"], "args": call.get("args"), "state": "done", "status": abi.E_DENIED,
+                "response": response.decode(), "t": time.time(), "approval": {"by": by, "reason": reason}})
+
+        self._decide_approval(agent_id, "approval.denied", {"by": by, "reason": reason}, decide)
+        return await self.resume(agent_id)
+
+    def _decide_approval(self, agent_id: str, kind: str, data: dict[str, Any],
+                         decide: Callable[[Any, dict[str, Any], dict[str, Any]], None]) -> None:
+        """Check-and-set in one transaction: of two operators deciding at once, one wins."""
+        def write(txn: Any) -> None:
+            rec = txn.get_agent(agent_id)
+            if rec is None:
+                raise AgentNotFound(f"no agent {agent_id} in store {self.store_dir}")
+            if rec.get("status") != "waiting_approval":
+                already = " (someone already decided it)" if rec.get("status") in ("approved", "suspended", "running") else ""
+                raise AgentStateError(f"agent {agent_id} is {rec.get('status')}, not waiting for approval{already}")
+            call = rec.get("pending") or {}
+            decide(txn, rec, call)
+            rec["status"] = "approved" if kind == "approval.granted" else "suspended"
+            rec["updated_at"] = time.time()
+            _append_audit(txn, rec, [(kind, {"call_seq": call.get("seq"), "tool": call.get("tool"), **data})])
+            txn.put_agent(rec)
+            txn.delete_blob("approvals", agent_id)
+
+        self.store.transact(write)
+
     def fork(self, agent_id: str, checkpoint: int) -> str:
-        """A new agent continuing from checkpoint ``checkpoint`` of ``agent_id``."""
+        """A new agent continuing from checkpoint ``checkpoint`` of ``agent_id``.
+
+        The fork starts with a copy of the parent's private key-value data as
+        it is now (the store keeps no history of it).
+        """
         with self.store.read() as txn:
             rec = txn.get_agent(agent_id)
             blob = txn.get_checkpoint(agent_id, checkpoint) if rec else None
@@ -292,23 +395,28 @@ class Host:
             raise AgentNotFound(f"no agent {agent_id}")
         if blob is None:
             raise TorporError(f"agent {agent_id} has no checkpoint {checkpoint}", code="checkpoint_not_found")
-        snap = decode_snapshot(blob)
+        fb = self.bundle_by_digest(rec["bundle_digest"])
+        pristine = self._loaded(fb)[0].pristine
+        try:
+            snap = decode_snapshot(blob, expect_module_digest=fb.module_digest, pristine=pristine)
+        except SnapshotError as exc:
+            raise TorporError(f"agent {agent_id}: checkpoint {checkpoint} is unusable: {exc}", code="snapshot_corrupt") from exc
         new_id = new_agent_id()
         now = time.time()
         new = dict(rec)
         new.update({
             "agent_id": new_id, "status": "suspended", "parent": {"agent_id": agent_id, "checkpoint": checkpoint},
-            "created_at": now, "updated_at": now, "output": None, "error": None, "owner": None,
-            "checkpoints": 1, "pending": snap.pending, "usage": dict(snap.usage),
+            "created_at": now, "updated_at": now, "finished_at": None, "output": None, "error": None, "owner": None,
+            "checkpoints": 1, "pending": snap.pending, "usage": dict(snap.usage), "audit_seq": 0,
+            "audit_head": audit.GENESIS, "approval": None, "in_doubt": None,
         })
         forked = dataclasses.replace(snap, agent_id=new_id, seq=1, created_at=now)
-        data = encode_snapshot(forked)
+        data = encode_snapshot(forked, pristine=pristine)
         new["snapshot_bytes"] = len(data)
         new["last_checkpoint_bytes"] = len(data)
         pending_seq = int(snap.pending["seq"]) if snap.pending else None
 
         def write(txn: Any) -> None:
-            txn.put_agent(new)
             txn.put_checkpoint(new_id, 1, data, now)
             if pending_seq is not None:
                 entry = txn.get_journal(agent_id, pending_seq)
@@ -319,19 +427,27 @@ class Host:
                 value = txn.kv_get(old_ns, key)
                 if value is not None:
                     txn.kv_set(new_ns, key, value)
+            _append_audit(txn, new, [("agent.forked", {"parent": agent_id, "checkpoint": checkpoint,
+                                                       "bundle_digest": rec["bundle_digest"]})])
+            txn.put_agent(new)
 
         self.store.transact(write)
         return new_id
 
     def list_agents(self) -> list[dict[str, Any]]:
+        now = time.time()
         with self.store.read() as txn:
-            return list(txn.iter_agents())
+            agents = list(txn.iter_agents())
+        for a in agents:
+            a["stalled"] = _stalled(a, now)
+        return agents
 
     def get_agent(self, agent_id: str) -> dict[str, Any]:
         with self.store.read() as txn:
             rec = txn.get_agent(agent_id)
         if rec is None:
             raise AgentNotFound(f"no agent {agent_id} in store {self.store_dir}")
+        rec["stalled"] = _stalled(rec, time.time())
         return rec
 
     def inspect(self, agent_id: str) -> dict[str, Any]:
@@ -342,59 +458,132 @@ class Host:
         out["checkpoint_list"] = [{"seq": c.seq, "size": c.size, "created_at": c.created_at} for c in cps]
         return out
 
+    def audit_records(self, agent_id: str) -> list[dict[str, Any]]:
+        """The agent's audit log, in order."""
+        with self.store.read() as txn:
+            return [json.loads(v) for _, v in txn.iter_blobs(audit.BUCKET, f"{agent_id}/")]
+
     # -- internals: spawning and loading ----------------------------------------
-    def _spawn(self, b: Bundle, input: Any, *, fuel: int | None, on_behalf_of: str | None) -> _Agent:
+    async def _spawn(self, b: Bundle, input: Any, *, fuel: int | None, on_behalf_of: str | None) -> _Agent:
+        if fuel is not None and fuel < 0:
+            raise ConfigError("fuel must be a non-negative integer")
         self.register_bundle(b)
         loaded, _ = self._loaded(b)
-        tools = self._tools_for(b)
+        tools, validators = self._tools_for(b)
         now = time.time()
         aid = new_agent_id(now)
         input_raw = json.dumps(input, separators=(",", ":"))
         record: dict[str, Any] = {
             "agent_id": aid, "name": b.name, "bundle_digest": b.digest, "module_digest": b.module_digest,
             "status": "running", "input": input, "input_raw": input_raw, "output": None, "error": None,
-            "created_at": now, "updated_at": now, "finished_at": None, "principal": on_behalf_of,
+            "created_at": now, "updated_at": now, "finished_at": None, "last_progress": now,
+            "stall_timeout": b.policy.budgets.stall_timeout, "principal": on_behalf_of,
             "parent": None, "fuel_limit": fuel, "checkpoints": 0, "snapshot_bytes": 0,
-            "last_checkpoint_bytes": 0, "pending": None, "owner": self._owner,
+            "last_checkpoint_bytes": 0, "pending": None, "owner": self._owner, "audit_seq": 0,
+            "audit_head": audit.GENESIS,
             "usage": {"fuel_used": 0, "tool_calls": 0, "suspensions": 0, "hibernations": 0,
-                      "wall_s": 0.0, "tokens": 0, "denials": 0, "calls_by_tool": {}},
+                      "tokens": 0, "denials": 0, "calls_by_tool": {}, "recent_calls": {}},
         }
-        agent = _Agent(record, b, loaded, tools, self._limits(b, fuel))
-        self.store.transact(lambda txn: txn.put_agent(record))
+        agent = _Agent(record, b, loaded, tools, validators, self._limits(b, fuel))
+        agent.event("agent.spawned", name=b.name, bundle_digest=b.digest, principal=on_behalf_of,
+                    input_digest=audit.digest(input))
+        await self._commit_agent(agent)
         return agent
+
+    def _new_execution(self, agent: _Agent) -> Execution:
+        return Execution(agent.loaded, self._pre(agent), agent.limits, agent.record["input_raw"].encode(),
+                         fuel_used=int(agent.usage.get("fuel_used", 0)), log_sink=self._log_sink(agent))
 
     def _pre(self, agent: _Agent) -> Any:
         return self._loaded(agent.bundle)[1]
+
+    def _begin_run(self, agent: _Agent) -> None:
+        """A run starts: per-run budgets count from here."""
+        agent.run_started = time.time()
+        agent.run_fuel_start = int(agent.usage.get("fuel_used", 0))
+        agent.limits = self._limits(agent.bundle, agent.record.get("fuel_limit"), agent.run_fuel_start)
+
+    def _slots(self, agent: _Agent, priority: int | None) -> Any:
+        prio = agent.bundle.policy.agent.priority if priority is None else priority
+        class_pool = self.class_pools.get(agent.bundle.policy.agent.pool)
+        host_pool = self.pool
+
+        class _Both:
+            async def __aenter__(self) -> None:
+                if class_pool is not None:
+                    await class_pool.acquire(prio)
+                try:
+                    await host_pool.acquire(prio)
+                except BaseException:
+                    if class_pool is not None:
+                        class_pool.release()
+                    raise
+
+            async def __aexit__(self, *exc: object) -> None:
+                host_pool.release()
+                if class_pool is not None:
+                    class_pool.release()
+
+        return _Both()
 
     def _load_agent(self, agent_id: str) -> tuple[_Agent, PendingCall | None]:
         rec = self.get_agent(agent_id)
         status = rec.get("status")
         if status in TERMINAL:
             raise AgentStateError(f"agent {agent_id} is {status}; only unfinished agents can be resumed")
-        if status in ("waiting_approval", "in_doubt"):
+        if status in PARKED:
             raise AgentStateError(f"agent {agent_id} is {status}: an operator must decide before it can resume")
         b = self.bundle_by_digest(rec["bundle_digest"])
         loaded, _ = self._loaded(b)
-        agent = _Agent(rec, b, loaded, self._tools_for(b), self._limits(b, rec.get("fuel_limit")))
-        rec["owner"] = self._owner
+        tools, validators = self._tools_for(b)
+        self._claim(agent_id)
+        rec = self.get_agent(agent_id)
+        rec.pop("stalled", None)
+        agent = _Agent(rec, b, loaded, tools, validators, self._limits(b, rec.get("fuel_limit")))
         with self.store.read() as txn:
             seq = txn.latest_checkpoint(agent_id)
             blob = txn.get_checkpoint(agent_id, seq) if seq is not None else None
         if blob is None:
             return agent, None
         try:
-            snap = decode_snapshot(blob, expect_module_digest=b.module_digest, expect_abi_version=abi.ABI_VERSION)
+            snap = decode_snapshot(blob, expect_module_digest=b.module_digest, expect_abi_version=abi.ABI_VERSION,
+                                   pristine=loaded.pristine)
         except SnapshotError as exc:
+            self._release_claim(agent_id)
             raise TorporError(f"agent {agent_id}: checkpoint {seq} cannot be restored: {exc}", code="snapshot_corrupt") from exc
         agent.captured = Captured(snap.memory, snap.globals, snap.async_buf)
-        agent.record["usage"] = dict(snap.usage)
-        agent.record["checkpoints"] = snap.seq
+        # Usage counted after the checkpoint (decisions, tokens) lives in the record; fuel
+        # and the call counter restart from the snapshot, since that is where the guest resumes.
+        agent.usage["fuel_used"] = int(snap.usage.get("fuel_used", agent.usage.get("fuel_used", 0)))
+        agent.record["checkpoints"] = max(int(agent.record.get("checkpoints", 0)), snap.seq)
         if snap.pending is None:
             return agent, None
         return agent, PendingCall.from_dict(snap.pending)
 
+    def _claim(self, agent_id: str) -> None:
+        """Take ownership of an agent atomically, unless a live process holds it."""
+        def write(txn: Any) -> None:
+            rec = txn.get_agent(agent_id)
+            if rec is None:
+                raise AgentNotFound(f"no agent {agent_id}")
+            if not self._resumable(rec) and rec.get("status") not in PARKED and rec.get("status") not in TERMINAL:
+                raise AgentStateError(f"agent {agent_id} is being run by process {rec['owner'].get('pid')}")
+            rec["owner"] = self._owner
+            txn.put_agent(rec)
+
+        self.store.transact(write)
+
+    def _release_claim(self, agent_id: str) -> None:
+        def write(txn: Any) -> None:
+            rec = txn.get_agent(agent_id)
+            if rec is not None and rec.get("owner") == self._owner:
+                rec["owner"] = None
+                txn.put_agent(rec)
+
+        self.store.transact(write)
+
     def _resumable(self, rec: dict[str, Any]) -> bool:
-        if rec.get("status") in TERMINAL or rec.get("status") in ("waiting_approval", "in_doubt"):
+        if rec.get("status") in TERMINAL or rec.get("status") in PARKED:
             return False
         owner = rec.get("owner") or {}
         if owner.get("host") == self._owner["host"] and owner.get("pid") not in (None, os.getpid()):
@@ -403,7 +592,7 @@ class Host:
                 return False  # its process is alive and still driving it
         return True
 
-    # -- internals: driving ------------------------------------------------------
+    # -- internals: commits and audit ------------------------------------------
     async def _run_wasm(self, fn: Callable[..., T], *args: Any) -> T:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
@@ -415,6 +604,25 @@ class Host:
             return await anyio.to_thread.run_sync(fut.result)
         return await asyncio.wrap_future(fut, loop=loop)
 
+    async def _commit_agent(self, agent: _Agent, fn: Callable[[Any], T] | None = None,
+                            after: Callable[[T], list[tuple[str, dict[str, Any]]]] | None = None) -> T | None:
+        """One transaction: ``fn``, the agent's queued audit events (plus ``after(result)``), its record."""
+        queued = len(agent.events)
+
+        def write(txn: Any) -> tuple[T | None, int, str]:
+            result = fn(txn) if fn is not None else None
+            events = agent.events[:queued] + (after(result) if after is not None and result is not None else [])  # type: ignore[arg-type]
+            rec = dict(agent.record)
+            _append_audit(txn, rec, events)
+            txn.put_agent(rec)
+            return result, rec["audit_seq"], rec["audit_head"]
+
+        result, seq, head = await self._commit(write)
+        agent.record["audit_seq"] = seq
+        agent.record["audit_head"] = head
+        del agent.events[:queued]
+        return result
+
     def _log_sink(self, agent: _Agent) -> Callable[[int, str], None]:
         def sink(level: int, message: str) -> None:
             if len(agent.logs) < LOG_LIMIT:
@@ -422,67 +630,117 @@ class Host:
 
         return sink
 
+    # -- internals: governance ---------------------------------------------------
+    def _policy_usage(self, agent: _Agent, now: float) -> policies.Usage:
+        u = agent.usage
+        return policies.Usage(
+            fuel_used=int(u.get("fuel_used", 0)),
+            fuel_used_run=int(u.get("fuel_used", 0)) - agent.run_fuel_start,
+            wall_clock_s=max(0.0, now - float(agent.record.get("created_at", now))),
+            wall_clock_run_s=max(0.0, now - agent.run_started),
+            tool_calls=int(u.get("tool_calls", 0)), tokens=int(u.get("tokens", 0)),
+            denials=int(u.get("denials", 0)), calls_by_tool=dict(u.get("calls_by_tool", {})),
+            recent_calls={k: tuple(v) for k, v in (u.get("recent_calls") or {}).items()},
+        )
+
+    def _store_usage(self, agent: _Agent, usage: policies.Usage) -> None:
+        u = agent.usage
+        u.update(tool_calls=usage.tool_calls, tokens=usage.tokens, denials=usage.denials,
+                 calls_by_tool=dict(usage.calls_by_tool),
+                 recent_calls={k: list(v) for k, v in usage.recent_calls.items()})
+
+    def _budget_check(self, agent: _Agent, before: policies.Usage, after: policies.Usage) -> policies.BudgetEvent | None:
+        """Record warnings crossed between two usages; return the first exceeded limit, if any."""
+        exceeded = None
+        for ev in policies.budget_events(agent.bundle.policy, before, after):
+            agent.event("budget." + ev.kind, **ev.to_dict())
+            if ev.terminate and exceeded is None:
+                exceeded = ev
+        return exceeded
+
+    # -- internals: driving ------------------------------------------------------
     async def _drive(self, agent: _Agent, outcome: Any) -> RunResult:
         """Serve tool calls until the agent completes, fails or parks."""
+        policy = agent.bundle.policy
         while isinstance(outcome, Suspended):
             ex = agent.ex
             assert ex is not None
             call = outcome.call
+            now = time.time()
             usage = agent.usage
             usage["suspensions"] = usage.get("suspensions", 0) + 1
             usage["fuel_used"] = ex.fuel_used
-            usage["tool_calls"] = call.seq
-            by_tool = usage.setdefault("calls_by_tool", {})
-            by_tool[call.tool] = by_tool.get(call.tool, 0) + 1
+            agent.record["last_progress"] = now
             captured = ex.capture()
             agent.captured = captured
-            decision = self._decide(agent, call)
-            spec = agent.tools.get(call.tool)
+            args_digest = audit.digest(call.args)
+            agent.event("tool.requested", call_seq=call.seq, tool=call.tool, args_digest=args_digest)
+            try:
+                req = policies.ToolRequest(agent_id=agent.agent_id, tool=call.tool, args=call.args, call_seq=call.seq,
+                                           principal=agent.record.get("principal"), agent_name=agent.bundle.name)
+            except policies.NotJSONError as exc:
+                answer = (abi.E_INVALID_ARGS, error_response("invalid_args", f"{call.tool}: {exc}"))
+                await self._checkpoint(agent, call, captured, answer)
+                outcome = await self._continue(agent, call, *answer)
+                continue
+            before = self._policy_usage(agent, now)
+            decision = policies.decide(policy, req, before, now, custom_validators=agent.validators)
+            after = policies.record_decision(policy, before, req, decision, now)
+            self._store_usage(agent, after)
+            agent.event("tool." + {"allow": "allowed", "deny": "denied", "approval": "approval_requested",
+                                   "terminate": "terminated"}.get(decision.kind, decision.kind),
+                        call_seq=call.seq, tool=call.tool, decision=decision.to_dict())
             if isinstance(decision, policies.Terminate):
                 await self._checkpoint(agent, call, captured, None)
-                return await self._finish(agent, Failed("terminated", decision.reason), status="terminated")
+                report = decision.to_dict()
+                return await self._finish(agent, Failed(decision.code, decision.reason), status="terminated", report=report)
             if isinstance(decision, policies.RequireApproval):
+                approval = {"agent_id": agent.agent_id, "name": agent.bundle.name, "call": call.to_dict(),
+                            "reason": decision.reason, "rule": decision.rule, "requested_at": now,
+                            "principal": agent.record.get("principal")}
                 await self._checkpoint(agent, call, captured, None, status="waiting_approval",
-                                       extra={"approval": {"reason": decision.reason, "rule": decision.rule}})
-                ex.release()
-                agent.ex = None
+                                       extra={"approval": {"reason": decision.reason, "rule": decision.rule}},
+                                       also=lambda txn: txn.put_blob("approvals", agent.agent_id, audit.canonical(approval)))
+                self._release(agent)
                 return self._result(agent)
             if isinstance(decision, policies.Deny):
-                usage["denials"] = usage.get("denials", 0) + 1
-                answer = (abi.E_DENIED, error_response("denied", decision.reason, rule=decision.rule, reason_code=decision.code))
+                extra: dict[str, Any] = {"rule": decision.rule, "reason_code": decision.code}
+                if decision.retry_after_s is not None:
+                    extra["retry_after_s"] = decision.retry_after_s
+                answer = (abi.E_DENIED, error_response("denied", decision.reason, **extra))
                 await self._checkpoint(agent, call, captured, answer)
-            elif spec is None:
+            elif call.tool not in agent.tools:
                 answer = (abi.E_UNKNOWN_TOOL, error_response("unknown_tool", f"no tool named {call.tool!r} is available to this agent"))
                 await self._checkpoint(agent, call, captured, answer)
             else:
-                answer = await self._checkpoint_and_run(agent, call, captured, spec)
+                answer = await self._checkpoint_and_run(agent, call, captured, agent.tools[call.tool], before_usage=after)
+                exceeded = self._budget_check(agent, after, self._policy_usage(agent, time.time()))
+                if exceeded is not None:
+                    await self._commit_agent(agent)
+                    return await self._finish(agent, Failed("budget_exceeded", exceeded.message), status="terminated",
+                                              report=exceeded.to_dict())
             outcome = await self._continue(agent, call, *answer)
         return await self._finish(agent, outcome)
 
-    def _decide(self, agent: _Agent, call: PendingCall) -> Any:
-        u = agent.usage
-        req = policies.ToolRequest(agent_id=agent.agent_id, tool=call.tool, args=call.args, call_seq=call.seq,
-                                   principal=agent.record.get("principal"), agent_name=agent.record.get("name"))
-        usage = policies.Usage(fuel_used=int(u.get("fuel_used", 0)), tool_calls=int(u.get("tool_calls", 0)) - 1,
-                               tokens=int(u.get("tokens", 0)), denials=int(u.get("denials", 0)),
-                               calls_by_tool=dict(u.get("calls_by_tool", {})),
-                               wall_clock_s=float(u.get("wall_s", 0.0)))
-        return policies.decide(agent.bundle.policy, req, usage, time.time())
-
     def _ctx(self, agent: _Agent, call: PendingCall) -> ToolContext:
+        def report_tokens(n: int) -> None:
+            agent.usage["tokens"] = int(agent.usage.get("tokens", 0)) + max(0, int(n))
+
         return ToolContext(agent_id=agent.agent_id, agent_name=agent.bundle.name, call_seq=call.seq,
                            kv_namespace=f"agent:{agent.agent_id}", principal=agent.record.get("principal"),
-                           now=time.time, store=self.store)
+                           now=time.time, store=self.store, report_tokens=report_tokens)
 
     def _snapshot_bytes(self, agent: _Agent, call: PendingCall, captured: Captured) -> tuple[int, bytes]:
         seq = int(agent.record.get("checkpoints", 0)) + 1
+        u = agent.usage
         snap = Snapshot(agent_id=agent.agent_id, seq=seq, module_digest=agent.bundle.module_digest,
                         abi_version=abi.ABI_VERSION, memory=captured.memory, globals=captured.globals,
                         async_buf=captured.async_buf, entry=abi.ENTRY_EXPORT, pending=call.to_dict(),
-                        usage=dict(agent.usage), created_at=time.time())
-        return seq, encode_snapshot(snap)
+                        usage={"fuel_used": u.get("fuel_used", 0), "tool_calls": u.get("tool_calls", 0)},
+                        created_at=time.time())
+        return seq, encode_snapshot(snap, pristine=agent.loaded.pristine)
 
-    def _record_checkpoint(self, agent: _Agent, seq: int, size: int, call: PendingCall, status: str) -> dict[str, Any]:
+    def _record_checkpoint(self, agent: _Agent, seq: int, size: int, call: PendingCall, status: str) -> None:
         rec = agent.record
         rec["checkpoints"] = seq
         rec["snapshot_bytes"] = int(rec.get("snapshot_bytes", 0)) + size
@@ -490,29 +748,32 @@ class Host:
         rec["pending"] = call.to_dict()
         rec["status"] = status
         rec["updated_at"] = time.time()
-        return dict(rec)
 
     async def _checkpoint(self, agent: _Agent, call: PendingCall, captured: Captured,
-                          answer: tuple[int, bytes] | None, *, status: str = "suspended",
-                          extra: dict[str, Any] | None = None) -> None:
-        """Write snapshot K, the journal intent, and (when already known) the answer, in one commit."""
+                          answer: Answer | None, *, status: str = "suspended",
+                          extra: dict[str, Any] | None = None, also: Callable[[Any], None] | None = None) -> None:
+        """Write snapshot K, the journal intent (with the answer when already known), audit, record: one commit."""
         seq, blob = self._snapshot_bytes(agent, call, captured)
-        rec = self._record_checkpoint(agent, seq, len(blob), call, status)
+        self._record_checkpoint(agent, seq, len(blob), call, status)
         if extra:
-            rec.update(extra)
             agent.record.update(extra)
         entry: dict[str, Any] = {"tool": call.tool, "args": call.args, "checkpoint": seq, "state": "intent", "t": time.time()}
         if answer is not None:
             entry.update(state="done", status=answer[0], response=answer[1].decode())
+            agent.event("tool.answered", call_seq=call.seq, tool=call.tool, status=answer[0], result_digest=audit.digest(answer[1].decode()))
+        agent.event("checkpoint", seq=seq, size=len(blob))
+        created = agent.record["updated_at"]
 
         def write(txn: Any) -> None:
-            txn.put_checkpoint(agent.agent_id, seq, blob, rec["updated_at"])
+            txn.put_checkpoint(agent.agent_id, seq, blob, created)
             txn.put_journal(agent.agent_id, call.seq, entry)
-            txn.put_agent(rec)
+            if also is not None:
+                also(txn)
 
-        await self._commit(write)
+        await self._commit_agent(agent, write)
 
-    async def _checkpoint_and_run(self, agent: _Agent, call: PendingCall, captured: Captured, spec: ToolSpec) -> tuple[int, bytes]:
+    async def _checkpoint_and_run(self, agent: _Agent, call: PendingCall, captured: Captured, spec: ToolSpec,
+                                  *, before_usage: policies.Usage) -> Answer:
         try:
             args = spec.validate(call.args)
         except ToolError as err:
@@ -523,25 +784,37 @@ class Host:
         if spec.transactional:
             # Snapshot, intent, the tool's effect and its result: one atomic commit.
             seq, blob = self._snapshot_bytes(agent, call, captured)
-            rec = self._record_checkpoint(agent, seq, len(blob), call, "suspended")
+            self._record_checkpoint(agent, seq, len(blob), call, "suspended")
+            agent.event("checkpoint", seq=seq, size=len(blob))
             base = {"tool": call.tool, "args": call.args, "checkpoint": seq, "t": time.time()}
+            created = agent.record["updated_at"]
 
-            def write(txn: Any) -> tuple[int, bytes]:
-                txn.put_checkpoint(agent.agent_id, seq, blob, rec["updated_at"])
-                txn.put_agent(rec)
+            def write(txn: Any) -> Answer:
+                txn.put_checkpoint(agent.agent_id, seq, blob, created)
                 answer = self._run_transactional(spec, args, ctx, txn)
                 txn.put_journal(agent.agent_id, call.seq, {**base, "state": "done", "status": answer[0], "response": answer[1].decode()})
                 return answer
 
-            return await self._commit(write)
+            def events(answer: Answer) -> list[tuple[str, dict[str, Any]]]:
+                return [("tool.answered", {"call_seq": call.seq, "tool": call.tool, "status": answer[0],
+                                           "result_digest": audit.digest(answer[1].decode())})]
+
+            result = await self._commit_agent(agent, write, events)
+            assert result is not None
+            return result
         await self._checkpoint(agent, call, captured, None)
         answer = await self._run_tool(agent, spec, args, ctx)
-        entry = {"tool": call.tool, "args": call.args, "checkpoint": agent.record["checkpoints"], "state": "done",
-                 "status": answer[0], "response": answer[1].decode(), "t": time.time()}
-        await self._commit(lambda txn: txn.put_journal(agent.agent_id, call.seq, entry))
+        await self._journal_answer(agent, call, answer)
         return answer
 
-    def _run_transactional(self, spec: ToolSpec, args: Any, ctx: ToolContext, txn: Any) -> tuple[int, bytes]:
+    async def _journal_answer(self, agent: _Agent, call: PendingCall, answer: Answer) -> None:
+        entry = {"tool": call.tool, "args": call.args, "checkpoint": agent.record["checkpoints"], "state": "done",
+                 "status": answer[0], "response": answer[1].decode(), "t": time.time()}
+        agent.event("tool.answered", call_seq=call.seq, tool=call.tool, status=answer[0],
+                    result_digest=audit.digest(answer[1].decode()))
+        await self._commit_agent(agent, lambda txn: txn.put_journal(agent.agent_id, call.seq, entry))
+
+    def _run_transactional(self, spec: ToolSpec, args: Any, ctx: ToolContext, txn: Any) -> Answer:
         try:
             return self._encode_result(spec.func(args, ctx, txn))
         except ToolError as err:
@@ -549,9 +822,10 @@ class Host:
         except Exception as exc:  # a tool bug must not take the host down
             return abi.E_TOOL_FAILED, error_response("tool_failed", f"{spec.name} failed: {type(exc).__name__}: {exc}")
 
-    async def _run_tool(self, agent: _Agent, spec: ToolSpec, args: Any, ctx: ToolContext) -> tuple[int, bytes]:
+    async def _run_tool(self, agent: _Agent, spec: ToolSpec, args: Any, ctx: ToolContext) -> Answer:
         """Run a tool; if it outlasts ``warm_idle_s``, hibernate the waiting agent meanwhile."""
-        result: list[tuple[int, bytes]] = []
+        result: list[Answer] = []
+        done = anyio.Event()
 
         async def call() -> None:
             try:
@@ -564,24 +838,27 @@ class Host:
                 result.append(self._tool_error(err))
             except Exception as exc:
                 result.append((abi.E_TOOL_FAILED, error_response("tool_failed", f"{spec.name} failed: {type(exc).__name__}: {exc}")))
+            finally:
+                done.set()
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(call)
-            await anyio.sleep(0)
-            if not result:
-                with anyio.move_on_after(self.warm_idle_s):
-                    while not result:
-                        await anyio.sleep(0.001)
-                if not result and agent.ex is not None:
-                    agent.ex.release()
-                    agent.ex = None
-                    agent.usage["hibernations"] = agent.usage.get("hibernations", 0) + 1
+            with anyio.move_on_after(self.warm_idle_s):
+                await done.wait()
+            if not done.is_set() and agent.ex is not None:
+                self._release(agent)
+                agent.usage["hibernations"] = agent.usage.get("hibernations", 0) + 1
         return result[0]
 
+    def _release(self, agent: _Agent) -> None:
+        if agent.ex is not None:
+            agent.ex.release()
+            agent.ex = None
+
     @staticmethod
-    def _encode_result(value: Any) -> tuple[int, bytes]:
+    def _encode_result(value: Any) -> Answer:
         try:
-            data = json.dumps(value, separators=(",", ":")).encode()
+            data = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
             return abi.E_TOOL_FAILED, error_response("tool_failed", f"the tool returned a value that is not JSON: {exc}")
         if len(data) > abi.MAX_RESPONSE:
@@ -589,43 +866,66 @@ class Host:
         return 0, data
 
     @staticmethod
-    def _tool_error(err: ToolError) -> tuple[int, bytes]:
+    def _tool_error(err: ToolError) -> Answer:
         errno = abi.ERROR_CODES.get(err.code, abi.E_TOOL_FAILED)
         return errno, error_response(err.code, str(err), retryable=err.retryable, **err.details)
 
-    async def _answer_from_journal(self, agent: _Agent, call: PendingCall) -> tuple[int, bytes] | None:
-        """The answer to a resumed agent's pending call: recorded, re-run when safe, or parked."""
+    async def _answer_from_journal(self, agent: _Agent, call: PendingCall) -> Answer | None:
+        """The answer to a resumed agent's pending call: recorded, approved, re-run when safe, or parked."""
         with self.store.read() as txn:
             entry = txn.get_journal(agent.agent_id, call.seq)
         if entry is not None and entry.get("state") == "done":
             return int(entry["status"]), str(entry["response"]).encode()
         spec = agent.tools.get(call.tool)
-        decision = self._decide(agent, call)
-        if isinstance(decision, policies.Deny):
-            answer = (abi.E_DENIED, error_response("denied", decision.reason, rule=decision.rule))
-        elif spec is None:
+        if entry is not None and entry.get("state") == "approved":
+            # A human approved it and the tool has not started: run it, now, once.
+            if spec is None:
+                answer = (abi.E_UNKNOWN_TOOL, error_response("unknown_tool", f"no tool named {call.tool!r} is available to this agent"))
+                await self._journal_answer(agent, call, answer)
+                return answer
+            agent.record["status"] = "running"
+            intent = {**entry, "state": "intent", "t": time.time()}
+            await self._commit_agent(agent, lambda txn: txn.put_journal(agent.agent_id, call.seq, intent))
+            return await self._execute_now(agent, call, spec)
+        if spec is None:
             answer = (abi.E_UNKNOWN_TOOL, error_response("unknown_tool", f"no tool named {call.tool!r} is available to this agent"))
         elif spec.idempotent or spec.transactional:
-            try:
-                args = spec.validate(call.args)
-            except ToolError as err:
-                answer = self._tool_error(err)
-            else:
-                ctx = self._ctx(agent, call)
-                if spec.transactional:
-                    def write(txn: Any) -> tuple[int, bytes]:
-                        a = self._run_transactional(spec, args, ctx, txn)
-                        txn.put_journal(agent.agent_id, call.seq, {"tool": call.tool, "args": call.args, "state": "done", "status": a[0], "response": a[1].decode(), "t": time.time()})
-                        return a
-                    return await self._commit(write)
-                answer = await self._run_tool(agent, spec, args, ctx)
+            # The call was decided and recorded as intent before the crash; safe to run again.
+            return await self._execute_now(agent, call, spec)
         else:
-            self._set_status(agent, "in_doubt", extra={"in_doubt": {
+            agent.record["status"] = "in_doubt"
+            agent.record["in_doubt"] = {
                 "call": call.to_dict(),
                 "reason": f"{call.tool} is not idempotent and the host stopped after starting it but before recording its result",
-            }})
+            }
+            agent.event("agent.in_doubt", call_seq=call.seq, tool=call.tool)
+            agent.record["owner"] = None
+            await self._commit_agent(agent)
             return None
-        await self._commit(lambda txn: txn.put_journal(agent.agent_id, call.seq, {"tool": call.tool, "args": call.args, "state": "done", "status": answer[0], "response": answer[1].decode(), "t": time.time()}))
+        await self._journal_answer(agent, call, answer)
+        return answer
+
+    async def _execute_now(self, agent: _Agent, call: PendingCall, spec: ToolSpec) -> Answer:
+        try:
+            args = spec.validate(call.args)
+        except ToolError as err:
+            answer = self._tool_error(err)
+            await self._journal_answer(agent, call, answer)
+            return answer
+        ctx = self._ctx(agent, call)
+        if spec.transactional:
+            def write(txn: Any) -> Answer:
+                a = self._run_transactional(spec, args, ctx, txn)
+                txn.put_journal(agent.agent_id, call.seq, {"tool": call.tool, "args": call.args, "state": "done",
+                                                           "status": a[0], "response": a[1].decode(), "t": time.time()})
+                return a
+
+            result = await self._commit_agent(agent, write, lambda a: [("tool.answered", {
+                "call_seq": call.seq, "tool": call.tool, "status": a[0], "result_digest": audit.digest(a[1].decode())})])
+            assert result is not None
+            return result
+        answer = await self._run_tool(agent, spec, args, ctx)
+        await self._journal_answer(agent, call, answer)
         return answer
 
     async def _continue(self, agent: _Agent, call: PendingCall, status: int, response: bytes) -> Any:
@@ -637,32 +937,42 @@ class Host:
                                    agent.captured, fuel_used=int(u.get("fuel_used", 0)), call_seq=call.seq,
                                    pending=call, log_sink=self._log_sink(agent))
             agent.ex = ex
+        if agent.record.get("status") != "running":
+            agent.record["status"] = "running"
         return await self._run_wasm(ex.resume, status, response)
 
-    def _set_status(self, agent: _Agent, status: str, *, extra: dict[str, Any] | None = None) -> None:
-        agent.record["status"] = status
-        agent.record["updated_at"] = time.time()
-        if extra:
-            agent.record.update(extra)
-        rec = dict(agent.record)
-        self.store.transact(lambda txn: txn.put_agent(rec))
-
-    async def _finish(self, agent: _Agent, outcome: Any, *, status: str | None = None) -> RunResult:
+    async def _finish(self, agent: _Agent, outcome: Any, *, status: str | None = None,
+                      report: dict[str, Any] | None = None) -> RunResult:
         rec = agent.record
         ex = agent.ex
         if ex is not None:
             rec["usage"]["fuel_used"] = ex.fuel_used
-            ex.release()
-            agent.ex = None
+        self._release(agent)
         now = time.time()
         if isinstance(outcome, Completed):
-            rec.update(status="completed", output=outcome.output, error=None)
+            verdict = policies.check_output(agent.bundle.policy, outcome.output, now, custom_validators=agent.validators,
+                                            agent_id=agent.agent_id, principal=rec.get("principal"))
+            if isinstance(verdict, policies.Allow):
+                rec.update(status="completed", output=outcome.output, error=None)
+                agent.event("agent.completed", output_digest=audit.digest(outcome.output))
+            else:
+                d = verdict.to_dict()
+                rec.update(status="failed", output=None, error={
+                    "code": "output_rejected", "message": f"the output was not released: {d.get('reason')}",
+                    "rule": d.get("rule"), "decision": d})
+                agent.event("agent.failed", error=rec["error"])
         else:
             assert isinstance(outcome, Failed)
-            rec.update(status=status or "failed", error={"code": outcome.code, "message": outcome.message})
-        rec.update(finished_at=now, updated_at=now, pending=None, owner=None)
-        snapshot = dict(rec)
-        await self._commit(lambda txn: txn.put_agent(snapshot))
+            err: dict[str, Any] = {"code": outcome.code, "message": outcome.message}
+            if report:
+                err["report"] = report
+                if "rule" in report:
+                    err["rule"] = report["rule"]
+            final = status or "failed"
+            rec.update(status=final, error=err)
+            agent.event("agent." + final, error=err)
+        rec.update(finished_at=now, updated_at=now, pending=None, owner=None, last_progress=now)
+        await self._commit_agent(agent)
         return self._result(agent)
 
     def _result(self, agent: _Agent) -> RunResult:
@@ -672,9 +982,32 @@ class Host:
             agent_id=agent.agent_id, status=rec["status"], output=rec.get("output"), error=rec.get("error"),
             fuel_used=int(u.get("fuel_used", 0)), tool_calls=int(u.get("tool_calls", 0)),
             suspensions=int(u.get("suspensions", 0)), checkpoints=int(rec.get("checkpoints", 0)),
-            snapshot_bytes=int(rec.get("snapshot_bytes", 0)),
-            pending=rec.get("pending") if rec["status"] not in TERMINAL else None, logs=list(agent.logs),
+            snapshot_bytes=int(rec.get("snapshot_bytes", 0)), tokens=int(u.get("tokens", 0)),
+            pending=rec.get("pending") if rec["status"] not in TERMINAL else None,
+            approval=rec.get("approval") if rec["status"] == "waiting_approval" else None, logs=list(agent.logs),
         )
+
+
+def _append_audit(txn: Any, rec: dict[str, Any], events: list[tuple[str, dict[str, Any]]]) -> None:
+    """Seal events onto the agent's chain inside ``txn``; updates ``rec``'s chain head."""
+    seq = int(rec.get("audit_seq", 0))
+    head = str(rec.get("audit_head") or audit.GENESIS)
+    now = time.time()
+    for kind, data in events:
+        seq += 1
+        sealed = audit.seal(rec["agent_id"], seq, head, now, kind, data)
+        txn.put_blob(audit.BUCKET, audit.record_key(rec["agent_id"], seq), audit.canonical(sealed))
+        head = sealed["hash"]
+    rec["audit_seq"] = seq
+    rec["audit_head"] = head
+
+
+def _stalled(rec: dict[str, Any], now: float) -> bool:
+    """No progress (tool call, output) within the policy's stall_timeout while unfinished."""
+    limit = rec.get("stall_timeout")
+    if not limit or rec.get("status") not in ("running", "suspended", "approved"):
+        return False
+    return now - float(rec.get("last_progress") or rec.get("created_at") or now) > float(limit)
 
 
 def _process_start(pid: int) -> int | None:

@@ -21,6 +21,7 @@ SDK_DIR = Path(__file__).resolve().parent.parent / "guest_sdk" / "c"
 COMPILE_FLAGS = (
     "--target=wasm32-freestanding",
     "-O2",
+    "-g0",
     "-nostdlib",
     "-ffreestanding",
     "-Wl,--no-entry",

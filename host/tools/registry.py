@@ -57,6 +57,7 @@ class ToolContext:
     now: Callable[[], float] = field(default=lambda: 0.0)
     store: Any = None  # the host's AgentStore, for tools that keep state
     secrets: dict[str, str] = field(default_factory=dict)  # credentials leased for this call (host side only)
+    report_tokens: Callable[[int], None] = field(default=lambda n: None)  # count LLM tokens against the budget
 
 
 @dataclass
