@@ -38,7 +38,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -71,6 +71,21 @@ from .tools.builtin import BUILTINS
 from .tools.registry import ToolContext, ToolError, ToolSpec, load_handler, spec_from_function
 
 T = TypeVar("T")
+
+
+class CredentialBroker(Protocol):
+    """Hands tools the secrets their grant names, on the host side only (see issue 5's broker).
+
+    ``check`` runs at spawn and refuses a policy naming a credential that does
+    not exist; ``secrets_for`` leases (or renews) the named secrets for one
+    call; ``revoke`` ends every lease of an agent when it terminates.
+    """
+
+    def check(self, agent_id: str, policy: Any) -> None: ...
+
+    def secrets_for(self, agent_id: str, tool: str, names: tuple[str, ...]) -> dict[str, str]: ...
+
+    def revoke(self, agent_id: str) -> list[str]: ...
 
 TERMINAL = frozenset({"completed", "failed", "terminated"})
 PARKED = frozenset({"waiting_approval", "in_doubt"})
@@ -180,7 +195,7 @@ class Host:
 
     def __init__(self, store_dir: str | Path | None = None, *, warm_idle_s: float = 0.05,
                  wasm_threads: int | None = None, pool_size: int = DEFAULT_POOL_SIZE,
-                 class_pools: dict[str, int] | None = None) -> None:
+                 class_pools: dict[str, int] | None = None, broker: CredentialBroker | None = None) -> None:
         self.store_dir = Path(store_dir) if store_dir is not None else default_store_dir()
         try:
             self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -193,6 +208,7 @@ class Host:
         self._limiter = anyio.CapacityLimiter(wasm_threads or max(1, os.cpu_count() or 1))
         self.pool = PriorityPool(pool_size, "host")
         self.class_pools = {name: PriorityPool(size, name) for name, size in (class_pools or {}).items()}
+        self.broker = broker
         self._bundles: dict[str, Bundle] = {}
         self._tools: dict[str, tuple[dict[str, ToolSpec], dict[str, Any]]] = {}
         self._owner = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
@@ -485,6 +501,8 @@ class Host:
                       "tokens": 0, "denials": 0, "calls_by_tool": {}, "recent_calls": {}},
         }
         agent = _Agent(record, b, loaded, tools, validators, self._limits(b, fuel))
+        if self.broker is not None:
+            self.broker.check(aid, b.policy)  # a missing credential refuses the agent before it starts
         agent.event("agent.spawned", name=b.name, bundle_digest=b.digest, principal=on_behalf_of,
                     input_digest=audit.digest(input))
         await self._commit_agent(agent)
@@ -726,9 +744,15 @@ class Host:
         def report_tokens(n: int) -> None:
             agent.usage["tokens"] = int(agent.usage.get("tokens", 0)) + max(0, int(n))
 
+        policy = agent.bundle.policy
+        grant = policy.grants.get(call.tool)
+        secrets: dict[str, str] = {}
+        if grant is not None and grant.credentials and self.broker is not None:
+            secrets = self.broker.secrets_for(agent.agent_id, call.tool, tuple(grant.credentials))
         return ToolContext(agent_id=agent.agent_id, agent_name=agent.bundle.name, call_seq=call.seq,
                            kv_namespace=f"agent:{agent.agent_id}", principal=agent.record.get("principal"),
-                           now=time.time, store=self.store, report_tokens=report_tokens)
+                           now=time.time, store=self.store, report_tokens=report_tokens, grant=grant,
+                           policy=policy, secrets=secrets)
 
     def _snapshot_bytes(self, agent: _Agent, call: PendingCall, captured: Captured) -> tuple[int, bytes]:
         seq = int(agent.record.get("checkpoints", 0)) + 1
@@ -757,7 +781,8 @@ class Host:
         self._record_checkpoint(agent, seq, len(blob), call, status)
         if extra:
             agent.record.update(extra)
-        entry: dict[str, Any] = {"tool": call.tool, "args": call.args, "checkpoint": seq, "state": "intent", "t": time.time()}
+        entry: dict[str, Any] = {"tool": call.tool, "args": call.args, "checkpoint": seq, "state": "intent",
+                                 "fuel": agent.usage.get("fuel_used", 0), "t": time.time()}
         if answer is not None:
             entry.update(state="done", status=answer[0], response=answer[1].decode())
             agent.event("tool.answered", call_seq=call.seq, tool=call.tool, status=answer[0], result_digest=audit.digest(answer[1].decode()))
@@ -786,7 +811,7 @@ class Host:
             seq, blob = self._snapshot_bytes(agent, call, captured)
             self._record_checkpoint(agent, seq, len(blob), call, "suspended")
             agent.event("checkpoint", seq=seq, size=len(blob))
-            base = {"tool": call.tool, "args": call.args, "checkpoint": seq, "t": time.time()}
+            base = {"tool": call.tool, "args": call.args, "checkpoint": seq, "fuel": agent.usage.get("fuel_used", 0), "t": time.time()}
             created = agent.record["updated_at"]
 
             def write(txn: Any) -> Answer:
@@ -809,7 +834,7 @@ class Host:
 
     async def _journal_answer(self, agent: _Agent, call: PendingCall, answer: Answer) -> None:
         entry = {"tool": call.tool, "args": call.args, "checkpoint": agent.record["checkpoints"], "state": "done",
-                 "status": answer[0], "response": answer[1].decode(), "t": time.time()}
+                 "fuel": agent.usage.get("fuel_used", 0), "status": answer[0], "response": answer[1].decode(), "t": time.time()}
         agent.event("tool.answered", call_seq=call.seq, tool=call.tool, status=answer[0],
                     result_digest=audit.digest(answer[1].decode()))
         await self._commit_agent(agent, lambda txn: txn.put_journal(agent.agent_id, call.seq, entry))
@@ -972,6 +997,10 @@ class Host:
             rec.update(status=final, error=err)
             agent.event("agent." + final, error=err)
         rec.update(finished_at=now, updated_at=now, pending=None, owner=None, last_progress=now)
+        if self.broker is not None:
+            revoked = self.broker.revoke(agent.agent_id)
+            if revoked:
+                agent.event("credential.revoked", names=revoked)
         await self._commit_agent(agent)
         return self._result(agent)
 

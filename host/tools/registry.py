@@ -58,6 +58,8 @@ class ToolContext:
     store: Any = None  # the host's AgentStore, for tools that keep state
     secrets: dict[str, str] = field(default_factory=dict)  # credentials leased for this call (host side only)
     report_tokens: Callable[[int], None] = field(default=lambda n: None)  # count LLM tokens against the budget
+    grant: Any = None  # the policy's ToolGrant for this tool (constraints, credentials, tool-specific settings)
+    policy: Any = None  # the agent's whole Policy
 
 
 @dataclass
