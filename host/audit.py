@@ -34,6 +34,9 @@ def record_key(agent_id: str, seq: int) -> str:
 
 def seal(agent_id: str, seq: int, prev: str, t: float, kind: str, data: dict[str, Any]) -> dict[str, Any]:
     """A chained record: ``hash`` covers every other field, ``prev`` links it to the last one."""
+    reserved = {"agent_id", "seq", "t", "kind", "prev", "hash"} & data.keys()
+    if reserved:
+        raise ValueError(f"audit event data may not use the reserved keys {sorted(reserved)}")
     rec: dict[str, Any] = {"agent_id": agent_id, "seq": seq, "t": t, "kind": kind, "prev": prev, **data}
     rec["hash"] = hashlib.sha256(canonical(rec)).hexdigest()
     return rec

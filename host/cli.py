@@ -248,6 +248,52 @@ def cmd_fork(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- approvals --------------------------------------------------------------------
+def cmd_approvals(args: argparse.Namespace) -> int:
+    host = _host(args)
+    try:
+        pending = host.approvals()
+    finally:
+        host.close()
+
+    def human() -> None:
+        if not pending:
+            print("no pending approvals")
+        for p in pending:
+            call = p.get("call", {})
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.get("requested_at", 0)))
+            print(f"{p['agent_id']}  {p.get('name')}  {when}")
+            print(f"  call   {call.get('tool')} {json.dumps(call.get('args'))}")
+            print(f"  reason {p.get('reason')}  (rule {p.get('rule')})")
+
+    _emit(args, pending, human)
+    return EXIT_OK
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    from .runtime import run_sync
+
+    host = _host(args)
+    try:
+        res = run_sync(lambda: host.approve(args.agent, note=args.note, by=args.by))
+    finally:
+        host.close()
+    _emit(args, res.to_dict(), lambda: _print_result(res))
+    return EXIT_OK if res.status in ("completed", "waiting_approval") else EXIT_FAILED
+
+
+def cmd_deny(args: argparse.Namespace) -> int:
+    from .runtime import run_sync
+
+    host = _host(args)
+    try:
+        res = run_sync(lambda: host.deny(args.agent, reason=args.reason, by=args.by))
+    finally:
+        host.close()
+    _emit(args, res.to_dict(), lambda: _print_result(res))
+    return EXIT_OK if res.status in ("completed", "waiting_approval", "failed", "terminated") else EXIT_FAILED
+
+
 # -- policy -----------------------------------------------------------------
 def cmd_policy_check(args: argparse.Namespace) -> int:
     import policies
@@ -309,6 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("fork", cmd_fork, "start a new agent from an earlier checkpoint of another", store=True)
     sp.add_argument("agent")
     sp.add_argument("--checkpoint", type=int, required=True)
+
+    sp = add("approvals", cmd_approvals, "list tool calls waiting for a human decision", store=True)
+    sp = add("approve", cmd_approve, "approve the call an agent waits on, and resume it", store=True)
+    sp.add_argument("agent")
+    sp.add_argument("--note", help="a note kept in the audit log")
+    sp.add_argument("--by", default=os.environ.get("USER"), help="who decides (default: $USER)")
+    sp = add("deny", cmd_deny, "deny the call an agent waits on; the agent sees a denial and continues", store=True)
+    sp.add_argument("agent")
+    sp.add_argument("--reason", required=True)
+    sp.add_argument("--by", default=os.environ.get("USER"), help="who decides (default: $USER)")
 
     pol = sub.add_parser("policy", help="check and explain policy files")
     psub = pol.add_subparsers(dest="policy_command", metavar="SUBCOMMAND")

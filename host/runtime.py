@@ -176,7 +176,7 @@ class _Agent:
         u: dict[str, Any] = self.record.setdefault("usage", {})
         return u
 
-    def event(self, kind: str, **data: Any) -> None:
+    def event(self, kind: str, /, **data: Any) -> None:
         """Queue an audit event; it is sealed into the log by the agent's next commit."""
         self.events.append((kind, data))
 
@@ -629,7 +629,7 @@ class Host:
 
         def write(txn: Any) -> tuple[T | None, int, str]:
             result = fn(txn) if fn is not None else None
-            events = agent.events[:queued] + (after(result) if after is not None and result is not None else [])  # type: ignore[arg-type]
+            events = agent.events[:queued] + (after(result) if after is not None and result is not None else [])
             rec = dict(agent.record)
             _append_audit(txn, rec, events)
             txn.put_agent(rec)
@@ -671,7 +671,9 @@ class Host:
         """Record warnings crossed between two usages; return the first exceeded limit, if any."""
         exceeded = None
         for ev in policies.budget_events(agent.bundle.policy, before, after):
-            agent.event("budget." + ev.kind, **ev.to_dict())
+            data = ev.to_dict()
+            data.pop("kind", None)
+            agent.event("budget." + ev.kind, **data)
             if ev.terminate and exceeded is None:
                 exceeded = ev
         return exceeded
@@ -717,7 +719,8 @@ class Host:
                             "reason": decision.reason, "rule": decision.rule, "requested_at": now,
                             "principal": agent.record.get("principal")}
                 await self._checkpoint(agent, call, captured, None, status="waiting_approval",
-                                       extra={"approval": {"reason": decision.reason, "rule": decision.rule}},
+                                       extra={"approval": {"reason": decision.reason, "rule": decision.rule},
+                                              "owner": None},
                                        also=lambda txn: txn.put_blob("approvals", agent.agent_id, audit.canonical(approval)))
                 self._release(agent)
                 return self._result(agent)
@@ -786,7 +789,7 @@ class Host:
         if answer is not None:
             entry.update(state="done", status=answer[0], response=answer[1].decode())
             agent.event("tool.answered", call_seq=call.seq, tool=call.tool, status=answer[0], result_digest=audit.digest(answer[1].decode()))
-        agent.event("checkpoint", seq=seq, size=len(blob))
+        agent.event("checkpoint", checkpoint=seq, size=len(blob))
         created = agent.record["updated_at"]
 
         def write(txn: Any) -> None:
@@ -810,7 +813,7 @@ class Host:
             # Snapshot, intent, the tool's effect and its result: one atomic commit.
             seq, blob = self._snapshot_bytes(agent, call, captured)
             self._record_checkpoint(agent, seq, len(blob), call, "suspended")
-            agent.event("checkpoint", seq=seq, size=len(blob))
+            agent.event("checkpoint", checkpoint=seq, size=len(blob))
             base = {"tool": call.tool, "args": call.args, "checkpoint": seq, "fuel": agent.usage.get("fuel_used", 0), "t": time.time()}
             created = agent.record["updated_at"]
 
