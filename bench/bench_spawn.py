@@ -22,11 +22,11 @@ from pathlib import Path
 import wasmtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _stats import machine, percentiles, table  # noqa: E402
+from _stats import machine, percentiles, table
 
-from host import bundle as bundle_mod  # noqa: E402
-from host.execution import Execution, Limits  # noqa: E402
-from host.runtime import Host  # noqa: E402
+from host import bundle as bundle_mod
+from host.execution import Execution
+from host.runtime import Host
 
 ROOT = Path(__file__).resolve().parent.parent
 

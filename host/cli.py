@@ -300,7 +300,8 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
     pol = policies.load_policy(args.file)
     data = {"file": args.file, "ok": True, "agent": pol.agent.name, "tools": sorted(pol.grants)}
-    _emit(args, data, lambda: print(f"{args.file}: ok ({pol.agent.name}, {len(pol.grants)} tool grants)"))
+    data["digest"] = pol.digest
+    _emit(args, data, lambda: print(f"{args.file}: ok\n{pol.summary()}"))
     return EXIT_OK
 
 
@@ -385,7 +386,14 @@ def _error_code(exc: BaseException) -> str:
     code = getattr(exc, "code", None)
     if isinstance(code, str):
         return code
-    return type(exc).__name__
+    from policies import PolicyError
+    from snapshots.errors import SnapshotError, StoreFull, StoreUnavailable
+
+    for cls, name in ((PolicyError, "invalid_policy"), (SnapshotError, "snapshot_corrupt"),
+                      (StoreFull, "store_full"), (StoreUnavailable, "store_unavailable")):
+        if isinstance(exc, cls):
+            return name
+    return "store_error"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,8 +9,8 @@ from typing import Any
 
 import anyio
 import pytest
-
 from conftest import EXAMPLES, GUESTS, BundleFactory
+
 from host import bundle as bundle_mod
 from host.errors import BundleError, ImportNotGranted, ModuleError
 from host.runtime import Host, RunResult

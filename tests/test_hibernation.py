@@ -11,8 +11,8 @@ from typing import Any
 import anyio
 import lmdb
 import pytest
-
 from conftest import EXAMPLES, GUESTS, BundleFactory
+
 from host import bundle as bundle_mod
 from host.errors import AgentNotFound, AgentStateError, TorporError
 from host.runtime import Host, RunResult

@@ -76,3 +76,21 @@ def test_inspect_bundle(bundles: BundleFactory) -> None:
     assert "torpor.tool_call" in info["imports"]
     assert "asyncify_start_unwind" in info["exports"]
     assert len(info["digest"]) == 64
+
+
+def test_policy_check_and_explain(tmp_path: Path) -> None:
+    good = EXAMPLES / "steps" / "policy.toml"
+    ok = torpor("policy", "check", str(good))
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "policy.toml"
+    bad.write_text('[agent]\nname = "x"\n[budgets]\ntokns = 5\n')
+    proc = torpor("policy", "check", str(bad))
+    assert proc.returncode == 2
+    assert "tokns" in proc.stderr and "tokens" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) >= 1
+    explain = torpor("policy", "explain", str(good), "--tool", "kv.incr", "--args", '{"key": "counter"}', "--json")
+    assert explain.returncode == 0, explain.stderr
+    assert json.loads(explain.stdout)["decision"]["decision"] == "allow"
+    denied = torpor("policy", "explain", str(good), "--tool", "kv.set", "--args", "{}")
+    assert denied.returncode == 0
+    assert "not_granted" in denied.stdout or "not granted" in denied.stdout
