@@ -165,6 +165,7 @@ class _Agent:
     logs: list[dict[str, Any]] = field(default_factory=list)
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     run_fuel_start: int = 0
+    run_exec_s: float = 0.0
     run_started: float = field(default_factory=time.time)
 
     @property
@@ -314,7 +315,7 @@ class Host:
             self._begin_run(agent)
             ex = self._new_execution(agent)
             agent.ex = ex
-            outcome = await self._run_wasm(ex.start)
+            outcome = await self._run_guest(agent, ex, ex.start)
             return await self._drive(agent, outcome)
 
     async def resume(self, agent_id: str, *, priority: int | None = None) -> RunResult:
@@ -329,7 +330,7 @@ class Host:
                 agent.ex = ex
                 agent.record["status"] = "running"
                 await self._commit_agent(agent)
-                return await self._drive(agent, await self._run_wasm(ex.start))
+                return await self._drive(agent, await self._run_guest(agent, ex, ex.start))
             answer = await self._answer_from_journal(agent, pending)
             if answer is None:
                 return self._result(agent)
@@ -518,6 +519,7 @@ class Host:
     def _begin_run(self, agent: _Agent) -> None:
         """A run starts: per-run budgets count from here."""
         agent.run_started = time.time()
+        agent.run_exec_s = 0.0
         agent.run_fuel_start = int(agent.usage.get("fuel_used", 0))
         agent.limits = self._limits(agent.bundle, agent.record.get("fuel_limit"), agent.run_fuel_start)
 
@@ -613,6 +615,18 @@ class Host:
     # -- internals: commits and audit ------------------------------------------
     async def _run_wasm(self, fn: Callable[..., T], *args: Any) -> T:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def _run_guest(self, agent: _Agent, ex: Execution, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run guest code with what is left of the run's wall-clock budget, and count the time spent."""
+        left = agent.limits.deadline_s - agent.run_exec_s
+        if left <= 0:
+            return Failed("deadline_exceeded", f"the agent exceeded its wall-clock budget of {agent.limits.deadline_s:g} s")
+        ex.limits = dataclasses.replace(agent.limits, deadline_s=left)
+        t0 = time.perf_counter()
+        try:
+            return await self._run_wasm(fn, *args)
+        finally:
+            agent.run_exec_s += time.perf_counter() - t0
 
     async def _commit(self, fn: Callable[[Any], T]) -> T:
         fut = self.committer.submit(fn)
@@ -967,7 +981,7 @@ class Host:
             agent.ex = ex
         if agent.record.get("status") != "running":
             agent.record["status"] = "running"
-        return await self._run_wasm(ex.resume, status, response)
+        return await self._run_guest(agent, ex, ex.resume, status, response)
 
     async def _finish(self, agent: _Agent, outcome: Any, *, status: str | None = None,
                       report: dict[str, Any] | None = None) -> RunResult:

@@ -42,14 +42,18 @@ Units
 
 [budgets] (all optional; absent means unlimited)
 ------------------------------------------------
-A *run* is one host-side execution segment: from spawn or resume until the
-agent completes, fails or suspends (hibernates on a wait).  *Total* budgets
-accumulate over every run of one agent.
+A *run* is one drive of the agent by a host: from spawn (``torpor run``) or
+resume (``torpor resume``, ``approve``, ``deny``) until the agent completes,
+fails or parks (waiting for approval or an operator).  Tool calls within a
+run, and the hibernations they cause, do not start a new run.  *Total*
+budgets accumulate over every run of one agent.
 
 ``fuel``              Wasmtime fuel per run (positive integer).
 ``fuel_total``        fuel across all runs.
-``memory``            linear-memory cap (size).
-``wall_clock``        wall-clock time per run (duration).
+``memory``            linear-memory cap (size; rounded down to whole 64 KiB pages).
+``wall_clock``        time the guest may spend executing per run (duration),
+                      enforced by Wasmtime epochs; time waiting on tools is
+                      bounded by the tools' own timeouts instead.
 ``wall_clock_total``  elapsed time since spawn, including time spent waiting
                       hibernated — a deadline for the whole task (duration).
 ``tool_calls``        total tool calls the agent may make (calls the policy
