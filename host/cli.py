@@ -294,6 +294,19 @@ def cmd_deny(args: argparse.Namespace) -> int:
     return EXIT_OK if res.status in ("completed", "waiting_approval", "failed", "terminated") else EXIT_FAILED
 
 
+def cmd_resolve(args: argparse.Namespace) -> int:
+    from .runtime import run_sync
+
+    result = _parse_input(args.result) if args.result is not None else None
+    host = _host(args)
+    try:
+        res = run_sync(lambda: host.resolve(args.agent, retry=args.retry, result=result, fail=args.fail, by=args.by))
+    finally:
+        host.close()
+    _emit(args, res.to_dict(), lambda: _print_result(res))
+    return EXIT_OK if res.status in ("completed", "waiting_approval") else EXIT_FAILED
+
+
 # -- policy -----------------------------------------------------------------
 def cmd_policy_check(args: argparse.Namespace) -> int:
     import policies
@@ -365,6 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("deny", cmd_deny, "deny the call an agent waits on; the agent sees a denial and continues", store=True)
     sp.add_argument("agent")
     sp.add_argument("--reason", required=True)
+    sp.add_argument("--by", default=os.environ.get("USER"), help="who decides (default: $USER)")
+
+    sp = add("resolve", cmd_resolve, "settle an in_doubt agent: re-run its call, supply its result, or fail it", store=True)
+    sp.add_argument("agent")
+    how = sp.add_mutually_exclusive_group(required=True)
+    how.add_argument("--retry", action="store_true", help="run the call again (it did not take effect)")
+    how.add_argument("--result", help="the call's result as JSON, or @FILE (it did take effect)")
+    how.add_argument("--fail", metavar="REASON", help="fail the agent")
     sp.add_argument("--by", default=os.environ.get("USER"), help="who decides (default: $USER)")
 
     pol = sub.add_parser("policy", help="check and explain policy files")

@@ -142,8 +142,12 @@ class Execution:
 
     # -- lifecycle ----------------------------------------------------------
     def _instantiate(self) -> None:
-        store = wasmtime.Store(self.loaded.engine.wasmtime)
+        engine = self.loaded.engine
+        store = wasmtime.Store(engine.wasmtime)
         store.set_limits(memory_size=self.limits.memory_bytes)
+        if engine.prearm:  # data segments are initialised by code that checks fuel and epoch
+            store.set_fuel(max(0, self.limits.fuel - self.fuel_used))
+            store.set_epoch_deadline(engine.deadline_ticks(self.limits.deadline_s))
         inst = self.pre.instantiate(store)
         self._store = store
         self._instance = inst

@@ -399,6 +399,52 @@ class Host:
 
         self.store.transact(write)
 
+    async def resolve(self, agent_id: str, *, retry: bool = False, result: Any = None,
+                      fail: str | None = None, by: str | None = None) -> RunResult:
+        """Settle an ``in_doubt`` agent: re-run its call, supply the call's result, or fail it.
+
+        Only a person can know whether a non-idempotent call that was started
+        before a crash took effect (did the payment go out?), so the host asks.
+        """
+        if sum((retry, result is not None, fail is not None)) != 1:
+            raise ConfigError("resolve needs exactly one of: retry, a result, or fail")
+
+        def write(txn: Any) -> None:
+            rec = txn.get_agent(agent_id)
+            if rec is None:
+                raise AgentNotFound(f"no agent {agent_id} in store {self.store_dir}")
+            if rec.get("status") != "in_doubt":
+                raise AgentStateError(f"agent {agent_id} is {rec.get('status')}, not in_doubt")
+            call = (rec.get("in_doubt") or {}).get("call") or rec.get("pending") or {}
+            seq = int(call["seq"])
+            base = {"tool": call.get("tool"), "args": call.get("args"), "t": time.time(), "resolved_by": by}
+            if retry:
+                txn.put_journal(agent_id, seq, {**base, "state": "approved"})
+                action: dict[str, Any] = {"action": "retry"}
+            elif result is not None:
+                status, response = self._encode_result(result)
+                txn.put_journal(agent_id, seq, {**base, "state": "done", "status": status, "response": response.decode()})
+                action = {"action": "result", "result_digest": audit.digest(result)}
+            else:
+                action = {"action": "fail", "reason": fail}
+            rec["status"] = "suspended" if fail is None else "failed"
+            if fail is not None:
+                rec.update(error={"code": "in_doubt_failed", "message": f"failed by an operator: {fail}"},
+                           finished_at=time.time(), pending=None)
+            rec["in_doubt"] = None
+            rec["updated_at"] = time.time()
+            _append_audit(txn, rec, [("operator.resolved", {"call_seq": seq, "by": by, **action}),
+                                     *([("agent.failed", {"error": rec["error"]})] if fail is not None else [])])
+            txn.put_agent(rec)
+
+        self.store.transact(write)
+        if fail is not None:
+            rec = self.get_agent(agent_id)
+            u = rec.get("usage", {})
+            return RunResult(agent_id, rec["status"], error=rec.get("error"), fuel_used=int(u.get("fuel_used", 0)),
+                             tool_calls=int(u.get("tool_calls", 0)), checkpoints=int(rec.get("checkpoints", 0)))
+        return await self.resume(agent_id)
+
     def fork(self, agent_id: str, checkpoint: int) -> str:
         """A new agent continuing from checkpoint ``checkpoint`` of ``agent_id``.
 

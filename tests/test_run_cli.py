@@ -94,3 +94,21 @@ def test_policy_check_and_explain(tmp_path: Path) -> None:
     denied = torpor("policy", "explain", str(good), "--tool", "kv.set", "--args", "{}")
     assert denied.returncode == 0
     assert "not_granted" in denied.stdout or "not granted" in denied.stdout
+
+
+def test_pack_a_module_built_elsewhere(tmp_path: Path) -> None:
+    from host import toolchain
+
+    raw = toolchain.compile_c([EXAMPLES / "steps" / "agent.c"])
+    assert not toolchain.is_prepared(raw)
+    (tmp_path / "steps.wasm").write_bytes(raw)
+    out = tmp_path / "steps.torpor"
+    proc = torpor("pack", str(tmp_path / "steps.wasm"), "--policy", str(EXAMPLES / "steps" / "policy.toml"), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    code, res = run_json("run", str(out), "--input", '{"n": 5}', store=tmp_path / "store")
+    assert code == 0 and res["output"] == {"sum": 15, "last": 5}
+    # Packing an already prepared module leaves it as it is.
+    from host import bundle as bundle_mod
+
+    prepared = bundle_mod.load(out).module
+    assert bundle_mod.load_bytes(bundle_mod.pack(prepared, (EXAMPLES / "steps" / "policy.toml").read_text())).module == prepared
