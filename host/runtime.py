@@ -189,14 +189,16 @@ class Host:
 
     ``warm_idle_s``: how long a suspended agent keeps its instance in memory
     while its tool runs before it is hibernated (released, to be rebuilt from
-    its snapshot). ``pool_size``: agents running at once in this host;
+    its snapshot); ``max_warm``: how many may wait warm at once before the
+    next one goes cold immediately (memory pressure). ``pool_size``: agents running at once in this host;
     ``class_pools``: sizes for agent classes (a policy's ``agent.pool``),
     others share the host pool only.
     """
 
     def __init__(self, store_dir: str | Path | None = None, *, warm_idle_s: float = 0.05,
                  wasm_threads: int | None = None, pool_size: int = DEFAULT_POOL_SIZE,
-                 class_pools: dict[str, int] | None = None, broker: CredentialBroker | None = None) -> None:
+                 class_pools: dict[str, int] | None = None, broker: CredentialBroker | None = None,
+                 max_warm: int = 10_000) -> None:
         self.store_dir = Path(store_dir) if store_dir is not None else default_store_dir()
         try:
             self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -206,6 +208,8 @@ class Host:
         self.committer = GroupCommitter(self.store)
         self.engine = Engine(cache_dir=self.store_dir / "cache")
         self.warm_idle_s = warm_idle_s
+        self.max_warm = max_warm
+        self.warm_waiting = 0  # instances kept in memory while their agent waits on a tool
         self._limiter = anyio.CapacityLimiter(wasm_threads or max(1, os.cpu_count() or 1))
         self.pool = PriorityPool(pool_size, "host")
         self.class_pools = {name: PriorityPool(size, name) for name, size in (class_pools or {}).items()}
@@ -781,7 +785,7 @@ class Host:
                 await self._checkpoint(agent, call, captured, None, status="waiting_approval",
                                        extra={"approval": {"reason": decision.reason, "rule": decision.rule},
                                               "owner": None},
-                                       also=lambda txn: txn.put_blob("approvals", agent.agent_id, audit.canonical(approval)))
+                                       also=lambda txn, a=approval: txn.put_blob("approvals", agent.agent_id, audit.canonical(a)))  # type: ignore[misc]
                 self._release(agent)
                 return self._result(agent)
             if isinstance(decision, policies.Deny):
@@ -931,12 +935,24 @@ class Host:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(call)
-            with anyio.move_on_after(self.warm_idle_s):
-                await done.wait()
-            if not done.is_set() and agent.ex is not None:
-                self._release(agent)
-                agent.usage["hibernations"] = agent.usage.get("hibernations", 0) + 1
+            if agent.ex is not None and self.warm_waiting >= self.max_warm:
+                # Memory pressure: too many instances already wait warm; go cold at once.
+                self._hibernate(agent)
+            self.warm_waiting += 1 if agent.ex is not None else 0
+            counted = agent.ex is not None
+            try:
+                with anyio.move_on_after(self.warm_idle_s):
+                    await done.wait()
+                if not done.is_set() and agent.ex is not None:
+                    self._hibernate(agent)
+            finally:
+                if counted:
+                    self.warm_waiting -= 1
         return result[0]
+
+    def _hibernate(self, agent: _Agent) -> None:
+        self._release(agent)
+        agent.usage["hibernations"] = agent.usage.get("hibernations", 0) + 1
 
     def _release(self, agent: _Agent) -> None:
         if agent.ex is not None:

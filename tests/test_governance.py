@@ -14,8 +14,8 @@ from typing import Any
 
 import anyio
 import pytest
-
 from conftest import EXAMPLES, GUESTS, BundleFactory
+
 from host import bundle as bundle_mod
 from host.errors import AgentNotFound, AgentStateError
 from host.pools import PriorityPool
@@ -257,9 +257,8 @@ def test_two_operators_approve_at_once_one_wins(caller_module: bytes, tmp_path: 
     assert codes == [0, 2], outs
     loser = next(o for o, p in zip(outs, procs, strict=True) if p.returncode == 2)
     assert "not waiting for approval" in loser[0] or "being run" in loser[0]
-    with Host(tmp_path) as host:
-        with host.store.read() as txn:
-            assert len(txn.kv_keys("test:payments", "")) == 1  # the tool ran exactly once
+    with Host(tmp_path) as host, host.store.read() as txn:
+        assert len(txn.kv_keys("test:payments", "")) == 1  # the tool ran exactly once
 
 
 def test_approve_or_deny_unknown_running_or_finished(host: Host, caller_module: bytes) -> None:

@@ -44,6 +44,14 @@ def test_cold_and_warm_paths_reach_the_same_state(bundles: BundleFactory, tmp_pa
     assert c.checkpoints == w.checkpoints == 8
 
 
+def test_memory_pressure_sends_waiting_agents_cold(bundles: BundleFactory, tmp_path: Path) -> None:
+    b = bundles.load(GUESTS / "slowtool")
+    with Host(tmp_path, warm_idle_s=10.0, max_warm=0) as host:
+        res = run(host, b, {"n": 3, "ms": 1})
+        assert res.output == {"acc": expected_acc(3), "calls": 3}
+        assert host.inspect(res.agent_id)["usage"]["hibernations"] == 3
+
+
 def test_stack_too_deep_to_suspend_fails_cleanly(bundles: BundleFactory, tmp_path: Path) -> None:
     b = bundles.load(GUESTS / "deepwait")
     with Host(tmp_path) as host:

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import GUESTS, BundleFactory
+
 from host import bundle as bundle_mod
 
 TOOLS = '''
