@@ -22,21 +22,14 @@ from typing import Any
 
 import wasmtime
 
+from host import binaryen as host_binaryen
+from host.toolchain import COMPILE_FLAGS
+
 REPO = Path(__file__).resolve().parents[1]
 SDK_C = REPO / "guest_sdk" / "c"
 
 # The command `torpor build` uses (see guest_sdk/ABI.md, "Building").
-CC_FLAGS = [
-    "--target=wasm32-freestanding",
-    "-O2",
-    "-g0",
-    "-nostdlib",
-    "-ffreestanding",
-    "-Wl,--no-entry",
-    "-Wl,--export-dynamic",
-    "-Wl,-z,stack-size=65536",
-    "-Wl,--export=__torpor_async",
-]
+CC_FLAGS = list(COMPILE_FLAGS)
 
 
 def compile_guest(sources: Sequence[Path], out: Path, extra: Sequence[str] = ()) -> Path:
@@ -466,84 +459,17 @@ class KV:
 
 # --- Asyncify (what `torpor build` adds), for the hibernation round-trip tests ----
 
-_BINARYEN_CDEF = """
-typedef struct BinaryenModule *BinaryenModuleRef;
-typedef void *BinaryenGlobalRef;
-typedef void *BinaryenExportRef;
-BinaryenModuleRef BinaryenModuleRead(char *input, size_t inputSize);
-void BinaryenModuleDispose(BinaryenModuleRef module);
-bool BinaryenModuleValidate(BinaryenModuleRef module);
-void BinaryenModuleRunPasses(BinaryenModuleRef module, const char **passes, uint32_t numPasses);
-void BinaryenSetPassArgument(const char *name, const char *value);
-void BinaryenSetOptimizeLevel(int level);
-uint32_t BinaryenFeatureBulkMemory(void);
-uint32_t BinaryenModuleGetFeatures(BinaryenModuleRef module);
-void BinaryenModuleSetFeatures(BinaryenModuleRef module, uint32_t features);
-void BinaryenSetShrinkLevel(int level);
-uint32_t BinaryenGetNumGlobals(BinaryenModuleRef module);
-BinaryenGlobalRef BinaryenGetGlobalByIndex(BinaryenModuleRef module, uint32_t index);
-const char *BinaryenGlobalGetName(BinaryenGlobalRef global);
-bool BinaryenGlobalIsMutable(BinaryenGlobalRef global);
-BinaryenExportRef BinaryenAddGlobalExport(BinaryenModuleRef module, const char *internalName,
-                                          const char *externalName);
-void BinaryenAddCustomSection(BinaryenModuleRef module, const char *name, const char *contents,
-                              uint32_t contentsSize);
-typedef struct { void *binary; size_t binaryBytes; char *sourceMap; } BinaryenWriteResult;
-BinaryenWriteResult BinaryenModuleAllocateAndWrite(BinaryenModuleRef module, const char *url);
-"""
-_binaryen: Any = None
-
-
-def _bn() -> Any:
-    global _binaryen
-    if _binaryen is None:
-        from cffi import FFI
-        from icpp_binaryen import _lib
-
-        ffi = FFI()
-        ffi.cdef(_BINARYEN_CDEF)
-        _binaryen = (ffi, ffi.dlopen(str(_lib._path)), _lib.libc)
-    return _binaryen
-
-
 def asyncify(
-    wasm: bytes, passes: Sequence[str] = ("asyncify", "strip-debug", "memory-packing")
+    wasm: bytes, passes: Sequence[str] = ("strip-debug", "memory-packing")
 ) -> bytes:
-    """Roughly what `torpor build` does after compiling: Asyncify on torpor.tool_call,
-    every mutable global exported as torpor.gN, the `torpor.abi` custom section."""
-    ffi, lib, libc = _bn()
-    buf = ffi.new("char[]", wasm)
-    m = lib.BinaryenModuleRead(buf, len(wasm))
-    try:
-        # LLVM >= 20 emits memory.copy/fill under its "bulk-memory-opt" feature,
-        # which the target_features section does not spell in a way Binaryen 116
-        # knows: enable bulk memory explicitly.
-        lib.BinaryenModuleSetFeatures(
-            m, lib.BinaryenModuleGetFeatures(m) | lib.BinaryenFeatureBulkMemory()
-        )
-        lib.BinaryenSetOptimizeLevel(2)
-        lib.BinaryenSetShrinkLevel(1)
-        # mutable globals are exported first, as the host's build does: Asyncify's
-        # own globals stay private (asyncify_start_rewind resets them)
-        for i in range(lib.BinaryenGetNumGlobals(m)):
-            g = lib.BinaryenGetGlobalByIndex(m, i)
-            if lib.BinaryenGlobalIsMutable(g):
-                lib.BinaryenAddGlobalExport(
-                    m, lib.BinaryenGlobalGetName(g), f"torpor.g{i}".encode()
-                )
-        lib.BinaryenSetPassArgument(b"asyncify-imports", b"torpor.tool_call")
-        names = [ffi.new("char[]", p.encode()) for p in passes]
-        lib.BinaryenModuleRunPasses(m, ffi.new("const char*[]", names), len(names))
-        lib.BinaryenAddCustomSection(m, b"torpor.abi", b"1", 1)
-        if not lib.BinaryenModuleValidate(m):
-            raise RuntimeError("binaryen validation failed")
-        r = lib.BinaryenModuleAllocateAndWrite(m, ffi.NULL)
-        try:
-            return bytes(ffi.buffer(r.binary, r.binaryBytes))
-        finally:
-            libc.free(r.binary)
-    finally:
-        lib.BinaryenModuleDispose(m)
+    """What `torpor build` does after compiling (the host's own transform): Asyncify on
+    torpor.tool_call, every mutable global exported as torpor.gN, the `torpor.abi` section."""
+    return host_binaryen.asyncify(
+        wasm,
+        suspending_imports=["torpor.tool_call"],
+        custom_sections={"torpor.abi": b"1"},
+        extra_passes=tuple(passes),
+    )
 
 
 class HibernatingRun:
