@@ -49,6 +49,7 @@ from snapshots.errors import SnapshotError
 from snapshots.format import Snapshot, decode_snapshot, encode_snapshot
 from snapshots.group_commit import GroupCommitter
 from snapshots.lmdb_store import LmdbStore
+from snapshots.store import AgentStore
 
 from . import abi, audit, imports
 from . import bundle as bundle_mod
@@ -198,13 +199,14 @@ class Host:
     def __init__(self, store_dir: str | Path | None = None, *, warm_idle_s: float = 0.05,
                  wasm_threads: int | None = None, pool_size: int = DEFAULT_POOL_SIZE,
                  class_pools: dict[str, int] | None = None, broker: CredentialBroker | None = None,
-                 max_warm: int = 10_000) -> None:
+                 max_warm: int = 10_000, store: AgentStore | None = None) -> None:
         self.store_dir = Path(store_dir) if store_dir is not None else default_store_dir()
         try:
             self.store_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create the store directory {self.store_dir}: {exc.strerror}") from exc
-        self.store = LmdbStore.open(self.store_dir / "db")
+        # Any AgentStore will do (a fleet backend later); LMDB in the directory is the default.
+        self.store: AgentStore = store if store is not None else LmdbStore.open(self.store_dir / "db")
         self.committer = GroupCommitter(self.store)
         self.engine = Engine(cache_dir=self.store_dir / "cache")
         self.warm_idle_s = warm_idle_s
