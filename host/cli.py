@@ -20,8 +20,10 @@ from . import bundle as bundle_mod
 from .errors import ConfigError, TorporError
 
 EXIT_OK = 0
-EXIT_FAILED = 1  # the command ran, the agent did not complete
+EXIT_FAILED = 1  # the command ran, the agent failed or was terminated
 EXIT_ERROR = 2  # the command itself could not do its work
+EXIT_INTERNAL = 3  # a bug in Torpor
+EXIT_PARKED = 4  # the agent waits on a person (approval, or an in-doubt call to settle)
 
 
 def _emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
@@ -130,7 +132,11 @@ def _print_result(res: Any) -> None:
 
 
 def _result_exit(res: Any) -> int:
-    return EXIT_OK if res.status == "completed" else EXIT_FAILED
+    if res.status == "completed":
+        return EXIT_OK
+    if res.status in ("waiting_approval", "in_doubt"):
+        return EXIT_PARKED
+    return EXIT_FAILED
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -174,7 +180,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
             _print_result(r)
 
     _emit(args, data if args.all else data[0], human)
-    return EXIT_OK if all(r.status == "completed" for r in results) else EXIT_FAILED
+    return max((_result_exit(r) for r in results), default=EXIT_OK)
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -279,7 +285,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
     finally:
         host.close()
     _emit(args, res.to_dict(), lambda: _print_result(res))
-    return EXIT_OK if res.status in ("completed", "waiting_approval") else EXIT_FAILED
+    return _result_exit(res)
 
 
 def cmd_deny(args: argparse.Namespace) -> int:
@@ -291,7 +297,7 @@ def cmd_deny(args: argparse.Namespace) -> int:
     finally:
         host.close()
     _emit(args, res.to_dict(), lambda: _print_result(res))
-    return EXIT_OK if res.status in ("completed", "waiting_approval", "failed", "terminated") else EXIT_FAILED
+    return _result_exit(res)
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
@@ -304,7 +310,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     finally:
         host.close()
     _emit(args, res.to_dict(), lambda: _print_result(res))
-    return EXIT_OK if res.status in ("completed", "waiting_approval") else EXIT_FAILED
+    return _result_exit(res)
 
 
 # -- policy -----------------------------------------------------------------
@@ -331,7 +337,12 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
 
 # -- parser -----------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="torpor", description="Run AI agents as sandboxed, hibernating WebAssembly instances.")
+    p = argparse.ArgumentParser(
+        prog="torpor",
+        description="Run AI agents as sandboxed, hibernating WebAssembly instances.",
+        epilog="exit codes: 0 completed/ok, 1 the agent failed or was terminated, 2 the command could not "
+               "do its work, 3 internal error, 4 the agent waits on a person (approval, in-doubt call)",
+    )
     p.add_argument("--version", action="version", version="torpor 0.1.0")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -400,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--args", default="{}", help="JSON arguments")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_policy_explain)
+    __import__("host.benchmarks", fromlist=["add_parser"]).add_parser(sub)  # `torpor bench ...`
     return p
 
 
@@ -448,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"status": "error", "error": {"code": "internal", "message": msg}}))
         else:
             print(f"torpor: error[internal]: {msg}", file=sys.stderr)
-        return 3
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":  # pragma: no cover

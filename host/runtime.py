@@ -66,7 +66,9 @@ from .execution import (
     Suspended,
     error_response,
 )
+from .identity import IdentityService
 from .ids import new_agent_id
+from .overlay import WriteOverlay
 from .pools import PriorityPool
 from .tools.builtin import BUILTINS
 from .tools.registry import ToolContext, ToolError, ToolSpec, load_handler, spec_from_function
@@ -84,7 +86,8 @@ class CredentialBroker(Protocol):
 
     def check(self, agent_id: str, policy: Any) -> None: ...
 
-    def secrets_for(self, agent_id: str, tool: str, names: tuple[str, ...]) -> dict[str, str]: ...
+    def secrets_for(self, agent_id: str, tool: str, names: tuple[str, ...], *,
+                    on_event: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, str]: ...
 
     def revoke(self, agent_id: str) -> list[str]: ...
 
@@ -216,6 +219,8 @@ class Host:
         self.pool = PriorityPool(pool_size, "host")
         self.class_pools = {name: PriorityPool(size, name) for name, size in (class_pools or {}).items()}
         self.broker = broker
+        self.identity = IdentityService(self.store, self.store_dir)  # agent tokens; the host signing key
+        self.heads = audit.HeadSealer(self.store, lambda: self.identity.key)  # signed audit heads
         self._bundles: dict[str, Bundle] = {}
         self._tools: dict[str, tuple[dict[str, ToolSpec], dict[str, Any]]] = {}
         self._owner = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
@@ -235,7 +240,11 @@ class Host:
 
     def close(self) -> None:
         self.committer.close()
-        self.store.close()
+        try:
+            if getattr(self.store, "commits", 0):
+                self.heads.maybe_seal()  # sign the audit log's heads, if one is due
+        finally:
+            self.store.close()
 
     # -- bundles -------------------------------------------------------------
     def register_bundle(self, b: Bundle) -> None:
@@ -434,13 +443,16 @@ class Host:
             else:
                 action = {"action": "fail", "reason": fail}
             rec["status"] = "suspended" if fail is None else "failed"
+            retired: list[tuple[str, dict[str, Any]]] = []
             if fail is not None:
                 rec.update(error={"code": "in_doubt_failed", "message": f"failed by an operator: {fail}"},
                            finished_at=time.time(), pending=None)
+                self.identity.retire(rec, lambda kind, **d: retired.append((kind, d)))(txn)
             rec["in_doubt"] = None
             rec["updated_at"] = time.time()
             _append_audit(txn, rec, [("operator.resolved", {"call_seq": seq, "by": by, **action}),
-                                     *([("agent.failed", {"error": rec["error"]})] if fail is not None else [])])
+                                     *([("agent.failed", {"error": rec["error"]})] if fail is not None else []),
+                                     *retired])
             txn.put_agent(rec)
 
         self.store.transact(write)
@@ -484,8 +496,12 @@ class Host:
         new["snapshot_bytes"] = len(data)
         new["last_checkpoint_bytes"] = len(data)
         pending_seq = int(snap.pending["seq"]) if snap.pending else None
+        events: list[tuple[str, dict[str, Any]]] = [("agent.forked", {"parent": agent_id, "checkpoint": checkpoint,
+                                                                      "bundle_digest": rec["bundle_digest"]})]
+        provision = self.identity.provision(new, lambda kind, **d: events.append((kind, d)))
 
         def write(txn: Any) -> None:
+            provision(txn)
             txn.put_checkpoint(new_id, 1, data, now)
             if pending_seq is not None:
                 entry = txn.get_journal(agent_id, pending_seq)
@@ -496,8 +512,7 @@ class Host:
                 value = txn.kv_get(old_ns, key)
                 if value is not None:
                     txn.kv_set(new_ns, key, value)
-            _append_audit(txn, new, [("agent.forked", {"parent": agent_id, "checkpoint": checkpoint,
-                                                       "bundle_digest": rec["bundle_digest"]})])
+            _append_audit(txn, new, events)
             txn.put_agent(new)
 
         self.store.transact(write)
@@ -558,7 +573,7 @@ class Host:
             self.broker.check(aid, b.policy)  # a missing credential refuses the agent before it starts
         agent.event("agent.spawned", name=b.name, bundle_digest=b.digest, principal=on_behalf_of,
                     input_digest=audit.digest(input))
-        await self._commit_agent(agent)
+        await self._commit_agent(agent, self.identity.provision(record, agent.event))
         return agent
 
     def _new_execution(self, agent: _Agent) -> Execution:
@@ -791,10 +806,7 @@ class Host:
                 self._release(agent)
                 return self._result(agent)
             if isinstance(decision, policies.Deny):
-                extra: dict[str, Any] = {"rule": decision.rule, "reason_code": decision.code}
-                if decision.retry_after_s is not None:
-                    extra["retry_after_s"] = decision.retry_after_s
-                answer = (abi.E_DENIED, error_response("denied", decision.reason, **extra))
+                answer = _denial(decision)
                 await self._checkpoint(agent, call, captured, answer)
             elif call.tool not in agent.tools:
                 answer = (abi.E_UNKNOWN_TOOL, error_response("unknown_tool", f"no tool named {call.tool!r} is available to this agent"))
@@ -817,7 +829,8 @@ class Host:
         grant = policy.grants.get(call.tool)
         secrets: dict[str, str] = {}
         if grant is not None and grant.credentials and self.broker is not None:
-            secrets = self.broker.secrets_for(agent.agent_id, call.tool, tuple(grant.credentials))
+            secrets = self.broker.secrets_for(agent.agent_id, call.tool, tuple(grant.credentials),
+                                              on_event=lambda kind, data: agent.event(kind, **data))
         return ToolContext(agent_id=agent.agent_id, agent_name=agent.bundle.name, call_seq=call.seq,
                            kv_namespace=f"agent:{agent.agent_id}", principal=agent.record.get("principal"),
                            now=time.time, store=self.store, report_tokens=report_tokens, grant=grant,
@@ -909,12 +922,17 @@ class Host:
         await self._commit_agent(agent, lambda txn: txn.put_journal(agent.agent_id, call.seq, entry))
 
     def _run_transactional(self, spec: ToolSpec, args: Any, ctx: ToolContext, txn: Any) -> Answer:
+        """Run a transactional tool on a write overlay: its writes land only if it succeeds."""
+        overlay = WriteOverlay(txn)
         try:
-            return self._encode_result(spec.func(args, ctx, txn))
+            answer = self._encode_result(spec.func(args, ctx, overlay))
         except ToolError as err:
             return self._tool_error(err)
         except Exception as exc:  # a tool bug must not take the host down
             return abi.E_TOOL_FAILED, error_response("tool_failed", f"{spec.name} failed: {type(exc).__name__}: {exc}")
+        if answer[0] == 0:
+            overlay.apply()
+        return answer
 
     async def _run_tool(self, agent: _Agent, spec: ToolSpec, args: Any, ctx: ToolContext) -> Answer:
         """Run a tool; if it outlasts ``warm_idle_s``, hibernate the waiting agent meanwhile."""
@@ -1070,6 +1088,9 @@ class Host:
         else:
             assert isinstance(outcome, Failed)
             err: dict[str, Any] = {"code": outcome.code, "message": outcome.message}
+            said = [line["message"] for line in agent.logs if line["level"] == "error"]
+            if outcome.code == "agent_error" and said:
+                err["message"] = f"{outcome.message}: {said[-1]}"  # what torpor_fail() said
             if report:
                 err["report"] = report
                 if "rule" in report:
@@ -1082,7 +1103,9 @@ class Host:
             revoked = self.broker.revoke(agent.agent_id)
             if revoked:
                 agent.event("credential.revoked", names=revoked)
-        await self._commit_agent(agent)
+        await self._commit_agent(agent, self.identity.retire(rec, agent.event))
+        if self.heads.due():
+            await anyio.to_thread.run_sync(self.heads.maybe_seal)
         return self._result(agent)
 
     def _result(self, agent: _Agent) -> RunResult:
@@ -1096,6 +1119,17 @@ class Host:
             pending=rec.get("pending") if rec["status"] not in TERMINAL else None,
             approval=rec.get("approval") if rec["status"] == "waiting_approval" else None, logs=list(agent.logs),
         )
+
+
+def _denial(decision: policies.Deny) -> Answer:
+    """A policy denial as the guest sees it (ABI.md section 5): a rate or invocation
+    limit is ``rate_limited`` (retryable), every other refusal is ``denied``."""
+    extra: dict[str, Any] = {"rule": decision.rule, "reason_code": decision.code}
+    if decision.retry_after_s is not None:
+        extra["retry_after_s"] = decision.retry_after_s
+    if decision.code == "rate_limited" or (decision.code == "budget_exceeded" and ".max_calls" in decision.rule):
+        return abi.E_RATE_LIMITED, error_response("rate_limited", decision.reason, retryable=decision.code == "rate_limited", **extra)
+    return abi.E_DENIED, error_response("denied", decision.reason, **extra)
 
 
 def _append_audit(txn: Any, rec: dict[str, Any], events: list[tuple[str, dict[str, Any]]]) -> None:

@@ -55,6 +55,21 @@ def think(args: ThinkArgs, ctx: ToolContext) -> dict:
     return {"thought": True}
 
 
+from host.tools import tool
+
+
+class PostArgs(BaseModel):
+    fail: bool
+
+
+@tool("ledger.post", transactional=True)
+def post(args: PostArgs, ctx: ToolContext, txn) -> dict:
+    txn.kv_set("test:ledger", f"entry-{ctx.call_seq}", b"1")
+    if args.fail:
+        raise ToolError("ledger_closed", "the ledger is closed")
+    return {"posted": ctx.call_seq}
+
+
 class SleepArgs(BaseModel):
     ms: int
 
@@ -152,6 +167,7 @@ def test_rate_limit_under_a_hammering_guest(host: Host, caller_module: bytes) ->
     assert sum(1 for x in r if x["rc"] == 0) == 5
     denied = [x for x in r if x["rc"] != 0]
     assert len(denied) == 15 and all(x["reason_code"] == "rate_limited" for x in denied)
+    assert all(x["rc"] == -9 and x["code"] == "rate_limited" and x["value"]["retryable"] for x in denied)
     assert all(x["value"]["retry_after_s"] > 0 for x in denied)
     assert r[4]["value"] == {"value": 5}
 
@@ -310,6 +326,19 @@ def test_priority_pool_serves_higher_priority_first() -> None:
 
     anyio.run(main)
     assert order == [5, 5, 3, 1, 0]
+
+
+def test_failing_transactional_tool_leaves_nothing_behind(host: Host, caller_module: bytes) -> None:
+    policy = POLICY_HEAD + '[tools."ledger.post"]\nhandler = "gov_tools:post"\n'
+    res = run(host, make(caller_module, policy), [
+        {"tool": "ledger.post", "args": {"fail": False}},
+        {"tool": "ledger.post", "args": {"fail": True}},
+    ])
+    r = res.output["results"]
+    assert r[0]["value"] == {"posted": 1}
+    assert r[1]["code"] == "ledger_closed" and r[1]["rc"] == -6
+    with host.store.read() as txn:
+        assert txn.kv_keys("test:ledger", "") == ["entry-1"]
 
 
 def test_stalled_agent_is_reported(caller_module: bytes, tmp_path: Path) -> None:
