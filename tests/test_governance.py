@@ -120,6 +120,10 @@ min = 1
 max = 1000
 [tools."pay".args.vendor]
 pattern = "^[a-z]+$"
+[tools."pay".args."meta.override"]
+forbidden = true
+[tools."pay".args."meta.level"]
+max = 3
 '''
     res = run(host, make(caller_module, policy), [
         {"tool": "outbox.send", "args": {"to": "#support", "body": "hi"}},
@@ -129,13 +133,16 @@ pattern = "^[a-z]+$"
         {"tool": "outbox.send", "args": {"to": "#ops", "body": "x" * 41}},
         {"tool": "pay", "args": {"amount": 5000}},
         {"tool": "pay", "args": {"amount": 10, "vendor": "Evil Corp"}},
+        {"tool": "pay", "args": {"amount": 10, "meta": {"override": True}}},
+        {"tool": "pay", "args": {"amount": 10, "meta": {"level": 9}}},
         {"tool": "pay", "args": {"amount": 10}},
     ])
     assert res.status == "completed", res.error
     r = res.output["results"]
-    assert [x["rc"] for x in r] == [0, -7, -7, -7, -7, -7, -7, 0]
-    assert all(x["code"] == "denied" for x in r[1:7])
-    assert all(x["reason_code"] == "invalid_args" for x in r[1:7])
+    assert [x["rc"] for x in r] == [0, -7, -7, -7, -7, -7, -7, -7, -7, 0]
+    assert all(x["code"] == "denied" for x in r[1:9])
+    assert all(x["reason_code"] == "invalid_args" for x in r[1:9])
+    assert r[7]["rule"].endswith("forbidden") and r[8]["rule"].endswith("max")
     assert r[1]["rule"] == 'tools."outbox.send".args.to.allow'
     assert "#all-company" in r[1]["value"]["message"]
 
