@@ -1,22 +1,67 @@
-"""The audit log: every lifecycle event and decision, hash-chained per agent.
+"""The audit log: every lifecycle event and decision, hash-chained per agent, signed as a whole.
 
 Each record carries the hash of the agent's previous record, and its own hash
 over its canonical JSON; altering, removing, inserting or reordering a record
-breaks the chain at that point, which :func:`verify_chain` names. Records are
+breaks the chain at that point, which the verifiers here name. Records are
 appended in the same store transaction as the state change they describe (a
 checkpoint, a tool result, a termination), so the log never claims what the
 store does not hold, nor misses what it does.
+
+A chain alone cannot tell a rewritten history (every hash recomputed) from the
+real one, nor a cut-off tail from an agent that simply did less. Three things
+close those gaps:
+
+* **the agent record's head** (``audit_seq``, ``audit_head``), written in the
+  same transaction as each append: a log that ends early or runs on is caught;
+* **signed heads** (``audit_heads`` bucket): periodically the host signs, with
+  its Ed25519 key, the digest of every agent's (seq, hash) head, their total
+  count and the time; each head is chained to the previous one and lists the
+  agents that changed since it. Rewriting anything a head vouches for needs
+  the host's private key;
+* **signed checkpoints**: retention pruning deletes a prefix of an agent's
+  chain and puts in its place one ``audit.checkpoint`` record, signed, that
+  carries the hash of the last pruned record, so what remains still verifies
+  from that anchor.
+
+Exports (:func:`export`) are JSON Lines: a header, a manifest line per agent
+(its exported seq range and anchor), the records, the signed heads, and a
+final seal signing the digest of every line before it. :func:`verify_export`
+checks them without the store, naming the first broken record.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
-from typing import Any
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from .errors import ConfigError, TorporError
 
 GENESIS = "0" * 64
 BUCKET = "audit"
+HEADS_BUCKET = "audit_heads"
+HEAD_PREFIX = "h/"
+HEAD_STATE = "state"
+CHECKPOINT_KIND = "audit.checkpoint"
+EXPORT_FORMAT = "torpor-audit-export"
+EXPORT_VERSION = 1
+DEFAULT_HEAD_INTERVAL_S = 60.0
+
+DOMAIN_HEAD = b"torpor-audit-head-v1\x00"
+DOMAIN_CHECKPOINT = b"torpor-audit-checkpoint-v1\x00"
+DOMAIN_EXPORT = b"torpor-audit-export-v1\x00"
+
+
+class AuditError(TorporError):
+    """The audit log cannot be read, exported or pruned as asked."""
+
+    code = "audit"
 
 
 def canonical(obj: Any) -> bytes:
@@ -32,33 +77,777 @@ def record_key(agent_id: str, seq: int) -> str:
     return f"{agent_id}/{seq:012d}"
 
 
+def _head_key(seq: int) -> str:
+    return f"{HEAD_PREFIX}{seq:012d}"
+
+
 def seal(agent_id: str, seq: int, prev: str, t: float, kind: str, data: dict[str, Any]) -> dict[str, Any]:
     """A chained record: ``hash`` covers every other field, ``prev`` links it to the last one."""
-    reserved = {"agent_id", "seq", "t", "kind", "prev", "hash"} & data.keys()
-    if reserved:
-        raise ValueError(f"audit event data may not use the reserved keys {sorted(reserved)}")
     rec: dict[str, Any] = {"agent_id": agent_id, "seq": seq, "t": t, "kind": kind, "prev": prev, **data}
     rec["hash"] = hashlib.sha256(canonical(rec)).hexdigest()
     return rec
 
 
+def _body_hash(rec: Mapping[str, Any]) -> str:
+    return hashlib.sha256(canonical({k: v for k, v in rec.items() if k != "hash"})).hexdigest()
+
+
 def verify_chain(records: Iterable[dict[str, Any]]) -> tuple[int, str] | None:
-    """None if the records form an intact chain from genesis, else (position, what is wrong)."""
-    prev = GENESIS
-    expected_seq = 1
-    agent: str | None = None
-    for pos, rec in enumerate(records):
-        body = {k: v for k, v in rec.items() if k != "hash"}
-        if agent is None:
-            agent = rec.get("agent_id")
-        if rec.get("agent_id") != agent:
-            return pos, f"record {pos} belongs to agent {rec.get('agent_id')}, not {agent}"
-        if rec.get("seq") != expected_seq:
-            return pos, f"record {pos} has seq {rec.get('seq')}, expected {expected_seq} (removed, inserted or reordered)"
-        if hashlib.sha256(canonical(body)).hexdigest() != rec.get("hash"):
-            return pos, f"record {pos} (seq {rec.get('seq')}, {rec.get('kind')}) was modified: its hash does not match"
+    """None if the records form an intact chain (from genesis or a checkpoint), else (position, what is wrong).
+
+    Checkpoint signatures are not checked here (no key); :func:`verify_store` does.
+    """
+    items = [_Item(f"record {pos}", rec) for pos, rec in enumerate(records)]
+    if not items:
+        return None
+    agent = str(items[0].rec.get("agent_id"))
+    problem = check_chain(agent, items, keys=None)
+    if problem is None:
+        return None
+    return problem.index, problem.message
+
+
+# -- problems and reports ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Problem:
+    """One thing found wrong: where, what kind (modified, removed, inserted, reordered, ...), and a sentence."""
+
+    kind: str
+    message: str
+    agent_id: str | None = None
+    seq: int | None = None
+    where: str | None = None  # "store key AGENT/000000000005", "line 12", "signed head 3"
+    index: int = 0  # position in the input that was checked (for verify_chain)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.message, "agent_id": self.agent_id, "seq": self.seq,
+                "where": self.where}
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of verifying a store or an export."""
+
+    source: str
+    agents: int = 0
+    records: int = 0
+    heads: int = 0
+    checkpoints: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    key_ids: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def first(self) -> Problem | None:
+        return self.problems[0] if self.problems else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "source": self.source, "agents": self.agents, "records": self.records,
+                "heads": self.heads, "checkpoints": self.checkpoints, "key_ids": self.key_ids,
+                "first_problem": self.first.to_dict() if self.first else None,
+                "problems": [p.to_dict() for p in self.problems], "notes": self.notes}
+
+    def summary(self) -> str:
+        if self.ok:
+            return (f"audit log intact: {self.records} records of {self.agents} agents, {self.heads} signed heads, "
+                    f"{self.checkpoints} checkpoints ({self.source})")
+        assert self.first is not None
+        more = f" (and {len(self.problems) - 1} more problems)" if len(self.problems) > 1 else ""
+        return f"audit log TAMPERED ({self.source}): {self.first.message}{more}"
+
+
+@dataclass
+class _Item:
+    where: str
+    rec: dict[str, Any]
+    key_seq: int | None = None
+    line: int | None = None
+
+
+# -- chain checking (shared by the store and exports) -----------------------------------------------------------
+def _label(rec: Mapping[str, Any]) -> str:
+    return f"seq {rec.get('seq')}, {rec.get('kind')}"
+
+
+def check_chain(agent_id: str, items: list[_Item], *, keys: Mapping[str, Any] | None,
+                anchor: tuple[int, str] = (0, GENESIS), tail: tuple[int, str] | None = None,
+                tail_source: str = "the agent's recorded head") -> Problem | None:
+    """The first problem in one agent's records (in stored order), or None.
+
+    ``anchor``: (seq, hash) the first record must follow (genesis, or for a
+    partial export the record before it). ``tail``: (seq, hash) the last
+    record must equal. ``keys``: public keys (by id) to check a leading
+    checkpoint's signature; None skips that check.
+    """
+    from .identity import verify_signature
+
+    prev_seq, prev = anchor
+    expected = prev_seq + 1
+    seqs = [it.rec.get("seq") for it in items]
+    hashes = [it.rec.get("hash") for it in items]
+
+    def p(kind: str, i: int, msg: str, seq: Any = None) -> Problem:
+        it = items[i] if i < len(items) else None
+        s = seq if seq is not None else (it.rec.get("seq") if it else None)
+        return Problem(kind, msg, agent_id, s if isinstance(s, int) else None, it.where if it else None, i)
+
+    for i, it in enumerate(items):
+        rec = it.rec
+        seq = rec.get("seq")
+        where = it.where
+        if rec.get("agent_id") != agent_id:
+            return p("inserted", i, f"{where}: a record of agent {rec.get('agent_id')} sits among agent {agent_id}'s "
+                                    "records (inserted or moved)")
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            return p("modified", i, f"{where}: the record's seq {seq!r} is not an integer (modified)")
+        if it.key_seq is not None and seq != it.key_seq:
+            elsewhere = [items[j].where for j in range(len(items)) if j != i and items[j].key_seq == seq]
+            if elsewhere or any(items[j].rec.get("seq") == it.key_seq for j in range(i + 1, len(items))):
+                return p("reordered", i, f"{where} holds the record with seq {seq} ({rec.get('kind')}): agent {agent_id}'s "
+                                         f"records were reordered", seq=it.key_seq)
+            return p("modified", i, f"{where} holds a record claiming seq {seq}: moved or modified", seq=it.key_seq)
+        if rec.get("kind") == CHECKPOINT_KIND:
+            if i != 0:
+                return p("inserted", i, f"{where} ({_label(rec)}): a checkpoint can only start a chain; this one was "
+                                        "inserted")
+            if keys is not None:
+                key = keys.get(str(rec.get("key_id")))
+                body = {k: v for k, v in rec.items() if k != "sig"}
+                if key is None:
+                    return p("forged", i, f"{where} ({_label(rec)}): the checkpoint is signed by unknown key "
+                                          f"{rec.get('key_id')}")
+                if not verify_signature(key, DOMAIN_CHECKPOINT, canonical(body), str(rec.get("sig", ""))):
+                    return p("modified", i, f"{where} ({_label(rec)}): the pruning checkpoint's signature does not "
+                                            "verify (modified or forged)")
+            if seq < expected - 1 or (prev_seq and seq <= prev_seq):
+                return p("reordered", i, f"{where} ({_label(rec)}): the checkpoint does not follow seq {prev_seq}")
+            prev, expected = str(rec.get("hash")), seq + 1
+            continue
+        if _body_hash(rec) != rec.get("hash"):
+            for delta, what in ((-1, "inserted"), (1, "removed")):
+                shifted = dict(rec, seq=seq + delta)
+                if _body_hash(shifted) == rec.get("hash"):
+                    if what == "inserted" and i > 0:
+                        return p("inserted", i - 1, f"{items[i - 1].where} ({_label(items[i - 1].rec)}) was inserted: "
+                                                    f"the records after it were renumbered (seq {seq + delta} now "
+                                                    f"claims {seq})")
+                    return p(what, i, f"{where}: record seq {seq + delta} was renumbered to {seq}: a record before it "
+                                      f"was {what}", seq=seq + delta)
+            return p("modified", i, f"{where} ({_label(rec)}) was modified: its hash does not match its contents")
+        if seq != expected:
+            if seq < expected:
+                j = next((k for k in range(i) if seqs[k] == seq), None)
+                if j is not None:
+                    linked_j = any(items[k].rec.get("prev") == hashes[j] for k in range(len(items)) if k != j)
+                    linked_i = any(items[k].rec.get("prev") == hashes[i] for k in range(len(items)) if k != i)
+                    if not linked_j and linked_i:
+                        return p("inserted", j, f"{items[j].where} ({_label(items[j].rec)}) is not part of agent "
+                                                f"{agent_id}'s chain (nothing links to it; the genuine seq {seq} is at "
+                                                f"{where}): inserted")
+                    return p("inserted", i, f"{where} ({_label(rec)}) repeats seq {seq}: inserted or duplicated")
+                return p("reordered", i, f"{where} ({_label(rec)}) comes after seq {expected - 1}: records were "
+                                         "reordered")
+            if expected in seqs[i + 1:]:
+                return p("reordered", i, f"{where} ({_label(rec)}) comes before seq {expected}: agent {agent_id}'s "
+                                         "records were reordered")
+            gap = f"seq {expected}" if seq == expected + 1 else f"seqs {expected}-{seq - 1}"
+            return p("removed", i, f"agent {agent_id}'s record {gap} is missing before {where} ({_label(rec)}): removed",
+                     seq=expected)
         if rec.get("prev") != prev:
-            return pos, f"record {pos} (seq {rec.get('seq')}) does not link to the record before it"
-        prev = rec["hash"]
-        expected_seq += 1
+            nxt = items[i + 1].rec if i + 1 < len(items) else None
+            if nxt is not None and nxt.get("prev") == prev:
+                return p("inserted", i, f"{where} ({_label(rec)}) is not part of agent {agent_id}'s chain: the next "
+                                        "record links past it (inserted)")
+            if i > 0:
+                return p("modified", i - 1, f"{items[i - 1].where} ({_label(items[i - 1].rec)}) was replaced or "
+                                            f"modified and re-hashed: seq {seq} links to a different record")
+            return p("modified", i, f"{where} ({_label(rec)}) does not link to the record before it "
+                                    f"(seq {prev_seq}): the start of the chain was altered")
+        prev, expected = str(rec["hash"]), seq + 1
+    if tail is not None:
+        tseq, thash = tail
+        last = expected - 1
+        n = len(items)
+        if last < tseq:
+            gap = f"seq {last + 1}" if tseq == last + 1 else f"seqs {last + 1}-{tseq}"
+            return Problem("removed", f"agent {agent_id}'s log ends at seq {last} but {tail_source} is seq {tseq}: "
+                                      f"record {gap} removed", agent_id, last + 1, items[-1].where if items else None, n)
+        if last > tseq:
+            idx = next(k for k in range(n) if items[k].rec.get("seq") == tseq + 1)
+            return Problem("inserted", f"{items[idx].where} (seq {tseq + 1}, {items[idx].rec.get('kind')}) is past "
+                                       f"{tail_source} (seq {tseq}): appended or inserted", agent_id, tseq + 1,
+                           items[idx].where, idx)
+        if prev != thash:
+            return Problem("modified", f"agent {agent_id}'s last record (seq {tseq}) does not match {tail_source}: the "
+                                       "log was rewritten", agent_id, tseq, items[-1].where if items else None, n - 1)
     return None
+
+
+# -- signed heads -----------------------------------------------------------------------------------------------
+def _heads_digest(state: Mapping[str, Any]) -> str:
+    return digest(sorted([aid, int(v[0]), str(v[1])] for aid, v in state.items()))
+
+
+def _head_hash(head: Mapping[str, Any]) -> str:
+    return digest(dict(head))
+
+
+def seal_head(txn: Any, key: Any, *, now: float | None = None) -> dict[str, Any] | None:
+    """Sign a new head over every agent's chain head, inside ``txn``; None if nothing changed.
+
+    Reads every agent record (O(agents)); it is meant to run periodically,
+    not per commit. ``key`` is a :class:`~host.identity.HostKey`.
+    """
+    from .identity import register_public_key
+
+    raw = txn.get_blob(HEADS_BUCKET, HEAD_STATE)
+    state: dict[str, Any] = json.loads(raw) if raw else {"seq": 0, "hash": GENESIS, "map": {}}
+    known: dict[str, list[Any]] = dict(state.get("map") or {})
+    changed: dict[str, list[Any]] = {}
+    for rec in txn.iter_agents():
+        seq = int(rec.get("audit_seq") or 0)
+        if seq <= 0:
+            continue
+        cur = [seq, str(rec.get("audit_head"))]
+        if known.get(rec["agent_id"]) != cur:
+            changed[rec["agent_id"]] = cur
+    if not changed and state["seq"]:
+        return None
+    known.update(changed)
+    register_public_key(txn, key)
+    head: dict[str, Any] = {
+        "seq": int(state["seq"]) + 1, "t": time.time() if now is None else now, "prev": state["hash"],
+        "count": sum(int(v[0]) for v in known.values()), "agents": len(known),
+        "heads_digest": _heads_digest(known), "changed": changed, "key_id": key.key_id,
+    }
+    head["sig"] = key.sign(DOMAIN_HEAD, canonical(head))
+    txn.put_blob(HEADS_BUCKET, _head_key(head["seq"]), canonical(head))
+    txn.put_blob(HEADS_BUCKET, HEAD_STATE, canonical({"seq": head["seq"], "hash": _head_hash(head), "t": head["t"],
+                                                      "map": known}))
+    return head
+
+
+class HeadSealer:
+    """Seals a signed head at most every ``interval_s`` (across processes: the last head's time is stored)."""
+
+    def __init__(self, store: Any, key: Callable[[], Any], *, interval_s: float = DEFAULT_HEAD_INTERVAL_S) -> None:
+        self.store = store
+        self._key = key
+        self.interval_s = float(interval_s)
+        self._last_check = -math.inf
+
+    def due(self) -> bool:
+        """Cheap: whether this process should look (not more often than the interval)."""
+        return time.monotonic() - self._last_check >= self.interval_s
+
+    def maybe_seal(self, *, force: bool = False) -> dict[str, Any] | None:
+        """Seal a head if the last one is older than the interval (or ``force``) and the log changed."""
+        self._last_check = time.monotonic()
+        if not force:
+            with self.store.read() as txn:
+                raw = txn.get_blob(HEADS_BUCKET, HEAD_STATE)
+            if raw is not None and time.time() - float(json.loads(raw).get("t", 0)) < self.interval_s:
+                return None
+        key = self._key()
+        result: dict[str, Any] | None = self.store.transact(lambda txn: seal_head(txn, key))
+        return result
+
+
+@dataclass
+class _HeadCheck:
+    problems: list[Problem]
+    claims: list[tuple[str, str, int, str]]  # (where, agent, seq, hash)
+    count: int
+
+
+def _check_heads(heads: list[tuple[str, dict[str, Any]]], keys: Mapping[str, Any]) -> _HeadCheck:
+    from .identity import verify_signature
+
+    problems: list[Problem] = []
+    claims: list[tuple[str, str, int, str]] = []
+    state: dict[str, list[Any]] = {}
+    prev, expected = GENESIS, 1
+    for where, head in heads:
+        seq = head.get("seq")
+        if seq != expected:
+            what = "removed" if isinstance(seq, int) and seq > expected else "reordered"
+            problems.append(Problem(what, f"{where}: signed head seq {seq} where seq {expected} was expected "
+                                          f"(a head was {what})", where=where))
+            break
+        key = keys.get(str(head.get("key_id")))
+        body = {k: v for k, v in head.items() if k != "sig"}
+        if key is None:
+            problems.append(Problem("forged", f"{where}: signed by unknown key {head.get('key_id')}", where=where))
+            break
+        if not verify_signature(key, DOMAIN_HEAD, canonical(body), str(head.get("sig", ""))):
+            problems.append(Problem("modified", f"{where}: the signature of signed head {seq} does not verify "
+                                                "(modified or forged)", where=where))
+            break
+        if head.get("prev") != prev:
+            problems.append(Problem("modified", f"{where}: signed head {seq} does not link to head {seq - 1}",
+                                    where=where))
+            break
+        changed = head.get("changed") or {}
+        state.update(changed)
+        if _heads_digest(state) != head.get("heads_digest") or sum(int(v[0]) for v in state.values()) != head.get("count"):
+            problems.append(Problem("removed", f"{where}: the heads recorded up to signed head {seq} do not add up to "
+                                               "its signed digest (a head was removed)", where=where))
+            break
+        for aid, (s, h) in changed.items():
+            claims.append((where, aid, int(s), str(h)))
+        prev, expected = _head_hash(head), expected + 1
+    return _HeadCheck(problems, claims, expected - 1)
+
+
+def _check_claims(claims: list[tuple[str, str, int, str]], chains: Mapping[str, list[_Item]],
+                  ranges: Mapping[str, tuple[int, int]]) -> Problem | None:
+    """Every (agent, seq, hash) a signed head vouches for must be in the log, unchanged.
+
+    ``ranges``: per agent, the (first, last) seqs available to check; claims
+    below ``first`` (pruned, or before an export's ``--since``) are skipped.
+    """
+    by_seq = {aid: {it.rec.get("seq"): it for it in items} for aid, items in chains.items()}
+    for where, aid, seq, h in claims:
+        first, last = ranges.get(aid, (1, 0))
+        if seq < first:
+            continue
+        if seq > last:
+            gap = f"seq {last + 1}" if seq == last + 1 else f"seqs {last + 1}-{seq}"
+            return Problem("removed", f"{where} vouches for agent {aid}'s record seq {seq}, but the log ends at seq "
+                                      f"{last}: record {gap} removed", aid, last + 1, where)
+        it = by_seq.get(aid, {}).get(seq)
+        if it is None:
+            return Problem("removed", f"{where} vouches for agent {aid}'s record seq {seq}, which is missing (removed)",
+                           aid, seq, where)
+        if it.rec.get("hash") != h:
+            return Problem("modified", f"{it.where} ({_label(it.rec)}) differs from what {where} signed: the record "
+                                       "was rewritten (with its chain re-hashed)", aid, seq, it.where)
+    return None
+
+
+# -- the store ------------------------------------------------------------------------------------------------
+def _trusted_keys(txn: Any, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    from .identity import known_public_keys
+
+    keys = known_public_keys(txn)
+    keys.update(extra or {})
+    return keys
+
+
+def verify_store(store: Any, *, public_keys: Mapping[str, Any] | None = None, agent_id: str | None = None) -> VerifyReport:
+    """Check every chain, every agent's head, every signed head and checkpoint of a store.
+
+    Problems are listed in agent-id order (then by position), so the first is
+    the earliest broken record of the lowest agent id; signed-head problems
+    come first, since they put everything they vouch for in doubt.
+    """
+    report = VerifyReport(source="store")
+    with store.read() as txn:
+        keys = _trusted_keys(txn, public_keys)
+        report.key_ids = sorted(keys)
+        chains: dict[str, list[_Item]] = {}
+        for k, raw in txn.iter_blobs(BUCKET, f"{agent_id}/" if agent_id else ""):
+            aid, _, tail = k.partition("/")
+            where = f"store key {k}"
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                rec = {"agent_id": aid, "seq": None, "kind": "(unreadable)", "hash": ""}
+            key_seq = int(tail) if tail.isdigit() else -1
+            chains.setdefault(aid, []).append(_Item(where, rec if isinstance(rec, dict) else {}, key_seq))
+        agents = {a["agent_id"]: a for a in txn.iter_agents() if agent_id is None or a["agent_id"] == agent_id}
+        heads = [(f"signed head {k.removeprefix(HEAD_PREFIX).lstrip('0') or '0'}", json.loads(v))
+                 for k, v in txn.iter_blobs(HEADS_BUCKET, HEAD_PREFIX)]
+    report.heads = len(heads)
+    hc = _check_heads(heads, keys)
+    report.problems.extend(hc.problems)
+    ranges: dict[str, tuple[int, int]] = {}
+    chain_problems: list[Problem] = []
+    for aid in sorted(set(chains) | {a for a, r in agents.items() if int(r.get("audit_seq") or 0) > 0}):
+        items = chains.get(aid, [])
+        report.records += len(items)
+        report.checkpoints += sum(1 for it in items if it.rec.get("kind") == CHECKPOINT_KIND)
+        rec = agents.get(aid)
+        tail = (int(rec.get("audit_seq") or 0), str(rec.get("audit_head") or GENESIS)) if rec is not None else None
+        problem = check_chain(aid, items, keys=keys, tail=tail)
+        if problem is None and rec is None and items:
+            report.notes.append(f"agent {aid} has audit records but no agent record (deleted); its tail is checked "
+                                "only against signed heads")
+        if problem is not None:
+            chain_problems.append(problem)
+        first = int(items[0].rec.get("seq") or 1) if items and items[0].rec.get("kind") == CHECKPOINT_KIND else 1
+        last = int(items[-1].rec.get("seq") or 0) if items else 0
+        ranges[aid] = (first, last)
+    report.agents = len(ranges)
+    report.problems.extend(chain_problems)
+    if agent_id is not None:
+        hc.claims = [c for c in hc.claims if c[1] == agent_id]
+    if not hc.problems:
+        claim = _check_claims(hc.claims, chains, ranges)
+        if claim is not None:
+            report.problems.insert(0, claim)
+    if not heads:
+        report.notes.append("no signed head yet: run `torpor audit seal` (hosts seal one periodically)")
+    return report
+
+
+# -- export -----------------------------------------------------------------------------------------------------
+def _line(obj: dict[str, Any]) -> bytes:
+    return canonical(obj) + b"\n"
+
+
+def export(store: Any, out: IO[bytes], key: Any, *, since: float | None = None,
+           agent_id: str | None = None) -> dict[str, Any]:
+    """Write the log as signed JSON Lines to ``out``; returns a summary.
+
+    With ``since``, each agent's records from the first one at or after that
+    time; the manifest line of each agent carries the hash its first exported
+    record must link to, so a dropped first record is still caught.
+    """
+    h = hashlib.sha256()
+    n = 0
+
+    def emit(obj: dict[str, Any]) -> None:
+        nonlocal n
+        data = _line(obj)
+        h.update(data)
+        out.write(data)
+        n += 1
+
+    from .identity import b64e, public_raw, register_public_key
+
+    def register(txn: Any) -> None:
+        register_public_key(txn, key)
+
+    store.transact(register)
+    now = time.time()
+    records = 0
+    with store.read() as txn:
+        keys = _trusted_keys(txn, None)
+        emit({"header": {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "exported_at": now, "since": since,
+                         "agent": agent_id, "key_id": key.key_id,
+                         "public_keys": {kid: b64e(public_raw(k)) for kid, k in sorted(keys.items())}}})
+        chains: dict[str, list[dict[str, Any]]] = {}
+        for _k, raw in txn.iter_blobs(BUCKET, f"{agent_id}/" if agent_id else ""):
+            rec = json.loads(raw)
+            chains.setdefault(str(rec.get("agent_id")), []).append(rec)
+        for aid in sorted(chains):
+            recs = chains[aid]
+            start = 0
+            if since is not None:
+                start = next((i for i, r in enumerate(recs) if float(r.get("t", 0)) >= since), len(recs))
+            chosen = recs[start:]
+            anchor_seq = int(recs[start - 1]["seq"]) if start > 0 else 0
+            anchor_hash = str(recs[start - 1]["hash"]) if start > 0 else GENESIS
+            last = recs[-1]
+            emit({"agent": {"agent_id": aid, "from_seq": anchor_seq + 1, "anchor": [anchor_seq, anchor_hash],
+                            "to_seq": int(last["seq"]), "head": str(last["hash"]), "records": len(chosen)}})
+            for rec in chosen:
+                emit({"record": rec})
+                records += 1
+        for _k, raw in txn.iter_blobs(HEADS_BUCKET, HEAD_PREFIX):
+            emit({"head": json.loads(raw)})
+    body = {"lines": n, "digest": h.hexdigest(), "key_id": key.key_id, "exported_at": now}
+    out.write(_line({"seal": {**body, "sig": key.sign(DOMAIN_EXPORT, canonical(body))}}))
+    return {"lines": n + 1, "records": records, "agents": len(chains), "key_id": key.key_id}
+
+
+def verify_export(lines: Iterable[bytes | str], *, public_keys: Mapping[str, Any] | None = None) -> VerifyReport:
+    """Check an export without the store: chains, manifest, signed heads, then the seal.
+
+    ``public_keys`` pins the signer: without it the export's own declared key
+    is used (which proves integrity against accidents and against anyone who
+    did not also re-sign it), and the report notes that it was not pinned.
+    """
+    from .identity import public_key_from, verify_signature
+
+    report = VerifyReport(source="export")
+    h = hashlib.sha256()
+    header: dict[str, Any] | None = None
+    manifests: dict[str, tuple[int, dict[str, Any]]] = {}
+    chains: dict[str, list[_Item]] = {}
+    order: list[str] = []
+    heads: list[tuple[str, dict[str, Any]]] = []
+    seal_obj: dict[str, Any] | None = None
+    seal_line = 0
+    current: str | None = None
+    n = 0
+    for lineno, raw in enumerate(lines, start=1):
+        data = raw.encode() if isinstance(raw, str) else bytes(raw)
+        if not data.strip():
+            continue
+        if seal_obj is not None:
+            report.problems.append(Problem("inserted", f"line {lineno}: content after the export's seal (appended)",
+                                           where=f"line {lineno}"))
+            return report
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            report.problems.append(Problem("modified", f"line {lineno} is not JSON (modified or truncated)",
+                                           where=f"line {lineno}"))
+            return report
+        if not isinstance(obj, dict) or len(obj) != 1:
+            report.problems.append(Problem("modified", f"line {lineno} is not an export line", where=f"line {lineno}"))
+            return report
+        (kind, value), = obj.items()
+        if kind == "seal":
+            seal_obj, seal_line = value, lineno
+            continue
+        h.update(canonical(obj) + b"\n")
+        n += 1
+        if kind == "header":
+            if header is not None or lineno != 1 or value.get("format") != EXPORT_FORMAT:
+                report.problems.append(Problem("modified", f"line {lineno}: unexpected export header", where=f"line {lineno}"))
+                return report
+            header = value
+        elif kind == "agent":
+            current = str(value.get("agent_id"))
+            manifests[current] = (lineno, value)
+            chains.setdefault(current, [])
+            order.append(current)
+        elif kind == "record":
+            rec = value if isinstance(value, dict) else {}
+            aid = str(rec.get("agent_id"))
+            target = current if current is not None else aid
+            chains.setdefault(target, []).append(_Item(f"line {lineno}", rec, line=lineno))
+        elif kind == "head":
+            heads.append((f"line {lineno} (signed head {value.get('seq')})", value))
+        else:
+            report.problems.append(Problem("modified", f"line {lineno}: unknown line type {kind!r}", where=f"line {lineno}"))
+            return report
+    if header is None:
+        report.problems.append(Problem("modified", "the file does not start with an export header (not an export, "
+                                                   "or its first line was removed)", where="line 1"))
+        return report
+    declared: dict[str, Any] = {}
+    for kid, b in (header.get("public_keys") or {}).items():
+        try:
+            declared[str(kid)] = public_key_from(str(b))
+        except ConfigError:
+            continue
+    keys = dict(public_keys) if public_keys else declared
+    report.key_ids = sorted(keys)
+    if not public_keys:
+        report.notes.append(f"signatures checked against the keys the export declares ({', '.join(sorted(declared))}); "
+                            "pass --public-key (or verify on the host, whose key is pinned) to pin the signer")
+    report.heads = len(heads)
+    ranges: dict[str, tuple[int, int]] = {}
+    for aid in sorted(chains):
+        items = chains[aid]
+        report.records += len(items)
+        report.checkpoints += sum(1 for it in items if it.rec.get("kind") == CHECKPOINT_KIND)
+        man = manifests.get(aid)
+        if man is None:
+            report.problems.append(Problem("inserted", f"{items[0].where}: records of agent {aid} with no manifest line "
+                                                       "(inserted)", aid, items[0].rec.get("seq"), items[0].where))
+            continue
+        mline, m = man
+        anchor_raw = m.get("anchor") or [0, GENESIS]
+        problem = check_chain(aid, items, keys=keys, anchor=(int(anchor_raw[0]), str(anchor_raw[1])),
+                              tail=(int(m.get("to_seq", 0)), str(m.get("head"))),
+                              tail_source=f"the manifest (line {mline})")
+        if problem is None and len(items) != int(m.get("records", len(items))):
+            problem = Problem("removed", f"agent {aid}: the manifest (line {mline}) lists {m.get('records')} records, "
+                                         f"the export holds {len(items)}", aid, None, f"line {mline}")
+        if problem is not None:
+            report.problems.append(problem)
+        first = int(anchor_raw[0]) + 1
+        if items and items[0].rec.get("kind") == CHECKPOINT_KIND:
+            first = int(items[0].rec.get("seq") or first)
+        ranges[aid] = (first, int(m.get("to_seq", 0)))
+    report.agents = len(chains)
+    report.problems.sort(key=lambda pr: (int(pr.where.split()[1]) if pr.where and pr.where.startswith("line ")
+                                         and pr.where.split()[1].isdigit() else 0))
+    hc = _check_heads(heads, keys)
+    report.problems[:0] = hc.problems
+    if not hc.problems and not report.problems:
+        # Claims about agents absent from a partial export cannot be checked; a full export must hold them all.
+        absent = [c for c in hc.claims if c[1] not in ranges]
+        if absent and header.get("since") is None and header.get("agent") is None:
+            where, aid, seq, _ = absent[0]
+            report.problems.append(Problem("removed", f"{where} vouches for agent {aid} (seq {seq}), whose records are "
+                                                      "missing from the export (removed)", aid, seq, where))
+        claim = _check_claims([c for c in hc.claims if c[1] in ranges], chains, ranges)
+        if claim is not None:
+            report.problems.append(claim)
+    if seal_obj is None:
+        report.problems.append(Problem("removed", "the export has no seal line (truncated: its end was removed)",
+                                       where="end of file"))
+        return report
+    body = {k: v for k, v in seal_obj.items() if k != "sig"}
+    seal_key = keys.get(str(seal_obj.get("key_id")))
+    where = f"line {seal_line} (seal)"
+    if seal_key is None:
+        report.problems.append(Problem("forged", f"{where}: sealed by key {seal_obj.get('key_id')}, which is not the "
+                                                 "pinned key", where=where))
+    elif not verify_signature(seal_key, DOMAIN_EXPORT, canonical(body), str(seal_obj.get("sig", ""))):
+        report.problems.append(Problem("modified", f"{where}: the seal's signature does not verify", where=where))
+    elif (body.get("lines") != n or body.get("digest") != h.hexdigest()) and not report.problems:
+        report.problems.append(Problem("modified", f"{where}: the export's content does not match its seal "
+                                                       f"({n} lines, seal says {body.get('lines')}): lines were "
+                                                       "altered, added or removed", where=where))
+    return report
+
+
+# -- retention ------------------------------------------------------------------------------------------------
+def prune(store: Any, key: Any, *, before: float, agent_id: str | None = None,
+          now: float | None = None) -> dict[str, Any]:
+    """Delete each agent's records older than ``before``, leaving a signed checkpoint in their place.
+
+    Only a prefix is pruned (records up to the first one at or after
+    ``before``); an agent whose chain does not verify is left untouched and
+    reported, so pruning can never launder tampering. Each agent is pruned in
+    its own transaction.
+    """
+    from .identity import register_public_key
+
+    t_now = time.time() if now is None else now
+    with store.read() as txn:
+        agent_ids = sorted({k.partition("/")[0] for k, _ in txn.iter_blobs(BUCKET, f"{agent_id}/" if agent_id else "")})
+        keys = _trusted_keys(txn, {key.key_id: key.public})
+    pruned_agents = 0
+    pruned_records = 0
+    refused: list[dict[str, Any]] = []
+
+    for aid in agent_ids:
+        def write(txn: Any, aid: str = aid) -> int:
+            items = [_Item(f"store key {k}", json.loads(v), int(k.partition("/")[2]))
+                     for k, v in txn.iter_blobs(BUCKET, f"{aid}/")]
+            problem = check_chain(aid, items, keys=keys)
+            if problem is not None:
+                raise AuditError(problem.message, code="audit_tampered")
+            cut = 0
+            while cut < len(items) and float(items[cut].rec.get("t", 0)) < before:
+                cut += 1
+            if cut == 0 or (cut == 1 and items[0].rec.get("kind") == CHECKPOINT_KIND):
+                return 0
+            last = items[cut - 1].rec
+            first = items[0].rec
+            earlier = first.get("pruned") if first.get("kind") == CHECKPOINT_KIND else None
+            count = sum(1 for it in items[:cut] if it.rec.get("kind") != CHECKPOINT_KIND)
+            cp: dict[str, Any] = {
+                "agent_id": aid, "seq": int(last["seq"]), "kind": CHECKPOINT_KIND, "t": t_now,
+                "hash": str(last["hash"]),
+                "pruned": {"from_seq": int(earlier["from_seq"]) if earlier else int(first["seq"]),
+                           "to_seq": int(last["seq"]), "count": count + (int(earlier["count"]) if earlier else 0),
+                           "before": before, "last_t": float(last.get("t", 0))},
+                "key_id": key.key_id,
+            }
+            cp["sig"] = key.sign(DOMAIN_CHECKPOINT, canonical(cp))
+            for it in items[:cut]:
+                txn.delete_blob(BUCKET, record_key(aid, int(it.rec["seq"])))
+            txn.put_blob(BUCKET, record_key(aid, int(last["seq"])), canonical(cp))
+            register_public_key(txn, key)
+            return count
+
+        try:
+            n = int(store.transact(write))
+        except AuditError as exc:
+            refused.append({"agent_id": aid, "reason": str(exc)})
+            continue
+        if n:
+            pruned_agents += 1
+            pruned_records += n
+    return {"agents": pruned_agents, "records": pruned_records, "before": before, "refused": refused}
+
+
+# -- reading --------------------------------------------------------------------------------------------------
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+
+
+def parse_time(text: str, *, now: float | None = None) -> float:
+    """A point in time: Unix seconds, ISO 8601 (``2024-05-01``, ``2024-05-01T12:00:00Z``), or an age (``30d``)."""
+    s = text.strip()
+    t_now = time.time() if now is None else now
+    m = _DURATION.match(s)
+    if m:
+        mult = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+        return t_now - float(m.group(1)) * mult
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ConfigError(f"{text!r} is not a time: use Unix seconds, ISO 8601 (2024-05-01T12:00:00Z) or an age "
+                          "like 30d, 12h, 15m") from exc
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def records(store: Any, agent_id: str) -> list[dict[str, Any]]:
+    with store.read() as txn:
+        return [json.loads(v) for _, v in txn.iter_blobs(BUCKET, f"{agent_id}/")]
+
+
+def _short(h: Any) -> str:
+    return str(h)[:12] if h else "-"
+
+
+def describe(rec: Mapping[str, Any]) -> str:
+    """One readable line for a record of the decision trace."""
+    kind = str(rec.get("kind"))
+    d = dict(rec)
+    call = f"call {d.get('call_seq')} {d.get('tool')}" if "call_seq" in d else ""
+    dec = d.get("decision") if isinstance(d.get("decision"), dict) else {}
+    if kind == "agent.spawned":
+        return (f"spawned {d.get('name')} (bundle {_short(d.get('bundle_digest'))})"
+                f"{' on behalf of ' + str(d['principal']) if d.get('principal') else ''}; input sha256 "
+                f"{_short(d.get('input_digest'))}")
+    if kind == "identity.issued":
+        return f"identity token {_short(d.get('token_id'))} issued, key {d.get('key_id')}, expires {_iso(d.get('expires_at'))}"
+    if kind == "identity.revoked":
+        return f"identity token {_short(d.get('token_id'))} revoked ({d.get('reason')})"
+    if kind == "tool.requested":
+        return f"{call} requested, args sha256 {_short(d.get('args_digest'))}"
+    if kind.startswith("tool.") and dec:
+        rule = dec.get("rule") or ", ".join(dec.get("rules") or []) or "-"
+        reason = f": {dec['reason']}" if dec.get("reason") else ""
+        code = f" [{dec['code']}]" if dec.get("code") else ""
+        return f"{call} {kind.removeprefix('tool.')} by rule {rule}{code}{reason}"
+    if kind == "tool.answered":
+        return f"{call} answered, status {d.get('status')}, result sha256 {_short(d.get('result_digest'))}"
+    if kind == "checkpoint":
+        return f"checkpoint {d.get('checkpoint', '')} written ({d.get('size')} bytes)"
+    if kind in ("credential.leased", "credential.renewed"):
+        extra = f", replacing expired lease {_short(d.get('replaces'))}" if d.get("replaces") else ""
+        return (f"credential {d.get('name')} {kind.split('.')[1]} to {d.get('tool')} (lease {_short(d.get('lease_id'))}, "
+                f"expires {_iso(d.get('expires_at'))}){extra}")
+    if kind == "credential.revoked":
+        return f"credentials revoked: {', '.join(d.get('names') or [])}"
+    if kind == "agent.completed":
+        return f"completed, output sha256 {_short(d.get('output_digest'))}"
+    if kind in ("agent.failed", "agent.terminated"):
+        err = d.get("error") or {}
+        return f"{kind.removeprefix('agent.')}: [{err.get('code')}] {err.get('message')}"
+    if kind == CHECKPOINT_KIND:
+        p = d.get("pruned") or {}
+        return (f"{p.get('count')} earlier records (seq {p.get('from_seq')}-{p.get('to_seq')}) pruned before "
+                f"{_iso(p.get('before'))}; signed checkpoint by key {d.get('key_id')}")
+    skip = {"agent_id", "seq", "t", "kind", "prev", "hash"}
+    rest = ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in d.items() if k not in skip)
+    return rest
+
+
+def _iso(t: Any) -> str:
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(t)))
+    except (TypeError, ValueError):
+        return "-"
+
+
+def trace_lines(recs: list[dict[str, Any]]) -> Iterator[str]:
+    """The decision trace, one line per record: seq, UTC time, kind, what happened."""
+    for rec in recs:
+        try:
+            t = float(rec.get("t"))  # type: ignore[arg-type]
+            ts = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}"
+        except (TypeError, ValueError):
+            ts = "-"
+        yield f"#{rec.get('seq'):<5} {ts}  {rec.get('kind')!s:<26} {describe(rec)}"

@@ -280,6 +280,7 @@ class LoadedModule:
     async_buf: tuple[int, int]  # (address, size) of the asyncify data
     global_exports: tuple[tuple[str, str], ...]  # (export name, kind) of snapshotted globals
     suspendable: bool
+    entry_results: int = 1  # how many results the entry export returns (0 or 1)
     _pres: dict[Any, wasmtime.InstancePre] = field(default_factory=dict)
 
     @classmethod
@@ -307,7 +308,8 @@ class LoadedModule:
             if name.startswith(abi.GLOBAL_EXPORT_PREFIX) and isinstance(ty, wasmtime.GlobalType) and ty.mutable
         )
         pristine, async_buf = _pristine_image(engine, module, imports)
-        return cls(engine, module, digest, imports, pristine, async_buf, globals_, suspendable)
+        return cls(engine, module, digest, imports, pristine, async_buf, globals_, suspendable,
+                   len(list(entry_ty.results)))
 
     def check_imports(self, granted_tools: bool, wasi_allow: frozenset[str], policy_name: str) -> None:
         """Refuse, before anything runs, a module importing what the policy does not grant."""

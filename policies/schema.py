@@ -243,8 +243,178 @@ BUILTIN_TOOLS: Mapping[str, BuiltinTool] = {
         BuiltinTool("kv.incr", False, "add to an integer key and return the new value"),
         BuiltinTool("clock.now", True, "the current time"),
         BuiltinTool("log", False, "write a line to the agent's log"),
+        # Declared idempotent: a re-run after a crash has no effect outside the host
+        # (it may spend tokens again).  A policy may tighten it.
+        BuiltinTool("llm.chat", True, "a chat completion from the LLM the grant names"),
+        # The most a grant may claim; the default follows the grant's methods
+        # (idempotent only when every method is GET, HEAD or OPTIONS).
+        BuiltinTool("http.fetch", True, "an HTTP request to a host on the grant's allowlist"),
     )
 }
+
+TOOL_FAMILIES: Mapping[str, str] = {"llm": "llm.chat", "http": "http.fetch"}
+"""Name prefix → builtin: ``llm.NAME`` is another ``llm.chat`` and ``http.NAME`` another
+``http.fetch``, each configured by its own grant (a second model, a second API with
+its own credentials, a send that needs approval)."""
+
+MCP_PREFIX = "mcp."
+"""``mcp.SERVER.TOOL`` names the tool TOOL of the MCP server ``[mcp.SERVER]``."""
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+HTTP_METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
+
+# Which grant keys configure which builtin ("mcp" stands for every mcp.SERVER.TOOL).
+TOOL_SETTINGS: Mapping[str, frozenset[str]] = {
+    "llm.chat": frozenset(
+        {"provider", "base_url", "model", "models", "max_tokens", "api_key", "retries", "timeout",
+         "max_response_bytes"}
+    ),
+    "http.fetch": frozenset(
+        {"hosts", "methods", "allow_private", "headers", "max_redirects", "timeout", "max_response_bytes"}
+    ),
+    "kv.get": frozenset({"namespaces"}),
+    "kv.set": frozenset({"namespaces"}),
+    "kv.incr": frozenset({"namespaces"}),
+    "mcp": frozenset({"timeout"}),
+}
+_ALL_SETTINGS = frozenset().union(*TOOL_SETTINGS.values())
+
+
+def tool_kind(name: str, has_handler: bool = False) -> str | None:
+    """Which builtin implements the tool ``name``: a builtin's own name, ``llm.chat`` for
+    ``llm.*``, ``http.fetch`` for ``http.*``, ``"mcp"`` for ``mcp.SERVER.TOOL``, or None
+    (a user tool).  A grant with a ``handler`` is a user tool whatever its name, except
+    for the exact builtin names (which refuse a handler)."""
+    if name in BUILTIN_TOOLS:
+        return name
+    if has_handler:
+        return None
+    head, dot, rest = name.partition(".")
+    if dot and rest and head in TOOL_FAMILIES:
+        return TOOL_FAMILIES[head]
+    if name.startswith(MCP_PREFIX) and mcp_tool_parts(name) is not None:
+        return "mcp"
+    return None
+
+
+def mcp_tool_parts(name: str) -> tuple[str, str] | None:
+    """``mcp.SERVER.TOOL`` → ``(SERVER, TOOL)`` (TOOL may contain dots), else None."""
+    if not name.startswith(MCP_PREFIX):
+        return None
+    server, dot, tool = name[len(MCP_PREFIX) :].partition(".")
+    if not server or not dot or not tool:
+        return None
+    return server, tool
+
+
+def default_idempotent(kind: str, grant: Mapping[str, Any]) -> bool:
+    """The ``idempotent`` a grant of builtin ``kind`` gets when it does not say."""
+    if kind == "http.fetch":
+        methods = grant.get("methods", ("GET",))
+        if isinstance(methods, list | tuple) and all(isinstance(m, str) for m in methods):
+            return {m.upper() for m in methods} <= _SAFE_METHODS
+        return False
+    builtin = BUILTIN_TOOLS.get(kind)
+    return builtin.idempotent if builtin is not None else False
+
+
+def canonical_host(host: str) -> str:
+    """A host name as compared against allowlists: IDNA (UTS 46) ASCII, lowercase, no
+    trailing dot; IPv6 without brackets, compressed.  Raises ValueError.
+
+    One function for the policy and the HTTP tool, so an allowlist entry and a
+    URL's host are normalised the same way: a homograph (Cyrillic ``а`` for ``a``)
+    becomes a different punycode name and cannot match an ASCII entry.
+    """
+    import ipaddress
+
+    h = host.strip()
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    if ":" in h:
+        if "%" in h:
+            raise ValueError(f"{host!r}: IPv6 zone identifiers are not allowed")
+        try:
+            return ipaddress.IPv6Address(h).compressed
+        except ValueError:
+            raise ValueError(f"{host!r} is not a valid IPv6 address") from None
+    if h.endswith("."):
+        h = h[:-1]
+    if not h or len(h) > 253:
+        raise ValueError(f"{host!r} is not a valid host name")
+    if any(c in h for c in "%@/\\?#[] \t\r\n") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in h):
+        raise ValueError(f"{host!r} contains a character a host name cannot have")
+    if not h.isascii():
+        import idna
+
+        try:
+            h = idna.encode(h, uts46=True, transitional=False).decode("ascii")
+        except idna.IDNAError as exc:
+            raise ValueError(f"{host!r} is not a valid internationalised host name: {exc}") from None
+    h = h.lower()
+    last = h.rsplit(".", 1)[-1]
+    if re.fullmatch(r"[0-9]+|0x[0-9a-f]*", last):
+        # WHATWG: a host whose last label is a number is an IPv4 address.  Resolvers
+        # also read 2130706433, 0x7f.1 and 0177.0.0.1 as 127.0.0.1; only the
+        # canonical dotted quad is accepted, so every check sees the real address.
+        try:
+            if str(ipaddress.IPv4Address(h)) == h:
+                return h
+        except ValueError:
+            pass
+        raise ValueError(
+            f"{host!r} is not a canonical IPv4 address; write it as a dotted quad such as 192.0.2.1"
+        )
+    for label in h.split("."):
+        if not label or len(label) > 63 or not re.fullmatch(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?", label):
+            raise ValueError(f"{host!r} is not a valid host name (label {label!r})")
+    return h
+
+
+def parse_host_pattern(entry: str) -> tuple[bool, str, int | None]:
+    """An allowlist entry → ``(wildcard, host, port)``.
+
+    ``api.example.com`` (default ports: 443 for https, 80 for http),
+    ``api.example.com:8443``, ``*.example.com`` (any subdomain, not the
+    domain itself), ``127.0.0.1:8080``, ``[::1]:8080``.  Raises ValueError.
+    """
+    text = entry.strip()
+    wildcard = text.startswith("*.")
+    if wildcard:
+        text = text[2:]
+    port: int | None = None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{entry!r}: unclosed '['")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{entry!r}: unexpected {rest!r} after the IPv6 address")
+            port = _port(rest[1:], entry)
+    elif text.count(":") == 1:
+        host, _, p = text.partition(":")
+        port = _port(p, entry)
+    else:
+        host = text
+    if wildcard and ":" in host:
+        raise ValueError(f"{entry!r}: a wildcard needs a domain name, not an address")
+    canon = canonical_host(host)
+    if wildcard and re.fullmatch(r"[0-9.]+", canon):
+        raise ValueError(f"{entry!r}: a wildcard needs a domain name, not an address")
+    return wildcard, canon, port
+
+
+def _port(text: str, entry: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,5}", text) or not 0 < int(text) < 65536:
+        raise ValueError(f"{entry!r}: {text!r} is not a port number (1-65535)")
+    return int(text)
+
+
+def format_host_pattern(wildcard: bool, host: str, port: int | None) -> str:
+    """The canonical text of an allowlist entry (what the loaded policy holds)."""
+    h = f"[{host}]" if ":" in host else host
+    return ("*." if wildcard else "") + h + (f":{port}" if port is not None else "")
 
 WASI_PREVIEW1: frozenset[str] = frozenset(
     (
@@ -561,8 +731,134 @@ def _approval(value: object) -> object:
     return value
 
 
+def _hosts(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise ValueError(
+            'expected a non-empty array of hosts such as ["api.example.com", "127.0.0.1:8080"]'
+        )
+    out: list[str] = []
+    for v in value:
+        if not isinstance(v, str):
+            raise ValueError(f"expected host strings, got {type_name(v)}")
+        out.append(format_host_pattern(*parse_host_pattern(v)))
+    return tuple(dict.fromkeys(out))
+
+
+def _methods(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise ValueError('expected a non-empty array of HTTP methods such as ["GET"]')
+    out: list[str] = []
+    for v in value:
+        if not isinstance(v, str) or v.upper() not in HTTP_METHODS:
+            shown = repr(v) if isinstance(v, str) else type_name(v)
+            raise _choice_error("HTTP method", str(v).upper() if isinstance(v, str) else shown, HTTP_METHODS)
+        out.append(v.upper())
+    return tuple(dict.fromkeys(out))
+
+
+def _allow_private(value: object) -> bool | tuple[str, ...]:
+    import ipaddress
+
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, list | tuple):
+        raise ValueError(
+            'expected true, false or an array of addresses/networks such as ["127.0.0.1", "10.0.0.0/8"]'
+        )
+    out: list[str] = []
+    for v in value:
+        if not isinstance(v, str):
+            raise ValueError(f"expected address strings, got {type_name(v)}")
+        try:
+            out.append(str(ipaddress.ip_network(v.strip(), strict=False)))
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IP address or network (CIDR)") from None
+    return tuple(dict.fromkeys(out))
+
+
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+_HOP_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te",
+     "trailer", "proxy-authorization", "proxy-connection"}
+)
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.-]*)\}")
+
+
+def placeholders(text: str) -> list[str]:
+    """The ``{credential}`` names a header or env template uses."""
+    return _PLACEHOLDER.findall(text)
+
+
+def fill_placeholders(text: str, secrets: Mapping[str, str]) -> str:
+    """Replace each ``{name}`` by ``secrets[name]`` (host side; KeyError if missing)."""
+    return _PLACEHOLDER.sub(lambda m: secrets[m.group(1)], text)
+
+
+def _headers(value: object) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f'expected a table of headers such as {{ Authorization = "Bearer {{token}}" }}, got {type_name(value)}')
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not _HEADER_NAME.match(k):
+            raise ValueError(f"{k!r} is not a valid header name")
+        if k.lower() in _HOP_HEADERS:
+            raise ValueError(f"header {k!r} is set by the host and cannot be configured")
+        if not isinstance(v, str) or any(c in v for c in "\r\n\x00"):
+            raise ValueError(f"header {k!r}: expected a one-line string")
+        out[k] = v
+    return out
+
+
+def _base_url(value: object) -> str:
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, str):
+        raise ValueError(f"expected a URL string, got {type_name(value)}")
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http(s) URL such as 'https://api.openai.com/v1'")
+    if "@" in parts.netloc or parts.query or parts.fragment:
+        raise ValueError(f"{value!r}: a base URL has no credentials, query or fragment")
+    return value.strip().rstrip("/")
+
+
+def _namespaces(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise ValueError(f'expected an array of namespace names such as ["team-notes"], got {type_name(value)}')
+    for v in value:
+        if not isinstance(v, str) or not _NAME.match(v):
+            raise ValueError(
+                f"{v!r} is not a namespace name; use 1-64 lowercase letters, digits, '_' and '-'"
+            )
+    return tuple(dict.fromkeys(value))
+
+
+def _response_cap(value: object) -> int:
+    n = parse_size(value)
+    if not 0 < n <= 64 << 20:
+        raise ValueError(f"must be between 1 B and 64MiB (got {n:,} bytes)")
+    return n
+
+
+ResponseCap = Annotated[int, PlainValidator(_response_cap)]
+Hosts = Annotated[tuple[str, ...], PlainValidator(_hosts), PlainSerializer(list, return_type=list[str])]
+Methods = Annotated[tuple[str, ...], PlainValidator(_methods), PlainSerializer(list, return_type=list[str])]
+AllowPrivate = Annotated[
+    bool | tuple[str, ...],
+    PlainValidator(_allow_private),
+    PlainSerializer(lambda v: v if isinstance(v, bool) else list(v), return_type=Any),
+]
+Headers = Annotated[dict[str, str], PlainValidator(_headers)]
+BaseUrl = Annotated[str, PlainValidator(_base_url)]
+Namespaces = Annotated[tuple[str, ...], PlainValidator(_namespaces), PlainSerializer(list, return_type=list[str])]
+
+
 class ToolGrant(_Model):
-    """``[tools."NAME"]``: the permission to call one tool, and its limits."""
+    """``[tools."NAME"]``: the permission to call one tool, and its limits.
+
+    The settings after ``args`` configure one builtin each (see
+    :data:`TOOL_SETTINGS`); a setting on a tool it does not configure is an error.
+    """
 
     handler: Ref | None = None
     description: StrictStr = ""
@@ -572,6 +868,29 @@ class ToolGrant(_Model):
     max_calls: NonNegativeInt | None = None
     approval: Annotated[Approval | None, BeforeValidator(_approval)] = None
     args: dict[str, ArgConstraint] = Field(default_factory=dict)
+    # llm.chat / llm.*
+    provider: Literal["openai", "anthropic"] | None = None
+    base_url: BaseUrl | None = None
+    model: StrictStr | None = None
+    models: tuple[StrictStr, ...] = ()
+    max_tokens: PositiveInt | None = None
+    api_key: StrictStr | None = None
+    retries: Annotated[int, Field(strict=True, ge=0, le=10)] | None = None
+    # http.fetch / http.*
+    hosts: Hosts = ()
+    methods: Methods = ()
+    allow_private: AllowPrivate = False
+    headers: Headers = Field(default_factory=dict)
+    max_redirects: Annotated[int, Field(strict=True, ge=0, le=20)] | None = None
+    # shared by llm, http and mcp tools
+    timeout: Duration | None = None
+    max_response_bytes: ResponseCap | None = None
+    # kv.*
+    namespaces: Namespaces = ()
+
+    def settings_in_use(self) -> tuple[str, ...]:
+        """The tool-specific settings this grant sets (for the cross-checks)."""
+        return tuple(k for k in sorted(_ALL_SETTINGS) if _is_set(getattr(self, k)) and getattr(self, k) != {})
 
     @field_validator("credentials")
     @classmethod
@@ -709,6 +1028,85 @@ class WasiSpec(_Model):
         return v
 
 
+_MCP_TOOL = re.compile(r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$")
+
+
+class McpServer(_Model):
+    """``[mcp.NAME]``: an MCP server (stdio transport) whose tools the agent may call.
+
+    The host starts ``command`` with ``args`` (no shell), lists its tools and
+    their input schemas, and supervises it: a server that dies or answers
+    against its own schema is restarted.  Its tools are called as
+    ``mcp.NAME.TOOL``; ``tools`` grants them (each also gets a grant table
+    ``[tools."mcp.NAME.TOOL"]`` for rates, approval and argument rules).
+    """
+
+    command: StrictStr
+    args: tuple[StrictStr, ...] = ()
+    env: dict[str, StrictStr] = Field(default_factory=dict)
+    cwd: StrictStr | None = None
+    tools: tuple[StrictStr, ...] = ()
+    credentials: tuple[StrictStr, ...] = ()
+    timeout: Duration | None = None
+    startup_timeout: Duration | None = None
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("command must not be empty")
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _tool_names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            if not _MCP_TOOL.match(name):
+                raise ValueError(f"{name!r} is not an MCP tool name this host can grant (letters, digits, '_', '-', '.')")
+        return tuple(dict.fromkeys(v))
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for k, val in v.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+                raise ValueError(f"{k!r} is not an environment variable name")
+            if "\x00" in val:
+                raise ValueError(f"env {k}: value contains a NUL byte")
+        return v
+
+    @field_validator("credentials")
+    @classmethod
+    def _credential_names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            if not _CREDENTIAL.match(name):
+                raise ValueError(f"{name!r} is not a credential name")
+        return v
+
+
+def _expand_mcp(data: Any) -> Any:
+    """``[mcp.S] tools = ["t"]`` grants ``mcp.S.t``; the server's credentials go to each of its grants."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("mcp"), Mapping):
+        return data
+    tools = dict(data["tools"]) if isinstance(data.get("tools"), Mapping) else {}
+    for server, spec in data["mcp"].items():
+        if not isinstance(spec, Mapping):
+            continue
+        names = spec.get("tools", ())
+        for t in names if isinstance(names, list | tuple) else ():
+            if isinstance(t, str):
+                tools.setdefault(f"{MCP_PREFIX}{server}.{t}", {})
+        creds = spec.get("credentials", ())
+        if isinstance(creds, list | tuple) and creds:
+            for name, grant in list(tools.items()):
+                parts = mcp_tool_parts(str(name))
+                if parts and parts[0] == server and isinstance(grant, Mapping) and "handler" not in grant:
+                    own = grant.get("credentials", ())
+                    own = list(own) if isinstance(own, list | tuple) else []
+                    tools[name] = {**grant, "credentials": list(dict.fromkeys([*own, *creds]))}
+    return {**data, "tools": tools}
+
+
 # --- the policy -----------------------------------------------------------------------
 
 
@@ -720,17 +1118,22 @@ class Policy(_Model):
     tools: dict[str, ToolGrant] = Field(default_factory=dict)
     validators: tuple[Validator, ...] = ()
     wasi: WasiSpec = Field(default_factory=WasiSpec)
+    mcp: dict[str, McpServer] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
     def _builtin_defaults(cls, data: Any) -> Any:
         """Fill each builtin's declared ``idempotent`` so the grant says what the host will do."""
+        data = _expand_mcp(data)
         if not isinstance(data, Mapping) or not isinstance(data.get("tools"), Mapping):
             return data
         tools = dict(data["tools"])
         for name, grant in tools.items():
-            if name in BUILTIN_TOOLS and isinstance(grant, Mapping) and "idempotent" not in grant:
-                tools[name] = {**grant, "idempotent": BUILTIN_TOOLS[name].idempotent}
+            if not isinstance(grant, Mapping) or "idempotent" in grant:
+                continue
+            kind = tool_kind(str(name), grant.get("handler") is not None)
+            if kind is not None and kind in BUILTIN_TOOLS:
+                tools[name] = {**grant, "idempotent": default_idempotent(kind, grant)}
         return {**data, "tools": tools}
 
     @model_validator(mode="after")
@@ -836,6 +1239,107 @@ class Policy(_Model):
         return "\n".join(lines)
 
 
+def _in_use(value: object) -> bool:
+    return not (value is None or value is False or (isinstance(value, list | tuple | dict) and not value))
+
+
+def _settings_issues(
+    name: str, kind: str | None, grant: Mapping[str, Any], servers: Mapping[str, Any]
+) -> list[PolicyIssue]:
+    """Tool-specific settings: on the right tool, complete, and consistent with ``credentials``."""
+    issues: list[PolicyIssue] = []
+    where = locator("tools", name)
+    allowed = TOOL_SETTINGS.get(kind or "", frozenset())
+    for key in sorted(_ALL_SETTINGS):
+        if key in grant and _in_use(grant[key]) and key not in allowed:
+            users = [k if k != "mcp" else "mcp.SERVER.TOOL" for k, v in TOOL_SETTINGS.items() if key in v]
+            what = "a user tool" if kind is None else name
+            issues.append(
+                PolicyIssue(
+                    f"{where}.{key}: `{key}` configures {', '.join(users)}; {what} does not use it",
+                    f"{where}.{key}",
+                )
+            )
+    creds = grant.get("credentials", ())
+    creds = set(creds) if isinstance(creds, list | tuple) else set()
+    if kind == "llm.chat":
+        for key, example in (("base_url", '"https://api.openai.com/v1"'), ("model", '"gpt-4o-mini"')):
+            if not _in_use(grant.get(key)):
+                issues.append(PolicyIssue(f"{where}: {name} needs {key} (e.g. {key} = {example})", f"{where}.{key}"))
+        key_name = grant.get("api_key")
+        if isinstance(key_name, str) and key_name not in creds:
+            issues.append(
+                PolicyIssue(
+                    f"{where}.api_key: {key_name!r} must also be listed in credentials (the host leases it per call)",
+                    f"{where}.api_key",
+                )
+            )
+    if kind == "http.fetch":
+        if not _in_use(grant.get("hosts")):
+            issues.append(
+                PolicyIssue(
+                    f'{where}: {name} needs hosts = [...], the hosts it may reach (e.g. ["api.example.com"])',
+                    f"{where}.hosts",
+                )
+            )
+        headers = grant.get("headers")
+        for h, v in (headers.items() if isinstance(headers, Mapping) else ()):
+            for ph in placeholders(v) if isinstance(v, str) else ():
+                if ph not in creds:
+                    issues.append(
+                        PolicyIssue(
+                            f"{where}.headers.{h}: {{{ph}}} names no credential of this grant; add {ph!r} to credentials",
+                            f"{where}.headers",
+                        )
+                    )
+    if kind == "mcp":
+        parts = mcp_tool_parts(name)
+        assert parts is not None
+        server, tool = parts
+        spec = servers.get(server)
+        if not isinstance(spec, Mapping):
+            guess = _suggest(server, [str(k) for k in servers])
+            hint = f" — did you mean 'mcp.{guess}.{tool}'?" if guess else f' (add [mcp.{server}] with command = "...")'
+            issues.append(PolicyIssue(f"{where}: there is no MCP server [mcp.{server}]{hint}", where))
+        else:
+            listed = spec.get("tools", ())
+            if isinstance(listed, list | tuple) and listed and tool not in listed:
+                guess = _suggest(tool, [str(t) for t in listed])
+                hint = f" — did you mean {guess!r}?" if guess else ""
+                issues.append(
+                    PolicyIssue(
+                        f"{where}: [mcp.{server}].tools does not list {tool!r}{hint}",
+                        where,
+                    )
+                )
+    return issues
+
+
+def _mcp_issues(servers: Mapping[str, Any]) -> list[PolicyIssue]:
+    issues: list[PolicyIssue] = []
+    for server, spec in servers.items():
+        where = locator("mcp", str(server))
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", str(server)):
+            issues.append(
+                PolicyIssue(f"[{where}]: {server!r} is not a server name; use letters, digits, '_' and '-'", where)
+            )
+        if not isinstance(spec, Mapping):
+            continue
+        creds = spec.get("credentials", ())
+        creds = set(creds) if isinstance(creds, list | tuple) else set()
+        env = spec.get("env")
+        for k, v in (env.items() if isinstance(env, Mapping) else ()):
+            for ph in placeholders(v) if isinstance(v, str) else ():
+                if ph not in creds:
+                    issues.append(
+                        PolicyIssue(
+                            f"{where}.env.{k}: {{{ph}}} names no credential of this server; add {ph!r} to credentials",
+                            f"{where}.env",
+                        )
+                    )
+    return issues
+
+
 def _semantic_issues(data: Mapping[str, Any]) -> list[PolicyIssue]:
     """Checks that need more than one section: grants vs builtins, validator targets vs grants.
 
@@ -844,8 +1348,11 @@ def _semantic_issues(data: Mapping[str, Any]) -> list[PolicyIssue]:
     """
     issues: list[PolicyIssue] = []
     builtin_names = tuple(BUILTIN_TOOLS)
+    data = _expand_mcp(data)
     tools = data.get("tools")
     tools = tools if isinstance(tools, Mapping) else {}
+    servers = data.get("mcp")
+    servers = servers if isinstance(servers, Mapping) else {}
     for name, grant in tools.items():
         where = locator("tools", str(name))
         if not isinstance(grant, Mapping):
@@ -875,6 +1382,10 @@ def _semantic_issues(data: Mapping[str, Any]) -> list[PolicyIssue]:
                         f"{where}.idempotent",
                     )
                 )
+        kind = tool_kind(str(name), grant.get("handler") is not None)
+        issues += _settings_issues(str(name), kind, grant, servers)
+        if builtin is not None or kind is not None:
+            pass
         elif grant.get("handler") is None:
             guess = _suggest(str(name), builtin_names)
             need = 'a user tool needs handler = "module:function"'
@@ -886,6 +1397,7 @@ def _semantic_issues(data: Mapping[str, Any]) -> list[PolicyIssue]:
                     guess,
                 )
             )
+    issues += _mcp_issues(servers)
     granted = tuple(str(n) for n in tools)
     validators = data.get("validators")
     for i, v in enumerate(validators if isinstance(validators, list | tuple) else ()):

@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 #: Named buckets for opaque blobs (agent bundles, audit records, approvals, host
 #: metadata). Adding a bucket is adding its name here.
-BLOB_BUCKETS: tuple[str, ...] = ("bundles", "audit", "approvals", "meta")
+BLOB_BUCKETS: tuple[str, ...] = ("bundles", "audit", "approvals", "meta", "identity", "revocations", "audit_heads")
 
 
 @dataclass(frozen=True, slots=True)
