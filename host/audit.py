@@ -188,7 +188,6 @@ def check_chain(agent_id: str, items: list[_Item], *, keys: Mapping[str, Any] | 
     prev_seq, prev = anchor
     expected = prev_seq + 1
     seqs = [it.rec.get("seq") for it in items]
-    hashes = [it.rec.get("hash") for it in items]
 
     def p(kind: str, i: int, msg: str, seq: Any = None) -> Problem:
         it = items[i] if i < len(items) else None
@@ -205,8 +204,14 @@ def check_chain(agent_id: str, items: list[_Item], *, keys: Mapping[str, Any] | 
         if not isinstance(seq, int) or isinstance(seq, bool):
             return p("modified", i, f"{where}: the record's seq {seq!r} is not an integer (modified)")
         if it.key_seq is not None and seq != it.key_seq:
-            elsewhere = [items[j].where for j in range(len(items)) if j != i and items[j].key_seq == seq]
-            if elsewhere or any(items[j].rec.get("seq") == it.key_seq for j in range(i + 1, len(items))):
+            dup = next((j for j in range(len(items)) if j != i and seqs[j] == seq), None)
+            if dup is not None:  # two records claim one seq: the one nothing links to is the intruder
+                intruder = dup if not _linked(items, dup) and _linked(items, i) else i
+                return p("inserted", intruder, f"{items[intruder].where} ({_label(items[intruder].rec)}) is not part "
+                                               f"of agent {agent_id}'s chain (another record claims seq {seq} and the "
+                                               "chain runs through it): inserted",
+                         seq=items[intruder].key_seq)
+            if any(items[j].rec.get("seq") == it.key_seq for j in range(len(items)) if j != i):
                 return p("reordered", i, f"{where} holds the record with seq {seq} ({rec.get('kind')}): agent {agent_id}'s "
                                          f"records were reordered", seq=it.key_seq)
             return p("modified", i, f"{where} holds a record claiming seq {seq}: moved or modified", seq=it.key_seq)
@@ -242,9 +247,7 @@ def check_chain(agent_id: str, items: list[_Item], *, keys: Mapping[str, Any] | 
             if seq < expected:
                 j = next((k for k in range(i) if seqs[k] == seq), None)
                 if j is not None:
-                    linked_j = any(items[k].rec.get("prev") == hashes[j] for k in range(len(items)) if k != j)
-                    linked_i = any(items[k].rec.get("prev") == hashes[i] for k in range(len(items)) if k != i)
-                    if not linked_j and linked_i:
+                    if not _linked(items, j) and _linked(items, i):
                         return p("inserted", j, f"{items[j].where} ({_label(items[j].rec)}) is not part of agent "
                                                 f"{agent_id}'s chain (nothing links to it; the genuine seq {seq} is at "
                                                 f"{where}): inserted")
@@ -277,7 +280,7 @@ def check_chain(agent_id: str, items: list[_Item], *, keys: Mapping[str, Any] | 
             return Problem("removed", f"agent {agent_id}'s log ends at seq {last} but {tail_source} is seq {tseq}: "
                                       f"record {gap} removed", agent_id, last + 1, items[-1].where if items else None, n)
         if last > tseq:
-            idx = next(k for k in range(n) if items[k].rec.get("seq") == tseq + 1)
+            idx = next((k for k in range(n) if int(items[k].rec.get("seq") or 0) > tseq), n - 1)
             return Problem("inserted", f"{items[idx].where} (seq {tseq + 1}, {items[idx].rec.get('kind')}) is past "
                                        f"{tail_source} (seq {tseq}): appended or inserted", agent_id, tseq + 1,
                            items[idx].where, idx)
@@ -285,6 +288,12 @@ def check_chain(agent_id: str, items: list[_Item], *, keys: Mapping[str, Any] | 
             return Problem("modified", f"agent {agent_id}'s last record (seq {tseq}) does not match {tail_source}: the "
                                        "log was rewritten", agent_id, tseq, items[-1].where if items else None, n - 1)
     return None
+
+
+def _linked(items: list[_Item], i: int) -> bool:
+    """Whether another record names ``items[i]`` as its predecessor."""
+    h = items[i].rec.get("hash")
+    return any(items[k].rec.get("prev") == h for k in range(len(items)) if k != i)
 
 
 # -- signed heads -----------------------------------------------------------------------------------------------
@@ -441,55 +450,80 @@ def _trusted_keys(txn: Any, extra: Mapping[str, Any] | None) -> dict[str, Any]:
 def verify_store(store: Any, *, public_keys: Mapping[str, Any] | None = None, agent_id: str | None = None) -> VerifyReport:
     """Check every chain, every agent's head, every signed head and checkpoint of a store.
 
-    Problems are listed in agent-id order (then by position), so the first is
-    the earliest broken record of the lowest agent id; signed-head problems
-    come first, since they put everything they vouch for in doubt.
+    Streams the log one agent at a time (memory: one agent's records), in one
+    read transaction, so a live host may keep appending meanwhile. Problems
+    come in this order: a broken signed head (it puts everything it vouches
+    for in doubt), then the first record a signed head vouches for that is
+    gone or different, then each broken chain in agent-id order; so
+    ``report.first`` names the most telling one.
     """
     report = VerifyReport(source="store")
+    claim_problems: list[Problem] = []
+    chain_problems: list[Problem] = []
     with store.read() as txn:
         keys = _trusted_keys(txn, public_keys)
         report.key_ids = sorted(keys)
-        chains: dict[str, list[_Item]] = {}
+        heads = [(f"signed head {k.removeprefix(HEAD_PREFIX).lstrip('0') or '0'}", json.loads(v))
+                 for k, v in txn.iter_blobs(HEADS_BUCKET, HEAD_PREFIX)]
+        report.heads = len(heads)
+        hc = _check_heads(heads, keys)
+        report.problems.extend(hc.problems)
+        claims: dict[str, list[tuple[str, str, int, str]]] = {}
+        if not hc.problems:
+            for c in hc.claims:
+                if agent_id is None or c[1] == agent_id:
+                    claims.setdefault(c[1], []).append(c)
+        seen: set[str] = set()
+
+        def check(aid: str, items: list[_Item]) -> None:
+            seen.add(aid)
+            report.agents += 1
+            report.records += len(items)
+            report.checkpoints += sum(1 for it in items if it.rec.get("kind") == CHECKPOINT_KIND)
+            rec = txn.get_agent(aid)
+            tail = (int(rec.get("audit_seq") or 0), str(rec.get("audit_head") or GENESIS)) if rec is not None else None
+            problem = check_chain(aid, items, keys=keys, tail=tail)
+            if problem is not None:
+                chain_problems.append(problem)
+            elif rec is None and items:
+                report.notes.append(f"agent {aid} has audit records but no agent record (deleted); its tail is "
+                                    "checked only against signed heads")
+            if aid in claims:
+                first = int(items[0].rec.get("seq") or 1) if items and items[0].rec.get("kind") == CHECKPOINT_KIND else 1
+                last = int(items[-1].rec.get("seq") or 0) if items else 0
+                found = _check_claims(claims[aid], {aid: items}, {aid: (first, last)})
+                if found is not None:
+                    claim_problems.append(found)
+
+        current: str | None = None
+        items: list[_Item] = []
         for k, raw in txn.iter_blobs(BUCKET, f"{agent_id}/" if agent_id else ""):
-            aid, _, tail = k.partition("/")
-            where = f"store key {k}"
+            aid, _, tail_key = k.partition("/")
+            if aid != current:
+                if current is not None:
+                    check(current, items)
+                current, items = aid, []
             try:
                 rec = json.loads(raw)
             except ValueError:
+                rec = None
+            if not isinstance(rec, dict):
                 rec = {"agent_id": aid, "seq": None, "kind": "(unreadable)", "hash": ""}
-            key_seq = int(tail) if tail.isdigit() else -1
-            chains.setdefault(aid, []).append(_Item(where, rec if isinstance(rec, dict) else {}, key_seq))
-        agents = {a["agent_id"]: a for a in txn.iter_agents() if agent_id is None or a["agent_id"] == agent_id}
-        heads = [(f"signed head {k.removeprefix(HEAD_PREFIX).lstrip('0') or '0'}", json.loads(v))
-                 for k, v in txn.iter_blobs(HEADS_BUCKET, HEAD_PREFIX)]
-    report.heads = len(heads)
-    hc = _check_heads(heads, keys)
-    report.problems.extend(hc.problems)
-    ranges: dict[str, tuple[int, int]] = {}
-    chain_problems: list[Problem] = []
-    for aid in sorted(set(chains) | {a for a, r in agents.items() if int(r.get("audit_seq") or 0) > 0}):
-        items = chains.get(aid, [])
-        report.records += len(items)
-        report.checkpoints += sum(1 for it in items if it.rec.get("kind") == CHECKPOINT_KIND)
-        rec = agents.get(aid)
-        tail = (int(rec.get("audit_seq") or 0), str(rec.get("audit_head") or GENESIS)) if rec is not None else None
-        problem = check_chain(aid, items, keys=keys, tail=tail)
-        if problem is None and rec is None and items:
-            report.notes.append(f"agent {aid} has audit records but no agent record (deleted); its tail is checked "
-                                "only against signed heads")
-        if problem is not None:
-            chain_problems.append(problem)
-        first = int(items[0].rec.get("seq") or 1) if items and items[0].rec.get("kind") == CHECKPOINT_KIND else 1
-        last = int(items[-1].rec.get("seq") or 0) if items else 0
-        ranges[aid] = (first, last)
-    report.agents = len(ranges)
-    report.problems.extend(chain_problems)
-    if agent_id is not None:
-        hc.claims = [c for c in hc.claims if c[1] == agent_id]
-    if not hc.problems:
-        claim = _check_claims(hc.claims, chains, ranges)
-        if claim is not None:
-            report.problems.insert(0, claim)
+            items.append(_Item(f"store key {k}", rec, int(tail_key) if tail_key.isdigit() else -1))
+        if current is not None:
+            check(current, items)
+        # Agents whose every record is gone: their head (or a signed head) still says they had some.
+        if agent_id is not None:
+            rec = txn.get_agent(agent_id)
+            missing = [agent_id] if agent_id not in seen and (agent_id in claims or (rec and rec.get("audit_seq"))) else []
+        else:
+            missing = [a["agent_id"] for a in txn.iter_agents() if int(a.get("audit_seq") or 0) > 0
+                       and a["agent_id"] not in seen]
+            missing += [a for a in claims if a not in seen and a not in missing]
+        for aid in sorted(missing):
+            check(aid, [])
+    report.problems.extend(claim_problems[:1])
+    report.problems.extend(sorted(chain_problems, key=lambda pr: pr.agent_id or ""))
     if not heads:
         report.notes.append("no signed head yet: run `torpor audit seal` (hosts seal one periodically)")
     return report
@@ -570,7 +604,6 @@ def verify_export(lines: Iterable[bytes | str], *, public_keys: Mapping[str, Any
     header: dict[str, Any] | None = None
     manifests: dict[str, tuple[int, dict[str, Any]]] = {}
     chains: dict[str, list[_Item]] = {}
-    order: list[str] = []
     heads: list[tuple[str, dict[str, Any]]] = []
     seal_obj: dict[str, Any] | None = None
     seal_line = 0
@@ -590,7 +623,7 @@ def verify_export(lines: Iterable[bytes | str], *, public_keys: Mapping[str, Any
             report.problems.append(Problem("modified", f"line {lineno} is not JSON (modified or truncated)",
                                            where=f"line {lineno}"))
             return report
-        if not isinstance(obj, dict) or len(obj) != 1:
+        if not isinstance(obj, dict) or len(obj) != 1 or not isinstance(next(iter(obj.values())), dict):
             report.problems.append(Problem("modified", f"line {lineno} is not an export line", where=f"line {lineno}"))
             return report
         (kind, value), = obj.items()
@@ -608,7 +641,6 @@ def verify_export(lines: Iterable[bytes | str], *, public_keys: Mapping[str, Any
             current = str(value.get("agent_id"))
             manifests[current] = (lineno, value)
             chains.setdefault(current, [])
-            order.append(current)
         elif kind == "record":
             rec = value if isinstance(value, dict) else {}
             aid = str(rec.get("agent_id"))

@@ -34,9 +34,10 @@ def _emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> Non
 
 
 def _host(args: argparse.Namespace) -> Any:
+    from .credentials import VaultBroker
     from .runtime import Host
 
-    return Host(args.store)
+    return Host(args.store, broker=VaultBroker.for_store(args.store))
 
 
 def _parse_input(text: str | None) -> Any:
@@ -354,64 +355,68 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
+    agent_help = "the agent id (see `torpor ps`)"
+    by_help = "who decides, kept in the audit log (default: $USER)"
     sp = add("build", cmd_build, "compile an agent directory (C sources + policy.toml) into a bundle")
-    sp.add_argument("dir")
-    sp.add_argument("-o", "--output", required=True)
+    sp.add_argument("dir", help="the agent directory: *.c sources, policy.toml, optional host-tool *.py")
+    sp.add_argument("-o", "--output", required=True, help="the bundle file to write")
     sp = add("pack", cmd_pack, "pack a wasm module built elsewhere with a policy into a bundle")
-    sp.add_argument("module")
-    sp.add_argument("--policy", required=True)
+    sp.add_argument("module", help="a core wasm module importing only from `torpor` (guest ABI v1)")
+    sp.add_argument("--policy", required=True, help="the policy.toml to pack with it")
     sp.add_argument("--tool", action="append", help="a host-side Python tool module to include (repeatable)")
-    sp.add_argument("-o", "--output", required=True)
+    sp.add_argument("-o", "--output", required=True, help="the bundle file to write")
     sp = add("inspect-bundle", cmd_inspect_bundle, "show a bundle's digest, ABI, imports, exports and policy")
-    sp.add_argument("bundle")
+    sp.add_argument("bundle", help="a .torpor bundle file")
 
     sp = add("run", cmd_run, "run an agent bundle to completion (or until it waits on a human)", store=True)
-    sp.add_argument("bundle")
+    sp.add_argument("bundle", help="a .torpor bundle file")
     sp.add_argument("--input", help="JSON input, or @FILE")
     sp.add_argument("--fuel", type=int, help="fuel budget for this run (overrides the policy)")
     sp.add_argument("--on-behalf-of", help="the principal the agent acts for")
     sp = add("resume", cmd_resume, "resume a suspended agent from its latest checkpoint", store=True)
-    sp.add_argument("agent", nargs="?")
+    sp.add_argument("agent", nargs="?", help=agent_help)
     sp.add_argument("--all", action="store_true", help="resume every unfinished agent")
     sp = add("ps", cmd_ps, "list agents", store=True)
     sp.add_argument("--status", help="only agents with this status")
     sp = add("inspect", cmd_inspect, "show an agent: status, output, checkpoints, pending call, usage", store=True)
-    sp.add_argument("agent")
+    sp.add_argument("agent", help=agent_help)
     sp = add("fork", cmd_fork, "start a new agent from an earlier checkpoint of another", store=True)
-    sp.add_argument("agent")
-    sp.add_argument("--checkpoint", type=int, required=True)
+    sp.add_argument("agent", help=agent_help)
+    sp.add_argument("--checkpoint", type=int, required=True, help="the checkpoint number (see `torpor inspect`)")
 
     sp = add("approvals", cmd_approvals, "list tool calls waiting for a human decision", store=True)
     sp = add("approve", cmd_approve, "approve the call an agent waits on, and resume it", store=True)
-    sp.add_argument("agent")
+    sp.add_argument("agent", help=agent_help)
     sp.add_argument("--note", help="a note kept in the audit log")
-    sp.add_argument("--by", default=os.environ.get("USER"), help="who decides (default: $USER)")
+    sp.add_argument("--by", default=os.environ.get("USER"), help=by_help)
     sp = add("deny", cmd_deny, "deny the call an agent waits on; the agent sees a denial and continues", store=True)
-    sp.add_argument("agent")
-    sp.add_argument("--reason", required=True)
-    sp.add_argument("--by", default=os.environ.get("USER"), help="who decides (default: $USER)")
+    sp.add_argument("agent", help=agent_help)
+    sp.add_argument("--reason", required=True, help="why; the agent sees it in the denial")
+    sp.add_argument("--by", default=os.environ.get("USER"), help=by_help)
 
     sp = add("resolve", cmd_resolve, "settle an in_doubt agent: re-run its call, supply its result, or fail it", store=True)
-    sp.add_argument("agent")
+    sp.add_argument("agent", help=agent_help)
     how = sp.add_mutually_exclusive_group(required=True)
     how.add_argument("--retry", action="store_true", help="run the call again (it did not take effect)")
     how.add_argument("--result", help="the call's result as JSON, or @FILE (it did take effect)")
     how.add_argument("--fail", metavar="REASON", help="fail the agent")
-    sp.add_argument("--by", default=os.environ.get("USER"), help="who decides (default: $USER)")
+    sp.add_argument("--by", default=os.environ.get("USER"), help=by_help)
 
-    pol = sub.add_parser("policy", help="check and explain policy files")
+    pol = sub.add_parser("policy", help="check and explain policy files", description="check and explain policy files")
     psub = pol.add_subparsers(dest="policy_command", metavar="SUBCOMMAND")
-    sp = psub.add_parser("check", help="validate a policy file")
-    sp.add_argument("file")
-    sp.add_argument("--json", action="store_true")
+    sp = psub.add_parser("check", help="validate a policy file", description="validate a policy file")
+    sp.add_argument("file", help="a policy.toml")
+    sp.add_argument("--json", action="store_true", help="print one JSON document")
     sp.set_defaults(fn=cmd_policy_check)
-    sp = psub.add_parser("explain", help="show the decision for a tool call and every rule behind it")
-    sp.add_argument("file")
-    sp.add_argument("--tool", required=True)
+    explain_help = "show the decision for a tool call and every rule behind it"
+    sp = psub.add_parser("explain", help=explain_help, description=explain_help)
+    sp.add_argument("file", help="a policy.toml")
+    sp.add_argument("--tool", required=True, help="the tool name")
     sp.add_argument("--args", default="{}", help="JSON arguments")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print one JSON document")
     sp.set_defaults(fn=cmd_policy_explain)
     __import__("host.benchmarks", fromlist=["add_parser"]).add_parser(sub)  # `torpor bench ...`
+    __import__("host.cli_identity", fromlist=["add_parsers"]).add_parsers(sub)  # secrets, audit, replay, identity
     return p
 
 

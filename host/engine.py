@@ -12,6 +12,7 @@ module, the pristine memory image snapshots are diffed against, and one
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -201,14 +202,12 @@ class Engine:
             # Stale or corrupt: drop it and rebuild below.
             self.cache_rebuilds += 1
             for p in (art, meta):
-                try:
+                with contextlib.suppress(OSError):
                     p.unlink()
-                except OSError:
-                    pass
         module = self._compile_fresh(wasm)
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            blob = module.serialize()
+            blob = bytes(module.serialize())
             tmp = art.with_suffix(f".tmp{os.getpid()}")
             tmp.write_bytes(blob)
             os.replace(tmp, art)

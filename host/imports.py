@@ -15,7 +15,7 @@ from typing import Any
 import wasmtime
 
 from . import abi
-from .execution import GuestAbort, ImportFault, PendingCall, current, error_response
+from .execution import GuestAbort, ImportFault, PendingCall, current, define_import, error_response
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
@@ -121,19 +121,18 @@ def tool_call(name_ptr: int, name_len: int, args_ptr: int, args_len: int) -> int
 
 
 def define(linker: wasmtime.Linker, *, tools: bool) -> None:
-    """Define the ABI's imports; ``tool_call`` only when the policy grants a tool."""
-    i32 = wasmtime.ValType.i32()
+    """Define the ABI's imports; ``tool_call`` only when the policy grants a tool.
 
-    def ty(n_params: int, n_results: int) -> wasmtime.FuncType:
-        return wasmtime.FuncType([i32] * n_params, [i32] * n_results)
-
+    Through :func:`~host.execution.define_import`, which skips wasmtime-py's
+    per-value conversions (a tool round trip calls four imports).
+    """
     m = abi.IMPORT_MODULE
-    linker.define_func(m, "input_len", ty(0, 1), input_len)
-    linker.define_func(m, "input_read", ty(2, 1), input_read)
-    linker.define_func(m, "output_write", ty(2, 1), output_write)
-    linker.define_func(m, "log", ty(3, 1), log)
-    linker.define_func(m, "response_len", ty(0, 1), response_len)
-    linker.define_func(m, "response_read", ty(2, 1), response_read)
-    linker.define_func(m, "abort", ty(3, 0), abort)
+    define_import(linker, m, "input_len", 0, 1, input_len)
+    define_import(linker, m, "input_read", 2, 1, input_read)
+    define_import(linker, m, "output_write", 2, 1, output_write)
+    define_import(linker, m, "log", 3, 1, log)
+    define_import(linker, m, "response_len", 0, 1, response_len)
+    define_import(linker, m, "response_read", 2, 1, response_read)
+    define_import(linker, m, "abort", 3, 0, abort)
     if tools:
-        linker.define_func(m, abi.TOOL_IMPORT, ty(4, 1), tool_call)
+        define_import(linker, m, abi.TOOL_IMPORT, 4, 1, tool_call)

@@ -81,7 +81,8 @@ class CredentialBroker(Protocol):
 
     ``check`` runs at spawn and refuses a policy naming a credential that does
     not exist; ``secrets_for`` leases (or renews) the named secrets for one
-    call; ``revoke`` ends every lease of an agent when it terminates.
+    call (its lease events, for the audit log, go to ``on_event``); ``revoke``
+    ends every lease of an agent when it terminates.
     """
 
     def check(self, agent_id: str, policy: Any) -> None: ...
@@ -824,6 +825,7 @@ class Host:
     def _ctx(self, agent: _Agent, call: PendingCall) -> ToolContext:
         def report_tokens(n: int) -> None:
             agent.usage["tokens"] = int(agent.usage.get("tokens", 0)) + max(0, int(n))
+            agent.event("tokens.used", call_seq=call.seq, tool=call.tool, tokens=max(0, int(n)), total=agent.usage["tokens"])
 
         policy = agent.bundle.policy
         grant = policy.grants.get(call.tool)
@@ -1072,6 +1074,7 @@ class Host:
         if ex is not None:
             rec["usage"]["fuel_used"] = ex.fuel_used
         self._release(agent)
+        retire = self.identity.retire(rec, agent.event)  # the identity ends with the agent (same commit)
         now = time.time()
         if isinstance(outcome, Completed):
             verdict = policies.check_output(agent.bundle.policy, outcome.output, now, custom_validators=agent.validators,
@@ -1103,7 +1106,7 @@ class Host:
             revoked = self.broker.revoke(agent.agent_id)
             if revoked:
                 agent.event("credential.revoked", names=revoked)
-        await self._commit_agent(agent, self.identity.retire(rec, agent.event))
+        await self._commit_agent(agent, retire)
         if self.heads.due():
             await anyio.to_thread.run_sync(self.heads.maybe_seal)
         return self._result(agent)

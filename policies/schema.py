@@ -78,8 +78,14 @@ calls; ``tokens = 1000`` terminates once more than 1000 tokens are used.
 [tools."NAME"] — grants
 -----------------------
 Each table grants one tool; the tool name is the key (quote it: it has dots).
-Builtin tools: ``kv.get``, ``kv.set``, ``kv.incr``, ``clock.now``, ``log``.
-Any other name is a user tool and needs a ``handler``.
+Builtin tools: ``kv.get``, ``kv.set``, ``kv.incr``, ``clock.now``, ``log``,
+``llm.chat``, ``http.fetch``; and three families, each member configured by its
+own grant: ``llm.NAME`` (another ``llm.chat``: a second model or provider),
+``http.NAME`` (another ``http.fetch``: other hosts, methods, credentials or an
+approval, e.g. ``http.send_reply``) and ``mcp.SERVER.TOOL`` (the tool TOOL of
+the MCP server ``[mcp.SERVER]``).  Any other name is a user tool and needs a
+``handler``; a grant with a ``handler`` is a user tool whatever its name
+(except the exact builtin names, which refuse one).
 
 ``handler``      ``"module:function"`` — the Python callable implementing a
                  user tool (the host imports it).  Not allowed on builtins.
@@ -134,6 +140,87 @@ single or double quotes, ``true``, ``false``, ``null``), combined with ``and``,
 
 If the condition cannot be decided (``amount`` missing, or a string), approval
 is required: conditions fail closed.
+
+Tool settings
+~~~~~~~~~~~~~
+Keys of a grant that configure one builtin; on any other tool they are an
+error.  The host-side modules (``host/tools/llm.py``, ``http.py``, ``mcp.py``)
+document the behaviour in full.
+
+``llm.chat`` / ``llm.*``:
+
+``base_url``            required; the API root, e.g. ``"https://api.openai.com/v1"``
+                        (``/chat/completions`` or ``/messages`` is appended).
+``model``               required; the model every call uses unless the guest
+                        picks one of ``models``.
+``models``              other models the guest may ask for.
+``provider``            ``"openai"`` (default; any OpenAI-compatible server) or
+                        ``"anthropic"`` (the Messages API).
+``api_key``             the credential sent as the API key; it must be in
+                        ``credentials``.  Default: the grant's only credential, if
+                        it names exactly one; none means no authentication.
+``max_tokens``          cap on (and default for) the guest's ``max_tokens``.
+``retries``             retries on 429, 5xx and broken connections (0-10,
+                        default 2), with backoff; ``Retry-After`` is honoured up
+                        to 30 s.
+``timeout``             per attempt (duration, default 60s).
+``max_response_bytes``  size cap of an answer (default 1MiB).
+
+``http.fetch`` / ``http.*``:
+
+``hosts``               required allowlist: ``"api.example.com"`` (default port of
+                        the scheme), ``"api.example.com:8443"``, ``"*.example.com"``
+                        (subdomains only), ``"127.0.0.1:8080"``, ``"[::1]:8080"``.
+                        Names are compared after IDNA normalisation; numeric
+                        hosts only as canonical dotted quads.
+``methods``             allowed methods (default ``["GET"]``).  The grant's
+                        default ``idempotent`` is true only for GET, HEAD, OPTIONS.
+``allow_private``       ``true``, or addresses/networks (``["127.0.0.1",
+                        "10.0.0.0/8"]``) that may be reached although not
+                        public.  Otherwise loopback, private, link-local,
+                        shared, multicast and unspecified addresses are refused,
+                        checked after DNS resolution (and the connection goes
+                        to the address checked).
+``headers``             headers the host adds to each request:
+                        ``{ Authorization = "Bearer {crm_token}" }``; each
+                        ``{name}`` must be one of ``credentials``.  The guest
+                        can neither set nor see them; they are not sent after a
+                        redirect to another origin.
+``max_redirects``       redirects followed, each re-checked (0-20, default 5).
+``timeout``             for the whole call (duration, default 30s).
+``max_response_bytes``  body cap (default 256KiB).
+
+``kv.get``, ``kv.set``, ``kv.incr``:
+
+``namespaces``          shared namespaces this tool may use (the call's
+                        ``namespace`` argument); without one a call uses the
+                        agent's private namespace.  Read and write are granted
+                        separately (a namespace listed only under ``kv.get`` is
+                        read-only).
+
+``mcp.SERVER.TOOL``:
+
+``timeout``             per call, overriding the server's.
+
+[mcp.NAME] — MCP servers
+------------------------
+An MCP server (stdio transport) the host starts, supervises and restarts;
+its tools are called as ``mcp.NAME.TOOL``.
+
+``command``          required; the executable (no shell; a path, or a name on PATH).
+``args``             array of arguments.
+``env``              environment variables added to the SDK's minimal safe
+                     environment; ``{name}`` placeholders are filled from the
+                     server's ``credentials`` on the host side.
+``cwd``              working directory.
+``credentials``      secrets the server's env uses; each ``mcp.NAME.*`` grant
+                     gets them (the broker leases them per call).
+``tools``            the server's tools to grant: each becomes a grant
+                     ``[tools."mcp.NAME.TOOL"]`` (write that table yourself to
+                     add rates, approval or argument rules).  When ``tools`` is
+                     given, a grant of an unlisted tool is an error.
+``timeout``          per call (duration, default 30s).
+``startup_timeout``  for starting the server and listing its tools (default 10s).
 
 [[validators]] — output guardrails
 ----------------------------------
@@ -1216,7 +1303,22 @@ class Policy(_Model):
             lines.append("  token warnings at " + ", ".join(f"{x:.0%}" for x in b.token_warnings))
         lines.append(f"tools ({len(self.tools)}):")
         for name, g in self.tools.items():
-            bits = ["builtin" if name in BUILTIN_TOOLS else f"handler {g.handler}"]
+            kind = tool_kind(name, g.handler is not None)
+            if g.handler is not None:
+                bits = [f"handler {g.handler}"]
+            elif kind == "mcp":
+                bits = ["MCP server " + (mcp_tool_parts(name) or ("?", ""))[0]]
+            else:
+                bits = ["builtin" if kind == name else f"builtin {kind}"]
+            if g.model:
+                bits.append(f"model {g.model} at {g.base_url}")
+            if g.hosts:
+                bits.append("hosts " + ", ".join(g.hosts) + " (" + ", ".join(g.methods or ("GET",)) + ")")
+            if g.allow_private:
+                nets = g.allow_private if isinstance(g.allow_private, tuple) else ("all",)
+                bits.append("private addresses " + ", ".join(nets))
+            if g.namespaces:
+                bits.append("namespaces " + ", ".join(g.namespaces))
             bits.append("idempotent" if g.idempotent else "not idempotent")
             if g.rate:
                 bits.append("rate " + ", ".join(r.text for r in g.rate))
@@ -1231,6 +1333,10 @@ class Policy(_Model):
             if g.credentials:
                 bits.append("credentials " + ", ".join(g.credentials))
             lines.append(f"  {name}: " + "; ".join(bits))
+        if self.mcp:
+            lines.append(f"mcp servers ({len(self.mcp)}):")
+            for sname, srv in self.mcp.items():
+                lines.append(f"  {sname}: {' '.join((srv.command, *srv.args))}")
         lines.append(f"validators ({len(self.validators)}):")
         for i, v in enumerate(self.validators):
             lines.append(f"  [{i}] {v.kind} on {', '.join(v.on)} -> {v.effective_action}")

@@ -16,7 +16,9 @@ spans first and narrows down only where they differ (see ``_gallop``). Where no 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -197,25 +199,114 @@ def _changed_chunks_memcmp(
     pristine: _Region,
     current: _Region,
     chunk_size: int,
+    lo: int = 0,
+    hi: int | None = None,
 ) -> list[int]:
-    """Indices of the chunks of ``current`` that differ from ``pristine`` (zero past its end)."""
-    n = current.size
+    """Indices of the chunks of ``current[lo:hi]`` that differ from ``pristine`` (zero past
+    its end); ``lo`` is chunk-aligned."""
+    n = current.size if hi is None else hi
     plen = pristine.size
     out: list[int] = []
     aligned = plen - plen % chunk_size
-    _gallop(memcmp, current.addr, pristine.addr, True, 0, aligned, chunk_size, out)
-    if aligned < plen:
+    if lo < aligned:
+        _gallop(memcmp, current.addr, pristine.addr, True, lo, min(aligned, n), chunk_size, out)
+    if aligned < plen and lo <= aligned < n:
         # The one chunk holding the end of the pristine image: compare its two halves.
-        end = min(aligned + chunk_size, n)
+        end = min(aligned + chunk_size, current.size)
         tail = end - plen
         if memcmp(current.addr + aligned, pristine.addr + aligned, plen - aligned) != 0 or (
             tail > 0 and ctypes.string_at(current.addr + plen, tail) != bytes(tail)
         ):
             out.append(aligned // chunk_size)
         aligned = end
-    if aligned < n:
+    start = max(lo, aligned)
+    if start < n:
         zeros = _zeros_addr(max(_MAX_WINDOW, chunk_size))
-        _gallop(memcmp, current.addr, zeros, False, aligned, n, chunk_size, out)
+        _gallop(memcmp, current.addr, zeros, False, start, n, chunk_size, out)
+    return out
+
+
+# Pages the process never touched need not be read at all. Reading them is what costs:
+# memcmp over a freshly instantiated 128 KiB memory faults in ~25 untouched pages (about
+# 60 µs of the ~85 µs a fresh agent's diff took), and a 1 MiB agent ~230. Linux's
+# /proc/self/pagemap says, 8 bytes per page, whether a page is present (bit 63) or
+# swapped (bit 62); a page that is neither has never been written (or was dropped), so
+# it reads as what its mapping is backed by: zeros for anonymous memory, the module's
+# data image for Wasmtime's copy-on-write image mapping. That is the pristine image
+# only for memory laid out the way Wasmtime lays out a fresh instance, so callers opt
+# in (``untouched_is_pristine``); everything else is compared in full.
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_pagemap_fd: int | None = None
+_pagemap_lock = threading.Lock()
+_PM_PRESENT_OR_SWAPPED = 3 << 62
+
+
+def _pagemap() -> int | None:
+    global _pagemap_fd
+    if _pagemap_fd is None:
+        with _pagemap_lock:
+            if _pagemap_fd is None:
+                try:
+                    _pagemap_fd = os.open("/proc/self/pagemap", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError:
+                    _pagemap_fd = -1
+    return None if _pagemap_fd < 0 else _pagemap_fd
+
+
+def _touched_chunks(reg: _Region, chunk_size: int) -> list[int] | None:
+    """Indices of the chunks of ``reg`` with at least one present or swapped page, or None
+    when the kernel cannot tell (no pagemap), in which case every chunk is a candidate."""
+    fd = _pagemap()
+    if fd is None or reg.size == 0:
+        return None
+    first = reg.addr // _PAGE
+    last = (reg.addr + reg.size - 1) // _PAGE
+    try:
+        raw = os.pread(fd, 8 * (last - first + 1), 8 * first)
+    except OSError:
+        return None
+    if len(raw) != 8 * (last - first + 1):
+        return None
+    entries = memoryview(raw).cast("Q")
+    out: list[int] = []
+    base = reg.addr
+    nchunks = -(-reg.size // chunk_size)
+    if chunk_size == _PAGE and base % _PAGE == 0:
+        for i, e in enumerate(entries):
+            if e & _PM_PRESENT_OR_SWAPPED:
+                out.append(i)
+        return out
+    for c in range(nchunks):
+        lo = (base + c * chunk_size) // _PAGE - first
+        hi = (base + min((c + 1) * chunk_size, reg.size) - 1) // _PAGE - first
+        if any(entries[p] & _PM_PRESENT_OR_SWAPPED for p in range(lo, hi + 1)):
+            out.append(c)
+    return out
+
+
+def _changed_among(
+    memcmp: Callable[[int, int, int], int],
+    pristine: _Region,
+    current: _Region,
+    chunk_size: int,
+    candidates: list[int],
+) -> list[int]:
+    """Which of the ``candidates`` chunks differ from the pristine image (zeros past it).
+
+    Consecutive candidates are scanned as one run with the galloping scan, so memory
+    that is all present (grown by a copy) costs what a full scan costs, not more.
+    """
+    out: list[int] = []
+    n = current.size
+    i = 0
+    while i < len(candidates):
+        j = i
+        while j + 1 < len(candidates) and candidates[j + 1] == candidates[j] + 1:
+            j += 1
+        lo = candidates[i] * chunk_size
+        hi = min((candidates[j] + 1) * chunk_size, n)
+        out += _changed_chunks_memcmp(memcmp, pristine, current, chunk_size, lo, hi)
+        i = j + 1
     return out
 
 
@@ -233,7 +324,11 @@ def _changed_chunks_copy(pristine: bytes, current: bytes, chunk_size: int) -> li
 
 
 def diff_memory(
-    pristine: Buffer, current: Buffer, chunk_size: int = DEFAULT_CHUNK_SIZE
+    pristine: Buffer,
+    current: Buffer,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    *,
+    untouched_is_pristine: bool = False,
 ) -> MemoryDelta:
     """Return the chunks of ``current`` that differ from the module's ``pristine`` image.
 
@@ -241,6 +336,11 @@ def diff_memory(
     and may be larger than ``pristine`` when the agent grew its memory; the excess is
     compared against zeros, which is what a fresh instance grown to the same size holds.
     Only the changed chunks are copied out.
+
+    ``untouched_is_pristine``: ``current`` is a linear memory mapped the way Wasmtime
+    maps a fresh instance (anonymous zero pages, the data image copy-on-write), so a
+    page the kernel reports as never touched equals the pristine image and is skipped
+    without being read (see ``_touched_chunks``). Same answer, a fraction of the time.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -252,7 +352,11 @@ def diff_memory(
             "a linear memory never shrinks, so this pristine image is not from this agent's module"
         )
     if _memcmp is not None:
-        indices = _changed_chunks_memcmp(_memcmp, preg, creg, chunk_size)
+        touched = _touched_chunks(creg, chunk_size) if untouched_is_pristine else None
+        if touched is not None:
+            indices = _changed_among(_memcmp, preg, creg, chunk_size, touched)
+        else:
+            indices = _changed_chunks_memcmp(_memcmp, preg, creg, chunk_size)
         chunks = tuple(
             (
                 i,

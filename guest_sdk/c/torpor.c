@@ -1346,6 +1346,186 @@ int64_t torpor_clock_now(int *err) {
     return int_result(&r, "unix_ms", err);
 }
 
+/* ========================================================================= */
+/* Shared namespaces, LLM, HTTP, MCP                                           */
+/* ========================================================================= */
+/* Take the parsed response out of r (freeing the rest), or fail. */
+static torpor_json *take_object(torpor_result *r, int *err) {
+    if (!r->ok || !torpor_json_is_object(r->value)) return wrap_fail(r, err), NULL;
+    torpor_json *v = r->value;
+    r->value = NULL;
+    torpor_result_free(r);
+    if (err) *err = 0;
+    return v;
+}
+
+/* Detach the member `key` of the response object (freeing the rest), or fail. */
+static torpor_json *take_member(torpor_result *r, const char *key, int *err) {
+    torpor_json *obj = r->value;
+    if (!r->ok || !torpor_json_is_object(obj)) return wrap_fail(r, err), NULL;
+    torpor_json *v = NULL;
+    for (uint32_t i = obj->len; i-- > 0;) {
+        if (torpor_json_streq(obj->kids[2 * i], key)) {
+            v = obj->kids[2 * i + 1];
+            obj->kids[2 * i + 1] = node_new(TORPOR_JSON_NULL, 0);
+            break;
+        }
+    }
+    if (!v) return wrap_fail(r, err), NULL;
+    torpor_result_free(r);
+    if (err) *err = 0;
+    return v;
+}
+
+torpor_json *torpor_kv_get_ns(const char *ns, const char *key, int *err) {
+    if (!ns) return torpor_kv_get(key, err);
+    torpor_result r = torpor_callf("kv.get", "{\"key\": %s, \"namespace\": %s}", key, ns);
+    return take_member(&r, "value", err);
+}
+
+int torpor_kv_set_ns(const char *ns, const char *key, const char *value_json) {
+    if (!ns) return torpor_kv_set(key, value_json);
+    torpor_result r = torpor_callf("kv.set", "{\"key\": %s, \"value\": %j, \"namespace\": %s}", key,
+                                   value_json, ns);
+    if (!r.ok) return wrap_fail(&r, NULL);
+    torpor_result_free(&r);
+    return 0;
+}
+
+int64_t torpor_kv_incr_ns(const char *ns, const char *key, int64_t by, int *err) {
+    if (!ns) return torpor_kv_incr(key, by, err);
+    torpor_result r = torpor_callf("kv.incr", "{\"key\": %s, \"by\": %lld, \"namespace\": %s}", key,
+                                   (long long)by, ns);
+    return int_result(&r, "value", err);
+}
+
+/* Add every member of the JSON object text `extra` (NULL: nothing) to an open object. */
+static bool jb_merge(torpor_jb *b, const char *extra) {
+    if (!extra) return true;
+    torpor_json *o = torpor_json_parse_cstr(extra);
+    if (!torpor_json_is_object(o)) {
+        torpor_json_free(o);
+        return false;
+    }
+    for (size_t i = 0; i < torpor_json_len(o); i++) {
+        torpor_jb_key(b, torpor_json_key(o, i));
+        torpor_jb_value(b, torpor_json_index(o, i));
+    }
+    torpor_json_free(o);
+    return true;
+}
+
+/* A failure found before any call: recorded like a tool's, so torpor_last_error explains it. */
+static void *local_fail(int code, const char *name, const char *message, int *err) {
+    torpor_result r;
+    memset(&r, 0, sizeof r);
+    r.code = code;
+    r.code_name = name;
+    r.message = message;
+    char *raw = torpor_jsonf("{\"code\": %s, \"message\": %s, \"retryable\": false}", name, message);
+    r.raw = raw;
+    r.raw_len = strlen(raw);
+    r.value = torpor_json_parse_cstr(raw);
+    torpor_result_free(&g_last_err);
+    g_last_err = r;
+    g_last_err.message = torpor_json_str(torpor_json_get(g_last_err.value, "message"));
+    g_last_err.code_name = torpor_json_str(torpor_json_get(g_last_err.value, "code"));
+    if (err) *err = code;
+    return NULL;
+}
+
+torpor_json *torpor_llm_chat_with(const char *tool, const char *messages_json, const char *options_json,
+                                  int *err) {
+    torpor_jb b = TORPOR_JB_INIT;
+    torpor_jb_obj(&b);
+    torpor_jb_key(&b, "messages");
+    torpor_jb_raw(&b, messages_json ? messages_json : "[]");
+    bool ok = jb_merge(&b, options_json);
+    torpor_jb_end(&b);
+    char *args = torpor_jb_finish(&b);
+    if (!ok || !args) {
+        torpor_free(args);
+        return local_fail(TORPOR_E_INVALID_ARGS, "invalid_args", "options_json must be a JSON object", err);
+    }
+    torpor_result r = torpor_call(tool ? tool : "llm.chat", args);
+    torpor_free(args);
+    return take_object(&r, err);
+}
+
+torpor_json *torpor_llm_chat(const char *messages_json, const char *options_json, int *err) {
+    return torpor_llm_chat_with("llm.chat", messages_json, options_json, err);
+}
+
+char *torpor_llm_ask(const char *system, const char *user, int *err) {
+    torpor_jb b = TORPOR_JB_INIT;
+    torpor_jb_arr(&b);
+    if (system) torpor_jb_f(&b, "{\"role\": \"system\", \"content\": %s}", system);
+    torpor_jb_f(&b, "{\"role\": \"user\", \"content\": %s}", user ? user : "");
+    torpor_jb_end(&b);
+    char *messages = torpor_jb_finish(&b);
+    torpor_json *answer = torpor_llm_chat(messages, NULL, err);
+    torpor_free(messages);
+    if (!answer) return NULL;
+    const char *text = torpor_json_str(torpor_json_get(answer, "content"));
+    char *out = torpor_strdup(text ? text : "");
+    torpor_json_free(answer);
+    return out;
+}
+
+torpor_json *torpor_http_fetch_with(const char *tool, const char *method, const char *url,
+                                    const char *headers_json, const char *body, int *err) {
+    torpor_jb b = TORPOR_JB_INIT;
+    torpor_jb_obj(&b);
+    torpor_jb_key(&b, "url");
+    torpor_jb_str(&b, url);
+    torpor_jb_key(&b, "method");
+    torpor_jb_str(&b, method ? method : "GET");
+    if (headers_json) {
+        torpor_jb_key(&b, "headers");
+        torpor_jb_raw(&b, headers_json);
+    }
+    if (body) {
+        torpor_jb_key(&b, "body");
+        torpor_jb_str(&b, body);
+    }
+    torpor_jb_end(&b);
+    char *args = torpor_jb_finish(&b);
+    torpor_result r = torpor_call(tool ? tool : "http.fetch", args);
+    torpor_free(args);
+    return take_object(&r, err);
+}
+
+torpor_json *torpor_http_fetch(const char *method, const char *url, const char *headers_json,
+                               const char *body, int *err) {
+    return torpor_http_fetch_with("http.fetch", method, url, headers_json, body, err);
+}
+
+torpor_json *torpor_http_get_json(const char *tool, const char *url, int *status, int *err) {
+    torpor_result r = torpor_callf(tool ? tool : "http.fetch", "{\"url\": %s}", url);
+    if (status) *status = (int)torpor_json_int(torpor_json_get(r.value, "status"));
+    if (r.ok && !torpor_json_get(r.value, "json")) { /* answered, but not with JSON */
+        r.ok = false;
+        r.code = TORPOR_E_TOOL_FAILED;
+        r.code_name = "tool_failed";
+        r.message = "the response body is not JSON";
+        return wrap_fail(&r, err), NULL;
+    }
+    return take_member(&r, "json", err);
+}
+
+torpor_json *torpor_http_post_json(const char *tool, const char *url, const char *json_body, int *err) {
+    torpor_result r = torpor_callf(tool ? tool : "http.fetch", "{\"url\": %s, \"method\": \"POST\", \"json\": %j}",
+                                   url, json_body);
+    return take_object(&r, err);
+}
+
+torpor_json *torpor_mcp_call(const char *server, const char *tool, const char *args_json, int *err) {
+    char *name = torpor_strf("mcp.%s.%s", server ? server : "", tool ? tool : "");
+    torpor_result r = torpor_call(name, args_json ? args_json : "{}");
+    torpor_free(name);
+    return take_object(&r, err);
+}
+
 #ifndef TORPOR_SDK_NO_MINSIZE
 #pragma clang attribute pop
 #endif

@@ -322,6 +322,72 @@ int64_t torpor_clock_now(int *err);
 /* The last failed wrapper call (valid until the next failure), or NULL. */
 const torpor_result *torpor_last_error(void);
 
+/* ------------------------------------------------------------------------- */
+/* Shared key-value namespaces                                                */
+/* ------------------------------------------------------------------------- */
+/* kv.get / kv.set / kv.incr in a shared namespace: one the tool's grant lists
+ * in `namespaces = [...]`, visible to every agent whose policy grants it.
+ * ns == NULL is the agent's private namespace (the same as the calls above).
+ * A namespace the grant does not list fails with TORPOR_E_DENIED. */
+torpor_json *torpor_kv_get_ns(const char *ns, const char *key, int *err);
+int torpor_kv_set_ns(const char *ns, const char *key, const char *value_json);
+int64_t torpor_kv_incr_ns(const char *ns, const char *key, int64_t by, int *err);
+
+/* ------------------------------------------------------------------------- */
+/* LLM (llm.chat)                                                             */
+/* ------------------------------------------------------------------------- */
+/* A chat completion. messages_json: a JSON array of {"role", "content"}
+ * objects. options_json: NULL or a JSON object whose members are added to the
+ * call (temperature, max_tokens, response_format, stop, seed, model, ...).
+ * The host chooses the endpoint, model and credential from the policy; the
+ * token usage counts against the agent's budget. Returns the answer (caller
+ * frees with torpor_json_free):
+ *   {"content": "...", "message": {...}, "finish_reason": "stop",
+ *    "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}, "model": ...}
+ * or NULL on failure (*err, torpor_last_error: rate_limited, timeout, ...). */
+torpor_json *torpor_llm_chat(const char *messages_json, const char *options_json, int *err);
+/* The same through another llm.* grant, e.g. "llm.cheap". */
+torpor_json *torpor_llm_chat_with(const char *tool, const char *messages_json, const char *options_json,
+                                  int *err);
+/* One system message (NULL for none) and one user message; the reply text
+ * (caller frees with torpor_free), or NULL on failure. */
+char *torpor_llm_ask(const char *system, const char *user, int *err);
+
+/* ------------------------------------------------------------------------- */
+/* HTTP (http.fetch)                                                          */
+/* ------------------------------------------------------------------------- */
+/* One request to a host on the grant's allowlist. method NULL means GET;
+ * headers_json NULL or a JSON object of strings; body NULL or text. Returns
+ * the response (caller frees):
+ *   {"status": 200, "headers": {...}, "url": ..., "redirects": [...],
+ *    "json": <the parsed body, when it is JSON> | "body": "<text>" | "body_base64": "..."}
+ * An HTTP error status is an answer, not a failure: check "status". NULL on
+ * failure: refused by the policy (denied, with a reason_code), timeout,
+ * unavailable, result_too_large. */
+torpor_json *torpor_http_fetch(const char *method, const char *url, const char *headers_json,
+                               const char *body, int *err);
+/* The same through another http.* grant, e.g. "http.send_reply". */
+torpor_json *torpor_http_fetch_with(const char *tool, const char *method, const char *url,
+                                    const char *headers_json, const char *body, int *err);
+/* GET url (through `tool`, NULL for "http.fetch") and return its parsed JSON
+ * body (caller frees); *status (optional) gets the HTTP status. NULL on failure
+ * or when the body is not JSON (the response is in torpor_last_error()->value). */
+torpor_json *torpor_http_get_json(const char *tool, const char *url, int *status, int *err);
+/* POST json_body (JSON text) to url through `tool` (NULL for "http.fetch");
+ * returns the response object as torpor_http_fetch does. */
+torpor_json *torpor_http_post_json(const char *tool, const char *url, const char *json_body, int *err);
+
+/* ------------------------------------------------------------------------- */
+/* MCP servers (mcp.SERVER.TOOL)                                              */
+/* ------------------------------------------------------------------------- */
+/* Call the tool `tool` of the MCP server `server` ([mcp.SERVER] in the policy)
+ * with a JSON object of arguments (NULL means {}). The host validates them
+ * against the tool's published schema. Returns (caller frees)
+ *   {"structured": <structured result or null>, "text": "...", "content": [...]}
+ * or NULL on failure (invalid_args, tool_failed, unavailable when the server
+ * crashed — the host restarts it, a retry may succeed — timeout, ...). */
+torpor_json *torpor_mcp_call(const char *server, const char *tool, const char *args_json, int *err);
+
 #pragma GCC visibility pop
 
 #ifdef __cplusplus

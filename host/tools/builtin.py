@@ -1,19 +1,34 @@
-"""Built-in tools: a key-value store on the agent's LMDB store, a clock, and a log.
+"""Built-in tools: a key-value store on the agent's LMDB store, a clock, a log, and
+the network tools (``llm.*``, ``http.*``, ``mcp.SERVER.TOOL``).
 
 ``kv.*`` are transactional: each runs inside the store transaction that
 journals its result, so their effect and the record of it commit together.
-Keys live in the agent's own namespace (private to one agent) unless the
-policy grants more.
+Keys live in the agent's own namespace (private to one agent) unless the call
+names a ``namespace`` that the grant lists in ``namespaces``: a shared
+namespace, the same for every agent on this store whose policy grants it.
+Read and write access are granted separately (``kv.get`` and ``kv.set`` /
+``kv.incr`` each have their own grant), so a namespace can be read-only.
+
+:data:`BUILTINS` resolves tool *families*: every ``llm.NAME`` is an
+``llm.chat``, every ``http.NAME`` an ``http.fetch`` and every
+``mcp.SERVER.TOOL`` a call to an MCP server, each configured by its own grant.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .registry import ToolContext, ToolError, ToolSpec, spec_from_function, tool
+from policies.schema import tool_kind
+
+from . import http as http_tool
+from . import llm as llm_tool
+from . import mcp as mcp_tool
+from ._net import rule
+from .registry import AnyArgs, ToolContext, ToolError, ToolSpec, spec_from_function, tool
 
 MAX_KEY = 512
 MAX_VALUE = 1 << 20
@@ -25,16 +40,43 @@ class _Strict(BaseModel):
 
 class KvGetArgs(_Strict):
     key: str = Field(min_length=1, max_length=MAX_KEY)
+    namespace: str | None = Field(default=None, min_length=1, max_length=64)
 
 
 class KvSetArgs(_Strict):
     key: str = Field(min_length=1, max_length=MAX_KEY)
     value: Any = None
+    namespace: str | None = Field(default=None, min_length=1, max_length=64)
 
 
 class KvIncrArgs(_Strict):
     key: str = Field(min_length=1, max_length=MAX_KEY)
     by: int = Field(default=1, ge=-(1 << 53), le=1 << 53)
+    namespace: str | None = Field(default=None, min_length=1, max_length=64)
+
+
+SHARED_PREFIX = "shared:"
+
+
+def kv_namespace(tool_name: str, namespace: str | None, ctx: ToolContext) -> str:
+    """The store namespace of a call: the agent's own, or a shared one its grant lists.
+
+    Shared namespaces live under ``shared:NAME`` in the store, apart from every
+    agent's private ``agent:ID`` namespace, so no name a guest can choose
+    reaches another agent's private data.
+    """
+    if namespace is None:
+        return ctx.kv_namespace
+    granted = tuple(getattr(ctx.grant, "namespaces", ()) or ())
+    if namespace not in granted:
+        raise ToolError(
+            "denied",
+            f"{tool_name}: namespace {namespace!r} is not granted"
+            + (f" (granted: {', '.join(granted)})" if granted else " (this grant lists no shared namespaces)"),
+            rule=rule(tool_name, "namespaces"),
+            reason_code="namespace_not_granted",
+        )
+    return SHARED_PREFIX + namespace
 
 
 class NoArgs(_Strict):
@@ -49,7 +91,7 @@ class LogArgs(_Strict):
 @tool("kv.get", idempotent=True, transactional=True)
 def kv_get(args: KvGetArgs, ctx: ToolContext, txn: Any) -> dict[str, Any]:
     """Read a key (null when absent)."""
-    raw = txn.kv_get(ctx.kv_namespace, args.key)
+    raw = txn.kv_get(kv_namespace("kv.get", args.namespace, ctx), args.key)
     return {"value": None if raw is None else json.loads(raw)}
 
 
@@ -59,14 +101,15 @@ def kv_set(args: KvSetArgs, ctx: ToolContext, txn: Any) -> dict[str, Any]:
     raw = json.dumps(args.value, separators=(",", ":")).encode()
     if len(raw) > MAX_VALUE:
         raise ToolError("too_large", f"kv.set: value is {len(raw)} bytes; the limit is {MAX_VALUE}")
-    txn.kv_set(ctx.kv_namespace, args.key, raw)
+    txn.kv_set(kv_namespace("kv.set", args.namespace, ctx), args.key, raw)
     return {}
 
 
 @tool("kv.incr", idempotent=False, transactional=True)
 def kv_incr(args: KvIncrArgs, ctx: ToolContext, txn: Any) -> dict[str, Any]:
     """Add ``by`` (default 1) to an integer key and return the new value, exactly once."""
-    raw = txn.kv_get(ctx.kv_namespace, args.key)
+    ns = kv_namespace("kv.incr", args.namespace, ctx)
+    raw = txn.kv_get(ns, args.key)
     if raw is not None:
         try:
             current = json.loads(raw)
@@ -77,7 +120,7 @@ def kv_incr(args: KvIncrArgs, ctx: ToolContext, txn: Any) -> dict[str, Any]:
     else:
         current = 0
     value = current + args.by
-    txn.kv_set(ctx.kv_namespace, args.key, str(value).encode())
+    txn.kv_set(ns, args.key, str(value).encode())
     return {"value": value}
 
 
@@ -93,6 +136,75 @@ def log_tool(args: LogArgs, ctx: ToolContext) -> dict[str, Any]:
     return {}
 
 
-BUILTINS: dict[str, ToolSpec] = {
-    spec.name: spec for spec in (spec_from_function(f) for f in (kv_get, kv_set, kv_incr, clock_now, log_tool))
-}
+def _family_spec(name: str, kind: str) -> ToolSpec:
+    """The spec of one member of a tool family, bound to its name (for rule locators and MCP routing).
+
+    Declared idempotent: the runtime lowers it to what the grant says (a grant
+    may only tighten), and the policy's default for each family is the safe
+    one (``http.*`` is idempotent only for GET/HEAD/OPTIONS, ``mcp.*`` never
+    unless the policy says so).
+    """
+    if kind == "llm.chat":
+
+        async def llm(args: llm_tool.ChatArgs, ctx: ToolContext) -> dict[str, Any]:
+            return await llm_tool.chat(args, ctx, tool=name)
+
+        return ToolSpec(name, llm, llm_tool.ChatArgs, idempotent=True,
+                        description="a chat completion from the LLM the grant names")
+    if kind == "http.fetch":
+
+        async def fetch(args: http_tool.FetchArgs, ctx: ToolContext) -> dict[str, Any]:
+            return await http_tool.fetch(args, ctx, tool=name)
+
+        return ToolSpec(name, fetch, http_tool.FetchArgs, idempotent=True,
+                        description="an HTTP request to a host on the grant's allowlist")
+
+    async def mcp(args: AnyArgs, ctx: ToolContext) -> dict[str, Any]:
+        return await mcp_tool.call_tool(args, ctx, tool=name)
+
+    return ToolSpec(name, mcp, AnyArgs, idempotent=True, description="a tool of an MCP server")
+
+
+_FAMILIES = frozenset({"llm.chat", "http.fetch", "mcp"})
+
+
+class _Builtins(Mapping[str, ToolSpec]):
+    """The fixed builtins plus the families ``llm.*``, ``http.*``, ``mcp.SERVER.TOOL``.
+
+    Iteration lists the fixed ones; lookups also resolve family members, so the
+    runtime's ``name in BUILTINS`` / ``BUILTINS[name]`` works for every name a
+    policy can grant without a handler.
+    """
+
+    def __init__(self, fixed: dict[str, ToolSpec]) -> None:
+        self._fixed = fixed
+        self._family: dict[str, ToolSpec] = {}
+
+    def __getitem__(self, name: str) -> ToolSpec:
+        spec = self._fixed.get(name) or self._family.get(name)
+        if spec is not None:
+            return spec
+        kind = tool_kind(name)
+        if kind not in _FAMILIES:
+            raise KeyError(name)
+        spec = self._family[name] = _family_spec(name, kind)
+        return spec
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        if name in self._fixed:
+            return True
+        return tool_kind(name) in _FAMILIES
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fixed)
+
+    def __len__(self) -> int:
+        return len(self._fixed)
+
+
+BUILTINS: Mapping[str, ToolSpec] = _Builtins(
+    {spec.name: spec for spec in (spec_from_function(f) for f in (kv_get, kv_set, kv_incr, clock_now, log_tool))}
+    | {name: _family_spec(name, name) for name in ("llm.chat", "http.fetch")}
+)

@@ -1,0 +1,512 @@
+"""MCP servers as capabilities: ``mcp.SERVER.TOOL`` tools, mediated like any other.
+
+A policy names a server and the tools it grants::
+
+    [mcp.tickets]
+    command = "/usr/bin/python3"
+    args = ["-m", "tickets_mcp"]
+    env = { TICKETS_TOKEN = "{tickets_token}" }   # placeholders: the server's credentials
+    credentials = ["tickets_token"]
+    tools = ["lookup_customer", "create_ticket"]
+    timeout = "20s"                                # per call (default 30s)
+
+    [tools."mcp.tickets.create_ticket"]            # optional: rates, approval, argument rules
+    approval = true
+
+The host starts the server on first use (stdio transport, through the ``mcp``
+SDK; no shell; the environment is the SDK's minimal safe one plus ``env``),
+lists its tools and their JSON Schemas, and keeps it running for later calls
+and other agents with the same configuration.  Before a call goes to the
+server its arguments are validated against the tool's published input schema
+(``invalid_args`` otherwise), after the policy engine has decided the call.
+
+**Supervision.**  Servers live on one supervisor event loop in a daemon thread
+of the host process, independent of the event loop of any one ``Host`` call (a
+CLI run, a test, an embedding service), so a server outlives the run that
+started it.  A server that
+
+* exits during a call: the guest gets ``unavailable`` (``server_crashed``,
+  retryable) and the server is restarted at once;
+* hangs past the timeout: ``timeout``, and the server is restarted (a
+  single-threaded server stuck in one call would hang every later one);
+* lies about its schema — rejects arguments that match its own input schema,
+  answers against its own output schema, or sends a malformed result:
+  ``tool_failed`` with a ``reason_code`` (``schema_mismatch``,
+  ``schema_violation``, ``bad_response``), and the server is restarted (its
+  tools listed again).  A restart cuts off other calls in flight on that
+  server; they get ``server_crashed`` and may retry.  A tool whose published
+  schema is not a JSON Schema at all is refused (``unavailable``,
+  ``schema_invalid``, not retryable) without a restart: the server would
+  publish the same schema again;
+* cannot start: ``unavailable`` (``server_start_failed``), and further starts
+  back off exponentially (up to 30 s) so a broken command does not spin.
+
+Servers idle for :data:`IDLE_S` are stopped; all are stopped at process exit.
+A tool the server reports as failed (``isError``) is a ``tool_failed`` error
+whose message is the tool's text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import json
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import jsonschema
+import jsonschema.exceptions
+import jsonschema.validators
+
+from policies.schema import fill_placeholders, mcp_tool_parts
+
+from .registry import AnyArgs, ToolContext, ToolError
+
+log = logging.getLogger("torpor.mcp")
+T = TypeVar("T")
+
+DEFAULT_CALL_TIMEOUT_S = 30.0
+DEFAULT_STARTUP_TIMEOUT_S = 10.0
+IDLE_S = 300.0
+REAP_EVERY_S = 30.0
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
+CONNECTION_CLOSED = -32000
+INVALID_PARAMS = -32602
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How to start one server; equal configurations share one process."""
+
+    name: str
+    command: str
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str | None = None
+    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT_S
+
+    @classmethod
+    def from_policy(cls, name: str, spec: Any, secrets: dict[str, str]) -> ServerConfig:
+        """Build from a policy's ``[mcp.NAME]``, filling ``{credential}`` placeholders host side."""
+        try:
+            env = tuple(sorted((k, fill_placeholders(v, secrets)) for k, v in dict(spec.env).items()))
+        except KeyError as exc:
+            raise ToolError(
+                "unavailable", f"MCP server {name}: credential {exc.args[0]!r} was not provided by the host",
+                reason_code="credential_missing",
+            ) from None
+        return cls(
+            name=name,
+            command=str(spec.command),
+            args=tuple(spec.args),
+            env=env,
+            cwd=spec.cwd,
+            startup_timeout=float(spec.startup_timeout or DEFAULT_STARTUP_TIMEOUT_S),
+        )
+
+
+@dataclass
+class ToolInfo:
+    """One tool as the server published it, with its schemas compiled (or why they could not be)."""
+
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+    output_schema: dict[str, Any] | None
+    input_validator: Any = None
+    output_validator: Any = None
+    schema_error: str | None = None
+
+    @classmethod
+    def from_listing(cls, raw: dict[str, Any]) -> ToolInfo:
+        info = cls(
+            name=str(raw.get("name")),
+            description=str(raw.get("description") or ""),
+            input_schema=dict(raw.get("inputSchema") or {}),
+            output_schema=raw.get("outputSchema") if isinstance(raw.get("outputSchema"), dict) else None,
+        )
+        try:
+            info.input_validator = _compile(info.input_schema)
+            if info.output_schema is not None:
+                info.output_validator = _compile(info.output_schema)
+        except jsonschema.exceptions.SchemaError as exc:
+            info.schema_error = exc.message
+        return info
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "input_schema": self.input_schema,
+                "output_schema": self.output_schema, "schema_error": self.schema_error}
+
+
+def _compile(schema: dict[str, Any]) -> Any:
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def _schema_errors(validator: Any, value: Any) -> list[str]:
+    """Readable schema violations (at most five); an unresolvable schema counts as one."""
+    try:
+        errors = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
+    except Exception as exc:  # e.g. a $ref the schema cannot resolve (never fetched)
+        return [f"the schema cannot be applied: {exc}"]
+    out = []
+    for e in errors[:5]:
+        where = ".".join(str(p) for p in e.absolute_path) or "(arguments)"
+        out.append(f"{where}: {e.message}")
+    return out
+
+
+@dataclass
+class _Server:
+    """One running server and its session; touched only on the supervisor loop."""
+
+    config: ServerConfig
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    session: Any = None
+    read: Any = None  # the transport's receive stream: no open senders once the process is gone
+    tools: dict[str, ToolInfo] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    dead: bool = False
+    generation: int = 0
+
+
+class Supervisor:
+    """Starts, reuses, restarts and stops MCP servers for every ``Host`` in this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._servers: dict[ServerConfig, _Server] = {}
+        self._starting: dict[ServerConfig, asyncio.Lock] = {}
+        self._failures: dict[ServerConfig, tuple[int, float]] = {}
+        self._generations: dict[ServerConfig, int] = {}
+        self._atexit = False
+
+    # -- the loop thread --------------------------------------------------------
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or not self._loop.is_running():
+                loop = asyncio.new_event_loop()
+                started = threading.Event()
+
+                def run() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(started.set)
+                    loop.run_forever()
+
+                self._thread = threading.Thread(target=run, name="torpor-mcp", daemon=True)
+                self._thread.start()
+                started.wait(5)
+                self._loop = loop
+                asyncio.run_coroutine_threadsafe(self._reaper(), loop)
+                if not self._atexit:
+                    atexit.register(self.close)
+                    self._atexit = True
+            return self._loop
+
+    async def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the supervisor loop and await it from the caller's loop."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self._ensure_loop())
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio): wait in a worker thread instead
+            import anyio.to_thread
+
+            return await anyio.to_thread.run_sync(fut.result)
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+
+    # -- public API ---------------------------------------------------------------
+    async def call(self, config: ServerConfig, tool: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Call one tool: validated, bounded, supervised.  Raises :class:`ToolError`."""
+        return await self._on_loop(self._call(config, tool, args, timeout))
+
+    async def list_tools(self, config: ServerConfig) -> list[dict[str, Any]]:
+        """The server's tools and schemas (starting it if needed)."""
+
+        async def run() -> list[dict[str, Any]]:
+            server = await self._get(config)
+            return [t.describe() for t in server.tools.values()]
+
+        return await self._on_loop(run())
+
+    def running(self) -> dict[str, int]:
+        """Server name → generation (1 for the first process, +1 per restart), for inspection and tests."""
+        return {c.name: s.generation for c, s in list(self._servers.items()) if not s.dead}
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop every server and the loop thread (idempotent; registered at exit)."""
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+        if loop is None or not loop.is_running():
+            return
+
+        async def shutdown() -> None:
+            servers = list(self._servers.values())
+            self._servers.clear()
+            for s in servers:
+                s.stop.set()
+            tasks = [s.task for s in servers if s.task is not None]
+            if tasks:
+                await asyncio.wait(tasks, timeout=timeout)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout + 1)
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(timeout)
+        self._starting.clear()
+        self._failures.clear()
+
+    # -- on the supervisor loop -------------------------------------------------------
+    def _healthy(self, server: _Server | None) -> bool:
+        if server is None or server.dead or not server.ready.done() or server.ready.cancelled():
+            return False
+        if server.ready.exception() is not None:
+            return False
+        if server.read is not None and server.read.statistics().open_send_streams == 0:
+            # The transport's reader is gone: the process closed its stdout (it died while idle).
+            self._restart(server, "it exited while idle", start=False)
+            return False
+        return True
+
+    async def _get(self, config: ServerConfig) -> _Server:
+        server = self._servers.get(config)
+        if server is not None and self._healthy(server):
+            server.last_used = time.monotonic()
+            return server
+        lock = self._starting.setdefault(config, asyncio.Lock())
+        async with lock:  # one start at a time per configuration
+            server = self._servers.get(config)
+            if server is not None and self._healthy(server):
+                return server
+            return await self._start(config)
+
+    async def _start(self, config: ServerConfig) -> _Server:
+        failures, not_before = self._failures.get(config, (0, 0.0))
+        wait = not_before - time.monotonic()
+        if wait > 0:
+            raise ToolError(
+                "unavailable", f"MCP server {config.name} failed to start {failures} time(s); next attempt in {wait:.1f}s",
+                retryable=True, retry_after_s=round(wait, 3), reason_code="server_start_failed",
+            )
+        generation = self._generations.get(config, 0) + 1
+        self._generations[config] = generation
+        server = _Server(config, generation=generation)
+        server.ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
+        server.task = asyncio.get_running_loop().create_task(self._run(server))
+        self._servers[config] = server
+        try:
+            await asyncio.wait_for(asyncio.shield(server.ready), config.startup_timeout)
+        except Exception as exc:
+            server.stop.set()
+            server.dead = True
+            if self._servers.get(config) is server:
+                del self._servers[config]
+            n = failures + 1
+            self._failures[config] = (n, time.monotonic() + min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (n - 1)))
+            what = "did not start in time" if isinstance(exc, TimeoutError) else f"failed to start: {_describe(exc)}"
+            log.warning("MCP server %s %s", config.name, what)
+            raise ToolError(
+                "unavailable", f"MCP server {config.name} {what}", retryable=True, reason_code="server_start_failed"
+            ) from None
+        self._failures.pop(config, None)
+        log.info("MCP server %s started (generation %d, %d tools)", config.name, generation, len(server.tools))
+        return server
+
+    async def _run(self, server: _Server) -> None:
+        """Hold the server's transport and session open until told to stop or it dies."""
+        from mcp import ClientSession, StdioServerParameters, stdio_client
+
+        cfg = server.config
+        params = StdioServerParameters(command=cfg.command, args=list(cfg.args), env=dict(cfg.env) or None, cwd=cfg.cwd)
+        with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as errlog:
+            try:
+                async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
+                    await session.initialize()
+                    listing = await session.list_tools()
+                    tools = [t.model_dump(by_alias=True, mode="json") for t in listing.tools]
+                    server.tools = {t["name"]: ToolInfo.from_listing(t) for t in tools}
+                    server.session = session
+                    server.read = read
+                    server.ready.set_result(None)
+                    await server.stop.wait()
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # an exception group from the SDK's task groups, mostly
+                if not server.ready.done():
+                    server.ready.set_exception(RuntimeError(_describe(exc)))
+                elif not server.stop.is_set():
+                    log.warning("MCP server %s failed: %s", cfg.name, _describe(exc))
+            finally:
+                server.dead = True
+                server.session = None
+                if not server.ready.done():
+                    server.ready.set_exception(RuntimeError("the server exited during startup"))
+                errlog.seek(0)
+                tail = errlog.read()[-2000:]
+                if tail.strip():
+                    log.info("MCP server %s stderr (tail): %s", cfg.name, tail)
+
+    def _restart(self, server: _Server, why: str, *, start: bool = True) -> None:
+        """Stop a misbehaving server and (unless ``start`` is false) start a fresh one in the background."""
+        log.warning("MCP server %s: %s; restarting it", server.config.name, why)
+        server.dead = True
+        server.stop.set()
+        if self._servers.get(server.config) is server:
+            del self._servers[server.config]
+        if not start:
+            return
+
+        async def again() -> None:
+            with contextlib.suppress(ToolError):
+                await self._get(server.config)
+
+        asyncio.get_running_loop().create_task(again())
+
+    async def _reaper(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_EVERY_S)
+            now = time.monotonic()
+            for cfg, s in list(self._servers.items()):
+                if not s.dead and now - s.last_used > IDLE_S:
+                    log.info("MCP server %s idle for %.0fs; stopping it", cfg.name, now - s.last_used)
+                    s.stop.set()
+                    del self._servers[cfg]
+
+    async def _call(self, config: ServerConfig, tool: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+        server = await self._get(config)
+        name = f"mcp.{config.name}.{tool}"
+        info = server.tools.get(tool)
+        if info is None:
+            raise ToolError("unknown_tool", f"{name}: the MCP server {config.name} offers no tool {tool!r}")
+        if info.schema_error is not None:
+            # Refused, not restarted: the listing is the server's code, a restart would publish it again
+            # (and cut off other agents' calls in flight for nothing).
+            raise ToolError(
+                "unavailable", f"{name}: the server published a schema that is not a valid JSON Schema: {info.schema_error}",
+                retryable=False, reason_code="schema_invalid",
+            )
+        problems = _schema_errors(info.input_validator, args)
+        if problems:
+            raise ToolError("invalid_args", f"{name}: " + "; ".join(problems))
+        session = server.session
+        if session is None:
+            raise ToolError("unavailable", f"{name}: the server is not running", retryable=True, reason_code="server_crashed")
+        from mcp import MCPError
+
+        server.last_used = time.monotonic()
+        try:
+            with anyio.fail_after(timeout):
+                result = await session.call_tool(tool, args)
+        except TimeoutError:
+            self._restart(server, f"{tool} did not answer within {timeout:g}s")
+            raise ToolError("timeout", f"{name}: no answer within {timeout:g}s", retryable=True) from None
+        except MCPError as exc:
+            if exc.code == CONNECTION_CLOSED or server.dead:
+                self._restart(server, f"it exited during a call of {tool}")
+                raise ToolError(
+                    "unavailable", f"{name}: the MCP server exited during the call; it is being restarted",
+                    retryable=True, reason_code="server_crashed",
+                ) from None
+            if exc.code == INVALID_PARAMS:
+                self._restart(server, f"{tool} rejected arguments its own schema accepts")
+                raise ToolError(
+                    "tool_failed",
+                    f"{name}: the server rejected arguments that match its published schema: {exc.message}",
+                    reason_code="schema_mismatch",
+                ) from None
+            raise ToolError(
+                "tool_failed", f"{name}: the server answered with error {exc.code}: {exc.message}",
+                reason_code="server_error",
+            ) from None
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream):
+            self._restart(server, f"its connection closed during a call of {tool}")
+            raise ToolError(
+                "unavailable", f"{name}: the MCP server's connection closed; it is being restarted",
+                retryable=True, reason_code="server_crashed",
+            ) from None
+        except RuntimeError as exc:  # the SDK's own output-schema check
+            self._restart(server, f"{tool} answered against its output schema")
+            raise ToolError(
+                "tool_failed", f"{name}: the server's answer violates its own output schema: {str(exc)[:500]}",
+                reason_code="schema_violation",
+            ) from None
+        except Exception as exc:
+            self._restart(server, f"{tool} sent a malformed answer")
+            raise ToolError(
+                "tool_failed", f"{name}: malformed answer from the server: {_describe(exc)[:500]}",
+                reason_code="bad_response",
+            ) from None
+        return _answer(self, server, name, info, result)
+
+
+def _answer(sup: Supervisor, server: _Server, name: str, info: ToolInfo, result: Any) -> dict[str, Any]:
+    raw = result.model_dump(by_alias=True, mode="json", exclude_none=True)
+    content = raw.get("content") if isinstance(raw.get("content"), list) else []
+    structured = raw.get("structuredContent")
+    text = "\n".join(c["text"] for c in content if isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str))
+    if raw.get("isError"):
+        raise ToolError("tool_failed", f"{name}: {text[:1000] or 'the tool reported an error'}", reason_code="tool_error")
+    if info.output_validator is not None:
+        problems = _schema_errors(info.output_validator, structured) if structured is not None else [
+            "no structuredContent although the tool declares an output schema"]
+        if problems:
+            sup._restart(server, f"{info.name} answered against its output schema")
+            raise ToolError(
+                "tool_failed", f"{name}: the server's answer violates its own output schema: " + "; ".join(problems),
+                reason_code="schema_violation",
+            )
+    if structured is None and text:
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(text)
+            if isinstance(parsed, dict):
+                structured = parsed
+    return {"content": content, "structured": structured, "text": text}
+
+
+def _describe(exc: BaseException) -> str:
+    """The innermost real error of an exception (group)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
+
+
+SUPERVISOR = Supervisor()
+"""The process-wide supervisor every ``mcp.*`` tool uses."""
+
+
+def shutdown() -> None:
+    """Stop every MCP server of this process (also runs at exit)."""
+    SUPERVISOR.close()
+
+
+async def call_tool(args: AnyArgs, ctx: ToolContext, *, tool: str) -> dict[str, Any]:
+    """The handler behind every ``mcp.SERVER.TOOL``: config from the policy, call via the supervisor."""
+    parts = mcp_tool_parts(tool)
+    servers = getattr(ctx.policy, "mcp", None) or {}
+    if parts is None or parts[0] not in servers:
+        raise ToolError("unknown_tool", f"{tool}: the policy names no MCP server for it")
+    server, name = parts
+    spec = servers[server]
+    config = ServerConfig.from_policy(server, spec, ctx.secrets)
+    timeout = getattr(ctx.grant, "timeout", None) or spec.timeout or DEFAULT_CALL_TIMEOUT_S
+    arguments = args.model_dump()
+    return await SUPERVISOR.call(config, name, arguments, float(timeout))

@@ -1,0 +1,157 @@
+"""A small MCP server (stdio, newline-delimited JSON-RPC) for the tests: well-behaved
+tools, and tools that misbehave on purpose.
+
+It speaks the protocol by hand rather than through the SDK's server classes so
+that it can do what a real SDK would never let it do: die in the middle of a
+call, publish a schema it does not honour, or answer with garbage.  It starts in
+a few milliseconds (no imports beyond the standard library).
+
+Tools:
+  lookup_customer  {customer_id: "C-<digits>"} -> the customer (text + structuredContent)
+  pid              {} -> {"pid": <this process>} (tells a restart apart)
+  crash            {} -> the process exits in the middle of the call
+  slow             {seconds: number} -> sleeps, then answers
+  fail             {} -> a tool-level error (isError: true)
+  lie_output       {} -> structuredContent that violates its own outputSchema
+  lie_input        {x: integer} -> refuses every call with "invalid params"
+  bad_schema       an inputSchema that is not a JSON Schema
+Flags: --garbage-after-init (answer tools/list with a non-JSON line).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+CUSTOMERS = {
+    "C-42": {"id": "C-42", "name": "Ada Lovelace", "plan": "enterprise", "open_tickets": 2},
+    "C-7": {"id": "C-7", "name": "Alan Turing", "plan": "free", "open_tickets": 0},
+}
+
+TOOLS = [
+    {
+        "name": "lookup_customer",
+        "description": "Find a customer by id.",
+        "inputSchema": {
+            "type": "object",
+            "properties": {"customer_id": {"type": "string", "pattern": "^C-[0-9]+$"}},
+            "required": ["customer_id"],
+            "additionalProperties": False,
+        },
+        "outputSchema": {
+            "type": "object",
+            "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "plan": {"type": "string"},
+                           "open_tickets": {"type": "integer"}},
+            "required": ["id", "name"],
+        },
+    },
+    {"name": "pid", "description": "This server's pid.", "inputSchema": {"type": "object", "properties": {}}},
+    {"name": "crash", "description": "Dies mid-call.", "inputSchema": {"type": "object", "properties": {}}},
+    {
+        "name": "slow",
+        "description": "Sleeps.",
+        "inputSchema": {"type": "object", "properties": {"seconds": {"type": "number", "minimum": 0}},
+                        "required": ["seconds"]},
+    },
+    {"name": "fail", "description": "Fails as a tool.", "inputSchema": {"type": "object"}},
+    {
+        "name": "lie_output",
+        "description": "Breaks its own output schema.",
+        "inputSchema": {"type": "object"},
+        "outputSchema": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+    },
+    {
+        "name": "lie_input",
+        "description": "Rejects what its schema accepts.",
+        "inputSchema": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]},
+    },
+    {
+        "name": "bad_schema",
+        "description": "Publishes an invalid schema.",
+        "inputSchema": {"type": "object", "properties": {"x": {"type": "nonsense"}}},
+    },
+]
+
+
+def send(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def result(req_id: object, value: dict) -> None:
+    send({"jsonrpc": "2.0", "id": req_id, "result": value})
+
+
+def error(req_id: object, code: int, message: str) -> None:
+    send({"jsonrpc": "2.0", "id": req_id, "error": {"code": code, "message": message}})
+
+
+def text(value: object, *, structured: bool = True, is_error: bool = False) -> dict:
+    out: dict = {"content": [{"type": "text", "text": json.dumps(value)}], "isError": is_error}
+    if structured:
+        out["structuredContent"] = value
+    return out
+
+
+def call(req_id: object, name: str, args: dict) -> None:
+    if name == "lookup_customer":
+        c = CUSTOMERS.get(args.get("customer_id", ""))
+        if c is None:
+            result(req_id, text({"error": f"no customer {args.get('customer_id')}"}, structured=False, is_error=True))
+        else:
+            result(req_id, text(c))
+    elif name == "pid":
+        result(req_id, text({"pid": os.getpid()}))
+    elif name == "crash":
+        sys.stdout.flush()
+        os._exit(3)
+    elif name == "slow":
+        time.sleep(float(args.get("seconds", 0)))
+        result(req_id, text({"slept": args.get("seconds")}))
+    elif name == "fail":
+        result(req_id, {"content": [{"type": "text", "text": "the widget is jammed"}], "isError": True})
+    elif name == "lie_output":
+        result(req_id, text({"n": "not a number"}))
+    elif name == "lie_input":
+        error(req_id, -32602, "Invalid params: x")
+    else:
+        error(req_id, -32602, f"Unknown tool: {name}")
+
+
+def main() -> None:
+    garbage = "--garbage-after-init" in sys.argv
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        msg = json.loads(line)
+        method, req_id = msg.get("method"), msg.get("id")
+        if req_id is None:
+            continue  # a notification
+        if method == "initialize":
+            asked = (msg.get("params") or {}).get("protocolVersion")
+            known = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+            result(req_id, {
+                "protocolVersion": asked if asked in known else known[-1],
+                "capabilities": {"tools": {"listChanged": False}},
+                "serverInfo": {"name": "torpor-test-mcp", "version": "1.0"},
+            })
+        elif method == "tools/list":
+            if garbage:
+                sys.stdout.write("this is not json\n")
+                sys.stdout.flush()
+                os._exit(4)
+            result(req_id, {"tools": TOOLS})
+        elif method == "tools/call":
+            params = msg.get("params") or {}
+            call(req_id, params.get("name", ""), params.get("arguments") or {})
+        elif method == "ping":
+            result(req_id, {})
+        else:
+            error(req_id, -32601, f"Method not found: {method}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""`torpor bench ... --quick --json` through the real CLI: the fields exist and are sane.
+
+No timing thresholds here (CI machines vary); bench/RESULTS.md holds the figures.
+Also the bad input the benchmarks must refuse with one clear line, and a Ctrl-C
+in the middle of a density run leaving its store usable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench(*args: str, timeout: float = 120) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "host.cli", "bench", *args, "--quick", "--json", "--no-plot"],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data: dict[str, Any] = json.loads(proc.stdout)
+    assert data["machine"]["cpus"] >= 1
+    assert data["command"].startswith("torpor bench ")
+    return data
+
+
+def positive(*values: Any) -> None:
+    for v in values:
+        assert isinstance(v, (int, float)) and v > 0, values
+
+
+def test_coldstart_quick() -> None:
+    r = bench("coldstart", "--n", "200", "--subprocesses", "2")
+    positive(r["spawn_p50_us"], r["spawn_p99_us"], r["baseline_spawn_p50_us"], r["baseline_subprocess_p50_us"])
+    assert r["spawn_p50_us"] <= r["spawn_p99_us"] <= r["spawn_max_us"]
+    assert r["cases"]["torpor spawn"]["n"] == 200
+    assert r["cases"]["python subprocess per agent"]["n"] == 2
+
+
+def test_suspend_quick() -> None:
+    r = bench("suspend", "--n", "30")
+    positive(r["suspend_p50_us"], r["resume_p50_us"], r["baseline_suspend_p50_us"], r["record_bytes"])
+    for name in ("steps", "mib"):
+        a = r["agents"][name]
+        assert a["torpor"]["suspend"]["n"] == a["baseline"]["resume"]["n"] == 30
+        assert a["torpor"]["memory_bytes"] <= 1 << 20
+        # A delta of a few changed chunks is smaller than the whole memory compressed.
+        assert a["torpor"]["record_bytes_p50"] < a["baseline"]["record_bytes_p50"]
+
+
+def test_density_quick(tmp_path: Path) -> None:
+    r = bench("density", "--agents", "600", "--warm", "200", "--store", str(tmp_path / "s"))
+    assert r["agents"] == 600
+    positive(r["bytes_per_agent"], r["hibernations_per_s"], r["rss_per_warm_kib"])
+    assert r["warm_instances"] == 200 and r["warm_verified"].split("/")[0] == r["warm_verified"].split("/")[1]
+    assert 100 < r["bytes_per_agent"] < 64 * 1024
+    assert r["warm_stop_reason"]
+    # The store is a real one: the hibernated agents are there with their checkpoints.
+    from snapshots.lmdb_store import LmdbStore
+
+    with LmdbStore.open(tmp_path / "s" / "db") as store, store.read() as txn:
+        agents = list(txn.iter_agents())
+        assert len(agents) == 600
+        assert txn.get_checkpoint(agents[0]["agent_id"], 1) is not None
+
+
+def test_steps_quick() -> None:
+    r = bench("steps", "--agents", "2", "--n", "10")
+    positive(r["round_trips_per_s"], r["core_round_trips_per_s"], r["baseline_round_trips_per_s"])
+    assert r["runtime_calls"] == 20
+
+
+@pytest.mark.parametrize("argv", [
+    ["density", "--agents", "0"],
+    ["density", "--agents", "-5"],
+    ["coldstart", "--n", "0"],
+    ["suspend", "--n", "-1"],
+    ["steps", "--agents", "0"],
+])
+def test_nonsense_counts_are_one_line_errors(argv: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "host.cli", "bench", *argv, "--no-plot"], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "must be a positive number" in lines[0], proc.stderr
+
+
+def test_full_disk_is_a_one_line_error(tmp_path: Path) -> None:
+    """A store that cannot grow (file size limit: the nearest thing to a full disk a test can make)."""
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
+
+    proc = subprocess.run([sys.executable, "-m", "host.cli", "bench", "density", "--agents", "20000", "--no-warm",
+                           "--no-plot", "--store", str(tmp_path / "s")], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, preexec_fn=limit)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-1000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("torpor: error["), proc.stderr
+
+
+def _sigint_default() -> None:
+    # A shell's background jobs start with SIGINT ignored, and children inherit that:
+    # give the benchmark the default disposition, as a terminal's Ctrl-C would find it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_ctrl_c_leaves_the_store_usable(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    proc = subprocess.Popen([sys.executable, "-m", "host.cli", "bench", "density", "--agents", "1000000", "--no-warm",
+                             "--no-plot", "--store", str(store)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT, text=True, preexec_fn=_sigint_default)
+    try:
+        deadline = time.monotonic() + 60
+        data = store / "db" / "data.mdb"
+        while time.monotonic() < deadline and (not data.exists() or data.stat().st_size < 2 << 20):
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    from snapshots.lmdb_store import LmdbStore
+
+    with LmdbStore.open(store / "db") as s, s.read() as txn:
+        agents = list(txn.iter_agents())
+        assert agents, "some batches were committed before the interrupt"
+        for a in agents[:: max(1, len(agents) // 50)]:
+            assert txn.get_checkpoint(a["agent_id"], 1) is not None
+    # ... and a second run continues in the same store.
+    again = subprocess.run([sys.executable, "-m", "host.cli", "bench", "density", "--agents", "100", "--no-warm",
+                            "--no-plot", "--json", "--store", str(store)], capture_output=True, text=True, timeout=120,
+                           cwd=ROOT)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["agents"] == 100

@@ -1,0 +1,64 @@
+"""Helpers for calling host tools directly, outside a running agent."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+
+from host.tools.registry import ToolContext, ToolError
+from policies import Policy, parse_policy
+
+T = TypeVar("T")
+
+
+def policy(tools_toml: str, extra: str = "") -> Policy:
+    return parse_policy('[agent]\nname = "t"\n' + tools_toml + "\n" + extra)
+
+
+@dataclass
+class Ctx:
+    """A ToolContext for one grant, recording the tokens reported."""
+
+    pol: Policy
+    tool: str
+    secrets: dict[str, str] = field(default_factory=dict)
+    tokens: list[int] = field(default_factory=list)
+    agent_id: str = "agent-1"
+
+    def ctx(self) -> ToolContext:
+        return ToolContext(
+            agent_id=self.agent_id, agent_name="t", call_seq=1, kv_namespace=f"agent:{self.agent_id}",
+            secrets=dict(self.secrets), report_tokens=self.tokens.append, grant=self.pol.grants.get(self.tool),
+            policy=self.pol,
+        )
+
+
+def run(fn: Callable[[], Awaitable[T]]) -> T:
+    return anyio.run(fn)
+
+
+def call(spec_func: Callable[..., Awaitable[Any]], args: Any, c: Ctx) -> Any:
+    """Run an async tool function; returns its result or the ToolError it raised."""
+
+    async def go() -> Any:
+        try:
+            return await spec_func(args, c.ctx())
+        except ToolError as err:
+            return err
+
+    return anyio.run(go)
+
+
+def invoke(tool: str, raw_args: dict[str, Any], c: Ctx) -> Any:
+    """Validate ``raw_args`` with the tool's model and run it, as the runtime would."""
+    from host.tools.builtin import BUILTINS
+
+    spec = BUILTINS[tool]
+    try:
+        args = spec.validate(raw_args)
+    except ToolError as err:
+        return err
+    return call(spec.func, args, c)
