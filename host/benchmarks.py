@@ -1125,7 +1125,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="print one JSON document")
         sp.add_argument("--quick", action="store_true", help="a small smoke run (seconds, for CI)")
         sp.add_argument("--engine", choices=PROFILES, default=None,
-                        help="engine profile (default: $TORPOR_ENGINE or dense; see host/engine.py)")
+                        help="engine profile (default: $TORPOR_ENGINE or dense; see host/engine.py and bench/RESULTS.md)")
         sp.add_argument("--plot", default=None, metavar="PNG",
                         help=f"where to draw the plot (default torpor-bench-{name}.png)")
         sp.add_argument("--no-plot", action="store_true", help="draw no plot")

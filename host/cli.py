@@ -457,6 +457,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("torpor: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `torpor audit show X | head`: the reader left, which is fine
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:  # a host bug: still one line, and the traceback on request
         if os.environ.get("TORPOR_DEBUG"):
             raise

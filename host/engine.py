@@ -33,7 +33,7 @@ MAX_WASM_STACK = 512 << 10
 
 
 #: Named engine layouts (see :class:`EngineConfig`); ``TORPOR_ENGINE`` picks one for a host.
-PROFILES = ("dense", "fast", "pooled", "dense-nocow")
+PROFILES = ("dense", "dense-cow", "fast", "pooled")
 DEFAULT_PROFILE = "dense"
 
 
@@ -45,29 +45,29 @@ class EngineConfig:
     address space per linear memory and maps the module's data image
     copy-on-write, which costs about four kernel memory mappings per live
     instance, so about 16,000 instances exhaust Linux's default
-    ``vm.max_map_count`` of 65,530 (measured: ENOMEM at 16,300). Torpor wants
-    tens of thousands of warm agents per process, so the default profile is:
+    ``vm.max_map_count`` of 65,530 (measured: ENOMEM at instance 16,300). Torpor
+    wants tens of thousands of warm agents per process, so the default is:
 
-    * ``dense`` (default): no reservation, no guard, no growth headroom,
-      copy-on-write data image. A memory is mapped at exactly its size, so the
-      anonymous parts of neighbouring instances merge into one mapping and an
-      instance costs about 2 mappings (about 32,000 per process). Price:
-      explicit bounds checks on every load and store, and a memory that moves
-      when it grows. Measured on a memory-bound C loop: about 4x slower than
-      ``fast``; on agents that mostly wait on tools (hello, steps) spawn and
-      run are 15-20% *faster*, because there is no 4 GiB mmap/munmap.
+    * ``dense`` (default): no reservation, no guard pages, no growth headroom, no
+      copy-on-write image. A memory is plain anonymous memory of exactly its size
+      (data segments are copied in at spawn), so neighbouring instances' memories
+      merge into one kernel mapping: an instance costs no mapping of its own and
+      the number of live instances is bounded by RAM alone (measured: 100,000 warm
+      agents at 22.6 KiB RSS each, 0.01 mappings each). Price: explicit bounds
+      checks on every load and store (a memory-bound C loop runs about 1.7x slower
+      than ``fast``) and a memory that is copied when it grows. Agents that mostly
+      wait on tools spawn and run faster than with ``fast`` (no 4 GiB mmap/munmap).
+    * ``dense-cow``: ``dense`` with the copy-on-write data image: about 2
+      mappings per instance (about 32,000 live instances per process).
     * ``fast``: Wasmtime's defaults (4 GiB reservation + guard pages): bounds
       checks elided, best for compute-heavy agents; about 16,000 live instances.
     * ``pooled``: Wasmtime's pooling allocator (one reservation for
       ``pool_instances`` slots of ``pool_max_memory`` bytes, reused across
-      spawns): the fastest spawn, but still about 4 mappings per live instance,
-      a hard cap of ``pool_instances`` live instances, and no agent may have a
-      memory budget above ``pool_max_memory``.
-    * ``dense-nocow``: ``dense`` without the copy-on-write image: data segments
-      are copied at spawn, so an instance's memory is plain anonymous memory
-      and costs no mapping of its own (the live count is bounded by RAM only),
-      but every page the data segments cover is resident (the SDK's 16 KiB
-      suspension buffer sits in .data today, about +12 KiB per instance).
+      spawns): the fastest spawn, but about 4 mappings per live instance, a hard
+      cap of ``pool_instances`` live instances, and no agent may have a memory
+      budget above ``pool_max_memory``.
+
+    Figures and commands: bench/RESULTS.md (``python bench/engine_profiles.py``).
     """
 
     max_wasm_stack: int = MAX_WASM_STACK
@@ -77,7 +77,7 @@ class EngineConfig:
     memory_reservation: int | None = 0
     memory_guard_size: int | None = 0
     memory_reservation_for_growth: int | None = 0
-    memory_init_cow: bool = True
+    memory_init_cow: bool = False
     pool_instances: int = 0  # 0: on-demand allocation; > 0: the pooling allocator with that many slots
     pool_max_memory: int = 64 << 20
 
@@ -87,14 +87,14 @@ class EngineConfig:
         name = name or os.environ.get("TORPOR_ENGINE") or DEFAULT_PROFILE
         if name == "dense":
             return cls(profile=name)
+        if name == "dense-cow":
+            return cls(profile=name, memory_init_cow=True)
         if name == "fast":
             return cls(profile=name, memory_reservation=None, memory_guard_size=None,
-                       memory_reservation_for_growth=None)
+                       memory_reservation_for_growth=None, memory_init_cow=True)
         if name == "pooled":
             return cls(profile=name, memory_reservation=64 << 20, memory_guard_size=64 << 10,
-                       memory_reservation_for_growth=0, pool_instances=40_000)
-        if name == "dense-nocow":
-            return cls(profile=name, memory_init_cow=False)
+                       memory_reservation_for_growth=0, memory_init_cow=True, pool_instances=40_000)
         raise ConfigError(f"unknown engine profile {name!r}; choose one of {', '.join(PROFILES)}")
 
     def fingerprint(self) -> str:

@@ -219,6 +219,10 @@ class Host:
         self._limiter = anyio.CapacityLimiter(wasm_threads or max(1, os.cpu_count() or 1))
         self.pool = PriorityPool(pool_size, "host")
         self.class_pools = {name: PriorityPool(size, name) for name, size in (class_pools or {}).items()}
+        if broker is None:
+            from .credentials import VaultBroker
+
+            broker = VaultBroker.for_store(self.store_dir)  # the store's own vault (opened lazily)
         self.broker = broker
         self.identity = IdentityService(self.store, self.store_dir)  # agent tokens; the host signing key
         self.heads = audit.HeadSealer(self.store, lambda: self.identity.key)  # signed audit heads
@@ -378,6 +382,7 @@ class Host:
         def decide(txn: Any, rec: dict[str, Any], call: dict[str, Any]) -> None:
             txn.put_journal(agent_id, int(call["seq"]), {
                 "tool": call["tool"], "args": call.get("args"), "state": "approved", "t": time.time(),
+                "fuel": (rec.get("usage") or {}).get("fuel_used", 0),
                 "approval": {"by": by, "note": note}})
 
         self._decide_approval(agent_id, "approval.granted", {"by": by, "note": note}, decide)
@@ -1043,6 +1048,7 @@ class Host:
             def write(txn: Any) -> Answer:
                 a = self._run_transactional(spec, args, ctx, txn)
                 txn.put_journal(agent.agent_id, call.seq, {"tool": call.tool, "args": call.args, "state": "done",
+                                                           "fuel": agent.usage.get("fuel_used", 0),
                                                            "status": a[0], "response": a[1].decode(), "t": time.time()})
                 return a
 

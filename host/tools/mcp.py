@@ -193,6 +193,7 @@ class Supervisor:
         self._starting: dict[ServerConfig, asyncio.Lock] = {}
         self._failures: dict[ServerConfig, tuple[int, float]] = {}
         self._generations: dict[ServerConfig, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # every server task, stopping ones included
         self._atexit = False
 
     # -- the loop thread --------------------------------------------------------
@@ -263,9 +264,10 @@ class Supervisor:
             self._servers.clear()
             for s in servers:
                 s.stop.set()
-            tasks = [s.task for s in servers if s.task is not None]
-            if tasks:
-                await asyncio.wait(tasks, timeout=timeout)
+            # Servers being restarted are still stopping in the background: wait for them too,
+            # so that no process outlives the host (their transports terminate hung ones).
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=timeout)
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout + 1)
@@ -312,6 +314,8 @@ class Supervisor:
         server = _Server(config, generation=generation)
         server.ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
         server.task = asyncio.get_running_loop().create_task(self._run(server))
+        self._tasks.add(server.task)
+        server.task.add_done_callback(self._tasks.discard)
         self._servers[config] = server
         try:
             await asyncio.wait_for(asyncio.shield(server.ready), config.startup_timeout)
