@@ -171,6 +171,7 @@ class _Agent:
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     run_fuel_start: int = 0
     run_exec_s: float = 0.0
+    last_segment_s: float | None = None  # how long the guest last ran between tool calls
     run_started: float = field(default_factory=time.time)
 
     @property
@@ -215,6 +216,7 @@ class Host:
         self.engine = Engine(cache_dir=self.store_dir / "cache")
         self.warm_idle_s = warm_idle_s
         self.max_warm = max_warm
+        self.inline_segment_s = 0.001  # guest segments shorter than this run inline (see _run_guest)
         self.warm_waiting = 0  # instances kept in memory while their agent waits on a tool
         self._limiter = anyio.CapacityLimiter(wasm_threads or max(1, os.cpu_count() or 1))
         self.pool = PriorityPool(pool_size, "host")
@@ -695,11 +697,18 @@ class Host:
         if left <= 0:
             return Failed("deadline_exceeded", f"the agent exceeded its wall-clock budget of {agent.limits.deadline_s:g} s")
         ex.limits = dataclasses.replace(agent.limits, deadline_s=left)
+        # A thread hop costs more than a short guest segment, and the GIL serialises
+        # most of the work anyway: an agent whose last segment was short runs its next
+        # one inline on the event loop; a first segment, or one after a long one, goes
+        # to a worker thread so a compute-heavy guest never stalls the other agents.
+        inline = agent.last_segment_s is not None and agent.last_segment_s < self.inline_segment_s
         t0 = time.perf_counter()
         try:
-            return await self._run_wasm(fn, *args)
+            return fn(*args) if inline else await self._run_wasm(fn, *args)
         finally:
-            agent.run_exec_s += time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            agent.last_segment_s = spent
+            agent.run_exec_s += spent
 
     async def _commit(self, fn: Callable[[Any], T]) -> T:
         fut = self.committer.submit(fn)
