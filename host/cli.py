@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,19 @@ def _print_result(res: Any) -> None:
         print(f"waiting on {res.pending.get('tool')} (call {res.pending.get('seq')})")
     print(f"fuel {res.fuel_used}, tool calls {res.tool_calls}, suspensions {res.suspensions}, "
           f"checkpoints {res.checkpoints}, snapshot bytes {res.snapshot_bytes}")
+
+
+def _drive(args: argparse.Namespace, action: Callable[[Any], Awaitable[Any]]) -> int:
+    """Open the host, drive one agent with ``action(host)``, print the result, map it to an exit code."""
+    from .runtime import run_sync
+
+    host = _host(args)
+    try:
+        res = run_sync(lambda: action(host))
+    finally:
+        host.close()
+    _emit(args, res.to_dict(), lambda: _print_result(res))
+    return _result_exit(res)
 
 
 def _result_exit(res: Any) -> int:
@@ -278,40 +291,16 @@ def cmd_approvals(args: argparse.Namespace) -> int:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    from .runtime import run_sync
-
-    host = _host(args)
-    try:
-        res = run_sync(lambda: host.approve(args.agent, note=args.note, by=args.by))
-    finally:
-        host.close()
-    _emit(args, res.to_dict(), lambda: _print_result(res))
-    return _result_exit(res)
+    return _drive(args, lambda host: host.approve(args.agent, note=args.note, by=args.by))
 
 
 def cmd_deny(args: argparse.Namespace) -> int:
-    from .runtime import run_sync
-
-    host = _host(args)
-    try:
-        res = run_sync(lambda: host.deny(args.agent, reason=args.reason, by=args.by))
-    finally:
-        host.close()
-    _emit(args, res.to_dict(), lambda: _print_result(res))
-    return _result_exit(res)
+    return _drive(args, lambda host: host.deny(args.agent, reason=args.reason, by=args.by))
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    from .runtime import run_sync
-
     result = _parse_input(args.result) if args.result is not None else None
-    host = _host(args)
-    try:
-        res = run_sync(lambda: host.resolve(args.agent, retry=args.retry, result=result, fail=args.fail, by=args.by))
-    finally:
-        host.close()
-    _emit(args, res.to_dict(), lambda: _print_result(res))
-    return _result_exit(res)
+    return _drive(args, lambda host: host.resolve(args.agent, retry=args.retry, result=result, fail=args.fail, by=args.by))
 
 
 # -- policy -----------------------------------------------------------------

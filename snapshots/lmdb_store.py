@@ -477,11 +477,15 @@ class LmdbStore:
         through the transaction it is given. If it raises, nothing is written.
         """
         self._require_writable()
+        return self._with_write_txn(lambda txn: fn(_LmdbTxn(txn, self._dbs)))
+
+    def _with_write_txn(self, body: Callable[[lmdb.Transaction], T]) -> T:
+        """Run ``body`` in a write transaction and commit; on a full map, grow and run it again."""
         for _ in range(_MAX_GROW_ATTEMPTS):
             seen = self.map_size
             txn = self._begin(write=True)
             try:
-                result = fn(_LmdbTxn(txn, self._dbs))
+                result = body(txn)
                 txn.commit()
             except lmdb.MapFullError:
                 txn.abort()
@@ -515,49 +519,30 @@ class LmdbStore:
         self._require_writable()
         if not fns:
             return []
-        for _ in range(_MAX_GROW_ATTEMPTS):
-            seen = self.map_size
-            txn = self._begin(write=True)
+
+        def body(txn: lmdb.Transaction) -> list[Outcome]:
             outcomes: list[Outcome] = []
-            try:
-                for fn in fns:
-                    child = self._env.begin(write=True, parent=txn)
-                    try:
-                        value = fn(_LmdbTxn(child, self._dbs))
-                        child.commit()
-                    except lmdb.MapFullError:
-                        child.abort()
+            for fn in fns:
+                child = self._env.begin(write=True, parent=txn)
+                try:
+                    value = fn(_LmdbTxn(child, self._dbs))
+                    child.commit()
+                except lmdb.MapFullError:
+                    child.abort()
+                    raise
+                except lmdb.Error as exc:
+                    child.abort()
+                    if _is_disk_full(exc):
                         raise
-                    except lmdb.Error as exc:
-                        child.abort()
-                        if _is_disk_full(exc):
-                            raise
-                        outcomes.append(Outcome(error=self._translate(exc)))
-                    except Exception as exc:
-                        child.abort()
-                        outcomes.append(Outcome(error=exc))
-                    else:
-                        outcomes.append(Outcome(value=value))
-                txn.commit()
-            except lmdb.MapFullError:
-                txn.abort()
-                self._gate.exit()
-                self._grow(seen)
-                continue
-            except lmdb.Error as exc:
-                txn.abort()
-                self._gate.exit()
-                raise self._translate(exc) from exc
-            except BaseException:
-                txn.abort()
-                self._gate.exit()
-                raise
-            self._gate.exit()
-            self.commits += 1
+                    outcomes.append(Outcome(error=self._translate(exc)))
+                except Exception as exc:
+                    child.abort()
+                    outcomes.append(Outcome(error=exc))
+                else:
+                    outcomes.append(Outcome(value=value))
             return outcomes
-        raise StoreFull(
-            f"store {self._path}: the map kept filling up after {_MAX_GROW_ATTEMPTS} grows"
-        )
+
+        return self._with_write_txn(body)
 
 
 class _LmdbTxn:
