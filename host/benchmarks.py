@@ -355,8 +355,9 @@ def _plot(path: str | None, draw: Callable[[Any], None]) -> dict[str, Any]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        return {"plot": None, "plot_note": "matplotlib is not installed (pip install 'torpor[bench]'); no plot drawn"}
+    except ImportError as exc:
+        why = "is not installed (pip install 'torpor[bench]')" if exc.name == "matplotlib" else f"cannot load ({exc})"
+        return {"plot": None, "plot_note": f"matplotlib {why}; no plot drawn"}
     try:
         draw(plt)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -783,8 +784,8 @@ def _write_hibernated(group: list[tuple[str, bytes, dict[str, Any]]]) -> Callabl
     return write
 
 
-def _hibernate_phase(rig: Rig, store: LmdbStore, store_dir: Path, n: int, batch: int, per_txn: int,
-                     progress: Progress) -> dict[str, Any]:
+def _hibernate_phase(rig: Rig, store: LmdbStore, committer: GroupCommitter, store_dir: Path, n: int,
+                     per_txn: int, batch: int, progress: Progress) -> dict[str, Any]:
     """Hibernate ``n`` agents: run each to its first tool call, snapshot it, commit, drop it.
 
     Spawning and running an agent to its tool call is the agent's own work, not
@@ -805,7 +806,6 @@ def _hibernate_phase(rig: Rig, store: LmdbStore, store_dir: Path, n: int, batch:
     done = 0
     t_start = time.perf_counter()
     digest = rig.bundle.digest
-    committer = GroupCommitter(store, max_batch=max(batch, 1))
     interrupted = False
     try:
         while done < n:
@@ -871,26 +871,30 @@ def bench_density(args: argparse.Namespace) -> dict[str, Any]:
     rig = make_rig(engine, load_bundle("steps"))
     res: dict[str, Any] = {"bench": "density", "engine": engine.config.profile, "machine": machine()}
     warm_curve: list[tuple[int, int, int]] = []
-    if not args.no_warm:
-        w = _warm_phase(rig, warm, Progress("warm", warm, args.progress))
-        warm_curve = w.pop("_curve")
-        res.update(w)
-    else:
-        res.update({"warm_instances": 0, "rss_per_warm_kib": 0.0, "warm_stop_reason": "skipped (--no-warm)"})
+    hib_curve: list[tuple[int, int, int]] = []
     tmp = None
     if args.store:
         store_dir = Path(args.store)
     else:
         tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-density-"))
         store_dir = tmp
-    hib_curve: list[tuple[int, int, int]] = []
     try:
+        # Opened first: once the warm phase has pushed the process to its mapping limit,
+        # even opening an LMDB environment (one mmap) could fail.
         store = _open_bench_store(store_dir)
+        committer = GroupCommitter(store, max_batch=max(batch, 1))  # its thread, too, before the warm phase
         try:
-            h = _hibernate_phase(rig, store, store_dir, n, batch, _positive("--per-txn", args.per_txn),
+            if not args.no_warm:
+                w = _warm_phase(rig, warm, Progress("warm", warm, args.progress))
+                warm_curve = w.pop("_curve")
+                res.update(w)
+            else:
+                res.update({"warm_instances": 0, "rss_per_warm_kib": 0.0, "warm_stop_reason": "skipped (--no-warm)"})
+            h = _hibernate_phase(rig, store, committer, store_dir, n, _positive("--per-txn", args.per_txn), batch,
                                  Progress("hibernate", n, args.progress))
             h["per_txn"] = args.per_txn
         finally:
+            committer.close()
             store.close()
         hib_curve = h.pop("_curve")
         res.update(h)

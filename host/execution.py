@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import wasmtime
+from wasmtime import _bindings as _wasmtime_bindings
 from wasmtime import _ffi
 from wasmtime import _func as _wasmtime_func
 from wasmtime._extern import wrap_extern as _wrap_extern
@@ -40,6 +41,31 @@ _tls = threading.local()
 NORMAL, UNWINDING, REWINDING = 0, 1, 2
 PAGE = 65536
 U32 = 0xFFFFFFFF
+_INSTANTIATION_FUEL = 1 << 40
+
+
+# Small Wasmtime C calls on hot paths, bound through PyDLL so that they keep the GIL:
+# wasmtime-py binds them through CDLL, which releases and re-takes the GIL around each
+# call, and in a host whose other threads are busy every re-take can wait. (Calls that
+# run guest code, wasmtime_func_call, still release it.)
+_WT_HOLD = ctypes.PyDLL(_ffi.dll._name)
+
+
+def _hold_gil(name: str) -> Any:
+    src = getattr(_wasmtime_bindings, "_" + name)
+    fn = getattr(_WT_HOLD, name)
+    fn.restype, fn.argtypes = src.restype, src.argtypes
+    return fn
+
+
+_memory_data = _hold_gil("wasmtime_memory_data")
+_memory_data_size = _hold_gil("wasmtime_memory_data_size")
+_export_get = _hold_gil("wasmtime_instance_export_get")
+_global_get_c = _hold_gil("wasmtime_global_get")
+_global_set_c = _hold_gil("wasmtime_global_set")
+_memmove = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t)(
+    ctypes.cast(ctypes.memmove, ctypes.c_void_p).value or 0
+)
 
 
 class GuestAbort(Exception):
@@ -141,18 +167,25 @@ class Execution:
     _mem: Any = None
     _entry: Any = None
     _instance: Any = None
+    _scanned: bool = False  # a capture has read every page of this instance's memory once
 
     # -- lifecycle ----------------------------------------------------------
     def _instantiate(self) -> None:
         engine = self.loaded.engine
         store = wasmtime.Store(engine.wasmtime)
         store.set_limits(memory_size=self.limits.memory_bytes)
-        if engine.prearm:  # data segments are initialised by code that checks fuel and epoch
-            store.set_fuel(max(0, self.limits.fuel - self.fuel_used))
+        if engine.prearm:
+            # Without a copy-on-write image Wasmtime copies the data segments in with code
+            # that checks fuel and epoch. That is the host's work, not the agent's: give it
+            # its own allowance (start functions, the only guest code instantiation could
+            # run, are refused at load); _arm sets the agent's budget before its first
+            # instruction.
+            store.set_fuel(_INSTANTIATION_FUEL)
             store.set_epoch_deadline(engine.deadline_ticks(self.limits.deadline_s))
         inst = self.pre.instantiate(store)
         self._store = store
         self._instance = inst
+        self._scanned = False
         self._exports = _LazyExports(store, inst)
         self._mem = self._exports[abi.MEMORY_EXPORT]
         self._entry = self._exports.raw(abi.ENTRY_EXPORT)
@@ -305,52 +338,54 @@ class Execution:
         return value < 1024 or value > self._mem.data_len(self._store)
 
     # -- memory -------------------------------------------------------------
+    def _mem_base_len(self) -> tuple[int, int]:
+        ctx = self._store._context()
+        ref = ctypes.byref(self._mem._memory)
+        return ctypes.addressof(_memory_data(ctx, ref).contents), int(_memory_data_size(ctx, ref))
+
     def _buffer(self) -> Any:
-        store = self._store
-        n = self._mem.data_len(store)
-        base = ctypes.addressof(self._mem.data_ptr(store).contents)
+        base, n = self._mem_base_len()
         return (ctypes.c_ubyte * n).from_address(base)
 
     def memory_size(self) -> int:
-        return int(self._mem.data_len(self._store))
+        return self._mem_base_len()[1]
 
     def read(self, ptr: int, length: int, limit: int) -> bytes:
         p = ptr & U32
         if length < 0:
             raise ImportFault(abi.E_FAULT, f"negative length {length}")
-        store = self._store
-        n = self._mem.data_len(store)
+        base, n = self._mem_base_len()
         if p + length > n:
             raise ImportFault(abi.E_FAULT, f"range [{p}, {p + length}) is outside linear memory ({n} bytes)")
         if length > limit:
             raise ImportFault(abi.E_TOO_LARGE, f"{length} bytes exceeds the limit of {limit}")
         if length == 0:
             return b""
-        base = ctypes.addressof(self._mem.data_ptr(store).contents)
         return ctypes.string_at(base + p, length)
 
     def write(self, ptr: int, cap: int, data: bytes) -> int:
         p = ptr & U32
         if cap < 0:
             raise ImportFault(abi.E_FAULT, f"negative capacity {cap}")
-        store = self._store
-        n = self._mem.data_len(store)
+        base, n = self._mem_base_len()
         # The guest claims [ptr, ptr + cap) is its buffer: all of it must be in bounds,
         # or a short answer could land in memory the guest did not offer.
         if p + cap > n:
             raise ImportFault(abi.E_FAULT, f"range [{p}, {p + cap}) is outside linear memory ({n} bytes)")
         count = min(cap, len(data))
         if count:
-            base = ctypes.addressof(self._mem.data_ptr(store).contents)
-            ctypes.memmove(base + p, data, count)
+            _memmove(base + p, data, count)
         return count
 
     # -- capture ------------------------------------------------------------
     def capture(self) -> Captured:
         """The unwound agent's state: memory delta against the pristine image, globals, buffer."""
-        # Wasmtime maps a fresh instance's memory as zero pages plus the data image
-        # copy-on-write, so pages never touched can be skipped unread.
-        delta = diff_memory(self.loaded.pristine, self._buffer(), untouched_is_pristine=True)
+        # A fresh instance's pages that were never touched equal the pristine image
+        # (Wasmtime maps zero pages and the data image): the first capture skips them
+        # unread instead of faulting each one in. After it, every page is mapped and a
+        # plain scan is cheaper than asking the kernel.
+        delta = diff_memory(self.loaded.pristine, self._buffer(), untouched_is_pristine=not self._scanned)
+        self._scanned = True
         return Captured(delta, self.capture_globals(), self.async_buf)
 
     def capture_globals(self) -> tuple[GlobalValue, ...]:
@@ -372,8 +407,7 @@ class Execution:
     # -- imports (called by Wasmtime through the linker) ----------------------
     def begin_unwind(self, call: PendingCall) -> None:
         addr, size = self.async_buf
-        store = self._store
-        base = ctypes.addressof(self._mem.data_ptr(store).contents)
+        base = self._mem_base_len()[0]
         hdr = (ctypes.c_uint32 * 2).from_address(base + addr)
         hdr[0] = addr + 8
         hdr[1] = addr + size
@@ -411,7 +445,7 @@ class _LazyExports:
             pass
         raw = name.encode()
         item = _ffi.wasmtime_extern_t()
-        if not _ffi.wasmtime_instance_export_get(self._ctx, ctypes.byref(self._inst), raw, len(raw), ctypes.byref(item)):
+        if not _export_get(self._ctx, ctypes.byref(self._inst), raw, len(raw), ctypes.byref(item)):
             return None
         self._raw[name] = item
         return item
@@ -534,7 +568,7 @@ def _global_get(store: wasmtime.Store, ext: Any, kind: str) -> int | float:
     if ext is None:
         raise KeyError("global export")
     raw = _VAL()
-    _ffi.wasmtime_global_get(store._context(), ctypes.byref(ext.of.global_), ctypes.byref(raw))
+    _global_get_c(store._context(), ctypes.byref(ext.of.global_), ctypes.byref(raw))
     value: int | float = getattr(raw.of, kind)
     return value
 
@@ -548,7 +582,7 @@ def _global_set(store: wasmtime.Store, ext: Any, g: GlobalValue) -> None:
         setattr(raw.of, g.kind, v - (1 << bits) if v >= 1 << (bits - 1) else v)
     else:
         setattr(raw.of, g.kind, float(g.value))
-    error = _ffi.wasmtime_global_set(store._context(), ctypes.byref(ext.of.global_), ctypes.byref(raw))
+    error = _global_set_c(store._context(), ctypes.byref(ext.of.global_), ctypes.byref(raw))
     if error:
         raise wasmtime.WasmtimeError._from_ptr(error)
 

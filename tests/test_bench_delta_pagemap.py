@@ -10,14 +10,15 @@ import random
 
 import pytest
 
-from host.benchmarks import load_bundle, make_engine, make_rig
+from host.benchmarks import _restore, _snapshot, load_bundle, make_engine, make_rig
 from host.execution import Suspended
 from snapshots.delta import diff_memory
 
 
+@pytest.mark.parametrize("profile", ["dense", "dense-cow", "fast"])
 @pytest.mark.parametrize("guest", ["steps", "mib"])
-def test_same_delta_on_wasmtime_memories(guest: str) -> None:
-    rig = make_rig(make_engine(None), load_bundle(guest))
+def test_same_delta_on_wasmtime_memories(guest: str, profile: str) -> None:
+    rig = make_rig(make_engine(profile), load_bundle(guest))
     ex = rig.execution(json.dumps({"n": 40}).encode())
     out = ex.start()
     k = 0
@@ -26,6 +27,11 @@ def test_same_delta_on_wasmtime_memories(guest: str) -> None:
         buf = ex._buffer()
         fast = diff_memory(rig.loaded.pristine, buf, untouched_is_pristine=True)
         assert fast == diff_memory(rig.loaded.pristine, buf)
+        # and a fresh instance restored from it, before anything else touches it
+        restored = _restore(rig, _snapshot(rig, ex, "01M81DJXWJ0W63726FJQHGNCFZ", k, out.call))
+        rbuf = restored._buffer()
+        assert diff_memory(rig.loaded.pristine, rbuf, untouched_is_pristine=True) == fast
+        restored.release()
         assert fast.chunks, "a suspended agent always differs from its pristine image"
         out = ex.resume(0, b'{"value":%d}' % k)
     assert k == 40
