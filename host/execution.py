@@ -39,6 +39,8 @@ from .engine import LoadedModule
 _tls = threading.local()
 
 NORMAL, UNWINDING, REWINDING = 0, 1, 2
+ABORT_EXIT = 2  # GuestAbort kind raised by WASI proc_exit; the message is the status
+INITIALIZE_EXPORT = "_initialize"
 PAGE = 65536
 U32 = 0xFFFFFFFF
 _INSTANTIATION_FUEL = 1 << 40
@@ -220,7 +222,7 @@ class Execution:
                 # everything the guest has, before its first instruction runs.
                 old = self._mem.grow(self._store, 1)
                 self.async_buf = (old * PAGE, PAGE)
-        return self._call_entry()
+        return self._call_entry(initialize=self._exports.get(INITIALIZE_EXPORT) is not None)
 
     @classmethod
     def restore(cls, loaded: LoadedModule, pre: wasmtime.InstancePre, limits: Limits, input: bytes,
@@ -261,7 +263,7 @@ class Execution:
         return self._store is not None
 
     # -- running ------------------------------------------------------------
-    def _call_entry(self, rewind: bool = False) -> Outcome:
+    def _call_entry(self, rewind: bool = False, initialize: bool = False) -> Outcome:
         store = self._store
         remaining = self._arm()
         if remaining <= 0:
@@ -272,6 +274,11 @@ class Execution:
             if rewind:
                 self._call("asyncify_start_rewind", self.async_buf[0])
                 self.mode = REWINDING
+            if initialize:
+                # A WASI "reactor" module runs its constructors (libc, C++ statics) here, once.
+                self._call(INITIALIZE_EXPORT)
+                if self.mode == UNWINDING:
+                    raise GuestAbort(abi.ABORT_PANIC, f"a tool call during {INITIALIZE_EXPORT} is not supported")
             result = _call_raw(store, self._entry, (), self.loaded.entry_results)
             outcome: Outcome
             if self.mode == UNWINDING:
@@ -286,7 +293,12 @@ class Execution:
                 else:
                     outcome = Completed(self._output_value(), 0)
         except GuestAbort as exc:
-            outcome = Failed("memory_limit" if exc.kind == abi.ABORT_OOM else "aborted", str(exc))
+            if exc.kind == ABORT_EXIT:  # WASI proc_exit: a normal end, with a status
+                status = int(str(exc))
+                outcome = (Completed(self._output_value(), 0) if status == 0 else
+                           Failed("agent_error", f"the agent exited with status {status}"))
+            else:
+                outcome = Failed("memory_limit" if exc.kind == abi.ABORT_OOM else "aborted", str(exc))
         except wasmtime.Trap as trap:
             outcome = self._classify_trap(trap)
         except wasmtime.WasmtimeError as exc:

@@ -53,6 +53,7 @@ from snapshots.store import AgentStore
 
 from . import abi, audit, imports
 from . import bundle as bundle_mod
+from . import wasi as wasi_imports
 from .bundle import Bundle
 from .engine import Engine, LoadedModule
 from .errors import AgentNotFound, AgentStateError, ConfigError, TorporError
@@ -310,6 +311,8 @@ class Host:
 
             linker = wasmtime.Linker(eng)
             imports.define(linker, tools=has_tools)
+            if wasi:
+                wasi_imports.define(linker, loaded.module, wasi)
             return linker
 
         pre = loaded.instance_pre(("v1", has_tools, wasi), make_linker)

@@ -18,10 +18,9 @@ from typing import Any
 
 import wasmtime
 
-from .execution import GuestAbort, ImportFault, current
+from .execution import ABORT_EXIT, GuestAbort, ImportFault, current
 
 MODULE = "wasi_snapshot_preview1"
-ABORT_EXIT = 2  # GuestAbort kind for proc_exit; the message is the exit code
 
 ESUCCESS, EBADF, EFAULT, EINVAL, ENOSYS, ESPIPE = 0, 8, 21, 28, 52, 70
 MAX_IOV = 1024
