@@ -42,8 +42,8 @@ def main() -> int:
     b = bundle_mod.load_bytes(bundle_mod.build_dir(ROOT / "guest_sdk" / "examples" / "hello"))
     with tempfile.TemporaryDirectory() as tmp:
         host = Host(tmp)
-        loaded, pre = host._loaded(b)
-        limits = host._limits(b, None)
+        loaded, pre = host.load_module(b)
+        limits = host.limits_for(b, None)
         payload = json.dumps({"name": "ada"}).encode()
 
         def torpor_spawn() -> None:

@@ -122,7 +122,7 @@ def replay(host: Any, agent_id: str, *, bundle: Bundle | None = None, cold: bool
     rec = host.get_agent(agent_id)
     digest = str(rec.get("bundle_digest"))
     b = _bundle(host, agent_id, digest, bundle)
-    loaded, pre = host._loaded(b)
+    loaded, pre = host.load_module(b)
     report = ReplayReport(agent_id, digest, str(rec.get("status")), cold=cold)
     journal, resumed_at = _history(host, rec, loaded.pristine, b.module_digest, report)
     report.calls_recorded = len(journal)
@@ -131,7 +131,7 @@ def replay(host: Any, agent_id: str, *, bundle: Bundle | None = None, cold: bool
     if input_raw is None:  # the host's own encoding of the input
         input_raw = json.dumps(rec.get("input"), separators=(",", ":"))
     fuel_limit = rec.get("fuel_limit")
-    limits = host._limits(b, fuel_limit, 0)
+    limits = host.limits_for(b, fuel_limit, 0)
     logs: list[tuple[int, str]] = []
 
     def sink(level: int, message: str) -> None:
@@ -191,7 +191,7 @@ def replay(host: Any, agent_id: str, *, bundle: Bundle | None = None, cold: bool
             break
         answer = (int(entry.get("status", 0)), str(entry.get("response", "")).encode())
         if call.seq in resumed_at:
-            limits = host._limits(b, fuel_limit, resumed_at[call.seq])
+            limits = host.limits_for(b, fuel_limit, resumed_at[call.seq])
         if cold:
             captured: Captured = ex.capture()
             ex.release()

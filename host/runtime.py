@@ -55,7 +55,7 @@ from . import abi, audit, imports
 from . import bundle as bundle_mod
 from . import wasi as wasi_imports
 from .bundle import Bundle
-from .engine import Engine, LoadedModule
+from .engine import Engine, EngineConfig, LoadedModule
 from .errors import AgentNotFound, AgentStateError, ConfigError, TorporError
 from .execution import (
     Captured,
@@ -199,13 +199,17 @@ class Host:
     its snapshot); ``max_warm``: how many may wait warm at once before the
     next one goes cold immediately (memory pressure). ``pool_size``: agents running at once in this host;
     ``class_pools``: sizes for agent classes (a policy's ``agent.pool``),
-    others share the host pool only.
+    others share the host pool only. ``engine``: a Wasmtime layout by profile
+    name (``dense``, the default, packs the most instances into a process;
+    ``fast`` runs compute-heavy guests about twice as fast; see
+    ``bench/RESULTS.md``) or an :class:`~host.engine.EngineConfig`.
     """
 
     def __init__(self, store_dir: str | Path | None = None, *, warm_idle_s: float = 0.05,
                  wasm_threads: int | None = None, pool_size: int = DEFAULT_POOL_SIZE,
                  class_pools: dict[str, int] | None = None, broker: CredentialBroker | None = None,
-                 max_warm: int = 10_000, store: AgentStore | None = None) -> None:
+                 max_warm: int = 10_000, store: AgentStore | None = None,
+                 engine: str | EngineConfig | None = None) -> None:
         self.store_dir = Path(store_dir) if store_dir is not None else default_store_dir()
         try:
             self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -214,7 +218,8 @@ class Host:
         # Any AgentStore will do (a fleet backend later); LMDB in the directory is the default.
         self.store: AgentStore = store if store is not None else LmdbStore.open(self.store_dir / "db")
         self.committer = GroupCommitter(self.store)
-        self.engine = Engine(cache_dir=self.store_dir / "cache")
+        config = engine if isinstance(engine, EngineConfig) else EngineConfig.for_profile(engine)
+        self.engine = Engine(config, cache_dir=self.store_dir / "cache")
         self.warm_idle_s = warm_idle_s
         self.max_warm = max_warm
         self.inline_segment_s = 0.001  # guest segments shorter than this run inline (see _run_guest)
@@ -300,7 +305,8 @@ class Host:
             self._tools[b.digest] = cached
         return cached
 
-    def _loaded(self, b: Bundle) -> tuple[LoadedModule, Any]:
+    def load_module(self, b: Bundle) -> tuple[LoadedModule, Any]:
+        """The compiled module and the ``InstancePre`` for a bundle, imports checked against its policy."""
         loaded = self.engine.load(b.module, b.module_digest)
         has_tools = bool(b.policy.grants)
         wasi = frozenset(b.policy.wasi_allow)
@@ -320,7 +326,7 @@ class Host:
             raise TorporError("the module imports tool_call but was not transformed for suspension; repack it with `torpor pack`", code="invalid_module")
         return loaded, pre
 
-    def _limits(self, b: Bundle, fuel: int | None, fuel_used: int = 0) -> Limits:
+    def limits_for(self, b: Bundle, fuel: int | None, fuel_used: int = 0) -> Limits:
         """Limits for one run: per-run fuel on top of what was used, capped by the total."""
         budgets = b.policy.budgets
         per_run = int(fuel if fuel is not None else (budgets.fuel or DEFAULT_FUEL))
@@ -488,7 +494,7 @@ class Host:
         if blob is None:
             raise TorporError(f"agent {agent_id} has no checkpoint {checkpoint}", code="checkpoint_not_found")
         fb = self.bundle_by_digest(rec["bundle_digest"])
-        pristine = self._loaded(fb)[0].pristine
+        pristine = self.load_module(fb)[0].pristine
         try:
             snap = decode_snapshot(blob, expect_module_digest=fb.module_digest, pristine=pristine)
         except SnapshotError as exc:
@@ -563,7 +569,7 @@ class Host:
         if fuel is not None and fuel < 0:
             raise ConfigError("fuel must be a non-negative integer")
         self.register_bundle(b)
-        loaded, _ = self._loaded(b)
+        loaded, _ = self.load_module(b)
         tools, validators = self._tools_for(b)
         now = time.time()
         aid = new_agent_id(now)
@@ -579,7 +585,7 @@ class Host:
             "usage": {"fuel_used": 0, "tool_calls": 0, "suspensions": 0, "hibernations": 0,
                       "tokens": 0, "denials": 0, "calls_by_tool": {}, "recent_calls": {}},
         }
-        agent = _Agent(record, b, loaded, tools, validators, self._limits(b, fuel))
+        agent = _Agent(record, b, loaded, tools, validators, self.limits_for(b, fuel))
         if self.broker is not None:
             self.broker.check(aid, b.policy)  # a missing credential refuses the agent before it starts
         agent.event("agent.spawned", name=b.name, bundle_digest=b.digest, principal=on_behalf_of,
@@ -592,14 +598,14 @@ class Host:
                          fuel_used=int(agent.usage.get("fuel_used", 0)), log_sink=self._log_sink(agent))
 
     def _pre(self, agent: _Agent) -> Any:
-        return self._loaded(agent.bundle)[1]
+        return self.load_module(agent.bundle)[1]
 
     def _begin_run(self, agent: _Agent) -> None:
         """A run starts: per-run budgets count from here."""
         agent.run_started = time.time()
         agent.run_exec_s = 0.0
         agent.run_fuel_start = int(agent.usage.get("fuel_used", 0))
-        agent.limits = self._limits(agent.bundle, agent.record.get("fuel_limit"), agent.run_fuel_start)
+        agent.limits = self.limits_for(agent.bundle, agent.record.get("fuel_limit"), agent.run_fuel_start)
 
     def _slots(self, agent: _Agent, priority: int | None) -> Any:
         prio = agent.bundle.policy.agent.priority if priority is None else priority
@@ -632,12 +638,12 @@ class Host:
         if status in PARKED:
             raise AgentStateError(f"agent {agent_id} is {status}: an operator must decide before it can resume")
         b = self.bundle_by_digest(rec["bundle_digest"])
-        loaded, _ = self._loaded(b)
+        loaded, _ = self.load_module(b)
         tools, validators = self._tools_for(b)
         self._claim(agent_id)
         rec = self.get_agent(agent_id)
         rec.pop("stalled", None)
-        agent = _Agent(rec, b, loaded, tools, validators, self._limits(b, rec.get("fuel_limit")))
+        agent = _Agent(rec, b, loaded, tools, validators, self.limits_for(b, rec.get("fuel_limit")))
         with self.store.read() as txn:
             seq = txn.latest_checkpoint(agent_id)
             blob = txn.get_checkpoint(agent_id, seq) if seq is not None else None

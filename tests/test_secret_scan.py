@@ -77,7 +77,7 @@ def run_and_scan(b: Any, store_dir: Path, secret: str, monkeypatch: pytest.Monke
         res = anyio.run(lambda: host.run(b, {"n": 4, "ms": 5}))
         assert res.suspensions == 4
         assert host.get_agent(res.agent_id)["usage"]["hibernations"] >= 1  # it really went cold
-        loaded, _ = host._loaded(b)
+        loaded, _ = host.load_module(b)
         assert len(memories) >= 5
         # 1. the guest's linear memory, live, at every capture and at the end
         found += [f"guest memory #{i}" for i, mem in enumerate(memories) if holds(mem, secret)]
