@@ -195,6 +195,7 @@ class Supervisor:
         self._generations: dict[ServerConfig, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # every server task, stopping ones included
         self._atexit = False
+        self._reaper_future: Any = None
 
     # -- the loop thread --------------------------------------------------------
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
@@ -212,7 +213,7 @@ class Supervisor:
                 self._thread.start()
                 started.wait(5)
                 self._loop = loop
-                asyncio.run_coroutine_threadsafe(self._reaper(), loop)
+                self._reaper_future = asyncio.run_coroutine_threadsafe(self._reaper(), loop)
                 if not self._atexit:
                     atexit.register(self.close)
                     self._atexit = True
@@ -271,6 +272,11 @@ class Supervisor:
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout + 1)
+        if self._reaper_future is not None:
+            self._reaper_future.cancel()  # let it unwind before the loop stops
+            with contextlib.suppress(BaseException):
+                self._reaper_future.result(1)
+            self._reaper_future = None
         loop.call_soon_threadsafe(loop.stop)
         if thread is not None:
             thread.join(timeout)
