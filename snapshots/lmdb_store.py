@@ -700,7 +700,8 @@ class _LmdbTxn:
         if seq < 1:
             raise ValueError(f"checkpoint seq counts from 1, got {seq}")
         value = _CREATED.pack(created_at) + bytes(blob)
-        if not self._txn.put(_seq_key(agent_id, seq), value, db=self._ckpt, overwrite=False):
+        key = _seq_key(agent_id, seq)
+        if not self._put_append(key, value, self._ckpt):
             raise CheckpointExists(
                 f"checkpoint {seq} of agent {agent_id!r} is already stored and checkpoints are "
                 "immutable; write the next seq (latest_checkpoint() + 1)"
@@ -711,7 +712,22 @@ class _LmdbTxn:
         return self._delete_prefix(self._ckpt, prefix, below=_seq_key(agent_id, max(0, keep_from)))
 
     def put_journal(self, agent_id: str, call_seq: int, entry: dict[str, Any]) -> None:
-        self._txn.put(_seq_key(agent_id, call_seq, "call_seq"), _json(entry), db=self._journal)
+        key = _seq_key(agent_id, call_seq, "call_seq")
+        if not self._put_append(key, _json(entry), self._journal):
+            self._txn.put(key, _json(entry), db=self._journal)  # an update of an existing call
+
+    def _put_append(self, key: bytes, value: bytes, db: Any) -> bool:
+        """Insert a new key, appending when it sorts last (False if it already exists).
+
+        Checkpoint and journal keys mostly arrive in key order (the newest agent's
+        next seq). MDB_APPEND then fills leaf pages to ~96% instead of the ~75% a
+        middle split leaves, which is a quarter off a hibernated agent's bytes on
+        disk. Out of order, LMDB refuses the append without writing, and the normal
+        insert runs.
+        """
+        if self._txn.put(key, value, db=db, append=True, overwrite=False):
+            return True
+        return bool(self._txn.put(key, value, db=db, overwrite=False))
 
     def kv_set(self, namespace: str, key: str, value: bytes) -> None:
         self._txn.put(_kv_key(namespace, key), bytes(value), db=self._kv)
