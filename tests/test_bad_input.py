@@ -53,6 +53,17 @@ def test_truncated_wasm_is_refused(bundles: BundleFactory) -> None:
     assert "Traceback" not in str(info.value)
 
 
+def test_unknown_abi_version_is_refused(bundles: BundleFactory) -> None:
+    from host import wasm_binary
+    from host.errors import AbiVersionError
+
+    raw = bundle_mod.build_dir(EXAMPLES / "hello")
+    module = bundle_mod.load_bytes(raw).module
+    future = wasm_binary.add_custom_section(module.replace(b"torpor.abi", b"torpor.xxx"), "torpor.abi", b"2")
+    with pytest.raises(AbiVersionError, match=r"v2.*supports v1"):
+        bundle_mod.pack(future, HELLO_POLICY)
+
+
 def test_module_without_entry(host: Host, bundles: BundleFactory) -> None:
     with pytest.raises(ModuleError, match="torpor_main"):
         run(host, guest(bundles, "noentry"))

@@ -70,6 +70,18 @@ def post(args: PostArgs, ctx: ToolContext, txn) -> dict:
     return {"posted": ctx.call_seq}
 
 
+class BigArgs(BaseModel):
+    n: int
+
+
+def big(args: BigArgs, ctx: ToolContext) -> dict:
+    return {"blob": "x" * args.n}
+
+
+def boom(args: BigArgs, ctx: ToolContext) -> dict:
+    raise RuntimeError("kaput")
+
+
 class SleepArgs(BaseModel):
     ms: int
 
@@ -346,6 +358,22 @@ def test_failing_transactional_tool_leaves_nothing_behind(host: Host, caller_mod
     assert r[1]["code"] == "ledger_closed" and r[1]["rc"] == -6
     with host.store.read() as txn:
         assert txn.kv_keys("test:ledger", "") == ["entry-1"]
+
+
+def test_tool_failures_reach_the_guest_as_structured_errors(host: Host, caller_module: bytes) -> None:
+    policy = POLICY_HEAD + '[tools."big"]\nhandler = "gov_tools:big"\n[tools."boom"]\nhandler = "gov_tools:boom"\n'
+    res = run(host, make(caller_module, policy), [
+        {"tool": "big", "args": {"n": 10}},
+        {"tool": "big", "args": {"n": 2 << 20}},
+        {"tool": "boom", "args": {"n": 1}},
+        {"tool": "big", "args": {"n": "ten"}},
+    ])
+    assert res.status == "completed", res.error
+    ok, too_large, raised, bad = res.output["results"]
+    assert ok["value"] == {"blob": "x" * 10}
+    assert (too_large["rc"], too_large["code"]) == (-8, "result_too_large")
+    assert (raised["rc"], raised["code"]) == (-6, "tool_failed") and "kaput" in raised["value"]["message"]
+    assert (bad["rc"], bad["code"]) == (-5, "invalid_args")
 
 
 def test_stalled_agent_is_reported(caller_module: bytes, tmp_path: Path) -> None:
