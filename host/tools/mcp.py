@@ -196,6 +196,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[None]] = set()  # every server task, stopping ones included
         self._atexit = False
         self._reaper_future: Any = None
+        self._reaper_task: asyncio.Task[None] | None = None
 
     # -- the loop thread --------------------------------------------------------
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
@@ -213,7 +214,7 @@ class Supervisor:
                 self._thread.start()
                 started.wait(5)
                 self._loop = loop
-                self._reaper_future = asyncio.run_coroutine_threadsafe(self._reaper(), loop)
+                self._reaper_future = asyncio.run_coroutine_threadsafe(self._start_reaper(), loop)
                 if not self._atexit:
                     atexit.register(self.close)
                     self._atexit = True
@@ -261,6 +262,12 @@ class Supervisor:
             return
 
         async def shutdown() -> None:
+            reaper = self._reaper_task
+            if reaper is not None:  # stop it here, on its loop, so it ends before the loop does
+                reaper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reaper
+                self._reaper_task = None
             servers = list(self._servers.values())
             self._servers.clear()
             for s in servers:
@@ -272,11 +279,7 @@ class Supervisor:
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout + 1)
-        if self._reaper_future is not None:
-            self._reaper_future.cancel()  # let it unwind before the loop stops
-            with contextlib.suppress(BaseException):
-                self._reaper_future.result(1)
-            self._reaper_future = None
+        self._reaper_future = None
         loop.call_soon_threadsafe(loop.stop)
         if thread is not None:
             thread.join(timeout)
@@ -390,6 +393,9 @@ class Supervisor:
                 await self._get(server.config)
 
         asyncio.get_running_loop().create_task(again())
+
+    async def _start_reaper(self) -> None:
+        self._reaper_task = asyncio.get_running_loop().create_task(self._reaper())
 
     async def _reaper(self) -> None:
         while True:
