@@ -24,9 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from policies.schema import tool_kind
 
-from . import http as http_tool
-from . import llm as llm_tool
-from . import mcp as mcp_tool
 from ._net import rule
 from .registry import AnyArgs, ToolContext, ToolError, ToolSpec, spec_from_function, tool
 
@@ -144,7 +141,9 @@ def _family_spec(name: str, kind: str) -> ToolSpec:
     one (``http.*`` is idempotent only for GET/HEAD/OPTIONS, ``mcp.*`` never
     unless the policy says so).
     """
+    # The network tools (httpx, jsonschema, the MCP SDK) load on first use, not with the CLI.
     if kind == "llm.chat":
+        from . import llm as llm_tool
 
         async def llm(args: llm_tool.ChatArgs, ctx: ToolContext) -> dict[str, Any]:
             return await llm_tool.chat(args, ctx, tool=name)
@@ -152,12 +151,15 @@ def _family_spec(name: str, kind: str) -> ToolSpec:
         return ToolSpec(name, llm, llm_tool.ChatArgs, idempotent=True,
                         description="a chat completion from the LLM the grant names")
     if kind == "http.fetch":
+        from . import http as http_tool
 
         async def fetch(args: http_tool.FetchArgs, ctx: ToolContext) -> dict[str, Any]:
             return await http_tool.fetch(args, ctx, tool=name)
 
         return ToolSpec(name, fetch, http_tool.FetchArgs, idempotent=True,
                         description="an HTTP request to a host on the grant's allowlist")
+
+    from . import mcp as mcp_tool
 
     async def mcp(args: AnyArgs, ctx: ToolContext) -> dict[str, Any]:
         return await mcp_tool.call_tool(args, ctx, tool=name)
@@ -206,5 +208,4 @@ class _Builtins(Mapping[str, ToolSpec]):
 
 BUILTINS: Mapping[str, ToolSpec] = _Builtins(
     {spec.name: spec for spec in (spec_from_function(f) for f in (kv_get, kv_set, kv_incr, clock_now, log_tool))}
-    | {name: _family_spec(name, name) for name in ("llm.chat", "http.fetch")}
-)
+)  # llm.chat and http.fetch resolve as members of their families, on first use
