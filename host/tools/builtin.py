@@ -22,9 +22,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from policies.paths import locator
 from policies.schema import tool_kind
 
-from ._net import rule
 from .registry import AnyArgs, ToolContext, ToolError, ToolSpec, spec_from_function, tool
 
 MAX_KEY = 512
@@ -70,7 +70,7 @@ def kv_namespace(tool_name: str, namespace: str | None, ctx: ToolContext) -> str
             "denied",
             f"{tool_name}: namespace {namespace!r} is not granted"
             + (f" (granted: {', '.join(granted)})" if granted else " (this grant lists no shared namespaces)"),
-            rule=rule(tool_name, "namespaces"),
+            rule=locator("tools", tool_name, "namespaces"),
             reason_code="namespace_not_granted",
         )
     return SHARED_PREFIX + namespace
