@@ -33,3 +33,15 @@ def test_tutorial_agent_builds_and_runs(tmp_path: Path) -> None:
         assert run.returncode == 0, run.stdout + run.stderr
         # Each agent has its own private key-value namespace, so every run counts from 1.
         assert json.loads(run.stdout)["output"] == {"greeting": "hello, ada", "visits": 1}, visits
+
+
+def test_embedding_example_runs(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    code = _block(readme, "python", "# embed.py")
+    built = subprocess.run([sys.executable, "-m", "host.cli", "build", str(ROOT / "guest_sdk" / "examples" / "steps"),
+                            "-o", str(tmp_path / "steps.torpor")], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    (tmp_path / "embed.py").write_text(code)
+    run = subprocess.run([sys.executable, "embed.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "completed {'sum': 6, 'last': 3}"
