@@ -599,16 +599,6 @@ def _global_set(store: wasmtime.Store, ext: Any, g: GlobalValue) -> None:
         raise wasmtime.WasmtimeError._from_ptr(error)
 
 
-def _val(g: GlobalValue) -> wasmtime.Val:
-    if g.kind == "i32":
-        return wasmtime.Val.i32(int(g.value))
-    if g.kind == "i64":
-        return wasmtime.Val.i64(int(g.value))
-    if g.kind == "f32":
-        return wasmtime.Val.f32(float(g.value))
-    return wasmtime.Val.f64(float(g.value))
-
-
 def _trap_summary(text: str) -> str:
     """The informative lines of a Wasmtime trap ("wasm trap: ...", "memory fault at ...")."""
     lines = [ln.strip() for ln in text.splitlines()]

@@ -836,7 +836,7 @@ class Host:
                 answer = (abi.E_UNKNOWN_TOOL, error_response("unknown_tool", f"no tool named {call.tool!r} is available to this agent"))
                 await self._checkpoint(agent, call, captured, answer)
             else:
-                answer = await self._checkpoint_and_run(agent, call, captured, agent.tools[call.tool], before_usage=after)
+                answer = await self._checkpoint_and_run(agent, call, captured, agent.tools[call.tool])
                 exceeded = self._budget_check(agent, after, self._policy_usage(agent, time.time()))
                 if exceeded is not None:
                     await self._commit_agent(agent)
@@ -904,8 +904,7 @@ class Host:
 
         await self._commit_agent(agent, write)
 
-    async def _checkpoint_and_run(self, agent: _Agent, call: PendingCall, captured: Captured, spec: ToolSpec,
-                                  *, before_usage: policies.Usage) -> Answer:
+    async def _checkpoint_and_run(self, agent: _Agent, call: PendingCall, captured: Captured, spec: ToolSpec) -> Answer:
         try:
             args = spec.validate(call.args)
         except ToolError as err:
