@@ -34,10 +34,15 @@ def _emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> Non
 
 
 def _host(args: argparse.Namespace) -> Any:
+    """The host on the store the command names. Only `run` may create a store: for every
+    other command a missing directory is a mistyped --store, not an empty store."""
     from .credentials import VaultBroker
-    from .runtime import Host
+    from .runtime import Host, default_store_dir
 
-    return Host(args.store, broker=VaultBroker.for_store(args.store))
+    store = Path(args.store) if args.store is not None else default_store_dir()
+    if args.command != "run" and not (store / "db").is_dir():
+        raise ConfigError(f"no Torpor store at {store} (check --store or $TORPOR_STORE; `torpor run` creates one)")
+    return Host(store, broker=VaultBroker.for_store(store))
 
 
 def _parse_input(text: str | None) -> Any:

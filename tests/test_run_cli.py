@@ -13,7 +13,7 @@ from conftest import EXAMPLES, BundleFactory
 
 def torpor(*args: str, store: Path | None = None) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "host.cli", *args]
-    if store is not None and args and args[0] in {"run", "resume", "ps", "inspect", "fork"}:
+    if store is not None and args and args[0] in {"run", "resume", "ps", "inspect", "fork", "approvals"}:
         cmd += ["--store", str(store)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
@@ -112,3 +112,12 @@ def test_pack_a_module_built_elsewhere(tmp_path: Path) -> None:
 
     prepared = bundle_mod.load(out).module
     assert bundle_mod.load_bytes(bundle_mod.pack(prepared, (EXAMPLES / "steps" / "policy.toml").read_text())).module == prepared
+
+
+def test_a_mistyped_store_is_an_error_not_a_new_store(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-store"
+    for cmd in (["ps"], ["inspect", "01M81BEHCZ7QPNDWNTXHP1Z5PE"], ["resume", "--all"], ["approvals"]):
+        proc = torpor(*cmd, store=missing)
+        assert proc.returncode == 2, (cmd, proc.stderr)
+        assert "no Torpor store at" in proc.stderr
+    assert not missing.exists()
