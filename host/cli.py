@@ -212,14 +212,16 @@ def cmd_ps(args: argparse.Namespace) -> int:
         "agent_id": a["agent_id"], "name": a.get("name"), "status": a.get("status"),
         "fuel_used": a.get("usage", {}).get("fuel_used", 0), "tool_calls": a.get("usage", {}).get("tool_calls", 0),
         "checkpoints": a.get("checkpoints", 0), "last_checkpoint_bytes": a.get("last_checkpoint_bytes", 0),
+        "tokens": a.get("usage", {}).get("tokens", 0), "stalled": bool(a.get("stalled")),
         "created_at": a.get("created_at"),
     } for a in agents if not args.status or a.get("status") == args.status]
 
     def human() -> None:
-        print(f"{'AGENT':26}  {'NAME':14}  {'STATUS':16}  {'FUEL':>12}  {'CALLS':>6}  {'CKPT':>5}  {'LAST':>6}")
+        print(f"{'AGENT':26}  {'NAME':14}  {'STATUS':16}  {'FUEL':>12}  {'CALLS':>6}  {'TOKENS':>7}  {'CKPT':>5}  {'LAST':>6}")
         for r in rows:
-            print(f"{r['agent_id']:26}  {str(r['name'])[:14]:14}  {r['status']:16}  {r['fuel_used']:>12}  "
-                  f"{r['tool_calls']:>6}  {r['checkpoints']:>5}  {r['last_checkpoint_bytes']:>6}")
+            status = r["status"] + (" (stalled)" if r["stalled"] else "")
+            print(f"{r['agent_id']:26}  {str(r['name'])[:14]:14}  {status:16}  {r['fuel_used']:>12}  "
+                  f"{r['tool_calls']:>6}  {r['tokens']:>7}  {r['checkpoints']:>5}  {r['last_checkpoint_bytes']:>6}")
 
     _emit(args, rows, human)
     return EXIT_OK
