@@ -280,6 +280,7 @@ class LoadedModule:
     global_exports: tuple[tuple[str, str], ...]  # (export name, kind) of snapshotted globals
     suspendable: bool
     entry_results: int = 1  # how many results the entry export returns (0 or 1)
+    has_initialize: bool = False  # a WASI reactor's `_initialize`, run once before the entry
     _pres: dict[Any, wasmtime.InstancePre] = field(default_factory=dict)
 
     @classmethod
@@ -308,7 +309,7 @@ class LoadedModule:
         )
         pristine, async_buf = _pristine_image(engine, module, imports)
         return cls(engine, module, digest, imports, pristine, async_buf, globals_, suspendable,
-                   len(list(entry_ty.results)))
+                   len(list(entry_ty.results)), isinstance(exports.get("_initialize"), wasmtime.FuncType))
 
     def check_imports(self, granted_tools: bool, wasi_allow: frozenset[str], policy_name: str) -> None:
         """Refuse, before anything runs, a module importing what the policy does not grant."""

@@ -222,7 +222,7 @@ class Execution:
                 # everything the guest has, before its first instruction runs.
                 old = self._mem.grow(self._store, 1)
                 self.async_buf = (old * PAGE, PAGE)
-        return self._call_entry(initialize=self._exports.get(INITIALIZE_EXPORT) is not None)
+        return self._call_entry(initialize=self.loaded.has_initialize)
 
     @classmethod
     def restore(cls, loaded: LoadedModule, pre: wasmtime.InstancePre, limits: Limits, input: bytes,

@@ -166,6 +166,7 @@ class _Agent:
     tools: dict[str, ToolSpec]
     validators: dict[str, Any]
     limits: Limits
+    pre: Any = None  # the module's InstancePre under this agent's grants
     ex: Execution | None = None
     captured: Captured | None = None
     logs: list[dict[str, Any]] = field(default_factory=list)
@@ -569,7 +570,7 @@ class Host:
         if fuel is not None and fuel < 0:
             raise ConfigError("fuel must be a non-negative integer")
         self.register_bundle(b)
-        loaded, _ = self.load_module(b)
+        loaded, pre = self.load_module(b)
         tools, validators = self._tools_for(b)
         now = time.time()
         aid = new_agent_id(now)
@@ -585,7 +586,7 @@ class Host:
             "usage": {"fuel_used": 0, "tool_calls": 0, "suspensions": 0, "hibernations": 0,
                       "tokens": 0, "denials": 0, "calls_by_tool": {}, "recent_calls": {}},
         }
-        agent = _Agent(record, b, loaded, tools, validators, self.limits_for(b, fuel))
+        agent = _Agent(record, b, loaded, tools, validators, self.limits_for(b, fuel), pre=pre)
         if self.broker is not None:
             self.broker.check(aid, b.policy)  # a missing credential refuses the agent before it starts
         agent.event("agent.spawned", name=b.name, bundle_digest=b.digest, principal=on_behalf_of,
@@ -598,7 +599,8 @@ class Host:
                          fuel_used=int(agent.usage.get("fuel_used", 0)), log_sink=self._log_sink(agent))
 
     def _pre(self, agent: _Agent) -> Any:
-        return self.load_module(agent.bundle)[1]
+        # Linked and import-checked once per agent load, not at every spawn or cold restore.
+        return agent.pre
 
     def _begin_run(self, agent: _Agent) -> None:
         """A run starts: per-run budgets count from here."""
@@ -638,12 +640,12 @@ class Host:
         if status in PARKED:
             raise AgentStateError(f"agent {agent_id} is {status}: an operator must decide before it can resume")
         b = self.bundle_by_digest(rec["bundle_digest"])
-        loaded, _ = self.load_module(b)
+        loaded, pre = self.load_module(b)
         tools, validators = self._tools_for(b)
         self._claim(agent_id)
         rec = self.get_agent(agent_id)
         rec.pop("stalled", None)
-        agent = _Agent(rec, b, loaded, tools, validators, self.limits_for(b, rec.get("fuel_limit")))
+        agent = _Agent(rec, b, loaded, tools, validators, self.limits_for(b, rec.get("fuel_limit")), pre=pre)
         with self.store.read() as txn:
             seq = txn.latest_checkpoint(agent_id)
             blob = txn.get_checkpoint(agent_id, seq) if seq is not None else None
