@@ -19,16 +19,25 @@ import ctypes
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from . import native_build
 from .errors import SnapshotCorrupt, SnapshotMismatch
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "MemoryDelta", "apply_delta", "diff_memory", "full_copy"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "MemoryDelta",
+    "apply_delta",
+    "diff_memory",
+    "full_copy",
+    "xor_with_pristine",
+]
 
 DEFAULT_CHUNK_SIZE = 4096
 
@@ -66,6 +75,30 @@ def _load_memcmp() -> Callable[[int, int, int], int] | None:
 
 
 _memcmp = _load_memcmp()
+
+_KERNELS_SOURCE = Path(__file__).with_name("delta_kernels.c")
+_kernels_lib: list[Any] = []
+
+
+def _kernels() -> Any:
+    """The native delta kernels (delta_kernels.c), or None: then the Python paths run."""
+    if _kernels_lib:
+        return _kernels_lib[0]
+    lib = native_build.load("delta_kernels", _KERNELS_SOURCE)
+    if lib is not None:
+        sz, p, u8p = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_char_p
+        for name, res, args in (
+            ("tp_changed_chunks", sz, [p, sz, p, sz, sz, p, p]),
+            ("tp_gather", None, [p, sz, p, sz, sz, u8p, sz, ctypes.c_int, p]),
+            ("tp_xor_chunks", None, [p, sz, p, sz, sz, u8p, sz]),
+            ("tp_scatter", None, [p, sz, sz, u8p, sz, u8p]),
+            ("tp_untouched", ctypes.c_int, [ctypes.c_int, ctypes.c_size_t, sz, sz, sz, p]),
+            ("tp_check_indices", sz, [u8p, sz, sz]),
+        ):
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+    _kernels_lib.append(lib)
+    return lib
 # ctypes.memmove releases the GIL around each call (see _load_memcmp); the same
 # function through PYFUNCTYPE keeps it.
 _memmove = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t)(
@@ -73,52 +106,144 @@ _memmove = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, 
 )
 
 
-@dataclass(frozen=True, slots=True)
 class MemoryDelta:
     """The chunks of a linear memory that differ from the module's pristine image.
 
     ``memory_size`` is the size of the memory that was diffed (in bytes; a restore must
-    grow the fresh instance's memory to exactly this size before applying), ``chunk_size``
-    the granularity, and ``chunks`` the ascending ``(chunk_index, current_bytes)`` pairs.
-    Every chunk is ``chunk_size`` bytes long except a final chunk cut short by the end of
-    memory. It is immutable so that a Snapshot holding it can be shared between threads.
+    grow the fresh instance's memory to exactly this size before applying),
+    ``chunk_size`` the granularity, and ``chunks`` the ascending
+    ``(chunk_index, current_bytes)`` pairs. Every chunk is ``chunk_size`` bytes long
+    except a final chunk cut short by the end of memory.
+
+    Stored packed: the indices as one array of native uint32 (``index_bytes``) and the
+    chunks' bytes concatenated in index order (``data``), which is what the native
+    kernels read and write and what the snapshot format stores, so a suspension never
+    builds one Python object per chunk. Immutable, so that a Snapshot holding it can be
+    shared between threads.
     """
+
+    __slots__ = ("_data", "_index", "_size", "chunk_size", "memory_size")
 
     memory_size: int
     chunk_size: int
-    chunks: tuple[tuple[int, bytes], ...]
+    _index: bytes
+    _data: bytes
 
-    def __post_init__(self) -> None:
-        if self.chunk_size <= 0:
-            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
-        if self.memory_size < 0:
-            raise ValueError(f"memory_size must be >= 0, got {self.memory_size}")
-        last = -1
-        nchunks = -(-self.memory_size // self.chunk_size)
-        for index, data in self.chunks:
-            if index <= last:
-                raise ValueError(
-                    f"chunk indices must be strictly ascending, got {index} after {last}"
-                )
-            if index >= nchunks:
-                raise ValueError(
-                    f"chunk {index} lies outside a memory of {self.memory_size} bytes "
-                    f"({nchunks} chunks of {self.chunk_size})"
-                )
-            expected = min(self.chunk_size, self.memory_size - index * self.chunk_size)
+    def __init__(
+        self, memory_size: int, chunk_size: int, chunks: Iterable[tuple[int, bytes]] = ()
+    ) -> None:
+        pairs = tuple(chunks)
+        _set(self, memory_size, chunk_size, array("I", (i for i, _ in pairs)).tobytes(),
+             b"".join(bytes(d) for _, d in pairs))
+        _validate_indices(self)
+        for index, data in pairs:
+            expected = min(chunk_size, memory_size - index * chunk_size)
             if len(data) != expected:
                 raise ValueError(f"chunk {index} holds {len(data)} bytes, expected {expected}")
-            last = index
+
+    @classmethod
+    def packed(cls, memory_size: int, chunk_size: int, index_bytes: bytes, data: bytes) -> MemoryDelta:
+        """A delta from its packed form (native uint32 indices, concatenated chunks); validated."""
+        self = cls.__new__(cls)
+        _set(self, memory_size, chunk_size, bytes(index_bytes), bytes(data))
+        _validate_indices(self)
+        n = len(self._index) // 4
+        expected = _packed_size(memoryview(self._index).cast("I"), n, chunk_size, memory_size)
+        if len(self._data) != expected:
+            raise ValueError(f"the chunks hold {len(self._data)} bytes, expected {expected} for {n} chunks")
+        return self
+
+    @property
+    def index_bytes(self) -> bytes:
+        """The chunk indices, ascending, as native-endian uint32 (4 bytes each)."""
+        return self._index
+
+    @property
+    def data(self) -> bytes:
+        """The changed chunks' bytes, concatenated in index order."""
+        return self._data
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        return tuple(memoryview(self._index).cast("I")) if self._index else ()
+
+    @property
+    def chunks(self) -> tuple[tuple[int, bytes], ...]:
+        out = []
+        pos = 0
+        for i in self.indices:
+            n = min(self.chunk_size, self.memory_size - i * self.chunk_size)
+            out.append((i, self._data[pos : pos + n]))
+            pos += n
+        return tuple(out)
 
     @property
     def changed_bytes(self) -> int:
         """Total size of the changed chunks (what a raw encoding would have to store)."""
-        return sum(len(data) for _, data in self.chunks)
+        return len(self._data)
 
     def offsets(self) -> Iterator[tuple[int, bytes]]:
         """The changed chunks as ``(byte_offset, bytes)`` pairs."""
         for index, data in self.chunks:
             yield index * self.chunk_size, data
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"MemoryDelta is immutable (cannot set {name!r})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MemoryDelta):
+            return NotImplemented
+        return (self.memory_size, self.chunk_size, self._index, self._data) == (
+            other.memory_size, other.chunk_size, other._index, other._data)
+
+    def __hash__(self) -> int:
+        return hash((self.memory_size, self.chunk_size, self._index, self._data))
+
+    def __repr__(self) -> str:
+        return (f"MemoryDelta(memory_size={self.memory_size}, chunk_size={self.chunk_size}, "
+                f"indices={list(self.indices)}, changed_bytes={len(self._data)})")
+
+
+def _set(d: MemoryDelta, memory_size: int, chunk_size: int, index: bytes, data: bytes) -> None:
+    object.__setattr__(d, "memory_size", memory_size)
+    object.__setattr__(d, "chunk_size", chunk_size)
+    object.__setattr__(d, "_index", index)
+    object.__setattr__(d, "_data", data)
+
+
+def _validate_indices(d: MemoryDelta) -> None:
+    """Sizes sane; indices strictly ascending and inside the memory."""
+    chunk_size, memory_size = d.chunk_size, d.memory_size
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if memory_size < 0:
+        raise ValueError(f"memory_size must be >= 0, got {memory_size}")
+    if len(d._index) % 4:
+        raise ValueError("index_bytes must hold whole uint32 indices")
+    nchunks = -(-memory_size // chunk_size)
+    n = len(d._index) // 4
+    if n == 0:
+        return
+    idx = memoryview(d._index).cast("I")
+    lib = _kernels()
+    if lib is not None:
+        bad = lib.tp_check_indices(d._index, n, nchunks)
+    else:
+        bad = 0
+        last = -1
+        for pos, index in enumerate(idx):
+            if index <= last or index >= nchunks:
+                bad = pos + 1
+                break
+            last = index
+    if bad:
+        index = idx[bad - 1]
+        if bad > 1 and index <= idx[bad - 2]:
+            raise ValueError(f"chunk indices must be strictly ascending, got {index} after {idx[bad - 2]}")
+        raise ValueError(
+            f"chunk {index} lies outside a memory of {memory_size} bytes "
+            f"({nchunks} chunks of {chunk_size})"
+        )
 
 
 class _Region:
@@ -363,6 +488,9 @@ def diff_memory(
             f"current memory is {creg.size} bytes but the pristine image is {preg.size} bytes: "
             "a linear memory never shrinks, so this pristine image is not from this agent's module"
         )
+    lib = _kernels()
+    if lib is not None:
+        return _diff_native(lib, preg, creg, chunk_size, untouched_is_pristine)
     if _memcmp is not None:
         touched = _touched_chunks(creg, chunk_size) if untouched_is_pristine else None
         if touched is not None:
@@ -386,6 +514,68 @@ def diff_memory(
     return MemoryDelta(creg.size, chunk_size, chunks)
 
 
+def _packed_size(index: Any, n: int, chunk_size: int, memory_size: int) -> int:
+    """Bytes of ``n`` chunks whose last index is ``index[n - 1]`` (the memory's end may cut it)."""
+    if n == 0:
+        return 0
+    last: int = index[n - 1]
+    return n * chunk_size - max(0, (last + 1) * chunk_size - memory_size)
+
+
+def _diff_native(lib: Any, preg: _Region, creg: _Region, chunk_size: int, untouched: bool) -> MemoryDelta:
+    nchunks = -(-creg.size // chunk_size)
+    skip = None
+    if untouched and nchunks:
+        fd = _pagemap()
+        if fd is not None:
+            skip = ctypes.create_string_buffer(nchunks)
+            if lib.tp_untouched(fd, creg.addr, creg.size, chunk_size, _PAGE, skip) != 0:
+                skip = None
+    out = (ctypes.c_uint32 * max(nchunks, 1))()
+    n = lib.tp_changed_chunks(creg.addr, creg.size, preg.addr, preg.size, chunk_size, skip, out)
+    total = _packed_size(out, n, chunk_size, creg.size)
+    data = ctypes.create_string_buffer(total) if total else None
+    index = ctypes.string_at(out, 4 * n) if n else b""
+    if n:
+        lib.tp_gather(creg.addr, creg.size, preg.addr, preg.size, chunk_size, index, n, 0, data)
+    d = MemoryDelta.__new__(MemoryDelta)
+    # Built by the kernels from a real memory: the invariants hold by construction.
+    _set(d, creg.size, chunk_size, index, data.raw if data is not None else b"")
+    return d
+
+
+def xor_with_pristine(delta: MemoryDelta, data: bytes, pristine: Buffer) -> bytes:
+    """``data`` laid out as ``delta.data`` (same indices), each chunk XOR'd with the
+    pristine image under it (zeros past its end, where XOR changes nothing).
+
+    The snapshot format stores chunks this way (its flag bit 0): a chunk that shares a
+    page with data segments then compresses to the bytes that really changed. XOR is
+    its own inverse, so the same call decodes.
+    """
+    preg = _region(pristine)
+    chunk_size = delta.chunk_size
+    n = len(delta.index_bytes) // 4
+    if n == 0 or delta.indices[0] * chunk_size >= preg.size:
+        return data  # no chunk overlaps the image: nothing to XOR
+    lib = _kernels()
+    if lib is not None:
+        buf = ctypes.create_string_buffer(data, len(data))
+        lib.tp_xor_chunks(buf, delta.memory_size, preg.addr, preg.size, chunk_size, delta.index_bytes, n)
+        return buf.raw[: len(data)]
+    out = bytearray(data)
+    pos = 0
+    for i in delta.indices:
+        off = i * chunk_size
+        length = min(chunk_size, delta.memory_size - off)
+        m = max(0, min(length, preg.size - off))
+        if m:
+            ref = ctypes.string_at(preg.addr + off, m)
+            x = int.from_bytes(out[pos : pos + m], "little") ^ int.from_bytes(ref, "little")
+            out[pos : pos + m] = x.to_bytes(m, "little")
+        pos += length
+    return bytes(out)
+
+
 def apply_delta(delta: MemoryDelta, target: Buffer) -> None:
     """Write the changed chunks of ``delta`` into ``target``.
 
@@ -400,6 +590,14 @@ def apply_delta(delta: MemoryDelta, target: Buffer) -> None:
             f"{delta.memory_size}-byte memory: grow the fresh instance's memory to "
             f"{delta.memory_size} bytes before applying"
         )
+    n = len(delta.index_bytes) // 4
+    if n == 0:
+        return
+    lib = _kernels()
+    if lib is not None:
+        # MemoryDelta guarantees every chunk lies inside memory_size == reg.size.
+        lib.tp_scatter(reg.addr, reg.size, delta.chunk_size, delta.index_bytes, n, delta.data)
+        return
     for offset, data in delta.offsets():
         if offset + len(data) > reg.size:  # guarded by MemoryDelta, kept as a last line
             raise SnapshotCorrupt(f"chunk at offset {offset} does not fit a {reg.size}-byte memory")

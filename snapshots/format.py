@@ -49,12 +49,13 @@ import hashlib
 import json
 import struct
 import threading
+from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import zstandard
 
-from .delta import MemoryDelta, _region
+from .delta import MemoryDelta, _region, xor_with_pristine
 from .errors import SnapshotCorrupt, SnapshotError, SnapshotMismatch, SnapshotVersionError
 
 if TYPE_CHECKING:
@@ -267,42 +268,10 @@ def _dictionary(pristine: Buffer | None) -> zstandard.ZstdCompressionDict:
     return zdict
 
 
-_zero_cache: dict[int, bytes] = {}
-
-
-def _xor_with(data: bytes, ref: bytes) -> bytes:
-    """``data`` XOR ``ref`` where ``ref`` may be shorter (zeros past its end).
-
-    Whole-int XOR is the fastest pure-Python way (about 9 µs per 4 KiB); it is skipped
-    when the reference is all zero, which is the common case of stack and heap chunks.
-    """
-    n = len(ref)
-    zeros = _zero_cache.get(n)
-    if zeros is None:
-        zeros = _zero_cache.setdefault(n, bytes(n))
-    if ref == zeros:
-        return data
-    x = int.from_bytes(data, "little") ^ int.from_bytes(ref, "little")
-    return x.to_bytes(len(data), "little")
-
-
-def _pristine_slices(
-    pristine: Buffer, memory_size: int, spans: list[tuple[int, int]]
-) -> list[bytes]:
-    """The pristine bytes under each (offset, length) span, shorter past the image's end."""
-    if isinstance(pristine, bytes):
-        size = len(pristine)
-        if size > memory_size:
-            raise _pristine_too_big(size, memory_size)
-        return [pristine[off : off + n] for off, n in spans]
-    reg = _region(pristine)
-    if reg.size > memory_size:
-        raise _pristine_too_big(reg.size, memory_size)
-    out = []
-    for off, n in spans:
-        n = max(0, min(n, reg.size - off))
-        out.append(ctypes.string_at(reg.addr + off, n) if n else b"")
-    return out
+def _check_pristine_size(pristine: Buffer, memory_size: int) -> None:
+    size = len(pristine) if isinstance(pristine, bytes) else _region(pristine).size
+    if size > memory_size:
+        raise _pristine_too_big(size, memory_size)
 
 
 def _pristine_too_big(size: int, memory_size: int) -> SnapshotMismatch:
@@ -310,6 +279,21 @@ def _pristine_too_big(size: int, memory_size: int) -> SnapshotMismatch:
         f"the pristine image is {size} bytes but the checkpoint's memory is "
         f"{memory_size} bytes: this pristine image is not from the checkpoint's module"
     )
+
+
+# One encoder for every record: json.dumps with non-default options builds a new
+# JSONEncoder per call, which cost more than encoding the small metadata itself.
+_META_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+def _uvarints(values: list[int]) -> bytes:
+    """``values`` (each >= 0) as consecutive LEB128 varints; one call per record section."""
+    if all(0 <= v < 0x80 for v in values):
+        return bytes(values)
+    out = bytearray()
+    for v in values:
+        _put_uvarint(out, v)
+    return bytes(out)
 
 
 def _put_uvarint(out: bytearray, value: int) -> None:
@@ -354,42 +338,40 @@ def encode_snapshot(
     the same image must then be passed to ``decode_snapshot``.
     """
     mem = s.memory
-    chunk_data = [d for _, d in mem.chunks]
     flags = 0
+    chunk_data = mem.data
     if pristine is not None:
         flags |= _FLAG_XOR
-        spans = [(off, len(d)) for off, d in mem.offsets()]
-        refs = _pristine_slices(pristine, mem.memory_size, spans)
-        chunk_data = [_xor_with(d, ref) for d, ref in zip(chunk_data, refs, strict=True)]
+        _check_pristine_size(pristine, mem.memory_size)
+        chunk_data = xor_with_pristine(mem, chunk_data, pristine)
     agent = s.agent_id.encode()
     entry = s.entry.encode()
     try:
-        meta = json.dumps(
-            [s.pending, s.usage], separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        ).encode()
+        meta = _META_JSON([s.pending, s.usage]).encode()
     except (TypeError, ValueError) as exc:
         raise ValueError(f"pending and usage must be JSON-able (no NaN): {exc}") from exc
     if len(agent) > 0xFFFF or len(entry) > 0xFFFF or len(s.globals) > 0xFFFF:
         raise ValueError("agent_id, entry and the list of globals must each stay under 65,536")
-    out = bytearray()
-    for v in (
-        s.seq,
-        mem.memory_size,
-        mem.chunk_size,
-        s.async_buf[0],
-        s.async_buf[1],
-        len(mem.chunks),
-        len(s.globals),
-        len(agent),
-        len(entry),
-        len(meta),
-    ):
-        _put_uvarint(out, v)
+    out = bytearray(
+        _uvarints(
+            [
+                s.seq,
+                mem.memory_size,
+                mem.chunk_size,
+                s.async_buf[0],
+                s.async_buf[1],
+                len(mem.index_bytes) // 4,
+                len(s.globals),
+                len(agent),
+                len(entry),
+                len(meta),
+            ]
+        )
+    )
     out += _F64.pack(s.created_at)
-    last = 0
-    for i, _ in mem.chunks:
-        _put_uvarint(out, i - last)  # gaps: ascending indices stay one byte each
-        last = i
+    indices = mem.indices
+    # gaps: ascending indices stay one byte each
+    out += _uvarints([b - a for a, b in zip((0, *indices), indices, strict=False)])
     out += agent
     out += entry
     out += meta
@@ -405,12 +387,11 @@ def encode_snapshot(
             _put_uvarint(out, v * 2 if v >= 0 else -v * 2 - 1)  # zigzag
         else:
             out += _F64.pack(float(g.value))
-    for d in chunk_data:
-        out += d
+    out += chunk_data
     if version not in SUPPORTED_VERSIONS:
         raise ValueError(f"cannot write snapshot format version {version}; it writes {SUPPORTED_VERSIONS}")
     zdict = _dictionary(pristine) if version >= 2 else None
-    frame = _compressor(level, zdict).compress(bytes(out))
+    frame = _compressor(level, zdict).compress(out)
     body = b"".join(
         (
             _ENVELOPE.pack(MAGIC, version),
@@ -560,32 +541,25 @@ def _parse_payload(p: bytes, abi: int, digest: str, pristine: Buffer | None) -> 
                 pos += 8
             globals_.append(GlobalValue(name, _KIND_NAMES[code], value))
         index = 0
-        spans = []
+        indices = array("I")
         for gap in gaps:
             index += gap
-            off = index * chunk_size
-            n = min(chunk_size, memory_size - off)
-            if n <= 0:
-                raise ValueError(f"chunk {index} outside a {memory_size}-byte memory")
-            spans.append((off, n))
-        datas = []
-        for _, n in spans:
-            datas.append(p[pos : pos + n])
-            pos += n
-        if pos != len(p):
-            raise ValueError(f"{len(p) - pos} stray bytes after the last chunk")
-        if pristine is not None:
-            refs = _pristine_slices(pristine, memory_size, spans)
-            datas = [_xor_with(d, ref) for d, ref in zip(datas, refs, strict=True)]
+            indices.append(index)  # out of uint32 range: OverflowError, an inconsistent record
         if (pending is not None and not isinstance(pending, dict)) or not isinstance(usage, dict):
             raise ValueError("pending must be an object or null and usage an object")
-        chunks = tuple((off // chunk_size, d) for (off, _), d in zip(spans, datas, strict=True))
+        if pristine is not None:
+            _check_pristine_size(pristine, memory_size)
+        memory = MemoryDelta.packed(memory_size, chunk_size, indices.tobytes(), p[pos:])
+        if pristine is not None:
+            memory = MemoryDelta.packed(
+                memory_size, chunk_size, memory.index_bytes, xor_with_pristine(memory, memory.data, pristine)
+            )
         return Snapshot(
             agent_id=agent_id,
             seq=seq,
             module_digest=digest,
             abi_version=abi,
-            memory=MemoryDelta(memory_size, chunk_size, chunks),
+            memory=memory,
             globals=tuple(globals_),
             async_buf=(async_addr, async_size),
             entry=entry,
@@ -595,5 +569,5 @@ def _parse_payload(p: bytes, abi: int, digest: str, pristine: Buffer | None) -> 
         )
     except SnapshotMismatch:
         raise
-    except (struct.error, ValueError, IndexError, TypeError, ZeroDivisionError) as exc:
+    except (struct.error, ValueError, IndexError, TypeError, ZeroDivisionError, OverflowError) as exc:
         raise _inconsistent(exc) from exc

@@ -15,6 +15,18 @@ from snapshots import MemoryDelta, SnapshotMismatch, apply_delta, diff_memory, f
 PAGE = 65536
 
 
+@pytest.fixture(autouse=True, params=["native", "python"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on the native delta kernels and on the pure-Python paths."""
+    import snapshots.delta as delta_mod
+
+    if request.param == "python":
+        monkeypatch.setattr(delta_mod, "_kernels_lib", [None])
+    elif delta_mod._kernels() is None:
+        pytest.skip("native delta kernels unavailable: " + str(delta_mod.native_build.status()))
+    return str(request.param)
+
+
 def ctypes_view(buf: bytearray) -> ctypes.Array[ctypes.c_ubyte]:
     """How the host hands over Wasmtime memory: a ctypes array over its address."""
     return (ctypes.c_ubyte * len(buf)).from_buffer(buf)
@@ -183,3 +195,42 @@ def test_package_imports_no_runtime() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_native_and_python_kernels_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same memory diffs, XORs and applies to the same bytes on both paths."""
+    if delta_mod._kernels() is None:
+        pytest.skip("native delta kernels unavailable")
+    rng = __import__("random").Random(7)
+    pristine = bytearray(3 * 8192)
+    pristine[100:5000] = rng.randbytes(4900)
+    pristine_b = bytes(pristine)
+    for extra in (0, 1, 4095, 4097, 3 * PAGE):
+        mem = bytearray(pristine_b) + bytearray(extra)
+        for _ in range(12):
+            pos = rng.randrange(len(mem))
+            mem[pos] ^= 1 + rng.randrange(255)
+        native = diff_memory(pristine_b, ctypes_view(mem))
+        xn = delta_mod.xor_with_pristine(native, native.data, pristine_b)
+        monkeypatch.setattr(delta_mod, "_kernels_lib", [None])
+        python = diff_memory(pristine_b, ctypes_view(mem))
+        xp = delta_mod.xor_with_pristine(python, python.data, pristine_b)
+        monkeypatch.undo()
+        assert native == python and xn == xp
+        assert delta_mod.xor_with_pristine(native, xn, pristine_b) == native.data
+        assert restore(pristine_b, native) == mem
+
+
+def test_packed_delta_validates_lengths() -> None:
+    from array import array
+
+    with pytest.raises(ValueError, match="expected 8192"):
+        MemoryDelta.packed(8192, 4096, array("I", [0, 1]).tobytes(), bytes(8191))
+    with pytest.raises(ValueError, match="expected 4100"):  # the last chunk is cut short
+        MemoryDelta.packed(4100, 4096, array("I", [0, 1]).tobytes(), bytes(4096))
+    with pytest.raises(ValueError, match="whole uint32"):
+        MemoryDelta.packed(4100, 4096, b"\0\0", b"")
+    d = MemoryDelta.packed(4100, 4096, array("I", [0, 1]).tobytes(), bytes(4100))
+    assert d.indices == (0, 1) and len(d.chunks[1][1]) == 4
+    with pytest.raises(AttributeError):
+        d.memory_size = 5  # type: ignore[misc]

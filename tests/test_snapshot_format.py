@@ -29,6 +29,18 @@ from snapshots import (
 )
 
 PAGE = 65536
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on the native delta kernels and on the pure-Python paths."""
+    import snapshots.delta as delta_mod
+
+    if request.param == "python":
+        monkeypatch.setattr(delta_mod, "_kernels_lib", [None])
+    elif delta_mod._kernels() is None:
+        pytest.skip("native delta kernels unavailable: " + str(delta_mod.native_build.status()))
+    return str(request.param)
 DIGEST = hashlib.sha256(b"agent module").hexdigest()
 OTHER_DIGEST = hashlib.sha256(b"another module").hexdigest()
 
