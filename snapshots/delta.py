@@ -36,6 +36,7 @@ __all__ = [
     "apply_delta",
     "diff_memory",
     "full_copy",
+    "xor_chunks",
     "xor_with_pristine",
 ]
 
@@ -88,12 +89,12 @@ def _kernels() -> Any:
     if lib is not None:
         sz, p, u8p = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_char_p
         for name, res, args in (
-            ("tp_changed_chunks", sz, [p, sz, p, sz, sz, p, p]),
+            ("tp_changed_chunks", sz, [p, sz, p, sz, sz, ctypes.c_int, sz, p]),
             ("tp_gather", None, [p, sz, p, sz, sz, u8p, sz, ctypes.c_int, p]),
             ("tp_xor_chunks", None, [p, sz, p, sz, sz, u8p, sz]),
             ("tp_scatter", None, [p, sz, sz, u8p, sz, u8p]),
-            ("tp_untouched", ctypes.c_int, [ctypes.c_int, ctypes.c_size_t, sz, sz, sz, p]),
             ("tp_check_indices", sz, [u8p, sz, sz]),
+            ("tp_uvarints", ctypes.c_longlong, [u8p, sz, sz, sz, p]),
         ):
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
@@ -151,6 +152,13 @@ class MemoryDelta:
         expected = _packed_size(memoryview(self._index).cast("I"), n, chunk_size, memory_size)
         if len(self._data) != expected:
             raise ValueError(f"the chunks hold {len(self._data)} bytes, expected {expected} for {n} chunks")
+        return self
+
+    @classmethod
+    def _trusted(cls, memory_size: int, chunk_size: int, index_bytes: bytes, data: bytes) -> MemoryDelta:
+        """Built by code that guarantees the invariants (the kernels, a validated twin)."""
+        self = cls.__new__(cls)
+        _set(self, memory_size, chunk_size, index_bytes, data)
         return self
 
     @property
@@ -522,26 +530,31 @@ def _packed_size(index: Any, n: int, chunk_size: int, memory_size: int) -> int:
     return n * chunk_size - max(0, (last + 1) * chunk_size - memory_size)
 
 
+_scratch = threading.local()
+
+
+def _index_scratch(nchunks: int) -> ctypes.Array[ctypes.c_uint32]:
+    """A per-thread array with room for ``nchunks`` indices, reused across captures."""
+    buf: ctypes.Array[ctypes.c_uint32] | None = getattr(_scratch, "idx", None)
+    if buf is None or len(buf) < nchunks:
+        buf = _scratch.idx = (ctypes.c_uint32 * max(nchunks, 1024))()
+    return buf
+
+
 def _diff_native(lib: Any, preg: _Region, creg: _Region, chunk_size: int, untouched: bool) -> MemoryDelta:
     nchunks = -(-creg.size // chunk_size)
-    skip = None
-    if untouched and nchunks:
-        fd = _pagemap()
-        if fd is not None:
-            skip = ctypes.create_string_buffer(nchunks)
-            if lib.tp_untouched(fd, creg.addr, creg.size, chunk_size, _PAGE, skip) != 0:
-                skip = None
-    out = (ctypes.c_uint32 * max(nchunks, 1))()
-    n = lib.tp_changed_chunks(creg.addr, creg.size, preg.addr, preg.size, chunk_size, skip, out)
+    fd = _pagemap() if untouched else None
+    out = _index_scratch(nchunks)
+    n = lib.tp_changed_chunks(creg.addr, creg.size, preg.addr, preg.size, chunk_size,
+                              -1 if fd is None else fd, _PAGE, out)
+    if n == 0:
+        return MemoryDelta._trusted(creg.size, chunk_size, b"", b"")
     total = _packed_size(out, n, chunk_size, creg.size)
-    data = ctypes.create_string_buffer(total) if total else None
-    index = ctypes.string_at(out, 4 * n) if n else b""
-    if n:
-        lib.tp_gather(creg.addr, creg.size, preg.addr, preg.size, chunk_size, index, n, 0, data)
-    d = MemoryDelta.__new__(MemoryDelta)
+    data = ctypes.create_string_buffer(total)
+    index = ctypes.string_at(out, 4 * n)
+    lib.tp_gather(creg.addr, creg.size, preg.addr, preg.size, chunk_size, index, n, 0, data)
     # Built by the kernels from a real memory: the invariants hold by construction.
-    _set(d, creg.size, chunk_size, index, data.raw if data is not None else b"")
-    return d
+    return MemoryDelta._trusted(creg.size, chunk_size, index, data.raw)
 
 
 def xor_with_pristine(delta: MemoryDelta, data: bytes, pristine: Buffer) -> bytes:
@@ -552,21 +565,27 @@ def xor_with_pristine(delta: MemoryDelta, data: bytes, pristine: Buffer) -> byte
     page with data segments then compresses to the bytes that really changed. XOR is
     its own inverse, so the same call decodes.
     """
+    return xor_chunks(delta.memory_size, delta.chunk_size, delta.index_bytes, data, pristine)
+
+
+def xor_chunks(memory_size: int, chunk_size: int, index_bytes: bytes, data: bytes, pristine: Buffer) -> bytes:
+    """:func:`xor_with_pristine` on the packed form, before a MemoryDelta is built (the
+    caller has checked that the indices lie inside ``memory_size`` and that ``data``
+    holds exactly their bytes)."""
     preg = _region(pristine)
-    chunk_size = delta.chunk_size
-    n = len(delta.index_bytes) // 4
-    if n == 0 or delta.indices[0] * chunk_size >= preg.size:
-        return data  # no chunk overlaps the image: nothing to XOR
+    n = len(index_bytes) // 4
+    if n == 0 or int.from_bytes(index_bytes[:4], sys.byteorder) * chunk_size >= preg.size:
+        return data  # no chunk overlaps the image (indices ascend): nothing to XOR
+    out = bytearray(data)
     lib = _kernels()
     if lib is not None:
-        buf = ctypes.create_string_buffer(data, len(data))
-        lib.tp_xor_chunks(buf, delta.memory_size, preg.addr, preg.size, chunk_size, delta.index_bytes, n)
-        return buf.raw[: len(data)]
-    out = bytearray(data)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(out))
+        lib.tp_xor_chunks(addr, memory_size, preg.addr, preg.size, chunk_size, index_bytes, n)
+        return bytes(out)
     pos = 0
-    for i in delta.indices:
+    for i in memoryview(index_bytes).cast("I"):
         off = i * chunk_size
-        length = min(chunk_size, delta.memory_size - off)
+        length = min(chunk_size, memory_size - off)
         m = max(0, min(length, preg.size - off))
         if m:
             ref = ctypes.string_at(preg.addr + off, m)

@@ -44,16 +44,38 @@ static int chunk_differs(const uint8_t *cur, const uint8_t *pri, size_t pri_len,
 }
 
 /* Indices of the chunks of cur[0, mem_len) that differ from the reference, written to
- * `out` (room for every chunk). `skip`, when not NULL, holds one byte per chunk: a
- * non-zero byte marks a chunk known to equal the reference (a page never touched),
- * which is not read at all. Returns the number of indices written. */
+ * `out` (room for every chunk); returns how many.
+ *
+ * With `pagemap_fd` >= 0 (an open /proc/self/pagemap), `cur` page-aligned and `chunk` a
+ * multiple of `page`, a chunk none of whose pages the kernel reports present or swapped
+ * (never touched since mapped: it reads as what the mapping is backed by, which the
+ * caller vouches is the reference) is skipped unread: reading it would fault in the
+ * zero page for nothing. If the pagemap cannot be read, every chunk is compared. */
 size_t tp_changed_chunks(const uint8_t *cur, size_t mem_len, const uint8_t *pri, size_t pri_len,
-                         size_t chunk, const uint8_t *skip, uint32_t *out) {
+                         size_t chunk, int pagemap_fd, size_t page, uint32_t *out) {
     size_t nchunks = (mem_len + chunk - 1) / chunk, n = 0;
+    int use_map = pagemap_fd >= 0 && page > 0 && chunk % page == 0 && (uintptr_t)cur % page == 0;
+    uint64_t map[512];
+    size_t map_first = 0, map_count = 0;
     for (size_t i = 0; i < nchunks; i++) {
-        if (skip && skip[i]) continue;
-        size_t off = i * chunk;
-        if (chunk_differs(cur, pri, pri_len, off, chunk_len(i, chunk, mem_len))) out[n++] = (uint32_t)i;
+        size_t off = i * chunk, len = chunk_len(i, chunk, mem_len);
+        if (use_map) {
+            size_t p0 = ((uintptr_t)cur + off) / page, np = (len + page - 1) / page, k;
+            int touched = 0;
+            for (k = 0; k < np && !touched; k++) {
+                size_t pg = p0 + k;
+                if (pg < map_first || pg >= map_first + map_count) {
+                    size_t want = 512;
+                    ssize_t got = pread(pagemap_fd, map, want * 8, (off_t)(pg * 8));
+                    if (got < 8) { use_map = 0; touched = 1; break; }
+                    map_first = pg;
+                    map_count = (size_t)got / 8;
+                }
+                touched = (map[pg - map_first] & (3ULL << 62)) != 0;
+            }
+            if (!touched) continue;
+        }
+        if (chunk_differs(cur, pri, pri_len, off, len)) out[n++] = (uint32_t)i;
     }
     return n;
 }
@@ -96,39 +118,6 @@ void tp_scatter(uint8_t *dst, size_t mem_len, size_t chunk, const uint32_t *idx,
     }
 }
 
-/* Mark in `skip` (one byte per chunk of `chunk` bytes over [addr, addr + len)) the
- * chunks none of whose pages is present or swapped according to the kernel's
- * /proc/self/pagemap (open as `fd`): pages never touched since they were mapped.
- * Returns 0, or -1 when the pagemap cannot be read (then `skip` is all zeros). */
-int tp_untouched(int fd, uintptr_t addr, size_t len, size_t chunk, size_t page, uint8_t *skip) {
-    size_t nchunks = (len + chunk - 1) / chunk;
-    memset(skip, 0, nchunks);
-    if (len == 0) return 0;
-    size_t first = addr / page, last = (addr + len - 1) / page;
-    uint64_t buf[512];
-    size_t c = 0;
-    /* a chunk is untouched while all its pages so far are untouched */
-    memset(skip, 1, nchunks);
-    for (size_t p = first; p <= last;) {
-        size_t want = last - p + 1 > 512 ? 512 : last - p + 1;
-        ssize_t got = pread(fd, buf, want * 8, (off_t)(p * 8));
-        if (got != (ssize_t)(want * 8)) {
-            memset(skip, 0, nchunks);
-            return -1;
-        }
-        for (size_t k = 0; k < want; k++, p++) {
-            if (!(buf[k] & (3ULL << 62))) continue;
-            /* chunks overlapping page p */
-            uintptr_t plo = p * page, phi = plo + page;
-            size_t lo = plo > addr ? (plo - addr) / chunk : 0;
-            size_t hi = (phi - addr - 1) / chunk;
-            if (hi >= nchunks) hi = nchunks - 1;
-            for (c = lo; c <= hi; c++) skip[c] = 0;
-        }
-    }
-    return 0;
-}
-
 /* 0 when idx[0..n) is strictly ascending and below `nchunks`, else 1 + the position
  * of the first index that is not. */
 size_t tp_check_indices(const uint32_t *idx, size_t n, size_t nchunks) {
@@ -136,4 +125,22 @@ size_t tp_check_indices(const uint32_t *idx, size_t n, size_t nchunks) {
         if (idx[k] >= nchunks || (k > 0 && idx[k] <= idx[k - 1])) return k + 1;
     }
     return 0;
+}
+
+/* Read `count` LEB128 varints from buf[pos, len) into `out`. Returns the position after
+ * the last one, or -1 when the buffer ends first or a varint is longer than 10 bytes. */
+long long tp_uvarints(const uint8_t *buf, size_t len, size_t pos, size_t count, uint64_t *out) {
+    for (size_t k = 0; k < count; k++) {
+        uint64_t value = 0;
+        unsigned shift = 0;
+        for (;;) {
+            if (pos >= len || shift > 63) return -1;
+            uint8_t b = buf[pos++];
+            value |= (uint64_t)(b & 0x7F) << shift;
+            if (b < 0x80) break;
+            shift += 7;
+        }
+        out[k] = value;
+    }
+    return (long long)pos;
 }

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import zstandard
 
-from .delta import MemoryDelta, _region, xor_with_pristine
+from .delta import MemoryDelta, _kernels, _region, xor_chunks, xor_with_pristine
 from .errors import SnapshotCorrupt, SnapshotError, SnapshotMismatch, SnapshotVersionError
 
 if TYPE_CHECKING:
@@ -291,8 +291,14 @@ def _uvarints(values: list[int]) -> bytes:
     if all(0 <= v < 0x80 for v in values):
         return bytes(values)
     out = bytearray()
+    append = out.append
     for v in values:
-        _put_uvarint(out, v)
+        if v < 0:
+            raise ValueError(f"cannot store negative {v} as an unsigned varint")
+        while v >= 0x80:
+            append((v & 0x7F) | 0x80)
+            v >>= 7
+        append(v)
     return bytes(out)
 
 
@@ -306,12 +312,22 @@ def _put_uvarint(out: bytearray, value: int) -> None:
     out.append(value)
 
 
-def _get_uvarints(buf: bytes, pos: int, count: int) -> tuple[list[int], int]:
+def _get_uvarints(buf: bytes, pos: int, count: int, *, wide: bool = False) -> tuple[list[int], int]:
     """Read ``count`` LEB128 varints from ``pos``; return (values, next position).
 
-    One loop for all of them: the payload opens with ten, and a call per varint cost
-    more than the rest of the parse.
+    One call for all of them (in C when the kernels are built): the payload opens
+    with ten, and a Python call per varint cost more than the rest of the parse.
+    ``wide``: values may exceed 64 bits (zigzag-coded unsigned i64 globals); Python only.
     """
+    if count == 0:
+        return [], pos
+    lib = None if wide else _kernels()
+    if lib is not None:
+        out = (ctypes.c_uint64 * count)()
+        end = lib.tp_uvarints(buf, len(buf), pos, count, out)
+        if end < 0:
+            raise ValueError("varint runs past the end of the payload or is longer than 10 bytes")
+        return list(out), int(end)
     values: list[int] = []
     value = shift = 0
     while len(values) < count:
@@ -534,7 +550,7 @@ def _parse_payload(p: bytes, abi: int, digest: str, pristine: Buffer | None) -> 
             pos += name_len
             value: int | float
             if code < 2:
-                (z,), pos = _get_uvarints(p, pos, 1)
+                (z,), pos = _get_uvarints(p, pos, 1, wide=True)
                 value = (z >> 1) ^ -(z & 1)
             else:
                 (value,) = _F64.unpack_from(p, pos)
@@ -547,13 +563,16 @@ def _parse_payload(p: bytes, abi: int, digest: str, pristine: Buffer | None) -> 
             indices.append(index)  # out of uint32 range: OverflowError, an inconsistent record
         if (pending is not None and not isinstance(pending, dict)) or not isinstance(usage, dict):
             raise ValueError("pending must be an object or null and usage an object")
+        index_bytes = indices.tobytes()
+        data = p[pos:]
         if pristine is not None:
             _check_pristine_size(pristine, memory_size)
-        memory = MemoryDelta.packed(memory_size, chunk_size, indices.tobytes(), p[pos:])
-        if pristine is not None:
-            memory = MemoryDelta.packed(
-                memory_size, chunk_size, memory.index_bytes, xor_with_pristine(memory, memory.data, pristine)
-            )
+            # Validate before XOR-ing: the kernel trusts indices and lengths.
+            MemoryDelta.packed(memory_size, chunk_size, index_bytes, data)
+            data = xor_chunks(memory_size, chunk_size, index_bytes, data, pristine)
+            memory = MemoryDelta._trusted(memory_size, chunk_size, index_bytes, data)  # same lengths
+        else:
+            memory = MemoryDelta.packed(memory_size, chunk_size, index_bytes, data)
         return Snapshot(
             agent_id=agent_id,
             seq=seq,
