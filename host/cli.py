@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from snapshots.lmdb_store import DURABILITY_LEVELS
+
 from . import bundle as bundle_mod
 from .errors import ConfigError, TorporError
 
@@ -42,7 +44,7 @@ def _host(args: argparse.Namespace) -> Any:
     store = Path(args.store) if args.store is not None else default_store_dir()
     if args.command != "run" and not (store / "db").is_dir():
         raise ConfigError(f"no Torpor store at {store} (check --store or $TORPOR_STORE; `torpor run` creates one)")
-    return Host(store, broker=VaultBroker.for_store(store))
+    return Host(store, broker=VaultBroker.for_store(store), durability=getattr(args, "durability", None))
 
 
 def _parse_input(text: str | None) -> Any:
@@ -343,11 +345,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version="torpor 0.1.0")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str, store: bool = False) -> argparse.ArgumentParser:
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str, store: bool = False,
+            writes: bool = False) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.add_argument("--json", action="store_true", help="print one JSON document")
         if store:
             sp.add_argument("--store", default=None, help="store directory (default: $TORPOR_STORE or the user data dir)")
+        if writes:
+            sp.add_argument("--durability", choices=DURABILITY_LEVELS, default=None,
+                            help="how commits reach the disk: sync (each one before the agent goes on; survives "
+                                 "a power loss) or process (into the OS page cache, flushed every second and at exit; "
+                                 "survives this process being killed, not a power loss); default $TORPOR_DURABILITY, "
+                                 "else sync")
         sp.set_defaults(fn=fn)
         return sp
 
@@ -364,33 +373,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("inspect-bundle", cmd_inspect_bundle, "show a bundle's digest, ABI, imports, exports and policy")
     sp.add_argument("bundle", help="a .torpor bundle file")
 
-    sp = add("run", cmd_run, "run an agent bundle to completion (or until it waits on a human)", store=True)
+    sp = add("run", cmd_run, "run an agent bundle to completion (or until it waits on a human)", store=True, writes=True)
     sp.add_argument("bundle", help="a .torpor bundle file")
     sp.add_argument("--input", help="JSON input, or @FILE")
     sp.add_argument("--fuel", type=int, help="fuel budget for this run (overrides the policy)")
     sp.add_argument("--on-behalf-of", help="the principal the agent acts for")
-    sp = add("resume", cmd_resume, "resume a suspended agent from its latest checkpoint", store=True)
+    sp = add("resume", cmd_resume, "resume a suspended agent from its latest checkpoint", store=True, writes=True)
     sp.add_argument("agent", nargs="?", help=agent_help)
     sp.add_argument("--all", action="store_true", help="resume every unfinished agent")
     sp = add("ps", cmd_ps, "list agents", store=True)
     sp.add_argument("--status", help="only agents with this status")
     sp = add("inspect", cmd_inspect, "show an agent: status, output, checkpoints, pending call, usage", store=True)
     sp.add_argument("agent", help=agent_help)
-    sp = add("fork", cmd_fork, "start a new agent from an earlier checkpoint of another", store=True)
+    sp = add("fork", cmd_fork, "start a new agent from an earlier checkpoint of another", store=True, writes=True)
     sp.add_argument("agent", help=agent_help)
     sp.add_argument("--checkpoint", type=int, required=True, help="the checkpoint number (see `torpor inspect`)")
 
     sp = add("approvals", cmd_approvals, "list tool calls waiting for a human decision", store=True)
-    sp = add("approve", cmd_approve, "approve the call an agent waits on, and resume it", store=True)
+    sp = add("approve", cmd_approve, "approve the call an agent waits on, and resume it", store=True, writes=True)
     sp.add_argument("agent", help=agent_help)
     sp.add_argument("--note", help="a note kept in the audit log")
     sp.add_argument("--by", default=os.environ.get("USER"), help=by_help)
-    sp = add("deny", cmd_deny, "deny the call an agent waits on; the agent sees a denial and continues", store=True)
+    sp = add("deny", cmd_deny, "deny the call an agent waits on; the agent sees a denial and continues", store=True, writes=True)
     sp.add_argument("agent", help=agent_help)
     sp.add_argument("--reason", required=True, help="why; the agent sees it in the denial")
     sp.add_argument("--by", default=os.environ.get("USER"), help=by_help)
 
-    sp = add("resolve", cmd_resolve, "settle an in_doubt agent: re-run its call, supply its result, or fail it", store=True)
+    sp = add("resolve", cmd_resolve, "settle an in_doubt agent: re-run its call, supply its result, or fail it", store=True, writes=True)
     sp.add_argument("agent", help=agent_help)
     how = sp.add_mutually_exclusive_group(required=True)
     how.add_argument("--retry", action="store_true", help="run the call again (it did not take effect)")

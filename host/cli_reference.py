@@ -52,7 +52,9 @@ def render() -> str:
         "Exit codes: 0 completed / ok; 1 the agent failed or was terminated; 2 the command could not "
         "do its work (bad input, unknown agent, corrupt bundle ...); 3 internal error; 4 the agent "
         "waits on a person (approval, an in-doubt call to settle).\n",
-        "The store directory is `--store DIR`, else `$TORPOR_STORE`, else the user data directory.\n",
+        "The store directory is `--store DIR`, else `$TORPOR_STORE`, else the user data directory. "
+        "Commands that write to it take `--durability sync|process`, else `$TORPOR_DURABILITY`, else "
+        "`sync` (what each level survives: README, \"Durability\").\n",
     ]
     _section("", parser, out)
     return "\n".join(out).rstrip() + "\n"

@@ -45,7 +45,7 @@ import anyio.to_thread
 import platformdirs
 
 import policies
-from snapshots.errors import SnapshotError
+from snapshots.errors import SnapshotError, StoreConfigError
 from snapshots.format import Snapshot, decode_snapshot, encode_snapshot
 from snapshots.group_commit import GroupCommitter
 from snapshots.lmdb_store import LmdbStore
@@ -204,20 +204,32 @@ class Host:
     name (``dense``, the default, packs the most instances into a process;
     ``fast`` runs compute-heavy guests about twice as fast; see
     ``bench/RESULTS.md``) or an :class:`~host.engine.EngineConfig`.
+    ``durability``: what a returned commit of the LMDB store survives, ``"sync"``
+    (on stable storage: also a power loss) or ``"process"`` (in the OS page cache,
+    flushed every second: the host process being killed, which is what the
+    crash-consistency promise covers, without a disk flush per commit); default
+    ``$TORPOR_DURABILITY`` or ``sync``. See :mod:`snapshots.lmdb_store`.
     """
 
     def __init__(self, store_dir: str | Path | None = None, *, warm_idle_s: float = 0.05,
                  wasm_threads: int | None = None, pool_size: int = DEFAULT_POOL_SIZE,
                  class_pools: dict[str, int] | None = None, broker: CredentialBroker | None = None,
                  max_warm: int = 10_000, store: AgentStore | None = None,
-                 engine: str | EngineConfig | None = None) -> None:
+                 engine: str | EngineConfig | None = None, durability: str | None = None) -> None:
         self.store_dir = Path(store_dir) if store_dir is not None else default_store_dir()
         try:
             self.store_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create the store directory {self.store_dir}: {exc.strerror}") from exc
         # Any AgentStore will do (a fleet backend later); LMDB in the directory is the default.
-        self.store: AgentStore = store if store is not None else LmdbStore.open(self.store_dir / "db")
+        if store is not None and durability is not None:
+            raise ConfigError("durability applies to the LMDB store the host opens; open a store "
+                              "passed as store= with its own durability instead")
+        try:
+            self.store: AgentStore = (store if store is not None
+                                      else LmdbStore.open(self.store_dir / "db", durability=durability))
+        except StoreConfigError as exc:
+            raise ConfigError(str(exc)) from exc
         self.committer = GroupCommitter(self.store)
         config = engine if isinstance(engine, EngineConfig) else EngineConfig.for_profile(engine)
         self.engine = Engine(config, cache_dir=self.store_dir / "cache")

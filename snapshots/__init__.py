@@ -13,7 +13,9 @@ from .errors import (
     SnapshotError,
     SnapshotMismatch,
     SnapshotVersionError,
+    StoreConfigError,
     StoreError,
+    StoreFlushError,
     StoreFull,
     StoreUnavailable,
 )
@@ -28,17 +30,19 @@ from .format import (
     peek_snapshot,
 )
 from .group_commit import GroupCommitter
-from .lmdb_store import LmdbStore
+from .lmdb_store import DURABILITY_LEVELS, Durability, LmdbStore
 from .store import BLOB_BUCKETS, AgentStore, CheckpointInfo, Outcome, ReadTxn, WriteTxn
 
 __all__ = [
     "BLOB_BUCKETS",
     "DEFAULT_CHUNK_SIZE",
+    "DURABILITY_LEVELS",
     "FORMAT_VERSION",
     "SUPPORTED_VERSIONS",
     "AgentStore",
     "CheckpointExists",
     "CheckpointInfo",
+    "Durability",
     "GlobalValue",
     "GroupCommitter",
     "LmdbStore",
@@ -52,7 +56,9 @@ __all__ = [
     "SnapshotHeader",
     "SnapshotMismatch",
     "SnapshotVersionError",
+    "StoreConfigError",
     "StoreError",
+    "StoreFlushError",
     "StoreFull",
     "StoreUnavailable",
     "WriteTxn",

@@ -15,7 +15,9 @@ __all__ = [
     "SnapshotError",
     "SnapshotMismatch",
     "SnapshotVersionError",
+    "StoreConfigError",
     "StoreError",
+    "StoreFlushError",
     "StoreFull",
     "StoreUnavailable",
 ]
@@ -64,6 +66,29 @@ class StoreFull(StoreError):
     out of space (or the map cannot grow past free disk space). The transaction that
     hit it was aborted whole: nothing of it is on disk.
     """
+
+
+class StoreConfigError(StoreError, ValueError):
+    """A store option has a value the store does not accept (the message lists the valid ones).
+
+    A ``ValueError`` too, like the other argument checks of the store; ``code`` is the
+    host's code for bad configuration, so the CLI reports it as ``error[invalid_config]``.
+    """
+
+    code = "invalid_config"
+
+
+class StoreFlushError(StoreUnavailable):
+    """A flush of a ``durability="process"`` store to stable storage failed (EIO, disk full).
+
+    Commits made since the last successful flush are in the kernel's page cache but may
+    never reach the disk: after a failed ``fdatasync`` Linux may already have dropped
+    the pages' dirty state, so a retry that succeeds proves nothing (PostgreSQL's
+    "fsyncgate", 2018). The store therefore refuses every later write from this
+    process; reads still work. Check the disk, then reopen the store.
+    """
+
+    code = "store_flush_failed"
 
 
 class NotFound(StoreError):

@@ -3,7 +3,9 @@
 Why: a durable LMDB commit costs an ``fdatasync`` (about 0.5 ms on this machine's disk),
 which caps a host at about 2,000 hibernations a second if every agent committed
 alone. Here one writer thread takes whatever has been queued, runs all of it in one
-transaction and syncs once; callers wait on a Future.
+transaction and syncs once; callers wait on a Future. (A lone writer still waits for a
+whole sync; a store opened with ``durability="process"`` removes the sync from the
+commit altogether and flushes in the background, see ``snapshots.lmdb_store``.)
 
 Batching policy: a lone request is committed at once (no added latency when the host is
 quiet). When the writer finds more than one request waiting it lingers up to
@@ -66,7 +68,11 @@ class GroupCommitter:
         self._thread.start()
 
     def submit(self, fn: Callable[[WriteTxn], T]) -> Future[T]:
-        """Queue ``fn`` for the next batch; the Future resolves once it is durable."""
+        """Queue ``fn`` for the next batch; the Future resolves once it is committed.
+
+        Committed means what the store's durability level promises (on stable storage
+        at ``sync``, in the OS page cache at ``process``).
+        """
         fut: Future[T] = Future()
         with self._close_lock:  # so that nothing is queued behind the stop mark
             if self._closed:

@@ -2,8 +2,67 @@
 
 Why LMDB: readers are MVCC snapshots that never block the single writer, several host
 processes can open the same directory safely (LMDB's own lock file), a commit is one
-``fdatasync`` (the crash-consistency promise: once ``transact`` returns, a SIGKILL or a
-power cut does not lose it), and a record costs a few bytes over its key and value.
+``fdatasync`` at the default durability (once ``transact`` returns, a SIGKILL or a power
+cut does not lose it), and a record costs a few bytes over its key and value.
+
+Durability: what a returned commit survives, chosen per process with
+``LmdbStore.open(durability=...)``, else ``$TORPOR_DURABILITY``, else ``sync``. Two
+processes on one store may use different levels: the level belongs to a process's
+handle (LMDB's MDB_NOSYNC flag), not to the files.
+
+``sync`` (the default)
+    LMDB's default: a commit calls ``fdatasync`` on the data file, then writes the meta
+    page synchronously. Once it returns the commit is on stable storage: it survives
+    the host process being killed, a kernel crash and a power loss (on a disk that
+    honours flushes). Cost: one ``fdatasync`` a commit, 0.4-0.9 ms on the benchmark
+    machine's disk; ``GroupCommitter`` shares it between concurrent writers, but an
+    agent hibernating alone waits for all of it.
+
+``process``
+    LMDB's MDB_NOSYNC (py-lmdb ``sync=False``, without MDB_WRITEMAP): a commit returns
+    once LMDB has written its pages, then its meta page, into the kernel's page cache
+    (``pwrite``), with no ``fdatasync``.
+
+    Guaranteed: everything ``sync`` guarantees against the *host process* failing
+    (SIGKILL, the OOM killer, a segfault, an unhandled exception). The kernel owns
+    the written pages and writes them back whether or not the process lives, and any
+    other process that opens the store reads them at once (there is one page cache
+    per file). So Torpor's crash-consistency promise (SIGKILL at any moment,
+    ``torpor resume --all`` finishes every agent, no recorded tool call runs again)
+    holds at this level too; tests/test_crash_resume.py runs it at both. A background
+    thread calls ``mdb_env_sync(force=1)`` (one ``fdatasync``) every
+    ``flush_interval_s`` (default 1 s) if anything was committed since the last
+    flush, and ``close`` flushes once more; every commit that returned before a
+    successful flush started is on stable storage once it ends (``last_flush``,
+    ``unflushed_commits``). A failed flush is raised by the next commit.
+
+    Not guaranteed: a **kernel crash or power loss** may lose the commits since the
+    last completed flush (up to one interval plus one flush), and it may leave the
+    store **corrupt**, not merely old. LMDB's documentation of MDB_NOSYNC says a
+    system crash "can corrupt the database or lose the last transactions"; it keeps
+    atomicity and consistency only "if the filesystem preserves write order", which
+    ext4 and XFS do not promise for data pages. (LMDB also reuses pages freed by
+    commits, so the kernel's writeback may overwrite pages of the tree that the
+    on-disk meta page still points to.) After such an event treat a ``process``-level
+    store as suspect and restore it from a copy; and an agent whose journal lost a
+    tool call's record may run that call again.
+
+    Analogies: Redis ``appendfsync everysec`` (write every command to the AOF, fsync
+    it once a second on a background thread: a process crash loses nothing, "a
+    disaster" up to a second) and NATS JetStream's ``sync_interval`` (acknowledge,
+    fsync in the background, by default every 2 minutes: without replication an OS
+    failure may lose acknowledged messages). PostgreSQL ``synchronous_commit = off``
+    has the same latency and the same kind of loss window (the WAL writer flushes
+    within three ``wal_writer_delay`` periods), but its WAL keeps the database
+    consistent after an OS crash. LMDB has no WAL, so between flushes an OS crash
+    can cost consistency too, as PostgreSQL's ``fsync = off`` can. (libmdbx's
+    MDBX_SAFE_NOSYNC keeps the last synced tree intact, which would close that gap.)
+
+    Use it where the host process is what fails (the common case, and the one the
+    crash-consistency promise is about) and a power loss is covered otherwise
+    (replicas, a battery-backed disk cache, re-running from inputs); use ``sync``
+    where one machine's power loss must not cost an acknowledged tool call that must
+    not run twice.
 
 Layout (one named database each; keys sort as bytes, so iteration is in order):
 
@@ -37,27 +96,60 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
+import math
 import os
 import shutil
 import struct
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import lmdb
 
-from .errors import CheckpointExists, NotFound, StoreError, StoreFull, StoreUnavailable
+from .errors import (
+    CheckpointExists,
+    NotFound,
+    StoreConfigError,
+    StoreError,
+    StoreFlushError,
+    StoreFull,
+    StoreUnavailable,
+)
 from .store import BLOB_BUCKETS, AgentStore, CheckpointInfo, Outcome, ReadTxn, WriteTxn
 
-__all__ = ["DEFAULT_MAP_SIZE", "STORE_FORMAT", "LmdbStore"]
+__all__ = [
+    "DEFAULT_DURABILITY",
+    "DEFAULT_FLUSH_INTERVAL_S",
+    "DEFAULT_MAP_SIZE",
+    "DURABILITY_ENV",
+    "DURABILITY_LEVELS",
+    "STORE_FORMAT",
+    "Durability",
+    "LmdbStore",
+    "resolve_durability",
+]
 
 T = TypeVar("T")
 
+_log = logging.getLogger("torpor.store")
+
 DEFAULT_MAP_SIZE = 64 * 1024 * 1024
 STORE_FORMAT = 1
+
+#: What a returned commit survives; see the module docstring.
+Durability = Literal["sync", "process"]
+DURABILITY_LEVELS: tuple[Durability, ...] = ("sync", "process")
+DEFAULT_DURABILITY: Durability = "sync"
+#: The environment variable that picks the level when the caller does not.
+DURABILITY_ENV = "TORPOR_DURABILITY"
+#: How often a ``process``-level store flushes to stable storage (Redis' everysec).
+DEFAULT_FLUSH_INTERVAL_S = 1.0
 
 _MAX_KEY = 511  # LMDB's compiled-in maximum key size
 _SEQ = struct.Struct(">Q")
@@ -108,6 +200,40 @@ def _kv_key(namespace: str, key: str) -> bytes:
             f"namespace + key is {len(raw)} bytes in UTF-8; the store allows {_MAX_KEY}"
         )
     return raw
+
+
+def resolve_durability(value: str | None) -> Durability:
+    """The durability level ``value`` names, else ``$TORPOR_DURABILITY``, else ``sync``.
+
+    Anything else is refused with the valid values in the message, whether it came
+    from a caller or from the environment (a typo must not silently mean "sync").
+    """
+    source = "durability"
+    if value is None:
+        env = os.environ.get(DURABILITY_ENV, "").strip()
+        if not env:
+            return DEFAULT_DURABILITY
+        value, source = env, f"${DURABILITY_ENV}"
+    if value not in DURABILITY_LEVELS:
+        raise StoreConfigError(
+            f"{source} must be one of {', '.join(DURABILITY_LEVELS)} ('sync': a commit "
+            "returns once on stable storage; 'process': once in the OS page cache, flushed "
+            f"in the background), got {value!r}"
+        )
+    return value
+
+
+def _check_flush_interval(value: float) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise StoreConfigError(
+            f"flush_interval_s must be a positive number of seconds, got {value!r}"
+        )
+    return float(value)
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -176,16 +302,57 @@ class _Gate:
                 self._cond.notify_all()
 
 
+class _Flusher:
+    """The background thread of a ``process``-level store: one ``fdatasync`` per interval.
+
+    A daemon thread, so it never keeps the process alive (whatever it has not flushed
+    is in the page cache, which outlives the process). It holds the store only through
+    a weak reference, so a store dropped without ``close`` is not kept alive by it.
+    ``close`` stops it and joins it before the environment is closed, so a flush never
+    runs on a closed environment; an Event wakes it at once instead of after a sleep.
+    """
+
+    def __init__(self, store: LmdbStore, interval_s: float) -> None:
+        self._store = weakref.ref(store)
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"torpor-lmdb-flush:{store.path.name}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            store = self._store()
+            if store is None or not store._background_flush():
+                return
+            del store  # do not pin the store while sleeping
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+
 class LmdbStore:
     """An ``AgentStore`` in one LMDB environment (a directory with data.mdb and lock.mdb).
 
     Thread-safe: share one instance per process and per directory. Use
     ``transact``/``transact_batch`` for writes (they survive map growth), ``read`` for
     consistent reads. ``GroupCommitter`` batches many writers into one commit.
+    ``durability`` says what a returned commit survives (see the module docstring);
+    ``flush()`` forces everything committed so far onto stable storage at either level.
     """
 
     def __init__(
-        self, env: lmdb.Environment, path: Path, dbs: dict[str, Any], readonly: bool
+        self,
+        env: lmdb.Environment,
+        path: Path,
+        dbs: dict[str, Any],
+        readonly: bool,
+        *,
+        durability: Durability = DEFAULT_DURABILITY,
+        flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
     ) -> None:
         self._env = env
         self._path = path
@@ -194,11 +361,25 @@ class LmdbStore:
         self._gate = _Gate()
         self._closed = False
         self._key = str(path.resolve())
+        self._durability: Durability = durability
+        self._flush_interval = flush_interval_s
+        # Serialises flushes with each other and with close(), which closes the env.
+        self._flush_lock = threading.Lock()
+        self._flush_error: StoreFlushError | None = None  # sticky: see StoreFlushError
         #: number of successful write commits (tests and benchmarks read it)
         self.commits = 0
         #: number of times this process grew the map, and adopted another process's growth
         self.grows = 0
         self.adopted = 0
+        #: successful flushes to stable storage (background, explicit and at close), the
+        #: wall-clock time the last one started (every commit that returned before it is
+        #: on stable storage), and ``commits`` as it was then
+        self.flushes = 0
+        self.last_flush: float | None = None
+        self.flushed_commits = 0
+        self._flusher: _Flusher | None = None
+        if durability == "process" and not readonly:
+            self._flusher = _Flusher(self, flush_interval_s)
 
     # ----------------------------------------------------------------- opening
 
@@ -210,12 +391,21 @@ class LmdbStore:
         create: bool = True,
         map_size: int = DEFAULT_MAP_SIZE,
         readonly: bool = False,
+        durability: str | None = None,
+        flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
     ) -> LmdbStore:
         """Open (and with ``create``, make) the store in directory ``path``.
 
-        Raises StoreUnavailable when the directory is missing and ``create`` is false,
-        is not writable (unless ``readonly``), or holds a store of a newer format.
+        ``durability``: ``"sync"`` or ``"process"`` (default ``$TORPOR_DURABILITY``, else
+        ``"sync"``); ``flush_interval_s``: how often a ``process``-level store flushes.
+        Both only concern this process's commits (a read-only store makes none).
+
+        Raises StoreConfigError for an unknown level or a bad interval, StoreUnavailable
+        when the directory is missing and ``create`` is false, is not writable (unless
+        ``readonly``), or holds a store of a newer format.
         """
+        level = resolve_durability(durability)
+        interval = _check_flush_interval(flush_interval_s)
         p = Path(path)
         if not p.exists():
             if not create or readonly:
@@ -247,9 +437,16 @@ class LmdbStore:
                 )
             _open_paths.add(key)
         try:
-            env = cls._open_env(p, map_size, readonly)
+            env = cls._open_env(p, map_size, readonly, level)
             try:
                 dbs = cls._open_dbs(env, p, readonly)
+                if level == "process" and not readonly:
+                    # Start from a state on stable storage (e.g. the format record just
+                    # written), so the first interval's exposure is the interval's own.
+                    try:
+                        env.sync(True)
+                    except lmdb.Error as exc:
+                        raise StoreUnavailable(f"cannot flush store {p}: {exc}") from exc
             except BaseException:
                 env.close()
                 raise
@@ -257,13 +454,18 @@ class LmdbStore:
             with _open_paths_lock:
                 _open_paths.discard(key)
             raise
-        return cls(env, p, dbs, readonly)
+        return cls(env, p, dbs, readonly, durability=level, flush_interval_s=interval)
 
     @staticmethod
-    def _open_env(p: Path, map_size: int, readonly: bool) -> lmdb.Environment:
+    def _open_env(
+        p: Path, map_size: int, readonly: bool, durability: Durability
+    ) -> lmdb.Environment:
         if map_size < 64 * 1024:
             raise ValueError(f"map_size must be at least 64 KiB, got {map_size}")
         try:
+            # "process" is MDB_NOSYNC without MDB_WRITEMAP: LMDB pwrite()s the pages, then
+            # the meta page, into the page cache and skips the fdatasync. LMDB states what
+            # integrity NOSYNC keeps only for environments without WRITEMAP.
             return lmdb.open(
                 str(p),
                 map_size=map_size,
@@ -272,8 +474,9 @@ class LmdbStore:
                 max_dbs=_MAX_DBS,
                 max_readers=256,
                 readahead=False,
-                sync=True,
+                sync=durability == "sync",
                 metasync=True,
+                writemap=False,
                 lock=True,
             )
         except lmdb.Error as exc:
@@ -324,6 +527,27 @@ class LmdbStore:
         return self._path
 
     @property
+    def durability(self) -> Durability:
+        """What a returned commit of this handle survives: ``"sync"`` or ``"process"``."""
+        return self._durability
+
+    @property
+    def flush_interval_s(self) -> float:
+        """How often a ``process``-level store flushes to stable storage (unused at ``sync``)."""
+        return self._flush_interval
+
+    @property
+    def unflushed_commits(self) -> int:
+        """Commits of this process not yet known to be on stable storage (0 at ``sync``).
+
+        At ``process`` level these are what a power loss or kernel crash right now could
+        cost; a SIGKILL of this process costs none of them.
+        """
+        if self._durability == "sync":
+            return 0
+        return max(0, self.commits - self.flushed_commits)
+
+    @property
     def map_size(self) -> int:
         """The current LMDB map size in bytes (grows on demand)."""
         return int(self._env.info()["map_size"])
@@ -347,14 +571,126 @@ class LmdbStore:
         )
         return pages * int(stats[0]["psize"])
 
+    # ------------------------------------------------------------------ flushing
+
+    def flush(self) -> None:
+        """Put every commit made so far on stable storage (one ``fdatasync``), now.
+
+        At ``process`` level this is what the background flusher does every interval;
+        call it where an acknowledgement must survive a power loss (before telling the
+        outside world, say). At ``sync`` level commits are already there, and this only
+        costs a sync. Raises StoreFlushError if it, or an earlier flush, failed.
+        """
+        self._require_writable()
+        with self._flushing():
+            self._check_open()
+            self._sync_locked()
+
+    @contextmanager
+    def _flushing(self) -> Iterator[None]:
+        """Enter the gate shared, then take the flush lock: always in this order.
+
+        The gate because ``mdb_env_sync`` reads the meta page through the memory map,
+        which a map resize replaces; the lock serialises flushes with each other and
+        with ``close``. Taking the lock first could deadlock: a flusher holding it and
+        waiting at the gate behind a pending resize, while the resize waits for a
+        thread that holds a transaction and waits for the lock.
+        """
+        self._gate.enter()
+        try:
+            with self._flush_lock:
+                yield
+        finally:
+            self._gate.exit()
+
+    def _raise_flush_error(self) -> None:
+        err = self._flush_error
+        if err is not None:
+            raise StoreFlushError(str(err)) from err.__cause__
+
+    def _sync_locked(self) -> None:
+        """One forced sync, inside ``_flushing()`` on an environment not yet closed.
+
+        ``force=True`` matters: without it LMDB skips the sync of a MDB_NOSYNC
+        environment. py-lmdb releases the GIL for the ``fdatasync``.
+        """
+        self._raise_flush_error()
+        seen, started = self.commits, time.time()
+        try:
+            self._env.sync(True)
+        except lmdb.Error as exc:
+            self._flush_error = self._flush_failure(exc)
+            raise self._flush_error from exc
+        self.flushes += 1
+        self.last_flush = started
+        self.flushed_commits = max(self.flushed_commits, seen)
+
+    def _flush_failure(self, exc: lmdb.Error) -> StoreFlushError:
+        at = self.last_flush
+        since = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) if at is not None else "open"
+        )
+        full = " (the disk is full)" if _is_disk_full(exc) else ""
+        err = StoreFlushError(
+            f"flushing store {self._path} to stable storage failed: {exc}{full}. The "
+            f"{max(0, self.commits - self.flushed_commits)} commit(s) of this process since "
+            f"the last successful flush ({since}) are in the OS page cache but may never "
+            "reach the disk, and a retried fsync cannot prove otherwise, so this process "
+            "makes no more commits to the store; reads still work. Check the disk and the "
+            "kernel log, then reopen the store"
+        )
+        err.__cause__ = exc
+        return err
+
+    def _background_flush(self) -> bool:
+        """One round of the flusher: sync if anything was committed since the last one.
+
+        Returns False when the flusher should stop (the store is closed, or a flush
+        failed: the error is kept and raised by the next commit, not lost in a thread).
+        """
+        if self.commits == self.flushed_commits and not self._closed:
+            return True  # nothing new: an idle store costs no I/O
+        with self._flushing():
+            if self._closed or self._flush_error is not None:
+                return False
+            try:
+                self._sync_locked()
+            except StoreFlushError as exc:
+                # Raised again by the next commit; logged now for whoever watches stderr.
+                _log.error("%s", exc)
+                return False
+            return True
+
     def close(self) -> None:
-        """Close the environment. Idempotent; open transactions must be finished first."""
+        """Flush (at ``process`` level) and close the environment. Idempotent.
+
+        Open transactions must be finished first. At ``process`` level the background
+        flusher is stopped and one last flush runs; if it fails, or an earlier flush
+        did, the environment is still closed and StoreFlushError is raised, so that a
+        caller exiting cleanly learns that its last commits may not be on disk.
+        """
         if self._closed:
             return
-        self._closed = True
-        self._env.close()
-        with _open_paths_lock:
-            _open_paths.discard(self._key)
+        self._closed = True  # refuses new transactions and stops the flusher's rounds
+        if self._flusher is not None:
+            self._flusher.stop()
+        error: StoreFlushError | None = None
+        with self._flushing():
+            try:
+                if self._flusher is not None:
+                    if self._flush_error is not None:
+                        error = self._flush_error
+                    elif self.commits != self.flushed_commits:
+                        try:
+                            self._sync_locked()
+                        except StoreFlushError as exc:
+                            error = exc
+            finally:
+                self._env.close()
+                with _open_paths_lock:
+                    _open_paths.discard(self._key)
+        if error is not None:
+            raise StoreFlushError(str(error)) from error.__cause__
 
     def __enter__(self) -> LmdbStore:
         return self
@@ -461,6 +797,7 @@ class LmdbStore:
         self._check_open()
         if self._readonly:
             raise StoreUnavailable(f"store {self._path} was opened read-only")
+        self._raise_flush_error()
 
     def _translate(self, exc: BaseException) -> StoreError:
         if _is_disk_full(exc):
@@ -471,7 +808,9 @@ class LmdbStore:
         return StoreError(f"store {self._path}: {exc}")
 
     def transact(self, fn: Callable[[WriteTxn], T]) -> T:
-        """Run ``fn`` in one write transaction, commit durably and return its result.
+        """Run ``fn`` in one write transaction, commit and return its result.
+
+        Once it returns the commit survives what the store's ``durability`` promises.
 
         ``fn`` is run again from scratch if the map had to grow, so it must only act
         through the transaction it is given. If it raises, nothing is written.
@@ -508,7 +847,7 @@ class LmdbStore:
         )
 
     def transact_batch(self, fns: Sequence[Callable[[WriteTxn], Any]]) -> list[Outcome]:
-        """Run all ``fns`` in one write transaction and one durable commit.
+        """Run all ``fns`` in one write transaction and one commit (one sync at ``sync``).
 
         Each function runs in its own nested LMDB transaction: if it raises, only its
         own writes are rolled back and its error is returned in its Outcome, while the

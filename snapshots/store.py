@@ -166,7 +166,11 @@ class AgentStore(Protocol):
         ...
 
     def transact(self, fn: Callable[[WriteTxn], T]) -> T:
-        """Run ``fn`` in a write transaction and commit durably; retried as needed."""
+        """Run ``fn`` in a write transaction and commit; retried as needed.
+
+        Once it returns the commit survives at least the host process being killed; a
+        store may promise more (LMDB at its default ``sync`` level: a power loss too).
+        """
         ...
 
     def transact_batch(self, fns: Sequence[Callable[[WriteTxn], Any]]) -> list[Outcome]:

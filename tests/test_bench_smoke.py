@@ -46,10 +46,16 @@ def test_coldstart_quick() -> None:
 
 def test_suspend_quick() -> None:
     r = bench("suspend", "--n", "30")
-    positive(r["suspend_p50_us"], r["resume_p50_us"], r["baseline_suspend_p50_us"], r["record_bytes"])
+    positive(r["suspend_p50_us"], r["resume_p50_us"], r["baseline_suspend_p50_us"], r["record_bytes"],
+             r["process_suspend_p50_us"], r["process_commit_p50_us"])
+    # Every headline figure says which durability level it was measured at.
+    assert r["durability"] == {"suspend_p50_us": "sync", "process_suspend_p50_us": "process",
+                               "baseline_suspend_p50_us": "sync"}
     for name in ("steps", "mib"):
         a = r["agents"][name]
-        assert a["torpor"]["suspend"]["n"] == a["baseline"]["resume"]["n"] == 30
+        assert a["torpor"]["suspend"]["n"] == a["baseline"]["resume"]["n"] == a["torpor_process"]["suspend"]["n"] == 30
+        assert (a["torpor"]["durability"], a["baseline"]["durability"], a["torpor_process"]["durability"]) == (
+            "sync", "sync", "process")
         assert a["torpor"]["memory_bytes"] <= 1 << 20
         # A delta of a few changed chunks is smaller than the whole memory compressed.
         assert a["torpor"]["record_bytes_p50"] < a["baseline"]["record_bytes_p50"]

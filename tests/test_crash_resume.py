@@ -8,6 +8,11 @@ of checkpoints already written, plus random jitter, watched from outside the
 host through LMDB — so that kills land mid-run however loaded the machine is.
 A few trials kill at a random time right after start (before the first
 checkpoint, during spawn or compilation).
+
+Both durability levels: ``sync`` (every commit on disk before the agent goes on) and,
+in fewer trials, ``process`` (commits end in the OS page cache, which a SIGKILL of the
+host does not touch). ``run`` gets the level by its ``--durability`` flag and
+``resume``/``ps``/``inspect`` by ``$TORPOR_DURABILITY``, so both routes are exercised.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import time
 from pathlib import Path
 
 import lmdb
+import pytest
 from conftest import BundleFactory
 
-TRIALS = 20
-EARLY_TRIALS = 3
+#: (durability, trials, of which early kills): `sync` is the default and gets the most.
+LEVELS = [("sync", 20, 3), ("process", 6, 1)]
 N = 200
 
 
@@ -62,15 +68,20 @@ class _Watcher:
         self.env = None
 
 
-def test_sigkill_then_resume_all(bundles: BundleFactory, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("durability", "trials", "early_trials"), LEVELS)
+def test_sigkill_then_resume_all(bundles: BundleFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 durability: str, trials: int, early_trials: int) -> None:
     bundle = str(bundles.example("steps"))
     rng = random.Random(1234)
     killed_mid_run = 0
-    for trial in range(TRIALS):
+    env = {**os.environ, "TORPOR_DURABILITY": durability}
+    monkeypatch.delenv("TORPOR_DURABILITY", raising=False)  # `run` must get it from its flag
+    for trial in range(trials):
         store = tmp_path / f"s{trial}"
-        proc = subprocess.Popen(_cli("run", bundle, "--input", json.dumps({"n": N}), "--store", str(store), "--json"),
+        proc = subprocess.Popen(_cli("run", bundle, "--input", json.dumps({"n": N}), "--store", str(store), "--json",
+                                     "--durability", durability),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        if trial < EARLY_TRIALS:
+        if trial < early_trials:
             time.sleep(rng.uniform(0.0, 0.5))
         else:
             target = rng.randint(1, N - 10)
@@ -87,18 +98,19 @@ def test_sigkill_then_resume_all(bundles: BundleFactory, tmp_path: Path) -> None
 
         if not (store / "db").is_dir():  # killed before the store existed: nothing to resume, nothing lost
             continue
-        res = subprocess.run(_cli("resume", "--all", "--store", str(store), "--json"), capture_output=True, text=True, timeout=120)
+        res = subprocess.run(_cli("resume", "--all", "--store", str(store), "--json"), capture_output=True, text=True,
+                             timeout=120, env=env)
         resumed = json.loads(res.stdout)
         if resumed:
             assert len(resumed) == 1, resumed
             final = resumed[0]
         else:  # nothing to resume: killed before the agent was recorded, or after it finished
             rows = json.loads(subprocess.run(_cli("ps", "--store", str(store), "--json"), capture_output=True,
-                                             text=True, timeout=60).stdout)
+                                             text=True, timeout=60, env=env).stdout)
             if not rows:
                 continue
             final = json.loads(subprocess.run(_cli("inspect", rows[0]["agent_id"], "--store", str(store), "--json"),
-                                              capture_output=True, text=True, timeout=60).stdout)
+                                              capture_output=True, text=True, timeout=60, env=env).stdout)
         assert final["status"] == "completed", (trial, res.stdout, res.stderr, final.get("error"))
         assert final["output"] == {"sum": N * (N + 1) // 2, "last": N}, (trial, final["output"])
-    assert killed_mid_run >= TRIALS - EARLY_TRIALS, f"only {killed_mid_run} trials killed the host mid-run"
+    assert killed_mid_run >= trials - early_trials, f"only {killed_mid_run} trials killed the host mid-run"

@@ -1,0 +1,366 @@
+"""The store's durability levels on real LMDB files and real processes.
+
+``sync`` (the default) syncs every commit; ``process`` leaves commits in the page
+cache and flushes in the background. What ``process`` must still guarantee is tested
+here: other processes see its commits at once, a SIGKILL loses none of them, the
+flusher really syncs (``force=True``: a plain sync is a no-op under MDB_NOSYNC), close
+syncs, a failed flush is raised by the next commit, and the flusher neither keeps the
+process alive nor races close() or a map resize. tests/test_crash_resume.py runs the
+whole host under SIGKILL at both levels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+
+from host import cli
+from host.errors import ConfigError
+from host.runtime import Host
+from snapshots import (
+    DURABILITY_LEVELS,
+    GroupCommitter,
+    LmdbStore,
+    StoreConfigError,
+    StoreFlushError,
+    StoreUnavailable,
+)
+from snapshots.lmdb_store import DURABILITY_ENV
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _no_env_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DURABILITY_ENV, raising=False)
+
+
+class _SpyEnv:
+    """Stands in for the store's lmdb.Environment: records sync(force) calls, may fail them."""
+
+    def __init__(self, env: lmdb.Environment, fail: BaseException | None = None) -> None:
+        self._env = env
+        self.fail = fail
+        self.syncs: list[bool] = []
+
+    def sync(self, force: bool = False) -> None:
+        self.syncs.append(force)
+        if self.fail is not None:
+            raise self.fail
+        self._env.sync(force)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._env, name)
+
+
+def _spy(store: LmdbStore, fail: BaseException | None = None) -> _SpyEnv:
+    spy = _SpyEnv(store._env, fail)
+    store._env = spy  # type: ignore[assignment]
+    return spy
+
+
+def _put(i: int) -> Callable[[Any], None]:
+    return lambda t: t.kv_set("ns", f"k{i}", b"v%d" % i)
+
+
+def _wait(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _flusher_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("torpor-lmdb-flush")]
+
+
+# -- choosing a level ---------------------------------------------------------------------
+def test_default_is_sync(tmp_path: Path) -> None:
+    assert DURABILITY_LEVELS == ("sync", "process")
+    with LmdbStore.open(tmp_path / "s") as store:
+        assert store.durability == "sync"
+        assert store._env.flags()["sync"] is True and store._env.flags()["metasync"] is True
+        store.transact(_put(1))
+        assert store.unflushed_commits == 0
+        assert not _flusher_threads()
+
+
+def test_process_level_is_nosync_without_writemap(tmp_path: Path) -> None:
+    with LmdbStore.open(tmp_path / "s", durability="process") as store:
+        flags = store._env.flags()
+        assert store.durability == "process"
+        assert flags["sync"] is False and flags["writemap"] is False
+        assert len(_flusher_threads()) == 1
+    assert not _flusher_threads()
+
+
+def test_env_var_picks_the_level_and_an_argument_overrides_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DURABILITY_ENV, "process")
+    with LmdbStore.open(tmp_path / "a") as store:
+        assert store.durability == "process"
+    with LmdbStore.open(tmp_path / "b", durability="sync") as store:
+        assert store.durability == "sync"
+    monkeypatch.setenv(DURABILITY_ENV, "")
+    with LmdbStore.open(tmp_path / "c") as store:
+        assert store.durability == "sync"
+
+
+@pytest.mark.parametrize("bad", ["fast", "SYNC", "", "none"])
+def test_unknown_levels_are_refused(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(StoreConfigError, match=r"durability must be one of sync, process") as info:
+        LmdbStore.open(tmp_path / "s", durability=bad)
+    assert isinstance(info.value, ValueError) and info.value.code == "invalid_config"
+    assert not (tmp_path / "s").exists()  # refused before anything was created
+
+
+def test_env_var_typos_are_refused_naming_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DURABILITY_ENV, "proccess")
+    with pytest.raises(StoreConfigError, match=r"\$TORPOR_DURABILITY must be one of sync, process.*'proccess'"):
+        LmdbStore.open(tmp_path / "s")
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "1"])
+def test_bad_flush_intervals_are_refused(tmp_path: Path, bad: Any) -> None:
+    with pytest.raises(StoreConfigError, match="flush_interval_s must be a positive number"):
+        LmdbStore.open(tmp_path / "s", durability="process", flush_interval_s=bad)
+
+
+def test_host_passes_the_level_to_its_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Host(tmp_path / "default") as host:
+        assert isinstance(host.store, LmdbStore) and host.store.durability == "sync"
+    with Host(tmp_path / "process", durability="process") as host:
+        assert isinstance(host.store, LmdbStore) and host.store.durability == "process"
+    monkeypatch.setenv(DURABILITY_ENV, "process")
+    with Host(tmp_path / "env") as host:
+        assert isinstance(host.store, LmdbStore) and host.store.durability == "process"
+    with pytest.raises(ConfigError, match="must be one of sync, process"):
+        Host(tmp_path / "bad", durability="everysec")
+    with LmdbStore.open(tmp_path / "own") as own, pytest.raises(ConfigError, match="durability applies"):
+        Host(tmp_path / "own-host", store=own, durability="process")
+
+
+def test_cli_flag_reaches_the_store(tmp_path: Path) -> None:
+    parser = cli.build_parser()
+    for argv, level in ((["run", "x.torpor"], "sync"), (["run", "x.torpor", "--durability", "process"], "process"),
+                        (["resume", "--all", "--durability", "process"], "process")):
+        args = parser.parse_args([*argv, "--store", str(tmp_path / "s")])
+        host = cli._host(args) if argv[0] == "run" else None
+        if host is None:  # only `run` may create a store
+            LmdbStore.open(tmp_path / "s" / "db").close()
+            host = cli._host(args)
+        try:
+            assert host.store.durability == level
+        finally:
+            host.close()
+
+
+def test_cli_refuses_bad_levels(tmp_path: Path) -> None:
+    LmdbStore.open(tmp_path / "db").close()
+    run = subprocess.run([sys.executable, "-m", "host.cli", "resume", "--all", "--store", str(tmp_path),
+                          "--durability", "fsync"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert run.returncode == 2 and "invalid choice: 'fsync'" in run.stderr
+    env = {**os.environ, DURABILITY_ENV: "later"}
+    ps = subprocess.run([sys.executable, "-m", "host.cli", "ps", "--store", str(tmp_path), "--json"],
+                        capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
+    assert ps.returncode == 2, ps.stderr
+    err = json.loads(ps.stdout)["error"]
+    assert err["code"] == "invalid_config" and "sync, process" in err["message"]
+
+
+# -- flushing -------------------------------------------------------------------------------
+def test_flusher_syncs_what_was_committed_and_idles_otherwise(tmp_path: Path) -> None:
+    with LmdbStore.open(tmp_path / "s", durability="process", flush_interval_s=0.05) as store:
+        spy = _spy(store)
+        before = time.time()
+        for i in range(3):
+            store.transact(_put(i))
+        assert _wait(lambda: store.unflushed_commits == 0)
+        assert store.flushes >= 1 and store.flushed_commits == store.commits == 3
+        assert store.last_flush is not None and store.last_flush >= before
+        assert spy.syncs and all(spy.syncs), "a flush must force: sync(False) is a no-op under MDB_NOSYNC"
+        flushes = store.flushes
+        time.sleep(0.3)  # six intervals with nothing committed: no I/O
+        assert store.flushes == flushes
+        store.transact(_put(9))
+        assert _wait(lambda: store.flushes == flushes + 1 and store.unflushed_commits == 0)
+
+
+def test_close_flushes_and_stops_the_flusher(tmp_path: Path) -> None:
+    store = LmdbStore.open(tmp_path / "s", durability="process", flush_interval_s=3600)
+    spy = _spy(store)
+    for i in range(3):
+        store.transact(_put(i))
+    assert (store.flushes, store.unflushed_commits) == (0, 3)
+    store.close()
+    assert spy.syncs == [True]
+    assert (store.flushes, store.unflushed_commits) == (1, 0)
+    assert not _flusher_threads()
+    store.close()  # idempotent: no second flush
+    assert spy.syncs == [True]
+
+
+def test_explicit_flush_at_both_levels(tmp_path: Path) -> None:
+    for level in DURABILITY_LEVELS:
+        with LmdbStore.open(tmp_path / level, durability=level, flush_interval_s=3600) as store:
+            store.transact(_put(1))
+            store.flush()
+            assert store.flushes == 1 and store.unflushed_commits == 0
+    with LmdbStore.open(tmp_path / "sync", readonly=True) as ro, pytest.raises(StoreUnavailable, match="read-only"):
+        ro.flush()
+
+
+@pytest.mark.parametrize(("error", "says"), [
+    (lmdb.Error("mdb_env_sync: Input/output error"), "Input/output error"),
+    (lmdb.DiskError("mdb_env_sync: No space left on device"), "the disk is full"),
+])
+def test_a_failed_flush_fails_the_next_commit(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                              error: lmdb.Error, says: str) -> None:
+    path = tmp_path / "s"
+    store = LmdbStore.open(path, durability="process", flush_interval_s=0.02)
+    spy = _spy(store, fail=error)
+    committer = GroupCommitter(store)
+    with caplog.at_level(logging.ERROR, logger="torpor.store"):
+        store.transact(_put(1))
+        assert _wait(lambda: bool(spy.syncs))  # the flusher tried, and failed
+        assert _wait(lambda: not _flusher_threads())  # ...and stopped trying
+    assert any(says in r.getMessage() for r in caplog.records)
+    with pytest.raises(StoreFlushError, match=says) as info:
+        store.transact(_put(2))
+    assert "1 commit(s) of this process since the last successful flush" in str(info.value)
+    assert info.value.__cause__ is error
+    with pytest.raises(StoreFlushError):  # sticky: a retried fsync proves nothing
+        committer.submit(_put(3)).result(timeout=10)
+    with pytest.raises(StoreFlushError):
+        store.flush()
+    with store.read() as r:  # reads still work, and see the unflushed commit
+        assert r.kv_get("ns", "k1") == b"v1" and r.kv_get("ns", "k2") is None
+    committer.close()
+    with pytest.raises(StoreFlushError):
+        store.close()
+    with LmdbStore.open(path) as again, again.read() as r:  # closed despite the error
+        assert r.kv_get("ns", "k1") == b"v1"
+
+
+def test_a_failed_final_flush_is_raised_by_close(tmp_path: Path) -> None:
+    store = LmdbStore.open(tmp_path / "s", durability="process", flush_interval_s=3600)
+    store.transact(_put(1))
+    _spy(store, fail=lmdb.Error("mdb_env_sync: Input/output error"))
+    with pytest.raises(StoreFlushError, match="Input/output error"):
+        store.close()
+    LmdbStore.open(tmp_path / "s").close()
+
+
+def test_flusher_keeps_up_with_map_growth_and_many_writers(tmp_path: Path) -> None:
+    """Flushes every millisecond while four threads grow the map and one flushes from inside
+    read transactions: no crash, no deadlock (flushes wait at the gate before the lock),
+    nothing lost."""
+    store = LmdbStore.open(tmp_path / "s", durability="process", flush_interval_s=0.001, map_size=64 * 1024)
+    pad = os.urandom(1500)
+
+    def writer(w: int) -> None:
+        for i in range(150):
+            store.transact(lambda t, i=i: t.kv_set("pad", f"{w}-{i}", pad))
+
+    def reader_flushing() -> None:
+        for _ in range(50):
+            with store.read() as r:
+                r.kv_keys("pad")
+                store.flush()
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    threads.append(threading.Thread(target=reader_flushing))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive(), "deadlock between flushes, transactions and map growth"
+    assert store.grows >= 1 and store.flushes >= 50
+    store.close()
+    assert store.unflushed_commits == 0
+    with LmdbStore.open(tmp_path / "s") as again, again.read() as r:
+        assert len(r.kv_keys("pad")) == 600
+
+
+# -- processes ------------------------------------------------------------------------------
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from snapshots import LmdbStore
+
+    store = LmdbStore.open(sys.argv[1], durability="process", flush_interval_s=3600)
+    store.transact(lambda t: (t.put_checkpoint("agent", 1, b"state-1", 1.0),
+                              t.put_agent({"agent_id": "agent", "seq": 1})))
+    print("committed", store.flushes, store.unflushed_commits, flush=True)
+    sys.stdin.readline()  # the other process has written at the sync level
+    with store.read() as r:
+        print("sees", r.kv_get("ns", "from-sync").decode(), flush=True)
+    sys.stdin.readline()  # never comes: SIGKILL
+    """
+)
+
+
+def test_process_level_commits_are_visible_at_once_and_survive_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "shared"
+    LmdbStore.open(path).close()
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        # Never flushed (interval one hour), yet this process reads it: one page cache.
+        assert proc.stdout.readline().split() == ["committed", "0", "1"]
+        with LmdbStore.open(path, durability="sync") as other:  # two levels on one store at once
+            with other.read() as r:
+                assert r.get_checkpoint("agent", 1) == b"state-1"
+            other.transact(lambda t: t.kv_set("ns", "from-sync", b"ok"))
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().split() == ["sees", "ok"]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with LmdbStore.open(path, durability="process") as store:
+        with store.read() as r:
+            assert r.get_checkpoint("agent", 1) == b"state-1"
+            assert r.get_agent("agent") == {"agent_id": "agent", "seq": 1}
+            assert r.kv_get("ns", "from-sync") == b"ok"
+        store.transact(lambda t: t.put_checkpoint("agent", 2, b"state-2", 2.0))  # writer not wedged
+
+
+EXITS = textwrap.dedent(
+    """
+    import sys
+    from snapshots import LmdbStore
+
+    store = LmdbStore.open(sys.argv[1], durability="process", flush_interval_s=0.01)
+    store.transact(lambda t: t.kv_set("ns", "k", b"v"))
+    print("done", flush=True)
+    # no close(): the daemon flusher must not keep the interpreter alive
+    """
+)
+
+
+def test_flusher_does_not_keep_the_process_alive(tmp_path: Path) -> None:
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", EXITS, str(tmp_path / "s")], capture_output=True, text=True,
+                         cwd=ROOT, timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr
+    assert time.monotonic() - start < 20
+    with LmdbStore.open(tmp_path / "s") as store, store.read() as r:
+        assert r.kv_get("ns", "k") == b"v"
