@@ -735,6 +735,8 @@ class Host:
 
     async def _commit(self, fn: Callable[[Any], T]) -> T:
         fut = self.committer.submit(fn)
+        if fut.done():  # committed inline (an idle committer at durability "process")
+            return fut.result()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # pragma: no cover - non-asyncio backend

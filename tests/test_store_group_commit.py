@@ -146,3 +146,60 @@ def test_invalid_parameters(store: LmdbStore) -> None:
         GroupCommitter(store, max_batch=0)
     with pytest.raises(ValueError, match="max_delay_s"):
         GroupCommitter(store, max_delay_s=-1)
+
+
+def _thread_of(agent_id: str) -> Any:
+    def fn(t: WriteTxn) -> str:
+        t.put_agent({"agent_id": agent_id, "state": "x"})
+        return threading.current_thread().name
+
+    return fn
+
+
+def test_idle_committer_commits_inline_at_process_durability(tmp_path: Path) -> None:
+    """No sync to wait for: a lone request is committed on the caller's thread, durably
+    written (another reader sees it) before submit returns."""
+    with LmdbStore.open(tmp_path / "p", durability="process") as s, GroupCommitter(s) as gc:
+        fut = gc.submit(_thread_of("agent-1"))
+        assert fut.done() and fut.result() == threading.current_thread().name
+        assert gc.inline_commits == 1 and gc.batches == 1
+        with s.read() as txn:
+            assert txn.get_agent("agent-1") is not None
+        # A failing function fails only its Future, inline too, and leaves no writes.
+        def boom(t: WriteTxn) -> None:
+            t.put_agent({"agent_id": "agent-2", "state": "x"})
+            raise ValueError("tool bug")
+
+        bad = gc.submit(boom)
+        with pytest.raises(ValueError, match="tool bug"):
+            bad.result()
+        with s.read() as txn:
+            assert txn.get_agent("agent-2") is None
+
+
+def test_sync_durability_never_commits_on_the_caller(store: LmdbStore) -> None:
+    with GroupCommitter(store) as gc:
+        assert gc.submit(_thread_of("agent-1")).result(timeout=10) == "torpor-group-commit"
+        assert gc.inline_commits == 0
+
+
+def test_busy_writer_queues_instead_of_committing_inline(tmp_path: Path) -> None:
+    with LmdbStore.open(tmp_path / "p", durability="process") as s, GroupCommitter(s) as gc:
+        entered, release = threading.Event(), threading.Event()
+
+        def slow(t: WriteTxn) -> str:
+            entered.set()
+            release.wait(10)
+            return threading.current_thread().name
+
+        # The first request commits inline on a helper thread and holds the writer busy.
+        first: list[Future[str]] = []
+        helper = threading.Thread(target=lambda: first.append(gc.submit(slow)), name="helper")
+        helper.start()
+        assert entered.wait(10)
+        second = gc.submit(_thread_of("agent-3"))
+        assert not second.done()  # queued behind the busy commit, not run here
+        release.set()
+        helper.join(10)
+        assert first[0].result(timeout=10) == "helper"
+        assert second.result(timeout=10) == "torpor-group-commit"
