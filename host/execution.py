@@ -172,7 +172,13 @@ class Execution:
     _scanned: bool = False  # a capture has read every page of this instance's memory once
 
     # -- lifecycle ----------------------------------------------------------
-    def _instantiate(self) -> None:
+    def _instantiate(self, capacity: int = 0) -> None:
+        """A fresh instance; ``capacity``: the memory size a restore will grow it to.
+
+        With the memory pool the memory is then created with room for ``capacity``
+        (from a recycled, already-faulted buffer when one is free), so the restore's
+        grow neither moves nor copies.
+        """
         engine = self.loaded.engine
         store = wasmtime.Store(engine.wasmtime)
         store.set_limits(memory_size=self.limits.memory_bytes)
@@ -184,6 +190,9 @@ class Execution:
             # instruction.
             store.set_fuel(_INSTANTIATION_FUEL)
             store.set_epoch_deadline(engine.deadline_ticks(self.limits.deadline_s))
+        pool = engine.memory_pool
+        if capacity and pool is not None:
+            pool.hint(capacity)
         inst = self.pre.instantiate(store)
         self._store = store
         self._instance = inst
@@ -230,9 +239,9 @@ class Execution:
                 log_sink: Callable[[int, str], None] | None = None) -> Execution:
         """Rebuild an unwound agent in a fresh instance (call :meth:`resume` next)."""
         ex = cls(loaded, pre, limits, input, fuel_used=fuel_used, call_seq=call_seq, log_sink=log_sink)
-        ex._instantiate()
-        store, mem = ex._store, ex._mem
         size = captured.memory.memory_size
+        ex._instantiate(size)
+        store, mem = ex._store, ex._mem
         cur = mem.data_len(store)
         if size > cur and mem.grow(store, (size - cur + PAGE - 1) // PAGE) < 0:
             raise ValueError("cannot grow memory to the snapshot's size")
