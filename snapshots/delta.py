@@ -15,6 +15,7 @@ spans first and narrows down only where they differ (see ``_gallop``). Where no 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -387,15 +388,58 @@ _PM_PRESENT_OR_SWAPPED = 3 << 62
 
 
 def _pagemap() -> int | None:
+    """An open /proc/self/pagemap that tells the truth, or None.
+
+    Truth is checked once: a page just written must read as present. A sandbox that
+    emulates the file with zeros would otherwise make a capture skip changed chunks,
+    which would silently lose agent state; then every chunk is compared instead.
+    """
     global _pagemap_fd
     if _pagemap_fd is None:
         with _pagemap_lock:
             if _pagemap_fd is None:
-                try:
-                    _pagemap_fd = os.open("/proc/self/pagemap", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                except OSError:
-                    _pagemap_fd = -1
+                _pagemap_fd = _open_truthful_pagemap()
     return None if _pagemap_fd < 0 else _pagemap_fd
+
+
+def _open_truthful_pagemap() -> int:
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return -1
+    ok = False
+    try:
+        import mmap
+
+        probe = mmap.mmap(-1, _PAGE)
+        try:
+            probe[0] = 1
+            ref = ctypes.c_char.from_buffer(probe)
+            addr = ctypes.addressof(ref)
+            del ref  # release the export before the mapping is closed
+            raw = os.pread(fd, 8, 8 * (addr // _PAGE))
+            ok = len(raw) == 8 and bool(int.from_bytes(raw, sys.byteorder) & _PM_PRESENT_OR_SWAPPED)
+        finally:
+            probe.close()
+    except (OSError, ValueError, BufferError):
+        ok = False
+    if not ok:
+        os.close(fd)
+        return -1
+    return fd
+
+
+def _forget_pagemap() -> None:
+    """A forked child's inherited descriptor describes its parent's memory: reopen."""
+    global _pagemap_fd
+    if _pagemap_fd is not None and _pagemap_fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(_pagemap_fd)
+    _pagemap_fd = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pagemap)
 
 
 def _touched_chunks(reg: _Region, chunk_size: int) -> list[int] | None:

@@ -234,3 +234,25 @@ def test_packed_delta_validates_lengths() -> None:
     assert d.indices == (0, 1) and len(d.chunks[1][1]) == 4
     with pytest.raises(AttributeError):
         d.memory_size = 5  # type: ignore[misc]
+
+
+def test_pagemap_is_probed_and_reopened_after_fork() -> None:
+    """The pagemap is only trusted after a written page reads as present, and a forked
+    child does not keep reading its parent's."""
+    fd = delta_mod._pagemap()
+    if fd is None:
+        pytest.skip("no truthful /proc/self/pagemap on this system")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            forgot = delta_mod._pagemap_fd is None  # the parent's descriptor was dropped
+            os.write(w, b"ok" if forgot and delta_mod._pagemap() is not None else b"no")
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        assert os.read(r, 2) == b"ok"
+    finally:
+        os.waitpid(pid, 0)
+        os.close(r)
