@@ -77,6 +77,21 @@ def test_density_quick(tmp_path: Path) -> None:
         assert txn.get_checkpoint(agents[0]["agent_id"], 1) is not None
 
 
+def test_density_two_processes_share_one_store(tmp_path: Path) -> None:
+    """Two host processes hibernate into one store in lockstep; every agent lands once."""
+    r = bench("density", "--agents", "400", "--no-warm", "--batch", "100", "--processes", "2",
+              "--store", str(tmp_path / "s"))
+    assert r["agents"] == 400 and r["processes"] == 2
+    assert len(r["per_process_hibernations_per_s"]) == 2
+    positive(r["hibernations_per_s"], *r["per_process_hibernations_per_s"])
+    from snapshots.lmdb_store import LmdbStore
+
+    with LmdbStore.open(tmp_path / "s" / "db") as store, store.read() as txn:
+        agents = list(txn.iter_agents())
+        assert len(agents) == len({a["agent_id"] for a in agents}) == 400
+        assert all(txn.get_checkpoint(a["agent_id"], 1) is not None for a in agents)
+
+
 def test_steps_quick() -> None:
     r = bench("steps", "--agents", "2", "--n", "10")
     positive(r["round_trips_per_s"], r["core_round_trips_per_s"], r["baseline_round_trips_per_s"])
@@ -86,6 +101,7 @@ def test_steps_quick() -> None:
 @pytest.mark.parametrize("argv", [
     ["density", "--agents", "0"],
     ["density", "--agents", "-5"],
+    ["density", "--processes", "0"],
     ["coldstart", "--n", "0"],
     ["suspend", "--n", "-1"],
     ["steps", "--agents", "0"],
