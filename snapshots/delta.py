@@ -37,7 +37,8 @@ __all__ = [
     "apply_delta",
     "diff_memory",
     "full_copy",
-    "xor_chunks",
+    "xor_into",
+    "xor_needed",
     "xor_with_pristine",
 ]
 
@@ -92,9 +93,12 @@ def _kernels() -> Any:
         for name, res, args in (
             ("tp_changed_chunks", sz, [p, sz, p, sz, sz, ctypes.c_int, sz, p]),
             ("tp_gather", None, [p, sz, p, sz, sz, u8p, sz, ctypes.c_int, p]),
-            ("tp_xor_chunks", None, [p, sz, p, sz, sz, u8p, sz]),
             ("tp_scatter", None, [p, sz, sz, u8p, sz, u8p]),
             ("tp_check_indices", sz, [u8p, sz, sz]),
+            ("tp_xor_masked", None, [p, sz, p, sz, sz, u8p, sz, u8p, sz]),
+            ("tp_encode_payload", ctypes.c_longlong,
+             [p, sz, p, sz, ctypes.c_double, u8p, sz, u8p, sz, u8p, sz, p, sz, sz, sz, u8p, sz]),
+            ("tp_read_gaps", ctypes.c_longlong, [u8p, sz, sz, sz, p]),
             ("tp_uvarints", ctypes.c_longlong, [u8p, sz, sz, sz, p]),
         ):
             fn = getattr(lib, name)
@@ -609,34 +613,81 @@ def xor_with_pristine(delta: MemoryDelta, data: bytes, pristine: Buffer) -> byte
     page with data segments then compresses to the bytes that really changed. XOR is
     its own inverse, so the same call decodes.
     """
-    return xor_chunks(delta.memory_size, delta.chunk_size, delta.index_bytes, data, pristine)
-
-
-def xor_chunks(memory_size: int, chunk_size: int, index_bytes: bytes, data: bytes, pristine: Buffer) -> bytes:
-    """:func:`xor_with_pristine` on the packed form, before a MemoryDelta is built (the
-    caller has checked that the indices lie inside ``memory_size`` and that ``data``
-    holds exactly their bytes)."""
-    preg = _region(pristine)
-    n = len(index_bytes) // 4
-    if n == 0 or int.from_bytes(index_bytes[:4], sys.byteorder) * chunk_size >= preg.size:
-        return data  # no chunk overlaps the image (indices ascend): nothing to XOR
     out = bytearray(data)
+    xor_into(out, 0, delta.memory_size, delta.chunk_size, delta.index_bytes, pristine)
+    return bytes(out)
+
+
+def xor_into(buf: bytearray, start: int, memory_size: int, chunk_size: int, index_bytes: bytes,
+             pristine: Buffer) -> bool:
+    """XOR, in place, the chunks laid out in ``buf[start:]`` (packed, as ``MemoryDelta.data``
+    with these indices) with the pristine image under each; False if nothing changed.
+
+    Only chunks over non-zero pristine bytes are touched (XOR with zeros is the
+    identity): in a C guest that is the page or two of data segments, while most
+    changed chunks (stack, heap) lie over zeros. The caller has checked that the
+    indices lie inside ``memory_size`` and that ``buf[start:]`` holds their bytes.
+    """
+    if not xor_needed(chunk_size, index_bytes, pristine):
+        return False
+    n = len(index_bytes) // 4
+    mask = _nonzero_pristine_mask(pristine, chunk_size)
+    indices = memoryview(index_bytes).cast("I")
+    preg = _region(pristine)
     lib = _kernels()
     if lib is not None:
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(out))
-        lib.tp_xor_chunks(addr, memory_size, preg.addr, preg.size, chunk_size, index_bytes, n)
-        return bytes(out)
-    pos = 0
-    for i in memoryview(index_bytes).cast("I"):
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf, start))
+        lib.tp_xor_masked(addr, memory_size, preg.addr, preg.size, chunk_size, index_bytes, n, mask, len(mask))
+        return True
+    pos = start
+    for i in indices:
         off = i * chunk_size
         length = min(chunk_size, memory_size - off)
-        m = max(0, min(length, preg.size - off))
-        if m:
+        if i < len(mask) and mask[i]:
+            m = max(0, min(length, preg.size - off))
             ref = ctypes.string_at(preg.addr + off, m)
-            x = int.from_bytes(out[pos : pos + m], "little") ^ int.from_bytes(ref, "little")
-            out[pos : pos + m] = x.to_bytes(m, "little")
+            x = int.from_bytes(buf[pos : pos + m], "little") ^ int.from_bytes(ref, "little")
+            buf[pos : pos + m] = x.to_bytes(m, "little")
         pos += length
-    return bytes(out)
+    return True
+
+
+def xor_needed(chunk_size: int, index_bytes: bytes, pristine: Buffer) -> bool:
+    """Whether any of these chunks lies over non-zero pristine bytes (see :func:`xor_into`)."""
+    if not index_bytes:
+        return False
+    mask = _nonzero_pristine_mask(pristine, chunk_size)
+    return any(i < len(mask) and mask[i] for i in memoryview(index_bytes).cast("I"))
+
+
+# One byte per chunk of a pristine image: 1 where the chunk holds a non-zero byte. By
+# image (bytes are immutable, so the object is its content; the cache keeps it alive
+# so that its id stays unique).
+_mask_cache: dict[tuple[int, int], tuple[object, bytes]] = {}
+_mask_lock = threading.Lock()
+
+
+def _nonzero_pristine_mask(pristine: Buffer, chunk_size: int) -> bytes:
+    key = (id(pristine), chunk_size)
+    if isinstance(pristine, bytes):
+        hit = _mask_cache.get(key)
+        if hit is not None and hit[0] is pristine:
+            return hit[1]
+        data = pristine
+    else:
+        reg = _region(pristine)
+        data = ctypes.string_at(reg.addr, reg.size) if reg.size else b""
+    zero = bytes(chunk_size)
+    mask = bytes(
+        data[i * chunk_size : (i + 1) * chunk_size] != zero[: len(data) - i * chunk_size]
+        for i in range(-(-len(data) // chunk_size))
+    )
+    if isinstance(pristine, bytes):
+        with _mask_lock:
+            if len(_mask_cache) >= 256:
+                _mask_cache.clear()
+            _mask_cache[key] = (pristine, mask)
+    return mask
 
 
 def apply_delta(delta: MemoryDelta, target: Buffer) -> None:

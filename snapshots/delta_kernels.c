@@ -95,20 +95,6 @@ void tp_gather(const uint8_t *cur, size_t mem_len, const uint8_t *pri, size_t pr
     }
 }
 
-/* XOR the concatenated chunks in `buf` (as tp_gather lays them out) against their
- * references, in place: undoes tp_gather's `xor` on decode. */
-void tp_xor_chunks(uint8_t *buf, size_t mem_len, const uint8_t *pri, size_t pri_len, size_t chunk,
-                   const uint32_t *idx, size_t n) {
-    for (size_t k = 0; k < n; k++) {
-        size_t off = (size_t)idx[k] * chunk, len = chunk_len(idx[k], chunk, mem_len);
-        if (off < pri_len) {
-            size_t m = pri_len - off < len ? pri_len - off : len;
-            for (size_t j = 0; j < m; j++) buf[j] ^= pri[off + j];
-        }
-        buf += len;
-    }
-}
-
 /* Write the concatenated chunks in `src` to their places in dst[0, mem_len). */
 void tp_scatter(uint8_t *dst, size_t mem_len, size_t chunk, const uint32_t *idx, size_t n, const uint8_t *src) {
     for (size_t k = 0; k < n; k++) {
@@ -141,6 +127,82 @@ long long tp_uvarints(const uint8_t *buf, size_t len, size_t pos, size_t count, 
             shift += 7;
         }
         out[k] = value;
+    }
+    return (long long)pos;
+}
+
+/* XOR the concatenated chunks in `buf` (as tp_gather lays them out) against their
+ * references, in place, for the chunks whose `mask` byte is set (mask[i] for chunk i, chunks at
+ * or past `mask_len` count as unset): the caller marks the chunks whose pristine bytes
+ * are not all zero, the only ones XOR changes. */
+void tp_xor_masked(uint8_t *buf, size_t mem_len, const uint8_t *pri, size_t pri_len, size_t chunk,
+                   const uint32_t *idx, size_t n, const uint8_t *mask, size_t mask_len) {
+    for (size_t k = 0; k < n; k++) {
+        size_t off = (size_t)idx[k] * chunk, len = chunk_len(idx[k], chunk, mem_len);
+        if (idx[k] < mask_len && mask[idx[k]] && off < pri_len) {
+            size_t m = pri_len - off < len ? pri_len - off : len;
+            for (size_t j = 0; j < m; j++) buf[j] ^= pri[off + j];
+        }
+        buf += len;
+    }
+}
+
+static size_t put_uvarint(uint8_t *out, uint64_t v) {
+    size_t n = 0;
+    while (v >= 0x80) {
+        out[n++] = (uint8_t)((v & 0x7F) | 0x80);
+        v >>= 7;
+    }
+    out[n++] = (uint8_t)v;
+    return n;
+}
+
+/* The snapshot format's payload in one pass (snapshots/format.py, encode_snapshot, is
+ * the reference and the fallback): the `nhdr` header varints, `created` as a
+ * little-endian f64, the gaps between the `n` ascending chunk indices as varints, the
+ * `tail` bytes (agent id, entry, metadata JSON, globals, already laid out), then the
+ * chunks' bytes `data`, XOR'd with the pristine image where `mask` marks a chunk (see
+ * tp_xor_masked). Returns the payload's length, or -1 if `cap` is too small. */
+long long tp_encode_payload(uint8_t *out, size_t cap, const uint64_t *hdr, size_t nhdr, double created,
+                            const uint32_t *idx, size_t n, const uint8_t *tail, size_t tail_len,
+                            const uint8_t *data, size_t data_len, const uint8_t *pri, size_t pri_len,
+                            size_t chunk, size_t mem_len, const uint8_t *mask, size_t mask_len) {
+    if (cap < 10 * nhdr + 8 + 5 * n + tail_len + data_len) return -1;
+    size_t pos = 0;
+    for (size_t k = 0; k < nhdr; k++) pos += put_uvarint(out + pos, hdr[k]);
+    uint64_t bits;
+    memcpy(&bits, &created, 8);
+    for (int b = 0; b < 8; b++) out[pos++] = (uint8_t)(bits >> (8 * b));
+    uint32_t last = 0;
+    for (size_t k = 0; k < n; k++) {
+        pos += put_uvarint(out + pos, idx[k] - last);
+        last = idx[k];
+    }
+    memcpy(out + pos, tail, tail_len);
+    pos += tail_len;
+    memcpy(out + pos, data, data_len);
+    if (mask) tp_xor_masked(out + pos, mem_len, pri, pri_len, chunk, idx, n, mask, mask_len);
+    return (long long)(pos + data_len);
+}
+
+/* Read `n` gap varints from buf[pos, len) into ascending chunk indices (the first gap
+ * is the first index). Returns the position after them, or -1 when the buffer ends
+ * first, a varint is too long, or an index would not fit in 32 bits. */
+long long tp_read_gaps(const uint8_t *buf, size_t len, size_t pos, size_t n, uint32_t *out) {
+    uint64_t index = 0;
+    for (size_t k = 0; k < n; k++) {
+        uint64_t value = 0;
+        unsigned shift = 0;
+        for (;;) {
+            if (pos >= len || shift > 63) return -1;
+            uint8_t b = buf[pos++];
+            value |= (uint64_t)(b & 0x7F) << shift;
+            if (b < 0x80) break;
+            shift += 7;
+        }
+        index += value;
+        if (index > 0xFFFFFFFFu || value > 0xFFFFFFFFu) return -1;
+        out[k] = (uint32_t)index;
     }
     return (long long)pos;
 }

@@ -858,6 +858,19 @@ class LmdbStore:
         self._require_writable()
         if not fns:
             return []
+        if len(fns) == 1:
+            # Alone, a function needs no nested transaction to be isolated: if it
+            # raises, the whole transaction is its own and is aborted.
+            fn = fns[0]
+            try:
+                return [Outcome(value=self._with_write_txn(lambda txn: fn(_LmdbTxn(txn, self._dbs))))]
+            except StoreError as exc:
+                cause = exc.__cause__
+                if isinstance(exc, StoreFull) or (cause is not None and _is_disk_full(cause)):
+                    raise  # the store failed, not the function
+                return [Outcome(error=exc)]
+            except Exception as exc:
+                return [Outcome(error=exc)]
 
         def body(txn: lmdb.Transaction) -> list[Outcome]:
             outcomes: list[Outcome] = []
