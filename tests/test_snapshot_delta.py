@@ -20,6 +20,8 @@ def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     """Every test runs on the native delta kernels and on the pure-Python paths."""
     import snapshots.delta as delta_mod
 
+    if request.node.get_closest_marker("compares_paths") and request.param == "python":
+        pytest.skip("compares the native and Python paths itself: runs once, under [native]")
     if request.param == "python":
         monkeypatch.setattr(delta_mod, "_kernels_lib", [None])
     elif delta_mod._kernels() is None:
@@ -197,6 +199,7 @@ def test_package_imports_no_runtime() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.compares_paths
 def test_native_and_python_kernels_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same memory diffs, XORs and applies to the same bytes on both paths."""
     if delta_mod._kernels() is None:

@@ -36,6 +36,8 @@ def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     """Every test runs on the native delta kernels and on the pure-Python paths."""
     import snapshots.delta as delta_mod
 
+    if request.node.get_closest_marker("compares_paths") and request.param == "python":
+        pytest.skip("compares the native and Python paths itself: runs once, under [native]")
     if request.param == "python":
         monkeypatch.setattr(delta_mod, "_kernels_lib", [None])
     elif delta_mod._kernels() is None:
@@ -331,6 +333,7 @@ def test_encode_decode_property(case: tuple[bytes, Snapshot], xor: bool, level: 
     assert back == snap
 
 
+@pytest.mark.compares_paths
 def test_native_and_python_encoders_write_identical_records(monkeypatch: pytest.MonkeyPatch) -> None:
     """The C payload builder is byte for byte the Python one (same record, same checksum),
     and each path decodes what the other wrote."""
