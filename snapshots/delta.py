@@ -99,6 +99,7 @@ def _kernels() -> Any:
             ("tp_encode_payload", ctypes.c_longlong,
              [p, sz, p, sz, ctypes.c_double, u8p, sz, u8p, sz, u8p, sz, p, sz, sz, sz, u8p, sz]),
             ("tp_read_gaps", ctypes.c_longlong, [u8p, sz, sz, sz, p]),
+            ("tp_parse_head", ctypes.c_longlong, [u8p, sz, p, sz, p, p, sz]),
             ("tp_uvarints", ctypes.c_longlong, [u8p, sz, sz, sz, p]),
         ):
             fn = getattr(lib, name)

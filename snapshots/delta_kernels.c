@@ -206,3 +206,32 @@ long long tp_read_gaps(const uint8_t *buf, size_t len, size_t pos, size_t n, uin
     }
     return (long long)pos;
 }
+
+/* The payload's head in one call: the `nhdr` header varints into `hdr`, the f64 after
+ * them into `created`, then hdr[5] gap varints into ascending indices in `idx` (room for
+ * `idx_cap`). Returns the position after the gaps; -1 if the head is malformed (ends
+ * early, a varint too long, an index past 32 bits); -2 if `idx` is too small for hdr[5]
+ * indices (then `hdr` is filled: call again with room for them). */
+long long tp_parse_head(const uint8_t *buf, size_t len, uint64_t *hdr, size_t nhdr, double *created,
+                        uint32_t *idx, size_t idx_cap) {
+    size_t pos = 0;
+    for (size_t k = 0; k < nhdr; k++) {
+        uint64_t value = 0;
+        unsigned shift = 0;
+        for (;;) {
+            if (pos >= len || shift > 63) return -1;
+            uint8_t b = buf[pos++];
+            value |= (uint64_t)(b & 0x7F) << shift;
+            if (b < 0x80) break;
+            shift += 7;
+        }
+        hdr[k] = value;
+    }
+    if (len - pos < 8 || nhdr < 6) return -1;
+    uint64_t bits = 0;
+    for (int b = 0; b < 8; b++) bits |= (uint64_t)buf[pos + b] << (8 * b);
+    memcpy(created, &bits, 8);
+    pos += 8;
+    if (hdr[5] > idx_cap) return -2;
+    return tp_read_gaps(buf, len, pos, (size_t)hdr[5], idx);
+}

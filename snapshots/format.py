@@ -313,6 +313,34 @@ def _put_uvarint(out: bytearray, value: int) -> None:
     out.append(value)
 
 
+_head_scratch = threading.local()
+
+
+def _parse_head(p: bytes) -> tuple[list[int], float, bytes, int]:
+    """The payload's header varints, created_at, packed chunk indices and the position
+    after them (one C call when the kernels are built)."""
+    lib = _kernels()
+    if lib is not None:
+        hdr = (ctypes.c_uint64 * _N_VARINTS)()
+        created = ctypes.c_double()
+        idx: ctypes.Array[ctypes.c_uint32] | None = getattr(_head_scratch, "idx", None)
+        if idx is None:
+            idx = _head_scratch.idx = (ctypes.c_uint32 * 1024)()
+        end = lib.tp_parse_head(p, len(p), hdr, _N_VARINTS, ctypes.byref(created), idx, len(idx))
+        if end == -2:
+            if hdr[5] > len(p):  # each index takes a byte at least: the count is a lie
+                raise ValueError(f"{hdr[5]} chunks announced in a {len(p)}-byte payload")
+            idx = _head_scratch.idx = (ctypes.c_uint32 * int(hdr[5]))()
+            end = lib.tp_parse_head(p, len(p), hdr, _N_VARINTS, ctypes.byref(created), idx, len(idx))
+        if end < 0:
+            raise ValueError("the payload's head is malformed (truncated varints or chunk indices)")
+        return list(hdr), created.value, ctypes.string_at(idx, 4 * int(hdr[5])), int(end)
+    fields, pos = _get_uvarints(p, 0, _N_VARINTS)
+    (created_at,) = _F64.unpack_from(p, pos)
+    index_bytes, pos = _read_gaps(p, pos + 8, fields[5])
+    return fields, created_at, index_bytes, pos
+
+
 def _read_gaps(buf: bytes, pos: int, count: int) -> tuple[bytes, int]:
     """``count`` gap varints from ``pos`` as packed ascending uint32 chunk indices."""
     lib = _kernels()
@@ -568,22 +596,19 @@ def _inconsistent(exc: Exception) -> SnapshotCorrupt:
 
 def _parse_payload(p: bytes, abi: int, digest: str, pristine: Buffer | None) -> Snapshot:
     try:
-        fields, pos = _get_uvarints(p, 0, _N_VARINTS)
+        fields, created_at, index_bytes, pos = _parse_head(p)
         (
             seq,
             memory_size,
             chunk_size,
             async_addr,
             async_size,
-            n_chunks,
+            _n_chunks,  # the indices came with the head
             n_globals,
             agent_len,
             entry_len,
             meta_len,
         ) = fields
-        (created_at,) = _F64.unpack_from(p, pos)
-        pos += 8
-        index_bytes, pos = _read_gaps(p, pos, n_chunks)
         agent_id = p[pos : pos + agent_len].decode()
         pos += agent_len
         entry = p[pos : pos + entry_len].decode()
