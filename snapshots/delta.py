@@ -100,6 +100,7 @@ def _kernels() -> Any:
              [p, sz, p, sz, ctypes.c_double, u8p, sz, u8p, sz, u8p, sz, p, sz, sz, sz, u8p, sz]),
             ("tp_read_gaps", ctypes.c_longlong, [u8p, sz, sz, sz, p]),
             ("tp_parse_head", ctypes.c_longlong, [u8p, sz, p, sz, p, p, sz]),
+            ("tp_unxor_in_place", None, [p, sz, p, sz, sz, u8p, sz, u8p, sz]),
             ("tp_uvarints", ctypes.c_longlong, [u8p, sz, sz, sz, p]),
         ):
             fn = getattr(lib, name)
@@ -129,12 +130,17 @@ class MemoryDelta:
     shared between threads.
     """
 
-    __slots__ = ("_data", "_index", "_size", "chunk_size", "memory_size")
+    __slots__ = ("_index", "_stored", "chunk_size", "memory_size")
 
     memory_size: int
     chunk_size: int
     _index: bytes
-    _data: bytes
+    # (bytes, None): the chunks' bytes. (bytes, image): the chunks as the snapshot format
+    # stores them, XOR'd with the pristine ``image`` over its non-zero chunks; a restore
+    # writes them to memory un-XOR-ing on the way (apply_delta), one copy instead of
+    # three, and ``data`` computes the plain bytes only when asked. One attribute, so
+    # that a thread reading it never sees a half-updated pair.
+    _stored: tuple[bytes, Buffer | None]
 
     def __init__(
         self, memory_size: int, chunk_size: int, chunks: Iterable[tuple[int, bytes]] = ()
@@ -156,8 +162,8 @@ class MemoryDelta:
         _validate_indices(self)
         n = len(self._index) // 4
         expected = _packed_size(memoryview(self._index).cast("I"), n, chunk_size, memory_size)
-        if len(self._data) != expected:
-            raise ValueError(f"the chunks hold {len(self._data)} bytes, expected {expected} for {n} chunks")
+        if len(data) != expected:
+            raise ValueError(f"the chunks hold {len(data)} bytes, expected {expected} for {n} chunks")
         return self
 
     @classmethod
@@ -165,6 +171,15 @@ class MemoryDelta:
         """Built by code that guarantees the invariants (the kernels, a validated twin)."""
         self = cls.__new__(cls)
         _set(self, memory_size, chunk_size, index_bytes, data)
+        return self
+
+    @classmethod
+    def _trusted_xor(cls, memory_size: int, chunk_size: int, index_bytes: bytes, stored: bytes,
+                     pristine: Buffer) -> MemoryDelta:
+        """A validated delta whose chunks are stored XOR'd with ``pristine`` (see ``_stored``)."""
+        self = cls.__new__(cls)
+        _set(self, memory_size, chunk_size, index_bytes, stored)
+        object.__setattr__(self, "_stored", (stored, pristine))
         return self
 
     @property
@@ -175,7 +190,14 @@ class MemoryDelta:
     @property
     def data(self) -> bytes:
         """The changed chunks' bytes, concatenated in index order."""
-        return self._data
+        stored, ref = self._stored
+        if ref is None:
+            return stored
+        buf = bytearray(stored)
+        xor_into(buf, 0, self.memory_size, self.chunk_size, self._index, ref)
+        raw = bytes(buf)
+        object.__setattr__(self, "_stored", (raw, None))
+        return raw
 
     @property
     def indices(self) -> tuple[int, ...]:
@@ -185,16 +207,17 @@ class MemoryDelta:
     def chunks(self) -> tuple[tuple[int, bytes], ...]:
         out = []
         pos = 0
+        data = self.data
         for i in self.indices:
             n = min(self.chunk_size, self.memory_size - i * self.chunk_size)
-            out.append((i, self._data[pos : pos + n]))
+            out.append((i, data[pos : pos + n]))
             pos += n
         return tuple(out)
 
     @property
     def changed_bytes(self) -> int:
         """Total size of the changed chunks (what a raw encoding would have to store)."""
-        return len(self._data)
+        return len(self._stored[0])
 
     def offsets(self) -> Iterator[tuple[int, bytes]]:
         """The changed chunks as ``(byte_offset, bytes)`` pairs."""
@@ -207,22 +230,22 @@ class MemoryDelta:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, MemoryDelta):
             return NotImplemented
-        return (self.memory_size, self.chunk_size, self._index, self._data) == (
-            other.memory_size, other.chunk_size, other._index, other._data)
+        return (self.memory_size, self.chunk_size, self._index, self.data) == (
+            other.memory_size, other.chunk_size, other._index, other.data)
 
     def __hash__(self) -> int:
-        return hash((self.memory_size, self.chunk_size, self._index, self._data))
+        return hash((self.memory_size, self.chunk_size, self._index, self.data))
 
     def __repr__(self) -> str:
         return (f"MemoryDelta(memory_size={self.memory_size}, chunk_size={self.chunk_size}, "
-                f"indices={list(self.indices)}, changed_bytes={len(self._data)})")
+                f"indices={list(self.indices)}, changed_bytes={self.changed_bytes})")
 
 
 def _set(d: MemoryDelta, memory_size: int, chunk_size: int, index: bytes, data: bytes) -> None:
     object.__setattr__(d, "memory_size", memory_size)
     object.__setattr__(d, "chunk_size", chunk_size)
     object.__setattr__(d, "_index", index)
-    object.__setattr__(d, "_data", data)
+    object.__setattr__(d, "_stored", (data, None))
 
 
 def _validate_indices(d: MemoryDelta) -> None:
@@ -711,7 +734,13 @@ def apply_delta(delta: MemoryDelta, target: Buffer) -> None:
     lib = _kernels()
     if lib is not None:
         # MemoryDelta guarantees every chunk lies inside memory_size == reg.size.
-        lib.tp_scatter(reg.addr, reg.size, delta.chunk_size, delta.index_bytes, n, delta.data)
+        stored, ref = delta._stored
+        lib.tp_scatter(reg.addr, reg.size, delta.chunk_size, delta.index_bytes, n, stored)
+        if ref is not None:  # un-XOR in place, in memory (see MemoryDelta._stored)
+            mask = _nonzero_pristine_mask(ref, delta.chunk_size)
+            preg = _region(ref)
+            lib.tp_unxor_in_place(reg.addr, reg.size, preg.addr, preg.size, delta.chunk_size,
+                                  delta.index_bytes, n, mask, len(mask))
         return
     for offset, data in delta.offsets():
         if offset + len(data) > reg.size:  # guarded by MemoryDelta, kept as a last line

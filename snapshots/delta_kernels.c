@@ -235,3 +235,16 @@ long long tp_parse_head(const uint8_t *buf, size_t len, uint64_t *hdr, size_t nh
     if (hdr[5] > idx_cap) return -2;
     return tp_read_gaps(buf, len, pos, (size_t)hdr[5], idx);
 }
+
+/* After tp_scatter of chunks stored XOR'd with the pristine image: XOR each masked
+ * chunk, where it now lies in memory `dst`, with the pristine bytes under it. */
+void tp_unxor_in_place(uint8_t *dst, size_t mem_len, const uint8_t *pri, size_t pri_len, size_t chunk,
+                       const uint32_t *idx, size_t n, const uint8_t *mask, size_t mask_len) {
+    for (size_t k = 0; k < n; k++) {
+        size_t off = (size_t)idx[k] * chunk, len = chunk_len(idx[k], chunk, mem_len);
+        if (idx[k] < mask_len && mask[idx[k]] && off < pri_len) {
+            size_t m = pri_len - off < len ? pri_len - off : len;
+            for (size_t j = 0; j < m; j++) dst[off + j] ^= pri[off + j];
+        }
+    }
+}

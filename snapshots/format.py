@@ -637,10 +637,9 @@ def _parse_payload(p: bytes, abi: int, digest: str, pristine: Buffer | None) -> 
             # Validate before XOR-ing: the kernel trusts indices and lengths.
             MemoryDelta.packed(memory_size, chunk_size, index_bytes, data)
             if xor_needed(chunk_size, index_bytes, pristine):
-                buf = bytearray(data)
-                xor_into(buf, 0, memory_size, chunk_size, index_bytes, pristine)
-                data = bytes(buf)
-            memory = MemoryDelta._trusted(memory_size, chunk_size, index_bytes, data)  # same lengths
+                memory = MemoryDelta._trusted_xor(memory_size, chunk_size, index_bytes, data, pristine)
+            else:
+                memory = MemoryDelta._trusted(memory_size, chunk_size, index_bytes, data)  # same lengths
         else:
             memory = MemoryDelta.packed(memory_size, chunk_size, index_bytes, data)
         return Snapshot(

@@ -363,3 +363,18 @@ def test_native_and_python_encoders_write_identical_records(monkeypatch: pytest.
                     assert decode_snapshot(native, pristine=xor) == snap
                 assert native == python
                 assert decode_snapshot(python, pristine=xor) == snap
+
+
+def test_decoded_delta_restores_memory_exactly() -> None:
+    """A decoded delta keeps the chunks over data segments as stored (XOR'd) and un-XORs
+    them while writing memory; memory, ``data`` and equality all match the original."""
+    pristine, mem = small_agent_memory(touch_bss=True)
+    delta = diff_memory(pristine, (ctypes.c_ubyte * len(mem)).from_buffer(mem))
+    back = decode_snapshot(encode_snapshot(make_snapshot(delta), pristine=pristine), pristine=pristine).memory
+    target = bytearray(pristine)
+    apply_delta(back, (ctypes.c_ubyte * len(target)).from_buffer(target))
+    assert target == mem
+    assert back.data == delta.data and back == delta and hash(back) == hash(delta)
+    again = bytearray(pristine)
+    apply_delta(back, (ctypes.c_ubyte * len(again)).from_buffer(again))  # after data was computed
+    assert again == mem
