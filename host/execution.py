@@ -65,6 +65,11 @@ _memory_data_size = _hold_gil("wasmtime_memory_data_size")
 _export_get = _hold_gil("wasmtime_instance_export_get")
 _global_get_c = _hold_gil("wasmtime_global_get")
 _global_set_c = _hold_gil("wasmtime_global_set")
+# For Asyncify's four control exports only: Binaryen-generated functions that set two
+# globals and return, so holding the GIL through them cannot stall other threads, while
+# releasing and re-taking it costs a wake-up whenever another thread (the epoch ticker,
+# the committer) is waiting. Everything that runs the guest's own code releases it.
+_func_call_hold = _hold_gil("wasmtime_func_call")
 _memmove = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t)(
     ctypes.cast(ctypes.memmove, ctypes.c_void_p).value or 0
 )
@@ -201,12 +206,13 @@ class Execution:
         self._mem = self._exports[abi.MEMORY_EXPORT]
         self._entry = self._exports.raw(abi.ENTRY_EXPORT)
 
-    def _call(self, name: str, *args: int) -> None:
-        """Call an i32-only export with no results (the asyncify controls) on the fast path."""
+    def _call(self, name: str, *args: int, hold_gil: bool = False) -> None:
+        """Call an i32-only export with no results on the fast path (``hold_gil``: only for
+        the asyncify controls, see ``_func_call_hold``)."""
         ext = self._exports.raw(name)
         if ext is None:
             raise KeyError(name)
-        _call_raw(self._store, ext, args, 0)
+        _call_raw(self._store, ext, args, 0, hold_gil=hold_gil)
 
     def prepare(self) -> None:
         """Spawn: a fresh instance, armed with budget and deadline, before its first instruction."""
@@ -281,7 +287,7 @@ class Execution:
         _tls.ex = self
         try:
             if rewind:
-                self._call("asyncify_start_rewind", self.async_buf[0])
+                self._call("asyncify_start_rewind", self.async_buf[0], hold_gil=True)
                 self.mode = REWINDING
             if initialize:
                 # A WASI "reactor" module runs its constructors (libc, C++ statics) here, once.
@@ -291,7 +297,7 @@ class Execution:
             result = _call_raw(store, self._entry, (), self.loaded.entry_results)
             outcome: Outcome
             if self.mode == UNWINDING:
-                self._call("asyncify_stop_unwind")
+                self._call("asyncify_stop_unwind", hold_gil=True)
                 self.mode = NORMAL
                 assert self.pending is not None
                 outcome = Suspended(self.pending)
@@ -433,11 +439,11 @@ class Execution:
         hdr[0] = addr + 8
         hdr[1] = addr + size
         self.pending = call
-        self._call("asyncify_start_unwind", addr)
+        self._call("asyncify_start_unwind", addr, hold_gil=True)
         self.mode = UNWINDING
 
     def finish_rewind(self) -> int:
-        self._call("asyncify_stop_rewind")
+        self._call("asyncify_stop_rewind", hold_gil=True)
         self.mode = NORMAL
         return self.response_status
 
@@ -504,7 +510,8 @@ _NO_VALS = (_VAL * 0)()
 _KIND_CODE = {"i32": 0, "i64": 1, "f32": 2, "f64": 3}
 
 
-def _call_raw(store: wasmtime.Store, ext: Any, args: tuple[int, ...], nresults: int) -> int | None:
+def _call_raw(store: wasmtime.Store, ext: Any, args: tuple[int, ...], nresults: int, *,
+              hold_gil: bool = False) -> int | None:
     nargs = len(args)
     if nargs:
         params = (_VAL * nargs)()
@@ -515,8 +522,8 @@ def _call_raw(store: wasmtime.Store, ext: Any, args: tuple[int, ...], nresults: 
         params = _NO_VALS
     results = (_VAL * nresults)() if nresults else _NO_VALS
     trap = _TRAP_PTR()
-    error = _ffi.wasmtime_func_call(store._context(), ctypes.byref(ext.of.func), params, nargs, results, nresults,
-                                    ctypes.byref(trap))
+    call = _func_call_hold if hold_gil else _ffi.wasmtime_func_call
+    error = call(store._context(), ctypes.byref(ext.of.func), params, nargs, results, nresults, ctypes.byref(trap))
     if error:
         _raise_callback_exception()
         raise wasmtime.WasmtimeError._from_ptr(error)
