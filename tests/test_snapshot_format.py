@@ -378,3 +378,51 @@ def test_decoded_delta_restores_memory_exactly() -> None:
     again = bytearray(pristine)
     apply_delta(back, (ctypes.c_ubyte * len(again)).from_buffer(again))  # after data was computed
     assert again == mem
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    edits=st.lists(
+        st.tuples(st.sampled_from(["flip", "insert", "delete", "truncate"]), st.integers(0, 10**6),
+                  st.integers(0, 255)),
+        min_size=1, max_size=4,
+    ),
+    xor=st.booleans(),
+)
+def test_mangled_payload_with_valid_checksum_never_crashes(edits: list[tuple[str, int, int]], xor: bool) -> None:
+    """A record whose payload was altered, then recompressed and resealed (what a bug or
+    an attacker with write access to the store could produce), decodes to a Snapshot or
+    raises a SnapshotError: the parsers, native ones included, never read or write out
+    of bounds, and what decodes restores into a memory of its own size only."""
+    import zstandard
+
+    from snapshots import SnapshotError
+    from snapshots import format as fmt
+
+    pristine, mem = small_agent_memory(touch_bss=True)
+    delta = diff_memory(pristine, (ctypes.c_ubyte * len(mem)).from_buffer(mem))
+    ref = pristine if xor else None
+    record = encode_snapshot(make_snapshot(delta), pristine=ref)
+    zdict = fmt._dictionary(ref)
+    payload = bytearray(fmt._decompressor(zdict).decompress(record[fmt._PREFIX_LEN : -16]))
+    for op, pos, byte in edits:
+        pos %= max(1, len(payload))
+        if op == "flip" and payload:
+            payload[pos] ^= byte or 1
+        elif op == "insert":
+            payload[pos:pos] = bytes([byte])
+        elif op == "delete" and payload:
+            del payload[pos]
+        elif op == "truncate":
+            del payload[pos:]
+    frame = fmt._compressor(3, zdict).compress(bytes(payload))
+    try:
+        snap = decode_snapshot(resign(record[: fmt._PREFIX_LEN] + frame), pristine=ref)
+    except SnapshotError:
+        return
+    except zstandard.ZstdError:  # pragma: no cover - must have been turned into SnapshotCorrupt
+        raise AssertionError("a zstd error escaped decode_snapshot") from None
+    if not len(pristine) <= snap.memory.memory_size <= 64 * 2**20:
+        return  # a host refuses to grow a fresh instance to such a size (memory limit)
+    target = bytearray(pristine) + bytearray(snap.memory.memory_size - len(pristine))
+    apply_delta(snap.memory, (ctypes.c_ubyte * len(target)).from_buffer(target))
