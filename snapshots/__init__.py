@@ -2,7 +2,9 @@
 
 This package stores and encodes, nothing more: it depends on lmdb and zstandard only
 (never on wasmtime, anyio, host/ or policies/), so that the snapshot format and the
-store can be read by tools and other hosts without a Wasm runtime.
+store can be read by tools and other hosts without a Wasm runtime. Its hot loops are C
+(``delta_kernels.c``), compiled on first use by the ``ziglang`` wheel when present
+(``native_build``); every one has a pure-Python path with the same results.
 """
 
 from .delta import DEFAULT_CHUNK_SIZE, MemoryDelta, apply_delta, diff_memory, full_copy

@@ -5,12 +5,13 @@ pages (stack, a little heap, some globals in .bss). Copying and compressing the 
 linear memory costs about 0.4 ms per MiB; finding the changed chunks without copying
 the untouched ones keeps the suspend path inside its budget and the record tiny.
 
-Why libc ``memcmp`` through ctypes: comparing two ``memoryview`` objects in CPython walks
-them byte by byte (about 0.35 ns a byte, 370 µs per MiB), and ``bytes`` equality needs
-a copy of guest memory first. ``memcmp`` compares in place at memory bandwidth (about
-37 µs per MiB here) for under a microsecond of call overhead, so the scan compares large
-spans first and narrows down only where they differ (see ``_gallop``). Where no libc
-``memcmp`` can be loaded a slower copy-based path gives the same answers.
+How: the hot loops (the changed-chunk scan, gathering the chunks, XOR against the
+image, writing chunks back) are C kernels in ``delta_kernels.c``, built on first use by
+``native_build`` and called through ctypes, a few calls per capture or restore. Without
+them (no compiler, ``TORPOR_NATIVE=0``) the same answers come from Python: a galloping
+scan over libc ``memcmp`` bound through ctypes (comparing ``memoryview`` objects in
+CPython walks them byte by byte, about 370 µs per MiB; ``memcmp`` compares in place at
+memory bandwidth, about 37 µs per MiB here), and failing that a copy-based scan.
 """
 
 from __future__ import annotations
