@@ -313,6 +313,59 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
 
 # -- policy -----------------------------------------------------------------
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """What this installation gives Torpor: versions, the engine layout, whether the native
+    helpers are built (and why not), the default store and durability level."""
+    from importlib import metadata
+
+    from snapshots import delta, native_build
+    from snapshots.lmdb_store import resolve_durability
+
+    from . import memory_pool
+    from .engine import EngineConfig
+    from .runtime import default_store_dir
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    cfg = EngineConfig.for_profile()
+    delta._kernels()  # build or load now, so that its status is known
+    kernels = native_build.status().get("delta_kernels", "not loaded")
+    if cfg.uses_memory_pool():
+        pool = memory_pool.status()
+    elif cfg.profile == "dense" and not memory_pool.enabled_by_env():
+        pool = f"off (${memory_pool.ENV_ENABLED}=0)"
+    else:
+        pool = f"not used by the {cfg.profile!r} engine profile"
+    data: dict[str, Any] = {
+        "torpor": version("torpor"), "python": sys.version.split()[0], "wasmtime": version("wasmtime"),
+        "ziglang": version("ziglang"), "engine_profile": cfg.profile,
+        "native": {"delta_kernels": kernels, "memory_pool": pool},
+        "native_cache": str(native_build.cache_dir()),
+        "durability": resolve_durability(None), "store": str(default_store_dir()),
+    }
+    data["fast_paths"] = kernels.startswith("native") and (
+        pool.startswith("native") or not cfg.uses_memory_pool())
+
+    def human() -> None:
+        print(f"torpor {data['torpor']}  (python {data['python']}, wasmtime {data['wasmtime']}, "
+              f"ziglang {data['ziglang']})")
+        print(f"engine profile   {cfg.profile}  ($TORPOR_ENGINE)")
+        print(f"delta kernels    {kernels}")
+        print(f"memory pool      {pool}")
+        print(f"native cache     {data['native_cache']}  ($TORPOR_NATIVE_CACHE)")
+        print(f"durability       {data['durability']}  ($TORPOR_DURABILITY)")
+        print(f"default store    {data['store']}  ($TORPOR_STORE)")
+        if not data["fast_paths"]:
+            print("note: a native helper is not in use; Torpor runs correctly but its hot paths are slower")
+
+    _emit(args, data, human)
+    return EXIT_OK
+
+
 def cmd_policy_check(args: argparse.Namespace) -> int:
     import policies
 
@@ -406,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--result", help="the call's result as JSON, or @FILE (it did take effect)")
     how.add_argument("--fail", metavar="REASON", help="fail the agent")
     sp.add_argument("--by", default=os.environ.get("USER"), help=by_help)
+
+    add("doctor", cmd_doctor, "show versions, the engine profile, whether the native helpers are in use, "
+                              "and the default store and durability")
 
     pol = sub.add_parser("policy", help="check and explain policy files", description="check and explain policy files")
     psub = pol.add_subparsers(dest="policy_command", metavar="SUBCOMMAND")

@@ -83,3 +83,23 @@ def test_pure_python_host_runs_an_agent_end_to_end(tmp_path: Path) -> None:
     out = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
     assert out["status"] == "completed" and out["output"] == {"sum": 15, "last": 5}
     assert out["checkpoints"] >= 5
+
+
+def test_doctor_reports_the_native_helpers() -> None:
+    """`torpor doctor --json` says whether the fast paths are in use, and why not."""
+    def doctor(**env: str) -> dict[str, object]:
+        proc = subprocess.run([sys.executable, "-m", "host.cli", "doctor", "--json"], capture_output=True, text=True,
+                              timeout=120, cwd=ROOT, env={**__import__("os").environ, **env})
+        assert proc.returncode == 0, proc.stderr
+        return __import__("json").loads(proc.stdout)
+
+    off = doctor(TORPOR_NATIVE="0")
+    assert off["fast_paths"] is False
+    assert off["native"] == {"delta_kernels": "disabled by TORPOR_NATIVE=0", "memory_pool": "disabled by TORPOR_NATIVE=0"}
+    on = doctor(TORPOR_ENGINE="dense")
+    assert on["engine_profile"] == "dense" and on["durability"] in ("sync", "process")
+    if str(on["native"]["delta_kernels"]).startswith("native"):  # type: ignore[index]
+        assert on["fast_paths"] is (str(on["native"]["memory_pool"]).startswith("native"))  # type: ignore[index]
+    proc = subprocess.run([sys.executable, "-m", "host.cli", "doctor"], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={**__import__("os").environ, "TORPOR_DURABILITY": "bogus"})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "TORPOR_DURABILITY" in proc.stderr
