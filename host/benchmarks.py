@@ -230,6 +230,21 @@ def machine() -> dict[str, Any]:
             "vm_max_map_count": _read_int("/proc/sys/vm/max_map_count")}
 
 
+def cpu_speed_ms() -> float:
+    """Milliseconds a fixed pure-Python loop takes (best of 3): a yardstick for this
+    machine's speed at the moment, because a shared VM's speed drifts (the same loop
+    took 0.28 and 0.51 s a minute apart here). Recorded before and after each benchmark
+    so that figures from different runs can be compared with their conditions."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(300_000):
+            total += i
+        best = min(best, time.perf_counter() - t0)
+    return round(best * 1000, 2)
+
+
 def _positive(name: str, value: int) -> int:
     if value is None or value <= 0:
         raise ConfigError(f"{name} must be a positive number, got {value}")
@@ -1248,16 +1263,23 @@ def _run(args: argparse.Namespace) -> int:
         args.plot = None
     if args.progress is None:
         args.progress = sys.stderr.isatty()
+    speed_before = cpu_speed_ms()
     try:
         res = fn(args)
     except (SnapshotError, StoreError) as exc:
         raise TorporError(f"bench {args.bench}: the store failed: {exc}", code=getattr(exc, "code", "store_error")) from exc
+    if isinstance(res.get("machine"), dict):
+        res["machine"]["cpu_speed_ms"] = {"before": speed_before, "after": cpu_speed_ms()}
     res["targets"] = {k: v for k, v in TARGETS.items() if k in res}
     res["command"] = "torpor bench " + " ".join(_argv_tail(args))
     if args.json:
         print(json.dumps(res, indent=2, default=str))
     else:
         show(res)
+        speed = res.get("machine", {}).get("cpu_speed_ms")
+        if speed:
+            print(f"machine speed: a fixed Python loop took {speed['before']} ms before and {speed['after']} ms "
+                  "after (lower is faster; compare runs taken at similar speeds)")
         if res.get("plot"):
             print(f"plot: {res['plot']}")
         elif res.get("plot_note"):
