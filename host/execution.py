@@ -30,7 +30,7 @@ from wasmtime import _func as _wasmtime_func
 from wasmtime._extern import wrap_extern as _wrap_extern
 from wasmtime._func import maybe_raise_last_exn as _raise_callback_exception
 
-from snapshots.delta import MemoryDelta, apply_delta, diff_memory
+from snapshots.delta import MemoryAt, MemoryDelta, apply_delta, diff_memory
 from snapshots.format import GlobalValue
 
 from . import abi
@@ -251,7 +251,7 @@ class Execution:
         cur = mem.data_len(store)
         if size > cur and mem.grow(store, (size - cur + PAGE - 1) // PAGE) < 0:
             raise ValueError("cannot grow memory to the snapshot's size")
-        apply_delta(captured.memory, ex._buffer())
+        apply_delta(captured.memory, MemoryAt(*ex._mem_base_len()))
         ex.restore_globals(captured.globals)
         ex.async_buf = captured.async_buf
         ex.pending = pending
@@ -411,7 +411,8 @@ class Execution:
         # (Wasmtime maps zero pages and the data image): the first capture skips them
         # unread instead of faulting each one in. After it, every page is mapped and a
         # plain scan is cheaper than asking the kernel.
-        delta = diff_memory(self.loaded.pristine, self._buffer(), untouched_is_pristine=not self._scanned)
+        delta = diff_memory(self.loaded.pristine, MemoryAt(*self._mem_base_len()),
+                            untouched_is_pristine=not self._scanned)
         self._scanned = True
         return Captured(delta, self.capture_globals(), self.async_buf)
 

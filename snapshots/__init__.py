@@ -7,7 +7,7 @@ store can be read by tools and other hosts without a Wasm runtime. Its hot loops
 (``native_build``); every one has a pure-Python path with the same results.
 """
 
-from .delta import DEFAULT_CHUNK_SIZE, MemoryDelta, apply_delta, diff_memory, full_copy
+from .delta import DEFAULT_CHUNK_SIZE, MemoryAt, MemoryDelta, apply_delta, diff_memory, full_copy
 from .errors import (
     CheckpointExists,
     NotFound,
@@ -48,6 +48,7 @@ __all__ = [
     "GlobalValue",
     "GroupCommitter",
     "LmdbStore",
+    "MemoryAt",
     "MemoryDelta",
     "NotFound",
     "Outcome",

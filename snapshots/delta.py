@@ -24,7 +24,7 @@ import threading
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import native_build
 from .errors import SnapshotCorrupt, SnapshotMismatch
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "MemoryAt",
     "MemoryDelta",
     "apply_delta",
     "diff_memory",
@@ -284,6 +285,14 @@ def _validate_indices(d: MemoryDelta) -> None:
         )
 
 
+class MemoryAt(NamedTuple):
+    """A memory by address and size (a Wasmtime linear memory), diffed or written in place
+    without wrapping it in a buffer object first. The caller keeps it mapped for the call."""
+
+    addr: int
+    size: int
+
+
 class _Region:
     """A raw address and length for a buffer, keeping its owner alive while in use."""
 
@@ -295,13 +304,15 @@ class _Region:
         self.keep = keep
 
 
-def _region(buf: Buffer, *, writable: bool = False) -> _Region:
+def _region(buf: Buffer | MemoryAt, *, writable: bool = False) -> _Region:
     """Find the address of a buffer without copying it when at all possible.
 
     ctypes arrays (how the host maps Wasmtime's linear memory) and ``bytes`` give their
     address directly; other writable buffers through ``from_buffer``. A read-only
     buffer that is not ``bytes`` is copied once (rare: the host never hands one over).
     """
+    if isinstance(buf, MemoryAt):
+        return _Region(buf.addr, buf.size, None)
     if isinstance(buf, ctypes.Array):
         return _Region(ctypes.addressof(buf), ctypes.sizeof(buf), buf)
     if isinstance(buf, bytes) and not writable:
@@ -543,7 +554,7 @@ def _changed_chunks_copy(pristine: bytes, current: bytes, chunk_size: int) -> li
 
 def diff_memory(
     pristine: Buffer,
-    current: Buffer,
+    current: Buffer | MemoryAt,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     *,
     untouched_is_pristine: bool = False,
@@ -715,7 +726,7 @@ def _nonzero_pristine_mask(pristine: Buffer, chunk_size: int) -> bytes:
     return mask
 
 
-def apply_delta(delta: MemoryDelta, target: Buffer) -> None:
+def apply_delta(delta: MemoryDelta, target: Buffer | MemoryAt) -> None:
     """Write the changed chunks of ``delta`` into ``target``.
 
     ``target`` must already hold the module's pristine image (a freshly instantiated

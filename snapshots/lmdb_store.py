@@ -371,6 +371,10 @@ class LmdbStore:
         #: number of times this process grew the map, and adopted another process's growth
         self.grows = 0
         self.adopted = 0
+        # Bumped whenever this environment's map size changes (grown here, or adopted
+        # from another process): a transaction that hit a full map grows it only if
+        # nobody did since it began, without asking LMDB for the size on every commit.
+        self._map_epoch = 0
         #: successful flushes to stable storage (background, explicit and at close), the
         #: wall-clock time the last one started (every commit that returned before it is
         #: on stable storage), and ``commits`` as it was then
@@ -730,13 +734,14 @@ class LmdbStore:
         with self._gate.exclusive():
             self._env.set_mapsize(0)
             self.adopted += 1
+            self._map_epoch += 1
 
-    def _grow(self, seen_size: int) -> None:
+    def _grow(self, seen_epoch: int) -> None:
         """Double the map (capped by free disk) unless another thread already grew it."""
         with self._gate.exclusive():
-            current = int(self._env.info()["map_size"])
-            if current > seen_size:
+            if self._map_epoch != seen_epoch:
                 return
+            current = int(self._env.info()["map_size"])
             try:
                 free = shutil.disk_usage(self._path).free
                 used = (self._path / "data.mdb").stat().st_size
@@ -750,6 +755,7 @@ class LmdbStore:
                 )
             self._env.set_mapsize(target)
             self.grows += 1
+            self._map_epoch += 1
 
     @contextmanager
     def read(self) -> Iterator[ReadTxn]:
@@ -769,7 +775,7 @@ class LmdbStore:
         be re-run from here. ``transact`` re-runs it instead.
         """
         self._require_writable()
-        seen = self.map_size
+        seen = self._map_epoch
         txn = self._begin(write=True)
         try:
             yield _LmdbTxn(txn, self._dbs)
@@ -821,7 +827,7 @@ class LmdbStore:
     def _with_write_txn(self, body: Callable[[lmdb.Transaction], T]) -> T:
         """Run ``body`` in a write transaction and commit; on a full map, grow and run it again."""
         for _ in range(_MAX_GROW_ATTEMPTS):
-            seen = self.map_size
+            seen = self._map_epoch
             txn = self._begin(write=True)
             try:
                 result = body(txn)
