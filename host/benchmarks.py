@@ -1198,7 +1198,8 @@ def bench_steps(args: argparse.Namespace) -> dict[str, Any]:
     base_rate, _ = _engine_round_trips(sync_rig, engine_n)
     rt = _runtime_round_trips(b, agents, n, args.profile, Progress("runtime", agents, args.progress))
     res: dict[str, Any] = {
-        "bench": "steps", "engine": engine.config.profile, "machine": machine(), **rt,
+        "bench": "steps", "engine": engine.config.profile, "machine": machine(), "durability": resolve_durability(None),
+        **rt,
         "core_round_trips_per_s": round(core_rate), "core_round_trip": core_lat.summary(),
         "baseline_round_trips_per_s": round(base_rate), "baseline_round_trip_mean_us": round(1e6 / base_rate, 2),
         "cprofile": args.profile,
