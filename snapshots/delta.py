@@ -94,7 +94,7 @@ def _kernels() -> Any:
         sz, p, u8p = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_char_p
         for name, res, args in (
             ("tp_changed_chunks", sz, [p, sz, p, sz, sz, ctypes.c_int, sz, p]),
-            ("tp_gather", None, [p, sz, p, sz, sz, u8p, sz, ctypes.c_int, p]),
+            ("tp_gather", None, [p, sz, sz, u8p, sz, p]),
             ("tp_scatter", None, [p, sz, sz, u8p, sz, u8p]),
             ("tp_check_indices", sz, [u8p, sz, sz]),
             ("tp_xor_masked", None, [p, sz, p, sz, sz, u8p, sz, u8p, sz]),
@@ -636,7 +636,7 @@ def _diff_native(lib: Any, preg: _Region, creg: _Region, chunk_size: int, untouc
     total = _packed_size(out, n, chunk_size, creg.size)
     data = ctypes.create_string_buffer(total)
     index = ctypes.string_at(out, 4 * n)
-    lib.tp_gather(creg.addr, creg.size, preg.addr, preg.size, chunk_size, index, n, 0, data)
+    lib.tp_gather(creg.addr, creg.size, chunk_size, index, n, data)
     # Built by the kernels from a real memory: the invariants hold by construction.
     return MemoryDelta._trusted(creg.size, chunk_size, index, data.raw)
 

@@ -80,17 +80,11 @@ size_t tp_changed_chunks(const uint8_t *cur, size_t mem_len, const uint8_t *pri,
     return n;
 }
 
-/* Copy the chunks `idx[0..n)` of cur[0, mem_len) one after another into `out`; with
- * `xor`, XOR each against its reference as it goes (format flag bit 0). */
-void tp_gather(const uint8_t *cur, size_t mem_len, const uint8_t *pri, size_t pri_len, size_t chunk,
-               const uint32_t *idx, size_t n, int xor, uint8_t *out) {
+/* Copy the chunks `idx[0..n)` of cur[0, mem_len) one after another into `out`. */
+void tp_gather(const uint8_t *cur, size_t mem_len, size_t chunk, const uint32_t *idx, size_t n, uint8_t *out) {
     for (size_t k = 0; k < n; k++) {
         size_t off = (size_t)idx[k] * chunk, len = chunk_len(idx[k], chunk, mem_len);
         memcpy(out, cur + off, len);
-        if (xor && off < pri_len) {
-            size_t m = pri_len - off < len ? pri_len - off : len;
-            for (size_t j = 0; j < m; j++) out[j] ^= pri[off + j];
-        }
         out += len;
     }
 }
@@ -131,8 +125,8 @@ long long tp_uvarints(const uint8_t *buf, size_t len, size_t pos, size_t count, 
     return (long long)pos;
 }
 
-/* XOR the concatenated chunks in `buf` (as tp_gather lays them out) against their
- * references, in place, for the chunks whose `mask` byte is set (mask[i] for chunk i, chunks at
+/* XOR the concatenated chunks in `buf` (as tp_gather lays them out) against the pristine
+ * image, in place, for the chunks whose `mask` byte is set (mask[i] for chunk i, chunks at
  * or past `mask_len` count as unset): the caller marks the chunks whose pristine bytes
  * are not all zero, the only ones XOR changes. */
 void tp_xor_masked(uint8_t *buf, size_t mem_len, const uint8_t *pri, size_t pri_len, size_t chunk,
