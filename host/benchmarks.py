@@ -938,9 +938,12 @@ def _hibernate_phase(rig: Rig, store: LmdbStore, committer: GroupCommitter, stor
             "rss_growth_mib": round((rss_kib() - rss0) / 1024, 1), "_curve": curve}
 
 
-def _hibernate_worker(profile: str, store_dir: str, n: int, per_txn: int, batch: int, barrier: Any,
+def _hibernate_worker(profile: str, store_dir: str, n: int, per_txn: int, batch: int, rounds: int, barrier: Any,
                       results: Any) -> None:
-    """One process of :func:`_parallel_hibernate` (a module-level function: it is pickled)."""
+    """One process of :func:`_parallel_hibernate` (a module-level function: it is pickled).
+
+    ``rounds``: how many batches the busiest process hibernates; a process with fewer
+    agents keeps meeting the others at the barrier until then."""
     try:
         rig = make_rig(make_engine(profile), load_bundle("steps"))
         store = LmdbStore.open(Path(store_dir) / "db")
@@ -948,6 +951,9 @@ def _hibernate_worker(profile: str, store_dir: str, n: int, per_txn: int, batch:
             committer = GroupCommitter(store, max_batch=max(batch, 1))
             h = _hibernate_phase(rig, store, committer, Path(store_dir), n, per_txn, batch,
                                  Progress("", n, False), barrier)
+            for _ in range(rounds - -(-n // batch)):
+                barrier.wait()
+                barrier.wait()
         finally:
             store.close()
         h.pop("_curve", None)
@@ -975,12 +981,10 @@ def _parallel_hibernate(profile: str, store: LmdbStore, store_dir: Path, n: int,
     used0, disk0 = store.used_bytes(), _disk_bytes(store_dir)
     ck0, ag0 = _db_bytes(store, "checkpoints"), _db_bytes(store, "agents")
     share = [n // processes + (1 if i < n % processes else 0) for i in range(processes)]
-    batches = {-(-k // batch) for k in share}
-    if len(batches) != 1:  # lockstep needs the same number of batches everywhere
-        share = [n // processes] * processes
+    rounds = max(-(-k // batch) for k in share)
     barrier = ctx.Barrier(processes, timeout=600)
     results = ctx.Queue()
-    procs = [ctx.Process(target=_hibernate_worker, args=(profile, str(store_dir), k, per_txn, batch, barrier, results),
+    procs = [ctx.Process(target=_hibernate_worker, args=(profile, str(store_dir), k, per_txn, batch, rounds, barrier, results),
                          daemon=True) for k in share]
     t0 = time.perf_counter()
     for p in procs:
@@ -1023,6 +1027,8 @@ def bench_density(args: argparse.Namespace) -> dict[str, Any]:
     warm = _positive("--warm", args.warm if args.warm is not None else (300 if args.quick else 100_000))
     batch = _positive("--batch", args.batch)
     processes = _positive("--processes", args.processes)
+    if processes > n:
+        raise ConfigError(f"--processes {processes} is more than --agents {n}: each process needs agents to hibernate")
     engine = make_engine(args.engine)
     rig = make_rig(engine, load_bundle("steps"))
     res: dict[str, Any] = {"bench": "density", "engine": engine.config.profile, "machine": machine()}

@@ -334,8 +334,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     cfg = EngineConfig.for_profile()
     delta._kernels()  # build or load now, so that its status is known
     kernels = native_build.status().get("delta_kernels", "not loaded")
+    cap: int | None = None
     if cfg.uses_memory_pool():
         pool = memory_pool.status()
+        cap = memory_pool.default_max_free() if cfg.memory_pool_max_free is None else cfg.memory_pool_max_free
     elif cfg.profile == "dense" and not memory_pool.enabled_by_env():
         pool = f"off (${memory_pool.ENV_ENABLED}=0)"
     else:
@@ -343,7 +345,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     data: dict[str, Any] = {
         "torpor": version("torpor"), "python": sys.version.split()[0], "wasmtime": version("wasmtime"),
         "ziglang": version("ziglang"), "engine_profile": cfg.profile,
-        "native": {"delta_kernels": kernels, "memory_pool": pool},
+        "native": {"delta_kernels": kernels, "memory_pool": pool}, "memory_pool_max_free": cap,
         "native_cache": str(native_build.cache_dir()),
         "durability": resolve_durability(None), "store": str(default_store_dir()),
     }
@@ -356,6 +358,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(f"engine profile   {cfg.profile}  ($TORPOR_ENGINE)")
         print(f"delta kernels    {kernels}")
         print(f"memory pool      {pool}")
+        if cap is not None:
+            print(f"                 keeps up to {cap / (1 << 20):g} MiB ready for reuse (${memory_pool.ENV_MAX_FREE})")
         print(f"native cache     {data['native_cache']}  ($TORPOR_NATIVE_CACHE)")
         print(f"durability       {data['durability']}  ($TORPOR_DURABILITY)")
         print(f"default store    {data['store']}  ($TORPOR_STORE)")

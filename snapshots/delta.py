@@ -24,7 +24,7 @@ import threading
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from . import native_build
 from .errors import SnapshotCorrupt, SnapshotMismatch
@@ -80,6 +80,8 @@ def _load_memcmp() -> Callable[[int, int, int], int] | None:
 
 
 _memcmp = _load_memcmp()
+
+T = TypeVar("T")
 
 _KERNELS_SOURCE = Path(__file__).with_name("delta_kernels.c")
 _kernels_lib: list[Any] = []
@@ -157,8 +159,13 @@ class MemoryDelta:
                 raise ValueError(f"chunk {index} holds {len(data)} bytes, expected {expected}")
 
     @classmethod
-    def packed(cls, memory_size: int, chunk_size: int, index_bytes: bytes, data: bytes) -> MemoryDelta:
-        """A delta from its packed form (native uint32 indices, concatenated chunks); validated."""
+    def packed(cls, memory_size: int, chunk_size: int, index_bytes: bytes, data: bytes, *,
+               xor_with: Buffer | None = None) -> MemoryDelta:
+        """A delta from its packed form (native uint32 indices, concatenated chunks); validated.
+
+        ``xor_with``: ``data`` is stored as the snapshot format stores it, XOR'd with this
+        pristine image over its non-zero chunks (see ``_stored``).
+        """
         self = cls.__new__(cls)
         _set(self, memory_size, chunk_size, bytes(index_bytes), bytes(data))
         _validate_indices(self)
@@ -166,6 +173,8 @@ class MemoryDelta:
         expected = _packed_size(memoryview(self._index).cast("I"), n, chunk_size, memory_size)
         if len(data) != expected:
             raise ValueError(f"the chunks hold {len(data)} bytes, expected {expected} for {n} chunks")
+        if xor_with is not None and xor_needed(chunk_size, self._index, xor_with):
+            object.__setattr__(self, "_stored", (self._stored[0], xor_with))
         return self
 
     @classmethod
@@ -173,15 +182,6 @@ class MemoryDelta:
         """Built by code that guarantees the invariants (the kernels, a validated twin)."""
         self = cls.__new__(cls)
         _set(self, memory_size, chunk_size, index_bytes, data)
-        return self
-
-    @classmethod
-    def _trusted_xor(cls, memory_size: int, chunk_size: int, index_bytes: bytes, stored: bytes,
-                     pristine: Buffer) -> MemoryDelta:
-        """A validated delta whose chunks are stored XOR'd with ``pristine`` (see ``_stored``)."""
-        self = cls.__new__(cls)
-        _set(self, memory_size, chunk_size, index_bytes, stored)
-        object.__setattr__(self, "_stored", (stored, pristine))
         return self
 
     @property
@@ -664,10 +664,10 @@ def xor_into(buf: bytearray, start: int, memory_size: int, chunk_size: int, inde
     changed chunks (stack, heap) lie over zeros. The caller has checked that the
     indices lie inside ``memory_size`` and that ``buf[start:]`` holds their bytes.
     """
-    if not xor_needed(chunk_size, index_bytes, pristine):
+    mask = _xor_mask(chunk_size, index_bytes, pristine)
+    if mask is None:
         return False
     n = len(index_bytes) // 4
-    mask = _nonzero_pristine_mask(pristine, chunk_size)
     indices = memoryview(index_bytes).cast("I")
     preg = _region(pristine)
     lib = _kernels()
@@ -690,40 +690,58 @@ def xor_into(buf: bytearray, start: int, memory_size: int, chunk_size: int, inde
 
 def xor_needed(chunk_size: int, index_bytes: bytes, pristine: Buffer) -> bool:
     """Whether any of these chunks lies over non-zero pristine bytes (see :func:`xor_into`)."""
+    return _xor_mask(chunk_size, index_bytes, pristine) is not None
+
+
+def _xor_mask(chunk_size: int, index_bytes: bytes, pristine: Buffer) -> bytes | None:
+    """The image's non-zero-chunk mask if any of these chunks lies under it, else None."""
     if not index_bytes:
-        return False
+        return None
     mask = _nonzero_pristine_mask(pristine, chunk_size)
-    return any(i < len(mask) and mask[i] for i in memoryview(index_bytes).cast("I"))
+    if any(i < len(mask) and mask[i] for i in memoryview(index_bytes).cast("I")):
+        return mask
+    return None
 
 
-# One byte per chunk of a pristine image: 1 where the chunk holds a non-zero byte. By
-# image (bytes are immutable, so the object is its content; the cache keeps it alive
-# so that its id stays unique).
-_mask_cache: dict[tuple[int, int], tuple[object, bytes]] = {}
-_mask_lock = threading.Lock()
+# Values derived from a pristine image, by image and what was derived. Bytes are
+# immutable, so the object is its content; the cache keeps it alive so that its id
+# stays unique. Any other buffer is read and derived from anew each time.
+_derived: dict[tuple[int, str], tuple[object, Any]] = {}
+_derived_lock = threading.Lock()
 
 
-def _nonzero_pristine_mask(pristine: Buffer, chunk_size: int) -> bytes:
-    key = (id(pristine), chunk_size)
+def derived_from_image(pristine: Buffer, what: str, build: Callable[[bytes], T]) -> T:
+    """``build(image bytes)``, computed once per (pristine image, ``what``)."""
+    key = (id(pristine), what)
     if isinstance(pristine, bytes):
-        hit = _mask_cache.get(key)
+        hit = _derived.get(key)
         if hit is not None and hit[0] is pristine:
-            return hit[1]
+            value: T = hit[1]
+            return value
         data = pristine
     else:
         reg = _region(pristine)
         data = ctypes.string_at(reg.addr, reg.size) if reg.size else b""
-    zero = bytes(chunk_size)
-    mask = bytes(
-        data[i * chunk_size : (i + 1) * chunk_size] != zero[: len(data) - i * chunk_size]
-        for i in range(-(-len(data) // chunk_size))
-    )
+    value = build(data)
     if isinstance(pristine, bytes):
-        with _mask_lock:
-            if len(_mask_cache) >= 256:
-                _mask_cache.clear()
-            _mask_cache[key] = (pristine, mask)
-    return mask
+        with _derived_lock:
+            if len(_derived) >= 512:
+                _derived.clear()
+            _derived[key] = (pristine, value)
+    return value
+
+
+def _nonzero_pristine_mask(pristine: Buffer, chunk_size: int) -> bytes:
+    """One byte per chunk of the image: 1 where the chunk holds a non-zero byte."""
+
+    def build(data: bytes) -> bytes:
+        zero = bytes(chunk_size)
+        return bytes(
+            data[i * chunk_size : (i + 1) * chunk_size] != zero[: len(data) - i * chunk_size]
+            for i in range(-(-len(data) // chunk_size))
+        )
+
+    return derived_from_image(pristine, f"nonzero-mask/{chunk_size}", build)
 
 
 def apply_delta(delta: MemoryDelta, target: Buffer | MemoryAt) -> None:

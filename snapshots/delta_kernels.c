@@ -107,21 +107,27 @@ size_t tp_check_indices(const uint32_t *idx, size_t n, size_t nchunks) {
     return 0;
 }
 
+/* Read one LEB128 varint at buf[*pos, len) into *out and advance *pos. Returns 0, or -1
+ * when the buffer ends first or the varint is longer than 10 bytes. */
+static int get_uvarint(const uint8_t *buf, size_t len, size_t *pos, uint64_t *out) {
+    uint64_t value = 0;
+    for (unsigned shift = 0; shift <= 63; shift += 7) {
+        if (*pos >= len) return -1;
+        uint8_t b = buf[(*pos)++];
+        value |= (uint64_t)(b & 0x7F) << shift;
+        if (b < 0x80) {
+            *out = value;
+            return 0;
+        }
+    }
+    return -1;
+}
+
 /* Read `count` LEB128 varints from buf[pos, len) into `out`. Returns the position after
  * the last one, or -1 when the buffer ends first or a varint is longer than 10 bytes. */
 long long tp_uvarints(const uint8_t *buf, size_t len, size_t pos, size_t count, uint64_t *out) {
-    for (size_t k = 0; k < count; k++) {
-        uint64_t value = 0;
-        unsigned shift = 0;
-        for (;;) {
-            if (pos >= len || shift > 63) return -1;
-            uint8_t b = buf[pos++];
-            value |= (uint64_t)(b & 0x7F) << shift;
-            if (b < 0x80) break;
-            shift += 7;
-        }
-        out[k] = value;
-    }
+    for (size_t k = 0; k < count; k++)
+        if (get_uvarint(buf, len, &pos, &out[k]) != 0) return -1;
     return (long long)pos;
 }
 
@@ -183,19 +189,11 @@ long long tp_encode_payload(uint8_t *out, size_t cap, const uint64_t *hdr, size_
  * is the first index). Returns the position after them, or -1 when the buffer ends
  * first, a varint is too long, or an index would not fit in 32 bits. */
 long long tp_read_gaps(const uint8_t *buf, size_t len, size_t pos, size_t n, uint32_t *out) {
-    uint64_t index = 0;
+    uint64_t index = 0, gap;
     for (size_t k = 0; k < n; k++) {
-        uint64_t value = 0;
-        unsigned shift = 0;
-        for (;;) {
-            if (pos >= len || shift > 63) return -1;
-            uint8_t b = buf[pos++];
-            value |= (uint64_t)(b & 0x7F) << shift;
-            if (b < 0x80) break;
-            shift += 7;
-        }
-        index += value;
-        if (index > 0xFFFFFFFFu || value > 0xFFFFFFFFu) return -1;
+        if (get_uvarint(buf, len, &pos, &gap) != 0 || gap > 0xFFFFFFFFu) return -1;
+        index += gap;
+        if (index > 0xFFFFFFFFu) return -1;
         out[k] = (uint32_t)index;
     }
     return (long long)pos;
@@ -209,18 +207,8 @@ long long tp_read_gaps(const uint8_t *buf, size_t len, size_t pos, size_t n, uin
 long long tp_parse_head(const uint8_t *buf, size_t len, uint64_t *hdr, size_t nhdr, double *created,
                         uint32_t *idx, size_t idx_cap) {
     size_t pos = 0;
-    for (size_t k = 0; k < nhdr; k++) {
-        uint64_t value = 0;
-        unsigned shift = 0;
-        for (;;) {
-            if (pos >= len || shift > 63) return -1;
-            uint8_t b = buf[pos++];
-            value |= (uint64_t)(b & 0x7F) << shift;
-            if (b < 0x80) break;
-            shift += 7;
-        }
-        hdr[k] = value;
-    }
+    for (size_t k = 0; k < nhdr; k++)
+        if (get_uvarint(buf, len, &pos, &hdr[k]) != 0) return -1;
     if (len - pos < 8 || nhdr < 6) return -1;
     uint64_t bits = 0;
     for (int b = 0; b < 8; b++) bits |= (uint64_t)buf[pos + b] << (8 * b);

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import zstandard
 
-from .delta import MemoryDelta, _kernels, _nonzero_pristine_mask, _region, xor_into, xor_needed
+from .delta import MemoryDelta, _kernels, _region, _xor_mask, derived_from_image, xor_into
 from .errors import SnapshotCorrupt, SnapshotError, SnapshotMismatch, SnapshotVersionError
 
 if TYPE_CHECKING:
@@ -248,9 +248,6 @@ _STATIC_DICT_V2 = b"".join(
     )
 )
 _MAX_PRISTINE_DICT = 64 * 1024
-# Dictionaries in use, by pristine image (bytes are immutable, so identity is content).
-_zdicts: dict[int, tuple[object, zstandard.ZstdCompressionDict]] = {}
-_zdicts_lock = threading.Lock()
 _static_zdict: list[zstandard.ZstdCompressionDict] = []
 
 
@@ -262,24 +259,12 @@ def _dictionary(pristine: Buffer | None) -> zstandard.ZstdCompressionDict:
                 zstandard.ZstdCompressionDict(_STATIC_DICT_V2, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
             )
         return _static_zdict[0]
-    if isinstance(pristine, bytes):
-        hit = _zdicts.get(id(pristine))
-        if hit is not None and hit[0] is pristine:
-            return hit[1]
-        data = pristine
-    else:
-        reg = _region(pristine)
-        data = ctypes.string_at(reg.addr, reg.size) if reg.size else b""
-    stripped = data.strip(b"\0")
-    if len(stripped) > _MAX_PRISTINE_DICT:
-        stripped = stripped[:_MAX_PRISTINE_DICT]
-    zdict = zstandard.ZstdCompressionDict(_STATIC_DICT_V2 + stripped, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-    if isinstance(pristine, bytes):
-        with _zdicts_lock:
-            if len(_zdicts) >= 256:
-                _zdicts.clear()
-            _zdicts[id(pristine)] = (pristine, zdict)
-    return zdict
+
+    def build(data: bytes) -> zstandard.ZstdCompressionDict:
+        stripped = data.strip(b"\0")[:_MAX_PRISTINE_DICT]
+        return zstandard.ZstdCompressionDict(_STATIC_DICT_V2 + stripped, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+
+    return derived_from_image(pristine, "zstd-dictionary-v2", build)
 
 
 def _check_pristine_size(pristine: Buffer, memory_size: int) -> None:
@@ -512,10 +497,10 @@ def _payload_native(lib: Any, header: list[int], created: float, mem: MemoryDelt
     data = mem.data
     cap = 10 * len(header) + 8 + 5 * n + len(tail) + len(data)
     buf = _payload_scratch(cap)
-    mask: bytes | None = None
+    mask = None if pristine is None else _xor_mask(mem.chunk_size, mem.index_bytes, pristine)
     pri_addr = pri_len = 0
-    if pristine is not None and xor_needed(mem.chunk_size, mem.index_bytes, pristine):
-        mask = _nonzero_pristine_mask(pristine, mem.chunk_size)
+    if mask is not None:
+        assert pristine is not None
         preg = _region(pristine)
         pri_addr, pri_len = preg.addr, preg.size
     size = lib.tp_encode_payload(
@@ -668,14 +653,7 @@ def _parse_payload(p: bytes, abi: int, digest: str, pristine: Buffer | None) -> 
         data = p[pos:]
         if pristine is not None:
             _check_pristine_size(pristine, memory_size)
-            # Validate before XOR-ing: the kernel trusts indices and lengths.
-            MemoryDelta.packed(memory_size, chunk_size, index_bytes, data)
-            if xor_needed(chunk_size, index_bytes, pristine):
-                memory = MemoryDelta._trusted_xor(memory_size, chunk_size, index_bytes, data, pristine)
-            else:
-                memory = MemoryDelta._trusted(memory_size, chunk_size, index_bytes, data)  # same lengths
-        else:
-            memory = MemoryDelta.packed(memory_size, chunk_size, index_bytes, data)
+        memory = MemoryDelta.packed(memory_size, chunk_size, index_bytes, data, xor_with=pristine)
         return Snapshot(
             agent_id=agent_id,
             seq=seq,

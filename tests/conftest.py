@@ -43,3 +43,18 @@ class BundleFactory:
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> BundleFactory:
     return BundleFactory(tmp_path_factory.mktemp("bundles"))
+
+
+@pytest.fixture(params=["native", "python"])
+def snapshot_kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test on the native delta kernels and again on the pure-Python paths
+    (a module opts in with ``pytestmark = pytest.mark.usefixtures("snapshot_kernels")``)."""
+    import snapshots.delta as delta_mod
+
+    if request.node.get_closest_marker("compares_paths") and request.param == "python":
+        pytest.skip("compares the native and Python paths itself: runs once, under [native]")
+    if request.param == "python":
+        monkeypatch.setattr(delta_mod, "_kernels_lib", [None])
+    elif delta_mod._kernels() is None:
+        pytest.skip("native delta kernels unavailable: " + str(delta_mod.native_build.status()))
+    return str(request.param)

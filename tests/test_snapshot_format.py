@@ -31,18 +31,8 @@ from snapshots import (
 PAGE = 65536
 
 
-@pytest.fixture(autouse=True, params=["native", "python"])
-def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs on the native delta kernels and on the pure-Python paths."""
-    import snapshots.delta as delta_mod
-
-    if request.node.get_closest_marker("compares_paths") and request.param == "python":
-        pytest.skip("compares the native and Python paths itself: runs once, under [native]")
-    if request.param == "python":
-        monkeypatch.setattr(delta_mod, "_kernels_lib", [None])
-    elif delta_mod._kernels() is None:
-        pytest.skip("native delta kernels unavailable: " + str(delta_mod.native_build.status()))
-    return str(request.param)
+# Every test here runs on the native delta kernels and on the pure-Python paths.
+pytestmark = pytest.mark.usefixtures("snapshot_kernels")
 DIGEST = hashlib.sha256(b"agent module").hexdigest()
 OTHER_DIGEST = hashlib.sha256(b"another module").hexdigest()
 
