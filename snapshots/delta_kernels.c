@@ -131,20 +131,29 @@ long long tp_uvarints(const uint8_t *buf, size_t len, size_t pos, size_t count, 
     return (long long)pos;
 }
 
-/* XOR the concatenated chunks in `buf` (as tp_gather lays them out) against the pristine
- * image, in place, for the chunks whose `mask` byte is set (mask[i] for chunk i, chunks at
- * or past `mask_len` count as unset): the caller marks the chunks whose pristine bytes
- * are not all zero, the only ones XOR changes. */
-void tp_xor_masked(uint8_t *buf, size_t mem_len, const uint8_t *pri, size_t pri_len, size_t chunk,
-                   const uint32_t *idx, size_t n, const uint8_t *mask, size_t mask_len) {
+/* XOR each chunk of `idx` whose `mask` byte is set (mask[i] for chunk i; chunks at or
+ * past `mask_len` count as unset) with the pristine bytes under it. The caller marks the
+ * chunks whose pristine bytes are not all zero, the only ones XOR changes. `packed`: the
+ * chunks lie one after another in `buf` (as tp_gather lays them out); otherwise `buf`
+ * is the memory itself and each chunk is at its own offset. */
+static void xor_masked(uint8_t *buf, int packed, size_t mem_len, const uint8_t *pri, size_t pri_len,
+                       size_t chunk, const uint32_t *idx, size_t n, const uint8_t *mask, size_t mask_len) {
+    size_t pos = 0;
     for (size_t k = 0; k < n; k++) {
         size_t off = (size_t)idx[k] * chunk, len = chunk_len(idx[k], chunk, mem_len);
         if (idx[k] < mask_len && mask[idx[k]] && off < pri_len) {
+            uint8_t *at = buf + (packed ? pos : off);
             size_t m = pri_len - off < len ? pri_len - off : len;
-            for (size_t j = 0; j < m; j++) buf[j] ^= pri[off + j];
+            for (size_t j = 0; j < m; j++) at[j] ^= pri[off + j];
         }
-        buf += len;
+        pos += len;
     }
+}
+
+/* XOR, in place, the packed chunks in `buf` (see xor_masked): encoding and decoding. */
+void tp_xor_masked(uint8_t *buf, size_t mem_len, const uint8_t *pri, size_t pri_len, size_t chunk,
+                   const uint32_t *idx, size_t n, const uint8_t *mask, size_t mask_len) {
+    xor_masked(buf, 1, mem_len, pri, pri_len, chunk, idx, n, mask, mask_len);
 }
 
 static size_t put_uvarint(uint8_t *out, uint64_t v) {
@@ -218,15 +227,9 @@ long long tp_parse_head(const uint8_t *buf, size_t len, uint64_t *hdr, size_t nh
     return tp_read_gaps(buf, len, pos, (size_t)hdr[5], idx);
 }
 
-/* After tp_scatter of chunks stored XOR'd with the pristine image: XOR each masked
- * chunk, where it now lies in memory `dst`, with the pristine bytes under it. */
+/* After tp_scatter of chunks stored XOR'd with the pristine image: un-XOR them where
+ * they now lie in memory `dst`. */
 void tp_unxor_in_place(uint8_t *dst, size_t mem_len, const uint8_t *pri, size_t pri_len, size_t chunk,
                        const uint32_t *idx, size_t n, const uint8_t *mask, size_t mask_len) {
-    for (size_t k = 0; k < n; k++) {
-        size_t off = (size_t)idx[k] * chunk, len = chunk_len(idx[k], chunk, mem_len);
-        if (idx[k] < mask_len && mask[idx[k]] && off < pri_len) {
-            size_t m = pri_len - off < len ? pri_len - off : len;
-            for (size_t j = 0; j < m; j++) dst[off + j] ^= pri[off + j];
-        }
-    }
+    xor_masked(dst, 0, mem_len, pri, pri_len, chunk, idx, n, mask, mask_len);
 }
