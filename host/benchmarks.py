@@ -566,7 +566,7 @@ def _suspend_agent(rig: Rig, store: LmdbStore, committer: GroupCommitter, cycles
             else:
                 value = encode_snapshot(_snapshot(rig, ex, agent_id, k, call), pristine=rig.loaded.pristine)
             t_enc = time.perf_counter_ns()
-            committer.submit(_put_checkpoint(agent_id, k, value)).result()
+            committer.commit(_put_checkpoint(agent_id, k, value))
             t_durable = time.perf_counter_ns()
             ex.release()
             sus.add(t_durable - t_unwind)

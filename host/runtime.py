@@ -734,9 +734,13 @@ class Host:
             agent.run_exec_s += spent
 
     async def _commit(self, fn: Callable[[Any], T]) -> T:
+        done = self.committer.try_inline(fn)  # an idle committer at durability "process"
+        if done is not None:
+            if done.error is not None:
+                raise done.error
+            value: T = done.value
+            return value
         fut = self.committer.submit(fn)
-        if fut.done():  # committed inline (an idle committer at durability "process")
-            return fut.result()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # pragma: no cover - non-asyncio backend

@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from .errors import StoreError
-from .store import AgentStore, WriteTxn
+from .store import AgentStore, Outcome, WriteTxn
 
 __all__ = ["GroupCommitter"]
 
@@ -88,19 +88,18 @@ class GroupCommitter:
         at ``sync``, in the OS page cache at ``process``).
         """
         fut: Future[T] = Future()
-        if self._inline and self._queue.empty() and self._busy.acquire(blocking=False):
-            # Idle writer, nothing queued: commit here (see the module docstring). A
-            # request queued meanwhile by another thread is not ordered before this
-            # one by anything, so committing this one first is a valid order.
-            try:
-                if self._closed:
-                    raise StoreError(
-                        "GroupCommitter is closed; submit to a new one or use store.transact"
-                    )
-                self._commit([(fut, fn)], locked=True)
-                self.inline_commits += 1
-            finally:
-                self._busy.release()
+        if self._closed:
+            raise StoreError("GroupCommitter is closed; submit to a new one or use store.transact")
+        try:
+            done = self.try_inline(fn)
+        except Exception as exc:  # the store failed: a Future carries it, as from the writer
+            fut.set_exception(exc)
+            return fut
+        if done is not None:
+            if done.error is not None:
+                fut.set_exception(done.error)
+            else:
+                fut.set_result(done.value)
             return fut
         with self._close_lock:  # so that nothing is queued behind the stop mark
             if self._closed:
@@ -109,6 +108,45 @@ class GroupCommitter:
                 )
             self._queue.put((fut, fn))
         return fut
+
+    def try_inline(self, fn: Callable[[WriteTxn], Any]) -> Outcome | None:
+        """Commit ``fn`` on this thread, now, if that is cheap; None if it was not run.
+
+        It is, when the store's commits do not sync (``inline_when_idle``), nothing is
+        queued and the writer is idle (see the module docstring). The Outcome holds
+        ``fn``'s value or its error; an error of the store itself (disk full) is raised.
+        This is ``submit`` without a Future, for callers that are on the suspend path:
+        a Future's condition variable and hand-offs cost about as much as the commit.
+        """
+        if not (self._inline and self._queue.empty() and self._busy.acquire(blocking=False)):
+            return None
+        # Idle writer, nothing queued. A request queued meanwhile by another thread is
+        # not ordered before this one by anything, so committing this one first is a
+        # valid order.
+        try:
+            if self._closed:
+                raise StoreError("GroupCommitter is closed; submit to a new one or use store.transact")
+            (outcome,) = self._store.transact_batch((fn,))
+        finally:
+            self._busy.release()
+        self.batches += 1
+        self.items += 1
+        self.inline_commits += 1
+        return outcome
+
+    def commit(self, fn: Callable[[WriteTxn], T]) -> T:
+        """Commit ``fn`` and wait for it: inline when :meth:`try_inline` can, else queued.
+
+        Blocks the calling thread for the writer's commit (an ``fdatasync`` at ``sync``),
+        so an event loop should use :meth:`try_inline` and await :meth:`submit` instead.
+        """
+        done = self.try_inline(fn)
+        if done is None:
+            return self.submit(fn).result()
+        if done.error is not None:
+            raise done.error
+        value: T = done.value
+        return value
 
     def close(self, timeout: float | None = None) -> None:
         """Commit everything queued so far, then stop the writer thread. Idempotent."""

@@ -276,7 +276,9 @@ class _Gate:
         self._local.depth = self.depth() - 1
         with self._cond:
             self._active -= 1
-            if self._active == 0:
+            # Only a waiting resize waits for the count to reach zero; waking nobody
+            # is most of the cost of a lone writer's gate on a quiet store.
+            if self._active == 0 and self._exclusive_waiting:
                 self._cond.notify_all()
 
     @contextmanager
@@ -293,6 +295,8 @@ class _Gate:
                     self._cond.wait()
             finally:
                 self._exclusive_waiting -= 1
+                if not self._exclusive_waiting:
+                    self._cond.notify_all()  # entries held back for this resize may go on
             self._exclusive = True
         try:
             yield

@@ -203,3 +203,30 @@ def test_busy_writer_queues_instead_of_committing_inline(tmp_path: Path) -> None
         helper.join(10)
         assert first[0].result(timeout=10) == "helper"
         assert second.result(timeout=10) == "torpor-group-commit"
+
+
+def test_try_inline_and_commit_without_a_future(tmp_path: Path) -> None:
+    """The suspend path's entry points: an Outcome (value or the function's error) when
+    the commit ran here, None when it must go to the writer; ``commit`` waits either way."""
+    with LmdbStore.open(tmp_path / "p", durability="process") as s, GroupCommitter(s) as gc:
+        done = gc.try_inline(_thread_of("agent-1"))
+        assert done is not None and done.error is None and done.value == threading.current_thread().name
+
+        def boom(t: WriteTxn) -> None:
+            t.put_agent({"agent_id": "agent-2", "state": "x"})
+            raise ValueError("tool bug")
+
+        failed = gc.try_inline(boom)
+        assert failed is not None and isinstance(failed.error, ValueError)
+        with pytest.raises(ValueError, match="tool bug"):
+            gc.commit(boom)
+        assert gc.commit(_thread_of("agent-3")) == threading.current_thread().name
+        assert gc.inline_commits == 4
+        with s.read() as txn:
+            assert txn.get_agent("agent-1") is not None and txn.get_agent("agent-3") is not None
+            assert txn.get_agent("agent-2") is None
+    with LmdbStore.open(tmp_path / "s") as s, GroupCommitter(s) as gc:  # sync: never inline
+        assert gc.try_inline(_thread_of("agent-4")) is None
+        assert gc.commit(_thread_of("agent-4")) == "torpor-group-commit"
+        with s.read() as txn:
+            assert txn.get_agent("agent-4") is not None
