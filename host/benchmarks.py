@@ -564,7 +564,7 @@ def _suspend_agent(rig: Rig, store: LmdbStore, committer: GroupCommitter, cycles
                                    "fuel_used": ex.fuel_used}).encode()
                 value = len(meta).to_bytes(4, "little") + meta + blob
             else:
-                value = encode_snapshot(_snapshot(rig, ex, agent_id, k, call), pristine=rig.loaded.pristine)
+                value = encode_snapshot(_snapshot(rig, ex, agent_id, k, call), pristine=rig.loaded.image)
             t_enc = time.perf_counter_ns()
             committer.commit(_put_checkpoint(agent_id, k, value))
             t_durable = time.perf_counter_ns()
@@ -597,7 +597,7 @@ def _suspend_agent(rig: Rig, store: LmdbStore, committer: GroupCommitter, cycles
                 ex.call_seq = ex.pending.seq
             else:
                 snap = decode_snapshot(raw, expect_module_digest=rig.bundle.module_digest,
-                                       expect_abi_version=abi.ABI_VERSION, pristine=rig.loaded.pristine)
+                                       expect_abi_version=abi.ABI_VERSION, pristine=rig.loaded.image)
                 ex = _restore(rig, snap, TimedExecution)
             out = ex.resume(0, _answer(k))
             assert isinstance(ex, TimedExecution)
@@ -842,7 +842,7 @@ def _hibernate_batch(rig: Rig, committer: GroupCommitter, warm: list[tuple[Execu
     soon as they are encoded, so committing overlaps encoding; the batch ends when
     everything is committed.
     """
-    digest, name, pristine = rig.bundle.digest, rig.bundle.name, rig.loaded.pristine
+    digest, name, pristine = rig.bundle.digest, rig.bundle.name, rig.loaded.image
     snaps = [(_snapshot(rig, ex, new_agent_id(), 1, call), call) for ex, call in warm]
     for ex, _ in warm:
         ex.release()

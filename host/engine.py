@@ -25,6 +25,8 @@ from typing import Any
 
 import wasmtime
 
+from snapshots import PristineImage
+
 from . import abi, memory_pool
 from .errors import ConfigError, ImportNotGranted, ModuleError
 
@@ -319,6 +321,11 @@ class LoadedModule:
     entry_results: int = 1  # how many results the entry export returns (0 or 1)
     has_initialize: bool = False  # a WASI reactor's `_initialize`, run once before the entry
     _pres: dict[Any, wasmtime.InstancePre] = field(default_factory=dict)
+    #: ``pristine`` prepared once for captures, encodes and restores (see PristineImage)
+    image: PristineImage = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.image = PristineImage(self.pristine)
 
     @classmethod
     def create(cls, engine: Engine, module: wasmtime.Module, digest: str) -> LoadedModule:

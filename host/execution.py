@@ -174,7 +174,6 @@ class Execution:
     _mem: Any = None
     _entry: Any = None
     _instance: Any = None
-    _scanned: bool = False  # a capture has read every page of this instance's memory once
 
     # -- lifecycle ----------------------------------------------------------
     def _instantiate(self, capacity: int = 0) -> None:
@@ -201,7 +200,6 @@ class Execution:
         inst = self.pre.instantiate(store)
         self._store = store
         self._instance = inst
-        self._scanned = False
         self._exports = _LazyExports(store, inst)
         self._mem = self._exports[abi.MEMORY_EXPORT]
         self._entry = self._exports.raw(abi.ENTRY_EXPORT)
@@ -407,13 +405,12 @@ class Execution:
     # -- capture ------------------------------------------------------------
     def capture(self) -> Captured:
         """The unwound agent's state: memory delta against the pristine image, globals, buffer."""
-        # A fresh instance's pages that were never touched equal the pristine image
-        # (Wasmtime maps zero pages and the data image): the first capture skips them
-        # unread instead of faulting each one in. After it, every page is mapped and a
-        # plain scan is cheaper than asking the kernel.
-        delta = diff_memory(self.loaded.pristine, MemoryAt(*self._mem_base_len()),
-                            untouched_is_pristine=not self._scanned)
-        self._scanned = True
+        # Pages of this memory the kernel reports never touched equal the pristine image
+        # (Wasmtime maps zero pages and the data image; the memory pool hands out
+        # buffers whose absent pages read as zeros, and data segments and restores
+        # write theirs): skipped unread, they stay unmapped, so every capture of the
+        # instance reads only the pages the agent (or its restore) really touched.
+        delta = diff_memory(self.loaded.image, MemoryAt(*self._mem_base_len()), untouched_is_pristine=True)
         return Captured(delta, self.capture_globals(), self.async_buf)
 
     def capture_globals(self) -> tuple[GlobalValue, ...]:

@@ -21,8 +21,10 @@
  * present or swapped. A private anonymous page that is neither was never written (or
  * was dropped) and reads as zeros, so it is skipped, and stays unfaulted: a recycled
  * buffer's RSS stays what the agents using it really touched. A present page is read
- * first and written only when not already zero (so the kernel's shared zero page,
- * mapped by a read, stays shared). Without pagemap every accessible byte is checked.
+ * first: one that held data is zeroed and kept, one that already reads as zeros is
+ * given back to the kernel (see scrub: captures skip absent pages, so a buffer's
+ * present pages are what every later capture reads). Without pagemap every accessible
+ * byte is checked.
  *
  * Invariant (why a new memory is all zeros): bytes at or beyond a memory's accessible
  * size are never written (in this layout Wasmtime bounds-checks every guest access, and
@@ -284,9 +286,26 @@ static size_t zero_if_dirty(uint8_t *p, size_t n) {
     return n - i;
 }
 
+/* Give the pages [from, to) of a buffer back to the kernel; they read as zeros. Returns
+ * the bytes that stay resident: none, or all of them if the kernel refuses (they are
+ * zero already, so the buffer is correct either way). */
+static size_t drop_pages(tp_mem *m, size_t page, size_t from, size_t to, size_t present) {
+    if (from >= to) return 0;
+    if (madvise(m->base + from * page, (to - from) * page, MADV_DONTNEED) == 0) return 0;
+    return present * page;
+}
+
 /* Scrub a released buffer: zero what may be dirty in [0, size), and return the resident
  * bytes in [0, hw) (hw itself, an upper bound, where pagemap cannot tell). *written
- * gets the bytes zeroed. */
+ * gets the bytes zeroed.
+ *
+ * A present page that already reads as zeros is given back rather than kept: the agent
+ * that used the buffer faulted it in without leaving data in it (a read, a full-memory
+ * restore of zeros, an earlier, larger lifetime). Kept, it would make every later
+ * capture of whoever gets this buffer read it, since a capture skips only pages the
+ * kernel reports absent (a 1 MiB memory: ~13 present pages read instead of 224). A page
+ * that held data stays, zeroed: the next agent of this size most likely writes there
+ * too, and a fault costs more than the zeroing. */
 static size_t scrub(tp_pool *p, tp_mem *m, size_t *written) {
     size_t page = p->page, resident = 0, w = 0;
     size_t npages = (m->hw + page - 1) / page;
@@ -294,18 +313,36 @@ static size_t scrub(tp_pool *p, tp_mem *m, size_t *written) {
     size_t i = 0;
     if (p->pagemap_fd >= 0 && getpid() == p->pagemap_pid) {
         uint64_t ent[512];
+        /* The run of pages to give back: [run_from, run_to), run_present of them present
+         * (absent pages inside it cost nothing and spare a madvise call per gap). */
+        size_t run_from = 0, run_to = 0, run_present = 0;
         while (i < npages) {
             size_t n = npages - i < 512 ? npages - i : 512;
             ssize_t got = pread(p->pagemap_fd, ent, n * 8, (off_t)((first + i) * 8));
             if (got != (ssize_t)(n * 8)) break; /* check every byte from here on, below */
             for (size_t k = 0; k < n; k++) {
                 if (!(ent[k] & PM_PRESENT_OR_SWAPPED)) continue;
-                size_t off = (i + k) * page;
-                resident += page;
-                if (off < m->size) w += zero_if_dirty(m->base + off, m->size - off < page ? m->size - off : page);
+                size_t pg = i + k, off = pg * page;
+                /* Past `size` the invariant holds: zeros. */
+                size_t z = off < m->size ? zero_if_dirty(m->base + off, m->size - off < page ? m->size - off : page) : 0;
+                if (z) { /* kept: the run to give back ends before it */
+                    w += z;
+                    resident += page;
+                    if (run_present) resident += drop_pages(m, page, run_from, run_to, run_present);
+                    run_present = 0;
+                    continue;
+                }
+                if (run_present == 0) run_from = pg;
+                run_to = pg + 1;
+                run_present++;
+                if (run_to - run_from >= 4096) { /* bound the run: madvise in 16 MiB steps */
+                    resident += drop_pages(m, page, run_from, run_to, run_present);
+                    run_present = 0;
+                }
             }
             i += n;
         }
+        if (run_present) resident += drop_pages(m, page, run_from, run_to, run_present);
     }
     for (size_t off = i * page; off < m->size; off += page)
         w += zero_if_dirty(m->base + off, m->size - off < page ? m->size - off : page);

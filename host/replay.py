@@ -124,7 +124,7 @@ def replay(host: Any, agent_id: str, *, bundle: Bundle | None = None, cold: bool
     b = _bundle(host, agent_id, digest, bundle)
     loaded, pre = host.load_module(b)
     report = ReplayReport(agent_id, digest, str(rec.get("status")), cold=cold)
-    journal, resumed_at = _history(host, rec, loaded.pristine, b.module_digest, report)
+    journal, resumed_at = _history(host, rec, loaded.image, b.module_digest, report)
     report.calls_recorded = len(journal)
     last_seq = max(journal) if journal else 0
     input_raw = rec.get("input_raw")

@@ -507,7 +507,7 @@ class Host:
         if blob is None:
             raise TorporError(f"agent {agent_id} has no checkpoint {checkpoint}", code="checkpoint_not_found")
         fb = self.bundle_by_digest(rec["bundle_digest"])
-        pristine = self.load_module(fb)[0].pristine
+        pristine = self.load_module(fb)[0].image
         try:
             snap = decode_snapshot(blob, expect_module_digest=fb.module_digest, pristine=pristine)
         except SnapshotError as exc:
@@ -665,7 +665,7 @@ class Host:
             return agent, None
         try:
             snap = decode_snapshot(blob, expect_module_digest=b.module_digest, expect_abi_version=abi.ABI_VERSION,
-                                   pristine=loaded.pristine)
+                                   pristine=loaded.image)
         except SnapshotError as exc:
             self._release_claim(agent_id)
             raise TorporError(f"agent {agent_id}: checkpoint {seq} cannot be restored: {exc}", code="snapshot_corrupt") from exc
@@ -889,7 +889,7 @@ class Host:
                         async_buf=captured.async_buf, entry=abi.ENTRY_EXPORT, pending=call.to_dict(),
                         usage={"fuel_used": u.get("fuel_used", 0), "tool_calls": u.get("tool_calls", 0)},
                         created_at=time.time())
-        return seq, encode_snapshot(snap, pristine=agent.loaded.pristine)
+        return seq, encode_snapshot(snap, pristine=agent.loaded.image)
 
     def _record_checkpoint(self, agent: _Agent, seq: int, size: int, call: PendingCall, status: str) -> None:
         rec = agent.record

@@ -7,7 +7,15 @@ store can be read by tools and other hosts without a Wasm runtime. Its hot loops
 (``native_build``); every one has a pure-Python path with the same results.
 """
 
-from .delta import DEFAULT_CHUNK_SIZE, MemoryAt, MemoryDelta, apply_delta, diff_memory, full_copy
+from .delta import (
+    DEFAULT_CHUNK_SIZE,
+    MemoryAt,
+    MemoryDelta,
+    PristineImage,
+    apply_delta,
+    diff_memory,
+    full_copy,
+)
 from .errors import (
     CheckpointExists,
     NotFound,
@@ -52,6 +60,7 @@ __all__ = [
     "MemoryDelta",
     "NotFound",
     "Outcome",
+    "PristineImage",
     "ReadTxn",
     "Snapshot",
     "SnapshotCorrupt",

@@ -150,6 +150,18 @@ static void xor_masked(uint8_t *buf, int packed, size_t mem_len, const uint8_t *
     }
 }
 
+/* tp_gather, each chunk XOR'd with the pristine bytes under it where `mask` marks its
+ * chunk (see xor_masked): the chunks as the snapshot format stores them, in one pass
+ * over memory. Returns 1 if any chunk was XOR'd, else 0. */
+int tp_gather_xor(const uint8_t *cur, size_t mem_len, const uint8_t *pri, size_t pri_len, size_t chunk,
+                  const uint32_t *idx, size_t n, const uint8_t *mask, size_t mask_len, uint8_t *out) {
+    int xored = 0;
+    tp_gather(cur, mem_len, chunk, idx, n, out);
+    for (size_t k = 0; k < n && !xored; k++) xored = idx[k] < mask_len && mask[idx[k]];
+    if (xored) xor_masked(out, 1, mem_len, pri, pri_len, chunk, idx, n, mask, mask_len);
+    return xored;
+}
+
 /* XOR, in place, the packed chunks in `buf` (see xor_masked): encoding and decoding. */
 void tp_xor_masked(uint8_t *buf, size_t mem_len, const uint8_t *pri, size_t pri_len, size_t chunk,
                    const uint32_t *idx, size_t n, const uint8_t *mask, size_t mask_len) {

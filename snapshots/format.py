@@ -55,11 +55,19 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import zstandard
 
-from .delta import MemoryDelta, _kernels, _region, _xor_mask, derived_from_image, xor_into
+from .delta import (
+    MemoryDelta,
+    _kernels,
+    _region,
+    _xor_mask,
+    derived_from_image,
+    same_image,
+    xor_into,
+)
 from .errors import SnapshotCorrupt, SnapshotError, SnapshotMismatch, SnapshotVersionError
 
 if TYPE_CHECKING:
-    from typing_extensions import Buffer
+    from .delta import Pristine
 
 __all__ = [
     "FORMAT_VERSION",
@@ -251,7 +259,7 @@ _MAX_PRISTINE_DICT = 64 * 1024
 _static_zdict: list[zstandard.ZstdCompressionDict] = []
 
 
-def _dictionary(pristine: Buffer | None) -> zstandard.ZstdCompressionDict:
+def _dictionary(pristine: Pristine | None) -> zstandard.ZstdCompressionDict:
     """The version-2 dictionary: the static strings, then the pristine image's data."""
     if pristine is None:
         if not _static_zdict:
@@ -267,7 +275,7 @@ def _dictionary(pristine: Buffer | None) -> zstandard.ZstdCompressionDict:
     return derived_from_image(pristine, "zstd-dictionary-v2", build)
 
 
-def _check_pristine_size(pristine: Buffer, memory_size: int) -> None:
+def _check_pristine_size(pristine: Pristine, memory_size: int) -> None:
     size = len(pristine) if isinstance(pristine, bytes) else _region(pristine).size
     if size > memory_size:
         raise _pristine_too_big(size, memory_size)
@@ -390,7 +398,7 @@ def _get_uvarints(buf: bytes, pos: int, count: int, *, wide: bool = False) -> tu
 
 
 def encode_snapshot(
-    s: Snapshot, *, level: int | None = None, pristine: Buffer | None = None, version: int = FORMAT_VERSION
+    s: Snapshot, *, level: int | None = None, pristine: Pristine | None = None, version: int = FORMAT_VERSION
 ) -> bytes:
     """Serialise ``s`` into one self-checking record.
 
@@ -491,10 +499,14 @@ def _payload_scratch(size: int) -> ctypes.Array[ctypes.c_char]:
 
 
 def _payload_native(lib: Any, header: list[int], created: float, mem: MemoryDelta, tail: bytes,
-                    pristine: Buffer | None) -> memoryview:
+                    pristine: Pristine | None) -> memoryview:
     """The payload the Python path of encode_snapshot builds, in one C call."""
     n = len(mem.index_bytes) // 4
-    data = mem.data
+    data, ref = mem._stored
+    if ref is not None and pristine is not None and same_image(ref, pristine):
+        pristine = None  # the chunks are already XOR'd against this very image
+    elif ref is not None:
+        data = mem.data
     cap = 10 * len(header) + 8 + 5 * n + len(tail) + len(data)
     buf = _payload_scratch(cap)
     mask = None if pristine is None else _xor_mask(mem.chunk_size, mem.index_bytes, pristine)
@@ -570,7 +582,7 @@ def decode_snapshot(
     *,
     expect_module_digest: str | None = None,
     expect_abi_version: int | None = None,
-    pristine: Buffer | None = None,
+    pristine: Pristine | None = None,
 ) -> Snapshot:
     """Parse and verify a record written by ``encode_snapshot``.
 
@@ -613,7 +625,7 @@ def _inconsistent(exc: Exception) -> SnapshotCorrupt:
     )
 
 
-def _parse_payload(p: bytes, abi: int, digest: str, pristine: Buffer | None) -> Snapshot:
+def _parse_payload(p: bytes, abi: int, digest: str, pristine: Pristine | None) -> Snapshot:
     try:
         fields, created_at, index_bytes, pos = _parse_head(p)
         (

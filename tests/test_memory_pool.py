@@ -201,6 +201,32 @@ def test_memory_limit_still_stops_growth(engine: Engine, bundles: BundleFactory)
     ex.release()
 
 
+def _present_pages(base: int, size: int) -> int:
+    from snapshots.delta import _pagemap
+
+    fd = _pagemap()
+    if fd is None:
+        pytest.skip("/proc/self/pagemap is not available or not truthful here")
+    raw = os.pread(fd, 8 * (size // 4096), 8 * (base // 4096))
+    return sum(1 for i in range(0, len(raw), 8) if int.from_bytes(raw[i : i + 8], sys.byteorder) >> 62)
+
+
+def test_pages_left_zero_go_back_to_the_kernel_and_pages_with_data_stay(rig: Rig) -> None:
+    """A scanner reads all of a 2 MiB memory (every page then maps the kernel's zero
+    page) and writes nothing: at release those pages are dropped, so that whoever gets
+    the buffer next is not made to read them at each capture. A writer's pages stay,
+    zeroed, for the next agent of its size to write into without faulting."""
+    _, scanner = run(rig, {"mode": "scan", "seed": 7, "pages": 32})
+    base, size = scanner._mem_base_len()
+    assert _present_pages(base, size) >= size // 4096 - 2  # the scan touched every page
+    scanner.release()
+    assert _present_pages(base, size) <= 8  # only pages that held data (stack, statics)
+    _, writer = run(rig, {"mode": "write", "seed": 8, "kib": 600})
+    base, size = writer._mem_base_len()
+    writer.release()
+    assert _present_pages(base, size) >= 600 // 4  # its heap pages stay for reuse
+
+
 # -- the cap -------------------------------------------------------------------------------
 def test_the_pool_keeps_at_most_its_cap_resident(bundles: BundleFactory) -> None:
     cap = 512 << 10
@@ -208,17 +234,26 @@ def test_the_pool_keeps_at_most_its_cap_resident(bundles: BundleFactory) -> None
     r = make_rig(engine, bundles.load(GUESTS / "scrubcheck"))
     pool = pool_of(engine)
     live = [run(r, {"mode": "write", "seed": i, "kib": 300})[1] for i in range(12)]
+    pages = live[0].memory_size() // PAGE
     for ex in live:
         ex.release()
     st = pool.stats()
     assert st["live"] == 0 and st["max_free_bytes"] == cap
     assert 0 < st["hot_resident_bytes"] <= cap
     assert st["dropped"] > 0 and st["cold_buffers"] > 0  # the rest went back to the kernel
-    # Cold buffers are reused (their address ranges), and read as zeros.
+    # Cold buffers are reused (their address ranges), and read as zeros: twelve live
+    # scanners need more buffers than are hot.
+    held = []
     for i in range(12):
+        out, ex = run(r, {"mode": "scan", "seed": i, "pages": pages})
+        assert out["hits"] == 0 and out["nonzero_grown"] == 0
+        held.append(ex)
+    assert pool.stats()["reused_cold"] > 0
+    for ex in held:
+        ex.release()
+    for i in range(4):
         _, b_out, _ = write_then_scan(r, seed=100 + i, kib=300)
         assert b_out["hits"] == 0 and b_out["nonzero_grown"] == 0
-    assert pool.stats()["reused_cold"] > 0
     pool.set_max_free(0)
     st = pool.stats()
     assert st["hot_buffers"] == 0 and st["hot_resident_bytes"] == 0
