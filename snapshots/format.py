@@ -450,8 +450,10 @@ def encode_snapshot(
     if level is None:
         level = 3 if len(out) < _FAST_LEVEL_ABOVE else -1
     frame = _compressor(level, zdict).compress(out)
-    body = _record_prefix(version, flags, s.abi_version, s.module_digest) + frame
-    return body + hashlib.blake2b(body, digest_size=_CHECKSUM_LEN).digest()
+    prefix = _record_prefix(version, flags, s.abi_version, s.module_digest)
+    check = hashlib.blake2b(prefix, digest_size=_CHECKSUM_LEN)
+    check.update(frame)
+    return b"".join((prefix, frame, check.digest()))
 
 
 _prefixes: dict[tuple[int, int, int, str], bytes] = {}

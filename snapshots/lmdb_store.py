@@ -254,7 +254,10 @@ class _Gate:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # Entries and exits take the bare lock (a C-level context manager); only waits
+        # go through the condition, which shares it. Every transaction passes here.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._active = 0
         self._exclusive_waiting = 0
         self._exclusive = False
@@ -265,16 +268,18 @@ class _Gate:
         return depth
 
     def enter(self) -> None:
-        depth = self.depth()
-        with self._cond:
+        local = self._local
+        depth: int = getattr(local, "depth", 0)
+        with self._lock:
             while self._exclusive or (self._exclusive_waiting and depth == 0):
                 self._cond.wait()
             self._active += 1
-        self._local.depth = depth + 1
+        local.depth = depth + 1
 
     def exit(self) -> None:
-        self._local.depth = self.depth() - 1
-        with self._cond:
+        local = self._local
+        local.depth = getattr(local, "depth", 0) - 1
+        with self._lock:
             self._active -= 1
             # Only a waiting resize waits for the count to reach zero; waking nobody
             # is most of the cost of a lone writer's gate on a quiet store.
