@@ -27,6 +27,7 @@ from .errors import (
     StoreError,
     StoreFlushError,
     StoreFull,
+    StoreSuspect,
     StoreUnavailable,
 )
 from .format import (
@@ -72,6 +73,7 @@ __all__ = [
     "StoreError",
     "StoreFlushError",
     "StoreFull",
+    "StoreSuspect",
     "StoreUnavailable",
     "WriteTxn",
     "apply_delta",

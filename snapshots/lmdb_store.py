@@ -43,9 +43,11 @@ handle (LMDB's MDB_NOSYNC flag), not to the files.
     atomicity and consistency only "if the filesystem preserves write order", which
     ext4 and XFS do not promise for data pages. (LMDB also reuses pages freed by
     commits, so the kernel's writeback may overwrite pages of the tree that the
-    on-disk meta page still points to.) After such an event treat a ``process``-level
-    store as suspect and restore it from a copy; and an agent whose journal lost a
-    tool call's record may run that call again.
+    on-disk meta page still points to.) So a ``process``-level writer leaves a marker
+    in the store while it has it open (``snapshots.unflushed``): after a machine
+    restart the next ``open`` raises StoreSuspect until ``check`` (``torpor store
+    check``) has read every record; restore from a copy if it finds problems. And an
+    agent whose journal lost a tool call's record may run that call again.
 
     Analogies: Redis ``appendfsync everysec`` (write every command to the AOF, fsync
     it once a second on a background thread: a process crash loses nothing, "a
@@ -94,6 +96,7 @@ up as ``MapResizedError`` and is adopted the same way.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -106,21 +109,26 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar, cast
 
 import lmdb
 
+from . import unflushed
 from .errors import (
     CheckpointExists,
     NotFound,
+    SnapshotError,
     StoreConfigError,
     StoreError,
     StoreFlushError,
     StoreFull,
+    StoreSuspect,
     StoreUnavailable,
 )
+from .format import peek_snapshot
 from .store import BLOB_BUCKETS, AgentStore, CheckpointInfo, Outcome, ReadTxn, WriteTxn
 
 __all__ = [
@@ -132,6 +140,8 @@ __all__ = [
     "STORE_FORMAT",
     "Durability",
     "LmdbStore",
+    "StoreCheckReport",
+    "StoreProblem",
     "resolve_durability",
 ]
 
@@ -343,6 +353,109 @@ class _Flusher:
             self._thread.join()
 
 
+@dataclass(frozen=True, slots=True)
+class StoreProblem:
+    """One thing ``LmdbStore.check`` found wrong: where (database, key) and what."""
+
+    database: str
+    key: str  # readable: "agent 'a' seq 3", "key 'x'", or "" when no record could be named
+    message: str
+    agent_id: str | None = None
+    seq: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.database} {self.key}" if self.key else self.database
+        return f"{where}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "database": self.database, "key": self.key, "agent_id": self.agent_id,
+            "seq": self.seq, "message": self.message,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCheckReport:
+    """What ``LmdbStore.check`` found: records per database, problems, suspect markers.
+
+    ``ok`` means every record could be read and decoded; ``suspect`` lists the markers
+    of writers cut off by a machine restart (the reason to check, not a problem).
+    """
+
+    path: str
+    counts: dict[str, int]
+    problems: tuple[StoreProblem, ...] = ()
+    suspect: tuple[unflushed.Suspect, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "store": self.path, "ok": self.ok, "counts": dict(self.counts),
+            "problems": [p.to_dict() for p in self.problems],
+            "suspect": [s.to_dict() for s in self.suspect],
+        }
+
+
+def _decode_key(key: bytes) -> str:
+    return key.decode(errors="backslashreplace")
+
+
+def _split_seq_key(key: bytes) -> tuple[str, int | None]:
+    """(agent id, seq) of a checkpoint or journal key; seq None if the key is malformed."""
+    agent, sep, rest = key.partition(b"\x00")
+    if not sep or len(rest) != _SEQ.size:
+        return _decode_key(key), None
+    return _decode_key(agent), int(_SEQ.unpack(rest)[0])
+
+
+def _check_record(database: str, key: bytes, value: bytes) -> StoreProblem | None:
+    """The problem with one record, decoded the way the store reads it, or None."""
+    if database in ("checkpoints", "journal"):
+        agent, seq = _split_seq_key(key)
+        where = f"agent {agent!r} " + ("seq" if database == "checkpoints" else "call_seq")
+        if seq is None:
+            return StoreProblem(database, f"key {key!r}", "malformed key (not agent id + NUL + "
+                                "8-byte sequence number)", agent_id=agent)
+        label = f"{where} {seq}"
+        if database == "checkpoints":
+            if len(value) < _CREATED.size:
+                return StoreProblem(database, label, f"value of {len(value)} bytes is shorter "
+                                    "than its created_at prefix", agent, seq)
+            try:
+                peek_snapshot(value[_CREATED.size :])
+            except SnapshotError as exc:
+                return StoreProblem(database, label, str(exc), agent, seq)
+            return None
+        try:
+            entry = json.loads(value)
+        except ValueError as exc:
+            return StoreProblem(database, label, f"journal entry is not JSON: {exc}", agent, seq)
+        if not isinstance(entry, dict):
+            return StoreProblem(database, label, "journal entry is not a JSON object", agent, seq)
+        return None
+    if database == "agents":
+        try:
+            agent = key.decode()
+            record = json.loads(value)
+        except ValueError as exc:
+            return StoreProblem(database, f"agent {_decode_key(key)!r}",
+                                f"agent record is not UTF-8 JSON: {exc}", _decode_key(key))
+        if not isinstance(record, dict):
+            return StoreProblem(database, f"agent {agent!r}", "agent record is not a JSON object",
+                                agent)
+        return None
+    if database == "_torpor" and key == b"format":
+        try:
+            int(value)
+        except ValueError:
+            return StoreProblem(database, "key 'format'", f"format record {value[:32]!r} is "
+                                "not a number")
+    return None
+
+
 class LmdbStore:
     """An ``AgentStore`` in one LMDB environment (a directory with data.mdb and lock.mdb).
 
@@ -362,6 +475,7 @@ class LmdbStore:
         *,
         durability: Durability = DEFAULT_DURABILITY,
         flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
+        marker: Path | None = None,
     ) -> None:
         self._env = env
         self._path = path
@@ -390,6 +504,10 @@ class LmdbStore:
         self.flushes = 0
         self.last_flush: float | None = None
         self.flushed_commits = 0
+        # This process's unflushed marker (process level, writable), removed by a clean
+        # close in the process that opened the store (never by a forked child).
+        self._marker = marker
+        self._marker_pid = os.getpid()
         self._flusher: _Flusher | None = None
         if durability == "process" and not readonly:
             self._flusher = _Flusher(self, flush_interval_s)
@@ -406,6 +524,7 @@ class LmdbStore:
         readonly: bool = False,
         durability: str | None = None,
         flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
+        accept_suspect: bool = False,
     ) -> LmdbStore:
         """Open (and with ``create``, make) the store in directory ``path``.
 
@@ -413,9 +532,17 @@ class LmdbStore:
         ``"sync"``); ``flush_interval_s``: how often a ``process``-level store flushes.
         Both only concern this process's commits (a read-only store makes none).
 
+        First the store's unflushed markers are scanned (``snapshots.unflushed``): a
+        writer at ``process`` level that had it open when the machine restarted makes
+        it suspect, and the open raises StoreSuspect unless ``accept_suspect`` (for the
+        checker, ``check``); markers of writers that died in this boot are removed by a
+        writable open. A writable open at ``process`` level then leaves its own marker
+        until a clean ``close``.
+
         Raises StoreConfigError for an unknown level or a bad interval, StoreUnavailable
         when the directory is missing and ``create`` is false, is not writable (unless
-        ``readonly``), or holds a store of a newer format.
+        ``readonly``), or holds a store of a newer format, and StoreSuspect (a
+        StoreUnavailable) as above.
         """
         level = resolve_durability(durability)
         interval = _check_flush_interval(flush_interval_s)
@@ -441,6 +568,9 @@ class LmdbStore:
             )
         if readonly and not (p / "data.mdb").exists():
             raise StoreUnavailable(f"{p} holds no store (no data.mdb) to open read-only")
+        boot = unflushed.boot_id()  # None: no /proc, so no markers and no checks
+        if boot is not None:
+            cls._scan_markers(p, boot, readonly, accept_suspect)
         key = str(p.resolve())
         with _open_paths_lock:
             if key in _open_paths:
@@ -449,7 +579,19 @@ class LmdbStore:
                     "instance (LMDB forbids opening one environment twice per process)"
                 )
             _open_paths.add(key)
+        marker: Path | None = None
+        unsynced = False  # a commit of this open may never reach stable storage
         try:
+            if level == "process" and not readonly and boot is not None:
+                # Durable before the environment exists, so before its first unsynced
+                # commit (_open_dbs may write the format record).
+                try:
+                    marker = unflushed.write_marker(p, level, boot=boot)
+                except OSError as exc:
+                    raise StoreUnavailable(
+                        f"cannot write the unflushed marker of store {p} in "
+                        f"{p / unflushed.MARKER_DIR}: {exc.strerror or exc}"
+                    ) from exc
             env = cls._open_env(p, map_size, readonly, level)
             try:
                 dbs = cls._open_dbs(env, p, readonly)
@@ -459,15 +601,48 @@ class LmdbStore:
                     try:
                         env.sync(True)
                     except lmdb.Error as exc:
+                        # A later retry that succeeds would prove nothing (see
+                        # StoreFlushError): the marker stays, as after a failed close.
+                        unsynced = True
                         raise StoreUnavailable(f"cannot flush store {p}: {exc}") from exc
+                return cls(
+                    env, p, dbs, readonly, durability=level, flush_interval_s=interval,
+                    marker=marker,
+                )
             except BaseException:
+                if marker is not None and not unsynced:
+                    try:  # whatever _open_dbs committed unsynced goes to disk, or the marker stays
+                        env.sync(True)
+                    except lmdb.Error:
+                        unsynced = True
                 env.close()
                 raise
         except BaseException:
+            if marker is not None and not unsynced:
+                with contextlib.suppress(OSError):
+                    unflushed.remove_marker(marker)
             with _open_paths_lock:
                 _open_paths.discard(key)
             raise
-        return cls(env, p, dbs, readonly, durability=level, flush_interval_s=interval)
+
+    @staticmethod
+    def _scan_markers(p: Path, boot: str, readonly: bool, accept_suspect: bool) -> None:
+        """Refuse a suspect store (unless accepted); a writable open removes stale markers."""
+        try:
+            found = unflushed.scan(p, boot)
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"cannot read the unflushed markers of store {p} in "
+                f"{p / unflushed.MARKER_DIR}: {exc.strerror or exc}"
+            ) from exc
+        if found.suspect and not accept_suspect:
+            raise StoreSuspect(unflushed.suspect_message(p, found.suspect))
+        if found.stale and not readonly:
+            # Writers killed in this boot: the page cache outlived them, nothing is at risk.
+            try:
+                unflushed.remove_markers(found.stale)
+            except OSError as exc:
+                _log.warning("cannot remove stale unflushed markers of store %s: %s", p, exc)
 
     @staticmethod
     def _open_env(
@@ -583,6 +758,84 @@ class LmdbStore:
             for st in stats
         )
         return pages * int(stats[0]["psize"])
+
+    # ------------------------------------------------------------------ checking
+
+    def check(self) -> StoreCheckReport:
+        """Read every record of every database and verify what can be verified.
+
+        Each checkpoint's snapshot record must pass ``peek_snapshot`` (magic, version
+        and the checksum over the whole record: a flipped bit anywhere fails it); each
+        agent record and journal entry must decode as JSON the way the store reads it;
+        every other value is read. LMDB errors (MDB_CORRUPTED, MDB_PAGE_NOTFOUND: a tree
+        whose pages a crash overwrote) become problems, not exceptions. One read
+        transaction, so a consistent view while writers go on (a fresh one after an
+        LMDB error, which ends a transaction). Also lists the suspect unflushed markers.
+        Reads every page: meant for ``torpor store check``, not for the hot path.
+        """
+        self._check_open()
+        counts: dict[str, int] = {}
+        problems: list[StoreProblem] = []
+        txn: lmdb.Transaction | None = None
+        try:
+            for name, db in self._dbs.items():
+                counts[name] = 0
+                if db is None:
+                    continue  # written by an older Torpor: absent, which is not a problem
+                last: bytes | None = None
+                try:
+                    if txn is None:
+                        txn = self._begin(write=False)
+                    cur = txn.cursor(db=db)
+                    try:
+                        for key, value in cast("Iterator[tuple[bytes, bytes]]", iter(cur)):
+                            last = key
+                            counts[name] += 1
+                            problem = _check_record(name, key, value)
+                            if problem is not None:
+                                problems.append(problem)
+                    finally:
+                        cur.close()
+                except lmdb.Error as exc:
+                    where = f"after key {_decode_key(last)!r}" if last is not None else ""
+                    problems.append(StoreProblem(
+                        name, where, f"LMDB cannot read this database ({exc}); records past "
+                        "this point were not checked"))
+                    if txn is not None:
+                        txn.abort()
+                        self._gate.exit()
+                        txn = None
+        finally:
+            if txn is not None:
+                txn.abort()
+                self._gate.exit()
+        boot = unflushed.boot_id()
+        suspect = unflushed.scan(self._path, boot).suspect if boot is not None else ()
+        return StoreCheckReport(str(self._path), counts, tuple(problems), suspect)
+
+    def clear_suspect(self, report: StoreCheckReport) -> list[str]:
+        """Remove the suspect markers that ``report`` (a ``check`` of this store) found.
+
+        Only after a check that found no problems (StoreError otherwise: restore the
+        store from a copy instead). Returns the names of the marker files removed.
+        """
+        self._check_open()
+        if report.path != str(self._path):
+            raise ValueError(f"the report is of store {report.path}, not of {self._path}")
+        if not report.ok:
+            raise StoreError(
+                f"store {self._path}: the check found {len(report.problems)} problem(s), so "
+                "its suspect markers stay; restore the store from a copy"
+            )
+        paths = [s.path for s in report.suspect]
+        try:
+            unflushed.remove_markers(paths)
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"cannot remove the unflushed markers of store {self._path}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        return [path.name for path in paths]
 
     # ------------------------------------------------------------------ flushing
 
@@ -702,6 +955,19 @@ class LmdbStore:
                 self._env.close()
                 with _open_paths_lock:
                     _open_paths.discard(self._key)
+        marker = self._marker
+        if (
+            marker is not None
+            and error is None
+            and self._flush_error is None
+            and os.getpid() == self._marker_pid  # a forked child leaves its parent's marker
+        ):
+            # Everything this process committed is on stable storage: nothing left at risk.
+            self._marker = None
+            try:
+                unflushed.remove_marker(marker)
+            except OSError as exc:
+                _log.warning("cannot remove the unflushed marker %s: %s", marker, exc)
         if error is not None:
             raise StoreFlushError(str(error)) from error.__cause__
 
