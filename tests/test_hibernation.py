@@ -52,6 +52,37 @@ def test_memory_pressure_sends_waiting_agents_cold(bundles: BundleFactory, tmp_p
         assert host.inspect(res.agent_id)["usage"]["hibernations"] == 3
 
 
+def test_short_segments_of_concurrent_agents_run_inline(bundles: BundleFactory, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """After its first segment, an agent whose segments are short runs them on the event
+    loop, also while other agents run: the decision rests on the segment's own run time,
+    not on the wall time of a thread hop and its wait for a worker."""
+    b = bundles.load(EXAMPLES / "steps")
+    hops: list[str] = []
+    real = Host._run_wasm
+
+    async def counted(self: Host, fn: Any, *args: Any) -> Any:
+        hops.append(getattr(fn, "__name__", "?"))
+        return await real(self, fn, *args)
+
+    monkeypatch.setattr(Host, "_run_wasm", counted)
+    with Host(tmp_path, warm_idle_s=60.0) as host:
+        results: list[RunResult] = []
+
+        async def main() -> None:
+            async with anyio.create_task_group() as tg:
+                for _ in range(4):
+                    tg.start_soon(lambda: _append(results, host.run(b, {"n": 20})))
+
+        anyio.run(main)
+    assert [r.output for r in results] == [{"sum": 210, "last": 20}] * 4
+    assert 4 <= len(hops) <= 8, hops  # the first segment of each agent (a few more at most), not 84
+
+
+async def _append(results: list[RunResult], run: Any) -> None:
+    results.append(await run)
+
+
 def test_stack_too_deep_to_suspend_fails_cleanly(bundles: BundleFactory, tmp_path: Path) -> None:
     b = bundles.load(GUESTS / "deepwait")
     with Host(tmp_path) as host:
