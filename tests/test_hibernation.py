@@ -76,7 +76,9 @@ def test_short_segments_of_concurrent_agents_run_inline(bundles: BundleFactory, 
 
         anyio.run(main)
     assert [r.output for r in results] == [{"sum": 210, "last": 20}] * 4
-    assert 4 <= len(hops) <= 8, hops  # the first segment of each agent (a few more at most), not 84
+    # The first segment of each agent, and a few more if the machine stalls (a segment
+    # over 1 ms goes to a thread once); before the fix every one of the 84 went.
+    assert 4 <= len(hops) <= 20, hops
 
 
 async def _append(results: list[RunResult], run: Any) -> None:
