@@ -64,8 +64,13 @@ class AuditError(TorporError):
     code = "audit"
 
 
+# Built once: json.dumps with options builds a JSONEncoder per call, and a tool call
+# canonicalises about ten values (each audit record twice). Same bytes either way.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
 def canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _CANONICAL(obj).encode()
 
 
 def digest(obj: Any) -> str:

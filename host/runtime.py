@@ -1039,7 +1039,7 @@ class Host:
     @staticmethod
     def _encode_result(value: Any) -> Answer:
         try:
-            data = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+            data = _RESULT_JSON(value).encode()
         except (TypeError, ValueError) as exc:
             return abi.E_TOOL_FAILED, error_response("tool_failed", f"the tool returned a value that is not JSON: {exc}")
         if len(data) > abi.MAX_RESPONSE:
@@ -1190,6 +1190,9 @@ def _denial(decision: policies.Deny) -> Answer:
         return abi.E_RATE_LIMITED, error_response("rate_limited", decision.reason, retryable=decision.code == "rate_limited", **extra)
     return abi.E_DENIED, error_response("denied", decision.reason, **extra)
 
+
+# A tool's result as the guest reads it (built once: json.dumps with options builds an encoder per call).
+_RESULT_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 def _append_audit(txn: Any, rec: dict[str, Any], events: list[tuple[str, dict[str, Any]]]) -> None:
     """Seal events onto the agent's chain inside ``txn``; updates ``rec``'s chain head."""

@@ -173,8 +173,12 @@ _open_paths: set[str] = set()
 _open_paths_lock = threading.Lock()
 
 
+# One encoder for every record: json.dumps with options builds a JSONEncoder per call.
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _json(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    return _JSON(obj).encode()
 
 
 def _id_bytes(value: str, what: str) -> bytes:
