@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-from importlib import metadata
 from pathlib import Path
 
 __all__ = ["cache_dir", "disabled", "load", "status"]
@@ -60,6 +59,8 @@ def cache_dir() -> Path:
 
 
 def _zig_version() -> str:
+    from importlib import metadata  # here: ~15 ms to import, and only a build key needs it
+
     try:
         return metadata.version("ziglang")
     except metadata.PackageNotFoundError:
