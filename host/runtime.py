@@ -197,8 +197,10 @@ class Host:
 
     ``warm_idle_s``: how long a suspended agent keeps its instance in memory
     while its tool runs before it is hibernated (released, to be rebuilt from
-    its snapshot); ``max_warm``: how many may wait warm at once before the
-    next one goes cold immediately (memory pressure). ``pool_size``: agents running at once in this host;
+    its snapshot); ``max_warm`` and ``max_warm_bytes``: how many may wait warm at
+    once, and how much linear memory they may hold together (their memories' sizes,
+    the most their instances can keep resident; default half of the machine's RAM),
+    before the next one goes cold immediately (memory pressure). ``pool_size``: agents running at once in this host;
     ``class_pools``: sizes for agent classes (a policy's ``agent.pool``),
     others share the host pool only. ``engine``: a Wasmtime layout by profile
     name (``dense``, the default, packs the most instances into a process;
@@ -215,7 +217,14 @@ class Host:
                  wasm_threads: int | None = None, pool_size: int = DEFAULT_POOL_SIZE,
                  class_pools: dict[str, int] | None = None, broker: CredentialBroker | None = None,
                  max_warm: int = 10_000, store: AgentStore | None = None,
-                 engine: str | EngineConfig | None = None, durability: str | None = None) -> None:
+                 engine: str | EngineConfig | None = None, durability: str | None = None,
+                 max_warm_bytes: int | None = None) -> None:
+        # Arguments first: nothing is opened yet that a bad one would leave open.
+        config = engine if isinstance(engine, EngineConfig) else EngineConfig.for_profile(engine)
+        if max_warm_bytes is None:
+            max_warm_bytes = _physical_memory() // 2
+        if isinstance(max_warm_bytes, bool) or not isinstance(max_warm_bytes, int) or max_warm_bytes < 0:
+            raise ConfigError(f"max_warm_bytes must be a number of bytes >= 0, got {max_warm_bytes!r}")
         self.store_dir = Path(store_dir) if store_dir is not None else default_store_dir()
         try:
             self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -230,11 +239,21 @@ class Host:
                                       else LmdbStore.open(self.store_dir / "db", durability=durability))
         except StoreConfigError as exc:
             raise ConfigError(str(exc)) from exc
-        self.committer = GroupCommitter(self.store)
-        config = engine if isinstance(engine, EngineConfig) else EngineConfig.for_profile(engine)
-        self.engine = Engine(config, cache_dir=self.store_dir / "cache")
+        try:
+            self.committer = GroupCommitter(self.store)
+            self.engine = Engine(config, cache_dir=self.store_dir / "cache")
+        except BaseException:
+            # Close what was opened: a later Host on this directory in this process
+            # would otherwise find the store "already open".
+            if hasattr(self, "committer"):
+                self.committer.close()
+            if store is None:
+                self.store.close()
+            raise
         self.warm_idle_s = warm_idle_s
         self.max_warm = max_warm
+        self.max_warm_bytes = max_warm_bytes
+        self.warm_bytes = 0  # the linear memory of the instances counted in warm_waiting
         self.inline_segment_s = 0.001  # guest segments shorter than this run inline (see _run_guest)
         self.warm_waiting = 0  # instances kept in memory while their agent waits on a tool
         self._limiter = anyio.CapacityLimiter(wasm_threads or max(1, os.cpu_count() or 1))
@@ -1012,11 +1031,16 @@ class Host:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(call)
-            if agent.ex is not None and self.warm_waiting >= self.max_warm:
-                # Memory pressure: too many instances already wait warm; go cold at once.
+            size = agent.ex.memory_size() if agent.ex is not None else 0
+            if agent.ex is not None and (self.warm_waiting >= self.max_warm
+                                         or self.warm_bytes + size > self.max_warm_bytes):
+                # Memory pressure: too many instances, or too much memory, already wait
+                # warm; go cold at once (the checkpoint is already durable).
                 self._hibernate(agent)
-            self.warm_waiting += 1 if agent.ex is not None else 0
             counted = agent.ex is not None
+            if counted:
+                self.warm_waiting += 1
+                self.warm_bytes += size
             try:
                 with anyio.move_on_after(self.warm_idle_s):
                     await done.wait()
@@ -1025,6 +1049,7 @@ class Host:
             finally:
                 if counted:
                     self.warm_waiting -= 1
+                    self.warm_bytes -= size
         return result[0]
 
     def _hibernate(self, agent: _Agent) -> None:
@@ -1206,6 +1231,14 @@ def _append_audit(txn: Any, rec: dict[str, Any], events: list[tuple[str, dict[st
         head = sealed["hash"]
     rec["audit_seq"] = seq
     rec["audit_head"] = head
+
+
+def _physical_memory() -> int:
+    """The machine's RAM in bytes (1 GiB where the platform does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not POSIX
+        return 1 << 30
 
 
 def _stalled(rec: dict[str, Any], now: float) -> bool:

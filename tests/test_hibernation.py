@@ -52,6 +52,29 @@ def test_memory_pressure_sends_waiting_agents_cold(bundles: BundleFactory, tmp_p
         assert host.inspect(res.agent_id)["usage"]["hibernations"] == 3
 
 
+def test_a_warm_memory_budget_sends_waiting_agents_cold(bundles: BundleFactory, tmp_path: Path) -> None:
+    """Memory pressure counts bytes too: an agent whose memory does not fit what is left
+    of ``max_warm_bytes`` goes cold at once, however few instances wait warm."""
+    b = bundles.load(GUESTS / "slowtool")
+    with Host(tmp_path / "tight", warm_idle_s=10.0, max_warm_bytes=64 * 1024) as host:  # < one memory
+        res = run(host, b, {"n": 3, "ms": 1})
+        assert res.output == {"acc": expected_acc(3), "calls": 3}
+        assert host.inspect(res.agent_id)["usage"]["hibernations"] == 3
+        assert host.warm_waiting == 0 and host.warm_bytes == 0
+    with Host(tmp_path / "roomy", warm_idle_s=10.0, max_warm_bytes=1 << 30) as host:
+        res = run(host, b, {"n": 3, "ms": 1})
+        assert res.output == {"acc": expected_acc(3), "calls": 3}
+        assert host.inspect(res.agent_id)["usage"].get("hibernations", 0) == 0
+        assert host.warm_bytes == 0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(TorporError, match="max_warm_bytes"):
+            Host(tmp_path / "bad", max_warm_bytes=bad)  # type: ignore[arg-type]
+    with pytest.raises(TorporError, match="engine profile"):
+        Host(tmp_path / "bad", engine="nope")
+    with Host(tmp_path / "bad"):  # a refused Host left nothing open on the directory
+        pass
+
+
 def test_short_segments_of_concurrent_agents_run_inline(bundles: BundleFactory, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """After its first segment, an agent whose segments are short runs them on the event
