@@ -175,10 +175,23 @@ class _Agent:
     run_exec_s: float = 0.0
     last_segment_s: float | None = None  # how long the guest last ran between tool calls
     run_started: float = field(default_factory=time.time)
+    _input: bytes | None = field(default=None, repr=False)
 
     @property
     def agent_id(self) -> str:
         return str(self.record["agent_id"])
+
+    @property
+    def input_bytes(self) -> bytes:
+        """The input as the guest reads it: the host's own JSON encoding of the record's
+        ``input``. The record holds the input once, since every commit rewrites the
+        record (a large input held twice cost twice at every tool call); records of
+        older hosts also carry it encoded, as ``input_raw``, which is then used."""
+        if self._input is None:
+            raw = self.record.get("input_raw")
+            text = raw if isinstance(raw, str) else json.dumps(self.record.get("input"), separators=(",", ":"))
+            self._input = text.encode()
+        return self._input
 
     @property
     def usage(self) -> dict[str, Any]:
@@ -605,10 +618,13 @@ class Host:
         tools, validators = self._tools_for(b)
         now = time.time()
         aid = new_agent_id(now)
-        input_raw = json.dumps(input, separators=(",", ":"))
+        try:
+            json.dumps(input)  # refused here, before anything is written, if it is not JSON
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"the agent's input must be JSON: {exc}") from exc
         record: dict[str, Any] = {
             "agent_id": aid, "name": b.name, "bundle_digest": b.digest, "module_digest": b.module_digest,
-            "status": "running", "input": input, "input_raw": input_raw, "output": None, "error": None,
+            "status": "running", "input": input, "output": None, "error": None,
             "created_at": now, "updated_at": now, "finished_at": None, "last_progress": now,
             "stall_timeout": b.policy.budgets.stall_timeout, "principal": on_behalf_of,
             "parent": None, "fuel_limit": fuel, "checkpoints": 0, "snapshot_bytes": 0,
@@ -626,7 +642,7 @@ class Host:
         return agent
 
     def _new_execution(self, agent: _Agent) -> Execution:
-        return Execution(agent.loaded, self._pre(agent), agent.limits, agent.record["input_raw"].encode(),
+        return Execution(agent.loaded, self._pre(agent), agent.limits, agent.input_bytes,
                          fuel_used=int(agent.usage.get("fuel_used", 0)), log_sink=self._log_sink(agent))
 
     def _pre(self, agent: _Agent) -> Any:
@@ -1140,7 +1156,7 @@ class Host:
         if ex is None or not ex.live:
             assert agent.captured is not None
             u = agent.usage
-            ex = Execution.restore(agent.loaded, self._pre(agent), agent.limits, agent.record["input_raw"].encode(),
+            ex = Execution.restore(agent.loaded, self._pre(agent), agent.limits, agent.input_bytes,
                                    agent.captured, fuel_used=int(u.get("fuel_used", 0)), call_seq=call.seq,
                                    pending=call, log_sink=self._log_sink(agent))
             agent.ex = ex

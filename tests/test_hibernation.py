@@ -75,6 +75,28 @@ def test_a_warm_memory_budget_sends_waiting_agents_cold(bundles: BundleFactory, 
         pass
 
 
+def test_a_large_input_is_held_once_and_read_back_exactly(bundles: BundleFactory, tmp_path: Path) -> None:
+    """Every commit rewrites the agent record, so the record holds the input once (not
+    also JSON-encoded beside it); the guest reads the host's own encoding of it, also
+    after a cold restore, and records of older hosts with ``input_raw`` still work."""
+    from host.runtime import _Agent
+
+    b = bundles.load(GUESTS / "slowtool")
+    pad = "é" * 20_000
+    with Host(tmp_path, warm_idle_s=0.001) as host:  # cold at every wait
+        res = run(host, b, {"n": 3, "ms": 5, "pad": pad})
+        assert res.output == {"acc": expected_acc(3), "calls": 3}
+        assert host.inspect(res.agent_id)["usage"]["hibernations"] == 3
+        rec = host.get_agent(res.agent_id)
+    assert rec["input"]["pad"] == pad and "input_raw" not in rec
+    assert len(json.dumps(rec, ensure_ascii=False).encode()) < 60_000  # 40 KB of input, once
+    agent = _Agent.__new__(_Agent)
+    for record, expected in (({"input": {"n": 1, "s": "é"}}, b'{"n":1,"s":"\\u00e9"}'),
+                             ({"input": {"n": 1}, "input_raw": '{"n": 1}'}, b'{"n": 1}')):
+        agent.record, agent._input = record, None
+        assert agent.input_bytes == expected
+
+
 def test_short_segments_of_concurrent_agents_run_inline(bundles: BundleFactory, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """After its first segment, an agent whose segments are short runs them on the event
