@@ -31,6 +31,7 @@ from typing import Any
 
 from snapshots.errors import SnapshotError
 from snapshots.format import decode_snapshot
+from snapshots.store import INPUTS_BUCKET
 
 from . import audit
 from . import bundle as bundle_mod
@@ -127,8 +128,10 @@ def replay(host: Any, agent_id: str, *, bundle: Bundle | None = None, cold: bool
     journal, resumed_at = _history(host, rec, loaded.image, b.module_digest, report)
     report.calls_recorded = len(journal)
     last_seq = max(journal) if journal else 0
-    input_raw = rec.get("input_raw")
-    if input_raw is None:  # the host's own encoding of the input
+    with host.store.read() as txn:
+        stored = txn.get_blob(INPUTS_BUCKET, agent_id)
+    input_raw = stored.decode() if stored is not None else rec.get("input_raw")
+    if input_raw is None:  # an older host's record: the host's own encoding of its input
         input_raw = json.dumps(rec.get("input"), separators=(",", ":"))
     fuel_limit = rec.get("fuel_limit")
     limits = host.limits_for(b, fuel_limit, 0)

@@ -49,7 +49,7 @@ from snapshots.errors import SnapshotError, StoreConfigError
 from snapshots.format import Snapshot, decode_snapshot, encode_snapshot
 from snapshots.group_commit import GroupCommitter
 from snapshots.lmdb_store import LmdbStore
-from snapshots.store import AgentStore
+from snapshots.store import INPUTS_BUCKET, AgentStore
 
 from . import abi, audit, imports
 from . import bundle as bundle_mod
@@ -183,10 +183,13 @@ class _Agent:
 
     @property
     def input_bytes(self) -> bytes:
-        """The input as the guest reads it: the host's own JSON encoding of the record's
-        ``input``. The record holds the input once, since every commit rewrites the
-        record (a large input held twice cost twice at every tool call); records of
-        older hosts also carry it encoded, as ``input_raw``, which is then used."""
+        """The input as the guest reads it: the host's own JSON encoding of it.
+
+        Kept in the store's ``inputs`` bucket, written once at spawn, not in the agent
+        record, which every commit rewrites (a large input in it cost its size at every
+        tool call). The host loads it with the agent; records of older hosts carry it
+        in the record (``input_raw``, or ``input`` alone), which is then used.
+        """
         if self._input is None:
             raw = self.record.get("input_raw")
             text = raw if isinstance(raw, str) else json.dumps(self.record.get("input"), separators=(",", ":"))
@@ -565,6 +568,9 @@ class Host:
         def write(txn: Any) -> None:
             provision(txn)
             txn.put_checkpoint(new_id, 1, data, now)
+            stored_input = txn.get_blob(INPUTS_BUCKET, agent_id)
+            if stored_input is not None:  # a parent of an older host has it in its record, now copied
+                txn.put_blob(INPUTS_BUCKET, new_id, stored_input)
             if pending_seq is not None:
                 entry = txn.get_journal(agent_id, pending_seq)
                 if entry is not None:
@@ -600,7 +606,10 @@ class Host:
         rec = self.get_agent(agent_id)
         with self.store.read() as txn:
             cps = txn.list_checkpoints(agent_id)
+            stored_input = txn.get_blob(INPUTS_BUCKET, agent_id)
         out = {k: v for k, v in rec.items() if k not in ("input_raw", "owner")}
+        if stored_input is not None:
+            out["input"] = json.loads(stored_input)
         out["checkpoint_list"] = [{"seq": c.seq, "size": c.size, "created_at": c.created_at} for c in cps]
         return out
 
@@ -619,12 +628,12 @@ class Host:
         now = time.time()
         aid = new_agent_id(now)
         try:
-            json.dumps(input)  # refused here, before anything is written, if it is not JSON
-        except (TypeError, ValueError) as exc:
+            input_raw = json.dumps(input, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as exc:  # refused before anything is written
             raise ConfigError(f"the agent's input must be JSON: {exc}") from exc
         record: dict[str, Any] = {
             "agent_id": aid, "name": b.name, "bundle_digest": b.digest, "module_digest": b.module_digest,
-            "status": "running", "input": input, "output": None, "error": None,
+            "status": "running", "input_bytes": len(input_raw), "output": None, "error": None,
             "created_at": now, "updated_at": now, "finished_at": None, "last_progress": now,
             "stall_timeout": b.policy.budgets.stall_timeout, "principal": on_behalf_of,
             "parent": None, "fuel_limit": fuel, "checkpoints": 0, "snapshot_bytes": 0,
@@ -633,12 +642,18 @@ class Host:
             "usage": {"fuel_used": 0, "tool_calls": 0, "suspensions": 0, "hibernations": 0,
                       "tokens": 0, "denials": 0, "calls_by_tool": {}, "recent_calls": {}},
         }
-        agent = _Agent(record, b, loaded, tools, validators, self.limits_for(b, fuel), pre=pre)
+        agent = _Agent(record, b, loaded, tools, validators, self.limits_for(b, fuel), pre=pre, _input=input_raw)
         if self.broker is not None:
             self.broker.check(aid, b.policy)  # a missing credential refuses the agent before it starts
         agent.event("agent.spawned", name=b.name, bundle_digest=b.digest, principal=on_behalf_of,
                     input_digest=audit.digest(input))
-        await self._commit_agent(agent, self.identity.provision(record, agent.event))
+        provision = self.identity.provision(record, agent.event)
+
+        def write(txn: Any) -> None:
+            provision(txn)
+            txn.put_blob(INPUTS_BUCKET, aid, input_raw)
+
+        await self._commit_agent(agent, write)
         return agent
 
     def _new_execution(self, agent: _Agent) -> Execution:
@@ -692,10 +707,12 @@ class Host:
         self._claim(agent_id)
         rec = self.get_agent(agent_id)
         rec.pop("stalled", None)
-        agent = _Agent(rec, b, loaded, tools, validators, self.limits_for(b, rec.get("fuel_limit")), pre=pre)
         with self.store.read() as txn:
             seq = txn.latest_checkpoint(agent_id)
             blob = txn.get_checkpoint(agent_id, seq) if seq is not None else None
+            stored_input = txn.get_blob(INPUTS_BUCKET, agent_id)
+        agent = _Agent(rec, b, loaded, tools, validators, self.limits_for(b, rec.get("fuel_limit")), pre=pre,
+                       _input=stored_input)
         if blob is None:
             return agent, None
         try:

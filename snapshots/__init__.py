@@ -42,13 +42,22 @@ from .format import (
 )
 from .group_commit import GroupCommitter
 from .lmdb_store import DURABILITY_LEVELS, Durability, LmdbStore
-from .store import BLOB_BUCKETS, AgentStore, CheckpointInfo, Outcome, ReadTxn, WriteTxn
+from .store import (
+    BLOB_BUCKETS,
+    INPUTS_BUCKET,
+    AgentStore,
+    CheckpointInfo,
+    Outcome,
+    ReadTxn,
+    WriteTxn,
+)
 
 __all__ = [
     "BLOB_BUCKETS",
     "DEFAULT_CHUNK_SIZE",
     "DURABILITY_LEVELS",
     "FORMAT_VERSION",
+    "INPUTS_BUCKET",
     "SUPPORTED_VERSIONS",
     "AgentStore",
     "CheckpointExists",

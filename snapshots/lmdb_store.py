@@ -129,7 +129,15 @@ from .errors import (
     StoreUnavailable,
 )
 from .format import peek_snapshot
-from .store import BLOB_BUCKETS, AgentStore, CheckpointInfo, Outcome, ReadTxn, WriteTxn
+from .store import (
+    BLOB_BUCKETS,
+    INPUTS_BUCKET,
+    AgentStore,
+    CheckpointInfo,
+    Outcome,
+    ReadTxn,
+    WriteTxn,
+)
 
 __all__ = [
     "DEFAULT_DURABILITY",
@@ -1315,6 +1323,9 @@ class _LmdbTxn:
             prefix = _id_bytes(agent_id, "agent_id") + b"\x00"
             for db in (self._ckpt, self._journal):
                 self._delete_prefix(db, prefix)
+            inputs = self._dbs.get(INPUTS_BUCKET)
+            if inputs is not None:
+                self._txn.delete(_plain_key(agent_id), db=inputs)
 
     def _delete_prefix(self, db: Any, prefix: bytes, below: bytes | None = None) -> int:
         cur = self._txn.cursor(db=db)

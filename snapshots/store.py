@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 __all__ = [
     "BLOB_BUCKETS",
+    "INPUTS_BUCKET",
     "AgentStore",
     "CheckpointInfo",
     "Outcome",
@@ -31,8 +32,12 @@ __all__ = [
 T = TypeVar("T")
 
 #: Named buckets for opaque blobs (agent bundles, audit records, approvals, host
-#: metadata). Adding a bucket is adding its name here.
-BLOB_BUCKETS: tuple[str, ...] = ("bundles", "audit", "approvals", "meta", "identity", "revocations", "audit_heads")
+#: metadata, agents' inputs). Adding a bucket is adding its name here.
+BLOB_BUCKETS: tuple[str, ...] = ("bundles", "audit", "approvals", "meta", "identity", "revocations", "audit_heads",
+                                 "inputs")
+#: The bucket holding each agent's input, by agent id: written once at spawn, apart from
+#: the agent record that every commit rewrites; ``delete_agent(purge=True)`` removes it.
+INPUTS_BUCKET = "inputs"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +116,7 @@ class WriteTxn(ReadTxn, Protocol):
         ...
 
     def delete_agent(self, agent_id: str, *, purge: bool = False, missing_ok: bool = False) -> None:
-        """Remove an agent record; with ``purge`` also its checkpoints and journal.
+        """Remove an agent record; with ``purge`` also its checkpoints, journal and input.
 
         Raises NotFound when there is no such agent, unless ``missing_ok``.
         """
