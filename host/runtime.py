@@ -801,9 +801,7 @@ class Host:
     async def _commit(self, fn: Callable[[Any], T]) -> T:
         done = self.committer.try_inline(fn)  # an idle committer at durability "process"
         if done is not None:
-            if done.error is not None:
-                raise done.error
-            value: T = done.value
+            value: T = done.unwrap()
             return value
         fut = self.committer.submit(fn)
         try:

@@ -788,16 +788,10 @@ def _xor_mask(chunk_size: int, index_bytes: bytes, pristine: Pristine) -> bytes 
     """The image's non-zero-chunk mask if any of these chunks lies under it, else None."""
     if not index_bytes:
         return None
-    mask, nonzero = derived_from_image(pristine, f"nonzero-chunks/{chunk_size}",
-                                       lambda data: _nonzero_chunks(data, chunk_size))
+    mask, nonzero = _nonzero_chunks(pristine, chunk_size)
     if nonzero.isdisjoint(memoryview(index_bytes).cast("I")):  # one C-level pass
         return None
     return mask
-
-
-def _nonzero_chunks(data: bytes, chunk_size: int) -> tuple[bytes, frozenset[int]]:
-    mask = _mask_of(data, chunk_size)
-    return mask, frozenset(i for i, nz in enumerate(mask) if nz)
 
 
 # Values derived from a pristine image, by image and what was derived. Bytes are
@@ -832,16 +826,21 @@ def derived_from_image(pristine: Pristine, what: str, build: Callable[[bytes], T
 
 def _nonzero_pristine_mask(pristine: Pristine, chunk_size: int) -> bytes:
     """One byte per chunk of the image: 1 where the chunk holds a non-zero byte."""
+    return _nonzero_chunks(pristine, chunk_size)[0]
 
-    return derived_from_image(pristine, f"nonzero-mask/{chunk_size}", lambda data: _mask_of(data, chunk_size))
 
+def _nonzero_chunks(pristine: Pristine, chunk_size: int) -> tuple[bytes, frozenset[int]]:
+    """The image's non-zero-chunk mask, and the set of those chunks, derived once."""
 
-def _mask_of(data: bytes, chunk_size: int) -> bytes:
-    zero = bytes(chunk_size)
-    return bytes(
-        data[i * chunk_size : (i + 1) * chunk_size] != zero[: len(data) - i * chunk_size]
-        for i in range(-(-len(data) // chunk_size))
-    )
+    def build(data: bytes) -> tuple[bytes, frozenset[int]]:
+        zero = bytes(chunk_size)
+        mask = bytes(
+            data[i * chunk_size : (i + 1) * chunk_size] != zero[: len(data) - i * chunk_size]
+            for i in range(-(-len(data) // chunk_size))
+        )
+        return mask, frozenset(i for i, nz in enumerate(mask) if nz)
+
+    return derived_from_image(pristine, f"nonzero-chunks/{chunk_size}", build)
 
 
 def apply_delta(delta: MemoryDelta, target: Buffer | MemoryAt) -> None:

@@ -89,7 +89,7 @@ class GroupCommitter:
         """
         fut: Future[T] = Future()
         if self._closed:
-            raise StoreError("GroupCommitter is closed; submit to a new one or use store.transact")
+            raise _closed_error()
         try:
             done = self.try_inline(fn)
         except Exception as exc:  # the store failed: a Future carries it, as from the writer
@@ -103,9 +103,7 @@ class GroupCommitter:
             return fut
         with self._close_lock:  # so that nothing is queued behind the stop mark
             if self._closed:
-                raise StoreError(
-                    "GroupCommitter is closed; submit to a new one or use store.transact"
-                )
+                raise _closed_error()
             self._queue.put((fut, fn))
         return fut
 
@@ -125,7 +123,7 @@ class GroupCommitter:
         # valid order.
         try:
             if self._closed:
-                raise StoreError("GroupCommitter is closed; submit to a new one or use store.transact")
+                raise _closed_error()
             (outcome,) = self._store.transact_batch((fn,))
         finally:
             self._busy.release()
@@ -143,9 +141,7 @@ class GroupCommitter:
         done = self.try_inline(fn)
         if done is None:
             return self.submit(fn).result()
-        if done.error is not None:
-            raise done.error
-        value: T = done.value
+        value: T = done.unwrap()
         return value
 
     def close(self, timeout: float | None = None) -> None:
@@ -233,3 +229,7 @@ class GroupCommitter:
                 fut.set_exception(outcome.error)
             else:
                 fut.set_result(outcome.value)
+
+
+def _closed_error() -> StoreError:
+    return StoreError("GroupCommitter is closed; submit to a new one or use store.transact")

@@ -56,6 +56,12 @@ class Outcome:
     value: Any = None
     error: BaseException | None = None
 
+    def unwrap(self) -> Any:
+        """The value, or the error raised."""
+        if self.error is not None:
+            raise self.error
+        return self.value
+
 
 class ReadTxn(Protocol):
     """A consistent read-only view of the store (a snapshot in time; never blocks writers).
