@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from host.benchmarks import load_bundle, make_engine, make_rig, map_count
-from host.engine import PROFILES
-from host.execution import Completed, Suspended
+from host.sandbox.engine import PROFILES
+from host.sandbox.execution import Completed, Suspended
 
 
 def main() -> int:

@@ -28,8 +28,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from host.benchmarks import load_bundle, make_rig
-from host.engine import Engine, EngineConfig
-from host.execution import PAGE, Execution
+from host.sandbox.engine import Engine, EngineConfig
+from host.sandbox.execution import PAGE, Execution
 from snapshots.delta import apply_delta
 
 

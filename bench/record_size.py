@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lmdb
 
 from host.benchmarks import _snapshot, load_bundle, make_engine, make_rig
-from host.execution import Suspended
 from host.ids import new_agent_id
+from host.sandbox.execution import Suspended
 from snapshots.format import encode_snapshot
 
 

@@ -17,7 +17,7 @@ baseline on the same machine says little:
   warm instances, through the bare execution core, and against a baseline
   whose tool import answers synchronously (no unwind, no durability).
 
-The benchmarks drive :class:`~host.execution.Execution` and the store directly
+The benchmarks drive :class:`~host.sandbox.execution.Execution` and the store directly
 where they measure a mechanism (so that the figure is the mechanism's, not the
 orchestrator's), and :class:`~host.runtime.Host` where they measure what a
 user of the runtime gets. Latencies go into HDR histograms when the
@@ -46,18 +46,13 @@ from typing import Any
 
 import wasmtime
 
-from snapshots.delta import full_copy
-from snapshots.errors import SnapshotError, StoreError
-from snapshots.format import GlobalValue, Snapshot, decode_snapshot, encode_snapshot
-from snapshots.group_commit import GroupCommitter
-from snapshots.lmdb_store import LmdbStore, resolve_durability
-
-from . import abi, imports
-from . import bundle as bundle_mod
-from .bundle import Bundle
-from .engine import PROFILES, Engine, EngineConfig, LoadedModule
-from .errors import ConfigError, TorporError
-from .execution import (
+from host.errors import ConfigError, TorporError
+from host.ids import new_agent_id
+from host.sandbox import abi, imports
+from host.sandbox import bundle as bundle_mod
+from host.sandbox.bundle import Bundle
+from host.sandbox.engine import PROFILES, Engine, EngineConfig, LoadedModule
+from host.sandbox.execution import (
     Captured,
     Completed,
     Execution,
@@ -69,7 +64,11 @@ from .execution import (
     current,
     define_import,
 )
-from .ids import new_agent_id
+from snapshots.delta import full_copy
+from snapshots.errors import SnapshotError, StoreError
+from snapshots.format import GlobalValue, Snapshot, decode_snapshot, encode_snapshot
+from snapshots.group_commit import GroupCommitter
+from snapshots.lmdb_store import LmdbStore, resolve_durability
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "guest_sdk" / "examples"
@@ -1144,7 +1143,7 @@ def _runtime_round_trips(b: Bundle, agents: int, n: int, profile_path: str | Non
     """Tool round trips through the real host runtime: policy, journal, checkpoint, kv.incr."""
     import anyio
 
-    from .runtime import Host
+    from host.runtime.host import Host
 
     tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-steps-"))
     try:
@@ -1312,7 +1311,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="print one JSON document")
         sp.add_argument("--quick", action="store_true", help="a small smoke run (seconds, for CI)")
         sp.add_argument("--engine", choices=PROFILES, default=None,
-                        help="engine profile (default: $TORPOR_ENGINE or dense; see host/engine.py and bench/RESULTS.md)")
+                        help="engine profile (default: $TORPOR_ENGINE or dense; see host/sandbox/engine.py and bench/RESULTS.md)")
         sp.add_argument("--plot", default=None, metavar="PNG",
                         help=f"where to draw the plot (default torpor-bench-{name}.png)")
         sp.add_argument("--no-plot", action="store_true", help="draw no plot")
@@ -1348,7 +1347,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python bench/<name>.py ...`` and ``python -m host.benchmarks ...`` land here."""
-    from .cli import main as cli_main
+    from host.cli.app import main as cli_main
 
     args = ["bench", *(sys.argv[1:] if argv is None else argv)]
     _MAIN_ARGV[:] = args

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from host import bundle as bundle_mod
-from host.bundle import Bundle
+from host.sandbox import bundle as bundle_mod
+from host.sandbox.bundle import Bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "guest_sdk" / "examples"

@@ -22,8 +22,8 @@ from typing import Any
 
 import wasmtime
 
-from host import binaryen as host_binaryen
-from host.toolchain import COMPILE_FLAGS
+from host.sandbox import binaryen as host_binaryen
+from host.sandbox.toolchain import COMPILE_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
 SDK_C = REPO / "guest_sdk" / "c"

@@ -12,9 +12,9 @@ from typing import Any
 import anyio
 import pytest
 
-from host import audit
-from host.identity import HostKey
 from host.runtime import Host
+from host.trust import audit
+from host.trust.identity import HostKey
 
 pytestmark = pytest.mark.timeout(120)
 STEPS = Path(__file__).parent.parent / "guest_sdk" / "examples" / "steps"

@@ -11,9 +11,9 @@ import anyio
 import pytest
 from conftest import EXAMPLES, GUESTS, BundleFactory
 
-from host import bundle as bundle_mod
 from host.errors import BundleError, ImportNotGranted, ModuleError
 from host.runtime import Host, RunResult
+from host.sandbox import bundle as bundle_mod
 from policies import PolicyError
 
 HELLO_POLICY = (EXAMPLES / "hello" / "policy.toml").read_text()
@@ -54,8 +54,8 @@ def test_truncated_wasm_is_refused(bundles: BundleFactory) -> None:
 
 
 def test_unknown_abi_version_is_refused(bundles: BundleFactory) -> None:
-    from host import wasm_binary
     from host.errors import AbiVersionError
+    from host.sandbox import wasm_binary
 
     raw = bundle_mod.build_dir(EXAMPLES / "hello")
     module = bundle_mod.load_bytes(raw).module

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from host.benchmarks import _restore, _snapshot, load_bundle, make_engine, make_rig
-from host.execution import Suspended
+from host.sandbox.execution import Suspended
 from snapshots.delta import diff_memory
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 from host.benchmarks import _snapshot, load_bundle, make_engine, make_rig
-from host.execution import Suspended
 from host.ids import new_agent_id
+from host.sandbox.execution import Suspended
 from snapshots.format import FORMAT_VERSION, decode_snapshot, encode_snapshot, peek_snapshot
 
 

@@ -16,10 +16,10 @@ import anyio
 import pytest
 from conftest import EXAMPLES, GUESTS, BundleFactory
 
-from host import bundle as bundle_mod
 from host.errors import AgentNotFound, AgentStateError
-from host.pools import PriorityPool
 from host.runtime import Host, RunResult
+from host.runtime.pools import PriorityPool
+from host.sandbox import bundle as bundle_mod
 
 TOOLS = '''
 from pydantic import BaseModel, ConfigDict

@@ -13,9 +13,9 @@ import lmdb
 import pytest
 from conftest import EXAMPLES, GUESTS, BundleFactory
 
-from host import bundle as bundle_mod
 from host.errors import AgentNotFound, AgentStateError, TorporError
 from host.runtime import Host, RunResult
+from host.sandbox import bundle as bundle_mod
 
 
 def run(host: Host, b: bundle_mod.Bundle, input: Any = None, **kw: Any) -> RunResult:
@@ -79,8 +79,8 @@ def test_a_large_input_is_written_once_and_read_back_exactly(bundles: BundleFact
     """Every commit rewrites the agent record, so the input lives apart from it (the
     ``inputs`` bucket, written at spawn): a tool call costs no more with a large input.
     Inspect, fork and replay read it back; records of older hosts carry it inline."""
-    from host.replay import replay
-    from host.runtime import _Agent
+    from host.runtime.agent import LiveAgent
+    from host.runtime.replay import replay
 
     b = bundles.load(GUESTS / "slowtool")
     pad = "é" * 20_000
@@ -95,7 +95,7 @@ def test_a_large_input_is_written_once_and_read_back_exactly(bundles: BundleFact
         fork = host.fork(res.agent_id, 1)
         assert host.inspect(fork)["input"]["pad"] == pad
         assert replay(host, res.agent_id).matched
-    agent = _Agent.__new__(_Agent)
+    agent = LiveAgent.__new__(LiveAgent)
     for record, expected in (({"input": {"n": 1, "s": "é"}}, b'{"n":1,"s":"\\u00e9"}'),
                              ({"input": {"n": 1}, "input_raw": '{"n": 1}'}, b'{"n": 1}')):
         agent.record, agent._input = record, None  # a record of an older host

@@ -14,7 +14,9 @@ from typing import Any
 import anyio
 import pytest
 
-from host.identity import (
+from host.runtime import Host
+from host.tools.registry import ToolContext
+from host.trust.identity import (
     KEY_FILE,
     HostKey,
     IdentityService,
@@ -26,8 +28,6 @@ from host.identity import (
     token_for,
     verify_token,
 )
-from host.runtime import Host
-from host.tools.registry import ToolContext
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,7 +51,7 @@ def test_host_key_is_created_once_with_mode_0600(tmp_path: Path) -> None:
 
 
 def test_concurrent_key_creation_agrees(tmp_path: Path) -> None:
-    code = "import sys; from host.identity import HostKey; print(HostKey.load_or_create(sys.argv[1]).key_id)"
+    code = "import sys; from host.trust.identity import HostKey; print(HostKey.load_or_create(sys.argv[1]).key_id)"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
              for _ in range(4)]
     ids = {p.communicate(timeout=60)[0].strip() for p in procs}

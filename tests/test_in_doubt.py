@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import GUESTS, BundleFactory
 
-from host import bundle as bundle_mod
+from host.sandbox import bundle as bundle_mod
 
 TOOLS = '''
 import os, time

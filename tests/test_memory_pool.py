@@ -23,11 +23,11 @@ import pytest
 import wasmtime
 from conftest import GUESTS, ROOT, BundleFactory
 
-from host import memory_pool
 from host.benchmarks import Rig, make_rig
-from host.engine import Engine, EngineConfig
 from host.errors import ConfigError
-from host.execution import PAGE, Completed, Execution, Failed
+from host.sandbox import memory_pool
+from host.sandbox.engine import Engine, EngineConfig
+from host.sandbox.execution import PAGE, Completed, Execution, Failed
 
 MASK = (1 << 64) - 1
 
@@ -355,9 +355,9 @@ def test_many_threads_spawn_and_drop_at_once(rig: Rig) -> None:
 _FALLBACK_SCRIPT = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from host import bundle as bundle_mod
+from host.sandbox import bundle as bundle_mod
 from host.benchmarks import load_bundle, make_engine, make_rig
-from host.execution import Completed, Execution
+from host.sandbox.execution import Completed, Execution
 from pathlib import Path
 
 engine = make_engine("dense")

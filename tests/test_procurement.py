@@ -23,9 +23,9 @@ import pytest
 from conftest import EXAMPLES, BundleFactory
 
 import policies
-from host.bundle import Bundle
 from host.errors import AgentStateError
 from host.runtime import Host, RunResult
+from host.sandbox.bundle import Bundle
 
 EXAMPLE = EXAMPLES / "procurement"
 

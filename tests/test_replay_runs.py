@@ -11,11 +11,11 @@ from typing import Any
 import anyio
 import pytest
 
-from host import bundle as bundle_mod
-from host.credentials import VaultBroker
-from host.replay import BundleMissing, ReplayError, replay
 from host.runtime import Host
-from host.vault import Vault
+from host.runtime.replay import BundleMissing, ReplayError, replay
+from host.sandbox import bundle as bundle_mod
+from host.trust.credentials import VaultBroker
+from host.trust.vault import Vault
 
 pytestmark = pytest.mark.timeout(120)
 STEPS = Path(__file__).parent.parent / "guest_sdk" / "examples" / "steps"

@@ -97,7 +97,7 @@ def test_policy_check_and_explain(tmp_path: Path) -> None:
 
 
 def test_pack_a_module_built_elsewhere(tmp_path: Path) -> None:
-    from host import toolchain
+    from host.sandbox import toolchain
 
     raw = toolchain.compile_c([EXAMPLES / "steps" / "agent.c"])
     assert not toolchain.is_prepared(raw)
@@ -108,7 +108,7 @@ def test_pack_a_module_built_elsewhere(tmp_path: Path) -> None:
     code, res = run_json("run", str(out), "--input", '{"n": 5}', store=tmp_path / "store")
     assert code == 0 and res["output"] == {"sum": 15, "last": 5}
     # Packing an already prepared module leaves it as it is.
-    from host import bundle as bundle_mod
+    from host.sandbox import bundle as bundle_mod
 
     prepared = bundle_mod.load(out).module
     assert bundle_mod.load_bytes(bundle_mod.pack(prepared, (EXAMPLES / "steps" / "policy.toml").read_text())).module == prepared

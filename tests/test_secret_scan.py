@@ -28,12 +28,12 @@ from typing import Any
 import anyio
 import pytest
 
-from host import audit
-from host import bundle as bundle_mod
-from host.credentials import VaultBroker
-from host.execution import Execution
 from host.runtime import Host, RunResult
-from host.vault import Vault
+from host.sandbox import bundle as bundle_mod
+from host.sandbox.execution import Execution
+from host.trust import audit
+from host.trust.credentials import VaultBroker
+from host.trust.vault import Vault
 from snapshots.delta import apply_delta
 from snapshots.format import decode_snapshot
 

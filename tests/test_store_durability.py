@@ -27,7 +27,7 @@ from typing import Any
 import lmdb
 import pytest
 
-from host import cli
+from host.cli import app as cli
 from host.errors import ConfigError
 from host.runtime import Host
 from snapshots import (

@@ -24,7 +24,7 @@ import lmdb
 import pytest
 from conftest import BundleFactory
 
-from host import cli
+from host.cli import app as cli
 from snapshots import (
     LmdbStore,
     StoreError,

@@ -17,8 +17,8 @@ from typing import Any
 import anyio
 import pytest
 
-from host import bundle as bundle_mod
 from host.runtime import Host
+from host.sandbox import bundle as bundle_mod
 from host.tools import mcp
 
 ROOT = Path(__file__).resolve().parent.parent

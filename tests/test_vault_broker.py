@@ -13,9 +13,9 @@ from typing import Any
 import anyio
 import pytest
 
-from host.credentials import CredentialMissing, LeaseRevoked, VaultBroker
 from host.runtime import Host
-from host.vault import SecretNotFound, Vault, VaultKeyError, generate_key
+from host.trust.credentials import CredentialMissing, LeaseRevoked, VaultBroker
+from host.trust.vault import SecretNotFound, Vault, VaultKeyError, generate_key
 
 pytestmark = pytest.mark.timeout(120)
 GUEST = Path(__file__).parent / "guests" / "secretuse"

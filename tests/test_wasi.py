@@ -10,9 +10,9 @@ import anyio
 import pytest
 from conftest import GUESTS
 
-from host import bundle as bundle_mod
 from host.errors import ImportNotGranted
 from host.runtime import Host
+from host.sandbox import bundle as bundle_mod
 
 GRANT = '''[agent]
 name = "wasi"

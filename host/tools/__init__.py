@@ -8,6 +8,6 @@ tools live in :mod:`host.tools.llm` (chat completions with token accounting),
 :mod:`host.tools.netguard`, and :mod:`host.tools.mcp` (MCP servers, supervised).
 """
 
-from .registry import ToolContext, ToolError, ToolSpec, tool
+from host.tools.registry import ToolContext, ToolError, ToolSpec, tool
 
 __all__ = ["ToolContext", "ToolError", "ToolSpec", "tool"]

@@ -11,9 +11,8 @@ from typing import Any
 import certifi
 import httpx
 
+from host.tools.registry import ToolContext, ToolError
 from policies.paths import locator
-
-from .registry import ToolContext, ToolError
 
 REDACTED = "[redacted]"
 MIN_SECRET = 4  # shorter values would redact ordinary text; no real credential is this short

@@ -22,10 +22,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from host.tools.registry import AnyArgs, ToolContext, ToolError, ToolSpec, spec_from_function, tool
 from policies.paths import locator
 from policies.schema import tool_kind
-
-from .registry import AnyArgs, ToolContext, ToolError, ToolSpec, spec_from_function, tool
 
 MAX_KEY = 512
 MAX_VALUE = 1 << 20
@@ -143,7 +142,7 @@ def _family_spec(name: str, kind: str) -> ToolSpec:
     """
     # The network tools (httpx, jsonschema, the MCP SDK) load on first use, not with the CLI.
     if kind == "llm.chat":
-        from . import llm as llm_tool
+        from host.tools import llm as llm_tool
 
         async def llm(args: llm_tool.ChatArgs, ctx: ToolContext) -> dict[str, Any]:
             return await llm_tool.chat(args, ctx, tool=name)
@@ -151,7 +150,7 @@ def _family_spec(name: str, kind: str) -> ToolSpec:
         return ToolSpec(name, llm, llm_tool.ChatArgs, idempotent=True,
                         description="a chat completion from the LLM the grant names")
     if kind == "http.fetch":
-        from . import http as http_tool
+        from host.tools import http as http_tool
 
         async def fetch(args: http_tool.FetchArgs, ctx: ToolContext) -> dict[str, Any]:
             return await http_tool.fetch(args, ctx, tool=name)
@@ -159,7 +158,7 @@ def _family_spec(name: str, kind: str) -> ToolSpec:
         return ToolSpec(name, fetch, http_tool.FetchArgs, idempotent=True,
                         description="an HTTP request to a host on the grant's allowlist")
 
-    from . import mcp as mcp_tool
+    from host.tools import mcp as mcp_tool
 
     async def mcp(args: AnyArgs, ctx: ToolContext) -> dict[str, Any]:
         return await mcp_tool.call_tool(args, ctx, tool=name)

@@ -52,10 +52,8 @@ import anyio
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from policies.schema import fill_placeholders
-
-from . import netguard
-from ._net import (
+from host.tools import netguard
+from host.tools._net import (
     ResponseTooLarge,
     grant_of,
     read_capped,
@@ -66,10 +64,11 @@ from ._net import (
     secret_values,
     transport_error,
 )
-from ._net import (
+from host.tools._net import (
     client as new_client,
 )
-from .registry import ToolContext, ToolError
+from host.tools.registry import ToolContext, ToolError
+from policies.schema import fill_placeholders
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_BYTES = 256 << 10

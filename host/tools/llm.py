@@ -45,7 +45,7 @@ import anyio
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._net import (
+from host.tools._net import (
     ResponseTooLarge,
     grant_of,
     read_capped,
@@ -55,10 +55,10 @@ from ._net import (
     secret_values,
     transport_error,
 )
-from ._net import (
+from host.tools._net import (
     client as new_client,
 )
-from .registry import ToolContext, ToolError
+from host.tools.registry import ToolContext, ToolError
 
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_RETRIES = 2

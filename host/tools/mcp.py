@@ -65,9 +65,8 @@ import jsonschema
 import jsonschema.exceptions
 import jsonschema.validators
 
+from host.tools.registry import AnyArgs, ToolContext, ToolError
 from policies.schema import fill_placeholders, mcp_tool_parts
-
-from .registry import AnyArgs, ToolContext, ToolError
 
 log = logging.getLogger("torpor.mcp")
 T = TypeVar("T")

@@ -35,9 +35,8 @@ from typing import Any
 
 import anyio
 
+from host.tools.registry import ToolError
 from policies.schema import parse_host_pattern
-
-from .registry import ToolError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 DEFAULT_PORTS = {"http": 80, "https": 443}

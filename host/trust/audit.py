@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from .errors import ConfigError, TorporError
+from host.errors import ConfigError, TorporError
 
 GENESIS = "0" * 64
 BUCKET = "audit"
@@ -91,6 +91,25 @@ def seal(agent_id: str, seq: int, prev: str, t: float, kind: str, data: dict[str
     rec: dict[str, Any] = {"agent_id": agent_id, "seq": seq, "t": t, "kind": kind, "prev": prev, **data}
     rec["hash"] = hashlib.sha256(canonical(rec)).hexdigest()
     return rec
+
+
+def append_events(txn: Any, rec: dict[str, Any], events: Iterable[tuple[str, dict[str, Any]]]) -> None:
+    """Seal ``events`` onto the agent's chain inside ``txn``; updates ``rec``'s chain head.
+
+    The one writer of an agent's chain: each event becomes the next record, linked to the
+    head the agent record holds, and the record's ``audit_seq`` and ``audit_head`` move on
+    in the same transaction.
+    """
+    seq = int(rec.get("audit_seq", 0))
+    head = str(rec.get("audit_head") or GENESIS)
+    now = time.time()
+    for kind, data in events:
+        seq += 1
+        sealed = seal(rec["agent_id"], seq, head, now, kind, data)
+        txn.put_blob(BUCKET, record_key(rec["agent_id"], seq), canonical(sealed))
+        head = sealed["hash"]
+    rec["audit_seq"] = seq
+    rec["audit_head"] = head
 
 
 def _body_hash(rec: Mapping[str, Any]) -> str:
@@ -188,7 +207,7 @@ def check_chain(agent_id: str, items: list[_Item], *, keys: Mapping[str, Any] | 
     record must equal. ``keys``: public keys (by id) to check a leading
     checkpoint's signature; None skips that check.
     """
-    from .identity import verify_signature
+    from host.trust.identity import verify_signature
 
     prev_seq, prev = anchor
     expected = prev_seq + 1
@@ -314,9 +333,9 @@ def seal_head(txn: Any, key: Any, *, now: float | None = None) -> dict[str, Any]
     """Sign a new head over every agent's chain head, inside ``txn``; None if nothing changed.
 
     Reads every agent record (O(agents)); it is meant to run periodically,
-    not per commit. ``key`` is a :class:`~host.identity.HostKey`.
+    not per commit. ``key`` is a :class:`~host.trust.identity.HostKey`.
     """
-    from .identity import register_public_key
+    from host.trust.identity import register_public_key
 
     raw = txn.get_blob(HEADS_BUCKET, HEAD_STATE)
     state: dict[str, Any] = json.loads(raw) if raw else {"seq": 0, "hash": GENESIS, "map": {}}
@@ -379,7 +398,7 @@ class _HeadCheck:
 
 
 def _check_heads(heads: list[tuple[str, dict[str, Any]]], keys: Mapping[str, Any]) -> _HeadCheck:
-    from .identity import verify_signature
+    from host.trust.identity import verify_signature
 
     problems: list[Problem] = []
     claims: list[tuple[str, str, int, str]] = []
@@ -445,7 +464,7 @@ def _check_claims(claims: list[tuple[str, str, int, str]], chains: Mapping[str, 
 
 # -- the store ------------------------------------------------------------------------------------------------
 def _trusted_keys(txn: Any, extra: Mapping[str, Any] | None) -> dict[str, Any]:
-    from .identity import known_public_keys
+    from host.trust.identity import known_public_keys
 
     keys = known_public_keys(txn)
     keys.update(extra or {})
@@ -557,7 +576,7 @@ def export(store: Any, out: IO[bytes], key: Any, *, since: float | None = None,
         out.write(data)
         n += 1
 
-    from .identity import b64e, public_raw, register_public_key
+    from host.trust.identity import b64e, public_raw, register_public_key
 
     def register(txn: Any) -> None:
         register_public_key(txn, key)
@@ -602,7 +621,7 @@ def verify_export(lines: Iterable[bytes | str], *, public_keys: Mapping[str, Any
     is used (which proves integrity against accidents and against anyone who
     did not also re-sign it), and the report notes that it was not pinned.
     """
-    from .identity import public_key_from, verify_signature
+    from host.trust.identity import public_key_from, verify_signature
 
     report = VerifyReport(source="export")
     h = hashlib.sha256()
@@ -740,7 +759,7 @@ def prune(store: Any, key: Any, *, before: float, agent_id: str | None = None,
     reported, so pruning can never launder tampering. Each agent is pruned in
     its own transaction.
     """
-    from .identity import register_public_key
+    from host.trust.identity import register_public_key
 
     t_now = time.time() if now is None else now
     with store.read() as txn:

@@ -8,7 +8,7 @@ magic, the version, then ``id, size`` pairs. Anything malformed raises
 
 from __future__ import annotations
 
-from .errors import ModuleError
+from host.errors import ModuleError
 
 WASM_MAGIC = b"\0asm"
 WASM_VERSION = b"\x01\0\0\0"

@@ -1,13 +1,13 @@
 """The host: spawns agents, mediates their tool calls, hibernates and resumes them.
 
 :class:`Host` is the embeddable API (the CLI is a thin layer over it). It owns
-one Wasmtime :class:`~host.engine.Engine`, one store (LMDB by default), a
+one Wasmtime :class:`~host.sandbox.engine.Engine`, one store (LMDB by default), a
 group committer that lets many agents' checkpoints share one commit, and the
 concurrency pools agents queue on.
 
 The life of a tool call, which is also the durability protocol:
 
-1. the guest calls ``tool_call``; its instance unwinds (see :mod:`host.execution`);
+1. the guest calls ``tool_call``; its instance unwinds (see :mod:`host.sandbox.execution`);
 2. the policy engine decides (pure: :func:`policies.decide`); the agent's state
    is captured as snapshot *K* and written in one transaction with the
    journal's *intent* record for the call and the audit records of the
@@ -42,22 +42,19 @@ from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
-import platformdirs
 
 import policies
-from snapshots.errors import SnapshotError, StoreConfigError
-from snapshots.format import Snapshot, decode_snapshot, encode_snapshot
-from snapshots.group_commit import GroupCommitter
-from snapshots.lmdb_store import LmdbStore
-from snapshots.store import INPUTS_BUCKET, AgentStore
-
-from . import abi, audit, imports
-from . import bundle as bundle_mod
-from . import wasi as wasi_imports
-from .bundle import Bundle
-from .engine import Engine, EngineConfig, LoadedModule
-from .errors import AgentNotFound, AgentStateError, ConfigError, TorporError
-from .execution import (
+from host.errors import AgentNotFound, AgentStateError, ConfigError, TorporError
+from host.ids import new_agent_id
+from host.paths import default_store_dir
+from host.runtime.overlay import WriteOverlay
+from host.runtime.pools import PriorityPool
+from host.sandbox import abi, imports
+from host.sandbox import bundle as bundle_mod
+from host.sandbox import wasi as wasi_imports
+from host.sandbox.bundle import Bundle
+from host.sandbox.engine import Engine, EngineConfig, LoadedModule
+from host.sandbox.execution import (
     Captured,
     Completed,
     Execution,
@@ -67,12 +64,15 @@ from .execution import (
     Suspended,
     error_response,
 )
-from .identity import IdentityService
-from .ids import new_agent_id
-from .overlay import WriteOverlay
-from .pools import PriorityPool
-from .tools.builtin import BUILTINS
-from .tools.registry import ToolContext, ToolError, ToolSpec, load_handler, spec_from_function
+from host.tools.builtin import BUILTINS
+from host.tools.registry import ToolContext, ToolError, ToolSpec, load_handler, spec_from_function
+from host.trust import audit
+from host.trust.identity import IdentityService
+from snapshots.errors import SnapshotError, StoreConfigError
+from snapshots.format import Snapshot, decode_snapshot, encode_snapshot
+from snapshots.group_commit import GroupCommitter
+from snapshots.lmdb_store import LmdbStore
+from snapshots.store import INPUTS_BUCKET, AgentStore
 
 T = TypeVar("T")
 
@@ -103,14 +103,6 @@ LOG_LIMIT = 1000
 WASM_PAGE = 65536
 
 Answer = tuple[int, bytes]
-
-
-def default_store_dir() -> Path:
-    """``$TORPOR_STORE`` or the user's data directory."""
-    env = os.environ.get("TORPOR_STORE")
-    if env:
-        return Path(env)
-    return Path(platformdirs.user_data_dir("torpor")) / "store"
 
 
 @dataclass
@@ -221,7 +213,7 @@ class Host:
     others share the host pool only. ``engine``: a Wasmtime layout by profile
     name (``dense``, the default, packs the most instances into a process;
     ``fast`` runs compute-heavy guests about twice as fast; see
-    ``bench/RESULTS.md``) or an :class:`~host.engine.EngineConfig`.
+    ``bench/RESULTS.md``) or an :class:`~host.sandbox.engine.EngineConfig`.
     ``durability``: what a returned commit of the LMDB store survives, ``"sync"``
     (on stable storage: also a power loss) or ``"process"`` (in the OS page cache,
     flushed every second: the host process being killed, which is what the
@@ -276,7 +268,7 @@ class Host:
         self.pool = PriorityPool(pool_size, "host")
         self.class_pools = {name: PriorityPool(size, name) for name, size in (class_pools or {}).items()}
         if broker is None:
-            from .credentials import VaultBroker
+            from host.trust.credentials import VaultBroker
 
             broker = VaultBroker.for_store(self.store_dir)  # the store's own vault (opened lazily)
         self.broker = broker

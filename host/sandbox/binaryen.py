@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .errors import ToolchainError
+from host.errors import ToolchainError
 
 _CDEF = """
 typedef struct BinaryenModule* BinaryenModuleRef;

@@ -3,7 +3,7 @@
 Every pointer and length a guest passes is checked against its linear memory
 before use (see :meth:`Execution.read`); a bad one earns an error code, never a
 host exception. The functions find their agent through a thread-local set by
-:class:`~host.execution.Execution` around each call into wasm, because one
+:class:`~host.sandbox.execution.Execution` around each call into wasm, because one
 linker (and one ``InstancePre``) serves every agent of a module.
 """
 
@@ -14,8 +14,15 @@ from typing import Any
 
 import wasmtime
 
-from . import abi
-from .execution import GuestAbort, ImportFault, PendingCall, current, define_import, error_response
+from host.sandbox import abi
+from host.sandbox.execution import (
+    GuestAbort,
+    ImportFault,
+    PendingCall,
+    current,
+    define_import,
+    error_response,
+)
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
@@ -123,7 +130,7 @@ def tool_call(name_ptr: int, name_len: int, args_ptr: int, args_len: int) -> int
 def define(linker: wasmtime.Linker, *, tools: bool) -> None:
     """Define the ABI's imports; ``tool_call`` only when the policy grants a tool.
 
-    Through :func:`~host.execution.define_import`, which skips wasmtime-py's
+    Through :func:`~host.sandbox.execution.define_import`, which skips wasmtime-py's
     per-value conversions (a tool round trip calls four imports).
     """
     m = abi.IMPORT_MODULE

@@ -31,9 +31,8 @@ from typing import Any
 import wasmtime
 from wasmtime import _ffi
 
+from host.errors import ConfigError
 from snapshots import native_build
-
-from .errors import ConfigError
 
 __all__ = ["DEFAULT_MAX_FREE", "ENV_ENABLED", "ENV_MAX_FREE", "STAT_NAMES", "MemoryPool", "create", "default_max_free",
            "enabled_by_env", "status"]

@@ -13,10 +13,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import abi, binaryen, wasm_binary
-from .errors import ModuleError, ToolchainError
+from host.errors import ModuleError, ToolchainError
+from host.sandbox import abi, binaryen, wasm_binary
 
-SDK_DIR = Path(__file__).resolve().parent.parent / "guest_sdk" / "c"
+SDK_DIR = Path(__file__).resolve().parents[2] / "guest_sdk" / "c"  # from host/sandbox/ up to the top
 
 COMPILE_FLAGS = (
     "--target=wasm32-freestanding",
@@ -94,7 +94,7 @@ def prepare_module(wasm: bytes) -> bytes:
 
 
 def raise_abi_version(version: int) -> None:
-    from .errors import AbiVersionError
+    from host.errors import AbiVersionError
 
     supported = ", ".join(str(v) for v in sorted(abi.SUPPORTED_ABI_VERSIONS))
     raise AbiVersionError(

@@ -86,3 +86,17 @@ class PriorityPool:
             yield
         finally:
             self.release()
+
+
+@asynccontextmanager
+async def slots(host_pool: PriorityPool, class_pool: PriorityPool | None, priority: int) -> AsyncIterator[None]:
+    """A slot in the agent's class pool (if it has one), then in the host pool: always in
+    that order, so that two agents can never deadlock holding one each."""
+    if class_pool is not None:
+        await class_pool.acquire(priority)
+    try:
+        async with host_pool.slot(priority):
+            yield
+    finally:
+        if class_pool is not None:
+            class_pool.release()

@@ -16,10 +16,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from host.errors import ConfigError, TorporError
+from host.sandbox import bundle as bundle_mod
 from snapshots.lmdb_store import DURABILITY_LEVELS
-
-from . import bundle as bundle_mod
-from .errors import ConfigError, TorporError
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran, the agent failed or was terminated
@@ -38,8 +37,9 @@ def _emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> Non
 def _host(args: argparse.Namespace) -> Any:
     """The host on the store the command names. Only `run` may create a store: for every
     other command a missing directory is a mistyped --store, not an empty store."""
-    from .credentials import VaultBroker
-    from .runtime import Host, default_store_dir
+    from host.paths import default_store_dir
+    from host.runtime import Host
+    from host.trust.credentials import VaultBroker
 
     store = Path(args.store) if args.store is not None else default_store_dir()
     if args.command != "run" and not (store / "db").is_dir():
@@ -141,7 +141,7 @@ def _print_result(res: Any) -> None:
 
 def _drive(args: argparse.Namespace, action: Callable[[Any], Awaitable[Any]]) -> int:
     """Open the host, drive one agent with ``action(host)``, print the result, map it to an exit code."""
-    from .runtime import run_sync
+    from host.runtime import run_sync
 
     host = _host(args)
     try:
@@ -161,7 +161,7 @@ def _result_exit(res: Any) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runtime import run_sync
+    from host.runtime import run_sync
 
     if args.fuel is not None and args.fuel < 0:
         raise ConfigError("--fuel must be a non-negative integer")
@@ -180,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from .runtime import run_sync
+    from host.runtime import run_sync
 
     host = _host(args)
     try:
@@ -387,7 +387,7 @@ def _corrupt_report(db: Path, message: str) -> dict[str, Any]:
 
 def cmd_store_check(args: argparse.Namespace) -> int:
     """Read every record of the store (refused as suspect or not) and report what is wrong."""
-    from .runtime import default_store_dir
+    from host.paths import default_store_dir
 
     root = Path(args.store) if args.store is not None else default_store_dir()
     # A Torpor store keeps its LMDB environment in db/; an LmdbStore's own directory
@@ -453,12 +453,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     helpers are built (and why not), the default store and durability level."""
     from importlib import metadata
 
+    from host.paths import default_store_dir
+    from host.sandbox import memory_pool
+    from host.sandbox.engine import EngineConfig
     from snapshots import delta, native_build
     from snapshots.lmdb_store import resolve_durability
-
-    from . import memory_pool
-    from .engine import EngineConfig
-    from .runtime import default_store_dir
 
     def version(dist: str) -> str:
         try:
@@ -628,8 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--args", default="{}", help="JSON arguments")
     sp.add_argument("--json", action="store_true", help="print one JSON document")
     sp.set_defaults(fn=cmd_policy_explain)
-    __import__("host.benchmarks", fromlist=["add_parser"]).add_parser(sub)  # `torpor bench ...`
-    __import__("host.cli_identity", fromlist=["add_parsers"]).add_parsers(sub)  # secrets, audit, replay, identity
+    from host.benchmarks import add_parser as add_bench_parser
+    from host.cli.trust import add_parsers as add_trust_parsers
+
+    add_bench_parser(sub)  # `torpor bench ...`
+    add_trust_parsers(sub)  # secrets, audit, replay, identity
     return p
 
 
@@ -685,5 +687,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
-if __name__ == "__main__":  # pragma: no cover
+if __name__ == "__main__":  # pragma: no cover - `python -m host.cli.app`
     sys.exit(main())

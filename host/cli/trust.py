@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, TorporError
+from host.errors import ConfigError, TorporError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -33,7 +33,7 @@ EXIT_ERROR = 2
 def _store_dir(args: argparse.Namespace) -> Path:
     if getattr(args, "store", None):
         return Path(args.store)
-    from .runtime import default_store_dir
+    from host.paths import default_store_dir
 
     return default_store_dir()
 
@@ -69,7 +69,7 @@ def _iso(t: Any) -> str:
 
 def _pinned_keys(args: argparse.Namespace) -> dict[str, Any] | None:
     """Keys given with --public-key (PEM file, or base64url text), by key id."""
-    from .identity import key_id, public_key_from, public_raw
+    from host.trust.identity import key_id, public_key_from, public_raw
 
     values = getattr(args, "public_key", None) or []
     if not values:
@@ -85,7 +85,7 @@ def _pinned_keys(args: argparse.Namespace) -> dict[str, Any] | None:
 
 # -- secrets --------------------------------------------------------------------------------------------------
 def _vault(args: argparse.Namespace) -> Any:
-    from .vault import Vault
+    from host.trust.vault import Vault
 
     return Vault(_store_dir(args), key_file=getattr(args, "key_file", None))
 
@@ -135,7 +135,7 @@ def cmd_secrets_list(args: argparse.Namespace) -> int:
 
 
 def cmd_secrets_rm(args: argparse.Namespace) -> int:
-    from .vault import SecretNotFound
+    from host.trust.vault import SecretNotFound
 
     if not _vault(args).remove(args.name):
         raise SecretNotFound(f"no secret {args.name} in the vault")
@@ -144,7 +144,7 @@ def cmd_secrets_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_secrets_keygen(args: argparse.Namespace) -> int:
-    from .vault import generate_key
+    from host.trust.vault import generate_key
 
     key = generate_key()
     _emit(args, {"key": key}, lambda: print(key))
@@ -153,7 +153,7 @@ def cmd_secrets_keygen(args: argparse.Namespace) -> int:
 
 # -- audit ----------------------------------------------------------------------------------------------------
 def cmd_audit_show(args: argparse.Namespace) -> int:
-    from . import audit
+    from host.trust import audit
 
     with _open_store(args, readonly=True) as store:
         with store.read() as txn:
@@ -193,7 +193,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from . import audit
+    from host.trust import audit
 
     if args.file:
         pinned = _pinned_keys(args)
@@ -224,8 +224,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
-    from . import audit
-    from .identity import HostKey
+    from host.trust import audit
+    from host.trust.identity import HostKey
 
     since = audit.parse_time(args.since) if args.since else None
     key = HostKey.load_or_create(_store_dir(args))
@@ -247,8 +247,8 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_seal(args: argparse.Namespace) -> int:
-    from . import audit
-    from .identity import HostKey
+    from host.trust import audit
+    from host.trust.identity import HostKey
 
     key = HostKey.load_or_create(_store_dir(args))
     with _open_store(args) as store:
@@ -261,8 +261,8 @@ def cmd_audit_seal(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_prune(args: argparse.Namespace) -> int:
-    from . import audit
-    from .identity import HostKey
+    from host.trust import audit
+    from host.trust.identity import HostKey
 
     before = audit.parse_time(args.before)
     if before > time.time():
@@ -284,9 +284,9 @@ def cmd_audit_prune(args: argparse.Namespace) -> int:
 
 # -- replay ---------------------------------------------------------------------------------------------------
 def cmd_replay(args: argparse.Namespace) -> int:
-    from . import bundle as bundle_mod
-    from .replay import replay
-    from .runtime import Host
+    from host.runtime import Host
+    from host.runtime.replay import replay
+    from host.sandbox import bundle as bundle_mod
 
     b = bundle_mod.load(args.bundle) if args.bundle else None
     host = Host(_store_dir(args))
@@ -337,7 +337,7 @@ def cmd_identity_show(args: argparse.Namespace) -> int:
 
 
 def cmd_identity_token(args: argparse.Namespace) -> int:
-    from .identity import IdentityService
+    from host.trust.identity import IdentityService
 
     with _open_store(args) as store:
         token = IdentityService(store, _store_dir(args)).token_for(args.agent)
@@ -346,7 +346,7 @@ def cmd_identity_token(args: argparse.Namespace) -> int:
 
 
 def cmd_identity_verify(args: argparse.Namespace) -> int:
-    from .identity import IdentityError, verify_token
+    from host.trust.identity import IdentityError, verify_token
 
     token = sys.stdin.read().strip() if args.token == "-" else args.token
     pinned = _pinned_keys(args)
@@ -367,7 +367,7 @@ def cmd_identity_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_identity_key(args: argparse.Namespace) -> int:
-    from .identity import HostKey
+    from host.trust.identity import HostKey
 
     key = HostKey.load_or_create(_store_dir(args))
     data = {"key_id": key.key_id, "algorithm": "Ed25519", "public_key": key.public_b64(), "pem": key.public_pem()}

@@ -30,11 +30,10 @@ from wasmtime import _func as _wasmtime_func
 from wasmtime._extern import wrap_extern as _wrap_extern
 from wasmtime._func import maybe_raise_last_exn as _raise_callback_exception
 
+from host.sandbox import abi
+from host.sandbox.engine import LoadedModule
 from snapshots.delta import MemoryAt, MemoryDelta, apply_delta, diff_memory
 from snapshots.format import GlobalValue
-
-from . import abi
-from .engine import LoadedModule
 
 _tls = threading.local()
 

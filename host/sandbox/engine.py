@@ -25,10 +25,9 @@ from typing import Any
 
 import wasmtime
 
+from host.errors import ConfigError, ImportNotGranted, ModuleError
+from host.sandbox import abi, memory_pool
 from snapshots import PristineImage
-
-from . import abi, memory_pool
-from .errors import ConfigError, ImportNotGranted, ModuleError
 
 EPOCH_TICK_S = 0.005
 MAX_WASM_STACK = 512 << 10

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from host.errors import BundleError, ModuleError
+from host.sandbox import abi, toolchain, wasm_binary
 from policies import Policy, parse_policy
-
-from . import abi, toolchain, wasm_binary
-from .errors import BundleError, ModuleError
 
 BUNDLE_FORMAT = "torpor-bundle/1"
 MODULE_MEMBER = "agent.wasm"

@@ -29,15 +29,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from host.errors import TorporError
+from host.sandbox import bundle as bundle_mod
+from host.sandbox.bundle import Bundle
+from host.sandbox.execution import Captured, Completed, Execution, Failed, PendingCall, Suspended
+from host.trust import audit
 from snapshots.errors import SnapshotError
 from snapshots.format import decode_snapshot
 from snapshots.store import INPUTS_BUCKET
-
-from . import audit
-from . import bundle as bundle_mod
-from .bundle import Bundle
-from .errors import TorporError
-from .execution import Captured, Completed, Execution, Failed, PendingCall, Suspended
 
 TERMINAL = ("completed", "failed", "terminated")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import wasmtime
 
-from .execution import ABORT_EXIT, GuestAbort, ImportFault, current
+from host.sandbox.execution import ABORT_EXIT, GuestAbort, ImportFault, current
 
 MODULE = "wasi_snapshot_preview1"
 

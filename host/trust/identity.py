@@ -17,7 +17,7 @@ bucket), so a token copied somewhere stops verifying even before it expires.
 
 The host's signing key is one Ed25519 key in the store directory
 (``host_ed25519.key``, mode 0600, created on first use). It also signs audit
-heads and checkpoints (:mod:`host.audit`); every use prefixes its message with
+heads and checkpoints (:mod:`host.trust.audit`); every use prefixes its message with
 its own domain string so that a signature made for one purpose can never be
 passed off as another. Its public half is recorded in the store's ``meta``
 bucket under ``host_key/<key id>`` so that verifiers holding only the store
@@ -43,7 +43,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .errors import ConfigError, TorporError
+from host.errors import ConfigError, TorporError
 
 KEY_FILE = "host_ed25519.key"
 TOKEN_PREFIX = "tpr1"
@@ -331,7 +331,7 @@ def verify_token(token: str, *, store: Any = None, public_keys: Mapping[str, Ed2
                            f"({revoked.get('reason', 'revoked')})")
     if t > claims.expires_at + leeway_s:
         raise TokenExpired(f"agent {claims.agent_id}'s identity token expired at {_iso(claims.expires_at)}; "
-                           "a tool gets a fresh one with host.identity.token_for(ctx)")
+                           "a tool gets a fresh one with host.trust.identity.token_for(ctx)")
     if t + leeway_s < claims.issued_at:
         raise TokenInvalid("the identity token is not valid yet (issued in the future: clock skew?)")
     return claims

@@ -33,15 +33,33 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from .errors import ConfigError, TorporError
-from .vault import Vault
+from host.errors import ConfigError, TorporError
+from host.trust.vault import Vault
 
 DEFAULT_LEASE_TTL_S = 300.0
 MAX_REMEMBERED_DEAD = 100_000
 
 EventSink = Callable[[str, dict[str, Any]], None]
+
+
+class CredentialBroker(Protocol):
+    """Hands tools the secrets their grant names, on the host side only.
+
+    ``check`` runs at spawn and refuses a policy naming a credential that does
+    not exist; ``secrets_for`` leases (or renews) the named secrets for one
+    call (its lease events, for the audit log, go to ``on_event``); ``revoke``
+    ends every lease of an agent when it terminates. :class:`VaultBroker` is the
+    one backed by the store's own vault.
+    """
+
+    def check(self, agent_id: str, policy: Any) -> None: ...
+
+    def secrets_for(self, agent_id: str, tool: str, names: tuple[str, ...], *,
+                    on_event: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, str]: ...
+
+    def revoke(self, agent_id: str) -> list[str]: ...
 
 
 class CredentialError(TorporError):
@@ -114,7 +132,7 @@ class LeasedSecrets(dict[str, str]):
 
 
 class VaultBroker:
-    """A :class:`~host.runtime.CredentialBroker` backed by the local :class:`~host.vault.Vault`.
+    """A :class:`CredentialBroker` backed by the local :class:`~host.trust.vault.Vault`.
 
     ``lease_ttl_s``: how long a lease lasts without use; a lease with less
     than half of that left is renewed when its tool is called again.
@@ -138,7 +156,7 @@ class VaultBroker:
                   lease_ttl_s: float = DEFAULT_LEASE_TTL_S) -> VaultBroker:
         """The broker of a store directory (``None``: the default store, as :class:`Host` resolves it)."""
         if store_dir is None:
-            from .runtime import default_store_dir
+            from host.paths import default_store_dir
 
             store_dir = default_store_dir()
         return cls(Vault(store_dir, key_file=key_file), lease_ttl_s=lease_ttl_s)

@@ -45,8 +45,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from .errors import ConfigError, TorporError
-from .identity import b64d, b64e
+from host.errors import ConfigError, TorporError
+from host.trust.identity import b64d, b64e
 
 VAULT_FILE = "vault.json"
 KEY_FILE = "vault.key"
