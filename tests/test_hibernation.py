@@ -15,6 +15,7 @@ from conftest import EXAMPLES, GUESTS, BundleFactory
 
 from host.errors import AgentNotFound, AgentStateError, TorporError
 from host.runtime import Host, RunResult
+from host.runtime.guest import GuestRunner
 from host.sandbox import bundle as bundle_mod
 
 
@@ -109,13 +110,13 @@ def test_short_segments_of_concurrent_agents_run_inline(bundles: BundleFactory, 
     not on the wall time of a thread hop and its wait for a worker."""
     b = bundles.load(EXAMPLES / "steps")
     hops: list[str] = []
-    real = Host._run_wasm
+    real = GuestRunner.in_thread
 
-    async def counted(self: Host, fn: Any, *args: Any) -> Any:
+    async def counted(self: GuestRunner, fn: Any, *args: Any) -> Any:
         hops.append(getattr(fn, "__name__", "?"))
         return await real(self, fn, *args)
 
-    monkeypatch.setattr(Host, "_run_wasm", counted)
+    monkeypatch.setattr(GuestRunner, "in_thread", counted)
     with Host(tmp_path, warm_idle_s=60.0) as host:
         results: list[RunResult] = []
 

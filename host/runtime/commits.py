@@ -1,0 +1,64 @@
+"""One commit per step of an agent: its writes, its queued audit events, its record.
+
+Every change the runtime makes to an agent goes through :meth:`AgentCommits.agent`:
+the step's own writes (a checkpoint, a journal entry, a tool's effect), the audit
+events the agent queued since its last commit, sealed onto its hash chain, and its
+record, in one transaction of the group committer (many agents' commits share one
+``fdatasync``). A crash leaves either all of a step or none of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio.to_thread
+
+from host.runtime.agent import LiveAgent
+from host.trust import audit
+from snapshots.group_commit import GroupCommitter
+
+T = TypeVar("T")
+
+#: Events derived from a step's result, sealed in the same commit.
+Events = list[tuple[str, dict[str, Any]]]
+
+
+class AgentCommits:
+    """Commits through a :class:`~snapshots.group_commit.GroupCommitter` from async code."""
+
+    def __init__(self, committer: GroupCommitter) -> None:
+        self.committer = committer
+
+    async def run(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(txn)`` in a commit and return its value once the commit is durable."""
+        done = self.committer.try_inline(fn)  # an idle committer at durability "process"
+        if done is not None:
+            value: T = done.unwrap()
+            return value
+        fut = self.committer.submit(fn)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # pragma: no cover - non-asyncio backend
+            return await anyio.to_thread.run_sync(fut.result)
+        return await asyncio.wrap_future(fut, loop=loop)
+
+    async def agent(self, agent: LiveAgent, fn: Callable[[Any], T] | None = None,
+                    after: Callable[[T], Events] | None = None) -> T | None:
+        """One transaction: ``fn``, the agent's queued audit events (plus ``after(result)``), its record."""
+        queued = len(agent.events)
+
+        def write(txn: Any) -> tuple[T | None, int, str]:
+            result = fn(txn) if fn is not None else None
+            events = agent.events[:queued] + (after(result) if after is not None and result is not None else [])
+            rec = dict(agent.record)
+            audit.append_events(txn, rec, events)
+            txn.put_agent(rec)
+            return result, rec["audit_seq"], rec["audit_head"]
+
+        result, seq, head = await self.run(write)
+        agent.record["audit_seq"] = seq
+        agent.record["audit_head"] = head
+        del agent.events[:queued]
+        return result

@@ -1,0 +1,244 @@
+"""An agent's life around its tool calls: spawn, load and claim, finish.
+
+Each of these is a first-class audited event: ``agent.spawned`` (with its identity
+provisioned in the same commit), ``agent.resumed``, ``agent.completed`` /
+``agent.failed`` / ``agent.terminated`` (with its identity retired and its credential
+leases revoked in the same commit). Ownership of a running agent is a claim in its
+record (pid, host and process start time), so that two processes never drive one agent
+and a dead process's agents can be taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from typing import Any
+
+import anyio.to_thread
+
+import policies
+from host.errors import AgentNotFound, AgentStateError, ConfigError, TorporError
+from host.ids import new_agent_id
+from host.runtime import queries
+from host.runtime.agent import PARKED, TERMINAL, LiveAgent, RunResult
+from host.runtime.commits import AgentCommits
+from host.runtime.guest import GuestRunner
+from host.runtime.loader import BundleLoader, limits_for
+from host.runtime.tool_call import Ended
+from host.sandbox import abi
+from host.sandbox.bundle import Bundle
+from host.sandbox.execution import Captured, Completed, Failed, PendingCall
+from host.trust import audit
+from host.trust.audit import HeadSealer
+from host.trust.credentials import CredentialBroker
+from host.trust.identity import IdentityService
+from snapshots.errors import SnapshotError
+from snapshots.format import decode_snapshot
+from snapshots.store import INPUTS_BUCKET, AgentStore
+
+Owner = dict[str, Any]
+
+
+class Lifecycle:
+    """Spawns, loads (restores) and finishes agents, and keeps their ownership claims."""
+
+    def __init__(self, store: AgentStore, where: object, loader: BundleLoader, commits: AgentCommits,
+                 guest: GuestRunner, identity: IdentityService, heads: HeadSealer,
+                 broker: CredentialBroker | None) -> None:
+        self.store = store
+        self.where = where  # the store's directory, for messages
+        self.loader = loader
+        self.commits = commits
+        self.guest = guest
+        self.identity = identity
+        self.heads = heads
+        self.broker = broker
+        self.owner: Owner = {"pid": os.getpid(), "host": socket.gethostname(), "start": process_start(os.getpid())}
+
+    # -- spawn ------------------------------------------------------------------------------
+    async def spawn(self, b: Bundle, input: Any, *, fuel: int | None, on_behalf_of: str | None) -> LiveAgent:
+        """A new agent: its record, input and identity written, ``agent.spawned`` audited."""
+        if fuel is not None and fuel < 0:
+            raise ConfigError("fuel must be a non-negative integer")
+        self.loader.register(b)
+        loaded, pre = self.loader.module(b)
+        tools, validators = self.loader.tools(b)
+        now = time.time()
+        aid = new_agent_id(now)
+        try:
+            input_raw = json.dumps(input, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as exc:  # refused before anything is written
+            raise ConfigError(f"the agent's input must be JSON: {exc}") from exc
+        record: dict[str, Any] = {
+            "agent_id": aid, "name": b.name, "bundle_digest": b.digest, "module_digest": b.module_digest,
+            "status": "running", "input_bytes": len(input_raw), "output": None, "error": None,
+            "created_at": now, "updated_at": now, "finished_at": None, "last_progress": now,
+            "stall_timeout": b.policy.budgets.stall_timeout, "principal": on_behalf_of,
+            "parent": None, "fuel_limit": fuel, "checkpoints": 0, "snapshot_bytes": 0,
+            "last_checkpoint_bytes": 0, "pending": None, "owner": self.owner, "audit_seq": 0,
+            "audit_head": audit.GENESIS,
+            "usage": {"fuel_used": 0, "tool_calls": 0, "suspensions": 0, "hibernations": 0,
+                      "tokens": 0, "denials": 0, "calls_by_tool": {}, "recent_calls": {}},
+        }
+        agent = LiveAgent(record, b, loaded, tools, validators, limits_for(b, fuel), pre=pre, _input=input_raw)
+        if self.broker is not None:
+            self.broker.check(aid, b.policy)  # a missing credential refuses the agent before it starts
+        agent.event("agent.spawned", name=b.name, bundle_digest=b.digest, principal=on_behalf_of,
+                    input_digest=audit.digest(input))
+        provision = self.identity.provision(record, agent.event)
+
+        def write(txn: Any) -> None:
+            provision(txn)
+            txn.put_blob(INPUTS_BUCKET, aid, input_raw)
+
+        await self.commits.agent(agent, write)
+        return agent
+
+    @staticmethod
+    def begin_run(agent: LiveAgent) -> None:
+        """A run starts: per-run budgets count from here."""
+        agent.run_started = time.time()
+        agent.run_exec_s = 0.0
+        agent.run_fuel_start = int(agent.usage.get("fuel_used", 0))
+        agent.limits = limits_for(agent.bundle, agent.record.get("fuel_limit"), agent.run_fuel_start)
+
+    # -- load ---------------------------------------------------------------------------------
+    def load(self, agent_id: str) -> tuple[LiveAgent, PendingCall | None]:
+        """Claim an unfinished agent and restore it from its latest checkpoint.
+
+        Returns the agent (its guest state captured, not yet instantiated) and the call it
+        waits on, or None if it died before its first checkpoint.
+        """
+        rec = queries.get_agent(self.store, agent_id, where=self.where)
+        status = rec.get("status")
+        if status in TERMINAL:
+            raise AgentStateError(f"agent {agent_id} is {status}; only unfinished agents can be resumed")
+        if status in PARKED:
+            raise AgentStateError(f"agent {agent_id} is {status}: an operator must decide before it can resume")
+        b = self.loader.by_digest(rec["bundle_digest"])
+        loaded, pre = self.loader.module(b)
+        tools, validators = self.loader.tools(b)
+        self.claim(agent_id)
+        rec = queries.get_agent(self.store, agent_id, where=self.where)
+        rec.pop("stalled", None)
+        with self.store.read() as txn:
+            seq = txn.latest_checkpoint(agent_id)
+            blob = txn.get_checkpoint(agent_id, seq) if seq is not None else None
+            stored_input = txn.get_blob(INPUTS_BUCKET, agent_id)
+        agent = LiveAgent(rec, b, loaded, tools, validators, limits_for(b, rec.get("fuel_limit")), pre=pre,
+                          _input=stored_input)
+        if blob is None:
+            return agent, None
+        try:
+            snap = decode_snapshot(blob, expect_module_digest=b.module_digest, expect_abi_version=abi.ABI_VERSION,
+                                   pristine=loaded.image)
+        except SnapshotError as exc:
+            self.release_claim(agent_id)
+            raise TorporError(f"agent {agent_id}: checkpoint {seq} cannot be restored: {exc}",
+                              code="snapshot_corrupt") from exc
+        agent.captured = Captured(snap.memory, snap.globals, snap.async_buf)
+        # Usage counted after the checkpoint (decisions, tokens) lives in the record; fuel
+        # and the call counter restart from the snapshot, since that is where the guest resumes.
+        agent.usage["fuel_used"] = int(snap.usage.get("fuel_used", agent.usage.get("fuel_used", 0)))
+        agent.record["checkpoints"] = max(int(agent.record.get("checkpoints", 0)), snap.seq)
+        if snap.pending is None:
+            return agent, None
+        return agent, PendingCall.from_dict(snap.pending)
+
+    def claim(self, agent_id: str) -> None:
+        """Take ownership of an agent atomically, unless a live process holds it."""
+        def write(txn: Any) -> None:
+            rec = txn.get_agent(agent_id)
+            if rec is None:
+                raise AgentNotFound(f"no agent {agent_id}")
+            if not self.resumable(rec) and rec.get("status") not in PARKED and rec.get("status") not in TERMINAL:
+                raise AgentStateError(f"agent {agent_id} is being run by process {rec['owner'].get('pid')}")
+            rec["owner"] = self.owner
+            txn.put_agent(rec)
+
+        self.store.transact(write)
+
+    def release_claim(self, agent_id: str) -> None:
+        def write(txn: Any) -> None:
+            rec = txn.get_agent(agent_id)
+            if rec is not None and rec.get("owner") == self.owner:
+                rec["owner"] = None
+                txn.put_agent(rec)
+
+        self.store.transact(write)
+
+    def resumable(self, rec: dict[str, Any]) -> bool:
+        """Unfinished, not parked, and not driven by another live process on this machine."""
+        if rec.get("status") in TERMINAL or rec.get("status") in PARKED:
+            return False
+        owner = rec.get("owner") or {}
+        if owner.get("host") == self.owner["host"] and owner.get("pid") not in (None, os.getpid()):
+            start = process_start(int(owner["pid"]))
+            if start is not None and start == owner.get("start"):
+                return False  # its process is alive and still driving it
+        return True
+
+    # -- finish -------------------------------------------------------------------------------
+    async def finish(self, agent: LiveAgent, end: Ended) -> RunResult:
+        """The agent is done: output checked, identity retired, leases revoked, all audited."""
+        outcome, status, report = end.outcome, end.status, end.report
+        rec = agent.record
+        ex = agent.ex
+        if ex is not None:
+            rec["usage"]["fuel_used"] = ex.fuel_used
+        self.guest.release(agent)
+        retire = self.identity.retire(rec, agent.event)  # the identity ends with the agent (same commit)
+        now = time.time()
+        if isinstance(outcome, Completed):
+            verdict = policies.check_output(agent.bundle.policy, outcome.output, now, custom_validators=agent.validators,
+                                            agent_id=agent.agent_id, principal=rec.get("principal"))
+            if isinstance(verdict, policies.Allow):
+                rec.update(status="completed", output=outcome.output, error=None)
+                agent.event("agent.completed", output_digest=audit.digest(outcome.output))
+            else:
+                d = verdict.to_dict()
+                rec.update(status="failed", output=None, error={
+                    "code": "output_rejected", "message": f"the output was not released: {d.get('reason')}",
+                    "rule": d.get("rule"), "decision": d})
+                agent.event("agent.failed", error=rec["error"])
+        else:
+            assert isinstance(outcome, Failed)
+            err: dict[str, Any] = {"code": outcome.code, "message": outcome.message}
+            said = [line["message"] for line in agent.logs if line["level"] == "error"]
+            if outcome.code == "agent_error" and said:
+                err["message"] = f"{outcome.message}: {said[-1]}"  # what torpor_fail() said
+            if report:
+                err["report"] = report
+                if "rule" in report:
+                    err["rule"] = report["rule"]
+            final = status or "failed"
+            rec.update(status=final, error=err)
+            agent.event("agent." + final, error=err)
+        rec.update(finished_at=now, updated_at=now, pending=None, owner=None, last_progress=now)
+        if self.broker is not None:
+            revoked = self.broker.revoke(agent.agent_id)
+            if revoked:
+                agent.event("credential.revoked", names=revoked)
+        await self.commits.agent(agent, retire)
+        if self.heads.due():
+            await anyio.to_thread.run_sync(self.heads.maybe_seal)
+        return agent.result()
+
+
+def process_start(pid: int) -> int | None:
+    """The kernel's start time of a live (non-zombie) process, or None.
+
+    Start time and pid together name a process: a recycled pid has another
+    start time, and a killed process not yet reaped (a zombie) is dead to us.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])

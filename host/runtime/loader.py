@@ -1,0 +1,121 @@
+"""From a bundle to what an agent runs with: the stored bundle, the compiled module
+linked under the policy's grants, the tools the policy names, the limits of a run.
+
+Every agent load goes through :class:`BundleLoader`, and each piece is made once per
+bundle (per module for the compiled code): spawning the thousandth agent of a bundle
+costs a dictionary lookup, not a link.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from host.errors import TorporError
+from host.sandbox import bundle as bundle_mod
+from host.sandbox import imports
+from host.sandbox import wasi as wasi_imports
+from host.sandbox.bundle import Bundle
+from host.sandbox.engine import Engine, LoadedModule
+from host.sandbox.execution import Limits
+from host.tools.builtin import BUILTINS
+from host.tools.registry import ToolSpec, load_handler, spec_from_function
+from snapshots.store import AgentStore
+
+DEFAULT_FUEL = 1_000_000_000
+DEFAULT_MEMORY = 64 << 20
+DEFAULT_DEADLINE_S = 30.0
+WASM_PAGE = 65536
+
+#: The tool specs a policy grants, and its custom validators, by reference.
+Tools = tuple[dict[str, ToolSpec], dict[str, Any]]
+
+
+class BundleLoader:
+    """Bundles kept in the store, their modules compiled and linked, their tools loaded."""
+
+    def __init__(self, store: AgentStore, engine: Engine) -> None:
+        self.store = store
+        self.engine = engine
+        self._bundles: dict[str, Bundle] = {}
+        self._tools: dict[str, Tools] = {}
+
+    def register(self, b: Bundle) -> None:
+        """Keep the bundle in the store so any later resume can find the exact module."""
+        if b.digest in self._bundles:
+            return
+        self._bundles[b.digest] = b
+
+        def save(txn: Any) -> None:
+            if txn.get_blob("bundles", b.digest) is None:
+                txn.put_blob("bundles", b.digest, b.raw)
+
+        self.store.transact(save)
+
+    def by_digest(self, digest: str) -> Bundle:
+        """The bundle an agent was spawned from, from memory or the store."""
+        b = self._bundles.get(digest)
+        if b is None:
+            with self.store.read() as txn:
+                raw = txn.get_blob("bundles", digest)
+            if raw is None:
+                raise TorporError(f"bundle {digest[:12]} is no longer in the store", code="bundle_missing")
+            b = bundle_mod.load_bytes(raw, source=f"bundle {digest[:12]}")
+            self._bundles[digest] = b
+        return b
+
+    def tools(self, b: Bundle) -> Tools:
+        """The tool specs and custom validators a bundle's policy names (loaded once)."""
+        cached = self._tools.get(b.digest)
+        if cached is None:
+            tools: dict[str, ToolSpec] = {}
+            for name, grant in b.policy.grants.items():
+                if grant.handler:
+                    fn = load_handler(grant.handler, bundle_tools=b.tools, bundle_digest=b.digest)
+                    spec = spec_from_function(fn, name=name, idempotent=grant.idempotent)
+                elif name in BUILTINS:
+                    spec = BUILTINS[name]
+                    if spec.idempotent and not grant.idempotent:  # a policy may only tighten
+                        spec = dataclasses.replace(spec, idempotent=False)
+                else:
+                    continue  # granted but not implemented here: calls answer `unknown_tool`
+                tools[name] = spec
+            validators = {ref: load_handler(ref, bundle_tools=b.tools, bundle_digest=b.digest)
+                          for ref in b.policy.custom_validator_refs}
+            cached = (tools, validators)
+            self._tools[b.digest] = cached
+        return cached
+
+    def module(self, b: Bundle) -> tuple[LoadedModule, Any]:
+        """The compiled module and the ``InstancePre`` for a bundle, imports checked against its policy."""
+        loaded = self.engine.load(b.module, b.module_digest)
+        has_tools = bool(b.policy.grants)
+        wasi = frozenset(b.policy.wasi_allow)
+        loaded.check_imports(has_tools, wasi, b.policy.agent.name)
+
+        def make_linker(eng: Any) -> Any:
+            import wasmtime
+
+            linker = wasmtime.Linker(eng)
+            imports.define(linker, tools=has_tools)
+            if wasi:
+                wasi_imports.define(linker, loaded.module, wasi)
+            return linker
+
+        pre = loaded.instance_pre(("v1", has_tools, wasi), make_linker)
+        if has_tools and not loaded.suspendable:
+            raise TorporError("the module imports tool_call but was not transformed for suspension; "
+                              "repack it with `torpor pack`", code="invalid_module")
+        return loaded, pre
+
+
+def limits_for(b: Bundle, fuel: int | None, fuel_used: int = 0) -> Limits:
+    """Limits for one run: per-run fuel on top of what was used, capped by the total."""
+    budgets = b.policy.budgets
+    per_run = int(fuel if fuel is not None else (budgets.fuel or DEFAULT_FUEL))
+    cap = fuel_used + per_run
+    if budgets.fuel_total is not None:
+        cap = min(cap, int(budgets.fuel_total))
+    memory = int(budgets.memory or DEFAULT_MEMORY)
+    memory = max(WASM_PAGE, memory - memory % WASM_PAGE)  # whole wasm pages
+    return Limits(fuel=cap, memory_bytes=memory, deadline_s=float(budgets.wall_clock or DEFAULT_DEADLINE_S))

@@ -1,0 +1,367 @@
+"""The life of one tool call, top to bottom: this module is the durability protocol.
+
+When a guest calls ``tool_call`` its instance unwinds (:mod:`host.sandbox.execution`)
+and the runtime is handed a :class:`~host.sandbox.execution.Suspended` outcome. From
+there, in the order they happen, each stage a pure decision or one side effect:
+
+1. :meth:`ToolCallPipeline.receive`   count the stop, capture the guest's state (memory, globals);
+2. :meth:`ToolCallPipeline.request`   the call as a policy request (refused if its arguments are not JSON);
+3. :meth:`ToolCallPipeline.decide`    the policy decides (pure: :func:`policies.decide`) and usage is counted;
+4. :meth:`ToolCallPipeline.route`     terminate, park for approval, deny, or go on to the tool;
+5. :meth:`ToolCallPipeline.snapshot`  encode checkpoint *K*: a delta against the pristine image;
+6. :meth:`ToolCallPipeline.commit`    checkpoint *K*, the journal's *intent* (or the answer, when
+   already known) and the audit records: one commit;
+7. :meth:`ToolCallPipeline.lease`     the tool's context, with the secrets its grant names (host side only);
+8. :meth:`ToolCallPipeline.run`       the tool runs while the instance waits warm, or goes cold;
+9. :meth:`ToolCallPipeline.journal`   the tool's answer is journaled;
+10. :meth:`ToolCallPipeline.check_budgets`  a limit crossed by the call (tokens) terminates the agent;
+11. the answer goes back to the guest (:meth:`host.runtime.guest.GuestRunner.answer`): the
+    instance is rewound in place if it is still warm, or rebuilt from checkpoint *K*.
+
+A transactional tool (``kv.incr``) folds 6, 8 and 9 into one commit: its effect lands
+with its checkpoint and its result, or not at all.
+
+After a crash, :meth:`ToolCallPipeline.recover` answers a resumed agent's pending call
+from the journal: a recorded answer is replayed; a call with an intent but no answer is
+run again only when the tool is idempotent or transactional, otherwise the agent is
+parked ``in_doubt`` for an operator. No recorded tool call ever runs twice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+import policies
+from host.runtime import answers, budgets
+from host.runtime.agent import Answer, LiveAgent
+from host.runtime.commits import AgentCommits, Events
+from host.runtime.guest import GuestRunner
+from host.runtime.overlay import WriteOverlay
+from host.sandbox import abi
+from host.sandbox.execution import Captured, Completed, Failed, Outcome, PendingCall, Suspended
+from host.tools.registry import ToolContext, ToolError, ToolSpec
+from host.trust import audit
+from host.trust.credentials import CredentialBroker
+from snapshots.format import Snapshot, encode_snapshot
+from snapshots.store import AgentStore
+
+_DECISION_EVENT = {"allow": "tool.allowed", "deny": "tool.denied", "approval": "tool.approval_requested",
+                   "terminate": "tool.terminated"}
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The agent is done: it completed, failed, or was terminated (``status``, ``report``)."""
+
+    outcome: Completed | Failed
+    status: str | None = None
+    report: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Parked:
+    """The agent waits on a person; it holds nothing but its checkpoint."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Checkpoint *K*, encoded and ready to be written."""
+
+    seq: int
+    blob: bytes
+    created: float
+
+
+class ToolCallPipeline:
+    """Serves an agent's tool calls until it completes, fails, or parks."""
+
+    def __init__(self, store: AgentStore, commits: AgentCommits, guest: GuestRunner,
+                 broker: CredentialBroker | None) -> None:
+        self.store = store
+        self.commits = commits
+        self.guest = guest
+        self.broker = broker
+
+    async def serve(self, agent: LiveAgent, outcome: Outcome) -> Ended | Parked:
+        """Answer each call the guest stops at, and run it on, until it ends or parks."""
+        while isinstance(outcome, Suspended):
+            call = outcome.call
+            step = await self.call(agent, call)
+            if isinstance(step, Ended | Parked):
+                return step
+            outcome = await self.guest.answer(agent, call, *step)
+        return Ended(outcome)
+
+    async def call(self, agent: LiveAgent, call: PendingCall) -> Answer | Ended | Parked:
+        """Stages 1 to 10 for one call: its answer, or how the agent ended or parked."""
+        captured = self.receive(agent, call)
+        request = self.request(agent, call)
+        if not isinstance(request, policies.ToolRequest):
+            await self.commit(agent, call, self.snapshot(agent, call, captured), request)
+            return request
+        decision, usage = self.decide(agent, request)
+        return await self.route(agent, call, captured, decision, usage)
+
+    # 1 ----------------------------------------------------------------------------------
+    @staticmethod
+    def receive(agent: LiveAgent, call: PendingCall) -> Captured:
+        """The guest stopped at a call: count it and capture its state (memory, globals)."""
+        ex = agent.ex
+        assert ex is not None
+        agent.usage["suspensions"] = agent.usage.get("suspensions", 0) + 1
+        budgets.count_fuel(agent, ex.fuel_used)
+        agent.record["last_progress"] = time.time()
+        agent.captured = ex.capture()
+        agent.event("tool.requested", call_seq=call.seq, tool=call.tool, args_digest=audit.digest(call.args))
+        return agent.captured
+
+    # 2 ----------------------------------------------------------------------------------
+    @staticmethod
+    def request(agent: LiveAgent, call: PendingCall) -> policies.ToolRequest | Answer:
+        """The call as the policy sees it, or the answer refusing arguments that are not JSON."""
+        try:
+            return policies.ToolRequest(agent_id=agent.agent_id, tool=call.tool, args=call.args, call_seq=call.seq,
+                                        principal=agent.record.get("principal"), agent_name=agent.bundle.name)
+        except policies.NotJSONError as exc:
+            return answers.invalid_args(call.tool, exc)
+
+    # 3 ----------------------------------------------------------------------------------
+    @staticmethod
+    def decide(agent: LiveAgent, request: policies.ToolRequest) -> tuple[policies.Decision, policies.Usage]:
+        """The policy's decision, the usage it leaves (kept in the record), audited."""
+        now = time.time()
+        policy = agent.bundle.policy
+        before = budgets.usage_of(agent, now)
+        decision = policies.decide(policy, request, before, now, custom_validators=agent.validators)
+        after = policies.record_decision(policy, before, request, decision, now)
+        budgets.keep(agent, after)
+        agent.event(_DECISION_EVENT.get(decision.kind, "tool." + decision.kind),
+                    call_seq=request.call_seq, tool=request.tool, decision=decision.to_dict())
+        return decision, after
+
+    # 4 ----------------------------------------------------------------------------------
+    async def route(self, agent: LiveAgent, call: PendingCall, captured: Captured,
+                    decision: policies.Decision, usage: policies.Usage) -> Answer | Ended | Parked:
+        """Act on the decision. Every branch writes checkpoint *K* before anything else happens."""
+        if isinstance(decision, policies.Terminate):
+            await self.commit(agent, call, self.snapshot(agent, call, captured), None)
+            return Ended(Failed(decision.code, decision.reason), "terminated", decision.to_dict())
+        if isinstance(decision, policies.RequireApproval):
+            await self.park_for_approval(agent, call, captured, decision)
+            return Parked()
+        if isinstance(decision, policies.Deny):
+            answer = answers.denial(decision)
+            await self.commit(agent, call, self.snapshot(agent, call, captured), answer)
+            return answer
+        spec = agent.tools.get(call.tool)
+        if spec is None:
+            answer = answers.unknown_tool(call.tool)
+            await self.commit(agent, call, self.snapshot(agent, call, captured), answer)
+            return answer
+        answer = await self.execute(agent, call, spec, self.snapshot(agent, call, captured))
+        exceeded = self.check_budgets(agent, usage)
+        if exceeded is not None:
+            await self.commits.agent(agent)
+            return Ended(Failed("budget_exceeded", exceeded.message), "terminated", exceeded.to_dict())
+        return answer
+
+    async def park_for_approval(self, agent: LiveAgent, call: PendingCall, captured: Captured,
+                                decision: policies.RequireApproval) -> None:
+        """Checkpoint and park: the request goes to the approvals queue, the instance is dropped."""
+        request = {"agent_id": agent.agent_id, "name": agent.bundle.name, "call": call.to_dict(),
+                   "reason": decision.reason, "rule": decision.rule, "requested_at": time.time(),
+                   "principal": agent.record.get("principal")}
+        cp = self.snapshot(agent, call, captured, status="waiting_approval")
+        agent.record.update(approval={"reason": decision.reason, "rule": decision.rule}, owner=None)
+        await self.commit(agent, call, cp, None,
+                          also=lambda txn: txn.put_blob("approvals", agent.agent_id, audit.canonical(request)))
+        self.guest.release(agent)
+
+    async def execute(self, agent: LiveAgent, call: PendingCall, spec: ToolSpec, cp: Checkpoint | None) -> Answer:
+        """Stages 6 to 9 for an allowed call. ``cp`` is checkpoint *K*, or None when the call
+        is run again after a crash or an approval (its checkpoint and intent are written)."""
+        try:
+            args = spec.validate(call.args)
+        except ToolError as err:
+            answer = answers.tool_error(err)
+            await (self.commit(agent, call, cp, answer) if cp is not None else self.journal(agent, call, answer))
+            return answer
+        ctx = self.lease(agent, call)
+        if spec.transactional:
+            return await self.run_transactional(agent, call, spec, args, ctx, cp)
+        if cp is not None:
+            await self.commit(agent, call, cp, None)
+        answer = await self.run(agent, spec, args, ctx)
+        await self.journal(agent, call, answer)
+        return answer
+
+    # 5 ----------------------------------------------------------------------------------
+    @staticmethod
+    def snapshot(agent: LiveAgent, call: PendingCall, captured: Captured, status: str = "suspended") -> Checkpoint:
+        """Encode checkpoint *K* (a delta against the module's pristine image) and count it in the record."""
+        rec = agent.record
+        seq = int(rec.get("checkpoints", 0)) + 1
+        u = agent.usage
+        snap = Snapshot(agent_id=agent.agent_id, seq=seq, module_digest=agent.bundle.module_digest,
+                        abi_version=abi.ABI_VERSION, memory=captured.memory, globals=captured.globals,
+                        async_buf=captured.async_buf, entry=abi.ENTRY_EXPORT, pending=call.to_dict(),
+                        usage={"fuel_used": u.get("fuel_used", 0), "tool_calls": u.get("tool_calls", 0)},
+                        created_at=time.time())
+        blob = encode_snapshot(snap, pristine=agent.loaded.image)
+        now = time.time()
+        rec.update(checkpoints=seq, snapshot_bytes=int(rec.get("snapshot_bytes", 0)) + len(blob),
+                   last_checkpoint_bytes=len(blob), pending=call.to_dict(), status=status, updated_at=now)
+        return Checkpoint(seq, blob, now)
+
+    # 6 ----------------------------------------------------------------------------------
+    async def commit(self, agent: LiveAgent, call: PendingCall, cp: Checkpoint, answer: Answer | None, *,
+                     also: Any = None) -> None:
+        """Checkpoint *K*, the journal entry (intent, or the answer when known), the audit: one commit."""
+        entry = _journal_entry(agent, call, answer)
+        if answer is not None:
+            agent.event("tool.answered", **_answered(call, answer))
+        agent.event("checkpoint", checkpoint=cp.seq, size=len(cp.blob))
+
+        def write(txn: Any) -> None:
+            txn.put_checkpoint(agent.agent_id, cp.seq, cp.blob, cp.created)
+            txn.put_journal(agent.agent_id, call.seq, entry)
+            if also is not None:
+                also(txn)
+
+        await self.commits.agent(agent, write)
+
+    # 7 ----------------------------------------------------------------------------------
+    def lease(self, agent: LiveAgent, call: PendingCall) -> ToolContext:
+        """The tool's view of the call, with the secrets its grant names leased for it.
+
+        The secrets go to the tool, on the host side; the guest never sees them.
+        """
+        policy = agent.bundle.policy
+        grant = policy.grants.get(call.tool)
+        secrets: dict[str, str] = {}
+        if grant is not None and grant.credentials and self.broker is not None:
+            secrets = self.broker.secrets_for(agent.agent_id, call.tool, tuple(grant.credentials),
+                                              on_event=lambda kind, data: agent.event(kind, **data))
+        return ToolContext(agent_id=agent.agent_id, agent_name=agent.bundle.name, call_seq=call.seq,
+                           kv_namespace=f"agent:{agent.agent_id}", principal=agent.record.get("principal"),
+                           now=time.time, store=self.store,
+                           report_tokens=lambda n: budgets.count_tokens(agent, call.seq, call.tool, n),
+                           grant=grant, policy=policy, secrets=secrets)
+
+    # 8 ----------------------------------------------------------------------------------
+    async def run(self, agent: LiveAgent, spec: ToolSpec, args: Any, ctx: ToolContext) -> Answer:
+        """Run the tool; if it outlasts the warm wait, the waiting agent hibernates meanwhile."""
+        result: list[Answer] = []
+        done = anyio.Event()
+
+        async def call() -> None:
+            try:
+                if spec.is_async:
+                    value = await spec.func(args, ctx)
+                else:
+                    value = await anyio.to_thread.run_sync(spec.func, args, ctx)
+                result.append(answers.result(value))
+            except ToolError as err:
+                result.append(answers.tool_error(err))
+            except Exception as exc:  # a tool bug must not take the host down
+                result.append(answers.tool_crashed(spec.name, exc))
+            finally:
+                done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await self.guest.wait_warm(agent, done)
+        return result[0]
+
+    async def run_transactional(self, agent: LiveAgent, call: PendingCall, spec: ToolSpec, args: Any,
+                                ctx: ToolContext, cp: Checkpoint | None) -> Answer:
+        """Stages 6, 8 and 9 in one commit: the checkpoint (if any), the tool's effect on a
+        write overlay (kept only if it succeeds), and its journaled answer."""
+        if cp is not None:
+            agent.event("checkpoint", checkpoint=cp.seq, size=len(cp.blob))
+
+        def write(txn: Any) -> Answer:
+            if cp is not None:
+                txn.put_checkpoint(agent.agent_id, cp.seq, cp.blob, cp.created)
+            overlay = WriteOverlay(txn)
+            try:
+                answer = answers.result(spec.func(args, ctx, overlay))
+            except ToolError as err:
+                answer = answers.tool_error(err)
+            except Exception as exc:  # a tool bug must not take the host down
+                answer = answers.tool_crashed(spec.name, exc)
+            if answer[0] == 0:
+                overlay.apply()
+            txn.put_journal(agent.agent_id, call.seq, _journal_entry(agent, call, answer))
+            return answer
+
+        def events(answer: Answer) -> Events:
+            return [("tool.answered", _answered(call, answer))]
+
+        result = await self.commits.agent(agent, write, events)
+        assert result is not None
+        return result
+
+    # 9 ----------------------------------------------------------------------------------
+    async def journal(self, agent: LiveAgent, call: PendingCall, answer: Answer) -> None:
+        """The tool's answer, journaled (with its audit record) before the guest sees it."""
+        entry = _journal_entry(agent, call, answer)
+        agent.event("tool.answered", **_answered(call, answer))
+        await self.commits.agent(agent, lambda txn: txn.put_journal(agent.agent_id, call.seq, entry))
+
+    # 10 ---------------------------------------------------------------------------------
+    @staticmethod
+    def check_budgets(agent: LiveAgent, before: policies.Usage) -> policies.BudgetEvent | None:
+        """A limit the call crossed (tokens an LLM call spent): the first that terminates."""
+        return budgets.crossed(agent, before)
+
+    # after a crash, an approval or an operator's decision -----------------------------------
+    async def recover(self, agent: LiveAgent, call: PendingCall) -> Answer | None:
+        """The answer to a resumed agent's pending call: recorded, approved, re-run when safe, or parked."""
+        with self.store.read() as txn:
+            entry = txn.get_journal(agent.agent_id, call.seq)
+        if entry is not None and entry.get("state") == "done":
+            return int(entry["status"]), str(entry["response"]).encode()
+        spec = agent.tools.get(call.tool)
+        if spec is None:
+            answer = answers.unknown_tool(call.tool)
+            await self.journal(agent, call, answer)
+            return answer
+        if entry is not None and entry.get("state") == "approved":
+            # A human approved it and the tool has not started: run it, now, once.
+            agent.record["status"] = "running"
+            intent = {**entry, "state": "intent", "t": time.time()}
+            await self.commits.agent(agent, lambda txn: txn.put_journal(agent.agent_id, call.seq, intent))
+            return await self.execute(agent, call, spec, None)
+        if spec.idempotent or spec.transactional:
+            # The call was decided and recorded as intent before the crash; safe to run again.
+            return await self.execute(agent, call, spec, None)
+        agent.record["status"] = "in_doubt"
+        agent.record["in_doubt"] = {
+            "call": call.to_dict(),
+            "reason": f"{call.tool} is not idempotent and the host stopped after starting it but before recording its result",
+        }
+        agent.event("agent.in_doubt", call_seq=call.seq, tool=call.tool)
+        agent.record["owner"] = None
+        await self.commits.agent(agent)
+        return None
+
+
+def _journal_entry(agent: LiveAgent, call: PendingCall, answer: Answer | None) -> dict[str, Any]:
+    """The journal's record of a call: its intent, or its answer once known."""
+    entry: dict[str, Any] = {"tool": call.tool, "args": call.args, "checkpoint": agent.record.get("checkpoints", 0),
+                             "state": "intent", "fuel": agent.usage.get("fuel_used", 0), "t": time.time()}
+    if answer is not None:
+        entry.update(state="done", status=answer[0], response=answer[1].decode())
+    return entry
+
+
+def _answered(call: PendingCall, answer: Answer) -> dict[str, Any]:
+    """The audit record of an answer: its status and a digest of what the guest was told."""
+    return {"call_seq": call.seq, "tool": call.tool, "status": answer[0],
+            "result_digest": audit.digest(answer[1].decode())}
