@@ -55,9 +55,11 @@ def _parse_input(text: str | None) -> Any:
             text = Path(text[1:]).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"--input {text}: cannot read file ({exc.strerror})") from exc
+    from host.sandbox import guest_json  # the same bounds as JSON from a guest: it goes to one
+
     try:
-        return json.loads(text)
-    except ValueError as exc:
+        return guest_json.parse(text)
+    except guest_json.PoisonValue as exc:
         raise ConfigError(f"--input is not valid JSON: {exc}") from exc
 
 
@@ -657,11 +659,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if fn is None:
         parser.print_help()
         return EXIT_ERROR
+    from host.sandbox import interrupts
     from policies import PolicyError
     from snapshots.errors import SnapshotError, StoreError
 
     try:
-        return int(fn(args))
+        with interrupts.handle_signals():  # Ctrl-C and SIGTERM end the work at a safe point
+            return int(fn(args))
     except (TorporError, PolicyError, SnapshotError, StoreError) as exc:
         code = _error_code(exc)
         if getattr(args, "json", False):
@@ -669,9 +673,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"torpor: error[{code}]: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("torpor: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", 2)
+        print("torpor: interrupted" + ("" if signum == 2 else f" (signal {signum})"), file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:  # `torpor audit show X | head`: the reader left, which is fine
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

@@ -27,8 +27,10 @@ PARKED = frozenset({"waiting_approval", "in_doubt"})
 #: The answer to a tool call as the guest reads it: (ABI status code, JSON bytes).
 Answer = tuple[int, bytes]
 
-# How many guest log lines one run keeps for its caller.
+# How many guest log lines, and bytes of them, one run keeps for its caller: a guest
+# decides how much it logs, the host decides how much of that it holds.
 LOG_LIMIT = 1000
+LOG_BYTES = 1 << 20
 
 
 @dataclass
@@ -107,6 +109,7 @@ class LiveAgent:
     ex: Execution | None = None
     captured: Captured | None = None
     logs: list[dict[str, Any]] = field(default_factory=list)
+    log_bytes: int = 0
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     run_fuel_start: int = 0
     run_exec_s: float = 0.0
@@ -143,9 +146,15 @@ class LiveAgent:
         self.events.append((kind, data))
 
     def log(self, level: str, message: str) -> None:
-        """Keep a guest log line for the caller (the first :data:`LOG_LIMIT` of a run)."""
-        if len(self.logs) < LOG_LIMIT:
-            self.logs.append({"level": level, "message": message})
+        """Keep a guest log line for the caller (the first :data:`LOG_LIMIT` lines and
+        :data:`LOG_BYTES` bytes of a run; then one line saying the rest was dropped)."""
+        if len(self.logs) >= LOG_LIMIT or self.log_bytes >= LOG_BYTES:
+            return
+        room = LOG_BYTES - self.log_bytes
+        if len(message) > room:
+            message = message[:room] + " [the run's log is full: later lines are dropped]"
+        self.log_bytes += len(message)
+        self.logs.append({"level": level, "message": message})
 
     def result(self) -> RunResult:
         return RunResult.of_record(self.record, self.logs)

@@ -27,7 +27,7 @@ from host.runtime.commits import AgentCommits
 from host.runtime.guest import GuestRunner
 from host.runtime.loader import BundleLoader, limits_for
 from host.runtime.tool_call import Ended
-from host.sandbox import abi
+from host.sandbox import abi, guest_json
 from host.sandbox.bundle import Bundle
 from host.sandbox.execution import Captured, Completed, Failed, PendingCall
 from host.trust import audit
@@ -67,9 +67,10 @@ class Lifecycle:
         tools, validators = self.loader.tools(b)
         now = time.time()
         aid = new_agent_id(now)
-        try:
+        try:  # refused before anything is written; the same bounds as what a guest sends
+            guest_json.check(input)
             input_raw = json.dumps(input, separators=(",", ":")).encode()
-        except (TypeError, ValueError) as exc:  # refused before anything is written
+        except (TypeError, ValueError) as exc:
             raise ConfigError(f"the agent's input must be JSON: {exc}") from exc
         record: dict[str, Any] = {
             "agent_id": aid, "name": b.name, "bundle_digest": b.digest, "module_digest": b.module_digest,

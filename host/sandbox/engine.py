@@ -13,6 +13,7 @@ module, the pristine memory image snapshots are diffed against, and one
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -24,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import wasmtime
+from wasmtime import _ffi
 
 from host.errors import ConfigError, ImportNotGranted, ModuleError
-from host.sandbox import abi, memory_pool
-from snapshots import PristineImage
+from host.sandbox import abi, interrupts, memory_pool
+from snapshots import PristineImage, native_build
 
 EPOCH_TICK_S = 0.005
 MAX_WASM_STACK = 512 << 10
@@ -189,6 +191,7 @@ class Engine:
             if self.memory_pool is not None:
                 self.memory_pool.install(cfg)
         self.wasmtime = wasmtime.Engine(cfg)
+        interrupts.register_engine(self.wasmtime)  # a Ctrl-C stops its guests through the epoch
         #: Without a copy-on-write image, Wasmtime initialises data segments with
         #: code that checks fuel and epoch, so stores must be armed before instantiation.
         self.prearm = not self.config.memory_init_cow
@@ -196,18 +199,27 @@ class Engine:
         self.cache_dir = cache_dir
         self._modules: dict[str, LoadedModule] = {}
         self._lock = threading.Lock()
-        self._ticker: threading.Thread | None = None
+        self._ticker: str | None = None  # "native" or "python" once started
         self.cache_hits = 0
         self.cache_rebuilds = 0
 
     # -- epochs -------------------------------------------------------------
     def ensure_ticker(self) -> None:
+        """Start the epoch ticker on first use: native where the helper builds, else Python."""
         if self._ticker is None:
             with self._lock:
                 if self._ticker is None:
-                    t = threading.Thread(target=self._tick, name="torpor-epoch", daemon=True)
-                    t.start()
-                    self._ticker = t
+                    self._ticker = _start_native_ticker(self.wasmtime) or self._start_python_ticker()
+
+    @property
+    def ticker_native(self) -> bool:
+        """True when the deadline fires whatever holds the GIL (see ``epoch_ticker.c``)."""
+        return self._ticker == "native"
+
+    def _start_python_ticker(self) -> str:
+        t = threading.Thread(target=self._tick, name="torpor-epoch", daemon=True)
+        t.start()
+        return "python"
 
     def _tick(self) -> None:
         eng = self.wasmtime
@@ -276,6 +288,26 @@ class Engine:
             with self._lock:
                 loaded = self._modules.setdefault(digest, loaded)
         return loaded
+
+
+_TICKER_SOURCE = Path(__file__).with_name("epoch_ticker.c")
+
+
+def _start_native_ticker(engine: wasmtime.Engine) -> str | None:
+    """A native thread ticking ``engine``'s epoch ("native"), or None where the helper is unavailable."""
+    lib = native_build.load("epoch_ticker", _TICKER_SOURCE)
+    if lib is None:
+        return None
+    lib.tp_ticker_start.restype = ctypes.c_int
+    lib.tp_ticker_start.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    increment = ctypes.cast(_ffi.dll.wasmtime_engine_increment_epoch, ctypes.c_void_p).value
+    # The thread gets an engine handle of its own (never deleted), so that the Python
+    # Engine may be freed, at exit too, while the thread still ticks.
+    handle = ctypes.cast(_ffi.wasmtime_engine_clone(engine.ptr()), ctypes.c_void_p).value
+    if lib.tp_ticker_start(increment, handle, int(EPOCH_TICK_S * 1e9)) != 0:
+        _ffi.wasm_engine_delete(ctypes.cast(handle or 0, ctypes.POINTER(_ffi.wasm_engine_t)))
+        return None
+    return "native"
 
 
 def _first_line(text: str) -> str:

@@ -30,7 +30,7 @@ from wasmtime import _func as _wasmtime_func
 from wasmtime._extern import wrap_extern as _wrap_extern
 from wasmtime._func import maybe_raise_last_exn as _raise_callback_exception
 
-from host.sandbox import abi
+from host.sandbox import abi, guest_json, interrupts
 from host.sandbox.engine import LoadedModule
 from snapshots.delta import MemoryAt, MemoryDelta, apply_delta, diff_memory
 from snapshots.format import GlobalValue
@@ -43,6 +43,12 @@ INITIALIZE_EXPORT = "_initialize"
 PAGE = 65536
 U32 = 0xFFFFFFFF
 _INSTANTIATION_FUEL = 1 << 40
+#: What an agent's store may hold beside its one linear memory (whose size is the
+#: policy's memory budget): one instance, one memory, a few tables of bounded length.
+#: A table element is host memory outside the linear memory (8-16 bytes each), so a
+#: ``table.grow`` past the limit answers -1, as a ``memory.grow`` past the budget does.
+MAX_TABLE_ELEMENTS = 1 << 16
+STORE_LIMITS = {"table_elements": MAX_TABLE_ELEMENTS, "instances": 1, "tables": 4, "memories": 1}
 
 
 # Small Wasmtime C calls on hot paths, bound through PyDLL so that they keep the GIL:
@@ -184,7 +190,7 @@ class Execution:
         """
         engine = self.loaded.engine
         store = wasmtime.Store(engine.wasmtime)
-        store.set_limits(memory_size=self.limits.memory_bytes)
+        store.set_limits(memory_size=self.limits.memory_bytes, **STORE_LIMITS)
         if engine.prearm:
             # Without a copy-on-write image Wasmtime copies the data segments in with code
             # that checks fuel and epoch. That is the host's work, not the agent's: give it
@@ -196,12 +202,23 @@ class Execution:
         pool = engine.memory_pool
         if capacity and pool is not None:
             pool.hint(capacity)
-        inst = self.pre.instantiate(store)
+        depth = interrupts.enter_wasm()  # instantiation may call back into Python (the memory creator)
+        try:
+            inst = self.pre.instantiate(store)
+        finally:
+            interrupts.leave_wasm(depth)
         self._store = store
         self._instance = inst
         self._exports = _LazyExports(store, inst)
         self._mem = self._exports[abi.MEMORY_EXPORT]
         self._entry = self._exports.raw(abi.ENTRY_EXPORT)
+
+    @property
+    def _hold_gil(self) -> bool:
+        """Keep the GIL through Asyncify's control exports only while the epoch ticker is
+        native: a module's own "control" export that loops would otherwise stop the
+        Python ticker, and with it the wall-clock deadline."""
+        return self.loaded.engine.ticker_native
 
     def _call(self, name: str, *args: int, hold_gil: bool = False) -> None:
         """Call an i32-only export with no results on the fast path (``hold_gil``: only for
@@ -221,7 +238,9 @@ class Execution:
         store = self._store
         store.set_fuel(max(0, remaining))
         self.loaded.engine.ensure_ticker()
-        store.set_epoch_deadline(self.loaded.engine.deadline_ticks(self.limits.deadline_s))
+        ticks = self.loaded.engine.deadline_ticks(self.limits.deadline_s)
+        interrupts.note_deadline(ticks)
+        store.set_epoch_deadline(ticks)
         return remaining
 
     def start(self) -> Outcome:
@@ -282,9 +301,10 @@ class Execution:
             return Failed("out_of_fuel", "the agent's fuel budget is used up")
         prev = getattr(_tls, "ex", None)
         _tls.ex = self
+        depth = interrupts.enter_wasm()  # a signal now waits for this call to unwind
         try:
             if rewind:
-                self._call("asyncify_start_rewind", self.async_buf[0], hold_gil=True)
+                self._call("asyncify_start_rewind", self.async_buf[0], hold_gil=self._hold_gil)
                 self.mode = REWINDING
             if initialize:
                 # A WASI "reactor" module runs its constructors (libc, C++ statics) here, once.
@@ -294,7 +314,7 @@ class Execution:
             result = _call_raw(store, self._entry, (), self.loaded.entry_results)
             outcome: Outcome
             if self.mode == UNWINDING:
-                self._call("asyncify_stop_unwind", hold_gil=True)
+                self._call("asyncify_stop_unwind", hold_gil=self._hold_gil)
                 self.mode = NORMAL
                 assert self.pending is not None
                 outcome = Suspended(self.pending)
@@ -316,11 +336,15 @@ class Execution:
         except wasmtime.WasmtimeError as exc:
             outcome = Failed("trap", _first_line(str(exc)))
         finally:
+            interrupts.leave_wasm(depth)
             _tls.ex = prev
             try:
                 self.fuel_used += remaining - store.get_fuel()
             except wasmtime.WasmtimeError:
                 self.fuel_used = self.limits.fuel
+        # A signal that arrived meanwhile ends the work here, back in Python, with nothing
+        # of this segment committed (an interrupt trap is the signal's, not a deadline).
+        interrupts.raise_if_requested()
         if not isinstance(outcome, Suspended):
             self.mode = NORMAL
         return outcome
@@ -328,7 +352,7 @@ class Execution:
     def _output_value(self) -> Any:
         if self.output is None:
             return None
-        return json.loads(self.output)
+        return guest_json.parse(self.output)  # checked by output_write; parsed the same way
 
     def _classify_trap(self, trap: wasmtime.Trap) -> Failed:
         code = trap.trap_code
@@ -436,11 +460,11 @@ class Execution:
         hdr[0] = addr + 8
         hdr[1] = addr + size
         self.pending = call
-        self._call("asyncify_start_unwind", addr, hold_gil=True)
+        self._call("asyncify_start_unwind", addr, hold_gil=self._hold_gil)
         self.mode = UNWINDING
 
     def finish_rewind(self) -> int:
-        self._call("asyncify_stop_rewind", hold_gil=True)
+        self._call("asyncify_stop_rewind", hold_gil=self._hold_gil)
         self.mode = NORMAL
         return self.response_status
 

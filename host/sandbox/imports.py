@@ -9,12 +9,9 @@ linker (and one ``InstancePre``) serves every agent of a module.
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import wasmtime
 
-from host.sandbox import abi
+from host.sandbox import abi, guest_json
 from host.sandbox.execution import (
     GuestAbort,
     ImportFault,
@@ -25,15 +22,6 @@ from host.sandbox.execution import (
 )
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def strict_json(data: bytes) -> Any:
-    """Parse RFC 8259 JSON: Python's NaN and Infinity extensions are refused."""
-    return json.loads(data, parse_constant=_no_constant)
 
 
 def _fault(ex_errno: int, message: str) -> int:
@@ -63,8 +51,8 @@ def output_write(ptr: int, length: int) -> int:
     except ImportFault as f:
         return f.errno
     try:
-        strict_json(data)
-    except (ValueError, UnicodeDecodeError):
+        guest_json.parse(data)
+    except guest_json.PoisonValue:
         return abi.E_INVALID_JSON
     ex.output = data
     return 0
@@ -119,8 +107,8 @@ def tool_call(name_ptr: int, name_len: int, args_ptr: int, args_len: int) -> int
     except UnicodeDecodeError:
         return _fault(abi.E_UNKNOWN_TOOL, "tool_call: the tool name is not UTF-8")
     try:
-        args = strict_json(args_raw) if args_raw.strip() else {}
-    except (ValueError, UnicodeDecodeError) as exc:
+        args = guest_json.parse(args_raw) if args_raw.strip() else {}
+    except guest_json.PoisonValue as exc:
         return _fault(abi.E_INVALID_JSON, f"tool_call: the arguments to {name!r} are not JSON ({exc})")
     ex.call_seq += 1
     ex.begin_unwind(PendingCall(ex.call_seq, name, args))

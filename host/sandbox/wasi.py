@@ -55,8 +55,18 @@ def fd_write(fd: int, iovs: int, count: int, nwritten: int) -> int:
     if fd not in (1, 2):
         return EBADF
     ex = current()
+    # At most MAX_WRITE bytes per call in all (a short write, as POSIX allows): iovecs
+    # may all point at the same page, and gathering each would turn one small memory
+    # into gigabytes of host buffers.
+    chunks: list[bytes] = []
+    room = MAX_WRITE
     try:
-        chunks = [ex.read(p, n, MAX_WRITE) for p, n in _iovecs(iovs, count)]
+        for p, n in _iovecs(iovs, count):
+            if room <= 0:
+                break
+            chunk = ex.read(p, min(n, room), MAX_WRITE)
+            chunks.append(chunk)
+            room -= len(chunk)
     except ImportFault as f:
         return EFAULT if f.errno < 0 else f.errno
     data = b"".join(chunks)

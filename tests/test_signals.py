@@ -1,0 +1,104 @@
+"""Ctrl-C and SIGTERM end the real CLI cleanly from any point: exit 130 (143), never a
+signal death or an abort, and every agent is left committed or resumable.
+
+The signals land at seeded random instants while an agent makes hundreds of tool calls
+(guest code, host imports, commits and hibernations all in play); `resume --all` then
+finishes it with the exact sum, so no step was lost or run twice. A compute-bound guest
+is stopped at once through the engine, not at its wall-clock deadline. The long loop of
+hundreds of interrupts lives in bench/ (see bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import EXAMPLES, GUESTS, BundleFactory
+
+N = 400
+
+
+def _sigint_default() -> None:
+    # A shell's background jobs start with SIGINT ignored; a terminal's Ctrl-C finds the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def torpor(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "host.cli", *args], capture_output=True, text=True, timeout=180)
+
+
+def interrupt(cmd: list[str], store: Path, after_s: float, signum: int) -> tuple[int, str]:
+    """Run the CLI, and signal it ``after_s`` after it opened its store (the signal is
+    for the work: one that lands while Python is still importing is Python's)."""
+    opened = store / "db" / "data.mdb"
+    assert not opened.exists(), "a fresh store each time: its creation says the CLI is at work"
+    proc = subprocess.Popen([sys.executable, "-m", "host.cli", *cmd, "--store", str(store)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline and not opened.exists():
+            time.sleep(0.01)
+        time.sleep(after_s)
+        if proc.poll() is None:
+            os.kill(proc.pid, signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def steps(bundles: BundleFactory, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("signals") / "steps.torpor"
+    path.write_bytes(bundles.load(EXAMPLES / "steps").raw)
+    return path
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signals_at_random_instants_leave_every_agent_resumable(steps: Path, tmp_path: Path, signum: int) -> None:
+    rng = random.Random(1207 + signum)
+    stores = [tmp_path / f"store{i}" for i in range(6)]
+    interrupted = 0
+    for store in stores:
+        code, err = interrupt(["run", str(steps), "--input", json.dumps({"n": N})], store, rng.uniform(0, 1.0), signum)
+        assert code >= 0, f"died of signal {-code}: {err[-2000:]}"
+        assert "Traceback" not in err and "internal" not in err and "double free" not in err, err[-2000:]
+        if code == 0:
+            continue  # it finished before the signal
+        assert code == 128 + signum and "interrupted" in err, (code, err[-2000:])
+        interrupted += 1
+    assert interrupted, "no run was interrupted: the signals came too late to test anything"
+    finished = 0
+    for store in stores:
+        resumed = torpor("resume", "--all", "--store", str(store), "--json")
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        ps = json.loads(torpor("ps", "--store", str(store), "--json").stdout)
+        if not ps:
+            continue  # the signal came before the agent was spawned: nothing was written
+        assert [a["status"] for a in ps] == ["completed"], ps
+        finished += 1
+        out = json.loads(torpor("inspect", ps[0]["agent_id"], "--store", str(store), "--json").stdout)["output"]
+        assert out == {"sum": N * (N + 1) // 2, "last": N}, out  # each step exactly once
+    assert finished >= 3, "too few agents got under way before their signal to test anything"
+
+
+def test_ctrl_c_stops_a_compute_bound_guest_at_once(bundles: BundleFactory, tmp_path: Path) -> None:
+    """The guest spins with fuel to spare and a 10 s deadline; Ctrl-C ends it well before."""
+    bundle = tmp_path / "loop.torpor"
+    bundle.write_bytes(bundles.load(GUESTS / "loop").raw)
+    started = time.monotonic()
+    code, err = interrupt(["run", str(bundle), "--fuel", str(10**15)], tmp_path / "s", 1.0, signal.SIGINT)
+    took = time.monotonic() - started
+    assert code == 130 and "interrupted" in err, (code, err[-2000:])
+    assert took < 9.0, f"the guest ran to its deadline ({took:.1f} s): the interrupt did not reach it"
+    ps = json.loads(torpor("ps", "--store", str(tmp_path / "s"), "--json").stdout)
+    assert [a["status"] for a in ps] == ["running"]  # not failed: it resumes from the start
