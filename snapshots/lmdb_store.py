@@ -132,11 +132,13 @@ from .format import peek_snapshot
 from .store import (
     BLOB_BUCKETS,
     INPUTS_BUCKET,
+    UNREADABLE,
     AgentStore,
     CheckpointInfo,
     Outcome,
     ReadTxn,
     WriteTxn,
+    unreadable_record,
 )
 
 __all__ = [
@@ -409,6 +411,17 @@ class StoreCheckReport:
             "problems": [p.to_dict() for p in self.problems],
             "suspect": [s.to_dict() for s in self.suspect],
         }
+
+
+def _agent_record(agent_id: str, raw: bytes) -> dict[str, Any]:
+    """An agent record as stored, or its stand-in if the bytes do not decode to an object."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        return unreadable_record(agent_id, f"{type(exc).__name__}: {exc}"[:300])
+    if not isinstance(body, dict):
+        return unreadable_record(agent_id, f"a JSON {type(body).__name__}, not an object")
+    return {"agent_id": agent_id, **body}
 
 
 def _decode_key(key: bytes) -> str:
@@ -1238,11 +1251,11 @@ class _LmdbTxn:
         raw = self._get(_id_bytes(agent_id, "agent_id"), db=self._agents)
         if raw is None:
             return None
-        return {"agent_id": agent_id, **json.loads(raw)}
+        return _agent_record(agent_id, raw)
 
     def iter_agents(self) -> Iterator[dict[str, Any]]:
         for key, raw in self._iter_prefix(self._agents, b""):
-            yield {"agent_id": key.decode(), **json.loads(raw)}
+            yield _agent_record(key.decode("utf-8", "replace"), raw)
 
     def get_checkpoint(self, agent_id: str, seq: int) -> bytes | None:
         if self._ckpt is None:
@@ -1311,6 +1324,9 @@ class _LmdbTxn:
     def put_agent(self, record: dict[str, Any]) -> None:
         if not isinstance(record, dict) or "agent_id" not in record:
             raise ValueError("an agent record is a dict with an 'agent_id' key")
+        if record.get(UNREADABLE):
+            raise ValueError(f"the record of {record['agent_id']} is a stand-in for one that does not decode; "
+                             "it is not written over the damaged one")
         key = _id_bytes(record["agent_id"], "agent_id")
         body = {k: v for k, v in record.items() if k != "agent_id"}
         self._txn.put(key, _json(body), db=self._agents)

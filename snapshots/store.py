@@ -38,6 +38,18 @@ BLOB_BUCKETS: tuple[str, ...] = ("bundles", "audit", "approvals", "meta", "ident
 #: The bucket holding each agent's input, by agent id: written once at spawn, apart from
 #: the agent record that every commit rewrites; ``delete_agent(purge=True)`` removes it.
 INPUTS_BUCKET = "inputs"
+#: The mark of an agent record that is in the store but does not decode: reads give a
+#: stand-in with this key set, ``status`` "corrupt" and an ``error`` naming the problem,
+#: so that one damaged record never stops a listing; writes of a stand-in are refused,
+#: so that the damaged bytes stay for an operator to look at.
+UNREADABLE = "unreadable"
+CORRUPT_STATUS = "corrupt"
+
+
+def unreadable_record(agent_id: str, problem: str) -> dict[str, Any]:
+    """The stand-in for an agent record that does not decode (see :data:`UNREADABLE`)."""
+    return {"agent_id": agent_id, "status": CORRUPT_STATUS, UNREADABLE: True,
+            "error": {"code": "record_corrupt", "message": f"the agent record of {agent_id} does not decode: {problem}"}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +82,13 @@ class ReadTxn(Protocol):
     """
 
     def get_agent(self, agent_id: str) -> dict[str, Any] | None:
-        """The agent record (it includes ``"agent_id"``), or None."""
+        """The agent record (it includes ``"agent_id"``), or None; a stand-in if it does not
+        decode (see :data:`UNREADABLE`)."""
         ...
 
     def iter_agents(self) -> Iterator[dict[str, Any]]:
-        """Every agent record, in ascending agent_id order (by UTF-8 bytes)."""
+        """Every agent record, in ascending agent_id order (by UTF-8 bytes); a record that
+        does not decode is a stand-in (see :data:`UNREADABLE`), never an exception."""
         ...
 
     def get_checkpoint(self, agent_id: str, seq: int) -> bytes | None:

@@ -52,7 +52,7 @@ def killed_mid_call(bundles: BundleFactory, tmp_path: Path) -> tuple[Path, Path,
     proc = subprocess.Popen([sys.executable, "-m", "host.cli", "run", str(bundle), "--input", json.dumps(payload),
                              "--store", str(store), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    while not marker.exists():
+    while not marker.exists() or "started" not in marker.read_text():  # created, then written: wait for both
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.02)

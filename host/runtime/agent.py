@@ -21,8 +21,9 @@ from host.tools.registry import ToolSpec
 
 #: A finished agent: nothing more will run.
 TERMINAL = frozenset({"completed", "failed", "terminated"})
-#: A parked agent: it waits on a person (an approval, an in-doubt call to settle).
-PARKED = frozenset({"waiting_approval", "in_doubt"})
+#: A parked agent: it waits on a person (an approval, an in-doubt call to settle, or
+#: its stored state, bundle or module found damaged: ``corrupt``, with the error naming what).
+PARKED = frozenset({"waiting_approval", "in_doubt", "corrupt"})
 
 #: The answer to a tool call as the guest reads it: (ABI status code, JSON bytes).
 Answer = tuple[int, bytes]

@@ -28,9 +28,10 @@ from typing import Any, TypeVar
 
 import anyio
 
-from host.errors import ConfigError, TorporError
+from host.errors import AgentStateError, ConfigError
 from host.paths import default_store_dir
 from host.runtime import approvals as approvals_mod
+from host.runtime import lifecycle as lifecycle_mod
 from host.runtime import queries
 from host.runtime.agent import LiveAgent, RunResult
 from host.runtime.commits import AgentCommits
@@ -42,11 +43,11 @@ from host.runtime.pools import PriorityPool, slots
 from host.runtime.tool_call import Ended, Parked, ToolCallPipeline
 from host.sandbox.bundle import Bundle
 from host.sandbox.engine import Engine, EngineConfig, LoadedModule
-from host.sandbox.execution import Limits, Outcome
+from host.sandbox.execution import Failed, Limits, Outcome
 from host.trust import audit
 from host.trust.credentials import CredentialBroker
 from host.trust.identity import IdentityService
-from snapshots.errors import StoreConfigError
+from snapshots.errors import StoreConfigError, StoreFull, StoreUnavailable
 from snapshots.group_commit import GroupCommitter
 from snapshots.lmdb_store import LmdbStore
 from snapshots.store import AgentStore
@@ -190,11 +191,21 @@ class Host:
         agent = await self.lifecycle.spawn(b, input, fuel=fuel, on_behalf_of=on_behalf_of)
         async with self._slots(agent.bundle, priority):
             self.lifecycle.begin_run(agent)
-            return await self._drive(agent, await self.guest.start(agent))
+            return await self._drive(agent, lambda: self.guest.start(agent))
 
     async def resume(self, agent_id: str, *, priority: int | None = None) -> RunResult:
-        """Continue an agent from its latest checkpoint (after a restart, a crash or a decision)."""
-        agent, pending = self.lifecycle.load(agent_id)
+        """Continue an agent from its latest checkpoint (after a restart, a crash or a decision).
+
+        An agent whose bundle, module or checkpoint cannot be used is parked ``corrupt``
+        (its error names what) instead of raising: see :func:`host.runtime.lifecycle.damage`.
+        """
+        try:
+            agent, pending = self.lifecycle.load(agent_id)
+        except Exception as exc:
+            error = lifecycle_mod.damage(exc)
+            if error is None:
+                raise
+            return self.lifecycle.park_corrupt(agent_id, error)
         async with self._slots(agent.bundle, priority):
             self.lifecycle.begin_run(agent)
             agent.event("agent.resumed", checkpoint=agent.record.get("checkpoints", 0))
@@ -202,18 +213,31 @@ class Host:
                 # Died before its first checkpoint: nothing happened outside it; start over.
                 agent.record["status"] = "running"
                 await self.commits.agent(agent)
-                return await self._drive(agent, await self.guest.start(agent))
-            answer = await self.calls.recover(agent, pending)
-            if answer is None:
-                return agent.result()
-            return await self._drive(agent, await self.guest.answer(agent, pending, *answer))
+                return await self._drive(agent, lambda: self.guest.start(agent))
 
-    async def _drive(self, agent: LiveAgent, outcome: Outcome) -> RunResult:
-        """Serve the agent's tool calls until it ends (then finish it) or parks."""
-        step = await self.calls.serve(agent, outcome)
+            async def answered() -> Outcome | None:
+                assert pending is not None
+                answer = await self.calls.recover(agent, pending)
+                return None if answer is None else await self.guest.answer(agent, pending, *answer)
+
+            return await self._drive(agent, answered)
+
+    async def _drive(self, agent: LiveAgent, first: Callable[[], Awaitable[Outcome | None]]) -> RunResult:
+        """Run the agent's first segment, serve its tool calls until it ends (then finish it)
+        or parks. The agent's error boundary: whatever goes wrong while handling this agent
+        ends this agent, with the error recorded, and nothing else; only a store that
+        cannot be written (full, unavailable) or a signal stops the caller."""
+        try:
+            outcome = await first()
+            step = Parked() if outcome is None else await self.calls.serve(agent, outcome)
+        except Exception as exc:
+            if isinstance(exc, StoreFull | StoreUnavailable):
+                raise  # the agent stays at its last commit, to resume once the store is back
+            self.guest.release(agent)
+            error = lifecycle_mod.damage(exc)
+            step = Ended(Failed(error["code"], error["message"]) if error else lifecycle_mod.host_error(exc))
         if isinstance(step, Parked):
             return agent.result()
-        assert isinstance(step, Ended)
         return await self.lifecycle.finish(agent, step)
 
     def _slots(self, b: Bundle, priority: int | None) -> Any:
@@ -227,10 +251,14 @@ class Host:
         results: list[RunResult] = []
 
         async def one(aid: str) -> None:
+            # Each agent on its own: an error is reported for it, and the others go on.
             try:
                 results.append(await self.resume(aid))
-            except TorporError as exc:
-                results.append(RunResult(aid, "failed", error={"code": exc.code, "message": str(exc)}))
+            except AgentStateError as exc:  # another process took it meanwhile, or it finished
+                results.append(_not_resumed(self.store, aid, "not_resumed", exc))
+            except Exception as exc:
+                code = getattr(exc, "code", None)
+                results.append(_not_resumed(self.store, aid, code if isinstance(code, str) else "host_error", exc))
 
         async with anyio.create_task_group() as tg:
             for aid in ids:
@@ -278,6 +306,18 @@ class Host:
     def audit_records(self, agent_id: str) -> list[dict[str, Any]]:
         """The agent's audit log, in order."""
         return audit.records(self.store, agent_id)
+
+
+def _not_resumed(store: AgentStore, agent_id: str, code: str, exc: Exception) -> RunResult:
+    """What ``resume_all`` reports for an agent it could not resume: the agent as the
+    store has it now (untouched), and why."""
+    try:
+        with store.read() as txn:
+            rec = txn.get_agent(agent_id)
+        status = str(rec.get("status")) if rec else "unknown"
+    except Exception:  # the store itself failed: the error below says so
+        status = "unknown"
+    return RunResult(agent_id, status, error={"code": code, "message": str(exc)})
 
 
 def _physical_memory() -> int:

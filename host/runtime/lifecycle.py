@@ -19,7 +19,14 @@ from typing import Any
 import anyio.to_thread
 
 import policies
-from host.errors import AgentNotFound, AgentStateError, ConfigError, TorporError
+from host.errors import (
+    AgentNotFound,
+    AgentStateError,
+    BundleError,
+    ConfigError,
+    ModuleError,
+    TorporError,
+)
 from host.ids import new_agent_id
 from host.runtime import queries
 from host.runtime.agent import PARKED, TERMINAL, LiveAgent, RunResult
@@ -34,9 +41,10 @@ from host.trust import audit
 from host.trust.audit import HeadSealer
 from host.trust.credentials import CredentialBroker
 from host.trust.identity import IdentityService
-from snapshots.errors import SnapshotError
+from policies import PolicyError
+from snapshots.errors import SnapshotError, StoreFull, StoreUnavailable
 from snapshots.format import decode_snapshot
-from snapshots.store import INPUTS_BUCKET, AgentStore
+from snapshots.store import CORRUPT_STATUS, INPUTS_BUCKET, UNREADABLE, AgentStore
 
 Owner = dict[str, Any]
 
@@ -181,6 +189,25 @@ class Lifecycle:
                 return False  # its process is alive and still driving it
         return True
 
+    def park_corrupt(self, agent_id: str, error: dict[str, str]) -> RunResult:
+        """Park an agent whose bundle, module or stored state cannot be used, naming what.
+
+        It stays in the store as it is (nothing is deleted or rewritten but its record's
+        status) for an operator: restore the store from a copy, or fail the agent.
+        """
+        def write(txn: Any) -> dict[str, Any]:
+            rec = txn.get_agent(agent_id)
+            if rec is None:
+                raise AgentNotFound(f"no agent {agent_id} in store {self.where}")
+            if rec.get(UNREADABLE):
+                return dict(rec)  # the record itself is the damage: leave its bytes as they are
+            rec.update(status=CORRUPT_STATUS, error=error, owner=None, updated_at=time.time())
+            audit.append_events(txn, rec, [("agent.corrupt", {"error": error})])
+            txn.put_agent(rec)
+            return dict(rec)
+
+        return RunResult.of_record(self.store.transact(write))
+
     # -- finish -------------------------------------------------------------------------------
     async def finish(self, agent: LiveAgent, end: Ended) -> RunResult:
         """The agent is done: output checked, identity retired, leases revoked, all audited."""
@@ -226,6 +253,39 @@ class Lifecycle:
         if self.heads.due():
             await anyio.to_thread.run_sync(self.heads.maybe_seal)
         return agent.result()
+
+
+def damage(exc: Exception) -> dict[str, str] | None:
+    """The typed error an exception means for the one agent it was raised for, or None
+    when it is about the store (full, unavailable: the agent waits, untouched).
+
+    An agent's own bundle, module, policy or stored state that cannot be used makes it
+    ``corrupt`` (:meth:`Lifecycle.park_corrupt`); anything else is a host error that ends
+    that agent alone (:func:`host_error`). Either way no other agent, and not the process.
+    """
+    if isinstance(exc, StoreFull | StoreUnavailable):
+        return None
+    if isinstance(exc, SnapshotError):
+        return {"code": "snapshot_corrupt", "message": str(exc)}
+    if isinstance(exc, ModuleError | BundleError):
+        return {"code": exc.code, "message": str(exc)}
+    if isinstance(exc, PolicyError):
+        return {"code": "invalid_policy", "message": str(exc)}
+    if isinstance(exc, TorporError) and exc.code in CORRUPT_CODES:
+        return {"code": exc.code, "message": str(exc)}
+    return None
+
+
+#: Codes of errors about an agent's own stored things: they park it ``corrupt``.
+CORRUPT_CODES = frozenset({"snapshot_corrupt", "bundle_missing", "record_corrupt", "invalid_module",
+                           "invalid_bundle", "abi_version", "import_not_granted", "invalid_policy"})
+
+
+def host_error(exc: Exception) -> Failed:
+    """An unexpected exception while driving one agent, as that agent's failure."""
+    code = getattr(exc, "code", None)
+    return Failed(code if isinstance(code, str) else "host_error",
+                  f"the host failed while running this agent ({type(exc).__name__}: {exc})"[:2000])
 
 
 def process_start(pid: int) -> int | None:
