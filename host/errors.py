@@ -48,6 +48,12 @@ class ImportNotGranted(ModuleError):
     code = "import_not_granted"
 
 
+class MemoryLimitError(ModuleError):
+    """The module declares more memory than its policy's budget (or the host) allows."""
+
+    code = "memory_limit"
+
+
 class BundleError(TorporError):
     """A bundle file is missing, truncated, corrupted or not a bundle."""
 

@@ -70,8 +70,8 @@ class Lifecycle:
         """A new agent: its record, input and identity written, ``agent.spawned`` audited."""
         if fuel is not None and fuel < 0:
             raise ConfigError("fuel must be a non-negative integer")
+        loaded, pre = self.loader.module(b)  # a refused module leaves nothing in the store
         self.loader.register(b)
-        loaded, pre = self.loader.module(b)
         tools, validators = self.loader.tools(b)
         now = time.time()
         aid = new_agent_id(now)

@@ -13,7 +13,7 @@ from typing import Any
 
 from host.errors import TorporError
 from host.sandbox import bundle as bundle_mod
-from host.sandbox import imports
+from host.sandbox import imports, validate
 from host.sandbox import wasi as wasi_imports
 from host.sandbox.bundle import Bundle
 from host.sandbox.engine import Engine, LoadedModule
@@ -23,9 +23,9 @@ from host.tools.registry import ToolSpec, load_handler, spec_from_function
 from snapshots.store import AgentStore
 
 DEFAULT_FUEL = 1_000_000_000
-DEFAULT_MEMORY = 64 << 20
+DEFAULT_MEMORY = validate.DEFAULT_MEMORY
 DEFAULT_DEADLINE_S = 30.0
-WASM_PAGE = 65536
+WASM_PAGE = validate.WASM_PAGE
 
 #: The tool specs a policy grants, and its custom validators, by reference.
 Tools = tuple[dict[str, ToolSpec], dict[str, Any]]
@@ -87,11 +87,15 @@ class BundleLoader:
         return cached
 
     def module(self, b: Bundle) -> tuple[LoadedModule, Any]:
-        """The compiled module and the ``InstancePre`` for a bundle, imports checked against its policy."""
+        """The compiled module and the ``InstancePre`` for a bundle.
+
+        The module is checked against the ABI, the host's limits and its policy (memory,
+        imports) from its headers before it is compiled or instantiated.
+        """
+        validate.check_policy(self.engine.validate(b.module, b.module_digest), b.policy)
         loaded = self.engine.load(b.module, b.module_digest)
         has_tools = bool(b.policy.grants)
         wasi = frozenset(b.policy.wasi_allow)
-        loaded.check_imports(has_tools, wasi, b.policy.agent.name)
 
         def make_linker(eng: Any) -> Any:
             import wasmtime
@@ -116,6 +120,5 @@ def limits_for(b: Bundle, fuel: int | None, fuel_used: int = 0) -> Limits:
     cap = fuel_used + per_run
     if budgets.fuel_total is not None:
         cap = min(cap, int(budgets.fuel_total))
-    memory = int(budgets.memory or DEFAULT_MEMORY)
-    memory = max(WASM_PAGE, memory - memory % WASM_PAGE)  # whole wasm pages
-    return Limits(fuel=cap, memory_bytes=memory, deadline_s=float(budgets.wall_clock or DEFAULT_DEADLINE_S))
+    return Limits(fuel=cap, memory_bytes=validate.memory_limit(b.policy),
+                  deadline_s=float(budgets.wall_clock or DEFAULT_DEADLINE_S))

@@ -26,13 +26,30 @@ CORE_IMPORTS: Final = frozenset(
 TOOL_IMPORT: Final = "tool_call"
 SUSPENDING_IMPORTS: Final = (f"{IMPORT_MODULE}.{TOOL_IMPORT}",)
 
-ASYNCIFY_EXPORTS: Final = (
-    "asyncify_start_unwind",
-    "asyncify_stop_unwind",
-    "asyncify_start_rewind",
-    "asyncify_stop_rewind",
-    "asyncify_get_state",
-)
+# Signatures as (number of i32 parameters, number of i32 results): every import of
+# the ABI, and every export the host calls, takes and returns i32s only.
+IMPORT_SIGNATURES: Final[dict[str, tuple[int, int]]] = {
+    "input_len": (0, 1),
+    "input_read": (2, 1),
+    "output_write": (2, 1),
+    "log": (3, 1),
+    "response_len": (0, 1),
+    "response_read": (2, 1),
+    "abort": (3, 0),
+    TOOL_IMPORT: (4, 1),
+}
+
+# Binaryen's Asyncify controls, which the host calls at every suspension.
+ASYNCIFY_SIGNATURES: Final[dict[str, tuple[int, int]]] = {
+    "asyncify_start_unwind": (1, 0),
+    "asyncify_stop_unwind": (0, 0),
+    "asyncify_start_rewind": (1, 0),
+    "asyncify_stop_rewind": (0, 0),
+    "asyncify_get_state": (0, 1),
+}
+ASYNCIFY_EXPORTS: Final = tuple(ASYNCIFY_SIGNATURES)
+INITIALIZE_EXPORT: Final = "_initialize"  # a WASI reactor's constructors, run once before the entry
+STACK_POINTER_EXPORT: Final = "__stack_pointer"  # read when a memory fault may be a C stack overflow
 
 # Error codes a guest receives (negative i32) and their names in error objects.
 E_FAULT: Final = -1

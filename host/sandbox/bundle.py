@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from host.errors import BundleError, ModuleError
-from host.sandbox import abi, toolchain, wasm_binary
+from host.sandbox import abi, toolchain, validate, wasm_binary
 from policies import Policy, parse_policy
 
 BUNDLE_FORMAT = "torpor-bundle/1"
@@ -59,6 +59,7 @@ def pack(module: bytes, policy_text: str, *, tools: dict[str, str] | None = None
     parsed (and so checked) before anything is written.
     """
     wasm_binary.check_header(module)
+    validate.check_module(module)  # before Binaryen reads it
     prepared = toolchain.prepare_module(module)
     policy = parse_policy(policy_text, source=policy_source)
     version = toolchain.abi_version_of(prepared)

@@ -27,8 +27,9 @@ from typing import Any
 import wasmtime
 from wasmtime import _ffi
 
-from host.errors import ConfigError, ImportNotGranted, ModuleError
-from host.sandbox import abi, interrupts, memory_pool
+from host.errors import ConfigError, ModuleError
+from host.sandbox import abi, interrupts, memory_pool, validate
+from host.sandbox.validate import HOST_LIMITS, HostLimits, ModuleShape
 from snapshots import PristineImage, native_build
 
 EPOCH_TICK_S = 0.005
@@ -181,8 +182,11 @@ class Engine:
     runaway guest is stopped by wall clock without a signal.
     """
 
-    def __init__(self, config: EngineConfig | None = None, cache_dir: Path | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, cache_dir: Path | None = None,
+                 limits: HostLimits = HOST_LIMITS) -> None:
         self.config = config or EngineConfig.for_profile()
+        #: What this host accepts from any module (checked before compiling, see :meth:`validate`).
+        self.limits = limits
         cfg = self.config.wasmtime_config()
         #: Recycled linear memories (host/memory_pool.py), or None: Wasmtime's own allocation.
         self.memory_pool: memory_pool.MemoryPool | None = None
@@ -198,6 +202,7 @@ class Engine:
         self.fingerprint = self.config.fingerprint()
         self.cache_dir = cache_dir
         self._modules: dict[str, LoadedModule] = {}
+        self._shapes: dict[str, ModuleShape] = {}  # validated, not (yet) loaded
         self._lock = threading.Lock()
         self._ticker: str | None = None  # "native" or "python" once started
         self.cache_hits = 0
@@ -274,19 +279,32 @@ class Engine:
         except wasmtime.WasmtimeError as exc:
             raise ModuleError(f"invalid WebAssembly module: {_first_line(str(exc))}") from exc
 
+    def validate(self, wasm: bytes, digest: str) -> ModuleShape:
+        """The module's shape, checked against the ABI and the host's limits (once per digest).
+
+        Every module passes here before Wasmtime sees it (:meth:`load` calls it first):
+        see :mod:`host.sandbox.validate` for why Wasmtime cannot be the first to look.
+        """
+        loaded = self._modules.get(digest)
+        if loaded is not None:
+            return loaded.shape
+        shape = self._shapes.get(digest)
+        if shape is None:
+            shape = validate.check_module(wasm, self.limits)
+            with self._lock:
+                shape = self._shapes.setdefault(digest, shape)
+        return shape
+
     def load(self, wasm: bytes, digest: str) -> LoadedModule:
-        """The process-wide :class:`LoadedModule` for this module digest."""
+        """The process-wide :class:`LoadedModule` for this module digest (validated, then compiled)."""
         loaded = self._modules.get(digest)
         if loaded is None:
-            if _has_start_section(wasm):
-                raise ModuleError(
-                    "the module traps while instantiating (start function?): agent modules may not "
-                    "have a start function; the entry point is the `torpor_main` export"
-                )
+            shape = self.validate(wasm, digest)
             module = self.compile(wasm, digest)
-            loaded = LoadedModule.create(self, module, digest)
+            loaded = LoadedModule.create(self, module, digest, shape)
             with self._lock:
                 loaded = self._modules.setdefault(digest, loaded)
+                self._shapes.pop(digest, None)
         return loaded
 
 
@@ -314,29 +332,6 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else text
 
 
-def _has_start_section(wasm: bytes) -> bool:
-    """Whether a module has a start section (id 8): code that would run at instantiation."""
-    pos = 8
-    n = len(wasm)
-    if wasm[:4] != b"\0asm":
-        return False  # not wasm: compile() reports it
-    while pos < n:
-        sid = wasm[pos]
-        size = shift = 0
-        pos += 1
-        while pos < n:
-            byte = wasm[pos]
-            pos += 1
-            size |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80 or shift > 35:
-                break
-        if sid == 8:
-            return True
-        pos += size
-    return False
-
-
 @dataclass
 class LoadedModule:
     """A compiled agent module with what spawning and snapshotting need."""
@@ -351,6 +346,7 @@ class LoadedModule:
     suspendable: bool
     entry_results: int = 1  # how many results the entry export returns (0 or 1)
     has_initialize: bool = False  # a WASI reactor's `_initialize`, run once before the entry
+    shape: ModuleShape = field(kw_only=True)  # what host.sandbox.validate read
     _pres: dict[Any, wasmtime.InstancePre] = field(default_factory=dict)
     #: ``pristine`` prepared once for captures, encodes and restores (see PristineImage)
     image: PristineImage = field(init=False, repr=False)
@@ -359,53 +355,17 @@ class LoadedModule:
         self.image = PristineImage(self.pristine)
 
     @classmethod
-    def create(cls, engine: Engine, module: wasmtime.Module, digest: str) -> LoadedModule:
-        exports = {e.name: e.type for e in module.exports}
-        if abi.ENTRY_EXPORT not in exports or not isinstance(exports[abi.ENTRY_EXPORT], wasmtime.FuncType):
-            raise ModuleError(
-                f"the module has no `{abi.ENTRY_EXPORT}` function export: an agent's entry point is "
-                f"`int {abi.ENTRY_EXPORT}(void)` (see guest_sdk/ABI.md)"
-            )
-        entry_ty = exports[abi.ENTRY_EXPORT]
-        assert isinstance(entry_ty, wasmtime.FuncType)
-        if list(entry_ty.params) or len(list(entry_ty.results)) > 1:
-            raise ModuleError(f"`{abi.ENTRY_EXPORT}` must take no parameters and return at most one i32")
-        if not isinstance(exports.get(abi.MEMORY_EXPORT), wasmtime.MemoryType):
-            raise ModuleError("the module does not export its linear memory as `memory`")
-        imports: list[tuple[str, str, str]] = []
-        for imp in module.imports:
-            kind = type(imp.type).__name__.replace("Type", "").lower()
-            imports.append((imp.module, imp.name or "", kind))
-        suspendable = all(name in exports for name in abi.ASYNCIFY_EXPORTS)
-        globals_ = tuple(
-            (name, _valkind(ty.content))
-            for name, ty in exports.items()
-            if name.startswith(abi.GLOBAL_EXPORT_PREFIX) and isinstance(ty, wasmtime.GlobalType) and ty.mutable
-        )
+    def create(cls, engine: Engine, module: wasmtime.Module, digest: str, shape: ModuleShape) -> LoadedModule:
+        """Everything spawning needs, from the validated ``shape`` (not from Wasmtime's
+        export types, whose Python wrappers abort on v128 and reference values)."""
+        imports = [(imp.module, imp.name, imp.kind) for imp in shape.imports]
         pristine, async_buf = _pristine_image(engine, module, imports)
-        return cls(engine, module, digest, imports, pristine, async_buf, globals_, suspendable,
-                   len(list(entry_ty.results)), isinstance(exports.get("_initialize"), wasmtime.FuncType))
+        return cls(engine, module, digest, imports, pristine, async_buf, shape.snapshot_globals,
+                   shape.suspendable, shape.entry_results, shape.has_initialize, shape=shape)
 
     def check_imports(self, granted_tools: bool, wasi_allow: frozenset[str], policy_name: str) -> None:
         """Refuse, before anything runs, a module importing what the policy does not grant."""
-        for mod, name, kind in self.imports:
-            if mod == abi.IMPORT_MODULE and kind == "func":
-                if name in abi.CORE_IMPORTS:
-                    continue
-                if name == abi.TOOL_IMPORT:
-                    if granted_tools:
-                        continue
-                    raise ImportNotGranted(
-                        f"the module imports `torpor.tool_call` but policy `{policy_name}` grants no tools; "
-                        "add a [tools.\"NAME\"] table to policy.toml"
-                    )
-                raise ImportNotGranted(f"the module imports `torpor.{name}`, which is not part of guest ABI v{abi.ABI_VERSION}")
-            if mod == "wasi_snapshot_preview1" and name in wasi_allow:
-                continue
-            hint = " (add it to [wasi] allow in policy.toml)" if mod == "wasi_snapshot_preview1" else ""
-            raise ImportNotGranted(
-                f"the module imports `{mod}.{name}` ({kind}), which policy `{policy_name}` does not grant{hint}"
-            )
+        self.shape.check_imports(granted_tools, wasi_allow, policy_name)
 
     def instance_pre(self, key: Any, make_linker: Any) -> wasmtime.InstancePre:
         pre = self._pres.get(key)
@@ -417,13 +377,6 @@ class LoadedModule:
                 raise ModuleError(f"cannot link the module: {_first_line(str(exc))}") from exc
             self._pres[key] = pre
         return pre
-
-
-def _valkind(ty: wasmtime.ValType) -> str:
-    s = str(ty)
-    if s not in ("i32", "i64", "f32", "f64"):
-        raise ModuleError(f"a mutable global of type {s} cannot be snapshotted")
-    return s
 
 
 def _pristine_image(engine: Engine, module: wasmtime.Module, imports: list[tuple[str, str, str]]) -> tuple[bytes, tuple[int, int]]:

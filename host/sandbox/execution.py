@@ -32,6 +32,7 @@ from wasmtime._func import maybe_raise_last_exn as _raise_callback_exception
 
 from host.sandbox import abi, guest_json, interrupts
 from host.sandbox.engine import LoadedModule
+from host.sandbox.validate import HOST_LIMITS
 from snapshots.delta import MemoryAt, MemoryDelta, apply_delta, diff_memory
 from snapshots.format import GlobalValue
 
@@ -39,7 +40,7 @@ _tls = threading.local()
 
 NORMAL, UNWINDING, REWINDING = 0, 1, 2
 ABORT_EXIT = 2  # GuestAbort kind raised by WASI proc_exit; the message is the status
-INITIALIZE_EXPORT = "_initialize"
+INITIALIZE_EXPORT = abi.INITIALIZE_EXPORT
 PAGE = 65536
 U32 = 0xFFFFFFFF
 _INSTANTIATION_FUEL = 1 << 40
@@ -47,8 +48,9 @@ _INSTANTIATION_FUEL = 1 << 40
 #: policy's memory budget): one instance, one memory, a few tables of bounded length.
 #: A table element is host memory outside the linear memory (8-16 bytes each), so a
 #: ``table.grow`` past the limit answers -1, as a ``memory.grow`` past the budget does.
-MAX_TABLE_ELEMENTS = 1 << 16
-STORE_LIMITS = {"table_elements": MAX_TABLE_ELEMENTS, "instances": 1, "tables": 4, "memories": 1}
+#: The same bounds the validator holds a module's declared tables to (host/sandbox/validate.py).
+MAX_TABLE_ELEMENTS = HOST_LIMITS.max_table_elements
+STORE_LIMITS = {"table_elements": MAX_TABLE_ELEMENTS, "instances": 1, "tables": HOST_LIMITS.max_tables, "memories": 1}
 
 
 # Small Wasmtime C calls on hot paths, bound through PyDLL so that they keep the GIL:
@@ -190,6 +192,7 @@ class Execution:
         """
         engine = self.loaded.engine
         store = wasmtime.Store(engine.wasmtime)
+        # Tables are bounded at load (validate.py); these bound what the guest grows at run time.
         store.set_limits(memory_size=self.limits.memory_bytes, **STORE_LIMITS)
         if engine.prearm:
             # Without a copy-on-write image Wasmtime copies the data segments in with code
@@ -376,7 +379,7 @@ class Execution:
         return Failed("trap", msg)
 
     def _shadow_stack_overflowed(self) -> bool:
-        sp = self._exports.get("__stack_pointer") if self._exports is not None else None
+        sp = self._exports.get(abi.STACK_POINTER_EXPORT) if self._exports is not None else None
         if not isinstance(sp, wasmtime.Global):
             return False
         try:

@@ -9,6 +9,9 @@ linker (and one ``InstancePre``) serves every agent of a module.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import wasmtime
 
 from host.sandbox import abi, guest_json
@@ -122,12 +125,9 @@ def define(linker: wasmtime.Linker, *, tools: bool) -> None:
     per-value conversions (a tool round trip calls four imports).
     """
     m = abi.IMPORT_MODULE
-    define_import(linker, m, "input_len", 0, 1, input_len)
-    define_import(linker, m, "input_read", 2, 1, input_read)
-    define_import(linker, m, "output_write", 2, 1, output_write)
-    define_import(linker, m, "log", 3, 1, log)
-    define_import(linker, m, "response_len", 0, 1, response_len)
-    define_import(linker, m, "response_read", 2, 1, response_read)
-    define_import(linker, m, "abort", 3, 0, abort)
+    fns: dict[str, Callable[..., Any]] = {"input_len": input_len, "input_read": input_read, "output_write": output_write, "log": log,
+           "response_len": response_len, "response_read": response_read, "abort": abort}
     if tools:
-        define_import(linker, m, abi.TOOL_IMPORT, 4, 1, tool_call)
+        fns[abi.TOOL_IMPORT] = tool_call
+    for name, fn in fns.items():
+        define_import(linker, m, name, *abi.IMPORT_SIGNATURES[name], fn)

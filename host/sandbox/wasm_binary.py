@@ -1,9 +1,11 @@
-"""Just enough of the wasm binary format to read custom sections.
+"""Just enough of the wasm binary format to read custom sections and section contents.
 
 Wasmtime's Python API does not expose custom sections, and the ABI version
 lives in one (``torpor.abi``), so we walk the section headers ourselves: the
-magic, the version, then ``id, size`` pairs. Anything malformed raises
-:class:`~host.errors.ModuleError` rather than an IndexError.
+magic, the version, then ``id, size`` pairs. :class:`Reader` is the bounded
+cursor :mod:`host.sandbox.validate` reads every section with, before Wasmtime
+sees a byte. Anything malformed raises :class:`~host.errors.ModuleError`
+rather than an IndexError.
 """
 
 from __future__ import annotations
@@ -80,3 +82,88 @@ def _leb_encode(value: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+class Reader:
+    """A bounded cursor over ``data[pos:end]``: every read is checked against ``end``.
+
+    Why our own: the validator must read untrusted sections (counts, limits, names)
+    without trusting any length in them, and fail with the byte offset it stopped at.
+    """
+
+    __slots__ = ("data", "end", "pos")
+
+    def __init__(self, data: bytes, pos: int = 0, end: int | None = None) -> None:
+        self.data = data
+        self.pos = pos
+        self.end = len(data) if end is None else end
+
+    def fail(self, what: str) -> ModuleError:
+        """The error for a malformed module at the current offset."""
+        return ModuleError(f"malformed wasm module: {what} (at byte {self.pos})")
+
+    @property
+    def left(self) -> int:
+        return self.end - self.pos
+
+    def byte(self) -> int:
+        if self.pos >= self.end:
+            raise self.fail("unexpected end of section")
+        b = self.data[self.pos]
+        self.pos += 1
+        return b
+
+    def u32(self) -> int:
+        """An unsigned LEB128 of at most 5 bytes and 32 bits (the spec's ``u32``)."""
+        result = shift = 0
+        for _ in range(5):
+            b = self.byte()
+            result |= (b & 0x7F) << shift
+            if not b & 0x80:
+                if result > 0xFFFFFFFF:
+                    raise self.fail("integer too large for u32")
+                return result
+            shift += 7
+        raise self.fail("LEB128 integer too long")
+
+    def sleb(self, bits: int) -> int:
+        """A signed LEB128 of at most ``ceil(bits / 7)`` bytes."""
+        result = shift = 0
+        for _ in range((bits + 6) // 7):
+            b = self.byte()
+            result |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                if b & 0x40:
+                    result -= 1 << shift
+                return result
+        raise self.fail("LEB128 integer too long")
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or n > self.left:
+            raise self.fail(f"{n} bytes run past the end of the section")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def skip(self, n: int) -> None:
+        if n < 0 or n > self.left:
+            raise self.fail(f"{n} bytes run past the end of the section")
+        self.pos += n
+
+    def name(self) -> str:
+        raw = self.take(self.u32())
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self.fail("a name is not UTF-8") from exc
+
+    def count(self, what: str, limit: int, min_entry_bytes: int = 1) -> int:
+        """A vector's length, refused before any entry is read if it exceeds ``limit``
+        or could not fit in what is left of the section."""
+        n = self.u32()
+        if n > limit:
+            raise ModuleError(f"the module declares {n} {what}; this host accepts at most {limit}")
+        if n * min_entry_bytes > self.left:
+            raise self.fail(f"{n} {what} cannot fit in the {self.left} bytes left of the section")
+        return n
