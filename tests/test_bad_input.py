@@ -170,6 +170,26 @@ def test_corrupted_bundle(bundles: BundleFactory, tmp_path: Path) -> None:
         bundle_mod.load(p)
 
 
+def test_every_flipped_byte_is_a_typed_refusal(bundles: BundleFactory) -> None:
+    """No corruption of any byte of a bundle (or cut of its tail) escapes as anything but a typed error."""
+    from host.errors import TorporError
+
+    raw = bundles.example("hello").read_bytes()
+    accepted = 0
+    for pos in range(len(raw)):
+        bad = bytearray(raw)
+        bad[pos] ^= 0xFF
+        try:
+            bundle_mod.load_bytes(bytes(bad))
+            accepted += 1  # a byte nothing reads (a timestamp, a version field)
+        except (TorporError, PolicyError):
+            pass
+    for end in range(0, len(raw), 13):
+        with pytest.raises((TorporError, PolicyError)):
+            bundle_mod.load_bytes(raw[:end])
+    assert accepted < len(raw) // 20
+
+
 def test_corrupted_compile_cache_is_rebuilt(bundles: BundleFactory, tmp_path: Path) -> None:
     b = bundles.load(EXAMPLES / "hello")
     with Host(tmp_path) as h1:

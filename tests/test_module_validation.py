@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 import struct
 import subprocess
 import sys
@@ -378,11 +379,149 @@ def test_validator_accepts_the_hand_made_agent_and_reads_it() -> None:
     assert [(i.module, i.name) for i in shape.imports] == [("torpor", "tool_call")]
 
 
+def test_pack_refuses_before_binaryen(monkeypatch: pytest.MonkeyPatch) -> None:
+    from host.sandbox import bundle as bundle_mod
+    from host.sandbox import toolchain
+
+    monkeypatch.setattr(toolchain, "prepare_module", lambda *a: pytest.fail("Binaryen saw a refused module"))
+    module = agent_wat(g0='(global (export "torpor.g0") (mut v128) (v128.const i64x2 0 0))')
+    with pytest.raises(ModuleError, match=r"torpor\.g0.*v128"):
+        bundle_mod.pack(module, POLICY)
+
+
 def test_memory_check_against_the_policy() -> None:
     shape = validate.check_module(agent_wat(memory='(memory (export "memory") 257)'))
     shape.check_memory(17 << 20)
     with pytest.raises(MemoryLimitError, match=r"257 pages .* 16 MiB"):
         shape.check_memory(16 << 20)
+
+
+# -- archives ---------------------------------------------------------------------------------
+
+GOOD_MODULE = with_abi(agent_wat())
+
+
+def members(**extra: bytes) -> dict[str, bytes]:
+    return {"agent.wasm": GOOD_MODULE, "policy.toml": POLICY.encode(), **extra}
+
+
+def honest(ms: dict[str, bytes], **manifest_over: Any) -> list[Entry]:
+    return [Entry("manifest.json", manifest_for(ms, **manifest_over)), *(Entry(n, d) for n, d in ms.items())]
+
+
+@pytest.fixture(scope="module")
+def zeros_stream() -> bytes:
+    """256 MiB of zeros, deflated (about 250 KiB)."""
+    c = zlib.compressobj(1, zlib.DEFLATED, -15)
+    chunk = bytes(1 << 20)
+    return b"".join(c.compress(chunk) for _ in range(256)) + c.flush()
+
+
+def test_zip_bomb_inflating_past_its_declared_size(store: Path, tmp_path: Path, zeros_stream: bytes) -> None:
+    # The module member's headers and manifest say 1 KiB-ish; its stream inflates to 256 MiB more.
+    ms = members()
+    c = zlib.compressobj(1, zlib.DEFLATED, -15)
+    stream = c.compress(GOOD_MODULE)
+    stream += b"".join(c.compress(bytes(1 << 20)) for _ in range(256)) + c.flush()
+    entries = honest(ms)
+    entries[1] = Entry("agent.wasm", GOOD_MODULE, stream=stream)
+    r = refused(store, tmp_path, zip_bytes(entries), "invalid_bundle", "agent.wasm", "inflates past")
+    assert r.seconds < 10
+
+
+def test_member_larger_in_the_archive_than_in_the_manifest(store: Path, tmp_path: Path, zeros_stream: bytes) -> None:
+    # Honest zip headers for a 256 MiB member; the manifest declares it small. Refused from the headers.
+    ms = members(**{"tools/big.py": b"x = 1\n"})
+    entries = honest(ms)
+    entries[3] = Entry("tools/big.py", b"x = 1\n", stream=zeros_stream, file_size=256 << 20)
+    r = refused(store, tmp_path, zip_bytes(entries), "invalid_bundle", "tools/big.py", "268435456 bytes in the archive")
+    assert r.seconds < 10
+
+
+def test_manifest_declaring_a_huge_member(store: Path, tmp_path: Path, zeros_stream: bytes) -> None:
+    ms = members(**{"tools/big.py": b""})
+    manifest = json.loads(manifest_for(ms))
+    manifest["files"]["tools/big.py"] = {"sha256": "0" * 64, "size": 256 << 20}
+    raw = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    entries = [Entry("manifest.json", raw), *(Entry(n, d) for n, d in ms.items() if n != "tools/big.py"),
+               Entry("tools/big.py", b"", stream=zeros_stream, file_size=256 << 20)]
+    refused(store, tmp_path, zip_bytes(entries), "invalid_bundle", "tools/big.py", "declares 268435456 bytes")
+
+
+def test_module_over_the_host_size_cap(store: Path, tmp_path: Path) -> None:
+    module = wasm_binary.add_custom_section(agent_wat(), "padding", bytes(17 << 20))
+    refused(store, tmp_path, bundle_of(module), "invalid_bundle", "agent.wasm", "declares")
+
+
+@pytest.mark.parametrize("bad", ["../x.py", "/abs/x.py", "tools/../../x.py", "C:/x.py", "tools\\..\\x.py"])
+def test_member_names_outside_the_bundle(bad: str, store: Path, tmp_path: Path) -> None:
+    ms = members()
+    entries = [*honest(ms), Entry(bad, b"print('pwned')\n")]
+    refused(store, tmp_path, zip_bytes(entries), "invalid_bundle", repr(bad))
+
+
+def test_member_names_outside_the_bundle_in_the_manifest(store: Path, tmp_path: Path) -> None:
+    ms = members()
+    ms_bad = {**ms, "../escape.py": b"x"}
+    entries = [Entry("manifest.json", manifest_for(ms_bad)), *(Entry(n, d) for n, d in ms.items())]
+    refused(store, tmp_path, zip_bytes(entries), "invalid_bundle", "'../escape.py'")
+
+
+def test_symlink_member(store: Path, tmp_path: Path) -> None:
+    ms = members(**{"tools/link.py": b"/etc/passwd"})
+    entries = honest(ms)
+    entries[3] = Entry("tools/link.py", b"/etc/passwd", mode=stat.S_IFLNK | 0o777)
+    refused(store, tmp_path, zip_bytes(entries), "invalid_bundle", "tools/link.py", "symlink")
+
+
+def test_directory_member(store: Path, tmp_path: Path) -> None:
+    entries = [*honest(members()), Entry("tools/", b"", mode=stat.S_IFDIR | 0o755)]
+    refused(store, tmp_path, zip_bytes(entries), "invalid_bundle", "tools/", "directory")
+
+
+def test_duplicate_member_names(store: Path, tmp_path: Path) -> None:
+    # The manifest's digest matches the first policy.toml; the second would win in zipfile.
+    ms = members()
+    entries = [*honest(ms), Entry("policy.toml", POLICY.replace('memory = "16MiB"', 'memory = "4GiB"').encode())]
+    refused(store, tmp_path, zip_bytes(entries), "invalid_bundle", "policy.toml", "appears twice")
+
+
+def test_duplicate_manifest(store: Path, tmp_path: Path) -> None:
+    ms = members()
+    entries = [*honest(ms), Entry("manifest.json", manifest_for(ms, name="other"))]
+    refused(store, tmp_path, zip_bytes(entries), "invalid_bundle", "manifest.json", "appears twice")
+
+
+def test_manifest_size_mismatch(store: Path, tmp_path: Path) -> None:
+    ms = members()
+    manifest = json.loads(manifest_for(ms))
+    manifest["files"]["policy.toml"]["size"] += 5
+    raw = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    entries = [Entry("manifest.json", raw), *(Entry(n, d) for n, d in ms.items())]
+    refused(store, tmp_path, zip_bytes(entries), "invalid_bundle", "policy.toml",
+            f"{len(POLICY)} bytes in the archive but {len(POLICY) + 5}")
+
+
+def test_member_not_in_the_manifest(store: Path, tmp_path: Path) -> None:
+    entries = [*honest(members()), Entry("tools/extra.py", b"x = 1\n")]
+    refused(store, tmp_path, zip_bytes(entries), "invalid_bundle", "tools/extra.py", "not listed in the manifest")
+
+
+def test_manifest_naming_another_agent(store: Path, tmp_path: Path) -> None:
+    refused(store, tmp_path, zip_bytes(honest(members(), name="root-agent")), "invalid_bundle",
+            "'root-agent'", "'hostile'")
+
+
+def test_the_name_comes_from_the_policy(tmp_path: Path) -> None:
+    from host.sandbox import bundle as bundle_mod
+
+    b = bundle_mod.load_bytes(zip_bytes(honest(members())))
+    assert b.name == "hostile"
+    nameless = json.loads(manifest_for(members()))
+    del nameless["name"]
+    raw = json.dumps(nameless).encode()
+    b = bundle_mod.load_bytes(zip_bytes([Entry("manifest.json", raw), *honest(members())[1:]]))
+    assert b.name == "hostile"
 
 
 # -- last: the store every refusal above ran against ---------------------------------------------
@@ -392,6 +531,6 @@ def test_the_store_still_resumes_and_runs_hello(store: Path, bundles: BundleFact
     after = cli("resume", "--all", "--store", str(store))
     assert after.code == 0 and after.out == [], after  # nothing was left running, nothing crashes
     ps = cli("ps", "--store", str(store))
-    assert ps.code == 0 and {a["name"] for a in ps.out} <= {"hello", "hostile"}, ps
+    assert ps.code == 0 and {a["name"] for a in ps.out} == {"hello", "hostile"}, ps
     hello = cli("run", str(bundles.example("hello")), "--store", str(store), "--input", HELLO_INPUT)
     assert hello.code == 0 and hello.out["output"] == {"greeting": "hello, ada"}, hello

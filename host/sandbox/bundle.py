@@ -1,17 +1,26 @@
 """Bundles: one file holding an agent's module, its policy and its host-side tools.
 
 A bundle is a zip archive (inspectable with any unzip) with a ``manifest.json``
-that lists every member with its SHA-256. The bundle's digest is the SHA-256 of
-the canonical manifest, so it covers every byte that matters: it is the
-agent's version. Loading verifies each member against the manifest, so a
+that lists every member with its SHA-256 and size. The bundle's digest is the
+SHA-256 of the canonical manifest, so it covers every byte that matters: it is
+the agent's version. Loading verifies each member against the manifest, so a
 truncated or altered bundle is refused, never run.
+
+A bundle is untrusted, so its archive is read the careful way: every member is
+a plain file with a safe, unique name (other unzips disagree on duplicates and
+follow ``..`` and symlinks), sizes are checked against the manifest and the
+host's caps from the zip directory before anything is inflated, and inflating
+stops one byte past the declared size. The agent's name is its policy's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
+import stat
+import struct
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -20,13 +29,26 @@ from typing import Any
 
 from host.errors import BundleError, ModuleError
 from host.sandbox import abi, toolchain, validate, wasm_binary
+from host.sandbox.validate import HOST_LIMITS, HostLimits
 from policies import Policy, parse_policy
 
 BUNDLE_FORMAT = "torpor-bundle/1"
 MODULE_MEMBER = "agent.wasm"
 POLICY_MEMBER = "policy.toml"
 TOOLS_DIR = "tools/"
+MANIFEST_MEMBER = "manifest.json"
 MAX_BUNDLE_BYTES = 256 << 20
+# Caps on what members may declare, checked before anything is inflated (the module's
+# is HostLimits.max_module_bytes).
+MAX_MEMBERS = 1024
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_POLICY_BYTES = 1 << 20
+MAX_TOOL_BYTES = 4 << 20
+_INFLATE_CHUNK = 64 << 10
+_EOCD_SIG = b"PK\x05\x06"
+_ZIP64_LOCATOR_SIG = b"PK\x06\x07"
+_EOCD_SIZE = 22
+MAX_DIRECTORY_BYTES = 1 << 20  # the zip central directory (pack writes ~60 bytes a member)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -59,7 +81,9 @@ def pack(module: bytes, policy_text: str, *, tools: dict[str, str] | None = None
     parsed (and so checked) before anything is written.
     """
     wasm_binary.check_header(module)
-    validate.check_module(module)  # before Binaryen reads it
+    # Before Binaryen reads it (the bundle is validated again at load). A raw module may
+    # carry debug sections Binaryen drops, so only the bundle's own cap bounds its size here.
+    validate.check_module(module, dataclasses.replace(HOST_LIMITS, max_module_bytes=MAX_BUNDLE_BYTES))
     prepared = toolchain.prepare_module(module)
     policy = parse_policy(policy_text, source=policy_source)
     version = toolchain.abi_version_of(prepared)
@@ -78,7 +102,7 @@ def pack(module: bytes, policy_text: str, *, tools: dict[str, str] | None = None
     buf = io.BytesIO()
     # Fixed timestamps and order: the same inputs give byte-identical bundles.
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, data in [("manifest.json", _canonical(manifest)), *members.items()]:
+        for name, data in [(MANIFEST_MEMBER, _canonical(manifest)), *members.items()]:
             info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, data)
@@ -89,21 +113,32 @@ def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def load_bytes(raw: bytes, *, source: str = "<bundle>") -> Bundle:
-    """Verify and load bundle bytes; raise :class:`BundleError` on any inconsistency."""
+def load_bytes(raw: bytes, *, source: str = "<bundle>", limits: HostLimits = HOST_LIMITS) -> Bundle:
+    """Verify and load bundle bytes; raise :class:`BundleError` on any inconsistency.
+
+    A bundle is untrusted: its archive is checked from the zip directory (names,
+    kinds, duplicates, sizes against the manifest and the host's caps) before any
+    member is inflated, each member inflates under a hard cap of its declared size,
+    and the module is validated (:mod:`host.sandbox.validate`) against the ABI, the
+    host's limits and the policy's memory budget before anything compiles it.
+    """
     if len(raw) > MAX_BUNDLE_BYTES:
         raise BundleError(f"{source}: bundle is larger than {MAX_BUNDLE_BYTES >> 20} MiB")
+    _check_directory_size(raw, source)
     try:
         zf = zipfile.ZipFile(io.BytesIO(raw))
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, NotImplementedError,
+            struct.error) as exc:
         raise BundleError(f"{source}: not a Torpor bundle (not a zip archive: {exc})") from exc
     with zf:
-        try:
-            manifest_raw = zf.read("manifest.json")
-        except KeyError as exc:
-            raise BundleError(f"{source}: not a Torpor bundle (no manifest.json)") from exc
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise BundleError(f"{source}: corrupted bundle ({exc})") from exc
+        entries = _entries(zf, source)
+        manifest_info = entries.get(MANIFEST_MEMBER)
+        if manifest_info is None:
+            raise BundleError(f"{source}: not a Torpor bundle (no {MANIFEST_MEMBER})")
+        if manifest_info.file_size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{source}: bundle member {MANIFEST_MEMBER} is {manifest_info.file_size} bytes; "
+                              f"a manifest is at most {MAX_MANIFEST_BYTES >> 10} KiB")
+        manifest_raw = _inflate(raw, manifest_info, manifest_info.file_size, source)
         try:
             manifest = json.loads(manifest_raw)
         except ValueError as exc:
@@ -114,15 +149,22 @@ def load_bytes(raw: bytes, *, source: str = "<bundle>") -> Bundle:
         files = manifest.get("files")
         if not isinstance(files, dict) or MODULE_MEMBER not in files or POLICY_MEMBER not in files:
             raise BundleError(f"{source}: bundle manifest lacks {MODULE_MEMBER} or {POLICY_MEMBER}")
+        declared = _declared_sizes(files, source, limits)
+        for name in entries:
+            if name != MANIFEST_MEMBER and name not in declared:
+                raise BundleError(f"{source}: bundle member {name} is not listed in the manifest")
         members: dict[str, bytes] = {}
-        for name, meta in files.items():
-            try:
-                data = zf.read(name)
-            except KeyError as exc:
-                raise BundleError(f"{source}: bundle member {name} is missing") from exc
-            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
-                raise BundleError(f"{source}: bundle member {name} is corrupted ({exc})") from exc
-            if not isinstance(meta, dict) or sha256_hex(data) != meta.get("sha256"):
+        for name, size in declared.items():
+            info = entries.get(name)
+            if info is None:
+                raise BundleError(f"{source}: bundle member {name} is missing")
+            if info.file_size != size:
+                raise BundleError(
+                    f"{source}: bundle member {name} is {info.file_size} bytes in the archive but {size} in the "
+                    "manifest: it does not match its manifest entry (size and digest; corrupted or altered)"
+                )
+            data = _inflate(raw, info, size, source)
+            if sha256_hex(data) != files[name].get("sha256"):
                 raise BundleError(f"{source}: bundle member {name} does not match its digest (corrupted or altered)")
             members[name] = data
     module = members[MODULE_MEMBER]
@@ -135,19 +177,30 @@ def load_bytes(raw: bytes, *, source: str = "<bundle>") -> Bundle:
         raise BundleError(f"{source}: the bundled module has no {abi.ABI_SECTION} section; repack it with `torpor pack`")
     if version not in abi.SUPPORTED_ABI_VERSIONS:
         toolchain.raise_abi_version(version)
+    if manifest.get("abi_version", version) != version:
+        raise BundleError(f"{source}: the manifest says ABI v{manifest.get('abi_version')!r} but the module "
+                          f"carries v{version} (corrupted or altered)")
     try:
         policy_text = members[POLICY_MEMBER].decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BundleError(f"{source}: policy.toml is not UTF-8") from exc
     policy = parse_policy(policy_text, source=f"{source}:{POLICY_MEMBER}")
-    tools = {
-        name[len(TOOLS_DIR) : -3]: data.decode("utf-8")
-        for name, data in members.items()
-        if name.startswith(TOOLS_DIR) and name.endswith(".py")
-    }
+    # The agent's name is its policy's: a manifest that says otherwise is refused, never shown.
+    if "name" in manifest and manifest["name"] != policy.agent.name:
+        raise BundleError(f"{source}: the manifest names the agent {str(manifest['name'])[:64]!r} but its policy "
+                          f"names it {policy.agent.name!r}; an agent's name comes from its policy")
+    shape = validate.check_module(module, limits)
+    shape.check_memory(validate.memory_limit(policy), policy_name=policy.agent.name)
+    tools = {}
+    for name, data in members.items():
+        if name.startswith(TOOLS_DIR):
+            try:
+                tools[name[len(TOOLS_DIR) : -3]] = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BundleError(f"{source}: bundle member {name} is not UTF-8") from exc
     return Bundle(
         digest=sha256_hex(_canonical(manifest)),
-        name=str(manifest.get("name") or policy.agent.name),
+        name=policy.agent.name,
         module=module,
         module_digest=sha256_hex(module),
         policy_text=policy_text,
@@ -157,6 +210,146 @@ def load_bytes(raw: bytes, *, source: str = "<bundle>") -> Bundle:
         raw=raw,
     )
 
+
+def _check_directory_size(raw: bytes, source: str) -> None:
+    """Refuse an archive whose central directory is too large, before zipfile reads it.
+
+    Why: :class:`zipfile.ZipFile` builds an object per directory entry as it opens
+    the archive, so a 256 MiB archive of empty entries would cost gigabytes.
+    Read from the end-of-central-directory record the way zipfile finds it.
+    """
+    pos = len(raw) - _EOCD_SIZE
+    if pos < 0:
+        return  # too short to be a zip: zipfile says so
+    if raw[pos : pos + 4] != _EOCD_SIG or raw[pos + 20 : pos + 22] != b"\0\0":
+        pos = raw.rfind(_EOCD_SIG, max(0, len(raw) - _EOCD_SIZE - 0xFFFF))
+        if pos < 0 or pos + _EOCD_SIZE > len(raw):
+            return  # no end record: zipfile reports it
+    _sig, _disk, _cd_disk, _n_here, n_total, cd_size, _cd_offset, _clen = struct.unpack_from("<4sHHHHIIH", raw, pos)
+    if n_total == 0xFFFF or cd_size == 0xFFFFFFFF or raw.find(_ZIP64_LOCATOR_SIG, max(0, pos - 20), pos) >= 0:
+        raise BundleError(f"{source}: the archive is a zip64 archive; a bundle has a few small members")
+    if n_total > MAX_MEMBERS or cd_size > MAX_DIRECTORY_BYTES:
+        raise BundleError(f"{source}: the archive lists {n_total} members in {cd_size} bytes of directory; "
+                          f"a bundle has at most {MAX_MEMBERS} members and {MAX_DIRECTORY_BYTES >> 10} KiB of directory")
+
+
+def _entries(zf: zipfile.ZipFile, source: str) -> dict[str, zipfile.ZipInfo]:
+    """The archive's members by name, each a plain file with a safe, unique name."""
+    infos = zf.infolist()
+    if len(infos) > MAX_MEMBERS:
+        raise BundleError(f"{source}: the archive lists {len(infos)} members; a bundle has at most {MAX_MEMBERS}")
+    out: dict[str, zipfile.ZipInfo] = {}
+    for info in infos:
+        name = info.orig_filename  # as stored: zipfile rewrites backslashes in .filename on Windows
+        _check_name(name, source)
+        if name in out:
+            raise BundleError(f"{source}: bundle member {name} appears twice in the archive (zip tools disagree "
+                              "on which one counts)")
+        ftype = stat.S_IFMT(info.external_attr >> 16)  # 0: no Unix mode recorded (as pack writes)
+        if info.is_dir() or ftype not in (0, stat.S_IFREG):
+            kind = ("a symlink" if ftype == stat.S_IFLNK else
+                    "a directory" if info.is_dir() or ftype == stat.S_IFDIR else "not a regular file")
+            raise BundleError(f"{source}: bundle member {name} is {kind}; a bundle holds regular files only")
+        if info.flag_bits & 0x1:
+            raise BundleError(f"{source}: bundle member {name} is encrypted")
+        out[name] = info
+    return out
+
+
+def _check_name(name: str, source: str) -> None:
+    """Refuse member names that could mean a path outside the bundle to any unzip."""
+    if not name or "\0" in name or "\\" in name or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        raise BundleError(f"{source}: bundle member {name!r} has an absolute or unsafe name")
+    if any(part in ("", ".", "..") for part in name.rstrip("/").split("/")):
+        raise BundleError(f"{source}: bundle member {name!r} has a path that leaves or bends the bundle ('..', '.', '//')")
+
+
+def _declared_sizes(files: dict[str, Any], source: str, limits: HostLimits) -> dict[str, int]:
+    """Each manifest entry's size, checked against the caps before anything is inflated."""
+    if len(files) > MAX_MEMBERS:
+        raise BundleError(f"{source}: the manifest lists {len(files)} members; a bundle has at most {MAX_MEMBERS}")
+    out: dict[str, int] = {}
+    total = 0
+    for name, meta in files.items():
+        _check_name(name, source)
+        if name == MODULE_MEMBER:
+            cap = limits.max_module_bytes
+        elif name == POLICY_MEMBER:
+            cap = MAX_POLICY_BYTES
+        elif name.startswith(TOOLS_DIR) and name.endswith(".py") and name[len(TOOLS_DIR) : -3].isidentifier():
+            cap = MAX_TOOL_BYTES
+        else:
+            raise BundleError(f"{source}: bundle member {name} is none of {MODULE_MEMBER}, {POLICY_MEMBER} or "
+                              f"{TOOLS_DIR}NAME.py")
+        size = meta.get("size") if isinstance(meta, dict) else None
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise BundleError(f"{source}: the manifest gives bundle member {name} no size")
+        if size > cap:
+            raise BundleError(f"{source}: bundle member {name} declares {size} bytes; this host accepts at most "
+                              f"{cap} for it")
+        total += size
+        out[name] = size
+    if total > MAX_BUNDLE_BYTES:
+        raise BundleError(f"{source}: the bundle's members declare {total} bytes in all; at most {MAX_BUNDLE_BYTES}")
+    return out
+
+
+def _inflate(raw: bytes, info: zipfile.ZipInfo, size: int, source: str) -> bytes:
+    """The member's bytes, inflated from the archive under a hard cap of ``size``.
+
+    Why not ``ZipFile.read``: a member's stream may inflate far past what its
+    headers say; we stop one byte past the declared size and refuse, and never
+    hold more than ``size + 1`` bytes of it.
+    """
+    name = info.orig_filename
+    off = info.header_offset
+    if off < 0 or off + 30 > len(raw) or raw[off : off + 4] != b"PK\x03\x04":
+        raise BundleError(f"{source}: bundle member {name} is corrupted (no local header)")
+    flags, method, name_len, extra_len = struct.unpack_from("<2xHH16xHH", raw, off + 4)
+    local_name = raw[off + 30 : off + 30 + name_len].decode("utf-8" if flags & 0x800 else "cp437", "replace")
+    if local_name != name or method != info.compress_type or flags & 0x1:
+        raise BundleError(f"{source}: bundle member {name} has a local header that disagrees with the directory")
+    start = off + 30 + name_len + extra_len
+    end = start + info.compress_size
+    if end > len(raw):
+        raise BundleError(f"{source}: bundle member {name} is truncated")
+    comp = memoryview(raw)[start:end]
+    if method == zipfile.ZIP_STORED:
+        if len(comp) != size:
+            raise BundleError(f"{source}: bundle member {name} holds {len(comp)} bytes, not the {size} it declares")
+        data = bytes(comp)
+    elif method == zipfile.ZIP_DEFLATED:
+        data = _inflate_capped(comp, size, name, source)
+    else:
+        raise BundleError(f"{source}: bundle member {name} uses compression method {method}; bundles use deflate")
+    if zlib.crc32(data) != info.CRC:
+        raise BundleError(f"{source}: bundle member {name} is corrupted (CRC mismatch)")
+    return data
+
+
+def _inflate_capped(comp: memoryview, size: int, name: str, source: str) -> bytes:
+    d = zlib.decompressobj(-15)
+    out = bytearray()
+    pos = 0
+    try:
+        while not d.eof:
+            if d.unconsumed_tail:
+                buf: bytes | memoryview = d.unconsumed_tail
+            else:
+                buf = comp[pos : pos + _INFLATE_CHUNK]
+                pos += len(buf)
+            piece = d.decompress(buf, size + 1 - len(out))
+            out += piece
+            if len(out) > size:
+                raise BundleError(f"{source}: bundle member {name} inflates past the {size} bytes it declares "
+                                  "(refused at the cap: a zip bomb, or an altered archive)")
+            if not buf and not piece:
+                break
+    except zlib.error as exc:
+        raise BundleError(f"{source}: bundle member {name} is corrupted ({exc})") from exc
+    if not d.eof or len(out) != size:
+        raise BundleError(f"{source}: bundle member {name} inflates to {len(out)} bytes, not the {size} it declares")
+    return bytes(out)
 
 
 def load(path: str | Path) -> Bundle:

@@ -53,13 +53,13 @@ class HostLimits:
     ~100 functions, ~20 KiB of code, one table of a few entries).
     """
 
-    max_module_bytes: int = 32 << 20
+    max_module_bytes: int = 16 << 20
     max_types: int = 10_000
     max_params: int = 1_000
     max_imports: int = 1_000
     max_functions: int = 100_000  # imported and defined
     max_function_body: int = 1 << 20
-    max_code_bytes: int = 24 << 20
+    max_code_bytes: int = 12 << 20
     max_tables: int = 4
     max_table_elements: int = 1 << 16  # a funcref is 8-16 bytes of host memory outside the linear memory
     max_globals: int = 10_000
