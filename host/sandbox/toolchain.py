@@ -3,7 +3,9 @@
 Zig (the ``ziglang`` wheel) is the C compiler to ``wasm32-freestanding``;
 Binaryen (the ``icpp-binaryen`` wheel) applies Asyncify. :func:`prepare_module`
 is shared by ``torpor build`` and ``torpor pack`` so a module built elsewhere
-gets exactly the same transforms.
+gets exactly the same transforms. Binaryen runs in a child process under time
+and memory limits (``isolation.py``), so no module can take the calling process
+down.
 """
 
 from __future__ import annotations
@@ -90,7 +92,29 @@ def prepare_module(wasm: bytes) -> bytes:
         suspending_imports=list(abi.SUSPENDING_IMPORTS),
         global_export_prefix=abi.GLOBAL_EXPORT_PREFIX,
         custom_sections={abi.ABI_SECTION: str(abi.ABI_VERSION).encode()},
+        # Binaryen only ever sees a valid module; Wasmtime checks it while the worker loads.
+        while_starting=lambda: check_with_wasmtime(wasm),
     )
+
+
+def check_with_wasmtime(wasm: bytes) -> None:
+    """Refuse a module that is not valid WebAssembly before Binaryen sees it.
+
+    Binaryen assumes valid input: on an invalid module it exits or aborts (in its
+    child process, so the host lives on, but with a message about Binaryen's
+    internals). :mod:`host.sandbox.validate` reads a module's sections, not its code;
+    Wasmtime's validator checks the code too and says what is wrong with it.
+    """
+    import wasmtime
+
+    # A default engine (creating one costs microseconds): every feature Wasmtime enables
+    # by default passes here; a module using one Binaryen lacks is refused by Binaryen,
+    # with the feature named. Not cached: an engine alive at exit warns as it is freed.
+    try:
+        wasmtime.Module.validate(wasmtime.Engine(), wasm)
+    except wasmtime.WasmtimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise ModuleError(f"the module is not valid WebAssembly: {detail}") from exc
 
 
 def raise_abi_version(version: int) -> None:
