@@ -1,5 +1,5 @@
-"""The toolchain cannot take the process down: every way Binaryen can fail on hostile
-input ends as a typed error (``invalid_module`` or ``toolchain``) in a
+"""The toolchain cannot take the process down: every way Binaryen or the C compiler can
+fail on hostile input ends as a typed error (``invalid_module`` or ``toolchain``) in a
 process that lives on.
 
 Each hostile module is generated here and is a real crasher: the first test runs
@@ -232,6 +232,43 @@ def test_torpor_pack_survives_hostile_modules(case: str, tmp_path: Path) -> None
     assert json.loads(built.stdout)["name"] == "hello"
 
 
+SLOW_C = """\
+#include "torpor.h"
+#define A(x) x x x x
+#define B(x) A(A(x))
+#define C(x) B(B(x))
+#define D(x) C(C(x))
+static volatile int sink;
+int torpor_main(void) {
+    D(A(sink += 1;))
+    return torpor_outputf("{\\"n\\": %d}", sink);
+}
+"""
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TORPOR_CC_TIMEOUT": "1"}, r"the C compiler did not finish within 1 s \(\$TORPOR_CC_TIMEOUT\)"),
+        ({"TORPOR_CC_MEMORY": "64MiB"}, r"64 MiB of address space \(\$TORPOR_CC_MEMORY\)"),
+    ],
+    ids=["time", "memory"],
+)
+def test_torpor_build_survives_a_compiler_over_its_limits(env: dict[str, str], message: str, tmp_path: Path) -> None:
+    """262,144 statements at -O2 keep clang busy for minutes; 64 MiB is too little for Zig."""
+    agent = tmp_path / "slow"
+    agent.mkdir()
+    (agent / "agent.c").write_text(SLOW_C)
+    (agent / "policy.toml").write_text(HELLO_POLICY.read_text())
+    proc = torpor("build", str(agent), "-o", str(tmp_path / "slow.torpor"), "--json", env=env)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    error = json.loads(proc.stdout)["error"]
+    assert error["code"] == "toolchain", error
+    assert re.search(message, error["message"]), error
+    built = torpor("build", str(EXAMPLES / "hello"), "-o", str(tmp_path / "hello.torpor"), "--json")
+    assert built.returncode == 0, built.stderr
+
+
 # -- how an ending is read ---------------------------------------------------------------
 LIMITS = isolation.Limits(60.0, 2 << 30, isolation.BINARYEN_TIMEOUT_ENV, isolation.BINARYEN_MEMORY_ENV)
 
@@ -262,14 +299,33 @@ def test_each_ending_is_a_typed_error(fin: isolation.Finished, cls: type[Excepti
     assert message in str(err)
 
 
+@pytest.mark.parametrize(
+    ("fin", "message"),
+    [
+        (_ended(1, "ImportError: No module named ziglang"), "the C toolchain is missing"),
+        (_ended(1, "LLVM ERROR: out of memory\nzig: error: clang frontend command failed with exit code 134"),
+         "the C compiler ran out of memory under its limit of 4 GiB"),
+        (_ended(1, "zig: error: clang frontend command failed with exit code 139"), "the C compiler crashed (SIGSEGV)"),
+        (_ended(-signal.SIGSEGV), "the C compiler crashed (SIGSEGV) under its limits of 4 GiB"),
+        (_ended(1, "agent.c:3:1: error: unknown type name 'in'"), "C compilation failed:\nagent.c:3:1: error"),
+    ],
+)
+def test_each_compiler_ending_is_a_typed_error(fin: isolation.Finished, message: str) -> None:
+    err = toolchain._compile_failure(fin, isolation.cc_limits())
+    assert type(err) is ToolchainError
+    assert message in str(err)
+
+
 def test_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isolation.binaryen_limits()[:2] == (60.0, 2 << 30)
     monkeypatch.setenv("TORPOR_BINARYEN_TIMEOUT", "1m30s")
     monkeypatch.setenv("TORPOR_BINARYEN_MEMORY", "512MiB")
+    monkeypatch.setenv("TORPOR_CC_TIMEOUT", "2.5")
     assert isolation.binaryen_limits()[:2] == (90.0, 512 << 20)
-    monkeypatch.setenv("TORPOR_BINARYEN_MEMORY", "lots")
-    with pytest.raises(ConfigError, match=r"\$TORPOR_BINARYEN_MEMORY: invalid size 'lots'"):
-        isolation.binaryen_limits()
+    assert isolation.cc_limits()[:2] == (2.5, 4 << 30)
+    monkeypatch.setenv("TORPOR_CC_MEMORY", "lots")
+    with pytest.raises(ConfigError, match=r"\$TORPOR_CC_MEMORY: invalid size 'lots'"):
+        isolation.cc_limits()
     monkeypatch.setenv("TORPOR_BINARYEN_TIMEOUT", "-1")
     with pytest.raises(ConfigError, match=r"\$TORPOR_BINARYEN_TIMEOUT"):
         isolation.binaryen_limits()

@@ -2,12 +2,13 @@
 
 Binaryen ends the process it runs in when a module is beyond it (``Fatal()`` is
 ``exit(1)``), aborts on a failed assertion, and one hostile module can keep it busy
-for minutes and gigabytes. In a server that packs or builds what users push, each
-of these would take the server down. So every toolchain step runs in a child
-process (``toolchain_worker.py``)
+for minutes and gigabytes; the C compiler can do the same on hostile source. In a
+server that packs or builds what users push, each of these would take the server
+down. So every toolchain step runs in a child process (``toolchain_worker.py``)
 with an address-space limit and a CPU-time limit it sets on itself, a wall-clock
 deadline kept by the parent, and its output read with a bound; how the child ended
-becomes a typed error in the parent (see :func:`host.sandbox.binaryen.asyncify`).
+becomes a typed error in the parent (see :func:`host.sandbox.binaryen.asyncify`
+and :func:`host.sandbox.toolchain.compile_c`).
 
 The limits come from the environment, so an operator can size them to the machine
 without code.
@@ -42,6 +43,8 @@ STDERR_KEEP = 32 << 10  # bytes kept from the head and from the tail of a child'
 
 BINARYEN_TIMEOUT_ENV = "TORPOR_BINARYEN_TIMEOUT"
 BINARYEN_MEMORY_ENV = "TORPOR_BINARYEN_MEMORY"
+CC_TIMEOUT_ENV = "TORPOR_CC_TIMEOUT"
+CC_MEMORY_ENV = "TORPOR_CC_MEMORY"
 
 
 class Limits(NamedTuple):
@@ -66,6 +69,15 @@ def binaryen_limits() -> Limits:
     the spec suite has modules that would take minutes and gigabytes.
     """
     return _limits(BINARYEN_TIMEOUT_ENV, 60.0, BINARYEN_MEMORY_ENV, 2 << 30)
+
+
+def cc_limits() -> Limits:
+    """The C compiler's limits: 300 s and 4 GiB unless the environment says otherwise.
+
+    Address space, not resident memory: Zig reserves a thread stack per core, so the
+    default leaves room for a machine with many cores.
+    """
+    return _limits(CC_TIMEOUT_ENV, 300.0, CC_MEMORY_ENV, 4 << 30)
 
 
 def _limits(timeout_env: str, timeout_default: float, memory_env: str, memory_default: int) -> Limits:
@@ -198,7 +210,7 @@ def run_child(
     """Run ``cmd`` to its end or to the deadline, feeding it ``input``.
 
     The child gets its own session, so that at the deadline (or when this process is
-    interrupted) the whole group is killed, any children of its own with it.
+    interrupted) the whole group is killed, the compiler's own children with it.
     Standard error is kept up to 32 KiB from each end: a validator may print a whole
     module, and the parent must not be the one that runs out of memory.
 
@@ -254,7 +266,7 @@ def run_child(
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the child's session (it is its leader), grandchildren included."""
+    """SIGKILL the child's session (it is its leader): Zig's clang dies with Zig."""
     import signal
 
     with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -3,20 +3,20 @@
 Zig (the ``ziglang`` wheel) is the C compiler to ``wasm32-freestanding``;
 Binaryen (the ``icpp-binaryen`` wheel) applies Asyncify. :func:`prepare_module`
 is shared by ``torpor build`` and ``torpor pack`` so a module built elsewhere
-gets exactly the same transforms. Binaryen runs in a child process under time
-and memory limits (``isolation.py``), so no module can take the calling process
-down.
+gets exactly the same transforms. Both tools run in child processes under time
+and memory limits (``isolation.py``), so no module and no source can take the
+calling process down.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import os
+import re
 import tempfile
 from pathlib import Path
 
 from host.errors import ModuleError, ToolchainError
-from host.sandbox import abi, binaryen, wasm_binary
+from host.sandbox import abi, binaryen, isolation, wasm_binary
 
 SDK_DIR = Path(__file__).resolve().parents[2] / "guest_sdk" / "c"  # from host/sandbox/ up to the top
 
@@ -34,7 +34,12 @@ COMPILE_FLAGS = (
 
 
 def compile_c(sources: list[Path], *, include_dirs: list[Path] | None = None, extra_flags: list[str] | None = None) -> bytes:
-    """Compile C sources plus the guest SDK runtime into one raw wasm module."""
+    """Compile C sources plus the guest SDK runtime into one raw wasm module.
+
+    The compiler runs under ``$TORPOR_CC_TIMEOUT`` (wall clock, default 300 s) and
+    ``$TORPOR_CC_MEMORY`` (address space, default 4 GiB): hostile source must not
+    take the building process, or the machine, with it.
+    """
     if not sources:
         raise ToolchainError("no C sources to compile")
     sdk_runtime = SDK_DIR / "torpor.c"
@@ -42,20 +47,56 @@ def compile_c(sources: list[Path], *, include_dirs: list[Path] | None = None, ex
     if sdk_runtime.exists() and sdk_runtime.resolve() not in {p.resolve() for p in sources}:
         inputs.insert(0, str(sdk_runtime))
     includes = [f"-I{SDK_DIR}"] + [f"-I{d}" for d in include_dirs or []]
+    limits = isolation.cc_limits()
+    cpu = isolation.cpu_seconds_for(limits, os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(prefix="torpor-build-") as tmp:
         out = Path(tmp) / "agent.wasm"
-        cmd = [sys.executable, "-m", "ziglang", "cc", *COMPILE_FLAGS, *includes, *(extra_flags or []), "-o", str(out), *inputs]
+        # -fno-crash-diagnostics: a crashing clang would otherwise leave the agent's
+        # preprocessed source in /tmp for anyone to read.
+        args = ["cc", *COMPILE_FLAGS, "-fno-crash-diagnostics", *includes, *(extra_flags or []), "-o", str(out), *inputs]
+        cmd = isolation.worker_command("zig", str(limits.memory_bytes), str(cpu), *args)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except FileNotFoundError as exc:  # pragma: no cover - broken install
+            fin = isolation.run_child(cmd, input=b"", timeout_s=limits.timeout_s, env=isolation.worker_env())
+        except OSError as exc:  # pragma: no cover - broken install
             raise ToolchainError(f"cannot run the compiler: {exc}") from exc
-        except subprocess.TimeoutExpired as exc:
-            raise ToolchainError("the C compiler did not finish within 300 s") from exc
-        if proc.returncode != 0:
-            if "No module named ziglang" in proc.stderr:
-                raise ToolchainError("the C toolchain is missing: run `pip install ziglang` (or reinstall torpor)")
-            raise ToolchainError("C compilation failed:\n" + proc.stderr.strip())
+        if fin.timed_out:
+            raise ToolchainError(f"the C compiler did not finish within {limits.timeout_text()} and was stopped")
+        if fin.returncode != 0:
+            raise _compile_failure(fin, limits)
         return out.read_bytes()
+
+
+_CC_OOM = re.compile(r"out of memory|OutOfMemory|Buffer allocation failed|bad_alloc|Cannot allocate memory|MemoryError")
+
+
+def _compile_failure(fin: isolation.Finished, limits: isolation.Limits) -> ToolchainError:
+    """The typed error for a compiler that failed: a compile error, a limit or a crash."""
+    err = fin.stderr.strip()
+    if "No module named ziglang" in err:
+        return ToolchainError("the C toolchain is missing: run `pip install ziglang` (or reinstall torpor)")
+    if _CC_OOM.search(err) or fin.returncode == isolation.EXIT_NO_MEMORY:
+        return ToolchainError(f"the C compiler ran out of memory under its limit of {limits.memory_text()}")
+    sig = fin.signal_name
+    crash = re.search(r"clang frontend command failed (?:with exit code (\d+)|due to signal)", err)
+    if sig is None and crash is not None:
+        code = int(crash.group(1) or 0)
+        sig = _signal_name(code - 128) if code > 128 else "a signal"
+    if sig is not None:
+        return ToolchainError(
+            f"the C compiler crashed ({sig}) under its limits of {limits.memory_text()} and "
+            f"{limits.timeout_text()}; raise them if the build needs more"
+            + (f":\n{err}" if err else "")
+        )
+    return ToolchainError("C compilation failed:\n" + err)
+
+
+def _signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def abi_version_of(wasm: bytes) -> int | None:

@@ -7,6 +7,10 @@
     Anything else (Binaryen's ``Fatal`` exits, its aborts, a signal) the parent reads
     from the exit status and stderr.
 
+``python -m host.sandbox.toolchain_worker zig MEMORY CPU ARGS...``
+    becomes ``python -m ziglang ARGS...`` under the limits (ziglang then execs Zig,
+    which inherits them, as do the clang processes it starts).
+
 MEMORY is the address-space limit in bytes, CPU the CPU-time limit in seconds; both
 are set before anything else is loaded.
 """
@@ -19,19 +23,30 @@ import sys
 
 from host.sandbox import isolation
 
-USAGE = "usage: python -m host.sandbox.toolchain_worker asyncify MEMORY CPU"
+USAGE = "usage: python -m host.sandbox.toolchain_worker {asyncify|zig} MEMORY CPU [ARGS...]"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 3 or args[0] != "asyncify":
+    if len(args) < 3 or args[0] not in {"asyncify", "zig"}:
         print(USAGE, file=sys.stderr)
         return 2
-    isolation.limit_self(int(args[1]), int(args[2]))
+    mode, memory, cpu, rest = args[0], int(args[1]), int(args[2]), args[3:]
+    isolation.limit_self(memory, cpu)
+    if mode == "zig":
+        return _zig(rest)
     try:
         return _asyncify()
     except MemoryError:
         os._exit(isolation.EXIT_NO_MEMORY)
+
+
+def _zig(args: list[str]) -> int:
+    import runpy
+
+    sys.argv = ["ziglang", *args]
+    runpy.run_module("ziglang", run_name="__main__", alter_sys=True)  # execs Zig
+    return 0  # pragma: no cover - only where ziglang does not exec (not POSIX)
 
 
 def _asyncify() -> int:
