@@ -10,8 +10,8 @@ deadline kept by the parent, and its output read with a bound; how the child end
 becomes a typed error in the parent (see :func:`host.sandbox.binaryen.asyncify`
 and :func:`host.sandbox.toolchain.compile_c`).
 
-The limits come from the environment, so an operator can size them to the machine
-without code.
+The limits come from the environment (README, "Toolchain limits"), so an operator
+can size them to the machine without code.
 
 The worker imports this module too, so it imports little at the top: a child's
 start-up is paid on every build.
