@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -664,24 +665,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     from snapshots.errors import SnapshotError, StoreError
 
     try:
-        with interrupts.handle_signals():  # Ctrl-C and SIGTERM end the work at a safe point
+        with interrupts.handle_signals(then_ignore=True):  # Ctrl-C and SIGTERM end the work at a safe point
             return int(fn(args))
+    except KeyboardInterrupt as exc:
+        return _interrupted(getattr(exc, "signum", signal.SIGINT))
     except (TorporError, PolicyError, SnapshotError, StoreError) as exc:
+        if interrupts.requested():  # what an interrupted guest or toolchain left behind
+            return _interrupted(interrupts.requested())
         code = _error_code(exc)
         if getattr(args, "json", False):
             print(json.dumps({"status": "error", "error": {"code": code, "message": str(exc)}}))
         else:
             print(f"torpor: error[{code}]: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt as exc:
-        signum = getattr(exc, "signum", 2)
-        print("torpor: interrupted" + ("" if signum == 2 else f" (signal {signum})"), file=sys.stderr)
-        return 128 + signum
     except BrokenPipeError:  # `torpor audit show X | head`: the reader left, which is fine
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
     except Exception as exc:  # a host bug: still one line, and the traceback on request
+        if interrupts.requested():
+            return _interrupted(interrupts.requested())
         if os.environ.get("TORPOR_DEBUG"):
             raise
         msg = f"internal error ({type(exc).__name__}: {exc}); rerun with TORPOR_DEBUG=1 for a traceback"
@@ -690,6 +693,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"torpor: error[internal]: {msg}", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _interrupted(signum: int) -> int:
+    print("torpor: interrupted" + ("" if signum == signal.SIGINT else f" (signal {signum})"), file=sys.stderr)
+    return 128 + signum
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m host.cli.app`

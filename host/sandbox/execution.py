@@ -207,9 +207,13 @@ class Execution:
             pool.hint(capacity)
         depth = interrupts.enter_wasm()  # instantiation may call back into Python (the memory creator)
         try:
-            inst = self.pre.instantiate(store)
-        finally:
-            interrupts.leave_wasm(depth)
+            try:
+                inst = self.pre.instantiate(store)
+            finally:
+                interrupts.leave_wasm(depth)
+        except (wasmtime.Trap, wasmtime.WasmtimeError):
+            interrupts.raise_if_requested()  # an interrupt trap during data-segment setup
+            raise
         self._store = store
         self._instance = inst
         self._exports = _LazyExports(store, inst)

@@ -100,9 +100,13 @@ def _handle(signum: int, frame: Any) -> None:
 
 
 @contextlib.contextmanager
-def handle_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+def handle_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), *,
+                   then_ignore: bool = False) -> Iterator[None]:
     """While in force, ``signums`` end the work as described in the module docstring.
 
+    Afterwards the previous handlers are back, or, with ``then_ignore`` (a command whose
+    process ends next), the signals are ignored, so that one landing while the outcome
+    is reported cannot cut the report short; :func:`requested` still says if one came.
     Only from the main thread (where Python runs handlers); elsewhere it does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
@@ -116,5 +120,6 @@ def handle_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -
         yield
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
-        _requested[0] = 0
+            signal.signal(s, signal.SIG_IGN if then_ignore else handler)
+        if not then_ignore:
+            _requested[0] = 0
