@@ -11,11 +11,13 @@ from __future__ import annotations
 __all__ = [
     "CheckpointExists",
     "NotFound",
+    "RecordCorrupt",
     "SnapshotCorrupt",
     "SnapshotError",
     "SnapshotMismatch",
     "SnapshotVersionError",
     "StoreConfigError",
+    "StoreCorrupt",
     "StoreError",
     "StoreFlushError",
     "StoreFull",
@@ -67,6 +69,37 @@ class StoreFull(StoreError):
     out of space (or the map cannot grow past free disk space). The transaction that
     hit it was aborted whole: nothing of it is on disk.
     """
+
+
+class StoreCorrupt(StoreUnavailable):
+    """The store's files are not what LMDB wrote: refused at open, before a page is read.
+
+    Raised, for one, when ``data.mdb`` is shorter than its own meta page says (a copy
+    cut off, a disk that lost the file's tail): LMDB would map the missing pages and
+    the first read of one would kill the process with SIGBUS. Restore the store from
+    a copy; ``torpor store check`` reports the same finding.
+    """
+
+    code = "store_corrupt"
+
+
+class RecordCorrupt(StoreError):
+    """One stored value does not match the digest written with it, or does not decode.
+
+    Raised when the value is read, never returned as data: a journal answer, an input,
+    a bundle or a kv value changed on disk would otherwise reach an agent as if it were
+    what was recorded. ``database`` and ``key`` name the record (readable); the message
+    says which one ("journal entry 3 of agent X does not match its digest"). The runtime
+    parks the agent that needed it as ``corrupt``; a tool reading a kv value gets a
+    typed error. Not a StoreUnavailable: the store works, one record does not.
+    """
+
+    code = "record_corrupt"
+
+    def __init__(self, message: str, *, database: str = "", key: str = "") -> None:
+        super().__init__(message)
+        self.database = database
+        self.key = key
 
 
 class StoreConfigError(StoreError, ValueError):

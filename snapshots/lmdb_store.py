@@ -73,11 +73,18 @@ database       key                                         value
 =============  ==========================================  ================================
 agents         agent_id (UTF-8)                            JSON of the record minus agent_id
 checkpoints    agent_id + 0x00 + seq (u64 big-endian)       created_at (f64 LE) + blob
-journal        agent_id + 0x00 + call_seq (u64 big-endian)  JSON entry
-kv             namespace + 0x00 + key (UTF-8)              bytes (counters: decimal ASCII)
+journal        agent_id + 0x00 + call_seq (u64 big-endian)  sealed JSON entry
+kv             namespace + 0x00 + key (UTF-8)              sealed bytes (counters: decimal ASCII)
 <bucket>       key (UTF-8)                                 bytes, one database per bucket
+                                                           (sealed in ``SEALED_BUCKETS``)
 _torpor        b"format"                                   store format version, ASCII
+_torpor        b"sealed"                                   present: created sealing every value
 =============  ==========================================  ================================
+
+Sealed values (``snapshots.sealed``) carry a digest over their database, key and bytes,
+checked at every read: a value changed on disk raises RecordCorrupt naming the record,
+never reaches an agent. Values written before seals existed carry none and are read as
+they are, except in a store created sealing every value.
 
 Agent ids and namespaces may not contain NUL, so ``agent + 0x00`` is an exact prefix
 and agent "a" sorts (with all its checkpoints) before agent "ab". A hibernated small
@@ -116,12 +123,14 @@ from typing import Any, Literal, TypeVar, cast
 
 import lmdb
 
-from . import unflushed
+from . import sealed, unflushed
 from .errors import (
     CheckpointExists,
     NotFound,
+    RecordCorrupt,
     SnapshotError,
     StoreConfigError,
+    StoreCorrupt,
     StoreError,
     StoreFlushError,
     StoreFull,
@@ -132,6 +141,7 @@ from .format import peek_snapshot
 from .store import (
     BLOB_BUCKETS,
     INPUTS_BUCKET,
+    SEALED_BUCKETS,
     UNREADABLE,
     AgentStore,
     CheckpointInfo,
@@ -160,7 +170,13 @@ T = TypeVar("T")
 _log = logging.getLogger("torpor.store")
 
 DEFAULT_MAP_SIZE = 64 * 1024 * 1024
-STORE_FORMAT = 1
+#: 2: journal entries, kv values, bundles and inputs are sealed (``snapshots.sealed``), so
+#: a Torpor that reads format 1 only would misread them and must refuse the store. A
+#: writable open of a format-1 store upgrades its record (its unsealed values stay valid).
+STORE_FORMAT = 2
+#: The ``_torpor`` key present in a store that was created sealing every value: there an
+#: unsealed value is corrupt, not an older one.
+_SEALED_KEY = b"sealed"
 
 #: What a returned commit survives; see the module docstring.
 Durability = Literal["sync", "process"]
@@ -436,7 +452,56 @@ def _split_seq_key(key: bytes) -> tuple[str, int | None]:
     return _decode_key(agent), int(_SEQ.unpack(rest)[0])
 
 
-def _check_record(database: str, key: bytes, value: bytes) -> StoreProblem | None:
+def _label(database: str, key: bytes) -> str:
+    """A record as a person names it: "journal entry 3 of agent X", "the input of agent X"."""
+    if database == "journal":
+        agent, seq = _split_seq_key(key)
+        return f"journal entry {seq} of agent {agent}" if seq is not None else f"journal key {key!r}"
+    if database == "kv":
+        ns, _, name = key.partition(b"\x00")
+        return f"kv value {_decode_key(name)!r} of namespace {_decode_key(ns)}"
+    if database == INPUTS_BUCKET:
+        return f"the input of agent {_decode_key(key)}"
+    if database == "bundles":
+        return f"bundle {_decode_key(key)}"
+    return f"{database} record {_decode_key(key)!r}"
+
+
+def _unseal(database: str, key: bytes, raw: bytes, strict: bool) -> bytes:
+    return sealed.unseal(database, key, raw, lambda: _label(database, key), strict=strict)
+
+
+def _journal_entry(key: bytes, raw: bytes, strict: bool) -> dict[str, Any]:
+    """A journal entry as stored: its digest checked, decoded to an object, or RecordCorrupt."""
+    body = _unseal("journal", key, raw, strict)
+    try:
+        entry = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        problem = f"does not decode ({type(exc).__name__}: {exc})"[:300]
+    else:
+        if isinstance(entry, dict):
+            return entry
+        problem = f"is a JSON {type(entry).__name__}, not an object"
+    label = _label("journal", key)
+    raise RecordCorrupt(f"{label} {problem}", database="journal", key=label)
+
+
+def _json_object(database: str, key: bytes, value: bytes) -> str | None:
+    """What is wrong with a value that must be one JSON object (audit records), or None."""
+    try:
+        body = json.loads(value)
+    except (ValueError, RecursionError) as exc:
+        return f"{_label(database, key)} does not decode: {exc}"[:300]
+    if not isinstance(body, dict):
+        return f"{_label(database, key)} is a JSON {type(body).__name__}, not an object"
+    return None
+
+
+#: Buckets of JSON objects that listings decode one by one: ``check`` decodes them too.
+_JSON_BUCKETS = frozenset({"audit", "audit_heads", "approvals"})
+
+
+def _check_record(database: str, key: bytes, value: bytes, strict: bool) -> StoreProblem | None:
     """The problem with one record, decoded the way the store reads it, or None."""
     if database in ("checkpoints", "journal"):
         agent, seq = _split_seq_key(key)
@@ -455,12 +520,23 @@ def _check_record(database: str, key: bytes, value: bytes) -> StoreProblem | Non
                 return StoreProblem(database, label, str(exc), agent, seq)
             return None
         try:
-            entry = json.loads(value)
-        except ValueError as exc:
-            return StoreProblem(database, label, f"journal entry is not JSON: {exc}", agent, seq)
-        if not isinstance(entry, dict):
-            return StoreProblem(database, label, "journal entry is not a JSON object", agent, seq)
+            _journal_entry(key, value, strict)
+        except RecordCorrupt as exc:
+            return StoreProblem(database, label, str(exc), agent, seq)
         return None
+    if database == "kv" or database in SEALED_BUCKETS:
+        try:
+            _unseal(database, key, value, strict)
+        except RecordCorrupt as exc:
+            agent_id = _decode_key(key) if database == INPUTS_BUCKET else None
+            return StoreProblem(database, f"key {_decode_key(key)!r}", str(exc), agent_id)
+        return None
+    if database in _JSON_BUCKETS:
+        problem = _json_object(database, key, value)
+        if problem is None:
+            return None
+        agent_id = _decode_key(key).partition("/")[0] if database == "audit" else None
+        return StoreProblem(database, f"key {_decode_key(key)!r}", problem, agent_id)
     if database == "agents":
         try:
             agent = key.decode()
@@ -479,6 +555,38 @@ def _check_record(database: str, key: bytes, value: bytes) -> StoreProblem | Non
             return StoreProblem(database, "key 'format'", f"format record {value[:32]!r} is "
                                 "not a number")
     return None
+
+
+def _check_length(env: lmdb.Environment, p: Path) -> None:
+    """Refuse a data file shorter than its meta page says, before LMDB reads a page past its end.
+
+    LMDB maps ``data.mdb`` and trusts the newer of its two meta pages: the tree ends at
+    page ``mm_last_pg``. If the file is shorter (a copy cut off, a disk that lost its
+    tail), the first read of a missing page is a SIGBUS that kills the process without a
+    word. So: (mm_last_pg + 1) * page size must fit in the file, or StoreCorrupt.
+
+    Read through the freshly opened environment rather than by parsing the file before
+    the open: ``mdb_env_open`` reads only the two meta pages (with ``pread``) and maps
+    the file without touching the rest (a file cut down to its meta pages opens, and
+    ``info()`` answers), it picks the meta page as every later reader will, and it holds
+    LMDB's lock while a first opener writes the meta pages, so a store that another
+    process is creating at this moment is never seen half-written. The file only grows
+    while it is open (pages are written before the meta page that counts them), so the
+    size read after the meta page is at least what that meta page needs.
+    """
+    last_pg = int(env.info()["last_pgno"])
+    psize = int(env.stat()["psize"])
+    need = (last_pg + 1) * psize
+    try:
+        size = (p / "data.mdb").stat().st_size
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot read the size of store {p}: {exc.strerror or exc}") from exc
+    if size < need:
+        raise StoreCorrupt(
+            f"store {p} is corrupt: data.mdb is {size} bytes, but its meta page says the data runs "
+            f"to page {last_pg} of {psize} bytes ({need} bytes): the file was cut short. Restore "
+            "the store from a copy"
+        )
 
 
 class LmdbStore:
@@ -501,11 +609,14 @@ class LmdbStore:
         durability: Durability = DEFAULT_DURABILITY,
         flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
         marker: Path | None = None,
+        strict: bool = False,
     ) -> None:
         self._env = env
         self._path = path
         self._dbs = dbs
         self._readonly = readonly
+        # Created sealing every value: an unsealed value is corrupt, not an older one.
+        self._strict = strict
         self._gate = _Gate()
         self._closed = False
         self._key = str(path.resolve())
@@ -619,7 +730,8 @@ class LmdbStore:
                     ) from exc
             env = cls._open_env(p, map_size, readonly, level)
             try:
-                dbs = cls._open_dbs(env, p, readonly)
+                _check_length(env, p)  # before the first read of a tree page
+                dbs, strict = cls._open_dbs(env, p, readonly)
                 if level == "process" and not readonly:
                     # Start from a state on stable storage (e.g. the format record just
                     # written), so the first interval's exposure is the interval's own.
@@ -632,7 +744,7 @@ class LmdbStore:
                         raise StoreUnavailable(f"cannot flush store {p}: {exc}") from exc
                 return cls(
                     env, p, dbs, readonly, durability=level, flush_interval_s=interval,
-                    marker=marker,
+                    marker=marker, strict=strict,
                 )
             except BaseException:
                 if marker is not None and not unsynced:
@@ -692,13 +804,22 @@ class LmdbStore:
                 writemap=False,
                 lock=True,
             )
+        except (lmdb.InvalidError, lmdb.CorruptedError) as exc:
+            # E.g. a data.mdb cut off inside its two meta pages: "not an LMDB file".
+            raise StoreCorrupt(f"store {p} is corrupt: {exc}; restore it from a copy") from exc
         except lmdb.Error as exc:
             raise StoreUnavailable(f"cannot open store {p}: {exc}") from exc
         except OSError as exc:
             raise StoreUnavailable(f"cannot open store {p}: {exc.strerror or exc}") from exc
 
     @staticmethod
-    def _open_dbs(env: lmdb.Environment, p: Path, readonly: bool) -> dict[str, Any]:
+    def _open_dbs(env: lmdb.Environment, p: Path, readonly: bool) -> tuple[dict[str, Any], bool]:
+        """The named databases, and whether the store was created sealing every value.
+
+        A writable open creates what is missing: in a new store the format record and the
+        ``sealed`` mark; in a store of an older format, the current format record (its
+        values stay readable, and an older Torpor must no longer misread the new ones).
+        """
         names = (*_CORE_DBS, *BLOB_BUCKETS)
         dbs: dict[str, Any] = {}
         if readonly:
@@ -715,8 +836,14 @@ class LmdbStore:
                     with env.begin(write=True) as txn:
                         for name in names:
                             dbs[name] = env.open_db(name.encode(), txn=txn, create=True)
-                        if txn.get(b"format", db=dbs["_torpor"]) is None:
-                            txn.put(b"format", str(STORE_FORMAT).encode(), db=dbs["_torpor"])
+                        meta_db = dbs["_torpor"]
+                        found = txn.get(b"format", db=meta_db)
+                        if found is None:
+                            txn.put(b"format", str(STORE_FORMAT).encode(), db=meta_db)
+                            if all(txn.stat(dbs[n])["entries"] == 0 for n in names if n != "_torpor"):
+                                txn.put(_SEALED_KEY, b"1", db=meta_db)  # new: every value sealed
+                        elif found.isdigit() and int(found) < STORE_FORMAT:
+                            txn.put(b"format", str(STORE_FORMAT).encode(), db=meta_db)
                     break
                 except lmdb.MapFullError:
                     env.set_mapsize(env.info()["map_size"] * 2)
@@ -725,15 +852,20 @@ class LmdbStore:
                         raise StoreFull(f"disk under store {p} is full: {exc}") from exc
                     raise StoreUnavailable(f"cannot initialise store {p}: {exc}") from exc
         meta = dbs.get("_torpor")
+        strict = False
         if meta is not None:
             with env.begin() as txn:
                 raw = txn.get(b"format", db=meta)
+                strict = txn.get(_SEALED_KEY, db=meta) is not None
+            if raw is not None and not raw.isdigit():
+                raise StoreCorrupt(f"store {p}: its format record {raw[:32]!r} is not a number; "
+                                   "restore the store from a copy")
             if raw is not None and int(raw) > STORE_FORMAT:
                 raise StoreUnavailable(
                     f"store {p} has format {int(raw)}, newer than this Torpor's {STORE_FORMAT}; "
                     "open it with the Torpor release that wrote it or a newer one"
                 )
-        return dbs
+        return dbs, strict
 
     @property
     def path(self) -> Path:
@@ -791,8 +923,9 @@ class LmdbStore:
 
         Each checkpoint's snapshot record must pass ``peek_snapshot`` (magic, version
         and the checksum over the whole record: a flipped bit anywhere fails it); each
-        agent record and journal entry must decode as JSON the way the store reads it;
-        every other value is read. LMDB errors (MDB_CORRUPTED, MDB_PAGE_NOTFOUND: a tree
+        journal entry, kv value, bundle and input must match its digest (``sealed``); each
+        agent record, journal entry, audit record, signed head and approval request must
+        decode as a JSON object the way its readers read it; every other value is read. LMDB errors (MDB_CORRUPTED, MDB_PAGE_NOTFOUND: a tree
         whose pages a crash overwrote) become problems, not exceptions. One read
         transaction, so a consistent view while writers go on (a fresh one after an
         LMDB error, which ends a transaction). Also lists the suspect unflushed markers.
@@ -816,7 +949,7 @@ class LmdbStore:
                         for key, value in cast("Iterator[tuple[bytes, bytes]]", iter(cur)):
                             last = key
                             counts[name] += 1
-                            problem = _check_record(name, key, value)
+                            problem = _check_record(name, key, value, self._strict)
                             if problem is not None:
                                 problems.append(problem)
                     finally:
@@ -1062,7 +1195,7 @@ class LmdbStore:
         """A consistent read-only view. Keep it short: it pins pages and delays map growth."""
         txn = self._begin(write=False)
         try:
-            yield _LmdbTxn(txn, self._dbs)
+            yield _LmdbTxn(txn, self._dbs, self._strict)
         finally:
             txn.abort()
             self._gate.exit()
@@ -1078,7 +1211,7 @@ class LmdbStore:
         seen = self._map_epoch
         txn = self._begin(write=True)
         try:
-            yield _LmdbTxn(txn, self._dbs)
+            yield _LmdbTxn(txn, self._dbs, self._strict)
             txn.commit()
         except lmdb.MapFullError as exc:
             txn.abort()
@@ -1122,7 +1255,7 @@ class LmdbStore:
         through the transaction it is given. If it raises, nothing is written.
         """
         self._require_writable()
-        return self._with_write_txn(lambda txn: fn(_LmdbTxn(txn, self._dbs)))
+        return self._with_write_txn(lambda txn: fn(_LmdbTxn(txn, self._dbs, self._strict)))
 
     def _with_write_txn(self, body: Callable[[lmdb.Transaction], T]) -> T:
         """Run ``body`` in a write transaction and commit; on a full map, grow and run it again."""
@@ -1169,7 +1302,7 @@ class LmdbStore:
             # raises, the whole transaction is its own and is aborted.
             fn = fns[0]
             try:
-                return [Outcome(value=self._with_write_txn(lambda txn: fn(_LmdbTxn(txn, self._dbs))))]
+                return [Outcome(value=self._with_write_txn(lambda txn: fn(_LmdbTxn(txn, self._dbs, self._strict))))]
             except StoreError as exc:
                 cause = exc.__cause__
                 if isinstance(exc, StoreFull) or (cause is not None and _is_disk_full(cause)):
@@ -1183,7 +1316,7 @@ class LmdbStore:
             for fn in fns:
                 child = self._env.begin(write=True, parent=txn)
                 try:
-                    value = fn(_LmdbTxn(child, self._dbs))
+                    value = fn(_LmdbTxn(child, self._dbs, self._strict))
                     child.commit()
                 except lmdb.MapFullError:
                     child.abort()
@@ -1204,17 +1337,23 @@ class LmdbStore:
 
 
 class _LmdbTxn:
-    """Both ``ReadTxn`` and ``WriteTxn`` over one LMDB transaction (writes fail on a read one)."""
+    """Both ``ReadTxn`` and ``WriteTxn`` over one LMDB transaction (writes fail on a read one).
 
-    __slots__ = ("_agents", "_ckpt", "_dbs", "_journal", "_kv", "_txn")
+    Journal entries, kv values and the blobs of ``SEALED_BUCKETS`` are sealed here on
+    every write and checked here on every read (``snapshots.sealed``), so no caller can
+    forget either. ``strict``: the store was created sealing every value.
+    """
 
-    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
+    __slots__ = ("_agents", "_ckpt", "_dbs", "_journal", "_kv", "_strict", "_txn")
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any], strict: bool) -> None:
         self._txn = txn
         self._dbs = dbs
         self._agents = dbs["agents"]
         self._ckpt = dbs["checkpoints"]
         self._journal = dbs["journal"]
         self._kv = dbs["kv"]
+        self._strict = strict
 
     # ------------------------------------------------------------------ helpers
 
@@ -1292,18 +1431,21 @@ class _LmdbTxn:
     def get_journal(self, agent_id: str, call_seq: int) -> dict[str, Any] | None:
         if self._journal is None:
             return None
-        raw = self._get(_seq_key(agent_id, call_seq, "call_seq"), db=self._journal)
-        return None if raw is None else json.loads(raw)
+        key = _seq_key(agent_id, call_seq, "call_seq")
+        raw = self._get(key, db=self._journal)
+        return None if raw is None else _journal_entry(key, raw, self._strict)
 
     def iter_journal(self, agent_id: str) -> Iterator[tuple[int, dict[str, Any]]]:
         prefix = _id_bytes(agent_id, "agent_id") + b"\x00"
         for key, raw in self._iter_prefix(self._journal, prefix):
-            yield _SEQ.unpack_from(key, len(prefix))[0], json.loads(raw)
+            yield _SEQ.unpack_from(key, len(prefix))[0], _journal_entry(key, raw, self._strict)
 
     def kv_get(self, namespace: str, key: str) -> bytes | None:
         if self._kv is None:
             return None
-        return self._get(_kv_key(namespace, key), db=self._kv)
+        k = _kv_key(namespace, key)
+        raw = self._get(k, db=self._kv)
+        return None if raw is None else _unseal("kv", k, raw, self._strict)
 
     def kv_keys(self, namespace: str, prefix: str = "") -> list[str]:
         ns = _id_bytes(namespace, "namespace") + b"\x00"
@@ -1313,11 +1455,16 @@ class _LmdbTxn:
         db = self._bucket(bucket)
         if db is None:
             return None
-        return self._get(_plain_key(key), db=db)
+        k = _plain_key(key)
+        raw = self._get(k, db=db)
+        if raw is None or bucket not in SEALED_BUCKETS:
+            return raw
+        return _unseal(bucket, k, raw, self._strict)
 
     def iter_blobs(self, bucket: str, prefix: str = "") -> Iterator[tuple[str, bytes]]:
+        check = bucket in SEALED_BUCKETS
         for key, value in self._iter_prefix(self._bucket(bucket), prefix.encode()):
-            yield key.decode(), value
+            yield key.decode(), (_unseal(bucket, key, value, self._strict) if check else value)
 
     # ------------------------------------------------------------------- writes
 
@@ -1377,8 +1524,9 @@ class _LmdbTxn:
 
     def put_journal(self, agent_id: str, call_seq: int, entry: dict[str, Any]) -> None:
         key = _seq_key(agent_id, call_seq, "call_seq")
-        if not self._put_append(key, _json(entry), self._journal):
-            self._txn.put(key, _json(entry), db=self._journal)  # an update of an existing call
+        value = sealed.seal("journal", key, _json(entry))
+        if not self._put_append(key, value, self._journal):
+            self._txn.put(key, value, db=self._journal)  # an update of an existing call
 
     def _put_append(self, key: bytes, value: bytes, db: Any) -> bool:
         """Insert a new key, appending when it sorts last (False if it already exists).
@@ -1394,14 +1542,15 @@ class _LmdbTxn:
         return bool(self._txn.put(key, value, db=db, overwrite=False))
 
     def kv_set(self, namespace: str, key: str, value: bytes) -> None:
-        self._txn.put(_kv_key(namespace, key), bytes(value), db=self._kv)
+        k = _kv_key(namespace, key)
+        self._txn.put(k, sealed.seal("kv", k, bytes(value)), db=self._kv)
 
     def kv_delete(self, namespace: str, key: str) -> bool:
         return bool(self._txn.delete(_kv_key(namespace, key), db=self._kv))
 
     def kv_incr(self, namespace: str, key: str, delta: int = 1) -> int:
         k = _kv_key(namespace, key)
-        raw = self._get(k, db=self._kv)
+        raw = self.kv_get(namespace, key)
         try:
             current = 0 if raw is None else int(raw)
         except ValueError as exc:
@@ -1409,11 +1558,15 @@ class _LmdbTxn:
                 f"kv {namespace}/{key} holds {raw!r}, not a decimal integer counter"
             ) from exc
         value = current + delta
-        self._txn.put(k, str(value).encode(), db=self._kv)
+        self._txn.put(k, sealed.seal("kv", k, str(value).encode()), db=self._kv)
         return value
 
     def put_blob(self, bucket: str, key: str, value: bytes) -> None:
-        self._txn.put(_plain_key(key), bytes(value), db=self._bucket(bucket))
+        k = _plain_key(key)
+        data = bytes(value)
+        if bucket in SEALED_BUCKETS:
+            data = sealed.seal(bucket, k, data)
+        self._txn.put(k, data, db=self._bucket(bucket))
 
     def delete_blob(self, bucket: str, key: str) -> bool:
         return bool(self._txn.delete(_plain_key(key), db=self._bucket(bucket)))

@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 __all__ = [
     "BLOB_BUCKETS",
     "INPUTS_BUCKET",
+    "SEALED_BUCKETS",
     "AgentStore",
     "CheckpointInfo",
     "Outcome",
@@ -38,6 +39,12 @@ BLOB_BUCKETS: tuple[str, ...] = ("bundles", "audit", "approvals", "meta", "ident
 #: The bucket holding each agent's input, by agent id: written once at spawn, apart from
 #: the agent record that every commit rewrites; ``delete_agent(purge=True)`` removes it.
 INPUTS_BUCKET = "inputs"
+#: The buckets whose values are read back into agents (their bundles, their inputs): the
+#: store seals each value with a digest and checks it at every read (``snapshots.sealed``),
+#: as it does for journal entries and kv values. A value that does not match raises
+#: RecordCorrupt. The other buckets are the host's own records, checked by their readers
+#: (the audit log is a signed hash chain).
+SEALED_BUCKETS = frozenset({"bundles", INPUTS_BUCKET})
 #: The mark of an agent record that is in the store but does not decode: reads give a
 #: stand-in with this key set, ``status`` "corrupt" and an ``error`` naming the problem,
 #: so that one damaged record never stops a listing; writes of a stand-in are refused,
@@ -104,7 +111,8 @@ class ReadTxn(Protocol):
         ...
 
     def get_journal(self, agent_id: str, call_seq: int) -> dict[str, Any] | None:
-        """The journal entry of the agent's tool call ``call_seq``, or None."""
+        """The journal entry of the agent's tool call ``call_seq``, or None; RecordCorrupt if
+        it does not match its digest or does not decode."""
         ...
 
     def iter_journal(self, agent_id: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -112,7 +120,8 @@ class ReadTxn(Protocol):
         ...
 
     def kv_get(self, namespace: str, key: str) -> bytes | None:
-        """A value of the small key-value space (counters, rate-limit state), or None."""
+        """A value of the small key-value space (counters, rate-limit state), or None;
+        RecordCorrupt if it does not match its digest."""
         ...
 
     def kv_keys(self, namespace: str, prefix: str = "") -> list[str]:
@@ -120,7 +129,8 @@ class ReadTxn(Protocol):
         ...
 
     def get_blob(self, bucket: str, key: str) -> bytes | None:
-        """A blob of one of the ``BLOB_BUCKETS``, or None."""
+        """A blob of one of the ``BLOB_BUCKETS``, or None; RecordCorrupt if the bucket is
+        sealed (:data:`SEALED_BUCKETS`) and the blob does not match its digest."""
         ...
 
     def iter_blobs(self, bucket: str, prefix: str = "") -> Iterator[tuple[str, bytes]]:

@@ -266,7 +266,7 @@ def test_check_passes_a_healthy_store_and_names_a_corrupt_checkpoint(tmp_path: P
         report = store.check()
     assert report.ok and report.problems == () and report.suspect == ()
     assert report.counts["agents"] == 2 and report.counts["checkpoints"] == 4
-    assert report.counts["journal"] == 4 and report.counts["kv"] == 1 and report.counts["_torpor"] == 1
+    assert report.counts["journal"] == 4 and report.counts["kv"] == 1 and report.counts["_torpor"] == 2  # format, sealed
     _flip_checkpoint(path, "b", 2)
     _earlier_boot(path)
     with LmdbStore.open(path, readonly=True, accept_suspect=True) as store:
@@ -322,7 +322,7 @@ def test_check_reports_a_broken_btree_instead_of_raising(tmp_path: Path) -> None
     (problem,) = report.problems
     assert problem.database == "kv" and "MDB_PAGE_NOTFOUND" in problem.message
     assert 0 < report.counts["kv"] < 300
-    assert report.counts["agents"] == 1 and report.counts["_torpor"] == 1  # the others still checked
+    assert report.counts["agents"] == 1 and report.counts["_torpor"] == 2  # the others still checked (format, sealed)
 
 
 # -- the CLI --------------------------------------------------------------------------------

@@ -38,6 +38,11 @@ def tool_error(err: ToolError) -> Answer:
     return errno, error_response(err.code, str(err), retryable=err.retryable, **err.details)
 
 
+def record_corrupt(name: str, exc: Exception) -> Answer:
+    """A tool read a stored value that does not match its digest: an error, never the value."""
+    return abi.E_TOOL_FAILED, error_response("record_corrupt", f"{name}: {exc}")
+
+
 def tool_crashed(name: str, exc: Exception) -> Answer:
     """A tool that raised anything else: a bug in the tool, which must not take the host down."""
     return abi.E_TOOL_FAILED, error_response("tool_failed", f"{name} failed: {type(exc).__name__}: {exc}")

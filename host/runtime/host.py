@@ -43,7 +43,7 @@ from host.runtime.pools import PriorityPool, slots
 from host.runtime.tool_call import Ended, Parked, ToolCallPipeline
 from host.sandbox.bundle import Bundle
 from host.sandbox.engine import Engine, EngineConfig, LoadedModule
-from host.sandbox.execution import Failed, Limits, Outcome
+from host.sandbox.execution import Limits, Outcome
 from host.trust import audit
 from host.trust.credentials import CredentialBroker
 from host.trust.identity import IdentityService
@@ -226,7 +226,12 @@ class Host:
         """Run the agent's first segment, serve its tool calls until it ends (then finish it)
         or parks. The agent's error boundary: whatever goes wrong while handling this agent
         ends this agent, with the error recorded, and nothing else; only a store that
-        cannot be written (full, unavailable) or a signal stops the caller."""
+        cannot be written (full, unavailable) or a signal stops the caller.
+
+        Damage to the agent's own stored state (a journal answer that does not match its
+        digest, read by ``recover`` at resume; see :func:`~host.runtime.lifecycle.damage`)
+        parks it ``corrupt`` as at load, with its data left as it is for an operator: it
+        must not finish, since what it would finish with is not what was recorded."""
         try:
             outcome = await first()
             step = Parked() if outcome is None else await self.calls.serve(agent, outcome)
@@ -235,7 +240,9 @@ class Host:
                 raise  # the agent stays at its last commit, to resume once the store is back
             self.guest.release(agent)
             error = lifecycle_mod.damage(exc)
-            step = Ended(Failed(error["code"], error["message"]) if error else lifecycle_mod.host_error(exc))
+            if error is not None:
+                return self.lifecycle.park_corrupt(agent.agent_id, error)
+            step = Ended(lifecycle_mod.host_error(exc))
         if isinstance(step, Parked):
             return agent.result()
         return await self.lifecycle.finish(agent, step)

@@ -42,7 +42,7 @@ from host.trust.audit import HeadSealer
 from host.trust.credentials import CredentialBroker
 from host.trust.identity import IdentityService
 from policies import PolicyError
-from snapshots.errors import SnapshotError, StoreFull, StoreUnavailable
+from snapshots.errors import RecordCorrupt, SnapshotError, StoreFull, StoreUnavailable
 from snapshots.format import decode_snapshot
 from snapshots.store import CORRUPT_STATUS, INPUTS_BUCKET, UNREADABLE, AgentStore
 
@@ -265,6 +265,8 @@ def damage(exc: Exception) -> dict[str, str] | None:
     """
     if isinstance(exc, StoreFull | StoreUnavailable):
         return None
+    if isinstance(exc, RecordCorrupt):  # a journal entry, input or bundle of its own, changed on disk
+        return {"code": exc.code, "message": str(exc)}
     if isinstance(exc, SnapshotError):
         return {"code": "snapshot_corrupt", "message": str(exc)}
     if isinstance(exc, ModuleError | BundleError):

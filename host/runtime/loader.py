@@ -20,6 +20,7 @@ from host.sandbox.engine import Engine, LoadedModule
 from host.sandbox.execution import Limits
 from host.tools.builtin import BUILTINS
 from host.tools.registry import ToolSpec, load_handler, spec_from_function
+from snapshots.errors import RecordCorrupt
 from snapshots.store import AgentStore
 
 DEFAULT_FUEL = 1_000_000_000
@@ -47,20 +48,26 @@ class BundleLoader:
         self._bundles[b.digest] = b
 
         def save(txn: Any) -> None:
-            if txn.get_blob("bundles", b.digest) is None:
+            try:
+                stored = txn.get_blob("bundles", b.digest)
+            except RecordCorrupt:
+                stored = None  # a damaged copy: these bytes have the digest, so they repair it
+            if stored is None:
                 txn.put_blob("bundles", b.digest, b.raw)
 
         self.store.transact(save)
 
     def by_digest(self, digest: str) -> Bundle:
-        """The bundle an agent was spawned from, from memory or the store."""
+        """The bundle an agent was spawned from, from memory or the store.
+
+        Content-addressed, so checked twice before use: the store checks the bytes
+        against the digest they were sealed with (RecordCorrupt), and the bundle they
+        load must be the one its key names (a bundle stored before seals existed, or
+        put under another bundle's key, is refused here: ``record_corrupt``).
+        """
         b = self._bundles.get(digest)
         if b is None:
-            with self.store.read() as txn:
-                raw = txn.get_blob("bundles", digest)
-            if raw is None:
-                raise TorporError(f"bundle {digest[:12]} is no longer in the store", code="bundle_missing")
-            b = bundle_mod.load_bytes(raw, source=f"bundle {digest[:12]}")
+            b = stored_bundle(self.store, digest)
             self._bundles[digest] = b
         return b
 
@@ -111,6 +118,19 @@ class BundleLoader:
             raise TorporError("the module imports tool_call but was not transformed for suspension; "
                               "repack it with `torpor pack`", code="invalid_module")
         return loaded, pre
+
+
+def stored_bundle(store: AgentStore, digest: str) -> Bundle:
+    """The bundle kept in the store under ``digest``, verified to be that bundle."""
+    with store.read() as txn:
+        raw = txn.get_blob("bundles", digest)
+    if raw is None:
+        raise TorporError(f"bundle {digest[:12]} is no longer in the store", code="bundle_missing")
+    b = bundle_mod.load_bytes(raw, source=f"bundle {digest[:12]}")
+    if b.digest != digest:
+        raise TorporError(f"bundle {digest} in the store does not match its digest (it holds bundle "
+                          f"{b.digest[:12]}: changed on disk)", code="record_corrupt")
+    return b
 
 
 def limits_for(b: Bundle, fuel: int | None, fuel_used: int = 0) -> Limits:

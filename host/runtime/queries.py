@@ -13,7 +13,8 @@ import time
 from typing import Any
 
 from host.errors import AgentNotFound
-from snapshots.store import INPUTS_BUCKET, AgentStore
+from snapshots.errors import RecordCorrupt
+from snapshots.store import INPUTS_BUCKET, UNREADABLE, AgentStore
 
 APPROVALS_BUCKET = "approvals"
 
@@ -52,12 +53,15 @@ def get_agent(store: AgentStore, agent_id: str, *, where: object = None) -> dict
 def inspect(store: AgentStore, agent_id: str, *, where: object = None) -> dict[str, Any]:
     """The record as an operator reads it: its input, and its checkpoints (no owner, no raw input)."""
     rec = get_agent(store, agent_id, where=where)
+    out = {k: v for k, v in rec.items() if k not in ("input_raw", "owner")}
     with store.read() as txn:
         cps = txn.list_checkpoints(agent_id)
-        stored_input = txn.get_blob(INPUTS_BUCKET, agent_id)
-    out = {k: v for k, v in rec.items() if k not in ("input_raw", "owner")}
-    if stored_input is not None:
-        out["input"] = json.loads(stored_input)
+        try:  # a damaged input is shown as such: inspecting a corrupt agent is how one finds out why
+            stored_input = txn.get_blob(INPUTS_BUCKET, agent_id)
+            if stored_input is not None:
+                out["input"] = json.loads(stored_input)
+        except (RecordCorrupt, ValueError) as exc:
+            out["input_error"] = {"code": "record_corrupt", "message": str(exc)}
     out["checkpoint_list"] = [{"seq": c.seq, "size": c.size, "created_at": c.created_at} for c in cps]
     return out
 
@@ -65,4 +69,18 @@ def inspect(store: AgentStore, agent_id: str, *, where: object = None) -> dict[s
 def approvals(store: AgentStore) -> list[dict[str, Any]]:
     """Pending approval requests: the call, its arguments and the rule that asked."""
     with store.read() as txn:
-        return [json.loads(v) for _, v in txn.iter_blobs(APPROVALS_BUCKET)]
+        return [_approval(k, v) for k, v in txn.iter_blobs(APPROVALS_BUCKET)]
+
+
+def _approval(agent_id: str, raw: bytes) -> dict[str, Any]:
+    """A pending request as stored, or a stand-in naming the damage (one bad request stops no listing)."""
+    try:
+        request = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        problem = f"does not decode ({exc})"
+    else:
+        if isinstance(request, dict):
+            return request
+        problem = f"is a JSON {type(request).__name__}, not an object"
+    return {"agent_id": agent_id, UNREADABLE: True,
+            "error": {"code": "record_corrupt", "message": f"the approval request of agent {agent_id} {problem}"}}

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from host.errors import TorporError
-from host.sandbox import bundle as bundle_mod
+from host.runtime.loader import stored_bundle
 from host.sandbox.bundle import Bundle
 from host.sandbox.execution import Captured, Completed, Execution, Failed, PendingCall, Suspended
 from host.trust import audit
@@ -222,13 +222,14 @@ def _bundle(host: Any, agent_id: str, digest: str, given: Bundle | None) -> Bund
             raise ReplayError(f"the bundle given has digest {given.digest[:16]}, but agent {agent_id} ran "
                               f"{digest[:16]}; replay needs the exact bundle the agent ran", code="bundle_mismatch")
         return given
-    with host.store.read() as txn:
-        raw = txn.get_blob("bundles", digest)
-    if raw is None:
+    try:
+        return stored_bundle(host.store, digest)  # checked against its digest
+    except TorporError as exc:
+        if exc.code != "bundle_missing":
+            raise
         raise BundleMissing(f"agent {agent_id} ran bundle {digest[:16]}, which is no longer in the store, so it "
                             "cannot be re-executed; pass the bundle file with `torpor replay "
-                            f"{agent_id} --bundle FILE` (its digest must be {digest})")
-    return bundle_mod.load_bytes(raw, source=f"bundle {digest[:12]}")
+                            f"{agent_id} --bundle FILE` (its digest must be {digest})") from exc
 
 
 def _history(host: Any, rec: dict[str, Any], pristine: Any, module_digest: str,

@@ -47,6 +47,7 @@ from host.sandbox.execution import Captured, Completed, Failed, Outcome, Pending
 from host.tools.registry import ToolContext, ToolError, ToolSpec
 from host.trust import audit
 from host.trust.credentials import CredentialBroker
+from snapshots.errors import RecordCorrupt
 from snapshots.format import Snapshot, encode_snapshot
 from snapshots.store import AgentStore
 
@@ -268,6 +269,8 @@ class ToolCallPipeline:
                 result.append(answers.result(value))
             except ToolError as err:
                 result.append(answers.tool_error(err))
+            except RecordCorrupt as exc:  # it read a value changed on disk (ctx.store)
+                result.append(answers.record_corrupt(spec.name, exc))
             except Exception as exc:  # a tool bug must not take the host down
                 result.append(answers.tool_crashed(spec.name, exc))
             finally:
@@ -293,6 +296,8 @@ class ToolCallPipeline:
                 answer = answers.result(spec.func(args, ctx, overlay))
             except ToolError as err:
                 answer = answers.tool_error(err)
+            except RecordCorrupt as exc:  # it read a value changed on disk
+                answer = answers.record_corrupt(spec.name, exc)
             except Exception as exc:  # a tool bug must not take the host down
                 answer = answers.tool_crashed(spec.name, exc)
             if answer[0] == 0:
@@ -322,7 +327,12 @@ class ToolCallPipeline:
 
     # after a crash, an approval or an operator's decision -----------------------------------
     async def recover(self, agent: LiveAgent, call: PendingCall) -> Answer | None:
-        """The answer to a resumed agent's pending call: recorded, approved, re-run when safe, or parked."""
+        """The answer to a resumed agent's pending call: recorded, approved, re-run when safe, or parked.
+
+        The journal entry is read through its digest: one changed on disk raises
+        RecordCorrupt (never a wrong answer replayed into the guest), and the caller's
+        error boundary parks the agent ``corrupt`` (:meth:`host.runtime.host.Host._drive`).
+        """
         with self.store.read() as txn:
             entry = txn.get_journal(agent.agent_id, call.seq)
         if entry is not None and entry.get("state") == "done":

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from host.tools.registry import AnyArgs, ToolContext, ToolError, ToolSpec, spec_from_function, tool
 from policies.paths import locator
 from policies.schema import tool_kind
+from snapshots.errors import RecordCorrupt
 
 MAX_KEY = 512
 MAX_VALUE = 1 << 20
@@ -75,6 +76,19 @@ def kv_namespace(tool_name: str, namespace: str | None, ctx: ToolContext) -> str
     return SHARED_PREFIX + namespace
 
 
+def _read(tool_name: str, txn: Any, namespace: str, key: str) -> bytes | None:
+    """A stored value, or a typed error when it does not match its digest: never wrong data.
+
+    The store checks each kv value against the digest written with it; a value changed
+    on disk becomes ``record_corrupt`` for the guest, which may report it or go on.
+    """
+    try:
+        raw: bytes | None = txn.kv_get(namespace, key)
+    except RecordCorrupt as exc:
+        raise ToolError("record_corrupt", f"{tool_name}: the stored value of key {key!r} is damaged: {exc}") from exc
+    return raw
+
+
 class NoArgs(_Strict):
     pass
 
@@ -87,8 +101,13 @@ class LogArgs(_Strict):
 @tool("kv.get", idempotent=True, transactional=True)
 def kv_get(args: KvGetArgs, ctx: ToolContext, txn: Any) -> dict[str, Any]:
     """Read a key (null when absent)."""
-    raw = txn.kv_get(kv_namespace("kv.get", args.namespace, ctx), args.key)
-    return {"value": None if raw is None else json.loads(raw)}
+    raw = _read("kv.get", txn, kv_namespace("kv.get", args.namespace, ctx), args.key)
+    if raw is None:
+        return {"value": None}
+    try:
+        return {"value": json.loads(raw)}
+    except ValueError as exc:  # a value from before seals, damaged: no digest could tell
+        raise ToolError("record_corrupt", f"kv.get: the stored value of key {args.key!r} is not JSON") from exc
 
 
 @tool("kv.set", idempotent=True, transactional=True)
@@ -105,7 +124,7 @@ def kv_set(args: KvSetArgs, ctx: ToolContext, txn: Any) -> dict[str, Any]:
 def kv_incr(args: KvIncrArgs, ctx: ToolContext, txn: Any) -> dict[str, Any]:
     """Add ``by`` (default 1) to an integer key and return the new value, exactly once."""
     ns = kv_namespace("kv.incr", args.namespace, ctx)
-    raw = txn.kv_get(ns, args.key)
+    raw = _read("kv.incr", txn, ns, args.key)
     if raw is not None:
         try:
             current = json.loads(raw)

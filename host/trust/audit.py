@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 import time
@@ -42,6 +43,7 @@ from datetime import UTC, datetime
 from typing import IO, Any
 
 from host.errors import ConfigError, TorporError
+from snapshots.store import UNREADABLE
 
 GENESIS = "0" * 64
 BUCKET = "audit"
@@ -49,6 +51,8 @@ HEADS_BUCKET = "audit_heads"
 HEAD_PREFIX = "h/"
 HEAD_STATE = "state"
 CHECKPOINT_KIND = "audit.checkpoint"
+#: The kind of the stand-in for a record that does not decode (see ``_record``).
+UNREADABLE_KIND = "(unreadable)"
 EXPORT_FORMAT = "torpor-audit-export"
 EXPORT_VERSION = 1
 DEFAULT_HEAD_INTERVAL_S = 60.0
@@ -69,8 +73,34 @@ class AuditError(TorporError):
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
 
 
+_log = logging.getLogger("torpor.audit")
+
+
 def canonical(obj: Any) -> bytes:
     return _CANONICAL(obj).encode()
+
+
+def _object(raw: bytes) -> dict[str, Any] | None:
+    """A stored audit value decoded as the JSON object it must be, or None if it is not one."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _record(key: str, raw: bytes) -> dict[str, Any]:
+    """An agent's audit record as stored, or a stand-in that no chain check accepts.
+
+    One record that does not decode must not stop a listing or a verification of every
+    agent: the stand-in takes its place, and the chain check reports it as modified.
+    """
+    rec = _object(raw)
+    if rec is None:
+        agent_id, _, seq = key.partition("/")
+        rec = {"agent_id": agent_id, "seq": int(seq) if seq.isdigit() else None, "kind": UNREADABLE_KIND,
+               "hash": "", "key": key}
+    return rec
 
 
 def digest(obj: Any) -> str:
@@ -338,7 +368,10 @@ def seal_head(txn: Any, key: Any, *, now: float | None = None) -> dict[str, Any]
     from host.trust.identity import register_public_key
 
     raw = txn.get_blob(HEADS_BUCKET, HEAD_STATE)
-    state: dict[str, Any] = json.loads(raw) if raw else {"seq": 0, "hash": GENESIS, "map": {}}
+    state: dict[str, Any] | None = _object(raw) if raw else {"seq": 0, "hash": GENESIS, "map": {}}
+    if state is None:
+        raise AuditError(f"the state of the signed audit heads ({HEADS_BUCKET}/{HEAD_STATE}) does not decode, so no "
+                         "head can be sealed on top of it; restore the store from a copy", code="record_corrupt")
     known: dict[str, list[Any]] = dict(state.get("map") or {})
     changed: dict[str, list[Any]] = {}
     for rec in txn.iter_agents():
@@ -383,10 +416,19 @@ class HeadSealer:
         if not force:
             with self.store.read() as txn:
                 raw = txn.get_blob(HEADS_BUCKET, HEAD_STATE)
-            if raw is not None and time.time() - float(json.loads(raw).get("t", 0)) < self.interval_s:
+            state = _object(raw) if raw is not None else None
+            if state is not None and time.time() - float(state.get("t", 0)) < self.interval_s:
                 return None
         key = self._key()
-        result: dict[str, Any] | None = self.store.transact(lambda txn: seal_head(txn, key))
+        try:
+            result: dict[str, Any] | None = self.store.transact(lambda txn: seal_head(txn, key))
+        except AuditError as exc:
+            if force:
+                raise
+            # Periodic and best effort: a damaged state must not fail the agent whose finish
+            # (or host's close) it runs after.
+            _log.warning("the audit head was not sealed: %s", exc)
+            return None
         return result
 
 
@@ -406,6 +448,9 @@ def _check_heads(heads: list[tuple[str, dict[str, Any]]], keys: Mapping[str, Any
     prev, expected = GENESIS, 1
     for where, head in heads:
         seq = head.get("seq")
+        if seq is None:
+            problems.append(Problem("modified", f"{where} does not decode (damaged or modified)", where=where))
+            break
         if seq != expected:
             what = "removed" if isinstance(seq, int) and seq > expected else "reordered"
             problems.append(Problem(what, f"{where}: signed head seq {seq} where seq {expected} was expected "
@@ -487,7 +532,7 @@ def verify_store(store: Any, *, public_keys: Mapping[str, Any] | None = None, ag
     with store.read() as txn:
         keys = _trusted_keys(txn, public_keys)
         report.key_ids = sorted(keys)
-        heads = [(f"signed head {k.removeprefix(HEAD_PREFIX).lstrip('0') or '0'}", json.loads(v))
+        heads = [(f"signed head {k.removeprefix(HEAD_PREFIX).lstrip('0') or '0'}", _object(v) or {"seq": None})
                  for k, v in txn.iter_blobs(HEADS_BUCKET, HEAD_PREFIX)]
         report.heads = len(heads)
         hc = _check_heads(heads, keys)
@@ -505,7 +550,14 @@ def verify_store(store: Any, *, public_keys: Mapping[str, Any] | None = None, ag
             report.records += len(items)
             report.checkpoints += sum(1 for it in items if it.rec.get("kind") == CHECKPOINT_KIND)
             rec = txn.get_agent(aid)
-            tail = (int(rec.get("audit_seq") or 0), str(rec.get("audit_head") or GENESIS)) if rec is not None else None
+            if rec is not None and rec.get(UNREADABLE):
+                # Its head is in a record that does not decode: the chain is checked on its own.
+                report.notes.append(f"agent {aid}'s record does not decode, so its log is checked without its head "
+                                    "(`torpor store check` names the damage)")
+                rec = None
+                tail = None
+            else:
+                tail = (int(rec.get("audit_seq") or 0), str(rec.get("audit_head") or GENESIS)) if rec is not None else None
             problem = check_chain(aid, items, keys=keys, tail=tail)
             if problem is not None:
                 chain_problems.append(problem)
@@ -527,13 +579,7 @@ def verify_store(store: Any, *, public_keys: Mapping[str, Any] | None = None, ag
                 if current is not None:
                     check(current, items)
                 current, items = aid, []
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                rec = None
-            if not isinstance(rec, dict):
-                rec = {"agent_id": aid, "seq": None, "kind": "(unreadable)", "hash": ""}
-            items.append(_Item(f"store key {k}", rec, int(tail_key) if tail_key.isdigit() else -1))
+            items.append(_Item(f"store key {k}", _record(k, raw), int(tail_key) if tail_key.isdigit() else -1))
         if current is not None:
             check(current, items)
         # Agents whose every record is gone: their head (or a signed head) still says they had some.
@@ -590,8 +636,12 @@ def export(store: Any, out: IO[bytes], key: Any, *, since: float | None = None,
                          "agent": agent_id, "key_id": key.key_id,
                          "public_keys": {kid: b64e(public_raw(k)) for kid, k in sorted(keys.items())}}})
         chains: dict[str, list[dict[str, Any]]] = {}
-        for _k, raw in txn.iter_blobs(BUCKET, f"{agent_id}/" if agent_id else ""):
-            rec = json.loads(raw)
+        for k, raw in txn.iter_blobs(BUCKET, f"{agent_id}/" if agent_id else ""):
+            rec = _object(raw)
+            if rec is None:
+                raise AuditError(f"audit record {k} does not decode, so no export of it could verify; "
+                                 "`torpor audit verify` and `torpor store check` name the damage",
+                                 code="record_corrupt")
             chains.setdefault(str(rec.get("agent_id")), []).append(rec)
         for aid in sorted(chains):
             recs = chains[aid]
@@ -607,8 +657,12 @@ def export(store: Any, out: IO[bytes], key: Any, *, since: float | None = None,
             for rec in chosen:
                 emit({"record": rec})
                 records += 1
-        for _k, raw in txn.iter_blobs(HEADS_BUCKET, HEAD_PREFIX):
-            emit({"head": json.loads(raw)})
+        for k, raw in txn.iter_blobs(HEADS_BUCKET, HEAD_PREFIX):
+            head = _object(raw)
+            if head is None:
+                raise AuditError(f"signed head {k} does not decode, so no export of it could verify; "
+                                 "`torpor audit verify` names the damage", code="record_corrupt")
+            emit({"head": head})
     body = {"lines": n, "digest": h.hexdigest(), "key_id": key.key_id, "exported_at": now}
     out.write(_line({"seal": {**body, "sig": key.sign(DOMAIN_EXPORT, canonical(body))}}))
     return {"lines": n + 1, "records": records, "agents": len(chains), "key_id": key.key_id}
@@ -771,7 +825,7 @@ def prune(store: Any, key: Any, *, before: float, agent_id: str | None = None,
 
     for aid in agent_ids:
         def write(txn: Any, aid: str = aid) -> int:
-            items = [_Item(f"store key {k}", json.loads(v), int(k.partition("/")[2]))
+            items = [_Item(f"store key {k}", _record(k, v), int(k.partition("/")[2]))
                      for k, v in txn.iter_blobs(BUCKET, f"{aid}/")]
             problem = check_chain(aid, items, keys=keys)
             if problem is not None:
@@ -838,8 +892,9 @@ def parse_time(text: str, *, now: float | None = None) -> float:
 
 
 def records(store: Any, agent_id: str) -> list[dict[str, Any]]:
+    """The agent's audit records in order; one that does not decode is a stand-in (``UNREADABLE_KIND``)."""
     with store.read() as txn:
-        return [json.loads(v) for _, v in txn.iter_blobs(BUCKET, f"{agent_id}/")]
+        return [_record(k, v) for k, v in txn.iter_blobs(BUCKET, f"{agent_id}/")]
 
 
 def _short(h: Any) -> str:
@@ -882,6 +937,8 @@ def describe(rec: Mapping[str, Any]) -> str:
     if kind in ("agent.failed", "agent.terminated"):
         err = d.get("error") or {}
         return f"{kind.removeprefix('agent.')}: [{err.get('code')}] {err.get('message')}"
+    if kind == UNREADABLE_KIND:
+        return f"the record at {d.get('key')} does not decode (damaged or modified)"
     if kind == CHECKPOINT_KIND:
         p = d.get("pruned") or {}
         return (f"{p.get('count')} earlier records (seq {p.get('from_seq')}-{p.get('to_seq')}) pruned before "
