@@ -8,7 +8,10 @@ says what was found and what the reader can do about it.
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
+    "FULL_ERRNOS",
     "CheckpointExists",
     "NotFound",
     "RecordCorrupt",
@@ -24,6 +27,11 @@ __all__ = [
     "StoreSuspect",
     "StoreUnavailable",
 ]
+
+
+#: The errors of a write that say the disk refused more data: out of space, out of quota,
+#: or past the largest file this process may write (RLIMIT_FSIZE, SIGXFSZ ignored).
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class SnapshotError(Exception):
@@ -55,11 +63,19 @@ class SnapshotVersionError(SnapshotError):
 
 
 class StoreError(Exception):
-    """Base of every error raised by an agent store."""
+    """Base of every error raised by an agent store.
+
+    ``code`` is the host's machine-readable name for it (the CLI prints ``error[code]``),
+    so that every layer that reports an error, not only the CLI, names it the same way.
+    """
+
+    code = "store_error"
 
 
 class StoreUnavailable(StoreError):
     """The store cannot be opened or written at all (missing, read-only, no permission)."""
+
+    code = "store_unavailable"
 
 
 class StoreFull(StoreError):
@@ -69,6 +85,8 @@ class StoreFull(StoreError):
     out of space (or the map cannot grow past free disk space). The transaction that
     hit it was aborted whole: nothing of it is on disk.
     """
+
+    code = "store_full"
 
 
 class StoreCorrupt(StoreUnavailable):

@@ -109,6 +109,7 @@ import json
 import logging
 import math
 import os
+import resource
 import shutil
 import struct
 import threading
@@ -125,6 +126,7 @@ import lmdb
 
 from . import sealed, unflushed
 from .errors import (
+    FULL_ERRNOS,
     CheckpointExists,
     NotFound,
     RecordCorrupt,
@@ -276,13 +278,39 @@ def _check_flush_interval(value: float) -> float:
     return float(value)
 
 
-def _is_disk_full(exc: BaseException) -> bool:
+#: How this C library spells the errors of a full disk (``FULL_ERRNOS``) and of EIO.
+_FULL_TEXTS = tuple(os.strerror(e) for e in sorted(FULL_ERRNOS))
+_EIO_TEXT = os.strerror(errno.EIO)
+#: Room left under which an EIO from a write counts as a full disk (see _is_disk_full).
+_NEARLY_FULL = 1 << 20
+
+
+def _is_disk_full(exc: BaseException, path: Path) -> bool:
+    """Whether a failed write or commit of the store in ``path`` means the disk is full.
+
+    py-lmdb gives no errno, only LMDB's message, so the error's text is matched against
+    ENOSPC, EDQUOT and EFBIG as this C library spells them. And LMDB reports a *short*
+    write (the disk filled up part way through its pages) as EIO ("short write,
+    filesystem full?" in mdb.c), so an EIO counts as full when the store's filesystem has
+    less than a mebibyte left, or its data file is within a mebibyte of this process's
+    file size limit. A write that fails on a disk with room to spare stays an I/O error.
+    """
+    if not isinstance(exc, (lmdb.Error, OSError)):
+        return False
+    code = getattr(exc, "errno", None)
     text = str(exc)
-    return isinstance(exc, (lmdb.DiskError, OSError)) and (
-        "No space left" in text
-        or "quota" in text.lower()
-        or getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-    )
+    if code in FULL_ERRNOS or any(t in text for t in _FULL_TEXTS):
+        return True
+    if code != errno.EIO and _EIO_TEXT not in text:
+        return False
+    try:
+        st = os.statvfs(path)
+        if st.f_bavail * st.f_frsize < _NEARLY_FULL:
+            return True
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        return soft != resource.RLIM_INFINITY and (path / "data.mdb").stat().st_size + _NEARLY_FULL > soft
+    except OSError:
+        return False
 
 
 class _Gate:
@@ -724,6 +752,9 @@ class LmdbStore:
                 try:
                     marker = unflushed.write_marker(p, level, boot=boot)
                 except OSError as exc:
+                    if exc.errno in FULL_ERRNOS:
+                        raise StoreFull(f"cannot write the unflushed marker of store {p}: the disk is "
+                                        f"full ({exc.strerror}); free disk space") from exc
                     raise StoreUnavailable(
                         f"cannot write the unflushed marker of store {p} in "
                         f"{p / unflushed.MARKER_DIR}: {exc.strerror or exc}"
@@ -848,7 +879,7 @@ class LmdbStore:
                 except lmdb.MapFullError:
                     env.set_mapsize(env.info()["map_size"] * 2)
                 except lmdb.Error as exc:
-                    if _is_disk_full(exc):
+                    if _is_disk_full(exc, p):
                         raise StoreFull(f"disk under store {p} is full: {exc}") from exc
                     raise StoreUnavailable(f"cannot initialise store {p}: {exc}") from exc
         meta = dbs.get("_torpor")
@@ -1054,7 +1085,7 @@ class LmdbStore:
         since = (
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) if at is not None else "open"
         )
-        full = " (the disk is full)" if _is_disk_full(exc) else ""
+        full = " (the disk is full)" if _is_disk_full(exc, self._path) else ""
         err = StoreFlushError(
             f"flushing store {self._path} to stable storage failed: {exc}{full}. The "
             f"{max(0, self.commits - self.flushed_commits)} commit(s) of this process since "
@@ -1239,10 +1270,12 @@ class LmdbStore:
         self._raise_flush_error()
 
     def _translate(self, exc: BaseException) -> StoreError:
-        if _is_disk_full(exc):
+        if _is_disk_full(exc, self._path):
+            how = " (a short write: the disk filled up part way)" if _EIO_TEXT in str(exc) else ""
             return StoreFull(
-                f"disk under store {self._path} is full ({exc}); the transaction was rolled "
-                "back whole. Free disk space or move the store to a larger disk"
+                f"disk under store {self._path} is full ({exc}{how}); the transaction was "
+                "rolled back whole. Free disk space (or raise the file size limit) or move "
+                "the store to a larger disk"
             )
         return StoreError(f"store {self._path}: {exc}")
 
@@ -1305,7 +1338,7 @@ class LmdbStore:
                 return [Outcome(value=self._with_write_txn(lambda txn: fn(_LmdbTxn(txn, self._dbs, self._strict))))]
             except StoreError as exc:
                 cause = exc.__cause__
-                if isinstance(exc, StoreFull) or (cause is not None and _is_disk_full(cause)):
+                if isinstance(exc, StoreFull) or (cause is not None and _is_disk_full(cause, self._path)):
                     raise  # the store failed, not the function
                 return [Outcome(error=exc)]
             except Exception as exc:
@@ -1323,7 +1356,7 @@ class LmdbStore:
                     raise
                 except lmdb.Error as exc:
                     child.abort()
-                    if _is_disk_full(exc):
+                    if _is_disk_full(exc, self._path):
                         raise
                     outcomes.append(Outcome(error=self._translate(exc)))
                 except Exception as exc:

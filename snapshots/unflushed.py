@@ -200,7 +200,9 @@ def write_marker(
     tmp = directory / f"{_TMP_PREFIX}{name}{_TMP_SUFFIX}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, json.dumps(body, separators=(",", ":")).encode())
+        view = memoryview(json.dumps(body, separators=(",", ":")).encode())
+        while view:  # a short write (a disk filling up) must not leave half a marker
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)

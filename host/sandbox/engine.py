@@ -260,17 +260,21 @@ class Engine:
                 with contextlib.suppress(OSError):
                     p.unlink()
         module = self._compile_fresh(wasm)
+        tmp = art.with_suffix(f".tmp{os.getpid()}")
+        tmp_meta = meta.with_suffix(f".tmp{os.getpid()}")
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             blob = bytes(module.serialize())
-            tmp = art.with_suffix(f".tmp{os.getpid()}")
             tmp.write_bytes(blob)
             os.replace(tmp, art)
-            tmp_meta = meta.with_suffix(f".tmp{os.getpid()}")
             tmp_meta.write_text(json.dumps({"sha256": hashlib.sha256(blob).hexdigest(), "module": digest}))
             os.replace(tmp_meta, meta)
         except OSError:
-            pass  # a read-only or full cache only costs a recompile next time
+            # A read-only or full cache only costs a recompile next time; a half-written
+            # file is not left to hold the space a full disk needs for the store.
+            for p in (tmp, tmp_meta):
+                with contextlib.suppress(OSError):
+                    p.unlink()
         return module
 
     def _compile_fresh(self, wasm: bytes) -> wasmtime.Module:

@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from typing import IO, Any
 
 from host.errors import ConfigError, TorporError
+from snapshots.errors import StoreError
 from snapshots.store import UNREADABLE
 
 GENESIS = "0" * 64
@@ -419,14 +420,14 @@ class HeadSealer:
             state = _object(raw) if raw is not None else None
             if state is not None and time.time() - float(state.get("t", 0)) < self.interval_s:
                 return None
-        key = self._key()
         try:
+            key = self._key()
             result: dict[str, Any] | None = self.store.transact(lambda txn: seal_head(txn, key))
-        except AuditError as exc:
+        except (AuditError, StoreError) as exc:
             if force:
                 raise
-            # Periodic and best effort: a damaged state must not fail the agent whose finish
-            # (or host's close) it runs after.
+            # Periodic and best effort: a damaged state or a full disk must not fail the agent
+            # whose finish (or host's close) it runs after; the next one seals the head.
             _log.warning("the audit head was not sealed: %s", exc)
             return None
         return result

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from host.errors import ConfigError, TorporError
+from snapshots.errors import FULL_ERRNOS, StoreFull
 
 KEY_FILE = "host_ed25519.key"
 TOKEN_PREFIX = "tpr1"
@@ -171,17 +172,22 @@ class HostKey:
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.write(fd, pem)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            try:
+                try:
+                    view = memoryview(pem)
+                    while view:  # a short write (a disk filling up) must not leave half a key
+                        view = view[os.write(fd, view):]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
                 os.link(tmp, path)  # atomic: fails if another process linked its key first
             except FileExistsError:
                 pass
             finally:
                 tmp.unlink(missing_ok=True)
         except OSError as exc:
+            if exc.errno in FULL_ERRNOS:
+                raise StoreFull(f"cannot create the host signing key {path}: the disk is full "
+                                f"({exc.strerror}); free disk space") from exc
             raise ConfigError(f"cannot create the host signing key {path}: {exc.strerror}") from exc
 
     def sign(self, domain: bytes, message: bytes) -> str:
