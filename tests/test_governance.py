@@ -281,6 +281,40 @@ def test_deny_gives_the_guest_a_denial(host: Host, caller_module: bytes) -> None
     assert second["value"] == {"paid": 5}
 
 
+@pytest.mark.parametrize("decision", ["deny", "approve", "resolve"])
+def test_a_decision_changed_in_the_journal_parks_the_agent(host: Host, caller_module: bytes, decision: str) -> None:
+    """A person's decision is journaled sealed: rewritten on disk into a payment that never ran, it is refused."""
+    from host.runtime import approvals as approvals_mod
+    from snapshots import sealed
+
+    b = make(caller_module, APPROVAL_POLICY)
+    res = run(host, b, [{"tool": "pay", "args": {"amount": 500}}])
+    assert res.status == "waiting_approval" and res.pending is not None
+    seq, aid = int(res.pending["seq"]), res.agent_id
+    if decision == "deny":
+        approvals_mod.deny(host.store, aid, reason="no", by="cfo", where=None)
+    elif decision == "approve":
+        approvals_mod.approve(host.store, aid, note=None, by="cfo", where=None)
+    else:  # an operator supplies the result of a call left in doubt
+        host.store.transact(lambda t: t.put_agent({**t.get_agent(aid), "status": "in_doubt"}))
+        approvals_mod.resolve(host.store, host.identity, aid, retry=False, result={"paid": 1}, fail=None, by="ops")
+    key = aid.encode() + b"\0" + seq.to_bytes(8, "big")
+
+    def rewrite(t: Any) -> None:
+        raw = t._txn.get(key, db=t._dbs["journal"])
+        entry = json.loads(raw[sealed.HEADER_SIZE:])
+        entry.update(state="done", status=0, response=json.dumps({"paid": 500}))
+        t._txn.put(key, raw[:sealed.HEADER_SIZE] + json.dumps(entry).encode(), db=t._dbs["journal"])
+
+    host.store.transact(rewrite)
+    out = anyio.run(lambda: host.resume(aid))
+    assert out.status == "corrupt" and out.output is None and out.error is not None, out
+    assert out.error["code"] == "record_corrupt"
+    assert f"journal entry {seq} of agent {aid} does not match its digest" in out.error["message"]
+    with host.store.read() as txn:
+        assert txn.kv_keys("test:payments", "") == []  # the tool never ran
+
+
 def test_two_operators_approve_at_once_one_wins(caller_module: bytes, tmp_path: Path) -> None:
     b = make(caller_module, APPROVAL_POLICY)
     with Host(tmp_path) as host:
