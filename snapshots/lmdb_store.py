@@ -956,8 +956,9 @@ class LmdbStore:
         and the checksum over the whole record: a flipped bit anywhere fails it); each
         journal entry, kv value, bundle and input must match its digest (``sealed``); each
         agent record, journal entry, audit record, signed head and approval request must
-        decode as a JSON object the way its readers read it; every other value is read. LMDB errors (MDB_CORRUPTED, MDB_PAGE_NOTFOUND: a tree
-        whose pages a crash overwrote) become problems, not exceptions. One read
+        decode as a JSON object the way its readers read it; every other value is read.
+        LMDB errors (MDB_CORRUPTED, MDB_PAGE_NOTFOUND: a tree whose pages a crash
+        overwrote) become problems, not exceptions. One read
         transaction, so a consistent view while writers go on (a fresh one after an
         LMDB error, which ends a transaction). Also lists the suspect unflushed markers.
         Reads every page: meant for ``torpor store check``, not for the hot path.

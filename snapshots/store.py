@@ -116,7 +116,8 @@ class ReadTxn(Protocol):
         ...
 
     def iter_journal(self, agent_id: str) -> Iterator[tuple[int, dict[str, Any]]]:
-        """The agent's journal entries as (call_seq, entry) in ascending call_seq order."""
+        """The agent's journal entries as (call_seq, entry) in ascending call_seq order;
+        RecordCorrupt at an entry that does not match its digest or does not decode."""
         ...
 
     def kv_get(self, namespace: str, key: str) -> bytes | None:

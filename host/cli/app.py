@@ -422,7 +422,7 @@ def cmd_store_check(args: argparse.Namespace) -> int:
         else:
             print("no suspect markers")
         if ok:
-            print("ok: every record was read and every checkpoint's checksum verified")
+            print("ok: every record was read, every checkpoint's checksum and every stored value's digest verified")
             if lines["suspect_lines"] and not args.accept:
                 print("rerun with --accept to clear the markers, so that the store opens again")
         else:

@@ -196,8 +196,9 @@ class Host:
     async def resume(self, agent_id: str, *, priority: int | None = None) -> RunResult:
         """Continue an agent from its latest checkpoint (after a restart, a crash or a decision).
 
-        An agent whose bundle, module or checkpoint cannot be used is parked ``corrupt``
-        (its error names what) instead of raising: see :func:`host.runtime.lifecycle.damage`.
+        An agent whose bundle, module, input, checkpoint or journaled answer cannot be used
+        (damaged, or not matching its digest) is parked ``corrupt`` (its error names what)
+        instead of raising: see :func:`host.runtime.lifecycle.damage`.
         """
         try:
             agent, pending = self.lifecycle.load(agent_id)
