@@ -98,6 +98,37 @@ def test_steps_quick() -> None:
     assert r["runtime_calls"] == 20
 
 
+def test_the_bench_parser_imports_nothing_heavy() -> None:
+    """`torpor --help` builds the bench parser: it must not pull in Wasmtime, the store or the runtime."""
+    code = ("import sys, argparse\n"
+            "from bench.cli import add_parser\n"
+            "add_parser(argparse.ArgumentParser().add_subparsers())\n"
+            "heavy = [m for m in ('wasmtime', 'lmdb', 'zstandard', 'host.runtime', 'host.sandbox.engine') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_bench_parser_knows_every_engine_profile() -> None:
+    from bench.cli import ENGINE_PROFILES
+    from host.sandbox.engine import PROFILES
+
+    assert tuple(ENGINE_PROFILES) == tuple(PROFILES)
+
+
+def test_a_benchmark_runs_as_a_script() -> None:
+    """`python bench/coldstart.py ...` runs the same benchmark as `torpor bench coldstart ...`."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "coldstart.py"), "--quick", "--json", "--no-plot",
+                           "--n", "50", "--subprocesses", "1"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout)
+    assert r["bench"] == "coldstart" and r["cases"]["torpor spawn"]["n"] == 50
+    assert r["command"] == "torpor bench coldstart --quick --json --no-plot --n 50 --subprocesses 1"
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "coldstart.py"), "--n", "0", "--no-plot"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 2 and "must be a positive number" in bad.stderr.strip().splitlines()[0], bad.stderr
+
+
 @pytest.mark.parametrize("argv", [
     ["density", "--agents", "0"],
     ["density", "--agents", "-5"],
