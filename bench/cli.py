@@ -1,9 +1,9 @@
-"""``torpor bench``: load tests of cold start, suspend/resume, density and tool round trips.
+"""``torpor bench``: load tests of cold start, suspend/resume, density, tool round trips and CLI start-up.
 
 Each benchmark measures Torpor and, in the same process and the same run, a
 baseline doing the same work the obvious way, because a figure without its
 baseline on the same machine says little. One module a benchmark
-(``bench/coldstart.py``, ``suspend``, ``density``, ``steps``), on the harness of
+(``bench/coldstart.py``, ``suspend``, ``density``, ``steps``, ``cli_startup``), on the harness of
 ``bench/rig.py``; this module holds only their command line.
 
 Why it imports nothing heavy at module level: ``torpor --help`` builds every
@@ -31,6 +31,8 @@ BENCHES: dict[str, tuple[str, str]] = {
                            "commits at durability sync and process"),
     "density": ("density", "hibernate N agents into LMDB; hold as many warm instances as the process can"),
     "steps": ("steps", "tool round trips per second with warm instances"),
+    "cli": ("cli_startup", "start-up of a fresh torpor process (--help, ps, inspect) on a store of 10,000 agents, "
+                           "against python -c pass"),
 }
 
 _MAIN_ARGV: list[str] = []
@@ -84,8 +86,10 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
         sp = bsub.add_parser(name, help=help_, description=help_)
         sp.add_argument("--json", action="store_true", help="print one JSON document")
         sp.add_argument("--quick", action="store_true", help="a small smoke run (seconds, for CI)")
-        sp.add_argument("--engine", choices=ENGINE_PROFILES, default=None,
-                        help="engine profile (default: $TORPOR_ENGINE or dense; see host/sandbox/engine.py and bench/RESULTS.md)")
+        if name != "cli":  # the CLI's start-up runs no engine of its own
+            sp.add_argument("--engine", choices=ENGINE_PROFILES, default=None,
+                            help="engine profile (default: $TORPOR_ENGINE or dense; see host/sandbox/engine.py and "
+                                 "bench/RESULTS.md)")
         sp.add_argument("--plot", default=None, metavar="PNG",
                         help=f"where to draw the plot (default torpor-bench-{name}.png)")
         sp.add_argument("--no-plot", action="store_true", help="draw no plot")
@@ -115,13 +119,18 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
             sp.add_argument("--n", type=int, help="tool calls per runtime agent (default 200)")
             sp.add_argument("--agents", type=int, help="concurrent runtime agents (default 64)")
             sp.add_argument("--profile", metavar="FILE", help="write a cProfile of the runtime phase to FILE")
+        elif name == "cli":
+            sp.add_argument("--agents", type=int, help="agents in the store (default 10,000; --quick 200)")
+            sp.add_argument("--rounds", type=int, help="timed runs of each command (default 40; --quick 3)")
+            sp.add_argument("--store", help="build the store in this new directory and keep it "
+                                            "(default: a temporary one)")
         sp.set_defaults(fn=_run)
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Register ``torpor bench BENCH`` on the CLI's subparsers (called from ``build_parser``)."""
     bench: argparse.ArgumentParser = sub.add_parser(
-        "bench", help="load-test cold start, suspend/resume, density and tool round trips",
+        "bench", help="load-test cold start, suspend/resume, density, tool round trips and CLI start-up",
         description=__doc__.split("\n\n")[0] if __doc__ else None)
     _add_benches(bench)
     return bench

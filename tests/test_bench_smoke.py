@@ -98,6 +98,33 @@ def test_steps_quick() -> None:
     assert r["runtime_calls"] == 20
 
 
+def test_cli_startup_quick(tmp_path: Path) -> None:
+    r = bench("cli", "--store", str(tmp_path / "s"))
+    assert r["bench"] == "cli" and r["agents"] == 200 and r["rounds"] == 3
+    assert list(r["cases"]) == ["python -c pass", "torpor --help", "torpor ps --store S", "torpor ps --store S --json",
+                                "torpor inspect AGENT --store S"]
+    for c in r["cases"].values():
+        assert c["n"] == 3
+        positive(c["p50_us"], c["p90_us"], c["p50_ratio"], c["p90_ratio"])
+    assert r["cases"]["python -c pass"]["p50_ratio"] == 1.0
+    for key in ("python", "help", "ps", "ps_json", "inspect"):
+        positive(r[f"{key}_p50_ms"], r[f"{key}_p90_ms"], r[f"{key}_p50_ratio"])
+    assert set(r["targets"]) == {"help_p50_ms", "ps_p50_ms", "ps_json_p50_ms", "inspect_p50_ms"}
+    # The store is kept and holds 200 agents alike: each with its checkpoints, input and audit records.
+    from snapshots.lmdb_store import LmdbStore
+
+    with LmdbStore.open(tmp_path / "s" / "db") as store, store.read() as txn:
+        agents = list(txn.iter_agents())
+        assert len(agents) == len({a["agent_id"] for a in agents}) == 200
+        copy = txn.get_agent(r["inspected"])
+        assert copy is not None and copy["status"] == "completed" and copy["output"] == {"sum": 6, "last": 3}
+        assert len(txn.list_checkpoints(r["inspected"])) == r["checkpoints_per_agent"] == 3
+        assert txn.get_blob("inputs", r["inspected"]) == b'{"n":3}'
+        audit = list(txn.iter_blobs("audit", r["inspected"] + "/"))
+        assert len(audit) == r["audit_records_per_agent"] > 0
+        assert all(json.loads(v)["agent_id"] == r["inspected"] for _, v in audit)
+
+
 def test_the_bench_parser_imports_nothing_heavy() -> None:
     """`torpor --help` builds the bench parser: it must not pull in Wasmtime, the store or the runtime."""
     code = ("import sys, argparse\n"
@@ -136,6 +163,8 @@ def test_a_benchmark_runs_as_a_script() -> None:
     ["coldstart", "--n", "0"],
     ["suspend", "--n", "-1"],
     ["steps", "--agents", "0"],
+    ["cli", "--agents", "0"],
+    ["cli", "--rounds", "0"],
 ])
 def test_nonsense_counts_are_one_line_errors(argv: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-m", "host.cli", "bench", *argv, "--no-plot"], capture_output=True,
