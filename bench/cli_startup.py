@@ -5,7 +5,10 @@ command costs its user is the interpreter starting, the imports and the work
 together. The baseline is ``python -c pass`` on the same interpreter, the floor
 no Python command goes below; every figure is also given as a ratio to it. The
 rounds are interleaved (each round runs every case once, in an order rotated
-by one from the last) so that the machine's drift hits every case alike.
+by one from the last) so that the machine's drift hits every case alike. Each
+run's CPU time (user + system, from the kernel's accounting of the child) is
+recorded beside its wall clock: on a shared machine the wall clock stretches
+with the other processes' load, the CPU time much less.
 
 Also ``python bench/cli_startup.py [--quick] [--json] ...``.
 """
@@ -21,6 +24,7 @@ if __name__ == "__main__":  # `python bench/cli_startup.py ...`: the repository 
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -128,6 +132,12 @@ def _torpor() -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", "host.cli"], env
 
 
+def _children_cpu_ns() -> int:
+    """CPU time (user + system) of this process's waited-for children so far, in ns."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return int((ru.ru_utime + ru.ru_stime) * 1e9)
+
+
 def _load_average() -> float | None:
     """The 1-minute load average: other processes on the machine slow every case, the baseline too."""
     try:
@@ -165,14 +175,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _check(name, subprocess.run(argv, capture_output=True, text=True, cwd=tmp, env=env, check=False), store)
         load_before = _load_average()
         lats = {name: Latency() for name in CASES}
+        cpus = {name: Latency() for name in CASES}
         names = list(CASES)
         progress = Progress("rounds", rounds, args.progress)
         for r in range(rounds):
             for name in names[r % len(names):] + names[: r % len(names)]:
+                c0 = _children_cpu_ns()
                 t0 = time.perf_counter_ns()
                 proc = subprocess.run(argvs[name], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp,
                                       env=env, check=False)
                 lats[name].add(time.perf_counter_ns() - t0)
+                cpus[name].add(_children_cpu_ns() - c0)
                 if proc.returncode != 0:
                     raise TorporError(f"`{CASES[name][0]}` exited {proc.returncode}: "
                                       f"{proc.stderr.decode(errors='replace').strip()[-300:]}")
@@ -185,14 +198,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"bench": "cli", "machine": machine(), "rounds": rounds, "torpor": " ".join(torpor),
                            **store, "store": str(store_dir) if args.store else None,
                            "load_average": {"before": load_before, "after": _load_average()}, "cases": cases}
+    base_cpu = cpus["python"].summary()
     for name, lat in lats.items():
         s = lat.summary()
         s["p50_ratio"] = round(s["p50_us"] / base["p50_us"], 2)
         s["p90_ratio"] = round(s["p90_us"] / base["p90_us"], 2)
+        cpu = cpus[name].summary()
+        s["cpu_p50_us"], s["cpu_p90_us"] = cpu["p50_us"], cpu["p90_us"]
+        s["cpu_p50_ratio"] = round(cpu["p50_us"] / base_cpu["p50_us"], 2)
         cases[CASES[name][0]] = s
         res[f"{name}_p50_ms"] = round(s["p50_us"] / 1000, 1)
         res[f"{name}_p90_ms"] = round(s["p90_us"] / 1000, 1)
         res[f"{name}_p50_ratio"] = s["p50_ratio"]
+        res[f"{name}_cpu_p50_ms"] = round(cpu["p50_us"] / 1000, 1)
 
     def draw(plt: Any) -> None:
         _fig, ax = plt.subplots(figsize=(8, 5))
@@ -204,12 +222,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def show(r: dict[str, Any]) -> None:
-    """The table of p50/p90 in ms and as multiples of ``python -c pass``."""
+    """The table of p50/p90 in ms and as multiples of ``python -c pass``, wall clock and CPU."""
     w = max(len(k) for k in r["cases"])
-    print(f"{'case':{w}} {'n':>5} {'p50 ms':>8} {'p90 ms':>8} {'p50 ×py':>8} {'p90 ×py':>8}")
+    print(f"{'':{w}} {'':>5} {'wall clock':^35} {'CPU time':^17}")
+    print(f"{'case':{w}} {'n':>5} {'p50 ms':>8} {'p90 ms':>8} {'p50 ×py':>8} {'p90 ×py':>8} {'p50 ms':>8} "
+          f"{'p50 ×py':>8}")
     for name, c in r["cases"].items():
         print(f"{name:{w}} {int(c['n']):>5} {c['p50_us'] / 1000:>8.1f} {c['p90_us'] / 1000:>8.1f} "
-              f"{c['p50_ratio']:>8.2f} {c['p90_ratio']:>8.2f}")
+              f"{c['p50_ratio']:>8.2f} {c['p90_ratio']:>8.2f} {c['cpu_p50_us'] / 1000:>8.1f} "
+              f"{c['cpu_p50_ratio']:>8.2f}")
     print(f"\nS: a store of {r['agents']:,} agents (one run of steps {{\"n\": 3}} and copies of its records; "
           f"{r['store_mib']} MiB, built in {r['store_build_s']} s); AGENT: {r['inspected']}; torpor is {r['torpor']}")
     print(f"torpor --help p50 {r['help_p50_ms']} ms, ps {r['ps_p50_ms']} ms, ps --json {r['ps_json_p50_ms']} ms, "

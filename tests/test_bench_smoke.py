@@ -105,10 +105,10 @@ def test_cli_startup_quick(tmp_path: Path) -> None:
                                 "torpor inspect AGENT --store S"]
     for c in r["cases"].values():
         assert c["n"] == 3
-        positive(c["p50_us"], c["p90_us"], c["p50_ratio"], c["p90_ratio"])
+        positive(c["p50_us"], c["p90_us"], c["p50_ratio"], c["p90_ratio"], c["cpu_p50_us"], c["cpu_p50_ratio"])
     assert r["cases"]["python -c pass"]["p50_ratio"] == 1.0
     for key in ("python", "help", "ps", "ps_json", "inspect"):
-        positive(r[f"{key}_p50_ms"], r[f"{key}_p90_ms"], r[f"{key}_p50_ratio"])
+        positive(r[f"{key}_p50_ms"], r[f"{key}_p90_ms"], r[f"{key}_p50_ratio"], r[f"{key}_cpu_p50_ms"])
     assert set(r["targets"]) == {"help_p50_ms", "ps_p50_ms", "ps_json_p50_ms", "inspect_p50_ms"}
     # The store is kept and holds 200 agents alike: each with its checkpoints, input and audit records.
     from snapshots.lmdb_store import LmdbStore
