@@ -139,27 +139,40 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python bench/<name>.py ...``: ``torpor bench ...`` without the rest of the CLI.
 
-    Errors end as the CLI ends them, one line and exit 2 (130 for Ctrl-C), so a
-    script and ``torpor bench`` behave alike.
+    Signals and errors end as the CLI ends them: Ctrl-C and SIGTERM at a safe point
+    (never inside a call from Wasmtime), exit 128 + the signal; an error in one line,
+    exit 2; so that a script and ``torpor bench`` behave alike.
     """
+    import signal
+
     from host.errors import TorporError
+    from host.sandbox import interrupts
 
     argv = list(sys.argv[1:] if argv is None else argv)
     _MAIN_ARGV[:] = ["bench", *argv]
     parser = argparse.ArgumentParser(prog="torpor bench", description=__doc__.split("\n\n")[0] if __doc__ else None)
     _add_benches(parser)
     args = parser.parse_args(argv)
+    signum = 0
     try:
-        return int(args.fn(args))
+        with interrupts.handle_signals(then_ignore=True):
+            return int(args.fn(args))
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
     except TorporError as exc:
-        if args.json:
-            print(json.dumps({"status": "error", "error": {"code": exc.code, "message": str(exc)}}))
-        else:
-            print(f"torpor: error[{exc.code}]: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("torpor: interrupted", file=sys.stderr)
-        return 130
+        signum = interrupts.requested()  # an error an interrupted guest left behind is the interrupt
+        if not signum:
+            if args.json:
+                print(json.dumps({"status": "error", "error": {"code": exc.code, "message": str(exc)}}))
+            else:
+                print(f"torpor: error[{exc.code}]: {exc}", file=sys.stderr)
+            return 2
+    except Exception:  # a trap from a baseline's plain wasmtime-py call, say: the interrupt's if one came
+        signum = interrupts.requested()
+        if not signum:
+            raise
+    print("torpor: interrupted" + ("" if signum == signal.SIGINT else f" (signal {signum})"), file=sys.stderr)
+    return 128 + signum
 
 
 if __name__ == "__main__":  # `python -m bench.cli coldstart ...`

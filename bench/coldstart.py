@@ -33,7 +33,7 @@ from bench.rig import (
     table,
 )
 from host.errors import TorporError
-from host.sandbox import abi
+from host.sandbox import abi, interrupts
 from host.sandbox.execution import Completed, Execution
 
 _HELLO_PY = (
@@ -95,6 +95,13 @@ def _naive_baseline(rig: Rig, payload: bytes) -> tuple[Callable[[], None], Calla
 
 
 def _time_loop(fn: Callable[[], None], n: int, progress: Progress, warmup: int = 200) -> Latency:
+    """``n`` timed calls of ``fn``; a signal is honoured between calls.
+
+    Why the check here: Ctrl-C or SIGTERM landing inside Wasmtime (a spawn's
+    instantiation) is only recorded, for the execution to raise when it is back in
+    Python, and a spawn that succeeds never looks again, so a loop of spawns would
+    run on.
+    """
     for _ in range(min(warmup, n)):
         fn()
     lat = Latency()
@@ -105,6 +112,7 @@ def _time_loop(fn: Callable[[], None], n: int, progress: Progress, warmup: int =
             lat.add(time.perf_counter_ns() - t0)
             if i & 255 == 0:
                 progress.update(i)
+                interrupts.raise_if_requested()
     progress.update(n)
     progress.done()
     return lat

@@ -190,15 +190,38 @@ def test_full_disk_is_a_one_line_error(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("torpor: error["), proc.stderr
 
 
+def test_a_signal_recorded_inside_wasmtime_ends_a_timed_loop() -> None:
+    """A signal landing inside Wasmtime (a spawn's instantiation) is only recorded there, and a
+    spawn that succeeds does not look again: coldstart's timed loop must, or the run goes on."""
+    from bench.coldstart import _time_loop
+    from bench.rig import Progress
+    from host.sandbox import interrupts
+
+    calls = 0
+
+    def spawn() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 10:
+            with interrupts.in_wasm():  # as inside an instantiation: the handler records it, no more
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    with interrupts.handle_signals(), pytest.raises(interrupts.Interrupted):
+        _time_loop(spawn, 1_000_000, Progress("", 1, False), warmup=0)
+    assert 10 <= calls <= 10 + 256
+
+
 def _sigint_default() -> None:
     # A shell's background jobs start with SIGINT ignored, and children inherit that:
     # give the benchmark the default disposition, as a terminal's Ctrl-C would find it.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_leaves_the_store_usable(tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", [["-m", "host.cli", "bench", "density"], [str(ROOT / "bench" / "density.py")]],
+                         ids=["torpor-bench", "script"])
+def test_ctrl_c_leaves_the_store_usable(tmp_path: Path, launcher: list[str]) -> None:
     store = tmp_path / "s"
-    proc = subprocess.Popen([sys.executable, "-m", "host.cli", "bench", "density", "--agents", "1000000", "--no-warm",
+    proc = subprocess.Popen([sys.executable, *launcher, "--agents", "1000000", "--no-warm",
                              "--no-plot", "--store", str(store)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             cwd=ROOT, text=True, preexec_fn=_sigint_default)
     try:
