@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import host
 from bench.rig import Latency, Progress, cdf, draw_plot, load_bundle, machine, positive
 from host.errors import ConfigError, TorporError
 from host.ids import new_agent_id
@@ -122,12 +121,13 @@ def build_store(store_dir: Path, agents: int, progress: Progress) -> dict[str, A
 
 def _torpor() -> tuple[list[str], dict[str, str]]:
     """The ``torpor`` console script beside this interpreter (what a user types), else
-    ``python -m host.cli`` with this ``host`` on the path; and the environment to run it in."""
+    ``python -m host.cli`` with the ``host`` beside ``bench/`` on the path; and the environment
+    to run it in."""
     env = dict(os.environ)
     script = Path(sys.executable).with_name("torpor")
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script)], env
-    root = str(Path(host.__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return [sys.executable, "-m", "host.cli"], env
 
