@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import hashlib
 import json
 import random
@@ -222,13 +223,8 @@ def bench_small(n: int) -> dict[str, Any]:
             "record_bytes_xor": len(record),
             "record_bytes_raw": len(encode_snapshot(snap)),
             "changed_chunks": len(snap.memory.chunks),
-            "encode": timings(
-                lambda snap=snap, pristine=pristine: encode_snapshot(snap, pristine=pristine), n
-            ),
-            "decode": timings(
-                lambda record=record, pristine=pristine: decode_snapshot(record, pristine=pristine),
-                n,
-            ),
+            "encode": timings(functools.partial(encode_snapshot, snap, pristine=pristine), n),
+            "decode": timings(functools.partial(decode_snapshot, record, pristine=pristine), n),
         }
     empty = make_snapshot(MemoryDelta(17 * PAGE, 4096, ()))
     out["metadata_only_bytes"] = len(encode_snapshot(empty))

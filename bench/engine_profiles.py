@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from host.benchmarks import load_bundle, make_engine, make_rig, map_count
+from bench.rig import load_bundle, make_engine, make_rig, map_count
 from host.sandbox.engine import PROFILES
 from host.sandbox.execution import Completed, Suspended
 

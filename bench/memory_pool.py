@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from host.benchmarks import load_bundle, make_rig
+from bench.rig import load_bundle, make_rig
 from host.sandbox.engine import Engine, EngineConfig
 from host.sandbox.execution import PAGE, Execution
 from snapshots.delta import apply_delta
@@ -86,8 +86,8 @@ def measure(pool: bool, n: int) -> dict[str, Any]:
         t5 = time.perf_counter_ns()
         for k, v in zip(names, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0, t5 - t4), strict=True):
             parts[k].append(v)
-    for k, v in parts.items():
-        out[f"restore: {k}"] = _summary(v)
+    for k, samples in parts.items():
+        out[f"restore: {k}"] = _summary(samples)
     if rig.engine.memory_pool is not None:
         out["pool_stats"] = rig.engine.memory_pool.stats()
     return out

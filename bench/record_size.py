@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lmdb
 
-from host.benchmarks import _snapshot, load_bundle, make_engine, make_rig
+from bench.rig import checkpoint_of, load_bundle, make_engine, make_rig
 from host.ids import new_agent_id
 from host.sandbox.execution import Suspended
 from snapshots.format import encode_snapshot
@@ -50,7 +50,7 @@ def main() -> int:
         out = ex.start()
         assert isinstance(out, Suspended)
         aid = new_agent_id()
-        snap = _snapshot(rig, ex, aid, 1, out.call)
+        snap = checkpoint_of(rig, ex, aid, 1, out.call)
         v1 += len(encode_snapshot(snap, pristine=rig.loaded.pristine, version=1))
         blob = encode_snapshot(snap, pristine=rig.loaded.pristine)
         ex.release()

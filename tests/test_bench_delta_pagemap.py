@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from host.benchmarks import _restore, _snapshot, load_bundle, make_engine, make_rig
+from bench.rig import checkpoint_of, load_bundle, make_engine, make_rig, restore_from
 from host.sandbox.execution import Suspended
 from snapshots.delta import diff_memory
 
@@ -28,7 +28,7 @@ def test_same_delta_on_wasmtime_memories(guest: str, profile: str) -> None:
         fast = diff_memory(rig.loaded.pristine, buf, untouched_is_pristine=True)
         assert fast == diff_memory(rig.loaded.pristine, buf)
         # and a fresh instance restored from it, before anything else touches it
-        restored = _restore(rig, _snapshot(rig, ex, "01M81DJXWJ0W63726FJQHGNCFZ", k, out.call))
+        restored = restore_from(rig, checkpoint_of(rig, ex, "01M81DJXWJ0W63726FJQHGNCFZ", k, out.call))
         rbuf = restored._buffer()
         assert diff_memory(rig.loaded.pristine, rbuf, untouched_is_pristine=True) == fast
         restored.release()

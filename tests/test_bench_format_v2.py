@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from host.benchmarks import _snapshot, load_bundle, make_engine, make_rig
+from bench.rig import checkpoint_of, load_bundle, make_engine, make_rig
 from host.ids import new_agent_id
 from host.sandbox.execution import Suspended
 from snapshots.format import FORMAT_VERSION, decode_snapshot, encode_snapshot, peek_snapshot
@@ -19,7 +19,7 @@ def test_v2_is_smaller_and_both_versions_round_trip() -> None:
         ex = rig.execution(json.dumps({"n": n}).encode())
         out = ex.start()
         assert isinstance(out, Suspended)
-        snap = _snapshot(rig, ex, new_agent_id(), 1, out.call)
+        snap = checkpoint_of(rig, ex, new_agent_id(), 1, out.call)
         ex.release()
         v1 = encode_snapshot(snap, pristine=pristine, version=1)
         v2 = encode_snapshot(snap, pristine=pristine)

@@ -98,6 +98,64 @@ def test_steps_quick() -> None:
     assert r["runtime_calls"] == 20
 
 
+def test_cli_startup_quick(tmp_path: Path) -> None:
+    r = bench("cli", "--store", str(tmp_path / "s"))
+    assert r["bench"] == "cli" and r["agents"] == 200 and r["rounds"] == 3
+    assert list(r["cases"]) == ["python -c pass", "torpor --help", "torpor ps --store S", "torpor ps --store S --json",
+                                "torpor inspect AGENT --store S"]
+    for c in r["cases"].values():
+        assert c["n"] == 3
+        positive(c["p50_us"], c["p90_us"], c["p50_ratio"], c["p90_ratio"], c["cpu_p50_us"], c["cpu_p50_ratio"])
+    assert r["cases"]["python -c pass"]["p50_ratio"] == 1.0
+    for key in ("python", "help", "ps", "ps_json", "inspect"):
+        positive(r[f"{key}_p50_ms"], r[f"{key}_p90_ms"], r[f"{key}_p50_ratio"], r[f"{key}_cpu_p50_ms"])
+    assert set(r["targets"]) == {"help_p50_ms", "ps_p50_ms", "ps_json_p50_ms", "inspect_p50_ms"}
+    # The store is kept and holds 200 agents alike: each with its checkpoints, input and audit records.
+    from snapshots.lmdb_store import LmdbStore
+
+    with LmdbStore.open(tmp_path / "s" / "db") as store, store.read() as txn:
+        agents = list(txn.iter_agents())
+        assert len(agents) == len({a["agent_id"] for a in agents}) == 200
+        copy = txn.get_agent(r["inspected"])
+        assert copy is not None and copy["status"] == "completed" and copy["output"] == {"sum": 6, "last": 3}
+        assert len(txn.list_checkpoints(r["inspected"])) == r["checkpoints_per_agent"] == 3
+        assert txn.get_blob("inputs", r["inspected"]) == b'{"n":3}'
+        audit = list(txn.iter_blobs("audit", r["inspected"] + "/"))
+        assert len(audit) == r["audit_records_per_agent"] > 0
+        assert all(json.loads(v)["agent_id"] == r["inspected"] for _, v in audit)
+
+
+def test_the_bench_parser_imports_nothing_heavy() -> None:
+    """`torpor --help` builds the bench parser: it must not pull in Wasmtime, the store or the runtime."""
+    code = ("import sys, argparse\n"
+            "from bench.cli import add_parser\n"
+            "add_parser(argparse.ArgumentParser().add_subparsers())\n"
+            "heavy = [m for m in ('wasmtime', 'lmdb', 'zstandard', 'host.runtime', 'host.sandbox.engine') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_bench_parser_knows_every_engine_profile() -> None:
+    from bench.cli import ENGINE_PROFILES
+    from host.sandbox.engine import PROFILES
+
+    assert tuple(ENGINE_PROFILES) == tuple(PROFILES)
+
+
+def test_a_benchmark_runs_as_a_script() -> None:
+    """`python bench/coldstart.py ...` runs the same benchmark as `torpor bench coldstart ...`."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "coldstart.py"), "--quick", "--json", "--no-plot",
+                           "--n", "50", "--subprocesses", "1"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout)
+    assert r["bench"] == "coldstart" and r["cases"]["torpor spawn"]["n"] == 50
+    assert r["command"] == "torpor bench coldstart --quick --json --no-plot --n 50 --subprocesses 1"
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "coldstart.py"), "--n", "0", "--no-plot"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 2 and "must be a positive number" in bad.stderr.strip().splitlines()[0], bad.stderr
+
+
 @pytest.mark.parametrize("argv", [
     ["density", "--agents", "0"],
     ["density", "--agents", "-5"],
@@ -105,6 +163,8 @@ def test_steps_quick() -> None:
     ["coldstart", "--n", "0"],
     ["suspend", "--n", "-1"],
     ["steps", "--agents", "0"],
+    ["cli", "--agents", "0"],
+    ["cli", "--rounds", "0"],
 ])
 def test_nonsense_counts_are_one_line_errors(argv: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-m", "host.cli", "bench", *argv, "--no-plot"], capture_output=True,
@@ -130,15 +190,38 @@ def test_full_disk_is_a_one_line_error(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("torpor: error["), proc.stderr
 
 
+def test_a_signal_recorded_inside_wasmtime_ends_a_timed_loop() -> None:
+    """A signal landing inside Wasmtime (a spawn's instantiation) is only recorded there, and a
+    spawn that succeeds does not look again: coldstart's timed loop must, or the run goes on."""
+    from bench.coldstart import _time_loop
+    from bench.rig import Progress
+    from host.sandbox import interrupts
+
+    calls = 0
+
+    def spawn() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 10:
+            with interrupts.in_wasm():  # as inside an instantiation: the handler records it, no more
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    with interrupts.handle_signals(), pytest.raises(interrupts.Interrupted):
+        _time_loop(spawn, 1_000_000, Progress("", 1, False), warmup=0)
+    assert 10 <= calls <= 10 + 256
+
+
 def _sigint_default() -> None:
     # A shell's background jobs start with SIGINT ignored, and children inherit that:
     # give the benchmark the default disposition, as a terminal's Ctrl-C would find it.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_leaves_the_store_usable(tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", [["-m", "host.cli", "bench", "density"], [str(ROOT / "bench" / "density.py")]],
+                         ids=["torpor-bench", "script"])
+def test_ctrl_c_leaves_the_store_usable(tmp_path: Path, launcher: list[str]) -> None:
     store = tmp_path / "s"
-    proc = subprocess.Popen([sys.executable, "-m", "host.cli", "bench", "density", "--agents", "1000000", "--no-warm",
+    proc = subprocess.Popen([sys.executable, *launcher, "--agents", "1000000", "--no-warm",
                              "--no-plot", "--store", str(store)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             cwd=ROOT, text=True, preexec_fn=_sigint_default)
     try:

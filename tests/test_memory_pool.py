@@ -23,7 +23,7 @@ import pytest
 import wasmtime
 from conftest import GUESTS, ROOT, BundleFactory
 
-from host.benchmarks import Rig, make_rig
+from bench.rig import Rig, make_rig
 from host.errors import ConfigError
 from host.sandbox import memory_pool
 from host.sandbox.engine import Engine, EngineConfig
@@ -111,7 +111,7 @@ def test_isolation_holds_for_every_size_class(rig: Rig, kib: int) -> None:
 
 def test_a_restore_into_a_recycled_buffer_sees_only_its_snapshot(bundles: BundleFactory, engine: Engine) -> None:
     """Suspend/restore cycles of a real 1 MiB agent through recycled buffers give the same answer."""
-    from host.benchmarks import load_bundle
+    from bench.rig import load_bundle
 
     r = make_rig(engine, load_bundle("mib"))
     ex = r.execution(json.dumps({"n": 6}).encode())
@@ -356,7 +356,7 @@ _FALLBACK_SCRIPT = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from host.sandbox import bundle as bundle_mod
-from host.benchmarks import load_bundle, make_engine, make_rig
+from bench.rig import load_bundle, make_engine, make_rig
 from host.sandbox.execution import Completed, Execution
 from pathlib import Path
 

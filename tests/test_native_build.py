@@ -67,7 +67,7 @@ def test_pure_python_host_runs_an_agent_end_to_end(tmp_path: Path) -> None:
         "import json, sys\n"
         "from snapshots import delta\n"
         "from host.runtime import Host\n"
-        "from host.benchmarks import load_bundle\n"
+        "from bench.rig import load_bundle\n"
         "assert delta._kernels() is None\n"
         "import anyio\n"
         "async def main():\n"

@@ -632,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--args", default="{}", help="JSON arguments")
     sp.add_argument("--json", action="store_true", help="print one JSON document")
     sp.set_defaults(fn=cmd_policy_explain)
-    from host.benchmarks import add_parser as add_bench_parser
+    from bench.cli import add_parser as add_bench_parser
     from host.cli.trust import add_parsers as add_trust_parsers
 
     add_bench_parser(sub)  # `torpor bench ...`
