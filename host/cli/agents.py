@@ -1,0 +1,173 @@
+"""``torpor run``, ``resume``, ``ps``, ``inspect`` and ``fork``: running agents and looking at them.
+
+``run``, ``resume`` and ``fork`` build a :class:`~host.runtime.Host`; ``ps`` and
+``inspect`` only read, so they open the store read-only and ask
+:mod:`host.runtime.queries`, without Wasmtime, the committer or the vault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from host.cli.common import (
+    AGENT_HELP,
+    EXIT_OK,
+    add_command,
+    emit,
+    iso,
+    open_host,
+    parse_input,
+    print_result,
+    result_exit,
+)
+from host.errors import ConfigError
+
+TITLE = "agents: run agents and look at them"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Spawn an agent from a bundle and drive it until it ends or waits on a person."""
+    from host.runtime import run_sync
+    from host.sandbox import bundle as bundle_mod
+
+    if args.fuel is not None and args.fuel < 0:
+        raise ConfigError("--fuel must be a non-negative integer")
+    b = bundle_mod.load(args.bundle)
+    payload = parse_input(args.input)
+    host = open_host(args)
+    try:
+        res = run_sync(lambda: host.run(b, payload, fuel=args.fuel, on_behalf_of=args.on_behalf_of))
+    finally:
+        host.close()
+    if not args.json:
+        for line in res.logs:
+            print(f"[{line['level']}] {line['message']}", file=sys.stderr)
+    emit(args, res.to_dict(), lambda: print_result(res))
+    return result_exit(res)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Resume one agent, or every unfinished one, from its latest checkpoint."""
+    from host.runtime import run_sync
+
+    host = open_host(args)
+    try:
+        if args.all:
+            results = run_sync(host.resume_all)
+        elif args.agent:
+            results = [run_sync(lambda: host.resume(args.agent))]
+        else:
+            raise ConfigError("name an agent to resume, or pass --all")
+    finally:
+        host.close()
+    data = [r.to_dict() for r in results]
+
+    def human() -> None:
+        if not results:
+            print("nothing to resume")
+        for r in results:
+            print_result(r)
+
+    emit(args, data if args.all else data[0], human)
+    return max((result_exit(r) for r in results), default=EXIT_OK)
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    """One line per agent in the store."""
+    host = open_host(args)
+    try:
+        agents = host.list_agents()
+    finally:
+        host.close()
+    rows = [{
+        "agent_id": a["agent_id"], "name": a.get("name"), "status": a.get("status"),
+        "fuel_used": a.get("usage", {}).get("fuel_used", 0), "tool_calls": a.get("usage", {}).get("tool_calls", 0),
+        "checkpoints": a.get("checkpoints", 0), "last_checkpoint_bytes": a.get("last_checkpoint_bytes", 0),
+        "tokens": a.get("usage", {}).get("tokens", 0), "stalled": bool(a.get("stalled")),
+        "created_at": a.get("created_at"),
+    } for a in agents if not args.status or a.get("status") == args.status]
+
+    def human() -> None:
+        print(f"{'AGENT':26}  {'NAME':14}  {'STATUS':16}  {'FUEL':>12}  {'CALLS':>6}  {'TOKENS':>7}  {'CKPT':>5}  {'LAST':>6}")
+        for r in rows:
+            status = r["status"] + (" (stalled)" if r["stalled"] else "")
+            print(f"{r['agent_id']:26}  {str(r['name'])[:14]:14}  {status:16}  {r['fuel_used']:>12}  "
+                  f"{r['tool_calls']:>6}  {r['tokens']:>7}  {r['checkpoints']:>5}  {r['last_checkpoint_bytes']:>6}")
+
+    emit(args, rows, human)
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """One agent in full: status, output or error, pending call, usage, checkpoints."""
+    host = open_host(args)
+    try:
+        info = host.inspect(args.agent)
+    finally:
+        host.close()
+
+    def human() -> None:
+        print(f"agent    {info['agent_id']} ({info.get('name')}, bundle {str(info.get('bundle_digest'))[:16]})")
+        print(f"status   {info.get('status')}")
+        if info.get("principal"):
+            print(f"for      {info['principal']}")
+        if info.get("parent"):
+            print(f"forked   from {info['parent']['agent_id']} at checkpoint {info['parent']['checkpoint']}")
+        if info.get("output") is not None:
+            print("output   " + json.dumps(info["output"]))
+        if info.get("error"):
+            print(f"error    [{info['error']['code']}] {info['error']['message']}")
+        if info.get("pending") and info.get("status") not in ("completed", "failed", "terminated"):
+            print(f"pending  {info['pending']['tool']} {json.dumps(info['pending'].get('args'))} (call {info['pending']['seq']})")
+        u = info.get("usage", {})
+        print(f"usage    fuel {u.get('fuel_used', 0)}, tool calls {u.get('tool_calls', 0)}, suspensions "
+              f"{u.get('suspensions', 0)}, hibernations {u.get('hibernations', 0)}, tokens {u.get('tokens', 0)}")
+        cps = info["checkpoint_list"]
+        print(f"checkpoints ({len(cps)}):")
+        shown = cps if len(cps) <= 12 else [*cps[:5], None, *cps[-5:]]
+        for c in shown:
+            if c is None:
+                print("  ...")
+                continue
+            print(f"  #{c['seq']:<5} {c['size']:>7} bytes  {iso(c['created_at'])}")
+
+    emit(args, info, human)
+    return EXIT_OK
+
+
+def cmd_fork(args: argparse.Namespace) -> int:
+    """A new agent started from an earlier checkpoint of another (not run until resumed)."""
+    host = open_host(args)
+    try:
+        new_id = host.fork(args.agent, args.checkpoint)
+    finally:
+        host.close()
+    emit(args, {"agent_id": new_id, "parent": args.agent, "checkpoint": args.checkpoint},
+         lambda: print(f"forked {args.agent}@{args.checkpoint} as {new_id}; run `torpor resume {new_id}`"))
+    return EXIT_OK
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``run``, ``resume``, ``ps``, ``inspect`` and ``fork``."""
+    sp = add_command(sub, "run", cmd_run, "run an agent bundle to completion (or until it waits on a human)",
+                     store=True, writes=True)
+    sp.add_argument("bundle", help="a .torpor bundle file")
+    sp.add_argument("--input", help="JSON input, or @FILE")
+    sp.add_argument("--fuel", type=int, help="fuel budget for this run (overrides the policy)")
+    sp.add_argument("--on-behalf-of", help="the principal the agent acts for")
+    sp = add_command(sub, "resume", cmd_resume, "resume a suspended agent from its latest checkpoint",
+                     store=True, writes=True)
+    sp.add_argument("agent", nargs="?", help=AGENT_HELP)
+    sp.add_argument("--all", action="store_true", help="resume every unfinished agent")
+    sp = add_command(sub, "ps", cmd_ps, "list agents", store=True)
+    sp.add_argument("--status", help="only agents with this status")
+    sp = add_command(sub, "inspect", cmd_inspect, "show an agent: status, output, checkpoints, pending call, usage",
+                     store=True)
+    sp.add_argument("agent", help=AGENT_HELP)
+    sp = add_command(sub, "fork", cmd_fork, "start a new agent from an earlier checkpoint of another",
+                     store=True, writes=True)
+    sp.add_argument("agent", help=AGENT_HELP)
+    sp.add_argument("--checkpoint", type=int, required=True, help="the checkpoint number (see `torpor inspect`)")
