@@ -128,7 +128,6 @@ from .errors import (
     StoreSuspect,
     StoreUnavailable,
 )
-from .format import peek_snapshot
 from .store import (
     BLOB_BUCKETS,
     INPUTS_BUCKET,
@@ -449,6 +448,8 @@ def _check_record(database: str, key: bytes, value: bytes) -> StoreProblem | Non
             if len(value) < _CREATED.size:
                 return StoreProblem(database, label, f"value of {len(value)} bytes is shorter "
                                     "than its created_at prefix", agent, seq)
+            from .format import peek_snapshot  # zstandard and the codec: only a check needs them
+
             try:
                 peek_snapshot(value[_CREATED.size :])
             except SnapshotError as exc:

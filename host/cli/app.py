@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import sys
-import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +36,25 @@ EXIT_CODES = ("exit codes: 0 completed/ok, 1 the agent failed or was terminated,
               "its work, 3 internal error, 4 the agent waits on a person (approval, in-doubt call)")
 
 
+class _TorporParser(argparse.ArgumentParser):
+    """The top-level parser, whose help lists the commands by group (argparse lists
+    them flat), laid out only when the help is printed."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.command_groups: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def format_help(self) -> str:
+        """The usual help, with the grouped commands after the description."""
+        description, epilog = self.description, self.epilog
+        self.description = f"{description}\n\n{_grouped_commands(self.command_groups)}"
+        self.epilog = _wrap(epilog or "")
+        try:
+            return super().format_help()
+        finally:
+            self.description, self.epilog = description, epilog
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole ``torpor`` parser; with ``command`` (what :func:`main` is about to run)
     the ``bench`` parser is only built when ``command`` is ``bench``.
@@ -45,16 +63,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     hundred milliseconds that ``torpor ps`` or ``torpor --help`` must not pay; a
     stand-in with the same name and help takes its place in their parser.
     """
-    p = argparse.ArgumentParser(
+    p = _TorporParser(
         prog="torpor",
         usage="torpor [-h] [--version] COMMAND ...",
         description="Run AI agents as sandboxed, hibernating WebAssembly instances.",
+        epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version="torpor 0.1.0")
     # The flat list argparse would print is replaced by the grouped one below.
     sub = p.add_subparsers(dest="command", metavar="COMMAND", prog="torpor", help=argparse.SUPPRESS)
-    groups: list[tuple[str, list[tuple[str, str]]]] = []
+    groups = p.command_groups
     for module in GROUPS:
         before = set(sub.choices)
         module.add_parsers(sub)
@@ -67,19 +86,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     else:
         sub.add_parser("bench", help=BENCH_HELP, add_help=False)
     groups.append((BENCH_TITLE, [("bench BENCH", _helps(sub)["bench"])]))
-    p.description = f"{p.description}\n\n{_grouped_commands(groups)}"
-    p.epilog = _wrap(EXIT_CODES)
     return p
 
 
 def _width() -> int:
-    import shutil
+    import shutil  # as argparse does, and only when a help is printed
 
     return max(60, min(100, shutil.get_terminal_size().columns) - 2)
 
 
-def _wrap(text: str, indent: str = "") -> str:
-    return textwrap.fill(text, width=_width(), initial_indent=indent, subsequent_indent=indent)
+def _wrap(text: str) -> str:
+    import textwrap
+
+    return textwrap.fill(text, width=_width())
 
 
 def _helps(sub: Any) -> dict[str, str]:
@@ -97,6 +116,8 @@ def _command_rows(sub: Any, name: str) -> list[tuple[str, str]]:
 
 def _grouped_commands(groups: list[tuple[str, list[tuple[str, str]]]]) -> str:
     """Every command with its one-line help, under the title of its group."""
+    import textwrap
+
     pad = 4 + max(len(name) for _, rows in groups for name, _ in rows) + 2
     lines = ["commands (`torpor COMMAND --help` for each):"]
     for title, rows in groups:

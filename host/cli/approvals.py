@@ -19,6 +19,7 @@ from host.cli.common import (
     emit,
     iso,
     open_host,
+    open_store,
     parse_input,
     print_result,
     result_exit,
@@ -32,11 +33,10 @@ TITLE = "approvals: decide what agents wait on"
 
 def cmd_approvals(args: argparse.Namespace) -> int:
     """The tool calls waiting for a person, with the rule that asked."""
-    host = open_host(args)
-    try:
-        pending = host.approvals()
-    finally:
-        host.close()
+    from host.runtime import queries
+
+    with open_store(args, readonly=True) as store:
+        pending = queries.approvals(store)
 
     def human() -> None:
         if not pending:

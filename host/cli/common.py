@@ -29,6 +29,9 @@ EXIT_PARKED = 4  # the agent waits on a person (approval, or an in-doubt call to
 
 JSON_HELP = "print one JSON document"
 AGENT_HELP = "the agent id (see `torpor ps`)"
+# snapshots.lmdb_store.DURABILITY_LEVELS, spelled out so that building the parser does not
+# import the store (a test keeps the two equal).
+DURABILITY_CHOICES = ("sync", "process")
 STORE_HELP = "store directory (default: $TORPOR_STORE or the user data dir; `torpor doctor` prints it)"
 
 
@@ -40,9 +43,7 @@ def add_command(sub: Any, name: str, fn: Callable[[argparse.Namespace], int], he
     if store:
         sp.add_argument("--store", default=None, help=STORE_HELP)
     if writes:
-        from snapshots.lmdb_store import DURABILITY_LEVELS
-
-        sp.add_argument("--durability", choices=DURABILITY_LEVELS, default=None,
+        sp.add_argument("--durability", choices=DURABILITY_CHOICES, default=None,
                         help="how commits reach the disk: sync (each one before the agent goes on; survives "
                              "a power loss) or process (into the OS page cache, flushed every second and at exit; "
                              "survives this process being killed, not a power loss); default $TORPOR_DURABILITY, "

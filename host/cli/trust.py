@@ -14,7 +14,6 @@ no command ever prints one.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import sys
 import time
@@ -68,6 +67,8 @@ def _read_value(args: argparse.Namespace) -> str:
         except OSError as exc:
             raise ConfigError(f"--value-file {src}: cannot read ({exc.strerror})") from exc
     elif sys.stdin.isatty() and not src:
+        import getpass
+
         data = getpass.getpass(f"value for {args.name} (not echoed): ").encode()
     else:
         data = sys.stdin.buffer.read()
