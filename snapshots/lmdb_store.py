@@ -99,7 +99,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 import math
 import os
 import shutil
@@ -112,7 +111,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import lmdb
 
@@ -154,9 +153,18 @@ __all__ = [
     "resolve_durability",
 ]
 
+if TYPE_CHECKING:
+    import logging
+
 T = TypeVar("T")
 
-_log = logging.getLogger("torpor.store")
+
+def _log() -> logging.Logger:
+    """The store's logger, for the rare warning: logging is imported then, not at start."""
+    import logging
+
+    return logging.getLogger("torpor.store")
+
 
 DEFAULT_MAP_SIZE = 64 * 1024 * 1024
 STORE_FORMAT = 1
@@ -668,7 +676,7 @@ class LmdbStore:
             try:
                 unflushed.remove_markers(found.stale)
             except OSError as exc:
-                _log.warning("cannot remove stale unflushed markers of store %s: %s", p, exc)
+                _log().warning("cannot remove stale unflushed markers of store %s: %s", p, exc)
 
     @staticmethod
     def _open_env(
@@ -949,7 +957,7 @@ class LmdbStore:
                 self._sync_locked()
             except StoreFlushError as exc:
                 # Raised again by the next commit; logged now for whoever watches stderr.
-                _log.error("%s", exc)
+                _log().error("%s", exc)
                 return False
             return True
 
@@ -993,7 +1001,7 @@ class LmdbStore:
             try:
                 unflushed.remove_marker(marker)
             except OSError as exc:
-                _log.warning("cannot remove the unflushed marker %s: %s", marker, exc)
+                _log().warning("cannot remove the unflushed marker %s: %s", marker, exc)
         if error is not None:
             raise StoreFlushError(str(error)) from error.__cause__
 
@@ -1257,6 +1265,16 @@ class _LmdbTxn:
     def iter_agents(self) -> Iterator[dict[str, Any]]:
         for key, raw in self._iter_prefix(self._agents, b""):
             yield _agent_record(key.decode("utf-8", "replace"), raw)
+
+    def iter_agents_raw(self) -> Iterator[tuple[str, bytes]]:
+        if self._agents is None:
+            return
+        cur = self._txn.cursor(db=self._agents)
+        try:  # the whole database: no prefix to check, one generator (this is ps's loop)
+            for key, raw in cast("Iterator[tuple[bytes, bytes]]", iter(cur)):
+                yield key.decode("utf-8", "replace"), raw
+        finally:
+            cur.close()
 
     def get_checkpoint(self, agent_id: str, seq: int) -> bytes | None:
         if self._ckpt is None:

@@ -18,17 +18,24 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from importlib import import_module
 from typing import Any
 
-from host.cli import agents, approvals, bundles, policy, store, trust
-from host.cli.common import EXIT_ERROR, EXIT_INTERNAL, EXIT_OK, error_code, open_host
-from host.errors import TorporError
+from host.cli.common import EXIT_ERROR, EXIT_INTERNAL, EXIT_OK, error_code, is_reported, open_host
 
 # Kept for callers of the old single-module CLI (tests drive `app._host(args)`).
 _host = open_host
 
-# The groups of `torpor --help`, in order: each module registers its own commands.
-GROUPS = (bundles, agents, approvals, store, policy, trust)
+# The groups of `torpor --help`, in order: the module host.cli.GROUP registers these
+# commands (a test holds the two to each other), so that a command imports its own.
+GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("bundles", ("build", "pack", "inspect-bundle")),
+    ("agents", ("run", "resume", "ps", "inspect", "fork")),
+    ("approvals", ("approvals", "approve", "deny", "resolve")),
+    ("store", ("store", "doctor")),
+    ("policy", ("policy",)),
+    ("trust", ("secrets", "audit", "replay", "identity")),
+)
 BENCH_TITLE = "bench: load tests"
 # What `torpor --help` says of `bench` when its parser is not built (see build_parser).
 BENCH_HELP = "load-test cold start, suspend/resume, density and tool round trips"
@@ -56,12 +63,14 @@ class _TorporParser(argparse.ArgumentParser):
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The whole ``torpor`` parser; with ``command`` (what :func:`main` is about to run)
-    the ``bench`` parser is only built when ``command`` is ``bench``.
+    """The ``torpor`` parser: all of it, or with ``command`` (what :func:`main` is about
+    to run) only that command's group.
 
-    Why: the bench package imports Wasmtime and the whole runtime at import, a few
-    hundred milliseconds that ``torpor ps`` or ``torpor --help`` must not pay; a
-    stand-in with the same name and help takes its place in their parser.
+    Why: each group's module is imported to register its commands, and ``torpor ps``
+    should not pay for the others. The bench package imports Wasmtime and the whole
+    runtime at import, so ``bench`` is only registered for itself or for the whole
+    parser; for the help (``command`` is ``""`` or unknown), a stand-in with its name
+    and help takes its place.
     """
     p = _TorporParser(
         prog="torpor",
@@ -71,21 +80,24 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version="torpor 0.1.0")
-    # The flat list argparse would print is replaced by the grouped one below.
+    # The flat list argparse would print is replaced by the grouped one of format_help.
     sub = p.add_subparsers(dest="command", metavar="COMMAND", prog="torpor", help=argparse.SUPPRESS)
-    groups = p.command_groups
-    for module in GROUPS:
-        before = set(sub.choices)
-        module.add_parsers(sub)
-        groups.append((module.TITLE, [row for name in sub.choices if name not in before
-                                      for row in _command_rows(sub, name)]))
-    if command is None or command == "bench":
+    only = next((group for group, names in GROUPS if command in names), "bench" if command == "bench" else None)
+    for group, _ in GROUPS:
+        if only in (None, group):
+            module = import_module(f"host.cli.{group}")
+            before = set(sub.choices)
+            module.add_parsers(sub)
+            p.command_groups.append((module.TITLE, [row for name in sub.choices if name not in before
+                                                    for row in _command_rows(sub, name)]))
+    if command is None or only == "bench":
         from host.benchmarks import add_parser as add_bench_parser
 
         add_bench_parser(sub)  # `torpor bench ...`
-    else:
+    elif only is None:
         sub.add_parser("bench", help=BENCH_HELP, add_help=False)
-    groups.append((BENCH_TITLE, [("bench BENCH", _helps(sub)["bench"])]))
+    if only in (None, "bench"):
+        p.command_groups.append((BENCH_TITLE, [("bench BENCH", _helps(sub)["bench"])]))
     return p
 
 
@@ -129,53 +141,52 @@ def _grouped_commands(groups: list[tuple[str, list[tuple[str, str]]]]) -> str:
     return "\n".join(lines)
 
 
-def _command_of(argv: Sequence[str]) -> str | None:
-    """The command named in ``argv`` (its first word that is not an option), if any."""
-    return next((a for a in argv if not a.startswith("-")), None)
+def _command_of(argv: Sequence[str]) -> str:
+    """The command ``argv`` names (its first word that is not an option), or ``""`` when
+    there is none or the top-level help comes first (``torpor --help ps``)."""
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            return ""
+        if not arg.startswith("-"):
+            return arg
+    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``torpor`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(_command_of(argv) or "")
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     fn = getattr(args, "fn", None)
     if fn is None:
         parser.print_help()
         return EXIT_ERROR
     from host.sandbox import interrupts
-    from policies.errors import PolicyError
-    from snapshots.errors import SnapshotError, StoreError
 
     try:
         with interrupts.handle_signals(then_ignore=True):  # Ctrl-C and SIGTERM end the work at a safe point
             return int(fn(args))
     except KeyboardInterrupt as exc:
         return _interrupted(getattr(exc, "signum", signal.SIGINT))
-    except (TorporError, PolicyError, SnapshotError, StoreError) as exc:
-        if interrupts.requested():  # what an interrupted guest or toolchain left behind
-            return _interrupted(interrupts.requested())
-        code = error_code(exc)
-        if getattr(args, "json", False):
-            print(json.dumps({"status": "error", "error": {"code": code, "message": str(exc)}}))
-        else:
-            print(f"torpor: error[{code}]: {exc}", file=sys.stderr)
-        return EXIT_ERROR
     except BrokenPipeError:  # `torpor audit show X | head`: the reader left, which is fine
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
-    except Exception as exc:  # a host bug: still one line, and the traceback on request
-        if interrupts.requested():
+    except Exception as exc:
+        if interrupts.requested():  # what an interrupted guest or toolchain left behind
             return _interrupted(interrupts.requested())
-        if os.environ.get("TORPOR_DEBUG"):
+        if is_reported(exc):  # a typed error: one line, exit 2
+            code, message, exit_code = error_code(exc), str(exc), EXIT_ERROR
+        elif os.environ.get("TORPOR_DEBUG"):
             raise
-        msg = f"internal error ({type(exc).__name__}: {exc}); rerun with TORPOR_DEBUG=1 for a traceback"
+        else:  # a host bug: still one line, and the traceback on request
+            code, exit_code = "internal", EXIT_INTERNAL
+            message = f"internal error ({type(exc).__name__}: {exc}); rerun with TORPOR_DEBUG=1 for a traceback"
         if getattr(args, "json", False):
-            print(json.dumps({"status": "error", "error": {"code": "internal", "message": msg}}))
+            print(json.dumps({"status": "error", "error": {"code": code, "message": message}}))
         else:
-            print(f"torpor: error[internal]: {msg}", file=sys.stderr)
-        return EXIT_INTERNAL
+            print(f"torpor: error[{code}]: {message}", file=sys.stderr)
+        return exit_code
 
 
 def _interrupted(signum: int) -> int:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from host.errors import ConfigError
+from host.errors import ConfigError, TorporError
 
 if TYPE_CHECKING:
     from host.runtime import Host, RunResult
@@ -148,6 +148,15 @@ def open_store(args: argparse.Namespace, *, readonly: bool) -> Iterator[LmdbStor
         yield store
     finally:
         store.close()
+
+
+def is_reported(exc: BaseException) -> bool:
+    """Whether ``exc`` is one of the typed errors a command reports in one line (exit 2),
+    not a bug. The error classes are imported here, when something failed, not at start."""
+    from policies.errors import PolicyError
+    from snapshots.errors import SnapshotError, StoreError
+
+    return isinstance(exc, (TorporError, PolicyError, SnapshotError, StoreError))
 
 
 def error_code(exc: BaseException) -> str:
