@@ -103,7 +103,7 @@ def test_the_groups_table_names_what_each_module_registers() -> None:
 
     for group, names in app.GROUPS:
         sub = argparse.ArgumentParser().add_subparsers()
-        import_module(f"host.cli.{group}").add_parsers(sub)  # type: ignore[attr-defined]
+        import_module(f"host.cli.{group}").add_parsers(sub)
         assert tuple(sub.choices) == names, group
     full = app.build_parser()
     for _, names in app.GROUPS:  # a command's own parser registers its whole group, no more

@@ -50,7 +50,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         host.close()
     if not args.json:
+        said = str((res.error or {}).get("message", ""))
         for line in res.logs:
+            if line["level"] == "error" and line["message"] and said.endswith(line["message"]):
+                continue  # what torpor_fail() said is the end of the error printed below: once is enough
             print(f"[{line['level']}] {line['message']}", file=sys.stderr)
     emit(args, res.to_dict(), lambda: print_result(res))
     return result_exit(res)

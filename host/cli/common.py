@@ -96,8 +96,12 @@ def print_result(res: RunResult) -> None:
         print(f"error[{res.error['code']}]: {res.error['message']}")
     if res.pending and status not in ("completed", "failed"):
         print(f"waiting on {res.pending.get('tool')} (call {res.pending.get('seq')})")
-    print(f"fuel {res.fuel_used}, tool calls {res.tool_calls}, suspensions {res.suspensions}, "
-          f"checkpoints {res.checkpoints}, snapshot bytes {res.snapshot_bytes}")
+    # Every call the agent made suspended it and left a checkpoint; only those the policy let
+    # through count as tool calls (README, "What `torpor run` reports").
+    not_run = res.suspensions - res.tool_calls
+    calls = f"tool calls {res.tool_calls}" + (f" (+{not_run} not run: denied or refused)" if not_run > 0 else "")
+    print(f"fuel {res.fuel_used}, {calls}, suspensions {res.suspensions}, checkpoints {res.checkpoints}, "
+          f"snapshot bytes {res.snapshot_bytes}")
 
 
 def result_exit(res: RunResult) -> int:
