@@ -119,3 +119,15 @@ def _subcommands(parser: object) -> set[str]:
     assert isinstance(parser, argparse.ArgumentParser)
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return set(action.choices)
+
+
+def test_main_in_process_gives_the_signal_handlers_back(store: Path) -> None:
+    """Only the process's own command ignores signals once its work is done: a caller of
+    main(argv) keeps its handlers, so the processes it starts later can still be stopped."""
+    import signal
+
+    from host.cli.app import main
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    assert main(["ps", "--store", str(store), "--json"]) == 0
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -153,7 +153,9 @@ def _command_of(argv: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``torpor`` console script."""
+    """Entry point of the ``torpor`` console script (``argv`` None: this process's own
+    command line, so the process ends when the command does)."""
+    entry = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
@@ -163,9 +165,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     from host.sandbox import interrupts
 
+    # Ctrl-C and SIGTERM end the work at a safe point. Once it has ended, the process's own
+    # command ignores them (one landing while the outcome is printed or Python exits must
+    # not kill it); a caller in the same process (tests, bench) gets its handlers back, and
+    # its child processes do not inherit ignored signals.
     try:
-        with interrupts.handle_signals(then_ignore=True):  # Ctrl-C and SIGTERM end the work at a safe point
-            return int(fn(args))
+        with interrupts.handle_signals(then_ignore=entry):
+            try:
+                return int(fn(args))
+            except Exception as exc:
+                if interrupts.requested():  # what an interrupted guest or toolchain left behind
+                    raise interrupts.Interrupted(interrupts.requested()) from exc
+                raise
     except KeyboardInterrupt as exc:
         return _interrupted(getattr(exc, "signum", signal.SIGINT))
     except BrokenPipeError:  # `torpor audit show X | head`: the reader left, which is fine
@@ -173,8 +184,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
     except Exception as exc:
-        if interrupts.requested():  # what an interrupted guest or toolchain left behind
-            return _interrupted(interrupts.requested())
         if is_reported(exc):  # a typed error: one line, exit 2
             code, message, exit_code = error_code(exc), str(exc), EXIT_ERROR
         elif os.environ.get("TORPOR_DEBUG"):
