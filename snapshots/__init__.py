@@ -7,15 +7,11 @@ store can be read by tools and other hosts without a Wasm runtime. Its hot loops
 (``native_build``); every one has a pure-Python path with the same results.
 """
 
-from .delta import (
-    DEFAULT_CHUNK_SIZE,
-    MemoryAt,
-    MemoryDelta,
-    PristineImage,
-    apply_delta,
-    diff_memory,
-    full_copy,
-)
+from typing import TYPE_CHECKING, Any
+
+# The errors and the store interface load with the package; the codec (zstandard, the
+# native kernels), the LMDB store and the committer load on first use, so that a reader
+# of one module (``snapshots.lmdb_store`` for ``torpor ps``) pays for that one only.
 from .errors import (
     CheckpointExists,
     NotFound,
@@ -32,18 +28,6 @@ from .errors import (
     StoreSuspect,
     StoreUnavailable,
 )
-from .format import (
-    FORMAT_VERSION,
-    SUPPORTED_VERSIONS,
-    GlobalValue,
-    Snapshot,
-    SnapshotHeader,
-    decode_snapshot,
-    encode_snapshot,
-    peek_snapshot,
-)
-from .group_commit import GroupCommitter
-from .lmdb_store import DURABILITY_LEVELS, Durability, LmdbStore
 from .store import (
     BLOB_BUCKETS,
     INPUTS_BUCKET,
@@ -53,6 +37,51 @@ from .store import (
     ReadTxn,
     WriteTxn,
 )
+
+if TYPE_CHECKING:
+    from .delta import (
+        DEFAULT_CHUNK_SIZE,
+        MemoryAt,
+        MemoryDelta,
+        PristineImage,
+        apply_delta,
+        diff_memory,
+        full_copy,
+    )
+    from .format import (
+        FORMAT_VERSION,
+        SUPPORTED_VERSIONS,
+        GlobalValue,
+        Snapshot,
+        SnapshotHeader,
+        decode_snapshot,
+        encode_snapshot,
+        peek_snapshot,
+    )
+    from .group_commit import GroupCommitter
+    from .lmdb_store import DURABILITY_LEVELS, Durability, LmdbStore
+
+_LAZY = {
+    "DEFAULT_CHUNK_SIZE": "delta",
+    "MemoryAt": "delta",
+    "MemoryDelta": "delta",
+    "PristineImage": "delta",
+    "apply_delta": "delta",
+    "diff_memory": "delta",
+    "full_copy": "delta",
+    "FORMAT_VERSION": "format",
+    "SUPPORTED_VERSIONS": "format",
+    "GlobalValue": "format",
+    "Snapshot": "format",
+    "SnapshotHeader": "format",
+    "decode_snapshot": "format",
+    "encode_snapshot": "format",
+    "peek_snapshot": "format",
+    "GroupCommitter": "group_commit",
+    "DURABILITY_LEVELS": "lmdb_store",
+    "Durability": "lmdb_store",
+    "LmdbStore": "lmdb_store",
+}
 
 __all__ = [
     "BLOB_BUCKETS",
@@ -96,3 +125,25 @@ __all__ = [
     "full_copy",
     "peek_snapshot",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load the module that defines ``name`` the first time it is used."""
+    where = _LAZY.get(name)
+    if where == "delta":
+        from . import delta as module
+    elif where == "format":
+        from . import format as module  # type: ignore[no-redef]
+    elif where == "group_commit":
+        from . import group_commit as module  # type: ignore[no-redef]
+    elif where == "lmdb_store":
+        from . import lmdb_store as module  # type: ignore[no-redef]
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(module, name)
+    globals()[name] = value  # once: later lookups do not come back here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

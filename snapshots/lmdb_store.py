@@ -106,7 +106,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 import math
 import os
 import resource
@@ -120,7 +119,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import lmdb
 
@@ -139,7 +138,6 @@ from .errors import (
     StoreSuspect,
     StoreUnavailable,
 )
-from .format import peek_snapshot
 from .store import (
     BLOB_BUCKETS,
     INPUTS_BUCKET,
@@ -167,9 +165,18 @@ __all__ = [
     "resolve_durability",
 ]
 
+if TYPE_CHECKING:
+    import logging
+
 T = TypeVar("T")
 
-_log = logging.getLogger("torpor.store")
+
+def _log() -> logging.Logger:
+    """The store's logger, for the rare warning: logging is imported then, not at start."""
+    import logging
+
+    return logging.getLogger("torpor.store")
+
 
 DEFAULT_MAP_SIZE = 64 * 1024 * 1024
 #: 2: journal entries, kv values, bundles and inputs are sealed (``snapshots.sealed``), so
@@ -542,6 +549,8 @@ def _check_record(database: str, key: bytes, value: bytes, strict: bool) -> Stor
             if len(value) < _CREATED.size:
                 return StoreProblem(database, label, f"value of {len(value)} bytes is shorter "
                                     "than its created_at prefix", agent, seq)
+            from .format import peek_snapshot  # zstandard and the codec: only a check needs them
+
             try:
                 peek_snapshot(value[_CREATED.size :])
             except SnapshotError as exc:
@@ -810,7 +819,7 @@ class LmdbStore:
             try:
                 unflushed.remove_markers(found.stale)
             except OSError as exc:
-                _log.warning("cannot remove stale unflushed markers of store %s: %s", p, exc)
+                _log().warning("cannot remove stale unflushed markers of store %s: %s", p, exc)
 
     @staticmethod
     def _open_env(
@@ -1113,7 +1122,7 @@ class LmdbStore:
                 self._sync_locked()
             except StoreFlushError as exc:
                 # Raised again by the next commit; logged now for whoever watches stderr.
-                _log.error("%s", exc)
+                _log().error("%s", exc)
                 return False
             return True
 
@@ -1157,7 +1166,7 @@ class LmdbStore:
             try:
                 unflushed.remove_marker(marker)
             except OSError as exc:
-                _log.warning("cannot remove the unflushed marker %s: %s", marker, exc)
+                _log().warning("cannot remove the unflushed marker %s: %s", marker, exc)
         if error is not None:
             raise StoreFlushError(str(error)) from error.__cause__
 
@@ -1429,6 +1438,16 @@ class _LmdbTxn:
     def iter_agents(self) -> Iterator[dict[str, Any]]:
         for key, raw in self._iter_prefix(self._agents, b""):
             yield _agent_record(key.decode("utf-8", "replace"), raw)
+
+    def iter_agents_raw(self) -> Iterator[tuple[str, bytes]]:
+        if self._agents is None:
+            return
+        cur = self._txn.cursor(db=self._agents)
+        try:  # the whole database: no prefix to check, one generator (this is ps's loop)
+            for key, raw in cast("Iterator[tuple[bytes, bytes]]", iter(cur)):
+                yield key.decode("utf-8", "replace"), raw
+        finally:
+            cur.close()
 
     def get_checkpoint(self, agent_id: str, seq: int) -> bytes | None:
         if self._ckpt is None:

@@ -98,6 +98,13 @@ class ReadTxn(Protocol):
         does not decode is a stand-in (see :data:`UNREADABLE`), never an exception."""
         ...
 
+    def iter_agents_raw(self) -> Iterator[tuple[str, bytes]]:
+        """Every agent record as ``(agent_id, its JSON text without "agent_id")``, in the
+        order of :meth:`iter_agents`: for a reader that needs a few fields of many
+        records (``torpor ps``) and decodes only those. The bytes are as stored: a reader
+        that cannot decode one asks :meth:`get_agent`, which gives its stand-in."""
+        ...
+
     def get_checkpoint(self, agent_id: str, seq: int) -> bytes | None:
         """The bytes of checkpoint ``seq`` of the agent, or None."""
         ...

@@ -1,4 +1,4 @@
-"""The recycling linear-memory pool of the ``dense`` engine (host/memory_pool.c), with real guests.
+"""The recycling linear-memory pool of the ``dense`` engine (host/sandbox/memory_pool.c), with real guests.
 
 What must hold: an agent never sees a byte of the agent whose buffer it inherits;
 growth keeps contents whether it stays in place or moves; the pool keeps no more than

@@ -1,14 +1,17 @@
-"""The README's tutorial is true: its agent and policy, extracted verbatim, build and run."""
+"""The README's quick start and tutorial are true: its agent and policy are the greet example, which builds
+and counts across runs; the fields it documents are the run result's."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+GREET = ROOT / "guest_sdk" / "examples" / "greet"
 
 
 def _block(text: str, lang: str, marker: str) -> str:
@@ -18,21 +21,57 @@ def _block(text: str, lang: str, marker: str) -> str:
     raise AssertionError(f"no {lang} block containing {marker!r} in README.md")
 
 
-def test_tutorial_agent_builds_and_runs(tmp_path: Path) -> None:
+def test_tutorial_is_the_greet_example() -> None:
+    """The README shows guest_sdk/examples/greet/ exactly, so what the reader copies is what is tested."""
     readme = (ROOT / "README.md").read_text()
-    d = tmp_path / "greet"
-    d.mkdir()
-    (d / "agent.c").write_text(_block(readme, "c", "greet/agent.c"))
-    (d / "policy.toml").write_text(_block(readme, "toml", "greet/policy.toml"))
+    assert _block(readme, "c", "greet/agent.c") == (GREET / "agent.c").read_text()
+    assert _block(readme, "toml", "greet/policy.toml") == (GREET / "policy.toml").read_text()
+
+
+def test_first_command_and_tutorial_use_the_default_store() -> None:
+    """No command of the quick start or the tutorial names a store: they all use the same one."""
+    readme = (ROOT / "README.md").read_text()
+    for marker in ("torpor run steps.torpor", "torpor run greet.torpor"):
+        block = _block(readme, "sh", marker)
+        assert "--store" not in block, block
+    assert "$TORPOR_STORE" in readme and "torpor doctor" in readme
+
+
+def test_tutorial_agent_counts_across_runs(tmp_path: Path) -> None:
+    """Built and run as the tutorial says, twice on one store: the shared namespace keeps counting."""
     cli = [sys.executable, "-m", "host.cli"]
-    built = subprocess.run([*cli, "build", str(d), "-o", str(tmp_path / "greet.torpor")], capture_output=True, text=True)
+    built = subprocess.run([*cli, "build", str(GREET), "-o", str(tmp_path / "greet.torpor")],
+                           capture_output=True, text=True)
     assert built.returncode == 0, built.stderr
+    env = {**os.environ, "TORPOR_STORE": str(tmp_path / "store")}  # the default store, as in the README
     for visits in (1, 2):
-        run = subprocess.run([*cli, "run", str(tmp_path / "greet.torpor"), "--input", '{"name": "ada"}',
-                              "--store", str(tmp_path / "store"), "--json"], capture_output=True, text=True)
+        run = subprocess.run([*cli, "run", str(tmp_path / "greet.torpor"), "--input", '{"name": "ada"}', "--json"],
+                             capture_output=True, text=True, env=env)
         assert run.returncode == 0, run.stdout + run.stderr
-        # Each agent has its own private key-value namespace, so every run counts from 1.
-        assert json.loads(run.stdout)["output"] == {"greeting": "hello, ada", "visits": 1}, visits
+        assert json.loads(run.stdout)["output"] == {"greeting": "hello, ada", "visits": visits}
+    ps = subprocess.run([*cli, "ps", "--json"], capture_output=True, text=True, env=env)
+    assert [r["name"] for r in json.loads(ps.stdout)] == ["greet", "greet"], ps.stderr
+    # A failing agent's message is printed once: in its error, not again as a log line.
+    failed = subprocess.run([*cli, "run", str(tmp_path / "greet.torpor"), "--input", "{}"],
+                            capture_output=True, text=True, env=env)
+    assert failed.returncode == 1
+    said = 'input needs a string "name"'
+    assert (failed.stdout + failed.stderr).count(said) == 1, failed.stdout + failed.stderr
+    assert f"error[agent_error]: the agent returned 1 from torpor_main: {said}" in failed.stdout
+
+
+def test_run_result_fields_are_documented() -> None:
+    """The README's table of `torpor run --json` names every field of a run result."""
+    from dataclasses import fields
+
+    from host.runtime import RunResult
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### What `torpor run` reports"):]
+    section = section[:section.index("\n## ")]
+    documented = re.findall(r"^\| `(\w+)` \|", section, re.M)
+    assert documented == [f.name for f in fields(RunResult) if f.name != "logs"]
+    assert "not in `tool_calls`" in section  # how a denied call counts
 
 
 def test_embedding_example_runs(tmp_path: Path) -> None:

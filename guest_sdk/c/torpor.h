@@ -209,7 +209,7 @@ char *torpor_json_dump(const torpor_json *v);
  *   %d %i  int        %u unsigned     %ld %lu long     %lld %llu long long/int64_t
  *   %zu %zd size_t    %x unsigned hex %llx
  *   %b     int as true/false
- *   %f %g  double (15 significant digits; NaN/Inf -> null in JSON)
+ *   %f %g %e  double (15 significant digits; NaN/Inf -> null in JSON)
  *   %c     a byte (text only)           %%  a percent sign
  * Escaping turns invalid UTF-8 into U+FFFD, so the result is always valid JSON
  * if the format is. An unknown conversion panics. The text functions

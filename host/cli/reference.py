@@ -55,6 +55,8 @@ def render() -> str:
         "The store directory is `--store DIR`, else `$TORPOR_STORE`, else the user data directory. "
         "Commands that write to it take `--durability sync|process`, else `$TORPOR_DURABILITY`, else "
         "`sync` (what each level survives: README, \"Durability\").\n",
+        "## `torpor --help`\n",
+        "```\n" + parser.format_help().strip() + "\n```\n",
     ]
     _section("", parser, out)
     return "\n".join(out).rstrip() + "\n"

@@ -14,57 +14,26 @@ no command ever prints one.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from host.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    add_command,
+    emit,
+    existing_store,
+    iso,
+    open_store,
+    store_dir,
+)
 from host.errors import ConfigError, TorporError
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_ERROR = 2
-
-
-def _store_dir(args: argparse.Namespace) -> Path:
-    if getattr(args, "store", None):
-        return Path(args.store)
-    from host.paths import default_store_dir
-
-    return default_store_dir()
-
-
-@contextmanager
-def _open_store(args: argparse.Namespace, *, readonly: bool = False) -> Iterator[Any]:
-    from snapshots.lmdb_store import LmdbStore
-
-    d = _store_dir(args)
-    if not (d / "db").exists():
-        raise TorporError(f"no Torpor store at {d} (nothing has run there); pass --store or set TORPOR_STORE",
-                          code="store_not_found")
-    store = LmdbStore.open(d / "db", readonly=readonly, create=False)
-    try:
-        yield store
-    finally:
-        store.close()
-
-
-def _emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(data, default=str))
-    else:
-        human()
-
-
-def _iso(t: Any) -> str:
-    try:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(t)))
-    except (TypeError, ValueError):
-        return "-"
+TITLE = "trust: secrets, audit, replay and identity"
 
 
 def _pinned_keys(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -87,7 +56,7 @@ def _pinned_keys(args: argparse.Namespace) -> dict[str, Any] | None:
 def _vault(args: argparse.Namespace) -> Any:
     from host.trust.vault import Vault
 
-    return Vault(_store_dir(args), key_file=getattr(args, "key_file", None))
+    return Vault(store_dir(args), key_file=getattr(args, "key_file", None))
 
 
 def _read_value(args: argparse.Namespace) -> str:
@@ -98,6 +67,8 @@ def _read_value(args: argparse.Namespace) -> str:
         except OSError as exc:
             raise ConfigError(f"--value-file {src}: cannot read ({exc.strerror})") from exc
     elif sys.stdin.isatty() and not src:
+        import getpass
+
         data = getpass.getpass(f"value for {args.name} (not echoed): ").encode()
     else:
         data = sys.stdin.buffer.read()
@@ -114,7 +85,7 @@ def _read_value(args: argparse.Namespace) -> str:
 
 def cmd_secrets_set(args: argparse.Namespace) -> int:
     info = _vault(args).set(args.name, _read_value(args))
-    _emit(args, info.to_dict(), lambda: print(f"secret {info.name} stored (version {info.version})"))
+    emit(args, info.to_dict(), lambda: print(f"secret {info.name} stored (version {info.version})"))
     return EXIT_OK
 
 
@@ -128,9 +99,9 @@ def cmd_secrets_list(args: argparse.Namespace) -> int:
             return
         print(f"{'NAME':32}  {'VERSION':>7}  {'CREATED':19}  UPDATED")
         for i in items:
-            print(f"{i['name']:32}  {i['version']:>7}  {_iso(i['created_at']):19}  {_iso(i['updated_at'])}")
+            print(f"{i['name']:32}  {i['version']:>7}  {iso(i['created_at']):19}  {iso(i['updated_at'])}")
 
-    _emit(args, items, human)
+    emit(args, items, human)
     return EXIT_OK
 
 
@@ -139,7 +110,7 @@ def cmd_secrets_rm(args: argparse.Namespace) -> int:
 
     if not _vault(args).remove(args.name):
         raise SecretNotFound(f"no secret {args.name} in the vault")
-    _emit(args, {"name": args.name, "removed": True}, lambda: print(f"secret {args.name} removed"))
+    emit(args, {"name": args.name, "removed": True}, lambda: print(f"secret {args.name} removed"))
     return EXIT_OK
 
 
@@ -147,7 +118,7 @@ def cmd_secrets_keygen(args: argparse.Namespace) -> int:
     from host.trust.vault import generate_key
 
     key = generate_key()
-    _emit(args, {"key": key}, lambda: print(key))
+    emit(args, {"key": key}, lambda: print(key))
     return EXIT_OK
 
 
@@ -155,13 +126,13 @@ def cmd_secrets_keygen(args: argparse.Namespace) -> int:
 def cmd_audit_show(args: argparse.Namespace) -> int:
     from host.trust import audit
 
-    with _open_store(args, readonly=True) as store:
+    with open_store(args, readonly=True) as store:
         with store.read() as txn:
             rec = txn.get_agent(args.agent)
             journal = dict(txn.iter_journal(args.agent)) if args.payloads else {}
         recs = audit.records(store, args.agent)
         if rec is None and not recs:
-            raise TorporError(f"no agent {args.agent} in store {_store_dir(args)}", code="agent_not_found")
+            raise TorporError(f"no agent {args.agent} in store {store_dir(args)}", code="agent_not_found")
         report = audit.verify_store(store, agent_id=args.agent)
     data = {"agent_id": args.agent, "agent": {k: v for k, v in (rec or {}).items() if k not in ("input_raw", "owner")},
             "records": recs, "verify": report.to_dict()}
@@ -188,7 +159,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
         print(("chain intact" if report.ok else "chain BROKEN: " + report.first.message if report.first else "")
               + f" ({len(recs)} records)")
 
-    _emit(args, data, human)
+    emit(args, data, human)
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -198,7 +169,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     if args.file:
         pinned = _pinned_keys(args)
         if pinned is None and args.store:
-            with _open_store(args, readonly=True) as store, store.read() as txn:
+            with open_store(args, readonly=True) as store, store.read() as txn:
                 pinned = audit._trusted_keys(txn, None) or None
         try:
             f = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
@@ -208,9 +179,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             report = audit.verify_export(f, public_keys=pinned)
         report.source = f"export {args.file}"
     else:
-        with _open_store(args, readonly=True) as store:
+        with open_store(args, readonly=True) as store:
             report = audit.verify_store(store, public_keys=_pinned_keys(args), agent_id=args.agent)
-        report.source = f"store {_store_dir(args)}"
+        report.source = f"store {store_dir(args)}"
 
     def human() -> None:
         print(report.summary())
@@ -219,7 +190,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         for n in report.notes:
             print(f"  note: {n}")
 
-    _emit(args, report.to_dict(), human)
+    emit(args, report.to_dict(), human)
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -228,8 +199,8 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     from host.trust.identity import HostKey
 
     since = audit.parse_time(args.since) if args.since else None
-    key = HostKey.load_or_create(_store_dir(args))
-    with _open_store(args) as store:
+    key = HostKey.load_or_create(store_dir(args))
+    with open_store(args, readonly=False) as store:
         if args.output and args.output != "-":
             try:
                 with open(args.output, "wb") as out:
@@ -237,7 +208,7 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
             except OSError as exc:
                 raise ConfigError(f"cannot write {args.output}: {exc.strerror}") from exc
             summary["file"] = args.output
-            _emit(args, summary, lambda: print(f"exported {summary['records']} records of {summary['agents']} agents "
+            emit(args, summary, lambda: print(f"exported {summary['records']} records of {summary['agents']} agents "
                                                f"to {args.output}", file=sys.stderr))
         else:
             summary = audit.export(store, sys.stdout.buffer, key, since=since, agent_id=args.agent)
@@ -250,11 +221,11 @@ def cmd_audit_seal(args: argparse.Namespace) -> int:
     from host.trust import audit
     from host.trust.identity import HostKey
 
-    key = HostKey.load_or_create(_store_dir(args))
-    with _open_store(args) as store:
+    key = HostKey.load_or_create(store_dir(args))
+    with open_store(args, readonly=False) as store:
         head = store.transact(lambda txn: audit.seal_head(txn, key))
     data = {"sealed": head is not None, "head": head}
-    _emit(args, data, lambda: print(
+    emit(args, data, lambda: print(
         f"signed head {head['seq']}: {head['agents']} agents, {head['count']} records, key {head['key_id']}"
         if head else "nothing changed since the last signed head"))
     return EXIT_OK
@@ -267,18 +238,18 @@ def cmd_audit_prune(args: argparse.Namespace) -> int:
     before = audit.parse_time(args.before)
     if before > time.time():
         raise ConfigError("--before is in the future; pruning keeps records at or after it")
-    key = HostKey.load_or_create(_store_dir(args))
-    with _open_store(args) as store:
+    key = HostKey.load_or_create(store_dir(args))
+    with open_store(args, readonly=False) as store:
         result = audit.prune(store, key, before=before, agent_id=args.agent)
         store.transact(lambda txn: audit.seal_head(txn, key))
 
     def human() -> None:
-        print(f"pruned {result['records']} records of {result['agents']} agents older than {_iso(before)}; "
+        print(f"pruned {result['records']} records of {result['agents']} agents older than {iso(before)}; "
               "each agent's chain now starts at a signed checkpoint")
         for r in result["refused"]:
             print(f"  refused {r['agent_id']}: {r['reason']}")
 
-    _emit(args, result, human)
+    emit(args, result, human)
     return EXIT_OK if not result["refused"] else EXIT_FAILED
 
 
@@ -289,7 +260,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from host.sandbox import bundle as bundle_mod
 
     b = bundle_mod.load(args.bundle) if args.bundle else None
-    host = Host(_store_dir(args))
+    host = Host(existing_store(args))
     try:
         report = replay(host, args.agent, bundle=b, cold=args.cold)
     finally:
@@ -306,17 +277,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if report.audit_ok is not None:
             print(f"  audit chain: {'intact' if report.audit_ok else 'BROKEN (see torpor audit verify)'}")
 
-    _emit(args, report.to_dict(), human)
+    emit(args, report.to_dict(), human)
     return EXIT_OK if report.matched else EXIT_FAILED
 
 
 # -- identity -------------------------------------------------------------------------------------------------
 def cmd_identity_show(args: argparse.Namespace) -> int:
-    with _open_store(args, readonly=True) as store, store.read() as txn:
+    with open_store(args, readonly=True) as store, store.read() as txn:
         rec = txn.get_agent(args.agent)
         revoked = txn.get_blob("revocations", f"agent/{args.agent}")
     if rec is None:
-        raise TorporError(f"no agent {args.agent} in store {_store_dir(args)}", code="agent_not_found")
+        raise TorporError(f"no agent {args.agent} in store {store_dir(args)}", code="agent_not_found")
     ident = dict(rec.get("identity") or {})
     data = {"agent_id": args.agent, "name": rec.get("name"), "version": rec.get("bundle_digest"),
             "principal": rec.get("principal"), "parent": (rec.get("parent") or {}).get("agent_id"),
@@ -326,22 +297,22 @@ def cmd_identity_show(args: argparse.Namespace) -> int:
     def human() -> None:
         print(f"agent      {args.agent}\nname       {data['name']}\nversion    {data['version']}")
         print(f"principal  {data['principal'] or '-'}\nparent     {data['parent'] or '-'}")
-        print(f"spawned    {_iso(data['spawned_at'])}\nretired    {_iso(data['terminated_at'])} ({data['status']})")
+        print(f"spawned    {iso(data['spawned_at'])}\nretired    {iso(data['terminated_at'])} ({data['status']})")
         if ident:
-            print(f"token      {ident.get('token_id')} (key {ident.get('key_id')}), expires {_iso(ident.get('expires_at'))}")
+            print(f"token      {ident.get('token_id')} (key {ident.get('key_id')}), expires {iso(ident.get('expires_at'))}")
         if data["revoked"]:
-            print(f"revoked    {_iso(data['revoked'].get('revoked_at'))}: {data['revoked'].get('reason')}")
+            print(f"revoked    {iso(data['revoked'].get('revoked_at'))}: {data['revoked'].get('reason')}")
 
-    _emit(args, data, human)
+    emit(args, data, human)
     return EXIT_OK
 
 
 def cmd_identity_token(args: argparse.Namespace) -> int:
     from host.trust.identity import IdentityService
 
-    with _open_store(args) as store:
-        token = IdentityService(store, _store_dir(args)).token_for(args.agent)
-    _emit(args, {"agent_id": args.agent, "token": token}, lambda: print(token))
+    with open_store(args, readonly=False) as store:
+        token = IdentityService(store, store_dir(args)).token_for(args.agent)
+    emit(args, {"agent_id": args.agent, "token": token}, lambda: print(token))
     return EXIT_OK
 
 
@@ -354,24 +325,24 @@ def cmd_identity_verify(args: argparse.Namespace) -> int:
         if pinned is not None and not args.store:
             claims = verify_token(token, public_keys=pinned)
         else:
-            with _open_store(args, readonly=True) as store:
+            with open_store(args, readonly=True) as store:
                 claims = verify_token(token, store=store, public_keys=pinned)
     except IdentityError as exc:
         err = {"code": exc.code, "message": str(exc)}
-        _emit(args, {"valid": False, "error": err}, lambda: print(f"token INVALID [{err['code']}]: {err['message']}"))
+        emit(args, {"valid": False, "error": err}, lambda: print(f"token INVALID [{err['code']}]: {err['message']}"))
         return EXIT_FAILED
-    _emit(args, {"valid": True, "claims": claims.to_dict()}, lambda: print(
+    emit(args, {"valid": True, "claims": claims.to_dict()}, lambda: print(
         f"token valid: agent {claims.agent_id} ({claims.name}, version {claims.version[:16]})"
-        f"{' for ' + claims.principal if claims.principal else ''}, expires {_iso(claims.expires_at)}"))
+        f"{' for ' + claims.principal if claims.principal else ''}, expires {iso(claims.expires_at)}"))
     return EXIT_OK
 
 
 def cmd_identity_key(args: argparse.Namespace) -> int:
     from host.trust.identity import HostKey
 
-    key = HostKey.load_or_create(_store_dir(args))
+    key = HostKey.load_or_create(store_dir(args))
     data = {"key_id": key.key_id, "algorithm": "Ed25519", "public_key": key.public_b64(), "pem": key.public_pem()}
-    _emit(args, data, lambda: print(f"key id {key.key_id} (Ed25519)\n{key.public_pem()}", end=""))
+    emit(args, data, lambda: print(f"key id {key.key_id} (Ed25519)\n{key.public_pem()}", end=""))
     return EXIT_OK
 
 
@@ -380,11 +351,7 @@ def add_parsers(sub: Any) -> None:
     """Register ``secrets``, ``audit``, ``replay`` and ``identity`` on the CLI's subparsers."""
 
     def leaf(parent: Any, name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        sp: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help, allow_abbrev=False)
-        sp.add_argument("--json", action="store_true", help="print one JSON document")
-        sp.add_argument("--store", default=None, help="store directory (default: $TORPOR_STORE or the user data dir)")
-        sp.set_defaults(fn=fn)
-        return sp
+        return add_command(parent, name, fn, help, store=True, allow_abbrev=False)
 
     sec = sub.add_parser("secrets", help="the credential vault (values are never printed)",
                          description="Manage the local vault of credentials that policies grant to tools. The key "

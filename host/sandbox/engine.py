@@ -61,7 +61,7 @@ class EngineConfig:
       checks on every load and store (a memory-bound C loop runs about 1.7x slower
       than ``fast``) and a memory that is copied when it grows. Agents that mostly
       wait on tools spawn and run faster than with ``fast`` (no 4 GiB mmap/munmap).
-      Memories come from a recycling pool (host/memory_pool.py, ``memory_pool``):
+      Memories come from a recycling pool (host/sandbox/memory_pool.py, ``memory_pool``):
       buffers earlier agents already faulted in, scrubbed at release, carved from
       64 MiB arenas; without it every page a spawn or a restore touched was a page
       fault (a 1 MiB agent's restore: ~210 µs, ~50 µs with the pool).
@@ -90,7 +90,7 @@ class EngineConfig:
     memory_init_cow: bool = False
     pool_instances: int = 0  # 0: on-demand allocation; > 0: the pooling allocator with that many slots
     pool_max_memory: int = 64 << 20
-    #: Recycle linear memories through host/memory_pool.c (``dense`` only: see
+    #: Recycle linear memories through host/sandbox/memory_pool.c (``dense`` only: see
     #: :meth:`uses_memory_pool`). Runtime-only: not part of the fingerprint.
     memory_pool: bool = True
     #: Resident bytes of free memories the pool keeps (None: ``$TORPOR_MEMORY_POOL_MAX`` or 64 MiB).
@@ -114,7 +114,7 @@ class EngineConfig:
         raise ConfigError(f"unknown engine profile {name!r}; choose one of {', '.join(PROFILES)}")
 
     def uses_memory_pool(self) -> bool:
-        """Whether this layout can take its memories from host/memory_pool.c.
+        """Whether this layout can take its memories from host/sandbox/memory_pool.c.
 
         Only the plain ``dense`` layout: the pool provides no guard pages (JIT code
         would elide bounds checks against them), Wasmtime gives a host memory creator
@@ -188,7 +188,7 @@ class Engine:
         #: What this host accepts from any module (checked before compiling, see :meth:`validate`).
         self.limits = limits
         cfg = self.config.wasmtime_config()
-        #: Recycled linear memories (host/memory_pool.py), or None: Wasmtime's own allocation.
+        #: Recycled linear memories (host/sandbox/memory_pool.py), or None: Wasmtime's own allocation.
         self.memory_pool: memory_pool.MemoryPool | None = None
         if self.config.uses_memory_pool():
             self.memory_pool = memory_pool.create(self.config.memory_pool_max_free)

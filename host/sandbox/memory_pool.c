@@ -549,7 +549,7 @@ static int open_pagemap(size_t page) {
     return fd;
 }
 
-/* -- the API called from host/memory_pool.py ------------------------------------------- */
+/* -- the API called from host/sandbox/memory_pool.py ------------------------------------------- */
 
 /* A pool keeping at most `max_free` resident bytes of hot buffers; `error_new` is
  * Wasmtime's wasmtime_error_new. The caller holds one reference (tp_pool_unref). */

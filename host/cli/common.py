@@ -1,0 +1,178 @@
+"""What every group of ``torpor`` commands shares: exit codes, output, the store a
+command names, and the code an error is reported under.
+
+Kept light on purpose (the standard library and :mod:`host.errors` at import): every
+command imports it, and ``torpor ps`` must answer in well under 150 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from host.errors import ConfigError, TorporError
+
+if TYPE_CHECKING:
+    from host.runtime import Host, RunResult
+    from snapshots.lmdb_store import LmdbStore
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the command ran; the agent failed or was terminated, or a check found problems
+EXIT_ERROR = 2  # the command itself could not do its work
+EXIT_INTERNAL = 3  # a bug in Torpor
+EXIT_PARKED = 4  # the agent waits on a person (approval, or an in-doubt call to settle)
+
+JSON_HELP = "print one JSON document"
+AGENT_HELP = "the agent id (see `torpor ps`)"
+# snapshots.lmdb_store.DURABILITY_LEVELS, spelled out so that building the parser does not
+# import the store (a test keeps the two equal).
+DURABILITY_CHOICES = ("sync", "process")
+STORE_HELP = "store directory (default: $TORPOR_STORE or the user data dir; `torpor doctor` prints it)"
+
+
+def add_command(sub: Any, name: str, fn: Callable[[argparse.Namespace], int], help: str, *,
+                store: bool = False, writes: bool = False, **kwargs: Any) -> argparse.ArgumentParser:
+    """Register one command with ``--json`` and, as it needs them, ``--store`` and ``--durability``."""
+    sp: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help, **kwargs)
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
+    if store:
+        sp.add_argument("--store", default=None, help=STORE_HELP)
+    if writes:
+        sp.add_argument("--durability", choices=DURABILITY_CHOICES, default=None,
+                        help="how commits reach the disk: sync (each one before the agent goes on; survives "
+                             "a power loss) or process (into the OS page cache, flushed every second and at exit; "
+                             "survives this process being killed, not a power loss); default $TORPOR_DURABILITY, "
+                             "else sync")
+    sp.set_defaults(fn=fn)
+    return sp
+
+
+def emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
+    """Print ``data`` as one JSON line under ``--json``, else call ``human`` to print it for people."""
+    if getattr(args, "json", False):
+        print(json.dumps(data, default=str))
+    else:
+        human()
+
+
+def iso(t: Any) -> str:
+    """A Unix time as local ``YYYY-MM-DD HH:MM:SS``, or ``-`` when there is none."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(t)))
+    except (TypeError, ValueError):
+        return "-"
+
+
+def parse_input(text: str | None, flag: str = "--input") -> Any:
+    """JSON given inline or as ``@FILE`` (``None`` means ``{}``), held to the bounds of JSON
+    from a guest: the agent or the tool it goes to reads it as such."""
+    if text is None:
+        return {}
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{flag} {text}: cannot read file ({exc.strerror})") from exc
+    from host.sandbox import guest_json  # the same bounds as JSON from a guest: it goes to one
+
+    try:
+        return guest_json.parse(text)
+    except guest_json.PoisonValue as exc:
+        raise ConfigError(f"{flag} is not valid JSON: {exc}") from exc
+
+
+def print_result(res: RunResult) -> None:
+    """One agent's run result for people: status, output or error, what it waits on, usage."""
+    status = res.status
+    print(f"agent {res.agent_id}: {status}")
+    if res.output is not None:
+        print(json.dumps(res.output, indent=2))
+    if res.error:
+        print(f"error[{res.error['code']}]: {res.error['message']}")
+    if res.pending and status not in ("completed", "failed"):
+        print(f"waiting on {res.pending.get('tool')} (call {res.pending.get('seq')})")
+    # Every call the agent made suspended it and left a checkpoint; only those the policy let
+    # through count as tool calls (README, "What `torpor run` reports").
+    not_run = res.suspensions - res.tool_calls
+    calls = f"tool calls {res.tool_calls}" + (f" (+{not_run} not run: denied or refused)" if not_run > 0 else "")
+    print(f"fuel {res.fuel_used}, {calls}, suspensions {res.suspensions}, checkpoints {res.checkpoints}, "
+          f"snapshot bytes {res.snapshot_bytes}")
+
+
+def result_exit(res: RunResult) -> int:
+    """The exit code of a run: 0 completed, 4 parked on a person, 1 anything else."""
+    if res.status == "completed":
+        return EXIT_OK
+    if res.status in ("waiting_approval", "in_doubt"):
+        return EXIT_PARKED
+    return EXIT_FAILED
+
+
+def store_dir(args: argparse.Namespace) -> Path:
+    """``--store``, else ``$TORPOR_STORE``, else the user data directory."""
+    if getattr(args, "store", None):
+        return Path(args.store)
+    from host.paths import default_store_dir
+
+    return default_store_dir()
+
+
+def existing_store(args: argparse.Namespace) -> Path:
+    """The store directory, which must hold a store: only ``run`` creates one, so for any
+    other command a missing directory is a mistyped ``--store``, not an empty store."""
+    store = store_dir(args)
+    if not (store / "db").is_dir():
+        raise ConfigError(f"no Torpor store at {store} (check --store or $TORPOR_STORE; `torpor run` creates one)")
+    return store
+
+
+def open_host(args: argparse.Namespace) -> Host:
+    """The host on the store the command names (created only by ``run``)."""
+    from host.runtime import Host
+    from host.trust.credentials import VaultBroker
+
+    store = store_dir(args) if args.command == "run" else existing_store(args)
+    return Host(store, broker=VaultBroker.for_store(store), durability=getattr(args, "durability", None))
+
+
+@contextmanager
+def open_store(args: argparse.Namespace, *, readonly: bool) -> Iterator[LmdbStore]:
+    """The command's store itself, for commands that look (``readonly``) or write a record
+    or two: no :class:`~host.runtime.Host` (Wasmtime, the committer, the vault) is built.
+    A store refused as suspect is refused here too."""
+    from snapshots.lmdb_store import LmdbStore
+
+    store = LmdbStore.open(existing_store(args) / "db", readonly=readonly, create=False)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def is_reported(exc: BaseException) -> bool:
+    """Whether ``exc`` is one of the typed errors a command reports in one line (exit 2),
+    not a bug. The error classes are imported here, when something failed, not at start."""
+    from policies.errors import PolicyError
+    from snapshots.errors import SnapshotError, StoreError
+
+    return isinstance(exc, (TorporError, PolicyError, SnapshotError, StoreError))
+
+
+def error_code(exc: BaseException) -> str:
+    """The stable code an error is reported under (``error[CODE]``)."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str):
+        return code
+    from policies import PolicyError
+    from snapshots.errors import SnapshotError, StoreFull, StoreUnavailable
+
+    for cls, name in ((PolicyError, "invalid_policy"), (SnapshotError, "snapshot_corrupt"),
+                      (StoreFull, "store_full"), (StoreUnavailable, "store_unavailable")):
+        if isinstance(exc, cls):
+            return name
+    return "store_error"

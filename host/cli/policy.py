@@ -1,0 +1,53 @@
+"""``torpor policy check`` and ``torpor policy explain``: a policy file, before any agent runs under it.
+
+The pure engine of :mod:`policies` answers both; nothing here opens a store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from host.cli.common import EXIT_OK, JSON_HELP, emit, parse_input
+
+TITLE = "policy: check and explain policy files"
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    """Validate a policy file and summarise what it grants."""
+    import policies
+
+    pol = policies.load_policy(args.file)
+    data = {"file": args.file, "ok": True, "agent": pol.agent.name, "tools": sorted(pol.grants), "digest": pol.digest}
+    emit(args, data, lambda: print(f"{args.file}: ok\n{pol.summary()}"))
+    return EXIT_OK
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    """The decision on one tool call, with every rule that took part in it."""
+    import policies
+
+    pol = policies.load_policy(args.file)
+    req_args = parse_input(args.args, "--args")
+    req = policies.ToolRequest(agent_id="explain", tool=args.tool, args=req_args, call_seq=1, agent_name=pol.agent.name)
+    exp = policies.explain(pol, req, policies.Usage(), time.time())
+    emit(args, exp.to_dict(), lambda: print(str(exp)))
+    return EXIT_OK
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``policy check`` and ``policy explain``."""
+    pol = sub.add_parser("policy", help="check and explain policy files", description="check and explain policy files")
+    psub = pol.add_subparsers(dest="policy_command", metavar="SUBCOMMAND")
+    sp = psub.add_parser("check", help="validate a policy file", description="validate a policy file")
+    sp.add_argument("file", help="a policy.toml")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
+    sp.set_defaults(fn=cmd_policy_check)
+    explain_help = "show the decision for a tool call and every rule behind it"
+    sp = psub.add_parser("explain", help=explain_help, description=explain_help)
+    sp.add_argument("file", help="a policy.toml")
+    sp.add_argument("--tool", required=True, help="the tool name")
+    sp.add_argument("--args", default="{}", help="JSON arguments")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
+    sp.set_defaults(fn=cmd_policy_explain)

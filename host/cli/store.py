@@ -1,0 +1,234 @@
+"""``torpor store check`` and ``torpor doctor``: is the store sound, and what does this
+installation give Torpor.
+
+``store check`` reads the store itself (never through a host): it must work on a
+store that every other command refuses as suspect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from host.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    JSON_HELP,
+    STORE_HELP,
+    add_command,
+    emit,
+    error_code,
+    store_dir,
+)
+from host.errors import ConfigError, TorporError
+
+TITLE = "store: check the store and the installation"
+
+
+def _check_store(db: Path) -> dict[str, Any]:
+    """``LmdbStore.check`` of the store in ``db``, as a dict with readable lines added.
+
+    Run in a forked child where there is fork: on some corrupt pages LMDB does not
+    return an error but fails an assertion and aborts the whole process, so in a child
+    the abort becomes a finding ("the store is corrupt") instead of the checker's death.
+    """
+    from snapshots.errors import StoreError
+    from snapshots.lmdb_store import LmdbStore
+
+    def run() -> dict[str, Any]:
+        import lmdb
+
+        corrupt = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError)
+        try:
+            store = LmdbStore.open(db, readonly=True, create=False, accept_suspect=True)
+        except (lmdb.Error, StoreError) as exc:
+            if not isinstance(exc, corrupt) and not isinstance(exc.__cause__, corrupt):
+                raise
+            return _corrupt_report(db, f"LMDB cannot open the store: {exc.__cause__ or exc}")
+        with store:
+            report = store.check()
+        return {**report.to_dict(), "problem_lines": [str(p) for p in report.problems],
+                "suspect_lines": [s.describe() for s in report.suspect]}
+
+    if not hasattr(os, "fork"):  # pragma: no cover - not POSIX
+        return run()
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into the CLI
+        code = 0
+        try:
+            os.close(rfd)
+            try:
+                payload = {"ok_run": True, "data": run()}
+            except BaseException as exc:  # every failure goes back to the parent
+                payload = {"ok_run": False, "error": type(exc).__name__, "code": error_code(exc), "message": str(exc)}
+            raw = json.dumps(payload).encode()
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(wfd, view):]
+        except BaseException:  # the pipe broke: the parent sees no report
+            code = 3
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    chunks = []
+    with os.fdopen(rfd, "rb") as pipe:
+        while chunk := pipe.read(65536):
+            chunks.append(chunk)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status) or not chunks:
+        import signal
+
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+        what = f"signal {signal.Signals(sig).name}" if sig else f"exit status {os.waitstatus_to_exitcode(status)}"
+        return _corrupt_report(db, f"LMDB stopped the checking process ({what}) while reading the store: "
+                                   "its pages are corrupt beyond what LMDB reports as an error")
+    payload = json.loads(b"".join(chunks))
+    if not payload["ok_run"]:
+        raise TorporError(payload["message"], code=payload["code"])
+    data: dict[str, Any] = payload["data"]
+    return data
+
+
+def _corrupt_report(db: Path, message: str) -> dict[str, Any]:
+    """The report of a store that could not be walked at all: one problem, nothing counted."""
+    return {"store": str(db), "ok": False, "counts": {}, "suspect": [], "suspect_lines": [],
+            "problems": [{"database": "", "key": "", "agent_id": None, "seq": None, "message": message}],
+            "problem_lines": [message]}
+
+
+def cmd_store_check(args: argparse.Namespace) -> int:
+    """Read every record of the store (refused as suspect or not) and report what is wrong."""
+    root = store_dir(args)
+    # A Torpor store keeps its LMDB environment in db/; an LmdbStore's own directory
+    # (the path a StoreSuspect message names) is accepted as well.
+    db = root if (root / "data.mdb").is_file() and not (root / "db").is_dir() else root / "db"
+    if not (db / "data.mdb").is_file():
+        raise ConfigError(f"no Torpor store at {root} (check --store or $TORPOR_STORE; `torpor run` creates one)")
+    report = _check_store(db)
+    ok = bool(report["ok"])
+    cleared: list[str] = []
+    if args.accept and ok:
+        cleared = _clear_suspect(db, {s["file"] for s in report["suspect"]})
+    lines = {k: report.pop(k) for k in ("problem_lines", "suspect_lines")}
+    data = {**report, "accepted": bool(args.accept and ok), "cleared": cleared}
+
+    def human() -> None:
+        counts: dict[str, int] = report["counts"]
+        total = sum(counts.values())
+        print(f"store {db}: {total} records read, " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+        for line in lines["problem_lines"]:
+            print(f"problem: {line}")
+        if lines["suspect_lines"]:
+            print(f"suspect markers ({len(lines['suspect_lines'])}): a writer at durability process may have been "
+                  "cut off by a machine restart")
+            for line in lines["suspect_lines"]:
+                print(f"  {line}")
+        else:
+            print("no suspect markers")
+        if ok:
+            print("ok: every record was read and every checkpoint's checksum verified")
+            if lines["suspect_lines"] and not args.accept:
+                print("rerun with --accept to clear the markers, so that the store opens again")
+        else:
+            print(f"{len(lines['problem_lines'])} problem(s) found: restore the store from a copy")
+        if args.accept:
+            if not ok:
+                print("not accepted: the check found problems, so the markers stay")
+            elif cleared:
+                print(f"accepted: cleared {len(cleared)} marker(s)")
+            else:
+                print("accepted: no markers to clear")
+
+    emit(args, data, human)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _clear_suspect(db: Path, names: set[str]) -> list[str]:
+    """Remove the suspect markers a clean check listed (by file name; none that appeared since)."""
+    from snapshots import unflushed
+    from snapshots.lmdb_store import LmdbStore, StoreCheckReport
+
+    boot = unflushed.boot_id()
+    if boot is None or not names:
+        return []
+    with LmdbStore.open(db, readonly=True, create=False, accept_suspect=True) as store:
+        found = tuple(s for s in unflushed.scan(db, boot).suspect if s.path.name in names)
+        return store.clear_suspect(StoreCheckReport(str(store.path), {}, (), found))
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """What this installation gives Torpor: versions, the engine layout, whether the native
+    helpers are built (and why not), the default store and durability level."""
+    from importlib import metadata
+
+    from host.paths import default_store_dir
+    from host.sandbox import memory_pool
+    from host.sandbox.engine import EngineConfig
+    from snapshots import delta, native_build
+    from snapshots.lmdb_store import resolve_durability
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    cfg = EngineConfig.for_profile()
+    delta._kernels()  # build or load now, so that its status is known
+    kernels = native_build.status().get("delta_kernels", "not loaded")
+    cap: int | None = None
+    if cfg.uses_memory_pool():
+        pool = memory_pool.status()
+        cap = memory_pool.default_max_free() if cfg.memory_pool_max_free is None else cfg.memory_pool_max_free
+    elif cfg.profile == "dense" and not memory_pool.enabled_by_env():
+        pool = f"off (${memory_pool.ENV_ENABLED}=0)"
+    else:
+        pool = f"not used by the {cfg.profile!r} engine profile"
+    data: dict[str, Any] = {
+        "torpor": version("torpor"), "python": sys.version.split()[0], "wasmtime": version("wasmtime"),
+        "ziglang": version("ziglang"), "engine_profile": cfg.profile,
+        "native": {"delta_kernels": kernels, "memory_pool": pool}, "memory_pool_max_free": cap,
+        "native_cache": str(native_build.cache_dir()),
+        "durability": resolve_durability(None), "store": str(default_store_dir()),
+    }
+    data["fast_paths"] = kernels.startswith("native") and (
+        pool.startswith("native") or not cfg.uses_memory_pool())
+
+    def human() -> None:
+        print(f"torpor {data['torpor']}  (python {data['python']}, wasmtime {data['wasmtime']}, "
+              f"ziglang {data['ziglang']})")
+        print(f"engine profile   {cfg.profile}  ($TORPOR_ENGINE)")
+        print(f"delta kernels    {kernels}")
+        print(f"memory pool      {pool}")
+        if cap is not None:
+            print(f"                 keeps up to {cap / (1 << 20):g} MiB ready for reuse (${memory_pool.ENV_MAX_FREE})")
+        print(f"native cache     {data['native_cache']}  ($TORPOR_NATIVE_CACHE)")
+        print(f"durability       {data['durability']}  ($TORPOR_DURABILITY)")
+        print(f"default store    {data['store']}  ($TORPOR_STORE)")
+        if not data["fast_paths"]:
+            print("note: a native helper is not in use; Torpor runs correctly but its hot paths are slower")
+
+    emit(args, data, human)
+    return EXIT_OK
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``store check`` and ``doctor``."""
+    store_help = "check the agent store"
+    st = sub.add_parser("store", help=store_help, description=store_help)
+    ssub = st.add_subparsers(dest="store_command", metavar="SUBCOMMAND")
+    check_help = ("read every record of the store and verify every checkpoint's checksum (exit 1 if "
+                  "anything is wrong); it opens a store refused as suspect after a machine restart")
+    sp = ssub.add_parser("check", help=check_help, description=check_help)
+    sp.add_argument("--store", default=None, help=STORE_HELP + "; its db/ directory is accepted too")
+    sp.add_argument("--accept", action="store_true", help="if the check finds no problems, clear the markers that "
+                                                          "make the store suspect, so that it opens again")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
+    sp.set_defaults(fn=cmd_store_check)
+    add_command(sub, "doctor", cmd_doctor, "show versions, the engine profile, whether the native helpers are in use, "
+                                           "and the default store and durability")
