@@ -36,7 +36,7 @@ def _check_store(db: Path) -> dict[str, Any]:
     return an error but fails an assertion and aborts the whole process, so in a child
     the abort becomes a finding ("the store is corrupt") instead of the checker's death.
     """
-    from snapshots.errors import StoreError
+    from snapshots.errors import StoreCorrupt, StoreError
     from snapshots.lmdb_store import LmdbStore
 
     def run() -> dict[str, Any]:
@@ -45,6 +45,8 @@ def _check_store(db: Path) -> dict[str, Any]:
         corrupt = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError)
         try:
             store = LmdbStore.open(db, readonly=True, create=False, accept_suspect=True)
+        except StoreCorrupt as exc:  # refused at open (a data file cut short): a finding
+            return _corrupt_report(db, str(exc))
         except (lmdb.Error, StoreError) as exc:
             if not isinstance(exc, corrupt) and not isinstance(exc.__cause__, corrupt):
                 raise
@@ -131,7 +133,7 @@ def cmd_store_check(args: argparse.Namespace) -> int:
         else:
             print("no suspect markers")
         if ok:
-            print("ok: every record was read and every checkpoint's checksum verified")
+            print("ok: every record was read, every checkpoint's checksum and every stored value's digest verified")
             if lines["suspect_lines"] and not args.accept:
                 print("rerun with --accept to clear the markers, so that the store opens again")
         else:
