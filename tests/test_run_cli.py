@@ -121,3 +121,22 @@ def test_a_mistyped_store_is_an_error_not_a_new_store(tmp_path: Path) -> None:
         assert proc.returncode == 2, (cmd, proc.stderr)
         assert "no Torpor store at" in proc.stderr
     assert not missing.exists()
+
+
+def test_every_command_prints_its_help() -> None:
+    """`torpor COMMAND --help` for every command and subcommand: exit 0 and a usage line
+    (a command's own parser is built with the top-level parser's class)."""
+    from host.cli import app
+
+    parser = app.build_parser()
+    commands: list[list[str]] = []
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        for name, sub in getattr(action, "choices", {}).items():
+            commands.append([name])
+            for sub_action in sub._subparsers._group_actions if sub._subparsers else []:
+                commands.extend([name, child] for child in getattr(sub_action, "choices", {}))
+    assert len(commands) > 20, commands
+    for argv in commands:
+        proc = subprocess.run([sys.executable, "-m", "host.cli", *argv, "--help"], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0 and proc.stdout.startswith("usage: torpor"), (argv, proc.stderr[-500:])

@@ -52,7 +52,10 @@ class _TorporParser(argparse.ArgumentParser):
         self.command_groups: list[tuple[str, list[tuple[str, str]]]] = []
 
     def format_help(self) -> str:
-        """The usual help, with the grouped commands after the description."""
+        """The usual help, with the grouped commands after the description (argparse
+        builds a command's own parser with this class too: those have no groups)."""
+        if not self.command_groups:
+            return super().format_help()
         description, epilog = self.description, self.epilog
         self.description = f"{description}\n\n{_grouped_commands(self.command_groups)}"
         self.epilog = _wrap(epilog or "")
