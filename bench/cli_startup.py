@@ -124,6 +124,9 @@ def _torpor() -> tuple[list[str], dict[str, str]]:
     ``python -m host.cli`` with the ``host`` beside ``bench/`` on the path; and the environment
     to run it in."""
     env = dict(os.environ)
+    # A user's Python keeps compiled bytecode (pip writes it at install, an editable
+    # install at first import); a machine that turns that off would time the compiler.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     script = Path(sys.executable).with_name("torpor")
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script)], env
