@@ -4,7 +4,7 @@ Run:  python bench/memory_pool.py [--n 20000] [--json]
 
 What is measured, in one run, for the 896 KiB bench agent ``mib`` on the ``dense``
 engine, once with Wasmtime's own allocation (``memory_pool=False``) and once with the
-recycling pool (host/memory_pool.c):
+recycling pool (host/sandbox/memory_pool.c):
 
 * the loop: instantiate; ``memory.grow`` by 12 pages (2 -> 14: what a restore of ``mib``
   does without a size hint); drop the instance;
