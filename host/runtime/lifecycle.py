@@ -28,7 +28,7 @@ from host.errors import (
     TorporError,
 )
 from host.ids import new_agent_id
-from host.runtime import queries
+from host.runtime import budgets, queries
 from host.runtime.agent import PARKED, TERMINAL, LiveAgent, RunResult
 from host.runtime.commits import AgentCommits
 from host.runtime.guest import GuestRunner
@@ -150,7 +150,7 @@ class Lifecycle:
         agent.captured = Captured(snap.memory, snap.globals, snap.async_buf)
         # Usage counted after the checkpoint (decisions, tokens) lives in the record; fuel
         # and the call counter restart from the snapshot, since that is where the guest resumes.
-        agent.usage["fuel_used"] = int(snap.usage.get("fuel_used", agent.usage.get("fuel_used", 0)))
+        budgets.count_fuel(agent, int(snap.usage.get("fuel_used", agent.usage.get("fuel_used", 0))))
         agent.record["checkpoints"] = max(int(agent.record.get("checkpoints", 0)), snap.seq)
         if snap.pending is None:
             return agent, None
@@ -215,7 +215,7 @@ class Lifecycle:
         rec = agent.record
         ex = agent.ex
         if ex is not None:
-            rec["usage"]["fuel_used"] = ex.fuel_used
+            budgets.count_fuel(agent, ex.fuel_used)
         self.guest.release(agent)
         retire = self.identity.retire(rec, agent.event)  # the identity ends with the agent (same commit)
         now = time.time()
