@@ -150,6 +150,7 @@ from .store import (
     WriteTxn,
     unreadable_record,
 )
+from .summary import AgentSummary, decode_summary, encode_summary, summary_of
 
 __all__ = [
     "DEFAULT_DURABILITY",
@@ -182,7 +183,10 @@ DEFAULT_MAP_SIZE = 64 * 1024 * 1024
 #: 2: journal entries, kv values, bundles and inputs are sealed (``snapshots.sealed``), so
 #: a Torpor that reads format 1 only would misread them and must refuse the store. A
 #: writable open of a format-1 store upgrades its record (its unsealed values stay valid).
-STORE_FORMAT = 2
+#: 3: every agent record has a listing summary beside it (``snapshots.summary``), written
+#: in the same transaction; an older Torpor would write records without one, so it must
+#: refuse the store. A writable open of an older store writes the missing summaries.
+STORE_FORMAT = 3
 #: The ``_torpor`` key present in a store that was created sealing every value: there an
 #: unsealed value is corrupt, not an older one.
 _SEALED_KEY = b"sealed"
@@ -199,7 +203,7 @@ DEFAULT_FLUSH_INTERVAL_S = 1.0
 _MAX_KEY = 511  # LMDB's compiled-in maximum key size
 _SEQ = struct.Struct(">Q")
 _CREATED = struct.Struct("<d")
-_CORE_DBS = ("agents", "checkpoints", "journal", "kv", "_torpor")
+_CORE_DBS = ("agents", "summaries", "checkpoints", "journal", "kv", "_torpor")
 _MAX_DBS = 32  # headroom for buckets added later without touching open flags
 _MAX_GROW_ATTEMPTS = 64
 
@@ -475,6 +479,18 @@ def _agent_record(agent_id: str, raw: bytes) -> dict[str, Any]:
     return {"agent_id": agent_id, **body}
 
 
+def _write_summaries(txn: lmdb.Transaction, agents: Any, summaries: Any) -> None:
+    """Write the listing summary of every agent record, and no other (the upgrade of an
+    older store, or the repair of one whose summaries went missing)."""
+    txn.drop(summaries, delete=False)
+    cur = txn.cursor(db=agents)
+    try:
+        for key, raw in cast("Iterator[tuple[bytes, bytes]]", iter(cur)):
+            txn.put(key, encode_summary(_agent_record(_decode_key(key), raw)), db=summaries)
+    finally:
+        cur.close()
+
+
 def _decode_key(key: bytes) -> str:
     return key.decode(errors="backslashreplace")
 
@@ -584,6 +600,14 @@ def _check_record(database: str, key: bytes, value: bytes, strict: bool) -> Stor
         if not isinstance(record, dict):
             return StoreProblem(database, f"agent {agent!r}", "agent record is not a JSON object",
                                 agent)
+        return None
+    if database == "summaries":
+        try:
+            decode_summary(_decode_key(key), value)
+        except RecordCorrupt as exc:
+            return StoreProblem(database, f"agent {_decode_key(key)!r}", f"{exc}; a writable open "
+                                "of the store does not repair it, the next commit of the agent does",
+                                _decode_key(key))
         return None
     if database == "_torpor" and key == b"format":
         try:
@@ -884,6 +908,8 @@ class LmdbStore:
                                 txn.put(_SEALED_KEY, b"1", db=meta_db)  # new: every value sealed
                         elif found.isdigit() and int(found) < STORE_FORMAT:
                             txn.put(b"format", str(STORE_FORMAT).encode(), db=meta_db)
+                        if txn.stat(dbs["agents"])["entries"] != txn.stat(dbs["summaries"])["entries"]:
+                            _write_summaries(txn, dbs["agents"], dbs["summaries"])  # older, or damaged
                     break
                 except lmdb.MapFullError:
                     env.set_mapsize(env.info()["map_size"] * 2)
@@ -1387,12 +1413,13 @@ class _LmdbTxn:
     forget either. ``strict``: the store was created sealing every value.
     """
 
-    __slots__ = ("_agents", "_ckpt", "_dbs", "_journal", "_kv", "_strict", "_txn")
+    __slots__ = ("_agents", "_ckpt", "_dbs", "_journal", "_kv", "_strict", "_summaries", "_txn")
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any], strict: bool) -> None:
         self._txn = txn
         self._dbs = dbs
         self._agents = dbs["agents"]
+        self._summaries = dbs["summaries"]
         self._ckpt = dbs["checkpoints"]
         self._journal = dbs["journal"]
         self._kv = dbs["kv"]
@@ -1439,13 +1466,24 @@ class _LmdbTxn:
         for key, raw in self._iter_prefix(self._agents, b""):
             yield _agent_record(key.decode("utf-8", "replace"), raw)
 
-    def iter_agents_raw(self) -> Iterator[tuple[str, bytes]]:
-        if self._agents is None:
+    def iter_agent_summaries(self) -> Iterator[AgentSummary]:
+        agents, summaries = self._agents, self._summaries
+        if agents is None:
             return
-        cur = self._txn.cursor(db=self._agents)
-        try:  # the whole database: no prefix to check, one generator (this is ps's loop)
+        if summaries is None or self._txn.stat(summaries)["entries"] != self._txn.stat(agents)["entries"]:
+            # A store of an older format opened read-only, or summaries that went missing:
+            # derive each from its record (slower, never wrong).
+            for record in self.iter_agents():
+                yield summary_of(record)
+            return
+        cur = self._txn.cursor(db=summaries)
+        try:  # the whole database, one generator: this is ps's loop
             for key, raw in cast("Iterator[tuple[bytes, bytes]]", iter(cur)):
-                yield key.decode("utf-8", "replace"), raw
+                agent_id = key.decode("utf-8", "replace")
+                try:
+                    yield decode_summary(agent_id, raw)
+                except RecordCorrupt:  # derived data: read it again from the record
+                    yield summary_of(self.get_agent(agent_id) or unreadable_record(agent_id, "no agent record"))
         finally:
             cur.close()
 
@@ -1530,9 +1568,15 @@ class _LmdbTxn:
         key = _id_bytes(record["agent_id"], "agent_id")
         body = {k: v for k, v in record.items() if k != "agent_id"}
         self._txn.put(key, _json(body), db=self._agents)
+        self._txn.put(key, encode_summary(record), db=self._summaries)
+
+    def mark_unreadable(self, agent_id: str, problem: str) -> None:
+        key = _id_bytes(agent_id, "agent_id")
+        self._txn.put(key, encode_summary(unreadable_record(agent_id, problem)), db=self._summaries)
 
     def delete_agent(self, agent_id: str, *, purge: bool = False, missing_ok: bool = False) -> None:
         existed = self._txn.delete(_id_bytes(agent_id, "agent_id"), db=self._agents)
+        self._txn.delete(_id_bytes(agent_id, "agent_id"), db=self._summaries)
         if not existed and not missing_ok:
             raise NotFound(f"no agent {agent_id!r} in the store")
         if purge:

@@ -19,6 +19,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from .summary import AgentSummary
+
 __all__ = [
     "BLOB_BUCKETS",
     "INPUTS_BUCKET",
@@ -98,11 +100,13 @@ class ReadTxn(Protocol):
         does not decode is a stand-in (see :data:`UNREADABLE`), never an exception."""
         ...
 
-    def iter_agents_raw(self) -> Iterator[tuple[str, bytes]]:
-        """Every agent record as ``(agent_id, its JSON text without "agent_id")``, in the
-        order of :meth:`iter_agents`: for a reader that needs a few fields of many
-        records (``torpor ps``) and decodes only those. The bytes are as stored: a reader
-        that cannot decode one asks :meth:`get_agent`, which gives its stand-in."""
+    def iter_agent_summaries(self) -> Iterator[AgentSummary]:
+        """What a listing shows of every agent (``snapshots.summary``), in the order of
+        :meth:`iter_agents`, without decoding the agent records: ``torpor ps`` on 10,000
+        agents reads 10,000 small summaries instead of 10 MB of records. A summary is
+        as of the agent's last commit: a record damaged on disk since then shows as
+        "corrupt" once a writer has found it (:meth:`WriteTxn.mark_unreadable`);
+        ``store check`` finds it at once."""
         ...
 
     def get_checkpoint(self, agent_id: str, seq: int) -> bytes | None:
@@ -151,6 +155,14 @@ class WriteTxn(ReadTxn, Protocol):
 
     def put_agent(self, record: dict[str, Any]) -> None:
         """Insert or replace an agent record; ``record["agent_id"]`` names it."""
+        ...
+
+    def mark_unreadable(self, agent_id: str, problem: str) -> None:
+        """The record of ``agent_id`` does not decode: list it as corrupt from now on.
+
+        Its bytes stay as they are (evidence for the operator); only its listing summary
+        changes, so that ``torpor ps`` shows what a reader of the record found.
+        """
         ...
 
     def delete_agent(self, agent_id: str, *, purge: bool = False, missing_ok: bool = False) -> None:

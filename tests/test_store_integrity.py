@@ -26,7 +26,7 @@ from host.tools.builtin import KvGetArgs, kv_get
 from host.tools.registry import ToolContext, ToolError
 from snapshots import sealed
 from snapshots.errors import RecordCorrupt, StoreCorrupt
-from snapshots.lmdb_store import LmdbStore
+from snapshots.lmdb_store import STORE_FORMAT, LmdbStore
 
 FORK_OUTPUT = {"sum": 1 + 2 + 6 + 7 + 8, "last": 8}
 
@@ -246,7 +246,7 @@ def test_values_written_before_seals_are_read_as_they_are(bundles: BundleFactory
     with Host(tmp_path) as host:
         res = anyio.run(lambda: host.resume(fork))
         assert res.status == "completed" and res.output == FORK_OUTPUT, res
-    assert _raw(db, b"_torpor", b"format") == b"2"  # an older Torpor must not misread the new values
+    assert _raw(db, b"_torpor", b"format") == str(STORE_FORMAT).encode()  # an older Torpor must not misread them
     assert sealed.is_sealed(_raw(db, b"journal", _seq(fork, 3)))  # new values are sealed
 
 
@@ -311,8 +311,61 @@ def test_audit_verify_and_listings_go_on_past_a_record_that_does_not_decode(
         shown.stdout + shown.stderr
     pending = _json(torpor("approvals", "--store", str(tmp_path), "--json"))
     assert [(p["agent_id"], p["error"]["code"]) for p in pending] == [(forks[2], "record_corrupt")]
+    # ps reads listing summaries, not records: it lists every agent, and the damaged one as
+    # corrupt once a writer has read its record (resume --all parks it).
+    rows = _json(torpor("ps", "--store", str(tmp_path), "--json"))
+    assert {r["agent_id"] for r in rows} >= set(forks), rows
+    resumed = torpor("resume", "--all", "--store", str(tmp_path), "--json")
+    assert resumed.returncode >= 0 and "internal" not in resumed.stdout + resumed.stderr, resumed.stderr
     rows = _json(torpor("ps", "--store", str(tmp_path), "--json"))
     assert {r["agent_id"]: r["status"] for r in rows}[forks[1]] == "corrupt"
+    assert torpor("store", "check", "--store", str(tmp_path), "--json").returncode != 0
+
+
+# -- listing summaries ----------------------------------------------------------------------------
+def test_ps_reads_summaries_that_match_the_records(bundles: BundleFactory, tmp_path: Path) -> None:
+    """Every commit writes the agent's summary with its record; ps shows the record's fields."""
+    _, forks = _store_with_forks(bundles, tmp_path, 2)
+    with Host(tmp_path) as host:
+        anyio.run(lambda: host.resume(forks[0]))
+        records = {a["agent_id"]: a for a in host.list_agents()}
+    rows = _json(torpor("ps", "--store", str(tmp_path), "--json"))
+    assert len(rows) == len(records) == 3
+    for row in rows:
+        rec = records[row["agent_id"]]
+        assert (row["name"], row["status"], row["checkpoints"], row["last_checkpoint_bytes"], row["created_at"]) == \
+            (rec["name"], rec["status"], rec["checkpoints"], rec["last_checkpoint_bytes"], rec["created_at"])
+        assert (row["fuel_used"], row["tool_calls"], row["tokens"]) == \
+            (rec["usage"]["fuel_used"], rec["usage"]["tool_calls"], rec["usage"].get("tokens", 0))
+    assert {r["status"] for r in rows} == {"completed", "suspended"}, rows
+
+
+def test_a_store_without_summaries_is_listed_and_upgraded(bundles: BundleFactory, tmp_path: Path) -> None:
+    """A store of format 2 (no summaries) is listed read-only from its records, and a
+    writable open writes the summaries; a summary that does not decode is read again from
+    its record, and one that went missing is written again at the next writable open."""
+    _, forks = _store_with_forks(bundles, tmp_path, 2)
+    db = tmp_path / "db"
+    before = _json(torpor("ps", "--store", str(tmp_path), "--json"))
+    env = lmdb.open(str(db), max_dbs=32)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"summaries", txn=txn), delete=True)
+        txn.put(b"format", b"2", db=env.open_db(b"_torpor", txn=txn))
+    env.close()
+    assert _json(torpor("ps", "--store", str(tmp_path), "--json")) == before  # read-only: from the records
+    with LmdbStore.open(db) as store:  # writable: upgraded
+        pass
+    assert _raw(db, b"_torpor", b"format") == str(STORE_FORMAT).encode()
+    assert len(_raw(db, b"summaries", forks[0].encode())) < 200
+    assert _json(torpor("ps", "--store", str(tmp_path), "--json")) == before
+    _put(db, b"summaries", forks[0].encode(), b"\x09garbage")
+    assert _json(torpor("ps", "--store", str(tmp_path), "--json")) == before  # read again from the record
+    assert ("summaries", forks[0]) in {(p["database"], p["agent_id"]) for p in _problems(tmp_path)}
+    _put(db, b"summaries", forks[1].encode(), None)
+    assert _json(torpor("ps", "--store", str(tmp_path), "--json")) == before  # counts differ: from the records
+    with LmdbStore.open(db) as store, store.read() as txn:
+        assert len(list(txn.iter_agent_summaries())) == 3
+    assert len(_raw(db, b"summaries", forks[1].encode())) < 200  # written again
 
 
 # -- a data file cut short ------------------------------------------------------------------------

@@ -11,8 +11,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 from host.cli.common import (
     AGENT_HELP,
@@ -28,9 +27,6 @@ from host.cli.common import (
     store_dir,
 )
 from host.errors import ConfigError
-
-if TYPE_CHECKING:
-    from snapshots.store import ReadTxn
 
 TITLE = "agents: run agents and look at them"
 
@@ -85,79 +81,35 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return max((result_exit(r) for r in results), default=EXIT_OK)
 
 
-# What `torpor ps` shows of each record (the rest of a record, about 1 KB, is not decoded).
-_PS_FIELDS = ("name", "status", "checkpoints", "last_checkpoint_bytes", "created_at",
-              "stall_timeout", "last_progress")  # the last two for queries.stalled
-_PS_USAGE = ("fuel_used", "tool_calls", "tokens")
-
-
-def _ps_decoder(txn: ReadTxn) -> Callable[[str, bytes], dict[str, Any]]:
-    """A decoder of the fields ``ps`` shows, from a record's JSON text read in ``txn``.
-
-    Why not ``queries.list_agents``: it decodes every field of every record, and on
-    10,000 agents ``json.loads`` alone took most of the 150 ms ``ps`` may take.
-    pydantic-core's parser, told which fields to keep, skips the others without making
-    Python objects of them (about a quarter of the time). A record of another shape, or
-    one that does not decode, is read as the store reads it (in full, or its stand-in).
-    """
-    from pydantic_core import SchemaValidator, ValidationError
-    from pydantic_core import core_schema as cs
-
-    from snapshots.store import unreadable_record
-
-    def fields(names: Sequence[str], **more: cs.TypedDictField) -> cs.TypedDictSchema:
-        return cs.typed_dict_schema({**{n: cs.typed_dict_field(cs.any_schema(), required=False) for n in names},
-                                     **more}, extra_behavior="ignore")
-
-    usage = cs.typed_dict_field(cs.nullable_schema(fields(_PS_USAGE)), required=False)
-    validator = SchemaValidator(fields(_PS_FIELDS, usage=usage))
-
-    def decode(agent_id: str, raw: bytes) -> dict[str, Any]:
-        try:
-            return cast("dict[str, Any]", validator.validate_json(raw))
-        except ValidationError:
-            return txn.get_agent(agent_id) or unreadable_record(agent_id, "its key is not UTF-8")
-
-    return decode
-
-
-def _usage(rec: dict[str, Any]) -> dict[str, Any]:
-    usage = rec.get("usage")
-    return usage if isinstance(usage, dict) else {}  # a stand-in for a damaged record has none
-
-
 _PS_LINE = "%-26s  %-14.14s  %-16s  %12s  %6s  %7s  %5s  %6s"  # one %-format: half an f-string's cost
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    """One line per agent in the store (with ``--json``, one object per agent)."""
-    from host.runtime.queries import stalled
+    """One line per agent in the store (with ``--json``, one object per agent).
+
+    It reads each agent's listing summary (``snapshots.summary``), not its record: on
+    10,000 agents the records are 10 MB of JSON, the summaries under 1 MB.
+    """
+    from host.runtime.queries import stalled_since
 
     now = time.time()
     with open_store(args, readonly=True) as store, store.read() as txn:
-        decode = _ps_decoder(txn)
-        records = [(agent_id, decode(agent_id, raw)) for agent_id, raw in txn.iter_agents_raw()]
+        rows = list(txn.iter_agent_summaries())
     if args.status:
-        records = [(agent_id, a) for agent_id, a in records if a.get("status") == args.status]
+        rows = [s for s in rows if s.status == args.status]
     if args.json:
-        rows = []
-        for agent_id, a in records:
-            usage = _usage(a)
-            rows.append({
-                "agent_id": agent_id, "name": a.get("name"), "status": a.get("status"),
-                "fuel_used": usage.get("fuel_used", 0), "tool_calls": usage.get("tool_calls", 0),
-                "checkpoints": a.get("checkpoints", 0), "last_checkpoint_bytes": a.get("last_checkpoint_bytes", 0),
-                "tokens": usage.get("tokens", 0), "stalled": stalled(a, now), "created_at": a.get("created_at"),
-            })
-        emit(args, rows, lambda: None)  # --json: the human form is below
+        emit(args, [{
+            "agent_id": s.agent_id, "name": s.name, "status": s.status, "fuel_used": s.fuel_used,
+            "tool_calls": s.tool_calls, "checkpoints": s.checkpoints, "last_checkpoint_bytes": s.last_checkpoint_bytes,
+            "tokens": s.tokens, "stalled": stalled_since(s.status, s.stall_timeout, s.last_progress or s.created_at, now),
+            "created_at": s.created_at,
+        } for s in rows], lambda: None)  # --json: the human form is below
         return EXIT_OK
     lines = [_PS_LINE % ("AGENT", "NAME", "STATUS", "FUEL", "CALLS", "TOKENS", "CKPT", "LAST")]
-    for agent_id, a in records:
-        usage = _usage(a)
-        status = a.get("status")
-        lines.append(_PS_LINE % (agent_id, a.get("name"), f"{status} (stalled)" if stalled(a, now) else status,
-                                 usage.get("fuel_used", 0), usage.get("tool_calls", 0), usage.get("tokens", 0),
-                                 a.get("checkpoints", 0), a.get("last_checkpoint_bytes", 0)))
+    for s in rows:  # the first 8 fields of a summary are the columns, in order
+        if s.stall_timeout and stalled_since(s.status, s.stall_timeout, s.last_progress or s.created_at, now):
+            s = s._replace(status=f"{s.status} (stalled)")
+        lines.append(_PS_LINE % s[:8])
     sys.stdout.write("\n".join(lines) + "\n")  # one write: 10,000 print calls cost more than the lines
     return EXIT_OK
 

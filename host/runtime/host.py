@@ -50,7 +50,7 @@ from host.trust.identity import IdentityService
 from snapshots.errors import StoreConfigError, StoreFull, StoreUnavailable
 from snapshots.group_commit import GroupCommitter
 from snapshots.lmdb_store import LmdbStore
-from snapshots.store import AgentStore
+from snapshots.store import UNREADABLE, AgentStore
 
 __all__ = ["CredentialBroker", "Host", "RunResult", "default_store_dir", "run_sync"]
 
@@ -255,7 +255,11 @@ class Host:
 
     async def resume_all(self) -> list[RunResult]:
         """Resume every agent that is not finished, not parked, and not owned by a live process."""
-        ids = [r["agent_id"] for r in self.list_agents() if self.lifecycle.resumable(r)]
+        agents = self.list_agents()
+        for r in agents:
+            if r.get(UNREADABLE):  # list it as corrupt from now on (ps reads summaries, not records)
+                self.lifecycle.park_corrupt(r["agent_id"], r["error"])
+        ids = [r["agent_id"] for r in agents if self.lifecycle.resumable(r)]
         results: list[RunResult] = []
 
         async def one(aid: str) -> None:

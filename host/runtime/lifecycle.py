@@ -200,7 +200,9 @@ class Lifecycle:
             if rec is None:
                 raise AgentNotFound(f"no agent {agent_id} in store {self.where}")
             if rec.get(UNREADABLE):
-                return dict(rec)  # the record itself is the damage: leave its bytes as they are
+                # The record itself is the damage: leave its bytes as they are, list it as corrupt.
+                txn.mark_unreadable(agent_id, str(rec["error"]["message"]))
+                return dict(rec)
             rec.update(status=CORRUPT_STATUS, error=error, owner=None, updated_at=time.time())
             audit.append_events(txn, rec, [("agent.corrupt", {"error": error})])
             txn.put_agent(rec)

@@ -24,10 +24,15 @@ _PROGRESSING = ("running", "suspended", "approved")
 
 def stalled(rec: dict[str, Any], now: float) -> bool:
     """No progress (tool call, output) within the policy's ``stall_timeout`` while unfinished."""
-    limit = rec.get("stall_timeout")
-    if not limit or rec.get("status") not in _PROGRESSING:
+    return stalled_since(rec.get("status"), rec.get("stall_timeout"), rec.get("last_progress") or rec.get("created_at"),
+                         now)
+
+
+def stalled_since(status: str | None, stall_timeout: float | None, since: float | None, now: float) -> bool:
+    """:func:`stalled` from the fields themselves (a listing summary has them, not a record)."""
+    if not stall_timeout or status not in _PROGRESSING:
         return False
-    return now - float(rec.get("last_progress") or rec.get("created_at") or now) > float(limit)
+    return now - float(since or now) > float(stall_timeout)
 
 
 def list_agents(store: AgentStore) -> list[dict[str, Any]]:
