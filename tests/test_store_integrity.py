@@ -136,6 +136,23 @@ def test_an_answer_moved_from_another_entry_does_not_pass(bundles: BundleFactory
     assert f"journal entry 2 of agent {fork} does not match its digest" in res.error["message"]
 
 
+def test_an_answer_resealed_on_disk_is_caught_by_the_audit(bundles: BundleFactory, tmp_path: Path) -> None:
+    """Someone who rewrites an answer and recomputes its seal (a checksum) still does not get
+    it replayed: the answer is compared with the digest the audit chain holds for it."""
+    _, (fork, healthy) = _store_with_forks(bundles, tmp_path, 2)
+    db = tmp_path / "db"
+    entry = json.loads(_payload(_raw(db, b"journal", _seq(fork, 2))))
+    entry["response"] = json.dumps({"value": 1000})
+    _put(db, b"journal", _seq(fork, 2), sealed.seal("journal", _seq(fork, 2), json.dumps(entry).encode()))
+    assert _problems(tmp_path) == []  # the seal matches: store check cannot tell
+    resumed = torpor("resume", "--all", "--store", str(tmp_path), "--json")
+    by_id = {r["agent_id"]: r for r in _json(resumed)}
+    assert by_id[fork]["status"] == "corrupt" and by_id[fork]["output"] is None, by_id[fork]
+    assert by_id[fork]["error"]["code"] == "record_corrupt"
+    assert "differs from the one its audit record holds" in by_id[fork]["error"]["message"], by_id[fork]
+    assert by_id[healthy]["status"] == "completed" and by_id[healthy]["output"] == FORK_OUTPUT, by_id[healthy]
+
+
 # -- inputs, bundles, kv values -------------------------------------------------------------------
 def test_a_changed_input_parks_the_agent(bundles: BundleFactory, tmp_path: Path) -> None:
     _, (fork, healthy) = _store_with_forks(bundles, tmp_path, 2)

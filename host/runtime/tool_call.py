@@ -335,8 +335,10 @@ class ToolCallPipeline:
         """
         with self.store.read() as txn:
             entry = txn.get_journal(agent.agent_id, call.seq)
-        if entry is not None and entry.get("state") == "done":
-            return int(entry["status"]), str(entry["response"]).encode()
+            if entry is not None and entry.get("state") == "done":
+                answer: Answer = int(entry["status"]), str(entry["response"]).encode()
+                _check_with_audit(txn, agent, call, answer)
+                return answer
         spec = agent.tools.get(call.tool)
         if spec is None:
             answer = answers.unknown_tool(call.tool)
@@ -369,6 +371,24 @@ def _journal_entry(agent: LiveAgent, call: PendingCall, answer: Answer | None) -
     if answer is not None:
         entry.update(state="done", status=answer[0], response=answer[1].decode())
     return entry
+
+
+def _check_with_audit(txn: Any, agent: LiveAgent, call: PendingCall, answer: Answer) -> None:
+    """A recorded answer matches the digest the agent's audit chain holds for it, or
+    RecordCorrupt: the journal's seal is a checksum anyone who writes the store can
+    recompute, the audit chain is signed (see :func:`host.trust.audit.answered_digest`)."""
+    expected = audit.answered_digest(txn, agent.agent_id, int(agent.record.get("audit_seq") or 0), call.seq)
+    parent, depth = agent.record.get("parent"), 0
+    while expected is None and isinstance(parent, dict) and depth < 64:  # a fork's earlier calls: its parent's chain
+        rec = txn.get_agent(str(parent.get("agent_id")))
+        if rec is None:
+            break
+        expected = audit.answered_digest(txn, rec["agent_id"], int(rec.get("audit_seq") or 0), call.seq)
+        parent, depth = rec.get("parent"), depth + 1
+    if expected is not None and expected != _answered(call, answer)["result_digest"]:
+        label = f"journal entry {call.seq} of agent {agent.agent_id}"
+        raise RecordCorrupt(f"{label} holds an answer whose digest differs from the one its audit record holds "
+                            "(changed on disk; restore the store from a copy)", database="journal", key=label)
 
 
 def _answered(call: PendingCall, answer: Answer) -> dict[str, Any]:

@@ -113,6 +113,33 @@ def record_key(agent_id: str, seq: int) -> str:
     return f"{agent_id}/{seq:012d}"
 
 
+def answered_digest(txn: Any, agent_id: str, last_seq: int, call_seq: int) -> str | None:
+    """The ``result_digest`` the agent's audit holds for the answer to call ``call_seq``, or None.
+
+    Why: a journal answer is sealed with a checksum, which someone who can write the store
+    can recompute; the audit chain (hash-linked, its heads signed) is what tells deliberate
+    rewriting apart. So a recorded answer about to be replayed into an agent is compared
+    with the digest its ``tool.answered`` record holds. The walk goes back from the chain's
+    last record and stops at the call's request, at an earlier call, or at a record that is
+    not there (pruned): it reads only the records written since the call, a handful.
+    """
+    for seq in range(last_seq, 0, -1):
+        raw = txn.get_blob("audit", record_key(agent_id, seq))
+        if raw is None:
+            return None
+        rec = _object(raw)
+        if rec is None:
+            return None  # a damaged record: audit verify reports it; no digest to compare with
+        at = rec.get("call_seq")
+        if isinstance(at, int) and not isinstance(at, bool):
+            if at < call_seq or (at == call_seq and rec.get("kind") == "tool.requested"):
+                return None
+            if at == call_seq and rec.get("kind") == "tool.answered":
+                found = rec.get("result_digest")
+                return found if isinstance(found, str) else None
+    return None
+
+
 def _head_key(seq: int) -> str:
     return f"{HEAD_PREFIX}{seq:012d}"
 
