@@ -76,3 +76,17 @@ class ConfigError(TorporError):
     """Invalid host configuration or command-line input."""
 
     code = "invalid_config"
+
+
+class BundleCodeRefused(TorporError):
+    """A bundle carries Python, which would run in the host process, and the operator
+    did not say it trusts that bundle (``--trust-bundle-code DIGEST``)."""
+
+    code = "bundle_code_refused"
+
+
+class HandlerNotRegistered(ConfigError):
+    """A policy names a tool handler or validator (``module:function``) that no operator
+    tool provides: handlers resolve to registered tools, never to any importable callable."""
+
+    code = "handler_not_registered"

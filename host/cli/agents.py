@@ -126,6 +126,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"status   {info.get('status')}")
         if info.get("principal"):
             print(f"for      {info['principal']}")
+        code = info.get("bundle_code")
+        if isinstance(code, dict):
+            modules = code.get("modules") or {}
+            print("code     the bundle's own Python ran in the host (trusted by the operator): "
+                  + ", ".join(f"{m} sha256 {d}" for m, d in modules.items()))
         if info.get("parent"):
             print(f"forked   from {info['parent']['agent_id']} at checkpoint {info['parent']['checkpoint']}")
         if info.get("output") is not None:
@@ -165,13 +170,13 @@ def cmd_fork(args: argparse.Namespace) -> int:
 def add_parsers(sub: Any) -> None:
     """Register ``run``, ``resume``, ``ps``, ``inspect`` and ``fork``."""
     sp = add_command(sub, "run", cmd_run, "run an agent bundle to completion (or until it waits on a human)",
-                     store=True, writes=True)
+                     store=True, writes=True, runs=True)
     sp.add_argument("bundle", help="a .torpor bundle file")
     sp.add_argument("--input", help="JSON input, or @FILE")
     sp.add_argument("--fuel", type=int, help="fuel budget for this run (overrides the policy)")
     sp.add_argument("--on-behalf-of", help="the principal the agent acts for")
     sp = add_command(sub, "resume", cmd_resume, "resume a suspended agent from its latest checkpoint",
-                     store=True, writes=True)
+                     store=True, writes=True, runs=True)
     sp.add_argument("agent", nargs="?", help=AGENT_HELP)
     sp.add_argument("--all", action="store_true", help="resume every unfinished agent")
     sp = add_command(sub, "ps", cmd_ps, "list agents", store=True)

@@ -86,17 +86,18 @@ def add_parsers(sub: Any) -> None:
     by_help = "who decides, kept in the audit log (default: $USER)"
     add_command(sub, "approvals", cmd_approvals, "list tool calls waiting for a human decision", store=True)
     sp = add_command(sub, "approve", cmd_approve, "approve the call an agent waits on, and resume it",
-                     store=True, writes=True)
+                     store=True, writes=True, runs=True)
     sp.add_argument("agent", help=AGENT_HELP)
     sp.add_argument("--note", help="a note kept in the audit log")
     sp.add_argument("--by", default=os.environ.get("USER"), help=by_help)
     sp = add_command(sub, "deny", cmd_deny, "deny the call an agent waits on; the agent sees a denial and continues",
-                     store=True, writes=True)
+                     store=True, writes=True, runs=True)
     sp.add_argument("agent", help=AGENT_HELP)
     sp.add_argument("--reason", required=True, help="why; the agent sees it in the denial")
     sp.add_argument("--by", default=os.environ.get("USER"), help=by_help)
     sp = add_command(sub, "resolve", cmd_resolve,
-                     "settle an in_doubt agent: re-run its call, supply its result, or fail it", store=True, writes=True)
+                     "settle an in_doubt agent: re-run its call, supply its result, or fail it", store=True, writes=True,
+                     runs=True)
     sp.add_argument("agent", help=AGENT_HELP)
     how = sp.add_mutually_exclusive_group(required=True)
     how.add_argument("--retry", action="store_true", help="run the call again (it did not take effect)")

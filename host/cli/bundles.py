@@ -24,16 +24,16 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    """Bundle a module compiled elsewhere with a policy (and host-side tools)."""
+    """Bundle a module compiled elsewhere with a policy (and, if asked, Python modules)."""
     from host.sandbox import bundle as bundle_mod
 
     try:
         module = Path(args.module).read_bytes()
         policy_text = Path(args.policy).read_text(encoding="utf-8")
+        python = {Path(p).stem: Path(p).read_text(encoding="utf-8") for p in args.python or []}
     except OSError as exc:
         raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from exc
-    tools = {Path(p).stem: Path(p).read_text(encoding="utf-8") for p in args.tool or []}
-    raw = bundle_mod.pack(module, policy_text, tools=tools, policy_source=args.policy)
+    raw = bundle_mod.pack(module, policy_text, python=python, policy_source=args.policy)
     return _write_bundle(args, raw)
 
 
@@ -50,8 +50,16 @@ def _write_bundle(args: argparse.Namespace, raw: bytes) -> int:
         tmp.replace(out)
     except OSError as exc:
         raise ConfigError(f"cannot write {out}: {exc.strerror}") from exc
-    data = {"bundle": str(out), "digest": b.digest, "name": b.name, "size": len(raw), "module_size": len(b.module)}
-    emit(args, data, lambda: print(f"built {out} ({b.name}, {len(raw)} bytes, digest {b.digest[:16]})"))
+    data = {"bundle": str(out), "digest": b.digest, "name": b.name, "size": len(raw), "module_size": len(b.module),
+            "python": b.python_digests}
+
+    def human() -> None:
+        print(f"built {out} ({b.name}, {len(raw)} bytes, digest {b.digest[:16]})")
+        if b.python:
+            print(f"it carries Python ({', '.join(b.python_digests)}): a host runs it only with "
+                  f"--trust-bundle-code {b.digest}")
+
+    emit(args, data, human)
     return EXIT_OK
 
 
@@ -73,7 +81,11 @@ def cmd_inspect_bundle(args: argparse.Namespace) -> int:
         "module_size": len(b.module),
         "imports": imports,
         "exports": exports,
-        "host_tools": sorted(b.tools),
+        "python": [{"member": m, "sha256": d, "size": len(b.python[m[len("tools/"):-3]].encode())}
+                   for m, d in b.python_digests.items()],
+        "runs_with": f"--trust-bundle-code {b.digest}" if b.python else None,
+        "handlers": dict(b.policy.handler_refs),
+        "validators": list(b.policy.custom_validator_refs),
         "policy": b.policy_text,
     }
 
@@ -82,8 +94,16 @@ def cmd_inspect_bundle(args: argparse.Namespace) -> int:
         print(f"module   {len(b.module)} bytes, sha256 {b.module_digest[:16]}")
         print("imports  " + ", ".join(imports))
         print("exports  " + ", ".join(exports))
-        if b.tools:
-            print("tools    " + ", ".join(sorted(b.tools)) + " (host-side Python)")
+        for ref_name, ref in [*b.policy.handler_refs.items(), *(("validator", r) for r in
+                                                                  b.policy.custom_validator_refs)]:
+            print(f"handler  {ref_name} -> {ref} (an operator tool, or the bundle's Python if trusted)")
+        if b.python:
+            print(f"python   {len(b.python)} module(s) that would run inside the host process, with its privileges:")
+            for member, digest in b.python_digests.items():
+                print(f"  {member}  sha256 {digest}")
+            print(f"         refused unless you trust this bundle: --trust-bundle-code {b.digest}")
+        else:
+            print("python   none (the bundle carries no host code)")
         print("policy:\n" + "\n".join("  " + line for line in b.policy_text.splitlines()))
 
     emit(args, data, human)
@@ -93,12 +113,16 @@ def cmd_inspect_bundle(args: argparse.Namespace) -> int:
 def add_parsers(sub: Any) -> None:
     """Register ``build``, ``pack`` and ``inspect-bundle``."""
     sp = add_command(sub, "build", cmd_build, "compile an agent directory (C sources + policy.toml) into a bundle")
-    sp.add_argument("dir", help="the agent directory: *.c sources, policy.toml, optional host-tool *.py")
+    sp.add_argument("dir", help="the agent directory: *.c sources and policy.toml (Python files there are not packed: "
+                                "tools are the operator's, see --tools-dir on `run`)")
     sp.add_argument("-o", "--output", required=True, help="the bundle file to write")
     sp = add_command(sub, "pack", cmd_pack, "pack a wasm module built elsewhere with a policy into a bundle")
     sp.add_argument("module", help="a core wasm module importing only from `torpor` (guest ABI v1)")
     sp.add_argument("--policy", required=True, help="the policy.toml to pack with it")
-    sp.add_argument("--tool", action="append", help="a host-side Python tool module to include (repeatable)")
+    sp.add_argument("--python", "--tool", action="append", metavar="FILE",
+                    help="a Python module for the bundle to carry (repeatable); it is host code: a host runs the "
+                         "bundle only with --trust-bundle-code DIGEST")
     sp.add_argument("-o", "--output", required=True, help="the bundle file to write")
-    sp = add_command(sub, "inspect-bundle", cmd_inspect_bundle, "show a bundle's digest, ABI, imports, exports and policy")
+    sp = add_command(sub, "inspect-bundle", cmd_inspect_bundle, "show a bundle's digest, ABI, imports, exports, "
+                     "policy, and any Python it carries with its digests")
     sp.add_argument("bundle", help="a .torpor bundle file")

@@ -36,8 +36,11 @@ STORE_HELP = "store directory (default: $TORPOR_STORE or the user data dir; `tor
 
 
 def add_command(sub: Any, name: str, fn: Callable[[argparse.Namespace], int], help: str, *,
-                store: bool = False, writes: bool = False, **kwargs: Any) -> argparse.ArgumentParser:
-    """Register one command with ``--json`` and, as it needs them, ``--store`` and ``--durability``."""
+                store: bool = False, writes: bool = False, runs: bool = False,
+                **kwargs: Any) -> argparse.ArgumentParser:
+    """Register one command with ``--json`` and, as it needs them, ``--store`` and
+    ``--durability``, and for the commands that run agents (``runs``) where their tools come
+    from (``--tools-dir``) and which bundles' own Python may run (``--trust-bundle-code``)."""
     sp: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help, **kwargs)
     sp.add_argument("--json", action="store_true", help=JSON_HELP)
     if store:
@@ -48,6 +51,15 @@ def add_command(sub: Any, name: str, fn: Callable[[argparse.Namespace], int], he
                              "a power loss) or process (into the OS page cache, flushed every second and at exit; "
                              "survives this process being killed, not a power loss); default $TORPOR_DURABILITY, "
                              "else sync")
+    if runs:
+        sp.add_argument("--tools-dir", action="append", default=None, metavar="DIR",
+                        help="a directory of operator tools: a policy's handler `mod:func` may name the function func "
+                             "of DIR/mod.py (repeatable; searched before $TORPOR_TOOLS_PATH, which lists more, "
+                             "separated by ':'); installed packages' `torpor.tools` entry points are tools too")
+        sp.add_argument("--trust-bundle-code", action="append", default=None, metavar="DIGEST",
+                        help="run the Python a bundle carries, in this process, for the bundle with this full digest "
+                             "(`torpor inspect-bundle` shows it and the code; repeatable); without it a bundle "
+                             "that carries Python is refused: error[bundle_code_refused]")
     sp.set_defaults(fn=fn)
     return sp
 
@@ -134,10 +146,13 @@ def existing_store(args: argparse.Namespace) -> Path:
 def open_host(args: argparse.Namespace) -> Host:
     """The host on the store the command names (created only by ``run``)."""
     from host.runtime import Host
+    from host.tools.sources import dirs_from_env
     from host.trust.credentials import VaultBroker
 
     store = store_dir(args) if args.command == "run" else existing_store(args)
-    return Host(store, broker=VaultBroker.for_store(store), durability=getattr(args, "durability", None))
+    tools_dirs = [*(getattr(args, "tools_dir", None) or []), *dirs_from_env()]
+    return Host(store, broker=VaultBroker.for_store(store), durability=getattr(args, "durability", None),
+                tools_dirs=tools_dirs, trust_bundle_code=getattr(args, "trust_bundle_code", None) or ())
 
 
 @contextmanager

@@ -22,7 +22,7 @@ instance, no thread and no pool slot, only its checkpoint. ``approve`` and
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +44,7 @@ from host.runtime.tool_call import Ended, Parked, ToolCallPipeline
 from host.sandbox.bundle import Bundle
 from host.sandbox.engine import Engine, EngineConfig, LoadedModule
 from host.sandbox.execution import Limits, Outcome
+from host.tools.sources import ToolSources
 from host.trust import audit
 from host.trust.credentials import CredentialBroker
 from host.trust.identity import IdentityService
@@ -80,6 +81,13 @@ class Host:
     flushed every second: the host process being killed, which is what the
     crash-consistency promise covers, without a disk flush per commit); default
     ``$TORPOR_DURABILITY`` or ``sync``. See :mod:`snapshots.lmdb_store`.
+
+    The tools a policy's ``handler = "module:function"`` may name are the operator's
+    (:mod:`host.tools.sources`): ``handlers`` (``{"module:function": fn}``), the
+    ``torpor.tools`` entry points of installed packages, and the ``*.py`` of
+    ``tools_dirs`` (default ``$TORPOR_TOOLS_PATH``). ``trust_bundle_code``: digests of the
+    bundles whose own Python may run in this process; any other bundle that carries Python
+    is refused (``bundle_code_refused``).
     """
 
     def __init__(self, store_dir: str | Path | None = None, *, warm_idle_s: float = 0.05,
@@ -87,9 +95,11 @@ class Host:
                  class_pools: dict[str, int] | None = None, broker: CredentialBroker | None = None,
                  max_warm: int = 10_000, store: AgentStore | None = None,
                  engine: str | EngineConfig | None = None, durability: str | None = None,
-                 max_warm_bytes: int | None = None) -> None:
+                 max_warm_bytes: int | None = None, handlers: Mapping[str, Callable[..., Any]] | None = None,
+                 tools_dirs: Sequence[str | Path] | None = None, trust_bundle_code: Iterable[str] = ()) -> None:
         # Arguments first: nothing is opened yet that a bad one would leave open.
         config = engine if isinstance(engine, EngineConfig) else EngineConfig.for_profile(engine)
+        sources = ToolSources(handlers=handlers, tools_dirs=tools_dirs, trust_bundle_code=trust_bundle_code)
         if max_warm_bytes is None:
             max_warm_bytes = _physical_memory() // 2
         if isinstance(max_warm_bytes, bool) or not isinstance(max_warm_bytes, int) or max_warm_bytes < 0:
@@ -130,7 +140,7 @@ class Host:
         self.heads = audit.HeadSealer(self.store, lambda: self.identity.key)  # signed audit heads
         self.guest = GuestRunner(threads=wasm_threads or max(1, os.cpu_count() or 1), warm_idle_s=warm_idle_s,
                                  max_warm=max_warm, max_warm_bytes=max_warm_bytes)
-        self.loader = BundleLoader(self.store, self.engine)
+        self.loader = BundleLoader(self.store, self.engine, sources)
         self.commits = AgentCommits(self.committer)
         self.calls = ToolCallPipeline(self.store, self.commits, self.guest, self.broker)
         self.lifecycle = Lifecycle(self.store, self.store_dir, self.loader, self.commits, self.guest,
@@ -210,6 +220,7 @@ class Host:
         async with self._slots(agent.bundle, priority):
             self.lifecycle.begin_run(agent)
             agent.event("agent.resumed", checkpoint=agent.record.get("checkpoints", 0))
+            lifecycle_mod.note_bundle_code(agent, self.loader.bundle_code(agent.bundle))
             if pending is None:
                 # Died before its first checkpoint: nothing happened outside it; start over.
                 agent.record["status"] = "running"
@@ -284,22 +295,36 @@ class Host:
 
     async def approve(self, agent_id: str, *, note: str | None = None, by: str | None = None) -> RunResult:
         """Approve the call an agent waits on, then resume it (the tool runs)."""
+        self._admitted(agent_id)
         approvals_mod.approve(self.store, agent_id, note=note, by=by, where=self.store_dir)
         return await self.resume(agent_id)
 
     async def deny(self, agent_id: str, *, reason: str, by: str | None = None) -> RunResult:
         """Deny the call an agent waits on, then resume it (the guest sees a denial)."""
+        self._admitted(agent_id)
         approvals_mod.deny(self.store, agent_id, reason=reason, by=by, where=self.store_dir)
         return await self.resume(agent_id)
 
     async def resolve(self, agent_id: str, *, retry: bool = False, result: Any = None,
                       fail: str | None = None, by: str | None = None) -> RunResult:
         """Settle an ``in_doubt`` agent: re-run its call, supply the call's result, or fail it."""
+        if fail is None:
+            self._admitted(agent_id)
         approvals_mod.resolve(self.store, self.identity, agent_id, retry=retry, result=result, fail=fail, by=by,
                               where=self.store_dir)
         if fail is not None:
             return RunResult.of_record(self.get_agent(agent_id))
         return await self.resume(agent_id)
+
+    def _admitted(self, agent_id: str) -> None:
+        """Refuse a decision that would resume an agent this host may not run (its bundle's
+        Python is not trusted here) before the decision is recorded, not after."""
+        rec = self.get_agent(agent_id)
+        try:
+            b = self.loader.by_digest(str(rec.get("bundle_digest")))
+        except Exception:  # a missing or damaged bundle: the resume parks it and says so
+            return
+        self.loader.bundle_code(b)
 
     def fork(self, agent_id: str, checkpoint: int) -> str:
         """A new agent continuing from checkpoint ``checkpoint`` of ``agent_id`` (see :mod:`host.runtime.fork`)."""

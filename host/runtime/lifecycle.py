@@ -71,8 +71,9 @@ class Lifecycle:
         if fuel is not None and fuel < 0:
             raise ConfigError("fuel must be a non-negative integer")
         loaded, pre = self.loader.module(b)  # a refused module leaves nothing in the store
-        self.loader.register(b)
+        code = self.loader.bundle_code(b)  # nor does a bundle whose Python the operator did not trust
         tools, validators = self.loader.tools(b)
+        self.loader.register(b)
         now = time.time()
         aid = new_agent_id(now)
         try:  # refused before anything is written; the same bounds as what a guest sends
@@ -86,6 +87,7 @@ class Lifecycle:
             "created_at": now, "updated_at": now, "finished_at": None, "last_progress": now,
             "stall_timeout": b.policy.budgets.stall_timeout, "principal": on_behalf_of,
             "parent": None, "fuel_limit": fuel, "checkpoints": 0, "snapshot_bytes": 0,
+            "bundle_code": None,
             "last_checkpoint_bytes": 0, "pending": None, "owner": self.owner, "audit_seq": 0,
             "audit_head": audit.GENESIS,
             "usage": {"fuel_used": 0, "tool_calls": 0, "suspensions": 0, "hibernations": 0,
@@ -96,6 +98,7 @@ class Lifecycle:
             self.broker.check(aid, b.policy)  # a missing credential refuses the agent before it starts
         agent.event("agent.spawned", name=b.name, bundle_digest=b.digest, principal=on_behalf_of,
                     input_digest=audit.digest(input))
+        note_bundle_code(agent, code)
         provision = self.identity.provision(record, agent.event)
 
         def write(txn: Any) -> None:
@@ -128,6 +131,7 @@ class Lifecycle:
             raise AgentStateError(f"agent {agent_id} is {status}: an operator must decide before it can resume")
         b = self.loader.by_digest(rec["bundle_digest"])
         loaded, pre = self.loader.module(b)
+        # Its Python runs again in this process: only with the same opt-in as at spawn.
         tools, validators = self.loader.tools(b)
         self.claim(agent_id)
         rec = queries.get_agent(self.store, agent_id, where=self.where)
@@ -255,6 +259,14 @@ class Lifecycle:
         if self.heads.due():
             await anyio.to_thread.run_sync(self.heads.maybe_seal)
         return agent.result()
+
+
+def note_bundle_code(agent: LiveAgent, code: dict[str, str] | None) -> None:
+    """Audit that this process runs the agent's bundle's own Python, trusted by the
+    operator, naming each module's digest (at spawn, and at every resume)."""
+    if code is not None:
+        agent.record["bundle_code"] = {"trusted_by": "operator", "modules": code}
+        agent.event("bundle_code.trusted", bundle_digest=agent.bundle.digest, modules=code, trusted_by="operator")
 
 
 def damage(exc: Exception) -> dict[str, str] | None:

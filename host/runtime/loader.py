@@ -1,6 +1,9 @@
 """From a bundle to what an agent runs with: the stored bundle, the compiled module
 linked under the policy's grants, the tools the policy names, the limits of a run.
 
+The tools come from the operator (:class:`~host.tools.sources.ToolSources`): a bundle's
+own Python is refused before anything of it loads, unless the operator trusts that bundle.
+
 Every agent load goes through :class:`BundleLoader`, and each piece is made once per
 bundle (per module for the compiled code): spawning the thousandth agent of a bundle
 costs a dictionary lookup, not a link.
@@ -19,7 +22,8 @@ from host.sandbox.bundle import Bundle
 from host.sandbox.engine import Engine, LoadedModule
 from host.sandbox.execution import Limits
 from host.tools.builtin import BUILTINS
-from host.tools.registry import ToolSpec, load_handler, spec_from_function
+from host.tools.registry import ToolSpec, spec_from_function
+from host.tools.sources import ToolSources
 from snapshots.errors import RecordCorrupt
 from snapshots.store import AgentStore
 
@@ -35,9 +39,10 @@ Tools = tuple[dict[str, ToolSpec], dict[str, Any]]
 class BundleLoader:
     """Bundles kept in the store, their modules compiled and linked, their tools loaded."""
 
-    def __init__(self, store: AgentStore, engine: Engine) -> None:
+    def __init__(self, store: AgentStore, engine: Engine, sources: ToolSources | None = None) -> None:
         self.store = store
         self.engine = engine
+        self.sources = sources if sources is not None else ToolSources()
         self._bundles: dict[str, Bundle] = {}
         self._tools: dict[str, Tools] = {}
 
@@ -71,14 +76,25 @@ class BundleLoader:
             self._bundles[digest] = b
         return b
 
+    def bundle_code(self, b: Bundle) -> dict[str, str] | None:
+        """The bundle's Python members and their digests if the operator trusts it, None if
+        it carries none; :class:`~host.errors.BundleCodeRefused` otherwise. Asked before
+        anything of the bundle is loaded or stored."""
+        return self.sources.admit(b.digest, b.name, b.python_digests)
+
     def tools(self, b: Bundle) -> Tools:
-        """The tool specs and custom validators a bundle's policy names (loaded once)."""
+        """The tool specs and custom validators a bundle's policy names (loaded once).
+
+        Every reference resolves to an operator tool, or to the bundle's own Python only
+        once :meth:`bundle_code` admitted it (checked here again: no path loads it without).
+        """
         cached = self._tools.get(b.digest)
         if cached is None:
+            python = b.python if self.bundle_code(b) is not None else {}
             tools: dict[str, ToolSpec] = {}
             for name, grant in b.policy.grants.items():
                 if grant.handler:
-                    fn = load_handler(grant.handler, bundle_tools=b.tools, bundle_digest=b.digest)
+                    fn = self.sources.resolve(grant.handler, bundle_digest=b.digest, bundle_python=python)
                     spec = spec_from_function(fn, name=name, idempotent=grant.idempotent)
                 elif name in BUILTINS:
                     spec = BUILTINS[name]
@@ -87,7 +103,7 @@ class BundleLoader:
                 else:
                     continue  # granted but not implemented here: calls answer `unknown_tool`
                 tools[name] = spec
-            validators = {ref: load_handler(ref, bundle_tools=b.tools, bundle_digest=b.digest)
+            validators = {ref: self.sources.resolve(ref, bundle_digest=b.digest, bundle_python=python)
                           for ref in b.policy.custom_validator_refs}
             cached = (tools, validators)
             self._tools[b.digest] = cached

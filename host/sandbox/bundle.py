@@ -1,4 +1,4 @@
-"""Bundles: one file holding an agent's module, its policy and its host-side tools.
+"""Bundles: one file holding an agent's module and its policy (and, rarely, Python).
 
 A bundle is a zip archive (inspectable with any unzip) with a ``manifest.json``
 that lists every member with its SHA-256 and size. The bundle's digest is the
@@ -11,6 +11,10 @@ a plain file with a safe, unique name (other unzips disagree on duplicates and
 follow ``..`` and symlinks), sizes are checked against the manifest and the
 host's caps from the zip directory before anything is inflated, and inflating
 stops one byte past the declared size. The agent's name is its policy's.
+
+A bundle may carry Python modules (``tools/NAME.py``, packed only when asked for). They
+would run in the host process, so the host refuses such a bundle unless its operator
+trusts that bundle by digest (:mod:`host.tools.sources`); tools are the operator's.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ class Bundle:
     module_digest: str
     policy_text: str
     policy: Policy
-    tools: dict[str, str] = field(default_factory=dict)  # module name -> Python source
+    python: dict[str, str] = field(default_factory=dict)  # module name -> Python source (host code!)
     manifest: dict[str, Any] = field(default_factory=dict)
     raw: bytes = b""
 
@@ -73,12 +77,21 @@ class Bundle:
     def abi_version(self) -> int:
         return int(self.manifest.get("abi_version", abi.ABI_VERSION))
 
+    @property
+    def python_digests(self) -> dict[str, str]:
+        """Each Python member (``tools/NAME.py``) and its sha256, as verified at load."""
+        files = self.manifest.get("files", {})
+        return {f"{TOOLS_DIR}{m}.py": str(files[f"{TOOLS_DIR}{m}.py"]["sha256"]) for m in sorted(self.python)}
 
-def pack(module: bytes, policy_text: str, *, tools: dict[str, str] | None = None, policy_source: str = POLICY_MEMBER) -> bytes:
-    """Build bundle bytes from a prepared or raw module, a policy and host tool sources.
+
+def pack(module: bytes, policy_text: str, *, python: dict[str, str] | None = None,
+         policy_source: str = POLICY_MEMBER) -> bytes:
+    """Build bundle bytes from a prepared or raw module, a policy and, if given, Python
+    modules (name -> source) for the bundle to carry.
 
     The module gets the host's transforms if it lacks them, and the policy is
-    parsed (and so checked) before anything is written.
+    parsed (and so checked) before anything is written. Python in a bundle is host code:
+    a host runs such a bundle only for an operator who trusts it by digest.
     """
     wasm_binary.check_header(module)
     # Before Binaryen reads it (the bundle is validated again at load). A raw module may
@@ -88,9 +101,9 @@ def pack(module: bytes, policy_text: str, *, tools: dict[str, str] | None = None
     policy = parse_policy(policy_text, source=policy_source)
     version = toolchain.abi_version_of(prepared)
     members: dict[str, bytes] = {MODULE_MEMBER: prepared, POLICY_MEMBER: policy_text.encode()}
-    for mod_name, source in sorted((tools or {}).items()):
+    for mod_name, source in sorted((python or {}).items()):
         if not mod_name.isidentifier():
-            raise BundleError(f"host tool module name {mod_name!r} is not a Python identifier")
+            raise BundleError(f"Python module name {mod_name!r} is not a Python identifier")
         members[f"{TOOLS_DIR}{mod_name}.py"] = source.encode()
     manifest = {
         "format": BUNDLE_FORMAT,
@@ -191,11 +204,11 @@ def load_bytes(raw: bytes, *, source: str = "<bundle>", limits: HostLimits = HOS
                           f"names it {policy.agent.name!r}; an agent's name comes from its policy")
     shape = validate.check_module(module, limits)
     shape.check_memory(validate.memory_limit(policy), policy_name=policy.agent.name)
-    tools = {}
+    python = {}
     for name, data in members.items():
         if name.startswith(TOOLS_DIR):
             try:
-                tools[name[len(TOOLS_DIR) : -3]] = data.decode("utf-8")
+                python[name[len(TOOLS_DIR) : -3]] = data.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise BundleError(f"{source}: bundle member {name} is not UTF-8") from exc
     return Bundle(
@@ -205,7 +218,7 @@ def load_bytes(raw: bytes, *, source: str = "<bundle>", limits: HostLimits = HOS
         module_digest=sha256_hex(module),
         policy_text=policy_text,
         policy=policy,
-        tools=tools,
+        python=python,
         manifest=manifest,
         raw=raw,
     )
@@ -365,7 +378,11 @@ def load(path: str | Path) -> Bundle:
 
 
 def build_dir(agent_dir: str | Path) -> bytes:
-    """Compile an agent directory (C sources + policy.toml + optional host tools) into bundle bytes."""
+    """Compile an agent directory (C sources + policy.toml) into bundle bytes.
+
+    Python files in the directory are not packed: tools are the operator's (see
+    :mod:`host.tools.sources`); :func:`pack` packs Python only when given it.
+    """
     d = Path(agent_dir)
     if not d.is_dir():
         raise BundleError(f"{d}: not a directory")
@@ -378,5 +395,4 @@ def build_dir(agent_dir: str | Path) -> bytes:
     policy_text = policy_path.read_text(encoding="utf-8")
     parse_policy(policy_text, source=str(policy_path))  # fail on a bad policy before compiling
     raw = toolchain.compile_c(sources, include_dirs=[d])
-    tools = {p.stem: p.read_text(encoding="utf-8") for p in sorted(d.glob("*.py"))}
-    return pack(raw, policy_text, tools=tools, policy_source=str(policy_path))
+    return pack(raw, policy_text, policy_source=str(policy_path))

@@ -8,25 +8,20 @@ tool instead takes ``fn(args, ctx, txn)`` and does its whole effect inside the
 store transaction that also records its result in the journal: that is how
 ``kv.incr`` happens exactly once even if the host is killed at any moment.
 
-User tools are named in a policy as ``module:function``; the module is either
-shipped inside the bundle (``*.py`` beside the agent's sources) or importable
-on the host's ``sys.path``.
+User tools are named in a policy as ``module:function``, a name that resolves
+to one of the operator's tools (never to any importable callable): see
+:mod:`host.tools.sources`.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import sys
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
-
-from host.errors import ConfigError
 
 
 class ToolError(Exception):
@@ -128,40 +123,3 @@ def spec_from_function(fn: Callable[..., Any], *, name: str | None = None, idemp
         transactional=bool(meta.get("transactional", False)),
         description=str(meta.get("description", "")),
     )
-
-
-def load_handler(ref: str, *, bundle_tools: dict[str, str], bundle_digest: str) -> Callable[..., Any]:
-    """Resolve ``module:function``, preferring a module shipped in the bundle."""
-    if ":" not in ref:
-        raise ConfigError(f"tool handler {ref!r} must look like `module:function`")
-    mod_name, _, func_name = ref.partition(":")
-    if mod_name in bundle_tools:
-        module = _bundle_module(mod_name, bundle_tools[mod_name], bundle_digest)
-    else:
-        try:
-            module = importlib.import_module(mod_name)
-        except ImportError as exc:
-            raise ConfigError(
-                f"tool handler {ref!r}: cannot import module {mod_name!r} ({exc}); ship it in the bundle "
-                "as a .py file beside the agent's sources, or make it importable on the host"
-            ) from exc
-    fn = getattr(module, func_name, None)
-    if not callable(fn):
-        raise ConfigError(f"tool handler {ref!r}: module {mod_name!r} has no function {func_name!r}")
-    return typing.cast(Callable[..., Any], fn)
-
-
-def _bundle_module(mod_name: str, source: str, digest: str) -> types.ModuleType:
-    # Namespaced by bundle digest: two versions of an agent never share tool code.
-    qual = f"torpor_bundle_{digest[:16]}_{mod_name}"
-    module = sys.modules.get(qual)
-    if module is None:
-        module = types.ModuleType(qual)
-        module.__file__ = f"<bundle {digest[:12]}>/{mod_name}.py"
-        sys.modules[qual] = module
-        try:
-            exec(compile(source, module.__file__, "exec"), module.__dict__)
-        except Exception as exc:
-            del sys.modules[qual]
-            raise ConfigError(f"host tool module {mod_name}.py in the bundle failed to load: {exc}") from exc
-    return module
