@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,10 @@ from host.sandbox.bundle import Bundle
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "guest_sdk" / "examples"
 GUESTS = Path(__file__).resolve().parent / "guests"
+#: The operator tools the suite's agents name as handlers (each directory's ``*_tools.py``).
+#: Bundles carry no host code: like an operator, the suite names where its tools are, in
+#: ``$TORPOR_TOOLS_PATH``, which every ``Host`` and ``torpor`` process it starts reads.
+OPERATOR_TOOL_DIRS = (EXAMPLES / "inventory", EXAMPLES / "procurement", GUESTS / "slowtool", GUESTS / "secretuse")
 
 
 class BundleFactory:
@@ -38,6 +44,19 @@ class BundleFactory:
 
     def load(self, agent_dir: Path) -> Bundle:
         return bundle_mod.load(self.path(agent_dir))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def operator_tools_path() -> Iterator[None]:
+    from host.tools.sources import TOOLS_PATH_ENV
+
+    old = os.environ.get(TOOLS_PATH_ENV)
+    os.environ[TOOLS_PATH_ENV] = os.pathsep.join(str(d) for d in OPERATOR_TOOL_DIRS)
+    yield
+    if old is None:
+        os.environ.pop(TOOLS_PATH_ENV, None)
+    else:
+        os.environ[TOOLS_PATH_ENV] = old
 
 
 @pytest.fixture(scope="session")

@@ -93,13 +93,24 @@ async def sleep(args: SleepArgs, ctx: ToolContext) -> dict:
 '''
 
 
+@pytest.fixture(autouse=True)
+def gov_tools(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator installs the tools these policies name (gov_tools.py in a tools directory)."""
+    from host.tools.sources import TOOLS_PATH_ENV
+
+    d = tmp_path_factory.getbasetemp() / "gov-tools"
+    d.mkdir(exist_ok=True)
+    (d / "gov_tools.py").write_text(TOOLS)
+    monkeypatch.setenv(TOOLS_PATH_ENV, str(d))
+
+
 @pytest.fixture(scope="module")
 def caller_module(bundles: BundleFactory) -> bytes:
     return bundles.load(GUESTS / "caller").module
 
 
 def make(module: bytes, policy: str) -> bundle_mod.Bundle:
-    return bundle_mod.load_bytes(bundle_mod.pack(module, policy, tools={"gov_tools": TOOLS}))
+    return bundle_mod.load_bytes(bundle_mod.pack(module, policy))
 
 
 def run(host: Host, b: bundle_mod.Bundle, calls: list[dict[str, Any]], **kw: Any) -> RunResult:

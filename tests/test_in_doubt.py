@@ -42,10 +42,14 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def killed_mid_call(bundles: BundleFactory, tmp_path: Path) -> tuple[Path, Path, str]:
+def killed_mid_call(bundles: BundleFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, str]:
     module = bundles.load(GUESTS / "caller").module
     bundle = tmp_path / "payer.torpor"
-    bundle.write_bytes(bundle_mod.pack(module, POLICY, tools={"pay_tools": TOOLS}))
+    bundle.write_bytes(bundle_mod.pack(module, POLICY))
+    tools = tmp_path / "tools"  # the operator's tools, for every `torpor` process below
+    tools.mkdir()
+    (tools / "pay_tools.py").write_text(TOOLS)
+    monkeypatch.setenv("TORPOR_TOOLS_PATH", str(tools))
     marker = tmp_path / "charge.log"
     store = tmp_path / "store"
     payload = {"calls": [{"tool": "charge", "args": {"marker": str(marker), "amount": 42}}]}

@@ -155,7 +155,8 @@ def test_replay_runs_no_tool_and_leases_no_secret(bundles: Any, tmp_path: Path,
     with Host(tmp_path / "s", broker=VaultBroker.for_store(tmp_path / "s")) as host:
         res = anyio.run(lambda: host.run(b, {"n": 3, "ms": 0}))
         assert res.status == "completed"
-    tool_mod = next(m for n, m in sys.modules.items() if n.endswith(f"{b.digest[:16]}_secret_tools"))
+    tool_mod = next(m for n, m in sys.modules.items()  # the operator's tool, loaded under a private name
+                    if n.startswith("torpor_tools_") and getattr(m, "__file__", None) == str((SECRETUSE / "secret_tools.py").resolve()))
     seen = len(tool_mod.SEEN)
     with Host(tmp_path / "s", broker=NoBroker()) as host:
         r = replay(host, res.agent_id, cold=True)
@@ -246,7 +247,11 @@ def test_replay_of_an_agent_resumed_after_a_crash_matches(bundles: Any, tmp_path
     slow = bundles.load(Path(__file__).parent / "guests" / "slowtool")
     policy = slow.policy_text.replace("slow_tools:echo", "crash_tools:echo")
     path = tmp_path / "crashy.torpor"
-    path.write_bytes(bundle_mod.pack(slow.module, policy, tools={"crash_tools": CRASH_TOOLS}))
+    path.write_bytes(bundle_mod.pack(slow.module, policy))
+    tools = tmp_path / "tools"  # the operator's tools, for this process and the `torpor run` below
+    tools.mkdir()
+    (tools / "crash_tools.py").write_text(CRASH_TOOLS)
+    monkeypatch.setenv("TORPOR_TOOLS_PATH", str(tools))
     store = tmp_path / "s"
     proc = subprocess.run([sys.executable, "-m", "host.cli", "run", str(path), "--input", '{"n": 5, "ms": 0}',
                            "--store", str(store)], env={**__import__("os").environ, "TORPOR_TEST_CRASH_AT": "3"},

@@ -29,7 +29,6 @@ import anyio
 import pytest
 
 from host.runtime import Host, RunResult
-from host.sandbox import bundle as bundle_mod
 from host.sandbox.execution import Execution
 from host.trust import audit
 from host.trust.credentials import VaultBroker
@@ -126,7 +125,8 @@ def test_secret_never_reaches_guest_snapshot_journal_or_audit(bundles: Any, tmp_
     res, found = run_and_scan(b, tmp_path / "store", secret, monkeypatch)
     assert res.status == "completed", res.error
     assert res.output == {"ok": 4, "sum": 6}
-    tool_mod = next(m for n, m in sys.modules.items() if n.endswith(f"{b.digest[:16]}_secret_tools"))
+    tool_mod = next(m for n, m in sys.modules.items()  # the operator's tool, loaded under a private name
+                    if n.startswith("torpor_tools_") and getattr(m, "__file__", None) == str((GUEST / "secret_tools.py").resolve()))
     assert hashlib.sha256(secret.encode()).hexdigest() in tool_mod.SEEN  # the tool did get it, host side
     assert found == []
 
@@ -136,7 +136,11 @@ def test_the_scan_finds_a_secret_that_does_leak(bundles: Any, tmp_path: Path, mo
     good = bundles.load(GUEST)
     leaky_tool = (GUEST / "secret_tools.py").read_text().replace(
         'return {"ok": bool(token), "order": args.order}', 'return {"ok": bool(token), "order": args.order, "t": token}')
-    b = bundle_mod.load_bytes(bundle_mod.pack(good.module, good.policy_text, tools={"secret_tools": leaky_tool}))
+    leaky = tmp_path / "leaky-tools"  # the operator installs the leaky variant instead
+    leaky.mkdir()
+    (leaky / "secret_tools.py").write_text(leaky_tool)
+    monkeypatch.setenv("TORPOR_TOOLS_PATH", str(leaky))
+    b = good
     secret = "sk-leak-" + secrets.token_hex(24)
     res, found = run_and_scan(b, tmp_path / "store", secret, monkeypatch)
     assert res.status == "completed", res.error
