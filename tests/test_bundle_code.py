@@ -118,7 +118,8 @@ def test_the_opt_in_runs_it_and_the_audit_inspect_and_inspect_bundle_show_its_di
 
     shown = torpor("inspect-bundle", str(path), "--json")
     info = json.loads(shown.stdout)
-    assert info["python"] == [{"member": "tools/coded_tools.py", "sha256": sha, "size": len(source.encode())}]
+    assert info["host_code"] == [{"name": "tools/coded_tools.py", "kind": "python", "sha256": sha,
+                                  "size": len(source.encode())}]
     assert info["runs_with"] == f"--trust-bundle-code {digest}"
     assert info["handlers"] == {"echo": "coded_tools:echo"}
     human = torpor("inspect-bundle", str(path)).stdout
@@ -136,12 +137,12 @@ def test_the_opt_in_runs_it_and_the_audit_inspect_and_inspect_bundle_show_its_di
     audit = json.loads(torpor("audit", "show", res["agent_id"], "--store", str(store), "--json").stdout)["records"]
     trusted = [r for r in audit if r["kind"] == "bundle_code.trusted"]
     assert len(trusted) == 1
-    assert trusted[0]["modules"] == {"tools/coded_tools.py": sha}
+    assert trusted[0]["code"] == {"tools/coded_tools.py": sha}
     assert trusted[0]["bundle_digest"] == digest
     assert torpor("audit", "verify", "--store", str(store)).returncode == 0
 
     inspected = json.loads(torpor("inspect", res["agent_id"], "--store", str(store), "--json").stdout)
-    assert inspected["bundle_code"] == {"trusted_by": "operator", "modules": {"tools/coded_tools.py": sha}}
+    assert inspected["bundle_code"] == {"trusted_by": "operator", "code": {"tools/coded_tools.py": sha}}
     assert f"tools/coded_tools.py sha256 {sha}" in torpor("inspect", res["agent_id"], "--store", str(store)).stdout
 
 
@@ -341,3 +342,28 @@ def test_the_embedded_host_refuses_and_takes_handlers(tmp_path: Path, bundles: B
     with Host(tmp_path / "s2", tools_dirs=[]) as host, pytest.raises(HandlerNotRegistered):
         anyio.run(lambda: host.run(plain, json.loads(calls("echo"))))
     assert not (tmp_path / "b").exists()
+
+
+def test_an_mcp_server_command_in_a_bundle_policy_is_host_code(tmp_path: Path, caller_wasm: Path) -> None:
+    """`[mcp.NAME] command = ...` in a bundle's policy would make the host start a process the bundle
+    chose: refused like Python unless the bundle is trusted; shown by inspect-bundle with its digest."""
+    marker = tmp_path / "started.txt"
+    policy = (POLICY.replace('handler = "coded_tools:echo"\n', "")
+              .replace('[tools."echo"]\n', '[tools."mcp.evil.echo"]\n')
+              + f'[mcp.evil]\ncommand = "{sys.executable}"\nargs = ["-c", "open({str(marker)!r}, \'w\')"]\n'
+              + 'tools = ["echo"]\n')
+    path, digest = pack(tmp_path, caller_wasm, policy)
+    info = json.loads(torpor("inspect-bundle", str(path), "--json").stdout)
+    assert [(c["name"], c["kind"], c["command"][0]) for c in info["host_code"]] == [("mcp.evil", "mcp_server",
+                                                                                  sys.executable)]
+    assert info["runs_with"] == f"--trust-bundle-code {digest}"
+    proc = torpor("run", str(path), "--input", calls("mcp.evil.echo"), "--store", str(tmp_path / "store"))
+    assert proc.returncode == 2 and "error[bundle_code_refused]" in proc.stderr and "mcp.evil" in proc.stderr
+    assert not marker.exists()
+    trusted = torpor("run", str(path), "--input", calls("mcp.evil.echo"), "--store", str(tmp_path / "store"),
+                     "--json", "--trust-bundle-code", digest)
+    assert trusted.returncode in (0, 1), trusted.stderr  # it ran (the "server" is no MCP server: its call fails)
+    assert marker.exists()
+    aid = json.loads(trusted.stdout)["agent_id"]
+    records = json.loads(torpor("audit", "show", aid, "--store", str(tmp_path / "store"), "--json").stdout)["records"]
+    assert [r["code"] for r in records if r["kind"] == "bundle_code.trusted"] == [{"mcp.evil": info["host_code"][0]["sha256"]}]

@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
+from host.errors import BundleCodeRefused
 from host.runtime import Host
 from host.sandbox import bundle as bundle_mod
 from host.tools import mcp
@@ -171,7 +172,10 @@ def test_triage_through_an_mcp_server(tmp_path: Path, services: Any) -> None:
     b = build(d)
 
     async def go() -> None:
-        with Host(tmp_path / "store") as host:
+        # The server's command line comes with the bundle's policy: host code, run only for a trusted bundle.
+        with Host(tmp_path / "refusing") as host, pytest.raises(BundleCodeRefused, match=r"mcp\.crm"):
+            await host.run(b, payload(services, lookup="mcp"))
+        with Host(tmp_path / "store", trust_bundle_code=[b.digest]) as host:
             r = await host.run(b, payload(services, lookup="mcp"))
             assert r.status == "waiting_approval", (r.error, r.logs)
             done = await host.approve(r.agent_id)

@@ -128,9 +128,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"for      {info['principal']}")
         code = info.get("bundle_code")
         if isinstance(code, dict):
-            modules = code.get("modules") or {}
-            print("code     the bundle's own Python ran in the host (trusted by the operator): "
-                  + ", ".join(f"{m} sha256 {d}" for m, d in modules.items()))
+            pieces = code.get("code") or {}
+            print("code     the bundle's own code ran in the host (trusted by the operator): "
+                  + ", ".join(f"{m} sha256 {d}" for m, d in pieces.items()))
         if info.get("parent"):
             print(f"forked   from {info['parent']['agent_id']} at checkpoint {info['parent']['checkpoint']}")
         if info.get("output") is not None:

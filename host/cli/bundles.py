@@ -51,12 +51,12 @@ def _write_bundle(args: argparse.Namespace, raw: bytes) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot write {out}: {exc.strerror}") from exc
     data = {"bundle": str(out), "digest": b.digest, "name": b.name, "size": len(raw), "module_size": len(b.module),
-            "python": b.python_digests}
+            "host_code": b.host_code}
 
     def human() -> None:
         print(f"built {out} ({b.name}, {len(raw)} bytes, digest {b.digest[:16]})")
-        if b.python:
-            print(f"it carries Python ({', '.join(b.python_digests)}): a host runs it only with "
+        if b.host_code:
+            print(f"it carries host code ({', '.join(b.host_code)}): a host runs it only with "
                   f"--trust-bundle-code {b.digest}")
 
     emit(args, data, human)
@@ -81,9 +81,13 @@ def cmd_inspect_bundle(args: argparse.Namespace) -> int:
         "module_size": len(b.module),
         "imports": imports,
         "exports": exports,
-        "python": [{"member": m, "sha256": d, "size": len(b.python[m[len("tools/"):-3]].encode())}
-                   for m, d in b.python_digests.items()],
-        "runs_with": f"--trust-bundle-code {b.digest}" if b.python else None,
+        "host_code": [
+            *({"name": m, "kind": "python", "sha256": d, "size": len(b.python[m[len("tools/"):-3]].encode())}
+              for m, d in b.python_digests.items()),
+            *({"name": m, "kind": "mcp_server", "sha256": b.host_code[m], "command": cmd}
+              for m, cmd in b.mcp_commands.items()),
+        ],
+        "runs_with": f"--trust-bundle-code {b.digest}" if b.host_code else None,
         "handlers": dict(b.policy.handler_refs),
         "validators": list(b.policy.custom_validator_refs),
         "policy": b.policy_text,
@@ -97,13 +101,16 @@ def cmd_inspect_bundle(args: argparse.Namespace) -> int:
         for ref_name, ref in [*b.policy.handler_refs.items(), *(("validator", r) for r in
                                                                   b.policy.custom_validator_refs)]:
             print(f"handler  {ref_name} -> {ref} (an operator tool, or the bundle's Python if trusted)")
-        if b.python:
-            print(f"python   {len(b.python)} module(s) that would run inside the host process, with its privileges:")
+        if b.host_code:
+            print(f"host code  {len(b.host_code)} piece(s) that would run with the host's privileges:")
             for member, digest in b.python_digests.items():
-                print(f"  {member}  sha256 {digest}")
-            print(f"         refused unless you trust this bundle: --trust-bundle-code {b.digest}")
+                print(f"  {member}  sha256 {digest}  (Python, run inside the host process)")
+            for server, cmd in b.mcp_commands.items():
+                print(f"  {server}  sha256 {b.host_code[server]}  (an MCP server the host would start: "
+                      f"{' '.join(cmd)})")
+            print(f"           refused unless you trust this bundle: --trust-bundle-code {b.digest}")
         else:
-            print("python   none (the bundle carries no host code)")
+            print("host code  none (no Python, no MCP server commands)")
         print("policy:\n" + "\n".join("  " + line for line in b.policy_text.splitlines()))
 
     emit(args, data, human)

@@ -262,11 +262,11 @@ class Lifecycle:
 
 
 def note_bundle_code(agent: LiveAgent, code: dict[str, str] | None) -> None:
-    """Audit that this process runs the agent's bundle's own Python, trusted by the
-    operator, naming each module's digest (at spawn, and at every resume)."""
+    """Audit that this process runs the agent's bundle's own code (Python modules, MCP server
+    commands), trusted by the operator, naming each one's digest (at spawn and every resume)."""
     if code is not None:
-        agent.record["bundle_code"] = {"trusted_by": "operator", "modules": code}
-        agent.event("bundle_code.trusted", bundle_digest=agent.bundle.digest, modules=code, trusted_by="operator")
+        agent.record["bundle_code"] = {"trusted_by": "operator", "code": code}
+        agent.event("bundle_code.trusted", bundle_digest=agent.bundle.digest, code=code, trusted_by="operator")
 
 
 def damage(exc: Exception) -> dict[str, str] | None:

@@ -77,10 +77,10 @@ class BundleLoader:
         return b
 
     def bundle_code(self, b: Bundle) -> dict[str, str] | None:
-        """The bundle's Python members and their digests if the operator trusts it, None if
-        it carries none; :class:`~host.errors.BundleCodeRefused` otherwise. Asked before
-        anything of the bundle is loaded or stored."""
-        return self.sources.admit(b.digest, b.name, b.python_digests)
+        """The bundle's host code (Python members, MCP server commands) and their digests if
+        the operator trusts it, None if it brings none; :class:`~host.errors.BundleCodeRefused`
+        otherwise. Asked before anything of the bundle is loaded, started or stored."""
+        return self.sources.admit(b.digest, b.name, b.host_code)
 
     def tools(self, b: Bundle) -> Tools:
         """The tool specs and custom validators a bundle's policy names (loaded once).
@@ -90,7 +90,7 @@ class BundleLoader:
         """
         cached = self._tools.get(b.digest)
         if cached is None:
-            python = b.python if self.bundle_code(b) is not None else {}
+            python = b.python if self.bundle_code(b) is not None else {}  # refused here if not trusted
             tools: dict[str, ToolSpec] = {}
             for name, grant in b.policy.grants.items():
                 if grant.handler:

@@ -83,6 +83,22 @@ class Bundle:
         files = self.manifest.get("files", {})
         return {f"{TOOLS_DIR}{m}.py": str(files[f"{TOOLS_DIR}{m}.py"]["sha256"]) for m in sorted(self.python)}
 
+    @property
+    def mcp_commands(self) -> dict[str, list[str]]:
+        """``mcp.NAME`` -> the command line each MCP server of the policy would start on the host."""
+        return {f"mcp.{n}": [srv.command, *srv.args] for n, srv in sorted(self.policy.mcp.items())}
+
+    @property
+    def host_code(self) -> dict[str, str]:
+        """Everything of the bundle that would run in or start from the host process, and its
+        sha256: its Python members, and the processes its policy's MCP servers would start
+        (command, arguments, environment template and directory: all of it chooses what runs)."""
+        code = self.python_digests
+        for n, srv in sorted(self.policy.mcp.items()):
+            spec = {"command": srv.command, "args": list(srv.args), "env": srv.env, "cwd": srv.cwd}
+            code[f"mcp.{n}"] = sha256_hex(_canonical(spec))
+        return code
+
 
 def pack(module: bytes, policy_text: str, *, python: dict[str, str] | None = None,
          policy_source: str = POLICY_MEMBER) -> bytes:

@@ -13,8 +13,9 @@ operator's tools, in the order they are looked up:
    ``Host(tools_dirs=[...])``): ``mod:func`` is the function ``func`` defined in ``DIR/mod.py``
    (the first directory that has ``mod.py`` wins, as in ``PATH``).
 
-A bundle may still carry Python (``tools/NAME.py``, packed explicitly); that Python runs in
-the host with the host's privileges, so a bundle that carries any is refused
+A bundle may still carry Python (``tools/NAME.py``, packed explicitly), and its policy may
+name MCP servers (``[mcp.NAME] command = ...``) for the host to start; either is code that
+runs with the host's privileges, so such a bundle is refused
 (:class:`~host.errors.BundleCodeRefused`) unless the operator trusts that very bundle by its
 digest (``--trust-bundle-code DIGEST``, ``Host(trust_bundle_code=[...])``). Only then may its
 modules answer references, and never one an operator tool also answers (that is refused:
@@ -91,24 +92,30 @@ class ToolSources:
         self._entry_points: dict[str, importlib.metadata.EntryPoint] | None = None
 
     # -- a bundle's own Python --------------------------------------------------------------
-    def admit(self, digest: str, name: str, python: Mapping[str, str]) -> dict[str, str] | None:
-        """Whether a bundle may run here, before anything of it is loaded.
+    def admit(self, digest: str, name: str, code: Mapping[str, str]) -> dict[str, str] | None:
+        """Whether a bundle may run here, before anything of it is loaded or started.
 
-        ``python`` maps each Python member of the bundle to its sha256. A bundle without
-        Python is admitted (None); one with Python only if the operator trusts its digest,
-        and then the member digests are returned, for the audit.
+        ``code`` maps each piece of host code the bundle brings to its sha256: its Python
+        members (``tools/NAME.py``) and the MCP servers its policy would start (``mcp.NAME``:
+        a command line is code too). A bundle without any is admitted (None); one with some
+        only if the operator trusts its digest, and then ``code`` is returned, for the audit.
         """
-        if not python:
+        if not code:
             return None
         if digest not in self.trusted:
-            members = ", ".join(sorted(python))
+            python = [c for c in sorted(code) if not c.startswith("mcp.")]
+            servers = [c for c in sorted(code) if c.startswith("mcp.")]
+            what = "; ".join(part for part in (
+                f"Python that would run inside the host process ({', '.join(python)})" if python else "",
+                f"MCP servers whose commands the host would start ({', '.join(servers)})" if servers else "",
+            ) if part)
             raise BundleCodeRefused(
-                f"bundle {name!r} ({digest}) carries Python that would run inside the host process with the "
-                f"host's privileges ({members}); Torpor runs a bundle's Python only for a bundle you trust: "
-                f"check it with `torpor inspect-bundle`, then pass `--trust-bundle-code {digest}` "
-                "(Host(trust_bundle_code=[digest]) when embedding), or install its tools as operator tools "
-                "(--tools-dir, or the `torpor.tools` entry points) and run a bundle without Python")
-        return dict(sorted(python.items()))
+                f"bundle {name!r} ({digest}) carries host code, with the host's privileges: {what}; Torpor runs "
+                f"a bundle's own code only for a bundle you trust: check it with `torpor inspect-bundle`, then "
+                f"pass `--trust-bundle-code {digest}` (Host(trust_bundle_code=[digest]) when embedding), or "
+                "install its tools as operator tools (--tools-dir, or the `torpor.tools` entry points) and run "
+                "a bundle without them")
+        return dict(sorted(code.items()))
 
     # -- references ---------------------------------------------------------------------------
     def resolve(self, ref: str, *, bundle_digest: str, bundle_python: Mapping[str, str]) -> Callable[..., Any]:

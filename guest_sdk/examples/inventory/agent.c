@@ -3,7 +3,7 @@
  *
  * Input:  {"order_id": "A-1001",
  *          "order": [{"sku": "apple", "qty": 3}, {"sku": "pear", "qty": "5"}, ...]}
- * Tools:  inventory.reserve (a host-side Python tool, inventory_tools.py),
+ * Tools:  inventory.reserve (an operator tool on the host, inventory_tools.py),
  *         kv.get / kv.set (the agent's durable store).
  * Output: {"order_id": ..., "reserved": [...], "backordered": [...],
  *          "rejected": [...], "open_backorders": N}

@@ -1,7 +1,10 @@
 """Host-side tools for the `inventory` example agent.
 
-The policy names the handler (`handler = "inventory_tools:reserve"`); `torpor build`
-ships this file in the bundle beside the agent's sources. The host validates the
+The policy names the handler (`handler = "inventory_tools:reserve"`). This is an
+operator tool, not part of the agent: `torpor build` does not pack it into the bundle
+(a bundle carries no host code), and the host finds it because its operator names this
+directory (`torpor run inventory.torpor --tools-dir guest_sdk/examples/inventory`, or
+`$TORPOR_TOOLS_PATH`). The host validates the
 guest's JSON arguments against `ReserveArgs` (strictly: `"qty": "5"` is a structured
 `invalid_args` error, not coerced) before calling `reserve(args, ctx)`.
 

@@ -7,7 +7,8 @@
  *          "requester": "finance-manager",   (optional, the default)
  *          "note": "for the new hires"}      (optional, forwarded to the requester)
  * Tools:  erp.budget, erp.vendors, erp.quote, erp.validate_quote, erp.create_po,
- *         notify.send (demo tools in procurement_tools.py, backed by the store),
+ *         notify.send (the operator's demo tools in procurement_tools.py, backed
+ *         by the store; `torpor run --tools-dir guest_sdk/examples/procurement`),
  *         kv.get / kv.set (the agent's own durable memory).
  * Output: {"status": "ordered" | "rejected", "reason": null | "<why>",
  *          "rule": null | "<the policy rule that refused>", "message": ...,

@@ -4,7 +4,11 @@ These are example tools, not product features: a tiny ERP (requester budgets,
 vendors, quotes, purchase orders) and a notification outbox, kept in the host's
 store so that their effects survive the host and are visible to later runs and
 to other processes. The policy names each handler (`handler =
-"procurement_tools:create_po"`); `torpor build` ships this file in the bundle.
+"procurement_tools:create_po"`). These are the operator's tools, not the agent's:
+the bundle carries no Python (`torpor build` does not pack this file), and the host
+finds the handlers because its operator names this directory
+(`torpor run procurement.torpor --tools-dir guest_sdk/examples/procurement`, or
+`$TORPOR_TOOLS_PATH`).
 
 Every tool is *transactional* (`fn(args, ctx, txn)`): it reads and writes the
 store through `txn.kv_get` / `txn.kv_set` inside the very transaction that
