@@ -84,3 +84,32 @@ def test_embedding_example_runs(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "embed.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "completed {'sum': 6, 'last': 3}"
+
+
+def test_operator_tools_example_runs_as_written(tmp_path: Path) -> None:
+    """The README's inventory commands, as written: the bundle carries no Python, the run names the
+    operator's tools directory, and without it the handler is not registered."""
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    block = _block(readme, "sh", "--tools-dir guest_sdk/examples/inventory")
+    (tmp_path / "guest_sdk").symlink_to(ROOT / "guest_sdk")  # the README's paths, without writing into the repo
+    env = {k: v for k, v in os.environ.items() if k != "TORPOR_TOOLS_PATH"}
+    env["TORPOR_STORE"] = str(tmp_path / "store")
+    commands = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+    assert [c[:2] for c in commands] == [["torpor", "build"], ["torpor", "run"]]
+    for argv in commands:
+        proc = subprocess.run([sys.executable, "-m", "host.cli", *argv[1:], "--json"], capture_output=True,
+                              text=True, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    built = json.loads(subprocess.run([sys.executable, "-m", "host.cli", "inspect-bundle", "inventory.torpor",
+                                       "--json"], capture_output=True, text=True, cwd=tmp_path).stdout)
+    assert built["host_code"] == [] and built["handlers"] == {"inventory.reserve": "inventory_tools:reserve"}
+    out = json.loads(proc.stdout)["output"]
+    assert [(r["sku"], r["qty"]) for r in out["reserved"]] == [("apple", 3), ("pear", 2)]
+    assert out["backordered"] == [{"sku": "pear", "qty": 3}]
+    run = commands[1]
+    i = run.index("--tools-dir")
+    without = subprocess.run([sys.executable, "-m", "host.cli", *run[1:i], *run[i + 2:]], capture_output=True,
+                             text=True, env=env, cwd=tmp_path)
+    assert without.returncode == 2 and "error[handler_not_registered]" in without.stderr, without.stderr
