@@ -264,6 +264,9 @@ def test_entry_point_tools_work(tmp_path: Path, caller_wasm: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     without = torpor("run", str(by_value), "--input", calls("echo"), "--store", str(store))
     assert without.returncode == 2 and "handler_not_registered" in without.stderr  # not installed: not a tool
+    doctor = json.loads(torpor("doctor", "--json", env={**env, TOOLS_PATH_ENV: str(tmp_path)}).stdout)
+    assert doctor["operator_tools"] == {"tools_path": [str(tmp_path)], "entry_points": {
+        "coded_tools:echo": "acme_tools:echo", "acme.shout": "acme_tools:echo"}}
 
 
 # -- in one process: no shadowing, no sharing ---------------------------------------------------------------

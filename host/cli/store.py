@@ -171,6 +171,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from host.paths import default_store_dir
     from host.sandbox import memory_pool
     from host.sandbox.engine import EngineConfig
+    from host.tools import sources
     from snapshots import delta, native_build
     from snapshots.lmdb_store import resolve_durability
 
@@ -197,6 +198,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "native": {"delta_kernels": kernels, "memory_pool": pool}, "memory_pool_max_free": cap,
         "native_cache": str(native_build.cache_dir()),
         "durability": resolve_durability(None), "store": str(default_store_dir()),
+        "operator_tools": {"tools_path": [str(d) for d in sources.dirs_from_env()],
+                           "entry_points": sources.entry_point_tools()},
     }
     data["fast_paths"] = kernels.startswith("native") and (
         pool.startswith("native") or not cfg.uses_memory_pool())
@@ -212,6 +215,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(f"native cache     {data['native_cache']}  ($TORPOR_NATIVE_CACHE)")
         print(f"durability       {data['durability']}  ($TORPOR_DURABILITY)")
         print(f"default store    {data['store']}  ($TORPOR_STORE)")
+        tools = data["operator_tools"]
+        print(f"tools path       {os.pathsep.join(tools['tools_path']) or '(none)'}  (${sources.TOOLS_PATH_ENV}; "
+              "--tools-dir adds more)")
+        eps = tools["entry_points"]
+        print(f"entry points     {len(eps)} tools in `{sources.ENTRY_POINT_GROUP}`"
+              + "".join(f"\n                 {n} = {v}" for n, v in sorted(eps.items())))
         if not data["fast_paths"]:
             print("note: a native helper is not in use; Torpor runs correctly but its hot paths are slower")
 

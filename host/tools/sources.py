@@ -71,6 +71,11 @@ def dirs_from_env(environ: Mapping[str, str] | None = None) -> list[Path]:
     return [Path(p) for p in value.split(os.pathsep) if p]
 
 
+def entry_point_tools() -> dict[str, str]:
+    """The installed ``torpor.tools`` entry points, name -> value (for ``torpor doctor``)."""
+    return {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
 class ToolSources:
     """The operator's tools, and the bundles whose own Python the operator trusts."""
 
