@@ -370,3 +370,20 @@ def test_an_mcp_server_command_in_a_bundle_policy_is_host_code(tmp_path: Path, c
     aid = json.loads(trusted.stdout)["agent_id"]
     records = json.loads(torpor("audit", "show", aid, "--store", str(tmp_path / "store"), "--json").stdout)["records"]
     assert [r["code"] for r in records if r["kind"] == "bundle_code.trusted"] == [{"mcp.evil": info["host_code"][0]["sha256"]}]
+
+
+@pytest.mark.parametrize("source, code, said", [
+    ("raise SystemExit(3)\n", "invalid_config", "SystemExit"),
+    ("def echo(:\n", "invalid_config", "SyntaxError"),
+    ("import no_such_module_here\n", "invalid_config", "ModuleNotFoundError"),
+    ("echo = 1\n", "handler_not_registered", "no public function 'echo'"),
+])
+def test_trusted_bundle_code_that_fails_is_a_typed_error(tmp_path: Path, caller_wasm: Path, source: str, code: str,
+                                                         said: str) -> None:
+    """Trusted code that fails to load (even by SystemExit) is one readable error line, never a crash."""
+    path, digest = pack(tmp_path, caller_wasm, POLICY, python={"coded_tools": source})
+    proc = torpor("run", str(path), "--input", calls("echo"), "--store", str(tmp_path / "store"),
+                  "--trust-bundle-code", f"sha256:{digest.upper()}")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"error[{code}]" in proc.stderr and said in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr

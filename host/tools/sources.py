@@ -189,7 +189,7 @@ def _load_entry_point(ep: importlib.metadata.EntryPoint, ref: str) -> Callable[.
     try:
         with _LOCK:
             fn = ep.load()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise ConfigError(f"tool handler {ref!r}: entry point {ep.name} = {ep.value} does not load: "
                           f"{type(exc).__name__}: {exc}") from exc
     if not callable(fn):
@@ -250,7 +250,7 @@ def _exec(module: types.ModuleType, qual: str, source: bytes, filename: str, wha
     sys.modules[qual] = module
     try:
         exec(compile(source, filename, "exec"), module.__dict__)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a module that calls exit() while loading must not end the host
         del sys.modules[qual]
         raise ConfigError(f"{what} failed to load: {type(exc).__name__}: {exc}") from exc
     return module
