@@ -79,8 +79,9 @@ class ConfigError(TorporError):
 
 
 class BundleCodeRefused(TorporError):
-    """A bundle carries Python, which would run in the host process, and the operator
-    did not say it trusts that bundle (``--trust-bundle-code DIGEST``)."""
+    """A bundle carries host code (Python, or MCP server commands in its policy), which would
+    run with the host's privileges, and the operator did not say it trusts that bundle
+    (``--trust-bundle-code DIGEST``)."""
 
     code = "bundle_code_refused"
 

@@ -131,5 +131,5 @@ def add_parsers(sub: Any) -> None:
                          "bundle only with --trust-bundle-code DIGEST")
     sp.add_argument("-o", "--output", required=True, help="the bundle file to write")
     sp = add_command(sub, "inspect-bundle", cmd_inspect_bundle, "show a bundle's digest, ABI, imports, exports, "
-                     "policy, and any Python it carries with its digests")
+                     "policy, and any host code it carries (Python, MCP server commands) with its digests")
     sp.add_argument("bundle", help="a .torpor bundle file")

@@ -40,7 +40,7 @@ def add_command(sub: Any, name: str, fn: Callable[[argparse.Namespace], int], he
                 **kwargs: Any) -> argparse.ArgumentParser:
     """Register one command with ``--json`` and, as it needs them, ``--store`` and
     ``--durability``, and for the commands that run agents (``runs``) where their tools come
-    from (``--tools-dir``) and which bundles' own Python may run (``--trust-bundle-code``)."""
+    from (``--tools-dir``) and which bundles' own code may run (``--trust-bundle-code``)."""
     sp: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help, **kwargs)
     sp.add_argument("--json", action="store_true", help=JSON_HELP)
     if store:
@@ -57,9 +57,10 @@ def add_command(sub: Any, name: str, fn: Callable[[argparse.Namespace], int], he
                              "of DIR/mod.py (repeatable; searched before $TORPOR_TOOLS_PATH, which lists more, "
                              "separated by ':'); installed packages' `torpor.tools` entry points are tools too")
         sp.add_argument("--trust-bundle-code", action="append", default=None, metavar="DIGEST",
-                        help="run the Python a bundle carries, in this process, for the bundle with this full digest "
-                             "(`torpor inspect-bundle` shows it and the code; repeatable); without it a bundle "
-                             "that carries Python is refused: error[bundle_code_refused]")
+                        help="run the host code a bundle carries (its Python, its policy's MCP server commands), "
+                             "with this process's privileges, for the bundle with this full digest (`torpor "
+                             "inspect-bundle` shows it and the code; repeatable); without it such a bundle is "
+                             "refused: error[bundle_code_refused]")
     sp.set_defaults(fn=fn)
     return sp
 
