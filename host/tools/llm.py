@@ -45,14 +45,13 @@ import anyio
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
+from host.tools import netguard
 from host.tools._net import (
     ResponseTooLarge,
+    check_bound,
     grant_of,
     read_capped,
     rule,
-    scrub_json,
-    scrub_text,
-    secret_values,
     transport_error,
 )
 from host.tools._net import (
@@ -148,11 +147,16 @@ def _choose_model(tool: str, args: ChatArgs, grant: Any) -> str:
     )
 
 
-def _api_key(grant: Any, secrets: dict[str, str]) -> str | None:
+def _key_name(grant: Any) -> str | None:
     name = getattr(grant, "api_key", None)
     creds = tuple(getattr(grant, "credentials", ()) or ())
     if name is None and len(creds) == 1:
         name = creds[0]
+    return name if isinstance(name, str) else None
+
+
+def _api_key(grant: Any, secrets: dict[str, str]) -> str | None:
+    name = _key_name(grant)
     if name is None:
         return None  # a local server without authentication
     key = secrets.get(name)
@@ -306,8 +310,9 @@ async def chat(args: ChatArgs, ctx: ToolContext, *, tool: str = "llm.chat") -> d
     retries = DEFAULT_RETRIES if retries is None else int(retries)
     limit = int(getattr(grant, "max_response_bytes", None) or DEFAULT_MAX_BYTES)
     key = _api_key(grant, ctx.secrets)
-    secrets = secret_values(ctx.secrets)
     base = str(grant.base_url).rstrip("/")
+    if key is not None:
+        check_bound(tool, ctx, [_key_name(grant) or ""], netguard.parse_url(base + "/"))
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if provider == "anthropic":
         url, body = base + "/messages", _anthropic_request(tool, args, model, max_tokens)
@@ -324,7 +329,7 @@ async def chat(args: ChatArgs, ctx: ToolContext, *, tool: str = "llm.chat") -> d
         attempt = 0
         while True:
             try:
-                data = await _attempt(client, tool, url, headers, payload, timeout, limit, secrets)
+                data = await _attempt(client, tool, url, headers, payload, timeout, limit)
                 break
             except _Retry as r:
                 if attempt >= retries:
@@ -357,12 +362,12 @@ async def chat(args: ChatArgs, ctx: ToolContext, *, tool: str = "llm.chat") -> d
     result["usage"] = usage
     result["model"] = result["model"] or model
     result["attempts"] = attempt + 1
-    return dict(scrub_json(result, secrets))
+    return result
 
 
 async def _attempt(
     client: httpx.AsyncClient, tool: str, url: str, headers: dict[str, str], payload: bytes, timeout: float,
-    limit: int, secrets: list[str],
+    limit: int,
 ) -> Any:
     """One request: the parsed JSON answer, a ``_Retry`` for retryable failures, or a ToolError."""
     try:
@@ -393,7 +398,7 @@ async def _attempt(
         raise transport_error(tool, exc, "the LLM server") from None
     if status >= 400:
         raise ToolError(
-            "tool_failed", f"{tool}: the LLM server refused the request ({status}): {_error_text(raw, secrets)}",
+            "tool_failed", f"{tool}: the LLM server refused the request ({status}): {_error_text(raw)}",
             status=status, reason_code="upstream_error",
         )
     try:
@@ -404,8 +409,9 @@ async def _attempt(
         ) from None
 
 
-def _error_text(raw: bytes, secrets: list[str]) -> str:
-    """The upstream error message (OpenAI/Anthropic shape, else the text), short and scrubbed."""
+def _error_text(raw: bytes) -> str:
+    """The upstream error message (OpenAI/Anthropic shape, else the text), short (the pipeline
+    scrubs it, a secret's prefix at the cut included)."""
     text = raw.decode("utf-8", "replace")
     try:
         data = json.loads(text)
@@ -416,7 +422,7 @@ def _error_text(raw: bytes, secrets: list[str]) -> str:
             text = err
     except ValueError:
         pass
-    return scrub_text(text[:500], secrets)
+    return text[:500]
 
 
 def _no_constant(name: str) -> Any:
