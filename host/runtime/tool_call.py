@@ -136,20 +136,18 @@ class ToolCallPipeline:
         """
         try:
             args = canonical_args(agent.tools.get(call.tool), call.args)
+            principal = agent.record.get("principal")
             return policies.ToolRequest(agent_id=agent.agent_id, tool=call.tool, args=args, call_seq=call.seq,
-                                        principal=agent.record.get("principal"), agent_name=agent.bundle.name)
+                                        principal=principal, agent_name=agent.bundle.name,
+                                        run_id=f"{agent.run_started:.6f}", tenant=agent.record.get("tenant") or principal)
         except policies.NotJSONError as exc:
             return answers.invalid_args(call.tool, exc)
 
     # 3 ----------------------------------------------------------------------------------
-    @staticmethod
-    def decide(agent: LiveAgent, request: policies.ToolRequest) -> tuple[policies.Decision, policies.Usage]:
-        """The policy's decision, the usage it leaves (kept in the record), audited."""
-        now = time.time()
-        policy = agent.bundle.policy
-        before = budgets.usage_of(agent, now)
-        decision = policies.decide(policy, request, before, now, custom_validators=agent.validators)
-        after = policies.record_decision(policy, before, request, decision, now)
+    def decide(self, agent: LiveAgent, request: policies.ToolRequest) -> tuple[policies.Decision, policies.Usage]:
+        """The policy's decision, the usage it leaves (kept in the record; limits shared
+        beyond the agent kept in the store by the accountant), audited."""
+        decision, _before, after = budgets.decide(agent, self.store, request, time.time())
         budgets.keep(agent, after)
         agent.event(_DECISION_EVENT.get(decision.kind, "tool." + decision.kind),
                     call_seq=request.call_seq, tool=request.tool, decision=decision.to_dict())
