@@ -822,7 +822,7 @@ def _validator_checks(
     extra = f" ({v.reason})" if v.reason else ""
     subject = "the output" if ctx.target == "output" else f"the arguments of {ctx.tool}"
     if v.detect is not None:
-        findings = scan(value, v.detect)
+        findings = scan(value, v.detect, decode=v.decode)
         for det in v.detect:
             rule = f"{base}.detect.{det}"
             hits = [f for f in findings if f.detector == det]

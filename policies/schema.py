@@ -249,6 +249,10 @@ Checks (one per validator):
                     passwords).  Every string, integer and key anywhere in the
                     value is scanned.  Denial codes: ``pii_detected`` for
                     the first four, ``secret_detected`` for ``secret``.
+                    Strings are normalised first (NFKC, digits of every
+                    script, zero-width characters dropped, whitespace folded,
+                    line breaks joined).  ``decode = true`` also scans base64
+                    and hex runs decoded (a heuristic: off by default).
 ``spending_limit``  ``{ field = PATH, max = N, action = ..., scope = ...,
                     allow_negative = false }``: the sum of the numbers at PATH
                     (``*`` allowed) must not exceed N.  Code ``spending_limit``.
@@ -1055,6 +1059,7 @@ class Validator(_Model):
     custom: Ref | None = None
     action: Literal["deny", "approval", "terminate"] | None = None
     reason: StrictStr | None = None
+    decode: StrictBool = False  # detect: also scan base64 and hex runs, decoded (a heuristic)
 
     @field_validator("on")
     @classmethod
