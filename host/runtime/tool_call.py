@@ -49,7 +49,7 @@ from host.sandbox.execution import Captured, Completed, Failed, Outcome, Pending
 from host.tools.registry import ToolContext, ToolError, ToolSpec
 from host.trust import audit
 from host.trust.credentials import CredentialBroker, bindings, scrub_values
-from host.trust.scrub import Scrubber
+from host.trust.scrub import Scrubber, scrubbing
 from snapshots.errors import RecordCorrupt
 from snapshots.format import Snapshot, encode_snapshot
 from snapshots.store import AgentStore
@@ -295,10 +295,11 @@ class ToolCallPipeline:
 
         async def call() -> None:
             try:
-                if spec.is_async:
-                    value = await spec.func(args, ctx)
-                else:
-                    value = await anyio.to_thread.run_sync(spec.func, args, ctx)
+                with scrubbing(clean):  # the logs of the libraries it uses are scrubbed too
+                    if spec.is_async:
+                        value = await spec.func(args, ctx)
+                    else:
+                        value = await anyio.to_thread.run_sync(spec.func, args, ctx)
                 result.append(self.settle(spec, clean, value))
             except Exception as exc:
                 result.append(self.settle(spec, clean, exc=exc))

@@ -32,10 +32,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import contextvars
 import html
 import json
+import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import unquote
 
@@ -231,3 +234,53 @@ class Scrubber:
         if clean == value:
             return None
         return json.dumps(clean, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# -- the logs of the libraries a tool uses ------------------------------------------------------
+#
+# A tool's HTTP client logs each request's URL (httpx, at INFO), and a redirect a server
+# chose may carry a secret in it. While a tool runs, the pipeline makes its scrubber the
+# current one (:func:`scrubbing`); this filter, on the loggers of the libraries the tools
+# use, masks what a record would print with it. Context variables follow the call into
+# its tasks and worker threads, so concurrent calls of different agents do not mix.
+
+_CURRENT: contextvars.ContextVar[Scrubber | None] = contextvars.ContextVar("torpor_scrubber", default=None)
+LIBRARY_LOGGERS = ("httpx", "httpcore", "mcp")
+
+
+class _LogScrubber(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        scrub = _CURRENT.get()
+        if scrub:
+            try:
+                text = record.getMessage()
+            except Exception:  # a record that does not format: leave it to the handler's own error path
+                return True
+            clean = scrub.text(text)
+            if clean != text:
+                record.msg, record.args = clean, None
+        return True
+
+
+_FILTER = _LogScrubber()
+
+
+def install_log_filter() -> None:
+    """Put the filter on the library loggers (idempotent; their child loggers too, which
+    do not inherit a parent's filters)."""
+    for name in LIBRARY_LOGGERS:
+        for logger_name in [name, *[n for n in logging.root.manager.loggerDict if n.startswith(name + ".")]]:
+            logger = logging.getLogger(logger_name)
+            if _FILTER not in logger.filters:
+                logger.addFilter(_FILTER)
+
+
+@contextlib.contextmanager
+def scrubbing(scrub: Scrubber) -> Iterator[None]:
+    """Make ``scrub`` the current scrubber of the library logs while a tool runs."""
+    install_log_filter()
+    token = _CURRENT.set(scrub)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
