@@ -47,6 +47,7 @@ MIN_SECRET = 4  # shorter values would redact ordinary text; no real credential 
 FRAGMENT = 8  # a run of this many characters of a secret is masked anywhere
 EDGE = 4  # a secret's prefix (suffix) this long is masked at the end (start) of a string: a cut point
 _ANCHOR = 4  # search step: every fragment of FRAGMENT characters holds an aligned block of this many
+_ENCODED_FRAGMENT = 24  # of a hex or base64 form: 12 bytes of the secret in hex, 18 in base64
 _MAX_DECODE_ROUNDS = 4
 
 _ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})|\\x([0-9a-fA-F]{2})|\\([\"\\/bfnrt'])")
@@ -95,6 +96,31 @@ def _encoded_forms(secret: str) -> list[str]:
     return forms
 
 
+def _binary_text(text: str) -> str:
+    """A hex or base64 string's bytes as latin-1 text ("" when it does not decode)."""
+    try:
+        if _HEX.fullmatch(text):
+            return bytes.fromhex(text).decode("latin-1")
+        alt = "-" in text or "_" in text
+        return (base64.urlsafe_b64decode if alt else base64.b64decode)(
+            text.rstrip("=") + "=" * (-len(text.rstrip("=")) % 4)).decode("latin-1")
+    except (binascii.Error, ValueError):
+        return ""
+
+
+def _strings(value: Any, out: list[str]) -> None:
+    """Every string of a JSON value, keys included."""
+    if isinstance(value, str):
+        out.append(value)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _strings(v, out)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            out.append(str(k))
+            _strings(v, out)
+
+
 class Scrubber:
     """Masks a set of secrets (and their fragments, decoded and encoded forms) in JSON values."""
 
@@ -106,6 +132,21 @@ class Scrubber:
             needles.append((s, True))
             needles.extend((f, False) for f in _encoded_forms(s))
         self._needles = tuple(dict.fromkeys(needles))
+        # What a string must contain for the slow search to find anything (a fast test first,
+        # over all of an answer's strings at once): a block of 5 characters of a secret at
+        # every 4th offset (a fragment of FRAGMENT characters holds one), its first and last
+        # EDGE characters (a cut point), and blocks of 12 of its encoded forms at every 12th
+        # offset (a fragment of _ENCODED_FRAGMENT holds one).
+        probes: list[str] = []
+        for needle, raw in self._needles:
+            if len(needle) < FRAGMENT:
+                probes.append(needle)
+            elif raw:
+                probes += [needle[i : i + 5] for i in range(0, len(needle) - 4, 4)]
+                probes += [needle[:EDGE], needle[-EDGE:]]
+            else:
+                probes += [needle[i : i + 12] for i in range(0, len(needle) - 11, 12)]
+        self._probes = tuple(dict.fromkeys(probes))
 
     def __bool__(self) -> bool:
         return bool(self.secrets)
@@ -132,7 +173,8 @@ class Scrubber:
                             a, sa = a - 1, sa - 1
                         while b < n and sb < m and text[b] == needle[sb]:
                             b, sb = b + 1, sb + 1
-                        if b - a >= FRAGMENT or (b - a >= EDGE and ((a == 0 and sb == m) or (b == n and sa == 0))):
+                        if b - a >= (FRAGMENT if raw else _ENCODED_FRAGMENT) or (
+                                raw and b - a >= EDGE and ((a == 0 and sb == m) or (b == n and sa == 0))):
                             spans.append((a, b))
                         i = text.find(gram, i + 1)
             if not raw:
@@ -178,8 +220,8 @@ class Scrubber:
         if _B64.fullmatch(text):
             urlsafe = "-" in text or "_" in text
             try:
-                data = (base64.urlsafe_b64decode if urlsafe else base64.b64decode)(
-                    text + "=" * (-len(text) % 4))
+                bare = text.rstrip("=")
+                data = (base64.urlsafe_b64decode if urlsafe else base64.b64decode)(bare + "=" * (-len(bare) % 4))
             except (binascii.Error, ValueError):
                 return text
             plain = data.decode("latin-1")
@@ -189,10 +231,25 @@ class Scrubber:
                 return enc(masked.encode("latin-1", "replace")).decode()
         return text
 
+    def _suspect(self, strings: list[str]) -> bool:
+        """Whether any of ``strings``, or its decoded forms, may hold something to mask (no
+        false negatives; a false positive only costs the slow search)."""
+        forms = list(strings)
+        for t in strings:
+            if "\\" in t or "%" in t or "&" in t:
+                forms.append(_decode(t))
+            if len(t) >= 16 and (_HEX.fullmatch(t) or _B64.fullmatch(t)):
+                forms.append(_binary_text(t))
+        blob = "\x00".join(forms)
+        return any(p in blob for p in self._probes)
+
     def text(self, text: str) -> str:
         """``text`` with every secret and fragment masked, in its decoded form if that is where one hides."""
-        if not self.secrets:
+        if not self.secrets or not self._suspect([text]):
             return text
+        return self._text(text)
+
+    def _text(self, text: str) -> str:
         masked = self._binary(self._mask(text))
         for _ in range(_MAX_DECODE_ROUNDS):
             decoded = _decode(masked)
@@ -208,12 +265,19 @@ class Scrubber:
         """A JSON value with every string (keys too) scrubbed, at every depth."""
         if not self.secrets:
             return value
+        strings: list[str] = []
+        _strings(value, strings)
+        if not self._suspect(strings):
+            return value
+        return self._value(value)
+
+    def _value(self, value: Any) -> Any:
         if isinstance(value, str):
-            return self.text(value)
+            return self._text(value)
         if isinstance(value, list | tuple):
-            return [self.value(v) for v in value]
+            return [self._value(v) for v in value]
         if isinstance(value, dict):
-            return {self.text(str(k)): self.value(v) for k, v in value.items()}
+            return {self._text(str(k)): self._value(v) for k, v in value.items()}
         return value
 
     def found(self, value: Any) -> bool:
