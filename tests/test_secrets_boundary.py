@@ -571,3 +571,28 @@ def test_no_secret_reaches_the_store_the_cli_or_the_logs(caller_module: bytes, t
     for name in values:  # the control: every secret, in every place the guest's answers go
         for where in ("cli inspect --json", "cli audit show --payloads", "result and guest logs", "file db/data.mdb"):
             assert (where, name) in found, (where, name, sorted(found))
+
+
+def test_secrets_set_binds_hosts_from_the_cli(tmp_path: Path) -> None:
+    env = {**__import__("os").environ, "TORPOR_VAULT_KEY": ""}
+    env.pop("TORPOR_VAULT_KEY")
+
+    def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "host.cli", "secrets", *args, "--store", str(tmp_path)],
+                              cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=120, env=env)
+
+    p = cli("set", "crm", "--host", "API.Example.com", "--host", "127.0.0.1:8080", "--json", stdin="v-123456789\n")
+    assert p.returncode == 0, p.stderr
+    listed = json.loads(cli("list", "--json").stdout)
+    assert listed[0]["hosts"] == ["api.example.com", "127.0.0.1:8080"]
+    bad = cli("set", "crm", "--host", "http://x/", stdin="v\n")
+    assert bad.returncode != 0 and "error[invalid_config]: secret host binding" in bad.stderr
+    assert Vault(tmp_path).get_bound(["crm"])["crm"] == ("v-123456789", ("api.example.com", "127.0.0.1:8080"))
+
+
+def test_the_scrub_benchmark_runs() -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench import scrub as scrub_bench
+
+    rows = scrub_bench.run(5)
+    assert set(rows) == {f"{n}, {k} secret(s)" for n in ("small result", "64 KiB JSON", "256 KiB text") for k in (0, 1, 4)}
