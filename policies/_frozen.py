@@ -74,8 +74,8 @@ def freeze(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
-        if math.isnan(value):
-            raise NotJSONError("NaN is not a JSON value")
+        if not math.isfinite(value):  # NaN and the infinities: no JSON text carries them
+            raise NotJSONError(f"{value!r} is not a JSON value (numbers must be finite)")
         return value
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}

@@ -11,6 +11,14 @@ Findings never carry the full matched text, only a masked form, because a
 denial reason travels to the agent, the audit log and operators' terminals —
 echoing the secret there would leak it a second time.
 
+Every string is normalised before it is matched (:func:`normalise`: NFKC, digits
+of every script as ASCII digits, zero-width and control characters removed,
+whitespace folded, line breaks inside a value joined), so full-width digits, a
+zero-width space or a line break inside a card number hide nothing. Encodings
+(base64, hex) are found only in the optional heuristic mode (``decode = true``
+on the validator); a value split across calls, or encrypted, is not found at
+all (bench/RESULTS.md, "Detection table").
+
 The detectors favour precision where a false positive would block ordinary
 work:
 
@@ -36,8 +44,11 @@ work:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -364,16 +375,98 @@ FINDERS: Mapping[str, Callable[[str], list[Hit]]] = {
 }
 
 
-def find(text: str, detectors: Iterable[str] = DETECTORS) -> list[Hit]:
-    """Every hit of the named detectors in one string, in detector order."""
+_LINE_BREAKS = re.compile(r"\s*[\n\r\u2028\u2029\x0b\x0c\x85]\s*")
+_SPACES = re.compile(r"\s+")
+
+
+def _plain_char(c: str) -> str:
+    """One character as the detectors read it: a digit of any script as its ASCII digit,
+    format characters (zero-width space, joiners, soft hyphen, BOM) and controls dropped."""
+    if c.isascii():
+        return "" if (ord(c) < 0x20 and c not in "\t\n\r\x0b\x0c") or c == "\x7f" else c
+    d = unicodedata.decimal(c, None)
+    if d is not None:
+        return str(d)
+    cat = unicodedata.category(c)
+    if cat == "Cf" or (cat == "Cc" and not c.isspace()):
+        return ""
+    return c
+
+
+def normalise(text: str) -> tuple[str, ...]:
+    """The forms of a string the detectors match, so that a variant cannot slip past.
+
+    NFKC (full-width and other compatibility forms become their plain letters and
+    digits), digits of every script as ASCII digits, format and control characters
+    removed, whitespace folded to one space; and a second form with line breaks (and
+    the spaces around them) removed, for a value broken across lines. The first form
+    is the text itself when nothing changes (then it is the only one).
+    """
+    if text.isascii() and not any(ord(c) < 0x20 or c == "\x7f" for c in text):
+        folded = _SPACES.sub(" ", text) if "  " in text else text
+        return (text,) if folded == text else (text, folded)
+    plain = "".join(_plain_char(c) for c in unicodedata.normalize("NFKC", text))
+    forms = [text, _SPACES.sub(" ", plain)]
+    joined = _SPACES.sub(" ", _LINE_BREAKS.sub("", plain))
+    forms.append(joined)
+    return tuple(dict.fromkeys(forms))
+
+
+_ENCODED = re.compile(r"[A-Za-z0-9+/_-]{12,}={0,2}")
+
+
+def decoded_forms(text: str) -> list[str]:
+    """The heuristic mode (``decode = true``): base64 and hex runs of 12 or more characters
+    that decode to UTF-8 text, so a value sent encoded is scanned too. Off by default: it
+    costs a decode per such run and is easily defeated (split across calls, another
+    encoding, encryption), which is why it is a heuristic and not a guarantee."""
+    out: list[str] = []
+    for m in _ENCODED.finditer(text):
+        tok = m.group(0).rstrip("=")
+        candidates: list[bytes] = []
+        if re.fullmatch(r"(?:[0-9a-fA-F]{2})+", tok):
+            candidates.append(bytes.fromhex(tok))
+        try:
+            alt = "-" in tok or "_" in tok
+            candidates.append((base64.urlsafe_b64decode if alt else base64.b64decode)(tok + "=" * (-len(tok) % 4)))
+        except (binascii.Error, ValueError):
+            pass
+        for raw in candidates:
+            try:
+                decoded = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if decoded.isprintable() or all(c.isprintable() or c.isspace() for c in decoded):
+                out.append(decoded)
+    return out
+
+
+def find(text: str, detectors: Iterable[str] = DETECTORS, *, decode: bool = False) -> list[Hit]:
+    """Every hit of the named detectors in one string (in any of its :func:`normalise`
+    forms, and with ``decode`` in its base64 and hex runs too), in detector order."""
+    names = tuple(detectors)
+    forms = list(normalise(text))
+    if decode:
+        forms += [f for d in decoded_forms(text) for f in normalise(d)]
     hits: list[Hit] = []
-    for name in detectors:
+    seen: set[tuple[str, str, str]] = set()
+    for name in names:
         try:
             finder = FINDERS[name]
         except KeyError:
             raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}") from None
-        hits.extend(finder(text))
+        for form in forms:
+            for hit in finder(form):
+                key = (hit.detector, hit.kind, hit.masked)
+                if key not in seen:
+                    seen.add(key)
+                    hits.append(hit)
     return hits
+
+
+def find_raw(text: str, detectors: Iterable[str] = DETECTORS) -> list[Hit]:
+    """The detectors on the text exactly as given, no normalisation (for the detection table)."""
+    return [hit for name in detectors for hit in FINDERS[name](text)]
 
 
 def iter_strings(value: Any, root: str = "$") -> Iterator[tuple[str, str, bool]]:
@@ -394,14 +487,16 @@ def iter_strings(value: Any, root: str = "$") -> Iterator[tuple[str, str, bool]]
             yield from iter_strings(v, child_path(root, i))
 
 
-def scan(value: Any, detectors: Iterable[str] = DETECTORS, root: str = "$") -> list[Finding]:
-    """Every finding of the named detectors anywhere inside a JSON value."""
+def scan(value: Any, detectors: Iterable[str] = DETECTORS, root: str = "$", *,
+         decode: bool = False) -> list[Finding]:
+    """Every finding of the named detectors anywhere inside a JSON value (``decode``: the
+    heuristic mode, :func:`decoded_forms`)."""
     names = tuple(detectors)
     for name in names:
         if name not in FINDERS:
             raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
     findings: list[Finding] = []
     for path, text, in_key in iter_strings(value, root):
-        for hit in find(text, names):
+        for hit in find(text, names, decode=decode):
             findings.append(Finding(hit.detector, hit.kind, path, hit.masked, in_key))
     return findings

@@ -48,7 +48,7 @@ from .detectors import LABELS, PII_DETECTORS, scan
 from .expr import json_equal
 from .paths import locator as _locator
 from .paths import resolve
-from .schema import ArgConstraint, Policy, ToolGrant, Validator
+from .schema import ArgConstraint, Limit, Policy, ToolGrant, Validator
 from .units import format_duration
 
 # --- inputs ---------------------------------------------------------------------------
@@ -69,6 +69,8 @@ class ToolRequest:
     call_seq: int
     principal: str | None = None
     agent_name: str | None = None
+    run_id: str | None = None  # the agent's current run (the ``run`` scope of limits)
+    tenant: str | None = None  # whom the agent acts for (the ``tenant`` scope); default: the principal
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "args", freeze(self.args))
@@ -82,6 +84,8 @@ class ToolRequest:
             "call_seq": self.call_seq,
             "principal": self.principal,
             "agent_name": self.agent_name,
+            "run_id": self.run_id,
+            "tenant": self.tenant,
         }
 
 
@@ -105,11 +109,19 @@ class Usage:
     denials: int = 0
     calls_by_tool: Mapping[str, int] = field(default_factory=FrozenDict)
     recent_calls: Mapping[str, tuple[float, ...]] = field(default_factory=FrozenDict)
+    # Counters of the limits whose scope is wider than one agent's record (:func:`aggregate_keys`):
+    # a spending total (a number) or a rate's timestamps (a tuple), by key. The host reads them
+    # from its store, and writes back what :func:`record_decision` returns, atomically.
+    shared: Mapping[str, Any] = field(default_factory=FrozenDict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "calls_by_tool", FrozenDict(self.calls_by_tool))
         object.__setattr__(
             self, "recent_calls", FrozenDict({k: tuple(v) for k, v in self.recent_calls.items()})
+        )
+        object.__setattr__(
+            self, "shared",
+            FrozenDict({k: tuple(v) if isinstance(v, list | tuple) else v for k, v in self.shared.items()}),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,6 +135,7 @@ class Usage:
             "denials": self.denials,
             "calls_by_tool": dict(self.calls_by_tool),
             "recent_calls": {k: list(v) for k, v in self.recent_calls.items()},
+            "shared": {k: list(v) if isinstance(v, tuple) else v for k, v in self.shared.items()},
         }
 
 
@@ -418,10 +431,12 @@ def _num(v: float) -> str:
 
 def _show(value: Any, limit: int = 60) -> str:
     """A short JSON rendering of an argument value, for reasons."""
+    if isinstance(value, int) and not isinstance(value, bool) and _beyond_64_bits(value):
+        return f"an integer of {value.bit_length()} bits"
     try:
         text = json.dumps(thaw(value), ensure_ascii=False, sort_keys=True)
     except (TypeError, ValueError):
-        text = repr(value)
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -434,6 +449,21 @@ def _where(path: str) -> str:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _beyond_64_bits(v: int) -> bool:
+    return not -(1 << 63) <= v < (1 << 64)
+
+
+def _bad_number(v: Any) -> str | None:
+    """Why a value is not a number the engine can judge (None: it is one)."""
+    if not _is_number(v):
+        return f"must be a number, got {_json_type(v)}"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "must be a finite number"
+    if isinstance(v, int) and _beyond_64_bits(v):
+        return f"is an integer of {v.bit_length()} bits; numbers beyond 64 bits are refused"
+    return None
 
 
 def _json_type(v: Any) -> str:
@@ -622,8 +652,9 @@ def _element_check(key: str, c: ArgConstraint, where: str, v: Any) -> str | None
     elif key in ("min", "max"):
         bound = c.min if key == "min" else c.max
         assert bound is not None
-        if not _is_number(v) or math.isnan(v):
-            return f"{where} must be a number, got {_json_type(v)}"
+        bad = _bad_number(v)
+        if bad is not None:
+            return f"{where} {bad}"
         if key == "min" and v < bound:
             return f"{where} = {_show(v)} is below the minimum {_num(bound)}"
         if key == "max" and v > bound:
@@ -632,7 +663,7 @@ def _element_check(key: str, c: ArgConstraint, where: str, v: Any) -> str | None
 
 
 def _invocation_checks(
-    tool: str, grant: ToolGrant, usage: Usage, now: float
+    tool: str, grant: ToolGrant, usage: Usage, now: float, request: ToolRequest | None = None
 ) -> Iterator[RuleResult]:
     if grant.max_calls is not None:
         rule = locator("tools", tool, "max_calls")
@@ -642,7 +673,13 @@ def _invocation_checks(
             yield RuleResult(rule, "deny", reason, Deny("budget_exceeded", reason, rule))
         else:
             yield RuleResult(rule, "pass", f"{made} of {grant.max_calls} calls made")
-    stamps = usage.recent_calls.get(tool, ())
+    scope_text = ""
+    if grant.rate_scope == "agent" or request is None:
+        stamps = usage.recent_calls.get(tool, ())
+    else:
+        key = _scope_key(grant.rate_scope, request, _rate_what(tool))
+        stamps = tuple(usage.shared.get(key, ()))
+        scope_text = f" (scope {key.rsplit(':', 1)[0].replace(':', ' ', 1)})"
     for i, rate in enumerate(grant.rate):
         rule = locator("tools", tool, "rate") + (f"[{i}]" if len(grant.rate) > 1 else "")
         # Count every call in the half-open window (now - w, now]; timestamps in the
@@ -652,14 +689,14 @@ def _invocation_checks(
             oldest_relevant = in_window[len(in_window) - rate.count]
             retry = min(rate.window_s, max(0.0, oldest_relevant + rate.window_s - now))
             reason = (
-                f"rate limit {rate.text} reached for {tool}: {len(in_window)} calls in the last "
+                f"rate limit {rate.text} reached for {tool}{scope_text}: {len(in_window)} calls in the last "
                 f"{format_duration(rate.window_s)}; retry in {retry:.3g}s"
             )
             yield RuleResult(
                 rule, "deny", reason, Deny("rate_limited", reason, rule, retry_after_s=retry)
             )
         else:
-            yield RuleResult(rule, "pass", f"{len(in_window)} of {rate.count} calls in the window")
+            yield RuleResult(rule, "pass", f"{len(in_window)} of {rate.count} calls in the window{scope_text}")
 
 
 def _violation(rule: str, code: str, reason: str, action: str) -> RuleResult:
@@ -670,19 +707,122 @@ def _violation(rule: str, code: str, reason: str, action: str) -> RuleResult:
     return RuleResult(rule, "deny", reason, Deny(code, reason, rule))
 
 
+def _scope_key(scope: str, request: ToolRequest, what: str) -> str:
+    """The key of a counter shared beyond one call: ``SCOPE:WHO:WHAT``."""
+    who = {
+        "run": f"{request.agent_id}/{request.run_id or '-'}",
+        "agent": request.agent_id,
+        "policy": request.agent_name or "-",
+        "tenant": request.tenant or request.principal or "-",
+    }[scope]
+    return f"{scope}:{who}:{what}"
+
+
+def _limit_what(v: Validator, limit: Limit) -> str:
+    return f"{'spend' if v.spending_limit is not None else 'rows'}:{limit.field}"
+
+
+def _rate_what(tool: str) -> str:
+    return f"rate:{tool}"
+
+
+def _stray(value: Any, segments: Sequence[str]) -> str | None:
+    """Where the limit's field name appears although not at its path (one level deeper, say)."""
+    name = segments[-1] if segments else None
+    if name is None or name == "*" or name.isdigit():
+        return None
+    stack: list[tuple[str, Any]] = [("$", value)]
+    while stack:
+        where, node = stack.pop()
+        if isinstance(node, Mapping):
+            for k, child in node.items():
+                here = f"{where}.{k}"
+                if k == name:
+                    return here
+                stack.append((here, child))
+        elif isinstance(node, Sequence) and not isinstance(node, str):
+            stack.extend((f"{where}[{i}]", child) for i, child in enumerate(node))
+    return None
+
+
+def _limit_amounts(limit: Limit, value: Any) -> tuple[list[Any], str | None]:
+    """The amounts a limit sums, or why they cannot be judged (the first problem)."""
+    found, _missing = resolve(value, limit.segments)
+    if not found:
+        stray = _stray(value, limit.segments)
+        if stray is not None:
+            return [], (f"{limit.field} is absent but {_where(stray)} is present: the limit refuses "
+                        "arguments of a shape it does not match")
+        return [], None
+    for m in found:
+        bad = _bad_number(m.value)
+        if bad is not None:
+            return [], f"{_where(m.path)} {bad}"
+        if m.value < 0 and not limit.allow_negative:
+            return [], f"{_where(m.path)} = {_show(m.value)} is negative, which this limit does not allow"
+    return [m.value for m in found], None
+
+
+def _limit_check(
+    base: str, v: Validator, limit: Limit, value: Any, action: str, extra: str,
+    request: ToolRequest | None, usage: Usage | None,
+) -> RuleResult:
+    is_spend = v.spending_limit is not None
+    rule = f"{base}.{'spending_limit' if is_spend else 'rows_affected'}"
+    code = "spending_limit" if is_spend else "rows_limit"
+    amounts, problem = _limit_amounts(limit, value)
+    if problem is not None:
+        return _violation(rule, code, f"{problem}{extra}", action)
+    if not amounts:
+        return RuleResult(rule, "pass", f"{limit.field} absent")
+    total = sum(amounts)
+    scope = limit.scope if request is not None else "call"  # an output is judged alone
+    prior: Any = 0
+    scope_text = "this call"
+    if scope != "call":
+        assert request is not None and usage is not None
+        key = _scope_key(scope, request, _limit_what(v, limit))
+        prior = usage.shared.get(key, 0)
+        scope_text = f"scope {key.rsplit(':', 1)[0].replace(':', ' ', 1)}"
+    after = prior + total
+    unit = "" if is_spend else " rows"
+    if after > limit.max:
+        spent = f"{_num(prior)} already + {_num(total)} = {_num(after)}" if scope != "call" else _num(total)
+        what = "the spending limit" if is_spend else "the limit"
+        reason = f"{limit.field} = {spent}{unit} exceeds {what} of {_num(limit.max)}{unit} ({scope_text}){extra}"
+        return _violation(rule, code, reason, action)
+    return RuleResult(rule, "pass", f"{limit.field}: {_num(after)}{unit} within {_num(limit.max)} ({scope_text})")
+
+
+def aggregate_keys(policy: Policy, request: ToolRequest) -> tuple[str, ...]:
+    """The shared counters a decision on ``request`` reads (``Usage.shared``), empty for
+    most policies: the host reads these from its store before :func:`decide`."""
+    grant = policy.tools.get(request.tool)
+    keys: list[str] = []
+    if grant is not None and grant.rate and grant.rate_scope != "agent":
+        keys.append(_scope_key(grant.rate_scope, request, _rate_what(request.tool)))
+    for _, v in policy.tool_validators.get(request.tool, ()):
+        limit = v.spending_limit or v.rows_affected
+        if limit is not None and limit.scope != "call":
+            keys.append(_scope_key(limit.scope, request, _limit_what(v, limit)))
+    return tuple(dict.fromkeys(keys))
+
+
 def _validator_checks(
     index: int,
     v: Validator,
     value: Any,
     ctx: ValidatorContext,
     custom: Mapping[str, Callable[..., Any]] | None,
+    request: ToolRequest | None = None,
+    usage: Usage | None = None,
 ) -> Iterator[RuleResult]:
     base = f"validators[{index}]"
     action = v.effective_action
     extra = f" ({v.reason})" if v.reason else ""
     subject = "the output" if ctx.target == "output" else f"the arguments of {ctx.tool}"
     if v.detect is not None:
-        findings = scan(value, v.detect)
+        findings = scan(value, v.detect, decode=v.decode)
         for det in v.detect:
             rule = f"{base}.detect.{det}"
             hits = [f for f in findings if f.detector == det]
@@ -697,29 +837,7 @@ def _validator_checks(
         return
     limit = v.spending_limit or v.rows_affected
     if limit is not None:
-        is_spend = v.spending_limit is not None
-        rule = f"{base}.{'spending_limit' if is_spend else 'rows_affected'}"
-        code = "spending_limit" if is_spend else "rows_limit"
-        found, _missing = resolve(value, limit.segments)
-        if not found:
-            yield RuleResult(rule, "pass", f"{limit.field} absent")
-            return
-        bad = [m for m in found if not _is_number(m.value) or math.isnan(m.value)]
-        if bad:
-            reason = f"{_where(bad[0].path)} must be a number to check the {'spending' if is_spend else 'rows'} limit, got {_json_type(bad[0].value)}{extra}"
-            yield _violation(rule, code, reason, action)
-            return
-        total = sum(m.value for m in found)
-        if total > limit.max:
-            if is_spend:
-                reason = f"{limit.field} = {_num(total)} exceeds the spending limit of {_num(limit.max)}{extra}"
-            else:
-                reason = f"{limit.field} = {_num(total)} rows exceeds the limit of {_num(limit.max)} rows{extra}"
-            yield _violation(rule, code, reason, action)
-        else:
-            yield RuleResult(
-                rule, "pass", f"{limit.field} = {_num(total)} within {_num(limit.max)}"
-            )
+        yield _limit_check(base, v, limit, value, action, extra, request, usage)
         return
     assert v.custom is not None
     rule = f"{base}.custom"
@@ -777,12 +895,12 @@ def _tool_steps(
     grant = policy.tools[request.tool]
     yield from _budget_checks(policy, usage, verbose)
     yield from _arg_checks(request.tool, grant, request.args)
-    yield from _invocation_checks(request.tool, grant, usage, now)
+    yield from _invocation_checks(request.tool, grant, usage, now, request)
     ctx = ValidatorContext(
         f"tool:{request.tool}", request.tool, "", now, request.agent_id, request.principal
     )
     for index, v in policy.tool_validators.get(request.tool, ()):
-        yield from _validator_checks(index, v, request.args, ctx, custom)
+        yield from _validator_checks(index, v, request.args, ctx, custom, request, usage)
     yield from _approval_check(request.tool, grant, request.args)
 
 
@@ -936,12 +1054,23 @@ def record_decision(
     recent = dict(usage.recent_calls)
     grant = policy.tools.get(tool)
     window = max((r.window_s for r in grant.rate), default=0.0) if grant is not None else 0.0
-    if window > 0:
+    shared = dict(usage.shared)
+    if grant is not None and grant.rate_scope != "agent" and window > 0:
+        key = _scope_key(grant.rate_scope, request, _rate_what(tool))
+        shared[key] = (*(t for t in shared.get(key, ()) if t > now - window), now)
+    elif window > 0:
         recent[tool] = (*(t for t in recent.get(tool, ()) if t > now - window), now)
     else:
         recent.pop(tool, None)
+    for _, v in policy.tool_validators.get(tool, ()):
+        limit = v.spending_limit or v.rows_affected
+        if limit is not None and limit.scope != "call":
+            amounts, problem = _limit_amounts(limit, request.args)
+            if problem is None and amounts:
+                key = _scope_key(limit.scope, request, _limit_what(v, limit))
+                shared[key] = shared.get(key, 0) + sum(amounts)
     return _replace(
-        usage, tool_calls=usage.tool_calls + 1, calls_by_tool=calls, recent_calls=recent
+        usage, tool_calls=usage.tool_calls + 1, calls_by_tool=calls, recent_calls=recent, shared=shared
     )
 
 

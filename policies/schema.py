@@ -98,6 +98,10 @@ the MCP server ``[mcp.SERVER]``).  Any other name is a user tool and needs a
                  (never to agent code).
 ``rate``         a rate or an array of rates (all must hold), e.g.
                  ``["10/s", "1000/h"]``.  Denied calls do not count.
+``rate_scope``   whose calls a rate counts: ``agent`` (default: this agent's),
+                 ``run`` (its current run's), ``policy`` (every agent of this
+                 policy's) or ``tenant`` (every agent acting for the same
+                 principal); the wider scopes are kept in the store.
 ``max_calls``    total calls of this tool over the agent's life.
 ``approval``     ``true`` (every call needs a human), ``false`` (none), or a
                  table ``{ when = "CONDITION", reason = "TEXT" }``; without
@@ -245,11 +249,24 @@ Checks (one per validator):
                     passwords).  Every string, integer and key anywhere in the
                     value is scanned.  Denial codes: ``pii_detected`` for
                     the first four, ``secret_detected`` for ``secret``.
-``spending_limit``  ``{ field = PATH, max = N, action = ... }``: the sum of the
-                    numbers at PATH (``*`` allowed) must not exceed N.  Code
-                    ``spending_limit``.  A non-numeric value is a violation;
-                    an absent field passes (make it ``required`` in the
-                    tool's ``args`` if it must be there).
+                    Strings are normalised first (NFKC, digits of every
+                    script, zero-width characters dropped, whitespace folded,
+                    line breaks joined).  ``decode = true`` also scans base64
+                    and hex runs decoded (a heuristic: off by default).
+``spending_limit``  ``{ field = PATH, max = N, action = ..., scope = ...,
+                    allow_negative = false }``: the sum of the numbers at PATH
+                    (``*`` allowed) must not exceed N.  Code ``spending_limit``.
+                    ``scope`` is what the sum covers: ``call`` (default),
+                    ``run``, ``agent``, ``policy`` (every agent of this
+                    policy) or ``tenant`` (every agent acting for the same
+                    principal); wider scopes are persisted by the host.  A
+                    non-numeric, non-finite or beyond-64-bit value is a
+                    violation, and so is a negative one unless
+                    ``allow_negative``; an absent field passes (make it
+                    ``required`` in the tool's ``args`` if it must be there),
+                    but a field of that name found elsewhere in the arguments
+                    (one level deeper, say) is a violation: the limit refuses
+                    a shape it does not match.
 ``rows_affected``   ``{ field = PATH, max = N, action = ... }``: same, for rows
                     touched.  Code ``rows_limit``.
 ``custom``          ``"module:function"``: a callable the host imports and
@@ -952,6 +969,9 @@ class ToolGrant(_Model):
     idempotent: StrictBool = False
     credentials: tuple[StrictStr, ...] = ()
     rate: Rates = ()
+    # What a rate counts: this agent's calls (default), its current run's, every agent of
+    # this policy's, or every agent's acting for the same principal (kept in the store).
+    rate_scope: Literal["run", "agent", "policy", "tenant"] = "agent"
     max_calls: NonNegativeInt | None = None
     approval: Annotated[Approval | None, BeforeValidator(_approval)] = None
     args: dict[str, ArgConstraint] = Field(default_factory=dict)
@@ -1003,11 +1023,20 @@ class ToolGrant(_Model):
 
 
 class Limit(_Model):
-    """``spending_limit`` / ``rows_affected``: the sum of numbers at ``field`` must not exceed ``max``."""
+    """``spending_limit`` / ``rows_affected``: the sum of numbers at ``field`` must not exceed ``max``.
+
+    ``scope``: what the sum covers — ``call`` (this call alone, the default), ``run``
+    (the agent's current run), ``agent`` (all its runs), ``policy`` (every agent of this
+    bundle's policy) or ``tenant`` (every agent acting for the same principal). Wider
+    scopes are kept by the host in the store, so a restart does not reset them.
+    ``allow_negative``: negative amounts (refunds) are refused unless this is true.
+    """
 
     field: StrictStr
     max: NonNegativeNumber
     action: Literal["deny", "approval", "terminate"] | None = None
+    scope: Literal["call", "run", "agent", "policy", "tenant"] = "call"
+    allow_negative: StrictBool = False
 
     @field_validator("field")
     @classmethod
@@ -1030,6 +1059,7 @@ class Validator(_Model):
     custom: Ref | None = None
     action: Literal["deny", "approval", "terminate"] | None = None
     reason: StrictStr | None = None
+    decode: StrictBool = False  # detect: also scan base64 and hex runs, decoded (a heuristic)
 
     @field_validator("on")
     @classmethod

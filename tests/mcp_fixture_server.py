@@ -14,6 +14,7 @@ Tools:
   fail             {} -> a tool-level error (isError: true)
   lie_output       {} -> structuredContent that violates its own outputSchema
   lie_input        {x: integer} -> refuses every call with "invalid params"
+  leak_env         {how} -> hands back $CRM_TOKEN (result, escaped text, tool error, JSON-RPC error)
   bad_schema       an inputSchema that is not a JSON Schema
 Flags: --garbage-after-init (answer tools/list with a non-JSON line).
 """
@@ -68,6 +69,11 @@ TOOLS = [
         "inputSchema": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]},
     },
     {
+        "name": "leak_env",
+        "description": "Tries to hand its environment's CRM_TOKEN back: in its result, escaped, and as an error.",
+        "inputSchema": {"type": "object", "properties": {"how": {"type": "string"}}, "required": ["how"]},
+    },
+    {
         "name": "bad_schema",
         "description": "Publishes an invalid schema.",
         "inputSchema": {"type": "object", "properties": {"x": {"type": "nonsense"}}},
@@ -116,6 +122,17 @@ def call(req_id: object, name: str, args: dict) -> None:
         result(req_id, text({"n": "not a number"}))
     elif name == "lie_input":
         error(req_id, -32602, "Invalid params: x")
+    elif name == "leak_env":
+        token = os.environ.get("CRM_TOKEN", "")
+        how = args.get("how")
+        if how == "error":
+            result(req_id, {"content": [{"type": "text", "text": f"bad token {token}"}], "isError": True})
+        elif how == "rpc_error":
+            error(req_id, -32000 - 1, f"refused {token}")
+        elif how == "escaped":  # the token JSON-escaped inside a text block
+            result(req_id, {"content": [{"type": "text", "text": json.dumps({"t": token}).replace(token[:2], f"\\u{ord(token[0]):04x}\\u{ord(token[1]):04x}")}]})
+        else:
+            result(req_id, text({"token": token, "nested": [{"deep": {"k": token}}]}))
     else:
         error(req_id, -32602, f"Unknown tool: {name}")
 

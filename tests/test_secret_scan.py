@@ -132,7 +132,13 @@ def test_secret_never_reaches_guest_snapshot_journal_or_audit(bundles: Any, tmp_
 
 
 def test_the_scan_finds_a_secret_that_does_leak(bundles: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Control: a tool that hands the token to the guest is caught everywhere the token then goes."""
+    """Control: a tool that hands the token to the guest is caught everywhere the token then goes.
+
+    The pipeline's scrubber would mask the token, so the control switches it off: what is
+    left is the scan itself, which must find the leak it looks for."""
+    from host.trust.scrub import Scrubber
+
+    monkeypatch.setattr(Scrubber, "json_bytes", lambda self, data: None)
     good = bundles.load(GUEST)
     leaky_tool = (GUEST / "secret_tools.py").read_text().replace(
         'return {"ok": bool(token), "order": args.order}', 'return {"ok": bool(token), "order": args.order, "t": token}')

@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loopback import Loopback, Reply, free_port, json_reply
-from tools_helpers import Ctx, invoke, policy
+from tools_helpers import Ctx, answer, invoke, policy
 
 from host.tools import netguard
 from host.tools.registry import ToolError
@@ -97,8 +97,8 @@ def test_get_json_with_injected_credential(srv: Loopback) -> None:
 def test_echoed_credentials_are_scrubbed(srv: Loopback) -> None:
     c = ctx([srv.netloc], 'allow_private = ["127.0.0.1"]\nheaders = { "X-Api-Key" = "{crm}" }\ncredentials = ["crm"]',
             secrets={"crm": "crm-token-0123456789"})
-    r = invoke("http.fetch", {"url": srv.base + "/echo"}, c)
-    assert r["status"] == 200 and "crm-token" not in str(r)
+    status, r = answer("http.fetch", {"url": srv.base + "/echo"}, c)  # through the pipeline's choke point
+    assert status == 0 and r["status"] == 200 and "crm-token" not in str(r)
     assert r["json"]["headers"]["x-api-key"] == "[redacted]"
 
 

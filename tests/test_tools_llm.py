@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loopback import Loopback, Reply, Request, chat_completion, free_port, json_reply
-from tools_helpers import Ctx, invoke, policy
+from tools_helpers import Ctx, answer, invoke, policy
 
 from host.tools import llm
 from host.tools.registry import ToolError
@@ -183,8 +183,8 @@ def test_upstream_errors_are_scrubbed_of_the_key() -> None:
 
     with Loopback(route(reject)) as srv:
         c = ctx(srv, 'credentials = ["k"]', secrets={"k": key})
-        r = invoke("llm.chat", MSG, c)
-        assert isinstance(r, ToolError) and r.code == "tool_failed" and r.details["status"] == 401
+        status, r = answer("llm.chat", MSG, c)  # through the pipeline's choke point
+        assert status != 0 and r["code"] == "tool_failed" and r["status"] == 401
         assert key not in str(r) and "[redacted]" in str(r)
         assert len(srv.requests) == 1  # a 4xx is not retried
 

@@ -62,3 +62,28 @@ def invoke(tool: str, raw_args: dict[str, Any], c: Ctx) -> Any:
     except ToolError as err:
         return err
     return call(spec.func, args, c)
+
+
+def answer(tool: str, raw_args: dict[str, Any], c: Ctx, *, also: tuple[str, ...] = ()) -> tuple[int, Any]:
+    """Run a builtin tool as the pipeline does: canonical arguments, then the one choke point
+    (:meth:`ToolCallPipeline.settle`) that turns its value or exception into the scrubbed answer
+    the guest reads. ``also``: more secret values the agent holds (other grants)."""
+    import json
+
+    from host.runtime.tool_call import ToolCallPipeline, canonical_args
+    from host.tools.builtin import BUILTINS
+    from host.trust.scrub import Scrubber
+
+    spec = BUILTINS[tool]
+    scrub = Scrubber([*c.secrets.values(), *also])
+
+    async def go() -> tuple[int, bytes]:
+        try:
+            args = spec.validate(canonical_args(spec, raw_args))
+            value = await spec.func(args, c.ctx())
+        except Exception as exc:
+            return ToolCallPipeline.settle(spec, scrub, exc=exc)
+        return ToolCallPipeline.settle(spec, scrub, value)
+
+    status, data = anyio.run(go)
+    return status, json.loads(data)

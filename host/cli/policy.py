@@ -30,8 +30,22 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
 
     pol = policies.load_policy(args.file)
     req_args = parse_input(args.args, "--args")
-    req = policies.ToolRequest(agent_id="explain", tool=args.tool, args=req_args, call_seq=1, agent_name=pol.agent.name)
-    exp = policies.explain(pol, req, policies.Usage(), time.time())
+    req = policies.ToolRequest(agent_id=args.agent or "explain", tool=args.tool, args=req_args, call_seq=1,
+                               agent_name=pol.agent.name, principal=args.tenant, tenant=args.tenant)
+    usage = policies.Usage()
+    keys = policies.aggregate_keys(pol, req)
+    if args.store and keys:  # the limits shared beyond one call, as the store counts them now
+        from host.cli.common import existing_store
+        from host.runtime.budgets import read_shared
+        from snapshots.lmdb_store import LmdbStore
+
+        store = LmdbStore.open(existing_store(args) / "db", readonly=True)
+        try:
+            with store.read() as txn:
+                usage = policies.Usage(shared=read_shared(txn, keys))
+        finally:
+            store.close()
+    exp = policies.explain(pol, req, usage, time.time())
     emit(args, exp.to_dict(), lambda: print(str(exp)))
     return EXIT_OK
 
@@ -49,5 +63,9 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("file", help="a policy.toml")
     sp.add_argument("--tool", required=True, help="the tool name")
     sp.add_argument("--args", default="{}", help="JSON arguments")
+    sp.add_argument("--tenant", default=None, help="the principal the call is made for (the tenant scope of limits)")
+    sp.add_argument("--agent", default=None, help="the agent id the call is made by (the agent and run scopes)")
+    sp.add_argument("--store", default=None,
+                    help="read the limits shared beyond one call (scope run, agent, policy, tenant) from this store")
     sp.add_argument("--json", action="store_true", help=JSON_HELP)
     sp.set_defaults(fn=cmd_policy_explain)

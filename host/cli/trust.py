@@ -84,8 +84,9 @@ def _read_value(args: argparse.Namespace) -> str:
 
 
 def cmd_secrets_set(args: argparse.Namespace) -> int:
-    info = _vault(args).set(args.name, _read_value(args))
-    emit(args, info.to_dict(), lambda: print(f"secret {info.name} stored (version {info.version})"))
+    info = _vault(args).set(args.name, _read_value(args), hosts=tuple(args.host or ()))
+    bound = f", bound to {', '.join(info.hosts)}" if info.hosts else ""
+    emit(args, info.to_dict(), lambda: print(f"secret {info.name} stored (version {info.version}{bound})"))
     return EXIT_OK
 
 
@@ -97,9 +98,10 @@ def cmd_secrets_list(args: argparse.Namespace) -> int:
         if not items:
             print(f"no secrets in {v.path}")
             return
-        print(f"{'NAME':32}  {'VERSION':>7}  {'CREATED':19}  UPDATED")
+        print(f"{'NAME':32}  {'VERSION':>7}  {'CREATED':19}  {'UPDATED':19}  HOSTS")
         for i in items:
-            print(f"{i['name']:32}  {i['version']:>7}  {iso(i['created_at']):19}  {iso(i['updated_at'])}")
+            print(f"{i['name']:32}  {i['version']:>7}  {iso(i['created_at']):19}  {iso(i['updated_at']):19}  "
+                  f"{', '.join(i['hosts']) or '(any the grant allows)'}")
 
     emit(args, items, human)
     return EXIT_OK
@@ -362,6 +364,9 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("name", help="the secret's name, as policies give it (letters, digits, '_')")
     sp.add_argument("--value-file", help="read the value from this file ('-' for stdin); one trailing newline is dropped")
     sp.add_argument("--key-file", help="the vault key file (default: see `torpor secrets --help`)")
+    sp.add_argument("--host", action="append", metavar="HOST",
+                    help="bind the secret to a host it may be sent to (repeat; api.example.com, *.example.com, "
+                         "127.0.0.1:8080): tools refuse to send it anywhere else, whatever a policy grants")
     leaf(ssub, "list", cmd_secrets_list, "list secret names and metadata (never values; needs no key)")
     sp = leaf(ssub, "rm", cmd_secrets_rm, "remove a secret (needs no key)")
     sp.add_argument("name", help="the secret's name")

@@ -15,6 +15,7 @@ from host.runtime.agent import Answer
 from host.sandbox import abi
 from host.sandbox.execution import error_response
 from host.tools.registry import ToolError
+from host.trust.scrub import Scrubber
 
 # A tool's result as the guest reads it (built once: json.dumps with options builds an encoder per call).
 _RESULT_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
@@ -30,6 +31,18 @@ def result(value: Any) -> Answer:
         return abi.E_RESULT_TOO_LARGE, error_response(
             "result_too_large", f"the tool's result is {len(data)} bytes; the limit is {abi.MAX_RESPONSE}")
     return 0, data
+
+
+def scrubbed(answer: Answer, scrub: Scrubber) -> Answer:
+    """An answer with every secret of the call (and every fragment of one) masked: see
+    :mod:`host.trust.scrub`. Applied to everything a tool returns, errors included."""
+    clean = scrub.json_bytes(answer[1])
+    if clean is None:
+        return answer
+    if len(clean) > abi.MAX_RESPONSE:
+        return abi.E_RESULT_TOO_LARGE, error_response(
+            "result_too_large", f"the tool's result is {len(clean)} bytes; the limit is {abi.MAX_RESPONSE}")
+    return answer[0], clean
 
 
 def tool_error(err: ToolError) -> Answer:

@@ -8,11 +8,19 @@ budget cannot be counted in one place and checked against another.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import policies
 from host.runtime.agent import LiveAgent
+from snapshots.store import AgentStore
+
+#: The store namespace of the limits shared beyond one agent record (``scope`` = run,
+#: agent, policy, tenant): no guest can name it (agents reach ``agent:ID`` and ``shared:NAME``).
+LIMITS_NAMESPACE = "torpor:limits"
 
 
 def usage_of(agent: LiveAgent, now: float) -> policies.Usage:
@@ -59,3 +67,44 @@ def crossed(agent: LiveAgent, before: policies.Usage) -> policies.BudgetEvent | 
         if ev.terminate and exceeded is None:
             exceeded = ev
     return exceeded
+
+
+def read_shared(txn: Any, keys: Sequence[str]) -> dict[str, Any]:
+    """The shared counters ``keys`` as stored (absent: never counted)."""
+    out: dict[str, Any] = {}
+    for k in keys:
+        raw = txn.kv_get(LIMITS_NAMESPACE, k)
+        if raw is not None:
+            out[k] = json.loads(raw)
+    return out
+
+
+def decide(agent: LiveAgent, store: AgentStore, request: policies.ToolRequest,
+           now: float) -> tuple[policies.Decision, policies.Usage, policies.Usage]:
+    """The policy's decision on ``request`` and the usage before and after it.
+
+    Limits scoped beyond one call (a spending total per run, agent, policy or tenant; a
+    rate per run, policy or tenant) are counters in the store: they are read, decided on
+    and advanced in one write transaction, which LMDB serialises across threads and
+    processes, so concurrent agents can never both take the last of a limit, and a
+    restart resets nothing. The counters are advanced when the call is let through
+    (before it runs): a call cut short by a crash still counts, never the reverse.
+    """
+    policy = agent.bundle.policy
+    before = usage_of(agent, now)
+    keys = policies.aggregate_keys(policy, request)
+    if not keys:
+        decision = policies.decide(policy, request, before, now, custom_validators=agent.validators)
+        return decision, before, policies.record_decision(policy, before, request, decision, now)
+
+    def judge(txn: Any) -> tuple[policies.Decision, policies.Usage, policies.Usage]:
+        usage = dataclasses.replace(before, shared=read_shared(txn, keys))
+        decision = policies.decide(policy, request, usage, now, custom_validators=agent.validators)
+        after = policies.record_decision(policy, usage, request, decision, now)
+        for k in keys:
+            if k in after.shared and after.shared.get(k) != usage.shared.get(k):
+                v = after.shared[k]
+                txn.kv_set(LIMITS_NAMESPACE, k, json.dumps(list(v) if isinstance(v, tuple) else v).encode())
+        return decision, usage, after
+
+    return store.transact(judge)

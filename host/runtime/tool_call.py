@@ -29,7 +29,9 @@ parked ``in_doubt`` for an operator. No recorded tool call ever runs twice.
 
 from __future__ import annotations
 
+import logging
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,10 +48,13 @@ from host.sandbox import abi
 from host.sandbox.execution import Captured, Completed, Failed, Outcome, PendingCall, Suspended
 from host.tools.registry import ToolContext, ToolError, ToolSpec
 from host.trust import audit
-from host.trust.credentials import CredentialBroker
+from host.trust.credentials import CredentialBroker, bindings, scrub_values
+from host.trust.scrub import Scrubber, scrubbing
 from snapshots.errors import RecordCorrupt
 from snapshots.format import Snapshot, encode_snapshot
 from snapshots.store import AgentStore
+
+log = logging.getLogger("torpor.tools")
 
 _DECISION_EVENT = {"allow": "tool.allowed", "deny": "tool.denied", "approval": "tool.approval_requested",
                    "terminate": "tool.terminated"}
@@ -124,22 +129,25 @@ class ToolCallPipeline:
     # 2 ----------------------------------------------------------------------------------
     @staticmethod
     def request(agent: LiveAgent, call: PendingCall) -> policies.ToolRequest | Answer:
-        """The call as the policy sees it, or the answer refusing arguments that are not JSON."""
+        """The call as the policy sees it, or the answer refusing arguments that are not JSON.
+
+        The policy sees the arguments the tool will use (:func:`canonical_args`: a URL
+        parsed and normalised once), never the text the guest happened to send.
+        """
         try:
-            return policies.ToolRequest(agent_id=agent.agent_id, tool=call.tool, args=call.args, call_seq=call.seq,
-                                        principal=agent.record.get("principal"), agent_name=agent.bundle.name)
+            args = canonical_args(agent.tools.get(call.tool), call.args)
+            principal = agent.record.get("principal")
+            return policies.ToolRequest(agent_id=agent.agent_id, tool=call.tool, args=args, call_seq=call.seq,
+                                        principal=principal, agent_name=agent.bundle.name,
+                                        run_id=f"{agent.run_started:.6f}", tenant=agent.record.get("tenant") or principal)
         except policies.NotJSONError as exc:
             return answers.invalid_args(call.tool, exc)
 
     # 3 ----------------------------------------------------------------------------------
-    @staticmethod
-    def decide(agent: LiveAgent, request: policies.ToolRequest) -> tuple[policies.Decision, policies.Usage]:
-        """The policy's decision, the usage it leaves (kept in the record), audited."""
-        now = time.time()
-        policy = agent.bundle.policy
-        before = budgets.usage_of(agent, now)
-        decision = policies.decide(policy, request, before, now, custom_validators=agent.validators)
-        after = policies.record_decision(policy, before, request, decision, now)
+    def decide(self, agent: LiveAgent, request: policies.ToolRequest) -> tuple[policies.Decision, policies.Usage]:
+        """The policy's decision, the usage it leaves (kept in the record; limits shared
+        beyond the agent kept in the store by the accountant), audited."""
+        decision, _before, after = budgets.decide(agent, self.store, request, time.time())
         budgets.keep(agent, after)
         agent.event(_DECISION_EVENT.get(decision.kind, "tool." + decision.kind),
                     call_seq=request.call_seq, tool=request.tool, decision=decision.to_dict())
@@ -187,17 +195,18 @@ class ToolCallPipeline:
         """Stages 6 to 9 for an allowed call. ``cp`` is checkpoint *K*, or None when the call
         is run again after a crash or an approval (its checkpoint and intent are written)."""
         try:
-            args = spec.validate(call.args)
+            args = spec.validate(canonical_args(spec, call.args))  # what the policy decided on
         except ToolError as err:
             answer = answers.tool_error(err)
             await (self.commit(agent, call, cp, answer) if cp is not None else self.journal(agent, call, answer))
             return answer
         ctx = self.lease(agent, call)
+        scrub = self.scrubber(agent, ctx)
         if spec.transactional:
-            return await self.run_transactional(agent, call, spec, args, ctx, cp)
+            return await self.run_transactional(agent, call, spec, args, ctx, cp, scrub)
         if cp is not None:
             await self.commit(agent, call, cp, None)
-        answer = await self.run(agent, spec, args, ctx)
+        answer = await self.run(agent, spec, args, ctx, scrub)
         await self.journal(agent, call, answer)
         return answer
 
@@ -252,27 +261,48 @@ class ToolCallPipeline:
                            kv_namespace=f"agent:{agent.agent_id}", principal=agent.record.get("principal"),
                            now=time.time, store=self.store,
                            report_tokens=lambda n: budgets.count_tokens(agent, call.seq, call.tool, n),
-                           grant=grant, policy=policy, secrets=secrets)
+                           grant=grant, policy=policy, secrets=secrets, secret_hosts=bindings(secrets))
+
+    def scrubber(self, agent: LiveAgent, ctx: ToolContext) -> Scrubber:
+        """What this call's answer is scrubbed of: its leased secrets, and every other
+        credential the agent's policy names (a tool may hold more than its grant's)."""
+        names = tuple(sorted({n for g in agent.bundle.policy.grants.values() for n in (g.credentials or ())}))
+        return Scrubber(scrub_values(self.broker, agent.agent_id, names, ctx.secrets))
+
+    @staticmethod
+    def settle(spec: ToolSpec, scrub: Scrubber, value: Any = None, exc: Exception | None = None) -> Answer:
+        """The answer to a tool's return value or exception, scrubbed: the one choke point
+        between everything a tool hands back (results, error messages, exceptions, URLs,
+        cut bodies, MCP answers) and the guest, its journal and the audit log."""
+        if exc is None:
+            answer = answers.result(value)
+        elif isinstance(exc, ToolError):
+            answer = answers.tool_error(exc)
+        elif isinstance(exc, RecordCorrupt):  # it read a value changed on disk (ctx.store)
+            answer = answers.record_corrupt(spec.name, exc)
+        else:  # a tool bug must not take the host down; the operator's log keeps the details, scrubbed
+            answer = answers.tool_crashed(spec.name, exc)
+            log.warning("tool %s raised: %s", spec.name, scrub.text("".join(traceback.format_exception(exc))))
+        return answers.scrubbed(answer, scrub)
 
     # 8 ----------------------------------------------------------------------------------
-    async def run(self, agent: LiveAgent, spec: ToolSpec, args: Any, ctx: ToolContext) -> Answer:
+    async def run(self, agent: LiveAgent, spec: ToolSpec, args: Any, ctx: ToolContext,
+                  scrub: Scrubber | None = None) -> Answer:
         """Run the tool; if it outlasts the warm wait, the waiting agent hibernates meanwhile."""
         result: list[Answer] = []
         done = anyio.Event()
+        clean = scrub if scrub is not None else Scrubber(())
 
         async def call() -> None:
             try:
-                if spec.is_async:
-                    value = await spec.func(args, ctx)
-                else:
-                    value = await anyio.to_thread.run_sync(spec.func, args, ctx)
-                result.append(answers.result(value))
-            except ToolError as err:
-                result.append(answers.tool_error(err))
-            except RecordCorrupt as exc:  # it read a value changed on disk (ctx.store)
-                result.append(answers.record_corrupt(spec.name, exc))
-            except Exception as exc:  # a tool bug must not take the host down
-                result.append(answers.tool_crashed(spec.name, exc))
+                with scrubbing(clean):  # the logs of the libraries it uses are scrubbed too
+                    if spec.is_async:
+                        value = await spec.func(args, ctx)
+                    else:
+                        value = await anyio.to_thread.run_sync(spec.func, args, ctx)
+                result.append(self.settle(spec, clean, value))
+            except Exception as exc:
+                result.append(self.settle(spec, clean, exc=exc))
             finally:
                 done.set()
 
@@ -282,7 +312,7 @@ class ToolCallPipeline:
         return result[0]
 
     async def run_transactional(self, agent: LiveAgent, call: PendingCall, spec: ToolSpec, args: Any,
-                                ctx: ToolContext, cp: Checkpoint | None) -> Answer:
+                                ctx: ToolContext, cp: Checkpoint | None, scrub: Scrubber) -> Answer:
         """Stages 6, 8 and 9 in one commit: the checkpoint (if any), the tool's effect on a
         write overlay (kept only if it succeeds), and its journaled answer."""
         if cp is not None:
@@ -293,13 +323,9 @@ class ToolCallPipeline:
                 txn.put_checkpoint(agent.agent_id, cp.seq, cp.blob, cp.created)
             overlay = WriteOverlay(txn)
             try:
-                answer = answers.result(spec.func(args, ctx, overlay))
-            except ToolError as err:
-                answer = answers.tool_error(err)
-            except RecordCorrupt as exc:  # it read a value changed on disk
-                answer = answers.record_corrupt(spec.name, exc)
-            except Exception as exc:  # a tool bug must not take the host down
-                answer = answers.tool_crashed(spec.name, exc)
+                answer = self.settle(spec, scrub, spec.func(args, ctx, overlay))
+            except Exception as exc:
+                answer = self.settle(spec, scrub, exc=exc)
             if answer[0] == 0:
                 overlay.apply()
             txn.put_journal(agent.agent_id, call.seq, _journal_entry(agent, call, answer))
@@ -362,6 +388,17 @@ class ToolCallPipeline:
         agent.record["owner"] = None
         await self.commits.agent(agent)
         return None
+
+
+def canonical_args(spec: ToolSpec | None, args: Any) -> Any:
+    """The arguments as ``spec`` will use them: what the policy decides on and the tool gets.
+
+    A pure function of the arguments, so the call run again after a crash or an approval
+    gets exactly what was judged; the journal keeps the guest's own text (replay compares it).
+    """
+    if spec is None or spec.canonical is None:
+        return args
+    return spec.canonical(args)
 
 
 def _journal_entry(agent: LiveAgent, call: PendingCall, answer: Answer | None) -> dict[str, Any]:

@@ -1,21 +1,21 @@
-"""Pieces shared by the network tools (``llm.*``, ``http.*``): capped reads, secret
-scrubbing, grant settings, and the mapping of transport failures to structured errors."""
+"""Pieces shared by the network tools (``llm.*``, ``http.*``): capped reads, the hosts a
+secret is bound to, grant settings, and the mapping of transport failures to structured
+errors. (Scrubbing secrets from what a tool returns is not a tool's job: the pipeline does
+it for every tool, :mod:`host.trust.scrub`.)"""
 
 from __future__ import annotations
 
 import functools
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import certifi
 import httpx
 
+from host.tools import netguard
 from host.tools.registry import ToolContext, ToolError
 from policies.paths import locator
-
-REDACTED = "[redacted]"
-MIN_SECRET = 4  # shorter values would redact ordinary text; no real credential is this short
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,43 +59,18 @@ async def read_capped(response: httpx.Response, cap: int) -> bytes:
     return bytes(buf)
 
 
-def secret_values(secrets: Mapping[str, str]) -> list[str]:
-    """The secret values worth scrubbing, longest first (so a prefix never hides a longer one)."""
-    return sorted({v for v in secrets.values() if isinstance(v, str) and len(v) >= MIN_SECRET}, key=len, reverse=True)
-
-
-def scrub_text(text: str, values: Iterable[str]) -> str:
-    """Replace every occurrence of a secret in text the guest will see.
-
-    Servers echo credentials back (error messages quoting the bad key, echo
-    endpoints returning the request's headers); whatever the guest receives is
-    scrubbed so that a key the host injected never reaches agent code.
-    """
-    for v in values:
-        if v in text:
-            text = text.replace(v, REDACTED)
-    return text
-
-
-def scrub_bytes(data: bytes, values: Iterable[str]) -> bytes:
-    for v in values:
-        raw = v.encode()
-        if raw in data:
-            data = data.replace(raw, REDACTED.encode())
-    return data
-
-
-def scrub_json(value: Any, values: list[str]) -> Any:
-    """Scrub every string (and key) of a JSON value."""
-    if not values:
-        return value
-    if isinstance(value, str):
-        return scrub_text(value, values)
-    if isinstance(value, list):
-        return [scrub_json(v, values) for v in value]
-    if isinstance(value, dict):
-        return {scrub_text(str(k), values): scrub_json(v, values) for k, v in value.items()}
-    return value
+def check_bound(tool: str, ctx: ToolContext, names: Iterable[str], target: netguard.Target) -> None:
+    """Refuse to send a secret to a host outside the operator's binding (``torpor secrets set
+    NAME --host H``), whatever the bundle's policy grants: a host that may not receive it
+    cannot echo it either. An unbound secret goes only where the grant allows."""
+    for name in names:
+        hosts = ctx.secret_hosts.get(name) or ()
+        if hosts and not netguard.host_allowed(target, hosts):
+            raise ToolError(
+                "denied", f"{tool}: the credential {name!r} is bound to {', '.join(hosts)}; it is never sent to "
+                f"{target.netloc}", reason_code="credential_host_not_allowed", rule=f"secrets.{name}.hosts",
+                host=target.netloc,
+            )
 
 
 def grant_of(ctx: ToolContext, tool: str) -> Any:

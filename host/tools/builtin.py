@@ -174,7 +174,7 @@ def _family_spec(name: str, kind: str) -> ToolSpec:
         async def fetch(args: http_tool.FetchArgs, ctx: ToolContext) -> dict[str, Any]:
             return await http_tool.fetch(args, ctx, tool=name)
 
-        return ToolSpec(name, fetch, http_tool.FetchArgs, idempotent=True,
+        return ToolSpec(name, fetch, http_tool.FetchArgs, idempotent=True, canonical=http_tool.canonical_args,
                         description="an HTTP request to a host on the grant's allowlist")
 
     from host.tools import mcp as mcp_tool

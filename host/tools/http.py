@@ -36,8 +36,15 @@ successful fetch (the guest decides); transport failures are structured errors
 ``url_userinfo``, ``url_invalid``, ``scheme_not_allowed``,
 ``header_not_allowed``) and the ``rule`` that refused.
 
-Secrets the host injected are scrubbed from everything returned: an endpoint
-that echoes request headers cannot hand the guest its credential.
+Secrets the host injected are scrubbed from everything returned (by the tool call
+pipeline, for every tool: :mod:`host.trust.scrub`), so an endpoint that echoes
+request headers cannot hand the guest its credential; and a secret the operator
+bound to hosts is never sent to any other (``credential_host_not_allowed``).
+
+The URL the policy judged is the URL sent: the pipeline hands the policy
+:func:`canonical_args` (the URL parsed once by :func:`netguard.parse_url`, dot
+segments removed, escapes of unreserved characters decoded), and the tool parses
+that same canonical text into the same target.
 """
 
 from __future__ import annotations
@@ -55,13 +62,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from host.tools import netguard
 from host.tools._net import (
     ResponseTooLarge,
+    check_bound,
     grant_of,
     read_capped,
     rule,
-    scrub_bytes,
-    scrub_json,
-    scrub_text,
-    secret_values,
     transport_error,
 )
 from host.tools._net import (
@@ -165,7 +169,8 @@ async def fetch(args: FetchArgs, ctx: ToolContext, *, tool: str = "http.fetch") 
             "unavailable", f"{tool}: credential {exc.args[0]!r} was not provided by the host", retryable=False,
             reason_code="credential_missing",
         ) from None
-    secrets = secret_values(ctx.secrets)
+    used = [n for n in ctx.secrets if any("{" + n + "}" in v for v in (getattr(grant, "headers", None) or {}).values())]
+    check_bound(tool, ctx, used, target)
     headers = _guest_headers(tool, args.headers, {k.lower() for k in injected})
     body, content_type = _body(tool, args)
     if content_type and not any(k.lower() == "content-type" for k in headers):
@@ -207,13 +212,31 @@ async def fetch(args: FetchArgs, ctx: ToolContext, *, tool: str = "http.fetch") 
                                     reason_code="response_too_large",
                                 ) from None
                             data, truncated = big.data, True
-                        return _result(response, target, chain, data, truncated, secrets)
+                        return _result(response, target, chain, data, truncated)
                     finally:
                         await response.aclose()
     except TimeoutError:
         raise ToolError("timeout", f"{tool}: {target.netloc} did not answer within {timeout:g}s", retryable=True) from None
     except httpx.HTTPError as exc:
         raise transport_error(tool, exc, target.netloc) from None
+
+
+def canonical_args(args: Any) -> Any:
+    """The arguments as the tool will use them: the URL in its canonical form (parsed once).
+
+    The policy decides on these (:meth:`host.runtime.tool_call.ToolCallPipeline.request`)
+    and the tool is handed the same, so a path rule cannot be stepped out of with
+    ``/./``, ``/../`` or ``%2e%2e``. A URL that does not parse is left as it is: the tool
+    refuses it.
+    """
+    if isinstance(args, dict) and isinstance(args.get("url"), str):
+        try:
+            url = netguard.parse_url(args["url"]).url
+        except ToolError:
+            return args
+        if url != args["url"]:
+            return {**args, "url": url}
+    return args
 
 
 def _allowed_target(tool: str, url: str, hosts: tuple[str, ...]) -> netguard.Target:
@@ -271,16 +294,14 @@ async def _send(
 
 def _result(
     response: httpx.Response, target: netguard.Target, chain: list[str], data: bytes, truncated: bool,
-    secrets: list[str],
 ) -> dict[str, Any]:
-    data = scrub_bytes(data, secrets)
     headers: dict[str, str] = {}
     for k, v in response.headers.multi_items():
         k = k.lower()
         headers[k] = f"{headers[k]}, {v}" if k in headers else v
     out: dict[str, Any] = {
         "status": response.status_code,
-        "headers": scrub_json(headers, secrets),
+        "headers": headers,
         "url": target.url,
         "redirects": chain,
         "bytes": len(data),
@@ -296,7 +317,7 @@ def _result(
             out["json"] = json.loads(out["body"], parse_constant=_no_constant)
             del out["body"]  # the parsed form replaces the text: half the size against the 1 MiB result cap
         except ValueError as exc:
-            out["json_error"] = scrub_text(str(exc), secrets)
+            out["json_error"] = str(exc)
     return out
 
 

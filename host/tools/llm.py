@@ -16,11 +16,14 @@ shape, OpenAI's::
      "content": "...", "finish_reason": "stop",
      "usage": {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42}}
 
-**Tokens.**  The usage each response reports is counted against the agent's
-token budget (``ctx.report_tokens``) before the result is returned, even when
-the rest of the answer is unusable.  A server that reports no usage is
-charged an estimate (4 characters a token) and the result says
-``"estimated": true``: a budget cannot be dodged by leaving usage out.
+**Tokens.**  Each answer is charged against the agent's token budget
+(``ctx.report_tokens``) before the result is returned, even when the rest of
+the answer is unusable: the larger of what the server reports and what the
+host counts itself (UTF-8 bytes of the prompt and of the answer, 4 a token,
+rounded up; :func:`charge`).  A server whose usage is missing, inconsistent (a
+zero total beside non-zero parts), fractional or lower than the host's count
+is charged the host's figures and the result says ``"estimated": true``: a
+budget cannot be dodged by a misbehaving or proxied server.
 
 **Retries.**  429 and 5xx answers, refused connections and broken responses
 are retried up to ``retries`` times (default 2) with exponential backoff, or
@@ -45,14 +48,13 @@ import anyio
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
+from host.tools import netguard
 from host.tools._net import (
     ResponseTooLarge,
+    check_bound,
     grant_of,
     read_capped,
     rule,
-    scrub_json,
-    scrub_text,
-    secret_values,
     transport_error,
 )
 from host.tools._net import (
@@ -148,11 +150,16 @@ def _choose_model(tool: str, args: ChatArgs, grant: Any) -> str:
     )
 
 
-def _api_key(grant: Any, secrets: dict[str, str]) -> str | None:
+def _key_name(grant: Any) -> str | None:
     name = getattr(grant, "api_key", None)
     creds = tuple(getattr(grant, "credentials", ()) or ())
     if name is None and len(creds) == 1:
         name = creds[0]
+    return name if isinstance(name, str) else None
+
+
+def _api_key(grant: Any, secrets: dict[str, str]) -> str | None:
+    name = _key_name(grant)
     if name is None:
         return None  # a local server without authentication
     key = secrets.get(name)
@@ -209,15 +216,59 @@ def _anthropic_request(tool: str, args: ChatArgs, model: str, max_tokens: int | 
     return body
 
 
-def _estimate(args: ChatArgs, answer_text: str) -> int:
-    chars = len(answer_text)
+def _host_count(text: str) -> int:
+    """The host's own count of a text's tokens: its UTF-8 bytes over :data:`CHARS_PER_TOKEN`,
+    rounded up (about what BPE tokenizers give for English; for other scripts a token is
+    fewer bytes, and a server reporting more is charged its higher figure)."""
+    return math.ceil(len(text.encode("utf-8", "replace")) / CHARS_PER_TOKEN)
+
+
+def _host_prompt(args: ChatArgs) -> int:
+    total = 0
     for m in args.messages:
-        chars += len(m.content) if isinstance(m.content, str) else len(json.dumps(m.content or ""))
-    return max(1, math.ceil(chars / CHARS_PER_TOKEN))
+        total += _host_count(m.content) if isinstance(m.content, str) else _host_count(json.dumps(m.content or ""))
+        if m.tool_calls:
+            total += _host_count(json.dumps(m.tool_calls))
+    if args.tools:
+        total += _host_count(json.dumps(args.tools))
+    return total
 
 
 def _int(v: Any) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+    """A reported token count, rounded up; None when it is not a count (negative, non-finite, not a number)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    if isinstance(v, float):
+        return math.ceil(v) if math.isfinite(v) and v >= 0 else None
+    return v if v >= 0 else None
+
+
+def _integral(*vs: Any) -> bool:
+    return all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in vs)
+
+
+def charge(reported: dict[str, Any] | None, host_prompt: int, host_completion: int) -> dict[str, Any]:
+    """The usage charged for one answer: the larger of what the server reports and what the host counts.
+
+    The server's figures stand when they are whole, consistent (a total no smaller than
+    its parts) and no lower than the host's count; otherwise each part is the larger of
+    the two, the total their sum (or the server's larger total), and the usage says
+    ``"estimated": true`` with the server's own figures under ``"reported"``. A token
+    budget cannot be dodged by a server that leaves usage out, reports a zero total
+    beside non-zero parts, or sends fractions.
+    """
+    host_total = host_prompt + host_completion
+    if reported is None:
+        return {"prompt_tokens": host_prompt, "completion_tokens": host_completion,
+                "total_tokens": max(1, host_total), "estimated": True}
+    p, c, t = reported["prompt_tokens"], reported["completion_tokens"], reported["total_tokens"]
+    sound = bool(reported.get("sound", True)) and t >= p + c
+    if sound and t >= host_total and p >= host_prompt:
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": t}
+    prompt, completion = max(p, host_prompt), max(c, host_completion)
+    clean = {k: v for k, v in reported.get("raw", {}).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": max(t, prompt + completion),
+            "estimated": True, "reported": clean}
 
 
 def _openai_answer(data: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -249,11 +300,13 @@ def _openai_answer(data: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
 def _openai_usage(u: Any) -> dict[str, Any] | None:
     if not isinstance(u, dict):
         return None
-    p, c, t = _int(u.get("prompt_tokens")), _int(u.get("completion_tokens")), _int(u.get("total_tokens"))
+    raw = {k: u.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    p, c, t = _int(raw["prompt_tokens"]), _int(raw["completion_tokens"]), _int(raw["total_tokens"])
     if t is None and p is None and c is None:
         return None
     p, c = p or 0, c or 0
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": t if t is not None else p + c}
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": t if t is not None else p + c,
+            "sound": _integral(*raw.values()), "raw": raw}
 
 
 _FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls"}
@@ -265,11 +318,13 @@ def _anthropic_answer(data: Any) -> tuple[dict[str, Any], dict[str, Any] | None]
     usage = None
     u = data.get("usage")
     if isinstance(u, dict):
-        i, o = _int(u.get("input_tokens")), _int(u.get("output_tokens"))
-        cache = sum(_int(u.get(k)) or 0 for k in ("cache_creation_input_tokens", "cache_read_input_tokens"))
+        keys = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+        raw = {k: u.get(k) for k in keys}
+        i, o = _int(raw["input_tokens"]), _int(raw["output_tokens"])
+        cache = sum(_int(raw[k]) or 0 for k in keys[2:])
         if i is not None or o is not None:
             usage = {"prompt_tokens": (i or 0) + cache, "completion_tokens": o or 0,
-                     "total_tokens": (i or 0) + cache + (o or 0)}
+                     "total_tokens": (i or 0) + cache + (o or 0), "sound": _integral(*raw.values()), "raw": raw}
     blocks = data.get("content")
     if not isinstance(blocks, list):
         raise _Malformed("the answer has no content blocks", usage)
@@ -306,8 +361,9 @@ async def chat(args: ChatArgs, ctx: ToolContext, *, tool: str = "llm.chat") -> d
     retries = DEFAULT_RETRIES if retries is None else int(retries)
     limit = int(getattr(grant, "max_response_bytes", None) or DEFAULT_MAX_BYTES)
     key = _api_key(grant, ctx.secrets)
-    secrets = secret_values(ctx.secrets)
     base = str(grant.base_url).rstrip("/")
+    if key is not None:
+        check_bound(tool, ctx, [_key_name(grant) or ""], netguard.parse_url(base + "/"))
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if provider == "anthropic":
         url, body = base + "/messages", _anthropic_request(tool, args, model, max_tokens)
@@ -324,7 +380,7 @@ async def chat(args: ChatArgs, ctx: ToolContext, *, tool: str = "llm.chat") -> d
         attempt = 0
         while True:
             try:
-                data = await _attempt(client, tool, url, headers, payload, timeout, limit, secrets)
+                data = await _attempt(client, tool, url, headers, payload, timeout, limit)
                 break
             except _Retry as r:
                 if attempt >= retries:
@@ -340,29 +396,30 @@ async def chat(args: ChatArgs, ctx: ToolContext, *, tool: str = "llm.chat") -> d
                 await anyio.sleep(wait)
 
     parse = _anthropic_answer if provider == "anthropic" else _openai_answer
+    host_prompt = _host_prompt(args)
     try:
         result, usage = parse(data)
     except ValueError as exc:
         spent = getattr(exc, "usage", None)
         if spent is not None:
+            spent = charge(spent, host_prompt, 0)
             ctx.report_tokens(int(spent["total_tokens"]))
         raise ToolError(
             "tool_failed", f"{tool}: malformed answer from the LLM server: {exc}", reason_code="bad_response",
             tokens=spent["total_tokens"] if spent else 0,
         ) from None
-    if usage is None:
-        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": _estimate(args, result["content"] or ""),
-                 "estimated": True}
+    usage = charge(usage, host_prompt, _host_count(result["content"] or "")
+                   + (_host_count(json.dumps(result["message"]["tool_calls"])) if result["message"].get("tool_calls") else 0))
     ctx.report_tokens(int(usage["total_tokens"]))
     result["usage"] = usage
     result["model"] = result["model"] or model
     result["attempts"] = attempt + 1
-    return dict(scrub_json(result, secrets))
+    return result
 
 
 async def _attempt(
     client: httpx.AsyncClient, tool: str, url: str, headers: dict[str, str], payload: bytes, timeout: float,
-    limit: int, secrets: list[str],
+    limit: int,
 ) -> Any:
     """One request: the parsed JSON answer, a ``_Retry`` for retryable failures, or a ToolError."""
     try:
@@ -393,7 +450,7 @@ async def _attempt(
         raise transport_error(tool, exc, "the LLM server") from None
     if status >= 400:
         raise ToolError(
-            "tool_failed", f"{tool}: the LLM server refused the request ({status}): {_error_text(raw, secrets)}",
+            "tool_failed", f"{tool}: the LLM server refused the request ({status}): {_error_text(raw)}",
             status=status, reason_code="upstream_error",
         )
     try:
@@ -404,8 +461,9 @@ async def _attempt(
         ) from None
 
 
-def _error_text(raw: bytes, secrets: list[str]) -> str:
-    """The upstream error message (OpenAI/Anthropic shape, else the text), short and scrubbed."""
+def _error_text(raw: bytes) -> str:
+    """The upstream error message (OpenAI/Anthropic shape, else the text), short (the pipeline
+    scrubs it, a secret's prefix at the cut included)."""
     text = raw.decode("utf-8", "replace")
     try:
         data = json.loads(text)
@@ -416,7 +474,7 @@ def _error_text(raw: bytes, secrets: list[str]) -> str:
             text = err
     except ValueError:
         pass
-    return scrub_text(text[:500], secrets)
+    return text[:500]
 
 
 def _no_constant(name: str) -> Any:

@@ -61,7 +61,7 @@ class Target:
     scheme: str
     host: str  # canonical: punycode, lowercase; IPv6 without brackets
     port: int
-    path: str  # path and query as given, "/" when empty
+    path: str  # path and query, canonical (canonical_path), "/" when empty
 
     @property
     def ip(self) -> IPAddress | None:
@@ -132,8 +132,47 @@ def parse_url(url: str, *, rule: str | None = None) -> Target:
             raise ValueError("'*' is not a host")
     except ValueError as exc:
         raise _deny(f"the URL's host is refused: {exc}", "url_invalid", rule) from None
-    path = tail if tail.startswith("/") else "/" + tail
+    path = canonical_path(tail if tail.startswith("/") else "/" + tail)
     return Target(scheme, host, port if port is not None else DEFAULT_PORTS[scheme], path)
+
+
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def canonical_path(tail: str) -> str:
+    """A path (and query) in the one form the policy judges and the client sends.
+
+    Escapes of unreserved characters are decoded (``%2e`` is ``.``, RFC 3986 6.2.2.2),
+    the others upper-cased, and dot segments removed (5.2.4), so that ``/a/./b``,
+    ``/a/x/../b`` and ``/a/%2E%2e/b`` cannot pass a path rule as one thing and reach the
+    server as another. The query keeps its text, escapes upper-cased.
+    """
+    path, sep, query = tail.partition("?")
+
+    def esc(m: re.Match[str]) -> str:
+        c = chr(int(m.group(1), 16))
+        return c if c in _UNRESERVED else "%" + m.group(1).upper()
+
+    path = _ESCAPE.sub(esc, path)
+    out: list[str] = []
+    segments = path.split("/")[1:]
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
+        if seg == ".":
+            if last:
+                out.append("")
+        elif seg == "..":
+            if out:
+                out.pop()
+            if last:
+                out.append("")
+        else:
+            out.append(seg)
+    path = "/" + "/".join(out)
+    if sep:
+        path += "?" + _ESCAPE.sub(lambda m: "%" + m.group(1).upper(), query)
+    return path
 
 
 def host_allowed(target: Target, patterns: Sequence[str]) -> bool:

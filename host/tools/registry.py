@@ -52,6 +52,7 @@ class ToolContext:
     now: Callable[[], float] = field(default=lambda: 0.0)
     store: Any = None  # the host's AgentStore, for tools that keep state
     secrets: dict[str, str] = field(default_factory=dict)  # credentials leased for this call (host side only)
+    secret_hosts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # hosts each may go to (empty: unbound)
     report_tokens: Callable[[int], None] = field(default=lambda n: None)  # count LLM tokens against the budget
     grant: Any = None  # the policy's ToolGrant for this tool (constraints, credentials, tool-specific settings)
     policy: Any = None  # the agent's whole Policy
@@ -67,6 +68,9 @@ class ToolSpec:
     idempotent: bool = False
     transactional: bool = False
     description: str = ""
+    # The arguments as the tool will use them (a URL parsed and normalised once): the policy
+    # decides on these, and the tool is handed the same. None: the arguments as given.
+    canonical: Callable[[Any], Any] | None = None
 
     @property
     def is_async(self) -> bool:

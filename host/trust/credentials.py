@@ -62,6 +62,23 @@ class CredentialBroker(Protocol):
     def revoke(self, agent_id: str) -> list[str]: ...
 
 
+def scrub_values(broker: CredentialBroker | None, agent_id: str, names: tuple[str, ...],
+                 leased: dict[str, str]) -> list[str]:
+    """Every secret value an answer to this agent must not carry: the call's leased ones and
+    the others its policy names (``broker.scrub_values``, when the broker offers it)."""
+    values = list(dict.values(leased))  # the raw values: no lease check, no renewal event
+    more = getattr(broker, "scrub_values", None)
+    if more is not None and names:
+        values += more(agent_id, names)
+    return values
+
+
+def bindings(secrets: dict[str, str]) -> dict[str, tuple[str, ...]]:
+    """The hosts each leased secret is bound to (empty: unbound)."""
+    of = getattr(secrets, "bindings", None)
+    return dict(of()) if of is not None else {}
+
+
 class CredentialError(TorporError):
     """A credential cannot be brokered."""
 
@@ -93,6 +110,7 @@ class Lease:
     renewals: int = 0
     revoked_at: float | None = None
     value: str = field(default="", repr=False)
+    hosts: tuple[str, ...] = ()  # the operator's binding: the hosts it may be sent to (empty: unbound)
 
     def active(self, now: float) -> bool:
         return self.revoked_at is None and now < self.expires_at
@@ -124,6 +142,10 @@ class LeasedSecrets(dict[str, str]):
     def __repr__(self) -> str:  # never print values, even in a traceback
         return f"LeasedSecrets({sorted(self._leases)})"
 
+    def bindings(self) -> dict[str, tuple[str, ...]]:
+        """The hosts each secret may be sent to, as the operator bound it in the vault."""
+        return {name: lease.hosts for name, lease in self._leases.items()}
+
     def values(self) -> Any:
         return [self[n] for n in self._leases]
 
@@ -150,6 +172,8 @@ class VaultBroker:
         self._leases: dict[tuple[str, str, str], Lease] = {}
         # Agents whose leases were revoked (bounded: only agents that held a lease, most recent first).
         self._dead: OrderedDict[str, None] = OrderedDict()
+        # Per live agent, the values of every credential its policy names: what answers are scrubbed of.
+        self._scrub: dict[str, dict[str, str]] = {}
 
     @classmethod
     def for_store(cls, store_dir: str | Path | None, *, key_file: str | Path | None = None,
@@ -187,16 +211,28 @@ class VaultBroker:
             if agent_id in self._dead:
                 raise LeaseRevoked(f"agent {agent_id} has terminated; its credentials were revoked")
             need = [n for n in names if not self._usable(agent_id, tool, n, now)]
-            values = self.vault.get_many(need) if need else {}
+            values = self.vault.get_bound(need) if need else {}
             for name in names:
                 leases[name] = self._lease(agent_id, tool, name, now, values.get(name), on_event)
         return LeasedSecrets(self, leases, on_event)
+
+    def scrub_values(self, agent_id: str, names: tuple[str, ...]) -> list[str]:
+        """The values of ``names`` (every credential the agent's policy names), for scrubbing
+        answers only: a tool of one grant must not hand the guest another grant's secret."""
+        with self._lock:
+            known = self._scrub.setdefault(agent_id, {})
+            need = [n for n in names if n not in known]
+            if need:
+                have = self.vault.names()
+                known.update(self.vault.get_many([n for n in need if n in have]))
+            return [known[n] for n in names if n in known]
 
     def revoke(self, agent_id: str) -> list[str]:
         """End every lease of the agent (it terminated); the names of the credentials it held."""
         now = self.clock()
         names: set[str] = set()
         with self._lock:
+            self._scrub.pop(agent_id, None)
             for key in [k for k in self._leases if k[0] == agent_id]:
                 lease = self._leases.pop(key)
                 lease.revoked_at = now
@@ -219,7 +255,7 @@ class VaultBroker:
         lease = self._leases.get((agent_id, tool, name))
         return lease is not None and lease.active(now) and bool(lease.value)
 
-    def _lease(self, agent_id: str, tool: str, name: str, now: float, value: str | None,
+    def _lease(self, agent_id: str, tool: str, name: str, now: float, value: tuple[str, tuple[str, ...]] | None,
                on_event: EventSink | None) -> Lease:
         key = (agent_id, tool, name)
         lease = self._leases.get(key)
@@ -229,7 +265,8 @@ class VaultBroker:
             return lease
         assert value is not None
         previous = lease
-        lease = Lease(uuid.uuid4().hex, agent_id, tool, name, now, now + self.lease_ttl_s, value=value)
+        lease = Lease(uuid.uuid4().hex, agent_id, tool, name, now, now + self.lease_ttl_s, value=value[0],
+                      hosts=value[1])
         self._leases[key] = lease
         data = lease.public()
         if previous is not None:

@@ -83,9 +83,11 @@ class SecretInfo:
     version: int
     created_at: float
     updated_at: float
+    hosts: tuple[str, ...] = ()  # the hosts it may be sent to (empty: not bound)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "created_at": self.created_at, "updated_at": self.updated_at}
+        return {"name": self.name, "version": self.version, "created_at": self.created_at, "updated_at": self.updated_at,
+                "hosts": list(self.hosts)}
 
 
 @dataclass(frozen=True)
@@ -263,15 +265,23 @@ class Vault:
     def list(self) -> list[SecretInfo]:
         """Names and metadata, sorted; needs no key."""
         data = self._read()
-        return [SecretInfo(name, int(e["version"]), float(e["created_at"]), float(e["updated_at"]))
+        return [SecretInfo(name, int(e["version"]), float(e["created_at"]), float(e["updated_at"]),
+                           tuple(e.get("hosts") or ()))
                 for name, e in sorted(data["secrets"].items())]
 
     def names(self) -> set[str]:
         return set(self._read()["secrets"])
 
-    def set(self, name: str, value: str | bytes) -> SecretInfo:
-        """Store (or replace) a secret; returns its metadata."""
+    def set(self, name: str, value: str | bytes, *, hosts: Sequence[str] = ()) -> SecretInfo:
+        """Store (or replace) a secret; returns its metadata.
+
+        ``hosts`` binds it to the hosts it may be sent to (``api.example.com``,
+        ``*.example.com``, ``127.0.0.1:8080``): a tool refuses to send it anywhere else,
+        whatever a bundle's policy grants. The binding is sealed with the value (it is
+        part of the associated data), so a binding changed in the file fails to open.
+        """
         validate_name(name)
+        bound = _canonical_hosts(hosts)
         raw = value.encode() if isinstance(value, str) else bytes(value)
         if not raw:
             raise ConfigError(f"the value for secret {name} is empty")
@@ -288,13 +298,15 @@ class Vault:
             old = data["secrets"].get(name)
             version = int(old["version"]) + 1 if old else 1
             nonce = pysecrets.token_bytes(12)
-            ct = AESGCM(key).encrypt(nonce, raw, _aad(name, version))
+            ct = AESGCM(key).encrypt(nonce, raw, _aad(name, version, bound))
             data["secrets"][name] = {"version": version, "created_at": float(old["created_at"]) if old else now,
                                      "updated_at": now, "nonce": b64e(nonce), "ciphertext": b64e(ct)}
+            if bound:
+                data["secrets"][name]["hosts"] = list(bound)
             data["key"] = meta
             data["format"] = FORMAT
             self._write(data)
-        return SecretInfo(name, version, float(data["secrets"][name]["created_at"]), now)
+        return SecretInfo(name, version, float(data["secrets"][name]["created_at"]), now, bound)
 
     def remove(self, name: str) -> bool:
         """Delete a secret; False when there was none. Needs no key."""
@@ -312,23 +324,45 @@ class Vault:
         return self.get_many((name,))[name]
 
     def get_many(self, names: Sequence[str]) -> dict[str, str]:
+        return {name: value for name, (value, _) in self.get_bound(names).items()}
+
+    def get_bound(self, names: Sequence[str]) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """Values with the hosts each is bound to (checked: the binding is sealed with the value)."""
         data = self._read()
         missing = [n for n in names if n not in data["secrets"]]
         if missing:
             raise SecretNotFound(f"no secret {', '.join(missing)} in the vault {self.path}; "
                                  f"add it with `torpor secrets set {missing[0]}`")
         key, _ = self._key_for(data)
-        out: dict[str, str] = {}
+        out: dict[str, tuple[str, tuple[str, ...]]] = {}
         for name in names:
             e = data["secrets"][name]
             try:
-                plain = AESGCM(key).decrypt(b64d(e["nonce"]), b64d(e["ciphertext"]), _aad(name, int(e["version"])))
-            except (InvalidTag, binascii.Error, ValueError, KeyError) as exc:
-                raise VaultKeyError(f"secret {name} in {self.path} does not decrypt: the vault entry was altered "
-                                    "or sealed with another key") from exc
-            out[name] = plain.decode("utf-8")
+                hosts = tuple(str(h) for h in (e.get("hosts") or ()))
+                plain = AESGCM(key).decrypt(b64d(e["nonce"]), b64d(e["ciphertext"]),
+                                            _aad(name, int(e["version"]), hosts))
+            except (InvalidTag, binascii.Error, ValueError, KeyError, TypeError) as exc:
+                raise VaultKeyError(f"secret {name} in {self.path} does not decrypt: the vault entry (or its host "
+                                    "binding) was altered, or sealed with another key") from exc
+            out[name] = (plain.decode("utf-8"), hosts)
         return out
 
 
-def _aad(name: str, version: int) -> bytes:
-    return f"torpor-vault-v1\x00{name}\x00{version}".encode()
+def _canonical_hosts(hosts: Sequence[str]) -> tuple[str, ...]:
+    """Host patterns as the policy's allowlists spell them (refused when malformed)."""
+    from policies.schema import format_host_pattern, parse_host_pattern
+
+    out: list[str] = []
+    for h in hosts:
+        try:
+            out.append(format_host_pattern(*parse_host_pattern(h)))
+        except ValueError as exc:
+            raise ConfigError(f"secret host binding {h!r}: {exc}") from None
+    return tuple(dict.fromkeys(out))
+
+
+def _aad(name: str, version: int, hosts: Sequence[str] = ()) -> bytes:
+    base = f"torpor-vault-v1\x00{name}\x00{version}"
+    if hosts:  # bound secrets seal their binding too (unbound entries keep the original associated data)
+        base += "\x00hosts\x00" + ",".join(hosts)
+    return base.encode()

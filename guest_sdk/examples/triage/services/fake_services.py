@@ -45,7 +45,9 @@ def classify(text: str) -> dict[str, str]:
 
 
 def tokens(text: str) -> int:
-    return max(1, len(text) // 4)
+    # About what a BPE tokenizer gives for English: 4 bytes a token, rounded up (the host
+    # charges the larger of this and its own count, so a server must not under-report).
+    return max(1, -(-len(text.encode()) // 4))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -102,7 +104,7 @@ class _Handler(BaseHTTPRequestHandler):
             who = name.group(1).strip() if name else "there"
             content = (f"Dear {who},\n\nThank you for contacting us. We have looked into your request "
                        "and a specialist will follow up within one business day.\n\nBest regards,\nSupport")
-        prompt = tokens(system + user)
+        prompt = sum(tokens(m.get("content") or "") for m in messages)
         completion = tokens(content)
         self.services.tokens += prompt + completion
         self._json(200, {
