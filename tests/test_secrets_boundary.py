@@ -531,7 +531,9 @@ def test_no_secret_reaches_the_store_the_cli_or_the_logs(caller_module: bytes, t
                  + [{"tool": "mcp.leaky.leak_env", "args": {"how": h}} for h in ("result", "escaped", "error", "rpc_error")])
         caplog.set_level(logging.DEBUG)
         try:
-            with Host(store, warm_idle_s=0.0, broker=VaultBroker.for_store(store)) as host:
+            # The policy names an MCP server's command: host code, so this bundle is trusted.
+            with Host(store, warm_idle_s=0.0, broker=VaultBroker.for_store(store), trust_bundle_code=[b.digest],
+                      tools_dirs=[Path(__file__).parent]) as host:  # leak_tools.py, an operator tool here
                 res = anyio.run(lambda: host.run(b, {"calls": calls}))
         finally:
             mcp.shutdown()
