@@ -31,6 +31,8 @@ BENCHES: dict[str, tuple[str, str]] = {
                            "commits at durability sync and process"),
     "density": ("density", "hibernate N agents into LMDB; hold as many warm instances as the process can"),
     "steps": ("steps", "tool round trips per second with warm instances"),
+    "conversation": ("conversation", "bytes stored for an LLM agent whose conversation grows every turn, time per "
+                                     "turn, suspend/resume at the last turn"),
     "cli": ("cli_startup", "start-up of a fresh torpor process (--help, ps, inspect) on a store of 10,000 agents, "
                            "against python -c pass"),
 }
@@ -119,6 +121,14 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
             sp.add_argument("--n", type=int, help="tool calls per runtime agent (default 200)")
             sp.add_argument("--agents", type=int, help="concurrent runtime agents (default 64)")
             sp.add_argument("--profile", metavar="FILE", help="write a cProfile of the runtime phase to FILE")
+        elif name == "conversation":
+            sp.add_argument("--turns", help="comma-separated turn counts (default 50,100,200,400; --quick 10,20)")
+            sp.add_argument("--bytes", type=int, help="bytes a turn adds to the conversation (default 2,000)")
+            sp.add_argument("--tool", help="the tool it sends the conversation to: llm, kv or both as llm,kv "
+                                           "(default llm)")
+            sp.add_argument("--rounds", type=int, help="suspend/resume rounds at the last turn (default 50)")
+            sp.add_argument("--no-summarise", action="store_true",
+                            help="skip the agent that rewrites its history (summarises) every 25 turns")
         elif name == "cli":
             sp.add_argument("--agents", type=int, help="agents in the store (default 10,000; --quick 200)")
             sp.add_argument("--rounds", type=int, help="timed runs of each command (default 40; --quick 3)")

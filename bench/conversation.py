@@ -1,0 +1,267 @@
+"""``torpor bench conversation``: what a long-running LLM agent leaves in the store.
+
+An agent (``bench/guests/conversation``) keeps a conversation in its memory, grows it by
+B bytes a turn over N turns and sends all of it to a tool at every turn (``llm.chat``
+against a loopback model server started here, or ``kv.set``), as every LLM agent sends
+all its messages to the model. For each N it reports the bytes stored for that agent by
+kind (checkpoints, the content chunks they share, journal, audit) and the LMDB file,
+beside the zstd size of the final conversation; the time per turn (from the
+checkpoints' timestamps); and suspend and resume at the last turn (p50/p99): resume is
+reading the last checkpoint from the store, decoding it and restoring it into a fresh
+instance; suspend is capturing that instance, encoding it and committing it.
+
+Then "last checkpoint only": the agent's older checkpoints pruned and the store
+compacted (where the store can), as an agent whose policy keeps one checkpoint ends up.
+
+The bytes are counted from the LMDB databases directly (key + value of every record of
+each database; one agent per store), so the same module measures a store of any format:
+the figures before the chunk store were taken with this module on the commit before it.
+Also ``python bench/conversation.py ...``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # `python bench/conversation.py ...`: the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse
+import json
+import shutil
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from bench.rig import BENCH_GUESTS, Latency, Progress, draw_plot, machine, make_engine, make_rig, restore_from
+from host.errors import TorporError
+
+_KINDS = ("checkpoints", "chunks", "journal", "audit")
+
+
+class _ModelHandler(BaseHTTPRequestHandler):
+    """An OpenAI-style chat completion endpoint that answers a short fixed-size reply."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        length = int(self.headers.get("Content-Length", "0"))
+        body = json.loads(self.rfile.read(length) or b"{}")
+        n = len(body.get("messages", []))
+        text = f"answer {n}: noted, the request is in hand and the status will follow."
+        out = json.dumps({"id": "c", "object": "chat.completion", "model": "bench-echo",
+                          "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                       "finish_reason": "stop"}],
+                          "usage": {"prompt_tokens": length // 4, "completion_tokens": 16,
+                                    "total_tokens": length // 4 + 16}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _model_server() -> ThreadingHTTPServer:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _ModelHandler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def _bundle(port: int, retention: int | None) -> Any:
+    """The conversation guest with its policy pointed at this run's model server."""
+    from host.sandbox import bundle as bundle_mod
+
+    tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-conv-src-"))
+    try:
+        shutil.copytree(BENCH_GUESTS / "conversation", tmp / "conversation")
+        pol = tmp / "conversation" / "policy.toml"
+        text = pol.read_text().replace("127.0.0.1:8400", f"127.0.0.1:{port}")
+        if retention is not None:
+            text += f"\n[retention]\ncheckpoints = {retention}\n"
+        pol.write_text(text)
+        return bundle_mod.load_bytes(bundle_mod.build_dir(tmp / "conversation"), source="conversation")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bytes_by_kind(store: Any) -> dict[str, int]:
+    """Key + value bytes of every record of each database, and the LMDB file's size.
+
+    Read through the LMDB environment of the open store (an ``LmdbStore``), not its
+    API, so that the same count holds for a store of any format."""
+    import lmdb
+
+    env = store._env
+    out: dict[str, int] = {}
+    for kind in _KINDS:
+        try:
+            db = env.open_db(kind.encode(), create=False)
+        except lmdb.NotFoundError:
+            out[kind] = 0
+            continue
+        with env.begin(db=db) as txn:
+            out[kind] = sum(len(k) + len(v) for k, v in txn.cursor())
+    out["total"] = sum(out[k] for k in _KINDS)
+    out["lmdb_file"] = (Path(store.path) / "data.mdb").stat().st_size
+    return out
+
+
+def _compact(store: Any) -> str:
+    """Reclaim what nothing references, where the store can (the chunk store)."""
+    fn = getattr(store, "compact", None)
+    if fn is None:
+        return "no compaction in this store"
+    return f"compacted: {fn()}"
+
+
+def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summarise: int, rounds: int,
+         progress: Progress) -> dict[str, Any]:
+    import anyio
+    import zstandard
+
+    from host.runtime.host import Host
+    from snapshots.format import decode_snapshot, encode_snapshot
+
+    tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-conv-"))
+    try:
+        host = Host(tmp, warm_idle_s=60.0)
+        try:
+            t0 = time.perf_counter()
+            res = anyio.run(lambda: host.run(b, {"turns": turns, "bytes": size, "tool": tool,
+                                                 "summarise": summarise}))
+            wall = time.perf_counter() - t0
+            if res.status != "completed":
+                raise TorporError(f"the conversation agent did not complete: {res.status} {res.error}")
+            aid = res.agent_id
+            store: Any = host.store
+            with store.read() as txn:
+                cps = txn.list_checkpoints(aid)
+                journal = list(txn.iter_journal(aid))
+            stamps = [c.created_at for c in cps]
+            gaps = [b_ - a for a, b_ in zip(stamps, stamps[1:], strict=False)]
+            tail = gaps[-max(5, len(gaps) // 10):] if gaps else []
+            head = gaps[: max(5, len(gaps) // 10)] if gaps else []
+            last_call = journal[-1][1]["args"]
+            conversation = json.dumps(last_call.get("messages", last_call.get("value")),
+                                      separators=(",", ":")).encode()
+            zsize = len(zstandard.ZstdCompressor(level=3).compress(conversation))
+            by_kind = _bytes_by_kind(store)
+            # suspend and resume at the last turn, through the store's public API
+            rig = make_rig(make_engine(engine_name), b)
+            last = cps[-1].seq
+            sus, resu = Latency(), Latency()
+            scratch = "bench-scratch"
+            snap = None
+            for i in range(rounds):
+                r0 = time.perf_counter_ns()
+                with store.read() as txn:
+                    blob = txn.get_checkpoint(aid, last)
+                snap = decode_snapshot(blob, expect_module_digest=b.module_digest, pristine=rig.loaded.image)
+                ex = restore_from(rig, snap)
+                resu.add(time.perf_counter_ns() - r0)
+                s0 = time.perf_counter_ns()
+                cap = ex.capture()
+                from dataclasses import replace
+
+                data = encode_snapshot(replace(snap, agent_id=scratch, seq=i + 1, memory=cap.memory,
+                                               globals=cap.globals, created_at=time.time()),
+                                       pristine=rig.loaded.image)
+                store.transact(lambda txn, data=data, i=i: txn.put_checkpoint(scratch, i + 1, data, time.time()))
+                sus.add(time.perf_counter_ns() - s0)
+            with store.write() as txn:
+                txn.prune_checkpoints(scratch, 10**9)
+            # last checkpoint only
+            with store.write() as txn:
+                txn.prune_checkpoints(aid, last)
+            note = _compact(store)
+            last_only = _bytes_by_kind(store)
+            state_only = last_only["checkpoints"] + last_only["chunks"]
+            progress.update(1)
+        finally:
+            host.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "turns": turns, "bytes_per_turn": size, "tool": tool, "summarise_every": summarise,
+        "stored": by_kind, "conversation_bytes": len(conversation), "conversation_zstd": zsize,
+        "wall_s": round(wall, 3), "turn_ms_mean": round(1000 * wall / max(1, turns), 3),
+        "turn_ms_first10pct": round(1000 * sum(head) / max(1, len(head)), 3),
+        "turn_ms_last10pct": round(1000 * sum(tail) / max(1, len(tail)), 3),
+        "suspend_last": sus.summary(), "resume_last": resu.summary(),
+        "last_checkpoint_only": {"stored": last_only, "state_bytes": state_only, "compaction": note,
+                                 "target_bytes": 3 * zsize + 64 * 1024},
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The conversation benchmark; ``args`` as ``torpor bench conversation`` parses them."""
+    turns = [int(x) for x in (args.turns or ("10,20" if args.quick else "50,100,200,400")).split(",")]
+    size = args.bytes or 2000
+    rounds = args.rounds or (5 if args.quick else 50)
+    tools = [t for t in (args.tool or "llm").split(",") if t]
+    srv = _model_server()
+    try:
+        b = _bundle(srv.server_address[1], None)
+        cases = [(n, t, 0) for t in tools for n in turns]
+        summarise_n = max(turns)
+        if not args.no_summarise:
+            cases.append((summarise_n, tools[0], 25 if not args.quick else 5))
+        progress = Progress("conversation", len(cases), args.progress)
+        out = [_one(b, args.engine, n, size, t, s, rounds, progress) for n, t, s in cases]
+        progress.done()
+    finally:
+        srv.shutdown()
+    res: dict[str, Any] = {"machine": machine(), "cases": out}
+    grow = [c for c in out if not c["summarise_every"] and c["tool"] == tools[0]]
+    if len(grow) >= 2:
+        a, z = grow[-2], grow[-1]
+        res["added_per_turn_at_last"] = round((z["stored"]["total"] - a["stored"]["total"]) / (z["turns"] - a["turns"]))
+        res["turn_time_ratio"] = round(z["turn_ms_last10pct"] / max(1e-9, grow[0]["turn_ms_last10pct"]), 2)
+    res.update(draw_plot(args.plot, lambda plt: _draw(plt, grow)))
+    return res
+
+
+def _draw(plt: Any, cases: list[dict[str, Any]]) -> None:
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    xs = [c["turns"] for c in cases]
+    for kind in (*_KINDS, "total"):
+        ax[0].plot(xs, [c["stored"][kind] / 2**20 for c in cases], marker="o", label=kind)
+    ax[0].plot(xs, [c["conversation_zstd"] / 2**20 for c in cases], "k--", label="zstd(conversation)")
+    ax[0].set_xlabel("turns")
+    ax[0].set_ylabel("MiB stored for the agent")
+    ax[0].legend()
+    ax[1].plot(xs, [c["turn_ms_last10pct"] for c in cases], marker="o", label="time per turn (last 10%)")
+    ax[1].plot(xs, [c["resume_last"]["p99_us"] / 1000 for c in cases], marker="o", label="resume p99")
+    ax[1].set_xlabel("turns")
+    ax[1].set_ylabel("ms")
+    ax[1].legend()
+
+
+def show(r: dict[str, Any]) -> None:
+    """The figures as a table."""
+    print("turns tool  summ   ckpts KiB  chunks KiB  journal KiB  audit KiB  total KiB  file KiB  "
+          "zstd(conv) KiB  turn ms  resume p50/p99 µs  suspend p50/p99 µs  last-only state KiB")
+    for c in r["cases"]:
+        s = c["stored"]
+        print(f"{c['turns']:5d} {c['tool']:4s} {c['summarise_every']:4d} {s['checkpoints'] / 1024:11.0f} "
+              f"{s['chunks'] / 1024:11.0f} {s['journal'] / 1024:12.0f} {s['audit'] / 1024:10.0f} "
+              f"{s['total'] / 1024:10.0f} {s['lmdb_file'] / 1024:9.0f} {c['conversation_zstd'] / 1024:15.0f} "
+              f"{c['turn_ms_last10pct']:8.2f} {c['resume_last']['p50_us']:8.0f}/{c['resume_last']['p99_us']:<8.0f} "
+              f"{c['suspend_last']['p50_us']:8.0f}/{c['suspend_last']['p99_us']:<8.0f} "
+              f"{c['last_checkpoint_only']['state_bytes'] / 1024:12.0f}")
+    if "added_per_turn_at_last" in r:
+        print(f"bytes added per turn between the last two N: {r['added_per_turn_at_last']:,}; "
+              f"time per turn at the largest N / the smallest: {r['turn_time_ratio']}x")
+
+
+if __name__ == "__main__":
+    from bench.cli import main
+
+    sys.exit(main(["conversation", *sys.argv[1:]]))
