@@ -28,6 +28,7 @@ if __name__ == "__main__":  # `python bench/conversation.py ...`: the repository
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
+import itertools
 import json
 import shutil
 import tempfile
@@ -36,7 +37,16 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from bench.rig import BENCH_GUESTS, Latency, Progress, draw_plot, machine, make_engine, make_rig, restore_from
+from bench.rig import (
+    BENCH_GUESTS,
+    Latency,
+    Progress,
+    draw_plot,
+    machine,
+    make_engine,
+    make_rig,
+    restore_from,
+)
 from host.errors import TorporError
 
 _KINDS = ("checkpoints", "chunks", "journal", "audit")
@@ -47,7 +57,7 @@ class _ModelHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", "0"))
         body = json.loads(self.rfile.read(length) or b"{}")
         n = len(body.get("messages", []))
@@ -127,7 +137,7 @@ def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summ
     import zstandard
 
     from host.runtime.host import Host
-    from snapshots.format import decode_snapshot, encode_snapshot
+    from snapshots.format import decode_snapshot, encode_checkpoint
 
     tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-conv-"))
     try:
@@ -145,7 +155,7 @@ def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summ
                 cps = txn.list_checkpoints(aid)
                 journal = list(txn.iter_journal(aid))
             stamps = [c.created_at for c in cps]
-            gaps = [b_ - a for a, b_ in zip(stamps, stamps[1:], strict=False)]
+            gaps = [b_ - a for a, b_ in itertools.pairwise(stamps)]
             tail = gaps[-max(5, len(gaps) // 10):] if gaps else []
             head = gaps[: max(5, len(gaps) // 10)] if gaps else []
             last_call = journal[-1][1]["args"]
@@ -163,17 +173,19 @@ def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summ
                 r0 = time.perf_counter_ns()
                 with store.read() as txn:
                     blob = txn.get_checkpoint(aid, last)
-                snap = decode_snapshot(blob, expect_module_digest=b.module_digest, pristine=rig.loaded.image)
+                    snap = decode_snapshot(blob, expect_module_digest=b.module_digest, pristine=rig.loaded.image,
+                                           chunks_from=txn.get_chunk)
                 ex = restore_from(rig, snap)
                 resu.add(time.perf_counter_ns() - r0)
                 s0 = time.perf_counter_ns()
                 cap = ex.capture()
                 from dataclasses import replace
 
-                data = encode_snapshot(replace(snap, agent_id=scratch, seq=i + 1, memory=cap.memory,
-                                               globals=cap.globals, created_at=time.time()),
-                                       pristine=rig.loaded.image)
-                store.transact(lambda txn, data=data, i=i: txn.put_checkpoint(scratch, i + 1, data, time.time()))
+                data, new = encode_checkpoint(replace(snap, agent_id=scratch, seq=i + 1, memory=cap.memory,
+                                                      globals=cap.globals, created_at=time.time()),
+                                              pristine=rig.loaded.image)
+                store.transact(lambda txn, data=data, new=new, i=i: txn.put_checkpoint(scratch, i + 1, data,
+                                                                                      time.time(), new))
                 sus.add(time.perf_counter_ns() - s0)
             with store.write() as txn:
                 txn.prune_checkpoints(scratch, 10**9)
@@ -229,7 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _draw(plt: Any, cases: list[dict[str, Any]]) -> None:
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    _fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     xs = [c["turns"] for c in cases]
     for kind in (*_KINDS, "total"):
         ax[0].plot(xs, [c["stored"][kind] / 2**20 for c in cases], marker="o", label=kind)

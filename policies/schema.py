@@ -75,6 +75,14 @@ budgets accumulate over every run of one agent.
 Crossing a limit is "exceeding" it: ``tool_calls = 3`` allows exactly three
 calls; ``tokens = 1000`` terminates once more than 1000 tokens are used.
 
+[retention] (optional)
+----------------------
+``checkpoints``       how many of its newest checkpoints an agent keeps (positive
+                      integer); default: all of them, so every checkpoint can be
+                      rolled back to, forked from and replayed from.  Older ones are
+                      deleted as new ones are written; ``torpor store compact``
+                      reclaims the content chunks nothing names any more.
+
 [tools."NAME"] — grants
 -----------------------
 Each table grants one tool; the tool name is the key (quote it: it has dots).
@@ -763,6 +771,15 @@ class Budgets(_Model):
         return tuple(sorted(out))
 
 
+class Retention(_Model):
+    """``[retention]``: how much of an agent's history the store keeps."""
+
+    #: The newest checkpoints kept per agent; ``None`` keeps all (every one can be rolled
+    #: back to, forked from and replayed from). Older ones are deleted as new ones are
+    #: written; ``torpor store compact`` then reclaims the chunks nothing else names.
+    checkpoints: PositiveInt | None = None
+
+
 def _is_set(value: object) -> bool:
     """Whether a constraint key is in use (``min = 0`` is; ``required = false`` is not)."""
     return value is not None and value is not False and value != ()
@@ -1232,6 +1249,7 @@ class Policy(_Model):
 
     agent: AgentSpec
     budgets: Budgets = Field(default_factory=Budgets)
+    retention: Retention = Field(default_factory=Retention)
     tools: dict[str, ToolGrant] = Field(default_factory=dict)
     validators: tuple[Validator, ...] = ()
     wasi: WasiSpec = Field(default_factory=WasiSpec)

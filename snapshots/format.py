@@ -50,11 +50,13 @@ import json
 import struct
 import threading
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import zstandard
 
+from . import chunks
 from .delta import (
     MemoryDelta,
     _kernels,
@@ -64,26 +66,40 @@ from .delta import (
     same_image,
     xor_into,
 )
-from .errors import SnapshotCorrupt, SnapshotError, SnapshotMismatch, SnapshotVersionError
+from .errors import (
+    RecordCorrupt,
+    SnapshotCorrupt,
+    SnapshotError,
+    SnapshotMismatch,
+    SnapshotVersionError,
+)
 
 if TYPE_CHECKING:
     from .delta import Pristine
 
 __all__ = [
+    "CHUNKED_VERSION",
+    "CHUNK_ABOVE",
     "FORMAT_VERSION",
     "MAGIC",
     "SUPPORTED_VERSIONS",
     "GlobalValue",
     "Snapshot",
     "SnapshotHeader",
+    "chunk_ref",
     "decode_snapshot",
+    "encode_checkpoint",
     "encode_snapshot",
     "peek_snapshot",
 ]
 
 MAGIC = b"\x8eTPS"
 FORMAT_VERSION = 2
-SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
+#: The format of a checkpoint whose payload is stored as content chunks (encode_checkpoint).
+CHUNKED_VERSION = 3
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2, 3)
+#: Payloads of at least this many bytes are stored as chunks (format 3); smaller ones inline.
+CHUNK_ABOVE = 64 * 1024
 
 GlobalKind = Literal["i32", "i64", "f32", "f64"]
 
@@ -400,7 +416,7 @@ def _get_uvarints(buf: bytes, pos: int, count: int, *, wide: bool = False) -> tu
 def encode_snapshot(
     s: Snapshot, *, level: int | None = None, pristine: Pristine | None = None, version: int = FORMAT_VERSION
 ) -> bytes:
-    """Serialise ``s`` into one self-checking record.
+    """Serialise ``s`` into one self-checking record (format 1 or 2: the whole payload inline).
 
     ``level``: the zstd level; by default 3 for payloads under 32 KiB (a hibernated
     small agent's bytes on disk are what matter there) and -1 above (a large delta is
@@ -409,8 +425,60 @@ def encode_snapshot(
 
     Pass the module's ``pristine`` image (as given to ``diff_memory``) to store chunks as
     XOR against it, which makes records over data-segment pages several times smaller;
-    the same image must then be passed to ``decode_snapshot``.
+    the same image must then be passed to ``decode_snapshot``. A host stores
+    checkpoints with :func:`encode_checkpoint`, which chooses between this and format 3.
     """
+    if version not in SUPPORTED_VERSIONS or version == CHUNKED_VERSION:
+        raise ValueError(f"cannot write snapshot format version {version} inline; it writes 1 and 2 "
+                         "(format 3 is written by encode_checkpoint)")
+    out, flags = _raw_payload(s, pristine)
+    zdict = _dictionary(pristine) if version >= 2 else None
+    if level is None:
+        level = 3 if len(out) < _FAST_LEVEL_ABOVE else -1
+    frame = _compressor(level, zdict).compress(out)
+    prefix = _record_prefix(version, flags, s.abi_version, s.module_digest)
+    check = hashlib.blake2b(prefix, digest_size=_CHECKSUM_LEN)
+    check.update(frame)
+    return b"".join((prefix, frame, check.digest()))
+
+
+def encode_checkpoint(s: Snapshot, *, pristine: Pristine | None = None,
+                      chunk_above: int = CHUNK_ABOVE) -> tuple[bytes, chunks.Chunks]:
+    """``s`` as a checkpoint to store: the record, and the content chunks it names.
+
+    A payload under ``chunk_above`` bytes (every small agent's) is one format-2 record
+    and no chunks, as before. A larger one (an agent holding a conversation) is a
+    format-3 record: a reference to the payload's content-defined chunks
+    (``snapshots.chunks``), which the store keeps once however many checkpoints and
+    agents share them, so that a checkpoint adds what changed since the others, even
+    when data moved in memory. The chunks are returned whole: the store writes (and
+    compresses) only those it does not hold yet.
+    """
+    out, flags = _raw_payload(s, pristine)
+    if len(out) < chunk_above:
+        zdict = _dictionary(pristine)
+        frame = _compressor(3 if len(out) < _FAST_LEVEL_ABOVE else -1, zdict).compress(out)
+        prefix = _record_prefix(FORMAT_VERSION, flags, s.abi_version, s.module_digest)
+        check = hashlib.blake2b(prefix, digest_size=_CHECKSUM_LEN)
+        check.update(frame)
+        return b"".join((prefix, frame, check.digest())), {}
+    found: chunks.Chunks = {}
+    ref = chunks.write_tree(bytes(out), found.setdefault)
+    prefix = _record_prefix(CHUNKED_VERSION, flags, s.abi_version, s.module_digest)
+    body = prefix + ref
+    return body + hashlib.blake2b(body, digest_size=_CHECKSUM_LEN).digest(), found
+
+
+def chunk_ref(data: bytes) -> bytes | None:
+    """The chunk reference of a format-3 record (checked first), None for an inline record."""
+    version, _flags, _abi, _digest = _check_envelope(data)
+    if version != CHUNKED_VERSION:
+        return None
+    return bytes(data)[_PREFIX_LEN:-_CHECKSUM_LEN]
+
+
+def _raw_payload(s: Snapshot, pristine: Pristine | None) -> tuple[bytearray | memoryview, int]:
+    """The uncompressed payload of ``s`` and the record's flags."""
     mem = s.memory
     flags = 0
     if pristine is not None:
@@ -444,16 +512,7 @@ def encode_snapshot(
         if pristine is not None:
             xor_into(payload, start, mem.memory_size, mem.chunk_size, mem.index_bytes, pristine)
         out = payload
-    if version not in SUPPORTED_VERSIONS:
-        raise ValueError(f"cannot write snapshot format version {version}; it writes {SUPPORTED_VERSIONS}")
-    zdict = _dictionary(pristine) if version >= 2 else None
-    if level is None:
-        level = 3 if len(out) < _FAST_LEVEL_ABOVE else -1
-    frame = _compressor(level, zdict).compress(out)
-    prefix = _record_prefix(version, flags, s.abi_version, s.module_digest)
-    check = hashlib.blake2b(prefix, digest_size=_CHECKSUM_LEN)
-    check.update(frame)
-    return b"".join((prefix, frame, check.digest()))
+    return out, flags
 
 
 _prefixes: dict[tuple[int, int, int, str], bytes] = {}
@@ -585,6 +644,7 @@ def decode_snapshot(
     expect_module_digest: str | None = None,
     expect_abi_version: int | None = None,
     pristine: Pristine | None = None,
+    chunks_from: Callable[[bytes], bytes | None] | None = None,
 ) -> Snapshot:
     """Parse and verify a record written by ``encode_snapshot``.
 
@@ -610,6 +670,8 @@ def decode_snapshot(
             "this checkpoint stores memory relative to its module's pristine image: pass "
             "pristine=<memory of a freshly instantiated module> to decode_snapshot"
         )
+    if version == CHUNKED_VERSION:
+        return _parse_payload(_chunked_payload(bytes(data), chunks_from), abi, digest, pristine if xor else None)
     frame = bytes(data)[_PREFIX_LEN:-_CHECKSUM_LEN]
     try:
         zdict = _dictionary(pristine if xor else None) if version >= 2 else None
@@ -617,6 +679,20 @@ def decode_snapshot(
     except zstandard.ZstdError as exc:
         raise _inconsistent(exc) from exc
     return _parse_payload(payload, abi, digest, pristine if xor else None)
+
+
+def _chunked_payload(data: bytes, chunks_from: Callable[[bytes], bytes | None] | None) -> bytes:
+    """The payload a format-3 record names, read from the chunk store, every chunk checked."""
+    if chunks_from is None:
+        raise SnapshotError("this checkpoint keeps its payload in the store's chunks: pass "
+                            "chunks_from=<the store's get_chunk> to decode_snapshot")
+    try:
+        return chunks.read_tree(data[_PREFIX_LEN:-_CHECKSUM_LEN], chunks_from)
+    except RecordCorrupt as exc:
+        raise SnapshotCorrupt(f"a chunk of this checkpoint is unusable: {exc}; restore an earlier "
+                              "checkpoint") from exc
+    except ValueError as exc:
+        raise _inconsistent(exc) from exc
 
 
 def _inconsistent(exc: Exception) -> SnapshotCorrupt:

@@ -114,7 +114,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +123,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import lmdb
 
-from . import sealed, unflushed
+from . import chunks, sealed, unflushed
 from .errors import (
     FULL_ERRNOS,
     CheckpointExists,
@@ -186,7 +186,10 @@ DEFAULT_MAP_SIZE = 64 * 1024 * 1024
 #: 3: every agent record has a listing summary beside it (``snapshots.summary``), written
 #: in the same transaction; an older Torpor would write records without one, so it must
 #: refuse the store. A writable open of an older store writes the missing summaries.
-STORE_FORMAT = 3
+#: 4: large checkpoints (snapshot format 3) and long journal entries are kept as content
+#: chunks in the ``chunks`` table (``snapshots.chunks``); an older Torpor would misread a
+#: chunk reference, so it must refuse the store. Older stores need no conversion.
+STORE_FORMAT = 4
 #: The ``_torpor`` key present in a store that was created sealing every value: there an
 #: unsealed value is corrupt, not an older one.
 _SEALED_KEY = b"sealed"
@@ -203,7 +206,12 @@ DEFAULT_FLUSH_INTERVAL_S = 1.0
 _MAX_KEY = 511  # LMDB's compiled-in maximum key size
 _SEQ = struct.Struct(">Q")
 _CREATED = struct.Struct("<d")
-_CORE_DBS = ("agents", "summaries", "checkpoints", "journal", "kv", "_torpor")
+_CORE_DBS = ("agents", "summaries", "checkpoints", "journal", "kv", "chunks", "_torpor")
+#: A journal entry whose JSON is at least this long is stored as content chunks.
+JOURNAL_CHUNK_ABOVE = 16 * 1024
+#: The first bytes of a journal entry's sealed payload that is a chunk reference, not JSON
+#: (0xFE never starts UTF-8, so no JSON entry starts with it).
+_CHUNKED_ENTRY = b"\xfeTPC"
 _MAX_DBS = 32  # headroom for buckets added later without touching open flags
 _MAX_GROW_ATTEMPTS = 64
 
@@ -522,9 +530,20 @@ def _unseal(database: str, key: bytes, raw: bytes, strict: bool) -> bytes:
     return sealed.unseal(database, key, raw, lambda: _label(database, key), strict=strict)
 
 
-def _journal_entry(key: bytes, raw: bytes, strict: bool) -> dict[str, Any]:
-    """A journal entry as stored: its digest checked, decoded to an object, or RecordCorrupt."""
+def _journal_entry(key: bytes, raw: bytes, strict: bool,
+                   get_chunk: Callable[[bytes], bytes | None]) -> dict[str, Any]:
+    """A journal entry as stored: its digest checked (and its chunks', if it is kept as
+    chunks), decoded to an object, or RecordCorrupt."""
     body = _unseal("journal", key, raw, strict)
+    if body.startswith(_CHUNKED_ENTRY):
+        label = _label("journal", key)
+        try:
+            body = chunks.read_tree(body[len(_CHUNKED_ENTRY) :], get_chunk)
+        except RecordCorrupt as exc:
+            raise RecordCorrupt(f"{label}: {exc}", database="journal", key=label) from exc
+        except ValueError as exc:
+            raise RecordCorrupt(f"{label} has a malformed chunk reference ({exc})", database="journal",
+                                key=label) from exc
     try:
         entry = json.loads(body)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
@@ -552,7 +571,8 @@ def _json_object(database: str, key: bytes, value: bytes) -> str | None:
 _JSON_BUCKETS = frozenset({"audit", "audit_heads", "approvals"})
 
 
-def _check_record(database: str, key: bytes, value: bytes, strict: bool) -> StoreProblem | None:
+def _check_record(database: str, key: bytes, value: bytes, strict: bool,
+                  get_chunk: Callable[[bytes], bytes | None]) -> StoreProblem | None:
     """The problem with one record, decoded the way the store reads it, or None."""
     if database in ("checkpoints", "journal"):
         agent, seq = _split_seq_key(key)
@@ -565,17 +585,27 @@ def _check_record(database: str, key: bytes, value: bytes, strict: bool) -> Stor
             if len(value) < _CREATED.size:
                 return StoreProblem(database, label, f"value of {len(value)} bytes is shorter "
                                     "than its created_at prefix", agent, seq)
-            from .format import peek_snapshot  # zstandard and the codec: only a check needs them
+            from .format import chunk_ref  # zstandard and the codec: only a check needs them
 
             try:
-                peek_snapshot(value[_CREATED.size :])
+                ref = chunk_ref(value[_CREATED.size :])  # magic, version, checksum
+                if ref is not None:  # every chunk it names is there and matches its digest
+                    chunks.read_tree(ref, get_chunk)
             except SnapshotError as exc:
                 return StoreProblem(database, label, str(exc), agent, seq)
+            except (RecordCorrupt, ValueError) as exc:
+                return StoreProblem(database, label, f"a chunk of this checkpoint is unusable: {exc}", agent, seq)
             return None
         try:
-            _journal_entry(key, value, strict)
+            _journal_entry(key, value, strict, get_chunk)
         except RecordCorrupt as exc:
             return StoreProblem(database, label, str(exc), agent, seq)
+        return None
+    if database == "chunks":
+        try:
+            chunks.load_chunk(key, value)
+        except RecordCorrupt as exc:
+            return StoreProblem(database, f"chunk {key.hex()}", str(exc))
         return None
     if database == "kv" or database in SEALED_BUCKETS:
         try:
@@ -982,6 +1012,25 @@ class LmdbStore:
         )
         return pages * int(stats[0]["psize"])
 
+    def compact(self) -> dict[str, int]:
+        """Delete the chunks that no checkpoint and no journal entry names any more (those of
+        pruned checkpoints, purged agents, rewritten journal entries), in one transaction.
+
+        Refuses (RecordCorrupt, SnapshotError) when a record's references cannot be read,
+        rather than guess which chunks are free. LMDB reuses the freed pages; the file
+        does not shrink.
+        """
+        return self.transact(lambda txn: cast(_LmdbTxn, txn).reclaim_chunks())
+
+    def stats(self) -> dict[str, Any]:
+        """Bytes stored per agent and per kind (checkpoints, journal, the chunks each names,
+        audit, input), the chunk store's totals, and the data file's size."""
+        with self.read() as txn:
+            out = cast(_LmdbTxn, txn).stored_bytes()
+        out["store"] = {"path": str(self._path), "file_bytes": (self._path / "data.mdb").stat().st_size,
+                        "used_bytes": self.used_bytes(), "format": STORE_FORMAT}
+        return out
+
     # ------------------------------------------------------------------ checking
 
     def check(self) -> StoreCheckReport:
@@ -1002,6 +1051,12 @@ class LmdbStore:
         counts: dict[str, int] = {}
         problems: list[StoreProblem] = []
         txn: lmdb.Transaction | None = None
+        chunks_db = self._dbs.get("chunks")
+
+        def get_chunk(name: bytes) -> bytes | None:
+            if txn is None or chunks_db is None:
+                return None
+            return cast("bytes | None", txn.get(name, db=chunks_db))
         try:
             for name, db in self._dbs.items():
                 counts[name] = 0
@@ -1016,7 +1071,7 @@ class LmdbStore:
                         for key, value in cast("Iterator[tuple[bytes, bytes]]", iter(cur)):
                             last = key
                             counts[name] += 1
-                            problem = _check_record(name, key, value, self._strict)
+                            problem = _check_record(name, key, value, self._strict, get_chunk)
                             if problem is not None:
                                 problems.append(problem)
                     finally:
@@ -1413,7 +1468,7 @@ class _LmdbTxn:
     forget either. ``strict``: the store was created sealing every value.
     """
 
-    __slots__ = ("_agents", "_ckpt", "_dbs", "_journal", "_kv", "_strict", "_summaries", "_txn")
+    __slots__ = ("_agents", "_chunks", "_ckpt", "_dbs", "_journal", "_kv", "_strict", "_summaries", "_txn")
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any], strict: bool) -> None:
         self._txn = txn
@@ -1423,6 +1478,7 @@ class _LmdbTxn:
         self._ckpt = dbs["checkpoints"]
         self._journal = dbs["journal"]
         self._kv = dbs["kv"]
+        self._chunks = dbs.get("chunks")
         self._strict = strict
 
     # ------------------------------------------------------------------ helpers
@@ -1524,12 +1580,17 @@ class _LmdbTxn:
             return None
         key = _seq_key(agent_id, call_seq, "call_seq")
         raw = self._get(key, db=self._journal)
-        return None if raw is None else _journal_entry(key, raw, self._strict)
+        return None if raw is None else _journal_entry(key, raw, self._strict, self.get_chunk)
 
     def iter_journal(self, agent_id: str) -> Iterator[tuple[int, dict[str, Any]]]:
         prefix = _id_bytes(agent_id, "agent_id") + b"\x00"
         for key, raw in self._iter_prefix(self._journal, prefix):
-            yield _SEQ.unpack_from(key, len(prefix))[0], _journal_entry(key, raw, self._strict)
+            yield _SEQ.unpack_from(key, len(prefix))[0], _journal_entry(key, raw, self._strict, self.get_chunk)
+
+    def get_chunk(self, name: bytes) -> bytes | None:
+        if self._chunks is None:
+            return None
+        return self._get(bytes(name), db=self._chunks)
 
     def kv_get(self, namespace: str, key: str) -> bytes | None:
         if self._kv is None:
@@ -1604,9 +1665,14 @@ class _LmdbTxn:
             cur.close()
         return count
 
-    def put_checkpoint(self, agent_id: str, seq: int, blob: bytes, created_at: float) -> None:
+    def put_checkpoint(self, agent_id: str, seq: int, blob: bytes, created_at: float,
+                       chunks: Mapping[bytes, bytes] | None = None) -> None:
         if seq < 1:
             raise ValueError(f"checkpoint seq counts from 1, got {seq}")
+        if chunks:
+            put = self._put_chunk
+            for name, content in chunks.items():
+                put(name, content)
         value = _CREATED.pack(created_at) + bytes(blob)
         key = _seq_key(agent_id, seq)
         if not self._put_append(key, value, self._ckpt):
@@ -1619,9 +1685,19 @@ class _LmdbTxn:
         prefix = _id_bytes(agent_id, "agent_id") + b"\x00"
         return self._delete_prefix(self._ckpt, prefix, below=_seq_key(agent_id, max(0, keep_from)))
 
+    def _put_chunk(self, name: bytes, content: bytes) -> None:
+        """Store a chunk unless it is already held (same name, same content)."""
+        if len(name) != chunks.DIGEST_SIZE:
+            raise ValueError(f"a chunk is named by its {chunks.DIGEST_SIZE}-byte digest, got {len(name)} bytes")
+        if self._txn.get(name, db=self._chunks) is None:
+            self._txn.put(name, chunks.store_chunk(content), db=self._chunks)
+
     def put_journal(self, agent_id: str, call_seq: int, entry: dict[str, Any]) -> None:
         key = _seq_key(agent_id, call_seq, "call_seq")
-        value = sealed.seal("journal", key, _json(entry))
+        body = _json(entry)
+        if len(body) >= JOURNAL_CHUNK_ABOVE:  # a long entry (a conversation): the chunks it shares
+            body = _CHUNKED_ENTRY + chunks.write_tree(body, self._put_chunk)
+        value = sealed.seal("journal", key, body)
         if not self._put_append(key, value, self._journal):
             self._txn.put(key, value, db=self._journal)  # an update of an existing call
 
@@ -1667,6 +1743,92 @@ class _LmdbTxn:
 
     def delete_blob(self, bucket: str, key: str) -> bool:
         return bool(self._txn.delete(_plain_key(key), db=self._bucket(bucket)))
+
+    # ------------------------------------------------------------ chunk accounting
+
+    def _refs_by_agent(self) -> dict[str, dict[str, set[bytes]]]:
+        """For each agent, the chunk names its checkpoints and its journal use.
+
+        Raises RecordCorrupt (or SnapshotError) when a record's references cannot be
+        read: reclaiming must never guess which chunks are free.
+        """
+        from .format import chunk_ref  # the codec: only accounting needs it here
+
+        out: dict[str, dict[str, set[bytes]]] = {}
+        for key, raw in self._iter_prefix(self._ckpt, b""):
+            ref = chunk_ref(raw[_CREATED.size :])
+            if ref is not None:
+                agent, _ = _split_seq_key(key)
+                out.setdefault(agent, {}).setdefault("checkpoints", set()).update(
+                    chunks.tree_digests(ref, self.get_chunk))
+        for key, raw in self._iter_prefix(self._journal, b""):
+            body = _unseal("journal", key, raw, self._strict)
+            if body.startswith(_CHUNKED_ENTRY):
+                agent, _ = _split_seq_key(key)
+                out.setdefault(agent, {}).setdefault("journal", set()).update(
+                    chunks.tree_digests(body[len(_CHUNKED_ENTRY) :], self.get_chunk))
+        return out
+
+    def reclaim_chunks(self) -> dict[str, int]:
+        used: set[bytes] = set()
+        for kinds in self._refs_by_agent().values():
+            for names in kinds.values():
+                used |= names
+        freed = kept = count = 0
+        if self._chunks is None:
+            return {"chunks_deleted": 0, "bytes_freed": 0, "chunks_kept": 0}
+        cur = self._txn.cursor(db=self._chunks)
+        try:
+            more = cur.first()
+            while more:
+                name, value = cast(bytes, cur.key()), cast(bytes, cur.value())
+                if name in used:
+                    kept += 1
+                    more = cur.next()
+                else:
+                    count += 1
+                    freed += len(name) + len(value)
+                    more = cur.delete()
+        finally:
+            cur.close()
+        return {"chunks_deleted": count, "bytes_freed": freed, "chunks_kept": kept}
+
+    def stored_bytes(self) -> dict[str, Any]:
+        per: dict[str, dict[str, int]] = {}
+
+        def add(agent: str, kind: str, n: int) -> None:
+            row = per.setdefault(agent, {})
+            row[kind] = row.get(kind, 0) + n
+
+        for db, kind in ((self._ckpt, "checkpoints"), (self._journal, "journal")):
+            for key, raw in self._iter_prefix(db, b""):
+                add(_split_seq_key(key)[0], kind, len(key) + len(raw))
+        for key, raw in self._iter_prefix(self._dbs.get("audit"), b""):
+            add(_decode_key(key).partition("/")[0], "audit", len(key) + len(raw))
+        for key, raw in self._iter_prefix(self._dbs.get(INPUTS_BUCKET), b""):
+            add(_decode_key(key), "input", len(key) + len(raw))
+        sizes: dict[bytes, int] = {}
+        for name, raw in self._iter_prefix(self._chunks, b""):
+            sizes[name] = len(name) + len(raw)
+        users: dict[bytes, int] = {}
+        refs = self._refs_by_agent()
+        for agent, kinds in refs.items():
+            mine = set().union(*kinds.values())
+            for name in mine:
+                users[name] = users.get(name, 0) + 1
+            for kind, names in kinds.items():
+                add(agent, f"{kind}_chunks", sum(sizes.get(n, 0) for n in names))
+        for agent, kinds in refs.items():
+            add(agent, "shared_chunks", sum(sizes.get(n, 0) for n in set().union(*kinds.values())
+                                            if users.get(n, 0) > 1))
+        for row in per.values():
+            row["total"] = sum(v for k, v in row.items() if k != "shared_chunks")
+        return {
+            "agents": per,
+            "chunks": {"count": len(sizes), "bytes": sum(sizes.values()),
+                       "unreferenced": sum(1 for n in sizes if n not in users),
+                       "unreferenced_bytes": sum(v for n, v in sizes.items() if n not in users)},
+        }
 
 
 def _conforms(store: LmdbStore) -> AgentStore:

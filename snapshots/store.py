@@ -14,7 +14,7 @@ through the transaction it is given, and must not have other side effects.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -131,6 +131,15 @@ class ReadTxn(Protocol):
         RecordCorrupt at an entry that does not match its digest or does not decode."""
         ...
 
+    def get_chunk(self, name: bytes) -> bytes | None:
+        """A content chunk as stored (``snapshots.chunks``: codec byte, then its bytes), by the
+        SHA-256 of its content, or None. Unchecked here: ``chunks.load_chunk`` checks it."""
+        ...
+
+    def stored_bytes(self) -> dict[str, Any]:
+        """Bytes stored per agent and kind, and the chunk store's totals (``torpor store stats``)."""
+        ...
+
     def kv_get(self, namespace: str, key: str) -> bytes | None:
         """A value of the small key-value space (counters, rate-limit state), or None;
         RecordCorrupt if it does not match its digest."""
@@ -172,8 +181,13 @@ class WriteTxn(ReadTxn, Protocol):
         """
         ...
 
-    def put_checkpoint(self, agent_id: str, seq: int, blob: bytes, created_at: float) -> None:
-        """Store checkpoint ``seq``; raises CheckpointExists if it is already stored."""
+    def put_checkpoint(self, agent_id: str, seq: int, blob: bytes, created_at: float,
+                       chunks: Mapping[bytes, bytes] | None = None) -> None:
+        """Store checkpoint ``seq``; raises CheckpointExists if it is already stored.
+
+        ``chunks``: the content chunks a format-3 record names (``format.encode_checkpoint``),
+        by digest; the store writes those it does not hold yet, in the same transaction.
+        """
         ...
 
     def prune_checkpoints(self, agent_id: str, keep_from: int) -> int:
@@ -181,7 +195,15 @@ class WriteTxn(ReadTxn, Protocol):
         ...
 
     def put_journal(self, agent_id: str, call_seq: int, entry: dict[str, Any]) -> None:
-        """Insert or replace the journal entry of tool call ``call_seq``."""
+        """Insert or replace the journal entry of tool call ``call_seq``.
+
+        A long entry (a conversation in its arguments) may be kept as content chunks; it
+        reads back as the same bytes (``get_journal``), every chunk checked.
+        """
+        ...
+
+    def reclaim_chunks(self) -> dict[str, int]:
+        """Delete the chunks nothing names; how many, and the bytes freed."""
         ...
 
     def kv_set(self, namespace: str, key: str, value: bytes) -> None:
@@ -234,6 +256,14 @@ class AgentStore(Protocol):
         A function that raises has none of its writes committed and its error in its
         Outcome; the others commit. Errors of the store itself (StoreFull, ...) raise.
         """
+        ...
+
+    def compact(self) -> dict[str, int]:
+        """Reclaim the chunks nothing names (``torpor store compact``)."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """Bytes stored per agent and per kind (``torpor store stats``)."""
         ...
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ from host.runtime.loader import BundleLoader
 from host.trust import audit
 from host.trust.identity import IdentityService
 from snapshots.errors import SnapshotError
-from snapshots.format import decode_snapshot, encode_snapshot
+from snapshots.format import decode_snapshot, encode_checkpoint
 from snapshots.store import INPUTS_BUCKET, AgentStore
 
 
@@ -26,15 +26,20 @@ def fork(store: AgentStore, loader: BundleLoader, identity: IdentityService, age
     """Write the fork of ``agent_id`` at ``checkpoint`` (suspended, ready to resume); its id."""
     with store.read() as txn:
         rec = txn.get_agent(agent_id)
-        blob = txn.get_checkpoint(agent_id, checkpoint) if rec else None
+        found = rec is not None and txn.get_checkpoint(agent_id, checkpoint) is not None
     if rec is None:
         raise AgentNotFound(f"no agent {agent_id}")
-    if blob is None:
+    if not found:
         raise TorporError(f"agent {agent_id} has no checkpoint {checkpoint}", code="checkpoint_not_found")
     fb = loader.by_digest(rec["bundle_digest"])
     pristine = loader.module(fb)[0].image
     try:
-        snap = decode_snapshot(blob, expect_module_digest=fb.module_digest, pristine=pristine)
+        with store.read() as txn:  # a large checkpoint reads its chunks in the transaction
+            blob = txn.get_checkpoint(agent_id, checkpoint)
+            if blob is None:
+                raise TorporError(f"agent {agent_id} has no checkpoint {checkpoint}", code="checkpoint_not_found")
+            snap = decode_snapshot(blob, expect_module_digest=fb.module_digest, pristine=pristine,
+                                   chunks_from=txn.get_chunk)
     except SnapshotError as exc:
         raise TorporError(f"agent {agent_id}: checkpoint {checkpoint} is unusable: {exc}", code="snapshot_corrupt") from exc
     new_id = new_agent_id()
@@ -47,7 +52,7 @@ def fork(store: AgentStore, loader: BundleLoader, identity: IdentityService, age
         "audit_head": audit.GENESIS, "approval": None, "in_doubt": None,
     })
     forked = dataclasses.replace(snap, agent_id=new_id, seq=1, created_at=now)
-    data = encode_snapshot(forked, pristine=pristine)
+    data, chunks = encode_checkpoint(forked, pristine=pristine)  # shares its parent's chunks
     new["snapshot_bytes"] = len(data)
     new["last_checkpoint_bytes"] = len(data)
     pending_seq = int(snap.pending["seq"]) if snap.pending else None
@@ -57,7 +62,7 @@ def fork(store: AgentStore, loader: BundleLoader, identity: IdentityService, age
 
     def write(txn: Any) -> None:
         provision(txn)
-        txn.put_checkpoint(new_id, 1, data, now)
+        txn.put_checkpoint(new_id, 1, data, now, chunks or None)
         stored_input = txn.get_blob(INPUTS_BUCKET, agent_id)
         if stored_input is not None:  # a parent of an older host has it in its record, now copied
             txn.put_blob(INPUTS_BUCKET, new_id, stored_input)

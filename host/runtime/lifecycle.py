@@ -136,21 +136,24 @@ class Lifecycle:
         self.claim(agent_id)
         rec = queries.get_agent(self.store, agent_id, where=self.where)
         rec.pop("stalled", None)
-        with self.store.read() as txn:
-            seq = txn.latest_checkpoint(agent_id)
-            blob = txn.get_checkpoint(agent_id, seq) if seq is not None else None
-            stored_input = txn.get_blob(INPUTS_BUCKET, agent_id)
-        agent = LiveAgent(rec, b, loaded, tools, validators, limits_for(b, rec.get("fuel_limit")), pre=pre,
-                          _input=stored_input)
-        if blob is None:
-            return agent, None
+        snap = None
         try:
-            snap = decode_snapshot(blob, expect_module_digest=b.module_digest, expect_abi_version=abi.ABI_VERSION,
-                                   pristine=loaded.image)
+            with self.store.read() as txn:
+                seq = txn.latest_checkpoint(agent_id)
+                blob = txn.get_checkpoint(agent_id, seq) if seq is not None else None
+                stored_input = txn.get_blob(INPUTS_BUCKET, agent_id)
+                if blob is not None:  # decoded in the transaction: a large checkpoint reads its chunks
+                    snap = decode_snapshot(blob, expect_module_digest=b.module_digest,
+                                           expect_abi_version=abi.ABI_VERSION, pristine=loaded.image,
+                                           chunks_from=txn.get_chunk)
         except SnapshotError as exc:
             self.release_claim(agent_id)
             raise TorporError(f"agent {agent_id}: checkpoint {seq} cannot be restored: {exc}",
                               code="snapshot_corrupt") from exc
+        agent = LiveAgent(rec, b, loaded, tools, validators, limits_for(b, rec.get("fuel_limit")), pre=pre,
+                          _input=stored_input)
+        if snap is None:
+            return agent, None
         agent.captured = Captured(snap.memory, snap.globals, snap.async_buf)
         # Usage counted after the checkpoint (decisions, tokens) lives in the record; fuel
         # and the call counter restart from the snapshot, since that is where the guest resumes.

@@ -274,7 +274,8 @@ def _snapshot(txn: Any, agent_id: str, checkpoint: int, pristine: Any, module_di
     if blob is None:
         return None
     try:
-        return decode_snapshot(blob, expect_module_digest=module_digest, pristine=pristine)
+        return decode_snapshot(blob, expect_module_digest=module_digest, pristine=pristine,
+                               chunks_from=txn.get_chunk)
     except SnapshotError:
         return None
 

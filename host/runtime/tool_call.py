@@ -51,7 +51,7 @@ from host.trust import audit
 from host.trust.credentials import CredentialBroker, bindings, scrub_values
 from host.trust.scrub import Scrubber, scrubbing
 from snapshots.errors import RecordCorrupt
-from snapshots.format import Snapshot, encode_snapshot
+from snapshots.format import Snapshot, encode_checkpoint
 from snapshots.store import AgentStore
 
 log = logging.getLogger("torpor.tools")
@@ -81,6 +81,8 @@ class Checkpoint:
     seq: int
     blob: bytes
     created: float
+    #: The content chunks a format-3 record names (by digest); empty for an inline record.
+    chunks: dict[bytes, bytes]
 
 
 class ToolCallPipeline:
@@ -222,11 +224,11 @@ class ToolCallPipeline:
                         async_buf=captured.async_buf, entry=abi.ENTRY_EXPORT, pending=call.to_dict(),
                         usage={"fuel_used": u.get("fuel_used", 0), "tool_calls": u.get("tool_calls", 0)},
                         created_at=time.time())
-        blob = encode_snapshot(snap, pristine=agent.loaded.image)
+        blob, chunks = encode_checkpoint(snap, pristine=agent.loaded.image)
         now = time.time()
         rec.update(checkpoints=seq, snapshot_bytes=int(rec.get("snapshot_bytes", 0)) + len(blob),
                    last_checkpoint_bytes=len(blob), pending=call.to_dict(), status=status, updated_at=now)
-        return Checkpoint(seq, blob, now)
+        return Checkpoint(seq, blob, now, chunks)
 
     # 6 ----------------------------------------------------------------------------------
     async def commit(self, agent: LiveAgent, call: PendingCall, cp: Checkpoint, answer: Answer | None, *,
@@ -238,7 +240,7 @@ class ToolCallPipeline:
         agent.event("checkpoint", checkpoint=cp.seq, size=len(cp.blob))
 
         def write(txn: Any) -> None:
-            txn.put_checkpoint(agent.agent_id, cp.seq, cp.blob, cp.created)
+            _put_checkpoint(txn, agent, cp)
             txn.put_journal(agent.agent_id, call.seq, entry)
             if also is not None:
                 also(txn)
@@ -320,7 +322,7 @@ class ToolCallPipeline:
 
         def write(txn: Any) -> Answer:
             if cp is not None:
-                txn.put_checkpoint(agent.agent_id, cp.seq, cp.blob, cp.created)
+                _put_checkpoint(txn, agent, cp)
             overlay = WriteOverlay(txn)
             try:
                 answer = self.settle(spec, scrub, spec.func(args, ctx, overlay))
@@ -399,6 +401,18 @@ def canonical_args(spec: ToolSpec | None, args: Any) -> Any:
     if spec is None or spec.canonical is None:
         return args
     return spec.canonical(args)
+
+
+def _put_checkpoint(txn: Any, agent: LiveAgent, cp: Checkpoint) -> None:
+    """Write checkpoint *K* with its new chunks, and drop those the policy's retention lets go.
+
+    Pruned checkpoints' chunks stay until ``torpor store compact`` reclaims what nothing
+    names (other checkpoints, other agents and the journal share chunks).
+    """
+    txn.put_checkpoint(agent.agent_id, cp.seq, cp.blob, cp.created, cp.chunks or None)
+    keep = agent.bundle.policy.retention.checkpoints
+    if keep is not None and cp.seq > keep:
+        txn.prune_checkpoints(agent.agent_id, cp.seq - keep + 1)
 
 
 def _journal_entry(agent: LiveAgent, call: PendingCall, answer: Answer | None) -> dict[str, Any]:
