@@ -1774,23 +1774,19 @@ class _LmdbTxn:
         for kinds in self._refs_by_agent().values():
             for names in kinds.values():
                 used |= names
-        freed = kept = count = 0
+        freed = kept = 0
         if self._chunks is None:
             return {"chunks_deleted": 0, "bytes_freed": 0, "chunks_kept": 0}
-        cur = self._txn.cursor(db=self._chunks)
-        try:
-            more = cur.first()
-            while more:
-                name, value = cast(bytes, cur.key()), cast(bytes, cur.value())
-                if name in used:
-                    kept += 1
-                    more = cur.next()
-                else:
-                    count += 1
-                    freed += len(name) + len(value)
-                    more = cur.delete()
-        finally:
-            cur.close()
+        unused: list[bytes] = []
+        for name, value in self._iter_prefix(self._chunks, b""):
+            if name in used:
+                kept += 1
+            else:
+                unused.append(name)
+                freed += len(name) + len(value)
+        for name in unused:  # deleted after the walk: a cursor's delete at the end of a database is ambiguous
+            self._txn.delete(name, db=self._chunks)
+        count = len(unused)
         return {"chunks_deleted": count, "bytes_freed": freed, "chunks_kept": kept}
 
     def stored_bytes(self) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""``torpor store check`` and ``torpor doctor``: is the store sound, and what does this
+"""``torpor store check``, ``store stats``, ``store compact`` and ``torpor doctor``: is the
+store sound, what does it hold, reclaiming what nothing uses, and what does this
 installation give Torpor.
 
 ``store check`` reads the store itself (never through a host): it must work on a
@@ -22,11 +23,12 @@ from host.cli.common import (
     add_command,
     emit,
     error_code,
+    open_store,
     store_dir,
 )
 from host.errors import ConfigError, TorporError
 
-TITLE = "store: check the store and the installation"
+TITLE = "store: check, measure and compact the store; the installation"
 
 
 def _check_store(db: Path) -> dict[str, Any]:
@@ -163,6 +165,45 @@ def _clear_suspect(db: Path, names: set[str]) -> list[str]:
         return store.clear_suspect(StoreCheckReport(str(store.path), {}, (), found))
 
 
+def _kib(n: int) -> str:
+    return f"{n / 1024:,.1f} KiB"
+
+
+def cmd_store_stats(args: argparse.Namespace) -> int:
+    """Bytes stored per agent and per kind, and the chunk store's totals."""
+    with open_store(args, readonly=True) as store:
+        data = store.stats()
+    kinds = ("checkpoints", "checkpoints_chunks", "journal", "journal_chunks", "audit", "input", "total")
+
+    def human() -> None:
+        print("agent" + "".join(f"  {k:>18}" for k in kinds))
+        for agent, row in sorted(data["agents"].items()):
+            print(agent + "".join(f"  {_kib(row.get(k, 0)):>18}" for k in kinds))
+        c = data["chunks"]
+        print(f"chunks: {c['count']:,} holding {_kib(c['bytes'])}; {c['unreferenced']:,} unreferenced "
+              f"({_kib(c['unreferenced_bytes'])}: `torpor store compact` reclaims them)")
+        st = data["store"]
+        print(f"store {st['path']}: data file {_kib(st['file_bytes'])}, in use {_kib(st['used_bytes'])} "
+              f"(format {st['format']})")
+        print("a chunk shared by several agents counts in each one's *_chunks column")
+
+    emit(args, data, human)
+    return EXIT_OK
+
+
+def cmd_store_compact(args: argparse.Namespace) -> int:
+    """Delete the content chunks no checkpoint and no journal entry names any more."""
+    with open_store(args, readonly=False) as store:
+        data = store.compact()
+
+    def human() -> None:
+        print(f"deleted {data['chunks_deleted']:,} unreferenced chunk(s), {_kib(data['bytes_freed'])}; "
+              f"{data['chunks_kept']:,} kept (the data file keeps its size: LMDB reuses the pages)")
+
+    emit(args, data, human)
+    return EXIT_OK
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """What this installation gives Torpor: versions, the engine layout, whether the native
     helpers are built (and why not), the default store and durability level."""
@@ -230,7 +271,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """Register ``store check`` and ``doctor``."""
-    store_help = "check the agent store"
+    store_help = "check the agent store, show what it holds, reclaim unreferenced chunks"
     st = sub.add_parser("store", help=store_help, description=store_help)
     ssub = st.add_subparsers(dest="store_command", metavar="SUBCOMMAND")
     check_help = ("read every record of the store and verify every checkpoint's checksum (exit 1 if "
@@ -241,5 +282,15 @@ def add_parsers(sub: Any) -> None:
                                                           "make the store suspect, so that it opens again")
     sp.add_argument("--json", action="store_true", help=JSON_HELP)
     sp.set_defaults(fn=cmd_store_check)
+    for name, fn, help_ in (
+        ("stats", cmd_store_stats, "bytes stored per agent and per kind (checkpoints, journal, the content chunks "
+                                   "each names, audit, input) and the chunk store's totals"),
+        ("compact", cmd_store_compact, "delete the content chunks that no checkpoint and no journal entry names "
+                                       "(after retention, purges and rewritten entries)"),
+    ):
+        sp = ssub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--store", default=None, help=STORE_HELP)
+        sp.add_argument("--json", action="store_true", help=JSON_HELP)
+        sp.set_defaults(fn=fn)
     add_command(sub, "doctor", cmd_doctor, "show versions, the engine profile, whether the native helpers are in use, "
                                            "and the default store and durability")
