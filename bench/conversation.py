@@ -194,7 +194,12 @@ def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summ
                 txn.prune_checkpoints(aid, last)
             note = _compact(store)
             last_only = _bytes_by_kind(store)
-            state_only = last_only["checkpoints"] + last_only["chunks"]
+            # the agent's state: its checkpoint and the chunks it names (not the journal's)
+            state_only = last_only["checkpoints"]
+            if hasattr(store, "stats"):
+                per = store.stats()["agents"][aid]
+                state_only = per["checkpoints"] + per.get("checkpoints_chunks", 0)
+                last_only["by_kind"] = per
             progress.update(1)
         finally:
             host.close()
