@@ -139,7 +139,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import lmdb
 
-from . import chunks, sealed, unflushed
+from . import sealed, unflushed
 from .errors import (
     FULL_ERRNOS,
     CheckpointExists,
@@ -552,6 +552,8 @@ def _journal_entry(key: bytes, raw: bytes, strict: bool,
     chunks), decoded to an object, or RecordCorrupt."""
     body = _unseal("journal", key, raw, strict)
     if body.startswith(_CHUNKED_ENTRY):
+        from . import chunks  # loaded on first use (see _journal_entry)
+
         label = _label("journal", key)
         try:
             body = chunks.read_tree(body[len(_CHUNKED_ENTRY) :], get_chunk)
@@ -590,6 +592,7 @@ _JSON_BUCKETS = frozenset({"audit", "audit_heads", "approvals"})
 def _check_record(database: str, key: bytes, value: bytes, strict: bool,
                   get_chunk: Callable[[bytes], bytes | None]) -> StoreProblem | None:
     """The problem with one record, decoded the way the store reads it, or None."""
+    from . import chunks  # loaded on first use (see _journal_entry)
     if database in ("checkpoints", "journal"):
         agent, seq = _split_seq_key(key)
         where = f"agent {agent!r} " + ("seq" if database == "checkpoints" else "call_seq")
@@ -1703,12 +1706,14 @@ class _LmdbTxn:
 
     def _put_chunk(self, name: bytes, content: bytes) -> None:
         """Store a chunk unless it is already held (same name, same content)."""
+        from . import chunks  # loaded on first use (see _journal_entry)
         if len(name) != chunks.DIGEST_SIZE:
             raise ValueError(f"a chunk is named by its {chunks.DIGEST_SIZE}-byte digest, got {len(name)} bytes")
         if self._txn.get(name, db=self._chunks) is None:
             self._txn.put(name, chunks.store_chunk(content), db=self._chunks)
 
     def put_journal(self, agent_id: str, call_seq: int, entry: dict[str, Any]) -> None:
+        from . import chunks  # loaded on first use (see _journal_entry)
         key = _seq_key(agent_id, call_seq, "call_seq")
         body = _json(entry)
         if len(body) >= JOURNAL_CHUNK_ABOVE:  # a long entry (a conversation): the chunks it shares
@@ -1768,6 +1773,7 @@ class _LmdbTxn:
         Raises RecordCorrupt (or SnapshotError) when a record's references cannot be
         read: reclaiming must never guess which chunks are free.
         """
+        from . import chunks  # loaded on first use (see _journal_entry)
         from .format import chunk_ref  # the codec: only accounting needs it here
 
         out: dict[str, dict[str, set[bytes]]] = {}
