@@ -77,10 +77,10 @@ _CODEC_RAW, _CODEC_ZSTD = 0, 1
 _ZSTD_MARK = bytes((_CODEC_ZSTD,))
 _MAX_LEVELS = 8
 
-#: A chunk new to the store: its digest and its content (the store compresses it).
-Chunks = dict[bytes, bytes]
+#: Chunks to store: digest -> content (the store compresses those it does not hold).
+Chunks = dict[bytes, "bytes | memoryview"]
 #: Writes a chunk unless the store already holds it.
-ChunkPut = Callable[[bytes, bytes], object]
+ChunkPut = Callable[[bytes, "bytes | memoryview"], object]
 
 
 def _gear() -> tuple[int, ...]:
@@ -166,12 +166,12 @@ def _dctx() -> zstandard.ZstdDecompressor:
     return d
 
 
-def store_chunk(content: bytes) -> bytes:
+def store_chunk(content: bytes | memoryview) -> bytes:
     """A chunk's content as stored: compressed when that saves bytes."""
     packed = _cctx().compress(content)
     if len(packed) + 16 < len(content):
         return bytes((_CODEC_ZSTD,)) + packed
-    return bytes((_CODEC_RAW,)) + content
+    return bytes((_CODEC_RAW,)) + bytes(content)
 
 
 def load_chunk(name: bytes, stored: bytes) -> bytes:
@@ -196,14 +196,18 @@ def _corrupt(name: bytes, problem: str) -> RecordCorrupt:
 
 
 def _put_pieces(data: bytes, params: tuple[int, int, int], put: ChunkPut) -> bytes:
-    """Store ``data``'s chunks (``put`` skips those already held); its index."""
+    """Store ``data``'s chunks (``put`` skips those already held); its index.
+
+    The pieces are handed over as views of ``data`` (no copy): most are already held,
+    and the store copies the few it writes when it compresses them."""
     view = memoryview(data)
+    sha256 = hashlib.sha256
     names = []
     start = 0
     for end in cut(data, params):
         piece = view[start:end]
-        name = hashlib.sha256(piece).digest()
-        put(name, piece.tobytes())
+        name = sha256(piece).digest()
+        put(name, piece)
         names.append(name)
         start = end
     return b"".join(names)

@@ -1685,13 +1685,18 @@ class _LmdbTxn:
         return count
 
     def put_checkpoint(self, agent_id: str, seq: int, blob: bytes, created_at: float,
-                       chunks: Mapping[bytes, bytes] | None = None) -> None:
+                       chunks: Mapping[bytes, bytes | memoryview] | None = None) -> None:
         if seq < 1:
             raise ValueError(f"checkpoint seq counts from 1, got {seq}")
         if chunks:
-            put = self._put_chunk
-            for name, content in chunks.items():
-                put(name, content)
+            from . import chunks as codec  # loaded on first use (see _journal_entry)
+
+            get, db, put = self._txn.get, self._chunks, self._txn.put
+            for name, content in chunks.items():  # a large checkpoint names hundreds: kept inline
+                if len(name) != codec.DIGEST_SIZE:
+                    raise ValueError(f"a chunk is named by its {codec.DIGEST_SIZE}-byte digest, got {len(name)} bytes")
+                if get(name, db=db) is None:
+                    put(name, codec.store_chunk(content), db=db)
         value = _CREATED.pack(created_at) + bytes(blob)
         key = _seq_key(agent_id, seq)
         if not self._put_append(key, value, self._ckpt):
@@ -1704,7 +1709,7 @@ class _LmdbTxn:
         prefix = _id_bytes(agent_id, "agent_id") + b"\x00"
         return self._delete_prefix(self._ckpt, prefix, below=_seq_key(agent_id, max(0, keep_from)))
 
-    def _put_chunk(self, name: bytes, content: bytes) -> None:
+    def _put_chunk(self, name: bytes, content: bytes | memoryview) -> None:
         """Store a chunk unless it is already held (same name, same content)."""
         from . import chunks  # loaded on first use (see _journal_entry)
         if len(name) != chunks.DIGEST_SIZE:

@@ -182,7 +182,7 @@ class WriteTxn(ReadTxn, Protocol):
         ...
 
     def put_checkpoint(self, agent_id: str, seq: int, blob: bytes, created_at: float,
-                       chunks: Mapping[bytes, bytes] | None = None) -> None:
+                       chunks: Mapping[bytes, bytes | memoryview] | None = None) -> None:
         """Store checkpoint ``seq``; raises CheckpointExists if it is already stored.
 
         ``chunks``: the content chunks a format-3 record names (``format.encode_checkpoint``),

@@ -82,7 +82,7 @@ class Checkpoint:
     blob: bytes
     created: float
     #: The content chunks a format-3 record names (by digest); empty for an inline record.
-    chunks: dict[bytes, bytes]
+    chunks: dict[bytes, bytes | memoryview]
 
 
 class ToolCallPipeline:
