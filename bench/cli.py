@@ -129,6 +129,7 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
             sp.add_argument("--rounds", type=int, help="suspend/resume rounds at the last turn (default 50)")
             sp.add_argument("--no-summarise", action="store_true",
                             help="skip the agent that rewrites its history (summarises) every 25 turns")
+            sp.add_argument("--profile", metavar="FILE", help="write a cProfile of the last case's resumes to FILE")
         elif name == "cli":
             sp.add_argument("--agents", type=int, help="agents in the store (default 10,000; --quick 200)")
             sp.add_argument("--rounds", type=int, help="timed runs of each command (default 40; --quick 3)")

@@ -9,6 +9,7 @@ beside the zstd size of the final conversation; the time per turn (from the
 checkpoints' timestamps); and suspend and resume at the last turn (p50/p99): resume is
 reading the last checkpoint from the store, decoding it and restoring it into a fresh
 instance; suspend is capturing that instance, encoding it and committing it.
+``--profile FILE`` writes a cProfile of the resume rounds of the last case.
 
 Then "last checkpoint only": the agent's older checkpoints pruned and the store
 compacted (where the store can), as an agent whose policy keeps one checkpoint ends up.
@@ -132,7 +133,7 @@ def _compact(store: Any) -> str:
 
 
 def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summarise: int, rounds: int,
-         progress: Progress) -> dict[str, Any]:
+         progress: Progress, profile: str | None = None) -> dict[str, Any]:
     import anyio
     import zstandard
 
@@ -169,7 +170,14 @@ def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summ
             sus, resu = Latency(), Latency()
             scratch = "bench-scratch"
             snap = None
+            prof = None
+            if profile:
+                import cProfile
+
+                prof = cProfile.Profile()
             for i in range(rounds):
+                if prof is not None:
+                    prof.enable()
                 r0 = time.perf_counter_ns()
                 with store.read() as txn:
                     blob = txn.get_checkpoint(aid, last)
@@ -177,6 +185,8 @@ def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summ
                                            chunks_from=txn.get_chunk)
                 ex = restore_from(rig, snap)
                 resu.add(time.perf_counter_ns() - r0)
+                if prof is not None:
+                    prof.disable()
                 s0 = time.perf_counter_ns()
                 cap = ex.capture()
                 from dataclasses import replace
@@ -187,6 +197,8 @@ def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summ
                 store.transact(lambda txn, data=data, new=new, i=i: txn.put_checkpoint(scratch, i + 1, data,
                                                                                       time.time(), new))
                 sus.add(time.perf_counter_ns() - s0)
+            if prof is not None and profile:
+                prof.dump_stats(profile)
             with store.write() as txn:
                 txn.prune_checkpoints(scratch, 10**9)
             # last checkpoint only
@@ -231,7 +243,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.no_summarise:
             cases.append((summarise_n, tools[0], 25 if not args.quick else 5))
         progress = Progress("conversation", len(cases), args.progress)
-        out = [_one(b, args.engine, n, size, t, s, rounds, progress) for n, t, s in cases]
+        last = len(cases) - 1
+        out = [_one(b, args.engine, n, size, t, s, rounds, progress, args.profile if k == last else None)
+               for k, (n, t, s) in enumerate(cases)]
         progress.done()
     finally:
         srv.shutdown()
