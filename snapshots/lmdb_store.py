@@ -73,7 +73,7 @@ database       key                                         value
 =============  ==========================================  ================================
 agents         agent_id (UTF-8)                            JSON of the record minus agent_id
 checkpoints    agent_id + 0x00 + seq (u64 big-endian)       created_at (f64 LE) + blob
-                                                           (format 3: a chunk reference)
+                                                           (snapshot format 3: a chunk reference)
 journal        agent_id + 0x00 + call_seq (u64 big-endian)  sealed JSON entry, or sealed
                                                            0xFE "TPC" + chunk reference
 chunks         SHA-256 of the content (32 bytes)           codec byte + content (zstd or as is)
@@ -84,7 +84,7 @@ _torpor        b"format"                                   store format version,
 _torpor        b"sealed"                                   present: created sealing every value
 =============  ==========================================  ================================
 
-Chunks (``snapshots.chunks``, store format 3): a checkpoint of format 3 names the
+Chunks (``snapshots.chunks``, store format 4): a checkpoint of snapshot format 3 names the
 content-defined pieces of its payload, and a journal entry of at least
 ``JOURNAL_CHUNK_ABOVE`` bytes (a conversation in its arguments) is kept as the pieces of
 its JSON; each piece is stored once, whichever checkpoints, entries and agents name it,
@@ -93,8 +93,8 @@ its digest whenever it is read. Nothing counts references: ``compact`` (``torpor
 compact``) walks every reference in one write transaction and deletes the pieces none
 names (after retention pruned checkpoints, an agent was purged, an intent was replaced
 by its answer), and refuses if a reference cannot be read. ``stats`` gives the bytes per
-agent and kind. A store of format 2 opens as it is (its values need no conversion) and
-is marked format 3 at the first writable open, so that an older release refuses it
+agent and kind. A store of an older format opens as it is (its values need no conversion) and
+is marked format 4 at the first writable open, so that an older release refuses it
 rather than misreads a chunk reference.
 
 Sealed values (``snapshots.sealed``) carry a digest over their database, key and bytes,
