@@ -35,7 +35,12 @@ BENCHES: dict[str, tuple[str, str]] = {
                                      "turn, suspend/resume at the last turn"),
     "cli": ("cli_startup", "start-up of a fresh torpor process (--help, ps, inspect) on a store of 10,000 agents, "
                            "against python -c pass"),
+    "fuzz": ("fuzz", "property-based fuzzing of the sandbox boundary (imports, validator, modules, snapshots, "
+                     "bundles, policies, the SDK's JSON parser) with hello checked after every case"),
 }
+
+#: The fuzz targets (``bench.fuzz.TARGETS``), spelled out for the same reason; a test keeps them equal.
+FUZZ_TARGETS = ("imports", "sdk_json", "validator", "modules", "snapshots", "bundles", "policies")
 
 _MAIN_ARGV: list[str] = []
 
@@ -88,7 +93,7 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
         sp = bsub.add_parser(name, help=help_, description=help_)
         sp.add_argument("--json", action="store_true", help="print one JSON document")
         sp.add_argument("--quick", action="store_true", help="a small smoke run (seconds, for CI)")
-        if name != "cli":  # the CLI's start-up runs no engine of its own
+        if name not in ("cli", "fuzz"):  # the CLI's start-up runs no engine of its own; fuzz runs a Host
             sp.add_argument("--engine", choices=ENGINE_PROFILES, default=None,
                             help="engine profile (default: $TORPOR_ENGINE or dense; see host/sandbox/engine.py and "
                                  "bench/RESULTS.md)")
@@ -135,6 +140,12 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
             sp.add_argument("--rounds", type=int, help="timed runs of each command (default 40; --quick 3)")
             sp.add_argument("--store", help="build the store in this new directory and keep it "
                                             "(default: a temporary one)")
+        elif name == "fuzz":
+            sp.add_argument("--minutes", type=float, help="how long to fuzz, over all targets (default 10; --quick 0.2)")
+            sp.add_argument("--target", action="append", choices=FUZZ_TARGETS,
+                            help="fuzz only this target (repeatable; default: all)")
+            sp.add_argument("--seed", type=int, help="the first seed (default: the time); each round of cases takes "
+                                                     "the next")
         sp.set_defaults(fn=_run)
 
 

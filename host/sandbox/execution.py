@@ -406,17 +406,23 @@ class Execution:
         return self._mem_base_len()[1]
 
     def read(self, ptr: int, length: int, limit: int) -> bytes:
-        p = ptr & U32
-        if length < 0:
-            raise ImportFault(abi.E_FAULT, f"negative length {length}")
+        return self.read_many((ptr, length, limit))[0]
+
+    def read_many(self, *ranges: tuple[int, int, int]) -> list[bytes]:
+        """Copy each (pointer, length, limit) out of linear memory, checked in ABI.md's
+        order across all of them: every range's bounds (``E_FAULT``) before any size limit
+        (``E_TOO_LARGE``), so a call's answer does not depend on which buffer came first."""
         base, n = self._mem_base_len()
-        if p + length > n:
-            raise ImportFault(abi.E_FAULT, f"range [{p}, {p + length}) is outside linear memory ({n} bytes)")
-        if length > limit:
-            raise ImportFault(abi.E_TOO_LARGE, f"{length} bytes exceeds the limit of {limit}")
-        if length == 0:
-            return b""
-        return ctypes.string_at(base + p, length)
+        for ptr, length, _ in ranges:
+            p = ptr & U32
+            if length < 0:
+                raise ImportFault(abi.E_FAULT, f"negative length {length}")
+            if p + length > n:
+                raise ImportFault(abi.E_FAULT, f"range [{p}, {p + length}) is outside linear memory ({n} bytes)")
+        for _, length, limit in ranges:
+            if length > limit:
+                raise ImportFault(abi.E_TOO_LARGE, f"{length} bytes exceeds the limit of {limit}")
+        return [ctypes.string_at(base + (ptr & U32), length) if length else b"" for ptr, length, _ in ranges]
 
     def write(self, ptr: int, cap: int, data: bytes) -> int:
         p = ptr & U32

@@ -25,6 +25,7 @@ from host.sandbox.execution import (
 )
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
+JSON_WHITESPACE = b" \t\n\r"  # RFC 8259's whitespace
 
 
 def _fault(ex_errno: int, message: str) -> int:
@@ -92,6 +93,9 @@ def abort(kind: int, ptr: int, length: int) -> None:
         msg = ex.read(ptr, min(max(length, 0), 4096), 4096).decode("utf-8", "replace")
     except ImportFault:
         msg = ""
+    # ABI.md 4.8: any kind but OOM counts as a panic. Normalised here, so that no guest
+    # kind can pass for one of the host's own (WASI proc_exit's ABORT_EXIT, a status).
+    kind = abi.ABORT_OOM if kind == abi.ABORT_OOM else abi.ABORT_PANIC
     what = "out of memory" if kind == abi.ABORT_OOM else "agent aborted"
     raise GuestAbort(kind, f"{what}: {msg}" if msg else what)
 
@@ -101,8 +105,7 @@ def tool_call(name_ptr: int, name_len: int, args_ptr: int, args_len: int) -> int
     if ex.mode == 2:  # REWINDING: this is the same call, now answered
         return ex.finish_rewind()
     try:
-        name_raw = ex.read(name_ptr, name_len, abi.MAX_TOOL_NAME)
-        args_raw = ex.read(args_ptr, args_len, abi.MAX_ARGS)
+        name_raw, args_raw = ex.read_many((name_ptr, name_len, abi.MAX_TOOL_NAME), (args_ptr, args_len, abi.MAX_ARGS))
     except ImportFault as f:
         return _fault(f.errno, f"tool_call: {f}")
     try:
@@ -110,7 +113,9 @@ def tool_call(name_ptr: int, name_len: int, args_ptr: int, args_len: int) -> int
     except UnicodeDecodeError:
         return _fault(abi.E_UNKNOWN_TOOL, "tool_call: the tool name is not UTF-8")
     try:
-        args = guest_json.parse(args_raw) if args_raw.strip() else {}
+        # Empty or JSON whitespace only means {} (ABI.md 4.5); bytes.strip() would also
+        # take \v and \f, which are not JSON and must be invalid_json like any other byte.
+        args = guest_json.parse(args_raw) if args_raw.strip(JSON_WHITESPACE) else {}
     except guest_json.PoisonValue as exc:
         return _fault(abi.E_INVALID_JSON, f"tool_call: the arguments to {name!r} are not JSON ({exc})")
     ex.call_seq += 1
