@@ -42,7 +42,6 @@ import ctypes
 import io
 import json
 import math
-import struct
 import tempfile
 import time
 import traceback
@@ -378,9 +377,9 @@ def check_imports(rig: FuzzRig, case: dict[str, Any]) -> None:
     res = rig.run(rig.fuzzops, case)
     last = case["ops"][-1]
     if last[0] == 7:
-        want = "memory_limit" if last[7] == abi.ABORT_OOM else "aborted"
-        if res.status != "failed" or res.error is None or res.error.get("code") != want:
-            raise Finding(f"abort(kind={last[7]}) ended the agent {res.status} {res.error!r}, not {want}")
+        code = "memory_limit" if last[7] == abi.ABORT_OOM else "aborted"
+        if res.status != "failed" or res.error is None or res.error.get("code") != code:
+            raise Finding(f"abort(kind={last[7]}) ended the agent {res.status} {res.error!r}, not {code}")
         return
     if res.status != "completed" or not isinstance(res.output, dict):
         raise Finding(f"the guest did not complete: {res.status} {res.error!r}")
@@ -792,7 +791,8 @@ def policy_texts() -> list[str]:
 TOML_BITS = ['[agent]\nname = "x"\n', "[budgets]\n", 'memory = "1GiB"\n', "fuel = -1\n", "fuel = 1e400\n",
              'wall_clock = "0s"\n', '[tools."kv.get"]\n', '[tools."kv.incr".args]\n', "rate = \"1/s\"\n",
              "fuell = 100\n", 'memory = "99999999999TiB"\n', "[[validators]]\n", '"\\ud800" = 1\n', "a.b.c = 1\n",
-             "[wasi]\nallow = [\"fd_write\", 1]\n", "x = [" * 40 + "]" * 40 + "\n", 'memory = "4 MiB"\n',
+             "[wasi]\nallow = [\"fd_write\", 1]\n", "x = [" * 40 + "]" * 40 + "\n",
+             "x = " + "[" * 3000 + "]" * 3000 + "\n", "x = " + "{a = " * 2000 + "1" + "}" * 2000 + "\n", 'memory = "4 MiB"\n',
              "tool_calls = 18446744073709551616\n", "[tools]\n", '[tools."http.fetch"]\nhosts = ["*"]\n']
 
 

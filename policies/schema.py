@@ -1619,11 +1619,31 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError([PolicyIssue(f"not valid TOML: {exc}", source=source)]) from None
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        raise PolicyError([PolicyIssue(f"not a policy: values nest deeper than {MAX_NESTING} levels",
+                                       source=source)]) from None
     return policy_from_dict(data, source=source)
+
+
+#: How deep tables and arrays of a policy may nest (real policies nest four or five levels);
+#: deeper, and the recursive walks of validation and of the engine are refused up front.
+MAX_NESTING = 32
+
+
+def _check_nesting(data: Any, source: str) -> None:
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, Mapping | list | tuple):
+            if depth > MAX_NESTING:
+                raise PolicyError([PolicyIssue(f"not a policy: values nest deeper than {MAX_NESTING} levels",
+                                               source=source)])
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, Mapping) else value))
 
 
 def policy_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Policy:
     """Check an already-parsed policy table (e.g. from JSON or a test)."""
+    _check_nesting(data, source)
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:

@@ -488,3 +488,11 @@ def test_missing_key_caused_by_typo_is_not_reported_twice() -> None:
 def test_policy_error_attributes_for_a_file_level_problem() -> None:
     e = errors_of("not toml at all [")
     assert e.field is None and e.suggestion is None and e.source == "policy.toml"
+
+
+@pytest.mark.parametrize("value", ["[" * 5000 + "]" * 5000, "{a = " * 2000 + "1" + "}" * 2000, "[" * 40 + "]" * 40])
+def test_deeply_nested_values_are_a_policy_error(value: str) -> None:
+    """tomllib recursed into 5,000 nested arrays and `torpor policy check` ended in
+    `internal error (RecursionError)` (found by tests/test_hostile_cli.py)."""
+    with pytest.raises(PolicyError, match="nest deeper than 32 levels"):
+        parse_policy(f'[agent]\nname = "x"\nx = {value}\n')
