@@ -46,6 +46,7 @@ import tempfile
 import time
 import traceback
 import zipfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -114,24 +115,30 @@ class FuzzRig:
 
 
 T = TypeVar("T")
+#: How the cases ended (``"<stage>: <error code>"``, ``"ran: <status> <code>"``), for the report.
+OUTCOMES: Counter[str] = Counter()
 
 
 def typed(what: str, fn: Callable[[], T]) -> T | None:
     """``fn()``, or None when it ends in a typed error; anything else escaping is a finding."""
     try:
-        return fn()
-    except TYPED:
+        result = fn()
+    except TYPED as exc:
+        OUTCOMES[f"{what}: {getattr(exc, 'code', type(exc).__name__)}"] += 1
         return None
     except Finding:
         raise
     except Exception as exc:
         raise Finding(f"{what} raised an untyped {type(exc).__name__}: {exc}\n{traceback.format_exc()}") from exc
+    OUTCOMES[f"{what}: ok"] += 1
+    return result
 
 
 def run_typed(rig: FuzzRig, b: bundle_mod.Bundle, input: Any) -> None:
     """Run a bundle: it ends in a result of a known status and code, or in a typed error."""
     res = typed("running the bundle", lambda: rig.run(b, input))
     if res is not None:
+        OUTCOMES[f"ran: {res.status} {(res.error or {}).get('code', '')}".rstrip()] += 1
         if res.status == "failed":
             if res.error is None or res.error.get("code") not in RUN_FAILURES:
                 raise Finding(f"a run failed with an unknown error {res.error!r}")
@@ -910,6 +917,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seed_ = args.seed if args.seed is not None else int(time.time())
     per_target: dict[str, dict[str, Any]] = {n: {"cases": 0, "seconds": 0.0, "findings": 0} for n in names}
     findings: list[dict[str, Any]] = []
+    OUTCOMES.clear()
     with tempfile.TemporaryDirectory(prefix="torpor-fuzz-") as tmp:
         rig = FuzzRig(Path(tmp) / "store")
         try:
@@ -938,7 +946,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t["seconds"] = round(t["seconds"], 1)
     return {"bench": "fuzz", "minutes": minutes, "seed": seed_, "chunk": chunk,
             "cases": sum(t["cases"] for t in per_target.values()), "hello_runs": hello_runs + 1,
-            "per_target": per_target, "findings": findings}
+            "per_target": per_target, "findings": findings,
+            "outcomes": dict(OUTCOMES.most_common())}
 
 
 def show(r: dict[str, Any]) -> None:
@@ -946,6 +955,7 @@ def show(r: dict[str, Any]) -> None:
           f"hello correct after every one ({r['hello_runs']:,} runs); {len(r['findings'])} findings")
     for name, t in r["per_target"].items():
         print(f"  {name:<10} {t['cases']:>7,} cases  {t['seconds']:>7.1f} s  {t['findings']} findings")
+    print("how the cases ended: " + ", ".join(f"{k} {v:,}" for k, v in r["outcomes"].items()))
     for f in r["findings"]:
         print(f"finding in {f['target']} (seed {f['seed']}): {f['error'][:400]}\n  case: {f['case'][:400]}")
 
