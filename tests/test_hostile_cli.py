@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import test_budget_boundary as bb
 import test_module_validation as mv
 import test_toolchain_isolation as ti
 from conftest import EXAMPLES, ROOT, BundleFactory
@@ -93,6 +94,10 @@ def completed_with(output: Any) -> Check:
         assert out["status"] == "completed", out.get("error")
         assert out["output"] == output, out["output"]
     return check
+
+
+def completed(out: Any) -> None:
+    assert out["status"] == "completed", out.get("error")
 
 
 def failed_with(code: str) -> Check:
@@ -232,6 +237,24 @@ def guest_cases(store: Path, bundles: BundleFactory) -> list[Case]:
     ]
 
 
+def budget_cases(tmp: Path, store: Path) -> list[Case]:
+    """Guests that try to step around a budget: a table grown to millions of slots, an iovec
+    vector that multiplies one page, an Asyncify control that spins when the host calls it."""
+    def run(wat: str, policy: str, name: str) -> list[str]:
+        return ["run", str(bb.bundle_of(tmp, wat, policy, name)), "--store", str(store)]
+
+    return [
+        Case("budget: table grown past the limit", run(bb.TABLE_GROWER, bb.POLICY.format(name="tables", wall="10s"),
+                                                       "tables"), check=completed_with({"grew": -1})),
+        Case("budget: iovecs over one page", run(bb.IOVEC_AMPLIFIER, bb.POLICY.format(name="iovecs", wall="20s")
+                                                 + '[wasi]\nallow = ["fd_write"]\n', "iovecs"),
+             check=completed),
+        Case("budget: a control export that spins",
+             [*run(bb.CONTROLS_THAT_NEVER_RETURN, bb.POLICY.format(name="spinner", wall="2s") + '[tools."clock.now"]\n',
+                   "spinner"), "--fuel", str(10**15)], check=failed_with("deadline_exceeded")),
+    ]
+
+
 def policy_cases(tmp: Path) -> list[Case]:
     """Policy files with typos, bad values, bad TOML, bad bytes; packed and checked."""
     texts = {
@@ -318,7 +341,8 @@ def test_every_hostile_input_gets_a_typed_answer_from_the_cli(bundles: BundleFac
     for name in ("wild", "poison"):
         bundles.guest(name)
     cases = [*module_cases(tmp_path, store), *archive_cases(tmp_path, store),
-             *poison_cases(tmp_path, store, bundles), *guest_cases(store, bundles), *policy_cases(tmp_path),
+             *poison_cases(tmp_path, store, bundles), *guest_cases(store, bundles), *budget_cases(tmp_path, store),
+             *policy_cases(tmp_path),
              *store_cases(tmp_path, bundles)]
     assert len({c.name for c in cases}) == len(cases)
     with ThreadPoolExecutor(max_workers=4) as pool:
