@@ -109,7 +109,12 @@ class FuzzRig:
             with self.host.store.read() as txn:
                 last = txn.latest_checkpoint(res.agent_id) or 0
                 blobs = [txn.get_checkpoint(res.agent_id, i) for i in range(last + 1)]
-            self._checkpoints = [b for b in blobs if b]
+            # A steps checkpoint is small: one zstd frame (formats 1 and 2), which the resealing
+            # edits below decompress; format 3 (large records, payload in the store's chunks) is
+            # not among them.
+            self._checkpoints = [b for b in blobs if b and b[4] in (1, 2)]
+            if not self._checkpoints:
+                raise Finding("the steps run left no checkpoint of format 1 or 2 to start from")
             self._steps_image = self.host.load_module(steps)[0].image
         return self._checkpoints, self._steps_image
 
