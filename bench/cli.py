@@ -37,6 +37,10 @@ BENCHES: dict[str, tuple[str, str]] = {
                            "against python -c pass"),
     "fuzz": ("fuzz", "property-based fuzzing of the sandbox boundary (imports, validator, modules, snapshots, "
                      "bundles, policies, the SDK's JSON parser) with hello checked after every case"),
+    "interrupts": ("interrupts", "hundreds of SIGINTs and SIGTERMs at random instants into real torpor run and "
+                                 "resume --all processes: exit 130/143, never an abort, every agent finished once"),
+    "soak": ("soak", "10,000 agents of mixed kinds (budgets hit, poison values, failing tools) through one host "
+                     "for 10 minutes: RSS slope, descriptors, mappings, every end state checked"),
 }
 
 #: The fuzz targets (``bench.fuzz.TARGETS``), spelled out for the same reason; a test keeps them equal.
@@ -84,7 +88,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"plot: {res['plot']}")
         elif res.get("plot_note"):
             print(f"plot: {res['plot_note']}")
-    return 0
+    # A benchmark that checks behaviour as it goes (soak, interrupts) fails the command when it found a fault.
+    return 1 if res.get("failed") else 0
 
 
 def _add_benches(bench: argparse.ArgumentParser) -> None:
@@ -93,7 +98,8 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
         sp = bsub.add_parser(name, help=help_, description=help_)
         sp.add_argument("--json", action="store_true", help="print one JSON document")
         sp.add_argument("--quick", action="store_true", help="a small smoke run (seconds, for CI)")
-        if name not in ("cli", "fuzz"):  # the CLI's start-up runs no engine of its own; fuzz runs a Host
+        # cli and interrupts run torpor processes, not an engine of their own; fuzz runs a Host
+        if name not in ("cli", "fuzz", "interrupts"):
             sp.add_argument("--engine", choices=ENGINE_PROFILES, default=None,
                             help="engine profile (default: $TORPOR_ENGINE or dense; see host/sandbox/engine.py and "
                                  "bench/RESULTS.md)")
@@ -146,6 +152,19 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
                             help="fuzz only this target (repeatable; default: all)")
             sp.add_argument("--seed", type=int, help="the first seed (default: the time); each round of cases takes "
                                                      "the next")
+        elif name == "interrupts":
+            sp.add_argument("--interrupts", type=int, help="signals to send (default 300; --quick 8)")
+            sp.add_argument("--agents", type=int, help="agents in each store (default 3; --quick 2)")
+            sp.add_argument("--steps", type=int, help="tool calls each agent makes (default 200; --quick 40)")
+            sp.add_argument("--per-store", type=int, help="signals sent into the commands of one store (default 10)")
+            sp.add_argument("--seed", type=int, default=2107, help="seed of the instants (default 2107)")
+        elif name == "soak":
+            sp.add_argument("--agents", type=int, help="agents to run at least (default 10,000; --quick 300)")
+            sp.add_argument("--minutes", type=float,
+                            help="minutes to run at least (default 10; --quick 0: until --agents have ended)")
+            sp.add_argument("--concurrency", type=int, help="agents running at once (default 32)")
+            sp.add_argument("--durability", choices=("sync", "process"), default=None,
+                            help="the store's durability (default $TORPOR_DURABILITY, else sync)")
         sp.set_defaults(fn=_run)
 
 

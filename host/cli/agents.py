@@ -16,6 +16,7 @@ from typing import Any
 from host.cli.common import (
     AGENT_HELP,
     EXIT_OK,
+    MAX_MEMORY_HELP,
     add_command,
     emit,
     iso,
@@ -175,10 +176,12 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("--input", help="JSON input, or @FILE")
     sp.add_argument("--fuel", type=int, help="fuel budget for this run (overrides the policy)")
     sp.add_argument("--on-behalf-of", help="the principal the agent acts for")
+    sp.add_argument("--max-memory", metavar="SIZE", help=MAX_MEMORY_HELP)
     sp = add_command(sub, "resume", cmd_resume, "resume a suspended agent from its latest checkpoint",
                      store=True, writes=True, runs=True)
     sp.add_argument("agent", nargs="?", help=AGENT_HELP)
     sp.add_argument("--all", action="store_true", help="resume every unfinished agent")
+    sp.add_argument("--max-memory", metavar="SIZE", help=MAX_MEMORY_HELP)
     sp = add_command(sub, "ps", cmd_ps, "list agents", store=True)
     sp.add_argument("--status", help="only agents with this status")
     sp = add_command(sub, "inspect", cmd_inspect, "show an agent: status, output, checkpoints, pending call, usage",

@@ -32,6 +32,9 @@ AGENT_HELP = "the agent id (see `torpor ps`)"
 # snapshots.lmdb_store.DURABILITY_LEVELS, spelled out so that building the parser does not
 # import the store (a test keeps the two equal).
 DURABILITY_CHOICES = ("sync", "process")
+MAX_MEMORY_HELP = ("the most memory any agent may have on this host (bytes, or e.g. 256MiB), whatever its bundle's "
+                   "budgets.memory says: it gets the smaller; a module whose initial memory is above it is refused "
+                   "(memory_limit); default $TORPOR_MAX_MEMORY, else the bundle's budget alone")
 STORE_HELP = "store directory (default: $TORPOR_STORE or the user data dir; `torpor doctor` prints it)"
 
 
@@ -153,7 +156,8 @@ def open_host(args: argparse.Namespace) -> Host:
     store = store_dir(args) if args.command == "run" else existing_store(args)
     tools_dirs = [*(getattr(args, "tools_dir", None) or []), *dirs_from_env()]
     return Host(store, broker=VaultBroker.for_store(store), durability=getattr(args, "durability", None),
-                tools_dirs=tools_dirs, trust_bundle_code=getattr(args, "trust_bundle_code", None) or ())
+                tools_dirs=tools_dirs, trust_bundle_code=getattr(args, "trust_bundle_code", None) or (),
+                max_memory=getattr(args, "max_memory", None))
 
 
 @contextmanager

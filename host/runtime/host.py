@@ -41,6 +41,7 @@ from host.runtime.lifecycle import Lifecycle
 from host.runtime.loader import BundleLoader, limits_for
 from host.runtime.pools import PriorityPool, slots
 from host.runtime.tool_call import Ended, Parked, ToolCallPipeline
+from host.sandbox import validate
 from host.sandbox.bundle import Bundle
 from host.sandbox.engine import Engine, EngineConfig, LoadedModule
 from host.sandbox.execution import Limits, Outcome
@@ -88,6 +89,10 @@ class Host:
     ``tools_dirs`` (default ``$TORPOR_TOOLS_PATH``). ``trust_bundle_code``: digests of the
     bundles whose own Python may run in this process; any other bundle that carries Python
     is refused (``bundle_code_refused``).
+    ``max_memory``: the operator's cap on any agent's memory (bytes, or a size such as
+    ``"256MiB"``; default ``$TORPOR_MAX_MEMORY``, else none), whatever its bundle's
+    ``budgets.memory`` says: an agent gets the smaller of the two, and a module whose
+    initial memory is above it is refused (``memory_limit``) before anything is allocated.
     """
 
     def __init__(self, store_dir: str | Path | None = None, *, warm_idle_s: float = 0.05,
@@ -96,10 +101,12 @@ class Host:
                  max_warm: int = 10_000, store: AgentStore | None = None,
                  engine: str | EngineConfig | None = None, durability: str | None = None,
                  max_warm_bytes: int | None = None, handlers: Mapping[str, Callable[..., Any]] | None = None,
-                 tools_dirs: Sequence[str | Path] | None = None, trust_bundle_code: Iterable[str] = ()) -> None:
+                 tools_dirs: Sequence[str | Path] | None = None, trust_bundle_code: Iterable[str] = (),
+                 max_memory: int | str | None = None) -> None:
         # Arguments first: nothing is opened yet that a bad one would leave open.
         config = engine if isinstance(engine, EngineConfig) else EngineConfig.for_profile(engine)
         sources = ToolSources(handlers=handlers, tools_dirs=tools_dirs, trust_bundle_code=trust_bundle_code)
+        memory_cap = validate.max_memory(max_memory)
         if max_warm_bytes is None:
             max_warm_bytes = _physical_memory() // 2
         if isinstance(max_warm_bytes, bool) or not isinstance(max_warm_bytes, int) or max_warm_bytes < 0:
@@ -140,7 +147,7 @@ class Host:
         self.heads = audit.HeadSealer(self.store, lambda: self.identity.key)  # signed audit heads
         self.guest = GuestRunner(threads=wasm_threads or max(1, os.cpu_count() or 1), warm_idle_s=warm_idle_s,
                                  max_warm=max_warm, max_warm_bytes=max_warm_bytes)
-        self.loader = BundleLoader(self.store, self.engine, sources)
+        self.loader = BundleLoader(self.store, self.engine, sources, max_memory=memory_cap)
         self.commits = AgentCommits(self.committer)
         self.calls = ToolCallPipeline(self.store, self.commits, self.guest, self.broker)
         self.lifecycle = Lifecycle(self.store, self.store_dir, self.loader, self.commits, self.guest,
@@ -192,7 +199,7 @@ class Host:
 
     def limits_for(self, b: Bundle, fuel: int | None, fuel_used: int = 0) -> Limits:
         """Limits for one run: per-run fuel on top of what was used, capped by the total."""
-        return limits_for(b, fuel, fuel_used)
+        return limits_for(b, fuel, fuel_used, self.loader.max_memory)
 
     # -- running agents ------------------------------------------------------------------
     async def run(self, b: Bundle, input: Any = None, *, fuel: int | None = None,

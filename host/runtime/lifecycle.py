@@ -37,6 +37,7 @@ from host.runtime.tool_call import Ended
 from host.sandbox import abi, guest_json
 from host.sandbox.bundle import Bundle
 from host.sandbox.execution import Captured, Completed, Failed, PendingCall
+from host.sandbox.validate import OperatorMemoryCap
 from host.trust import audit
 from host.trust.audit import HeadSealer
 from host.trust.credentials import CredentialBroker
@@ -93,7 +94,8 @@ class Lifecycle:
             "usage": {"fuel_used": 0, "tool_calls": 0, "suspensions": 0, "hibernations": 0,
                       "tokens": 0, "denials": 0, "calls_by_tool": {}, "recent_calls": {}},
         }
-        agent = LiveAgent(record, b, loaded, tools, validators, limits_for(b, fuel), pre=pre, _input=input_raw)
+        limits = limits_for(b, fuel, max_memory=self.loader.max_memory)
+        agent = LiveAgent(record, b, loaded, tools, validators, limits, pre=pre, _input=input_raw)
         if self.broker is not None:
             self.broker.check(aid, b.policy)  # a missing credential refuses the agent before it starts
         agent.event("agent.spawned", name=b.name, bundle_digest=b.digest, principal=on_behalf_of,
@@ -108,13 +110,13 @@ class Lifecycle:
         await self.commits.agent(agent, write)
         return agent
 
-    @staticmethod
-    def begin_run(agent: LiveAgent) -> None:
+    def begin_run(self, agent: LiveAgent) -> None:
         """A run starts: per-run budgets count from here."""
         agent.run_started = time.time()
         agent.run_exec_s = 0.0
         agent.run_fuel_start = int(agent.usage.get("fuel_used", 0))
-        agent.limits = limits_for(agent.bundle, agent.record.get("fuel_limit"), agent.run_fuel_start)
+        agent.limits = limits_for(agent.bundle, agent.record.get("fuel_limit"), agent.run_fuel_start,
+                                  self.loader.max_memory)
 
     # -- load ---------------------------------------------------------------------------------
     def load(self, agent_id: str) -> tuple[LiveAgent, PendingCall | None]:
@@ -150,8 +152,8 @@ class Lifecycle:
             self.release_claim(agent_id)
             raise TorporError(f"agent {agent_id}: checkpoint {seq} cannot be restored: {exc}",
                               code="snapshot_corrupt") from exc
-        agent = LiveAgent(rec, b, loaded, tools, validators, limits_for(b, rec.get("fuel_limit")), pre=pre,
-                          _input=stored_input)
+        limits = limits_for(b, rec.get("fuel_limit"), max_memory=self.loader.max_memory)
+        agent = LiveAgent(rec, b, loaded, tools, validators, limits, pre=pre, _input=stored_input)
         if snap is None:
             return agent, None
         agent.captured = Captured(snap.memory, snap.globals, snap.async_buf)
@@ -286,6 +288,8 @@ def damage(exc: Exception) -> dict[str, str] | None:
         return {"code": exc.code, "message": str(exc)}
     if isinstance(exc, SnapshotError):
         return {"code": "snapshot_corrupt", "message": str(exc)}
+    if isinstance(exc, OperatorMemoryCap):
+        return None  # the agent is sound; this host's cap is below what it needs: refused, left as it is
     if isinstance(exc, ModuleError | BundleError):
         return {"code": exc.code, "message": str(exc)}
     if isinstance(exc, PolicyError):

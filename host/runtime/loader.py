@@ -39,10 +39,12 @@ Tools = tuple[dict[str, ToolSpec], dict[str, Any]]
 class BundleLoader:
     """Bundles kept in the store, their modules compiled and linked, their tools loaded."""
 
-    def __init__(self, store: AgentStore, engine: Engine, sources: ToolSources | None = None) -> None:
+    def __init__(self, store: AgentStore, engine: Engine, sources: ToolSources | None = None, *,
+                 max_memory: int | None = None) -> None:
         self.store = store
         self.engine = engine
         self.sources = sources if sources is not None else ToolSources()
+        self.max_memory = max_memory  # the operator's cap on any agent's memory (validate.max_memory)
         self._bundles: dict[str, Bundle] = {}
         self._tools: dict[str, Tools] = {}
 
@@ -112,10 +114,10 @@ class BundleLoader:
     def module(self, b: Bundle) -> tuple[LoadedModule, Any]:
         """The compiled module and the ``InstancePre`` for a bundle.
 
-        The module is checked against the ABI, the host's limits and its policy (memory,
-        imports) from its headers before it is compiled or instantiated.
+        The module is checked against the ABI, the host's limits, the operator's memory cap
+        and its policy (memory, imports) from its headers before it is compiled or instantiated.
         """
-        validate.check_policy(self.engine.validate(b.module, b.module_digest), b.policy)
+        validate.check_policy(self.engine.validate(b.module, b.module_digest), b.policy, max_memory=self.max_memory)
         loaded = self.engine.load(b.module, b.module_digest)
         has_tools = bool(b.policy.grants)
         wasi = frozenset(b.policy.wasi_allow)
@@ -149,12 +151,13 @@ def stored_bundle(store: AgentStore, digest: str) -> Bundle:
     return b
 
 
-def limits_for(b: Bundle, fuel: int | None, fuel_used: int = 0) -> Limits:
-    """Limits for one run: per-run fuel on top of what was used, capped by the total."""
+def limits_for(b: Bundle, fuel: int | None, fuel_used: int = 0, max_memory: int | None = None) -> Limits:
+    """Limits for one run: per-run fuel on top of what was used, capped by the total; the
+    policy's memory budget, or the operator's cap ``max_memory`` when that is smaller."""
     budgets = b.policy.budgets
     per_run = int(fuel if fuel is not None else (budgets.fuel or DEFAULT_FUEL))
     cap = fuel_used + per_run
     if budgets.fuel_total is not None:
         cap = min(cap, int(budgets.fuel_total))
-    return Limits(fuel=cap, memory_bytes=validate.memory_limit(b.policy),
+    return Limits(fuel=cap, memory_bytes=validate.memory_limit(b.policy, max_memory),
                   deadline_s=float(budgets.wall_clock or DEFAULT_DEADLINE_S))

@@ -19,16 +19,14 @@ from __future__ import annotations
 import ctypes
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import wasmtime
 from wasmtime import _bindings as _wasmtime_bindings
 from wasmtime import _ffi
-from wasmtime import _func as _wasmtime_func
 from wasmtime._extern import wrap_extern as _wrap_extern
-from wasmtime._func import maybe_raise_last_exn as _raise_callback_exception
 
 from host.sandbox import abi, guest_json, interrupts
 from host.sandbox.engine import LoadedModule
@@ -565,32 +563,53 @@ def _call_raw(store: wasmtime.Store, ext: Any, args: tuple[int, ...], nresults: 
         trap_obj = wasmtime.Trap._from_ptr(trap)
         _raise_callback_exception()
         raise trap_obj
+    _tls.callback_exc = None  # a call that did not trap leaves nothing to raise
     kind: int = results[0].kind if nresults == 1 else -1  # type: ignore[assignment]
     if kind == 0:
         return int(results[0].of.i32)
     return None
 
 
+def _raise_callback_exception() -> None:
+    """Raise what a host import raised during the call into wasm that just trapped on this
+    thread (the trap is how the exception left the guest).
+
+    Why our own, per thread: wasmtime-py keeps the exception of its trampoline in one
+    module global, and with guests running on several threads one guest's exception
+    was raised for another (the soak benchmark found an agent out of fuel reported as
+    out of memory, with its neighbour's message, while the neighbour got a bare trap).
+    Every import the host links goes through :func:`define_import`, which keeps it here.
+    """
+    exc = getattr(_tls, "callback_exc", None)
+    if exc is not None:
+        _tls.callback_exc = None
+        raise exc
+
+
 # Host imports take the same shortcut on the way in: wasmtime-py's trampoline wraps
 # each parameter in a Val and type-checks each result through freshly allocated
 # ValType objects (about 10 µs per import call; a tool round trip makes four).
-# Imports defined with ``define_import`` receive the raw i32 slots instead; Wasmtime
+# Imports defined with ``define_import`` receive the raw slots instead; Wasmtime
 # has already checked the import's signature against the module at link time.
-_FAST_FUNCS: dict[int, tuple[Callable[..., Any], int, int]] = {}
+_FAST_FUNCS: dict[int, tuple[Callable[..., Any], tuple[str, ...], str | None, bool]] = {}
 _fast_lock = threading.Lock()
 _fast_next = [1]
+_VAL_KINDS = ("i32", "i64", "f32", "f64")
 
 
 @_ffi.wasmtime_func_unchecked_callback_t  # type: ignore[untyped-decorator]
 def _fast_trampoline(env: int | None, caller: Any, vals: Any, n: int) -> int | None:
     try:
-        fn, nparams, nresults = _FAST_FUNCS[env or 0]
-        result = fn(*[vals[i].i32 for i in range(nparams)])
-        if nresults:
-            vals[0].i32 = result
+        fn, params, result_kind, all_i32 = _FAST_FUNCS[env or 0]
+        if all_i32:  # the torpor imports
+            result = fn(*[vals[i].i32 for i in range(len(params))])
+        else:
+            result = fn(*[getattr(vals[i], kind) for i, kind in enumerate(params)])
+        if result_kind is not None:
+            setattr(vals[0], result_kind, result)
         return 0
-    except BaseException as exc:  # handed to the caller of the wasm function, as wasmtime-py does
-        _wasmtime_func.LAST_EXCEPTION = exc  # type: ignore[assignment]
+    except BaseException as exc:  # handed to the caller of the wasm function on this thread
+        _tls.callback_exc = exc
         trap = wasmtime.Trap("python exception")._consume()
         value: int | None = ctypes.cast(trap, ctypes.c_void_p).value
         return value
@@ -601,22 +620,32 @@ def _fast_finalize(env: int | None) -> None:
     _FAST_FUNCS.pop(env or 0, None)
 
 
-def define_import(linker: wasmtime.Linker, module: str, name: str, nparams: int, nresults: int,
-                  fn: Callable[..., Any]) -> None:
-    """Define an all-i32 host import (``nresults`` 0 or 1) on the fast trampoline.
+def define_import(linker: wasmtime.Linker, module: str, name: str, nparams: int | Sequence[str],
+                  nresults: int | str | None, fn: Callable[..., Any]) -> None:
+    """Define a host import on the fast trampoline: ``nparams`` i32 parameters (or the
+    kinds of its parameters, ``"i32"``, ``"i64"``, ``"f32"``, ``"f64"``) and ``nresults``
+    0 or 1 i32 results (or the kind of its one result, None for none).
 
     Same contract as ``Linker.define_func`` for such functions: ``fn`` gets the
-    parameters as signed Python ints and returns an int (or None when
-    ``nresults`` is 0); an exception it raises comes out of the wasm call.
+    parameters as Python numbers (integers signed) and returns one (or None when it
+    has no result); an exception it raises comes out of the wasm call, on this thread.
     """
-    if nresults not in (0, 1):
+    params = ("i32",) * nparams if isinstance(nparams, int) else tuple(nparams)
+    result_kind = nresults if isinstance(nresults, str) or nresults is None else ("i32" if nresults else None)
+    if isinstance(nresults, int) and nresults not in (0, 1):
         raise ValueError("define_import supports 0 or 1 results")
-    i32 = wasmtime.ValType.i32()
-    ty = wasmtime.FuncType([i32] * nparams, [i32] * nresults)
+    if any(k not in _VAL_KINDS for k in (*params, *([result_kind] if result_kind else []))):
+        raise ValueError(f"define_import supports parameters and results of kinds {_VAL_KINDS}")
+
+    def vt(kind: str) -> wasmtime.ValType:
+        made: wasmtime.ValType = getattr(wasmtime.ValType, kind)()
+        return made
+
+    ty = wasmtime.FuncType([vt(k) for k in params], [vt(result_kind)] if result_kind else [])
     with _fast_lock:
         idx = _fast_next[0]
         _fast_next[0] += 1
-        _FAST_FUNCS[idx] = (fn, nparams, nresults)
+        _FAST_FUNCS[idx] = (fn, params, result_kind, all(k == "i32" for k in params))
     mod_b, name_b = module.encode(), name.encode()
     error = _ffi.wasmtime_linker_define_func_unchecked(
         linker.ptr(), ctypes.create_string_buffer(mod_b), len(mod_b), ctypes.create_string_buffer(name_b),

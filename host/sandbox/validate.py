@@ -17,11 +17,12 @@ asking Wasmtime (whose Python types for v128 or reference values abort).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from host.errors import ImportNotGranted, MemoryLimitError, ModuleError
+from host.errors import ConfigError, ImportNotGranted, MemoryLimitError, ModuleError
 from host.sandbox import abi, wasm_binary
 from host.sandbox.wasm_binary import Reader
 from policies import Policy
@@ -29,6 +30,8 @@ from policies import Policy
 WASM_PAGE: Final = 65536
 #: Memory an agent may have when its policy names no ``budgets.memory``.
 DEFAULT_MEMORY: Final = 64 << 20
+#: The operator's memory cap when ``Host(max_memory=)`` and ``--max-memory`` name none.
+MAX_MEMORY_ENV: Final = "TORPOR_MAX_MEMORY"
 WASI_MODULE: Final = "wasi_snapshot_preview1"
 
 #: Value types the host can read, write and snapshot (the only ones a global may have).
@@ -153,18 +156,26 @@ class ModuleShape:
                     out.append((name, g.valtype))
         return tuple(out)
 
-    def check_memory(self, limit: int, *, policy_name: str = "") -> None:
-        """Refuse a module whose initial memory alone exceeds the agent's memory budget.
+    def check_memory(self, limit: int, *, policy_name: str = "", budget: int | None = None) -> None:
+        """Refuse a module whose initial memory alone exceeds the agent's memory limit.
 
         Why before instantiating: the initial memory is allocated (and for the
         pristine image, copied) in full before any store limit could refuse it.
+        ``budget``: the policy's own budget, when the operator's cap (``limit``) is
+        below it; the error then names both, and says the operator's cap refused it
+        (:class:`OperatorMemoryCap`: the agent is not damaged, only not runnable here).
         """
-        if self.memory_bytes > limit:
-            whose = f"policy `{policy_name}`'s" if policy_name else "the agent's"
-            raise MemoryLimitError(
-                f"the module's initial memory is {self.memory_pages[0]} pages ({_mib(self.memory_bytes)}), "
-                f"above {whose} memory budget of {_mib(limit)} (budgets.memory)"
-            )
+        if self.memory_bytes <= limit:
+            return
+        whose = f"policy `{policy_name}`'s" if policy_name else "the agent's"
+        initial = f"the module's initial memory is {self.memory_pages[0]} pages ({_mib(self.memory_bytes)})"
+        if budget is not None and self.memory_bytes <= budget:
+            raise OperatorMemoryCap(
+                f"{initial}, above this host's memory cap of {_mib(limit)} (--max-memory, ${MAX_MEMORY_ENV}); "
+                f"{whose} memory budget is {_mib(budget)} (budgets.memory)")
+        raise MemoryLimitError(f"{initial}, above {whose} memory budget of {_mib(budget or limit)} (budgets.memory)"
+                               + (f" and this host's memory cap of {_mib(limit)} (--max-memory, ${MAX_MEMORY_ENV})"
+                                  if budget is not None else ""))
 
     def check_imports(self, granted_tools: bool, wasi_allow: frozenset[str], policy_name: str) -> None:
         """Refuse, before anything runs, a module importing what the policy does not grant."""
@@ -189,16 +200,52 @@ class ModuleShape:
             )
 
 
-def memory_limit(policy: Policy) -> int:
-    """The agent's memory budget in bytes, whole wasm pages (what the store limits it to)."""
+class OperatorMemoryCap(MemoryLimitError):
+    """The module fits its policy's memory budget but not the operator's cap on this host:
+    the agent is sound (another host, or a larger cap, runs it), so it is refused, not
+    parked as damaged."""
+
+
+def memory_limit(policy: Policy, max_memory: int | None = None) -> int:
+    """The agent's memory limit in bytes, whole wasm pages (what the store limits it to):
+    its policy's budget, or the operator's cap ``max_memory`` when that is smaller."""
     memory = int(policy.budgets.memory or DEFAULT_MEMORY)
+    if max_memory is not None:
+        memory = min(memory, max_memory)
     return max(WASM_PAGE, memory - memory % WASM_PAGE)
 
 
-def check_policy(shape: ModuleShape, policy: Policy) -> None:
-    """The checks that depend on the policy a module runs under: memory, then imports."""
+def max_memory(value: int | str | None = None) -> int | None:
+    """The operator's memory cap in bytes: ``value`` (bytes, or a size such as ``"256MiB"``),
+    else ``$TORPOR_MAX_MEMORY``, else None (no cap beyond each bundle's own budget).
+
+    Why an operator cap: ``budgets.memory`` is the bundle's word, and a bundle is not
+    trusted; the operator bounds what any agent may hold on this host, whatever it declares.
+    """
+    where = "--max-memory"
+    if value is None:
+        value = os.environ.get(MAX_MEMORY_ENV, "").strip() or None
+        where = f"${MAX_MEMORY_ENV}"
+        if value is None:
+            return None
+    from policies.units import parse_size
+
+    try:
+        size = parse_size(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    if size < WASM_PAGE:
+        raise ConfigError(f"{where}: a memory cap of {size} bytes is below one wasm page (64 KiB)")
+    return size
+
+
+def check_policy(shape: ModuleShape, policy: Policy, *, max_memory: int | None = None) -> None:
+    """The checks that depend on the policy a module runs under and the host's memory cap:
+    memory, then imports."""
     name = policy.agent.name
-    shape.check_memory(memory_limit(policy), policy_name=name)
+    budget = memory_limit(policy)
+    limit = memory_limit(policy, max_memory)
+    shape.check_memory(limit, policy_name=name, budget=budget if limit < budget else None)
     shape.check_imports(bool(policy.grants), frozenset(policy.wasi_allow), name)
 
 

@@ -18,7 +18,8 @@ from typing import Any
 
 import wasmtime
 
-from host.sandbox.execution import ABORT_EXIT, GuestAbort, ImportFault, current
+from host.errors import ModuleError
+from host.sandbox.execution import ABORT_EXIT, GuestAbort, ImportFault, current, define_import
 
 MODULE = "wasi_snapshot_preview1"
 
@@ -165,10 +166,16 @@ def define(linker: wasmtime.Linker, module: wasmtime.Module, allow: frozenset[st
         provided = PROVIDED.get(imp.name or "")
         if provided is not None:
             params, results, fn = provided
-            linker.define_func(MODULE, imp.name or "", wasmtime.FuncType(params, results), fn)
         else:
-            nres = len(ty.results)
-            linker.define_func(MODULE, imp.name or "", ty, _nosys(nres))
+            params, results, fn = list(ty.params), list(ty.results), _nosys(len(ty.results))
+        kinds = [str(p) for p in params] + [str(r) for r in results]
+        if len(results) > 1 or any(k not in ("i32", "i64", "f32", "f64") for k in kinds):
+            raise ModuleError(f"the module imports `{MODULE}.{imp.name}` as ({', '.join(kinds)}), a signature no "
+                              "WASI preview 1 function has")
+        # Through the host's own trampoline, as the torpor imports: an exception (proc_exit's
+        # GuestAbort) comes out of the call on this thread, never another agent's.
+        define_import(linker, MODULE, imp.name or "", [str(p) for p in params],
+                      str(results[0]) if results else None, fn)
 
 
 def _nosys(nresults: int) -> Callable[..., Any]:
