@@ -192,13 +192,16 @@ def open_fds() -> int:
         return -1
 
 
-def sample(t0: float, done: int) -> dict[str, Any]:
+def sample(t0: float, done: int, pool: Any = None) -> dict[str, Any]:
     """One sample: seconds since the start, agents ended, RSS (all, anonymous, file) in MiB,
-    descriptors, mappings."""
+    descriptors, mappings, and what the memory pool keeps resident for reuse (part of the
+    anonymous RSS, bounded by ``$TORPOR_MEMORY_POOL_MAX``)."""
     st = _status_kib()
+    kept = pool.stats().get("hot_resident_bytes", 0) if pool is not None else 0
     return {"t_s": round(time.monotonic() - t0, 2), "agents": done,
             "rss_mib": round(st.get("VmRSS", 0) / 1024, 2), "rss_anon_mib": round(st.get("RssAnon", 0) / 1024, 2),
-            "rss_file_mib": round(st.get("RssFile", 0) / 1024, 2), "fds": open_fds(), "maps": map_count()}
+            "rss_file_mib": round(st.get("RssFile", 0) / 1024, 2), "pool_kept_mib": round(kept / (1 << 20), 2),
+            "fds": open_fds(), "maps": map_count()}
 
 
 def slope(xs: list[float], ys: list[float]) -> float | None:
@@ -239,7 +242,7 @@ def soak(store: Path, *, agents: int, seconds: float, concurrency: int, interval
     with Host(store, engine=engine, durability=durability) as host:
         gc.collect()
         t0 = time.monotonic()
-        start = sample(t0, 0)  # the host open, nothing run yet
+        start = sample(t0, 0, host.engine.memory_pool)  # the host open, nothing run yet
         start["gc_objects"] = len(gc.get_objects())
         next_sample = [t0 + interval]
 
@@ -262,7 +265,7 @@ def soak(store: Path, *, agents: int, seconds: float, concurrency: int, interval
             now = time.monotonic()
             if now >= next_sample[0]:
                 next_sample[0] = now + interval
-                samples.append(sample(t0, done[0]))
+                samples.append(sample(t0, done[0], host.engine.memory_pool))
                 if progress:
                     s = samples[-1]
                     progress(done[0], f"rss {s['rss_mib']:.0f} MiB, fds {s['fds']}, maps {s['maps']}")
@@ -280,7 +283,7 @@ def soak(store: Path, *, agents: int, seconds: float, concurrency: int, interval
         anyio.run(main)
         elapsed = time.monotonic() - t0
         gc.collect()
-        end = sample(t0, done[0])
+        end = sample(t0, done[0], host.engine.memory_pool)
         end["gc_objects"] = len(gc.get_objects())
         samples.append(end)
         # What the store keeps: every agent's record, read back after the run.
@@ -299,6 +302,7 @@ def soak(store: Path, *, agents: int, seconds: float, concurrency: int, interval
         "mismatches": len(mismatches), "failed": bool(mismatches), "mismatch_examples": mismatches[:20],
         "start": start, "after_warmup": warm, "end": end, "samples": samples, "samples_after_warmup": len(after),
         "rss_slope": _fit(after, "rss_mib"), "rss_anon_slope": _fit(after, "rss_anon_mib"),
+        "pool_kept_slope": _fit(after, "pool_kept_mib"),
         "rss_after_warmup_mib": {"first": after[0]["rss_mib"] if after else None,
                                  "last": after[-1]["rss_mib"] if after else None,
                                  "max": max((s["rss_mib"] for s in after), default=None)},
@@ -363,6 +367,8 @@ def show(res: dict[str, Any]) -> None:
           f"RSS slope {res['rss_slope']['mib_per_minute']} MiB/min, {res['rss_slope']['mib_per_1000_agents']} MiB "
           f"per 1,000 agents; anonymous {res['rss_anon_slope']['mib_per_minute']} MiB/min, "
           f"{res['rss_anon_slope']['mib_per_1000_agents']} MiB per 1,000 agents")
+    print(f"memory pool's kept pages {s0['pool_kept_mib']} -> {s1['pool_kept_mib']} MiB (slope after warm-up "
+          f"{res['pool_kept_slope']['mib_per_minute']} MiB/min)")
     w = res["after_warmup"]
     print(f"open descriptors {s0['fds']} at start, {w['fds']} after warm-up, {s1['fds']} at the end; mappings "
           f"{s0['maps']}, {w['maps']}, {s1['maps']}; Python objects {s0['gc_objects']:,} -> {s1['gc_objects']:,}")

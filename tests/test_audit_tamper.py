@@ -86,9 +86,10 @@ def test_modified_record_is_named(store: tuple[Path, list[str]], capsys: pytest.
     first = _verify(d).first
     assert first is not None and first.kind == "modified"
     assert (first.agent_id, first.seq) == (ids[1], 4) and audit.record_key(ids[1], 4) in first.message
-    assert main(["audit", "verify", "--store", str(d), "--json"]) == 1
+    assert main(["audit", "verify", "--store", str(d), "--json"]) == 5  # that agent needs attention
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is False and out["first_problem"]["seq"] == 4 and out["first_problem"]["agent_id"] == ids[1]
+    assert [a["agent_id"] for a in out["attention"]] == [ids[1]]
 
 
 def test_removed_records_are_named(store: tuple[Path, list[str]]) -> None:

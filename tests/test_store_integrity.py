@@ -317,7 +317,10 @@ def test_audit_verify_and_listings_go_on_past_a_record_that_does_not_decode(
     _put(db, b"approvals", forks[2].encode(), b"{torn")
     verified = torpor("audit", "verify", "--store", str(tmp_path), "--json")
     report = _json(verified)
-    assert verified.returncode == 1 and not report["ok"]
+    # Some agents need attention (exit 5): the one whose chain is broken, the one whose record
+    # does not decode; the others verified.
+    assert verified.returncode == 5 and not report["ok"], verified.stdout + verified.stderr
+    assert {a["agent_id"] for a in report["attention"]} == {forks[0], forks[1]}, report["attention"]
     # The chain and the signed head that vouches for the record both say so; nothing else does.
     assert {(p["agent_id"], p["kind"], p["seq"]) for p in report["problems"]} == {(forks[0], "modified", 2)}, \
         report["problems"]
@@ -334,8 +337,10 @@ def test_audit_verify_and_listings_go_on_past_a_record_that_does_not_decode(
     assert {r["agent_id"] for r in rows} >= set(forks), rows
     resumed = torpor("resume", "--all", "--store", str(tmp_path), "--json")
     assert resumed.returncode >= 0 and "internal" not in resumed.stdout + resumed.stderr, resumed.stderr
-    rows = _json(torpor("ps", "--store", str(tmp_path), "--json"))
+    listed = torpor("ps", "--store", str(tmp_path), "--json")
+    rows = _json(listed)
     assert {r["agent_id"]: r["status"] for r in rows}[forks[1]] == "corrupt"
+    assert listed.returncode == 5 and [r["agent_id"] for r in rows if r["attention"]] == [forks[1]], rows
     assert torpor("store", "check", "--store", str(tmp_path), "--json").returncode != 0
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from host.cli.common import (
     AGENT_HELP,
+    EXIT_ATTENTION,
     EXIT_OK,
     MAX_MEMORY_HELP,
     add_command,
@@ -24,6 +25,7 @@ from host.cli.common import (
     open_store,
     parse_input,
     print_result,
+    report_attention,
     result_exit,
     store_dir,
 )
@@ -57,28 +59,47 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    """Resume one agent, or every unfinished one, from its latest checkpoint."""
-    from host.runtime import run_sync
+    """Resume one agent, or every unfinished one, from its latest checkpoint.
+
+    With ``--all``, agents that need attention (damaged before or by this run; see
+    :func:`host.runtime.queries.attention`) are listed too, each result with its
+    ``attention``, and the exit code is ``EXIT_ATTENTION`` when there are any.
+    """
+    from host.runtime import RunResult, queries, run_sync
 
     host = open_host(args)
+    damaged: dict[str, str] = {}
     try:
         if args.all:
             results = run_sync(host.resume_all)
+            for r in results:  # an agent resume --all could not drive for a host error
+                if r.error and r.error.get("code") in queries.HOST_ERROR_CODES:
+                    damaged[r.agent_id] = f"not resumed, a host error: [{r.error['code']}] {r.error.get('message')}"
+            seen = {r.agent_id for r in results}
+            for rec in host.list_agents():
+                why = queries.attention(rec)
+                if why is not None:
+                    damaged.setdefault(str(rec["agent_id"]), why)
+                    if rec["agent_id"] not in seen:  # damaged before this run: reported, not resumed
+                        results.append(RunResult.of_record(rec))
         elif args.agent:
             results = [run_sync(lambda: host.resume(args.agent))]
         else:
             raise ConfigError("name an agent to resume, or pass --all")
     finally:
         host.close()
-    data = [r.to_dict() for r in results]
+    data = [{**r.to_dict(), "attention": damaged.get(r.agent_id)} if args.all else r.to_dict() for r in results]
 
     def human() -> None:
         if not results:
             print("nothing to resume")
         for r in results:
             print_result(r)
+        report_attention(damaged)
 
     emit(args, data if args.all else data[0], human)
+    if damaged:
+        return EXIT_ATTENTION
     return max((result_exit(r) for r in results), default=EXIT_OK)
 
 
@@ -86,33 +107,44 @@ _PS_LINE = "%-26s  %-14.14s  %-16s  %12s  %6s  %7s  %5s  %6s"  # one %-format: h
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    """One line per agent in the store (with ``--json``, one object per agent).
+    """One line per agent in the store (with ``--json``, one object per agent, with its
+    ``attention``: why it needs an operator, or null); ``EXIT_ATTENTION`` when some do.
 
     It reads each agent's listing summary (``snapshots.summary``), not its record: on
-    10,000 agents the records are 10 MB of JSON, the summaries under 1 MB.
+    10,000 agents the records are 10 MB of JSON, the summaries under 1 MB. Only a failed
+    agent's record is read, for its error's code (a host error needs attention).
     """
-    from host.runtime.queries import stalled_since
+    from host.runtime.queries import attention, stalled_since
 
     now = time.time()
+    damaged: dict[str, str] = {}
     with open_store(args, readonly=True) as store, store.read() as txn:
         rows = list(txn.iter_agent_summaries())
-    if args.status:
-        rows = [s for s in rows if s.status == args.status]
+        if args.status:
+            rows = [s for s in rows if s.status == args.status]
+        for s in rows:
+            if s.status in ("corrupt", "failed"):
+                why = attention(txn.get_agent(s.agent_id) or {"status": s.status})
+                if why is not None:
+                    damaged[s.agent_id] = why
+    code = EXIT_ATTENTION if damaged else EXIT_OK
     if args.json:
         emit(args, [{
             "agent_id": s.agent_id, "name": s.name, "status": s.status, "fuel_used": s.fuel_used,
             "tool_calls": s.tool_calls, "checkpoints": s.checkpoints, "last_checkpoint_bytes": s.last_checkpoint_bytes,
             "tokens": s.tokens, "stalled": stalled_since(s.status, s.stall_timeout, s.last_progress or s.created_at, now),
-            "created_at": s.created_at,
+            "created_at": s.created_at, "attention": damaged.get(s.agent_id),
         } for s in rows], lambda: None)  # --json: the human form is below
-        return EXIT_OK
+        return code
     lines = [_PS_LINE % ("AGENT", "NAME", "STATUS", "FUEL", "CALLS", "TOKENS", "CKPT", "LAST")]
     for s in rows:  # the first 8 fields of a summary are the columns, in order
         if s.stall_timeout and stalled_since(s.status, s.stall_timeout, s.last_progress or s.created_at, now):
             s = s._replace(status=f"{s.status} (stalled)")
         lines.append(_PS_LINE % s[:8])
     sys.stdout.write("\n".join(lines) + "\n")  # one write: 10,000 print calls cost more than the lines
-    return EXIT_OK
+    sys.stdout.flush()
+    report_attention(damaged)
+    return code
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

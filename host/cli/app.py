@@ -40,7 +40,9 @@ BENCH_TITLE = "bench: load tests"
 # What `torpor --help` says of `bench` when its parser is not built (see build_parser).
 BENCH_HELP = "load-test cold start, suspend/resume, density and tool round trips"
 EXIT_CODES = ("exit codes: 0 completed/ok, 1 the agent failed or was terminated, 2 the command could not do "
-              "its work, 3 internal error, 4 the agent waits on a person (approval, in-doubt call)")
+              "its work, 3 internal error, 4 the agent waits on a person (approval, in-doubt call), 5 some agents "
+              "need attention (ps, resume --all, audit verify: a record that does not decode, an agent parked "
+              "corrupt or ended by a host error, a broken audit chain; the others were handled)")
 
 
 class _TorporParser(argparse.ArgumentParser):

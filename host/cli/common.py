@@ -26,6 +26,9 @@ EXIT_FAILED = 1  # the command ran; the agent failed or was terminated, or a che
 EXIT_ERROR = 2  # the command itself could not do its work
 EXIT_INTERNAL = 3  # a bug in Torpor
 EXIT_PARKED = 4  # the agent waits on a person (approval, or an in-doubt call to settle)
+# ps, resume --all, audit verify: the others were handled, but some agents are damaged (record
+# unreadable, parked corrupt, ended by a host error, audit chain broken; host.runtime.queries.attention)
+EXIT_ATTENTION = 5
 
 JSON_HELP = "print one JSON document"
 AGENT_HELP = "the agent id (see `torpor ps`)"
@@ -118,6 +121,20 @@ def print_result(res: RunResult) -> None:
     calls = f"tool calls {res.tool_calls}" + (f" (+{not_run} not run: denied or refused)" if not_run > 0 else "")
     print(f"fuel {res.fuel_used}, {calls}, suspensions {res.suspensions}, checkpoints {res.checkpoints}, "
           f"snapshot bytes {res.snapshot_bytes}")
+
+
+def report_attention(damaged: dict[str, str]) -> None:
+    """Name the agents that need attention on stderr, one line each (at most 20), for people."""
+    import sys
+
+    if not damaged:
+        return
+    print(f"torpor: {len(damaged)} agent{'s' if len(damaged) != 1 else ''} need{'s' if len(damaged) == 1 else ''} "
+          f"attention (exit {EXIT_ATTENTION}):", file=sys.stderr)
+    for agent_id, why in list(damaged.items())[:20]:
+        print(f"  {agent_id}: {why}", file=sys.stderr)
+    if len(damaged) > 20:
+        print(f"  ... and {len(damaged) - 20} more (--json lists them all)", file=sys.stderr)
 
 
 def result_exit(res: RunResult) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from host.cli.common import (
+    EXIT_ATTENTION,
     EXIT_FAILED,
     EXIT_OK,
     add_command,
@@ -29,6 +30,7 @@ from host.cli.common import (
     existing_store,
     iso,
     open_store,
+    report_attention,
     store_dir,
 )
 from host.errors import ConfigError, TorporError
@@ -185,15 +187,22 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             report = audit.verify_store(store, public_keys=_pinned_keys(args), agent_id=args.agent)
         report.source = f"store {store_dir(args)}"
 
+    damaged = report.attention()
+
     def human() -> None:
         print(report.summary())
         for p in report.problems[1:10]:
             print(f"  also: {p.message}")
         for n in report.notes:
             print(f"  note: {n}")
+        report_attention(damaged)
 
     emit(args, report.to_dict(), human)
-    return EXIT_OK if report.ok else EXIT_FAILED
+    if args.file or report.store_wide:
+        return EXIT_OK if report.ok else EXIT_FAILED
+    # In a store, damage confined to some agents' chains or records: they need attention,
+    # the others verified.
+    return EXIT_ATTENTION if damaged else EXIT_OK if report.ok else EXIT_FAILED
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:

@@ -35,6 +35,34 @@ def stalled_since(status: str | None, stall_timeout: float | None, since: float 
     return now - float(since or now) > float(stall_timeout)
 
 
+#: Error codes of an agent the host, not the agent, ended: a bug or an outage to look at.
+HOST_ERROR_CODES = frozenset({"host_error"})
+
+
+def attention(rec: dict[str, Any]) -> str | None:
+    """Why an agent needs an operator's attention, or None.
+
+    An agent needs attention when something other than its own code ended it or stops
+    it: its record does not decode, it is parked ``corrupt`` (its bundle, module or
+    stored state cannot be used, or does not match its digest), or the host failed
+    while running it. An agent that failed or was terminated by its own doing (a
+    budget, a trap, ``torpor_fail``) or that waits on a person is not damaged: its
+    status says what to do. ``ps``, ``resume --all`` and ``audit verify`` list these
+    and exit with their own code (``host.cli.common.EXIT_ATTENTION``).
+    """
+    error = rec.get("error")
+    error = error if isinstance(error, dict) else {}
+    what = f"[{error.get('code')}] {error.get('message')}" if error else ""
+    if rec.get(UNREADABLE):
+        return f"its record does not decode: {what}".rstrip(": ")
+    status = rec.get("status")
+    if status == "corrupt":
+        return f"parked corrupt: {what}".rstrip(": ")
+    if status == "failed" and error.get("code") in HOST_ERROR_CODES:
+        return f"ended by a host error: {what}"
+    return None
+
+
 def list_agents(store: AgentStore) -> list[dict[str, Any]]:
     """Every agent record, each with ``stalled`` set."""
     now = time.time()

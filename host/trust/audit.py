@@ -218,10 +218,28 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     key_ids: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # agents whose record does not decode
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def attention(self) -> dict[str, str]:
+        """The agents that need an operator's attention, and why: a broken chain, or an
+        agent record that does not decode. Problems that belong to no agent (a signed
+        head, the log as a whole) are not here: they are the store's."""
+        out: dict[str, str] = {}
+        for p in self.problems:
+            if p.agent_id is not None:
+                out.setdefault(p.agent_id, f"audit chain broken: {p.message}")
+        for aid in self.unreadable:
+            out.setdefault(aid, "its record does not decode (`torpor store check` names the damage)")
+        return out
+
+    @property
+    def store_wide(self) -> bool:
+        """Whether a problem belongs to no one agent (a signed head, the log as a whole)."""
+        return any(p.agent_id is None for p in self.problems)
 
     @property
     def first(self) -> Problem | None:
@@ -231,7 +249,8 @@ class VerifyReport:
         return {"ok": self.ok, "source": self.source, "agents": self.agents, "records": self.records,
                 "heads": self.heads, "checkpoints": self.checkpoints, "key_ids": self.key_ids,
                 "first_problem": self.first.to_dict() if self.first else None,
-                "problems": [p.to_dict() for p in self.problems], "notes": self.notes}
+                "problems": [p.to_dict() for p in self.problems], "notes": self.notes,
+                "attention": [{"agent_id": aid, "reason": why} for aid, why in self.attention().items()]}
 
     def summary(self) -> str:
         if self.ok:
@@ -580,6 +599,7 @@ def verify_store(store: Any, *, public_keys: Mapping[str, Any] | None = None, ag
             rec = txn.get_agent(aid)
             if rec is not None and rec.get(UNREADABLE):
                 # Its head is in a record that does not decode: the chain is checked on its own.
+                report.unreadable.append(aid)
                 report.notes.append(f"agent {aid}'s record does not decode, so its log is checked without its head "
                                     "(`torpor store check` names the damage)")
                 rec = None
