@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 import lmdb
-from conftest import EXAMPLES, BundleFactory
+from conftest import EXAMPLES, GUESTS, BundleFactory
 
 from host.runtime import Host
 
@@ -110,3 +110,56 @@ def test_the_cli_lists_and_resumes_around_a_damaged_agent(bundles: BundleFactory
     ps = torpor("ps", "--store", str(tmp_path), "--json")
     statuses = {r["agent_id"]: r["status"] for r in json.loads(ps.stdout)}
     assert (statuses[forks[0]], statuses[forks[1]], statuses[forks[2]]) == ("corrupt", "corrupt", "completed")
+
+
+def test_ps_resume_all_and_audit_verify_name_the_agents_that_need_attention(
+        bundles: BundleFactory, tmp_path: Path) -> None:
+    """Exit 5 ("some agents need attention") with the damaged agents named, in --json and
+    on stderr; the healthy ones are handled all the same. A store with nothing wrong exits 0."""
+    _, forks = _store_with_forks(bundles, tmp_path, 4)
+    unreadable, bad_checkpoint, bad_chain, healthy = forks
+    assert torpor("ps", "--store", str(tmp_path)).returncode == 0  # nothing damaged yet
+    _raw(tmp_path / "db", b"agents", unreadable.encode(), b"\xff\xfe")
+    _flip(tmp_path / "db", bad_checkpoint, 1)
+    _raw(tmp_path / "db", b"audit", f"{bad_chain}/000000000001".encode(), b"{torn")
+
+    resumed = torpor("resume", "--all", "--store", str(tmp_path), "--json")
+    assert resumed.returncode == 5 and "internal" not in resumed.stdout + resumed.stderr, resumed.stderr
+    by_id = {r["agent_id"]: r for r in json.loads(resumed.stdout)}
+    assert by_id[healthy]["status"] == "completed" and by_id[healthy]["attention"] is None, by_id[healthy]
+    assert by_id[bad_checkpoint]["status"] == "corrupt" and "snapshot_corrupt" in by_id[bad_checkpoint]["attention"]
+    assert by_id[unreadable]["status"] == "corrupt" and "does not decode" in by_id[unreadable]["attention"]
+    again = torpor("resume", "--all", "--store", str(tmp_path))  # nothing left to resume, still damaged
+    assert again.returncode == 5 and bad_checkpoint in again.stderr and unreadable in again.stderr, again.stderr
+
+    # ps reads listing summaries: the damaged agents show once a writer has read their records.
+    ps = torpor("ps", "--store", str(tmp_path), "--json")
+    assert ps.returncode == 5, ps.stdout + ps.stderr
+    assert {r["agent_id"] for r in json.loads(ps.stdout) if r["attention"]} == {unreadable, bad_checkpoint}
+    human = torpor("ps", "--store", str(tmp_path))
+    assert human.returncode == 5 and "2 agents need attention" in human.stderr and unreadable in human.stderr, \
+        human.stderr
+
+    verified = torpor("audit", "verify", "--store", str(tmp_path), "--json")
+    report = json.loads(verified.stdout)
+    assert verified.returncode == 5 and not report["ok"], verified.stdout
+    assert {a["agent_id"] for a in report["attention"]} == {unreadable, bad_chain}, report["attention"]
+
+
+def test_an_import_exception_left_by_another_thread_is_not_this_agents(bundles: BundleFactory,
+                                                                       tmp_path: Path) -> None:
+    """wasmtime-py keeps a host import's exception in one module global; with guests on
+    several threads one agent's (out of memory) was raised for another (out of fuel).
+    The host keeps it per thread: one left in that global by any thread changes nothing."""
+    from wasmtime import _func
+
+    from host.sandbox import abi
+    from host.sandbox.execution import GuestAbort
+
+    _func.LAST_EXCEPTION = GuestAbort(abi.ABORT_OOM, "out of memory: another agent's")  # type: ignore[assignment]
+    try:
+        with Host(tmp_path) as host:
+            res = anyio.run(lambda: host.run(bundles.load(GUESTS / "loop"), {}))
+        assert res.status == "failed" and res.error is not None and res.error["code"] == "out_of_fuel", res
+    finally:
+        _func.LAST_EXCEPTION = None

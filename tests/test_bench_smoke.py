@@ -98,6 +98,33 @@ def test_steps_quick() -> None:
     assert r["runtime_calls"] == 20
 
 
+def test_soak_quick_every_agent_ends_as_its_input_implies() -> None:
+    """The soak's mix through one host: each kind ends in the state its input implies
+    (the benchmark checks status, error code and output of every agent, as returned and
+    as stored); the figures it reports exist. No timing, no RSS bound: bench/RESULTS.md."""
+    r = bench("soak", "--agents", "160", "--concurrency", "16", timeout=600)
+    assert r["agents"] >= 160 and r["mismatches"] == 0, r["mismatch_examples"]
+    assert r["failed"] is False
+    expected = {"hello": "completed/-", "steps": "completed/-", "inventory": "completed/-",
+                "fuel": "failed/out_of_fuel", "memory": "failed/memory_limit",
+                "wall_clock": "failed/deadline_exceeded", "tool_calls": "terminated/budget_exceeded",
+                "poison": "completed/-", "sound_value": "completed/-"}
+    assert {k.split(": ")[0]: k.split(": ")[1] for k in r["outcomes"]} == expected, r["outcomes"]
+    assert sum(r["outcomes"].values()) == r["agents"]
+    for point in (r["start"], r["end"]):
+        positive(point["rss_mib"], point["rss_anon_mib"], point["fds"], point["maps"])
+    assert {"mib_per_minute", "mib_per_1000_agents"} <= set(r["rss_slope"])
+
+
+def test_interrupts_quick() -> None:
+    """Signals into real torpor processes: the loop's own checks (exit 130/143 or done,
+    never an abort, every agent finished exactly once) found nothing."""
+    r = bench("interrupts", "--interrupts", "4", "--agents", "2", "--per-store", "4", "--steps", "30", timeout=600)
+    assert r["failed"] is False and r["problems"] == 0, r["problem_examples"]
+    assert r["aborts"] == 0 and r["forbidden_output"] == 0 and r["agents_wrong"] == 0
+    assert r["signals_sent_for"] == 4 and r["delivered"] >= 1
+
+
 def test_cli_startup_quick(tmp_path: Path) -> None:
     r = bench("cli", "--store", str(tmp_path / "s"))
     assert r["bench"] == "cli" and r["agents"] == 200 and r["rounds"] == 3
