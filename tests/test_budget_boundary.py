@@ -93,10 +93,10 @@ def test_the_deadline_fires_inside_a_control_export_the_host_calls(tmp_path: Pat
     spins with fuel for hours. The 2 s wall-clock budget must end it, not the fuel."""
     policy = POLICY.format(name="spinner", wall="2s") + '[tools."clock.now"]\n'
     bundle = bundle_of(tmp_path, CONTROLS_THAT_NEVER_RETURN, policy, "spinner")
-    proc, took, _ = run_cli(bundle, tmp_path / "s", "--fuel", str(10**15))
+    proc, _, _ = run_cli(bundle, tmp_path / "s", "--fuel", str(10**15))
     res = result(proc)
+    # Only the deadline can end it (fuel for hours; the run's timeout is the hang guard).
     assert res["status"] == "failed" and res["error"]["code"] == "deadline_exceeded", res
-    assert took < 30, f"ran {took:.0f} s past a 2 s deadline"
 
 
 TABLE_GROWER = """

@@ -91,14 +91,16 @@ def test_signals_at_random_instants_leave_every_agent_resumable(steps: Path, tmp
     assert finished >= 3, "too few agents got under way before their signal to test anything"
 
 
-def test_ctrl_c_stops_a_compute_bound_guest_at_once(bundles: BundleFactory, tmp_path: Path) -> None:
-    """The guest spins with fuel to spare and a 10 s deadline; Ctrl-C ends it well before."""
+def test_ctrl_c_stops_a_compute_bound_guest(bundles: BundleFactory, tmp_path: Path) -> None:
+    """The guest spins with fuel for days and a deadline an hour away: only the interrupt,
+    reaching it through the engine, can end it (else the wait for the process times out).
+    A behaviour, not a time: how fast it stops is bench/'s (torpor bench interrupts)."""
+    from host.sandbox import bundle as bundle_mod
+
+    loop = bundles.load(GUESTS / "loop")
     bundle = tmp_path / "loop.torpor"
-    bundle.write_bytes(bundles.load(GUESTS / "loop").raw)
-    started = time.monotonic()
+    bundle.write_bytes(bundle_mod.pack(loop.module, '[agent]\nname = "loop"\n[budgets]\nwall_clock = "1h"\n'))
     code, err = interrupt(["run", str(bundle), "--fuel", str(10**15)], tmp_path / "s", 1.0, signal.SIGINT)
-    took = time.monotonic() - started
     assert code == 130 and "interrupted" in err, (code, err[-2000:])
-    assert took < 9.0, f"the guest ran to its deadline ({took:.1f} s): the interrupt did not reach it"
     ps = json.loads(torpor("ps", "--store", str(tmp_path / "s"), "--json").stdout)
     assert [a["status"] for a in ps] == ["running"]  # not failed: it resumes from the start

