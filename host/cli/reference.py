@@ -51,7 +51,10 @@ def render() -> str:
         "`torpor: error[CODE]: message`, on stderr (a JSON object on stdout with `--json`).\n",
         "Exit codes: 0 completed / ok; 1 the agent failed or was terminated; 2 the command could not "
         "do its work (bad input, unknown agent, corrupt bundle ...); 3 internal error; 4 the agent "
-        "waits on a person (approval, an in-doubt call to settle).\n",
+        "waits on a person (approval, an in-doubt call to settle); 5 some agents need attention "
+        "(`ps`, `resume --all`, `audit verify`: an agent record that does not decode, an agent parked "
+        "`corrupt` or ended by a host error, a broken audit chain; the others were handled, the damaged "
+        "ones are named on stderr and, with `--json`, in each agent's `attention` or the report's).\n",
         "The store directory is `--store DIR`, else `$TORPOR_STORE`, else the user data directory. "
         "Commands that write to it take `--durability sync|process`, else `$TORPOR_DURABILITY`, else "
         "`sync` (what each level survives: README, \"Durability\").\n",
