@@ -20,6 +20,7 @@ which ``torpor resume`` continues.
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import threading
 import weakref
@@ -99,6 +100,24 @@ def _handle(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 
 
+class _QuietInterruptedTasks(logging.Filter):
+    """Drop asyncio's report of a task that ended by the interrupt: when a signal lands in
+    one task of several, the event loop's shutdown logs the others' ``Interrupted`` with
+    a traceback (``unhandled exception during asyncio.run() shutdown``), which says no
+    more than the one line the command prints. Anything else it logs still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        if isinstance(exc, BaseExceptionGroup):
+            return not all(isinstance(e, KeyboardInterrupt) for e in exc.exceptions)
+        return not (isinstance(exc, KeyboardInterrupt) and _requested[0])
+
+
+_QUIET = _QuietInterruptedTasks()
+
+
 @contextlib.contextmanager
 def handle_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), *,
                    then_ignore: bool = False) -> Iterator[None]:
@@ -113,6 +132,8 @@ def handle_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), *
         yield
         return
     previous = {s: signal.getsignal(s) for s in signums}
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addFilter(_QUIET)
     try:
         for s in signums:
             if previous[s] != signal.SIG_IGN:  # a shell's background job ignores SIGINT: keep that
@@ -121,5 +142,6 @@ def handle_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), *
     finally:
         for s, handler in previous.items():
             signal.signal(s, signal.SIG_IGN if then_ignore else handler)
+        asyncio_log.removeFilter(_QUIET)
         if not then_ignore:
             _requested[0] = 0
