@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench.rig import BENCH_GUESTS, draw_plot, load_bundle, machine, map_count, positive
+from bench.rig import BENCH_GUESTS, EXAMPLES, draw_plot, load_bundle, machine, map_count, positive
 from host.errors import TorporError
 from host.sandbox import bundle as bundle_mod
 from host.sandbox import guest_json
@@ -248,7 +248,8 @@ def soak(store: Path, *, agents: int, seconds: float, concurrency: int, interval
     samples: list[dict[str, Any]] = []
     spawned = [0]
     done = [0]
-    with Host(store, engine=engine, durability=durability) as host:
+    # The inventory example's tool is the operator's, in the example's directory.
+    with Host(store, engine=engine, durability=durability, tools_dirs=[EXAMPLES / "inventory"]) as host:
         gc.collect()
         t0 = time.monotonic()
         start = sample(t0, 0, host.engine.memory_pool)  # the host open, nothing run yet
