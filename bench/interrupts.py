@@ -75,8 +75,11 @@ class Driver:
         self.instants = Latency()  # when each signal landed, after the handlers were in force
         self.span = 2.0  # the longest a command took after its handlers were in force (s), to draw instants from
 
-    def command(self, argv: list[str], signum: int | None) -> subprocess.CompletedProcess[str] | None:
-        """Run ``torpor ARGV``; with ``signum``, send it at a random instant of its work."""
+    def command(self, argv: list[str], signum: int | None, *,
+                learn: bool = False) -> subprocess.CompletedProcess[str] | None:
+        """Run ``torpor ARGV``; with ``signum``, send it at a random instant of its work.
+        ``learn``: an uninterrupted command whose duration is that of the interrupted ones
+        (the last ``resume --all``), to draw the instants from."""
         proc = subprocess.Popen([sys.executable, "-m", "host.cli", *argv], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=self.env, preexec_fn=_default_signals)
         sent, at = False, 0.0
@@ -92,7 +95,7 @@ class Driver:
                     os.kill(proc.pid, signum)
                     sent = True
             out, err = proc.communicate(timeout=300)
-            if not sent:
+            if learn:
                 self.span = max(self.span * 0.9, min(30.0, time.monotonic() - ready))
         except subprocess.TimeoutExpired:
             proc.kill()
@@ -140,7 +143,7 @@ def one_store(driver: Driver, bundle: Path, store: Path, *, agents: int, steps: 
     while sent < interrupts:  # resume --all, several agents at once, interrupted again and again
         driver.command(["resume", "--all", *base], driver.signal_for(sent))
         sent += 1
-    final = driver.command(["resume", "--all", *base, "--json"], None)
+    final = driver.command(["resume", "--all", *base, "--json"], None, learn=True)
     ps = driver.command(["ps", "--store", str(store), "--json"], None)
     verify = driver.command(["audit", "verify", "--store", str(store), "--json"], None)
     rows = json.loads(ps.stdout) if ps is not None and ps.returncode == 0 else []
