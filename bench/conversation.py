@@ -190,8 +190,9 @@ def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summ
                         blob = txn.get_checkpoint(aid, last)
                         snap = decode_snapshot(blob, expect_module_digest=b.module_digest,
                                                pristine=rig.loaded.image, chunks_from=txn.get_chunk)
-                    restore_from(rig, snap)
+                    warm = restore_from(rig, snap)
                     cold.add(time.perf_counter_ns() - c0)
+                    del warm  # its instance torn down outside the timed region
                 if prof is not None:
                     prof.enable()
                 r0, t0_cpu = time.perf_counter_ns(), time.thread_time_ns()
@@ -214,6 +215,7 @@ def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summ
                 store.transact(lambda txn, data=data, new=new, i=i: txn.put_checkpoint(scratch, i + 1, data,
                                                                                       time.time(), new))
                 sus.add(time.perf_counter_ns() - s0)
+                del ex, cap  # torn down here, not inside the next resume's timed region
             if prof is not None and profile:
                 prof.dump_stats(profile)
             with store.write() as txn:
