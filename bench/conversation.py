@@ -8,7 +8,10 @@ kind (checkpoints, the content chunks they share, journal, audit) and the LMDB f
 beside the zstd size of the final conversation; the time per turn (from the
 checkpoints' timestamps); and suspend and resume at the last turn (p50/p99): resume is
 reading the last checkpoint from the store, decoding it and restoring it into a fresh
-instance; suspend is capturing that instance, encoding it and committing it.
+instance; suspend is capturing that instance, encoding it and committing it. Each round
+also times a *cold* resume first, with the process's cache of verified chunks
+(``snapshots.chunks``) emptied, as in a process that has not read this agent before; the
+resume then timed finds them cached, as a host resuming its agents again does.
 ``--profile FILE`` writes a cProfile of the resume rounds of the last case.
 
 Then "last checkpoint only": the agent's older checkpoints pruned and the store
@@ -29,6 +32,7 @@ if __name__ == "__main__":  # `python bench/conversation.py ...`: the repository
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
+import importlib
 import itertools
 import json
 import shutil
@@ -167,7 +171,10 @@ def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summ
             # suspend and resume at the last turn, through the store's public API
             rig = make_rig(make_engine(engine_name), b)
             last = cps[-1].seq
-            sus, resu = Latency(), Latency()
+            sus, resu, cold, cpu = Latency(), Latency(), Latency(), Latency()
+            # cold: this process's cache of verified chunks emptied first (a resume in a
+            # process that has not read this agent's chunks yet); absent before the cache.
+            forget = getattr(importlib.import_module("snapshots.chunks"), "clear_cache", None)
             scratch = "bench-scratch"
             snap = None
             prof = None
@@ -176,15 +183,26 @@ def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summ
 
                 prof = cProfile.Profile()
             for i in range(rounds):
+                if forget is not None:  # a cold resume, then the warm one timed below
+                    forget()
+                    c0 = time.perf_counter_ns()
+                    with store.read() as txn:
+                        blob = txn.get_checkpoint(aid, last)
+                        snap = decode_snapshot(blob, expect_module_digest=b.module_digest,
+                                               pristine=rig.loaded.image, chunks_from=txn.get_chunk)
+                    warm = restore_from(rig, snap)
+                    cold.add(time.perf_counter_ns() - c0)
+                    del warm  # its instance torn down outside the timed region
                 if prof is not None:
                     prof.enable()
-                r0 = time.perf_counter_ns()
+                r0, t0_cpu = time.perf_counter_ns(), time.thread_time_ns()
                 with store.read() as txn:
                     blob = txn.get_checkpoint(aid, last)
                     snap = decode_snapshot(blob, expect_module_digest=b.module_digest, pristine=rig.loaded.image,
                                            chunks_from=txn.get_chunk)
                 ex = restore_from(rig, snap)
                 resu.add(time.perf_counter_ns() - r0)
+                cpu.add(time.thread_time_ns() - t0_cpu)  # this thread's CPU: what the load does not add
                 if prof is not None:
                     prof.disable()
                 s0 = time.perf_counter_ns()
@@ -197,6 +215,7 @@ def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summ
                 store.transact(lambda txn, data=data, new=new, i=i: txn.put_checkpoint(scratch, i + 1, data,
                                                                                       time.time(), new))
                 sus.add(time.perf_counter_ns() - s0)
+                del ex, cap  # torn down here, not inside the next resume's timed region
             if prof is not None and profile:
                 prof.dump_stats(profile)
             with store.write() as txn:
@@ -224,6 +243,7 @@ def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summ
         "turn_ms_first10pct": round(1000 * sum(head) / max(1, len(head)), 3),
         "turn_ms_last10pct": round(1000 * sum(tail) / max(1, len(tail)), 3),
         "suspend_last": sus.summary(), "resume_last": resu.summary(),
+        "resume_last_cold": cold.summary() if cold.samples else None, "resume_last_cpu": cpu.summary(),
         "last_checkpoint_only": {"stored": last_only, "state_bytes": state_only, "compaction": note,
                                  "target_bytes": 3 * zsize + 64 * 1024},
     }
@@ -287,6 +307,11 @@ def show(r: dict[str, Any]) -> None:
               f"{c['turn_ms_last10pct']:8.2f} {c['resume_last']['p50_us']:8.0f}/{c['resume_last']['p99_us']:<8.0f} "
               f"{c['suspend_last']['p50_us']:8.0f}/{c['suspend_last']['p99_us']:<8.0f} "
               f"{c['last_checkpoint_only']['state_bytes'] / 1024:12.0f}")
+    for c in r["cases"]:
+        cold, cpu = c.get("resume_last_cold"), c["resume_last_cpu"]
+        print(f"resume at {c['turns']} turns: CPU time p50/p99 µs {cpu['p50_us']:.0f}/{cpu['p99_us']:.0f}" +
+              (f"; with no verified chunk cached (cold) p50/p99 µs {cold['p50_us']:.0f}/{cold['p99_us']:.0f}"
+               if cold else ""))
     if "added_per_turn_at_last" in r:
         print(f"bytes added per turn between the last two N: {r['added_per_turn_at_last']:,}; "
               f"time per turn at the largest N / the smallest: {r['turn_time_ratio']}x")

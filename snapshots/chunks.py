@@ -51,10 +51,12 @@ __all__ = [
     "INLINE_INDEX",
     "ChunkPut",
     "Chunks",
+    "clear_cache",
     "cut",
     "digest",
     "load_chunk",
     "read_tree",
+    "set_cache_limit",
     "store_chunk",
     "tree_digests",
     "write_tree",
@@ -176,6 +178,9 @@ def store_chunk(content: bytes | memoryview) -> bytes:
 
 def load_chunk(name: bytes, stored: bytes) -> bytes:
     """The content of a stored chunk, once it matches its name; RecordCorrupt otherwise."""
+    hit = _verified.get(name)
+    if hit is not None and hit[0] == stored:
+        return hit[1]
     try:
         if stored[:1] == bytes((_CODEC_RAW,)):
             content = stored[1:]
@@ -187,7 +192,67 @@ def load_chunk(name: bytes, stored: bytes) -> bytes:
         raise _corrupt(name, f"does not decode ({exc})") from exc
     if hashlib.sha256(content).digest() != name:
         raise _corrupt(name, "does not match its digest")
+    _remember(name, stored, content)
     return content
+
+
+class _Verified:
+    """Chunks this process has checked against their names: digest -> (stored, content).
+
+    Why: a resume of an agent holding a conversation reads over a thousand chunks, and
+    decompressing and hashing each one was most of its time (``torpor bench
+    conversation --profile``). A chunk is named by its content, so content once checked
+    stays right forever; only chunks that passed the check enter. The stored bytes are
+    kept too and a hit requires the bytes read from the store *now* to equal them: the
+    lookup still happens, so a chunk missing from or changed in the store is still
+    detected and named (a read of those bytes then goes the full way and fails), and a
+    store check still vouches for what is on disk. Bounded by ``limit`` bytes (stored +
+    content), oldest entries dropped first.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self.entries: dict[bytes, tuple[bytes, bytes]] = {}
+        self.get = self.entries.get
+        self._lock = threading.Lock()
+
+    def add(self, name: bytes, stored: bytes, content: bytes) -> None:
+        cost = len(stored) + len(content) + 2 * DIGEST_SIZE
+        if cost > self.limit:
+            return
+        with self._lock:  # lookups stay lock-free: a dict get is atomic
+            old = self.entries.pop(name, None)
+            if old is not None:
+                self.size -= len(old[0]) + len(old[1]) + 2 * DIGEST_SIZE
+            self.entries[name] = (stored, content)
+            self.size += cost
+            while self.size > self.limit:
+                first = next(iter(self.entries))
+                s, c = self.entries.pop(first)
+                self.size -= len(s) + len(c) + 2 * DIGEST_SIZE
+
+    def clear(self) -> None:
+        with self._lock:
+            self.entries.clear()
+            self.size = 0
+
+
+#: Bytes the cache of verified chunks may hold (stored + content); ``set_cache_limit``.
+CACHE_LIMIT = 64 * 1024 * 1024
+_verified = _Verified(CACHE_LIMIT)
+_remember = _verified.add
+
+
+def set_cache_limit(limit: int) -> None:
+    """Bound (in bytes) the process cache of verified chunks; 0 turns it off. Clears it."""
+    _verified.clear()
+    _verified.limit = max(0, limit)
+
+
+def clear_cache() -> None:
+    """Forget every verified chunk (a benchmark's cold resume; a test)."""
+    _verified.clear()
 
 
 def _corrupt(name: bytes, problem: str) -> RecordCorrupt:
@@ -244,20 +309,37 @@ def read_tree(ref: bytes, get: Callable[[bytes], bytes | None]) -> bytes:
     missing or changed, ValueError means the reference itself is malformed."""
     levels, total, index = _parse_ref(ref)
     sha256, decompress = hashlib.sha256, _dctx().decompress
+    cached, remember = _verified.get, _remember
+    # A name met again in this read (memory holds many equal pages: an agent's 5 MB state
+    # at 400 turns is 1,252 references to 247 distinct chunks) is the content already read
+    # and checked here, from the same transaction: no second lookup.
+    seen: dict[bytes, bytes] = {}
     for level in range(levels, 0, -1):
         parts = []
         for i in range(0, len(index), DIGEST_SIZE):  # the hot loop of a resume: kept inline
             name = index[i : i + DIGEST_SIZE]
+            again = seen.get(name)
+            if again is not None:
+                parts.append(again)
+                continue
             stored = get(name)
             if stored is None:
                 label = f"chunk {name.hex()}"
                 raise RecordCorrupt(f"{label} is missing from the store", database="chunks", key=label)
+            hit = cached(name)
+            if hit is not None and hit[0] == stored:  # these very bytes were checked before
+                seen[name] = hit[1]
+                parts.append(hit[1])
+                continue
             try:
                 content = decompress(stored[1:]) if stored[:1] == _ZSTD_MARK else None
             except zstandard.ZstdError:
                 content = None
             if content is None or sha256(content).digest() != name:
                 content = load_chunk(name, stored)  # a raw chunk, or the error that names this one
+            else:
+                remember(name, stored, content)
+            seen[name] = content
             parts.append(content)
         index = b"".join(parts)
         if level > 1 and len(index) % DIGEST_SIZE:

@@ -1609,7 +1609,8 @@ class _LmdbTxn:
     def get_chunk(self, name: bytes) -> bytes | None:
         if self._chunks is None:
             return None
-        return self._get(bytes(name), db=self._chunks)
+        # The hot call of a resume (once per chunk): straight to LMDB, no helper between.
+        return cast("bytes | None", self._txn.get(name, db=self._chunks))
 
     def kv_get(self, namespace: str, key: str) -> bytes | None:
         if self._kv is None:

@@ -101,6 +101,40 @@ def test_a_changed_or_missing_chunk_is_named_never_read() -> None:
         chunks.read_tree(ref[:-1], held.get)
 
 
+def test_a_cached_chunk_changed_or_missing_in_the_store_is_still_named() -> None:
+    """The process cache of verified chunks serves a chunk only while the store holds
+    the very bytes that were checked: damage after a first read is still refused."""
+    held, put = _dict_store()
+    data = _text(200_000, seed=7)
+    ref = chunks.write_tree(data, put)
+    chunks.clear_cache()
+    assert chunks.read_tree(ref, held.get) == data  # checked, and now cached
+    assert chunks.read_tree(ref, held.get) == data  # from the cache
+    victim = list(chunks.tree_digests(ref, held.get))[-1]
+    good = held[victim]
+    held[victim] = good[:-1] + bytes([good[-1] ^ 1])
+    with pytest.raises(RecordCorrupt, match=victim.hex()):
+        chunks.read_tree(ref, held.get)
+    del held[victim]
+    with pytest.raises(RecordCorrupt, match=f"{victim.hex()} is missing"):
+        chunks.read_tree(ref, held.get)
+    held[victim] = good
+    assert chunks.read_tree(ref, held.get) == data
+
+
+def test_the_verified_chunk_cache_keeps_to_its_bound() -> None:
+    held, put = _dict_store()
+    ref = chunks.write_tree(_text(300_000, seed=8), put)
+    try:
+        chunks.set_cache_limit(50_000)
+        chunks.read_tree(ref, held.get)
+        assert 0 < chunks._verified.size <= 50_000
+        chunks.set_cache_limit(0)  # off: nothing kept, still read and checked
+        assert chunks.read_tree(ref, held.get) == _text(300_000, seed=8) and chunks._verified.size == 0
+    finally:
+        chunks.set_cache_limit(chunks.CACHE_LIMIT)
+
+
 # -- the store ------------------------------------------------------------------------------------
 def _messages(n: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": _text(2_000, seed=i).decode()} for i in range(n)]
