@@ -27,6 +27,7 @@ from loopback import Loopback, Reply, Request, chat_completion, json_reply
 from tools_helpers import Ctx, answer, invoke, policy
 
 from host.runtime import Host, RunResult
+from host.runtime.budgets import LIMITS_NAMESPACE
 from host.runtime.tool_call import ToolCallPipeline, canonical_args
 from host.sandbox import bundle as bundle_mod
 from host.tools import mcp, netguard
@@ -354,6 +355,8 @@ def test_run_and_agent_scopes(caller_module: bytes, tmp_path: Path) -> None:
             assert [r["code"] for r in res.output["results"]] == ["ok", "ok", "denied"], scope
         res = run(host, make(caller_module, shared_policy("call")), pay)  # per call: each passes alone
         assert [r["code"] for r in res.output["results"]] == ["ok"] * 3
+        with host.store.read() as txn:  # an ended agent's run and agent counters are deleted with its end
+            assert txn.kv_keys(LIMITS_NAMESPACE) == []
 
 
 def test_a_policy_wide_rate_counts_every_agent(caller_module: bytes, tmp_path: Path) -> None:

@@ -69,6 +69,16 @@ def crossed(agent: LiveAgent, before: policies.Usage) -> policies.BudgetEvent | 
     return exceeded
 
 
+def forget_counters(txn: Any, agent_id: str) -> int:
+    """Delete the shared counters of an agent that has ended: its runs' and its own (the
+    policy's and the tenant's go on). Without this every run would leave its counters in
+    the store for good. Returns how many were deleted."""
+    keys = [*txn.kv_keys(LIMITS_NAMESPACE, f"run:{agent_id}/"), *txn.kv_keys(LIMITS_NAMESPACE, f"agent:{agent_id}:")]
+    for k in keys:
+        txn.kv_delete(LIMITS_NAMESPACE, k)
+    return len(keys)
+
+
 def read_shared(txn: Any, keys: Sequence[str]) -> dict[str, Any]:
     """The shared counters ``keys`` as stored (absent: never counted)."""
     out: dict[str, Any] = {}

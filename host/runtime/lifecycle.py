@@ -260,7 +260,12 @@ class Lifecycle:
             revoked = self.broker.revoke(agent.agent_id)
             if revoked:
                 agent.event("credential.revoked", names=revoked)
-        await self.commits.agent(agent, retire)
+
+        def write(txn: Any) -> None:
+            retire(txn)
+            budgets.forget_counters(txn, agent.agent_id)  # it makes no more calls
+
+        await self.commits.agent(agent, write)
         if self.heads.due():
             await anyio.to_thread.run_sync(self.heads.maybe_seal)
         return agent.result()
