@@ -1653,7 +1653,17 @@ class _LmdbTxn:
 
     def mark_unreadable(self, agent_id: str, problem: str) -> None:
         key = _id_bytes(agent_id, "agent_id")
-        self._txn.put(key, encode_summary(unreadable_record(agent_id, problem)), db=self._summaries)
+        record = unreadable_record(agent_id, problem)
+        raw = self._get(key, db=self._summaries)
+        try:  # keep what the listing knew of it (name, usage, checkpoints): only the status changes
+            known = decode_summary(agent_id, raw) if raw is not None else None
+        except RecordCorrupt:
+            known = None
+        if known is not None:
+            record = {**record, "name": known.name, "checkpoints": known.checkpoints,
+                      "last_checkpoint_bytes": known.last_checkpoint_bytes, "created_at": known.created_at,
+                      "usage": {"fuel_used": known.fuel_used, "tool_calls": known.tool_calls, "tokens": known.tokens}}
+        self._txn.put(key, encode_summary(record), db=self._summaries)
 
     def delete_agent(self, agent_id: str, *, purge: bool = False, missing_ok: bool = False) -> None:
         existed = self._txn.delete(_id_bytes(agent_id, "agent_id"), db=self._agents)

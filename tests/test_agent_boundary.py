@@ -111,6 +111,8 @@ def test_the_cli_lists_and_resumes_around_a_damaged_agent(bundles: BundleFactory
     ps = torpor("ps", "--store", str(tmp_path), "--json")
     statuses = {r["agent_id"]: r["status"] for r in json.loads(ps.stdout)}
     assert (statuses[forks[0]], statuses[forks[1]], statuses[forks[2]]) == ("corrupt", "corrupt", "completed")
+    named = {r["agent_id"]: r["name"] for r in json.loads(ps.stdout)}
+    assert named[forks[0]] == "steps", named  # the listing keeps what it knew of the damaged record
 
 
 def test_ps_resume_all_and_audit_verify_name_the_agents_that_need_attention(
