@@ -91,3 +91,55 @@ class HandlerNotRegistered(ConfigError):
     tool provides: handlers resolve to registered tools, never to any importable callable."""
 
     code = "handler_not_registered"
+
+
+class InvalidInput(TorporError):
+    """A request's input is not what the API takes (not JSON, a field of the wrong type)."""
+
+    code = "invalid_input"
+
+
+class BundleNotFound(TorporError):
+    """No bundle with that name, tag or digest (for this tenant)."""
+
+    code = "bundle_not_found"
+
+
+class Unauthenticated(TorporError):
+    """A request without a valid operator token (none, unknown, revoked or expired)."""
+
+    code = "unauthenticated"
+
+
+class Forbidden(TorporError):
+    """The operator token is valid but lacks the scope the request needs."""
+
+    code = "forbidden"
+
+
+class IdempotencyConflict(TorporError):
+    """An idempotency key reused with a different request than the one it first named."""
+
+    code = "idempotency_conflict"
+
+
+class PayloadTooLarge(TorporError):
+    """A request body over the server's cap."""
+
+    code = "payload_too_large"
+
+
+class RateLimited(TorporError):
+    """Too many requests for a token or a tenant; ``retry_after`` says when to try again (seconds)."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ShuttingDown(TorporError):
+    """The server is draining (SIGTERM): it takes no new work."""
+
+    code = "shutting_down"

@@ -37,7 +37,7 @@ T = TypeVar("T")
 #: Named buckets for opaque blobs (agent bundles, audit records, approvals, host
 #: metadata, agents' inputs). Adding a bucket is adding its name here.
 BLOB_BUCKETS: tuple[str, ...] = ("bundles", "audit", "approvals", "meta", "identity", "revocations", "audit_heads",
-                                 "inputs")
+                                 "inputs", "operator_tokens", "server")
 #: The bucket holding each agent's input, by agent id: written once at spawn, apart from
 #: the agent record that every commit rewrites; ``delete_agent(purge=True)`` removes it.
 INPUTS_BUCKET = "inputs"

@@ -29,6 +29,7 @@ ROOMS = {
     "host.tools": "tools",
     "host.runtime": "runtime",
     "host.cli": "cli",
+    "host.server": "server",
 }
 
 # Room -> the rooms it may import (besides itself). The direction is one way:
@@ -43,12 +44,13 @@ ALLOWED = {
     "trust": {"floor", "policies", "snapshots"},
     "tools": {"floor", "policies", "snapshots"},
     "runtime": {"floor", "sandbox", "trust", "tools", "policies", "snapshots"},
-    "cli": {"floor", "sandbox", "trust", "tools", "runtime", "policies", "snapshots", "bench"},
-    "bench": {"floor", "sandbox", "trust", "tools", "runtime", "policies", "snapshots", "guest_sdk"},
+    "server": {"floor", "sandbox", "trust", "tools", "runtime", "policies", "snapshots"},
+    "cli": {"floor", "sandbox", "trust", "tools", "runtime", "server", "policies", "snapshots", "bench"},
+    "bench": {"floor", "sandbox", "trust", "tools", "runtime", "server", "policies", "snapshots", "guest_sdk"},
 }
 
 # Rooms that are libraries: they take arguments, not command lines.
-NO_ARGPARSE = {"policies", "snapshots", "guest_sdk", "floor", "sandbox", "trust", "tools", "runtime"}
+NO_ARGPARSE = {"policies", "snapshots", "guest_sdk", "floor", "sandbox", "trust", "tools", "runtime", "server"}
 
 
 def room_of(module: str) -> str | None:

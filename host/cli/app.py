@@ -35,6 +35,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("store", ("store", "doctor")),
     ("policy", ("policy",)),
     ("trust", ("secrets", "audit", "replay", "identity")),
+    ("server", ("serve", "tokens")),
 )
 BENCH_TITLE = "bench: load tests"
 # What `torpor --help` says of `bench` when its parser is not built (see build_parser).

@@ -170,7 +170,7 @@ def open_host(args: argparse.Namespace) -> Host:
     from host.tools.sources import dirs_from_env
     from host.trust.credentials import VaultBroker
 
-    store = store_dir(args) if args.command == "run" else existing_store(args)
+    store = store_dir(args) if args.command in ("run", "serve") else existing_store(args)
     tools_dirs = [*(getattr(args, "tools_dir", None) or []), *dirs_from_env()]
     return Host(store, broker=VaultBroker.for_store(store), durability=getattr(args, "durability", None),
                 tools_dirs=tools_dirs, trust_bundle_code=getattr(args, "trust_bundle_code", None) or (),

@@ -203,12 +203,30 @@ class Host:
 
     # -- running agents ------------------------------------------------------------------
     async def run(self, b: Bundle, input: Any = None, *, fuel: int | None = None,
-                  on_behalf_of: str | None = None, priority: int | None = None) -> RunResult:
+                  on_behalf_of: str | None = None, priority: int | None = None,
+                  tenant: str | None = None) -> RunResult:
         """Spawn an agent from a bundle and drive it until it finishes or parks."""
-        agent = await self.lifecycle.spawn(b, input, fuel=fuel, on_behalf_of=on_behalf_of)
-        async with self._slots(agent.bundle, priority):
-            self.lifecycle.begin_run(agent)
-            return await self._drive(agent, lambda: self.guest.start(agent))
+        _, drive = await self.start(b, input, fuel=fuel, on_behalf_of=on_behalf_of, priority=priority,
+                                    tenant=tenant)
+        return await drive()
+
+    async def start(self, b: Bundle, input: Any = None, *, fuel: int | None = None,
+                    on_behalf_of: str | None = None, priority: int | None = None, tenant: str | None = None,
+                    also: Callable[[Any, str], None] | None = None) -> tuple[str, Callable[[], Awaitable[RunResult]]]:
+        """Spawn an agent (its record committed) and return its id with the call that drives it.
+
+        Why split from :meth:`run`: a server answers with the new agent's id as soon as the
+        spawn is durable and drives the agent in the background. ``tenant`` is recorded on
+        the agent (whom a server ran it for); ``also`` adds writes to the spawn's own
+        transaction (see :meth:`~host.runtime.lifecycle.Lifecycle.spawn`)."""
+        agent = await self.lifecycle.spawn(b, input, fuel=fuel, on_behalf_of=on_behalf_of, tenant=tenant, also=also)
+
+        async def drive() -> RunResult:
+            async with self._slots(agent.bundle, priority):
+                self.lifecycle.begin_run(agent)
+                return await self._drive(agent, lambda: self.guest.start(agent))
+
+        return agent.agent_id, drive
 
     async def resume(self, agent_id: str, *, priority: int | None = None) -> RunResult:
         """Continue an agent from its latest checkpoint (after a restart, a crash or a decision).
@@ -273,11 +291,7 @@ class Host:
 
     async def resume_all(self) -> list[RunResult]:
         """Resume every agent that is not finished, not parked, and not owned by a live process."""
-        agents = self.list_agents()
-        for r in agents:
-            if r.get(UNREADABLE):  # list it as corrupt from now on (ps reads summaries, not records)
-                self.lifecycle.park_corrupt(r["agent_id"], r["error"])
-        ids = [r["agent_id"] for r in agents if self.lifecycle.resumable(r)]
+        ids = self.resumable()
         results: list[RunResult] = []
 
         async def one(aid: str) -> None:
@@ -295,6 +309,15 @@ class Host:
                 tg.start_soon(one, aid)
         return results
 
+    def resumable(self) -> list[str]:
+        """The agents :meth:`resume_all` would resume (unfinished, not parked, not driven by a
+        live process), in id order; a record that does not decode is parked corrupt on the way."""
+        agents = self.list_agents()
+        for r in agents:
+            if r.get(UNREADABLE):  # list it as corrupt from now on (ps reads summaries, not records)
+                self.lifecycle.park_corrupt(r["agent_id"], r["error"])
+        return [r["agent_id"] for r in agents if self.lifecycle.resumable(r)]
+
     # -- a person's decisions ------------------------------------------------------------
     def approvals(self) -> list[dict[str, Any]]:
         """Pending approval requests: the call, its arguments and the rule that asked."""
@@ -302,15 +325,24 @@ class Host:
 
     async def approve(self, agent_id: str, *, note: str | None = None, by: str | None = None) -> RunResult:
         """Approve the call an agent waits on, then resume it (the tool runs)."""
-        self._admitted(agent_id)
-        approvals_mod.approve(self.store, agent_id, note=note, by=by, where=self.store_dir)
+        self.decide_approve(agent_id, note=note, by=by)
         return await self.resume(agent_id)
 
     async def deny(self, agent_id: str, *, reason: str, by: str | None = None) -> RunResult:
         """Deny the call an agent waits on, then resume it (the guest sees a denial)."""
+        self.decide_deny(agent_id, reason=reason, by=by)
+        return await self.resume(agent_id)
+
+    def decide_approve(self, agent_id: str, *, note: str | None = None, by: str | None = None) -> None:
+        """Record the approval only (status ``approved``); resuming is the caller's part (a
+        server answers the person at once and resumes the agent in the background)."""
+        self._admitted(agent_id)
+        approvals_mod.approve(self.store, agent_id, note=note, by=by, where=self.store_dir)
+
+    def decide_deny(self, agent_id: str, *, reason: str, by: str | None = None) -> None:
+        """Record the denial only (status ``suspended``); resuming is the caller's part."""
         self._admitted(agent_id)
         approvals_mod.deny(self.store, agent_id, reason=reason, by=by, where=self.store_dir)
-        return await self.resume(agent_id)
 
     async def resolve(self, agent_id: str, *, retry: bool = False, result: Any = None,
                       fail: str | None = None, by: str | None = None) -> RunResult:

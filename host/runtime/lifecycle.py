@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio.to_thread
@@ -67,8 +68,14 @@ class Lifecycle:
         self.owner: Owner = {"pid": os.getpid(), "host": socket.gethostname(), "start": process_start(os.getpid())}
 
     # -- spawn ------------------------------------------------------------------------------
-    async def spawn(self, b: Bundle, input: Any, *, fuel: int | None, on_behalf_of: str | None) -> LiveAgent:
-        """A new agent: its record, input and identity written, ``agent.spawned`` audited."""
+    async def spawn(self, b: Bundle, input: Any, *, fuel: int | None, on_behalf_of: str | None,
+                    tenant: str | None = None, also: Callable[[Any, str], None] | None = None) -> LiveAgent:
+        """A new agent: its record, input and identity written, ``agent.spawned`` audited.
+
+        ``tenant``: whom the agent is run for (a server's operator tenant; recorded, and the
+        ``tenant`` scope of shared limits). ``also(txn, agent_id)``: more writes for the
+        spawn's own transaction (a server's idempotency key, so that a key never names a run the store
+        does not hold, nor a run exists without its key)."""
         if fuel is not None and fuel < 0:
             raise ConfigError("fuel must be a non-negative integer")
         loaded, pre = self.loader.module(b)  # a refused module leaves nothing in the store
@@ -88,7 +95,7 @@ class Lifecycle:
             "created_at": now, "updated_at": now, "finished_at": None, "last_progress": now,
             "stall_timeout": b.policy.budgets.stall_timeout, "principal": on_behalf_of,
             "parent": None, "fuel_limit": fuel, "checkpoints": 0, "snapshot_bytes": 0,
-            "bundle_code": None,
+            "bundle_code": None, **({"tenant": tenant} if tenant is not None else {}),
             "last_checkpoint_bytes": 0, "pending": None, "owner": self.owner, "audit_seq": 0,
             "audit_head": audit.GENESIS,
             "usage": {"fuel_used": 0, "tool_calls": 0, "suspensions": 0, "hibernations": 0,
@@ -106,6 +113,8 @@ class Lifecycle:
         def write(txn: Any) -> None:
             provision(txn)
             txn.put_blob(INPUTS_BUCKET, aid, input_raw)
+            if also is not None:
+                also(txn, aid)
 
         await self.commits.agent(agent, write)
         return agent

@@ -93,6 +93,20 @@ def interrupt_guests() -> None:
             engine.increment_epoch()
 
 
+def request(signum: int) -> None:
+    """Ask the work to end as a signal would, without raising here: for a process whose
+    signals another loop owns (``torpor serve``: uvicorn's handlers), so that running
+    guests trap at their next epoch check and the runtime raises :class:`Interrupted` at
+    its next safe point. :func:`clear` ends the request."""
+    _requested[0] = signum
+    interrupt_guests()
+
+
+def clear() -> None:
+    """Forget a :func:`request` (the work it ended is over)."""
+    _requested[0] = 0
+
+
 def _handle(signum: int, frame: Any) -> None:
     _requested[0] = signum
     interrupt_guests()

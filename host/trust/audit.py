@@ -170,6 +170,38 @@ def append_events(txn: Any, rec: dict[str, Any], events: Iterable[tuple[str, dic
     rec["audit_head"] = head
 
 
+#: Where the head of a host-level chain is kept (in ``HEADS_BUCKET``), by chain id.
+HOST_CHAIN_PREFIX = "chain/"
+
+
+def host_chain(name: str) -> str:
+    """The id of a host-level chain (``host.gateway``: the requests a server refused).
+    Never an agent id (those are ULIDs), so ``torpor audit show host.gateway`` reads it."""
+    return f"host.{name}"
+
+
+def append_host_events(txn: Any, chain: str, events: Iterable[tuple[str, dict[str, Any]]]) -> None:
+    """Seal ``events`` onto a host-level chain: what happened to the host rather than to one
+    agent. Its head lives in ``HEADS_BUCKET`` (no agent record holds it) and is covered by
+    the signed heads like an agent's; the records go through :func:`append_events`."""
+    key = HOST_CHAIN_PREFIX + chain
+    raw = txn.get_blob(HEADS_BUCKET, key)
+    head = (_object(raw) or {}) if raw is not None else {}
+    rec: dict[str, Any] = {"agent_id": chain, "audit_seq": int(head.get("audit_seq") or 0),
+                           "audit_head": str(head.get("audit_head") or GENESIS)}
+    append_events(txn, rec, events)
+    txn.put_blob(HEADS_BUCKET, key, canonical({"audit_seq": rec["audit_seq"], "audit_head": rec["audit_head"]}))
+
+
+def _host_chain_heads(txn: Any) -> dict[str, dict[str, Any]]:
+    """Each host-level chain's head record (``audit_seq``, ``audit_head``), by chain id."""
+    out: dict[str, dict[str, Any]] = {}
+    for k, raw in txn.iter_blobs(HEADS_BUCKET, HOST_CHAIN_PREFIX):
+        head = _object(raw)
+        out[k.removeprefix(HOST_CHAIN_PREFIX)] = head if head is not None else {"audit_seq": -1, "audit_head": ""}
+    return out
+
+
 def _body_hash(rec: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical({k: v for k, v in rec.items() if k != "hash"})).hexdigest()
 
@@ -421,7 +453,8 @@ def seal_head(txn: Any, key: Any, *, now: float | None = None) -> dict[str, Any]
                          "head can be sealed on top of it; restore the store from a copy", code="record_corrupt")
     known: dict[str, list[Any]] = dict(state.get("map") or {})
     changed: dict[str, list[Any]] = {}
-    for rec in txn.iter_agents():
+    chains = [*txn.iter_agents(), *({"agent_id": c, **h} for c, h in _host_chain_heads(txn).items())]
+    for rec in chains:
         seq = int(rec.get("audit_seq") or 0)
         if seq <= 0:
             continue
@@ -590,13 +623,14 @@ def verify_store(store: Any, *, public_keys: Mapping[str, Any] | None = None, ag
                 if agent_id is None or c[1] == agent_id:
                     claims.setdefault(c[1], []).append(c)
         seen: set[str] = set()
+        host_heads = _host_chain_heads(txn)
 
         def check(aid: str, items: list[_Item]) -> None:
             seen.add(aid)
             report.agents += 1
             report.records += len(items)
             report.checkpoints += sum(1 for it in items if it.rec.get("kind") == CHECKPOINT_KIND)
-            rec = txn.get_agent(aid)
+            rec = txn.get_agent(aid) if aid not in host_heads else {"agent_id": aid, **host_heads[aid]}
             if rec is not None and rec.get(UNREADABLE):
                 # Its head is in a record that does not decode: the chain is checked on its own.
                 report.unreadable.append(aid)
@@ -638,6 +672,8 @@ def verify_store(store: Any, *, public_keys: Mapping[str, Any] | None = None, ag
             missing = [a["agent_id"] for a in txn.iter_agents() if int(a.get("audit_seq") or 0) > 0
                        and a["agent_id"] not in seen]
             missing += [a for a in claims if a not in seen and a not in missing]
+            missing += [c for c, h in host_heads.items() if int(h.get("audit_seq") or 0) > 0 and c not in seen
+                        and c not in missing]
         for aid in sorted(missing):
             check(aid, [])
     report.problems.extend(claim_problems[:1])
@@ -943,6 +979,28 @@ def records(store: Any, agent_id: str) -> list[dict[str, Any]]:
     """The agent's audit records in order; one that does not decode is a stand-in (``UNREADABLE_KIND``)."""
     with store.read() as txn:
         return [_record(k, v) for k, v in txn.iter_blobs(BUCKET, f"{agent_id}/")]
+
+
+def records_after(store: Any, agent_id: str, seq: int) -> list[dict[str, Any]]:
+    """The agent's records after sequence number ``seq``, in order: read key by key from
+    ``seq + 1``, so that a follower of a live log reads what is new, not the whole log
+    again. When ``seq + 1`` was pruned away, the records kept after ``seq`` instead."""
+    with store.read() as txn:
+        if seq <= 0:
+            return [_record(k, v) for k, v in txn.iter_blobs(BUCKET, f"{agent_id}/")]
+        out: list[dict[str, Any]] = []
+        n = seq + 1
+        while (raw := txn.get_blob(BUCKET, record_key(agent_id, n))) is not None:
+            out.append(_record(record_key(agent_id, n), raw))
+            n += 1
+        if out:
+            return out
+        first = next(txn.iter_blobs(BUCKET, f"{agent_id}/"), None)
+        tail = first[0].partition("/")[2] if first is not None else ""
+        if not tail.isdigit() or int(tail) <= seq:
+            return []  # nothing new
+        return [r for r in (_record(k, v) for k, v in txn.iter_blobs(BUCKET, f"{agent_id}/"))
+                if isinstance(r.get("seq"), int) and r["seq"] > seq]
 
 
 def _short(h: Any) -> str:

@@ -1,0 +1,79 @@
+"""``/v1/agents``: list, get, inspect, and wait for an agent (long poll), within a tenant.
+
+The bodies are the runtime's query dicts (``list_agents`` rows, ``get_agent``,
+``inspect``), so a client prints the same thing as the CLI on a local store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from host.runtime import Host
+from host.server.gateway import require
+from host.server.inputs import number, owned_agent, tenant_of
+from host.server.responses import json_response
+
+#: Statuses in which an agent still moves on without a person: a wait goes on.
+MOVING = frozenset({"running", "suspended", "approved"})
+#: How often a wait looks at the store even without a word from the scheduler (a change
+#: made by another process on the same store).
+POLL_S = 1.0
+
+
+async def wait_until_stopped(host: Host, scheduler: Any, agent_id: str, timeout: float) -> dict[str, Any]:
+    """The agent's record once it is no longer moving, or as it is after ``timeout`` seconds
+    (or as soon as the server drains)."""
+    deadline = anyio.current_time() + timeout
+    while True:
+        rec = host.get_agent(agent_id)
+        left = deadline - anyio.current_time()
+        if rec.get("status") not in MOVING or left <= 0 or scheduler.draining:
+            return rec
+        await scheduler.changed(agent_id, min(left, POLL_S))
+
+
+class Agents:
+    def __init__(self, host: Host, scheduler: Any, max_wait_s: float) -> None:
+        self.host = host
+        self.scheduler = scheduler
+        self.max_wait_s = max_wait_s
+
+    async def list(self, request: Request) -> Response:
+        """The tenant's agents: ``{"agents": [list_agents rows]}``."""
+        who = require(request, "runs:read")
+        rows = [r for r in self.host.list_agents() if tenant_of(r) == who.tenant]
+        return json_response({"agents": rows})
+
+    async def get(self, request: Request) -> Response:
+        """One agent (``get_agent``)."""
+        who = require(request, "runs:read")
+        return json_response(owned_agent(self.host, request.path_params["agent_id"], who))
+
+    async def inspect(self, request: Request) -> Response:
+        """One agent as ``torpor inspect`` shows it: input and checkpoints too."""
+        who = require(request, "runs:read")
+        aid = request.path_params["agent_id"]
+        owned_agent(self.host, aid, who)
+        return json_response(self.host.inspect(aid))
+
+    async def wait(self, request: Request) -> Response:
+        """Long poll: the agent once it stops moving (``?timeout=S``, default 30, capped)."""
+        who = require(request, "runs:read")
+        aid = request.path_params["agent_id"]
+        owned_agent(self.host, aid, who)
+        timeout = number(request.query_params.get("timeout", "30"), "timeout", low=0, high=self.max_wait_s)
+        return json_response(await wait_until_stopped(self.host, self.scheduler, aid, timeout))
+
+
+def routes(agents: Agents) -> list[Route]:
+    return [
+        Route("/v1/agents", agents.list, methods=["GET"], name="list_agents"),
+        Route("/v1/agents/{agent_id}", agents.get, methods=["GET"], name="get_agent"),
+        Route("/v1/agents/{agent_id}/inspect", agents.inspect, methods=["GET"], name="inspect_agent"),
+        Route("/v1/agents/{agent_id}/wait", agents.wait, methods=["GET"], name="wait_agent"),
+    ]

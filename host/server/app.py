@@ -1,0 +1,176 @@
+"""The server's application: routes, gateway, error answers, and the lifespan that drives agents.
+
+:func:`create_app` builds the Starlette application around a :class:`~host.runtime.Host`.
+Its lifespan opens one anyio task group in which the scheduler drives agents and the
+gateway's refusals are flushed to the audit; at start the scheduler takes over what a
+previous process left; at shutdown it drains (see :mod:`host.server.scheduler`).
+
+:func:`serve` runs it under uvicorn, whose own signal handling stays in charge:
+SIGTERM/SIGINT make uvicorn stop listening and wait for open requests, and our
+:class:`_Server` also tells the application to refuse new work (``503 shutting_down``) and
+to answer long polls and streams at once, so that the drain is not held up by them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from types import FrameType
+
+import anyio
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from host.errors import TorporError
+from host.runtime import Host
+from host.server import agents, approvals, events, openapi, runs
+from host.server import audit as audit_routes
+from host.server.config import ServerConfig
+from host.server.gateway import GatewayMiddleware, RefusalAudit, require
+from host.server.responses import error_body, error_response, json_response
+from host.server.scheduler import Scheduler
+
+_log = logging.getLogger("torpor.server")
+
+
+class ServerState:
+    """What the routes and the lifespan share: the host, the scheduler, readiness."""
+
+    def __init__(self, host: Host, config: ServerConfig) -> None:
+        self.host = host
+        self.config = config
+        self.scheduler = Scheduler(host)
+        self.refusals = RefusalAudit(host.store, config.audit_flush_s)
+        self.ready = False
+        self.taken_over = 0
+
+    @property
+    def draining(self) -> bool:
+        return self.scheduler.draining
+
+
+def _extra_routes(state: ServerState) -> list[BaseRoute]:
+    """Routes of the rooms other helpers own (registry, metrics), when they are present."""
+    found: list[BaseRoute] = []
+    for module in ("host.server.registry_routes", "host.server.metrics"):
+        try:
+            mod = __import__(module, fromlist=["routes"])
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        found.extend(mod.routes(state))
+    return found
+
+
+def create_app(host: Host, *, config: ServerConfig | None = None) -> Starlette:
+    """The ASGI application serving ``host`` (which the caller opens and closes)."""
+    config = config or ServerConfig()
+    state = ServerState(host, config)
+    sched = state.scheduler
+    run_api = runs.Runs(host, sched, config.max_wait_s)
+    agent_api = agents.Agents(host, sched, config.max_wait_s)
+    approval_api = approvals.Approvals(host, sched)
+    event_api = events.Events(host, sched)
+    audit_api = audit_routes.Audit(host)
+
+    async def healthz(request: Request) -> Response:
+        """Liveness: the process answers."""
+        return json_response({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        """Readiness: taking work (503 while starting or draining)."""
+        if state.draining:
+            return json_response(error_body("shutting_down", "the server is shutting down"), 503)
+        if not state.ready:
+            return json_response(error_body("starting", "the server is starting"), 503)
+        return json_response({"status": "ready", "agents_running": len(sched.active)})
+
+    routes: list[BaseRoute] = [
+        Route("/healthz", healthz, methods=["GET"], name="healthz"),
+        Route("/readyz", readyz, methods=["GET"], name="readyz"),
+        *runs.routes(run_api), *agents.routes(agent_api), *events.routes(event_api),
+        *approvals.routes(approval_api), *audit_routes.routes(audit_api),
+        *_extra_routes(state),
+    ]
+
+    async def openapi_json(request: Request) -> Response:
+        """This document: the API as the routes define it."""
+        require(request, "runs:read")
+        return json_response(openapi.document(app.routes))
+
+    routes.append(Route("/openapi.json", openapi_json, methods=["GET"], name="openapi"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tg:
+            sched.attach(tg)
+            tg.start_soon(state.refusals.run)
+            tg.start_soon(sched.timers)
+            state.taken_over = sched.take_over()
+            if state.taken_over:
+                _log.info("took over %d agents a previous process left", state.taken_over)
+            state.ready = True
+            try:
+                yield
+            finally:
+                state.ready = False
+                await sched.drain(config.drain_timeout)
+                await state.refusals.flush()
+                tg.cancel_scope.cancel()
+
+    async def torpor_error(request: Request, exc: Exception) -> Response:
+        return error_response(exc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_input")
+        return json_response(error_body(code, str(exc.detail)), exc.status_code)
+
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={TorporError: torpor_error, HTTPException: http_error,
+                                        Exception: torpor_error})
+    app.state.server = state
+    app.state.refusals = state.refusals
+    app.state.events = event_api
+    app.add_middleware(GatewayMiddleware, store=host.store, config=config, refusals=state.refusals,
+                       draining=lambda: state.draining)
+    return app
+
+
+def begin_drain(app: Starlette) -> None:
+    """Refuse new work and answer waiters now (the first step of a SIGTERM)."""
+    app.state.server.scheduler.begin_drain()
+
+
+def serve(app: Starlette, *, host: str, port: int, log_level: str = "warning",
+          graceful_timeout: int = 5) -> int:
+    """Run ``app`` under uvicorn until SIGTERM/SIGINT, then drain; 0 once drained."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=graceful_timeout, access_log=False)
+    server = _Server(config, app)
+    server.run()
+    return 0 if server.started else 1
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, whose signal handler also starts the application's drain."""
+
+    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+        super().__init__(config)
+        self.torpor_app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        # A drained server exits 0 rather than re-raising the signal once it is done.
+        self._captured_signals.clear()
+        state = self.torpor_app.state.server
+        state.scheduler.draining = True  # refuse new requests from now on
+        with contextlib.suppress(RuntimeError):  # no loop running: nobody waits yet
+            asyncio.get_running_loop().call_soon_threadsafe(state.scheduler.wake_all)

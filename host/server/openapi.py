@@ -1,0 +1,92 @@
+"""``GET /openapi.json``: the API described from the routes themselves.
+
+Each route's path, method and name come from the Starlette router, its summary from the
+endpoint's docstring, and what it needs (scope, body, answers) from :data:`DETAILS`, keyed
+by route name; a route without an entry there is described with what the router knows,
+so the document never omits a route, and a test compares the two.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from starlette.routing import BaseRoute, Mount, Route
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+_PARAM = re.compile(r"{([^}:]+)(?::[^}]+)?}")
+
+#: name -> (scope, request body schema or None, status of success)
+DETAILS: dict[str, tuple[str | None, dict[str, Any] | None, int]] = {
+    "create_run": ("runs:write", {
+        "type": "object", "required": ["agent"],
+        "properties": {"agent": {"type": "string", "description": "name, name@tag or sha256:<hex>"},
+                       "input": {"description": "the agent's input (JSON)"},
+                       "fuel": {"type": "integer", "minimum": 0},
+                       "wait": {"type": "number", "minimum": 0, "description": "seconds to wait for the agent"}}},
+        201),
+    "list_agents": ("runs:read", None, 200),
+    "get_agent": ("runs:read", None, 200),
+    "inspect_agent": ("runs:read", None, 200),
+    "wait_agent": ("runs:read", None, 200),
+    "agent_events": ("runs:read", None, 200),
+    "list_approvals": ("runs:read", None, 200),
+    "approve_agent": ("approvals:write", {"type": "object", "properties": {"note": {"type": "string"}}}, 200),
+    "deny_agent": ("approvals:write", {"type": "object", "required": ["reason"],
+                                       "properties": {"reason": {"type": "string"}}}, 200),
+    "agent_audit": ("runs:read", None, 200),
+    "verify_agent_audit": ("runs:read", None, 200),
+    "healthz": (None, None, 200),
+    "readyz": (None, None, 200),
+    "openapi": ("runs:read", None, 200),
+}
+
+
+def _flatten(routes: list[BaseRoute], prefix: str = "") -> list[Route]:
+    out: list[Route] = []
+    for r in routes:
+        if isinstance(r, Route):
+            if prefix:
+                r = Route(prefix + r.path, r.endpoint, methods=list(r.methods or ()), name=r.name)
+            out.append(r)
+        elif isinstance(r, Mount):
+            out.extend(_flatten(list(r.routes), prefix + r.path))
+    return out
+
+
+def document(routes: list[BaseRoute], *, version: str = "0.1.0") -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``routes``."""
+    paths: dict[str, dict[str, Any]] = {}
+    for route in _flatten(routes):
+        scope, body, ok = DETAILS.get(route.name, ("runs:read", None, 200))
+        doc = (route.endpoint.__doc__ or route.name).strip().splitlines()[0]
+        for method in sorted(m for m in (route.methods or ()) if m != "HEAD"):
+            op: dict[str, Any] = {
+                "operationId": route.name, "summary": doc,
+                "parameters": [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                               for p in _PARAM.findall(route.path)],
+                "responses": {str(ok): {"description": "success"},
+                              "default": {"description": "an error",
+                                          "content": {"application/json": {"schema": ERROR}}}},
+            }
+            if scope is None:
+                op["security"] = []
+            else:
+                op["x-torpor-scope"] = scope
+            if body is not None:
+                op["requestBody"] = {"required": "required" in body,
+                                     "content": {"application/json": {"schema": body}}}
+            paths.setdefault(route.path, {})[method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Torpor", "version": version,
+                 "description": "Start, watch and decide sandboxed agents (`torpor serve`)."},
+        "paths": dict(sorted(paths.items())),
+        "components": {
+            "securitySchemes": {"operatorToken": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}}},
+        },
+        "security": [{"operatorToken": []}],
+    }

@@ -1,0 +1,154 @@
+"""``POST /v1/runs``: start an agent, once per idempotency key.
+
+The agent is named by ``name``, ``name@tag`` (through the registry, per tenant) or
+``sha256:<hex>`` (a bundle the store holds). The spawn is committed before the answer
+(``201`` and the agent), and the agent is driven in the background by the scheduler;
+with ``wait`` the answer comes when it stops running or the wait ends.
+
+Idempotency: an ``Idempotency-Key`` is stored in the spawn's own transaction, keyed by
+tenant and the key's hash, with a fingerprint of the request (agent, input, fuel). The
+same key and request again answer the same agent (``200``); the same key with another
+request is ``409 idempotency_conflict``. Requests with one key are serialised in the
+process, and the key is durable with the run, so a retry after a crash or a timeout
+finds the run it started and never starts a second one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from host.errors import BundleNotFound, IdempotencyConflict, InvalidInput, TorporError
+from host.runtime import Host
+from host.sandbox.bundle import Bundle
+from host.server import agents as agents_routes
+from host.server.gateway import require
+from host.server.inputs import json_object, number, owned_agent
+from host.server.responses import json_response
+from host.trust import audit
+
+IDEMPOTENCY_BUCKET = "server"
+_DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
+_KEY_MAX = 256
+
+
+def resolve(host: Host, ref: str, tenant: str) -> Bundle:
+    """The bundle a run names: through the registry when the host has one, else a digest."""
+    registry = getattr(host, "registry", None)
+    m = _DIGEST.match(ref)
+    if registry is not None and m is None:
+        digest = str(registry.resolve(ref, tenant=tenant))
+    elif m is not None:
+        digest = m.group(1)
+    else:
+        raise BundleNotFound(f"no bundle {ref!r}: name one by its digest, sha256:<64 hex digits>")
+    digest = digest.removeprefix("sha256:")
+    try:
+        return host.bundle_by_digest(digest)
+    except TorporError as exc:
+        if exc.code == "bundle_missing":
+            raise BundleNotFound(f"no bundle {ref!r} in this server's store") from None
+        raise
+
+
+def _key_name(tenant: str, key: str) -> str:
+    return f"idem/{tenant}/{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()}"
+
+
+def _stored_key(host: Host, name: str) -> dict[str, Any] | None:
+    with host.store.read() as txn:
+        raw = txn.get_blob(IDEMPOTENCY_BUCKET, name)
+    if raw is None:
+        return None
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+class Runs:
+    """Starts runs for the server; holds the in-process lock of each idempotency key in use."""
+
+    def __init__(self, host: Host, scheduler: Any, max_wait_s: float) -> None:
+        self.host = host
+        self.scheduler = scheduler
+        self.max_wait_s = max_wait_s
+        self._locks: dict[str, tuple[anyio.Lock, int]] = {}
+
+    async def create(self, request: Request) -> Response:
+        """Start a run: body ``{"agent", "input"?, "fuel"?, "wait"?}``, header ``Idempotency-Key``."""
+        who = require(request, "runs:write")
+        body = await json_object(request)
+        ref = body.get("agent")
+        if not isinstance(ref, str) or not ref or len(ref) > 512:
+            raise InvalidInput("'agent' must name the agent to run: name, name@tag or sha256:<digest>")
+        payload = body.get("input", {})
+        fuel = body.get("fuel")
+        if fuel is not None and (isinstance(fuel, bool) or not isinstance(fuel, int) or fuel < 0):
+            raise InvalidInput("'fuel' must be a non-negative integer")
+        wait = None if body.get("wait") is None else number(body["wait"], "'wait'", low=0, high=self.max_wait_s)
+        key = request.headers.get("idempotency-key")
+        if key is not None and (not key or len(key) > _KEY_MAX or not key.isprintable()):
+            raise InvalidInput(f"Idempotency-Key must be 1-{_KEY_MAX} printable characters")
+        b = resolve(self.host, ref, who.tenant)
+        fingerprint = audit.digest({"agent": ref, "digest": b.digest, "input": payload, "fuel": fuel})
+        if key is None:
+            agent_id = await self._start(b, payload, fuel, who.tenant, None)
+            status = 201
+        else:
+            agent_id, status = await self._start_once(b, payload, fuel, who.tenant, key, fingerprint)
+        if wait:
+            await agents_routes.wait_until_stopped(self.host, self.scheduler, agent_id, wait)
+        return json_response(owned_agent(self.host, agent_id, who), status)
+
+    async def _start(self, b: Bundle, payload: Any, fuel: int | None, tenant: str,
+                     key: tuple[str, str] | None) -> str:
+        also = None
+        if key is not None:
+            name, fingerprint = key
+
+            def also(txn: Any, agent_id: str) -> None:  # in the spawn's own transaction
+                txn.put_blob(IDEMPOTENCY_BUCKET, name, json.dumps(
+                    {"fingerprint": fingerprint, "agent_id": agent_id, "t": time.time()}).encode())
+        try:
+            agent_id, drive = await self.host.start(b, payload, fuel=fuel, tenant=tenant, also=also)
+        except TorporError as exc:
+            if exc.code == "invalid_config" and "input" in str(exc):  # the spawn's check of the input
+                raise InvalidInput(str(exc)) from None
+            raise
+        self.scheduler.drive(agent_id, drive)
+        return agent_id
+
+    async def _start_once(self, b: Bundle, payload: Any, fuel: int | None, tenant: str, key: str,
+                          fingerprint: str) -> tuple[str, int]:
+        name = _key_name(tenant, key)
+        lock, users = self._locks.get(name, (anyio.Lock(), 0))
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                found = _stored_key(self.host, name)
+                if found is not None:
+                    if found.get("fingerprint") != fingerprint:
+                        raise IdempotencyConflict("this Idempotency-Key was used for a different request "
+                                                  "(another agent, input or fuel); use a new key")
+                    return str(found["agent_id"]), 200
+                return await self._start(b, payload, fuel, tenant, (name, fingerprint)), 201
+        finally:
+            lock, users = self._locks[name]
+            if users <= 1:
+                del self._locks[name]
+            else:
+                self._locks[name] = (lock, users - 1)
+
+
+def routes(runs: Runs) -> list[Route]:
+    return [Route("/v1/runs", runs.create, methods=["POST"], name="create_run")]

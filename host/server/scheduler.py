@@ -1,0 +1,224 @@
+"""The scheduler: which agents this server drives, and when.
+
+It drives every agent in the background of the server's one task group:
+
+* runs started over HTTP (:meth:`Scheduler.drive`);
+* agents a person decided (approve, deny: :meth:`Scheduler.resume`);
+* at start, every agent a previous process left (``Host.resumable``: running, suspended,
+  approved, not driven by a live process), so a SIGKILL loses nothing and, the runtime's
+  journal being what it is, runs no recorded tool call twice;
+* waits that end at a time: a wake-up is a durable entry in the store (bucket ``server``,
+  ``wake/<time>/<agent>``), written by :meth:`Scheduler.wake_at`, so that an agent parked
+  until a time (a durable sleep, a long rate-limit back-off) is hibernated, holds nothing
+  in memory, and is resumed by whichever server runs on the store when its time comes.
+  Today's runtime answers a rate limit to the guest at once and has no durable sleep, so
+  nothing in it calls ``wake_at`` yet; the seam is here, tested, for those that will.
+
+Anyone who waits on an agent (a long poll, an event stream) is woken by
+:meth:`Scheduler.changed` when a drive of that agent ends, and looks at the store again.
+
+On SIGTERM, :meth:`Scheduler.drain` starts no more drives, lets the running ones end or
+park for ``drain_timeout``, then interrupts the rest at their next safe point
+(:func:`host.sandbox.interrupts.request`): each is left at its last checkpoint, in the
+store, for the next server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from host.errors import AgentNotFound, AgentStateError
+from host.runtime import Host, RunResult
+from host.sandbox import interrupts
+
+_log = logging.getLogger("torpor.server")
+
+WAKE_BUCKET = "server"
+WAKE_PREFIX = "wake/"
+#: How long the timer loop sleeps at most before it looks at the store again (a wake-up
+#: written by another process on the same store is found within this).
+TIMER_POLL_S = 1.0
+
+
+def wake_key(at: float, agent_id: str) -> str:
+    """Sortable by time: ``wake/<seconds, zero-padded>/<agent id>``."""
+    return f"{WAKE_PREFIX}{at:020.6f}/{agent_id}"
+
+
+@dataclass
+class _Waiters:
+    event: anyio.Event = field(default_factory=anyio.Event)
+    count: int = 0
+
+
+class Scheduler:
+    """Background drives of one host's agents (see the module docstring)."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.draining = False
+        self.active: dict[str, int] = {}  # agent id -> drives in flight
+        self.started = 0  # drives started, over the server's life
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._waiters: dict[str, _Waiters] = {}
+        self._timer_wake = anyio.Event()
+
+    # -- the task group -------------------------------------------------------------------
+    def attach(self, tg: anyio.abc.TaskGroup) -> None:
+        """The task group drives run in (the server's lifespan owns it)."""
+        self._tg = tg
+
+    def take_over(self) -> int:
+        """Resume, in the background, every agent a previous process left; how many."""
+        ids = self.host.resumable()
+        for aid in ids:
+            self.resume(aid)
+        return len(ids)
+
+    # -- driving agents -------------------------------------------------------------------
+    def drive(self, agent_id: str, fn: Callable[[], Awaitable[RunResult]]) -> bool:
+        """Run ``fn`` (a spawn's drive, a resume) in the background; False once draining
+        (the agent stays as the store has it, for the next server to take over)."""
+        if self.draining or self._tg is None:
+            return False
+        self.active[agent_id] = self.active.get(agent_id, 0) + 1
+        self.started += 1
+        if self._idle.is_set():
+            self._idle = anyio.Event()
+        self._tg.start_soon(self._guard, agent_id, fn, name=f"agent {agent_id}")
+        return True
+
+    def resume(self, agent_id: str) -> bool:
+        """Resume the agent in the background (a decision was recorded, its time came, or it was left)."""
+        return self.drive(agent_id, lambda: self.host.resume(agent_id))
+
+    async def _guard(self, agent_id: str, fn: Callable[[], Awaitable[RunResult]]) -> None:
+        """One drive, whose errors end here: the agent's own are in its record already."""
+        try:
+            await fn()
+        except (AgentStateError, AgentNotFound) as exc:  # someone else drove or decided it meanwhile
+            _log.info("agent %s not driven: %s", agent_id, exc)
+        except interrupts.Interrupted:  # drained: left at its last checkpoint
+            _log.info("agent %s interrupted by the drain; it resumes from its last checkpoint", agent_id)
+        except Exception:  # a store that cannot be written, a host bug: logged, the server goes on
+            _log.exception("driving agent %s failed", agent_id)
+        finally:
+            n = self.active.get(agent_id, 1) - 1
+            if n > 0:
+                self.active[agent_id] = n
+            else:
+                self.active.pop(agent_id, None)
+            if not self.active:
+                self._idle.set()
+            self.notify(agent_id)
+
+    # -- who waits on an agent --------------------------------------------------------------
+    def notify(self, agent_id: str) -> None:
+        """Wake whoever waits on ``agent_id`` (they read the store again)."""
+        w = self._waiters.pop(agent_id, None)
+        if w is not None:
+            w.event.set()
+
+    def wake_all(self) -> None:
+        """Wake every waiter (the server is draining: long polls answer now)."""
+        for aid in list(self._waiters):
+            self.notify(aid)
+
+    async def changed(self, agent_id: str, timeout: float) -> None:
+        """Return when a drive of ``agent_id`` ends, or after ``timeout`` seconds."""
+        w = self._waiters.get(agent_id)
+        if w is None:
+            w = self._waiters[agent_id] = _Waiters()
+        w.count += 1
+        try:
+            with anyio.move_on_after(max(0.0, timeout)):
+                await w.event.wait()
+        finally:
+            w.count -= 1
+            if w.count == 0 and self._waiters.get(agent_id) is w:
+                del self._waiters[agent_id]
+
+    # -- waits that end at a time ------------------------------------------------------------
+    async def wake_at(self, agent_id: str, at: float, *, reason: str) -> None:
+        """Resume ``agent_id`` at Unix time ``at`` (durably: a restart keeps the appointment)."""
+        value = json.dumps({"agent_id": agent_id, "at": at, "reason": reason}).encode()
+
+        def write(txn: Any) -> None:
+            txn.put_blob(WAKE_BUCKET, wake_key(at, agent_id), value)
+
+        await anyio.to_thread.run_sync(self.host.store.transact, write)
+        self._timer_wake.set()
+
+    def wakeups(self) -> list[dict[str, Any]]:
+        """The appointments in the store, earliest first."""
+        out = []
+        with self.host.store.read() as txn:
+            for key, raw in txn.iter_blobs(WAKE_BUCKET, WAKE_PREFIX):
+                try:
+                    entry = json.loads(raw)
+                except ValueError:
+                    entry = None
+                if isinstance(entry, dict):
+                    out.append({**entry, "key": key})
+                else:  # damaged: dropped by the loop, once, with a log line
+                    out.append({"key": key, "agent_id": None, "at": 0.0})
+        return out
+
+    async def timers(self) -> None:
+        """Resume each agent whose wake-up time has come; until cancelled."""
+        while True:
+            now = time.time()
+            due = [w for w in self.wakeups() if float(w.get("at") or 0) <= now]
+            if due and not self.draining:
+                def delete(txn: Any, keys: list[str] = [w["key"] for w in due]) -> None:  # noqa: B006
+                    for k in keys:
+                        txn.delete_blob(WAKE_BUCKET, k)
+
+                # Deleted before the resume: a crash between the two leaves the agent
+                # suspended, which the next server's take-over resumes anyway.
+                await anyio.to_thread.run_sync(self.host.store.transact, delete)
+                for w in due:
+                    if w.get("agent_id"):
+                        self.resume(str(w["agent_id"]))
+                    else:
+                        _log.warning("dropped a wake-up that does not decode: %s", w["key"])
+                continue
+            pending = self.wakeups()
+            sleep = TIMER_POLL_S if not pending else min(TIMER_POLL_S, max(0.0, float(pending[0]["at"]) - now))
+            self._timer_wake = anyio.Event()
+            with anyio.move_on_after(sleep):
+                await self._timer_wake.wait()
+
+    # -- draining ---------------------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        """Start no more drives; answer every waiter now."""
+        self.draining = True
+        self.wake_all()
+
+    async def drain(self, grace_s: float) -> None:
+        """Let running drives end or park for ``grace_s``, then interrupt what still runs at its
+        next safe point (left at its last checkpoint), then cancel what waits on I/O."""
+        self.begin_drain()
+        with anyio.move_on_after(grace_s):
+            await self._idle.wait()
+        if self._idle.is_set():
+            return
+        _log.warning("drain: interrupting %d agents still running after %.1fs", len(self.active), grace_s)
+        interrupts.request(signal.SIGTERM)
+        try:
+            with anyio.move_on_after(max(2.0, grace_s / 2)):
+                await self._idle.wait()
+        finally:
+            interrupts.clear()

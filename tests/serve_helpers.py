@@ -1,0 +1,112 @@
+"""A real ``torpor serve`` for the server tests: uvicorn on a free port of 127.0.0.1, in a
+thread of the test process (:class:`InProcessServer`) or as a ``torpor serve`` process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from host.runtime import Host
+from host.sandbox import bundle as bundle_mod
+from host.server.app import create_app
+from host.server.config import ServerConfig
+from host.trust import operator_tokens
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def register(store: Path, *bundle_files: Path) -> list[str]:
+    """Put bundles into a store (as a push would) and return their ``sha256:`` refs."""
+    refs = []
+    with Host(store) as host:
+        for f in bundle_files:
+            b = bundle_mod.load(f)
+            host.register_bundle(b)
+            refs.append(f"sha256:{b.digest}")
+    return refs
+
+
+def token(store: Any, tenant: str = "acme", *scopes: str, **kw: Any) -> str:
+    """A new operator token's secret (``store``: an open store or a store directory)."""
+    if isinstance(store, Path):
+        from snapshots.lmdb_store import LmdbStore
+
+        (store / "db").mkdir(parents=True, exist_ok=True)
+        s = LmdbStore.open(store / "db")
+        try:
+            return operator_tokens.create(s, tenant=tenant, scopes=list(scopes or ("admin",)), **kw)[0]
+        finally:
+            s.close()
+    return operator_tokens.create(store, tenant=tenant, scopes=list(scopes or ("admin",)), **kw)[0]
+
+
+def auth(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+class InProcessServer:
+    """uvicorn serving ``create_app(Host(store))`` in a thread; ``url`` once started."""
+
+    def __init__(self, store: Path, config: ServerConfig | None = None, **host_kw: Any) -> None:
+        import uvicorn
+
+        self.host = Host(store, **host_kw)
+        self.app = create_app(self.host, config=config)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, lifespan="on",
+                                                    log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> InProcessServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+        self.host.close()
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.server
+
+
+def start_process(store: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """``torpor serve`` as a real process on a free port; returns it once ``/healthz`` answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "host.cli", "serve", "--store", str(store), "--listen",
+                             f"127.0.0.1:{port}", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            _, err = proc.communicate()
+            raise RuntimeError(f"torpor serve exited {proc.returncode}: {err.decode()[-2000:]}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("torpor serve did not become ready")
+        time.sleep(0.05)
