@@ -109,21 +109,24 @@ def create_app(host: Host, *, config: ServerConfig | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with anyio.create_task_group() as tg:
-            sched.attach(tg)
-            tg.start_soon(state.refusals.run)
-            tg.start_soon(sched.timers)
-            state.taken_over = sched.take_over()
-            if state.taken_over:
-                _log.info("took over %d agents a previous process left", state.taken_over)
-            state.ready = True
-            try:
-                yield
-            finally:
-                state.ready = False
-                await sched.drain(config.drain_timeout)
-                await state.refusals.flush()
-                tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                sched.attach(tg)
+                tg.start_soon(state.refusals.run)
+                tg.start_soon(sched.timers)
+                state.taken_over = sched.take_over()
+                if state.taken_over:
+                    _log.info("took over %d agents a previous process left", state.taken_over)
+                state.ready = True
+                try:
+                    yield
+                finally:
+                    state.ready = False
+                    await sched.drain(config.drain_timeout)
+                    await state.refusals.flush()
+                    tg.cancel_scope.cancel()  # what still waits (a tool's I/O) stays at its last commit
+        finally:
+            sched.end_interrupt()  # every drive has ended: none can take the interrupt for a deadline
 
     async def torpor_error(request: Request, exc: Exception) -> Response:
         return error_response(exc)

@@ -67,6 +67,7 @@ class Scheduler:
     def __init__(self, host: Host) -> None:
         self.host = host
         self.draining = False
+        self.interrupted = False  # the drain asked running guests to stop at a safe point
         self.active: dict[str, int] = {}  # agent id -> drives in flight
         self.started = 0  # drives started, over the server's life
         self._tg: anyio.abc.TaskGroup | None = None
@@ -216,9 +217,15 @@ class Scheduler:
         if self._idle.is_set():
             return
         _log.warning("drain: interrupting %d agents still running after %.1fs", len(self.active), grace_s)
+        # Cleared by the caller once no drive is left (end_interrupt): a segment still in
+        # wasm that saw the flag gone would take its interrupt trap for a deadline.
+        self.interrupted = True
         interrupts.request(signal.SIGTERM)
-        try:
-            with anyio.move_on_after(max(2.0, grace_s / 2)):
-                await self._idle.wait()
-        finally:
+        with anyio.move_on_after(max(2.0, grace_s / 2)):
+            await self._idle.wait()
+
+    def end_interrupt(self) -> None:
+        """Forget the drain's interrupt, once every drive has ended (the task group is closed)."""
+        if self.interrupted:
             interrupts.clear()
+            self.interrupted = False
