@@ -120,11 +120,11 @@ def test_sigterm_drains_every_agent_completed_or_hibernated(bundles: BundleFacto
     store = tmp_path / "store"
     [steps] = register(store, bundles.example("steps"))
     secret = token(store, "acme", "runs:write", "runs:read")
-    n = 5000
-    proc, url = start_process(store, "--durability", "process", "--drain-timeout", "0.5")
+    n = 2500  # 8 agents of it take seconds (and stay within steps' 30 s wall-clock budget per run)
+    proc, url = start_process(store, "--durability", "process", "--drain-timeout", "0.2")
     responses = anyio.run(lambda: _post_all(url, secret, [{"agent": steps, "input": {"n": n}}] * 8, limit=8))
     assert [r.status_code for r in responses] == [201] * 8
-    time.sleep(0.5)  # under way
+    time.sleep(0.3)  # under way
     proc.send_signal(signal.SIGTERM)
     try:  # a request during the drain is refused as such (or finds the listener closed)
         r = httpx.get(url + "/v1/agents", headers=auth(secret), timeout=10)
