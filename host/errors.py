@@ -143,3 +143,10 @@ class ShuttingDown(TorporError):
     """The server is draining (SIGTERM): it takes no new work."""
 
     code = "shutting_down"
+
+
+class InvalidReference(ConfigError):
+    """A registry name, tag, tenant or reference (``name``, ``name@tag``, ``sha256:<hex>``)
+    that is not well formed."""
+
+    code = "invalid_reference"

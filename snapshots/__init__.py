@@ -31,6 +31,7 @@ from .errors import (
 from .store import (
     BLOB_BUCKETS,
     INPUTS_BUCKET,
+    REGISTRY_BUCKET,
     AgentStore,
     CheckpointInfo,
     Outcome,
@@ -89,6 +90,7 @@ __all__ = [
     "DURABILITY_LEVELS",
     "FORMAT_VERSION",
     "INPUTS_BUCKET",
+    "REGISTRY_BUCKET",
     "SUPPORTED_VERSIONS",
     "AgentStore",
     "CheckpointExists",

@@ -24,6 +24,7 @@ from .summary import AgentSummary
 __all__ = [
     "BLOB_BUCKETS",
     "INPUTS_BUCKET",
+    "REGISTRY_BUCKET",
     "SEALED_BUCKETS",
     "AgentStore",
     "CheckpointInfo",
@@ -35,18 +36,23 @@ __all__ = [
 T = TypeVar("T")
 
 #: Named buckets for opaque blobs (agent bundles, audit records, approvals, host
-#: metadata, agents' inputs). Adding a bucket is adding its name here.
+#: metadata, agents' inputs, the registry of named bundle versions). Adding a bucket is
+#: adding its name here.
 BLOB_BUCKETS: tuple[str, ...] = ("bundles", "audit", "approvals", "meta", "identity", "revocations", "audit_heads",
-                                 "inputs", "operator_tokens", "server")
+                                 "inputs", "operator_tokens", "server", "registry")
 #: The bucket holding each agent's input, by agent id: written once at spawn, apart from
 #: the agent record that every commit rewrites; ``delete_agent(purge=True)`` removes it.
 INPUTS_BUCKET = "inputs"
-#: The buckets whose values are read back into agents (their bundles, their inputs): the
+#: The bucket of the registry (``host.runtime.registry``): names, their versions and tags,
+#: per tenant. Its values choose which bundle a run by name starts, so they are sealed.
+REGISTRY_BUCKET = "registry"
+#: The buckets whose values are read back into agents (their bundles, their inputs, the
+#: registry entries that choose a run's bundle): the
 #: store seals each value with a digest and checks it at every read (``snapshots.sealed``),
 #: as it does for journal entries and kv values. A value that does not match raises
 #: RecordCorrupt. The other buckets are the host's own records, checked by their readers
 #: (the audit log is a signed hash chain).
-SEALED_BUCKETS = frozenset({"bundles", INPUTS_BUCKET})
+SEALED_BUCKETS = frozenset({"bundles", INPUTS_BUCKET, REGISTRY_BUCKET})
 #: The mark of an agent record that is in the store but does not decode: reads give a
 #: stand-in with this key set, ``status`` "corrupt" and an ``error`` naming the problem,
 #: so that one damaged record never stops a listing; writes of a stand-in are refused,

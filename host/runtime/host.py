@@ -40,6 +40,7 @@ from host.runtime.guest import GuestRunner
 from host.runtime.lifecycle import Lifecycle
 from host.runtime.loader import BundleLoader, limits_for
 from host.runtime.pools import PriorityPool, slots
+from host.runtime.registry import DEFAULT_TENANT, Registry
 from host.runtime.tool_call import Ended, Parked, ToolCallPipeline
 from host.sandbox import validate
 from host.sandbox.bundle import Bundle
@@ -152,6 +153,7 @@ class Host:
         self.calls = ToolCallPipeline(self.store, self.commits, self.guest, self.broker)
         self.lifecycle = Lifecycle(self.store, self.store_dir, self.loader, self.commits, self.guest,
                                    self.identity, self.heads, self.broker)
+        self.registry = Registry(self.store)  # named, versioned, tagged bundles (`torpor push`)
 
     # -- context management ---------------------------------------------------
     def __enter__(self) -> Host:
@@ -204,22 +206,27 @@ class Host:
     # -- running agents ------------------------------------------------------------------
     async def run(self, b: Bundle, input: Any = None, *, fuel: int | None = None,
                   on_behalf_of: str | None = None, priority: int | None = None,
-                  tenant: str | None = None) -> RunResult:
-        """Spawn an agent from a bundle and drive it until it finishes or parks."""
+                  tenant: str | None = None, started_as: Mapping[str, Any] | None = None) -> RunResult:
+        """Spawn an agent from a bundle and drive it until it finishes or parks.
+
+        ``started_as``: the registry reference that named the bundle (see :meth:`run_ref`)."""
         _, drive = await self.start(b, input, fuel=fuel, on_behalf_of=on_behalf_of, priority=priority,
-                                    tenant=tenant)
+                                    tenant=tenant, started_as=started_as)
         return await drive()
 
     async def start(self, b: Bundle, input: Any = None, *, fuel: int | None = None,
                     on_behalf_of: str | None = None, priority: int | None = None, tenant: str | None = None,
-                    also: Callable[[Any, str], None] | None = None) -> tuple[str, Callable[[], Awaitable[RunResult]]]:
+                    also: Callable[[Any, str], None] | None = None, started_as: Mapping[str, Any] | None = None,
+                    ) -> tuple[str, Callable[[], Awaitable[RunResult]]]:
         """Spawn an agent (its record committed) and return its id with the call that drives it.
 
         Why split from :meth:`run`: a server answers with the new agent's id as soon as the
         spawn is durable and drives the agent in the background. ``tenant`` is recorded on
         the agent (whom a server ran it for); ``also`` adds writes to the spawn's own
-        transaction (see :meth:`~host.runtime.lifecycle.Lifecycle.spawn`)."""
-        agent = await self.lifecycle.spawn(b, input, fuel=fuel, on_behalf_of=on_behalf_of, tenant=tenant, also=also)
+        transaction (see :meth:`~host.runtime.lifecycle.Lifecycle.spawn`); ``started_as``:
+        the registry reference that named the bundle (:meth:`~host.runtime.registry.Registry.lookup`)."""
+        agent = await self.lifecycle.spawn(b, input, fuel=fuel, on_behalf_of=on_behalf_of, tenant=tenant, also=also,
+                                           started_as=started_as)
 
         async def drive() -> RunResult:
             async with self._slots(agent.bundle, priority):
@@ -227,6 +234,19 @@ class Host:
                 return await self._drive(agent, lambda: self.guest.start(agent))
 
         return agent.agent_id, drive
+
+    async def run_ref(self, ref: str, input: Any = None, *, tenant: str = DEFAULT_TENANT, fuel: int | None = None,
+                      on_behalf_of: str | None = None, priority: int | None = None) -> RunResult:
+        """Run the bundle a registry reference names now (``procurement@production``,
+        ``procurement``, ``sha256:<hex>``; see :mod:`host.runtime.registry`).
+
+        The reference is resolved once, here: the agent records the digest it got and the
+        reference it was started as, and keeps that digest whatever the tag does later.
+        """
+        resolved = self.registry.lookup(ref, tenant=tenant)
+        b = self.bundle_by_digest(resolved.digest)
+        return await self.run(b, input, fuel=fuel, on_behalf_of=on_behalf_of, priority=priority, tenant=tenant,
+                              started_as=resolved.to_dict())
 
     async def resume(self, agent_id: str, *, priority: int | None = None) -> RunResult:
         """Continue an agent from its latest checkpoint (after a restart, a crash or a decision).

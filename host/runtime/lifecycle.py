@@ -14,7 +14,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio.to_thread
@@ -69,13 +69,17 @@ class Lifecycle:
 
     # -- spawn ------------------------------------------------------------------------------
     async def spawn(self, b: Bundle, input: Any, *, fuel: int | None, on_behalf_of: str | None,
-                    tenant: str | None = None, also: Callable[[Any, str], None] | None = None) -> LiveAgent:
+                    tenant: str | None = None, also: Callable[[Any, str], None] | None = None,
+                    started_as: Mapping[str, Any] | None = None) -> LiveAgent:
         """A new agent: its record, input and identity written, ``agent.spawned`` audited.
 
         ``tenant``: whom the agent is run for (a server's operator tenant; recorded, and the
         ``tenant`` scope of shared limits). ``also(txn, agent_id)``: more writes for the
         spawn's own transaction (a server's idempotency key, so that a key never names a run the store
-        does not hold, nor a run exists without its key)."""
+        does not hold, nor a run exists without its key). ``started_as``: the registry
+        reference the run was started by (``ref``, ``name``, ``tag``;
+        :class:`~host.runtime.registry.Resolved`), kept in the record and the audit beside the
+        digest it resolved to, which is what the agent runs for good."""
         if fuel is not None and fuel < 0:
             raise ConfigError("fuel must be a non-negative integer")
         loaded, pre = self.loader.module(b)  # a refused module leaves nothing in the store
@@ -96,6 +100,7 @@ class Lifecycle:
             "stall_timeout": b.policy.budgets.stall_timeout, "principal": on_behalf_of,
             "parent": None, "fuel_limit": fuel, "checkpoints": 0, "snapshot_bytes": 0,
             "bundle_code": None, **({"tenant": tenant} if tenant is not None else {}),
+            "started_as": _started_as(started_as),
             "last_checkpoint_bytes": 0, "pending": None, "owner": self.owner, "audit_seq": 0,
             "audit_head": audit.GENESIS,
             "usage": {"fuel_used": 0, "tool_calls": 0, "suspensions": 0, "hibernations": 0,
@@ -106,7 +111,7 @@ class Lifecycle:
         if self.broker is not None:
             self.broker.check(aid, b.policy)  # a missing credential refuses the agent before it starts
         agent.event("agent.spawned", name=b.name, bundle_digest=b.digest, principal=on_behalf_of,
-                    input_digest=audit.digest(input))
+                    input_digest=audit.digest(input), **({"started_as": record["started_as"]} if started_as else {}))
         note_bundle_code(agent, code)
         provision = self.identity.provision(record, agent.event)
 
@@ -340,3 +345,11 @@ def process_start(pid: int) -> int | None:
     if fields[0] in ("Z", "X"):
         return None
     return int(fields[19])
+
+
+def _started_as(started_as: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The reference a run was started by, as its record keeps it (the digest is the record's
+    ``bundle_digest``, never a second copy that could disagree)."""
+    if started_as is None:
+        return None
+    return {k: started_as.get(k) for k in ("ref", "name", "tag")}

@@ -25,7 +25,7 @@ from host.tools.builtin import BUILTINS
 from host.tools.registry import ToolSpec, spec_from_function
 from host.tools.sources import ToolSources
 from snapshots.errors import RecordCorrupt
-from snapshots.store import AgentStore
+from snapshots.store import AgentStore, WriteTxn
 
 DEFAULT_FUEL = 1_000_000_000
 DEFAULT_MEMORY = validate.DEFAULT_MEMORY
@@ -53,16 +53,7 @@ class BundleLoader:
         if b.digest in self._bundles:
             return
         self._bundles[b.digest] = b
-
-        def save(txn: Any) -> None:
-            try:
-                stored = txn.get_blob("bundles", b.digest)
-            except RecordCorrupt:
-                stored = None  # a damaged copy: these bytes have the digest, so they repair it
-            if stored is None:
-                txn.put_blob("bundles", b.digest, b.raw)
-
-        self.store.transact(save)
+        self.store.transact(lambda txn: store_bundle(txn, b))
 
     def by_digest(self, digest: str) -> Bundle:
         """The bundle an agent was spawned from, from memory or the store.
@@ -136,6 +127,17 @@ class BundleLoader:
             raise TorporError("the module imports tool_call but was not transformed for suspension; "
                               "repack it with `torpor pack`", code="invalid_module")
         return loaded, pre
+
+
+def store_bundle(txn: WriteTxn, b: Bundle) -> None:
+    """Keep a verified bundle's bytes under its digest, in the caller's transaction: the one
+    writer of the ``bundles`` bucket (a run registers its bundle, the registry pushes one)."""
+    try:
+        stored = txn.get_blob("bundles", b.digest)
+    except RecordCorrupt:
+        stored = None  # a damaged copy: these bytes have the digest, so they repair it
+    if stored is None:
+        txn.put_blob("bundles", b.digest, b.raw)
 
 
 def stored_bundle(store: AgentStore, digest: str) -> Bundle:
