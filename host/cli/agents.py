@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from host.cli.common import (
@@ -41,11 +42,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.fuel is not None and args.fuel < 0:
         raise ConfigError("--fuel must be a non-negative integer")
-    b = bundle_mod.load(args.bundle)
+    ref = None if _is_bundle_path(args.bundle) else args.bundle
+    b = bundle_mod.load(args.bundle) if ref is None else None
     payload = parse_input(args.input)
     host = open_host(args)
     try:
-        res = run_sync(lambda: host.run(b, payload, fuel=args.fuel, on_behalf_of=args.on_behalf_of))
+        if b is not None:
+            res = run_sync(lambda: host.run(b, payload, fuel=args.fuel, on_behalf_of=args.on_behalf_of))
+        else:  # a registry reference: resolved once, its digest recorded (`torpor inspect` shows both)
+            assert ref is not None
+            res = run_sync(lambda: host.run_ref(ref, payload, fuel=args.fuel, on_behalf_of=args.on_behalf_of))
     finally:
         host.close()
     if not args.json:
@@ -56,6 +62,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"[{line['level']}] {line['message']}", file=sys.stderr)
     emit(args, res.to_dict(), lambda: print_result(res))
     return result_exit(res)
+
+
+def _is_bundle_path(arg: str) -> bool:
+    """Whether ``torpor run``'s argument names a bundle file rather than a registry reference:
+    an existing file, or what only a path can be (a '/', a ``.torpor`` suffix): a reference
+    has neither, so a mistyped path is reported as a missing file, not an unknown name."""
+    p = Path(arg)
+    return p.is_file() or "/" in arg or arg.endswith(".torpor") or p.exists()
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -156,6 +170,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     def human() -> None:
         print(f"agent    {info['agent_id']} ({info.get('name')}, bundle {str(info.get('bundle_digest'))[:16]})")
+        started = info.get("started_as")
+        if isinstance(started, dict) and started.get("ref"):
+            print(f"version  started as {started['ref']}: bundle sha256:{info.get('bundle_digest')} (the version it "
+                  "runs, whatever the tag names now)")
         print(f"status   {info.get('status')}")
         if info.get("principal"):
             print(f"for      {info['principal']}")
@@ -204,7 +222,8 @@ def add_parsers(sub: Any) -> None:
     """Register ``run``, ``resume``, ``ps``, ``inspect`` and ``fork``."""
     sp = add_command(sub, "run", cmd_run, "run an agent bundle to completion (or until it waits on a human)",
                      store=True, writes=True, runs=True)
-    sp.add_argument("bundle", help="a .torpor bundle file")
+    sp.add_argument("bundle", help="a .torpor bundle file, or a registry reference: NAME (the version pushed last), "
+                                   "NAME@TAG, NAME@sha256:<hex> or sha256:<hex> (see `torpor push`)")
     sp.add_argument("--input", help="JSON input, or @FILE")
     sp.add_argument("--fuel", type=int, help="fuel budget for this run (overrides the policy)")
     sp.add_argument("--on-behalf-of", help="the principal the agent acts for")

@@ -1,7 +1,7 @@
 """The ``torpor`` command line: the parser, the grouped help, and errors turned into exit codes.
 
 The commands live in one module per group of ``torpor --help`` (:mod:`.bundles`,
-:mod:`.agents`, :mod:`.approvals`, :mod:`.store`, :mod:`.policy`, :mod:`.trust`);
+:mod:`.agents`, :mod:`.registry`, :mod:`.approvals`, :mod:`.store`, :mod:`.policy`, :mod:`.trust`);
 each imports what its commands need inside them, so that starting the CLI costs
 the standard library and the parser, not Wasmtime or pydantic.
 
@@ -31,6 +31,7 @@ _host = open_host
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bundles", ("build", "pack", "inspect-bundle")),
     ("agents", ("run", "resume", "ps", "inspect", "fork")),
+    ("registry", ("push", "registry")),
     ("approvals", ("approvals", "approve", "deny", "resolve")),
     ("store", ("store", "doctor")),
     ("policy", ("policy",)),
