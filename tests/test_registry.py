@@ -162,7 +162,7 @@ def test_a_bad_push_is_refused_before_anything_is_written(production: Bundle, tm
         assert imp.value.code == "import_not_granted"
         with pytest.raises(PolicyError):
             reg.push(variant(production, ("tool_calls = 40", "tool_calls = -1")), name="procurement")
-        for name in ("", "a/b", "x@y", "../up"):
+        for name in ("", "a/b", "x@y", "../up", "diff"):  # "diff" would read as GET /v1/bundles/diff
             with pytest.raises(InvalidReference):
                 reg.push(good, name=name)
         with pytest.raises(InvalidReference):

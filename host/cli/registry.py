@@ -64,13 +64,8 @@ def cmd_push(args: argparse.Namespace) -> int:
         raise BundleError(f"{path}: no such bundle file") from exc
     except OSError as exc:
         raise BundleError(f"{path}: cannot read bundle ({exc.strerror})") from exc
-    name = args.name
-    if name is None:  # the agent's own name, from its policy
-        from host.sandbox import bundle as bundle_mod
-
-        name = bundle_mod.load_bytes(raw, source=str(path)).name
     with _registry(args, readonly=False, create=True) as registry:
-        version = registry.push(raw, name=name, tag=args.tag)
+        version = registry.push(raw, name=args.name, tag=args.tag)  # no --name: the agent's own
 
     def human() -> None:
         tags = f", tagged {', '.join(version['tags'])}" if version["tags"] else ""

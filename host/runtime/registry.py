@@ -93,11 +93,17 @@ def normalize_digest(text: str) -> str:
     return hexpart
 
 
+#: Names that would read as something else (``GET /v1/bundles/diff`` is the diff).
+RESERVED_NAMES = frozenset({"diff"})
+
+
 def check_name(name: str, *, what: str = "name") -> str:
     """A registry name or tag: 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidReference(f"a registry {what} is 1 to 128 letters, digits, '.', '_' or '-' (starting with a "
                                f"letter or digit), got {_quote(name)}")
+    if what == "name" and name in RESERVED_NAMES:
+        raise InvalidReference(f"{name!r} is reserved; push the bundle under another name (--name)")
     return name
 
 
@@ -154,17 +160,19 @@ class Registry:
         self.clock = clock
 
     # -- writes -------------------------------------------------------------------------
-    def push(self, bundle_bytes: bytes, *, name: str, tenant: str = DEFAULT_TENANT,
+    def push(self, bundle_bytes: bytes, *, name: str | None = None, tenant: str = DEFAULT_TENANT,
              tag: str | None = None) -> dict[str, Any]:
-        """Store a bundle under its digest as a version of ``name`` (the latest), and move
-        ``tag`` to it if given. Pushing a version again keeps its first push time and makes
-        it the latest. Returns the version (name, digest, abi, tools, pushed_at, tags).
+        """Store a bundle under its digest as a version of ``name`` (default: the agent's own
+        name, from its policy) as the latest, and move ``tag`` to it if given. Pushing a
+        version again keeps its first push time and makes it the latest. Returns the version
+        (name, digest, abi, tools, pushed_at, tags).
 
         A bundle that does not load (``invalid_bundle``, ``invalid_policy``, ...) or whose
         module does not fit its own policy (``import_not_granted``, ``memory_limit``) is
         refused before anything is written.
         """
-        check_name(name)
+        if name is not None:
+            check_name(name)
         check_tenant(tenant)
         if tag is not None:
             check_name(tag, what="tag")
@@ -174,8 +182,9 @@ class Registry:
         from host.sandbox import bundle as bundle_mod
         from host.sandbox import validate
 
-        b = bundle_mod.load_bytes(bytes(bundle_bytes), source=f"the bundle pushed as {name}")
+        b = bundle_mod.load_bytes(bytes(bundle_bytes), source=f"the bundle pushed as {name or 'its agent name'}")
         validate.check_policy(validate.check_module(b.module), b.policy)
+        named = name if name is not None else check_name(b.name)  # the agent's name, from its policy
         now = self.clock()
         fresh = {"digest": b.digest, "abi": b.abi_version, "tools": sorted(b.policy.grants), "pushed_at": now,
                  "agent": b.name, "size": len(b.raw), "module_digest": b.module_digest,
@@ -183,22 +192,22 @@ class Registry:
 
         def write(txn: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             store_bundle(txn, b)
-            vkey = _version_key(tenant, name, b.digest)
+            vkey = _version_key(tenant, named, b.digest)
             version = _get(txn, vkey)
             if version is None:
                 version = fresh
                 txn.put_blob(REGISTRY_BUCKET, vkey, _dump(version))
-                txn.put_blob(REGISTRY_BUCKET, _digest_key(tenant, b.digest, name), b"")
-            head = _get(txn, _head_key(tenant, name)) or {"name": name, "created_at": now, "tags": {}}
+                txn.put_blob(REGISTRY_BUCKET, _digest_key(tenant, b.digest, named), b"")
+            head = _get(txn, _head_key(tenant, named)) or {"name": named, "created_at": now, "tags": {}}
             head["latest"] = b.digest
             head["updated_at"] = now
             if tag is not None:
                 head["tags"] = {**head.get("tags", {}), tag: b.digest}
-            txn.put_blob(REGISTRY_BUCKET, _head_key(tenant, name), _dump(head))
+            txn.put_blob(REGISTRY_BUCKET, _head_key(tenant, named), _dump(head))
             return version, head
 
         version, head = self.store.transact(write)
-        return _version_view(name, version, head)
+        return _version_view(named, version, head)
 
     def tag(self, name: str, tag: str, digest: str, *, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
         """Point ``tag`` of ``name`` at ``digest`` (a version pushed under that name).
