@@ -138,6 +138,9 @@ def module_cases(tmp: Path, store: Path) -> list[Case]:
         path = tmp / f"module{i}.torpor"
         path.write_bytes(raw)
         cases.append(Case(f"module: {name}", ["run", str(path), "--store", str(store)], code, human=i == 0))
+        # Pushed to the registry: refused the same way, before anything is stored.
+        cases.append(Case(f"push module: {name}", ["push", str(path), "--name", "hostile", "--store", str(store)],
+                          code, human=i == 0))
     for name, (make, env, code, _) in sorted(ti.CLI_CASES.items()):
         if env:
             continue  # the limit cases take seconds of Binaryen by design; test_toolchain_isolation runs them
@@ -178,6 +181,7 @@ def archive_cases(tmp: Path, store: Path) -> list[Case]:
         path.write_bytes(mv.zip_bytes(entries))
         cases.append(Case(f"bundle: {name}", ["run", str(path), "--store", str(store)], "invalid_bundle",
                           human=i == 0))
+        cases.append(Case(f"push bundle: {name}", ["push", str(path), "--store", str(store)], "invalid_bundle"))
         if i < 3:
             cases.append(Case(f"inspect-bundle: {name}", ["inspect-bundle", str(path)], "invalid_bundle"))
     bad = tmp / "flipped.torpor"
@@ -351,6 +355,8 @@ def test_every_hostile_input_gets_a_typed_answer_from_the_cli(bundles: BundleFac
     assert not wrong, "\n".join(f"{k}: {v}" for k, v in wrong.items())
     # The shared store went through every refusal and poison above: nothing is left running,
     # and the same store still runs hello.
+    listed = torpor(["registry", "list", "--store", str(store), "--json"], {})  # no hostile push was stored
+    assert listed.returncode == 0 and json.loads(listed.stdout) == {"bundles": []}, listed.stdout + listed.stderr
     after = torpor(["resume", "--all", "--store", str(store), "--json"], {})
     assert after.returncode == 0 and json.loads(after.stdout) == [], after.stdout + after.stderr
     hello = torpor(["run", str(bundles.example("hello")), "--store", str(store), "--input", '{"name":"bo"}',
