@@ -131,7 +131,7 @@ def test_unknown_names_tags_and_digests_are_bundle_not_found(production: Bundle,
         cases = [
             (lambda: reg.resolve("ghost"), "no bundle named 'ghost'"),
             (lambda: reg.resolve("procurement@nope"), "has no tag 'nope' (its tags: production)"),
-            (lambda: reg.resolve(f"sha256:{other}"), "was pushed to this registry"),
+            (lambda: reg.resolve(f"sha256:{other}"), "in this registry"),  # nobody pushed it, not stored
             (lambda: reg.resolve(f"procurement@sha256:{other}"), "is not a version of 'procurement'"),
             (lambda: reg.versions("ghost"), "no bundle named 'ghost'"),
             (lambda: reg.tag("ghost", "production", production.digest), "no bundle named 'ghost'"),
@@ -191,6 +191,13 @@ def test_names_are_per_tenant_and_a_digest_resolves_only_for_the_tenant_that_pus
                      lambda: reg.tag("procurement", "production", production.digest, tenant="globex")):
             with pytest.raises(BundleNotFound):
                 call()
+        # A bundle the store keeps from a run of its file (pushed by nobody) is everyone's by digest.
+        from host.runtime.loader import store_bundle
+
+        unpushed = bundle_mod.load_bytes(variant(production, ("tool_calls = 40", "tool_calls = 41")))
+        store.transact(lambda txn: store_bundle(txn, unpushed))
+        for tenant in ("acme", "globex", "default"):
+            assert reg.resolve(f"sha256:{unpushed.digest}", tenant=tenant) == unpushed.digest
         # A tenant whose name is a prefix of another's sees nothing of it.
         reg.push(production.raw, name="p", tenant="acme-eu")
         assert [r["name"] for r in reg.names(tenant="acme")] == ["procurement"]

@@ -9,16 +9,20 @@ reference it was started as (``started_as``): the record never follows a tag, so
 ``production`` back leaves every running and hibernated agent on the version it started
 with, and ``torpor inspect`` answers which version ran.
 
-Names are per tenant: each tenant has its own namespace of names and tags, and a digest
-resolves for a tenant only if that tenant pushed it (under any name), so one tenant can
-neither run nor learn of another's bundles. The embedded CLI is tenant ``default``.
+Names are per tenant: each tenant has its own namespace of names and tags. A digest
+(``sha256:<hex>``) resolves for a tenant that pushed it (under any name), or for anyone if
+no tenant pushed it (a bundle the store keeps because a run of its file used it: the
+embedded CLI's ``torpor run FILE``); a digest another tenant pushed does not exist for
+the others, so one tenant can neither run nor learn of another's bundles. The embedded
+CLI is tenant ``default``.
 
 Storage goes through :class:`~snapshots.store.AgentStore` only, in its ``registry``
 bucket (sealed: a value changed on disk is refused, never followed), three kinds of key:
 
 * ``n/TENANT/NAME``: the name's head (JSON): the version pushed last, the tags;
 * ``v/TENANT/NAME/DIGEST``: one version (JSON): digest, ABI, tools, push time;
-* ``d/TENANT/DIGEST/NAME``: empty, so that ``sha256:...`` resolves in one lookup.
+* ``d/TENANT/DIGEST/NAME``: empty, so that ``sha256:...`` resolves in one lookup;
+* ``g/DIGEST``: empty, "some tenant pushed this digest" (then it is not everyone's).
 
 The bundle's bytes go to the ``bundles`` bucket under their digest, in the same
 transaction, through the one writer of that bucket (:func:`~host.runtime.loader.store_bundle`).
@@ -131,6 +135,10 @@ def _digest_key(tenant: str, digest: str, name: str) -> str:
     return f"d/{tenant}/{digest}/{name}"
 
 
+def _pushed_key(digest: str) -> str:
+    return f"g/{digest}"
+
+
 def _dump(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
@@ -198,6 +206,7 @@ class Registry:
                 version = fresh
                 txn.put_blob(REGISTRY_BUCKET, vkey, _dump(version))
                 txn.put_blob(REGISTRY_BUCKET, _digest_key(tenant, b.digest, named), b"")
+                txn.put_blob(REGISTRY_BUCKET, _pushed_key(b.digest), b"")
             head = _get(txn, _head_key(tenant, named)) or {"name": named, "created_at": now, "tags": {}}
             head["latest"] = b.digest
             head["updated_at"] = now
@@ -247,8 +256,12 @@ class Registry:
             if name is None:
                 assert digest is not None
                 prefix = f"d/{tenant}/{digest}/"
-                if next(iter(txn.iter_blobs(REGISTRY_BUCKET, prefix)), None) is None:
-                    raise BundleNotFound(f"no bundle {DIGEST_PREFIX}{digest} was pushed to this registry")
+                if next(iter(txn.iter_blobs(REGISTRY_BUCKET, prefix)), None) is not None:
+                    return Resolved(ref, digest)
+                # Not this tenant's: everyone's only if no tenant pushed it and the store keeps it.
+                if (txn.get_blob(REGISTRY_BUCKET, _pushed_key(digest)) is not None
+                        or next(iter(txn.iter_blobs("bundles", digest)), None) is None):
+                    raise BundleNotFound(f"no bundle {DIGEST_PREFIX}{digest} in this registry")
                 return Resolved(ref, digest)
             head = _get(txn, _head_key(tenant, name))
             if head is None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from typing import Any
 
@@ -36,23 +35,16 @@ from host.server.responses import json_response
 from host.trust import audit
 
 IDEMPOTENCY_BUCKET = "server"
-_DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
 _KEY_MAX = 256
 
 
-def resolve(host: Host, ref: str, tenant: str) -> Bundle:
-    """The bundle a run names: through the registry when the host has one, else a digest."""
-    registry = getattr(host, "registry", None)
-    m = _DIGEST.match(ref)
-    if registry is not None and m is None:
-        digest = str(registry.resolve(ref, tenant=tenant))
-    elif m is not None:
-        digest = m.group(1)
-    else:
-        raise BundleNotFound(f"no bundle {ref!r}: name one by its digest, sha256:<64 hex digits>")
-    digest = digest.removeprefix("sha256:")
+def resolve(host: Host, ref: str, tenant: str) -> tuple[Bundle, dict[str, Any]]:
+    """The bundle a run names, through the tenant's registry (:meth:`Registry.lookup
+    <host.runtime.registry.Registry.lookup>`), and the reference as the run records it
+    (``started_as``)."""
+    resolved = host.registry.lookup(ref, tenant=tenant)
     try:
-        return host.bundle_by_digest(digest)
+        return host.bundle_by_digest(resolved.digest), resolved.to_dict()
     except TorporError as exc:
         if exc.code == "bundle_missing":
             raise BundleNotFound(f"no bundle {ref!r} in this server's store") from None
@@ -99,19 +91,19 @@ class Runs:
         key = request.headers.get("idempotency-key")
         if key is not None and (not key or len(key) > _KEY_MAX or not key.isprintable()):
             raise InvalidInput(f"Idempotency-Key must be 1-{_KEY_MAX} printable characters")
-        b = resolve(self.host, ref, who.tenant)
+        b, started_as = resolve(self.host, ref, who.tenant)
         fingerprint = audit.digest({"agent": ref, "digest": b.digest, "input": payload, "fuel": fuel})
         if key is None:
-            agent_id = await self._start(b, payload, fuel, who.tenant, None)
+            agent_id = await self._start(b, payload, fuel, who.tenant, None, started_as)
             status = 201
         else:
-            agent_id, status = await self._start_once(b, payload, fuel, who.tenant, key, fingerprint)
+            agent_id, status = await self._start_once(b, payload, fuel, who.tenant, key, fingerprint, started_as)
         if wait:
             await agents_routes.wait_until_stopped(self.host, self.scheduler, agent_id, wait)
         return json_response(owned_agent(self.host, agent_id, who), status)
 
     async def _start(self, b: Bundle, payload: Any, fuel: int | None, tenant: str,
-                     key: tuple[str, str] | None) -> str:
+                     key: tuple[str, str] | None, started_as: dict[str, Any]) -> str:
         also = None
         if key is not None:
             name, fingerprint = key
@@ -120,7 +112,8 @@ class Runs:
                 txn.put_blob(IDEMPOTENCY_BUCKET, name, json.dumps(
                     {"fingerprint": fingerprint, "agent_id": agent_id, "t": time.time()}).encode())
         try:
-            agent_id, drive = await self.host.start(b, payload, fuel=fuel, tenant=tenant, also=also)
+            agent_id, drive = await self.host.start(b, payload, fuel=fuel, tenant=tenant, also=also,
+                                                    started_as=started_as)
         except TorporError as exc:
             if exc.code == "invalid_config" and "input" in str(exc):  # the spawn's check of the input
                 raise InvalidInput(str(exc)) from None
@@ -129,7 +122,7 @@ class Runs:
         return agent_id
 
     async def _start_once(self, b: Bundle, payload: Any, fuel: int | None, tenant: str, key: str,
-                          fingerprint: str) -> tuple[str, int]:
+                          fingerprint: str, started_as: dict[str, Any]) -> tuple[str, int]:
         name = _key_name(tenant, key)
         lock, users = self._locks.get(name, (anyio.Lock(), 0))
         self._locks[name] = (lock, users + 1)
@@ -141,7 +134,7 @@ class Runs:
                         raise IdempotencyConflict("this Idempotency-Key was used for a different request "
                                                   "(another agent, input or fuel); use a new key")
                     return str(found["agent_id"]), 200
-                return await self._start(b, payload, fuel, tenant, (name, fingerprint)), 201
+                return await self._start(b, payload, fuel, tenant, (name, fingerprint), started_as), 201
         finally:
             lock, users = self._locks[name]
             if users <= 1:
