@@ -32,6 +32,7 @@ from host.runtime import Host
 from host.runtime.registry import Registry, parse_ref
 from host.sandbox import bundle as bundle_mod
 from host.sandbox.bundle import Bundle
+from host.trust import audit
 from policies import PolicyError
 from snapshots.errors import RecordCorrupt
 from snapshots.lmdb_store import LmdbStore
@@ -120,6 +121,18 @@ def test_push_versions_tags_and_resolve(production: Bundle, canary: bytes, tmp_p
         [row] = reg.names()
         assert row["name"] == "procurement" and row["versions"] == 2 and row["latest"] == v1["digest"]
         assert row["tags"] == {"production": v1["digest"], "canary": v2["digest"]}
+        reg.tag("procurement", "production", v2["digest"], by="ops-lead")
+        # Every write is on the host-level audit chain, sealed and verifiable.
+        chain = ("agent_id", "seq", "t", "kind", "prev", "hash")
+        log = [(r["kind"], {k: v for k, v in r.items() if k not in chain})
+               for r in audit.records(store, "host.registry")]
+        assert [k for k, _ in log] == ["registry.pushed"] * 3 + ["registry.tagged"] * 2
+        assert [d["new_version"] for _, d in log[:3]] == [True, True, False]
+        assert log[2][1]["tag"] == "canary" and log[2][1]["previous"] == v2["digest"]
+        assert log[-1][1] == {"tenant": "default", "name": "procurement", "tag": "production",
+                              "digest": v2["digest"], "previous": v1["digest"], "by": "ops-lead"}
+        report = audit.verify_store(store, agent_id="host.registry")
+        assert report.ok and report.records == 5, report.summary()
 
 
 def test_unknown_names_tags_and_digests_are_bundle_not_found(production: Bundle, canary: bytes,
@@ -328,6 +341,9 @@ def test_the_cli_pushes_lists_shows_tags_diffs_and_runs_by_reference(
                             "--json"), code=4)
     moved = ok_json(torpor("registry", "tag", "procurement", "production", v2["digest"], "--store", store, "--json"))
     assert moved["previous"] == v1["digest"]
+    shown_log = ok_json(torpor("audit", "show", "host.registry", "--store", store, "--json"))
+    records = shown_log["records"] if isinstance(shown_log, dict) else shown_log
+    assert [r["kind"] for r in records] == ["registry.pushed", "registry.pushed", "registry.tagged"]
     done = ok_json(torpor("approve", parked["agent_id"], "--store", store, "--json"))
     assert done["status"] == "completed"
     info = ok_json(torpor("inspect", parked["agent_id"], "--store", store, "--json"))

@@ -16,6 +16,7 @@ from serve_helpers import InProcessServer, auth, token
 
 from host.sandbox import bundle as bundle_mod
 from host.server.config import ServerConfig
+from host.trust import audit
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -84,6 +85,9 @@ def test_push_show_tag_diff_and_a_run_that_keeps_its_digest(served: InProcessSer
         moved = c.put("/v1/bundles/procurement/tags/production", json={"digest": f"sha256:{v2['digest']}"},
                       headers=admin)
         assert moved.status_code == 200 and moved.json()["previous"] == v1["digest"], moved.text
+        tagged = audit.records(served.host.store, "host.registry")[-1]
+        assert tagged["kind"] == "registry.tagged" and tagged["by"].startswith("token:")  # who moved it
+        assert (tagged["tenant"], tagged["previous"], tagged["digest"]) == ("acme", v1["digest"], v2["digest"])
         assert c.post(f"/v1/agents/{agent_id}/approve", json={}, headers=admin).status_code == 200
         done = wait_for(c, agent_id, admin, "completed")
         assert done["bundle_digest"] == v1["digest"]  # the digest it started with

@@ -10,6 +10,7 @@ reference names.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from host.runtime.registry import Registry
 
 TITLE = "registry: named, versioned, tagged agents"
+BY_HELP = "who does this, for the audit chain host.registry (default: $USER)"
 REF_HELP = "a bundle reference: NAME (the version pushed last), NAME@TAG, NAME@sha256:<hex> or sha256:<hex>"
 
 
@@ -65,7 +67,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise BundleError(f"{path}: cannot read bundle ({exc.strerror})") from exc
     with _registry(args, readonly=False, create=True) as registry:
-        version = registry.push(raw, name=args.name, tag=args.tag)  # no --name: the agent's own
+        version = registry.push(raw, name=args.name, tag=args.tag, by=args.by)  # no --name: the agent's own
 
     def human() -> None:
         tags = f", tagged {', '.join(version['tags'])}" if version["tags"] else ""
@@ -123,7 +125,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_tag(args: argparse.Namespace) -> int:
     """Point a tag of a name at one of its versions (new runs follow it; running agents do not)."""
     with _registry(args, readonly=False) as registry:
-        moved = registry.tag(args.name, args.tag, args.digest)
+        moved = registry.tag(args.name, args.tag, args.digest, by=args.by)
 
     def human() -> None:
         was = f" (was {_short(moved['previous'])})" if moved["previous"] else ""
@@ -148,6 +150,7 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("bundle", help="a .torpor bundle file")
     sp.add_argument("--name", help="the name to push it as (default: the agent's name in its policy)")
     sp.add_argument("--tag", help="move this tag (e.g. production, canary) to the pushed version")
+    sp.add_argument("--by", default=os.environ.get("USER"), help=BY_HELP)
     reg_help = "list, show, tag and diff the versions of named agents"
     reg = sub.add_parser("registry", help=reg_help, description=reg_help)
     rsub = reg.add_subparsers(dest="registry_command", metavar="SUBCOMMAND")
@@ -160,6 +163,7 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("name", help="a registry name")
     sp.add_argument("tag", help="the tag to move (e.g. production)")
     sp.add_argument("digest", help="the version: sha256:<hex> or the 64 hex digits (`torpor registry show NAME`)")
+    sp.add_argument("--by", default=os.environ.get("USER"), help=BY_HELP)
     sp = add_command(rsub, "diff", cmd_diff, "what the policy of B grants differently from that of A (tools, "
                      "approvals, network hosts, secrets, limits, budgets)", store=True)
     sp.add_argument("a", help=REF_HELP)

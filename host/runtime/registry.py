@@ -24,6 +24,11 @@ bucket (sealed: a value changed on disk is refused, never followed), three kinds
 * ``d/TENANT/DIGEST/NAME``: empty, so that ``sha256:...`` resolves in one lookup;
 * ``g/DIGEST``: empty, "some tenant pushed this digest" (then it is not everyone's).
 
+Every push and every tag move is sealed onto the host-level audit chain ``host.registry``
+(:func:`host.trust.audit.append_host_events`) in its own transaction: who moved
+``production`` to which digest, and from which, is as tamper-evident as an agent's log
+(``torpor audit show host.registry``).
+
 The bundle's bytes go to the ``bundles`` bucket under their digest, in the same
 transaction, through the one writer of that bucket (:func:`~host.runtime.loader.store_bundle`).
 A push is validated by the one loader of bundles (:func:`host.sandbox.bundle.load_bytes`)
@@ -43,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from host.errors import BundleNotFound, InvalidReference
+from host.trust import audit
 from snapshots.errors import RecordCorrupt
 from snapshots.store import REGISTRY_BUCKET, AgentStore, ReadTxn
 
@@ -55,6 +61,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # no '@', ':' or '/': t
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX = re.compile(r"[0-9a-f]{64}")
 MAX_REF = 300
+#: The host-level audit chain of registry writes.
+CHAIN = audit.host_chain("registry")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +177,7 @@ class Registry:
 
     # -- writes -------------------------------------------------------------------------
     def push(self, bundle_bytes: bytes, *, name: str | None = None, tenant: str = DEFAULT_TENANT,
-             tag: str | None = None) -> dict[str, Any]:
+             tag: str | None = None, by: str | None = None) -> dict[str, Any]:
         """Store a bundle under its digest as a version of ``name`` (default: the agent's own
         name, from its policy) as the latest, and move ``tag`` to it if given. Pushing a
         version again keeps its first push time and makes it the latest. Returns the version
@@ -177,7 +185,7 @@ class Registry:
 
         A bundle that does not load (``invalid_bundle``, ``invalid_policy``, ...) or whose
         module does not fit its own policy (``import_not_granted``, ``memory_limit``) is
-        refused before anything is written.
+        refused before anything is written. ``by``: who pushed (audited).
         """
         if name is not None:
             check_name(name)
@@ -210,19 +218,26 @@ class Registry:
             head = _get(txn, _head_key(tenant, named)) or {"name": named, "created_at": now, "tags": {}}
             head["latest"] = b.digest
             head["updated_at"] = now
+            previous = None
             if tag is not None:
+                previous = head.get("tags", {}).get(tag)
                 head["tags"] = {**head.get("tags", {}), tag: b.digest}
             txn.put_blob(REGISTRY_BUCKET, _head_key(tenant, named), _dump(head))
+            audit.append_host_events(txn, CHAIN, [("registry.pushed", {
+                "tenant": tenant, "name": named, "digest": b.digest, "new_version": version is fresh,
+                "tag": tag, "previous": previous, "by": by})])
             return version, head
 
         version, head = self.store.transact(write)
         return _version_view(named, version, head)
 
-    def tag(self, name: str, tag: str, digest: str, *, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+    def tag(self, name: str, tag: str, digest: str, *, tenant: str = DEFAULT_TENANT,
+            by: str | None = None) -> dict[str, Any]:
         """Point ``tag`` of ``name`` at ``digest`` (a version pushed under that name).
 
         Only new runs follow it: agents started on the tag keep the digest they started with.
-        Returns the name, tag, digest and the digest the tag held before (or None).
+        Returns the name, tag, digest and the digest the tag held before (or None). ``by``:
+        who moved it (audited).
         """
         check_name(name)
         check_name(tag, what="tag")
@@ -242,7 +257,10 @@ class Registry:
             head["tags"] = tags
             head["updated_at"] = self.clock()
             txn.put_blob(REGISTRY_BUCKET, _head_key(tenant, name), _dump(head))
-            return previous if isinstance(previous, str) else None
+            previous = previous if isinstance(previous, str) else None
+            audit.append_host_events(txn, CHAIN, [("registry.tagged", {
+                "tenant": tenant, "name": name, "tag": tag, "digest": digest, "previous": previous, "by": by})])
+            return previous
 
         previous = self.store.transact(write)
         return {"name": name, "tag": tag, "digest": digest, "previous": previous}

@@ -12,6 +12,7 @@ bundle_not_found``, exactly as a name nobody pushed). The gateway caps the uploa
 (``413``; ``ServerConfig.max_bundle_bytes``); what is inside it is checked by the one
 loader of bundles in the registry's ``push`` (``400 invalid_bundle`` and the others).
 Pushing validates and writes the store, so it runs on a worker thread, not the loop.
+Pushes and tag moves are audited on ``host.registry`` with the token that made them.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class RegistryRoutes:
         tag = _param(request, "tag", required=False)
         raw = await request.body()  # capped by the gateway as it streams in
         version = await anyio.to_thread.run_sync(
-            lambda: self.registry.push(raw, name=name, tenant=who.tenant, tag=tag))
+            lambda: self.registry.push(raw, name=name, tenant=who.tenant, tag=tag, by=f"token:{who.token_id}"))
         return json_response(version, 201)
 
     async def index(self, request: Request) -> Response:
@@ -77,7 +78,7 @@ class RegistryRoutes:
         if not isinstance(digest, str):
             raise InvalidInput("the body must name the version: {\"digest\": \"sha256:<hex>\"}")
         moved = self.registry.tag(request.path_params["name"], request.path_params["tag"], digest,
-                                  tenant=who.tenant)
+                                  tenant=who.tenant, by=f"token:{who.token_id}")
         return json_response(moved)
 
     async def diff(self, request: Request) -> Response:
