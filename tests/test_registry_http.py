@@ -77,6 +77,15 @@ def test_push_show_tag_diff_and_a_run_that_keeps_its_digest(served: InProcessSer
                   headers=admin).json()
         assert d["same"] is False and d["sections"]["approvals"][0]["after"] == "when amount > 100000"
         assert "~ erp.create_po: when amount > 50000 -> when amount > 100000" in d["text"]
+        # The OpenAPI document describes every registry route, with its scope, upload and queries.
+        paths = c.get("/openapi.json", headers=admin).json()["paths"]
+        push_doc = paths["/v1/bundles"]["post"]
+        assert push_doc["x-torpor-scope"] == "registry:write" and "201" in push_doc["responses"]
+        assert "application/octet-stream" in push_doc["requestBody"]["content"]
+        assert {p["name"] for p in push_doc["parameters"]} == {"name", "tag"}
+        assert {p["name"] for p in paths["/v1/bundles/diff"]["get"]["parameters"] if p["required"]} == {"a", "b"}
+        assert paths["/v1/bundles/{name}/tags/{tag}"]["put"]["x-torpor-scope"] == "registry:write"
+        assert paths["/v1/bundles/{name}"]["get"]["x-torpor-scope"] == "runs:read"
 
         started = c.post("/v1/runs", json={"agent": "procurement@production", "input": PARKS}, headers=admin)
         assert started.status_code == 201, started.text

@@ -39,6 +39,22 @@ DETAILS: dict[str, tuple[str | None, dict[str, Any] | None, int]] = {
     "healthz": (None, None, 200),
     "readyz": (None, None, 200),
     "openapi": ("runs:read", None, 200),
+    "push_bundle": ("registry:write", {"type": "string", "format": "binary",
+                                       "description": "the bundle file (application/octet-stream)"}, 201),
+    "list_bundles": ("runs:read", None, 200),
+    "show_bundle": ("runs:read", None, 200),
+    "tag_bundle": ("registry:write", {"type": "object", "required": ["digest"],
+                                      "properties": {"digest": {"type": "string", "description": "sha256:<hex>"}}},
+                   200),
+    "diff_bundles": ("runs:read", None, 200),
+}
+
+#: name -> the query parameters of the route: (name, required, description).
+QUERY: dict[str, tuple[tuple[str, bool, str], ...]] = {
+    "push_bundle": (("name", False, "the registry name (default: the agent's name in its policy)"),
+                    ("tag", False, "a tag to move to the pushed version")),
+    "diff_bundles": (("a", True, "a reference: name, name@tag or sha256:<hex>"),
+                     ("b", True, "a reference: name, name@tag or sha256:<hex>")),
 }
 
 
@@ -63,8 +79,10 @@ def document(routes: list[BaseRoute], *, version: str = "0.1.0") -> dict[str, An
         for method in sorted(m for m in (route.methods or ()) if m != "HEAD"):
             op: dict[str, Any] = {
                 "operationId": route.name, "summary": doc,
-                "parameters": [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-                               for p in _PARAM.findall(route.path)],
+                "parameters": [*({"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                                 for p in _PARAM.findall(route.path)),
+                               *({"name": q, "in": "query", "required": req, "description": what,
+                                  "schema": {"type": "string"}} for q, req, what in QUERY.get(route.name, ()))],
                 "responses": {str(ok): {"description": "success"},
                               "default": {"description": "an error",
                                           "content": {"application/json": {"schema": ERROR}}}},
@@ -74,8 +92,10 @@ def document(routes: list[BaseRoute], *, version: str = "0.1.0") -> dict[str, An
             else:
                 op["x-torpor-scope"] = scope
             if body is not None:
-                op["requestBody"] = {"required": "required" in body,
-                                     "content": {"application/json": {"schema": body}}}
+                binary = body.get("format") == "binary"  # an upload (a bundle file), not JSON
+                op["requestBody"] = {"required": binary or "required" in body,
+                                     "content": {"application/octet-stream" if binary else "application/json":
+                                                 {"schema": body}}}
             paths.setdefault(route.path, {})[method.lower()] = op
     return {
         "openapi": "3.1.0",
