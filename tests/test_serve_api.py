@@ -174,3 +174,4 @@ def test_openapi_document_matches_the_routes(served: tuple[InProcessServer, dict
     assert doc["paths"]["/healthz"]["get"]["security"] == []
     for path in ("/v1/agents/{agent_id}/events", "/v1/agents/{agent_id}/approve", "/v1/approvals"):
         assert path in doc["paths"]
+
