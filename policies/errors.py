@@ -36,8 +36,10 @@ class PolicyError(Exception):
 
     Raised by :func:`policies.load_policy` and :func:`policies.parse_policy`.
     The message lists every problem found, one per line, each naming the file
-    and the field.
+    and the field. ``code`` is the host's machine-readable name for it.
     """
+
+    code = "invalid_policy"
 
     def __init__(
         self, issues: tuple[PolicyIssue, ...] | list[PolicyIssue], source: str | None = None

@@ -35,7 +35,11 @@ FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class SnapshotError(Exception):
-    """Base of every error raised while encoding, decoding or applying a snapshot."""
+    """Base of every error raised while encoding, decoding or applying a snapshot.
+
+    ``code`` is the host's machine-readable name for it, as for :class:`StoreError`."""
+
+    code = "snapshot_corrupt"
 
 
 class SnapshotCorrupt(SnapshotError):

@@ -181,3 +181,34 @@ def test_bad_uploads_unknown_refs_other_tenants_and_missing_scopes(served: InPro
             error(c.get(path, headers=writer_only), 403, "forbidden")
         error(c.get("/v1/bundles", headers={}), 401, "unauthenticated")
         assert c.get("/v1/bundles/procurement", headers=acme).json()["tags"] == {"production": digest}
+
+
+def test_a_damaged_registry_entry_is_named_in_a_json_500(versions: tuple[bytes, bytes], tmp_path: Path) -> None:
+    """Bytes on disk are not trusted: a registry entry changed under the server answers
+    ``record_corrupt`` (the server's data, not the request, is at fault), naming the entry,
+    and never runs what it would point at."""
+    import lmdb
+
+    first, second = versions
+    store_dir = tmp_path / "store"
+    with InProcessServer(store_dir) as srv:
+        acme = auth(token(srv.host.store, "acme", "registry:write", "runs:read", "runs:write"))
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            assert c.post("/v1/bundles", params={"name": "procurement", "tag": "production"}, content=first,
+                          headers={**acme, **OCTETS}).status_code == 201
+            assert c.post("/v1/bundles", params={"name": "procurement", "tag": "canary"}, content=second,
+                          headers={**acme, **OCTETS}).status_code == 201
+    env = lmdb.open(str(store_dir / "db"), max_dbs=32)
+    try:  # production now names the canary's digest; the entry's seal is left as it was
+        with env.begin(write=True, db=env.open_db(b"registry")) as txn:
+            key = b"n/acme/procurement"
+            one, two = bundle_mod.load_bytes(first).digest, bundle_mod.load_bytes(second).digest
+            txn.put(key, bytes(txn.get(key)).replace(one.encode(), two.encode()))
+    finally:
+        env.close()
+    with InProcessServer(store_dir) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        message = error(c.post("/v1/runs", json={"agent": "procurement@production", "input": PARKS}, headers=acme),
+                        500, "record_corrupt")
+        assert "registry" in message
+        error(c.get("/v1/bundles/procurement", headers=acme), 500, "record_corrupt")
+        assert srv.host.list_agents() == []  # nothing ran

@@ -201,15 +201,7 @@ def is_reported(exc: BaseException) -> bool:
 
 
 def error_code(exc: BaseException) -> str:
-    """The stable code an error is reported under (``error[CODE]``)."""
+    """The stable code an error is reported under (``error[CODE]``): its own ``code`` (the
+    host's, the store's, snapshots' and policies' errors each carry one)."""
     code = getattr(exc, "code", None)
-    if isinstance(code, str):
-        return code
-    from policies import PolicyError
-    from snapshots.errors import SnapshotError, StoreFull, StoreUnavailable
-
-    for cls, name in ((PolicyError, "invalid_policy"), (SnapshotError, "snapshot_corrupt"),
-                      (StoreFull, "store_full"), (StoreUnavailable, "store_unavailable")):
-        if isinstance(exc, cls):
-            return name
-    return "store_error"
+    return code if isinstance(code, str) else "store_error"

@@ -18,6 +18,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from types import FrameType
+from typing import Any
 
 import anyio
 import uvicorn
@@ -35,6 +36,8 @@ from host.server.config import ServerConfig
 from host.server.gateway import GatewayMiddleware, RefusalAudit, require
 from host.server.responses import error_body, error_response, json_response
 from host.server.scheduler import Scheduler
+from policies import PolicyError
+from snapshots.errors import SnapshotError, StoreError
 
 _log = logging.getLogger("torpor.server")
 
@@ -136,9 +139,12 @@ def create_app(host: Host, *, config: ServerConfig | None = None) -> Starlette:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_input")
         return json_response(error_body(code, str(exc.detail)), exc.status_code)
 
+    # The errors that carry a code are answered where the route raised them; only an
+    # error without one (a bug) reaches Starlette's outermost handler, which answers the
+    # same JSON but also logs it and closes the connection.
+    coded: dict[Any, Any] = {cls: torpor_error for cls in (TorporError, StoreError, SnapshotError, PolicyError)}
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={TorporError: torpor_error, HTTPException: http_error,
-                                        Exception: torpor_error})
+                    exception_handlers={**coded, HTTPException: http_error, Exception: torpor_error})
     app.state.server = state
     app.state.refusals = state.refusals
     app.state.events = event_api

@@ -26,6 +26,9 @@ STATUS: dict[str, int] = {
     "agent_not_found": 404, "bundle_not_found": 404, "not_found": 404, "method_not_allowed": 405,
     "invalid_state": 409, "idempotency_conflict": 409, "payload_too_large": 413,
     "rate_limited": 429, "internal": 500, "shutting_down": 503, "store_full": 503, "store_unavailable": 503,
+    # the server's own bytes are damaged: its fault, not the request's (the message names the record)
+    "record_corrupt": 500, "snapshot_corrupt": 500, "store_error": 500,
+    "store_corrupt": 503, "store_suspect": 503, "store_flush_failed": 503,
 }
 
 
@@ -40,18 +43,11 @@ def error_body(code: str, message: str) -> dict[str, Any]:
 
 
 def code_of(exc: BaseException) -> str:
-    """The code an exception is answered with (as ``host.cli.common.error_code`` names it)."""
+    """The code an exception is answered with: its own ``code`` (the host's errors, and the
+    store's, snapshots' and policies' errors carry one, as the CLI prints them), else
+    ``internal``."""
     code = getattr(exc, "code", None)
-    if isinstance(exc, TorporError) and isinstance(code, str):
-        return code
-    from policies import PolicyError
-    from snapshots.errors import StoreFull, StoreUnavailable
-
-    for cls, name in ((PolicyError, "invalid_policy"), (StoreFull, "store_full"),
-                      (StoreUnavailable, "store_unavailable")):
-        if isinstance(exc, cls):
-            return name
-    return "internal"
+    return code if isinstance(code, str) else "internal"
 
 
 def error_response(exc: BaseException) -> Response:
