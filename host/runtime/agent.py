@@ -115,6 +115,7 @@ class LiveAgent:
     run_fuel_start: int = 0
     run_exec_s: float = 0.0
     last_segment_s: float | None = None  # how long the guest last ran between tool calls
+    stopped_at: float = 0.0  # perf_counter() when the guest last stopped at a tool call
     run_started: float = field(default_factory=time.time)
     _input: bytes | None = field(default=None, repr=False)
 

@@ -10,12 +10,14 @@ record, in one transaction of the group committer (many agents' commits share on
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio.to_thread
 
 from host.runtime.agent import LiveAgent
+from host.runtime.observe import NOBODY, Observer
 from host.trust import audit
 from snapshots.group_commit import GroupCommitter
 
@@ -30,6 +32,7 @@ class AgentCommits:
 
     def __init__(self, committer: GroupCommitter) -> None:
         self.committer = committer
+        self.observer: Observer = NOBODY  # told of every commit of an agent (Host.observe)
 
     async def run(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(txn)`` in a commit and return its value once the commit is durable."""
@@ -49,16 +52,18 @@ class AgentCommits:
         """One transaction: ``fn``, the agent's queued audit events (plus ``after(result)``), its record."""
         queued = len(agent.events)
 
-        def write(txn: Any) -> tuple[T | None, int, str]:
+        def write(txn: Any) -> tuple[T | None, int, str, Events]:
             result = fn(txn) if fn is not None else None
             events = agent.events[:queued] + (after(result) if after is not None and result is not None else [])
             rec = dict(agent.record)
             audit.append_events(txn, rec, events)
             txn.put_agent(rec)
-            return result, rec["audit_seq"], rec["audit_head"]
+            return result, rec["audit_seq"], rec["audit_head"], events
 
-        result, seq, head = await self.run(write)
+        t0 = time.perf_counter()
+        result, seq, head, sealed = await self.run(write)
         agent.record["audit_seq"] = seq
         agent.record["audit_head"] = head
         del agent.events[:queued]
+        self.observer.committed(agent, sealed, time.perf_counter() - t0)
         return result

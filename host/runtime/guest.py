@@ -23,6 +23,7 @@ import anyio
 import anyio.to_thread
 
 from host.runtime.agent import LiveAgent
+from host.runtime.observe import NOBODY, Observer
 from host.sandbox import imports
 from host.sandbox.execution import Execution, Failed, Outcome, PendingCall
 
@@ -40,6 +41,7 @@ class GuestRunner:
         self.warm_bytes = 0  # the linear memory of the instances counted in warm_waiting
         self.inline_segment_s = 0.001  # guest segments shorter than this run inline
         self._limiter = anyio.CapacityLimiter(threads)
+        self.observer: Observer = NOBODY  # told of every segment's fuel and time (Host.observe)
 
     # -- starting and continuing a guest ------------------------------------------------
     async def start(self, agent: LiveAgent) -> Outcome:
@@ -99,11 +101,13 @@ class GuestRunner:
                 took[0] = time.perf_counter() - t
 
         t0 = time.perf_counter()
+        fuel0 = ex.fuel_used
         try:
             return timed(*args) if inline else await self.in_thread(timed, *args)
         finally:
             agent.last_segment_s = took[0]
             agent.run_exec_s += time.perf_counter() - t0  # the budget counts the wait too
+            self.observer.ran(agent, ex.fuel_used - fuel0, took[0])
 
     async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` in a worker thread (as many at once as the host has wasm threads)."""

@@ -22,6 +22,7 @@ instance, no thread and no pool slot, only its checkpoint. ``approve`` and
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +40,7 @@ from host.runtime.fork import fork as fork_agent
 from host.runtime.guest import GuestRunner
 from host.runtime.lifecycle import Lifecycle
 from host.runtime.loader import BundleLoader, limits_for
+from host.runtime.observe import NOBODY, Observer
 from host.runtime.pools import PriorityPool, slots
 from host.runtime.registry import DEFAULT_TENANT, Registry
 from host.runtime.tool_call import Ended, Parked, ToolCallPipeline
@@ -94,6 +96,8 @@ class Host:
     ``"256MiB"``; default ``$TORPOR_MAX_MEMORY``, else none), whatever its bundle's
     ``budgets.memory`` says: an agent gets the smaller of the two, and a module whose
     initial memory is above it is refused (``memory_limit``) before anything is allocated.
+    ``observer``: who is told of spawns, guest segments, suspensions, resumes and commits
+    (:mod:`host.runtime.observe`; a server's metrics); nobody by default, see :meth:`observe`.
     """
 
     def __init__(self, store_dir: str | Path | None = None, *, warm_idle_s: float = 0.05,
@@ -103,7 +107,7 @@ class Host:
                  engine: str | EngineConfig | None = None, durability: str | None = None,
                  max_warm_bytes: int | None = None, handlers: Mapping[str, Callable[..., Any]] | None = None,
                  tools_dirs: Sequence[str | Path] | None = None, trust_bundle_code: Iterable[str] = (),
-                 max_memory: int | str | None = None) -> None:
+                 max_memory: int | str | None = None, observer: Observer | None = None) -> None:
         # Arguments first: nothing is opened yet that a bad one would leave open.
         config = engine if isinstance(engine, EngineConfig) else EngineConfig.for_profile(engine)
         sources = ToolSources(handlers=handlers, tools_dirs=tools_dirs, trust_bundle_code=trust_bundle_code)
@@ -154,6 +158,18 @@ class Host:
         self.lifecycle = Lifecycle(self.store, self.store_dir, self.loader, self.commits, self.guest,
                                    self.identity, self.heads, self.broker)
         self.registry = Registry(self.store)  # named, versioned, tagged bundles (`torpor push`)
+        self.observer: Observer = NOBODY
+        if observer is not None:
+            self.observe(observer)
+
+    def observe(self, observer: Observer) -> None:
+        """Tell ``observer`` what this host does from now on (it replaces the one before).
+
+        The parts that see the moments it is told of (the commits, the guest runner) hold
+        it; the host itself tells it of spawns and resumes."""
+        self.observer = observer
+        self.commits.observer = observer
+        self.guest.observer = observer
 
     # -- context management ---------------------------------------------------
     def __enter__(self) -> Host:
@@ -225,8 +241,10 @@ class Host:
         the agent (whom a server ran it for); ``also`` adds writes to the spawn's own
         transaction (see :meth:`~host.runtime.lifecycle.Lifecycle.spawn`); ``started_as``:
         the registry reference that named the bundle (:meth:`~host.runtime.registry.Registry.lookup`)."""
+        t0 = time.perf_counter()
         agent = await self.lifecycle.spawn(b, input, fuel=fuel, on_behalf_of=on_behalf_of, tenant=tenant, also=also,
                                            started_as=started_as)
+        self.observer.spawned(agent, time.perf_counter() - t0)
 
         async def drive() -> RunResult:
             async with self._slots(agent.bundle, priority):
@@ -255,6 +273,7 @@ class Host:
         (damaged, or not matching its digest) is parked ``corrupt`` (its error names what)
         instead of raising: see :func:`host.runtime.lifecycle.damage`.
         """
+        t0 = time.perf_counter()
         try:
             agent, pending = self.lifecycle.load(agent_id)
         except Exception as exc:
@@ -262,6 +281,7 @@ class Host:
             if error is None:
                 raise
             return self.lifecycle.park_corrupt(agent_id, error)
+        self.observer.resumed(agent, time.perf_counter() - t0)
         async with self._slots(agent.bundle, priority):
             self.lifecycle.begin_run(agent)
             agent.event("agent.resumed", checkpoint=agent.record.get("checkpoints", 0))

@@ -135,6 +135,7 @@ class ToolCallPipeline:
         """The guest stopped at a call: count it and capture its state (memory, globals)."""
         ex = agent.ex
         assert ex is not None
+        agent.stopped_at = time.perf_counter()
         agent.usage["suspensions"] = agent.usage.get("suspensions", 0) + 1
         budgets.count_fuel(agent, ex.fuel_used)
         agent.record["last_progress"] = time.time()
@@ -260,6 +261,7 @@ class ToolCallPipeline:
                 also(txn)
 
         await self.commits.agent(agent, write)
+        self.commits.observer.suspended(agent, time.perf_counter() - agent.stopped_at)
 
     # 7 ----------------------------------------------------------------------------------
     def lease(self, agent: LiveAgent, call: PendingCall) -> ToolContext:
@@ -352,6 +354,8 @@ class ToolCallPipeline:
 
         result = await self.commits.agent(agent, write, events)
         assert result is not None
+        if cp is not None:
+            self.commits.observer.suspended(agent, time.perf_counter() - agent.stopped_at)
         return result
 
     # 9 ----------------------------------------------------------------------------------

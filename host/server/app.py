@@ -30,10 +30,11 @@ from starlette.routing import BaseRoute, Route
 
 from host.errors import TorporError
 from host.runtime import Host
-from host.server import agents, approvals, events, openapi, runs
+from host.server import agents, approvals, events, metrics, openapi, runs
 from host.server import audit as audit_routes
 from host.server.config import ServerConfig
 from host.server.gateway import GatewayMiddleware, RefusalAudit, require
+from host.server.health import StoreProbe
 from host.server.responses import error_body, error_response, json_response
 from host.server.scheduler import Scheduler
 from policies import PolicyError
@@ -50,6 +51,7 @@ class ServerState:
         self.config = config
         self.scheduler = Scheduler(host)
         self.refusals = RefusalAudit(host.store, config.audit_flush_s)
+        self.store_probe = StoreProbe(host.store, host.store_dir)
         self.ready = False
         self.taken_over = 0
 
@@ -59,9 +61,9 @@ class ServerState:
 
 
 def _extra_routes(state: ServerState) -> list[BaseRoute]:
-    """Routes of the rooms other helpers own (registry, metrics), when they are present."""
+    """Routes of the rooms other helpers own (the registry), when they are present."""
     found: list[BaseRoute] = []
-    for module in ("host.server.registry_routes", "host.server.metrics"):
+    for module in ("host.server.registry_routes",):
         try:
             mod = __import__(module, fromlist=["routes"])
         except ModuleNotFoundError as exc:
@@ -82,25 +84,33 @@ def create_app(host: Host, *, config: ServerConfig | None = None) -> Starlette:
     approval_api = approvals.Approvals(host, sched)
     event_api = events.Events(host, sched)
     audit_api = audit_routes.Audit(host)
+    telemetry = metrics.Metrics(host, sched, state.refusals)
+    host.observe(telemetry)  # the runtime's one observer seam: spawns, suspensions, resumes, commits
 
     async def healthz(request: Request) -> Response:
-        """Liveness: the process answers."""
+        """Liveness: the process answers (no token needed)."""
         return json_response({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        """Readiness: taking work (503 while starting or draining)."""
+        """Readiness: taking work, and the store can take writes (no token needed; 503 while
+        starting or draining, or when the store cannot be written: see host.server.health)."""
         if state.draining:
             return json_response(error_body("shutting_down", "the server is shutting down"), 503)
         if not state.ready:
             return json_response(error_body("starting", "the server is starting"), 503)
-        return json_response({"status": "ready", "agents_running": len(sched.active)})
+        store = await state.store_probe.check()
+        if store.problem is not None:
+            body = error_body(*store.problem)
+            body["store"] = store.to_dict()
+            return json_response(body, 503)
+        return json_response({"status": "ready", "agents_running": len(sched.active), "store": store.to_dict()})
 
     routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"], name="healthz"),
         Route("/readyz", readyz, methods=["GET"], name="readyz"),
         *runs.routes(run_api), *agents.routes(agent_api), *events.routes(event_api),
         *approvals.routes(approval_api), *audit_routes.routes(audit_api),
-        *_extra_routes(state),
+        *telemetry.routes(), *_extra_routes(state),
     ]
 
     async def openapi_json(request: Request) -> Response:
@@ -148,8 +158,10 @@ def create_app(host: Host, *, config: ServerConfig | None = None) -> Starlette:
     app.state.server = state
     app.state.refusals = state.refusals
     app.state.events = event_api
+    app.state.metrics = telemetry
     app.add_middleware(GatewayMiddleware, store=host.store, config=config, refusals=state.refusals,
                        draining=lambda: state.draining)
+    app.add_middleware(metrics.HttpMetrics, metrics=telemetry)  # outermost: the gateway's refusals count too
     return app
 
 

@@ -145,16 +145,20 @@ class RefusalAudit:
         self.interval_s = interval_s
         self._pending: list[tuple[str, dict[str, Any]]] = []
         self._dropped = 0
+        #: Refusals by error code over the server's life, dropped ones included (``/metrics``).
+        self.counts: dict[str, int] = {}
         self._wake = anyio.Event()
 
     def note(self, scope: Scope, exc: TorporError, who: Principal | None = None, **extra: Any) -> None:
         """Queue one refused request for the audit (what, who, from where; never a secret)."""
+        code = code_of(exc)
+        self.counts[code] = self.counts.get(code, 0) + 1
         if len(self._pending) >= MAX_PENDING_REFUSALS:
             self._dropped += 1
             return
         client = scope.get("client")
         data: dict[str, Any] = {
-            "code": code_of(exc), "method": str(scope.get("method", ""))[:16],
+            "code": code, "method": str(scope.get("method", ""))[:16],
             "path": str(scope.get("path", ""))[:256], "peer": client[0] if client else None,
             "message": str(exc)[:512],
         }

@@ -39,6 +39,7 @@ DETAILS: dict[str, tuple[str | None, dict[str, Any] | None, int]] = {
     "healthz": (None, None, 200),
     "readyz": (None, None, 200),
     "openapi": ("runs:read", None, 200),
+    "metrics": ("admin", None, 200),
     "push_bundle": ("registry:write", {"type": "string", "format": "binary",
                                        "description": "the bundle file (application/octet-stream)"}, 201),
     "list_bundles": ("runs:read", None, 200),
@@ -48,6 +49,9 @@ DETAILS: dict[str, tuple[str | None, dict[str, Any] | None, int]] = {
                    200),
     "diff_bundles": ("runs:read", None, 200),
 }
+
+#: name -> the media type of a success that is not JSON.
+MEDIA: dict[str, str] = {"metrics": "text/plain; version=0.0.4"}
 
 #: name -> the query parameters of the route: (name, required, description).
 QUERY: dict[str, tuple[tuple[str, bool, str], ...]] = {
@@ -83,14 +87,18 @@ def document(routes: list[BaseRoute], *, version: str = "0.1.0") -> dict[str, An
                                  for p in _PARAM.findall(route.path)),
                                *({"name": q, "in": "query", "required": req, "description": what,
                                   "schema": {"type": "string"}} for q, req, what in QUERY.get(route.name, ()))],
-                "responses": {str(ok): {"description": "success"},
+                "responses": {str(ok): {"description": "success",
+                                        **({"content": {MEDIA[route.name]: {"schema": {"type": "string"}}}}
+                                           if route.name in MEDIA else {})},
                               "default": {"description": "an error",
                                           "content": {"application/json": {"schema": ERROR}}}},
             }
             if scope is None:
-                op["security"] = []
+                op["security"] = []  # open: the gateway lets it through without a token
+                op["description"] = "Open: no operator token needed (a load balancer's probe)."
             else:
                 op["x-torpor-scope"] = scope
+                op["description"] = f"Needs an operator token with the scope `{scope}` (or `admin`)."
             if body is not None:
                 binary = body.get("format") == "binary"  # an upload (a bundle file), not JSON
                 op["requestBody"] = {"required": binary or "required" in body,
