@@ -113,3 +113,48 @@ def test_operator_tools_example_runs_as_written(tmp_path: Path) -> None:
     without = subprocess.run([sys.executable, "-m", "host.cli", *run[1:i], *run[i + 2:]], capture_output=True,
                              text=True, env=env, cwd=tmp_path)
     assert without.returncode == 2 and "error[handler_not_registered]" in without.stderr, without.stderr
+
+
+def test_serving_walkthrough_runs_as_written(tmp_path: Path) -> None:
+    """The README's `torpor serve` walkthrough, run by a shell as written (only the port is a free
+    one): build, serve, tokens, push, a run that parks on approval, the approval, its completion,
+    /metrics, and the drain on SIGTERM."""
+    import contextlib
+    import signal
+
+    from serve_helpers import free_port
+
+    readme = (ROOT / "README.md").read_text()
+    block = _block(readme, "sh", "torpor serve --store")
+    port = free_port()
+    script = block.replace("127.0.0.1:8700", f"127.0.0.1:{port}")
+    assert script.count(str(port)) == 2  # the server's --listen and the URL the curls use
+    (tmp_path / "guest_sdk").symlink_to(ROOT / "guest_sdk")  # the README's paths, without writing into the repo
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "torpor").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m host.cli "$@"\n')
+    (bin_dir / "torpor").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("TORPOR_TOOLS_PATH", "TORPOR_STORE")}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.Popen(["bash", "-e", "-o", "pipefail", "-c", script], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        # A step that failed leaves the server running: end the walkthrough's whole process group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out + err
+    answers = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    [approvals] = [a["approvals"] for a in answers if "approvals" in a]
+    assert [a["call"]["tool"] for a in approvals] == ["erp.create_po"], out
+    agent_id = approvals[0]["agent_id"]
+    done = answers[-1]  # the long poll's answer
+    assert done["agent_id"] == agent_id and done["status"] == "completed", out
+    assert done["output"]["status"] == "ordered" and done["started_as"]["ref"] == "procurement@production"
+    metrics = dict(line.rsplit(" ", 1) for line in out.splitlines() if line.startswith("torpor_"))
+    assert float(metrics['torpor_spawns_total{tenant="acme"}']) == 1, out
+    assert float(metrics['torpor_resumes_total{tenant="acme"}']) == 1, out
+    assert float(metrics['torpor_agents{status="completed"}']) == 1, out
+    assert float(metrics['torpor_agents{status="waiting_approval"}']) == 0, out
+    assert "torpor serve: stopped" in err, err
