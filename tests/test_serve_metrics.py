@@ -176,3 +176,36 @@ def test_readyz_probes_share_one_store_check(served: tuple[InProcessServer, dict
             assert c.get("/readyz").status_code == 200
         elapsed = time.monotonic() - t0
     assert srv.host.store.commits - before <= 1 + elapsed / health.CHECK_TTL_S
+
+
+def test_histogram_buckets_are_cumulative_and_bounds_inclusive() -> None:
+    from host.server.metrics import LATENCY_BUCKETS, _Histogram
+
+    h = _Histogram("torpor_x_seconds", "x")
+    for v in (0.0, 0.001, 0.0011, 3.0, 99.0):  # 0.001 is a bound: counted in its own bucket
+        h.observe(v)
+    [family] = text_string_to_metric_families(_exposition(h.family()))
+    buckets = {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
+    assert buckets["0.001"] == 2 and buckets["0.0025"] == 3 and buckets["5.0"] == 4 and buckets["+Inf"] == 5
+    assert list(buckets.values()) == sorted(buckets.values()) and len(buckets) == len(LATENCY_BUCKETS) + 1
+    assert {s.name: s.value for s in family.samples}["torpor_x_seconds_count"] == 5
+
+
+def test_a_label_keeps_a_bounded_number_of_values() -> None:
+    from host.server.metrics import OTHER, _Bounded
+
+    label = _Bounded(limit=3)
+    assert [label(v) for v in ("a", "b", "c", "d", "a", "e")] == ["a", "b", "c", OTHER, "a", OTHER]
+
+
+def _exposition(family: object) -> str:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import generate_latest
+
+    class One:
+        def collect(self) -> list[object]:
+            return [family]
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(One())  # type: ignore[arg-type]
+    return generate_latest(registry).decode()

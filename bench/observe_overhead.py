@@ -1,0 +1,156 @@
+"""What ``/metrics`` costs the hot paths: ``python bench/observe_overhead.py [--quick] [--json]``.
+
+Three figures, each against its baseline in the same run:
+
+* the runtime: tool round trips of the ``steps`` agent through :class:`~host.runtime.Host`
+  (policy, checkpoint, journal, ``kv.incr`` per call) with nobody watching (the
+  :data:`~host.runtime.observe.NOBODY` seam) and with the server's
+  :class:`~host.server.metrics.Metrics` as its observer, alternated round by round;
+* the HTTP edge: one request through :class:`~host.server.metrics.HttpMetrics` around a
+  minimal ASGI application, against that application alone (no network: the middleware's
+  own cost, which a loopback request would hide in its noise);
+* the seam itself: one call of an empty observer method.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # `python bench/observe_overhead.py`: the repository root on the path, for `bench.*`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import tempfile
+import time
+import timeit
+from typing import Any
+
+from bench.rig import load_bundle, machine
+from host.errors import TorporError
+
+
+def _runtime(rounds: int, agents: int, n: int, http_requests: int) -> dict[str, Any]:
+    import anyio
+
+    from host.runtime import Host
+    from host.runtime.observe import NOBODY
+    from host.server.app import create_app
+
+    b = load_bundle("steps")
+    tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-observe-"))
+    rates: dict[str, list[float]] = {"nobody": [], "metrics": []}
+    try:
+        with Host(tmp, warm_idle_s=60.0, durability="process") as host:  # no fsync noise: the CPU cost
+            app = create_app(host)  # its Metrics becomes the host's observer
+            metrics = app.state.metrics
+            anyio.run(lambda: host.run(b, {"n": 1}))  # load and compile outside the timing
+
+            async def batch() -> int:
+                results = []
+
+                async def one() -> None:
+                    results.append(await host.run(b, {"n": n}))
+
+                async with anyio.create_task_group() as tg:
+                    for _ in range(agents):
+                        tg.start_soon(one)
+                if any(r.status != "completed" for r in results):
+                    raise TorporError("a steps agent did not complete")
+                return sum(r.tool_calls for r in results)
+
+            for _ in range(rounds):
+                for name, observer in (("nobody", NOBODY), ("metrics", metrics)):
+                    host.observe(observer)
+                    t0 = time.perf_counter()
+                    calls = anyio.run(batch)
+                    rates[name].append(calls / (time.perf_counter() - t0))
+            scraped = metrics.render().decode()
+            http = _http(metrics, http_requests)  # the same server's Metrics, counting for real
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if "torpor_tool_calls_total" not in scraped:
+        raise TorporError("the observer counted nothing")
+    nobody, watched = statistics.median(rates["nobody"]), statistics.median(rates["metrics"])
+    return {"agents": agents, "calls_per_agent": n, "rounds": rounds,
+            "nobody_round_trips_per_s": round(nobody), "metrics_round_trips_per_s": round(watched),
+            "metrics_cost_us_per_call": round(1e6 / watched - 1e6 / nobody, 2),
+            "all_round_trips_per_s": {k: [round(v) for v in vs] for k, vs in rates.items()}, "http": http}
+
+
+def _http(metrics: Any, requests: int) -> dict[str, Any]:
+    from starlette.routing import Route
+
+    from host.server.metrics import HttpMetrics
+
+    route = Route("/v1/agents/{agent_id}", lambda r: None, methods=["GET"], name="get_agent")
+    start = {"type": "http.response.start", "status": 200, "headers": []}
+    body = {"type": "http.response.body", "body": b"{}"}
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        scope["route"] = route  # as the router sets it
+        await send(start)
+        await send(body)
+
+    wrapped = HttpMetrics(inner, metrics)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        return None
+
+    async def loop(app: Any) -> float:
+        t0 = time.perf_counter()
+        for _ in range(requests):
+            await app({"type": "http", "method": "GET", "path": "/v1/agents/x", "state": {}}, receive, send)
+        return (time.perf_counter() - t0) / requests * 1e6
+
+    async def main() -> tuple[list[float], list[float]]:
+        bare, counted = [], []
+        for _ in range(5):
+            bare.append(await loop(inner))
+            counted.append(await loop(wrapped))
+        return bare, counted
+
+    bare, counted = asyncio.run(main())
+    return {"requests": requests, "bare_us": round(min(bare), 3), "with_http_metrics_us": round(min(counted), 3),
+            "http_metrics_cost_us": round(min(counted) - min(bare), 3)}
+
+
+def _seam() -> dict[str, Any]:
+    from host.runtime.observe import NOBODY
+
+    n = 1_000_000
+    per = min(timeit.repeat(lambda: NOBODY.committed(None, (), 0.0), number=n, repeat=5)) / n  # type: ignore[arg-type]
+    empty = min(timeit.repeat(lambda: None, number=n, repeat=5)) / n
+    return {"nobody_call_ns": round(per * 1e9, 1), "empty_lambda_ns": round(empty * 1e9, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    ap.add_argument("--json", action="store_true", help="print one JSON document")
+    args = ap.parse_args(argv)
+    runtime = _runtime(2 if args.quick else 6, 4 if args.quick else 16, 20 if args.quick else 200,
+                       2_000 if args.quick else 100_000)
+    res = {"bench": "observe_overhead", "machine": machine(), "runtime": runtime, "http": runtime.pop("http"),
+           "seam": _seam()}
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        rt, http, seam = res["runtime"], res["http"], res["seam"]
+        print(f"runtime round trips/s (median of {rt['rounds']}): nobody {rt['nobody_round_trips_per_s']:,}, "
+              f"metrics {rt['metrics_round_trips_per_s']:,} ({rt['metrics_cost_us_per_call']} µs a call)")
+        print(f"HTTP request, in-process ASGI: bare {http['bare_us']} µs, with HttpMetrics "
+              f"{http['with_http_metrics_us']} µs ({http['http_metrics_cost_us']} µs a request)")
+        print(f"NOBODY seam call: {seam['nobody_call_ns']} ns (an empty lambda: {seam['empty_lambda_ns']} ns)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
