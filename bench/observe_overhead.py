@@ -1,11 +1,14 @@
 """What ``/metrics`` costs the hot paths: ``python bench/observe_overhead.py [--quick] [--json]``.
 
-Three figures, each against its baseline in the same run:
+Four figures, each against its baseline in the same run:
 
 * the runtime: tool round trips of the ``steps`` agent through :class:`~host.runtime.Host`
   (policy, checkpoint, journal, ``kv.incr`` per call) with nobody watching (the
   :data:`~host.runtime.observe.NOBODY` seam) and with the server's
-  :class:`~host.server.metrics.Metrics` as its observer, alternated round by round;
+  :class:`~host.server.metrics.Metrics` as its observer, alternated round by round (on a
+  shared machine a difference of microseconds drowns in this figure's noise, hence the next);
+* the observer alone: every call a real run of those agents made on its observer (recorded),
+  made again on the server's ``Metrics`` and on ``NOBODY``, per tool call;
 * the HTTP edge: one request through :class:`~host.server.metrics.HttpMetrics` around a
   minimal ASGI application, against that application alone (no network: the middleware's
   own cost, which a loopback request would hide in its noise);
@@ -71,6 +74,7 @@ def _runtime(rounds: int, agents: int, n: int, http_requests: int) -> dict[str, 
                     rates[name].append(calls / (time.perf_counter() - t0))
             scraped = metrics.render().decode()
             http = _http(metrics, http_requests)  # the same server's Metrics, counting for real
+            replay = _replay(host, b, metrics, agents, n)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if "torpor_tool_calls_total" not in scraped:
@@ -79,7 +83,52 @@ def _runtime(rounds: int, agents: int, n: int, http_requests: int) -> dict[str, 
     return {"agents": agents, "calls_per_agent": n, "rounds": rounds,
             "nobody_round_trips_per_s": round(nobody), "metrics_round_trips_per_s": round(watched),
             "metrics_cost_us_per_call": round(1e6 / watched - 1e6 / nobody, 2),
-            "all_round_trips_per_s": {k: [round(v) for v in vs] for k, vs in rates.items()}, "http": http}
+            "all_round_trips_per_s": {k: [round(v) for v in vs] for k, vs in rates.items()}, "http": http,
+            **replay}
+
+
+def _replay(host: Any, b: Any, metrics: Any, agents: int, n: int) -> dict[str, Any]:
+    """The observer's own cost per tool call, free of the runtime's noise: the calls a real run
+    makes on its observer (recorded), made again on the server's Metrics and on NOBODY."""
+    import anyio
+
+    from host.runtime.observe import NOBODY, Observer
+
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    class Recorder(Observer):
+        def spawned(self, *a: Any) -> None:
+            calls.append(("spawned", a))
+
+        def ran(self, *a: Any) -> None:
+            calls.append(("ran", a))
+
+        def suspended(self, *a: Any) -> None:
+            calls.append(("suspended", a))
+
+        def resumed(self, *a: Any) -> None:
+            calls.append(("resumed", a))
+
+        def committed(self, agent: Any, events: Any, seconds: float) -> None:
+            calls.append(("committed", (agent, list(events), seconds)))
+
+    host.observe(Recorder())
+
+    async def batch() -> int:
+        results = [await host.run(b, {"n": n}) for _ in range(agents)]
+        return sum(r.tool_calls for r in results)
+
+    tool_calls = anyio.run(batch)
+    host.observe(metrics)
+
+    def replay(observer: Observer) -> None:
+        for name, args in calls:
+            getattr(observer, name)(*args)
+
+    per = {name: min(timeit.repeat(lambda o=o: replay(o), number=5, repeat=5)) / 5  # type: ignore[misc]
+           for name, o in (("nobody", NOBODY), ("metrics", metrics))}
+    return {"replayed_observer_calls": len(calls), "replayed_tool_calls": tool_calls,
+            "observer_us_per_tool_call": {k: round(v / tool_calls * 1e6, 3) for k, v in per.items()}}
 
 
 def _http(metrics: Any, requests: int) -> dict[str, Any]:
@@ -146,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         rt, http, seam = res["runtime"], res["http"], res["seam"]
         print(f"runtime round trips/s (median of {rt['rounds']}): nobody {rt['nobody_round_trips_per_s']:,}, "
               f"metrics {rt['metrics_round_trips_per_s']:,} ({rt['metrics_cost_us_per_call']} µs a call)")
+        o = rt["observer_us_per_tool_call"]
+        print(f"observer calls of a real run, replayed: {o['metrics']} µs a tool call on Metrics, {o['nobody']} µs "
+              "on NOBODY")
         print(f"HTTP request, in-process ASGI: bare {http['bare_us']} µs, with HttpMetrics "
               f"{http['with_http_metrics_us']} µs ({http['http_metrics_cost_us']} µs a request)")
         print(f"NOBODY seam call: {seam['nobody_call_ns']} ns (an empty lambda: {seam['empty_lambda_ns']} ns)")
