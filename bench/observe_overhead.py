@@ -1,6 +1,6 @@
 """What ``/metrics`` costs the hot paths: ``python bench/observe_overhead.py [--quick] [--json]``.
 
-Four figures, each against its baseline in the same run:
+Four figures against its baseline in the same run:
 
 * the runtime: tool round trips of the ``steps`` agent through :class:`~host.runtime.Host`
   (policy, checkpoint, journal, ``kv.incr`` per call) with nobody watching (the
@@ -12,7 +12,9 @@ Four figures, each against its baseline in the same run:
 * the HTTP edge: one request through :class:`~host.server.metrics.HttpMetrics` around a
   minimal ASGI application, against that application alone (no network: the middleware's
   own cost, which a loopback request would hide in its noise);
-* the seam itself: one call of an empty observer method.
+* the seam itself: one call of an empty observer method;
+* a scrape of a store of 10,000 agents (``bench.cli_startup.build_store``): the first, which
+  reads the listing, and one within the listing's cache time.
 """
 
 from __future__ import annotations
@@ -171,6 +173,33 @@ def _http(metrics: Any, requests: int) -> dict[str, Any]:
             "http_metrics_cost_us": round(min(counted) - min(bare), 3)}
 
 
+def _scrape(agents: int) -> dict[str, Any]:
+    """A scrape of a server whose store holds ``agents`` agents: the first reads the listing,
+    those within the next :data:`~host.server.metrics.LISTING_TTL_S` reuse it."""
+    from bench.cli_startup import build_store
+    from bench.rig import Progress
+    from host.runtime import Host
+    from host.server.app import create_app
+
+    tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-scrape-"))
+    try:
+        built = build_store(tmp, agents, Progress("store", agents, False))
+        with Host(tmp) as host:
+            metrics = create_app(host).state.metrics
+            t0 = time.perf_counter()
+            text = metrics.render().decode()
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            metrics.render()
+            cached = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if f'torpor_agents{{status="completed"}} {float(agents)}' not in text:
+        raise TorporError("the scrape did not count the store's agents")
+    return {"agents": built["agents"], "first_scrape_ms": round(first * 1000, 2),
+            "cached_scrape_ms": round(cached * 1000, 2), "bytes": len(text)}
+
+
 def _seam() -> dict[str, Any]:
     from host.runtime.observe import NOBODY
 
@@ -188,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime = _runtime(2 if args.quick else 6, 4 if args.quick else 16, 20 if args.quick else 200,
                        2_000 if args.quick else 100_000)
     res = {"bench": "observe_overhead", "machine": machine(), "runtime": runtime, "http": runtime.pop("http"),
-           "seam": _seam()}
+           "seam": _seam(), "scrape": _scrape(1_000 if args.quick else 10_000)}
     if args.json:
         print(json.dumps(res, indent=2))
     else:
@@ -200,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
               "on NOBODY")
         print(f"HTTP request, in-process ASGI: bare {http['bare_us']} µs, with HttpMetrics "
               f"{http['with_http_metrics_us']} µs ({http['http_metrics_cost_us']} µs a request)")
+        sc = res["scrape"]
+        print(f"/metrics on a store of {sc['agents']:,} agents: {sc['first_scrape_ms']} ms, then "
+              f"{sc['cached_scrape_ms']} ms while the listing is cached")
         print(f"NOBODY seam call: {seam['nobody_call_ns']} ns (an empty lambda: {seam['empty_lambda_ns']} ns)")
     return 0
 
