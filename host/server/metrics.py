@@ -10,8 +10,8 @@ Three sources, each counted at one place:
 * the HTTP edge: :class:`HttpMetrics`, an ASGI middleware outside the gateway, counts every
   request by method, route template and status (refusals of the gateway included);
 * the store and the server's own counters, read when a scrape asks (a collector): agents by
-  status from the store's listing summaries (cached for :data:`LISTING_TTL_S`: a scrape of
-  10,000 agents reads 10,000 small summaries, not once per scrape burst), the LMDB file's
+  status from the store's listing summaries (10,000 small summaries for 10,000 agents, read
+  once per :data:`LISTING_TTL_S` however many scrapes come), the LMDB file's
   size and the bytes its live pages hold, the gateway's refusals by code (``rate_limited``
   among them: :class:`~host.server.gateway.RefusalAudit` counts every refusal it audits),
   agents being driven and instances waiting warm.
@@ -173,7 +173,7 @@ class Metrics(Observer):
         self.tokens = _Counter("torpor_tokens", "Tokens tools reported spent (LLM calls), by tenant", tenant)
         self.fuel = _Counter("torpor_fuel", "Fuel burnt by guest code, by tenant", tenant)
         self.guest_seconds = _Counter("torpor_guest_seconds", "Time guest code ran, by tenant", tenant)
-        self.finished = _Counter("torpor_agents_finished", "Agents that ended, by final status", ("status",))
+        self.finished = _Counter("torpor_agents_finished", "Agents the runtime ran to their end, by final status", ("status",))
         self.commit_seconds = _Histogram("torpor_commit_seconds",
                                          "An agent step's commit (checkpoint, journal, audit, record), until durable")
         self.http = _Counter("torpor_http_requests", "HTTP requests by method, route template and status",
