@@ -120,7 +120,7 @@ def test_sigterm_drains_every_agent_completed_or_hibernated(bundles: BundleFacto
     store = tmp_path / "store"
     [steps] = register(store, bundles.example("steps"))
     secret = token(store, "acme", "runs:write", "runs:read")
-    n = 2500  # 8 agents of it take seconds (and stay within steps' 30 s wall-clock budget per run)
+    n = 1000  # 8 agents of it take seconds, shared fairly, so all are under way at the signal; far within steps' 30 s wall-clock budget
     proc, url = start_process(store, "--durability", "process", "--drain-timeout", "0.2")
     responses = anyio.run(lambda: _post_all(url, secret, [{"agent": steps, "input": {"n": n}}] * 8, limit=8))
     assert [r.status_code for r in responses] == [201] * 8
