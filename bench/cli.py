@@ -39,6 +39,8 @@ BENCHES: dict[str, tuple[str, str]] = {
                      "bundles, policies, the SDK's JSON parser) with hello checked after every case"),
     "interrupts": ("interrupts", "hundreds of SIGINTs and SIGTERMs at random instants into real torpor run and "
                                  "resume --all processes: exit 130/143, never an abort, every agent finished once"),
+    "serve": ("serve", "a real torpor serve on 127.0.0.1: hello start-to-completion over HTTP vs the embedded Host.run, "
+                       "requests/s of start-run and get-agent, the RSS of 10,000 agents hibernated on it"),
     "soak": ("soak", "10,000 agents of mixed kinds (budgets hit, poison values, failing tools) through one host "
                      "for 10 minutes: RSS slope, descriptors, mappings, every end state checked"),
 }
@@ -99,7 +101,7 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
         sp.add_argument("--json", action="store_true", help="print one JSON document")
         sp.add_argument("--quick", action="store_true", help="a small smoke run (seconds, for CI)")
         # cli and interrupts run torpor processes, not an engine of their own; fuzz runs a Host
-        if name not in ("cli", "fuzz", "interrupts"):
+        if name not in ("cli", "fuzz", "interrupts", "serve"):
             sp.add_argument("--engine", choices=ENGINE_PROFILES, default=None,
                             help="engine profile (default: $TORPOR_ENGINE or dense; see host/sandbox/engine.py and "
                                  "bench/RESULTS.md)")
@@ -158,6 +160,14 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
             sp.add_argument("--steps", type=int, help="tool calls each agent makes (default 200; --quick 40)")
             sp.add_argument("--per-store", type=int, help="signals sent into the commands of one store (default 10)")
             sp.add_argument("--seed", type=int, default=2107, help="seed of the instants (default 2107)")
+        elif name == "serve":
+            sp.add_argument("--n", type=int, help="hello runs timed over HTTP and embedded, per durability "
+                                                  "(default 2,000; --quick 20)")
+            sp.add_argument("--requests", type=int, help="requests per throughput case (default 3,000; --quick 40)")
+            sp.add_argument("--clients", help="comma-separated concurrent clients (default 1,16; --quick 1,4)")
+            sp.add_argument("--agents", type=int, help="agents to park on one server (default 10,000; --quick 20)")
+            sp.add_argument("--durability", choices=("sync", "process"), default=None,
+                            help="measure at this durability only (default: hello at both, the rest at sync)")
         elif name == "soak":
             sp.add_argument("--agents", type=int, help="agents to run at least (default 10,000; --quick 300)")
             sp.add_argument("--minutes", type=float,
