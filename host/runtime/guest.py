@@ -5,7 +5,11 @@ about time and memory, not about the agent's meaning:
 
 * where a guest segment runs: inline on the event loop when the agent's last segment
   was short (a thread hop costs more than a short segment), in a worker thread
-  otherwise, so that a compute-heavy guest never stalls the other agents;
+  otherwise, so that a compute-heavy guest never stalls the other agents. An agent
+  with no segment of its own yet (a new one, or one just loaded from its checkpoint)
+  goes by the last such first segment of its module: the first segment of a short
+  agent such as ``hello`` is all of its run, and two thread hand-offs cost more than it
+  does;
 * whether an instance waits warm while its tool runs (and is rewound in place, the
   fast path) or is dropped at once and rebuilt from its checkpoint (hibernation):
   it goes cold when its tool outlasts ``warm_idle_s``, or at once when too many
@@ -29,6 +33,9 @@ from host.sandbox.execution import Execution, Failed, Outcome, PendingCall
 
 T = TypeVar("T")
 
+#: Modules whose last first segment's time is remembered at most.
+_MAX_MODULES = 4096
+
 
 class GuestRunner:
     """Runs guest segments and holds the accounting of instances waiting warm."""
@@ -40,6 +47,9 @@ class GuestRunner:
         self.warm_waiting = 0  # instances kept in memory while their agent waits on a tool
         self.warm_bytes = 0  # the linear memory of the instances counted in warm_waiting
         self.inline_segment_s = 0.001  # guest segments shorter than this run inline
+        # module digest -> how long the last first segment (an agent's first after a start
+        # or a load) of that module ran; later segments are the agent's own business
+        self._first_segment_s: dict[str, float] = {}
         self._limiter = anyio.CapacityLimiter(threads)
         self.observer: Observer = NOBODY  # told of every segment's fuel and time (Host.observe)
 
@@ -90,7 +100,10 @@ class GuestRunner:
         # worker (milliseconds with a few agents at once), look long, and send the next
         # one to a thread too, for ever (measured: every segment of 4 concurrent agents
         # went to a thread, ~870 µs per tool call).
-        inline = agent.last_segment_s is not None and agent.last_segment_s < self.inline_segment_s
+        module = agent.bundle.module_digest
+        first = agent.last_segment_s is None
+        last = self._first_segment_s.get(module) if first else agent.last_segment_s
+        inline = last is not None and last < self.inline_segment_s
         took = [0.0]
 
         def timed(*a: Any) -> Outcome:
@@ -106,6 +119,10 @@ class GuestRunner:
             return timed(*args) if inline else await self.in_thread(timed, *args)
         finally:
             agent.last_segment_s = took[0]
+            if first:
+                if len(self._first_segment_s) >= _MAX_MODULES and module not in self._first_segment_s:
+                    self._first_segment_s.clear()  # a bound, not an eviction policy: it refills at once
+                self._first_segment_s[module] = took[0]
             agent.run_exec_s += time.perf_counter() - t0  # the budget counts the wait too
             self.observer.ran(agent, ex.fuel_used - fuel0, took[0])
 

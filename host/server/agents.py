@@ -30,8 +30,13 @@ async def wait_until_stopped(host: Host, scheduler: Any, agent_id: str, timeout:
     (or as soon as the server drains)."""
     deadline = anyio.current_time() + timeout
     while True:
-        rec = host.get_agent(agent_id)
         left = deadline - anyio.current_time()
+        if left > 0 and not scheduler.draining and scheduler.driving(agent_id):
+            # This server drives it: it moves until that drive ends, which wakes us; the
+            # store need not be read until then (nobody else may drive it meanwhile).
+            await scheduler.changed(agent_id, min(left, POLL_S))
+            continue
+        rec = host.get_agent(agent_id)
         if rec.get("status") not in MOVING or left <= 0 or scheduler.draining:
             return rec
         await scheduler.changed(agent_id, min(left, POLL_S))

@@ -73,6 +73,12 @@ def owned_agent(host: Host, agent_id: str, who: Principal) -> dict[str, Any]:
         rec = host.get_agent(agent_id)
     except (AgentNotFound, ValueError):  # ValueError: not a key the store can hold
         rec = None
+    return owned(rec, agent_id, who)
+
+
+def owned(rec: dict[str, Any] | None, agent_id: str, who: Principal) -> dict[str, Any]:
+    """``rec`` (an agent record already read) if it is the principal tenant's; else
+    ``agent_not_found``, as :func:`owned_agent` answers."""
     if rec is None or tenant_of(rec) != who.tenant:
         raise AgentNotFound(f"no agent {agent_id[:64]}")
     return rec

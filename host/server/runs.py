@@ -30,7 +30,7 @@ from host.runtime import Host
 from host.sandbox.bundle import Bundle
 from host.server import agents as agents_routes
 from host.server.gateway import require
-from host.server.inputs import json_object, number, owned_agent
+from host.server.inputs import json_object, number, owned, owned_agent
 from host.server.responses import json_response
 from host.trust import audit
 
@@ -98,8 +98,9 @@ class Runs:
             status = 201
         else:
             agent_id, status = await self._start_once(b, payload, fuel, who.tenant, key, fingerprint, started_as)
-        if wait:
-            await agents_routes.wait_until_stopped(self.host, self.scheduler, agent_id, wait)
+        if wait:  # the record the wait ended on is the answer (not read again)
+            rec = await agents_routes.wait_until_stopped(self.host, self.scheduler, agent_id, wait)
+            return json_response(owned(rec, agent_id, who), status)
         return json_response(owned_agent(self.host, agent_id, who), status)
 
     async def _start(self, b: Bundle, payload: Any, fuel: int | None, tenant: str,

@@ -101,6 +101,10 @@ class Scheduler:
         self._tg.start_soon(self._guard, agent_id, fn, name=f"agent {agent_id}")
         return True
 
+    def driving(self, agent_id: str) -> bool:
+        """Whether a drive of ``agent_id`` is in flight here (it is running until that ends)."""
+        return agent_id in self.active
+
     def resume(self, agent_id: str) -> bool:
         """Resume the agent in the background (a decision was recorded, its time came, or it was left)."""
         return self.drive(agent_id, lambda: self.host.resume(agent_id))

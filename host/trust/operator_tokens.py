@@ -4,8 +4,10 @@ An operator token is a bearer secret printed once by ``torpor tokens create``. T
 keeps only the SHA-256 of the secret (bucket ``operator_tokens``, keyed by that hash), with
 the token's id, name, tenant, scopes and its created, expiry and revocation times: a copy of
 the store does not hand out working keys, and a lookup is one read by the hash of what the
-client sent. Revoking and expiring are checked at every request (no cache), so a revoked
-token stops working at the next request, also when another process revoked it.
+client sent. Revoking and expiring are checked at every request (the stored entry is read
+each time; only its decoding is remembered, keyed by the very bytes read, so a revocation
+is new bytes and is seen at once), so a revoked token stops working at the next request,
+also when another process revoked it.
 
 These are not agent identities (:mod:`host.trust.identity`): those are the tokens an agent
 carries for its tools; these are the keys people and scripts hold to the server.
@@ -156,12 +158,27 @@ def authenticate(store: AgentStore, secret: str, *, now: float | None = None) ->
     return token
 
 
+#: Stored entries already decoded, by their bytes (a gateway reads the same few tokens at
+#: every request: decoding is most of the check's cost). Bounded; emptied when full.
+_DECODED: dict[bytes, OperatorToken | None] = {}
+_DECODED_MAX = 1024
+
+
 def _decode(raw: bytes | None) -> OperatorToken | None:
     """A stored token, or None for bytes that are not one (a damaged entry grants nothing)."""
     if raw is None:
         return None
+    raw = bytes(raw)
+    try:
+        return _DECODED[raw]
+    except KeyError:
+        pass
     try:
         d = json.loads(raw)
-        return OperatorToken.of(d) if isinstance(d, dict) else None
+        token = OperatorToken.of(d) if isinstance(d, dict) else None
     except (ValueError, KeyError, TypeError):
-        return None
+        token = None
+    if len(_DECODED) >= _DECODED_MAX:
+        _DECODED.clear()
+    _DECODED[raw] = token
+    return token
