@@ -142,6 +142,31 @@ async def _append(results: list[RunResult], run: Any) -> None:
     results.append(await run)
 
 
+def test_a_new_agent_goes_by_its_modules_last_first_segment(bundles: BundleFactory, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new agent has no segment of its own to go by: its first segment runs inline when
+    the last first segment of its module was short (``hello``'s whole run is shorter than
+    the two hand-offs of a hop), and in a thread when it was long, or never seen."""
+    b = bundles.load(EXAMPLES / "hello")
+    hops: list[str] = []
+    real = GuestRunner.in_thread
+
+    async def counted(self: GuestRunner, fn: Any, *args: Any) -> Any:
+        hops.append(getattr(fn, "__name__", "?"))
+        return await real(self, fn, *args)
+
+    monkeypatch.setattr(GuestRunner, "in_thread", counted)
+    with Host(tmp_path) as host:
+        host.guest.inline_segment_s = 0.5  # every hello segment is short, however busy the machine
+        for i in range(3):
+            assert run(host, b, {"name": f"a{i}"}).output == {"greeting": f"hello, a{i}"}
+        assert len(hops) == 1, hops  # the module's first agent only
+        host.guest.inline_segment_s = 0.0  # now no segment counts as short
+        assert run(host, b, {"name": "b"}).status == "completed"
+        assert run(host, b, {"name": "c"}).status == "completed"
+        assert len(hops) == 3, hops
+
+
 def test_stack_too_deep_to_suspend_fails_cleanly(bundles: BundleFactory, tmp_path: Path) -> None:
     b = bundles.load(GUESTS / "deepwait")
     with Host(tmp_path) as host:
