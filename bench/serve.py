@@ -197,6 +197,12 @@ class Server:
         finally:
             await conn.close()
 
+    def cpu_s(self) -> float:
+        """CPU time (user + system) the server process has used so far, in seconds."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def memory_kib(self) -> dict[str, int]:
         """``VmRSS``, ``VmHWM`` and ``RssAnon`` of the server process, in KiB."""
         out = {}
@@ -245,28 +251,37 @@ def _prepare(store: Path, durability: str, bundles: list[Bundle]) -> str:
 
 
 # -- the phases ---------------------------------------------------------------------------------
-async def _embedded(store: Path, durability: str, b: Bundle, n: int, warmup: int) -> Latency:
-    """``Host.run`` of ``b`` in this process, sequential: the baseline of the HTTP latency."""
+async def _embedded(store: Path, durability: str, b: Bundle, n: int, warmup: int) -> tuple[Latency, float]:
+    """``Host.run`` of ``b`` in this process, sequential: the baseline of the HTTP latency;
+    and the CPU time of this process per run (its threads', the group commit's too)."""
     from host.runtime import Host
 
     lat = Latency()
+    cpu0 = 0.0
     with Host(store, durability=durability) as host:
         for i in range(warmup + n):
+            if i == warmup:
+                cpu0 = time.process_time()
             t0 = time.perf_counter_ns()
             r = await host.run(b, {"name": "ada"})
             if i >= warmup:
                 lat.add(time.perf_counter_ns() - t0)
             if r.status != "completed" or r.output != {"greeting": "hello, ada"}:
                 raise TorporError(f"embedded hello ended {r.status}: {r.error or r.output}")
-    return lat
+        cpu = (time.process_time() - cpu0) / n
+    return lat, cpu
 
 
-async def _hello_over_http(srv: Server, token: str, n: int, warmup: int) -> Latency:
+async def _hello_over_http(srv: Server, token: str, n: int, warmup: int) -> tuple[Latency, float]:
+    """``POST /v1/runs`` of hello with ``wait``, sequential; and the server's CPU time per run."""
     conn = await HttpConn.open("127.0.0.1", srv.port)
     lat = Latency()
     body = {"agent": "hello", "input": {"name": "ada"}, "wait": 30}
+    cpu0 = 0.0
     try:
         for i in range(warmup + n):
+            if i == warmup:
+                cpu0 = srv.cpu_s()
             t0 = time.perf_counter_ns()
             status, raw = await conn.request("POST", "/v1/runs", body, token)
             if i >= warmup:
@@ -274,9 +289,10 @@ async def _hello_over_http(srv: Server, token: str, n: int, warmup: int) -> Late
             rec = _expect("POST /v1/runs (wait)", status, raw, 201)
             if rec.get("status") != "completed" or rec.get("output") != {"greeting": "hello, ada"}:
                 raise TorporError(f"hello over HTTP ended {rec.get('status')}: {rec.get('error') or rec.get('output')}")
+        cpu = (srv.cpu_s() - cpu0) / n
     finally:
         await conn.close()
-    return lat
+    return lat, cpu
 
 
 async def _latency_phase(tmp: Path, durability: str, n: int, warmup: int, progress: bool) -> dict[str, Any]:
@@ -288,14 +304,18 @@ async def _latency_phase(tmp: Path, durability: str, n: int, warmup: int, progre
         await srv.ready()
         if progress:
             print(f"hello over HTTP, durability {durability}: {n} runs", file=sys.stderr)
-        http = await _hello_over_http(srv, token, n, warmup)
+        http, http_cpu = await _hello_over_http(srv, token, n, warmup)
     finally:
         srv.stop()
     if progress:
         print(f"embedded Host.run, durability {durability}: {n} runs", file=sys.stderr)
-    embedded = await _embedded(tmp / f"embedded-{durability}", durability, hello, n, warmup)
+    embedded, embedded_cpu = await _embedded(tmp / f"embedded-{durability}", durability, hello, n, warmup)
     h, e = http.summary(), embedded.summary()
+    # CPU time is what a loaded machine stretches least: the server's per run over HTTP
+    # against this process's per embedded run.
     return {"durability": durability, "http": h, "embedded": e,
+            "http_cpu_us": round(http_cpu * 1e6, 1), "embedded_cpu_us": round(embedded_cpu * 1e6, 1),
+            "added_cpu_us": round((http_cpu - embedded_cpu) * 1e6, 1),
             "p50_ratio": round(h["p50_us"] / e["p50_us"], 2), "p99_ratio": round(h["p99_us"] / e["p99_us"], 2),
             "added_p50_us": round(h["p50_us"] - e["p50_us"], 1), "added_p90_us": round(h["p90_us"] - e["p90_us"], 1),
             "added_p99_us": round(h["p99_us"] - e["p99_us"], 1),
@@ -401,13 +421,24 @@ async def _hibernate_phase(tmp: Path, durability: str, agents: int, clients: int
 
 
 # -- the benchmark --------------------------------------------------------------------------------
+def _clients(text: str) -> list[int]:
+    """``--clients 1,16``: the concurrent client counts, each a positive number."""
+    try:
+        counts = [int(c) for c in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) <= 0:
+        raise ConfigError(f"--clients must be a positive number or a comma-separated list of them, got {text!r}")
+    return counts
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every phase; the figures with their baselines (see the module docstring)."""
     quick = bool(args.quick)
     n = positive("--n", args.n if args.n is not None else (20 if quick else 2000))
     requests = positive("--requests", args.requests if args.requests is not None else (40 if quick else 3000))
     agents = positive("--agents", args.agents if args.agents is not None else (20 if quick else 10_000))
-    clients = [positive("--clients", int(c)) for c in (args.clients or ("1,4" if quick else "1,16")).split(",")]
+    clients = _clients(args.clients or ("1,4" if quick else "1,16"))
     durabilities = [args.durability] if args.durability else list(DURABILITIES)
     warmup = 5 if quick else 100
     tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-serve-"))
@@ -430,7 +461,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "hello_http_p99_ms": round(main["http"]["p99_us"] / 1000, 3),
         "hello_embedded_p50_ms": round(main["embedded"]["p50_us"] / 1000, 3),
         "hello_p50_ratio": main["p50_ratio"], "hello_added_p50_ms": round(main["added_p50_us"] / 1000, 3),
+        "hello_http_cpu_ms": round(main["http_cpu_us"] / 1000, 3),
+        "hello_embedded_cpu_ms": round(main["embedded_cpu_us"] / 1000, 3),
         "hello_p50_target_ms": HELLO_P50_TARGET_MS,
+        **{f"hello_http_{c['durability']}_p50_ms": round(c["http"]["p50_us"] / 1000, 3) for c in latency},
+        **{f"hello_embedded_{c['durability']}_p50_ms": round(c["embedded"]["p50_us"] / 1000, 3) for c in latency},
         "latency": {c["durability"]: c for c in latency},
         "throughput": throughput,
         **{f"{k}_rps": v["requests_per_s"] for k, v in throughput.items()},
@@ -465,6 +500,8 @@ def show(r: dict[str, Any]) -> None:
                   f"{s['p99_us'] / 1000:>8.3f} {s['max_us'] / 1000:>8.3f}")
         print(f"{'':34} HTTP/embedded p50 {c['p50_ratio']}x, p99 {c['p99_ratio']}x; HTTP adds "
               f"{c['added_p50_us'] / 1000:.3f} ms at p50, {c['added_p99_us'] / 1000:.3f} at p99")
+        print(f"{'':34} CPU per run: server {c['http_cpu_us'] / 1000:.3f} ms, embedded "
+              f"{c['embedded_cpu_us'] / 1000:.3f} ms (HTTP adds {c['added_cpu_us'] / 1000:.3f})")
     print(f"target: over HTTP p50 ≤ {r['hello_p50_target_ms']} ms; measured {r['hello_http_p50_ms']} ms "
           f"({r['durability']})\n")
     print(f"requests per second ({r['requests']} requests a case; latency per request in ms)")

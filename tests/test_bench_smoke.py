@@ -154,6 +154,31 @@ def test_cli_startup_quick(tmp_path: Path) -> None:
         assert all(json.loads(v)["agent_id"] == r["inspected"] for _, v in audit)
 
 
+def test_serve_quick() -> None:
+    """A real ``torpor serve`` under the load client: every figure is there, each case ran
+    the requests it says, the parked agents were found parked in the store afterwards."""
+    r = bench("serve", "--n", "10", "--requests", "24", "--clients", "1,3", "--agents", "12", timeout=300)
+    assert r["bench"] == "serve" and r["durability"] == "sync" and r["clients"] == [1, 3]
+    for d in ("sync", "process"):
+        c = r["latency"][d]
+        assert c["http"]["n"] == c["embedded"]["n"] == 10
+        positive(c["http"]["p50_us"], c["http"]["p99_us"], c["embedded"]["p50_us"], c["p50_ratio"], c["p99_ratio"],
+                 c["http_cpu_us"], c["embedded_cpu_us"], r[f"hello_http_{d}_p50_ms"])
+        assert c["http"]["p50_us"] <= c["http"]["p90_us"] <= c["http"]["p99_us"] <= c["http"]["max_us"]
+    positive(r["hello_http_p50_ms"], r["hello_http_p99_ms"], r["hello_embedded_p50_ms"], r["hello_p50_ratio"],
+             r["hello_http_cpu_ms"])
+    assert set(r["throughput"]) == {f"{k}_c{c}" for k in ("healthz", "get_agent", "start_run") for c in (1, 3)}
+    for case in r["throughput"].values():
+        assert case["n"] == 24
+        positive(case["requests_per_s"], case["p50_us"])
+    positive(r["start_run_c1_rps"], r["get_agent_c3_rps"], r["healthz_c1_rps"])
+    h = r["hibernated"]
+    assert h["agents"] == r["hibernated_agents"] == 12 and h["stored_waiting_approval"] == 11 and h["server_exit"] == 0
+    assert h["spawn_to_parked"]["n"] == 12
+    positive(h["rss_mib"], h["hwm_mib"], h["idle_kib"]["VmRSS"], h["parked_per_s"])
+    assert h["hwm_mib"] >= h["rss_mib"] and r["hibernated_rss_target_mib"] == 1024
+
+
 def test_the_bench_parser_imports_nothing_heavy() -> None:
     """`torpor --help` builds the bench parser: it must not pull in Wasmtime, the store or the runtime."""
     code = ("import sys, argparse\n"
@@ -194,6 +219,9 @@ def test_a_benchmark_runs_as_a_script() -> None:
     ["steps", "--agents", "0"],
     ["cli", "--agents", "0"],
     ["cli", "--rounds", "0"],
+    ["serve", "--agents", "0"],
+    ["serve", "--clients", "1,0"],
+    ["serve", "--clients", "many"],
 ])
 def test_nonsense_counts_are_one_line_errors(argv: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-m", "host.cli", "bench", *argv, "--no-plot"], capture_output=True,
