@@ -92,11 +92,11 @@ class Runs:
         if key is not None and (not key or len(key) > _KEY_MAX or not key.isprintable()):
             raise InvalidInput(f"Idempotency-Key must be 1-{_KEY_MAX} printable characters")
         b, started_as = resolve(self.host, ref, who.tenant)
-        fingerprint = audit.digest({"agent": ref, "digest": b.digest, "input": payload, "fuel": fuel})
         if key is None:
             agent_id = await self._start(b, payload, fuel, who.tenant, None, started_as)
             status = 201
-        else:
+        else:  # the request's fingerprint (canonical JSON hashed) only where a key needs it
+            fingerprint = audit.digest({"agent": ref, "digest": b.digest, "input": payload, "fuel": fuel})
             agent_id, status = await self._start_once(b, payload, fuel, who.tenant, key, fingerprint, started_as)
         if wait:  # the record the wait ended on is the answer (not read again)
             rec = await agents_routes.wait_until_stopped(self.host, self.scheduler, agent_id, wait)
