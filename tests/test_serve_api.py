@@ -142,6 +142,31 @@ def test_wait_long_polls_until_the_agent_stops(served: tuple[InProcessServer, di
         assert inspected["input"] == {"n": 50} and len(inspected["checkpoint_list"]) >= 1
 
 
+def test_a_run_waited_for_is_read_once_when_it_stops(served: tuple[InProcessServer, dict[str, str]],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """While this server drives the agent it is running, and the end of the drive wakes the
+    request: its record is read once, after, and that record is the answer (a run of 50
+    tool calls, hibernating or not, is not polled)."""
+    srv, refs = served
+    t = token(srv.host.store, "acme", "admin")
+    reads: list[str] = []
+    real = type(srv.host).get_agent
+
+    def counted(self: Any, agent_id: str) -> dict[str, Any]:
+        reads.append(agent_id)
+        return real(self, agent_id)
+
+    monkeypatch.setattr(type(srv.host), "get_agent", counted)
+    with httpx.Client(base_url=srv.url, timeout=120) as c:
+        r = c.post("/v1/runs", headers=auth(t), json={"agent": refs["steps"], "input": {"n": 50}, "wait": 60})
+        assert r.status_code == 201 and r.json()["status"] == "completed", r.text
+        assert r.json()["output"] == {"sum": 1275, "last": 50}
+        assert reads == [r.json()["agent_id"]]
+        # another tenant's token does not get it by waiting either
+        other = token(srv.host.store, "globex", "admin")
+        assert c.get(f"/v1/agents/{reads[0]}/wait", params={"timeout": 1}, headers=auth(other)).status_code == 404
+
+
 def test_a_wake_up_time_in_the_store_resumes_a_hibernated_agent(served: tuple[InProcessServer, dict[str, str]]) -> None:
     srv, refs = served
     t = token(srv.host.store, "acme", "admin")
