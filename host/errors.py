@@ -150,3 +150,15 @@ class InvalidReference(ConfigError):
     that is not well formed."""
 
     code = "invalid_reference"
+
+
+class ServerUnreachable(TorporError):
+    """``torpor --server URL``: nothing answered there (connection refused, unknown host, timed out)."""
+
+    code = "server_unreachable"
+
+
+class BadServerAnswer(TorporError):
+    """An answer that is not the Torpor API's (a wrong URL, a proxy's page, a body that is not its JSON)."""
+
+    code = "bad_server_answer"

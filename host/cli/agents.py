@@ -12,8 +12,9 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from host.cli import remote
 from host.cli.common import (
     AGENT_HELP,
     EXIT_ATTENTION,
@@ -32,6 +33,9 @@ from host.cli.common import (
 )
 from host.errors import ConfigError
 
+if TYPE_CHECKING:
+    from host.runtime import RunResult
+
 TITLE = "agents: run agents and look at them"
 
 
@@ -43,6 +47,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.fuel is not None and args.fuel < 0:
         raise ConfigError("--fuel must be a non-negative integer")
     ref = None if _is_bundle_path(args.bundle) else args.bundle
+    client = remote.connect(args)
+    if client is not None:
+        if ref is None:
+            raise ConfigError(f"{args.bundle} is a bundle file: a server runs what its registry holds; push it first "
+                              "(`torpor --server URL push FILE`), then run NAME, NAME@TAG or sha256:<digest>")
+        payload = parse_input(args.input)
+        with client:  # started once (one idempotency key), then long polls until it ends or parks
+            started = client.start_run(ref, payload, fuel=args.fuel, on_behalf_of=args.on_behalf_of,
+                                       wait=remote.POLL_S)
+            return _report_run(args, remote.result_of(remote.until_stopped(client, started)))
     b = bundle_mod.load(args.bundle) if ref is None else None
     payload = parse_input(args.input)
     host = open_host(args)
@@ -54,6 +68,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             res = run_sync(lambda: host.run_ref(ref, payload, fuel=args.fuel, on_behalf_of=args.on_behalf_of))
     finally:
         host.close()
+    return _report_run(args, res)
+
+
+def _report_run(args: argparse.Namespace, res: RunResult) -> int:
+    """Print a run's guest log lines (stderr) and its result; its exit code."""
     if not args.json:
         said = str((res.error or {}).get("message", ""))
         for line in res.logs:
@@ -132,15 +151,27 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
     now = time.time()
     damaged: dict[str, str] = {}
-    with open_store(args, readonly=True) as store, store.read() as txn:
-        rows = list(txn.iter_agent_summaries())
-        if args.status:
-            rows = [s for s in rows if s.status == args.status]
-        for s in rows:
-            if s.status in ("corrupt", "failed"):
-                why = attention(txn.get_agent(s.agent_id) or {"status": s.status})
-                if why is not None:
-                    damaged[s.agent_id] = why
+    client = remote.connect(args)
+    if client is not None:  # the server's records of the token's tenant, as the store's summaries
+        from snapshots.summary import summary_of
+
+        with client:
+            records = [r for r in client.agents() if not args.status or r.get("status") == args.status]
+        rows = [summary_of(r) for r in records]
+        for r in records:
+            why = attention(r) if r.get("status") in ("corrupt", "failed") else None
+            if why is not None:
+                damaged[str(r["agent_id"])] = why
+    else:
+        with open_store(args, readonly=True) as store, store.read() as txn:
+            rows = list(txn.iter_agent_summaries())
+            if args.status:
+                rows = [s for s in rows if s.status == args.status]
+            for s in rows:
+                if s.status in ("corrupt", "failed"):
+                    why = attention(txn.get_agent(s.agent_id) or {"status": s.status})
+                    if why is not None:
+                        damaged[s.agent_id] = why
     code = EXIT_ATTENTION if damaged else EXIT_OK
     if args.json:
         emit(args, [{
@@ -163,10 +194,15 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """One agent in full: status, output or error, pending call, usage, checkpoints."""
-    from host.runtime import queries
+    client = remote.connect(args)
+    if client is not None:
+        with client:
+            info = client.inspect(args.agent)
+    else:
+        from host.runtime import queries
 
-    with open_store(args, readonly=True) as store:
-        info = queries.inspect(store, args.agent, where=store_dir(args))
+        with open_store(args, readonly=True) as store:
+            info = queries.inspect(store, args.agent, where=store_dir(args))
 
     def human() -> None:
         print(f"agent    {info['agent_id']} ({info.get('name')}, bundle {str(info.get('bundle_digest'))[:16]})")

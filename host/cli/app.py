@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from importlib import import_module
 from typing import Any
 
+from host.cli import remote
 from host.cli.common import EXIT_ERROR, EXIT_INTERNAL, EXIT_OK, error_code, is_reported, open_host
 
 # Kept for callers of the old single-module CLI (tests drive `app._host(args)`).
@@ -38,6 +39,8 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("trust", ("secrets", "audit", "replay", "identity")),
     ("server", ("serve", "tokens")),
 )
+#: The global options that take a value (the word after them is not the command).
+GLOBAL_VALUED = ("--server", "--token-file")
 BENCH_TITLE = "bench: load tests"
 # What `torpor --help` says of `bench` when its parser is not built (see build_parser).
 BENCH_HELP = "load-test cold start, suspend/resume, density and tool round trips"
@@ -81,12 +84,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """
     p = _TorporParser(
         prog="torpor",
-        usage="torpor [-h] [--version] COMMAND ...",
+        usage="torpor [-h] [--version] [--server URL] [--token-file FILE] COMMAND ...",
         description="Run AI agents as sandboxed, hibernating WebAssembly instances.",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version="torpor 0.1.0")
+    remote.add_options(p)  # `torpor --server URL COMMAND`: the command asks a server (host/cli/remote.py)
     # The flat list argparse would print is replaced by the grouped one of format_help.
     sub = p.add_subparsers(dest="command", metavar="COMMAND", prog="torpor", help=argparse.SUPPRESS)
     only = next((group for group, names in GROUPS if command in names), "bench" if command == "bench" else None)
@@ -150,10 +154,18 @@ def _grouped_commands(groups: list[tuple[str, list[tuple[str, str]]]]) -> str:
 
 def _command_of(argv: Sequence[str]) -> str:
     """The command ``argv`` names (its first word that is not an option), or ``""`` when
-    there is none or the top-level help comes first (``torpor --help ps``)."""
+    there is none or the top-level help comes first (``torpor --help ps``). The value of a
+    global option (``--server URL``) is not a command."""
+    skip = False
     for arg in argv:
+        if skip:
+            skip = False
+            continue
         if arg in ("-h", "--help"):
             return ""
+        if arg in GLOBAL_VALUED:
+            skip = True
+            continue
         if not arg.startswith("-"):
             return arg
     return ""
@@ -179,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with interrupts.handle_signals(then_ignore=entry):
             try:
+                remote.check(args)  # a command a named server cannot answer is refused before it starts
                 return int(fn(args))
             except Exception as exc:
                 if interrupts.requested():  # what an interrupted guest or toolchain left behind

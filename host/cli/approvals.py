@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from host.cli import remote
 from host.cli.common import (
     AGENT_HELP,
     EXIT_OK,
     add_command,
+    decided_by,
     emit,
     iso,
     open_host,
@@ -27,16 +28,22 @@ from host.cli.common import (
 
 if TYPE_CHECKING:
     from host.runtime import Host, RunResult
+    from host.server.client import Client
 
 TITLE = "approvals: decide what agents wait on"
 
 
 def cmd_approvals(args: argparse.Namespace) -> int:
     """The tool calls waiting for a person, with the rule that asked."""
-    from host.runtime import queries
+    client = remote.connect(args)
+    if client is not None:
+        with client:
+            pending = client.approvals()
+    else:
+        from host.runtime import queries
 
-    with open_store(args, readonly=True) as store:
-        pending = queries.approvals(store)
+        with open_store(args, readonly=True) as store:
+            pending = queries.approvals(store)
 
     def human() -> None:
         if not pending:
@@ -64,21 +71,37 @@ def _drive(args: argparse.Namespace, action: Callable[[Host], Awaitable[RunResul
     return result_exit(res)
 
 
+def _decided(args: argparse.Namespace, decide: Callable[[Client], dict[str, Any]]) -> int:
+    """Against a server: record the decision there (it resumes the agent in the background),
+    wait for the agent to end or park again, and print it as a local decision does."""
+    client = remote.connect(args, local_only=("by",))  # the server records the token as who decided
+    assert client is not None
+    with client:
+        res = remote.result_of(remote.until_stopped(client, decide(client)))
+    emit(args, res.to_dict(), lambda: print_result(res))
+    return result_exit(res)
+
+
 def cmd_approve(args: argparse.Namespace) -> int:
     """Approve the call the agent waits on, and resume it."""
-    return _drive(args, lambda host: host.approve(args.agent, note=args.note, by=args.by))
+    if remote.server_url(args):
+        return _decided(args, lambda client: client.approve(args.agent, note=args.note))
+    return _drive(args, lambda host: host.approve(args.agent, note=args.note, by=decided_by(args)))
 
 
 def cmd_deny(args: argparse.Namespace) -> int:
     """Deny the call the agent waits on; the agent gets a denial it can act on."""
-    return _drive(args, lambda host: host.deny(args.agent, reason=args.reason, by=args.by))
+    if remote.server_url(args):
+        return _decided(args, lambda client: client.deny(args.agent, reason=args.reason))
+    return _drive(args, lambda host: host.deny(args.agent, reason=args.reason, by=decided_by(args)))
+
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
     """Settle a call cut short mid-flight (in_doubt): retry it, supply its result, or fail the agent."""
     result = parse_input(args.result, "--result") if args.result is not None else None
     return _drive(args, lambda host: host.resolve(args.agent, retry=args.retry, result=result, fail=args.fail,
-                                                  by=args.by))
+                                                  by=decided_by(args)))
 
 
 def add_parsers(sub: Any) -> None:
@@ -89,12 +112,12 @@ def add_parsers(sub: Any) -> None:
                      store=True, writes=True, runs=True)
     sp.add_argument("agent", help=AGENT_HELP)
     sp.add_argument("--note", help="a note kept in the audit log")
-    sp.add_argument("--by", default=os.environ.get("USER"), help=by_help)
+    sp.add_argument("--by", default=None, help=by_help)
     sp = add_command(sub, "deny", cmd_deny, "deny the call an agent waits on; the agent sees a denial and continues",
                      store=True, writes=True, runs=True)
     sp.add_argument("agent", help=AGENT_HELP)
     sp.add_argument("--reason", required=True, help="why; the agent sees it in the denial")
-    sp.add_argument("--by", default=os.environ.get("USER"), help=by_help)
+    sp.add_argument("--by", default=None, help=by_help)
     sp = add_command(sub, "resolve", cmd_resolve,
                      "settle an in_doubt agent: re-run its call, supply its result, or fail it", store=True, writes=True,
                      runs=True)
@@ -103,4 +126,4 @@ def add_parsers(sub: Any) -> None:
     how.add_argument("--retry", action="store_true", help="run the call again (it did not take effect)")
     how.add_argument("--result", help="the call's result as JSON, or @FILE (it did take effect)")
     how.add_argument("--fail", metavar="REASON", help="fail the agent")
-    sp.add_argument("--by", default=os.environ.get("USER"), help=by_help)
+    sp.add_argument("--by", default=None, help=by_help)

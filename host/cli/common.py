@@ -123,6 +123,14 @@ def print_result(res: RunResult) -> None:
           f"snapshot bytes {res.snapshot_bytes}")
 
 
+def decided_by(args: argparse.Namespace) -> str | None:
+    """Who does it, for the audit: ``--by``, else ``$USER``, read when the command runs (the
+    parser's default is None: against a server ``--by`` is refused, the token is who)."""
+    import os
+
+    return getattr(args, "by", None) or os.environ.get("USER")
+
+
 def report_attention(damaged: dict[str, str]) -> None:
     """Name the agents that need attention on stderr, one line each (at most 20), for people."""
     import sys

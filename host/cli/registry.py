@@ -10,13 +10,13 @@ reference names.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from host.cli.common import EXIT_OK, add_command, emit, iso, open_store, store_dir
+from host.cli import remote
+from host.cli.common import EXIT_OK, add_command, decided_by, emit, iso, open_store, store_dir
 from host.errors import BundleError
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ def _registry(args: argparse.Namespace, *, readonly: bool, create: bool = False)
         yield Registry(opened)
 
 
+
 def _short(digest: Any) -> str:
     return f"sha256:{str(digest)[:12]}" if digest else "-"
 
@@ -66,8 +67,13 @@ def cmd_push(args: argparse.Namespace) -> int:
         raise BundleError(f"{path}: no such bundle file") from exc
     except OSError as exc:
         raise BundleError(f"{path}: cannot read bundle ({exc.strerror})") from exc
-    with _registry(args, readonly=False, create=True) as registry:
-        version = registry.push(raw, name=args.name, tag=args.tag, by=args.by)  # no --name: the agent's own
+    client = remote.connect(args, local_only=("by",))  # a server records the operator token as who pushed
+    if client is not None:
+        with client:
+            version = client.push(raw, name=args.name, tag=args.tag)
+    else:
+        with _registry(args, readonly=False, create=True) as registry:
+            version = registry.push(raw, name=args.name, tag=args.tag, by=decided_by(args))  # no --name: the agent's own
 
     def human() -> None:
         tags = f", tagged {', '.join(version['tags'])}" if version["tags"] else ""
@@ -84,8 +90,13 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Every name in the registry, with its number of versions, its latest and its tags."""
-    with _registry(args, readonly=True) as registry:
-        rows = registry.names()
+    client = remote.connect(args)
+    if client is not None:
+        with client:
+            rows = client.bundles()["bundles"]
+    else:
+        with _registry(args, readonly=True) as registry:
+            rows = registry.names()
 
     def human() -> None:
         if not rows:
@@ -102,8 +113,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """One name's versions (digest, ABI, granted tools, push time, tags), oldest first."""
-    with _registry(args, readonly=True) as registry:
-        info = registry.versions(args.name)
+    client = remote.connect(args)
+    if client is not None:
+        with client:
+            info = client.bundle(args.name)
+    else:
+        with _registry(args, readonly=True) as registry:
+            info = registry.versions(args.name)
 
     def human() -> None:
         n = len(info["versions"])
@@ -124,8 +140,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_tag(args: argparse.Namespace) -> int:
     """Point a tag of a name at one of its versions (new runs follow it; running agents do not)."""
-    with _registry(args, readonly=False) as registry:
-        moved = registry.tag(args.name, args.tag, args.digest, by=args.by)
+    client = remote.connect(args, local_only=("by",))
+    if client is not None:
+        with client:
+            moved = client.tag(args.name, args.tag, args.digest)
+    else:
+        with _registry(args, readonly=False) as registry:
+            moved = registry.tag(args.name, args.tag, args.digest, by=decided_by(args))
 
     def human() -> None:
         was = f" (was {_short(moved['previous'])})" if moved["previous"] else ""
@@ -137,8 +158,13 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     """What B's policy grants differently from A's: tools, approvals, network, secrets, limits, budgets."""
-    with _registry(args, readonly=True) as registry:
-        d = registry.diff(args.a, args.b)
+    client = remote.connect(args)
+    if client is not None:
+        with client:
+            d = client.diff(args.a, args.b)
+    else:
+        with _registry(args, readonly=True) as registry:
+            d = registry.diff(args.a, args.b)
     emit(args, d, lambda: print(d["text"]))
     return EXIT_OK
 
@@ -150,7 +176,7 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("bundle", help="a .torpor bundle file")
     sp.add_argument("--name", help="the name to push it as (default: the agent's name in its policy)")
     sp.add_argument("--tag", help="move this tag (e.g. production, canary) to the pushed version")
-    sp.add_argument("--by", default=os.environ.get("USER"), help=BY_HELP)
+    sp.add_argument("--by", default=None, help=BY_HELP)
     reg_help = "list, show, tag and diff the versions of named agents"
     reg = sub.add_parser("registry", help=reg_help, description=reg_help)
     rsub = reg.add_subparsers(dest="registry_command", metavar="SUBCOMMAND")
@@ -163,7 +189,7 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("name", help="a registry name")
     sp.add_argument("tag", help="the tag to move (e.g. production)")
     sp.add_argument("digest", help="the version: sha256:<hex> or the 64 hex digits (`torpor registry show NAME`)")
-    sp.add_argument("--by", default=os.environ.get("USER"), help=BY_HELP)
+    sp.add_argument("--by", default=None, help=BY_HELP)
     sp = add_command(rsub, "diff", cmd_diff, "what the policy of B grants differently from that of A (tools, "
                      "approvals, network hosts, secrets, limits, budgets)", store=True)
     sp.add_argument("a", help=REF_HELP)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from host.cli import remote
 from host.cli.common import (
     EXIT_ATTENTION,
     EXIT_FAILED,
@@ -130,15 +131,25 @@ def cmd_secrets_keygen(args: argparse.Namespace) -> int:
 def cmd_audit_show(args: argparse.Namespace) -> int:
     from host.trust import audit
 
-    with open_store(args, readonly=True) as store:
-        with store.read() as txn:
-            rec = txn.get_agent(args.agent)
-            journal = dict(txn.iter_journal(args.agent)) if args.payloads else {}
-        recs = audit.records(store, args.agent)
-        if rec is None and not recs:
-            raise TorporError(f"no agent {args.agent} in store {store_dir(args)}", code="agent_not_found")
-        report = audit.verify_store(store, agent_id=args.agent)
-    data = {"agent_id": args.agent, "agent": {k: v for k, v in (rec or {}).items() if k not in ("input_raw", "owner")},
+    client = remote.connect(args, local_only=("payloads",))  # the journal is not served over HTTP
+    if client is not None:
+        with client:
+            rec: dict[str, Any] | None = client.agent(args.agent)
+            recs = client.audit_records(args.agent)
+            report = audit.VerifyReport.from_dict(client.verify_audit(args.agent))
+        journal: dict[int, Any] = {}
+    else:
+        with open_store(args, readonly=True) as store:
+            with store.read() as txn:
+                rec = txn.get_agent(args.agent)
+                journal = dict(txn.iter_journal(args.agent)) if args.payloads else {}
+            recs = audit.records(store, args.agent)
+            if rec is None and not recs:
+                raise TorporError(f"no agent {args.agent} in store {store_dir(args)}", code="agent_not_found")
+            report = audit.verify_store(store, agent_id=args.agent)
+    # "stalled" is what a server's get_agent adds to the record: the stored record is shown
+    hidden = ("input_raw", "owner", "stalled")
+    data = {"agent_id": args.agent, "agent": {k: v for k, v in (rec or {}).items() if k not in hidden},
             "records": recs, "verify": report.to_dict()}
     if args.payloads:
         data["journal"] = {str(k): v for k, v in journal.items()}
@@ -171,6 +182,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     from host.trust import audit
 
     if args.file:
+        if remote.server_url(args):
+            raise ConfigError("--file verifies an export here, not on a server: drop --server (or $TORPOR_SERVER)")
         pinned = _pinned_keys(args)
         if pinned is None and args.store:
             with open_store(args, readonly=True) as store, store.read() as txn:
@@ -182,6 +195,12 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         with f:
             report = audit.verify_export(f, public_keys=pinned)
         report.source = f"export {args.file}"
+    elif (client := remote.connect(args, local_only=("public_key",))) is not None:
+        if not args.agent:  # the API verifies one agent's chain (a tenant sees only its own)
+            raise ConfigError("against a server, name the agent whose chain to verify: --agent AGENT")
+        with client:
+            report = audit.VerifyReport.from_dict(client.verify_audit(args.agent))
+        report.source = f"server {client.url}"
     else:
         with open_store(args, readonly=True) as store:
             report = audit.verify_store(store, public_keys=_pinned_keys(args), agent_id=args.agent)

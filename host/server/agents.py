@@ -27,7 +27,9 @@ POLL_S = 1.0
 
 async def wait_until_stopped(host: Host, scheduler: Any, agent_id: str, timeout: float) -> dict[str, Any]:
     """The agent's record once it is no longer moving, or as it is after ``timeout`` seconds
-    (or as soon as the server drains)."""
+    (or as soon as the server drains). Once it stopped, with ``logs``: the guest's log lines
+    of the drive that got it there, if this server drove it lately (they are in no record;
+    see :class:`host.server.scheduler.RecentLogs`)."""
     deadline = anyio.current_time() + timeout
     while True:
         left = deadline - anyio.current_time()
@@ -37,7 +39,10 @@ async def wait_until_stopped(host: Host, scheduler: Any, agent_id: str, timeout:
             await scheduler.changed(agent_id, min(left, POLL_S))
             continue
         rec = host.get_agent(agent_id)
-        if rec.get("status") not in MOVING or left <= 0 or scheduler.draining:
+        # Stopped, and its drive has ended (the drive's tail, after its last commit, keeps its log lines).
+        if rec.get("status") not in MOVING and not scheduler.driving(agent_id):
+            return {**rec, "logs": scheduler.logs.get(agent_id)}
+        if left <= 0 or scheduler.draining:
             return rec
         await scheduler.changed(agent_id, min(left, POLL_S))
 

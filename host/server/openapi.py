@@ -23,6 +23,8 @@ DETAILS: dict[str, tuple[str | None, dict[str, Any] | None, int]] = {
         "properties": {"agent": {"type": "string", "description": "name, name@tag or sha256:<hex>"},
                        "input": {"description": "the agent's input (JSON)"},
                        "fuel": {"type": "integer", "minimum": 0},
+                       "on_behalf_of": {"type": "string", "maxLength": 256,
+                                        "description": "the principal the agent acts for"},
                        "wait": {"type": "number", "minimum": 0, "description": "seconds to wait for the agent"}}},
         201),
     "list_agents": ("runs:read", None, 200),

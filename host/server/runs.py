@@ -30,7 +30,7 @@ from host.runtime import Host
 from host.sandbox.bundle import Bundle
 from host.server import agents as agents_routes
 from host.server.gateway import require
-from host.server.inputs import json_object, number, owned, owned_agent
+from host.server.inputs import json_object, number, optional_string, owned, owned_agent
 from host.server.responses import json_response
 from host.trust import audit
 
@@ -77,7 +77,7 @@ class Runs:
         self._locks: dict[str, tuple[anyio.Lock, int]] = {}
 
     async def create(self, request: Request) -> Response:
-        """Start a run: body ``{"agent", "input"?, "fuel"?, "wait"?}``, header ``Idempotency-Key``."""
+        """Start a run: body ``{"agent", "input"?, "fuel"?, "on_behalf_of"?, "wait"?}``, header ``Idempotency-Key``."""
         who = require(request, "runs:write")
         body = await json_object(request)
         ref = body.get("agent")
@@ -87,23 +87,26 @@ class Runs:
         fuel = body.get("fuel")
         if fuel is not None and (isinstance(fuel, bool) or not isinstance(fuel, int) or fuel < 0):
             raise InvalidInput("'fuel' must be a non-negative integer")
+        on_behalf_of = optional_string(body, "on_behalf_of", limit=256)  # the principal the agent acts for
         wait = None if body.get("wait") is None else number(body["wait"], "'wait'", low=0, high=self.max_wait_s)
         key = request.headers.get("idempotency-key")
         if key is not None and (not key or len(key) > _KEY_MAX or not key.isprintable()):
             raise InvalidInput(f"Idempotency-Key must be 1-{_KEY_MAX} printable characters")
         b, started_as = resolve(self.host, ref, who.tenant)
         if key is None:
-            agent_id = await self._start(b, payload, fuel, who.tenant, None, started_as)
+            agent_id = await self._start(b, payload, fuel, on_behalf_of, who.tenant, None, started_as)
             status = 201
         else:  # the request's fingerprint (canonical JSON hashed) only where a key needs it
-            fingerprint = audit.digest({"agent": ref, "digest": b.digest, "input": payload, "fuel": fuel})
-            agent_id, status = await self._start_once(b, payload, fuel, who.tenant, key, fingerprint, started_as)
-        if wait:  # the record the wait ended on is the answer (not read again)
+            fingerprint = audit.digest({"agent": ref, "digest": b.digest, "input": payload, "fuel": fuel,
+                                        **({"on_behalf_of": on_behalf_of} if on_behalf_of is not None else {})})
+            agent_id, status = await self._start_once(b, payload, fuel, on_behalf_of, who.tenant, key, fingerprint,
+                                                      started_as)
+        if wait:  # the record the wait ended on is the answer (not read again), with its drive's log lines
             rec = await agents_routes.wait_until_stopped(self.host, self.scheduler, agent_id, wait)
             return json_response(owned(rec, agent_id, who), status)
         return json_response(owned_agent(self.host, agent_id, who), status)
 
-    async def _start(self, b: Bundle, payload: Any, fuel: int | None, tenant: str,
+    async def _start(self, b: Bundle, payload: Any, fuel: int | None, on_behalf_of: str | None, tenant: str,
                      key: tuple[str, str] | None, started_as: dict[str, Any]) -> str:
         also = None
         if key is not None:
@@ -113,8 +116,8 @@ class Runs:
                 txn.put_blob(IDEMPOTENCY_BUCKET, name, json.dumps(
                     {"fingerprint": fingerprint, "agent_id": agent_id, "t": time.time()}).encode())
         try:
-            agent_id, drive = await self.host.start(b, payload, fuel=fuel, tenant=tenant, also=also,
-                                                    started_as=started_as)
+            agent_id, drive = await self.host.start(b, payload, fuel=fuel, on_behalf_of=on_behalf_of, tenant=tenant,
+                                                    also=also, started_as=started_as)
         except TorporError as exc:
             if exc.code == "invalid_config" and "input" in str(exc):  # the spawn's check of the input
                 raise InvalidInput(str(exc)) from None
@@ -122,7 +125,7 @@ class Runs:
         self.scheduler.drive(agent_id, drive)
         return agent_id
 
-    async def _start_once(self, b: Bundle, payload: Any, fuel: int | None, tenant: str, key: str,
+    async def _start_once(self, b: Bundle, payload: Any, fuel: int | None, on_behalf_of: str | None, tenant: str, key: str,
                           fingerprint: str, started_as: dict[str, Any]) -> tuple[str, int]:
         name = _key_name(tenant, key)
         lock, users = self._locks.get(name, (anyio.Lock(), 0))
@@ -135,7 +138,7 @@ class Runs:
                         raise IdempotencyConflict("this Idempotency-Key was used for a different request "
                                                   "(another agent, input or fuel); use a new key")
                     return str(found["agent_id"]), 200
-                return await self._start(b, payload, fuel, tenant, (name, fingerprint), started_as), 201
+                return await self._start(b, payload, fuel, on_behalf_of, tenant, (name, fingerprint), started_as), 201
         finally:
             lock, users = self._locks[name]
             if users <= 1:

@@ -16,6 +16,10 @@ It drives every agent in the background of the server's one task group:
 
 Anyone who waits on an agent (a long poll, an event stream) is woken by
 :meth:`Scheduler.changed` when a drive of that agent ends, and looks at the store again.
+The guest's log lines of a drive are not stored (``RunResult.logs``): the scheduler keeps
+those of the latest drives for a while (:class:`RecentLogs`), so that a long poll can hand
+them to the client that started the run (``torpor --server URL run`` prints them as a local
+run does).
 
 On SIGTERM, :meth:`Scheduler.drain` starts no more drives, lets the running ones end or
 park for ``drain_timeout``, then interrupts the rest at their next safe point
@@ -29,6 +33,7 @@ import json
 import logging
 import signal
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +60,39 @@ def wake_key(at: float, agent_id: str) -> str:
     return f"{WAKE_PREFIX}{at:020.6f}/{agent_id}"
 
 
+class RecentLogs:
+    """The guest log lines of the latest drives, per agent, within a count and a byte bound
+    (oldest dropped first): a drive's lines are in no record, and a server with thousands
+    of agents must not keep them all."""
+
+    def __init__(self, max_agents: int = 1024, max_bytes: int = 16 << 20) -> None:
+        self.max_agents = max_agents
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._logs: OrderedDict[str, tuple[list[dict[str, Any]], int]] = OrderedDict()
+
+    def put(self, agent_id: str, logs: list[dict[str, Any]]) -> None:
+        """The lines of the drive that just ended (they replace the agent's earlier ones)."""
+        self.drop(agent_id)
+        if not logs:
+            return
+        size = sum(len(str(line.get("message", ""))) + 16 for line in logs)
+        self._logs[agent_id] = (logs, size)
+        self.bytes += size
+        while self._logs and (len(self._logs) > self.max_agents or self.bytes > self.max_bytes):
+            _, (_, dropped) = self._logs.popitem(last=False)
+            self.bytes -= dropped
+
+    def get(self, agent_id: str) -> list[dict[str, Any]]:
+        kept = self._logs.get(agent_id)
+        return list(kept[0]) if kept else []
+
+    def drop(self, agent_id: str) -> None:
+        kept = self._logs.pop(agent_id, None)
+        if kept is not None:
+            self.bytes -= kept[1]
+
+
 @dataclass
 class _Waiters:
     event: anyio.Event = field(default_factory=anyio.Event)
@@ -75,6 +113,7 @@ class Scheduler:
         self._idle.set()
         self._waiters: dict[str, _Waiters] = {}
         self._timer_wake = anyio.Event()
+        self.logs = RecentLogs()
 
     # -- the task group -------------------------------------------------------------------
     def attach(self, tg: anyio.abc.TaskGroup) -> None:
@@ -112,7 +151,8 @@ class Scheduler:
     async def _guard(self, agent_id: str, fn: Callable[[], Awaitable[RunResult]]) -> None:
         """One drive, whose errors end here: the agent's own are in its record already."""
         try:
-            await fn()
+            result = await fn()
+            self.logs.put(agent_id, result.logs)
         except (AgentStateError, AgentNotFound) as exc:  # someone else drove or decided it meanwhile
             _log.info("agent %s not driven: %s", agent_id, exc)
         except interrupts.Interrupted:  # drained: left at its last checkpoint

@@ -284,6 +284,18 @@ class VerifyReport:
                 "problems": [p.to_dict() for p in self.problems], "notes": self.notes,
                 "attention": [{"agent_id": aid, "reason": why} for aid, why in self.attention().items()]}
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> VerifyReport:
+        """The report :meth:`to_dict` described (a server's answer to ``audit/verify``), so a
+        client prints and exits as on a local store."""
+        problems = [Problem(kind=str(p.get("kind")), message=str(p.get("message")), agent_id=p.get("agent_id"),
+                            seq=p.get("seq"), where=p.get("where")) for p in d.get("problems") or []]
+        broken = {p.agent_id for p in problems}
+        return cls(source=str(d.get("source", "")), agents=int(d.get("agents", 0)), records=int(d.get("records", 0)),
+                   heads=int(d.get("heads", 0)), checkpoints=int(d.get("checkpoints", 0)), problems=problems,
+                   key_ids=list(d.get("key_ids") or []), notes=list(d.get("notes") or []),
+                   unreadable=[str(a["agent_id"]) for a in d.get("attention") or [] if a.get("agent_id") not in broken])
+
     def summary(self) -> str:
         if self.ok:
             return (f"audit log intact: {self.records} records of {self.agents} agents, {self.heads} signed heads, "
