@@ -66,6 +66,8 @@ def error_of(response: httpx.Response, where: str) -> TorporError:
     if code == RateLimited.code:
         retry = _retry_after(response)
         return RateLimited(f"{message} (retry after {retry:g}s)", retry_after=retry)
+    if code == "not_found":  # no such route (not a missing agent or bundle: those have their own codes)
+        message = f"{message}: {response.request.method} {response.request.url.path} (check the --server URL)"
     cls = _codes().get(code)
     if cls is None or cls is RateLimited:  # a code of another package (invalid_policy, store_full, ...)
         return TorporError(message, code=code)
