@@ -18,15 +18,22 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import BundleFactory
-from serve_helpers import InProcessServer, token
+from serve_helpers import InProcessServer, auth, free_port, token
 
 from host.cli import remote
+from host.cli.app import _command_of, main
+from host.errors import RateLimited, TorporError
+from host.server import client as client_mod
+from host.server.config import ServerConfig
+from host.server.scheduler import RecentLogs
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -135,7 +142,8 @@ def both(sides: tuple[Side, Side], *args: str, code: int = 0) -> tuple[str, str]
     if "--json" in args and so[0] == lo[0] == code and so[1] != lo[1]:  # name the fields that differ
         sj, lj = json.loads(so[1]), json.loads(lo[1])
         assert sj == lj, json.dumps({k: (sj.get(k), lj.get(k)) for k in {*sj, *lj} if sj.get(k) != lj.get(k)})
-    diff = [line for i in (1, 2) for line in difflib.unified_diff(lo[i].splitlines(), so[i].splitlines(), lineterm="")]
+    diff = [line for a, b in ((lo[1], so[1]), (lo[2], so[2]))
+            for line in difflib.unified_diff(a.splitlines(), b.splitlines(), lineterm="")]
     assert so == lo, (args, so[0], lo[0], "\n".join(diff))
     return lo[1], lo[2]
 
@@ -195,3 +203,128 @@ def test_every_command_prints_the_same_against_a_server_as_on_a_store(sides: tup
     same_error(sides, "inspect", "01M9AAAAAAAAAAAAAAAAAAAAAA", code="agent_not_found")
     same_error(sides, "run", "procurement@nosuchtag", code="bundle_not_found")
     same_error(sides, "approve", "{0}", code="invalid_state")
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any]:
+    """``torpor ARGV --json`` in this process: its exit code and its JSON."""
+    code = main([*argv, "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_what_a_server_cannot_take_is_refused_in_one_line(server: InProcessServer, procurement: Path,
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(remote.SERVER_ENV, server.url)
+    monkeypatch.setenv(remote.TOKEN_ENV, token(server.host.store, "acme", "admin"))
+    for argv, says in ((["ps", "--store", "/tmp"], "--store does not apply"),
+                       (["run", "x", "--tools-dir", "/tmp"], "--tools-dir does not apply"),
+                       (["approve", "01M9AAAAAAAAAAAAAAAAAAAAAA", "--by", "bob"], "--by does not apply"),
+                       (["audit", "show", "01M9AAAAAAAAAAAAAAAAAAAAAA", "--payloads"], "--payloads does not apply"),
+                       (["audit", "verify"], "--agent AGENT"),
+                       (["run", str(procurement)], "push it first"),
+                       (["resume", "--all"], "`torpor resume` works on a local store"),
+                       (["store", "check"], "`torpor store check` works on a local store")):
+        code, out = cli(capsys, *argv)
+        assert code == 2 and out["error"]["code"] == "invalid_config", (argv, out)
+        assert says in out["error"]["message"], (argv, out)
+    # The server's own side stays local under $TORPOR_SERVER; an explicit --server is refused.
+    monkeypatch.delenv(remote.SERVER_ENV)
+    code, out = cli(capsys, "--server", server.url, "tokens", "list")
+    assert code == 2 and "`torpor tokens list` works on a local store" in out["error"]["message"]
+    assert _command_of(["--server", server.url, "--token-file", "t", "ps", "-h"]) == "ps"
+
+
+def test_no_server_a_wrong_url_a_bad_token_and_a_token_without_the_scope(
+        server: InProcessServer, tmp_path: Path) -> None:
+    reader = token(server.host.store, "acme", "runs:read")
+    cases = [
+        ([], {remote.SERVER_ENV: f"http://127.0.0.1:{free_port()}"}, "server_unreachable", "cannot connect"),
+        ([], {remote.SERVER_ENV: server.url + "/api", remote.TOKEN_ENV: reader}, "not_found",
+         "GET /api/v1/agents (check the --server URL)"),
+        ([], {remote.SERVER_ENV: "127.0.0.1:8700"}, "invalid_config", "give the server's URL"),
+        ([], {remote.SERVER_ENV: server.url, remote.TOKEN_ENV: "tpo_not-a-token"}, "unauthenticated", "token"),
+        ([], {remote.SERVER_ENV: server.url}, "unauthenticated", "set $TORPOR_TOKEN or pass --token-file"),
+        (["--token-file", str(tmp_path / "none")], {remote.SERVER_ENV: server.url}, "invalid_config",
+         "cannot read it"),
+    ]
+    procs = [(code, says, torpor(*pre, "ps", env=env), torpor(*pre, "ps", "--json", env=env))
+             for pre, env, code, says in cases]
+    for code, says, text, as_json in procs:
+        out, err = text.communicate(timeout=120)
+        assert text.returncode == 2 and out == "" and err.count("\n") == 1, (code, out, err)
+        assert err.startswith(f"torpor: error[{code}]: ") and says in err, (code, err)
+        out, err = as_json.communicate(timeout=120)
+        assert as_json.returncode == 2 and json.loads(out) == {"status": "error", "error": {
+            "code": code, "message": err.strip() or json.loads(out)["error"]["message"]}}
+    # A token that may read but not decide, push or run: 403 forbidden, exit 2; reading works.
+    env = {remote.SERVER_ENV: server.url, remote.TOKEN_ENV: reader}
+    procs = [torpor(*argv, "--json", env=env) for argv in (["approve", "01M9AAAAAAAAAAAAAAAAAAAAAA"],
+                                                          ["run", "procurement"], ["approvals"])]
+    for proc, code in zip(procs, ("forbidden", "forbidden", None), strict=True):
+        out, _ = proc.communicate(timeout=120)
+        if code is None:
+            assert proc.returncode == 0 and isinstance(json.loads(out), list)
+        else:
+            assert proc.returncode == 2 and json.loads(out)["error"]["code"] == code, out
+            assert "lacks the scope" in json.loads(out)["error"]["message"]
+
+
+def test_a_rate_limit_is_waited_out_once_then_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    config = ServerConfig(token_rate=1.0, token_burst=1, tenant_rate=1.0, tenant_burst=1)
+    with InProcessServer(tmp_path / "store", config=config) as srv:
+        secret = token(srv.host.store, "acme", "runs:read")
+        slept: list[float] = []
+
+        def sleep(s: float) -> None:
+            slept.append(s)
+            time.sleep(s)
+
+        with client_mod.Client(srv.url, secret, sleep=sleep) as c:
+            assert c.agents() == [] and c.agents() == []  # the second waited out its Retry-After
+            assert slept == [1.0]
+        # A Retry-After longer than the client waits: one line (and --json), exit 2.
+        monkeypatch.setattr(client_mod, "MAX_RETRY_AFTER_S", 0.5)
+        monkeypatch.setenv(remote.SERVER_ENV, srv.url)
+        monkeypatch.setenv(remote.TOKEN_ENV, secret)
+        codes = [cli(capsys, "approvals") for _ in range(2)]
+        assert codes[0] == (0, []) or codes[0][1]["error"]["code"] == "rate_limited"
+        code, out = codes[1]
+        assert code == 2 and out["error"]["code"] == "rate_limited" and "retry after 1s" in out["error"]["message"]
+        with client_mod.Client(srv.url, secret, sleep=slept.append) as c, pytest.raises(RateLimited):
+            monkeypatch.setattr(client_mod, "MAX_RETRY_AFTER_S", 10.0)
+            c.agents()  # refused, retried once after the (recorded, not slept) wait, refused again
+        assert slept[1:] == [1.0]
+
+
+def test_the_server_keeps_a_runs_log_lines_and_principal_and_one_key_starts_one_run(
+        server: InProcessServer, procurement: Path) -> None:
+    secret = token(server.host.store, "acme", "admin")
+    with client_mod.Client(server.url, secret) as c:
+        c.push(procurement.read_bytes(), name="logs-test")
+        first = c.start_run("logs-test", json.loads(COMPLETES), on_behalf_of="dave", wait=60,
+                            idempotency_key="k-1")
+        again = c.start_run("logs-test", json.loads(COMPLETES), on_behalf_of="dave", wait=60,
+                            idempotency_key="k-1")
+        assert first["agent_id"] == again["agent_id"] and first["status"] == "completed"
+        assert first["principal"] == "dave"
+        assert {"level": "warn", "message": "rejected (unknown_item): 'pens' is not in the catalogue"} in first["logs"]
+        assert c.wait(first["agent_id"], 1)["logs"] == first["logs"]
+        # The same key for another request is a conflict, not a second run.
+        with pytest.raises(TorporError) as exc:
+            c.start_run("logs-test", json.loads(COMPLETES), on_behalf_of="erin", idempotency_key="k-1")
+        assert exc.value.code == "idempotency_conflict"
+    r = httpx.post(server.url + "/v1/runs", json={"agent": "logs-test", "on_behalf_of": 7}, headers=auth(secret))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_input"
+
+
+def test_recent_logs_are_bounded_by_count_and_bytes() -> None:
+    kept = RecentLogs(max_agents=2, max_bytes=100)
+    kept.put("a", [{"level": "info", "message": "x" * 10}])
+    kept.put("b", [{"level": "info", "message": "y"}])
+    kept.put("c", [{"level": "info", "message": "z"}])
+    assert kept.get("a") == [] and kept.get("b") and kept.get("c")
+    kept.put("d", [{"level": "info", "message": "w" * 90}])  # over the bytes: the older go first
+    assert kept.get("b") == [] and kept.get("c") == [] and kept.get("d") and kept.bytes == 106
+    kept.put("d", [])  # a drive that logged nothing replaces the earlier lines
+    assert kept.get("d") == [] and kept.bytes == 0

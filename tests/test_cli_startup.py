@@ -84,6 +84,18 @@ def test_ps_and_inspect_read_the_store_without_a_host(store: Path) -> None:
     assert code == 0 and not _heavy(mods), _heavy(mods)
 
 
+def test_ps_against_a_server_imports_httpx_but_no_runtime() -> None:
+    """`torpor --server URL ps` builds the agents group only (the URL is not taken for the
+    command) and imports the HTTP client, not Wasmtime or the server's application."""
+    from host.server.client import Client  # noqa: F401  (the module must import on its own)
+
+    code, mods, out = _modules_after(["--server", "http://127.0.0.1:9", "ps", "--json"])
+    assert code == 2 and json.loads(out)["error"]["code"] == "server_unreachable"
+    assert "httpx" in mods and "host.cli.registry" not in mods and "starlette" not in mods
+    client_side = ("httpx", "anyio", "zstandard")  # httpx imports these two itself (its transport, zstd bodies)
+    assert not _heavy(mods, allowed=client_side), _heavy(mods, allowed=client_side)
+
+
 def test_ps_human_output_has_a_line_per_agent(store: Path) -> None:
     code, _, out = _modules_after(["ps", "--store", str(store), "--status", "suspended"])
     lines = out.splitlines()

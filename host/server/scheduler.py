@@ -63,7 +63,8 @@ def wake_key(at: float, agent_id: str) -> str:
 class RecentLogs:
     """The guest log lines of the latest drives, per agent, within a count and a byte bound
     (oldest dropped first): a drive's lines are in no record, and a server with thousands
-    of agents must not keep them all."""
+    of agents must not keep them all. The latest drive's are kept whatever their size (a
+    run's log is capped at ``host.runtime.agent.LOG_BYTES``)."""
 
     def __init__(self, max_agents: int = 1024, max_bytes: int = 16 << 20) -> None:
         self.max_agents = max_agents
@@ -79,7 +80,7 @@ class RecentLogs:
         size = sum(len(str(line.get("message", ""))) + 16 for line in logs)
         self._logs[agent_id] = (logs, size)
         self.bytes += size
-        while self._logs and (len(self._logs) > self.max_agents or self.bytes > self.max_bytes):
+        while len(self._logs) > 1 and (len(self._logs) > self.max_agents or self.bytes > self.max_bytes):
             _, (_, dropped) = self._logs.popitem(last=False)
             self.bytes -= dropped
 
