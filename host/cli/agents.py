@@ -194,15 +194,13 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """One agent in full: status, output or error, pending call, usage, checkpoints."""
-    client = remote.connect(args)
-    if client is not None:
-        with client:
-            info = client.inspect(args.agent)
-    else:
+    def locally() -> dict[str, Any]:
         from host.runtime import queries
 
         with open_store(args, readonly=True) as store:
-            info = queries.inspect(store, args.agent, where=store_dir(args))
+            return queries.inspect(store, args.agent, where=store_dir(args))
+
+    info = remote.either(args, lambda client: client.inspect(args.agent), locally)
 
     def human() -> None:
         print(f"agent    {info['agent_id']} ({info.get('name')}, bundle {str(info.get('bundle_digest'))[:16]})")

@@ -35,15 +35,13 @@ TITLE = "approvals: decide what agents wait on"
 
 def cmd_approvals(args: argparse.Namespace) -> int:
     """The tool calls waiting for a person, with the rule that asked."""
-    client = remote.connect(args)
-    if client is not None:
-        with client:
-            pending = client.approvals()
-    else:
+    def locally() -> list[dict[str, Any]]:
         from host.runtime import queries
 
         with open_store(args, readonly=True) as store:
-            pending = queries.approvals(store)
+            return queries.approvals(store)
+
+    pending = remote.either(args, lambda client: client.approvals(), locally)
 
     def human() -> None:
         if not pending:

@@ -10,10 +10,10 @@ reference names.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from host.cli import remote
 from host.cli.common import EXIT_OK, add_command, decided_by, emit, iso, open_store, store_dir
@@ -21,6 +21,8 @@ from host.errors import BundleError
 
 if TYPE_CHECKING:
     from host.runtime.registry import Registry
+
+T = TypeVar("T")
 
 TITLE = "registry: named, versioned, tagged agents"
 BY_HELP = "who does this, for the audit chain host.registry (default: $USER)"
@@ -54,6 +56,12 @@ def _registry(args: argparse.Namespace, *, readonly: bool, create: bool = False)
 
 
 
+def _local(args: argparse.Namespace, fn: Callable[[Registry], T], *, readonly: bool = True, create: bool = False) -> T:
+    """``fn`` of the registry in the command's store (``readonly`` unless it writes)."""
+    with _registry(args, readonly=readonly and not create, create=create) as registry:
+        return fn(registry)
+
+
 def _short(digest: Any) -> str:
     return f"sha256:{str(digest)[:12]}" if digest else "-"
 
@@ -67,13 +75,11 @@ def cmd_push(args: argparse.Namespace) -> int:
         raise BundleError(f"{path}: no such bundle file") from exc
     except OSError as exc:
         raise BundleError(f"{path}: cannot read bundle ({exc.strerror})") from exc
-    client = remote.connect(args, local_only=("by",))  # a server records the operator token as who pushed
-    if client is not None:
-        with client:
-            version = client.push(raw, name=args.name, tag=args.tag)
-    else:
-        with _registry(args, readonly=False, create=True) as registry:
-            version = registry.push(raw, name=args.name, tag=args.tag, by=decided_by(args))  # no --name: the agent's own
+    # No --name: the agent's own. A server records the operator token as who pushed (no --by).
+    version = remote.either(args, lambda client: client.push(raw, name=args.name, tag=args.tag),
+                            lambda: _local(args, lambda r: r.push(raw, name=args.name, tag=args.tag,
+                                                                  by=decided_by(args)), create=True),
+                            local_only=("by",))
 
     def human() -> None:
         tags = f", tagged {', '.join(version['tags'])}" if version["tags"] else ""
@@ -90,13 +96,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Every name in the registry, with its number of versions, its latest and its tags."""
-    client = remote.connect(args)
-    if client is not None:
-        with client:
-            rows = client.bundles()["bundles"]
-    else:
-        with _registry(args, readonly=True) as registry:
-            rows = registry.names()
+    rows = remote.either(args, lambda client: client.bundles()["bundles"], lambda: _local(args, lambda r: r.names()))
 
     def human() -> None:
         if not rows:
@@ -113,13 +113,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """One name's versions (digest, ABI, granted tools, push time, tags), oldest first."""
-    client = remote.connect(args)
-    if client is not None:
-        with client:
-            info = client.bundle(args.name)
-    else:
-        with _registry(args, readonly=True) as registry:
-            info = registry.versions(args.name)
+    info = remote.either(args, lambda client: client.bundle(args.name),
+                         lambda: _local(args, lambda r: r.versions(args.name)))
 
     def human() -> None:
         n = len(info["versions"])
@@ -140,13 +135,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_tag(args: argparse.Namespace) -> int:
     """Point a tag of a name at one of its versions (new runs follow it; running agents do not)."""
-    client = remote.connect(args, local_only=("by",))
-    if client is not None:
-        with client:
-            moved = client.tag(args.name, args.tag, args.digest)
-    else:
-        with _registry(args, readonly=False) as registry:
-            moved = registry.tag(args.name, args.tag, args.digest, by=decided_by(args))
+    moved = remote.either(args, lambda client: client.tag(args.name, args.tag, args.digest),
+                          lambda: _local(args, lambda r: r.tag(args.name, args.tag, args.digest, by=decided_by(args)),
+                                         readonly=False),
+                          local_only=("by",))
 
     def human() -> None:
         was = f" (was {_short(moved['previous'])})" if moved["previous"] else ""
@@ -158,13 +150,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     """What B's policy grants differently from A's: tools, approvals, network, secrets, limits, budgets."""
-    client = remote.connect(args)
-    if client is not None:
-        with client:
-            d = client.diff(args.a, args.b)
-    else:
-        with _registry(args, readonly=True) as registry:
-            d = registry.diff(args.a, args.b)
+    d = remote.either(args, lambda client: client.diff(args.a, args.b), lambda: _local(args, lambda r: r.diff(args.a, args.b)))
     emit(args, d, lambda: print(d["text"]))
     return EXIT_OK
 

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from host.errors import ConfigError
 
 if TYPE_CHECKING:
     from host.server.client import Client
+
+T = TypeVar("T")
 
 SERVER_ENV = "TORPOR_SERVER"
 TOKEN_ENV = "TORPOR_TOKEN"
@@ -97,6 +100,17 @@ def connect(args: argparse.Namespace, *, local_only: tuple[str, ...] = ()) -> Cl
     from host.server.client import Client
 
     return Client(url, _token(args))
+
+
+def either(args: argparse.Namespace, on_server: Callable[[Client], T], locally: Callable[[], T], *,
+           local_only: tuple[str, ...] = ()) -> T:
+    """What ``on_server`` asks the named server, or, with none named, what ``locally`` reads
+    from the store: the same dict either way, for the command's one printing code."""
+    client = connect(args, local_only=local_only)
+    if client is None:
+        return locally()
+    with client:
+        return on_server(client)
 
 
 def _token(args: argparse.Namespace) -> str | None:
