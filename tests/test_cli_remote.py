@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
+import http.server
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +33,7 @@ from serve_helpers import InProcessServer, auth, free_port, token
 
 from host.cli import remote
 from host.cli.app import _command_of, main
-from host.errors import RateLimited, TorporError
+from host.errors import AgentNotFound, BadServerAnswer, RateLimited, TorporError
 from host.server import client as client_mod
 from host.server.config import ServerConfig
 from host.server.scheduler import RecentLogs
@@ -328,3 +331,27 @@ def test_recent_logs_are_bounded_by_count_and_bytes() -> None:
     assert kept.get("b") == [] and kept.get("c") == [] and kept.get("d") and kept.bytes == 106
     kept.put("d", [])  # a drive that logged nothing replaces the earlier lines
     assert kept.get("d") == [] and kept.bytes == 0
+
+
+def test_an_answer_that_is_not_the_apis_is_bad_server_answer(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A web server that is not Torpor's (its 404 page is HTML), and the one parser's codes."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as web:
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        try:
+            monkeypatch.setenv(remote.SERVER_ENV, f"http://127.0.0.1:{web.server_address[1]}")
+            code, out = cli(capsys, "ps")
+        finally:
+            web.shutdown()
+    assert code == 2 and out["error"]["code"] == "bad_server_answer"
+    assert "HTTP 404" in out["error"]["message"] and "/v1/agents is not a Torpor API answer" in out["error"]["message"]
+    request = httpx.Request("GET", "http://127.0.0.1:8700/v1/agents")
+    for status, body, cls, code_ in ((500, {"error": {"code": "internal", "message": "boom"}}, TorporError, "internal"),
+                                     (404, {"error": {"code": "agent_not_found", "message": "no agent x"}},
+                                      AgentNotFound, "agent_not_found"),
+                                     (503, {"error": {"code": "store_full", "message": "full"}}, TorporError,
+                                      "store_full"),
+                                     (400, {"error": "not an object"}, BadServerAnswer, "bad_server_answer")):
+        err = client_mod.error_of(httpx.Response(status, json=body, request=request), "http://127.0.0.1:8700")
+        assert type(err) is cls and err.code == code_, (status, body, err)

@@ -214,8 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
     except Exception as exc:
-        if is_reported(exc):  # a typed error: one line, exit 2
-            code, message, exit_code = error_code(exc), str(exc), EXIT_ERROR
+        if is_reported(exc):  # a typed error: one line, exit 2 (3 for a server's own bug, as for ours)
+            code, message = error_code(exc), str(exc)
+            exit_code = EXIT_INTERNAL if code == "internal" else EXIT_ERROR
         elif os.environ.get("TORPOR_DEBUG"):
             raise
         else:  # a host bug: still one line, and the traceback on request
