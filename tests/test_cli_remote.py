@@ -355,3 +355,21 @@ def test_an_answer_that_is_not_the_apis_is_bad_server_answer(tmp_path: Path, cap
                                      (400, {"error": "not an object"}, BadServerAnswer, "bad_server_answer")):
         err = client_mod.error_of(httpx.Response(status, json=body, request=request), "http://127.0.0.1:8700")
         assert type(err) is cls and err.code == code_, (status, body, err)
+
+
+def test_a_run_against_a_server_imports_no_wasmtime(server: InProcessServer, procurement: Path) -> None:
+    """The client prints a run's result from the agent's record: it needs no sandbox."""
+    secret = token(server.host.store, "acme", "admin")
+    with client_mod.Client(server.url, secret) as c:
+        c.push(procurement.read_bytes(), name="light")
+    code = ("import json, sys\nfrom host.cli.app import main\n"
+            f"rc = main(['--server', {server.url!r}, 'run', 'light', '--input', {COMPLETES!r}, '--json'])\n"
+            "sys.stderr.write('MODULES ' + json.dumps(sorted(sys.modules)) + ' RC ' + str(rc))\n")
+    env = {k: v for k, v in os.environ.items() if k != remote.SERVER_ENV}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**env, remote.TOKEN_ENV: secret})
+    mods, rc = proc.stderr.rsplit("MODULES ", 1)[1].rsplit(" RC ", 1)
+    assert rc == "0" and json.loads(proc.stdout)["status"] == "completed", proc
+    heavy = [m for m in json.loads(mods) if m.split(".")[0] in ("wasmtime", "pydantic", "starlette", "uvicorn")
+             or m in ("host.runtime.host", "host.runtime.agent")]
+    assert not heavy, heavy

@@ -41,9 +41,6 @@ TITLE = "agents: run agents and look at them"
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Spawn an agent from a bundle and drive it until it ends or waits on a person."""
-    from host.runtime import run_sync
-    from host.sandbox import bundle as bundle_mod
-
     if args.fuel is not None and args.fuel < 0:
         raise ConfigError("--fuel must be a non-negative integer")
     ref = None if _is_bundle_path(args.bundle) else args.bundle
@@ -57,6 +54,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             started = client.start_run(ref, payload, fuel=args.fuel, on_behalf_of=args.on_behalf_of,
                                        wait=remote.POLL_S)
             return _report_run(args, remote.result_of(remote.until_stopped(client, started)))
+    from host.runtime import run_sync
+    from host.sandbox import bundle as bundle_mod
+
     b = bundle_mod.load(args.bundle) if ref is None else None
     payload = parse_input(args.input)
     host = open_host(args)

@@ -137,7 +137,8 @@ def until_stopped(client: Client, rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def result_of(rec: dict[str, Any]) -> Any:
-    """The :class:`~host.runtime.RunResult` a stopped agent's record stands for, with its logs."""
-    from host.runtime import RunResult
+    """The :class:`~host.runtime.RunResult` a stopped agent's record stands for, with its logs
+    (from :mod:`host.runtime.result`: no Wasmtime is imported to print it)."""
+    from host.runtime.result import RunResult
 
     return RunResult.of_record(rec, rec.get("logs") or [])

@@ -4,7 +4,7 @@
 park or finish: its stored record (status, usage, audit head), its bundle and compiled
 module, the tools its policy grants, and its guest state (a live
 :class:`~host.sandbox.execution.Execution`, or a :class:`~host.sandbox.execution.Captured`
-one waiting to be restored). :class:`RunResult` is what the caller of a run is told.
+one waiting to be restored). :class:`~host.runtime.result.RunResult` is what the caller of a run is told.
 """
 
 from __future__ import annotations
@@ -14,16 +14,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from host.runtime.result import PARKED, TERMINAL, RunResult
 from host.sandbox.bundle import Bundle
 from host.sandbox.engine import LoadedModule
 from host.sandbox.execution import Captured, Execution, Limits
 from host.tools.registry import ToolSpec
 
-#: A finished agent: nothing more will run.
-TERMINAL = frozenset({"completed", "failed", "terminated"})
-#: A parked agent: it waits on a person (an approval, an in-doubt call to settle, or
-#: its stored state, bundle or module found damaged: ``corrupt``, with the error naming what).
-PARKED = frozenset({"waiting_approval", "in_doubt", "corrupt"})
+# What a run comes to lives in host.runtime.result (light: a client of a server reads it
+# without Wasmtime); named here too for the runtime's modules that import them from here.
+__all__ = ["LOG_BYTES", "LOG_LIMIT", "PARKED", "TERMINAL", "Answer", "LiveAgent", "RunResult"]
 
 #: The answer to a tool call as the guest reads it: (ABI status code, JSON bytes).
 Answer = tuple[int, bytes]
@@ -32,68 +31,6 @@ Answer = tuple[int, bytes]
 # decides how much it logs, the host decides how much of that it holds.
 LOG_LIMIT = 1000
 LOG_BYTES = 1 << 20
-
-
-@dataclass
-class RunResult:
-    """What a run (or resume) of one agent came to.
-
-    ``tool_calls`` counts the calls the policy let through (a denied call is answered
-    and checkpointed, and counted in ``suspensions``, not here); ``suspensions`` counts
-    every time the guest stopped at a tool call, allowed or not.
-    """
-
-    agent_id: str
-    status: str
-    output: Any = None
-    error: dict[str, Any] | None = None
-    fuel_used: int = 0
-    tool_calls: int = 0
-    suspensions: int = 0
-    checkpoints: int = 0
-    snapshot_bytes: int = 0
-    tokens: int = 0
-    pending: dict[str, Any] | None = None
-    approval: dict[str, Any] | None = None
-    logs: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "completed"
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "agent_id": self.agent_id,
-            "status": self.status,
-            "output": self.output,
-            "fuel_used": self.fuel_used,
-            "tool_calls": self.tool_calls,
-            "suspensions": self.suspensions,
-            "checkpoints": self.checkpoints,
-            "snapshot_bytes": self.snapshot_bytes,
-            "tokens": self.tokens,
-        }
-        if self.error is not None:
-            d["error"] = self.error
-        if self.pending is not None:
-            d["pending"] = self.pending
-        if self.approval is not None:
-            d["approval"] = self.approval
-        return d
-
-    @classmethod
-    def of_record(cls, rec: dict[str, Any], logs: list[dict[str, Any]] | None = None) -> RunResult:
-        """The result an agent record stands for."""
-        u = rec.get("usage", {})
-        status = rec["status"]
-        return cls(
-            agent_id=str(rec["agent_id"]), status=status, output=rec.get("output"), error=rec.get("error"),
-            fuel_used=int(u.get("fuel_used", 0)), tool_calls=int(u.get("tool_calls", 0)),
-            suspensions=int(u.get("suspensions", 0)), checkpoints=int(rec.get("checkpoints", 0)),
-            snapshot_bytes=int(rec.get("snapshot_bytes", 0)), tokens=int(u.get("tokens", 0)),
-            pending=rec.get("pending") if status not in TERMINAL else None,
-            approval=rec.get("approval") if status == "waiting_approval" else None, logs=list(logs or []),
-        )
 
 
 @dataclass
