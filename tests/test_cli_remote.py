@@ -215,7 +215,7 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any]:
 
 
 def test_what_a_server_cannot_take_is_refused_in_one_line(server: InProcessServer, procurement: Path,
-                                                          capsys: pytest.CaptureFixture[str],
+                                                          tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(remote.SERVER_ENV, server.url)
     monkeypatch.setenv(remote.TOKEN_ENV, token(server.host.store, "acme", "admin"))
@@ -225,15 +225,18 @@ def test_what_a_server_cannot_take_is_refused_in_one_line(server: InProcessServe
                        (["audit", "show", "01M9AAAAAAAAAAAAAAAAAAAAAA", "--payloads"], "--payloads does not apply"),
                        (["audit", "verify"], "--agent AGENT"),
                        (["run", str(procurement)], "push it first"),
-                       (["resume", "--all"], "`torpor resume` works on a local store"),
-                       (["store", "check"], "`torpor store check` works on a local store")):
+                       (["resume", "--all"], "`torpor resume` does not go to a server"),
+                       (["store", "check"], "`torpor store check` does not go to a server")):
         code, out = cli(capsys, *argv)
         assert code == 2 and out["error"]["code"] == "invalid_config", (argv, out)
         assert says in out["error"]["message"], (argv, out)
     # The server's own side stays local under $TORPOR_SERVER; an explicit --server is refused.
+    token(tmp_path / "own", "globex")
+    code, out = cli(capsys, "tokens", "list", "--store", str(tmp_path / "own"))
+    assert code == 0 and [t["tenant"] for t in out] == ["globex"], out
     monkeypatch.delenv(remote.SERVER_ENV)
     code, out = cli(capsys, "--server", server.url, "tokens", "list")
-    assert code == 2 and "`torpor tokens list` works on a local store" in out["error"]["message"]
+    assert code == 2 and "`torpor tokens list` does not go to a server" in out["error"]["message"]
     assert _command_of(["--server", server.url, "--token-file", "t", "ps", "-h"]) == "ps"
 
 

@@ -36,9 +36,10 @@ TOKEN_FILE_HELP = f"a file holding the operator token for --server (default ${TO
 #: The commands that work against a server (``audit`` and ``registry``: these subcommands).
 REMOTE = frozenset({"run", "ps", "inspect", "approvals", "approve", "deny", "push", "audit show", "audit verify",
                     "registry list", "registry show", "registry tag", "registry diff"})
-#: Commands of the server's own side: with ``$TORPOR_SERVER`` set they still work locally
-#: (an operator's shell may have both); only an explicit ``--server`` is refused.
-SERVER_SIDE = frozenset({"serve", "tokens"})
+#: Commands that are local by nature (the server's own side, load tests on scratch stores):
+#: with ``$TORPOR_SERVER`` set they still work locally (an operator's shell may have both);
+#: only an explicit ``--server`` is refused.
+SERVER_SIDE = frozenset({"serve", "tokens", "bench"})
 #: The options of a local host or store (:func:`host.cli.common.add_command`), meaningless
 #: to a server, which has its own.
 LOCAL_OPTIONS = (("store", "--store"), ("durability", "--durability"), ("tools_dir", "--tools-dir"),
@@ -76,12 +77,12 @@ def check(args: argparse.Namespace) -> None:
     if path in REMOTE:
         return
     explicit = getattr(args, "server", None) is not None
-    if path in SERVER_SIDE and not explicit:
+    if args.command in SERVER_SIDE and not explicit:
         return
-    if explicit or hasattr(args, "store"):
+    if explicit or hasattr(args, "store"):  # a command that only reads files is not the server's business
         how = "--server" if explicit else f"${SERVER_ENV}"
-        raise ConfigError(f"`torpor {path}` works on a local store, not against a server ({how} {url}); the commands "
-                          "a server answers are: " + ", ".join(sorted(REMOTE)))
+        raise ConfigError(f"`torpor {path}` does not go to a server ({how} {url}): it works on this machine's store "
+                          "and files; the commands a server answers are: " + ", ".join(sorted(REMOTE)))
 
 
 def connect(args: argparse.Namespace, *, local_only: tuple[str, ...] = ()) -> Client | None:
