@@ -18,6 +18,7 @@ import http.server
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -376,3 +377,21 @@ def test_a_run_against_a_server_imports_no_wasmtime(server: InProcessServer, pro
     heavy = [m for m in json.loads(mods) if m.split(".")[0] in ("wasmtime", "pydantic", "starlette", "uvicorn")
              or m in ("host.runtime.host", "host.runtime.agent")]
     assert not heavy, heavy
+
+
+def test_ctrl_c_ends_the_waiting_not_the_run(server: InProcessServer, bundles: BundleFactory) -> None:
+    secret = token(server.host.store, "acme", "admin")
+    with client_mod.Client(server.url, secret) as c:
+        c.push(bundles.guest("slowtool").read_bytes(), name="slow")
+        proc = torpor("run", "slow", "--input", '{"n": 3, "ms": 1000}',
+                      env={remote.SERVER_ENV: server.url, remote.TOKEN_ENV: secret})
+        deadline = time.monotonic() + 60
+        while not [a for a in c.agents() if a.get("name") == "slowtool"]:  # started: the CLI now waits
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGINT, err
+        said = re.search(r"stopped waiting; agent (\S+) goes on on the server", err)
+        assert said is not None, err
+        assert c.wait(said.group(1), 60)["status"] == "completed"  # the run went on without its client

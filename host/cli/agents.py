@@ -50,9 +50,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.bundle} is a bundle file: a server runs what its registry holds; push it first "
                               "(`torpor --server URL push FILE`), then run NAME, NAME@TAG or sha256:<digest>")
         payload = parse_input(args.input)
-        with client:  # started once (one idempotency key), then long polls until it ends or parks
-            started = client.start_run(ref, payload, fuel=args.fuel, on_behalf_of=args.on_behalf_of,
-                                       wait=remote.POLL_S)
+        # Started once (one idempotency key), answered at once with its id (which Ctrl-C then
+        # names), then long polls until it ends or parks.
+        with client:
+            started = client.start_run(ref, payload, fuel=args.fuel, on_behalf_of=args.on_behalf_of)
             return _report_run(args, remote.result_of(remote.until_stopped(client, started)))
     from host.runtime import run_sync
     from host.sandbox import bundle as bundle_mod

@@ -131,9 +131,17 @@ def _token(args: argparse.Namespace) -> str | None:
 def until_stopped(client: Client, rec: dict[str, Any]) -> dict[str, Any]:
     """The agent once it stopped moving and the server's drive of it ended, by long polls
     (the answer then carries ``logs``, the drive's guest log lines): what a local run or
-    decision returns when it returns."""
-    while rec.get("status") in MOVING or "logs" not in rec:
-        rec = client.wait(str(rec["agent_id"]), POLL_S)
+    decision returns when it returns. Interrupted (Ctrl-C), it says which agent goes on."""
+    agent_id = str(rec["agent_id"])
+    try:
+        while rec.get("status") in MOVING or "logs" not in rec:
+            rec = client.wait(agent_id, POLL_S)
+    except KeyboardInterrupt:  # Ctrl-C ends the waiting here, not the agent there: say where it is
+        import sys
+
+        print(f"torpor: stopped waiting; agent {agent_id} goes on on the server (`torpor inspect {agent_id}`)",
+              file=sys.stderr)
+        raise
     return rec
 
 
