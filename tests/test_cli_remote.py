@@ -60,7 +60,8 @@ _TIMES = re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(\.\d+)?Z?")
 #: Fields that differ between two runs of one scenario by nature: whom a server runs it for,
 #: hashes over ids and times, the keys that signed them.
 VOLATILE = frozenset({"tenant", "audit_head", "token_id", "key_id", "hash", "prev", "prev_hash", "sig", "signature",
-                      "output_digest", "id", "key_ids"})
+                      "output_digest", "id", "key_ids",
+                      "hibernations"})  # whether a wait outlasted the warm window: the machine's load
 
 
 def _blank(value: Any, key: str = "") -> Any:
@@ -91,6 +92,7 @@ def normalize(text: str, ids: dict[str, str]) -> str:
     text = re.sub(r"identity token [0-9a-f]+|key [0-9a-f]{16}", "<identity>", text)  # each agent's own
     # A snapshot's size differs by a few bytes with the ids and times compressed into it.
     text = re.sub(r"snapshot bytes \d+|\d+ bytes", "<bytes>", text)
+    text = re.sub(r"hibernations \d+", "hibernations <n>", text)
     text = re.sub(r'"(snapshot_bytes|last_checkpoint_bytes|size|bytes)": \d+', r'"\1": 0', text)
     return re.sub(r"(?m)^(<agent\d+> .*\s)\d+$", r"\1<bytes>", text)  # ps: the LAST column
 
