@@ -18,6 +18,7 @@ when a command talks to a server, so ``torpor --help`` and local commands never 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -39,6 +40,7 @@ CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0
 
 
+@functools.cache
 def _codes() -> dict[str, type[TorporError]]:
     """Every error class of :mod:`host.errors`, by its code."""
     found: dict[str, type[TorporError]] = {}
