@@ -19,6 +19,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -397,3 +398,64 @@ def test_ctrl_c_ends_the_waiting_not_the_run(server: InProcessServer, bundles: B
         said = re.search(r"stopped waiting; agent (\S+) goes on on the server", err)
         assert said is not None, err
         assert c.wait(said.group(1), 60)["status"] == "completed"  # the run went on without its client
+
+
+class _DropFirstRun:
+    """A proxy in front of the server that forwards the first ``POST /v1/runs`` and then
+    breaks the connection instead of answering: the run started, its client did not hear it."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.runs = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as f:
+            while True:
+                line = f.readline()
+                if not line:
+                    return
+                method, path, _ = line.decode().split(" ", 2)
+                headers = {}
+                while (h := f.readline().decode().strip()):
+                    k, v = h.split(":", 1)
+                    headers[k.strip().lower()] = v.strip()
+                body = f.read(int(headers.get("content-length", 0)))
+                headers.pop("host", None)
+                r = httpx.request(method, self.upstream + path, headers=headers, content=body, timeout=60)
+                if method == "POST" and path == "/v1/runs":
+                    self.runs += 1
+                    if self.runs == 1:
+                        return  # the answer is lost on the way
+                conn.sendall(f"HTTP/1.1 {r.status_code} X\r\nContent-Type: application/json\r\n"
+                             f"Content-Length: {len(r.content)}\r\n\r\n".encode() + r.content)
+
+
+def test_a_run_request_whose_answer_is_lost_is_retried_with_its_key_and_starts_one_run(
+        server: InProcessServer, procurement: Path) -> None:
+    secret = token(server.host.store, "acme", "admin")
+    with client_mod.Client(server.url, secret) as c:
+        c.push(procurement.read_bytes(), name="once")
+        before = {a["agent_id"] for a in c.agents()}
+    proxy = _DropFirstRun(server.url)
+    try:
+        proc = torpor("run", "once", "--input", COMPLETES, "--json",
+                      env={remote.SERVER_ENV: proxy.url, remote.TOKEN_ENV: secret})
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proxy.sock.close()
+    assert proc.returncode == 0 and json.loads(out)["status"] == "completed", (out, err)
+    assert proxy.runs == 2  # sent twice, with one Idempotency-Key
+    with client_mod.Client(server.url, secret) as c:
+        started = [a for a in c.agents() if a["agent_id"] not in before]
+    assert [a["agent_id"] for a in started] == [json.loads(out)["agent_id"]]  # one run, the one printed
