@@ -106,6 +106,7 @@ def asyncify(
     optimize_level: int = 2,
     extra_passes: tuple[str, ...] = ("strip-debug", "memory-packing"),
     while_starting: Callable[[], object] | None = None,
+    pass_arguments: dict[str, str] | None = None,
 ) -> bytes:
     """Return ``wasm`` transformed so that the host can snapshot it at a suspending import.
 
@@ -116,7 +117,9 @@ def asyncify(
     feature it lacks where that can be recognised) and
     :class:`~host.errors.ToolchainError` when it crashes or hits a limit.
     ``while_starting`` runs in this process while the worker starts (see
-    :func:`isolation.run_child`); an error it raises ends the call.
+    :func:`isolation.run_child`); an error it raises ends the call. ``pass_arguments``
+    are more of Binaryen's pass arguments (``asyncify-onlylist`` for the JS runtime,
+    whose suspension is reached through three functions only).
     """
     limits = isolation.binaryen_limits()
     threads = _binaryen_threads()
@@ -126,6 +129,7 @@ def asyncify(
         "custom_sections": {k: v.hex() for k, v in (custom_sections or {}).items()},
         "optimize_level": optimize_level,
         "extra_passes": list(extra_passes),
+        "pass_arguments": dict(pass_arguments or {}),
     }
     cmd = isolation.worker_command(
         "asyncify", str(limits.memory_bytes), str(isolation.cpu_seconds_for(limits, threads))
@@ -302,6 +306,7 @@ def asyncify_in_process(
     custom_sections: dict[str, bytes] | None = None,
     optimize_level: int = 2,
     extra_passes: tuple[str, ...] = ("strip-debug", "memory-packing"),
+    pass_arguments: dict[str, str] | None = None,
 ) -> bytes:
     """:func:`asyncify` in this very process: only for the toolchain worker.
 
@@ -360,6 +365,8 @@ def asyncify_in_process(
                 lib.BinaryenClearPassArguments()
                 if suspending_imports:
                     lib.BinaryenSetPassArgument(b"asyncify-imports", ",".join(suspending_imports).encode())
+                for key, value in (pass_arguments or {}).items():
+                    lib.BinaryenSetPassArgument(key.encode(), value.encode())
                 lib.BinaryenSetOptimizeLevel(optimize_level)
                 lib.BinaryenSetShrinkLevel(1)
                 names = [ffi.new("char[]", p.encode()) for p in passes]

@@ -393,8 +393,18 @@ def load(path: str | Path) -> Bundle:
     return load_bytes(raw, source=str(p))
 
 
+def agent_language(d: Path) -> str:
+    """Which toolchain builds the agent directory ``d``, by the files in it: ``"js"`` for an
+    ``agent.js``, ``"c"`` for C sources. The one place a new guest language is dispatched."""
+    if (d / "agent.js").is_file():
+        return "js"
+    if any(d.glob("*.c")):
+        return "c"
+    raise BundleError(f"{d}: no agent sources (agent.js, or C sources *.c)")
+
+
 def build_dir(agent_dir: str | Path) -> bytes:
-    """Compile an agent directory (C sources + policy.toml) into bundle bytes.
+    """Compile an agent directory (C sources or agent.js, + policy.toml) into bundle bytes.
 
     Python files in the directory are not packed: tools are the operator's (see
     :mod:`host.tools.sources`); :func:`pack` packs Python only when given it.
@@ -405,10 +415,13 @@ def build_dir(agent_dir: str | Path) -> bytes:
     policy_path = d / POLICY_MEMBER
     if not policy_path.is_file():
         raise BundleError(f"{d}: no {POLICY_MEMBER} (every agent needs a policy)")
-    sources = sorted(d.glob("*.c"))
-    if not sources:
-        raise BundleError(f"{d}: no C sources (*.c)")
+    language = agent_language(d)
     policy_text = policy_path.read_text(encoding="utf-8")
     parse_policy(policy_text, source=str(policy_path))  # fail on a bad policy before compiling
-    raw = toolchain.compile_c(sources, include_dirs=[d])
+    if language == "js":
+        from host.sandbox import js_runtime  # only JS builds pay for it
+
+        raw = js_runtime.build_agent(d)
+    else:
+        raw = toolchain.compile_c(sorted(d.glob("*.c")), include_dirs=[d])
     return pack(raw, policy_text, policy_source=str(policy_path))

@@ -69,6 +69,7 @@ def _asyncify() -> int:
             custom_sections={k: bytes.fromhex(v) for k, v in request["custom_sections"].items()},
             optimize_level=int(request["optimize_level"]),
             extra_passes=tuple(request["extra_passes"]),
+            pass_arguments={str(k): str(v) for k, v in request.get("pass_arguments", {}).items()},
         )
     except TorporError as exc:
         payload = {
