@@ -318,7 +318,7 @@ EXPORT("torpor_js_init") int torpor_js_init(const char *lib, int32_t lib_len, co
     agent_module = JS_Eval(ctx, code, (size_t)src_len, fname, JS_EVAL_TYPE_MODULE | JS_EVAL_FLAG_COMPILE_ONLY);
     free(code);
     free(fname);
-    if (JS_IsException(agent_module)) return fail_with_exception("SyntaxError");
+    if (JS_IsException(agent_module)) return fail_with_exception("compile");
     JS_RunGC(rt);
     initialized = 1;
     return 0;

@@ -78,7 +78,13 @@ export function tool(name, args = {}) {
   if (text === undefined || args === null || typeof args !== "object" || Array.isArray(args)) {
     return Promise.reject(new TypeError("torpor.tool: the arguments must be a JSON object"));
   }
-  return native.call(name, text).then(([code, body]) => {
+  let pending;
+  try {
+    pending = native.call(name, text);
+  } catch (e) {
+    return Promise.reject(e); // too many calls waiting at once: a rejection, like any failure
+  }
+  return pending.then(([code, body]) => {
     const value = body === "" ? null : JSON.parse(body);
     if (code < 0) throw new ToolError(value);
     return value;

@@ -343,7 +343,7 @@ def pre_initialize(runtime: bytes, source: str, filename: str) -> bytes:
             raise ToolchainError(f"{filename}: compiling the agent ran out of fuel") from None
         raise ToolchainError(f"{filename}: compiling the agent failed: {str(exc).splitlines()[0]}") from None
     if rc != 0:
-        raise ToolchainError("JavaScript compilation failed: " + (said[-1] if said else "(no message)"))
+        raise ToolchainError(_compile_error(said[-1] if said else "compile: (no message)", filename))
     values: dict[int, int | float] = {}
     for gname, index in preinit.global_exports(runtime).items():
         g = ex[gname]
@@ -351,6 +351,14 @@ def pre_initialize(runtime: bytes, source: str, filename: str) -> bytes:
             values[index] = g.value(store)
     image = preinit.Image(memory=bytes(mem.read(store, 0, mem.data_len(store))), globals=values)
     return preinit.apply(runtime, image, drop_exports=BUILD_EXPORTS)
+
+
+def _compile_error(said: str, filename: str) -> str:
+    """One line naming the file, line and column first: ``agent.js:4:11: SyntaxError: ...``."""
+    lines = said.splitlines()
+    head = lines[0].removeprefix("compile: ") if lines else said
+    where = next((m.group(1) for line in lines[1:] if (m := re.search(r"at (\S+:\d+(?::\d+)?)", line))), filename)
+    return f"JavaScript compilation failed: {where}: {head}"
 
 
 def build_agent(agent_dir: Path) -> bytes:

@@ -1,0 +1,77 @@
+// A JavaScript agent that misbehaves on request: input {"mode": "..."}. Each mode is one
+// of the bad inputs of issue 25; tests/test_js_guests.py says what the host must answer.
+import { tool, output } from "torpor";
+
+function thrower() {
+  throw new Error("boom from JS");
+}
+
+function recurse(n) {
+  return recurse(n + 1) + 1;
+}
+
+const modes = {
+  async throw() {
+    await tool("kv.incr", { key: "before-throw" });
+    thrower();
+  },
+  async loop() {
+    for (;;) {}
+  },
+  async alloc() {
+    const keep = [];
+    for (;;) keep.push(new Uint8Array(1 << 20));
+  },
+  async huge() {
+    return "y".repeat(2 ** 29).length;
+  },
+  async recurse() {
+    return recurse(0);
+  },
+  async eval() {
+    // Strings evaluated inside the sandbox reach only what the agent itself can reach.
+    const seen = {
+      sum: eval("1 + 2"),
+      fn: new Function("a", "b", "return a * b")(6, 7),
+      native: typeof globalThis.__torpor_native,
+      indirect: (0, eval)("typeof __torpor_native + typeof std + typeof os + typeof require + typeof process"),
+      date: Date.now(),
+    };
+    try {
+      await import("os");
+      seen.import = "imported";
+    } catch (e) {
+      seen.import = String(e.message);
+    }
+    try {
+      await eval('tool("kv.set", { key: "x", value: 1 })');
+      seen.denied = null;
+    } catch (e) {
+      seen.denied = { name: e.name, code: e.code, rule: e.rule, retryable: e.retryable };
+    }
+    return seen;
+  },
+  async unsettled() {
+    await new Promise(() => {});
+  },
+  async many({ count }) {
+    const settled = await Promise.allSettled(Array.from({ length: count }, () => tool("kv.incr", { key: "many" })));
+    const tally = {};
+    for (const s of settled) {
+      const k = s.status === "fulfilled" ? "ok" : s.reason.code ?? s.reason.name;
+      tally[k] = (tally[k] ?? 0) + 1;
+    }
+    return tally;
+  },
+  async random() {
+    const first = await tool("kv.incr", { key: "r" });
+    return { a: Math.random(), b: Math.random(), after: first.value };
+  },
+};
+
+export default async function main(input) {
+  const mode = modes[input.mode];
+  if (!mode) throw new TypeError(`unknown mode ${input.mode}`);
+  const result = await mode(input);
+  if (result !== undefined) output(result);
+}

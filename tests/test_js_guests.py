@@ -1,0 +1,146 @@
+"""JavaScript agents: QuickJS-ng built by the project's toolchain, hibernating at every await.
+
+The runtime is built once per machine (cached; the ``js_runtime`` fixture builds it at
+most once per session and says how long that took), every agent here is compiled from
+its ``agent.js`` by ``torpor build``'s own code, and runs in real Wasmtime against a
+real LMDB store. The bad inputs of issue 25 come from one agent, ``tests/guests/js_hostile``,
+that misbehaves on request, so the suite pays for one Cranelift compile, not one per case.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from conftest import EXAMPLES, GUESTS, BundleFactory
+
+from host.errors import ToolchainError
+from host.runtime import Host, RunResult
+from host.sandbox import bundle as bundle_mod
+from host.sandbox import js_runtime
+
+
+@pytest.fixture(scope="session")
+def js_built(request: pytest.FixtureRequest) -> bytes:
+    """The JS runtime module: from the machine's cache, or built now (about a minute)."""
+    fresh = not js_runtime.runtime_path().exists()
+    t0 = time.monotonic()
+    wasm = js_runtime.runtime_module()
+    if fresh:
+        print(f"\nbuilt the QuickJS runtime in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    return wasm
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
+    h = Host(tmp_path_factory.mktemp("store"))
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def hostile(js_built: bytes, bundles: BundleFactory) -> bundle_mod.Bundle:
+    return bundles.load(GUESTS / "js_hostile")
+
+
+def run(host: Host, b: bundle_mod.Bundle, input: Any = None) -> RunResult:
+    return anyio.run(lambda: host.run(b, input))
+
+
+def test_runtime_imports_only_the_abi(js_built: bytes) -> None:
+    import wasmtime
+
+    module = wasmtime.Module(wasmtime.Engine(), js_built)
+    assert {i.module for i in module.imports} == {"torpor"}
+    assert "torpor_main" in {e.name for e in module.exports}
+
+
+def test_steps_js_from_the_cli(js_built: bytes, tmp_path: Path) -> None:
+    """The issue's 'done when': build, run with n = 50, 50 suspensions."""
+    cli = [sys.executable, "-m", "host.cli"]
+    out = tmp_path / "s.torpor"
+    subprocess.run([*cli, "build", str(EXAMPLES / "steps-js"), "-o", str(out)], check=True, capture_output=True,
+                   timeout=300)
+    res = subprocess.run([*cli, "run", str(out), "--input", '{"n": 50}', "--json", "--store", str(tmp_path / "st")],
+                         capture_output=True, text=True, timeout=300)
+    body = json.loads(res.stdout)
+    assert body["output"] == {"sum": 1275, "last": 50}, res.stderr
+    assert body["suspensions"] == 50 and body["tool_calls"] == 50
+    # Each checkpoint is a delta against the pre-initialised image: a few hundred bytes.
+    assert 0 < body["snapshot_bytes"] < 5 * 1024 * 50
+
+
+def test_agent_module_is_compiled_at_build_not_spawn(hostile: bundle_mod.Bundle) -> None:
+    """The bundle's module carries the pre-initialised image: no build exports are left,
+    and its initial memory already holds the compiled agent (its source text is in it)."""
+    import wasmtime
+
+    module = wasmtime.Module(wasmtime.Engine(), hostile.module)
+    names = {e.name for e in module.exports}
+    assert not names & js_runtime.BUILD_EXPORTS
+    assert b"boom from JS" in hostile.module  # the agent's atoms live in the data segments
+
+
+def test_syntax_error_names_file_and_line(js_built: bytes, tmp_path: Path) -> None:
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "policy.toml").write_text((EXAMPLES / "steps-js" / "policy.toml").read_text())
+    (d / "agent.js").write_text('import { tool } from "torpor";\n\nconst x = ;\nexport default async () => x;\n')
+    with pytest.raises(ToolchainError, match=r"agent\.js:3:\d+: SyntaxError"):
+        bundle_mod.build_dir(d)
+
+
+def test_uncaught_exception_is_agent_error_with_message_and_stack(host: Host, hostile: bundle_mod.Bundle) -> None:
+    res = run(host, hostile, {"mode": "throw"})
+    assert res.status == "failed" and res.error is not None
+    assert res.error["code"] == "agent_error"
+    assert "Error: boom from JS" in res.error["message"]
+    assert "at thrower (agent.js:6" in res.error["message"]  # the stack, with the source line
+    assert res.suspensions == 1  # it had hibernated once before it threw
+
+
+@pytest.mark.parametrize(("mode", "code"), [
+    ("loop", "out_of_fuel"),
+    ("alloc", "memory_limit"),
+    ("huge", "memory_limit"),
+    ("recurse", "stack_overflow"),
+])
+def test_runaway_agents_end_with_a_typed_error(host: Host, hostile: bundle_mod.Bundle, mode: str, code: str) -> None:
+    res = run(host, hostile, {"mode": mode})
+    assert res.status == "failed" and res.error is not None, res
+    assert res.error["code"] == code, res.error
+
+
+def test_eval_is_allowed_and_reaches_nothing(host: Host, hostile: bundle_mod.Bundle) -> None:
+    res = run(host, hostile, {"mode": "eval"})
+    assert res.status == "completed", res.error
+    out = res.output
+    assert out["sum"] == 3 and out["fn"] == 42
+    assert out["native"] == "undefined" and out["indirect"] == "undefined" * 5
+    assert out["date"] == 0  # no clock inside the sandbox (clock.now is a tool)
+    assert "imports only 'torpor'" in out["import"]
+    # A tool the policy does not grant, called from eval'd code: a typed denial with its rule.
+    assert out["denied"] == {"name": "ToolError", "code": "denied", "rule": "tools", "retryable": False}
+
+
+def test_promise_nothing_settles_is_a_clear_error(host: Host, hostile: bundle_mod.Bundle) -> None:
+    res = run(host, hostile, {"mode": "unsettled"})
+    assert res.status == "failed" and res.error is not None
+    assert res.error["code"] == "agent_error"
+    assert "nothing will settle" in res.error["message"]
+
+
+def test_promise_all_over_many_tool_calls_is_bounded(host: Host, hostile: bundle_mod.Bundle) -> None:
+    """1,100 calls at once: 1,024 may wait (the rest are refused in the guest), the policy's
+    max_calls = 20 lets 20 run and answers the others rate_limited; one suspension each."""
+    res = run(host, hostile, {"mode": "many", "count": 1100})
+    assert res.status == "completed", res.error
+    assert res.output == {"ok": 20, "rate_limited": 1004, "RangeError": 76}
+    assert res.tool_calls == 20 and res.suspensions == 1024
