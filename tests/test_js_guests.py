@@ -144,3 +144,19 @@ def test_promise_all_over_many_tool_calls_is_bounded(host: Host, hostile: bundle
     assert res.status == "completed", res.error
     assert res.output == {"ok": 20, "rate_limited": 1004, "RangeError": 76}
     assert res.tool_calls == 20 and res.suspensions == 1024
+
+
+def test_each_agent_draws_its_own_random_sequence_and_replays_it_exactly(host: Host,
+                                                                         hostile: bundle_mod.Bundle) -> None:
+    """The image froze one Math.random state; the host's per-agent seed (from the agent's
+    id, so recorded) makes two agents differ, and a replay, warm or cold, draw the same."""
+    from host.runtime.replay import replay
+
+    first, second = run(host, hostile, {"mode": "random"}), run(host, hostile, {"mode": "random"})
+    assert first.ok and second.ok
+    assert first.output["a"] != second.output["a"]
+    for cold in (False, True):
+        r = replay(host, first.agent_id, cold=cold)
+        assert r.matched and r.complete, r.summary()
+        assert r.outcome == {"status": "completed", "output": first.output}
+        assert r.fuel_used == first.fuel_used  # fuel-exact

@@ -66,9 +66,11 @@ static JSValue agent_module; /* the compiled, not yet evaluated, agent module */
 static int initialized;
 static int started;
 
-/* Set by the host at spawn (ABI: the host writes the agent's seed here before the first
- * call, see ARCHITECTURE); zero means "derive it from the input". */
-__attribute__((used)) uint64_t torpor_js_seed_cell[1]; /* exported by the link (--export) */
+/* The agent's seed: the host writes 8 bytes derived from the agent's id here before
+ * torpor_main first runs (ABI.md section 6, `__torpor_seed`), so agents spawned from one
+ * image draw different Math.random sequences and a replay draws the same one. Zero (a
+ * host that does not write it) means "derive it from the input". */
+__attribute__((used)) uint64_t __torpor_seed; /* exported by the link (--export) */
 
 typedef struct pending_call {
     struct pending_call *next;
@@ -383,7 +385,7 @@ NOINLINE static int run_loop(JSValueConst main_promise) {
 }
 
 static void seed_random(void) {
-    uint64_t seed = torpor_js_seed_cell[0];
+    uint64_t seed = __torpor_seed;
     if (seed == 0) {
         int32_t n = torpor_sys_input_len();
         char *buf = malloc(n > 0 ? (size_t)n : 1);

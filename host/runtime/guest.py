@@ -28,7 +28,7 @@ import anyio.to_thread
 
 from host.runtime.agent import LiveAgent
 from host.runtime.observe import NOBODY, Observer
-from host.sandbox import imports
+from host.sandbox import abi, imports
 from host.sandbox.execution import Execution, Failed, Outcome, PendingCall
 
 T = TypeVar("T")
@@ -79,7 +79,8 @@ class GuestRunner:
 
     def _execution(self, agent: LiveAgent) -> Execution:
         return Execution(agent.loaded, agent.pre, agent.limits, agent.input_bytes,
-                         fuel_used=int(agent.usage.get("fuel_used", 0)), log_sink=self._log_sink(agent))
+                         fuel_used=int(agent.usage.get("fuel_used", 0)), log_sink=self._log_sink(agent),
+                         seed=abi.agent_seed(agent.agent_id))
 
     @staticmethod
     def _log_sink(agent: LiveAgent) -> Callable[[int, str], None]:

@@ -31,6 +31,7 @@ from typing import Any
 
 from host.errors import TorporError
 from host.runtime.loader import stored_bundle
+from host.sandbox import abi
 from host.sandbox.bundle import Bundle
 from host.sandbox.execution import Captured, Completed, Execution, Failed, PendingCall, Suspended
 from host.trust import audit
@@ -140,7 +141,7 @@ def replay(host: Any, agent_id: str, *, bundle: Bundle | None = None, cold: bool
         if len(logs) < 1000:
             logs.append((level, message))
 
-    ex = Execution(loaded, pre, limits, str(input_raw).encode(), log_sink=sink)
+    ex = Execution(loaded, pre, limits, str(input_raw).encode(), log_sink=sink, seed=abi.agent_seed(agent_id))
     outcome: Any = ex.start()
     status = report.status
     stopped_by_record = False

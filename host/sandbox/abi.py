@@ -50,6 +50,18 @@ ASYNCIFY_SIGNATURES: Final[dict[str, tuple[int, int]]] = {
 ASYNCIFY_EXPORTS: Final = tuple(ASYNCIFY_SIGNATURES)
 INITIALIZE_EXPORT: Final = "_initialize"  # a WASI reactor's constructors, run once before the entry
 STACK_POINTER_EXPORT: Final = "__stack_pointer"  # read when a memory fault may be a C stack overflow
+#: Optional: the address of 8 bytes the host fills with the agent's seed before torpor_main
+#: first runs (ABI.md section 6). The JS runtime seeds Math.random from it.
+SEED_EXPORT: Final = "__torpor_seed"
+SEED_BYTES: Final = 8
+
+
+def agent_seed(agent_id: str) -> bytes:
+    """An agent's seed: derived from its id, which its record keeps, so a replay or a
+    resume on another host gives the guest the very same bytes."""
+    import hashlib
+
+    return hashlib.sha256(b"torpor.seed\0" + agent_id.encode()).digest()[:SEED_BYTES]
 
 # Error codes a guest receives (negative i32) and their names in error objects.
 E_FAULT: Final = -1

@@ -168,6 +168,7 @@ class Execution:
     fuel_used: int = 0
     call_seq: int = 0
     log_sink: Callable[[int, str], None] | None = None
+    seed: bytes = b""  # written at the module's __torpor_seed before the first instruction
     output: bytes | None = None
     response: bytes = b""
     response_status: int = 0
@@ -258,7 +259,18 @@ class Execution:
                 # everything the guest has, before its first instruction runs.
                 old = self._mem.grow(self._store, 1)
                 self.async_buf = (old * PAGE, PAGE)
+        self._write_seed()
         return self._call_entry(initialize=self.loaded.has_initialize)
+
+    def _write_seed(self) -> None:
+        """Put the agent's seed where the module's ``__torpor_seed`` points, if it has one
+        (in bounds, or not at all: a module cannot make the host write elsewhere)."""
+        cell = self._exports.get(abi.SEED_EXPORT) if self.seed else None
+        if not isinstance(cell, wasmtime.Global):
+            return
+        addr = int(cell.value(self._store)) & U32
+        if addr + len(self.seed) <= self._mem.data_len(self._store):
+            self._mem.write(self._store, self.seed, addr)
 
     @classmethod
     def restore(cls, loaded: LoadedModule, pre: wasmtime.InstancePre, limits: Limits, input: bytes,

@@ -54,7 +54,7 @@ MODULE_JS = "torpor.js"
 ASYNC_PATH = ("torpor_main", "run_loop", "issue_call")
 #: Exports only the builder calls; gone from an agent's module.
 BUILD_EXPORTS = frozenset({"torpor_js_init", "torpor_js_alloc", abi.INITIALIZE_EXPORT})
-SEED_EXPORT = "torpor_js_seed_cell"
+SEED_EXPORT = abi.SEED_EXPORT
 
 CFLAGS = ("--target=wasm32-wasi", "-O2", "-g0", "-D_GNU_SOURCE", "-fno-crash-diagnostics")
 LDFLAGS = (

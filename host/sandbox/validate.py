@@ -562,7 +562,7 @@ def _check_abi(shape: ModuleShape) -> None:
         got = shape.func_sigs[e.index]
         if got != want_sig:
             raise ModuleError(f"the export `{name}` has type {got}; the host calls it as {want_sig}")
-    for name in (abi.ASYNC_BUF_EXPORT, abi.STACK_POINTER_EXPORT):
+    for name in (abi.ASYNC_BUF_EXPORT, abi.STACK_POINTER_EXPORT, abi.SEED_EXPORT):
         e = ex.get(name)
         if e is not None and (e.kind != "global" or shape.globals[e.index].valtype != "i32"):
             what = e.kind if e.kind != "global" else f"global of type {shape.globals[e.index].valtype}"
