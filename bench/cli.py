@@ -31,6 +31,8 @@ BENCHES: dict[str, tuple[str, str]] = {
                            "commits at durability sync and process"),
     "density": ("density", "hibernate N agents into LMDB; hold as many warm instances as the process can"),
     "steps": ("steps", "tool round trips per second with warm instances"),
+    "js": ("js_guests", "JavaScript agents beside the C agent in the same run: spawn to the first await, suspend, "
+                        "resume, bytes per hibernated agent, round trips per second hibernating at every await"),
     "conversation": ("conversation", "bytes stored for an LLM agent whose conversation grows every turn, time per "
                                      "turn, suspend/resume at the last turn"),
     "cli": ("cli_startup", "start-up of a fresh torpor process (--help, ps, inspect) on a store of 10,000 agents, "
@@ -118,6 +120,9 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
         elif name == "suspend":
             sp.add_argument("--n", type=int,
                             help="suspend/resume cycles per agent, mode and durability level (default 3,000)")
+        elif name == "js":
+            sp.add_argument("--n", type=int, help="suspend/resume cycles per agent (default 2,000; --quick 100)")
+            sp.add_argument("--spawns", type=int, help="spawns per agent (default 2,000; --quick 100)")
         elif name == "density":
             sp.add_argument("--agents", type=int, help="agents to hibernate (default 1,000,000; --quick 2,000)")
             sp.add_argument("--warm", type=int, help="most warm instances to try to hold (default 100,000)")

@@ -98,6 +98,15 @@ def test_steps_quick() -> None:
     assert r["runtime_calls"] == 20
 
 
+def test_js_quick() -> None:
+    """The JS agent beside the C one: every figure present, a hibernated JS agent in KiB."""
+    r = bench("js", "--n", "20", "--spawns", "20", timeout=300)
+    positive(r["js_spawn_p50_us"], r["js_suspend_no_commit_p50_us"], r["js_resume_p50_us"],
+             r["js_round_trips_per_s"], r["c_spawn_p50_us"], r["c_resume_p50_us"])
+    assert 0 < r["js_record_bytes_p50"] < 64 * 1024
+    assert set(r["agents"]) == {"steps", "steps-js"}
+
+
 def test_soak_quick_every_agent_ends_as_its_input_implies() -> None:
     """The soak's mix through one host: each kind ends in the state its input implies
     (the benchmark checks status, error code and output of every agent, as returned and

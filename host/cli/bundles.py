@@ -119,8 +119,8 @@ def cmd_inspect_bundle(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """Register ``build``, ``pack`` and ``inspect-bundle``."""
-    sp = add_command(sub, "build", cmd_build, "compile an agent directory (C sources + policy.toml) into a bundle")
-    sp.add_argument("dir", help="the agent directory: *.c sources and policy.toml (Python files there are not packed: "
+    sp = add_command(sub, "build", cmd_build, "compile an agent directory (C sources or agent.js, + policy.toml) into a bundle")
+    sp.add_argument("dir", help="the agent directory: *.c sources or an agent.js, and policy.toml (Python files there are not packed: "
                                 "tools are the operator's, see --tools-dir on `run`)")
     sp.add_argument("-o", "--output", required=True, help="the bundle file to write")
     sp = add_command(sub, "pack", cmd_pack, "pack a wasm module built elsewhere with a policy into a bundle")
