@@ -160,3 +160,63 @@ def test_each_agent_draws_its_own_random_sequence_and_replays_it_exactly(host: H
         assert r.matched and r.complete, r.summary()
         assert r.outcome == {"status": "completed", "output": first.output}
         assert r.fuel_used == first.fuel_used  # fuel-exact
+
+
+# -- TypeScript -----------------------------------------------------------------------------
+TS_SAMPLE = '''import { tool, type Json } from "torpor";
+import type { ToolError } from "torpor";
+interface Order { sku: string; qty: number }
+export type Id = string;
+export default async function main(input: { n?: number }): Promise<Json> {
+  const xs: Array<number> = [];
+  let y = input as unknown as Order;
+  const z = input!.n;
+  function g<T>(a: T, b?: string): T { return a }
+  class C implements Order { private a: number = 1; readonly b = 2; sku = ""; qty = 0; c?: string; }
+  const f = <T,>(v: T): T => v;
+  return g<number>(1) satisfies number;
+}
+'''
+
+
+def test_type_stripping_keeps_every_position() -> None:
+    from host.sandbox.ts_strip import strip_types
+
+    out = strip_types(TS_SAMPLE)
+    assert [len(line) for line in out.splitlines()] == [len(line) for line in TS_SAMPLE.splitlines()]
+    for gone in ("interface", "Order", "Promise<Json>", "Array<number>", " as ", "private", "readonly",
+                 "satisfies", "implements", "<T>", "type Json", "import type"):
+        assert gone not in out, gone
+    assert 'import { tool            } from "torpor";' in out
+    assert "const z = input .n;" in out
+    # What is left is JavaScript QuickJS accepts (checked by compiling it in the runtime).
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("enum Color { Red }\n", r"agent\.ts:1:1: an enum"),
+    ("\nnamespace N { }\n", r"agent\.ts:2:1: a namespace"),
+    ("class Q {\n  constructor(private a: number) {}\n}\n", r"agent\.ts:2:15: a constructor parameter property"),
+    ("const ok = 1;\nconst x: = 1;\n", r"agent\.ts:2:\d+: SyntaxError"),
+])
+def test_typescript_that_needs_code_generation_is_refused_with_its_line(source: str, message: str) -> None:
+    from host.sandbox.ts_strip import strip_types
+
+    with pytest.raises(ToolchainError, match=message):
+        strip_types(source)
+
+
+def test_typescript_agent_builds_and_its_errors_name_the_ts_line(js_built: bytes, tmp_path: Path,
+                                                                 host: Host) -> None:
+    d = tmp_path / "ts"
+    d.mkdir()
+    (d / "policy.toml").write_text((EXAMPLES / "steps-js" / "policy.toml").read_text())
+    (d / "agent.ts").write_text(TS_SAMPLE.replace("  return g<number>(1) satisfies number;",
+                                                  "  if (input.n === 7) throw new RangeError(`seven: ${xs.length}`);\n"
+                                                  "  return { y: g<number>(1) satisfies number, z, f: f(2) };"))
+    b = bundle_mod.load_bytes(bundle_mod.build_dir(d))
+    ok = run(host, b, {"n": 3})
+    assert ok.status == "completed" and ok.output == {"y": 1, "z": 3, "f": 2}, ok.error
+    bad = run(host, b, {"n": 7})
+    assert bad.error is not None and bad.error["code"] == "agent_error"
+    assert "RangeError: seven: 0" in bad.error["message"]
+    assert "agent.ts:12:" in bad.error["message"]  # the line of the throw in agent.ts

@@ -1,5 +1,7 @@
 """The procurement example (guest_sdk/examples/procurement/): the twelve-step purchase
-workflow, really compiled and run by the host, with its demo ERP in the store.
+workflow, really compiled and run by the host, with its demo ERP in the store. The main
+paths run against its TypeScript port (guest_sdk/examples/procurement-ts/) too, which must
+answer exactly the same: approval while hibernated in an ``await`` included.
 
 Amounts up to the 50,000 spending authority complete on their own; above it the POLICY
 parks the agent in ``waiting_approval`` inside ``erp.create_po`` until an operator
@@ -28,6 +30,8 @@ from host.runtime import Host, RunResult
 from host.sandbox.bundle import Bundle
 
 EXAMPLE = EXAMPLES / "procurement"
+#: The same workflow in C and in TypeScript (same tools, same policy but for its name).
+PORTS = ["procurement", "procurement-ts"]
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,6 +55,16 @@ def bundle(bundles: BundleFactory) -> Bundle:
 @pytest.fixture(scope="module")
 def bundle_path(bundles: BundleFactory) -> Path:
     return bundles.path(EXAMPLE)
+
+
+@pytest.fixture(scope="module", params=PORTS)
+def port(request: pytest.FixtureRequest, bundles: BundleFactory) -> Bundle:
+    return bundles.load(EXAMPLES / request.param)
+
+
+@pytest.fixture(scope="module", params=PORTS)
+def port_path(request: pytest.FixtureRequest, bundles: BundleFactory) -> Path:
+    return bundles.path(EXAMPLES / request.param)
 
 
 def run(host: Host, b: Bundle, payload: dict[str, Any]) -> RunResult:
@@ -122,7 +136,8 @@ def test_the_policy_holds_the_spending_authority_and_the_guardrails() -> None:
 
 
 # -- amounts within the spending authority -------------------------------------------------
-def test_small_purchase_completes_without_approval(bundle: Bundle, tmp_path: Path) -> None:
+def test_small_purchase_completes_without_approval(port: Bundle, tmp_path: Path) -> None:
+    bundle = port
     with Host(tmp_path) as host:
         res = run(host, bundle, {"item": "laptops", "amount": 20_000})
         assert res.status == "completed", (res.error, res.logs)
@@ -206,7 +221,8 @@ def test_business_refusals_complete_as_rejected(bundle: Bundle, tmp_path: Path) 
 
 
 # -- above the spending authority ---------------------------------------------------------------
-def test_large_purchase_waits_for_approval_via_the_cli(bundle_path: Path, tmp_path: Path) -> None:
+def test_large_purchase_waits_for_approval_via_the_cli(port_path: Path, tmp_path: Path) -> None:
+    bundle_path = port_path
     store = str(tmp_path)
     proc = torpor("run", str(bundle_path), "--input", '{"item":"laptops","amount":75000}', "--json", "--store", store)
     res = json.loads(proc.stdout)
@@ -253,7 +269,8 @@ def test_large_purchase_waits_for_approval_via_the_cli(bundle_path: Path, tmp_pa
     assert proc.returncode == 2 and "not waiting for approval" in proc.stderr
 
 
-def test_denied_purchase_is_rejected_and_the_requester_told(bundle: Bundle, tmp_path: Path) -> None:
+def test_denied_purchase_is_rejected_and_the_requester_told(port: Bundle, tmp_path: Path) -> None:
+    bundle = port
     with Host(tmp_path) as host:
         res = run(host, bundle, {"item": "laptops", "amount": 60_000})
         assert res.status == "waiting_approval"

@@ -395,12 +395,13 @@ def load(path: str | Path) -> Bundle:
 
 def agent_language(d: Path) -> str:
     """Which toolchain builds the agent directory ``d``, by the files in it: ``"js"`` for an
-    ``agent.js``, ``"c"`` for C sources. The one place a new guest language is dispatched."""
-    if (d / "agent.js").is_file():
+    ``agent.js`` or ``agent.ts``, ``"c"`` for C sources. The one place a new guest language
+    is dispatched."""
+    if (d / "agent.js").is_file() or (d / "agent.ts").is_file():
         return "js"
     if any(d.glob("*.c")):
         return "c"
-    raise BundleError(f"{d}: no agent sources (agent.js, or C sources *.c)")
+    raise BundleError(f"{d}: no agent sources (agent.js or agent.ts, or C sources *.c)")
 
 
 def build_dir(agent_dir: str | Path) -> bytes:

@@ -362,10 +362,17 @@ def _compile_error(said: str, filename: str) -> str:
 
 
 def build_agent(agent_dir: Path) -> bytes:
-    """The module of the JS agent in ``agent_dir`` (its ``agent.js``), ready to pack."""
+    """The module of the JS agent in ``agent_dir`` (its ``agent.js``, or its ``agent.ts``
+    with the types stripped), ready to pack."""
     entry = agent_dir / "agent.js"
+    if not entry.is_file() and (agent_dir / "agent.ts").is_file():
+        entry = agent_dir / "agent.ts"
     try:
         source = entry.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ToolchainError(f"cannot read {entry}: {exc}") from exc
+    if entry.suffix == ".ts":
+        from host.sandbox.ts_strip import strip_types
+
+        source = strip_types(source, entry.name)  # positions kept: errors name agent.ts lines
     return pre_initialize(runtime_module(), source, entry.name)
