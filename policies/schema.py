@@ -86,8 +86,8 @@ calls; ``tokens = 1000`` terminates once more than 1000 tokens are used.
 [tools."NAME"] — grants
 -----------------------
 Each table grants one tool; the tool name is the key (quote it: it has dots).
-Builtin tools: ``kv.get``, ``kv.set``, ``kv.incr``, ``clock.now``, ``log``,
-``llm.chat``, ``http.fetch``; and three families, each member configured by its
+Builtin tools: ``kv.get``, ``kv.set``, ``kv.incr``, ``clock.now``, ``timer.sleep``,
+``log``, ``llm.chat``, ``http.fetch``; and three families, each member configured by its
 own grant: ``llm.NAME`` (another ``llm.chat``: a second model or provider),
 ``http.NAME`` (another ``http.fetch``: other hosts, methods, credentials or an
 approval, e.g. ``http.send_reply``) and ``mcp.SERVER.TOOL`` (the tool TOOL of
@@ -100,7 +100,7 @@ the MCP server ``[mcp.SERVER]``).  Any other name is a user tool and needs a
 ``description``  free text.
 ``idempotent``   whether the call may safely run twice (after a crash).
                  Builtins declare a default (``kv.get``, ``kv.set``,
-                 ``clock.now``: true; ``kv.incr``, ``log``: false); a policy may
+                 ``clock.now``, ``timer.sleep``: true; ``kv.incr``, ``log``: false); a policy may
                  only tighten it (true → false).  User tools default to false.
 ``credentials``  names of the secrets the host brokers to this tool's handler
                  (never to agent code).
@@ -354,6 +354,8 @@ BUILTIN_TOOLS: Mapping[str, BuiltinTool] = {
         BuiltinTool("kv.set", True, "write a key in the agent's key-value store"),
         BuiltinTool("kv.incr", False, "add to an integer key and return the new value"),
         BuiltinTool("clock.now", True, "the current time"),
+        # Durable: its deadline is read back from the call's journaled intent on a re-run.
+        BuiltinTool("timer.sleep", True, "wait some milliseconds (the agent hibernates meanwhile)"),
         BuiltinTool("log", False, "write a line to the agent's log"),
         # Declared idempotent: a re-run after a crash has no effect outside the host
         # (it may spend tokens again).  A policy may tighten it.

@@ -23,7 +23,7 @@ declare module "torpor" {
   export function output(value: unknown): void;
   /** Calls a tool the policy grants. The agent may hibernate until the promise settles. */
   export function tool<R = Json>(name: string, args?: Record<string, unknown>): Promise<R>;
-  /** Sleeps as a host-settled timer (the `timer.sleep` tool). */
+  /** Sleeps as a host-settled, durable timer (the `timer.sleep` tool, which the policy must grant). */
   export function sleep(ms: number): Promise<void>;
 
   interface Log {

@@ -91,7 +91,10 @@ export function tool(name, args = {}) {
   });
 }
 
-/** Sleeps `ms` milliseconds as a host-settled timer (the `timer.sleep` tool). */
+/**
+ * Sleeps `ms` milliseconds as a host-settled timer (the `timer.sleep` tool, which the policy
+ * must grant): the agent hibernates meanwhile, and a crash does not restart the wait.
+ */
 export function sleep(ms) {
   return tool("timer.sleep", { ms: Math.max(0, Math.floor(Number(ms) || 0)) }).then(() => undefined);
 }

@@ -29,6 +29,7 @@ from snapshots.errors import RecordCorrupt
 
 MAX_KEY = 512
 MAX_VALUE = 1 << 20
+MAX_SLEEP_MS = 30 * 24 * 3600 * 1000  # a month: longer waits are a schedule, not a sleep
 
 
 class _Strict(BaseModel):
@@ -93,6 +94,10 @@ class NoArgs(_Strict):
     pass
 
 
+class SleepArgs(_Strict):
+    ms: int = Field(ge=0, le=MAX_SLEEP_MS)
+
+
 class LogArgs(_Strict):
     level: str = "info"
     message: str = Field(max_length=65536)
@@ -143,6 +148,31 @@ def kv_incr(args: KvIncrArgs, ctx: ToolContext, txn: Any) -> dict[str, Any]:
 def clock_now(args: NoArgs, ctx: ToolContext) -> dict[str, Any]:
     """The host's wall clock, in Unix milliseconds (recorded, so replays see the same time)."""
     return {"unix_ms": int(ctx.now() * 1000)}
+
+
+@tool("timer.sleep", idempotent=True)
+async def timer_sleep(args: SleepArgs, ctx: ToolContext) -> dict[str, Any]:
+    """Wait ``ms`` milliseconds, counted from when the call was first recorded, then answer.
+
+    A host-settled timer (what a JS agent's ``torpor.sleep`` calls): while it waits the
+    agent hibernates like at any slow tool (its instance is dropped after the warm wait),
+    and it is durable: the call's intent is journaled, with its time, before the tool
+    runs, and after a crash ``resume`` runs it again (it is idempotent), so the deadline is
+    read back from that entry and only what is left is waited.
+    """
+    import anyio
+
+    started = ctx.now()
+    if ctx.store is not None:
+        with ctx.store.read() as txn:
+            entry = txn.get_journal(ctx.agent_id, ctx.call_seq)
+        t = entry.get("t") if isinstance(entry, dict) else None
+        if isinstance(t, (int, float)) and not isinstance(t, bool) and t <= started:
+            started = float(t)
+    left = started + args.ms / 1000 - ctx.now()
+    if left > 0:
+        await anyio.sleep(left)
+    return {"slept_ms": args.ms}
 
 
 @tool("log", idempotent=True)
@@ -225,5 +255,6 @@ class _Builtins(Mapping[str, ToolSpec]):
 
 
 BUILTINS: Mapping[str, ToolSpec] = _Builtins(
-    {spec.name: spec for spec in (spec_from_function(f) for f in (kv_get, kv_set, kv_incr, clock_now, log_tool))}
+    {spec.name: spec for spec in (spec_from_function(f) for f in (kv_get, kv_set, kv_incr, clock_now, timer_sleep,
+                                                                    log_tool))}
 )  # llm.chat and http.fetch resolve as members of their families, on first use

@@ -1,6 +1,6 @@
 // A JavaScript agent that misbehaves on request: input {"mode": "..."}. Each mode is one
 // of the bad inputs of issue 25; tests/test_js_guests.py says what the host must answer.
-import { tool, output } from "torpor";
+import { tool, output, sleep } from "torpor";
 
 function thrower() {
   throw new Error("boom from JS");
@@ -62,6 +62,12 @@ const modes = {
       tally[k] = (tally[k] ?? 0) + 1;
     }
     return tally;
+  },
+  async sleep({ ms }) {
+    const before = await tool("clock.now");
+    await sleep(ms); // the host's timer.sleep: the agent hibernates in this await
+    const after = await tool("clock.now");
+    return { elapsed: after.unix_ms - before.unix_ms };
   },
   async random() {
     const first = await tool("kv.incr", { key: "r" });
