@@ -260,3 +260,9 @@ def test_sleep_waits_in_a_running_host(host: Host, hostile: bundle_mod.Bundle) -
     res = run(host, hostile, {"mode": "sleep", "ms": 300})
     assert res.status == "completed", res.error
     assert res.output["elapsed"] >= 300
+
+
+def test_set_timeout_runs_over_the_host_timer(host: Host, hostile: bundle_mod.Bundle) -> None:
+    res = run(host, hostile, {"mode": "timeout"})
+    assert res.status == "completed", res.error
+    assert res.output == {"order": ["fired"]}  # the cleared one never ran

@@ -99,6 +99,23 @@ export function sleep(ms) {
   return tool("timer.sleep", { ms: Math.max(0, Math.floor(Number(ms) || 0)) }).then(() => undefined);
 }
 
+// setTimeout/clearTimeout over the host's timer (QuickJS has no timers of its own): each
+// timeout is one `timer.sleep` call, so the policy must grant it; a cleared timeout still
+// waits out its call (a host call cannot be withdrawn) but never runs its callback.
+let nextTimer = 1;
+const cleared = new Set();
+globalThis.setTimeout = (fn, ms = 0, ...args) => {
+  const id = nextTimer++;
+  sleep(ms).then(() => {
+    if (cleared.delete(id)) return;
+    if (typeof fn === "function") fn(...args);
+  });
+  return id;
+};
+globalThis.clearTimeout = (id) => {
+  if (typeof id === "number" && id > 0 && id < nextTimer) cleared.add(id);
+};
+
 // The runtime's start: wait for the module's top level, then call its default export
 // with the input; a value it resolves to (other than undefined) becomes the output.
 native.start = async (evaluated, namespace) => {

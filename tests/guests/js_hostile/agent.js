@@ -69,6 +69,13 @@ const modes = {
     const after = await tool("clock.now");
     return { elapsed: after.unix_ms - before.unix_ms };
   },
+  async timeout() {
+    const order = [];
+    const cancelled = setTimeout(() => order.push("cancelled"), 10);
+    clearTimeout(cancelled);
+    await new Promise((resolve) => setTimeout((x) => { order.push(x); resolve(); }, 20, "fired"));
+    return { order };
+  },
   async random() {
     const first = await tool("kv.incr", { key: "r" });
     return { a: Math.random(), b: Math.random(), after: first.value };
