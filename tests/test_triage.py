@@ -1,6 +1,7 @@
 """The support-triage example, end to end: a C agent compiled to wasm, an OpenAI-compatible
 LLM and a CRM on 127.0.0.1, an MCP server, a human approval, the token budget and the
-audit log — through the embeddable Host and through the README's CLI commands."""
+audit log — through the embeddable Host and through the README's CLI commands. The main
+paths run against the TypeScript port (guest_sdk/examples/triage-ts/) too."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from host.tools import mcp
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "guest_sdk" / "examples" / "triage"
+#: The agent in C and its TypeScript port: (directory, source file).
+PORTS = {"c": (EXAMPLE, "agent.c"), "ts": (ROOT / "guest_sdk" / "examples" / "triage-ts", "agent.ts")}
 MCP_SERVER = Path(__file__).parent / "mcp_fixture_server.py"
 CRM_TOKEN = "crm-live-token-5f3a9c1e77"
 
@@ -76,12 +79,14 @@ class Broker:
         return []
 
 
-def agent_dir(tmp_path: Path, s: Any, *, replace: dict[str, str] | None = None, extra: str = "") -> Path:
-    """The example with the services' real ports (and any policy changes)."""
+def agent_dir(tmp_path: Path, s: Any, *, replace: dict[str, str] | None = None, extra: str = "",
+              port: str = "c") -> Path:
+    """The example (or its TypeScript port) with the services' real ports (and any policy changes)."""
+    src_dir, src = PORTS[port]
     d = tmp_path / "triage"
     d.mkdir(exist_ok=True)
-    shutil.copy(EXAMPLE / "agent.c", d / "agent.c")
-    text = (EXAMPLE / "policy.toml").read_text()
+    shutil.copy(src_dir / src, d / src)
+    text = (src_dir / "policy.toml").read_text()
     text = text.replace("127.0.0.1:8400", f"127.0.0.1:{s.llm_port}").replace("127.0.0.1:8401", f"127.0.0.1:{s.crm_port}")
     for old, new in (replace or {}).items():
         assert old in text, old
@@ -98,11 +103,12 @@ def payload(s: Any, **extra: Any) -> dict[str, Any]:
     return {"ticket": TICKET, "crm": f"http://127.0.0.1:{s.crm_port}", **extra}
 
 
-def test_triage_end_to_end(tmp_path: Path, services: Any) -> None:
+@pytest.mark.parametrize("port", list(PORTS))
+def test_triage_end_to_end(tmp_path: Path, services: Any, port: str) -> None:
     """Classify, look up (with an injected credential), count, draft, park for approval, send."""
     crm_auth = ('methods = ["GET"]\n', 'methods = ["GET"]\nheaders = { Authorization = "Bearer {crm_token}" }\n'
                 'credentials = ["crm_token"]\n')
-    b = build(agent_dir(tmp_path, services, replace=dict([crm_auth])))
+    b = build(agent_dir(tmp_path, services, replace=dict([crm_auth]), port=port))
     broker = Broker()
 
     async def go() -> None:
@@ -149,8 +155,9 @@ def test_triage_end_to_end(tmp_path: Path, services: Any) -> None:
     anyio.run(go)
 
 
-def test_denied_send_and_shared_counter(tmp_path: Path, services: Any) -> None:
-    b = build(agent_dir(tmp_path, services))
+@pytest.mark.parametrize("port", list(PORTS))
+def test_denied_send_and_shared_counter(tmp_path: Path, services: Any, port: str) -> None:
+    b = build(agent_dir(tmp_path, services, port=port))
 
     async def go() -> None:
         with Host(tmp_path / "store") as host:
