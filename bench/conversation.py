@@ -89,19 +89,20 @@ def _model_server() -> ThreadingHTTPServer:
     return srv
 
 
-def _bundle(port: int, retention: int | None) -> Any:
-    """The conversation guest with its policy pointed at this run's model server."""
+def _bundle(port: int, retention: int | None, agent: str = "conversation") -> Any:
+    """The conversation guest (``conversation``, in C, or ``conversation-js``) with its policy
+    pointed at this run's model server."""
     from host.sandbox import bundle as bundle_mod
 
     tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-conv-src-"))
     try:
-        shutil.copytree(BENCH_GUESTS / "conversation", tmp / "conversation")
-        pol = tmp / "conversation" / "policy.toml"
+        shutil.copytree(BENCH_GUESTS / agent, tmp / agent)
+        pol = tmp / agent / "policy.toml"
         text = pol.read_text().replace("127.0.0.1:8400", f"127.0.0.1:{port}")
         if retention is not None:
             text += f"\n[retention]\ncheckpoints = {retention}\n"
         pol.write_text(text)
-        return bundle_mod.load_bytes(bundle_mod.build_dir(tmp / "conversation"), source="conversation")
+        return bundle_mod.load_bytes(bundle_mod.build_dir(tmp / agent), source=agent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -257,7 +258,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tools = [t for t in (args.tool or "llm").split(",") if t]
     srv = _model_server()
     try:
-        b = _bundle(srv.server_address[1], None)
+        b = _bundle(srv.server_address[1], None, getattr(args, "agent", None) or "conversation")
         cases = [(n, t, 0) for t in tools for n in turns]
         summarise_n = max(turns)
         if not args.no_summarise:
@@ -269,7 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         progress.done()
     finally:
         srv.shutdown()
-    res: dict[str, Any] = {"machine": machine(), "cases": out}
+    res: dict[str, Any] = {"machine": machine(), "agent": b.name, "cases": out}
     grow = [c for c in out if not c["summarise_every"] and c["tool"] == tools[0]]
     if len(grow) >= 2:
         a, z = grow[-2], grow[-1]
