@@ -265,13 +265,13 @@ def _hibernate_phase(rig: Rig, store: LmdbStore, committer: GroupCommitter, stor
 
 
 def _hibernate_worker(profile: str, store_dir: str, n: int, per_txn: int, batch: int, rounds: int, barrier: Any,
-                      results: Any) -> None:
+                      results: Any, agent: str = "steps") -> None:
     """One process of :func:`_parallel_hibernate` (a module-level function: it is pickled).
 
     ``rounds``: how many batches the busiest process hibernates; a process with fewer
     agents keeps meeting the others at the barrier until then."""
     try:
-        rig = make_rig(make_engine(profile), load_bundle("steps"))
+        rig = make_rig(make_engine(profile), load_bundle(agent))
         store = LmdbStore.open(Path(store_dir) / "db")
         try:
             committer = GroupCommitter(store, max_batch=max(batch, 1))
@@ -291,7 +291,7 @@ def _hibernate_worker(profile: str, store_dir: str, n: int, per_txn: int, batch:
 
 
 def _parallel_hibernate(profile: str, store: LmdbStore, store_dir: Path, n: int, per_txn: int, batch: int,
-                        processes: int, progress: Progress) -> dict[str, Any]:
+                        processes: int, progress: Progress, agent: str = "steps") -> dict[str, Any]:
     """Hibernate ``n`` agents with ``processes`` host processes sharing one store.
 
     How Torpor uses more than one core: a host process per core, all on the same
@@ -310,7 +310,8 @@ def _parallel_hibernate(profile: str, store: LmdbStore, store_dir: Path, n: int,
     rounds = max(-(-k // batch) for k in share)
     barrier = ctx.Barrier(processes, timeout=600)
     results = ctx.Queue()
-    procs = [ctx.Process(target=_hibernate_worker, args=(profile, str(store_dir), k, per_txn, batch, rounds, barrier, results),
+    procs = [ctx.Process(target=_hibernate_worker, args=(profile, str(store_dir), k, per_txn, batch, rounds, barrier, results,
+                                                                agent),
                          daemon=True) for k in share]
     t0 = time.perf_counter()
     for p in procs:
@@ -356,8 +357,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if processes > n:
         raise ConfigError(f"--processes {processes} is more than --agents {n}: each process needs agents to hibernate")
     engine = make_engine(args.engine)
-    rig = make_rig(engine, load_bundle("steps"))
-    res: dict[str, Any] = {"bench": "density", "engine": engine.config.profile, "machine": machine()}
+    # The agent hibernated: steps (C, the default) or steps-js (the same agent in JavaScript).
+    agent = getattr(args, "agent", None) or "steps"
+    rig = make_rig(engine, load_bundle(agent))
+    res: dict[str, Any] = {"bench": "density", "agent": agent, "engine": engine.config.profile, "machine": machine()}
     warm_curve: list[tuple[int, int, int]] = []
     hib_curve: list[tuple[int, int, int]] = []
     tmp = None
@@ -382,7 +385,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if processes > 1:
                 committer.close()
                 h = _parallel_hibernate(engine.config.profile, store, store_dir, n, per_txn, batch, processes,
-                                        Progress("hibernate", n, False))
+                                        Progress("hibernate", n, False), agent)
             else:
                 h = _hibernate_phase(rig, store, committer, store_dir, n, per_txn, batch,
                                      Progress("hibernate", n, args.progress))
