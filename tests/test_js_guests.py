@@ -266,3 +266,14 @@ def test_set_timeout_runs_over_the_host_timer(host: Host, hostile: bundle_mod.Bu
     res = run(host, hostile, {"mode": "timeout"})
     assert res.status == "completed", res.error
     assert res.output == {"order": ["fired"]}  # the cleared one never ran
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("export default () => " + "(" * 100_000 + "1" + ")" * 100_000 + ";\n", "nests too deeply"),
+    ("const s = '" + "x" * (17 << 20) + "';\n", "the limit is"),
+])
+def test_hostile_sources_are_refused_at_build(js_built: bytes, source: str, message: str) -> None:
+    """Nesting that would overflow the parser's stack, a source past the size limit: a
+    build error with the file named, and the builder lives on."""
+    with pytest.raises(ToolchainError, match=message):
+        js_runtime.pre_initialize(js_built, source, "agent.js")

@@ -70,6 +70,8 @@ LDFLAGS = (
 #: The fuel and memory the build-time init may use (parsing and compiling the agent).
 INIT_FUEL = 20_000_000_000
 INIT_MEMORY = 256 << 20
+#: The largest agent source accepted (bundle your dependencies, but not a whole library mirror).
+MAX_SOURCE = 16 << 20
 
 
 def cache_dir() -> Path:
@@ -328,11 +330,15 @@ def pre_initialize(runtime: bytes, source: str, filename: str) -> bytes:
 
     def put(data: bytes) -> int:
         ptr = int(alloc(store, len(data)))
+        if ptr <= 0:
+            raise ToolchainError(f"{filename}: no room for the sources under the build's {INIT_MEMORY >> 20} MiB")
         mem.write(store, data, ptr)
         return ptr
 
     lib = (JS_SDK_DIR / MODULE_JS).read_bytes()
     src = source.encode("utf-8")
+    if len(src) > MAX_SOURCE:
+        raise ToolchainError(f"{filename} is {len(src):,} bytes; the limit is {MAX_SOURCE:,}")
     name = filename.encode("utf-8")
     try:
         rc = init(store, put(lib), len(lib), put(src), len(src), put(name), len(name))
@@ -341,7 +347,10 @@ def pre_initialize(runtime: bytes, source: str, filename: str) -> bytes:
     except wasmtime.Trap as exc:
         if exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
             raise ToolchainError(f"{filename}: compiling the agent ran out of fuel") from None
-        raise ToolchainError(f"{filename}: compiling the agent failed: {str(exc).splitlines()[0]}") from None
+        if exc.trap_code == wasmtime.TrapCode.STACK_OVERFLOW:
+            raise ToolchainError(f"{filename}: the source nests too deeply to compile (stack overflow)") from None
+        raise ToolchainError(f"{filename}: compiling the agent failed ({exc.trap_code}): "
+                             f"{str(exc).splitlines()[0]}") from None
     if rc != 0:
         raise ToolchainError(_compile_error(said[-1] if said else "compile: (no message)", filename))
     values: dict[int, int | float] = {}
