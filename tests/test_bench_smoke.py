@@ -100,6 +100,9 @@ def test_steps_quick() -> None:
 
 def test_js_quick() -> None:
     """The JS agent beside the C one: every figure present, a hibernated JS agent in KiB."""
+    from host.sandbox import js_runtime
+
+    js_runtime.runtime_module()  # built here on a fresh machine (~1-2 min), so the bench's own clock starts warm
     r = bench("js", "--n", "20", "--spawns", "20", timeout=300)
     positive(r["js_spawn_p50_us"], r["js_suspend_no_commit_p50_us"], r["js_resume_p50_us"],
              r["js_round_trips_per_s"], r["c_spawn_p50_us"], r["c_resume_p50_us"])

@@ -33,7 +33,8 @@ EXAMPLE = EXAMPLES / "procurement"
 #: The same workflow in C and in TypeScript (same tools, same policy but for its name).
 PORTS = ["procurement", "procurement-ts"]
 
-pytestmark = pytest.mark.timeout(120)
+# 300 s: on a fresh machine the TypeScript port's first build also builds the JS runtime (~1-2 min).
+pytestmark = pytest.mark.timeout(300)
 
 
 def _tools_module() -> ModuleType:
