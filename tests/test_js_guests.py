@@ -111,6 +111,7 @@ def test_uncaught_exception_is_agent_error_with_message_and_stack(host: Host, ho
     ("alloc", "memory_limit"),
     ("huge", "memory_limit"),
     ("recurse", "stack_overflow"),
+    ("wide", "stack_overflow"),
 ])
 def test_runaway_agents_end_with_a_typed_error(host: Host, hostile: bundle_mod.Bundle, mode: str, code: str) -> None:
     res = run(host, hostile, {"mode": mode})

@@ -28,6 +28,13 @@ const modes = {
   async recurse() {
     return recurse(0);
   },
+  async wide() {
+    // Frames of 300 locals each: QuickJS keeps them on the C (shadow) stack in linear
+    // memory, which runs out before the wasm stack does.
+    const locals = Array.from({ length: 300 }, (_, i) => `a${i} = n + ${i}`).join(", ");
+    globalThis.wide = new Function("n", `let ${locals}; return wide(n + 1) + a0 + a299;`);
+    return globalThis.wide(0);
+  },
   async eval() {
     // Strings evaluated inside the sandbox reach only what the agent itself can reach.
     const seen = {
