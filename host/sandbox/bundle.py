@@ -395,17 +395,26 @@ def load(path: str | Path) -> Bundle:
 
 def agent_language(d: Path) -> str:
     """Which toolchain builds the agent directory ``d``, by the files in it: ``"js"`` for an
-    ``agent.js`` or ``agent.ts``, ``"c"`` for C sources. The one place a new guest language
-    is dispatched."""
+    ``agent.js`` or ``agent.ts``, ``"zig"`` for an ``agent.zig`` (or ``main.zig``), ``"c"``
+    for C sources. The one place a new guest language is dispatched. Zig and C sources at
+    once are refused: which one the bundle would run must not depend on a rule the author
+    has to look up."""
     if (d / "agent.js").is_file() or (d / "agent.ts").is_file():
         return "js"
-    if any(d.glob("*.c")):
+    zig = next((n for n in toolchain.ZIG_ENTRY_FILES if (d / n).is_file()), None)
+    has_c = any(d.glob("*.c"))
+    if zig is not None and has_c:
+        raise BundleError(f"{d}: both C sources and {zig}: one directory holds one agent")
+    if zig is not None:
+        return "zig"
+    if has_c:
         return "c"
-    raise BundleError(f"{d}: no agent sources (agent.js or agent.ts, or C sources *.c)")
+    raise BundleError(f"{d}: no agent sources (*.c, or {' or '.join(toolchain.ZIG_ENTRY_FILES)}), "
+                      "nor agent.js or agent.ts")
 
 
 def build_dir(agent_dir: str | Path) -> bytes:
-    """Compile an agent directory (C sources or agent.js, + policy.toml) into bundle bytes.
+    """Compile an agent directory (C sources, a Zig agent or agent.js, + policy.toml) into bundle bytes.
 
     Python files in the directory are not packed: tools are the operator's (see
     :mod:`host.tools.sources`); :func:`pack` packs Python only when given it.
@@ -423,6 +432,8 @@ def build_dir(agent_dir: str | Path) -> bytes:
         from host.sandbox import js_runtime  # only JS builds pay for it
 
         raw = js_runtime.build_agent(d)
+    elif language == "zig":
+        raw = toolchain.compile_zig(next(d / n for n in toolchain.ZIG_ENTRY_FILES if (d / n).is_file()))
     else:
         raw = toolchain.compile_c(sorted(d.glob("*.c")), include_dirs=[d])
     return pack(raw, policy_text, policy_source=str(policy_path))

@@ -1,6 +1,7 @@
-"""The guest toolchain: C sources to a Torpor-ready wasm module, with nothing but PyPI.
+"""The guest toolchain: C or Zig sources to a Torpor-ready wasm module, with nothing but PyPI.
 
-Zig (the ``ziglang`` wheel) is the C compiler to ``wasm32-freestanding``;
+Zig (the ``ziglang`` wheel) is the C compiler to ``wasm32-freestanding``, and the
+Zig compiler for agents written in Zig (:func:`compile_zig`);
 Binaryen (the ``icpp-binaryen`` wheel) applies Asyncify. :func:`prepare_module`
 is shared by ``torpor build`` and ``torpor pack`` so a module built elsewhere
 gets exactly the same transforms. Both tools run in child processes under time
@@ -19,6 +20,7 @@ from host.errors import ModuleError, ToolchainError
 from host.sandbox import abi, binaryen, isolation, wasm_binary
 
 SDK_DIR = Path(__file__).resolve().parents[2] / "guest_sdk" / "c"  # from host/sandbox/ up to the top
+ZIG_SDK_DIR = SDK_DIR.parent / "zig"
 
 COMPILE_FLAGS = (
     "--target=wasm32-freestanding",
@@ -48,34 +50,88 @@ def compile_c(sources: list[Path], *, include_dirs: list[Path] | None = None, ex
         inputs.insert(0, str(sdk_runtime))
     includes = [f"-I{SDK_DIR}"] + [f"-I{d}" for d in include_dirs or []]
     limits = isolation.cc_limits()
-    cpu = isolation.cpu_seconds_for(limits, os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(prefix="torpor-build-") as tmp:
         out = Path(tmp) / "agent.wasm"
         # -fno-crash-diagnostics: a crashing clang would otherwise leave the agent's
         # preprocessed source in /tmp for anyone to read.
         args = ["cc", *COMPILE_FLAGS, "-fno-crash-diagnostics", *includes, *(extra_flags or []), "-o", str(out), *inputs]
-        cmd = isolation.worker_command("zig", str(limits.memory_bytes), str(cpu), *args)
-        try:
-            fin = isolation.run_child(cmd, input=b"", timeout_s=limits.timeout_s, env=isolation.worker_env())
-        except OSError as exc:  # pragma: no cover - broken install
-            raise ToolchainError(f"cannot run the compiler: {exc}") from exc
-        if fin.timed_out:
-            raise ToolchainError(f"the C compiler did not finish within {limits.timeout_text()} and was stopped")
-        if fin.returncode != 0:
-            raise _compile_failure(fin, limits)
-        return out.read_bytes()
+        return _run_zig(args, out, limits, language="C")
+
+
+# The Zig build of an agent: ``start.zig`` is the root (it exports ``torpor_main`` and
+# ``__torpor_async``), the agent's file is the module ``agent`` and the SDK the module
+# ``torpor``. ReleaseSafe keeps Zig's safety checks, so an overflow or a bad index fails
+# the agent with ``aborted`` and the check's message rather than computing garbage.
+# ``-mcpu=mvp+bulk_memory+mutable_globals``: a stripped Zig module declares no target
+# features, and Binaryen (which reads them from that section) would refuse the
+# sign-extension and float-conversion instructions the generic CPU emits.
+ZIG_FLAGS = (
+    "-target", "wasm32-freestanding",
+    "-mcpu=mvp+bulk_memory+mutable_globals",
+    "-O", "ReleaseSafe",
+    "-fstrip",
+    "-fno-entry",
+    "--stack", "65536",
+    "--export=" + abi.ENTRY_EXPORT,
+    "--export=" + abi.ASYNC_BUF_EXPORT,
+)
+
+#: The files that make a directory a Zig agent, in the order they are looked for.
+ZIG_ENTRY_FILES = ("agent.zig", "main.zig")
+
+
+def compile_zig(entry: Path) -> bytes:
+    """Compile a Zig agent (``entry``: its ``agent.zig`` or ``main.zig``) into a raw wasm module.
+
+    The agent imports the SDK as ``@import("torpor")`` and may import other files of
+    its directory. Zig runs in the agent's directory, so a compile error names the
+    agent's file as ``agent.zig:LINE:COL``; the same limits as the C compiler apply.
+    """
+    if not entry.is_file():
+        raise ToolchainError(f"{entry}: no such Zig source")
+    limits = isolation.cc_limits()
+    with tempfile.TemporaryDirectory(prefix="torpor-build-") as tmp:
+        out = Path(tmp) / "agent.wasm"
+        args = [
+            "build-exe", *ZIG_FLAGS,
+            "--dep", "torpor", "--dep", "agent", f"-Mroot={ZIG_SDK_DIR / 'start.zig'}",
+            f"-Mtorpor={ZIG_SDK_DIR / 'torpor.zig'}",
+            "--dep", "torpor", f"-Magent={entry.name}",
+            f"-femit-bin={out}",
+        ]
+        return _run_zig(args, out, limits, language="Zig", cwd=entry.parent)
+
+
+def _run_zig(args: list[str], out: Path, limits: isolation.Limits, *, language: str, cwd: Path | None = None) -> bytes:
+    """Run ``python -m ziglang ARGS`` in the toolchain's child process and read ``out``."""
+    cpu = isolation.cpu_seconds_for(limits, os.cpu_count() or 1)  # the compiler may use every core
+    cmd = isolation.worker_command("zig", str(limits.memory_bytes), str(cpu), *args)
+    try:
+        fin = isolation.run_child(cmd, input=b"", timeout_s=limits.timeout_s, env=isolation.worker_env(),
+                                  cwd=None if cwd is None else str(cwd))
+    except OSError as exc:  # pragma: no cover - broken install
+        raise ToolchainError(f"cannot run the compiler: {exc}") from exc
+    if fin.timed_out:
+        raise ToolchainError(f"the {language} compiler did not finish within {limits.timeout_text()} and was stopped")
+    if fin.returncode != 0:
+        raise _compile_failure(fin, limits, language=language)
+    return out.read_bytes()
 
 
 _CC_OOM = re.compile(r"out of memory|OutOfMemory|Buffer allocation failed|bad_alloc|Cannot allocate memory|MemoryError")
 
 
-def _compile_failure(fin: isolation.Finished, limits: isolation.Limits) -> ToolchainError:
+# Zig's diagnostics: ``agent.zig:12:5: error: expected ';' after statement``.
+_ZIG_ERROR = re.compile(r"^(?P<where>[^\s:][^:\n]*\.zig:\d+:\d+): error: (?P<what>.+)$", re.MULTILINE)
+
+
+def _compile_failure(fin: isolation.Finished, limits: isolation.Limits, *, language: str = "C") -> ToolchainError:
     """The typed error for a compiler that failed: a compile error, a limit or a crash."""
     err = fin.stderr.strip()
     if "No module named ziglang" in err:
-        return ToolchainError("the C toolchain is missing: run `pip install ziglang` (or reinstall torpor)")
+        return ToolchainError(f"the {language} toolchain is missing: run `pip install ziglang` (or reinstall torpor)")
     if _CC_OOM.search(err) or fin.returncode == isolation.EXIT_NO_MEMORY:
-        return ToolchainError(f"the C compiler ran out of memory under its limit of {limits.memory_text()}")
+        return ToolchainError(f"the {language} compiler ran out of memory under its limit of {limits.memory_text()}")
     sig = fin.signal_name
     crash = re.search(r"clang frontend command failed (?:with exit code (\d+)|due to signal)", err)
     if sig is None and crash is not None:
@@ -83,11 +139,14 @@ def _compile_failure(fin: isolation.Finished, limits: isolation.Limits) -> Toolc
         sig = _signal_name(code - 128) if code > 128 else "a signal"
     if sig is not None:
         return ToolchainError(
-            f"the C compiler crashed ({sig}) under its limits of {limits.memory_text()} and "
+            f"the {language} compiler crashed ({sig}) under its limits of {limits.memory_text()} and "
             f"{limits.timeout_text()}; raise them if the build needs more"
             + (f":\n{err}" if err else "")
         )
-    return ToolchainError("C compilation failed:\n" + err)
+    first = _ZIG_ERROR.search(err) if language == "Zig" else None
+    if first is not None:  # the first error's file and line lead, the compiler's full report follows
+        return ToolchainError(f"Zig compilation failed at {first['where']}: {first['what']}\n{err}")
+    return ToolchainError(f"{language} compilation failed:\n" + err)
 
 
 def _signal_name(number: int) -> str:
