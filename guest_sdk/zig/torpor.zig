@@ -308,7 +308,7 @@ pub fn panicHandler(msg: []const u8, first_trace_addr: ?usize) noreturn {
 
 /// Fail the agent with `memory_limit`.
 pub fn outOfMemory() noreturn {
-    const msg = "out of memory: the agent's memory budget is spent";
+    const msg = "torpor.allocator: an allocation failed (the memory budget is spent)";
     abi.abort(1, msg, msg.len);
 }
 

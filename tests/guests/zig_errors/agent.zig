@@ -1,0 +1,72 @@
+//! How the Zig SDK hands errors to agent code and how the host reports the agent's own
+//! failures. Input {"case": NAME}; each case is one behaviour the tests check.
+const std = @import("std");
+const torpor = @import("torpor");
+
+const Case = enum { denied, namespace, uncaught, unexpected, fail, panic, oom, log, values };
+
+pub fn main() !void {
+    const in = torpor.input(struct { case: Case, by: i64 = 1 }) catch
+        return torpor.fail("input needs a \"case\"", .{});
+    defer in.deinit();
+    switch (in.value.case) {
+        // kv.set is not granted: a typed error, and the host's object with its rule.
+        .denied => {
+            torpor.kv.set("k", .{ .x = 1 }) catch |err| return caught(err);
+            return torpor.fail("kv.set was not denied", .{});
+        },
+        // kv.incr is granted, a namespace outside its grant is refused by a rule.
+        .namespace => {
+            _ = torpor.kv.incrIn("secret", "n", in.value.by) catch |err| return caught(err);
+            return torpor.fail("the namespace was not denied", .{});
+        },
+        // A tool error main does not catch: the run fails with agent_error, saying which.
+        .uncaught => try torpor.kv.set("k", 1),
+        // A result that does not parse as the type asked for.
+        .unexpected => {
+            _ = torpor.call(struct { value: []const u8 }, "kv.incr", .{ .key = "n", .by = in.value.by }) catch |err|
+                return caught(err);
+        },
+        .fail => return torpor.fail("gave up at {d}", .{in.value.by}),
+        // A safety check of ReleaseSafe: aborted, with Zig's message.
+        .panic => {
+            var x: u8 = 250;
+            x += @intCast(in.value.by);
+            try torpor.output(.{ .x = x });
+        },
+        // More than the 4 MiB budget: the grow is refused, main returns OutOfMemory.
+        .oom => {
+            const big = try torpor.allocator.alloc(u8, 64 << 20);
+            big[0] = 1;
+        },
+        .log => {
+            std.log.info("through std.log: {d}", .{in.value.by});
+            std.log.scoped(.steps).warn("scoped", .{});
+            torpor.log(.debug, "direct {s}", .{"debug"});
+            try torpor.output(.{ .logged = true });
+        },
+        // Values through kv and back: a shared namespace, an absent key, std.json.Value.
+        .values => {
+            const v = try torpor.kv.incrIn("team", "n", in.value.by);
+            const absent = try torpor.kv.get(i64, "nothing");
+            const any = try torpor.call(std.json.Value, "kv.incr", .{ .key = "m" });
+            defer any.deinit();
+            try torpor.output(.{ .team = v, .absent = absent == null, .m = any.value });
+        },
+    }
+}
+
+/// The error as agent code sees it: its name, and the host's object behind it.
+fn caught(err: torpor.CallError) !void {
+    const f = torpor.lastFailure().?;
+    try torpor.output(.{
+        .err = @errorName(err),
+        .is_denied = err == error.Denied,
+        .tool = f.tool,
+        .code = f.code,
+        .message = f.message,
+        .rule = f.rule,
+        .reason_code = f.reason_code,
+        .retryable = f.retryable,
+    });
+}

@@ -1,0 +1,142 @@
+"""The Zig guest SDK (guest_sdk/zig/): agents compiled from Zig by `torpor build` with the
+pip-installed Zig, run by the real host. steps-zig behaves as the C steps does, tool
+errors reach Zig code as error sets with the host's object behind them, the agent's own
+failures are reported as the C SDK's are, and a compile error names its file and line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import wasmtime
+from conftest import EXAMPLES, GUESTS, BundleFactory
+
+from host.errors import BundleError, ToolchainError
+from host.runtime import Host, RunResult
+from host.sandbox import abi, toolchain, wasm_binary
+from host.sandbox import bundle as bundle_mod
+
+ERRORS = GUESTS / "zig_errors"
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
+    h = Host(tmp_path_factory.mktemp("store"))
+    yield h
+    h.close()
+
+
+def run(host: Host, b: bundle_mod.Bundle, input: Any) -> RunResult:
+    return anyio.run(lambda: host.run(b, input))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "host.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_steps_zig_runs_with_a_suspension_at_every_call(bundles: BundleFactory, tmp_path: Path) -> None:
+    """The issue's own check, through the CLI: 50 calls, 50 hibernations, the sum exact."""
+    res = _cli("run", str(bundles.example("steps-zig")), "--input", '{"n": 50}', "--json",
+               "--store", str(tmp_path / "store"))
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["output"] == {"sum": 1275, "last": 50}
+    assert out["suspensions"] == 50 and out["checkpoints"] == 50 and out["tool_calls"] == 50
+
+
+def test_a_zig_bundle_is_an_abi_v1_module_like_any_other(bundles: BundleFactory) -> None:
+    b = bundles.load(EXAMPLES / "steps-zig")
+    assert b.name == "steps-zig"
+    assert wasm_binary.custom_sections(b.module)[abi.ABI_SECTION] == b"1"
+    m = wasmtime.Module(wasmtime.Engine(), b.module)
+    imports = {(i.module, i.name) for i in m.imports}
+    # only the torpor imports it uses: no WASI, nothing else
+    assert {mod for mod, _ in imports} == {"torpor"}
+    assert {"tool_call", "response_len", "response_read", "input_len", "input_read"} <= {n for _, n in imports}
+    exports = {e.name for e in m.exports}
+    assert {"memory", abi.ENTRY_EXPORT, abi.ASYNC_BUF_EXPORT, "asyncify_start_unwind"} <= exports
+    assert any(e.startswith(abi.GLOBAL_EXPORT_PREFIX) for e in exports)  # __stack_pointer, reachable
+
+
+@pytest.mark.parametrize("case", ["denied", "namespace"])
+def test_a_denial_reaches_zig_code_as_a_typed_error(host: Host, bundles: BundleFactory, case: str) -> None:
+    res = run(host, bundles.load(ERRORS), {"case": case})
+    assert res.status == "completed", res.error
+    out = res.output
+    assert out["err"] == "Denied" and out["is_denied"] is True and out["code"] == "denied"
+    assert out["retryable"] is False
+    if case == "denied":  # a tool the policy does not grant
+        assert (out["tool"], out["rule"], out["reason_code"]) == ("kv.set", "tools", "not_granted")
+        assert "'kv.set' is not granted" in out["message"]
+    else:  # a granted tool, refused by the rule on its namespaces
+        assert out["tool"] == "kv.incr" and out["reason_code"] == "namespace_not_granted"
+        assert out["rule"] == 'tools."kv.incr".namespaces' and "'secret'" in out["message"]
+
+
+def test_values_cross_in_both_directions(host: Host, bundles: BundleFactory) -> None:
+    res = run(host, bundles.load(ERRORS), {"case": "values", "by": 7})
+    assert res.status == "completed", res.error
+    assert res.output == {"team": 7, "absent": True, "m": {"value": 1}}
+    assert res.suspensions == 3
+
+
+def test_a_result_of_the_wrong_shape_is_unexpected_result(host: Host, bundles: BundleFactory) -> None:
+    res = run(host, bundles.load(ERRORS), {"case": "unexpected"})
+    assert res.status == "completed", res.error
+    assert res.output["err"] == "UnexpectedResult" and res.output["code"] == "unexpected_result"
+    assert "kv.incr answered a result that does not parse" in res.output["message"]
+
+
+@pytest.mark.parametrize(("input", "code", "message"), [
+    ({"case": "uncaught"}, "agent_error", "kv.set failed: denied: tool 'kv.set' is not granted"),
+    ({"case": "fail", "by": 3}, "agent_error", "gave up at 3"),
+    ({"case": "nope"}, "agent_error", 'input needs a "case"'),
+    ({"case": "panic", "by": 10}, "aborted", "integer overflow"),
+    ({"case": "oom"}, "memory_limit", "torpor.allocator: an allocation failed"),
+])
+def test_the_agents_own_failures(host: Host, bundles: BundleFactory, input: dict[str, Any], code: str,
+                                 message: str) -> None:
+    res = run(host, bundles.load(ERRORS), input)
+    assert res.status == "failed" and res.error is not None
+    assert res.error["code"] == code and message in res.error["message"], res.error
+
+
+def test_std_log_reaches_the_agents_log(host: Host, bundles: BundleFactory) -> None:
+    res = run(host, bundles.load(ERRORS), {"case": "log", "by": 4})
+    assert res.status == "completed", res.error
+    said = [(line["level"], line["message"]) for line in res.logs]
+    assert ("info", "through std.log: 4") in said
+    assert ("warn", "(steps) scoped") in said
+    assert ("debug", "direct debug") in said
+
+
+def test_a_compile_error_names_the_file_and_line(tmp_path: Path) -> None:
+    d = tmp_path / "broken"
+    d.mkdir()
+    (d / "policy.toml").write_text('[agent]\nname = "broken"\n')
+    (d / "main.zig").write_text('const torpor = @import("torpor");\n\npub fn main() !void {\n'
+                                '    try torpor.output(.{ .x = missing });\n}\n')
+    with pytest.raises(ToolchainError, match=r"^Zig compilation failed at main\.zig:4:31: use of undeclared identifier"):
+        bundle_mod.build_dir(d)
+    res = _cli("build", str(d), "-o", str(tmp_path / "b.torpor"))
+    assert res.returncode != 0 and not (tmp_path / "b.torpor").exists()
+    assert res.stderr.startswith("torpor: error[toolchain]: Zig compilation failed at main.zig:4:31:"), res.stderr
+
+
+def test_one_directory_holds_one_agent(tmp_path: Path) -> None:
+    (tmp_path / "policy.toml").write_text('[agent]\nname = "two"\n')
+    (tmp_path / "agent.zig").write_text("pub fn main() void {}\n")
+    (tmp_path / "agent.c").write_text("int torpor_main(void) { return 0; }\n")
+    with pytest.raises(BundleError, match=r"both C sources and agent\.zig"):
+        bundle_mod.build_dir(tmp_path)
+    (tmp_path / "agent.zig").unlink()
+    (tmp_path / "agent.c").unlink()
+    with pytest.raises(BundleError, match=r"no agent sources \(\*\.c, or agent\.zig or main\.zig\)"):
+        bundle_mod.build_dir(tmp_path)
+    assert toolchain.ZIG_ENTRY_FILES == ("agent.zig", "main.zig")
