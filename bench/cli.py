@@ -120,6 +120,9 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
         elif name == "suspend":
             sp.add_argument("--n", type=int,
                             help="suspend/resume cycles per agent, mode and durability level (default 3,000)")
+            sp.add_argument("--also", action="append", metavar="AGENT",
+                            help="another example agent to measure beside steps and mib, e.g. steps-zig "
+                                 "(repeatable)")
         elif name == "js":
             sp.add_argument("--n", type=int, help="suspend/resume cycles per agent (default 2,000; --quick 100)")
             sp.add_argument("--spawns", type=int, help="spawns per agent (default 2,000; --quick 100)")

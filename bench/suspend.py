@@ -1,5 +1,10 @@
 """``torpor bench suspend``: suspend and resume at real tool calls, delta snapshots against
-full-memory copies, commits at durability sync and process (also ``python bench/suspend.py ...``)."""
+full-memory copies, commits at durability sync and process (also ``python bench/suspend.py ...``).
+
+``--also NAME`` measures more agents beside ``steps`` and ``mib`` in the same run, such as
+``steps-zig`` (the same agent in Zig): each agent's spawn (to its first suspension),
+suspend, resume and bytes per checkpoint then sit in one comparison table.
+"""
 
 from __future__ import annotations
 
@@ -123,6 +128,26 @@ def _suspend_agent(rig: Rig, store: LmdbStore, committer: GroupCommitter, cycles
             "_samples": {"suspend": sus.samples, "resume": res_.samples}}
 
 
+def _spawn_agent(rig: Rig, n: int, progress: Progress) -> Latency:
+    """``n`` spawns of one agent: a fresh instance from the pristine image, run to its first
+    tool call and unwound there (what a spawn costs before anything is written)."""
+    lat = Latency()
+    payload = json.dumps({"n": 1}).encode()
+    with no_gc():
+        for k in range(1, n + 1):
+            t0 = time.perf_counter_ns()
+            ex = rig.execution(payload, TimedExecution)
+            out = ex.start()
+            t1 = time.perf_counter_ns()
+            if not isinstance(out, Suspended):
+                raise TorporError(f"{rig.bundle.name} did not stop at a tool call on spawn: {out}")
+            ex.release()
+            lat.add(t1 - t0)
+            progress.update(k)
+    progress.done()
+    return lat
+
+
 def _put_checkpoint(agent_id: str, seq: int, value: bytes) -> Callable[[Any], None]:
     def write(txn: Any) -> None:
         txn.put_checkpoint(agent_id, seq, value, 0.0)
@@ -141,7 +166,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cycles = positive("--n", args.n if args.n is not None else (100 if args.quick else 3000))
     # Per agent: (key in the JSON, full-copy baseline?, durability level of the store).
     runs = (("torpor", False, "sync"), ("baseline", True, "sync"), ("torpor_process", False, "process"))
+    also = tuple(dict.fromkeys(n for n in (getattr(args, "also", None) or []) if n not in ("steps", "mib")))
     engine = make_engine(args.engine)
+    spawns: dict[str, dict[str, Any]] = {}
     tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-suspend-"))
     agents: dict[str, Any] = {}
     samples: dict[str, Any] = {}
@@ -154,8 +181,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 stores[level] = stack.enter_context(LmdbStore.open(tmp / f"db-{level}", durability=level))
                 committers[level] = GroupCommitter(stores[level])
                 stack.callback(committers[level].close)  # closed before its store (LIFO)
-            for name in ("steps", "mib"):
+            for name in ("steps", *also, "mib"):
                 rig = make_rig(engine, load_bundle(name))
+                spawn = _spawn_agent(rig, cycles, Progress(f"{name} spawn", cycles, args.progress))
+                samples[f"{name} spawn"] = {"spawn": spawn.samples}
+                spawns[name] = {"spawn": spawn.summary(), "module_bytes": len(rig.bundle.module)}
                 for key, baseline, level in runs:
                     label = f"{name} {'full copy' if baseline else 'delta'} @{level}"
                     r = _suspend_agent(rig, stores[level], committers[level], cycles, baseline,
@@ -191,15 +221,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "small_process_suspend_p50_us": steps["torpor_process"]["suspend"]["p50_us"],
         "small_resume_p50_us": steps["torpor"]["resume"]["p50_us"],
         "small_record_bytes": steps["torpor"]["record_bytes_p50"],
+        # steps and each --also agent side by side (the same agent in other languages).
+        "compare": {name: _compare_row(agents[name], spawns[name]) for name in ("steps", *also)},
     }
 
     def draw(plt: Any) -> None:
         _fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-        cdf(axes[0], {k: v["suspend"] for k, v in samples.items()}, "suspend: unwind + encode + LMDB commit")
-        cdf(axes[1], {k: v["resume"] for k, v in samples.items()}, "resume: read + decode + restore + rewind")
+        cdf(axes[0], {k: v["suspend"] for k, v in samples.items() if "suspend" in v},
+            "suspend: unwind + encode + LMDB commit")
+        cdf(axes[1], {k: v["resume"] for k, v in samples.items() if "resume" in v},
+            "resume: read + decode + restore + rewind")
 
     res.update(draw_plot(args.plot, draw))
     return res
+
+
+def _compare_row(agent: dict[str, Any], spawn: dict[str, Any]) -> dict[str, Any]:
+    """One agent's line of the comparison: p50 (and p99) µs, bytes per checkpoint."""
+    return {
+        "module_bytes": spawn["module_bytes"], "memory_bytes": agent["torpor"]["memory_bytes"],
+        "spawn_p50_us": spawn["spawn"]["p50_us"], "spawn_p99_us": spawn["spawn"]["p99_us"],
+        "suspend_process_p50_us": agent["torpor_process"]["suspend"]["p50_us"],
+        "suspend_process_p99_us": agent["torpor_process"]["suspend"]["p99_us"],
+        "suspend_no_commit_p50_us": agent["torpor_process"]["suspend_no_commit"]["p50_us"],
+        "suspend_sync_p50_us": agent["torpor"]["suspend"]["p50_us"],
+        "resume_p50_us": agent["torpor"]["resume"]["p50_us"], "resume_p99_us": agent["torpor"]["resume"]["p99_us"],
+        "record_bytes_p50": agent["torpor"]["record_bytes_p50"], "record_bytes_max": agent["torpor"]["record_bytes_max"],
+    }
 
 
 def show(r: dict[str, Any]) -> None:
@@ -227,6 +275,15 @@ def show(r: dict[str, Any]) -> None:
           f"[engine {r['engine']}]")
     print("@sync: each commit is on disk before the agent goes on (survives a power loss); @process: in the OS "
           "page cache, flushed every second (survives the host process being killed, not a power loss)")
+    compare = r.get("compare", {})
+    if len(compare) > 1:
+        print("\nside by side (p50 µs; spawn = a fresh instance run to its first tool call; suspend @process; "
+              "bytes per checkpoint p50):")
+        for name, c in compare.items():
+            print(f"  {name:>12}: spawn {c['spawn_p50_us']:>8.1f}  suspend {c['suspend_process_p50_us']:>8.1f} "
+                  f"(no commit {c['suspend_no_commit_p50_us']:.1f})  resume {c['resume_p50_us']:>8.1f}  "
+                  f"{c['record_bytes_p50']:>6} B/checkpoint  module {c['module_bytes']:,} B  "
+                  f"memory {c['memory_bytes'] // 1024} KiB")
 
 
 if __name__ == "__main__":

@@ -45,13 +45,13 @@ def test_coldstart_quick() -> None:
 
 
 def test_suspend_quick() -> None:
-    r = bench("suspend", "--n", "30")
+    r = bench("suspend", "--n", "30", "--also", "steps-zig")
     positive(r["suspend_p50_us"], r["resume_p50_us"], r["baseline_suspend_p50_us"], r["record_bytes"],
              r["process_suspend_p50_us"], r["process_commit_p50_us"])
     # Every headline figure says which durability level it was measured at.
     assert r["durability"] == {"suspend_p50_us": "sync", "process_suspend_p50_us": "process",
                                "baseline_suspend_p50_us": "sync"}
-    for name in ("steps", "mib"):
+    for name in ("steps", "steps-zig", "mib"):
         a = r["agents"][name]
         assert a["torpor"]["suspend"]["n"] == a["baseline"]["resume"]["n"] == a["torpor_process"]["suspend"]["n"] == 30
         assert (a["torpor"]["durability"], a["baseline"]["durability"], a["torpor_process"]["durability"]) == (
@@ -59,6 +59,12 @@ def test_suspend_quick() -> None:
         assert a["torpor"]["memory_bytes"] <= 1 << 20
         # A delta of a few changed chunks is smaller than the whole memory compressed.
         assert a["torpor"]["record_bytes_p50"] < a["baseline"]["record_bytes_p50"]
+    # The C and the Zig steps side by side, each with its spawn, suspend, resume and bytes.
+    assert list(r["compare"]) == ["steps", "steps-zig"]
+    for c in r["compare"].values():
+        positive(c["spawn_p50_us"], c["suspend_process_p50_us"], c["resume_p50_us"], c["record_bytes_p50"],
+                 c["module_bytes"])
+    assert r["compare"]["steps-zig"]["record_bytes_p50"] == r["agents"]["steps-zig"]["torpor"]["record_bytes_p50"]
 
 
 def test_density_quick(tmp_path: Path) -> None:
