@@ -1,9 +1,10 @@
-//! How the Zig SDK hands errors to agent code and how the host reports the agent's own
-//! failures. Input {"case": NAME}; each case is one behaviour the tests check.
+//! The Zig SDK's behaviours the tests check: how it hands errors to agent code, how the
+//! host reports the agent's own failures, values both ways, logging, the heap.
+//! Input {"case": NAME}.
 const std = @import("std");
 const torpor = @import("torpor");
 
-const Case = enum { denied, namespace, uncaught, unexpected, fail, panic, oom, log, values };
+const Case = enum { denied, namespace, uncaught, unexpected, fail, panic, oom, log, values, heap };
 
 pub fn main() !void {
     const in = torpor.input(struct { case: Case, by: i64 = 1 }) catch
@@ -52,6 +53,25 @@ pub fn main() !void {
             const any = try torpor.call(std.json.Value, "kv.incr", .{ .key = "m" });
             defer any.deinit();
             try torpor.output(.{ .team = v, .absent = absent == null, .m = any.value });
+        },
+        // The SDK's heap under churn: a growing list, blocks of many sizes freed and
+        // taken again, an over-aligned block; the memory stays near what is live.
+        .heap => {
+            const a = torpor.allocator;
+            var list: std.ArrayList(u64) = .empty;
+            defer list.deinit(a);
+            for (0..10_000) |i| try list.append(a, i * i);
+            for (0..2_000) |r| {
+                const b = try a.alloc(u8, (r * 37) % 5_000 + 1);
+                @memset(b, @truncate(r));
+                if (b[b.len - 1] != @as(u8, @truncate(r))) return torpor.fail("block {d} lost its bytes", .{r});
+                a.free(b);
+            }
+            const page = try a.alignedAlloc(u8, .fromByteUnits(4096), 100);
+            defer a.free(page);
+            var sum: u64 = 0;
+            for (list.items) |x| sum += x;
+            try torpor.output(.{ .sum = sum, .aligned = @intFromPtr(page.ptr) % 4096 == 0, .pages = @wasmMemorySize(0) });
         },
     }
 }
