@@ -150,3 +150,12 @@ def test_one_directory_holds_one_agent(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match=r"no agent sources \(\*\.c, or agent\.zig or main\.zig\)"):
         bundle_mod.build_dir(tmp_path)
     assert toolchain.ZIG_ENTRY_FILES == ("agent.zig", "main.zig")
+
+
+def test_the_sdk_readme_shows_steps_zig_exactly() -> None:
+    """What a reader copies from guest_sdk/zig/README.md is the example the tests build and run."""
+    readme = (EXAMPLES.parent / "zig" / "README.md").read_text()
+    block = readme.split("```zig\n", 1)[1].split("```", 1)[0]
+    source = (EXAMPLES / "steps-zig" / "agent.zig").read_text()
+    body = source[source.index('const torpor = @import("torpor");'):]
+    assert block == "// guest_sdk/examples/steps-zig/agent.zig\n" + body
