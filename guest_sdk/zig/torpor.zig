@@ -473,19 +473,21 @@ const Heap = struct {
         return @ptrFromInt(start);
     }
 
-    /// In place while the new length needs no larger class than the slot was given for.
+    /// In place while the new length is of the same class. A shrink into a smaller class
+    /// is refused too (the caller then copies): the slot would be freed into the smaller
+    /// class's list, and a loop that shrinks its buffers would leak a slot per turn.
     fn resize(_: *anyopaque, memory: []u8, alignment: std.mem.Alignment, new_len: usize, _: usize) bool {
         const old = classOf(memory.len, alignment) orelse return false;
         const new = classOf(new_len, alignment) orelse return false;
-        return new <= old;
+        return new == old;
     }
 
     fn remap(ctx: *anyopaque, memory: []u8, alignment: std.mem.Alignment, new_len: usize, ra: usize) ?[*]u8 {
         return if (resize(ctx, memory, alignment, new_len, ra)) memory.ptr else null;
     }
 
-    /// Onto the free list of the class its length says (a slot shrunk by `resize` goes
-    /// on a smaller class's list: it holds that class's size, so nothing is lost but slack).
+    /// Onto the free list of the class its length says (`resize` keeps that the class
+    /// the slot was taken from).
     fn free(_: *anyopaque, memory: []u8, alignment: std.mem.Alignment, _: usize) void {
         const class = classOf(memory.len, alignment) orelse return;
         const addr = @intFromPtr(memory.ptr);
