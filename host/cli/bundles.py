@@ -119,9 +119,11 @@ def cmd_inspect_bundle(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """Register ``build``, ``pack`` and ``inspect-bundle``."""
-    sp = add_command(sub, "build", cmd_build, "compile an agent directory (C sources or agent.js, + policy.toml) into a bundle")
-    sp.add_argument("dir", help="the agent directory: *.c sources or an agent.js, and policy.toml (Python files there are not packed: "
-                                "tools are the operator's, see --tools-dir on `run`)")
+    sp = add_command(sub, "build", cmd_build,
+                     "compile an agent directory (C, Zig or JavaScript sources + policy.toml) into a bundle")
+    sp.add_argument("dir", help="the agent directory: *.c sources, agent.zig (or main.zig), or agent.js (or agent.ts), "
+                                "and policy.toml (Python files there are not packed: tools are the operator's, see "
+                                "--tools-dir on `run`)")
     sp.add_argument("-o", "--output", required=True, help="the bundle file to write")
     sp = add_command(sub, "pack", cmd_pack, "pack a wasm module built elsewhere with a policy into a bundle")
     sp.add_argument("module", help="a core wasm module importing only from `torpor` (guest ABI v1)")
