@@ -64,16 +64,17 @@ def test_a_zig_bundle_is_an_abi_v1_module_like_any_other(bundles: BundleFactory)
     assert any(e.startswith(abi.GLOBAL_EXPORT_PREFIX) for e in exports)  # __stack_pointer, reachable
 
 
-@pytest.mark.parametrize("case", ["denied", "namespace"])
+@pytest.mark.parametrize("case", ["denied", "namespace", "sleep"])
 def test_a_denial_reaches_zig_code_as_a_typed_error(host: Host, bundles: BundleFactory, case: str) -> None:
     res = run(host, bundles.load(ERRORS), {"case": case})
     assert res.status == "completed", res.error
     out = res.output
     assert out["err"] == "Denied" and out["is_denied"] is True and out["code"] == "denied"
     assert out["retryable"] is False
-    if case == "denied":  # a tool the policy does not grant
-        assert (out["tool"], out["rule"], out["reason_code"]) == ("kv.set", "tools", "not_granted")
-        assert "'kv.set' is not granted" in out["message"]
+    if case in ("denied", "sleep"):  # a tool the policy does not grant (sleep is the timer.sleep tool)
+        tool = "kv.set" if case == "denied" else "timer.sleep"
+        assert (out["tool"], out["rule"], out["reason_code"]) == (tool, "tools", "not_granted")
+        assert f"'{tool}' is not granted" in out["message"]
     else:  # a granted tool, refused by the rule on its namespaces
         assert out["tool"] == "kv.incr" and out["reason_code"] == "namespace_not_granted"
         assert out["rule"] == 'tools."kv.incr".namespaces' and "'secret'" in out["message"]

@@ -412,6 +412,15 @@ pub const clock = struct {
     }
 };
 
+/// Sleep `ms` milliseconds as a host-settled timer: a call of the `timer.sleep` tool
+/// (`{"ms": N}`, the contract the JS SDK's `torpor.sleep` uses too), so the agent
+/// hibernates for the whole wait and a long-running host wakes it. The policy must grant
+/// `timer.sleep`; a host without that tool answers `error.UnknownTool`.
+pub fn sleep(ms: u64) CallError!void {
+    const r = try call(std.json.Value, "timer.sleep", .{ .ms = ms });
+    r.deinit();
+}
+
 // -----------------------------------------------------------------------------
 
 /// A pointer the host accepts for `s`: an empty slice may carry any address in Zig,

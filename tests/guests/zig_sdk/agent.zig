@@ -4,7 +4,7 @@
 const std = @import("std");
 const torpor = @import("torpor");
 
-const Case = enum { denied, namespace, uncaught, unexpected, fail, panic, oom, log, values, heap };
+const Case = enum { denied, namespace, sleep, uncaught, unexpected, fail, panic, oom, log, values, heap };
 
 pub fn main() !void {
     const in = torpor.input(struct { case: Case, by: i64 = 1 }) catch
@@ -20,6 +20,11 @@ pub fn main() !void {
         .namespace => {
             _ = torpor.kv.incrIn("secret", "n", in.value.by) catch |err| return caught(err);
             return torpor.fail("the namespace was not denied", .{});
+        },
+        // A durable sleep is the timer.sleep tool, which this policy does not grant.
+        .sleep => {
+            torpor.sleep(1500) catch |err| return caught(err);
+            return torpor.fail("the sleep was not denied", .{});
         },
         // A tool error main does not catch: the run fails with agent_error, saying which.
         .uncaught => try torpor.kv.set("k", 1),
