@@ -161,3 +161,19 @@ def test_the_sdk_readme_shows_steps_zig_exactly() -> None:
     source = (EXAMPLES / "steps-zig" / "agent.zig").read_text()
     body = source[source.index('const torpor = @import("torpor");'):]
     assert block == "// guest_sdk/examples/steps-zig/agent.zig\n" + body
+
+
+def test_a_zig_run_replays_exactly_warm_and_cold(bundles: BundleFactory, tmp_path: Path) -> None:
+    """Replay re-executes the run against its journal, call by call and fuel for fuel; cold
+    rebuilds the instance from a checkpoint at every call, so Zig's frames and heap must
+    come back exactly from each one."""
+    from host.runtime.replay import replay
+
+    with Host(tmp_path / "store", warm_idle_s=0.0) as h:
+        res = anyio.run(lambda: h.run(bundles.load(EXAMPLES / "steps-zig"), {"n": 6}))
+        assert res.output == {"sum": 21, "last": 6}
+        for cold in (False, True):
+            r = replay(h, res.agent_id, cold=cold)
+            assert r.matched and r.complete, r.to_dict()
+            assert r.calls_replayed == r.calls_recorded == 6
+            assert r.fuel_used == res.fuel_used and r.outcome["output"] == {"sum": 21, "last": 6}
