@@ -177,3 +177,30 @@ def test_a_zig_run_replays_exactly_warm_and_cold(bundles: BundleFactory, tmp_pat
             assert r.matched and r.complete, r.to_dict()
             assert r.calls_replayed == r.calls_recorded == 6
             assert r.fuel_used == res.fuel_used and r.outcome["output"] == {"sum": 21, "last": 6}
+
+
+def test_an_agent_without_tools_imports_none_and_may_span_files(host: Host, tmp_path: Path) -> None:
+    """Zig imports only the functions an agent reaches: one that calls no tool runs under a
+    policy that grants none. Its directory's other files are its own to import; files
+    outside it are not (Zig refuses to embed or import beyond the module's directory)."""
+    d = tmp_path / "plain"
+    d.mkdir()
+    (d / "policy.toml").write_text('[agent]\nname = "plain"\n[budgets]\nmemory = "1MiB"\n')
+    (d / "words.zig").write_text('pub const greeting = "hello";\n')
+    (d / "agent.zig").write_text('const std = @import("std");\nconst torpor = @import("torpor");\n'
+                                 'const words = @import("words.zig");\n\n'
+                                 "pub fn main() !void {\n"
+                                 "    const in = try torpor.input(struct { name: []const u8 });\n"
+                                 "    defer in.deinit();\n"
+                                 '    try torpor.output(.{ .greeting = words.greeting, .name = in.value.name });\n}\n')
+    b = bundle_mod.load_bytes(bundle_mod.build_dir(d))
+    m = wasmtime.Module(wasmtime.Engine(), b.module)
+    assert {i.name for i in m.imports} <= {"input_len", "input_read", "output_write", "log", "abort"}
+    res = run(host, b, {"name": "ada"})
+    assert res.status == "completed", res.error
+    assert res.output == {"greeting": "hello", "name": "ada"}
+
+    (d / "agent.zig").write_text('const secret = @embedFile("../outside.txt");\npub fn main() void {\n    _ = secret;\n}\n')
+    (tmp_path / "outside.txt").write_text("not the agent's")
+    with pytest.raises(ToolchainError, match=r"agent\.zig:1:\d+: embed of file outside"):
+        bundle_mod.build_dir(d)
