@@ -69,6 +69,7 @@ def test_a_denial_reaches_zig_code_as_a_typed_error(host: Host, bundles: BundleF
     res = run(host, bundles.load(ERRORS), {"case": case})
     assert res.status == "completed", res.error
     out = res.output
+    assert out["heap_ok"] is True  # what the failed call allocated and freed left the heap sound
     assert out["err"] == "Denied" and out["is_denied"] is True and out["code"] == "denied"
     assert out["retryable"] is False
     if case in ("denied", "sleep"):  # a tool the policy does not grant (sleep is the timer.sleep tool)

@@ -152,7 +152,7 @@ fn remember(tool: []const u8, err: CallError, raw: []const u8, message_if_none: 
         .tool = a.dupe(u8, tool) catch "",
         .err = err,
         .code = codeName(err),
-        .message = message_if_none,
+        .message = a.dupe(u8, message_if_none) catch "", // it may live on the caller's stack
         .rule = null,
         .reason_code = null,
         .retryable = false,
@@ -354,13 +354,11 @@ pub fn callRaw(tool: []const u8, args_json: []const u8) CallError![]u8 {
     const rc = abi.tool_call(ptrOf(tool), @intCast(tool.len), ptrOf(args_json), @intCast(args_json.len));
     const n = abi.response_len();
     const raw = try allocator.alloc(u8, @intCast(@max(n, 0)));
-    errdefer allocator.free(raw);
-    const got = abi.response_read(ptrOfMut(raw), @intCast(raw.len));
-    const text = raw[0..@intCast(@max(got, 0))];
-    if (rc == 0) return text;
+    errdefer allocator.free(raw); // on every error return below, and only there
+    if (abi.response_read(ptrOfMut(raw), @intCast(raw.len)) != raw.len) return error.Fault;
+    if (rc == 0) return raw;
     const err = errorOf(rc);
-    remember(tool, err, text, "");
-    allocator.free(raw);
+    remember(tool, err, raw, "");
     return err;
 }
 

@@ -99,10 +99,13 @@ pub fn main() !void {
     }
 }
 
-/// The error as agent code sees it: its name, and the host's object behind it.
+/// The error as agent code sees it: its name, and the host's object behind it; and
+/// whether the heap is still sound after the failed call.
 fn caught(err: torpor.CallError) !void {
     const f = torpor.lastFailure().?;
+    const heap_ok = try heapSound();
     try torpor.output(.{
+        .heap_ok = heap_ok,
         .err = @errorName(err),
         .is_denied = err == error.Denied,
         .tool = f.tool,
@@ -112,4 +115,23 @@ fn caught(err: torpor.CallError) !void {
         .reason_code = f.reason_code,
         .retryable = f.retryable,
     });
+}
+
+/// No two live blocks overlap: 64 blocks of each of several sizes, each filled with its
+/// own byte and read back after all are filled (a slot freed twice would be handed out
+/// twice, and one fill would overwrite the other).
+fn heapSound() !bool {
+    const a = torpor.allocator;
+    const sizes = [_]usize{ 8, 24, 60, 100, 200, 300, 500, 1000, 3000 };
+    var blocks: [sizes.len * 64][]u8 = undefined;
+    for (&blocks, 0..) |*b, i| {
+        b.* = try a.alloc(u8, sizes[i / 64]);
+        @memset(b.*, @truncate(i));
+    }
+    var ok = true;
+    for (blocks, 0..) |b, i| {
+        for (b) |byte| ok = ok and byte == @as(u8, @truncate(i));
+        a.free(b);
+    }
+    return ok;
 }
