@@ -205,3 +205,48 @@ def test_an_agent_without_tools_imports_none_and_may_span_files(host: Host, tmp_
     (tmp_path / "outside.txt").write_text("not the agent's")
     with pytest.raises(ToolchainError, match=r"agent\.zig:1:\d+: embed of file outside"):
         bundle_mod.build_dir(d)
+
+
+def test_the_network_tool_helpers_against_loopback_servers(bundles: BundleFactory, tmp_path: Path) -> None:
+    """torpor.llm, torpor.http, torpor.mcp: the arguments they send reach real servers
+    (127.0.0.1, an MCP server process) through the host's tools, and the answers come
+    back as typed Zig values."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from loopback import Loopback, Reply, chat_completion, json_reply
+
+    def chat(req: Any) -> Reply:
+        last = req.json["messages"][-1]["content"]
+        return json_reply(chat_completion("hi" if last == "hello" else "three", prompt_tokens=4, completion_tokens=3))
+
+    routes = {
+        "/v1/chat/completions": chat,
+        "/echo": lambda r: json_reply({"method": r.method, "body": r.body.decode(), "trace": r.headers.get("x-trace")}),
+        "/item": lambda r: json_reply({"sku": "pear", "qty": 2, "note": "members a type does not name are ignored"}),
+        "/text": lambda r: Reply(200, "plain text", {"Content-Type": "text/plain"}),
+    }
+    with Loopback(routes) as srv:
+        policy = (f'[agent]\nname = "zig_tools"\n[budgets]\nfuel = 50_000_000\nmemory = "16MiB"\nwall_clock = "20s"\n'
+                  f'[tools."llm.chat"]\nbase_url = "{srv.base}/v1"\nmodel = "m-small"\n'
+                  f'[tools."http.fetch"]\nhosts = ["{srv.netloc}"]\nmethods = ["GET", "POST"]\n'
+                  'allow_private = ["127.0.0.1"]\n'
+                  f'[mcp.crm]\ncommand = "{sys.executable}"\nargs = ["{Path(__file__).parent / "mcp_fixture_server.py"}"]\n'
+                  'tools = ["lookup_customer"]\n')
+        built = bundles.load(GUESTS / "zig_tools")
+        b = bundle_mod.load_bytes(bundle_mod.pack(built.module, policy))
+        # the policy names an MCP server command: host code, run only for a trusted bundle
+        with Host(tmp_path / "store", trust_bundle_code=[b.digest]) as h:
+            res = run(h, b, {"base": srv.base})
+        assert res.status == "completed", res.error
+        assert res.output == {
+            "reply": "hi", "chat": "three", "tokens": 7, "status": 200,
+            "echo": {"method": "POST", "body": "ping", "trace": "zig"},
+            "sku": "pear", "qty": 2, "not_json": "UnexpectedResult",
+            "refused": "Denied", "rule": 'tools."http.fetch".hosts',
+            "customer": {"id": "C-42", "name": "Ada Lovelace", "plan": "enterprise", "open_tickets": 2},
+        }
+        asks = [r.json for r in srv.requests if r.path == "/v1/chat/completions"]
+        assert asks[0]["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+        assert asks[1]["messages"] == [{"role": "user", "content": "count"}]
+        assert asks[1]["temperature"] == 0.5 and asks[1]["max_tokens"] == 7 and asks[1]["model"] == "m-small"
+        assert "seed" not in asks[1]  # options left unset are not sent
+        assert res.tokens == 14

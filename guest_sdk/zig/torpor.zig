@@ -410,6 +410,108 @@ pub const clock = struct {
     }
 };
 
+/// Chat completions through `llm.chat` (or another `llm.*` grant: `chatWith`). The host
+/// picks the endpoint, model and credential from the policy; tokens count against the
+/// agent's budget.
+pub const llm = struct {
+    pub const Message = struct { role: []const u8, content: []const u8 };
+    pub const Usage = struct { prompt_tokens: i64 = 0, completion_tokens: i64 = 0, total_tokens: i64 = 0 };
+    pub const Answer = struct {
+        content: []const u8 = "",
+        finish_reason: ?[]const u8 = null,
+        usage: Usage = .{},
+        model: ?[]const u8 = null,
+    };
+    /// Members added to the call when set (the grant may cap or refuse them).
+    pub const Options = struct {
+        model: ?[]const u8 = null,
+        temperature: ?f64 = null,
+        max_tokens: ?i64 = null,
+        seed: ?i64 = null,
+        stop: ?[]const []const u8 = null,
+        response_format: ?std.json.Value = null,
+    };
+
+    pub fn chat(messages: []const Message, options: Options) CallError!std.json.Parsed(Answer) {
+        return chatWith("llm.chat", messages, options);
+    }
+
+    pub fn chatWith(tool: []const u8, messages: []const Message, options: Options) CallError!std.json.Parsed(Answer) {
+        return call(Answer, tool, .{
+            .messages = messages,
+            .model = options.model,
+            .temperature = options.temperature,
+            .max_tokens = options.max_tokens,
+            .seed = options.seed,
+            .stop = options.stop,
+            .response_format = options.response_format,
+        });
+    }
+
+    /// One system message (null for none) and one user message; the reply's text
+    /// (caller frees with `allocator`).
+    pub fn ask(system: ?[]const u8, user: []const u8) CallError![]u8 {
+        var both = [_]Message{ .{ .role = "system", .content = system orelse "" }, .{ .role = "user", .content = user } };
+        const r = try chat(if (system == null) both[1..] else both[0..], .{});
+        defer r.deinit();
+        return allocator.dupe(u8, r.value.content);
+    }
+};
+
+/// One request through `http.fetch` (or another `http.*` grant: `fetchWith`) to a host
+/// on the grant's allowlist. An HTTP error status is an answer, not a failure.
+pub const http = struct {
+    pub const Response = struct {
+        status: i64 = 0,
+        url: []const u8 = "",
+        headers: ?std.json.Value = null,
+        /// The parsed body, when it is JSON; otherwise `body` (text) or `body_base64`.
+        json: ?std.json.Value = null,
+        body: ?[]const u8 = null,
+        body_base64: ?[]const u8 = null,
+        truncated: bool = false,
+    };
+
+    /// `request` is written as the tool's arguments:
+    /// `.{ .url = u, .method = "POST", .headers = .{ .@"X-Key" = "v" }, .body = "text" }`
+    /// (`.json = value` sends a JSON body; `.max_bytes`, `.truncate` as the tool takes).
+    pub fn fetch(request: anytype) CallError!std.json.Parsed(Response) {
+        return fetchWith("http.fetch", request);
+    }
+
+    pub fn fetchWith(tool: []const u8, request: anytype) CallError!std.json.Parsed(Response) {
+        return call(Response, tool, request);
+    }
+
+    /// GET `url` and parse its JSON body as `T`. A body that is not JSON, or not a `T`,
+    /// is `error.UnexpectedResult` (with the status in `lastFailure().message`).
+    pub fn getJson(comptime T: type, url: []const u8) CallError!std.json.Parsed(T) {
+        const r = try call(struct { status: i64 = 0, json: ?T = null }, "http.fetch", .{ .url = url });
+        if (r.value.json) |v| return .{ .arena = r.arena, .value = v };
+        var buf: [96]u8 = undefined;
+        const why = std.fmt.bufPrint(&buf, "the response (status {d}) has no JSON body", .{r.value.status}) catch "";
+        r.deinit();
+        remember("http.fetch", error.UnexpectedResult, "", why);
+        return error.UnexpectedResult;
+    }
+};
+
+/// The tools of MCP servers the policy names (`[mcp.SERVER]`): `mcp.SERVER.TOOL`.
+pub const mcp = struct {
+    pub const Result = struct {
+        structured: ?std.json.Value = null,
+        text: []const u8 = "",
+        content: ?std.json.Value = null,
+    };
+
+    /// Call `tool` of `server` with `args` (the host checks them against the tool's schema).
+    pub fn invoke(server: []const u8, tool: []const u8, args: anytype) CallError!std.json.Parsed(Result) {
+        var buf: [160]u8 = undefined; // the host takes names of at most 128 bytes
+        const name = std.fmt.bufPrint(&buf, "mcp.{s}.{s}", .{ server, tool }) catch return error.TooLarge;
+        return call(Result, name, args);
+    }
+};
+
 /// Sleep `ms` milliseconds as a host-settled timer: a call of the `timer.sleep` tool
 /// (`{"ms": N}`, the contract the JS SDK's `torpor.sleep` uses too), so the agent
 /// hibernates for the whole wait and a long-running host wakes it. The policy must grant
