@@ -40,6 +40,28 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "host.cli", *args], capture_output=True, text=True, timeout=120)
 
 
+def _async_buffer(module: bytes) -> tuple[int, int, int]:
+    """(A, cur0, end0) of ``__torpor_async`` in a module's pristine image (ABI section 7)."""
+    store = wasmtime.Store(wasmtime.Engine())
+    m = wasmtime.Module(store.engine, module)
+    linker = wasmtime.Linker(store.engine)
+    linker.define_unknown_imports_as_traps(m)
+    inst = linker.instantiate(store, m)
+    glob = inst.exports(store)[abi.ASYNC_BUF_EXPORT]
+    mem = inst.exports(store)["memory"]
+    assert isinstance(glob, wasmtime.Global) and isinstance(mem, wasmtime.Memory)
+    a = int(glob.value(store))
+    head = mem.read(store, a, a + 8)
+    return a, int.from_bytes(head[:4], "little"), int.from_bytes(head[4:], "little")
+
+
+def test_the_asyncify_buffer_is_laid_out_as_the_abi_says(bundles: BundleFactory) -> None:
+    """cur0 = A + 8 and end0 = A + 8 + N: 16 KiB by default, what the agent declares otherwise."""
+    for where, size in ((EXAMPLES / "steps-zig", 16 * 1024), (ERRORS, 24 * 1024)):
+        a, cur0, end0 = _async_buffer(bundles.load(where).module)
+        assert (cur0, end0) == (a + 8, a + 8 + size), where
+
+
 def test_steps_zig_runs_with_a_suspension_at_every_call(bundles: BundleFactory, tmp_path: Path) -> None:
     """The issue's own check, through the CLI: 50 calls, 50 hibernations, the sum exact."""
     res = _cli("run", str(bundles.example("steps-zig")), "--input", '{"n": 50}', "--json",

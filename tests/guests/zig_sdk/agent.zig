@@ -4,6 +4,9 @@
 const std = @import("std");
 const torpor = @import("torpor");
 
+/// A larger Asyncify buffer than the 16 KiB default (the test reads it from the image).
+pub const torpor_async_stack = 24 * 1024;
+
 const Case = enum { denied, namespace, sleep, uncaught, unexpected, fail, panic, oom, log, values, heap };
 
 pub fn main() !void {
