@@ -134,6 +134,7 @@ def test_a_result_of_the_wrong_shape_is_unexpected_result(host: Host, bundles: B
     ({"case": "nope"}, "agent_error", 'input needs a "case"'),
     ({"case": "panic", "by": 10}, "aborted", "integer overflow"),
     ({"case": "oom"}, "memory_limit", "torpor.allocator: an allocation failed"),
+    ({"case": "recurse", "by": 1000}, "stack_overflow", "overflowed its shadow stack"),
 ])
 def test_the_agents_own_failures(host: Host, bundles: BundleFactory, input: dict[str, Any], code: str,
                                  message: str) -> None:

@@ -49,7 +49,7 @@ ASYNCIFY_SIGNATURES: Final[dict[str, tuple[int, int]]] = {
 }
 ASYNCIFY_EXPORTS: Final = tuple(ASYNCIFY_SIGNATURES)
 INITIALIZE_EXPORT: Final = "_initialize"  # a WASI reactor's constructors, run once before the entry
-STACK_POINTER_EXPORT: Final = "__stack_pointer"  # read when a memory fault may be a C stack overflow
+STACK_POINTER_EXPORT: Final = "__stack_pointer"  # read when a memory fault may be a shadow-stack overflow (C, Zig)
 #: Optional: the address of 8 bytes the host fills with the agent's seed before torpor_main
 #: first runs (ABI.md section 6). The JS runtime seeds Math.random from it.
 SEED_EXPORT: Final = "__torpor_seed"

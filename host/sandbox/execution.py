@@ -386,10 +386,10 @@ class Execution:
             return Failed(
                 "suspend_overflow",
                 f"the agent's stack at this tool call does not fit the {self.async_buf[1]}-byte suspension "
-                "buffer; rebuild with a larger -DTORPOR_ASYNC_STACK",
+                "buffer; rebuild with a larger -DTORPOR_ASYNC_STACK (C) or `pub const torpor_async_stack` (Zig)",
             )
         if code == wasmtime.TrapCode.MEMORY_OUT_OF_BOUNDS and self._shadow_stack_overflowed():
-            return Failed("stack_overflow", "the agent overflowed its C stack (unbounded recursion?)")
+            return Failed("stack_overflow", "the agent overflowed its shadow stack (unbounded recursion?)")
         return Failed("trap", msg)
 
     def _shadow_stack_overflowed(self) -> bool:

@@ -74,6 +74,9 @@ ZIG_FLAGS = (
     "--stack", "65536",
     "--export=" + abi.ENTRY_EXPORT,
     "--export=" + abi.ASYNC_BUF_EXPORT,
+    # as C's --export-dynamic does: the host reads it to tell a shadow-stack overflow
+    # (stack_overflow) from any other out-of-bounds trap
+    "--export=" + abi.STACK_POINTER_EXPORT,
 )
 
 #: The files that make a directory a Zig agent, in the order they are looked for.

@@ -7,7 +7,7 @@ const torpor = @import("torpor");
 /// A larger Asyncify buffer than the 16 KiB default (the test reads it from the image).
 pub const torpor_async_stack = 24 * 1024;
 
-const Case = enum { denied, namespace, sleep, uncaught, unexpected, fail, panic, oom, log, values, heap };
+const Case = enum { denied, namespace, sleep, uncaught, unexpected, fail, panic, oom, recurse, log, values, heap };
 
 pub fn main() !void {
     const in = torpor.input(struct { case: Case, by: i64 = 1 }) catch
@@ -48,6 +48,8 @@ pub fn main() !void {
             const big = try torpor.allocator.alloc(u8, 64 << 20);
             big[0] = 1;
         },
+        // Frames of 1 KiB on the shadow stack, 1,000 deep: past its 64 KiB.
+        .recurse => try torpor.output(.{ .depth = down(@intCast(in.value.by)) }),
         .log => {
             std.log.info("through std.log: {d}", .{in.value.by});
             std.log.scoped(.steps).warn("scoped", .{});
@@ -137,4 +139,11 @@ fn heapSound() !bool {
         a.free(b);
     }
     return ok;
+}
+
+noinline fn down(n: u64) u64 {
+    var frame: [1024]u8 = undefined;
+    @memset(&frame, @truncate(n));
+    std.mem.doNotOptimizeAway(&frame);
+    return if (n == 0) frame[0] else down(n - 1) + frame[1023];
 }
