@@ -103,6 +103,11 @@ def test_a_denial_reaches_zig_code_as_a_typed_error(host: Host, bundles: BundleF
         assert out["rule"] == 'tools."kv.incr".namespaces' and "'secret'" in out["message"]
 
 
+def test_a_tool_call_under_many_frames_suspends_and_resumes(host: Host, bundles: BundleFactory) -> None:
+    res = run(host, bundles.load(ERRORS), {"case": "deep_call", "by": 50})
+    assert res.status == "completed" and res.output == {"value": 51} and res.suspensions == 1, res.error
+
+
 def test_values_cross_in_both_directions(host: Host, bundles: BundleFactory) -> None:
     res = run(host, bundles.load(ERRORS), {"case": "values", "by": 7})
     assert res.status == "completed", res.error
@@ -135,6 +140,7 @@ def test_a_result_of_the_wrong_shape_is_unexpected_result(host: Host, bundles: B
     ({"case": "panic", "by": 10}, "aborted", "integer overflow"),
     ({"case": "oom"}, "memory_limit", "torpor.allocator: an allocation failed"),
     ({"case": "recurse", "by": 1000}, "stack_overflow", "overflowed its shadow stack"),
+    ({"case": "deep_call", "by": 1500}, "suspend_overflow", "or `pub const torpor_async_stack` (Zig)"),
 ])
 def test_the_agents_own_failures(host: Host, bundles: BundleFactory, input: dict[str, Any], code: str,
                                  message: str) -> None:

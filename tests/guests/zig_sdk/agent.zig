@@ -7,7 +7,7 @@ const torpor = @import("torpor");
 /// A larger Asyncify buffer than the 16 KiB default (the test reads it from the image).
 pub const torpor_async_stack = 24 * 1024;
 
-const Case = enum { denied, namespace, sleep, uncaught, unexpected, fail, panic, oom, recurse, log, values, heap };
+const Case = enum { denied, namespace, sleep, uncaught, unexpected, fail, panic, oom, recurse, deep_call, log, values, heap };
 
 pub fn main() !void {
     const in = torpor.input(struct { case: Case, by: i64 = 1 }) catch
@@ -50,6 +50,8 @@ pub fn main() !void {
         },
         // Frames of 1 KiB on the shadow stack, 1,000 deep: past its 64 KiB.
         .recurse => try torpor.output(.{ .depth = down(@intCast(in.value.by)) }),
+        // A tool call under `by` frames: past the Asyncify buffer when they are many.
+        .deep_call => try torpor.output(.{ .value = try deepCall(@intCast(in.value.by)) }),
         .log => {
             std.log.info("through std.log: {d}", .{in.value.by});
             std.log.scoped(.steps).warn("scoped", .{});
@@ -146,4 +148,9 @@ noinline fn down(n: u64) u64 {
     @memset(&frame, @truncate(n));
     std.mem.doNotOptimizeAway(&frame);
     return if (n == 0) frame[0] else down(n - 1) + frame[1023];
+}
+
+noinline fn deepCall(n: u64) torpor.CallError!i64 {
+    if (n == 0) return torpor.kv.incr("deep", 1);
+    return (try deepCall(n - 1)) + 1;
 }
