@@ -279,3 +279,11 @@ def test_the_network_tool_helpers_against_loopback_servers(bundles: BundleFactor
         assert asks[1]["temperature"] == 0.5 and asks[1]["max_tokens"] == 7 and asks[1]["model"] == "m-small"
         assert "seed" not in asks[1]  # options left unset are not sent
         assert res.tokens == 14
+
+
+def test_the_zig_sources_are_as_zig_fmt_writes_them() -> None:
+    """What Zig programmers read and copy is in Zig's canonical form (and its current builtins)."""
+    roots = [EXAMPLES.parent / "zig", EXAMPLES / "steps-zig", GUESTS / "zig_sdk", GUESTS / "zig_tools"]
+    res = subprocess.run([sys.executable, "-m", "ziglang", "fmt", "--check", *map(str, roots)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -263,7 +263,7 @@ pub fn log(level: Level, comptime fmt: []const u8, args: anytype) void {
 /// Append `msg` as it is (cut at 64 KiB).
 pub fn logText(level: Level, msg: []const u8) void {
     const cut = msg[0..@min(msg.len, max_log)];
-    _ = abi.log(@intFromEnum(level), ptrOf(cut), @intCast(cut.len));
+    _ = abi.log(@backingInt(level), ptrOf(cut), @intCast(cut.len));
 }
 
 /// `std.options.logFn` for agents: `std.log.info(...)` goes to the agent's log,
