@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,16 @@ def test_a_denial_reaches_zig_code_as_a_typed_error(host: Host, bundles: BundleF
 def test_a_tool_call_under_many_frames_suspends_and_resumes(host: Host, bundles: BundleFactory) -> None:
     res = run(host, bundles.load(ERRORS), {"case": "deep_call", "by": 50})
     assert res.status == "completed" and res.output == {"value": 51} and res.suspensions == 1, res.error
+
+
+def test_sleep_hibernates_for_the_wait_when_granted(host: Host, bundles: BundleFactory) -> None:
+    b = bundles.load(ERRORS)
+    policy = (ERRORS / "policy.toml").read_text() + '\n[tools."timer.sleep"]\n'
+    granted = bundle_mod.load_bytes(bundle_mod.pack(b.module, policy))
+    t0 = time.monotonic()
+    res = run(host, granted, {"case": "sleep", "by": 150})
+    assert res.status == "completed" and res.output == {"slept": 150}, res.error
+    assert time.monotonic() - t0 >= 0.15 and res.suspensions == 1
 
 
 def test_values_cross_in_both_directions(host: Host, bundles: BundleFactory) -> None:

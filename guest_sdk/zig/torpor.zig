@@ -512,10 +512,10 @@ pub const mcp = struct {
     }
 };
 
-/// Sleep `ms` milliseconds as a host-settled timer: a call of the `timer.sleep` tool
-/// (`{"ms": N}`, the contract the JS SDK's `torpor.sleep` uses too), so the agent
-/// hibernates for the whole wait and a long-running host wakes it. The policy must grant
-/// `timer.sleep`; a host without that tool answers `error.UnknownTool`.
+/// Sleep `ms` milliseconds (0 to 30 days) through the builtin `timer.sleep` tool, which
+/// the policy must grant: a host-settled timer, so the agent hibernates for the wait, and
+/// durable: after a crash a resume waits only what is left (the deadline is read from the
+/// call's journaled intent). The same tool as the JS SDK's `torpor.sleep`.
 pub fn sleep(ms: u64) CallError!void {
     const r = try call(std.json.Value, "timer.sleep", .{ .ms = ms });
     r.deinit();

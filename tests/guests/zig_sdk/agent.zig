@@ -24,10 +24,11 @@ pub fn main() !void {
             _ = torpor.kv.incrIn("secret", "n", in.value.by) catch |err| return caught(err);
             return torpor.fail("the namespace was not denied", .{});
         },
-        // A durable sleep is the timer.sleep tool, which this policy does not grant.
+        // A durable sleep is the timer.sleep tool, which this policy does not grant (the
+        // test packs the module with one that does, too).
         .sleep => {
-            torpor.sleep(1500) catch |err| return caught(err);
-            return torpor.fail("the sleep was not denied", .{});
+            torpor.sleep(@intCast(in.value.by)) catch |err| return caught(err);
+            try torpor.output(.{ .slept = in.value.by });
         },
         // A tool error main does not catch: the run fails with agent_error, saying which.
         .uncaught => try torpor.kv.set("k", 1),
