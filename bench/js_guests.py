@@ -19,52 +19,28 @@ if __name__ == "__main__":  # `python bench/js_guests.py ...`: the repository ro
 
 import argparse
 import contextlib
-import json
 import shutil
 import tempfile
 import time
 from typing import Any
 
 from bench.rig import (
-    Latency,
     Progress,
     load_bundle,
     machine,
     make_engine,
     make_rig,
-    no_gc,
     positive,
+    spawn_latency,
     table,
 )
 from bench.suspend import _suspend_agent
-from host.errors import TorporError
-from host.sandbox import abi
-from host.sandbox.execution import Suspended
 from snapshots.group_commit import GroupCommitter
 from snapshots.lmdb_store import LmdbStore
 
 #: The issue's targets for a JS agent (p50, on the 2-core machine).
 JS_TARGETS = {"spawn_p50_us": 600.0, "suspend_no_commit_p50_us": 400.0, "resume_p50_us": 400.0,
               "record_bytes_p50": 5 * 1024.0, "round_trips_per_s": 2000.0}
-
-
-def _spawns(rig: Any, n: int, progress: Progress) -> Latency:
-    lat = Latency()
-    payload = json.dumps({"n": 1}).encode()
-    with no_gc():
-        for i in range(n):
-            ex = rig.execution(payload)
-            ex.seed = abi.agent_seed(f"bench-{i}")
-            t0 = time.perf_counter_ns()
-            out = ex.start()
-            t1 = time.perf_counter_ns()
-            if not isinstance(out, Suspended):
-                raise TorporError(f"{rig.bundle.name} did not reach its first await: {out}")
-            ex.release()
-            lat.add(t1 - t0)
-            progress.update(i + 1)
-    progress.done()
-    return lat
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -80,7 +56,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stack.callback(committer.close)
             for name in ("steps", "steps-js"):
                 rig = make_rig(engine, load_bundle(name))
-                spawn = _spawns(rig, spawns, Progress(f"{name} spawn", spawns, args.progress))
+                spawn = spawn_latency(rig, spawns, Progress(f"{name} spawn", spawns, args.progress))
                 t0 = time.perf_counter()
                 r = _suspend_agent(rig, store, committer, cycles, False,
                                    Progress(f"{name} hibernate", cycles, args.progress))

@@ -20,12 +20,20 @@ from typing import Any
 
 import wasmtime
 
-from host.errors import ConfigError
+from host.errors import ConfigError, TorporError
 from host.sandbox import abi, imports
 from host.sandbox import bundle as bundle_mod
 from host.sandbox.bundle import Bundle
 from host.sandbox.engine import Engine, EngineConfig, LoadedModule
-from host.sandbox.execution import Captured, Execution, Limits, PendingCall, current, define_import
+from host.sandbox.execution import (
+    Captured,
+    Execution,
+    Limits,
+    PendingCall,
+    Suspended,
+    current,
+    define_import,
+)
 from snapshots.format import Snapshot
 
 # guest_sdk/ is data to the benchmarks (C sources), found beside bench/ as the toolchain finds its
@@ -306,6 +314,30 @@ class TimedExecution(Execution):
         status = super().finish_rewind()
         self.t_rewound = time.perf_counter_ns()
         return status
+
+
+def spawn_latency(rig: Rig, n: int, progress: Progress) -> Latency:
+    """``n`` spawns of one agent (input ``{"n": 1}``): a fresh instance from the pristine image,
+    each with its own seed, run to its first tool call (a JS agent: its first await) and
+    unwound there; what a spawn costs before anything is written."""
+    import json
+
+    lat = Latency()
+    payload = json.dumps({"n": 1}).encode()
+    with no_gc():
+        for i in range(n):
+            ex = rig.execution(payload)
+            ex.seed = abi.agent_seed(f"bench-{i}")
+            t0 = time.perf_counter_ns()
+            out = ex.start()
+            t1 = time.perf_counter_ns()
+            if not isinstance(out, Suspended):
+                raise TorporError(f"{rig.bundle.name} did not stop at its first tool call on spawn: {out}")
+            ex.release()
+            lat.add(t1 - t0)
+            progress.update(i + 1)
+    progress.done()
+    return lat
 
 
 def answer(seq: int) -> bytes:

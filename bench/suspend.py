@@ -40,6 +40,7 @@ from bench.rig import (
     no_gc,
     positive,
     restore_from,
+    spawn_latency,
     table,
 )
 from host.errors import TorporError
@@ -128,26 +129,6 @@ def _suspend_agent(rig: Rig, store: LmdbStore, committer: GroupCommitter, cycles
             "_samples": {"suspend": sus.samples, "resume": res_.samples}}
 
 
-def _spawn_agent(rig: Rig, n: int, progress: Progress) -> Latency:
-    """``n`` spawns of one agent: a fresh instance from the pristine image, run to its first
-    tool call and unwound there (what a spawn costs before anything is written)."""
-    lat = Latency()
-    payload = json.dumps({"n": 1}).encode()
-    with no_gc():
-        for k in range(1, n + 1):
-            t0 = time.perf_counter_ns()
-            ex = rig.execution(payload, TimedExecution)
-            out = ex.start()
-            t1 = time.perf_counter_ns()
-            if not isinstance(out, Suspended):
-                raise TorporError(f"{rig.bundle.name} did not stop at a tool call on spawn: {out}")
-            ex.release()
-            lat.add(t1 - t0)
-            progress.update(k)
-    progress.done()
-    return lat
-
-
 def _put_checkpoint(agent_id: str, seq: int, value: bytes) -> Callable[[Any], None]:
     def write(txn: Any) -> None:
         txn.put_checkpoint(agent_id, seq, value, 0.0)
@@ -183,7 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 stack.callback(committers[level].close)  # closed before its store (LIFO)
             for name in ("steps", *also, "mib"):
                 rig = make_rig(engine, load_bundle(name))
-                spawn = _spawn_agent(rig, cycles, Progress(f"{name} spawn", cycles, args.progress))
+                spawn = spawn_latency(rig, cycles, Progress(f"{name} spawn", cycles, args.progress))
                 samples[f"{name} spawn"] = {"spawn": spawn.samples}
                 spawns[name] = {"spawn": spawn.summary(), "module_bytes": len(rig.bundle.module)}
                 for key, baseline, level in runs:
