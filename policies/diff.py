@@ -37,7 +37,7 @@ SECTIONS: tuple[str, ...] = ("tools", "approvals", "network", "secrets", "limits
 # Where each field of a tool grant is reported (a field not named here: under ``tools``).
 _NETWORK_FIELDS = ("hosts", "methods", "allow_private", "base_url", "headers", "max_redirects")
 _SECRET_FIELDS = ("credentials", "api_key")
-_LIMIT_FIELDS = ("rate", "rate_scope", "max_calls", "max_tokens", "max_response_bytes", "timeout", "retries")
+_LIMIT_FIELDS = ("rate", "rate_scope", "on_limit", "max_wait", "max_calls", "max_tokens", "max_response_bytes", "timeout", "retries")
 _AGENT_FIELDS = ("name", "version", "pool", "priority")
 # Set-valued fields, reported one element at a time ("+ host api.example.com").
 _SET_FIELDS = frozenset({"hosts", "methods", "credentials", "namespaces", "models"})
@@ -144,7 +144,7 @@ _EMPTY_GRANT: dict[str, Any] = {}
 # What an added or removed tool brings or takes into the other sections.
 # (its description and settings at their defaults say nothing; ``rate_scope`` only with a rate).
 _NEW_GRANT_FIELDS = frozenset({"approval", "hosts", "methods", "allow_private", "base_url", "headers", "credentials",
-                               "api_key", "rate", "max_calls", "max_tokens", "max_response_bytes", "timeout",
+                               "api_key", "rate", "on_limit", "max_wait", "max_calls", "max_tokens", "max_response_bytes", "timeout",
                                "args", "namespaces", "model", "models"})
 
 

@@ -110,6 +110,16 @@ the MCP server ``[mcp.SERVER]``).  Any other name is a user tool and needs a
                  ``run`` (its current run's), ``policy`` (every agent of this
                  policy's) or ``tenant`` (every agent acting for the same
                  principal); the wider scopes are kept in the store.
+``on_limit``     what a call over a ``rate`` gets: ``"deny"`` (default: a
+                 ``rate_limited`` answer with ``retry_after_s``) or ``"wait"``
+                 (the agent sleeps until the rate lets the call through, then
+                 the call is decided again; past 50 ms it is hibernated
+                 ``sleeping`` and woken by ``torpor serve`` or ``torpor resume
+                 --all``).  A wait that would end after ``max_wait`` or after
+                 the run's ``budgets.wall_clock`` / ``wall_clock_total`` is
+                 denied as with ``"deny"``.
+``max_wait``     the longest one call may wait under ``on_limit = "wait"``
+                 (a duration such as ``"30s"``); default: up to the budgets.
 ``max_calls``    total calls of this tool over the agent's life.
 ``approval``     ``true`` (every call needs a human), ``false`` (none), or a
                  table ``{ when = "CONDITION", reason = "TEXT" }``; without
@@ -354,9 +364,10 @@ BUILTIN_TOOLS: Mapping[str, BuiltinTool] = {
         BuiltinTool("kv.set", True, "write a key in the agent's key-value store"),
         BuiltinTool("kv.incr", False, "add to an integer key and return the new value"),
         BuiltinTool("clock.now", True, "the current time"),
-        # Durable: its deadline is read back from the call's journaled intent on a re-run.
-        BuiltinTool("timer.sleep", True, "wait some milliseconds (the agent hibernates meanwhile)"),
         BuiltinTool("log", False, "write a line to the agent's log"),
+        # Declared idempotent: waiting again after a crash changes nothing outside the host
+        # (and the wake time is journaled with the call, so it is the same deadline).
+        BuiltinTool("timer.sleep", True, "wait some milliseconds or until a time, durably (hibernated when long)"),
         # Declared idempotent: a re-run after a crash has no effect outside the host
         # (it may spend tokens again).  A policy may tighten it.
         BuiltinTool("llm.chat", True, "a chat completion from the LLM the grant names"),
@@ -991,6 +1002,11 @@ class ToolGrant(_Model):
     # What a rate counts: this agent's calls (default), its current run's, every agent of
     # this policy's, or every agent's acting for the same principal (kept in the store).
     rate_scope: Literal["run", "agent", "policy", "tenant"] = "agent"
+    # A call over a rate: denied at once with retry_after_s ("deny"), or held until the rate
+    # lets it through ("wait": the agent sleeps, hibernated past a moment, and the call is
+    # decided again when it wakes), for at most max_wait and never past the run's deadlines.
+    on_limit: Literal["deny", "wait"] = "deny"
+    max_wait: Duration | None = None
     max_calls: NonNegativeInt | None = None
     approval: Annotated[Approval | None, BeforeValidator(_approval)] = None
     args: dict[str, ArgConstraint] = Field(default_factory=dict)
@@ -1416,6 +1432,12 @@ def _settings_issues(
                     f"{where}.{key}",
                 )
             )
+    if grant.get("on_limit") == "wait" and not _in_use(grant.get("rate")):
+        issues.append(PolicyIssue(f'{where}.on_limit: "wait" holds a call over a rate, and {name} has none '
+                                  '(add rate = "N/s", or remove on_limit)', f"{where}.on_limit"))
+    if _in_use(grant.get("max_wait")) and grant.get("on_limit") != "wait":
+        issues.append(PolicyIssue(f'{where}.max_wait: it bounds on_limit = "wait", which {name} does not set',
+                                  f"{where}.max_wait"))
     creds = grant.get("credentials", ())
     creds = set(creds) if isinstance(creds, list | tuple) else set()
     if kind == "llm.chat":

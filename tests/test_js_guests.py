@@ -224,41 +224,35 @@ def test_typescript_agent_builds_and_its_errors_name_the_ts_line(js_built: bytes
 
 
 def test_sleep_is_a_durable_host_timer(js_built: bytes, bundles: BundleFactory, tmp_path: Path) -> None:
-    """torpor.sleep(6 s) in a `torpor run` killed mid-sleep: `resume --all` waits only what
-    is left of the 6 s, counted from the call's journaled intent, not 6 s again."""
-    import os
-    import signal
-
+    """torpor.sleep(1.5 s) under `torpor run`: the agent parks `sleeping` (the command exits
+    4, no process holds it), `resume --all` before its time leaves it asleep, and after it
+    wakes it at once: the deadline is the one journaled with the call, not a new 1.5 s."""
     cli = [sys.executable, "-m", "host.cli"]
     store = str(tmp_path / "st")
     bundle = str(bundles.path(GUESTS / "js_hostile"))
-    proc = subprocess.Popen([*cli, "run", bundle, "--input", '{"mode": "sleep", "ms": 6000}', "--store", store,
-                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    seen = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        rows = json.loads(subprocess.run([*cli, "ps", "--store", store, "--json"], capture_output=True, text=True,
-                                         timeout=60).stdout or "[]")
-        if isinstance(rows, list) and rows and int(rows[0].get("checkpoints") or 0) >= 2:  # clock.now, sleep
-            seen = time.monotonic()
-            break
-        time.sleep(0.2)
-    assert seen is not None and proc.poll() is None, "the agent never reached its sleep"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
-    time.sleep(max(0.0, seen + 6.3 - time.monotonic()))  # the 6 s are over while no host runs
+    parked = subprocess.run([*cli, "run", bundle, "--input", '{"mode": "sleep", "ms": 1500}', "--store", store,
+                             "--json"], capture_output=True, text=True, timeout=120)
+    first = json.loads(parked.stdout)
+    assert parked.returncode == 4 and first["status"] == "sleeping", parked.stdout + parked.stderr
+    early = subprocess.run([*cli, "resume", "--all", "--store", store, "--json"], capture_output=True, text=True,
+                           timeout=120)
+    assert json.loads(early.stdout) == [] or time.time() >= first["wake_at"], early.stdout  # nothing due yet
+    time.sleep(max(0.0, first["wake_at"] - time.time()))
     t0 = time.monotonic()
     res = subprocess.run([*cli, "resume", "--all", "--store", store, "--json"], capture_output=True, text=True,
                          timeout=120)
     took = time.monotonic() - t0
     [final] = json.loads(res.stdout)
     assert final["status"] == "completed", res.stderr
-    assert final["output"]["elapsed"] >= 6000  # the clock.now calls straddle the whole wait
+    assert final["output"]["elapsed"] >= 1500  # the clock.now calls straddle the whole wait
     assert took < 5.0, f"resume took {took:.1f} s: the sleep started again"
 
 
-def test_sleep_waits_in_a_running_host(host: Host, hostile: bundle_mod.Bundle) -> None:
-    res = run(host, hostile, {"mode": "sleep", "ms": 300})
+def test_sleep_parks_a_running_host_and_wakes_when_due(host: Host, hostile: bundle_mod.Bundle) -> None:
+    asleep = run(host, hostile, {"mode": "sleep", "ms": 300})
+    assert asleep.status == "sleeping" and asleep.wake_at is not None, asleep.error
+    time.sleep(max(0.0, asleep.wake_at - time.time()))
+    [res] = anyio.run(host.wake_due)
     assert res.status == "completed", res.error
     assert res.output["elapsed"] >= 300
 

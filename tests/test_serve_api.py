@@ -1,6 +1,6 @@
 """The /v1 API beyond the gateway, against a real uvicorn server on 127.0.0.1: approvals
-decided over HTTP, the event stream (and a client that leaves it), long polls, wake-up
-times, and the OpenAPI document held to the routes."""
+decided over HTTP, the event stream (and a client that leaves it), long polls (wake-up
+times: test_serve_timers.py), and the OpenAPI document held to the routes."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ import httpx
 import pytest
 from conftest import BundleFactory
 from serve_helpers import InProcessServer, auth, register, token
-
-from host.server.scheduler import WAKE_BUCKET, wake_key
 
 BIG = {"item": "laptops", "amount": 75000}
 
@@ -165,22 +163,6 @@ def test_a_run_waited_for_is_read_once_when_it_stops(served: tuple[InProcessServ
         # another tenant's token does not get it by waiting either
         other = token(srv.host.store, "globex", "admin")
         assert c.get(f"/v1/agents/{reads[0]}/wait", params={"timeout": 1}, headers=auth(other)).status_code == 404
-
-
-def test_a_wake_up_time_in_the_store_resumes_a_hibernated_agent(served: tuple[InProcessServer, dict[str, str]]) -> None:
-    srv, refs = served
-    t = token(srv.host.store, "acme", "admin")
-    with httpx.Client(base_url=srv.url, timeout=120) as c:
-        aid = c.post("/v1/runs", headers=auth(t), json={"agent": refs["steps"], "input": {"n": 5},
-                                                         "wait": 60}).json()["agent_id"]
-        child = srv.host.fork(aid, 2)  # suspended, hibernated at its second checkpoint, nobody drives it
-        assert c.get(f"/v1/agents/{child}", headers=auth(t)).json()["status"] == "suspended"
-        at = time.time() + 0.5
-        srv.host.store.transact(lambda txn: txn.put_blob(WAKE_BUCKET, wake_key(at, child), json.dumps(
-            {"agent_id": child, "at": at, "reason": "test"}).encode()))
-        done = c.get(f"/v1/agents/{child}/wait", params={"timeout": 60}, headers=auth(t)).json()
-        assert done["status"] == "completed", done
-        assert srv.state.scheduler.wakeups() == []  # the appointment was kept once, then deleted
 
 
 def test_openapi_document_matches_the_routes(served: tuple[InProcessServer, dict[str, str]]) -> None:

@@ -1346,6 +1346,13 @@ int64_t torpor_clock_now(int *err) {
     return int_result(&r, "unix_ms", err);
 }
 
+int torpor_sleep_ms(int64_t ms) {
+    torpor_result r = torpor_callf("timer.sleep", "{\"ms\": %lld}", (long long)ms);
+    if (!r.ok) return wrap_fail(&r, NULL);
+    torpor_result_free(&r);
+    return 0;
+}
+
 /* ========================================================================= */
 /* Shared namespaces, LLM, HTTP, MCP                                           */
 /* ========================================================================= */

@@ -319,6 +319,12 @@ int torpor_kv_set(const char *key, const char *value_json);
 int64_t torpor_kv_incr(const char *key, int64_t by, int *err);
 /* clock.now: Unix time in milliseconds (the only clock a guest has). */
 int64_t torpor_clock_now(int *err);
+/* timer.sleep: sleep ms milliseconds (0 to 30 days), durably: the host
+ * journals the wake time, holds a short sleep and hibernates the agent through
+ * a long one (status "sleeping"), and resumes it here when the time has come,
+ * after a host restart too. 0, or a negative code (a policy that does not grant
+ * timer.sleep: TORPOR_E_DENIED; a bad ms: TORPOR_E_INVALID_ARGS). */
+int torpor_sleep_ms(int64_t ms);
 /* The last failed wrapper call (valid until the next failure), or NULL. */
 const torpor_result *torpor_last_error(void);
 

@@ -30,6 +30,7 @@ from host.cli.common import (
     report_attention,
     result_exit,
     store_dir,
+    until,
 )
 from host.errors import ConfigError
 
@@ -120,6 +121,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
             results = [run_sync(lambda: host.resume(args.agent))]
         else:
             raise ConfigError("name an agent to resume, or pass --all")
+        asleep = host.wakeups() if args.all else []  # not due yet: serve, or a later resume --all, wakes them
     finally:
         host.close()
     data = [{**r.to_dict(), "attention": damaged.get(r.agent_id)} if args.all else r.to_dict() for r in results]
@@ -129,6 +131,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
             print("nothing to resume")
         for r in results:
             print_result(r)
+        if asleep:
+            n = len(asleep)
+            print(f"{n} agent{'s' if n != 1 else ''} still sleep{'s' if n == 1 else ''}; the next wakes at "
+                  f"{iso(asleep[0].at)} ({until(asleep[0].at)}), the last at {iso(asleep[-1].at)}")
         report_attention(damaged)
 
     emit(args, data if args.all else data[0], human)
@@ -159,13 +165,18 @@ def cmd_ps(args: argparse.Namespace) -> int:
         with client:
             records = [r for r in client.agents() if not args.status or r.get("status") == args.status]
         rows = [summary_of(r) for r in records]
+        wakes = {str(r["agent_id"]): float(r["wake_at"]) for r in records
+                 if r.get("status") == "sleeping" and isinstance(r.get("wake_at"), int | float)}
         for r in records:
             why = attention(r) if r.get("status") in ("corrupt", "failed") else None
             if why is not None:
                 damaged[str(r["agent_id"])] = why
     else:
+        from host.runtime.timers import wake_times
+
         with open_store(args, readonly=True) as store, store.read() as txn:
             rows = list(txn.iter_agent_summaries())
+            wakes = wake_times(txn) if any(s.status == "sleeping" for s in rows) else {}
             if args.status:
                 rows = [s for s in rows if s.status == args.status]
             for s in rows:
@@ -179,13 +190,15 @@ def cmd_ps(args: argparse.Namespace) -> int:
             "agent_id": s.agent_id, "name": s.name, "status": s.status, "fuel_used": s.fuel_used,
             "tool_calls": s.tool_calls, "checkpoints": s.checkpoints, "last_checkpoint_bytes": s.last_checkpoint_bytes,
             "tokens": s.tokens, "stalled": stalled_since(s.status, s.stall_timeout, s.last_progress or s.created_at, now),
-            "created_at": s.created_at, "attention": damaged.get(s.agent_id),
+            "created_at": s.created_at, "attention": damaged.get(s.agent_id), "wake_at": wakes.get(s.agent_id),
         } for s in rows], lambda: None)  # --json: the human form is below
         return code
     lines = [_PS_LINE % ("AGENT", "NAME", "STATUS", "FUEL", "CALLS", "TOKENS", "CKPT", "LAST")]
     for s in rows:  # the first 8 fields of a summary are the columns, in order
         if s.stall_timeout and stalled_since(s.status, s.stall_timeout, s.last_progress or s.created_at, now):
             s = s._replace(status=f"{s.status} (stalled)")
+        elif s.agent_id in wakes:
+            s = s._replace(status=f"sleeping {until(wakes[s.agent_id], now)}")
         lines.append(_PS_LINE % s[:8])
     sys.stdout.write("\n".join(lines) + "\n")  # one write: 10,000 print calls cost more than the lines
     sys.stdout.flush()
@@ -223,6 +236,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print("output   " + json.dumps(info["output"]))
         if info.get("error"):
             print(f"error    [{info['error']['code']}] {info['error']['message']}")
+        if info.get("status") == "sleeping" and info.get("wake_at") is not None:
+            print(f"wakes    {iso(info['wake_at'])} ({until(info['wake_at'])}; {info.get('wake_reason')})")
         if info.get("pending") and info.get("status") not in ("completed", "failed", "terminated"):
             print(f"pending  {info['pending']['tool']} {json.dumps(info['pending'].get('args'))} (call {info['pending']['seq']})")
         u = info.get("usage", {})
@@ -266,7 +281,8 @@ def add_parsers(sub: Any) -> None:
     sp = add_command(sub, "resume", cmd_resume, "resume a suspended agent from its latest checkpoint",
                      store=True, writes=True, runs=True)
     sp.add_argument("agent", nargs="?", help=AGENT_HELP)
-    sp.add_argument("--all", action="store_true", help="resume every unfinished agent")
+    sp.add_argument("--all", action="store_true", help="resume every unfinished agent (a sleeping one once its "
+                    "wake time has come; it says how many still sleep and until when)")
     sp.add_argument("--max-memory", metavar="SIZE", help=MAX_MEMORY_HELP)
     sp = add_command(sub, "ps", cmd_ps, "list agents", store=True)
     sp.add_argument("--status", help="only agents with this status")

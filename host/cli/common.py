@@ -25,7 +25,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran; the agent failed or was terminated, or a check found problems
 EXIT_ERROR = 2  # the command itself could not do its work
 EXIT_INTERNAL = 3  # a bug in Torpor
-EXIT_PARKED = 4  # the agent waits on a person (approval, or an in-doubt call to settle)
+EXIT_PARKED = 4  # the agent waits: on a person (approval, an in-doubt call to settle), or asleep until a time
 # ps, resume --all, audit verify: the others were handled, but some agents are damaged (record
 # unreadable, parked corrupt, ended by a host error, audit chain broken; host.runtime.queries.attention)
 EXIT_ATTENTION = 5
@@ -87,6 +87,17 @@ def iso(t: Any) -> str:
         return "-"
 
 
+def until(t: float, now: float | None = None) -> str:
+    """How far off a time is, for people: ``in 4.2s``, ``in 3.1h``, or ``due``."""
+    left = t - (time.time() if now is None else now)
+    if left <= 0:
+        return "due"
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if left >= size:
+            return f"in {left / size:.1f}{unit}"
+    return f"in {left:.1f}s"
+
+
 def parse_input(text: str | None, flag: str = "--input") -> Any:
     """JSON given inline or as ``@FILE`` (``None`` means ``{}``), held to the bounds of JSON
     from a guest: the agent or the tool it goes to reads it as such."""
@@ -113,7 +124,10 @@ def print_result(res: RunResult) -> None:
         print(json.dumps(res.output, indent=2))
     if res.error:
         print(f"error[{res.error['code']}]: {res.error['message']}")
-    if res.pending and status not in ("completed", "failed"):
+    if status == "sleeping" and res.wake_at is not None:
+        print(f"sleeping until {iso(res.wake_at)} ({until(res.wake_at)}) at {res.pending and res.pending.get('tool')} "
+              "(torpor serve wakes it then; or torpor resume --all once it is due)")
+    elif res.pending and status not in ("completed", "failed"):
         print(f"waiting on {res.pending.get('tool')} (call {res.pending.get('seq')})")
     # Every call the agent made suspended it and left a checkpoint; only those the policy let
     # through count as tool calls (README, "What `torpor run` reports").
@@ -146,10 +160,10 @@ def report_attention(damaged: dict[str, str]) -> None:
 
 
 def result_exit(res: RunResult) -> int:
-    """The exit code of a run: 0 completed, 4 parked on a person, 1 anything else."""
+    """The exit code of a run: 0 completed, 4 parked on a person or asleep, 1 anything else."""
     if res.status == "completed":
         return EXIT_OK
-    if res.status in ("waiting_approval", "in_doubt"):
+    if res.status in ("waiting_approval", "in_doubt", "sleeping"):
         return EXIT_PARKED
     return EXIT_FAILED
 

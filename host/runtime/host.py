@@ -17,6 +17,16 @@ pools agents queue on.
 A call that needs a human parks the agent ``waiting_approval``: it holds no
 instance, no thread and no pool slot, only its checkpoint. ``approve`` and
 ``deny`` (from any process) decide it and resume the agent.
+
+An agent that sleeps (``timer.sleep``, or a rate-limited call whose grant waits) past a
+moment parks ``sleeping`` the same way, with its wake-up in the store's wake index
+(:mod:`host.runtime.timers`). Nothing in this class wakes it by itself: ``torpor serve``
+does, at its time; an embedding program calls :meth:`Host.wake_due` (every due agent, once)
+when :meth:`Host.wakeups` says one is due, e.g. in a loop::
+
+    while host.wakeups():
+        await anyio.sleep(max(0.0, host.wakeups()[0].at - time.time()))
+        await host.wake_due()
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ from host.errors import AgentStateError, ConfigError
 from host.paths import default_store_dir
 from host.runtime import approvals as approvals_mod
 from host.runtime import lifecycle as lifecycle_mod
-from host.runtime import queries
+from host.runtime import queries, timers
 from host.runtime.agent import LiveAgent, RunResult
 from host.runtime.commits import AgentCommits
 from host.runtime.fork import fork as fork_agent
@@ -43,6 +53,7 @@ from host.runtime.loader import BundleLoader, limits_for
 from host.runtime.observe import NOBODY, Observer
 from host.runtime.pools import PriorityPool, slots
 from host.runtime.registry import DEFAULT_TENANT, Registry
+from host.runtime.timers import Wakeup
 from host.runtime.tool_call import Ended, Parked, ToolCallPipeline
 from host.sandbox import validate
 from host.sandbox.bundle import Bundle
@@ -292,14 +303,14 @@ class Host:
                 await self.commits.agent(agent)
                 return await self._drive(agent, lambda: self.guest.start(agent))
 
-            async def answered() -> Outcome | None:
+            async def answered() -> Outcome | Ended | Parked:
                 assert pending is not None
-                answer = await self.calls.recover(agent, pending)
-                return None if answer is None else await self.guest.answer(agent, pending, *answer)
+                step = await self.calls.recover(agent, pending)
+                return step if isinstance(step, Ended | Parked) else await self.guest.answer(agent, pending, *step)
 
             return await self._drive(agent, answered)
 
-    async def _drive(self, agent: LiveAgent, first: Callable[[], Awaitable[Outcome | None]]) -> RunResult:
+    async def _drive(self, agent: LiveAgent, first: Callable[[], Awaitable[Outcome | Ended | Parked]]) -> RunResult:
         """Run the agent's first segment, serve its tool calls until it ends (then finish it)
         or parks. The agent's error boundary: whatever goes wrong while handling this agent
         ends this agent, with the error recorded, and nothing else; only a store that
@@ -311,7 +322,7 @@ class Host:
         must not finish, since what it would finish with is not what was recorded."""
         try:
             outcome = await first()
-            step = Parked() if outcome is None else await self.calls.serve(agent, outcome)
+            step = outcome if isinstance(outcome, Ended | Parked) else await self.calls.serve(agent, outcome)
         except Exception as exc:
             if isinstance(exc, StoreFull | StoreUnavailable):
                 raise  # the agent stays at its last commit, to resume once the store is back
@@ -330,8 +341,27 @@ class Host:
                      agent_cfg.priority if priority is None else priority)
 
     async def resume_all(self) -> list[RunResult]:
-        """Resume every agent that is not finished, not parked, and not owned by a live process."""
+        """Resume every agent that is not finished, not parked, and not owned by a live
+        process, and every sleeping one whose time has come (:meth:`due`)."""
         ids = self.resumable()
+        return await self._resume_each([*ids, *(a for a in self.due() if a not in set(ids))])
+
+    async def wake_due(self) -> list[RunResult]:
+        """Resume every sleeping agent whose wake time has come, each once (the embedded
+        counterpart of ``torpor serve``'s timer loop: call it when :meth:`wakeups` says so)."""
+        return await self._resume_each(self.due())
+
+    def due(self, now: float | None = None) -> list[str]:
+        """The sleeping agents whose wake time has come, earliest first (entries of the wake
+        index naming no such agent are dropped on the way: see :func:`host.runtime.timers.sweep`)."""
+        return [w.agent_id for w in timers.sweep(self.store, time.time() if now is None else now)]
+
+    def wakeups(self) -> list[Wakeup]:
+        """Every sleeping agent's wake-up (agent, time, reason), earliest first."""
+        return timers.entries(self.store)
+
+    async def _resume_each(self, ids: Sequence[str]) -> list[RunResult]:
+        """Resume each agent concurrently; an error is reported for it, and the others go on."""
         results: list[RunResult] = []
 
         async def one(aid: str) -> None:

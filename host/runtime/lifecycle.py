@@ -29,7 +29,7 @@ from host.errors import (
     TorporError,
 )
 from host.ids import new_agent_id
-from host.runtime import budgets, queries
+from host.runtime import budgets, queries, timers
 from host.runtime.agent import PARKED, TERMINAL, LiveAgent, RunResult
 from host.runtime.commits import AgentCommits
 from host.runtime.guest import GuestRunner
@@ -185,7 +185,11 @@ class Lifecycle:
             rec = txn.get_agent(agent_id)
             if rec is None:
                 raise AgentNotFound(f"no agent {agent_id}")
-            if not self.resumable(rec) and rec.get("status") not in PARKED and rec.get("status") not in TERMINAL:
+            if rec.get("status") == timers.SLEEPING:
+                timers.check_due(rec, time.time())  # before its time: refused, untouched
+                if self.held_elsewhere(rec):  # another process is waking it now
+                    raise AgentStateError(f"agent {agent_id} is being run by process {rec['owner'].get('pid')}")
+            elif not self.resumable(rec) and rec.get("status") not in PARKED and rec.get("status") not in TERMINAL:
                 raise AgentStateError(f"agent {agent_id} is being run by process {rec['owner'].get('pid')}")
             rec["owner"] = self.owner
             txn.put_agent(rec)
@@ -202,15 +206,20 @@ class Lifecycle:
         self.store.transact(write)
 
     def resumable(self, rec: dict[str, Any]) -> bool:
-        """Unfinished, not parked, and not driven by another live process on this machine."""
-        if rec.get("status") in TERMINAL or rec.get("status") in PARKED:
+        """Unfinished, not parked, not asleep (the wake index says when it is due), and not
+        driven by another live process on this machine."""
+        if rec.get("status") in TERMINAL or rec.get("status") in PARKED or rec.get("status") == timers.SLEEPING:
             return False
+        return not self.held_elsewhere(rec)
+
+    def held_elsewhere(self, rec: dict[str, Any]) -> bool:
+        """Whether another live process on this machine drives the agent (its claim names it)."""
         owner = rec.get("owner") or {}
         if owner.get("host") == self.owner["host"] and owner.get("pid") not in (None, os.getpid()):
             start = process_start(int(owner["pid"]))
             if start is not None and start == owner.get("start"):
-                return False  # its process is alive and still driving it
-        return True
+                return True  # its process is alive and still driving it
+        return False
 
     def park_corrupt(self, agent_id: str, error: dict[str, str]) -> RunResult:
         """Park an agent whose bundle, module or stored state cannot be used, naming what.

@@ -38,6 +38,7 @@ class RunResult:
     tokens: int = 0
     pending: dict[str, Any] | None = None
     approval: dict[str, Any] | None = None
+    wake_at: float | None = None  # a sleeping agent's wake time (Unix seconds)
     logs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -62,6 +63,8 @@ class RunResult:
             d["pending"] = self.pending
         if self.approval is not None:
             d["approval"] = self.approval
+        if self.wake_at is not None:
+            d["wake_at"] = self.wake_at
         return d
 
     @classmethod
@@ -76,4 +79,5 @@ class RunResult:
             snapshot_bytes=int(rec.get("snapshot_bytes", 0)), tokens=int(u.get("tokens", 0)),
             pending=rec.get("pending") if status not in TERMINAL else None,
             approval=rec.get("approval") if status == "waiting_approval" else None, logs=list(logs or []),
+            wake_at=rec.get("wake_at") if status == "sleeping" else None,
         )

@@ -21,6 +21,12 @@ there, in the order they happen, each stage a pure decision or one side effect:
 A transactional tool (``kv.incr``) folds 6, 8 and 9 into one commit: its effect lands
 with its checkpoint and its result, or not at all.
 
+Two waits on a time sit between 4 and 8 (:mod:`host.runtime.timers`): ``timer.sleep``
+(allowed, it waits, then runs) and a call over a rate whose grant says ``on_limit =
+"wait"`` (:meth:`ToolCallPipeline.back_off`: it waits, then is decided again). Either
+journals its wake time with checkpoint *K* (:meth:`ToolCallPipeline.wait_until`), then holds
+a short wait in-process or parks the agent ``sleeping`` with its wake-up in the same commit.
+
 After a crash, :meth:`ToolCallPipeline.recover` answers a resumed agent's pending call
 from the journal: a recorded answer is replayed; a call with an intent but no answer is
 run again only when the tool is idempotent or transactional, otherwise the agent is
@@ -40,7 +46,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 import policies
-from host.runtime import answers, budgets
+from host.runtime import answers, budgets, timers
 from host.runtime.agent import Answer, LiveAgent
 from host.runtime.commits import AgentCommits, Events
 from host.runtime.guest import GuestRunner
@@ -76,6 +82,14 @@ class Ended:
 @dataclass(frozen=True)
 class Parked:
     """The agent waits on a person; it holds nothing but its checkpoint."""
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """A call over a rate whose grant waits (``on_limit = "wait"``): decide it again at ``at``."""
+
+    at: float
+    decision: policies.Decision
 
 
 @dataclass(frozen=True)
@@ -127,6 +141,8 @@ class ToolCallPipeline:
             await self.commit(agent, call, self.snapshot(agent, call, captured), request)
             return request
         decision, usage = self.decide(agent, request)
+        if isinstance(decision, Backoff):
+            return await self.back_off(agent, call, captured, decision)
         return await self.route(agent, call, captured, decision, usage)
 
     # 1 ----------------------------------------------------------------------------------
@@ -161,10 +177,20 @@ class ToolCallPipeline:
             return answers.invalid_args(call.tool, exc)
 
     # 3 ----------------------------------------------------------------------------------
-    def decide(self, agent: LiveAgent, request: policies.ToolRequest) -> tuple[policies.Decision, policies.Usage]:
+    def decide(self, agent: LiveAgent,
+               request: policies.ToolRequest) -> tuple[policies.Decision | Backoff, policies.Usage]:
         """The policy's decision, the usage it leaves (kept in the record; limits shared
-        beyond the agent kept in the store by the accountant), audited."""
-        decision, _before, after = budgets.decide(agent, self.store, request, time.time())
+        beyond the agent kept in the store by the accountant), audited.
+
+        A rate-limited call whose grant waits is a :class:`Backoff` instead, and counts
+        nothing (neither a call nor a denial): it is decided, and counted, when it wakes."""
+        now = time.time()
+        decision, before, after = budgets.decide(agent, self.store, request, now)
+        at = _backoff_until(agent, request.tool, decision, now)
+        if at is not None:
+            agent.event("tool.deferred", call_seq=request.call_seq, tool=request.tool, wake_at=at,
+                        decision=decision.to_dict())
+            return Backoff(at, decision), before
         budgets.keep(agent, after)
         agent.event(_DECISION_EVENT.get(decision.kind, "tool." + decision.kind),
                     call_seq=request.call_seq, tool=request.tool, decision=decision.to_dict())
@@ -189,6 +215,8 @@ class ToolCallPipeline:
             answer = answers.unknown_tool(call.tool)
             await self.commit(agent, call, self.snapshot(agent, call, captured), answer)
             return answer
+        if spec.name == timers.SLEEP_TOOL:
+            return await self.sleep(agent, call, spec, captured)
         answer = await self.execute(agent, call, spec, self.snapshot(agent, call, captured))
         exceeded = self.check_budgets(agent, usage)
         if exceeded is not None:
@@ -208,9 +236,97 @@ class ToolCallPipeline:
                           also=lambda txn: txn.put_blob("approvals", agent.agent_id, audit.canonical(request)))
         self.guest.release(agent)
 
-    async def execute(self, agent: LiveAgent, call: PendingCall, spec: ToolSpec, cp: Checkpoint | None) -> Answer:
+    # 4b: waits on a time --------------------------------------------------------------------
+    async def sleep(self, agent: LiveAgent, call: PendingCall, spec: ToolSpec, captured: Captured) -> Answer | Parked:
+        """``timer.sleep``: its wake time journaled with checkpoint *K*, waited for, then answered."""
+        now = time.time()
+        try:
+            at = spec.validate(canonical_args(spec, call.args)).wake_at(now)  # type: ignore[attr-defined]
+        except ToolError as err:
+            answer = answers.tool_error(err)
+            await self.commit(agent, call, self.snapshot(agent, call, captured), answer)
+            return answer
+        cp = self.snapshot(agent, call, captured, status=_wait_status(at, now))
+        if await self.wait_until(agent, call, at, "sleep", cp) is not None:
+            return Parked()
+        return await self.execute(agent, call, spec, None, {"wake_at": at})
+
+    async def back_off(self, agent: LiveAgent, call: PendingCall, captured: Captured,
+                       backoff: Backoff) -> Answer | Ended | Parked:
+        """A call over a rate that waits: checkpoint *K* with its wake time, the wait, and the
+        same call decided again (:meth:`redecide`): the tool runs only once it is allowed."""
+        cp = self.snapshot(agent, call, captured, status=_wait_status(backoff.at, time.time()))
+        if await self.wait_until(agent, call, backoff.at, "rate_limited", cp) is not None:
+            return Parked()
+        return await self.redecide(agent, call, captured)
+
+    async def redecide(self, agent: LiveAgent, call: PendingCall, captured: Captured) -> Answer | Ended | Parked:
+        """Stages 2 to 10 again for a call that waited on a rate (its arguments were judged
+        JSON the first time; the request is the same pure function of them)."""
+        request = self.request(agent, call)
+        assert isinstance(request, policies.ToolRequest)
+        decision, usage = self.decide(agent, request)
+        if isinstance(decision, Backoff):
+            return await self.back_off(agent, call, captured, decision)
+        return await self.route(agent, call, captured, decision, usage)
+
+    async def wait_until(self, agent: LiveAgent, call: PendingCall, at: float, reason: str,
+                         cp: Checkpoint | None) -> Parked | None:
+        """Wait for ``at``: None once it has come, or Parked (the agent sleeps, hibernated).
+
+        With ``cp`` (the first time), checkpoint *K* is written with the call's journal entry
+        carrying ``wake_at``: a resume after a crash waits for the same time, not a new one.
+        A wait under :data:`~host.runtime.timers.SHORT_WAIT_S` is held here; a longer one
+        parks the agent ``sleeping``, its wake-up in the index, in that same commit."""
+        state = "intent" if reason == "sleep" else "deferred"  # deferred: not yet allowed
+        left = at - time.time()
+        if left >= timers.SHORT_WAIT_S:
+            agent.record.update(status=timers.SLEEPING, wake_at=at, wake_reason=reason, owner=None)
+            agent.event("agent.sleeping", call_seq=call.seq, tool=call.tool, wake_at=at, reason=reason)
+
+            def index(txn: Any) -> None:
+                timers.put(txn, agent.agent_id, at, reason)
+
+            if cp is not None:
+                await self.commit(agent, call, cp, None, extra={"state": state, "wake_at": at}, also=index)
+            else:
+                await self.commits.agent(agent, index)
+            self.guest.release(agent)
+            return Parked()
+        if cp is not None:
+            await self.commit(agent, call, cp, None, extra={"state": state, "wake_at": at})
+        if left > 0:
+            await anyio.sleep(left)
+        return None
+
+    async def wake(self, agent: LiveAgent, call: PendingCall, spec: ToolSpec,
+                   entry: dict[str, Any]) -> Answer | Ended | Parked:
+        """A resumed agent whose call waits on a time (its journal entry has ``wake_at``).
+
+        Its wake-up is deleted in the commit that wakes it (status ``running``), never
+        before; then what is left of the wait (none, unless the host stopped during a short
+        one), then the sleep is answered or the rate-limited call decided again."""
+        at = float(entry["wake_at"])
+        if agent.record.get("status") == timers.SLEEPING:
+            agent.record["status"] = "running"
+            agent.record.pop("wake_at", None)
+            reason = agent.record.pop("wake_reason", None)
+            agent.event("agent.woke", call_seq=call.seq, tool=call.tool, wake_at=at, reason=reason,
+                        late_s=round(max(0.0, time.time() - at), 6))
+            await self.commits.agent(agent, lambda txn: timers.remove(txn, agent.agent_id, at))
+        if await self.wait_until(agent, call, at, "sleep" if entry.get("state") == "intent" else "rate_limited",
+                                 None) is not None:
+            return Parked()
+        if entry.get("state") == "deferred":
+            assert agent.captured is not None
+            return await self.redecide(agent, call, agent.captured)
+        return await self.execute(agent, call, spec, None, {"wake_at": at})
+
+    async def execute(self, agent: LiveAgent, call: PendingCall, spec: ToolSpec, cp: Checkpoint | None,
+                      extra: dict[str, Any] | None = None) -> Answer:
         """Stages 6 to 9 for an allowed call. ``cp`` is checkpoint *K*, or None when the call
-        is run again after a crash or an approval (its checkpoint and intent are written)."""
+        is run again after a crash or an approval (its checkpoint and intent are written).
+        ``extra``: kept in its journaled answer (a sleep's ``wake_at``)."""
         try:
             args = spec.validate(canonical_args(spec, call.args))  # what the policy decided on
         except ToolError as err:
@@ -224,7 +340,7 @@ class ToolCallPipeline:
         if cp is not None:
             await self.commit(agent, call, cp, None)
         answer = await self.run(agent, spec, args, ctx, scrub)
-        await self.journal(agent, call, answer)
+        await self.journal(agent, call, answer, extra)
         return answer
 
     # 5 ----------------------------------------------------------------------------------
@@ -247,9 +363,10 @@ class ToolCallPipeline:
 
     # 6 ----------------------------------------------------------------------------------
     async def commit(self, agent: LiveAgent, call: PendingCall, cp: Checkpoint, answer: Answer | None, *,
-                     also: Any = None) -> None:
-        """Checkpoint *K*, the journal entry (intent, or the answer when known), the audit: one commit."""
-        entry = _journal_entry(agent, call, answer)
+                     also: Any = None, extra: dict[str, Any] | None = None) -> None:
+        """Checkpoint *K*, the journal entry (intent, or the answer when known; ``extra``
+        added to it: a wait's ``wake_at``), the audit: one commit."""
+        entry = {**_journal_entry(agent, call, answer), **(extra or {})}
         if answer is not None:
             agent.event("tool.answered", **_answered(call, answer))
         agent.event("checkpoint", checkpoint=cp.seq, size=len(cp.blob))
@@ -359,9 +476,10 @@ class ToolCallPipeline:
         return result
 
     # 9 ----------------------------------------------------------------------------------
-    async def journal(self, agent: LiveAgent, call: PendingCall, answer: Answer) -> None:
+    async def journal(self, agent: LiveAgent, call: PendingCall, answer: Answer,
+                      extra: dict[str, Any] | None = None) -> None:
         """The tool's answer, journaled (with its audit record) before the guest sees it."""
-        entry = _journal_entry(agent, call, answer)
+        entry = {**_journal_entry(agent, call, answer), **(extra or {})}
         agent.event("tool.answered", **_answered(call, answer))
         await self.commits.agent(agent, lambda txn: txn.put_journal(agent.agent_id, call.seq, entry))
 
@@ -372,8 +490,9 @@ class ToolCallPipeline:
         return budgets.crossed(agent, before)
 
     # after a crash, an approval or an operator's decision -----------------------------------
-    async def recover(self, agent: LiveAgent, call: PendingCall) -> Answer | None:
-        """The answer to a resumed agent's pending call: recorded, approved, re-run when safe, or parked.
+    async def recover(self, agent: LiveAgent, call: PendingCall) -> Answer | Ended | Parked:
+        """The answer to a resumed agent's pending call: recorded, approved, re-run when safe,
+        waited for (a sleep, a rate-limit back-off: :meth:`wake`), or parked.
 
         The journal entry is read through its digest: one changed on disk raises
         RecordCorrupt (never a wrong answer replayed into the guest), and the caller's
@@ -390,6 +509,11 @@ class ToolCallPipeline:
             answer = answers.unknown_tool(call.tool)
             await self.journal(agent, call, answer)
             return answer
+        if entry is not None and entry.get("wake_at") is not None and entry.get("state") in ("intent", "deferred"):
+            return await self.wake(agent, call, spec, entry)
+        if entry is not None and entry.get("state") == "approved" and spec.name == timers.SLEEP_TOOL:
+            assert agent.captured is not None  # an approved sleep starts now: its time counts from here
+            return await self.sleep(agent, call, spec, agent.captured)
         if entry is not None and entry.get("state") == "approved":
             # A human approved it and the tool has not started: run it, now, once.
             agent.record["status"] = "running"
@@ -407,7 +531,34 @@ class ToolCallPipeline:
         agent.event("agent.in_doubt", call_seq=call.seq, tool=call.tool)
         agent.record["owner"] = None
         await self.commits.agent(agent)
+        return Parked()
+
+
+def _wait_status(at: float, now: float) -> str:
+    """The status checkpoint *K* of a wait records: ``sleeping`` when it will park."""
+    return timers.SLEEPING if at - now >= timers.SHORT_WAIT_S else "suspended"
+
+
+def _backoff_until(agent: LiveAgent, tool: str, decision: policies.Decision, now: float) -> float | None:
+    """When a rate-limited call whose grant says ``on_limit = "wait"`` is decided again, or
+    None: any other decision, or a wait past ``max_wait`` or the run's wall-clock budgets
+    (then it is denied as under ``"deny"``). A denial that would end the agent for too many
+    denials waits too: it is not a denial yet."""
+    deny = decision.cause if isinstance(decision, policies.Terminate) else decision
+    if not isinstance(deny, policies.Deny) or deny.code != "rate_limited" or deny.retry_after_s is None:
         return None
+    policy = agent.bundle.policy
+    grant = policy.grants.get(tool)
+    if grant is None or grant.on_limit != "wait":
+        return None
+    at = now + deny.retry_after_s + timers.SETTLE_S
+    b = policy.budgets
+    caps = (now + grant.max_wait if grant.max_wait is not None else None,
+            agent.run_started + b.wall_clock if b.wall_clock is not None else None,
+            float(agent.record.get("created_at", now)) + b.wall_clock_total if b.wall_clock_total is not None else None)
+    if any(cap is not None and at > cap for cap in caps):
+        return None
+    return at
 
 
 def canonical_args(spec: ToolSpec | None, args: Any) -> Any:

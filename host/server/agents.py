@@ -19,7 +19,7 @@ from host.server.inputs import number, owned_agent, tenant_of
 from host.server.responses import json_response
 
 #: Statuses in which an agent still moves on without a person: a wait goes on.
-MOVING = frozenset({"running", "suspended", "approved"})
+MOVING = frozenset({"running", "suspended", "approved", "sleeping"})
 #: How often a wait looks at the store even without a word from the scheduler (a change
 #: made by another process on the same store).
 POLL_S = 1.0

@@ -7,12 +7,11 @@ It drives every agent in the background of the server's one task group:
 * at start, every agent a previous process left (``Host.resumable``: running, suspended,
   approved, not driven by a live process), so a SIGKILL loses nothing and, the runtime's
   journal being what it is, runs no recorded tool call twice;
-* waits that end at a time: a wake-up is a durable entry in the store (bucket ``server``,
-  ``wake/<time>/<agent>``), written by :meth:`Scheduler.wake_at`, so that an agent parked
-  until a time (a durable sleep, a long rate-limit back-off) is hibernated, holds nothing
-  in memory, and is resumed by whichever server runs on the store when its time comes.
-  Today's runtime answers a rate limit to the guest at once and has no durable sleep, so
-  nothing in it calls ``wake_at`` yet; the seam is here, tested, for those that will.
+* waits that end at a time (:meth:`Scheduler.timers`): an agent parked ``sleeping`` (a
+  ``timer.sleep``, a rate-limited call whose grant waits) has a durable entry in the
+  runtime's wake index (:mod:`host.runtime.timers`), written in the commit that parked it,
+  so it holds nothing in memory and is resumed by whichever server runs on the store when
+  its time comes: one started after a SIGKILL finds the index as the killed one left it.
 
 Anyone who waits on an agent (a long poll, an event stream) is woken by
 :meth:`Scheduler.changed` when a drive of that agent ends, and looks at the store again.
@@ -29,7 +28,6 @@ store, for the next server.
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import time
@@ -48,16 +46,9 @@ from host.sandbox import interrupts
 
 _log = logging.getLogger("torpor.server")
 
-WAKE_BUCKET = "server"
-WAKE_PREFIX = "wake/"
 #: How long the timer loop sleeps at most before it looks at the store again (a wake-up
 #: written by another process on the same store is found within this).
 TIMER_POLL_S = 1.0
-
-
-def wake_key(at: float, agent_id: str) -> str:
-    """Sortable by time: ``wake/<seconds, zero-padded>/<agent id>``."""
-    return f"{WAKE_PREFIX}{at:020.6f}/{agent_id}"
 
 
 class RecentLogs:
@@ -169,6 +160,7 @@ class Scheduler:
             if not self.active:
                 self._idle.set()
             self.notify(agent_id)
+            self._timer_wake.set()  # it may have parked until a time: the timer loop looks again
 
     # -- who waits on an agent --------------------------------------------------------------
     def notify(self, agent_id: str) -> None:
@@ -197,54 +189,24 @@ class Scheduler:
                 del self._waiters[agent_id]
 
     # -- waits that end at a time ------------------------------------------------------------
-    async def wake_at(self, agent_id: str, at: float, *, reason: str) -> None:
-        """Resume ``agent_id`` at Unix time ``at`` (durably: a restart keeps the appointment)."""
-        value = json.dumps({"agent_id": agent_id, "at": at, "reason": reason}).encode()
-
-        def write(txn: Any) -> None:
-            txn.put_blob(WAKE_BUCKET, wake_key(at, agent_id), value)
-
-        await anyio.to_thread.run_sync(self.host.store.transact, write)
-        self._timer_wake.set()
-
-    def wakeups(self) -> list[dict[str, Any]]:
-        """The appointments in the store, earliest first."""
-        out = []
-        with self.host.store.read() as txn:
-            for key, raw in txn.iter_blobs(WAKE_BUCKET, WAKE_PREFIX):
-                try:
-                    entry = json.loads(raw)
-                except ValueError:
-                    entry = None
-                if isinstance(entry, dict):
-                    out.append({**entry, "key": key})
-                else:  # damaged: dropped by the loop, once, with a log line
-                    out.append({"key": key, "agent_id": None, "at": 0.0})
-        return out
-
     async def timers(self) -> None:
-        """Resume each agent whose wake-up time has come; until cancelled."""
+        """Resume each sleeping agent when its wake time comes; until cancelled.
+
+        The wake index is the store's (:meth:`Host.due` reads it and drops stale entries);
+        an entry stays until the resume's own commit wakes its agent, so an agent already
+        being driven here is skipped, and the loop looks again when a drive ends (one may
+        have parked an agent until a time earlier than any it knew) or a poll passes."""
         while True:
             now = time.time()
-            due = [w for w in self.wakeups() if float(w.get("at") or 0) <= now]
-            if due and not self.draining:
-                def delete(txn: Any, keys: list[str] = [w["key"] for w in due]) -> None:  # noqa: B006
-                    for k in keys:
-                        txn.delete_blob(WAKE_BUCKET, k)
-
-                # Deleted before the resume: a crash between the two leaves the agent
-                # suspended, which the next server's take-over resumes anyway.
-                await anyio.to_thread.run_sync(self.host.store.transact, delete)
-                for w in due:
-                    if w.get("agent_id"):
-                        self.resume(str(w["agent_id"]))
-                    else:
-                        _log.warning("dropped a wake-up that does not decode: %s", w["key"])
-                continue
-            pending = self.wakeups()
-            sleep = TIMER_POLL_S if not pending else min(TIMER_POLL_S, max(0.0, float(pending[0]["at"]) - now))
+            if not self.draining:
+                for aid in await anyio.to_thread.run_sync(self.host.due, now):
+                    if aid not in self.active:
+                        self.resume(aid)
+            later = [w.at for w in await anyio.to_thread.run_sync(self.host.wakeups)
+                     if w.at > now and w.agent_id not in self.active]
+            sleep = min([TIMER_POLL_S, *(at - now for at in later)])
             self._timer_wake = anyio.Event()
-            with anyio.move_on_after(sleep):
+            with anyio.move_on_after(max(0.0, sleep)):
                 await self._timer_wake.wait()
 
     # -- draining ---------------------------------------------------------------------------------

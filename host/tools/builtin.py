@@ -1,4 +1,4 @@
-"""Built-in tools: a key-value store on the agent's LMDB store, a clock, a log, and
+"""Built-in tools: a key-value store on the agent's LMDB store, a clock, a durable sleep, a log, and
 the network tools (``llm.*``, ``http.*``, ``mcp.SERVER.TOOL``).
 
 ``kv.*`` are transactional: each runs inside the store transaction that
@@ -20,7 +20,7 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from host.tools.registry import AnyArgs, ToolContext, ToolError, ToolSpec, spec_from_function, tool
 from policies.paths import locator
@@ -95,7 +95,26 @@ class NoArgs(_Strict):
 
 
 class SleepArgs(_Strict):
-    ms: int = Field(ge=0, le=MAX_SLEEP_MS)
+    """``timer.sleep``: ``{"ms": N}`` (a duration) or ``{"until": unix_seconds}`` (a time), one of them."""
+
+    ms: float | None = Field(default=None, ge=0, le=MAX_SLEEP_MS, allow_inf_nan=False)
+    until: float | None = Field(default=None, ge=0, le=4102444800, allow_inf_nan=False)  # before 2100
+
+    @model_validator(mode="after")
+    def _one(self) -> SleepArgs:
+        if (self.ms is None) == (self.until is None):
+            raise ValueError('give exactly one of "ms" (milliseconds) or "until" (Unix seconds)')
+        return self
+
+    def wake_at(self, now: float) -> float:
+        """The Unix time the sleep ends (``until`` in the past: now, it has ended); an
+        ``until`` more than :data:`MAX_SLEEP_MS` ahead is ``invalid_args``, as such an ``ms`` is."""
+        if self.ms is not None:
+            return now + self.ms / 1000.0
+        assert self.until is not None
+        if self.until - now > MAX_SLEEP_MS / 1000:
+            raise ToolError("invalid_args", f"timer.sleep: until is more than 30 days ahead ({self.until - now:.0f}s)")
+        return max(now, self.until)
 
 
 class LogArgs(_Strict):
@@ -151,28 +170,25 @@ def clock_now(args: NoArgs, ctx: ToolContext) -> dict[str, Any]:
 
 
 @tool("timer.sleep", idempotent=True)
-async def timer_sleep(args: SleepArgs, ctx: ToolContext) -> dict[str, Any]:
-    """Wait ``ms`` milliseconds, counted from when the call was first recorded, then answer.
+def timer_sleep(args: SleepArgs, ctx: ToolContext) -> dict[str, Any]:
+    """The answer to a sleep that has ended: how long it slept, counted from the call
+    (``slept_ms``: the ``ms`` asked, or from the call's journaled intent to ``until``), and
+    the host's clock at waking (``unix_ms``).
 
-    A host-settled timer (what a JS agent's ``torpor.sleep`` calls): while it waits the
-    agent hibernates like at any slow tool (its instance is dropped after the warm wait),
-    and it is durable: the call's intent is journaled, with its time, before the tool
-    runs, and after a crash ``resume`` runs it again (it is idempotent), so the deadline is
-    read back from that entry and only what is left is waited.
-    """
-    import anyio
-
-    started = ctx.now()
-    if ctx.store is not None:
-        with ctx.store.read() as txn:
-            entry = txn.get_journal(ctx.agent_id, ctx.call_seq)
-        t = entry.get("t") if isinstance(entry, dict) else None
-        if isinstance(t, (int, float)) and not isinstance(t, bool) and t <= started:
-            started = float(t)
-    left = started + args.ms / 1000 - ctx.now()
-    if left > 0:
-        await anyio.sleep(left)
-    return {"slept_ms": args.ms}
+    The waiting is the runtime's (:mod:`host.runtime.timers`): it journals the wake time
+    with the call's intent, holds a short sleep in-process and hibernates the agent through
+    a long one, and a resume after a crash waits for that same time; this runs once the time
+    has come, like any tool, and its answer is journaled like any other."""
+    slept = args.ms
+    if slept is None:
+        slept = 0.0
+        if ctx.store is not None:
+            with ctx.store.read() as txn:
+                entry = txn.get_journal(ctx.agent_id, ctx.call_seq)
+            t, at = (entry.get("t"), entry.get("wake_at")) if isinstance(entry, dict) else (None, None)
+            if isinstance(t, int | float) and isinstance(at, int | float):
+                slept = max(0.0, (at - t) * 1000)
+    return {"slept_ms": int(slept), "unix_ms": int(ctx.now() * 1000)}
 
 
 @tool("log", idempotent=True)
@@ -256,5 +272,5 @@ class _Builtins(Mapping[str, ToolSpec]):
 
 BUILTINS: Mapping[str, ToolSpec] = _Builtins(
     {spec.name: spec for spec in (spec_from_function(f) for f in (kv_get, kv_set, kv_incr, clock_now, timer_sleep,
-                                                                    log_tool))}
+                                                                          log_tool))}
 )  # llm.chat and http.fetch resolve as members of their families, on first use

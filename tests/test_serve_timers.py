@@ -1,0 +1,131 @@
+"""Who wakes sleeping agents: a real ``torpor serve`` (uvicorn on 127.0.0.1), no other command.
+
+An agent that sleeps (``timer.sleep``) or waits on a rate (``on_limit = "wait"``) parks
+``sleeping``; the server's timer loop resumes it at its time and it completes. A server
+SIGKILLed while agents sleep leaves them in the store with their wake-ups; a new ``serve``
+on the store wakes each at its original time (not before), and no recorded call runs twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from conftest import GUESTS, BundleFactory
+from serve_helpers import InProcessServer, auth, register, start_process, token
+
+from host.runtime import timers
+from host.trust import audit
+from snapshots.lmdb_store import LmdbStore
+
+
+def _until_status(c: httpx.Client, secret: str, aid: str, status: str, limit: float = 60.0) -> dict[str, Any]:
+    deadline = time.monotonic() + limit
+    while True:
+        rec: dict[str, Any] = c.get(f"/v1/agents/{aid}", headers=auth(secret)).json()
+        if rec["status"] == status:
+            return rec
+        assert rec["status"] in ("running", "suspended", "sleeping"), rec
+        assert time.monotonic() < deadline, f"agent {aid} never {status}: {rec['status']}"
+        time.sleep(0.02)
+
+
+def test_the_server_wakes_a_sleeping_agent_and_a_rate_limited_one(bundles: BundleFactory, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    [ref] = register(store, bundles.guest("sleeper"))
+    with InProcessServer(store) as srv:
+        t = token(srv.host.store, "acme", "runs:write", "runs:read")
+        with httpx.Client(base_url=srv.url, timeout=120) as c:
+            slept = c.post("/v1/runs", headers=auth(t), json={"agent": ref, "input": {"ms": 600, "sleeps": 1,
+                                                                                    "incr": 1}}).json()["agent_id"]
+            limited = c.post("/v1/runs", headers=auth(t), json={"agent": ref, "input": {"ms": 0, "sleeps": 0,
+                                                                                      "incr": 8}}).json()["agent_id"]
+            asleep = _until_status(c, t, slept, "sleeping")
+            assert asleep["wake_at"] > time.time() - 1
+            assert any(w.agent_id == slept and w.at == asleep["wake_at"] for w in srv.host.wakeups())
+            done = c.get(f"/v1/agents/{slept}/wait", params={"timeout": 60}, headers=auth(t)).json()
+            assert done["status"] == "completed" and done["output"]["count"] == 1, done
+            assert done["finished_at"] >= asleep["wake_at"]  # woken at its time, not before
+            other = c.get(f"/v1/agents/{limited}/wait", params={"timeout": 60}, headers=auth(t)).json()
+            assert other["status"] == "completed" and other["output"]["count"] == 8, other
+            assert other["usage"]["calls_by_tool"]["kv.incr"] == 8 and other["usage"].get("denials", 0) == 0
+            kinds = [r["kind"] for r in srv.host.audit_records(limited)]
+            assert "agent.sleeping" in kinds and "agent.woke" in kinds  # it did park on the rate
+        assert srv.host.wakeups() == []
+
+
+def test_sigkill_while_agents_sleep_then_a_new_serve_wakes_them_at_their_time(bundles: BundleFactory,
+                                                                               tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    [ref] = register(store, bundles.guest("sleeper"))
+    secret = token(store, "acme", "runs:write", "runs:read")
+    n = 12
+    proc, url = start_process(store, "--durability", "process")
+    try:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            ids = [c.post("/v1/runs", headers=auth(secret), json={"agent": ref, "input": {
+                "ms": 1500 + 100 * i, "sleeps": 1, "incr": 3}}).json()["agent_id"] for i in range(n)]
+            wake = {aid: _until_status(c, secret, aid, "sleeping")["wake_at"] for aid in ids}
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    s = LmdbStore.open(store / "db", readonly=True, create=False)
+    try:
+        left = {w.agent_id: w.at for w in timers.entries(s)}
+    finally:
+        s.close()
+    assert left == wake  # every wake-up survived the kill, with its time
+
+    proc, url = start_process(store, "--durability", "process")
+    try:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            done = [c.get(f"/v1/agents/{aid}/wait", params={"timeout": 60}, headers=auth(secret)).json()
+                    for aid in ids]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    bad = [(r["agent_id"], r["status"], r.get("output")) for r in done
+           if r["status"] != "completed" or r["output"]["count"] != 3]  # an incr run twice would say 4
+    assert not bad, bad
+    s = LmdbStore.open(store / "db", readonly=True, create=False)
+    try:
+        for aid in ids:
+            with s.read() as txn:
+                [sleep] = [e for _, e in txn.iter_journal(aid) if e["tool"] == "timer.sleep"]
+            assert sleep["wake_at"] == wake[aid]  # the original deadline, journaled before the kill
+            assert json.loads(sleep["response"])["unix_ms"] >= int(wake[aid] * 1000)  # not woken early
+        assert timers.entries(s) == []
+        report = audit.verify_store(s)
+    finally:
+        s.close()
+    assert report.ok, report.summary()
+
+
+def test_resume_all_wakes_the_due_and_says_who_still_sleeps(bundles: BundleFactory, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    bundle = bundles.path(GUESTS / "sleeper")
+
+    def torpor(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "host.cli", *args, "--store", str(store)],
+                              capture_output=True, text=True, timeout=120)
+
+    long = torpor("run", str(bundle), "--input", json.dumps({"ms": 3_600_000, "sleeps": 1, "incr": 0}))
+    assert long.returncode == 4 and "sleeping until" in long.stdout, long.stdout + long.stderr
+    short = torpor("run", str(bundle), "--input", json.dumps({"ms": 300, "sleeps": 1, "incr": 2}), "--json")
+    assert short.returncode == 4 and json.loads(short.stdout)["status"] == "sleeping", short.stdout + short.stderr
+    ps = torpor("ps")
+    assert ps.stdout.count("sleeping in ") == 2, ps.stdout
+    time.sleep(0.35)
+    woke = torpor("resume", "--all")
+    assert woke.returncode == 0, woke.stdout + woke.stderr
+    assert "completed" in woke.stdout and "1 agent still sleeps; the next wakes at" in woke.stdout, woke.stdout
+    sleeper_id = long.stdout.split()[1].rstrip(":")  # "agent ID: sleeping"
+    early = torpor("resume", sleeper_id)
+    assert early.returncode == 2 and "not_due" in early.stderr, early.stdout + early.stderr
