@@ -190,3 +190,22 @@ def test_policy_typos_in_on_limit_are_refused(extra: str, says: str) -> None:
 def test_on_limit_wait_needs_a_rate() -> None:
     with pytest.raises(PolicyError, match="has none"):
         parse_policy('[agent]\nname = "x"\n[tools."kv.incr"]\non_limit = "wait"\n')
+
+
+def test_a_fork_of_a_sleeping_agent_keeps_the_journaled_deadline(bundles: BundleFactory, tmp_path: Path) -> None:
+    b = bundles.load(SLEEPER)
+
+    async def go(host: Host) -> tuple[RunResult, RunResult, list[str]]:
+        parent = await host.run(b, {"ms": 300, "sleeps": 1, "incr": 1})
+        assert parent.status == "sleeping" and parent.wake_at is not None
+        child = host.fork(parent.agent_id, parent.checkpoints)
+        assert host.get_agent(child)["wake_at"] is None  # the parent's wake-up is not the fork's
+        resumed = await host.resume(child)  # suspended, not sleeping: it resumes, and waits for the same time
+        assert resumed.status == "sleeping" and resumed.wake_at == parent.wake_at
+        await anyio.sleep(max(0.0, parent.wake_at - time.time()))
+        woken = {r.agent_id: r for r in await host.wake_due()}
+        return woken[parent.agent_id], woken[child], [w.agent_id for w in host.wakeups()]
+
+    p_done, c_done, left = _run(tmp_path / "s", go)
+    assert p_done.status == c_done.status == "completed" and left == []
+    assert p_done.output["count"] == 1 and c_done.output["count"] == 1
