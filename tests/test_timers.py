@@ -21,10 +21,11 @@ import pytest
 from conftest import GUESTS, BundleFactory
 
 from host.errors import AgentStateError
-from host.runtime import Host
+from host.runtime import Host, timers
 from host.runtime.host import RunResult
 from host.sandbox.bundle import Bundle
 from policies import PolicyError, parse_policy
+from snapshots.store import TIMERS_BUCKET
 
 SLEEPER = GUESTS / "sleeper"
 
@@ -209,3 +210,22 @@ def test_a_fork_of_a_sleeping_agent_keeps_the_journaled_deadline(bundles: Bundle
     p_done, c_done, left = _run(tmp_path / "s", go)
     assert p_done.status == c_done.status == "completed" and left == []
     assert p_done.output["count"] == 1 and c_done.output["count"] == 1
+
+
+def test_stale_and_damaged_wake_ups_are_dropped_not_resumed(bundles: BundleFactory, tmp_path: Path) -> None:
+    b = bundles.load(SLEEPER)
+
+    async def go(host: Host) -> tuple[list[str], list[Any]]:
+        done = await host.run(b, {"ms": 0, "sleeps": 0, "incr": 1})
+        assert done.status == "completed"
+
+        def plant(txn: Any) -> None:
+            timers.put(txn, done.agent_id, time.time() - 1, "sleep")  # its agent does not sleep
+            txn.put_blob(TIMERS_BUCKET, "0000000000000.000001/garbage", b"\xff not json")
+
+        host.store.transact(plant)
+        assert len(host.wakeups()) == 2
+        return host.due(), host.wakeups()
+
+    due, left = _run(tmp_path / "s", go)
+    assert due == [] and left == []

@@ -145,6 +145,8 @@ class Scheduler:
         try:
             result = await fn()
             self.logs.put(agent_id, result.logs)
+            if result.status == "sleeping":
+                self._timer_wake.set()  # it parked until a time: the timer loop looks again
         except (AgentStateError, AgentNotFound) as exc:  # someone else drove or decided it meanwhile
             _log.info("agent %s not driven: %s", agent_id, exc)
         except interrupts.Interrupted:  # drained: left at its last checkpoint
@@ -160,7 +162,6 @@ class Scheduler:
             if not self.active:
                 self._idle.set()
             self.notify(agent_id)
-            self._timer_wake.set()  # it may have parked until a time: the timer loop looks again
 
     # -- who waits on an agent --------------------------------------------------------------
     def notify(self, agent_id: str) -> None:
@@ -194,8 +195,8 @@ class Scheduler:
 
         The wake index is the store's (:meth:`Host.due` reads it and drops stale entries);
         an entry stays until the resume's own commit wakes its agent, so an agent already
-        being driven here is skipped, and the loop looks again when a drive ends (one may
-        have parked an agent until a time earlier than any it knew) or a poll passes."""
+        being driven here is skipped, and the loop looks again when a drive parks an agent
+        ``sleeping`` (maybe until a time earlier than any it knew) or a poll passes."""
         while True:
             now = time.time()
             if not self.draining:
