@@ -81,7 +81,7 @@ class Ended:
 
 @dataclass(frozen=True)
 class Parked:
-    """The agent waits on a person; it holds nothing but its checkpoint."""
+    """The agent waits on a person or a time; it holds nothing but its checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -293,6 +293,8 @@ class ToolCallPipeline:
                 await self.commits.agent(agent, index)
             self.guest.release(agent)
             return Parked()
+        if agent.record.get("status") == timers.SLEEPING:  # the snapshot guessed long; time has passed since
+            agent.record["status"] = "suspended"  # never "sleeping" without its wake-up in the index
         if cp is not None:
             await self.commit(agent, call, cp, None, extra={"state": state, "wake_at": at})
         if left > 0:
