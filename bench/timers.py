@@ -1,14 +1,16 @@
 """How late a sleeping agent wakes: the server's timer loop against an in-memory timer.
 
 N agents (the C guest ``tests/guests/sleeper``) each call ``timer.sleep`` with a deadline
-spread over one second, so each parks ``sleeping`` (hibernated, its wake-up in the store's
+spread evenly over ``--spread`` seconds (4 by default: 50 wakes a second for 200 agents), so each parks ``sleeping`` (hibernated, its wake-up in the store's
 wake index). Then the real timer loop of ``torpor serve`` (``Scheduler.timers``, in this
 process, on one ``Host``) wakes them. Lateness is how long after its deadline each agent
 was awake again: restored from its checkpoint, its wake committed (the ``late_s`` of its
 ``agent.woke`` audit record). The baseline, in the same run and process, is the obvious
 timer that keeps everything in memory: N tasks each ``anyio.sleep`` to the same deadlines.
+Each wake is a whole resume (restore, rewind, the answer's commits, the agent's finish), so
+a short spread measures how many of those the host does a second as much as the timer.
 
-    python bench/timers.py [--agents N] [--quick] [--json]
+    python bench/timers.py [--agents N] [--spread S] [--quick] [--json]
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from host.sandbox import bundle as bundle_mod
 from host.server.scheduler import Scheduler
 
 SLEEPER = Path(__file__).resolve().parent.parent / "tests" / "guests" / "sleeper"
-SPREAD_S = 1.0  # the deadlines are spread over this
 LEAD_S = 1.0  # and start this long after the last agent parked
 
 
@@ -45,7 +46,7 @@ async def _baseline(deadlines: list[float]) -> list[int]:
     return late
 
 
-async def _server(host: Host, b: Any, n: int) -> tuple[list[int], float]:
+async def _server(host: Host, b: Any, n: int, spread: float) -> tuple[list[int], float]:
     t0 = time.perf_counter()
     ids = []
     for _ in range(n):  # parked with a placeholder deadline far off, then all re-timed below
@@ -56,7 +57,7 @@ async def _server(host: Host, b: Any, n: int) -> tuple[list[int], float]:
     # The deadlines, spread and in the future: each agent's journaled deadline, record and
     # wake-up moved together in one write (parking N agents takes an unknown time first).
     base = time.time() + LEAD_S
-    deadlines = {aid: base + SPREAD_S * i / n for i, aid in enumerate(ids)}
+    deadlines = {aid: base + spread * i / n for i, aid in enumerate(ids)}
 
     def retime(txn: Any) -> None:
         for aid, at in deadlines.items():
@@ -84,14 +85,14 @@ async def _server(host: Host, b: Any, n: int) -> tuple[list[int], float]:
     return late, park_s
 
 
-def run(n: int) -> dict[str, Any]:
+def run(n: int, spread: float = 4.0) -> dict[str, Any]:
     b = bundle_mod.load_bytes(bundle_mod.build_dir(SLEEPER), source=str(SLEEPER))
     with tempfile.TemporaryDirectory() as d:
         async def main() -> dict[str, Any]:
             with Host(Path(d) / "store", durability="process") as host:
-                server_late, park_s = await _server(host, b, n)
+                server_late, park_s = await _server(host, b, n, spread)
             base = time.time() + LEAD_S
-            baseline_late = await _baseline([base + SPREAD_S * i / n for i in range(n)])
+            baseline_late = await _baseline([base + spread * i / n for i in range(n)])
             return {"rows": {"server timer loop: deadline -> awake": percentiles(server_late),
                              "baseline anyio.sleep: deadline -> running": percentiles(baseline_late)},
                     "park_ms_mean": park_s * 1000}
@@ -103,15 +104,19 @@ def run(n: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--agents", type=int, help="sleeping agents (default 200; --quick 20)")
+    parser.add_argument("--spread", type=float, default=4.0, help="seconds the deadlines are spread over (default 4)")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     n = args.agents or (20 if args.quick else 200)
-    out = run(n)
+    if args.spread <= 0:
+        parser.error("--spread must be a positive number of seconds")
+    spread = 1.0 if args.quick else args.spread
+    out = run(n, spread)
     if args.json:
-        print(json.dumps({"machine": machine(), "agents": n, **out}, indent=2))
+        print(json.dumps({"machine": machine(), "agents": n, "spread_s": spread, **out}, indent=2))
     else:
-        print(f"{n} agents, deadlines spread over {SPREAD_S:g}s; lateness in µs")
+        print(f"{n} agents, deadlines spread over {spread:g}s; lateness in µs")
         print(table(out["rows"]))
         print(f"spawn + run to the park, mean: {out['park_ms_mean']:.2f} ms per agent")
     return 0

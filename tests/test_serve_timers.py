@@ -134,7 +134,7 @@ def test_resume_all_wakes_the_due_and_says_who_still_sleeps(bundles: BundleFacto
 def test_the_timers_benchmark_runs() -> None:
     from bench import timers as bench_timers
 
-    out = bench_timers.run(6)
+    out = bench_timers.run(6, 0.5)
     server = out["rows"]["server timer loop: deadline -> awake"]
     assert server["n"] == 6 and out["rows"]["baseline anyio.sleep: deadline -> running"]["n"] == 6
     assert 0 <= server["p50_us"] <= server["max_us"] < 30e6  # awake within seconds of its deadline

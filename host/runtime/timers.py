@@ -103,19 +103,22 @@ def sweep(store: AgentStore, now: float) -> list[Wakeup]:
     due = [w for w in entries(store) if w.at <= now]
     if not due:
         return []
-    live: list[Wakeup] = []
+    with store.read() as txn:  # a read, not a write: due entries are almost always live
+        stale = [w for w in due if not _sleeps_until(txn, w)]
+    if stale:
+        def drop(txn: Any) -> None:
+            for w in stale:
+                if not _sleeps_until(txn, w):  # looked at again under the write lock
+                    txn.delete_blob(TIMERS_BUCKET, w.key)
 
-    def write(txn: Any) -> None:
-        live.clear()
-        for w in due:
-            rec = txn.get_agent(w.agent_id) if w.agent_id else None
-            if rec is not None and rec.get("status") == SLEEPING and rec.get("wake_at") == w.at:
-                live.append(w)
-            else:
-                txn.delete_blob(TIMERS_BUCKET, w.key)
+        store.transact(drop)
+    return [w for w in due if w not in stale]
 
-    store.transact(write)
-    return live
+
+def _sleeps_until(txn: Any, w: Wakeup) -> bool:
+    """Whether the entry's agent sleeps until the entry's time (else the entry is stale)."""
+    rec = txn.get_agent(w.agent_id) if w.agent_id else None
+    return rec is not None and rec.get("status") == SLEEPING and rec.get("wake_at") == w.at
 
 
 def check_due(rec: dict[str, Any], now: float) -> None:

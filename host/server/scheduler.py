@@ -42,6 +42,7 @@ import anyio.to_thread
 
 from host.errors import AgentNotFound, AgentStateError
 from host.runtime import Host, RunResult
+from host.runtime.timers import Wakeup
 from host.sandbox import interrupts
 
 _log = logging.getLogger("torpor.server")
@@ -199,16 +200,20 @@ class Scheduler:
         ``sleeping`` (maybe until a time earlier than any it knew) or a poll passes."""
         while True:
             now = time.time()
+            due, pending = await anyio.to_thread.run_sync(self._look, now)  # one thread hop, two reads
             if not self.draining:
-                for aid in await anyio.to_thread.run_sync(self.host.due, now):
+                for aid in due:
                     if aid not in self.active:
                         self.resume(aid)
-            later = [w.at for w in await anyio.to_thread.run_sync(self.host.wakeups)
-                     if w.at > now and w.agent_id not in self.active]
+            later = [w.at for w in pending if w.at > now and w.agent_id not in self.active]
             sleep = min([TIMER_POLL_S, *(at - now for at in later)])
             self._timer_wake = anyio.Event()
             with anyio.move_on_after(max(0.0, sleep)):
                 await self._timer_wake.wait()
+
+    def _look(self, now: float) -> tuple[list[str], list[Wakeup]]:
+        """The due agents, and every wake-up, as the store has them now."""
+        return self.host.due(now), self.host.wakeups()
 
     # -- draining ---------------------------------------------------------------------------------
     def begin_drain(self) -> None:
