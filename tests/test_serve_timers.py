@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,11 +119,13 @@ def test_resume_all_wakes_the_due_and_says_who_still_sleeps(bundles: BundleFacto
 
     long = torpor("run", str(bundle), "--input", json.dumps({"ms": 3_600_000, "sleeps": 1, "incr": 0}))
     assert long.returncode == 4 and "sleeping until" in long.stdout, long.stdout + long.stderr
-    short = torpor("run", str(bundle), "--input", json.dumps({"ms": 300, "sleeps": 1, "incr": 2}), "--json")
+    short = torpor("run", str(bundle), "--input", json.dumps({"ms": 1000, "sleeps": 1, "incr": 2}), "--json")
     assert short.returncode == 4 and json.loads(short.stdout)["status"] == "sleeping", short.stdout + short.stderr
+    wake_at = json.loads(short.stdout)["wake_at"]
     ps = torpor("ps")
-    assert ps.stdout.count("sleeping in ") == 2, ps.stdout
-    time.sleep(0.35)
+    assert len(re.findall(r"sleeping (?:[0-9.]+[smh]|due) ", ps.stdout)) == 2, ps.stdout
+    assert re.search(r"sleeping (59\.[0-9]m|60\.0m) ", ps.stdout), ps.stdout  # the hour-long one
+    time.sleep(max(0.0, wake_at - time.time()))
     woke = torpor("resume", "--all")
     assert woke.returncode == 0, woke.stdout + woke.stderr
     assert "completed" in woke.stdout and "1 agent still sleeps; the next wakes at" in woke.stdout, woke.stdout

@@ -198,7 +198,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
         if s.stall_timeout and stalled_since(s.status, s.stall_timeout, s.last_progress or s.created_at, now):
             s = s._replace(status=f"{s.status} (stalled)")
         elif s.agent_id in wakes:
-            s = s._replace(status=f"sleeping {until(wakes[s.agent_id], now)}")
+            s = s._replace(status=f"sleeping {until(wakes[s.agent_id], now, prefix='')}")  # fits the column
         lines.append(_PS_LINE % s[:8])
     sys.stdout.write("\n".join(lines) + "\n")  # one write: 10,000 print calls cost more than the lines
     sys.stdout.flush()

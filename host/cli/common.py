@@ -87,15 +87,15 @@ def iso(t: Any) -> str:
         return "-"
 
 
-def until(t: float, now: float | None = None) -> str:
+def until(t: float, now: float | None = None, prefix: str = "in ") -> str:
     """How far off a time is, for people: ``in 4.2s``, ``in 3.1h``, or ``due``."""
     left = t - (time.time() if now is None else now)
     if left <= 0:
         return "due"
-    for unit, size in (("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
         if left >= size:
-            return f"in {left / size:.1f}{unit}"
-    return f"in {left:.1f}s"
+            return f"{prefix}{left / size:.1f}{unit}"
+    return f"{prefix}{left:.1f}s"
 
 
 def parse_input(text: str | None, flag: str = "--input") -> Any:

@@ -57,6 +57,7 @@ from host.runtime import Host
 from host.runtime.agent import PARKED, TERMINAL, LiveAgent
 from host.runtime.observe import Events, Observer
 from host.runtime.registry import DEFAULT_TENANT
+from host.runtime.timers import SLEEPING
 from host.server.gateway import ASGIApp, Message, Receive, RefusalAudit, Scope, Send, require
 from host.server.scheduler import Scheduler
 from snapshots.lmdb_store import LmdbStore
@@ -70,7 +71,7 @@ LISTING_TTL_S = 2.0
 MAX_LABEL_VALUES = 256
 OTHER = "<other>"
 #: Every status an agent record can hold (another, from a damaged summary, is ``<other>``).
-STATUSES = tuple(sorted({"running", "suspended", "approved", *PARKED, *TERMINAL}))
+STATUSES = tuple(sorted({"running", "suspended", "approved", SLEEPING, *PARKED, *TERMINAL}))
 #: How an agent's end is audited -> its final status.
 _ENDS = {"agent.completed": "completed", "agent.failed": "failed", "agent.terminated": "terminated"}
 #: The policy's decision events -> the outcome of the call (its answer is not counted again).
