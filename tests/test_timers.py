@@ -23,6 +23,7 @@ from conftest import GUESTS, BundleFactory
 from host.errors import AgentStateError
 from host.runtime import Host, timers
 from host.runtime.host import RunResult
+from host.runtime.replay import replay
 from host.sandbox.bundle import Bundle
 from policies import PolicyError, parse_policy
 from snapshots.store import TIMERS_BUCKET
@@ -121,6 +122,8 @@ def test_rate_limit_wait_parks_then_completes_each_call_counted_once(bundles: Bu
             await anyio.sleep(max(0.0, host.wakeups()[0].at - time.time()))
             results += await host.wake_due()
         rec = host.get_agent(first.agent_id)
+        report = replay(host, first.agent_id)  # the waits are in the journal: a replay is exact
+        assert report.matched and report.calls_replayed == 10, report.summary()
         return results[-1], rec, [k for k, _ in _events(host, first.agent_id)]
 
     last, rec, kinds = _run(store, go)
