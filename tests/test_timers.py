@@ -232,3 +232,25 @@ def test_stale_and_damaged_wake_ups_are_dropped_not_resumed(bundles: BundleFacto
 
     due, left = _run(tmp_path / "s", go)
     assert due == [] and left == []
+
+
+def test_a_sleep_that_needs_approval_starts_its_wait_when_approved(bundles: BundleFactory, tmp_path: Path) -> None:
+    d = tmp_path / "sleeper_approval"
+    shutil.copytree(SLEEPER, d)
+    text = (d / "policy.toml").read_text()
+    (d / "policy.toml").write_text(text.replace('[tools."timer.sleep"]\n', '[tools."timer.sleep"]\napproval = true\n'))
+    b = bundles.load(d)
+
+    async def go(host: Host) -> tuple[RunResult, float, RunResult]:
+        parked = await host.run(b, {"ms": 300, "sleeps": 1, "incr": 1})
+        assert parked.status == "waiting_approval" and host.wakeups() == []
+        await anyio.sleep(0.4)  # longer than the sleep: its time counts from the approval, not the call
+        approved_at = time.time()
+        asleep = await host.approve(parked.agent_id, note="ok")
+        await anyio.sleep(max(0.0, (asleep.wake_at or 0) - time.time()))
+        [done] = await host.wake_due()
+        return asleep, approved_at, done
+
+    asleep, approved_at, done = _run(tmp_path / "s", go)
+    assert asleep.status == "sleeping" and asleep.wake_at is not None and asleep.wake_at >= approved_at + 0.3
+    assert done.status == "completed" and done.output["count"] == 1, done
