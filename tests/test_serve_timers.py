@@ -8,6 +8,7 @@ on the store wakes each at its original time (not before), and no recorded call 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -141,3 +142,54 @@ def test_the_timers_benchmark_runs() -> None:
     server = out["rows"]["server timer loop: deadline -> awake"]
     assert server["n"] == 6 and out["rows"]["baseline anyio.sleep: deadline -> running"]["n"] == 6
     assert 0 <= server["p50_us"] <= server["max_us"] < 30e6  # awake within seconds of its deadline
+
+
+def test_sigkill_during_short_sleeps_then_resume_keeps_every_deadline(bundles: BundleFactory, tmp_path: Path) -> None:
+    """Short sleeps are held in-process; a host killed in one leaves the agent suspended with
+    the wake time journaled, and the resume waits for that time, not a new one."""
+    store = tmp_path / "store"
+    bundle = bundles.path(GUESTS / "sleeper")
+    proc = subprocess.Popen([sys.executable, "-m", "host.cli", "run", str(bundle), "--store", str(store),
+                             "--durability", "process", "--input", json.dumps({"ms": 40, "sleeps": 60, "incr": 1})],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while True:  # kill it once it has journaled some sleeps (a store being written is read read-only)
+        time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it was killed"
+        assert time.monotonic() < deadline
+        if (store / "db").is_dir():
+            s = LmdbStore.open(store / "db", readonly=True, create=False)
+            try:
+                with s.read() as txn:
+                    n = sum(1 for r in txn.iter_agent_summaries() if r.tool_calls >= 10)
+            finally:
+                s.close()
+            if n:
+                break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    s = LmdbStore.open(store / "db", readonly=True, create=False)
+    try:
+        with s.read() as txn:
+            [rec] = [txn.get_agent(r.agent_id) for r in txn.iter_agent_summaries()]
+            cut = txn.get_journal(rec["agent_id"], rec["pending"]["seq"])  # the call the kill cut short
+    finally:
+        s.close()
+    done = subprocess.run([sys.executable, "-m", "host.cli", "resume", "--all", "--store", str(store), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [res] = json.loads(done.stdout)
+    assert res["status"] == "completed" and res["output"]["count"] == 1, res
+    s = LmdbStore.open(store / "db", readonly=True, create=False)
+    try:
+        with s.read() as txn:
+            sleeps = [e for _, e in txn.iter_journal(res["agent_id"]) if e["tool"] == "timer.sleep"]
+    finally:
+        s.close()
+    assert len(sleeps) == 60 and all(e["state"] == "done" for e in sleeps)
+    assert all(json.loads(e["response"])["unix_ms"] >= int(e["wake_at"] * 1000) for e in sleeps)  # none early
+    gaps = [b["wake_at"] - a["wake_at"] for a, b in itertools.pairwise(sleeps)]
+    assert min(gaps) >= 0.04  # each deadline 40 ms after the one before
+    if cut is not None and cut["tool"] == "timer.sleep" and cut["state"] == "intent":  # killed mid-sleep (almost always)
+        [same] = [e for e in sleeps if e["checkpoint"] == cut["checkpoint"]]
+        assert same["wake_at"] == cut["wake_at"]  # the deadline journaled before the kill, not a new one
