@@ -144,8 +144,13 @@ def _variant(tmp_path: Path, policy_extra: str) -> Path:
     return d
 
 
-def test_a_wait_beyond_max_wait_is_denied_as_today(bundles: BundleFactory, tmp_path: Path) -> None:
-    b: Bundle = bundles.load(_variant(tmp_path, 'max_wait = "20ms"\n'))
+@pytest.mark.parametrize("cap", ["max_wait", "wall_clock"])
+def test_a_wait_beyond_max_wait_or_the_run_deadline_is_denied_as_today(bundles: BundleFactory, tmp_path: Path,
+                                                                       cap: str) -> None:
+    d = _variant(tmp_path, 'max_wait = "20ms"\n' if cap == "max_wait" else "")
+    if cap == "wall_clock":  # the 6th call could go through in ~1 s; the run may last 500 ms
+        (d / "policy.toml").write_text((d / "policy.toml").read_text().replace('wall_clock = "30s"', 'wall_clock = "500ms"'))
+    b: Bundle = bundles.load(d)
 
     async def go(host: Host) -> RunResult:
         return await host.run(b, {"ms": 0, "sleeps": 0, "incr": 8})
