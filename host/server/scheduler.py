@@ -197,15 +197,26 @@ class Scheduler:
         The wake index is the store's (:meth:`Host.due` reads it and drops stale entries);
         an entry stays until the resume's own commit wakes its agent, so an agent already
         being driven here is skipped, and the loop looks again when a drive parks an agent
-        ``sleeping`` (maybe until a time earlier than any it knew) or a poll passes."""
+        ``sleeping`` (maybe until a time earlier than any it knew) or a poll passes.
+
+        The loop sleeps until the earliest wake time it read, and resumes the agents due by
+        then at once, from what it read (the resume's claim checks the agent still sleeps
+        until then), before it reads the store again: a thread hop and a read less between
+        a deadline and its resume."""
+        pending: list[Wakeup] = []
         while True:
             now = time.time()
+            if not self.draining:
+                for w in pending:
+                    if w.at <= now and w.agent_id and w.agent_id not in self.active:
+                        self.resume(w.agent_id)
             due, pending = await anyio.to_thread.run_sync(self._look, now)  # one thread hop, two reads
             if not self.draining:
                 for aid in due:
                     if aid not in self.active:
                         self.resume(aid)
             later = [w.at for w in pending if w.at > now and w.agent_id not in self.active]
+            now = time.time()  # the look took time: sleep until the deadline, not that long after it
             sleep = min([TIMER_POLL_S, *(at - now for at in later)])
             self._timer_wake = anyio.Event()
             with anyio.move_on_after(max(0.0, sleep)):
