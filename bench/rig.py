@@ -357,7 +357,7 @@ def checkpoint_of(rig: Rig, ex: Execution, agent_id: str, seq: int, call: Pendin
 
 def restore_from(rig: Rig, snap: Snapshot, cls: type[Execution] = Execution) -> Execution:
     """A fresh instance holding ``snap``'s state, parked at its pending tool call."""
-    pending = PendingCall.from_dict(snap.pending or {})
+    pending = PendingCall.from_snapshot(snap) or PendingCall.from_dict({})
     return cls.restore(rig.loaded, rig.pre, rig.limits, b"", Captured(snap.memory, snap.globals, snap.async_buf),
                        fuel_used=int(snap.usage.get("fuel_used", 0)), call_seq=pending.seq, pending=pending)
 

@@ -60,6 +60,7 @@ checkpoints with :func:`encode_checkpoint`, which picks version 2 or 3 by size.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import struct
@@ -88,6 +89,7 @@ from .errors import (
     SnapshotMismatch,
     SnapshotVersionError,
 )
+from .lazy import Lazy, LazyField, raw
 
 if TYPE_CHECKING:
     from .delta import Pristine
@@ -119,7 +121,10 @@ CHUNK_ABOVE = 64 * 1024
 GlobalKind = Literal["i32", "i64", "f32", "f64"]
 
 _FLAG_XOR = 0x01
-_KNOWN_FLAGS = _FLAG_XOR
+# The pending call's arguments stored apart from the rest of the metadata, so that a
+# decoder parses them only when they are read (see _meta_apart); set on format-3 records.
+_FLAG_ARGS_APART = 0x02
+_KNOWN_FLAGS = _FLAG_XOR | _FLAG_ARGS_APART
 
 _ENVELOPE = struct.Struct("<4sB")  # magic, format version
 _HEADER_V1 = struct.Struct("<BI32s")  # flags, abi_version, module digest
@@ -170,9 +175,15 @@ class GlobalValue:
             raise ValueError(f"global {self.name!r}: {self.value!r} is not a valid {self.kind}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, kw_only=True)
 class Snapshot:
-    """Everything needed to resume a suspended agent in a fresh instance of its module."""
+    """Everything needed to resume a suspended agent in a fresh instance of its module.
+
+    ``pending`` may be given as a :class:`~snapshots.lazy.Lazy`: a decoded large
+    checkpoint's pending call keeps its arguments undecoded until something reads them
+    (:meth:`pending_call` gives the call without reading them). Reading ``pending`` gives
+    the same dict either way.
+    """
 
     agent_id: str
     seq: int
@@ -182,7 +193,7 @@ class Snapshot:
     globals: tuple[GlobalValue, ...]
     async_buf: tuple[int, int]
     entry: str
-    pending: dict[str, Any] | None
+    pending: LazyField[dict[str, Any] | None] = LazyField()  # noqa: RUF009 (a descriptor: no default)
     usage: dict[str, Any]
     created_at: float
 
@@ -202,6 +213,29 @@ class Snapshot:
             raise ValueError(
                 f"async_buf must be a (address, size) pair of u32, got {self.async_buf}"
             )
+
+    def pending_call(self) -> tuple[int, str, Any] | None:
+        """The pending call's seq, tool and arguments, or None; the arguments are a
+        :class:`~snapshots.lazy.Lazy` while not decoded (a resume whose answer is
+        recorded never needs them). KeyError/ValueError as ``int(pending["seq"])``."""
+        held = raw(self, "pending")
+        if isinstance(held, _DecodedPending) and not held.ready:
+            return int(held.head["seq"]), str(held.head["tool"]), held.args
+        pending = self.pending
+        if pending is None:
+            return None
+        return int(pending["seq"]), str(pending["tool"]), pending.get("args")
+
+
+class _DecodedPending(Lazy[dict[str, Any] | None]):
+    """A decoded pending call whose arguments (stored apart) are parsed on first read."""
+
+    __slots__ = ("args", "head")
+
+    def __init__(self, head: dict[str, Any], args: Lazy[Any]) -> None:
+        super().__init__(lambda: {**head, "args": args.get()})
+        self.head = head
+        self.args = args
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,14 +503,17 @@ def encode_checkpoint(s: Snapshot, *, pristine: Pristine | None = None,
     when data moved in memory. The chunks are returned whole: the store writes (and
     compresses) only those it does not hold yet.
     """
-    out, flags = _raw_payload(s, pristine)
-    if len(out) < chunk_above:
-        zdict = _dictionary(pristine)
-        frame = _compressor(3 if len(out) < _FAST_LEVEL_ABOVE else -1, zdict).compress(out)
-        prefix = _record_prefix(FORMAT_VERSION, flags, s.abi_version, s.module_digest)
-        check = hashlib.blake2b(prefix, digest_size=_CHECKSUM_LEN)
-        check.update(frame)
-        return b"".join((prefix, frame, check.digest())), {}
+    if s.memory.changed_bytes < chunk_above:  # else the payload is chunked whatever the rest
+        out, flags = _raw_payload(s, pristine)
+        if len(out) < chunk_above:
+            zdict = _dictionary(pristine)
+            frame = _compressor(3 if len(out) < _FAST_LEVEL_ABOVE else -1, zdict).compress(out)
+            prefix = _record_prefix(FORMAT_VERSION, flags, s.abi_version, s.module_digest)
+            check = hashlib.blake2b(prefix, digest_size=_CHECKSUM_LEN)
+            check.update(frame)
+            return b"".join((prefix, frame, check.digest())), {}
+    # Format 3 keeps the pending call's arguments apart: a resume does not parse them.
+    out, flags = _raw_payload(s, pristine, args_apart=True)
     found: chunks.Chunks = {}
     ref = chunks.write_tree(bytes(out), found.setdefault)
     prefix = _record_prefix(CHUNKED_VERSION, flags, s.abi_version, s.module_digest)
@@ -492,8 +529,10 @@ def chunk_ref(data: bytes) -> bytes | None:
     return bytes(data)[_PREFIX_LEN:-_CHECKSUM_LEN]
 
 
-def _raw_payload(s: Snapshot, pristine: Pristine | None) -> tuple[bytearray | memoryview, int]:
-    """The uncompressed payload of ``s`` and the record's flags."""
+def _raw_payload(s: Snapshot, pristine: Pristine | None, *,
+                 args_apart: bool = False) -> tuple[bytearray | memoryview, int]:
+    """The uncompressed payload of ``s`` and the record's flags (``args_apart``: the
+    metadata laid out as ``_meta_apart`` says, and its flag set)."""
     mem = s.memory
     flags = 0
     if pristine is not None:
@@ -502,7 +541,11 @@ def _raw_payload(s: Snapshot, pristine: Pristine | None) -> tuple[bytearray | me
     agent = s.agent_id.encode()
     entry = s.entry.encode()
     try:
-        meta = _META_JSON([s.pending, s.usage]).encode()
+        if args_apart:
+            flags |= _FLAG_ARGS_APART
+            meta = _meta_apart(s.pending, s.usage)
+        else:
+            meta = _META_JSON([s.pending, s.usage]).encode()
     except (TypeError, ValueError) as exc:
         raise ValueError(f"pending and usage must be JSON-able (no NaN): {exc}") from exc
     if len(agent) > 0xFFFF or len(entry) > 0xFFFF or len(s.globals) > 0xFFFF:
@@ -528,6 +571,58 @@ def _raw_payload(s: Snapshot, pristine: Pristine | None) -> tuple[bytearray | me
             xor_into(payload, start, mem.memory_size, mem.chunk_size, mem.index_bytes, pristine)
         out = payload
     return out, flags
+
+
+def _meta_apart(pending: dict[str, Any] | None, usage: dict[str, Any]) -> bytes:
+    """The metadata with the pending call's arguments apart from the rest:
+    ``head length varint | head | args``, head the JSON of ``[pending without its
+    arguments, usage]``, args the JSON of the arguments.
+
+    Why: at 400 turns of a conversation the arguments are 0.85 MB of JSON, and parsing
+    them was a third of a resume's CPU; apart, a decoder parses the small head and leaves
+    the arguments as bytes until they are read (``Snapshot.pending``). ``args`` is empty,
+    and head holds ``pending`` whole, when the arguments are not its last key (so the
+    decoded dict keeps the order of keys) or it has none.
+    """
+    args = b""
+    if pending and next(reversed(pending)) == "args":
+        head = dict(pending)
+        args = _META_JSON(head.pop("args")).encode()
+        pending = head
+    head_json = _META_JSON([pending, usage]).encode()
+    return _uvarints([len(head_json)]) + head_json + args
+
+
+def _decoded_meta(p: bytes, pos: int, end: int,
+                  apart: bool) -> tuple[dict[str, Any] | Lazy[dict[str, Any] | None] | None, Any]:
+    """The pending call and the usage from the metadata at ``p[pos:end]``; the arguments
+    of a record that keeps them apart stay undecoded (see ``_meta_apart``)."""
+    if end > len(p):
+        raise ValueError("the metadata runs past the end of the payload")
+    if not apart:
+        pending, usage = json.loads(p[pos:end])
+    else:
+        (head_len,), pos = _get_uvarints(p, pos, 1)
+        if pos + head_len > end:
+            raise ValueError("the metadata's head runs past the metadata")
+        pending, usage = json.loads(p[pos : pos + head_len])
+        pos += head_len
+        if pos < end:
+            if not isinstance(pending, dict):
+                raise ValueError("arguments are stored for a pending call that is not an object")
+            args: Lazy[Any] = Lazy(functools.partial(_decoded_args, p, pos, end))
+            return _DecodedPending(pending, args), usage
+    if pending is not None and not isinstance(pending, dict):
+        raise ValueError("pending must be an object or null")
+    return pending, usage
+
+
+def _decoded_args(p: bytes, start: int, end: int) -> Any:
+    """A pending call's arguments stored apart, parsed when first read."""
+    try:
+        return json.loads(p[start:end])
+    except ValueError as exc:  # the checksum and the chunks' digests held: the encoder's fault
+        raise _inconsistent(exc) from exc
 
 
 _prefixes: dict[tuple[int, int, int, str], bytes] = {}
@@ -685,15 +780,17 @@ def decode_snapshot(
             "this checkpoint stores memory relative to its module's pristine image: pass "
             "pristine=<memory of a freshly instantiated module> to decode_snapshot"
         )
+    apart = bool(flags & _FLAG_ARGS_APART)
     if version == CHUNKED_VERSION:
-        return _parse_payload(_chunked_payload(bytes(data), chunks_from), abi, digest, pristine if xor else None)
+        return _parse_payload(_chunked_payload(bytes(data), chunks_from), abi, digest, pristine if xor else None,
+                              apart)
     frame = bytes(data)[_PREFIX_LEN:-_CHECKSUM_LEN]
     try:
         zdict = _dictionary(pristine if xor else None) if version >= 2 else None
         payload = _decompressor(zdict).decompress(frame)
     except zstandard.ZstdError as exc:
         raise _inconsistent(exc) from exc
-    return _parse_payload(payload, abi, digest, pristine if xor else None)
+    return _parse_payload(payload, abi, digest, pristine if xor else None, apart)
 
 
 def _chunked_payload(data: bytes, chunks_from: Callable[[bytes], bytes | None] | None) -> bytes:
@@ -718,7 +815,7 @@ def _inconsistent(exc: Exception) -> SnapshotCorrupt:
     )
 
 
-def _parse_payload(p: bytes, abi: int, digest: str, pristine: Pristine | None) -> Snapshot:
+def _parse_payload(p: bytes, abi: int, digest: str, pristine: Pristine | None, apart: bool = False) -> Snapshot:
     try:
         fields, created_at, index_bytes, pos = _parse_head(p)
         (
@@ -737,7 +834,7 @@ def _parse_payload(p: bytes, abi: int, digest: str, pristine: Pristine | None) -
         pos += agent_len
         entry = p[pos : pos + entry_len].decode()
         pos += entry_len
-        pending, usage = json.loads(p[pos : pos + meta_len])
+        pending, usage = _decoded_meta(p, pos, pos + meta_len, apart)
         pos += meta_len
         globals_: list[GlobalValue] = []
         for _ in range(n_globals):
@@ -753,8 +850,8 @@ def _parse_payload(p: bytes, abi: int, digest: str, pristine: Pristine | None) -
                 (value,) = _F64.unpack_from(p, pos)
                 pos += 8
             globals_.append(GlobalValue(name, _KIND_NAMES[code], value))
-        if (pending is not None and not isinstance(pending, dict)) or not isinstance(usage, dict):
-            raise ValueError("pending must be an object or null and usage an object")
+        if not isinstance(usage, dict):
+            raise ValueError("usage must be an object")
         data = p[pos:]
         if pristine is not None:
             _check_pristine_size(pristine, memory_size)

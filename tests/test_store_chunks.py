@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,10 @@ from conftest import BundleFactory
 
 from host.runtime import Host
 from host.runtime.replay import replay
+from host.sandbox.execution import PendingCall
 from host.trust import audit
-from snapshots import chunks
+from snapshots import chunks, lazy
+from snapshots import format as fmt
 from snapshots.delta import MemoryDelta
 from snapshots.errors import RecordCorrupt, SnapshotCorrupt, SnapshotError, StoreUnavailable
 from snapshots.format import (
@@ -230,6 +233,56 @@ def test_large_checkpoints_are_format_3_and_share_their_chunks(tmp_path: Path) -
     with LmdbStore.open(db) as store, store.read() as txn, \
             pytest.raises(SnapshotCorrupt, match=f"chunk {victim.hex()} is missing"):
         decode_snapshot(txn.get_checkpoint("a", 2) or b"", chunks_from=txn.get_chunk)
+
+
+def _round_trip(snap: Snapshot) -> tuple[bytes, Snapshot]:
+    blob, new = encode_checkpoint(snap)
+    held = {name: chunks.store_chunk(content) for name, content in new.items()}
+    return blob, decode_snapshot(blob, chunks_from=held.get)
+
+
+def test_a_large_checkpoint_parses_its_pending_arguments_only_when_they_are_read() -> None:
+    args = {"model": "m", "messages": [{"role": "user", "content": _text(200_000, seed=4).decode()}]}
+    snap = replace(_big_snapshot(1, _text(300_000)), pending={"seq": 7, "tool": "llm.chat", "args": args})
+    blob, back = _round_trip(snap)
+    assert peek_snapshot(blob).format_version == CHUNKED_VERSION
+    held = lazy.raw(back, "pending")
+    assert isinstance(held, lazy.Lazy) and not held.ready
+    call = PendingCall.from_snapshot(back)  # what a resume builds: the arguments not parsed
+    assert call is not None and (call.seq, call.tool) == (7, "llm.chat")
+    held_args = lazy.raw(call, "args")
+    assert isinstance(held_args, lazy.Lazy) and not held_args.ready
+    assert call.args == args and held_args.ready and not held.ready  # parsed once read, exactly
+    assert back.pending == snap.pending and list(back.pending or {}) == ["seq", "tool", "args"]
+    assert back == snap and encode_checkpoint(back)[0] == blob  # written again, the same record
+    # arguments that are not the last key are kept in the head: the decoded order is the same
+    odd = replace(snap, pending={"args": args, "seq": 7, "tool": "llm.chat"})
+    again = _round_trip(odd)[1]
+    assert list(again.pending or {}) == ["args", "seq", "tool"] and again == odd
+    idle = _round_trip(replace(snap, pending=None))[1]
+    assert idle.pending is None and idle.pending_call() is None and PendingCall.from_snapshot(idle) is None
+
+
+def test_malformed_pending_arguments_are_snapshot_corrupt_when_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    snap = replace(_big_snapshot(1, _text(300_000)), pending={"seq": 2, "tool": "kv.set", "args": {"v": "x" * 99}})
+    real = fmt._meta_apart
+    monkeypatch.setattr(fmt, "_meta_apart", lambda pending, usage: real(pending, usage)[:-1])  # an encoder's bug
+    _, back = _round_trip(snap)
+    assert back.pending_call() is not None  # the head is intact
+    with pytest.raises(SnapshotCorrupt, match="inconsistent although its checksum holds"):
+        _ = back.pending
+
+
+def test_a_format_3_record_written_before_the_arguments_were_kept_apart_still_decodes() -> None:
+    snap = replace(_big_snapshot(1, _text(300_000)), pending={"seq": 3, "tool": "kv.set", "args": {"v": [1, 2]}})
+    out, flags = fmt._raw_payload(snap, None)  # the metadata as one JSON text, no flag
+    found: chunks.Chunks = {}
+    ref = chunks.write_tree(bytes(out), found.setdefault)
+    body = fmt._record_prefix(CHUNKED_VERSION, flags, snap.abi_version, snap.module_digest) + ref
+    blob = body + fmt.hashlib.blake2b(body, digest_size=fmt._CHECKSUM_LEN).digest()
+    held = {name: chunks.store_chunk(content) for name, content in found.items()}
+    back = decode_snapshot(blob, chunks_from=held.get)
+    assert back == snap and not isinstance(lazy.raw(back, "pending"), lazy.Lazy)
 
 
 def _put_raw(db: Path, name: bytes, key: bytes, value: bytes | None) -> None:

@@ -175,9 +175,8 @@ class Lifecycle:
         # and the call counter restart from the snapshot, since that is where the guest resumes.
         budgets.count_fuel(agent, int(snap.usage.get("fuel_used", agent.usage.get("fuel_used", 0))))
         agent.record["checkpoints"] = max(int(agent.record.get("checkpoints", 0)), snap.seq)
-        if snap.pending is None:
-            return agent, None
-        return agent, PendingCall.from_dict(snap.pending)
+        # The call's arguments stay undecoded: an answer read from the journal never needs them.
+        return agent, PendingCall.from_snapshot(snap)
 
     def claim(self, agent_id: str) -> None:
         """Take ownership of an agent atomically, unless a live process holds it."""

@@ -32,7 +32,8 @@ from host.sandbox import abi, guest_json, interrupts
 from host.sandbox.engine import LoadedModule
 from host.sandbox.validate import HOST_LIMITS
 from snapshots.delta import MemoryAt, MemoryDelta, apply_delta, diff_memory
-from snapshots.format import GlobalValue
+from snapshots.format import GlobalValue, Snapshot
+from snapshots.lazy import LazyField
 
 _tls = threading.local()
 
@@ -98,11 +99,16 @@ class ImportFault(Exception):
 
 @dataclass(frozen=True)
 class PendingCall:
-    """The tool call an unwound agent is waiting on."""
+    """The tool call an unwound agent is waiting on.
+
+    ``args`` (parsed JSON) may be given as a :class:`~snapshots.lazy.Lazy`: a call
+    restored from a large checkpoint parses its arguments only if something reads them
+    (running the call again, the journal, an inspection), not to answer it from the journal.
+    """
 
     seq: int
     tool: str
-    args: Any  # parsed JSON
+    args: LazyField[Any] = LazyField()  # noqa: RUF009 (a descriptor: no default)
 
     def to_dict(self) -> dict[str, Any]:
         return {"seq": self.seq, "tool": self.tool, "args": self.args}
@@ -110,6 +116,12 @@ class PendingCall:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PendingCall:
         return cls(int(d["seq"]), str(d["tool"]), d.get("args"))
+
+    @classmethod
+    def from_snapshot(cls, snap: Snapshot) -> PendingCall | None:
+        """The call ``snap`` is parked at (its arguments still undecoded), or None."""
+        call = snap.pending_call()
+        return None if call is None else cls(*call)
 
 
 @dataclass(frozen=True)
