@@ -77,6 +77,7 @@ from .delta import (
     MemoryDelta,
     _kernels,
     _region,
+    _src,
     _xor_mask,
     derived_from_image,
     same_image,
@@ -688,7 +689,7 @@ def _payload_native(lib: Any, header: list[int], created: float, mem: MemoryDelt
         pri_addr, pri_len = preg.addr, preg.size
     size = lib.tp_encode_payload(
         buf, len(buf), (ctypes.c_uint64 * len(header))(*header), len(header), created, mem.index_bytes, n,
-        tail, len(tail), data, len(data), pri_addr, pri_len, mem.chunk_size, mem.memory_size,
+        tail, len(tail), _src(data), len(data), pri_addr, pri_len, mem.chunk_size, mem.memory_size,
         mask, len(mask) if mask is not None else 0,
     )
     if size < 0:  # pragma: no cover - cap is computed for the worst case
@@ -783,7 +784,7 @@ def decode_snapshot(
     apart = bool(flags & _FLAG_ARGS_APART)
     if version == CHUNKED_VERSION:
         return _parse_payload(_chunked_payload(bytes(data), chunks_from), abi, digest, pristine if xor else None,
-                              apart)
+                              apart, in_place=True)
     frame = bytes(data)[_PREFIX_LEN:-_CHECKSUM_LEN]
     try:
         zdict = _dictionary(pristine if xor else None) if version >= 2 else None
@@ -815,7 +816,10 @@ def _inconsistent(exc: Exception) -> SnapshotCorrupt:
     )
 
 
-def _parse_payload(p: bytes, abi: int, digest: str, pristine: Pristine | None, apart: bool = False) -> Snapshot:
+def _parse_payload(p: bytes, abi: int, digest: str, pristine: Pristine | None, apart: bool = False,
+                   in_place: bool = False) -> Snapshot:
+    """The snapshot a payload holds. ``in_place``: the memory chunks stay in ``p`` (a large
+    payload's megabytes: see ``delta._Tail``) instead of being sliced out of it."""
     try:
         fields, created_at, index_bytes, pos = _parse_head(p)
         (
@@ -852,10 +856,12 @@ def _parse_payload(p: bytes, abi: int, digest: str, pristine: Pristine | None, a
             globals_.append(GlobalValue(name, _KIND_NAMES[code], value))
         if not isinstance(usage, dict):
             raise ValueError("usage must be an object")
-        data = p[pos:]
         if pristine is not None:
             _check_pristine_size(pristine, memory_size)
-        memory = MemoryDelta.packed(memory_size, chunk_size, index_bytes, data, xor_with=pristine)
+        if in_place:
+            memory = MemoryDelta.packed(memory_size, chunk_size, index_bytes, p, xor_with=pristine, start=pos)
+        else:
+            memory = MemoryDelta.packed(memory_size, chunk_size, index_bytes, p[pos:], xor_with=pristine)
         return Snapshot(
             agent_id=agent_id,
             seq=seq,

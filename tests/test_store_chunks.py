@@ -28,8 +28,9 @@ from host.runtime.replay import replay
 from host.sandbox.execution import PendingCall
 from host.trust import audit
 from snapshots import chunks, lazy
+from snapshots import delta as delta_mod
 from snapshots import format as fmt
-from snapshots.delta import MemoryDelta
+from snapshots.delta import MemoryDelta, apply_delta
 from snapshots.errors import RecordCorrupt, SnapshotCorrupt, SnapshotError, StoreUnavailable
 from snapshots.format import (
     CHUNKED_VERSION,
@@ -235,10 +236,10 @@ def test_large_checkpoints_are_format_3_and_share_their_chunks(tmp_path: Path) -
         decode_snapshot(txn.get_checkpoint("a", 2) or b"", chunks_from=txn.get_chunk)
 
 
-def _round_trip(snap: Snapshot) -> tuple[bytes, Snapshot]:
-    blob, new = encode_checkpoint(snap)
+def _round_trip(snap: Snapshot, pristine: bytes | None = None) -> tuple[bytes, Snapshot]:
+    blob, new = encode_checkpoint(snap, pristine=pristine)
     held = {name: chunks.store_chunk(content) for name, content in new.items()}
-    return blob, decode_snapshot(blob, chunks_from=held.get)
+    return blob, decode_snapshot(blob, chunks_from=held.get, pristine=pristine)
 
 
 def test_a_large_checkpoint_parses_its_pending_arguments_only_when_they_are_read() -> None:
@@ -261,6 +262,27 @@ def test_a_large_checkpoint_parses_its_pending_arguments_only_when_they_are_read
     assert list(again.pending or {}) == ["args", "seq", "tool"] and again == odd
     idle = _round_trip(replace(snap, pending=None))[1]
     assert idle.pending is None and idle.pending_call() is None and PendingCall.from_snapshot(idle) is None
+
+
+@pytest.mark.parametrize("kernels", ["native", "python"])
+@pytest.mark.parametrize("xor", [False, True])
+def test_a_decoded_large_checkpoint_restores_its_memory_from_where_it_lies_in_the_payload(
+        kernels: str, xor: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if kernels == "python":
+        monkeypatch.setattr(delta_mod, "_kernels_lib", [None])
+    snap = _big_snapshot(1, _text(300_000, seed=5))
+    # a module image with data under the first chunks: those are stored XOR'd against it
+    image = _text(20_000, seed=6).ljust(snap.memory.memory_size, b"\0") if xor else None
+    blob, back = _round_trip(snap, image)
+    assert isinstance(back.memory._stored[0], delta_mod._Tail)  # not copied out of the payload
+    assert (back.memory._stored[1] is not None) == xor  # kept XOR'd, un-XOR'd as it is written
+    assert encode_checkpoint(back, pristine=image)[0] == blob  # written again from where it lies
+    restored, expected = bytearray(image or bytes(snap.memory.memory_size)), bytearray(image or b"")
+    expected = expected or bytearray(snap.memory.memory_size)
+    apply_delta(back.memory, restored)
+    apply_delta(snap.memory, expected)
+    assert restored == expected and back.memory.changed_bytes == snap.memory.changed_bytes
+    assert back.memory.data == snap.memory.data and back == snap
 
 
 def test_malformed_pending_arguments_are_snapshot_corrupt_when_read(monkeypatch: pytest.MonkeyPatch) -> None:
