@@ -11,6 +11,8 @@
  */
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 /* Writes the end offset of each chunk into ends (at most cap of them) and returns how
  * many chunks the stream has (more than cap: call again with room for all). */
@@ -36,4 +38,77 @@ size_t tp_cdc_cut(const uint8_t *p, size_t n, const uint64_t *gear, size_t min, 
         start = end;
     }
     return count;
+}
+
+/* -- reading a tree: each distinct name once, then one copy per reference ----------------
+ *
+ * A level of a chunk tree is a run of 32-byte names, and memory holds many equal pages:
+ * an agent's 5 MB state at 400 turns of a conversation is 1,158 data references to 206
+ * distinct chunks. chunks.py looks up and checks each distinct chunk once; these two
+ * functions do the per-reference work (finding the distinct names, then copying every
+ * reference's content into the level's bytes) that was a Python loop body. */
+
+static uint64_t mix64(uint64_t x) { /* murmur3's finaliser */
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ULL;
+    x ^= x >> 33;
+    return x;
+}
+
+/* ids[i] = which distinct name reference i is (numbered in order of first appearance);
+ * firsts[j] = the reference where distinct name j first appears. Returns the number of
+ * distinct names, or (size_t)-1 if the scratch table cannot be allocated. The hash mixes
+ * all 32 bytes with a per-process `seed`, so names crafted into a damaged index cannot
+ * cheaply make every lookup collide. */
+size_t tp_unique_names(const uint8_t *names, size_t n, uint64_t seed, uint32_t *ids, uint32_t *firsts) {
+    size_t cap = 16;
+    while (cap < 2 * n) cap <<= 1;
+    uint32_t *slot = calloc(cap, sizeof(uint32_t)); /* distinct id + 1; 0: empty */
+    if (!slot) return (size_t)-1;
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *name = names + 32 * i;
+        uint64_t w[4];
+        memcpy(w, name, 32);
+        size_t s = (size_t)(mix64(w[0] ^ seed) ^ mix64(w[1] + seed) ^ mix64(w[2] ^ (seed >> 1)) ^ mix64(w[3])) & (cap - 1);
+        for (;;) {
+            uint32_t v = slot[s];
+            if (!v) {
+                slot[s] = (uint32_t)(k + 1);
+                firsts[k] = (uint32_t)i;
+                ids[i] = (uint32_t)k++;
+                break;
+            }
+            if (!memcmp(names + 32 * (size_t)firsts[v - 1], name, 32)) {
+                ids[i] = v - 1;
+                break;
+            }
+            s = (s + 1) & (cap - 1);
+        }
+    }
+    free(slot);
+    return k;
+}
+
+/* The bytes reference i's content takes, summed over the n references. */
+size_t tp_parts_size(const uint32_t *ids, size_t n, const size_t *lens) {
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++) total += lens[ids[i]];
+    return total;
+}
+
+/* Copies the content of every reference (ptrs[ids[i]], lens[ids[i]] bytes), in order,
+ * into dst; returns the bytes written, or -1 when they would exceed cap. */
+long long tp_gather_parts(uint8_t *dst, size_t cap, const uint32_t *ids, size_t n, const uint8_t *const *ptrs,
+                          const size_t *lens) {
+    size_t pos = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t len = lens[ids[i]];
+        if (len > cap - pos) return -1;
+        memcpy(dst + pos, ptrs[ids[i]], len);
+        pos += len;
+    }
+    return (long long)pos;
 }

@@ -71,6 +71,34 @@ def test_native_and_python_cuts_agree(params: tuple[int, int, int]) -> None:
         assert all(s <= params[2] for s in sizes)
 
 
+@pytest.fixture(params=["native", "python"])
+def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A tree read by the native per-reference kernels, and again by the Python loop."""
+    if request.param == "python":
+        monkeypatch.setattr(chunks, "_lib", [None])
+    elif chunks._kernel() is None:
+        pytest.skip("native chunk kernels unavailable: " + str(chunks.native_build.status()))
+    return str(request.param)
+
+
+def test_a_tree_of_many_equal_chunks_reads_back_exactly(read_path: str) -> None:
+    held, put = _dict_store()
+    page, text = _text(4096, seed=3), _text(9_000, seed=4)
+    # equal pages and repeated runs: many references to few distinct chunks, at every level
+    data = (bytes(70_000) + page * 40 + text + bytes(50_000) + page * 30 + text * 3) * 6
+    ref = chunks.write_tree(data, put)
+    names = list(chunks.tree_digests(ref, held.get))
+    assert len(set(names)) * 3 < len(names)
+    assert chunks.read_tree(ref, held.get) == data
+    victim = max(set(names), key=names.count)  # the chunk referenced most often, changed
+    good = held[victim]
+    held[victim] = good[:-1] + bytes([good[-1] ^ 1])
+    chunks.clear_cache()
+    with pytest.raises(RecordCorrupt, match=victim.hex()):
+        chunks.read_tree(ref, held.get)
+
+
+@pytest.mark.usefixtures("read_path")
 def test_data_moved_in_memory_stores_only_what_is_new() -> None:
     held, put = _dict_store()
     data = _text(400_000)
@@ -85,6 +113,7 @@ def test_data_moved_in_memory_stores_only_what_is_new() -> None:
     assert len(ref2) <= 3 + 2 * 4 + chunks.INLINE_INDEX  # the record's reference stays short
 
 
+@pytest.mark.usefixtures("read_path")
 def test_a_changed_or_missing_chunk_is_named_never_read() -> None:
     held, put = _dict_store()
     data = _text(100_000)
@@ -105,6 +134,7 @@ def test_a_changed_or_missing_chunk_is_named_never_read() -> None:
         chunks.read_tree(ref[:-1], held.get)
 
 
+@pytest.mark.usefixtures("read_path")
 def test_a_cached_chunk_changed_or_missing_in_the_store_is_still_named() -> None:
     """The process cache of verified chunks serves a chunk only while the store holds
     the very bytes that were checked: damage after a first read is still refused."""
