@@ -206,6 +206,10 @@ def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summ
                 cpu.add(time.thread_time_ns() - t0_cpu)  # this thread's CPU: what the load does not add
                 if prof is not None:
                     prof.disable()
+                # The pending call's arguments, left undecoded by the resume, are decoded here,
+                # outside both timings: the copy below reads them, a host's suspend does not
+                # (it encodes the new call the guest made) and its resume does not either.
+                _ = snap.pending
                 s0 = time.perf_counter_ns()
                 cap = ex.capture()
                 from dataclasses import replace

@@ -67,6 +67,15 @@ def test_suspend_quick() -> None:
     assert r["compare"]["steps-zig"]["record_bytes_p50"] == r["agents"]["steps-zig"]["torpor"]["record_bytes_p50"]
 
 
+def test_conversation_quick() -> None:
+    r = bench("conversation", "--turns", "20", "--no-summarise", "--rounds", "3")
+    (case,) = r["cases"]
+    assert case["turns"] == 20 and case["stored"]["chunks"] > 0  # large checkpoints are chunked
+    for k in ("resume_last", "resume_last_cpu", "resume_last_cold", "suspend_last"):
+        assert case[k]["n"] == 3 and 0 < case[k]["p50_us"] <= case[k]["p99_us"], (k, case[k])
+    assert 0 < case["last_checkpoint_only"]["state_bytes"] <= case["last_checkpoint_only"]["target_bytes"]
+
+
 def test_density_quick(tmp_path: Path) -> None:
     r = bench("density", "--agents", "600", "--warm", "200", "--store", str(tmp_path / "s"))
     assert r["agents"] == 600
