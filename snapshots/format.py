@@ -596,7 +596,7 @@ def _meta_apart(pending: dict[str, Any] | None, usage: dict[str, Any]) -> bytes:
     decoded dict keeps the order of keys) or it has none.
     """
     args = b""
-    if pending and next(reversed(pending)) == "args":
+    if isinstance(pending, dict) and pending and next(reversed(pending)) == "args":
         head = dict(pending)
         args = _META_JSON(head.pop("args")).encode()
         pending = head
