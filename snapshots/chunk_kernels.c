@@ -40,13 +40,13 @@ size_t tp_cdc_cut(const uint8_t *p, size_t n, const uint64_t *gear, size_t min, 
     return count;
 }
 
-/* -- reading a tree: each distinct name once, then one copy per reference ----------------
+/* -- reading a tree: each distinct name once ---------------------------------------------
  *
  * A level of a chunk tree is a run of 32-byte names, and memory holds many equal pages:
  * an agent's 5 MB state at 400 turns of a conversation is 1,158 data references to 206
- * distinct chunks. chunks.py looks up and checks each distinct chunk once; these two
- * functions do the per-reference work (finding the distinct names, then copying every
- * reference's content into the level's bytes) that was a Python loop body. */
+ * distinct chunks. chunks.py looks up and checks each distinct chunk once; this finds
+ * them (the per-reference work that was a Python loop body). The level's bytes are then
+ * the references' contents in order: delta.Pieces (delta_kernels.c) copies them. */
 
 static uint64_t mix64(uint64_t x) { /* murmur3's finaliser */
     x ^= x >> 33;
@@ -90,25 +90,4 @@ size_t tp_unique_names(const uint8_t *names, size_t n, uint64_t seed, uint32_t *
     }
     free(slot);
     return k;
-}
-
-/* The bytes reference i's content takes, summed over the n references. */
-size_t tp_parts_size(const uint32_t *ids, size_t n, const size_t *lens) {
-    size_t total = 0;
-    for (size_t i = 0; i < n; i++) total += lens[ids[i]];
-    return total;
-}
-
-/* Copies the content of every reference (ptrs[ids[i]], lens[ids[i]] bytes), in order,
- * into dst; returns the bytes written, or -1 when they would exceed cap. */
-long long tp_gather_parts(uint8_t *dst, size_t cap, const uint32_t *ids, size_t n, const uint8_t *const *ptrs,
-                          const size_t *lens) {
-    size_t pos = 0;
-    for (size_t i = 0; i < n; i++) {
-        size_t len = lens[ids[i]];
-        if (len > cap - pos) return -1;
-        memcpy(dst + pos, ptrs[ids[i]], len);
-        pos += len;
-    }
-    return (long long)pos;
 }

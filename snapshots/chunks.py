@@ -45,7 +45,7 @@ from typing import Any
 import zstandard
 
 from . import native_build
-from .delta import _new_bytes
+from .delta import Pieces, _kernels, _new_bytes
 from .errors import RecordCorrupt
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "cut",
     "digest",
     "load_chunk",
+    "read_pieces",
     "read_tree",
     "set_cache_limit",
     "store_chunk",
@@ -106,13 +107,8 @@ def _kernel() -> Any:
             lib.tp_cdc_cut.restype = sz
             lib.tp_cdc_cut.argtypes = [ctypes.c_char_p, sz, ctypes.c_void_p, sz, ctypes.c_uint64, sz,
                                        ctypes.c_void_p, sz]
-            p = ctypes.c_void_p
             lib.tp_unique_names.restype = sz
-            lib.tp_unique_names.argtypes = [ctypes.c_char_p, sz, ctypes.c_uint64, p, p]
-            lib.tp_parts_size.restype = sz
-            lib.tp_parts_size.argtypes = [p, sz, p]
-            lib.tp_gather_parts.restype = ctypes.c_longlong
-            lib.tp_gather_parts.argtypes = [p, sz, p, sz, p, p]
+            lib.tp_unique_names.argtypes = [ctypes.c_char_p, sz, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p]
             _gear_c.append((ctypes.c_uint64 * 256)(*GEAR))
         _lib.append(lib)
     return _lib[0]
@@ -323,16 +319,23 @@ def read_tree(ref: bytes, get: Callable[[bytes], bytes | None]) -> bytes:
     ago, from the same transaction. With the native kernels the per-reference work
     (finding the distinct names, copying each reference's content into place) is C.
     """
+    out = read_pieces(ref, get)
+    return out if isinstance(out, bytes) else out.gather()
+
+
+def read_pieces(ref: bytes, get: Callable[[bytes], bytes | None]) -> bytes | Pieces:
+    """``read_tree``'s bytes, as :class:`~snapshots.delta.Pieces` (the data chunks, not
+    copied together) when the native kernels are there, else as bytes."""
     levels, total, index = _parse_ref(ref)
-    lib = _kernel()
-    level_bytes = _level_py if lib is None or _new_bytes is None else _level_native
-    for level in range(levels, 0, -1):
-        index = level_bytes(index, get)
-        if level > 1 and len(index) % DIGEST_SIZE:
+    native = _kernel() is not None and _kernels() is not None and _new_bytes is not None
+    for _ in range(levels - 1):
+        index = _level_native(index, get).gather() if native else _level_py(index, get)
+        if len(index) % DIGEST_SIZE:
             raise ValueError("an index chunk's length is not a whole number of digests")
-    if len(index) != total:
-        raise ValueError(f"the chunks hold {len(index)} bytes, the reference says {total}")
-    return index
+    out = _level_native(index, get) if native else _level_py(index, get)
+    if len(out) != total:
+        raise ValueError(f"the chunks hold {len(out)} bytes, the reference says {total}")
+    return out
 
 
 def _checked(name: bytes, get: Callable[[bytes], bytes | None]) -> bytes:
@@ -371,23 +374,14 @@ def _level_py(index: bytes, get: Callable[[bytes], bytes | None]) -> bytes:
 _SEED = int.from_bytes(os.urandom(8), "little")  # tp_unique_names' hash key
 
 
-def _level_native(index: bytes, get: Callable[[bytes], bytes | None]) -> bytes:
+def _level_native(index: bytes, get: Callable[[bytes], bytes | None]) -> Pieces:
     """``_level_py`` with the per-reference work in C: Python checks each distinct chunk."""
-    lib = _lib[0]
     n = len(index) // DIGEST_SIZE
     ids, firsts = (ctypes.c_uint32 * n)(), (ctypes.c_uint32 * n)()
-    k = lib.tp_unique_names(index, n, _SEED, ids, firsts)
+    k = _lib[0].tp_unique_names(index, n, _SEED, ids, firsts)
     if k > n:  # (size_t)-1: no memory for the scratch table
-        return _level_py(index, get)
-    contents = [_checked(index[f * DIGEST_SIZE : (f + 1) * DIGEST_SIZE], get) for f in firsts[:k]]
-    ptrs = (ctypes.c_char_p * k)(*contents)  # the contents' own bytes, kept alive by `contents`
-    lens = (ctypes.c_size_t * k)(*map(len, contents))
-    size = lib.tp_parts_size(ids, n, lens)
-    assert _new_bytes is not None
-    out = _new_bytes(None, size)  # uninitialised: filled below before anyone sees it
-    if lib.tp_gather_parts(out, size, ids, n, ptrs, lens) != size:  # pragma: no cover - sized above
-        raise RuntimeError("chunk gather overflow")
-    return out
+        raise MemoryError("no memory to read a chunk tree")
+    return Pieces(ids, [_checked(index[f * DIGEST_SIZE : (f + 1) * DIGEST_SIZE], get) for f in firsts[:k]])
 
 
 def tree_digests(ref: bytes, get: Callable[[bytes], bytes | None]) -> Iterator[bytes]:

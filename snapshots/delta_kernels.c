@@ -245,3 +245,73 @@ void tp_unxor_in_place(uint8_t *dst, size_t mem_len, const uint8_t *pri, size_t 
                        const uint32_t *idx, size_t n, const uint8_t *mask, size_t mask_len) {
     xor_masked(dst, 0, mem_len, pri, pri_len, chunk, idx, n, mask, mask_len);
 }
+
+/* -- pieces: a byte stream held as references to distinct parts ------------------------
+ *
+ * A chunk tree's level read back (snapshots/chunks.py) is n references to k distinct
+ * parts, part j at ptrs[j] holding lens[j] bytes, reference i naming part ids[i]. Kept
+ * that way, a restore copies a checkpoint's memory chunks from the parts straight into
+ * the instance's memory instead of first copying every part into one payload
+ * (delta._Tail over a Pieces). ids[i] < k: the caller built them. */
+
+/* Seek byte `start` of the stream: *r = the reference holding it, *off = the offset in
+ * that reference's part. Returns -1 if the stream is shorter. */
+static int piece_seek(const uint32_t *ids, size_t nids, const size_t *lens, size_t start, size_t *r, size_t *off) {
+    size_t i = 0;
+    while (i < nids && start >= lens[ids[i]]) {
+        start -= lens[ids[i]];
+        i++;
+    }
+    if (i == nids && start) return -1;
+    *r = i;
+    *off = start;
+    return 0;
+}
+
+/* Copy `len` bytes of the stream from reference *r, offset *off, to dst, advancing both.
+ * Returns -1 if the stream runs out first. */
+static int piece_copy(uint8_t *dst, size_t len, const uint32_t *ids, size_t nids, const uint8_t *const *ptrs,
+                      const size_t *lens, size_t *r, size_t *off) {
+    while (len) {
+        if (*r >= nids) return -1;
+        size_t part = lens[ids[*r]], take = part - *off < len ? part - *off : len;
+        memcpy(dst, ptrs[ids[*r]] + *off, take);
+        dst += take;
+        len -= take;
+        *off += take;
+        if (*off == part) {
+            (*r)++;
+            *off = 0;
+        }
+    }
+    return 0;
+}
+
+/* The stream's length. */
+size_t tp_pieces_size(const uint32_t *ids, size_t nids, const size_t *lens) {
+    size_t total = 0;
+    for (size_t i = 0; i < nids; i++) total += lens[ids[i]];
+    return total;
+}
+
+/* The stream's bytes [start, end) into dst (end - start bytes); 0, or -1 if the stream
+ * is shorter. */
+int tp_pieces_gather(uint8_t *dst, const uint32_t *ids, size_t nids, const uint8_t *const *ptrs, const size_t *lens,
+                     size_t start, size_t end) {
+    size_t r, off;
+    if (end < start || piece_seek(ids, nids, lens, start, &r, &off)) return -1;
+    return piece_copy(dst, end - start, ids, nids, ptrs, lens, &r, &off);
+}
+
+/* tp_scatter with the chunks' bytes read from the stream from byte `start`: memory chunk
+ * idx[k] gets the next chunk_len bytes. 0, or -1 if the stream runs out. */
+int tp_pieces_scatter(uint8_t *dst, size_t mem_len, size_t chunk, const uint32_t *idx, size_t n, const uint32_t *ids,
+                      size_t nids, const uint8_t *const *ptrs, const size_t *lens, size_t start) {
+    size_t r, off;
+    if (piece_seek(ids, nids, lens, start, &r, &off)) return -1;
+    for (size_t k = 0; k < n; k++) {
+        size_t o = (size_t)idx[k] * chunk;
+        if (piece_copy(dst + o, chunk_len(idx[k], chunk, mem_len), ids, nids, ptrs, lens, &r, &off)) return -1;
+    }
+    return 0;
+}

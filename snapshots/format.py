@@ -85,6 +85,7 @@ import zstandard
 from . import chunks
 from .delta import (
     MemoryDelta,
+    Pieces,
     _kernels,
     _region,
     _src,
@@ -804,18 +805,30 @@ def decode_snapshot(
     return _parse_payload(payload, abi, digest, pristine if xor else None, apart)
 
 
-def _chunked_payload(data: bytes, chunks_from: Callable[[bytes], bytes | None] | None) -> bytes:
-    """The payload a format-3 record names, read from the chunk store, every chunk checked."""
+def _chunked_payload(data: bytes, chunks_from: Callable[[bytes], bytes | None] | None) -> bytes | Pieces:
+    """The payload a format-3 record names, read from the chunk store, every chunk checked
+    (as pieces, not copied together, when the native kernels are there)."""
     if chunks_from is None:
         raise SnapshotError("this checkpoint keeps its payload in the store's chunks: pass "
                             "chunks_from=<the store's get_chunk> to decode_snapshot")
     try:
-        return chunks.read_tree(data[_PREFIX_LEN:-_CHECKSUM_LEN], chunks_from)
+        return chunks.read_pieces(data[_PREFIX_LEN:-_CHECKSUM_LEN], chunks_from)
     except RecordCorrupt as exc:
         raise SnapshotCorrupt(f"a chunk of this checkpoint is unusable: {exc}; restore an earlier "
                               "checkpoint") from exc
     except ValueError as exc:
         raise _inconsistent(exc) from exc
+
+
+def _head_of(pieces: Pieces) -> bytes:
+    """The bytes of a payload in pieces up to its memory chunks, copied together (or a
+    bound on them: the memory chunks' length is known only once the head is parsed)."""
+    fields, pos = _get_uvarints(pieces.gather(0, 10 * _N_VARINTS), 0, _N_VARINTS)
+    n_chunks, n_globals, agent_len, entry_len, meta_len = fields[5], fields[6], fields[7], fields[8], fields[9]
+    # created_at; a gap varint per chunk (10 bytes at most); the strings; a global: kind,
+    # name length, name (255 bytes at most), value (10 bytes at most)
+    bound = pos + 8 + 10 * n_chunks + agent_len + entry_len + meta_len + n_globals * (2 + 255 + 10)
+    return pieces.gather(0, bound)
 
 
 def _inconsistent(exc: Exception) -> SnapshotCorrupt:
@@ -826,11 +839,13 @@ def _inconsistent(exc: Exception) -> SnapshotCorrupt:
     )
 
 
-def _parse_payload(p: bytes, abi: int, digest: str, pristine: Pristine | None, apart: bool = False,
-                   in_place: bool = False) -> Snapshot:
-    """The snapshot a payload holds. ``in_place``: the memory chunks stay in ``p`` (a large
-    payload's megabytes: see ``delta._Tail``) instead of being sliced out of it."""
+def _parse_payload(payload: bytes | Pieces, abi: int, digest: str, pristine: Pristine | None,
+                   apart: bool = False, in_place: bool = False) -> Snapshot:
+    """The snapshot a payload holds. ``in_place``: the memory chunks stay in the payload
+    (a large payload's megabytes: see ``delta._Tail``) instead of being sliced out of it;
+    of a payload in pieces only what precedes them is copied together."""
     try:
+        p = payload if isinstance(payload, bytes) else _head_of(payload)
         fields, created_at, index_bytes, pos = _parse_head(p)
         (
             seq,
@@ -866,10 +881,12 @@ def _parse_payload(p: bytes, abi: int, digest: str, pristine: Pristine | None, a
             globals_.append(GlobalValue(name, _KIND_NAMES[code], value))
         if not isinstance(usage, dict):
             raise ValueError("usage must be an object")
+        if pos > len(p):
+            raise ValueError("the payload's fields run past its end")
         if pristine is not None:
             _check_pristine_size(pristine, memory_size)
-        if in_place:
-            memory = MemoryDelta.packed(memory_size, chunk_size, index_bytes, p, xor_with=pristine, start=pos)
+        if in_place or not isinstance(payload, bytes):
+            memory = MemoryDelta.packed(memory_size, chunk_size, index_bytes, payload, xor_with=pristine, start=pos)
         else:
             memory = MemoryDelta.packed(memory_size, chunk_size, index_bytes, p[pos:], xor_with=pristine)
         return Snapshot(

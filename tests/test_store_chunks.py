@@ -10,10 +10,12 @@ chunked checkpoints, and a changed or missing chunk refused at resume as
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import random
 import shutil
+from array import array
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,25 @@ def test_a_tree_of_many_equal_chunks_reads_back_exactly(read_path: str) -> None:
     chunks.clear_cache()
     with pytest.raises(RecordCorrupt, match=victim.hex()):
         chunks.read_tree(ref, held.get)
+
+
+def test_pieces_read_back_any_range_and_scatter_across_their_parts() -> None:
+    if delta_mod._kernels() is None:
+        pytest.skip("native delta kernels unavailable")
+    parts = [b"abc", b"defgh", b"", b"ij"]
+    ids = (ctypes.c_uint32 * 8)(0, 1, 0, 3, 2, 1, 3, 1)  # repeated, empty and adjacent parts
+    pieces = delta_mod.Pieces(ids, parts)
+    joined = b"".join(parts[i] for i in ids)
+    assert len(pieces) == len(joined) and pieces.gather() == joined
+    for a in range(len(joined) + 1):
+        for b in range(a, len(joined) + 2):
+            assert pieces.gather(a, b) == joined[a:b]
+    # memory chunks 0 and 2 (of 3, 4 bytes each) from the stream's last 8 bytes, which
+    # straddle three parts
+    delta = MemoryDelta.packed(12, 4, array("I", [0, 2]).tobytes(), pieces, start=len(joined) - 8)
+    memory = bytearray(12)
+    apply_delta(delta, memory)
+    assert memory == joined[-8:-4] + bytes(4) + joined[-4:] and delta.data == joined[-8:]
 
 
 @pytest.mark.usefixtures("read_path")
@@ -304,15 +325,19 @@ def test_a_decoded_large_checkpoint_restores_its_memory_from_where_it_lies_in_th
     # a module image with data under the first chunks: those are stored XOR'd against it
     image = _text(20_000, seed=6).ljust(snap.memory.memory_size, b"\0") if xor else None
     blob, back = _round_trip(snap, image)
-    assert isinstance(back.memory._stored[0], delta_mod._Tail)  # not copied out of the payload
+    stored = back.memory._stored[0]
+    assert isinstance(stored, delta_mod._Tail)  # not copied out of the payload
+    # natively, not even copied together: the chunk tree's pieces, scattered into memory
+    assert isinstance(stored.payload, delta_mod.Pieces) == (kernels == "native")
     assert (back.memory._stored[1] is not None) == xor  # kept XOR'd, un-XOR'd as it is written
-    assert encode_checkpoint(back, pristine=image)[0] == blob  # written again from where it lies
     restored, expected = bytearray(image or bytes(snap.memory.memory_size)), bytearray(image or b"")
     expected = expected or bytearray(snap.memory.memory_size)
     apply_delta(back.memory, restored)
     apply_delta(snap.memory, expected)
     assert restored == expected and back.memory.changed_bytes == snap.memory.changed_bytes
-    assert back.memory.data == snap.memory.data and back == snap
+    assert encode_checkpoint(back, pristine=image)[0] == blob  # written again from where it lies
+    again = _round_trip(snap, image)[1]
+    assert again.memory.data == snap.memory.data and again == snap  # the bytes, copied out
 
 
 def test_malformed_pending_arguments_are_snapshot_corrupt_when_read(monkeypatch: pytest.MonkeyPatch) -> None:
