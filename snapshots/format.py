@@ -60,8 +60,9 @@ Why this shape:
   and resuming a call whose answer is journaled never reads them. Format-3 records
   without the flag (written before it) decode as before; a Torpor that predates the
   flag refuses the records that carry it as too new, never misreads them. A decoded
-  format-3 record also keeps its memory chunks where they lie in the payload
-  (``delta._Tail``) rather than copying 4 MB out of it.
+  format-3 record also keeps its memory chunks where they lie: in the chunk tree's
+  pieces (``delta.Pieces``), from which a restore copies them straight into the
+  instance's memory; only the payload's head is copied together for the parse.
 
 This module never reads a clock: ``created_at`` comes from the caller. A host writes
 checkpoints with :func:`encode_checkpoint`, which picks version 2 or 3 by size.
