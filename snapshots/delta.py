@@ -195,19 +195,21 @@ class _Tail:
         return memoryview(self.payload)[self.start :]
 
     def address(self) -> int:
-        """Where the bytes start (copied together first if they are pieces); valid while
-        this object lives."""
+        """Where the bytes start, in a bytes payload; valid while this object lives. (Never
+        changes what it holds: a delta is shared between threads.)"""
         if not self._addr:
-            if isinstance(self.payload, Pieces):
-                self.payload, self.start = bytes(self), 0
+            assert isinstance(self.payload, bytes)
             base = ctypes.cast(ctypes.c_char_p(self.payload), ctypes.c_void_p).value or 0
-            self._addr = base + self.start
+            self._addr = base + self.start  # two threads store the same value
         return self._addr
 
 
 def _src(stored: bytes | _Tail) -> bytes | int:
-    """What a kernel's ``void *`` source parameter takes for a delta's stored bytes."""
-    return stored.address() if isinstance(stored, _Tail) else stored
+    """What a kernel's ``void *`` source parameter takes for a delta's stored bytes (the
+    caller holds the result for the call: pieces are copied together into it)."""
+    if isinstance(stored, _Tail):
+        return bytes(stored) if isinstance(stored.payload, Pieces) else stored.address()
+    return stored
 
 
 class MemoryDelta:
