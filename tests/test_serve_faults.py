@@ -85,13 +85,17 @@ def test_sigkill_with_500_agents_in_flight_then_a_new_serve_finishes_each_once(
     secret = token(store, "acme", "runs:write", "runs:read")
     n = 30
     proc, url = start_process(store, "--durability", "process")
+    failed: BaseException | None = None
     try:
         bodies = [{"agent": steps, "input": {"n": n}} for _ in range(500)]
         responses = anyio.run(lambda: _post_all(url, secret, bodies, limit=32))
-        assert [r.status_code for r in responses] == [201] * 500
+    except BaseException as exc:  # shown with what the server said
+        failed = exc
     finally:
         os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
+    assert failed is None, f"{failed!r}; the server said: {err.decode()[-4000:]}"
+    assert [r.status_code for r in responses] == [201] * 500
     ids = {r.json()["agent_id"] for r in responses}
     at_kill = _statuses(store)
     assert set(at_kill) == ids  # every accepted run was recorded before it was answered
