@@ -141,6 +141,9 @@ def diff_policies(a: Policy, b: Policy) -> PolicyDiff:
 
 # The grant of a tool that is not granted: what an added tool is compared against.
 _EMPTY_GRANT: dict[str, Any] = {}
+# Settings every grant has, at the value a grant that does not name them gets: a tool added
+# or removed with them at that value changes nothing there.
+_GRANT_DEFAULTS: dict[str, Any] = {"on_limit": "deny"}
 # What an added or removed tool brings or takes into the other sections.
 # (its description and settings at their defaults say nothing; ``rate_scope`` only with a rate).
 _NEW_GRANT_FIELDS = frozenset({"approval", "hosts", "methods", "allow_private", "base_url", "headers", "credentials",
@@ -166,7 +169,8 @@ def _grant_changes(tool: str, before: dict[str, Any], after: dict[str, Any],
     for field in sorted(set(before) | set(after), key=_field_order):
         if only is not None and field not in only:
             continue
-        va, vb = before.get(field), after.get(field)
+        default = _GRANT_DEFAULTS.get(field)
+        va, vb = before.get(field, default), after.get(field, default)
         if va == vb:
             continue
         section = _section_of(field)

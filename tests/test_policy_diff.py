@@ -121,3 +121,16 @@ def test_a_tool_added_or_removed_brings_or_takes_its_grants() -> None:
     assert ("approvals", "notify.send", "removed", "always", None) in back
     d = diff_policies(parse(BASE), parse(minimal))
     assert d.tools_removed == ("http.fetch", "kv.get", "notify.send") and d.tools_added == ()
+
+
+def test_a_rate_limit_that_waits_instead_of_denying_is_a_changed_limit_and_defaults_say_nothing() -> None:
+    a = policies.parse_policy(BASE)
+    b = policies.parse_policy(BASE.replace('rate = "3/min"', 'rate = "3/min"\non_limit = "wait"\nmax_wait = "20s"'))
+    limits = {(c.subject, c.before, c.after) for c in diff_policies(a, b).changes if c.section == "limits"}
+    assert ("notify.send on_limit", "deny", "wait") in limits
+    assert any(subject == "notify.send max_wait" for subject, _, _ in limits)
+    # a tool added or removed with on_limit at its default adds no limit line for it
+    c = policies.parse_policy(BASE + '\n[tools."kv.set"]\nrate = "5/s"\n')
+    added = [ch for ch in diff_policies(a, c).changes if ch.section == "limits"]
+    assert [(ch.subject, ch.after) for ch in added] == [("kv.set rate", ["5/s"])], added
+    assert not [ch for ch in diff_policies(c, a).changes if "on_limit" in ch.subject]
