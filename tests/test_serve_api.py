@@ -119,7 +119,8 @@ def test_a_client_leaving_mid_stream_costs_nothing(served: tuple[InProcessServer
                                                          "wait": 60}).json()["agent_id"]
         for _ in range(3):  # the agent waits on a person: its stream stays open until the client goes
             with c.stream("GET", f"/v1/agents/{aid}/events", headers=auth(t)) as r:
-                first = next(_sse(r.iter_lines()))
+                lines = _sse(r.iter_lines())  # held: dropping it would close the stream before the check
+                first = next(lines)
                 assert first["event"] == "agent.spawned"
                 assert events.open_streams >= 1
         _until(lambda: events.open_streams == 0, "the streams of clients that left are closed")
