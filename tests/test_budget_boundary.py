@@ -10,14 +10,13 @@ the GIL, which a Python epoch ticker needs). Each runs through the real CLI.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import wasmtime
+from child_rss import run_measured
 
 from host.sandbox import abi
 from host.sandbox import bundle as bundle_mod
@@ -45,16 +44,14 @@ def bundle_of(tmp_path: Path, wat: str, policy: str, name: str) -> Path:
 
 
 def run_cli(bundle: Path, store: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], float, int]:
-    """Run the bundle; the process, its wall time, and its peak RSS in KiB."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "host.cli", "run", str(bundle), "--store", str(store), "--json",
-                           *extra], capture_output=True, text=True, timeout=120)
-    took = time.monotonic() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run the bundle; the process, its wall time, and its own peak RSS in KiB."""
+    argv = [sys.executable, "-m", "host.cli", "run", str(bundle), "--store", str(store), "--json", *extra]
+    m = run_measured(argv, timeout=120)
+    proc = subprocess.CompletedProcess(argv, m.returncode, m.stdout.decode(errors="replace"),
+                                       m.stderr.decode(errors="replace"))
     assert proc.returncode >= 0, f"killed by signal {-proc.returncode}: {proc.stderr[-2000:]}"
     assert "Traceback" not in proc.stderr and '"internal"' not in proc.stdout, proc.stdout + proc.stderr
-    return proc, took, max(peak, before)
+    return proc, m.seconds, m.peak_rss // 1024
 
 
 def result(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import wasmtime
+from child_rss import run_measured
 from conftest import BundleFactory
 
 from host.errors import MemoryLimitError, ModuleError
@@ -178,25 +179,15 @@ def cli(*args: str) -> Ran:
 
 
 def cli_measured(*args: str) -> Ran:
-    """Like :func:`cli`, with the child's peak RSS from ``getrusage(RUSAGE_CHILDREN)`` in a
-    fresh parent, so that earlier children of this test process do not count."""
-    probe = (
-        "import json, resource, subprocess, sys, time\n"
-        "t = time.perf_counter()\n"
-        "p = subprocess.run(sys.argv[1:], capture_output=True)\n"
-        "t = time.perf_counter() - t\n"
-        "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024\n"
-        "print(json.dumps({'code': p.returncode, 'out': p.stdout.decode(), 'err': p.stderr.decode(), 's': t, 'rss': rss}))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "host.cli", *args, "--json"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    r = json.loads(proc.stdout)
+    """Like :func:`cli`, with the child's own peak RSS (earlier children of this test process
+    do not count)."""
+    m = run_measured([sys.executable, "-m", "host.cli", *args, "--json"], timeout=120)
+    out = m.stdout.decode(errors="replace")
     try:
-        parsed = json.loads(r["out"]) if r["out"].strip() else None
+        parsed = json.loads(out) if out.strip() else None
     except ValueError:
-        parsed = r["out"]
-    return Ran(r["code"], parsed, r["s"], r["rss"], r["err"])
+        parsed = out
+    return Ran(m.returncode, parsed, m.seconds, m.peak_rss, m.stderr.decode(errors="replace"))
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from serve_helpers import InProcessServer, auth, register, start_process, token
 
 from host.runtime import timers
 from host.trust import audit
+from snapshots.errors import StoreUnavailable
 from snapshots.lmdb_store import LmdbStore
 
 
@@ -157,15 +158,17 @@ def test_sigkill_during_short_sleeps_then_resume_keeps_every_deadline(bundles: B
         time.sleep(0.2)
         assert proc.poll() is None, "the run ended before it was killed"
         assert time.monotonic() < deadline
-        if (store / "db").is_dir():
+        try:  # the child may have made the directory but not yet the environment in it
             s = LmdbStore.open(store / "db", readonly=True, create=False)
-            try:
-                with s.read() as txn:
-                    n = sum(1 for r in txn.iter_agent_summaries() if r.tool_calls >= 10)
-            finally:
-                s.close()
-            if n:
-                break
+        except StoreUnavailable:
+            continue
+        try:
+            with s.read() as txn:
+                n = sum(1 for r in txn.iter_agent_summaries() if r.tool_calls >= 10)
+        finally:
+            s.close()
+        if n:
+            break
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     s = LmdbStore.open(store / "db", readonly=True, create=False)
