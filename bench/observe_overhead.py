@@ -12,6 +12,11 @@ Four figures against its baseline in the same run:
 * the HTTP edge: one request through :class:`~host.server.metrics.HttpMetrics` around a
   minimal ASGI application, against that application alone (no network: the middleware's
   own cost, which a loopback request would hide in its noise);
+* the traces (``host/runtime/tracing.py``): off (no ``OTEL_EXPORTER_OTLP_ENDPOINT``), the
+  host's observer is the server's ``Metrics`` itself, not a fan-out: checked, and the cost
+  is the ``Metrics`` figure; on, the same replayed calls made on the tracer alone and on
+  ``Metrics`` and the tracer together (spans into the SDK's batch processor, exported to an
+  exporter that drops them: the SDK's cost on the event loop, not the network's);
 * the seam itself: one call of an empty observer method;
 * a scrape of a store of 10,000 agents (``bench.cli_startup.build_store``): the first, which
   reads the listing, and one within the listing's cache time.
@@ -53,6 +58,8 @@ def _runtime(rounds: int, agents: int, n: int, http_requests: int) -> dict[str, 
         with Host(tmp, warm_idle_s=60.0, durability="process") as host:  # no fsync noise: the CPU cost
             app = create_app(host)  # its Metrics becomes the host's observer
             metrics = app.state.metrics
+            if host.tracing is not None or host.observer is not app.state.metrics:  # off: no fan-out
+                raise TorporError("run this benchmark without OTEL_EXPORTER_OTLP_ENDPOINT: it measures tracing off")
             anyio.run(lambda: host.run(b, {"n": 1}))  # load and compile outside the timing
 
             async def batch() -> int:
@@ -94,7 +101,7 @@ def _replay(host: Any, b: Any, metrics: Any, agents: int, n: int) -> dict[str, A
     makes on its observer (recorded), made again on the server's Metrics and on NOBODY."""
     import anyio
 
-    from host.runtime.observe import NOBODY, Observer
+    from host.runtime.observe import NOBODY, Observer, fan_out
 
     calls: list[tuple[str, tuple[Any, ...]]] = []
 
@@ -127,10 +134,32 @@ def _replay(host: Any, b: Any, metrics: Any, agents: int, n: int) -> dict[str, A
         for name, args in calls:
             getattr(observer, name)(*args)
 
-    per = {name: min(timeit.repeat(lambda o=o: replay(o), number=5, repeat=5)) / 5  # type: ignore[misc]
-           for name, o in (("nobody", NOBODY), ("metrics", metrics))}
+    tracing = _tracing()
+    try:
+        per = {name: min(timeit.repeat(lambda o=o: replay(o), number=5, repeat=5)) / 5  # type: ignore[misc]
+               for name, o in (("nobody", NOBODY), ("metrics", metrics), ("tracing", tracing),
+                               ("metrics_and_tracing", fan_out(metrics, tracing)))}
+    finally:
+        tracing.shutdown()
     return {"replayed_observer_calls": len(calls), "replayed_tool_calls": tool_calls,
             "observer_us_per_tool_call": {k: round(v / tool_calls * 1e6, 3) for k, v in per.items()}}
+
+
+def _tracing() -> Any:
+    """The runtime's tracer as OTEL_EXPORTER_OTLP_ENDPOINT builds it (a batch processor), into
+    an exporter that drops what it is handed."""
+    from collections.abc import Sequence
+
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from host.runtime.tracing import Tracing
+
+    class Drop(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    return Tracing.with_exporter(Drop(), batch=True)
 
 
 def _http(metrics: Any, requests: int) -> dict[str, Any]:
@@ -226,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
               f"metrics {rt['metrics_round_trips_per_s']:,} ({rt['metrics_cost_us_per_call']} µs a call)")
         o = rt["observer_us_per_tool_call"]
         print(f"observer calls of a real run, replayed: {o['metrics']} µs a tool call on Metrics, {o['nobody']} µs "
-              "on NOBODY")
+              f"on NOBODY; tracing on: {o['tracing']} µs on the tracer, {o['metrics_and_tracing']} µs on both")
         print(f"HTTP request, in-process ASGI: bare {http['bare_us']} µs, with HttpMetrics "
               f"{http['with_http_metrics_us']} µs ({http['http_metrics_cost_us']} µs a request)")
         sc = res["scrape"]

@@ -31,7 +31,7 @@ class Ctx:
     def ctx(self) -> ToolContext:
         return ToolContext(
             agent_id=self.agent_id, agent_name="t", call_seq=1, kv_namespace=f"agent:{self.agent_id}",
-            secrets=dict(self.secrets), report_tokens=self.tokens.append, grant=self.pol.grants.get(self.tool),
+            secrets=dict(self.secrets), report_tokens=lambda n, **detail: self.tokens.append(n), grant=self.pol.grants.get(self.tool),
             policy=self.pol,
         )
 

@@ -44,11 +44,21 @@ def keep(agent: LiveAgent, usage: policies.Usage) -> None:
                        recent_calls={k: list(v) for k, v in usage.recent_calls.items()})
 
 
-def count_tokens(agent: LiveAgent, call_seq: int, tool: str, n: int) -> None:
-    """A tool reports the tokens a call spent (an LLM call); audited as it happens."""
+#: What a token report may say beyond its total, and the type of each (anything else is dropped).
+TOKEN_DETAIL = {"model": str, "provider": str, "input_tokens": int, "output_tokens": int}
+
+
+def count_tokens(agent: LiveAgent, call_seq: int, tool: str, n: int, **detail: Any) -> None:
+    """A tool reports the tokens a call spent (an LLM call); audited as it happens, with
+    the model, provider, input and output tokens when the tool says them (:data:`TOKEN_DETAIL`)."""
     n = max(0, int(n))
     agent.usage["tokens"] = int(agent.usage.get("tokens", 0)) + n
-    agent.event("tokens.used", call_seq=call_seq, tool=tool, tokens=n, total=agent.usage["tokens"])
+    known = {k: v for k, v in detail.items()
+             if k in TOKEN_DETAIL and isinstance(v, TOKEN_DETAIL[k]) and not isinstance(v, bool)}
+    for k in ("model", "provider"):
+        if k in known:
+            known[k] = str(known[k])[:200]
+    agent.event("tokens.used", call_seq=call_seq, tool=tool, tokens=n, total=agent.usage["tokens"], **known)
 
 
 def count_fuel(agent: LiveAgent, fuel_used: int) -> None:

@@ -43,7 +43,9 @@ from host.errors import AgentStateError, ConfigError
 from host.paths import default_store_dir
 from host.runtime import approvals as approvals_mod
 from host.runtime import lifecycle as lifecycle_mod
+from host.runtime import observe as observe_mod
 from host.runtime import queries, timers
+from host.runtime import tracing as tracing_mod
 from host.runtime.agent import LiveAgent, RunResult
 from host.runtime.commits import AgentCommits
 from host.runtime.fork import fork as fork_agent
@@ -55,6 +57,7 @@ from host.runtime.pools import PriorityPool, slots
 from host.runtime.registry import DEFAULT_TENANT, Registry
 from host.runtime.timers import Wakeup
 from host.runtime.tool_call import Ended, Parked, ToolCallPipeline
+from host.runtime.tracing import Tracing
 from host.sandbox import validate
 from host.sandbox.bundle import Bundle
 from host.sandbox.engine import Engine, EngineConfig, LoadedModule
@@ -109,6 +112,9 @@ class Host:
     initial memory is above it is refused (``memory_limit``) before anything is allocated.
     ``observer``: who is told of spawns, guest segments, suspensions, resumes and commits
     (:mod:`host.runtime.observe`; a server's metrics); nobody by default, see :meth:`observe`.
+    ``tracing``: the OpenTelemetry spans of what agents do (:mod:`host.runtime.tracing`),
+    told the same things beside the observer; by default built from the environment
+    (``OTEL_EXPORTER_OTLP_ENDPOINT``), none when it does not ask for traces.
     """
 
     def __init__(self, store_dir: str | Path | None = None, *, warm_idle_s: float = 0.05,
@@ -118,11 +124,13 @@ class Host:
                  engine: str | EngineConfig | None = None, durability: str | None = None,
                  max_warm_bytes: int | None = None, handlers: Mapping[str, Callable[..., Any]] | None = None,
                  tools_dirs: Sequence[str | Path] | None = None, trust_bundle_code: Iterable[str] = (),
-                 max_memory: int | str | None = None, observer: Observer | None = None) -> None:
+                 max_memory: int | str | None = None, observer: Observer | None = None,
+                 tracing: Tracing | None = None) -> None:
         # Arguments first: nothing is opened yet that a bad one would leave open.
         config = engine if isinstance(engine, EngineConfig) else EngineConfig.for_profile(engine)
         sources = ToolSources(handlers=handlers, tools_dirs=tools_dirs, trust_bundle_code=trust_bundle_code)
         memory_cap = validate.max_memory(max_memory)
+        traced = tracing if tracing is not None else tracing_mod.from_env()  # OTEL_* refused before opening
         if max_warm_bytes is None:
             max_warm_bytes = _physical_memory() // 2
         if isinstance(max_warm_bytes, bool) or not isinstance(max_warm_bytes, int) or max_warm_bytes < 0:
@@ -170,14 +178,17 @@ class Host:
                                    self.identity, self.heads, self.broker)
         self.registry = Registry(self.store)  # named, versioned, tagged bundles (`torpor push`)
         self.observer: Observer = NOBODY
-        if observer is not None:
-            self.observe(observer)
+        self.tracing = traced
+        self.observe(observer if observer is not None else NOBODY)
 
     def observe(self, observer: Observer) -> None:
         """Tell ``observer`` what this host does from now on (it replaces the one before).
 
         The parts that see the moments it is told of (the commits, the guest runner) hold
-        it; the host itself tells it of spawns and resumes."""
+        it; the host itself tells it of spawns and resumes. With tracing on, the tracer is
+        told too (one fan-out); off, ``observer`` is held as it is: the seam costs what it did."""
+        if self.tracing is not None:
+            observer = observe_mod.fan_out(observer, self.tracing)
         self.observer = observer
         self.commits.observer = observer
         self.guest.observer = observer
@@ -202,6 +213,8 @@ class Host:
                 self.heads.maybe_seal()  # sign the audit log's heads, if one is due
         finally:
             self.store.close()
+            if self.tracing is not None:
+                self.tracing.shutdown()  # the spans still batched go out before the process ends
 
     # -- the guest runner's gauges, as the host's ---------------------------------
     @property

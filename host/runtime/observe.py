@@ -56,3 +56,38 @@ class Observer:
 
 #: The observer of a host nobody watches.
 NOBODY = Observer()
+
+
+class _FanOut(Observer):
+    """Tells each of its observers in turn (a server's metrics and the traces)."""
+
+    def __init__(self, observers: Sequence[Observer]) -> None:
+        self.observers = tuple(observers)
+
+    def spawned(self, agent: LiveAgent, seconds: float) -> None:
+        for o in self.observers:
+            o.spawned(agent, seconds)
+
+    def ran(self, agent: LiveAgent, fuel: int, seconds: float) -> None:
+        for o in self.observers:
+            o.ran(agent, fuel, seconds)
+
+    def suspended(self, agent: LiveAgent, seconds: float) -> None:
+        for o in self.observers:
+            o.suspended(agent, seconds)
+
+    def resumed(self, agent: LiveAgent, seconds: float) -> None:
+        for o in self.observers:
+            o.resumed(agent, seconds)
+
+    def committed(self, agent: LiveAgent, events: Events, seconds: float) -> None:
+        for o in self.observers:
+            o.committed(agent, events, seconds)
+
+
+def fan_out(*observers: Observer) -> Observer:
+    """One observer telling all of ``observers`` (:data:`NOBODY` left out; one alone is itself)."""
+    real = [o for o in observers if o is not NOBODY]
+    if not real:
+        return NOBODY
+    return real[0] if len(real) == 1 else _FanOut(real)

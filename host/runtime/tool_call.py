@@ -397,7 +397,7 @@ class ToolCallPipeline:
         return ToolContext(agent_id=agent.agent_id, agent_name=agent.bundle.name, call_seq=call.seq,
                            kv_namespace=f"agent:{agent.agent_id}", principal=agent.record.get("principal"),
                            now=time.time, store=self.store,
-                           report_tokens=lambda n: budgets.count_tokens(agent, call.seq, call.tool, n),
+                           report_tokens=lambda n, **detail: budgets.count_tokens(agent, call.seq, call.tool, n, **detail),
                            grant=grant, policy=policy, secrets=secrets, secret_hosts=bindings(secrets))
 
     def scrubber(self, agent: LiveAgent, ctx: ToolContext) -> Scrubber:

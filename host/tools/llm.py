@@ -247,6 +247,13 @@ def _integral(*vs: Any) -> bool:
     return all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in vs)
 
 
+def _detail(usage: dict[str, Any], model: str, provider: str) -> dict[str, Any]:
+    """What a token report says beyond its total (audited with it; the GenAI attributes of
+    the call's trace span): the model that answered, the provider, input and output tokens."""
+    return {"model": model, "provider": provider, "input_tokens": int(usage["prompt_tokens"]),
+            "output_tokens": int(usage["completion_tokens"])}
+
+
 def charge(reported: dict[str, Any] | None, host_prompt: int, host_completion: int) -> dict[str, Any]:
     """The usage charged for one answer: the larger of what the server reports and what the host counts.
 
@@ -403,14 +410,14 @@ async def chat(args: ChatArgs, ctx: ToolContext, *, tool: str = "llm.chat") -> d
         spent = getattr(exc, "usage", None)
         if spent is not None:
             spent = charge(spent, host_prompt, 0)
-            ctx.report_tokens(int(spent["total_tokens"]))
+            ctx.report_tokens(int(spent["total_tokens"]), **_detail(spent, model, provider))
         raise ToolError(
             "tool_failed", f"{tool}: malformed answer from the LLM server: {exc}", reason_code="bad_response",
             tokens=spent["total_tokens"] if spent else 0,
         ) from None
     usage = charge(usage, host_prompt, _host_count(result["content"] or "")
                    + (_host_count(json.dumps(result["message"]["tool_calls"])) if result["message"].get("tool_calls") else 0))
-    ctx.report_tokens(int(usage["total_tokens"]))
+    ctx.report_tokens(int(usage["total_tokens"]), **_detail(usage, result["model"] or model, provider))
     result["usage"] = usage
     result["model"] = result["model"] or model
     result["attempts"] = attempt + 1

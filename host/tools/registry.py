@@ -53,7 +53,8 @@ class ToolContext:
     store: Any = None  # the host's AgentStore, for tools that keep state
     secrets: dict[str, str] = field(default_factory=dict)  # credentials leased for this call (host side only)
     secret_hosts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # hosts each may go to (empty: unbound)
-    report_tokens: Callable[[int], None] = field(default=lambda n: None)  # count LLM tokens against the budget
+    # Count LLM tokens against the budget: report_tokens(total, model=, provider=, input_tokens=, output_tokens=).
+    report_tokens: Callable[..., None] = field(default=lambda n, **detail: None)
     grant: Any = None  # the policy's ToolGrant for this tool (constraints, credentials, tool-specific settings)
     policy: Any = None  # the agent's whole Policy
 
