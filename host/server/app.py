@@ -54,6 +54,7 @@ class ServerState:
         self.store_probe = StoreProbe(host.store, host.store_dir)
         self.ready = False
         self.taken_over = 0
+        self.console: Any = None  # host.server.console's Console, when mounted
 
     @property
     def draining(self) -> bool:
@@ -63,7 +64,7 @@ class ServerState:
 def _extra_routes(state: ServerState) -> list[BaseRoute]:
     """Routes of the rooms other helpers own (the registry), when they are present."""
     found: list[BaseRoute] = []
-    for module in ("host.server.registry_routes",):
+    for module in ("host.server.registry_routes", "host.server.console"):
         try:
             mod = __import__(module, fromlist=["routes"])
         except ModuleNotFoundError as exc:
@@ -159,8 +160,9 @@ def create_app(host: Host, *, config: ServerConfig | None = None) -> Starlette:
     app.state.refusals = state.refusals
     app.state.events = event_api
     app.state.metrics = telemetry
+    console = getattr(state, "console", None)  # the console's pages check their own session cookie
     app.add_middleware(GatewayMiddleware, store=host.store, config=config, refusals=state.refusals,
-                       draining=lambda: state.draining)
+                       draining=lambda: state.draining, own_auth=console.owns if console is not None else None)
     app.add_middleware(metrics.HttpMetrics, metrics=telemetry)  # outermost: the gateway's refusals count too
     return app
 

@@ -194,8 +194,11 @@ class GatewayMiddleware:
     """Authentication, rate limits and body caps in front of every route (see the module docstring)."""
 
     def __init__(self, app: ASGIApp, *, store: AgentStore, config: ServerConfig, refusals: RefusalAudit,
-                 draining: Callable[[], bool]) -> None:
+                 draining: Callable[[], bool], own_auth: Callable[[str], bool] | None = None) -> None:
         self.app = app
+        #: Paths that authenticate themselves (the console's pages, by a session cookie): the
+        #: gateway still refuses them while draining and caps their bodies, but asks no bearer token.
+        self.own_auth = own_auth
         self.store = store
         self.config = config
         self.refusals = refusals
@@ -212,8 +215,9 @@ class GatewayMiddleware:
         try:
             if self.draining():
                 raise ShuttingDown("the server is shutting down and takes no new work; retry against a running one")
-            who = self._authenticate(scope)
-            self._limit(who)
+            if self.own_auth is None or not self.own_auth(scope["path"]):
+                who = self._authenticate(scope)
+                self._limit(who)
             cap = self._cap(scope)
             length = _content_length(scope)
             if length is not None and length > cap:
@@ -223,7 +227,8 @@ class GatewayMiddleware:
                 self.refusals.note(scope, exc, who)
             await error_response(exc)(scope, receive, send)
             return
-        scope.setdefault("state", {})["principal"] = who
+        if who is not None:
+            scope.setdefault("state", {})["principal"] = who
         await self.app(scope, self._capped(scope, receive, cap, who), send)
 
     def _authenticate(self, scope: Scope) -> Principal:

@@ -68,6 +68,8 @@ def _flatten(routes: list[BaseRoute], prefix: str = "") -> list[Route]:
     out: list[Route] = []
     for r in routes:
         if isinstance(r, Route):
+            if not r.include_in_schema:  # the console's pages: not the API
+                continue
             if prefix:
                 r = Route(prefix + r.path, r.endpoint, methods=list(r.methods or ()), name=r.name)
             out.append(r)

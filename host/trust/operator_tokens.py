@@ -147,8 +147,14 @@ def authenticate(store: AgentStore, secret: str, *, now: float | None = None) ->
     """The active token whose secret this is; :class:`Unauthenticated` naming why not."""
     if not secret.startswith(SECRET_PREFIX) or len(secret) > 256:
         raise Unauthenticated("the bearer token is not an operator token")
+    return authenticate_hash(store, secret_hash(secret), now=now)
+
+
+def authenticate_hash(store: AgentStore, key: str, *, now: float | None = None) -> OperatorToken:
+    """:func:`authenticate` by the SHA-256 of the secret (what a console session keeps instead
+    of the secret itself: the token is checked again at every request, revocation included)."""
     with store.read() as txn:
-        raw = txn.get_blob(BUCKET, secret_hash(secret))
+        raw = txn.get_blob(BUCKET, key)
     token = _decode(raw) if raw is not None else None
     if token is None:
         raise Unauthenticated("unknown operator token")
