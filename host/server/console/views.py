@@ -142,7 +142,8 @@ class Timeline:
             marks.append({"x": x(t), "y": 1, "h": ROW_H - 2, "css": "resume", "title": "resumed"})
         if self.ended is not None:
             marks.append({"x": x(self.ended[0]), "y": 0, "h": ROW_H, "css": "end", "title": self.ended[1]})
-        ticks = [{"x": round(LABEL_W + inner * i / 4, 2), "label": "+" + duration(span * i / 4)} for i in range(5)]
+        ticks = [{"x": round(LABEL_W + inner * i / 4, 2), "label": "+" + duration(span * i / 4),
+                  "anchor": "end" if i == 4 else "start"} for i in range(5)]
         return {"width": CHART_W, "height": len(rows) * ROW_H + 24, "rows": [
             {"name": name, "y": i * ROW_H, "ty": i * ROW_H + ROW_H * 0.7} for i, name in enumerate(rows)],
             "bars": bars, "marks": marks, "ticks": ticks, "axis_y": len(rows) * ROW_H + 16, "label_w": LABEL_W}
@@ -255,6 +256,7 @@ def counts(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
 def bars(values: Mapping[str, float], *, width: int = 280, bar_h: int = 16) -> dict[str, Any]:
     """A small horizontal bar chart: one bar per label, scaled to the largest."""
     top = max([float(v) for v in values.values()] or [0.0]) or 1.0
-    items = [{"label": k, "value": v, "y": i * (bar_h + 4), "w": round(max(0.0, float(v)) / top * (width - 120), 2),
+    # 110 units of label on the left, room for the value's digits on the right of the longest bar
+    items = [{"label": k, "value": v, "y": i * (bar_h + 4), "w": round(max(0.0, float(v)) / top * (width - 170), 2),
               "ty": i * (bar_h + 4) + bar_h * 0.75} for i, (k, v) in enumerate(values.items())]
     return {"width": width, "height": max(1, len(items)) * (bar_h + 4), "bar_h": bar_h, "items": items}
