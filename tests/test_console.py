@@ -7,6 +7,7 @@ The same flows in a real browser: test_console_browser.py."""
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -237,3 +238,25 @@ def test_the_timeline_chart_places_calls_waits_and_checkpoints() -> None:
     assert call_bar["x"] == pytest.approx(views.LABEL_W + inner * 0.1) and call_bar["w"] == pytest.approx(inner * 0.5)
     assert wait_bar["css"] == "approval" and wait_bar["w"] == pytest.approx(inner * 0.4)
     assert {m["css"] for m in chart["marks"]} == {"checkpoint", "resume", "end"}
+
+
+def test_console_refusals_are_audited_and_bodies_capped(served: dict[str, Any]) -> None:
+    from host.trust import audit
+
+    srv = served["srv"]
+    with httpx.Client(base_url=srv.url, timeout=60) as c:
+        form = c.get("/console/login")
+        assert c.post("/console/login", data={"csrf": _csrf(form.text), "token": "tpo_guess"}).status_code == 401
+        # the gateway still caps what the console's paths take (no bearer token needed to hit the login)
+        big = c.post("/console/login", content=b"token=" + b"x" * (2 << 20),
+                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert big.status_code == 413
+    deadline = time.monotonic() + 10
+    while True:
+        refused = [r for r in audit.records(srv.host.store, "host.gateway")
+                   if r["kind"] == "gateway.refused" and r.get("path") == "/console/login"]
+        if {r["code"] for r in refused} >= {"unauthenticated", "payload_too_large"}:
+            break
+        assert time.monotonic() < deadline, refused
+        time.sleep(0.05)
+    assert not any("tpo_guess" in json.dumps(r) for r in refused)  # what was tried is not written down
