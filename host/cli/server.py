@@ -42,8 +42,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = open_host(args)
     try:
         app = create_app(host, config=ServerConfig(**overrides))
-        print(f"torpor serve: listening on http://{address}:{port} (store {host.store_dir})", file=sys.stderr,
-              flush=True)
+        traces = ", traces over OTLP" if host.tracing is not None else ""
+        print(f"torpor serve: listening on http://{address}:{port} (store {host.store_dir}; the console at "
+              f"http://{address}:{port}/{traces})", file=sys.stderr, flush=True)
         status = serve(app, host=address, port=port, log_level=args.log_level)
     finally:
         host.close()

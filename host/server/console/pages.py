@@ -51,6 +51,8 @@ HEADERS = {
 }
 #: The longest note or reason a form takes (as the API's bodies).
 NOTE_MAX = 4096
+#: Timeline rows a page shows at most (a long conversation's log is cut in the middle, and says so).
+MAX_ROWS = 2000
 #: Fields of a form body read at most (a form is small; the gateway's body cap applies as well).
 FORM_MAX_FIELDS = 16
 
@@ -215,6 +217,12 @@ class Console:
 
         info, records, journal = await anyio.to_thread.run_sync(read)
         tl = views.timeline(info, records, journal, time.time())
+        cut = max(0, len(tl.items) - MAX_ROWS)
+        if cut:  # the chart keeps every call; the table its beginning and its end
+            half = MAX_ROWS // 2
+            tl.items = [*tl.items[:half], views.Item(tl.items[half].t, "cut", f"… {cut:,} rows not shown: the "
+                                                     "audit chain page has them all", "other"),
+                        *tl.items[-half:]]
         logs = self.state.scheduler.logs.get(aid) if hasattr(self.state.scheduler, "logs") else None
         approval = None
         if info.get("status") == "waiting_approval":
