@@ -217,3 +217,19 @@ def test_the_environment_turns_tracing_on_and_refuses_grpc(monkeypatch: pytest.M
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
     with pytest.raises(ConfigError, match="http/protobuf"):
         tracing_mod.from_env()
+
+
+def test_a_failing_tracer_never_ends_an_agent(bundles: BundleFactory, tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    tracing, exporter = _tracing()
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the SDK broke")
+
+    tracing.tracer.start_span = broken  # type: ignore[method-assign]
+    b = bundles.load(EXAMPLES / "steps")
+    with Host(tmp_path, tracing=tracing) as host:
+        res = anyio.run(lambda: host.run(b, {"n": 3}))
+    assert res.status == "completed" and res.output == {"sum": 6, "last": 3}
+    assert exporter.get_finished_spans() == ()
+    assert "tracing: committed failed" in caplog.text

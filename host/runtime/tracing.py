@@ -35,11 +35,13 @@ module (``bench/observe_overhead.py`` measures both).
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from host.errors import ConfigError
@@ -95,6 +97,20 @@ def from_env() -> Tracing | None:
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     return Tracing.with_exporter(OTLPSpanExporter(), batch=True)
+
+
+def _safe(method: Callable[..., None]) -> Callable[..., None]:
+    """An observer method that logs what it raises instead of raising it: an exception from an
+    observer would end the agent's run, and a trace is never worth an agent."""
+
+    @functools.wraps(method)
+    def guarded(self: Any, *args: Any) -> None:
+        try:
+            method(self, *args)
+        except Exception:
+            _log.exception("tracing: %s failed (the agent goes on; its trace may miss a span)", method.__name__)
+
+    return guarded
 
 
 class _Pinned:  # an IdGenerator by its two methods: the SDK is imported only when tracing is on
@@ -188,14 +204,17 @@ class Tracing(Observer):
         self._span(agent, name, end - int(seconds * 1e9), attributes).end(end_time=end)
 
     # -- the observer ------------------------------------------------------------------------
+    @_safe
     def spawned(self, agent: LiveAgent, seconds: float) -> None:
         self._moment(agent, "torpor.spawn", seconds, _agent_attributes(agent))
 
+    @_safe
     def resumed(self, agent: LiveAgent, seconds: float) -> None:
         self._resumed_ns[agent.agent_id] = time.time_ns()
         self._moment(agent, "torpor.resume", seconds,
                      {**_agent_attributes(agent), "torpor.checkpoint.seq": int(agent.record.get("checkpoints", 0))})
 
+    @_safe
     def suspended(self, agent: LiveAgent, seconds: float) -> None:
         seq, size = self._checkpoint.get(agent.agent_id, (int(agent.record.get("checkpoints", 0)), 0))
         self._moment(agent, "torpor.suspend", seconds, {"torpor.checkpoint.seq": seq, "torpor.checkpoint.bytes": size})
@@ -206,6 +225,7 @@ class Tracing(Observer):
                     call.ran_at = now
                 break
 
+    @_safe
     def committed(self, agent: LiveAgent, events: Events, seconds: float) -> None:
         end = time.time_ns()
         for kind, data in events:
