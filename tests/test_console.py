@@ -229,7 +229,7 @@ def test_the_timeline_chart_places_calls_waits_and_checkpoints() -> None:
     tl = views.timeline(record, recs, {1: {"args": {"amount": 1}, "response": '{"ok": true}', "fuel": 7}}, 200.0)
     [call] = tl.calls
     assert call.waited == (101.0, 105.0) and call.decided_by == "token:t" and call.outcome == "ok"
-    assert call.fuel == 7 and call.took == 5.0 and tl.ended == (110.0, "completed")
+    assert call.fuel == 7 and call.fuel_step == 7 and call.took == 5.0 and tl.ended == (110.0, "completed")
     chart = tl.chart()
     assert [r["name"] for r in chart["rows"]] == ["lifecycle", "erp.create_po", "approvals"]
     call_bar, wait_bar = chart["bars"]

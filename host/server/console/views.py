@@ -61,7 +61,8 @@ class Call:
     status: int | None = None
     args: str | None = None
     response: str | None = None
-    fuel: int | None = None
+    fuel: int | None = None  # the agent's fuel burnt when it made this call (the journal's)
+    fuel_step: int | None = None  # burnt since its previous call: what the guest spent getting here
     tokens: int | None = None
     model: str | None = None
     waited: tuple[float, float | None] | None = None  # an approval's wait: from the request to the decision
@@ -234,6 +235,10 @@ def timeline(record: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
             tl.items.append(Item(t, kind, text, "end" if kind == "agent.completed" else "denied"))
         else:
             tl.items.append(Item(t, kind, _describe(r), "other"))
+    before = 0
+    for c in sorted(tl.calls, key=lambda c: c.seq):
+        if c.fuel is not None:
+            c.fuel_step, before = max(0, c.fuel - before), c.fuel
     return tl
 
 
