@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import http.server
 import json
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 from conftest import EXAMPLES, BundleFactory
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from serve_helpers import auth, register, start_process, token
 from test_triage import CRM_TOKEN, TICKET, Broker, agent_dir, build, fake
 
 from host.errors import ConfigError
@@ -204,6 +207,39 @@ def test_traces_go_over_otlp_http_when_the_environment_names_an_endpoint(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_torpor_serve_exports_its_agents_traces_and_flushes_them_at_sigterm(bundles: BundleFactory,
+                                                                            tmp_path: Path) -> None:
+    """The real command: ``torpor serve`` with the variable set runs an agent over HTTP and,
+    at SIGTERM, sends what it still batched before it exits."""
+    received: list[Any] = []
+    handler = type("Collector", (_Collector,), {"received": received})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    store = tmp_path / "store"
+    [steps] = register(store, bundles.example("steps"))
+    secret = token(store, "acme", "runs:write")
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+           "OTEL_BSP_SCHEDULE_DELAY": "60000"}  # nothing goes out before the SIGTERM but what it flushes
+    proc, url = start_process(store, env=env)
+    try:
+        r = httpx.post(url + "/v1/runs", headers=auth(secret), json={"agent": steps, "input": {"n": 3}, "wait": 60},
+                       timeout=60)
+        assert r.status_code == 201 and r.json()["status"] == "completed", r.text
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        assert b"traces over OTLP" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.shutdown()
+        server.server_close()
+    names = [s.name for _, _, req in received for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    assert names.count("execute_tool kv.incr") == 3 and names.count("invoke_agent steps") == 1, names
 
 
 def test_the_environment_turns_tracing_on_and_refuses_grpc(monkeypatch: pytest.MonkeyPatch) -> None:
