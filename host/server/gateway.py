@@ -5,7 +5,10 @@ Every HTTP request but ``/healthz`` and ``/readyz`` passes :class:`GatewayMiddle
 
 1. a draining server refuses new work (``503 shutting_down``);
 2. ``Authorization: Bearer <secret>`` must name an active operator token
-   (:mod:`host.trust.operator_tokens`: unknown, revoked, expired are ``401``);
+   (:mod:`host.trust.operator_tokens`: unknown, revoked, expired are ``401``), except on
+   the paths that authenticate themselves (``own_auth``: the console's pages, whose
+   session cookie :mod:`host.server.console` checks, with the same tokens and its own
+   per-token rate limit);
 3. the token's and its tenant's token buckets must have room (``429`` + ``Retry-After``);
    requests without a valid token have their own bucket per client address, so that a
    flood of bad keys cannot flood the audit either;
