@@ -1,17 +1,30 @@
 """Run a child process and measure its own peak RSS.
 
-``getrusage(RUSAGE_CHILDREN)`` is the largest of *every* child this process has waited for,
-so in a long-lived pytest (or xdist) worker a test would see the peak of whatever ran
-before it. ``os.wait4`` reports the resources of the one child it reaps.
+Two traps make the obvious ways wrong in a long-lived pytest (or xdist) worker:
+``getrusage(RUSAGE_CHILDREN)`` is the largest of *every* child the worker has waited for,
+and even ``wait4`` on the one child counts the worker's own size, because a child forked
+(or vforked) from a large process starts its high-water mark there, before its ``exec``.
+So the child is started by a small Python launcher, and the launcher reports what ``wait4``
+says of the child it started.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
-import threading
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+
+_LAUNCHER = (
+    "import json, os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "with open(sys.argv[1], 'w') as f:\n"
+    "    json.dump({'code': os.waitstatus_to_exitcode(status), 'rss': usage.ru_maxrss * 1024}, f)\n"
+)
 
 
 @dataclass(frozen=True)
@@ -24,30 +37,20 @@ class Measured:
 
 
 def run_measured(argv: list[str], timeout: float = 120.0) -> Measured:
-    """``argv`` to completion (killed after ``timeout`` seconds), with its peak RSS."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out: dict[str, bytes] = {}
-
-    def drain(name: str) -> None:
-        pipe = getattr(proc, name)
-        out[name] = pipe.read()
-        pipe.close()
-
-    readers = [threading.Thread(target=drain, args=(n,), daemon=True) for n in ("stdout", "stderr")]
-    for r in readers:
-        r.start()
-    killer = threading.Timer(timeout, proc.kill)
-    killer.start()
+    """``argv`` to completion with its own peak RSS (its output passes through the launcher)."""
+    fd, report = tempfile.mkstemp(prefix="child-rss-", suffix=".json")
+    os.close(fd)
     try:
-        _, status, usage = os.wait4(proc.pid, 0)
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, report, *argv], capture_output=True,
+                              timeout=timeout)
+        seconds = time.perf_counter() - t0
+        with open(report) as f:
+            text = f.read()
+        if not text:
+            raise AssertionError(f"the launcher reported nothing (exit {proc.returncode}): "
+                                 f"{proc.stderr.decode(errors='replace')[-2000:]}")
+        got = json.loads(text)
     finally:
-        killer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-    for r in readers:
-        r.join()
-    seconds = time.perf_counter() - t0
-    if seconds >= timeout:
-        raise subprocess.TimeoutExpired(argv, timeout, out.get("stdout"), out.get("stderr"))
-    return Measured(proc.returncode, out.get("stdout", b""), out.get("stderr", b""), seconds,
-                    usage.ru_maxrss * 1024)
+        os.unlink(report)
+    return Measured(int(got["code"]), proc.stdout, proc.stderr, seconds, int(got["rss"]))
