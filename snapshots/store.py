@@ -24,6 +24,7 @@ from .summary import AgentSummary
 __all__ = [
     "BLOB_BUCKETS",
     "INPUTS_BUCKET",
+    "LOGS_BUCKET",
     "REGISTRY_BUCKET",
     "SEALED_BUCKETS",
     "TIMERS_BUCKET",
@@ -40,13 +41,16 @@ T = TypeVar("T")
 #: metadata, agents' inputs, the registry of named bundle versions). Adding a bucket is
 #: adding its name here.
 BLOB_BUCKETS: tuple[str, ...] = ("bundles", "audit", "approvals", "meta", "identity", "revocations", "audit_heads",
-                                 "inputs", "operator_tokens", "server", "registry", "timers")
+                                 "inputs", "operator_tokens", "server", "registry", "timers", "logs")
 #: The bucket holding each agent's input, by agent id: written once at spawn, apart from
 #: the agent record that every commit rewrites; ``delete_agent(purge=True)`` removes it.
 INPUTS_BUCKET = "inputs"
 #: The wake index (``host.runtime.timers``): one entry per agent sleeping until a time,
 #: keyed by that time, so the due ones are a prefix scan, not a walk over every record.
 TIMERS_BUCKET = "timers"
+#: Each agent's guest log lines (``host.runtime.logs``): a head and bounded batches, written
+#: in the commit of the step that logged them.
+LOGS_BUCKET = "logs"
 #: The bucket of the registry (``host.runtime.registry``): names, their versions and tags,
 #: per tenant. Its values choose which bundle a run by name starts, so they are sealed.
 REGISTRY_BUCKET = "registry"

@@ -1,8 +1,9 @@
-"""``torpor run``, ``resume``, ``ps``, ``inspect`` and ``fork``: running agents and looking at them.
+"""``torpor run``, ``resume``, ``ps``, ``inspect``, ``logs`` and ``fork``: running agents and looking at them.
 
-``run``, ``resume`` and ``fork`` build a :class:`~host.runtime.Host`; ``ps`` and
-``inspect`` only read, so they open the store read-only and ask
-:mod:`host.runtime.queries`, without Wasmtime, the committer or the vault.
+``run``, ``resume`` and ``fork`` build a :class:`~host.runtime.Host`; ``ps``, ``inspect``
+and ``logs`` only read, so they open the store read-only and ask
+:mod:`host.runtime.queries` (and :mod:`host.runtime.logs`), without Wasmtime, the
+committer or the vault. Each also goes to a server (``--server``, :mod:`host.cli.remote`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +102,17 @@ def cmd_resume(args: argparse.Namespace) -> int:
     :func:`host.runtime.queries.attention`) are listed too, each result with its
     ``attention``, and the exit code is ``EXIT_ATTENTION`` when there are any.
     """
+    client = remote.connect(args)
+    if client is not None:  # the server resumes it in the background; we wait as after an approval
+        if args.all:
+            raise ConfigError("--all does not apply against a server: it resumes every agent it can by itself (at "
+                              "start, and when a wait ends); name one agent to resume")
+        if not args.agent:
+            raise ConfigError("name an agent to resume")
+        with client:
+            res = remote.result_of(remote.until_stopped(client, client.resume(args.agent)))
+        emit(args, res.to_dict(), lambda: print_result(res))
+        return result_exit(res)
     from host.runtime import RunResult, queries, run_sync
 
     host = open_host(args)
@@ -258,18 +271,83 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_fork(args: argparse.Namespace) -> int:
     """A new agent started from an earlier checkpoint of another (not run until resumed)."""
-    host = open_host(args)
-    try:
-        new_id = host.fork(args.agent, args.checkpoint)
-    finally:
-        host.close()
-    emit(args, {"agent_id": new_id, "parent": args.agent, "checkpoint": args.checkpoint},
-         lambda: print(f"forked {args.agent}@{args.checkpoint} as {new_id}; run `torpor resume {new_id}`"))
+    def locally() -> dict[str, Any]:
+        host = open_host(args)
+        try:
+            return {"agent_id": host.fork(args.agent, args.checkpoint), "parent": args.agent,
+                    "checkpoint": args.checkpoint}
+        finally:
+            host.close()
+
+    forked = remote.either(args, lambda client: client.fork(args.agent, args.checkpoint), locally)
+    new_id = forked["agent_id"]
+    emit(args, forked, lambda: print(f"forked {args.agent}@{args.checkpoint} as {new_id}; run `torpor resume {new_id}`"))
     return EXIT_OK
 
 
+#: How often ``logs --follow`` reads a local store again.
+FOLLOW_POLL_S = 0.2
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """An agent's guest log lines as the store (or the server's) keeps them; ``--follow``
+    prints new ones as they are committed, until the agent ends (Ctrl-C stops following)."""
+    if args.after < -1 or (args.limit is not None and args.limit < 1):
+        raise ConfigError("--after must be -1 or a line number, --limit a positive number")
+    client = remote.connect(args)
+    if client is not None:
+        with client:
+            return _print_logs(args, lambda after, wait: client.logs(args.agent, after=after, limit=args.limit,
+                                                                      wait=wait))
+    from host.runtime import logs, queries
+    from host.runtime.result import TERMINAL
+
+    with open_store(args, readonly=True) as store:
+        def page(after: int, wait: float) -> dict[str, Any]:
+            deadline = time.monotonic() + wait
+            while True:  # a follower on a local store reads it again until a line comes or the agent ends
+                status = queries.get_agent(store, args.agent, where=store_dir(args)).get("status")
+                found = logs.read(store, args.agent, after=after, **({"limit": args.limit} if args.limit else {}))
+                if found["lines"] or status in TERMINAL or time.monotonic() >= deadline:
+                    return {**found, "status": status}
+                time.sleep(FOLLOW_POLL_S)
+
+        return _print_logs(args, page)
+
+
+def _print_logs(args: argparse.Namespace, page: Callable[[int, float], dict[str, Any]]) -> int:
+    """Print pages of lines from ``page(after, wait)`` (one side's reader): every kept line
+    after ``--after`` (``--limit``: one page); with ``--follow``, then the new ones until the
+    agent ends. ``--json``: the page, or with ``--follow`` one JSON line per log line."""
+    from host.runtime.result import TERMINAL
+
+    first = page(args.after, 0.0)
+    if args.json and not args.follow:
+        emit(args, first, lambda: None)
+        return EXIT_OK
+    if first["first"] > args.after + 1 and not args.json:
+        n = first["first"] - args.after - 1
+        print(f"({n} earlier line{'s' if n != 1 else ''} not kept: a log keeps an agent's latest lines)",
+              file=sys.stderr)
+    current = first
+    while True:
+        for line in current["lines"]:
+            if args.json:
+                print(json.dumps(line), flush=True)
+            else:
+                print(f"{iso(line['t'])} #{line['seq']} [{line['level']}] {line['message']}", flush=args.follow)
+        after = current["lines"][-1]["seq"] if current["lines"] else args.after
+        args.after = after
+        if current["more"] and (args.limit is None or args.follow):
+            current = page(after, 0.0)
+        elif args.follow and current["status"] not in TERMINAL:
+            current = page(after, remote.POLL_S)
+        else:
+            return EXIT_OK
+
+
 def add_parsers(sub: Any) -> None:
-    """Register ``run``, ``resume``, ``ps``, ``inspect`` and ``fork``."""
+    """Register ``run``, ``resume``, ``ps``, ``inspect``, ``logs`` and ``fork``."""
     sp = add_command(sub, "run", cmd_run, "run an agent bundle to completion (or until it waits on a human)",
                      store=True, writes=True, runs=True)
     sp.add_argument("bundle", help="a .torpor bundle file, or a registry reference: NAME (the version pushed last), "
@@ -289,6 +367,14 @@ def add_parsers(sub: Any) -> None:
     sp = add_command(sub, "inspect", cmd_inspect, "show an agent: status, output, checkpoints, pending call, usage",
                      store=True)
     sp.add_argument("agent", help=AGENT_HELP)
+    sp = add_command(sub, "logs", cmd_logs, "show an agent's guest log lines (its latest, kept in the store)",
+                     store=True)
+    sp.add_argument("agent", help=AGENT_HELP)
+    sp.add_argument("--after", type=int, default=-1, metavar="SEQ",
+                    help="only the lines numbered after SEQ (the # of a line printed before)")
+    sp.add_argument("--limit", type=int, default=None, help="at most this many lines")
+    sp.add_argument("-f", "--follow", action="store_true",
+                    help="then print new lines as the agent logs them, until it ends (Ctrl-C stops following)")
     sp = add_command(sub, "fork", cmd_fork, "start a new agent from an earlier checkpoint of another",
                      store=True, writes=True)
     sp.add_argument("agent", help=AGENT_HELP)

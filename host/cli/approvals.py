@@ -1,7 +1,9 @@
 """``torpor approvals``, ``approve``, ``deny`` and ``resolve``: the decisions only a person makes.
 
 An agent parked on a person holds nothing but its checkpoint, so any process may
-decide: each command opens the store, decides, resumes the agent and prints its result.
+decide: each command opens the store, decides, resumes the agent and prints its result;
+against a server (``--server``), the server records the decision and resumes the agent,
+and the command waits for it to end or park again.
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ def cmd_deny(args: argparse.Namespace) -> int:
 def cmd_resolve(args: argparse.Namespace) -> int:
     """Settle a call cut short mid-flight (in_doubt): retry it, supply its result, or fail the agent."""
     result = parse_input(args.result, "--result") if args.result is not None else None
+    if remote.server_url(args):
+        return _decided(args, lambda client: client.resolve(args.agent, retry=args.retry, result=result,
+                                                            fail=args.fail))
     return _drive(args, lambda host: host.resolve(args.agent, retry=args.retry, result=result, fail=args.fail,
                                                   by=decided_by(args)))
 

@@ -1,8 +1,9 @@
 """Where a command's work happens: the local store, or a ``torpor serve`` (``--server URL``).
 
 ``torpor --server URL`` (or ``$TORPOR_SERVER``; the operator token from ``--token-file`` or
-``$TORPOR_TOKEN``) makes ``run``, ``ps``, ``inspect``, ``approvals``, ``approve``, ``deny``,
-``audit show|verify``, ``push`` and ``registry list|show|tag|diff`` ask a server through
+``$TORPOR_TOKEN``) makes ``run``, ``resume``, ``fork``, ``ps``, ``inspect``, ``logs``,
+``approvals``, ``approve``, ``deny``, ``resolve``, ``audit show|verify``, ``push`` and
+``registry list|show|tag|diff`` ask a server through
 :class:`host.server.client.Client`. The server answers with the dicts the runtime's
 queries return, so each command keeps one printing code for both sides; this module is the
 one place that picks the side (:func:`connect`), and refuses what cannot go to a server:
@@ -29,12 +30,13 @@ T = TypeVar("T")
 
 SERVER_ENV = "TORPOR_SERVER"
 TOKEN_ENV = "TORPOR_TOKEN"
-SERVER_HELP = (f"talk to a `torpor serve` at this URL (e.g. http://127.0.0.1:8700) instead of a local store: run, ps, "
-               f"inspect, approvals, approve, deny, audit show|verify, push, registry (default ${SERVER_ENV})")
+SERVER_HELP = (f"talk to a `torpor serve` at this URL (e.g. http://127.0.0.1:8700) instead of a local store: run, resume, "
+               f"fork, ps, inspect, logs, approvals, approve, deny, resolve, audit show|verify, push, registry (default ${SERVER_ENV})")
 TOKEN_FILE_HELP = f"a file holding the operator token for --server (default ${TOKEN_ENV})"
 
 #: The commands that work against a server (``audit`` and ``registry``: these subcommands).
-REMOTE = frozenset({"run", "ps", "inspect", "approvals", "approve", "deny", "push", "audit show", "audit verify",
+REMOTE = frozenset({"run", "resume", "fork", "ps", "inspect", "logs", "approvals", "approve", "deny", "resolve",
+                    "push", "audit show", "audit verify",
                     "registry list", "registry show", "registry tag", "registry diff"})
 #: Commands that are local by nature (the server's own side, load tests on scratch stores):
 #: with ``$TORPOR_SERVER`` set they still work locally (an operator's shell may have both);

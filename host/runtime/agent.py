@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from host.runtime.logs import Pending
 from host.runtime.result import PARKED, TERMINAL, RunResult
 from host.sandbox.bundle import Bundle
 from host.sandbox.engine import LoadedModule
@@ -48,6 +49,7 @@ class LiveAgent:
     captured: Captured | None = None
     logs: list[dict[str, Any]] = field(default_factory=list)
     log_bytes: int = 0
+    unlogged: Pending = field(default_factory=Pending)  # lines the next commit writes to the store's log
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     run_fuel_start: int = 0
     run_exec_s: float = 0.0
@@ -86,7 +88,9 @@ class LiveAgent:
 
     def log(self, level: str, message: str) -> None:
         """Keep a guest log line for the caller (the first :data:`LOG_LIMIT` lines and
-        :data:`LOG_BYTES` bytes of a run; then one line saying the rest was dropped)."""
+        :data:`LOG_BYTES` bytes of a run; then one line saying the rest was dropped), and
+        for the store's log of the agent, which the next commit writes (:mod:`host.runtime.logs`)."""
+        self.unlogged.add(level, message)
         if len(self.logs) >= LOG_LIMIT or self.log_bytes >= LOG_BYTES:
             return
         room = LOG_BYTES - self.log_bytes

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 
+from host.runtime import logs
 from host.runtime.agent import LiveAgent
 from host.runtime.observe import NOBODY, Observer
 from host.trust import audit
@@ -49,11 +50,16 @@ class AgentCommits:
 
     async def agent(self, agent: LiveAgent, fn: Callable[[Any], T] | None = None,
                     after: Callable[[T], Events] | None = None) -> T | None:
-        """One transaction: ``fn``, the agent's queued audit events (plus ``after(result)``), its record."""
+        """One transaction: ``fn``, the agent's queued audit events (plus ``after(result)``), its
+        guest log lines since the last commit (:mod:`host.runtime.logs`), its record."""
         queued = len(agent.events)
+        logged = (0, 0)
 
         def write(txn: Any) -> tuple[T | None, int, str, Events]:
+            nonlocal logged
             result = fn(txn) if fn is not None else None
+            if agent.unlogged.lines or agent.unlogged.skipped:
+                logged = logs.flush(txn, agent.agent_id, agent.unlogged)
             events = agent.events[:queued] + (after(result) if after is not None and result is not None else [])
             rec = dict(agent.record)
             audit.append_events(txn, rec, events)
@@ -65,5 +71,6 @@ class AgentCommits:
         agent.record["audit_seq"] = seq
         agent.record["audit_head"] = head
         del agent.events[:queued]
+        agent.unlogged.take(*logged)
         self.observer.committed(agent, sealed, time.perf_counter() - t0)
         return result

@@ -43,6 +43,7 @@ from host.errors import AgentStateError, ConfigError
 from host.paths import default_store_dir
 from host.runtime import approvals as approvals_mod
 from host.runtime import lifecycle as lifecycle_mod
+from host.runtime import logs as logs_mod
 from host.runtime import observe as observe_mod
 from host.runtime import queries, timers
 from host.runtime import tracing as tracing_mod
@@ -430,13 +431,19 @@ class Host:
     async def resolve(self, agent_id: str, *, retry: bool = False, result: Any = None,
                       fail: str | None = None, by: str | None = None) -> RunResult:
         """Settle an ``in_doubt`` agent: re-run its call, supply the call's result, or fail it."""
+        self.decide_resolve(agent_id, retry=retry, result=result, fail=fail, by=by)
+        if fail is not None:
+            return RunResult.of_record(self.get_agent(agent_id))
+        return await self.resume(agent_id)
+
+    def decide_resolve(self, agent_id: str, *, retry: bool = False, result: Any = None, fail: str | None = None,
+                       by: str | None = None) -> None:
+        """Record the settlement only (status ``suspended``, or ``failed`` with ``fail``);
+        resuming is the caller's part, as with :meth:`decide_approve`."""
         if fail is None:
             self._admitted(agent_id)
         approvals_mod.resolve(self.store, self.identity, agent_id, retry=retry, result=result, fail=fail, by=by,
                               where=self.store_dir)
-        if fail is not None:
-            return RunResult.of_record(self.get_agent(agent_id))
-        return await self.resume(agent_id)
 
     def _admitted(self, agent_id: str) -> None:
         """Refuse a decision that would resume an agent this host may not run (its bundle's
@@ -461,6 +468,10 @@ class Host:
 
     def inspect(self, agent_id: str) -> dict[str, Any]:
         return queries.inspect(self.store, agent_id, where=self.store_dir)
+
+    def logs(self, agent_id: str, *, after: int = -1, limit: int = logs_mod.PAGE_MAX) -> dict[str, Any]:
+        """The agent's guest log lines kept in the store (see :func:`host.runtime.logs.read`)."""
+        return logs_mod.read(self.store, agent_id, after=after, limit=limit)
 
     def audit_records(self, agent_id: str) -> list[dict[str, Any]]:
         """The agent's audit log, in order."""

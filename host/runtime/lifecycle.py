@@ -140,11 +140,7 @@ class Lifecycle:
         waits on, or None if it died before its first checkpoint.
         """
         rec = queries.get_agent(self.store, agent_id, where=self.where)
-        status = rec.get("status")
-        if status in TERMINAL:
-            raise AgentStateError(f"agent {agent_id} is {status}; only unfinished agents can be resumed")
-        if status in PARKED:
-            raise AgentStateError(f"agent {agent_id} is {status}: an operator must decide before it can resume")
+        check_unfinished(rec)
         b = self.loader.by_digest(rec["bundle_digest"])
         loaded, pre = self.loader.module(b)
         # Its Python runs again in this process: only with the same opt-in as at spawn.
@@ -177,6 +173,17 @@ class Lifecycle:
         agent.record["checkpoints"] = max(int(agent.record.get("checkpoints", 0)), snap.seq)
         # The call's arguments stay undecoded: an answer read from the journal never needs them.
         return agent, PendingCall.from_snapshot(snap)
+
+    def check_resumable(self, rec: dict[str, Any], now: float) -> None:
+        """Refuse, as :meth:`load` and :meth:`claim` would, to resume the agent of ``rec``
+        (finished, parked on a person, asleep before its time, or driven by another live
+        process), without touching it: a server says so to the request that asked, before it
+        resumes the agent in the background."""
+        check_unfinished(rec)
+        if rec.get("status") == timers.SLEEPING:
+            timers.check_due(rec, now)
+        if self.held_elsewhere(rec):
+            raise AgentStateError(f"agent {rec.get('agent_id')} is being run by process {rec['owner'].get('pid')}")
 
     def claim(self, agent_id: str) -> None:
         """Take ownership of an agent atomically, unless a live process holds it."""
@@ -361,3 +368,12 @@ def _started_as(started_as: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if started_as is None:
         return None
     return {k: started_as.get(k) for k in ("ref", "name", "tag")}
+
+
+def check_unfinished(rec: dict[str, Any]) -> None:
+    """Refuse (``invalid_state``) to resume a finished agent, or one parked on a person."""
+    status = rec.get("status")
+    if status in TERMINAL:
+        raise AgentStateError(f"agent {rec.get('agent_id')} is {status}; only unfinished agents can be resumed")
+    if status in PARKED:
+        raise AgentStateError(f"agent {rec.get('agent_id')} is {status}: an operator must decide before it can resume")

@@ -30,8 +30,9 @@ from starlette.routing import BaseRoute, Route
 
 from host.errors import TorporError
 from host.runtime import Host
-from host.server import agents, approvals, events, metrics, openapi, runs
+from host.server import agents, approvals, events, metrics, openapi, operate, runs
 from host.server import audit as audit_routes
+from host.server import logs as log_routes
 from host.server.config import ServerConfig
 from host.server.gateway import GatewayMiddleware, RefusalAudit, require
 from host.server.health import StoreProbe
@@ -85,6 +86,8 @@ def create_app(host: Host, *, config: ServerConfig | None = None) -> Starlette:
     approval_api = approvals.Approvals(host, sched)
     event_api = events.Events(host, sched)
     audit_api = audit_routes.Audit(host)
+    operate_api = operate.Operate(host, sched)
+    log_api = log_routes.Logs(host, sched, config.max_wait_s)
     telemetry = metrics.Metrics(host, sched, state.refusals)
     host.observe(telemetry)  # the runtime's one observer seam: spawns, suspensions, resumes, commits
 
@@ -110,7 +113,8 @@ def create_app(host: Host, *, config: ServerConfig | None = None) -> Starlette:
         Route("/healthz", healthz, methods=["GET"], name="healthz"),
         Route("/readyz", readyz, methods=["GET"], name="readyz"),
         *runs.routes(run_api), *agents.routes(agent_api), *events.routes(event_api),
-        *approvals.routes(approval_api), *audit_routes.routes(audit_api),
+        *approvals.routes(approval_api), *audit_routes.routes(audit_api), *operate.routes(operate_api),
+        *log_routes.routes(log_api),
         *telemetry.routes(), *_extra_routes(state),
     ]
 

@@ -197,6 +197,29 @@ class Client:
                                               retry_transport=True)
         return answer
 
+    def resume(self, agent_id: str) -> dict[str, Any]:
+        """Ask the server to resume the agent (it runs in the background); the agent as it is then."""
+        answer: dict[str, Any] = self.request("POST", f"/v1/agents/{_segment(agent_id)}/resume")
+        return answer
+
+    def fork(self, agent_id: str, checkpoint: int) -> dict[str, Any]:
+        """A new agent from checkpoint ``checkpoint`` of ``agent_id``: ``{"agent_id", "parent", "checkpoint"}``."""
+        answer: dict[str, Any] = self.request("POST", f"/v1/agents/{_segment(agent_id)}/fork",
+                                              json_body={"checkpoint": checkpoint})
+        return answer
+
+    def logs(self, agent_id: str, *, after: int = -1, limit: int | None = None,
+             wait: float | None = None) -> dict[str, Any]:
+        """The agent's kept log lines after line ``after``; with ``wait``, a long poll for the next."""
+        params: dict[str, Any] = {"after": after}
+        if limit is not None:
+            params["limit"] = limit
+        if wait:
+            params["wait"] = wait
+        answer: dict[str, Any] = self.request("GET", f"/v1/agents/{_segment(agent_id)}/logs", params=params,
+                                              read_timeout=READ_TIMEOUT_S + (wait or 0), retry_transport=True)
+        return answer
+
     # -- approvals -----------------------------------------------------------------------------------
     def approvals(self) -> list[dict[str, Any]]:
         answer: list[dict[str, Any]] = self.request("GET", "/v1/approvals", retry_transport=True)["approvals"]
@@ -213,15 +236,23 @@ class Client:
                                               json_body={"reason": reason})
         return answer
 
+    def resolve(self, agent_id: str, *, retry: bool = False, result: Any = None,
+                fail: str | None = None) -> dict[str, Any]:
+        """Settle an in_doubt agent (exactly one of the three); the server resumes it unless failed."""
+        body: dict[str, Any] = {"retry": True} if retry else {"fail": fail} if fail is not None else {"result": result}
+        answer: dict[str, Any] = self.request("POST", f"/v1/agents/{_segment(agent_id)}/resolve", json_body=body)
+        return answer
+
     # -- audit ---------------------------------------------------------------------------------------
     def audit_records(self, agent_id: str) -> list[dict[str, Any]]:
         answer: list[dict[str, Any]] = self.request("GET", f"/v1/agents/{_segment(agent_id)}/audit",
                                                     retry_transport=True)["records"]
         return answer
 
-    def verify_audit(self, agent_id: str) -> dict[str, Any]:
-        answer: dict[str, Any] = self.request("GET", f"/v1/agents/{_segment(agent_id)}/audit/verify",
-                                              retry_transport=True)
+    def verify_audit(self, agent_id: str | None = None) -> dict[str, Any]:
+        """The audit check's report: one agent's chain or a host chain, or (None) the whole store's."""
+        answer: dict[str, Any] = self.request("GET", "/v1/audit/verify",
+                                              params={"agent": agent_id} if agent_id else None, retry_transport=True)
         return answer
 
     # -- the registry ------------------------------------------------------------------------------

@@ -36,6 +36,16 @@ DETAILS: dict[str, tuple[str | None, dict[str, Any] | None, int]] = {
     "approve_agent": ("approvals:write", {"type": "object", "properties": {"note": {"type": "string"}}}, 200),
     "deny_agent": ("approvals:write", {"type": "object", "required": ["reason"],
                                        "properties": {"reason": {"type": "string"}}}, 200),
+    "resume_agent": ("runs:write", None, 202),
+    "fork_agent": ("runs:write", {"type": "object", "required": ["checkpoint"],
+                                  "properties": {"checkpoint": {"type": "integer", "minimum": 0}}}, 201),
+    "resolve_agent": ("approvals:write", {
+        "type": "object", "description": "exactly one of retry, result, fail",
+        "properties": {"retry": {"type": "boolean", "description": "run the call again (it did not take effect)"},
+                       "result": {"description": "the call's result (JSON): it did take effect"},
+                       "fail": {"type": "string", "description": "fail the agent, for this reason"}}}, 200),
+    "agent_logs": ("runs:read", None, 200),
+    "verify_audit": ("admin", None, 200),
     "agent_audit": ("runs:read", None, 200),
     "verify_agent_audit": ("runs:read", None, 200),
     "healthz": (None, None, 200),
@@ -57,6 +67,12 @@ MEDIA: dict[str, str] = {"metrics": "text/plain; version=0.0.4"}
 
 #: name -> the query parameters of the route: (name, required, description).
 QUERY: dict[str, tuple[tuple[str, bool, str], ...]] = {
+    "agent_logs": (("after", False, "the last line number seen (default -1: from the oldest kept)"),
+                   ("limit", False, "at most this many lines (1-1000, default 1000)"),
+                   ("wait", False, "seconds to wait for a line after 'after' (long poll; capped)")),
+    "verify_audit": (("agent", False, "one chain: an agent of the token's tenant (scope runs:read) or a host "
+                                      "chain such as host.gateway (admin); default the whole store (admin)"),),
+    "wait_agent": (("timeout", False, "seconds to wait (default 30; capped)"),),
     "push_bundle": (("name", False, "the registry name (default: the agent's name in its policy)"),
                     ("tag", False, "a tag to move to the pushed version")),
     "diff_bundles": (("a", True, "a reference: name, name@tag or sha256:<hex>"),

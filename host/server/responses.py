@@ -24,7 +24,8 @@ STATUS: dict[str, int] = {
     "invalid_input": 400, "invalid_bundle": 400, "invalid_config": 400, "invalid_policy": 400,
     "bundle_code_refused": 400, "unauthenticated": 401, "forbidden": 403,
     "agent_not_found": 404, "bundle_not_found": 404, "not_found": 404, "method_not_allowed": 405,
-    "invalid_state": 409, "idempotency_conflict": 409, "payload_too_large": 413,
+    "checkpoint_not_found": 404,
+    "invalid_state": 409, "not_due": 409, "idempotency_conflict": 409, "payload_too_large": 413,
     "rate_limited": 429, "internal": 500, "shutting_down": 503, "store_full": 503, "store_unavailable": 503,
     # the server's own bytes are damaged: its fault, not the request's (the message names the record)
     "record_corrupt": 500, "snapshot_corrupt": 500, "store_error": 500,
