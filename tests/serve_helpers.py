@@ -110,3 +110,62 @@ def start_process(store: Path, *extra: str, env: dict[str, str] | None = None) -
             proc.kill()
             raise RuntimeError("torpor serve did not become ready")
         time.sleep(0.05)
+
+
+#: The operator tool of the payer agent (also tests/test_in_doubt.py's): a charge that is not
+#: idempotent, and sleeps through its first call so that its process can be killed mid-flight.
+PAY_TOOLS = '''
+import os, time
+from pydantic import BaseModel
+
+
+class ChargeArgs(BaseModel):
+    marker: str
+    amount: int
+
+
+def charge(args: ChargeArgs, ctx) -> dict:
+    first = not os.path.exists(args.marker)
+    with open(args.marker, "a") as f:
+        f.write("started\\n")
+    if first:
+        time.sleep(30)  # the host is killed while the payment is "in flight"
+    return {"charged": args.amount}
+'''
+
+PAY_POLICY = '[agent]\nname = "payer"\n[tools."charge"]\nhandler = "pay_tools:charge"\n'
+
+
+def payer_bundle(bundles: Any, tmp_path: Path, monkeypatch: Any) -> Path:
+    """The payer bundle (the ``caller`` guest under :data:`PAY_POLICY`), with its operator
+    tool put first on ``$TORPOR_TOOLS_PATH`` for every Host and ``torpor`` started after."""
+    from conftest import GUESTS
+
+    bundle = tmp_path / "payer.torpor"
+    bundle.write_bytes(bundle_mod.pack(bundles.load(GUESTS / "caller").module, PAY_POLICY))
+    tools = tmp_path / "pay_tools"
+    tools.mkdir()
+    (tools / "pay_tools.py").write_text(PAY_TOOLS)
+    monkeypatch.setenv("TORPOR_TOOLS_PATH", os.pathsep.join([str(tools), os.environ.get("TORPOR_TOOLS_PATH", "")]))
+    return bundle
+
+
+def kill_mid_call(bundle: Path, store: Path, marker: Path) -> None:
+    """A real ``torpor run`` of the payer on ``store``, SIGKILLed while its charge is in flight
+    (``marker``: the file the charge writes to when it starts)."""
+    import json
+    import signal
+
+    payload = {"calls": [{"tool": "charge", "args": {"marker": str(marker), "amount": 42}}]}
+    proc = subprocess.Popen([sys.executable, "-m", "host.cli", "run", str(bundle), "--input", json.dumps(payload),
+                             "--store", str(store), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not marker.exists() or "started" not in marker.read_text():
+        if proc.poll() is not None:
+            raise RuntimeError(f"the payer ended before its charge: {proc.communicate()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("the payer's charge never started")
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)

@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import BundleFactory
-from serve_helpers import InProcessServer, auth, free_port, token
+from serve_helpers import InProcessServer, auth, free_port, kill_mid_call, payer_bundle, token
 
 from host.cli import remote
 from host.cli.app import _command_of, main
@@ -195,6 +195,16 @@ def test_every_command_prints_the_same_against_a_server_as_on_a_store(sides: tup
     assert "status   completed" in out and "started as procurement@production: bundle sha256:" in out
     out, _ = both(sides, "deny", "{2}", "--reason", "not this quarter", "--json")
     assert json.loads(out)["status"] == "completed"
+    # The guest's log lines, as the store keeps them (the server's, across its drives of the agent).
+    out, _ = both(sides, "logs", "{0}")
+    assert "[info] requisition: 75000 for laptops" in out and "ordered" in out
+    both(sides, "logs", "{0}", "--after", "1", "--limit", "2", "--json")
+    both(sides, "logs", "{0}", "--follow")  # it has ended: every line, then done
+    # A fork of the agent at its first checkpoint, resumed: it waits for its own approval.
+    out, _ = both(sides, "fork", "{0}", "--checkpoint", "1")
+    assert "run `torpor resume <agent3>`" in out
+    out, _ = both(sides, "resume", "{3}", code=4)
+    assert "waiting_approval" in out
     out, _ = both(sides, "audit", "show", "{0}")
     assert "approval.granted" in out and "chain intact" in out
     both(sides, "audit", "show", "{2}", "--json")
@@ -212,6 +222,45 @@ def test_every_command_prints_the_same_against_a_server_as_on_a_store(sides: tup
     same_error(sides, "approve", "{0}", code="invalid_state")
 
 
+def test_the_audit_verified_through_a_server_is_torpor_audit_verify_on_its_store(server: InProcessServer) -> None:
+    """The whole store's check, and a host chain's, need an admin token; the report is the one
+    `torpor audit verify` makes on the server's store itself (run beside the server)."""
+    admin = token(server.host.store, "acme", "admin")
+    env = {remote.SERVER_ENV: server.url, remote.TOKEN_ENV: admin}
+    for argv in (["audit", "verify"], ["audit", "verify", "--json"], ["audit", "verify", "--agent", "host.gateway"]):
+        there = Side("server", [], env)
+        here = Side("local", [], {"TORPOR_STORE": str(server.host.store_dir)})
+        assert there(*argv) == here(*argv), argv
+    out = here("audit", "verify", "--json")[1]
+    assert json.loads(out)["ok"] is True and json.loads(out)["agents"] > 0
+    reader = token(server.host.store, "acme", "runs:read")
+    status, out, _ = Side("server", [], {**env, remote.TOKEN_ENV: reader})("audit", "verify", "--json")
+    assert status == 2 and json.loads(out)["error"]["code"] == "forbidden", out
+
+
+def test_resume_and_resolve_of_an_in_doubt_agent_print_the_same_against_a_server(
+        bundles: BundleFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real `torpor run` SIGKILLed mid-call on each side's store (the server's while it
+    serves), then resumed (its call may have taken effect: in_doubt) and settled."""
+    payer = payer_bundle(bundles, tmp_path, monkeypatch)
+    with InProcessServer(tmp_path / "served") as srv:
+        secret = token(srv.host.store, "default", "runs:write", "runs:read", "approvals:write")
+        sides = (Side("local", [], {"TORPOR_STORE": str(tmp_path / "local")}),
+                 Side("server", [], {remote.SERVER_ENV: srv.url, remote.TOKEN_ENV: secret}))
+        marker = tmp_path / "charge.log"  # one path, so that both agents' calls read the same
+        kill_mid_call(payer, tmp_path / "local", marker)
+        marker.unlink()
+        kill_mid_call(payer, tmp_path / "served", marker)
+        both(sides, "ps")
+        out, _ = both(sides, "resume", "{0}", code=4)
+        assert "in_doubt" in out
+        out, _ = both(sides, "resolve", "{0}", "--result", '{"charged": 42}', "--json")
+        assert json.loads(out)["status"] == "completed" and json.loads(out)["output"]["results"][0]["value"] == {
+            "charged": 42}
+        same_error(sides, "resolve", "{0}", "--fail", "late", code="invalid_state")
+        assert marker.read_text().count("started") == 1  # neither side ran the call again
+
+
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any]:
     """``torpor ARGV --json`` in this process: its exit code and its JSON."""
     code = main([*argv, "--json"])
@@ -227,9 +276,9 @@ def test_what_a_server_cannot_take_is_refused_in_one_line(server: InProcessServe
                        (["run", "x", "--tools-dir", "/tmp"], "--tools-dir does not apply"),
                        (["approve", "01M9AAAAAAAAAAAAAAAAAAAAAA", "--by", "bob"], "--by does not apply"),
                        (["audit", "show", "01M9AAAAAAAAAAAAAAAAAAAAAA", "--payloads"], "--payloads does not apply"),
-                       (["audit", "verify"], "--agent AGENT"),
+                       (["resume", "--all"], "--all does not apply against a server"),
                        (["run", str(procurement)], "push it first"),
-                       (["resume", "--all"], "`torpor resume` does not go to a server"),
+                       (["replay", "01M9AAAAAAAAAAAAAAAAAAAAAA"], "`torpor replay` does not go to a server"),
                        (["store", "check"], "`torpor store check` does not go to a server")):
         code, out = cli(capsys, *argv)
         assert code == 2 and out["error"]["code"] == "invalid_config", (argv, out)

@@ -3,38 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import GUESTS, BundleFactory
-
-from host.sandbox import bundle as bundle_mod
-
-TOOLS = '''
-import os, time
-from pydantic import BaseModel
-
-
-class ChargeArgs(BaseModel):
-    marker: str
-    amount: int
-
-
-def charge(args: ChargeArgs, ctx) -> dict:
-    first = not os.path.exists(args.marker)
-    with open(args.marker, "a") as f:
-        f.write("started\\n")
-    if first:
-        time.sleep(30)  # the host is killed while the payment is "in flight"
-    return {"charged": args.amount}
-'''
-
-POLICY = '[agent]\nname = "payer"\n[tools."charge"]\nhandler = "pay_tools:charge"\n'
+from conftest import BundleFactory
+from serve_helpers import kill_mid_call, payer_bundle
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -43,25 +18,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def killed_mid_call(bundles: BundleFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, str]:
-    module = bundles.load(GUESTS / "caller").module
-    bundle = tmp_path / "payer.torpor"
-    bundle.write_bytes(bundle_mod.pack(module, POLICY))
-    tools = tmp_path / "tools"  # the operator's tools, for every `torpor` process below
-    tools.mkdir()
-    (tools / "pay_tools.py").write_text(TOOLS)
-    monkeypatch.setenv("TORPOR_TOOLS_PATH", str(tools))
+    bundle = payer_bundle(bundles, tmp_path, monkeypatch)  # its tool on $TORPOR_TOOLS_PATH for every process below
     marker = tmp_path / "charge.log"
     store = tmp_path / "store"
-    payload = {"calls": [{"tool": "charge", "args": {"marker": str(marker), "amount": 42}}]}
-    proc = subprocess.Popen([sys.executable, "-m", "host.cli", "run", str(bundle), "--input", json.dumps(payload),
-                             "--store", str(store), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not marker.exists() or "started" not in marker.read_text():  # created, then written: wait for both
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=30)
+    kill_mid_call(bundle, store, marker)
     res = _cli("resume", "--all", "--store", str(store), "--json")
     rows = json.loads(res.stdout)
     assert [r["status"] for r in rows] == ["in_doubt"], res.stdout + res.stderr

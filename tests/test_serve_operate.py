@@ -8,11 +8,6 @@ its non-idempotent tool is in flight) settled over HTTP."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,11 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import GUESTS, BundleFactory
-from serve_helpers import InProcessServer, auth, register, token
+from conftest import BundleFactory
+from serve_helpers import InProcessServer, auth, kill_mid_call, payer_bundle, register, token
 
 from host.runtime import logs
-from host.sandbox import bundle as bundle_mod
 from host.server import openapi
 from host.trust import audit
 from snapshots.lmdb_store import LmdbStore
@@ -213,52 +207,9 @@ def test_the_audit_verified_over_http_is_the_stores_check(bundles: BundleFactory
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_input"
 
 
-TOOLS = '''
-import os, time
-from pydantic import BaseModel
-
-
-class ChargeArgs(BaseModel):
-    marker: str
-    amount: int
-
-
-def charge(args: ChargeArgs, ctx) -> dict:
-    first = not os.path.exists(args.marker)
-    with open(args.marker, "a") as f:
-        f.write("started\\n")
-    if first:
-        time.sleep(30)  # the host is killed while the payment is "in flight"
-    return {"charged": args.amount}
-'''
-
-POLICY = '[agent]\nname = "payer"\n[tools."charge"]\nhandler = "pay_tools:charge"\n'
-
-
-def kill_mid_call(bundle: Path, store: Path, marker: Path) -> None:
-    """A real ``torpor run`` of the payer on ``store``, SIGKILLed while its charge is in flight."""
-    payload = {"calls": [{"tool": "charge", "args": {"marker": str(marker), "amount": 42}}]}
-    proc = subprocess.Popen([sys.executable, "-m", "host.cli", "run", str(bundle), "--input", json.dumps(payload),
-                             "--store", str(store), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not marker.exists() or "started" not in marker.read_text():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=30)
-
-
 @pytest.fixture
 def payer(bundles: BundleFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The payer bundle, with its operator tool on ``$TORPOR_TOOLS_PATH``."""
-    bundle = tmp_path / "payer.torpor"
-    bundle.write_bytes(bundle_mod.pack(bundles.load(GUESTS / "caller").module, POLICY))
-    tools = tmp_path / "tools"
-    tools.mkdir()
-    (tools / "pay_tools.py").write_text(TOOLS)
-    monkeypatch.setenv("TORPOR_TOOLS_PATH", os.pathsep.join([str(tools), os.environ.get("TORPOR_TOOLS_PATH", "")]))
-    return bundle
+    return payer_bundle(bundles, tmp_path, monkeypatch)
 
 
 def test_an_in_doubt_call_is_settled_over_http(payer: Path, tmp_path: Path) -> None:
