@@ -222,6 +222,20 @@ def test_every_command_prints_the_same_against_a_server_as_on_a_store(sides: tup
     same_error(sides, "approve", "{0}", code="invalid_state")
 
 
+def test_logs_follow_an_agent_parked_on_a_person_until_it_ends(sides: tuple[Side, Side]) -> None:
+    """`torpor logs --follow` of a parked agent waits (a long poll on the server, a read of the
+    store every 0.2 s locally), prints the lines its approval's drive commits, and ends with it."""
+    both(sides, "run", "procurement", "--input", PARKS, code=4)
+    n = len(sides[0].ids) - 1
+    followers = [(side, side.start("logs", _fill(f"{{{n}}}", side), "--follow")) for side in sides]
+    time.sleep(1.0)
+    assert all(proc.poll() is None for _, proc in followers), "a follower of a parked agent ended early"
+    both(sides, "approve", f"{{{n}}}")
+    printed = [side.finish(proc) for side, proc in followers]
+    assert printed[0] == printed[1] and printed[0][0] == 0, printed
+    assert "requisition: 75000 for laptops" in printed[0][1] and "ordered" in printed[0][1], printed
+
+
 def test_the_audit_verified_through_a_server_is_torpor_audit_verify_on_its_store(server: InProcessServer) -> None:
     """The whole store's check, and a host chain's, need an admin token; the report is the one
     `torpor audit verify` makes on the server's store itself (run beside the server)."""

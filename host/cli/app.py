@@ -31,7 +31,7 @@ _host = open_host
 # commands (a test holds the two to each other), so that a command imports its own.
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bundles", ("build", "pack", "inspect-bundle")),
-    ("agents", ("run", "resume", "ps", "inspect", "fork")),
+    ("agents", ("run", "resume", "ps", "inspect", "logs", "fork")),
     ("registry", ("push", "registry")),
     ("approvals", ("approvals", "approve", "deny", "resolve")),
     ("store", ("store", "doctor")),

@@ -407,10 +407,10 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("agent", help="the agent id")
     sp.add_argument("--payloads", action="store_true", help="also show each call's arguments and answer from the journal")
     sp = leaf(asub, "verify", cmd_audit_verify,
-              "verify the whole store (or --file EXPORT); exit 1 naming the first modified, removed, inserted or "
-              "reordered record")
+              "verify the whole store (or --file EXPORT; or a server's store, with an admin token); exit 1 naming the "
+              "first modified, removed, inserted or reordered record")
     sp.add_argument("--file", help="verify an export (JSON Lines; '-' for stdin) instead of the store")
-    sp.add_argument("--agent", help="only this agent's chain (store only)")
+    sp.add_argument("--agent", help="only this agent's chain, or a host chain such as host.gateway (not with --file)")
     sp.add_argument("--public-key", action="append",
                     help="pin the signer: a PEM file or base64url key (repeatable; default: the store's own keys)")
     sp = leaf(asub, "export", cmd_audit_export, "write the log as signed JSON Lines to stdout (or -o FILE)")
