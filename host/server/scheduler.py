@@ -15,10 +15,11 @@ It drives every agent in the background of the server's one task group:
 
 Anyone who waits on an agent (a long poll, an event stream) is woken by
 :meth:`Scheduler.changed` when a drive of that agent ends, and looks at the store again.
-The guest's log lines of a drive are not stored (``RunResult.logs``): the scheduler keeps
-those of the latest drives for a while (:class:`RecentLogs`), so that a long poll can hand
-them to the client that started the run (``torpor --server URL run`` prints them as a local
-run does).
+The guest's log lines of one drive (``RunResult.logs``) are kept for the latest drives for a
+while (:class:`RecentLogs`), so that a long poll can hand them to the client that started
+the run (``torpor --server URL run`` prints them as a local run does); the store keeps every
+drive's lines too (:mod:`host.runtime.logs`, served by ``GET /v1/agents/{id}/logs``), but
+numbered per agent, not per drive.
 
 On SIGTERM, :meth:`Scheduler.drain` starts no more drives, lets the running ones end or
 park for ``drain_timeout``, then interrupts the rest at their next safe point
