@@ -8,6 +8,7 @@ its non-idempotent tool is in flight) settled over HTTP."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,15 @@ from typing import Any
 import httpx
 import pytest
 from conftest import BundleFactory
-from serve_helpers import InProcessServer, auth, kill_mid_call, payer_bundle, register, token
+from serve_helpers import (
+    InProcessServer,
+    auth,
+    kill_mid_call,
+    payer_bundle,
+    register,
+    start_process,
+    token,
+)
 
 from host.runtime import logs
 from host.server import openapi
@@ -80,6 +89,33 @@ def test_log_lines_are_kept_paginated_followed_and_survive_a_restart(bundles: Bu
         assert end["lines"] == [] and end["status"] == "completed" and time.monotonic() - t0 < 10
 
 
+def test_a_server_killed_mid_run_leaves_each_line_once(bundles: BundleFactory, tmp_path: Path) -> None:
+    """SIGKILL of `torpor serve` while an agent logs and calls; the next server finishes it.
+    The lines of the segment the kill cut short were in no commit, and the segment runs again
+    from the checkpoint: the kept log has each step's line once, numbered without a gap."""
+    store = tmp_path / "store"
+    [ref] = register(store, bundles.guest("chatty"))
+    secret = token(store, "acme", "runs:write", "runs:read")
+    proc, url = start_process(store)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            aid = c.post("/v1/runs", headers=auth(secret), json={"agent": ref, "input": {"n": 6, "ms": 200}}
+                         ).json()["agent_id"]
+            deadline = time.monotonic() + 60
+            while len(c.get(f"/v1/agents/{aid}/logs", headers=auth(secret)).json()["lines"]) < 3:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    with InProcessServer(store) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        done = c.get(f"/v1/agents/{aid}/wait", params={"timeout": 60}, headers=auth(secret)).json()
+        assert done["status"] == "completed", done
+        page = c.get(f"/v1/agents/{aid}/logs", headers=auth(secret)).json()
+    assert [x["message"] for x in page["lines"]] == [*(f"step {i}" for i in range(6)), "done"], page
+    assert [x["seq"] for x in page["lines"]] == list(range(7)) and page["next"] == 7
+
+
 def test_the_stored_log_is_bounded_per_agent(tmp_path: Path) -> None:
     """Through the runtime's one writer, on a real LMDB store: the oldest batches go first,
     numbers are never reused, and lines dropped before a commit leave a gap."""
@@ -112,6 +148,13 @@ def test_the_stored_log_is_bounded_per_agent(tmp_path: Path) -> None:
             "longer than the stored log keeps]")
     finally:
         store.close()
+
+
+def test_a_log_line_reaches_a_terminal_escaped() -> None:
+    """What a guest logs is its own text: `torpor logs` shows it on one line, escape sequences inert."""
+    from host.cli.agents import _shown
+
+    assert _shown("a\x1b]0;owned\x07b\nc\td\x9b2J é") == "a\\x1b]0;owned\\x07b\\x0ac\td\\x9b2J é"
 
 
 def test_fork_and_resume_over_http(bundles: BundleFactory, tmp_path: Path) -> None:

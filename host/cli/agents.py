@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -315,6 +316,16 @@ def cmd_logs(args: argparse.Namespace) -> int:
         return _print_logs(args, page)
 
 
+#: The control characters a guest's line may carry, but a terminal must not be sent as they are
+#: (escape sequences move the cursor, retitle the window, ...): all but the tab.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def _shown(message: str) -> str:
+    """A guest's log line as a person's terminal shows it: one line, its control characters escaped."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", message)
+
+
 def _print_logs(args: argparse.Namespace, page: Callable[[int, float], dict[str, Any]]) -> int:
     """Print pages of lines from ``page(after, wait)`` (one side's reader): every kept line
     after ``--after`` (``--limit``: one page); with ``--follow``, then the new ones until the
@@ -335,7 +346,7 @@ def _print_logs(args: argparse.Namespace, page: Callable[[int, float], dict[str,
             if args.json:
                 print(json.dumps(line), flush=True)
             else:
-                print(f"{iso(line['t'])} #{line['seq']} [{line['level']}] {line['message']}", flush=args.follow)
+                print(f"{iso(line['t'])} #{line['seq']} [{line['level']}] {_shown(line['message'])}", flush=args.follow)
         after = current["lines"][-1]["seq"] if current["lines"] else args.after
         args.after = after
         if current["more"] and (args.limit is None or args.follow):
