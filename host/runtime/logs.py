@@ -10,8 +10,11 @@ what the agent did once, as its checkpoints have each step once.
 
 Bucket ``logs`` (:data:`BUCKET`):
 
-``<agent id>``                 the head: ``{"next", "first", "lines", "bytes"}``
-``<agent id>/<first seq>``     a batch: the lines one commit wrote, ``[[t, level, message], ...]``
+``<agent id>``                          the head: ``next first lines bytes`` (ASCII integers: it is read
+                                        and written at every commit that logged)
+``<agent id>/<first>/<lines>/<bytes>``  a batch: the lines one commit wrote, ``[[t, level, message], ...]``
+                                        (numbered from ``first``; its size in the key, so a trim
+                                        reads no batch)
 
 Bounded: at most :data:`MAX_LINES` lines and :data:`MAX_BYTES` bytes of messages per agent.
 Past either, the oldest batches are deleted down to three quarters of the bound (so the
@@ -87,20 +90,30 @@ def _newest(lines: list[list[Any]], max_lines: int, max_bytes: int) -> tuple[int
     return n, size
 
 
+_HEAD = ("next", "first", "lines", "bytes")
+#: One encoder, made once (``json.dumps`` with its own separators makes one per call).
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def _head(txn: Any, agent_id: str) -> dict[str, int]:
     raw = txn.get_blob(BUCKET, agent_id)
-    head = _json(raw) if raw is not None else None
-    if not isinstance(head, dict):  # none yet (or unreadable: start a fresh count after the batches)
-        head = {"next": _after_batches(txn, agent_id), "first": 0, "lines": 0, "bytes": 0}
-        head["first"] = head["next"]
-    return {k: int(head.get(k) or 0) for k in ("next", "first", "lines", "bytes")}
+    parts = bytes(raw).split() if raw is not None else []
+    if len(parts) == len(_HEAD) and all(p.isdigit() for p in parts):
+        return dict(zip(_HEAD, map(int, parts), strict=True))
+    # None yet (or unreadable): a fresh count, numbered after the batches there are.
+    after = _after_batches(txn, agent_id)
+    return {"next": after, "first": after, "lines": 0, "bytes": 0}
+
+
+def _put_head(txn: Any, agent_id: str, head: dict[str, int]) -> None:
+    txn.put_blob(BUCKET, agent_id, " ".join(str(head[k]) for k in _HEAD).encode())
 
 
 def _after_batches(txn: Any, agent_id: str) -> int:
     last = 0
-    for key, raw in txn.iter_blobs(BUCKET, f"{agent_id}/"):
-        batch = _json(raw)
-        last = max(last, _seq(key) + (len(batch) if isinstance(batch, list) else 0))
+    for key, _ in txn.iter_blobs(BUCKET, f"{agent_id}/"):
+        first, lines, _size = _parts(key)
+        last = max(last, first + lines)
     return last
 
 
@@ -111,13 +124,16 @@ def _json(raw: bytes) -> Any:
         return None
 
 
-def _seq(key: str) -> int:
-    tail = key.rpartition("/")[2]
-    return int(tail) if tail.isdigit() else 0
+def _parts(key: str) -> tuple[int, int, int]:
+    """A batch key's (first line number, lines, bytes); zeros for what does not parse."""
+    parts = key.split("/")[1:]
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        return 0, 0, 0
+    return int(parts[0]), int(parts[1]), int(parts[2])
 
 
-def _key(agent_id: str, seq: int) -> str:
-    return f"{agent_id}/{seq:012d}"
+def _key(agent_id: str, first: int, lines: int, size: int) -> str:
+    return f"{agent_id}/{first:012d}/{lines}/{size}"
 
 
 def flush(txn: Any, agent_id: str, pending: Pending) -> tuple[int, int]:
@@ -135,7 +151,7 @@ def flush(txn: Any, agent_id: str, pending: Pending) -> tuple[int, int]:
             keep, size = _newest(lines, int(MAX_LINES * _TRIM_TO), int(MAX_BYTES * _TRIM_TO))
             head["next"] += n_lines - keep
             lines = lines[n_lines - keep:]
-        txn.put_blob(BUCKET, _key(agent_id, head["next"]), json.dumps(lines, separators=(",", ":")).encode())
+        txn.put_blob(BUCKET, _key(agent_id, head["next"], len(lines), size), _encode(lines).encode())
         head["next"] += len(lines)
         head["lines"] += len(lines)
         head["bytes"] += size
@@ -143,24 +159,23 @@ def flush(txn: Any, agent_id: str, pending: Pending) -> tuple[int, int]:
         _trim(txn, agent_id, head)
     if head["lines"] == 0:
         head["first"] = head["next"]
-    txn.put_blob(BUCKET, agent_id, json.dumps(head, separators=(",", ":")).encode())
+    _put_head(txn, agent_id, head)
     return n_lines, n_skipped
 
 
 def _trim(txn: Any, agent_id: str, head: dict[str, int]) -> None:
     """Delete the oldest batches until the kept log is within three quarters of the bounds
     (the newest batch stays: it is within them, :func:`flush` saw to that)."""
-    batches = list(txn.iter_blobs(BUCKET, f"{agent_id}/"))
+    keys = [key for key, _ in txn.iter_blobs(BUCKET, f"{agent_id}/")]
     max_lines, max_bytes = int(MAX_LINES * _TRIM_TO), int(MAX_BYTES * _TRIM_TO)
-    for i, (key, raw) in enumerate(batches[:-1]):
+    for i, key in enumerate(keys[:-1]):
         if head["lines"] <= max_lines and head["bytes"] <= max_bytes:
             break
-        batch = _json(raw)
-        batch = batch if isinstance(batch, list) else []
+        _first, lines, size = _parts(key)
         txn.delete_blob(BUCKET, key)
-        head["lines"] -= len(batch)
-        head["bytes"] -= sum(len(str(line[2])) for line in batch if isinstance(line, list) and len(line) == 3)
-        head["first"] = _seq(batches[i + 1][0])
+        head["lines"] -= lines
+        head["bytes"] -= size
+        head["first"] = _parts(keys[i + 1])[0]
     head["lines"], head["bytes"] = max(0, head["lines"]), max(0, head["bytes"])
 
 
@@ -178,9 +193,11 @@ def read(store: Any, agent_id: str, *, after: int = -1, limit: int = PAGE_MAX) -
         raw = txn.get_blob(BUCKET, agent_id)
         head = _head(txn, agent_id) if raw is not None else {"next": 0, "first": 0}
         for key, blob in txn.iter_blobs(BUCKET, f"{agent_id}/"):
-            first = _seq(key)
+            first, count, _size = _parts(key)
+            if first + count <= after + 1:
+                continue  # wholly before the page: not decoded
             batch = _json(blob)
-            if not isinstance(batch, list) or first + len(batch) <= after + 1:
+            if not isinstance(batch, list):
                 continue
             for i, line in enumerate(batch):
                 seq = first + i
