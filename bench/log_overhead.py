@@ -55,6 +55,7 @@ def measure(rounds: int, agents: int, n: int, lines: tuple[int, ...]) -> dict[st
 
     cases = [("silent", 0, True), *((f"dropped_{k}", k, False) for k in lines), *((f"kept_{k}", k, True) for k in lines)]
     rates: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+    cpu: dict[str, list[float]] = {name: [] for name, _, _ in cases}  # process CPU (all threads) per call
     tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-logs-"))
     kept_lines = 0
     try:
@@ -78,9 +79,10 @@ def measure(rounds: int, agents: int, n: int, lines: tuple[int, ...]) -> dict[st
                 for name, k, store_them in cases:
                     logs_mod.flush = keep if store_them else forget
                     try:
-                        t0 = time.perf_counter()
+                        t0, c0 = time.perf_counter(), time.process_time()
                         calls, ids = anyio.run(batch, k)
                         rates[name].append(calls / (time.perf_counter() - t0))
+                        cpu[name].append((time.process_time() - c0) / calls * 1e6)
                     finally:
                         logs_mod.flush = keep
                     if store_them and k:
@@ -91,12 +93,15 @@ def measure(rounds: int, agents: int, n: int, lines: tuple[int, ...]) -> dict[st
         raise TorporError("no line was kept: the flush was not measured")
     med = {name: statistics.median(v) for name, v in rates.items()}
     us = {name: 1e6 / v for name, v in med.items()}
+    cpu_us = {name: statistics.median(v) for name, v in cpu.items()}
     return {
         "agents": agents, "calls_per_agent": n, "rounds": rounds, "durability": "process",
         "round_trips_per_s": {k: round(v) for k, v in med.items()},
         "us_per_call": {k: round(v, 2) for k, v in us.items()},
         "keeping_cost_us_per_call": {str(k): round(us[f"kept_{k}"] - us[f"dropped_{k}"], 2) for k in lines},
         "kept_vs_dropped": {str(k): round(us[f"kept_{k}"] / us[f"dropped_{k}"], 3) for k in lines},
+        "cpu_us_per_call": {k: round(v, 2) for k, v in cpu_us.items()},
+        "keeping_cpu_us_per_call": {str(k): round(cpu_us[f"kept_{k}"] - cpu_us[f"dropped_{k}"], 2) for k in lines},
         "lines_kept_per_agent": kept_lines,
         "all_round_trips_per_s": {k: [round(x) for x in v] for k, v in rates.items()},
     }
@@ -113,6 +118,7 @@ def flush_alone(blocks: int, per_block: int, lines: tuple[int, ...]) -> dict[str
            "bundle_digest": "0" * 64, "module_digest": "1" * 64, "usage": {"fuel_used": 123456, "tool_calls": 7},
            "audit_head": "2" * 64, "audit_seq": 9, "created_at": time.time(), "pad": "x" * 900}
     times: dict[str, list[float]] = {"record": [], **{f"record+{k}_lines": [] for k in lines}}
+    cpus: dict[str, list[float]] = {k: [] for k in times}  # the thread's CPU: what load on the machine does not add
     try:
         store = LmdbStore.open(tmp / "db", durability="process")
         try:
@@ -120,7 +126,7 @@ def flush_alone(blocks: int, per_block: int, lines: tuple[int, ...]) -> dict[str
                 for name in times:
                     k = 0 if name == "record" else int(name.split("+")[1].split("_")[0])
                     pending = logs_mod.Pending()
-                    t = 0.0
+                    t = c = 0.0
                     for _ in range(per_block):
                         for j in range(k):
                             pending.add("info", f"step {j}: a line of a typical length, some fifty bytes")
@@ -129,18 +135,23 @@ def flush_alone(blocks: int, per_block: int, lines: tuple[int, ...]) -> dict[str
                             txn.put_agent(rec)
                             return logs_mod.flush(txn, str(rec["agent_id"]), p) if k else (0, 0)
 
-                        t0 = time.perf_counter()
+                        t0, c0 = time.perf_counter(), time.thread_time()
                         done = store.transact(write)
                         t += time.perf_counter() - t0
+                        c += time.thread_time() - c0
                         pending.take(*done)
                     times[name].append(t / per_block * 1e6)
+                    cpus[name].append(c / per_block * 1e6)
         finally:
             store.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in times.items()}
+    cmed = {k: statistics.median(v) for k, v in cpus.items()}
     return {"blocks": blocks, "per_block": per_block, "us_per_commit": {k: round(v, 2) for k, v in med.items()},
-            "flush_us": {str(k): round(med[f"record+{k}_lines"] - med["record"], 2) for k in lines}}
+            "flush_us": {str(k): round(med[f"record+{k}_lines"] - med["record"], 2) for k in lines},
+            "cpu_us_per_commit": {k: round(v, 2) for k, v in cmed.items()},
+            "flush_cpu_us": {str(k): round(cmed[f"record+{k}_lines"] - cmed["record"], 2) for k in lines}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,16 +172,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"tool round trips of logsteps, {agents} agents x {n} calls, {rounds} rounds alternated, durability process")
     for name, rate in res["round_trips_per_s"].items():
-        print(f"  {name:<10} {rate:>8,} round trips/s  {res['us_per_call'][name]:>8.2f} us/call")
+        print(f"  {name:<10} {rate:>8,} round trips/s  {res['us_per_call'][name]:>8.2f} us/call  "
+              f"{res['cpu_us_per_call'][name]:>8.2f} us CPU/call")
     for k, cost in res["keeping_cost_us_per_call"].items():
         print(f"  keeping {k} line(s) per call in the store: {cost:+.2f} us/call "
               f"(x{res['kept_vs_dropped'][k]} of the same run with them dropped)")
     alone = res["flush_alone"]
     print(f"one commit transaction, {alone['blocks']} alternated blocks of {alone['per_block']}:")
     for name, us in alone["us_per_commit"].items():
-        print(f"  {name:<16} {us:>8.2f} us")
+        print(f"  {name:<16} {us:>8.2f} us  {alone['cpu_us_per_commit'][name]:>8.2f} us CPU")
     for k, us in alone["flush_us"].items():
-        print(f"  flushing {k} line(s) in it: {us:+.2f} us")
+        print(f"  flushing {k} line(s) in it: {us:+.2f} us ({alone['flush_cpu_us'][k]:+.2f} us CPU)")
     return 0
 
 
