@@ -202,6 +202,24 @@ def test_fork_and_resume_over_http(bundles: BundleFactory, tmp_path: Path) -> No
         assert kinds[0] == "agent.forked" and "agent.resumed" in kinds
 
 
+def test_resume_refuses_an_agent_asleep_before_its_time_or_already_running(bundles: BundleFactory,
+                                                                           tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    sleeper, slow = register(store, bundles.guest("sleeper"), bundles.guest("slowtool"))
+    with InProcessServer(store) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        ops = token(srv.host.store, "acme", "runs:write", "runs:read")
+        asleep = c.post("/v1/runs", headers=auth(ops), json={"agent": sleeper, "input": {"ms": 600_000, "sleeps": 1},
+                                                             "wait": 30}).json()
+        assert asleep["status"] == "sleeping", asleep
+        r = c.post(f"/v1/agents/{asleep['agent_id']}/resume", headers=auth(ops))
+        assert r.status_code == 409 and r.json()["error"]["code"] == "not_due" and "sleeps until" in r.text, r.text
+        busy = c.post("/v1/runs", headers=auth(ops), json={"agent": slow, "input": {"n": 2, "ms": 1000}}).json()
+        r = c.post(f"/v1/agents/{busy['agent_id']}/resume", headers=auth(ops))
+        assert r.status_code == 409 and "running on this server already" in r.json()["error"]["message"], r.text
+        done = c.get(f"/v1/agents/{busy['agent_id']}/wait", params={"timeout": 60}, headers=auth(ops)).json()
+        assert done["status"] == "completed" and done["output"]["calls"] == 2, done  # driven once, not twice
+
+
 def test_the_openapi_document_names_every_route_with_its_scope(bundles: BundleFactory, tmp_path: Path) -> None:
     from starlette.routing import Route
 
