@@ -222,10 +222,11 @@ def test_every_command_prints_the_same_against_a_server_as_on_a_store(sides: tup
     same_error(sides, "approve", "{0}", code="invalid_state")
 
 
-def test_logs_follow_an_agent_parked_on_a_person_until_it_ends(sides: tuple[Side, Side]) -> None:
+def test_logs_follow_an_agent_parked_on_a_person_until_it_ends(sides: tuple[Side, Side], procurement: Path) -> None:
     """`torpor logs --follow` of a parked agent waits (a long poll on the server, a read of the
     store every 0.2 s locally), prints the lines its approval's drive commits, and ends with it."""
-    both(sides, "run", "procurement", "--input", PARKS, code=4)
+    both(sides, "push", str(procurement), "--name", "followed")
+    both(sides, "run", "followed", "--input", PARKS, code=4)
     n = len(sides[0].ids) - 1
     followers = [(side, side.start("logs", _fill(f"{{{n}}}", side), "--follow")) for side in sides]
     time.sleep(1.0)
