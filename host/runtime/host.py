@@ -354,6 +354,13 @@ class Host:
         return slots(self.pool, self.class_pools.get(agent_cfg.pool),
                      agent_cfg.priority if priority is None else priority)
 
+    def check_resumable(self, rec: dict[str, Any], now: float | None = None) -> None:
+        """Refuse, with the error :meth:`resume` would raise, to resume the agent of ``rec``
+        (finished, parked on a person, asleep before its time, driven by another live
+        process), touching nothing: for a caller that answers before it resumes in the
+        background (``torpor serve``)."""
+        self.lifecycle.check_resumable(rec, time.time() if now is None else now)
+
     async def resume_all(self) -> list[RunResult]:
         """Resume every agent that is not finished, not parked, and not owned by a live
         process, and every sleeping one whose time has come (:meth:`due`)."""

@@ -19,7 +19,6 @@ for it with ``GET /v1/agents/{id}/wait`` as after an approval.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import anyio.to_thread
@@ -46,7 +45,7 @@ class Operate:
         rec = owned_agent(self.host, aid, who)
         if self.scheduler.driving(aid):
             raise AgentStateError(f"agent {aid} is running on this server already")
-        self.host.lifecycle.check_resumable(rec, time.time())
+        self.host.check_resumable(rec)
         if not self.scheduler.resume(aid):
             raise ShuttingDown(f"agent {aid} was not resumed: the server is shutting down")
         return json_response(owned_agent(self.host, aid, who), 202)
