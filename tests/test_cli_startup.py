@@ -1,4 +1,4 @@
-"""The CLI starts light: `torpor --help`, `ps` and `inspect` import neither Wasmtime nor
+"""The CLI starts light: `torpor --help`, `ps`, `inspect` and `logs` import neither Wasmtime nor
 pydantic nor the snapshot codec, and `ps`/`inspect` build no Host; a command imports
 the module of its own group only.
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from host.cli import common
+from host.runtime import logs
 from snapshots.lmdb_store import DURABILITY_LEVELS, LmdbStore
 from snapshots.store import WriteTxn
 
@@ -57,6 +58,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                "checkpoints": 1, "last_checkpoint_bytes": 300})
 
         s.transact(write)
+        pending = logs.Pending()  # a log line kept for the second, as a commit of its would write it
+        pending.add("info", "hello from the guest")
+        s.transact(lambda txn: logs.flush(txn, "01M9AAAAAAAAAAAAAAAAAAAAA1", pending))
     return root
 
 
@@ -82,6 +86,9 @@ def test_ps_and_inspect_read_the_store_without_a_host(store: Path) -> None:
     assert not {"host.cli.trust", "host.cli.store", "host.cli.bundles"} & mods
     code, mods, _ = _modules_after(["approvals", "--store", str(store)])
     assert code == 0 and not _heavy(mods), _heavy(mods)
+    code, mods, out = _modules_after(["logs", rows[1]["agent_id"], "--store", str(store)])
+    assert code == 0 and not _heavy(mods), _heavy(mods)
+    assert out.endswith(" #0 [info] hello from the guest\n"), out
 
 
 def test_ps_against_a_server_imports_httpx_but_no_runtime() -> None:
