@@ -231,6 +231,7 @@ def test_the_openapi_document_names_every_route_with_its_scope(bundles: BundleFa
     assert paths["/v1/agents/{agent_id}/resume"]["post"]["x-torpor-scope"] == "runs:write"
     assert paths["/v1/agents/{agent_id}/fork"]["post"]["requestBody"]["required"] is True
     assert paths["/v1/agents/{agent_id}/resolve"]["post"]["x-torpor-scope"] == "approvals:write"
+    assert paths["/v1/agents/{agent_id}/resolve"]["post"]["requestBody"]["required"] is True
     assert paths["/v1/audit/verify"]["get"]["x-torpor-scope"] == "admin"
     assert {p["name"] for p in paths["/v1/agents/{agent_id}/logs"]["get"]["parameters"]} == {
         "agent_id", "after", "limit", "wait"}

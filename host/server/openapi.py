@@ -40,7 +40,8 @@ DETAILS: dict[str, tuple[str | None, dict[str, Any] | None, int]] = {
     "fork_agent": ("runs:write", {"type": "object", "required": ["checkpoint"],
                                   "properties": {"checkpoint": {"type": "integer", "minimum": 0}}}, 201),
     "resolve_agent": ("approvals:write", {
-        "type": "object", "description": "exactly one of retry, result, fail",
+        "type": "object", "description": "exactly one of retry, result, fail", "required": [],
+        "oneOf": [{"required": ["retry"]}, {"required": ["result"]}, {"required": ["fail"]}],
         "properties": {"retry": {"type": "boolean", "description": "run the call again (it did not take effect)"},
                        "result": {"description": "the call's result (JSON): it did take effect"},
                        "fail": {"type": "string", "description": "fail the agent, for this reason"}}}, 200),
