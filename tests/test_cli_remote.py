@@ -237,20 +237,33 @@ def test_logs_follow_an_agent_parked_on_a_person_until_it_ends(sides: tuple[Side
     assert "requisition: 75000 for laptops" in printed[0][1] and "ordered" in printed[0][1], printed
 
 
-def test_the_audit_verified_through_a_server_is_torpor_audit_verify_on_its_store(server: InProcessServer) -> None:
-    """The whole store's check, and a host chain's, need an admin token; the report is the one
-    `torpor audit verify` makes on the server's store itself (run beside the server)."""
+def test_the_audit_verified_through_a_server_is_torpor_audit_verify_on_its_store(server: InProcessServer,
+                                                                                 procurement: Path) -> None:
+    """The whole store's check, and a host chain's check and records, need an admin token; the
+    report is the one `torpor audit verify` (`show`) makes on the server's store itself (run
+    beside the server)."""
     admin = token(server.host.store, "acme", "admin")
     env = {remote.SERVER_ENV: server.url, remote.TOKEN_ENV: admin}
-    for argv in (["audit", "verify"], ["audit", "verify", "--json"], ["audit", "verify", "--agent", "host.gateway"]):
+    same = Side("server", [], env)("audit", "show", "host.nothing", "--json")
+    assert same[0] == 2 and json.loads(same[1])["error"]["code"] == "agent_not_found", same  # as on a store
+    assert httpx.get(server.url + "/v1/agents", headers=auth("tpo_not-a-token")).status_code == 401  # a refusal
+    deadline = time.monotonic() + 30
+    with client_mod.Client(server.url, admin) as c:
+        c.push(procurement.read_bytes(), name="verified")  # a record of host.registry
+        while not c.verify_audit("host.gateway")["records"]:  # the gateway's refusals are flushed in the background
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    for argv in (["audit", "verify"], ["audit", "verify", "--json"], ["audit", "verify", "--agent", "host.gateway"],
+                 ["audit", "show", "host.gateway", "--json"], ["audit", "show", "host.registry"]):
         there = Side("server", [], env)
         here = Side("local", [], {"TORPOR_STORE": str(server.host.store_dir)})
         assert there(*argv) == here(*argv), argv
     out = here("audit", "verify", "--json")[1]
     assert json.loads(out)["ok"] is True and json.loads(out)["agents"] > 0
     reader = token(server.host.store, "acme", "runs:read")
-    status, out, _ = Side("server", [], {**env, remote.TOKEN_ENV: reader})("audit", "verify", "--json")
-    assert status == 2 and json.loads(out)["error"]["code"] == "forbidden", out
+    for argv in (["audit", "verify"], ["audit", "show", "host.gateway"]):
+        status, out, _ = Side("server", [], {**env, remote.TOKEN_ENV: reader})(*argv, "--json")
+        assert status == 2 and json.loads(out)["error"]["code"] == "forbidden", (argv, out)
 
 
 def test_resume_and_resolve_of_an_in_doubt_agent_print_the_same_against_a_server(

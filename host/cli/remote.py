@@ -30,8 +30,9 @@ T = TypeVar("T")
 
 SERVER_ENV = "TORPOR_SERVER"
 TOKEN_ENV = "TORPOR_TOKEN"
-SERVER_HELP = (f"talk to a `torpor serve` at this URL (e.g. http://127.0.0.1:8700) instead of a local store: run, resume, "
-               f"fork, ps, inspect, logs, approvals, approve, deny, resolve, audit show|verify, push, registry (default ${SERVER_ENV})")
+SERVER_HELP = (f"talk to a `torpor serve` at this URL (e.g. http://127.0.0.1:8700) instead of a local store: run, "
+               f"resume, fork, ps, inspect, logs, approvals, approve, deny, resolve, audit show|verify, push, registry "
+               f"(default ${SERVER_ENV})")
 TOKEN_FILE_HELP = f"a file holding the operator token for --server (default ${TOKEN_ENV})"
 
 #: The commands that work against a server (``audit`` and ``registry``: these subcommands).

@@ -134,7 +134,8 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
     client = remote.connect(args, local_only=("payloads",))  # the journal is not served over HTTP
     if client is not None:
         with client:
-            rec: dict[str, Any] | None = client.agent(args.agent)
+            # A host chain (host.gateway, host.registry) has records but no agent record.
+            rec: dict[str, Any] | None = None if args.agent.startswith(audit.host_chain("")) else client.agent(args.agent)
             recs = client.audit_records(args.agent)
             report = audit.VerifyReport.from_dict(client.verify_audit(args.agent))
         journal: dict[int, Any] = {}
