@@ -61,10 +61,16 @@ void BinaryenModuleDispose(BinaryenModuleRef module);
 uint32_t BinaryenFeatureAll(void);
 uint32_t BinaryenFeatureBulkMemory(void);
 uint32_t BinaryenFeatureMutableGlobals(void);
+uint32_t BinaryenFeatureNontrappingFPToInt(void);
+uint32_t BinaryenFeatureSignExt(void);
 uint32_t BinaryenModuleGetFeatures(BinaryenModuleRef module);
 void BinaryenModuleSetFeatures(BinaryenModuleRef module, uint32_t features);
 void free(void*);
 """
+
+#: Features a caller may enable for a module that uses them undeclared (by name).
+EXTRA_FEATURES = {"nontrapping-float-to-int": "BinaryenFeatureNontrappingFPToInt", "sign-ext": "BinaryenFeatureSignExt"}
+
 
 class ValidationFailed(ToolchainError):
     """Binaryen's validator refused the transformed module (its reasons are on stderr)."""
@@ -107,6 +113,7 @@ def asyncify(
     extra_passes: tuple[str, ...] = ("strip-debug", "memory-packing"),
     while_starting: Callable[[], object] | None = None,
     pass_arguments: dict[str, str] | None = None,
+    enable_features: tuple[str, ...] = (),
 ) -> bytes:
     """Return ``wasm`` transformed so that the host can snapshot it at a suspending import.
 
@@ -119,7 +126,9 @@ def asyncify(
     ``while_starting`` runs in this process while the worker starts (see
     :func:`isolation.run_child`); an error it raises ends the call. ``pass_arguments``
     are more of Binaryen's pass arguments (``asyncify-onlylist`` for the JS runtime,
-    whose suspension is reached through three functions only).
+    whose suspension is reached through three functions only). ``enable_features`` names
+    features of :data:`EXTRA_FEATURES` the module uses without declaring them (the
+    Python runtime's prebuilt libpython).
     """
     limits = isolation.binaryen_limits()
     threads = _binaryen_threads()
@@ -130,6 +139,7 @@ def asyncify(
         "optimize_level": optimize_level,
         "extra_passes": list(extra_passes),
         "pass_arguments": dict(pass_arguments or {}),
+        "enable_features": list(enable_features),
     }
     cmd = isolation.worker_command(
         "asyncify", str(limits.memory_bytes), str(isolation.cpu_seconds_for(limits, threads))
@@ -307,6 +317,7 @@ def asyncify_in_process(
     optimize_level: int = 2,
     extra_passes: tuple[str, ...] = ("strip-debug", "memory-packing"),
     pass_arguments: dict[str, str] | None = None,
+    enable_features: tuple[str, ...] = (),
 ) -> bytes:
     """:func:`asyncify` in this very process: only for the toolchain worker.
 
@@ -340,6 +351,10 @@ def asyncify_in_process(
             # target_features section (an MVP module) must not be refused for them.
             features = (lib.BinaryenModuleGetFeatures(mod) | lib.BinaryenFeatureBulkMemory()
                         | lib.BinaryenFeatureMutableGlobals())
+            for name in enable_features:
+                if name not in EXTRA_FEATURES:
+                    raise ToolchainError(f"unknown Binaryen feature {name!r}")
+                features |= getattr(lib, EXTRA_FEATURES[name])()
             lib.BinaryenModuleSetFeatures(mod, features)
             exported: set[str] = set()
             kind_global = lib.BinaryenExternalGlobal()

