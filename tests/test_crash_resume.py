@@ -6,7 +6,8 @@ call ran again, `last` would pass 200; if state were lost, `sum` would be off.
 QuickJS heap object), with fewer trials: a JS module's compile is paid once, in a warm-up
 store whose compile cache each trial's store starts with.
 `steps-zig` does the same in Zig (its locals live in Zig's frames and shadow stack),
-in fewer trials, with the same warm compile cache.
+in fewer trials, with the same warm compile cache, and so does `steps-py` in Python (its
+sum lives in a coroutine's frame, a CPython heap object).
 
 The moment of each kill is drawn at random along the run — as a random number
 of checkpoints already written, plus random jitter, watched from outside the
@@ -39,7 +40,7 @@ from conftest import BundleFactory
 #: (example, n, durability, trials, of which early kills): `sync` is the default and gets the most.
 LEVELS = [("steps", 200, "sync", 20, 3), ("steps", 200, "process", 6, 1),
           ("steps-js", 50, "sync", 5, 1), ("steps-js", 50, "process", 2, 0),
-          ("steps-zig", 100, "sync", 4, 1)]
+          ("steps-zig", 100, "sync", 4, 1), ("steps-py", 50, "sync", 3, 1)]
 
 
 def _cli(*args: str) -> list[str]:
