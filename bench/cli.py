@@ -33,6 +33,9 @@ BENCHES: dict[str, tuple[str, str]] = {
     "steps": ("steps", "tool round trips per second with warm instances"),
     "js": ("js_guests", "JavaScript agents beside the C agent in the same run: spawn to the first await, suspend, "
                         "resume, bytes per hibernated agent, round trips per second hibernating at every await"),
+    "python": ("py_guests", "Python agents beside the C and JavaScript agents in the same run: spawn to the first "
+                            "await, suspend, resume, bytes per hibernated agent, round trips per second hibernating "
+                            "at every await"),
     "conversation": ("conversation", "bytes stored for an LLM agent whose conversation grows every turn, time per "
                                      "turn, suspend/resume at the last turn"),
     "cli": ("cli_startup", "start-up of a fresh torpor process (--help, ps, inspect) on a store of 10,000 agents, "
@@ -123,7 +126,7 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
             sp.add_argument("--also", action="append", metavar="AGENT",
                             help="another example agent to measure beside steps and mib, e.g. steps-zig "
                                  "(repeatable)")
-        elif name == "js":
+        elif name in ("js", "python"):
             sp.add_argument("--n", type=int, help="suspend/resume cycles per agent (default 2,000; --quick 100)")
             sp.add_argument("--spawns", type=int, help="spawns per agent (default 2,000; --quick 100)")
         elif name == "density":

@@ -43,18 +43,22 @@ JS_TARGETS = {"spawn_p50_us": 600.0, "suspend_no_commit_p50_us": 400.0, "resume_
               "record_bytes_p50": 5 * 1024.0, "round_trips_per_s": 2000.0}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def measure_agents(args: argparse.Namespace, names: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each agent of ``names`` measured in turn with one engine and one store: spawn to the
+    first await, then one agent hibernating at every await. Also what ``torpor bench
+    python`` runs, with the Python agent beside these two. Returns the run's settings
+    (engine, cycles, spawns) and the figures by agent."""
     cycles = positive("--n", args.n if args.n is not None else (100 if args.quick else 2000))
     spawns = positive("--spawns", args.spawns if args.spawns is not None else (100 if args.quick else 2000))
     engine = make_engine(args.engine)
-    tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-js-"))
+    tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-guests-"))
     agents: dict[str, Any] = {}
     try:
         with contextlib.ExitStack() as stack:
             store = stack.enter_context(LmdbStore.open(tmp / "db", durability="process"))
             committer = GroupCommitter(store)
             stack.callback(committer.close)
-            for name in ("steps", "steps-js"):
+            for name in names:
                 rig = make_rig(engine, load_bundle(name))
                 spawn = spawn_latency(rig, spawns, Progress(f"{name} spawn", spawns, args.progress))
                 t0 = time.perf_counter()
@@ -72,9 +76,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 "module_bytes": len(rig.bundle.module), "image_bytes": len(rig.loaded.image)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return {"engine": engine.config.profile, "cycles": cycles, "spawns": spawns}, agents
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    settings, agents = measure_agents(args, ("steps", "steps-js"))
+    cycles, spawns = settings["cycles"], settings["spawns"]
     js, c = agents["steps-js"], agents["steps"]
     res: dict[str, Any] = {
-        "bench": "js", "engine": engine.config.profile, "machine": machine(), "cycles": cycles, "spawns": spawns,
+        "bench": "js", "engine": settings["engine"], "machine": machine(), "cycles": cycles, "spawns": spawns,
         "durability": "process", "agents": agents,
         "js_spawn_p50_us": js["spawn"]["p50_us"], "js_spawn_p99_us": js["spawn"]["p99_us"],
         "js_suspend_no_commit_p50_us": js["suspend_no_commit"]["p50_us"],
@@ -90,7 +100,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-def show(r: dict[str, Any]) -> None:
+def show_agents(r: dict[str, Any]) -> None:
+    """The per-agent table and lines (shared with ``torpor bench python``)."""
     rows: dict[str, dict[str, float]] = {}
     for name, a in r["agents"].items():
         mem = a["memory_bytes"] // 1024
@@ -104,6 +115,10 @@ def show(r: dict[str, Any]) -> None:
               f"{a['round_trips_per_s']} round trips/s hibernating at every await before the commit "
               f"({a['round_trips_per_s_one_agent_committing']}/s one agent alone awaiting each commit); module {a['module_bytes']} B, "
               f"image {a['image_bytes'] // 1024} KiB")
+
+
+def show(r: dict[str, Any]) -> None:
+    show_agents(r)
     t = r["js_targets"]
     print(f"\nJS targets (p50): spawn {r['js_spawn_p50_us']} µs (≤ {t['spawn_p50_us']:g}), suspend "
           f"{r['js_suspend_no_commit_p50_us']} µs before the commit (≤ {t['suspend_no_commit_p50_us']:g}), resume "
