@@ -345,5 +345,16 @@ def pre_initialize(runtime: bytes, files: dict[str, tuple[str, str, bool]]) -> b
 
 
 def build_agent(agent_dir: Path) -> bytes:
-    """The module of the Python agent in ``agent_dir``, ready to pack."""
-    return pre_initialize(runtime_module(), agent_sources(agent_dir))
+    """The module of the Python agent in ``agent_dir``, ready to pack.
+
+    A module past the host's size limit is refused here, with what to do about it, rather
+    than when a host first loads the bundle."""
+    from host.sandbox.validate import HostLimits
+
+    module = pre_initialize(runtime_module(), agent_sources(agent_dir))
+    cap = HostLimits().max_module_bytes
+    if len(module) > cap:
+        raise ToolchainError(f"agent.py: the pre-initialised module is {len(module):,} bytes; a host accepts at most "
+                             f"{cap:,} (the interpreter and the modules the agent imports at its top level are in "
+                             "it: import large modules inside main() instead)")
+    return module
