@@ -424,8 +424,10 @@ def agent_language(d: Path) -> str:
 def build_dir(agent_dir: str | Path) -> bytes:
     """Compile an agent directory (C sources, a Zig agent, agent.js or agent.py, + policy.toml) into bundle bytes.
 
-    Python files in the directory are not packed: tools are the operator's (see
-    :mod:`host.tools.sources`); :func:`pack` packs Python only when given it.
+    Python files in the directory are not packed as tools: tools are the operator's (see
+    :mod:`host.tools.sources`); :func:`pack` packs Python only when given it. A Python
+    agent's own modules (``agent.py`` and what it vendors, not ``*_tools.py``) are compiled
+    into its module's image instead.
     """
     d = Path(agent_dir)
     if not d.is_dir():
