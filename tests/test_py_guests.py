@@ -198,3 +198,30 @@ def test_sleep_parks_the_agent_and_wakes_when_due(host: Host, hostile: bundle_mo
     [res] = anyio.run(host.wake_due)
     assert res.status == "completed", res.error
     assert res.output["elapsed"] >= 300
+
+
+def test_agent_py_picks_python_and_refuses_a_second_language(tmp_path: Path) -> None:
+    from host.errors import BundleError
+
+    (tmp_path / "agent.py").write_text("async def main():\n    pass\n")
+    assert bundle_mod.agent_language(tmp_path) == "python"
+    for other in ("agent.js", "agent.c", "agent.zig"):
+        (tmp_path / other).write_text("")
+        with pytest.raises(BundleError, match="one directory holds one agent"):
+            bundle_mod.agent_language(tmp_path)
+        (tmp_path / other).unlink()
+
+
+def test_the_agents_sources_are_its_modules_not_operator_tools(tmp_path: Path) -> None:
+    (tmp_path / "agent.py").write_text("")
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "__init__.py").write_text("")
+    (tmp_path / "lib" / "util.py").write_text("")
+    (tmp_path / "shop_tools.py").write_text("")
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "x.py").write_text("")
+    files = py_runtime.agent_sources(tmp_path)
+    assert set(files) == {"agent", "lib", "lib.util"}
+    assert files["lib"] == ("lib/__init__.py", "", True)
+    with pytest.raises(ToolchainError, match="no agent.py"):
+        py_runtime.agent_sources(tmp_path / "lib")
