@@ -223,5 +223,5 @@ def test_the_agents_sources_are_its_modules_not_operator_tools(tmp_path: Path) -
     files = py_runtime.agent_sources(tmp_path)
     assert set(files) == {"agent", "lib", "lib.util"}
     assert files["lib"] == ("lib/__init__.py", "", True)
-    with pytest.raises(ToolchainError, match="no agent.py"):
+    with pytest.raises(ToolchainError, match=r"no agent\.py"):
         py_runtime.agent_sources(tmp_path / "lib")
