@@ -45,7 +45,8 @@ def test_call_and_schema_validation() -> None:
     c = ctx("mcp.crm.lookup_customer")
     r = invoke("mcp.crm.lookup_customer", {"customer_id": "C-42"}, c)
     assert r["structured"] == {"id": "C-42", "name": "Ada Lovelace", "plan": "enterprise", "open_tickets": 2}
-    assert r["content"][0]["type"] == "text"
+    # The tool's text is its structured value's JSON: the guest is told it once, not three times.
+    assert r["content"] == [] and r["text"] == ""
     for bad, where in (({"customer_id": 42}, "customer_id"), ({"customer_id": "nope"}, "customer_id"),
                        ({}, "(arguments)"), ({"customer_id": "C-1", "x": 1}, "(arguments)")):
         r = invoke("mcp.crm.lookup_customer", bad, c)

@@ -13,10 +13,15 @@ A policy names a server and the tools it grants::
     [tools."mcp.tickets.create_ticket"]            # optional: rates, approval, argument rules
     approval = true
 
+or, for a remote server, ``url = "https://..."`` with ``headers`` (streamable HTTP;
+``{credential}`` placeholders filled host side and sent to that origin only).
+
 The host starts the server on first use (stdio transport, through the ``mcp``
-SDK; no shell; the environment is the SDK's minimal safe one plus ``env``),
-lists its tools and their JSON Schemas, and keeps it running for later calls
-and other agents with the same configuration.  Before a call goes to the
+SDK; no shell; the environment is the SDK's minimal safe one plus ``env``), or
+connects to it (:mod:`host.tools.mcp_transport`), lists its tools and their JSON
+Schemas, and keeps it running for later calls and other agents with the same
+configuration.  The client side of the protocol (progress, sampling, elicitation,
+roots, log and resource notifications) is :mod:`host.tools.mcp_peer`.  Before a call goes to the
 server its arguments are validated against the tool's published input schema
 (``invalid_args`` otherwise), after the policy engine has decided the call.
 
@@ -25,10 +30,13 @@ of the host process, independent of the event loop of any one ``Host`` call (a
 CLI run, a test, an embedding service), so a server outlives the run that
 started it.  A server that
 
-* exits during a call: the guest gets ``unavailable`` (``server_crashed``,
-  retryable) and the server is restarted at once;
+* exits during a call (a remote one: its response stream ends): the guest gets
+  ``unavailable`` (``server_crashed``, retryable) at once and the server is
+  restarted (reconnected);
 * hangs past the timeout: ``timeout``, and the server is restarted (a
-  single-threaded server stuck in one call would hang every later one);
+  single-threaded server stuck in one call would hang every later one).  A call
+  whose server reports progress is not hanging: each progress notification
+  starts the timeout again, up to the server's ``hard_timeout``;
 * lies about its schema — rejects arguments that match its own input schema,
   answers against its own output schema, or sends a malformed result:
   ``tool_failed`` with a ``reason_code`` (``schema_mismatch``,
@@ -50,10 +58,10 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import json
 import logging
-import tempfile
 import threading
 import time
 from collections.abc import Coroutine
@@ -65,51 +73,24 @@ import jsonschema
 import jsonschema.exceptions
 import jsonschema.validators
 
+from host.tools.mcp_peer import CallRoute, Peer
+from host.tools.mcp_transport import ServerConfig, connect, stderr_file
 from host.tools.registry import AnyArgs, ToolContext, ToolError
-from policies.schema import fill_placeholders, mcp_tool_parts
+from policies.schema import mcp_tool_parts
 
 log = logging.getLogger("torpor.mcp")
 T = TypeVar("T")
 
+__all__ = ["SUPERVISOR", "ServerConfig", "Supervisor", "ToolInfo", "call_tool", "shutdown"]
+
 DEFAULT_CALL_TIMEOUT_S = 30.0
-DEFAULT_STARTUP_TIMEOUT_S = 10.0
+DEFAULT_HARD_TIMEOUT_S = 600.0
 IDLE_S = 300.0
 REAP_EVERY_S = 30.0
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
 CONNECTION_CLOSED = -32000
 INVALID_PARAMS = -32602
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """How to start one server; equal configurations share one process."""
-
-    name: str
-    command: str
-    args: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
-    cwd: str | None = None
-    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT_S
-
-    @classmethod
-    def from_policy(cls, name: str, spec: Any, secrets: dict[str, str]) -> ServerConfig:
-        """Build from a policy's ``[mcp.NAME]``, filling ``{credential}`` placeholders host side."""
-        try:
-            env = tuple(sorted((k, fill_placeholders(v, secrets)) for k, v in dict(spec.env).items()))
-        except KeyError as exc:
-            raise ToolError(
-                "unavailable", f"MCP server {name}: credential {exc.args[0]!r} was not provided by the host",
-                reason_code="credential_missing",
-            ) from None
-        return cls(
-            name=name,
-            command=str(spec.command),
-            args=tuple(spec.args),
-            env=env,
-            cwd=spec.cwd,
-            startup_timeout=float(spec.startup_timeout or DEFAULT_STARTUP_TIMEOUT_S),
-        )
 
 
 @dataclass
@@ -120,6 +101,7 @@ class ToolInfo:
     description: str
     input_schema: dict[str, Any]
     output_schema: dict[str, Any] | None
+    annotations: dict[str, Any] | None = None
     input_validator: Any = None
     output_validator: Any = None
     schema_error: str | None = None
@@ -131,6 +113,7 @@ class ToolInfo:
             description=str(raw.get("description") or ""),
             input_schema=dict(raw.get("inputSchema") or {}),
             output_schema=raw.get("outputSchema") if isinstance(raw.get("outputSchema"), dict) else None,
+            annotations=raw.get("annotations") if isinstance(raw.get("annotations"), dict) else None,
         )
         try:
             info.input_validator = _compile(info.input_schema)
@@ -142,7 +125,14 @@ class ToolInfo:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "input_schema": self.input_schema,
-                "output_schema": self.output_schema, "schema_error": self.schema_error}
+                "output_schema": self.output_schema, "annotations": self.annotations,
+                "schema_error": self.schema_error}
+
+    @property
+    def rerun_safe(self) -> bool:
+        """The server says a call changes nothing (read-only) or may be repeated (idempotent)."""
+        a = self.annotations or {}
+        return a.get("readOnlyHint") is True or a.get("idempotentHint") is True
 
 
 def _compile(schema: dict[str, Any]) -> Any:
@@ -169,6 +159,7 @@ class _Server:
     """One running server and its session; touched only on the supervisor loop."""
 
     config: ServerConfig
+    peer: Peer
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     session: Any = None
@@ -235,9 +226,15 @@ class Supervisor:
             raise
 
     # -- public API ---------------------------------------------------------------
-    async def call(self, config: ServerConfig, tool: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """Call one tool: validated, bounded, supervised.  Raises :class:`ToolError`."""
-        return await self._on_loop(self._call(config, tool, args, timeout))
+    async def call(self, config: ServerConfig, tool: str, args: dict[str, Any], timeout: float,
+                   hard_timeout: float | None = None, route: CallRoute | None = None) -> dict[str, Any]:
+        """Call one tool: validated, bounded, supervised.  Raises :class:`ToolError`.
+
+        ``timeout`` is how long the server may stay silent; each progress notification
+        starts it again, up to ``hard_timeout`` in all.  ``route`` takes what the server
+        asks and tells during the call (:mod:`host.tools.mcp_peer`)."""
+        hard = max(timeout, hard_timeout if hard_timeout is not None else DEFAULT_HARD_TIMEOUT_S)
+        return await self._on_loop(self._call(config, tool, args, timeout, hard, route or CallRoute(tool)))
 
     async def list_tools(self, config: ServerConfig) -> list[dict[str, Any]]:
         """The server's tools and schemas (starting it if needed)."""
@@ -319,7 +316,7 @@ class Supervisor:
             )
         generation = self._generations.get(config, 0) + 1
         self._generations[config] = generation
-        server = _Server(config, generation=generation)
+        server = _Server(config, Peer(config.name, config.roots), generation=generation)
         server.ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
         server.task = asyncio.get_running_loop().create_task(self._run(server))
         self._tasks.add(server.task)
@@ -345,19 +342,21 @@ class Supervisor:
 
     async def _run(self, server: _Server) -> None:
         """Hold the server's transport and session open until told to stop or it dies."""
-        from mcp import ClientSession, StdioServerParameters, stdio_client
+        from mcp import ClientSession
 
         cfg = server.config
-        params = StdioServerParameters(command=cfg.command, args=list(cfg.args), env=dict(cfg.env) or None, cwd=cfg.cwd)
-        with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as errlog:
+        with stderr_file() as errlog:
             try:
-                async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
+                async with connect(cfg, errlog) as (read, write), \
+                        ClientSession(read, write, **server.peer.session_kwargs()) as session:
                     await session.initialize()
                     listing = await session.list_tools()
                     tools = [t.model_dump(by_alias=True, mode="json") for t in listing.tools]
                     server.tools = {t["name"]: ToolInfo.from_listing(t) for t in tools}
                     server.session = session
-                    server.read = read
+                    # stdio: the reader's senders close when the process closes its stdout (it died
+                    # while idle); streamable HTTP has no such stream, a dead remote fails the call.
+                    server.read = None if cfg.remote else read
                     server.ready.set_result(None)
                     await server.stop.wait()
             except asyncio.CancelledError:
@@ -406,7 +405,8 @@ class Supervisor:
                     s.stop.set()
                     del self._servers[cfg]
 
-    async def _call(self, config: ServerConfig, tool: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def _call(self, config: ServerConfig, tool: str, args: dict[str, Any], timeout: float, hard: float,
+                    route: CallRoute) -> dict[str, Any]:
         server = await self._get(config)
         name = f"mcp.{config.name}.{tool}"
         info = server.tools.get(tool)
@@ -428,18 +428,36 @@ class Supervisor:
         from mcp import MCPError
 
         server.last_used = time.monotonic()
+        start = anyio.current_time()
+        scope = anyio.CancelScope(deadline=start + timeout)
+        progressed = [False]
+
+        def alive() -> None:  # a progress notification: the quiet period starts again, within the hard limit
+            progressed[0] = True
+            scope.deadline = min(anyio.current_time() + timeout, start + hard)
+
+        route.progressed = alive
+        key = server.peer.enter(route)
         try:
-            with anyio.fail_after(timeout):
-                result = await session.call_tool(tool, args)
+            with scope:
+                result = await session.call_tool(tool, args, progress_callback=server.peer.progress_callback(route))
+            if scope.cancelled_caught:
+                raise TimeoutError
         except TimeoutError:
-            self._restart(server, f"{tool} did not answer within {timeout:g}s")
-            raise ToolError("timeout", f"{name}: no answer within {timeout:g}s", retryable=True) from None
+            spent = anyio.current_time() - start
+            if spent >= hard - 0.001:
+                why = f"still running after its hard limit of {hard:g}s (it was making progress)"
+            else:
+                why = f"no answer and no progress within {timeout:g}s"
+            self._restart(server, f"{tool}: {why}")
+            raise ToolError("timeout", f"{name}: {why}", retryable=True,
+                            reason_code="hard_timeout" if progressed[0] and spent >= hard - 0.001 else "timeout") from None
         except MCPError as exc:
             if exc.code == CONNECTION_CLOSED or server.dead:
                 self._restart(server, f"it exited during a call of {tool}")
                 raise ToolError(
-                    "unavailable", f"{name}: the MCP server exited during the call; it is being restarted",
-                    retryable=True, reason_code="server_crashed",
+                    "unavailable", f"{name}: the MCP server {_gone(config)} during the call ({exc.message}); "
+                    "it is being restarted", retryable=True, reason_code="server_crashed",
                 ) from None
             if exc.code == INVALID_PARAMS:
                 self._restart(server, f"{tool} rejected arguments its own schema accepts")
@@ -470,6 +488,8 @@ class Supervisor:
                 "tool_failed", f"{name}: malformed answer from the server: {_describe(exc)[:500]}",
                 reason_code="bad_response",
             ) from None
+        finally:
+            server.peer.leave(key)
         return _answer(self, server, name, info, result)
 
 
@@ -489,12 +509,32 @@ def _answer(sup: Supervisor, server: _Server, name: str, info: ToolInfo, result:
                 "tool_failed", f"{name}: the server's answer violates its own output schema: " + "; ".join(problems),
                 reason_code="schema_violation",
             )
+    return one_representation(content, structured, text)
+
+
+def one_representation(content: list[Any], structured: Any, text: str) -> dict[str, Any]:
+    """What the guest is told: the tool's text once.
+
+    ``structured`` is the server's ``structuredContent`` (or the text's JSON object when
+    the server sent none); ``text`` the text blocks joined, left out when it is only the
+    JSON of ``structured`` (the spec's advice to servers); ``content`` the blocks that are
+    not text (images, audio, resources), which have no other form.
+    """
     if structured is None and text:
         with contextlib.suppress(ValueError):
             parsed = json.loads(text)
             if isinstance(parsed, dict):
                 structured = parsed
-    return {"content": content, "structured": structured, "text": text}
+    if structured is not None and text:
+        with contextlib.suppress(ValueError):
+            if json.loads(text) == structured:
+                text = ""
+    others = [c for c in content if not (isinstance(c, dict) and c.get("type") == "text")]
+    return {"content": others, "structured": structured, "text": text}
+
+
+def _gone(config: ServerConfig) -> str:
+    return "at " + str(config.url) + " dropped the connection" if config.remote else "exited"
 
 
 def _describe(exc: BaseException) -> str:
@@ -523,5 +563,25 @@ async def call_tool(args: AnyArgs, ctx: ToolContext, *, tool: str) -> dict[str, 
     spec = servers[server]
     config = ServerConfig.from_policy(server, spec, ctx.secrets)
     timeout = getattr(ctx.grant, "timeout", None) or spec.timeout or DEFAULT_CALL_TIMEOUT_S
+    hard = getattr(spec, "hard_timeout", None) or DEFAULT_HARD_TIMEOUT_S
     arguments = args.model_dump()
-    return await SUPERVISOR.call(config, name, arguments, float(timeout))
+    route = CallRoute(tool, event=ctx.event, sample=_sampler(ctx, getattr(spec, "sampling", None)))
+    return await SUPERVISOR.call(config, name, arguments, float(timeout), float(hard), route)
+
+
+def _sampler(ctx: ToolContext, llm_tool: str | None) -> Any:
+    """The call's answer to a sampling request: the granted llm tool, run by the calling
+    agent's pipeline on the caller's loop (``ctx.nested``), or None (refused)."""
+    nested = ctx.nested
+    if llm_tool is None or nested is None:
+        return None
+    caller = asyncio.get_running_loop()
+
+    async def sample(chat_args: dict[str, Any]) -> dict[str, Any]:
+        async def run() -> dict[str, Any]:
+            return dict(await nested(llm_tool, chat_args))
+
+        fut: concurrent.futures.Future[dict[str, Any]] = asyncio.run_coroutine_threadsafe(run(), caller)
+        return await asyncio.wrap_future(fut)
+
+    return sample

@@ -1,0 +1,168 @@
+"""MCP over streamable HTTP, and the client side of the protocol, against a real server
+written with the ``mcp`` SDK and served by uvicorn on 127.0.0.1 (tests/mcp_http_server.py).
+
+What is checked: ``url =`` with headers from the credentials, a remote crash named
+``server_crashed`` at once (not a timeout), progress keeping a call alive past its
+timeout up to a hard limit, progress and log notifications as the agent's events,
+roots from the policy, elicitation and sampling refused with an error that says why.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tools_helpers import Ctx, invoke, policy
+
+from host.tools import mcp
+from host.tools.registry import ToolError
+
+SERVER = Path(__file__).parent / "mcp_http_server.py"
+TOOLS = '["lookup", "pid", "crash", "whoami", "progress", "silent", "sample", "elicit", "roots", "chatty", "counter"]'
+
+
+def start_server() -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, str(SERVER)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("PORT "), line
+    return proc, f"http://127.0.0.1:{int(line.split()[1])}/mcp"
+
+
+def stop_server(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    proc, address = start_server()
+    yield address
+    mcp.shutdown()
+    stop_server(proc)
+
+
+def ctx(tool: str, address: str, name: str = "remote", extra: str = "", secrets: dict[str, str] | None = None,
+        timeout: str = "5s") -> Ctx:
+    toml = (f'[mcp.{name}]\nurl = "{address}"\ntools = {TOOLS}\ntimeout = "{timeout}"\n'
+            f'headers = {{ Authorization = "Bearer {{crm_token}}" }}\ncredentials = ["crm_token"]\n{extra}')
+    return Ctx(policy("", toml), tool, secrets={"crm_token": "s3cret"} if secrets is None else secrets)
+
+
+def ok(tool: str, args: dict[str, Any], c: Ctx) -> dict[str, Any]:
+    r = invoke(tool, args, c)
+    assert not isinstance(r, ToolError), r
+    return dict(r)
+
+
+def test_a_remote_call_carries_the_leased_header_and_its_text_once(url: str) -> None:
+    r = ok("mcp.remote.whoami", {}, ctx("mcp.remote.whoami", url))
+    assert r["structured"] == {"authorization": "Bearer s3cret"}
+    r = ok("mcp.remote.lookup", {"customer_id": "C-1"}, ctx("mcp.remote.lookup", url))
+    assert r == {"structured": {"id": "C-1", "name": "Ada Lovelace"}, "text": "", "content": []}
+    bad = invoke("mcp.remote.lookup", {"customer_id": 1}, ctx("mcp.remote.lookup", url))
+    assert isinstance(bad, ToolError) and bad.code == "invalid_args"
+
+
+def test_progress_keeps_a_call_alive_and_is_the_agents_event(url: str) -> None:
+    c = ctx("mcp.remote.progress", url, timeout="0.6s")
+    t0 = time.monotonic()
+    r = ok("mcp.remote.progress", {"steps": 5, "every": 0.3}, c)  # 1.5 s in all, never 0.6 s silent
+    assert r["structured"] == {"steps": 5} and time.monotonic() - t0 >= 1.4
+    progress = [d for k, d in c.events if k == "mcp.progress"]
+    assert [p["progress"] for p in progress] == [1, 2, 3, 4, 5]
+    assert progress[-1]["message"] == "step 5" and progress[0]["tool"] == "mcp.remote.progress"
+    # Silence is still cut at the timeout, and the server is reconnected.
+    s = invoke("mcp.remote.silent", {"seconds": 3}, ctx("mcp.remote.silent", url, timeout="0.6s"))
+    assert isinstance(s, ToolError) and s.code == "timeout" and "no progress within 0.6s" in str(s)
+
+
+def test_progress_does_not_outlive_the_hard_limit(url: str) -> None:
+    c = ctx("mcp.remote.progress", url, timeout="0.5s", extra='hard_timeout = "1s"')
+    t0 = time.monotonic()
+    r = invoke("mcp.remote.progress", {"steps": 20, "every": 0.2}, c)
+    assert isinstance(r, ToolError) and r.code == "timeout", r
+    assert r.details["reason_code"] == "hard_timeout" and "hard limit of 1s" in str(r)
+    assert time.monotonic() - t0 < 3
+
+
+def test_log_notifications_roots_elicitation_and_sampling(url: str) -> None:
+    c = ctx("mcp.remote.chatty", url)
+    assert ok("mcp.remote.chatty", {}, c)["text"] == "done"
+    logs = [d for k, d in c.events if k == "mcp.log"]
+    assert logs and logs[0]["data"] == "halfway there" and logs[0]["level"] == "info"
+
+    r = ok("mcp.rooted.roots", {}, ctx("mcp.rooted.roots", url, name="rooted",
+                                        extra='roots = ["file:///srv/data", "file:///srv/repo"]'))
+    assert r["structured"] == {"result": ["file:///srv/data", "file:///srv/repo"]}
+    no_roots = invoke("mcp.remote.roots", {}, ctx("mcp.remote.roots", url))
+    assert isinstance(no_roots, ToolError) and no_roots.code == "tool_failed"
+
+    c = ctx("mcp.remote.elicit", url)
+    e = invoke("mcp.remote.elicit", {}, c)
+    assert isinstance(e, ToolError) and "elicitation refused" in str(e), e
+    assert [k for k, _ in c.events] == ["mcp.elicitation_refused"]
+
+    s = invoke("mcp.remote.sample", {"prompt": "hi"}, ctx("mcp.remote.sample", url))
+    assert isinstance(s, ToolError) and "sampling refused" in str(s) and "[mcp.remote].sampling" in str(s), s
+
+
+def test_a_remote_crash_is_named_at_once_and_a_dead_remote_does_not_hang() -> None:
+    proc, address = start_server()
+    try:
+        c = ctx("mcp.fragile.crash", address, name="fragile", timeout="20s")
+        before = ok("mcp.fragile.pid", {}, ctx("mcp.fragile.pid", address, name="fragile", timeout="20s"))
+        assert before["structured"]["pid"] == proc.pid
+        t0 = time.monotonic()
+        r = invoke("mcp.fragile.crash", {}, c)
+        took = time.monotonic() - t0
+        assert isinstance(r, ToolError) and r.code == "unavailable" and r.retryable, r
+        assert r.details["reason_code"] == "server_crashed" and address in str(r)
+        assert took < 3, f"a remote crash took {took:.1f}s to be named (the timeout is 20s)"
+        proc.wait(5)
+        t0 = time.monotonic()
+        again = invoke("mcp.fragile.pid", {}, ctx("mcp.fragile.pid", address, name="fragile", timeout="20s"))
+        assert isinstance(again, ToolError) and again.code == "unavailable", again
+        assert again.details["reason_code"] == "server_start_failed" and time.monotonic() - t0 < 5
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.parametrize("toml, says", [
+    ('[mcp.s]\ncommand = "x"\nurl = "http://h/mcp"', "exactly one of command"),
+    ('[mcp.s]\nargs = ["a"]', "exactly one of command"),
+    ('[mcp.s]\nurl = "ftp://h/mcp"', "not an http:// or https:// URL"),
+    ('[mcp.s]\nurl = "http://u:p@h/mcp"', "must not carry credentials"),
+    ('[mcp.s]\nurl = "http://h/mcp"\nargs = ["a"]', "a url server takes headers"),
+    ('[mcp.s]\ncommand = "x"\nheaders = { A = "b" }', "a command server takes env"),
+    ('[mcp.s]\nurl = "http://h/mcp"\nheaders = { Authorization = "Bearer {tok}" }', "{tok} names no credential"),
+    ('[mcp.s]\nurl = "http://h/mcp"\nheaders = { "X Y" = "b" }', "not an HTTP header name"),
+    ('[mcp.s]\nurl = "http://h/mcp"\nroots = ["/srv"]', "not a file:// URI"),
+    ('[mcp.s]\nurl = "http://h/mcp"\nsampling = "llm.chat"', "'llm.chat' is not an llm.* tool this policy grants"),
+])
+def test_the_policy_says_what_is_wrong_with_a_server(toml: str, says: str) -> None:
+    from policies import PolicyError
+
+    with pytest.raises(PolicyError) as err:
+        policy("", toml)
+    assert says in str(err.value), str(err.value)
+
+
+def test_a_url_server_is_host_code_of_its_bundle() -> None:
+    """Where the host connects with the agent's credentials is the bundle's choice, so a
+    bundle's url server needs the operator's trust as a command server does."""
+    from host.sandbox.bundle import Bundle
+
+    p = policy("", '[mcp.s]\nurl = "https://mcp.example/mcp"\nheaders = { A = "{t}" }\ncredentials = ["t"]')
+    b = Bundle(digest="d", name="t", module=b"", module_digest="m", policy_text="", policy=p)
+    assert b.mcp_commands == {"mcp.s": ["https://mcp.example/mcp"]}
+    assert set(b.host_code) == {"mcp.s"}
