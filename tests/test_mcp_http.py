@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import GUESTS, BundleFactory
+from loopback import Loopback, Reply, Request, chat_completion, json_reply
 from tools_helpers import Ctx, invoke, policy
 
 from host.tools import mcp
@@ -166,3 +168,41 @@ def test_a_url_server_is_host_code_of_its_bundle() -> None:
     b = Bundle(digest="d", name="t", module=b"", module_digest="m", policy_text="", policy=p)
     assert b.mcp_commands == {"mcp.s": ["https://mcp.example/mcp"]}
     assert set(b.host_code) == {"mcp.s"}
+
+
+HEAD = '[agent]\nname = "sampler"\n\n[budgets]\nfuel = 500_000_000\nmemory = "32MiB"\nwall_clock = "60s"\n'
+
+
+def test_a_real_agent_answers_sampling_through_its_own_llm_grant(bundles: BundleFactory, url: str,
+                                                                   tmp_path: Path) -> None:
+    """The server's sampling request is the agent's model call: decided by its policy,
+    its tokens counted, audited; progress and log lines land in the agent's audit."""
+    import anyio
+
+    from host.runtime import Host
+    from host.sandbox import bundle as bundle_mod
+
+    asked: list[Any] = []
+
+    def reply(r: Request) -> Reply:
+        asked.append(r.json)
+        return json_reply(chat_completion("forty-two", prompt_tokens=11, completion_tokens=3))
+
+    module = bundles.load(GUESTS / "caller").module
+    with Loopback({"/v1/chat/completions": reply}) as llm:
+        pol = HEAD + (f'[tools."llm.chat"]\nbase_url = "{llm.base}/v1"\nmodel = "m"\n\n'
+                      f'[mcp.remote]\nurl = "{url}"\ntools = ["sample", "chatty"]\nsampling = "llm.chat"\n')
+        b = bundle_mod.load_bytes(bundle_mod.pack(module, pol))
+        calls = [{"tool": "mcp.remote.sample", "args": {"prompt": "the answer?"}},
+                 {"tool": "mcp.remote.chatty", "args": {}}]
+        with Host(tmp_path, trust_bundle_code=[b.digest]) as host:
+            res = anyio.run(lambda: host.run(b, {"calls": calls}))
+            records = host.audit_records(res.agent_id)
+    kinds = [(r["kind"], r.get("tool")) for r in records]
+    assert res.status == "completed", res.error
+    results = res.output["results"]
+    assert results[0]["code"] == "ok" and results[0]["value"]["text"] == "forty-two", results
+    assert asked and asked[0]["messages"][-1] == {"role": "user", "content": "the answer?"}
+    assert res.tokens >= 14  # the model call the server asked for was paid by the agent
+    assert ("tool.allowed", "llm.chat") in kinds and ("tool.nested", "llm.chat") in kinds, kinds
+    assert ("mcp.log", None) in kinds
