@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +207,62 @@ def test_a_real_agent_answers_sampling_through_its_own_llm_grant(bundles: Bundle
     assert res.tokens >= 14  # the model call the server asked for was paid by the agent
     assert ("tool.allowed", "llm.chat") in kinds and ("tool.nested", "llm.chat") in kinds, kinds
     assert ("mcp.log", None) in kinds
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def torpor(*args: str, store: Path) -> Ran:
+    """The ``torpor`` command line, in this process (its parser, its error handling, its exit
+    code), so that the MCP SDK is imported once for the module, not once per command."""
+    import contextlib
+    import io
+
+    from host.cli.app import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*args, "--store", str(store)])
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+def test_torpor_mcp_tools_lists_schemas_and_annotations(url: str, tmp_path: Path) -> None:
+    import json
+
+    p = torpor("mcp", "tools", url, "--json", store=tmp_path)
+    assert p.returncode == 0, p.stderr
+    listing = json.loads(p.stdout)
+    tools = {t["name"]: t for t in listing["tools"]}
+    assert tools["lookup"]["input_schema"]["required"] == ["customer_id"]
+    assert tools["lookup"]["output_schema"]["type"] == "object"
+    assert tools["counter"]["annotations"]["readOnlyHint"] is True
+    p = torpor("mcp", "tools", url, store=tmp_path)
+    assert p.returncode == 0 and "counter  [readOnlyHint]" in p.stdout, p.stdout
+    p = torpor("mcp", "tools", "nowhere", store=tmp_path)
+    assert p.returncode == 2 and "error[invalid_input]" in p.stderr
+
+
+def test_policy_check_connect_finds_a_misspelt_grant(url: str, tmp_path: Path) -> None:
+    """The policy itself is valid (the name is listed and granted alike); only the server
+    knows there is no such tool."""
+    import json
+
+    pol = tmp_path / "policy.toml"
+    pol.write_text(f'[agent]\nname = "t"\n\n[mcp.remote]\nurl = "{url}"\ntools = ["lookup", "pidd"]\n')
+    assert torpor("policy", "check", str(pol), store=tmp_path).returncode == 0
+    p = torpor("policy", "check", str(pol), "--connect", store=tmp_path)
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    assert "the MCP server remote offers no tool 'pidd' — did you mean 'pid'?" in p.stdout, p.stdout
+    pol.write_text(f'[agent]\nname = "t"\n\n[mcp.remote]\nurl = "{url}"\ntools = ["lookup", "pid"]\n')
+    p = torpor("policy", "check", str(pol), "--connect", "--json", store=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = json.loads(p.stdout)
+    assert out["ok"] is True and out["issues"] == [] and len(out["servers"]["remote"]["tools"]) >= 10
+    dead = tmp_path / "dead.toml"
+    dead.write_text('[agent]\nname = "t"\n\n[mcp.gone]\nurl = "http://127.0.0.1:9/mcp"\ntools = ["x"]\n')
+    p = torpor("policy", "check", str(dead), "--connect", store=tmp_path)
+    assert p.returncode == 1 and "mcp.gone: the server could not be asked for its tools" in p.stdout, p.stdout

@@ -331,7 +331,12 @@ class Supervisor:
                 del self._servers[config]
             n = failures + 1
             self._failures[config] = (n, time.monotonic() + min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (n - 1)))
-            what = "did not start in time" if isinstance(exc, TimeoutError) else f"failed to start: {_describe(exc)}"
+            why = str(exc) if type(exc) is RuntimeError else _describe(exc)  # _run's own words, or the cause
+            if config.remote:
+                what = (f"at {config.url} did not answer in time" if isinstance(exc, TimeoutError)
+                        else f"at {config.url} could not be reached: {why}")
+            else:
+                what = "did not start in time" if isinstance(exc, TimeoutError) else f"failed to start: {why}"
             log.warning("MCP server %s %s", config.name, what)
             raise ToolError(
                 "unavailable", f"MCP server {config.name} {what}", retryable=True, reason_code="server_start_failed"
