@@ -18,6 +18,8 @@ Tools:
   chatty     {} -> sends a log notification, then answers
   big        {n} -> n bytes of text
   counter    {} (annotated read-only) -> a count of calls so far
+  peek       {marker, seconds} (annotated read-only) -> appends to marker; the first call sleeps
+  charge     {marker, seconds} -> the same, unannotated
 """
 
 from __future__ import annotations
@@ -125,6 +127,29 @@ def counter() -> dict[str, int]:
     """Counts its calls (read-only as far as the world is concerned)."""
     calls["counter"] += 1
     return {"count": calls["counter"]}
+
+
+async def _marked(marker: str, seconds: float) -> dict[str, int]:
+    """Appends a line to ``marker``; the first call of a marker then sleeps (a host is killed meanwhile)."""
+    first = not os.path.exists(marker)
+    with open(marker, "a") as f:
+        f.write("started\n")
+    if first:
+        await asyncio.sleep(seconds)
+    with open(marker) as f:
+        return {"runs": len(f.readlines())}
+
+
+@server.tool(annotations=ToolAnnotations(read_only_hint=True))
+async def peek(marker: str, seconds: float) -> dict[str, int]:
+    """A read-only look (annotated so); the first one is slow."""
+    return await _marked(marker, seconds)
+
+
+@server.tool()
+async def charge(marker: str, seconds: float) -> dict[str, int]:
+    """The same work, unannotated: as far as the client knows, it changes the world."""
+    return await _marked(marker, seconds)
 
 
 def main() -> None:

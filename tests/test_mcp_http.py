@@ -266,3 +266,54 @@ def test_policy_check_connect_finds_a_misspelt_grant(url: str, tmp_path: Path) -
     dead.write_text('[agent]\nname = "t"\n\n[mcp.gone]\nurl = "http://127.0.0.1:9/mcp"\ntools = ["x"]\n')
     p = torpor("policy", "check", str(dead), "--connect", store=tmp_path)
     assert p.returncode == 1 and "mcp.gone: the server could not be asked for its tools" in p.stdout, p.stdout
+
+
+def test_annotations_count_only_where_the_policy_trusts_them(url: str) -> None:
+    import anyio
+
+    async def safe(tool: str, trust: str) -> bool:
+        c = ctx(f"mcp.remote.{tool}", url, extra=f"trust_annotations = {trust}")
+        return await mcp.rerun_safe(c.ctx(), tool=f"mcp.remote.{tool}")
+
+    assert anyio.run(safe, "counter", "true") is True
+    assert anyio.run(safe, "counter", "false") is False
+    assert anyio.run(safe, "pid", "true") is False  # no annotation: not safe
+
+
+@pytest.mark.parametrize("tool, trust, status", [("peek", "true", "completed"), ("charge", "true", "in_doubt")])
+def test_a_host_killed_mid_call_reruns_only_what_a_trusted_server_marks_read_only(
+        bundles: BundleFactory, url: str, tmp_path: Path, tool: str, trust: str, status: str) -> None:
+    """SIGKILL of `torpor run` while an MCP call is in flight; `torpor resume --all` runs the
+    call again only when the server marks the tool read-only and the policy trusts its
+    annotations; otherwise the agent waits for an operator (in_doubt), the call not repeated."""
+    import json
+    import os
+    import signal
+
+    from host.sandbox import bundle as bundle_mod
+
+    pol = HEAD + f'[mcp.remote]\nurl = "{url}"\ntools = ["{tool}"]\ntrust_annotations = {trust}\ntimeout = "60s"\n'
+    raw = bundle_mod.pack(bundles.load(GUESTS / "caller").module, pol)
+    digest = bundle_mod.load_bytes(raw).digest
+    path = tmp_path / "b.torpor"
+    path.write_bytes(raw)
+    marker, store = tmp_path / "marker", tmp_path / "store"
+    payload = {"calls": [{"tool": f"mcp.remote.{tool}", "args": {"marker": str(marker), "seconds": 30}}]}
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-m", "host.cli", "run", str(path), "--input", json.dumps(payload),
+                             "--store", str(store), "--trust-bundle-code", digest, "--json"], cwd=root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not marker.exists() or "started" not in marker.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    res = torpor("resume", "--all", "--trust-bundle-code", digest, "--json", store=store)
+    rows = json.loads(res.stdout)
+    assert [r["status"] for r in rows] == [status], res.stdout + res.stderr
+    runs = marker.read_text().count("started")
+    if status == "completed":
+        assert runs == 2 and rows[0]["output"]["results"][0]["value"]["structured"] == {"runs": 2}
+    else:
+        assert runs == 1  # not repeated

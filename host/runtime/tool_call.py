@@ -555,6 +555,11 @@ class ToolCallPipeline:
         if spec.idempotent or spec.transactional:
             # The call was decided and recorded as intent before the crash; safe to run again.
             return await self.execute(agent, call, spec, None)
+        if spec.rerun_safe is not None and await spec.rerun_safe(self.lease(agent, call)):
+            # Not idempotent by its grant, but its (trusted) server says it is read-only or idempotent.
+            agent.event("tool.rerun", call_seq=call.seq, tool=call.tool,
+                        reason="its server marks it read-only or idempotent, and the policy trusts its annotations")
+            return await self.execute(agent, call, spec, None)
         agent.record["status"] = "in_doubt"
         agent.record["in_doubt"] = {
             "call": call.to_dict(),

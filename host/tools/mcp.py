@@ -574,6 +574,25 @@ async def call_tool(args: AnyArgs, ctx: ToolContext, *, tool: str) -> dict[str, 
     return await SUPERVISOR.call(config, name, arguments, float(timeout), float(hard), route)
 
 
+async def rerun_safe(ctx: ToolContext, *, tool: str) -> bool:
+    """Whether a call of ``tool`` cut short by a crash may run again: only where the operator
+    trusts the server's annotations (``trust_annotations = true``) and the server, asked
+    now, marks the tool ``readOnlyHint`` or ``idempotentHint``.  A server that cannot be
+    asked gives no such word: False (the agent waits for an operator)."""
+    parts = mcp_tool_parts(tool)
+    servers = getattr(ctx.policy, "mcp", None) or {}
+    if parts is None or parts[0] not in servers or not getattr(servers[parts[0]], "trust_annotations", False):
+        return False
+    try:
+        config = ServerConfig.from_policy(parts[0], servers[parts[0]], ctx.secrets)
+        listing = await SUPERVISOR.list_tools(config)
+    except ToolError as exc:
+        log.warning("%s: its server could not be asked for its annotations: %s", tool, exc)
+        return False
+    info = next((t for t in listing if t["name"] == parts[1]), None)
+    return info is not None and ToolInfo.from_listing({"name": parts[1], "annotations": info["annotations"]}).rerun_safe
+
+
 def _sampler(ctx: ToolContext, llm_tool: str | None) -> Any:
     """The call's answer to a sampling request: the granted llm tool, run by the calling
     agent's pipeline on the caller's loop (``ctx.nested``), or None (refused)."""

@@ -78,6 +78,10 @@ class ToolSpec:
     # The arguments as the tool will use them (a URL parsed and normalised once): the policy
     # decides on these, and the tool is handed the same. None: the arguments as given.
     canonical: Callable[[Any], Any] | None = None
+    # Asked after a crash, for a call that was started but not answered and whose spec is not
+    # idempotent: may it run again anyway?  (An MCP tool its trusted server marks read-only or
+    # idempotent.)  None: no; the agent is parked in_doubt.
+    rerun_safe: Callable[[ToolContext], Awaitable[bool]] | None = None
 
     @property
     def is_async(self) -> bool:
