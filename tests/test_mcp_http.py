@@ -28,7 +28,7 @@ from host.tools import mcp
 from host.tools.registry import ToolError
 
 SERVER = Path(__file__).parent / "mcp_http_server.py"
-TOOLS = '["lookup", "pid", "crash", "whoami", "progress", "silent", "sample", "elicit", "roots", "chatty", "counter"]'
+TOOLS = '["lookup", "pid", "crash", "whoami", "progress", "silent", "sample", "elicit", "roots", "chatty", "counter", "big"]'
 
 
 def start_server() -> tuple[subprocess.Popen[str], str]:
@@ -56,7 +56,8 @@ def url() -> Iterator[str]:
 
 def ctx(tool: str, address: str, name: str = "remote", extra: str = "", secrets: dict[str, str] | None = None,
         timeout: str = "5s") -> Ctx:
-    toml = (f'[mcp.{name}]\nurl = "{address}"\ntools = {TOOLS}\ntimeout = "{timeout}"\n'
+    # A generous startup: the machine running the suite may be loaded, and a slow start is not under test.
+    toml = (f'[mcp.{name}]\nurl = "{address}"\ntools = {TOOLS}\ntimeout = "{timeout}"\nstartup_timeout = "60s"\n'
             f'headers = {{ Authorization = "Bearer {{crm_token}}" }}\ncredentials = ["crm_token"]\n{extra}')
     return Ctx(policy("", toml), tool, secrets={"crm_token": "s3cret"} if secrets is None else secrets)
 
@@ -77,25 +78,25 @@ def test_a_remote_call_carries_the_leased_header_and_its_text_once(url: str) -> 
 
 
 def test_progress_keeps_a_call_alive_and_is_the_agents_event(url: str) -> None:
-    c = ctx("mcp.remote.progress", url, timeout="0.6s")
+    c = ctx("mcp.remote.progress", url, timeout="2s")
     t0 = time.monotonic()
-    r = ok("mcp.remote.progress", {"steps": 5, "every": 0.3}, c)  # 1.5 s in all, never 0.6 s silent
-    assert r["structured"] == {"steps": 5} and time.monotonic() - t0 >= 1.4
+    r = ok("mcp.remote.progress", {"steps": 5, "every": 0.6}, c)  # 3 s in all, never 2 s silent
+    assert r["structured"] == {"steps": 5} and time.monotonic() - t0 >= 2.9
     progress = [d for k, d in c.events if k == "mcp.progress"]
     assert [p["progress"] for p in progress] == [1, 2, 3, 4, 5]
     assert progress[-1]["message"] == "step 5" and progress[0]["tool"] == "mcp.remote.progress"
     # Silence is still cut at the timeout, and the server is reconnected.
-    s = invoke("mcp.remote.silent", {"seconds": 3}, ctx("mcp.remote.silent", url, timeout="0.6s"))
-    assert isinstance(s, ToolError) and s.code == "timeout" and "no progress within 0.6s" in str(s)
+    s = invoke("mcp.remote.silent", {"seconds": 5}, ctx("mcp.remote.silent", url, timeout="2s"))
+    assert isinstance(s, ToolError) and s.code == "timeout" and "no progress within 2s" in str(s)
 
 
 def test_progress_does_not_outlive_the_hard_limit(url: str) -> None:
-    c = ctx("mcp.remote.progress", url, timeout="0.5s", extra='hard_timeout = "1s"')
+    c = ctx("mcp.remote.progress", url, timeout="1s", extra='hard_timeout = "2s"')
     t0 = time.monotonic()
-    r = invoke("mcp.remote.progress", {"steps": 20, "every": 0.2}, c)
+    r = invoke("mcp.remote.progress", {"steps": 40, "every": 0.25}, c)  # 10 s if it were let run
     assert isinstance(r, ToolError) and r.code == "timeout", r
-    assert r.details["reason_code"] == "hard_timeout" and "hard limit of 1s" in str(r)
-    assert time.monotonic() - t0 < 3
+    assert r.details["reason_code"] == "hard_timeout" and "hard limit of 2s" in str(r)
+    assert time.monotonic() - t0 < 8
 
 
 def test_log_notifications_roots_elicitation_and_sampling(url: str) -> None:
@@ -130,12 +131,12 @@ def test_a_remote_crash_is_named_at_once_and_a_dead_remote_does_not_hang() -> No
         took = time.monotonic() - t0
         assert isinstance(r, ToolError) and r.code == "unavailable" and r.retryable, r
         assert r.details["reason_code"] == "server_crashed" and address in str(r)
-        assert took < 3, f"a remote crash took {took:.1f}s to be named (the timeout is 20s)"
+        assert took < 10, f"a remote crash took {took:.1f}s to be named (the timeout is 20s)"
         proc.wait(5)
         t0 = time.monotonic()
         again = invoke("mcp.fragile.pid", {}, ctx("mcp.fragile.pid", address, name="fragile", timeout="20s"))
         assert isinstance(again, ToolError) and again.code == "unavailable", again
-        assert again.details["reason_code"] == "server_start_failed" and time.monotonic() - t0 < 5
+        assert again.details["reason_code"] == "server_start_failed" and time.monotonic() - t0 < 10
     finally:
         stop_server(proc)
 
@@ -192,7 +193,8 @@ def test_a_real_agent_answers_sampling_through_its_own_llm_grant(bundles: Bundle
     module = bundles.load(GUESTS / "caller").module
     with Loopback({"/v1/chat/completions": reply}) as llm:
         pol = HEAD + (f'[tools."llm.chat"]\nbase_url = "{llm.base}/v1"\nmodel = "m"\n\n'
-                      f'[mcp.remote]\nurl = "{url}"\ntools = ["sample", "chatty"]\nsampling = "llm.chat"\n')
+                      f'[mcp.remote]\nurl = "{url}"\ntools = ["sample", "chatty"]\nsampling = "llm.chat"\n'
+                      'startup_timeout = "60s"\n')
         b = bundle_mod.load_bytes(bundle_mod.pack(module, pol))
         calls = [{"tool": "mcp.remote.sample", "args": {"prompt": "the answer?"}},
                  {"tool": "mcp.remote.chatty", "args": {}}]
@@ -252,12 +254,12 @@ def test_policy_check_connect_finds_a_misspelt_grant(url: str, tmp_path: Path) -
     import json
 
     pol = tmp_path / "policy.toml"
-    pol.write_text(f'[agent]\nname = "t"\n\n[mcp.remote]\nurl = "{url}"\ntools = ["lookup", "pidd"]\n')
+    pol.write_text(f'[agent]\nname = "t"\n\n[mcp.remote]\nurl = "{url}"\ntools = ["lookup", "pidd"]\nstartup_timeout = "60s"\n')
     assert torpor("policy", "check", str(pol), store=tmp_path).returncode == 0
     p = torpor("policy", "check", str(pol), "--connect", store=tmp_path)
     assert p.returncode == 1, (p.stdout, p.stderr)
     assert "the MCP server remote offers no tool 'pidd' — did you mean 'pid'?" in p.stdout, p.stdout
-    pol.write_text(f'[agent]\nname = "t"\n\n[mcp.remote]\nurl = "{url}"\ntools = ["lookup", "pid"]\n')
+    pol.write_text(f'[agent]\nname = "t"\n\n[mcp.remote]\nurl = "{url}"\ntools = ["lookup", "pid"]\nstartup_timeout = "60s"\n')
     p = torpor("policy", "check", str(pol), "--connect", "--json", store=tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     out = json.loads(p.stdout)
@@ -292,7 +294,8 @@ def test_a_host_killed_mid_call_reruns_only_what_a_trusted_server_marks_read_onl
 
     from host.sandbox import bundle as bundle_mod
 
-    pol = HEAD + f'[mcp.remote]\nurl = "{url}"\ntools = ["{tool}"]\ntrust_annotations = {trust}\ntimeout = "60s"\n'
+    pol = HEAD + (f'[mcp.remote]\nurl = "{url}"\ntools = ["{tool}"]\ntrust_annotations = {trust}\ntimeout = "60s"\n'
+                  'startup_timeout = "60s"\n')
     raw = bundle_mod.pack(bundles.load(GUESTS / "caller").module, pol)
     digest = bundle_mod.load_bytes(raw).digest
     path = tmp_path / "b.torpor"
@@ -317,3 +320,10 @@ def test_a_host_killed_mid_call_reruns_only_what_a_trusted_server_marks_read_onl
         assert runs == 2 and rows[0]["output"]["results"][0]["value"]["structured"] == {"runs": 2}
     else:
         assert runs == 1  # not repeated
+
+
+def test_a_huge_remote_answer_is_cut_at_the_cap(url: str) -> None:
+    c = ctx("mcp.remote.big", url)
+    r = invoke("mcp.remote.big", {"n": 3_000_000}, c)
+    assert isinstance(r, ToolError) and r.code == "result_too_large", r
+    assert ok("mcp.remote.pid", {}, ctx("mcp.remote.pid", url))["structured"]["pid"] > 0  # the session lives on

@@ -21,7 +21,7 @@ SERVER = Path(__file__).parent / "mcp_fixture_server.py"
 
 def server_toml(name: str = "crm", args: str = "", extra: str = "") -> str:
     return (f'[mcp.{name}]\ncommand = "{sys.executable}"\nargs = ["{SERVER}"{args}]\n'
-            f'tools = ["lookup_customer", "pid", "crash", "slow", "fail", "lie_output", "lie_input", "bad_schema"]\n'
+            f'tools = ["lookup_customer", "pid", "crash", "slow", "fail", "lie_output", "lie_input", "bad_schema", "big"]\n'
             f'timeout = "5s"\n{extra}')
 
 
@@ -136,7 +136,7 @@ def test_a_server_that_sends_garbage_or_will_not_start() -> None:
 
 
 def test_a_tool_the_server_does_not_offer() -> None:
-    toml = server_toml().replace('"bad_schema"]', '"bad_schema", "teleport"]')
+    toml = server_toml().replace('"big"]', '"big", "teleport"]')
     r = invoke("mcp.crm.teleport", {}, ctx("mcp.crm.teleport", toml))
     assert isinstance(r, ToolError) and r.code == "unknown_tool"
 
@@ -162,3 +162,24 @@ def test_env_credentials_are_filled_host_side() -> None:
     with pytest.raises(ToolError) as info:
         mcp.ServerConfig.from_policy("envy", p.mcp["envy"], {})
     assert info.value.code == "unavailable"
+
+
+def test_a_huge_answer_is_cut_at_the_cap_while_it_is_read() -> None:
+    """40 MB from the server: refused at 1 MiB, at once, without the host holding it; the
+    rest is drained, so the same server answers the next call (no restart)."""
+    import resource
+    import time
+
+    c = ctx("mcp.crm.big")
+    before = pid(ctx("mcp.crm.pid"))
+    ok = invoke("mcp.crm.big", {"n": 500_000}, c)
+    assert not isinstance(ok, ToolError) and len(ok["text"]) == 500_000
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.monotonic()
+    r = invoke("mcp.crm.big", {"n": 40_000_000}, c)
+    took = time.monotonic() - t0
+    assert isinstance(r, ToolError) and r.code == "result_too_large", r
+    assert "cut there, unread" in str(r) and took < 5, took
+    grew_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
+    assert grew_mib < 40, f"the host's peak memory grew {grew_mib:.0f} MiB for a refused 40 MB answer"
+    assert pid(ctx("mcp.crm.pid")) == before

@@ -74,6 +74,7 @@ import jsonschema.exceptions
 import jsonschema.validators
 
 from host.tools.mcp_peer import CallRoute, Peer
+from host.tools.mcp_stdio import MAX_MESSAGE_BYTES, TOO_LARGE
 from host.tools.mcp_transport import ServerConfig, connect, stderr_file
 from host.tools.registry import AnyArgs, ToolContext, ToolError
 from policies.schema import mcp_tool_parts
@@ -458,6 +459,11 @@ class Supervisor:
             raise ToolError("timeout", f"{name}: {why}", retryable=True,
                             reason_code="hard_timeout" if progressed[0] and spent >= hard - 0.001 else "timeout") from None
         except MCPError as exc:
+            if exc.code == TOO_LARGE or (config.remote and "byte limit" in exc.message):
+                raise ToolError(
+                    "result_too_large", f"{name}: the server's answer is larger than the "
+                    f"{MAX_MESSAGE_BYTES}-byte cap; it was cut there, unread", reason_code="result_too_large",
+                ) from None
             if exc.code == CONNECTION_CLOSED or server.dead:
                 self._restart(server, f"it exited during a call of {tool}")
                 raise ToolError(

@@ -10,7 +10,9 @@ redirect only within the endpoint's origin, so the headers filled from the vault
 (``Authorization = "Bearer {token}"``) reach that host and no other.  A remote
 that dies in the middle of a call ends the call's response stream; the SDK
 resolves the call with an error at once, which :mod:`host.tools.mcp` names
-``server_crashed`` (not a timeout seconds later).
+``server_crashed`` (not a timeout seconds later).  Both transports stop reading a message
+at :data:`~host.tools.mcp_stdio.MAX_MESSAGE_BYTES` (stdio: :mod:`host.tools.mcp_stdio`;
+HTTP: the SDK's cap on one server-sent event).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from host.tools.mcp_stdio import MAX_MESSAGE_BYTES, stdio_client
 from host.tools.registry import ToolError
 from policies.schema import fill_placeholders
 
@@ -94,16 +97,16 @@ async def connect(config: ServerConfig, errlog: Any) -> AsyncIterator[tuple[Any,
         timeout = httpx2.Timeout(HTTP_CONNECT_TIMEOUT_S, read=HTTP_READ_TIMEOUT_S)
         async with (
             httpx2.AsyncClient(headers=dict(config.headers), timeout=timeout) as http,
-            streamable_http_client(config.url, http_client=http) as (read, write),
+            streamable_http_client(config.url, http_client=http, max_sse_event_size=MAX_MESSAGE_BYTES) as (read, write),
         ):
             yield read, write
         return
-    from mcp import StdioServerParameters, stdio_client
+    from mcp import StdioServerParameters
 
     assert config.command is not None
     params = StdioServerParameters(command=config.command, args=list(config.args), env=dict(config.env) or None,
                                    cwd=config.cwd)
-    async with stdio_client(params, errlog=errlog) as (read, write):
+    async with stdio_client(params, errlog) as (read, write):
         yield read, write
 
 
