@@ -79,7 +79,9 @@ async def _measure(n: int, progress: bool) -> dict[str, list[int]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    n = args.n or (200 if args.quick else 5000)
+    from bench.rig import positive
+
+    n = positive("--n", args.n) if args.n is not None else (200 if args.quick else 5000)
     samples = anyio.run(_measure, n, bool(args.progress))
     rows = {k: percentiles(v) for k, v in samples.items()}
     overhead_ms = (rows["torpor"]["p50_us"] - rows["direct"]["p50_us"]) / 1000
