@@ -3,7 +3,8 @@ uvicorn on 127.0.0.1 (a free port the kernel picks; printed as ``PORT <n>`` on s
 
 Unlike ``mcp_fixture_server.py`` (stdio, the protocol by hand) this one is the SDK's own
 server, so what Torpor's client does against it is what it does against a real remote
-server: sessions, SSE streams, progress, server-to-client requests.
+server: sessions, SSE streams, progress, server-to-client requests.  ``--json``: answers as
+one JSON body instead of an event stream (the transport's other answer form).
 
 Tools:
   lookup     {customer_id} -> {"id", "name"} (structured + its JSON as text)
@@ -158,7 +159,7 @@ def main() -> None:
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     print(f"PORT {sock.getsockname()[1]}", flush=True)
-    app = server.streamable_http_app(host="127.0.0.1")
+    app = server.streamable_http_app(host="127.0.0.1", json_response="--json" in sys.argv)
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
     uvicorn.Server(config).run(sockets=[sock])
 

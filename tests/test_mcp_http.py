@@ -31,8 +31,8 @@ SERVER = Path(__file__).parent / "mcp_http_server.py"
 TOOLS = '["lookup", "pid", "crash", "whoami", "progress", "silent", "sample", "elicit", "roots", "chatty", "counter", "big"]'
 
 
-def start_server() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, str(SERVER)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+def start_server(*flags: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, str(SERVER), *flags], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -323,7 +323,16 @@ def test_a_host_killed_mid_call_reruns_only_what_a_trusted_server_marks_read_onl
 
 
 def test_a_huge_remote_answer_is_cut_at_the_cap(url: str) -> None:
+    """As an event (the SDK's per-event cap) and as one JSON body (our transport's counter)."""
     c = ctx("mcp.remote.big", url)
     r = invoke("mcp.remote.big", {"n": 3_000_000}, c)
     assert isinstance(r, ToolError) and r.code == "result_too_large", r
     assert ok("mcp.remote.pid", {}, ctx("mcp.remote.pid", url))["structured"]["pid"] > 0  # the session lives on
+    proc, address = start_server("--json")
+    try:
+        fine = ok("mcp.plain.big", {"n": 500_000}, ctx("mcp.plain.big", address, name="plain"))
+        assert len(fine["text"]) == 500_000
+        r = invoke("mcp.plain.big", {"n": 3_000_000}, ctx("mcp.plain.big", address, name="plain"))
+        assert isinstance(r, ToolError) and r.code == "result_too_large", r
+    finally:
+        stop_server(proc)

@@ -459,7 +459,7 @@ class Supervisor:
             raise ToolError("timeout", f"{name}: {why}", retryable=True,
                             reason_code="hard_timeout" if progressed[0] and spent >= hard - 0.001 else "timeout") from None
         except MCPError as exc:
-            if exc.code == TOO_LARGE or (config.remote and "byte limit" in exc.message):
+            if exc.code == TOO_LARGE or (config.remote and "byte limit" in exc.message):  # an SSE event or a JSON body
                 raise ToolError(
                     "result_too_large", f"{name}: the server's answer is larger than the "
                     f"{MAX_MESSAGE_BYTES}-byte cap; it was cut there, unread", reason_code="result_too_large",

@@ -95,8 +95,9 @@ async def connect(config: ServerConfig, errlog: Any) -> AsyncIterator[tuple[Any,
         from mcp.client.streamable_http import streamable_http_client
 
         timeout = httpx2.Timeout(HTTP_CONNECT_TIMEOUT_S, read=HTTP_READ_TIMEOUT_S)
+        transport = _capped_transport(httpx2.AsyncHTTPTransport(), MAX_MESSAGE_BYTES)
         async with (
-            httpx2.AsyncClient(headers=dict(config.headers), timeout=timeout) as http,
+            httpx2.AsyncClient(headers=dict(config.headers), timeout=timeout, transport=transport) as http,
             streamable_http_client(config.url, http_client=http, max_sse_event_size=MAX_MESSAGE_BYTES) as (read, write),
         ):
             yield read, write
@@ -108,6 +109,49 @@ async def connect(config: ServerConfig, errlog: Any) -> AsyncIterator[tuple[Any,
                                    cwd=config.cwd)
     async with stdio_client(params, errlog) as (read, write):
         yield read, write
+
+
+def _capped_transport(inner: Any, cap: int) -> Any:
+    """An HTTP transport whose JSON answers stop being read at ``cap`` bytes.
+
+    A server may answer a call with one JSON body instead of an event stream; the SDK reads
+    that body whole.  Here it is read through a counter that fails past the cap (a
+    ``StreamError``, which the SDK turns into the call's error), so a 40 MB body costs the
+    host at most the cap.  Event streams are capped per event by the SDK itself
+    (``max_sse_event_size``) and may run long in all, so they pass untouched.
+    """
+    import httpx2
+
+    class TooLarge(httpx2.StreamError):
+        pass
+
+    class Capped(httpx2.AsyncByteStream):
+        def __init__(self, stream: Any) -> None:
+            self.stream = stream
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            seen = 0
+            async for chunk in self.stream:
+                seen += len(chunk)
+                if seen > cap:
+                    raise TooLarge(f"the answer went over the {cap}-byte limit; it was cut there")
+                yield chunk
+
+        async def aclose(self) -> None:
+            await self.stream.aclose()
+
+    class Transport(httpx2.AsyncBaseTransport):
+        async def handle_async_request(self, request: Any) -> Any:
+            response = await inner.handle_async_request(request)
+            if not response.headers.get("content-type", "").lower().startswith("application/json"):
+                return response
+            return httpx2.Response(status_code=response.status_code, headers=response.headers,
+                                   stream=Capped(response.stream), extensions=response.extensions)
+
+        async def aclose(self) -> None:
+            await inner.aclose()
+
+    return Transport()
 
 
 def stderr_file() -> Any:
