@@ -16,6 +16,7 @@ Tools:
   lie_input        {x: integer} -> refuses every call with "invalid params"
   leak_env         {how} -> hands back $CRM_TOKEN (result, escaped text, tool error, JSON-RPC error)
   big              {n} -> a text of n bytes (written in pieces)
+  as_task          {} (execution.taskSupport = required): never called by Torpor
   bad_schema       an inputSchema that is not a JSON Schema
 Flags: --garbage-after-init (answer tools/list with a non-JSON line).
 """
@@ -78,6 +79,12 @@ TOOLS = [
         "name": "big",
         "description": "n bytes of text, written in 1 MiB pieces.",
         "inputSchema": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}, "required": ["n"]},
+    },
+    {
+        "name": "as_task",
+        "description": "Runs only as a task.",
+        "inputSchema": {"type": "object"},
+        "execution": {"taskSupport": "required"},
     },
     {
         "name": "bad_schema",

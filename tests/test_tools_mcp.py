@@ -21,7 +21,7 @@ SERVER = Path(__file__).parent / "mcp_fixture_server.py"
 
 def server_toml(name: str = "crm", args: str = "", extra: str = "") -> str:
     return (f'[mcp.{name}]\ncommand = "{sys.executable}"\nargs = ["{SERVER}"{args}]\n'
-            f'tools = ["lookup_customer", "pid", "crash", "slow", "fail", "lie_output", "lie_input", "bad_schema", "big"]\n'
+            f'tools = ["lookup_customer", "pid", "crash", "slow", "fail", "lie_output", "lie_input", "bad_schema", "big", "as_task"]\n'
             f'timeout = "5s"\n{extra}')
 
 
@@ -136,7 +136,7 @@ def test_a_server_that_sends_garbage_or_will_not_start() -> None:
 
 
 def test_a_tool_the_server_does_not_offer() -> None:
-    toml = server_toml().replace('"big"]', '"big", "teleport"]')
+    toml = server_toml().replace('"as_task"]', '"as_task", "teleport"]')
     r = invoke("mcp.crm.teleport", {}, ctx("mcp.crm.teleport", toml))
     assert isinstance(r, ToolError) and r.code == "unknown_tool"
 
@@ -183,3 +183,17 @@ def test_a_huge_answer_is_cut_at_the_cap_while_it_is_read() -> None:
     grew_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
     assert grew_mib < 40, f"the host's peak memory grew {grew_mib:.0f} MiB for a refused 40 MB answer"
     assert pid(ctx("mcp.crm.pid")) == before
+
+
+def test_a_task_only_tool_is_refused_with_its_reason_at_call_and_check_time() -> None:
+    import anyio
+
+    from host.tools import mcp_catalog
+
+    r = invoke("mcp.crm.as_task", {}, ctx("mcp.crm.as_task"))
+    assert isinstance(r, ToolError) and r.code == "unavailable" and not r.retryable
+    assert r.details["reason_code"] == "task_required" and "taskSupport = required" in str(r)
+    p = policy("", server_toml())
+    listings = anyio.run(mcp_catalog.list_policy_servers, p, {})
+    issues = [i.message for i in mcp_catalog.grant_issues(p, listings)]
+    assert len(issues) == 1 and "as_task" in issues[0] and "task-augmented" in issues[0], issues

@@ -90,6 +90,8 @@ IDLE_S = 300.0
 REAP_EVERY_S = 30.0
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
+TASK_REQUIRED = ("the server runs this tool only as a task (execution.taskSupport = required); Torpor calls tools "
+                 "and waits for their answer, and does not run task-augmented calls")
 CONNECTION_CLOSED = -32000
 INVALID_PARAMS = -32602
 
@@ -103,6 +105,7 @@ class ToolInfo:
     input_schema: dict[str, Any]
     output_schema: dict[str, Any] | None
     annotations: dict[str, Any] | None = None
+    task_support: str | None = None  # "required": the server runs it only as a task (not supported here)
     input_validator: Any = None
     output_validator: Any = None
     schema_error: str | None = None
@@ -115,6 +118,8 @@ class ToolInfo:
             input_schema=dict(raw.get("inputSchema") or {}),
             output_schema=raw.get("outputSchema") if isinstance(raw.get("outputSchema"), dict) else None,
             annotations=raw.get("annotations") if isinstance(raw.get("annotations"), dict) else None,
+            task_support=(raw.get("execution") or {}).get("taskSupport") if isinstance(raw.get("execution"), dict)
+            else None,
         )
         try:
             info.input_validator = _compile(info.input_schema)
@@ -127,7 +132,7 @@ class ToolInfo:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "input_schema": self.input_schema,
                 "output_schema": self.output_schema, "annotations": self.annotations,
-                "schema_error": self.schema_error}
+                "task_support": self.task_support, "schema_error": self.schema_error}
 
     @property
     def rerun_safe(self) -> bool:
@@ -425,6 +430,8 @@ class Supervisor:
                 "unavailable", f"{name}: the server published a schema that is not a valid JSON Schema: {info.schema_error}",
                 retryable=False, reason_code="schema_invalid",
             )
+        if info.task_support == "required":
+            raise ToolError("unavailable", f"{name}: {TASK_REQUIRED}", retryable=False, reason_code="task_required")
         problems = _schema_errors(info.input_validator, args)
         if problems:
             raise ToolError("invalid_args", f"{name}: " + "; ".join(problems))

@@ -14,7 +14,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-from host.tools.mcp import SUPERVISOR
+from host.tools.mcp import SUPERVISOR, TASK_REQUIRED
 from host.tools.mcp_transport import ServerConfig
 from host.tools.registry import ToolError
 from policies.errors import PolicyIssue
@@ -80,6 +80,9 @@ def grant_issues(policy: Any, listings: dict[str, Listing]) -> list[PolicyIssue]
             continue
         offered = [str(t["name"]) for t in listing.tools]
         if tool in offered:
+            found = next(t for t in listing.tools if t["name"] == tool)
+            if found.get("task_support") == "required":
+                issues.append(PolicyIssue(f"{where}: {tool}: {TASK_REQUIRED}", where))
             continue
         guess = difflib.get_close_matches(tool, offered, n=1, cutoff=0.6)
         hint = f" — did you mean {guess[0]!r}?" if guess else f" (it offers {', '.join(offered) or 'no tools'})"
