@@ -317,7 +317,8 @@ class Supervisor:
         wait = not_before - time.monotonic()
         if wait > 0:
             raise ToolError(
-                "unavailable", f"MCP server {config.name} failed to start {failures} time(s); next attempt in {wait:.1f}s",
+                "unavailable", f"MCP server {config.name} {'could not be reached' if config.remote else 'failed to start'} "
+                f"{failures} time(s); next attempt in {wait:.1f}s",
                 retryable=True, retry_after_s=round(wait, 3), reason_code="server_start_failed",
             )
         generation = self._generations.get(config, 0) + 1
@@ -612,7 +613,10 @@ def _sampler(ctx: ToolContext, llm_tool: str | None) -> Any:
     nested = ctx.nested
     if llm_tool is None or nested is None:
         return None
-    caller = asyncio.get_running_loop()
+    try:
+        caller = asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio (trio): the pipeline's loop cannot be handed work from another thread here
+        return None
 
     async def sample(chat_args: dict[str, Any]) -> dict[str, Any]:
         async def run() -> dict[str, Any]:
