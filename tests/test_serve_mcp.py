@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -107,3 +108,43 @@ def test_the_mcp_endpoint_is_behind_the_gateway(served: InProcessServer) -> None
     missing, done = anyio.run(_session, served.url, other, other_work)
     assert missing.is_error and "error[bundle_not_found]" in missing.content[0].text
     assert not done.is_error and done.structured_content, done
+
+
+def test_torpor_mcp_serve_over_stdio_on_a_local_store(bundles: BundleFactory, tmp_path: Path) -> None:
+    """An MCP client starts `torpor mcp serve`; the agent it calls parks for approval; another
+    process (`torpor approve`) takes it to its end; the open call answers with the output."""
+    import os
+    import sys
+
+    from mcp import ClientSession, StdioServerParameters, stdio_client
+
+    root = Path(__file__).resolve().parent.parent
+    store = tmp_path / "store"
+    with Host(store) as host:
+        host.registry.push(bundle_mod.load(bundles.example("procurement")).raw)
+    approved: list[str] = []
+
+    async def main() -> Any:
+        params = StdioServerParameters(command=sys.executable, args=["-m", "host.cli", "mcp", "serve", "--store",
+                                                                     str(store)], cwd=str(root), env=dict(os.environ))
+        async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            assert [t.name for t in (await session.list_tools()).tools] == ["procurement"]
+
+            async def on_progress(done: float, total: float | None, message: str | None) -> None:
+                if "waits for a person to approve" in (message or "") and not approved:
+                    agent = (message or "").split()[1]
+                    approved.append(agent)  # the call may answer before this process has exited
+                    await anyio.run_process([sys.executable, "-m", "host.cli", "approve", agent, "--store",
+                                             str(store), "--json", "--note", "from the MCP test"], cwd=root,
+                                            check=False)
+
+            with anyio.fail_after(120):
+                return await session.call_tool("procurement", BIG, progress_callback=on_progress)
+
+    result = anyio.run(main)
+    assert not result.is_error and result.structured_content["status"] == "ordered", result
+    assert approved == [result.meta["torpor/agent_id"]]
+    with Host(store) as host:
+        granted = [r for r in host.audit_records(approved[0]) if r["kind"] == "approval.granted"]
+    assert len(granted) == 1 and granted[0]["note"] == "from the MCP test"

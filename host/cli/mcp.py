@@ -1,4 +1,5 @@
-"""``torpor mcp tools``: what an MCP server offers, asked of the server.
+"""``torpor mcp tools``: what an MCP server offers, asked of the server; ``torpor mcp serve``:
+this store's agents offered to MCP clients over stdio (:mod:`host.server.mcp_local`).
 
 The server comes from a policy (``--policy FILE``, its ``[mcp.NAME]``), a bundle's policy
 (``--bundle FILE``) or a URL (a streamable-HTTP endpoint).  Its credentials, when its
@@ -116,8 +117,23 @@ def _print_listing(listing: Any) -> None:
             print(f"      schema error: {t['schema_error']}")
 
 
+def cmd_mcp_serve(args: argparse.Namespace) -> int:
+    """Offer the store's registry agents as MCP tools over stdio until the client closes stdin."""
+    import anyio
+
+    from host.cli.common import open_host
+    from host.server.mcp_local import LocalMcp
+
+    host = open_host(args)
+    try:
+        anyio.run(LocalMcp(host).serve)
+    finally:
+        host.close()
+    return EXIT_OK
+
+
 def add_parsers(sub: Any) -> None:
-    """Register ``mcp tools``."""
+    """Register ``mcp tools`` and ``mcp serve``."""
     top = sub.add_parser("mcp", help="ask MCP servers what they offer", description="ask MCP servers what they offer")
     msub = top.add_subparsers(dest="mcp_command", metavar="SUBCOMMAND")
     text = "list an MCP server's tools, with their input and output schemas and annotations"
@@ -130,3 +146,13 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("--store", default=None, help=STORE_HELP + " (its vault fills the server's credentials)")
     sp.add_argument("--json", action="store_true", help=JSON_HELP)
     sp.set_defaults(fn=cmd_mcp_tools)
+    text = ("offer the store's registry agents as MCP tools over stdio (for an MCP client that starts "
+            "`torpor mcp serve`); a call runs the agent here and answers with its output")
+    sp = msub.add_parser("serve", help=text, description=text)
+    sp.add_argument("--store", default=None, help=STORE_HELP)
+    sp.add_argument("--tools-dir", action="append", default=None, metavar="DIR",
+                    help="a directory of operator tools the agents' policies name (repeatable; see `torpor run`)")
+    sp.add_argument("--trust-bundle-code", action="append", default=None, metavar="DIGEST",
+                    help="run the host code the bundle with this digest carries (repeatable; see `torpor run`)")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
+    sp.set_defaults(fn=cmd_mcp_serve)

@@ -70,40 +70,17 @@ class McpEndpoint:
             yield
 
     async def _list_tools(self, ctx: Any, params: Any) -> Any:
-        from mcp import types
-
         who = require(ctx.request, "runs:read")
-        tools = []
-        for row in sorted(self.host.registry.names(tenant=who.tenant), key=lambda r: str(r["name"])):
-            name = str(row["name"])
-            description = f"Run the Torpor agent {name} (its latest version, sandboxed under its policy)."
-            with contextlib.suppress(TorporError):
-                b, _ = runs_routes.resolve(self.host, name, who.tenant)
-                if b.policy.agent.description:
-                    description = f"{b.policy.agent.description} (Torpor agent {name})"
-            tools.append(types.Tool(name=name, description=description,
-                                    input_schema={"type": "object", "description": "the agent's input"}))
-        return types.ListToolsResult(tools=tools)
+        return agent_tools(self.host, who.tenant)
 
     async def _call_tool(self, ctx: Any, params: Any) -> Any:
-        from mcp import types
-
         try:
             who = require(ctx.request, "runs:write")
             b, started_as = runs_routes.resolve(self.host, str(params.name), who.tenant)
             agent_id = await self.runs.start(b, dict(params.arguments or {}), who.tenant, started_as)
         except TorporError as exc:
-            return _failed(exc.code, str(exc))
-        rec = await self._follow(ctx, agent_id)
-        meta = {"torpor/agent_id": agent_id}
-        if rec.get("status") == "completed":
-            output = rec.get("output")
-            structured = output if isinstance(output, dict) else {"result": output}
-            return types.CallToolResult(content=[types.TextContent(type="text", text=json.dumps(output))],
-                                        structured_content=structured, _meta=meta)
-        error = rec.get("error") or {}
-        return _failed(str(error.get("code") or rec.get("status")),
-                       str(error.get("message") or f"the agent ended {rec.get('status')}"), meta)
+            return failed(exc.code, str(exc))
+        return answer(await self._follow(ctx, agent_id), agent_id)
 
     async def _follow(self, ctx: Any, agent_id: str) -> dict[str, Any]:
         """Wait until the agent ends, telling the client what it does at least every heartbeat."""
@@ -115,7 +92,7 @@ class McpEndpoint:
             if status not in agents_routes.MOVING and status not in WAITING_ON_PEOPLE:
                 return rec
             step += 1
-            message = _what(agent_id, rec)
+            message = what(agent_id, rec)
             with contextlib.suppress(Exception):  # a client that asked no progress, or has left
                 await ctx.session.report_progress(step, None, message)
             if message != said:
@@ -127,7 +104,40 @@ class McpEndpoint:
                     await anyio.sleep(HEARTBEAT_S)  # no new drives: the next process takes it over
 
 
-def _what(agent_id: str, rec: dict[str, Any]) -> str:
+def agent_tools(host: Host, tenant: str) -> Any:
+    """The tenant's registry names as MCP tools (each runs the name's latest version)."""
+    from mcp import types
+
+    tools = []
+    for row in sorted(host.registry.names(tenant=tenant), key=lambda r: str(r["name"])):
+        name = str(row["name"])
+        description = f"Run the Torpor agent {name} (its latest version, sandboxed under its policy)."
+        with contextlib.suppress(TorporError):
+            b, _ = runs_routes.resolve(host, name, tenant)
+            if b.policy.agent.description:
+                description = f"{b.policy.agent.description} (Torpor agent {name})"
+        tools.append(types.Tool(name=name, description=description,
+                                input_schema={"type": "object", "description": "the agent's input"}))
+    return types.ListToolsResult(tools=tools)
+
+
+def answer(rec: dict[str, Any], agent_id: str) -> Any:
+    """An ended agent's record as the call's result: its output, or its error as ``isError``."""
+    from mcp import types
+
+    meta = {"torpor/agent_id": agent_id}
+    if rec.get("status") == "completed":
+        output = rec.get("output")
+        structured = output if isinstance(output, dict) else {"result": output}
+        return types.CallToolResult(content=[types.TextContent(type="text", text=json.dumps(output))],
+                                    structured_content=structured, _meta=meta)
+    error = rec.get("error") or {}
+    return failed(str(error.get("code") or rec.get("status")),
+                  str(error.get("message") or f"the agent ended {rec.get('status')}"), meta)
+
+
+def what(agent_id: str, rec: dict[str, Any]) -> str:
+    """What a call's progress says of its agent."""
     status = str(rec.get("status"))
     if status == "waiting_approval":
         call = (rec.get("pending") or {}).get("tool") or "a tool call"
@@ -141,7 +151,8 @@ def _what(agent_id: str, rec: dict[str, Any]) -> str:
     return f"agent {agent_id} is {status} ({usage.get('tool_calls', 0)} tool calls so far)"
 
 
-def _failed(code: str, message: str, meta: dict[str, Any] | None = None) -> Any:
+def failed(code: str, message: str, meta: dict[str, Any] | None = None) -> Any:
+    """A call that did not give the agent's output: ``isError``, with the error's code."""
     from mcp import types
 
     return types.CallToolResult(content=[types.TextContent(type="text", text=f"error[{code}]: {message}")],
