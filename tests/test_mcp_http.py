@@ -336,3 +336,11 @@ def test_a_huge_remote_answer_is_cut_at_the_cap(url: str) -> None:
         assert isinstance(r, ToolError) and r.code == "result_too_large", r
     finally:
         stop_server(proc)
+
+
+def test_a_chatty_server_cannot_fill_the_agents_audit(url: str) -> None:
+    c = ctx("mcp.remote.progress", url)
+    assert ok("mcp.remote.progress", {"steps": 150, "every": 0.001}, c)["structured"] == {"steps": 150}
+    kinds = [k for k, _ in c.events]
+    assert kinds.count("mcp.progress") == 100 and kinds[-1] == "mcp.events_dropped"
+    assert c.events[-1][1]["dropped"] == 50

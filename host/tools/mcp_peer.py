@@ -37,6 +37,7 @@ from typing import Any
 log = logging.getLogger("torpor.mcp")
 
 MAX_EVENT_TEXT = 2000  # a server's log line kept in an audit event, at most
+MAX_EVENTS_PER_CALL = 100  # progress and log events recorded per call; the rest counted
 
 
 def _noop_event(kind: str, data: dict[str, Any]) -> None:
@@ -51,6 +52,23 @@ class CallRoute:
     event: Callable[[str, dict[str, Any]], None] = _noop_event  # the calling agent's audit events
     sample: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None  # llm.chat arguments → result
     progressed: Callable[[], None] = field(default=lambda: None)  # a sign of life: push the deadline back
+    kept: int = 0  # events recorded for this call
+    dropped: int = 0  # and those past MAX_EVENTS_PER_CALL, counted only
+
+    def record(self, kind: str, data: dict[str, Any]) -> None:
+        """An event of the calling agent, unless the call has had its share (a chatty server
+        must not fill an agent's audit log: the rest are counted, and the count recorded once)."""
+        if self.kept >= MAX_EVENTS_PER_CALL:
+            self.dropped += 1
+            return
+        self.kept += 1
+        self.event(kind, data)
+
+    def close(self, server: str) -> None:
+        """The call is over: say how many events were not recorded, if any."""
+        if self.dropped:
+            self.event("mcp.events_dropped", {"server": server, "tool": self.tool, "dropped": self.dropped,
+                                              "kept": self.kept})
 
 
 class Peer:
@@ -70,7 +88,9 @@ class Peer:
         return self._next
 
     def leave(self, key: int) -> None:
-        self.calls.pop(key, None)
+        route = self.calls.pop(key, None)
+        if route is not None:
+            route.close(self.server)
 
     def _caller(self, what: str) -> tuple[CallRoute | None, str]:
         routes = list(self.calls.values())
@@ -84,7 +104,7 @@ class Peer:
     def _event(self, kind: str, **data: Any) -> None:
         routes = list(self.calls.values())
         for route in routes:
-            route.event(kind, {"server": self.server, **data})
+            route.record(kind, {"server": self.server, **data})
         if not routes:
             log.info("MCP server %s: %s %s", self.server, kind, data)
 
@@ -106,7 +126,7 @@ class Peer:
 
         async def on_progress(progress: float, total: float | None, message: str | None) -> None:
             route.progressed()
-            route.event("mcp.progress", {"server": self.server, "tool": route.tool, "progress": progress,
+            route.record("mcp.progress", {"server": self.server, "tool": route.tool, "progress": progress,
                                          "total": total, "message": (message or "")[:MAX_EVENT_TEXT] or None})
 
         return on_progress
@@ -118,7 +138,7 @@ class Peer:
         if route is None:
             return types.ErrorData(code=types.INVALID_REQUEST, message=why)
         if route.sample is None:
-            route.event("mcp.sampling_refused", {"server": self.server, "tool": route.tool})
+            route.record("mcp.sampling_refused", {"server": self.server, "tool": route.tool})
             return types.ErrorData(
                 code=types.INVALID_REQUEST,
                 message=(f"sampling refused: no llm tool answers this server's sampling requests for this agent "
@@ -141,7 +161,7 @@ class Peer:
 
         route, _ = self._caller("an elicitation request")
         if route is not None:
-            route.event("mcp.elicitation_refused", {"server": self.server, "tool": route.tool,
+            route.record("mcp.elicitation_refused", {"server": self.server, "tool": route.tool,
                                                     "message": str(getattr(params, "message", ""))[:MAX_EVENT_TEXT]})
         return types.ErrorData(
             code=types.INVALID_REQUEST,
