@@ -16,7 +16,7 @@ Tools:
   sample     {prompt} -> asks the client for a completion (sampling), answers its text
   elicit     {} -> asks the client for a name (elicitation), answers what came back
   roots      {} -> the client's roots
-  chatty     {} -> sends a log notification, then answers
+  chatty     {} -> sends a log notification and a resource-updated one, then answers
   big        {n} -> n bytes of text
   counter    {} (annotated read-only) -> a count of calls so far
   peek       {marker, seconds} (annotated read-only) -> appends to marker; the first call sleeps
@@ -114,6 +114,7 @@ async def roots(ctx: Context) -> list[str]:
 async def chatty(ctx: Context) -> str:
     """Logs, then answers."""
     await ctx.info("halfway there")
+    await ctx.session.send_resource_updated("file:///srv/data/report.csv")
     return "done"
 
 

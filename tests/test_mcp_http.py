@@ -104,6 +104,9 @@ def test_log_notifications_roots_elicitation_and_sampling(url: str) -> None:
     assert ok("mcp.remote.chatty", {}, c)["text"] == "done"
     logs = [d for k, d in c.events if k == "mcp.log"]
     assert logs and logs[0]["data"] == "halfway there" and logs[0]["level"] == "info"
+    [changed] = [d for k, d in c.events if k == "mcp.notification"]
+    assert changed["method"] == "notifications/resources/updated"
+    assert changed["params"]["uri"] == "file:///srv/data/report.csv"
 
     r = ok("mcp.rooted.roots", {}, ctx("mcp.rooted.roots", url, name="rooted",
                                         extra='roots = ["file:///srv/data", "file:///srv/repo"]'))
