@@ -148,3 +148,29 @@ def test_torpor_mcp_serve_over_stdio_on_a_local_store(bundles: BundleFactory, tm
     with Host(store) as host:
         granted = [r for r in host.audit_records(approved[0]) if r["kind"] == "approval.granted"]
     assert len(granted) == 1 and granted[0]["note"] == "from the MCP test"
+
+
+def test_a_call_open_when_the_server_drains_says_so(bundles: BundleFactory, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A draining server answers an open call at once (shutting_down, naming the agent) rather
+    than holding the request until it is cut; the agent stays parked for the next process."""
+    from host.server import mcp_endpoint
+
+    monkeypatch.setattr(mcp_endpoint, "HEARTBEAT_S", 0.2)
+    store = tmp_path / "store"
+    with Host(store) as host:
+        host.registry.push(bundle_mod.load(bundles.example("procurement")).raw, tenant="acme")
+    with InProcessServer(store, config=ServerConfig(mcp=True)) as srv:
+        ops = token(srv.host.store, "acme", "runs:write", "runs:read")
+
+        async def work(session: Any) -> Any:
+            async def on_progress(done: float, total: float | None, message: str | None) -> None:
+                if "waits for a person" in (message or ""):
+                    srv.state.scheduler.draining = True  # what SIGTERM sets first (app._Server.handle_exit)
+
+            return await session.call_tool("procurement", BIG, progress_callback=on_progress)
+
+        result = anyio.run(_session, srv.url, ops, work)
+        agent_id = result.meta["torpor/agent_id"]
+        assert result.is_error and "error[shutting_down]" in result.content[0].text and agent_id in result.content[0].text
+        assert srv.host.get_agent(agent_id)["status"] == "waiting_approval"

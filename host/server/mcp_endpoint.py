@@ -18,7 +18,9 @@ gateway as ``/v1``: the operator token, its tenant, its rate limits and body cap
   A client that leaves does not stop the agent: it is durable, and ``torpor ps`` has it.
 * The answer is the agent's output: ``structuredContent`` (an object output as is,
   anything else as ``{"result": ...}``) and its JSON as text; a failed or terminated run
-  is ``isError`` with its error code and message.  The run's agent id is in ``_meta``.
+  is ``isError`` with its error code and message, and so is a call still open when the
+  server drains (``shutting_down``: the agent goes on in the next server process).  The
+  run's agent id is in ``_meta``.
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
-
-import anyio
 
 from host.errors import TorporError
 from host.runtime import Host
@@ -91,6 +91,10 @@ class McpEndpoint:
             status = str(rec.get("status"))
             if status not in agents_routes.MOVING and status not in WAITING_ON_PEOPLE:
                 return rec
+            if self.scheduler.draining:  # the agent stays at its last checkpoint for the next process
+                return {**rec, "status": "interrupted", "error": {
+                    "code": "shutting_down", "message": f"the server is shutting down; agent {agent_id} goes on "
+                    f"where it stopped in the next server process (it is {status})"}}
             step += 1
             message = what(agent_id, rec)
             with contextlib.suppress(Exception):  # a client that asked no progress, or has left
@@ -98,10 +102,8 @@ class McpEndpoint:
             if message != said:
                 said = message
                 _log.debug("mcp call %s: %s", agent_id, message)
-            if status in WAITING_ON_PEOPLE or self.scheduler.draining:
+            if status in WAITING_ON_PEOPLE:
                 await self.scheduler.changed(agent_id, HEARTBEAT_S)
-                if self.scheduler.draining:
-                    await anyio.sleep(HEARTBEAT_S)  # no new drives: the next process takes it over
 
 
 def agent_tools(host: Host, tenant: str) -> Any:
