@@ -197,3 +197,23 @@ def test_a_task_only_tool_is_refused_with_its_reason_at_call_and_check_time() ->
     listings = anyio.run(mcp_catalog.list_policy_servers, p, {})
     issues = [i.message for i in mcp_catalog.grant_issues(p, listings)]
     assert len(issues) == 1 and "as_task" in issues[0] and "task-augmented" in issues[0], issues
+
+
+def test_the_reference_time_server_from_pypi() -> None:
+    """A third-party server (mcp-server-time, a dev dependency): its tools called through the
+    host, its structured answers told once, its errors structured, its annotations read."""
+    import anyio
+
+    toml = (f'[mcp.time]\ncommand = "{sys.executable}"\nargs = ["-m", "mcp_server_time", "--local-timezone", "UTC"]\n'
+            'tools = ["get_current_time", "convert_time"]\ntimeout = "20s"\nstartup_timeout = "60s"\n'
+            'trust_annotations = true\n')
+    now = invoke("mcp.time.get_current_time", {"timezone": "Asia/Tokyo"}, ctx("mcp.time.get_current_time", toml))
+    assert not isinstance(now, ToolError), now
+    assert now["structured"]["timezone"] == "Asia/Tokyo" and now["text"] == "" and now["content"] == []
+    conv = invoke("mcp.time.convert_time", {"source_timezone": "UTC", "time": "12:00", "target_timezone": "Asia/Tokyo"},
+                  ctx("mcp.time.convert_time", toml))
+    assert not isinstance(conv, ToolError) and conv["structured"]["target"]["datetime"].endswith("21:00:00+09:00"), conv
+    bad = invoke("mcp.time.get_current_time", {"timezone": "Mars/Olympus"}, ctx("mcp.time.get_current_time", toml))
+    assert isinstance(bad, ToolError) and bad.code == "tool_failed" and "Mars/Olympus" in str(bad), bad
+    c = ctx("mcp.time.get_current_time", toml)
+    assert anyio.run(lambda: mcp.rerun_safe(c.ctx(), tool="mcp.time.get_current_time")) is True
