@@ -229,7 +229,11 @@ document the behaviour in full.
 An MCP server the host reaches over stdio (``command``: a process it starts,
 supervises and restarts) or streamable HTTP (``url``: a remote server it
 connects to, reconnecting after a failure); its tools are called as
-``mcp.NAME.TOOL``.  Exactly one of ``command`` and ``url``.
+``mcp.NAME.TOOL``.  Exactly one of ``command`` and ``url``.  A command line is
+code the host runs, and a URL with headers is where the host sends the agent's
+credentials: a bundle whose policy names a server runs only for an operator who
+trusts that bundle (``--trust-bundle-code DIGEST``), like a bundle carrying
+Python.
 
 ``command``          the executable (no shell; a path, or a name on PATH).
 ``args``             array of arguments.
