@@ -12,7 +12,9 @@ alternating rounds, so both see the same machine at the same moments:
   requested, the answer told once. Not the guest, the policy engine or the commit: those
   are measured by ``torpor bench steps`` and ``suspend``.
 
-The figure is the difference of the p50s (the target: at most 0.5 ms) and their ratio.
+Both with the servers on the host's own event loop (``torpor serve``: no thread crossed)
+and on the supervisor's thread (a CLI run: two crossings per call).  The figure is the
+difference of the p50s (the target, for ``torpor serve``: at most 0.5 ms) and their ratio.
 
     torpor bench mcp [--n N] [--quick] [--json]
 """
@@ -41,7 +43,18 @@ def _policy() -> Any:
                         f'args = ["{SERVER}"]\ntools = ["lookup_customer"]\n')
 
 
-async def _measure(n: int, progress: bool) -> dict[str, list[int]]:
+async def _measure(n: int, progress: bool, own_loop: bool) -> dict[str, list[int]]:
+    """``own_loop``: the servers on this loop, as ``torpor serve`` keeps them; else on the
+    supervisor's thread, as a CLI run or an embedding without it does."""
+    from host.tools import mcp as mcp_tool
+
+    if not own_loop:
+        return await _alternate(n, progress)
+    async with mcp_tool.SUPERVISOR.owned_by_this_loop():
+        return await _alternate(n, progress)
+
+
+async def _alternate(n: int, progress: bool) -> dict[str, list[int]]:
     from mcp import ClientSession, StdioServerParameters, stdio_client
 
     from host.tools import mcp as mcp_tool
@@ -82,21 +95,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.rig import positive
 
     n = positive("--n", args.n) if args.n is not None else (200 if args.quick else 5000)
-    samples = anyio.run(_measure, n, bool(args.progress))
-    rows = {k: percentiles(v) for k, v in samples.items()}
-    overhead_ms = (rows["torpor"]["p50_us"] - rows["direct"]["p50_us"]) / 1000
-    return {"bench": "mcp", "machine": machine(), "n": n, "rows": rows,
-            "overhead_p50_ms": round(overhead_ms, 3),
-            "ratio_p50": round(rows["torpor"]["p50_us"] / rows["direct"]["p50_us"], 2),
-            "target_overhead_ms": TARGET_OVERHEAD_MS, "met": overhead_ms <= TARGET_OVERHEAD_MS}
+    out: dict[str, Any] = {"bench": "mcp", "machine": machine(), "n": n, "cases": {}}
+    for case, own in (("serve", True), ("thread", False)):
+        samples = anyio.run(_measure, n, bool(args.progress), own)
+        rows = {k: percentiles(v) for k, v in samples.items()}
+        overhead_ms = (rows["torpor"]["p50_us"] - rows["direct"]["p50_us"]) / 1000
+        out["cases"][case] = {"rows": rows, "overhead_p50_ms": round(overhead_ms, 3),
+                              "ratio_p50": round(rows["torpor"]["p50_us"] / rows["direct"]["p50_us"], 2)}
+    # The target is the long-running host's (issue 24: servers owned by `torpor serve`).
+    out["rows"] = out["cases"]["serve"]["rows"]
+    out["overhead_p50_ms"] = out["cases"]["serve"]["overhead_p50_ms"]
+    out["ratio_p50"] = out["cases"]["serve"]["ratio_p50"]
+    out["target_overhead_ms"] = TARGET_OVERHEAD_MS
+    out["met"] = out["overhead_p50_ms"] <= TARGET_OVERHEAD_MS
+    return out
 
 
 def show(res: dict[str, Any]) -> None:
-    print(f"an MCP tool call over stdio, {res['n']} each, alternating (µs)")
-    print(table({"direct: the mcp SDK's ClientSession.call_tool": res["rows"]["direct"],
-                 "torpor: mcp.crm.lookup_customer as the host runs it": res["rows"]["torpor"]}))
-    print(f"Torpor's MCP layer: +{res['overhead_p50_ms']} ms at p50 ({res['ratio_p50']}x the direct call); "
-          f"target at most {res['target_overhead_ms']} ms: {'met' if res['met'] else 'NOT met'}")
+    names = {"serve": "servers on the host's own loop (torpor serve)",
+             "thread": "servers on the supervisor's thread (a CLI run)"}
+    for case, r in res["cases"].items():
+        print(f"an MCP tool call over stdio, {res['n']} each, alternating (µs): {names[case]}")
+        print(table({"direct: the mcp SDK's ClientSession.call_tool": r["rows"]["direct"],
+                     "torpor: mcp.crm.lookup_customer as the host runs it": r["rows"]["torpor"]}))
+        print(f"  Torpor's MCP layer: +{r['overhead_p50_ms']} ms at p50 ({r['ratio_p50']}x the direct call)")
+    print(f"target (torpor serve) at most {res['target_overhead_ms']} ms over the direct call at p50: "
+          f"{'met' if res['met'] else 'NOT met'} (+{res['overhead_p50_ms']} ms)")
 
 
 if __name__ == "__main__":

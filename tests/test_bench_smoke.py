@@ -209,11 +209,13 @@ def test_serve_quick() -> None:
 def test_mcp_quick() -> None:
     """Both kinds of call ran as many times as asked, against the same server, alternating."""
     r = bench("mcp", "--n", "30")
-    assert r["bench"] == "mcp" and r["n"] == 30
-    for kind in ("direct", "torpor"):
-        assert r["rows"][kind]["n"] == 30
-        positive(r["rows"][kind]["p50_us"])
-    assert r["ratio_p50"] > 0 and isinstance(r["overhead_p50_ms"], float)
+    assert r["bench"] == "mcp" and r["n"] == 30 and set(r["cases"]) == {"serve", "thread"}
+    for case in r["cases"].values():
+        for kind in ("direct", "torpor"):
+            assert case["rows"][kind]["n"] == 30
+            positive(case["rows"][kind]["p50_us"])
+        assert case["ratio_p50"] > 0 and isinstance(case["overhead_p50_ms"], float)
+    assert r["overhead_p50_ms"] == r["cases"]["serve"]["overhead_p50_ms"]
 
 
 def test_the_bench_parser_imports_nothing_heavy() -> None:

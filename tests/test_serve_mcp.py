@@ -174,3 +174,42 @@ def test_a_call_open_when_the_server_drains_says_so(bundles: BundleFactory, tmp_
         agent_id = result.meta["torpor/agent_id"]
         assert result.is_error and "error[shutting_down]" in result.content[0].text and agent_id in result.content[0].text
         assert srv.host.get_agent(agent_id)["status"] == "waiting_approval"
+
+
+def test_torpor_serve_keeps_mcp_servers_on_its_own_loop(bundles: BundleFactory, tmp_path: Path) -> None:
+    """Agents run by `torpor serve` reach MCP servers from the server's own event loop (no
+    supervisor thread, no thread crossed per call), the same server process for every run
+    and agent, stopped when the server stops."""
+    import os
+    import sys
+    import threading
+
+    from host.tools import mcp
+
+    fixture = Path(__file__).parent / "mcp_fixture_server.py"
+    pol = ('[agent]\nname = "caller"\n[budgets]\nfuel = 500_000_000\nmemory = "32MiB"\nwall_clock = "60s"\n'
+           f'[mcp.crm]\ncommand = "{sys.executable}"\nargs = ["{fixture}"]\ntools = ["pid"]\nstartup_timeout = "60s"\n')
+    from conftest import GUESTS
+
+    raw = bundle_mod.pack(bundles.load(GUESTS / "caller").module, pol)
+    digest = bundle_mod.load_bytes(raw).digest
+    store = tmp_path / "store"
+    with Host(store) as host:
+        host.registry.push(raw, tenant="acme")
+    pids = []
+    with InProcessServer(store, config=ServerConfig(), trust_bundle_code=[digest]) as srv:
+        ops = token(srv.host.store, "acme", "runs:write", "runs:read")
+        with httpx.Client(base_url=srv.url, timeout=120) as c:
+            for _ in range(2):
+                r = c.post("/v1/runs", headers=auth(ops), json={
+                    "agent": "caller", "input": {"calls": [{"tool": "mcp.crm.pid", "args": {}}]}, "wait": 60})
+                rec = r.json()
+                assert rec["status"] == "completed", rec
+                pids.append(rec["output"]["results"][0]["value"]["structured"]["pid"])
+        assert pids[0] == pids[1]  # one server process for both runs
+        assert mcp.SUPERVISOR._thread is None
+        assert not [t for t in threading.enumerate() if t.name == "torpor-mcp"]
+    with pytest.raises(ProcessLookupError):  # stopped with the server (and reaped)
+        for _ in range(100):
+            os.kill(pids[0], 0)
+            anyio.run(anyio.sleep, 0.05)

@@ -135,6 +135,11 @@ def create_app(host: Host, *, config: ServerConfig | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
             async with contextlib.AsyncExitStack() as stack, anyio.create_task_group() as tg:
+                # MCP servers the agents call live on this loop, where their tool calls run (no
+                # thread crossed per call), kept across runs and agents, stopped after the drain.
+                from host.tools.mcp import SUPERVISOR as mcp_servers
+
+                await stack.enter_async_context(mcp_servers.owned_by_this_loop())
                 if endpoint is not None:
                     await stack.enter_async_context(endpoint.run())
                 sched.attach(tg)

@@ -49,7 +49,9 @@ class LocalMcp:
         """Answer on stdin/stdout until the client closes stdin."""
         from mcp.server.stdio import stdio_server
 
-        async with stdio_server() as (read, write):
+        from host.tools.mcp import SUPERVISOR as mcp_servers
+
+        async with mcp_servers.owned_by_this_loop(), stdio_server() as (read, write):
             await self.server.run(read, write, self.server.create_initialization_options())
 
     async def _list_tools(self, ctx: Any, params: Any) -> Any:

@@ -64,7 +64,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -216,9 +216,39 @@ class Supervisor:
                     self._atexit = True
             return self._loop
 
+    @contextlib.asynccontextmanager
+    async def owned_by_this_loop(self, timeout: float = 10.0) -> AsyncIterator[None]:
+        """For a long-running host (``torpor serve``): while the block runs, the servers live
+        on the caller's own event loop, the one its agents' tool calls run on, so a call
+        crosses no thread (two crossings per call otherwise, each a wake-up of a thread:
+        ``torpor bench mcp``).  Servers started before on the supervisor's own thread are
+        stopped first; every server is stopped when the block ends."""
+        loop = asyncio.get_running_loop()
+        await anyio.to_thread.run_sync(self.close)  # a thread loop from before, and its servers
+        with self._lock:
+            self._loop, self._thread = loop, None
+            self._starting.clear()  # asyncio locks are bound to the loop they first ran on
+        await self._start_reaper()
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._loop is loop:
+                    self._loop = None
+            await self._shutdown(timeout)
+            self._starting.clear()
+            self._failures.clear()
+
     async def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the supervisor loop and await it from the caller's loop."""
-        fut = asyncio.run_coroutine_threadsafe(coro, self._ensure_loop())
+        """Run ``coro`` on the supervisor loop and await it from the caller's loop (at once,
+        when the caller's loop is the supervisor's: :meth:`owned_by_this_loop`)."""
+        loop = self._ensure_loop()
+        try:
+            if asyncio.get_running_loop() is loop:
+                return await coro
+        except RuntimeError:  # not asyncio: below
+            pass
+        fut = asyncio.run_coroutine_threadsafe(coro, loop)
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # not asyncio (trio): wait in a worker thread instead
@@ -259,28 +289,13 @@ class Supervisor:
         """Stop every server and the loop thread (idempotent; registered at exit)."""
         with self._lock:
             loop, thread = self._loop, self._thread
+            if thread is None and loop is not None and loop.is_running():
+                return  # a host's own loop (owned_by_this_loop): its block stops the servers
             self._loop = self._thread = None
-        if loop is None or not loop.is_running():
+        if loop is None or not loop.is_running() or thread is None:
             return
-
-        async def shutdown() -> None:
-            reaper = self._reaper_task
-            if reaper is not None:  # stop it here, on its loop, so it ends before the loop does
-                reaper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reaper
-                self._reaper_task = None
-            servers = list(self._servers.values())
-            self._servers.clear()
-            for s in servers:
-                s.stop.set()
-            # Servers being restarted are still stopping in the background: wait for them too,
-            # so that no process outlives the host (their transports terminate hung ones).
-            if self._tasks:
-                await asyncio.wait(list(self._tasks), timeout=timeout)
-
         with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout + 1)
+            asyncio.run_coroutine_threadsafe(self._shutdown(timeout), loop).result(timeout + 1)
         self._reaper_future = None
         loop.call_soon_threadsafe(loop.stop)
         if thread is not None:
@@ -289,6 +304,23 @@ class Supervisor:
         self._failures.clear()
 
     # -- on the supervisor loop -------------------------------------------------------
+    async def _shutdown(self, timeout: float) -> None:
+        """Stop the reaper and every server, on their loop."""
+        reaper = self._reaper_task
+        if reaper is not None:  # stop it here, on its loop, so it ends before the loop does
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            self._reaper_task = None
+        servers = list(self._servers.values())
+        self._servers.clear()
+        for s in servers:
+            s.stop.set()
+        # Servers being restarted are still stopping in the background: wait for them too,
+        # so that no process outlives the host (their transports terminate hung ones).
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
     def _healthy(self, server: _Server | None) -> bool:
         if server is None or server.dead or not server.ready.done() or server.ready.cancelled():
             return False
