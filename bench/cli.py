@@ -46,6 +46,8 @@ BENCHES: dict[str, tuple[str, str]] = {
                                  "resume --all processes: exit 130/143, never an abort, every agent finished once"),
     "serve": ("serve", "a real torpor serve on 127.0.0.1: hello start-to-completion over HTTP vs the embedded Host.run, "
                        "requests/s of start-run and get-agent, the RSS of 10,000 agents hibernated on it"),
+    "mcp": ("mcp_overhead", "an MCP tool call as the host runs it vs the mcp SDK's own call to the same stdio "
+                            "server, alternating in one run: Torpor's MCP layer in ms at p50"),
     "soak": ("soak", "10,000 agents of mixed kinds (budgets hit, poison values, failing tools) through one host "
                      "for 10 minutes: RSS slope, descriptors, mappings, every end state checked"),
 }
@@ -106,7 +108,7 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
         sp.add_argument("--json", action="store_true", help="print one JSON document")
         sp.add_argument("--quick", action="store_true", help="a small smoke run (seconds, for CI)")
         # cli and interrupts run torpor processes, not an engine of their own; fuzz runs a Host
-        if name not in ("cli", "fuzz", "interrupts", "serve"):
+        if name not in ("cli", "fuzz", "interrupts", "serve", "mcp"):
             sp.add_argument("--engine", choices=ENGINE_PROFILES, default=None,
                             help="engine profile (default: $TORPOR_ENGINE or dense; see host/sandbox/engine.py and "
                                  "bench/RESULTS.md)")
@@ -183,6 +185,8 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
             sp.add_argument("--agents", type=int, help="agents to park on one server (default 10,000; --quick 20)")
             sp.add_argument("--durability", choices=("sync", "process"), default=None,
                             help="measure at this durability only (default: hello at both, the rest at sync)")
+        elif name == "mcp":
+            sp.add_argument("--n", type=int, help="calls of each kind (default 5,000; --quick 200)")
         elif name == "soak":
             sp.add_argument("--agents", type=int, help="agents to run at least (default 10,000; --quick 300)")
             sp.add_argument("--minutes", type=float,

@@ -162,3 +162,10 @@ class BadServerAnswer(TorporError):
     """An answer that is not the Torpor API's (a wrong URL, a proxy's page, a body that is not its JSON)."""
 
     code = "bad_server_answer"
+
+
+class McpServerError(TorporError):
+    """An MCP server could not be asked (``torpor mcp tools``): not started, not reachable,
+    a credential missing; the message says which and why."""
+
+    code = "mcp_server"

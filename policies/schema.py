@@ -226,23 +226,50 @@ document the behaviour in full.
 
 [mcp.NAME] — MCP servers
 ------------------------
-An MCP server (stdio transport) the host starts, supervises and restarts;
-its tools are called as ``mcp.NAME.TOOL``.
+An MCP server the host reaches over stdio (``command``: a process it starts,
+supervises and restarts) or streamable HTTP (``url``: a remote server it
+connects to, reconnecting after a failure); its tools are called as
+``mcp.NAME.TOOL``.  Exactly one of ``command`` and ``url``.  A command line is
+code the host runs, and a URL with headers is where the host sends the agent's
+credentials: a bundle whose policy names a server runs only for an operator who
+trusts that bundle (``--trust-bundle-code DIGEST``), like a bundle carrying
+Python.
 
-``command``          required; the executable (no shell; a path, or a name on PATH).
+``command``          the executable (no shell; a path, or a name on PATH).
 ``args``             array of arguments.
 ``env``              environment variables added to the SDK's minimal safe
                      environment; ``{name}`` placeholders are filled from the
                      server's ``credentials`` on the host side.
 ``cwd``              working directory.
-``credentials``      secrets the server's env uses; each ``mcp.NAME.*`` grant
-                     gets them (the broker leases them per call).
+``url``              an ``http://`` or ``https://`` streamable-HTTP endpoint.
+``headers``          HTTP headers sent to ``url`` only (never on a redirect
+                     to another origin); ``{name}`` placeholders are filled
+                     from ``credentials`` on the host side, e.g.
+                     ``Authorization = "Bearer {crm_token}"``.
+``credentials``      secrets the server's env or headers use; each
+                     ``mcp.NAME.*`` grant gets them (the broker leases them
+                     per call).
 ``tools``            the server's tools to grant: each becomes a grant
                      ``[tools."mcp.NAME.TOOL"]`` (write that table yourself to
                      add rates, approval or argument rules).  When ``tools`` is
                      given, a grant of an unlisted tool is an error.
-``timeout``          per call (duration, default 30s).
+``timeout``          per call (duration, default 30s); a call whose server
+                     reports progress is kept alive: each progress
+                     notification starts ``timeout`` again, up to
+                     ``hard_timeout``.
+``hard_timeout``     the longest a call may run whatever its progress
+                     (duration, default 10m).
 ``startup_timeout``  for starting the server and listing its tools (default 10s).
+``sampling``         the granted ``llm.*`` tool that answers the server's
+                     sampling requests (``sampling/createMessage``) under the
+                     agent's policy and token budget; without it a sampling
+                     request is refused with an error saying so.
+``roots``            the ``file://`` roots the server is told (``roots/list``);
+                     without it the client declares no roots.
+``trust_annotations``  true: the server's tool annotations are believed, so a
+                     call of a tool it marks ``readOnlyHint`` or
+                     ``idempotentHint`` runs again after a host crash instead
+                     of parking the agent ``in_doubt`` (default false).
 
 [[validators]] — output guardrails
 ----------------------------------
@@ -1184,30 +1211,79 @@ _MCP_TOOL = re.compile(r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$")
 
 
 class McpServer(_Model):
-    """``[mcp.NAME]``: an MCP server (stdio transport) whose tools the agent may call.
+    """``[mcp.NAME]``: an MCP server (stdio or streamable HTTP) whose tools the agent may call.
 
-    The host starts ``command`` with ``args`` (no shell), lists its tools and
-    their input schemas, and supervises it: a server that dies or answers
-    against its own schema is restarted.  Its tools are called as
-    ``mcp.NAME.TOOL``; ``tools`` grants them (each also gets a grant table
-    ``[tools."mcp.NAME.TOOL"]`` for rates, approval and argument rules).
+    The host starts ``command`` with ``args`` (no shell) or connects to ``url``,
+    lists its tools and their input schemas, and supervises it: a server that
+    dies or answers against its own schema is restarted (reconnected).  Its
+    tools are called as ``mcp.NAME.TOOL``; ``tools`` grants them (each also gets
+    a grant table ``[tools."mcp.NAME.TOOL"]`` for rates, approval and argument
+    rules).
     """
 
-    command: StrictStr
+    command: StrictStr | None = None
     args: tuple[StrictStr, ...] = ()
     env: dict[str, StrictStr] = Field(default_factory=dict)
     cwd: StrictStr | None = None
+    url: StrictStr | None = None
+    headers: dict[str, StrictStr] = Field(default_factory=dict)
     tools: tuple[StrictStr, ...] = ()
     credentials: tuple[StrictStr, ...] = ()
     timeout: Duration | None = None
+    hard_timeout: Duration | None = None
     startup_timeout: Duration | None = None
+    sampling: StrictStr | None = None
+    roots: tuple[StrictStr, ...] = ()
+    trust_annotations: StrictBool = False
 
     @field_validator("command")
     @classmethod
-    def _command(cls, v: str) -> str:
-        if not v.strip():
+    def _command(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
             raise ValueError("command must not be empty")
         return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url {v!r} is not an http:// or https:// URL with a host")
+        if parts.username or parts.password:
+            raise ValueError("url must not carry credentials; use headers with a {credential} placeholder")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for k, val in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", k):
+                raise ValueError(f"{k!r} is not an HTTP header name")
+            if any(c in val for c in "\r\n\x00"):
+                raise ValueError(f"header {k}: value contains a line break or NUL byte")
+        return v
+
+    @field_validator("roots")
+    @classmethod
+    def _roots(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for root in v:
+            if not root.startswith("file://"):
+                raise ValueError(f"root {root!r} is not a file:// URI")
+        return v
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> McpServer:
+        if (self.command is None) == (self.url is None):
+            raise ValueError("give exactly one of command (a stdio server) and url (a streamable-HTTP server)")
+        if self.url is not None and (self.args or self.env or self.cwd is not None):
+            raise ValueError("args, env and cwd start a process; a url server takes headers instead")
+        if self.command is not None and self.headers:
+            raise ValueError("headers are sent to a url server; a command server takes env instead")
+        return self
 
     @field_validator("tools")
     @classmethod
@@ -1402,7 +1478,7 @@ class Policy(_Model):
         if self.mcp:
             lines.append(f"mcp servers ({len(self.mcp)}):")
             for sname, srv in self.mcp.items():
-                lines.append(f"  {sname}: {' '.join((srv.command, *srv.args))}")
+                lines.append(f"  {sname}: {srv.url or ' '.join((srv.command or '', *srv.args))}")
         lines.append(f"validators ({len(self.validators)}):")
         for i, v in enumerate(self.validators):
             lines.append(f"  [{i}] {v.kind} on {', '.join(v.on)} -> {v.effective_action}")
@@ -1493,7 +1569,7 @@ def _settings_issues(
     return issues
 
 
-def _mcp_issues(servers: Mapping[str, Any]) -> list[PolicyIssue]:
+def _mcp_issues(servers: Mapping[str, Any], tools: Mapping[str, Any]) -> list[PolicyIssue]:
     issues: list[PolicyIssue] = []
     for server, spec in servers.items():
         where = locator("mcp", str(server))
@@ -1505,16 +1581,27 @@ def _mcp_issues(servers: Mapping[str, Any]) -> list[PolicyIssue]:
             continue
         creds = spec.get("credentials", ())
         creds = set(creds) if isinstance(creds, list | tuple) else set()
-        env = spec.get("env")
-        for k, v in (env.items() if isinstance(env, Mapping) else ()):
-            for ph in placeholders(v) if isinstance(v, str) else ():
-                if ph not in creds:
-                    issues.append(
-                        PolicyIssue(
-                            f"{where}.env.{k}: {{{ph}}} names no credential of this server; add {ph!r} to credentials",
-                            f"{where}.env",
+        for section in ("env", "headers"):
+            table = spec.get(section)
+            for k, v in (table.items() if isinstance(table, Mapping) else ()):
+                for ph in placeholders(v) if isinstance(v, str) else ():
+                    if ph not in creds:
+                        issues.append(
+                            PolicyIssue(
+                                f"{where}.{section}.{k}: {{{ph}}} names no credential of this server; "
+                                f"add {ph!r} to credentials",
+                                f"{where}.{section}",
+                            )
                         )
-                    )
+        sampling = spec.get("sampling")
+        if isinstance(sampling, str) and (tool_kind(sampling) != "llm.chat" or sampling not in tools):
+            issues.append(
+                PolicyIssue(
+                    f"{where}.sampling: {sampling!r} is not an llm.* tool this policy grants "
+                    "(sampling requests are answered by a granted llm tool)",
+                    f"{where}.sampling",
+                )
+            )
     return issues
 
 
@@ -1575,7 +1662,7 @@ def _semantic_issues(data: Mapping[str, Any]) -> list[PolicyIssue]:
                     guess,
                 )
             )
-    issues += _mcp_issues(servers)
+    issues += _mcp_issues(servers, tools)
     granted = tuple(str(n) for n in tools)
     validators = data.get("validators")
     for i, v in enumerate(validators if isinstance(validators, list | tuple) else ()):

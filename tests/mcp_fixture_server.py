@@ -15,6 +15,8 @@ Tools:
   lie_output       {} -> structuredContent that violates its own outputSchema
   lie_input        {x: integer} -> refuses every call with "invalid params"
   leak_env         {how} -> hands back $CRM_TOKEN (result, escaped text, tool error, JSON-RPC error)
+  big              {n} -> a text of n bytes (written in pieces)
+  as_task          {} (execution.taskSupport = required): never called by Torpor
   bad_schema       an inputSchema that is not a JSON Schema
 Flags: --garbage-after-init (answer tools/list with a non-JSON line).
 """
@@ -74,6 +76,17 @@ TOOLS = [
         "inputSchema": {"type": "object", "properties": {"how": {"type": "string"}}, "required": ["how"]},
     },
     {
+        "name": "big",
+        "description": "n bytes of text, written in 1 MiB pieces.",
+        "inputSchema": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}, "required": ["n"]},
+    },
+    {
+        "name": "as_task",
+        "description": "Runs only as a task.",
+        "inputSchema": {"type": "object"},
+        "execution": {"taskSupport": "required"},
+    },
+    {
         "name": "bad_schema",
         "description": "Publishes an invalid schema.",
         "inputSchema": {"type": "object", "properties": {"x": {"type": "nonsense"}}},
@@ -118,6 +131,15 @@ def call(req_id: object, name: str, args: dict) -> None:
         result(req_id, text({"slept": args.get("seconds")}))
     elif name == "fail":
         result(req_id, {"content": [{"type": "text", "text": "the widget is jammed"}], "isError": True})
+    elif name == "big":  # written in pieces, so that this process never holds it either
+        n = int(args.get("n", 0))
+        sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": req_id})[:-1] + ', "result": {"content": [{"type": "text", "text": "')
+        piece = "x" * (1 << 20)
+        while n > 0:
+            sys.stdout.write(piece[:n])
+            n -= len(piece)
+        sys.stdout.write('"}]}}\n')
+        sys.stdout.flush()
     elif name == "lie_output":
         result(req_id, text({"n": "not a number"}))
     elif name == "lie_input":

@@ -206,6 +206,18 @@ def test_serve_quick() -> None:
     assert h["hwm_mib"] >= h["rss_mib"] and r["hibernated_rss_target_mib"] == 1024
 
 
+def test_mcp_quick() -> None:
+    """Both kinds of call ran as many times as asked, against the same server, alternating."""
+    r = bench("mcp", "--n", "30")
+    assert r["bench"] == "mcp" and r["n"] == 30 and set(r["cases"]) == {"serve", "thread"}
+    for case in r["cases"].values():
+        for kind in ("direct", "torpor"):
+            assert case["rows"][kind]["n"] == 30
+            positive(case["rows"][kind]["p50_us"])
+        assert case["ratio_p50"] > 0 and isinstance(case["overhead_p50_ms"], float)
+    assert r["overhead_p50_ms"] == r["cases"]["serve"]["overhead_p50_ms"]
+
+
 def test_the_bench_parser_imports_nothing_heavy() -> None:
     """`torpor --help` builds the bench parser: it must not pull in Wasmtime, the store or the runtime."""
     code = ("import sys, argparse\n"
@@ -249,6 +261,7 @@ def test_a_benchmark_runs_as_a_script() -> None:
     ["serve", "--agents", "0"],
     ["serve", "--clients", "1,0"],
     ["serve", "--clients", "many"],
+    ["mcp", "--n", "0"],
 ])
 def test_nonsense_counts_are_one_line_errors(argv: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-m", "host.cli", "bench", *argv, "--no-plot"], capture_output=True,

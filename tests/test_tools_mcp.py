@@ -21,7 +21,7 @@ SERVER = Path(__file__).parent / "mcp_fixture_server.py"
 
 def server_toml(name: str = "crm", args: str = "", extra: str = "") -> str:
     return (f'[mcp.{name}]\ncommand = "{sys.executable}"\nargs = ["{SERVER}"{args}]\n'
-            f'tools = ["lookup_customer", "pid", "crash", "slow", "fail", "lie_output", "lie_input", "bad_schema"]\n'
+            f'tools = ["lookup_customer", "pid", "crash", "slow", "fail", "lie_output", "lie_input", "bad_schema", "big", "as_task"]\n'
             f'timeout = "5s"\n{extra}')
 
 
@@ -45,7 +45,8 @@ def test_call_and_schema_validation() -> None:
     c = ctx("mcp.crm.lookup_customer")
     r = invoke("mcp.crm.lookup_customer", {"customer_id": "C-42"}, c)
     assert r["structured"] == {"id": "C-42", "name": "Ada Lovelace", "plan": "enterprise", "open_tickets": 2}
-    assert r["content"][0]["type"] == "text"
+    # The tool's text is its structured value's JSON: the guest is told it once, not three times.
+    assert r["content"] == [] and r["text"] == ""
     for bad, where in (({"customer_id": 42}, "customer_id"), ({"customer_id": "nope"}, "customer_id"),
                        ({}, "(arguments)"), ({"customer_id": "C-1", "x": 1}, "(arguments)")):
         r = invoke("mcp.crm.lookup_customer", bad, c)
@@ -135,7 +136,7 @@ def test_a_server_that_sends_garbage_or_will_not_start() -> None:
 
 
 def test_a_tool_the_server_does_not_offer() -> None:
-    toml = server_toml().replace('"bad_schema"]', '"bad_schema", "teleport"]')
+    toml = server_toml().replace('"as_task"]', '"as_task", "teleport"]')
     r = invoke("mcp.crm.teleport", {}, ctx("mcp.crm.teleport", toml))
     assert isinstance(r, ToolError) and r.code == "unknown_tool"
 
@@ -161,3 +162,58 @@ def test_env_credentials_are_filled_host_side() -> None:
     with pytest.raises(ToolError) as info:
         mcp.ServerConfig.from_policy("envy", p.mcp["envy"], {})
     assert info.value.code == "unavailable"
+
+
+def test_a_huge_answer_is_cut_at_the_cap_while_it_is_read() -> None:
+    """40 MB from the server: refused at 1 MiB, at once, without the host holding it; the
+    rest is drained, so the same server answers the next call (no restart)."""
+    import resource
+    import time
+
+    c = ctx("mcp.crm.big")
+    before = pid(ctx("mcp.crm.pid"))
+    ok = invoke("mcp.crm.big", {"n": 500_000}, c)
+    assert not isinstance(ok, ToolError) and len(ok["text"]) == 500_000
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.monotonic()
+    r = invoke("mcp.crm.big", {"n": 40_000_000}, c)
+    took = time.monotonic() - t0
+    assert isinstance(r, ToolError) and r.code == "result_too_large", r
+    assert "cut there, unread" in str(r) and took < 5, took
+    grew_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
+    assert grew_mib < 40, f"the host's peak memory grew {grew_mib:.0f} MiB for a refused 40 MB answer"
+    assert pid(ctx("mcp.crm.pid")) == before
+
+
+def test_a_task_only_tool_is_refused_with_its_reason_at_call_and_check_time() -> None:
+    import anyio
+
+    from host.tools import mcp_catalog
+
+    r = invoke("mcp.crm.as_task", {}, ctx("mcp.crm.as_task"))
+    assert isinstance(r, ToolError) and r.code == "unavailable" and not r.retryable
+    assert r.details["reason_code"] == "task_required" and "taskSupport = required" in str(r)
+    p = policy("", server_toml())
+    listings = anyio.run(mcp_catalog.list_policy_servers, p, {})
+    issues = [i.message for i in mcp_catalog.grant_issues(p, listings)]
+    assert len(issues) == 1 and "as_task" in issues[0] and "task-augmented" in issues[0], issues
+
+
+def test_the_reference_time_server_from_pypi() -> None:
+    """A third-party server (mcp-server-time, a dev dependency): its tools called through the
+    host, its structured answers told once, its errors structured, its annotations read."""
+    import anyio
+
+    toml = (f'[mcp.time]\ncommand = "{sys.executable}"\nargs = ["-m", "mcp_server_time", "--local-timezone", "UTC"]\n'
+            'tools = ["get_current_time", "convert_time"]\ntimeout = "20s"\nstartup_timeout = "60s"\n'
+            'trust_annotations = true\n')
+    now = invoke("mcp.time.get_current_time", {"timezone": "Asia/Tokyo"}, ctx("mcp.time.get_current_time", toml))
+    assert not isinstance(now, ToolError), now
+    assert now["structured"]["timezone"] == "Asia/Tokyo" and now["text"] == "" and now["content"] == []
+    conv = invoke("mcp.time.convert_time", {"source_timezone": "UTC", "time": "12:00", "target_timezone": "Asia/Tokyo"},
+                  ctx("mcp.time.convert_time", toml))
+    assert not isinstance(conv, ToolError) and conv["structured"]["target"]["datetime"].endswith("21:00:00+09:00"), conv
+    bad = invoke("mcp.time.get_current_time", {"timezone": "Mars/Olympus"}, ctx("mcp.time.get_current_time", toml))
+    assert isinstance(bad, ToolError) and bad.code == "tool_failed" and "Mars/Olympus" in str(bad), bad
+    c = ctx("mcp.time.get_current_time", toml)
+    assert anyio.run(lambda: mcp.rerun_safe(c.ctx(), tool="mcp.time.get_current_time")) is True

@@ -36,6 +36,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("approvals", ("approvals", "approve", "deny", "resolve")),
     ("store", ("store", "doctor")),
     ("policy", ("policy",)),
+    ("mcp", ("mcp",)),
     ("trust", ("secrets", "audit", "replay", "identity")),
     ("server", ("serve", "tokens")),
 )

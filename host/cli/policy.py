@@ -9,7 +9,7 @@ import argparse
 import time
 from typing import Any
 
-from host.cli.common import EXIT_OK, JSON_HELP, emit, parse_input
+from host.cli.common import EXIT_FAILED, EXIT_OK, JSON_HELP, STORE_HELP, emit, parse_input
 
 TITLE = "policy: check and explain policy files"
 
@@ -19,9 +19,39 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     import policies
 
     pol = policies.load_policy(args.file)
-    data = {"file": args.file, "ok": True, "agent": pol.agent.name, "tools": sorted(pol.grants), "digest": pol.digest}
-    emit(args, data, lambda: print(f"{args.file}: ok\n{pol.summary()}"))
-    return EXIT_OK
+    data: dict[str, Any] = {"file": args.file, "ok": True, "agent": pol.agent.name, "tools": sorted(pol.grants),
+                            "digest": pol.digest}
+    if not getattr(args, "connect", False) or not pol.mcp:
+        emit(args, data, lambda: print(f"{args.file}: ok\n{pol.summary()}"))
+        return EXIT_OK
+    import anyio
+
+    from host.cli.mcp import quiet_supervisor, server_secrets
+    from host.tools import mcp_catalog
+
+    secrets: dict[str, str] = {}
+    for spec in pol.mcp.values():
+        secrets.update(server_secrets(args, spec))
+    try:
+        with quiet_supervisor():
+            listings = anyio.run(mcp_catalog.list_policy_servers, pol, secrets)
+    finally:
+        mcp_catalog.shutdown()
+    issues = mcp_catalog.grant_issues(pol, listings)
+    data.update(ok=not issues, servers={n: lst.to_dict() for n, lst in listings.items()},
+                issues=[{"message": i.message, "field": i.field, "suggestion": i.suggestion} for i in issues])
+
+    def human() -> None:
+        if not issues:
+            print(f"{args.file}: ok\n{pol.summary()}")
+            for n, lst in listings.items():
+                print(f"mcp.{n} ({lst.where}): every grant is a tool it offers ({len(lst.tools)} tools)")
+            return
+        for i in issues:
+            print(f"{args.file}: {i.message}")
+
+    emit(args, data, human)
+    return EXIT_OK if not issues else EXIT_FAILED
 
 
 def cmd_policy_explain(args: argparse.Namespace) -> int:
@@ -56,6 +86,10 @@ def add_parsers(sub: Any) -> None:
     psub = pol.add_subparsers(dest="policy_command", metavar="SUBCOMMAND")
     sp = psub.add_parser("check", help="validate a policy file", description="validate a policy file")
     sp.add_argument("file", help="a policy.toml")
+    sp.add_argument("--connect", action="store_true",
+                    help="start or connect to each [mcp.NAME] server and check every grant against the tools it lists "
+                         "(exit 1 when one is not offered)")
+    sp.add_argument("--store", default=None, help=STORE_HELP + " (with --connect: its vault fills servers' credentials)")
     sp.add_argument("--json", action="store_true", help=JSON_HELP)
     sp.set_defaults(fn=cmd_policy_check)
     explain_help = "show the decision for a tool call and every rule behind it"

@@ -39,12 +39,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {k: getattr(args, k) for k in (
         "max_body_bytes", "token_rate", "token_burst", "tenant_rate", "tenant_burst", "drain_timeout")
         if getattr(args, k) is not None}
+    if args.mcp:
+        overrides["mcp"] = True
     host = open_host(args)
     try:
         app = create_app(host, config=ServerConfig(**overrides))
         traces = ", traces over OTLP" if host.tracing is not None else ""
+        mcp_at = f"; MCP at http://{address}:{port}/mcp" if args.mcp else ""
         print(f"torpor serve: listening on http://{address}:{port} (store {host.store_dir}; the console at "
-              f"http://{address}:{port}/{traces})", file=sys.stderr, flush=True)
+              f"http://{address}:{port}/{traces}{mcp_at})", file=sys.stderr, flush=True)
         status = serve(app, host=address, port=port, log_level=args.log_level)
     finally:
         host.close()
@@ -145,6 +148,9 @@ def add_parsers(sub: Any) -> None:
                          "next safe point, left at their last checkpoint (default 10)")
     sp.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                     help="the server's log level (default warning)")
+    sp.add_argument("--mcp", action="store_true",
+                    help="also offer every registry agent of the caller's tenant as an MCP tool at /mcp (streamable "
+                         "HTTP, behind the same operator tokens: runs:read lists, runs:write calls)")
 
     tok = sub.add_parser("tokens", help="create, list and revoke operator tokens for `torpor serve`",
                          description="create, list and revoke operator tokens for `torpor serve`")

@@ -337,6 +337,8 @@ class ToolCallPipeline:
             return answer
         ctx = self.lease(agent, call)
         scrub = self.scrubber(agent, ctx)
+        ctx.event = lambda kind, data: agent.event(kind, call_seq=call.seq, **scrub.value(data))
+        ctx.nested = lambda tool, args: self.nested(agent, call, tool, args)
         if spec.transactional:
             return await self.run_transactional(agent, call, spec, args, ctx, cp, scrub)
         if cp is not None:
@@ -344,6 +346,34 @@ class ToolCallPipeline:
         answer = await self.run(agent, spec, args, ctx, scrub)
         await self.journal(agent, call, answer, extra)
         return answer
+
+    async def nested(self, agent: LiveAgent, call: PendingCall, tool: str, args: dict[str, Any]) -> Any:
+        """Run another granted tool on behalf of call ``call`` (an MCP server's sampling
+        request through ``llm.*``): decided by the agent's policy as if the agent had called
+        it (audited, counted, its tokens paid from the agent's budget), run with its own
+        leased credentials, its answer scrubbed.  A decision other than allow (a denial, an
+        approval the agent cannot wait for inside another call, a limit) is a
+        :class:`ToolError` the caller hands on; the call itself is journaled as part of
+        ``call``'s answer, which is what a resumed agent replays."""
+        spec = agent.tools.get(tool)
+        if spec is None or tool not in agent.bundle.policy.grants:
+            raise ToolError("denied", f"{tool} is not granted to this agent")
+        inner = PendingCall(seq=call.seq, tool=tool, args=args)
+        request = self.request(agent, inner)
+        if not isinstance(request, policies.ToolRequest):
+            raise ToolError("invalid_args", f"{tool}: the arguments are not JSON")
+        decision, _ = self.decide(agent, request)
+        if not isinstance(decision, policies.Allow):
+            reason = getattr(decision, "reason", None) or "it was not allowed outright"
+            raise ToolError("denied", f"{tool} for {call.tool}: {reason}")
+        value_args = spec.validate(canonical_args(spec, args))
+        ctx = self.lease(agent, inner)
+        scrub = self.scrubber(agent, ctx)
+        with scrubbing(scrub):
+            value = await spec.func(value_args, ctx) if spec.is_async else await anyio.to_thread.run_sync(
+                spec.func, value_args, ctx)
+        agent.event("tool.nested", call_seq=call.seq, tool=tool, on_behalf_of=call.tool)
+        return scrub.value(value)
 
     # 5 ----------------------------------------------------------------------------------
     @staticmethod
@@ -524,6 +554,11 @@ class ToolCallPipeline:
             return await self.execute(agent, call, spec, None)
         if spec.idempotent or spec.transactional:
             # The call was decided and recorded as intent before the crash; safe to run again.
+            return await self.execute(agent, call, spec, None)
+        if spec.rerun_safe is not None and await spec.rerun_safe(self.lease(agent, call)):
+            # Not idempotent by its grant, but its (trusted) server says it is read-only or idempotent.
+            agent.event("tool.rerun", call_seq=call.seq, tool=call.tool,
+                        reason="its server marks it read-only or idempotent, and the policy trusts its annotations")
             return await self.execute(agent, call, spec, None)
         agent.record["status"] = "in_doubt"
         agent.record["in_doubt"] = {

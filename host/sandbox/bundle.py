@@ -86,16 +86,21 @@ class Bundle:
     @property
     def mcp_commands(self) -> dict[str, list[str]]:
         """``mcp.NAME`` -> the command line each MCP server of the policy would start on the host."""
-        return {f"mcp.{n}": [srv.command, *srv.args] for n, srv in sorted(self.policy.mcp.items())}
+        return {f"mcp.{n}": [srv.url] if srv.url is not None else [str(srv.command), *srv.args]
+                for n, srv in sorted(self.policy.mcp.items())}
 
     @property
     def host_code(self) -> dict[str, str]:
         """Everything of the bundle that would run in or start from the host process, and its
         sha256: its Python members, and the processes its policy's MCP servers would start
-        (command, arguments, environment template and directory: all of it chooses what runs)."""
+        (command, arguments, environment template and directory: all of it chooses what runs)
+        or the remote servers the host would connect to with the agent's credentials (URL and
+        header templates: where the host goes and what it sends)."""
         code = self.python_digests
         for n, srv in sorted(self.policy.mcp.items()):
-            spec = {"command": srv.command, "args": list(srv.args), "env": srv.env, "cwd": srv.cwd}
+            spec: dict[str, Any] = {"command": srv.command, "args": list(srv.args), "env": srv.env, "cwd": srv.cwd}
+            if srv.url is not None:
+                spec = {"url": srv.url, "headers": srv.headers}
             code[f"mcp.{n}"] = sha256_hex(_canonical(spec))
         return code
 

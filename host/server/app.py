@@ -124,11 +124,24 @@ def create_app(host: Host, *, config: ServerConfig | None = None) -> Starlette:
         return json_response(openapi.document(app.routes))
 
     routes.append(Route("/openapi.json", openapi_json, methods=["GET"], name="openapi"))
+    endpoint = None
+    if config.mcp:  # the registry's agents as MCP tools, behind the same gateway (host/server/mcp_endpoint.py)
+        from host.server.mcp_endpoint import McpEndpoint
+
+        endpoint = McpEndpoint(host, run_api, sched)
+        routes.append(Route("/mcp", endpoint.asgi, name="mcp"))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
-            async with anyio.create_task_group() as tg:
+            async with contextlib.AsyncExitStack() as stack, anyio.create_task_group() as tg:
+                # MCP servers the agents call live on this loop, where their tool calls run (no
+                # thread crossed per call), kept across runs and agents, stopped after the drain.
+                from host.tools.mcp import SUPERVISOR as mcp_servers
+
+                await stack.enter_async_context(mcp_servers.owned_by_this_loop())
+                if endpoint is not None:
+                    await stack.enter_async_context(endpoint.run())
                 sched.attach(tg)
                 tg.start_soon(state.refusals.run)
                 tg.start_soon(sched.timers)

@@ -31,3 +31,5 @@ class ServerConfig:
     #: How often refused requests are written to the host's audit chain (batched: a flood
     #: of refusals costs one commit per interval, not one per request).
     audit_flush_s: float = 0.25
+    #: Offer the registry's agents as MCP tools at ``/mcp`` (``torpor serve --mcp``).
+    mcp: bool = False

@@ -106,6 +106,10 @@ class Runs:
             return json_response(owned(rec, agent_id, who), status)
         return json_response(owned_agent(self.host, agent_id, who), status)
 
+    async def start(self, b: Bundle, payload: Any, tenant: str, started_as: dict[str, Any]) -> str:
+        """Start a run without an idempotency key and drive it in the background (an MCP call)."""
+        return await self._start(b, payload, None, None, tenant, None, started_as)
+
     async def _start(self, b: Bundle, payload: Any, fuel: int | None, on_behalf_of: str | None, tenant: str,
                      key: tuple[str, str] | None, started_as: dict[str, Any]) -> str:
         also = None

@@ -228,7 +228,11 @@ def _family_spec(name: str, kind: str) -> ToolSpec:
     async def mcp(args: AnyArgs, ctx: ToolContext) -> dict[str, Any]:
         return await mcp_tool.call_tool(args, ctx, tool=name)
 
-    return ToolSpec(name, mcp, AnyArgs, idempotent=True, description="a tool of an MCP server")
+    async def rerun_safe(ctx: ToolContext) -> bool:
+        return await mcp_tool.rerun_safe(ctx, tool=name)
+
+    return ToolSpec(name, mcp, AnyArgs, idempotent=True, description="a tool of an MCP server",
+                    rerun_safe=rerun_safe)
 
 
 _FAMILIES = frozenset({"llm.chat", "http.fetch", "mcp"})

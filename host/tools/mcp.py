@@ -13,10 +13,15 @@ A policy names a server and the tools it grants::
     [tools."mcp.tickets.create_ticket"]            # optional: rates, approval, argument rules
     approval = true
 
+or, for a remote server, ``url = "https://..."`` with ``headers`` (streamable HTTP;
+``{credential}`` placeholders filled host side and sent to that origin only).
+
 The host starts the server on first use (stdio transport, through the ``mcp``
-SDK; no shell; the environment is the SDK's minimal safe one plus ``env``),
-lists its tools and their JSON Schemas, and keeps it running for later calls
-and other agents with the same configuration.  Before a call goes to the
+SDK; no shell; the environment is the SDK's minimal safe one plus ``env``), or
+connects to it (:mod:`host.tools.mcp_transport`), lists its tools and their JSON
+Schemas, and keeps it running for later calls and other agents with the same
+configuration.  The client side of the protocol (progress, sampling, elicitation,
+roots, log and resource notifications) is :mod:`host.tools.mcp_peer`.  Before a call goes to the
 server its arguments are validated against the tool's published input schema
 (``invalid_args`` otherwise), after the policy engine has decided the call.
 
@@ -25,10 +30,13 @@ of the host process, independent of the event loop of any one ``Host`` call (a
 CLI run, a test, an embedding service), so a server outlives the run that
 started it.  A server that
 
-* exits during a call: the guest gets ``unavailable`` (``server_crashed``,
-  retryable) and the server is restarted at once;
+* exits during a call (a remote one: its response stream ends): the guest gets
+  ``unavailable`` (``server_crashed``, retryable) at once and the server is
+  restarted (reconnected);
 * hangs past the timeout: ``timeout``, and the server is restarted (a
-  single-threaded server stuck in one call would hang every later one);
+  single-threaded server stuck in one call would hang every later one).  A call
+  whose server reports progress is not hanging: each progress notification
+  starts the timeout again, up to the server's ``hard_timeout``;
 * lies about its schema — rejects arguments that match its own input schema,
   answers against its own output schema, or sends a malformed result:
   ``tool_failed`` with a ``reason_code`` (``schema_mismatch``,
@@ -50,13 +58,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import json
 import logging
-import tempfile
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -65,51 +73,27 @@ import jsonschema
 import jsonschema.exceptions
 import jsonschema.validators
 
+from host.tools.mcp_peer import CallRoute, Peer
+from host.tools.mcp_stdio import MAX_MESSAGE_BYTES, TOO_LARGE
+from host.tools.mcp_transport import ServerConfig, connect, stderr_file
 from host.tools.registry import AnyArgs, ToolContext, ToolError
-from policies.schema import fill_placeholders, mcp_tool_parts
+from policies.schema import mcp_tool_parts
 
 log = logging.getLogger("torpor.mcp")
 T = TypeVar("T")
 
+__all__ = ["SUPERVISOR", "ServerConfig", "Supervisor", "ToolInfo", "call_tool", "shutdown"]
+
 DEFAULT_CALL_TIMEOUT_S = 30.0
-DEFAULT_STARTUP_TIMEOUT_S = 10.0
+DEFAULT_HARD_TIMEOUT_S = 600.0
 IDLE_S = 300.0
 REAP_EVERY_S = 30.0
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
+TASK_REQUIRED = ("the server runs this tool only as a task (execution.taskSupport = required); Torpor calls tools "
+                 "and waits for their answer, and does not run task-augmented calls")
 CONNECTION_CLOSED = -32000
 INVALID_PARAMS = -32602
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """How to start one server; equal configurations share one process."""
-
-    name: str
-    command: str
-    args: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
-    cwd: str | None = None
-    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT_S
-
-    @classmethod
-    def from_policy(cls, name: str, spec: Any, secrets: dict[str, str]) -> ServerConfig:
-        """Build from a policy's ``[mcp.NAME]``, filling ``{credential}`` placeholders host side."""
-        try:
-            env = tuple(sorted((k, fill_placeholders(v, secrets)) for k, v in dict(spec.env).items()))
-        except KeyError as exc:
-            raise ToolError(
-                "unavailable", f"MCP server {name}: credential {exc.args[0]!r} was not provided by the host",
-                reason_code="credential_missing",
-            ) from None
-        return cls(
-            name=name,
-            command=str(spec.command),
-            args=tuple(spec.args),
-            env=env,
-            cwd=spec.cwd,
-            startup_timeout=float(spec.startup_timeout or DEFAULT_STARTUP_TIMEOUT_S),
-        )
 
 
 @dataclass
@@ -120,6 +104,8 @@ class ToolInfo:
     description: str
     input_schema: dict[str, Any]
     output_schema: dict[str, Any] | None
+    annotations: dict[str, Any] | None = None
+    task_support: str | None = None  # "required": the server runs it only as a task (not supported here)
     input_validator: Any = None
     output_validator: Any = None
     schema_error: str | None = None
@@ -131,6 +117,9 @@ class ToolInfo:
             description=str(raw.get("description") or ""),
             input_schema=dict(raw.get("inputSchema") or {}),
             output_schema=raw.get("outputSchema") if isinstance(raw.get("outputSchema"), dict) else None,
+            annotations=raw.get("annotations") if isinstance(raw.get("annotations"), dict) else None,
+            task_support=(raw.get("execution") or {}).get("taskSupport") if isinstance(raw.get("execution"), dict)
+            else None,
         )
         try:
             info.input_validator = _compile(info.input_schema)
@@ -142,7 +131,14 @@ class ToolInfo:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "input_schema": self.input_schema,
-                "output_schema": self.output_schema, "schema_error": self.schema_error}
+                "output_schema": self.output_schema, "annotations": self.annotations,
+                "task_support": self.task_support, "schema_error": self.schema_error}
+
+    @property
+    def rerun_safe(self) -> bool:
+        """The server says a call changes nothing (read-only) or may be repeated (idempotent)."""
+        a = self.annotations or {}
+        return a.get("readOnlyHint") is True or a.get("idempotentHint") is True
 
 
 def _compile(schema: dict[str, Any]) -> Any:
@@ -169,6 +165,7 @@ class _Server:
     """One running server and its session; touched only on the supervisor loop."""
 
     config: ServerConfig
+    peer: Peer
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     session: Any = None
@@ -219,9 +216,39 @@ class Supervisor:
                     self._atexit = True
             return self._loop
 
+    @contextlib.asynccontextmanager
+    async def owned_by_this_loop(self, timeout: float = 10.0) -> AsyncIterator[None]:
+        """For a long-running host (``torpor serve``): while the block runs, the servers live
+        on the caller's own event loop, the one its agents' tool calls run on, so a call
+        crosses no thread (two crossings per call otherwise, each a wake-up of a thread:
+        ``torpor bench mcp``).  Servers started before on the supervisor's own thread are
+        stopped first; every server is stopped when the block ends."""
+        loop = asyncio.get_running_loop()
+        await anyio.to_thread.run_sync(self.close)  # a thread loop from before, and its servers
+        with self._lock:
+            self._loop, self._thread = loop, None
+            self._starting.clear()  # asyncio locks are bound to the loop they first ran on
+        await self._start_reaper()
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._loop is loop:
+                    self._loop = None
+            await self._shutdown(timeout)
+            self._starting.clear()
+            self._failures.clear()
+
     async def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the supervisor loop and await it from the caller's loop."""
-        fut = asyncio.run_coroutine_threadsafe(coro, self._ensure_loop())
+        """Run ``coro`` on the supervisor loop and await it from the caller's loop (at once,
+        when the caller's loop is the supervisor's: :meth:`owned_by_this_loop`)."""
+        loop = self._ensure_loop()
+        try:
+            if asyncio.get_running_loop() is loop:
+                return await coro
+        except RuntimeError:  # not asyncio: below
+            pass
+        fut = asyncio.run_coroutine_threadsafe(coro, loop)
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # not asyncio (trio): wait in a worker thread instead
@@ -235,9 +262,15 @@ class Supervisor:
             raise
 
     # -- public API ---------------------------------------------------------------
-    async def call(self, config: ServerConfig, tool: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """Call one tool: validated, bounded, supervised.  Raises :class:`ToolError`."""
-        return await self._on_loop(self._call(config, tool, args, timeout))
+    async def call(self, config: ServerConfig, tool: str, args: dict[str, Any], timeout: float,
+                   hard_timeout: float | None = None, route: CallRoute | None = None) -> dict[str, Any]:
+        """Call one tool: validated, bounded, supervised.  Raises :class:`ToolError`.
+
+        ``timeout`` is how long the server may stay silent; each progress notification
+        starts it again, up to ``hard_timeout`` in all.  ``route`` takes what the server
+        asks and tells during the call (:mod:`host.tools.mcp_peer`)."""
+        hard = max(timeout, hard_timeout if hard_timeout is not None else DEFAULT_HARD_TIMEOUT_S)
+        return await self._on_loop(self._call(config, tool, args, timeout, hard, route or CallRoute(tool)))
 
     async def list_tools(self, config: ServerConfig) -> list[dict[str, Any]]:
         """The server's tools and schemas (starting it if needed)."""
@@ -256,28 +289,13 @@ class Supervisor:
         """Stop every server and the loop thread (idempotent; registered at exit)."""
         with self._lock:
             loop, thread = self._loop, self._thread
+            if thread is None and loop is not None and loop.is_running():
+                return  # a host's own loop (owned_by_this_loop): its block stops the servers
             self._loop = self._thread = None
-        if loop is None or not loop.is_running():
+        if loop is None or not loop.is_running() or thread is None:
             return
-
-        async def shutdown() -> None:
-            reaper = self._reaper_task
-            if reaper is not None:  # stop it here, on its loop, so it ends before the loop does
-                reaper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reaper
-                self._reaper_task = None
-            servers = list(self._servers.values())
-            self._servers.clear()
-            for s in servers:
-                s.stop.set()
-            # Servers being restarted are still stopping in the background: wait for them too,
-            # so that no process outlives the host (their transports terminate hung ones).
-            if self._tasks:
-                await asyncio.wait(list(self._tasks), timeout=timeout)
-
         with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout + 1)
+            asyncio.run_coroutine_threadsafe(self._shutdown(timeout), loop).result(timeout + 1)
         self._reaper_future = None
         loop.call_soon_threadsafe(loop.stop)
         if thread is not None:
@@ -286,6 +304,23 @@ class Supervisor:
         self._failures.clear()
 
     # -- on the supervisor loop -------------------------------------------------------
+    async def _shutdown(self, timeout: float) -> None:
+        """Stop the reaper and every server, on their loop."""
+        reaper = self._reaper_task
+        if reaper is not None:  # stop it here, on its loop, so it ends before the loop does
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            self._reaper_task = None
+        servers = list(self._servers.values())
+        self._servers.clear()
+        for s in servers:
+            s.stop.set()
+        # Servers being restarted are still stopping in the background: wait for them too,
+        # so that no process outlives the host (their transports terminate hung ones).
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
     def _healthy(self, server: _Server | None) -> bool:
         if server is None or server.dead or not server.ready.done() or server.ready.cancelled():
             return False
@@ -314,12 +349,13 @@ class Supervisor:
         wait = not_before - time.monotonic()
         if wait > 0:
             raise ToolError(
-                "unavailable", f"MCP server {config.name} failed to start {failures} time(s); next attempt in {wait:.1f}s",
+                "unavailable", f"MCP server {config.name} {'could not be reached' if config.remote else 'failed to start'} "
+                f"{failures} time(s); next attempt in {wait:.1f}s",
                 retryable=True, retry_after_s=round(wait, 3), reason_code="server_start_failed",
             )
         generation = self._generations.get(config, 0) + 1
         self._generations[config] = generation
-        server = _Server(config, generation=generation)
+        server = _Server(config, Peer(config.name, config.roots), generation=generation)
         server.ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
         server.task = asyncio.get_running_loop().create_task(self._run(server))
         self._tasks.add(server.task)
@@ -334,7 +370,12 @@ class Supervisor:
                 del self._servers[config]
             n = failures + 1
             self._failures[config] = (n, time.monotonic() + min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (n - 1)))
-            what = "did not start in time" if isinstance(exc, TimeoutError) else f"failed to start: {_describe(exc)}"
+            why = str(exc) if type(exc) is RuntimeError else _describe(exc)  # _run's own words, or the cause
+            if config.remote:
+                what = (f"at {config.url} did not answer in time" if isinstance(exc, TimeoutError)
+                        else f"at {config.url} could not be reached: {why}")
+            else:
+                what = "did not start in time" if isinstance(exc, TimeoutError) else f"failed to start: {why}"
             log.warning("MCP server %s %s", config.name, what)
             raise ToolError(
                 "unavailable", f"MCP server {config.name} {what}", retryable=True, reason_code="server_start_failed"
@@ -345,19 +386,21 @@ class Supervisor:
 
     async def _run(self, server: _Server) -> None:
         """Hold the server's transport and session open until told to stop or it dies."""
-        from mcp import ClientSession, StdioServerParameters, stdio_client
+        from mcp import ClientSession
 
         cfg = server.config
-        params = StdioServerParameters(command=cfg.command, args=list(cfg.args), env=dict(cfg.env) or None, cwd=cfg.cwd)
-        with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as errlog:
+        with stderr_file() as errlog:
             try:
-                async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
+                async with connect(cfg, errlog) as (read, write), \
+                        ClientSession(read, write, **server.peer.session_kwargs()) as session:
                     await session.initialize()
                     listing = await session.list_tools()
                     tools = [t.model_dump(by_alias=True, mode="json") for t in listing.tools]
                     server.tools = {t["name"]: ToolInfo.from_listing(t) for t in tools}
                     server.session = session
-                    server.read = read
+                    # stdio: the reader's senders close when the process closes its stdout (it died
+                    # while idle); streamable HTTP has no such stream, a dead remote fails the call.
+                    server.read = None if cfg.remote else read
                     server.ready.set_result(None)
                     await server.stop.wait()
             except asyncio.CancelledError:
@@ -406,7 +449,8 @@ class Supervisor:
                     s.stop.set()
                     del self._servers[cfg]
 
-    async def _call(self, config: ServerConfig, tool: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def _call(self, config: ServerConfig, tool: str, args: dict[str, Any], timeout: float, hard: float,
+                    route: CallRoute) -> dict[str, Any]:
         server = await self._get(config)
         name = f"mcp.{config.name}.{tool}"
         info = server.tools.get(tool)
@@ -419,6 +463,8 @@ class Supervisor:
                 "unavailable", f"{name}: the server published a schema that is not a valid JSON Schema: {info.schema_error}",
                 retryable=False, reason_code="schema_invalid",
             )
+        if info.task_support == "required":
+            raise ToolError("unavailable", f"{name}: {TASK_REQUIRED}", retryable=False, reason_code="task_required")
         problems = _schema_errors(info.input_validator, args)
         if problems:
             raise ToolError("invalid_args", f"{name}: " + "; ".join(problems))
@@ -428,18 +474,41 @@ class Supervisor:
         from mcp import MCPError
 
         server.last_used = time.monotonic()
+        start = anyio.current_time()
+        scope = anyio.CancelScope(deadline=start + timeout)
+        progressed = [False]
+
+        def alive() -> None:  # a progress notification: the quiet period starts again, within the hard limit
+            progressed[0] = True
+            scope.deadline = min(anyio.current_time() + timeout, start + hard)
+
+        route.progressed = alive
+        key = server.peer.enter(route)
         try:
-            with anyio.fail_after(timeout):
-                result = await session.call_tool(tool, args)
+            with scope:
+                result = await session.call_tool(tool, args, progress_callback=server.peer.progress_callback(route))
+            if scope.cancelled_caught:
+                raise TimeoutError
         except TimeoutError:
-            self._restart(server, f"{tool} did not answer within {timeout:g}s")
-            raise ToolError("timeout", f"{name}: no answer within {timeout:g}s", retryable=True) from None
+            spent = anyio.current_time() - start
+            if spent >= hard - 0.001:
+                why = f"still running after its hard limit of {hard:g}s (it was making progress)"
+            else:
+                why = f"no answer and no progress within {timeout:g}s"
+            self._restart(server, f"{tool}: {why}")
+            raise ToolError("timeout", f"{name}: {why}", retryable=True,
+                            reason_code="hard_timeout" if progressed[0] and spent >= hard - 0.001 else "timeout") from None
         except MCPError as exc:
+            if exc.code == TOO_LARGE or (config.remote and "byte limit" in exc.message):  # an SSE event or a JSON body
+                raise ToolError(
+                    "result_too_large", f"{name}: the server's answer is larger than the "
+                    f"{MAX_MESSAGE_BYTES}-byte cap; it was cut there, unread", reason_code="result_too_large",
+                ) from None
             if exc.code == CONNECTION_CLOSED or server.dead:
                 self._restart(server, f"it exited during a call of {tool}")
                 raise ToolError(
-                    "unavailable", f"{name}: the MCP server exited during the call; it is being restarted",
-                    retryable=True, reason_code="server_crashed",
+                    "unavailable", f"{name}: the MCP server {_gone(config)} during the call ({exc.message}); "
+                    "it is being restarted", retryable=True, reason_code="server_crashed",
                 ) from None
             if exc.code == INVALID_PARAMS:
                 self._restart(server, f"{tool} rejected arguments its own schema accepts")
@@ -470,6 +539,8 @@ class Supervisor:
                 "tool_failed", f"{name}: malformed answer from the server: {_describe(exc)[:500]}",
                 reason_code="bad_response",
             ) from None
+        finally:
+            server.peer.leave(key)
         return _answer(self, server, name, info, result)
 
 
@@ -489,12 +560,32 @@ def _answer(sup: Supervisor, server: _Server, name: str, info: ToolInfo, result:
                 "tool_failed", f"{name}: the server's answer violates its own output schema: " + "; ".join(problems),
                 reason_code="schema_violation",
             )
+    return one_representation(content, structured, text)
+
+
+def one_representation(content: list[Any], structured: Any, text: str) -> dict[str, Any]:
+    """What the guest is told: the tool's text once.
+
+    ``structured`` is the server's ``structuredContent`` (or the text's JSON object when
+    the server sent none); ``text`` the text blocks joined, left out when it is only the
+    JSON of ``structured`` (the spec's advice to servers); ``content`` the blocks that are
+    not text (images, audio, resources), which have no other form.
+    """
     if structured is None and text:
         with contextlib.suppress(ValueError):
             parsed = json.loads(text)
             if isinstance(parsed, dict):
                 structured = parsed
-    return {"content": content, "structured": structured, "text": text}
+    if structured is not None and text:
+        with contextlib.suppress(ValueError):
+            if json.loads(text) == structured:
+                text = ""
+    others = [c for c in content if not (isinstance(c, dict) and c.get("type") == "text")]
+    return {"content": others, "structured": structured, "text": text}
+
+
+def _gone(config: ServerConfig) -> str:
+    return "at " + str(config.url) + " dropped the connection" if config.remote else "exited"
 
 
 def _describe(exc: BaseException) -> str:
@@ -523,5 +614,47 @@ async def call_tool(args: AnyArgs, ctx: ToolContext, *, tool: str) -> dict[str, 
     spec = servers[server]
     config = ServerConfig.from_policy(server, spec, ctx.secrets)
     timeout = getattr(ctx.grant, "timeout", None) or spec.timeout or DEFAULT_CALL_TIMEOUT_S
+    hard = getattr(spec, "hard_timeout", None) or DEFAULT_HARD_TIMEOUT_S
     arguments = args.model_dump()
-    return await SUPERVISOR.call(config, name, arguments, float(timeout))
+    route = CallRoute(tool, event=ctx.event, sample=_sampler(ctx, getattr(spec, "sampling", None)))
+    return await SUPERVISOR.call(config, name, arguments, float(timeout), float(hard), route)
+
+
+async def rerun_safe(ctx: ToolContext, *, tool: str) -> bool:
+    """Whether a call of ``tool`` cut short by a crash may run again: only where the operator
+    trusts the server's annotations (``trust_annotations = true``) and the server, asked
+    now, marks the tool ``readOnlyHint`` or ``idempotentHint``.  A server that cannot be
+    asked gives no such word: False (the agent waits for an operator)."""
+    parts = mcp_tool_parts(tool)
+    servers = getattr(ctx.policy, "mcp", None) or {}
+    if parts is None or parts[0] not in servers or not getattr(servers[parts[0]], "trust_annotations", False):
+        return False
+    try:
+        config = ServerConfig.from_policy(parts[0], servers[parts[0]], ctx.secrets)
+        listing = await SUPERVISOR.list_tools(config)
+    except ToolError as exc:
+        log.warning("%s: its server could not be asked for its annotations: %s", tool, exc)
+        return False
+    info = next((t for t in listing if t["name"] == parts[1]), None)
+    return info is not None and ToolInfo.from_listing({"name": parts[1], "annotations": info["annotations"]}).rerun_safe
+
+
+def _sampler(ctx: ToolContext, llm_tool: str | None) -> Any:
+    """The call's answer to a sampling request: the granted llm tool, run by the calling
+    agent's pipeline on the caller's loop (``ctx.nested``), or None (refused)."""
+    nested = ctx.nested
+    if llm_tool is None or nested is None:
+        return None
+    try:
+        caller = asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio (trio): the pipeline's loop cannot be handed work from another thread here
+        return None
+
+    async def sample(chat_args: dict[str, Any]) -> dict[str, Any]:
+        async def run() -> dict[str, Any]:
+            return dict(await nested(llm_tool, chat_args))
+
+        fut: concurrent.futures.Future[dict[str, Any]] = asyncio.run_coroutine_threadsafe(run(), caller)
+        return await asyncio.wrap_future(fut)
+
+    return sample

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,12 @@ class ToolContext:
     report_tokens: Callable[..., None] = field(default=lambda n, **detail: None)
     grant: Any = None  # the policy's ToolGrant for this tool (constraints, credentials, tool-specific settings)
     policy: Any = None  # the agent's whole Policy
+    # An audit event of the calling agent (kind, data), from any thread: what a tool's peer said
+    # during the call (an MCP server's progress and log lines), scrubbed by the pipeline.
+    event: Callable[[str, dict[str, Any]], None] = field(default=lambda kind, data: None)
+    # Another granted tool run for this call by the agent's own pipeline (decided under its policy,
+    # paid from its budgets, audited): an MCP server's sampling request through ``llm.*``. None outside one.
+    nested: Callable[[str, dict[str, Any]], Awaitable[Any]] | None = None
 
 
 @dataclass
@@ -72,6 +78,10 @@ class ToolSpec:
     # The arguments as the tool will use them (a URL parsed and normalised once): the policy
     # decides on these, and the tool is handed the same. None: the arguments as given.
     canonical: Callable[[Any], Any] | None = None
+    # Asked after a crash, for a call that was started but not answered and whose spec is not
+    # idempotent: may it run again anyway?  (An MCP tool its trusted server marks read-only or
+    # idempotent.)  None: no; the agent is parked in_doubt.
+    rerun_safe: Callable[[ToolContext], Awaitable[bool]] | None = None
 
     @property
     def is_async(self) -> bool:
