@@ -17,6 +17,12 @@ block the caller (a host's event loop), so requests always go to the writer thre
 predict more of them. Requests that arrive while a commit is in flight form the next
 batch, so under load batches grow by themselves.
 
+Per-commit durability: a request submitted with ``durable=False`` (its caller tells nobody
+of it before a later durable commit covers it) lets its batch commit without a sync if
+every request in it says so; the store syncs the next batch that needs it, covering both
+(``LmdbStore.transact_batch``). Such a request is also committed inline when the writer is
+idle and the store has nothing unsynced: no sync, no hand-off.
+
 Failure isolation: the store runs each function in its own nested transaction
 (``AgentStore.transact_batch``): a function that raises fails only its own Future and
 leaves no writes; the rest of the batch commits. An error of the store itself (disk
@@ -41,7 +47,7 @@ __all__ = ["GroupCommitter"]
 
 T = TypeVar("T")
 
-_Item = tuple[Future[Any], Callable[[WriteTxn], Any]]
+_Item = tuple[Future[Any], Callable[[WriteTxn], Any], bool]  # the Future, the function, durable
 
 
 class GroupCommitter:
@@ -81,17 +87,23 @@ class GroupCommitter:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[WriteTxn], T]) -> Future[T]:
+    @property
+    def store(self) -> AgentStore:
+        """The store this committer commits to."""
+        return self._store
+
+    def submit(self, fn: Callable[[WriteTxn], T], *, durable: bool = True) -> Future[T]:
         """Queue ``fn`` for the next batch; the Future resolves once it is committed.
 
         Committed means what the store's durability level promises (on stable storage
-        at ``sync``, in the OS page cache at ``process``).
+        at ``sync``, in the OS page cache at ``process``); with ``durable=False``, only
+        once a later durable commit returns (see the module docstring).
         """
         fut: Future[T] = Future()
         if self._closed:
             raise _closed_error()
         try:
-            done = self.try_inline(fn)
+            done = self.try_inline(fn, durable=durable)
         except Exception as exc:  # the store failed: a Future carries it, as from the writer
             fut.set_exception(exc)
             return fut
@@ -104,10 +116,10 @@ class GroupCommitter:
         with self._close_lock:  # so that nothing is queued behind the stop mark
             if self._closed:
                 raise _closed_error()
-            self._queue.put((fut, fn))
+            self._queue.put((fut, fn, durable))
         return fut
 
-    def try_inline(self, fn: Callable[[WriteTxn], Any]) -> Outcome | None:
+    def try_inline(self, fn: Callable[[WriteTxn], Any], *, durable: bool = True) -> Outcome | None:
         """Commit ``fn`` on this thread, now, if that is cheap; None if it was not run.
 
         It is, when the store's commits do not sync (``inline_when_idle``), nothing is
@@ -116,7 +128,8 @@ class GroupCommitter:
         This is ``submit`` without a Future, for callers that are on the suspend path:
         a Future's condition variable and hand-offs cost about as much as the commit.
         """
-        if not (self._inline and self._queue.empty() and self._busy.acquire(blocking=False)):
+        cheap = self._inline or (not durable and getattr(self._store, "unflushed_commits", 1) == 0)
+        if not (cheap and self._queue.empty() and self._busy.acquire(blocking=False)):
             return None
         # Idle writer, nothing queued. A request queued meanwhile by another thread is
         # not ordered before this one by anything, so committing this one first is a
@@ -124,7 +137,7 @@ class GroupCommitter:
         try:
             if self._closed:
                 raise _closed_error()
-            (outcome,) = self._store.transact_batch((fn,))
+            (outcome,) = self._store.transact_batch((fn,), durable=durable)
         finally:
             self._busy.release()
         self.batches += 1
@@ -132,15 +145,15 @@ class GroupCommitter:
         self.inline_commits += 1
         return outcome
 
-    def commit(self, fn: Callable[[WriteTxn], T]) -> T:
+    def commit(self, fn: Callable[[WriteTxn], T], *, durable: bool = True) -> T:
         """Commit ``fn`` and wait for it: inline when :meth:`try_inline` can, else queued.
 
         Blocks the calling thread for the writer's commit (an ``fdatasync`` at ``sync``),
         so an event loop should use :meth:`try_inline` and await :meth:`submit` instead.
         """
-        done = self.try_inline(fn)
+        done = self.try_inline(fn, durable=durable)
         if done is None:
-            return self.submit(fn).result()
+            return self.submit(fn, durable=durable).result()
         value: T = done.unwrap()
         return value
 
@@ -211,20 +224,20 @@ class GroupCommitter:
             with self._busy:
                 self._commit(batch, locked=True)
             return
-        live = [(fut, fn) for fut, fn in batch if fut.set_running_or_notify_cancel()]
+        live = [(fut, fn, durable) for fut, fn, durable in batch if fut.set_running_or_notify_cancel()]
         if not live:
             return
-        try:
-            outcomes = self._store.transact_batch([fn for _, fn in live])
-        except BaseException as exc:  # the store failed: nothing of the batch is written
-            for fut, _ in live:
+        try:  # one sync covers the batch: it is durable if any of its requests must be
+            outcomes = self._store.transact_batch([fn for _, fn, _ in live], durable=any(d for _, _, d in live))
+        except BaseException as exc:  # the store failed: nothing of the batch written (or, its sync failed, durable)
+            for fut, _, _ in live:
                 fut.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
             return
         self.batches += 1
         self.items += len(live)
-        for (fut, _), outcome in zip(live, outcomes, strict=True):
+        for (fut, _, _), outcome in zip(live, outcomes, strict=True):
             if outcome.error is not None:
                 fut.set_exception(outcome.error)
             else:

@@ -11,12 +11,33 @@ processes on one store may use different levels: the level belongs to a process'
 handle (LMDB's MDB_NOSYNC flag), not to the files.
 
 ``sync`` (the default)
-    LMDB's default: a commit calls ``fdatasync`` on the data file, then writes the meta
-    page synchronously. Once it returns the commit is on stable storage: it survives
-    the host process being killed, a kernel crash and a power loss (on a disk that
-    honours flushes). Cost: one ``fdatasync`` a commit, 0.4-0.9 ms on the benchmark
-    machine's disk; ``GroupCommitter`` shares it between concurrent writers, but an
-    agent hibernating alone waits for all of it.
+    Once a commit returns it is on stable storage: it survives the host process being
+    killed, a kernel crash and a power loss (on a disk that honours flushes). How: the
+    environment is opened MDB_NOSYNC like ``process``, and each commit is followed by
+    one explicit ``mdb_env_sync(force=1)`` (an ``fdatasync`` of the data file, its pages
+    and its meta page) before it returns. LMDB's own synchronous commit costs two device
+    flushes instead: an ``fdatasync`` of the pages, then the meta page written through
+    an ``O_DSYNC`` descriptor (measured about 1.1 ms each on the benchmark machine's disk,
+    issue 15). One sync covers every commit before it, so concurrent writers share it:
+    ``GroupCommitter`` batches them into one transaction and one sync.
+
+    Per commit, a caller that acknowledges nothing before a later durable commit may
+    ask for ``durable=False`` (``transact``, ``transact_batch``): the commit is left
+    unsynced, and the next durable commit's sync (or ``settle``, or ``close``) puts it
+    on stable storage. A run whose caller waits for its end spawns that way, so the run
+    costs one sync, not two. At most one commit is ever left unsynced: LMDB keeps the
+    trees of the last two commits intact, and an unsynced commit followed by another
+    would let a third reuse the pages of the tree the on-disk meta page names.
+
+    Write transactions of this process are serialised with their sync (as LMDB's own
+    synchronous commit holds its writer lock through its ``fdatasync``), so the next
+    transaction begins on a durable predecessor. What the single sync gives up against
+    LMDB's two: the ordering of the meta page after the pages *within* one commit's
+    ``fdatasync``. A power loss during that sync (about a millisecond, before the commit
+    is acknowledged) may leave the new meta page on the disk with some of its pages
+    missing; a commit already acknowledged is never at risk. Nothing acknowledged is
+    lost, but the store may then need ``torpor store check`` (and a copy), as after a
+    power loss at ``process`` level.
 
 ``process``
     LMDB's MDB_NOSYNC (py-lmdb ``sync=False``, without MDB_WRITEMAP): a commit returns
@@ -735,6 +756,11 @@ class LmdbStore:
         # Serialises flushes with each other and with close(), which closes the env.
         self._flush_lock = threading.Lock()
         self._flush_error: StoreFlushError | None = None  # sticky: see StoreFlushError
+        # At "sync", each commit is synced explicitly, inside this lock with its
+        # transaction: the next write transaction begins on a durable predecessor.
+        self._sync_each = durability == "sync" and not readonly
+        self._writer: contextlib.AbstractContextManager[Any] = (
+            threading.Lock() if self._sync_each else contextlib.nullcontext())
         #: number of successful write commits (tests and benchmarks read it)
         self.commits = 0
         #: number of times this process grew the map, and adopted another process's growth
@@ -845,9 +871,10 @@ class LmdbStore:
             try:
                 _check_length(env, p)  # before the first read of a tree page
                 dbs, strict = cls._open_dbs(env, p, readonly)
-                if level == "process" and not readonly:
+                if not readonly:
                     # Start from a state on stable storage (e.g. the format record just
-                    # written), so the first interval's exposure is the interval's own.
+                    # written), so the first interval's exposure is the interval's own
+                    # (and at "sync", so the first commit is the only one unsynced).
                     try:
                         env.sync(True)
                     except lmdb.Error as exc:
@@ -904,6 +931,8 @@ class LmdbStore:
             # "process" is MDB_NOSYNC without MDB_WRITEMAP: LMDB pwrite()s the pages, then
             # the meta page, into the page cache and skips the fdatasync. LMDB states what
             # integrity NOSYNC keeps only for environments without WRITEMAP.
+            # "sync" is MDB_NOSYNC too, and syncs explicitly once per commit (see the
+            # module docstring: one device flush a commit instead of LMDB's two).
             return lmdb.open(
                 str(p),
                 map_size=map_size,
@@ -912,7 +941,7 @@ class LmdbStore:
                 max_dbs=_MAX_DBS,
                 max_readers=256,
                 readahead=False,
-                sync=durability == "sync",
+                sync=False,
                 metasync=True,
                 writemap=False,
                 lock=True,
@@ -998,13 +1027,12 @@ class LmdbStore:
 
     @property
     def unflushed_commits(self) -> int:
-        """Commits of this process not yet known to be on stable storage (0 at ``sync``).
+        """Commits of this process not yet known to be on stable storage.
 
         At ``process`` level these are what a power loss or kernel crash right now could
-        cost; a SIGKILL of this process costs none of them.
+        cost; a SIGKILL of this process costs none of them. At ``sync`` level at most one,
+        a commit made with ``durable=False`` that no sync has covered yet.
         """
-        if self._durability == "sync":
-            return 0
         return max(0, self.commits - self.flushed_commits)
 
     @property
@@ -1143,13 +1171,35 @@ class LmdbStore:
 
         At ``process`` level this is what the background flusher does every interval;
         call it where an acknowledgement must survive a power loss (before telling the
-        outside world, say). At ``sync`` level commits are already there, and this only
-        costs a sync. Raises StoreFlushError if it, or an earlier flush, failed.
+        outside world, say). At ``sync`` level commits are already there (but one made
+        with ``durable=False``), and this only costs a sync. Raises StoreFlushError if
+        it, or an earlier flush, failed.
         """
         self._require_writable()
         with self._flushing():
             self._check_open()
             self._sync_locked()
+
+    def settle(self) -> None:
+        """Keep the level's promise for every commit so far: at ``sync``, sync the one
+        left unsynced by ``durable=False`` if there is one (else nothing, no I/O); at
+        ``process``, nothing (the flusher's interval is that level's promise)."""
+        self._require_writable()
+        if not self._sync_each or self.commits == self.flushed_commits:
+            return
+        with self._writer:
+            if self.commits != self.flushed_commits:
+                with self._flushing():
+                    self._check_open()
+                    self._sync_locked()
+
+    def _after_commit(self, durable: bool) -> None:
+        """Count a commit just made (inside ``_writer``); at ``sync``, sync it unless the
+        caller asked for ``durable=False`` and it is the only commit not yet synced."""
+        self.commits += 1
+        if self._sync_each and (durable or self.commits - self.flushed_commits > 1):
+            with self._flushing():
+                self._sync_locked()
 
     @contextmanager
     def _flushing(self) -> Iterator[None]:
@@ -1242,7 +1292,7 @@ class LmdbStore:
         error: StoreFlushError | None = None
         with self._flushing():
             try:
-                if self._flusher is not None:
+                if self._flusher is not None or self._sync_each:
                     if self._flush_error is not None:
                         error = self._flush_error
                     elif self.commits != self.flushed_commits:
@@ -1348,6 +1398,11 @@ class LmdbStore:
         If the map fills up the map is grown and StoreError is raised: the body cannot
         be re-run from here. ``transact`` re-runs it instead.
         """
+        with self._writer, self._write_locked() as txn:
+            yield txn
+
+    @contextmanager
+    def _write_locked(self) -> Iterator[WriteTxn]:
         self._require_writable()
         seen = self._map_epoch
         txn = self._begin(write=True)
@@ -1371,7 +1426,7 @@ class LmdbStore:
             self._gate.exit()
             raise
         self._gate.exit()
-        self.commits += 1
+        self._after_commit(True)
 
     def _require_writable(self) -> None:
         self._check_open()
@@ -1389,19 +1444,24 @@ class LmdbStore:
             )
         return StoreError(f"store {self._path}: {exc}")
 
-    def transact(self, fn: Callable[[WriteTxn], T]) -> T:
+    def transact(self, fn: Callable[[WriteTxn], T], *, durable: bool = True) -> T:
         """Run ``fn`` in one write transaction, commit and return its result.
 
-        Once it returns the commit survives what the store's ``durability`` promises.
+        Once it returns the commit survives what the store's ``durability`` promises
+        (``durable=False``: once a later durable commit or ``settle`` returns).
 
         ``fn`` is run again from scratch if the map had to grow, so it must only act
         through the transaction it is given. If it raises, nothing is written.
         """
         self._require_writable()
-        return self._with_write_txn(lambda txn: fn(_LmdbTxn(txn, self._dbs, self._strict)))
+        return self._with_write_txn(lambda txn: fn(_LmdbTxn(txn, self._dbs, self._strict)), durable)
 
-    def _with_write_txn(self, body: Callable[[lmdb.Transaction], T]) -> T:
+    def _with_write_txn(self, body: Callable[[lmdb.Transaction], T], durable: bool = True) -> T:
         """Run ``body`` in a write transaction and commit; on a full map, grow and run it again."""
+        with self._writer:
+            return self._write_txn_locked(body, durable)
+
+    def _write_txn_locked(self, body: Callable[[lmdb.Transaction], T], durable: bool) -> T:
         for _ in range(_MAX_GROW_ATTEMPTS):
             seen = self._map_epoch
             txn = self._begin(write=True)
@@ -1422,14 +1482,16 @@ class LmdbStore:
                 self._gate.exit()
                 raise
             self._gate.exit()
-            self.commits += 1
+            self._after_commit(durable)
             return result
         raise StoreFull(
             f"store {self._path}: the map kept filling up after {_MAX_GROW_ATTEMPTS} grows"
         )
 
-    def transact_batch(self, fns: Sequence[Callable[[WriteTxn], Any]]) -> list[Outcome]:
-        """Run all ``fns`` in one write transaction and one commit (one sync at ``sync``).
+    def transact_batch(self, fns: Sequence[Callable[[WriteTxn], Any]], *,
+                       durable: bool = True) -> list[Outcome]:
+        """Run all ``fns`` in one write transaction and one commit (one sync at ``sync``;
+        ``durable=False``: see ``transact``).
 
         Each function runs in its own nested LMDB transaction: if it raises, only its
         own writes are rolled back and its error is returned in its Outcome, while the
@@ -1445,7 +1507,8 @@ class LmdbStore:
             # raises, the whole transaction is its own and is aborted.
             fn = fns[0]
             try:
-                return [Outcome(value=self._with_write_txn(lambda txn: fn(_LmdbTxn(txn, self._dbs, self._strict))))]
+                return [Outcome(value=self._with_write_txn(lambda txn: fn(_LmdbTxn(txn, self._dbs, self._strict)),
+                                                           durable))]
             except StoreError as exc:
                 cause = exc.__cause__
                 if isinstance(exc, StoreFull) or (cause is not None and _is_disk_full(cause, self._path)):
@@ -1476,7 +1539,7 @@ class LmdbStore:
                     outcomes.append(Outcome(value=value))
             return outcomes
 
-        return self._with_write_txn(body)
+        return self._with_write_txn(body, durable)
 
 
 class _LmdbTxn:

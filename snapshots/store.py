@@ -256,20 +256,30 @@ class AgentStore(Protocol):
         """
         ...
 
-    def transact(self, fn: Callable[[WriteTxn], T]) -> T:
+    def transact(self, fn: Callable[[WriteTxn], T], *, durable: bool = True) -> T:
         """Run ``fn`` in a write transaction and commit; retried as needed.
 
         Once it returns the commit survives at least the host process being killed; a
         store may promise more (LMDB at its default ``sync`` level: a power loss too).
+        ``durable=False``: the caller acknowledges nothing of this commit to anyone
+        before a later durable commit (or :meth:`settle`) covers it, so the store may
+        leave it short of its level's promise until then (LMDB at ``sync``: unsynced).
         """
         ...
 
-    def transact_batch(self, fns: Sequence[Callable[[WriteTxn], Any]]) -> list[Outcome]:
+    def transact_batch(self, fns: Sequence[Callable[[WriteTxn], Any]], *,
+                       durable: bool = True) -> list[Outcome]:
         """Run many functions in one durable commit, each isolated from the others' errors.
 
         A function that raises has none of its writes committed and its error in its
         Outcome; the others commit. Errors of the store itself (StoreFull, ...) raise.
+        ``durable`` as for :meth:`transact`.
         """
+        ...
+
+    def settle(self) -> None:
+        """Make every commit so far keep the level's promise (a no-op when they all do):
+        what a caller runs before it acknowledges a commit it made with ``durable=False``."""
         ...
 
     def compact(self) -> dict[str, int]:

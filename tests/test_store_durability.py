@@ -94,10 +94,64 @@ def test_default_is_sync(tmp_path: Path) -> None:
     assert DURABILITY_LEVELS == ("sync", "process")
     with LmdbStore.open(tmp_path / "s") as store:
         assert store.durability == "sync"
-        assert store._env.flags()["sync"] is True and store._env.flags()["metasync"] is True
-        store.transact(_put(1))
-        assert store.unflushed_commits == 0
+        # MDB_NOSYNC: the store syncs each commit itself, once (LMDB's own commit would flush twice)
+        assert store._env.flags()["sync"] is False and store._env.flags()["writemap"] is False
+        spy = _spy(store)
+        for i in range(3):
+            store.transact(_put(i))
+            assert spy.syncs == [True] * (i + 1), "one forced sync per commit, before it returns"
+        assert store.unflushed_commits == 0 and store.flushed_commits == store.commits == 3
         assert not _flusher_threads()
+
+
+def test_a_lazy_commit_waits_for_the_next_durable_one_and_never_two_stay_unsynced(tmp_path: Path) -> None:
+    """``durable=False`` at ``sync``: no sync of its own; the next durable commit's sync (one)
+    covers it; a second lazy commit in a row is synced (LMDB keeps only two trees intact);
+    ``settle`` syncs only when something is unsynced; ``close`` syncs what is left."""
+    store = LmdbStore.open(tmp_path / "s")
+    spy = _spy(store)
+    store.transact(_put(1), durable=False)
+    assert (spy.syncs, store.unflushed_commits) == ([], 1)
+    store.transact(_put(2))
+    assert (spy.syncs, store.unflushed_commits) == ([True], 0)
+    store.transact(_put(3), durable=False)
+    store.transact_batch([_put(4)], durable=False)  # two lazy in a row: the second is synced
+    assert (len(spy.syncs), store.unflushed_commits) == (2, 0)
+    store.settle()
+    assert len(spy.syncs) == 2, "nothing unsynced: settle costs no I/O"
+    store.transact(_put(5), durable=False)
+    store.settle()
+    assert (len(spy.syncs), store.unflushed_commits) == (3, 0)
+    store.transact(_put(6), durable=False)
+    store.close()
+    assert len(spy.syncs) == 4 and store.unflushed_commits == 0
+    with LmdbStore.open(tmp_path / "s", readonly=True) as ro, ro.read() as r:
+        assert [r.kv_get("ns", f"k{i}") for i in range(1, 7)] == [b"v%d" % i for i in range(1, 7)]
+
+
+def test_concurrent_writers_share_syncs_through_the_group_committer(tmp_path: Path) -> None:
+    """At ``sync`` many threads' commits go through the committer's batches: fewer syncs than
+    commits, and every Future resolves only after a sync that covers it."""
+    with LmdbStore.open(tmp_path / "s") as store, GroupCommitter(store, max_delay_s=0.005) as gc:
+        spy = _spy(store)
+        synced_at: list[int] = []
+        real_sync = spy.sync
+
+        def sync(force: bool = False) -> None:
+            real_sync(force)
+            synced_at.append(store.commits)
+
+        spy.sync = sync  # type: ignore[method-assign]
+        futs = []
+        threads = [threading.Thread(target=lambda i=i: futs.append(gc.submit(_put(i)))) for i in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for f in futs:
+            f.result(timeout=30)
+        assert gc.items == 64 and len(spy.syncs) == gc.batches < 64
+        assert synced_at[-1] == store.commits and store.unflushed_commits == 0
 
 
 def test_process_level_is_nosync_without_writemap(tmp_path: Path) -> None:
@@ -219,7 +273,8 @@ def test_explicit_flush_at_both_levels(tmp_path: Path) -> None:
         with LmdbStore.open(tmp_path / level, durability=level, flush_interval_s=3600) as store:
             store.transact(_put(1))
             store.flush()
-            assert store.flushes == 1 and store.unflushed_commits == 0
+            # at sync the commit synced itself, then the flush once more
+            assert store.flushes == (2 if level == "sync" else 1) and store.unflushed_commits == 0
     with LmdbStore.open(tmp_path / "sync", readonly=True) as ro, pytest.raises(StoreUnavailable, match="read-only"):
         ro.flush()
 

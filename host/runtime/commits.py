@@ -5,6 +5,12 @@ the step's own writes (a checkpoint, a journal entry, a tool's effect), the audi
 events the agent queued since its last commit, sealed onto its hash chain, and its
 record, in one transaction of the group committer (many agents' commits share one
 ``fdatasync``). A crash leaves either all of a step or none of it.
+
+Every commit is durable before its ``await`` returns, so nothing that follows it (a tool
+dispatched on a journaled intent, an answer handed to the guest, a reply to a client)
+runs ahead of it. The one exception is asked for by name: ``durable=False``, for a
+commit whose caller tells nobody of it before the agent's next durable commit (a run's
+spawn when the caller waits for the run's end), which then covers it.
 """
 
 from __future__ import annotations
@@ -31,17 +37,25 @@ Events = list[tuple[str, dict[str, Any]]]
 class AgentCommits:
     """Commits through a :class:`~snapshots.group_commit.GroupCommitter` from async code."""
 
+    async def settle(self) -> None:
+        """Make every commit so far durable (a sync only if one was left unsynced): what
+        runs before anything tells the outside world of a ``durable=False`` commit."""
+        store = self.committer.store
+        if getattr(store, "durability", "sync") == "sync" and getattr(store, "unflushed_commits", 1):
+            await anyio.to_thread.run_sync(store.settle)
+
     def __init__(self, committer: GroupCommitter) -> None:
         self.committer = committer
         self.observer: Observer = NOBODY  # told of every commit of an agent (Host.observe)
 
-    async def run(self, fn: Callable[[Any], T]) -> T:
-        """Run ``fn(txn)`` in a commit and return its value once the commit is durable."""
-        done = self.committer.try_inline(fn)  # an idle committer at durability "process"
+    async def run(self, fn: Callable[[Any], T], durable: bool = True) -> T:
+        """Run ``fn(txn)`` in a commit and return its value once the commit is durable
+        (``durable=False``: once committed; a later durable commit makes it durable)."""
+        done = self.committer.try_inline(fn, durable=durable)  # an idle committer, when no sync is due
         if done is not None:
             value: T = done.unwrap()
             return value
-        fut = self.committer.submit(fn)
+        fut = self.committer.submit(fn, durable=durable)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # pragma: no cover - non-asyncio backend
@@ -49,7 +63,7 @@ class AgentCommits:
         return await asyncio.wrap_future(fut, loop=loop)
 
     async def agent(self, agent: LiveAgent, fn: Callable[[Any], T] | None = None,
-                    after: Callable[[T], Events] | None = None) -> T | None:
+                    after: Callable[[T], Events] | None = None, *, durable: bool = True) -> T | None:
         """One transaction: ``fn``, the agent's queued audit events (plus ``after(result)``), its
         guest log lines since the last commit (:mod:`host.runtime.logs`), its record."""
         queued = len(agent.events)
@@ -67,7 +81,7 @@ class AgentCommits:
             return result, rec["audit_seq"], rec["audit_head"], events
 
         t0 = time.perf_counter()
-        result, seq, head, sealed = await self.run(write)
+        result, seq, head, sealed = await self.run(write, durable)
         agent.record["audit_seq"] = seq
         agent.record["audit_head"] = head
         del agent.events[:queued]
