@@ -19,9 +19,10 @@ batch, so under load batches grow by themselves.
 
 Per-commit durability: a request submitted with ``durable=False`` (its caller tells nobody
 of it before a later durable commit covers it) lets its batch commit without a sync if
-every request in it says so; the store syncs the next batch that needs it, covering both
-(``LmdbStore.transact_batch``). Such a request is also committed inline when the writer is
-idle and the store has nothing unsynced: no sync, no hand-off.
+every request in it says so (the store's background syncer syncs it meanwhile; the next
+durable batch's sync covers it too: ``LmdbStore.transact_batch``). Such a request is also
+committed inline when the writer is idle and the store is at most one commit behind (so
+the transaction need not wait for a sync first): no sync, no hand-off.
 
 Failure isolation: the store runs each function in its own nested transaction
 (``AgentStore.transact_batch``): a function that raises fails only its own Future and
@@ -128,7 +129,7 @@ class GroupCommitter:
         This is ``submit`` without a Future, for callers that are on the suspend path:
         a Future's condition variable and hand-offs cost about as much as the commit.
         """
-        cheap = self._inline or (not durable and getattr(self._store, "unflushed_commits", 1) == 0)
+        cheap = self._inline or (not durable and getattr(self._store, "unflushed_commits", 2) <= 1)
         if not (cheap and self._queue.empty() and self._busy.acquire(blocking=False)):
             return None
         # Idle writer, nothing queued. A request queued meanwhile by another thread is

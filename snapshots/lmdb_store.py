@@ -21,17 +21,21 @@ handle (LMDB's MDB_NOSYNC flag), not to the files.
     issue 15). One sync covers every commit before it, so concurrent writers share it:
     ``GroupCommitter`` batches them into one transaction and one sync.
 
-    Per commit, a caller that acknowledges nothing before a later durable commit may
-    ask for ``durable=False`` (``transact``, ``transact_batch``): the commit is left
-    unsynced, and the next durable commit's sync (or ``settle``, or ``close``) puts it
-    on stable storage. A run whose caller waits for its end spawns that way, so the run
-    costs one sync, not two. At most one commit is ever left unsynced: LMDB keeps the
-    trees of the last two commits intact, and an unsynced commit followed by another
-    would let a third reuse the pages of the tree the on-disk meta page names.
+    Per commit, a caller that acknowledges nothing to anyone before a later durable
+    commit may ask for ``durable=False`` (``transact``, ``transact_batch``): the commit
+    returns unsynced and a background thread syncs it at once, while the caller goes on
+    (a run's spawn when its caller waits for its end; a transactional tool's effect and
+    answer, which only the guest sees before the agent's next durable commit). The next
+    durable commit's sync, ``settle`` or ``close`` also covers it. A write transaction
+    begins only once every commit but the last is synced: LMDB keeps the trees of the
+    last two commits intact (a transaction reuses only pages freed two commits back), so
+    the tree the on-disk meta page names is never overwritten. So a power loss costs at
+    most the last two ``durable=False`` commits, which nobody outside was told of; a
+    SIGKILL costs nothing (the page cache outlives the process).
 
-    Write transactions of this process are serialised with their sync (as LMDB's own
-    synchronous commit holds its writer lock through its ``fdatasync``), so the next
-    transaction begins on a durable predecessor. What the single sync gives up against
+    A durable commit is synced by the committing thread before it returns, and write
+    transactions of this process are serialised with that sync (as LMDB's own
+    synchronous commit holds its writer lock through its ``fdatasync``). What the single sync gives up against
     LMDB's two: the ordering of the meta page after the pages *within* one commit's
     ``fdatasync``. A power loss during that sync (about a millisecond, before the commit
     is acknowledged) may leave the new meta page on the disk with some of its pages
@@ -436,7 +440,8 @@ class _Gate:
 
 
 class _Flusher:
-    """The background thread of a ``process``-level store: one ``fdatasync`` per interval.
+    """The background thread of a ``process``-level store: one ``fdatasync`` per interval;
+    of a ``sync``-level store: one ``fdatasync`` as soon as a ``durable=False`` commit kicks it.
 
     A daemon thread, so it never keeps the process alive (whatever it has not flushed
     is in the page cache, which outlives the process). It holds the store only through
@@ -445,24 +450,34 @@ class _Flusher:
     runs on a closed environment; an Event wakes it at once instead of after a sleep.
     """
 
-    def __init__(self, store: LmdbStore, interval_s: float) -> None:
+    def __init__(self, store: LmdbStore, interval_s: float | None) -> None:
         self._store = weakref.ref(store)
-        self._interval = interval_s
+        self._interval = interval_s  # None: only when kicked
         self._stop = threading.Event()
+        self._kicked = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"torpor-lmdb-flush:{store.path.name}", daemon=True
         )
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
+        while True:
+            self._kicked.wait(self._interval)
+            self._kicked.clear()
+            if self._stop.is_set():
+                return
             store = self._store()
             if store is None or not store._background_flush():
                 return
             del store  # do not pin the store while sleeping
 
+    def kick(self) -> None:
+        """Flush now (once; kicks while a flush runs make one more)."""
+        self._kicked.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._kicked.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
 
@@ -759,6 +774,7 @@ class LmdbStore:
         # At "sync", each commit is synced explicitly, inside this lock with its
         # transaction: the next write transaction begins on a durable predecessor.
         self._sync_each = durability == "sync" and not readonly
+        self._syncer: _Flusher | None = None  # at "sync": syncs durable=False commits (started by the first)
         self._writer: contextlib.AbstractContextManager[Any] = (
             threading.Lock() if self._sync_each else contextlib.nullcontext())
         #: number of successful write commits (tests and benchmarks read it)
@@ -1030,8 +1046,8 @@ class LmdbStore:
         """Commits of this process not yet known to be on stable storage.
 
         At ``process`` level these are what a power loss or kernel crash right now could
-        cost; a SIGKILL of this process costs none of them. At ``sync`` level at most one,
-        a commit made with ``durable=False`` that no sync has covered yet.
+        cost; a SIGKILL of this process costs none of them. At ``sync`` level at most two,
+        commits made with ``durable=False`` that the background syncer has not covered yet.
         """
         return max(0, self.commits - self.flushed_commits)
 
@@ -1194,12 +1210,27 @@ class LmdbStore:
                     self._sync_locked()
 
     def _after_commit(self, durable: bool) -> None:
-        """Count a commit just made (inside ``_writer``); at ``sync``, sync it unless the
-        caller asked for ``durable=False`` and it is the only commit not yet synced."""
+        """Count a commit just made (inside ``_writer``); at ``sync``, sync it, or (asked
+        ``durable=False``) have the background syncer sync it while the caller goes on."""
         self.commits += 1
-        if self._sync_each and (durable or self.commits - self.flushed_commits > 1):
+        if not self._sync_each:
+            return
+        if durable:
             with self._flushing():
                 self._sync_locked()
+            return
+        if self._syncer is None:
+            self._syncer = _Flusher(self, None)
+        self._syncer.kick()
+
+    def _before_write(self) -> None:
+        """At ``sync``, inside ``_writer`` before a write transaction begins: every commit
+        but the last is on stable storage (else sync, waiting for the background syncer),
+        so the new transaction cannot reuse a page of the tree the disk's meta page names."""
+        if self._sync_each and self.commits - self.flushed_commits > 1:
+            with self._flushing():
+                if self.commits - self.flushed_commits > 1:
+                    self._sync_locked()
 
     @contextmanager
     def _flushing(self) -> Iterator[None]:
@@ -1287,8 +1318,9 @@ class LmdbStore:
         if self._closed:
             return
         self._closed = True  # refuses new transactions and stops the flusher's rounds
-        if self._flusher is not None:
-            self._flusher.stop()
+        for thread in (self._flusher, self._syncer):
+            if thread is not None:
+                thread.stop()
         error: StoreFlushError | None = None
         with self._flushing():
             try:
@@ -1404,6 +1436,7 @@ class LmdbStore:
     @contextmanager
     def _write_locked(self) -> Iterator[WriteTxn]:
         self._require_writable()
+        self._before_write()
         seen = self._map_epoch
         txn = self._begin(write=True)
         try:
@@ -1462,6 +1495,7 @@ class LmdbStore:
             return self._write_txn_locked(body, durable)
 
     def _write_txn_locked(self, body: Callable[[lmdb.Transaction], T], durable: bool) -> T:
+        self._before_write()
         for _ in range(_MAX_GROW_ATTEMPTS):
             seen = self._map_epoch
             txn = self._begin(write=True)

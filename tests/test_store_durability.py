@@ -104,29 +104,50 @@ def test_default_is_sync(tmp_path: Path) -> None:
         assert not _flusher_threads()
 
 
-def test_a_lazy_commit_waits_for_the_next_durable_one_and_never_two_stay_unsynced(tmp_path: Path) -> None:
-    """``durable=False`` at ``sync``: no sync of its own; the next durable commit's sync (one)
-    covers it; a second lazy commit in a row is synced (LMDB keeps only two trees intact);
+def test_lazy_commits_are_synced_in_the_background_and_never_run_two_ahead(tmp_path: Path) -> None:
+    """``durable=False`` at ``sync``: the commit returns unsynced and the background syncer
+    syncs it; a write transaction begins only once every commit but the last is synced
+    (checked at every begin, with a sync slow enough that commits catch up with it);
     ``settle`` syncs only when something is unsynced; ``close`` syncs what is left."""
     store = LmdbStore.open(tmp_path / "s")
     spy = _spy(store)
+    real_sync = spy.sync
+
+    release = threading.Event()  # holds the first sync until the lazy commit has returned
+
+    def slow_sync(force: bool = False) -> None:
+        release.wait(30)
+        time.sleep(0.01)
+        real_sync(force)
+
+    spy.sync = slow_sync  # type: ignore[method-assign]
+    behind: list[int] = []
+    real_begin = spy.begin
+
+    def begin(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("write") and kwargs.get("parent") is None:
+            behind.append(store.commits - store.flushed_commits)
+        return real_begin(*args, **kwargs)
+
+    spy.begin = begin  # type: ignore[method-assign]
     store.transact(_put(1), durable=False)
-    assert (spy.syncs, store.unflushed_commits) == ([], 1)
-    store.transact(_put(2))
-    assert (spy.syncs, store.unflushed_commits) == ([True], 0)
-    store.transact(_put(3), durable=False)
-    store.transact_batch([_put(4)], durable=False)  # two lazy in a row: the second is synced
-    assert (len(spy.syncs), store.unflushed_commits) == (2, 0)
+    assert store.unflushed_commits == 1, "a lazy commit does not wait for its sync"
+    release.set()
+    assert _wait(lambda: store.unflushed_commits == 0) and spy.syncs == [True]
+    for i in range(2, 12):
+        store.transact(_put(i), durable=False)
+    assert behind and max(behind) <= 1, behind
+    assert _wait(lambda: store.unflushed_commits == 0)
+    syncs = len(spy.syncs)
     store.settle()
-    assert len(spy.syncs) == 2, "nothing unsynced: settle costs no I/O"
-    store.transact(_put(5), durable=False)
-    store.settle()
-    assert (len(spy.syncs), store.unflushed_commits) == (3, 0)
-    store.transact(_put(6), durable=False)
+    assert len(spy.syncs) == syncs, "nothing unsynced: settle costs no I/O"
+    store.transact(_put(12))  # durable: synced before it returns, whatever is in the background
+    assert store.unflushed_commits == 0
+    store.transact(_put(13), durable=False)
     store.close()
-    assert len(spy.syncs) == 4 and store.unflushed_commits == 0
+    assert store.unflushed_commits == 0
     with LmdbStore.open(tmp_path / "s", readonly=True) as ro, ro.read() as r:
-        assert [r.kv_get("ns", f"k{i}") for i in range(1, 7)] == [b"v%d" % i for i in range(1, 7)]
+        assert [r.kv_get("ns", f"k{i}") for i in range(1, 14)] == [b"v%d" % i for i in range(1, 14)]
 
 
 def test_concurrent_writers_share_syncs_through_the_group_committer(tmp_path: Path) -> None:

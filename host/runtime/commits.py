@@ -7,10 +7,15 @@ record, in one transaction of the group committer (many agents' commits share on
 ``fdatasync``). A crash leaves either all of a step or none of it.
 
 Every commit is durable before its ``await`` returns, so nothing that follows it (a tool
-dispatched on a journaled intent, an answer handed to the guest, a reply to a client)
-runs ahead of it. The one exception is asked for by name: ``durable=False``, for a
-commit whose caller tells nobody of it before the agent's next durable commit (a run's
-spawn when the caller waits for the run's end), which then covers it.
+dispatched on a journaled intent, a reply to a client) runs ahead of it. The exception is
+asked for by name: ``durable=False``, for a commit nobody outside the agent hears of
+before the agent's next durable commit covers it: a run's spawn when the caller waits for
+the run's end, and a transactional tool's effect with its answer (``kv.incr``: only the
+guest sees the answer, and the agent's next tool, park or end is a durable commit). The
+store syncs such a commit in the background while the agent computes its next step, so
+one agent's CPU and its disk's flushes overlap (``snapshots.lmdb_store``, ``sync``). A
+power loss rolls such an agent back to a consistent earlier step (its checkpoint, journal
+and effects were in the same commits), from which it redoes the same calls.
 """
 
 from __future__ import annotations
