@@ -17,10 +17,10 @@ block the caller (a host's event loop), so requests always go to the writer thre
 predict more of them. Requests that arrive while a commit is in flight form the next
 batch, so under load batches grow by themselves.
 
-Per-commit durability: a request submitted with ``durable=False`` (its caller tells nobody
-of it before a later durable commit covers it) lets its batch commit without a sync if
-every request in it says so (the store's background syncer syncs it meanwhile; the next
-durable batch's sync covers it too: ``LmdbStore.transact_batch``). Such a request is also
+Per-commit durability: a request submitted with ``sync`` short of ``"now"`` (its caller
+tells nobody of it before a later durable commit covers it; ``snapshots.store.SyncWhen``)
+lets its batch commit without waiting for a sync if every request in it says so (the
+batch takes the most urgent of its requests' ``sync``). Such a request is also
 committed inline when the writer is idle and the store is at most one commit behind (so
 the transaction need not wait for a sync first): no sync, no hand-off.
 
@@ -42,13 +42,13 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from .errors import StoreError
-from .store import AgentStore, Outcome, WriteTxn
+from .store import AgentStore, Outcome, SyncWhen, WriteTxn
 
 __all__ = ["GroupCommitter"]
 
 T = TypeVar("T")
 
-_Item = tuple[Future[Any], Callable[[WriteTxn], Any], bool]  # the Future, the function, durable
+_Item = tuple[Future[Any], Callable[[WriteTxn], Any], SyncWhen]  # the Future, the function, when synced
 
 
 class GroupCommitter:
@@ -93,18 +93,18 @@ class GroupCommitter:
         """The store this committer commits to."""
         return self._store
 
-    def submit(self, fn: Callable[[WriteTxn], T], *, durable: bool = True) -> Future[T]:
+    def submit(self, fn: Callable[[WriteTxn], T], *, sync: SyncWhen = "now") -> Future[T]:
         """Queue ``fn`` for the next batch; the Future resolves once it is committed.
 
         Committed means what the store's durability level promises (on stable storage
-        at ``sync``, in the OS page cache at ``process``); with ``durable=False``, only
+        at ``sync``, in the OS page cache at ``process``); with ``sync`` short of ``"now"``, only
         once a later durable commit returns (see the module docstring).
         """
         fut: Future[T] = Future()
         if self._closed:
             raise _closed_error()
         try:
-            done = self.try_inline(fn, durable=durable)
+            done = self.try_inline(fn, sync=sync)
         except Exception as exc:  # the store failed: a Future carries it, as from the writer
             fut.set_exception(exc)
             return fut
@@ -117,10 +117,10 @@ class GroupCommitter:
         with self._close_lock:  # so that nothing is queued behind the stop mark
             if self._closed:
                 raise _closed_error()
-            self._queue.put((fut, fn, durable))
+            self._queue.put((fut, fn, sync))
         return fut
 
-    def try_inline(self, fn: Callable[[WriteTxn], Any], *, durable: bool = True) -> Outcome | None:
+    def try_inline(self, fn: Callable[[WriteTxn], Any], *, sync: SyncWhen = "now") -> Outcome | None:
         """Commit ``fn`` on this thread, now, if that is cheap; None if it was not run.
 
         It is, when the store's commits do not sync (``inline_when_idle``), nothing is
@@ -129,7 +129,7 @@ class GroupCommitter:
         This is ``submit`` without a Future, for callers that are on the suspend path:
         a Future's condition variable and hand-offs cost about as much as the commit.
         """
-        cheap = self._inline or (not durable and getattr(self._store, "unflushed_commits", 2) <= 1)
+        cheap = self._inline or (sync != "now" and getattr(self._store, "unflushed_commits", 2) <= 1)
         if not (cheap and self._queue.empty() and self._busy.acquire(blocking=False)):
             return None
         # Idle writer, nothing queued. A request queued meanwhile by another thread is
@@ -138,7 +138,7 @@ class GroupCommitter:
         try:
             if self._closed:
                 raise _closed_error()
-            (outcome,) = self._store.transact_batch((fn,), durable=durable)
+            (outcome,) = self._store.transact_batch((fn,), sync=sync)
         finally:
             self._busy.release()
         self.batches += 1
@@ -146,15 +146,15 @@ class GroupCommitter:
         self.inline_commits += 1
         return outcome
 
-    def commit(self, fn: Callable[[WriteTxn], T], *, durable: bool = True) -> T:
+    def commit(self, fn: Callable[[WriteTxn], T], *, sync: SyncWhen = "now") -> T:
         """Commit ``fn`` and wait for it: inline when :meth:`try_inline` can, else queued.
 
         Blocks the calling thread for the writer's commit (an ``fdatasync`` at ``sync``),
         so an event loop should use :meth:`try_inline` and await :meth:`submit` instead.
         """
-        done = self.try_inline(fn, durable=durable)
+        done = self.try_inline(fn, sync=sync)
         if done is None:
-            return self.submit(fn, durable=durable).result()
+            return self.submit(fn, sync=sync).result()
         value: T = done.unwrap()
         return value
 
@@ -225,11 +225,13 @@ class GroupCommitter:
             with self._busy:
                 self._commit(batch, locked=True)
             return
-        live = [(fut, fn, durable) for fut, fn, durable in batch if fut.set_running_or_notify_cancel()]
+        live = [(fut, fn, sync) for fut, fn, sync in batch if fut.set_running_or_notify_cancel()]
         if not live:
             return
-        try:  # one sync covers the batch: it is durable if any of its requests must be
-            outcomes = self._store.transact_batch([fn for _, fn, _ in live], durable=any(d for _, _, d in live))
+        whens = {sync for _, _, sync in live}  # one sync covers the batch: the most urgent request's
+        sync: SyncWhen = "now" if "now" in whens else "soon" if "soon" in whens else "later"
+        try:
+            outcomes = self._store.transact_batch([fn for _, fn, _ in live], sync=sync)
         except BaseException as exc:  # the store failed: nothing of the batch written (or, its sync failed, durable)
             for fut, _, _ in live:
                 fut.set_exception(exc)

@@ -21,16 +21,17 @@ handle (LMDB's MDB_NOSYNC flag), not to the files.
     issue 15). One sync covers every commit before it, so concurrent writers share it:
     ``GroupCommitter`` batches them into one transaction and one sync.
 
-    Per commit, a caller that acknowledges nothing to anyone before a later durable
-    commit may ask for ``durable=False`` (``transact``, ``transact_batch``): the commit
-    returns unsynced and a background thread syncs it at once, while the caller goes on
-    (a run's spawn when its caller waits for its end; a transactional tool's effect and
-    answer, which only the guest sees before the agent's next durable commit). The next
-    durable commit's sync, ``settle`` or ``close`` also covers it. A write transaction
+    Per commit (``transact``, ``transact_batch``: ``sync``, see ``snapshots.store.SyncWhen``),
+    a caller that acknowledges nothing to anyone before a later durable commit may ask
+    for less than ``"now"``: ``"soon"`` returns unsynced and a background thread syncs at
+    once while the caller goes on (a transactional tool's effect and answer, which only
+    the guest sees before the agent's next durable commit); ``"later"`` is left for the
+    next ``"now"`` commit, ``settle`` or ``close`` to sync (a run's spawn when its caller
+    waits for its end: the run costs one sync, not two). A write transaction
     begins only once every commit but the last is synced: LMDB keeps the trees of the
     last two commits intact (a transaction reuses only pages freed two commits back), so
     the tree the on-disk meta page names is never overwritten. So a power loss costs at
-    most the last two ``durable=False`` commits, which nobody outside was told of; a
+    most the last two commits made short of ``"now"``, which nobody outside was told of; a
     SIGKILL costs nothing (the page cache outlives the process).
 
     A durable commit is synced by the committing thread before it returns, and write
@@ -188,6 +189,7 @@ from .store import (
     CheckpointInfo,
     Outcome,
     ReadTxn,
+    SyncWhen,
     WriteTxn,
     unreadable_record,
 )
@@ -441,7 +443,7 @@ class _Gate:
 
 class _Flusher:
     """The background thread of a ``process``-level store: one ``fdatasync`` per interval;
-    of a ``sync``-level store: one ``fdatasync`` as soon as a ``durable=False`` commit kicks it.
+    of a ``sync``-level store: one ``fdatasync`` as soon as a ``sync="soon"`` commit kicks it.
 
     A daemon thread, so it never keeps the process alive (whatever it has not flushed
     is in the page cache, which outlives the process). It holds the store only through
@@ -774,7 +776,7 @@ class LmdbStore:
         # At "sync", each commit is synced explicitly, inside this lock with its
         # transaction: the next write transaction begins on a durable predecessor.
         self._sync_each = durability == "sync" and not readonly
-        self._syncer: _Flusher | None = None  # at "sync": syncs durable=False commits (started by the first)
+        self._syncer: _Flusher | None = None  # at "sync": syncs sync="soon" commits (started by the first)
         self._writer: contextlib.AbstractContextManager[Any] = (
             threading.Lock() if self._sync_each else contextlib.nullcontext())
         #: number of successful write commits (tests and benchmarks read it)
@@ -1047,7 +1049,7 @@ class LmdbStore:
 
         At ``process`` level these are what a power loss or kernel crash right now could
         cost; a SIGKILL of this process costs none of them. At ``sync`` level at most two,
-        commits made with ``durable=False`` that the background syncer has not covered yet.
+        commits made with ``sync`` short of ``"now"`` that no sync has covered yet.
         """
         return max(0, self.commits - self.flushed_commits)
 
@@ -1188,7 +1190,7 @@ class LmdbStore:
         At ``process`` level this is what the background flusher does every interval;
         call it where an acknowledgement must survive a power loss (before telling the
         outside world, say). At ``sync`` level commits are already there (but one made
-        with ``durable=False``), and this only costs a sync. Raises StoreFlushError if
+        with ``sync`` short of ``"now"``), and this only costs a sync. Raises StoreFlushError if
         it, or an earlier flush, failed.
         """
         self._require_writable()
@@ -1198,7 +1200,7 @@ class LmdbStore:
 
     def settle(self) -> None:
         """Keep the level's promise for every commit so far: at ``sync``, sync the one
-        left unsynced by ``durable=False`` if there is one (else nothing, no I/O); at
+        left unsynced (``sync`` short of ``"now"``) if any (else nothing, no I/O); at
         ``process``, nothing (the flusher's interval is that level's promise)."""
         self._require_writable()
         if not self._sync_each or self.commits == self.flushed_commits:
@@ -1209,13 +1211,14 @@ class LmdbStore:
                     self._check_open()
                     self._sync_locked()
 
-    def _after_commit(self, durable: bool) -> None:
-        """Count a commit just made (inside ``_writer``); at ``sync``, sync it, or (asked
-        ``durable=False``) have the background syncer sync it while the caller goes on."""
+    def _after_commit(self, sync: SyncWhen) -> None:
+        """Count a commit just made (inside ``_writer``); at ``sync``, sync it (``"now"``),
+        have the background syncer sync it while the caller goes on (``"soon"``), or
+        leave it to the next sync (``"later"``)."""
         self.commits += 1
-        if not self._sync_each:
+        if not self._sync_each or sync == "later":
             return
-        if durable:
+        if sync == "now":
             with self._flushing():
                 self._sync_locked()
             return
@@ -1459,7 +1462,7 @@ class LmdbStore:
             self._gate.exit()
             raise
         self._gate.exit()
-        self._after_commit(True)
+        self._after_commit("now")
 
     def _require_writable(self) -> None:
         self._check_open()
@@ -1477,24 +1480,24 @@ class LmdbStore:
             )
         return StoreError(f"store {self._path}: {exc}")
 
-    def transact(self, fn: Callable[[WriteTxn], T], *, durable: bool = True) -> T:
+    def transact(self, fn: Callable[[WriteTxn], T], *, sync: SyncWhen = "now") -> T:
         """Run ``fn`` in one write transaction, commit and return its result.
 
         Once it returns the commit survives what the store's ``durability`` promises
-        (``durable=False``: once a later durable commit or ``settle`` returns).
+        (``sync`` short of ``"now"``: once a later ``"now"`` commit or ``settle`` returns).
 
         ``fn`` is run again from scratch if the map had to grow, so it must only act
         through the transaction it is given. If it raises, nothing is written.
         """
         self._require_writable()
-        return self._with_write_txn(lambda txn: fn(_LmdbTxn(txn, self._dbs, self._strict)), durable)
+        return self._with_write_txn(lambda txn: fn(_LmdbTxn(txn, self._dbs, self._strict)), sync)
 
-    def _with_write_txn(self, body: Callable[[lmdb.Transaction], T], durable: bool = True) -> T:
+    def _with_write_txn(self, body: Callable[[lmdb.Transaction], T], sync: SyncWhen = "now") -> T:
         """Run ``body`` in a write transaction and commit; on a full map, grow and run it again."""
         with self._writer:
-            return self._write_txn_locked(body, durable)
+            return self._write_txn_locked(body, sync)
 
-    def _write_txn_locked(self, body: Callable[[lmdb.Transaction], T], durable: bool) -> T:
+    def _write_txn_locked(self, body: Callable[[lmdb.Transaction], T], sync: SyncWhen) -> T:
         self._before_write()
         for _ in range(_MAX_GROW_ATTEMPTS):
             seen = self._map_epoch
@@ -1516,16 +1519,16 @@ class LmdbStore:
                 self._gate.exit()
                 raise
             self._gate.exit()
-            self._after_commit(durable)
+            self._after_commit(sync)
             return result
         raise StoreFull(
             f"store {self._path}: the map kept filling up after {_MAX_GROW_ATTEMPTS} grows"
         )
 
     def transact_batch(self, fns: Sequence[Callable[[WriteTxn], Any]], *,
-                       durable: bool = True) -> list[Outcome]:
+                       sync: SyncWhen = "now") -> list[Outcome]:
         """Run all ``fns`` in one write transaction and one commit (one sync at ``sync``;
-        ``durable=False``: see ``transact``).
+        ``sync``: see ``transact``).
 
         Each function runs in its own nested LMDB transaction: if it raises, only its
         own writes are rolled back and its error is returned in its Outcome, while the
@@ -1542,7 +1545,7 @@ class LmdbStore:
             fn = fns[0]
             try:
                 return [Outcome(value=self._with_write_txn(lambda txn: fn(_LmdbTxn(txn, self._dbs, self._strict)),
-                                                           durable))]
+                                                           sync))]
             except StoreError as exc:
                 cause = exc.__cause__
                 if isinstance(exc, StoreFull) or (cause is not None and _is_disk_full(cause, self._path)):
@@ -1573,7 +1576,7 @@ class LmdbStore:
                     outcomes.append(Outcome(value=value))
             return outcomes
 
-        return self._with_write_txn(body, durable)
+        return self._with_write_txn(body, sync)
 
 
 class _LmdbTxn:

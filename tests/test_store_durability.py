@@ -26,6 +26,7 @@ from typing import Any
 
 import lmdb
 import pytest
+from conftest import BundleFactory
 
 from host.cli import app as cli
 from host.errors import ConfigError
@@ -105,7 +106,7 @@ def test_default_is_sync(tmp_path: Path) -> None:
 
 
 def test_lazy_commits_are_synced_in_the_background_and_never_run_two_ahead(tmp_path: Path) -> None:
-    """``durable=False`` at ``sync``: the commit returns unsynced and the background syncer
+    """``sync="soon"`` at ``sync``: the commit returns unsynced and the background syncer
     syncs it; a write transaction begins only once every commit but the last is synced
     (checked at every begin, with a sync slow enough that commits catch up with it);
     ``settle`` syncs only when something is unsynced; ``close`` syncs what is left."""
@@ -130,12 +131,12 @@ def test_lazy_commits_are_synced_in_the_background_and_never_run_two_ahead(tmp_p
         return real_begin(*args, **kwargs)
 
     spy.begin = begin  # type: ignore[method-assign]
-    store.transact(_put(1), durable=False)
+    store.transact(_put(1), sync="soon")
     assert store.unflushed_commits == 1, "a lazy commit does not wait for its sync"
     release.set()
     assert _wait(lambda: store.unflushed_commits == 0) and spy.syncs == [True]
     for i in range(2, 12):
-        store.transact(_put(i), durable=False)
+        store.transact(_put(i), sync="soon" if i % 3 else "later")
     assert behind and max(behind) <= 1, behind
     assert _wait(lambda: store.unflushed_commits == 0)
     syncs = len(spy.syncs)
@@ -143,7 +144,7 @@ def test_lazy_commits_are_synced_in_the_background_and_never_run_two_ahead(tmp_p
     assert len(spy.syncs) == syncs, "nothing unsynced: settle costs no I/O"
     store.transact(_put(12))  # durable: synced before it returns, whatever is in the background
     assert store.unflushed_commits == 0
-    store.transact(_put(13), durable=False)
+    store.transact(_put(13), sync="later")
     store.close()
     assert store.unflushed_commits == 0
     with LmdbStore.open(tmp_path / "s", readonly=True) as ro, ro.read() as r:
@@ -213,6 +214,32 @@ def test_env_var_typos_are_refused_naming_the_variable(tmp_path: Path, monkeypat
 def test_bad_flush_intervals_are_refused(tmp_path: Path, bad: Any) -> None:
     with pytest.raises(StoreConfigError, match="flush_interval_s must be a positive number"):
         LmdbStore.open(tmp_path / "s", durability="process", flush_interval_s=bad)
+
+
+def test_a_waited_run_syncs_once_and_a_tool_is_dispatched_on_a_durable_intent(bundles: BundleFactory,
+                                                                               tmp_path: Path) -> None:
+    """At ``sync``: ``Host.run`` of ``hello`` (no tool calls) commits its spawn unsynced and its
+    end durably: two commits, one sync. A run of ``steps`` (``kv.incr``, transactional) ends
+    with everything synced, its calls' syncs made in the background."""
+    import anyio
+
+    from host.sandbox import bundle as bundle_mod
+
+    hello = bundle_mod.load(bundles.example("hello"))
+    steps = bundle_mod.load(bundles.example("steps"))
+    with Host(tmp_path / "h") as host:
+        store = host.store
+        assert isinstance(store, LmdbStore)
+        anyio.run(lambda: host.run(hello, {"name": "warm"}))  # loads and compiles, records the bundle
+        spy = _spy(store)
+        commits = store.commits
+        r = anyio.run(lambda: host.run(hello, {"name": "ada"}))
+        assert r.status == "completed"
+        assert (store.commits - commits, spy.syncs) == (2, [True]), "a waited run: spawn and end, one sync"
+        assert store.unflushed_commits == 0
+        r = anyio.run(lambda: host.run(steps, {"n": 20}))
+        assert r.status == "completed" and r.output == {"sum": 210, "last": 20}
+        assert store.unflushed_commits == 0, "a run's end covers its calls' background syncs"
 
 
 def test_host_passes_the_level_to_its_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

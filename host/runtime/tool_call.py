@@ -473,7 +473,7 @@ class ToolCallPipeline:
 
         # Only the guest sees the answer before the agent's next durable commit: synced in the
         # background while the guest runs on (host.runtime.commits).
-        result = await self.commits.agent(agent, write, events, durable=False)
+        result = await self.commits.agent(agent, write, events, sync="soon")
         assert result is not None
         if cp is not None:
             self.commits.observer.suspended(agent, time.perf_counter() - agent.stopped_at)

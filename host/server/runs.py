@@ -121,7 +121,7 @@ class Runs:
                     {"fingerprint": fingerprint, "agent_id": agent_id, "t": time.time()}).encode())
         try:
             agent_id, drive = await self.host.start(b, payload, fuel=fuel, on_behalf_of=on_behalf_of, tenant=tenant,
-                                                    also=also, started_as=started_as, durable=not waits)
+                                                    also=also, started_as=started_as, sync="later" if waits else "now")
         except TorporError as exc:
             if exc.code == "invalid_config" and "input" in str(exc):  # the spawn's check of the input
                 raise InvalidInput(str(exc)) from None
