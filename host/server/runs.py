@@ -27,6 +27,7 @@ from starlette.routing import Route
 
 from host.errors import BundleNotFound, IdempotencyConflict, InvalidInput, TorporError
 from host.runtime import Host
+from host.runtime.result import PARKED, TERMINAL
 from host.sandbox.bundle import Bundle
 from host.server import agents as agents_routes
 from host.server.gateway import require
@@ -103,9 +104,11 @@ class Runs:
                                                       started_as, bool(wait))
         if wait:  # the record the wait ended on is the answer (not read again), with its drive's log lines
             rec = await agents_routes.wait_until_stopped(self.host, self.scheduler, agent_id, wait)
-            await self.host.settle()  # a run still going when the wait ended: its spawn synced before the reply
+            if rec.get("status") not in TERMINAL | PARKED:  # those are written by a synced commit
+                await self.host.settle()  # a run still going: its spawn synced before the reply names it
             return json_response(owned(rec, agent_id, who), status)
-        await self.host.settle()  # an idempotent retry may name a waiting request's spawn, not yet synced
+        if status == 200:  # an idempotent retry may name a waiting request's spawn, not yet synced
+            await self.host.settle()
         return json_response(owned_agent(self.host, agent_id, who), status)
 
     async def _start(self, b: Bundle, payload: Any, fuel: int | None, on_behalf_of: str | None, tenant: str,
