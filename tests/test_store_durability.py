@@ -151,6 +151,20 @@ def test_lazy_commits_are_synced_in_the_background_and_never_run_two_ahead(tmp_p
         assert [r.kv_get("ns", f"k{i}") for i in range(1, 14)] == [b"v%d" % i for i in range(1, 14)]
 
 
+def test_a_failed_background_sync_fails_the_next_commit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """At ``sync`` a ``sync="soon"`` commit's background sync that fails is not lost in its
+    thread: the next commit raises StoreFlushError (sticky: a retried fsync proves nothing)."""
+    store = LmdbStore.open(tmp_path / "s")
+    _spy(store, fail=lmdb.Error("mdb_env_sync: Input/output error"))
+    with caplog.at_level(logging.ERROR, logger="torpor.store"):
+        store.transact(_put(1), sync="soon")
+        assert _wait(lambda: store._flush_error is not None)
+    with pytest.raises(StoreFlushError, match="Input/output error"):
+        store.transact(_put(2))
+    with pytest.raises(StoreFlushError):
+        store.close()
+
+
 def test_concurrent_writers_share_syncs_through_the_group_committer(tmp_path: Path) -> None:
     """At ``sync`` many threads' commits go through the committer's batches: fewer syncs than
     commits, and every Future resolves only after a sync that covers it."""
