@@ -3,16 +3,18 @@
 Why: a durable LMDB commit costs an ``fdatasync`` (about 0.5 ms on this machine's disk),
 which caps a host at about 2,000 hibernations a second if every agent committed
 alone. Here one writer thread takes whatever has been queued, runs all of it in one
-transaction and syncs once; callers wait on a Future. (A lone writer still waits for a
-whole sync; a store opened with ``durability="process"`` removes the sync from the
-commit altogether and flushes in the background, see ``snapshots.lmdb_store``.)
+transaction and syncs once; callers wait on a Future. (A lone durable writer still waits
+for a whole sync, unless it asks for less, below; a store opened with
+``durability="process"`` removes the sync from the commit altogether and flushes in the
+background, see ``snapshots.lmdb_store``.)
 
 Batching policy: a lone request is committed at once (no added latency when the host is
 quiet). When commits are cheap (a store at ``durability="process"``: no sync) and the
 writer is idle, the caller commits a lone request on its own thread instead: the two
 thread hand-offs of a queued request (~35 µs each here) cost more than the commit
 itself (~28 µs). At ``sync`` a lone commit waits for an ``fdatasync``, which must not
-block the caller (a host's event loop), so requests always go to the writer thread. When the writer finds more than one request waiting it lingers up to
+block the caller (a host's event loop), so such requests go to the writer thread. When
+the writer finds more than one request waiting it lingers up to
 ``max_delay_s`` for more, up to ``max_batch`` per commit, because concurrent arrivals
 predict more of them. Requests that arrive while a commit is in flight form the next
 batch, so under load batches grow by themselves.

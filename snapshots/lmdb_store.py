@@ -1189,8 +1189,8 @@ class LmdbStore:
 
         At ``process`` level this is what the background flusher does every interval;
         call it where an acknowledgement must survive a power loss (before telling the
-        outside world, say). At ``sync`` level commits are already there (but one made
-        with ``sync`` short of ``"now"``), and this only costs a sync. Raises StoreFlushError if
+        outside world, say). At ``sync`` level commits are already there (but the last one
+        or two made with ``sync`` short of ``"now"``), and this only costs a sync. Raises StoreFlushError if
         it, or an earlier flush, failed.
         """
         self._require_writable()
@@ -1199,7 +1199,7 @@ class LmdbStore:
             self._sync_locked()
 
     def settle(self) -> None:
-        """Keep the level's promise for every commit so far: at ``sync``, sync the one
+        """Keep the level's promise for every commit so far: at ``sync``, sync those
         left unsynced (``sync`` short of ``"now"``) if any (else nothing, no I/O); at
         ``process``, nothing (the flusher's interval is that level's promise)."""
         self._require_writable()
