@@ -148,7 +148,10 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
         elif name == "steps":
             sp.add_argument("--n", type=int, help="tool calls per runtime agent (default 200)")
             sp.add_argument("--agents", type=int, help="concurrent runtime agents (default 64)")
-            sp.add_argument("--profile", metavar="FILE", help="write a cProfile of the runtime phase to FILE")
+            sp.add_argument("--one-n", type=int, help="tool calls of the lone runtime agent (default 2,000)")
+            sp.add_argument("--dbos-n", type=int, help="steps of DBOS's lone workflow (default 500)")
+            sp.add_argument("--no-dbos", action="store_true", help="skip the DBOS baseline")
+            sp.add_argument("--profile", metavar="FILE", help="write a cProfile of the many-agent phase to FILE")
         elif name == "conversation":
             sp.add_argument("--turns", help="comma-separated turn counts (default 50,100,200,400; --quick 10,20)")
             sp.add_argument("--bytes", type=int, help="bytes a turn adds to the conversation (default 2,000)")

@@ -1,5 +1,7 @@
-"""``torpor bench steps``: tool round trips per second with warm instances, through the runtime,
-the bare execution core and a synchronous-import baseline (also ``python bench/steps.py ...``)."""
+"""``torpor bench steps``: tool round trips per second with warm instances, through the runtime
+(one agent, many agents, and the time of a call phase by phase), DBOS Transact doing the same
+durable steps in the same run (:mod:`bench.dbos_steps`), the bare execution core and a
+synchronous-import baseline (also ``python bench/steps.py ...``)."""
 
 from __future__ import annotations
 
@@ -10,12 +12,16 @@ if __name__ == "__main__":  # `python bench/steps.py ...`: the repository root o
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
+import contextlib
+import inspect
 import json
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
+from bench import dbos_steps
 from bench.rig import (
     TARGETS,
     Latency,
@@ -57,9 +63,86 @@ def _engine_round_trips(rig: Rig, n: int) -> tuple[float, Latency]:
     return n / (dt / 1e9), lat
 
 
+#: The phases of a call through the runtime, in the order they happen (``--json``: ``phases_us``).
+PHASES = ("guest", "policy", "encode", "audit", "commit")
+
+
+@contextlib.contextmanager
+def _phase_clock() -> Iterator[dict[str, int]]:
+    """Time each phase of every tool call, in ns summed over the calls (``PHASES``).
+
+    ``guest``: capturing the guest's state and running it from one call to the next;
+    ``policy``: the request and the policy's decision (with its usage); ``encode``: checkpoint
+    *K* (the delta and its chunks); ``audit``: sealing the step's audit events onto the chain
+    (inside the commit, on the committer's thread); ``commit``: the rest of the commit until it
+    is acknowledged (the transaction, the tool's effect for ``kv.incr``, the sync, the hand-offs).
+    The wrappers cost a few µs a call, so this is a run of its own, not the timed one.
+    """
+    from host.runtime import commits as commits_mod
+    from host.runtime.guest import GuestRunner
+    from host.runtime.tool_call import ToolCallPipeline
+    from host.trust import audit
+
+    ns = dict.fromkeys(PHASES, 0)
+    clock = time.perf_counter_ns
+    saved: list[tuple[Any, str, Any]] = []
+
+    def wrap(owner: Any, name: str, phase: str) -> None:
+        orig = owner.__dict__[name]
+        fn = orig.__func__ if isinstance(orig, staticmethod) else orig
+        if inspect.iscoroutinefunction(fn):
+            async def timed_async(*a: Any, **k: Any) -> Any:
+                t = clock()
+                try:
+                    return await fn(*a, **k)
+                finally:
+                    ns[phase] += clock() - t
+            new: Any = timed_async
+        else:
+            def timed(*a: Any, **k: Any) -> Any:
+                t = clock()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    ns[phase] += clock() - t
+            new = timed
+        saved.append((owner, name, orig))
+        setattr(owner, name, staticmethod(new) if isinstance(orig, staticmethod) else new)
+
+    wrap(GuestRunner, "answer", "guest")
+    wrap(ToolCallPipeline, "receive", "guest")
+    wrap(ToolCallPipeline, "request", "policy")
+    wrap(ToolCallPipeline, "decide", "policy")
+    wrap(ToolCallPipeline, "snapshot", "encode")
+    wrap(commits_mod.AgentCommits, "run", "commit")
+    saved.append((commits_mod, "audit", audit))
+
+    class _TimedAudit:  # commits.py reaches the chain through `audit.append_events`
+        def __getattr__(self, name: str) -> Any:
+            return getattr(audit, name)
+
+        @staticmethod
+        def append_events(*a: Any, **k: Any) -> Any:
+            t = clock()
+            try:
+                return audit.append_events(*a, **k)
+            finally:
+                ns["audit"] += clock() - t
+
+    setattr(commits_mod, "audit", _TimedAudit())  # noqa: B010 (a module attribute, patched)
+    try:
+        yield ns
+    finally:
+        for owner, name, orig in reversed(saved):
+            setattr(owner, name, orig)
+    ns["commit"] -= ns["audit"]  # the audit is sealed inside the commit's transaction
+
+
 def _runtime_round_trips(b: Bundle, agents: int, n: int, profile_path: str | None,
-                         progress: Progress) -> dict[str, Any]:
-    """Tool round trips through the real host runtime: policy, journal, checkpoint, kv.incr."""
+                         progress: Progress, phases: bool = False) -> dict[str, Any]:
+    """Tool round trips through the real host runtime: policy, journal, checkpoint, kv.incr.
+
+    With ``phases``, the calls are also timed phase by phase (:func:`_phase_clock`)."""
     import anyio
 
     from host.runtime.host import Host
@@ -88,9 +171,11 @@ def _runtime_round_trips(b: Bundle, agents: int, n: int, profile_path: str | Non
 
                 prof = cProfile.Profile()
                 prof.enable()
-            t0 = time.perf_counter()
-            anyio.run(main)
-            dt = time.perf_counter() - t0
+            with contextlib.ExitStack() as stack:
+                ns = stack.enter_context(_phase_clock()) if phases else None
+                t0 = time.perf_counter()
+                anyio.run(main)
+                dt = time.perf_counter() - t0
             if prof is not None and profile_path:
                 prof.disable()
                 prof.dump_stats(profile_path)
@@ -104,14 +189,24 @@ def _runtime_round_trips(b: Bundle, agents: int, n: int, profile_path: str | Non
             host.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"round_trips_per_s": round(calls / dt), "runtime_agents": agents, "runtime_calls": calls,
-            "runtime_wall_s": round(dt, 2), "runtime_bytes_per_tool_call": round(used / calls, 1)}
+    out = {"round_trips_per_s": round(calls / dt), "agents": agents, "calls": calls,
+           "wall_s": round(dt, 2), "bytes_per_tool_call": round(used / calls, 1)}
+    if ns is not None:
+        per = {k: round(v / calls / 1e3, 1) for k, v in ns.items()}
+        per["other"] = round(dt * 1e6 / calls - sum(per.values()), 1)
+        per["total"] = round(dt * 1e6 / calls, 1)
+        out["phases_us"] = per
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Tool round trips per second with warm instances: runtime, execution core, sync baseline."""
+    """Tool round trips per second: the runtime (one agent, many agents, and where a call's time
+    goes), DBOS doing the same work in the same run, the execution core, a sync baseline."""
     n = positive("--n", args.n if args.n is not None else (20 if args.quick else 200))
     agents = positive("--agents", args.agents if args.agents is not None else (4 if args.quick else 64))
+    one_n = positive("--one-n", args.one_n if args.one_n is not None else (50 if args.quick else 2000))
+    dbos_n = positive("--dbos-n", args.dbos_n if args.dbos_n is not None else (20 if args.quick else 500))
+    dbos_each = min(n, 5 if args.quick else 20)
     engine_n = 2000 if args.quick else 50_000
     engine = make_engine(args.engine)
     b = load_bundle("steps")
@@ -120,10 +215,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _engine_round_trips(rig, 100)  # warm up
     core_rate, core_lat = _engine_round_trips(rig, engine_n)
     base_rate, _ = _engine_round_trips(sync_rig, engine_n)
+    one = _runtime_round_trips(b, 1, one_n, None, Progress("one agent", 1, args.progress))
+    phased = _runtime_round_trips(b, 1, min(one_n, 1000), None, Progress("phases", 1, args.progress), phases=True)
     rt = _runtime_round_trips(b, agents, n, args.profile, Progress("runtime", agents, args.progress))
+    dbos: dict[str, Any] | None = None
+    if not args.no_dbos:
+        if not dbos_steps.available():
+            raise TorporError("DBOS is not installed: pip install -e '.[bench]' (or pass --no-dbos)")
+        dbos = dbos_steps.dbos_steps(dbos_n, agents, dbos_each)
     res: dict[str, Any] = {
         "bench": "steps", "engine": engine.config.profile, "machine": machine(), "durability": resolve_durability(None),
-        **rt,
+        "round_trips_per_s": rt["round_trips_per_s"], "runtime_agents": agents, "runtime_calls": rt["calls"],
+        "runtime_wall_s": rt["wall_s"], "runtime_bytes_per_tool_call": rt["bytes_per_tool_call"],
+        "one_agent_round_trips_per_s": one["round_trips_per_s"], "one_agent_calls": one["calls"],
+        "phases_us": phased["phases_us"], "phases_round_trips_per_s": phased["round_trips_per_s"],
+        "dbos": dbos,
+        "one_agent_vs_dbos": round(one["round_trips_per_s"] / dbos["one_workflow_steps_per_s"], 2) if dbos else None,
+        "agents_vs_dbos": round(rt["round_trips_per_s"] / dbos["concurrent_steps_per_s"], 2) if dbos else None,
         "core_round_trips_per_s": round(core_rate), "core_round_trip": core_lat.summary(),
         "baseline_round_trips_per_s": round(base_rate), "baseline_round_trip_mean_us": round(1e6 / base_rate, 2),
         "cprofile": args.profile,
@@ -133,12 +241,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _fig, axes = plt.subplots(1, 2, figsize=(13, 5))
         cdf(axes[0], {"warm round trip (unwind + rewind in place)": core_lat.samples},
              f"one tool round trip, execution core (sync-import baseline: mean {res['baseline_round_trip_mean_us']} µs)")
-        names = ["runtime (durable)", "execution core", "sync baseline"]
-        vals = [res["round_trips_per_s"], res["core_round_trips_per_s"], res["baseline_round_trips_per_s"]]
-        axes[1].bar(names, vals, color=["tab:blue", "tab:green", "tab:gray"])
+        names = ["runtime, 1 agent", f"runtime, {agents} agents", "execution core", "sync baseline"]
+        vals = [res["one_agent_round_trips_per_s"], res["round_trips_per_s"], res["core_round_trips_per_s"],
+                res["baseline_round_trips_per_s"]]
+        colors = ["tab:blue", "tab:blue", "tab:green", "tab:gray"]
+        if dbos:
+            names += ["DBOS, 1 workflow", f"DBOS, {agents} workflows"]
+            vals += [dbos["one_workflow_steps_per_s"], dbos["concurrent_steps_per_s"]]
+            colors += ["tab:orange", "tab:orange"]
+        axes[1].bar(names, vals, color=colors)
         axes[1].axhline(TARGETS["round_trips_per_s"], color="tab:red", linestyle="--", label="target")
         axes[1].set_yscale("log")
-        axes[1].set_ylabel("tool round trips per second (log)")
+        axes[1].set_ylabel("tool round trips (durable steps) per second (log)")
+        axes[1].tick_params(axis="x", labelrotation=20)
         axes[1].legend()
 
     res.update(draw_plot(args.plot, draw))
@@ -146,9 +261,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def show(r: dict[str, Any]) -> None:
-    print(f"runtime (Host, {r['runtime_agents']} agents x {r['runtime_calls'] // r['runtime_agents']} kv.incr, "
-          f"durable journal + checkpoint per call): {r['round_trips_per_s']:,} round trips/s (target ≥ 10,000)")
+    d = r.get("dbos")
+    print(f"runtime at {r['durability']} (Host: policy, audit, durable journal + checkpoint + kv.incr per call):")
+    print(f"  one agent x {r['one_agent_calls']:,} calls: {r['one_agent_round_trips_per_s']:,}/s"
+          + (f" = {r['one_agent_vs_dbos']}x DBOS's one workflow ({d['one_workflow_steps_per_s']:,} steps/s)" if d else ""))
+    print(f"  {r['runtime_agents']} agents x {r['runtime_calls'] // r['runtime_agents']} calls: "
+          f"{r['round_trips_per_s']:,}/s"
+          + (f" = {r['agents_vs_dbos']}x DBOS's {d['workflows']} workflows ({d['concurrent_steps_per_s']:,} steps/s)"
+             if d else ""))
+    ph = r["phases_us"]
+    print("  one call, µs (a timed run of its own, one agent): "
+          + ", ".join(f"{k} {ph[k]}" for k in (*PHASES, "other", "total")))
     print(f"  on disk per tool call: {r['runtime_bytes_per_tool_call']} B (checkpoint, journal, audit, agent record)")
+    if d:
+        print(f"DBOS Transact {d['version']} on SQLite (defaults: rollback journal, synchronous=FULL): one workflow "
+              f"{d['one_workflow_steps_per_s']:,} steps/s (mean {d['one_step_mean_us']} µs), {d['workflows']} "
+              f"workflows x {d['steps_each']}: {d['concurrent_steps_per_s']:,} steps/s")
     c = r["core_round_trip"]
     print(f"execution core (warm, unwind + rewind in place): {r['core_round_trips_per_s']:,}/s, p50 {c['p50_us']} µs, "
           f"p99 {c['p99_us']} µs")

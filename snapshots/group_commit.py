@@ -3,19 +3,28 @@
 Why: a durable LMDB commit costs an ``fdatasync`` (about 0.5 ms on this machine's disk),
 which caps a host at about 2,000 hibernations a second if every agent committed
 alone. Here one writer thread takes whatever has been queued, runs all of it in one
-transaction and syncs once; callers wait on a Future. (A lone writer still waits for a
-whole sync; a store opened with ``durability="process"`` removes the sync from the
-commit altogether and flushes in the background, see ``snapshots.lmdb_store``.)
+transaction and syncs once; callers wait on a Future. (A lone durable writer still waits
+for a whole sync, unless it asks for less, below; a store opened with
+``durability="process"`` removes the sync from the commit altogether and flushes in the
+background, see ``snapshots.lmdb_store``.)
 
 Batching policy: a lone request is committed at once (no added latency when the host is
 quiet). When commits are cheap (a store at ``durability="process"``: no sync) and the
 writer is idle, the caller commits a lone request on its own thread instead: the two
 thread hand-offs of a queued request (~35 µs each here) cost more than the commit
 itself (~28 µs). At ``sync`` a lone commit waits for an ``fdatasync``, which must not
-block the caller (a host's event loop), so requests always go to the writer thread. When the writer finds more than one request waiting it lingers up to
+block the caller (a host's event loop), so such requests go to the writer thread. When
+the writer finds more than one request waiting it lingers up to
 ``max_delay_s`` for more, up to ``max_batch`` per commit, because concurrent arrivals
 predict more of them. Requests that arrive while a commit is in flight form the next
 batch, so under load batches grow by themselves.
+
+Per-commit durability: a request submitted with ``sync`` short of ``"now"`` (its caller
+tells nobody of it before a later durable commit covers it; ``snapshots.store.SyncWhen``)
+lets its batch commit without waiting for a sync if every request in it says so (the
+batch takes the most urgent of its requests' ``sync``). Such a request is also
+committed inline when the writer is idle and the store is at most one commit behind (so
+the transaction need not wait for a sync first): no sync, no hand-off.
 
 Failure isolation: the store runs each function in its own nested transaction
 (``AgentStore.transact_batch``): a function that raises fails only its own Future and
@@ -35,13 +44,13 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from .errors import StoreError
-from .store import AgentStore, Outcome, WriteTxn
+from .store import AgentStore, Outcome, SyncWhen, WriteTxn
 
 __all__ = ["GroupCommitter"]
 
 T = TypeVar("T")
 
-_Item = tuple[Future[Any], Callable[[WriteTxn], Any]]
+_Item = tuple[Future[Any], Callable[[WriteTxn], Any], SyncWhen]  # the Future, the function, when synced
 
 
 class GroupCommitter:
@@ -81,17 +90,23 @@ class GroupCommitter:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[WriteTxn], T]) -> Future[T]:
+    @property
+    def store(self) -> AgentStore:
+        """The store this committer commits to."""
+        return self._store
+
+    def submit(self, fn: Callable[[WriteTxn], T], *, sync: SyncWhen = "now") -> Future[T]:
         """Queue ``fn`` for the next batch; the Future resolves once it is committed.
 
         Committed means what the store's durability level promises (on stable storage
-        at ``sync``, in the OS page cache at ``process``).
+        at ``sync``, in the OS page cache at ``process``); with ``sync`` short of ``"now"``, only
+        once a later durable commit returns (see the module docstring).
         """
         fut: Future[T] = Future()
         if self._closed:
             raise _closed_error()
         try:
-            done = self.try_inline(fn)
+            done = self.try_inline(fn, sync=sync)
         except Exception as exc:  # the store failed: a Future carries it, as from the writer
             fut.set_exception(exc)
             return fut
@@ -104,10 +119,10 @@ class GroupCommitter:
         with self._close_lock:  # so that nothing is queued behind the stop mark
             if self._closed:
                 raise _closed_error()
-            self._queue.put((fut, fn))
+            self._queue.put((fut, fn, sync))
         return fut
 
-    def try_inline(self, fn: Callable[[WriteTxn], Any]) -> Outcome | None:
+    def try_inline(self, fn: Callable[[WriteTxn], Any], *, sync: SyncWhen = "now") -> Outcome | None:
         """Commit ``fn`` on this thread, now, if that is cheap; None if it was not run.
 
         It is, when the store's commits do not sync (``inline_when_idle``), nothing is
@@ -116,7 +131,8 @@ class GroupCommitter:
         This is ``submit`` without a Future, for callers that are on the suspend path:
         a Future's condition variable and hand-offs cost about as much as the commit.
         """
-        if not (self._inline and self._queue.empty() and self._busy.acquire(blocking=False)):
+        cheap = self._inline or (sync != "now" and getattr(self._store, "unflushed_commits", 2) <= 1)
+        if not (cheap and self._queue.empty() and self._busy.acquire(blocking=False)):
             return None
         # Idle writer, nothing queued. A request queued meanwhile by another thread is
         # not ordered before this one by anything, so committing this one first is a
@@ -124,7 +140,7 @@ class GroupCommitter:
         try:
             if self._closed:
                 raise _closed_error()
-            (outcome,) = self._store.transact_batch((fn,))
+            (outcome,) = self._store.transact_batch((fn,), sync=sync)
         finally:
             self._busy.release()
         self.batches += 1
@@ -132,15 +148,15 @@ class GroupCommitter:
         self.inline_commits += 1
         return outcome
 
-    def commit(self, fn: Callable[[WriteTxn], T]) -> T:
+    def commit(self, fn: Callable[[WriteTxn], T], *, sync: SyncWhen = "now") -> T:
         """Commit ``fn`` and wait for it: inline when :meth:`try_inline` can, else queued.
 
         Blocks the calling thread for the writer's commit (an ``fdatasync`` at ``sync``),
         so an event loop should use :meth:`try_inline` and await :meth:`submit` instead.
         """
-        done = self.try_inline(fn)
+        done = self.try_inline(fn, sync=sync)
         if done is None:
-            return self.submit(fn).result()
+            return self.submit(fn, sync=sync).result()
         value: T = done.unwrap()
         return value
 
@@ -211,20 +227,22 @@ class GroupCommitter:
             with self._busy:
                 self._commit(batch, locked=True)
             return
-        live = [(fut, fn) for fut, fn in batch if fut.set_running_or_notify_cancel()]
+        live = [(fut, fn, sync) for fut, fn, sync in batch if fut.set_running_or_notify_cancel()]
         if not live:
             return
+        whens = {sync for _, _, sync in live}  # one sync covers the batch: the most urgent request's
+        sync: SyncWhen = "now" if "now" in whens else "soon" if "soon" in whens else "later"
         try:
-            outcomes = self._store.transact_batch([fn for _, fn in live])
-        except BaseException as exc:  # the store failed: nothing of the batch is written
-            for fut, _ in live:
+            outcomes = self._store.transact_batch([fn for _, fn, _ in live], sync=sync)
+        except BaseException as exc:  # the store failed: nothing of the batch written (or, its sync failed, durable)
+            for fut, _, _ in live:
                 fut.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
             return
         self.batches += 1
         self.items += len(live)
-        for (fut, _), outcome in zip(live, outcomes, strict=True):
+        for (fut, _, _), outcome in zip(live, outcomes, strict=True):
             if outcome.error is not None:
                 fut.set_exception(outcome.error)
             else:

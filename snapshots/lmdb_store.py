@@ -11,12 +11,38 @@ processes on one store may use different levels: the level belongs to a process'
 handle (LMDB's MDB_NOSYNC flag), not to the files.
 
 ``sync`` (the default)
-    LMDB's default: a commit calls ``fdatasync`` on the data file, then writes the meta
-    page synchronously. Once it returns the commit is on stable storage: it survives
-    the host process being killed, a kernel crash and a power loss (on a disk that
-    honours flushes). Cost: one ``fdatasync`` a commit, 0.4-0.9 ms on the benchmark
-    machine's disk; ``GroupCommitter`` shares it between concurrent writers, but an
-    agent hibernating alone waits for all of it.
+    Once a commit returns it is on stable storage: it survives the host process being
+    killed, a kernel crash and a power loss (on a disk that honours flushes). How: the
+    environment is opened MDB_NOSYNC like ``process``, and each commit is followed by
+    one explicit ``mdb_env_sync(force=1)`` (an ``fdatasync`` of the data file, its pages
+    and its meta page) before it returns. LMDB's own synchronous commit costs two device
+    flushes instead: an ``fdatasync`` of the pages, then the meta page written through
+    an ``O_DSYNC`` descriptor (measured about 1.1 ms each on the benchmark machine's disk,
+    issue 15). One sync covers every commit before it, so concurrent writers share it:
+    ``GroupCommitter`` batches them into one transaction and one sync.
+
+    Per commit (``transact``, ``transact_batch``: ``sync``, see ``snapshots.store.SyncWhen``),
+    a caller that acknowledges nothing to anyone before a later durable commit may ask
+    for less than ``"now"``: ``"soon"`` returns unsynced and a background thread syncs at
+    once while the caller goes on (a transactional tool's effect and answer, which only
+    the guest sees before the agent's next durable commit); ``"later"`` is left for the
+    next ``"now"`` commit, ``settle`` or ``close`` to sync (a run's spawn when its caller
+    waits for its end: the run costs one sync, not two). A write transaction
+    begins only once every commit but the last is synced: LMDB keeps the trees of the
+    last two commits intact (a transaction reuses only pages freed two commits back), so
+    the tree the on-disk meta page names is never overwritten. So a power loss costs at
+    most the last two commits made short of ``"now"``, which nobody outside was told of; a
+    SIGKILL costs nothing (the page cache outlives the process).
+
+    A durable commit is synced by the committing thread before it returns, and write
+    transactions of this process are serialised with that sync (as LMDB's own
+    synchronous commit holds its writer lock through its ``fdatasync``). What the single sync gives up against
+    LMDB's two: the ordering of the meta page after the pages *within* one commit's
+    ``fdatasync``. A power loss during that sync (about a millisecond, before the commit
+    is acknowledged) may leave the new meta page on the disk with some of its pages
+    missing; a commit already acknowledged is never at risk. Nothing acknowledged is
+    lost, but the store may then need ``torpor store check`` (and a copy), as after a
+    power loss at ``process`` level.
 
 ``process``
     LMDB's MDB_NOSYNC (py-lmdb ``sync=False``, without MDB_WRITEMAP): a commit returns
@@ -163,6 +189,7 @@ from .store import (
     CheckpointInfo,
     Outcome,
     ReadTxn,
+    SyncWhen,
     WriteTxn,
     unreadable_record,
 )
@@ -415,7 +442,8 @@ class _Gate:
 
 
 class _Flusher:
-    """The background thread of a ``process``-level store: one ``fdatasync`` per interval.
+    """The background thread of a ``process``-level store: one ``fdatasync`` per interval;
+    of a ``sync``-level store: one ``fdatasync`` as soon as a ``sync="soon"`` commit kicks it.
 
     A daemon thread, so it never keeps the process alive (whatever it has not flushed
     is in the page cache, which outlives the process). It holds the store only through
@@ -424,24 +452,34 @@ class _Flusher:
     runs on a closed environment; an Event wakes it at once instead of after a sleep.
     """
 
-    def __init__(self, store: LmdbStore, interval_s: float) -> None:
+    def __init__(self, store: LmdbStore, interval_s: float | None) -> None:
         self._store = weakref.ref(store)
-        self._interval = interval_s
+        self._interval = interval_s  # None: only when kicked
         self._stop = threading.Event()
+        self._kicked = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"torpor-lmdb-flush:{store.path.name}", daemon=True
         )
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
+        while True:
+            self._kicked.wait(self._interval)
+            self._kicked.clear()
+            if self._stop.is_set():
+                return
             store = self._store()
             if store is None or not store._background_flush():
                 return
             del store  # do not pin the store while sleeping
 
+    def kick(self) -> None:
+        """Flush now (once; kicks while a flush runs make one more)."""
+        self._kicked.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._kicked.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
 
@@ -735,6 +773,12 @@ class LmdbStore:
         # Serialises flushes with each other and with close(), which closes the env.
         self._flush_lock = threading.Lock()
         self._flush_error: StoreFlushError | None = None  # sticky: see StoreFlushError
+        # At "sync", each commit is synced explicitly, inside this lock with its
+        # transaction: the next write transaction begins on a durable predecessor.
+        self._sync_each = durability == "sync" and not readonly
+        self._syncer: _Flusher | None = None  # at "sync": syncs sync="soon" commits (started by the first)
+        self._writer: contextlib.AbstractContextManager[Any] = (
+            threading.Lock() if self._sync_each else contextlib.nullcontext())
         #: number of successful write commits (tests and benchmarks read it)
         self.commits = 0
         #: number of times this process grew the map, and adopted another process's growth
@@ -845,9 +889,10 @@ class LmdbStore:
             try:
                 _check_length(env, p)  # before the first read of a tree page
                 dbs, strict = cls._open_dbs(env, p, readonly)
-                if level == "process" and not readonly:
+                if not readonly:
                     # Start from a state on stable storage (e.g. the format record just
-                    # written), so the first interval's exposure is the interval's own.
+                    # written), so the first interval's exposure is the interval's own
+                    # (and at "sync", so the first commit is the only one unsynced).
                     try:
                         env.sync(True)
                     except lmdb.Error as exc:
@@ -904,6 +949,8 @@ class LmdbStore:
             # "process" is MDB_NOSYNC without MDB_WRITEMAP: LMDB pwrite()s the pages, then
             # the meta page, into the page cache and skips the fdatasync. LMDB states what
             # integrity NOSYNC keeps only for environments without WRITEMAP.
+            # "sync" is MDB_NOSYNC too, and syncs explicitly once per commit (see the
+            # module docstring: one device flush a commit instead of LMDB's two).
             return lmdb.open(
                 str(p),
                 map_size=map_size,
@@ -912,7 +959,7 @@ class LmdbStore:
                 max_dbs=_MAX_DBS,
                 max_readers=256,
                 readahead=False,
-                sync=durability == "sync",
+                sync=False,
                 metasync=True,
                 writemap=False,
                 lock=True,
@@ -998,13 +1045,12 @@ class LmdbStore:
 
     @property
     def unflushed_commits(self) -> int:
-        """Commits of this process not yet known to be on stable storage (0 at ``sync``).
+        """Commits of this process not yet known to be on stable storage.
 
         At ``process`` level these are what a power loss or kernel crash right now could
-        cost; a SIGKILL of this process costs none of them.
+        cost; a SIGKILL of this process costs none of them. At ``sync`` level at most two,
+        commits made with ``sync`` short of ``"now"`` that no sync has covered yet.
         """
-        if self._durability == "sync":
-            return 0
         return max(0, self.commits - self.flushed_commits)
 
     @property
@@ -1143,13 +1189,51 @@ class LmdbStore:
 
         At ``process`` level this is what the background flusher does every interval;
         call it where an acknowledgement must survive a power loss (before telling the
-        outside world, say). At ``sync`` level commits are already there, and this only
-        costs a sync. Raises StoreFlushError if it, or an earlier flush, failed.
+        outside world, say). At ``sync`` level commits are already there (but the last one
+        or two made with ``sync`` short of ``"now"``), and this only costs a sync. Raises StoreFlushError if
+        it, or an earlier flush, failed.
         """
         self._require_writable()
         with self._flushing():
             self._check_open()
             self._sync_locked()
+
+    def settle(self) -> None:
+        """Keep the level's promise for every commit so far: at ``sync``, sync those
+        left unsynced (``sync`` short of ``"now"``) if any (else nothing, no I/O); at
+        ``process``, nothing (the flusher's interval is that level's promise)."""
+        self._require_writable()
+        if not self._sync_each or self.commits == self.flushed_commits:
+            return
+        with self._writer:
+            if self.commits != self.flushed_commits:
+                with self._flushing():
+                    self._check_open()
+                    self._sync_locked()
+
+    def _after_commit(self, sync: SyncWhen) -> None:
+        """Count a commit just made (inside ``_writer``); at ``sync``, sync it (``"now"``),
+        have the background syncer sync it while the caller goes on (``"soon"``), or
+        leave it to the next sync (``"later"``)."""
+        self.commits += 1
+        if not self._sync_each or sync == "later":
+            return
+        if sync == "now":
+            with self._flushing():
+                self._sync_locked()
+            return
+        if self._syncer is None:
+            self._syncer = _Flusher(self, None)
+        self._syncer.kick()
+
+    def _before_write(self) -> None:
+        """At ``sync``, inside ``_writer`` before a write transaction begins: every commit
+        but the last is on stable storage (else sync, waiting for the background syncer),
+        so the new transaction cannot reuse a page of the tree the disk's meta page names."""
+        if self._sync_each and self.commits - self.flushed_commits > 1:
+            with self._flushing():
+                if self.commits - self.flushed_commits > 1:
+                    self._sync_locked()
 
     @contextmanager
     def _flushing(self) -> Iterator[None]:
@@ -1237,12 +1321,13 @@ class LmdbStore:
         if self._closed:
             return
         self._closed = True  # refuses new transactions and stops the flusher's rounds
-        if self._flusher is not None:
-            self._flusher.stop()
+        for thread in (self._flusher, self._syncer):
+            if thread is not None:
+                thread.stop()
         error: StoreFlushError | None = None
         with self._flushing():
             try:
-                if self._flusher is not None:
+                if self._flusher is not None or self._sync_each:
                     if self._flush_error is not None:
                         error = self._flush_error
                     elif self.commits != self.flushed_commits:
@@ -1348,7 +1433,13 @@ class LmdbStore:
         If the map fills up the map is grown and StoreError is raised: the body cannot
         be re-run from here. ``transact`` re-runs it instead.
         """
+        with self._writer, self._write_locked() as txn:
+            yield txn
+
+    @contextmanager
+    def _write_locked(self) -> Iterator[WriteTxn]:
         self._require_writable()
+        self._before_write()
         seen = self._map_epoch
         txn = self._begin(write=True)
         try:
@@ -1371,7 +1462,7 @@ class LmdbStore:
             self._gate.exit()
             raise
         self._gate.exit()
-        self.commits += 1
+        self._after_commit("now")
 
     def _require_writable(self) -> None:
         self._check_open()
@@ -1389,19 +1480,25 @@ class LmdbStore:
             )
         return StoreError(f"store {self._path}: {exc}")
 
-    def transact(self, fn: Callable[[WriteTxn], T]) -> T:
+    def transact(self, fn: Callable[[WriteTxn], T], *, sync: SyncWhen = "now") -> T:
         """Run ``fn`` in one write transaction, commit and return its result.
 
-        Once it returns the commit survives what the store's ``durability`` promises.
+        Once it returns the commit survives what the store's ``durability`` promises
+        (``sync`` short of ``"now"``: once a later ``"now"`` commit or ``settle`` returns).
 
         ``fn`` is run again from scratch if the map had to grow, so it must only act
         through the transaction it is given. If it raises, nothing is written.
         """
         self._require_writable()
-        return self._with_write_txn(lambda txn: fn(_LmdbTxn(txn, self._dbs, self._strict)))
+        return self._with_write_txn(lambda txn: fn(_LmdbTxn(txn, self._dbs, self._strict)), sync)
 
-    def _with_write_txn(self, body: Callable[[lmdb.Transaction], T]) -> T:
+    def _with_write_txn(self, body: Callable[[lmdb.Transaction], T], sync: SyncWhen = "now") -> T:
         """Run ``body`` in a write transaction and commit; on a full map, grow and run it again."""
+        with self._writer:
+            return self._write_txn_locked(body, sync)
+
+    def _write_txn_locked(self, body: Callable[[lmdb.Transaction], T], sync: SyncWhen) -> T:
+        self._before_write()
         for _ in range(_MAX_GROW_ATTEMPTS):
             seen = self._map_epoch
             txn = self._begin(write=True)
@@ -1422,14 +1519,16 @@ class LmdbStore:
                 self._gate.exit()
                 raise
             self._gate.exit()
-            self.commits += 1
+            self._after_commit(sync)
             return result
         raise StoreFull(
             f"store {self._path}: the map kept filling up after {_MAX_GROW_ATTEMPTS} grows"
         )
 
-    def transact_batch(self, fns: Sequence[Callable[[WriteTxn], Any]]) -> list[Outcome]:
-        """Run all ``fns`` in one write transaction and one commit (one sync at ``sync``).
+    def transact_batch(self, fns: Sequence[Callable[[WriteTxn], Any]], *,
+                       sync: SyncWhen = "now") -> list[Outcome]:
+        """Run all ``fns`` in one write transaction and one commit (one sync at ``sync``;
+        ``sync``: see ``transact``).
 
         Each function runs in its own nested LMDB transaction: if it raises, only its
         own writes are rolled back and its error is returned in its Outcome, while the
@@ -1445,7 +1544,8 @@ class LmdbStore:
             # raises, the whole transaction is its own and is aborted.
             fn = fns[0]
             try:
-                return [Outcome(value=self._with_write_txn(lambda txn: fn(_LmdbTxn(txn, self._dbs, self._strict))))]
+                return [Outcome(value=self._with_write_txn(lambda txn: fn(_LmdbTxn(txn, self._dbs, self._strict)),
+                                                           sync))]
             except StoreError as exc:
                 cause = exc.__cause__
                 if isinstance(exc, StoreFull) or (cause is not None and _is_disk_full(cause, self._path)):
@@ -1476,7 +1576,7 @@ class LmdbStore:
                     outcomes.append(Outcome(value=value))
             return outcomes
 
-        return self._with_write_txn(body)
+        return self._with_write_txn(body, sync)
 
 
 class _LmdbTxn:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from .summary import AgentSummary
 
@@ -32,6 +32,7 @@ __all__ = [
     "CheckpointInfo",
     "Outcome",
     "ReadTxn",
+    "SyncWhen",
     "WriteTxn",
 ]
 
@@ -241,6 +242,14 @@ class WriteTxn(ReadTxn, Protocol):
         ...
 
 
+#: When a commit must be on stable storage, at a level whose commits sync (LMDB at ``sync``):
+#: ``"now"``, before it returns (the default); ``"soon"``, a background sync starts at once
+#: while the caller goes on; ``"later"``, when the next ``"now"`` commit, ``settle`` or
+#: ``close`` syncs. Only ``"now"`` may be acknowledged to anyone when it returns: the others
+#: are for commits nobody outside hears of before a later ``"now"`` commit covers them.
+SyncWhen = Literal["now", "soon", "later"]
+
+
 class AgentStore(Protocol):
     """A durable store of agents, checkpoints, journals, counters and blobs."""
 
@@ -256,20 +265,30 @@ class AgentStore(Protocol):
         """
         ...
 
-    def transact(self, fn: Callable[[WriteTxn], T]) -> T:
+    def transact(self, fn: Callable[[WriteTxn], T], *, sync: SyncWhen = "now") -> T:
         """Run ``fn`` in a write transaction and commit; retried as needed.
 
         Once it returns the commit survives at least the host process being killed; a
         store may promise more (LMDB at its default ``sync`` level: a power loss too).
+        ``sync``: when it must be on stable storage (:data:`SyncWhen`); short of ``"now"``
+        the store may leave it short of its level's promise until a later ``"now"`` commit
+        (or :meth:`settle`) covers it.
         """
         ...
 
-    def transact_batch(self, fns: Sequence[Callable[[WriteTxn], Any]]) -> list[Outcome]:
+    def transact_batch(self, fns: Sequence[Callable[[WriteTxn], Any]], *,
+                       sync: SyncWhen = "now") -> list[Outcome]:
         """Run many functions in one durable commit, each isolated from the others' errors.
 
         A function that raises has none of its writes committed and its error in its
         Outcome; the others commit. Errors of the store itself (StoreFull, ...) raise.
+        ``sync`` as for :meth:`transact`.
         """
+        ...
+
+    def settle(self) -> None:
+        """Make every commit so far keep the level's promise (a no-op when they all do):
+        what a caller runs before it acknowledges a commit it made with ``sync`` short of ``"now"``."""
         ...
 
     def compact(self) -> dict[str, int]:

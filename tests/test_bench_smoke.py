@@ -108,9 +108,17 @@ def test_density_two_processes_share_one_store(tmp_path: Path) -> None:
 
 
 def test_steps_quick() -> None:
-    r = bench("steps", "--agents", "2", "--n", "10")
-    positive(r["round_trips_per_s"], r["core_round_trips_per_s"], r["baseline_round_trips_per_s"])
-    assert r["runtime_calls"] == 20
+    """The runtime's rates, a call's time phase by phase, and DBOS doing the same work in the same run."""
+    r = bench("steps", "--agents", "2", "--n", "10", "--one-n", "30", "--dbos-n", "10")
+    positive(r["round_trips_per_s"], r["core_round_trips_per_s"], r["baseline_round_trips_per_s"],
+             r["one_agent_round_trips_per_s"], r["one_agent_vs_dbos"], r["agents_vs_dbos"])
+    assert r["runtime_calls"] == 20 and r["one_agent_calls"] == 30
+    ph = r["phases_us"]
+    positive(*(ph[k] for k in ("guest", "policy", "encode", "audit", "commit", "total")))
+    assert sum(ph[k] for k in ("guest", "policy", "encode", "audit", "commit", "other")) == pytest.approx(ph["total"], abs=1)
+    d = r["dbos"]
+    assert d["one_workflow_steps"] == 10 and d["workflows"] == 2 and d["steps_each"] == 5
+    positive(d["one_workflow_steps_per_s"], d["concurrent_steps_per_s"])
 
 
 def test_js_quick() -> None:

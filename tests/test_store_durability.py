@@ -26,6 +26,7 @@ from typing import Any
 
 import lmdb
 import pytest
+from conftest import BundleFactory
 
 from host.cli import app as cli
 from host.errors import ConfigError
@@ -94,10 +95,99 @@ def test_default_is_sync(tmp_path: Path) -> None:
     assert DURABILITY_LEVELS == ("sync", "process")
     with LmdbStore.open(tmp_path / "s") as store:
         assert store.durability == "sync"
-        assert store._env.flags()["sync"] is True and store._env.flags()["metasync"] is True
-        store.transact(_put(1))
-        assert store.unflushed_commits == 0
+        # MDB_NOSYNC: the store syncs each commit itself, once (LMDB's own commit would flush twice)
+        assert store._env.flags()["sync"] is False and store._env.flags()["writemap"] is False
+        spy = _spy(store)
+        for i in range(3):
+            store.transact(_put(i))
+            assert spy.syncs == [True] * (i + 1), "one forced sync per commit, before it returns"
+        assert store.unflushed_commits == 0 and store.flushed_commits == store.commits == 3
         assert not _flusher_threads()
+
+
+def test_lazy_commits_are_synced_in_the_background_and_never_run_two_ahead(tmp_path: Path) -> None:
+    """``sync="soon"`` at ``sync``: the commit returns unsynced and the background syncer
+    syncs it; a write transaction begins only once every commit but the last is synced
+    (checked at every begin, with a sync slow enough that commits catch up with it);
+    ``settle`` syncs only when something is unsynced; ``close`` syncs what is left."""
+    store = LmdbStore.open(tmp_path / "s")
+    spy = _spy(store)
+    real_sync = spy.sync
+
+    release = threading.Event()  # holds the first sync until the lazy commit has returned
+
+    def slow_sync(force: bool = False) -> None:
+        release.wait(30)
+        time.sleep(0.01)
+        real_sync(force)
+
+    spy.sync = slow_sync  # type: ignore[method-assign]
+    behind: list[int] = []
+    real_begin = spy.begin
+
+    def begin(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("write") and kwargs.get("parent") is None:
+            behind.append(store.commits - store.flushed_commits)
+        return real_begin(*args, **kwargs)
+
+    spy.begin = begin  # type: ignore[method-assign]
+    store.transact(_put(1), sync="soon")
+    assert store.unflushed_commits == 1, "a lazy commit does not wait for its sync"
+    release.set()
+    assert _wait(lambda: store.unflushed_commits == 0) and spy.syncs == [True]
+    for i in range(2, 12):
+        store.transact(_put(i), sync="soon" if i % 3 else "later")
+    assert behind and max(behind) <= 1, behind
+    assert _wait(lambda: store.unflushed_commits == 0)
+    syncs = len(spy.syncs)
+    store.settle()
+    assert len(spy.syncs) == syncs, "nothing unsynced: settle costs no I/O"
+    store.transact(_put(12))  # durable: synced before it returns, whatever is in the background
+    assert store.unflushed_commits == 0
+    store.transact(_put(13), sync="later")
+    store.close()
+    assert store.unflushed_commits == 0
+    with LmdbStore.open(tmp_path / "s", readonly=True) as ro, ro.read() as r:
+        assert [r.kv_get("ns", f"k{i}") for i in range(1, 14)] == [b"v%d" % i for i in range(1, 14)]
+
+
+def test_a_failed_background_sync_fails_the_next_commit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """At ``sync`` a ``sync="soon"`` commit's background sync that fails is not lost in its
+    thread: the next commit raises StoreFlushError (sticky: a retried fsync proves nothing)."""
+    store = LmdbStore.open(tmp_path / "s")
+    _spy(store, fail=lmdb.Error("mdb_env_sync: Input/output error"))
+    with caplog.at_level(logging.ERROR, logger="torpor.store"):
+        store.transact(_put(1), sync="soon")
+        assert _wait(lambda: store._flush_error is not None)
+    with pytest.raises(StoreFlushError, match="Input/output error"):
+        store.transact(_put(2))
+    with pytest.raises(StoreFlushError):
+        store.close()
+
+
+def test_concurrent_writers_share_syncs_through_the_group_committer(tmp_path: Path) -> None:
+    """At ``sync`` many threads' commits go through the committer's batches: fewer syncs than
+    commits, and every Future resolves only after a sync that covers it."""
+    with LmdbStore.open(tmp_path / "s") as store, GroupCommitter(store, max_delay_s=0.005) as gc:
+        spy = _spy(store)
+        synced_at: list[int] = []
+        real_sync = spy.sync
+
+        def sync(force: bool = False) -> None:
+            real_sync(force)
+            synced_at.append(store.commits)
+
+        spy.sync = sync  # type: ignore[method-assign]
+        futs = []
+        threads = [threading.Thread(target=lambda i=i: futs.append(gc.submit(_put(i)))) for i in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for f in futs:
+            f.result(timeout=30)
+        assert gc.items == 64 and len(spy.syncs) == gc.batches < 64
+        assert synced_at[-1] == store.commits and store.unflushed_commits == 0
 
 
 def test_process_level_is_nosync_without_writemap(tmp_path: Path) -> None:
@@ -138,6 +228,32 @@ def test_env_var_typos_are_refused_naming_the_variable(tmp_path: Path, monkeypat
 def test_bad_flush_intervals_are_refused(tmp_path: Path, bad: Any) -> None:
     with pytest.raises(StoreConfigError, match="flush_interval_s must be a positive number"):
         LmdbStore.open(tmp_path / "s", durability="process", flush_interval_s=bad)
+
+
+def test_a_waited_run_syncs_once_and_a_tool_is_dispatched_on_a_durable_intent(bundles: BundleFactory,
+                                                                               tmp_path: Path) -> None:
+    """At ``sync``: ``Host.run`` of ``hello`` (no tool calls) commits its spawn unsynced and its
+    end durably: two commits, one sync. A run of ``steps`` (``kv.incr``, transactional) ends
+    with everything synced, its calls' syncs made in the background."""
+    import anyio
+
+    from host.sandbox import bundle as bundle_mod
+
+    hello = bundle_mod.load(bundles.example("hello"))
+    steps = bundle_mod.load(bundles.example("steps"))
+    with Host(tmp_path / "h") as host:
+        store = host.store
+        assert isinstance(store, LmdbStore)
+        anyio.run(lambda: host.run(hello, {"name": "warm"}))  # loads and compiles, records the bundle
+        spy = _spy(store)
+        commits = store.commits
+        r = anyio.run(lambda: host.run(hello, {"name": "ada"}))
+        assert r.status == "completed"
+        assert (store.commits - commits, spy.syncs) == (2, [True]), "a waited run: spawn and end, one sync"
+        assert store.unflushed_commits == 0
+        r = anyio.run(lambda: host.run(steps, {"n": 20}))
+        assert r.status == "completed" and r.output == {"sum": 210, "last": 20}
+        assert store.unflushed_commits == 0, "a run's end covers its calls' background syncs"
 
 
 def test_host_passes_the_level_to_its_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -219,7 +335,8 @@ def test_explicit_flush_at_both_levels(tmp_path: Path) -> None:
         with LmdbStore.open(tmp_path / level, durability=level, flush_interval_s=3600) as store:
             store.transact(_put(1))
             store.flush()
-            assert store.flushes == 1 and store.unflushed_commits == 0
+            # at sync the commit synced itself, then the flush once more
+            assert store.flushes == (2 if level == "sync" else 1) and store.unflushed_commits == 0
     with LmdbStore.open(tmp_path / "sync", readonly=True) as ro, pytest.raises(StoreUnavailable, match="read-only"):
         ro.flush()
 

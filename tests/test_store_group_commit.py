@@ -107,7 +107,7 @@ def test_map_growth_inside_a_batch(tmp_path: Path) -> None:
 def test_store_failure_fails_the_whole_batch(
     store: LmdbStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def disk_full(fns: Any) -> Any:
+    def disk_full(fns: Any, sync: str = "now") -> Any:
         raise StoreFull("disk full (simulated)")
 
     with GroupCommitter(store) as gc:

@@ -5,6 +5,18 @@ the step's own writes (a checkpoint, a journal entry, a tool's effect), the audi
 events the agent queued since its last commit, sealed onto its hash chain, and its
 record, in one transaction of the group committer (many agents' commits share one
 ``fdatasync``). A crash leaves either all of a step or none of it.
+
+Every commit is durable before its ``await`` returns, so nothing that follows it (a tool
+dispatched on a journaled intent, a reply to a client) runs ahead of it. The exception is
+asked for by name (``sync``, :data:`snapshots.store.SyncWhen`), for a commit nobody outside
+the agent hears of before the agent's next durable commit covers it: a run's spawn when
+the caller waits for the run's end (``"later"``: the run's end syncs both), and a
+transactional tool's effect with its answer (``"soon"``, ``kv.incr``: only the guest sees
+the answer, and the agent's next tool, park or end is a durable commit). The store syncs
+a ``"soon"`` commit in the background while the agent computes its next step, so one
+agent's CPU and its disk's flushes overlap (``snapshots.lmdb_store``, ``sync``). A
+power loss rolls such an agent back to a consistent earlier step (its checkpoint, journal
+and effects were in the same commits), from which it redoes the same calls.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from host.runtime.agent import LiveAgent
 from host.runtime.observe import NOBODY, Observer
 from host.trust import audit
 from snapshots.group_commit import GroupCommitter
+from snapshots.store import SyncWhen
 
 T = TypeVar("T")
 
@@ -31,17 +44,25 @@ Events = list[tuple[str, dict[str, Any]]]
 class AgentCommits:
     """Commits through a :class:`~snapshots.group_commit.GroupCommitter` from async code."""
 
+    async def settle(self) -> None:
+        """Make every commit so far durable (a sync only if one was left unsynced): what
+        runs before anything tells the outside world of a commit made short of ``"now"``."""
+        store = self.committer.store
+        if getattr(store, "durability", "sync") == "sync" and getattr(store, "unflushed_commits", 1):
+            await anyio.to_thread.run_sync(store.settle)
+
     def __init__(self, committer: GroupCommitter) -> None:
         self.committer = committer
         self.observer: Observer = NOBODY  # told of every commit of an agent (Host.observe)
 
-    async def run(self, fn: Callable[[Any], T]) -> T:
-        """Run ``fn(txn)`` in a commit and return its value once the commit is durable."""
-        done = self.committer.try_inline(fn)  # an idle committer at durability "process"
+    async def run(self, fn: Callable[[Any], T], sync: SyncWhen = "now") -> T:
+        """Run ``fn(txn)`` in a commit and return its value once the commit is durable
+        (``sync`` short of ``"now"``: once committed; a later durable commit makes it durable)."""
+        done = self.committer.try_inline(fn, sync=sync)  # an idle committer, when no sync is due
         if done is not None:
             value: T = done.unwrap()
             return value
-        fut = self.committer.submit(fn)
+        fut = self.committer.submit(fn, sync=sync)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # pragma: no cover - non-asyncio backend
@@ -49,7 +70,7 @@ class AgentCommits:
         return await asyncio.wrap_future(fut, loop=loop)
 
     async def agent(self, agent: LiveAgent, fn: Callable[[Any], T] | None = None,
-                    after: Callable[[T], Events] | None = None) -> T | None:
+                    after: Callable[[T], Events] | None = None, *, sync: SyncWhen = "now") -> T | None:
         """One transaction: ``fn``, the agent's queued audit events (plus ``after(result)``), its
         guest log lines since the last commit (:mod:`host.runtime.logs`), its record."""
         queued = len(agent.events)
@@ -67,7 +88,7 @@ class AgentCommits:
             return result, rec["audit_seq"], rec["audit_head"], events
 
         t0 = time.perf_counter()
-        result, seq, head, sealed = await self.run(write)
+        result, seq, head, sealed = await self.run(write, sync)
         agent.record["audit_seq"] = seq
         agent.record["audit_head"] = head
         del agent.events[:queued]

@@ -70,7 +70,7 @@ from host.trust.identity import IdentityService
 from snapshots.errors import StoreConfigError, StoreFull, StoreUnavailable
 from snapshots.group_commit import GroupCommitter
 from snapshots.lmdb_store import LmdbStore
-from snapshots.store import UNREADABLE, AgentStore
+from snapshots.store import UNREADABLE, AgentStore, SyncWhen
 
 __all__ = ["CredentialBroker", "Host", "RunResult", "default_store_dir", "run_sync"]
 
@@ -250,25 +250,30 @@ class Host:
                   tenant: str | None = None, started_as: Mapping[str, Any] | None = None) -> RunResult:
         """Spawn an agent from a bundle and drive it until it finishes or parks.
 
-        ``started_as``: the registry reference that named the bundle (see :meth:`run_ref`)."""
+        ``started_as``: the registry reference that named the bundle (see :meth:`run_ref`).
+        The spawn is not synced on its own: nobody hears of the agent before the run's next
+        commit (a checkpoint, a park, its end), which is durable and covers it, so a run
+        without tool calls costs one sync, not two."""
         _, drive = await self.start(b, input, fuel=fuel, on_behalf_of=on_behalf_of, priority=priority,
-                                    tenant=tenant, started_as=started_as)
+                                    tenant=tenant, started_as=started_as, sync="later")
         return await drive()
 
     async def start(self, b: Bundle, input: Any = None, *, fuel: int | None = None,
                     on_behalf_of: str | None = None, priority: int | None = None, tenant: str | None = None,
                     also: Callable[[Any, str], None] | None = None, started_as: Mapping[str, Any] | None = None,
-                    ) -> tuple[str, Callable[[], Awaitable[RunResult]]]:
+                    sync: SyncWhen = "now") -> tuple[str, Callable[[], Awaitable[RunResult]]]:
         """Spawn an agent (its record committed) and return its id with the call that drives it.
 
         Why split from :meth:`run`: a server answers with the new agent's id as soon as the
         spawn is durable and drives the agent in the background. ``tenant`` is recorded on
         the agent (whom a server ran it for); ``also`` adds writes to the spawn's own
         transaction (see :meth:`~host.runtime.lifecycle.Lifecycle.spawn`); ``started_as``:
-        the registry reference that named the bundle (:meth:`~host.runtime.registry.Registry.lookup`)."""
+        the registry reference that named the bundle (:meth:`~host.runtime.registry.Registry.lookup`).
+        ``sync="later"``: the caller tells nobody of the agent until the drive's next commit
+        or :meth:`settle` (a server waiting for the run's end): the spawn is not synced alone."""
         t0 = time.perf_counter()
         agent = await self.lifecycle.spawn(b, input, fuel=fuel, on_behalf_of=on_behalf_of, tenant=tenant, also=also,
-                                           started_as=started_as)
+                                           started_as=started_as, sync=sync)
         self.observer.spawned(agent, time.perf_counter() - t0)
 
         async def drive() -> RunResult:
@@ -277,6 +282,11 @@ class Host:
                 return await self._drive(agent, lambda: self.guest.start(agent))
 
         return agent.agent_id, drive
+
+    async def settle(self) -> None:
+        """Make every commit so far durable: a sync only when a ``sync="later"`` spawn is
+        still unsynced (else no I/O). Run before telling anyone of such an agent."""
+        await self.commits.settle()
 
     async def run_ref(self, ref: str, input: Any = None, *, tenant: str = DEFAULT_TENANT, fuel: int | None = None,
                       on_behalf_of: str | None = None, priority: int | None = None) -> RunResult:

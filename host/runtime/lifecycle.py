@@ -46,7 +46,7 @@ from host.trust.identity import IdentityService
 from policies import PolicyError
 from snapshots.errors import RecordCorrupt, SnapshotError, StoreFull, StoreUnavailable
 from snapshots.format import decode_snapshot
-from snapshots.store import CORRUPT_STATUS, INPUTS_BUCKET, UNREADABLE, AgentStore
+from snapshots.store import CORRUPT_STATUS, INPUTS_BUCKET, UNREADABLE, AgentStore, SyncWhen
 
 Owner = dict[str, Any]
 
@@ -70,7 +70,7 @@ class Lifecycle:
     # -- spawn ------------------------------------------------------------------------------
     async def spawn(self, b: Bundle, input: Any, *, fuel: int | None, on_behalf_of: str | None,
                     tenant: str | None = None, also: Callable[[Any, str], None] | None = None,
-                    started_as: Mapping[str, Any] | None = None) -> LiveAgent:
+                    started_as: Mapping[str, Any] | None = None, sync: SyncWhen = "now") -> LiveAgent:
         """A new agent: its record, input and identity written, ``agent.spawned`` audited.
 
         ``tenant``: whom the agent is run for (a server's operator tenant; recorded, and the
@@ -79,7 +79,9 @@ class Lifecycle:
         does not hold, nor a run exists without its key). ``started_as``: the registry
         reference the run was started by (``ref``, ``name``, ``tag``;
         :class:`~host.runtime.registry.Resolved`), kept in the record and the audit beside the
-        digest it resolved to, which is what the agent runs for good."""
+        digest it resolved to, which is what the agent runs for good. ``sync="later"``: the
+        caller tells nobody of the agent before its next commit, which is durable and covers
+        the spawn's (:class:`~host.runtime.commits.AgentCommits`)."""
         if fuel is not None and fuel < 0:
             raise ConfigError("fuel must be a non-negative integer")
         loaded, pre = self.loader.module(b)  # a refused module leaves nothing in the store
@@ -121,7 +123,7 @@ class Lifecycle:
             if also is not None:
                 also(txn, aid)
 
-        await self.commits.agent(agent, write)
+        await self.commits.agent(agent, write, sync=sync)
         return agent
 
     def begin_run(self, agent: LiveAgent) -> None:

@@ -501,7 +501,9 @@ class ToolCallPipeline:
         def events(answer: Answer) -> Events:
             return [("tool.answered", _answered(call, answer))]
 
-        result = await self.commits.agent(agent, write, events)
+        # Only the guest sees the answer before the agent's next durable commit: synced in the
+        # background while the guest runs on (host.runtime.commits).
+        result = await self.commits.agent(agent, write, events, sync="soon")
         assert result is not None
         if cp is not None:
             self.commits.observer.suspended(agent, time.perf_counter() - agent.stopped_at)

@@ -27,6 +27,7 @@ from starlette.routing import Route
 
 from host.errors import BundleNotFound, IdempotencyConflict, InvalidInput, TorporError
 from host.runtime import Host
+from host.runtime.result import PARKED, TERMINAL
 from host.sandbox.bundle import Bundle
 from host.server import agents as agents_routes
 from host.server.gateway import require
@@ -94,16 +95,20 @@ class Runs:
             raise InvalidInput(f"Idempotency-Key must be 1-{_KEY_MAX} printable characters")
         b, started_as = resolve(self.host, ref, who.tenant)
         if key is None:
-            agent_id = await self._start(b, payload, fuel, on_behalf_of, who.tenant, None, started_as)
+            agent_id = await self._start(b, payload, fuel, on_behalf_of, who.tenant, None, started_as, bool(wait))
             status = 201
         else:  # the request's fingerprint (canonical JSON hashed) only where a key needs it
             fingerprint = audit.digest({"agent": ref, "digest": b.digest, "input": payload, "fuel": fuel,
                                         **({"on_behalf_of": on_behalf_of} if on_behalf_of is not None else {})})
             agent_id, status = await self._start_once(b, payload, fuel, on_behalf_of, who.tenant, key, fingerprint,
-                                                      started_as)
+                                                      started_as, bool(wait))
         if wait:  # the record the wait ended on is the answer (not read again), with its drive's log lines
             rec = await agents_routes.wait_until_stopped(self.host, self.scheduler, agent_id, wait)
+            if rec.get("status") not in TERMINAL | PARKED:  # those are written by a synced commit
+                await self.host.settle()  # a run still going: its spawn synced before the reply names it
             return json_response(owned(rec, agent_id, who), status)
+        if status == 200:  # an idempotent retry may name a waiting request's spawn, not yet synced
+            await self.host.settle()
         return json_response(owned_agent(self.host, agent_id, who), status)
 
     async def start(self, b: Bundle, payload: Any, tenant: str, started_as: dict[str, Any]) -> str:
@@ -111,7 +116,9 @@ class Runs:
         return await self._start(b, payload, None, None, tenant, None, started_as)
 
     async def _start(self, b: Bundle, payload: Any, fuel: int | None, on_behalf_of: str | None, tenant: str,
-                     key: tuple[str, str] | None, started_as: dict[str, Any]) -> str:
+                     key: tuple[str, str] | None, started_as: dict[str, Any], waits: bool) -> str:
+        """Spawn and drive; ``waits``: the request waits for the run, whose next commit (or the
+        reply's :meth:`~host.runtime.host.Host.settle`) syncs the spawn: one sync, not two."""
         also = None
         if key is not None:
             name, fingerprint = key
@@ -121,7 +128,7 @@ class Runs:
                     {"fingerprint": fingerprint, "agent_id": agent_id, "t": time.time()}).encode())
         try:
             agent_id, drive = await self.host.start(b, payload, fuel=fuel, on_behalf_of=on_behalf_of, tenant=tenant,
-                                                    also=also, started_as=started_as)
+                                                    also=also, started_as=started_as, sync="later" if waits else "now")
         except TorporError as exc:
             if exc.code == "invalid_config" and "input" in str(exc):  # the spawn's check of the input
                 raise InvalidInput(str(exc)) from None
@@ -130,7 +137,7 @@ class Runs:
         return agent_id
 
     async def _start_once(self, b: Bundle, payload: Any, fuel: int | None, on_behalf_of: str | None, tenant: str, key: str,
-                          fingerprint: str, started_as: dict[str, Any]) -> tuple[str, int]:
+                          fingerprint: str, started_as: dict[str, Any], waits: bool) -> tuple[str, int]:
         name = _key_name(tenant, key)
         lock, users = self._locks.get(name, (anyio.Lock(), 0))
         self._locks[name] = (lock, users + 1)
@@ -142,7 +149,8 @@ class Runs:
                         raise IdempotencyConflict("this Idempotency-Key was used for a different request "
                                                   "(another agent, input or fuel); use a new key")
                     return str(found["agent_id"]), 200
-                return await self._start(b, payload, fuel, on_behalf_of, tenant, (name, fingerprint), started_as), 201
+                return await self._start(b, payload, fuel, on_behalf_of, tenant, (name, fingerprint), started_as,
+                                         waits), 201
         finally:
             lock, users = self._locks[name]
             if users <= 1:

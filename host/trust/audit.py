@@ -146,9 +146,18 @@ def _head_key(seq: int) -> str:
 
 def seal(agent_id: str, seq: int, prev: str, t: float, kind: str, data: dict[str, Any]) -> dict[str, Any]:
     """A chained record: ``hash`` covers every other field, ``prev`` links it to the last one."""
+    return _sealed(agent_id, seq, prev, t, kind, data)[0]
+
+
+def _sealed(agent_id: str, seq: int, prev: str, t: float, kind: str,
+            data: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    """The sealed record and the bytes it is stored as: its canonical body (what ``hash``
+    covers) with ``hash`` appended, so a record is encoded once, not twice (readers parse
+    it; verification recomputes the hash from the parsed fields, whatever their order)."""
     rec: dict[str, Any] = {"agent_id": agent_id, "seq": seq, "t": t, "kind": kind, "prev": prev, **data}
-    rec["hash"] = hashlib.sha256(canonical(rec)).hexdigest()
-    return rec
+    body = canonical(rec)
+    rec["hash"] = h = hashlib.sha256(body).hexdigest()
+    return rec, b"%s,\"hash\":\"%s\"}" % (body[:-1], h.encode())
 
 
 def append_events(txn: Any, rec: dict[str, Any], events: Iterable[tuple[str, dict[str, Any]]]) -> None:
@@ -163,8 +172,8 @@ def append_events(txn: Any, rec: dict[str, Any], events: Iterable[tuple[str, dic
     now = time.time()
     for kind, data in events:
         seq += 1
-        sealed = seal(rec["agent_id"], seq, head, now, kind, data)
-        txn.put_blob(BUCKET, record_key(rec["agent_id"], seq), canonical(sealed))
+        sealed, raw = _sealed(rec["agent_id"], seq, head, now, kind, data)
+        txn.put_blob(BUCKET, record_key(rec["agent_id"], seq), raw)
         head = sealed["hash"]
     rec["audit_seq"] = seq
     rec["audit_head"] = head
