@@ -15,7 +15,8 @@ from the repository alone.
 
 A JS agent (``agent.js`` + ``policy.toml``) is then that runtime pre-initialised with
 the agent (:mod:`host.sandbox.preinit`): runtime, context and the ``torpor`` module set
-up and the agent's module compiled, all inside the module's data. Asyncify runs only on
+up and the agent's modules compiled and linked (every module it imports, resolved by
+:mod:`host.sandbox.js_modules` as QuickJS asks), all inside the module's data. Asyncify runs only on
 the three functions between ``torpor_main`` and ``tool_call`` (the job loop calls
 ``tool_call`` once nothing is runnable, never from inside the interpreter).
 """
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from host.errors import ToolchainError
-from host.sandbox import abi, binaryen, isolation, preinit
+from host.sandbox import abi, binaryen, isolation, js_modules, preinit
 
 QUICKJS_PACKAGE = "quickjs-ng"
 QUICKJS_VERSION = "0.17.0.2"
@@ -47,6 +48,8 @@ QUICKJS_SOURCES = ("quickjs.c", "libregexp.c", "libunicode.c", "dtoa.c")
 
 JS_SDK_DIR = Path(__file__).resolve().parents[2] / "guest_sdk" / "js"
 GLUE = "runtime.c"
+#: Compiled in place of quickjs.c: the engine plus the build's link-without-evaluate.
+ENGINE = "qjs_link.c"
 SHIM = "no_wasi.h"
 MODULE_JS = "torpor.js"
 
@@ -70,8 +73,6 @@ LDFLAGS = (
 #: The fuel and memory the build-time init may use (parsing and compiling the agent).
 INIT_FUEL = 20_000_000_000
 INIT_MEMORY = 256 << 20
-#: The largest agent source accepted (bundle your dependencies, but not a whole library mirror).
-MAX_SOURCE = 16 << 20
 
 
 def cache_dir() -> Path:
@@ -97,6 +98,7 @@ def runtime_key() -> str:
     """A hash of everything the runtime module is made of: a change rebuilds it."""
     h = hashlib.sha256()
     for part in (QUICKJS_SHA256.encode(), (JS_SDK_DIR / GLUE).read_bytes(), (JS_SDK_DIR / SHIM).read_bytes(),
+                 (JS_SDK_DIR / ENGINE).read_bytes(),
                  " ".join(CFLAGS + LDFLAGS + ASYNC_PATH).encode(), _zig_version().encode()):
         h.update(part)
         h.update(b"\0")
@@ -197,7 +199,8 @@ def build_runtime() -> bytes:
         for name in QUICKJS_SOURCES:
             obj = str(src / (name + ".o"))
             objects.append(obj)
-            args = ["cc", *CFLAGS, "-include", str(shim), "-c", "-o", obj, str(src / name)]
+            path = JS_SDK_DIR / ENGINE if name == "quickjs.c" else src / name
+            args = ["cc", *CFLAGS, f"-I{src}", "-include", str(shim), "-c", "-o", obj, str(path)]
             procs.append((name, args))
         _parallel([(args, f"QuickJS ({name})") for name, args in procs])
         out = src / "runtime.wasm"
@@ -278,10 +281,12 @@ def _init_engine() -> Any:
     return wasmtime.Engine(cfg)
 
 
-def pre_initialize(runtime: bytes, source: str, filename: str) -> bytes:
-    """The runtime with ``source`` compiled into its pristine image (see the module docstring).
+def pre_initialize(runtime: bytes, graph: js_modules.ModuleGraph) -> bytes:
+    """The runtime with the agent's modules compiled and linked into its pristine image
+    (see the module docstring); ``graph`` resolves and reads them as QuickJS asks.
 
-    A syntax error is a :class:`ToolchainError` whose message names the file and line.
+    A syntax error, a module that cannot be resolved or an import of a name a module does
+    not export is a :class:`ToolchainError` whose message names the file and line.
     """
     import wasmtime
 
@@ -291,22 +296,61 @@ def pre_initialize(runtime: bytes, source: str, filename: str) -> bytes:
     store.set_fuel(INIT_FUEL)
     store.set_limits(memory_size=INIT_MEMORY)
     said: list[str] = []
+    answer = [b""]
     linker = wasmtime.Linker(engine)
     i32 = wasmtime.ValType.i32()
+    filename = graph.entry
 
     def define(name: str, params: int, results: int, fn: Any) -> None:
         ty = wasmtime.FuncType([i32] * params, [i32] * results)
         linker.define_func(abi.IMPORT_MODULE, name, ty, fn, access_caller=True)
 
-    def read(caller: Any, ptr: int, n: int) -> str:
+    def read_bytes(caller: Any, ptr: int, n: int) -> bytes | None:
         mem = caller.get("memory")
         if not isinstance(mem, wasmtime.Memory) or ptr < 0 or n < 0 or ptr + n > mem.data_len(caller):
-            return "(unreadable message)"
-        return bytes(mem.read(caller, ptr, ptr + n)).decode("utf-8", "replace")
+            return None
+        return bytes(mem.read(caller, ptr, ptr + n))
+
+    def read(caller: Any, ptr: int, n: int) -> str:
+        data = read_bytes(caller, ptr, n)
+        return "(unreadable message)" if data is None else data.decode("utf-8", "replace")
 
     def log(caller: Any, level: int, ptr: int, n: int) -> int:
         said.append(read(caller, ptr, min(n, 65536)))
         return 0
+
+    def builder(caller: Any, name_ptr: int, name_len: int, args_ptr: int, args_len: int) -> int:
+        """The build's questions about modules (runtime.c, ask_builder); nothing else."""
+        what = read(caller, name_ptr, min(name_len, 64))
+        raw = read_bytes(caller, args_ptr, args_len)
+        if raw is None:
+            raise _InitFailed("the builder's question is outside memory")
+        first, _, second = raw.decode("utf-8", "replace").partition("\0")
+        try:
+            if what == "build.resolve":
+                text = graph.resolve(first, second)
+            elif what == "build.source":
+                text = graph.source(first)
+            elif what == "build.cycles":
+                text = graph.cycle_note()
+            else:
+                raise _InitFailed("the agent called the host while it was being compiled")
+        except ToolchainError as exc:
+            answer[0] = str(exc).encode("utf-8")
+            return -1
+        answer[0] = text.encode("utf-8")
+        return 0
+
+    def respond_len(caller: Any) -> int:
+        return len(answer[0])
+
+    def respond(caller: Any, ptr: int, n: int) -> int:
+        data = answer[0][:max(0, n)]
+        mem = caller.get("memory")
+        if not isinstance(mem, wasmtime.Memory) or ptr < 0 or ptr + len(data) > mem.data_len(caller):
+            return -1
+        mem.write(caller, data, ptr)
+        return len(data)
 
     def refuse(caller: Any, *args: int) -> int:
         raise _InitFailed("the agent called the host while it was being compiled")
@@ -318,9 +362,9 @@ def pre_initialize(runtime: bytes, source: str, filename: str) -> bytes:
     define("input_read", 2, 1, lambda caller, p, n: 0)
     define("output_write", 2, 1, refuse)
     define("log", 3, 1, log)
-    define("tool_call", 4, 1, refuse)
-    define("response_len", 0, 1, lambda caller: 0)
-    define("response_read", 2, 1, lambda caller, p, n: 0)
+    define("tool_call", 4, 1, builder)
+    define("response_len", 0, 1, respond_len)
+    define("response_read", 2, 1, respond)
     define("abort", 3, 0, abort)
     inst = linker.instantiate(store, module)
     ex = inst.exports(store)
@@ -336,15 +380,14 @@ def pre_initialize(runtime: bytes, source: str, filename: str) -> bytes:
         return ptr
 
     lib = (JS_SDK_DIR / MODULE_JS).read_bytes()
-    src = source.encode("utf-8")
-    if len(src) > MAX_SOURCE:
-        raise ToolchainError(f"{filename} is {len(src):,} bytes; the limit is {MAX_SOURCE:,}")
     name = filename.encode("utf-8")
     try:
-        rc = init(store, put(lib), len(lib), put(src), len(src), put(name), len(name))
+        rc = init(store, put(lib), len(lib), put(name), len(name))
     except _InitFailed as exc:
         raise ToolchainError(f"{filename}: {exc}") from None
     except wasmtime.Trap as exc:
+        if graph.failure is not None:
+            raise graph.failure from None
         if exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
             raise ToolchainError(f"{filename}: compiling the agent ran out of fuel") from None
         if exc.trap_code == wasmtime.TrapCode.STACK_OVERFLOW:
@@ -352,6 +395,8 @@ def pre_initialize(runtime: bytes, source: str, filename: str) -> bytes:
         raise ToolchainError(f"{filename}: compiling the agent failed ({exc.trap_code}): "
                              f"{str(exc).splitlines()[0]}") from None
     if rc != 0:
+        if graph.failure is not None:
+            raise graph.failure  # the resolver's own error, with the importing file and line
         raise ToolchainError(_compile_error(said[-1] if said else "compile: (no message)", filename))
     values: dict[int, int | float] = {}
     for gname, index in preinit.global_exports(runtime).items():
@@ -365,23 +410,15 @@ def pre_initialize(runtime: bytes, source: str, filename: str) -> bytes:
 def _compile_error(said: str, filename: str) -> str:
     """One line naming the file, line and column first: ``agent.js:4:11: SyntaxError: ...``."""
     lines = said.splitlines()
-    head = lines[0].removeprefix("compile: ") if lines else said
+    head = lines[0] if lines else said
+    if head.startswith("link: "):  # an import of a name no module exports (runtime.c, torpor_js_init)
+        return f"JavaScript modules do not link: {filename}: {head.removeprefix('link: ')}"
+    head = head.removeprefix("compile: ")
     where = next((m.group(1) for line in lines[1:] if (m := re.search(r"at (\S+:\d+(?::\d+)?)", line))), filename)
     return f"JavaScript compilation failed: {where}: {head}"
 
 
 def build_agent(agent_dir: Path) -> bytes:
     """The module of the JS agent in ``agent_dir`` (its ``agent.js``, or its ``agent.ts``
-    with the types stripped), ready to pack."""
-    entry = agent_dir / "agent.js"
-    if not entry.is_file() and (agent_dir / "agent.ts").is_file():
-        entry = agent_dir / "agent.ts"
-    try:
-        source = entry.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ToolchainError(f"cannot read {entry}: {exc}") from exc
-    if entry.suffix == ".ts":
-        from host.sandbox.ts_strip import strip_types
-
-        source = strip_types(source, entry.name)  # positions kept: errors name agent.ts lines
-    return pre_initialize(runtime_module(), source, entry.name)
+    with the types stripped, and every module they import), ready to pack."""
+    return pre_initialize(runtime_module(), js_modules.ModuleGraph.of_dir(agent_dir))
