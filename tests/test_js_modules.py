@@ -20,8 +20,9 @@ from conftest import EXAMPLES, GUESTS, BundleFactory
 
 from host.errors import ToolchainError
 from host.runtime import Host, RunResult
+from host.sandbox import abi, js_runtime, wasm_binary
 from host.sandbox import bundle as bundle_mod
-from host.sandbox import js_runtime
+from host.sandbox.execution import Suspended
 from host.sandbox.js_modules import ModuleGraph
 
 POLICY = (EXAMPLES / "steps-js" / "policy.toml").read_text()
@@ -73,6 +74,21 @@ def test_multi_module_agent_hibernates_across_its_modules(host: Host, multi: bun
 def test_every_module_is_compiled_into_the_image(multi: bundle_mod.Bundle) -> None:
     for atom in (b"exploded ", b"the CommonJS build was loaded"):
         assert (atom in multi.module) == (atom == b"exploded ")
+
+
+def test_js_checkpoints_use_the_finer_chunks(multi: bundle_mod.Bundle) -> None:
+    """The JS builder asks for 512-byte delta chunks (abi.CHUNK_SECTION) and a capture uses them."""
+    assert wasm_binary.custom_sections(multi.module)[abi.CHUNK_SECTION] == str(js_runtime.CHUNK_SIZE).encode()
+    from bench.rig import make_engine, make_rig
+
+    rig = make_rig(make_engine(None), multi)
+    assert rig.loaded.chunk_size == js_runtime.CHUNK_SIZE == 512
+    ex = rig.execution(b'{"n": 2}')
+    out = ex.start()
+    assert isinstance(out, Suspended)
+    delta = ex.capture().memory
+    assert delta.chunk_size == 512 and 0 < delta.changed_bytes < 64 * 1024
+    ex.release()
 
 
 def test_an_error_in_an_imported_module_names_its_file_and_line(host: Host, multi: bundle_mod.Bundle) -> None:
