@@ -75,10 +75,15 @@ static char *cycle_note;
  * host that does not write it) means "derive it from the input". */
 __attribute__((used)) uint64_t __torpor_seed; /* exported by the link (--export) */
 
+/* A tool call waiting for its turn. Its name and arguments are QuickJS's own UTF-8 views
+ * of the JS strings (JS_ToCStringLen: for an ASCII string, the string itself, held by a
+ * reference), not copies: the arguments of a call that sends a whole conversation are
+ * then in the heap once, not twice (the JSON text and a C copy), and so in the checkpoint
+ * taken while the agent hibernates on the call. */
 typedef struct pending_call {
     struct pending_call *next;
-    char *name;
-    char *args;
+    const char *name;
+    const char *args;
     size_t name_len, args_len;
     JSValue resolve, reject;
 } pending_call;
@@ -160,19 +165,6 @@ static JSValue n_log(JSContext *c, JSValueConst this_val, int argc, JSValueConst
     return JS_UNDEFINED;
 }
 
-static char *dup_cstring(JSContext *c, JSValueConst v, size_t *len) {
-    size_t n;
-    const char *s = JS_ToCStringLen(c, &n, v);
-    if (!s) return NULL;
-    char *d = malloc(n + 1);
-    if (!d) fail_oom(n + 1);
-    memcpy(d, s, n);
-    d[n] = 0;
-    JS_FreeCString(c, s);
-    *len = n;
-    return d;
-}
-
 /* native.call(name, argsJson) -> a promise of [code, responseText], settled by run_loop. */
 static JSValue n_call(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
     (void)this_val;
@@ -181,12 +173,12 @@ static JSValue n_call(JSContext *c, JSValueConst this_val, int argc, JSValueCons
         return JS_ThrowRangeError(c, "torpor.tool: more than %d tool calls are waiting at once", TORPOR_JS_MAX_PENDING);
     pending_call *pc = calloc(1, sizeof *pc);
     if (!pc) fail_oom(sizeof *pc);
-    pc->name = dup_cstring(c, argv[0], &pc->name_len);
-    pc->args = pc->name ? dup_cstring(c, argv[1], &pc->args_len) : NULL;
-    if (!pc->args) { free(pc->name); free(pc); return JS_EXCEPTION; }
+    pc->name = JS_ToCStringLen(c, &pc->name_len, argv[0]);
+    pc->args = pc->name ? JS_ToCStringLen(c, &pc->args_len, argv[1]) : NULL;
+    if (!pc->args) { JS_FreeCString(c, pc->name); free(pc); return JS_EXCEPTION; }
     JSValue funcs[2];
     JSValue promise = JS_NewPromiseCapability(c, funcs);
-    if (JS_IsException(promise)) { free(pc->name); free(pc->args); free(pc); return promise; }
+    if (JS_IsException(promise)) { JS_FreeCString(c, pc->name); JS_FreeCString(c, pc->args); free(pc); return promise; }
     pc->resolve = funcs[0];
     pc->reject = funcs[1];
     if (queue_tail) queue_tail->next = pc; else queue_head = pc;
@@ -437,8 +429,8 @@ static void settle(pending_call *pc, int32_t code) {
     JS_FreeValue(ctx, pair);
     JS_FreeValue(ctx, pc->resolve);
     JS_FreeValue(ctx, pc->reject);
-    free(pc->name);
-    free(pc->args);
+    JS_FreeCString(ctx, pc->name);
+    JS_FreeCString(ctx, pc->args);
     free(pc);
 }
 
