@@ -139,6 +139,8 @@ def test_cycle_that_reads_an_uninitialised_binding_names_the_cycle(js_built: byt
      r"outside the agent's directory"),
     ({"agent.js": 'import x from "https://example.com/x.js";\nexport default () => x;\n'},
      r"nothing is fetched at build"),
+    ({"agent.js": 'import d from "./data.json";\nexport default () => d;\n', "data.json": "{}"},
+     r"agent\.js:1:15: cannot import '\./data\.json': data\.json is not a JavaScript or TypeScript module"),
     ({"agent.js": 'import x from "pkg/secret";\nexport default () => x;\n',
       "node_modules/pkg/package.json": '{"exports": {".": "./i.js"}}', "node_modules/pkg/i.js": "",
       "node_modules/pkg/secret.js": "export default 1;\n"},
@@ -182,6 +184,13 @@ def test_resolution_rules(tmp_path: Path) -> None:
     assert g.resolve("agent.ts", "torpor") == "torpor"
     with pytest.raises(ToolchainError, match=r"has no '\./features/internal/x'"):
         g.resolve("agent.ts", "p/features/internal/x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "package.json").write_text('{"main": "evil.js"}')
+    (outside / "evil.js").write_text("export default 1;\n")
+    (d / "node_modules" / "evil").symlink_to(outside)
+    with pytest.raises(ToolchainError, match=r"has no module for '\.'"):  # a link out of the agent is not followed
+        g.resolve("agent.ts", "evil")
     g2 = ModuleGraph.of_dir(d)
     g2.resolve("agent.ts", "./lib")
     g2.resolve("lib/index.ts", "p")

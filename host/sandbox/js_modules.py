@@ -85,6 +85,9 @@ class ModuleGraph:
         """The name of the module ``spec`` imported from module ``base`` refers to."""
         try:
             name = self._resolve(base, spec)
+            if name != TORPOR_MODULE and not name.endswith(EXTENSIONS):
+                raise self._fail(base, spec, f"{name} is not a JavaScript or TypeScript module "
+                                 f"({', '.join(EXTENSIONS)}); data goes in a module (export default {{...}})")
         except ToolchainError as exc:
             self.failure = self.failure or exc
             raise
@@ -196,9 +199,9 @@ class ModuleGraph:
                          "directory: `torpor build` installs nothing)")
 
     def _package_json(self, base: str, spec: str, pkg_dir: str) -> dict[str, Any]:
-        path = self.root / pkg_dir / "package.json"
-        if not path.is_file():
+        if not self._file(f"{pkg_dir}/package.json"):  # absent, or a link out of the agent's directory
             return {}
+        path = self.root / pkg_dir / "package.json"
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
