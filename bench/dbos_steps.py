@@ -46,13 +46,13 @@ def dbos_steps(n_one: int, workflows: int, n_each: int) -> dict[str, Any]:
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         DBOS(config={"name": "torpor-bench-steps", "system_database_url": f"sqlite:///{tmp / 'dbos.sqlite'}",
-                     "log_level": "WARNING", "run_admin_server": False})  # type: ignore[typeddict-unknown-key]
+                     "log_level": "WARNING", "run_admin_server": False})  # type: ignore[typeddict-unknown-key, unused-ignore]
 
-        @DBOS.step()
+        @DBOS.step()  # type: ignore[untyped-decorator, unused-ignore]
         def incr(count: int) -> int:
             return count + 1
 
-        @DBOS.workflow()
+        @DBOS.workflow()  # type: ignore[untyped-decorator, unused-ignore]
         def steps(n: int) -> int:
             count = 0
             for _ in range(n):

@@ -47,14 +47,15 @@ static int chunk_differs(const uint8_t *cur, const uint8_t *pri, size_t pri_len,
  * `out` (room for every chunk); returns how many.
  *
  * With `pagemap_fd` >= 0 (an open /proc/self/pagemap), `cur` page-aligned and `chunk` a
- * multiple of `page`, a chunk none of whose pages the kernel reports present or swapped
+ * multiple or a divisor of `page` (no chunk straddles a page it does not cover), a chunk none of whose pages the kernel reports present or swapped
  * (never touched since mapped: it reads as what the mapping is backed by, which the
  * caller vouches is the reference) is skipped unread: reading it would fault in the
  * zero page for nothing. If the pagemap cannot be read, every chunk is compared. */
 size_t tp_changed_chunks(const uint8_t *cur, size_t mem_len, const uint8_t *pri, size_t pri_len,
                          size_t chunk, int pagemap_fd, size_t page, uint32_t *out) {
     size_t nchunks = (mem_len + chunk - 1) / chunk, n = 0;
-    int use_map = pagemap_fd >= 0 && page > 0 && chunk % page == 0 && (uintptr_t)cur % page == 0;
+    int use_map = pagemap_fd >= 0 && page > 0 && (chunk % page == 0 || page % chunk == 0) &&
+                  (uintptr_t)cur % page == 0;
     uint64_t map[512];
     size_t map_first = 0, map_count = 0;
     for (size_t i = 0; i < nchunks; i++) {

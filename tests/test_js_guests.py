@@ -24,7 +24,7 @@ from conftest import EXAMPLES, GUESTS, BundleFactory
 from host.errors import ToolchainError
 from host.runtime import Host, RunResult
 from host.sandbox import bundle as bundle_mod
-from host.sandbox import js_runtime
+from host.sandbox import js_modules, js_runtime
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +126,7 @@ def test_eval_is_allowed_and_reaches_nothing(host: Host, hostile: bundle_mod.Bun
     assert out["sum"] == 3 and out["fn"] == 42
     assert out["native"] == "undefined" and out["indirect"] == "undefined" * 5
     assert out["date"] == 0  # no clock inside the sandbox (clock.now is a tool)
-    assert "imports only 'torpor'" in out["import"]
+    assert "cannot import 'os' from agent.js: only the modules `torpor build` bundled" in out["import"]
     # A tool the policy does not grant, called from eval'd code: a typed denial with its rule.
     assert out["denied"] == {"name": "ToolError", "code": "denied", "rule": "tools", "retryable": False}
 
@@ -271,4 +271,4 @@ def test_hostile_sources_are_refused_at_build(js_built: bytes, source: str, mess
     """Nesting that would overflow the parser's stack, a source past the size limit: a
     build error with the file named, and the builder lives on."""
     with pytest.raises(ToolchainError, match=message):
-        js_runtime.pre_initialize(js_built, source, "agent.js")
+        js_runtime.pre_initialize(js_built, js_modules.ModuleGraph.single(source, "agent.js"))

@@ -27,7 +27,7 @@ from child_rss import run_measured
 from conftest import BundleFactory
 
 from host.errors import MemoryLimitError, ModuleError
-from host.sandbox import validate, wasm_binary
+from host.sandbox import abi, validate, wasm_binary
 from host.sandbox.engine import Engine
 
 POLICY = '[agent]\nname = "hostile"\n[budgets]\nmemory = "16MiB"\nwall_clock = "5s"\n[tools."kv.get"]\n'
@@ -368,6 +368,18 @@ def test_validator_accepts_the_hand_made_agent_and_reads_it() -> None:
     assert shape.suspendable and shape.entry_results == 1 and shape.memory_pages == (1, None)
     assert shape.snapshot_globals == (("torpor.g0", "i32"),)
     assert [(i.module, i.name) for i in shape.imports] == [("torpor", "tool_call")]
+
+
+@pytest.mark.parametrize("value", [b"512", b"4096", b"100", b"65536", b"", b"x"])
+def test_checkpoint_chunk_size_section_is_one_of_the_sizes(value: bytes) -> None:
+    """A module may ask for finer checkpoint chunks (JS agents do); anything else is refused."""
+    module = wasm_binary.add_custom_section(with_abi(agent_wat()), abi.CHUNK_SECTION, value)
+    if value in (b"512", b"4096"):
+        assert validate.check_module(module).chunk_size == int(value)
+    else:
+        with pytest.raises(ModuleError, match=r"torpor\.chunk holds"):
+            validate.check_module(module)
+    assert validate.check_module(with_abi(agent_wat())).chunk_size == 4096
 
 
 def test_pack_refuses_before_binaryen(monkeypatch: pytest.MonkeyPatch) -> None:

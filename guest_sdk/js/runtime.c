@@ -65,6 +65,9 @@ static JSValue native_obj;   /* __torpor_native: input/output/log/call (+ start,
 static JSValue agent_module; /* the compiled, not yet evaluated, agent module */
 static int initialized;
 static int started;
+/* "a.js -> b.js -> a.js" when the agent's modules import each other in a cycle (from the
+ * builder): appended to a ReferenceError, the way a cycle goes wrong at run time. */
+static char *cycle_note;
 
 /* The agent's seed: the host writes 8 bytes derived from the agent's id here before
  * torpor_main first runs (ABI.md section 6, `__torpor_seed`), so agents spawned from one
@@ -72,10 +75,15 @@ static int started;
  * host that does not write it) means "derive it from the input". */
 __attribute__((used)) uint64_t __torpor_seed; /* exported by the link (--export) */
 
+/* A tool call waiting for its turn. Its name and arguments are QuickJS's own UTF-8 views
+ * of the JS strings (JS_ToCStringLen: for an ASCII string, the string itself, held by a
+ * reference), not copies: the arguments of a call that sends a whole conversation are
+ * then in the heap once, not twice (the JSON text and a C copy), and so in the checkpoint
+ * taken while the agent hibernates on the call. */
 typedef struct pending_call {
     struct pending_call *next;
-    char *name;
-    char *args;
+    const char *name;
+    const char *args;
     size_t name_len, args_len;
     JSValue resolve, reject;
 } pending_call;
@@ -157,19 +165,6 @@ static JSValue n_log(JSContext *c, JSValueConst this_val, int argc, JSValueConst
     return JS_UNDEFINED;
 }
 
-static char *dup_cstring(JSContext *c, JSValueConst v, size_t *len) {
-    size_t n;
-    const char *s = JS_ToCStringLen(c, &n, v);
-    if (!s) return NULL;
-    char *d = malloc(n + 1);
-    if (!d) fail_oom(n + 1);
-    memcpy(d, s, n);
-    d[n] = 0;
-    JS_FreeCString(c, s);
-    *len = n;
-    return d;
-}
-
 /* native.call(name, argsJson) -> a promise of [code, responseText], settled by run_loop. */
 static JSValue n_call(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
     (void)this_val;
@@ -178,12 +173,12 @@ static JSValue n_call(JSContext *c, JSValueConst this_val, int argc, JSValueCons
         return JS_ThrowRangeError(c, "torpor.tool: more than %d tool calls are waiting at once", TORPOR_JS_MAX_PENDING);
     pending_call *pc = calloc(1, sizeof *pc);
     if (!pc) fail_oom(sizeof *pc);
-    pc->name = dup_cstring(c, argv[0], &pc->name_len);
-    pc->args = pc->name ? dup_cstring(c, argv[1], &pc->args_len) : NULL;
-    if (!pc->args) { free(pc->name); free(pc); return JS_EXCEPTION; }
+    pc->name = JS_ToCStringLen(c, &pc->name_len, argv[0]);
+    pc->args = pc->name ? JS_ToCStringLen(c, &pc->args_len, argv[1]) : NULL;
+    if (!pc->args) { JS_FreeCString(c, pc->name); free(pc); return JS_EXCEPTION; }
     JSValue funcs[2];
     JSValue promise = JS_NewPromiseCapability(c, funcs);
-    if (JS_IsException(promise)) { free(pc->name); free(pc->args); free(pc); return promise; }
+    if (JS_IsException(promise)) { JS_FreeCString(c, pc->name); JS_FreeCString(c, pc->args); free(pc); return promise; }
     pc->resolve = funcs[0];
     pc->reject = funcs[1];
     if (queue_tail) queue_tail->next = pc; else queue_head = pc;
@@ -231,6 +226,18 @@ static void report(const char *what, JSValueConst exc) {
     size_t n = a + 2 + b;
     if (st && s) { line[n++] = '\n'; memcpy(line + n, st, s); n += s; }
     while (n && (line[n - 1] == '\n' || line[n - 1] == ' ')) n--;
+    if (cycle_note && msg && !strncmp(msg, "ReferenceError", 14)) {
+        /* how an import cycle goes wrong: a binding read before its module's top level ran */
+        static const char pre[] = "\n(the agent's modules import each other in a cycle: ";
+        static const char post[] = "; a module's top level may have used a binding of one that had not run yet)";
+        size_t c = strlen(cycle_note);
+        char *longer = realloc(line, n + sizeof pre + c + sizeof post);
+        if (!longer) fail_oom(n + sizeof pre + c + sizeof post);
+        line = longer;
+        memcpy(line + n, pre, sizeof pre - 1); n += sizeof pre - 1;
+        memcpy(line + n, cycle_note, c); n += c;
+        memcpy(line + n, post, sizeof post - 1); n += sizeof post - 1;
+    }
     say(3, line, n);
     free(line);
     if (st) JS_FreeCString(ctx, st);
@@ -252,16 +259,91 @@ static int fail_msg(const char *msg) {
 
 /* ---- modules ------------------------------------------------------------------ */
 
-static JSModuleDef *load_module(JSContext *c, const char *name, void *opaque) {
-    (void)opaque;
-    JS_ThrowReferenceError(c, "cannot import '%s': a Torpor agent imports only 'torpor' (bundle everything else into agent.js)", name);
-    return NULL;
+/* An agent is a graph of ES modules: its own files and packages under node_modules,
+ * resolved and read by the builder (host/sandbox/js_modules.py) while torpor_js_init
+ * runs. QuickJS's parser finds the imports; for each it asks the builder, through the
+ * tool_call import (answered by the builder alone, only during the build), for the
+ * resolved name ("build.resolve") and then for that module's source ("build.source").
+ * Every module is compiled and linked at build, so a spawn loads nothing. The resolutions
+ * stay in the image for `import()` at run time, which can only reach a module the build
+ * compiled (a static import somewhere in the agent). */
+typedef struct resolution { struct resolution *next; char *base, *spec, *name; } resolution;
+static resolution *resolutions;
+static int building;
+static char *copy_str(const char *s, size_t n) {
+    char *d = malloc(n + 1);
+    if (!d) fail_oom(n + 1);
+    memcpy(d, s, n);
+    d[n] = 0;
+    return d;
+}
+
+/* Asks the builder `what` about "a\0b"; returns its NUL-terminated answer and the code
+ * (negative: the answer is an error message). */
+static char *ask_builder(const char *what, const char *a, const char *b, int32_t *code) {
+    size_t an = strlen(a), bn = strlen(b);
+    char *args = malloc(an + bn + 2);
+    if (!args) fail_oom(an + bn + 2);
+    memcpy(args, a, an + 1);
+    memcpy(args + an + 1, b, bn + 1);
+    *code = torpor_sys_tool_call(what, (int32_t)strlen(what), args, (int32_t)(an + bn + 1));
+    free(args);
+    int32_t n = torpor_sys_response_len();
+    char *buf = malloc(n > 0 ? (size_t)n + 1 : 1);
+    if (!buf) fail_oom((size_t)n + 1);
+    int32_t got = n > 0 ? torpor_sys_response_read(buf, n) : 0;
+    buf[got > 0 ? got : 0] = 0;
+    return buf;
 }
 
 static char *norm_module(JSContext *c, const char *base, const char *name, void *opaque) {
-    (void)base; (void)opaque;
-    return js_strdup(c, name);
+    (void)opaque;
+    for (resolution *r = resolutions; r; r = r->next)
+        if (!strcmp(r->base, base) && !strcmp(r->spec, name)) return js_strdup(c, r->name);
+    if (!building) {
+        JS_ThrowReferenceError(c, "cannot import '%s' from %s: only the modules `torpor build` bundled can be imported "
+                                  "(import it statically somewhere in the agent)", name, base);
+        return NULL;
+    }
+    int32_t code;
+    char *answer = ask_builder("build.resolve", base, name, &code);
+    if (code < 0) {
+        JS_ThrowReferenceError(c, "%s", answer);
+        free(answer);
+        return NULL;
+    }
+    resolution *r = calloc(1, sizeof *r);
+    if (!r) fail_oom(sizeof *r);
+    r->base = copy_str(base, strlen(base));
+    r->spec = copy_str(name, strlen(name));
+    r->name = answer;
+    r->next = resolutions;
+    resolutions = r;
+    return js_strdup(c, answer);
 }
+
+static JSModuleDef *load_module(JSContext *c, const char *name, void *opaque) {
+    (void)opaque;
+    if (!building) {
+        JS_ThrowReferenceError(c, "cannot load the module '%s' after the build", name);
+        return NULL;
+    }
+    int32_t code;
+    char *src = ask_builder("build.source", name, "", &code);
+    if (code < 0) {
+        JS_ThrowReferenceError(c, "%s", src);
+        free(src);
+        return NULL;
+    }
+    JSValue v = JS_Eval(c, src, strlen(src), name, JS_EVAL_TYPE_MODULE | JS_EVAL_FLAG_COMPILE_ONLY);
+    free(src);
+    if (JS_IsException(v)) return NULL;
+    JSModuleDef *m = JS_VALUE_GET_PTR(v);
+    JS_FreeValue(c, v); /* the context's module list keeps it */
+    return m;
+}
+
+extern int torpor_qjs_link(JSContext *c, JSValueConst module); /* qjs_link.c */
 
 /* ---- build time ------------------------------------------------------------------- */
 
@@ -273,8 +355,7 @@ EXPORT("torpor_js_alloc") void *torpor_js_alloc(int32_t n) { return malloc(n > 0
 /* Builds the pristine state: runtime, context, the torpor module evaluated, the agent's
  * module compiled (not run). Returns 0, or 1 after logging the error (syntax errors name
  * the file and line). Called once, at build time, never by the host. */
-EXPORT("torpor_js_init") int torpor_js_init(const char *lib, int32_t lib_len, const char *src, int32_t src_len,
-                                            const char *file, int32_t file_len) {
+EXPORT("torpor_js_init") int torpor_js_init(const char *lib, int32_t lib_len, const char *entry, int32_t entry_len) {
     if (initialized) return fail_msg("the JavaScript runtime is already initialised");
     __wasm_call_ctors();
     rt = JS_NewRuntime2(&qjs_mf, NULL);
@@ -308,19 +389,19 @@ EXPORT("torpor_js_init") int torpor_js_init(const char *lib, int32_t lib_len, co
     }
     JS_FreeValue(ctx, done);
 
-    char *fname = malloc((size_t)file_len + 1);
-    if (!fname) fail_oom((size_t)file_len + 1);
-    memcpy(fname, file, (size_t)file_len);
-    fname[file_len] = 0;
-    /* The source must end in a NUL for QuickJS's parser. */
-    char *code = malloc((size_t)src_len + 1);
-    if (!code) fail_oom((size_t)src_len + 1);
-    memcpy(code, src, (size_t)src_len);
-    code[src_len] = 0;
-    agent_module = JS_Eval(ctx, code, (size_t)src_len, fname, JS_EVAL_TYPE_MODULE | JS_EVAL_FLAG_COMPILE_ONLY);
-    free(code);
-    free(fname);
-    if (JS_IsException(agent_module)) return fail_with_exception("compile");
+    /* The entry and everything it imports, compiled and linked (run: torpor_main). */
+    building = 1;
+    char *ename = copy_str(entry, (size_t)entry_len);
+    JSModuleDef *m = load_module(ctx, ename, NULL);
+    free(ename);
+    if (!m) { building = 0; return fail_with_exception("compile"); }
+    agent_module = JS_DupValue(ctx, JS_MKPTR(JS_TAG_MODULE, m));
+    if (JS_ResolveModule(ctx, agent_module) < 0) { building = 0; return fail_with_exception("compile"); }
+    if (torpor_qjs_link(ctx, agent_module) < 0) { building = 0; return fail_with_exception("link"); }
+    int32_t code;
+    char *note = ask_builder("build.cycles", "", "", &code);
+    if (code >= 0 && note[0]) cycle_note = note; else free(note);
+    building = 0;
     JS_RunGC(rt);
     initialized = 1;
     return 0;
@@ -348,8 +429,8 @@ static void settle(pending_call *pc, int32_t code) {
     JS_FreeValue(ctx, pair);
     JS_FreeValue(ctx, pc->resolve);
     JS_FreeValue(ctx, pc->reject);
-    free(pc->name);
-    free(pc->args);
+    JS_FreeCString(ctx, pc->name);
+    JS_FreeCString(ctx, pc->args);
     free(pc);
 }
 

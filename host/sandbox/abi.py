@@ -11,6 +11,12 @@ from typing import Final
 ABI_VERSION: Final = 1
 SUPPORTED_ABI_VERSIONS: Final = frozenset({1})
 ABI_SECTION: Final = "torpor.abi"
+#: A module may ask for a finer granularity of its checkpoints' memory deltas (ASCII
+#: bytes, one of CHUNK_SIZES): a pre-initialised heap (a JS agent's) differs from its
+#: image by a few bytes on many pages, and a 1 KiB chunk carries a quarter of a page's
+#: zeros through the scan, the compressor and the restore. Without it, 4 KiB.
+CHUNK_SECTION: Final = "torpor.chunk"
+CHUNK_SIZES: Final = (256, 512, 1024, 2048, 4096)
 
 IMPORT_MODULE: Final = "torpor"
 ENTRY_EXPORT: Final = "torpor_main"

@@ -350,6 +350,7 @@ class LoadedModule:
     suspendable: bool
     entry_results: int = 1  # how many results the entry export returns (0 or 1)
     has_initialize: bool = False  # a WASI reactor's `_initialize`, run once before the entry
+    chunk_size: int = 4096  # the granularity of its checkpoints' deltas (abi.CHUNK_SECTION)
     shape: ModuleShape = field(kw_only=True)  # what host.sandbox.validate read
     _pres: dict[Any, wasmtime.InstancePre] = field(default_factory=dict)
     #: ``pristine`` prepared once for captures, encodes and restores (see PristineImage)
@@ -365,7 +366,7 @@ class LoadedModule:
         imports = [(imp.module, imp.name, imp.kind) for imp in shape.imports]
         pristine, async_buf = _pristine_image(engine, module, imports)
         return cls(engine, module, digest, imports, pristine, async_buf, shape.snapshot_globals,
-                   shape.suspendable, shape.entry_results, shape.has_initialize, shape=shape)
+                   shape.suspendable, shape.entry_results, shape.has_initialize, shape.chunk_size, shape=shape)
 
     def check_imports(self, granted_tools: bool, wasi_allow: frozenset[str], policy_name: str) -> None:
         """Refuse, before anything runs, a module importing what the policy does not grant."""

@@ -468,7 +468,8 @@ class Execution:
         # buffers whose absent pages read as zeros, and data segments and restores
         # write theirs): skipped unread, they stay unmapped, so every capture of the
         # instance reads only the pages the agent (or its restore) really touched.
-        delta = diff_memory(self.loaded.image, MemoryAt(*self._mem_base_len()), untouched_is_pristine=True)
+        delta = diff_memory(self.loaded.image, MemoryAt(*self._mem_base_len()), self.loaded.chunk_size,
+                            untouched_is_pristine=True)
         return Captured(delta, self.capture_globals(), self.async_buf)
 
     def capture_globals(self) -> tuple[GlobalValue, ...]:

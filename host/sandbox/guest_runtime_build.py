@@ -227,8 +227,18 @@ class BuildInstance:
         return preinit.apply(self.runtime, img, drop_exports=drop_exports)
 
 
-def build_instance(runtime: bytes, module: Any, engine: Any, *, fuel: int, memory: int) -> BuildInstance:
-    """``module`` (compiled from ``runtime``) instantiated for its init, see :class:`BuildInstance`."""
+#: Answers a build-time question the runtime asks through ``tool_call`` (its name and raw
+#: arguments): a status (0, or -1 for a refusal) and the answer the guest reads back.
+Builder = Callable[[str, bytes], tuple[int, bytes]]
+
+
+def build_instance(runtime: bytes, module: Any, engine: Any, *, fuel: int, memory: int,
+                   builder: Builder | None = None) -> BuildInstance:
+    """``module`` (compiled from ``runtime``) instantiated for its init, see :class:`BuildInstance`.
+
+    Without ``builder`` a tool call during the init is refused (an agent cannot call
+    anything while it is built); with one, its questions (the JS runtime asking where an
+    import points and for that module's source) are answered and nothing else."""
     import wasmtime
 
     store = wasmtime.Store(engine)
@@ -242,11 +252,17 @@ def build_instance(runtime: bytes, module: Any, engine: Any, *, fuel: int, memor
         ty = wasmtime.FuncType([i32] * params, [i32] * results)
         linker.define_func(abi.IMPORT_MODULE, name, ty, fn, access_caller=True)
 
-    def read(caller: Any, ptr: int, n: int) -> str:
+    answer = [b""]
+
+    def read_bytes(caller: Any, ptr: int, n: int) -> bytes | None:
         mem = caller.get("memory")
         if not isinstance(mem, wasmtime.Memory) or ptr < 0 or n < 0 or ptr + n > mem.data_len(caller):
-            return "(unreadable message)"
-        return bytes(mem.read(caller, ptr, ptr + n)).decode("utf-8", "replace")
+            return None
+        return bytes(mem.read(caller, ptr, ptr + n))
+
+    def read(caller: Any, ptr: int, n: int) -> str:
+        data = read_bytes(caller, ptr, n)
+        return "(unreadable message)" if data is None else data.decode("utf-8", "replace")
 
     def log(caller: Any, level: int, ptr: int, n: int) -> int:
         said.append(read(caller, ptr, min(n, 65536)))
@@ -258,13 +274,31 @@ def build_instance(runtime: bytes, module: Any, engine: Any, *, fuel: int, memor
     def abort(caller: Any, kind: int, ptr: int, n: int) -> None:
         raise InitFailed(read(caller, ptr, min(n, 4096)))
 
+    def ask(caller: Any, name_ptr: int, name_len: int, args_ptr: int, args_len: int) -> int:
+        if builder is None:
+            raise InitFailed("the agent called the host while it was being built")
+        what = read(caller, name_ptr, min(name_len, 64))
+        raw = read_bytes(caller, args_ptr, args_len)
+        if raw is None:
+            raise InitFailed("the builder's question is outside memory")
+        rc, answer[0] = builder(what, raw)
+        return rc
+
+    def response_read(caller: Any, ptr: int, n: int) -> int:
+        data = answer[0][:max(0, n)]
+        mem = caller.get("memory")
+        if not isinstance(mem, wasmtime.Memory) or ptr < 0 or ptr + len(data) > mem.data_len(caller):
+            return -1
+        mem.write(caller, data, ptr)
+        return len(data)
+
     define("input_len", 0, 1, lambda caller: 0)
     define("input_read", 2, 1, lambda caller, p, n: 0)
     define("output_write", 2, 1, refuse)
     define("log", 3, 1, log)
-    define("tool_call", 4, 1, refuse)
-    define("response_len", 0, 1, lambda caller: 0)
-    define("response_read", 2, 1, lambda caller, p, n: 0)
+    define("tool_call", 4, 1, ask)
+    define("response_len", 0, 1, lambda caller: len(answer[0]))
+    define("response_read", 2, 1, response_read)
     define("abort", 3, 0, abort)
     inst = linker.instantiate(store, module)
     return BuildInstance(runtime=runtime, store=store, exports=inst.exports(store), said=said)

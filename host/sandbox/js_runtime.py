@@ -15,7 +15,8 @@ from the repository alone.
 
 A JS agent (``agent.js`` + ``policy.toml``) is then that runtime pre-initialised with
 the agent (:mod:`host.sandbox.preinit`): runtime, context and the ``torpor`` module set
-up and the agent's module compiled, all inside the module's data. Asyncify runs only on
+up and the agent's modules compiled and linked (every module it imports, resolved by
+:mod:`host.sandbox.js_modules` as QuickJS asks), all inside the module's data. Asyncify runs only on
 the three functions between ``torpor_main`` and ``tool_call`` (the job loop calls
 ``tool_call`` once nothing is runnable, never from inside the interpreter).
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from host.errors import ToolchainError
-from host.sandbox import abi, binaryen
+from host.sandbox import abi, binaryen, js_modules, wasm_binary
 from host.sandbox import guest_runtime_build as grb
 
 QUICKJS_PACKAGE = "quickjs-ng"
@@ -42,6 +43,8 @@ QUICKJS_SOURCES = ("quickjs.c", "libregexp.c", "libunicode.c", "dtoa.c")
 
 JS_SDK_DIR = Path(__file__).resolve().parents[2] / "guest_sdk" / "js"
 GLUE = "runtime.c"
+#: Compiled in place of quickjs.c: the engine plus the build's link-without-evaluate.
+ENGINE = "qjs_link.c"
 SHIM = "no_wasi.h"
 MODULE_JS = "torpor.js"
 
@@ -62,11 +65,16 @@ LDFLAGS = (
     "-Wl,--export=__stack_pointer",
 )
 
+#: The granularity of a JS agent's checkpoint deltas (abi.CHUNK_SECTION). A turn of a JS
+#: agent changes a few bytes (reference counts, list links) on each of ~34 pages of its
+#: heap; with 512-byte chunks a steps-js checkpoint scans out, compresses and restores
+#: ~35 KiB instead of 139 KiB (4 KiB chunks): 8-13 % more round trips per second in
+#: alternated runs (bench/RESULTS.md); 256 bytes cost more in chunk indices than they save.
+CHUNK_SIZE = 512
+
 #: The fuel and memory the build-time init may use (parsing and compiling the agent).
 INIT_FUEL = 20_000_000_000
 INIT_MEMORY = 256 << 20
-#: The largest agent source accepted (bundle your dependencies, but not a whole library mirror).
-MAX_SOURCE = 16 << 20
 
 
 def cache_dir() -> Path:
@@ -78,6 +86,7 @@ def runtime_key() -> str:
     """A hash of everything the runtime module is made of: a change rebuilds it."""
     h = hashlib.sha256()
     for part in (QUICKJS_SHA256.encode(), (JS_SDK_DIR / GLUE).read_bytes(), (JS_SDK_DIR / SHIM).read_bytes(),
+                 (JS_SDK_DIR / ENGINE).read_bytes(),
                  " ".join(CFLAGS + LDFLAGS + ASYNC_PATH).encode(), grb.zig_version().encode()):
         h.update(part)
         h.update(b"\0")
@@ -119,7 +128,8 @@ def build_runtime() -> bytes:
         for name in QUICKJS_SOURCES:
             obj = str(src / (name + ".o"))
             objects.append(obj)
-            args = ["cc", *CFLAGS, "-include", str(shim), "-c", "-o", obj, str(src / name)]
+            path = JS_SDK_DIR / ENGINE if name == "quickjs.c" else src / name
+            args = ["cc", *CFLAGS, f"-I{src}", "-include", str(shim), "-c", "-o", obj, str(path)]
             procs.append((name, args))
         grb.parallel([(args, f"QuickJS ({name})") for name, args in procs])
         out = src / "runtime.wasm"
@@ -146,57 +156,71 @@ def runtime_module() -> bytes:
 
 # ---- one agent ------------------------------------------------------------------------
 
-def pre_initialize(runtime: bytes, source: str, filename: str) -> bytes:
-    """The runtime with ``source`` compiled into its pristine image (see the module docstring).
+def pre_initialize(runtime: bytes, graph: js_modules.ModuleGraph) -> bytes:
+    """The runtime with the agent's modules compiled and linked into its pristine image
+    (see the module docstring); ``graph`` resolves and reads them as QuickJS asks.
 
-    A syntax error is a :class:`ToolchainError` whose message names the file and line.
+    A syntax error, a module that cannot be resolved or an import of a name a module does
+    not export is a :class:`ToolchainError` whose message names the file and line.
     """
     import wasmtime
 
+    filename = graph.entry
+
+    def builder(what: str, question: bytes) -> tuple[int, bytes]:
+        """The build's questions about modules (runtime.c, ask_builder); nothing else."""
+        first, _, second = question.decode("utf-8", "replace").partition("\0")
+        try:
+            if what == "build.resolve":
+                text = graph.resolve(first, second)
+            elif what == "build.source":
+                text = graph.source(first)
+            elif what == "build.cycles":
+                text = graph.cycle_note()
+            else:
+                raise grb.InitFailed("the agent called the host while it was being compiled")
+        except ToolchainError as exc:
+            return -1, str(exc).encode("utf-8")
+        return 0, text.encode("utf-8")
+
     engine = grb.init_engine()
     module = grb.compiled(engine, runtime, cache_dir(), f"quickjs-{QUICKJS_VERSION}")
-    inst = grb.build_instance(runtime, module, engine, fuel=INIT_FUEL, memory=INIT_MEMORY)
+    inst = grb.build_instance(runtime, module, engine, fuel=INIT_FUEL, memory=INIT_MEMORY, builder=builder)
     init = inst.func("torpor_js_init")
 
     def put(data: bytes) -> int:
         return inst.put("torpor_js_alloc", data, f"{filename} (under the build's {INIT_MEMORY >> 20} MiB)")
 
     lib = (JS_SDK_DIR / MODULE_JS).read_bytes()
-    src = source.encode("utf-8")
-    if len(src) > MAX_SOURCE:
-        raise ToolchainError(f"{filename} is {len(src):,} bytes; the limit is {MAX_SOURCE:,}")
     name = filename.encode("utf-8")
     try:
-        rc = init(inst.store, put(lib), len(lib), put(src), len(src), put(name), len(name))
+        rc = init(inst.store, put(lib), len(lib), put(name), len(name))
     except grb.InitFailed as exc:
         raise ToolchainError(f"{filename}: {exc}") from None
     except wasmtime.Trap as exc:
+        if graph.failure is not None:
+            raise graph.failure from None
         raise ToolchainError(grb.trap_message(exc, filename, "compiling the agent", "compile")) from None
     if rc != 0:
+        if graph.failure is not None:
+            raise graph.failure  # the resolver's own error, with the importing file and line
         raise ToolchainError(_compile_error(inst.said[-1] if inst.said else "compile: (no message)", filename))
-    return inst.image(BUILD_EXPORTS)
+    # The agent's heap is the image's: a turn changes a few bytes on many of its pages.
+    return wasm_binary.add_custom_section(inst.image(BUILD_EXPORTS), abi.CHUNK_SECTION, str(CHUNK_SIZE).encode())
 
 
 def _compile_error(said: str, filename: str) -> str:
     """One line naming the file, line and column first: ``agent.js:4:11: SyntaxError: ...``."""
     lines = said.splitlines()
-    head = lines[0].removeprefix("compile: ") if lines else said
+    head = lines[0] if lines else said
+    if head.startswith("link: "):  # an import of a name no module exports (runtime.c, torpor_js_init)
+        return f"JavaScript modules do not link: {filename}: {head.removeprefix('link: ')}"
+    head = head.removeprefix("compile: ")
     where = next((m.group(1) for line in lines[1:] if (m := re.search(r"at (\S+:\d+(?::\d+)?)", line))), filename)
     return f"JavaScript compilation failed: {where}: {head}"
 
 
 def build_agent(agent_dir: Path) -> bytes:
     """The module of the JS agent in ``agent_dir`` (its ``agent.js``, or its ``agent.ts``
-    with the types stripped), ready to pack."""
-    entry = agent_dir / "agent.js"
-    if not entry.is_file() and (agent_dir / "agent.ts").is_file():
-        entry = agent_dir / "agent.ts"
-    try:
-        source = entry.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ToolchainError(f"cannot read {entry}: {exc}") from exc
-    if entry.suffix == ".ts":
-        from host.sandbox.ts_strip import strip_types
-
-        source = strip_types(source, entry.name)  # positions kept: errors name agent.ts lines
-    return pre_initialize(runtime_module(), source, entry.name)
+    with the types stripped, and every module they import), ready to pack."""
+    return pre_initialize(runtime_module(), js_modules.ModuleGraph.of_dir(agent_dir))

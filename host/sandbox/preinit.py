@@ -29,9 +29,13 @@ _SEC_GLOBAL, _SEC_EXPORT, _SEC_MEMORY, _SEC_DATA, _SEC_DATACOUNT = 6, 7, 5, 11, 
 _KIND_GLOBAL = 3
 _I32, _I64, _F32, _F64 = 0x7F, 0x7E, 0x7D, 0x7C
 
-#: Zero runs shorter than this stay inside a data segment (a segment costs ~6 bytes of
-#: header; thousands of tiny ones would also approach the host's segment limit).
-_MIN_GAP = 64
+#: Zero runs shorter than this stay inside a data segment. Why 2 KiB: every segment is
+#: one more copy when Wasmtime instantiates the module, which is every spawn and every
+#: resume; the JS runtime's image cut at 64-byte gaps was 400 segments, at 2 KiB 16, and
+#: in alternated runs of `torpor bench js`'s loop that took spawn from 209 to 151 µs and
+#: resume from 290 to 259 µs (bench/RESULTS.md). Below a page, so a whole zero page is
+#: never written (a page nothing writes stays unmapped and is skipped by every capture).
+_MIN_GAP = 2048
 _MAX_SEGMENTS = 4_000
 
 

@@ -142,6 +142,13 @@ class ModuleShape:
         return all(name in self.exports for name in abi.ASYNCIFY_EXPORTS)
 
     @property
+    def chunk_size(self) -> int:
+        """The granularity of this module's checkpoint deltas (``abi.CHUNK_SECTION``;
+        :func:`check_module` refused any other value than one of ``abi.CHUNK_SIZES``)."""
+        raw = self.custom.get(abi.CHUNK_SECTION)
+        return int(raw) if raw else 4096
+
+    @property
     def has_initialize(self) -> bool:
         return self.func_sig(abi.INITIALIZE_EXPORT) is not None
 
@@ -263,6 +270,10 @@ def check_module(wasm: bytes, limits: HostLimits = HOST_LIMITS) -> ModuleShape:
     p.run()
     shape = p.shape()
     _check_abi(shape)
+    chunk = shape.custom.get(abi.CHUNK_SECTION)
+    if chunk is not None and chunk not in {str(n).encode() for n in abi.CHUNK_SIZES}:
+        raise ModuleError(f"the custom section {abi.CHUNK_SECTION} holds {chunk[:16]!r}; it names a checkpoint "
+                          f"chunk size, one of {', '.join(map(str, abi.CHUNK_SIZES))}")
     return shape
 
 

@@ -113,7 +113,7 @@ class Runs:
 
     async def start(self, b: Bundle, payload: Any, tenant: str, started_as: dict[str, Any]) -> str:
         """Start a run without an idempotency key and drive it in the background (an MCP call)."""
-        return await self._start(b, payload, None, None, tenant, None, started_as)
+        return await self._start(b, payload, None, None, tenant, None, started_as, waits=False)
 
     async def _start(self, b: Bundle, payload: Any, fuel: int | None, on_behalf_of: str | None, tenant: str,
                      key: tuple[str, str] | None, started_as: dict[str, Any], waits: bool) -> str:
