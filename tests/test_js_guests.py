@@ -236,16 +236,20 @@ def test_sleep_is_a_durable_host_timer(js_built: bytes, bundles: BundleFactory, 
     assert parked.returncode == 4 and first["status"] == "sleeping", parked.stdout + parked.stderr
     early = subprocess.run([*cli, "resume", "--all", "--store", store, "--json"], capture_output=True, text=True,
                            timeout=120)
-    assert json.loads(early.stdout) == [] or time.time() >= first["wake_at"], early.stdout  # nothing due yet
-    time.sleep(max(0.0, first["wake_at"] - time.time()))
-    t0 = time.monotonic()
-    res = subprocess.run([*cli, "resume", "--all", "--store", store, "--json"], capture_output=True, text=True,
-                         timeout=120)
-    took = time.monotonic() - t0
-    [final] = json.loads(res.stdout)
-    assert final["status"] == "completed", res.stderr
+    woken = json.loads(early.stdout)
+    if woken:  # a loaded machine took so long to start the command that the agent was due
+        assert time.time() >= first["wake_at"], early.stdout
+        [final] = woken
+    else:
+        time.sleep(max(0.0, first["wake_at"] - time.time()))
+        t0 = time.monotonic()
+        res = subprocess.run([*cli, "resume", "--all", "--store", store, "--json"], capture_output=True, text=True,
+                             timeout=120)
+        took = time.monotonic() - t0
+        [final] = json.loads(res.stdout)
+        assert took < 5.0, f"resume took {took:.1f} s: the sleep started again"
+    assert final["status"] == "completed", final
     assert final["output"]["elapsed"] >= 1500  # the clock.now calls straddle the whole wait
-    assert took < 5.0, f"resume took {took:.1f} s: the sleep started again"
 
 
 def test_sleep_parks_a_running_host_and_wakes_when_due(host: Host, hostile: bundle_mod.Bundle) -> None:
