@@ -44,7 +44,7 @@ def test_every_example_and_guest_has_a_policy() -> None:
     dirs = [d for d in EXAMPLES.iterdir() if d.is_dir()] + [GUESTS / g for g in SDK_GUESTS]
     assert {d.name for d in EXAMPLES.iterdir() if d.is_dir()} >= {"hello", "steps", "inventory"}
     for d in dirs:
-        sources = [d / "agent.c", d / "agent.js", d / "agent.ts", d / "agent.zig"]  # C, JavaScript, TypeScript or Zig
+        sources = [d / f"agent.{ext}" for ext in ("c", "js", "ts", "zig", "py")]  # C, JavaScript, TypeScript, Zig or Python
         assert any(p.exists() for p in sources) and (d / "policy.toml").exists(), d
         from policies import load_policy
 
