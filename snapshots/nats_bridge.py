@@ -1,0 +1,269 @@
+"""The one place where the synchronous store meets nats-py's asyncio client.
+
+Why a thread of its own: ``AgentStore`` is synchronous (the runtime calls it from worker
+threads, from the server's event loop through ``to_thread``, from the CLI), and nats-py is
+asyncio only. The bridge owns a private event loop running in a daemon thread, and the
+one NATS connection, created on that loop; every call from another thread is a coroutine
+handed to that loop with ``run_coroutine_threadsafe`` and waited for with a timeout. No
+caller's event loop is ever borrowed (the server's loop may be the caller, blocked in a
+worker thread: sharing it would deadlock), and no nats-py object leaves this module.
+
+Messages of a subscription are handed to a plain callback on the bridge's thread: the
+callback must only queue them (the store's applier thread does the work).
+
+Errors: a connection that cannot be made, a request that times out, a server that answers
+with an error are ``StoreUnavailable`` (the cluster is not there for us now);
+``WrongLastSequence`` is the answer to a conditional publish that lost a race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .errors import StoreConfigError, StoreError, StoreUnavailable
+
+__all__ = ["LogMessage", "NatsBridge", "WrongLastSequence"]
+
+T = TypeVar("T")
+#: The JetStream error code of "wrong last sequence" (an expected-sequence header not met).
+_WRONG_LAST_SEQUENCE = 10071
+
+
+class WrongLastSequence(StoreError):
+    """A conditional publish was refused: the stream moved on since the sequence expected.
+
+    ``ambiguous``: an earlier attempt of the same publish got no answer, so the stream
+    may have moved on because of that very attempt (the caller looks for its message).
+    """
+
+    ambiguous = False
+
+
+@dataclass(frozen=True, slots=True)
+class LogMessage:
+    """One stored message: its stream sequence, payload and headers."""
+
+    seq: int
+    data: bytes
+    headers: dict[str, str]
+
+
+def _import_nats() -> Any:
+    try:
+        import nats
+    except ImportError as exc:  # the fleet extra is not installed
+        raise StoreConfigError("a nats:// store needs nats-py: pip install 'torpor[fleet]'") from exc
+    return nats
+
+
+class NatsBridge:
+    """A NATS connection on a private event loop, called synchronously from any thread."""
+
+    def __init__(self, servers: Sequence[str], *, timeout: float = 10.0, name: str = "torpor") -> None:
+        self._nats = _import_nats()
+        self.servers = list(servers)
+        self.timeout = timeout
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="torpor-nats", daemon=True)
+        self._thread.start()
+        self._closed = False
+        try:
+            self._nc: Any = self._run(self._connect(name), timeout)
+        except BaseException:
+            self._stop_loop()
+            raise
+        self._js: Any = self._nc.jetstream(timeout=timeout)
+
+    async def _connect(self, name: str) -> Any:
+        try:
+            # A few tries to connect at all (a wrong address fails in seconds), then, once
+            # connected, reconnect for ever: a node that dies is the cluster's business.
+            nc = await self._nats.connect(servers=self.servers, name=name, connect_timeout=2,
+                                          max_reconnect_attempts=2, reconnect_time_wait=0.2,
+                                          allow_reconnect=True)
+        except Exception as exc:
+            raise StoreUnavailable(f"cannot connect to NATS at {','.join(self.servers)}: {exc}") from exc
+        nc.options["max_reconnect_attempts"] = -1
+        return nc
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if self._closed:
+            coro.close()
+            raise StoreUnavailable("the NATS store is closed")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(self.timeout + 1.0 if timeout is None else timeout)
+        except FutureTimeout as exc:
+            future.cancel()
+            raise StoreUnavailable(f"NATS at {','.join(self.servers)} did not answer in time") from exc
+
+    def _translate(self, exc: Exception, what: str) -> StoreError:
+        code = getattr(exc, "err_code", None)
+        if code == _WRONG_LAST_SEQUENCE:
+            return WrongLastSequence(f"{what}: {exc}")
+        return StoreUnavailable(f"{what} failed at NATS {','.join(self.servers)}: {exc}")
+
+    async def _guard(self, what: str, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise self._translate(exc, what) from exc
+
+    # --------------------------------------------------------------- streams
+
+    def ensure_stream(self, name: str, subject: str, replicas: int) -> str:
+        """Create the stream if it is missing; return its creation time, which names this very stream."""
+        from nats.js.api import StorageType, StreamConfig
+
+        async def go() -> str:
+            try:
+                info = await self._js.stream_info(name)
+            except self._nats.js.errors.NotFoundError:
+                config = StreamConfig(name=name, subjects=[subject], num_replicas=replicas,
+                                      storage=StorageType.FILE, allow_atomic=True, allow_direct=True,
+                                      duplicate_window=120.0)
+                try:
+                    info = await self._js.add_stream(config)
+                except self._nats.js.errors.BadRequestError:  # another host created it first
+                    info = await self._js.stream_info(name)
+            return str(info.created)
+
+        return self._run(self._guard(f"opening stream {name}", go()))
+
+    def last_seq(self, stream: str) -> int:
+        """The stream's last sequence (0 when it is empty)."""
+        async def go() -> int:
+            info = await self._js.stream_info(stream)
+            return int(info.state.last_seq)
+
+        return self._run(self._guard(f"reading stream {stream}", go()))
+
+    def get(self, stream: str, seq: int) -> LogMessage | None:
+        """Message ``seq`` of the stream, or None if there is none (deleted or not yet written)."""
+        async def go() -> LogMessage | None:
+            try:
+                m = await self._js.get_msg(stream, seq, direct=True)
+            except self._nats.js.errors.NotFoundError:
+                return None
+            return LogMessage(int(m.seq), bytes(m.data or b""), dict(m.headers or {}))
+
+        return self._run(self._guard(f"reading message {seq} of {stream}", go()))
+
+    # -------------------------------------------------------------- publishes
+
+    def publish(self, subject: str, payload: bytes, *, expected_last_seq: int,
+                headers: dict[str, str] | None = None) -> int:
+        """Publish one message if the stream's last sequence is ``expected_last_seq``; its sequence.
+
+        A message id makes the retry after a lost answer safe: JetStream drops the second
+        copy and answers with the first one's sequence.
+        """
+        h = {"Nats-Expected-Last-Sequence": str(expected_last_seq), "Nats-Msg-Id": uuid.uuid4().hex,
+             **(headers or {})}
+
+        async def go() -> int:
+            # Retried while the cluster elects a stream leader (no answer, no responders),
+            # with the same message id, until the deadline.
+            deadline = self._loop.time() + self.timeout
+            pause, unanswered = 0.05, False
+            while True:
+                try:
+                    ack = await self._js.publish(subject, payload, headers=h, timeout=self.timeout / 4)
+                    return int(ack.seq)
+                except (self._nats.errors.TimeoutError, self._nats.errors.NoRespondersError,
+                        self._nats.js.errors.NoStreamResponseError, self._nats.js.errors.ServiceUnavailableError,
+                        self._nats.errors.ConnectionReconnectingError) as exc:
+                    unanswered = unanswered or not isinstance(exc, self._nats.errors.NoRespondersError)
+                    if self._loop.time() + pause > deadline:
+                        raise
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.5)
+                except Exception as exc:
+                    error = self._translate(exc, f"publishing to {subject}")
+                    if isinstance(error, WrongLastSequence):
+                        error.ambiguous = unanswered
+                    raise error from exc
+
+        return self._run(self._guard(f"publishing to {subject}", go()), self.timeout + 2.0)
+
+    def publish_batch(self, subject: str, parts: Sequence[bytes], *, expected_last_seq: int,
+                      headers: Sequence[dict[str, str]]) -> int:
+        """Publish ``parts`` as one atomic batch (NATS 2.12+), conditional on the last sequence.
+
+        Either every part is stored, contiguously, or none is. ``headers``: one dict per
+        part. Returns the sequence of the last part.
+        """
+        batch = uuid.uuid4().hex
+
+        async def go() -> int:
+            reply: Any = None
+            for i, part in enumerate(parts, 1):
+                h = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i), **headers[i - 1]}
+                if i == 1:
+                    h["Nats-Expected-Last-Sequence"] = str(expected_last_seq)
+                if i == len(parts):
+                    h["Nats-Batch-Commit"] = "1"
+                reply = await self._nc.request(subject, part, timeout=self.timeout, headers=h)
+            import json
+
+            answer = json.loads(reply.data)
+            if "error" in answer:
+                err = answer["error"]
+                exc = RuntimeError(err.get("description", "batch refused"))
+                exc.err_code = err.get("err_code")  # type: ignore[attr-defined]
+                raise exc
+            return int(answer["seq"])
+
+        return self._run(self._guard(f"publishing a batch to {subject}", go()), self.timeout * (len(parts) + 1))
+
+    # ---------------------------------------------------------- subscriptions
+
+    def follow(self, subject: str, start_seq: int, on_message: Callable[[LogMessage], None]) -> None:
+        """Deliver every message of ``subject`` from ``start_seq`` on, in order, to ``on_message``.
+
+        An ordered consumer: JetStream resends from the last sequence seen after any gap
+        or reconnection, so nothing is skipped or repeated out of order.
+        """
+        from nats.js.api import DeliverPolicy
+
+        async def handler(msg: Any) -> None:
+            on_message(LogMessage(int(msg.metadata.sequence.stream), bytes(msg.data or b""),
+                                  dict(msg.headers or {})))
+
+        async def go() -> None:
+            await self._js.subscribe(subject, cb=handler, ordered_consumer=True,
+                                     deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                     config=self._nats.js.api.ConsumerConfig(opt_start_seq=max(1, start_seq)))
+
+        self._run(self._guard(f"following {subject}", go()))
+
+    # ------------------------------------------------------------------ close
+
+    def _stop_loop(self) -> None:
+        self._closed = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5.0)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def close(self) -> None:
+        """Drain the connection and stop the loop thread (idempotent)."""
+        if self._closed:
+            return
+
+        async def go() -> None:
+            with contextlib.suppress(Exception):  # closing: nothing left to report it to
+                await asyncio.wait_for(self._nc.close(), 2.0)
+
+        with contextlib.suppress(StoreError):
+            self._run(go(), 5.0)
+        self._stop_loop()
