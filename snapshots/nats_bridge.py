@@ -74,6 +74,7 @@ class NatsBridge:
         self._thread = threading.Thread(target=self._loop.run_forever, name="torpor-nats", daemon=True)
         self._thread.start()
         self._closed = False
+        self._subs: list[Any] = []
         try:
             self._nc: Any = self._run(self._connect(name), timeout)
         except BaseException:
@@ -240,9 +241,10 @@ class NatsBridge:
                                   dict(msg.headers or {})))
 
         async def go() -> None:
-            await self._js.subscribe(subject, cb=handler, ordered_consumer=True,
+            sub = await self._js.subscribe(subject, cb=handler, ordered_consumer=True,
                                      deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                                      config=self._nats.js.api.ConsumerConfig(opt_start_seq=max(1, start_seq)))
+            self._subs.append(sub)
 
         self._run(self._guard(f"following {subject}", go()))
 
@@ -262,7 +264,14 @@ class NatsBridge:
 
         async def go() -> None:
             with contextlib.suppress(Exception):  # closing: nothing left to report it to
+                for sub in self._subs:
+                    await sub.unsubscribe()
                 await asyncio.wait_for(self._nc.close(), 2.0)
+            # What nats-py leaves running (an ordered consumer's checks) ends with the loop.
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in others:
+                t.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         with contextlib.suppress(StoreError):
             self._run(go(), 5.0)

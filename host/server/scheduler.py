@@ -7,6 +7,10 @@ It drives every agent in the background of the server's one task group:
 * at start, every agent a previous process left (``Host.resumable``: running, suspended,
   approved, not driven by a live process), so a SIGKILL loses nothing and, the runtime's
   journal being what it is, runs no recorded tool call twice;
+* in a fleet (:meth:`Scheduler.fleet`, when the host has a lease): the host's lease
+  renewed three times per lease period, and every agent whose host's lease expired taken
+  over (``Host.orphaned`` finds them; the claim's commit decides between hosts that try
+  at once), within a poll of the expiry;
 * waits that end at a time (:meth:`Scheduler.timers`): an agent parked ``sleeping`` (a
   ``timer.sleep``, a rate-limited call whose grant waits) has a durable entry in the
   runtime's wake index (:mod:`host.runtime.timers`), written in the commit that parked it,
@@ -51,6 +55,8 @@ _log = logging.getLogger("torpor.server")
 #: How long the timer loop sleeps at most before it looks at the store again (a wake-up
 #: written by another process on the same store is found within this).
 TIMER_POLL_S = 1.0
+#: How often, at most, a fleet host looks for agents whose host's lease expired.
+FLEET_POLL_S = 0.25
 
 
 class RecentLogs:
@@ -190,6 +196,30 @@ class Scheduler:
             w.count -= 1
             if w.count == 0 and self._waiters.get(agent_id) is w:
                 del self._waiters[agent_id]
+
+    # -- a fleet: this host's lease, the agents of hosts whose lease expired ------------------
+    async def fleet(self) -> None:
+        """Renew this host's lease and take over orphaned agents; until cancelled."""
+        lease = self.host.lease
+        assert lease is not None
+        renew_every = lease.lease_s / 3
+        poll = min(FLEET_POLL_S, lease.lease_s / 4)
+        next_renew = 0.0
+        while True:
+            now = time.monotonic()
+            try:
+                if now >= next_renew:
+                    await anyio.to_thread.run_sync(self.host.renew_lease)
+                    next_renew = now + renew_every
+                if not self.draining:
+                    ids = await anyio.to_thread.run_sync(self.host.orphaned)
+                    for aid in ids:
+                        if aid not in self.active:
+                            _log.info("taking over agent %s (its host's lease expired)", aid)
+                            self.resume(aid)
+            except Exception:  # the cluster is away for a moment: try again at the next poll
+                _log.exception("fleet: renewing the lease or looking for orphaned agents failed")
+            await anyio.sleep(poll)
 
     # -- waits that end at a time ------------------------------------------------------------
     async def timers(self) -> None:
