@@ -44,6 +44,8 @@ class WrongLastSequence(StoreError):
     """
 
     ambiguous = False
+    #: The stream's last sequence as the refusal named it ("wrong last sequence: N"), if it did.
+    last_seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +110,10 @@ class NatsBridge:
     def _translate(self, exc: Exception, what: str) -> StoreError:
         code = getattr(exc, "err_code", None)
         if code == _WRONG_LAST_SEQUENCE:
-            return WrongLastSequence(f"{what}: {exc}")
+            error = WrongLastSequence(f"{what}: {exc}")
+            tail = str(getattr(exc, "description", None) or exc).rsplit(":", 1)[-1].strip().rstrip("'\"")
+            error.last_seq = int(tail) if tail.isdigit() else None
+            return error
         return StoreUnavailable(f"{what} failed at NATS {','.join(self.servers)}: {exc}")
 
     async def _guard(self, what: str, call: Awaitable[T]) -> T:

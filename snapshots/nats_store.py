@@ -47,6 +47,7 @@ from __future__ import annotations
 import collections
 import logging
 import queue
+import random
 import threading
 import time
 import uuid
@@ -318,7 +319,7 @@ class NatsStore:
     def _commit(self, run: Callable[[lmdb.Transaction], tuple[T, list[Any]]]) -> T:
         """Run ``run`` on the local copy and publish its writes conditionally; again after a lost race."""
         self._check_open()
-        for _ in range(_MAX_RACES):
+        for attempt in range(_MAX_RACES):
             txn_id = uuid.uuid4().hex
             ran: list[Any] = []  # the function's result, once it ran and its entry was sent
             published: list[int] = []
@@ -341,7 +342,14 @@ class NatsStore:
                 result = self._local._with_write_txn(body)
             except WrongLastSequence as exc:
                 self.races += 1
-                self.sync()
+                # The refusal names the stream's last sequence: wait for the copy to get there
+                # (no round trip to ask), after a short random pause so that hosts racing for
+                # the next sequence do not keep colliding.
+                time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 8)))
+                if exc.last_seq is not None and not exc.ambiguous:
+                    self._wait_applied(exc.last_seq)
+                else:
+                    self.sync()
                 if exc.ambiguous and txn_id in self._seen_txns:
                     # An attempt the cluster did not answer was stored after all: it is the commit.
                     self.commits += 1

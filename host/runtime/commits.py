@@ -113,5 +113,6 @@ class AgentCommits:
             return  # its spawn: nobody else can hold it yet
         lease = (stored.get("owner") or {}).get("lease")
         if stored.get("audit_seq") != agent.record.get("audit_seq") or lease not in (None, self.fence):
-            raise LeaseLost(f"agent {agent.agent_id} was taken over by another host (lease {lease}); "
+            by = f"lease {lease}" if lease is not None else f"now {stored.get('status')}"
+            raise LeaseLost(f"agent {agent.agent_id} was taken over by another host ({by}); "
                             "this host's step is not committed")

@@ -45,7 +45,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from host.errors import AgentNotFound, AgentStateError
+from host.errors import AgentNotFound, AgentStateError, LeaseLost
 from host.runtime import Host, RunResult
 from host.runtime.timers import Wakeup
 from host.sandbox import interrupts
@@ -155,6 +155,8 @@ class Scheduler:
             self.logs.put(agent_id, result.logs)
             if result.status == "sleeping":
                 self._timer_wake.set()  # it parked until a time: the timer loop looks again
+        except LeaseLost as exc:  # a fleet host that was away past its lease: the other host's state stands
+            _log.warning("agent %s: %s", agent_id, exc)
         except (AgentStateError, AgentNotFound) as exc:  # someone else drove or decided it meanwhile
             _log.info("agent %s not driven: %s", agent_id, exc)
         except interrupts.Interrupted:  # drained: left at its last checkpoint
