@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -32,6 +33,7 @@ from .errors import StoreConfigError, StoreError, StoreUnavailable
 __all__ = ["LogMessage", "NatsBridge", "WrongLastSequence"]
 
 T = TypeVar("T")
+_log = logging.getLogger("torpor.store.nats")
 #: The JetStream error code of "wrong last sequence" (an expected-sequence header not met).
 _WRONG_LAST_SEQUENCE = 10071
 
@@ -77,6 +79,7 @@ class NatsBridge:
         self._thread.start()
         self._closed = False
         self._subs: list[Any] = []
+        self._last_error, self._last_error_at = "", 0.0
         try:
             self._nc: Any = self._run(self._connect(name), timeout)
         except BaseException:
@@ -90,11 +93,29 @@ class NatsBridge:
             # connected, reconnect for ever: a node that dies is the cluster's business.
             nc = await self._nats.connect(servers=self.servers, name=name, connect_timeout=2,
                                           max_reconnect_attempts=2, reconnect_time_wait=0.2,
-                                          allow_reconnect=True)
+                                          allow_reconnect=True, error_cb=self._on_error,
+                                          disconnected_cb=self._on_disconnected,
+                                          reconnected_cb=self._on_reconnected)
         except Exception as exc:
             raise StoreUnavailable(f"cannot connect to NATS at {','.join(self.servers)}: {exc}") from exc
         nc.options["max_reconnect_attempts"] = -1
         return nc
+
+    # nats-py prints a traceback for every failed reconnect (five a second while the cluster
+    # is away): one line per kind of error instead, at most every 10 s.
+    async def _on_error(self, exc: Exception) -> None:
+        now = self._loop.time()
+        what = f"{type(exc).__name__}: {exc}"
+        if what != self._last_error or now - self._last_error_at > 10.0:
+            _log.warning("NATS at %s: %s", ",".join(self.servers), what)
+            self._last_error, self._last_error_at = what, now
+
+    async def _on_disconnected(self) -> None:
+        _log.warning("NATS: disconnected from %s; reconnecting", ",".join(self.servers))
+
+    async def _on_reconnected(self) -> None:
+        _log.warning("NATS: reconnected")
+        self._last_error = ""
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         if self._closed:
@@ -137,13 +158,26 @@ class NatsBridge:
                 config = StreamConfig(name=name, subjects=[subject], num_replicas=replicas,
                                       storage=StorageType.FILE, allow_atomic=True, allow_direct=True,
                                       duplicate_window=120.0)
-                try:
-                    info = await self._js.add_stream(config)
-                except self._nats.js.errors.BadRequestError:  # another host created it first
-                    info = await self._js.stream_info(name)
+                deadline = self._loop.time() + 3 * self.timeout
+                while True:
+                    try:
+                        info = await self._js.add_stream(config)
+                        break
+                    except self._nats.js.errors.BadRequestError:  # another host created it first
+                        info = await self._js.stream_info(name)
+                        break
+                    except (self._nats.errors.TimeoutError, self._nats.js.errors.ServiceUnavailableError):
+                        # a loaded cluster placing the replicas: created meanwhile, or ask again
+                        if self._loop.time() > deadline:
+                            raise
+                        try:
+                            info = await self._js.stream_info(name)
+                            break
+                        except self._nats.js.errors.NotFoundError:
+                            await asyncio.sleep(0.2)
             return str(info.created)
 
-        return self._run(self._guard(f"opening stream {name}", go()))
+        return self._run(self._guard(f"opening stream {name}", go()), 4 * self.timeout)
 
     def last_seq(self, stream: str) -> int:
         """The stream's last sequence (0 when it is empty)."""
