@@ -8,7 +8,10 @@ dead host and again by its successor) would push ``last`` past ``n``.
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -67,6 +70,14 @@ def test_a_killed_hosts_agents_finish_on_another(bundles: BundleFactory, nats_cl
         assert not bad, bad
         assert sorted(r["agent_id"] for r in rows) == sorted(ids)
         assert took < lease + 30, took
+        # torpor fleet status: a's lease expired (killed), b's live; nothing left orphaned
+        status = subprocess.run([sys.executable, "-m", "host.cli", "fleet", "status", "--store", url, "--stream", stream,
+                                 "--local-dir", str(tmp_path / "status"), "--json"], capture_output=True, text=True)
+        assert status.returncode == 0, status.stderr
+        fleet = json.loads(status.stdout)
+        by_pid = {h["pid"]: h for h in fleet["hosts"]}
+        assert by_pid[a.pid]["live"] is False and by_pid[b.pid]["live"] is True
+        assert fleet["orphaned"] == 0 and fleet["agents"] == {"completed": count}
     finally:
         stop(a)
         if b is not None:
