@@ -36,6 +36,10 @@ T = TypeVar("T")
 _log = logging.getLogger("torpor.store.nats")
 #: The JetStream error code of "wrong last sequence" (an expected-sequence header not met).
 _WRONG_LAST_SEQUENCE = 10071
+#: "no suitable peers for placement": fewer nodes than replicas are up (for now).
+_NO_SUITABLE_PEERS = 10005
+#: "stream name already in use": created by another host meanwhile.
+_STREAM_NAME_IN_USE = 10058
 
 
 class WrongLastSequence(StoreError):
@@ -163,8 +167,13 @@ class NatsBridge:
                     try:
                         info = await self._js.add_stream(config)
                         break
-                    except self._nats.js.errors.BadRequestError:  # another host created it first
-                        info = await self._js.stream_info(name)
+                    except self._nats.js.errors.BadRequestError as exc:
+                        if exc.err_code == _NO_SUITABLE_PEERS and self._loop.time() < deadline:
+                            await asyncio.sleep(0.2)  # a node just back is not yet a placement peer
+                            continue
+                        if exc.err_code != _STREAM_NAME_IN_USE:
+                            raise
+                        info = await self._js.stream_info(name)  # another host created it first
                         break
                     except (self._nats.errors.TimeoutError, self._nats.js.errors.ServiceUnavailableError):
                         # a loaded cluster placing the replicas: created meanwhile, or ask again

@@ -32,7 +32,7 @@ def test_a_killed_hosts_agents_finish_on_another(bundles: BundleFactory, nats_cl
     stream = f"F{uuid.uuid4().hex[:12]}"
     url = nats_cluster.url
     [steps], secret = seed(url, stream, tmp_path / "seed", [bundles.example("steps")])
-    lease, n, count = 1.5, 40, 8
+    lease, n, count = 2.0, 40, 8  # short, for a quick test, yet renewed in time on a loaded machine
     pa, pb = free_port(), free_port()
     a = start_host(url, stream, tmp_path / "a", lease=lease, port=pa, log=tmp_path / "a.log")
     b = None

@@ -201,27 +201,37 @@ class Scheduler:
 
     # -- a fleet: this host's lease, the agents of hosts whose lease expired ------------------
     async def fleet(self) -> None:
-        """Renew this host's lease and take over orphaned agents; until cancelled."""
+        """Renew this host's lease and take over orphaned agents; until cancelled.
+
+        Two loops, so that a slow look for orphans (it reads every agent) never delays a
+        renewal: a lease that lapses under load would hand this host's agents to others."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._renew_lease)
+            tg.start_soon(self._take_over_orphans)
+
+    async def _renew_lease(self) -> None:
         lease = self.host.lease
         assert lease is not None
-        renew_every = lease.lease_s / 3
-        poll = min(FLEET_POLL_S, lease.lease_s / 4)
-        next_renew = 0.0
         while True:
-            now = time.monotonic()
             try:
-                if now >= next_renew:
-                    await anyio.to_thread.run_sync(self.host.renew_lease)
-                    next_renew = now + renew_every
+                await anyio.to_thread.run_sync(self.host.renew_lease)
+            except Exception:  # the cluster is away for a moment: the next try may reach it
+                _log.exception("fleet: renewing the lease failed")
+            await anyio.sleep(lease.lease_s / 3)
+
+    async def _take_over_orphans(self) -> None:
+        lease = self.host.lease
+        assert lease is not None
+        while True:
+            try:
                 if not self.draining:
-                    ids = await anyio.to_thread.run_sync(self.host.orphaned)
-                    for aid in ids:
+                    for aid in await anyio.to_thread.run_sync(self.host.orphaned):
                         if aid not in self.active:
                             _log.info("taking over agent %s (its host's lease expired)", aid)
                             self.resume(aid)
-            except Exception:  # the cluster is away for a moment: try again at the next poll
-                _log.exception("fleet: renewing the lease or looking for orphaned agents failed")
-            await anyio.sleep(poll)
+            except Exception:  # the cluster is away for a moment: look again at the next poll
+                _log.exception("fleet: looking for orphaned agents failed")
+            await anyio.sleep(min(FLEET_POLL_S, lease.lease_s / 4))
 
     # -- waits that end at a time ------------------------------------------------------------
     async def timers(self) -> None:
