@@ -84,8 +84,10 @@ class NatsBridge:
         self._closed = False
         self._subs: list[Any] = []
         self._last_error, self._last_error_at = "", 0.0
+        self._connected = False
         try:
             self._nc: Any = self._run(self._connect(name), timeout)
+            self._connected = True
         except BaseException:
             self._stop_loop()
             raise
@@ -108,6 +110,8 @@ class NatsBridge:
     # nats-py prints a traceback for every failed reconnect (five a second while the cluster
     # is away): one line per kind of error instead, at most every 10 s.
     async def _on_error(self, exc: Exception) -> None:
+        if not self._connected:  # the first connection's failure is the exception connect raises
+            return
         now = self._loop.time()
         what = f"{type(exc).__name__}: {exc}"
         if what != self._last_error or now - self._last_error_at > 10.0:
@@ -187,6 +191,21 @@ class NatsBridge:
             return str(info.created)
 
         return self._run(self._guard(f"opening stream {name}", go()), 4 * self.timeout)
+
+    def stream_state(self, stream: str) -> dict[str, Any]:
+        """The server's version and the stream's messages, leader and replicas (``torpor doctor``)."""
+        async def go() -> dict[str, Any]:
+            info = await self._js.stream_info(stream)
+            cluster = info.cluster
+            replicas = [{"name": r.name, "current": bool(r.current), "offline": bool(r.offline), "lag": r.lag}
+                        for r in (cluster.replicas or [])] if cluster is not None else []
+            return {"server": self._nc.connected_url.netloc if self._nc.connected_url else None,
+                    "server_version": str((getattr(self._nc, "_server_info", None) or {}).get("version")),
+                    "stream": stream, "messages": int(info.state.messages), "last_seq": int(info.state.last_seq),
+                    "bytes": int(info.state.bytes), "replicas_configured": int(info.config.num_replicas or 1),
+                    "leader": cluster.leader if cluster is not None else None, "followers": replicas}
+
+        return self._run(self._guard(f"reading stream {stream}", go()))
 
     def last_seq(self, stream: str) -> int:
         """The stream's last sequence (0 when it is empty)."""

@@ -462,6 +462,10 @@ class NatsStore:
         out["nats"] = {"stream": self.stream, "replicas": self.replicas, "applied_seq": self._applied_seq}
         return out
 
+    def cluster(self) -> dict[str, Any]:
+        """What the cluster says of the stream (its leader, followers and their lag), and the copy's position."""
+        return {**self._bridge.stream_state(self.stream), "applied_seq": self._applied_seq}
+
     @property
     def path(self) -> Path:
         """The local copy's directory."""

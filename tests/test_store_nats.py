@@ -218,3 +218,22 @@ def test_the_op_log_round_trips_and_refuses_garbage() -> None:
     for bad in (b"", frame[:10], frame[:-1], b"\x00\x00\x00\x02{}", frame.replace(b"put_agent", b"rm_rf_all")):
         with pytest.raises(StoreCorrupt):
             decode_ops(bad)
+
+
+def test_doctor_checks_the_cluster(nats_cluster: NatsCluster, tmp_path: Path, stream: str) -> None:
+    """``torpor doctor --store nats://...``: the stream's leader and its two current followers."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "host.cli", "doctor", "--store", nats_cluster.url, "--stream", stream,
+                          "--local-dir", str(tmp_path), "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    fleet = json.loads(out.stdout)["fleet"]
+    assert fleet["replicas_configured"] == 3 and fleet["leader"] in {"n1", "n2", "n3"}
+    assert len(fleet["followers"]) == 2 and fleet["server_version"].startswith("2.")
+    down = subprocess.run([sys.executable, "-m", "host.cli", "doctor", "--store", "nats://127.0.0.1:1",
+                           "--local-dir", str(tmp_path / "x")], capture_output=True, text=True)
+    assert down.returncode == 2 and down.stderr.strip().splitlines() == [
+        "torpor: error[store_unavailable]: cannot connect to NATS at nats://127.0.0.1:1: "
+        "nats: no servers available for connection"]
