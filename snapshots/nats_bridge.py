@@ -85,6 +85,7 @@ class NatsBridge:
         self._subs: list[Any] = []
         self._last_error, self._last_error_at = "", 0.0
         self._connected = False
+        self._closing = False
         try:
             self._nc: Any = self._run(self._connect(name), timeout)
             self._connected = True
@@ -119,6 +120,8 @@ class NatsBridge:
             self._last_error, self._last_error_at = what, now
 
     async def _on_disconnected(self) -> None:
+        if self._closing:  # our own close
+            return
         _log.warning("NATS: disconnected from %s; reconnecting", ",".join(self.servers))
 
     async def _on_reconnected(self) -> None:
@@ -326,8 +329,9 @@ class NatsBridge:
 
     def close(self) -> None:
         """Drain the connection and stop the loop thread (idempotent)."""
-        if self._closed:
+        if self._closed or self._closing:
             return
+        self._closing = True
 
         async def go() -> None:
             with contextlib.suppress(Exception):  # closing: nothing left to report it to
