@@ -1,6 +1,7 @@
 """A fleet of real ``torpor serve`` processes on a real 3-node JetStream cluster: a host
-SIGKILLed mid-run, its agents finished by the other, no tool call run twice, every audit
-chain intact.
+SIGKILLed mid-run, then a NATS node, its agents finished by the other host, no tool call
+run twice, every audit chain intact; a host paused past its lease, whose late steps the
+fencing refuses.
 
 ``steps`` agents count with ``kv.incr``, once per recorded call: a call run twice (by the
 dead host and again by its successor) would push ``last`` past ``n``.
@@ -36,6 +37,7 @@ def test_a_killed_hosts_agents_finish_on_another(bundles: BundleFactory, nats_cl
     pa, pb = free_port(), free_port()
     a = start_host(url, stream, tmp_path / "a", lease=lease, port=pa, log=tmp_path / "a.log")
     b = None
+    node_killed = False
     try:
         b = start_host(url, stream, tmp_path / "b", lease=lease, port=pb, log=tmp_path / "b.log")
         base_a, base_b = f"http://127.0.0.1:{pa}", f"http://127.0.0.1:{pb}"
@@ -56,6 +58,8 @@ def test_a_killed_hosts_agents_finish_on_another(bundles: BundleFactory, nats_cl
         killed_at = time.monotonic()
         at_kill = {r["agent_id"]: r["status"] for r in agents(base_b, secret)}
         assert any(s not in TERMINAL for s in at_kill.values()), "nothing was in flight at the kill"
+        nats_cluster.kill(2)  # and a NATS node: the stream goes on with two of its three replicas
+        node_killed = True
 
         deadline = time.monotonic() + 120
         while True:
@@ -82,6 +86,8 @@ def test_a_killed_hosts_agents_finish_on_another(bundles: BundleFactory, nats_cl
         stop(a)
         if b is not None:
             stop(b)
+        if node_killed:
+            nats_cluster.restart(2)
     with NatsStore.open(url, tmp_path / "check", stream=stream) as s:
         s.sync()
         report = audit.verify_store(s)

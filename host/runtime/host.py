@@ -441,13 +441,22 @@ class Host:
                 self.lifecycle.park_corrupt(r["agent_id"], r["error"])
         return [r["agent_id"] for r in agents if self.lifecycle.resumable(r)]
 
-    def orphaned(self) -> list[str]:
-        """In a fleet: the resumable agents not claimed under this host's own lease (those
-        of hosts whose lease expired, or of none), which this host may take over. An agent
-        claimed under our lease is being driven here, or about to be."""
-        mine = self.lease.lease_id if self.lease is not None else None
-        return [r["agent_id"] for r in self.list_agents()
-                if (r.get("owner") or {}).get("lease") != mine and self.lifecycle.resumable(r)]
+    def orphaned(self, now: float | None = None) -> list[str]:
+        """In a fleet: the resumable agents this host may take over. Those claimed under
+        another host's lease once it expired, or under none; and those under our own lease
+        untouched for a whole lease period, whose drive here ended without parking them
+        (the store was away at a commit): the caller skips those it is driving. A fresh
+        claim of ours is a drive about to start, not an orphan."""
+        if self.lease is None:
+            return []
+        mine, now = self.lease.lease_id, time.time() if now is None else now
+        out = []
+        for r in self.list_agents():
+            if not self.lifecycle.resumable(r):
+                continue
+            if (r.get("owner") or {}).get("lease") != mine or float(r.get("updated_at") or 0) < now - self.lease.lease_s:
+                out.append(r["agent_id"])
+        return out
 
     # -- a person's decisions ------------------------------------------------------------
     def approvals(self) -> list[dict[str, Any]]:
