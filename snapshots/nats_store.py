@@ -62,7 +62,7 @@ from .errors import StoreConfigError, StoreCorrupt, StoreError, StoreUnavailable
 from .lmdb_store import LmdbStore, _is_disk_full, _LmdbTxn
 from .nats_bridge import LogMessage, NatsBridge, WrongLastSequence
 from .oplog import RecordingTxn, apply_ops, decode_ops, encode_ops
-from .store import AgentStore, Outcome, ReadTxn, WriteTxn
+from .store import AgentStore, Outcome, ReadTxn, SyncWhen, WriteTxn
 
 __all__ = ["DEFAULT_STREAM", "NatsStore", "parse_nats_url"]
 
@@ -411,15 +411,19 @@ class NatsStore:
             self._advance(seq)
             self.commits += 1
 
-    def transact(self, fn: Callable[[WriteTxn], T]) -> T:
-        """Run ``fn`` and commit it to the log; run again after another host's commit came first."""
+    def transact(self, fn: Callable[[WriteTxn], T], *, sync: SyncWhen = "now") -> T:
+        """Run ``fn`` and commit it to the log; run again after another host's commit came first.
+
+        ``sync`` changes nothing here: every commit is on a quorum of replicas when it returns
+        (see the module docstring for what that survives)."""
         def run(txn: lmdb.Transaction) -> tuple[T, list[Any]]:
             recorder = RecordingTxn(self._txn(txn))
             return fn(recorder), recorder.ops
 
         return self._commit(run)
 
-    def transact_batch(self, fns: Sequence[Callable[[WriteTxn], Any]]) -> list[Outcome]:
+    def transact_batch(self, fns: Sequence[Callable[[WriteTxn], Any]], *,
+                       sync: SyncWhen = "now") -> list[Outcome]:
         """Many functions, one log entry; each in a nested local transaction, isolated from the others."""
         if not fns:
             return []
@@ -451,6 +455,10 @@ class NatsStore:
             return outcomes, ops
 
         return self._commit(run)
+
+    def settle(self) -> None:
+        """Nothing to do: no commit is ever left short of the cluster's promise."""
+        self._check_open()
 
     def compact(self) -> dict[str, int]:
         """Reclaim unreferenced chunks, on every copy (the reclaim is itself a log entry)."""
