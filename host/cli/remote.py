@@ -42,7 +42,7 @@ REMOTE = frozenset({"run", "resume", "fork", "ps", "inspect", "logs", "approvals
 #: Commands that are local by nature (the server's own side, load tests on scratch stores):
 #: with ``$TORPOR_SERVER`` set they still work locally (an operator's shell may have both);
 #: only an explicit ``--server`` is refused.
-SERVER_SIDE = frozenset({"serve", "tokens", "bench"})
+SERVER_SIDE = frozenset({"serve", "tokens", "fleet", "bench"})
 #: The options of a local host or store (:func:`host.cli.common.add_command`), meaningless
 #: to a server, which has its own.
 LOCAL_OPTIONS = (("store", "--store"), ("durability", "--durability"), ("tools_dir", "--tools-dir"),

@@ -56,9 +56,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _token_store(args: argparse.Namespace, *, create: bool) -> Any:
-    from host.cli.common import existing_store
+    from host.cli.common import existing_store, is_fleet, open_fleet_store
     from snapshots.lmdb_store import LmdbStore
 
+    if is_fleet(args):
+        return open_fleet_store(args)
     if create:
         d = store_dir(args)
         try:
@@ -129,6 +131,67 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_fleet_status(args: argparse.Namespace) -> int:
+    """The fleet's hosts (their leases, live or expired) and the agents each holds."""
+    import time
+
+    from host.cli.common import is_fleet, open_fleet_store
+    from host.runtime.agent import TERMINAL
+    from host.runtime.leases import HostLease
+
+    if not is_fleet(args):
+        raise ConfigError("torpor fleet status needs --store nats://host:port[,host:port...] (a fleet store)")
+    store = open_fleet_store(args)
+    try:
+        seq = store.sync()
+        now = time.time()
+        leases = HostLease.holders(store, now)
+        held: dict[str, int] = {}
+        statuses: dict[str, int] = {}
+        with store.read() as r:
+            for rec in r.iter_agents():
+                status = str(rec.get("status"))
+                statuses[status] = statuses.get(status, 0) + 1
+                lease = (rec.get("owner") or {}).get("lease")
+                if lease is not None and status not in TERMINAL:
+                    held[lease] = held.get(lease, 0) + 1
+    finally:
+        store.close()
+    hosts = [{"lease": h["lease"], "host": h.get("host"), "pid": h.get("pid"), "live": h["live"],
+              "expires_in_s": round(float(h.get("expires_at", now)) - now, 2), "agents": held.get(h["lease"], 0)}
+             for h in leases]
+    orphaned = sum(n for lease, n in held.items() if not any(h["lease"] == lease and h["live"] for h in hosts))
+    out = {"stream": store.stream, "sequence": seq, "hosts": hosts, "agents": statuses, "orphaned": orphaned}
+
+    def human() -> None:
+        print(f"stream {store.stream} at sequence {seq}; agents: "
+              + (", ".join(f"{n} {st}" for st, n in sorted(statuses.items())) or "none"))
+        if not hosts:
+            print("no hosts hold a lease")
+        for h in hosts:
+            state = f"live, {h['expires_in_s']:.1f} s left" if h["live"] else "EXPIRED"
+            print(f"{h['lease']:40} {state:22} {h['agents']} unfinished agents")
+        if orphaned:
+            print(f"{orphaned} unfinished agents held under expired leases: a live host takes them over")
+
+    emit(args, out, human)
+    return EXIT_OK
+
+
+def _fleet_options(sp: argparse.ArgumentParser) -> None:
+    """The options of a fleet store (``--store nats://host:port[,host:port...]``)."""
+    sp.add_argument("--local-dir", default=None, metavar="DIR",
+                    help="with --store nats://...: this host's own directory (its copy of the store, compile "
+                         "cache, signing key); default the user data dir's fleet/")
+    sp.add_argument("--stream", default=None, metavar="NAME", help="with --store nats://...: the JetStream "
+                    "stream that holds the store (default TORPOR)")
+    sp.add_argument("--replicas", type=int, default=None, metavar="N",
+                    help="with --store nats://...: copies of the stream when it is created (default 3)")
+    sp.add_argument("--lease", type=float, default=None, metavar="S",
+                    help="with --store nats://...: this host's lease; its agents are taken over by another "
+                         "host once it has not renewed it for S seconds (default 3)")
+
+
 def add_parsers(sub: Any) -> None:
     sp = add_command(sub, "serve", cmd_serve, "serve the store's agents over an authenticated HTTP API "
                      "(runs, approvals, audit, events) until SIGTERM, then drain", store=True, writes=True, runs=True)
@@ -151,6 +214,14 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("--mcp", action="store_true",
                     help="also offer every registry agent of the caller's tenant as an MCP tool at /mcp (streamable "
                          "HTTP, behind the same operator tokens: runs:read lists, runs:write calls)")
+    _fleet_options(sp)
+
+    fl = sub.add_parser("fleet", help="the hosts of a fleet store (--store nats://...) and their agents",
+                        description="the hosts of a fleet store (--store nats://...) and their agents")
+    fsub = fl.add_subparsers(dest="fleet_command", metavar="SUBCOMMAND")
+    sp = add_command(fsub, "status", cmd_fleet_status, "each host's lease (live or expired) and the unfinished "
+                     "agents it holds", store=True)
+    _fleet_options(sp)
 
     tok = sub.add_parser("tokens", help="create, list and revoke operator tokens for `torpor serve`",
                          description="create, list and revoke operator tokens for `torpor serve`")
@@ -163,6 +234,7 @@ def add_parsers(sub: Any) -> None:
                          "admin")
     sp.add_argument("--expires", default=None, metavar="AGE", help="it expires after this long: 90s, 15m, 12h, 30d")
     sp.add_argument("--name", default=None, help="a name to tell it apart in `torpor tokens list`")
+    _fleet_options(sp)
     add_command(tsub, "list", cmd_tokens_list, "list operator tokens and their state (never their secrets)", store=True)
     sp = add_command(tsub, "revoke", cmd_tokens_revoke, "revoke an operator token", store=True)
     sp.add_argument("token_id", metavar="TOKEN_ID", help="the token's id (tok_..., see `torpor tokens list`)")

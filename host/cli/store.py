@@ -209,6 +209,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     helpers are built (and why not), the default store and durability level."""
     from importlib import metadata
 
+    from host.cli.common import is_fleet, open_fleet_store
     from host.paths import default_store_dir
     from host.sandbox import memory_pool
     from host.sandbox.engine import EngineConfig
@@ -265,7 +266,25 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if not data["fast_paths"]:
             print("note: a native helper is not in use; Torpor runs correctly but its hot paths are slower")
 
-    emit(args, data, human)
+    fleet: dict[str, Any] | None = None
+    if is_fleet(args):  # the cluster behind --store nats://...: reachable, and the stream's replicas
+        store = open_fleet_store(args)
+        try:
+            fleet = store.cluster()
+        finally:
+            store.close()
+        data["fleet"] = fleet
+
+    def human_all() -> None:
+        human()
+        if fleet is not None:
+            followers = ", ".join(f"{f['name']} ({'current' if f['current'] else 'behind'}, lag {f['lag']})"
+                                  for f in fleet["followers"]) or "none"
+            print(f"fleet store      nats-server {fleet['server_version']} at {fleet['server']}; stream "
+                  f"{fleet['stream']}: {fleet['messages']} messages, R{fleet['replicas_configured']}, leader "
+                  f"{fleet['leader']}, followers {followers}")
+
+    emit(args, data, human_all)
     return EXIT_OK
 
 
@@ -292,5 +311,11 @@ def add_parsers(sub: Any) -> None:
         sp.add_argument("--store", default=None, help=STORE_HELP)
         sp.add_argument("--json", action="store_true", help=JSON_HELP)
         sp.set_defaults(fn=fn)
-    add_command(sub, "doctor", cmd_doctor, "show versions, the engine profile, whether the native helpers are in use, "
-                                           "and the default store and durability")
+    sp = add_command(sub, "doctor", cmd_doctor, "show versions, the engine profile, whether the native helpers are in "
+                                                "use, and the default store and durability; with --store nats://... "
+                                                "the fleet's cluster and its stream")
+    sp.add_argument("--store", default=None, metavar="nats://HOST:PORT[,...]",
+                    help="a fleet store to check: connect, and show the stream's leader and replicas")
+    from host.cli.server import _fleet_options
+
+    _fleet_options(sp)

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 
+from host.errors import LeaseLost
 from host.runtime import logs
 from host.runtime.agent import LiveAgent
 from host.runtime.observe import NOBODY, Observer
@@ -42,7 +43,14 @@ Events = list[tuple[str, dict[str, Any]]]
 
 
 class AgentCommits:
-    """Commits through a :class:`~snapshots.group_commit.GroupCommitter` from async code."""
+    """Commits through a :class:`~snapshots.group_commit.GroupCommitter` from async code.
+
+    ``fence``: this host's lease id in a fleet (:mod:`host.runtime.leases`). Then every
+    step first checks, in its own transaction, that the stored record is still the one
+    this host last committed (same audit sequence) and not claimed under another lease;
+    if not, another host took the agent over and the step is refused (``LeaseLost``):
+    nothing of it is written, whatever this host ran meanwhile.
+    """
 
     async def settle(self) -> None:
         """Make every commit so far durable (a sync only if one was left unsynced): what
@@ -51,8 +59,9 @@ class AgentCommits:
         if getattr(store, "durability", "sync") == "sync" and getattr(store, "unflushed_commits", 1):
             await anyio.to_thread.run_sync(store.settle)
 
-    def __init__(self, committer: GroupCommitter) -> None:
+    def __init__(self, committer: GroupCommitter, fence: str | None = None) -> None:
         self.committer = committer
+        self.fence = fence
         self.observer: Observer = NOBODY  # told of every commit of an agent (Host.observe)
 
     async def run(self, fn: Callable[[Any], T], sync: SyncWhen = "now") -> T:
@@ -78,6 +87,8 @@ class AgentCommits:
 
         def write(txn: Any) -> tuple[T | None, int, str, Events]:
             nonlocal logged
+            if self.fence is not None:
+                self._check_fence(txn, agent)
             result = fn(txn) if fn is not None else None
             if agent.unlogged.lines or agent.unlogged.skipped:
                 logged = logs.flush(txn, agent.agent_id, agent.unlogged)
@@ -95,3 +106,13 @@ class AgentCommits:
         agent.unlogged.take(*logged)
         self.observer.committed(agent, sealed, time.perf_counter() - t0)
         return result
+
+    def _check_fence(self, txn: Any, agent: LiveAgent) -> None:
+        stored = txn.get_agent(agent.agent_id)
+        if stored is None:
+            return  # its spawn: nobody else can hold it yet
+        lease = (stored.get("owner") or {}).get("lease")
+        if stored.get("audit_seq") != agent.record.get("audit_seq") or lease not in (None, self.fence):
+            by = f"lease {lease}" if lease is not None else f"now {stored.get('status')}"
+            raise LeaseLost(f"agent {agent.agent_id} was taken over by another host ({by}); "
+                            "this host's step is not committed")

@@ -51,6 +51,7 @@ from host.runtime.agent import LiveAgent, RunResult
 from host.runtime.commits import AgentCommits
 from host.runtime.fork import fork as fork_agent
 from host.runtime.guest import GuestRunner
+from host.runtime.leases import HostLease
 from host.runtime.lifecycle import Lifecycle
 from host.runtime.loader import BundleLoader, limits_for
 from host.runtime.observe import NOBODY, Observer
@@ -126,7 +127,7 @@ class Host:
                  max_warm_bytes: int | None = None, handlers: Mapping[str, Callable[..., Any]] | None = None,
                  tools_dirs: Sequence[str | Path] | None = None, trust_bundle_code: Iterable[str] = (),
                  max_memory: int | str | None = None, observer: Observer | None = None,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, lease_s: float | None = None) -> None:
         # Arguments first: nothing is opened yet that a bad one would leave open.
         config = engine if isinstance(engine, EngineConfig) else EngineConfig.for_profile(engine)
         sources = ToolSources(handlers=handlers, tools_dirs=tools_dirs, trust_bundle_code=trust_bundle_code)
@@ -173,10 +174,15 @@ class Host:
         self.guest = GuestRunner(threads=wasm_threads or max(1, os.cpu_count() or 1), warm_idle_s=warm_idle_s,
                                  max_warm=max_warm, max_warm_bytes=max_warm_bytes)
         self.loader = BundleLoader(self.store, self.engine, sources, max_memory=memory_cap)
-        self.commits = AgentCommits(self.committer)
+        # In a fleet (lease_s given: hosts sharing one store), this host's lease, renewed by
+        # the server while it lives; its agents' claims name it, and its commits are fenced.
+        self.lease = HostLease(lease_s) if lease_s is not None else None
+        self.commits = AgentCommits(self.committer, fence=self.lease.lease_id if self.lease else None)
         self.calls = ToolCallPipeline(self.store, self.commits, self.guest, self.broker)
         self.lifecycle = Lifecycle(self.store, self.store_dir, self.loader, self.commits, self.guest,
-                                   self.identity, self.heads, self.broker)
+                                   self.identity, self.heads, self.broker, lease=self.lease)
+        if self.lease is not None:
+            self.renew_lease()
         self.registry = Registry(self.store)  # named, versioned, tagged bundles (`torpor push`)
         self.observer: Observer = NOBODY
         self.tracing = traced
@@ -207,8 +213,22 @@ class Host:
     async def __aexit__(self, *exc: object) -> None:
         self.close()
 
+    def renew_lease(self) -> float:
+        """Extend this host's fleet lease (see :mod:`host.runtime.leases`); its new expiry."""
+        if self.lease is None:
+            raise ConfigError("this host runs alone (no lease_s): there is no lease to renew")
+        return self.lease.renew(self.store)
+
     def close(self) -> None:
         self.committer.close()
+        if self.lease is not None:
+            try:  # a clean stop frees this host's agents for the others at once
+                self.lease.release(self.store)
+            except Exception as exc:  # the cluster is gone: the lease expires by itself
+                import logging
+
+                logging.getLogger("torpor.host").warning("could not release the lease %s: %s",
+                                                         self.lease.lease_id, exc)
         try:
             if getattr(self.store, "commits", 0):
                 self.heads.maybe_seal()  # sign the audit log's heads, if one is due
@@ -319,7 +339,9 @@ class Host:
         self.observer.resumed(agent, time.perf_counter() - t0)
         async with self._slots(agent.bundle, priority):
             self.lifecycle.begin_run(agent)
-            agent.event("agent.resumed", checkpoint=agent.record.get("checkpoints", 0))
+            # In a fleet the event names the host that resumed it (its lease): who took it over.
+            agent.event("agent.resumed", checkpoint=agent.record.get("checkpoints", 0),
+                        **({"host": self.lease.lease_id} if self.lease is not None else {}))
             lifecycle_mod.note_bundle_code(agent, self.loader.bundle_code(agent.bundle))
             if pending is None:
                 # Died before its first checkpoint: nothing happened outside it; start over.
@@ -418,6 +440,23 @@ class Host:
             if r.get(UNREADABLE):  # list it as corrupt from now on (ps reads summaries, not records)
                 self.lifecycle.park_corrupt(r["agent_id"], r["error"])
         return [r["agent_id"] for r in agents if self.lifecycle.resumable(r)]
+
+    def orphaned(self, now: float | None = None) -> list[str]:
+        """In a fleet: the resumable agents this host may take over. Those claimed under
+        another host's lease once it expired, or under none; and those under our own lease
+        untouched for a whole lease period, whose drive here ended without parking them
+        (the store was away at a commit): the caller skips those it is driving. A fresh
+        claim of ours is a drive about to start, not an orphan."""
+        if self.lease is None:
+            return []
+        mine, now = self.lease.lease_id, time.time() if now is None else now
+        out = []
+        for r in self.list_agents():
+            if not self.lifecycle.resumable(r):
+                continue
+            if (r.get("owner") or {}).get("lease") != mine or float(r.get("updated_at") or 0) < now - self.lease.lease_s:
+                out.append(r["agent_id"])
+        return out
 
     # -- a person's decisions ------------------------------------------------------------
     def approvals(self) -> list[dict[str, Any]]:

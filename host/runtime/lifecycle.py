@@ -5,7 +5,9 @@ provisioned in the same commit), ``agent.resumed``, ``agent.completed`` /
 ``agent.failed`` / ``agent.terminated`` (with its identity retired and its credential
 leases revoked in the same commit). Ownership of a running agent is a claim in its
 record (pid, host and process start time), so that two processes never drive one agent
-and a dead process's agents can be taken over.
+and a dead process's agents can be taken over. In a fleet the claim also names the
+host's lease (:mod:`host.runtime.leases`): the agent is held while that lease is live,
+whichever machine holds it, and free once it expired.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from host.errors import (
     TorporError,
 )
 from host.ids import new_agent_id
-from host.runtime import budgets, queries, timers
+from host.runtime import budgets, leases, queries, timers
 from host.runtime.agent import PARKED, TERMINAL, LiveAgent, RunResult
 from host.runtime.commits import AgentCommits
 from host.runtime.guest import GuestRunner
+from host.runtime.leases import HostLease
 from host.runtime.loader import BundleLoader, limits_for
 from host.runtime.tool_call import Ended
 from host.sandbox import abi, guest_json
@@ -56,8 +59,9 @@ class Lifecycle:
 
     def __init__(self, store: AgentStore, where: object, loader: BundleLoader, commits: AgentCommits,
                  guest: GuestRunner, identity: IdentityService, heads: HeadSealer,
-                 broker: CredentialBroker | None) -> None:
+                 broker: CredentialBroker | None, lease: HostLease | None = None) -> None:
         self.store = store
+        self.lease = lease
         self.where = where  # the store's directory, for messages
         self.loader = loader
         self.commits = commits
@@ -66,6 +70,8 @@ class Lifecycle:
         self.heads = heads
         self.broker = broker
         self.owner: Owner = {"pid": os.getpid(), "host": socket.gethostname(), "start": process_start(os.getpid())}
+        if lease is not None:
+            self.owner["lease"] = lease.lease_id
 
     # -- spawn ------------------------------------------------------------------------------
     async def spawn(self, b: Bundle, input: Any, *, fuel: int | None, on_behalf_of: str | None,
@@ -195,9 +201,9 @@ class Lifecycle:
                 raise AgentNotFound(f"no agent {agent_id}")
             if rec.get("status") == timers.SLEEPING:
                 timers.check_due(rec, time.time())  # before its time: refused, untouched
-                if self.held_elsewhere(rec):  # another process is waking it now
+                if self.held_elsewhere(rec, txn):  # another process is waking it now
                     raise AgentStateError(f"agent {agent_id} is being run by process {rec['owner'].get('pid')}")
-            elif not self.resumable(rec) and rec.get("status") not in PARKED and rec.get("status") not in TERMINAL:
+            elif not self.resumable(rec, txn) and rec.get("status") not in PARKED and rec.get("status") not in TERMINAL:
                 raise AgentStateError(f"agent {agent_id} is being run by process {rec['owner'].get('pid')}")
             rec["owner"] = self.owner
             txn.put_agent(rec)
@@ -213,16 +219,26 @@ class Lifecycle:
 
         self.store.transact(write)
 
-    def resumable(self, rec: dict[str, Any]) -> bool:
+    def resumable(self, rec: dict[str, Any], txn: Any = None) -> bool:
         """Unfinished, not parked, not asleep (the wake index says when it is due), and not
-        driven by another live process on this machine."""
+        driven by another live process on this machine (or, in a fleet, under a live lease)."""
         if rec.get("status") in TERMINAL or rec.get("status") in PARKED or rec.get("status") == timers.SLEEPING:
             return False
-        return not self.held_elsewhere(rec)
+        return not self.held_elsewhere(rec, txn)
 
-    def held_elsewhere(self, rec: dict[str, Any]) -> bool:
-        """Whether another live process on this machine drives the agent (its claim names it)."""
+    def held_elsewhere(self, rec: dict[str, Any], txn: Any = None) -> bool:
+        """Whether another live process drives the agent (its claim names it): a live lease
+        other than ours in a fleet (read in ``txn`` when given), else a live process on
+        this machine."""
         owner = rec.get("owner") or {}
+        lease_id = owner.get("lease")
+        if lease_id is not None:
+            if self.lease is not None and lease_id == self.lease.lease_id:
+                return False
+            if txn is not None:
+                return not leases.lease_expired(txn, lease_id, time.time())
+            with self.store.read() as r:
+                return not leases.lease_expired(r, lease_id, time.time())
         if owner.get("host") == self.owner["host"] and owner.get("pid") not in (None, os.getpid()):
             start = process_start(int(owner["pid"]))
             if start is not None and start == owner.get("start"):

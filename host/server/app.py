@@ -145,6 +145,8 @@ def create_app(host: Host, *, config: ServerConfig | None = None) -> Starlette:
                 sched.attach(tg)
                 tg.start_soon(state.refusals.run)
                 tg.start_soon(sched.timers)
+                if host.lease is not None:
+                    tg.start_soon(sched.fleet)
                 state.taken_over = sched.take_over()
                 if state.taken_over:
                     _log.info("took over %d agents a previous process left", state.taken_over)

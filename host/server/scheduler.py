@@ -7,6 +7,10 @@ It drives every agent in the background of the server's one task group:
 * at start, every agent a previous process left (``Host.resumable``: running, suspended,
   approved, not driven by a live process), so a SIGKILL loses nothing and, the runtime's
   journal being what it is, runs no recorded tool call twice;
+* in a fleet (:meth:`Scheduler.fleet`, when the host has a lease): the host's lease
+  renewed three times per lease period, and every agent whose host's lease expired taken
+  over (``Host.orphaned`` finds them; the claim's commit decides between hosts that try
+  at once), within a poll of the expiry;
 * waits that end at a time (:meth:`Scheduler.timers`): an agent parked ``sleeping`` (a
   ``timer.sleep``, a rate-limited call whose grant waits) has a durable entry in the
   runtime's wake index (:mod:`host.runtime.timers`), written in the commit that parked it,
@@ -41,7 +45,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from host.errors import AgentNotFound, AgentStateError
+from host.errors import AgentNotFound, AgentStateError, LeaseLost
 from host.runtime import Host, RunResult
 from host.runtime.timers import Wakeup
 from host.sandbox import interrupts
@@ -51,6 +55,8 @@ _log = logging.getLogger("torpor.server")
 #: How long the timer loop sleeps at most before it looks at the store again (a wake-up
 #: written by another process on the same store is found within this).
 TIMER_POLL_S = 1.0
+#: How often, at most, a fleet host looks for agents whose host's lease expired.
+FLEET_POLL_S = 0.25
 
 
 class RecentLogs:
@@ -149,6 +155,8 @@ class Scheduler:
             self.logs.put(agent_id, result.logs)
             if result.status == "sleeping":
                 self._timer_wake.set()  # it parked until a time: the timer loop looks again
+        except LeaseLost as exc:  # a fleet host that was away past its lease: the other host's state stands
+            _log.warning("agent %s: %s", agent_id, exc)
         except (AgentStateError, AgentNotFound) as exc:  # someone else drove or decided it meanwhile
             _log.info("agent %s not driven: %s", agent_id, exc)
         except interrupts.Interrupted:  # drained: left at its last checkpoint
@@ -190,6 +198,40 @@ class Scheduler:
             w.count -= 1
             if w.count == 0 and self._waiters.get(agent_id) is w:
                 del self._waiters[agent_id]
+
+    # -- a fleet: this host's lease, the agents of hosts whose lease expired ------------------
+    async def fleet(self) -> None:
+        """Renew this host's lease and take over orphaned agents; until cancelled.
+
+        Two loops, so that a slow look for orphans (it reads every agent) never delays a
+        renewal: a lease that lapses under load would hand this host's agents to others."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._renew_lease)
+            tg.start_soon(self._take_over_orphans)
+
+    async def _renew_lease(self) -> None:
+        lease = self.host.lease
+        assert lease is not None
+        while True:
+            try:
+                await anyio.to_thread.run_sync(self.host.renew_lease)
+            except Exception:  # the cluster is away for a moment: the next try may reach it
+                _log.exception("fleet: renewing the lease failed")
+            await anyio.sleep(lease.lease_s / 3)
+
+    async def _take_over_orphans(self) -> None:
+        lease = self.host.lease
+        assert lease is not None
+        while True:
+            try:
+                if not self.draining:
+                    for aid in await anyio.to_thread.run_sync(self.host.orphaned):
+                        if aid not in self.active:
+                            _log.info("taking over agent %s (its host's lease expired)", aid)
+                            self.resume(aid)
+            except Exception:  # the cluster is away for a moment: look again at the next poll
+                _log.exception("fleet: looking for orphaned agents failed")
+            await anyio.sleep(min(FLEET_POLL_S, lease.lease_s / 4))
 
     # -- waits that end at a time ------------------------------------------------------------
     async def timers(self) -> None:

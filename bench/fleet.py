@@ -1,0 +1,312 @@
+"""The fleet on NATS JetStream: throughput against LMDB, and take-over time after a SIGKILL.
+
+Two measurements, one 3-node JetStream cluster (``bench.nats_cluster``, real
+``nats-server`` processes on loopback) per run:
+
+* throughput: ``--agents`` ``steps`` agents of ``--n`` durable tool round trips each
+  (``kv.incr``: a checkpoint, a journal entry and audit records committed per call), on 1,
+  2 and 3 hosts of the fleet store (in-process ``Host`` objects, each with its own NATS
+  connection and local copy, the agents split between them), beside one host on the LMDB
+  store (``sync`` and ``process`` durability) in the same run: round trips per second.
+* take-over: ``--trials`` times, a ``torpor serve`` host process (lease ``--lease``) runs
+  ``steps`` agents while another serves beside it; the first is SIGKILLed mid-run. Measured:
+  from the kill to the first checkpoint of one of its agents written by the other host, and
+  the same from its lease's expiry (the target: p50 at most 2 s after expiry with a 3 s
+  lease); every agent must complete with the right output (none lost, no call run twice).
+
+    python -m bench.fleet [--agents N] [--n N] [--trials N] [--lease S] [--quick] [--json]
+
+Helpers shared with ``tests/test_fleet.py``: :func:`seed` (bundles and a token on the fleet
+store, written in-process as ``torpor push`` / ``tokens create`` would), :func:`start_host`
+(a ``torpor serve --store nats://...`` process on a port, once ``/readyz`` answers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+from bench._stats import machine
+from bench.nats_cluster import NatsCluster, _free_ports
+from host.runtime import Host
+from host.runtime.leases import HostLease
+from host.sandbox import bundle as bundle_mod
+from host.trust import operator_tokens
+from snapshots.nats_store import NatsStore
+
+
+def seed(url: str, stream: str, local: Path, bundle_files: list[Path], tenant: str = "acme") -> tuple[list[str], str]:
+    """Register bundles and create an operator token (all scopes) on the fleet store."""
+    store = NatsStore.open(url, local / "copy", stream=stream)
+    with Host(local, store=store) as host:
+        refs = []
+        for f in bundle_files:
+            b = bundle_mod.load(f)
+            host.register_bundle(b)
+            refs.append(f"sha256:{b.digest}")
+        secret = operator_tokens.create(store, tenant=tenant, scopes=["admin"])[0]
+    return refs, secret
+
+
+def start_host(url: str, stream: str, local: Path, *, lease: float, port: int,
+               log: Path | None = None) -> subprocess.Popen[bytes]:
+    """A ``torpor serve`` host of the fleet; returns once ``/readyz`` answers."""
+    out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen([sys.executable, "-m", "host.cli", "serve", "--store", url, "--stream", stream,
+                             "--local-dir", str(local), "--lease", str(lease), "--listen", f"127.0.0.1:{port}",
+                             "--token-rate", "100000", "--token-burst", "100000", "--tenant-rate", "100000",
+                             "--tenant-burst", "100000", "--log-level", "info"],
+                            stdout=out, stderr=out, env={**os.environ})
+    if log is not None:
+        out.close()  # type: ignore[union-attr]
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log is not None else ""
+            raise RuntimeError(f"torpor serve exited {proc.returncode}: {tail}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("torpor serve did not become ready")
+        time.sleep(0.05)
+
+
+def agents(base: str, secret: str) -> list[dict[str, Any]]:
+    r = httpx.get(base + "/v1/agents", headers={"Authorization": f"Bearer {secret}"}, timeout=60)
+    r.raise_for_status()
+    return list(r.json()["agents"])
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 30) -> None:
+    """SIGTERM (a drain), SIGKILL after ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+STEPS = Path(__file__).resolve().parent.parent / "guest_sdk" / "examples" / "steps"
+
+
+def _steps_bundle(tmp: Path) -> Path:
+    f = tmp / "steps.torpor"
+    if not f.exists():
+        f.write_bytes(bundle_mod.build_dir(STEPS))
+    return f
+
+
+async def _run_agents(hosts: list[Host], bundle: Any, agents_n: int, n: int) -> list[Any]:
+    results: list[Any] = [None] * agents_n
+
+    async def one(i: int) -> None:
+        results[i] = await hosts[i % len(hosts)].run(bundle, {"n": n})
+
+    async with anyio.create_task_group() as tg:
+        for i in range(agents_n):
+            tg.start_soon(one, i)
+    return results
+
+
+def _throughput_case(hosts: list[Host], bundle: Any, agents_n: int, n: int) -> dict[str, Any]:
+    for h in hosts:
+        h.register_bundle(bundle)
+    t0 = time.perf_counter()
+    results = anyio.run(_run_agents, hosts, bundle, agents_n, n)
+    took = time.perf_counter() - t0
+    want = {"sum": n * (n + 1) // 2, "last": n}
+    wrong = sum(1 for r in results if r.status != "completed" or r.output != want)
+    return {"agents": agents_n, "round_trips": agents_n * n, "seconds": round(took, 3),
+            "round_trips_per_s": round(agents_n * n / took, 1), "wrong": wrong}
+
+
+def throughput(cluster: NatsCluster, tmp: Path, agents_n: int, n: int) -> dict[str, Any]:
+    """Round trips per second: LMDB (sync, process) on one host, the fleet store on 1, 2, 3 hosts."""
+    from snapshots.nats_store import NatsStore
+
+    bundle = bundle_mod.load(_steps_bundle(tmp))
+    out: dict[str, Any] = {}
+    for durability in ("sync", "process"):
+        with Host(tmp / f"lmdb-{durability}", durability=durability) as h:
+            out[f"lmdb {durability}, 1 host"] = _throughput_case([h], bundle, agents_n, n)
+    for count in (1, 2, 3):
+        stream = f"B{uuid.uuid4().hex[:10]}"
+        hosts = []
+        try:
+            for i in range(count):
+                store = NatsStore.open(cluster.urls[i % len(cluster.urls)], tmp / f"{stream}-{i}" / "copy",
+                                       stream=stream, replicas=3)
+                hosts.append(Host(tmp / f"{stream}-{i}", store=store, lease_s=10.0))
+            case = _throughput_case(hosts, bundle, agents_n, n)
+            case["races"] = sum(h.store.races for h in hosts)  # type: ignore[attr-defined]
+            out[f"nats R3, {count} host{'s' if count > 1 else ''}"] = case
+        finally:
+            for h in hosts:
+                h.close()
+    return out
+
+
+def _victim_agents_done(base: str, secret: str, ids: set[str]) -> list[dict[str, Any]] | None:
+    rows = [r for r in agents(base, secret) if r["agent_id"] in ids]
+    if len(rows) == len(ids) and all(r["status"] in ("completed", "failed", "terminated", "in_doubt", "corrupt")
+                                     for r in rows):
+        return rows
+    return None
+
+
+def takeover(cluster: NatsCluster, tmp: Path, trials: int, lease: float, agents_n: int, n: int) -> dict[str, Any]:
+    """SIGKILL a host mid-run ``trials`` times; when its agents' next checkpoint is written elsewhere."""
+    from snapshots.nats_store import NatsStore
+
+    stream = f"K{uuid.uuid4().hex[:10]}"
+    [steps], secret = seed(cluster.url, stream, tmp / "seed", [_steps_bundle(tmp)])
+    hdr = {"Authorization": f"Bearer {secret}"}
+    want = {"sum": n * (n + 1) // 2, "last": n}
+    port_b = _free_ports(1)[0]
+    survivor = start_host(cluster.url, stream, tmp / "survivor", lease=lease, port=port_b, log=tmp / "survivor.log")
+    base_b = f"http://127.0.0.1:{port_b}"
+    observer = NatsStore.open(cluster.url, tmp / "observer" / "copy", stream=stream)
+    # The survivor compiles the module on its first run of it: done here, not in the first trial.
+    warm = httpx.post(base_b + "/v1/runs", headers=hdr, json={"agent": steps, "input": {"n": 1}, "wait": 60},
+                      timeout=90)
+    if warm.status_code != 201 or warm.json().get("status") != "completed":
+        raise RuntimeError(f"the survivor could not run the warm-up agent: {warm.text[:500]}")
+    samples: list[dict[str, float]] = []
+    lost = wrong = 0
+    try:
+        for trial in range(trials):
+            port = _free_ports(1)[0]
+            victim = start_host(cluster.url, stream, tmp / f"victim-{trial}", lease=lease, port=port,
+                                log=tmp / f"victim-{trial}.log")
+            try:
+                base = f"http://127.0.0.1:{port}"
+                ids = {httpx.post(base + "/v1/runs", headers=hdr, json={"agent": steps, "input": {"n": n}},
+                                  timeout=60).json()["agent_id"] for _ in range(agents_n)}
+                deadline = time.monotonic() + 60
+                while True:  # under way: checkpoints written, none finished
+                    observer.sync()
+                    with observer.read() as r:
+                        if all(r.latest_checkpoint(a) for a in ids):
+                            break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the victim's agents did not get under way")
+                    time.sleep(0.01)
+                killed_at = time.time()
+                victim.send_signal(signal.SIGKILL)
+                victim.wait()
+            finally:
+                if victim.poll() is None:
+                    victim.kill()
+                    victim.wait()
+            expires = max((float(h.get("expires_at", 0)) for h in HostLease.holders(observer)
+                           if h.get("pid") == victim.pid), default=float("nan"))
+            first: float | None = None
+            deadline = time.monotonic() + 60 + lease
+            while first is None:
+                observer.sync()
+                with observer.read() as r:
+                    after = [c.created_at for a in ids for c in r.list_checkpoints(a) if c.created_at > killed_at]
+                if after:
+                    first = min(after)
+                elif time.monotonic() > deadline:
+                    break
+                else:
+                    time.sleep(0.01)
+            deadline = time.monotonic() + 120
+            rows = None
+            while rows is None and time.monotonic() < deadline:
+                rows = _victim_agents_done(base_b, secret, ids)
+                if rows is None:
+                    time.sleep(0.1)
+            if rows is None:
+                lost += len(ids)
+            else:
+                wrong += sum(1 for row in rows if row["status"] != "completed" or row.get("output") != want)
+            if first is not None:
+                samples.append({"kill_to_checkpoint_s": first - killed_at, "expiry_to_checkpoint_s": first - expires})
+            print(f"trial {trial + 1}/{trials}: " + (f"taken over {first - killed_at:.2f} s after the kill, "
+                  f"{first - expires:.2f} s after the lease expired" if first is not None else "NOT taken over"),
+                  file=sys.stderr, flush=True)
+    finally:
+        observer.close()
+        stop(survivor)
+
+    def summary(key: str) -> dict[str, float]:
+        xs = sorted(s[key] for s in samples)
+        return {"p50": round(statistics.median(xs), 3), "max": round(xs[-1], 3), "min": round(xs[0], 3)} if xs else {}
+
+    return {"trials": trials, "taken_over": len(samples), "lease_s": lease, "agents_per_trial": agents_n, "n": n,
+            "kill_to_checkpoint_s": summary("kill_to_checkpoint_s"),
+            "expiry_to_checkpoint_s": summary("expiry_to_checkpoint_s"),
+            "agents_lost": lost, "agents_wrong": wrong}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    quick = bool(args.quick)
+    agents_n = args.agents or (4 if quick else 32)
+    n = args.n or (10 if quick else 50)
+    trials = args.trials or (2 if quick else 20)
+    with tempfile.TemporaryDirectory(prefix="torpor-fleet-bench-") as d:
+        tmp = Path(d)
+        with NatsCluster(tmp / "nats", 3) as cluster:
+            res: dict[str, Any] = {"machine": machine(), "load_avg": os.getloadavg()}
+            res["throughput"] = throughput(cluster, tmp, agents_n, n)
+            res["takeover"] = takeover(cluster, tmp, trials, args.lease, 4, args.takeover_n)
+            res["load_avg_after"] = os.getloadavg()
+    return res
+
+
+def show(res: dict[str, Any]) -> None:
+    print(f"{'case':28} {'round trips':>12} {'seconds':>8} {'per s':>8} {'races':>6} {'wrong':>6}")
+    for name, c in res["throughput"].items():
+        print(f"{name:28} {c['round_trips']:>12} {c['seconds']:>8} {c['round_trips_per_s']:>8} "
+              f"{c.get('races', '-'):>6} {c['wrong']:>6}")
+    t = res["takeover"]
+    print(f"take-over, lease {t['lease_s']} s, {t['taken_over']}/{t['trials']} trials: kill -> first checkpoint "
+          f"elsewhere {t['kill_to_checkpoint_s']}; lease expiry -> it {t['expiry_to_checkpoint_s']}; "
+          f"agents lost {t['agents_lost']}, wrong {t['agents_wrong']}")
+    print(f"load average before {res['load_avg']}, after {res['load_avg_after']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__.split("\n")[0] if __doc__ else None)
+    p.add_argument("--agents", type=int, default=None, help="agents per throughput case (default 32; --quick 4)")
+    p.add_argument("--n", type=int, default=None, help="round trips per agent (default 50; --quick 10)")
+    p.add_argument("--trials", type=int, default=None, help="SIGKILLs (default 20; --quick 2)")
+    p.add_argument("--lease", type=float, default=3.0, help="the hosts' lease in seconds (default 3)")
+    p.add_argument("--takeover-n", type=int, default=100, help="round trips of each agent of a take-over trial")
+    p.add_argument("--quick", action="store_true", help="a small smoke run")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    args = p.parse_args(argv)
+    res = run(args)
+    res["command"] = "python -m bench.fleet " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        show(res)
+    failed = res["takeover"]["agents_lost"] or res["takeover"]["agents_wrong"] or any(
+        c["wrong"] for c in res["throughput"].values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""The one place where the synchronous store meets nats-py's asyncio client.
+
+Why a thread of its own: ``AgentStore`` is synchronous (the runtime calls it from worker
+threads, from the server's event loop through ``to_thread``, from the CLI), and nats-py is
+asyncio only. The bridge owns a private event loop running in a daemon thread, and the
+one NATS connection, created on that loop; every call from another thread is a coroutine
+handed to that loop with ``run_coroutine_threadsafe`` and waited for with a timeout. No
+caller's event loop is ever borrowed (the server's loop may be the caller, blocked in a
+worker thread: sharing it would deadlock), and no nats-py object leaves this module.
+
+Messages of a subscription are handed to a plain callback on the bridge's thread: the
+callback must only queue them (the store's applier thread does the work).
+
+Errors: a connection that cannot be made, a request that times out, a server that answers
+with an error are ``StoreUnavailable`` (the cluster is not there for us now);
+``WrongLastSequence`` is the answer to a conditional publish that lost a race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .errors import StoreConfigError, StoreError, StoreUnavailable
+
+__all__ = ["LogMessage", "NatsBridge", "WrongLastSequence"]
+
+T = TypeVar("T")
+_log = logging.getLogger("torpor.store.nats")
+#: The JetStream error code of "wrong last sequence" (an expected-sequence header not met).
+_WRONG_LAST_SEQUENCE = 10071
+#: "no suitable peers for placement": fewer nodes than replicas are up (for now).
+_NO_SUITABLE_PEERS = 10005
+#: "stream name already in use": created by another host meanwhile.
+_STREAM_NAME_IN_USE = 10058
+
+
+class WrongLastSequence(StoreError):
+    """A conditional publish was refused: the stream moved on since the sequence expected.
+
+    ``ambiguous``: an earlier attempt of the same publish got no answer, so the stream
+    may have moved on because of that very attempt (the caller looks for its message).
+    """
+
+    ambiguous = False
+    #: The stream's last sequence as the refusal named it ("wrong last sequence: N"), if it did.
+    last_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogMessage:
+    """One stored message: its stream sequence, payload and headers."""
+
+    seq: int
+    data: bytes
+    headers: dict[str, str]
+
+
+def _import_nats() -> Any:
+    try:
+        import nats
+    except ImportError as exc:  # the fleet extra is not installed
+        raise StoreConfigError("a nats:// store needs nats-py: pip install 'torpor[fleet]'") from exc
+    return nats
+
+
+class NatsBridge:
+    """A NATS connection on a private event loop, called synchronously from any thread."""
+
+    def __init__(self, servers: Sequence[str], *, timeout: float = 10.0, name: str = "torpor") -> None:
+        self._nats = _import_nats()
+        self.servers = list(servers)
+        self.timeout = timeout
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="torpor-nats", daemon=True)
+        self._thread.start()
+        self._closed = False
+        self._subs: list[Any] = []
+        self._last_error, self._last_error_at = "", 0.0
+        self._connected = False
+        self._closing = False
+        try:
+            self._nc: Any = self._run(self._connect(name), timeout)
+            self._connected = True
+        except BaseException:
+            self._stop_loop()
+            raise
+        self._js: Any = self._nc.jetstream(timeout=timeout)
+
+    async def _connect(self, name: str) -> Any:
+        try:
+            # A few tries to connect at all (a wrong address fails in seconds), then, once
+            # connected, reconnect for ever: a node that dies is the cluster's business.
+            nc = await self._nats.connect(servers=self.servers, name=name, connect_timeout=2,
+                                          max_reconnect_attempts=2, reconnect_time_wait=0.2,
+                                          allow_reconnect=True, error_cb=self._on_error,
+                                          disconnected_cb=self._on_disconnected,
+                                          reconnected_cb=self._on_reconnected)
+        except Exception as exc:
+            raise StoreUnavailable(f"cannot connect to NATS at {','.join(self.servers)}: {exc}") from exc
+        nc.options["max_reconnect_attempts"] = -1
+        return nc
+
+    # nats-py prints a traceback for every failed reconnect (five a second while the cluster
+    # is away): one line per kind of error instead, at most every 10 s.
+    async def _on_error(self, exc: Exception) -> None:
+        if not self._connected:  # the first connection's failure is the exception connect raises
+            return
+        now = self._loop.time()
+        what = f"{type(exc).__name__}: {exc}"
+        if what != self._last_error or now - self._last_error_at > 10.0:
+            _log.warning("NATS at %s: %s", ",".join(self.servers), what)
+            self._last_error, self._last_error_at = what, now
+
+    async def _on_disconnected(self) -> None:
+        if self._closing:  # our own close
+            return
+        _log.warning("NATS: disconnected from %s; reconnecting", ",".join(self.servers))
+
+    async def _on_reconnected(self) -> None:
+        _log.warning("NATS: reconnected")
+        self._last_error = ""
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if self._closed:
+            coro.close()
+            raise StoreUnavailable("the NATS store is closed")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(self.timeout + 1.0 if timeout is None else timeout)
+        except FutureTimeout as exc:
+            future.cancel()
+            raise StoreUnavailable(f"NATS at {','.join(self.servers)} did not answer in time") from exc
+
+    def _translate(self, exc: Exception, what: str) -> StoreError:
+        code = getattr(exc, "err_code", None)
+        if code == _WRONG_LAST_SEQUENCE:
+            error = WrongLastSequence(f"{what}: {exc}")
+            tail = str(getattr(exc, "description", None) or exc).rsplit(":", 1)[-1].strip().rstrip("'\"")
+            error.last_seq = int(tail) if tail.isdigit() else None
+            return error
+        return StoreUnavailable(f"{what} failed at NATS {','.join(self.servers)}: {exc}")
+
+    async def _guard(self, what: str, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise self._translate(exc, what) from exc
+
+    # --------------------------------------------------------------- streams
+
+    def ensure_stream(self, name: str, subject: str, replicas: int) -> str:
+        """Create the stream if it is missing; return its creation time, which names this very stream."""
+        from nats.js.api import StorageType, StreamConfig
+
+        async def go() -> str:
+            try:
+                info = await self._js.stream_info(name)
+            except self._nats.js.errors.NotFoundError:
+                config = StreamConfig(name=name, subjects=[subject], num_replicas=replicas,
+                                      storage=StorageType.FILE, allow_atomic=True, allow_direct=True,
+                                      duplicate_window=120.0)
+                deadline = self._loop.time() + 3 * self.timeout
+                while True:
+                    try:
+                        info = await self._js.add_stream(config)
+                        break
+                    except self._nats.js.errors.BadRequestError as exc:
+                        if exc.err_code == _NO_SUITABLE_PEERS and self._loop.time() < deadline:
+                            await asyncio.sleep(0.2)  # a node just back is not yet a placement peer
+                            continue
+                        if exc.err_code != _STREAM_NAME_IN_USE:
+                            raise
+                        info = await self._js.stream_info(name)  # another host created it first
+                        break
+                    except (self._nats.errors.TimeoutError, self._nats.js.errors.ServiceUnavailableError):
+                        # a loaded cluster placing the replicas: created meanwhile, or ask again
+                        if self._loop.time() > deadline:
+                            raise
+                        try:
+                            info = await self._js.stream_info(name)
+                            break
+                        except self._nats.js.errors.NotFoundError:
+                            await asyncio.sleep(0.2)
+            return str(info.created)
+
+        return self._run(self._guard(f"opening stream {name}", go()), 4 * self.timeout)
+
+    def stream_state(self, stream: str) -> dict[str, Any]:
+        """The server's version and the stream's messages, leader and replicas (``torpor doctor``)."""
+        async def go() -> dict[str, Any]:
+            info = await self._js.stream_info(stream)
+            cluster = info.cluster
+            replicas = [{"name": r.name, "current": bool(r.current), "offline": bool(r.offline), "lag": r.lag}
+                        for r in (cluster.replicas or [])] if cluster is not None else []
+            return {"server": self._nc.connected_url.netloc if self._nc.connected_url else None,
+                    "server_version": str((getattr(self._nc, "_server_info", None) or {}).get("version")),
+                    "stream": stream, "messages": int(info.state.messages), "last_seq": int(info.state.last_seq),
+                    "bytes": int(info.state.bytes), "replicas_configured": int(info.config.num_replicas or 1),
+                    "leader": cluster.leader if cluster is not None else None, "followers": replicas}
+
+        return self._run(self._guard(f"reading stream {stream}", go()))
+
+    def last_seq(self, stream: str) -> int:
+        """The stream's last sequence (0 when it is empty)."""
+        async def go() -> int:
+            info = await self._js.stream_info(stream)
+            return int(info.state.last_seq)
+
+        return self._run(self._guard(f"reading stream {stream}", go()))
+
+    def get(self, stream: str, seq: int) -> LogMessage | None:
+        """Message ``seq`` of the stream, or None if there is none (deleted or not yet written)."""
+        async def go() -> LogMessage | None:
+            try:
+                m = await self._js.get_msg(stream, seq, direct=True)
+            except self._nats.js.errors.NotFoundError:
+                return None
+            return LogMessage(int(m.seq), bytes(m.data or b""), dict(m.headers or {}))
+
+        return self._run(self._guard(f"reading message {seq} of {stream}", go()))
+
+    # -------------------------------------------------------------- publishes
+
+    def publish(self, subject: str, payload: bytes, *, expected_last_seq: int,
+                headers: dict[str, str] | None = None) -> int:
+        """Publish one message if the stream's last sequence is ``expected_last_seq``; its sequence.
+
+        A message id makes the retry after a lost answer safe: JetStream drops the second
+        copy and answers with the first one's sequence.
+        """
+        h = {"Nats-Expected-Last-Sequence": str(expected_last_seq), "Nats-Msg-Id": uuid.uuid4().hex,
+             **(headers or {})}
+
+        async def go() -> int:
+            # Retried while the cluster elects a stream leader (no answer, no responders),
+            # with the same message id, until the deadline.
+            deadline = self._loop.time() + self.timeout
+            pause, unanswered = 0.05, False
+            while True:
+                try:
+                    ack = await self._js.publish(subject, payload, headers=h, timeout=self.timeout / 4)
+                    return int(ack.seq)
+                except (self._nats.errors.TimeoutError, self._nats.errors.NoRespondersError,
+                        self._nats.js.errors.NoStreamResponseError, self._nats.js.errors.ServiceUnavailableError,
+                        self._nats.errors.ConnectionReconnectingError) as exc:
+                    unanswered = unanswered or not isinstance(exc, self._nats.errors.NoRespondersError)
+                    if self._loop.time() + pause > deadline:
+                        raise
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.5)
+                except Exception as exc:
+                    error = self._translate(exc, f"publishing to {subject}")
+                    if isinstance(error, WrongLastSequence):
+                        error.ambiguous = unanswered
+                    raise error from exc
+
+        return self._run(self._guard(f"publishing to {subject}", go()), self.timeout + 2.0)
+
+    def publish_batch(self, subject: str, parts: Sequence[bytes], *, expected_last_seq: int,
+                      headers: Sequence[dict[str, str]]) -> int:
+        """Publish ``parts`` as one atomic batch (NATS 2.12+), conditional on the last sequence.
+
+        Either every part is stored, contiguously, or none is. ``headers``: one dict per
+        part. Returns the sequence of the last part.
+        """
+        batch = uuid.uuid4().hex
+
+        async def go() -> int:
+            reply: Any = None
+            for i, part in enumerate(parts, 1):
+                h = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i), **headers[i - 1]}
+                if i == 1:
+                    h["Nats-Expected-Last-Sequence"] = str(expected_last_seq)
+                if i == len(parts):
+                    h["Nats-Batch-Commit"] = "1"
+                reply = await self._nc.request(subject, part, timeout=self.timeout, headers=h)
+            import json
+
+            answer = json.loads(reply.data)
+            if "error" in answer:
+                err = answer["error"]
+                exc = RuntimeError(err.get("description", "batch refused"))
+                exc.err_code = err.get("err_code")  # type: ignore[attr-defined]
+                raise exc
+            return int(answer["seq"])
+
+        return self._run(self._guard(f"publishing a batch to {subject}", go()), self.timeout * (len(parts) + 1))
+
+    # ---------------------------------------------------------- subscriptions
+
+    def follow(self, subject: str, start_seq: int, on_message: Callable[[LogMessage], None]) -> None:
+        """Deliver every message of ``subject`` from ``start_seq`` on, in order, to ``on_message``.
+
+        An ordered consumer: JetStream resends from the last sequence seen after any gap
+        or reconnection, so nothing is skipped or repeated out of order.
+        """
+        from nats.js.api import DeliverPolicy
+
+        async def handler(msg: Any) -> None:
+            on_message(LogMessage(int(msg.metadata.sequence.stream), bytes(msg.data or b""),
+                                  dict(msg.headers or {})))
+
+        async def go() -> None:
+            sub = await self._js.subscribe(subject, cb=handler, ordered_consumer=True,
+                                     deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                     config=self._nats.js.api.ConsumerConfig(opt_start_seq=max(1, start_seq)))
+            self._subs.append(sub)
+
+        self._run(self._guard(f"following {subject}", go()))
+
+    # ------------------------------------------------------------------ close
+
+    def _stop_loop(self) -> None:
+        self._closed = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5.0)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def close(self) -> None:
+        """Drain the connection and stop the loop thread (idempotent)."""
+        if self._closed or self._closing:
+            return
+        self._closing = True
+
+        async def go() -> None:
+            with contextlib.suppress(Exception):  # closing: nothing left to report it to
+                for sub in self._subs:
+                    await sub.unsubscribe()
+                await asyncio.wait_for(self._nc.close(), 2.0)
+            # What nats-py leaves running (an ordered consumer's checks) ends with the loop.
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in others:
+                t.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+
+        with contextlib.suppress(StoreError):
+            self._run(go(), 5.0)
+        self._stop_loop()

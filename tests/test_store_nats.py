@@ -1,0 +1,239 @@
+"""The fleet store on a real 3-node JetStream cluster: what LMDB alone cannot show.
+
+Two ``NatsStore`` objects on one stream are two hosts of a fleet (each its own NATS
+connection, its own local copy). The contract tests shared with LMDB are in
+``test_store_lmdb.py`` (``conftest.any_store``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.nats_cluster import NatsCluster
+from snapshots import NotFound, StoreConfigError, StoreError, WriteTxn
+from snapshots.nats_store import NatsStore, parse_nats_url
+from snapshots.oplog import decode_ops, encode_ops
+
+
+@pytest.fixture
+def stream() -> str:
+    return f"T{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def pair(nats_cluster: NatsCluster, tmp_path: Path, stream: str) -> Iterator[tuple[NatsStore, NatsStore]]:
+    """Two hosts on one stream, each connected to a different node."""
+    urls = nats_cluster.urls
+    with NatsStore.open(urls[0], tmp_path / "a", stream=stream) as a, \
+            NatsStore.open(urls[1], tmp_path / "b", stream=stream) as b:
+        yield a, b
+
+
+def test_a_commit_on_one_host_is_read_on_another(pair: tuple[NatsStore, NatsStore]) -> None:
+    a, b = pair
+    a.transact(lambda t: (t.put_agent({"agent_id": "x", "status": "running"}),
+                          t.put_checkpoint("x", 1, b"ckpt", 1.5), t.put_journal("x", 1, {"r": 7})))
+    b.sync()
+    with b.read() as r:
+        assert r.get_agent("x") == {"agent_id": "x", "status": "running"}
+        assert r.get_checkpoint("x", 1) == b"ckpt"
+        assert r.get_journal("x", 1) == {"r": 7}
+    # b writes on top of what it read; a's next write is based on b's
+    b.transact(lambda t: t.put_agent({"agent_id": "x", "status": "done"}))
+    a.transact(lambda t: t.put_checkpoint("x", 2, b"two", 2.0))
+    b.sync()
+    with b.read() as r:
+        assert r.get_agent("x") == {"agent_id": "x", "status": "done"}
+        assert [c.seq for c in r.list_checkpoints("x")] == [1, 2]
+    a.sync()
+    assert a.applied_seq == b.applied_seq == 3  # three commits, three log entries
+
+
+def test_concurrent_increments_from_two_hosts_are_serialized(pair: tuple[NatsStore, NatsStore]) -> None:
+    a, b = pair
+    n = 25
+    errors: list[BaseException] = []
+
+    def bump(store: NatsStore) -> None:
+        try:
+            for _ in range(n):
+                store.transact(lambda t: t.kv_incr("c", "k", 1))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=bump, args=(s,)) for s in (a, b, a, b)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert errors == []
+    for s in (a, b):
+        s.sync()
+        with s.read() as r:
+            assert r.kv_get("c", "k") == str(4 * n).encode()  # no increment lost, none counted twice
+
+
+def _lagging(store: NatsStore, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Hold ``store``'s applier until the event is set: its copy lags the log, as a host's
+    does when its connection is slow or it was paused."""
+    go = threading.Event()
+    take = store._take
+
+    def held(msg: Any) -> None:
+        go.wait(30)
+        take(msg)
+
+    monkeypatch.setattr(store, "_take", held)
+    return go
+
+
+def test_a_host_that_lost_the_agent_cannot_commit(pair: tuple[NatsStore, NatsStore],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fencing: a commit is conditional on the whole log, so a stale owner's step is refused
+    and, run again on the current state, sees it no longer owns the agent."""
+    a, b = pair
+    a.transact(lambda t: t.kv_set("lease", "agent-1", b"a"))
+    b.sync()
+    go = _lagging(a, monkeypatch)
+    b.transact(lambda t: t.kv_set("lease", "agent-1", b"b"))  # b takes agent-1 over; a has not seen it
+    runs: list[bytes | None] = []
+
+    def step(t: WriteTxn) -> None:
+        owner = t.kv_get("lease", "agent-1")
+        runs.append(owner)
+        go.set()
+        if owner != b"a":
+            raise StoreError("agent-1 is leased to another host")
+        t.put_checkpoint("agent-1", 5, b"late", 9.0)
+
+    with pytest.raises(StoreError, match="leased to another host"):
+        a.transact(step)
+    assert runs == [b"a", b"b"]  # the stale view was refused by the cluster, the step ran again
+    assert a.races == 1
+    # the non-retrying write() is refused outright on a stale view
+    go = _lagging(a, monkeypatch)
+    b.transact(lambda t: t.kv_set("lease", "agent-1", b"b2"))
+    with pytest.raises(StoreError, match="another host committed first"), a.write() as w:
+        w.put_checkpoint("agent-1", 6, b"late", 9.0)
+    go.set()
+    a.sync()
+    b.sync()
+    for s in (a, b):
+        with s.read() as r:
+            assert r.list_checkpoints("agent-1") == []
+            assert r.kv_get("lease", "agent-1") == b"b2"
+
+
+def test_a_large_step_is_one_atomic_batch(pair: tuple[NatsStore, NatsStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = pair
+    a._max_part = 64 * 1024  # parts of 64 KiB: a 300 KB checkpoint goes as an atomic batch of 5
+    blob = os.urandom(300_000)
+    a.transact(lambda t: (t.put_checkpoint("big", 1, blob, 1.0), t.put_agent({"agent_id": "big"})))
+    last = b.sync()
+    with b.read() as r:
+        assert r.get_checkpoint("big", 1) == blob and r.get_agent("big") == {"agent_id": "big"}
+    assert last == a.applied_seq and last >= 5  # five stream messages, one commit
+    # a stale batch is refused whole: nothing of it is stored
+    go = _lagging(a, monkeypatch)
+    b.transact(lambda t: t.kv_set("n", "k", b"1"))
+    before = b.sync()
+    with pytest.raises(StoreError, match="another host committed first"), a.write() as w:
+        w.put_checkpoint("big", 2, blob, 2.0)
+    go.set()
+    assert b.sync() == before
+    a.sync()
+    with a.read() as r:
+        assert r.latest_checkpoint("big") == 1
+
+
+def test_a_new_copy_is_rebuilt_from_the_log(nats_cluster: NatsCluster, tmp_path: Path, stream: str) -> None:
+    with NatsStore.open(nats_cluster.url, tmp_path / "first", stream=stream) as s:
+        s.transact(lambda t: [t.put_journal("j", i, {"i": i}) for i in range(1, 6)])
+        s.transact(lambda t: t.delete_agent("nobody", missing_ok=True))
+        with pytest.raises(NotFound):
+            s.transact(lambda t: t.delete_agent("nobody"))
+    with NatsStore.open(nats_cluster.url, tmp_path / "fresh", stream=stream) as s:
+        s.sync()
+        with s.read() as r:
+            assert [c for c, _ in r.iter_journal("j")] == [1, 2, 3, 4, 5]
+    # a copy belongs to its stream: another stream refuses it
+    with pytest.raises(StoreConfigError, match="local copy of stream"):
+        NatsStore.open(nats_cluster.url, tmp_path / "fresh", stream=stream + "x")
+
+
+def test_commits_go_on_with_a_node_killed(nats_cluster: NatsCluster, tmp_path: Path, stream: str) -> None:
+    """R3: a quorum of two commits; the killed node catches up when it is back."""
+    with NatsStore.open(nats_cluster.urls[0], tmp_path / "c", stream=stream, timeout=20.0) as s:
+        s.transact(lambda t: t.kv_set("n", "before", b"1"))
+        nats_cluster.kill(2)
+        try:
+            for i in range(5):
+                s.transact(lambda t, i=i: t.kv_set("n", f"k{i}", b"x"))
+        finally:
+            nats_cluster.restart(2)
+        with s.read() as r:
+            assert r.kv_keys("n") == ["before", "k0", "k1", "k2", "k3", "k4"]
+    with NatsStore.open(nats_cluster.urls[2], tmp_path / "d", stream=stream, timeout=20.0) as s:
+        s.sync()
+        with s.read() as r:
+            assert r.kv_keys("n") == ["before", "k0", "k1", "k2", "k3", "k4"]
+
+
+def test_bad_urls_and_options_are_config_errors(tmp_path: Path) -> None:
+    assert parse_nats_url("nats://127.0.0.1:1,127.0.0.1:2") == ["nats://127.0.0.1:1", "nats://127.0.0.1:2"]
+    for bad in ("http://x:1", "nats://x", "nats://x:0", "nats://:4222"):
+        with pytest.raises(StoreConfigError):
+            parse_nats_url(bad)
+    with pytest.raises(StoreConfigError, match="replicas"):
+        NatsStore.open("nats://127.0.0.1:1", tmp_path, replicas=7)
+
+
+def test_an_unreachable_cluster_is_unavailable(tmp_path: Path) -> None:
+    from bench.nats_cluster import _free_ports
+    from snapshots import StoreUnavailable
+
+    with pytest.raises(StoreUnavailable, match="cannot connect"):
+        NatsStore.open(f"nats://127.0.0.1:{_free_ports(1)[0]}", tmp_path, timeout=3.0)
+
+
+def test_the_op_log_round_trips_and_refuses_garbage() -> None:
+    ops: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
+        ("put_checkpoint", ("a", 1, b"\x00\xff", 1.25), {"chunks": {b"d" * 32: memoryview(b"c")}}),
+        ("put_agent", ({"agent_id": "a", "b": {"nested": [1, "é"]}},), {}),
+        ("delete_agent", ("a",), {"purge": True, "missing_ok": False}),
+    ]
+    back = decode_ops(encode_ops(ops))
+    assert back[0] == ("put_checkpoint", ("a", 1, b"\x00\xff", 1.25), {"chunks": {b"d" * 32: b"c"}})
+    assert back[1:] == ops[1:]
+    from snapshots import StoreCorrupt
+
+    frame = encode_ops(ops)
+    for bad in (b"", frame[:10], frame[:-1], b"\x00\x00\x00\x02{}", frame.replace(b"put_agent", b"rm_rf_all")):
+        with pytest.raises(StoreCorrupt):
+            decode_ops(bad)
+
+
+def test_doctor_checks_the_cluster(nats_cluster: NatsCluster, tmp_path: Path, stream: str) -> None:
+    """``torpor doctor --store nats://...``: the stream's leader and its two current followers."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "host.cli", "doctor", "--store", nats_cluster.url, "--stream", stream,
+                          "--local-dir", str(tmp_path), "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    fleet = json.loads(out.stdout)["fleet"]
+    assert fleet["replicas_configured"] == 3 and fleet["leader"] in {"n1", "n2", "n3"}
+    assert len(fleet["followers"]) == 2 and fleet["server_version"].startswith("2.")
+    down = subprocess.run([sys.executable, "-m", "host.cli", "doctor", "--store", "nats://127.0.0.1:1",
+                           "--local-dir", str(tmp_path / "x")], capture_output=True, text=True)
+    assert down.returncode == 2 and down.stderr.strip().splitlines() == [
+        "torpor: error[store_unavailable]: cannot connect to NATS at nats://127.0.0.1:1: "
+        "nats: no servers available for connection"]
