@@ -426,9 +426,14 @@ def test_stalled_agent_is_reported(caller_module: bytes, tmp_path: Path) -> None
     b = make(caller_module, policy)
     seen: dict[str, Any] = {}
     with Host(tmp_path) as host:
-        def watch() -> None:
-            time.sleep(0.8)
-            seen["agents"] = host.list_agents()
+        def watch() -> None:  # the tool sleeps 1.5 s: stalled from 0.3 s after its call began until it answers
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                seen["agents"] = host.list_agents()
+                if any(a["stalled"] for a in seen["agents"]) or any(
+                        a["status"] == "completed" for a in seen["agents"]):
+                    return
+                time.sleep(0.05)
 
         t = threading.Thread(target=watch)
         t.start()
