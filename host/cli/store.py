@@ -128,7 +128,7 @@ def cmd_store_check(args: argparse.Namespace) -> int:
         for line in lines["problem_lines"]:
             print(f"problem: {line}")
         if lines["suspect_lines"]:
-            print(f"suspect markers ({len(lines['suspect_lines'])}): a writer at durability process may have been "
+            print(f"suspect markers ({len(lines['suspect_lines'])}): a writer may have been "
                   "cut off by a machine restart")
             for line in lines["suspect_lines"]:
                 print(f"  {line}")
