@@ -1,0 +1,163 @@
+"""A power loss during a `sync`-level commit's one sync: the store rolls back to the commit before.
+
+Real LMDB files throughout. The torn write is made on the files a real `sync`-level store
+wrote: commit k is synced, then commit k+1 is made and the store closed; every page that
+commit k+1 wrote (the pages of data.mdb that differ from the file as it was after commit
+k, meta pages aside) is zeroed, with its meta page left in place, as if the power went
+during its ``fdatasync`` after the meta page reached the disk and before its pages did.
+A marker of another boot stands for the writer that had the store open.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+
+from host.cli import app as cli
+from snapshots import LmdbStore, StoreCorrupt, StoreError, meta_pages, unflushed
+from snapshots.lmdb_store import DURABILITY_ENV
+
+OTHER_BOOT = str(uuid.UUID(int=0x5678))  # stands for the boot during which the power went
+
+pytestmark = pytest.mark.skipif(unflushed.boot_id() is None, reason="no /proc boot id on this system")
+
+
+@pytest.fixture(autouse=True)
+def _default_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DURABILITY_ENV, raising=False)
+
+
+def _commit_k(t: Any) -> None:
+    for i in range(40):
+        t.put_agent({"agent_id": f"a{i:02d}", "status": "suspended", "step": 1})
+        t.put_journal(f"a{i:02d}", 1, {"tool": "kv.incr", "state": "done", "pad": "x" * 200})
+    t.kv_set("ns", "k", b"committed at k")
+
+
+def _commit_k1(t: Any) -> None:
+    for i in range(0, 40, 3):
+        t.put_agent({"agent_id": f"a{i:02d}", "status": "suspended", "step": 2})
+        t.put_journal(f"a{i:02d}", 2, {"tool": "kv.incr", "state": "done", "pad": "y" * 200})
+    t.put_agent({"agent_id": "late", "status": "running"})
+    t.kv_set("ns", "k", b"committed at k+1")
+
+
+def _torn_store(path: Path, level: str = "sync") -> tuple[int, bytes]:
+    """A store whose last commit (k+1) lost its pages, and a marker of another boot.
+
+    Returns commit k+1's txn id and data.mdb as commit k left it."""
+    with LmdbStore.open(path, durability="sync") as store:
+        store.transact(_commit_k)  # synced before it returns
+        after_k = (path / "data.mdb").read_bytes()
+        store.transact(_commit_k1)
+    newer, _ = meta_pages.newer_older(meta_pages.read_metas(path / "data.mdb"))
+    data = bytearray((path / "data.mdb").read_bytes())
+    psize = newer.psize
+    torn = 0
+    for start in range(2 * psize, len(data), psize):
+        old = after_k[start : start + psize]
+        if data[start : start + psize] != old.ljust(psize, b"\0"):
+            data[start : start + psize] = bytes(psize)
+            torn += 1
+    assert torn >= 2  # commit k+1 wrote pages (a leaf or two, branch and root pages)
+    (path / "data.mdb").write_bytes(data)
+    unflushed.write_marker(path, level, boot=OTHER_BOOT, pid=4242, start=777, opened_at=1_700_000_000.0)
+    return newer.txnid, after_k
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = cli.main(list(argv))
+    return code, capsys.readouterr().out
+
+
+def _markers(path: Path) -> list[str]:
+    d = path / unflushed.MARKER_DIR
+    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+
+# -- the meta pages --------------------------------------------------------------------------
+def test_read_metas_agrees_with_lmdb_and_roll_back_then_undo(tmp_path: Path) -> None:
+    env = lmdb.open(str(tmp_path), sync=False)
+    for i in range(3):
+        with env.begin(write=True) as txn:
+            txn.put(b"k%d" % i, b"v")
+    last = int(env.info()["last_txnid"])
+    env.close()
+    m0, m1 = meta_pages.read_metas(tmp_path / "data.mdb")
+    assert (m0.pgno, m1.pgno) == (0, 1) and {m0.txnid, m1.txnid} == {last, last - 1}
+    newer, older = meta_pages.newer_older((m0, m1))
+    assert newer.txnid == last and newer.index == last & 1 and newer.main_entries == 3 and older.main_entries == 2
+    before = (tmp_path / "data.mdb").read_bytes()
+
+    done = meta_pages.roll_back(tmp_path)
+    assert (done.dropped_txn, done.current_txn) == (last, last - 1)
+    a, b = meta_pages.read_metas(tmp_path / "data.mdb")
+    assert a.txnid == b.txnid == last - 1 and (a.pgno, b.pgno) == (0, 1)  # the copy names its own page
+    with pytest.raises(StoreError, match="no earlier snapshot"):
+        meta_pages.roll_back(tmp_path)
+    env = lmdb.open(str(tmp_path))
+    assert int(env.info()["last_txnid"]) == last - 1
+    with env.begin() as txn:
+        assert [k for k, _ in txn.cursor()] == [b"k0", b"k1"]
+    env.close()
+
+    meta_pages.undo(done)
+    assert (tmp_path / "data.mdb").read_bytes() == before
+
+
+def test_after_a_rollback_the_next_commit_restores_the_two_snapshots(tmp_path: Path) -> None:
+    env = lmdb.open(str(tmp_path), sync=False)
+    for i in range(3):
+        with env.begin(write=True) as txn:
+            txn.put(b"k%d" % i, b"v")
+    env.close()
+    meta_pages.roll_back(tmp_path)
+    env = lmdb.open(str(tmp_path))
+    with env.begin(write=True) as txn:
+        txn.put(b"x", b"v")
+    env.close()
+    m0, m1 = meta_pages.read_metas(tmp_path / "data.mdb")
+    assert (m0.txnid, m1.txnid) == (2, 3)  # each page again holds the txn of its parity
+    env = lmdb.open(str(tmp_path))
+    with env.begin() as txn:
+        assert [k for k, _ in txn.cursor()] == [b"k0", b"k1", b"x"]
+    env.close()
+
+
+def test_roll_back_refuses_a_store_open_in_another_process(tmp_path: Path) -> None:
+    env = lmdb.open(str(tmp_path))
+    for i in range(2):
+        with env.begin(write=True) as txn:
+            txn.put(b"k%d" % i, b"v")
+    env.close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent("""
+            import sys, lmdb
+            env = lmdb.open(sys.argv[1]); print("open", flush=True); sys.stdin.readline()
+        """), str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        before = (tmp_path / "data.mdb").read_bytes()
+        with pytest.raises(StoreError, match="open in another process"):
+            meta_pages.roll_back(tmp_path)
+        assert (tmp_path / "data.mdb").read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+
+
+@pytest.mark.parametrize("damage", ["not lmdb", "short"])
+def test_read_metas_refuses_what_is_not_an_lmdb_file(tmp_path: Path, damage: str) -> None:
+    env = lmdb.open(str(tmp_path))
+    env.close()
+    raw = (tmp_path / "data.mdb").read_bytes()
+    (tmp_path / "data.mdb").write_bytes(b"\x07" * 8192 if damage == "not lmdb" else raw[:5000])
+    with pytest.raises(StoreCorrupt):
+        meta_pages.read_metas(tmp_path / "data.mdb")
