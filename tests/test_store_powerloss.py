@@ -10,6 +10,7 @@ A marker of another boot stands for the writer that had the store open.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,7 @@ import lmdb
 import pytest
 
 from host.cli import app as cli
-from snapshots import LmdbStore, StoreCorrupt, StoreError, meta_pages, unflushed
+from snapshots import LmdbStore, StoreCorrupt, StoreError, StoreSuspect, meta_pages, unflushed
 from snapshots.lmdb_store import DURABILITY_ENV
 
 OTHER_BOOT = str(uuid.UUID(int=0x5678))  # stands for the boot during which the power went
@@ -161,3 +162,95 @@ def test_read_metas_refuses_what_is_not_an_lmdb_file(tmp_path: Path, damage: str
     (tmp_path / "data.mdb").write_bytes(b"\x07" * 8192 if damage == "not lmdb" else raw[:5000])
     with pytest.raises(StoreCorrupt):
         meta_pages.read_metas(tmp_path / "data.mdb")
+
+
+# -- torpor store check ----------------------------------------------------------------------
+def test_check_rolls_back_a_torn_last_commit_and_the_store_opens_at_commit_k(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "db"
+    dropped, _ = _torn_store(path)
+    with pytest.raises(StoreSuspect):
+        LmdbStore.open(path)
+
+    code, out = _cli(capsys, "store", "check", "--store", str(path))
+    assert code == 0, out
+    assert f"rolled back the last commit (txn {dropped}, never acknowledged)" in out
+    assert f"at txn {dropped - 1}" in out and "ok:" in out and "rerun with --accept" in out
+    code, out = _cli(capsys, "store", "check", "--store", str(path), "--accept", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["ok"] and data["rollback"] is None and len(data["cleared"]) == 1
+
+    with LmdbStore.open(path) as store, store.read() as r:  # opens: no longer suspect
+        agents = {a["agent_id"]: a for a in r.iter_agents()}
+        assert sorted(agents) == [f"a{i:02d}" for i in range(40)]  # commit k's, all; not k+1's "late"
+        assert {a["step"] for a in agents.values()} == {1}
+        assert r.kv_get("ns", "k") == b"committed at k"
+        assert [r.get_journal(f"a{i:02d}", 2) for i in range(0, 40, 3)] == [None] * 14
+        assert all(r.get_journal(f"a{i:02d}", 1) is not None for i in range(40))
+    with LmdbStore.open(path) as store:  # and takes new commits
+        store.transact(lambda t: t.kv_set("ns", "k", b"after"))
+        assert store.check().ok
+
+
+def test_check_leaves_a_store_whose_both_trees_are_damaged_as_it_was(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "db"
+    dropped, after_k = _torn_store(path)
+    # Damage commit k's tree too, in a page commit k+1 did not write: a leaf of the journal.
+    data = bytearray((path / "data.mdb").read_bytes())
+    psize = 4096
+    pages = [s for s in range(2 * psize, len(after_k), psize)
+             if data[s : s + psize] == after_k[s : s + psize] and b"x" * 200 in after_k[s : s + psize]]
+    assert pages
+    data[pages[0] : pages[0] + psize] = bytes(psize)
+    (path / "data.mdb").write_bytes(data)
+    before = (path / "data.mdb").read_bytes()
+
+    code, out = _cli(capsys, "store", "check", "--store", str(path), "--accept", "--json")
+    report = json.loads(out)
+    assert code == 1 and report["ok"] is False and report["cleared"] == [] and report["accepted"] is False
+    assert report["rollback"]["rolled_back"] is False and report["rollback"]["dropped_txn"] == dropped
+    assert f"previous snapshot (txn {dropped - 1}) fails the check too" in report["rollback"]["message"]
+    assert "nothing was changed" in report["rollback"]["message"]
+    assert (path / "data.mdb").read_bytes() == before and len(_markers(path)) == 1
+    with pytest.raises(StoreSuspect):
+        LmdbStore.open(path)
+
+
+def test_a_clean_store_is_never_touched(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    healthy = tmp_path / "healthy"
+    with LmdbStore.open(healthy) as store:
+        store.transact(_commit_k)
+        store.transact(_commit_k1)
+    before = (healthy / "data.mdb").read_bytes()
+    code, out = _cli(capsys, "store", "check", "--store", str(healthy), "--repair", "--accept", "--json")
+    assert code == 0 and json.loads(out)["rollback"] is None
+    assert (healthy / "data.mdb").read_bytes() == before
+
+    # A broken newest tree without a marker is not a cut-off sync: reported, never rolled back.
+    torn = tmp_path / "torn"
+    _torn_store(torn)
+    for name in _markers(torn):
+        (torn / unflushed.MARKER_DIR / name).unlink()
+    before = (torn / "data.mdb").read_bytes()
+    code, out = _cli(capsys, "store", "check", "--store", str(torn), "--repair", "--json")
+    report = json.loads(out)
+    assert code == 1 and report["ok"] is False and report["rollback"] is None and report["suspect"] == []
+    assert (torn / "data.mdb").read_bytes() == before
+
+
+def test_a_process_level_writers_store_is_rolled_back_only_with_repair(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "db"
+    dropped, _ = _torn_store(path, level="process")
+    before = (path / "data.mdb").read_bytes()
+    code, out = _cli(capsys, "store", "check", "--store", str(path), "--json")
+    assert code == 1 and json.loads(out)["rollback"] is None
+    assert (path / "data.mdb").read_bytes() == before
+
+    code, out = _cli(capsys, "store", "check", "--store", str(path), "--repair", "--accept")
+    assert code == 0, out
+    assert f"rolled back the last commit (txn {dropped}, not flushed before the restart)" in out
+    assert "accepted: cleared 1 marker" in out
+    with LmdbStore.open(path) as store, store.read() as r:
+        assert r.get_agent("late") is None and r.kv_get("ns", "k") == b"committed at k"
