@@ -51,8 +51,12 @@ handle (LMDB's MDB_NOSYNC flag), not to the files.
 
     Guaranteed at ``sync``: every acknowledged (``"now"``) commit survives a process
     kill, a kernel crash and a power loss; after a power loss the store is either intact
-    or refused until ``torpor store check`` rolls back the one unacknowledged commit
-    (plus, if any, the at most one commit made short of ``"now"`` before it).
+    or refused until ``torpor store check`` rolls back the one commit whose sync was cut
+    off (never acknowledged). Not guaranteed: if the commit before that one was made
+    short of ``"now"`` and not yet synced, its own tree may be torn too (the older meta
+    page may be its), and LMDB keeps no third snapshot to go back to: the check then
+    reports both trees damaged, changes nothing, and the store must be restored from a
+    copy. A caller that needs the rollback to succeed makes its commits ``"now"``.
 
 ``process``
     LMDB's MDB_NOSYNC (py-lmdb ``sync=False``, without MDB_WRITEMAP): a commit returns
