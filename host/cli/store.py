@@ -352,7 +352,8 @@ def add_parsers(sub: Any) -> None:
     st = sub.add_parser("store", help=store_help, description=store_help)
     ssub = st.add_subparsers(dest="store_command", metavar="SUBCOMMAND")
     check_help = ("read every record of the store and verify every checkpoint's checksum (exit 1 if "
-                  "anything is wrong); it opens a store refused as suspect after a machine restart")
+                  "anything is wrong); it opens a store refused as suspect after a machine restart, and rolls "
+                  "such a store's torn last commit back to the one before it")
     sp = ssub.add_parser("check", help=check_help, description=check_help)
     sp.add_argument("--store", default=None, help=STORE_HELP + "; its db/ directory is accepted too")
     sp.add_argument("--accept", action="store_true", help="if the check finds no problems, clear the markers that "
