@@ -50,10 +50,11 @@ def _commit_k1(t: Any) -> None:
     t.kv_set("ns", "k", b"committed at k+1")
 
 
-def _torn_store(path: Path, level: str = "sync") -> tuple[int, bytes]:
+def _torn_store(path: Path, level: str = "sync", cut: bool = False) -> tuple[int, bytes]:
     """A store whose last commit (k+1) lost its pages, and a marker of another boot.
 
-    Returns commit k+1's txn id and data.mdb as commit k left it."""
+    ``cut``: the file's growth was lost too (it ends where commit k left it). Returns
+    commit k+1's txn id and data.mdb as commit k left it."""
     with LmdbStore.open(path, durability="sync") as store:
         store.transact(_commit_k)  # synced before it returns
         after_k = (path / "data.mdb").read_bytes()
@@ -68,6 +69,9 @@ def _torn_store(path: Path, level: str = "sync") -> tuple[int, bytes]:
             data[start : start + psize] = bytes(psize)
             torn += 1
     assert torn >= 2  # commit k+1 wrote pages (a leaf or two, branch and root pages)
+    if cut:
+        assert len(data) > len(after_k)  # commit k+1 grew the file
+        del data[len(after_k):]
     (path / "data.mdb").write_bytes(data)
     unflushed.write_marker(path, level, boot=OTHER_BOOT, pid=4242, start=777, opened_at=1_700_000_000.0)
     return newer.txnid, after_k
@@ -165,10 +169,11 @@ def test_read_metas_refuses_what_is_not_an_lmdb_file(tmp_path: Path, damage: str
 
 
 # -- torpor store check ----------------------------------------------------------------------
+@pytest.mark.parametrize("cut", [False, True], ids=["pages-zeroed", "file-cut-short"])
 def test_check_rolls_back_a_torn_last_commit_and_the_store_opens_at_commit_k(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], cut: bool) -> None:
     path = tmp_path / "db"
-    dropped, _ = _torn_store(path)
+    dropped, _ = _torn_store(path, cut=cut)
     with pytest.raises(StoreSuspect):
         LmdbStore.open(path)
 
