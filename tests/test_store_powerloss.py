@@ -259,3 +259,33 @@ def test_a_process_level_writers_store_is_rolled_back_only_with_repair(
     assert "accepted: cleared 1 marker" in out
     with LmdbStore.open(path) as store, store.read() as r:
         assert r.get_agent("late") is None and r.kv_get("ns", "k") == b"committed at k"
+
+
+def test_a_torn_free_list_that_no_record_read_touches_is_found_and_rolled_back(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "db"
+    with LmdbStore.open(path) as store:
+        store.transact(_commit_k)
+        after_k = (path / "data.mdb").read_bytes()
+        store.transact(_commit_k1)
+    assert meta_pages.verify_structure(path) == []  # py-lmdb >= 3.0 (pyproject) has the verifier
+    newer, older = meta_pages.newer_older(meta_pages.read_metas(path / "data.mdb"))
+    psize = newer.psize
+    at = newer.free_root * psize
+    assert newer.free_root != older.free_root and after_k[at : at + psize] != (path / "data.mdb").read_bytes()[at : at + psize]
+    with open(path / "data.mdb", "r+b") as f:  # commit k+1's free-list page never made it
+        f.seek(at)
+        f.write(bytes(psize))
+    with LmdbStore.open(path, readonly=True) as store:
+        assert store.check().ok  # every record still reads: the records alone would pass it
+    unflushed.write_marker(path, "sync", boot=OTHER_BOOT, pid=4242, start=777, opened_at=1_700_000_000.0)
+
+    code, out = _cli(capsys, "store", "check", "--store", str(path), "--accept", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["rollback"]["rolled_back"] is True and data["rollback"]["dropped_txn"] == newer.txnid
+    with LmdbStore.open(path) as store:  # the next commits allocate from commit k's free list
+        for i in range(5):
+            store.transact(lambda t, i=i: t.kv_set("ns", f"after{i}", b"v" * 3000))
+        with store.read() as r:
+            assert r.kv_get("ns", "k") == b"committed at k" and r.get_agent("late") is None
+    assert meta_pages.verify_structure(path) == []

@@ -15,6 +15,10 @@ off, so it was never acknowledged, and the older tree is intact by construction.
 ``--repair`` also for a ``process``-level writer (the rollback may then drop commits
 acknowledged since its last flush, and the older tree is only known intact because the
 check passed) or an unreadable marker. A store that is not suspect is never rolled back.
+
+For a suspect store the check also walks LMDB's own structure (``meta_pages.verify_structure``:
+every page of the tree and of the free list, which no record read touches but the next
+write would), since nothing writes it meanwhile; a live store's check reads records only.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ def _check_store(db: Path) -> dict[str, Any]:
     return an error but fails an assertion and aborts the whole process, so in a child
     the abort becomes a finding ("the store is corrupt") instead of the checker's death.
     """
+    from snapshots import meta_pages
     from snapshots.errors import StoreCorrupt, StoreError
     from snapshots.lmdb_store import LmdbStore
 
@@ -66,8 +71,15 @@ def _check_store(db: Path) -> dict[str, Any]:
             return _corrupt_report(db, f"LMDB cannot open the store: {exc.__cause__ or exc}")
         with store:
             report = store.check()
-        return {**report.to_dict(), "problem_lines": [str(p) for p in report.problems],
+        data = {**report.to_dict(), "problem_lines": [str(p) for p in report.problems],
                 "suspect_lines": [s.describe() for s in report.suspect]}
+        if report.suspect:  # nobody writes it: its pages can be walked too (the free list)
+            for message in meta_pages.verify_structure(db) or ():
+                data["problems"].append({"database": "lmdb", "key": "", "agent_id": None, "seq": None,
+                                         "message": message})
+                data["problem_lines"].append(f"lmdb: {message}")
+            data["ok"] = not data["problems"]
+        return data
 
     if not hasattr(os, "fork"):  # pragma: no cover - not POSIX
         return run()
