@@ -148,14 +148,16 @@ class StoreFlushError(StoreUnavailable):
 
 
 class StoreSuspect(StoreUnavailable):
-    """A ``durability="process"`` writer had the store open when the machine restarted.
+    """A writer had the store open when the machine restarted.
 
     Its marker (``snapshots.unflushed``) names an earlier boot: the machine went down
     (a power loss, a kernel crash, or a reboot after the host died without closing the
-    store) while commits of it may have been only in the page cache, so the store may
-    have lost them or be corrupt, and nothing in LMDB's files would say so. The store
-    is refused until checked: ``torpor store check`` reads every record, and its
-    ``--accept`` clears the marker once the check passes (or restore from a copy).
+    store) while commits of it may have been only in the page cache (``process``), or
+    while a commit was being synced (``sync``: its newest tree may be torn), so the store
+    may have lost them or be corrupt, and nothing in LMDB's files would say so. The store
+    is refused until checked: ``torpor store check`` reads every record (and rolls a torn
+    last commit back to the previous one), and its ``--accept`` clears the marker once
+    the check passes (or restore from a copy).
     """
 
     code = "store_suspect"

@@ -40,9 +40,23 @@ handle (LMDB's MDB_NOSYNC flag), not to the files.
     LMDB's two: the ordering of the meta page after the pages *within* one commit's
     ``fdatasync``. A power loss during that sync (about a millisecond, before the commit
     is acknowledged) may leave the new meta page on the disk with some of its pages
-    missing; a commit already acknowledged is never at risk. Nothing acknowledged is
-    lost, but the store may then need ``torpor store check`` (and a copy), as after a
-    power loss at ``process`` level.
+    missing; a commit already acknowledged is never at risk. The tree the *older* meta
+    page names is intact then (no transaction reuses its pages before the next commit
+    is synced), so the store is recoverable without loss: a ``sync``-level writer leaves
+    an unflushed marker while it has the store open, as ``process`` does, so that after
+    a machine restart the next ``open`` raises StoreSuspect; ``torpor store check`` then
+    reads every record, and if the newest tree fails it rolls the store back to the
+    older meta page (``snapshots.meta_pages``), which loses only the commit whose sync
+    the power cut (never acknowledged), and re-checks.
+
+    Guaranteed at ``sync``: every acknowledged (``"now"``) commit survives a process
+    kill, a kernel crash and a power loss; after a power loss the store is either intact
+    or refused until ``torpor store check`` rolls back the one commit whose sync was cut
+    off (never acknowledged). Not guaranteed: if the commit before that one was made
+    short of ``"now"`` and not yet synced, its own tree may be torn too (the older meta
+    page may be its), and LMDB keeps no third snapshot to go back to: the check then
+    reports both trees damaged, changes nothing, and the store must be restored from a
+    copy. A caller that needs the rollback to succeed makes its commits ``"now"``.
 
 ``process``
     LMDB's MDB_NOSYNC (py-lmdb ``sync=False``, without MDB_WRITEMAP): a commit returns
@@ -794,7 +808,7 @@ class LmdbStore:
         self.flushes = 0
         self.last_flush: float | None = None
         self.flushed_commits = 0
-        # This process's unflushed marker (process level, writable), removed by a clean
+        # This process's unflushed marker (a writable handle), removed by a clean
         # close in the process that opened the store (never by a forked child).
         self._marker = marker
         self._marker_pid = os.getpid()
@@ -823,11 +837,12 @@ class LmdbStore:
         Both only concern this process's commits (a read-only store makes none).
 
         First the store's unflushed markers are scanned (``snapshots.unflushed``): a
-        writer at ``process`` level that had it open when the machine restarted makes
+        writer (at either level) that had it open when the machine restarted makes
         it suspect, and the open raises StoreSuspect unless ``accept_suspect`` (for the
         checker, ``check``); markers of writers that died in this boot are removed by a
-        writable open. A writable open at ``process`` level then leaves its own marker
-        until a clean ``close``.
+        writable open. A writable open (at either level: at ``sync`` a power loss during
+        a commit's sync may leave a torn newest tree) then leaves its own marker until a
+        clean ``close``.
 
         Raises StoreConfigError for an unknown level or a bad interval, StoreUnavailable
         when the directory is missing and ``create`` is false, is not writable (unless
@@ -872,7 +887,7 @@ class LmdbStore:
         marker: Path | None = None
         unsynced = False  # a commit of this open may never reach stable storage
         try:
-            if level == "process" and not readonly and boot is not None:
+            if not readonly and boot is not None:
                 # Durable before the environment exists, so before its first unsynced
                 # commit (_open_dbs may write the format record).
                 try:

@@ -3,9 +3,12 @@
 Why: at ``durability="process"`` commits reach the disk only when the background
 flusher or ``close`` syncs them. A killed host process loses nothing (the kernel holds
 the pages), but a power loss or a kernel crash may lose the last commits and may leave
-the LMDB file corrupt, and nothing in the file says so. So each process that writes a
-store at that level first puts a marker file in ``<store>/unflushed/``, durable before
-its first unsynced commit, and removes it once ``close`` flushed everything. A marker
+the LMDB file corrupt, and nothing in the file says so. At ``durability="sync"`` every
+acknowledged commit is on disk, but a power loss *during* a commit's one sync may leave
+its meta page on disk without some of its pages (the older meta page's tree is intact:
+``snapshots.meta_pages`` rolls back to it). So each process that writes a store, at
+either level, first puts a marker file in ``<store>/unflushed/``, durable before its
+first unsynced commit, and removes it once ``close`` flushed everything. A marker
 that names another boot of the machine (``/proc/sys/kernel/random/boot_id``) means the
 machine restarted while its writer still had unsynced commits: the next open refuses
 the store until it has been checked (``torpor store check``).
@@ -314,23 +317,30 @@ def suspect_message(store_dir: Path, suspects: tuple[Suspect, ...] | list[Suspec
     if writers:
         who = "; ".join(s.marker.describe() for s in writers if s.marker is not None)
         files = ", ".join(s.path.name for s in writers)
+        levels = sorted({s.marker.durability for s in writers if s.marker is not None})
+        if levels == ["sync"]:
+            risk = ("which may have cut off a commit's sync and left the newest commit, never "
+                    "acknowledged, unreadable (acknowledged commits are on disk).")
+        else:
+            risk = ("which may have lost that writer's last commits (up to its flush interval) "
+                    "or corrupted the store.")
         parts.append(
             f"store {store_dir} may have lost commits or be corrupt: {who} wrote it at "
-            "durability process during an earlier boot of this machine and never closed it "
-            f"cleanly (marker {files} in {store_dir / MARKER_DIR}). The machine restarted since (a power loss, a kernel crash, or a reboot "
-            "without the host's clean exit), which may have lost that writer's last commits "
-            "(up to its flush interval) or corrupted the store."
+            f"durability {' and '.join(levels)} during an earlier boot of this machine and never closed it "
+            f"cleanly (marker {files} in {store_dir / MARKER_DIR}). The machine restarted since (a power loss, a "
+            f"kernel crash, or a reboot without the host's clean exit), {risk}"
         )
     if bad:
         files = "; ".join(s.describe() for s in bad)
         lead = "Also" if writers else f"store {store_dir} may be unsafe:"
         parts.append(
-            f"{lead} {files} in {store_dir / MARKER_DIR}; it may stand for a writer at "
-            "durability process cut off by a machine restart."
+            f"{lead} {files} in {store_dir / MARKER_DIR}; it may stand for a writer "
+            "cut off by a machine restart."
         )
     parts.append(
         f"Run `torpor store check --store {store_dir}` (it reads every record and verifies "
-        "every checkpoint's checksum) and restore the store from a copy if it finds "
+        "every checkpoint's checksum; if the newest commit of a sync-level writer is torn it "
+        "rolls it back) and restore the store from a copy if it finds "
         f"problems; `torpor store check --store {store_dir} --accept` clears the "
         f"marker{'s' if len(suspects) > 1 else ''} once the check passes."
     )

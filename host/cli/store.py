@@ -4,6 +4,21 @@ installation give Torpor.
 
 ``store check`` reads the store itself (never through a host): it must work on a
 store that every other command refuses as suspect.
+
+Rolling back a torn last commit: when the store is suspect (a writer had it open when the
+machine restarted) and the check of its newest tree fails, ``store check`` makes the
+previous snapshot current (``snapshots.meta_pages``: LMDB keeps the tree of the commit
+before the last intact), checks again, and keeps the rollback only if that check passes;
+otherwise it puts the newest meta page back and changes nothing. By default only when
+every suspect marker is a ``sync``-level writer's: there the dropped commit's sync was cut
+off, so it was never acknowledged, and the older tree is intact by construction. With
+``--repair`` also for a ``process``-level writer (the rollback may then drop commits
+acknowledged since its last flush, and the older tree is only known intact because the
+check passed) or an unreadable marker. A store that is not suspect is never rolled back.
+
+For a suspect store the check also walks LMDB's own structure (``meta_pages.verify_structure``:
+every page of the tree and of the free list, which no record read touches but the next
+write would), since nothing writes it meanwhile; a live store's check reads records only.
 """
 
 from __future__ import annotations
@@ -38,6 +53,7 @@ def _check_store(db: Path) -> dict[str, Any]:
     return an error but fails an assertion and aborts the whole process, so in a child
     the abort becomes a finding ("the store is corrupt") instead of the checker's death.
     """
+    from snapshots import meta_pages
     from snapshots.errors import StoreCorrupt, StoreError
     from snapshots.lmdb_store import LmdbStore
 
@@ -55,8 +71,15 @@ def _check_store(db: Path) -> dict[str, Any]:
             return _corrupt_report(db, f"LMDB cannot open the store: {exc.__cause__ or exc}")
         with store:
             report = store.check()
-        return {**report.to_dict(), "problem_lines": [str(p) for p in report.problems],
+        data = {**report.to_dict(), "problem_lines": [str(p) for p in report.problems],
                 "suspect_lines": [s.describe() for s in report.suspect]}
+        if report.suspect:  # nobody writes it: its pages can be walked too (the free list)
+            for message in meta_pages.verify_structure(db) or ():
+                data["problems"].append({"database": "lmdb", "key": "", "agent_id": None, "seq": None,
+                                         "message": message})
+                data["problem_lines"].append(f"lmdb: {message}")
+            data["ok"] = not data["problems"]
+        return data
 
     if not hasattr(os, "fork"):  # pragma: no cover - not POSIX
         return run()
@@ -99,8 +122,17 @@ def _check_store(db: Path) -> dict[str, Any]:
 
 
 def _corrupt_report(db: Path, message: str) -> dict[str, Any]:
-    """The report of a store that could not be walked at all: one problem, nothing counted."""
-    return {"store": str(db), "ok": False, "counts": {}, "suspect": [], "suspect_lines": [],
+    """The report of a store that could not be walked at all: one problem, nothing counted
+    (and its suspect markers, which say whether a rollback may help)."""
+    from snapshots import unflushed
+
+    boot = unflushed.boot_id()
+    try:
+        suspect = unflushed.scan(db, boot).suspect if boot is not None else ()
+    except OSError:
+        suspect = ()
+    return {"store": str(db), "ok": False, "counts": {}, "suspect": [s.to_dict() for s in suspect],
+            "suspect_lines": [s.describe() for s in suspect],
             "problems": [{"database": "", "key": "", "agent_id": None, "seq": None, "message": message}],
             "problem_lines": [message]}
 
@@ -114,21 +146,26 @@ def cmd_store_check(args: argparse.Namespace) -> int:
     if not (db / "data.mdb").is_file():
         raise ConfigError(f"no Torpor store at {root} (check --store or $TORPOR_STORE; `torpor run` creates one)")
     report = _check_store(db)
+    rollback: dict[str, Any] | None = None
+    if not report["ok"] and report["suspect"] and (args.repair or _all_sync(report["suspect"])):
+        report, rollback = _roll_back(db, report)
     ok = bool(report["ok"])
     cleared: list[str] = []
     if args.accept and ok:
         cleared = _clear_suspect(db, {s["file"] for s in report["suspect"]})
     lines = {k: report.pop(k) for k in ("problem_lines", "suspect_lines")}
-    data = {**report, "accepted": bool(args.accept and ok), "cleared": cleared}
+    data = {**report, "accepted": bool(args.accept and ok), "cleared": cleared, "rollback": rollback}
 
     def human() -> None:
         counts: dict[str, int] = report["counts"]
         total = sum(counts.values())
+        if rollback is not None:
+            print(rollback["message"])
         print(f"store {db}: {total} records read, " + ", ".join(f"{n} {k}" for k, n in counts.items()))
         for line in lines["problem_lines"]:
             print(f"problem: {line}")
         if lines["suspect_lines"]:
-            print(f"suspect markers ({len(lines['suspect_lines'])}): a writer at durability process may have been "
+            print(f"suspect markers ({len(lines['suspect_lines'])}): a writer may have been "
                   "cut off by a machine restart")
             for line in lines["suspect_lines"]:
                 print(f"  {line}")
@@ -150,6 +187,39 @@ def cmd_store_check(args: argparse.Namespace) -> int:
 
     emit(args, data, human)
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def _all_sync(suspect: list[dict[str, Any]]) -> bool:
+    """Whether every suspect marker is a readable one of a ``sync``-level writer."""
+    return all(s.get("marker", {}).get("durability") == "sync" for s in suspect)
+
+
+def _roll_back(db: Path, first: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Roll the store in ``db`` back to its previous snapshot and check it again.
+
+    Returns the report to show and what happened: the second check's report if it passed
+    (the rollback stays), else ``first`` with the meta page put back (nothing changed).
+    """
+    from snapshots import meta_pages
+    from snapshots.errors import StoreError
+
+    sync = _all_sync(first["suspect"])
+    try:
+        done = meta_pages.roll_back(db)
+    except StoreError as exc:
+        return first, {"rolled_back": False, "message": f"could not roll back to the previous snapshot: {exc}"}
+    second = _check_store(db)
+    info: dict[str, Any] = {"dropped_txn": done.dropped_txn, "current_txn": done.current_txn}
+    if second["ok"]:
+        why = "never acknowledged" if sync else "not flushed before the restart"
+        return second, {**info, "rolled_back": True,
+                        "message": f"rolled back the last commit (txn {done.dropped_txn}, {why}): the store is "
+                                   f"at txn {done.current_txn}, whose every record was read and verified"}
+    meta_pages.undo(done)
+    found = "; ".join(second["problem_lines"][:3])
+    return first, {**info, "rolled_back": False,
+                   "message": f"the previous snapshot (txn {done.current_txn}) fails the check too ({found}): "
+                              f"nothing was changed, the store is at txn {done.dropped_txn} as it was"}
 
 
 def _clear_suspect(db: Path, names: set[str]) -> list[str]:
@@ -294,11 +364,16 @@ def add_parsers(sub: Any) -> None:
     st = sub.add_parser("store", help=store_help, description=store_help)
     ssub = st.add_subparsers(dest="store_command", metavar="SUBCOMMAND")
     check_help = ("read every record of the store and verify every checkpoint's checksum (exit 1 if "
-                  "anything is wrong); it opens a store refused as suspect after a machine restart")
+                  "anything is wrong); it opens a store refused as suspect after a machine restart, and rolls "
+                  "such a store's torn last commit back to the one before it")
     sp = ssub.add_parser("check", help=check_help, description=check_help)
     sp.add_argument("--store", default=None, help=STORE_HELP + "; its db/ directory is accepted too")
     sp.add_argument("--accept", action="store_true", help="if the check finds no problems, clear the markers that "
                                                           "make the store suspect, so that it opens again")
+    sp.add_argument("--repair", action="store_true",
+                    help="if the store is suspect and its newest commit fails the check, roll it back to the "
+                         "previous snapshot even when a process-level writer (or an unreadable marker) made it "
+                         "suspect; for a sync-level writer's torn commit this is the default")
     sp.add_argument("--json", action="store_true", help=JSON_HELP)
     sp.set_defaults(fn=cmd_store_check)
     for name, fn, help_ in (
