@@ -67,7 +67,11 @@ class InProcessServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, lifespan="on",
-                                                    log_level="warning", access_log=False))
+                                                    log_level="warning", access_log=False,
+                                                    # a loaded test machine can leave a pooled client
+                                                    # connection idle past uvicorn's 5 s, and the close
+                                                    # then races the client's next request (ReadError)
+                                                    timeout_keep_alive=60))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> InProcessServer:

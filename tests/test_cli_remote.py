@@ -466,9 +466,13 @@ def test_ctrl_c_ends_the_waiting_not_the_run(server: InProcessServer, bundles: B
         proc = torpor("run", "slow", "--input", '{"n": 3, "ms": 1000}',
                       env={remote.SERVER_ENV: server.url, remote.TOKEN_ENV: secret})
         deadline = time.monotonic() + 60
-        while not [a for a in c.agents() if a.get("name") == "slowtool"]:  # started: the CLI now waits
+        waiters = server.state.scheduler._waiters
+        while True:  # the run started and the CLI heard its id: it long-polls the agent now
+            started = [a for a in c.agents() if a.get("name") == "slowtool"]
+            if started and started[0]["agent_id"] in waiters:
+                break
             assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
+            time.sleep(0.02)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 128 + signal.SIGINT, err
