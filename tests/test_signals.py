@@ -40,7 +40,8 @@ def interrupt(cmd: list[str], store: Path, after_s: float, signum: int) -> tuple
     opened = store / "db" / "data.mdb"
     assert not opened.exists(), "a fresh store each time: its creation says the CLI is at work"
     proc = subprocess.Popen([sys.executable, "-m", "host.cli", *cmd, "--store", str(store)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # SIGABRT dumps every thread
     try:
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline and not opened.exists():
@@ -48,7 +49,12 @@ def interrupt(cmd: list[str], store: Path, after_s: float, signum: int) -> tuple
         time.sleep(after_s)
         if proc.poll() is None:
             os.kill(proc.pid, signum)
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # hung after the signal: where every thread stands
+            proc.send_signal(signal.SIGABRT)
+            _, err = proc.communicate(timeout=30)
+            raise AssertionError(f"no exit 60 s after signal {signum}; its threads:\n{err[-6000:]}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
