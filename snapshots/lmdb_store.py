@@ -1569,29 +1569,40 @@ class LmdbStore:
             except Exception as exc:
                 return [Outcome(error=exc)]
 
-        def body(txn: lmdb.Transaction) -> list[Outcome]:
-            outcomes: list[Outcome] = []
-            for fn in fns:
-                child = self._env.begin(write=True, parent=txn)
-                try:
-                    value = fn(_LmdbTxn(child, self._dbs, self._strict))
-                    child.commit()
-                except lmdb.MapFullError:
-                    child.abort()
-                    raise
-                except lmdb.Error as exc:
-                    child.abort()
-                    if _is_disk_full(exc, self._path):
-                        raise
-                    outcomes.append(Outcome(error=self._translate(exc)))
-                except Exception as exc:
-                    child.abort()
-                    outcomes.append(Outcome(error=exc))
-                else:
-                    outcomes.append(Outcome(value=value))
-            return outcomes
+        return self._with_write_txn(lambda txn: self._batch_in(txn, fns), sync)
 
-        return self._with_write_txn(body, sync)
+    def _batch_in(self, txn: lmdb.Transaction, fns: Sequence[Callable[[WriteTxn], Any]],
+                  view: Callable[[WriteTxn], WriteTxn] | None = None,
+                  committed: Callable[[WriteTxn], None] | None = None) -> list[Outcome]:
+        """Each function in its own transaction nested in ``txn``: one that raises is rolled
+        back alone and its error becomes its outcome; a full map or disk fails them all.
+        ``view`` wraps what each function is given and ``committed`` sees it once its
+        nested transaction committed (the fleet store records the writes there)."""
+        outcomes: list[Outcome] = []
+        for fn in fns:
+            child = self._env.begin(write=True, parent=txn)
+            given: WriteTxn = _LmdbTxn(child, self._dbs, self._strict)
+            if view is not None:
+                given = view(given)
+            try:
+                value = fn(given)
+                child.commit()
+            except lmdb.MapFullError:
+                child.abort()
+                raise
+            except lmdb.Error as exc:
+                child.abort()
+                if _is_disk_full(exc, self._path):
+                    raise
+                outcomes.append(Outcome(error=self._translate(exc)))
+            except Exception as exc:
+                child.abort()
+                outcomes.append(Outcome(error=exc))
+            else:
+                outcomes.append(Outcome(value=value))
+                if committed is not None:
+                    committed(given)
+        return outcomes
 
 
 class _LmdbTxn:

@@ -59,7 +59,7 @@ from typing import Any, TypeVar
 import lmdb
 
 from .errors import StoreConfigError, StoreCorrupt, StoreError, StoreUnavailable
-from .lmdb_store import LmdbStore, _is_disk_full, _LmdbTxn
+from .lmdb_store import LmdbStore, _LmdbTxn
 from .nats_bridge import LogMessage, NatsBridge, WrongLastSequence
 from .oplog import RecordingTxn, apply_ops, decode_ops, encode_ops
 from .store import AgentStore, Outcome, ReadTxn, SyncWhen, WriteTxn
@@ -427,32 +427,13 @@ class NatsStore:
         """Many functions, one log entry; each in a nested local transaction, isolated from the others."""
         if not fns:
             return []
-        env = self._local._env
-
         def run(txn: lmdb.Transaction) -> tuple[list[Outcome], list[Any]]:
-            outcomes: list[Outcome] = []
             ops: list[Any] = []
-            for fn in fns:
-                child = env.begin(write=True, parent=txn)
-                recorder = RecordingTxn(self._txn(child))
-                try:
-                    value = fn(recorder)
-                    child.commit()
-                except lmdb.MapFullError:
-                    child.abort()
-                    raise
-                except lmdb.Error as exc:
-                    child.abort()
-                    if _is_disk_full(exc, self._local.path):
-                        raise
-                    outcomes.append(Outcome(error=StoreError(str(exc))))
-                except Exception as exc:
-                    child.abort()
-                    outcomes.append(Outcome(error=exc))
-                else:
-                    outcomes.append(Outcome(value=value))
-                    ops.extend(recorder.ops)
-            return outcomes, ops
+
+            def record(recorder: Any) -> None:
+                ops.extend(recorder.ops)
+
+            return self._local._batch_in(txn, fns, view=RecordingTxn, committed=record), ops
 
         return self._commit(run)
 
