@@ -270,6 +270,13 @@ Python.
                      call of a tool it marks ``readOnlyHint`` or
                      ``idempotentHint`` runs again after a host crash instead
                      of parking the agent ``in_doubt`` (default false).
+``elicitation``      true: the server may ask a person mid-call
+                     (``elicitation/create``, form mode): the call is cut, the
+                     agent parks ``waiting_approval`` with the question, and
+                     once answered (``torpor approve --answer JSON``, or
+                     declined by ``torpor deny``) the call is made again and the
+                     server's same question answered from the journal; so the
+                     server must ask before it acts.  Default false: refused.
 
 [[validators]] — output guardrails
 ----------------------------------
@@ -1235,6 +1242,7 @@ class McpServer(_Model):
     sampling: StrictStr | None = None
     roots: tuple[StrictStr, ...] = ()
     trust_annotations: StrictBool = False
+    elicitation: StrictBool = False
 
     @field_validator("command")
     @classmethod

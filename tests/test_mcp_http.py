@@ -4,7 +4,9 @@ written with the ``mcp`` SDK and served by uvicorn on 127.0.0.1 (tests/mcp_http_
 What is checked: ``url =`` with headers from the credentials, a remote crash named
 ``server_crashed`` at once (not a timeout), progress keeping a call alive past its
 timeout up to a hard limit, progress and log notifications as the agent's events,
-roots from the policy, elicitation and sampling refused with an error that says why.
+roots from the policy, elicitation and sampling refused with an error that says why where
+the policy does not allow them, and an elicitation a person answers while the agent hibernates
+(its call cut, made again with the answer, across a restart of the host and its servers).
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ def test_log_notifications_roots_elicitation_and_sampling(url: str) -> None:
     c = ctx("mcp.remote.elicit", url)
     e = invoke("mcp.remote.elicit", {}, c)
     assert isinstance(e, ToolError) and "elicitation refused" in str(e), e
+    assert "[mcp.remote] elicitation = true" in str(e)
     assert [k for k, _ in c.events] == ["mcp.elicitation_refused"]
 
     s = invoke("mcp.remote.sample", {"prompt": "hi"}, ctx("mcp.remote.sample", url))
@@ -347,3 +350,47 @@ def test_a_chatty_server_cannot_fill_the_agents_audit(url: str) -> None:
     kinds = [k for k, _ in c.events]
     assert kinds.count("mcp.progress") == 100 and kinds[-1] == "mcp.events_dropped"
     assert c.events[-1][1]["dropped"] == 50
+
+
+def test_an_elicitation_is_a_wait_for_a_person_that_survives_a_restart(bundles: BundleFactory, url: str,
+                                                                     tmp_path: Path) -> None:
+    """The server asks mid-call: the call is cut and the agent parks ``waiting_approval`` with
+    the question (its instance dropped).  The host and every MCP session are then stopped; a
+    new host takes the person's answer (checked against the schema the server asked for),
+    the call is made again, the server's same question is answered from the journal, and
+    the agent completes with what the server made of the answer.  A declined one says so."""
+    import anyio
+
+    from host.errors import InvalidInput
+    from host.runtime import Host
+    from host.sandbox import bundle as bundle_mod
+
+    pol = HEAD + (f'[mcp.remote]\nurl = "{url}"\ntools = ["elicit"]\nelicitation = true\nstartup_timeout = "60s"\n')
+    b = bundle_mod.load_bytes(bundle_mod.pack(bundles.load(GUESTS / "caller").module, pol))
+    calls = {"calls": [{"tool": "mcp.remote.elicit", "args": {}}]}
+    with Host(tmp_path, trust_bundle_code=[b.digest]) as host:
+        res = anyio.run(lambda: host.run(b, calls))
+        declined = anyio.run(lambda: host.run(b, calls))
+        assert res.status == "waiting_approval", res.error
+        question = res.approval["question"]
+        assert question["server"] == "remote" and question["message"] == "What is your name?"
+        assert question["requested_schema"]["required"] == ["name"]
+        [listed] = [a for a in host.approvals() if a["agent_id"] == res.agent_id]
+        assert listed["kind"] == "elicitation" and listed["question"]["message"] == "What is your name?"
+        with pytest.raises(InvalidInput, match="name"):  # the field the answer lacks is named
+            host.decide_approve(res.agent_id, answer={"nom": "Ada"})
+        with pytest.raises(InvalidInput, match="waits for an answer"):
+            host.decide_approve(res.agent_id)
+        done = anyio.run(lambda: host.deny(declined.agent_id, reason="not telling"))
+        assert done.status == "completed", done.error
+        assert done.output["results"][0]["value"]["text"] == "decline:"
+    mcp.shutdown()  # every session gone: the answer cannot go to the request that asked
+    with Host(tmp_path, trust_bundle_code=[b.digest]) as host:
+        done = anyio.run(lambda: host.approve(res.agent_id, answer={"name": "Ada"}))
+        assert done.status == "completed", done.error
+        assert done.output["results"][0] == {**done.output["results"][0], "code": "ok"}
+        assert done.output["results"][0]["value"]["text"] == "accept:Ada"
+        kinds = [r["kind"] for r in host.audit_records(res.agent_id)]
+    assert kinds.count("mcp.elicitation_requested") == 1 and "mcp.elicitation_answered" in kinds, kinds
+    assert kinds.index("mcp.elicitation_requested") < kinds.index("approval.granted") < kinds.index(
+        "mcp.elicitation_answered"), kinds

@@ -52,7 +52,13 @@ def cmd_approvals(args: argparse.Namespace) -> int:
             call = p.get("call", {})
             print(f"{p['agent_id']}  {p.get('name')}  {iso(p.get('requested_at', 0))}")
             print(f"  call   {call.get('tool')} {json.dumps(call.get('args'))}")
-            print(f"  reason {p.get('reason')}  (rule {p.get('rule')})")
+            question = p.get("question") if p.get("kind") == "elicitation" else None
+            if isinstance(question, dict):  # a server's question for a person: answered, not approved
+                print(f"  asks   {question.get('server')}: {question.get('message')}")
+                print(f"  schema {json.dumps(question.get('requested_schema'), separators=(',', ':'))}")
+                print(f"  answer torpor approve {p['agent_id']} --answer JSON  (torpor deny declines)")
+            else:
+                print(f"  reason {p.get('reason')}  (rule {p.get('rule')})")
 
     emit(args, pending, human)
     return EXIT_OK
@@ -84,9 +90,10 @@ def _decided(args: argparse.Namespace, decide: Callable[[Client], dict[str, Any]
 
 def cmd_approve(args: argparse.Namespace) -> int:
     """Approve the call the agent waits on, and resume it."""
+    answer = parse_input(args.answer, "--answer") if args.answer is not None else None
     if remote.server_url(args):
-        return _decided(args, lambda client: client.approve(args.agent, note=args.note))
-    return _drive(args, lambda host: host.approve(args.agent, note=args.note, by=decided_by(args)))
+        return _decided(args, lambda client: client.approve(args.agent, note=args.note, answer=answer))
+    return _drive(args, lambda host: host.approve(args.agent, note=args.note, by=decided_by(args), answer=answer))
 
 
 def cmd_deny(args: argparse.Namespace) -> int:
@@ -115,8 +122,12 @@ def add_parsers(sub: Any) -> None:
                      store=True, writes=True, runs=True)
     sp.add_argument("agent", help=AGENT_HELP)
     sp.add_argument("--note", help="a note kept in the audit log")
+    sp.add_argument("--answer", metavar="JSON",
+                    help="the answer to the question the agent waits on (an MCP server's elicitation), as JSON or "
+                         "@FILE; checked against the schema the server asked for")
     sp.add_argument("--by", default=None, help=by_help)
-    sp = add_command(sub, "deny", cmd_deny, "deny the call an agent waits on; the agent sees a denial and continues",
+    sp = add_command(sub, "deny", cmd_deny, "deny the call an agent waits on (or decline the question it waits on); "
+                     "the agent sees a denial and continues",
                      store=True, writes=True, runs=True)
     sp.add_argument("agent", help=AGENT_HELP)
     sp.add_argument("--reason", required=True, help="why; the agent sees it in the denial")

@@ -129,6 +129,12 @@ def print_result(res: RunResult) -> None:
               "(torpor serve wakes it then; or torpor resume --all once it is due)")
     elif res.pending and status not in ("completed", "failed"):
         print(f"waiting on {res.pending.get('tool')} (call {res.pending.get('seq')})")
+    question = (res.approval or {}).get("question") if status == "waiting_approval" else None
+    if isinstance(question, dict):
+        print(f"{question.get('server')} asks: {question.get('message')}")
+        print(f"answer with: torpor approve {res.agent_id} --answer JSON  (schema: "
+              f"{json.dumps(question.get('requested_schema'), separators=(',', ':'))[:400]}); "
+              f"or torpor deny {res.agent_id} --reason WHY to decline")
     # Every call the agent made suspended it and left a checkpoint; only those the policy let
     # through count as tool calls (README, "What `torpor run` reports").
     not_run = res.suspensions - res.tool_calls

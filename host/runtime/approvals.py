@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from host.errors import AgentNotFound, AgentStateError, ConfigError
+from host.errors import AgentNotFound, AgentStateError, ConfigError, InvalidInput
 from host.runtime import answers
 from host.trust import audit
 from host.trust.identity import IdentityService
@@ -20,27 +20,101 @@ from snapshots.store import AgentStore
 APPROVALS_BUCKET = "approvals"
 
 
-def approve(store: AgentStore, agent_id: str, *, note: str | None, by: str | None, where: object = None) -> None:
-    """Approve the call an agent waits on: the journal says ``approved``, the tool runs at resume."""
+def approve(store: AgentStore, agent_id: str, *, note: str | None, by: str | None, where: object = None,
+            answer: Any = None) -> None:
+    """Approve the call an agent waits on: the journal says ``approved``, the tool runs at resume.
+
+    An agent that waits on a question (an MCP server's elicitation) takes ``answer``
+    instead, checked against the schema the server asked for (:class:`InvalidInput`
+    naming the field otherwise): the call is made again at resume, and the server's
+    question answered with it."""
+    data: dict[str, Any] = {"by": by, "note": note}
+
     def decide(txn: Any, rec: dict[str, Any], call: dict[str, Any]) -> None:
+        if _question(rec) is not None:
+            _answered(txn, agent_id, rec, call, "accept", answer, by)
+            data.update(action="accept", answer_digest=audit.digest(answer))
+            return
+        if answer is not None:
+            raise InvalidInput(f"agent {agent_id} waits for approval of {call.get('tool')}, not for an answer to a "
+                               "question: approve it without --answer")
         txn.put_journal(agent_id, int(call["seq"]), {
             "tool": call["tool"], "args": call.get("args"), "state": "approved", "t": time.time(),
             "fuel": (rec.get("usage") or {}).get("fuel_used", 0),
             "approval": {"by": by, "note": note}})
 
-    _decide(store, agent_id, "approval.granted", {"by": by, "note": note}, decide, where)
+    _decide(store, agent_id, "approval.granted", data, decide, where)
 
 
 def deny(store: AgentStore, agent_id: str, *, reason: str, by: str | None, where: object = None) -> None:
-    """Deny the call an agent waits on: its answer is a denial the guest sees at resume."""
+    """Deny the call an agent waits on: its answer is a denial the guest sees at resume.
+    A question (an MCP server's elicitation) is declined instead: the call is made again
+    and the server told ``decline``."""
+    data: dict[str, Any] = {"by": by, "reason": reason}
+
     def decide(txn: Any, rec: dict[str, Any], call: dict[str, Any]) -> None:
+        if _question(rec) is not None:
+            _answered(txn, agent_id, rec, call, "decline", None, by)
+            data.update(action="decline")
+            return
         rule = (rec.get("approval") or {}).get("rule", "approval")
         status, response = answers.operator_denial(reason, rule)
         txn.put_journal(agent_id, int(call["seq"]), {
             "tool": call["tool"], "args": call.get("args"), "state": "done", "status": status,
             "response": response.decode(), "t": time.time(), "approval": {"by": by, "reason": reason}})
 
-    _decide(store, agent_id, "approval.denied", {"by": by, "reason": reason}, decide, where)
+    _decide(store, agent_id, "approval.denied", data, decide, where)
+
+
+def _question(rec: dict[str, Any]) -> dict[str, Any] | None:
+    """The question an agent parked on a person waits to have answered, if that is what it waits on."""
+    approval = rec.get("approval") or {}
+    question = approval.get("question")
+    return question if approval.get("kind") == "elicitation" and isinstance(question, dict) else None
+
+
+def _answered(txn: Any, agent_id: str, rec: dict[str, Any], call: dict[str, Any], action: str, answer: Any,
+              by: str | None) -> None:
+    """Journal a person's answer to the call's question: the entry turns ``approved`` (the call
+    is made again at resume) with the answer after those given before."""
+    question = _question(rec)
+    assert question is not None
+    seq = int(call["seq"])
+    if action == "accept":
+        check_answer(agent_id, question, answer)
+    entry = dict(txn.get_journal(agent_id, seq) or {})
+    given = list(entry.get("elicitations") or [])[:int(question.get("index") or 0)]
+    given.append({"index": question.get("index"), "digest": question.get("digest"), "action": action,
+                  **({"content": answer} if action == "accept" else {}), "by": by, "t": time.time()})
+    entry.pop("asked", None)
+    entry.update(tool=call["tool"], args=call.get("args"), state="approved", t=time.time(), elicitations=given)
+    txn.put_journal(agent_id, seq, entry)
+
+
+def check_answer(agent_id: str, question: dict[str, Any], answer: Any) -> None:
+    """An answer is a JSON object that matches the schema the server asked for, or
+    :class:`InvalidInput` naming the first field that does not."""
+    import jsonschema
+    import jsonschema.validators
+
+    if answer is None:
+        raise InvalidInput(f"agent {agent_id} waits for an answer to {question.get('server')}'s question "
+                           f"({question.get('message')!r}): give it as JSON (torpor approve --answer JSON), "
+                           "or decline it (torpor deny)")
+    if not isinstance(answer, dict):
+        raise InvalidInput(f"the answer must be a JSON object, not a JSON {type(answer).__name__}")
+    schema = question.get("requested_schema") or {}
+    try:
+        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        errors = sorted(cls(schema, format_checker=jsonschema.FormatChecker()).iter_errors(answer),
+                        key=lambda e: list(e.absolute_path))
+    except Exception as exc:  # a schema the server sent that cannot be applied
+        raise InvalidInput(f"the schema {question.get('server')} asked with cannot check an answer: {exc}") from None
+    if errors:
+        e = errors[0]
+        where = ".".join(str(p) for p in e.absolute_path) or "(answer)"
+        raise InvalidInput(f"the answer does not match the schema {question.get('server')} asked for: "
+                           f"{where}: {e.message}")
 
 
 def _decide(store: AgentStore, agent_id: str, kind: str, data: dict[str, Any],

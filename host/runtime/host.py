@@ -463,9 +463,12 @@ class Host:
         """Pending approval requests: the call, its arguments and the rule that asked."""
         return queries.approvals(self.store)
 
-    async def approve(self, agent_id: str, *, note: str | None = None, by: str | None = None) -> RunResult:
-        """Approve the call an agent waits on, then resume it (the tool runs)."""
-        self.decide_approve(agent_id, note=note, by=by)
+    async def approve(self, agent_id: str, *, note: str | None = None, by: str | None = None,
+                      answer: Any = None) -> RunResult:
+        """Approve the call an agent waits on, then resume it (the tool runs).  An agent that
+        waits on a question (an MCP server's elicitation) takes ``answer``, checked against
+        the schema asked for: the call is made again with it."""
+        self.decide_approve(agent_id, note=note, by=by, answer=answer)
         return await self.resume(agent_id)
 
     async def deny(self, agent_id: str, *, reason: str, by: str | None = None) -> RunResult:
@@ -473,11 +476,13 @@ class Host:
         self.decide_deny(agent_id, reason=reason, by=by)
         return await self.resume(agent_id)
 
-    def decide_approve(self, agent_id: str, *, note: str | None = None, by: str | None = None) -> None:
-        """Record the approval only (status ``approved``); resuming is the caller's part (a
-        server answers the person at once and resumes the agent in the background)."""
+    def decide_approve(self, agent_id: str, *, note: str | None = None, by: str | None = None,
+                       answer: Any = None) -> None:
+        """Record the approval (or the answer to a question) only (status ``approved``);
+        resuming is the caller's part (a server answers the person at once and resumes the
+        agent in the background)."""
         self._admitted(agent_id)
-        approvals_mod.approve(self.store, agent_id, note=note, by=by, where=self.store_dir)
+        approvals_mod.approve(self.store, agent_id, note=note, by=by, where=self.store_dir, answer=answer)
 
     def decide_deny(self, agent_id: str, *, reason: str, by: str | None = None) -> None:
         """Record the denial only (status ``suspended``); resuming is the caller's part."""

@@ -53,7 +53,7 @@ from host.runtime.guest import GuestRunner
 from host.runtime.overlay import WriteOverlay
 from host.sandbox import abi
 from host.sandbox.execution import Captured, Completed, Failed, Outcome, PendingCall, Suspended
-from host.tools.registry import ToolContext, ToolError, ToolSpec
+from host.tools.registry import InputRequired, ToolContext, ToolError, ToolSpec
 from host.trust import audit
 from host.trust.credentials import CredentialBroker, bindings, scrub_values
 from host.trust.scrub import Scrubber, scrubbing
@@ -217,12 +217,14 @@ class ToolCallPipeline:
             return answer
         if spec.name == timers.SLEEP_TOOL:
             return await self.sleep(agent, call, spec, captured)
-        answer = await self.execute(agent, call, spec, self.snapshot(agent, call, captured))
+        ran = await self.execute(agent, call, spec, self.snapshot(agent, call, captured))
+        if isinstance(ran, Parked):  # the tool asks a person something (an MCP server's elicitation)
+            return ran
         exceeded = self.check_budgets(agent, usage)
         if exceeded is not None:
             await self.commits.agent(agent)
             return Ended(Failed("budget_exceeded", exceeded.message), "terminated", exceeded.to_dict())
-        return answer
+        return ran
 
     async def park_for_approval(self, agent: LiveAgent, call: PendingCall, captured: Captured,
                                 decision: policies.RequireApproval) -> None:
@@ -235,6 +237,34 @@ class ToolCallPipeline:
         await self.commit(agent, call, cp, None,
                           also=lambda txn: txn.put_blob("approvals", agent.agent_id, audit.canonical(request)))
         self.guest.release(agent)
+
+    async def park_for_input(self, agent: LiveAgent, call: PendingCall, question: dict[str, Any],
+                             answered: list[dict[str, Any]]) -> Parked:
+        """A tool's peer asks a person something mid-call (an MCP server's elicitation): the
+        call was cut; park the agent as for an approval, the question in the approvals queue
+        and the call's journal entry (``eliciting``, with the answers given so far), the
+        instance dropped.  A person's answer (:func:`host.runtime.approvals.approve`) turns
+        the entry ``approved`` and the call is made again at resume, the answers with it."""
+        rule = f"[mcp.{question.get('server')}] elicitation"
+        reason = f"{question.get('server')} asks: {question.get('message')}"
+        request = {"agent_id": agent.agent_id, "name": agent.bundle.name, "call": call.to_dict(), "kind": "elicitation",
+                   "reason": reason, "rule": rule, "question": question, "requested_at": time.time(),
+                   "principal": agent.record.get("principal")}
+        agent.record.update(status="waiting_approval", owner=None,
+                            approval={"kind": "elicitation", "reason": reason, "rule": rule, "question": question})
+        agent.event("mcp.elicitation_requested", call_seq=call.seq, tool=call.tool, server=question.get("server"),
+                    index=question.get("index"), message=question.get("message"),
+                    schema_digest=audit.digest(question.get("requested_schema")))
+        entry = {**_journal_entry(agent, call, None), "state": "eliciting", "elicitations": answered[:int(
+            question.get("index") or 0)], "asked": question}
+
+        def write(txn: Any) -> None:
+            txn.put_journal(agent.agent_id, call.seq, entry)
+            txn.put_blob("approvals", agent.agent_id, audit.canonical(request))
+
+        await self.commits.agent(agent, write)
+        self.guest.release(agent)
+        return Parked()
 
     # 4b: waits on a time --------------------------------------------------------------------
     async def sleep(self, agent: LiveAgent, call: PendingCall, spec: ToolSpec, captured: Captured) -> Answer | Parked:
@@ -325,10 +355,12 @@ class ToolCallPipeline:
         return await self.execute(agent, call, spec, None, {"wake_at": at})
 
     async def execute(self, agent: LiveAgent, call: PendingCall, spec: ToolSpec, cp: Checkpoint | None,
-                      extra: dict[str, Any] | None = None) -> Answer:
+                      extra: dict[str, Any] | None = None) -> Answer | Parked:
         """Stages 6 to 9 for an allowed call. ``cp`` is checkpoint *K*, or None when the call
         is run again after a crash or an approval (its checkpoint and intent are written).
-        ``extra``: kept in its journaled answer (a sleep's ``wake_at``)."""
+        ``extra``: kept in its journaled answer (a sleep's ``wake_at``; the answers people
+        gave to the call's questions, ``elicitations``, which the call made again is handed).
+        Parked: the tool asked a person something (:meth:`park_for_input`)."""
         try:
             args = spec.validate(canonical_args(spec, call.args))  # what the policy decided on
         except ToolError as err:
@@ -339,11 +371,15 @@ class ToolCallPipeline:
         scrub = self.scrubber(agent, ctx)
         ctx.event = lambda kind, data: agent.event(kind, call_seq=call.seq, **scrub.value(data))
         ctx.nested = lambda tool, args: self.nested(agent, call, tool, args)
+        ctx.elicited = [dict(e) for e in (extra or {}).get("elicitations") or ()]
         if spec.transactional:
             return await self.run_transactional(agent, call, spec, args, ctx, cp, scrub)
         if cp is not None:
             await self.commit(agent, call, cp, None)
-        answer = await self.run(agent, spec, args, ctx, scrub)
+        try:
+            answer = await self.run(agent, spec, args, ctx, scrub)
+        except InputRequired as need:
+            return await self.park_for_input(agent, call, scrub.value(need.question), ctx.elicited)
         await self.journal(agent, call, answer, extra)
         return answer
 
@@ -455,8 +491,10 @@ class ToolCallPipeline:
     # 8 ----------------------------------------------------------------------------------
     async def run(self, agent: LiveAgent, spec: ToolSpec, args: Any, ctx: ToolContext,
                   scrub: Scrubber | None = None) -> Answer:
-        """Run the tool; if it outlasts the warm wait, the waiting agent hibernates meanwhile."""
+        """Run the tool; if it outlasts the warm wait, the waiting agent hibernates meanwhile.
+        Raises :class:`InputRequired` when the tool's call was cut to ask a person something."""
         result: list[Answer] = []
+        asked: list[InputRequired] = []
         done = anyio.Event()
         clean = scrub if scrub is not None else Scrubber(())
 
@@ -468,6 +506,8 @@ class ToolCallPipeline:
                     else:
                         value = await anyio.to_thread.run_sync(spec.func, args, ctx)
                 result.append(self.settle(spec, clean, value))
+            except InputRequired as need:
+                asked.append(need)
             except Exception as exc:
                 result.append(self.settle(spec, clean, exc=exc))
             finally:
@@ -476,6 +516,8 @@ class ToolCallPipeline:
         async with anyio.create_task_group() as tg:
             tg.start_soon(call)
             await self.guest.wait_warm(agent, done)
+        if asked:
+            raise asked[0]
         return result[0]
 
     async def run_transactional(self, agent: LiveAgent, call: PendingCall, spec: ToolSpec, args: Any,
@@ -548,20 +590,23 @@ class ToolCallPipeline:
         if entry is not None and entry.get("state") == "approved" and spec.name == timers.SLEEP_TOOL:
             assert agent.captured is not None  # an approved sleep starts now: its time counts from here
             return await self.sleep(agent, call, spec, agent.captured)
+        # The answers people gave to the call's questions (an MCP server's elicitations): the
+        # call made again is handed them, and its journaled answer keeps them.
+        given = {"elicitations": entry["elicitations"]} if entry is not None and entry.get("elicitations") else None
         if entry is not None and entry.get("state") == "approved":
-            # A human approved it and the tool has not started: run it, now, once.
+            # A human approved it (or answered its question) and the tool has not started: run it, now, once.
             agent.record["status"] = "running"
-            intent = {**entry, "state": "intent", "t": time.time()}
+            intent = {k: v for k, v in entry.items() if k != "asked"} | {"state": "intent", "t": time.time()}
             await self.commits.agent(agent, lambda txn: txn.put_journal(agent.agent_id, call.seq, intent))
-            return await self.execute(agent, call, spec, None)
+            return await self.execute(agent, call, spec, None, given)
         if spec.idempotent or spec.transactional:
             # The call was decided and recorded as intent before the crash; safe to run again.
-            return await self.execute(agent, call, spec, None)
+            return await self.execute(agent, call, spec, None, given)
         if spec.rerun_safe is not None and await spec.rerun_safe(self.lease(agent, call)):
             # Not idempotent by its grant, but its (trusted) server says it is read-only or idempotent.
             agent.event("tool.rerun", call_seq=call.seq, tool=call.tool,
                         reason="its server marks it read-only or idempotent, and the policy trusts its annotations")
-            return await self.execute(agent, call, spec, None)
+            return await self.execute(agent, call, spec, None, given)
         agent.record["status"] = "in_doubt"
         agent.record["in_doubt"] = {
             "call": call.to_dict(),

@@ -36,13 +36,17 @@ class Approvals:
         return json_response({"approvals": [a for a in self.host.approvals() if a.get("agent_id") in mine]})
 
     async def approve(self, request: Request) -> Response:
-        """Approve the call the agent waits on (body ``{"note"?}``); it resumes in the background."""
+        """Approve the call the agent waits on (body ``{"note"?}``), or answer the question it
+        waits on (``{"answer": {...}}``, checked against the schema asked for: ``invalid_input``
+        naming the field otherwise); it resumes in the background."""
         who = require(request, "approvals:write")
         aid = request.path_params["agent_id"]
         owned_agent(self.host, aid, who)
         body = await json_object(request, optional=True)
         note = optional_string(body, "note")
-        await anyio.to_thread.run_sync(lambda: self.host.decide_approve(aid, note=note, by=f"token:{who.token_id}"))
+        answer = body.get("answer")
+        await anyio.to_thread.run_sync(lambda: self.host.decide_approve(aid, note=note, by=f"token:{who.token_id}",
+                                                                        answer=answer))
         self.scheduler.resume(aid)
         return json_response(owned_agent(self.host, aid, who))
 

@@ -225,11 +225,14 @@ class Client:
         answer: list[dict[str, Any]] = self.request("GET", "/v1/approvals", retry_transport=True)["approvals"]
         return answer
 
-    def approve(self, agent_id: str, *, note: str | None = None) -> dict[str, Any]:
-        """Record the approval; the server resumes the agent in the background."""
-        answer: dict[str, Any] = self.request("POST", f"/v1/agents/{_segment(agent_id)}/approve",
-                                              json_body={} if note is None else {"note": note})
-        return answer
+    def approve(self, agent_id: str, *, note: str | None = None, answer: Any = None) -> dict[str, Any]:
+        """Record the approval (or the answer to the agent's question); the server resumes the
+        agent in the background."""
+        body: dict[str, Any] = {} if note is None else {"note": note}
+        if answer is not None:
+            body["answer"] = answer
+        got: dict[str, Any] = self.request("POST", f"/v1/agents/{_segment(agent_id)}/approve", json_body=body)
+        return got
 
     def deny(self, agent_id: str, *, reason: str) -> dict[str, Any]:
         answer: dict[str, Any] = self.request("POST", f"/v1/agents/{_segment(agent_id)}/deny",

@@ -76,7 +76,7 @@ import jsonschema.validators
 from host.tools.mcp_peer import CallRoute, Peer
 from host.tools.mcp_stdio import MAX_MESSAGE_BYTES, TOO_LARGE
 from host.tools.mcp_transport import ServerConfig, connect, stderr_file
-from host.tools.registry import AnyArgs, ToolContext, ToolError
+from host.tools.registry import AnyArgs, InputRequired, ToolContext, ToolError
 from policies.schema import mcp_tool_parts
 
 log = logging.getLogger("torpor.mcp")
@@ -483,12 +483,20 @@ class Supervisor:
             scope.deadline = min(anyio.current_time() + timeout, start + hard)
 
         route.progressed = alive
+        route.cut = scope.cancel  # a question for a person: the call is cut (mcp_peer), made again once answered
         key = server.peer.enter(route)
         try:
-            with scope:
-                result = await session.call_tool(tool, args, progress_callback=server.peer.progress_callback(route))
+            try:
+                with scope:
+                    result = await session.call_tool(tool, args,
+                                                     progress_callback=server.peer.progress_callback(route))
+            finally:
+                if route.asked is not None:  # whatever the cut call came to, it waits for a person
+                    raise InputRequired(route.asked)
             if scope.cancelled_caught:
                 raise TimeoutError
+        except InputRequired:
+            raise
         except TimeoutError:
             spent = anyio.current_time() - start
             if spent >= hard - 0.001:
@@ -616,7 +624,8 @@ async def call_tool(args: AnyArgs, ctx: ToolContext, *, tool: str) -> dict[str, 
     timeout = getattr(ctx.grant, "timeout", None) or spec.timeout or DEFAULT_CALL_TIMEOUT_S
     hard = getattr(spec, "hard_timeout", None) or DEFAULT_HARD_TIMEOUT_S
     arguments = args.model_dump()
-    route = CallRoute(tool, event=ctx.event, sample=_sampler(ctx, getattr(spec, "sampling", None)))
+    route = CallRoute(tool, event=ctx.event, sample=_sampler(ctx, getattr(spec, "sampling", None)),
+                      elicitation=bool(getattr(spec, "elicitation", False)), elicited=list(ctx.elicited))
     return await SUPERVISOR.call(config, name, arguments, float(timeout), float(hard), route)
 
 

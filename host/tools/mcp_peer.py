@@ -17,9 +17,17 @@ resource changes).  :class:`Peer` holds one session's answers to all of them:
   calling agent's own pipeline (its policy decides, its token budget pays, the call
   is audited as its model call): :attr:`CallRoute.sample`.  A server whose policy
   names no such tool gets an error saying so;
-* **elicitation** is refused with an error that says why: the agent's answer would
-  have to wait for a person inside the server's open request, and an agent does not
-  hibernate while a server holds a request open.
+* **elicitation** (form mode) is a question for a person, allowed where the policy says
+  ``[mcp.NAME] elicitation = true`` (refused with a reason otherwise, and in URL mode).
+  The agent must not hold a server's request open while it waits for a person (it
+  hibernates; the process that ran it may exit; a session does not survive a restart),
+  so the call is *cut*: the question goes to :attr:`CallRoute.asked`, the call is
+  cancelled, and the tool raises :class:`~host.tools.registry.InputRequired`, on which
+  the pipeline parks the agent as for an approval.  Once a person has answered, the call
+  is issued again and the server's same question (the same message and schema, at the
+  same place in the call's order of questions) is answered at once from the journal
+  (:attr:`CallRoute.elicited`).  A server the operator lets elicit must therefore ask
+  before it acts, which is how elicitation is meant to be used.
 
 Server requests are not tied to a call by the protocol's stdio framing, so they go to
 the one call in flight on that session; with several in flight (agents sharing a
@@ -29,6 +37,8 @@ for the wrong agent.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -52,6 +62,11 @@ class CallRoute:
     event: Callable[[str, dict[str, Any]], None] = _noop_event  # the calling agent's audit events
     sample: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None  # llm.chat arguments → result
     progressed: Callable[[], None] = field(default=lambda: None)  # a sign of life: push the deadline back
+    elicitation: bool = False  # the policy lets this server ask a person ([mcp.NAME] elicitation = true)
+    elicited: list[dict[str, Any]] = field(default_factory=list)  # answers people gave, in the order asked
+    asked: dict[str, Any] | None = None  # a question not yet answered: the call is cut, the agent parks
+    cut: Callable[[], None] = field(default=lambda: None)  # cancel the call (set by the supervisor)
+    questions: int = 0  # elicitations seen in this call so far
     kept: int = 0  # events recorded for this call
     dropped: int = 0  # and those past MAX_EVENTS_PER_CALL, counted only
 
@@ -159,14 +174,42 @@ class Peer:
     async def _elicitation(self, context: Any, params: Any) -> Any:
         from mcp import types
 
-        route, _ = self._caller("an elicitation request")
-        if route is not None:
+        route, why = self._caller("an elicitation request")
+        if route is None:
+            return types.ErrorData(code=types.INVALID_REQUEST, message=why)
+        message = str(getattr(params, "message", ""))
+        if not route.elicitation:
             route.record("mcp.elicitation_refused", {"server": self.server, "tool": route.tool,
-                                                    "message": str(getattr(params, "message", ""))[:MAX_EVENT_TEXT]})
+                                                    "message": message[:MAX_EVENT_TEXT]})
+            return types.ErrorData(
+                code=types.INVALID_REQUEST,
+                message=(f"elicitation refused: the agent's policy does not let the server {self.server} ask a person "
+                         f"(the operator allows it with [mcp.{self.server}] elicitation = true)"))
+        if getattr(params, "mode", "form") != "form":
+            route.record("mcp.elicitation_refused", {"server": self.server, "tool": route.tool,
+                                                    "message": message[:MAX_EVENT_TEXT], "mode": params.mode})
+            return types.ErrorData(code=types.INVALID_REQUEST,
+                                   message="elicitation refused: Torpor answers form elicitations only, not URL mode")
+        schema = dict(getattr(params, "requested_schema", None) or {})
+        index = route.questions
+        route.questions += 1
+        digest = question_digest(message, schema)
+        if index < len(route.elicited) and route.elicited[index].get("digest") == digest:
+            given = route.elicited[index]
+            route.record("mcp.elicitation_answered", {"server": self.server, "tool": route.tool, "index": index,
+                                                     "action": given.get("action")})
+            return types.ElicitResult(action=given.get("action", "cancel"),
+                                      content=given.get("content") if given.get("action") == "accept" else None)
+        # A question no one has answered (or not this one: the server asks otherwise now): the
+        # call is cut here and the agent waits for a person, hibernated.
+        del route.elicited[index:]
+        route.asked = {"server": self.server, "tool": route.tool, "message": message[:MAX_EVENT_TEXT * 4],
+                       "requested_schema": schema, "index": index, "digest": digest}
+        route.cut()
         return types.ErrorData(
             code=types.INVALID_REQUEST,
-            message=("elicitation refused: a Torpor agent waits for people by hibernating between tool calls, "
-                     "not inside a server's open request; ask for the input in the tool's arguments instead"))
+            message=("the question waits for a person; the agent hibernates meanwhile, and the call is made again "
+                     "with the answer"))
 
     async def _list_roots(self, context: Any) -> Any:
         from mcp import types
@@ -188,6 +231,12 @@ class Peer:
                       | types.ToolListChangedNotification):
             self._event("mcp.notification", method=root.method,
                         params=_short(root.params.model_dump(mode="json") if root.params else None))
+
+
+def question_digest(message: str, schema: dict[str, Any]) -> str:
+    """What identifies a server's question across the call's re-issues: its message and schema."""
+    text = json.dumps({"message": message, "schema": schema}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def sampling_to_chat(params: Any) -> dict[str, Any]:
@@ -217,8 +266,6 @@ def _stop_reason(finish: Any) -> str:
 
 def _short(value: Any) -> Any:
     """A server-chosen value as an audit event keeps it: as is when small, else cut text."""
-    import json
-
     try:
         text = json.dumps(value, separators=(",", ":"), default=str)
     except (TypeError, ValueError):

@@ -34,6 +34,19 @@ class ToolError(Exception):
         self.details = details
 
 
+class InputRequired(ToolError):
+    """Raised by a tool whose peer asks a person something mid-call (an MCP server's
+    ``elicitation/create``): the call is cut, and the pipeline parks the agent for a
+    person as for an approval.  ``question`` is what the person is shown (``server``,
+    ``tool``, ``message``, ``requested_schema``, ``index``, ``digest``); once answered, the
+    call is issued again and the tool answers the same question from
+    :attr:`ToolContext.elicited` (see :mod:`host.tools.mcp_peer`)."""
+
+    def __init__(self, question: dict[str, Any]) -> None:
+        super().__init__("input_required", f"{question.get('server')} asks a person: {question.get('message')}")
+        self.question = question
+
+
 class AnyArgs(BaseModel):
     """Arguments of a tool that takes any JSON object."""
 
@@ -63,6 +76,9 @@ class ToolContext:
     # Another granted tool run for this call by the agent's own pipeline (decided under its policy,
     # paid from its budgets, audited): an MCP server's sampling request through ``llm.*``. None outside one.
     nested: Callable[[str, dict[str, Any]], Awaitable[Any]] | None = None
+    # The answers people gave to the questions this call asked before it was cut (an MCP
+    # server's elicitations, in the order asked): the call issued again answers them from here.
+    elicited: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
