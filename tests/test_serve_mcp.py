@@ -36,7 +36,7 @@ def served(bundles: BundleFactory, tmp_path_factory: pytest.TempPathFactory) -> 
         yield srv
 
 
-async def _session(url: str, secret: str, work: Any) -> Any:
+async def _session(url: str, secret: str, work: Any, **session_kw: Any) -> Any:
     import httpx2
     from mcp import ClientSession
     from mcp.client.streamable_http import streamable_http_client
@@ -44,7 +44,7 @@ async def _session(url: str, secret: str, work: Any) -> Any:
     async with (
         httpx2.AsyncClient(headers=auth(secret), timeout=httpx2.Timeout(30, read=120)) as http,
         streamable_http_client(url + "/mcp", http_client=http) as (read, write),
-        ClientSession(read, write) as session,
+        ClientSession(read, write, **session_kw) as session,
     ):
         await session.initialize()
         return await work(session)
@@ -82,6 +82,59 @@ def test_an_mcp_client_runs_an_agent_that_parks_for_approval(served: InProcessSe
     assert rec["status"] == "completed" and rec.get("tenant") == "acme"
     kinds = [r["kind"] for r in served.host.audit_records(agent_id)]
     assert "tool.approval_requested" in kinds and "approval.granted" in kinds
+
+
+@pytest.mark.parametrize("approve", [True, False])
+def test_a_client_that_can_be_asked_decides_the_approval_itself(served: InProcessServer, approve: bool) -> None:
+    """The client declares elicitation: the agent's approval reaches it as an
+    ``elicitation/create`` (the call, its arguments, a yes/no schema); its answer is the
+    calling token's decision, audited, and the call answers with the agent's output."""
+    from mcp import types
+
+    ops = token(served.host.store, "acme", "runs:write", "runs:read", "approvals:write")
+    asked: list[Any] = []
+
+    async def on_elicit(context: Any, params: Any) -> Any:
+        asked.append(params)
+        return types.ElicitResult(action="accept", content={"approve": approve, "note": "from the client"})
+
+    async def work(session: Any) -> Any:
+        return await session.call_tool("procurement", BIG)
+
+    result = anyio.run(lambda: _session(served.url, ops, work, elicitation_callback=on_elicit))
+    [question] = asked
+    assert "waits for a person to approve erp.create_po" in question.message and "75000" in question.message
+    assert question.requested_schema["required"] == ["approve"]
+    agent_id = result.meta["torpor/agent_id"]
+    records = served.host.audit_records(agent_id)
+    decided = [r for r in records if r["kind"] in ("approval.granted", "approval.denied")]
+    assert [r["kind"] for r in decided] == ["approval.granted" if approve else "approval.denied"]
+    assert decided[0]["by"].startswith("token:")
+    if approve:
+        assert not result.is_error and result.structured_content["status"] == "ordered", result
+    else:
+        assert served.host.get_agent(agent_id)["status"] in ("completed", "failed")
+        assert "ordered" not in json.dumps(result.structured_content or {}), result
+
+
+def test_an_mcp_session_is_kept_to_the_token_that_opened_it(served: InProcessServer) -> None:
+    """Sessions carry the questions put to a client: another token naming one is refused."""
+    a = token(served.host.store, "acme", "runs:read")
+    b = token(served.host.store, "acme", "runs:read")
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+    accept = {"Accept": "application/json, text/event-stream"}
+    with httpx.Client(base_url=served.url, timeout=30) as c:
+        r = c.post("/mcp", json=init, headers={**auth(a), **accept})
+        assert r.status_code == 200, r.text
+        sid = r.headers["mcp-session-id"]
+        listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}}
+        stolen = c.post("/mcp", json=listing, headers={**auth(b), **accept, "mcp-session-id": sid,
+                                                       "mcp-protocol-version": "2025-06-18"})
+        assert stolen.status_code == 404 and stolen.json()["error"]["code"] == "not_found", stolen.text
+        mine = c.post("/mcp", json=listing, headers={**auth(a), **accept, "mcp-session-id": sid,
+                                                     "mcp-protocol-version": "2025-06-18"})
+        assert mine.status_code == 200 and "procurement" in mine.text, mine.text
 
 
 def test_the_mcp_endpoint_is_behind_the_gateway(served: InProcessServer) -> None:

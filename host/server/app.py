@@ -134,30 +134,33 @@ def create_app(host: Host, *, config: ServerConfig | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
-            async with contextlib.AsyncExitStack() as stack, anyio.create_task_group() as tg:
-                # MCP servers the agents call live on this loop, where their tool calls run (no
-                # thread crossed per call), kept across runs and agents, stopped after the drain.
-                from host.tools.mcp import SUPERVISOR as mcp_servers
+            # MCP servers the agents call live on this loop, where their tool calls run (no
+            # thread crossed per call), kept across runs and agents, stopped after the drain.
+            # Entered before the task group and left after it: the MCP endpoint's session
+            # manager holds a task group of its own, and cancel scopes must nest.
+            from host.tools.mcp import SUPERVISOR as mcp_servers
 
+            async with contextlib.AsyncExitStack() as stack:
                 await stack.enter_async_context(mcp_servers.owned_by_this_loop())
                 if endpoint is not None:
                     await stack.enter_async_context(endpoint.run())
-                sched.attach(tg)
-                tg.start_soon(state.refusals.run)
-                tg.start_soon(sched.timers)
-                if host.lease is not None:
-                    tg.start_soon(sched.fleet)
-                state.taken_over = sched.take_over()
-                if state.taken_over:
-                    _log.info("took over %d agents a previous process left", state.taken_over)
-                state.ready = True
-                try:
-                    yield
-                finally:
-                    state.ready = False
-                    await sched.drain(config.drain_timeout)
-                    await state.refusals.flush()
-                    tg.cancel_scope.cancel()  # what still waits (a tool's I/O) stays at its last commit
+                async with anyio.create_task_group() as tg:
+                    sched.attach(tg)
+                    tg.start_soon(state.refusals.run)
+                    tg.start_soon(sched.timers)
+                    if host.lease is not None:
+                        tg.start_soon(sched.fleet)
+                    state.taken_over = sched.take_over()
+                    if state.taken_over:
+                        _log.info("took over %d agents a previous process left", state.taken_over)
+                    state.ready = True
+                    try:
+                        yield
+                    finally:
+                        state.ready = False
+                        await sched.drain(config.drain_timeout)
+                        await state.refusals.flush()
+                        tg.cancel_scope.cancel()  # what still waits (a tool's I/O) stays at its last commit
         finally:
             sched.end_interrupt()  # every drive has ended: none can take the interrupt for a deadline
 

@@ -1,8 +1,10 @@
 """``torpor serve --mcp``: every registry agent of the caller's tenant offered as an MCP tool at ``/mcp``.
 
-The endpoint is the ``mcp`` SDK's streamable-HTTP server (stateless: each POST its own
-transport, so nothing of one client is kept between requests), mounted behind the same
-gateway as ``/v1``: the operator token, its tenant, its rate limits and body caps.
+The endpoint is the ``mcp`` SDK's streamable-HTTP server, mounted behind the same gateway
+as ``/v1``: the operator token, its tenant, its rate limits and body caps.  It keeps
+sessions (the SDK's, with its idle timeout and cap on their number) so that it can ask the
+client something during a call and route the answer back; each session is kept to the
+token that opened it.
 
 * ``tools/list`` (scope ``runs:read``): the tenant's registry names, each a tool that runs
   the name's latest version; its input schema is any JSON object (the agent's input), its
@@ -16,6 +18,14 @@ gateway as ``/v1``: the operator token, its tenant, its rate limits and body cap
   hibernates as always (its instance dropped); when someone approves (``torpor
   approve``, the API, the console) it resumes in the background and the call answers.
   A client that leaves does not stop the agent: it is durable, and ``torpor ps`` has it.
+* A client that declares the elicitation capability, calling with a token that may decide
+  (``approvals:write``), is *asked* instead (:func:`question_for`): an approval becomes an
+  ``elicitation/create`` whose answer approves or denies the call (``decline`` denies;
+  ``cancel`` leaves it waiting, with progress as above), and a question an MCP server put
+  to the agent (its own elicitation) is passed on as the server asked it, the client's
+  answer checked against that schema like ``torpor approve --answer``.  The request races
+  the agent: a decision made elsewhere meanwhile (``torpor approve``, the console) cancels
+  it.  Who decided is the calling token, as over the API.
 * The answer is the agent's output: ``structuredContent`` (an object output as is,
   anything else as ``{"result": ...}``) and its JSON as text; a failed or terminated run
   is ``isError`` with its error code and message, and so is a call still open when the
@@ -31,6 +41,9 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
+import anyio.to_thread
+
 from host.errors import TorporError
 from host.runtime import Host
 from host.server import agents as agents_routes
@@ -41,6 +54,10 @@ _log = logging.getLogger("torpor.server")
 
 #: The longest the endpoint stays silent during a call (a progress notification at least this often).
 HEARTBEAT_S = 5.0
+#: Sessions whose owner is remembered, at most (the SDK itself keeps fewer open at a time).
+MAX_OWNERS = 100_000
+#: How often a question put to the client looks whether the agent still waits (decided elsewhere).
+POLL_S = 0.5
 #: Statuses in which the agent waits for a person: the call stays open, with progress.
 WAITING_ON_PEOPLE = frozenset({"waiting_approval", "in_doubt"})
 
@@ -60,8 +77,41 @@ class McpEndpoint:
         self.scheduler = scheduler
         self.server: Any = Server("torpor", version="0.1.0", on_list_tools=self._list_tools,
                                   on_call_tool=self._call_tool)
-        self.manager = StreamableHTTPSessionManager(app=self.server, stateless=True)
-        self.asgi = StreamableHTTPASGIApp(self.manager)
+        # Sessions, so that the server can ask the client (elicitation) during a call and have
+        # its answer routed back; bounded by the SDK (idle timeout, count), each kept to the
+        # operator token that opened it (:meth:`asgi`).
+        self.manager = StreamableHTTPSessionManager(app=self.server, stateless=False)
+        self._sdk = StreamableHTTPASGIApp(self.manager)
+        self._owners: dict[str, str] = {}  # session id -> the token id that opened it
+        self.asgi = _Asgi(self._serve)  # an ASGI app, not a method: Starlette would wrap a method as a view
+
+    async def _serve(self, scope: Any, receive: Any, send: Any) -> None:
+        """The SDK's transport, with each session kept to the token that opened it: another
+        token naming a session's id is answered as for an unknown session (404), so one
+        client cannot answer, or read, another's questions."""
+        from starlette.requests import Request
+
+        from host.server.gateway import principal
+
+        who = principal(Request(scope)).token_id
+        sid = dict(scope.get("headers") or []).get(b"mcp-session-id", b"").decode("latin-1")
+        if sid and self._owners.get(sid, who) != who:
+            from host.server.responses import error_body, json_response
+
+            response = json_response(error_body("not_found", "no such MCP session"), 404)
+            await response(scope, receive, send)
+            return
+
+        async def opened(message: Any) -> None:
+            if message.get("type") == "http.response.start" and not sid:
+                new = dict(message.get("headers") or []).get(b"mcp-session-id")
+                if new:
+                    if len(self._owners) >= MAX_OWNERS:  # forget the oldest (the SDK has let them go by now)
+                        self._owners.pop(next(iter(self._owners)))
+                    self._owners[new.decode("latin-1")] = who
+            await send(message)
+
+        await self._sdk(scope, receive, opened)
 
     @contextlib.asynccontextmanager
     async def run(self) -> AsyncIterator[None]:
@@ -80,12 +130,14 @@ class McpEndpoint:
             agent_id = await self.runs.start(b, dict(params.arguments or {}), who.tenant, started_as)
         except TorporError as exc:
             return failed(exc.code, str(exc))
-        return answer(await self._follow(ctx, agent_id), agent_id)
+        return answer(await self._follow(ctx, agent_id, who), agent_id)
 
-    async def _follow(self, ctx: Any, agent_id: str) -> dict[str, Any]:
-        """Wait until the agent ends, telling the client what it does at least every heartbeat."""
+    async def _follow(self, ctx: Any, agent_id: str, who: Any = None) -> dict[str, Any]:
+        """Wait until the agent ends, telling the client what it does at least every heartbeat
+        (and asking it, where it can answer, what the agent waits on a person for)."""
         step = 0
         said = None
+        asked: Any = None  # the wait the client was asked about (asked once per wait)
         while True:
             rec = await agents_routes.wait_until_stopped(self.host, self.scheduler, agent_id, HEARTBEAT_S)
             status = str(rec.get("status"))
@@ -102,8 +154,103 @@ class McpEndpoint:
             if message != said:
                 said = message
                 _log.debug("mcp call %s: %s", agent_id, message)
+            wait = (rec.get("checkpoints"), (rec.get("pending") or {}).get("seq"))
+            if status == "waiting_approval" and asked != wait and can_ask(ctx, who):
+                asked = wait
+                await self._ask(ctx, who, agent_id, rec)
+                continue
             if status in WAITING_ON_PEOPLE:
                 await self.scheduler.changed(agent_id, HEARTBEAT_S)
+
+    async def _ask(self, ctx: Any, who: Any, agent_id: str, rec: dict[str, Any]) -> None:
+        """Ask the client what the agent waits on (an elicitation), racing a decision made
+        elsewhere; record the client's answer as the calling token's decision."""
+        message, schema = question_for(agent_id, rec)
+        got: list[Any] = []
+
+        async def still_waiting() -> None:
+            while True:
+                await self.scheduler.changed(agent_id, POLL_S)
+                now = await anyio.to_thread.run_sync(lambda: self.host.get_agent(agent_id))
+                if now.get("status") != "waiting_approval" or now.get("checkpoints") != rec.get("checkpoints"):
+                    return
+
+        async with anyio.create_task_group() as tg:
+            async def elicit() -> None:
+                try:
+                    got.append(await ctx.session.elicit_form(message, schema, related_request_id=ctx.request_id))
+                except Exception as exc:  # the client cannot be asked after all: progress, as without
+                    _log.debug("mcp call %s: the client could not be asked: %s", agent_id, exc)
+                tg.cancel_scope.cancel()
+
+            async def watch() -> None:
+                await still_waiting()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(elicit)
+            tg.start_soon(watch)
+        if not got or got[0].action == "cancel":
+            return
+        by = f"token:{who.token_id}"
+        result = got[0]
+        content = dict(result.content or {})
+        question = (rec.get("approval") or {}).get("question") if (rec.get("approval") or {}).get(
+            "kind") == "elicitation" else None
+
+        def decide() -> None:
+            if result.action == "accept" and question is not None:
+                self.host.decide_approve(agent_id, by=by, note="answered by the MCP client", answer=content)
+            elif result.action == "accept" and content.get("approve") is True:
+                self.host.decide_approve(agent_id, by=by, note=str(content.get("note") or "") or None)
+            else:
+                why = str(content.get("note") or "") or f"{'declined' if result.action == 'decline' else 'denied'} " \
+                      "by the MCP client"
+                self.host.decide_deny(agent_id, reason=why, by=by)
+
+        try:
+            await anyio.to_thread.run_sync(decide)
+        except TorporError as exc:  # decided elsewhere meanwhile, or an answer the schema refuses: it waits on
+            _log.info("mcp call %s: the client's answer was not taken: %s", agent_id, exc)
+            return
+        self.scheduler.resume(agent_id)
+
+
+class _Asgi:
+    """An ASGI application that is one coroutine function."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+def can_ask(ctx: Any, who: Any) -> bool:
+    """Whether the calling client may be asked to decide: it declared the elicitation
+    capability, its channel can carry a request, and its token may decide approvals."""
+    if who is None or not who.allows("approvals:write"):
+        return False
+    session = getattr(ctx, "session", None)
+    caps = getattr(session, "client_capabilities", None)
+    return caps is not None and caps.elicitation is not None and bool(getattr(session, "can_send_request", False))
+
+
+def question_for(agent_id: str, rec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """What the client is asked about an agent waiting on a person: an MCP server's own
+    question as it was asked, or the approval as a yes/no with a note."""
+    approval = rec.get("approval") or {}
+    question = approval.get("question")
+    if approval.get("kind") == "elicitation" and isinstance(question, dict):
+        return (f"Agent {agent_id}: {question.get('server')} asks: {question.get('message')}",
+                dict(question.get("requested_schema") or {"type": "object", "properties": {}}))
+    call = rec.get("pending") or {}
+    message = (f"Agent {agent_id} waits for a person to approve {call.get('tool') or 'a tool call'} "
+               f"{json.dumps(call.get('args'), separators=(',', ':'))[:500]} ({approval.get('reason') or 'its policy asks'})")
+    schema = {"type": "object", "properties": {
+        "approve": {"type": "boolean", "title": "Approve", "description": f"run {call.get('tool') or 'the call'}"},
+        "note": {"type": "string", "title": "Note", "description": "kept in the audit log; a denial's reason"}},
+        "required": ["approve"]}
+    return message, schema
 
 
 def agent_tools(host: Host, tenant: str) -> Any:

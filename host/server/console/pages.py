@@ -51,6 +51,7 @@ HEADERS = {
 }
 #: The longest note or reason a form takes (as the API's bodies).
 NOTE_MAX = 4096
+ANSWER_MAX = 65536  # the longest answer to a question a form takes
 #: Timeline rows a page shows at most (a long conversation's log is cut in the middle, and says so).
 MAX_ROWS = 2000
 #: Fields of a form body read at most (a form is small; the gateway's body cap applies as well).
@@ -275,7 +276,9 @@ class Console:
             raise InvalidInput(f"a note is at most {NOTE_MAX} characters")
         by = f"token:{who.token_id}"
         if request.path_params["decision"] == "approve":
-            await anyio.to_thread.run_sync(lambda: self.host.decide_approve(aid, note=note or None, by=by))
+            answer = _answer(_field(form, "answer"))  # a question's answer (an MCP server's elicitation)
+            await anyio.to_thread.run_sync(lambda: self.host.decide_approve(aid, note=note or None, by=by,
+                                                                            answer=answer))
         else:
             if not note:
                 raise InvalidInput("a denial needs a reason (the agent is told it)")
@@ -412,3 +415,17 @@ def _by_status(m: Any) -> dict[str, float]:
     for (_, _, status), n in dict(m.http.values).items():
         out[status] = out.get(status, 0) + n
     return dict(sorted(out.items()))
+
+
+def _answer(text: str | None) -> Any:
+    """The answer field of a decision form as JSON (None when the form has none)."""
+    if text is None or not text.strip():
+        return None
+    from host.sandbox import guest_json
+
+    if len(text) > ANSWER_MAX:
+        raise InvalidInput(f"an answer is at most {ANSWER_MAX} characters")
+    try:
+        return guest_json.parse(text)
+    except guest_json.PoisonValue as exc:
+        raise InvalidInput(f"the answer is not valid JSON: {exc}") from None
