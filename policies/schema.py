@@ -39,6 +39,12 @@ Units
 ``pool``         the concurrency pool (agent class) the agent runs in;
                  default ``"default"``.  Same naming rule as ``name``.
 ``priority``     integer; higher runs first when its pool has a queue.  Default 0.
+``input_schema`` a JSON Schema (as a TOML table) the agent's input must match;
+                 or ``input.schema.json`` beside the agent.  Checked as a
+                 schema when the bundle is built and kept in its manifest;
+                 ``torpor serve --mcp`` offers it as the tool's input schema
+                 and refuses a call whose arguments do not match, naming the
+                 field, before any run starts.
 
 [budgets] (all optional; absent means unlimited)
 ------------------------------------------------
@@ -772,6 +778,7 @@ class AgentSpec(_Model):
     version: StrictStr | None = None
     pool: StrictStr = "default"
     priority: StrictInt = 0
+    input_schema: dict[str, Any] | None = None
 
     @field_validator("name", "pool")
     @classmethod

@@ -23,6 +23,8 @@ from host.sandbox import bundle as bundle_mod
 from host.server.config import ServerConfig
 
 BIG = {"item": "laptops", "amount": 75000}
+STRICT = {"type": "object", "properties": {"name": {"type": "string", "minLength": 1}}, "required": ["name"],
+          "additionalProperties": False}
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,9 @@ def served(bundles: BundleFactory, tmp_path_factory: pytest.TempPathFactory) -> 
         for name in ("procurement", "hello"):
             host.registry.push(bundle_mod.load(bundles.example(name)).raw, tenant="acme")
         host.registry.push(bundle_mod.load(bundles.example("hello")).raw, name="other-hello", tenant="globex")
+        hello = bundle_mod.load(bundles.example("hello"))
+        host.registry.push(bundle_mod.pack(hello.module, hello.policy_text, input_schema=STRICT), name="strict-hello",
+                           tenant="initech")
     with InProcessServer(store, config=ServerConfig(mcp=True)) as srv:
         yield srv
 
@@ -266,3 +271,43 @@ def test_torpor_serve_keeps_mcp_servers_on_its_own_loop(bundles: BundleFactory, 
         for _ in range(100):
             os.kill(pids[0], 0)
             anyio.run(anyio.sleep, 0.05)
+
+
+def test_an_agents_input_schema_is_its_tools_and_bad_input_is_refused_before_a_run(served: InProcessServer) -> None:
+    """The schema built into the bundle is what tools/list offers; a call that does not match
+    it is a JSON-RPC error naming the field, and no agent is spawned for it."""
+    from mcp import MCPError
+
+    ops = token(served.host.store, "initech", "runs:write", "runs:read")
+    before = len(served.host.list_agents())
+
+    async def work(session: Any) -> Any:
+        [tool] = (await session.list_tools()).tools
+        assert tool.name == "strict-hello" and tool.input_schema == STRICT
+        refused = []
+        for bad in ({"name": 7}, {}, {"name": "Ada", "extra": 1}):
+            with pytest.raises(MCPError) as err:
+                await session.call_tool("strict-hello", bad)
+            refused.append(err.value)
+        return refused, await session.call_tool("strict-hello", {"name": "Ada"})
+
+    refused, done = anyio.run(_session, served.url, ops, work)
+    assert [e.code for e in refused] == [-32602] * 3
+    assert "name: 7 is not of type 'string'" in refused[0].message, refused[0].message
+    assert "'name' is a required property" in refused[1].message
+    assert "'extra' was unexpected" in refused[2].message
+    assert not done.is_error and "Ada" in done.content[0].text, done
+    assert len(served.host.list_agents()) == before + 1  # only the good call ran
+
+
+def test_an_input_schema_is_checked_when_the_bundle_is_built(bundles: BundleFactory) -> None:
+    from host.errors import BundleError
+
+    hello = bundle_mod.load(bundles.example("hello"))
+    inline = hello.policy_text.replace("[agent]\n", '[agent]\ninput_schema = { type = "object", required = ["name"] }\n', 1)
+    assert bundle_mod.load_bytes(bundle_mod.pack(hello.module, inline)).input_schema == {
+        "type": "object", "required": ["name"]}
+    with pytest.raises(BundleError, match="not a valid JSON Schema at properties/name/type"):
+        bundle_mod.pack(hello.module, hello.policy_text, input_schema={"properties": {"name": {"type": "text"}}})
+    with pytest.raises(BundleError, match="keep one"):
+        bundle_mod.pack(hello.module, inline, input_schema=STRICT)

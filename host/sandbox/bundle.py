@@ -46,6 +46,7 @@ MAX_BUNDLE_BYTES = 256 << 20
 # is HostLimits.max_module_bytes).
 MAX_MEMBERS = 1024
 MAX_MANIFEST_BYTES = 1 << 20
+INPUT_SCHEMA_FILE = "input.schema.json"  # beside an agent: the JSON Schema of its input
 MAX_POLICY_BYTES = 1 << 20
 MAX_TOOL_BYTES = 4 << 20
 _INFLATE_CHUNK = 64 << 10
@@ -84,6 +85,12 @@ class Bundle:
         return {f"{TOOLS_DIR}{m}.py": str(files[f"{TOOLS_DIR}{m}.py"]["sha256"]) for m in sorted(self.python)}
 
     @property
+    def input_schema(self) -> dict[str, Any] | None:
+        """The JSON Schema the agent's input must match, as built into the manifest (or None)."""
+        schema = self.manifest.get("input_schema")
+        return schema if isinstance(schema, dict) else None
+
+    @property
     def mcp_commands(self) -> dict[str, list[str]]:
         """``mcp.NAME`` -> the command line each MCP server of the policy would start on the host."""
         return {f"mcp.{n}": [srv.url] if srv.url is not None else [str(srv.command), *srv.args]
@@ -106,7 +113,7 @@ class Bundle:
 
 
 def pack(module: bytes, policy_text: str, *, python: dict[str, str] | None = None,
-         policy_source: str = POLICY_MEMBER) -> bytes:
+         policy_source: str = POLICY_MEMBER, input_schema: dict[str, Any] | None = None) -> bytes:
     """Build bundle bytes from a prepared or raw module, a policy and, if given, Python
     modules (name -> source) for the bundle to carry.
 
@@ -133,6 +140,13 @@ def pack(module: bytes, policy_text: str, *, python: dict[str, str] | None = Non
         "module_sha256": sha256_hex(prepared),
         "files": {name: {"sha256": sha256_hex(data), "size": len(data)} for name, data in members.items()},
     }
+    if input_schema is not None and policy.agent.input_schema is not None:
+        raise BundleError(f"{policy_source}: [agent] input_schema and {INPUT_SCHEMA_FILE} both give the input "
+                          "schema; keep one")
+    schema = input_schema if input_schema is not None else policy.agent.input_schema
+    if schema is not None:
+        check_input_schema(schema, policy_source if input_schema is None else INPUT_SCHEMA_FILE)
+        manifest["input_schema"] = schema
     buf = io.BytesIO()
     # Fixed timestamps and order: the same inputs give byte-identical bundles.
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -141,6 +155,38 @@ def pack(module: bytes, policy_text: str, *, python: dict[str, str] | None = Non
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, data)
     return buf.getvalue()
+
+
+def check_input_schema(schema: Any, source: str) -> None:
+    """An agent's input schema is a JSON Schema (``BundleError`` saying what is wrong otherwise)."""
+    import jsonschema
+    import jsonschema.exceptions
+    import jsonschema.validators
+
+    if not isinstance(schema, dict):
+        raise BundleError(f"{source}: the input schema must be a JSON object, not {type(schema).__name__}")
+    try:
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except jsonschema.exceptions.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(top)"
+        raise BundleError(f"{source}: the input schema is not a valid JSON Schema at {where}: {exc.message}") from None
+
+
+def input_problem(schema: dict[str, Any], value: Any) -> str | None:
+    """The first way ``value`` does not match an agent's input schema, naming the field; None if it matches."""
+    import jsonschema
+    import jsonschema.validators
+
+    try:
+        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        errors = sorted(cls(schema).iter_errors(value), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    except Exception as exc:  # a $ref the schema cannot resolve (never fetched)
+        return f"the input schema cannot be applied: {exc}"
+    if not errors:
+        return None
+    e = errors[0]
+    where = ".".join(str(p) for p in e.absolute_path)
+    return f"{where}: {e.message}" if where else e.message
 
 
 def _canonical(obj: Any) -> bytes:
@@ -232,6 +278,8 @@ def load_bytes(raw: bytes, *, source: str = "<bundle>", limits: HostLimits = HOS
                 python[name[len(TOOLS_DIR) : -3]] = data.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise BundleError(f"{source}: bundle member {name} is not UTF-8") from exc
+    if "input_schema" in manifest:
+        check_input_schema(manifest["input_schema"], f"{source}: manifest")
     return Bundle(
         digest=sha256_hex(_canonical(manifest)),
         name=policy.agent.name,
@@ -455,4 +503,17 @@ def build_dir(agent_dir: str | Path) -> bytes:
         raw = toolchain.compile_zig(next(d / n for n in toolchain.ZIG_ENTRY_FILES if (d / n).is_file()))
     else:
         raw = toolchain.compile_c(sorted(d.glob("*.c")), include_dirs=[d])
-    return pack(raw, policy_text, policy_source=str(policy_path))
+    return pack(raw, policy_text, policy_source=str(policy_path), input_schema=read_input_schema(d))
+
+
+def read_input_schema(agent_dir: Path) -> dict[str, Any] | None:
+    """``input.schema.json`` beside an agent, parsed (None when there is none)."""
+    path = agent_dir / INPUT_SCHEMA_FILE
+    if not path.is_file():
+        return None
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BundleError(f"{path}: not a JSON file: {exc}") from None
+    check_input_schema(schema, str(path))
+    return dict(schema)

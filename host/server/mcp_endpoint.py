@@ -127,6 +127,7 @@ class McpEndpoint:
         try:
             who = require(ctx.request, "runs:write")
             b, started_as = runs_routes.resolve(self.host, str(params.name), who.tenant)
+            check_input(b, params)
             agent_id = await self.runs.start(b, dict(params.arguments or {}), who.tenant, started_as)
         except TorporError as exc:
             return failed(exc.code, str(exc))
@@ -265,9 +266,28 @@ def agent_tools(host: Host, tenant: str) -> Any:
             b, _ = runs_routes.resolve(host, name, tenant)
             if b.policy.agent.description:
                 description = f"{b.policy.agent.description} (Torpor agent {name})"
-        tools.append(types.Tool(name=name, description=description,
-                                input_schema={"type": "object", "description": "the agent's input"}))
+        schema: dict[str, Any] = {"type": "object", "description": "the agent's input"}
+        with contextlib.suppress(TorporError):
+            b, _ = runs_routes.resolve(host, name, tenant)
+            schema = b.input_schema or schema
+        tools.append(types.Tool(name=name, description=description, input_schema=schema))
     return types.ListToolsResult(tools=tools)
+
+
+def check_input(b: Any, params: Any) -> None:
+    """Refuse a call whose arguments do not match the agent's input schema, naming the field,
+    before any run starts: a JSON-RPC error (invalid params), as for any tool's bad arguments."""
+    from mcp import MCPError, types
+
+    from host.sandbox.bundle import input_problem
+
+    schema = b.input_schema
+    if schema is None:
+        return
+    problem = input_problem(schema, dict(params.arguments or {}))
+    if problem is not None:
+        raise MCPError(code=types.INVALID_PARAMS, message=f"the input of {params.name} does not match its schema: "
+                                                          f"{problem}")
 
 
 def answer(rec: dict[str, Any], agent_id: str) -> Any:

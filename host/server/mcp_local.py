@@ -26,6 +26,7 @@ from host.server.mcp_endpoint import (
     WAITING_ON_PEOPLE,
     agent_tools,
     answer,
+    check_input,
     failed,
     what,
 )
@@ -60,6 +61,7 @@ class LocalMcp:
     async def _call_tool(self, ctx: Any, params: Any) -> Any:
         try:
             b, started_as = runs_routes.resolve(self.host, str(params.name), self.tenant)
+            check_input(b, params)
             res = await self.host.run(b, dict(params.arguments or {}), tenant=self.tenant, started_as=started_as)
         except TorporError as exc:
             return failed(exc.code, str(exc))
