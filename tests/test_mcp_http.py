@@ -394,3 +394,68 @@ def test_an_elicitation_is_a_wait_for_a_person_that_survives_a_restart(bundles: 
     assert kinds.count("mcp.elicitation_requested") == 1 and "mcp.elicitation_answered" in kinds, kinds
     assert kinds.index("mcp.elicitation_requested") < kinds.index("approval.granted") < kinds.index(
         "mcp.elicitation_answered"), kinds
+
+
+def test_a_served_agents_question_is_answered_over_the_api_the_console_and_by_an_mcp_client(
+        bundles: BundleFactory, url: str, tmp_path: Path) -> None:
+    """Under ``torpor serve --mcp``: the approvals API lists the server's question; an answer
+    the schema refuses is ``invalid_input`` naming the field; the console shows the question
+    with an answer field; a valid answer over the API lets the agent complete.  Then an MCP
+    client that declares elicitation calls the same agent through ``/mcp`` and is asked the
+    server's question itself; its answer reaches the server and the call gives the output."""
+    import re
+
+    import anyio
+    import httpx
+    from mcp import types
+    from serve_helpers import InProcessServer, auth, token
+    from test_serve_mcp import _session
+
+    from host.sandbox import bundle as bundle_mod
+    from host.server.config import ServerConfig
+
+    pol = HEAD.replace('name = "sampler"', 'name = "asker"') + (
+        f'[mcp.remote]\nurl = "{url}"\ntools = ["elicit"]\nelicitation = true\nstartup_timeout = "60s"\n')
+    raw = bundle_mod.pack(bundles.load(GUESTS / "caller").module, pol)
+    digest = bundle_mod.load_bytes(raw).digest
+    calls = {"calls": [{"tool": "mcp.remote.elicit", "args": {}}]}
+    with InProcessServer(tmp_path / "store", config=ServerConfig(mcp=True), trust_bundle_code=[digest]) as srv:
+        srv.host.registry.push(raw, tenant="acme")
+        ops = token(srv.host.store, "acme", "runs:write", "runs:read", "approvals:write")
+        with httpx.Client(base_url=srv.url, timeout=60, headers=auth(ops)) as api:
+            r = api.post("/v1/runs", json={"agent": "asker", "input": calls, "wait": 60})
+            assert r.status_code == 201 and r.json()["status"] == "waiting_approval", r.text
+            aid = r.json()["agent_id"]
+            [listed] = api.get("/v1/approvals").json()["approvals"]
+            assert listed["kind"] == "elicitation" and listed["question"]["message"] == "What is your name?"
+            bad = api.post(f"/v1/agents/{aid}/approve", json={"answer": {"name": 42}})
+            assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_input", bad.text
+            assert "name: 42 is not of type 'string'" in bad.json()["error"]["message"]
+            with httpx.Client(base_url=srv.url, timeout=60) as browser:
+                login = browser.get("/console/login")
+                csrf = re.search(r'name="csrf" value="([^"]+)"', login.text)
+                assert csrf is not None
+                browser.post("/console/login", data={"csrf": csrf.group(1), "token": ops, "next": "/"})
+                page = browser.get("/console/approvals")
+                assert "remote asks: <strong>What is your name?</strong>" in page.text, page.text
+                assert f'id="answer-{aid}"' in page.text and ">Decline<" in page.text
+            assert api.post(f"/v1/agents/{aid}/approve", json={"answer": {"name": "Ada"}}).status_code == 200
+            done = api.get(f"/v1/agents/{aid}/wait", params={"timeout": 60}).json()
+            assert done["status"] == "completed", done
+            assert done["output"]["results"][0]["value"]["text"] == "accept:Ada"
+
+        asked: list[Any] = []
+
+        async def on_elicit(context: Any, params: Any) -> Any:
+            asked.append(params)
+            return types.ElicitResult(action="accept", content={"name": "Grace"})
+
+        async def work(session: Any) -> Any:
+            return await session.call_tool("asker", calls)
+
+        result = anyio.run(lambda: _session(srv.url, ops, work, elicitation_callback=on_elicit))
+    [question] = asked
+    assert question.message.endswith("remote asks: What is your name?") and question.requested_schema["required"] == [
+        "name"]
+    assert not result.is_error, result
+    assert result.structured_content["results"][0]["value"]["text"] == "accept:Grace", result
