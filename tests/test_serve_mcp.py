@@ -208,6 +208,41 @@ def test_torpor_mcp_serve_over_stdio_on_a_local_store(bundles: BundleFactory, tm
     assert len(granted) == 1 and granted[0]["note"] == "from the MCP test"
 
 
+def test_torpor_mcp_serve_asks_a_client_that_can_answer(bundles: BundleFactory, tmp_path: Path) -> None:
+    """Over stdio too, a client that declares elicitation is asked: its yes is the approval
+    (recorded as the decision of the MCP client of whoever started the process)."""
+    import os
+    import sys
+
+    from mcp import ClientSession, StdioServerParameters, stdio_client, types
+
+    root = Path(__file__).resolve().parent.parent
+    store = tmp_path / "store"
+    with Host(store) as host:
+        host.registry.push(bundle_mod.load(bundles.example("procurement")).raw)
+    asked: list[str] = []
+
+    async def on_elicit(context: Any, params: Any) -> Any:
+        asked.append(params.message)
+        return types.ElicitResult(action="accept", content={"approve": True, "note": "yes, over stdio"})
+
+    async def main() -> Any:
+        params = StdioServerParameters(command=sys.executable, args=["-m", "host.cli", "mcp", "serve", "--store",
+                                                                     str(store)], cwd=str(root), env=dict(os.environ))
+        async with stdio_client(params) as (read, write), \
+                ClientSession(read, write, elicitation_callback=on_elicit) as session:
+            await session.initialize()
+            with anyio.fail_after(120):
+                return await session.call_tool("procurement", BIG)
+
+    result = anyio.run(main)
+    assert not result.is_error and result.structured_content["status"] == "ordered", result
+    assert len(asked) == 1 and "approve erp.create_po" in asked[0]
+    with Host(store) as host:
+        [granted] = [r for r in host.audit_records(result.meta["torpor/agent_id"]) if r["kind"] == "approval.granted"]
+    assert granted["note"] == "yes, over stdio" and granted["by"].startswith("mcp-client:")
+
+
 def test_a_call_open_when_the_server_drains_says_so(bundles: BundleFactory, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A draining server answers an open call at once (shutting_down, naming the agent) rather

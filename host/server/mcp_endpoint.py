@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -164,10 +164,8 @@ class McpEndpoint:
                 await self.scheduler.changed(agent_id, HEARTBEAT_S)
 
     async def _ask(self, ctx: Any, who: Any, agent_id: str, rec: dict[str, Any]) -> None:
-        """Ask the client what the agent waits on (an elicitation), racing a decision made
-        elsewhere; record the client's answer as the calling token's decision."""
-        message, schema = question_for(agent_id, rec)
-        got: list[Any] = []
+        """Ask the client what the agent waits on, racing a decision made elsewhere; record
+        its answer as the calling token's decision and resume the agent in the background."""
 
         async def still_waiting() -> None:
             while True:
@@ -176,44 +174,54 @@ class McpEndpoint:
                 if now.get("status") != "waiting_approval" or now.get("checkpoints") != rec.get("checkpoints"):
                     return
 
-        async with anyio.create_task_group() as tg:
-            async def elicit() -> None:
-                try:
-                    got.append(await ctx.session.elicit_form(message, schema, related_request_id=ctx.request_id))
-                except Exception as exc:  # the client cannot be asked after all: progress, as without
-                    _log.debug("mcp call %s: the client could not be asked: %s", agent_id, exc)
-                tg.cancel_scope.cancel()
+        if await ask_client(self.host, ctx, agent_id, rec, still_waiting, by=f"token:{who.token_id}"):
+            self.scheduler.resume(agent_id)
 
-            async def watch() -> None:
-                await still_waiting()
-                tg.cancel_scope.cancel()
 
-            tg.start_soon(elicit)
-            tg.start_soon(watch)
-        if not got or got[0].action == "cancel":
-            return
-        by = f"token:{who.token_id}"
-        result = got[0]
-        content = dict(result.content or {})
-        question = (rec.get("approval") or {}).get("question") if (rec.get("approval") or {}).get(
-            "kind") == "elicitation" else None
+async def ask_client(host: Host, ctx: Any, agent_id: str, rec: dict[str, Any],
+                     still_waiting: Callable[[], Awaitable[None]], *, by: str) -> bool:
+    """Ask the calling client (an elicitation) what a parked agent waits on, until
+    ``still_waiting`` returns (decided elsewhere); record its answer as ``by``'s decision.
+    True when a decision was recorded (the caller resumes the agent)."""
+    message, schema = question_for(agent_id, rec)
+    got: list[Any] = []
+    async with anyio.create_task_group() as tg:
+        async def elicit() -> None:
+            try:
+                got.append(await ctx.session.elicit_form(message, schema, related_request_id=ctx.request_id))
+            except Exception as exc:  # the client cannot be asked after all: progress, as without
+                _log.debug("mcp call %s: the client could not be asked: %s", agent_id, exc)
+            tg.cancel_scope.cancel()
 
-        def decide() -> None:
-            if result.action == "accept" and question is not None:
-                self.host.decide_approve(agent_id, by=by, note="answered by the MCP client", answer=content)
-            elif result.action == "accept" and content.get("approve") is True:
-                self.host.decide_approve(agent_id, by=by, note=str(content.get("note") or "") or None)
-            else:
-                why = str(content.get("note") or "") or f"{'declined' if result.action == 'decline' else 'denied'} " \
-                      "by the MCP client"
-                self.host.decide_deny(agent_id, reason=why, by=by)
+        async def watch() -> None:
+            await still_waiting()
+            tg.cancel_scope.cancel()
 
-        try:
-            await anyio.to_thread.run_sync(decide)
-        except TorporError as exc:  # decided elsewhere meanwhile, or an answer the schema refuses: it waits on
-            _log.info("mcp call %s: the client's answer was not taken: %s", agent_id, exc)
-            return
-        self.scheduler.resume(agent_id)
+        tg.start_soon(elicit)
+        tg.start_soon(watch)
+    if not got or got[0].action == "cancel":  # cancel: no decision; it waits on, with progress
+        return False
+    result = got[0]
+    content = dict(result.content or {})
+    approval = rec.get("approval") or {}
+    question = approval.get("question") if approval.get("kind") == "elicitation" else None
+
+    def decide() -> None:
+        if result.action == "accept" and question is not None:
+            host.decide_approve(agent_id, by=by, note="answered by the MCP client", answer=content)
+        elif result.action == "accept" and content.get("approve") is True:
+            host.decide_approve(agent_id, by=by, note=str(content.get("note") or "") or None)
+        else:
+            why = str(content.get("note") or "") or ("declined by the MCP client" if result.action == "decline"
+                                                       else "denied by the MCP client")
+            host.decide_deny(agent_id, reason=why, by=by)
+
+    try:
+        await anyio.to_thread.run_sync(decide)
+    except TorporError as exc:  # decided elsewhere meanwhile, or an answer the schema refuses: it waits on
+        _log.info("mcp call %s: the client's answer was not taken: %s", agent_id, exc)
+        return False
+    return True
 
 
 class _Asgi:
@@ -229,8 +237,12 @@ class _Asgi:
 def can_ask(ctx: Any, who: Any) -> bool:
     """Whether the calling client may be asked to decide: it declared the elicitation
     capability, its channel can carry a request, and its token may decide approvals."""
-    if who is None or not who.allows("approvals:write"):
-        return False
+    return who is not None and who.allows("approvals:write") and client_can_answer(ctx)
+
+
+def client_can_answer(ctx: Any) -> bool:
+    """Whether the calling client declared the elicitation capability on a channel that can
+    carry a request to it."""
     session = getattr(ctx, "session", None)
     caps = getattr(session, "client_capabilities", None)
     return caps is not None and caps.elicitation is not None and bool(getattr(session, "can_send_request", False))
