@@ -411,7 +411,9 @@ def test_a_served_agents_question_is_answered_over_the_api_the_console_and_by_an
     from serve_helpers import InProcessServer, auth, token
     from test_serve_mcp import _session
 
+    from host.errors import InvalidInput
     from host.sandbox import bundle as bundle_mod
+    from host.server.client import Client
     from host.server.config import ServerConfig
 
     pol = HEAD.replace('name = "sampler"', 'name = "asker"') + (
@@ -431,6 +433,8 @@ def test_a_served_agents_question_is_answered_over_the_api_the_console_and_by_an
             bad = api.post(f"/v1/agents/{aid}/approve", json={"answer": {"name": 42}})
             assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_input", bad.text
             assert "name: 42 is not of type 'string'" in bad.json()["error"]["message"]
+            with Client(srv.url, ops) as client, pytest.raises(InvalidInput, match="'name' is a required property"):
+                client.approve(aid, answer={})  # what `torpor --server URL approve --answer '{}'` sends
             with httpx.Client(base_url=srv.url, timeout=60) as browser:
                 login = browser.get("/console/login")
                 csrf = re.search(r'name="csrf" value="([^"]+)"', login.text)
