@@ -15,6 +15,7 @@ Tools:
   silent     {seconds} -> sleeps without progress
   sample     {prompt} -> asks the client for a completion (sampling), answers its text
   elicit     {} -> asks the client for a name (elicitation), answers what came back
+  elicit_twice {} -> asks for a name, then a colour
   roots      {} -> the client's roots
   chatty     {} -> sends a log notification and a resource-updated one, then answers
   big        {n} -> n bytes of text
@@ -101,6 +102,19 @@ async def elicit(ctx: Context) -> str:
     """Asks the client's user for a name."""
     result = await ctx.elicit("What is your name?", Name)
     return f"{result.action}:{getattr(getattr(result, 'data', None), 'name', '')}"
+
+
+class Colour(BaseModel):
+    colour: str
+
+
+@server.tool()
+async def elicit_twice(ctx: Context) -> str:
+    """Asks for a name, then for a colour."""
+    first = await ctx.elicit("What is your name?", Name)
+    second = await ctx.elicit("Which colour?", Colour)
+    return (f"{first.action}:{getattr(getattr(first, 'data', None), 'name', '')},"
+            f"{second.action}:{getattr(getattr(second, 'data', None), 'colour', '')}")
 
 
 @server.tool()

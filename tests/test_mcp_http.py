@@ -30,7 +30,7 @@ from host.tools import mcp
 from host.tools.registry import ToolError
 
 SERVER = Path(__file__).parent / "mcp_http_server.py"
-TOOLS = '["lookup", "pid", "crash", "whoami", "progress", "silent", "sample", "elicit", "roots", "chatty", "counter", "big"]'
+TOOLS = '["lookup", "pid", "crash", "whoami", "progress", "silent", "sample", "elicit", "elicit_twice", "roots", "chatty", "counter", "big"]'
 
 
 def start_server(*flags: str) -> tuple[subprocess.Popen[str], str]:
@@ -394,6 +394,32 @@ def test_an_elicitation_is_a_wait_for_a_person_that_survives_a_restart(bundles: 
     assert kinds.count("mcp.elicitation_requested") == 1 and "mcp.elicitation_answered" in kinds, kinds
     assert kinds.index("mcp.elicitation_requested") < kinds.index("approval.granted") < kinds.index(
         "mcp.elicitation_answered"), kinds
+
+
+def test_a_call_that_asks_twice_waits_twice_and_repeats_no_answer(bundles: BundleFactory, url: str,
+                                                                    tmp_path: Path) -> None:
+    """The second question comes on the call made again after the first answer: the agent
+    parks a second time (its first answer given from the journal), and the third issue of
+    the call answers both at once."""
+    import anyio
+
+    from host.runtime import Host
+    from host.sandbox import bundle as bundle_mod
+
+    pol = HEAD + (f'[mcp.remote]\nurl = "{url}"\ntools = ["elicit_twice"]\nelicitation = true\n'
+                  'startup_timeout = "60s"\n')
+    b = bundle_mod.load_bytes(bundle_mod.pack(bundles.load(GUESTS / "caller").module, pol))
+    with Host(tmp_path, trust_bundle_code=[b.digest]) as host:
+        res = anyio.run(lambda: host.run(b, {"calls": [{"tool": "mcp.remote.elicit_twice", "args": {}}]}))
+        assert res.approval["question"]["message"] == "What is your name?"
+        again = anyio.run(lambda: host.approve(res.agent_id, answer={"name": "Ada"}))
+        assert again.status == "waiting_approval" and again.approval["question"]["message"] == "Which colour?"
+        assert again.approval["question"]["index"] == 1
+        done = anyio.run(lambda: host.approve(res.agent_id, answer={"colour": "teal"}))
+        kinds = [r["kind"] for r in host.audit_records(res.agent_id)]
+    assert done.status == "completed", done.error
+    assert done.output["results"][0]["value"]["text"] == "accept:Ada,accept:teal"
+    assert kinds.count("mcp.elicitation_requested") == 2 and kinds.count("mcp.elicitation_answered") == 3, kinds
 
 
 def test_a_served_agents_question_is_answered_over_the_api_the_console_and_by_an_mcp_client(

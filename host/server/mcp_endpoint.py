@@ -155,7 +155,7 @@ class McpEndpoint:
             if message != said:
                 said = message
                 _log.debug("mcp call %s: %s", agent_id, message)
-            wait = (rec.get("checkpoints"), (rec.get("pending") or {}).get("seq"))
+            wait = wait_of(rec)
             if status == "waiting_approval" and asked != wait and can_ask(ctx, who):
                 asked = wait
                 await self._ask(ctx, who, agent_id, rec)
@@ -171,7 +171,7 @@ class McpEndpoint:
             while True:
                 await self.scheduler.changed(agent_id, POLL_S)
                 now = await anyio.to_thread.run_sync(lambda: self.host.get_agent(agent_id))
-                if now.get("status") != "waiting_approval" or now.get("checkpoints") != rec.get("checkpoints"):
+                if now.get("status") != "waiting_approval" or wait_of(now) != wait_of(rec):
                     return
 
         if await ask_client(self.host, ctx, agent_id, rec, still_waiting, by=f"token:{who.token_id}"):
@@ -206,7 +206,9 @@ async def ask_client(host: Host, ctx: Any, agent_id: str, rec: dict[str, Any],
     approval = rec.get("approval") or {}
     question = approval.get("question") if approval.get("kind") == "elicitation" else None
 
-    def decide() -> None:
+    def decide() -> bool:
+        if wait_of(host.get_agent(agent_id)) != wait_of(rec):  # decided elsewhere, and now waits on another
+            return False
         if result.action == "accept" and question is not None:
             host.decide_approve(agent_id, by=by, note="answered by the MCP client", answer=content)
         elif result.action == "accept" and content.get("approve") is True:
@@ -215,13 +217,13 @@ async def ask_client(host: Host, ctx: Any, agent_id: str, rec: dict[str, Any],
             why = str(content.get("note") or "") or ("declined by the MCP client" if result.action == "decline"
                                                        else "denied by the MCP client")
             host.decide_deny(agent_id, reason=why, by=by)
+        return True
 
     try:
-        await anyio.to_thread.run_sync(decide)
+        return bool(await anyio.to_thread.run_sync(decide))
     except TorporError as exc:  # decided elsewhere meanwhile, or an answer the schema refuses: it waits on
         _log.info("mcp call %s: the client's answer was not taken: %s", agent_id, exc)
         return False
-    return True
 
 
 class _Asgi:
@@ -246,6 +248,14 @@ def client_can_answer(ctx: Any) -> bool:
     session = getattr(ctx, "session", None)
     caps = getattr(session, "client_capabilities", None)
     return caps is not None and caps.elicitation is not None and bool(getattr(session, "can_send_request", False))
+
+
+def wait_of(rec: dict[str, Any]) -> tuple[Any, ...]:
+    """What tells one wait of an agent on a person from the next: its checkpoint and call,
+    and the question (the calls' next question waits at the same checkpoint and call)."""
+    question = (rec.get("approval") or {}).get("question") or {}
+    return (rec.get("checkpoints"), (rec.get("pending") or {}).get("seq"), question.get("index"),
+            question.get("digest"))
 
 
 def question_for(agent_id: str, rec: dict[str, Any]) -> tuple[str, dict[str, Any]]:

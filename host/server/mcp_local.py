@@ -33,6 +33,7 @@ from host.server.mcp_endpoint import (
     check_input,
     client_can_answer,
     failed,
+    wait_of,
     what,
 )
 
@@ -70,7 +71,7 @@ class LocalMcp:
             while True:
                 await anyio.sleep(POLL_S)
                 now = self.host.get_agent(agent_id)
-                if now.get("status") != "waiting_approval" or now.get("checkpoints") != rec.get("checkpoints"):
+                if now.get("status") != "waiting_approval" or wait_of(now) != wait_of(rec):
                     return
 
         return wait
@@ -95,7 +96,7 @@ class LocalMcp:
             if status == "sleeping" and agent_id in self.host.due():  # its time has come: ours to wake
                 await self.host.resume(agent_id)
                 continue
-            wait = (rec.get("checkpoints"), (rec.get("pending") or {}).get("seq"))
+            wait = wait_of(rec)
             if status == "waiting_approval" and asked != wait and client_can_answer(ctx):
                 asked = wait
                 if await ask_client(self.host, ctx, agent_id, rec, self._still_waiting(agent_id, rec),
