@@ -100,6 +100,15 @@ class HandlerNotRegistered(ConfigError):
     code = "handler_not_registered"
 
 
+class McpServerNotConfigured(ConfigError):
+    """A policy names an MCP server this host cannot provide: its operator config
+    (``torpor.toml``) does not configure it and the policy does not say itself how to start
+    it, or names a root or a credential for it that neither provides. Raised when a run
+    starts, before the agent does, never at its first call."""
+
+    code = "mcp_server_not_configured"
+
+
 class InvalidInput(TorporError):
     """A request's input is not what the API takes (not JSON, a field of the wrong type)."""
 

@@ -232,33 +232,29 @@ document the behaviour in full.
 
 [mcp.NAME] — MCP servers
 ------------------------
-An MCP server the host reaches over stdio (``command``: a process it starts,
-supervises and restarts) or streamable HTTP (``url``: a remote server it
-connects to, reconnecting after a failure); its tools are called as
-``mcp.NAME.TOOL``.  Exactly one of ``command`` and ``url``.  A command line is
-code the host runs, and a URL with headers is where the host sends the agent's
-credentials: a bundle whose policy names a server runs only for an operator who
-trusts that bundle (``--trust-bundle-code DIGEST``), like a bundle carrying
-Python.
+An MCP server whose tools the agent may call as ``mcp.NAME.TOOL``.  The policy
+names the server and says what the agent needs of it (the tools it grants,
+their argument rules, its credentials, roots relative to a root the operator
+names); how to start or reach the server is the operator's, on the host: the
+``[mcp.servers.NAME]`` table of the operator config (``torpor.toml``: a
+``command`` with ``args``, ``cwd`` and ``env``, or a ``url`` with ``headers``).
+A bundle so built runs on any host whose operator config names the same
+servers; one that names a server the host does not configure is refused when
+its run starts (``mcp_server_not_configured``).
 
-``command``          the executable (no shell; a path, or a name on PATH).
-``args``             array of arguments.
-``env``              environment variables added to the SDK's minimal safe
-                     environment; ``{name}`` placeholders are filled from the
-                     server's ``credentials`` on the host side.
-``cwd``              working directory.
-``url``              an ``http://`` or ``https://`` streamable-HTTP endpoint.
-``headers``          HTTP headers sent to ``url`` only (never on a redirect
-                     to another origin); ``{name}`` placeholders are filled
-                     from ``credentials`` on the host side, e.g.
-                     ``Authorization = "Bearer {crm_token}"``.
-``credentials``      secrets the server's env or headers use; each
-                     ``mcp.NAME.*`` grant gets them (the broker leases them
-                     per call).
 ``tools``            the server's tools to grant: each becomes a grant
                      ``[tools."mcp.NAME.TOOL"]`` (write that table yourself to
                      add rates, approval or argument rules).  When ``tools`` is
                      given, a grant of an unlisted tool is an error.
+``credentials``      secrets the server needs; each ``mcp.NAME.*`` grant gets
+                     them (the broker leases them per call), and the operator
+                     config's ``{name}`` placeholders in the server's ``env``
+                     or ``headers`` are filled with them, and with no others.
+``roots``            the roots the server is told (``roots/list``), each a
+                     root the operator config names (``[roots] NAME = DIR``)
+                     or a relative path under one: ``"data"``,
+                     ``"data/reports/2026"``; without it the client declares
+                     no roots.
 ``timeout``          per call (duration, default 30s); a call whose server
                      reports progress is kept alive: each progress
                      notification starts ``timeout`` again, up to
@@ -270,8 +266,6 @@ Python.
                      sampling requests (``sampling/createMessage``) under the
                      agent's policy and token budget; without it a sampling
                      request is refused with an error saying so.
-``roots``            the ``file://`` roots the server is told (``roots/list``);
-                     without it the client declares no roots.
 ``trust_annotations``  true: the server's tool annotations are believed, so a
                      call of a tool it marks ``readOnlyHint`` or
                      ``idempotentHint`` runs again after a host crash instead
@@ -283,6 +277,16 @@ Python.
                      declined by ``torpor deny``) the call is made again and the
                      server's same question answered from the journal; so the
                      server must ask before it acts.  Default false: refused.
+
+Deprecated, for local development: ``command``, ``args``, ``env`` and ``cwd``
+(a process), or ``url`` and ``headers`` (a streamable-HTTP endpoint), in the
+policy itself, and ``file://`` roots.  They are used only where the operator
+config does not configure the server (where it does, they are ignored); they
+make the bundle machine-specific, and a command line or a URL with headers is
+code the host would run or a place it would send the agent's credentials, so
+such a bundle runs only for an operator who trusts it
+(``--trust-bundle-code DIGEST``), like a bundle carrying Python.
+``torpor policy check`` notes each.
 
 [[validators]] — output guardrails
 ----------------------------------
@@ -1222,17 +1226,74 @@ class WasiSpec(_Model):
 
 
 _MCP_TOOL = re.compile(r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$")
+ROOT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+"""A root's name in the operator config (``[roots] NAME = DIR``), which a policy's roots start with."""
+
+
+def check_mcp_url(v: str) -> str:
+    """An MCP server's URL: ``http(s)://`` with a host, and no credentials in it."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"url {v!r} is not an http:// or https:// URL with a host")
+    if parts.username or parts.password:
+        raise ValueError("url must not carry credentials; use headers with a {credential} placeholder")
+    return v
+
+
+def check_headers(v: dict[str, str]) -> dict[str, str]:
+    """HTTP header names and values that cannot split a request."""
+    for k, val in v.items():
+        if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", k):
+            raise ValueError(f"{k!r} is not an HTTP header name")
+        if any(c in val for c in "\r\n\x00"):
+            raise ValueError(f"header {k}: value contains a line break or NUL byte")
+    return v
+
+
+def check_env(v: dict[str, str]) -> dict[str, str]:
+    """Environment variable names a process can be given, and values without NUL."""
+    for k, val in v.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            raise ValueError(f"{k!r} is not an environment variable name")
+        if "\x00" in val:
+            raise ValueError(f"env {k}: value contains a NUL byte")
+    return v
+
+
+def split_root(root: str) -> tuple[str, str] | None:
+    """A policy's root ``NAME`` or ``NAME/relative/path`` as ``(NAME, relative/path)``; None
+    for a ``file://`` URI (the deprecated, machine-specific form)."""
+    if root.startswith("file://"):
+        return None
+    name, _, rest = root.partition("/")
+    return name, rest.strip("/")
+
+
+def _check_root(root: str) -> str:
+    parts = split_root(root)
+    if parts is None:
+        return root
+    name, rest = parts
+    if not ROOT_NAME.match(name):
+        raise ValueError(f"root {root!r}: name a root of the operator config (letters, digits, '_', '-'), "
+                         "optionally followed by a relative path: 'data' or 'data/reports'")
+    segments = rest.split("/") if rest else []
+    if any(s in ("", ".", "..") for s in segments) or "\\" in rest or "\x00" in rest:
+        raise ValueError(f"root {root!r}: the path under {name!r} must stay inside it (no '..', '.', '//' or '\\')")
+    return root
 
 
 class McpServer(_Model):
-    """``[mcp.NAME]``: an MCP server (stdio or streamable HTTP) whose tools the agent may call.
+    """``[mcp.NAME]``: an MCP server whose tools the agent may call, and what it needs of it.
 
-    The host starts ``command`` with ``args`` (no shell) or connects to ``url``,
-    lists its tools and their input schemas, and supervises it: a server that
-    dies or answers against its own schema is restarted (reconnected).  Its
-    tools are called as ``mcp.NAME.TOOL``; ``tools`` grants them (each also gets
-    a grant table ``[tools."mcp.NAME.TOOL"]`` for rates, approval and argument
-    rules).
+    How to start or reach the server is the operator's (the ``[mcp.servers.NAME]`` of
+    ``torpor.toml``, :mod:`host.tools.mcp_config`); the policy grants its tools
+    (``mcp.NAME.TOOL``, each with a grant table ``[tools."mcp.NAME.TOOL"]`` for rates,
+    approval and argument rules), names the credentials it may use and the roots it is
+    told, relative to roots the operator names.  ``command``/``args``/``env``/``cwd`` or
+    ``url``/``headers`` here are the deprecated, machine-specific form (:attr:`self_started`).
     """
 
     command: StrictStr | None = None
@@ -1251,6 +1312,12 @@ class McpServer(_Model):
     trust_annotations: StrictBool = False
     elicitation: StrictBool = False
 
+    @property
+    def self_started(self) -> bool:
+        """The policy says itself how to start (``command``) or reach (``url``) the server:
+        the deprecated form, used only where the operator config does not name it."""
+        return self.command is not None or self.url is not None
+
     @field_validator("command")
     @classmethod
     def _command(cls, v: str | None) -> str | None:
@@ -1261,43 +1328,29 @@ class McpServer(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"url {v!r} is not an http:// or https:// URL with a host")
-        if parts.username or parts.password:
-            raise ValueError("url must not carry credentials; use headers with a {credential} placeholder")
-        return v
+        return v if v is None else check_mcp_url(v)
 
     @field_validator("headers")
     @classmethod
     def _headers(cls, v: dict[str, str]) -> dict[str, str]:
-        for k, val in v.items():
-            if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", k):
-                raise ValueError(f"{k!r} is not an HTTP header name")
-            if any(c in val for c in "\r\n\x00"):
-                raise ValueError(f"header {k}: value contains a line break or NUL byte")
-        return v
+        return check_headers(v)
 
     @field_validator("roots")
     @classmethod
     def _roots(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for root in v:
-            if not root.startswith("file://"):
-                raise ValueError(f"root {root!r} is not a file:// URI")
-        return v
+        return tuple(_check_root(r) for r in v)
 
     @model_validator(mode="after")
     def _one_transport(self) -> McpServer:
-        if (self.command is None) == (self.url is None):
-            raise ValueError("give exactly one of command (a stdio server) and url (a streamable-HTTP server)")
-        if self.url is not None and (self.args or self.env or self.cwd is not None):
-            raise ValueError("args, env and cwd start a process; a url server takes headers instead")
-        if self.command is not None and self.headers:
-            raise ValueError("headers are sent to a url server; a command server takes env instead")
+        if self.command is not None and self.url is not None:
+            raise ValueError("give at most one of command (a stdio server) and url (a streamable-HTTP server); "
+                             "better, neither: the operator config says how to start or reach a server")
+        if self.command is None and (self.args or self.env or self.cwd is not None):
+            raise ValueError("args, env and cwd start a process: they go with command, in the operator config "
+                             "([mcp.servers.NAME] of torpor.toml), not in the policy")
+        if self.url is None and self.headers:
+            raise ValueError("headers are sent to a url server: they go with url, in the operator config "
+                             "([mcp.servers.NAME] of torpor.toml), not in the policy")
         return self
 
     @field_validator("tools")
@@ -1311,12 +1364,7 @@ class McpServer(_Model):
     @field_validator("env")
     @classmethod
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        for k, val in v.items():
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
-                raise ValueError(f"{k!r} is not an environment variable name")
-            if "\x00" in val:
-                raise ValueError(f"env {k}: value contains a NUL byte")
-        return v
+        return check_env(v)
 
     @field_validator("credentials")
     @classmethod
@@ -1493,7 +1541,8 @@ class Policy(_Model):
         if self.mcp:
             lines.append(f"mcp servers ({len(self.mcp)}):")
             for sname, srv in self.mcp.items():
-                lines.append(f"  {sname}: {srv.url or ' '.join((srv.command or '', *srv.args))}")
+                how = srv.url or " ".join((srv.command or "", *srv.args)) or "as the operator config says"
+                lines.append(f"  {sname}: {how}")
         lines.append(f"validators ({len(self.validators)}):")
         for i, v in enumerate(self.validators):
             lines.append(f"  [{i}] {v.kind} on {', '.join(v.on)} -> {v.effective_action}")
@@ -1568,7 +1617,7 @@ def _settings_issues(
         spec = servers.get(server)
         if not isinstance(spec, Mapping):
             guess = _suggest(server, [str(k) for k in servers])
-            hint = f" — did you mean 'mcp.{guess}.{tool}'?" if guess else f' (add [mcp.{server}] with command = "...")'
+            hint = f" — did you mean 'mcp.{guess}.{tool}'?" if guess else f" (add [mcp.{server}] with tools = [{tool!r}])"
             issues.append(PolicyIssue(f"{where}: there is no MCP server [mcp.{server}]{hint}", where))
         else:
             listed = spec.get("tools", ())

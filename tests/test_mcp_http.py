@@ -148,15 +148,16 @@ def test_a_remote_crash_is_named_at_once_and_a_dead_remote_does_not_hang() -> No
 
 
 @pytest.mark.parametrize("toml, says", [
-    ('[mcp.s]\ncommand = "x"\nurl = "http://h/mcp"', "exactly one of command"),
-    ('[mcp.s]\nargs = ["a"]', "exactly one of command"),
+    ('[mcp.s]\ncommand = "x"\nurl = "http://h/mcp"', "at most one of command"),
+    ('[mcp.s]\nargs = ["a"]', "they go with command, in the operator config"),
     ('[mcp.s]\nurl = "ftp://h/mcp"', "not an http:// or https:// URL"),
     ('[mcp.s]\nurl = "http://u:p@h/mcp"', "must not carry credentials"),
-    ('[mcp.s]\nurl = "http://h/mcp"\nargs = ["a"]', "a url server takes headers"),
-    ('[mcp.s]\ncommand = "x"\nheaders = { A = "b" }', "a command server takes env"),
+    ('[mcp.s]\nurl = "http://h/mcp"\nargs = ["a"]', "they go with command, in the operator config"),
+    ('[mcp.s]\ncommand = "x"\nheaders = { A = "b" }', "headers are sent to a url server"),
     ('[mcp.s]\nurl = "http://h/mcp"\nheaders = { Authorization = "Bearer {tok}" }', "{tok} names no credential"),
     ('[mcp.s]\nurl = "http://h/mcp"\nheaders = { "X Y" = "b" }', "not an HTTP header name"),
-    ('[mcp.s]\nurl = "http://h/mcp"\nroots = ["/srv"]', "not a file:// URI"),
+    ('[mcp.s]\nurl = "http://h/mcp"\nroots = ["/srv"]', "name a root of the operator config"),
+    ('[mcp.s]\nroots = ["data/../etc"]', "must stay inside it"),
     ('[mcp.s]\nurl = "http://h/mcp"\nsampling = "llm.chat"', "'llm.chat' is not an llm.* tool this policy grants"),
 ])
 def test_the_policy_says_what_is_wrong_with_a_server(toml: str, says: str) -> None:
@@ -250,8 +251,8 @@ def test_torpor_mcp_tools_lists_schemas_and_annotations(url: str, tmp_path: Path
     assert tools["counter"]["annotations"]["readOnlyHint"] is True
     p = torpor("mcp", "tools", url, store=tmp_path)
     assert p.returncode == 0 and "counter  [readOnlyHint]" in p.stdout, p.stdout
-    p = torpor("mcp", "tools", "nowhere", store=tmp_path)
-    assert p.returncode == 2 and "error[invalid_input]" in p.stderr
+    p = torpor("mcp", "tools", "nowhere", store=tmp_path)  # neither a URL nor a server of the operator config
+    assert p.returncode == 2 and "error[invalid_config]" in p.stderr and "no MCP server 'nowhere'" in p.stderr
 
 
 def test_policy_check_connect_finds_a_misspelt_grant(url: str, tmp_path: Path) -> None:

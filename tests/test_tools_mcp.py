@@ -1,6 +1,6 @@
 """MCP servers as capabilities: a real stdio server (tests/mcp_fixture_server.py) through
 the mcp SDK; schemas enforced; crashes, hangs and lies turned into structured errors
-and restarts."""
+and restarts.  The policies name the servers; the operator config (OPERATOR) starts them."""
 
 from __future__ import annotations
 
@@ -13,25 +13,37 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from tools_helpers import Ctx, invoke, policy, run
 
-from host.tools import mcp
+from host.tools import mcp, mcp_config
 from host.tools.registry import ToolError
 
 SERVER = Path(__file__).parent / "mcp_fixture_server.py"
+OPERATOR = mcp_config.EMPTY  # set by operator() for this module: its servers' homes in a temporary directory
 
 
-def server_toml(name: str = "crm", args: str = "", extra: str = "") -> str:
-    return (f'[mcp.{name}]\ncommand = "{sys.executable}"\nargs = ["{SERVER}"{args}]\n'
+def server_toml(name: str = "crm", extra: str = "") -> str:
+    return (f'[mcp.{name}]\n'
             f'tools = ["lookup_customer", "pid", "crash", "slow", "fail", "lie_output", "lie_input", "bad_schema", "big", "as_task"]\n'
             f'timeout = "5s"\n{extra}')
 
 
 def ctx(tool: str, toml: str | None = None, grants: str = "") -> Ctx:
-    return Ctx(policy(grants, toml or server_toml()), tool)
+    return Ctx(policy(grants, toml or server_toml()), tool, mcp_config=OPERATOR)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def stop_servers() -> Any:
-    yield
+def operator(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """This host's operator config: how to start each server the module's policies name."""
+    global OPERATOR
+    home = tmp_path_factory.mktemp("mcp-home")
+    OPERATOR = mcp_config.parse(
+        f'[mcp]\nhome = "{home}"\n'
+        f'[mcp.servers.crm]\ncommand = "{sys.executable}"\nargs = ["{SERVER}"]\n'
+        f'[mcp.servers.junk]\ncommand = "{sys.executable}"\nargs = ["{SERVER}", "--garbage-after-init"]\n'
+        f'[mcp.servers.nope]\ncommand = "/nonexistent/mcp-server"\n'
+        f'[mcp.servers.envy]\ncommand = "{sys.executable}"\nargs = ["{SERVER}"]\nenv = {{ CRM_TOKEN = "{{crm_token}}" }}\n'
+        f'[mcp.servers.time]\ncommand = "{sys.executable}"\nargs = ["-m", "mcp_server_time", "--local-timezone", "UTC"]\n',
+        source=str(home / "torpor.toml"))
+    yield OPERATOR
     mcp.shutdown()
 
 
@@ -125,10 +137,10 @@ def test_a_tool_with_an_invalid_schema_is_refused() -> None:
 
 
 def test_a_server_that_sends_garbage_or_will_not_start() -> None:
-    toml = server_toml("junk", ', "--garbage-after-init"')
+    toml = server_toml("junk")
     r = invoke("mcp.junk.pid", {}, ctx("mcp.junk.pid", toml))
     assert isinstance(r, ToolError) and r.code == "unavailable" and r.details["reason_code"] == "server_start_failed"
-    toml = '[mcp.nope]\ncommand = "/nonexistent/mcp-server"\ntools = ["x"]\n'
+    toml = '[mcp.nope]\ntools = ["x"]\n'
     r = invoke("mcp.nope.x", {}, ctx("mcp.nope.x", toml))
     assert isinstance(r, ToolError) and r.code == "unavailable"
     r = invoke("mcp.nope.x", {}, ctx("mcp.nope.x", toml))  # backing off: fails fast, says when to retry
@@ -143,7 +155,7 @@ def test_a_tool_the_server_does_not_offer() -> None:
 
 def test_list_tools_shows_schemas() -> None:
     p = policy("", server_toml())
-    cfg = mcp.ServerConfig.from_policy("crm", p.mcp["crm"], {})
+    cfg = mcp_config.resolve("crm", p.mcp["crm"], OPERATOR, {})
 
     async def go() -> list[dict[str, Any]]:
         return await mcp.SUPERVISOR.list_tools(cfg)
@@ -154,14 +166,14 @@ def test_list_tools_shows_schemas() -> None:
 
 
 def test_env_credentials_are_filled_host_side() -> None:
-    toml = server_toml("envy", extra='env = { CRM_TOKEN = "{crm_token}" }\ncredentials = ["crm_token"]\n')
+    toml = server_toml("envy", extra='credentials = ["crm_token"]\n')
     p = policy("", toml)
     assert p.grants["mcp.envy.pid"].credentials == ("crm_token",)
-    cfg = mcp.ServerConfig.from_policy("envy", p.mcp["envy"], {"crm_token": "s3cret"})
-    assert dict(cfg.env) == {"CRM_TOKEN": "s3cret"}
+    cfg = mcp_config.resolve("envy", p.mcp["envy"], OPERATOR, {"crm_token": "s3cret"})
+    assert dict(cfg.env) == {"CRM_TOKEN": "s3cret", "PATH": mcp_config.DEFAULT_PATH, "HOME": OPERATOR.home_of("envy")}
     with pytest.raises(ToolError) as info:
-        mcp.ServerConfig.from_policy("envy", p.mcp["envy"], {})
-    assert info.value.code == "unavailable"
+        mcp_config.resolve("envy", p.mcp["envy"], OPERATOR, {})
+    assert info.value.code == "unavailable" and info.value.details["reason_code"] == "credential_missing"
 
 
 def test_a_huge_answer_is_cut_at_the_cap_while_it_is_read() -> None:
@@ -194,7 +206,7 @@ def test_a_task_only_tool_is_refused_with_its_reason_at_call_and_check_time() ->
     assert isinstance(r, ToolError) and r.code == "unavailable" and not r.retryable
     assert r.details["reason_code"] == "task_required" and "taskSupport = required" in str(r)
     p = policy("", server_toml())
-    listings = anyio.run(mcp_catalog.list_policy_servers, p, {})
+    listings = anyio.run(mcp_catalog.list_policy_servers, p, {}, OPERATOR)
     issues = [i.message for i in mcp_catalog.grant_issues(p, listings)]
     assert len(issues) == 1 and "as_task" in issues[0] and "task-augmented" in issues[0], issues
 
@@ -204,8 +216,7 @@ def test_the_reference_time_server_from_pypi() -> None:
     host, its structured answers told once, its errors structured, its annotations read."""
     import anyio
 
-    toml = (f'[mcp.time]\ncommand = "{sys.executable}"\nargs = ["-m", "mcp_server_time", "--local-timezone", "UTC"]\n'
-            'tools = ["get_current_time", "convert_time"]\ntimeout = "20s"\nstartup_timeout = "60s"\n'
+    toml = ('[mcp.time]\ntools = ["get_current_time", "convert_time"]\ntimeout = "20s"\nstartup_timeout = "60s"\n'
             'trust_annotations = true\n')
     now = invoke("mcp.time.get_current_time", {"timezone": "Asia/Tokyo"}, ctx("mcp.time.get_current_time", toml))
     assert not isinstance(now, ToolError), now

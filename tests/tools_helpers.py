@@ -28,12 +28,13 @@ class Ctx:
     tokens: list[int] = field(default_factory=list)
     agent_id: str = "agent-1"
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # what the tool told the agent's audit
+    mcp_config: Any = None  # the host's operator config (host.tools.mcp_config.OperatorConfig)
 
     def ctx(self) -> ToolContext:
         return ToolContext(
             agent_id=self.agent_id, agent_name="t", call_seq=1, kv_namespace=f"agent:{self.agent_id}",
             secrets=dict(self.secrets), report_tokens=lambda n, **detail: self.tokens.append(n), grant=self.pol.grants.get(self.tool),
-            policy=self.pol, event=lambda kind, data: self.events.append((kind, data)),
+            policy=self.pol, event=lambda kind, data: self.events.append((kind, data)), mcp_config=self.mcp_config,
         )
 
 

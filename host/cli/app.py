@@ -41,7 +41,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("server", ("serve", "fleet", "tokens")),
 )
 #: The global options that take a value (the word after them is not the command).
-GLOBAL_VALUED = ("--server", "--token-file")
+GLOBAL_VALUED = ("--server", "--token-file", "--config")
 BENCH_TITLE = "bench: load tests"
 # What `torpor --help` says of `bench` when its parser is not built (see build_parser).
 BENCH_HELP = "load-test cold start, suspend/resume, density and tool round trips"
@@ -85,12 +85,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """
     p = _TorporParser(
         prog="torpor",
-        usage="torpor [-h] [--version] [--server URL] [--token-file FILE] COMMAND ...",
+        usage="torpor [-h] [--version] [--config FILE] [--server URL] [--token-file FILE] COMMAND ...",
         description="Run AI agents as sandboxed, hibernating WebAssembly instances.",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version="torpor 0.1.0")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="the operator config: how this host starts or reaches the MCP servers policies name, and "
+                        "the roots they refer to (default $TORPOR_CONFIG, else torpor.toml in the user config "
+                        "directory; `torpor doctor` prints it)")
     remote.add_options(p)  # `torpor --server URL COMMAND`: the command asks a server (host/cli/remote.py)
     # The flat list argparse would print is replaced by the grouped one of format_help.
     sub = p.add_subparsers(dest="command", metavar="COMMAND", prog="torpor", help=argparse.SUPPRESS)

@@ -50,11 +50,19 @@ def _write_bundle(args: argparse.Namespace, raw: bytes) -> int:
         tmp.replace(out)
     except OSError as exc:
         raise ConfigError(f"cannot write {out}: {exc.strerror}") from exc
+    # A server whose start the policy spells out ties the bundle to this machine (deprecated).
+    tied = sorted(f"mcp.{n}" for n, s in b.policy.mcp.items() if s.self_started)
     data = {"bundle": str(out), "digest": b.digest, "name": b.name, "size": len(raw), "module_size": len(b.module),
-            "host_code": b.host_code}
+            "host_code": b.host_code, "mcp_servers": sorted(b.policy.mcp), "not_portable": tied}
 
     def human() -> None:
         print(f"built {out} ({b.name}, {len(raw)} bytes, digest {b.digest[:16]})")
+        if b.policy.mcp:
+            print(f"it needs the MCP servers {', '.join(sorted(b.policy.mcp))} from the operator config of the host "
+                  "it runs on ([mcp.servers.NAME] of torpor.toml)")
+        if tied:
+            print(f"note: the policy says itself how to start {', '.join(tied)} (command or url): deprecated, the "
+                  "bundle is tied to this machine; move it to the operator config ([mcp.servers.NAME])")
         if b.host_code:
             print(f"it carries host code ({', '.join(b.host_code)}): a host runs it only with "
                   f"--trust-bundle-code {b.digest}")

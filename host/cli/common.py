@@ -220,6 +220,15 @@ def open_fleet_store(args: argparse.Namespace) -> Any:
                           replicas=getattr(args, "replicas", None) or 3)
 
 
+def operator_config(args: argparse.Namespace) -> Any:
+    """The operator config (``torpor.toml``: MCP servers, named roots) the command uses:
+    ``torpor --config FILE``, else ``$TORPOR_CONFIG``, else the user's configuration directory
+    (:func:`host.tools.mcp_config.load`)."""
+    from host.tools import mcp_config
+
+    return mcp_config.load(getattr(args, "config", None))
+
+
 def open_host(args: argparse.Namespace) -> Host:
     """The host on the store the command names (created only by ``run``); on a fleet store
     (``--store nats://...``) a host with a lease, its own files in ``--local-dir``."""
@@ -234,14 +243,16 @@ def open_host(args: argparse.Namespace) -> Host:
         try:
             return Host(local, store=fleet, broker=VaultBroker.for_store(local), tools_dirs=tools_dirs,
                         trust_bundle_code=getattr(args, "trust_bundle_code", None) or (),
-                        max_memory=getattr(args, "max_memory", None), lease_s=getattr(args, "lease", None) or 3.0)
+                        max_memory=getattr(args, "max_memory", None), lease_s=getattr(args, "lease", None) or 3.0,
+                        operator_config=operator_config(args))
         except BaseException:
             fleet.close()
             raise
+    config = operator_config(args)  # a bad file is refused before the store is opened
     store = store_dir(args) if args.command in ("run", "serve") else existing_store(args)
     return Host(store, broker=VaultBroker.for_store(store), durability=getattr(args, "durability", None),
                 tools_dirs=tools_dirs, trust_bundle_code=getattr(args, "trust_bundle_code", None) or (),
-                max_memory=getattr(args, "max_memory", None))
+                max_memory=getattr(args, "max_memory", None), operator_config=config)
 
 
 @contextmanager

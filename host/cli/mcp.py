@@ -1,9 +1,12 @@
 """``torpor mcp tools``: what an MCP server offers, asked of the server; ``torpor mcp serve``:
 this store's agents offered to MCP clients over stdio (:mod:`host.server.mcp_local`).
 
-The server comes from a policy (``--policy FILE``, its ``[mcp.NAME]``), a bundle's policy
-(``--bundle FILE``) or a URL (a streamable-HTTP endpoint).  Its credentials, when its
-``env`` or ``headers`` name some, come from the store's vault, as for a run.
+The server is one the operator config names (``[mcp.servers.NAME]`` of ``torpor.toml``),
+started or reached as a run would, for a policy (``--policy FILE``, its ``[mcp.NAME]``)
+or a bundle's policy (``--bundle FILE``) or for none; or a URL (a streamable-HTTP
+endpoint).  Its credentials, when its ``env`` or ``headers`` name some, come from the
+store's vault, as for a run: those the policy grants it, or, with no policy, those the
+operator config names.
 """
 
 from __future__ import annotations
@@ -21,13 +24,16 @@ TITLE = "mcp: MCP servers"
 
 def server_secrets(args: argparse.Namespace, spec: Any) -> dict[str, str]:
     """The credentials ``[mcp.NAME]`` names, read from the store's vault (none: no vault read)."""
-    if not spec.credentials:
+    return _vault_secrets(args, tuple(spec.credentials))
+
+
+def _vault_secrets(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, str]:
+    if not names:
         return {}
     from host.cli.common import store_dir
     from host.trust.vault import Vault
 
-    values: dict[str, str] = Vault(store_dir(args), key_file=getattr(args, "key_file", None)).get_many(
-        tuple(spec.credentials))
+    values: dict[str, str] = Vault(store_dir(args), key_file=getattr(args, "key_file", None)).get_many(names)
     return values
 
 
@@ -46,8 +52,9 @@ def quiet_supervisor() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _server_spec(args: argparse.Namespace) -> tuple[str, Any]:
-    """``(name, [mcp.NAME] spec)`` of the server the command names."""
+def _server_spec(args: argparse.Namespace, operator: Any) -> tuple[str, Any]:
+    """``(name, [mcp.NAME] spec)`` of the server the command names (with no policy, an empty
+    one granting all of the operator config's placeholders)."""
     from host.errors import ConfigError, InvalidInput
     from policies.schema import McpServer
 
@@ -65,9 +72,19 @@ def _server_spec(args: argparse.Namespace) -> tuple[str, Any]:
             return "url", McpServer(url=target, headers=headers)
         except ValueError as exc:
             raise InvalidInput(f"{target}: {exc}") from None
-    if bool(args.policy) == bool(args.bundle):
-        raise InvalidInput(f"{target}: name the policy (--policy FILE) or bundle (--bundle FILE) that has "
-                           f"[mcp.{target}], or give the server's URL")
+    if args.policy and args.bundle:
+        raise InvalidInput(f"{target}: name the policy (--policy FILE) or the bundle (--bundle FILE), not both")
+    if not args.policy and not args.bundle:
+        from policies.schema import placeholders
+
+        op = operator.servers.get(target)
+        if op is None:
+            known = ", ".join(sorted(operator.servers)) or "none"
+            raise ConfigError(f"the operator config ({operator.where()}) configures no MCP server {target!r} (its "
+                              f"servers: {known}); name the policy (--policy FILE) or bundle (--bundle FILE) that "
+                              "has it, or give the server's URL")
+        used = sorted({ph for v in (*op.env.values(), *op.headers.values()) for ph in placeholders(v)})
+        return target, McpServer(credentials=tuple(used))
     if args.policy:
         import policies
 
@@ -88,13 +105,15 @@ def cmd_mcp_tools(args: argparse.Namespace) -> int:
     """List a server's tools with their input and output schemas and annotations."""
     import anyio
 
+    from host.cli.common import operator_config
     from host.errors import McpServerError
     from host.tools import mcp_catalog
 
-    name, spec = _server_spec(args)
+    operator = operator_config(args)
+    name, spec = _server_spec(args, operator)
     try:
         with quiet_supervisor():
-            listing = anyio.run(mcp_catalog.list_server, name, spec, server_secrets(args, spec))
+            listing = anyio.run(mcp_catalog.list_server, name, spec, server_secrets(args, spec), operator)
     finally:
         mcp_catalog.shutdown()
     if listing.error is not None:
@@ -138,8 +157,10 @@ def add_parsers(sub: Any) -> None:
     msub = top.add_subparsers(dest="mcp_command", metavar="SUBCOMMAND")
     text = "list an MCP server's tools, with their input and output schemas and annotations"
     sp = msub.add_parser("tools", help=text, description=text)
-    sp.add_argument("target", metavar="SERVER", help="a server name of --policy/--bundle, or a streamable-HTTP URL")
-    sp.add_argument("--policy", default=None, metavar="FILE", help="the policy.toml whose [mcp.SERVER] to start")
+    sp.add_argument("target", metavar="SERVER", help="a server name of the operator config (torpor --config FILE) "
+                                                     "or of --policy/--bundle, or a streamable-HTTP URL")
+    sp.add_argument("--policy", default=None, metavar="FILE",
+                    help="the policy.toml whose [mcp.SERVER] to start (as this host's operator config provides it)")
     sp.add_argument("--bundle", default=None, metavar="FILE", help="the bundle whose policy's [mcp.SERVER] to start")
     sp.add_argument("--header", action="append", default=None, metavar="'NAME: VALUE'",
                     help="an HTTP header sent to a URL server (repeatable)")

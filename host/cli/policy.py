@@ -14,44 +14,73 @@ from host.cli.common import EXIT_FAILED, EXIT_OK, JSON_HELP, STORE_HELP, emit, p
 TITLE = "policy: check and explain policy files"
 
 
-def cmd_policy_check(args: argparse.Namespace) -> int:
-    """Validate a policy file and summarise what it grants."""
+def _load(path: str) -> Any:
+    """The policy of ``path``: a policy file, or a bundle (its policy, as a host would run it)."""
     import policies
 
-    pol = policies.load_policy(args.file)
-    data: dict[str, Any] = {"file": args.file, "ok": True, "agent": pol.agent.name, "tools": sorted(pol.grants),
-                            "digest": pol.digest}
-    if not getattr(args, "connect", False) or not pol.mcp:
-        emit(args, data, lambda: print(f"{args.file}: ok\n{pol.summary()}"))
-        return EXIT_OK
-    import anyio
-
-    from host.cli.mcp import quiet_supervisor, server_secrets
-    from host.tools import mcp_catalog
-
-    secrets: dict[str, str] = {}
-    for spec in pol.mcp.values():
-        secrets.update(server_secrets(args, spec))
     try:
-        with quiet_supervisor():
-            listings = anyio.run(mcp_catalog.list_policy_servers, pol, secrets)
-    finally:
-        mcp_catalog.shutdown()
-    issues = mcp_catalog.grant_issues(pol, listings)
-    data.update(ok=not issues, servers={n: lst.to_dict() for n, lst in listings.items()},
-                issues=[{"message": i.message, "field": i.field, "suggestion": i.suggestion} for i in issues])
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""  # load_policy reports it
+    if head == b"PK\x03\x04":  # a bundle (a zip archive)
+        from host.sandbox import bundle as bundle_mod
+
+        return bundle_mod.load(path).policy
+    return policies.load_policy(path)
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    """Validate a policy file and summarise what it grants; hold its MCP servers against this
+    host's operator config (and, with ``--connect``, against what each server lists)."""
+    from host.cli.common import operator_config
+    from host.tools import mcp_config
+
+    pol = _load(args.file)
+    operator = operator_config(args) if pol.mcp else mcp_config.EMPTY
+    found = mcp_config.check(pol, operator)
+    data: dict[str, Any] = {"file": args.file, "ok": not found.errors, "agent": pol.agent.name,
+                            "tools": sorted(pol.grants), "digest": pol.digest, "notes": found.notes}
+    if pol.mcp:
+        data["operator_config"] = operator.source
+    messages = list(found.errors)
+    listings: dict[str, Any] = {}
+    if getattr(args, "connect", False) and pol.mcp:
+        import anyio
+
+        from host.cli.mcp import quiet_supervisor, server_secrets
+        from host.tools import mcp_catalog
+
+        secrets: dict[str, str] = {}
+        for spec in pol.mcp.values():
+            secrets.update(server_secrets(args, spec))
+        try:
+            with quiet_supervisor():
+                listings = anyio.run(mcp_catalog.list_policy_servers, pol, secrets, operator)
+        finally:
+            mcp_catalog.shutdown()
+        # A server this host does not configure was reported above, not again as one that could not be asked.
+        unconfigured = {n for n, s in pol.mcp.items() if n not in operator.servers and not s.self_started}
+        issues = mcp_catalog.grant_issues(pol, {n: lst for n, lst in listings.items() if n not in unconfigured})
+        messages += [i.message for i in issues]
+        data.update(ok=not messages, servers={n: lst.to_dict() for n, lst in listings.items()},
+                    issues=[{"message": i.message, "field": i.field, "suggestion": i.suggestion} for i in issues])
+    if found.errors:
+        data["errors"] = found.errors
 
     def human() -> None:
-        if not issues:
-            print(f"{args.file}: ok\n{pol.summary()}")
-            for n, lst in listings.items():
-                print(f"mcp.{n} ({lst.where}): every grant is a tool it offers ({len(lst.tools)} tools)")
+        for note in found.notes:
+            print(f"{args.file}: note: {note}")
+        if messages:
+            for m in messages:
+                print(f"{args.file}: {m}")
             return
-        for i in issues:
-            print(f"{args.file}: {i.message}")
+        print(f"{args.file}: ok\n{pol.summary()}")
+        for n, lst in listings.items():
+            print(f"mcp.{n} ({lst.where}): every grant is a tool it offers ({len(lst.tools)} tools)")
 
     emit(args, data, human)
-    return EXIT_OK if not issues else EXIT_FAILED
+    return EXIT_OK if not messages else EXIT_FAILED
 
 
 def cmd_policy_explain(args: argparse.Namespace) -> int:
@@ -84,8 +113,10 @@ def add_parsers(sub: Any) -> None:
     """Register ``policy check`` and ``policy explain``."""
     pol = sub.add_parser("policy", help="check and explain policy files", description="check and explain policy files")
     psub = pol.add_subparsers(dest="policy_command", metavar="SUBCOMMAND")
-    sp = psub.add_parser("check", help="validate a policy file", description="validate a policy file")
-    sp.add_argument("file", help="a policy.toml")
+    check_help = ("validate a policy file (or a bundle's policy) and hold the MCP servers it names against this host's "
+                  "operator config (exit 1 when one is not configured)")
+    sp = psub.add_parser("check", help=check_help, description=check_help)
+    sp.add_argument("file", help="a policy.toml, or a bundle")
     sp.add_argument("--connect", action="store_true",
                     help="start or connect to each [mcp.NAME] server and check every grant against the tools it lists "
                          "(exit 1 when one is not offered)")

@@ -46,7 +46,8 @@ SERVER_SIDE = frozenset({"serve", "tokens", "fleet", "bench"})
 #: The options of a local host or store (:func:`host.cli.common.add_command`), meaningless
 #: to a server, which has its own.
 LOCAL_OPTIONS = (("store", "--store"), ("durability", "--durability"), ("tools_dir", "--tools-dir"),
-                 ("trust_bundle_code", "--trust-bundle-code"), ("max_memory", "--max-memory"))
+                 ("trust_bundle_code", "--trust-bundle-code"), ("max_memory", "--max-memory"),
+                 ("config", "--config"))
 #: A long poll's length: the server holds the request at most this long (and caps it).
 POLL_S = 60.0
 #: Statuses in which an agent on a server still moves on by itself (host.server.agents.MOVING).

@@ -39,6 +39,7 @@ from host.cli.common import (
     emit,
     error_code,
     open_store,
+    operator_config,
     store_dir,
 )
 from host.errors import ConfigError, TorporError
@@ -315,6 +316,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     }
     data["fast_paths"] = kernels.startswith("native") and (
         pool.startswith("native") or not cfg.uses_memory_pool())
+    from host.tools import mcp_config
+
+    try:  # a broken operator config is a finding here, not the end of the report
+        data["operator_config"] = mcp_config.survey(operator_config(args))
+    except ConfigError as exc:
+        data["operator_config"] = {"file": str(getattr(args, "config", None) or mcp_config.default_path()),
+                                   "error": str(exc)}
 
     def human() -> None:
         print(f"torpor {data['torpor']}  (python {data['python']}, wasmtime {data['wasmtime']}, "
@@ -333,6 +341,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         eps = tools["entry_points"]
         print(f"entry points     {len(eps)} tools in `{sources.ENTRY_POINT_GROUP}`"
               + "".join(f"\n                 {n} = {v}" for n, v in sorted(eps.items())))
+        op = data["operator_config"]
+        print(f"operator config  {op['file'] or str(mcp_config.default_path()) + ' (not there: nothing configured)'}"
+              f"  (--config, ${mcp_config.CONFIG_ENV})")
+        if "error" in op:
+            print(f"                 error: {op['error']}")
+        for name, srv in op.get("servers", {}).items():
+            print(f"  mcp.{name:<12} {srv['how']}" + (f"\n                 problem: {srv['problem']}"
+                                                      if srv["problem"] else ""))
+        for name, root in op.get("roots", {}).items():
+            print(f"  root {name:<11} {root['path']}" + ("" if root["exists"] else "  (not a directory)"))
         if not data["fast_paths"]:
             print("note: a native helper is not in use; Torpor runs correctly but its hot paths are slower")
 

@@ -64,6 +64,8 @@ from host.sandbox import validate
 from host.sandbox.bundle import Bundle
 from host.sandbox.engine import Engine, EngineConfig, LoadedModule
 from host.sandbox.execution import Limits, Outcome
+from host.tools import mcp_config
+from host.tools.mcp_config import OperatorConfig
 from host.tools.sources import ToolSources
 from host.trust import audit
 from host.trust.credentials import CredentialBroker
@@ -117,6 +119,10 @@ class Host:
     ``tracing``: the OpenTelemetry spans of what agents do (:mod:`host.runtime.tracing`),
     told the same things beside the observer; by default built from the environment
     (``OTEL_EXPORTER_OTLP_ENDPOINT``), none when it does not ask for traces.
+    ``operator_config``: how this host starts or reaches the MCP servers policies name, and
+    the roots they refer to (:mod:`host.tools.mcp_config`: an ``OperatorConfig``, or the path
+    of a ``torpor.toml``); by default none, so a policy naming a server is refused when its
+    run starts unless it says itself how to start it (the deprecated form).
     """
 
     def __init__(self, store_dir: str | Path | None = None, *, warm_idle_s: float = 0.05,
@@ -127,8 +133,11 @@ class Host:
                  max_warm_bytes: int | None = None, handlers: Mapping[str, Callable[..., Any]] | None = None,
                  tools_dirs: Sequence[str | Path] | None = None, trust_bundle_code: Iterable[str] = (),
                  max_memory: int | str | None = None, observer: Observer | None = None,
-                 tracing: Tracing | None = None, lease_s: float | None = None) -> None:
+                 tracing: Tracing | None = None, lease_s: float | None = None,
+                 operator_config: OperatorConfig | str | Path | None = None) -> None:
         # Arguments first: nothing is opened yet that a bad one would leave open.
+        operator = (operator_config if isinstance(operator_config, OperatorConfig)
+                    else mcp_config.EMPTY if operator_config is None else mcp_config.load(operator_config))
         config = engine if isinstance(engine, EngineConfig) else EngineConfig.for_profile(engine)
         sources = ToolSources(handlers=handlers, tools_dirs=tools_dirs, trust_bundle_code=trust_bundle_code)
         memory_cap = validate.max_memory(max_memory)
@@ -173,12 +182,13 @@ class Host:
         self.heads = audit.HeadSealer(self.store, lambda: self.identity.key)  # signed audit heads
         self.guest = GuestRunner(threads=wasm_threads or max(1, os.cpu_count() or 1), warm_idle_s=warm_idle_s,
                                  max_warm=max_warm, max_warm_bytes=max_warm_bytes)
-        self.loader = BundleLoader(self.store, self.engine, sources, max_memory=memory_cap)
+        self.operator_config = operator
+        self.loader = BundleLoader(self.store, self.engine, sources, max_memory=memory_cap, mcp_config=operator)
         # In a fleet (lease_s given: hosts sharing one store), this host's lease, renewed by
         # the server while it lives; its agents' claims name it, and its commits are fenced.
         self.lease = HostLease(lease_s) if lease_s is not None else None
         self.commits = AgentCommits(self.committer, fence=self.lease.lease_id if self.lease else None)
-        self.calls = ToolCallPipeline(self.store, self.commits, self.guest, self.broker)
+        self.calls = ToolCallPipeline(self.store, self.commits, self.guest, self.broker, mcp_config=operator)
         self.lifecycle = Lifecycle(self.store, self.store_dir, self.loader, self.commits, self.guest,
                                    self.identity, self.heads, self.broker, lease=self.lease)
         if self.lease is not None:

@@ -21,7 +21,9 @@ from host.sandbox import wasi as wasi_imports
 from host.sandbox.bundle import Bundle
 from host.sandbox.engine import Engine, LoadedModule
 from host.sandbox.execution import Limits
+from host.tools import mcp_config
 from host.tools.builtin import BUILTINS
+from host.tools.mcp_config import OperatorConfig
 from host.tools.registry import ToolSpec, spec_from_function
 from host.tools.sources import ToolSources
 from snapshots.errors import RecordCorrupt
@@ -40,11 +42,12 @@ class BundleLoader:
     """Bundles kept in the store, their modules compiled and linked, their tools loaded."""
 
     def __init__(self, store: AgentStore, engine: Engine, sources: ToolSources | None = None, *,
-                 max_memory: int | None = None) -> None:
+                 max_memory: int | None = None, mcp_config: OperatorConfig | None = None) -> None:
         self.store = store
         self.engine = engine
         self.sources = sources if sources is not None else ToolSources()
         self.max_memory = max_memory  # the operator's cap on any agent's memory (validate.max_memory)
+        self.mcp_config = mcp_config  # how this host starts or reaches the MCP servers policies name
         self._bundles: dict[str, Bundle] = {}
         self._tools: dict[str, Tools] = {}
 
@@ -72,17 +75,26 @@ class BundleLoader:
     def bundle_code(self, b: Bundle) -> dict[str, str] | None:
         """The bundle's host code (Python members, MCP server commands) and their digests if
         the operator trusts it, None if it brings none; :class:`~host.errors.BundleCodeRefused`
-        otherwise. Asked before anything of the bundle is loaded, started or stored."""
-        return self.sources.admit(b.digest, b.name, b.host_code)
+        otherwise. Asked before anything of the bundle is loaded, started or stored.
+
+        A server the operator config provides is started as the operator says, never by the
+        bundle's own command line (the deprecated form): that is no code of the bundle's here."""
+        mine = mcp_config.configured_by_operator(b.policy, self.mcp_config)
+        code = {k: v for k, v in b.host_code.items() if not (k.startswith("mcp.") and k[4:] in mine)}
+        return self.sources.admit(b.digest, b.name, code)
 
     def tools(self, b: Bundle) -> Tools:
         """The tool specs and custom validators a bundle's policy names (loaded once).
 
         Every reference resolves to an operator tool, or to the bundle's own Python only
         once :meth:`bundle_code` admitted it (checked here again: no path loads it without).
+        Every MCP server the policy names must be one this host provides (its operator config,
+        or the policy's own deprecated command): refused here, before the agent starts, not
+        at its first call (``mcp_server_not_configured``).
         """
         cached = self._tools.get(b.digest)
         if cached is None:
+            mcp_config.require(b.policy, self.mcp_config)
             python = b.python if self.bundle_code(b) is not None else {}  # refused here if not trusted
             tools: dict[str, ToolSpec] = {}
             for name, grant in b.policy.grants.items():

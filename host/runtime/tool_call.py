@@ -107,11 +107,12 @@ class ToolCallPipeline:
     """Serves an agent's tool calls until it completes, fails, or parks."""
 
     def __init__(self, store: AgentStore, commits: AgentCommits, guest: GuestRunner,
-                 broker: CredentialBroker | None) -> None:
+                 broker: CredentialBroker | None, mcp_config: Any = None) -> None:
         self.store = store
         self.commits = commits
         self.guest = guest
         self.broker = broker
+        self.mcp_config = mcp_config  # the operator's MCP servers and roots (host.tools.mcp_config)
 
     async def serve(self, agent: LiveAgent, outcome: Outcome) -> Ended | Parked:
         """Answer each call the guest stops at, and run it on, until it ends or parks.
@@ -464,7 +465,8 @@ class ToolCallPipeline:
                            kv_namespace=f"agent:{agent.agent_id}", principal=agent.record.get("principal"),
                            now=time.time, store=self.store,
                            report_tokens=lambda n, **detail: budgets.count_tokens(agent, call.seq, call.tool, n, **detail),
-                           grant=grant, policy=policy, secrets=secrets, secret_hosts=bindings(secrets))
+                           grant=grant, policy=policy, secrets=secrets, secret_hosts=bindings(secrets),
+                           mcp_config=self.mcp_config)
 
     def scrubber(self, agent: LiveAgent, ctx: ToolContext) -> Scrubber:
         """What this call's answer is scrubbed of: its leased secrets, and every other

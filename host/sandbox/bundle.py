@@ -92,9 +92,10 @@ class Bundle:
 
     @property
     def mcp_commands(self) -> dict[str, list[str]]:
-        """``mcp.NAME`` -> the command line each MCP server of the policy would start on the host."""
+        """``mcp.NAME`` -> the command line (or URL) each MCP server whose policy says itself how
+        to start it (the deprecated form) would start on a host whose operator config lacks it."""
         return {f"mcp.{n}": [srv.url] if srv.url is not None else [str(srv.command), *srv.args]
-                for n, srv in sorted(self.policy.mcp.items())}
+                for n, srv in sorted(self.policy.mcp.items()) if srv.self_started}
 
     @property
     def host_code(self) -> dict[str, str]:
@@ -102,9 +103,12 @@ class Bundle:
         sha256: its Python members, and the processes its policy's MCP servers would start
         (command, arguments, environment template and directory: all of it chooses what runs)
         or the remote servers the host would connect to with the agent's credentials (URL and
-        header templates: where the host goes and what it sends)."""
+        header templates: where the host goes and what it sends).  A server the policy only
+        names is none of it: the host's operator config says how to start or reach it."""
         code = self.python_digests
         for n, srv in sorted(self.policy.mcp.items()):
+            if not srv.self_started:
+                continue
             spec: dict[str, Any] = {"command": srv.command, "args": list(srv.args), "env": srv.env, "cwd": srv.cwd}
             if srv.url is not None:
                 spec = {"url": srv.url, "headers": srv.headers}

@@ -21,7 +21,7 @@ _log = logging.getLogger("torpor.server")
 #: HTTP status by error code; a ``TorporError`` with another code is a 400 (the request
 #: asked for something the host refuses), anything else a 500.
 STATUS: dict[str, int] = {
-    "invalid_input": 400, "invalid_bundle": 400, "invalid_config": 400, "invalid_policy": 400,
+    "invalid_input": 400, "invalid_bundle": 400, "invalid_config": 400, "mcp_server_not_configured": 400, "invalid_policy": 400,
     "bundle_code_refused": 400, "unauthenticated": 401, "forbidden": 403,
     "agent_not_found": 404, "bundle_not_found": 404, "not_found": 404, "method_not_allowed": 405,
     "checkpoint_not_found": 404,

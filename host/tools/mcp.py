@@ -3,9 +3,6 @@
 A policy names a server and the tools it grants::
 
     [mcp.tickets]
-    command = "/usr/bin/python3"
-    args = ["-m", "tickets_mcp"]
-    env = { TICKETS_TOKEN = "{tickets_token}" }   # placeholders: the server's credentials
     credentials = ["tickets_token"]
     tools = ["lookup_customer", "create_ticket"]
     timeout = "20s"                                # per call (default 30s)
@@ -13,11 +10,18 @@ A policy names a server and the tools it grants::
     [tools."mcp.tickets.create_ticket"]            # optional: rates, approval, argument rules
     approval = true
 
+and the host's operator config (:mod:`host.tools.mcp_config`) says how to start it::
+
+    [mcp.servers.tickets]
+    command = "tickets-mcp"
+    env = { TICKETS_TOKEN = "{tickets_token}" }   # placeholders: credentials the policy grants
+
 or, for a remote server, ``url = "https://..."`` with ``headers`` (streamable HTTP;
 ``{credential}`` placeholders filled host side and sent to that origin only).
 
 The host starts the server on first use (stdio transport, through the ``mcp``
-SDK; no shell; the environment is the SDK's minimal safe one plus ``env``), or
+SDK; no shell; an environment of PATH, the server's own HOME, and what the operator
+config names), or
 connects to it (:mod:`host.tools.mcp_transport`), lists its tools and their JSON
 Schemas, and keeps it running for later calls and other agents with the same
 configuration.  The client side of the protocol (progress, sampling, elicitation,
@@ -73,6 +77,7 @@ import jsonschema
 import jsonschema.exceptions
 import jsonschema.validators
 
+from host.tools.mcp_config import resolve
 from host.tools.mcp_peer import CallRoute, Peer
 from host.tools.mcp_stdio import MAX_MESSAGE_BYTES, TOO_LARGE
 from host.tools.mcp_transport import ServerConfig, connect, stderr_file
@@ -613,14 +618,15 @@ def shutdown() -> None:
 
 
 async def call_tool(args: AnyArgs, ctx: ToolContext, *, tool: str) -> dict[str, Any]:
-    """The handler behind every ``mcp.SERVER.TOOL``: config from the policy, call via the supervisor."""
+    """The handler behind every ``mcp.SERVER.TOOL``: the server as this host's operator config
+    provides what the policy names (:func:`~host.tools.mcp_config.resolve`), called via the supervisor."""
     parts = mcp_tool_parts(tool)
     servers = getattr(ctx.policy, "mcp", None) or {}
     if parts is None or parts[0] not in servers:
         raise ToolError("unknown_tool", f"{tool}: the policy names no MCP server for it")
     server, name = parts
     spec = servers[server]
-    config = ServerConfig.from_policy(server, spec, ctx.secrets)
+    config = resolve(server, spec, ctx.mcp_config, ctx.secrets)
     timeout = getattr(ctx.grant, "timeout", None) or spec.timeout or DEFAULT_CALL_TIMEOUT_S
     hard = getattr(spec, "hard_timeout", None) or DEFAULT_HARD_TIMEOUT_S
     arguments = args.model_dump()
@@ -639,7 +645,7 @@ async def rerun_safe(ctx: ToolContext, *, tool: str) -> bool:
     if parts is None or parts[0] not in servers or not getattr(servers[parts[0]], "trust_annotations", False):
         return False
     try:
-        config = ServerConfig.from_policy(parts[0], servers[parts[0]], ctx.secrets)
+        config = resolve(parts[0], servers[parts[0]], ctx.mcp_config, ctx.secrets)
         listing = await SUPERVISOR.list_tools(config)
     except ToolError as exc:
         log.warning("%s: its server could not be asked for its annotations: %s", tool, exc)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from host.tools.mcp import SUPERVISOR, TASK_REQUIRED
-from host.tools.mcp_transport import ServerConfig
+from host.tools.mcp_config import OperatorConfig, resolve
 from host.tools.registry import ToolError
 from policies.errors import PolicyIssue
 from policies.schema import mcp_tool_parts
@@ -38,12 +38,13 @@ class Listing:
         return out
 
 
-async def list_server(name: str, spec: Any, secrets: dict[str, str]) -> Listing:
-    """Connect to ``[mcp.NAME]`` (``spec``, its credentials from ``secrets``) and list its tools."""
+async def list_server(name: str, spec: Any, secrets: dict[str, str], operator: OperatorConfig | None = None) -> Listing:
+    """Connect to ``[mcp.NAME]`` (``spec``, its credentials from ``secrets``) as this host's
+    operator config provides it, and list its tools."""
     try:
-        config = ServerConfig.from_policy(name, spec, secrets)
+        config = resolve(name, spec, operator, secrets)
     except ToolError as exc:
-        return Listing(name, str(spec.url or spec.command), error=str(exc),
+        return Listing(name, str(spec.url or spec.command or "not configured"), error=str(exc),
                        error_code=str(exc.details.get("reason_code") or exc.code))
     try:
         tools = await SUPERVISOR.list_tools(config)
@@ -52,9 +53,10 @@ async def list_server(name: str, spec: Any, secrets: dict[str, str]) -> Listing:
     return Listing(name, config.where(), sorted(tools, key=lambda t: str(t["name"])))
 
 
-async def list_policy_servers(policy: Any, secrets: dict[str, str]) -> dict[str, Listing]:
+async def list_policy_servers(policy: Any, secrets: dict[str, str],
+                              operator: OperatorConfig | None = None) -> dict[str, Listing]:
     """Every server of a policy, listed (one after the other: a CLI check, not a hot path)."""
-    return {name: await list_server(name, spec, secrets) for name, spec in sorted(policy.mcp.items())}
+    return {name: await list_server(name, spec, secrets, operator) for name, spec in sorted(policy.mcp.items())}
 
 
 def grant_issues(policy: Any, listings: dict[str, Listing]) -> list[PolicyIssue]:

@@ -9,8 +9,11 @@ arrives (the pipe must be drained, or the server blocks), and the request it ans
 gets a JSON-RPC error at once, which :mod:`host.tools.mcp` names ``result_too_large``.
 Memory stays bounded by the cap whatever the server sends.
 
-Everything else is the SDK's: the process is started, given its environment, and stopped
-(its whole process tree) by the SDK's own helpers, exactly as ``stdio_client`` does.
+The process gets exactly the environment it is given (``params.env``, built by
+:func:`host.tools.mcp_config.server_env`: PATH, its own HOME, what the operator names and
+the credentials the policy grants), never the SDK's default, which passes the host's HOME,
+PATH, SHELL, USER and TERM on.  Everything else is the SDK's: the process is started and
+stopped (its whole process tree) by the SDK's own helpers, exactly as ``stdio_client`` does.
 """
 
 from __future__ import annotations
@@ -60,8 +63,7 @@ async def stdio_client(params: Any, errlog: Any, cap: int = MAX_MESSAGE_BYTES) -
 
     command = await sdk._get_executable_command(params.command)
     process = await sdk._create_platform_compatible_process(
-        command=command, args=params.args, env=sdk.get_default_environment() | (params.env or {}), errlog=errlog,
-        cwd=params.cwd)
+        command=command, args=params.args, env=dict(params.env or {}), errlog=errlog, cwd=params.cwd)
     read_writer, read_stream = anyio.create_memory_object_stream[SessionMessage | Exception](0)
     write_stream, write_reader = anyio.create_memory_object_stream[SessionMessage](0)
     writer_done = anyio.Event()

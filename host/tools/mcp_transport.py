@@ -1,7 +1,8 @@
 """How the host reaches one MCP server: a process over stdio, or a URL over streamable HTTP.
 
-:class:`ServerConfig` is what a policy's ``[mcp.NAME]`` comes to once its
-``{credential}`` placeholders are filled on the host side; equal configurations
+:class:`ServerConfig` is what a policy's ``[mcp.NAME]`` comes to on this host, once the
+operator config said how to start or reach it and its ``{credential}`` placeholders are
+filled on the host side (:func:`host.tools.mcp_config.resolve`); equal configurations
 share one connection (:mod:`host.tools.mcp`).  :func:`connect` opens the
 transport and yields the SDK's stream pair; the supervisor puts a session on it.
 
@@ -24,8 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from host.tools.mcp_stdio import MAX_MESSAGE_BYTES, stdio_client
-from host.tools.registry import ToolError
-from policies.schema import fill_placeholders
 
 DEFAULT_STARTUP_TIMEOUT_S = 10.0
 HTTP_CONNECT_TIMEOUT_S = 10.0
@@ -47,34 +46,12 @@ class ServerConfig:
     headers: tuple[tuple[str, str], ...] = ()
     roots: tuple[str, ...] = ()
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT_S
+    home: str | None = None  # the server's own HOME directory, made (0700) before it starts
 
     @property
     def remote(self) -> bool:
         """A streamable-HTTP server (no process of ours)."""
         return self.url is not None
-
-    @classmethod
-    def from_policy(cls, name: str, spec: Any, secrets: dict[str, str]) -> ServerConfig:
-        """Build from a policy's ``[mcp.NAME]``, filling ``{credential}`` placeholders host side."""
-        try:
-            env = tuple(sorted((k, fill_placeholders(v, secrets)) for k, v in dict(spec.env).items()))
-            headers = tuple(sorted((k, fill_placeholders(v, secrets)) for k, v in dict(spec.headers).items()))
-        except KeyError as exc:
-            raise ToolError(
-                "unavailable", f"MCP server {name}: credential {exc.args[0]!r} was not provided by the host",
-                reason_code="credential_missing",
-            ) from None
-        return cls(
-            name=name,
-            command=None if spec.command is None else str(spec.command),
-            args=tuple(spec.args),
-            env=env,
-            cwd=spec.cwd,
-            url=spec.url,
-            headers=headers,
-            roots=tuple(spec.roots),
-            startup_timeout=float(spec.startup_timeout or DEFAULT_STARTUP_TIMEOUT_S),
-        )
 
     def where(self) -> str:
         """The server as people name it in a message: its URL, or its command."""
@@ -85,8 +62,8 @@ class ServerConfig:
 async def connect(config: ServerConfig, errlog: Any) -> AsyncIterator[tuple[Any, Any]]:
     """The transport's ``(read, write)`` streams, open until the block ends.
 
-    stdio: the process is started here (no shell, the SDK's minimal environment plus
-    ``env``) and its stderr goes to ``errlog``; it is stopped when the block ends.
+    stdio: the process is started here (no shell; ``env`` is its whole environment, its
+    ``home`` made first) and its stderr goes to ``errlog``; it is stopped when the block ends.
     Streamable HTTP: one HTTP client with the configured headers; the session is
     ended (``DELETE``) when the block ends.
     """
@@ -105,10 +82,22 @@ async def connect(config: ServerConfig, errlog: Any) -> AsyncIterator[tuple[Any,
     from mcp import StdioServerParameters
 
     assert config.command is not None
-    params = StdioServerParameters(command=config.command, args=list(config.args), env=dict(config.env) or None,
+    if config.home is not None:
+        _make_home(config.home)
+    params = StdioServerParameters(command=config.command, args=list(config.args), env=dict(config.env),
                                    cwd=config.cwd)
     async with stdio_client(params, errlog) as (read, write):
         yield read, write
+
+
+def _make_home(home: str) -> None:
+    """The server's HOME, its own and private (0700), made before it starts."""
+    import os
+
+    try:
+        os.makedirs(home, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise RuntimeError(f"cannot make its HOME {home}: {exc.strerror or exc}") from None
 
 
 def _capped_transport(inner: Any, cap: int) -> Any:

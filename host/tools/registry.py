@@ -79,6 +79,9 @@ class ToolContext:
     # The answers people gave to the questions this call asked before it was cut (an MCP
     # server's elicitations, in the order asked): the call issued again answers them from here.
     elicited: list[dict[str, Any]] = field(default_factory=list)
+    # The host's operator config (host.tools.mcp_config.OperatorConfig): how to start or reach
+    # the MCP servers a policy names. None: none (only a policy's own deprecated command or url).
+    mcp_config: Any = None
 
 
 @dataclass
