@@ -17,6 +17,8 @@ Tools:
   leak_env         {how} -> hands back $CRM_TOKEN (result, escaped text, tool error, JSON-RPC error)
   big              {n} -> a text of n bytes (written in pieces)
   as_task          {} (execution.taskSupport = required): never called by Torpor
+  environment      {} -> {"environ": the environment this process was started with, "cwd": its directory}
+  list_roots       {} -> {"roots": what the client answers to a roots/list request, asked mid-call}
   bad_schema       an inputSchema that is not a JSON Schema
 Flags: --garbage-after-init (answer tools/list with a non-JSON line).
 """
@@ -86,6 +88,8 @@ TOOLS = [
         "inputSchema": {"type": "object"},
         "execution": {"taskSupport": "required"},
     },
+    {"name": "environment", "description": "The environment it was started with.", "inputSchema": {"type": "object"}},
+    {"name": "list_roots", "description": "Asks the client for its roots.", "inputSchema": {"type": "object"}},
     {
         "name": "bad_schema",
         "description": "Publishes an invalid schema.",
@@ -123,6 +127,17 @@ def call(req_id: object, name: str, args: dict) -> None:
             result(req_id, text(c))
     elif name == "pid":
         result(req_id, text({"pid": os.getpid()}))
+    elif name == "environment":  # as exec'd: Python itself may add LC_CTYPE to os.environ
+        with open("/proc/self/environ", "rb") as f:
+            pairs = [e.decode().partition("=") for e in f.read().split(b"\0") if e]
+        result(req_id, text({"environ": {k: v for k, _, v in pairs}, "cwd": os.getcwd()}))
+    elif name == "list_roots":  # a request of the server's own, answered by the client mid-call
+        send({"jsonrpc": "2.0", "id": "roots-1", "method": "roots/list"})
+        for line in sys.stdin:
+            msg = json.loads(line) if line.strip() else {}
+            if msg.get("id") == "roots-1":
+                result(req_id, text({"roots": (msg.get("result") or {}).get("roots"), "error": msg.get("error")}))
+                return
     elif name == "crash":
         sys.stdout.flush()
         os._exit(3)
