@@ -158,3 +158,20 @@ def test_serving_walkthrough_runs_as_written(tmp_path: Path) -> None:
     assert float(metrics['torpor_agents{status="completed"}']) == 1, out
     assert float(metrics['torpor_agents{status="waiting_approval"}']) == 0, out
     assert "torpor serve: stopped" in err, err
+
+
+def test_mcp_policy_and_operator_config_examples_agree() -> None:
+    """The README's MCP client example: its policy is valid, its operator config is valid, and
+    the config provides every server, root and credential placeholder the policy names."""
+    from host.tools import mcp_config
+    from policies import parse_policy
+
+    readme = (ROOT / "README.md").read_text()
+    pol = parse_policy('[agent]\nname = "readme"\n' + _block(readme, "toml", "# policy.toml (inside the bundle)"))
+    config = mcp_config.parse(_block(readme, "toml", "# torpor.toml (the operator's"), source="/etc/torpor/torpor.toml")
+    found = mcp_config.check(pol, config)
+    assert found.errors == [] and found.notes == [], found
+    assert set(pol.mcp) <= set(config.servers)
+    files = mcp_config.resolve("files", parse_policy('[agent]\nname = "f"\n[mcp.files]\n').mcp["files"], config, {})
+    assert dict(files.env)["PATH"] == "/opt/node/bin:/usr/bin:/bin" and dict(files.env)["HOME"].endswith("/files")
+    assert "--config FILE" in readme and "$TORPOR_CONFIG" in readme and "mcp_server_not_configured" in readme

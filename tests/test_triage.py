@@ -18,10 +18,10 @@ from typing import Any
 import anyio
 import pytest
 
-from host.errors import BundleCodeRefused
+from host.errors import McpServerNotConfigured
 from host.runtime import Host
 from host.sandbox import bundle as bundle_mod
-from host.tools import mcp
+from host.tools import mcp, mcp_config
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "guest_sdk" / "examples" / "triage"
@@ -173,16 +173,16 @@ def test_denied_send_and_shared_counter(tmp_path: Path, services: Any, port: str
 
 
 def test_triage_through_an_mcp_server(tmp_path: Path, services: Any) -> None:
-    extra = (f'[mcp.crm]\ncommand = "{sys.executable}"\nargs = ["{MCP_SERVER}"]\ntools = ["lookup_customer"]\n'
-             'timeout = "10s"\n')
-    d = agent_dir(tmp_path, services, extra=extra)
+    d = agent_dir(tmp_path, services, extra='[mcp.crm]\ntools = ["lookup_customer"]\ntimeout = "10s"\n')
     b = build(d)
+    # The policy names the server; the host's operator config starts it (as the example's README shows).
+    operator = mcp_config.parse(f'[mcp]\nhome = "{tmp_path / "homes"}"\n'
+                                f'[mcp.servers.crm]\ncommand = "{sys.executable}"\nargs = ["{MCP_SERVER}"]\n')
 
     async def go() -> None:
-        # The server's command line comes with the bundle's policy: host code, run only for a trusted bundle.
-        with Host(tmp_path / "refusing") as host, pytest.raises(BundleCodeRefused, match=r"mcp\.crm"):
+        with Host(tmp_path / "refusing") as host, pytest.raises(McpServerNotConfigured, match=r"mcp\.servers\.crm"):
             await host.run(b, payload(services, lookup="mcp"))
-        with Host(tmp_path / "store", trust_bundle_code=[b.digest]) as host:
+        with Host(tmp_path / "store", operator_config=operator) as host:
             r = await host.run(b, payload(services, lookup="mcp"))
             assert r.status == "waiting_approval", (r.error, r.logs)
             done = await host.approve(r.agent_id)
