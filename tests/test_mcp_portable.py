@@ -261,3 +261,30 @@ def test_torpor_serve_reads_the_operator_config_from_the_environment(portable: P
     finally:
         proc.terminate()
         proc.communicate(timeout=60)
+
+
+def test_resuming_on_a_host_without_the_server_leaves_the_agent_as_it_was(bundles: BundleFactory,
+                                                                         tmp_path: Path) -> None:
+    """A parked agent approved on a host whose operator config lacks its server: refused
+    before anything is decided, the agent still waits; approved where the server is
+    configured, it goes on and calls it."""
+    from host.errors import McpServerNotConfigured
+
+    pol = POLICY + '[tools."mcp.crm.pid"]\napproval = true\n'
+    b = bundle_mod.load_bytes(bundle_mod.pack(bundles.load(GUESTS / "caller").module, pol))
+    config = mcp_config.load(machine(tmp_path / "a", relative=False))
+    store = tmp_path / "store"
+
+    async def go() -> None:
+        with Host(store, operator_config=config) as host:
+            r = await host.run(b, {"calls": [{"tool": "mcp.crm.pid", "args": {}}]})
+            assert r.status == "waiting_approval", r.error
+        with Host(store) as host:
+            with pytest.raises(McpServerNotConfigured, match="crm"):
+                await host.approve(r.agent_id)
+            assert host.get_agent(r.agent_id)["status"] == "waiting_approval"
+        with Host(store, operator_config=config) as host:
+            done = await host.approve(r.agent_id)
+            assert done.status == "completed" and done.output["results"][0]["value"]["structured"]["pid"] > 0
+
+    anyio.run(go)

@@ -518,12 +518,14 @@ class Host:
 
     def _admitted(self, agent_id: str) -> None:
         """Refuse a decision that would resume an agent this host may not run (its bundle's
-        Python is not trusted here) before the decision is recorded, not after."""
+        Python is not trusted here, or its policy names an MCP server this host's operator
+        config does not provide) before the decision is recorded, not after."""
         rec = self.get_agent(agent_id)
         try:
             b = self.loader.by_digest(str(rec.get("bundle_digest")))
         except Exception:  # a missing or damaged bundle: the resume parks it and says so
             return
+        mcp_config.require(b.policy, self.operator_config)
         self.loader.bundle_code(b)
 
     def fork(self, agent_id: str, checkpoint: int) -> str:
