@@ -118,6 +118,9 @@ def test_policy_check_doctor_and_mcp_tools_read_the_operator_config(portable: Pa
     empty.write_text("")
     p = torpor("policy", "check", str(portable), config=empty)
     assert p.returncode == 1 and "does not configure: add [mcp.servers.crm]" in p.stdout, p.stdout
+    p = torpor("inspect-bundle", str(portable), "--json")
+    shown = json.loads(p.stdout)
+    assert shown["mcp_servers"] == ["crm"] and shown["host_code"] == [] and shown["runs_with"] is None, shown
     p = torpor("mcp", "tools", "crm", "--json", config=config)  # the operator's server, no policy needed
     assert p.returncode == 0, p.stderr
     assert "list_roots" in [t["name"] for t in json.loads(p.stdout)["tools"]]

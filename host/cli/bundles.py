@@ -96,6 +96,8 @@ def cmd_inspect_bundle(args: argparse.Namespace) -> int:
               for m, cmd in b.mcp_commands.items()),
         ],
         "runs_with": f"--trust-bundle-code {b.digest}" if b.host_code else None,
+        # the servers a host's operator config must name ([mcp.servers.NAME] of torpor.toml)
+        "mcp_servers": sorted(b.policy.mcp),
         "handlers": dict(b.policy.handler_refs),
         "validators": list(b.policy.custom_validator_refs),
         "policy": b.policy_text,
@@ -109,6 +111,8 @@ def cmd_inspect_bundle(args: argparse.Namespace) -> int:
         for ref_name, ref in [*b.policy.handler_refs.items(), *(("validator", r) for r in
                                                                   b.policy.custom_validator_refs)]:
             print(f"handler  {ref_name} -> {ref} (an operator tool, or the bundle's Python if trusted)")
+        for server in sorted(b.policy.mcp):
+            print(f"mcp      {server} (started or reached as the host's operator config says: [mcp.servers.{server}])")
         if b.host_code:
             print(f"host code  {len(b.host_code)} piece(s) that would run with the host's privileges:")
             for member, digest in b.python_digests.items():

@@ -405,7 +405,8 @@ def add_parsers(sub: Any) -> None:
         sp.add_argument("--json", action="store_true", help=JSON_HELP)
         sp.set_defaults(fn=fn)
     sp = add_command(sub, "doctor", cmd_doctor, "show versions, the engine profile, whether the native helpers are in "
-                                                "use, and the default store and durability; with --store nats://... "
+                                                "use, the default store and durability, and the operator config (its MCP servers, what "
+                                                "would stop each starting, its roots); with --store nats://... "
                                                 "the fleet's cluster and its stream")
     sp.add_argument("--store", default=None, metavar="nats://HOST:PORT[,...]",
                     help="a fleet store to check: connect, and show the stream's leader and replicas")
