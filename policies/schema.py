@@ -1285,16 +1285,10 @@ def _check_root(root: str) -> str:
     return root
 
 
-class McpServer(_Model):
-    """``[mcp.NAME]``: an MCP server whose tools the agent may call, and what it needs of it.
-
-    How to start or reach the server is the operator's (the ``[mcp.servers.NAME]`` of
-    ``torpor.toml``, :mod:`host.tools.mcp_config`); the policy grants its tools
-    (``mcp.NAME.TOOL``, each with a grant table ``[tools."mcp.NAME.TOOL"]`` for rates,
-    approval and argument rules), names the credentials it may use and the roots it is
-    told, relative to roots the operator names.  ``command``/``args``/``env``/``cwd`` or
-    ``url``/``headers`` here are the deprecated, machine-specific form (:attr:`self_started`).
-    """
+class ServerStart(_Model):
+    """How to start (``command``, ``args``, ``env``, ``cwd``) or reach (``url``, ``headers``) an
+    MCP server, each field checked: the operator config's ``[mcp.servers.NAME]``
+    (:mod:`host.tools.mcp_config`) and a policy's deprecated ``[mcp.NAME]`` share it."""
 
     command: StrictStr | None = None
     args: tuple[StrictStr, ...] = ()
@@ -1302,21 +1296,6 @@ class McpServer(_Model):
     cwd: StrictStr | None = None
     url: StrictStr | None = None
     headers: dict[str, StrictStr] = Field(default_factory=dict)
-    tools: tuple[StrictStr, ...] = ()
-    credentials: tuple[StrictStr, ...] = ()
-    timeout: Duration | None = None
-    hard_timeout: Duration | None = None
-    startup_timeout: Duration | None = None
-    sampling: StrictStr | None = None
-    roots: tuple[StrictStr, ...] = ()
-    trust_annotations: StrictBool = False
-    elicitation: StrictBool = False
-
-    @property
-    def self_started(self) -> bool:
-        """The policy says itself how to start (``command``) or reach (``url``) the server:
-        the deprecated form, used only where the operator config does not name it."""
-        return self.command is not None or self.url is not None
 
     @field_validator("command")
     @classmethod
@@ -1334,6 +1313,39 @@ class McpServer(_Model):
     @classmethod
     def _headers(cls, v: dict[str, str]) -> dict[str, str]:
         return check_headers(v)
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_env(v)
+
+
+class McpServer(ServerStart):
+    """``[mcp.NAME]``: an MCP server whose tools the agent may call, and what it needs of it.
+
+    How to start or reach the server is the operator's (the ``[mcp.servers.NAME]`` of
+    ``torpor.toml``, :mod:`host.tools.mcp_config`); the policy grants its tools
+    (``mcp.NAME.TOOL``, each with a grant table ``[tools."mcp.NAME.TOOL"]`` for rates,
+    approval and argument rules), names the credentials it may use and the roots it is
+    told, relative to roots the operator names.  ``command``/``args``/``env``/``cwd`` or
+    ``url``/``headers`` here are the deprecated, machine-specific form (:attr:`self_started`).
+    """
+
+    tools: tuple[StrictStr, ...] = ()
+    credentials: tuple[StrictStr, ...] = ()
+    timeout: Duration | None = None
+    hard_timeout: Duration | None = None
+    startup_timeout: Duration | None = None
+    sampling: StrictStr | None = None
+    roots: tuple[StrictStr, ...] = ()
+    trust_annotations: StrictBool = False
+    elicitation: StrictBool = False
+
+    @property
+    def self_started(self) -> bool:
+        """The policy says itself how to start (``command``) or reach (``url``) the server:
+        the deprecated form, used only where the operator config does not name it."""
+        return self.command is not None or self.url is not None
 
     @field_validator("roots")
     @classmethod
@@ -1360,11 +1372,6 @@ class McpServer(_Model):
             if not _MCP_TOOL.match(name):
                 raise ValueError(f"{name!r} is not an MCP tool name this host can grant (letters, digits, '_', '-', '.')")
         return tuple(dict.fromkeys(v))
-
-    @field_validator("env")
-    @classmethod
-    def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        return check_env(v)
 
     @field_validator("credentials")
     @classmethod

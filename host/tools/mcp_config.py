@@ -66,9 +66,8 @@ from host.tools.registry import ToolError
 from policies.schema import (
     ROOT_NAME,
     Duration,
+    ServerStart,
     check_env,
-    check_headers,
-    check_mcp_url,
     fill_placeholders,
     placeholders,
     split_root,
@@ -84,40 +83,12 @@ class _Closed(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ServerSpec(_Closed):
+class ServerSpec(ServerStart):
     """``[mcp.servers.NAME]``: how this host starts (``command``) or reaches (``url``) one server."""
 
-    command: StrictStr | None = None
-    args: tuple[StrictStr, ...] = ()
-    cwd: StrictStr | None = None
-    env: dict[str, StrictStr] = Field(default_factory=dict)
     inherit_env: tuple[StrictStr, ...] = ()
     home: StrictStr | None = None
-    url: StrictStr | None = None
-    headers: dict[str, StrictStr] = Field(default_factory=dict)
     startup_timeout: Duration | None = None
-
-    @field_validator("command")
-    @classmethod
-    def _command(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
-            raise ValueError("command must not be empty")
-        return v
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str | None) -> str | None:
-        return v if v is None else check_mcp_url(v)
-
-    @field_validator("headers")
-    @classmethod
-    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
-        return check_headers(v)
-
-    @field_validator("env")
-    @classmethod
-    def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        return check_env(v)
 
     @field_validator("inherit_env")
     @classmethod
