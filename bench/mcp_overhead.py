@@ -39,8 +39,17 @@ TARGET_OVERHEAD_MS = 0.5
 def _policy() -> Any:
     from policies import parse_policy
 
-    return parse_policy(f'[agent]\nname = "bench"\n[mcp.crm]\ncommand = "{sys.executable}"\n'
-                        f'args = ["{SERVER}"]\ntools = ["lookup_customer"]\n')
+    return parse_policy('[agent]\nname = "bench"\n[mcp.crm]\ntools = ["lookup_customer"]\n')
+
+
+def _operator() -> Any:
+    """The host's operator config: how to start the server the policy names (resolved per call)."""
+    import tempfile
+
+    from host.tools import mcp_config
+
+    return mcp_config.parse(f'[mcp]\nhome = "{tempfile.gettempdir()}/torpor-bench-mcp-home"\n'
+                            f'[mcp.servers.crm]\ncommand = "{sys.executable}"\nargs = ["{SERVER}"]\n')
 
 
 async def _measure(n: int, progress: bool, own_loop: bool) -> dict[str, list[int]]:
@@ -64,7 +73,7 @@ async def _alternate(n: int, progress: bool) -> dict[str, list[int]]:
     pol = _policy()
     spec = BUILTINS["mcp.crm.lookup_customer"]
     ctx = ToolContext(agent_id="bench", agent_name="bench", call_seq=1, kv_namespace="agent:bench",
-                      grant=pol.grants["mcp.crm.lookup_customer"], policy=pol)
+                      grant=pol.grants["mcp.crm.lookup_customer"], policy=pol, mcp_config=_operator())
     args = spec.validate(ARGS)
     params = StdioServerParameters(command=sys.executable, args=[str(SERVER)])
     out: dict[str, list[int]] = {"direct": [], "torpor": []}

@@ -59,6 +59,23 @@ def operator_tools_path() -> Iterator[None]:
         os.environ[TOOLS_PATH_ENV] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_user_operator_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The suite's `torpor` processes read an empty operator config, never the one of the
+    user running the tests (~/.config/torpor/torpor.toml); a test names its own with --config."""
+    from host.tools.mcp_config import CONFIG_ENV
+
+    empty = tmp_path_factory.mktemp("operator") / "torpor.toml"
+    empty.write_text("")
+    old = os.environ.get(CONFIG_ENV)
+    os.environ[CONFIG_ENV] = str(empty)
+    yield
+    if old is None:
+        os.environ.pop(CONFIG_ENV, None)
+    else:
+        os.environ[CONFIG_ENV] = old
+
+
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> BundleFactory:
     return BundleFactory(tmp_path_factory.mktemp("bundles"))

@@ -42,6 +42,7 @@ says so, and refuses a policy naming a server that neither configures.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tomllib
@@ -151,11 +152,7 @@ class OperatorConfig:
 
     def home_of(self, server: str) -> str:
         """The HOME a server of this name gets: its own directory."""
-        if self.home is not None:
-            return str(Path(self.home) / server)
-        import platformdirs
-
-        return str(Path(platformdirs.user_state_dir("torpor")) / "mcp-home" / server)
+        return f"{self.home if self.home is not None else _default_homes()}/{server}"
 
     def root_uri(self, root: str) -> str:
         """A policy's root (``NAME`` or ``NAME/rel/path``; a ``file://`` URI is kept as it is)
@@ -163,9 +160,20 @@ class OperatorConfig:
         parts = split_root(root)
         if parts is None:
             return root
-        name, rest = parts
-        base = Path(self.roots[name])
-        return (base / rest if rest else base).as_uri()
+        return _uri(self.roots[parts[0]], parts[1])
+
+
+# Asked on every call (resolve runs per call): computed once per process, or per root.
+@functools.cache
+def _default_homes() -> str:
+    import platformdirs
+
+    return str(Path(platformdirs.user_state_dir("torpor")) / "mcp-home")
+
+
+@functools.lru_cache(maxsize=1024)
+def _uri(base: str, rest: str) -> str:
+    return (Path(base) / rest if rest else Path(base)).as_uri()
 
 
 EMPTY = OperatorConfig()
@@ -382,4 +390,4 @@ def survey(config: OperatorConfig) -> dict[str, Any]:
         servers[name] = {"how": how, "problem": problem}
     roots = {name: {"path": d, "exists": Path(d).is_dir()} for name, d in sorted(config.roots.items())}
     return {"file": config.source, "servers": servers, "roots": roots,
-            "home": config.home or str(Path(config.home_of("NAME")).parent)}
+            "home": config.home or _default_homes()}
