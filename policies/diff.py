@@ -293,7 +293,12 @@ def _validator(v: dict[str, Any]) -> str:
 
 
 def _server(s: dict[str, Any]) -> str:
-    return " ".join([str(s.get("command")), *map(str, s.get("args") or [])])
+    """A server as the policy gives it: its deprecated command line or URL, or by name only."""
+    if s.get("url"):
+        return str(s["url"])
+    if s.get("command"):
+        return " ".join([str(s["command"]), *map(str, s.get("args") or [])])
+    return "(the operator config's)"
 
 
 def _key(x: Any) -> Any:

@@ -131,8 +131,11 @@ def test_policy_check_doctor_and_mcp_tools_read_the_operator_config(portable: Pa
     survey = json.loads(p.stdout)["operator_config"]
     assert "not an executable on its PATH" in survey["servers"]["gone"]["problem"]
     assert survey["roots"]["nowhere"]["exists"] is False
-    p = torpor("doctor", config=config)
-    assert "mcp.crm" in p.stdout and "problem" not in p.stdout, p.stdout
+    p = torpor("doctor", "--bundle", str(portable), config=config)
+    assert p.returncode == 0 and "mcp.crm" in p.stdout and "problem" not in p.stdout, p.stdout
+    assert "every MCP server it names is configured here" in p.stdout
+    p = torpor("doctor", "--bundle", str(portable), "--json", config=empty)
+    assert p.returncode == 1 and "[mcp.servers.crm]" in json.loads(p.stdout)["bundle"]["errors"][0], p.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text('[mcp.servers.x]\ncommand = "a"\nurl = "http://h/mcp"\n')
     p = torpor("run", str(portable), "--store", str(tmp_path / "s"), config=bad)

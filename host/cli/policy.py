@@ -14,7 +14,7 @@ from host.cli.common import EXIT_FAILED, EXIT_OK, JSON_HELP, STORE_HELP, emit, p
 TITLE = "policy: check and explain policy files"
 
 
-def _load(path: str) -> Any:
+def policy_of(path: str) -> Any:
     """The policy of ``path``: a policy file, or a bundle (its policy, as a host would run it)."""
     import policies
 
@@ -36,7 +36,7 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     from host.cli.common import operator_config
     from host.tools import mcp_config
 
-    pol = _load(args.file)
+    pol = policy_of(args.file)
     operator = operator_config(args) if pol.mcp else mcp_config.EMPTY
     found = mcp_config.check(pol, operator)
     data: dict[str, Any] = {"file": args.file, "ok": not found.errors, "agent": pol.agent.name,

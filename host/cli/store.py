@@ -372,8 +372,25 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                   f"{fleet['stream']}: {fleet['messages']} messages, R{fleet['replicas_configured']}, leader "
                   f"{fleet['leader']}, followers {followers}")
 
-    emit(args, data, human_all)
-    return EXIT_OK
+    found = None
+    if getattr(args, "bundle", None):  # can this host run it: every MCP server it names provided here?
+        from host.cli.policy import policy_of
+
+        if "error" in data["operator_config"]:
+            raise ConfigError(data["operator_config"]["error"])
+        found = mcp_config.check(policy_of(args.bundle), operator_config(args))
+        data["bundle"] = {"file": args.bundle, "ok": not found.errors, "errors": found.errors, "notes": found.notes}
+
+    def human_checked() -> None:
+        human_all()
+        if found is not None:
+            print(f"{args.bundle}: " + ("every MCP server it names is configured here" if not found.errors
+                                        else "cannot run here"))
+            for line in (*found.errors, *(f"note: {n}" for n in found.notes)):
+                print(f"  {line}")
+
+    emit(args, data, human_checked)
+    return EXIT_OK if found is None or not found.errors else EXIT_FAILED
 
 
 def add_parsers(sub: Any) -> None:
@@ -412,4 +429,7 @@ def add_parsers(sub: Any) -> None:
                     help="a fleet store to check: connect, and show the stream's leader and replicas")
     from host.cli.server import _fleet_options
 
+    sp.add_argument("--bundle", default=None, metavar="FILE",
+                    help="also hold this bundle's (or policy file's) MCP servers against the operator config: "
+                         "exit 1 when one is not configured here")
     _fleet_options(sp)
