@@ -242,6 +242,16 @@ A bundle so built runs on any host whose operator config names the same
 servers; one that names a server the host does not configure is refused when
 its run starts (``mcp_server_not_configured``).
 
+Deprecated, for local development: ``command``, ``args``, ``env`` and ``cwd``
+(a process), or ``url`` and ``headers`` (a streamable-HTTP endpoint), in the
+policy itself, and ``file://`` roots.  They are used only where the operator
+config does not configure the server (where it does, they are ignored); they
+make the bundle machine-specific, and a command line or a URL with headers is
+code the host would run or a place it would send the agent's credentials, so
+such a bundle runs only for an operator who trusts it
+(``--trust-bundle-code DIGEST``), like a bundle carrying Python.
+``torpor policy check`` notes each.
+
 ``tools``            the server's tools to grant: each becomes a grant
                      ``[tools."mcp.NAME.TOOL"]`` (write that table yourself to
                      add rates, approval or argument rules).  When ``tools`` is
@@ -277,16 +287,6 @@ its run starts (``mcp_server_not_configured``).
                      declined by ``torpor deny``) the call is made again and the
                      server's same question answered from the journal; so the
                      server must ask before it acts.  Default false: refused.
-
-Deprecated, for local development: ``command``, ``args``, ``env`` and ``cwd``
-(a process), or ``url`` and ``headers`` (a streamable-HTTP endpoint), in the
-policy itself, and ``file://`` roots.  They are used only where the operator
-config does not configure the server (where it does, they are ignored); they
-make the bundle machine-specific, and a command line or a URL with headers is
-code the host would run or a place it would send the agent's credentials, so
-such a bundle runs only for an operator who trusts it
-(``--trust-bundle-code DIGEST``), like a bundle carrying Python.
-``torpor policy check`` notes each.
 
 [[validators]] — output guardrails
 ----------------------------------

@@ -70,6 +70,9 @@ class ToolContext:
     report_tokens: Callable[..., None] = field(default=lambda n, **detail: None)
     grant: Any = None  # the policy's ToolGrant for this tool (constraints, credentials, tool-specific settings)
     policy: Any = None  # the agent's whole Policy
+    # The host's operator config (host.tools.mcp_config.OperatorConfig): how to start or reach
+    # the MCP servers a policy names. None: none (only a policy's own deprecated command or url).
+    mcp_config: Any = None
     # An audit event of the calling agent (kind, data), from any thread: what a tool's peer said
     # during the call (an MCP server's progress and log lines), scrubbed by the pipeline.
     event: Callable[[str, dict[str, Any]], None] = field(default=lambda kind, data: None)
@@ -79,9 +82,6 @@ class ToolContext:
     # The answers people gave to the questions this call asked before it was cut (an MCP
     # server's elicitations, in the order asked): the call issued again answers them from here.
     elicited: list[dict[str, Any]] = field(default_factory=list)
-    # The host's operator config (host.tools.mcp_config.OperatorConfig): how to start or reach
-    # the MCP servers a policy names. None: none (only a policy's own deprecated command or url).
-    mcp_config: Any = None
 
 
 @dataclass
