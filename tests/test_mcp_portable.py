@@ -238,6 +238,7 @@ def test_what_the_operator_config_and_the_policy_must_agree_on(tmp_path: Path) -
                        ('[mcp.servers."a b"]\ncommand = "a"\n', "not a server name"),
                        ('[roots]\n"a/b" = "/x"\n', "not a root name"),
                        ('[mcp.servers.x]\ncommand = "a"\nshell = true\n', "Extra inputs are not permitted"),
+                       ('[mcp.crm]\ncommand = "a"\n', "a server is configured as [mcp.servers.crm]"),
                        ("[mcp", "not valid TOML")):
         with pytest.raises(ConfigError, match="operator config") as err:
             mcp_config.parse(text)

@@ -217,7 +217,7 @@ def parse(text: str, source: str = "<string>") -> OperatorConfig:
     try:
         data = _File.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()[:5])
+        problems = "; ".join(_problem(e) for e in exc.errors()[:5])
         raise ConfigError(f"operator config {source}: {problems}") from None
     base = Path(source).parent if source.startswith("/") else Path.cwd()
 
@@ -236,6 +236,14 @@ def parse(text: str, source: str = "<string>") -> OperatorConfig:
         servers[name] = spec.model_copy(update=changes)
     return OperatorConfig(source=source, servers=servers, roots={n: absolute(d) for n, d in data.roots.items()},
                           home=None if data.mcp.home is None else absolute(data.mcp.home))
+
+
+def _problem(e: Any) -> str:
+    """One validation error, located; ``[mcp.NAME]`` (a policy's table) points at ``[mcp.servers.NAME]``."""
+    loc = [str(p) for p in e["loc"]]
+    if e["type"] == "extra_forbidden" and len(loc) == 2 and loc[0] == "mcp":
+        return f"[mcp.{loc[1]}] is not a key of [mcp]: a server is configured as [mcp.servers.{loc[1]}]"
+    return f"{'.'.join(loc) or '(top)'}: {e['msg']}"
 
 
 # -- from a policy's [mcp.NAME] and this host's config to a server ----------------------------
