@@ -279,7 +279,7 @@ def test_resuming_on_a_host_without_the_server_leaves_the_agent_as_it_was(bundle
 
     pol = POLICY + '[tools."mcp.crm.pid"]\napproval = true\n'
     b = bundle_mod.load_bytes(bundle_mod.pack(bundles.load(GUESTS / "caller").module, pol))
-    config = mcp_config.load(machine(tmp_path / "a", relative=False))
+    config = str(machine(tmp_path / "a", relative=False))  # a path: the Host reads it
     store = tmp_path / "store"
 
     async def go() -> None:
