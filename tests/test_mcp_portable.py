@@ -295,3 +295,28 @@ def test_resuming_on_a_host_without_the_server_leaves_the_agent_as_it_was(bundle
             assert done.status == "completed" and done.output["results"][0]["value"]["structured"]["pid"] > 0
 
     anyio.run(go)
+
+
+def test_torpor_mcp_serve_starts_the_servers_its_operator_config_names(portable: Path, tmp_path: Path) -> None:
+    """`torpor --config FILE mcp serve`: a registry agent called by an MCP client reaches the
+    MCP server that config names (the two directions of MCP in one process)."""
+    from mcp import ClientSession, StdioServerParameters, stdio_client
+
+    config = machine(tmp_path / "a", relative=True)
+    store = tmp_path / "store"
+    with Host(store) as host:
+        host.registry.push(portable.read_bytes())
+
+    async def main() -> Any:
+        params = StdioServerParameters(command=sys.executable, args=["-m", "host.cli", "--config", str(config), "mcp",
+                                                                     "serve", "--store", str(store)],
+                                       env=dict(os.environ))
+        async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            with anyio.fail_after(120):
+                return await session.call_tool("caller", CALLS)
+
+    result = anyio.run(main)
+    assert not result.is_error, result
+    seen = result.structured_content["results"][0]["value"]["structured"]
+    assert seen["environ"] == {"PATH": mcp_config.DEFAULT_PATH, "HOME": str(tmp_path / "a" / "homes" / "crm")}
