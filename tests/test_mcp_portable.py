@@ -142,12 +142,18 @@ def test_policy_check_doctor_and_mcp_tools_read_the_operator_config(portable: Pa
     assert p.returncode == 2 and "error[invalid_config]" in p.stderr and "exactly one of command" in p.stderr
 
 
-def test_a_legacy_policy_still_runs_and_is_noted(tmp_path: Path) -> None:
-    """A policy that says itself how to start a server (the deprecated form): accepted where
-    the operator config does not name the server, with a note; ignored where it does."""
+def test_a_legacy_policy_still_runs_and_is_noted(bundles: BundleFactory, tmp_path: Path) -> None:
+    """A policy that says itself how to start a server (the deprecated form): packed with a
+    note, accepted where the operator config does not name the server, with a note; ignored
+    where it does."""
     legacy = tmp_path / "policy.toml"
     legacy.write_text('[agent]\nname = "old"\n'
                       f'[mcp.crm]\ncommand = "{sys.executable}"\nargs = ["{SERVER}"]\ntools = ["pid"]\n')
+    module = tmp_path / "caller.wasm"
+    module.write_bytes(bundles.load(GUESTS / "caller").module)
+    p = torpor("pack", str(module), "--policy", str(legacy), "-o", str(tmp_path / "old.torpor"))
+    assert p.returncode == 0 and "note: the policy says itself how to start mcp.crm" in p.stdout, p.stdout + p.stderr
+    assert "--trust-bundle-code" in p.stdout
     empty = tmp_path / "empty.toml"
     empty.write_text("")
     p = torpor("policy", "check", str(legacy), config=empty)
