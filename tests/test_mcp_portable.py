@@ -326,3 +326,25 @@ def test_torpor_mcp_serve_starts_the_servers_its_operator_config_names(portable:
     assert not result.is_error, result
     seen = result.structured_content["results"][0]["value"]["structured"]
     assert seen["environ"] == {"PATH": mcp_config.DEFAULT_PATH, "HOME": str(tmp_path / "a" / "homes" / "crm")}
+
+
+def test_the_reference_everything_server_from_the_operator_config(tmp_path: Path) -> None:
+    """The npm reference server, started as an operator config says: `node` found on the
+    server's own minimal PATH (Debian's /usr/bin/node), the policy's named roots told as the
+    operator's directories."""
+    import everything_server
+
+    if everything_server.node() is None:
+        if everything_server.required():
+            pytest.fail("node is not installed (Debian's nodejs; .ci/run installs it)")
+        pytest.skip("node is not installed (Debian's nodejs)")
+    entry = everything_server.install()
+    config = mcp_config.parse(f'[roots]\nrepo = "{tmp_path / "repo"}"\n[mcp]\nhome = "{tmp_path / "homes"}"\n'
+                              f'[mcp.servers.ev]\ncommand = "node"\nargs = ["{entry}", "stdio"]\n'
+                              'startup_timeout = "60s"\n')
+    pol = policy("", '[mcp.ev]\ntools = ["get-roots-list"]\nroots = ["repo", "repo/src"]\ntimeout = "10s"\n')
+    r = invoke("mcp.ev.get-roots-list", {}, Ctx(pol, "mcp.ev.get-roots-list", mcp_config=config))
+    assert not isinstance(r, ToolError), r
+    for uri in ((tmp_path / "repo").as_uri(), (tmp_path / "repo" / "src").as_uri()):
+        assert uri in r["text"], r
+    assert (tmp_path / "homes" / "ev").is_dir()
