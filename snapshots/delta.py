@@ -101,7 +101,7 @@ def _kernels() -> Any:
     if lib is not None:
         sz, p, u8p = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_char_p
         for name, res, args in (
-            ("tp_changed_chunks", sz, [p, sz, p, sz, sz, ctypes.c_int, sz, p]),
+            ("tp_changed_chunks", sz, [p, sz, p, sz, sz, ctypes.c_int, sz, ctypes.c_int, p]),
             ("tp_gather_xor", ctypes.c_int, [p, sz, p, sz, sz, p, sz, u8p, sz, u8p]),
             ("tp_gather", None, [p, sz, sz, u8p, sz, p]),
             ("tp_scatter", None, [p, sz, sz, u8p, sz, p]),  # src: bytes, or an address (_Tail)
@@ -568,10 +568,23 @@ def _changed_chunks_memcmp(
 # data image for Wasmtime's copy-on-write image mapping. That is the pristine image
 # only for memory laid out the way Wasmtime lays out a fresh instance, so callers opt
 # in (``untouched_is_pristine``); everything else is compared in full.
+#
+# A present page can be skipped too when it is a page of the backing file (bit 61,
+# "file page or shared anonymous") of a MAP_PRIVATE mapping: in Wasmtime's mapping of
+# its image memfd, a page the guest only read is the file's own page, and its first
+# write replaces it with an anonymous copy. A 12.6 MiB Python image has ~850 pages
+# present after a few awaits, of which ~150 were written: the capture compares those
+# only (issue 26, item 4). Only for private mappings (``private_mapping``): a written
+# page of a MAP_SHARED mapping stays a file page. Every linear memory here is private
+# (validate.py refuses shared memories; Wasmtime and the memory pool map them private).
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _pagemap_fd: int | None = None
+_pagemap_file_bit = False  # whether bit 61 was seen to tell a read page of a private file mapping from a written one
 _pagemap_lock = threading.Lock()
-_PM_PRESENT_OR_SWAPPED = 3 << 62
+_PM_PRESENT = 1 << 63
+_PM_SWAPPED = 1 << 62
+_PM_FILE = 1 << 61
+_PM_PRESENT_OR_SWAPPED = _PM_PRESENT | _PM_SWAPPED
 
 
 def _pagemap() -> int | None:
@@ -581,12 +594,19 @@ def _pagemap() -> int | None:
     emulates the file with zeros would otherwise make a capture skip changed chunks,
     which would silently lose agent state; then every chunk is compared instead.
     """
-    global _pagemap_fd
+    global _pagemap_fd, _pagemap_file_bit
     if _pagemap_fd is None:
         with _pagemap_lock:
             if _pagemap_fd is None:
-                _pagemap_fd = _open_truthful_pagemap()
+                fd = _open_truthful_pagemap()
+                _pagemap_file_bit = fd >= 0 and _file_bit_truthful(fd)
+                _pagemap_fd = fd
     return None if _pagemap_fd < 0 else _pagemap_fd
+
+
+def _entry(fd: int, addr: int) -> int:
+    raw = os.pread(fd, 8, 8 * (addr // _PAGE))
+    return int.from_bytes(raw, sys.byteorder) if len(raw) == 8 else -1
 
 
 def _open_truthful_pagemap() -> int:
@@ -604,8 +624,8 @@ def _open_truthful_pagemap() -> int:
             ref = ctypes.c_char.from_buffer(probe)
             addr = ctypes.addressof(ref)
             del ref  # release the export before the mapping is closed
-            raw = os.pread(fd, 8, 8 * (addr // _PAGE))
-            ok = len(raw) == 8 and bool(int.from_bytes(raw, sys.byteorder) & _PM_PRESENT_OR_SWAPPED)
+            e = _entry(fd, addr)
+            ok = e >= 0 and bool(e & _PM_PRESENT_OR_SWAPPED)
         finally:
             probe.close()
     except (OSError, ValueError, BufferError):
@@ -614,6 +634,46 @@ def _open_truthful_pagemap() -> int:
         os.close(fd)
         return -1
     return fd
+
+
+def _file_bit_truthful(fd: int) -> bool:
+    """Whether the kernel marks a read page of a private file mapping as a file page and
+    the same page, once written, as not one: only then may a capture skip file pages."""
+    if not hasattr(os, "memfd_create"):
+        return False
+    try:
+        import mmap
+
+        mfd = os.memfd_create("torpor-pagemap-probe", getattr(os, "MFD_CLOEXEC", 0))
+        try:
+            os.write(mfd, b"\x01" * _PAGE)
+            m = mmap.mmap(mfd, _PAGE, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(mfd)
+        try:
+            ref = ctypes.c_char.from_buffer(m)
+            addr = ctypes.addressof(ref)
+            del ref
+            if m[0] != 1:
+                return False
+            read = _entry(fd, addr)
+            m[0] = 2
+            written = _entry(fd, addr)
+        finally:
+            m.close()
+    except (OSError, ValueError, BufferError):
+        return False
+    return (read >= 0 and bool(read & _PM_PRESENT) and bool(read & _PM_FILE)
+            and written >= 0 and bool(written & _PM_PRESENT) and not written & _PM_FILE)
+
+
+def _maybe_written(e: int, skip_file: bool) -> bool:
+    """The Python twin of delta_kernels.c's maybe_written."""
+    if e & _PM_SWAPPED:
+        return True
+    if not e & _PM_PRESENT:
+        return False
+    return not (skip_file and e & _PM_FILE)
 
 
 def _forget_pagemap() -> None:
@@ -629,12 +689,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pagemap)
 
 
-def _touched_chunks(reg: _Region, chunk_size: int) -> list[int] | None:
-    """Indices of the chunks of ``reg`` with at least one present or swapped page, or None
-    when the kernel cannot tell (no pagemap), in which case every chunk is a candidate."""
+def _touched_chunks(reg: _Region, chunk_size: int, private_mapping: bool = False) -> list[int] | None:
+    """Indices of the chunks of ``reg`` with at least one page that may have been written
+    (:func:`_maybe_written`; file pages are skipped only in a ``private_mapping``), or
+    None when the kernel cannot tell (no pagemap), in which case every chunk is a candidate."""
     fd = _pagemap()
     if fd is None or reg.size == 0:
         return None
+    skip_file = private_mapping and _pagemap_file_bit
     first = reg.addr // _PAGE
     last = (reg.addr + reg.size - 1) // _PAGE
     try:
@@ -649,13 +711,13 @@ def _touched_chunks(reg: _Region, chunk_size: int) -> list[int] | None:
     nchunks = -(-reg.size // chunk_size)
     if chunk_size == _PAGE and base % _PAGE == 0:
         for i, e in enumerate(entries):
-            if e & _PM_PRESENT_OR_SWAPPED:
+            if _maybe_written(e, skip_file):
                 out.append(i)
         return out
     for c in range(nchunks):
         lo = (base + c * chunk_size) // _PAGE - first
         hi = (base + min((c + 1) * chunk_size, reg.size) - 1) // _PAGE - first
-        if any(entries[p] & _PM_PRESENT_OR_SWAPPED for p in range(lo, hi + 1)):
+        if any(_maybe_written(entries[p], skip_file) for p in range(lo, hi + 1)):
             out.append(c)
     return out
 
@@ -705,6 +767,7 @@ def diff_memory(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     *,
     untouched_is_pristine: bool = False,
+    private_mapping: bool = False,
 ) -> MemoryDelta:
     """Return the chunks of ``current`` that differ from the module's ``pristine`` image.
 
@@ -717,6 +780,9 @@ def diff_memory(
     maps a fresh instance (anonymous zero pages, the data image copy-on-write), so a
     page the kernel reports as never touched equals the pristine image and is skipped
     without being read (see ``_touched_chunks``). Same answer, a fraction of the time.
+    ``private_mapping`` (with it): ``current`` is mapped MAP_PRIVATE, as every linear
+    memory is, so a page of its backing file that the guest only read (Wasmtime's
+    copy-on-write image) is skipped too.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -729,9 +795,10 @@ def diff_memory(
         )
     lib = _kernels()
     if lib is not None:
-        return _diff_native(lib, pristine, preg, creg, chunk_size, untouched_is_pristine)
+        return _diff_native(lib, pristine, preg, creg, chunk_size, untouched_is_pristine,
+                            untouched_is_pristine and private_mapping)
     if _memcmp is not None:
-        touched = _touched_chunks(creg, chunk_size) if untouched_is_pristine else None
+        touched = _touched_chunks(creg, chunk_size, private_mapping) if untouched_is_pristine else None
         if touched is not None:
             indices = _changed_among(_memcmp, preg, creg, chunk_size, touched)
         else:
@@ -790,7 +857,7 @@ _new_bytes = _bytes_maker()
 
 
 def _diff_native(lib: Any, pristine: Pristine, preg: _Region, creg: _Region, chunk_size: int,
-                 untouched: bool) -> MemoryDelta:
+                 untouched: bool, private_mapping: bool) -> MemoryDelta:
     """Scan, then gather with the chunks over non-zero pristine bytes XOR'd.
 
     The delta then holds its chunks as the snapshot format stores them (``_stored``
@@ -801,7 +868,7 @@ def _diff_native(lib: Any, pristine: Pristine, preg: _Region, creg: _Region, chu
     fd = _pagemap() if untouched else None
     idx = _index_scratch(nchunks)
     n = lib.tp_changed_chunks(creg.addr, creg.size, preg.addr, preg.size, chunk_size,
-                              -1 if fd is None else fd, _PAGE, idx)
+                              -1 if fd is None else fd, _PAGE, int(private_mapping and _pagemap_file_bit), idx)
     if n == 0:
         return MemoryDelta._trusted(creg.size, chunk_size, b"", b"")
     # Stored XOR'd only against an image that cannot change under the delta.

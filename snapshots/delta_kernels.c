@@ -43,16 +43,30 @@ static int chunk_differs(const uint8_t *cur, const uint8_t *pri, size_t pri_len,
     return memcmp(cur + off, pri + off, head) != 0 || !is_zero(cur + pri_len, n - head);
 }
 
+/* Whether a pagemap entry says the page may differ from what its mapping is backed by:
+ * swapped (bit 62: only anonymous pages are, here), or present (bit 63) and, when
+ * `skip_file` is set, not a page of the backing file (bit 61 clear). A present file page
+ * of a MAP_PRIVATE mapping is the file's page cache page, never written through this
+ * mapping: the first write replaces it with an anonymous copy. */
+static int maybe_written(uint64_t e, int skip_file) {
+    if (e & (1ULL << 62)) return 1;
+    if (!(e & (1ULL << 63))) return 0;
+    return !skip_file || !(e & (1ULL << 61));
+}
+
 /* Indices of the chunks of cur[0, mem_len) that differ from the reference, written to
  * `out` (room for every chunk); returns how many.
  *
  * With `pagemap_fd` >= 0 (an open /proc/self/pagemap), `cur` page-aligned and `chunk` a
- * multiple or a divisor of `page` (no chunk straddles a page it does not cover), a chunk none of whose pages the kernel reports present or swapped
- * (never touched since mapped: it reads as what the mapping is backed by, which the
- * caller vouches is the reference) is skipped unread: reading it would fault in the
- * zero page for nothing. If the pagemap cannot be read, every chunk is compared. */
+ * multiple or a divisor of `page` (no chunk straddles a page it does not cover), a chunk
+ * none of whose pages the kernel reports written (maybe_written: never touched since
+ * mapped, or, with `skip_file`, only read from a copy-on-write file mapping) reads as
+ * what the mapping is backed by, which the caller vouches is the reference: it is
+ * skipped unread. Reading it would fault in a page for nothing, and with Wasmtime's
+ * copy-on-write image most of a large image is read by the guest but never written.
+ * If the pagemap cannot be read, every chunk is compared. */
 size_t tp_changed_chunks(const uint8_t *cur, size_t mem_len, const uint8_t *pri, size_t pri_len,
-                         size_t chunk, int pagemap_fd, size_t page, uint32_t *out) {
+                         size_t chunk, int pagemap_fd, size_t page, int skip_file, uint32_t *out) {
     size_t nchunks = (mem_len + chunk - 1) / chunk, n = 0;
     int use_map = pagemap_fd >= 0 && page > 0 && (chunk % page == 0 || page % chunk == 0) &&
                   (uintptr_t)cur % page == 0;
@@ -72,7 +86,7 @@ size_t tp_changed_chunks(const uint8_t *cur, size_t mem_len, const uint8_t *pri,
                     map_first = pg;
                     map_count = (size_t)got / 8;
                 }
-                touched = (map[pg - map_first] & (3ULL << 62)) != 0;
+                touched = maybe_written(map[pg - map_first], skip_file);
             }
             if (!touched) continue;
         }
