@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
@@ -45,6 +45,7 @@ __all__ = [
     "apply_delta",
     "diff_memory",
     "full_copy",
+    "touched_pages",
     "xor_into",
     "xor_needed",
     "xor_with_pristine",
@@ -102,6 +103,7 @@ def _kernels() -> Any:
         sz, p, u8p = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_char_p
         for name, res, args in (
             ("tp_changed_chunks", sz, [p, sz, p, sz, sz, ctypes.c_int, sz, ctypes.c_int, p]),
+            ("tp_changed_among", sz, [p, sz, p, sz, sz, p, sz, p]),
             ("tp_gather_xor", ctypes.c_int, [p, sz, p, sz, sz, p, sz, u8p, sz, u8p]),
             ("tp_gather", None, [p, sz, sz, u8p, sz, p]),
             ("tp_scatter", None, [p, sz, sz, u8p, sz, p]),  # src: bytes, or an address (_Tail)
@@ -722,6 +724,12 @@ def _touched_chunks(reg: _Region, chunk_size: int, private_mapping: bool = False
     return out
 
 
+def touched_pages(addr: int, size: int) -> list[int] | None:
+    """Indices of the pages of ``[addr, addr + size)`` the kernel reports present or
+    swapped, or None when it cannot tell."""
+    return _touched_chunks(_region(MemoryAt(addr, size)), _PAGE)
+
+
 def _changed_among(
     memcmp: Callable[[int, int, int], int],
     pristine: _Region,
@@ -768,6 +776,7 @@ def diff_memory(
     *,
     untouched_is_pristine: bool = False,
     private_mapping: bool = False,
+    candidates: Sequence[int] | None = None,
 ) -> MemoryDelta:
     """Return the chunks of ``current`` that differ from the module's ``pristine`` image.
 
@@ -783,6 +792,10 @@ def diff_memory(
     ``private_mapping`` (with it): ``current`` is mapped MAP_PRIVATE, as every linear
     memory is, so a page of its backing file that the guest only read (Wasmtime's
     copy-on-write image) is skipped too.
+
+    ``candidates``: ascending chunk indices outside of which the caller knows ``current``
+    equals the pristine image (write tracking, host/sandbox/write_watch.py): only they
+    are compared. The other options are then ignored.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -796,9 +809,12 @@ def diff_memory(
     lib = _kernels()
     if lib is not None:
         return _diff_native(lib, pristine, preg, creg, chunk_size, untouched_is_pristine,
-                            untouched_is_pristine and private_mapping)
+                            untouched_is_pristine and private_mapping, candidates)
     if _memcmp is not None:
-        touched = _touched_chunks(creg, chunk_size, private_mapping) if untouched_is_pristine else None
+        if candidates is not None:
+            touched: list[int] | None = list(candidates)
+        else:
+            touched = _touched_chunks(creg, chunk_size, private_mapping) if untouched_is_pristine else None
         if touched is not None:
             indices = _changed_among(_memcmp, preg, creg, chunk_size, touched)
         else:
@@ -857,7 +873,7 @@ _new_bytes = _bytes_maker()
 
 
 def _diff_native(lib: Any, pristine: Pristine, preg: _Region, creg: _Region, chunk_size: int,
-                 untouched: bool, private_mapping: bool) -> MemoryDelta:
+                 untouched: bool, private_mapping: bool, candidates: Sequence[int] | None = None) -> MemoryDelta:
     """Scan, then gather with the chunks over non-zero pristine bytes XOR'd.
 
     The delta then holds its chunks as the snapshot format stores them (``_stored``
@@ -867,8 +883,12 @@ def _diff_native(lib: Any, pristine: Pristine, preg: _Region, creg: _Region, chu
     nchunks = -(-creg.size // chunk_size)
     fd = _pagemap() if untouched else None
     idx = _index_scratch(nchunks)
-    n = lib.tp_changed_chunks(creg.addr, creg.size, preg.addr, preg.size, chunk_size,
-                              -1 if fd is None else fd, _PAGE, int(private_mapping and _pagemap_file_bit), idx)
+    if candidates is not None:
+        cand = (ctypes.c_uint32 * max(len(candidates), 1))(*candidates)
+        n = lib.tp_changed_among(creg.addr, creg.size, preg.addr, preg.size, chunk_size, cand, len(candidates), idx)
+    else:
+        n = lib.tp_changed_chunks(creg.addr, creg.size, preg.addr, preg.size, chunk_size,
+                                  -1 if fd is None else fd, _PAGE, int(private_mapping and _pagemap_file_bit), idx)
     if n == 0:
         return MemoryDelta._trusted(creg.size, chunk_size, b"", b"")
     # Stored XOR'd only against an image that cannot change under the delta.

@@ -95,6 +95,20 @@ size_t tp_changed_chunks(const uint8_t *cur, size_t mem_len, const uint8_t *pri,
     return n;
 }
 
+/* Which of the chunks `cand[0..ncand)` (ascending) of cur[0, mem_len) differ from the
+ * reference, written to `out`; returns how many. The candidates come from the caller's
+ * write tracking (host/sandbox/write_watch.py): every other chunk is known unchanged. */
+size_t tp_changed_among(const uint8_t *cur, size_t mem_len, const uint8_t *pri, size_t pri_len, size_t chunk,
+                        const uint32_t *cand, size_t ncand, uint32_t *out) {
+    size_t nchunks = (mem_len + chunk - 1) / chunk, n = 0;
+    for (size_t k = 0; k < ncand; k++) {
+        size_t i = cand[k];
+        if (i >= nchunks) break;
+        if (chunk_differs(cur, pri, pri_len, i * chunk, chunk_len(i, chunk, mem_len))) out[n++] = (uint32_t)i;
+    }
+    return n;
+}
+
 /* Copy the chunks `idx[0..n)` of cur[0, mem_len) one after another into `out`. */
 void tp_gather(const uint8_t *cur, size_t mem_len, size_t chunk, const uint32_t *idx, size_t n, uint8_t *out) {
     for (size_t k = 0; k < n; k++) {

@@ -28,10 +28,10 @@ from wasmtime import _bindings as _wasmtime_bindings
 from wasmtime import _ffi
 from wasmtime._extern import wrap_extern as _wrap_extern
 
-from host.sandbox import abi, guest_json, interrupts
+from host.sandbox import abi, guest_json, interrupts, write_watch
 from host.sandbox.engine import LoadedModule
 from host.sandbox.validate import HOST_LIMITS
-from snapshots.delta import MemoryAt, MemoryDelta, apply_delta, diff_memory
+from snapshots.delta import MemoryAt, MemoryDelta, apply_delta, diff_memory, touched_pages
 from snapshots.format import GlobalValue, Snapshot
 from snapshots.lazy import LazyField
 
@@ -192,6 +192,7 @@ class Execution:
     _mem: Any = None
     _entry: Any = None
     _instance: Any = None
+    _watch: write_watch.Tracked | None = None  # the memory's write tracking, when it has one
 
     # -- lifecycle ----------------------------------------------------------
     def _instantiate(self, capacity: int = 0) -> None:
@@ -261,9 +262,21 @@ class Execution:
         store.set_epoch_deadline(ticks)
         return remaining
 
+    def _watch_writes(self) -> None:
+        """Start tracking the writes to a memory that holds the pristine image now (fresh,
+        or a restore before its delta is written): from here on a capture compares only the
+        pages written since and those that differed at the previous capture
+        (host/sandbox/write_watch.py). Only where every page is plain anonymous memory: a
+        copy-on-write image is narrowed by its file pages already (``private_mapping``)."""
+        self._watch = None
+        if self.loaded.engine.config.memory_init_cow or self.loaded.chunk_size != write_watch.PAGE:
+            return
+        self._watch = write_watch.track(*self._mem_base_len())
+
     def start(self) -> Outcome:
         """Instantiate fresh and run the entry export."""
         self._instantiate()
+        self._watch_writes()
         if self.loaded.suspendable:
             self.async_buf = self.loaded.async_buf
             if self.async_buf == (0, 0):
@@ -296,6 +309,7 @@ class Execution:
         cur = mem.data_len(store)
         if size > cur and mem.grow(store, (size - cur + PAGE - 1) // PAGE) < 0:
             raise ValueError("cannot grow memory to the snapshot's size")
+        ex._watch_writes()
         apply_delta(captured.memory, MemoryAt(*ex._mem_base_len()))
         ex.restore_globals(captured.globals)
         ex.async_buf = captured.async_buf
@@ -316,6 +330,9 @@ class Execution:
         (Freeing the store on a background thread was measured and rejected: the
         hand-off and the GIL it takes back cost more than the ~40 µs unmap it moves.)
         """
+        if self._watch is not None:
+            write_watch.untrack(self._watch)
+            self._watch = None
         self._store = self._exports = self._mem = self._entry = self._instance = None
 
     @property
@@ -471,9 +488,34 @@ class Execution:
         # memory is a private mapping: pages of a copy-on-write image the agent only
         # read are the image file's own, skipped too (a 12.6 MiB Python image: ~850
         # pages present, ~150 written).
-        delta = diff_memory(self.loaded.image, MemoryAt(*self._mem_base_len()), self.loaded.chunk_size,
-                            untouched_is_pristine=True, private_mapping=True)
+        base, size = self._mem_base_len()
+        candidates = self._write_candidates(base, size)
+        delta = diff_memory(self.loaded.image, MemoryAt(base, size), self.loaded.chunk_size,
+                            untouched_is_pristine=True, private_mapping=True, candidates=candidates)
+        if self._watch is not None:
+            self._watch.differed = delta.indices
         return Captured(delta, self.capture_globals(), self.async_buf)
+
+    def _write_candidates(self, base: int, size: int) -> list[int] | None:
+        """The pages a tracked memory may differ from the image in: written since the last
+        capture (protected again now), differing at it, or grown since tracking began
+        (those the kernel reports touched). None: compare as without tracking."""
+        w = self._watch
+        if w is None:
+            return None
+        if w.base != base or size < w.size:  # moved by a grow: not the range being tracked
+            self._watch = None
+            return None
+        written = write_watch.written_pages(w)
+        if written is None:
+            return None
+        pages = set(written)
+        pages.update(w.differed)
+        if size > w.size:
+            grown = touched_pages(base + w.size, size - w.size)
+            first = w.size // write_watch.PAGE
+            pages.update(range(first, size // write_watch.PAGE) if grown is None else (first + p for p in grown))
+        return sorted(pages)
 
     def capture_globals(self) -> tuple[GlobalValue, ...]:
         """The snapshotted mutable globals of the live instance."""
