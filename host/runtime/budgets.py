@@ -68,6 +68,8 @@ def count_fuel(agent: LiveAgent, fuel_used: int) -> None:
 
 def crossed(agent: LiveAgent, before: policies.Usage) -> policies.BudgetEvent | None:
     """Audit the warnings crossed since ``before``; return the first exceeded limit, if any."""
+    if not agent.bundle.policy.compiled.reports_budgets:
+        return None  # no budget with thresholds: nothing to report, no usage to build
     exceeded = None
     after = usage_of(agent, time.time())
     for ev in policies.budget_events(agent.bundle.policy, before, after):
@@ -114,8 +116,9 @@ def decide(agent: LiveAgent, store: AgentStore, request: policies.ToolRequest,
     before = usage_of(agent, now)
     keys = policies.aggregate_keys(policy, request)
     if not keys:
-        decision = policies.decide(policy, request, before, now, custom_validators=agent.validators)
-        return decision, before, policies.record_decision(policy, before, request, decision, now)
+        compiled = policy.compiled  # the plain grants' decisions, precompiled per tool
+        decision = compiled.decide(request, before, now, custom_validators=agent.validators)
+        return decision, before, compiled.record(before, request, decision, now)
 
     def judge(txn: Any) -> tuple[policies.Decision, policies.Usage, policies.Usage]:
         usage = dataclasses.replace(before, shared=read_shared(txn, keys))
