@@ -6,8 +6,8 @@ show them all; at thousands of tool calls a second that walk is most of a decisi
 Most grants need none of it: a tool with no argument constraints, no validators, no
 approval and rates (if any) counted per agent is allowed exactly when a handful of numbers
 are under their limits, and the rules its :class:`~policies.engine.Allow` lists are the same
-every time. :func:`compile_policy` works those out once per policy (:attr:`Policy.compiled`,
-when the bundle is loaded), and :meth:`CompiledPolicy.decide` checks the numbers.
+every time. :func:`compiled` works those out once per policy object (kept while the policy
+lives), and :meth:`CompiledPolicy.decide` checks the numbers.
 
 The general engine stays the one definition of a decision: a tool that is not plain, and a
 plain one whose numbers do not all pass, are decided by :func:`~policies.engine.decide`
@@ -17,6 +17,7 @@ would (``tests/test_policy_compiled.py`` checks them against each other). Pure, 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -35,7 +36,7 @@ from .engine import (
 if TYPE_CHECKING:
     from .schema import Policy
 
-__all__ = ["CompiledPolicy", "ToolProgram", "compile_policy"]
+__all__ = ["CompiledPolicy", "ToolProgram", "compiled"]
 
 
 @dataclass(frozen=True)
@@ -105,13 +106,21 @@ class CompiledPolicy:
     """A policy's plain grants as :class:`ToolProgram`, and what its budgets report."""
 
     def __init__(self, policy: Policy) -> None:
-        self.policy = policy
+        # Weakly: the cache of :func:`compiled` must not keep a policy alive.
+        self._policy = weakref.ref(policy)
         b = policy.budgets
         #: False when no budget has thresholds to report: a call then needs no usage after it
         self.reports_budgets = any(getattr(b, name) is not None for name in _CUMULATIVE)
         self.tools: Mapping[str, ToolProgram] = {
             name: prog for name in policy.tools if (prog := _program(policy, name)) is not None
         }
+
+    @property
+    def policy(self) -> Policy:
+        """The policy compiled (alive as long as its compiled form is in use)."""
+        policy = self._policy()
+        assert policy is not None, "a compiled policy outlived its policy"
+        return policy
 
     def decide(self, request: ToolRequest, usage: Usage, now: float, *,
                custom_validators: Mapping[str, CustomValidator] | None = None) -> Decision:
@@ -130,9 +139,20 @@ class CompiledPolicy:
         return record_decision(self.policy, usage, request, decision, now)
 
 
-def compile_policy(policy: Policy) -> CompiledPolicy:
-    """Precompile ``policy`` (see the module docstring); :attr:`Policy.compiled` caches it."""
-    return CompiledPolicy(policy)
+#: id(policy) -> its compiled form, dropped when the policy is (policies are not hashable).
+_COMPILED: dict[int, CompiledPolicy] = {}
+
+
+def compiled(policy: Policy) -> CompiledPolicy:
+    """``policy`` precompiled (see the module docstring): built on its first call (the first
+    decision of a loaded bundle), then the same object for as long as the policy lives."""
+    key = id(policy)
+    found = _COMPILED.get(key)
+    if found is not None and found._policy() is policy:
+        return found
+    made = _COMPILED[key] = CompiledPolicy(policy)
+    weakref.finalize(policy, _COMPILED.pop, key, None)
+    return made
 
 
 def _program(policy: Policy, tool: str) -> ToolProgram | None:

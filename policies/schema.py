@@ -365,7 +365,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -388,9 +388,6 @@ from .errors import PolicyError, PolicyIssue
 from .expr import Condition
 from .paths import locator, parse_path
 from .units import RateLimit, format_duration, parse_duration, parse_rate, parse_size, type_name
-
-if TYPE_CHECKING:
-    from .compiled import CompiledPolicy
 
 # --- constants the host shares -------------------------------------------------------
 
@@ -1464,13 +1461,6 @@ class Policy(_Model):
             name: tuple((i, v) for i, v in enumerate(self.validators) if v.applies_to_tool(name))
             for name in self.tools
         }
-
-    @cached_property
-    def compiled(self) -> CompiledPolicy:
-        """This policy precompiled per tool, for deciding calls fast (:mod:`policies.compiled`)."""
-        from .compiled import compile_policy
-
-        return compile_policy(self)
 
     @cached_property
     def output_validators(self) -> tuple[tuple[int, Validator], ...]:

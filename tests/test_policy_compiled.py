@@ -1,7 +1,7 @@
 """The precompiled policy (policies.compiled) decides and counts every call as the engine does.
 
 Policies are generated as tables and loaded by the real loader; each call is decided by both
-``Policy.compiled`` and ``policies.decide`` (and counted by both ``record``s) on generated
+``policies.compiled.compiled(policy)`` and ``policies.decide`` (and counted by both ``record``s) on generated
 usage, at a time that puts some rate stamps inside their windows and some outside.
 """
 
@@ -23,6 +23,7 @@ from policies import (
     policy_from_dict,
     record_decision,
 )
+from policies.compiled import compiled
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TOOLS = ["kv.get", "kv.incr", "t.a"]
@@ -87,9 +88,9 @@ def test_compiled_decides_and_counts_as_the_engine(data: dict[str, Any], tool: s
     assert p is not None
     req = ToolRequest("agent-c", tool, {"n": n, "text": "hi"}, 3, principal="ops", agent_name="prop", run_id="1.5")
     expected = decide(p, req, usage, NOW)
-    got = p.compiled.decide(req, usage, NOW)
+    got = compiled(p).decide(req, usage, NOW)
     assert got == expected
-    assert p.compiled.record(usage, req, got, NOW) == record_decision(p, usage, req, expected, NOW)
+    assert compiled(p).record(usage, req, got, NOW) == record_decision(p, usage, req, expected, NOW)
 
 
 def test_plain_grants_are_precompiled_and_others_are_not() -> None:
@@ -98,29 +99,29 @@ def test_plain_grants_are_precompiled_and_others_are_not() -> None:
         "tools": {"kv.incr": {"rate": "2/10s", "max_calls": 5}, "kv.get": {"approval": {"when": "true"}},
                   "t.a": {"handler": "demo:tool", "rate": "1/s", "rate_scope": "tenant"}},
     })
-    progs = p.compiled.tools
+    progs = compiled(p).tools
     assert set(progs) == {"kv.incr"}  # an approval, and a rate counted beyond the agent, need the engine
     allow = progs["kv.incr"].allow
     req = ToolRequest("a", "kv.incr", {}, 1)
-    assert p.compiled.decide(req, Usage(), NOW) is allow
+    assert compiled(p).decide(req, Usage(), NOW) is allow
     assert allow == decide(p, req, Usage(), NOW)
     assert allow.rules == ('tools."kv.incr"', "budgets.tool_calls", "budgets.fuel", 'tools."kv.incr".max_calls',
                            'tools."kv.incr".rate')
     # past a limit the engine's own decision comes back, with its reason
     for over in (Usage(tool_calls=3), Usage(fuel_used_run=101), Usage(calls_by_tool={"kv.incr": 5}),
                  Usage(recent_calls={"kv.incr": (990.5, 1000.0)})):
-        assert p.compiled.decide(req, over, NOW) == decide(p, req, over, NOW) != allow
+        assert compiled(p).decide(req, over, NOW) == decide(p, req, over, NOW) != allow
     # on the edges: exactly at a limit still passes, a stamp as old as the window does not count
     for under in (Usage(tool_calls=2), Usage(fuel_used_run=100), Usage(calls_by_tool={"kv.incr": 4}),
                   Usage(recent_calls={"kv.incr": (990.0, 1000.0)})):
-        assert p.compiled.decide(req, under, NOW) is allow
+        assert compiled(p).decide(req, under, NOW) is allow
         assert decide(p, req, under, NOW) == allow
-        assert p.compiled.record(under, req, allow, NOW) == record_decision(p, under, req, allow, NOW)
+        assert compiled(p).record(under, req, allow, NOW) == record_decision(p, under, req, allow, NOW)
 
 
 def test_a_policy_without_cumulative_budgets_reports_none() -> None:
-    assert load_policy_text({"fuel": 10, "wall_clock": "1s"}).compiled.reports_budgets is False
-    assert load_policy_text({"tool_calls": 10}).compiled.reports_budgets is True
+    assert compiled(load_policy_text({"fuel": 10, "wall_clock": "1s"})).reports_budgets is False
+    assert compiled(load_policy_text({"tool_calls": 10})).reports_budgets is True
 
 
 def load_policy_text(budgets: dict[str, Any]) -> Policy:
@@ -132,4 +133,17 @@ def test_the_steps_example_is_plain(tmp_path: Any) -> None:
 
     root = Path(__file__).resolve().parent.parent
     p = load_policy(root / "guest_sdk" / "examples" / "steps" / "policy.toml")
-    assert isinstance(p.compiled.tools["kv.incr"].allow, Allow)
+    assert isinstance(compiled(p).tools["kv.incr"].allow, Allow)
+
+
+def test_the_cache_lets_a_policy_go() -> None:
+    import gc
+
+    from policies import compiled as module
+
+    p = load_policy_text({"fuel": 10})
+    key = id(p)
+    assert compiled(p).policy is p and key in module._COMPILED
+    del p
+    gc.collect()
+    assert key not in module._COMPILED

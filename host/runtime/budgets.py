@@ -16,6 +16,7 @@ from typing import Any
 
 import policies
 from host.runtime.agent import LiveAgent
+from policies.compiled import compiled
 from snapshots.store import AgentStore
 
 #: The store namespace of the limits shared beyond one agent record (``scope`` = run,
@@ -68,7 +69,7 @@ def count_fuel(agent: LiveAgent, fuel_used: int) -> None:
 
 def crossed(agent: LiveAgent, before: policies.Usage) -> policies.BudgetEvent | None:
     """Audit the warnings crossed since ``before``; return the first exceeded limit, if any."""
-    if not agent.bundle.policy.compiled.reports_budgets:
+    if not compiled(agent.bundle.policy).reports_budgets:
         return None  # no budget with thresholds: nothing to report, no usage to build
     exceeded = None
     after = usage_of(agent, time.time())
@@ -116,9 +117,9 @@ def decide(agent: LiveAgent, store: AgentStore, request: policies.ToolRequest,
     before = usage_of(agent, now)
     keys = policies.aggregate_keys(policy, request)
     if not keys:
-        compiled = policy.compiled  # the plain grants' decisions, precompiled per tool
-        decision = compiled.decide(request, before, now, custom_validators=agent.validators)
-        return decision, before, compiled.record(before, request, decision, now)
+        program = compiled(policy)  # the plain grants' decisions, precompiled per tool
+        decision = program.decide(request, before, now, custom_validators=agent.validators)
+        return decision, before, program.record(before, request, decision, now)
 
     def judge(txn: Any) -> tuple[policies.Decision, policies.Usage, policies.Usage]:
         usage = dataclasses.replace(before, shared=read_shared(txn, keys))
