@@ -791,6 +791,7 @@ class LmdbStore:
         # transaction: the next write transaction begins on a durable predecessor.
         self._sync_each = durability == "sync" and not readonly
         self._syncer: _Flusher | None = None  # at "sync": syncs sync="soon" commits (started by the first)
+        self._syncer_lock = threading.Lock()
         self._writer: contextlib.AbstractContextManager[Any] = (
             threading.Lock() if self._sync_each else contextlib.nullcontext())
         #: number of successful write commits (tests and benchmarks read it)
@@ -812,6 +813,8 @@ class LmdbStore:
         # close in the process that opened the store (never by a forked child).
         self._marker = marker
         self._marker_pid = os.getpid()
+        # Told of every sync (``add_sync_listener``), weakly: an event loop's committer.
+        self._sync_listeners: list[weakref.WeakMethod[Callable[[int, BaseException | None], None]]] = []
         self._flusher: _Flusher | None = None
         if durability == "process" and not readonly:
             self._flusher = _Flusher(self, flush_interval_s)
@@ -1226,6 +1229,47 @@ class LmdbStore:
                     self._check_open()
                     self._sync_locked()
 
+    def sync_soon(self) -> None:
+        """At ``sync``, have the background syncer sync every commit made so far, if any is
+        unsynced, without waiting for it (:meth:`add_sync_listener` says when it is done);
+        at ``process``, nothing (the flusher's interval is that level's promise)."""
+        if not self._sync_each or self.commits == self.flushed_commits or self._closed:
+            return
+        self._kick_syncer()
+
+    def _kick_syncer(self) -> None:
+        syncer = self._syncer
+        if syncer is None:
+            with self._syncer_lock:  # started once, whichever thread asks first
+                if self._syncer is None:
+                    self._syncer = _Flusher(self, None)
+                syncer = self._syncer
+        syncer.kick()
+
+    def add_sync_listener(self, listener: Callable[[int, BaseException | None], None]) -> None:
+        """Call ``listener(flushed_commits, error)`` after every sync of this store, on the
+        thread that synced (the background syncer's, mostly), with ``error`` the
+        StoreFlushError of a sync that failed. It must be quick and must not touch the
+        store: an event loop's committer hands it to its loop (``host.runtime.commits``).
+        A bound method, held weakly: a listener that is gone is dropped."""
+        self._sync_listeners.append(weakref.WeakMethod(listener))
+
+    def _tell_synced(self, error: BaseException | None) -> None:
+        if not self._sync_listeners:
+            return
+        gone = False
+        for ref in list(self._sync_listeners):
+            listener = ref()
+            if listener is None:
+                gone = True
+                continue
+            try:
+                listener(self.flushed_commits, error)
+            except Exception as exc:  # a listener's bug must not fail the sync it is told of
+                _log().warning("a sync listener failed: %s", exc)
+        if gone:
+            self._sync_listeners = [r for r in self._sync_listeners if r() is not None]
+
     def _after_commit(self, sync: SyncWhen) -> None:
         """Count a commit just made (inside ``_writer``); at ``sync``, sync it (``"now"``),
         have the background syncer sync it while the caller goes on (``"soon"``), or
@@ -1237,9 +1281,7 @@ class LmdbStore:
             with self._flushing():
                 self._sync_locked()
             return
-        if self._syncer is None:
-            self._syncer = _Flusher(self, None)
-        self._syncer.kick()
+        self._kick_syncer()
 
     def _before_write(self) -> None:
         """At ``sync``, inside ``_writer`` before a write transaction begins: every commit
@@ -1284,10 +1326,12 @@ class LmdbStore:
             self._env.sync(True)
         except lmdb.Error as exc:
             self._flush_error = self._flush_failure(exc)
+            self._tell_synced(self._flush_error)
             raise self._flush_error from exc
         self.flushes += 1
         self.last_flush = started
         self.flushed_commits = max(self.flushed_commits, seen)
+        self._tell_synced(None)
 
     def _flush_failure(self, exc: lmdb.Error) -> StoreFlushError:
         at = self.last_flush

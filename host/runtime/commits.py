@@ -17,12 +17,29 @@ a ``"soon"`` commit in the background while the agent computes its next step, so
 agent's CPU and its disk's flushes overlap (``snapshots.lmdb_store``, ``sync``). A
 power loss rolls such an agent back to a consistent earlier step (its checkpoint, journal
 and effects were in the same commits), from which it redoes the same calls.
+
+Where a commit runs: on the event loop's own thread, when the store's commits are local and
+cheap (an LMDB store: :class:`_LoopCommits`). The transaction is a few dozen microseconds of
+Python and LMDB; handing it to the group committer's writer thread and back cost two thread
+hand-offs a commit, and with many agents the writer's Python and the loop's fought over the
+GIL (the loop waited for it ~40% of its time, bench/RESULTS.md). So the loop commits, unsynced,
+and a ``"now"`` commit then waits for its *durable ack*: the store's background syncer syncs
+everything committed so far and tells the loop (``LmdbStore.add_sync_listener``), which wakes
+every commit the sync covered. While a sync is under way the store takes one more commit
+(a transaction begins only once every commit but the last is synced, see
+``snapshots.lmdb_store``); the commits that arrive after that wait on the loop and go, when
+the sync ends, into one transaction together (each in its own nested transaction): group
+commit, with the tool dispatched on the durable ack of its intent. A store without sync
+listeners (the fleet's, whose commits are network round trips) keeps the group committer's
+writer thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -34,7 +51,7 @@ from host.runtime.agent import LiveAgent
 from host.runtime.observe import NOBODY, Observer
 from host.trust import audit
 from snapshots.group_commit import GroupCommitter
-from snapshots.store import SyncWhen
+from snapshots.store import Outcome, SyncWhen
 
 T = TypeVar("T")
 
@@ -63,14 +80,31 @@ class AgentCommits:
         self.committer = committer
         self.fence = fence
         self.observer: Observer = NOBODY  # told of every commit of an agent (Host.observe)
+        store = committer.store
+        #: commits on the event loop's thread (see the module docstring), one per loop
+        self._on_loop = (callable(getattr(store, "add_sync_listener", None))
+                         and getattr(store, "durability", None) in ("sync", "process"))
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopCommits] = (
+            weakref.WeakKeyDictionary())
 
     async def run(self, fn: Callable[[Any], T], sync: SyncWhen = "now") -> T:
         """Run ``fn(txn)`` in a commit and return its value once the commit is durable
         (``sync`` short of ``"now"``: once committed; a later durable commit makes it durable)."""
+        if self._on_loop:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # pragma: no cover - non-asyncio backend
+                loop = None
+            if loop is not None:
+                local = self._loops.get(loop)
+                if local is None:
+                    local = self._loops[loop] = _LoopCommits(self.committer.store, loop)
+                value: T = await local.run(fn, sync)
+                return value
         done = self.committer.try_inline(fn, sync=sync)  # an idle committer, when no sync is due
         if done is not None:
-            value: T = done.unwrap()
-            return value
+            inline: T = done.unwrap()
+            return inline
         fut = self.committer.submit(fn, sync=sync)
         try:
             loop = asyncio.get_running_loop()
@@ -116,3 +150,100 @@ class AgentCommits:
             by = f"lease {lease}" if lease is not None else f"now {stored.get('status')}"
             raise LeaseLost(f"agent {agent.agent_id} was taken over by another host ({by}); "
                             "this host's step is not committed")
+
+
+class _LoopCommits:
+    """Commits made on one event loop's thread, to a store with sync listeners (an LMDB store).
+
+    A commit goes at once when nothing is queued ahead of it and the store can begin a
+    transaction without waiting for a sync (at most one commit unsynced); else it is queued,
+    and the queue goes in one transaction as soon as the store can take one (a sync ended).
+    Every commit is made unsynced (``"soon"``: the background syncer is kicked; ``"later"``:
+    left for the next sync); a ``"now"`` commit is acknowledged once a sync covered it.
+    Futures and the queue are touched only on the loop; the syncer's thread only schedules
+    :meth:`_synced` on it.
+    """
+
+    #: At most this many commits in one transaction (as the group committer's ``max_batch``).
+    MAX_BATCH = 512
+
+    def __init__(self, store: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.store = store
+        self.loop = loop
+        self.durable = store.durability == "sync"  # at "process" a commit is acknowledged when made
+        self.queue: list[tuple[Callable[[Any], Any], SyncWhen, asyncio.Future[tuple[Outcome, int]]]] = []
+        self.waiting: list[tuple[int, asyncio.Future[None]]] = []  # (commit number, its durable ack)
+        self.drain_due = False
+        store.add_sync_listener(self._on_sync)
+
+    def ready(self) -> bool:
+        """A transaction can begin now without waiting for a sync (``LmdbStore._before_write``)."""
+        return not self.durable or self.store.commits - self.store.flushed_commits <= 1
+
+    async def run(self, fn: Callable[[Any], T], sync: SyncWhen) -> T:
+        if not self.queue and self.ready():
+            (outcome,) = self.store.transact_batch((fn,), sync="later" if sync == "later" else "soon")
+            number = self.store.commits
+        else:
+            fut: asyncio.Future[tuple[Outcome, int]] = self.loop.create_future()
+            self.queue.append((fn, sync, fut))
+            self._kick()
+            outcome, number = await fut
+        value: T = outcome.unwrap()
+        if sync == "now" and self.durable and self.store.flushed_commits < number:
+            ack: asyncio.Future[None] = self.loop.create_future()
+            self.waiting.append((number, ack))
+            self.store.sync_soon()  # its own commit kicked it already, unless the batch was "later"
+            await ack
+        return value
+
+    def _kick(self) -> None:
+        """Commit the queue now if the store can take it, else have a sync end soon."""
+        if not self.queue or self.drain_due:
+            return
+        if self.ready():
+            self.drain_due = True
+            self.loop.call_soon(self._drain)
+        else:
+            self.store.sync_soon()  # its end calls _synced, which kicks again
+
+    def _drain(self) -> None:
+        self.drain_due = False
+        if not self.ready():
+            self._kick()
+            return
+        batch = [item for item in self.queue[:self.MAX_BATCH] if not item[2].cancelled()]
+        del self.queue[:self.MAX_BATCH]
+        if batch:
+            when: SyncWhen = "later" if all(sync == "later" for _, sync, _ in batch) else "soon"
+            try:
+                outcomes = self.store.transact_batch([fn for fn, _, _ in batch], sync=when)
+            except Exception as exc:  # the store failed: nothing of the batch written
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+            else:
+                number = self.store.commits
+                for (_, _, fut), outcome in zip(batch, outcomes, strict=True):
+                    if not fut.done():
+                        fut.set_result((outcome, number))
+        self._kick()
+
+    def _on_sync(self, flushed: int, error: BaseException | None) -> None:
+        """On the syncing thread: hand the news to the loop."""
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits on it any more
+            self.loop.call_soon_threadsafe(self._synced, flushed, error)
+
+    def _synced(self, flushed: int, error: BaseException | None) -> None:
+        still: list[tuple[int, asyncio.Future[None]]] = []
+        for number, ack in self.waiting:
+            if ack.done():
+                continue
+            if error is not None:
+                ack.set_exception(error)
+            elif number <= flushed:
+                ack.set_result(None)
+            else:
+                still.append((number, ack))
+        self.waiting = still
+        self._kick()
