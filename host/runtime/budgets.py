@@ -67,9 +67,10 @@ def count_fuel(agent: LiveAgent, fuel_used: int) -> None:
     agent.usage["fuel_used"] = fuel_used
 
 
-def crossed(agent: LiveAgent, before: policies.Usage) -> policies.BudgetEvent | None:
-    """Audit the warnings crossed since ``before``; return the first exceeded limit, if any."""
-    if not compiled(agent.bundle.policy).reports_budgets:
+def crossed(agent: LiveAgent, before: policies.Usage | None) -> policies.BudgetEvent | None:
+    """Audit the warnings crossed since ``before``; return the first exceeded limit, if any.
+    ``before`` is None after a plain call (:func:`decide_plain`): nothing to report."""
+    if before is None or not compiled(agent.bundle.policy).reports_budgets:
         return None  # no budget with thresholds: nothing to report, no usage to build
     exceeded = None
     after = usage_of(agent, time.time())
@@ -100,6 +101,54 @@ def read_shared(txn: Any, keys: Sequence[str]) -> dict[str, Any]:
         if raw is not None:
             out[k] = json.loads(raw)
     return out
+
+
+class _Counters:
+    """The counters a :class:`policies.compiled.ToolProgram` checks, read straight from the
+    agent record: no :class:`policies.Usage` (and its frozen copies) built for a plain call."""
+
+    __slots__ = ("calls_by_tool", "denials", "fuel_used", "fuel_used_run", "recent_calls", "tokens",
+                 "tool_calls", "wall_clock_run_s", "wall_clock_s")
+
+    def __init__(self, agent: LiveAgent, now: float) -> None:
+        u = agent.usage
+        self.fuel_used = fuel = int(u.get("fuel_used", 0))
+        self.fuel_used_run = fuel - agent.run_fuel_start
+        self.wall_clock_s = max(0.0, now - float(agent.record.get("created_at", now)))
+        self.wall_clock_run_s = max(0.0, now - agent.run_started)
+        self.tool_calls = int(u.get("tool_calls", 0))
+        self.tokens = int(u.get("tokens", 0))
+        self.denials = int(u.get("denials", 0))
+        self.calls_by_tool: dict[str, int] = u.get("calls_by_tool") or {}
+        self.recent_calls: dict[str, list[float]] = u.get("recent_calls") or {}
+
+
+def decide_plain(agent: LiveAgent, request: policies.ToolRequest, now: float) -> policies.Allow | None:
+    """A plain call decided and counted without building its usage, or None when it is not one.
+
+    Plain: its grant is precompiled (:mod:`policies.compiled`), every rule passes, and the
+    policy has no budget with thresholds to report after the call (so nothing needs the usage
+    but the counters). The record's usage then moves on exactly as :func:`keep` of
+    :func:`policies.record_decision` would move it (``tests/test_policy_compiled.py``).
+    """
+    program = compiled(agent.bundle.policy)
+    prog = program.tools.get(request.tool)
+    if prog is None or program.reports_budgets:
+        return None
+    counters = _Counters(agent, now)
+    if not prog.passes(counters, now):  # type: ignore[arg-type]  # the counters a Usage would hold
+        return None
+    tool = request.tool
+    calls = dict(counters.calls_by_tool)
+    calls[tool] = calls.get(tool, 0) + 1
+    recent = {k: list(v) for k, v in counters.recent_calls.items()}
+    if prog.window > 0:
+        recent[tool] = [*(t for t in recent.get(tool, ()) if t > now - prog.window), now]
+    else:
+        recent.pop(tool, None)
+    agent.usage.update(tool_calls=counters.tool_calls + 1, tokens=counters.tokens, denials=counters.denials,
+                       calls_by_tool=calls, recent_calls=recent)
+    return prog.allow
 
 
 def decide(agent: LiveAgent, store: AgentStore, request: policies.ToolRequest,

@@ -179,13 +179,18 @@ class ToolCallPipeline:
 
     # 3 ----------------------------------------------------------------------------------
     def decide(self, agent: LiveAgent,
-               request: policies.ToolRequest) -> tuple[policies.Decision | Backoff, policies.Usage]:
+               request: policies.ToolRequest) -> tuple[policies.Decision | Backoff, policies.Usage | None]:
         """The policy's decision, the usage it leaves (kept in the record; limits shared
-        beyond the agent kept in the store by the accountant), audited.
+        beyond the agent kept in the store by the accountant), audited. A plain call's
+        (:func:`budgets.decide_plain`) leaves None: it counted, and nothing reads it after.
 
         A rate-limited call whose grant waits is a :class:`Backoff` instead, and counts
         nothing (neither a call nor a denial): it is decided, and counted, when it wakes."""
         now = time.time()
+        plain = budgets.decide_plain(agent, request, now)  # allowed and counted, precompiled
+        if plain is not None:
+            agent.event("tool.allowed", call_seq=request.call_seq, tool=request.tool, decision=plain.to_dict())
+            return plain, None
         decision, before, after = budgets.decide(agent, self.store, request, now)
         at = _backoff_until(agent, request.tool, decision, now)
         if at is not None:
@@ -199,7 +204,7 @@ class ToolCallPipeline:
 
     # 4 ----------------------------------------------------------------------------------
     async def route(self, agent: LiveAgent, call: PendingCall, captured: Captured,
-                    decision: policies.Decision, usage: policies.Usage) -> Answer | Ended | Parked:
+                    decision: policies.Decision, usage: policies.Usage | None) -> Answer | Ended | Parked:
         """Act on the decision. Every branch writes checkpoint *K* before anything else happens."""
         if isinstance(decision, policies.Terminate):
             await self.commit(agent, call, self.snapshot(agent, call, captured), None)
@@ -563,7 +568,7 @@ class ToolCallPipeline:
 
     # 10 ---------------------------------------------------------------------------------
     @staticmethod
-    def check_budgets(agent: LiveAgent, before: policies.Usage) -> policies.BudgetEvent | None:
+    def check_budgets(agent: LiveAgent, before: policies.Usage | None) -> policies.BudgetEvent | None:
         """A limit the call crossed (tokens an LLM call spent): the first that terminates."""
         return budgets.crossed(agent, before)
 
