@@ -14,7 +14,8 @@ the caller waits for the run's end (``"later"``: the run's end syncs both), and 
 transactional tool's effect with its answer (``"soon"``, ``kv.incr``: only the guest sees
 the answer, and the agent's next tool, park or end is a durable commit). The store syncs
 a ``"soon"`` commit in the background while the agent computes its next step, so one
-agent's CPU and its disk's flushes overlap (``snapshots.lmdb_store``, ``sync``). A
+agent's CPU and its disk's flushes overlap (``snapshots.lmdb_store``, ``sync``; on the
+loop, below, one sync covers two such commits). A
 power loss rolls such an agent back to a consistent earlier step (its checkpoint, journal
 and effects were in the same commits), from which it redoes the same calls.
 
@@ -158,8 +159,10 @@ class _LoopCommits:
     A commit goes at once when nothing is queued ahead of it and the store can begin a
     transaction without waiting for a sync (at most one commit unsynced); else it is queued,
     and the queue goes in one transaction as soon as the store can take one (a sync ended).
-    Every commit is made unsynced (``"soon"``: the background syncer is kicked; ``"later"``:
-    left for the next sync); a ``"now"`` commit is acknowledged once a sync covered it.
+    Every commit is made unsynced; the background syncer is started when a ``"now"`` commit
+    waits for its ack, when two commits are unsynced (:meth:`_sync_if_due`), and when commits
+    are queued behind them. So ``"soon"`` means: synced by the time the store needs it, at the
+    latest with the commit after next; a ``"now"`` commit is acknowledged once a sync covered it.
     Futures and the queue are touched only on the loop; the syncer's thread only schedules
     :meth:`_synced` on it.
     """
@@ -182,8 +185,9 @@ class _LoopCommits:
 
     async def run(self, fn: Callable[[Any], T], sync: SyncWhen) -> T:
         if not self.queue and self.ready():
-            (outcome,) = self.store.transact_batch((fn,), sync="later" if sync == "later" else "soon")
+            (outcome,) = self.store.transact_batch((fn,), sync="later")
             number = self.store.commits
+            self._sync_if_due()
         else:
             fut: asyncio.Future[tuple[Outcome, int]] = self.loop.create_future()
             self.queue.append((fn, sync, fut))
@@ -196,6 +200,14 @@ class _LoopCommits:
             self.store.sync_soon()  # its own commit kicked it already, unless the batch was "later"
             await ack
         return value
+
+    def _sync_if_due(self) -> None:
+        """Start a sync once two commits are unsynced: the store takes no third before it
+        ends. Not sooner: a lone agent's next commit, made while its guest computes, shares
+        the sync (one ``fdatasync`` per two of its calls, the sync overlapping its CPU); a
+        power loss still costs at most the two unsynced commits nobody was told of."""
+        if self.store.commits - self.store.flushed_commits >= 2:
+            self.store.sync_soon()
 
     def _kick(self) -> None:
         """Commit the queue now if the store can take it, else have a sync end soon."""
@@ -215,9 +227,8 @@ class _LoopCommits:
         batch = [item for item in self.queue[:self.MAX_BATCH] if not item[2].cancelled()]
         del self.queue[:self.MAX_BATCH]
         if batch:
-            when: SyncWhen = "later" if all(sync == "later" for _, sync, _ in batch) else "soon"
             try:
-                outcomes = self.store.transact_batch([fn for fn, _, _ in batch], sync=when)
+                outcomes = self.store.transact_batch([fn for fn, _, _ in batch], sync="later")
             except Exception as exc:  # the store failed: nothing of the batch written
                 for _, _, fut in batch:
                     if not fut.done():
@@ -227,6 +238,7 @@ class _LoopCommits:
                 for (_, _, fut), outcome in zip(batch, outcomes, strict=True):
                     if not fut.done():
                         fut.set_result((outcome, number))
+                self._sync_if_due()
         self._kick()
 
     def _on_sync(self, flushed: int, error: BaseException | None) -> None:
