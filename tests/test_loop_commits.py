@@ -148,3 +148,14 @@ def test_at_process_a_commit_is_acknowledged_when_made(tmp_path: Path) -> None:
 
         anyio.run(main)
         assert store.unflushed_commits == 5 and store.flushes == 0
+
+
+def test_a_finished_loop_is_not_kept(tmp_path: Path) -> None:
+    import gc
+
+    with LmdbStore.open(tmp_path / "s") as store, GroupCommitter(store) as committer:
+        commits = AgentCommits(committer)
+        for i in range(3):
+            anyio.run(commits.run, lambda txn, i=i: txn.kv_set("ns", f"k{i}", b"v"), "now")
+        gc.collect()
+        assert len(commits._loops) == 0, "each run's loop and its committer went with it"

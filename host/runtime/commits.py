@@ -172,12 +172,19 @@ class _LoopCommits:
 
     def __init__(self, store: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.store = store
-        self.loop = loop
+        # Weakly: AgentCommits keeps one of these per loop, keyed weakly by the loop.
+        self._loop = weakref.ref(loop)
         self.durable = store.durability == "sync"  # at "process" a commit is acknowledged when made
         self.queue: list[tuple[Callable[[Any], Any], SyncWhen, asyncio.Future[tuple[Outcome, int]]]] = []
         self.waiting: list[tuple[int, asyncio.Future[None]]] = []  # (commit number, its durable ack)
         self.drain_due = False
         store.add_sync_listener(self._on_sync)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop()
+        assert loop is not None, "a loop's committer outlived its loop"
+        return loop
 
     def ready(self) -> bool:
         """A transaction can begin now without waiting for a sync (``LmdbStore._before_write``)."""
@@ -243,8 +250,11 @@ class _LoopCommits:
 
     def _on_sync(self, flushed: int, error: BaseException | None) -> None:
         """On the syncing thread: hand the news to the loop."""
+        loop = self._loop()
+        if loop is None:
+            return
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits on it any more
-            self.loop.call_soon_threadsafe(self._synced, flushed, error)
+            loop.call_soon_threadsafe(self._synced, flushed, error)
 
     def _synced(self, flushed: int, error: BaseException | None) -> None:
         still: list[tuple[int, asyncio.Future[None]]] = []
