@@ -808,6 +808,8 @@ class LmdbStore:
         #: on stable storage), and ``commits`` as it was then
         self.flushes = 0
         self.last_flush: float | None = None
+        #: how long the last successful sync took, in seconds (0 before the first)
+        self.last_sync_s = 0.0
         self.flushed_commits = 0
         # This process's unflushed marker (a writable handle), removed by a clean
         # close in the process that opened the store (never by a forked child).
@@ -1321,7 +1323,7 @@ class LmdbStore:
         environment. py-lmdb releases the GIL for the ``fdatasync``.
         """
         self._raise_flush_error()
-        seen, started = self.commits, time.time()
+        seen, started, t0 = self.commits, time.time(), time.perf_counter()
         try:
             self._env.sync(True)
         except lmdb.Error as exc:
@@ -1330,6 +1332,7 @@ class LmdbStore:
             raise self._flush_error from exc
         self.flushes += 1
         self.last_flush = started
+        self.last_sync_s = time.perf_counter() - t0
         self.flushed_commits = max(self.flushed_commits, seen)
         self._tell_synced(None)
 

@@ -178,6 +178,7 @@ class _LoopCommits:
         self.queue: list[tuple[Callable[[Any], Any], SyncWhen, asyncio.Future[tuple[Outcome, int]]]] = []
         self.waiting: list[tuple[int, asyncio.Future[None]]] = []  # (commit number, its durable ack)
         self.drain_due = False
+        self.last_commit_at = 0.0  # perf_counter() of the last commit made here
         store.add_sync_listener(self._on_sync)
 
     @property
@@ -209,11 +210,16 @@ class _LoopCommits:
         return value
 
     def _sync_if_due(self) -> None:
-        """Start a sync once two commits are unsynced: the store takes no third before it
-        ends. Not sooner: a lone agent's next commit, made while its guest computes, shares
-        the sync (one ``fdatasync`` per two of its calls, the sync overlapping its CPU); a
-        power loss still costs at most the two unsynced commits nobody was told of."""
-        if self.store.commits - self.store.flushed_commits >= 2:
+        """Start a sync once two commits are unsynced (the store takes no third before it
+        ends), or at the first when the disk is the slower of the two: its last sync took
+        longer than the time since the commit before. Else a lone agent's next commit, made
+        while its guest computes, shares the sync (one ``fdatasync`` per two of its calls,
+        the sync overlapping its CPU). A power loss costs at most the two unsynced commits
+        nobody was told of, either way."""
+        now = time.perf_counter()
+        since, self.last_commit_at = now - self.last_commit_at, now
+        unsynced = self.store.commits - self.store.flushed_commits
+        if unsynced >= 2 or (unsynced == 1 and self.store.last_sync_s > since):
             self.store.sync_soon()
 
     def _kick(self) -> None:
