@@ -74,8 +74,9 @@ def _phase_clock() -> Iterator[dict[str, int]]:
     ``guest``: capturing the guest's state and running it from one call to the next;
     ``policy``: the request and the policy's decision (with its usage); ``encode``: checkpoint
     *K* (the delta and its chunks); ``audit``: sealing the step's audit events onto the chain
-    (inside the commit, on the committer's thread); ``commit``: the rest of the commit until it
-    is acknowledged (the transaction, the tool's effect for ``kv.incr``, the sync, the hand-offs).
+    (inside the commit's transaction, on the event loop's thread for an LMDB store); ``commit``:
+    the rest of the commit until it is acknowledged (the transaction, the tool's effect for
+    ``kv.incr``, waiting for a sync the store needs first or for a ``"now"`` commit's ack).
     The wrappers cost a few µs a call, so this is a run of its own, not the timed one.
     """
     from host.runtime import commits as commits_mod
