@@ -51,6 +51,7 @@ from host.runtime import logs
 from host.runtime.agent import LiveAgent
 from host.runtime.observe import NOBODY, Observer
 from host.trust import audit
+from snapshots.errors import StoreError
 from snapshots.group_commit import GroupCommitter
 from snapshots.store import Outcome, SyncWhen
 
@@ -242,10 +243,13 @@ class _LoopCommits:
         if batch:
             try:
                 outcomes = self.store.transact_batch([fn for fn, _, _ in batch], sync="later")
-            except Exception as exc:  # the store failed: nothing of the batch written
+            except BaseException as exc:  # the store failed: nothing of the batch written
                 for _, _, fut in batch:
                     if not fut.done():
-                        fut.set_exception(exc)
+                        fut.set_exception(exc if isinstance(exc, Exception) else StoreError(
+                            f"the commit was interrupted: {type(exc).__name__}"))
+                if not isinstance(exc, Exception):
+                    raise
             else:
                 number = self.store.commits
                 for (_, _, fut), outcome in zip(batch, outcomes, strict=True):
