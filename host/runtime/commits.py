@@ -206,7 +206,7 @@ class _LoopCommits:
         if sync == "now" and self.durable and self.store.flushed_commits < number:
             ack: asyncio.Future[None] = self.loop.create_future()
             self.waiting.append((number, ack))
-            self.store.sync_soon()  # its own commit kicked it already, unless the batch was "later"
+            self.store.sync_soon()  # one that began before this commit does not cover it: the next will
             await ack
         return value
 
