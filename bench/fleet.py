@@ -5,16 +5,19 @@ Two measurements, one 3-node JetStream cluster (``bench.nats_cluster``, real
 
 * throughput: ``--agents`` ``steps`` agents of ``--n`` durable tool round trips each
   (``kv.incr``: a checkpoint, a journal entry and audit records committed per call), on 1,
-  2 and 3 hosts of the fleet store (in-process ``Host`` objects, each with its own NATS
-  connection and local copy, the agents split between them), beside one host on the LMDB
-  store (``sync`` and ``process`` durability) in the same run: round trips per second.
+  2 and 3 hosts of the fleet store (a process each, as a fleet's hosts are, each with its
+  own NATS connection and local copy, the agents split between them and started together),
+  beside one host on the LMDB store (``sync`` and ``process`` durability) in the same run:
+  round trips per second; then hibernations per second (an agent's checkpoint and record
+  committed, as ``bench.bench_snapshot_codec`` measures them on LMDB alone), through each
+  host's group committer.
 * take-over: ``--trials`` times, a ``torpor serve`` host process (lease ``--lease``) runs
   ``steps`` agents while another serves beside it; the first is SIGKILLed mid-run. Measured:
   from the kill to the first checkpoint of one of its agents written by the other host, and
   the same from its lease's expiry (the target: p50 at most 2 s after expiry with a 3 s
   lease); every agent must complete with the right output (none lost, no call run twice).
 
-    python -m bench.fleet [--agents N] [--n N] [--trials N] [--lease S] [--quick] [--json]
+    python -m bench.fleet [--agents N] [--n N] [--trials N] [--lease S] [--quick] [--no-takeover] [--json]
 
 Helpers shared with ``tests/test_fleet.py``: :func:`seed` (bundles and a token on the fleet
 store, written in-process as ``torpor push`` / ``tokens create`` would), :func:`start_host`
@@ -24,6 +27,7 @@ store, written in-process as ``torpor push`` / ``tokens create`` would), :func:`
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -31,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -40,11 +45,13 @@ import anyio
 import httpx
 
 from bench._stats import machine
+from bench.bench_snapshot_codec import DIGEST, small_agent_record
 from bench.nats_cluster import NatsCluster, _free_ports
 from host.runtime import Host
 from host.runtime.leases import HostLease
 from host.sandbox import bundle as bundle_mod
 from host.trust import operator_tokens
+from snapshots.group_commit import GroupCommitter
 from snapshots.nats_store import NatsStore
 
 
@@ -115,11 +122,11 @@ def _steps_bundle(tmp: Path) -> Path:
     return f
 
 
-async def _run_agents(hosts: list[Host], bundle: Any, agents_n: int, n: int) -> list[Any]:
+async def _run_agents(host: Host, bundle: Any, agents_n: int, n: int) -> list[Any]:
     results: list[Any] = [None] * agents_n
 
     async def one(i: int) -> None:
-        results[i] = await hosts[i % len(hosts)].run(bundle, {"n": n})
+        results[i] = await host.run(bundle, {"n": n})
 
     async with anyio.create_task_group() as tg:
         for i in range(agents_n):
@@ -127,41 +134,129 @@ async def _run_agents(hosts: list[Host], bundle: Any, agents_n: int, n: int) -> 
     return results
 
 
-def _throughput_case(hosts: list[Host], bundle: Any, agents_n: int, n: int) -> dict[str, Any]:
-    for h in hosts:
-        h.register_bundle(bundle)
-    t0 = time.perf_counter()
-    results = anyio.run(_run_agents, hosts, bundle, agents_n, n)
-    took = time.perf_counter() - t0
-    want = {"sum": n * (n + 1) // 2, "last": n}
-    wrong = sum(1 for r in results if r.status != "completed" or r.output != want)
-    return {"agents": agents_n, "round_trips": agents_n * n, "seconds": round(took, 3),
-            "round_trips_per_s": round(agents_n * n / took, 1), "wrong": wrong}
+def _hibernations(store: Any, host_no: int, count: int) -> float:
+    """``count`` hibernations (an agent's checkpoint and record, the record of
+    ``bench.bench_snapshot_codec``) through a group committer fed by 4 threads, as a host's
+    worker pool would; the seconds they took."""
+    _, record, _ = small_agent_record(bss=True)
+    per = max(1, count // 4)
+
+    def hib(i: int) -> Any:
+        aid = f"agt_{hashlib.sha256(b'%d/%d' % (host_no, i)).hexdigest()[:26]}"  # random order, as a host sees them
+
+        def fn(t: Any) -> None:
+            t.put_checkpoint(aid, 1, record, 1732270000.25)
+            t.put_agent({"agent_id": aid, "state": "hibernated", "seq": 1, "module": DIGEST[:16]})
+
+        return fn
+
+    with GroupCommitter(store) as gc:
+        def submit(k: int) -> None:
+            for f in [gc.submit(hib(k * per + i)) for i in range(per)]:
+                f.result()
+
+        threads = [threading.Thread(target=submit, args=(k,)) for k in range(4)]
+        t0 = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        return time.perf_counter() - t0
 
 
-def throughput(cluster: NatsCluster, tmp: Path, agents_n: int, n: int) -> dict[str, Any]:
-    """Round trips per second: LMDB (sync, process) on one host, the fleet store on 1, 2, 3 hosts."""
-    from snapshots.nats_store import NatsStore
+def _worker(args: argparse.Namespace) -> int:
+    """One host of a throughput case, in a process of its own (as a fleet's hosts are): open
+    the store, compile the module (a warm-up run), say ``ready``, wait for ``go`` on stdin,
+    run ``--agents`` agents at once, print what it measured as one JSON line."""
+    if args.store.startswith("nats://"):
+        store: Any = NatsStore.open(args.store, Path(args.dir) / "copy", stream=args.stream, replicas=3)
+        host = Host(args.dir, store=store, lease_s=10.0)
+    else:
+        host = Host(args.dir, durability=args.store)
+    with host:
+        bundle = bundle_mod.load(Path(args.bundle))
+        host.register_bundle(bundle)
+        anyio.run(_run_agents, host, bundle, 1, 1)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        t0 = time.time()
+        results = anyio.run(_run_agents, host, bundle, args.agents, args.n)
+        t1 = time.time()
+        want = {"sum": args.n * (args.n + 1) // 2, "last": args.n}
+        print("ran", flush=True)
+        sys.stdin.readline()  # every host's agents done: the hibernations start together too
+        h0 = time.time()
+        took = _hibernations(host.store, args.host_no, args.hibernations)
+        print(json.dumps({"t0": t0, "t1": t1, "agents": args.agents, "round_trips": args.agents * args.n,
+                          "h0": h0, "h1": h0 + took, "hibernations": 4 * max(1, args.hibernations // 4),
+                          "races": getattr(host.store, "races", None),
+                          "conditions": dict(getattr(host.store, "conditions", {})),
+                          "wrong": sum(1 for x in results if x.status != "completed" or x.output != want)}),
+              flush=True)
+    return 0
 
-    bundle = bundle_mod.load(_steps_bundle(tmp))
+
+def _throughput_case(store: str, stream: str, tmp: Path, bundle: Path, hosts: int, agents_n: int, n: int,
+                     hibernations: int) -> dict[str, Any]:
+    """``hosts`` worker processes on one store, ``agents_n`` agents split between them, started together."""
+    procs = []
+    try:
+        for i in range(hosts):
+            share = agents_n // hosts + (1 if i < agents_n % hosts else 0)
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "bench.fleet", "--worker", "--store", store, "--stream", stream,
+                 "--dir", str(tmp / f"{stream}-{i}"), "--bundle", str(bundle), "--agents", str(share),
+                 "--n", str(n), "--hibernations", str(hibernations // hosts), "--host-no", str(i)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        for proc in procs:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a {store} host of the throughput case did not start")
+        for step in ("ready", "ran"):  # wait for every host, then start them all
+            for proc in procs:
+                assert proc.stdout is not None
+                if step == "ran" and proc.stdout.readline().strip() != "ran":
+                    raise RuntimeError(f"a {store} host of the throughput case failed")
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+        rows = []
+        for proc in procs:
+            out, _ = proc.communicate(timeout=1800)
+            if proc.returncode != 0:
+                raise RuntimeError(f"a {store} host of the throughput case exited {proc.returncode}")
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    took = max(r["t1"] for r in rows) - min(r["t0"] for r in rows)
+    trips = sum(r["round_trips"] for r in rows)
+    hib = sum(r["hibernations"] for r in rows)
+    hib_took = max(r["h1"] for r in rows) - min(r["h0"] for r in rows)
+    races = [r["races"] for r in rows if r["races"] is not None]
+    return {"hosts": hosts, "agents": agents_n, "round_trips": trips, "seconds": round(took, 3),
+            "round_trips_per_s": round(trips / took, 1), "hibernations": hib,
+            "hibernations_per_s": round(hib / hib_took, 1), "races": sum(races) if races else None,
+            "conditions": {k: sum(r["conditions"].get(k, 0) for r in rows) for k in ("agents", "stream", "none")}
+            if races else None,
+            "wrong": sum(r["wrong"] for r in rows)}
+
+
+def throughput(cluster: NatsCluster, tmp: Path, agents_n: int, n: int, hibernations: int) -> dict[str, Any]:
+    """Round trips and hibernations per second: LMDB (sync, process) on one host, the fleet
+    store on 1, 2 and 3 hosts (one process each, the work split between them)."""
+    bundle = _steps_bundle(tmp)
     out: dict[str, Any] = {}
     for durability in ("sync", "process"):
-        with Host(tmp / f"lmdb-{durability}", durability=durability) as h:
-            out[f"lmdb {durability}, 1 host"] = _throughput_case([h], bundle, agents_n, n)
+        out[f"lmdb {durability}, 1 host"] = _throughput_case(
+            durability, "-", tmp / f"lmdb-{durability}", bundle, 1, agents_n, n, hibernations)
     for count in (1, 2, 3):
         stream = f"B{uuid.uuid4().hex[:10]}"
-        hosts = []
-        try:
-            for i in range(count):
-                store = NatsStore.open(cluster.urls[i % len(cluster.urls)], tmp / f"{stream}-{i}" / "copy",
-                                       stream=stream, replicas=3)
-                hosts.append(Host(tmp / f"{stream}-{i}", store=store, lease_s=10.0))
-            case = _throughput_case(hosts, bundle, agents_n, n)
-            case["races"] = sum(h.store.races for h in hosts)  # type: ignore[attr-defined]
-            out[f"nats R3, {count} host{'s' if count > 1 else ''}"] = case
-        finally:
-            for h in hosts:
-                h.close()
+        out[f"nats R3, {count} host{'s' if count > 1 else ''}"] = _throughput_case(
+            cluster.url, stream, tmp, bundle, count, agents_n, n, hibernations)
     return out
 
 
@@ -175,8 +270,6 @@ def _victim_agents_done(base: str, secret: str, ids: set[str]) -> list[dict[str,
 
 def takeover(cluster: NatsCluster, tmp: Path, trials: int, lease: float, agents_n: int, n: int) -> dict[str, Any]:
     """SIGKILL a host mid-run ``trials`` times; when its agents' next checkpoint is written elsewhere."""
-    from snapshots.nats_store import NatsStore
-
     stream = f"K{uuid.uuid4().hex[:10]}"
     [steps], secret = seed(cluster.url, stream, tmp / "seed", [_steps_bundle(tmp)])
     hdr = {"Authorization": f"Bearer {secret}"}
@@ -269,22 +362,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tmp = Path(d)
         with NatsCluster(tmp / "nats", 3) as cluster:
             res: dict[str, Any] = {"machine": machine(), "load_avg": os.getloadavg()}
-            res["throughput"] = throughput(cluster, tmp, agents_n, n)
-            res["takeover"] = takeover(cluster, tmp, trials, args.lease, 4, args.takeover_n)
+            res["throughput"] = throughput(cluster, tmp, agents_n, n, args.hibernations or (400 if quick else 6000))
+            if not args.no_takeover:
+                res["takeover"] = takeover(cluster, tmp, trials, args.lease, 4, args.takeover_n)
             res["load_avg_after"] = os.getloadavg()
     return res
 
 
 def show(res: dict[str, Any]) -> None:
-    print(f"{'case':28} {'round trips':>12} {'seconds':>8} {'per s':>8} {'races':>6} {'wrong':>6}")
+    print(f"{'case':38} {'round trips':>12} {'seconds':>8} {'per s':>8} {'hibernations/s':>15} {'races':>6} "
+          f"{'wrong':>6}")
     for name, c in res["throughput"].items():
-        print(f"{name:28} {c['round_trips']:>12} {c['seconds']:>8} {c['round_trips_per_s']:>8} "
-              f"{c.get('races', '-'):>6} {c['wrong']:>6}")
-    t = res["takeover"]
+        races = "-" if c.get("races") is None else c["races"]
+        print(f"{name:38} {c['round_trips']:>12} {c['seconds']:>8} {c['round_trips_per_s']:>8} "
+              f"{c['hibernations_per_s']:>15} {races:>6} {c['wrong']:>6}")
+    print(f"load average before {res['load_avg']}, after {res['load_avg_after']}")
+    t = res.get("takeover")
+    if t is None:
+        return
     print(f"take-over, lease {t['lease_s']} s, {t['taken_over']}/{t['trials']} trials: kill -> first checkpoint "
           f"elsewhere {t['kill_to_checkpoint_s']}; lease expiry -> it {t['expiry_to_checkpoint_s']}; "
           f"agents lost {t['agents_lost']}, wrong {t['agents_wrong']}")
-    print(f"load average before {res['load_avg']}, after {res['load_avg_after']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,14 +394,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--takeover-n", type=int, default=100, help="round trips of each agent of a take-over trial")
     p.add_argument("--quick", action="store_true", help="a small smoke run")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--no-takeover", action="store_true", help="measure the throughput only")
+    # One host of a throughput case (run by the bench itself, in a process of its own).
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    for flag in ("--store", "--stream", "--dir", "--bundle"):
+        p.add_argument(flag, help=argparse.SUPPRESS)
+    p.add_argument("--host-no", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--hibernations", type=int, default=None,
+                   help="hibernations per throughput case, split between its hosts (default 6,000; --quick 400)")
     args = p.parse_args(argv)
+    if args.worker:
+        return _worker(args)
     res = run(args)
     res["command"] = "python -m bench.fleet " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.json:
         print(json.dumps(res, indent=2, default=str))
     else:
         show(res)
-    failed = res["takeover"]["agents_lost"] or res["takeover"]["agents_wrong"] or any(
+    t = res.get("takeover") or {}
+    failed = t.get("agents_lost") or t.get("agents_wrong") or any(
         c["wrong"] for c in res["throughput"].values())
     return 1 if failed else 0
 

@@ -56,11 +56,12 @@ class WrongLastSequence(StoreError):
 
 @dataclass(frozen=True, slots=True)
 class LogMessage:
-    """One stored message: its stream sequence, payload and headers."""
+    """One stored message: its stream sequence, payload, headers and subject."""
 
     seq: int
     data: bytes
     headers: dict[str, str]
+    subject: str = ""
 
 
 def _import_nats() -> Any:
@@ -165,6 +166,9 @@ class NatsBridge:
         async def go() -> str:
             try:
                 info = await self._js.stream_info(name)
+                if list(info.config.subjects or []) != [subject]:  # a stream of an older layout
+                    info.config.subjects = [subject]
+                    info = await self._js.update_stream(info.config)
             except self._nats.js.errors.NotFoundError:
                 config = StreamConfig(name=name, subjects=[subject], num_replicas=replicas,
                                       storage=StorageType.FILE, allow_atomic=True, allow_direct=True,
@@ -225,21 +229,20 @@ class NatsBridge:
                 m = await self._js.get_msg(stream, seq, direct=True)
             except self._nats.js.errors.NotFoundError:
                 return None
-            return LogMessage(int(m.seq), bytes(m.data or b""), dict(m.headers or {}))
+            return LogMessage(int(m.seq), bytes(m.data or b""), dict(m.headers or {}), str(m.subject or ""))
 
         return self._run(self._guard(f"reading message {seq} of {stream}", go()))
 
     # -------------------------------------------------------------- publishes
 
-    def publish(self, subject: str, payload: bytes, *, expected_last_seq: int,
-                headers: dict[str, str] | None = None) -> int:
-        """Publish one message if the stream's last sequence is ``expected_last_seq``; its sequence.
+    def publish(self, subject: str, payload: bytes, *, headers: dict[str, str]) -> int:
+        """Publish one message; its sequence. ``headers`` carry its condition
+        (``Nats-Expected-Last-Sequence``, ``Nats-Expected-Last-Subject-Sequence``), if any.
 
         A message id makes the retry after a lost answer safe: JetStream drops the second
         copy and answers with the first one's sequence.
         """
-        h = {"Nats-Expected-Last-Sequence": str(expected_last_seq), "Nats-Msg-Id": uuid.uuid4().hex,
-             **(headers or {})}
+        h = {"Nats-Msg-Id": uuid.uuid4().hex, **headers}
 
         async def go() -> int:
             # Retried while the cluster elects a stream leader (no answer, no responders),
@@ -266,24 +269,25 @@ class NatsBridge:
 
         return self._run(self._guard(f"publishing to {subject}", go()), self.timeout + 2.0)
 
-    def publish_batch(self, subject: str, parts: Sequence[bytes], *, expected_last_seq: int,
-                      headers: Sequence[dict[str, str]]) -> int:
-        """Publish ``parts`` as one atomic batch (NATS 2.12+), conditional on the last sequence.
+    def publish_batch(self, messages: Sequence[tuple[str, bytes, dict[str, str]]]) -> int:
+        """Publish ``messages`` (subject, payload, headers) as one atomic batch (NATS 2.12+).
 
-        Either every part is stored, contiguously, or none is. ``headers``: one dict per
-        part. Returns the sequence of the last part.
+        Either every message is stored, contiguously, or none is: each message's condition
+        in its headers must hold (``Nats-Expected-Last-Sequence`` on the first only). Returns
+        the sequence of the last message. Only the commit (the last message) is answered.
         """
         batch = uuid.uuid4().hex
 
         async def go() -> int:
             reply: Any = None
-            for i, part in enumerate(parts, 1):
-                h = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i), **headers[i - 1]}
-                if i == 1:
-                    h["Nats-Expected-Last-Sequence"] = str(expected_last_seq)
-                if i == len(parts):
+            n = len(messages)
+            for i, (subject, payload, headers) in enumerate(messages, 1):
+                h = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i), **headers}
+                if i < n:
+                    await self._nc.publish(subject, payload, headers=h)
+                else:
                     h["Nats-Batch-Commit"] = "1"
-                reply = await self._nc.request(subject, part, timeout=self.timeout, headers=h)
+                    reply = await self._nc.request(subject, payload, timeout=self.timeout, headers=h)
             import json
 
             answer = json.loads(reply.data)
@@ -294,7 +298,7 @@ class NatsBridge:
                 raise exc
             return int(answer["seq"])
 
-        return self._run(self._guard(f"publishing a batch to {subject}", go()), self.timeout * (len(parts) + 1))
+        return self._run(self._guard("publishing a batch", go()), self.timeout * 2 + 1.0)
 
     # ---------------------------------------------------------- subscriptions
 
@@ -308,7 +312,7 @@ class NatsBridge:
 
         async def handler(msg: Any) -> None:
             on_message(LogMessage(int(msg.metadata.sequence.stream), bytes(msg.data or b""),
-                                  dict(msg.headers or {})))
+                                  dict(msg.headers or {}), str(msg.subject)))
 
         async def go() -> None:
             sub = await self._js.subscribe(subject, cb=handler, ordered_consumer=True,

@@ -11,21 +11,34 @@ needs, and it is the cluster's consensus doing the ordering, not a home-made one
   stream sequence its copy has applied, in the same LMDB transaction as the state;
 - a transaction runs against the local copy, inside an LMDB write transaction, through a
   ``snapshots.oplog.RecordingTxn``; its successful writes become one log entry, published
-  on condition that the stream's last sequence is the copy's: nothing committed anywhere
-  since this host's copy was last brought up to date. If the publish is accepted, the
-  local transaction commits too (its state is exactly the log's at that sequence). If it
-  is refused, another host committed first: the local copy is brought up to date from
-  the log and the function runs again (the ``transact`` contract allows it);
+  on condition that nothing it depends on changed since this host's copy was last brought
+  up to date (below). If the publish is accepted, the entry is the commit: the local
+  transaction commits too when the entry landed right after the copy's last sequence (its
+  state is then exactly the log's), else it is dropped and the applier writes the entry
+  in log order. If it is refused, another host committed first: the local copy is brought
+  up to date from the log and the function runs again (the ``transact`` contract allows it);
 - an applier thread follows the stream with an ordered consumer and replays every entry
   it has not applied yet (``oplog.apply_ops``), so reads on every host see every commit,
   typically within milliseconds.
 
+Conditions per agent: the stream's subjects are ``<stream>.a.<partition>``, one per agent
+(``oplog`` says which keys are whose), and ``<stream>.g``. An entry has one message on the
+subject of every agent it touched. A transaction that read only its agents' keys is
+conditioned on each of their subjects' last sequences (``Nats-Expected-Last-Subject-Sequence``,
+one per message of an atomic batch): hosts driving different agents, and a group commit of
+many agents, commit side by side without racing. One that read anything global (a lease,
+the registry, a walk over every agent) is conditioned on the whole stream's last sequence
+(``Nats-Expected-Last-Sequence``), so it sees every commit before it; its messages on its
+agents' subjects move their sequences on, so an agent's next step on a view older than it
+is refused too. A host that lost an agent to another (the take-over claim is such a global
+transaction on that agent) therefore cannot commit a step of it: its condition on the
+agent's subject fails, and its function, run again on the new state, sees that it no longer
+owns the agent. Blind writes of global keys (a lease renewal) read nothing and carry no
+condition.
+
 A step's checkpoint, journal entries, audit records and agent record are one log entry:
-one message, or, above the server's payload limit, an atomic batch of parts (NATS 2.12+),
-stored together or not at all, under the same condition. The condition on the whole
-stream's last sequence is stronger than one on the agent's own: a host that lost an agent
-to another (``torpor`` fencing) cannot commit on a view that predates the take-over, and
-its function, run again on the new state, sees that it no longer owns the agent.
+one message, or an atomic batch (NATS 2.12+) when it touches several agents or exceeds the
+server's payload limit, stored together or not at all.
 
 Durability: an acknowledged commit is on a quorum of the stream's replicas
 (``replicas``, 3 in the tests), in their page caches; the servers fsync every
@@ -45,9 +58,12 @@ than from sequence 1) is not done yet.
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import queue
 import random
+import re
+import shutil
 import threading
 import time
 import uuid
@@ -58,10 +74,10 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from .errors import StoreConfigError, StoreCorrupt, StoreError, StoreUnavailable
+from .errors import StoreConfigError, StoreCorrupt, StoreError, StoreSuspect, StoreUnavailable
 from .lmdb_store import LmdbStore, _LmdbTxn
 from .nats_bridge import LogMessage, NatsBridge, WrongLastSequence
-from .oplog import RecordingTxn, apply_ops, decode_ops, encode_ops
+from .oplog import GLOBAL, RecordingTxn, apply_ops, decode_ops, encode_ops
 from .store import AgentStore, Outcome, ReadTxn, SyncWhen, WriteTxn
 
 __all__ = ["DEFAULT_STREAM", "NatsStore", "parse_nats_url"]
@@ -72,6 +88,8 @@ DEFAULT_STREAM = "TORPOR"
 #: stream this copy is a copy of (its name and creation time).
 _APPLIED_KEY = b"nats.applied"
 _STREAM_KEY = b"nats.stream"
+#: ... and, per agent subject token, the stream sequence of its last message applied.
+_SUBJECT_KEY = b"nats.subj."
 #: Headers of a log entry: its id, and "i/n" for an entry in parts (an atomic batch).
 _TXN_HEADER = "Torpor-Txn"
 _PART_HEADER = "Torpor-Part"
@@ -79,8 +97,33 @@ _PART_HEADER = "Torpor-Part"
 _MAX_RACES = 200
 #: How many applied entry ids are remembered (an unanswered publish is recognised among them).
 _SEEN_KEPT = 10_000
+#: At most this many delivered messages are applied in one local transaction.
+_APPLY_BATCH = 512
 #: Room left under the server's max_payload for headers.
 _PART_HEADROOM = 64 * 1024
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _token(partition: str) -> str:
+    """A subject token for a partition: the agent id as it is, else a digest of it (a shared
+    token costs two agents a condition on each other, never correctness)."""
+    if _TOKEN.fullmatch(partition):
+        return partition
+    return "h" + hashlib.sha256(partition.encode()).hexdigest()[:32]
+
+
+class _Behind(Exception):
+    """The entry landed after others this copy has not applied: drop the local transaction
+    and let the applier write the entry in log order."""
+
+    def __init__(self, seq: int) -> None:
+        super().__init__(seq)
+        self.seq = seq
+
+
+Message = tuple[str, bytes, dict[str, str]]
 
 
 def _log() -> logging.Logger:
@@ -117,7 +160,9 @@ class NatsStore:
         self._bridge = bridge
         self._local = local
         self.stream = stream
-        self.subject = f"{stream}.txn"
+        self.subject = f"{stream}.>"  # every subject of the stream
+        self._global_subject = f"{stream}.g"
+        self._agent_prefix = f"{stream}.a."
         self.replicas = replicas
         self._max_part = max(64 * 1024, int(bridge._nc.max_payload) - _PART_HEADROOM)
         self._applied_cond = threading.Condition()
@@ -131,6 +176,8 @@ class NatsStore:
         self._closed = False
         self.races = 0  # conditional publishes refused (another host committed first)
         self.commits = 0
+        #: Entries sent, by their condition: on their agents' subjects, on the whole stream, none.
+        self.conditions: collections.Counter[str] = collections.Counter()
         self._applier = threading.Thread(target=self._apply_loop, name="torpor-nats-apply", daemon=True)
         self._applier.start()
         bridge.follow(self.subject, self._applied_seq + 1, self._queue.put)
@@ -148,9 +195,8 @@ class NatsStore:
             raise StoreConfigError(f"a stream name is letters, digits, '-' and '_', got {stream!r}")
         bridge = NatsBridge(servers, timeout=timeout)
         try:
-            identity = f"{stream}@{bridge.ensure_stream(stream, f'{stream}.txn', replicas)}"
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            local = LmdbStore.open(Path(cache_dir))
+            identity = f"{stream}@{bridge.ensure_stream(stream, f'{stream}.>', replicas)}"
+            local = cls._open_copy(Path(cache_dir))
         except BaseException:
             bridge.close()
             raise
@@ -161,6 +207,22 @@ class NatsStore:
             local.close()
             bridge.close()
             raise
+
+    @staticmethod
+    def _open_copy(cache_dir: Path) -> LmdbStore:
+        """The local copy, at ``process`` durability: the log is what is durable (a quorum of
+        replicas holds every commit before it is acknowledged), the copy is a cache of it, so
+        no commit waits for its disk. A copy a machine restart cut off (``StoreSuspect``: it may
+        have lost or torn its last commits) is deleted and rebuilt from the log."""
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return LmdbStore.open(cache_dir, durability="process")
+        except StoreSuspect as exc:
+            _log().warning("the local copy in %s was cut off by a machine restart (%s); rebuilding it "
+                           "from the log", cache_dir, exc)
+            shutil.rmtree(cache_dir)
+            cache_dir.mkdir(parents=True)
+            return LmdbStore.open(cache_dir, durability="process")
 
     @staticmethod
     def _adopt(local: LmdbStore, identity: str, cache_dir: Path) -> None:
@@ -195,6 +257,18 @@ class NatsStore:
 
     def _set_applied(self, txn: lmdb.Transaction, seq: int) -> None:
         txn.put(_APPLIED_KEY, str(seq).encode(), db=self._local._dbs["_torpor"])
+
+    def _subject_seq_in(self, txn: lmdb.Transaction, token: str) -> int:
+        """The stream sequence of the last message on agent subject ``token`` the copy applied."""
+        raw = txn.get(_SUBJECT_KEY + token.encode(), db=self._local._dbs["_torpor"])
+        return int(raw) if raw is not None else 0
+
+    def _note_subjects(self, txn: lmdb.Transaction, parts: Sequence[tuple[str, int]]) -> None:
+        """Record each message's sequence under its agent subject (in log order: the last wins)."""
+        meta = self._local._dbs["_torpor"]
+        for subject, seq in parts:
+            if subject.startswith(self._agent_prefix):
+                txn.put(_SUBJECT_KEY + subject[len(self._agent_prefix):].encode(), str(seq).encode(), db=meta)
 
     def _advance(self, seq: int) -> None:
         with self._applied_cond:
@@ -232,34 +306,50 @@ class NatsStore:
             msg = self._queue.get()
             if msg is None:
                 return
+            # Whatever else has arrived is applied in the same local transaction: a host
+            # following busy peers applies their entries in a few commits, not one each.
+            msgs, stop = [msg], False
+            while len(msgs) < _APPLY_BATCH:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                msgs.append(more)
             try:
-                self._take(msg)
+                entries = [e for e in map(self._take, msgs) if e is not None]
+                if entries:
+                    self._apply(entries)
             except Exception as exc:  # the copy cannot go on: make every waiter say so
                 _log().error("the local copy of %s stopped at %d: %s", self.stream, self._applied_seq, exc)
                 with self._applied_cond:
                     self._apply_error = exc
                     self._applied_cond.notify_all()
                 return
+            if stop:
+                return
 
-    def _take(self, msg: LogMessage) -> None:
-        """One delivered message: a whole entry, or a part of one (kept until the last part)."""
+    def _take(self, msg: LogMessage) -> list[LogMessage] | None:
+        """One delivered message: a whole entry, or a part of one (kept until the last part,
+        which returns them all)."""
         if msg.seq <= self._applied_seq:
             self._parts.clear()
-            return
+            return None
         part = msg.headers.get(_PART_HEADER)
-        if part is not None:
-            i, _, n = part.partition("/")
-            if self._parts and self._parts[0].headers.get(_TXN_HEADER) != msg.headers.get(_TXN_HEADER):
-                self._parts.clear()
-            self._parts.append(msg)
-            if i != n:
-                return
-            parts, self._parts = self._parts, []
-            if len(parts) != int(n):
-                raise StoreCorrupt(f"entry {msg.headers.get(_TXN_HEADER)} at {msg.seq} has {len(parts)} of {n} parts")
-            self._apply(parts[0].seq, msg.seq, b"".join(p.data for p in parts), msg.headers.get(_TXN_HEADER))
-        else:
-            self._apply(msg.seq, msg.seq, msg.data, msg.headers.get(_TXN_HEADER))
+        if part is None:
+            return [msg]
+        i, _, n = part.partition("/")
+        if self._parts and self._parts[0].headers.get(_TXN_HEADER) != msg.headers.get(_TXN_HEADER):
+            self._parts.clear()
+        self._parts.append(msg)
+        if i != n:
+            return None
+        parts, self._parts = self._parts, []
+        if len(parts) != int(n):
+            raise StoreCorrupt(f"entry {msg.headers.get(_TXN_HEADER)} at {msg.seq} has {len(parts)} of {n} parts")
+        return parts
 
     def _seen(self, txn_id: str | None) -> None:
         if txn_id is None:
@@ -269,24 +359,39 @@ class NatsStore:
         if len(self._seen_order) > _SEEN_KEPT:
             self._seen_txns.discard(self._seen_order.popleft())
 
-    def _apply(self, first: int, last: int, frame: bytes, txn_id: str | None) -> None:
-        if first > self._applied_seq + 1:
-            self._fill(first)
-        ops = decode_ops(frame)
+    def _apply(self, entries: list[list[LogMessage]]) -> None:
+        """Apply entries (each its messages, in order) to the local copy, with their sequences:
+        each run of consecutive ones in one local transaction."""
+        i = 0
+        while i < len(entries):
+            if entries[i][0].seq > self._applied_seq + 1:
+                self._fill(entries[i][0].seq)
+            j = i + 1
+            while j < len(entries) and entries[j][0].seq == entries[j - 1][-1].seq + 1:
+                j += 1
+            run = [(e, decode_ops(e[0].data if len(e) == 1 else b"".join(m.data for m in e))) for e in entries[i:j]]
 
-        def on_error(op: Any, exc: Exception) -> None:
-            _log().warning("entry %d of %s: %s(...) failed on this copy: %s", last, self.stream, op[0], exc)
+            def body(txn: lmdb.Transaction, run: list[tuple[list[LogMessage], list[Any]]] = run) -> None:
+                at = self._applied_in(txn)
+                for parts, ops in run:
+                    last = parts[-1].seq
+                    if last <= at:
+                        continue  # committed here by this host's own transaction
 
-        def body(txn: lmdb.Transaction) -> bool:
-            if self._applied_in(txn) >= last:
-                return False  # committed here by this host's own transaction
-            apply_ops(_LmdbTxn(txn, self._local._dbs, self._local._strict), ops, on_error)
-            self._set_applied(txn, last)
-            return True
+                    def on_error(op: Any, exc: Exception, last: int = last) -> None:
+                        _log().warning("entry %d of %s: %s(...) failed on this copy: %s", last, self.stream,
+                                       op[0], exc)
 
-        self._local._with_write_txn(body)
-        self._seen(txn_id)
-        self._advance(last)
+                    apply_ops(_LmdbTxn(txn, self._local._dbs, self._local._strict), ops, on_error)
+                    self._note_subjects(txn, [(m.subject, m.seq) for m in parts])
+                    at = last
+                self._set_applied(txn, at)
+
+            self._local._with_write_txn(body)
+            for parts, _ in run:
+                self._seen(parts[-1].headers.get(_TXN_HEADER))
+            self._advance(entries[j - 1][-1].seq)
+            i = j
 
     def _fill(self, upto: int) -> None:
         """Fetch and apply the entries before ``upto`` the consumer did not deliver (a gap)."""
@@ -301,50 +406,85 @@ class NatsStore:
                 parts.append(m)
                 i, _, n = m.headers[_PART_HEADER].partition("/")
                 if i == n:
-                    self._apply(parts[0].seq, m.seq, b"".join(p.data for p in parts), m.headers.get(_TXN_HEADER))
+                    self._apply([parts])
                     parts = []
             else:
-                self._apply(m.seq, m.seq, m.data, m.headers.get(_TXN_HEADER))
+                self._apply([[m]])
 
     # --------------------------------------------------------------- commits
 
-    def _publish(self, frame: bytes, expected: int, txn_id: str) -> int:
-        if len(frame) <= self._max_part:
-            return self._bridge.publish(self.subject, frame, expected_last_seq=expected,
-                                        headers={_TXN_HEADER: txn_id})
-        parts = [frame[i:i + self._max_part] for i in range(0, len(frame), self._max_part)]
-        headers = [{_TXN_HEADER: txn_id, _PART_HEADER: f"{i}/{len(parts)}"} for i in range(1, len(parts) + 1)]
-        return self._bridge.publish_batch(self.subject, parts, expected_last_seq=expected, headers=headers)
+    def _messages(self, txn: lmdb.Transaction, rec: RecordingTxn, txn_id: str, applied: int) -> list[Message]:
+        """The messages of one entry: on each touched agent's subject, with the entry's condition
+        (see the module docstring), its frame cut into parts under the payload limit."""
+        frame = encode_ops(rec.ops)
+        tokens = sorted({_token(p) for p in rec.partitions if p != GLOBAL})
+        subjects = [self._agent_prefix + t for t in tokens] or [self._global_subject]
+        if rec.global_read:
+            conditions, kind = [{"Nats-Expected-Last-Sequence": str(applied)}], "stream"
+        elif tokens:
+            conditions = [{"Nats-Expected-Last-Subject-Sequence": str(self._subject_seq_in(txn, t))} for t in tokens]
+            kind = "agents"
+        else:
+            conditions, kind = [], "none"  # blind writes of global keys: in any order
+        self.conditions[kind] += 1
+        pieces = [frame[i:i + self._max_part] for i in range(0, len(frame), self._max_part)]
+        n = max(len(subjects), len(pieces))
+        out: list[Message] = []
+        for i in range(n):
+            headers = {_TXN_HEADER: txn_id, **(conditions[i] if i < len(conditions) else {})}
+            if n > 1:
+                headers[_PART_HEADER] = f"{i + 1}/{n}"
+            out.append((subjects[min(i, len(subjects) - 1)], pieces[i] if i < len(pieces) else b"", headers))
+        return out
 
-    def _commit(self, run: Callable[[lmdb.Transaction], tuple[T, list[Any]]]) -> T:
+    def _send(self, messages: list[Message]) -> int:
+        """Publish an entry's messages (one, or an atomic batch); the last one's sequence."""
+        if len(messages) == 1:
+            subject, data, headers = messages[0]
+            return self._bridge.publish(subject, data, headers=headers)
+        return self._bridge.publish_batch(messages)
+
+    def _commit_own(self, txn: lmdb.Transaction, messages: list[Message], last: int, applied: int) -> None:
+        """Commit the entry in the local transaction too, when it landed right after what the
+        copy holds; else ``_Behind`` (the applier writes it after the entries before it)."""
+        first = last - len(messages) + 1
+        if first != applied + 1:
+            raise _Behind(last)
+        self._set_applied(txn, last)
+        self._note_subjects(txn, [(m[0], first + i) for i, m in enumerate(messages)])
+
+    def _commit(self, run: Callable[[lmdb.Transaction], tuple[T, RecordingTxn | None]]) -> T:
         """Run ``run`` on the local copy and publish its writes conditionally; again after a lost race."""
         self._check_open()
         for attempt in range(_MAX_RACES):
             txn_id = uuid.uuid4().hex
             ran: list[Any] = []  # the function's result, once it ran and its entry was sent
-            published: list[int] = []
 
-            def body(txn: lmdb.Transaction, ran: list[Any] = ran, published: list[int] = published,
-                     txn_id: str = txn_id) -> Any:
+            def body(txn: lmdb.Transaction, ran: list[Any] = ran, txn_id: str = txn_id) -> Any:
                 if ran:
                     raise _Published  # the local map grew after the entry was sent: never send it twice
                 applied = self._applied_in(txn)
-                result, ops = run(txn)
-                if not ops:
+                result, rec = run(txn)
+                if rec is None or not rec.ops:
                     return result
+                messages = self._messages(txn, rec, txn_id, applied)
                 ran.append(result)
-                seq = self._publish(encode_ops(ops), applied, txn_id)
-                published.append(seq)
-                self._set_applied(txn, seq)
+                last = self._send(messages)
+                ran.append(last)
+                self._commit_own(txn, messages, last, applied)
                 return result
 
             try:
                 result = self._local._with_write_txn(body)
+            except _Behind as behind:
+                self._wait_applied(behind.seq)
+                self.commits += 1
+                return ran[0]  # type: ignore[no-any-return]
             except WrongLastSequence as exc:
                 self.races += 1
-                # The refusal names the stream's last sequence: wait for the copy to get there
-                # (no round trip to ask), after a short random pause so that hosts racing for
-                # the next sequence do not keep colliding.
+                # The refusal names the last sequence it was checked against: wait for the
+                # copy to get there (no round trip to ask), after a short random pause so that
+                # hosts racing for the same sequence do not keep colliding.
                 time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 8)))
                 if exc.last_seq is not None and not exc.ambiguous:
                     self._wait_applied(exc.last_seq)
@@ -368,8 +508,8 @@ class NatsStore:
                     raise
                 self.commits += 1
                 return ran[0]  # type: ignore[no-any-return]
-            if published:
-                self._advance(published[0])
+            if len(ran) > 1:
+                self._advance(int(ran[1]))
                 self.commits += 1
             return result  # type: ignore[no-any-return]
         raise StoreUnavailable(f"a transaction lost the race for stream {self.stream} {_MAX_RACES} times "
@@ -395,20 +535,26 @@ class NatsStore:
     def write(self) -> Iterator[WriteTxn]:
         """A write transaction that cannot be re-run: a lost race is a StoreError (prefer ``transact``)."""
         self._check_open()
-        with self._local.write() as w:
-            raw: lmdb.Transaction = w._txn  # type: ignore[attr-defined]
-            recorder = RecordingTxn(w)
-            yield recorder
-            if recorder.ops:
-                try:
-                    seq = self._publish(encode_ops(recorder.ops), self._applied_in(raw), uuid.uuid4().hex)
-                except WrongLastSequence as exc:
-                    self.races += 1
-                    raise StoreError("another host committed first; run the transaction again "
-                                     "(NatsStore.transact does this by itself)") from exc
-                self._set_applied(raw, seq)
-        if recorder.ops:
-            self._advance(seq)
+        last = 0
+        try:
+            with self._local.write() as w:
+                raw: lmdb.Transaction = w._txn  # type: ignore[attr-defined]
+                recorder = RecordingTxn(w)
+                yield recorder
+                if recorder.ops:
+                    applied = self._applied_in(raw)
+                    messages = self._messages(raw, recorder, uuid.uuid4().hex, applied)
+                    try:
+                        last = self._send(messages)
+                    except WrongLastSequence as exc:
+                        self.races += 1
+                        raise StoreError("another host committed first; run the transaction again "
+                                         "(NatsStore.transact does this by itself)") from exc
+                    self._commit_own(raw, messages, last, applied)
+        except _Behind as behind:
+            self._wait_applied(behind.seq)
+        if last:
+            self._advance(last)
             self.commits += 1
 
     def transact(self, fn: Callable[[WriteTxn], T], *, sync: SyncWhen = "now") -> T:
@@ -416,24 +562,30 @@ class NatsStore:
 
         ``sync`` changes nothing here: every commit is on a quorum of replicas when it returns
         (see the module docstring for what that survives)."""
-        def run(txn: lmdb.Transaction) -> tuple[T, list[Any]]:
+        def run(txn: lmdb.Transaction) -> tuple[T, RecordingTxn]:
             recorder = RecordingTxn(self._txn(txn))
-            return fn(recorder), recorder.ops
+            return fn(recorder), recorder
 
         return self._commit(run)
 
     def transact_batch(self, fns: Sequence[Callable[[WriteTxn], Any]], *,
                        sync: SyncWhen = "now") -> list[Outcome]:
-        """Many functions, one log entry; each in a nested local transaction, isolated from the others."""
+        """Many functions, one log entry; each in a nested local transaction, isolated from the others.
+
+        The entry depends on what every function that committed touched: a group commit of
+        several agents' steps is conditioned on each of those agents' subjects."""
         if not fns:
             return []
-        def run(txn: lmdb.Transaction) -> tuple[list[Outcome], list[Any]]:
-            ops: list[Any] = []
+
+        def run(txn: lmdb.Transaction) -> tuple[list[Outcome], RecordingTxn]:
+            merged = RecordingTxn(self._txn(txn))
 
             def record(recorder: Any) -> None:
-                ops.extend(recorder.ops)
+                merged.ops.extend(recorder.ops)
+                merged.partitions |= recorder.partitions
+                merged.global_read = merged.global_read or recorder.global_read
 
-            return self._local._batch_in(txn, fns, view=RecordingTxn, committed=record), ops
+            return self._local._batch_in(txn, fns, view=RecordingTxn, committed=record), merged
 
         return self._commit(run)
 

@@ -13,6 +13,19 @@ A call that raised is not recorded: its effect, if any, was rolled back with the
 function's (nested) transaction, or the function caught the error, in which case the
 method did not change the state in any way another copy would need to see.
 
+What a transaction depends on: the fleet store commits a transaction on condition that
+nothing it read changed since (``snapshots.nats_store``). Conditions per agent let hosts
+driving different agents commit side by side, so the recorder also notes the *partition*
+of every key a transaction touched (:func:`partition_of_key` and friends): an agent's id
+for the keys that are that agent's alone (its record, checkpoints, journal, its private kv
+namespace, its audit chain, logs, input, approval, identity and wake entry), or
+:data:`GLOBAL` for everything else (the lease table, the registry, the host's keys, any
+walk over all agents). A transaction that only read its agents' partitions is conditioned
+on them alone; one that read anything global, on the whole log. Which keys are whose is
+the host's layout, named here: a key labelled wrongly costs concurrency (two agents' commits
+conditioned on each other, or a global condition), never correctness, since every
+transaction touching a key is conditioned on, and publishes to, the same label.
+
 The wire form is one frame: a 4-byte big-endian header length, a JSON header
 ``{"v": 1, "ops": [[name, [args], {kwargs}], ...], "sizes": [...]}`` and then the byte
 strings the arguments named, concatenated in order. Byte strings are never put in the
@@ -30,7 +43,8 @@ from .errors import StoreCorrupt
 from .store import CheckpointInfo, WriteTxn
 from .summary import AgentSummary
 
-__all__ = ["WRITE_METHODS", "RecordingTxn", "apply_ops", "decode_ops", "encode_ops"]
+__all__ = ["GLOBAL", "WRITE_METHODS", "RecordingTxn", "apply_ops", "decode_ops", "encode_ops", "partition_of_blob",
+           "partition_of_kv"]
 
 #: The ``WriteTxn`` methods that change the state; only these are recorded and replayed.
 WRITE_METHODS = frozenset({
@@ -42,17 +56,69 @@ _LEN = struct.Struct(">I")
 
 Op = tuple[str, tuple[Any, ...], dict[str, Any]]
 
+#: The partition of a key that is no one agent's alone (or of a walk over many agents' keys).
+GLOBAL = ""
+#: Blob buckets keyed by an agent's id, and those keyed ``<agent id>/...`` (its chain, its log).
+_BY_AGENT_ID = frozenset({"inputs", "approvals", "identity"})
+_BY_AGENT_PREFIX = frozenset({"audit", "logs"})
+#: The kv namespace of limits shared beyond one agent (``host.runtime.budgets``): its
+#: ``run:<id>/...`` and ``agent:<id>:...`` keys are that agent's, the rest (tenant, policy) global.
+_LIMITS_NAMESPACE = "torpor:limits"
+#: Writes that read nothing (no answer depends on what was there): a global one is no read.
+_BLIND = frozenset({"kv_set", "put_blob", "put_agent"})
+
+
+def partition_of_kv(namespace: str, key: str, *, prefix: bool = False) -> str:
+    """The partition of kv ``namespace``/``key`` (of every key under it when ``prefix``)."""
+    if namespace.startswith("agent:") and len(namespace) > 6:
+        return namespace[6:]  # an agent's private namespace (``host.tools.builtin.kv_namespace``)
+    if namespace == _LIMITS_NAMESPACE:
+        for head, end in (("run:", "/"), ("agent:", ":")):
+            if key.startswith(head):
+                agent, sep, _ = key[len(head):].partition(end)
+                if agent and (sep or not prefix):
+                    return agent
+    return GLOBAL
+
+
+def partition_of_blob(bucket: str, key: str, *, prefix: bool = False) -> str:
+    """The partition of blob ``bucket``/``key`` (of every key under it when ``prefix``)."""
+    if bucket in _BY_AGENT_ID and not prefix:
+        return key
+    if bucket in _BY_AGENT_PREFIX:
+        agent, sep, _ = key.partition("/")
+        if agent and (sep or not prefix):  # a prefix "<id>/..." covers that agent's keys only
+            return agent
+    if bucket == "revocations" and key.startswith("agent/") and not prefix:
+        return key[6:]
+    if bucket == "timers" and not prefix:  # ``<time>/<agent id>`` (``host.runtime.timers.wake_key``)
+        return key.rpartition("/")[2]
+    return GLOBAL
+
 
 class RecordingTxn:
-    """A ``WriteTxn`` that forwards every call to ``inner`` and records the writes that succeed."""
+    """A ``WriteTxn`` that forwards every call to ``inner`` and records the writes that succeed.
 
-    __slots__ = ("_inner", "ops")
+    It also notes what the transaction depends on: ``partitions``, the agents' partitions it
+    read or wrote, and ``global_read``, whether it read anything of :data:`GLOBAL` (a blind
+    write there, ``kv_set`` or ``put_blob``, reads nothing)."""
+
+    __slots__ = ("_inner", "global_read", "ops", "partitions")
 
     def __init__(self, inner: WriteTxn) -> None:
         self._inner = inner
         self.ops: list[Op] = []
+        self.partitions: set[str] = set()
+        self.global_read = False
 
-    def _write(self, name: str, *args: Any, **kwargs: Any) -> Any:
+    def _touch(self, part: str, blind: bool = False) -> None:
+        if part:
+            self.partitions.add(part)
+        elif not blind:
+            self.global_read = True
+
+    def _write(self, part: str, name: str, *args: Any, **kwargs: Any) -> Any:
+        self._touch(part, name in _BLIND)  # before the call: one that raised may have read
         result = getattr(self._inner, name)(*args, **kwargs)
         self.ops.append((name, args, kwargs))  # only once it succeeded
         return result
@@ -60,86 +126,101 @@ class RecordingTxn:
     # ------------------------------------------------------------------- reads
 
     def get_agent(self, agent_id: str) -> dict[str, Any] | None:
+        self._touch(agent_id)
         return self._inner.get_agent(agent_id)
 
     def iter_agents(self) -> Iterator[dict[str, Any]]:
+        self._touch(GLOBAL)
         return self._inner.iter_agents()
 
     def iter_agent_summaries(self) -> Iterator[AgentSummary]:
+        self._touch(GLOBAL)
         return self._inner.iter_agent_summaries()
 
     def get_checkpoint(self, agent_id: str, seq: int) -> bytes | None:
+        self._touch(agent_id)
         return self._inner.get_checkpoint(agent_id, seq)
 
     def latest_checkpoint(self, agent_id: str) -> int | None:
+        self._touch(agent_id)
         return self._inner.latest_checkpoint(agent_id)
 
     def list_checkpoints(self, agent_id: str) -> list[CheckpointInfo]:
+        self._touch(agent_id)
         return self._inner.list_checkpoints(agent_id)
 
     def get_journal(self, agent_id: str, call_seq: int) -> dict[str, Any] | None:
+        self._touch(agent_id)
         return self._inner.get_journal(agent_id, call_seq)
 
     def iter_journal(self, agent_id: str) -> Iterator[tuple[int, dict[str, Any]]]:
+        self._touch(agent_id)
         return self._inner.iter_journal(agent_id)
 
     def get_chunk(self, name: bytes) -> bytes | None:
+        # Content named by its digest: the same bytes whoever wrote them, so no condition
+        # (a chunk is deleted only by ``reclaim_chunks``, a global transaction, when unused).
         return self._inner.get_chunk(name)
 
     def stored_bytes(self) -> dict[str, Any]:
+        self._touch(GLOBAL)
         return self._inner.stored_bytes()
 
     def kv_get(self, namespace: str, key: str) -> bytes | None:
+        self._touch(partition_of_kv(namespace, key))
         return self._inner.kv_get(namespace, key)
 
     def kv_keys(self, namespace: str, prefix: str = "") -> list[str]:
+        self._touch(partition_of_kv(namespace, prefix, prefix=True))
         return self._inner.kv_keys(namespace, prefix)
 
     def get_blob(self, bucket: str, key: str) -> bytes | None:
+        self._touch(partition_of_blob(bucket, key))
         return self._inner.get_blob(bucket, key)
 
     def iter_blobs(self, bucket: str, prefix: str = "") -> Iterator[tuple[str, bytes]]:
+        self._touch(partition_of_blob(bucket, prefix, prefix=True))
         return self._inner.iter_blobs(bucket, prefix)
 
     # ------------------------------------------------------------------ writes
 
     def put_agent(self, record: dict[str, Any]) -> None:
-        self._write("put_agent", record)
+        self._write(str(record.get("agent_id", "")) if isinstance(record, dict) else GLOBAL, "put_agent", record)
 
     def mark_unreadable(self, agent_id: str, problem: str) -> None:
-        self._write("mark_unreadable", agent_id, problem)
+        self._write(agent_id, "mark_unreadable", agent_id, problem)
 
     def delete_agent(self, agent_id: str, *, purge: bool = False, missing_ok: bool = False) -> None:
-        self._write("delete_agent", agent_id, purge=purge, missing_ok=missing_ok)
+        self._write(agent_id, "delete_agent", agent_id, purge=purge, missing_ok=missing_ok)
 
     def put_checkpoint(self, agent_id: str, seq: int, blob: bytes, created_at: float,
                        chunks: Mapping[bytes, bytes | memoryview] | None = None) -> None:
-        self._write("put_checkpoint", agent_id, seq, blob, created_at, chunks=chunks)
+        self._write(agent_id, "put_checkpoint", agent_id, seq, blob, created_at, chunks=chunks)
 
     def prune_checkpoints(self, agent_id: str, keep_from: int) -> int:
-        return int(self._write("prune_checkpoints", agent_id, keep_from))
+        return int(self._write(agent_id, "prune_checkpoints", agent_id, keep_from))
 
     def put_journal(self, agent_id: str, call_seq: int, entry: dict[str, Any]) -> None:
-        self._write("put_journal", agent_id, call_seq, entry)
+        self._write(agent_id, "put_journal", agent_id, call_seq, entry)
 
     def reclaim_chunks(self) -> dict[str, int]:
-        result: dict[str, int] = self._write("reclaim_chunks")
+        result: dict[str, int] = self._write(GLOBAL, "reclaim_chunks")
         return result
 
     def kv_set(self, namespace: str, key: str, value: bytes) -> None:
-        self._write("kv_set", namespace, key, value)
+        self._write(partition_of_kv(namespace, key), "kv_set", namespace, key, value)
 
     def kv_delete(self, namespace: str, key: str) -> bool:
-        return bool(self._write("kv_delete", namespace, key))
+        return bool(self._write(partition_of_kv(namespace, key), "kv_delete", namespace, key))
 
     def kv_incr(self, namespace: str, key: str, delta: int = 1) -> int:
-        return int(self._write("kv_incr", namespace, key, delta))
+        return int(self._write(partition_of_kv(namespace, key), "kv_incr", namespace, key, delta))
 
     def put_blob(self, bucket: str, key: str, value: bytes) -> None:
-        self._write("put_blob", bucket, key, value)
+        self._write(partition_of_blob(bucket, key), "put_blob", bucket, key, value)
 
     def delete_blob(self, bucket: str, key: str) -> bool:
-        return bool(self._write("delete_blob", bucket, key))
+        return bool(self._write(partition_of_blob(bucket, key), "delete_blob", bucket, key))
 
 
 def _encode_value(value: Any, blobs: list[bytes | memoryview]) -> Any:

@@ -86,9 +86,9 @@ def _lagging(store: NatsStore, monkeypatch: pytest.MonkeyPatch) -> threading.Eve
     go = threading.Event()
     take = store._take
 
-    def held(msg: Any) -> None:
+    def held(msg: Any) -> Any:
         go.wait(30)
-        take(msg)
+        return take(msg)
 
     monkeypatch.setattr(store, "_take", held)
     return go
@@ -117,9 +117,10 @@ def test_a_host_that_lost_the_agent_cannot_commit(pair: tuple[NatsStore, NatsSto
         a.transact(step)
     assert runs == [b"a", b"b"]  # the stale view was refused by the cluster, the step ran again
     assert a.races == 1
-    # the non-retrying write() is refused outright on a stale view
+    # the non-retrying write() is refused outright on a stale view of the agent: b's commit
+    # on agent-1's subject (a take-over writes its record) fails a's condition on that subject
     go = _lagging(a, monkeypatch)
-    b.transact(lambda t: t.kv_set("lease", "agent-1", b"b2"))
+    b.transact(lambda t: (t.kv_set("lease", "agent-1", b"b2"), t.put_agent({"agent_id": "agent-1", "owner": "b"})))
     with pytest.raises(StoreError, match="another host committed first"), a.write() as w:
         w.put_checkpoint("agent-1", 6, b"late", 9.0)
     go.set()
@@ -129,6 +130,54 @@ def test_a_host_that_lost_the_agent_cannot_commit(pair: tuple[NatsStore, NatsSto
         with s.read() as r:
             assert r.list_checkpoints("agent-1") == []
             assert r.kv_get("lease", "agent-1") == b"b2"
+            assert r.get_agent("agent-1") == {"agent_id": "agent-1", "owner": "b"}
+
+
+def test_hosts_writing_different_agents_do_not_race(pair: tuple[NatsStore, NatsStore],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Conditions per agent: a commit on a view that lacks another agent's newer commits is
+    accepted (it depends on its own agent only), lands after them, and the copy applies both
+    in log order; a group commit of several agents is one entry conditioned on each."""
+    a, b = pair
+    a.transact(lambda t: t.put_agent({"agent_id": "x", "n": 0}))
+    b.sync()
+    go = _lagging(a, monkeypatch)  # a's copy does not see b's commits yet
+    b.transact(lambda t: (t.put_agent({"agent_id": "y", "n": 1}), t.put_journal("y", 1, {"r": 1})))
+    threading.Timer(0.3, go.set).start()  # a's commit waits for its copy to apply b's first
+    a.transact(lambda t: t.put_agent({"agent_id": "x", "n": (t.get_agent("x") or {})["n"] + 1}))
+    assert a.races == 0 and b.races == 0
+    outcomes = b.transact_batch([lambda t: t.put_journal("x", 1, {"r": 2}),
+                                 lambda t: t.put_agent({"agent_id": "y", "n": 2}),
+                                 lambda t: t.put_agent({}),  # raises: its writes are not in the entry
+                                 lambda t: t.kv_set("shared", "k", b"v")])
+    assert [o.error is None for o in outcomes] == [True, True, False, True]
+    last = b.sync()
+    a.sync()
+    for s in (a, b):
+        with s.read() as r:
+            assert r.get_agent("x") == {"agent_id": "x", "n": 1} and r.get_agent("y") == {"agent_id": "y", "n": 2}
+            assert r.get_journal("x", 1) == {"r": 2} and r.get_journal("y", 1) == {"r": 1}
+            assert r.kv_get("shared", "k") == b"v"
+        assert s.applied_seq == last
+    # the batch was one entry with a message on each agent's subject and the global one
+    msgs = [a._bridge.get(a.stream, seq) for seq in range(last - 1, last + 1)]
+    assert sorted(m.subject for m in msgs if m is not None) == [f"{a.stream}.a.x", f"{a.stream}.a.y"]
+    # a stale view of one agent of a group commit refuses the whole entry, which runs again
+    go = _lagging(a, monkeypatch)
+    b.transact(lambda t: t.put_agent({"agent_id": "y", "n": 3}))
+    threading.Timer(0.3, go.set).start()
+    seen: list[int] = []
+
+    def bump_y(t: WriteTxn) -> None:
+        n = (t.get_agent("y") or {})["n"]
+        seen.append(n)
+        t.put_agent({"agent_id": "y", "n": n + 1})
+
+    a.transact_batch([lambda t: t.put_journal("x", 2, {"r": 3}), bump_y])
+    assert seen == [2, 3] and a.races == 1
+    b.sync()
+    with b.read() as r:
+        assert r.get_agent("y") == {"agent_id": "y", "n": 4} and r.get_journal("x", 2) == {"r": 3}
 
 
 def test_a_large_step_is_one_atomic_batch(pair: tuple[NatsStore, NatsStore], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -142,7 +191,7 @@ def test_a_large_step_is_one_atomic_batch(pair: tuple[NatsStore, NatsStore], mon
     assert last == a.applied_seq and last >= 5  # five stream messages, one commit
     # a stale batch is refused whole: nothing of it is stored
     go = _lagging(a, monkeypatch)
-    b.transact(lambda t: t.kv_set("n", "k", b"1"))
+    b.transact(lambda t: t.put_agent({"agent_id": "big", "v": 2}))  # a's view of "big" is stale
     before = b.sync()
     with pytest.raises(StoreError, match="another host committed first"), a.write() as w:
         w.put_checkpoint("big", 2, blob, 2.0)
@@ -237,3 +286,45 @@ def test_doctor_checks_the_cluster(nats_cluster: NatsCluster, tmp_path: Path, st
     assert down.returncode == 2 and down.stderr.strip().splitlines() == [
         "torpor: error[store_unavailable]: cannot connect to NATS at nats://127.0.0.1:1: "
         "nats: no servers available for connection"]
+
+
+def test_keys_are_labelled_with_the_agent_they_belong_to() -> None:
+    """What a commit is conditioned on: the agents whose keys it touched, or the whole log
+    when it read a key of no one agent (a blind write of one reads nothing)."""
+    from snapshots.oplog import GLOBAL, RecordingTxn, partition_of_blob, partition_of_kv
+
+    assert partition_of_kv("agent:A1", "counter") == "A1"
+    assert partition_of_kv("torpor:limits", "run:A1/tool") == "A1"
+    assert partition_of_kv("torpor:limits", "agent:A1:x") == "A1"
+    assert partition_of_kv("torpor:limits", "run:A1/", prefix=True) == "A1"
+    assert partition_of_kv("torpor:limits", "run:A1", prefix=True) == GLOBAL  # would cover run:A10/...
+    assert partition_of_kv("torpor:limits", "tenant:acme") == GLOBAL
+    assert partition_of_kv("fleet.leases", "h:1") == GLOBAL
+    assert partition_of_blob("audit", "A1/000000000003") == "A1"
+    assert partition_of_blob("audit", "A1/", prefix=True) == "A1"
+    assert partition_of_blob("audit", "A1", prefix=True) == GLOBAL
+    assert partition_of_blob("logs", "A1") == "A1"
+    assert partition_of_blob("inputs", "A1") == "A1" and partition_of_blob("inputs", "A", prefix=True) == GLOBAL
+    assert partition_of_blob("timers", "00000001732270000.250000/A1") == "A1"
+    assert partition_of_blob("timers", "", prefix=True) == GLOBAL
+    assert partition_of_blob("revocations", "agent/A1") == "A1"
+    assert partition_of_blob("registry", "v/acme/x") == GLOBAL
+
+    class Null:
+        def __getattr__(self, name: str) -> Any:
+            return lambda *a, **k: 0
+
+    step = RecordingTxn(Null())  # a step: the agent's keys, and a blind global write
+    step.get_agent("A1")
+    step.kv_incr("agent:A1", "counter", 1)
+    step.put_blob("audit", "A1/000000000001", b"x")
+    step.kv_set("fleet.leases", "h:1", b"{}")
+    assert step.partitions == {"A1"} and not step.global_read
+    claim = RecordingTxn(Null())  # a take-over: reads a lease
+    claim.get_agent("A1")
+    claim.kv_get("fleet.leases", "h:1")
+    claim.put_agent({"agent_id": "A1"})
+    assert claim.partitions == {"A1"} and claim.global_read
+    walk = RecordingTxn(Null())
+    walk.iter_agents()
+    assert walk.global_read
