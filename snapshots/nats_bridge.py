@@ -233,6 +233,105 @@ class NatsBridge:
 
         return self._run(self._guard(f"reading message {seq} of {stream}", go()))
 
+    def first_seq(self, stream: str) -> int:
+        """The stream's first sequence still held (after a purge, the one after it)."""
+        async def go() -> int:
+            info = await self._js.stream_info(stream)
+            return int(info.state.first_seq)
+
+        return self._run(self._guard(f"reading stream {stream}", go()))
+
+    def purge(self, stream: str, upto: int) -> None:
+        """Delete the stream's messages before sequence ``upto`` (compaction)."""
+        async def go() -> None:
+            await self._js.purge_stream(stream, seq=upto)
+
+        self._run(self._guard(f"purging stream {stream}", go()))
+
+    # ----------------------------------------------- positions and snapshots
+
+    async def _kv(self, bucket: str, replicas: int, ttl: float) -> Any:
+        from nats.js.api import KeyValueConfig, StorageType
+
+        try:
+            return await self._js.key_value(bucket)
+        except self._nats.js.errors.BucketNotFoundError:
+            return await self._js.create_key_value(KeyValueConfig(bucket=bucket, ttl=ttl, replicas=replicas,
+                                                                  storage=StorageType.FILE, history=1))
+
+    def put_position(self, bucket: str, key: str, seq: int, *, replicas: int, ttl: float) -> None:
+        """Say, in KV bucket ``bucket`` (entries expire after ``ttl`` s), that copy ``key`` is at ``seq``."""
+        async def go() -> None:
+            kv = await self._kv(bucket, replicas, ttl)
+            await kv.put(key, str(seq).encode())
+
+        self._run(self._guard(f"writing position to {bucket}", go()))
+
+    def positions(self, bucket: str, *, replicas: int, ttl: float) -> dict[str, int]:
+        """Every live copy's position in ``bucket`` (those that said so within ``ttl``)."""
+        async def go() -> dict[str, int]:
+            kv = await self._kv(bucket, replicas, ttl)
+            try:
+                keys = await kv.keys()
+            except self._nats.js.errors.NoKeysError:
+                return {}
+            out = {}
+            for key in keys:
+                try:
+                    entry = await kv.get(key)
+                except self._nats.js.errors.KeyNotFoundError:
+                    continue  # expired meanwhile
+                if entry.value:
+                    out[key] = int(entry.value)
+            return out
+
+        return self._run(self._guard(f"reading positions from {bucket}", go()))
+
+    async def _objects(self, bucket: str, replicas: int) -> Any:
+        from nats.js.api import ObjectStoreConfig, StorageType
+
+        try:
+            return await self._js.object_store(bucket)
+        except self._nats.js.errors.BucketNotFoundError:
+            return await self._js.create_object_store(bucket, ObjectStoreConfig(bucket=bucket, replicas=replicas,
+                                                                                storage=StorageType.FILE))
+
+    def snapshots(self, bucket: str, *, replicas: int) -> list[str]:
+        """The names of the objects in object store ``bucket``, sorted."""
+        async def go() -> list[str]:
+            obs = await self._objects(bucket, replicas)
+            try:
+                infos = await obs.list(ignore_deletes=True)
+            except self._nats.js.errors.NotFoundError:
+                return []
+            return sorted(str(i.name) for i in infos)
+
+        return self._run(self._guard(f"listing {bucket}", go()))
+
+    def put_snapshot(self, bucket: str, name: str, data: bytes, *, replicas: int) -> None:
+        """Store ``data`` as object ``name`` (chunked by the object store), on a quorum."""
+        async def go() -> None:
+            obs = await self._objects(bucket, replicas)
+            await obs.put(name, data)
+
+        self._run(self._guard(f"writing {name} to {bucket}", go()), self.timeout * 6)
+
+    def get_snapshot(self, bucket: str, name: str, *, replicas: int) -> bytes:
+        """Object ``name`` of ``bucket`` (its digest checked by the object store)."""
+        async def go() -> bytes:
+            obs = await self._objects(bucket, replicas)
+            return bytes((await obs.get(name)).data or b"")
+
+        return self._run(self._guard(f"reading {name} from {bucket}", go()), self.timeout * 6)
+
+    def delete_snapshot(self, bucket: str, name: str, *, replicas: int) -> None:
+        async def go() -> None:
+            obs = await self._objects(bucket, replicas)
+            with contextlib.suppress(self._nats.js.errors.NotFoundError):
+                await obs.delete(name)
+
+        self._run(self._guard(f"deleting {name} from {bucket}", go()))
+
     # -------------------------------------------------------------- publishes
 
     def publish(self, subject: str, payload: bytes, *, headers: dict[str, str]) -> int:

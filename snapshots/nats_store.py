@@ -51,8 +51,15 @@ Reads (``read``) are of the local copy: consistent snapshots, possibly a few
 milliseconds behind another host's latest commit (``sync`` waits until the copy has
 everything the stream held when it was called). Writes are never based on a stale view.
 
-The log grows with every commit; snapshotting it (a new host starting from a copy rather
-than from sequence 1) is not done yet.
+Compaction: the log would grow with every commit. Every copy says how far it has applied
+(a KV bucket ``<stream>_pos``, entries that expire when a host stops saying so); every
+``compact_every`` entries one copy (the live one whose name sorts first) takes a consistent
+copy of its LMDB state at its applied sequence, stores it in the object store
+(``<stream>_snap``, replicated like the stream, chunked and digest-checked by it), and purges
+the log up to the lowest position of any live copy (never past the snapshot). A host that
+opens a copy the log no longer reaches (a new host, or one that was away past the positions'
+expiry) starts from the snapshot and follows the log from there; a running copy that finds
+the log purged past it stops with an error rather than skip what it missed.
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ import queue
 import random
 import re
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -84,6 +92,10 @@ __all__ = ["DEFAULT_STREAM", "NatsStore", "parse_nats_url"]
 
 T = TypeVar("T")
 DEFAULT_STREAM = "TORPOR"
+#: Snapshot and purge the log every so many entries (``NatsStore.open``).
+DEFAULT_COMPACT_EVERY = 20_000
+#: How often a copy says where it is (and looks whether a compaction is due).
+_REPORT_S = 1.0
 #: Keys in the local copy's ``_torpor`` table: the last stream sequence applied, and the
 #: stream this copy is a copy of (its name and creation time).
 _APPLIED_KEY = b"nats.applied"
@@ -156,7 +168,8 @@ class _Published(Exception):
 class NatsStore:
     """``AgentStore`` over a JetStream stream, with a local LMDB copy (see the module docstring)."""
 
-    def __init__(self, bridge: NatsBridge, local: LmdbStore, stream: str, replicas: int) -> None:
+    def __init__(self, bridge: NatsBridge, local: LmdbStore, stream: str, replicas: int, *,
+                 compact_every: int = 0, position_ttl: float = 30.0) -> None:
         self._bridge = bridge
         self._local = local
         self.stream = stream
@@ -178,14 +191,32 @@ class NatsStore:
         self.commits = 0
         #: Entries sent, by their condition: on their agents' subjects, on the whole stream, none.
         self.conditions: collections.Counter[str] = collections.Counter()
+        #: Compaction: this copy's name among the positions, how often, the last snapshot seen.
+        self.copy_id = f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
+        self.compact_every = compact_every
+        self.position_ttl = position_ttl
+        self._positions, self._snapshots = f"{stream}_pos", f"{stream}_snap"
+        self._reported = -1
+        self._snapshot_seq = 0
+        self._stopping = threading.Event()
+        # Said before following: a compaction elsewhere must not purge what this copy still needs.
+        self._report_position()
         self._applier = threading.Thread(target=self._apply_loop, name="torpor-nats-apply", daemon=True)
         self._applier.start()
         bridge.follow(self.subject, self._applied_seq + 1, self._queue.put)
+        self._reporter = threading.Thread(target=self._report_loop, name="torpor-nats-position", daemon=True)
+        self._reporter.start()
 
     @classmethod
     def open(cls, url: str | Sequence[str], cache_dir: str | Path, *, stream: str = DEFAULT_STREAM,
-             replicas: int = 3, timeout: float = 10.0) -> NatsStore:
-        """Connect, create the stream if needed (``replicas`` copies), open the local copy in ``cache_dir``."""
+             replicas: int = 3, timeout: float = 10.0, compact_every: int = DEFAULT_COMPACT_EVERY,
+             position_ttl: float = 30.0) -> NatsStore:
+        """Connect, create the stream if needed (``replicas`` copies), open the local copy in
+        ``cache_dir`` (from the latest snapshot if the log no longer reaches it).
+
+        ``compact_every``: snapshot and purge the log every so many entries (0: never by
+        itself; ``compact`` does it when asked); ``position_ttl``: how long a copy that stopped
+        saying where it is holds the log back."""
         servers = parse_nats_url(url) if isinstance(url, str) else list(url)
         if not servers:
             raise StoreConfigError("a NATS store needs at least one server URL")
@@ -202,11 +233,41 @@ class NatsStore:
             raise
         try:
             cls._adopt(local, identity, Path(cache_dir))
-            return cls(bridge, local, stream, replicas)
+            local = cls._catch_up(bridge, local, stream, replicas, identity, Path(cache_dir))
+            return cls(bridge, local, stream, replicas, compact_every=compact_every, position_ttl=position_ttl)
         except BaseException:
             local.close()
             bridge.close()
             raise
+
+    @classmethod
+    def _catch_up(cls, bridge: NatsBridge, local: LmdbStore, stream: str, replicas: int, identity: str,
+                  cache_dir: Path) -> LmdbStore:
+        """The local copy, replaced by the latest snapshot when the log was purged past it."""
+        with local.read() as r:
+            raw = r._txn.get(_APPLIED_KEY, db=local._dbs["_torpor"])  # type: ignore[attr-defined]
+        applied = int(raw) if raw is not None else 0
+        first = bridge.first_seq(stream)
+        if applied + 1 >= first:
+            return local  # the log holds everything after the copy
+        names = [n for n in bridge.snapshots(f"{stream}_snap", replicas=replicas) if n.isdigit()]
+        if not names or int(names[-1]) + 1 < first:
+            raise StoreCorrupt(f"stream {stream} was compacted up to {first - 1}, past this copy ({applied}), "
+                               "and no snapshot reaches it")
+        data = bridge.get_snapshot(f"{stream}_snap", names[-1], replicas=replicas)
+        _log().info("the local copy of %s starts from the snapshot at %d (%d bytes)", stream, int(names[-1]),
+                    len(data))
+        local.close()
+        shutil.rmtree(cache_dir)
+        cache_dir.mkdir(parents=True)
+        (cache_dir / "data.mdb").write_bytes(data)
+        local = cls._open_copy(cache_dir)
+        try:
+            cls._adopt(local, identity, cache_dir)
+        except BaseException:
+            local.close()
+            raise
+        return local
 
     @staticmethod
     def _open_copy(cache_dir: Path) -> LmdbStore:
@@ -396,6 +457,9 @@ class NatsStore:
     def _fill(self, upto: int) -> None:
         """Fetch and apply the entries before ``upto`` the consumer did not deliver (a gap)."""
         seq = self._applied_seq + 1
+        if seq < self._bridge.first_seq(self.stream):  # purged: never skip what the copy missed
+            raise StoreUnavailable(f"stream {self.stream} was compacted past this copy (at {self._applied_seq}); "
+                                   "open the store again to start from the latest snapshot")
         parts: list[LogMessage] = []
         while seq < upto:
             m = self._bridge.get(self.stream, seq)
@@ -594,8 +658,63 @@ class NatsStore:
         self._check_open()
 
     def compact(self) -> dict[str, int]:
-        """Reclaim unreferenced chunks, on every copy (the reclaim is itself a log entry)."""
-        return self.transact(lambda t: t.reclaim_chunks())
+        """Reclaim unreferenced chunks, on every copy (the reclaim is itself a log entry),
+        then snapshot and purge the log (``compact_log``)."""
+        out = self.transact(lambda t: t.reclaim_chunks())
+        out.update(self.compact_log())
+        return out
+
+    # ------------------------------------------------------------- compaction
+
+    def _report_position(self) -> None:
+        self._bridge.put_position(self._positions, self.copy_id, self._applied_seq, replicas=self.replicas,
+                                  ttl=self.position_ttl)
+        self._reported = self._applied_seq
+
+    def _report_loop(self) -> None:
+        """Say where this copy is (when it moved, and before the entry expires); compact when due."""
+        said = time.monotonic()
+        while not self._stopping.wait(_REPORT_S):
+            try:
+                if self._applied_seq != self._reported or time.monotonic() - said > self.position_ttl / 3:
+                    self._report_position()
+                    said = time.monotonic()
+                if self.compact_every and self._applied_seq - self._snapshot_seq >= self.compact_every:
+                    live = self._bridge.positions(self._positions, replicas=self.replicas, ttl=self.position_ttl)
+                    if min(live, default=self.copy_id) == self.copy_id:  # one compactor at a time
+                        self.compact_log()
+                    else:
+                        self._snapshot_seq = self._applied_seq  # another copy does it: look again later
+            except StoreError as exc:
+                if self._stopping.is_set():
+                    return
+                _log().warning("the copy of %s could not report its position or compact the log: %s",
+                               self.stream, exc)
+
+    def compact_log(self) -> dict[str, int]:
+        """Snapshot the local copy at its applied sequence into the object store, drop older
+        snapshots, and purge the log up to the lowest live copy's position (at most the snapshot)."""
+        self._check_open()
+        with tempfile.TemporaryDirectory(prefix="snap-", dir=self._local.path.parent) as tmp:
+            with self._local.read() as r:
+                txn: lmdb.Transaction = r._txn  # type: ignore[attr-defined]
+                seq = self._applied_in(txn)
+                self._local._env.copy(tmp, compact=True, txn=txn)
+            data = (Path(tmp) / "data.mdb").read_bytes()
+        name = f"{seq:020d}"
+        self._bridge.put_snapshot(self._snapshots, name, data, replicas=self.replicas)
+        for older in self._bridge.snapshots(self._snapshots, replicas=self.replicas):
+            if older < name:
+                self._bridge.delete_snapshot(self._snapshots, older, replicas=self.replicas)
+        self._report_position()
+        live = self._bridge.positions(self._positions, replicas=self.replicas, ttl=self.position_ttl)
+        upto = min([seq, *live.values()])
+        if upto > 0:
+            self._bridge.purge(self.stream, upto + 1)
+        self._snapshot_seq = seq
+        _log().info("compacted %s: snapshot at %d (%d bytes), entries before %d purged", self.stream, seq,
+                    len(data), upto + 1)
+        return {"log_snapshot_seq": seq, "log_snapshot_bytes": len(data), "log_purged_before": upto + 1}
 
     def stats(self) -> dict[str, Any]:
         """Bytes per agent and kind in the local copy, and the log's position."""
@@ -617,6 +736,8 @@ class NatsStore:
         if self._closed:
             return
         self._closed = True
+        self._stopping.set()
+        self._reporter.join(10.0)
         self._bridge.close()
         self._queue.put(None)
         self._applier.join(10.0)

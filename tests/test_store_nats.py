@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -328,3 +329,67 @@ def test_keys_are_labelled_with_the_agent_they_belong_to() -> None:
     walk = RecordingTxn(Null())
     walk.iter_agents()
     assert walk.global_read
+
+
+def test_the_log_is_compacted_and_a_new_copy_starts_from_the_snapshot(
+        nats_cluster: NatsCluster, tmp_path: Path, stream: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compaction: a snapshot of a copy in the object store, the log purged up to the lowest
+    live copy's position; a copy the log no longer reaches starts from the snapshot."""
+    url = nats_cluster.url
+    a = NatsStore.open(url, tmp_path / "a", stream=stream, compact_every=0, position_ttl=2.0)
+    b = NatsStore.open(url, tmp_path / "b", stream=stream, compact_every=0, position_ttl=2.0)
+    try:
+        for i in range(20):
+            a.transact(lambda t, i=i: (t.put_agent({"agent_id": f"g{i % 4}", "i": i}),
+                                       t.put_journal(f"g{i % 4}", i + 1, {"i": i})))
+        b.sync()
+        b._report_position()  # (its reporter says so within a second)
+        go = _lagging(b, monkeypatch)  # b stops applying at 20: the log is kept from there on
+        for i in range(20, 30):
+            a.transact(lambda t, i=i: t.put_journal(f"g{i % 4}", i + 1, {"i": i}))
+        first = a.compact_log()
+        assert first["log_snapshot_seq"] == 30 and first["log_purged_before"] == 21
+        assert a._bridge.first_seq(stream) == 21
+        go.set()
+        b.sync()
+        b._report_position()
+        with b.read() as r:
+            assert len(list(r.iter_journal("g1"))) == 8
+        done = a.compact_log()  # both copies at 30 now: everything before is purged
+        assert done["log_purged_before"] == 31 and a._bridge.first_seq(stream) == 31
+        assert a._bridge.snapshots(f"{stream}_snap", replicas=3) == [f"{30:020d}"]  # the older one dropped
+        # a new host starts from the snapshot and follows the log from there
+        a.transact(lambda t: t.put_agent({"agent_id": "late", "i": 99}))
+        with NatsStore.open(url, tmp_path / "c", stream=stream, compact_every=0) as c:
+            c.sync()
+            assert c.applied_seq == a.applied_seq == 31
+            with c.read() as r:
+                assert [n for n, _ in r.iter_journal("g2")] == [3, 7, 11, 15, 19, 23, 27]
+                assert r.get_agent("late") == {"agent_id": "late", "i": 99}
+            c.transact(lambda t: t.put_journal("late", 1, {"from": "c"}))  # and commits on top of it
+        a.sync()
+        with a.read() as r:
+            assert r.get_journal("late", 1) == {"from": "c"}
+        # a copy that was away while the log was compacted past it starts from the snapshot too
+        b.close()
+        for i in range(5):
+            a.transact(lambda t, i=i: t.put_journal("late", i + 2, {"i": i}))
+        time.sleep(2.5)  # b's position expires
+        a.compact_log()
+        assert a._bridge.first_seq(stream) == a.applied_seq + 1
+        with NatsStore.open(url, tmp_path / "b", stream=stream, compact_every=0) as b2, b2.read() as r:
+            assert [n for n, _ in r.iter_journal("late")] == [1, 2, 3, 4, 5, 6]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_log_compacts_by_itself(nats_cluster: NatsCluster, tmp_path: Path, stream: str) -> None:
+    with NatsStore.open(nats_cluster.url, tmp_path / "a", stream=stream, compact_every=10) as a:
+        for i in range(12):
+            a.transact(lambda t, i=i: t.kv_set("n", f"k{i}", b"x"))
+        deadline = time.monotonic() + 20
+        while a._bridge.first_seq(stream) <= 10:
+            assert time.monotonic() < deadline, "no compaction"
+            time.sleep(0.1)
+        assert a._bridge.snapshots(f"{stream}_snap", replicas=3)
