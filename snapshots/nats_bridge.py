@@ -34,8 +34,10 @@ __all__ = ["LogMessage", "NatsBridge", "WrongLastSequence"]
 
 T = TypeVar("T")
 _log = logging.getLogger("torpor.store.nats")
-#: The JetStream error code of "wrong last sequence" (an expected-sequence header not met).
+#: The JetStream error codes of "wrong last sequence" (an expected-sequence header not met):
+#: with the sequence found, and without it (a subject's, in some paths of the server).
 _WRONG_LAST_SEQUENCE = 10071
+_WRONG_LAST_SEQUENCE_CONSTANT = 10164
 #: "no suitable peers for placement": fewer nodes than replicas are up (for now).
 _NO_SUITABLE_PEERS = 10005
 #: "stream name already in use": created by another host meanwhile.
@@ -142,7 +144,7 @@ class NatsBridge:
 
     def _translate(self, exc: Exception, what: str) -> StoreError:
         code = getattr(exc, "err_code", None)
-        if code == _WRONG_LAST_SEQUENCE:
+        if code in (_WRONG_LAST_SEQUENCE, _WRONG_LAST_SEQUENCE_CONSTANT):
             error = WrongLastSequence(f"{what}: {exc}")
             tail = str(getattr(exc, "description", None) or exc).rsplit(":", 1)[-1].strip().rstrip("'\"")
             error.last_seq = int(tail) if tail.isdigit() else None

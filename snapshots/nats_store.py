@@ -85,7 +85,7 @@ import lmdb
 from .errors import StoreConfigError, StoreCorrupt, StoreError, StoreSuspect, StoreUnavailable
 from .lmdb_store import LmdbStore, _LmdbTxn
 from .nats_bridge import LogMessage, NatsBridge, WrongLastSequence
-from .oplog import GLOBAL, RecordingTxn, apply_ops, decode_ops, encode_ops
+from .oplog import RecordingTxn, apply_ops, decode_ops, encode_ops
 from .store import AgentStore, Outcome, ReadTxn, SyncWhen, WriteTxn
 
 __all__ = ["DEFAULT_STREAM", "NatsStore", "parse_nats_url"]
@@ -102,6 +102,7 @@ _APPLIED_KEY = b"nats.applied"
 _STREAM_KEY = b"nats.stream"
 #: ... and, per agent subject token, the stream sequence of its last message applied.
 _SUBJECT_KEY = b"nats.subj."
+_EXPECT_SUBJECT = "Nats-Expected-Last-Subject-Sequence"
 #: Headers of a log entry: its id, and "i/n" for an entry in parts (an atomic batch).
 _TXN_HEADER = "Torpor-Txn"
 _PART_HEADER = "Torpor-Part"
@@ -176,6 +177,7 @@ class NatsStore:
         self.subject = f"{stream}.>"  # every subject of the stream
         self._global_subject = f"{stream}.g"
         self._agent_prefix = f"{stream}.a."
+        self._read_subject = f"{stream}.r"  # messages that only carry a condition on what was read
         self.replicas = replicas
         self._max_part = max(64 * 1024, int(bridge._nc.max_payload) - _PART_HEADROOM)
         self._applied_cond = threading.Condition()
@@ -440,6 +442,8 @@ class NatsStore:
                         continue  # committed here by this host's own transaction
 
                     def on_error(op: Any, exc: Exception, last: int = last) -> None:
+                        if isinstance(exc, lmdb.Error):  # the transaction's, not the entry's (a full map
+                            raise exc  # grows and the whole run is applied again): never skipped
                         _log().warning("entry %d of %s: %s(...) failed on this copy: %s", last, self.stream,
                                        op[0], exc)
 
@@ -481,16 +485,24 @@ class NatsStore:
         """The messages of one entry: on each touched agent's subject, with the entry's condition
         (see the module docstring), its frame cut into parts under the payload limit."""
         frame = encode_ops(rec.ops)
-        tokens = sorted({_token(p) for p in rec.partitions if p != GLOBAL})
-        subjects = [self._agent_prefix + t for t in tokens] or [self._global_subject]
-        if rec.global_read:
-            conditions, kind = [{"Nats-Expected-Last-Sequence": str(applied)}], "stream"
-        elif tokens:
-            conditions = [{"Nats-Expected-Last-Subject-Sequence": str(self._subject_seq_in(txn, t))} for t in tokens]
-            kind = "agents"
-        else:
-            conditions, kind = [], "none"  # blind writes of global keys: in any order
+        wrote = sorted({_token(p) for p in rec.wrote})
+        plan: list[tuple[str, dict[str, str]]]  # (subject, condition) per message
+        if rec.global_read:  # the whole log's last sequence; a message on each partition written
+            plan = [(self._agent_prefix + t, {}) for t in wrote] or [(self._global_subject, {})]
+            plan[0] = (plan[0][0], {"Nats-Expected-Last-Sequence": str(applied)})
+            kind = "stream"
+        else:  # each partition read unchanged: on its own message if written, else on a read marker
+            read = {_token(p) for p in rec.read}
+            plan = [(self._agent_prefix + t, {_EXPECT_SUBJECT: str(self._subject_seq_in(txn, t))} if t in read else {})
+                    for t in wrote]
+            plan += [(self._read_subject, {_EXPECT_SUBJECT: str(self._subject_seq_in(txn, t)),
+                                           _EXPECT_SUBJECT + "-Subject": self._agent_prefix + t})
+                     for t in sorted(read.difference(wrote))]
+            plan = plan or [(self._global_subject, {})]
+            kind = "partitions" if any(c for _, c in plan) else "none"
         self.conditions[kind] += 1
+        subjects = [subject for subject, _ in plan]
+        conditions = [c for _, c in plan]
         pieces = [frame[i:i + self._max_part] for i in range(0, len(frame), self._max_part)]
         n = max(len(subjects), len(pieces))
         out: list[Message] = []
@@ -644,10 +656,9 @@ class NatsStore:
         def run(txn: lmdb.Transaction) -> tuple[list[Outcome], RecordingTxn]:
             merged = RecordingTxn(self._txn(txn))
 
-            def record(recorder: Any) -> None:
-                merged.ops.extend(recorder.ops)
-                merged.partitions |= recorder.partitions
-                merged.global_read = merged.global_read or recorder.global_read
+            def record(given: WriteTxn) -> None:
+                assert isinstance(given, RecordingTxn)  # what ``view`` made of it
+                merged.merge(given)
 
             return self._local._batch_in(txn, fns, view=RecordingTxn, committed=record), merged
 

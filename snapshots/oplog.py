@@ -16,15 +16,17 @@ method did not change the state in any way another copy would need to see.
 What a transaction depends on: the fleet store commits a transaction on condition that
 nothing it read changed since (``snapshots.nats_store``). Conditions per agent let hosts
 driving different agents commit side by side, so the recorder also notes the *partition*
-of every key a transaction touched (:func:`partition_of_key` and friends): an agent's id
-for the keys that are that agent's alone (its record, checkpoints, journal, its private kv
-namespace, its audit chain, logs, input, approval, identity and wake entry), or
-:data:`GLOBAL` for everything else (the lease table, the registry, the host's keys, any
-walk over all agents). A transaction that only read its agents' partitions is conditioned
-on them alone; one that read anything global, on the whole log. Which keys are whose is
-the host's layout, named here: a key labelled wrongly costs concurrency (two agents' commits
-conditioned on each other, or a global condition), never correctness, since every
-transaction touching a key is conditioned on, and publishes to, the same label.
+of every key a transaction read and wrote (:func:`partition_of_kv`,
+:func:`partition_of_blob`): an agent's id for the keys that are that agent's alone (its
+record, checkpoints, journal, its private kv namespace, its audit chain, logs, input,
+approval, identity and wake entry), the key itself for any other single key (a host's
+lease, the host's signing key), or :data:`GLOBAL` for a walk over keys that are not one
+agent's (every agent, a bucket, the registry). A transaction is conditioned on each
+partition it read, and its writes go to each partition it wrote; one that walked anything
+global is conditioned on the whole log. Which keys are whose is the host's layout, named
+here: a key labelled wrongly costs concurrency (two agents' commits conditioned on each
+other), never correctness, since every transaction reading a key is conditioned on, and
+every one writing it publishes to, the same label.
 
 The wire form is one frame: a 4-byte big-endian header length, a JSON header
 ``{"v": 1, "ops": [[name, [args], {kwargs}], ...], "sizes": [...]}`` and then the byte
@@ -56,7 +58,7 @@ _LEN = struct.Struct(">I")
 
 Op = tuple[str, tuple[Any, ...], dict[str, Any]]
 
-#: The partition of a key that is no one agent's alone (or of a walk over many agents' keys).
+#: The partition of a walk over keys that are not one agent's alone.
 GLOBAL = ""
 #: Blob buckets keyed by an agent's id, and those keyed ``<agent id>/...`` (its chain, its log).
 _BY_AGENT_ID = frozenset({"inputs", "approvals", "identity"})
@@ -64,7 +66,7 @@ _BY_AGENT_PREFIX = frozenset({"audit", "logs"})
 #: The kv namespace of limits shared beyond one agent (``host.runtime.budgets``): its
 #: ``run:<id>/...`` and ``agent:<id>:...`` keys are that agent's, the rest (tenant, policy) global.
 _LIMITS_NAMESPACE = "torpor:limits"
-#: Writes that read nothing (no answer depends on what was there): a global one is no read.
+#: Writes that read nothing (no answer or error depends on what was there).
 _BLIND = frozenset({"kv_set", "put_blob", "put_agent"})
 
 
@@ -78,7 +80,7 @@ def partition_of_kv(namespace: str, key: str, *, prefix: bool = False) -> str:
                 agent, sep, _ = key[len(head):].partition(end)
                 if agent and (sep or not prefix):
                     return agent
-    return GLOBAL
+    return GLOBAL if prefix else f"kv:{namespace}/{key}"
 
 
 def partition_of_blob(bucket: str, key: str, *, prefix: bool = False) -> str:
@@ -93,34 +95,45 @@ def partition_of_blob(bucket: str, key: str, *, prefix: bool = False) -> str:
         return key[6:]
     if bucket == "timers" and not prefix:  # ``<time>/<agent id>`` (``host.runtime.timers.wake_key``)
         return key.rpartition("/")[2]
-    return GLOBAL
+    return GLOBAL if prefix else f"blob:{bucket}/{key}"
 
 
 class RecordingTxn:
     """A ``WriteTxn`` that forwards every call to ``inner`` and records the writes that succeed.
 
-    It also notes what the transaction depends on: ``partitions``, the agents' partitions it
-    read or wrote, and ``global_read``, whether it read anything of :data:`GLOBAL` (a blind
-    write there, ``kv_set`` or ``put_blob``, reads nothing)."""
+    It also notes what the transaction depends on: the partitions it ``read`` (a write whose
+    answer or error depends on what was there reads too) and ``wrote``, and ``global_read``,
+    whether it walked keys of :data:`GLOBAL`."""
 
-    __slots__ = ("_inner", "global_read", "ops", "partitions")
+    __slots__ = ("_inner", "global_read", "ops", "read", "wrote")
 
     def __init__(self, inner: WriteTxn) -> None:
         self._inner = inner
         self.ops: list[Op] = []
-        self.partitions: set[str] = set()
+        self.read: set[str] = set()
+        self.wrote: set[str] = set()
         self.global_read = False
 
-    def _touch(self, part: str, blind: bool = False) -> None:
+    def _touch(self, part: str) -> None:
         if part:
-            self.partitions.add(part)
-        elif not blind:
+            self.read.add(part)
+        else:
             self.global_read = True
 
+    def merge(self, other: RecordingTxn) -> None:
+        """Add what ``other`` recorded (a batch's functions make one entry)."""
+        self.ops.extend(other.ops)
+        self.read |= other.read
+        self.wrote |= other.wrote
+        self.global_read = self.global_read or other.global_read
+
     def _write(self, part: str, name: str, *args: Any, **kwargs: Any) -> Any:
-        self._touch(part, name in _BLIND)  # before the call: one that raised may have read
+        if name not in _BLIND:  # before the call: one that raised may have read
+            self._touch(part)
         result = getattr(self._inner, name)(*args, **kwargs)
         self.ops.append((name, args, kwargs))  # only once it succeeded
+        if part:
+            self.wrote.add(part)
         return result
 
     # ------------------------------------------------------------------- reads

