@@ -136,6 +136,14 @@ class _Behind(Exception):
         self.seq = seq
 
 
+class _Split(Exception):
+    """A batch mixes walks of shared keys with other functions: commit them apart."""
+
+    def __init__(self, walks: list[int]) -> None:
+        super().__init__(walks)
+        self.walks = walks
+
+
 Message = tuple[str, bytes, dict[str, str]]
 
 
@@ -532,6 +540,8 @@ class NatsStore:
     def _commit(self, run: Callable[[lmdb.Transaction], tuple[T, RecordingTxn | None]]) -> T:
         """Run ``run`` on the local copy and publish its writes conditionally; again after a lost race."""
         self._check_open()
+        recorded: list[RecordingTxn] = []  # what the last attempt depended on (said when it keeps losing)
+        refused = ""
         for attempt in range(_MAX_RACES):
             txn_id = uuid.uuid4().hex
             ran: list[Any] = []  # the function's result, once it ran and its entry was sent
@@ -543,6 +553,7 @@ class NatsStore:
                 result, rec = run(txn)
                 if rec is None or not rec.ops:
                     return result
+                recorded[:] = [rec]
                 messages = self._messages(txn, rec, txn_id, applied)
                 ran.append(result)
                 last = self._send(messages)
@@ -558,6 +569,10 @@ class NatsStore:
                 return ran[0]  # type: ignore[no-any-return]
             except WrongLastSequence as exc:
                 self.races += 1
+                refused = str(exc)
+                if attempt == _MAX_RACES // 10:
+                    _log().warning("a transaction lost the race for stream %s %d times (%s; %s)", self.stream,
+                                   attempt + 1, self._depends(recorded), refused)
                 # The refusal names the last sequence it was checked against: wait for the
                 # copy to get there (no round trip to ask), after a short random pause so that
                 # hosts racing for the same sequence do not keep colliding.
@@ -589,7 +604,18 @@ class NatsStore:
                 self.commits += 1
             return result  # type: ignore[no-any-return]
         raise StoreUnavailable(f"a transaction lost the race for stream {self.stream} {_MAX_RACES} times "
-                               "in a row; the fleet is writing faster than this host can catch up")
+                               f"in a row ({self._depends(recorded)}; {refused}); what it depends on "
+                               "changes faster than this host can catch up")
+
+    @staticmethod
+    def _depends(recorded: list[RecordingTxn]) -> str:
+        if not recorded:
+            return "nothing recorded"
+        rec = recorded[0]
+        if rec.global_read:
+            return f"it read a walk over shared keys: conditioned on the whole stream; {len(rec.ops)} writes"
+        return (f"conditioned on {len(rec.read)} partitions ({', '.join(sorted(rec.read)[:4])}"
+                f"{', ...' if len(rec.read) > 4 else ''}); {len(rec.ops)} writes")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -649,20 +675,46 @@ class NatsStore:
         """Many functions, one log entry; each in a nested local transaction, isolated from the others.
 
         The entry depends on what every function that committed touched: a group commit of
-        several agents' steps is conditioned on each of those agents' subjects."""
+        several agents' steps is conditioned on each of those agents' subjects. A function
+        that walked shared keys (conditioned on the whole stream, which every commit of the
+        fleet moves) is committed on its own, so that it never drags the others into its race."""
         if not fns:
             return []
 
         def run(txn: lmdb.Transaction) -> tuple[list[Outcome], RecordingTxn]:
+            views: list[RecordingTxn] = []
+
+            def view(inner: WriteTxn) -> WriteTxn:
+                views.append(RecordingTxn(inner))
+                return views[-1]
+
+            outcomes = self._local._batch_in(txn, fns, view=view)
             merged = RecordingTxn(self._txn(txn))
+            walks = []
+            for i, (v, o) in enumerate(zip(views, outcomes, strict=True)):
+                if o.error is None:
+                    merged.merge(v)
+                    if v.global_read:
+                        walks.append(i)
+            if walks and len(walks) < len(fns):
+                raise _Split(walks)
+            return outcomes, merged
 
-            def record(given: WriteTxn) -> None:
-                assert isinstance(given, RecordingTxn)  # what ``view`` made of it
-                merged.merge(given)
-
-            return self._local._batch_in(txn, fns, view=RecordingTxn, committed=record), merged
-
-        return self._commit(run)
+        try:
+            return self._commit(run)
+        except _Split as split:
+            out: list[Outcome | None] = [None] * len(fns)
+            rest = [i for i in range(len(fns)) if i not in split.walks]
+            for i, o in zip(rest, self.transact_batch([fns[i] for i in rest]), strict=True):
+                out[i] = o
+            for i in split.walks:
+                try:
+                    out[i] = Outcome(value=self.transact(fns[i]))
+                except StoreUnavailable:
+                    raise  # the cluster's failure, not the function's
+                except Exception as exc:
+                    out[i] = Outcome(error=exc)
+            return [o for o in out if o is not None]
 
     def settle(self) -> None:
         """Nothing to do: no commit is ever left short of the cluster's promise."""

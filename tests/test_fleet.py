@@ -10,14 +10,17 @@ dead host and again by its successor) would push ``last`` past ``n``.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import BundleFactory
 from serve_helpers import free_port
 
@@ -26,6 +29,21 @@ from bench.nats_cluster import NatsCluster
 from host.runtime.agent import TERMINAL
 from host.trust import audit
 from snapshots.nats_store import NatsStore
+
+
+def _check_store(url: str, path: Path, stream: str, ids: list[str], n: int) -> list[str]:
+    """Every audit chain intact, every agent completed with its calls 1..n journalled once
+    (nothing run twice, nothing lost); the agents another host resumed."""
+    with NatsStore.open(url, path, stream=stream) as s:
+        s.sync()
+        report = audit.verify_store(s)
+        assert report.ok, report.summary()
+        with s.read() as r:
+            for aid in ids:
+                assert [c for c, _ in r.iter_journal(aid)] == list(range(1, n + 1)), aid
+                assert r.get_agent(aid)["status"] == "completed", aid
+        return [aid for aid in ids if any(e["kind"] == "agent.resumed" and e.get("host")
+                                          for e in audit.records(s, aid))]
 
 
 def test_a_killed_hosts_agents_finish_on_another(bundles: BundleFactory, nats_cluster: NatsCluster,
@@ -93,16 +111,8 @@ def test_a_killed_hosts_agents_finish_on_another(bundles: BundleFactory, nats_cl
             stop(b)
         if node_killed:
             nats_cluster.restart(2)
-    with NatsStore.open(url, tmp_path / "check", stream=stream) as s:
-        s.sync()
-        report = audit.verify_store(s)
-        assert report.ok, report.summary()
-        with s.read() as r:
-            for aid in ids:  # one journal entry per call, calls 1..n (nothing run twice, nothing lost)
-                assert [c for c, _ in r.iter_journal(aid)] == list(range(1, n + 1))
-        taken = [aid for aid in ids if any(e["kind"] == "agent.resumed" and e.get("host")
-                                           for e in audit.records(s, aid))]
-        assert taken, "no agent was resumed by another host"  # the kill's agents, finished by b
+    taken = _check_store(url, tmp_path / "check", stream, ids, n)
+    assert taken, "no agent was resumed by another host"  # the kill's agents, finished by b
 
 
 def test_a_paused_host_past_its_lease_cannot_commit(bundles: BundleFactory, nats_cluster: NatsCluster,
@@ -148,14 +158,79 @@ def test_a_paused_host_past_its_lease_cannot_commit(bundles: BundleFactory, nats
         if b is not None:
             stop(b)
         stop(a)
-    with NatsStore.open(url, tmp_path / "check", stream=stream) as s:
-        s.sync()
-        report = audit.verify_store(s)
-        assert report.ok, report.summary()
-        with s.read() as r:
-            for aid in ids:
-                assert [c for c, _ in r.iter_journal(aid)] == list(range(1, n + 1))
-                assert r.get_agent(aid)["status"] == "completed"
-        taken = [aid for aid in ids if any(e["kind"] == "agent.resumed" and e.get("host")
-                                           for e in audit.records(s, aid))]
-        assert taken, "the paused host's agents were not taken over"
+    taken = _check_store(url, tmp_path / "check", stream, ids, n)
+    assert taken, "the paused host's agents were not taken over"
+
+
+@pytest.mark.timeout(900)
+def test_300_agents_on_3_hosts_with_a_host_and_a_node_killed(bundles: BundleFactory, nats_cluster: NatsCluster,
+                                                             tmp_path: Path) -> None:
+    """The scale test of issue 17: 300 ``steps`` agents of 100 calls across 3 ``torpor serve``
+    hosts on the 3-node cluster; one host SIGKILLed mid-run, then one NATS node: every agent
+    completes with last == 100 and sum == 5050, each call journalled once, every audit intact.
+    (TORPOR_FLEET_AGENTS and TORPOR_FLEET_N make it smaller or larger.)"""
+    count = int(os.environ.get("TORPOR_FLEET_AGENTS", "300"))
+    n = int(os.environ.get("TORPOR_FLEET_N", "100"))
+    stream = f"F{uuid.uuid4().hex[:12]}"
+    url = nats_cluster.url
+    [steps], secret = seed(url, stream, tmp_path / "seed", [bundles.example("steps")])
+    want = {"sum": n * (n + 1) // 2, "last": n}
+    hdr = {"Authorization": f"Bearer {secret}"}
+    started = time.monotonic()
+    procs: list[subprocess.Popen[bytes]] = []
+    node_killed = False
+    try:
+        ports = [free_port() for _ in range(3)]
+        for i, port in enumerate(ports):
+            procs.append(start_host(url, stream, tmp_path / f"h{i}", lease=2.0, port=port,
+                                    log=tmp_path / f"h{i}.log"))
+        bases = [f"http://127.0.0.1:{p}" for p in ports]
+        with httpx.Client(timeout=120, limits=httpx.Limits(max_connections=24)) as client:
+
+            def submit(i: int) -> str:
+                r = client.post(bases[i % 3] + "/v1/runs", headers=hdr, json={"agent": steps, "input": {"n": n}})
+                assert r.status_code == 201, r.text
+                return str(r.json()["agent_id"])
+
+            with ThreadPoolExecutor(24) as pool:  # as clients would: many at once, on every host
+                ids = list(pool.map(submit, range(count)))
+        submitted = time.monotonic()
+        # mid-run: every host's agents under way, none of host 0's done
+        deadline = time.monotonic() + 120
+        while True:
+            rows = agents(bases[1], secret)
+            done = sum(1 for r in rows if r["status"] in TERMINAL)
+            if sum(int(r.get("checkpoints", 0)) for r in rows) > count * n // 5:
+                break
+            assert time.monotonic() < deadline, rows[:3]
+            time.sleep(0.1)
+        assert done < count, "everything finished before the kill"
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait()
+        killed_at = time.monotonic()
+        time.sleep(1.0)
+        nats_cluster.kill(2)
+        node_killed = True
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                rows = agents(bases[1], secret)
+            except httpx.HTTPError:  # the stream electing a leader without the killed node
+                rows = []
+            if len(rows) == count and all(r["status"] in TERMINAL for r in rows):
+                break
+            assert time.monotonic() < deadline, ((tmp_path / "h1.log").read_text()[-3000:])
+            time.sleep(0.5)
+        finished = time.monotonic()
+        bad = [(r["agent_id"], r["status"], r.get("output"), r.get("error")) for r in rows
+               if r["status"] != "completed" or r.get("output") != want]
+        assert not bad, bad[:5]
+    finally:
+        for proc in procs:
+            stop(proc)
+        if node_killed:
+            nats_cluster.restart(2)
+    taken = _check_store(url, tmp_path / "check", stream, ids, n)
+    assert set(taken) & set(ids[::3]), "no agent of the killed host was resumed by another"
+    print(f"\n{count} agents x {n} calls on 3 hosts: submitted in {submitted - started:.1f} s, "
+          f"all done {finished - submitted:.1f} s after (host killed at {killed_at - submitted:.1f} s)")

@@ -181,6 +181,17 @@ def test_hosts_writing_different_agents_do_not_race(pair: tuple[NatsStore, NatsS
     b.sync()
     with b.read() as r:
         assert r.get_agent("y") == {"agent_id": "y", "n": 4} and r.get_journal("x", 2) == {"r": 3}
+    # a walk over every agent in a group commit is committed on its own (conditioned on the
+    # whole stream), the other functions together (on their agents)
+    before = dict(b.conditions)
+    outs = b.transact_batch([lambda t: t.put_journal("x", 9, {"r": 9}),
+                             lambda t: t.kv_set("n", "agents", str(len(list(t.iter_agents()))).encode()),
+                             lambda t: t.put_journal("y", 9, {"r": 9})])
+    assert [o.error for o in outs] == [None, None, None]
+    assert b.conditions["stream"] == before.get("stream", 0) + 1
+    assert b.conditions["partitions"] == before.get("partitions", 0) + 1
+    with b.read() as r:
+        assert r.kv_get("n", "agents") == b"2" and r.get_journal("y", 9) == {"r": 9}
 
 
 def test_a_large_step_is_one_atomic_batch(pair: tuple[NatsStore, NatsStore], monkeypatch: pytest.MonkeyPatch) -> None:
