@@ -252,6 +252,21 @@ class NatsBridge:
 
     # ----------------------------------------------- positions and snapshots
 
+    async def _settled(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, again while a stream just created (a KV bucket, an object store) or one
+        whose leader just died has no leader to answer yet, until the timeout."""
+        deadline = self._loop.time() + self.timeout
+        pause = 0.05
+        while True:
+            try:
+                return await call()
+            except (self._nats.errors.TimeoutError, self._nats.errors.NoRespondersError,
+                    self._nats.js.errors.NoStreamResponseError, self._nats.js.errors.ServiceUnavailableError):
+                if self._loop.time() + pause > deadline:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.5)
+
     async def _kv(self, bucket: str, replicas: int, ttl: float) -> Any:
         from nats.js.api import KeyValueConfig, StorageType
 
@@ -264,17 +279,17 @@ class NatsBridge:
     def put_position(self, bucket: str, key: str, seq: int, *, replicas: int, ttl: float) -> None:
         """Say, in KV bucket ``bucket`` (entries expire after ``ttl`` s), that copy ``key`` is at ``seq``."""
         async def go() -> None:
-            kv = await self._kv(bucket, replicas, ttl)
-            await kv.put(key, str(seq).encode())
+            kv = await self._settled(lambda: self._kv(bucket, replicas, ttl))
+            await self._settled(lambda: kv.put(key, str(seq).encode()))
 
-        self._run(self._guard(f"writing position to {bucket}", go()))
+        self._run(self._guard(f"writing position to {bucket}", go()), self.timeout + 2.0)
 
     def positions(self, bucket: str, *, replicas: int, ttl: float) -> dict[str, int]:
         """Every live copy's position in ``bucket`` (those that said so within ``ttl``)."""
         async def go() -> dict[str, int]:
-            kv = await self._kv(bucket, replicas, ttl)
+            kv = await self._settled(lambda: self._kv(bucket, replicas, ttl))
             try:
-                keys = await kv.keys()
+                keys = await self._settled(kv.keys)
             except self._nats.js.errors.NoKeysError:
                 return {}
             out = {}
@@ -287,7 +302,7 @@ class NatsBridge:
                     out[key] = int(entry.value)
             return out
 
-        return self._run(self._guard(f"reading positions from {bucket}", go()))
+        return self._run(self._guard(f"reading positions from {bucket}", go()), self.timeout * 2 + 2.0)
 
     async def _objects(self, bucket: str, replicas: int) -> Any:
         from nats.js.api import ObjectStoreConfig, StorageType
@@ -301,7 +316,7 @@ class NatsBridge:
     def snapshots(self, bucket: str, *, replicas: int) -> list[str]:
         """The names of the objects in object store ``bucket``, sorted."""
         async def go() -> list[str]:
-            obs = await self._objects(bucket, replicas)
+            obs = await self._settled(lambda: self._objects(bucket, replicas))
             try:
                 infos = await obs.list(ignore_deletes=True)
             except self._nats.js.errors.NotFoundError:
@@ -313,22 +328,22 @@ class NatsBridge:
     def put_snapshot(self, bucket: str, name: str, data: bytes, *, replicas: int) -> None:
         """Store ``data`` as object ``name`` (chunked by the object store), on a quorum."""
         async def go() -> None:
-            obs = await self._objects(bucket, replicas)
-            await obs.put(name, data)
+            obs = await self._settled(lambda: self._objects(bucket, replicas))
+            await self._settled(lambda: obs.put(name, data))
 
         self._run(self._guard(f"writing {name} to {bucket}", go()), self.timeout * 6)
 
     def get_snapshot(self, bucket: str, name: str, *, replicas: int) -> bytes:
         """Object ``name`` of ``bucket`` (its digest checked by the object store)."""
         async def go() -> bytes:
-            obs = await self._objects(bucket, replicas)
+            obs = await self._settled(lambda: self._objects(bucket, replicas))
             return bytes((await obs.get(name)).data or b"")
 
         return self._run(self._guard(f"reading {name} from {bucket}", go()), self.timeout * 6)
 
     def delete_snapshot(self, bucket: str, name: str, *, replicas: int) -> None:
         async def go() -> None:
-            obs = await self._objects(bucket, replicas)
+            obs = await self._settled(lambda: self._objects(bucket, replicas))
             with contextlib.suppress(self._nats.js.errors.NotFoundError):
                 await obs.delete(name)
 
@@ -376,10 +391,17 @@ class NatsBridge:
         Either every message is stored, contiguously, or none is: each message's condition
         in its headers must hold (``Nats-Expected-Last-Sequence`` on the first only). Returns
         the sequence of the last message. Only the commit (the last message) is answered.
-        """
-        batch = uuid.uuid4().hex
 
-        async def go() -> int:
+        A batch with a condition is sent again while the cluster elects a stream leader (no
+        answer): if the first was stored after all, the condition refuses the second, and the
+        refusal says so (``ambiguous``). One without a condition is sent once.
+        """
+        import json
+
+        conditional = any(k.startswith("Nats-Expected-") for _, _, h in messages for k in h)
+
+        async def once() -> int:
+            batch = uuid.uuid4().hex
             reply: Any = None
             n = len(messages)
             for i, (subject, payload, headers) in enumerate(messages, 1):
@@ -388,9 +410,7 @@ class NatsBridge:
                     await self._nc.publish(subject, payload, headers=h)
                 else:
                     h["Nats-Batch-Commit"] = "1"
-                    reply = await self._nc.request(subject, payload, timeout=self.timeout, headers=h)
-            import json
-
+                    reply = await self._nc.request(subject, payload, timeout=self.timeout / 4, headers=h)
             answer = json.loads(reply.data)
             if "error" in answer:
                 err = answer["error"]
@@ -399,7 +419,26 @@ class NatsBridge:
                 raise exc
             return int(answer["seq"])
 
-        return self._run(self._guard("publishing a batch", go()), self.timeout * 2 + 1.0)
+        async def go() -> int:
+            deadline = self._loop.time() + self.timeout
+            pause, unanswered = 0.05, False
+            while True:
+                try:
+                    return await once()
+                except (self._nats.errors.TimeoutError, self._nats.errors.NoRespondersError,
+                        self._nats.errors.ConnectionReconnectingError) as exc:
+                    unanswered = unanswered or not isinstance(exc, self._nats.errors.NoRespondersError)
+                    if not conditional or self._loop.time() + pause > deadline:
+                        raise
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.5)
+                except Exception as exc:
+                    error = self._translate(exc, "publishing a batch")
+                    if isinstance(error, WrongLastSequence):
+                        error.ambiguous = unanswered
+                    raise error from exc
+
+        return self._run(self._guard("publishing a batch", go()), self.timeout * 2 + 2.0)
 
     # ---------------------------------------------------------- subscriptions
 

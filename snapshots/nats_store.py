@@ -36,6 +36,14 @@ agent's subject fails, and its function, run again on the new state, sees that i
 owns the agent. Blind writes of global keys (a lease renewal) read nothing and carry no
 condition.
 
+The cost of a walk: a transaction that walked shared keys (every agent for the signed
+audit heads, the wake index for the timers' sweep, a registry prefix for a push) can only
+commit in a moment when no host of the fleet commits anything between its view and its
+publish. Under sustained load from other hosts it backs off and, after 40 lost races, gives
+up with ``StoreUnavailable`` (the periodic seal of the audit heads tries again later; a push
+says so). A group commit runs such a function apart from the others. Conditioning walks on
+the subjects they cover (a wildcard per bucket) rather than on the whole stream is not done.
+
 A step's checkpoint, journal entries, audit records and agent record are one log entry:
 one message, or an atomic batch (NATS 2.12+) when it touches several agents or exceeds the
 server's payload limit, stored together or not at all.
@@ -106,8 +114,10 @@ _EXPECT_SUBJECT = "Nats-Expected-Last-Subject-Sequence"
 #: Headers of a log entry: its id, and "i/n" for an entry in parts (an atomic batch).
 _TXN_HEADER = "Torpor-Txn"
 _PART_HEADER = "Torpor-Part"
-#: How many lost races in a row before a transaction gives up.
+#: How many lost races in a row before a transaction gives up; one that walked shared keys
+#: (conditioned on the whole stream, which every commit of the fleet moves) gives up sooner.
 _MAX_RACES = 200
+_MAX_WALK_RACES = 40
 #: How many applied entry ids are remembered (an unanswered publish is recognised among them).
 _SEEN_KEPT = 10_000
 #: At most this many delivered messages are applied in one local transaction.
@@ -570,13 +580,19 @@ class NatsStore:
             except WrongLastSequence as exc:
                 self.races += 1
                 refused = str(exc)
+                walk = bool(recorded and recorded[0].global_read)
                 if attempt == _MAX_RACES // 10:
                     _log().warning("a transaction lost the race for stream %s %d times (%s; %s)", self.stream,
                                    attempt + 1, self._depends(recorded), refused)
+                if walk and attempt + 1 >= _MAX_WALK_RACES:
+                    break
                 # The refusal names the last sequence it was checked against: wait for the
                 # copy to get there (no round trip to ask), after a short random pause so that
-                # hosts racing for the same sequence do not keep colliding.
-                time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 8)))
+                # hosts racing for the same sequence do not keep colliding. A walk conditioned
+                # on the whole stream waits longer and longer: each attempt holds this copy's
+                # write lock while it runs, and it can only win in a lull of the whole fleet.
+                time.sleep(random.uniform(0, min(0.25, 0.002 * 2 ** attempt) if walk else
+                                          0.002 * min(attempt + 1, 8)))
                 if exc.last_seq is not None and not exc.ambiguous:
                     self._wait_applied(exc.last_seq)
                 else:
@@ -603,7 +619,7 @@ class NatsStore:
                 self._advance(int(ran[1]))
                 self.commits += 1
             return result  # type: ignore[no-any-return]
-        raise StoreUnavailable(f"a transaction lost the race for stream {self.stream} {_MAX_RACES} times "
+        raise StoreUnavailable(f"a transaction lost the race for stream {self.stream} {attempt + 1} times "
                                f"in a row ({self._depends(recorded)}; {refused}); what it depends on "
                                "changes faster than this host can catch up")
 
