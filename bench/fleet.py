@@ -240,7 +240,7 @@ def _throughput_case(store: str, stream: str, tmp: Path, bundle: Path, hosts: in
     return {"hosts": hosts, "agents": agents_n, "round_trips": trips, "seconds": round(took, 3),
             "round_trips_per_s": round(trips / took, 1), "hibernations": hib,
             "hibernations_per_s": round(hib / hib_took, 1), "races": sum(races) if races else None,
-            "conditions": {k: sum(r["conditions"].get(k, 0) for r in rows) for k in ("agents", "stream", "none")}
+            "conditions": {k: sum(r["conditions"].get(k, 0) for r in rows) for k in ("partitions", "stream", "none")}
             if races else None,
             "wrong": sum(r["wrong"] for r in rows)}
 
