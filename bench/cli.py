@@ -143,8 +143,9 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
                             help="agents per transaction function within a batch (default 64; 1: one each)")
             sp.add_argument("--store", help="scratch store directory to hibernate into (default: a temporary one)")
             sp.add_argument("--keep", action="store_true", help="keep the temporary store and print where it is")
-            sp.add_argument("--agent", choices=("steps", "steps-js"), default="steps",
-                            help="the agent hibernated: steps (C, default) or steps-js (JavaScript)")
+            sp.add_argument("--agent", choices=("steps", "steps-js", "steps-py"), default="steps",
+                            help="the agent hibernated: steps (C, default), steps-js (JavaScript) or steps-py "
+                                 "(Python)")
         elif name == "steps":
             sp.add_argument("--n", type=int, help="tool calls per runtime agent (default 200)")
             sp.add_argument("--agents", type=int, help="concurrent runtime agents (default 64)")

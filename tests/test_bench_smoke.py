@@ -92,6 +92,21 @@ def test_density_quick(tmp_path: Path) -> None:
         assert txn.get_checkpoint(agents[0]["agent_id"], 1) is not None
 
 
+def test_density_of_python_agents(tmp_path: Path) -> None:
+    """The Python steps agent hibernated into one store (bench/RESULTS.md has 100,000):
+    every agent is in the store, and a sample resumed from it completes exactly."""
+    r = bench("density", "--agent", "steps-py", "--agents", "200", "--no-warm", "--batch", "100", "--engine",
+              "pooled", "--store", str(tmp_path / "s"), timeout=300)
+    assert r["agent"] == "steps-py" and r["agents"] == 200
+    positive(r["bytes_per_agent"], r["disk_bytes_per_agent"], r["hibernations_per_s"])
+    assert r["hibernated_verified"] == "20/20"
+    assert 1000 < r["bytes_per_agent"] < 64 * 1024  # a Python agent's delta: a few KB
+    from snapshots.lmdb_store import LmdbStore
+
+    with LmdbStore.open(tmp_path / "s" / "db") as store, store.read() as txn:
+        assert len(list(txn.iter_agents())) == 200
+
+
 def test_density_two_processes_share_one_store(tmp_path: Path) -> None:
     """Two host processes hibernate into one store in lockstep; every agent lands once."""
     r = bench("density", "--agents", "401", "--no-warm", "--batch", "100", "--processes", "2",
