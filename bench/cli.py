@@ -159,8 +159,9 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
             sp.add_argument("--tool", help="the tool it sends the conversation to: llm, kv or both as llm,kv "
                                            "(default llm)")
             sp.add_argument("--rounds", type=int, help="suspend/resume rounds at the last turn (default 50)")
-            sp.add_argument("--agent", choices=("conversation", "conversation-js"), default="conversation",
-                            help="the agent: in C (default) or its JavaScript twin")
+            sp.add_argument("--agent", default="conversation",
+                            help="the agent: conversation (C, default), conversation-js or conversation-py, or "
+                                 "several comma-separated to measure them side by side in one run")
             sp.add_argument("--no-summarise", action="store_true",
                             help="skip the agent that rewrites its history (summarises) every 25 turns")
             sp.add_argument("--profile", metavar="FILE", help="write a cProfile of the last case's resumes to FILE")

@@ -76,6 +76,21 @@ def test_conversation_quick() -> None:
     assert 0 < case["last_checkpoint_only"]["state_bytes"] <= case["last_checkpoint_only"]["target_bytes"]
 
 
+def test_conversation_agents_side_by_side() -> None:
+    """The C and Python conversation agents in one run: the same conversation, each
+    agent's stored bytes per case, per-turn growth side by side."""
+    r = bench("conversation", "--agent", "conversation,conversation-py", "--turns", "3,6", "--no-summarise",
+              "--rounds", "1", timeout=300)
+    assert set(r["agents"]) == set(r["per_turn_bytes"]) == {"conversation", "conversation-py"}
+    c, py = r["agents"]["conversation"]["cases"], r["agents"]["conversation-py"]["cases"]
+    # the same messages: the C agent's text of them leaves off the closing bracket
+    assert [x["output"]["bytes"] + 1 for x in c] == [x["output"]["bytes"] for x in py]
+    assert c[-1]["output"]["turns"] == py[-1]["output"]["turns"] == 6
+    for name in ("conversation", "conversation-py"):
+        assert r["per_turn_bytes"][name] > 0
+        assert r["stored_total"][name]["6"] > r["stored_total"][name]["3"] > 0
+
+
 def test_density_quick(tmp_path: Path) -> None:
     r = bench("density", "--agents", "600", "--warm", "200", "--store", str(tmp_path / "s"))
     assert r["agents"] == 600
