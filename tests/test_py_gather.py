@@ -1,5 +1,6 @@
 """Concurrent tool calls in a Python agent: ``asyncio.gather``, ``create_task``, ``wait``
-and ``TaskGroup`` over ``torpor.tool(...)`` calls (issue 26, item 3).
+and ``TaskGroup`` over ``torpor.tool(...)`` calls (issue 26, item 3); and a package the
+agent vendors beside agent.py.
 
 An agent that imports asyncio runs ``main`` as a task of its own event loop inside the
 coroutine the runtime drives (``torpor._drive``), so the host mechanism is the JavaScript
@@ -89,6 +90,15 @@ def test_asyncio_semantics_hold(host: Host, gather: bundle_mod.Bundle, mode: str
     res = run(host, gather, {"mode": mode})
     assert res.status == "completed" and res.output == output, res.error
     assert res.tool_calls == calls
+
+
+def test_a_vendored_package_is_bundled_and_runs(host: Host, gather: bundle_mod.Bundle) -> None:
+    """``textkit/`` beside agent.py (a package with a subpackage and relative imports) is
+    bundled by ``torpor build`` and imported in the image; ``__file__`` is its path there."""
+    res = run(host, gather, {"mode": "vendored"})
+    assert res.status == "completed", res.error
+    assert res.output == {"slug": "creme-brulee-2-portions", "row": "hello-world|ca-va", "version": "1.0",
+                          "file": "textkit/__init__.py", "answers": 2}
 
 
 @pytest.mark.parametrize(("mode", "message"), [

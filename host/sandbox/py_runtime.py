@@ -397,6 +397,42 @@ def pre_initialize(runtime: bytes, files: dict[str, tuple[str, str, bool]]) -> b
     return inst.image(BUILD_EXPORTS)
 
 
+#: Files of native code a vendored package may carry, which nothing here can load.
+_NATIVE_SUFFIXES = (".so", ".pyd", ".dylib", ".dll")
+
+
+def _native_modules(agent_dir: Path) -> dict[str, str]:
+    """The C extensions beside agent.py, by module name
+    (``pkg/_speed.cpython-311-x86_64-linux-gnu.so`` -> ``pkg._speed``)."""
+    found: dict[str, str] = {}
+    for path in sorted(agent_dir.rglob("*")):
+        rel = path.relative_to(agent_dir)
+        if path.suffix not in _NATIVE_SUFFIXES or any(p in _SKIP_DIRS or p.startswith(".") for p in rel.parts[:-1]):
+            continue
+        found[".".join([*rel.parts[:-1], path.name.split(".")[0]])] = rel.as_posix()
+    return found
+
+
+def explain_missing(message: str, agent_dir: Path, files: dict[str, tuple[str, str, bool]]) -> str:
+    """A build's ``No module named 'x'`` with what it means here: ``x`` is a C extension
+    the agent vendors (which WebAssembly cannot load), or neither the frozen standard
+    library nor the agent's own sources have it."""
+    m = re.search(r"No module named '([A-Za-z0-9_.]+)'", message)
+    if m is None:
+        return message
+    name, at = m.group(1), m.end()
+    for mod, rel in _native_modules(agent_dir).items():
+        if mod == name or mod.startswith(name + ".") or name.startswith(mod + "."):
+            return (f"{message[:at]}: {rel} is a C extension, and a Python agent runs in WebAssembly, which loads "
+                    "no native code; vendor a pure-Python version of the package (or call the code as a tool)"
+                    + message[at:])
+    if name.split(".")[0] not in files and name not in STDLIB:
+        return (f"{message[:at]} (a Python agent imports the standard library frozen into the runtime, STDLIB in "
+                "host/sandbox/py_runtime.py, and the pure-Python modules and packages beside agent.py; "
+                "packages that need C extensions cannot run here)" + message[at:])
+    return message
+
+
 def build_agent(agent_dir: Path) -> bytes:
     """The module of the Python agent in ``agent_dir``, ready to pack.
 
@@ -404,7 +440,11 @@ def build_agent(agent_dir: Path) -> bytes:
     than when a host first loads the bundle."""
     from host.sandbox.validate import HostLimits
 
-    module = pre_initialize(runtime_module(), agent_sources(agent_dir))
+    files = agent_sources(agent_dir)
+    try:
+        module = pre_initialize(runtime_module(), files)
+    except ToolchainError as exc:
+        raise ToolchainError(explain_missing(str(exc), agent_dir, files)) from None
     cap = HostLimits().max_module_bytes
     if len(module) > cap:
         raise ToolchainError(f"agent.py: the pre-initialised module is {len(module):,} bytes; a host accepts at most "

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 from typing import Any
 
+import textkit  # a package vendored beside agent.py
 import torpor
+from textkit.formats.table import row
 
 
 async def incr(key: str = "counter") -> int:
@@ -85,6 +87,10 @@ async def main(input: Any) -> Any:
         async with asyncio.TaskGroup() as tg:
             ts = [tg.create_task(incr(f"k{i}")) for i in range(4)]
         return [t.result() for t in ts]
+    if mode == "vendored":
+        names = await asyncio.gather(*(torpor.tool("kv.get", {"key": k}) for k in ("a", "b")))
+        return {"slug": textkit.slugify("Crème Brûlée, 2 Portions!"), "row": row("Hello World", "Ça va"),
+                "version": textkit.VERSION, "file": textkit.__file__, "answers": len(names)}
     if mode == "bad_yield":
         await asyncio.gather(incr(), Never())
     if mode == "deadlock":
