@@ -85,6 +85,8 @@ def test_tasks_interleave_their_calls_and_finish_in_any_order(host: Host, gather
     ("cancel", {"cancelled": True, "value": 1}, 1),
     # a TaskGroup of four calls on four keys
     ("taskgroup", [1, 1, 1, 1], 4),
+    # arguments with a lone surrogate: a UnicodeEncodeError at the agent's await, no call made
+    ("surrogate", "UnicodeEncodeError", 0),
 ])
 def test_asyncio_semantics_hold(host: Host, gather: bundle_mod.Bundle, mode: str, output: Any, calls: int) -> None:
     res = run(host, gather, {"mode": mode})

@@ -138,7 +138,10 @@ async def tool(name, args=None):
     if not isinstance(args, dict):
         raise TypeError("torpor.tool: the arguments must be a dict (a JSON object)")
     text = json.dumps(args, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
-    code, body = await _Call(name.encode("utf-8"), text.encode("utf-8"))
+    for s in (name, text):
+        if not s.isascii():
+            s.encode("utf-8")  # a lone surrogate raises here, in the agent's frame
+    code, body = await _Call(name, text)  # the runtime reads their UTF-8 in place
     value = json.loads(body) if body else None
     if code < 0:
         err = ToolError(value)
@@ -185,7 +188,7 @@ _AGENT_FILES = set()
 
 
 def _request(yielded):
-    """What the runtime makes of a value the agent's coroutine yielded: (name, args)."""
+    """What the runtime makes of a value the agent's coroutine yielded: (name, args), str."""
     if type(yielded) is _Call:
         return (yielded.name, yielded.args)
     raise RuntimeError(

@@ -91,6 +91,12 @@ async def main(input: Any) -> Any:
         names = await asyncio.gather(*(torpor.tool("kv.get", {"key": k}) for k in ("a", "b")))
         return {"slug": textkit.slugify("Crème Brûlée, 2 Portions!"), "row": row("Hello World", "Ça va"),
                 "version": textkit.VERSION, "file": textkit.__file__, "answers": len(names)}
+    if mode == "surrogate":
+        # arguments that are not valid UTF-8 raise in the agent's own frame, catchable
+        try:
+            await incr("\ud800")
+        except UnicodeEncodeError as e:
+            return type(e).__name__
     if mode == "bad_yield":
         await asyncio.gather(incr(), Never())
     if mode == "deadlock":
