@@ -94,6 +94,23 @@ def test_asyncio_semantics_hold(host: Host, gather: bundle_mod.Bundle, mode: str
     assert res.tool_calls == calls
 
 
+@pytest.mark.parametrize(("decide", "output"), [("approve", [1, 1, 1]), ("deny", [1, "denied", 1])])
+def test_a_call_in_a_gather_waits_for_a_person(host: Host, gather: bundle_mod.Bundle, decide: str,
+                                              output: list[Any]) -> None:
+    """The policy parks the agent on the second of three calls (``waiting_approval``), the
+    third still queued in its heap; approved or denied, the gather goes on with it."""
+    res = run(host, gather, {"mode": "approval"})
+    assert res.status == "waiting_approval", res.error
+    assert res.pending is not None and res.pending["tool"] == "kv.incr" and res.pending["args"] == {
+        "key": "gate", "by": 1}
+    assert res.tool_calls == 2  # "a" made, "gate" asked; "b" not yet
+    if decide == "approve":
+        done = anyio.run(lambda: host.approve(res.agent_id))
+    else:
+        done = anyio.run(lambda: host.deny(res.agent_id, reason="not today"))
+    assert done.status == "completed" and done.output == output, done.error
+
+
 def test_a_vendored_package_is_bundled_and_runs(host: Host, gather: bundle_mod.Bundle) -> None:
     """``textkit/`` beside agent.py (a package with a subpackage and relative imports) is
     bundled by ``torpor build`` and imported in the image; ``__file__`` is its path there."""

@@ -91,6 +91,11 @@ async def main(input: Any) -> Any:
         names = await asyncio.gather(*(torpor.tool("kv.get", {"key": k}) for k in ("a", "b")))
         return {"slug": textkit.slugify("Crème Brûlée, 2 Portions!"), "row": row("Hello World", "Ça va"),
                 "version": textkit.VERSION, "file": textkit.__file__, "answers": len(names)}
+    if mode == "approval":
+        # the second of three calls waits for a person: the agent hibernates on it with the
+        # third still queued in its heap, and goes on when the person decides
+        results = await asyncio.gather(incr("a"), incr("gate"), incr("b"), return_exceptions=True)
+        return [r if isinstance(r, int) else getattr(r, "code", repr(r)) for r in results]
     if mode == "surrogate":
         # arguments that are not valid UTF-8 raise in the agent's own frame, catchable
         try:
