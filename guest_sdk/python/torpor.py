@@ -194,7 +194,7 @@ def _request(yielded):
     raise RuntimeError(
         f"the agent awaited {type(yielded).__name__!s} {yielded!r:.80}, which nothing here settles: "
         "an agent waits only on torpor.tool() and torpor.sleep() (and coroutines that await them), "
-        "or on asyncio tasks and futures when agent.py imports asyncio at its top level")
+        "or on asyncio tasks and futures when the agent imports asyncio")
 
 
 def _start(main, seed):
@@ -437,6 +437,11 @@ def _build(blob):
     sys.stderr = _LogStream(2)
     sys.modules["torpor"] = sys.modules[__name__]
     import agent
+
+    if "asyncio" not in sys.modules and any("asyncio" in source for _, source, _ in files.values()):
+        # Imported here when the agent imports it only inside main: main then runs as a
+        # task of the agent's event loop all the same (see _start).
+        import asyncio  # noqa: F401
 
     main = getattr(agent, "main", None)
     if main is None or getattr(main, "__code__", None) is None or not (main.__code__.co_flags & 0x80):
