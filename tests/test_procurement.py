@@ -33,7 +33,8 @@ from host.runtime import Host, RunResult
 from host.sandbox.bundle import Bundle
 
 EXAMPLE = EXAMPLES / "procurement"
-#: The same workflow in C, TypeScript and Python (same tools, same policy but for its name).
+#: The same workflow in C, TypeScript and Python (same tools, same policy but for its name and, for
+#: Python, the memory budget its interpreter needs).
 PORTS = ["procurement", "procurement-ts", "procurement-py"]
 
 # 300 s: on a fresh machine the TypeScript port's first build also builds the JS runtime (~1-2 min).
