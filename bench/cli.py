@@ -143,8 +143,9 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
                             help="agents per transaction function within a batch (default 64; 1: one each)")
             sp.add_argument("--store", help="scratch store directory to hibernate into (default: a temporary one)")
             sp.add_argument("--keep", action="store_true", help="keep the temporary store and print where it is")
-            sp.add_argument("--agent", choices=("steps", "steps-js"), default="steps",
-                            help="the agent hibernated: steps (C, default) or steps-js (JavaScript)")
+            sp.add_argument("--agent", choices=("steps", "steps-js", "steps-py"), default="steps",
+                            help="the agent hibernated: steps (C, default), steps-js (JavaScript) or steps-py "
+                                 "(Python)")
         elif name == "steps":
             sp.add_argument("--n", type=int, help="tool calls per runtime agent (default 200)")
             sp.add_argument("--agents", type=int, help="concurrent runtime agents (default 64)")
@@ -158,8 +159,9 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
             sp.add_argument("--tool", help="the tool it sends the conversation to: llm, kv or both as llm,kv "
                                            "(default llm)")
             sp.add_argument("--rounds", type=int, help="suspend/resume rounds at the last turn (default 50)")
-            sp.add_argument("--agent", choices=("conversation", "conversation-js"), default="conversation",
-                            help="the agent: in C (default) or its JavaScript twin")
+            sp.add_argument("--agent", default="conversation",
+                            help="the agent: conversation (C, default), conversation-js or conversation-py, or "
+                                 "several comma-separated to measure them side by side in one run")
             sp.add_argument("--no-summarise", action="store_true",
                             help="skip the agent that rewrites its history (summarises) every 25 turns")
             sp.add_argument("--profile", metavar="FILE", help="write a cProfile of the last case's resumes to FILE")

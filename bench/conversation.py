@@ -52,7 +52,7 @@ from bench.rig import (
     make_rig,
     restore_from,
 )
-from host.errors import TorporError
+from host.errors import ConfigError, TorporError
 
 _KINDS = ("checkpoints", "chunks", "journal", "audit")
 
@@ -138,7 +138,7 @@ def _compact(store: Any) -> str:
 
 
 def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summarise: int, rounds: int,
-         progress: Progress, profile: str | None = None) -> dict[str, Any]:
+         progress: Progress, profile: str | None = None, compiled: Path | None = None) -> dict[str, Any]:
     import anyio
     import zstandard
 
@@ -147,6 +147,8 @@ def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summ
 
     tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-conv-"))
     try:
+        if compiled is not None:  # the module compiled once per run, not once per case (untimed)
+            shutil.copytree(compiled, tmp / "cache", dirs_exist_ok=True)
         host = Host(tmp, warm_idle_s=60.0)
         try:
             t0 = time.perf_counter()
@@ -156,6 +158,7 @@ def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summ
             if res.status != "completed":
                 raise TorporError(f"the conversation agent did not complete: {res.status} {res.error}")
             aid = res.agent_id
+            output = res.output
             store: Any = host.store
             with store.read() as txn:
                 cps = txn.list_checkpoints(aid)
@@ -170,7 +173,7 @@ def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summ
             zsize = len(zstandard.ZstdCompressor(level=3).compress(conversation))
             by_kind = _bytes_by_kind(store)
             # suspend and resume at the last turn, through the store's public API
-            rig = make_rig(make_engine(engine_name), b)
+            rig = make_rig(make_engine(engine_name, cache_dir=tmp / "cache"), b)  # the host compiled it there
             last = cps[-1].seq
             sus, resu, cold, cpu = Latency(), Latency(), Latency(), Latency()
             # cold: this process's cache of verified chunks emptied first (a resume in a
@@ -239,10 +242,12 @@ def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summ
             progress.update(1)
         finally:
             host.close()
+        if compiled is not None and (tmp / "cache").is_dir():
+            shutil.copytree(tmp / "cache", compiled, dirs_exist_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {
-        "turns": turns, "bytes_per_turn": size, "tool": tool, "summarise_every": summarise,
+        "turns": turns, "bytes_per_turn": size, "tool": tool, "summarise_every": summarise, "output": output,
         "stored": by_kind, "conversation_bytes": len(conversation), "conversation_zstd": zsize,
         "wall_s": round(wall, 3), "turn_ms_mean": round(1000 * wall / max(1, turns), 3),
         "turn_ms_first10pct": round(1000 * sum(head) / max(1, len(head)), 3),
@@ -254,23 +259,52 @@ def _one(b: Any, engine_name: str | None, turns: int, size: int, tool: str, summ
     }
 
 
+#: The conversation agent in each guest language (bench/guests/).
+AGENTS = ("conversation", "conversation-js", "conversation-py")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The conversation benchmark; ``args`` as ``torpor bench conversation`` parses them."""
+    """The conversation benchmark; ``args`` as ``torpor bench conversation`` parses them.
+
+    ``--agent a,b,...`` measures several agents one after the other in this run (the
+    same model server, cases and machine): the result has each agent's figures under
+    ``agents`` and their bytes added per turn side by side in ``per_turn_bytes``."""
+    names = [a for a in (getattr(args, "agent", None) or "conversation").split(",") if a]
+    for name in names:
+        if name not in AGENTS:
+            raise ConfigError(f"--agent {name!r}: not one of {', '.join(AGENTS)}")
+    if len(names) == 1:
+        return _run_agent(args, names[0], args.plot)
+    # one plot per agent: torpor-bench-conversation.png -> torpor-bench-conversation-conversation-py.png
+    runs = {name: _run_agent(args, name, args.plot and str(Path(args.plot).with_stem(f"{Path(args.plot).stem}-{name}")))
+            for name in names}
+    res: dict[str, Any] = {"machine": machine(), "agents": runs}
+    res["per_turn_bytes"] = {name: r.get("added_per_turn_at_last") for name, r in runs.items()}
+    res["stored_total"] = {name: {str(c["turns"]): c["stored"]["total"] for c in r["cases"]
+                                  if not c["summarise_every"]} for name, r in runs.items()}
+    return res
+
+
+def _run_agent(args: argparse.Namespace, agent: str, plot: str | None) -> dict[str, Any]:
     turns = [int(x) for x in (args.turns or ("10,20" if args.quick else "50,100,200,400")).split(",")]
     size = args.bytes or 2000
     rounds = args.rounds or (5 if args.quick else 50)
     tools = [t for t in (args.tool or "llm").split(",") if t]
     srv = _model_server()
     try:
-        b = _bundle(srv.server_address[1], None, getattr(args, "agent", None) or "conversation")
+        b = _bundle(srv.server_address[1], None, agent)
         cases = [(n, t, 0) for t in tools for n in turns]
         summarise_n = max(turns)
         if not args.no_summarise:
             cases.append((summarise_n, tools[0], 25 if not args.quick else 5))
         progress = Progress("conversation", len(cases), args.progress)
         last = len(cases) - 1
-        out = [_one(b, args.engine, n, size, t, s, rounds, progress, args.profile if k == last else None)
-               for k, (n, t, s) in enumerate(cases)]
+        compiled = Path(tempfile.mkdtemp(prefix="torpor-bench-conv-cache-"))
+        try:
+            out = [_one(b, args.engine, n, size, t, s, rounds, progress, args.profile if k == last else None, compiled)
+                   for k, (n, t, s) in enumerate(cases)]
+        finally:
+            shutil.rmtree(compiled, ignore_errors=True)
         progress.done()
     finally:
         srv.shutdown()
@@ -280,7 +314,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         a, z = grow[-2], grow[-1]
         res["added_per_turn_at_last"] = round((z["stored"]["total"] - a["stored"]["total"]) / (z["turns"] - a["turns"]))
         res["turn_time_ratio"] = round(z["turn_ms_last10pct"] / max(1e-9, grow[0]["turn_ms_last10pct"]), 2)
-    res.update(draw_plot(args.plot, lambda plt: _draw(plt, grow)))
+    res.update(draw_plot(plot, lambda plt: _draw(plt, grow)))
     return res
 
 
@@ -301,7 +335,14 @@ def _draw(plt: Any, cases: list[dict[str, Any]]) -> None:
 
 
 def show(r: dict[str, Any]) -> None:
-    """The figures as a table."""
+    """The figures as a table (one per agent)."""
+    if "agents" in r:
+        for name, one in r["agents"].items():
+            print(f"== {name}")
+            show(one)
+        print("bytes added per turn between the last two N: " +
+              ", ".join(f"{name} {v:,}" if v is not None else f"{name} -" for name, v in r["per_turn_bytes"].items()))
+        return
     print("turns tool  summ   ckpts KiB  chunks KiB  journal KiB  audit KiB  total KiB  file KiB  "
           "zstd(conv) KiB  turn ms  resume p50/p99 µs  suspend p50/p99 µs  last-only state KiB")
     for c in r["cases"]:

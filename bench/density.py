@@ -348,6 +348,37 @@ def _parallel_hibernate(profile: str, store: LmdbStore, store_dir: Path, n: int,
             "rss_growth_mib": max(o["rss_growth_mib"] for o in outs), "_curve": [(0, 0, 0), (done, used, 0)]}
 
 
+def _verify_hibernated(rig: Rig, store: LmdbStore, sample: int = 20) -> str:
+    """Resume a sample of the hibernated agents from the store into fresh instances and run
+    each to its end: ``ok/sample``, where ok is those that completed with the sums the
+    agent's input implies (``n`` calls answered 1..n: sum n(n+1)/2, last n)."""
+    from bench.rig import restore_from
+    from snapshots.format import decode_snapshot
+
+    with store.read() as txn:
+        ids = [a["agent_id"] for a in txn.iter_agents() if a.get("bundle_digest") == rig.bundle.digest]
+    picked = ids[:: max(1, len(ids) // sample)][:sample]
+    ok = 0
+    for aid in picked:
+        with store.read() as txn:
+            blob = txn.get_checkpoint(aid, 1)
+            if blob is None:
+                continue
+            snap = decode_snapshot(blob, expect_module_digest=rig.bundle.module_digest, pristine=rig.loaded.image,
+                                   chunks_from=txn.get_chunk)
+        ex = restore_from(rig, snap)
+        try:
+            out: Outcome = ex.resume(0, answer(1))
+            k = 1
+            while isinstance(out, Suspended):
+                k += 1
+                out = ex.resume(0, answer(k))
+        finally:
+            ex.release()
+        ok += isinstance(out, Completed) and out.output == {"sum": k * (k + 1) // 2, "last": k}
+    return f"{ok}/{len(picked)}"
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Hibernate N agents into LMDB, then hold as many warm instances as the process can."""
     n = positive("--agents", args.agents if args.agents is not None else (2000 if args.quick else 1_000_000))
@@ -357,7 +388,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if processes > n:
         raise ConfigError(f"--processes {processes} is more than --agents {n}: each process needs agents to hibernate")
     engine = make_engine(args.engine)
-    # The agent hibernated: steps (C, the default) or steps-js (the same agent in JavaScript).
+    # The agent hibernated: steps (C, the default), or the same agent in JavaScript or Python.
     agent = getattr(args, "agent", None) or "steps"
     rig = make_rig(engine, load_bundle(agent))
     res: dict[str, Any] = {"bench": "density", "agent": agent, "engine": engine.config.profile, "machine": machine()}
@@ -391,6 +422,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                      Progress("hibernate", n, args.progress))
             h["per_txn"] = args.per_txn
             h.setdefault("processes", 1)
+            # Prove they are real: a sample resumed from the store, run to its end.
+            h["hibernated_verified"] = _verify_hibernated(rig, store)
         finally:
             committer.close()
             store.close()
@@ -441,7 +474,8 @@ def show(r: dict[str, Any]) -> None:
           f"snapshot {r['snapshot_bytes_per_agent']} B; {r['gib_per_million_agents']} GiB per million (target ≤ 1)")
     print(f"  of which          checkpoint {r['checkpoint_bytes_per_agent']} B/agent (target ≤ 512), agent record "
           f"{r['record_bytes_per_agent']} B/agent")
-    print(f"  RSS growth        {r['rss_growth_mib']} MiB over the run; {r['commits']:,} commits")
+    print(f"  RSS growth        {r['rss_growth_mib']} MiB over the run; {r['commits']:,} commits; "
+          f"{r.get('hibernated_verified', '-')} of a sample resumed from the store and completed")
     print(f"warm instances      {r['warm_instances']:,} at {r['rss_per_warm_kib']} KiB RSS each "
           f"({r.get('maps_per_instance', 0)} mappings each; targets ≥ 30,000 at ≤ 24 KiB)")
     print(f"  stopped because   {r['warm_stop_reason']}  [engine {r['engine']}]")

@@ -76,6 +76,21 @@ def test_conversation_quick() -> None:
     assert 0 < case["last_checkpoint_only"]["state_bytes"] <= case["last_checkpoint_only"]["target_bytes"]
 
 
+def test_conversation_agents_side_by_side() -> None:
+    """The C and Python conversation agents in one run: the same conversation, each
+    agent's stored bytes per case, per-turn growth side by side."""
+    r = bench("conversation", "--agent", "conversation,conversation-py", "--turns", "3,6", "--no-summarise",
+              "--rounds", "1", timeout=300)
+    assert set(r["agents"]) == set(r["per_turn_bytes"]) == {"conversation", "conversation-py"}
+    c, py = r["agents"]["conversation"]["cases"], r["agents"]["conversation-py"]["cases"]
+    # the same messages: the C agent's text of them leaves off the closing bracket
+    assert [x["output"]["bytes"] + 1 for x in c] == [x["output"]["bytes"] for x in py]
+    assert c[-1]["output"]["turns"] == py[-1]["output"]["turns"] == 6
+    for name in ("conversation", "conversation-py"):
+        assert r["per_turn_bytes"][name] > 0
+        assert r["stored_total"][name]["6"] > r["stored_total"][name]["3"] > 0
+
+
 def test_density_quick(tmp_path: Path) -> None:
     r = bench("density", "--agents", "600", "--warm", "200", "--store", str(tmp_path / "s"))
     assert r["agents"] == 600
@@ -90,6 +105,21 @@ def test_density_quick(tmp_path: Path) -> None:
         agents = list(txn.iter_agents())
         assert len(agents) == 600
         assert txn.get_checkpoint(agents[0]["agent_id"], 1) is not None
+
+
+def test_density_of_python_agents(tmp_path: Path) -> None:
+    """The Python steps agent hibernated into one store (bench/RESULTS.md has 100,000):
+    every agent is in the store, and a sample resumed from it completes exactly."""
+    r = bench("density", "--agent", "steps-py", "--agents", "200", "--no-warm", "--batch", "100", "--engine",
+              "pooled", "--store", str(tmp_path / "s"), timeout=300)
+    assert r["agent"] == "steps-py" and r["agents"] == 200
+    positive(r["bytes_per_agent"], r["disk_bytes_per_agent"], r["hibernations_per_s"])
+    assert r["hibernated_verified"] == "20/20"
+    assert 1000 < r["bytes_per_agent"] < 64 * 1024  # a Python agent's delta: a few KB
+    from snapshots.lmdb_store import LmdbStore
+
+    with LmdbStore.open(tmp_path / "s" / "db") as store, store.read() as txn:
+        assert len(list(txn.iter_agents())) == 200
 
 
 def test_density_two_processes_share_one_store(tmp_path: Path) -> None:

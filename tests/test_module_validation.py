@@ -452,7 +452,7 @@ def test_manifest_declaring_a_huge_member(store: Path, tmp_path: Path, zeros_str
 
 
 def test_module_over_the_host_size_cap(store: Path, tmp_path: Path) -> None:
-    module = wasm_binary.add_custom_section(agent_wat(), "padding", bytes(17 << 20))
+    module = wasm_binary.add_custom_section(agent_wat(), "padding", bytes(validate.HostLimits().max_module_bytes + (1 << 20)))
     refused(store, tmp_path, bundle_of(module), "invalid_bundle", "agent.wasm", "declares")
 
 

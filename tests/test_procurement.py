@@ -1,7 +1,8 @@
 """The procurement example (guest_sdk/examples/procurement/): the twelve-step purchase
 workflow, really compiled and run by the host, with its demo ERP in the store. The main
-paths run against its TypeScript port (guest_sdk/examples/procurement-ts/) too, which must
-answer exactly the same: approval while hibernated in an ``await`` included.
+paths run against its TypeScript and Python ports (guest_sdk/examples/procurement-ts/,
+procurement-py/) too, which must answer exactly the same: approval while hibernated in an
+``await`` included.
 
 Amounts up to the 50,000 spending authority complete on their own; above it the POLICY
 parks the agent in ``waiting_approval`` inside ``erp.create_po`` until an operator
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -30,8 +33,9 @@ from host.runtime import Host, RunResult
 from host.sandbox.bundle import Bundle
 
 EXAMPLE = EXAMPLES / "procurement"
-#: The same workflow in C and in TypeScript (same tools, same policy but for its name).
-PORTS = ["procurement", "procurement-ts"]
+#: The same workflow in C, TypeScript and Python (same tools, same policy but for its name and, for
+#: Python, the memory budget its interpreter needs).
+PORTS = ["procurement", "procurement-ts", "procurement-py"]
 
 # 300 s: on a fresh machine the TypeScript port's first build also builds the JS runtime (~1-2 min).
 pytestmark = pytest.mark.timeout(300)
@@ -66,6 +70,21 @@ def port(request: pytest.FixtureRequest, bundles: BundleFactory) -> Bundle:
 @pytest.fixture(scope="module", params=PORTS)
 def port_path(request: pytest.FixtureRequest, bundles: BundleFactory) -> Path:
     return bundles.path(EXAMPLES / request.param)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A compile cache the tests' stores share: each port's module (the Python one takes
+    ~9 s of Cranelift) is compiled once in this module, not once per test's store."""
+    return tmp_path_factory.mktemp("compiled")
+
+
+@pytest.fixture(autouse=True)
+def _shared_compile_cache(compiled: Path, tmp_path: Path) -> Iterator[None]:
+    shutil.copytree(compiled, tmp_path / "cache", dirs_exist_ok=True)
+    yield
+    if (tmp_path / "cache").is_dir():
+        shutil.copytree(tmp_path / "cache", compiled, dirs_exist_ok=True)
 
 
 def run(host: Host, b: Bundle, payload: dict[str, Any]) -> RunResult:

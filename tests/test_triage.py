@@ -1,7 +1,7 @@
 """The support-triage example, end to end: a C agent compiled to wasm, an OpenAI-compatible
 LLM and a CRM on 127.0.0.1, an MCP server, a human approval, the token budget and the
 audit log — through the embeddable Host and through the README's CLI commands. The main
-paths run against the TypeScript port (guest_sdk/examples/triage-ts/) too."""
+paths run against the TypeScript and Python ports (guest_sdk/examples/triage-ts/, triage-py/) too."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ from host.tools import mcp, mcp_config
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "guest_sdk" / "examples" / "triage"
-#: The agent in C and its TypeScript port: (directory, source file).
-PORTS = {"c": (EXAMPLE, "agent.c"), "ts": (ROOT / "guest_sdk" / "examples" / "triage-ts", "agent.ts")}
+#: The agent in C and its TypeScript and Python ports: (directory, source file).
+PORTS = {"c": (EXAMPLE, "agent.c"), "ts": (ROOT / "guest_sdk" / "examples" / "triage-ts", "agent.ts"),
+         "py": (ROOT / "guest_sdk" / "examples" / "triage-py", "agent.py")}
 MCP_SERVER = Path(__file__).parent / "mcp_fixture_server.py"
 CRM_TOKEN = "crm-live-token-5f3a9c1e77"
 
@@ -54,6 +55,22 @@ fake = _services_module()
 def services() -> Iterator[Any]:
     with fake.Services(0, 0, lifetime=120) as s:
         yield s
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A compile cache the tests' stores share: a port's module (the Python one takes ~9 s
+    of Cranelift) is compiled once in this module, not once per test."""
+    return tmp_path_factory.mktemp("compiled")
+
+
+@pytest.fixture(autouse=True)
+def _shared_compile_cache(compiled: Path, tmp_path: Path) -> Iterator[None]:
+    cache = tmp_path / "store" / "cache"
+    shutil.copytree(compiled, cache, dirs_exist_ok=True)
+    yield
+    if cache.is_dir():
+        shutil.copytree(cache, compiled, dirs_exist_ok=True)
 
 
 @pytest.fixture(scope="module", autouse=True)

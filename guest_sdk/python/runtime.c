@@ -566,7 +566,7 @@ NOINLINE static int run_loop(PyObject *coro) {
         }
         if (r == PYGEN_ERROR) return fail_exception("Uncaught");
         /* torpor._request checks what the coroutine yielded: a pending torpor call gives
-         * (name, args) as bytes; anything else raises, thrown into the coroutine so the
+         * (name, args) as str; anything else raises, thrown into the coroutine so the
          * traceback points at the agent's await. */
         PyObject *req = PyObject_CallMethod(torpor_mod, "_request", "O", yielded);
         Py_DECREF(yielded);
@@ -577,7 +577,10 @@ NOINLINE static int run_loop(PyObject *coro) {
         }
         const char *name, *args;
         Py_ssize_t name_len, args_len;
-        if (!PyArg_ParseTuple(req, "y#y#", &name, &name_len, &args, &args_len)) {
+        /* str, not bytes: an ASCII str's UTF-8 is its own storage, so the arguments of a
+         * call that sends a whole conversation are in the heap once, not twice (the JSON
+         * text and an encoded copy), and so in the checkpoint taken during the call. */
+        if (!PyArg_ParseTuple(req, "s#s#", &name, &name_len, &args, &args_len)) {
             Py_DECREF(req);
             return fail_exception("Uncaught");
         }

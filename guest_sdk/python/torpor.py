@@ -107,7 +107,10 @@ log = _Log()
 
 
 class _Call:
-    """A pending tool call: awaiting it yields it to the runtime, which sends back (code, text)."""
+    """A pending tool call: awaiting it yields it to the runtime, which sends back (code, text).
+
+    Under asyncio (an agent that imports it) the call waits instead on a future of the
+    agent's event loop, which makes the calls one at a time (see :func:`_drive`)."""
 
     __slots__ = ("args", "name")
 
@@ -116,7 +119,10 @@ class _Call:
         self.args = args
 
     def __await__(self):
-        return (yield self)
+        loop = _loop
+        if loop is None:
+            return (yield self)
+        return (yield from loop._submit(self).__await__())
 
 
 async def tool(name, args=None):
@@ -132,7 +138,10 @@ async def tool(name, args=None):
     if not isinstance(args, dict):
         raise TypeError("torpor.tool: the arguments must be a dict (a JSON object)")
     text = json.dumps(args, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
-    code, body = await _Call(name.encode("utf-8"), text.encode("utf-8"))
+    for s in (name, text):
+        if not s.isascii():
+            s.encode("utf-8")  # a lone surrogate raises here, in the agent's frame
+    code, body = await _Call(name, text)  # the runtime reads their UTF-8 in place
     value = json.loads(body) if body else None
     if code < 0:
         err = ToolError(value)
@@ -179,23 +188,163 @@ _AGENT_FILES = set()
 
 
 def _request(yielded):
-    """What the runtime makes of a value the agent's coroutine yielded: (name, args)."""
+    """What the runtime makes of a value the agent's coroutine yielded: (name, args), str."""
     if type(yielded) is _Call:
         return (yielded.name, yielded.args)
     raise RuntimeError(
         f"the agent awaited {type(yielded).__name__!s} {yielded!r:.80}, which nothing here settles: "
-        "an agent waits only on torpor.tool() and torpor.sleep() (and coroutines that await them); "
-        "asyncio's event loop does not run inside the sandbox")
+        "an agent waits only on torpor.tool() and torpor.sleep() (and coroutines that await them), "
+        "or on asyncio tasks and futures when the agent imports asyncio")
 
 
 def _start(main, seed):
-    """The coroutine of ``main``, with ``random`` reseeded per agent if the image imported it."""
+    """What the runtime drives: the coroutine of ``main``, or, when the agent imported
+    asyncio, :func:`_drive` running it as a task; ``random`` reseeded per agent if the
+    image imported it."""
     rnd = sys.modules.get("random")
     if rnd is not None:
         rnd.seed(seed)
-    if main.__code__.co_argcount > 0:
-        return main(input())
-    return main()
+    coro = main(input()) if main.__code__.co_argcount > 0 else main()
+    if "asyncio" in sys.modules:
+        return _drive(coro)
+    return coro
+
+
+# ---- asyncio: concurrent tool calls ---------------------------------------------------
+
+_loop = None  # the agent's event loop while _drive runs it
+
+
+def _event_loop():
+    """The agent's asyncio event loop (the class is made here: only an agent that imports
+    asyncio pays for it).
+
+    It runs inside the coroutine the runtime drives, so the runtime is unchanged: a tool
+    call a task awaits is queued on the loop; when no callback is ready the loop yields
+    the oldest queued call to the runtime, which makes it with the wasm stack empty (the
+    agent may hibernate there, its tasks, futures and queue all heap objects) and sends
+    the answer back; the loop settles that call's future and runs what became ready.
+    ``gather`` over N calls is then N suspensions, the calls made in the order the tasks
+    issued them, like ``Promise.all`` in the JavaScript runtime. There is no clock inside
+    the sandbox: what needs one (``asyncio.sleep(s)`` for s > 0, timeouts) raises a
+    RuntimeError naming ``torpor.sleep``."""
+    import asyncio
+    import collections
+    from asyncio import events
+
+    class _AgentLoop(asyncio.AbstractEventLoop):
+        def __init__(self):
+            self._ready = collections.deque()
+            self._calls = collections.deque()  # (call, future): not made yet, oldest first
+
+        def _submit(self, call):
+            fut = asyncio.Future(loop=self)
+            self._calls.append((call, fut))
+            return fut
+
+        def call_soon(self, callback, *args, context=None):
+            handle = events.Handle(callback, args, self, context)
+            self._ready.append(handle)
+            return handle
+
+        call_soon_threadsafe = call_soon
+
+        def call_later(self, delay, callback, *args, context=None):
+            raise RuntimeError(
+                "asyncio timers need a clock, which the sandbox does not have: use "
+                "`await torpor.sleep(ms)` (a durable, host-settled timer); asyncio.sleep(0) works")
+
+        def call_at(self, when, callback, *args, context=None):
+            return self.call_later(0, callback)
+
+        def time(self):
+            return 0.0
+
+        def create_future(self):
+            return asyncio.Future(loop=self)
+
+        def create_task(self, coro, *, name=None, context=None):
+            return asyncio.Task(coro, loop=self, name=name, context=context)
+
+        def get_debug(self):
+            return False
+
+        def set_debug(self, enabled):
+            pass
+
+        def is_running(self):
+            return True
+
+        def is_closed(self):
+            return False
+
+        def get_exception_handler(self):
+            return None
+
+        def set_exception_handler(self, handler):
+            raise RuntimeError("the agent's event loop reports unhandled errors to its log")
+
+        def call_exception_handler(self, context):
+            exc = context.get("exception")
+            what = context.get("message", "unhandled error in the event loop")
+            _torpor.log(2, f"{what}: {type(exc).__name__}: {exc}" if exc is not None else what)
+
+        default_exception_handler = call_exception_handler
+
+    return _AgentLoop()
+
+
+def _waiting_at(task):
+    """Where ``task`` is suspended, as the agent's own ``file:line`` frames."""
+    where = [f"{f.f_code.co_filename}:{f.f_lineno}" for f in task.get_stack() if f.f_code.co_filename in _AGENT_FILES]
+    return f" (at {', '.join(where)})" if where else ""
+
+
+def _drive(coro):
+    """Runs ``coro`` as the main task of the agent's event loop, yielding each tool call
+    to the runtime (the only values this generator yields), until the main task is done.
+
+    Tasks still pending then are cancelled and their queued calls never made (as
+    ``asyncio.run`` cancels what ``main`` left behind). If nothing is ready and no call is
+    queued while the main task waits, nothing can ever wake it: that is an error naming
+    where the agent waits, not a hang."""
+    global _loop
+    import asyncio
+    from asyncio import events
+
+    loop = _event_loop()
+    _loop = loop
+    events._set_running_loop(loop)
+    try:
+        main = loop.create_task(coro)
+        ready, calls = loop._ready, loop._calls
+        while True:
+            while ready:
+                handle = ready.popleft()
+                if not handle._cancelled:
+                    handle._run()
+            if main.done():
+                break
+            if not calls:
+                raise RuntimeError(
+                    "the agent waits on something nothing will settle" + _waiting_at(main) + ": its tasks "
+                    "may wait on each other and on torpor tool calls, and on nothing else")
+            call, fut = calls.popleft()
+            if fut.done():  # its task was cancelled before the call's turn: never made
+                continue
+            answer = yield call  # the runtime makes the call; the agent may hibernate here
+            if not fut.done():
+                fut.set_result(answer)
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
+        while ready:
+            handle = ready.popleft()
+            if not handle._cancelled:
+                handle._run()
+        return main.result()
+    finally:
+        events._set_running_loop(None)
+        _loop = None
 
 
 def _finish(result):
@@ -288,6 +437,11 @@ def _build(blob):
     sys.stderr = _LogStream(2)
     sys.modules["torpor"] = sys.modules[__name__]
     import agent
+
+    if "asyncio" not in sys.modules and any("asyncio" in source for _, source, _ in files.values()):
+        # Imported here when the agent imports it only inside main: main then runs as a
+        # task of the agent's event loop all the same (see _start).
+        import asyncio  # noqa: F401
 
     main = getattr(agent, "main", None)
     if main is None or getattr(main, "__code__", None) is None or not (main.__code__.co_flags & 0x80):

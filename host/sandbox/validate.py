@@ -56,7 +56,8 @@ class HostLimits:
     ~100 functions, ~20 KiB of code, one table of a few entries).
     """
 
-    max_module_bytes: int = 16 << 20
+    #: A Python agent that imports asyncio is ~18 MB (the interpreter and its heap).
+    max_module_bytes: int = 32 << 20
     max_types: int = 10_000
     max_params: int = 1_000
     max_imports: int = 1_000
