@@ -36,6 +36,7 @@ from host.server import logs as log_routes
 from host.server.config import ServerConfig
 from host.server.gateway import GatewayMiddleware, RefusalAudit, require
 from host.server.health import StoreProbe
+from host.server.protocol import HttpProtocol
 from host.server.responses import error_body, error_response, json_response
 from host.server.scheduler import Scheduler
 from policies import PolicyError
@@ -194,11 +195,30 @@ def begin_drain(app: Starlette) -> None:
     app.state.server.scheduler.begin_drain()
 
 
+#: How long an idle keep-alive connection is kept open, in seconds. Longer than the idle
+#: expiry of the clients and proxies in front of a server (httpx 5 s, load balancers 60 s),
+#: so that they close an idle connection first: a server that closes first races the client's
+#: next request on that connection, which then fails (a reset or an empty answer: httpx's
+#: ``ReadError``) though the server never read it. uvicorn's own default, 5 s, is exactly
+#: httpx's, and under load a pooled connection idle for about that long lost such requests.
+KEEP_ALIVE_S = 75
+
+
+def uvicorn_config(app: Starlette, *, host: str, port: int, log_level: str = "warning",
+                   graceful_timeout: int = 5) -> uvicorn.Config:
+    """How uvicorn serves ``app``: the one place its settings are chosen (``serve`` and the
+    tests' in-process servers use it alike). HTTP/1.1 through :class:`HttpProtocol` (httptools,
+    an answer in one ``send``); keep-alive :data:`KEEP_ALIVE_S`; no access log (a line per
+    request, formatted on the loop)."""
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http=HttpProtocol,
+                          timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=graceful_timeout,
+                          access_log=False)
+
+
 def serve(app: Starlette, *, host: str, port: int, log_level: str = "warning",
           graceful_timeout: int = 5) -> int:
     """Run ``app`` under uvicorn until SIGTERM/SIGINT, then drain; 0 once drained."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=graceful_timeout, access_log=False)
+    config = uvicorn_config(app, host=host, port=port, log_level=log_level, graceful_timeout=graceful_timeout)
     server = _Server(config, app)
     server.run()
     return 0 if server.started else 1
