@@ -2,7 +2,8 @@
 real uvicorn on 127.0.0.1 read through a raw socket: an answer leaves in one ``send`` (head
 and body arrive together), a close still sends what was written before it, and an idle
 keep-alive connection outlives a pooled client's own idle expiry (so the client closes it
-first and never sends a request into the server's close)."""
+first and never sends a request into the server's close); and the answers' JSON
+(host/server/responses.py: orjson, the standard library for what orjson refuses)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from serve_helpers import InProcessServer
@@ -106,3 +108,21 @@ def test_the_servers_connections_speak_through_this_protocol(server: InProcessSe
         port = sock.getsockname()[1]
         [conn] = [p for p in server.server.server_state.connections if p.client and p.client[1] == port]
         assert isinstance(conn, HttpProtocol) and isinstance(conn.transport, CoalescingTransport)
+
+
+def test_answers_are_the_json_they_were_orjson_or_not() -> None:
+    """The answers' JSON (orjson) decodes to what the standard library's did, and what orjson
+    refuses (an integer past 64 bits, a key that is not a string) is still answered."""
+    import json
+
+    from host.server.responses import encode, json_response
+
+    values = [{"agent_id": "a", "output": {"greeting": "hello, ada"}, "n": 2**63 - 1, "f": 0.1, "none": None,
+               "list": [1, "two", [3.5]], "t": (1, 2), "s": "é\u2028\"\\"}, {"big": 2**80}, {1: "int key"},
+              {"odd": {2.5: Path("/x")}}]
+    for v in values:
+        assert json.loads(encode(v)) == json.loads(json.dumps(v, default=str)), v
+    assert json.loads(encode({"big": 2**80})) == {"big": 2**80}
+    r = json_response({"big": 2**80}, 201)
+    assert r.status_code == 201 and r.headers["content-type"] == "application/json"
+    assert json.loads(bytes(r.body)) == {"big": 2**80}
