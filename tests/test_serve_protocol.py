@@ -8,13 +8,14 @@ first and never sends a request into the server's close); and the answers' JSON
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serve_helpers import InProcessServer
+from serve_helpers import InProcessServer, token
 
 from host.server.app import KEEP_ALIVE_S, uvicorn_config
 from host.server.protocol import CoalescingTransport, HttpProtocol
@@ -126,3 +127,20 @@ def test_answers_are_the_json_they_were_orjson_or_not() -> None:
     r = json_response({"big": 2**80}, 201)
     assert r.status_code == 201 and r.headers["content-type"] == "application/json"
     assert json.loads(bytes(r.body)) == {"big": 2**80}
+
+
+def test_a_client_that_hangs_up_mid_body_is_no_internal_error(server: InProcessServer,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A request whose client goes away before its body is read whole is nobody's error: no
+    "internal error" with a traceback in the server's log, and the server answers the next."""
+    secret = token(server.host.store, "acme", "runs:write")
+    with caplog.at_level(logging.INFO, logger="torpor.server"):
+        for _ in range(3):
+            with _connect(server) as sock:
+                sock.sendall(b"POST /v1/runs HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                             b"Authorization: Bearer " + secret.encode() + b"\r\nContent-Length: 1000\r\n\r\n"
+                             b'{"agent": "hel')
+                time.sleep(0.2)  # the route is reading the body when the client goes
+        with _connect(server) as sock:
+            assert _get(sock, "/healthz").startswith(b"HTTP/1.1 200")
+    assert not [r for r in caplog.records if "internal error" in r.getMessage() or r.exc_info], caplog.text

@@ -24,7 +24,7 @@ import anyio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
@@ -168,6 +168,11 @@ def create_app(host: Host, *, config: ServerConfig | None = None) -> Starlette:
     async def torpor_error(request: Request, exc: Exception) -> Response:
         return error_response(exc)
 
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        """The client hung up before its request was read whole: there is nobody to answer,
+        and nothing went wrong here (not an internal error, no traceback in the log)."""
+        return Response(status_code=400)
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_input")
@@ -178,7 +183,8 @@ def create_app(host: Host, *, config: ServerConfig | None = None) -> Starlette:
     # same JSON but also logs it and closes the connection.
     coded: dict[Any, Any] = {cls: torpor_error for cls in (TorporError, StoreError, SnapshotError, PolicyError)}
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={**coded, HTTPException: http_error, Exception: torpor_error})
+                    exception_handlers={**coded, HTTPException: http_error, ClientDisconnect: client_gone,
+                                        Exception: torpor_error})
     app.state.server = state
     app.state.refusals = state.refusals
     app.state.events = event_api
