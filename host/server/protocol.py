@@ -5,8 +5,9 @@ body when it sends ``http.response.body``: two ``send`` system calls on the sock
 answer, each of which on loopback also runs the receiving side's TCP work and wakes the
 client. :class:`HttpProtocol` gives uvicorn's request cycle a transport whose writes made in
 one step of the event loop go out together, in one ``send`` at the end of that step (a
-callback scheduled with the first write; a close flushes first). Nothing is held back past
-the step that wrote it: a streamed answer (server-sent events) still goes out event by event.
+callback scheduled with the first write; a close flushes first; a complete answer at once).
+Nothing is held back past the step that wrote it: a streamed answer (server-sent events)
+still goes out event by event.
 
 Everything else is uvicorn's, unchanged: parsing (httptools, in C), keep-alive, flow control,
 pipelining.
@@ -62,3 +63,9 @@ class HttpProtocol(HttpToolsProtocol):
         # The flow control keeps the real transport (it pauses and resumes reading on it);
         # the request cycles, created from self.transport per request, get the coalescing one.
         self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
+
+    def on_response_complete(self) -> None:
+        # The answer is whole: it leaves now, not after what else this loop step runs.
+        if isinstance(self.transport, CoalescingTransport):
+            self.transport.flush()
+        super().on_response_complete()
