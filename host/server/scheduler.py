@@ -39,7 +39,6 @@ import signal
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -94,12 +93,6 @@ class RecentLogs:
             self.bytes -= kept[1]
 
 
-@dataclass
-class _Waiters:
-    woken: asyncio.Future[None]
-    count: int = 0
-
-
 class Drive:
     """One drive the scheduler started: once it has ended, what it came to (``result``: None
     until then, and when it raised; the agent's own errors are in its record)."""
@@ -112,28 +105,9 @@ class Drive:
         self.result: RunResult | None = None
 
 
-async def _until(fut: asyncio.Future[Any], timeout: float) -> None:
-    """Return once ``fut`` is done or ``timeout`` seconds passed, whichever first; ``fut`` is
-    left as it is (cancelling this wait does not cancel it: others may wait on it too).
-
-    Plain asyncio rather than an anyio cancel scope and event: a waited run waits here once
-    per request, and this costs a few microseconds where those cost tens."""
-    if fut.done():
-        return
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
-
-    def wake(_: object = None) -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    fut.add_done_callback(wake)
-    timer = loop.call_later(max(0.0, timeout), wake)
-    try:
-        await waiter
-    finally:
-        timer.cancel()
-        fut.remove_done_callback(wake)
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class Scheduler:
@@ -149,7 +123,7 @@ class Scheduler:
         self._drives: set[asyncio.Task[None]] = set()
         self._idle = anyio.Event()
         self._idle.set()
-        self._waiters: dict[str, _Waiters] = {}
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}  # agent id -> the futures its waiters await
         self._timer_wake = anyio.Event()
         self.logs = RecentLogs()
 
@@ -238,9 +212,8 @@ class Scheduler:
     # -- who waits on an agent --------------------------------------------------------------
     def notify(self, agent_id: str) -> None:
         """Wake whoever waits on ``agent_id`` (they read the store again)."""
-        w = self._waiters.pop(agent_id, None)
-        if w is not None and not w.woken.done():
-            w.woken.set_result(None)
+        for woken in self._waiters.pop(agent_id, ()):
+            _wake(woken)
 
     def wake_all(self) -> None:
         """Wake every waiter (the server is draining: long polls answer now)."""
@@ -248,16 +221,24 @@ class Scheduler:
             self.notify(aid)
 
     async def changed(self, agent_id: str, timeout: float) -> None:
-        """Return when a drive of ``agent_id`` ends, or after ``timeout`` seconds."""
-        w = self._waiters.get(agent_id)
-        if w is None:
-            w = self._waiters[agent_id] = _Waiters(asyncio.get_running_loop().create_future())
-        w.count += 1
+        """Return when a drive of ``agent_id`` ends, or after ``timeout`` seconds.
+
+        A future of the waiter's own, which the drive's end or a timer completes: plain
+        asyncio rather than an anyio event in a cancel scope, since a waited run waits here
+        once per request and this costs a few microseconds where those cost tens; and the
+        waiter is woken by the end itself, not by a callback of another future (a loop step
+        less between the drive's end and its answer)."""
+        loop = asyncio.get_running_loop()
+        woken: asyncio.Future[None] = loop.create_future()
+        waiting = self._waiters.setdefault(agent_id, set())
+        waiting.add(woken)
+        timer = loop.call_later(max(0.0, timeout), _wake, woken)
         try:
-            await _until(w.woken, timeout)
+            await woken
         finally:
-            w.count -= 1
-            if w.count == 0 and self._waiters.get(agent_id) is w:
+            timer.cancel()
+            waiting.discard(woken)
+            if not waiting and self._waiters.get(agent_id) is waiting:
                 del self._waiters[agent_id]
 
     # -- a fleet: this host's lease, the agents of hosts whose lease expired ------------------
