@@ -190,6 +190,9 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
             sp.add_argument("--agents", type=int, help="agents to park on one server (default 10,000; --quick 20)")
             sp.add_argument("--durability", choices=("sync", "process"), default=None,
                             help="measure at this durability only (default: hello at both, the rest at sync)")
+            sp.add_argument("--against", metavar="DIR",
+                            help="another checkout of Torpor: its server's hello over HTTP timed beside this one's, "
+                                 "requests alternated")
         elif name == "mcp":
             sp.add_argument("--n", type=int, help="calls of each kind (default 5,000; --quick 200)")
         elif name == "soak":

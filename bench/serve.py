@@ -23,7 +23,10 @@ Measured in one run, each against a baseline taken in the same run:
   HTTP (each parks ``waiting_approval`` at its first tool call, its instance dropped, its
   state in the store), then the server's ``VmRSS``/``VmHWM`` from ``/proc/PID/status``
   against the same server idle before them; the store is then read back (every one
-  parked) and one agent is approved over HTTP and completes.
+  parked) and one agent is approved over HTTP and completes;
+* with ``--against DIR`` (another checkout, such as the commit before a change), hello over
+  HTTP on this tree's server and on that one's side by side, request by request: on a
+  machine whose load comes and goes, the one comparison of two versions it does not skew.
 
 The server runs with rate limits raised out of the way (a benchmark measures the path,
 not the limiter); every other guarantee (a token checked on every request, the spawn
@@ -154,10 +157,11 @@ def _free_port() -> int:
 class Server:
     """``torpor serve`` as its own process on a free port of 127.0.0.1 (``python -m host.cli``)."""
 
-    def __init__(self, store: Path, durability: str, log: Path) -> None:
+    def __init__(self, store: Path, durability: str, log: Path, tree: Path | None = None) -> None:
+        """``tree``: the checkout whose code the server runs (default this one's)."""
         self.port = _free_port()
         env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[1])
+        root = str(tree or Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         self.log = log
         self._log_file = log.open("wb")
@@ -165,7 +169,7 @@ class Server:
             [sys.executable, "-m", "host.cli", "serve", "--store", str(store), "--listen", f"127.0.0.1:{self.port}",
              "--durability", durability, "--token-rate", NO_LIMIT, "--token-burst", NO_LIMIT,
              "--tenant-rate", NO_LIMIT, "--tenant-burst", NO_LIMIT],
-            stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
+            stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=root)
 
     async def ready(self, limit_s: float = 120.0) -> None:
         deadline = time.monotonic() + limit_s
@@ -323,6 +327,57 @@ async def _latency_phase(tmp: Path, durability: str, n: int, warmup: int, progre
                          f"embedded Host.run ({durability})": embedded.samples}}
 
 
+async def _paired_phase(tmp: Path, durability: str, n: int, warmup: int, against: Path,
+                        progress: bool) -> dict[str, Any]:
+    """Hello over HTTP on this tree's server and on ``against``'s, side by side, alternated
+    request by request (who goes first alternates too): both see the same moments of a
+    loaded machine, which sequential runs do not. Each on a store of its own."""
+    hello = _bundle("hello")
+    trees = {"this": None, "that": against}
+    srvs: dict[str, Server] = {}
+    conns: dict[str, HttpConn] = {}
+    tokens = {name: _prepare(tmp / f"paired-{name}-{durability}", durability, [hello]) for name in trees}
+    body = {"agent": "hello", "input": {"name": "ada"}, "wait": 30}
+    lat: dict[str, list[int]] = {name: [] for name in trees}
+    cpu0: dict[str, float] = {}
+    try:
+        for name, tree in trees.items():
+            srvs[name] = Server(tmp / f"paired-{name}-{durability}", durability, tmp / f"serve-paired-{name}.log", tree)
+        for name in trees:
+            await srvs[name].ready()
+            conns[name] = await HttpConn.open("127.0.0.1", srvs[name].port)
+        if progress:
+            print(f"hello over HTTP, this tree against {against}, durability {durability}: {n} runs each",
+                  file=sys.stderr)
+        for i in range(warmup + n):
+            if i == warmup:
+                cpu0 = {name: srvs[name].cpu_s() for name in trees}
+            for name in (("this", "that") if i % 2 == 0 else ("that", "this")):
+                t0 = time.perf_counter_ns()
+                status, raw = await conns[name].request("POST", "/v1/runs", body, tokens[name])
+                if i >= warmup:
+                    lat[name].append(time.perf_counter_ns() - t0)
+                rec = _expect(f"POST /v1/runs (wait, {name})", status, raw, 201)
+                if rec.get("status") != "completed":
+                    raise TorporError(f"hello over HTTP ({name}) ended {rec.get('status')}: {rec.get('error')}")
+        cpu = {name: (srvs[name].cpu_s() - cpu0[name]) / n for name in trees}
+    finally:
+        for c in conns.values():
+            await c.close()
+        for srv in srvs.values():
+            srv.stop()
+    out: dict[str, Any] = {"durability": durability, "against": str(against)}
+    for name in trees:
+        summary = Latency()
+        for v in lat[name]:
+            summary.add(v)
+        out[name] = {**summary.summary(), "cpu_us": round(cpu[name] * 1e6, 1)}
+    diffs = sorted(a - b for a, b in zip(lat["that"], lat["this"], strict=True))
+    out["faster_p50_us"] = round(diffs[len(diffs) // 2] / 1000, 1)  # the median of (that - this), pair by pair
+    out["less_cpu_us"] = round(out["that"]["cpu_us"] - out["this"]["cpu_us"], 1)
+    return out
+
+
 async def _throughput_phase(tmp: Path, durability: str, clients: list[int], n: int, progress: bool) -> dict[str, Any]:
     """Requests per second of healthz, get-agent and start-run at each client count."""
     hello = _bundle("hello")
@@ -435,6 +490,7 @@ def _clients(text: str) -> list[int]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every phase; the figures with their baselines (see the module docstring)."""
     quick = bool(args.quick)
+    against = _against(args.against)
     n = positive("--n", args.n if args.n is not None else (20 if quick else 2000))
     requests = positive("--requests", args.requests if args.requests is not None else (40 if quick else 3000))
     agents = positive("--agents", args.agents if args.agents is not None else (20 if quick else 10_000))
@@ -445,6 +501,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load_before = _load_average()
     try:
         latency = [asyncio.run(_latency_phase(tmp, d, n, warmup, args.progress)) for d in durabilities]
+        paired = [asyncio.run(_paired_phase(tmp, d, n, warmup, against, args.progress))
+                  for d in durabilities] if against is not None else []
         throughput = asyncio.run(_throughput_phase(tmp, durabilities[0], clients, requests, args.progress))
         hibernated = asyncio.run(_hibernate_phase(tmp, durabilities[0], agents, max(clients), args.progress))
     finally:
@@ -472,6 +530,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "hibernated": hibernated, "hibernated_agents": hibernated["agents"],
         "hibernated_rss_mib": hibernated["rss_mib"], "hibernated_hwm_mib": hibernated["hwm_mib"],
         "hibernated_rss_target_mib": RSS_TARGET_MIB,
+        **({"against": {c["durability"]: c for c in paired}} if paired else {}),
     }
 
     def draw(plt: Any) -> None:
@@ -480,6 +539,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     res.update(draw_plot(args.plot, draw))
     return res
+
+
+def _against(text: str | None) -> Path | None:
+    """``--against DIR``: another checkout of Torpor, whose server is timed beside this one's."""
+    if text is None:
+        return None
+    tree = Path(text).resolve()
+    if not (tree / "host" / "cli" / "__main__.py").is_file():
+        raise ConfigError(f"--against must name a checkout of Torpor (a directory with host/cli/), got {text!r}")
+    return tree
 
 
 def _load_average() -> float | None:
@@ -504,6 +573,11 @@ def show(r: dict[str, Any]) -> None:
               f"{c['embedded_cpu_us'] / 1000:.3f} ms (HTTP adds {c['added_cpu_us'] / 1000:.3f})")
     print(f"target: over HTTP p50 ≤ {r['hello_p50_target_ms']} ms; measured {r['hello_http_p50_ms']} ms "
           f"({r['durability']})\n")
+    for d, c in (r.get("against") or {}).items():
+        print(f"side by side with {c['against']}, {d}, requests alternated: this tree p50 "
+              f"{c['this']['p50_us'] / 1000:.3f} ms (server CPU {c['this']['cpu_us'] / 1000:.3f} ms a run), that one "
+              f"{c['that']['p50_us'] / 1000:.3f} ms ({c['that']['cpu_us'] / 1000:.3f}); this one faster by "
+              f"{c['faster_p50_us'] / 1000:.3f} ms at the median of the pairs, {c['less_cpu_us'] / 1000:.3f} ms less CPU\n")
     print(f"requests per second ({r['requests']} requests a case; latency per request in ms)")
     print(f"{'case':24} {'req/s':>10} {'p50':>8} {'p90':>8} {'p99':>8}")
     for name, c in r["throughput"].items():

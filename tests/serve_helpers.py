@@ -16,7 +16,7 @@ import httpx
 
 from host.runtime import Host
 from host.sandbox import bundle as bundle_mod
-from host.server.app import create_app
+from host.server.app import create_app, uvicorn_config
 from host.server.config import ServerConfig
 from host.trust import operator_tokens
 
@@ -66,12 +66,8 @@ class InProcessServer:
         self.app = create_app(self.host, config=config)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, lifespan="on",
-                                                    log_level="warning", access_log=False,
-                                                    # a loaded test machine can leave a pooled client
-                                                    # connection idle past uvicorn's 5 s, and the close
-                                                    # then races the client's next request (ReadError)
-                                                    timeout_keep_alive=60))
+        # uvicorn as `torpor serve` sets it up (its protocol, its keep-alive), in a thread
+        self.server = uvicorn.Server(uvicorn_config(self.app, host="127.0.0.1", port=self.port))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> InProcessServer:

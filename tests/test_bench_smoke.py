@@ -222,7 +222,8 @@ def test_cli_startup_quick(tmp_path: Path) -> None:
 def test_serve_quick() -> None:
     """A real ``torpor serve`` under the load client: every figure is there, each case ran
     the requests it says, the parked agents were found parked in the store afterwards."""
-    r = bench("serve", "--n", "10", "--requests", "24", "--clients", "1,3", "--agents", "12", timeout=300)
+    r = bench("serve", "--n", "10", "--requests", "24", "--clients", "1,3", "--agents", "12", "--against", str(ROOT),
+              timeout=300)
     assert r["bench"] == "serve" and r["durability"] == "sync" and r["clients"] == [1, 3]
     for d in ("sync", "process"):
         c = r["latency"][d]
@@ -242,6 +243,19 @@ def test_serve_quick() -> None:
     assert h["spawn_to_parked"]["n"] == 12
     positive(h["rss_mib"], h["hwm_mib"], h["idle_kib"]["VmRSS"], h["parked_per_s"])
     assert h["hwm_mib"] >= h["rss_mib"] and r["hibernated_rss_target_mib"] == 1024
+    for d in ("sync", "process"):  # this tree against itself (--against): both timed, pair by pair
+        a = r["against"][d]
+        assert a["this"]["n"] == a["that"]["n"] == 10 and a["against"] == str(ROOT)
+        positive(a["this"]["p50_us"], a["that"]["p50_us"], a["this"]["cpu_us"], a["that"]["cpu_us"])
+        assert isinstance(a["faster_p50_us"], float) and isinstance(a["less_cpu_us"], float)
+
+
+def test_serve_against_a_directory_that_is_no_checkout_is_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "host.cli", "bench", "serve", "--against", str(tmp_path), "--quick",
+                           "--no-plot"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--against must name a checkout of Torpor" in lines[0], proc.stderr
 
 
 def test_mcp_quick() -> None:

@@ -70,7 +70,7 @@ def test_run_result_fields_are_documented() -> None:
     section = readme[readme.index("### What `torpor run` reports"):]
     section = section[:section.index("\n## ")]
     documented = re.findall(r"^\| `(\w+)` \|", section, re.M)
-    assert documented == [f.name for f in fields(RunResult) if f.name != "logs"]
+    assert documented == [f.name for f in fields(RunResult) if f.name not in ("logs", "record")]
     assert "not in `tool_calls`" in section  # how a denied call counts
 
 

@@ -141,11 +141,12 @@ def test_wait_long_polls_until_the_agent_stops(served: tuple[InProcessServer, di
         assert inspected["input"] == {"n": 50} and len(inspected["checkpoint_list"]) >= 1
 
 
-def test_a_run_waited_for_is_read_once_when_it_stops(served: tuple[InProcessServer, dict[str, str]],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_waited_for_is_answered_with_its_last_commit_unread(served: tuple[InProcessServer, dict[str, str]],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """While this server drives the agent it is running, and the end of the drive wakes the
-    request: its record is read once, after, and that record is the answer (a run of 50
-    tool calls, hibernating or not, is not polled)."""
+    request: the record the drive's last commit wrote is the answer, the store not read for
+    it (a run of 50 tool calls, hibernating or not, is not polled), and it is the record the
+    store holds, as ``GET /v1/agents/{id}`` reads it: completed, parked or failed."""
     srv, refs = served
     t = token(srv.host.store, "acme", "admin")
     reads: list[str] = []
@@ -157,13 +158,22 @@ def test_a_run_waited_for_is_read_once_when_it_stops(served: tuple[InProcessServ
 
     monkeypatch.setattr(type(srv.host), "get_agent", counted)
     with httpx.Client(base_url=srv.url, timeout=120) as c:
-        r = c.post("/v1/runs", headers=auth(t), json={"agent": refs["steps"], "input": {"n": 50}, "wait": 60})
-        assert r.status_code == 201 and r.json()["status"] == "completed", r.text
-        assert r.json()["output"] == {"sum": 1275, "last": 50}
-        assert reads == [r.json()["agent_id"]]
+        answers = {}
+        for status, body in (("completed", {"agent": refs["steps"], "input": {"n": 50}}),
+                             ("waiting_approval", {"agent": refs["procurement"], "input": BIG}),
+                             ("failed", {"agent": refs["steps"], "input": {"n": 50}, "fuel": 1})):
+            reads.clear()
+            r = c.post("/v1/runs", headers=auth(t), json={**body, "wait": 60})
+            assert r.status_code == 201 and r.json()["status"] == status, r.text
+            assert reads == []
+            answers[status] = answer = r.json()
+            stored = c.get(f"/v1/agents/{answer['agent_id']}", headers=auth(t)).json()
+            assert {k: v for k, v in answer.items() if k != "logs"} == stored
+        assert answers["completed"]["output"] == {"sum": 1275, "last": 50}
         # another tenant's token does not get it by waiting either
         other = token(srv.host.store, "globex", "admin")
-        assert c.get(f"/v1/agents/{reads[0]}/wait", params={"timeout": 1}, headers=auth(other)).status_code == 404
+        aid = answers["completed"]["agent_id"]
+        assert c.get(f"/v1/agents/{aid}/wait", params={"timeout": 1}, headers=auth(other)).status_code == 404
 
 
 def test_openapi_document_matches_the_routes(served: tuple[InProcessServer, dict[str, str]]) -> None:

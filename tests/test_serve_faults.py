@@ -26,12 +26,20 @@ LOAD = ServerConfig(token_rate=100_000, token_burst=100_000, tenant_rate=100_000
 
 
 async def _post_all(url: str, secret: str, bodies: list[dict[str, Any]], *, limit: int) -> list[httpx.Response]:
-    """POST every body to /v1/runs at once, ``limit`` connections at a time."""
+    """POST every body to /v1/runs at once, ``limit`` connections at a time.
+
+    At most ``limit`` requests wait in httpx's pool at a time: its pool hands every queued
+    request the first idle connection and lets them race for it, so a thousand queued
+    requests cost the client (and, sharing this process's GIL, the server) quadratic work
+    and leave connections idle for seconds. The server sees the same: ``limit`` requests in
+    flight on ``limit`` connections until all are answered."""
     out: list[httpx.Response | None] = [None] * len(bodies)
     limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+    gate = anyio.Semaphore(limit)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(300, pool=300)) as c:
         async def one(i: int) -> None:
-            out[i] = await c.post("/v1/runs", headers=auth(secret), json=bodies[i])
+            async with gate:
+                out[i] = await c.post("/v1/runs", headers=auth(secret), json=bodies[i])
 
         async with anyio.create_task_group() as tg:
             for i in range(len(bodies)):

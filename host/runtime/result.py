@@ -40,6 +40,10 @@ class RunResult:
     approval: dict[str, Any] | None = None
     wake_at: float | None = None  # a sleeping agent's wake time (Unix seconds)
     logs: list[dict[str, Any]] = field(default_factory=list)
+    #: The agent's record this result stands for, as the run's last commit wrote it (None when
+    #: the result was made without one): a server answers a waited run with it, without
+    #: reading the store again. Not a figure of the run: not in :meth:`to_dict`.
+    record: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -79,5 +83,5 @@ class RunResult:
             snapshot_bytes=int(rec.get("snapshot_bytes", 0)), tokens=int(u.get("tokens", 0)),
             pending=rec.get("pending") if status not in TERMINAL else None,
             approval=rec.get("approval") if status == "waiting_approval" else None, logs=list(logs or []),
-            wake_at=rec.get("wake_at") if status == "sleeping" else None,
+            wake_at=rec.get("wake_at") if status == "sleeping" else None, record=rec,
         )

@@ -6,17 +6,20 @@ The bodies are the runtime's query dicts (``list_agents`` rows, ``get_agent``,
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
-import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from host.runtime import Host
+from host.runtime.queries import stalled
 from host.server.gateway import require
 from host.server.inputs import number, owned_agent, tenant_of
 from host.server.responses import json_response
+from host.server.scheduler import Drive
 
 #: Statuses in which an agent still moves on without a person: a wait goes on.
 MOVING = frozenset({"running", "suspended", "approved", "sleeping"})
@@ -25,19 +28,29 @@ MOVING = frozenset({"running", "suspended", "approved", "sleeping"})
 POLL_S = 1.0
 
 
-async def wait_until_stopped(host: Host, scheduler: Any, agent_id: str, timeout: float) -> dict[str, Any]:
+async def wait_until_stopped(host: Host, scheduler: Any, agent_id: str, timeout: float,
+                             drive: Drive | None = None) -> dict[str, Any]:
     """The agent's record once it is no longer moving, or as it is after ``timeout`` seconds
     (or as soon as the server drains). Once it stopped, with ``logs``: the guest's log lines
     of the drive that got it there, if this server drove it lately (they are in no record;
-    see :class:`host.server.scheduler.RecentLogs`)."""
-    deadline = anyio.current_time() + timeout
+    see :class:`host.server.scheduler.RecentLogs`).
+
+    ``drive``: the drive of the agent the caller started (a run started with ``wait``). If
+    it ended the agent stopped and no other drive of it began since, its record as that
+    drive's last commit wrote it is the answer, without reading the store again."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     while True:
-        left = deadline - anyio.current_time()
+        left = deadline - loop.time()
         if left > 0 and not scheduler.draining and scheduler.driving(agent_id):
             # This server drives it: it moves until that drive ends, which wakes us; the
             # store need not be read until then (nobody else may drive it meanwhile).
             await scheduler.changed(agent_id, min(left, POLL_S))
             continue
+        if drive is not None and drive.result is not None and not scheduler.driving(agent_id):
+            ended = drive.result.record
+            if ended is not None and ended.get("status") not in MOVING:
+                return {**ended, "stalled": stalled(ended, time.time()), "logs": list(drive.result.logs)}
         rec = host.get_agent(agent_id)
         # Stopped, and its drive has ended (the drive's tail, after its last commit, keeps its log lines).
         if rec.get("status") not in MOVING and not scheduler.driving(agent_id):

@@ -24,7 +24,7 @@ import anyio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
@@ -36,6 +36,7 @@ from host.server import logs as log_routes
 from host.server.config import ServerConfig
 from host.server.gateway import GatewayMiddleware, RefusalAudit, require
 from host.server.health import StoreProbe
+from host.server.protocol import HttpProtocol
 from host.server.responses import error_body, error_response, json_response
 from host.server.scheduler import Scheduler
 from policies import PolicyError
@@ -167,6 +168,11 @@ def create_app(host: Host, *, config: ServerConfig | None = None) -> Starlette:
     async def torpor_error(request: Request, exc: Exception) -> Response:
         return error_response(exc)
 
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        """The client hung up before its request was read whole: there is nobody to answer,
+        and nothing went wrong here (not an internal error, no traceback in the log)."""
+        return Response(status_code=400)
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_input")
@@ -177,7 +183,8 @@ def create_app(host: Host, *, config: ServerConfig | None = None) -> Starlette:
     # same JSON but also logs it and closes the connection.
     coded: dict[Any, Any] = {cls: torpor_error for cls in (TorporError, StoreError, SnapshotError, PolicyError)}
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={**coded, HTTPException: http_error, Exception: torpor_error})
+                    exception_handlers={**coded, HTTPException: http_error, ClientDisconnect: client_gone,
+                                        Exception: torpor_error})
     app.state.server = state
     app.state.refusals = state.refusals
     app.state.events = event_api
@@ -194,11 +201,30 @@ def begin_drain(app: Starlette) -> None:
     app.state.server.scheduler.begin_drain()
 
 
+#: How long an idle keep-alive connection is kept open, in seconds. Longer than the idle
+#: expiry of the clients and proxies in front of a server (httpx 5 s, load balancers 60 s),
+#: so that they close an idle connection first: a server that closes first races the client's
+#: next request on that connection, which then fails (a reset or an empty answer: httpx's
+#: ``ReadError``) though the server never read it. uvicorn's own default, 5 s, is exactly
+#: httpx's, and under load a pooled connection idle for about that long lost such requests.
+KEEP_ALIVE_S = 75
+
+
+def uvicorn_config(app: Starlette, *, host: str, port: int, log_level: str = "warning",
+                   graceful_timeout: int = 5) -> uvicorn.Config:
+    """How uvicorn serves ``app``: the one place its settings are chosen (``serve`` and the
+    tests' in-process servers use it alike). HTTP/1.1 through :class:`HttpProtocol` (httptools,
+    an answer in one ``send``); keep-alive :data:`KEEP_ALIVE_S`; no access log (a line per
+    request, formatted on the loop)."""
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http=HttpProtocol,
+                          timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=graceful_timeout,
+                          access_log=False)
+
+
 def serve(app: Starlette, *, host: str, port: int, log_level: str = "warning",
           graceful_timeout: int = 5) -> int:
     """Run ``app`` under uvicorn until SIGTERM/SIGINT, then drain; 0 once drained."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=graceful_timeout, access_log=False)
+    config = uvicorn_config(app, host=host, port=port, log_level=log_level, graceful_timeout=graceful_timeout)
     server = _Server(config, app)
     server.run()
     return 0 if server.started else 1

@@ -33,6 +33,7 @@ from host.server import agents as agents_routes
 from host.server.gateway import require
 from host.server.inputs import json_object, number, optional_string, owned, owned_agent
 from host.server.responses import json_response
+from host.server.scheduler import Drive
 from host.trust import audit
 
 IDEMPOTENCY_BUCKET = "server"
@@ -95,15 +96,16 @@ class Runs:
             raise InvalidInput(f"Idempotency-Key must be 1-{_KEY_MAX} printable characters")
         b, started_as = resolve(self.host, ref, who.tenant)
         if key is None:
-            agent_id = await self._start(b, payload, fuel, on_behalf_of, who.tenant, None, started_as, bool(wait))
+            agent_id, drive = await self._start(b, payload, fuel, on_behalf_of, who.tenant, None, started_as,
+                                                bool(wait))
             status = 201
         else:  # the request's fingerprint (canonical JSON hashed) only where a key needs it
             fingerprint = audit.digest({"agent": ref, "digest": b.digest, "input": payload, "fuel": fuel,
                                         **({"on_behalf_of": on_behalf_of} if on_behalf_of is not None else {})})
-            agent_id, status = await self._start_once(b, payload, fuel, on_behalf_of, who.tenant, key, fingerprint,
-                                                      started_as, bool(wait))
+            agent_id, drive, status = await self._start_once(b, payload, fuel, on_behalf_of, who.tenant, key,
+                                                             fingerprint, started_as, bool(wait))
         if wait:  # the record the wait ended on is the answer (not read again), with its drive's log lines
-            rec = await agents_routes.wait_until_stopped(self.host, self.scheduler, agent_id, wait)
+            rec = await agents_routes.wait_until_stopped(self.host, self.scheduler, agent_id, wait, drive)
             if rec.get("status") not in TERMINAL | PARKED:  # those are written by a synced commit
                 await self.host.settle()  # a run still going: its spawn synced before the reply names it
             return json_response(owned(rec, agent_id, who), status)
@@ -113,10 +115,11 @@ class Runs:
 
     async def start(self, b: Bundle, payload: Any, tenant: str, started_as: dict[str, Any]) -> str:
         """Start a run without an idempotency key and drive it in the background (an MCP call)."""
-        return await self._start(b, payload, None, None, tenant, None, started_as, waits=False)
+        agent_id, _ = await self._start(b, payload, None, None, tenant, None, started_as, waits=False)
+        return agent_id
 
     async def _start(self, b: Bundle, payload: Any, fuel: int | None, on_behalf_of: str | None, tenant: str,
-                     key: tuple[str, str] | None, started_as: dict[str, Any], waits: bool) -> str:
+                     key: tuple[str, str] | None, started_as: dict[str, Any], waits: bool) -> tuple[str, Drive | None]:
         """Spawn and drive; ``waits``: the request waits for the run, whose next commit (or the
         reply's :meth:`~host.runtime.host.Host.settle`) syncs the spawn: one sync, not two."""
         also = None
@@ -133,11 +136,10 @@ class Runs:
             if exc.code == "invalid_config" and "input" in str(exc):  # the spawn's check of the input
                 raise InvalidInput(str(exc)) from None
             raise
-        self.scheduler.drive(agent_id, drive)
-        return agent_id
+        return agent_id, self.scheduler.drive(agent_id, drive)
 
     async def _start_once(self, b: Bundle, payload: Any, fuel: int | None, on_behalf_of: str | None, tenant: str, key: str,
-                          fingerprint: str, started_as: dict[str, Any], waits: bool) -> tuple[str, int]:
+                          fingerprint: str, started_as: dict[str, Any], waits: bool) -> tuple[str, Drive | None, int]:
         name = _key_name(tenant, key)
         lock, users = self._locks.get(name, (anyio.Lock(), 0))
         self._locks[name] = (lock, users + 1)
@@ -148,9 +150,10 @@ class Runs:
                     if found.get("fingerprint") != fingerprint:
                         raise IdempotencyConflict("this Idempotency-Key was used for a different request "
                                                   "(another agent, input or fuel); use a new key")
-                    return str(found["agent_id"]), 200
-                return await self._start(b, payload, fuel, on_behalf_of, tenant, (name, fingerprint), started_as,
-                                         waits), 201
+                    return str(found["agent_id"]), None, 200
+                agent_id, drive = await self._start(b, payload, fuel, on_behalf_of, tenant, (name, fingerprint),
+                                                    started_as, waits)
+                return agent_id, drive, 201
         finally:
             lock, users = self._locks[name]
             if users <= 1:

@@ -33,12 +33,12 @@ store, for the next server.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -93,10 +93,21 @@ class RecentLogs:
             self.bytes -= kept[1]
 
 
-@dataclass
-class _Waiters:
-    event: anyio.Event = field(default_factory=anyio.Event)
-    count: int = 0
+class Drive:
+    """One drive the scheduler started: once it has ended, what it came to (``result``: None
+    until then, and when it raised; the agent's own errors are in its record)."""
+
+    __slots__ = ("agent_id", "ended", "result")
+
+    def __init__(self, agent_id: str) -> None:
+        self.agent_id = agent_id
+        self.ended = False
+        self.result: RunResult | None = None
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class Scheduler:
@@ -109,16 +120,35 @@ class Scheduler:
         self.active: dict[str, int] = {}  # agent id -> drives in flight
         self.started = 0  # drives started, over the server's life
         self._tg: anyio.abc.TaskGroup | None = None
+        self._drives: set[asyncio.Task[None]] = set()
         self._idle = anyio.Event()
         self._idle.set()
-        self._waiters: dict[str, _Waiters] = {}
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}  # agent id -> the futures its waiters await
         self._timer_wake = anyio.Event()
         self.logs = RecentLogs()
 
     # -- the task group -------------------------------------------------------------------
     def attach(self, tg: anyio.abc.TaskGroup) -> None:
-        """The task group drives run in (the server's lifespan owns it)."""
+        """The task group drives run under (the server's lifespan owns it): until it is
+        cancelled, and no longer (see :meth:`_hold`)."""
         self._tg = tg
+        tg.start_soon(self._hold, name="torpor drives")
+
+    async def _hold(self) -> None:
+        """Live as long as the task group; when it is cancelled, cancel the drives still in
+        flight (a tool's I/O: each stays at its last commit) and wait for them to end.
+
+        Why drives are the loop's own tasks and not the task group's: starting one through
+        anyio's task group costs about 15 µs more than ``loop.create_task``, on every run."""
+        try:
+            await anyio.sleep_forever()
+        finally:
+            left = list(self._drives)
+            for task in left:
+                task.cancel()
+            if left:
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait(left)
 
     def take_over(self) -> int:
         """Resume, in the background, every agent a previous process left; how many."""
@@ -128,17 +158,20 @@ class Scheduler:
         return len(ids)
 
     # -- driving agents -------------------------------------------------------------------
-    def drive(self, agent_id: str, fn: Callable[[], Awaitable[RunResult]]) -> bool:
-        """Run ``fn`` (a spawn's drive, a resume) in the background; False once draining
-        (the agent stays as the store has it, for the next server to take over)."""
+    def drive(self, agent_id: str, fn: Callable[[], Awaitable[RunResult]]) -> Drive | None:
+        """Run ``fn`` (a spawn's drive, a resume) in the background: the drive, or None once
+        draining (the agent stays as the store has it, for the next server to take over)."""
         if self.draining or self._tg is None:
-            return False
+            return None
         self.active[agent_id] = self.active.get(agent_id, 0) + 1
         self.started += 1
         if self._idle.is_set():
             self._idle = anyio.Event()
-        self._tg.start_soon(self._guard, agent_id, fn, name=f"agent {agent_id}")
-        return True
+        d = Drive(agent_id)
+        task = asyncio.get_running_loop().create_task(self._guard(d, fn), name=f"agent {agent_id}")
+        self._drives.add(task)
+        task.add_done_callback(self._drives.discard)
+        return d
 
     def driving(self, agent_id: str) -> bool:
         """Whether a drive of ``agent_id`` is in flight here (it is running until that ends)."""
@@ -146,12 +179,14 @@ class Scheduler:
 
     def resume(self, agent_id: str) -> bool:
         """Resume the agent in the background (a decision was recorded, its time came, or it was left)."""
-        return self.drive(agent_id, lambda: self.host.resume(agent_id))
+        return self.drive(agent_id, lambda: self.host.resume(agent_id)) is not None
 
-    async def _guard(self, agent_id: str, fn: Callable[[], Awaitable[RunResult]]) -> None:
+    async def _guard(self, d: Drive, fn: Callable[[], Awaitable[RunResult]]) -> None:
         """One drive, whose errors end here: the agent's own are in its record already."""
+        agent_id = d.agent_id
         try:
             result = await fn()
+            d.result = result
             self.logs.put(agent_id, result.logs)
             if result.status == "sleeping":
                 self._timer_wake.set()  # it parked until a time: the timer loop looks again
@@ -164,6 +199,7 @@ class Scheduler:
         except Exception:  # a store that cannot be written, a host bug: logged, the server goes on
             _log.exception("driving agent %s failed", agent_id)
         finally:
+            d.ended = True
             n = self.active.get(agent_id, 1) - 1
             if n > 0:
                 self.active[agent_id] = n
@@ -176,9 +212,8 @@ class Scheduler:
     # -- who waits on an agent --------------------------------------------------------------
     def notify(self, agent_id: str) -> None:
         """Wake whoever waits on ``agent_id`` (they read the store again)."""
-        w = self._waiters.pop(agent_id, None)
-        if w is not None:
-            w.event.set()
+        for woken in self._waiters.pop(agent_id, ()):
+            _wake(woken)
 
     def wake_all(self) -> None:
         """Wake every waiter (the server is draining: long polls answer now)."""
@@ -186,17 +221,24 @@ class Scheduler:
             self.notify(aid)
 
     async def changed(self, agent_id: str, timeout: float) -> None:
-        """Return when a drive of ``agent_id`` ends, or after ``timeout`` seconds."""
-        w = self._waiters.get(agent_id)
-        if w is None:
-            w = self._waiters[agent_id] = _Waiters()
-        w.count += 1
+        """Return when a drive of ``agent_id`` ends, or after ``timeout`` seconds.
+
+        A future of the waiter's own, which the drive's end or a timer completes: plain
+        asyncio rather than an anyio event in a cancel scope, since a waited run waits here
+        once per request and this costs a few microseconds where those cost tens; and the
+        waiter is woken by the end itself, not by a callback of another future (a loop step
+        less between the drive's end and its answer)."""
+        loop = asyncio.get_running_loop()
+        woken: asyncio.Future[None] = loop.create_future()
+        waiting = self._waiters.setdefault(agent_id, set())
+        waiting.add(woken)
+        timer = loop.call_later(max(0.0, timeout), _wake, woken)
         try:
-            with anyio.move_on_after(max(0.0, timeout)):
-                await w.event.wait()
+            await woken
         finally:
-            w.count -= 1
-            if w.count == 0 and self._waiters.get(agent_id) is w:
+            timer.cancel()
+            waiting.discard(woken)
+            if not waiting and self._waiters.get(agent_id) is waiting:
                 del self._waiters[agent_id]
 
     # -- a fleet: this host's lease, the agents of hosts whose lease expired ------------------
