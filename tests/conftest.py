@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
+from host.runtime import Host, RunResult
 from host.sandbox import bundle as bundle_mod
 from host.sandbox.bundle import Bundle
 
@@ -44,6 +47,20 @@ class BundleFactory:
 
     def load(self, agent_dir: Path) -> Bundle:
         return bundle_mod.load(self.path(agent_dir))
+
+
+def run_agent(host: Host, b: Bundle, input: Any = None, **kw: Any) -> RunResult:
+    """``host.run`` of one agent to its end or its first wait, from synchronous test code."""
+    return anyio.run(lambda: host.run(b, input, **kw))
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
+    """A ``Host`` on a store of its own, shared by one module's tests (a module that needs
+    another kind of host defines its own ``host``, which takes precedence)."""
+    h = Host(tmp_path_factory.mktemp("store"))
+    yield h
+    h.close()
 
 
 @pytest.fixture(scope="session", autouse=True)

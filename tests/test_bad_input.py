@@ -7,27 +7,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 from conftest import EXAMPLES, GUESTS, BundleFactory
+from conftest import run_agent as run
 
 from host.errors import BundleError, ImportNotGranted, ModuleError
-from host.runtime import Host, RunResult
+from host.runtime import Host
 from host.sandbox import bundle as bundle_mod
 from policies import PolicyError
 
 HELLO_POLICY = (EXAMPLES / "hello" / "policy.toml").read_text()
-
-
-@pytest.fixture(scope="module")
-def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
-    h = Host(tmp_path_factory.mktemp("store"))
-    yield h
-    h.close()
-
-
-def run(host: Host, b: bundle_mod.Bundle, input: Any = None, **kw: Any) -> RunResult:
-    return anyio.run(lambda: host.run(b, input, **kw))
 
 
 @pytest.fixture(autouse=True)

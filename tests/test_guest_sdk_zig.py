@@ -9,7 +9,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +16,14 @@ import anyio
 import pytest
 import wasmtime
 from conftest import EXAMPLES, GUESTS, BundleFactory
+from conftest import run_agent as run
 
 from host.errors import BundleError, ToolchainError
-from host.runtime import Host, RunResult
+from host.runtime import Host
 from host.sandbox import abi, toolchain, wasm_binary
 from host.sandbox import bundle as bundle_mod
 
 ERRORS = GUESTS / "zig_sdk"
-
-
-@pytest.fixture(scope="module")
-def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
-    h = Host(tmp_path_factory.mktemp("store"))
-    yield h
-    h.close()
-
-
-def run(host: Host, b: bundle_mod.Bundle, input: Any) -> RunResult:
-    return anyio.run(lambda: host.run(b, input))
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -13,16 +13,15 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 from conftest import EXAMPLES, GUESTS, BundleFactory
+from conftest import run_agent as run
 
 from host.errors import ToolchainError
-from host.runtime import Host, RunResult
+from host.runtime import Host
 from host.sandbox import bundle as bundle_mod
 from host.sandbox import js_modules, js_runtime
 
@@ -39,19 +38,8 @@ def js_built(request: pytest.FixtureRequest) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
-    h = Host(tmp_path_factory.mktemp("store"))
-    yield h
-    h.close()
-
-
-@pytest.fixture(scope="module")
 def hostile(js_built: bytes, bundles: BundleFactory) -> bundle_mod.Bundle:
     return bundles.load(GUESTS / "js_hostile")
-
-
-def run(host: Host, b: bundle_mod.Bundle, input: Any = None) -> RunResult:
-    return anyio.run(lambda: host.run(b, input))
 
 
 def test_runtime_imports_only_the_abi(js_built: bytes) -> None:

@@ -10,16 +10,14 @@ that fails, and the resolver's own rules are checked without wasm.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import anyio
 import pytest
 from conftest import EXAMPLES, GUESTS, BundleFactory
+from conftest import run_agent as run
 
 from host.errors import ToolchainError
-from host.runtime import Host, RunResult
+from host.runtime import Host
 from host.sandbox import abi, js_runtime, wasm_binary
 from host.sandbox import bundle as bundle_mod
 from host.sandbox.execution import Suspended
@@ -34,19 +32,8 @@ def js_built() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
-    h = Host(tmp_path_factory.mktemp("store"))
-    yield h
-    h.close()
-
-
-@pytest.fixture(scope="module")
 def multi(js_built: bytes, bundles: BundleFactory) -> bundle_mod.Bundle:
     return bundles.load(GUESTS / "js_multi")
-
-
-def run(host: Host, b: bundle_mod.Bundle, input: Any = None) -> RunResult:
-    return anyio.run(lambda: host.run(b, input))
 
 
 def agent(root: Path, files: dict[str, str]) -> Path:

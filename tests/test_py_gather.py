@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,27 +27,17 @@ import anyio
 import lmdb
 import pytest
 from conftest import EXAMPLES, GUESTS, BundleFactory
+from conftest import run_agent as run
 
-from host.runtime import Host, RunResult
+from host.runtime import Host
 from host.sandbox import bundle as bundle_mod
 
 AGENT = GUESTS / "py_gather"
 
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
-    h = Host(tmp_path_factory.mktemp("store"))
-    yield h
-    h.close()
-
-
-@pytest.fixture(scope="module")
 def gather(bundles: BundleFactory) -> bundle_mod.Bundle:
     return bundles.load(AGENT)
-
-
-def run(host: Host, b: bundle_mod.Bundle, input: Any) -> RunResult:
-    return anyio.run(lambda: host.run(b, input))
 
 
 def test_gather_makes_every_call_a_suspension_and_sums_exactly(host: Host, gather: bundle_mod.Bundle) -> None:

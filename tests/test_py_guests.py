@@ -15,16 +15,15 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 from conftest import EXAMPLES, GUESTS, BundleFactory
+from conftest import run_agent as run
 
 from host.errors import ToolchainError
-from host.runtime import Host, RunResult
+from host.runtime import Host
 from host.sandbox import bundle as bundle_mod
 from host.sandbox import py_runtime
 
@@ -41,19 +40,8 @@ def py_built() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
-    h = Host(tmp_path_factory.mktemp("store"))
-    yield h
-    h.close()
-
-
-@pytest.fixture(scope="module")
 def hostile(py_built: bytes, bundles: BundleFactory) -> bundle_mod.Bundle:
     return bundles.load(GUESTS / "py_hostile")
-
-
-def run(host: Host, b: bundle_mod.Bundle, input: Any = None) -> RunResult:
-    return anyio.run(lambda: host.run(b, input))
 
 
 def test_runtime_imports_only_the_abi(py_built: bytes) -> None:
