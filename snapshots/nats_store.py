@@ -73,6 +73,7 @@ the log purged past it stops with an error rather than skip what it missed.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import hashlib
 import logging
 import queue
@@ -764,7 +765,8 @@ class NatsStore:
                         self.compact_log()
                     else:
                         self._snapshot_seq = self._applied_seq  # another copy does it: look again later
-            except StoreError as exc:
+            except (StoreError, concurrent.futures.CancelledError) as exc:
+                # Closing the store stops the bridge's loop, which cancels a call in flight.
                 if self._stopping.is_set():
                     return
                 _log().warning("the copy of %s could not report its position or compact the log: %s",

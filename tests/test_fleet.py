@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import BundleFactory
+from conftest import EXAMPLES, BundleFactory
 from serve_helpers import free_port
 
 from bench.fleet import agents, seed, start_host, stop
@@ -173,7 +174,13 @@ def test_300_agents_on_3_hosts_with_a_host_and_a_node_killed(bundles: BundleFact
     n = int(os.environ.get("TORPOR_FLEET_N", "100"))
     stream = f"F{uuid.uuid4().hex[:12]}"
     url = nats_cluster.url
-    [steps], secret = seed(url, stream, tmp_path / "seed", [bundles.example("steps")])
+    # The steps example with room in its wall-clock budget: its 30 s are per run, from start to
+    # end, and 300 agents queued on two cores (fewer after the kill) take longer than that each.
+    agent = tmp_path / "steps"
+    shutil.copytree(EXAMPLES / "steps", agent)
+    policy = agent / "policy.toml"
+    policy.write_text(policy.read_text().replace('wall_clock = "30s"', 'wall_clock = "900s"'))
+    [steps], secret = seed(url, stream, tmp_path / "seed", [bundles.path(agent)])
     want = {"sum": n * (n + 1) // 2, "last": n}
     hdr = {"Authorization": f"Bearer {secret}"}
     started = time.monotonic()
