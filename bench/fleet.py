@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,14 +80,21 @@ def start_host(url: str, stream: str, local: Path, *, lease: float, port: int,
                             stdout=out, stderr=out, env={**os.environ})
     if log is not None:
         out.close()  # type: ignore[union-attr]
-    deadline = time.monotonic() + 120
+    wait_ready(proc, f"http://127.0.0.1:{port}",
+               lambda: log.read_text(errors="replace")[-3000:] if log is not None else "")
+    return proc
+
+
+def wait_ready(proc: subprocess.Popen[bytes], url: str, tail: Callable[[], str], limit_s: float = 120.0) -> None:
+    """Return once the ``torpor serve`` process at ``url`` answers ``/readyz``; a process that
+    exits first, or does not answer within ``limit_s``, is an error naming ``tail()`` (its last output)."""
+    deadline = time.monotonic() + limit_s
     while True:
         if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:] if log is not None else ""
-            raise RuntimeError(f"torpor serve exited {proc.returncode}: {tail}")
+            raise RuntimeError(f"torpor serve exited {proc.returncode}: {tail()}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:

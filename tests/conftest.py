@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,17 @@ class BundleFactory:
 
     def load(self, agent_dir: Path) -> Bundle:
         return bundle_mod.load(self.path(agent_dir))
+
+
+def built_runtime(runtime: Any, name: str) -> bytes:
+    """A guest runtime's module (``js_runtime``, ``py_runtime``): from the machine's cache, or
+    built now (about a minute), saying so on stderr so a slow first run is explained."""
+    fresh = not runtime.runtime_path().exists()
+    t0 = time.monotonic()
+    wasm: bytes = runtime.runtime_module()
+    if fresh:
+        print(f"\nbuilt the {name} runtime in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    return wasm
 
 
 def run_agent(host: Host, b: Bundle, input: Any = None, **kw: Any) -> RunResult:

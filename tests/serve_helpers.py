@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from bench.fleet import wait_ready
 from host.runtime import Host
 from host.sandbox import bundle as bundle_mod
 from host.server.app import create_app, uvicorn_config
@@ -90,26 +89,14 @@ class InProcessServer:
 
 
 def start_process(store: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """``torpor serve`` as a real process on a free port; returns it once ``/healthz`` answers."""
+    """``torpor serve`` as a real process on a free port; returns it once ``/readyz`` answers."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "host.cli", "serve", "--store", str(store), "--listen",
                              f"127.0.0.1:{port}", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            _, err = proc.communicate()
-            raise RuntimeError(f"torpor serve exited {proc.returncode}: {err.decode()[-2000:]}")
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("torpor serve did not become ready")
-        time.sleep(0.05)
+    wait_ready(proc, url, lambda: proc.communicate()[1].decode()[-2000:])
+    return proc, url
 
 
 #: The operator tool of the payer agent (also tests/test_in_doubt.py's): a charge that is not

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import EXAMPLES, GUESTS, BundleFactory
+from conftest import EXAMPLES, GUESTS, BundleFactory, built_runtime
 from conftest import run_agent as run
 
 from host.errors import ToolchainError
@@ -29,12 +29,7 @@ from host.sandbox import js_modules, js_runtime
 @pytest.fixture(scope="session")
 def js_built(request: pytest.FixtureRequest) -> bytes:
     """The JS runtime module: from the machine's cache, or built now (about a minute)."""
-    fresh = not js_runtime.runtime_path().exists()
-    t0 = time.monotonic()
-    wasm = js_runtime.runtime_module()
-    if fresh:
-        print(f"\nbuilt the QuickJS runtime in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-    return wasm
+    return built_runtime(js_runtime, "QuickJS")
 
 
 @pytest.fixture(scope="module")

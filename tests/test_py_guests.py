@@ -19,7 +19,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import EXAMPLES, GUESTS, BundleFactory
+from conftest import EXAMPLES, GUESTS, BundleFactory, built_runtime
 from conftest import run_agent as run
 
 from host.errors import ToolchainError
@@ -31,12 +31,7 @@ from host.sandbox import py_runtime
 @pytest.fixture(scope="session")
 def py_built() -> bytes:
     """The Python runtime module: from the machine's cache, or built now (about a minute)."""
-    fresh = not py_runtime.runtime_path().exists()
-    t0 = time.monotonic()
-    wasm = py_runtime.runtime_module()
-    if fresh:
-        print(f"\nbuilt the CPython runtime in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-    return wasm
+    return built_runtime(py_runtime, "CPython")
 
 
 @pytest.fixture(scope="module")
