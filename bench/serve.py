@@ -202,7 +202,10 @@ class Server:
             await conn.close()
 
     def cpu_s(self) -> float:
-        """CPU time (user + system) the server process has used so far, in seconds."""
+        """CPU time (user + system) the server process has used so far, in seconds.
+
+        In clock ticks (10 ms on Linux): a figure per run needs hundreds of runs to mean
+        anything, and a short smoke run may read 0."""
         with open(f"/proc/{self.proc.pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

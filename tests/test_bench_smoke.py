@@ -229,10 +229,12 @@ def test_serve_quick() -> None:
         c = r["latency"][d]
         assert c["http"]["n"] == c["embedded"]["n"] == 10
         positive(c["http"]["p50_us"], c["http"]["p99_us"], c["embedded"]["p50_us"], c["p50_ratio"], c["p99_ratio"],
-                 c["http_cpu_us"], c["embedded_cpu_us"], r[f"hello_http_{d}_p50_ms"])
+                 r[f"hello_http_{d}_p50_ms"])
+        # The server's CPU comes from /proc in clock ticks (10 ms): ten runs of ~1 ms may read 0.
+        assert c["http_cpu_us"] >= 0 and c["embedded_cpu_us"] > 0, c
         assert c["http"]["p50_us"] <= c["http"]["p90_us"] <= c["http"]["p99_us"] <= c["http"]["max_us"]
-    positive(r["hello_http_p50_ms"], r["hello_http_p99_ms"], r["hello_embedded_p50_ms"], r["hello_p50_ratio"],
-             r["hello_http_cpu_ms"])
+    positive(r["hello_http_p50_ms"], r["hello_http_p99_ms"], r["hello_embedded_p50_ms"], r["hello_p50_ratio"])
+    assert r["hello_http_cpu_ms"] >= 0
     assert set(r["throughput"]) == {f"{k}_c{c}" for k in ("healthz", "get_agent", "start_run") for c in (1, 3)}
     for case in r["throughput"].values():
         assert case["n"] == 24
