@@ -248,7 +248,8 @@ def test_serve_quick() -> None:
     for d in ("sync", "process"):  # this tree against itself (--against): both timed, pair by pair
         a = r["against"][d]
         assert a["this"]["n"] == a["that"]["n"] == 10 and a["against"] == str(ROOT)
-        positive(a["this"]["p50_us"], a["that"]["p50_us"], a["this"]["cpu_us"], a["that"]["cpu_us"])
+        positive(a["this"]["p50_us"], a["that"]["p50_us"])
+        assert a["this"]["cpu_us"] >= 0 and a["that"]["cpu_us"] >= 0, a  # clock ticks, as above
         assert isinstance(a["faster_p50_us"], float) and isinstance(a["less_cpu_us"], float)
 
 
