@@ -167,3 +167,23 @@ def test_serve_refuses_a_bad_listen_address(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "host.cli", "serve", "--store", str(tmp_path), "--listen", "nowhere"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "error[invalid_config]" in r.stderr
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line_and_never_that_it_listens(tmp_path: Path) -> None:
+    """A port another process holds: one typed line and exit 2, before the store is opened, and
+    no "listening on" line (which a user would believe, and a readiness probe would then reach
+    the other process)."""
+    import socket
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "host.cli", "serve", "--store", str(tmp_path / "s"), "--listen",
+                            f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"torpor: error[address_in_use]: --listen 127.0.0.1:{port}: Address already in use: another process "
+        "listens there (stop it, or pick another port)"], r.stderr
+    assert not (tmp_path / "s").exists()  # nothing was opened or created

@@ -33,7 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name in ("token_rate", "tenant_rate", "drain_timeout"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive number")
-    from host.server.app import create_app, serve
+    from host.server.app import bind, create_app, serve
     from host.server.config import ServerConfig
 
     overrides: dict[str, Any] = {k: getattr(args, k) for k in (
@@ -41,16 +41,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if getattr(args, k) is not None}
     if args.mcp:
         overrides["mcp"] = True
-    host = open_host(args)
+    sock = bind(address, port)  # before "listening": a port in use is one line, exit 2
+    port = sock.getsockname()[1]  # the port 0 chose
+    try:
+        host = open_host(args)
+    except BaseException:
+        sock.close()
+        raise
     try:
         app = create_app(host, config=ServerConfig(**overrides))
         traces = ", traces over OTLP" if host.tracing is not None else ""
         mcp_at = f"; MCP at http://{address}:{port}/mcp" if args.mcp else ""
         print(f"torpor serve: listening on http://{address}:{port} (store {host.store_dir}; the console at "
               f"http://{address}:{port}/{traces}{mcp_at})", file=sys.stderr, flush=True)
-        status = serve(app, host=address, port=port, log_level=args.log_level)
+        status = serve(app, host=address, port=port, log_level=args.log_level, sock=sock)
     finally:
         host.close()
+        sock.close()
     print("torpor serve: stopped", file=sys.stderr, flush=True)
     return status
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import socket
 from collections.abc import AsyncIterator
 from types import FrameType
 from typing import Any
@@ -28,7 +30,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from host.errors import TorporError
+from host.errors import ConfigError, TorporError
 from host.runtime import Host
 from host.server import agents, approvals, events, metrics, openapi, operate, runs
 from host.server import audit as audit_routes
@@ -221,12 +223,34 @@ def uvicorn_config(app: Starlette, *, host: str, port: int, log_level: str = "wa
                           access_log=False)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before ``torpor serve`` says it listens: a port another
+    process holds is one typed error (``address_in_use``), not "listening on" followed by
+    uvicorn's own log line and exit 1. Port 0 picks a free port (``getsockname`` says which)."""
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError as exc:
+        raise ConfigError(f"--listen {host}:{port}: {exc.strerror or exc}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart past TIME_WAIT
+    try:
+        sock.bind(where)
+        sock.listen(2048)  # uvicorn's default backlog
+    except OSError as exc:
+        sock.close()
+        code = "address_in_use" if exc.errno == errno.EADDRINUSE else None
+        hint = ": another process listens there (stop it, or pick another port)" if code else ""
+        raise ConfigError(f"--listen {host}:{port}: {exc.strerror or exc}{hint}", code=code) from None
+    return sock
+
+
 def serve(app: Starlette, *, host: str, port: int, log_level: str = "warning",
-          graceful_timeout: int = 5) -> int:
-    """Run ``app`` under uvicorn until SIGTERM/SIGINT, then drain; 0 once drained."""
+          graceful_timeout: int = 5, sock: socket.socket | None = None) -> int:
+    """Run ``app`` under uvicorn until SIGTERM/SIGINT, then drain; 0 once drained. ``sock``:
+    a socket :func:`bind` made (else uvicorn binds ``host:port`` itself)."""
     config = uvicorn_config(app, host=host, port=port, log_level=log_level, graceful_timeout=graceful_timeout)
     server = _Server(config, app)
-    server.run()
+    server.run(sockets=[sock] if sock is not None else None)
     return 0 if server.started else 1
 
 
