@@ -11,6 +11,8 @@ import subprocess
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,3 +32,19 @@ def test_every_data_file_of_the_packages_is_package_data() -> None:
         if not any(fnmatch.fnmatch(rest, p) and rest.count("/") == p.count("/") for p in patterns[package]):
             missing.append(path)
     assert missing == [], f"not in [tool.setuptools.package-data] of pyproject.toml: {missing}"
+
+
+def test_a_guest_runtime_built_on_first_use_says_so_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The first ``torpor build`` of a JS or Python agent on a machine builds its runtime (a minute
+    or more): one line before, naming what and where it is cached, one after; nothing once cached."""
+    from host.sandbox import guest_runtime_build as grb
+
+    path = tmp_path / "cache" / "runtime.wasm"
+    path.parent.mkdir()
+    built = grb.cached_module(path, lambda: b"\0asm", what="the X runtime (from its sdist; a while)")
+    assert built == b"\0asm" and path.read_bytes() == b"\0asm"
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"torpor: building the X runtime (from its sdist; a while), once for this machine (cached in {path.parent})"
+    assert lines[1].startswith("torpor: built the X runtime in ") and len(lines) == 2
+    assert grb.cached_module(path, lambda: b"other", what="the X runtime") == b"\0asm"
+    assert capsys.readouterr().err == ""

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,19 +126,27 @@ def parallel(jobs: list[tuple[list[str], str]]) -> None:
             fut.result()
 
 
-def cached_module(path: Path, build: Callable[[], bytes]) -> bytes:
+def cached_module(path: Path, build: Callable[[], bytes], *, what: str | None = None) -> bytes:
     """The module at ``path``, built by ``build`` on first use on this machine and cached.
 
     The lock is not held while building (a build takes minutes and other caches in the
-    directory stay usable); a second builder that raced writes the same bytes."""
+    directory stay usable); a second builder that raced writes the same bytes. ``what``
+    names the build in one line on stderr before it starts and one when it is done: a
+    minute or more of a silent ``torpor build`` looks like a hang to whoever waits."""
     if path.exists():
         return path.read_bytes()
     with cache_lock(path.parent):
         if path.exists():  # another process built it while this one waited
             return path.read_bytes()
+    t0 = time.monotonic()
+    if what:
+        print(f"torpor: building {what}, once for this machine (cached in {path.parent})", file=sys.stderr,
+              flush=True)
     wasm = build()
     with cache_lock(path.parent):
         write_atomic(path, wasm)
+    if what:
+        print(f"torpor: built {what.split(' (')[0]} in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     return wasm
 
 

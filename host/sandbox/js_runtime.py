@@ -151,7 +151,9 @@ def runtime_path() -> Path:
 
 def runtime_module() -> bytes:
     """The runtime module, built on first use on this machine and cached."""
-    return grb.cached_module(runtime_path(), build_runtime)
+    return grb.cached_module(runtime_path(), build_runtime, what=(
+        f"the JavaScript guest runtime (QuickJS-ng {QUICKJS_VERSION} from its sdist on PyPI; about a minute on "
+        "two cores)"))
 
 
 # ---- one agent ------------------------------------------------------------------------

