@@ -135,6 +135,32 @@ def test_push_versions_tags_and_resolve(production: Bundle, canary: bytes, tmp_p
         assert report.ok and report.records == 5, report.summary()
 
 
+def test_a_tag_moves_to_a_version_named_as_registry_show_prints_it(production: Bundle, canary: bytes,
+                                                                    tmp_path: Path) -> None:
+    """``torpor registry show`` prints 12 hex digits of each digest: a tag move takes that (a
+    unique prefix of at least 8 digits), or another tag of the same name (promote the canary)."""
+    with LmdbStore.open(tmp_path / "db") as store:
+        reg = Registry(store)
+        v1 = reg.push(production.raw, name="procurement", tag="production")
+        v2 = reg.push(canary, name="procurement", tag="canary")
+        reg.push(production.raw, name="other")
+        assert reg.tag("procurement", "production", f"sha256:{v2['digest'][:12]}")["digest"] == v2["digest"]
+        assert reg.tag("procurement", "production", v1["digest"][:8])["previous"] == v2["digest"]
+        assert reg.tag("procurement", "production", "procurement@canary")["digest"] == v2["digest"]
+        assert reg.tag("procurement", "stable", f"procurement@sha256:{v1['digest']}")["digest"] == v1["digest"]
+        refused = [
+            (f"sha256:{v1['digest'][:7]}", InvalidReference, "its first 8 digits or more"),  # too short to be sure
+            ("0" * 12 if not v1["digest"].startswith("0" * 12) else "f" * 12, BundleNotFound, "no version of"),
+            ("other@latest", InvalidReference, "a tag moves within its name"),
+            ("procurement@nope", BundleNotFound, "has no tag 'nope'"),
+            ("production", InvalidReference, "or NAME@TAG"),
+        ]
+        for wanted, error, message in refused:
+            with pytest.raises(error, match=message):
+                reg.tag("procurement", "production", wanted)
+        assert reg.resolve("procurement@production") == v2["digest"]  # nothing refused moved it
+
+
 def test_unknown_names_tags_and_digests_are_bundle_not_found(production: Bundle, canary: bytes,
                                                              tmp_path: Path) -> None:
     with LmdbStore.open(tmp_path / "db") as store:

@@ -174,7 +174,8 @@ def add_parsers(sub: Any) -> None:
                      "keep the version they started with)", store=True)
     sp.add_argument("name", help="a registry name")
     sp.add_argument("tag", help="the tag to move (e.g. production)")
-    sp.add_argument("digest", help="the version: sha256:<hex> or the 64 hex digits (`torpor registry show NAME`)")
+    sp.add_argument("digest", help="the version: its digest (sha256:<hex>, or its first 8 hex digits or more, as `torpor "
+                    "registry show NAME` prints them), or NAME@TAG to point it where another tag points")
     sp.add_argument("--by", default=None, help=BY_HELP)
     sp = add_command(rsub, "diff", cmd_diff, "what the policy of B grants differently from that of A (tools, "
                      "approvals, network hosts, secrets, limits, budgets)", store=True)

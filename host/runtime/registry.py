@@ -60,6 +60,7 @@ DIGEST_PREFIX = "sha256:"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # no '@', ':' or '/': they delimit refs and keys
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX = re.compile(r"[0-9a-f]{64}")
+_HEX_PREFIX = re.compile(r"[0-9a-f]+")
 MAX_REF = 300
 #: The host-level audit chain of registry writes.
 CHAIN = audit.host_chain("registry")
@@ -242,12 +243,13 @@ class Registry:
         check_name(name)
         check_name(tag, what="tag")
         check_tenant(tenant)
-        digest = normalize_digest(digest)
+        wanted = digest
 
-        def write(txn: Any) -> str | None:
+        def write(txn: Any) -> tuple[str | None, str]:
             head = _get(txn, _head_key(tenant, name))
             if head is None:
                 raise BundleNotFound(f"no bundle named {name!r} in the registry")
+            digest = _version_of(txn, tenant, name, head, wanted)
             if _get(txn, _version_key(tenant, name, digest)) is None:
                 raise BundleNotFound(f"{DIGEST_PREFIX}{digest} is not a version of {name!r} "
                                      f"(push it with --name {name} first)")
@@ -260,9 +262,9 @@ class Registry:
             previous = previous if isinstance(previous, str) else None
             audit.append_host_events(txn, CHAIN, [("registry.tagged", {
                 "tenant": tenant, "name": name, "tag": tag, "digest": digest, "previous": previous, "by": by})])
-            return previous
+            return previous, digest
 
-        previous = self.store.transact(write)
+        previous, digest = self.store.transact(write)
         return {"name": name, "tag": tag, "digest": digest, "previous": previous}
 
     # -- reads --------------------------------------------------------------------------
@@ -346,6 +348,41 @@ class Registry:
                 "b": {**rb.to_dict(), "abi": bb.abi_version, "agent": bb.name},
                 "module": {"same": module_same, "a": ba.module_digest, "b": bb.module_digest},
                 **d.to_dict(), "text": f"{header}\n{d.text()}"}
+
+
+#: The shortest digest prefix a tag move takes: ``torpor registry show`` prints 12 hex digits.
+MIN_DIGEST_PREFIX = 8
+
+
+def _version_of(txn: ReadTxn, tenant: str, name: str, head: dict[str, Any], wanted: str) -> str:
+    """The digest of the version of ``name`` that ``wanted`` names for a tag move: its digest
+    (``sha256:<hex>`` or the hex), a prefix of it of at least :data:`MIN_DIGEST_PREFIX` hex
+    digits that no other version of the name shares (what ``registry show`` prints), or
+    ``NAME@TAG`` / ``NAME@sha256:...`` of the same name (promote what ``canary`` runs)."""
+    if isinstance(wanted, str) and "@" in wanted:
+        ref_name, tag, digest = parse_ref(wanted)
+        if ref_name != name:
+            raise InvalidReference(f"{_quote(wanted)} is not a version of {name!r}: a tag moves within its name")
+        if digest is not None:
+            return digest
+        tags = head.get("tags", {})
+        if not isinstance(tags, dict) or tag not in tags:
+            known = ", ".join(sorted(tags)) if isinstance(tags, dict) and tags else "none"
+            raise BundleNotFound(f"{name!r} has no tag {tag!r} (its tags: {known})")
+        return _digest_of(tags[tag], wanted)
+    hexpart = wanted[len(DIGEST_PREFIX):] if isinstance(wanted, str) and wanted.startswith(DIGEST_PREFIX) else wanted
+    if isinstance(hexpart, str) and MIN_DIGEST_PREFIX <= len(hexpart) < 64 and _HEX_PREFIX.fullmatch(hexpart):
+        found = [key.rsplit("/", 1)[1] for key, _ in txn.iter_blobs(REGISTRY_BUCKET, f"v/{tenant}/{name}/{hexpart}")]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise InvalidReference(f"{_quote(wanted)} is the start of {len(found)} versions of {name!r}: give more digits")
+        raise BundleNotFound(f"no version of {name!r} starts with {_quote(wanted)} (`torpor registry show {name}`)")
+    try:
+        return normalize_digest(wanted)
+    except InvalidReference:
+        raise InvalidReference(f"a version is sha256:<hex> (its first {MIN_DIGEST_PREFIX} digits or more, as "
+                               f"`torpor registry show` prints them) or NAME@TAG, got {_quote(wanted)}") from None
 
 
 def _digest_of(value: Any, what: str) -> str:
