@@ -243,3 +243,34 @@ def test_fleet_walkthrough_runs_as_written(tmp_path: Path) -> None:
     assert '"sum": 5050' in out and '"last": 100' in out, out
     assert out.count("live") >= 2, out  # fleet status: both hosts' leases live
     assert "leader" in out, out  # doctor: the stream's leader
+
+
+def _commands(block: str) -> list[list[str]]:
+    """The commands of a ``sh`` block, a trailing backslash joining a line to the next."""
+    import shlex
+
+    return [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def test_registry_walkthrough_runs_as_written(tmp_path: Path) -> None:
+    """The README's registry commands, each as written on one default store: two versions
+    pushed and tagged, their policies diffed, a run of a tag that waits on a person (exit 4),
+    and the tag rolled forward to what the canary runs."""
+    readme = (ROOT / "README.md").read_text()
+    commands = _commands(_block(readme, "sh", "torpor registry diff"))
+    (tmp_path / "guest_sdk").symlink_to(ROOT / "guest_sdk")
+    env = {k: v for k, v in os.environ.items() if k not in ("TORPOR_TOOLS_PATH", "TORPOR_SERVER", "TORPOR_TOKEN")}
+    env["TORPOR_STORE"] = str(tmp_path / "store")
+    out = {}
+    for argv in commands:
+        assert argv[0] == "torpor", argv
+        proc = subprocess.run([sys.executable, "-m", "host.cli", *argv[1:]], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=300)
+        expected = 4 if argv[1] == "run" else 0
+        assert proc.returncode == expected, (argv, proc.stdout + proc.stderr)
+        out[" ".join(argv[1:3])] = proc.stdout
+    assert "memory: 16777216 -> 67108864" in out["registry diff"], out["registry diff"]
+    assert "waiting_approval" in out["run procurement@production"]
+    show = subprocess.run([sys.executable, "-m", "host.cli", "registry", "show", "procurement", "--json"],
+                          capture_output=True, text=True, env=env, check=True).stdout
+    assert json.loads(show)["tags"]["production"] == json.loads(show)["tags"]["canary"], show
