@@ -274,3 +274,57 @@ def test_registry_walkthrough_runs_as_written(tmp_path: Path) -> None:
     show = subprocess.run([sys.executable, "-m", "host.cli", "registry", "show", "procurement", "--json"],
                           capture_output=True, text=True, env=env, check=True).stdout
     assert json.loads(show)["tags"]["production"] == json.loads(show)["tags"]["canary"], show
+
+
+def test_mcp_client_script_runs_as_written(tmp_path: Path) -> None:
+    """The README's ``mcp_client.py``, verbatim but for the port, against ``torpor serve --mcp``
+    as its shell block starts it: the agent parks on approval, the script prints the message
+    naming the approve command, the approval through the CLI against the server lets the call
+    answer, and the script prints the agent's output."""
+    from serve_helpers import start_process, token
+
+    from host.runtime import Host
+    from host.sandbox import bundle as bundle_mod
+
+    readme = (ROOT / "README.md").read_text()
+    serve = _commands(_block(readme, "sh", "torpor serve --mcp"))[0]
+    assert serve[:2] == ["torpor", "serve"] and serve[-1] == "&"
+    flags = serve[2:-1]
+    for given in ("--store", "--listen"):  # start_process gives its own: the test's store, a free port
+        i = flags.index(given)
+        del flags[i:i + 2]
+    flags[flags.index("--tools-dir") + 1] = str(ROOT / "guest_sdk/examples/procurement")
+    assert flags[0] == "--mcp", flags
+    store = tmp_path / "serve-store"
+    built = subprocess.run([sys.executable, "-m", "host.cli", "build", str(ROOT / "guest_sdk/examples/procurement"),
+                            "-o", str(tmp_path / "procurement.torpor")], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    with Host(store) as host:
+        host.registry.push(bundle_mod.load(tmp_path / "procurement.torpor").raw, name="procurement",
+                           tenant="acme", tag="production")
+    ops = token(store, "acme", "registry:write", "runs:write", "runs:read", "approvals:write")
+    proc, url = start_process(store, *flags)
+    try:
+        script = _block(readme, "python", "# mcp_client.py").replace("http://127.0.0.1:8700", url)
+        (tmp_path / "mcp_client.py").write_text(script)
+        env = {**os.environ, "OPS": ops}
+        client = subprocess.Popen([sys.executable, "mcp_client.py"], cwd=tmp_path, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        lines = []
+        assert client.stdout is not None
+        for line in client.stdout:
+            lines.append(line)
+            if "waits for a person to approve erp.create_po" in line:
+                break
+        agent = lines[-1].split()[1]
+        assert f"`torpor approve {agent}`" in lines[-1], lines
+        approve = subprocess.run([sys.executable, "-m", "host.cli", "approve", agent],
+                                 env={**os.environ, "TORPOR_SERVER": url, "TORPOR_TOKEN": ops},
+                                 capture_output=True, text=True, timeout=120)
+        assert approve.returncode == 0, approve.stdout + approve.stderr
+        out, err = client.communicate(timeout=120)
+        assert client.returncode == 0, err
+        assert out.strip().splitlines()[-1] == "ordered", out
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
