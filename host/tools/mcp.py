@@ -580,10 +580,14 @@ def one_representation(content: list[Any], structured: Any, text: str) -> dict[s
     """What the guest is told: the tool's text once.
 
     ``structured`` is the server's ``structuredContent`` (or the text's JSON object when
-    the server sent none); ``text`` the text blocks joined, left out when it is only the
-    JSON of ``structured`` (the spec's advice to servers); ``content`` the blocks that are
-    not text (images, audio, resources), which have no other form.
+    the server sent none), left out when it is only the text wrapped as ``{"result": text}``
+    (what the SDK's FastMCP sends for a tool that returns a string); ``text`` the text blocks
+    joined, left out when it is only the JSON of ``structured`` (the spec's advice to
+    servers); ``content`` the blocks that are not text (images, audio, resources), which have
+    no other form. Either way the guest's 1 MiB cap holds about 1 MiB of the tool's content.
     """
+    if text and structured == {"result": text}:
+        structured = None
     if structured is None and text:
         with contextlib.suppress(ValueError):
             parsed = json.loads(text)

@@ -29,9 +29,11 @@ import anyio.lowlevel
 
 log = logging.getLogger("torpor.mcp")
 
-# The guest's cap on a tool's answer (abi.MAX_RESPONSE, 1 MiB), plus room for the JSON-RPC
-# envelope around the result: a message over this can never become an answer the guest reads.
-MAX_MESSAGE_BYTES = (1 << 20) + 4096
+# Twice the guest's cap on a tool's answer (abi.MAX_RESPONSE, 1 MiB), plus room for the
+# JSON-RPC envelope: a server that follows the spec's advice sends its structured result and
+# the same again as text, and the guest is told it once (mcp.one_representation), so a
+# message of twice the cap may still become an answer the guest reads; one over this never can.
+MAX_MESSAGE_BYTES = 2 * (1 << 20) + 8192
 TOO_LARGE = -32099  # a server error code (the JSON-RPC range -32000..-32099): the answer was cut at the cap
 _ID = re.compile(rb'"id"\s*:\s*(-?\d+|"(?:[^"\\]|\\.){0,200}")')
 
