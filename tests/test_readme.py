@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 GREET = ROOT / "guest_sdk" / "examples" / "greet"
 
@@ -328,3 +330,24 @@ def test_mcp_client_script_runs_as_written(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=60)
+
+
+@pytest.mark.parametrize("example", ["steps-js", "steps-py"])
+def test_js_and_python_quick_blocks_run_as_written(example: str, tmp_path: Path) -> None:
+    """The "Done when" of the JS and Python guest issues, from the README's own block: build the
+    example, run it with n = 50, and the JSON says what the comment says (sum, last, 50
+    suspensions)."""
+    readme = (ROOT / "README.md").read_text()
+    block = _block(readme, "sh", f"torpor build guest_sdk/examples/{example} -o s.torpor")
+    build, run = _commands(block)
+    assert build == ["torpor", "build", f"guest_sdk/examples/{example}", "-o", "s.torpor"]
+    assert run == ["torpor", "run", "s.torpor", "--input", '{"n": 50}', "--json"]
+    assert '# {"sum": 1275, "last": 50}, 50 suspensions' in block
+    (tmp_path / "guest_sdk").symlink_to(ROOT / "guest_sdk")
+    env = {**os.environ, "TORPOR_STORE": str(tmp_path / "store")}
+    for argv in (build, run):
+        proc = subprocess.run([sys.executable, "-m", "host.cli", *argv[1:]], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["output"] == {"sum": 1275, "last": 50} and result["suspensions"] == 50, result
