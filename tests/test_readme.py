@@ -159,6 +159,8 @@ def test_serving_walkthrough_runs_as_written(tmp_path: Path) -> None:
     assert float(metrics['torpor_resumes_total{tenant="acme"}']) == 1, out
     assert float(metrics['torpor_agents{status="completed"}']) == 1, out
     assert float(metrics['torpor_agents{status="waiting_approval"}']) == 0, out
+    assert out.splitlines()[-(len(metrics) + 3):-len(metrics)] == [
+        "event: identity.revoked", "event: agent.completed", "event: end"], out  # the SSE stream's last three
     assert "torpor serve: stopped" in err, err
 
 
