@@ -130,7 +130,14 @@ def test_policy_check_doctor_and_mcp_tools_read_the_operator_config(portable: Pa
     assert p.returncode == 0, p.stderr
     survey = json.loads(p.stdout)["operator_config"]
     assert "not an executable on its PATH" in survey["servers"]["gone"]["problem"]
+    assert "give its absolute path as `command`, or a PATH in `env`" in survey["servers"]["gone"]["problem"]
     assert survey["roots"]["nowhere"]["exists"] is False
+    # Listing its tools says the same, and where to say it (a command in a virtualenv is
+    # found by the user's shell, not by the server's minimal PATH).
+    p = torpor("mcp", "tools", "gone", config=broken)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert ("command 'no-such-mcp-server' is not on its PATH (/usr/local/bin:/usr/bin:/bin): give its absolute "
+            "path as `command`, or a PATH in `env`, under [mcp.servers.gone]") in p.stderr, p.stderr
     p = torpor("doctor", "--bundle", str(portable), config=config)
     assert p.returncode == 0 and "mcp.crm" in p.stdout and "problem" not in p.stdout, p.stdout
     assert "every MCP server it names is configured here" in p.stdout

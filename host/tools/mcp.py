@@ -379,8 +379,17 @@ class Supervisor:
             if config.remote:
                 what = (f"at {config.url} did not answer in time" if isinstance(exc, TimeoutError)
                         else f"at {config.url} could not be reached: {why}")
+            elif isinstance(exc, TimeoutError):
+                what = "did not start in time"
+            elif "FileNotFoundError" in why and config.command and "/" not in config.command:
+                # The likeliest first mistake: a server installed where the host's PATH finds it
+                # (a virtualenv, ~/.local/bin), which the server's own minimal PATH does not name.
+                path = dict(config.env).get("PATH", "")
+                what = (f"failed to start: command {config.command!r} is not on its PATH ({path}): give its "
+                        f"absolute path as `command`, or a PATH in `env`, under [mcp.servers.{config.name}] of the "
+                        "operator config (`torpor doctor` shows it)")
             else:
-                what = "did not start in time" if isinstance(exc, TimeoutError) else f"failed to start: {why}"
+                what = f"failed to start: {why}"
             log.warning("MCP server %s %s", config.name, what)
             raise ToolError(
                 "unavailable", f"MCP server {config.name} {what}", retryable=True, reason_code="server_start_failed"

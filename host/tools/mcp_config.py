@@ -391,7 +391,8 @@ def survey(config: OperatorConfig) -> dict[str, Any]:
         if op.command is not None:
             path = op.env.get("PATH", DEFAULT_PATH)
             if shutil.which(op.command, path=path) is None:
-                problem = f"command {op.command!r} is not an executable on its PATH ({path})"
+                problem = (f"command {op.command!r} is not an executable on its PATH ({path}): give its absolute "
+                           "path as `command`, or a PATH in `env`")
             elif op.cwd is not None and not Path(op.cwd).is_dir():
                 problem = f"cwd {op.cwd} is not a directory"
         how = op.url if op.url is not None else " ".join((str(op.command), *op.args))
