@@ -353,3 +353,40 @@ def test_js_and_python_quick_blocks_run_as_written(example: str, tmp_path: Path)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout)
     assert result["output"] == {"sum": 1275, "last": 50} and result["suspensions"] == 50, result
+
+
+def test_cli_against_a_server_runs_as_written(tmp_path: Path) -> None:
+    """The README's "The CLI against a server", each command as written, with the server's URL,
+    a token for `tpo_...` and the agent it started for `AGENT`: push, a run that waits on a
+    person (exit 4), approvals, approve (the server resumes it; exit 0 at its end), inspect."""
+    from serve_helpers import start_process, token
+
+    readme = (ROOT / "README.md").read_text()
+    commands = _commands(_block(readme, "sh", "export TORPOR_SERVER="))
+    assert commands[0][0] == "export" and commands[0][2] == "TORPOR_TOKEN=tpo_..."
+    built = subprocess.run([sys.executable, "-m", "host.cli", "build", str(ROOT / "guest_sdk/examples/procurement"),
+                            "-o", str(tmp_path / "procurement.torpor")], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    store = tmp_path / "serve-store"
+    secret = token(store, "acme", "registry:write", "runs:write", "runs:read", "approvals:write")
+    proc, url = start_process(store, "--tools-dir", str(ROOT / "guest_sdk/examples/procurement"))
+    env = {k: v for k, v in os.environ.items() if k not in ("TORPOR_TOOLS_PATH", "TORPOR_STORE")}
+    env.update(TORPOR_SERVER=url, TORPOR_TOKEN=secret, TORPOR_STORE=str(tmp_path / "no-store"))
+    agent = None
+    try:
+        for argv in commands[1:]:
+            if "AGENT" in argv:
+                assert agent is not None
+                argv = [agent if a == "AGENT" else a for a in argv]
+            ran = subprocess.run([sys.executable, "-m", "host.cli", *argv[1:]], capture_output=True, text=True,
+                                 env=env, cwd=tmp_path, timeout=300)
+            assert ran.returncode == (4 if argv[1] == "run" else 0), (argv, ran.stdout + ran.stderr)
+            if argv[1] == "run":
+                agent = ran.stdout.split()[1].rstrip(":")
+                assert ran.stdout.startswith(f"agent {agent}: waiting_approval"), ran.stdout
+        assert argv[1] == "inspect" and "status   completed" in ran.stdout, ran.stdout
+        assert "started as procurement@production" in ran.stdout, ran.stdout
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    assert not (tmp_path / "no-store").exists()  # every command went to the server
