@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -46,6 +47,19 @@ class BundleFactory:
 
     def guest(self, name: str) -> Path:
         return self.path(GUESTS / name)
+
+    def example_with_wall_clock(self, name: str, wall_clock: str) -> Path:
+        """An example with another wall-clock budget in its policy: the examples allow 30 s a
+        run, start to end, which many agents queued on a loaded two-core machine outlast (the
+        budget then does its job and the test asked the wrong agent)."""
+        agent = self.out / f"{name}-wall-{wall_clock}"
+        if not agent.exists():
+            shutil.copytree(EXAMPLES / name, agent)
+            policy = agent / "policy.toml"
+            text = policy.read_text()
+            assert 'wall_clock = "30s"' in text, f"{name}'s policy has no 30 s wall clock to replace"
+            policy.write_text(text.replace('wall_clock = "30s"', f'wall_clock = "{wall_clock}"'))
+        return self.path(agent)
 
     def load(self, agent_dir: Path) -> Bundle:
         return bundle_mod.load(self.path(agent_dir))

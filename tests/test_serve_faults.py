@@ -130,9 +130,11 @@ def test_sigkill_with_500_agents_in_flight_then_a_new_serve_finishes_each_once(
 
 def test_sigterm_drains_every_agent_completed_or_hibernated(bundles: BundleFactory, tmp_path: Path) -> None:
     store = tmp_path / "store"
-    [steps] = register(store, bundles.example("steps"))
+    # 8 agents of 1,000 calls take seconds, shared fairly, so all are under way at the signal;
+    # their budget has room for a loaded machine, where the restarted ones outlasted 30 s
+    [steps] = register(store, bundles.example_with_wall_clock("steps", "600s"))
     secret = token(store, "acme", "runs:write", "runs:read")
-    n = 1000  # 8 agents of it take seconds, shared fairly, so all are under way at the signal; far within steps' 30 s wall-clock budget
+    n = 1000
     proc, url = start_process(store, "--durability", "process", "--drain-timeout", "0.2")
     responses = anyio.run(lambda: _post_all(url, secret, [{"agent": steps, "input": {"n": n}}] * 8, limit=8))
     assert [r.status_code for r in responses] == [201] * 8
