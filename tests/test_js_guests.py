@@ -259,3 +259,40 @@ def test_hostile_sources_are_refused_at_build(js_built: bytes, source: str, mess
     build error with the file named, and the builder lives on."""
     with pytest.raises(ToolchainError, match=message):
         js_runtime.pre_initialize(js_built, js_modules.ModuleGraph.single(source, "agent.js"))
+
+
+# ---- red team (session 10): a JS guest attacking the host through every value it hands over ----
+
+@pytest.mark.parametrize(("mode", "extra", "code", "says"), [
+    ("finally_loop", {}, "out_of_fuel", ""),
+    ("catch_loop", {}, "out_of_fuel", ""),
+    ("looping_error", {}, "out_of_fuel", ""),
+    ("bad_error", {}, "agent_error", "Uncaught"),
+    ("null_proto", {}, "agent_error", "Uncaught"),
+    ("proxy_error", {}, "agent_error", "Uncaught"),
+    ("raw_output", {"text": "NaN"}, "agent_error", "refused the output"),
+    ("raw_output", {"text": "1e400"}, "agent_error", "refused the output"),
+    ("raw_output", {"text": "18446744073709551616"}, "agent_error", "refused the output"),
+    ("raw_output", {"text": '"\\udfff"'}, "agent_error", "refused the output"),
+    ("raw_output", {"depth": 100_000}, "agent_error", "refused the output"),
+    ("raw_call", {"text": '{"key": "k", "by": NaN}'}, "agent_error", "NaN is not JSON"),
+    ("raw_call", {"text": '{"key": "k", "by": 1e400}'}, "agent_error", "beyond the range of a double"),
+    ("raw_call", {"text": '{"key": "k", "by": 1180591620717411303424}'}, "agent_error", "does not fit 64 bits"),
+    ("raw_call", {"text": '{"key": "\\ud800"}'}, "agent_error", "lone surrogate"),
+    ("deep_output", {}, "stack_overflow", ""),
+    ("deep_args", {}, "stack_overflow", ""),
+    ("surrogate_key", {}, "agent_error", "lone surrogate"),
+    ("surrogate_output", {}, "agent_error", "refused the output"),
+    ("then_hijack", {}, "agent_error", "Uncaught"),
+    ("huge_output", {}, "agent_error", "refused the output"),
+])
+def test_redteam_a_hostile_value_ends_the_agent_typed_never_the_host(host: Host, hostile: bundle_mod.Bundle, mode: str,
+                                                                    extra: dict[str, object], code: str, says: str) -> None:
+    """Loops in finally/catch and in a thrown value's getters, thrown values whose every
+    conversion throws, a hijacked Promise.prototype.then, and every poison value (100k deep,
+    lone surrogates, 1e400, 2**70, NaN, 2 MiB), also sent past the SDK by replacing
+    JSON.stringify: a typed end, and the host runs the next agent."""
+    res = run(host, hostile, {"mode": mode, **extra})
+    assert res.status == "failed" and res.error is not None, res
+    assert res.error["code"] == code and says in res.error["message"], res.error
+    assert run(host, hostile, {"mode": "random"}).ok

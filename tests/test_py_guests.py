@@ -239,3 +239,65 @@ def test_the_agents_sources_are_its_modules_not_operator_tools(tmp_path: Path) -
     assert files["lib"] == ("lib/__init__.py", "", True)
     with pytest.raises(ToolchainError, match=r"no agent\.py"):
         py_runtime.agent_sources(tmp_path / "lib")
+
+
+# ---- red team (session 10): a Python guest attacking the host through every value it hands over ----
+
+NAN, INF, BIG, LONE = '{"key": "k", "by": NaN}', '{"key": "k", "by": 1e400}', '{"key": "k", "by": 1180591620717411303424}', \
+    '{"key": "\\ud800"}'
+
+
+@pytest.mark.parametrize(("mode", "extra", "code", "says"), [
+    ("finally_loop", {}, "out_of_fuel", ""),
+    ("except_loop", {}, "out_of_fuel", ""),
+    ("looping_str", {}, "out_of_fuel", ""),
+    ("bad_repr", {}, "agent_error", "BadRepr"),
+    ("bad_awaitable", {}, "agent_error", "RuntimeError"),
+    ("raw_output", {"text": "NaN"}, "agent_error", "refused the output"),
+    ("raw_output", {"text": "1e400"}, "agent_error", "refused the output"),
+    ("raw_output", {"text": "18446744073709551616"}, "agent_error", "refused the output"),
+    ("raw_output", {"text": '"\\udfff"'}, "agent_error", "refused the output"),
+    ("raw_output", {"depth": 100_000}, "agent_error", "refused the output"),
+    ("deep_output", {}, "agent_error", "RecursionError"),
+    ("deep_args", {}, "agent_error", "RecursionError"),
+    ("surrogate_key", {}, "agent_error", "UnicodeEncodeError"),
+    ("surrogate_output", {}, "agent_error", "UnicodeEncodeError"),
+    ("big_int_arg", {}, "agent_error", "invalid_json"),
+    ("big_int_output", {}, "agent_error", "refused the output"),
+    ("inf_output", {}, "agent_error", "Out of range float"),
+    ("nan_output", {}, "agent_error", "Out of range float"),
+    ("huge_output", {}, "agent_error", "refused the output"),
+])
+def test_redteam_a_hostile_value_ends_the_agent_typed_never_the_host(host: Host, hostile: bundle_mod.Bundle, mode: str,
+                                                                    extra: dict[str, object], code: str, says: str) -> None:
+    """Loops in finally/except and in __str__, exceptions whose str and repr raise, a
+    coroutine yielding a non-call, and every poison value (100k deep, lone surrogates, 1e400,
+    2**70, NaN, 2 MiB), also sent past the SDK through ``_torpor``: a typed end, nothing else."""
+    res = run(host, hostile, {"mode": mode, **extra})
+    assert res.status == "failed" and res.error is not None, res
+    assert res.error["code"] == code and says in res.error["message"], res.error
+
+
+@pytest.mark.parametrize("text", [NAN, INF, BIG, LONE, "[" * 100_000 + "]" * 100_000])
+def test_redteam_raw_call_text_is_an_error_code_at_the_import(host: Host, hostile: bundle_mod.Bundle, text: str) -> None:
+    """The call's raw text, past json.dumps: the import answers invalid_json, the agent goes on."""
+    res = run(host, hostile, {"mode": "raw_call", "text": text})
+    assert res.status == "completed", res.error
+    assert res.output["code"] < 0 and json.loads(res.output["body"])["code"] == "invalid_json", res.output
+
+
+def test_redteam_c_recursion_past_any_limit_and_then_the_store(host: Host, hostile: bundle_mod.Bundle,
+                                                              tmp_path: Path) -> None:
+    """sys.setrecursionlimit(10**7) and recursion: a typed end; then `resume --all` and `ps`
+    on the store every case above left agents in (none left running, exit 0)."""
+    res = run(host, hostile, {"mode": "deep_c_recursion"})
+    assert res.status == "failed" and res.error is not None
+    assert res.error["code"] in ("memory_limit", "stack_overflow", "agent_error"), res.error
+    cli = [sys.executable, "-m", "host.cli"]
+    resumed = subprocess.run([*cli, "resume", "--all", "--store", str(host.store_dir), "--json"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    ps = subprocess.run([*cli, "ps", "--store", str(host.store_dir), "--json"], capture_output=True, text=True,
+                        timeout=120)
+    assert ps.returncode == 0 and "running" not in {r["status"] for r in json.loads(ps.stdout)}, ps.stdout
+    assert run(host, hostile, {"mode": "recurse"}).ok

@@ -87,6 +87,69 @@ const modes = {
     const first = await tool("kv.incr", { key: "r" });
     return { a: Math.random(), b: Math.random(), after: first.value };
   },
+  // ---- red-team cases: each must end this agent with a typed error, never the host ----
+  async finally_loop() {
+    try {
+      throw new Error("x");
+    } finally {
+      for (;;) {}
+    }
+  },
+  async catch_loop() {
+    try {
+      throw new Error("x");
+    } catch {
+      for (;;) {}
+    }
+  },
+  async bad_error() {
+    // A thrown value whose every conversion throws.
+    throw { get message() { throw new Error("m"); }, toString() { throw new Error("s"); },
+            get stack() { throw new Error("st"); }, get name() { throw new Error("n"); } };
+  },
+  async null_proto() {
+    throw Object.create(null);
+  },
+  async proxy_error() {
+    throw new Proxy({}, { get() { throw new Error("trap"); }, getPrototypeOf() { throw new Error("proto"); } });
+  },
+  async looping_error() {
+    throw { get message() { for (;;) {} }, toString() { for (;;) {} } };
+  },
+  async raw_output({ text, depth }) {
+    // JSON.stringify is the agent's to replace: the host gets whatever text it returns.
+    JSON.stringify = () => (depth ? "[".repeat(depth) + "]".repeat(depth) : text);
+    output(0);
+  },
+  async raw_call({ text }) {
+    JSON.stringify = () => text;
+    return await tool("kv.incr", {});
+  },
+  async deep_output() {
+    let v = [];
+    for (let i = 0; i < 100000; i++) v = [v];
+    return v;
+  },
+  async deep_args() {
+    let v = [];
+    for (let i = 0; i < 100000; i++) v = [v];
+    return await tool("kv.incr", { key: "k", by: v });
+  },
+  async surrogate_key() {
+    return await tool("kv.incr", { key: "\ud800" });
+  },
+  async surrogate_output() {
+    return "\udfff";
+  },
+  async then_hijack() {
+    // The agent replaces Promise.prototype.then: the SDK's own awaits go through it.
+    const orig = Promise.prototype.then;
+    Promise.prototype.then = function (a, b) { return orig.call(this, () => { throw 1; }, b); };
+    return await tool("kv.incr", { key: "n" });
+  },
+  async huge_output() {
+    return "x".repeat(2 << 20);
+  },
 };
 
 export default async function main(input) {
