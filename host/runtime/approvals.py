@@ -95,7 +95,8 @@ def check_answer(agent_id: str, question: dict[str, Any], answer: Any) -> None:
     """An answer is a JSON object that matches the schema the server asked for, or
     :class:`InvalidInput` naming the first field that does not."""
     import jsonschema
-    import jsonschema.validators
+
+    from host import json_schema
 
     if answer is None:
         raise InvalidInput(f"agent {agent_id} waits for an answer to {question.get('server')}'s question "
@@ -105,10 +106,9 @@ def check_answer(agent_id: str, question: dict[str, Any], answer: Any) -> None:
         raise InvalidInput(f"the answer must be a JSON object, not a JSON {type(answer).__name__}")
     schema = question.get("requested_schema") or {}
     try:
-        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-        errors = sorted(cls(schema, format_checker=jsonschema.FormatChecker()).iter_errors(answer),
-                        key=lambda e: list(e.absolute_path))
-    except Exception as exc:  # a schema the server sent that cannot be applied
+        v = json_schema.validator(schema, format_checker=jsonschema.FormatChecker())
+        errors = sorted(json_schema.errors(v, answer), key=lambda e: list(e.absolute_path))
+    except Exception as exc:  # a schema the server sent that cannot be applied (or whose patterns backtrack)
         raise InvalidInput(f"the schema {question.get('server')} asked with cannot check an answer: {exc}") from None
     if errors:
         e = errors[0]

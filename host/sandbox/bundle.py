@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from host.errors import BundleError, ModuleError
-from host.sandbox import abi, toolchain, validate, wasm_binary
+from host.sandbox import abi, guest_json, toolchain, validate, wasm_binary
 from host.sandbox.validate import HOST_LIMITS, HostLimits
 from policies import Policy, parse_policy
 
@@ -163,28 +163,32 @@ def pack(module: bytes, policy_text: str, *, python: dict[str, str] | None = Non
 
 def check_input_schema(schema: Any, source: str) -> None:
     """An agent's input schema is a JSON Schema (``BundleError`` saying what is wrong otherwise)."""
-    import jsonschema
     import jsonschema.exceptions
-    import jsonschema.validators
+
+    from host import json_schema
 
     if not isinstance(schema, dict):
         raise BundleError(f"{source}: the input schema must be a JSON object, not {type(schema).__name__}")
     try:
-        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+        json_schema.check_schema(schema)
     except jsonschema.exceptions.SchemaError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "(top)"
         raise BundleError(f"{source}: the input schema is not a valid JSON Schema at {where}: {exc.message}") from None
+    except RecursionError:  # nested past what the meta-schema check recurses through
+        raise BundleError(f"{source}: the input schema is nested too deeply") from None
 
 
 def input_problem(schema: dict[str, Any], value: Any) -> str | None:
-    """The first way ``value`` does not match an agent's input schema, naming the field; None if it matches."""
-    import jsonschema
-    import jsonschema.validators
+    """The first way ``value`` does not match an agent's input schema, naming the field; None if it matches.
+
+    The schema is the bundle's (untrusted): its patterns run under a time budget
+    (:mod:`host.json_schema`), so a pattern that backtracks is a problem named, not a wedge."""
+    from host import json_schema
 
     try:
-        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-        errors = sorted(cls(schema).iter_errors(value), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
-    except Exception as exc:  # a $ref the schema cannot resolve (never fetched)
+        found = json_schema.errors(json_schema.validator(schema), value)
+        errors = sorted(found, key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    except Exception as exc:  # a $ref the schema cannot resolve (never fetched), a pattern too slow
         return f"the input schema cannot be applied: {exc}"
     if not errors:
         return None
@@ -223,9 +227,9 @@ def load_bytes(raw: bytes, *, source: str = "<bundle>", limits: HostLimits = HOS
             raise BundleError(f"{source}: bundle member {MANIFEST_MEMBER} is {manifest_info.file_size} bytes; "
                               f"a manifest is at most {MAX_MANIFEST_BYTES >> 10} KiB")
         manifest_raw = _inflate(raw, manifest_info, manifest_info.file_size, source)
-        try:
-            manifest = json.loads(manifest_raw)
-        except ValueError as exc:
+        try:  # the bounded parser: a manifest nested 100k deep or holding NaN is refused, not a RecursionError
+            manifest = guest_json.parse(manifest_raw)
+        except guest_json.PoisonValue as exc:
             raise BundleError(f"{source}: corrupted bundle manifest ({exc})") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
             found = manifest.get("format") if isinstance(manifest, dict) else None

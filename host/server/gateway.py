@@ -269,7 +269,8 @@ class GatewayMiddleware:
                               f"({self.config.tenant_rate:g}/s, burst {self.config.tenant_burst})", retry_after=wait)
 
     def _cap(self, scope: Scope) -> int:
-        if scope["path"].startswith("/v1/bundles") and scope.get("method") in ("POST", "PUT"):
+        # Only a push carries a bundle; a tag move is a small JSON body like any other.
+        if scope["path"] == "/v1/bundles" and scope.get("method") == "POST":
             return self.config.max_bundle_bytes
         return self.config.max_body_bytes
 

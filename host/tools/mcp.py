@@ -77,6 +77,7 @@ import jsonschema
 import jsonschema.exceptions
 import jsonschema.validators
 
+from host import json_schema
 from host.tools.mcp_config import resolve
 from host.tools.mcp_peer import CallRoute, Peer
 from host.tools.mcp_stdio import MAX_MESSAGE_BYTES, TOO_LARGE
@@ -147,16 +148,15 @@ class ToolInfo:
 
 
 def _compile(schema: dict[str, Any]) -> Any:
-    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    cls.check_schema(schema)
-    return cls(schema)
+    # The server's schema is untrusted: its patterns run under a time budget (json_schema).
+    return json_schema.check_schema(schema)(schema)
 
 
 def _schema_errors(validator: Any, value: Any) -> list[str]:
     """Readable schema violations (at most five); an unresolvable schema counts as one."""
     try:
-        errors = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
-    except Exception as exc:  # e.g. a $ref the schema cannot resolve (never fetched)
+        errors = sorted(json_schema.errors(validator, value), key=lambda e: list(e.absolute_path))
+    except Exception as exc:  # e.g. a $ref the schema cannot resolve (never fetched), a pattern too slow
         return [f"the schema cannot be applied: {exc}"]
     out = []
     for e in errors[:5]:
