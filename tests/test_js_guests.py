@@ -296,3 +296,19 @@ def test_redteam_a_hostile_value_ends_the_agent_typed_never_the_host(host: Host,
     assert res.status == "failed" and res.error is not None, res
     assert res.error["code"] == code and says in res.error["message"], res.error
     assert run(host, hostile, {"mode": "random"}).ok
+
+
+@pytest.mark.parametrize("mode", ["log_flood", "call_flood"])
+def test_redteam_the_wall_clock_holds_while_the_host_works_inside_calls(host: Host, hostile: bundle_mod.Bundle,
+                                                                       mode: str) -> None:
+    """Fuel counts guest instructions only: an agent that spends its time in the host (60 KB
+    log lines, tool calls in a loop) is ended by the wall clock, at about its budget. The
+    same module under a 2 s policy (the compile is the module's, so it is cached)."""
+    policy = hostile.policy_text.replace('wall_clock = "60s"', 'wall_clock = "2s"').replace(
+        "fuel = 400_000_000", "fuel = 1_000_000_000_000")
+    short = bundle_mod.load_bytes(bundle_mod.pack(hostile.module, policy))
+    t0 = time.monotonic()
+    res = run(host, short, {"mode": mode})
+    assert res.status in ("failed", "terminated") and res.error is not None, res
+    assert res.error["code"] in ("deadline_exceeded", "budget_exceeded"), res.error
+    assert time.monotonic() - t0 < 20

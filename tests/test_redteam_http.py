@@ -189,3 +189,30 @@ def test_every_json_route_is_capped_at_the_body_cap(served: InProcessServer) -> 
                              ("POST", "/v1/agents/x/approve"), ("POST", "/v1/agents/x/fork"), ("POST", "/mcp")]:
             r = c.request(method, path, headers={**admin, "Content-Type": "application/json"}, content=big)
             assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", (method, path, r.text)
+
+
+def test_a_pushed_bundle_carrying_python_runs_none_of_it(served: InProcessServer, bundles: BundleFactory,
+                                                         tmp_path: Any) -> None:
+    """A tenant pushes a bundle whose policy names a handler in its own ``tools/*.py``, which
+    would write a marker when imported: the push is stored (the operator may trust it by
+    digest), but a run over HTTP or MCP is refused ``bundle_code_refused`` and nothing of
+    it is imported into the server, also by listing it as an MCP tool."""
+    from conftest import GUESTS
+
+    marker = tmp_path / "imported.txt"
+    source = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('imported')\n\ndef echo(args, ctx):\n    return {{}}\n"
+    policy = '[agent]\nname = "coded"\n[tools."echo"]\nhandler = "coded_tools:echo"\n'
+    raw = bundle_mod.pack(bundles.load(GUESTS / "caller").module, policy, python={"coded_tools": source})
+    admin = auth(token(served.host.store, "acme", "admin"))
+    with httpx.Client(base_url=served.url, timeout=60) as c:
+        r = c.post("/v1/bundles", params={"name": "coded"}, headers={**admin, "Content-Type": "application/zip"},
+                   content=raw)
+        assert r.status_code == 201 and r.json()["host_code"], r.text
+        r = c.post("/v1/runs", headers=admin, json={"agent": "coded", "wait": 30,
+                                                   "input": {"calls": [{"tool": "echo", "args": {}}]}})
+        assert r.status_code >= 400 and r.json()["error"]["code"] == "bundle_code_refused", r.text
+        assert c.get("/v1/agents", headers=admin).json()["agents"] == [] or all(
+            a["status"] != "completed" for a in c.get("/v1/agents", headers=admin).json()["agents"])
+    called = anyio.run(_call, served.url, admin.get("Authorization", "").removeprefix("Bearer "), "coded", {})
+    assert "bundle_code_refused" in str(called), called
+    assert not marker.exists()  # nothing of the bundle's Python ran in the server

@@ -1,6 +1,6 @@
 // A JavaScript agent that misbehaves on request: input {"mode": "..."}. Each mode is one
 // of the bad inputs of issue 25; tests/test_js_guests.py says what the host must answer.
-import { tool, output, sleep } from "torpor";
+import { tool, output, sleep, log } from "torpor";
 
 function thrower() {
   throw new Error("boom from JS");
@@ -149,6 +149,16 @@ const modes = {
   },
   async huge_output() {
     return "x".repeat(2 << 20);
+  },
+  async log_flood() {
+    for (;;) log.info("x".repeat(60000)); // the host works inside every call: the wall clock ends it
+  },
+  async call_flood() {
+    for (;;) {
+      try {
+        await tool("kv.incr", { key: "k".repeat(200) });
+      } catch {}
+    }
   },
 };
 

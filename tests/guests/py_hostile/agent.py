@@ -210,7 +210,20 @@ async def huge_output(input: Any) -> Any:
     return "x" * (2 << 20)
 
 
-REDTEAM = {f.__name__: f for f in (
+async def log_flood(input: Any) -> Any:
+    while True:  # the host works inside every call: the wall clock, not the fuel, ends it
+        torpor.log("x" * 60000)
+
+
+async def call_flood(input: Any) -> Any:
+    while True:
+        try:
+            await torpor.tool("kv.incr", {"key": "k" * 200})
+        except torpor.ToolError:
+            continue
+
+
+REDTEAM = {f.__name__: f for f in (log_flood, call_flood,
     finally_loop, except_loop, bad_repr, looping_str, bad_awaitable, raw_call, raw_output, deep_output,
     deep_args, surrogate_key, surrogate_output, big_int_arg, big_int_output, inf_output, nan_output,
     deep_c_recursion, huge_output)}
