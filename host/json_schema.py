@@ -26,6 +26,7 @@ import jsonschema
 import jsonschema._keywords
 import jsonschema._legacy_keywords
 import jsonschema._utils
+import jsonschema.exceptions
 import jsonschema.validators
 import regex
 
@@ -72,9 +73,13 @@ for _module in (jsonschema._keywords, jsonschema._utils, jsonschema._legacy_keyw
 
 def check_schema(schema: Any) -> Any:
     """The validator class for ``schema`` (its ``$schema``, or draft 2020-12) after checking
-    the schema against its meta-schema (``jsonschema.exceptions.SchemaError`` if it is not one)."""
+    the schema against its meta-schema (``jsonschema.exceptions.SchemaError`` if it is not
+    one, or if it nests too deeply to check: a RecursionError is no answer to give a caller)."""
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    cls.check_schema(schema)
+    try:
+        cls.check_schema(schema)
+    except RecursionError:  # the meta-schema check recurses per level: ~200 levels end the stack
+        raise jsonschema.exceptions.SchemaError("the schema is nested too deeply to be checked") from None
     return cls
 
 

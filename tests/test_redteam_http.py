@@ -211,8 +211,21 @@ def test_a_pushed_bundle_carrying_python_runs_none_of_it(served: InProcessServer
         r = c.post("/v1/runs", headers=admin, json={"agent": "coded", "wait": 30,
                                                    "input": {"calls": [{"tool": "echo", "args": {}}]}})
         assert r.status_code >= 400 and r.json()["error"]["code"] == "bundle_code_refused", r.text
-        assert c.get("/v1/agents", headers=admin).json()["agents"] == [] or all(
-            a["status"] != "completed" for a in c.get("/v1/agents", headers=admin).json()["agents"])
+        assert "coded" not in {a["name"] for a in c.get("/v1/agents", headers=admin).json()["agents"]}
     called = anyio.run(_call, served.url, admin.get("Authorization", "").removeprefix("Bearer "), "coded", {})
     assert "bundle_code_refused" in str(called), called
     assert not marker.exists()  # nothing of the bundle's Python ran in the server
+
+
+def test_a_schema_nested_past_the_stack_is_a_schema_error_not_a_recursion_error() -> None:
+    """An MCP server's tool listing (its answers are untrusted) with a schema 300 levels deep
+    raised RecursionError out of the listing; now the tool carries a schema error."""
+    from host.tools.mcp import ToolInfo
+
+    deep: dict[str, Any] = {}
+    for _ in range(300):
+        deep = {"type": "object", "properties": {"a": deep}}
+    info = ToolInfo.from_listing({"name": "deep", "inputSchema": deep})
+    assert info.schema_error is not None and "nested too deeply" in info.schema_error
+    with pytest.raises(Exception, match="nested too deeply"):
+        bundle_mod.check_input_schema(deep, "manifest")
