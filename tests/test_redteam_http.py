@@ -229,3 +229,30 @@ def test_a_schema_nested_past_the_stack_is_a_schema_error_not_a_recursion_error(
     assert info.schema_error is not None and "nested too deeply" in info.schema_error
     with pytest.raises(Exception, match="nested too deeply"):
         bundle_mod.check_input_schema(deep, "manifest")
+
+
+def test_a_second_mcp_session_header_does_not_borrow_another_clients_session(served: InProcessServer) -> None:
+    """The endpoint kept each MCP session to the token that opened it by the *last*
+    Mcp-Session-Id header, while the SDK routes by the *first*: another tenant sending the
+    victim's id then its own reached the victim's session (its questions, its answers).
+    Now a request with more than one is refused as an unknown session."""
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+    accept = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+    def open_session(c: httpx.Client, who: dict[str, str]) -> str:
+        r = c.post("/mcp", headers={**who, **accept}, json=init)
+        assert r.status_code == 200, r.text
+        return r.headers["mcp-session-id"]
+
+    victim = auth(token(served.host.store, "acme", "runs:read", "runs:write"))
+    other = auth(token(served.host.store, "globex", "runs:read", "runs:write"))
+    ping = json.dumps({"jsonrpc": "2.0", "id": 2, "method": "ping"})
+    with httpx.Client(base_url=served.url, timeout=60) as c:
+        theirs, mine = open_session(c, victim), open_session(c, other)
+        for sids in ([theirs], [theirs, mine], [mine, theirs], [mine, mine]):
+            headers = [*other.items(), *accept.items(), *(("mcp-session-id", s) for s in sids)]
+            r = c.post("/mcp", headers=headers, content=ping)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (sids, r.status_code, r.text)
+        r = c.post("/mcp", headers=[*other.items(), *accept.items(), ("mcp-session-id", mine)], content=ping)
+        assert r.status_code == 200, r.text  # its own session, named once, works

@@ -94,8 +94,11 @@ class McpEndpoint:
         from host.server.gateway import principal
 
         who = principal(Request(scope)).token_id
-        sid = dict(scope.get("headers") or []).get(b"mcp-session-id", b"").decode("latin-1")
-        if sid and self._owners.get(sid, who) != who:
+        # Every Mcp-Session-Id the request carries: the SDK routes by the first, so a second
+        # one (the caller's own, after another's) must not pass the check in its place.
+        sids = [bytes(v).decode("latin-1") for k, v in scope.get("headers") or () if bytes(k).lower() == b"mcp-session-id"]
+        sid = sids[0] if sids else ""
+        if len(sids) > 1 or (sid and self._owners.get(sid, who) != who):
             from host.server.responses import error_body, json_response
 
             response = json_response(error_body("not_found", "no such MCP session"), 404)
