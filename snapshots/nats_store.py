@@ -295,7 +295,8 @@ class NatsStore:
         """The local copy, at ``process`` durability: the log is what is durable (a quorum of
         replicas holds every commit before it is acknowledged), the copy is a cache of it, so
         no commit waits for its disk. A copy a machine restart cut off (``StoreSuspect``: it may
-        have lost or torn its last commits) is deleted and rebuilt from the log."""
+        have lost or torn its last commits) is deleted and rebuilt from the log; one damaged on
+        disk (``StoreCorrupt``: a file cut short) is moved aside and rebuilt the same way."""
         cache_dir.mkdir(parents=True, exist_ok=True)
         try:
             return LmdbStore.open(cache_dir, durability="process")
@@ -303,6 +304,13 @@ class NatsStore:
             _log().warning("the local copy in %s was cut off by a machine restart (%s); rebuilding it "
                            "from the log", cache_dir, exc)
             shutil.rmtree(cache_dir)
+            cache_dir.mkdir(parents=True)
+            return LmdbStore.open(cache_dir, durability="process")
+        except StoreCorrupt as exc:  # cut short or damaged on disk: the log still holds every commit
+            aside = cache_dir.with_name(f"{cache_dir.name}.corrupt-{int(time.time())}")
+            _log().warning("the local copy in %s is damaged (%s); moved to %s and rebuilt from the log",
+                           cache_dir, exc, aside)
+            cache_dir.rename(aside)  # kept, not deleted: the directory may not be a copy at all
             cache_dir.mkdir(parents=True)
             return LmdbStore.open(cache_dir, durability="process")
 

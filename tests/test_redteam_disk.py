@@ -96,3 +96,23 @@ def test_a_data_file_cut_short_is_store_corrupt_never_a_signal(forked: tuple[Pat
         proc = torpor(*args, "--store", str(store), "--json")
         assert proc.returncode > 0, (args, proc.returncode, proc.stderr)  # a typed refusal, not a signal
         assert json.loads(proc.stdout)["error"]["code"] == "store_corrupt", (args, proc.stdout)
+
+
+def test_a_fleet_hosts_local_copy_cut_short_is_rebuilt_from_the_log(nats_cluster: object, tmp_path: Path) -> None:
+    """The fleet store's local copy is a cache of the replicated log: cut short on disk, it
+    was refused at open (``store_corrupt``, "restore the store from a copy") although the
+    log held every commit. Now it is moved aside and rebuilt from the log, nothing lost."""
+    import uuid
+
+    from snapshots.nats_store import NatsStore
+
+    url, stream, copy = nats_cluster.url, f"T{uuid.uuid4().hex[:12]}", tmp_path / "copy"  # type: ignore[attr-defined]
+    with NatsStore.open(url, copy, stream=stream, replicas=3) as s:
+        s.transact(lambda txn: txn.put_blob("meta", "redteam", b"x" * 50_000))
+    data = copy / "data.mdb"
+    os.truncate(data, data.stat().st_size // 2)
+    with NatsStore.open(url, copy, stream=stream, replicas=3) as s:
+        s.sync(timeout=30)  # the rebuilt copy has applied the log
+        with s.read() as txn:
+            assert txn.get_blob("meta", "redteam") == b"x" * 50_000
+    assert [p.name.startswith("copy.corrupt-") for p in tmp_path.iterdir() if p.name != "copy"] == [True]
