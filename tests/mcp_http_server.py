@@ -16,6 +16,7 @@ Tools:
   sample     {prompt} -> asks the client for a completion (sampling), answers its text
   elicit     {} -> asks the client for a name (elicitation), answers what came back
   elicit_twice {} -> asks for a name, then a colour
+  elicit_token {} -> asks a question quoting the request's Authorization header
   roots      {} -> the client's roots
   chatty     {} -> sends a log notification and a resource-updated one, then answers
   big        {n} -> n bytes of text
@@ -101,6 +102,16 @@ class Name(BaseModel):
 async def elicit(ctx: Context) -> str:
     """Asks the client's user for a name."""
     result = await ctx.elicit("What is your name?", Name)
+    return f"{result.action}:{getattr(getattr(result, 'data', None), 'name', '')}"
+
+
+@server.tool()
+async def elicit_token(ctx: Context) -> str:
+    """Asks a question that quotes the Authorization header it was called with (a server
+    that leaks the credential it was given into the question a person is shown)."""
+    request = ctx.request_context.request
+    headers = getattr(request, "headers", None) or {}
+    result = await ctx.elicit(f"Is {headers.get('authorization', '')} your key?", Name)
     return f"{result.action}:{getattr(getattr(result, 'data', None), 'name', '')}"
 
 

@@ -493,3 +493,35 @@ def test_a_served_agents_question_is_answered_over_the_api_the_console_and_by_an
         "name"]
     assert not result.is_error, result
     assert result.structured_content["results"][0]["value"]["text"] == "accept:Grace", result
+
+
+def test_a_question_that_quotes_the_servers_credential_reaches_no_one(bundles: BundleFactory, url: str,
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Red team (session 10), secrets: a server asks the person a question quoting the
+    Authorization header the host sent it (a vault secret). The question is scrubbed before
+    it is stored: the approval listed, the audit, every byte of the store hold no part of it."""
+    import anyio
+
+    from host.runtime import Host
+    from host.sandbox import bundle as bundle_mod
+    from host.trust.vault import Vault
+
+    monkeypatch.delenv("TORPOR_VAULT_KEY", raising=False)
+    monkeypatch.delenv("TORPOR_VAULT_KEY_FILE", raising=False)
+    secret = "crm-" + "7f3a9c" * 6
+    Vault(tmp_path).set("crm_token", secret)
+    pol = HEAD + (f'[mcp.remote]\nurl = "{url}"\ntools = ["elicit_token"]\nelicitation = true\n'
+                  'headers = { Authorization = "Bearer {crm_token}" }\ncredentials = ["crm_token"]\n'
+                  'startup_timeout = "60s"\n')
+    b = bundle_mod.load_bytes(bundle_mod.pack(bundles.load(GUESTS / "caller").module, pol))
+    with Host(tmp_path, trust_bundle_code=[b.digest]) as host:
+        res = anyio.run(lambda: host.run(b, {"calls": [{"tool": "mcp.remote.elicit_token", "args": {}}]}))
+        assert res.status == "waiting_approval", res.error
+        message = res.approval["question"]["message"]
+        assert message.startswith("Is Bearer ") and secret not in message, message  # asked, with the key cut out
+        listed = [a for a in host.approvals() if a["agent_id"] == res.agent_id]
+        records = host.audit_records(res.agent_id)
+        assert secret not in repr(listed) + repr(records)
+    for f in (f for f in (tmp_path / "db").rglob("*") if f.is_file()):
+        assert secret[4:20].encode() not in f.read_bytes(), f  # the store holds no window of it
