@@ -10,8 +10,13 @@ What was found and fixed at its choke point, each kept here as a regression:
   whole server on one MCP call (jsonschema matched it with ``re`` on the event loop,
   hours for 40 characters): every schema the host did not write is now applied through
   ``host.json_schema``, whose patterns run under a time budget;
+* a run whose input is a string of 50,000 brackets made its console page answer ``500``
+  (``json.loads`` in the console's ``shown``): the console parses it within the host's bounds;
 * ``PUT /v1/bundles/{name}/tags/{tag}`` took a 64 MiB JSON body (the push's cap): the
-  bundle cap now covers the push alone.
+  bundle cap now covers the push alone;
+* an MCP server's tool schema 300 levels deep raised RecursionError out of the listing;
+* a request naming two ``Mcp-Session-Id`` headers, another client's first, reached that
+  client's session (the owner was checked by the last, the SDK routes by the first).
 
 And what held: every agent route, the SSE stream, the long poll, the registry by digest
 and the audit check, asked with another tenant's token, answer ``404`` and change nothing.
@@ -256,3 +261,22 @@ def test_a_second_mcp_session_header_does_not_borrow_another_clients_session(ser
             assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (sids, r.status_code, r.text)
         r = c.post("/mcp", headers=[*other.items(), *accept.items(), ("mcp-session-id", mine)], content=ping)
         assert r.status_code == 200, r.text  # its own session, named once, works
+
+
+def test_a_console_page_shows_a_string_of_deep_json_as_text(served: InProcessServer) -> None:
+    """The console shows a string that holds JSON indented, parsed with json.loads: an
+    input (or output, or answer) that is a string of 50,000 brackets raised RecursionError
+    and the agent's page answered 500. Now it is parsed within the host's bounds, and shown
+    as the text it is."""
+    from test_console import login
+
+    secret = token(served.host.store, "acme", "admin")
+    deep = "[" * 50_000 + "]" * 50_000
+    with httpx.Client(base_url=served.url, timeout=60) as api:
+        r = api.post("/v1/runs", headers=auth(secret), json={"agent": "hello", "input": deep, "wait": 30})
+        assert r.status_code == 201, r.text
+        aid = r.json()["agent_id"]
+    with login(served, secret) as c:
+        page = c.get(f"/console/agents/{aid}")
+        assert page.status_code == 200, page.text[-2000:]
+        assert "[[[[[[[[" in page.text

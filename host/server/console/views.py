@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from host.sandbox import guest_json
 from host.server.agents import MOVING
 
 #: How much of an argument or an answer a page shows (the rest is cut, and says so).
@@ -23,8 +24,10 @@ CHART_W, ROW_H, LABEL_W = 900, 22, 150
 def shown(value: Any, limit: int = SHOW_CHARS) -> str:
     """A value as indented JSON text, cut at ``limit`` characters (escaped by the template)."""
     if isinstance(value, str):
-        with contextlib.suppress(ValueError):  # a JSON answer shown indented; other text as it is
-            value = json.loads(value)
+        # A JSON answer shown indented; other text as it is. The text is the agent's: parsed
+        # within the host's bounds (50,000 brackets were a RecursionError and a 500 page).
+        with contextlib.suppress(ValueError):  # not JSON, or beyond the bounds (PoisonValue)
+            value = guest_json.parse(value)
     text = value if isinstance(value, str) else json.dumps(value, indent=2, ensure_ascii=False, default=str)
     return text if len(text) <= limit else text[:limit] + f"\n… ({len(text) - limit:,} more characters)"
 
