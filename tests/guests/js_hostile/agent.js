@@ -153,13 +153,6 @@ const modes = {
   async log_flood() {
     for (;;) log.info("x".repeat(60000)); // the host works inside every call: the wall clock ends it
   },
-  async call_flood() {
-    for (;;) {
-      try {
-        await tool("kv.incr", { key: "k".repeat(200) });
-      } catch {}
-    }
-  },
 };
 
 export default async function main(input) {

@@ -215,15 +215,7 @@ async def log_flood(input: Any) -> Any:
         torpor.log("x" * 60000)
 
 
-async def call_flood(input: Any) -> Any:
-    while True:
-        try:
-            await torpor.tool("kv.incr", {"key": "k" * 200})
-        except torpor.ToolError:
-            continue
-
-
-REDTEAM = {f.__name__: f for f in (log_flood, call_flood,
+REDTEAM = {f.__name__: f for f in (log_flood,
     finally_loop, except_loop, bad_repr, looping_str, bad_awaitable, raw_call, raw_output, deep_output,
     deep_args, surrogate_key, surrogate_output, big_int_arg, big_int_output, inf_output, nan_output,
     deep_c_recursion, huge_output)}
