@@ -28,9 +28,10 @@ import wasmtime
 from wasmtime import _ffi
 
 from host.errors import ConfigError, ModuleError
-from host.sandbox import abi, interrupts, memory_pool, validate
+from host.sandbox import abi, interrupts, memory_pool, recycle, validate
 from host.sandbox.validate import HOST_LIMITS, HostLimits, ModuleShape
 from snapshots import PristineImage, native_build
+from snapshots.format import GlobalValue
 
 EPOCH_TICK_S = 0.005
 MAX_WASM_STACK = 512 << 10
@@ -304,8 +305,13 @@ class Engine:
         loaded = self._modules.get(digest)
         if loaded is None:
             shape = self.validate(wasm, digest)
-            module = self.compile(wasm, digest)
-            loaded = LoadedModule.create(self, module, digest, shape)
+            # A module whose instances can be put back to the pristine state is compiled
+            # with its mutable globals exported (host/sandbox/recycle.py); the bundle's
+            # digest stays the module's identity, the compile cache keys the bytes compiled.
+            plan, why = recycle.plan(wasm, digest, shape)
+            module = self.compile(wasm, digest) if plan is None else self.compile(plan.wasm, plan.digest)
+            loaded = LoadedModule.create(self, module, digest, shape, plan)
+            loaded.recycle_note = why
             with self._lock:
                 loaded = self._modules.setdefault(digest, loaded)
                 self._shapes.pop(digest, None)
@@ -352,6 +358,9 @@ class LoadedModule:
     has_initialize: bool = False  # a WASI reactor's `_initialize`, run once before the entry
     chunk_size: int = 4096  # the granularity of its checkpoints' deltas (abi.CHUNK_SECTION)
     shape: ModuleShape = field(kw_only=True)  # what host.sandbox.validate read
+    #: Idle instances put back to the pristine state, or None: not recyclable (host/sandbox/recycle.py)
+    shelves: recycle.Shelves | None = field(default=None, kw_only=True)
+    recycle_note: str = field(default="", kw_only=True)  # why (not) recycled
     _pres: dict[Any, wasmtime.InstancePre] = field(default_factory=dict)
     #: ``pristine`` prepared once for captures, encodes and restores (see PristineImage)
     image: PristineImage = field(init=False, repr=False)
@@ -360,13 +369,18 @@ class LoadedModule:
         self.image = PristineImage(self.pristine)
 
     @classmethod
-    def create(cls, engine: Engine, module: wasmtime.Module, digest: str, shape: ModuleShape) -> LoadedModule:
+    def create(cls, engine: Engine, module: wasmtime.Module, digest: str, shape: ModuleShape,
+               plan: recycle.Plan | None = None) -> LoadedModule:
         """Everything spawning needs, from the validated ``shape`` (not from Wasmtime's
         export types, whose Python wrappers abort on v128 and reference values)."""
         imports = [(imp.module, imp.name, imp.kind) for imp in shape.imports]
-        pristine, async_buf = _pristine_image(engine, module, imports)
-        return cls(engine, module, digest, imports, pristine, async_buf, shape.snapshot_globals,
-                   shape.suspendable, shape.entry_results, shape.has_initialize, shape.chunk_size, shape=shape)
+        pristine, async_buf, initial = _pristine_image(engine, module, imports, plan.globals if plan else ())
+        loaded = cls(engine, module, digest, imports, pristine, async_buf, shape.snapshot_globals,
+                     shape.suspendable, shape.entry_results, shape.has_initialize, shape.chunk_size, shape=shape)
+        if plan is not None:
+            plan = recycle.Plan(plan.wasm, plan.digest, plan.globals, initial)
+            loaded.shelves = recycle.Shelves(plan, loaded.image, loaded.chunk_size)
+        return loaded
 
     def check_imports(self, granted_tools: bool, wasi_allow: frozenset[str], policy_name: str) -> None:
         """Refuse, before anything runs, a module importing what the policy does not grant."""
@@ -384,8 +398,10 @@ class LoadedModule:
         return pre
 
 
-def _pristine_image(engine: Engine, module: wasmtime.Module, imports: list[tuple[str, str, str]]) -> tuple[bytes, tuple[int, int]]:
-    """Instantiate once with inert imports and read the initial memory and asyncify buffer.
+def _pristine_image(engine: Engine, module: wasmtime.Module, imports: list[tuple[str, str, str]],
+                    global_names: tuple[tuple[str, str], ...] = ()) -> tuple[bytes, tuple[int, int], tuple[GlobalValue, ...]]:
+    """Instantiate once with inert imports and read the initial memory, asyncify buffer and
+    the values of the mutable globals ``global_names`` (what a recycled instance is reset to).
 
     Instantiation runs no guest code (we refuse start functions below), so the
     memory is exactly the data segments: the image every snapshot is a delta
@@ -419,4 +435,9 @@ def _pristine_image(engine: Engine, module: wasmtime.Module, imports: list[tuple
             end = int.from_bytes(pristine[addr + 4 : addr + 8], "little")
             if cur == addr + 8 and addr + 8 < end <= len(pristine):
                 async_buf = (addr, end - addr)
-    return pristine, async_buf
+    initial = []
+    for name, kind in global_names:
+        g = exports[name]
+        assert isinstance(g, wasmtime.Global)
+        initial.append(GlobalValue(name, kind, g.value(store)))  # type: ignore[arg-type]
+    return pristine, async_buf, tuple(initial)

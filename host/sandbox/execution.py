@@ -193,6 +193,13 @@ class Execution:
     _entry: Any = None
     _instance: Any = None
     _watch: write_watch.Tracked | None = None  # the memory's write tracking, when it has one
+    #: The instance may be put back for the next agent (host/sandbox/recycle.py): its last
+    #: call ended at a tool call or at the agent's end, or it was restored and not yet run.
+    _reusable: bool = False
+    #: A delta against the image that the memory equals now (the capture just taken with no
+    #: guest code run since, or the delta a restore wrote): what a reset copies back.
+    _dirty: MemoryDelta | None = None
+    recycled: bool = False  # this instance came from a recycled one (for tests and benchmarks)
 
     # -- lifecycle ----------------------------------------------------------
     def _instantiate(self, capacity: int = 0) -> None:
@@ -202,6 +209,17 @@ class Execution:
         (from a recycled, already-faulted buffer when one is free), so the restore's
         grow neither moves nor copies.
         """
+        shelves = self.loaded.shelves
+        warm = shelves.take(self.pre, self.limits.memory_bytes) if shelves is not None else None
+        if warm is not None:
+            # Already in the pristine state (put back at its release); the store's limits are
+            # this agent's, and _arm sets its fuel and deadline before its first instruction.
+            warm.store.set_limits(memory_size=self.limits.memory_bytes, **STORE_LIMITS)
+            self._store, self._instance, self._exports = warm.store, warm.instance, warm.exports
+            self._mem, self._entry = warm.mem, warm.entry
+            self.recycled = True
+            return
+        self.recycled = False
         engine = self.loaded.engine
         store = wasmtime.Store(engine.wasmtime)
         # Tables are bounded at load (validate.py); these bound what the guest grows at run time.
@@ -251,6 +269,7 @@ class Execution:
         """Spawn: a fresh instance, armed with budget and deadline, before its first instruction."""
         self._instantiate()
         self._arm()
+        self._reusable = True  # nothing ran yet
 
     def _arm(self) -> int:
         remaining = self.limits.fuel - self.fuel_used
@@ -314,6 +333,7 @@ class Execution:
         ex.restore_globals(captured.globals)
         ex.async_buf = captured.async_buf
         ex.pending = pending
+        ex._dirty, ex._reusable = captured.memory, True
         return ex
 
     def resume(self, status: int, response: bytes) -> Outcome:
@@ -333,6 +353,14 @@ class Execution:
         if self._watch is not None:
             write_watch.untrack(self._watch)
             self._watch = None
+        shelves = self.loaded.shelves
+        if shelves is not None and self._reusable and self._store is not None:
+            from host.sandbox.recycle import Warm
+
+            base, size = self._mem_base_len()
+            warm = Warm(self._store, self._instance, self._exports, self._mem, self._entry, size)
+            shelves.give(self.pre, warm, base, size, self._dirty, _reset_global)
+        self._reusable, self._dirty = False, None
         self._store = self._exports = self._mem = self._entry = self._instance = None
 
     @property
@@ -347,6 +375,7 @@ class Execution:
             return Failed("out_of_fuel", "the agent's fuel budget is used up")
         prev = getattr(_tls, "ex", None)
         _tls.ex = self
+        self._reusable, self._dirty = False, None  # until this call ends at a tool call or the end
         depth = interrupts.enter_wasm()  # a signal now waits for this call to unwind
         try:
             if rewind:
@@ -393,6 +422,7 @@ class Execution:
         interrupts.raise_if_requested()
         if not isinstance(outcome, Suspended):
             self.mode = NORMAL
+        self._reusable = isinstance(outcome, Suspended | Completed)
         return outcome
 
     def _output_value(self) -> Any:
@@ -494,6 +524,7 @@ class Execution:
                             untouched_is_pristine=True, private_mapping=True, candidates=candidates)
         if self._watch is not None:
             self._watch.differed = delta.indices
+        self._dirty = delta
         return Captured(delta, self.capture_globals(), self.async_buf)
 
     def _write_candidates(self, base: int, size: int) -> list[int] | None:
@@ -752,6 +783,11 @@ def _global_set(store: wasmtime.Store, ext: Any, g: GlobalValue) -> None:
     error = _global_set_c(store._context(), ctypes.byref(ext.of.global_), ctypes.byref(raw))
     if error:
         raise wasmtime.WasmtimeError._from_ptr(error)
+
+
+def _reset_global(warm: Any, g: GlobalValue) -> None:
+    """Set one global of an idle instance (host/sandbox/recycle.py puts it back so)."""
+    _global_set(warm.store, warm.exports.raw(g.name), g)
 
 
 def _trap_summary(text: str) -> str:
