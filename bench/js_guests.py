@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from bench.rig import (
+    Latency,
     Progress,
     load_bundle,
     machine,
@@ -60,7 +61,8 @@ def measure_agents(args: argparse.Namespace, names: tuple[str, ...]) -> tuple[di
             stack.callback(committer.close)
             for name in names:
                 rig = make_rig(engine, load_bundle(name))
-                spawn = spawn_latency(rig, spawns, Progress(f"{name} spawn", spawns, args.progress))
+                spawn_release = Latency()
+                spawn = spawn_latency(rig, spawns, Progress(f"{name} spawn", spawns, args.progress), spawn_release)
                 t0 = time.perf_counter()
                 r = _suspend_agent(rig, store, committer, cycles, False,
                                    Progress(f"{name} hibernate", cycles, args.progress))
@@ -70,8 +72,14 @@ def measure_agents(args: argparse.Namespace, names: tuple[str, ...]) -> tuple[di
                 # commit is group-committed with other agents in a host); and the loop as
                 # measured here, one agent alone, each commit awaited.
                 per_trip = r["suspend_no_commit"]["p50_us"] + r["resume"]["p50_us"]
-                agents[name] = {"spawn": spawn.summary(), **r,
+                # The release after a suspend (the instance put back for the next agent when it
+                # is recycled) is off the agent's path but not free: also counted in a round trip.
+                per_trip_released = per_trip + r["release"]["p50_us"]
+                agents[name] = {"spawn": spawn.summary(), "spawn_release": spawn_release.summary(), **r,
                                 "round_trips_per_s": round(1e6 / per_trip) if per_trip else None,
+                                "round_trips_per_s_with_release": round(1e6 / per_trip_released)
+                                if per_trip_released else None,
+                                "recycled": rig.loaded.shelves is not None,
                                 "round_trips_per_s_one_agent_committing": round(cycles / elapsed),
                                 "module_bytes": len(rig.bundle.module), "image_bytes": len(rig.loaded.image)}
     finally:

@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{key}_suspend_p50_us": a["suspend"]["p50_us"], f"{key}_resume_p50_us": a["resume"]["p50_us"],
             f"{key}_resume_p99_us": a["resume"]["p99_us"], f"{key}_record_bytes_p50": a["record_bytes_p50"],
             f"{key}_round_trips_per_s": a["round_trips_per_s"],
+            f"{key}_release_p50_us": a["release"]["p50_us"], f"{key}_spawn_release_p50_us": a["spawn_release"]["p50_us"],
+            f"{key}_round_trips_per_s_with_release": a["round_trips_per_s_with_release"], f"{key}_recycled": a["recycled"],
         })
     res.update({"py_targets": PY_TARGETS, "plot": None, "plot_note": "no plot for this benchmark"})
     return res
@@ -52,6 +54,9 @@ def show(r: dict[str, Any]) -> None:
           f"{r['py_resume_p50_us']} µs (≤ {t['resume_p50_us']:g}), {r['py_record_bytes_p50']} B per hibernated agent "
           f"(≤ {t['record_bytes_p50']:g}), {r['py_round_trips_per_s']} round trips/s (≥ {t['round_trips_per_s']:g})"
           f"  [engine {r['engine']}]")
+    print(f"Release (the instance put back for the next agent: {'recycled' if r['py_recycled'] else 'dropped'}): "
+          f"after a suspend {r['py_release_p50_us']} µs, after a spawn {r['py_spawn_release_p50_us']} µs p50; "
+          f"{r['py_round_trips_per_s_with_release']} round trips/s counting it")
 
 
 if __name__ == "__main__":

@@ -316,10 +316,11 @@ class TimedExecution(Execution):
         return status
 
 
-def spawn_latency(rig: Rig, n: int, progress: Progress) -> Latency:
-    """``n`` spawns of one agent (input ``{"n": 1}``): a fresh instance from the pristine image,
-    each with its own seed, run to its first tool call (a JS agent: its first await) and
-    unwound there; what a spawn costs before anything is written."""
+def spawn_latency(rig: Rig, n: int, progress: Progress, release: Latency | None = None) -> Latency:
+    """``n`` spawns of one agent (input ``{"n": 1}``): an instance in the pristine state (fresh,
+    or recycled: host/sandbox/recycle.py), each with its own seed, run to its first tool call
+    (a JS agent: its first await) and unwound there; what a spawn costs before anything is
+    written. ``release``: where the release after each spawn is timed (its reset, if recycled)."""
     import json
 
     lat = Latency()
@@ -333,7 +334,10 @@ def spawn_latency(rig: Rig, n: int, progress: Progress) -> Latency:
             t1 = time.perf_counter_ns()
             if not isinstance(out, Suspended):
                 raise TorporError(f"{rig.bundle.name} did not stop at its first tool call on spawn: {out}")
+            t2 = time.perf_counter_ns()
             ex.release()
+            if release is not None:
+                release.add(time.perf_counter_ns() - t2)
             lat.add(t1 - t0)
             progress.update(i + 1)
     progress.done()

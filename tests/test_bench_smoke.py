@@ -161,6 +161,8 @@ def test_js_quick() -> None:
              r["js_round_trips_per_s"], r["c_spawn_p50_us"], r["c_resume_p50_us"])
     assert 0 < r["js_record_bytes_p50"] < 64 * 1024
     assert set(r["agents"]) == {"steps", "steps-js"}
+    for a in r["agents"].values():  # the release after each spawn and suspend is timed too
+        assert a["release"]["n"] == a["spawn_release"]["n"] == 20 and a["round_trips_per_s_with_release"] > 0
 
 
 def test_soak_quick_every_agent_ends_as_its_input_implies() -> None:
