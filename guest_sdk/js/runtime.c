@@ -30,27 +30,7 @@
 #include "quickjs.h"
 #include "no_wasi.h"
 
-#define IMPORT(n) __attribute__((import_module("torpor"), import_name(n)))
-IMPORT("input_len")     int32_t torpor_sys_input_len(void);
-IMPORT("input_read")    int32_t torpor_sys_input_read(void *ptr, int32_t cap);
-IMPORT("output_write")  int32_t torpor_sys_output_write(const void *ptr, int32_t len);
-IMPORT("log")           int32_t torpor_sys_log(int32_t level, const void *ptr, int32_t len);
-IMPORT("tool_call")     int32_t torpor_sys_tool_call(const void *name, int32_t name_len,
-                                                     const void *args, int32_t args_len);
-IMPORT("response_len")  int32_t torpor_sys_response_len(void);
-IMPORT("response_read") int32_t torpor_sys_response_read(void *ptr, int32_t cap);
-IMPORT("abort") _Noreturn void torpor_sys_abort(int32_t kind, const void *msg, int32_t len);
-
-#define EXPORT(n) __attribute__((export_name(n)))
-#define NOINLINE __attribute__((noinline))
-
-/* The Asyncify buffer of ABI.md section 7 (only three small frames are ever saved). */
-#ifndef TORPOR_ASYNC_STACK
-#define TORPOR_ASYNC_STACK 4096
-#endif
-struct torpor_async_buf { uint8_t *cur; uint8_t *end; uint8_t data[TORPOR_ASYNC_STACK]; };
-__attribute__((used)) struct torpor_async_buf __torpor_async = {
-    __torpor_async.data, __torpor_async.data + TORPOR_ASYNC_STACK};
+#include "runtime_abi.h" /* the torpor imports, the Asyncify buffer, the seed (shared with the other runtime) */
 
 /* How many tool calls may wait at once (Promise.all over thousands of calls): beyond it
  * torpor.tool() rejects with a RangeError the agent can catch. The policy's own limits
@@ -69,11 +49,9 @@ static int started;
  * builder): appended to a ReferenceError, the way a cycle goes wrong at run time. */
 static char *cycle_note;
 
-/* The agent's seed: the host writes 8 bytes derived from the agent's id here before
- * torpor_main first runs (ABI.md section 6, `__torpor_seed`), so agents spawned from one
- * image draw different Math.random sequences and a replay draws the same one. Zero (a
- * host that does not write it) means "derive it from the input". */
-__attribute__((used)) uint64_t __torpor_seed; /* exported by the link (--export) */
+/* The agent's seed (`__torpor_seed`, runtime_abi.h): 8 bytes derived from the agent's id,
+ * so agents spawned from one image draw different Math.random sequences and a replay draws
+ * the same one. Zero (a host that does not write it) means "derive it from the input". */
 
 /* A tool call waiting for its turn. Its name and arguments are QuickJS's own UTF-8 views
  * of the JS strings (JS_ToCStringLen: for an ASCII string, the string itself, held by a

@@ -30,30 +30,8 @@
 #define PY_SSIZE_T_CLEAN
 #include "Python.h"
 
-#define IMPORT(n) __attribute__((import_module("torpor"), import_name(n)))
-IMPORT("input_len")     int32_t torpor_sys_input_len(void);
-IMPORT("input_read")    int32_t torpor_sys_input_read(void *ptr, int32_t cap);
-IMPORT("output_write")  int32_t torpor_sys_output_write(const void *ptr, int32_t len);
-IMPORT("log")           int32_t torpor_sys_log(int32_t level, const void *ptr, int32_t len);
-IMPORT("tool_call")     int32_t torpor_sys_tool_call(const void *name, int32_t name_len,
-                                                     const void *args, int32_t args_len);
-IMPORT("response_len")  int32_t torpor_sys_response_len(void);
-IMPORT("response_read") int32_t torpor_sys_response_read(void *ptr, int32_t cap);
-IMPORT("abort") _Noreturn void torpor_sys_abort(int32_t kind, const void *msg, int32_t len);
+#include "runtime_abi.h" /* the torpor imports, the Asyncify buffer, the seed (shared with the other runtime) */
 
-#define EXPORT(n) __attribute__((export_name(n)))
-#define NOINLINE __attribute__((noinline))
-
-/* The Asyncify buffer of ABI.md section 7 (only three small frames are ever saved). */
-#ifndef TORPOR_ASYNC_STACK
-#define TORPOR_ASYNC_STACK 4096
-#endif
-struct torpor_async_buf { uint8_t *cur; uint8_t *end; uint8_t data[TORPOR_ASYNC_STACK]; };
-__attribute__((used)) struct torpor_async_buf __torpor_async = {
-    __torpor_async.data, __torpor_async.data + TORPOR_ASYNC_STACK};
-
-/* The agent's seed (ABI.md section 6): written by the host before torpor_main first runs. */
-__attribute__((used)) uint64_t __torpor_seed;
 
 /* The entropy of no_wasi.c's random_get, seeded from __torpor_seed at spawn. */
 extern void torpor_py_seed_entropy(uint64_t seed);

@@ -27,6 +27,11 @@ from typing import Any
 from host.errors import ToolchainError
 from host.sandbox import abi, isolation, preinit
 
+#: The ABI declarations both runtimes' drivers include (``guest_sdk/runtime_abi.h``): its
+#: directory is on both compile lines and its bytes in both cache keys.
+SHARED_ABI_HEADER = Path(__file__).resolve().parents[2] / "guest_sdk" / "runtime_abi.h"
+SHARED_INCLUDE = f"-I{SHARED_ABI_HEADER.parent}"
+
 
 def cache_dir(kind: str, env: str) -> Path:
     """Where the runtime of ``kind`` lives (``$env`` or ``<user cache>/torpor/<kind>``)."""

