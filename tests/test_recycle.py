@@ -142,17 +142,23 @@ def test_limits_hold_in_a_recycled_instance(rig: Rig) -> None:
 def test_a_module_that_can_change_a_table_is_not_recycled() -> None:
     def plan_of(body: str) -> tuple[recycle.Plan | None, str]:
         wasm = wasmtime.wat2wasm(f"""(module (memory (export "memory") 1) (table 2 funcref)
-            (global $g (mut i32) (i32.const 7)) (elem declare func $m)
+            (global $g (mut i32) (i32.const 7)) (elem declare func $m) (elem $e func $m) (data $d "x")
             (func $m (export "torpor_main") (result i32) {body} (i32.const 0)))""")
         shape = validate.check_module(bytes(wasm))
         return recycle.plan(bytes(wasm), "x", shape)
 
-    plan, why = plan_of("(global.set $g (i32.const 1)) (drop (table.get 0 (i32.const 0)))")
+    # reads of tables and segments, SIMD with its immediates: proven unchanged
+    plan, why = plan_of("(global.set $g (i32.const 1)) (drop (table.get 0 (i32.const 0))) "
+                        "(memory.init $d (i32.const 0) (i32.const 0) (i32.const 1)) (drop (table.size 0)) "
+                        "(drop (i8x16.extract_lane_u 3 (i8x16.shuffle 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 "
+                        "(v128.const i64x2 -1 38) (v128.load offset=4 (i32.const 0)))))")
     assert plan is not None, why
     assert plan.globals == (("torpor.r0", "i32"),)  # exported for the reset, nothing else changed
     exports = wasmtime.Module(wasmtime.Engine(), plan.wasm).exports
     assert [e.name for e in exports] == ["memory", "torpor_main", "torpor.r0"]
     for body in ("(table.set 0 (i32.const 0) (ref.func $m))", "(drop (table.grow 0 (ref.null func) (i32.const 1)))",
-                 "(table.fill 0 (i32.const 0) (ref.null func) (i32.const 1))", "(elem.drop 0)"):
+                 "(table.fill 0 (i32.const 0) (ref.null func) (i32.const 1))", "(elem.drop $e)", "(data.drop $d)",
+                 "(table.copy (i32.const 0) (i32.const 1) (i32.const 1))",
+                 "(table.init $e (i32.const 0) (i32.const 0) (i32.const 1))"):
         plan, why = plan_of(body)
         assert plan is None and "table" in why, body
