@@ -17,9 +17,18 @@ import wasmtime
 from conftest import GUESTS, BundleFactory
 
 from bench.rig import Rig, make_rig
-from host.sandbox import recycle, validate
+from host.sandbox import recycle, validate, write_watch
 from host.sandbox.engine import Engine, EngineConfig
-from host.sandbox.execution import Completed, Execution, Failed, Limits, Suspended, _global_get
+from host.sandbox.execution import (
+    Completed,
+    Execution,
+    Failed,
+    Limits,
+    MemoryAt,
+    Suspended,
+    _global_get,
+)
+from snapshots.delta import diff_memory
 
 pytestmark = pytest.mark.skipif(recycle._lib() is None, reason=f"native helper unavailable: {recycle.status()}")
 
@@ -162,3 +171,30 @@ def test_a_module_that_can_change_a_table_is_not_recycled() -> None:
                  "(table.init $e (i32.const 0) (i32.const 0) (i32.const 1))"):
         plan, why = plan_of(body)
         assert plan is None and "table" in why, body
+
+
+def test_a_recycled_instance_keeps_tracking_its_writes(bundles: BundleFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With write tracking (dense, ``TORPOR_WRITE_WATCH=1``) the registration outlives the
+    agent: the reset protects every page again, and each next agent's capture, comparing
+    only the pages written since it took the instance, equals the full comparison."""
+    monkeypatch.setenv(write_watch.ENV_ENABLED, "1")
+    monkeypatch.setattr(write_watch, "MIN_BYTES", write_watch.PAGE)
+    monkeypatch.setattr(write_watch, "_state", {})
+    if not write_watch.available():
+        pytest.skip("userfaultfd with asynchronous write-protection is not available here")
+    rig = make_rig(Engine(EngineConfig.for_profile("dense")), bundles.load(GUESTS / "scribble"))
+    a = execution(rig, {"mode": "fill", "seed": 3})
+    assert isinstance(a.start(), Completed)
+    assert a._watch is not None
+    a.release()
+    for seed in range(4):
+        b = execution(rig, {"mode": "park", "seed": seed})
+        assert isinstance(b.start(), Suspended)
+        assert b.recycled and b._watch is not None
+        base, size = b._mem_base_len()
+        assert b.capture().memory == diff_memory(rig.loaded.pristine, MemoryAt(base, size), rig.loaded.chunk_size)
+        b.release()
+    c = execution(rig, {"mode": "scan", "seed": 3})
+    assert c.start() == Completed({"hits": 0, "static_nonzero": 0})
+    assert c.recycled
+    c.release()

@@ -217,6 +217,7 @@ class Execution:
             warm.store.set_limits(memory_size=self.limits.memory_bytes, **STORE_LIMITS)
             self._store, self._instance, self._exports = warm.store, warm.instance, warm.exports
             self._mem, self._entry = warm.mem, warm.entry
+            self._watch = warm.watch  # still tracking its writes, protected again at its reset
             self.recycled = True
             return
         self.recycled = False
@@ -287,6 +288,8 @@ class Execution:
         pages written since and those that differed at the previous capture
         (host/sandbox/write_watch.py). Only where every page is plain anonymous memory: a
         copy-on-write image is narrowed by its file pages already (``private_mapping``)."""
+        if self.recycled:
+            return  # the recycled instance's tracking (or none) goes on: see recycle.Shelves.give
         self._watch = None
         if self.loaded.engine.config.memory_init_cow or self.loaded.chunk_size != write_watch.PAGE:
             return
@@ -350,17 +353,20 @@ class Execution:
         (Freeing the store on a background thread was measured and rejected: the
         hand-off and the GIL it takes back cost more than the ~40 µs unmap it moves.)
         """
-        if self._watch is not None:
-            write_watch.untrack(self._watch)
-            self._watch = None
         shelves = self.loaded.shelves
-        if shelves is not None and self._reusable and self._store is not None:
-            from host.sandbox.recycle import Warm
+        kept = False
+        try:
+            if shelves is not None and self._reusable and self._store is not None:
+                from host.sandbox.recycle import Warm
 
-            base, size = self._mem_base_len()
-            warm = Warm(self._store, self._instance, self._exports, self._mem, self._entry, size)
-            shelves.give(self.pre, warm, base, size, self._dirty, _reset_global)
-        self._reusable, self._dirty = False, None
+                base, size = self._mem_base_len()
+                warm = Warm(self._store, self._instance, self._exports, self._mem, self._entry, size, self._watch)
+                kept = shelves.give(self.pre, warm, base, size, self._dirty, _reset_global)
+        finally:
+            if self._watch is not None and not kept:
+                write_watch.untrack(self._watch)
+            self._watch = None
+            self._reusable, self._dirty = False, None
         self._store = self._exports = self._mem = self._entry = self._instance = None
 
     @property

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from host.errors import ConfigError
+from host.sandbox import write_watch
 from host.sandbox.validate import ModuleShape
 from host.sandbox.wasm_binary import Reader, _leb_encode, check_header
 from snapshots import native_build
@@ -192,6 +193,9 @@ class Warm:
     mem: Any
     entry: Any
     memory_bytes: int
+    #: Its memory's write tracking (host/sandbox/write_watch.py), kept from one agent to the
+    #: next: registering and protecting 14 MiB at every instantiation is what made it cost.
+    watch: write_watch.Tracked | None = None
 
 
 @dataclass
@@ -250,6 +254,15 @@ class Shelves:
                 _lib().tp_reset_chunks(base, self.image.addr, size, self.chunk_size, idx, len(idx) // 4)
             for g in self.plan.initial:
                 set_global(warm, g)
+            w = warm.watch
+            if w is not None:
+                # Everything written so far, the reset's copies too, is protected again: the
+                # next agent's first capture compares what it writes, from the image's state.
+                if w.base != base or w.size != size or write_watch.written_pages(w) is None:
+                    write_watch.untrack(w)
+                    warm.watch = None
+                else:
+                    w.differed = ()
         except BaseException:
             _budget.release(size)
             raise
@@ -272,6 +285,8 @@ class Shelves:
             self._by_pre.clear()
         for w in entries:
             _budget.release(w.memory_bytes)
+            if w.watch is not None:
+                write_watch.untrack(w.watch)
 
 
 class _Budget:
