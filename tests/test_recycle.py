@@ -186,7 +186,12 @@ def test_a_recycled_instance_keeps_tracking_its_writes(bundles: BundleFactory, m
     a = execution(rig, {"mode": "fill", "seed": 3})
     assert isinstance(a.start(), Completed)
     assert a._watch is not None
-    a.release()
+    a.release()  # no capture: the chunks to copy back are found among the pages tracked as written
+    p = execution(rig, {"mode": "scan", "seed": 3})
+    p.prepare()
+    assert p._watch is not None
+    assert_pristine(rig, p)
+    p.release()
     for seed in range(4):
         b = execution(rig, {"mode": "park", "seed": seed})
         assert isinstance(b.start(), Suspended)

@@ -248,7 +248,8 @@ class Shelves:
         try:
             if dirty is None or dirty.chunk_size != self.chunk_size:
                 dirty = diff_memory(self.image, MemoryAt(base, size), self.chunk_size, untouched_is_pristine=True,
-                                    private_mapping=True)
+                                    private_mapping=True, candidates=_tracked_candidates(warm.watch, base, size,
+                                                                                         self.chunk_size))
             idx = dirty.index_bytes
             if idx:
                 _lib().tp_reset_chunks(base, self.image.addr, size, self.chunk_size, idx, len(idx) // 4)
@@ -287,6 +288,15 @@ class Shelves:
             _budget.release(w.memory_bytes)
             if w.watch is not None:
                 write_watch.untrack(w.watch)
+
+
+def _tracked_candidates(w: write_watch.Tracked | None, base: int, size: int, chunk_size: int) -> list[int] | None:
+    """The pages a tracked memory may differ from the image in (written since the last
+    capture, or differing at it), or None: compare as without tracking."""
+    if w is None or w.base != base or w.size != size or chunk_size != write_watch.PAGE:
+        return None
+    written = write_watch.written_pages(w)
+    return None if written is None else sorted(set(written).union(w.differed))
 
 
 class _Budget:
