@@ -33,8 +33,10 @@ def watching(monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.skip("userfaultfd with asynchronous write-protection is not available here")
 
 
-def test_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_on_by_default_and_off_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(write_watch.ENV_ENABLED, raising=False)
+    assert write_watch.enabled_by_env()
+    monkeypatch.setenv(write_watch.ENV_ENABLED, "0")
     monkeypatch.setattr(write_watch, "_state", {})
     assert not write_watch.enabled_by_env() and write_watch.track(0, 64 << 20) is None
 

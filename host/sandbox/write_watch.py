@@ -25,14 +25,16 @@ memories from shared arenas, where dense's one-mapping-for-many matters more tha
 scan of a few hundred KiB). Without userfaultfd (seccomp, an old kernel, not Linux)
 every capture compares as before.
 
-Off unless ``TORPOR_WRITE_WATCH=1``: measured on the loaded 2-core machine (bench/RESULTS.md,
-Python agents), a Python agent's capture fell from ~1,030 to ~270 µs, but registering and
-protecting 14 MiB (~110 µs), lifting the protection at release (~75 µs), a write fault per
-page the agent writes (~120 µs an await) and a slower instantiation into the registered
-mapping (+~490 µs: the kernel no longer backs it with huge pages, by the look of it) ate
-the gain: a hibernate-at-every-await cycle (checkpoint, release, restore, resume) took
-5.76 ms with it and 5.82 ms without. Each instance of such an agent captures once, so the
-tracking must start at instantiation; it pays where an instance captures many times.
+On unless ``TORPOR_WRITE_WATCH=0`` (session 10). Session 9 measured it off: a Python
+agent's capture fell from ~1,030 to ~270 µs, but registering and protecting 14 MiB
+(~110 µs), lifting the protection at release (~75 µs), a write fault per page the agent
+writes (~120 µs an await) and a slower instantiation into the registered mapping (+~490 µs:
+the kernel no longer backs it with huge pages, by the look of it) ate the gain, because
+each instance captured once. Since instances are recycled from one agent to the next
+(host/sandbox/recycle.py), the registration outlives the agent and a reset protects the
+pages again: no instantiation, no registration per agent. Python agents on ``dense``, same
+loaded run: suspend 1,146 → 510 µs, round trips 657 → 1,031/s, for spawn 237 → 356 µs and
+resume 376 → 461 µs (the write faults): bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -116,8 +118,8 @@ if hasattr(os, "register_at_fork"):
 
 
 def enabled_by_env() -> bool:
-    """Whether ``$TORPOR_WRITE_WATCH`` asks for write tracking (1/on/true/yes; off by default)."""
-    return os.environ.get(ENV_ENABLED, "0").strip().lower() in {"1", "on", "true", "yes"}
+    """Whether write tracking is on: unless ``$TORPOR_WRITE_WATCH`` is 0/off/false/no."""
+    return os.environ.get(ENV_ENABLED, "1").strip().lower() not in {"0", "off", "false", "no"}
 
 
 def _open() -> int:
