@@ -203,3 +203,15 @@ def test_a_recycled_instance_keeps_tracking_its_writes(bundles: BundleFactory, m
     assert c.start() == Completed({"hits": 0, "static_nonzero": 0})
     assert c.recycled
     c.release()
+
+
+def test_dropped_shelves_give_their_budget_back(bundles: BundleFactory) -> None:
+    rig = make_rig(Engine(EngineConfig.for_profile("dense")), bundles.load(GUESTS / "scribble"))
+    held = recycle._budget.held
+    a = execution(rig, {"mode": "scan", "seed": 1})
+    a.start()
+    a.release()
+    assert rig.loaded.shelves is not None and rig.loaded.shelves.idle() == 1
+    assert recycle._budget.held == held + len(rig.loaded.pristine)
+    rig.loaded.shelves.__del__()  # what collecting the module does
+    assert recycle._budget.held == held and rig.loaded.shelves.idle() == 0

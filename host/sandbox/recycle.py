@@ -289,6 +289,11 @@ class Shelves:
             if w.watch is not None:
                 write_watch.untrack(w.watch)
 
+    def __del__(self) -> None:
+        # A module dropped with its host gives back its share of the process-wide budget,
+        # and lifts the write protection before the memories go back to the memory pool.
+        self.clear()
+
 
 def _tracked_candidates(w: write_watch.Tracked | None, base: int, size: int, chunk_size: int) -> list[int] | None:
     """The pages a tracked memory may differ from the image in (written since the last
