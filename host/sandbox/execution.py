@@ -203,7 +203,9 @@ class Execution:
 
     # -- lifecycle ----------------------------------------------------------
     def _instantiate(self, capacity: int = 0) -> None:
-        """A fresh instance; ``capacity``: the memory size a restore will grow it to.
+        """An instance in the pristine state: a recycled one when the module's shelves hold one
+        (host/sandbox/recycle.py), else a fresh one; ``capacity``: the memory size a restore
+        will grow it to.
 
         With the memory pool the memory is then created with room for ``capacity``
         (from a recycled, already-faulted buffer when one is free), so the restore's
@@ -267,7 +269,8 @@ class Execution:
         _call_raw(self._store, ext, args, 0, hold_gil=hold_gil)
 
     def prepare(self) -> None:
-        """Spawn: a fresh instance, armed with budget and deadline, before its first instruction."""
+        """Spawn: an instance in the pristine state (fresh, or recycled: host/sandbox/recycle.py),
+        armed with budget and deadline, before its first instruction."""
         self._instantiate()
         self._arm()
         self._reusable = True  # nothing ran yet
@@ -296,7 +299,7 @@ class Execution:
         self._watch = write_watch.track(*self._mem_base_len())
 
     def start(self) -> Outcome:
-        """Instantiate fresh and run the entry export."""
+        """Take an instance in the pristine state (fresh or recycled) and run the entry export."""
         self._instantiate()
         self._watch_writes()
         if self.loaded.suspendable:
@@ -323,7 +326,7 @@ class Execution:
     def restore(cls, loaded: LoadedModule, pre: wasmtime.InstancePre, limits: Limits, input: bytes,
                 captured: Captured, *, fuel_used: int, call_seq: int, pending: PendingCall,
                 log_sink: Callable[[int, str], None] | None = None) -> Execution:
-        """Rebuild an unwound agent in a fresh instance (call :meth:`resume` next)."""
+        """Rebuild an unwound agent in an instance in the pristine state (call :meth:`resume` next)."""
         ex = cls(loaded, pre, limits, input, fuel_used=fuel_used, call_seq=call_seq, log_sink=log_sink)
         size = captured.memory.memory_size
         ex._instantiate(size)
