@@ -82,7 +82,8 @@ class EngineConfig:
     checks is put back to the pristine state and reused by the next spawn or resume of the
     module, so a large image (a Python agent's 14 MiB) is neither copied in (``dense``) nor
     faulted in again (``pooled``). Why ``dense`` stays the default even for Python agents,
-    though ``pooled`` is the layout that meets issue 26's suspend target: one engine serves
+    though ``pooled`` meets issue 26's targets with more room (``dense`` sits at the suspend
+    target: its write tracking reads back 14 MiB at each capture): one engine serves
     a host, and ``pooled`` would cost every agent of it its density (a reservation per
     slot, about 4 mappings per live instance, a hard cap of live instances, memory budgets
     of at most ``pool_max_memory``); a host of mostly Python agents picks it by name.
