@@ -101,7 +101,10 @@ class NatsBridge:
         try:
             # A few tries to connect at all (a wrong address fails in seconds), then, once
             # connected, reconnect for ever: a node that dies is the cluster's business.
-            nc = await self._nats.connect(servers=self.servers, name=name, connect_timeout=2,
+            # The per-try timeout grows with the caller's: a loaded machine (CI on two cores)
+            # can take seconds to answer a first connect; a closed port is refused at once.
+            nc = await self._nats.connect(servers=self.servers, name=name,
+                                          connect_timeout=max(2.0, self.timeout / 3),
                                           max_reconnect_attempts=2, reconnect_time_wait=0.2,
                                           allow_reconnect=True, error_cb=self._on_error,
                                           disconnected_cb=self._on_disconnected,
@@ -167,7 +170,9 @@ class NatsBridge:
 
         async def go() -> str:
             try:
-                info = await self._js.stream_info(name)
+                # Asked again while the cluster is slow to answer (a loaded machine, a leader
+                # being elected), up to the timeout: a real absence of the cluster still fails.
+                info = await self._settled(lambda: self._js.stream_info(name))
                 if list(info.config.subjects or []) != [subject]:  # a stream of an older layout
                     info.config.subjects = [subject]
                     info = await self._js.update_stream(info.config)
@@ -193,7 +198,7 @@ class NatsBridge:
                         if self._loop.time() > deadline:
                             raise
                         try:
-                            info = await self._js.stream_info(name)
+                            info = await self._settled(lambda: self._js.stream_info(name))
                             break
                         except self._nats.js.errors.NotFoundError:
                             await asyncio.sleep(0.2)
@@ -455,9 +460,9 @@ class NatsBridge:
                                   dict(msg.headers or {}), str(msg.subject)))
 
         async def go() -> None:
-            sub = await self._js.subscribe(subject, cb=handler, ordered_consumer=True,
-                                     deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                                     config=self._nats.js.api.ConsumerConfig(opt_start_seq=max(1, start_seq)))
+            sub = await self._settled(lambda: self._js.subscribe(
+                subject, cb=handler, ordered_consumer=True, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                config=self._nats.js.api.ConsumerConfig(opt_start_seq=max(1, start_seq))))
             self._subs.append(sub)
 
         self._run(self._guard(f"following {subject}", go()))

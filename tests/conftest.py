@@ -166,5 +166,10 @@ def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object
     from snapshots.nats_store import NatsStore
 
     cluster = request.getfixturevalue("nats_cluster")
-    with NatsStore.open(cluster.url, tmp_path / "copy", stream=f"T{uuid.uuid4().hex[:12]}", replicas=3) as s:
+    # Under a loaded CI machine a first connect and a stream's creation can take seconds: wait
+    # until every node says it is healthy, then give the open a timeout suited to that load
+    # (a cluster that is not there still fails, after it, with StoreUnavailable).
+    cluster.wait_ready(60.0)
+    with NatsStore.open(cluster.url, tmp_path / "copy", stream=f"T{uuid.uuid4().hex[:12]}", replicas=3,
+                        timeout=30.0) as s:
         yield s
