@@ -70,13 +70,15 @@ def seed(url: str, stream: str, local: Path, bundle_files: list[Path], tenant: s
 
 
 def start_host(url: str, stream: str, local: Path, *, lease: float, port: int,
-               log: Path | None = None) -> subprocess.Popen[bytes]:
-    """A ``torpor serve`` host of the fleet; returns once ``/readyz`` answers."""
+               log: Path | None = None, work_slots: int | None = None) -> subprocess.Popen[bytes]:
+    """A ``torpor serve`` host of the fleet; returns once ``/readyz`` answers (``work_slots``:
+    how many agents it takes from the work queue at once; 0: a gateway only)."""
     out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen([sys.executable, "-m", "host.cli", "serve", "--store", url, "--stream", stream,
                              "--local-dir", str(local), "--lease", str(lease), "--listen", f"127.0.0.1:{port}",
                              "--token-rate", "100000", "--token-burst", "100000", "--tenant-rate", "100000",
-                             "--tenant-burst", "100000", "--log-level", "info"],
+                             "--tenant-burst", "100000", "--log-level", "info",
+                             *(["--work-slots", str(work_slots)] if work_slots is not None else [])],
                             stdout=out, stderr=out, env={**os.environ})
     if log is not None:
         out.close()  # type: ignore[union-attr]

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from .errors import StoreConfigError, StoreError, StoreUnavailable
 
-__all__ = ["LogMessage", "NatsBridge", "WrongLastSequence"]
+__all__ = ["LogMessage", "NatsBridge", "WorkMessage", "WrongLastSequence"]
 
 T = TypeVar("T")
 _log = logging.getLogger("torpor.store.nats")
@@ -54,6 +54,17 @@ class WrongLastSequence(StoreError):
     ambiguous = False
     #: The stream's last sequence as the refusal named it ("wrong last sequence: N"), if it did.
     last_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkMessage:
+    """One delivered work message: its payload, how many times it was delivered (1 the first
+    time), its stream sequence; ``token`` names it to the bridge for its answer."""
+
+    token: int
+    data: bytes
+    deliveries: int
+    seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +97,9 @@ class NatsBridge:
         self._thread.start()
         self._closed = False
         self._subs: list[Any] = []
+        self._work_subs: dict[tuple[str, str], Any] = {}
+        self._work_msgs: dict[int, Any] = {}  # delivered work messages not answered yet, by token
+        self._work_ids = 0
         self._last_error, self._last_error_at = "", 0.0
         self._connected = False
         self._closing = False
@@ -444,6 +458,102 @@ class NatsBridge:
                     raise error from exc
 
         return self._run(self._guard("publishing a batch", go()), self.timeout * 2 + 2.0)
+
+    # ------------------------------------------------------------- work queue
+
+    def ensure_work_queue(self, name: str, subject: str, replicas: int, *, durable: str, ack_wait: float,
+                          max_deliver: int) -> None:
+        """Create the work-queue stream ``name`` (WorkQueue retention: a message is gone once
+        acknowledged) and its durable pull consumer ``durable``, shared by every host, if missing."""
+        from nats.js.api import (
+            AckPolicy,
+            ConsumerConfig,
+            RetentionPolicy,
+            StorageType,
+            StreamConfig,
+        )
+
+        async def go() -> None:
+            try:
+                await self._settled(lambda: self._js.stream_info(name))
+            except self._nats.js.errors.NotFoundError:
+                config = StreamConfig(name=name, subjects=[subject], num_replicas=replicas,
+                                      storage=StorageType.FILE, retention=RetentionPolicy.WORK_QUEUE,
+                                      duplicate_window=120.0)
+                try:
+                    await self._settled(lambda: self._js.add_stream(config))
+                except self._nats.js.errors.BadRequestError as exc:
+                    if exc.err_code != _STREAM_NAME_IN_USE:
+                        raise
+            consumer = ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait,
+                                      max_deliver=max_deliver, filter_subject=subject, max_ack_pending=-1)
+            try:
+                await self._settled(lambda: self._js.consumer_info(name, durable))
+            except self._nats.js.errors.NotFoundError:
+                with contextlib.suppress(self._nats.js.errors.BadRequestError):  # another host created it
+                    await self._settled(lambda: self._js.add_consumer(name, consumer))
+            sub = await self._settled(lambda: self._js.pull_subscribe_bind(durable, stream=name))
+            self._work_subs[(name, durable)] = sub
+
+        self._run(self._guard(f"opening work queue {name}", go()), 4 * self.timeout)
+
+    def publish_work(self, subject: str, payload: bytes, *, msg_id: str) -> int:
+        """Publish one work message; ``msg_id`` makes it once (JetStream drops a second message
+        with the same id within the stream's duplicate window). Its sequence."""
+        async def go() -> int:
+            ack = await self._settled(lambda: self._js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id},
+                                                               timeout=self.timeout / 4))
+            return int(ack.seq)
+
+        return self._run(self._guard(f"publishing work to {subject}", go()), self.timeout + 2.0)
+
+    def fetch_work(self, name: str, durable: str, batch: int, wait: float) -> list[WorkMessage]:
+        """Up to ``batch`` work messages, waiting at most ``wait`` seconds for the first."""
+        async def go() -> list[WorkMessage]:
+            sub = self._work_subs[(name, durable)]
+            try:
+                msgs = await sub.fetch(batch, timeout=wait)
+            except self._nats.errors.TimeoutError:
+                return []
+            out = []
+            for m in msgs:
+                self._work_ids += 1
+                self._work_msgs[self._work_ids] = m
+                md = m.metadata
+                out.append(WorkMessage(self._work_ids, bytes(m.data or b""), int(md.num_delivered or 1),
+                                       int(md.sequence.stream)))
+            return out
+
+        return self._run(self._guard(f"fetching work from {name}", go()), wait + self.timeout + 2.0)
+
+    def work_reply(self, msg: WorkMessage, what: str, delay: float | None = None) -> None:
+        """Answer a work message: ``ack`` (done: the queue drops it), ``nak`` (deliver it again,
+        after ``delay``), ``progress`` (still at it: its AckWait starts again), ``term`` (never again)."""
+        async def go() -> None:
+            m = self._work_msgs.get(msg.token)
+            if m is None:
+                return  # answered already
+            if what == "progress":
+                await m.in_progress()
+                return
+            del self._work_msgs[msg.token]
+            if what == "ack":
+                await m.ack()
+            elif what == "nak":
+                await m.nak(delay=delay)
+            else:
+                await m.term()
+
+        self._run(self._guard(f"answering work message {msg.seq}", go()))
+
+    def work_state(self, name: str, durable: str) -> dict[str, int]:
+        """What the queue holds: messages waiting, delivered and unacknowledged, redelivered."""
+        async def go() -> dict[str, int]:
+            info = await self._js.consumer_info(name, durable)
+            return {"pending": int(info.num_pending or 0), "unacknowledged": int(info.num_ack_pending or 0),
+                    "redelivered": int(info.num_redelivered or 0), "waiting_pulls": int(info.num_waiting or 0)}
+
+        return self._run(self._guard(f"reading work queue {name}", go()))
 
     # ---------------------------------------------------------- subscriptions
 

@@ -96,6 +96,7 @@ from .lmdb_store import LmdbStore, _LmdbTxn
 from .nats_bridge import LogMessage, NatsBridge, WrongLastSequence
 from .oplog import RecordingTxn, apply_ops, decode_ops, encode_ops
 from .store import AgentStore, Outcome, ReadTxn, SyncWhen, WriteTxn
+from .work_queue import WorkQueue
 
 __all__ = ["DEFAULT_STREAM", "NatsStore", "parse_nats_url"]
 
@@ -804,6 +805,11 @@ class NatsStore:
         _log().info("compacted %s: snapshot at %d (%d bytes), entries before %d purged", self.stream, seq,
                     len(data), upto + 1)
         return {"log_snapshot_seq": seq, "log_snapshot_bytes": len(data), "log_purged_before": upto + 1}
+
+    def work_queue(self, *, ack_wait: float = 10.0, max_deliver: int = 50) -> WorkQueue:
+        """The fleet's work queue beside this stream (``snapshots.work_queue``), on this connection."""
+        self._check_open()
+        return WorkQueue(self._bridge, self.stream, self.replicas, ack_wait=ack_wait, max_deliver=max_deliver)
 
     def stats(self) -> dict[str, Any]:
         """Bytes per agent and kind in the local copy, and the log's position."""

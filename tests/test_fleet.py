@@ -19,6 +19,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -43,7 +44,9 @@ def _check_store(url: str, path: Path, stream: str, ids: list[str], n: int) -> l
             for aid in ids:
                 assert [c for c, _ in r.iter_journal(aid)] == list(range(1, n + 1)), aid
                 assert r.get_agent(aid)["status"] == "completed", aid
-        return [aid for aid in ids if any(e["kind"] == "agent.resumed" and e.get("host")
+        # Resumed from a checkpoint by a host (a run's first drive from the work queue is an
+        # ``agent.resumed`` at checkpoint 0: not a take-over).
+        return [aid for aid in ids if any(e["kind"] == "agent.resumed" and e.get("host") and e.get("checkpoint")
                                           for e in audit.records(s, aid))]
 
 
@@ -131,12 +134,19 @@ def test_a_paused_host_past_its_lease_cannot_commit(bundles: BundleFactory, nats
         b = start_host(url, stream, tmp_path / "b", lease=lease, port=pb, log=tmp_path / "b.log")
         base_a, base_b = f"http://127.0.0.1:{pa}", f"http://127.0.0.1:{pb}"
         hdr = {"Authorization": f"Bearer {secret}"}
-        ids = [httpx.post(base_a + "/v1/runs", headers=hdr, json={"agent": steps, "input": {"n": n}},
-                          timeout=60).json()["agent_id"] for _ in range(count)]
-        deadline = time.monotonic() + 60
-        while not any(int(r.get("checkpoints", 0)) > 0 for r in agents(base_b, secret)):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        # b paused while the runs are posted (past its pull's expiry), so that a takes every one
+        # of them from the work queue
+        b.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(1.5)
+            ids = [httpx.post(base_a + "/v1/runs", headers=hdr, json={"agent": steps, "input": {"n": n}},
+                              timeout=60).json()["agent_id"] for _ in range(count)]
+            deadline = time.monotonic() + 60
+            while not any(int(r.get("checkpoints", 0)) > 0 for r in agents(base_a, secret)):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        finally:
+            b.send_signal(signal.SIGCONT)
         a.send_signal(signal.SIGSTOP)
         try:
             deadline = time.monotonic() + 120
@@ -238,6 +248,90 @@ def test_300_agents_on_3_hosts_with_a_host_and_a_node_killed(bundles: BundleFact
         if node_killed:
             nats_cluster.restart(2)
     taken = _check_store(url, tmp_path / "check", stream, ids, n)
-    assert set(taken) & set(ids[::3]), "no agent of the killed host was resumed by another"
+    assert taken, "no agent of the killed host was resumed by another"
     print(f"\n{count} agents x {n} calls on 3 hosts: submitted in {submitted - started:.1f} s, "
           f"all done {finished - submitted:.1f} s after (host killed at {killed_at - submitted:.1f} s)")
+
+
+def _resumes(store: NatsStore, aid: str) -> list[dict[str, Any]]:
+    return [e for e in audit.records(store, aid) if e["kind"] == "agent.resumed"]
+
+
+def test_work_goes_through_the_queue_to_whichever_host_has_room(bundles: BundleFactory, nats_cluster: NatsCluster,
+                                                                tmp_path: Path) -> None:
+    """Item 2 of issue 17: host a is a gateway only (``--work-slots 0``): every run posted to it
+    and the approval answered on it are driven by b, through the work queue; b is SIGKILLed
+    holding unacknowledged work, and c, started after, gets it delivered again and finishes
+    every run; messages published twice for the same agents start nothing twice."""
+    stream = f"F{uuid.uuid4().hex[:12]}"
+    url = nats_cluster.url
+    asks = tmp_path / "asks"  # steps whose every call needs a person's approval
+    shutil.copytree(EXAMPLES / "steps", asks)
+    policy = asks / "policy.toml"
+    policy.write_text(policy.read_text().replace('name = "steps"', 'name = "asks"') + "approval = true\n")
+    [steps, asking], secret = seed(url, stream, tmp_path / "seed", [bundles.example("steps"), bundles.path(asks)])
+    lease, n, count = 2.0, 200, 4
+    hdr = {"Authorization": f"Bearer {secret}"}
+    pa, pb, pc = free_port(), free_port(), free_port()
+    a = start_host(url, stream, tmp_path / "a", lease=lease, port=pa, log=tmp_path / "a.log", work_slots=0)
+    b = c = None
+    check = NatsStore.open(url, tmp_path / "check", stream=stream)
+    try:
+        b = start_host(url, stream, tmp_path / "b", lease=lease, port=pb, log=tmp_path / "b.log")
+        base_a = f"http://127.0.0.1:{pa}"
+        # an approval answered on a wakes the agent on b
+        r = httpx.post(base_a + "/v1/runs", headers=hdr, json={"agent": asking, "input": {"n": 1}, "wait": 60},
+                       timeout=90)
+        assert r.status_code == 201 and r.json()["status"] == "waiting_approval", r.text
+        asked = r.json()["agent_id"]
+        r = httpx.post(f"{base_a}/v1/agents/{asked}/approve", headers=hdr, json={"note": "ok"}, timeout=60)
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 60
+        while (row := next(x for x in agents(base_a, secret) if x["agent_id"] == asked))["status"] not in TERMINAL:
+            assert time.monotonic() < deadline, row
+            time.sleep(0.05)
+        assert row["status"] == "completed" and row["output"] == {"sum": 1, "last": 1}, row
+        check.sync()
+        hosts = [e["host"] for e in _resumes(check, asked)]
+        assert len(hosts) == 2 and all(f":{b.pid}:" in h for h in hosts), hosts  # its run, then its wake-up
+
+        # runs posted to the gateway, each published twice more (a run's id again, a fresh wake-up)
+        ids = [httpx.post(base_a + "/v1/runs", headers=hdr, json={"agent": steps, "input": {"n": n}},
+                          timeout=60).json()["agent_id"] for _ in range(count)]
+        queue = check.work_queue(ack_wait=2 * lease)
+        for aid in ids:
+            queue.publish("run", aid, f"run:{aid}")
+            queue.publish("wake", aid, f"test:{aid}")
+        deadline = time.monotonic() + 60
+        while not all(int(x.get("checkpoints", 0)) > 0 for x in agents(base_a, secret) if x["agent_id"] in ids):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        b.send_signal(signal.SIGKILL)  # holding the runs' messages, unacknowledged
+        b.wait()
+        at_kill = {x["agent_id"]: x["status"] for x in agents(base_a, secret)}
+        assert any(at_kill[aid] not in TERMINAL for aid in ids), "every run ended before the kill"
+        c = start_host(url, stream, tmp_path / "c", lease=lease, port=pc, log=tmp_path / "c.log")
+        deadline = time.monotonic() + 120
+        while not all(x["status"] in TERMINAL for x in agents(base_a, secret)):
+            assert time.monotonic() < deadline, (tmp_path / "c.log").read_text()[-3000:]
+            time.sleep(0.1)
+        rows = {x["agent_id"]: x for x in agents(base_a, secret)}
+        bad = [(aid, rows[aid]["status"], rows[aid].get("output")) for aid in ids
+               if rows[aid]["status"] != "completed" or rows[aid].get("output") != {"sum": n * (n + 1) // 2, "last": n}]
+        assert not bad, bad
+        time.sleep(2 * lease + 1)  # b's messages delivered again after the ack wait, to c
+        assert "delivered again" in (tmp_path / "c.log").read_text()
+        assert queue.state()["pending"] == 0 and queue.state()["unacknowledged"] == 0
+        check.sync()
+        for aid in ids:
+            # one run: started once (a resume at checkpoint 0), whatever was delivered twice
+            assert [e["checkpoint"] for e in _resumes(check, aid)].count(0) == 1, _resumes(check, aid)
+        # the gateway drove nothing
+        assert all(f":{a.pid}:" not in e["host"] for aid in [asked, *ids] for e in _resumes(check, aid))
+    finally:
+        check.close()
+        for p in (a, b, c):
+            if p is not None:
+                stop(p)
+    taken = _check_store(url, tmp_path / "verify", stream, ids, n)
+    assert taken, "no run held by the killed host was resumed by c"

@@ -41,6 +41,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if getattr(args, k) is not None}
     if args.mcp:
         overrides["mcp"] = True
+    if getattr(args, "work_slots", None) is not None:
+        if args.work_slots < 0:
+            raise ConfigError("--work-slots must be 0 or more")
+        overrides["work_slots"] = args.work_slots
     sock = bind(address, port)  # before "listening": a port in use is one line, exit 2
     port = sock.getsockname()[1]  # the port 0 chose
     try:
@@ -222,6 +226,9 @@ def add_parsers(sub: Any) -> None:
                     help="also offer every registry agent of the caller's tenant as an MCP tool at /mcp (streamable "
                          "HTTP, behind the same operator tokens: runs:read lists, runs:write calls)")
     _fleet_options(sp)
+    sp.add_argument("--work-slots", type=int, default=None, metavar="N",
+                    help="with --store nats://...: how many agents this host takes from the fleet's work queue at "
+                         "once (default its pool's size; 0: a gateway only, which accepts work and drives none)")
 
     fl = sub.add_parser("fleet", help="the hosts of a fleet store (--store nats://...) and their agents",
                         description="the hosts of a fleet store (--store nats://...) and their agents")

@@ -291,7 +291,7 @@ class Host:
     async def start(self, b: Bundle, input: Any = None, *, fuel: int | None = None,
                     on_behalf_of: str | None = None, priority: int | None = None, tenant: str | None = None,
                     also: Callable[[Any, str], None] | None = None, started_as: Mapping[str, Any] | None = None,
-                    sync: SyncWhen = "now") -> tuple[str, Callable[[], Awaitable[RunResult]]]:
+                    sync: SyncWhen = "now", claim: bool = True) -> tuple[str, Callable[[], Awaitable[RunResult]]]:
         """Spawn an agent (its record committed) and return its id with the call that drives it.
 
         Why split from :meth:`run`: a server answers with the new agent's id as soon as the
@@ -300,10 +300,12 @@ class Host:
         transaction (see :meth:`~host.runtime.lifecycle.Lifecycle.spawn`); ``started_as``:
         the registry reference that named the bundle (:meth:`~host.runtime.registry.Registry.lookup`).
         ``sync="later"``: the caller tells nobody of the agent until the drive's next commit
-        or :meth:`settle` (a server waiting for the run's end): the spawn is not synced alone."""
+        or :meth:`settle` (a server waiting for the run's end): the spawn is not synced alone.
+        ``claim=False``: the spawn names no owner (a fleet hands the run to its work queue,
+        and whichever host takes it claims it); the drive returned must then not be called."""
         t0 = time.perf_counter()
         agent = await self.lifecycle.spawn(b, input, fuel=fuel, on_behalf_of=on_behalf_of, tenant=tenant, also=also,
-                                           started_as=started_as, sync=sync)
+                                           started_as=started_as, sync=sync, claim=claim)
         self.observer.spawned(agent, time.perf_counter() - t0)
 
         async def drive() -> RunResult:

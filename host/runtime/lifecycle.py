@@ -76,7 +76,8 @@ class Lifecycle:
     # -- spawn ------------------------------------------------------------------------------
     async def spawn(self, b: Bundle, input: Any, *, fuel: int | None, on_behalf_of: str | None,
                     tenant: str | None = None, also: Callable[[Any, str], None] | None = None,
-                    started_as: Mapping[str, Any] | None = None, sync: SyncWhen = "now") -> LiveAgent:
+                    started_as: Mapping[str, Any] | None = None, sync: SyncWhen = "now",
+                    claim: bool = True) -> LiveAgent:
         """A new agent: its record, input and identity written, ``agent.spawned`` audited.
 
         ``tenant``: whom the agent is run for (a server's operator tenant; recorded, and the
@@ -87,7 +88,8 @@ class Lifecycle:
         :class:`~host.runtime.registry.Resolved`), kept in the record and the audit beside the
         digest it resolved to, which is what the agent runs for good. ``sync="later"``: the
         caller tells nobody of the agent before its next commit, which is durable and covers
-        the spawn's (:class:`~host.runtime.commits.AgentCommits`)."""
+        the spawn's (:class:`~host.runtime.commits.AgentCommits`). ``claim=False``: no owner
+        (a fleet's work queue hands the run to the host that claims it)."""
         if fuel is not None and fuel < 0:
             raise ConfigError("fuel must be a non-negative integer")
         loaded, pre = self.loader.module(b)  # a refused module leaves nothing in the store
@@ -109,7 +111,7 @@ class Lifecycle:
             "parent": None, "fuel_limit": fuel, "checkpoints": 0, "snapshot_bytes": 0,
             "bundle_code": None, **({"tenant": tenant} if tenant is not None else {}),
             "started_as": _started_as(started_as),
-            "last_checkpoint_bytes": 0, "pending": None, "owner": self.owner, "audit_seq": 0,
+            "last_checkpoint_bytes": 0, "pending": None, "owner": self.owner if claim else None, "audit_seq": 0,
             "audit_head": audit.GENESIS,
             "usage": {"fuel_used": 0, "tool_calls": 0, "suspensions": 0, "hibernations": 0,
                       "tokens": 0, "denials": 0, "calls_by_tool": {}, "recent_calls": {}},

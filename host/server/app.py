@@ -53,7 +53,7 @@ class ServerState:
     def __init__(self, host: Host, config: ServerConfig) -> None:
         self.host = host
         self.config = config
-        self.scheduler = Scheduler(host)
+        self.scheduler = Scheduler(host, work=_work_queue(host, config), work_slots=config.work_slots)
         self.refusals = RefusalAudit(host.store, config.audit_flush_s)
         self.store_probe = StoreProbe(host.store, host.store_dir)
         self.ready = False
@@ -63,6 +63,15 @@ class ServerState:
     @property
     def draining(self) -> bool:
         return self.scheduler.draining
+
+
+def _work_queue(host: Host, config: ServerConfig) -> Any:
+    """The fleet's work queue, when this host is one of a fleet whose store offers one (the
+    NATS store): work is then dispatched through it (``host.server.scheduler``); else None."""
+    opener = getattr(host.store, "work_queue", None)
+    if host.lease is None or opener is None:
+        return None
+    return opener(ack_wait=config.work_ack_wait or max(2.0, 2 * host.lease.lease_s))
 
 
 def _extra_routes(state: ServerState) -> list[BaseRoute]:
@@ -153,6 +162,8 @@ def create_app(host: Host, *, config: ServerConfig | None = None) -> Starlette:
                     tg.start_soon(sched.timers)
                     if host.lease is not None:
                         tg.start_soon(sched.fleet)
+                    if sched.work is not None:
+                        tg.start_soon(sched.pull_work)
                     state.taken_over = sched.take_over()
                     if state.taken_over:
                         _log.info("took over %d agents a previous process left", state.taken_over)

@@ -33,3 +33,7 @@ class ServerConfig:
     audit_flush_s: float = 0.25
     #: Offer the registry's agents as MCP tools at ``/mcp`` (``torpor serve --mcp``).
     mcp: bool = False
+    #: In a fleet: how many work messages this host drives at once (None: its pool's size;
+    #: 0: a gateway only, driving nothing), and the work queue's ack wait (None: twice the lease).
+    work_slots: int | None = None
+    work_ack_wait: float | None = None

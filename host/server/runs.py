@@ -130,8 +130,10 @@ class Runs:
                 txn.put_blob(IDEMPOTENCY_BUCKET, name, json.dumps(
                     {"fingerprint": fingerprint, "agent_id": agent_id, "t": time.time()}).encode())
         try:
+            # Handed to the fleet's work queue, the spawn is left unclaimed: the host that takes it claims it.
             agent_id, drive = await self.host.start(b, payload, fuel=fuel, on_behalf_of=on_behalf_of, tenant=tenant,
-                                                    also=also, started_as=started_as, sync="later" if waits else "now")
+                                                    also=also, started_as=started_as, sync="later" if waits else "now",
+                                                    claim=not self.scheduler.queued)
         except TorporError as exc:
             if exc.code == "invalid_config" and "input" in str(exc):  # the spawn's check of the input
                 raise InvalidInput(str(exc)) from None

@@ -25,6 +25,18 @@ the run (``torpor --server URL run`` prints them as a local run does); the store
 drive's lines too (:mod:`host.runtime.logs`, served by ``GET /v1/agents/{id}/logs``), but
 numbered per agent, not per drive.
 
+In a fleet on NATS (a host with a lease whose store offers a work queue,
+:mod:`snapshots.work_queue`), work is dispatched through the queue rather than in-process:
+a new run accepted here, a wake-up heard here (an approval answered, a tool's result, a
+timer due, an orphan found, an agent left by a previous process) is published as a work
+message, and every host of the fleet pulls from the one shared consumer as many as it has
+room for (``work_slots``), claims the agent (the store decides between hosts), drives it to
+its next hibernation or its end, says it is still at it while a long segment runs, then
+acknowledges. A host that dies holding a message has it delivered again, to another host,
+after the queue's ``ack_wait``; a message delivered twice starts nothing twice (the agent
+is finished, parked, or held under a live lease: acknowledged and left). The single-host
+path (an LMDB store, no lease) drives in-process as before, at the same cost.
+
 On SIGTERM, :meth:`Scheduler.drain` starts no more drives, lets the running ones end or
 park for ``drain_timeout``, then interrupts the rest at their next safe point
 (:func:`host.sandbox.interrupts.request`): each is left at its last checkpoint, in the
@@ -37,6 +49,7 @@ import asyncio
 import logging
 import signal
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -49,6 +62,7 @@ from host.errors import AgentNotFound, AgentStateError, LeaseLost
 from host.runtime import Host, RunResult
 from host.runtime.timers import Wakeup
 from host.sandbox import interrupts
+from snapshots.work_queue import Kind, Work, WorkQueue
 
 _log = logging.getLogger("torpor.server")
 
@@ -57,6 +71,10 @@ _log = logging.getLogger("torpor.server")
 TIMER_POLL_S = 1.0
 #: How often, at most, a fleet host looks for agents whose host's lease expired.
 FLEET_POLL_S = 0.25
+#: How long a pull from the work queue waits for a message before it looks again.
+PULL_WAIT_S = 1.0
+#: At most this many work messages taken in one pull.
+PULL_BATCH = 16
 
 
 class RecentLogs:
@@ -105,6 +123,13 @@ class Drive:
         self.result: RunResult | None = None
 
 
+class _Queued(Drive):
+    """A run handed to the fleet's work queue: whichever host takes it drives it, so its
+    result is never known here (a waiter reads the store)."""
+
+    __slots__ = ()
+
+
 def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -113,8 +138,16 @@ def _wake(fut: asyncio.Future[None]) -> None:
 class Scheduler:
     """Background drives of one host's agents (see the module docstring)."""
 
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: Host, work: WorkQueue | None = None, work_slots: int | None = None) -> None:
         self.host = host
+        #: The fleet's work queue, when dispatch goes through it (see the module docstring).
+        self.work = work
+        #: How many work messages this host holds at once (0: a gateway only, it drives nothing).
+        self.work_slots = host.pool.size if work_slots is None else work_slots
+        self._held: dict[int, Work] = {}  # work messages taken and not answered, by stream sequence
+        self._publishes: set[asyncio.Task[None]] = set()
+        self.work_stats = {"published": 0, "taken": 0, "acked": 0, "nacked": 0, "duplicates": 0,
+                           "redelivered": 0}
         self.draining = False
         self.interrupted = False  # the drain asked running guests to stop at a safe point
         self.active: dict[str, int] = {}  # agent id -> drives in flight
@@ -153,22 +186,36 @@ class Scheduler:
     def take_over(self) -> int:
         """Resume, in the background, every agent a previous process left; how many."""
         ids = self.host.resumable()
-        for aid in ids:
-            self.resume(aid)
+        for aid, work_id in self._work_ids(ids):
+            self.resume(aid, work_id or None, "orphan")
         return len(ids)
 
     # -- driving agents -------------------------------------------------------------------
+    @property
+    def queued(self) -> bool:
+        """Whether work goes through the fleet's work queue (else it is driven here)."""
+        return self.work is not None
+
     def drive(self, agent_id: str, fn: Callable[[], Awaitable[RunResult]]) -> Drive | None:
         """Run ``fn`` (a spawn's drive, a resume) in the background: the drive, or None once
-        draining (the agent stays as the store has it, for the next server to take over)."""
+        draining (the agent stays as the store has it, for the next server to take over).
+
+        With a work queue, a new run is published as work instead (``fn`` is not called: the
+        host that takes the message resumes the agent from the store, its spawn unclaimed)."""
         if self.draining or self._tg is None:
             return None
+        if self.work is not None:
+            self._publish("run", agent_id, f"run:{agent_id}")
+            return _Queued(agent_id)
+        return self._start(agent_id, fn)
+
+    def _start(self, agent_id: str, fn: Callable[[], Awaitable[RunResult]], work: Work | None = None) -> Drive:
         self.active[agent_id] = self.active.get(agent_id, 0) + 1
         self.started += 1
         if self._idle.is_set():
             self._idle = anyio.Event()
         d = Drive(agent_id)
-        task = asyncio.get_running_loop().create_task(self._guard(d, fn), name=f"agent {agent_id}")
+        task = asyncio.get_running_loop().create_task(self._guard(d, fn, work), name=f"agent {agent_id}")
         self._drives.add(task)
         task.add_done_callback(self._drives.discard)
         return d
@@ -177,13 +224,120 @@ class Scheduler:
         """Whether a drive of ``agent_id`` is in flight here (it is running until that ends)."""
         return agent_id in self.active
 
-    def resume(self, agent_id: str) -> bool:
-        """Resume the agent in the background (a decision was recorded, its time came, or it was left)."""
-        return self.drive(agent_id, lambda: self.host.resume(agent_id)) is not None
+    def resume(self, agent_id: str, work_id: str | None = None, kind: Kind = "wake") -> bool:
+        """Resume the agent in the background (a decision was recorded, its time came, or it
+        was left); with a work queue, publish that it needs driving (``work_id``: the event's
+        id, so that two hosts telling of one event make one message; a fresh one by default)."""
+        if self.draining or self._tg is None:
+            return False
+        if self.work is not None:
+            self._publish(kind, agent_id, work_id or f"{kind}:{agent_id}:{uuid.uuid4().hex}")
+            return True
+        self._start(agent_id, lambda: self.host.resume(agent_id))
+        return True
 
-    async def _guard(self, d: Drive, fn: Callable[[], Awaitable[RunResult]]) -> None:
-        """One drive, whose errors end here: the agent's own are in its record already."""
+    # -- the fleet's work queue ---------------------------------------------------------------
+    def _publish(self, kind: Kind, agent_id: str, work_id: str) -> None:
+        """Publish a work message in the background (a round trip to the cluster, off the loop).
+        One that fails is logged: the agent is found again by the orphan look (unclaimed, or
+        under an expired lease) and published then."""
+        work = self.work
+        assert work is not None
+
+        async def go() -> None:
+            try:
+                await anyio.to_thread.run_sync(work.publish, kind, agent_id, work_id)
+                self.work_stats["published"] += 1
+            except Exception as exc:
+                _log.warning("fleet: could not publish work for agent %s (%s): %s", agent_id, kind, exc)
+
+        task = asyncio.get_running_loop().create_task(go(), name=f"publish {kind} {agent_id}")
+        self._publishes.add(task)
+        task.add_done_callback(self._publishes.discard)
+
+    async def pull_work(self) -> None:
+        """Take work from the fleet's queue while there is room, drive each message's agent;
+        and say, well within the queue's ``ack_wait``, that what is held is still in progress.
+        Until cancelled."""
+        assert self.work is not None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._keep_held)
+            while True:
+                room = self.work_slots - len(self._held)
+                if self.draining or room <= 0:
+                    await anyio.sleep(0.05 if not self.draining else PULL_WAIT_S)
+                    continue
+                try:
+                    taken = await anyio.to_thread.run_sync(self.work.pull, min(room, PULL_BATCH), PULL_WAIT_S)
+                except Exception as exc:  # the cluster is away for a moment: pull again
+                    _log.warning("fleet: pulling work failed: %s", exc)
+                    await anyio.sleep(PULL_WAIT_S)
+                    continue
+                for w in taken:
+                    self._take(w)
+
+    def _take(self, w: Work) -> None:
+        """Drive the agent of a work message taken (or, if it is driven here already, let the
+        message go: the drive in flight answers for the agent)."""
+        self.work_stats["taken"] += 1
+        if w.deliveries > 1:
+            self.work_stats["redelivered"] += 1
+            # A host took it and did not answer within the ack wait: it died, or was cut off.
+            _log.warning("fleet: work for agent %s delivered again (%d times): resuming it from its last commit",
+                         w.agent_id, w.deliveries)
+        if self.draining or w.agent_id in self.active:
+            self.work_stats["duplicates" if not self.draining else "nacked"] += 1
+            self._answer(w, "ack" if not self.draining else "nak")
+            return
+        self._held[w.message.seq] = w
+        aid = w.agent_id
+        self._start(aid, lambda: self.host.resume(aid), w)
+
+    def _answer(self, w: Work, how: str) -> None:
+        """Acknowledge (done, or not ours) or nak (deliver again to any host) ``w``, off the loop."""
+        work = self.work
+        assert work is not None
+        self._held.pop(w.message.seq, None)
+        self.work_stats["acked" if how == "ack" else "nacked"] += 1
+
+        async def go() -> None:
+            try:
+                if how == "ack":
+                    await anyio.to_thread.run_sync(work.ack, w)
+                else:
+                    await anyio.to_thread.run_sync(work.nak, w, 0.2)
+            except Exception as exc:  # unanswered: delivered again after ack_wait, and found done then
+                _log.warning("fleet: could not answer work for agent %s: %s", w.agent_id, exc)
+
+        task = asyncio.get_running_loop().create_task(go(), name=f"answer {w.agent_id}")
+        self._publishes.add(task)
+        task.add_done_callback(self._publishes.discard)
+
+    async def _keep_held(self) -> None:
+        """Every third of ``ack_wait``: the messages held are still in progress."""
+        work = self.work
+        assert work is not None
+
+        def say(held: list[Work]) -> None:
+            for w in held:
+                if w.message.seq in self._held:  # not answered meanwhile
+                    work.in_progress(w)
+
+        while True:
+            await anyio.sleep(work.ack_wait / 3)
+            if self._held:
+                try:
+                    await anyio.to_thread.run_sync(say, list(self._held.values()))
+                except Exception as exc:
+                    _log.warning("fleet: could not say work is in progress: %s", exc)
+
+    async def _guard(self, d: Drive, fn: Callable[[], Awaitable[RunResult]], work: Work | None = None) -> None:
+        """One drive, whose errors end here: the agent's own are in its record already. A work
+        message it came from is acknowledged once the agent ended or parked, or is not this
+        host's to drive; it is delivered again (nak) when the drive was cut short here (the
+        drain, a store that could not be written)."""
         agent_id = d.agent_id
+        answer = "ack"
         try:
             result = await fn()
             d.result = result
@@ -196,9 +350,16 @@ class Scheduler:
             _log.info("agent %s not driven: %s", agent_id, exc)
         except interrupts.Interrupted:  # drained: left at its last checkpoint
             _log.info("agent %s interrupted by the drain; it resumes from its last checkpoint", agent_id)
+            answer = "nak"  # another host takes it now
         except Exception:  # a store that cannot be written, a host bug: logged, the server goes on
             _log.exception("driving agent %s failed", agent_id)
+            answer = "nak"
+        except BaseException:  # cancelled (the server stops): another host takes it at once
+            answer = "nak"
+            raise
         finally:
+            if work is not None:
+                self._answer(work, answer)
             d.ended = True
             n = self.active.get(agent_id, 1) - 1
             if n > 0:
@@ -267,13 +428,32 @@ class Scheduler:
         while True:
             try:
                 if not self.draining:
-                    for aid in await anyio.to_thread.run_sync(self.host.orphaned):
+                    for aid, work_id in await anyio.to_thread.run_sync(self._orphans):
                         if aid not in self.active:
                             _log.info("taking over agent %s (its host's lease expired)", aid)
-                            self.resume(aid)
+                            self.resume(aid, work_id, "orphan")
             except Exception:  # the cluster is away for a moment: look again at the next poll
                 _log.exception("fleet: looking for orphaned agents failed")
             await anyio.sleep(min(FLEET_POLL_S, lease.lease_s / 4))
+
+    def _orphans(self) -> list[tuple[str, str]]:
+        """The agents to take over (``Host.orphaned``), each with the id of its work message:
+        one per expired lease and ``ack_wait`` period, so that every host finding the same
+        orphan publishes one message; an unclaimed agent's is its run's (a run whose
+        message is in the queue is not published again, one whose publish was lost is)."""
+        return self._work_ids(self.host.orphaned())
+
+    def _work_ids(self, ids: list[str]) -> list[tuple[str, str]]:
+        if self.work is None or not ids:
+            return [(aid, "") for aid in ids]
+        period = int(time.time() // self.work.ack_wait)
+        out = []
+        with self.host.store.read() as r:
+            for aid in ids:
+                rec = r.get_agent(aid) or {}
+                lease = (rec.get("owner") or {}).get("lease")
+                out.append((aid, f"orphan:{aid}:{lease}:{period}" if lease else f"run:{aid}"))
+        return out
 
     # -- waits that end at a time ------------------------------------------------------------
     async def timers(self) -> None:
@@ -294,12 +474,13 @@ class Scheduler:
             if not self.draining:
                 for w in pending:
                     if w.at <= now and w.agent_id and w.agent_id not in self.active:
-                        self.resume(w.agent_id)
+                        self.resume(w.agent_id, f"timer:{w.agent_id}:{w.at!r}")
             due, pending = await anyio.to_thread.run_sync(self._look, now)  # one thread hop, two reads
             if not self.draining:
+                at = {w.agent_id: w.at for w in pending}
                 for aid in due:
                     if aid not in self.active:
-                        self.resume(aid)
+                        self.resume(aid, f"timer:{aid}:{at[aid]!r}" if aid in at else None)
             later = [w.at for w in pending if w.at > now and w.agent_id not in self.active]
             now = time.time()  # the look took time: sleep until the deadline, not that long after it
             sleep = min([TIMER_POLL_S, *(at - now for at in later)])
