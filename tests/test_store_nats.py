@@ -408,3 +408,32 @@ def test_the_log_compacts_by_itself(nats_cluster: NatsCluster, tmp_path: Path, s
             assert time.monotonic() < deadline, "no compaction"
             time.sleep(0.1)
         assert a._bridge.snapshots(f"{stream}_snap", replicas=3)
+
+
+def test_the_work_queue_hands_each_message_to_one_host_and_again_after_the_ack_wait(
+        pair: tuple[NatsStore, NatsStore]) -> None:
+    """``snapshots.work_queue`` on the real cluster: one message per work id (a second publish
+    of the same id is dropped), one host at a time, delivered again to the other host when the
+    first does not answer within the ack wait, gone once acknowledged; a message that is not
+    work is terminated, not handed out."""
+    a, b = pair
+    qa, qb = a.work_queue(ack_wait=1.0), b.work_queue(ack_wait=1.0)
+    qa.publish("run", "agt_1", "run:agt_1")
+    qb.publish("run", "agt_1", "run:agt_1")  # the same event told by another host: one message
+    qb.publish("wake", "agt_2", "wake:agt_2:1")
+    a._bridge.publish_work(qa.subject, b"not json", msg_id="junk")
+    taken = qa.pull(10, 2.0)
+    assert sorted((w.kind, w.agent_id, w.deliveries) for w in taken) == [("run", "agt_1", 1), ("wake", "agt_2", 1)]
+    assert qb.pull(10, 0.3) == []  # held by a, not handed to b too
+    qa.in_progress(taken[0])  # a is still at agt_1's work ...
+    qa.ack(taken[1])  # ... and done with agt_2's
+    time.sleep(0.6)
+    qa.in_progress(taken[0])
+    again = qb.pull(10, 3.0)  # a stops answering (as if it died): b gets agt_1's, once more
+    assert [(w.agent_id, w.deliveries) for w in again] == [("agt_1", 2)]
+    qb.ack(again[0])
+    qa.ack(taken[0])  # a late answer of the first holder changes nothing
+    assert qa.pull(10, 1.5) == [] and qb.pull(10, 0.3) == []
+    assert qa.state()["pending"] == 0 and qa.state()["unacknowledged"] == 0
+    with pytest.raises(ValueError):
+        qa.publish("explode", "agt_1", "x")  # type: ignore[arg-type]
