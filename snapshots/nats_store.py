@@ -36,13 +36,19 @@ agent's subject fails, and its function, run again on the new state, sees that i
 owns the agent. Blind writes of global keys (a lease renewal) read nothing and carry no
 condition.
 
-The cost of a walk: a transaction that walked shared keys (every agent for the signed
-audit heads, the wake index for the timers' sweep, a registry prefix for a push) can only
-commit in a moment when no host of the fleet commits anything between its view and its
-publish. Under sustained load from other hosts it backs off and, after 40 lost races, gives
-up with ``StoreUnavailable`` (the periodic seal of the audit heads tries again later; a push
-says so). A group commit runs such a function apart from the others. Conditioning walks on
-the subjects they cover (a wildcard per bucket) rather than on the whole stream is not done.
+Shared keys and walks: a key that is no one agent's (a lease, a registry entry, a signed
+head) is on the subject ``<stream>.k.<bucket>.<key>`` (tokens, a digest when the name is not
+one), so a walk over a bucket of such keys (``oplog.walk_of``: a registry prefix for a push,
+the host chains' heads for a seal) is conditioned on the wildcard ``<stream>.k.<bucket>.*``
+(``Nats-Expected-Last-Subject-Sequence-Subject``): it races only the writes to that bucket,
+not every commit of the fleet. The seal's walk over every agent record is read at its view
+and not conditioned at all (``oplog``, "snapshot_walk": why that is serializable here). A
+walk over a bucket of agents' keys (every agent's audit chain, the whole wake index) is still
+conditioned on the whole stream: no write transaction of the host makes one (the timers'
+sweep reads the index outside its transaction and conditions its deletions per agent); one
+that did could commit only in a moment when no host commits anything between its view and
+its publish, and gives up with ``StoreUnavailable`` after 40 lost races. A group commit runs
+such a function apart from the others.
 
 A step's checkpoint, journal entries, audit records and agent record are one log entry:
 one message, or an atomic batch (NATS 2.12+) when it touches several agents or exceeds the
@@ -94,7 +100,7 @@ import lmdb
 from .errors import StoreConfigError, StoreCorrupt, StoreError, StoreSuspect, StoreUnavailable
 from .lmdb_store import LmdbStore, _LmdbTxn
 from .nats_bridge import LogMessage, NatsBridge, WrongLastSequence
-from .oplog import RecordingTxn, apply_ops, decode_ops, encode_ops
+from .oplog import WALK, RecordingTxn, apply_ops, bucket_of, decode_ops, encode_ops
 from .store import AgentStore, Outcome, ReadTxn, SyncWhen, WriteTxn
 from .work_queue import WorkQueue
 
@@ -197,6 +203,7 @@ class NatsStore:
         self.subject = f"{stream}.>"  # every subject of the stream
         self._global_subject = f"{stream}.g"
         self._agent_prefix = f"{stream}.a."
+        self._key_prefix = f"{stream}.k."  # shared keys: <stream>.k.<bucket>.<key>
         self._read_subject = f"{stream}.r"  # messages that only carry a condition on what was read
         self.replicas = replicas
         self._max_part = max(64 * 1024, int(bridge._nc.max_payload) - _PART_HEADROOM)
@@ -355,11 +362,30 @@ class NatsStore:
         return int(raw) if raw is not None else 0
 
     def _note_subjects(self, txn: lmdb.Transaction, parts: Sequence[tuple[str, int]]) -> None:
-        """Record each message's sequence under its agent subject (in log order: the last wins)."""
+        """Record each message's sequence under its agent subject, or under its shared key's
+        subject and its bucket's wildcard (in log order: the last wins)."""
         meta = self._local._dbs["_torpor"]
         for subject, seq in parts:
+            value = str(seq).encode()
             if subject.startswith(self._agent_prefix):
-                txn.put(_SUBJECT_KEY + subject[len(self._agent_prefix):].encode(), str(seq).encode(), db=meta)
+                txn.put(_SUBJECT_KEY + subject[len(self._agent_prefix):].encode(), value, db=meta)
+            elif subject.startswith(self._key_prefix):
+                rest = subject[len(self._key_prefix):]
+                txn.put(_SUBJECT_KEY + b"k." + rest.encode(), value, db=meta)
+                txn.put(_SUBJECT_KEY + b"k." + rest.partition(".")[0].encode(), value, db=meta)
+
+    def _route(self, partition: str) -> tuple[str, str]:
+        """The subject of a partition's messages (a walk's: the wildcard of its bucket), and the
+        name under which the copy keeps its last sequence."""
+        if partition.startswith(WALK):
+            bucket = _token(partition[len(WALK):])
+            return f"{self._key_prefix}{bucket}.*", f"k.{bucket}"
+        shared = bucket_of(partition)
+        if shared is not None:
+            bucket, key = _token(shared[0]), _token(shared[1])
+            return f"{self._key_prefix}{bucket}.{key}", f"k.{bucket}.{key}"
+        token = _token(partition)
+        return self._agent_prefix + token, token
 
     def _advance(self, seq: int) -> None:
         with self._applied_cond:
@@ -513,19 +539,19 @@ class NatsStore:
         """The messages of one entry: on each touched agent's subject, with the entry's condition
         (see the module docstring), its frame cut into parts under the payload limit."""
         frame = encode_ops(rec.ops)
-        wrote = sorted({_token(p) for p in rec.wrote})
+        wrote = dict(sorted(self._route(p) for p in rec.wrote))  # subject -> its sequence's name
         plan: list[tuple[str, dict[str, str]]]  # (subject, condition) per message
         if rec.global_read:  # the whole log's last sequence; a message on each partition written
-            plan = [(self._agent_prefix + t, {}) for t in wrote] or [(self._global_subject, {})]
+            plan = [(subject, {}) for subject in wrote] or [(self._global_subject, {})]
             plan[0] = (plan[0][0], {"Nats-Expected-Last-Sequence": str(applied)})
             kind = "stream"
         else:  # each partition read unchanged: on its own message if written, else on a read marker
-            read = {_token(p) for p in rec.read}
-            plan = [(self._agent_prefix + t, {_EXPECT_SUBJECT: str(self._subject_seq_in(txn, t))} if t in read else {})
-                    for t in wrote]
-            plan += [(self._read_subject, {_EXPECT_SUBJECT: str(self._subject_seq_in(txn, t)),
-                                           _EXPECT_SUBJECT + "-Subject": self._agent_prefix + t})
-                     for t in sorted(read.difference(wrote))]
+            read = dict(self._route(p) for p in rec.read)
+            plan = [(subject, {_EXPECT_SUBJECT: str(self._subject_seq_in(txn, name))} if subject in read else {})
+                    for subject, name in wrote.items()]
+            plan += [(self._read_subject, {_EXPECT_SUBJECT: str(self._subject_seq_in(txn, name)),
+                                           _EXPECT_SUBJECT + "-Subject": subject})
+                     for subject, name in sorted(read.items()) if subject not in wrote]
             plan = plan or [(self._global_subject, {})]
             kind = "partitions" if any(c for _, c in plan) else "none"
         self.conditions[kind] += 1

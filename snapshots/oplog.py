@@ -22,8 +22,24 @@ record, checkpoints, journal, its private kv namespace, its audit chain, logs, i
 approval, identity and wake entry), the key itself for any other single key (a host's
 lease, the host's signing key), or :data:`GLOBAL` for a walk over keys that are not one
 agent's (every agent, a bucket, the registry). A transaction is conditioned on each
-partition it read, and its writes go to each partition it wrote; one that walked anything
-global is conditioned on the whole log. Which keys are whose is the host's layout, named
+partition it read, and its writes go to each partition it wrote. A walk over a bucket (or
+kv namespace) of shared keys, none of them one agent's (the registry, the signed heads, the
+fleet's leases), is the partition :func:`walk_of` that bucket: it is conditioned on every key
+of that bucket at once (``snapshots.nats_store`` puts a bucket's keys under one subject
+prefix and conditions the walk on the wildcard), so a registry push or a seal commits beside
+the fleet's steps instead of racing every commit. One that walked a bucket of agents' keys
+(every agent's audit chain, the wake index) is :data:`GLOBAL`, conditioned on the whole log.
+
+Walks of the agent records themselves (``iter_agents``, ``iter_agent_summaries``) in a write
+transaction are read at the transaction's view and not conditioned (:attr:`RecordingTxn.
+snapshot_walk`): snapshot isolation for that walk. That is serializable for this host's
+layout, and only because of it: the one writer that walks every agent is the audit-head
+seal (``host.trust.audit.seal_head``), which writes only keys of the heads bucket, and no
+transaction that writes an agent record reads those. Serialized at its view, the seal
+signs heads that every chain had then (chains only grow, and the next seal covers what
+came after); conditioned on every agent, it could commit only in a lull of the whole fleet.
+
+Which keys are whose is the host's layout, named
 here: a key labelled wrongly costs concurrency (two agents' commits conditioned on each
 other), never correctness, since every transaction reading a key is conditioned on, and
 every one writing it publishes to, the same label.
@@ -45,8 +61,8 @@ from .errors import StoreCorrupt
 from .store import CheckpointInfo, WriteTxn
 from .summary import AgentSummary
 
-__all__ = ["GLOBAL", "WRITE_METHODS", "RecordingTxn", "apply_ops", "decode_ops", "encode_ops", "partition_of_blob",
-           "partition_of_kv"]
+__all__ = ["GLOBAL", "WALK", "WRITE_METHODS", "RecordingTxn", "apply_ops", "bucket_of", "decode_ops", "encode_ops",
+           "partition_of_blob", "partition_of_kv", "walk_of"]
 
 #: The ``WriteTxn`` methods that change the state; only these are recorded and replayed.
 WRITE_METHODS = frozenset({
@@ -60,6 +76,8 @@ Op = tuple[str, tuple[Any, ...], dict[str, Any]]
 
 #: The partition of a walk over keys that are not one agent's alone.
 GLOBAL = ""
+#: The prefix of the partition of a walk over one bucket of shared keys (:func:`walk_of`).
+WALK = "walk:"
 #: Blob buckets keyed by an agent's id, and those keyed ``<agent id>/...`` (its chain, its log).
 _BY_AGENT_ID = frozenset({"inputs", "approvals", "identity"})
 _BY_AGENT_PREFIX = frozenset({"audit", "logs"})
@@ -68,6 +86,31 @@ _BY_AGENT_PREFIX = frozenset({"audit", "logs"})
 _LIMITS_NAMESPACE = "torpor:limits"
 #: Writes that read nothing (no answer or error depends on what was there).
 _BLIND = frozenset({"kv_set", "put_blob", "put_agent"})
+
+
+#: Blob buckets some of whose keys are agents' (a walk over them is GLOBAL).
+_AGENT_KEYED_BUCKETS = _BY_AGENT_ID | _BY_AGENT_PREFIX | {"revocations", "timers"}
+
+
+def walk_of(bucket: str) -> str:
+    """The partition of a walk over ``bucket`` (``kv:<namespace>`` or ``blob:<bucket>``), a
+    bucket of shared keys only: its keys' partitions are ``<bucket>/<key>`` (:func:`bucket_of`)."""
+    return WALK + bucket
+
+
+def bucket_of(partition: str) -> tuple[str, str] | None:
+    """(bucket, key) of a shared key's partition (``kv:<ns>/<key>``, ``blob:<bucket>/<key>``);
+    None for an agent's partition, a walk, :data:`GLOBAL`."""
+    if not partition.startswith(("kv:", "blob:")):
+        return None
+    bucket, _, key = partition.partition("/")
+    return bucket, key
+
+
+def _shared_kv(namespace: str) -> bool:
+    """Whether every key of ``namespace`` is a shared key (none is one agent's). A name with a
+    '/' is not walked by bucket (its keys' partitions would not name it alone): GLOBAL."""
+    return not namespace.startswith("agent:") and namespace != _LIMITS_NAMESPACE and "/" not in namespace
 
 
 def partition_of_kv(namespace: str, key: str, *, prefix: bool = False) -> str:
@@ -80,7 +123,9 @@ def partition_of_kv(namespace: str, key: str, *, prefix: bool = False) -> str:
                 agent, sep, _ = key[len(head):].partition(end)
                 if agent and (sep or not prefix):
                     return agent
-    return GLOBAL if prefix else f"kv:{namespace}/{key}"
+    if prefix:
+        return walk_of(f"kv:{namespace}") if _shared_kv(namespace) else GLOBAL
+    return f"kv:{namespace}/{key}"
 
 
 def partition_of_blob(bucket: str, key: str, *, prefix: bool = False) -> str:
@@ -95,17 +140,21 @@ def partition_of_blob(bucket: str, key: str, *, prefix: bool = False) -> str:
         return key[6:]
     if bucket == "timers" and not prefix:  # ``<time>/<agent id>`` (``host.runtime.timers.wake_key``)
         return key.rpartition("/")[2]
-    return GLOBAL if prefix else f"blob:{bucket}/{key}"
+    if prefix:
+        return walk_of(f"blob:{bucket}") if bucket not in _AGENT_KEYED_BUCKETS and "/" not in bucket else GLOBAL
+    return f"blob:{bucket}/{key}"
 
 
 class RecordingTxn:
     """A ``WriteTxn`` that forwards every call to ``inner`` and records the writes that succeed.
 
     It also notes what the transaction depends on: the partitions it ``read`` (a write whose
-    answer or error depends on what was there reads too) and ``wrote``, and ``global_read``,
-    whether it walked keys of :data:`GLOBAL`."""
+    answer or error depends on what was there reads too; a walk over a bucket of shared keys
+    is :func:`walk_of` it) and ``wrote``, ``global_read``, whether it walked keys of
+    :data:`GLOBAL`, and ``snapshot_walk``, whether it walked the agent records (read at its
+    view, not conditioned: see the module docstring)."""
 
-    __slots__ = ("_inner", "global_read", "ops", "read", "wrote")
+    __slots__ = ("_inner", "global_read", "ops", "read", "snapshot_walk", "wrote")
 
     def __init__(self, inner: WriteTxn) -> None:
         self._inner = inner
@@ -113,6 +162,7 @@ class RecordingTxn:
         self.read: set[str] = set()
         self.wrote: set[str] = set()
         self.global_read = False
+        self.snapshot_walk = False
 
     def _touch(self, part: str) -> None:
         if part:
@@ -126,6 +176,7 @@ class RecordingTxn:
         self.read |= other.read
         self.wrote |= other.wrote
         self.global_read = self.global_read or other.global_read
+        self.snapshot_walk = self.snapshot_walk or other.snapshot_walk
 
     def _write(self, part: str, name: str, *args: Any, **kwargs: Any) -> Any:
         if name not in _BLIND:  # before the call: one that raised may have read
@@ -143,11 +194,11 @@ class RecordingTxn:
         return self._inner.get_agent(agent_id)
 
     def iter_agents(self) -> Iterator[dict[str, Any]]:
-        self._touch(GLOBAL)
+        self.snapshot_walk = True  # read at the view, not conditioned (see the module docstring)
         return self._inner.iter_agents()
 
     def iter_agent_summaries(self) -> Iterator[AgentSummary]:
-        self._touch(GLOBAL)
+        self.snapshot_walk = True
         return self._inner.iter_agent_summaries()
 
     def get_checkpoint(self, agent_id: str, seq: int) -> bytes | None:

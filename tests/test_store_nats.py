@@ -164,7 +164,8 @@ def test_hosts_writing_different_agents_do_not_race(pair: tuple[NatsStore, NatsS
     msgs = [a._bridge.get(a.stream, seq) for seq in range(last - 2, last + 1)]
     assert [m.headers["Torpor-Part"] for m in msgs if m is not None] == ["1/3", "2/3", "3/3"]
     subjects = sorted(m.subject for m in msgs if m is not None)
-    assert subjects[1:] == [f"{a.stream}.a.x", f"{a.stream}.a.y"] and subjects[0].startswith(f"{a.stream}.a.h")
+    assert subjects[:2] == [f"{a.stream}.a.x", f"{a.stream}.a.y"] and subjects[2].startswith(f"{a.stream}.k.h")
+    assert subjects[2].split(".")[3] == "k"  # the shared key, under its bucket's prefix
     # a stale view of one agent of a group commit refuses the whole entry, which runs again
     go = _lagging(a, monkeypatch)
     b.transact(lambda t: t.put_agent({"agent_id": "y", "n": 3}))
@@ -181,11 +182,12 @@ def test_hosts_writing_different_agents_do_not_race(pair: tuple[NatsStore, NatsS
     b.sync()
     with b.read() as r:
         assert r.get_agent("y") == {"agent_id": "y", "n": 4} and r.get_journal("x", 2) == {"r": 3}
-    # a walk over every agent in a group commit is committed on its own (conditioned on the
-    # whole stream), the other functions together (on their agents)
+    # a walk over every agent's keys (the whole wake index) in a group commit is committed on
+    # its own (conditioned on the whole stream), the other functions together (on their agents)
+    b.transact(lambda t: [t.put_blob("timers", f"1/{x}", b"{}") for x in ("x", "y")])
     before = dict(b.conditions)
     outs = b.transact_batch([lambda t: t.put_journal("x", 9, {"r": 9}),
-                             lambda t: t.kv_set("n", "agents", str(len(list(t.iter_agents()))).encode()),
+                             lambda t: t.kv_set("n", "agents", str(len(list(t.iter_blobs("timers")))).encode()),
                              lambda t: t.put_journal("y", 9, {"r": 9})])
     assert [o.error for o in outs] == [None, None, None]
     assert b.conditions["stream"] == before.get("stream", 0) + 1
@@ -303,9 +305,17 @@ def test_doctor_checks_the_cluster(nats_cluster: NatsCluster, tmp_path: Path, st
 
 
 def test_keys_are_labelled_with_the_agent_they_belong_to() -> None:
-    """What a commit is conditioned on: the agents whose keys it touched, or the whole log
-    when it read a key of no one agent (a blind write of one reads nothing)."""
-    from snapshots.oplog import GLOBAL, RecordingTxn, partition_of_blob, partition_of_kv
+    """What a commit is conditioned on: the agents whose keys it touched, a shared key, a
+    bucket of shared keys it walked, or the whole log when it walked agents' keys (a blind
+    write reads nothing; the walk of the agent records is read at the view)."""
+    from snapshots.oplog import (
+        GLOBAL,
+        RecordingTxn,
+        bucket_of,
+        partition_of_blob,
+        partition_of_kv,
+        walk_of,
+    )
 
     assert partition_of_kv("agent:A1", "counter") == "A1"
     assert partition_of_kv("torpor:limits", "run:A1/tool") == "A1"
@@ -314,17 +324,19 @@ def test_keys_are_labelled_with_the_agent_they_belong_to() -> None:
     assert partition_of_kv("torpor:limits", "run:A1", prefix=True) == GLOBAL  # would cover run:A10/...
     assert partition_of_kv("torpor:limits", "tenant:acme") == "kv:torpor:limits/tenant:acme"  # its own
     assert partition_of_kv("fleet.leases", "h:1") == "kv:fleet.leases/h:1"
-    assert partition_of_kv("fleet.leases", "", prefix=True) == GLOBAL
+    assert partition_of_kv("fleet.leases", "", prefix=True) == walk_of("kv:fleet.leases")  # a bucket of shared keys
+    assert partition_of_kv("torpor:limits", "", prefix=True) == GLOBAL  # agents' keys among them
     assert partition_of_blob("audit", "A1/000000000003") == "A1"
     assert partition_of_blob("audit", "A1/", prefix=True) == "A1"
     assert partition_of_blob("audit", "A1", prefix=True) == GLOBAL
     assert partition_of_blob("logs", "A1") == "A1"
     assert partition_of_blob("inputs", "A1") == "A1" and partition_of_blob("inputs", "A", prefix=True) == GLOBAL
     assert partition_of_blob("timers", "00000001732270000.250000/A1") == "A1"
-    assert partition_of_blob("timers", "", prefix=True) == GLOBAL
+    assert partition_of_blob("timers", "", prefix=True) == GLOBAL  # every agent's wake-ups
     assert partition_of_blob("revocations", "agent/A1") == "A1"
     assert partition_of_blob("registry", "v/acme/x") == "blob:registry/v/acme/x"
-    assert partition_of_blob("registry", "v/acme/", prefix=True) == GLOBAL
+    assert partition_of_blob("registry", "v/acme/", prefix=True) == walk_of("blob:registry")
+    assert bucket_of("blob:registry/v/acme/x") == ("blob:registry", "v/acme/x") and bucket_of("A1") is None
 
     class Null:
         def __getattr__(self, name: str) -> Any:
@@ -341,8 +353,12 @@ def test_keys_are_labelled_with_the_agent_they_belong_to() -> None:
     claim.kv_get("fleet.leases", "h:1")
     claim.put_agent({"agent_id": "A1"})
     assert claim.read == {"A1", "kv:fleet.leases/h:1"} and claim.wrote == {"A1"} and not claim.global_read
+    seal = RecordingTxn(Null())  # the agent records, read at the view; a bucket of shared keys
+    seal.iter_agents()
+    seal.iter_blobs("heads", "chain/")
+    assert seal.snapshot_walk and not seal.global_read and seal.read == {walk_of("blob:heads")}
     walk = RecordingTxn(Null())
-    walk.iter_agents()
+    walk.iter_blobs("audit", "")  # every agent's chain
     assert walk.global_read and not walk.read
 
 
@@ -437,3 +453,77 @@ def test_the_work_queue_hands_each_message_to_one_host_and_again_after_the_ack_w
     assert qa.state()["pending"] == 0 and qa.state()["unacknowledged"] == 0
     with pytest.raises(ValueError):
         qa.publish("explode", "agt_1", "x")  # type: ignore[arg-type]
+
+
+def test_walks_over_shared_keys_commit_beside_three_busy_hosts(nats_cluster: NatsCluster, tmp_path: Path,
+                                                              stream: str) -> None:
+    """Issue 17's walks under load: three hosts commit agents' steps (a record and audit
+    records each, through the real chain code) without pause while each also seals the signed
+    audit heads (a walk over every agent record) and walks a registry-like bucket of shared
+    keys to add to it. Before, every such walk was conditioned on the whole stream and gave
+    up after 40 lost races against the fleet's steps; now the seal reads the records at its
+    view and the bucket walk is conditioned on that bucket alone: every walk commits, and the
+    store verifies (every chain intact, every signed head consistent with them)."""
+    from host.trust import audit
+    from host.trust.identity import HostKey
+
+    hosts = [NatsStore.open(nats_cluster.urls[i], tmp_path / f"h{i}", stream=stream) for i in range(3)]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    steps = [0, 0, 0]
+    walks = [0, 0, 0]
+
+    def step_loop(i: int) -> None:
+        s = hosts[i]
+        try:
+            while not stop.is_set():
+                aid = f"agt{i}x{steps[i] % 4}"
+
+                def step(t: WriteTxn, aid: str = aid) -> None:
+                    rec = t.get_agent(aid) or {"agent_id": aid, "audit_seq": 0, "audit_head": audit.GENESIS}
+                    audit.append_events(t, rec, [("tool.called", {"n": steps[i]})])
+                    t.put_agent(rec)
+
+                s.transact(step)
+                steps[i] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    def walk_loop(i: int, rounds: int) -> None:
+        s, key = hosts[i], HostKey.generate()
+        try:
+            for n in range(rounds):
+                s.transact(lambda t: audit.seal_head(t, key))
+                s.transact(lambda t, n=n: t.put_blob("registry", f"v/h{i}/{n}",
+                                                     str(len(list(t.iter_blobs("registry", "v/")))).encode()))
+                walks[i] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        steppers = [threading.Thread(target=step_loop, args=(i,)) for i in range(3)]
+        for th in steppers:
+            th.start()
+        while min(steps) < 5 and not errors:  # every host under way
+            time.sleep(0.01)
+        walkers = [threading.Thread(target=walk_loop, args=(i, 12)) for i in range(3)]
+        for th in walkers:
+            th.start()
+        for th in walkers:
+            th.join(120)
+        stop.set()
+        for th in steppers:
+            th.join(60)
+        assert not errors, errors
+        assert walks == [12, 12, 12] and min(steps) > 20, (walks, steps)
+        hosts[0].sync()
+        with hosts[0].read() as r:
+            found = [k for k, _ in r.iter_blobs("registry", "v/")]
+            assert len(found) == 36  # no walk's write lost
+        report = audit.verify_store(hosts[0])
+        assert report.ok, report.summary()
+        assert sum(h.conditions["stream"] for h in hosts) == 0  # no walk raced the whole stream
+    finally:
+        stop.set()
+        for h in hosts:
+            h.close()
