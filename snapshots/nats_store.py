@@ -209,6 +209,8 @@ class NatsStore:
         self._max_part = max(64 * 1024, int(bridge._nc.max_payload) - _PART_HEADROOM)
         self._applied_cond = threading.Condition()
         self._applied_seq = self._read_applied()
+        #: The stream's first sequence as last seen (what compaction purged is before it).
+        self._purged_before = bridge.first_seq(stream)
         self._queue: queue.SimpleQueue[LogMessage | None] = queue.SimpleQueue()
         self._parts: list[LogMessage] = []
         self._apply_error: BaseException | None = None
@@ -357,9 +359,12 @@ class NatsStore:
         txn.put(_APPLIED_KEY, str(seq).encode(), db=self._local._dbs["_torpor"])
 
     def _subject_seq_in(self, txn: lmdb.Transaction, token: str) -> int:
-        """The stream sequence of the last message on agent subject ``token`` the copy applied."""
+        """The stream sequence of the last message on subject ``token`` the copy applied, as the
+        server counts it: 0 once the log was compacted past it (the server then holds no
+        message on that subject, and a condition naming the purged one would never hold)."""
         raw = txn.get(_SUBJECT_KEY + token.encode(), db=self._local._dbs["_torpor"])
-        return int(raw) if raw is not None else 0
+        seq = int(raw) if raw is not None else 0
+        return 0 if seq < self._purged_before else seq
 
     def _note_subjects(self, txn: lmdb.Transaction, parts: Sequence[tuple[str, int]]) -> None:
         """Record each message's sequence under its agent subject, or under its shared key's
@@ -629,6 +634,10 @@ class NatsStore:
                 # write lock while it runs, and it can only win in a lull of the whole fleet.
                 time.sleep(random.uniform(0, min(0.25, 0.002 * 2 ** attempt) if walk else
                                           0.002 * min(attempt + 1, 8)))
+                if exc.last_seq == 0 and not walk:
+                    # The server holds no message on a subject the condition named: the log was
+                    # compacted past it (by another copy, maybe): learn where it starts now.
+                    self._purged_before = self._bridge.first_seq(self.stream)
                 if exc.last_seq is not None and not exc.ambiguous:
                     self._wait_applied(exc.last_seq)
                 else:
@@ -827,6 +836,7 @@ class NatsStore:
         upto = min([seq, *live.values()])
         if upto > 0:
             self._bridge.purge(self.stream, upto + 1)
+            self._purged_before = max(self._purged_before, upto + 1)
         self._snapshot_seq = seq
         _log().info("compacted %s: snapshot at %d (%d bytes), entries before %d purged", self.stream, seq,
                     len(data), upto + 1)

@@ -408,8 +408,18 @@ def test_the_log_is_compacted_and_a_new_copy_starts_from_the_snapshot(
         time.sleep(2.5)  # b's position expires
         a.compact_log()
         assert a._bridge.first_seq(stream) == a.applied_seq + 1
-        with NatsStore.open(url, tmp_path / "b", stream=stream, compact_every=0) as b2, b2.read() as r:
-            assert [n for n, _ in r.iter_journal("late")] == [1, 2, 3, 4, 5, 6]
+        with NatsStore.open(url, tmp_path / "b", stream=stream, compact_every=0) as b2:
+            with b2.read() as r:
+                assert [n for n, _ in r.iter_journal("late")] == [1, 2, 3, 4, 5, 6]
+            # agents whose last message was purged still commit, on the copy that compacted and
+            # on another (their condition names sequence 0, as the server now counts it) ...
+            b2.transact(lambda t: t.put_journal("g1", 99, {"after": "compaction"}))
+            a.transact(lambda t: t.put_journal("g3", 99, {"after": "compaction"}))
+            a.sync()
+            a.transact(lambda t: t.put_journal("g1", 100, {"after": "b2"}))  # ... and on top of that as usual
+            b2.sync()
+            with b2.read() as r:
+                assert r.get_journal("g1", 100) == {"after": "b2"} and r.get_journal("g3", 99) == {"after": "compaction"}
     finally:
         a.close()
         b.close()
