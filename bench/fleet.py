@@ -17,7 +17,8 @@ Two measurements, one 3-node JetStream cluster (``bench.nats_cluster``, real
   the same from its lease's expiry (the target: p50 at most 2 s after expiry with a 3 s
   lease); every agent must complete with the right output (none lost, no call run twice).
 
-    python -m bench.fleet [--agents N] [--n N] [--trials N] [--lease S] [--quick] [--no-takeover] [--json]
+    python -m bench.fleet [--agents N] [--n N] [--trials N] [--lease S] [--quick] [--no-takeover]
+                          [--no-throughput] [--json]
 
 Helpers shared with ``tests/test_fleet.py``: :func:`seed` (bundles and a token on the fleet
 store, written in-process as ``torpor push`` / ``tokens create`` would), :func:`start_host`
@@ -302,17 +303,25 @@ def takeover(cluster: NatsCluster, tmp: Path, trials: int, lease: float, agents_
                                 log=tmp / f"victim-{trial}.log")
             try:
                 base = f"http://127.0.0.1:{port}"
-                ids = {httpx.post(base + "/v1/runs", headers=hdr, json={"agent": steps, "input": {"n": n}},
-                                  timeout=60).json()["agent_id"] for _ in range(agents_n)}
-                deadline = time.monotonic() + 60
-                while True:  # under way: checkpoints written, none finished
-                    observer.sync()
-                    with observer.read() as r:
-                        if all(r.latest_checkpoint(a) for a in ids):
-                            break
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the victim's agents did not get under way")
-                    time.sleep(0.01)
+                # Runs go through the fleet's work queue to whichever host pulls them: the
+                # survivor is paused (past its pull's expiry) while they are posted and get
+                # under way, so that the victim holds every one of them when it is killed.
+                survivor.send_signal(signal.SIGSTOP)
+                try:
+                    time.sleep(1.5)
+                    ids = {httpx.post(base + "/v1/runs", headers=hdr, json={"agent": steps, "input": {"n": n}},
+                                      timeout=60).json()["agent_id"] for _ in range(agents_n)}
+                    deadline = time.monotonic() + 60
+                    while True:  # under way: checkpoints written, none finished
+                        observer.sync()
+                        with observer.read() as r:
+                            if all(r.latest_checkpoint(a) for a in ids):
+                                break
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("the victim's agents did not get under way")
+                        time.sleep(0.01)
+                finally:
+                    survivor.send_signal(signal.SIGCONT)
                 killed_at = time.time()
                 victim.send_signal(signal.SIGKILL)
                 victim.wait()
@@ -372,7 +381,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tmp = Path(d)
         with NatsCluster(tmp / "nats", 3) as cluster:
             res: dict[str, Any] = {"machine": machine(), "load_avg": os.getloadavg()}
-            res["throughput"] = throughput(cluster, tmp, agents_n, n, args.hibernations or (400 if quick else 6000))
+            res["throughput"] = {} if args.no_throughput else throughput(
+                cluster, tmp, agents_n, n, args.hibernations or (400 if quick else 6000))
             if not args.no_takeover:
                 res["takeover"] = takeover(cluster, tmp, trials, args.lease, 4, args.takeover_n)
             res["load_avg_after"] = os.getloadavg()
@@ -405,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a small smoke run")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--no-takeover", action="store_true", help="measure the throughput only")
+    p.add_argument("--no-throughput", action="store_true", help="measure the take-over only")
     # One host of a throughput case (run by the bench itself, in a process of its own).
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for flag in ("--store", "--stream", "--dir", "--bundle"):
