@@ -196,10 +196,16 @@ def _worker(args: argparse.Namespace) -> int:
         want = {"sum": args.n * (args.n + 1) // 2, "last": args.n}
         print("ran", flush=True)
         sys.stdin.readline()  # every host's agents done: the hibernations start together too
-        h0 = time.time()
+        h0, c0 = time.time(), time.process_time()
         took = _hibernations(host.store, args.host_no, args.hibernations)
+        print("hibernated", flush=True)
+        sys.stdin.readline()  # every host's hibernations committed: apply them all here too
+        if hasattr(host.store, "sync"):
+            host.store.sync()
+        cpu = time.process_time() - c0  # this host's CPU for its own and (applied) the others'
         print(json.dumps({"t0": t0, "t1": t1, "agents": args.agents, "round_trips": args.agents * args.n,
                           "h0": h0, "h1": h0 + took, "hibernations": 4 * max(1, args.hibernations // 4),
+                          "hibernation_cpu_s": cpu,
                           "races": getattr(host.store, "races", None),
                           "conditions": dict(getattr(host.store, "conditions", {})),
                           "wrong": sum(1 for x in results if x.status != "completed" or x.output != want)}),
@@ -207,10 +213,25 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cpu_s(pids: list[int]) -> float:
+    """The CPU seconds (user and system) the processes ``pids`` have used so far (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _throughput_case(store: str, stream: str, tmp: Path, bundle: Path, hosts: int, agents_n: int, n: int,
-                     hibernations: int) -> dict[str, Any]:
-    """``hosts`` worker processes on one store, ``agents_n`` agents split between them, started together."""
+                     hibernations: int, servers: list[int] | None = None) -> dict[str, Any]:
+    """``hosts`` worker processes on one store, ``agents_n`` agents split between them, started
+    together. The hibernations' CPU is measured per host (its own commits and applying the
+    others') and, with ``servers`` (the NATS nodes' pids), in the servers."""
     procs = []
+    server_cpu = 0.0
     try:
         for i in range(hosts):
             share = agents_n // hosts + (1 if i < agents_n % hosts else 0)
@@ -232,12 +253,22 @@ def _throughput_case(store: str, stream: str, tmp: Path, bundle: Path, hosts: in
                 assert proc.stdin is not None
                 proc.stdin.write("go\n")
                 proc.stdin.flush()
+        server_cpu = -_cpu_s(servers or [])
+        for proc in procs:  # every host's hibernations committed: each applies the rest, then reports
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "hibernated":
+                raise RuntimeError(f"a {store} host of the throughput case failed its hibernations")
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
         rows = []
         for proc in procs:
             out, _ = proc.communicate(timeout=1800)
             if proc.returncode != 0:
                 raise RuntimeError(f"a {store} host of the throughput case exited {proc.returncode}")
             rows.append(json.loads(out.strip().splitlines()[-1]))
+        server_cpu += _cpu_s(servers or [])
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -250,7 +281,11 @@ def _throughput_case(store: str, stream: str, tmp: Path, bundle: Path, hosts: in
     races = [r["races"] for r in rows if r["races"] is not None]
     return {"hosts": hosts, "agents": agents_n, "round_trips": trips, "seconds": round(took, 3),
             "round_trips_per_s": round(trips / took, 1), "hibernations": hib,
-            "hibernations_per_s": round(hib / hib_took, 1), "races": sum(races) if races else None,
+            "hibernations_per_s": round(hib / hib_took, 1),
+            # CPU per hibernation: in the hosts (committing their own, applying the others'), in the servers
+            "host_cpu_ms_per_hibernation": round(1000 * sum(r["hibernation_cpu_s"] for r in rows) / hib, 3),
+            "server_cpu_ms_per_hibernation": round(1000 * server_cpu / hib, 3) if servers else None,
+            "races": sum(races) if races else None,
             "conditions": {k: sum(r["conditions"].get(k, 0) for r in rows) for k in ("partitions", "stream", "none")}
             if races else None,
             "wrong": sum(r["wrong"] for r in rows)}
@@ -267,7 +302,8 @@ def throughput(cluster: NatsCluster, tmp: Path, agents_n: int, n: int, hibernati
     for count in (1, 2, 3):
         stream = f"B{uuid.uuid4().hex[:10]}"
         out[f"nats R3, {count} host{'s' if count > 1 else ''}"] = _throughput_case(
-            cluster.url, stream, tmp, bundle, count, agents_n, n, hibernations)
+            cluster.url, stream, tmp, bundle, count, agents_n, n, hibernations,
+            servers=[node.proc.pid for node in cluster.nodes if node.proc is not None])
     return out
 
 
@@ -390,12 +426,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def show(res: dict[str, Any]) -> None:
-    print(f"{'case':38} {'round trips':>12} {'seconds':>8} {'per s':>8} {'hibernations/s':>15} {'races':>6} "
-          f"{'wrong':>6}")
+    print(f"{'case':38} {'round trips':>12} {'seconds':>8} {'per s':>8} {'hibernations/s':>15} "
+          f"{'host ms/hib':>12} {'server ms/hib':>14} {'races':>6} {'wrong':>6}")
     for name, c in res["throughput"].items():
         races = "-" if c.get("races") is None else c["races"]
+        server = "-" if c.get("server_cpu_ms_per_hibernation") is None else c["server_cpu_ms_per_hibernation"]
         print(f"{name:38} {c['round_trips']:>12} {c['seconds']:>8} {c['round_trips_per_s']:>8} "
-              f"{c['hibernations_per_s']:>15} {races:>6} {c['wrong']:>6}")
+              f"{c['hibernations_per_s']:>15} {c['host_cpu_ms_per_hibernation']:>12} {server:>14} {races:>6} "
+              f"{c['wrong']:>6}")
     print(f"load average before {res['load_avg']}, after {res['load_avg_after']}")
     t = res.get("takeover")
     if t is None:
