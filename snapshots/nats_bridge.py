@@ -462,9 +462,10 @@ class NatsBridge:
     # ------------------------------------------------------------- work queue
 
     def ensure_work_queue(self, name: str, subject: str, replicas: int, *, durable: str, ack_wait: float,
-                          max_deliver: int) -> None:
+                          max_deliver: int) -> float:
         """Create the work-queue stream ``name`` (WorkQueue retention: a message is gone once
-        acknowledged) and its durable pull consumer ``durable``, shared by every host, if missing."""
+        acknowledged) and its durable pull consumer ``durable``, shared by every host, if missing.
+        The consumer's ack wait, in seconds (the first host's, when it existed already)."""
         from nats.js.api import (
             AckPolicy,
             ConsumerConfig,
@@ -473,7 +474,7 @@ class NatsBridge:
             StreamConfig,
         )
 
-        async def go() -> None:
+        async def go() -> float:
             try:
                 await self._settled(lambda: self._js.stream_info(name))
             except self._nats.js.errors.NotFoundError:
@@ -488,14 +489,16 @@ class NatsBridge:
             consumer = ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait,
                                       max_deliver=max_deliver, filter_subject=subject, max_ack_pending=-1)
             try:
-                await self._settled(lambda: self._js.consumer_info(name, durable))
+                info = await self._settled(lambda: self._js.consumer_info(name, durable))
             except self._nats.js.errors.NotFoundError:
                 with contextlib.suppress(self._nats.js.errors.BadRequestError):  # another host created it
                     await self._settled(lambda: self._js.add_consumer(name, consumer))
+                info = await self._settled(lambda: self._js.consumer_info(name, durable))
             sub = await self._settled(lambda: self._js.pull_subscribe_bind(durable, stream=name))
             self._work_subs[(name, durable)] = sub
+            return float(info.config.ack_wait or ack_wait)
 
-        self._run(self._guard(f"opening work queue {name}", go()), 4 * self.timeout)
+        return self._run(self._guard(f"opening work queue {name}", go()), 4 * self.timeout)
 
     def publish_work(self, subject: str, payload: bytes, *, msg_id: str) -> int:
         """Publish one work message; ``msg_id`` makes it once (JetStream drops a second message

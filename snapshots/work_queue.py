@@ -65,10 +65,11 @@ class WorkQueue:
         self._bridge = bridge
         self.name = f"{stream}_work"
         self.subject = f"{stream}_work.agents"
-        self.ack_wait = ack_wait
         self.max_deliver = max_deliver
-        bridge.ensure_work_queue(self.name, self.subject, replicas, durable=DURABLE, ack_wait=ack_wait,
-                                 max_deliver=max_deliver)
+        #: The consumer's ack wait: this host's, or the first host's when the queue existed already
+        #: (a host says it is still at it within a third of it).
+        self.ack_wait = bridge.ensure_work_queue(self.name, self.subject, replicas, durable=DURABLE,
+                                                 ack_wait=ack_wait, max_deliver=max_deliver)
 
     def publish(self, kind: Kind, agent_id: str, work_id: str) -> int:
         """Say that ``agent_id`` may need driving; once per ``work_id`` (within two minutes)."""

@@ -463,6 +463,7 @@ def test_the_work_queue_hands_each_message_to_one_host_and_again_after_the_ack_w
     assert qa.state()["pending"] == 0 and qa.state()["unacknowledged"] == 0
     with pytest.raises(ValueError):
         qa.publish("explode", "agt_1", "x")  # type: ignore[arg-type]
+    assert a.work_queue(ack_wait=5.0).ack_wait == 1.0  # the consumer's, which the first host set
 
 
 def test_walks_over_shared_keys_commit_beside_three_busy_hosts(nats_cluster: NatsCluster, tmp_path: Path,

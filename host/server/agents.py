@@ -19,7 +19,7 @@ from host.runtime.queries import stalled
 from host.server.gateway import require
 from host.server.inputs import number, owned_agent, tenant_of
 from host.server.responses import json_response
-from host.server.scheduler import Drive
+from host.server.scheduler import QUEUED_POLL_S, Drive
 
 #: Statuses in which an agent still moves on without a person: a wait goes on.
 MOVING = frozenset({"running", "suspended", "approved", "sleeping"})
@@ -57,7 +57,9 @@ async def wait_until_stopped(host: Host, scheduler: Any, agent_id: str, timeout:
             return {**rec, "logs": scheduler.logs.get(agent_id)}
         if left <= 0 or scheduler.draining:
             return rec
-        await scheduler.changed(agent_id, min(left, POLL_S))
+        # In a fleet another host may drive it (its work went to the queue): nothing here ends
+        # the wait early, so the local copy, which follows every host's commits, is read more often.
+        await scheduler.changed(agent_id, min(left, QUEUED_POLL_S if getattr(scheduler, "queued", False) else POLL_S))
 
 
 class Agents:

@@ -75,6 +75,9 @@ FLEET_POLL_S = 0.25
 PULL_WAIT_S = 1.0
 #: At most this many work messages taken in one pull.
 PULL_BATCH = 16
+#: How often a waiter for an agent's stop looks at the store again when another host of the
+#: fleet may be driving it (no drive here wakes it: ``host.server.agents.wait_until_stopped``).
+QUEUED_POLL_S = 0.05
 
 
 class RecentLogs:
@@ -285,9 +288,12 @@ class Scheduler:
             # A host took it and did not answer within the ack wait: it died, or was cut off.
             _log.warning("fleet: work for agent %s delivered again (%d times): resuming it from its last commit",
                          w.agent_id, w.deliveries)
-        if self.draining or w.agent_id in self.active:
-            self.work_stats["duplicates" if not self.draining else "nacked"] += 1
-            self._answer(w, "ack" if not self.draining else "nak")
+        if self.draining:  # another host takes it now
+            self._answer(w, "nak")
+            return
+        if w.agent_id in self.active:  # driven here already: that drive answers for the agent
+            self.work_stats["duplicates"] += 1
+            self._answer(w, "ack")
             return
         self._held[w.message.seq] = w
         aid = w.agent_id
@@ -439,8 +445,8 @@ class Scheduler:
     def _orphans(self) -> list[tuple[str, str]]:
         """The agents to take over (``Host.orphaned``), each with the id of its work message:
         one per expired lease and ``ack_wait`` period, so that every host finding the same
-        orphan publishes one message; an unclaimed agent's is its run's (a run whose
-        message is in the queue is not published again, one whose publish was lost is)."""
+        orphan publishes one message; an unclaimed run not yet under way has its run's (a
+        run whose message is in the queue is not published again, one whose publish was lost is)."""
         return self._work_ids(self.host.orphaned())
 
     def _work_ids(self, ids: list[str]) -> list[tuple[str, str]]:
@@ -452,7 +458,8 @@ class Scheduler:
             for aid in ids:
                 rec = r.get_agent(aid) or {}
                 lease = (rec.get("owner") or {}).get("lease")
-                out.append((aid, f"orphan:{aid}:{lease}:{period}" if lease else f"run:{aid}"))
+                fresh = not lease and rec.get("status") == "running" and not rec.get("checkpoints")
+                out.append((aid, f"run:{aid}" if fresh else f"orphan:{aid}:{lease}:{period}"))
         return out
 
     # -- waits that end at a time ------------------------------------------------------------
