@@ -102,6 +102,7 @@ from .lmdb_store import LmdbStore, _LmdbTxn
 from .nats_bridge import LogMessage, NatsBridge, WrongLastSequence
 from .oplog import WALK, RecordingTxn, apply_ops, bucket_of, decode_ops, encode_ops
 from .store import AgentStore, Outcome, ReadTxn, SyncWhen, WriteTxn
+from .work_queue import DURABLE as WORK_DURABLE
 from .work_queue import WorkQueue
 
 __all__ = ["DEFAULT_STREAM", "NatsStore", "parse_nats_url"]
@@ -841,6 +842,17 @@ class NatsStore:
         _log().info("compacted %s: snapshot at %d (%d bytes), entries before %d purged", self.stream, seq,
                     len(data), upto + 1)
         return {"log_snapshot_seq": seq, "log_snapshot_bytes": len(data), "log_purged_before": upto + 1}
+
+    def work_state(self) -> dict[str, int] | None:
+        """What the fleet's work queue holds now (``WorkQueue.state``), without creating it:
+        None when no host made one yet (``torpor fleet status``)."""
+        self._check_open()
+        try:
+            return self._bridge.work_state(f"{self.stream}_work", WORK_DURABLE)
+        except StoreUnavailable as exc:
+            if "not found" in str(exc).lower():
+                return None
+            raise
 
     def work_queue(self, *, ack_wait: float = 10.0, max_deliver: int = 50) -> WorkQueue:
         """The fleet's work queue beside this stream (``snapshots.work_queue``), on this connection."""

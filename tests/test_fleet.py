@@ -109,6 +109,7 @@ def test_a_killed_hosts_agents_finish_on_another(bundles: BundleFactory, nats_cl
         by_pid = {h["pid"]: h for h in fleet["hosts"]}
         assert by_pid[a.pid]["live"] is False and by_pid[b.pid]["live"] is True
         assert fleet["orphaned"] == 0 and fleet["agents"] == {"completed": count}
+        assert fleet["work"]["pending"] == 0, fleet["work"]  # every run and wake-up taken from the queue
     finally:
         stop(a)
         if b is not None:

@@ -443,6 +443,7 @@ def test_the_work_queue_hands_each_message_to_one_host_and_again_after_the_ack_w
     first does not answer within the ack wait, gone once acknowledged; a message that is not
     work is terminated, not handed out."""
     a, b = pair
+    assert a.work_state() is None  # no host made one yet (torpor fleet status says nothing of it)
     qa, qb = a.work_queue(ack_wait=1.0), b.work_queue(ack_wait=1.0)
     qa.publish("run", "agt_1", "run:agt_1")
     qb.publish("run", "agt_1", "run:agt_1")  # the same event told by another host: one message
@@ -460,7 +461,7 @@ def test_the_work_queue_hands_each_message_to_one_host_and_again_after_the_ack_w
     qb.ack(again[0])
     qa.ack(taken[0])  # a late answer of the first holder changes nothing
     assert qa.pull(10, 1.5) == [] and qb.pull(10, 0.3) == []
-    assert qa.state()["pending"] == 0 and qa.state()["unacknowledged"] == 0
+    assert qa.state()["pending"] == 0 and qa.state()["unacknowledged"] == 0 and a.work_state() == qa.state()
     with pytest.raises(ValueError):
         qa.publish("explode", "agt_1", "x")  # type: ignore[arg-type]
     assert a.work_queue(ack_wait=5.0).ack_wait == 1.0  # the consumer's, which the first host set

@@ -166,13 +166,15 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
                 lease = (rec.get("owner") or {}).get("lease")
                 if lease is not None and status not in TERMINAL:
                     held[lease] = held.get(lease, 0) + 1
+        work = store.work_state()  # the work queue's depth: runs and wake-ups not yet taken, taken not done
     finally:
         store.close()
     hosts = [{"lease": h["lease"], "host": h.get("host"), "pid": h.get("pid"), "live": h["live"],
               "expires_in_s": round(float(h.get("expires_at", now)) - now, 2), "agents": held.get(h["lease"], 0)}
              for h in leases]
     orphaned = sum(n for lease, n in held.items() if not any(h["lease"] == lease and h["live"] for h in hosts))
-    out = {"stream": store.stream, "sequence": seq, "hosts": hosts, "agents": statuses, "orphaned": orphaned}
+    out = {"stream": store.stream, "sequence": seq, "hosts": hosts, "agents": statuses, "orphaned": orphaned,
+           "work": work}
 
     def human() -> None:
         print(f"stream {store.stream} at sequence {seq}; agents: "
@@ -184,6 +186,9 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
             print(f"{h['lease']:40} {state:22} {h['agents']} unfinished agents")
         if orphaned:
             print(f"{orphaned} unfinished agents held under expired leases: a live host takes them over")
+        if work is not None:
+            print(f"work queue: {work['pending']} waiting, {work['unacknowledged']} taken by hosts and not done, "
+                  f"{work['redelivered']} delivered again")
 
     emit(args, out, human)
     return EXIT_OK
