@@ -327,6 +327,8 @@ def test_work_goes_through_the_queue_to_whichever_host_has_room(bundles: BundleF
         for aid in ids:
             # one run: started once (a resume at checkpoint 0), whatever was delivered twice
             assert [e["checkpoint"] for e in _resumes(check, aid)].count(0) == 1, _resumes(check, aid)
+        ready_a = httpx.get(base_a + "/readyz", timeout=30).json()["work"]
+        assert ready_a["slots"] == 0 and ready_a["taken"] == 0 and ready_a["published"] >= count + 2, ready_a
         # the gateway drove nothing
         assert all(f":{a.pid}:" not in e["host"] for aid in [asked, *ids] for e in _resumes(check, aid))
     finally:

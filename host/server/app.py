@@ -119,7 +119,10 @@ def create_app(host: Host, *, config: ServerConfig | None = None) -> Starlette:
             body = error_body(*store.problem)
             body["store"] = store.to_dict()
             return json_response(body, 503)
-        return json_response({"status": "ready", "agents_running": len(sched.active), "store": store.to_dict()})
+        body = {"status": "ready", "agents_running": len(sched.active), "store": store.to_dict()}
+        if sched.work is not None:  # a fleet host: what it published to and took from the work queue
+            body["work"] = sched.work_report()
+        return json_response(body)
 
     routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"], name="healthz"),

@@ -240,6 +240,10 @@ class Scheduler:
         return True
 
     # -- the fleet's work queue ---------------------------------------------------------------
+    def work_report(self) -> dict[str, int]:
+        """What this host published to and took from the work queue (``/readyz``)."""
+        return {**self.work_stats, "held": len(self._held), "slots": self.work_slots}
+
     def _publish(self, kind: Kind, agent_id: str, work_id: str) -> None:
         """Publish a work message in the background (a round trip to the cluster, off the loop).
         One that fails is logged: the agent is found again by the orphan look (unclaimed, or
