@@ -42,6 +42,8 @@ _WRONG_LAST_SEQUENCE_CONSTANT = 10164
 _NO_SUITABLE_PEERS = 10005
 #: "stream name already in use": created by another host meanwhile.
 _STREAM_NAME_IN_USE = 10058
+#: "duplicate message id is in process": the same message id published at the same moment.
+_DUPLICATE_IN_PROCESS = 10158
 
 
 class WrongLastSequence(StoreError):
@@ -504,8 +506,13 @@ class NatsBridge:
         """Publish one work message; ``msg_id`` makes it once (JetStream drops a second message
         with the same id within the stream's duplicate window). Its sequence."""
         async def go() -> int:
-            ack = await self._settled(lambda: self._js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id},
-                                                               timeout=self.timeout / 4))
+            try:
+                ack = await self._settled(lambda: self._js.publish(
+                    subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=self.timeout / 4))
+            except self._nats.js.errors.APIError as exc:
+                if exc.err_code == _DUPLICATE_IN_PROCESS:
+                    return 0  # another host publishes the same event right now: one message
+                raise
             return int(ack.seq)
 
         return self._run(self._guard(f"publishing work to {subject}", go()), self.timeout + 2.0)

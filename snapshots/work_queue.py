@@ -72,7 +72,8 @@ class WorkQueue:
                                                  ack_wait=ack_wait, max_deliver=max_deliver)
 
     def publish(self, kind: Kind, agent_id: str, work_id: str) -> int:
-        """Say that ``agent_id`` may need driving; once per ``work_id`` (within two minutes)."""
+        """Say that ``agent_id`` may need driving; once per ``work_id`` (within two minutes).
+        Its sequence (0 when the same id was being published at that moment, by another host)."""
         if kind not in KINDS:
             raise ValueError(f"a work message is one of {sorted(KINDS)}, got {kind!r}")
         body = json.dumps({"kind": kind, "agent_id": agent_id, "work_id": work_id}).encode()

@@ -465,6 +465,25 @@ def test_the_work_queue_hands_each_message_to_one_host_and_again_after_the_ack_w
     with pytest.raises(ValueError):
         qa.publish("explode", "agt_1", "x")  # type: ignore[arg-type]
     assert a.work_queue(ack_wait=5.0).ack_wait == 1.0  # the consumer's, which the first host set
+    # many hosts telling of one event at the same moment (a duplicate id "in process" at the
+    # server is a duplicate too): no error, one message
+    go = threading.Barrier(8)
+    failed: list[BaseException] = []
+
+    def tell(q: Any) -> None:
+        go.wait()
+        try:
+            q.publish("orphan", "agt_3", "orphan:agt_3:lease:1")
+        except BaseException as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=tell, args=(q,)) for q in (qa, qb) * 4]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not failed, failed
+    assert [w.agent_id for w in qa.pull(10, 1.0)] == ["agt_3"]
 
 
 def test_walks_over_shared_keys_commit_beside_three_busy_hosts(nats_cluster: NatsCluster, tmp_path: Path,
