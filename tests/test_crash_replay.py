@@ -1,0 +1,148 @@
+"""Checkpoints only every K calls: SIGKILL between them, resume, and the journal replays the rest.
+
+With ``$TORPOR_CHECKPOINT_EVERY`` above 1, a ``kv.incr`` call between checkpoints writes its
+journal entry, its effect and its audit only (:meth:`ToolCallPipeline.journal_only`); after a
+crash the guest is re-executed from its last checkpoint and fed the journaled answers
+(:meth:`ToolCallPipeline.replayed`). The host is killed once the store holds a random number
+of journal entries (watched from outside through LMDB), so most kills land between two
+checkpoints; ``torpor resume --all`` must finish with the exact sum and last value (a call run
+again would change both), one journal entry and one ``tool.answered`` audit record per call,
+and the agent's ``tool_calls`` equal to N (nothing counted twice). A guest whose re-execution
+does not make the journaled call is parked ``corrupt`` with ``replay_diverged``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import anyio
+import lmdb
+import pytest
+from conftest import BundleFactory
+from test_crash_resume import _cli
+
+from host.runtime.host import Host
+from host.sandbox import bundle as bundle_mod
+from host.trust import audit
+from snapshots.format import decode_snapshot
+
+N, EVERY = 300, 32
+
+
+def _count(db_dir: Path, name: bytes) -> int:
+    """Entries of one LMDB database of a running host's store, read from outside (0 if not yet there)."""
+    if not (db_dir / "data.mdb").exists():
+        return 0
+    try:
+        env = lmdb.open(str(db_dir), max_dbs=32, readonly=True, lock=True)
+    except lmdb.Error:
+        return 0
+    try:
+        with env.begin() as txn:
+            return int(txn.stat(env.open_db(name, txn=txn, create=False))["entries"])
+    except lmdb.Error:
+        return 0
+    finally:
+        env.close()
+
+
+def _latest_checkpoint_call(host: Host, agent_id: str) -> int:
+    b = host.loader.by_digest(host.get_agent(agent_id)["bundle_digest"])
+    pristine = host.loader.module(b)[0].image
+    with host.store.read() as txn:
+        seq = txn.latest_checkpoint(agent_id)
+        assert seq is not None
+        snap = decode_snapshot(txn.get_checkpoint(agent_id, seq), pristine=pristine, chunks_from=txn.get_chunk)
+    return int(snap.pending["seq"])
+
+
+@pytest.mark.parametrize(("durability", "trials"), [("sync", 4), ("process", 2)])
+def test_sigkill_between_checkpoints_then_resume(bundles: BundleFactory, tmp_path: Path, durability: str,
+                                                 trials: int) -> None:
+    bundle = str(bundles.example("steps"))
+    rng = random.Random(42)
+    env = {**os.environ, "TORPOR_DURABILITY": durability, "TORPOR_CHECKPOINT_EVERY": str(EVERY)}
+    warm = tmp_path / "warm"
+    subprocess.run(_cli("run", bundle, "--input", json.dumps({"n": 0}), "--store", str(warm), "--json"),
+                   check=True, capture_output=True, timeout=300, env=env)
+    between = 0
+    for trial in range(trials):
+        store = tmp_path / f"s{trial}"
+        shutil.copytree(warm / "cache", store / "cache")
+        proc = subprocess.Popen(_cli("run", bundle, "--input", json.dumps({"n": N}), "--store", str(store), "--json"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        target = rng.randint(EVERY // 2, N - 20)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and _count(store / "db", b"journal") < target and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0, 0.002))
+        assert proc.poll() is None, "the run ended before the kill: raise N"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+
+        host = Host(store, durability=durability)
+        try:
+            (agent_id,) = [r["agent_id"] for r in host.list_agents()]
+            with host.store.read() as txn:
+                journaled = max(seq for seq, _ in txn.iter_journal(agent_id))
+            at_checkpoint = _latest_checkpoint_call(host, agent_id)
+        finally:
+            host.close()
+        between += journaled > at_checkpoint  # the kill left calls only the journal holds
+
+        res = subprocess.run(_cli("resume", "--all", "--store", str(store), "--json"), capture_output=True,
+                             text=True, timeout=120, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+        (final,) = json.loads(res.stdout)
+        assert final["status"] == "completed", (trial, final.get("error"))
+        assert final["output"] == {"sum": N * (N + 1) // 2, "last": N}, (trial, final["output"])
+
+        host = Host(store, durability=durability)
+        try:
+            rec = host.get_agent(agent_id)
+            assert rec["usage"]["tool_calls"] == N  # no call counted twice
+            assert rec["checkpoints"] < N // 4  # a checkpoint every EVERY calls (and at each resume's first)
+            with host.store.read() as txn:
+                assert [seq for seq, _ in txn.iter_journal(agent_id)] == list(range(1, N + 1))
+            answered = [r["call_seq"] for r in audit.records(host.store, agent_id) if r["kind"] == "tool.answered"]
+            assert sorted(answered) == list(range(1, N + 1))  # no audit record written twice
+            assert audit.verify_store(host.store, agent_id=agent_id).ok
+        finally:
+            host.close()
+    assert between >= trials - 1, f"only {between} of {trials} kills landed between checkpoints"
+
+
+def test_a_diverging_reexecution_is_replay_diverged(bundles: BundleFactory, tmp_path: Path) -> None:
+    """A journal entry past the checkpoint whose arguments the guest does not make again: the
+    resumed agent is parked ``corrupt`` with ``replay_diverged``, no answer fed, nothing run."""
+    b = bundle_mod.load(bundles.example("steps"))
+    host = Host(tmp_path / "store", checkpoint_every=1000)
+
+    async def cut() -> None:
+        with anyio.move_on_after(0.3):
+            await host.run(b, {"n": 100_000})
+
+    try:
+        anyio.run(cut)  # the run is cut mid-way, as a crash would: its commits stay
+        (agent_id,) = [r["agent_id"] for r in host.list_agents()]
+        at_checkpoint = _latest_checkpoint_call(host, agent_id)
+        with host.store.read() as txn:
+            journaled = max(seq for seq, _ in txn.iter_journal(agent_id))
+            entry = txn.get_journal(agent_id, journaled)
+        assert journaled > at_checkpoint + 2, (journaled, at_checkpoint)
+        host.store.transact(lambda txn: txn.put_journal(agent_id, journaled, {**entry, "args": {"key": "other"}}))
+        counter_before = host.get_agent(agent_id)["usage"]["tool_calls"]
+        result = anyio.run(lambda: host.resume(agent_id))
+        assert result.status == "corrupt"
+        assert result.error is not None and result.error["code"] == "replay_diverged", result.error
+        assert f"call {journaled}" in result.error["message"]
+        assert host.get_agent(agent_id)["usage"]["tool_calls"] == counter_before  # nothing ran or counted
+    finally:
+        host.close()
