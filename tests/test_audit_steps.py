@@ -47,6 +47,9 @@ def test_old_and_new_chains_verify_and_read_the_same(bundles: Any, tmp_path: Pat
         # What the audit shows is the same events in the same order, whichever format holds them.
         kinds_old = [r["kind"] for r in audit.records(host.store, old)]
         assert kinds_old == [r["kind"] for r in audit.records(host.store, new)]
+        for aid in (old, new):  # each event numbered in order, whichever record holds it (Last-Event-ID)
+            numbers = [audit.event_number(r) for r in audit.records(host.store, aid)]
+            assert numbers == list(range(1, len(kinds_old) + 1))
         assert kinds_old.count("tool.answered") == 4 and "tool.requested" in kinds_old and "checkpoint" in kinds_old
         lines_new = list(audit.trace_lines(audit.records(host.store, new)))
         assert any("answered, status 0" in line for line in lines_new)

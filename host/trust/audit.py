@@ -156,12 +156,24 @@ def expand(rec: dict[str, Any]) -> list[dict[str, Any]]:
     if rec.get("kind") != STEP_KIND or not isinstance(events, list):
         return [rec]
     common = {k: rec.get(k) for k in ("agent_id", "seq", "t", "prev", "hash")}
+    first = event_number(rec)
     out: list[dict[str, Any]] = []
-    for ev in events:
+    for i, ev in enumerate(events):
         view = {**common, **ev} if isinstance(ev, dict) else {**common, "kind": UNREADABLE_KIND}
         view.update((k, common[k]) for k in ("agent_id", "seq", "prev", "hash"))  # an event never renames its step
+        if first is not None:
+            view["n"] = first + i
         out.append(view)
     return out
+
+
+def event_number(rec: Mapping[str, Any]) -> int | None:
+    """The number of an event in its agent's chain, counting from 1 (a step's events one by
+    one): stable whatever is pruned before it, so a follower of the log can say where it got
+    to (the event stream's ``Last-Event-ID``). A record numbered as its seq holds none (every
+    record of a chain written one per event); None for a record that does not say."""
+    n = rec.get("n", rec.get("seq"))
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 def _head_key(seq: int) -> str:
@@ -200,14 +212,19 @@ def append_events(txn: Any, rec: dict[str, Any], events: Iterable[tuple[str, dic
         return
     seq = int(rec.get("audit_seq", 0)) + 1
     head = str(rec.get("audit_head") or GENESIS)
+    # Events so far: the record's count, or (a chain an older host wrote) one a record.
+    n = int(rec.get("audit_events") or seq - 1) + 1
     if len(items) == 1:
         kind, data = items[0]
     else:
         kind, data = STEP_KIND, {"events": [{"kind": k, **d} for k, d in items]}
+    if n != seq:  # numbered as its seq when it is (every chain's first records): nothing stored
+        data = {**data, "n": n}
     sealed, raw = _sealed(rec["agent_id"], seq, head, time.time(), kind, data)
     txn.put_blob(BUCKET, record_key(rec["agent_id"], seq), raw)
     rec["audit_seq"] = seq
     rec["audit_head"] = sealed["hash"]
+    rec["audit_events"] = n + len(items) - 1
 
 
 #: Where the head of a host-level chain is kept (in ``HEADS_BUCKET``), by chain id.
@@ -228,9 +245,11 @@ def append_host_events(txn: Any, chain: str, events: Iterable[tuple[str, dict[st
     raw = txn.get_blob(HEADS_BUCKET, key)
     head = (_object(raw) or {}) if raw is not None else {}
     rec: dict[str, Any] = {"agent_id": chain, "audit_seq": int(head.get("audit_seq") or 0),
-                           "audit_head": str(head.get("audit_head") or GENESIS)}
+                           "audit_head": str(head.get("audit_head") or GENESIS),
+                           "audit_events": head.get("audit_events")}
     append_events(txn, rec, events)
-    txn.put_blob(HEADS_BUCKET, key, canonical({"audit_seq": rec["audit_seq"], "audit_head": rec["audit_head"]}))
+    txn.put_blob(HEADS_BUCKET, key, canonical({"audit_seq": rec["audit_seq"], "audit_head": rec["audit_head"],
+                                               "audit_events": rec["audit_events"]}))
 
 
 def _host_chain_heads(txn: Any) -> dict[str, dict[str, Any]]:
