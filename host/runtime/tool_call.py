@@ -31,6 +31,12 @@ After a crash, :meth:`ToolCallPipeline.recover` answers a resumed agent's pendin
 from the journal: a recorded answer is replayed; a call with an intent but no answer is
 run again only when the tool is idempotent or transactional, otherwise the agent is
 parked ``in_doubt`` for an operator. No recorded tool call ever runs twice.
+
+With ``checkpoint_every`` above 1 (``Host``), stages 1 and 5 skip the capture and
+checkpoint *K* of an allowed transactional call between checkpoints
+(:meth:`ToolCallPipeline.journal_only`): its journaled answer, committed with its effect, is
+what a resume feeds the guest re-executed from the last checkpoint
+(:meth:`ToolCallPipeline.replayed`) before it goes live again.
 """
 
 from __future__ import annotations

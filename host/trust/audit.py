@@ -2,7 +2,10 @@
 
 Each record carries the hash of the agent's previous record, and its own hash
 over its canonical JSON; altering, removing, inserting or reordering a record
-breaks the chain at that point, which the verifiers here name. Records are
+breaks the chain at that point, which the verifiers here name. A record holds the
+events of one commit: one event as a record of its kind, several (a tool call's
+request, decision, checkpoint and answer) as one ``step`` record, which readers see as
+its events (:func:`expand`); chains written one record per event verify and read alike. Records are
 appended in the same store transaction as the state change they describe (a
 checkpoint, a tool result, a termination), so the log never claims what the
 store does not hold, nor misses what it does.
