@@ -28,6 +28,7 @@ import pytest
 from conftest import BundleFactory
 from test_crash_resume import _cli
 
+from host.runtime import tool_call
 from host.runtime.host import Host
 from host.sandbox import bundle as bundle_mod
 from host.trust import audit
@@ -134,15 +135,25 @@ def test_sigkill_between_checkpoints_then_resume(bundles: BundleFactory, tmp_pat
     assert between >= trials - 1, f"only {between} of {trials} kills landed between checkpoints"
 
 
-def test_a_diverging_reexecution_is_replay_diverged(bundles: BundleFactory, tmp_path: Path) -> None:
+def test_a_diverging_reexecution_is_replay_diverged(bundles: BundleFactory, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A journal entry past the checkpoint whose arguments the guest does not make again: the
     resumed agent is parked ``corrupt`` with ``replay_diverged``, no answer fed, nothing run."""
+    monkeypatch.setattr(tool_call, "CHECKPOINT_EVERY_S", 3600.0)  # the window is counted in calls alone
     b = bundle_mod.load(bundles.example("steps"))
     host = Host(tmp_path / "store", checkpoint_every=1000)
 
+    def journaled_calls() -> int:
+        with host.store.read() as txn:
+            return sum(len(list(txn.iter_journal(r["agent_id"]))) for r in host.list_agents())
+
     async def cut() -> None:
-        with anyio.move_on_after(0.3):
-            await host.run(b, {"n": 100_000})
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: host.run(b, {"n": 100_000}))
+            deadline = time.monotonic() + 60
+            while journaled_calls() < 10 and time.monotonic() < deadline:
+                await anyio.sleep(0.005)
+            tg.cancel_scope.cancel()
 
     try:
         anyio.run(cut)  # the run is cut mid-way, as a crash would: its commits stay
