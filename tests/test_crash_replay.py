@@ -172,3 +172,19 @@ def test_a_diverging_reexecution_is_replay_diverged(bundles: BundleFactory, tmp_
         assert host.get_agent(agent_id)["usage"]["tool_calls"] == counter_before  # nothing ran or counted
     finally:
         host.close()
+
+
+def test_checkpoint_every_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A window that is not a whole number >= 1 is refused before anything is opened."""
+    from host.errors import ConfigError
+
+    for bad in (0, -3):
+        with pytest.raises(ConfigError, match="checkpoint_every"):
+            Host(tmp_path / "a", checkpoint_every=bad)
+    monkeypatch.setenv("TORPOR_CHECKPOINT_EVERY", "lots")
+    with pytest.raises(ConfigError, match="TORPOR_CHECKPOINT_EVERY"):
+        Host(tmp_path / "b")
+    monkeypatch.setenv("TORPOR_CHECKPOINT_EVERY", "16")
+    with Host(tmp_path / "c") as host:
+        assert host.calls.checkpoint_every == 16
+    assert not (tmp_path / "a" / "db").exists()
