@@ -141,7 +141,8 @@ def _phase_clock() -> Iterator[dict[str, int]]:
 
 def _runtime_round_trips(b: Bundle, agents: int, n: int, profile_path: str | None,
                          progress: Progress, phases: bool = False) -> dict[str, Any]:
-    """Tool round trips through the real host runtime: policy, journal, checkpoint, kv.incr.
+    """Tool round trips through the real host runtime: policy, journal, checkpoint, kv.incr
+    (a checkpoint every ``$TORPOR_CHECKPOINT_EVERY`` calls, default each: see ``Host``).
 
     With ``phases``, the calls are also timed phase by phase (:func:`_phase_clock`)."""
     import anyio
@@ -172,11 +173,12 @@ def _runtime_round_trips(b: Bundle, agents: int, n: int, profile_path: str | Non
 
                 prof = cProfile.Profile()
                 prof.enable()
+            every = host.calls.checkpoint_every
             with contextlib.ExitStack() as stack:
                 ns = stack.enter_context(_phase_clock()) if phases else None
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 anyio.run(main)
-                dt = time.perf_counter() - t0
+                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             if prof is not None and profile_path:
                 prof.disable()
                 prof.dump_stats(profile_path)
@@ -191,7 +193,9 @@ def _runtime_round_trips(b: Bundle, agents: int, n: int, profile_path: str | Non
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out = {"round_trips_per_s": round(calls / dt), "agents": agents, "calls": calls,
-           "wall_s": round(dt, 2), "bytes_per_tool_call": round(used / calls, 1)}
+           "wall_s": round(dt, 2), "bytes_per_tool_call": round(used / calls, 1),
+           # the process's CPU (every thread) a call: what a loaded machine's wall clock hides
+           "cpu_us_per_call": round(cpu * 1e6 / calls, 1), "checkpoint_every": every}
     if ns is not None:
         per = {k: round(v / calls / 1e3, 1) for k, v in ns.items()}
         per["other"] = round(dt * 1e6 / calls - sum(per.values()), 1)
@@ -228,7 +232,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bench": "steps", "engine": engine.config.profile, "machine": machine(), "durability": resolve_durability(None),
         "round_trips_per_s": rt["round_trips_per_s"], "runtime_agents": agents, "runtime_calls": rt["calls"],
         "runtime_wall_s": rt["wall_s"], "runtime_bytes_per_tool_call": rt["bytes_per_tool_call"],
+        "runtime_cpu_us_per_call": rt["cpu_us_per_call"], "checkpoint_every": rt["checkpoint_every"],
         "one_agent_round_trips_per_s": one["round_trips_per_s"], "one_agent_calls": one["calls"],
+        "one_agent_cpu_us_per_call": one["cpu_us_per_call"],
         "phases_us": phased["phases_us"], "phases_round_trips_per_s": phased["round_trips_per_s"],
         "dbos": dbos,
         "one_agent_vs_dbos": round(one["round_trips_per_s"] / dbos["one_workflow_steps_per_s"], 2) if dbos else None,
@@ -263,13 +269,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def show(r: dict[str, Any]) -> None:
     d = r.get("dbos")
-    print(f"runtime at {r['durability']} (Host: policy, audit, durable journal + checkpoint + kv.incr per call):")
+    every = r.get("checkpoint_every", 1)
+    where = "per call" if every == 1 else f"every {every} calls ($TORPOR_CHECKPOINT_EVERY), the journal between"
+    print(f"runtime at {r['durability']} (Host: policy, audit, durable journal + kv.incr per call, checkpoint {where}):")
     print(f"  one agent x {r['one_agent_calls']:,} calls: {r['one_agent_round_trips_per_s']:,}/s"
-          + (f" = {r['one_agent_vs_dbos']}x DBOS's one workflow ({d['one_workflow_steps_per_s']:,} steps/s)" if d else ""))
+          + (f" = {r['one_agent_vs_dbos']}x DBOS's one workflow ({d['one_workflow_steps_per_s']:,} steps/s)" if d else "")
+          + f"; CPU {r['one_agent_cpu_us_per_call']} µs a call")
     print(f"  {r['runtime_agents']} agents x {r['runtime_calls'] // r['runtime_agents']} calls: "
           f"{r['round_trips_per_s']:,}/s"
           + (f" = {r['agents_vs_dbos']}x DBOS's {d['workflows']} workflows ({d['concurrent_steps_per_s']:,} steps/s)"
-             if d else ""))
+             if d else "") + f"; CPU {r['runtime_cpu_us_per_call']} µs a call")
     ph = r["phases_us"]
     print("  one call, µs (a timed run of its own, one agent): "
           + ", ".join(f"{k} {ph[k]}" for k in (*PHASES, "other", "total")))

@@ -26,7 +26,9 @@ def pristine_store(bundles: Any, tmp_path_factory: pytest.TempPathFactory) -> tu
     d = tmp_path_factory.mktemp("audit") / "store"
     b = bundles.load(STEPS)
     with Host(d) as host:
-        ids = [anyio.run(host.run, b, {"n": n}).agent_id for n in (3, 2)]
+        # One record a step (a call's request, decision, checkpoint and answer together):
+        # enough calls for the record positions the tests below cut, move and forge.
+        ids = [anyio.run(host.run, b, {"n": n}).agent_id for n in (12, 8)]
     return d, sorted(ids)
 
 
@@ -283,7 +285,7 @@ def test_export_signed_by_another_key_fails_when_pinned(store: tuple[Path, list[
 def test_export_since_keeps_its_anchor(store: tuple[Path, list[str]]) -> None:
     d, ids = store
     with Host(d) as host:
-        recs = host.audit_records(ids[0])
+        recs = audit.stored_records(host.store, ids[0])
     since = recs[6]["t"]
     lines = _export(d, since=since)
     assert _check(lines).ok
@@ -333,18 +335,18 @@ def test_pruning_keeps_the_rest_verifiable(store: tuple[Path, list[str]], tmp_pa
 
     d, ids = store
     with Host(d) as host:
-        recs = host.audit_records(ids[0])
+        recs = audit.stored_records(host.store, ids[0])
         cut = recs[9]["t"]
         result = audit.prune(host.store, host.identity.key, before=cut)
         older = sum(1 for r in recs if r["t"] < cut)
         assert result["refused"] == [] and result["records"] >= older > 0
-        left = host.audit_records(ids[0])
+        left = audit.stored_records(host.store, ids[0])
         assert left[0]["kind"] == audit.CHECKPOINT_KIND and left[0]["hash"] == recs[left[0]["seq"] - 1]["hash"]
         assert left[1:] == [r for r in recs if r["seq"] > left[0]["seq"]]
         assert audit.verify_store(host.store).ok
         # pruning again, further, folds the old checkpoint into the new one
         audit.prune(host.store, host.identity.key, before=time.time() + 1)
-        cp = host.audit_records(ids[0])
+        cp = audit.stored_records(host.store, ids[0])
         assert len(cp) == 1 and cp[0]["pruned"]["from_seq"] == 1 and cp[0]["pruned"]["count"] == len(recs)
         assert audit.verify_store(host.store).ok
     f = tmp_path / "pruned.jsonl"

@@ -98,7 +98,7 @@ def run_and_scan(b: Any, store_dir: Path, secret: str, monkeypatch: pytest.Monke
             # 3. the journal, 4. the audit log, 5. the agent record, every blob bucket
             if holds(json.dumps(list(txn.iter_journal(res.agent_id))).encode(), secret):
                 found.append("journal")
-            recs = [json.loads(v) for _, v in txn.iter_blobs(audit.BUCKET, "")]
+            recs = [e for _, v in txn.iter_blobs(audit.BUCKET, "") for e in audit.expand(json.loads(v))]
             assert {"credential.leased", "credential.revoked"} <= {r["kind"] for r in recs}
             if holds(json.dumps(recs).encode(), secret):
                 found.append("audit log")

@@ -56,6 +56,14 @@ class LiveAgent:
     last_segment_s: float | None = None  # how long the guest last ran between tool calls
     stopped_at: float = 0.0  # perf_counter() when the guest last stopped at a tool call
     run_started: float = field(default_factory=time.time)
+    #: Re-executing from a checkpoint after a load: calls the journal already answered are
+    #: fed their answers (:meth:`host.runtime.tool_call.ToolCallPipeline.replayed`) until
+    #: the first call it has not, where the agent goes live again.
+    replaying: bool = False
+    #: Calls answered from the journal alone since the agent's last checkpoint, and when
+    #: that checkpoint was taken (``time.monotonic()``, or the load): the replay window.
+    since_checkpoint: int = 0
+    checkpointed_at: float = field(default_factory=time.monotonic)
     _input: bytes | None = field(default=None, repr=False)
 
     @property

@@ -121,7 +121,7 @@ class AgentCommits:
         queued = len(agent.events)
         logged = (0, 0)
 
-        def write(txn: Any) -> tuple[T | None, int, str, Events]:
+        def write(txn: Any) -> tuple[T | None, int, str, int | None, Events]:
             nonlocal logged
             if self.fence is not None:
                 self._check_fence(txn, agent)
@@ -132,12 +132,14 @@ class AgentCommits:
             rec = dict(agent.record)
             audit.append_events(txn, rec, events)
             txn.put_agent(rec)
-            return result, rec["audit_seq"], rec["audit_head"], events
+            return result, rec["audit_seq"], rec["audit_head"], rec.get("audit_events"), events
 
         t0 = time.perf_counter()
-        result, seq, head, sealed = await self.run(write, sync)
+        result, seq, head, n, sealed = await self.run(write, sync)
         agent.record["audit_seq"] = seq
         agent.record["audit_head"] = head
+        if n is not None:
+            agent.record["audit_events"] = n
         del agent.events[:queued]
         agent.unlogged.take(*logged)
         self.observer.committed(agent, sealed, time.perf_counter() - t0)

@@ -49,7 +49,7 @@ def fork(store: AgentStore, loader: BundleLoader, identity: IdentityService, age
         "agent_id": new_id, "status": "suspended", "parent": {"agent_id": agent_id, "checkpoint": checkpoint},
         "created_at": now, "updated_at": now, "finished_at": None, "output": None, "error": None, "owner": None,
         "checkpoints": 1, "pending": snap.pending, "usage": dict(snap.usage), "audit_seq": 0,
-        "audit_head": audit.GENESIS, "approval": None, "in_doubt": None,
+        "audit_head": audit.GENESIS, "audit_events": 0, "approval": None, "in_doubt": None,
         "wake_at": None, "wake_reason": None,  # a sleeping parent's wake-up is its own (the fork's is journaled)
     })
     forked = dataclasses.replace(snap, agent_id=new_id, seq=1, created_at=now)

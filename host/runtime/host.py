@@ -119,6 +119,15 @@ class Host:
     ``tracing``: the OpenTelemetry spans of what agents do (:mod:`host.runtime.tracing`),
     told the same things beside the observer; by default built from the environment
     (``OTEL_EXPORTER_OTLP_ENDPOINT``), none when it does not ask for traces.
+    ``checkpoint_every``: the most tool calls one checkpoint covers (default
+    ``$TORPOR_CHECKPOINT_EVERY``, else 1: a checkpoint at every call). Above 1, an allowed
+    transactional call (``kv.incr``: its effect and answer commit together) between
+    checkpoints writes its journal entry, effect and audit only, and the guest goes on in
+    place; a checkpoint is still taken every that many calls, every
+    :data:`~host.runtime.tool_call.CHECKPOINT_EVERY_S`, and at every other call (a
+    non-transactional tool, a denial, an approval, a wait). After a crash the agent is
+    re-executed from its last checkpoint, fed the journaled answers (no tool runs again,
+    nothing is counted or audited twice), then goes live (:mod:`host.runtime.tool_call`).
     ``operator_config``: how this host starts or reaches the MCP servers policies name, and
     the roots they refer to (:mod:`host.tools.mcp_config`: an ``OperatorConfig``, or the path
     of a ``torpor.toml``); by default none, so a policy naming a server is refused when its
@@ -134,13 +143,15 @@ class Host:
                  tools_dirs: Sequence[str | Path] | None = None, trust_bundle_code: Iterable[str] = (),
                  max_memory: int | str | None = None, observer: Observer | None = None,
                  tracing: Tracing | None = None, lease_s: float | None = None,
-                 operator_config: OperatorConfig | str | Path | None = None) -> None:
+                 operator_config: OperatorConfig | str | Path | None = None,
+                 checkpoint_every: int | None = None) -> None:
         # Arguments first: nothing is opened yet that a bad one would leave open.
         operator = (operator_config if isinstance(operator_config, OperatorConfig)
                     else mcp_config.EMPTY if operator_config is None else mcp_config.load(operator_config))
         config = engine if isinstance(engine, EngineConfig) else EngineConfig.for_profile(engine)
         sources = ToolSources(handlers=handlers, tools_dirs=tools_dirs, trust_bundle_code=trust_bundle_code)
         memory_cap = validate.max_memory(max_memory)
+        every = _checkpoint_every(checkpoint_every)
         traced = tracing if tracing is not None else tracing_mod.from_env()  # OTEL_* refused before opening
         if max_warm_bytes is None:
             max_warm_bytes = _physical_memory() // 2
@@ -189,6 +200,7 @@ class Host:
         self.lease = HostLease(lease_s) if lease_s is not None else None
         self.commits = AgentCommits(self.committer, fence=self.lease.lease_id if self.lease else None)
         self.calls = ToolCallPipeline(self.store, self.commits, self.guest, self.broker, mcp_config=operator)
+        self.calls.checkpoint_every = every
         self.lifecycle = Lifecycle(self.store, self.store_dir, self.loader, self.commits, self.guest,
                                    self.identity, self.heads, self.broker, lease=self.lease)
         if self.lease is not None:
@@ -563,6 +575,18 @@ def _not_resumed(store: AgentStore, agent_id: str, code: str, exc: Exception) ->
     except Exception:  # the store itself failed: the error below says so
         status = "unknown"
     return RunResult(agent_id, status, error={"code": code, "message": str(exc)})
+
+
+def _checkpoint_every(given: int | None) -> int:
+    """``checkpoint_every`` as given, else ``$TORPOR_CHECKPOINT_EVERY``, else 1; at least 1."""
+    raw: Any = given if given is not None else os.environ.get("TORPOR_CHECKPOINT_EVERY") or 1
+    try:
+        every = int(raw) if not isinstance(raw, bool) else -1
+    except ValueError:
+        every = -1
+    if every < 1:
+        raise ConfigError(f"checkpoint_every (or $TORPOR_CHECKPOINT_EVERY) must be a whole number >= 1, got {raw!r}")
+    return every
 
 
 def _physical_memory() -> int:

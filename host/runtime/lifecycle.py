@@ -174,6 +174,7 @@ class Lifecycle:
                               code="snapshot_corrupt") from exc
         limits = limits_for(b, rec.get("fuel_limit"), max_memory=self.loader.max_memory)
         agent = LiveAgent(rec, b, loaded, tools, validators, limits, pre=pre, _input=stored_input)
+        agent.replaying = True  # calls journaled past the checkpoint are answered from the journal
         if snap is None:
             return agent, None
         agent.captured = Captured(snap.memory, snap.globals, snap.async_buf)
@@ -355,7 +356,8 @@ def damage(exc: Exception) -> dict[str, str] | None:
 
 #: Codes of errors about an agent's own stored things: they park it ``corrupt``.
 CORRUPT_CODES = frozenset({"snapshot_corrupt", "bundle_missing", "record_corrupt", "invalid_module",
-                           "invalid_bundle", "abi_version", "import_not_granted", "invalid_policy"})
+                           "invalid_bundle", "abi_version", "import_not_granted", "invalid_policy",
+                           "replay_diverged"})
 
 
 def host_error(exc: Exception) -> Failed:

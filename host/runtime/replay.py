@@ -285,8 +285,9 @@ def _resumed(txn: Any, agent_id: str, pristine: Any, module_digest: str, report:
     """Call seq -> fuel used there, for every run that resumed from a checkpoint (its budget restarts there)."""
     out: dict[int, int] = {}
     for _, raw in txn.iter_blobs(audit.BUCKET, f"{agent_id}/"):
-        r = json.loads(raw)
-        if r.get("kind") != "agent.resumed" or not r.get("checkpoint"):
+        stored = json.loads(raw)
+        r = next((e for e in audit.expand(stored) if e.get("kind") == "agent.resumed"), None)
+        if r is None or not r.get("checkpoint"):
             continue
         snap = _snapshot(txn, agent_id, int(r["checkpoint"]), pristine, module_digest)
         if snap is None or not snap.pending:

@@ -31,6 +31,12 @@ After a crash, :meth:`ToolCallPipeline.recover` answers a resumed agent's pendin
 from the journal: a recorded answer is replayed; a call with an intent but no answer is
 run again only when the tool is idempotent or transactional, otherwise the agent is
 parked ``in_doubt`` for an operator. No recorded tool call ever runs twice.
+
+With ``checkpoint_every`` above 1 (``Host``), stages 1 and 5 skip the capture and
+checkpoint *K* of an allowed transactional call between checkpoints
+(:meth:`ToolCallPipeline.journal_only`): its journaled answer, committed with its effect, is
+what a resume feeds the guest re-executed from the last checkpoint
+(:meth:`ToolCallPipeline.replayed`) before it goes live again.
 """
 
 from __future__ import annotations
@@ -46,10 +52,12 @@ import anyio.lowlevel
 import anyio.to_thread
 
 import policies
+from host.errors import TorporError
 from host.runtime import answers, budgets, timers
 from host.runtime.agent import Answer, LiveAgent
 from host.runtime.commits import AgentCommits, Events
 from host.runtime.guest import GuestRunner
+from host.runtime.logs import Pending
 from host.runtime.overlay import WriteOverlay
 from host.sandbox import abi
 from host.sandbox.execution import Captured, Completed, Failed, Outcome, PendingCall, Suspended
@@ -68,6 +76,21 @@ _DECISION_EVENT = {"allow": "tool.allowed", "deny": "tool.denied", "approval": "
 
 #: How long an agent runs its calls before it lets the rest of the event loop run.
 SLICE_S = 0.001
+
+#: The longest an agent goes between checkpoints while its calls are answered from the
+#: journal alone (:meth:`ToolCallPipeline.journal_only`), beside the count of calls: what
+#: a resume re-executes is bounded by the guest time since the checkpoint, and a quarter
+#: second of it is little beside a process restart, while at ~1,000 calls/s a checkpoint
+#: every 0.25 s is one in hundreds of calls.
+CHECKPOINT_EVERY_S = 0.25
+
+
+class ReplayDiverged(TorporError):
+    """An agent re-executed from its checkpoint made a call its journal does not hold as made:
+    another tool, other arguments, or another fuel count (the bundle, the host or the store
+    is not what ran). Its stored state is left as it is, the agent parked for an operator."""
+
+    code = "replay_diverged"
 
 
 @dataclass(frozen=True)
@@ -104,7 +127,13 @@ class Checkpoint:
 
 
 class ToolCallPipeline:
-    """Serves an agent's tool calls until it completes, fails, or parks."""
+    """Serves an agent's tool calls until it completes, fails, or parks.
+
+    ``checkpoint_every``: the most calls a checkpoint covers (1: a checkpoint at every
+    call; more: transactional calls between them are replayed from the journal after a
+    crash, see :meth:`journal_only`)."""
+
+    checkpoint_every: int = 1
 
     def __init__(self, store: AgentStore, commits: AgentCommits, guest: GuestRunner,
                  broker: CredentialBroker | None, mcp_config: Any = None) -> None:
@@ -135,8 +164,17 @@ class ToolCallPipeline:
         return Ended(outcome)
 
     async def call(self, agent: LiveAgent, call: PendingCall) -> Answer | Ended | Parked:
-        """Stages 1 to 10 for one call: its answer, or how the agent ended or parked."""
-        captured = self.receive(agent, call)
+        """Stages 1 to 10 for one call: its answer, or how the agent ended or parked.
+
+        A call the journal already answered (the agent re-executes from its checkpoint
+        after a load) is answered from it (:meth:`replayed`), and nothing else happens.
+        A transactional call inside the replay window (:meth:`journal_only`) is not
+        captured: if it is allowed, it is answered without a checkpoint."""
+        if agent.replaying:
+            answer = self.replayed(agent, call)
+            if answer is not None:
+                return answer
+        captured = self.receive(agent, call, capture=not self.journal_only(agent, agent.tools.get(call.tool)))
         request = self.request(agent, call)
         if not isinstance(request, policies.ToolRequest):
             await self.commit(agent, call, self.snapshot(agent, call, captured), request)
@@ -146,17 +184,78 @@ class ToolCallPipeline:
             return await self.back_off(agent, call, captured, decision)
         return await self.route(agent, call, captured, decision, usage)
 
+    # 0 ----------------------------------------------------------------------------------
+    def journal_only(self, agent: LiveAgent, spec: ToolSpec | None) -> bool:
+        """Whether this call, if allowed, needs no checkpoint: the journal can replay it.
+
+        A transactional tool's effect and its journaled answer commit together, so after a
+        crash the guest re-executed from the last checkpoint is fed that answer, and the
+        tool does not run again (:meth:`replayed`). What is saved is the state's capture,
+        the checkpoint's encoding and its put: most of a ``kv.incr`` call. The price is a
+        resume that re-executes up to the window: at most :attr:`checkpoint_every` calls
+        and :data:`CHECKPOINT_EVERY_S` of the agent's time since its checkpoint. Only with
+        a live instance (it goes on in place) and after the run's first checkpoint (a
+        resumed agent that has none starts over, which must have done nothing outside).
+        """
+        if self.checkpoint_every <= 1 or spec is None or not spec.transactional:
+            return False
+        ex = agent.ex
+        return (ex is not None and ex.live and int(agent.record.get("checkpoints") or 0) > 0
+                and agent.since_checkpoint + 1 < self.checkpoint_every
+                and time.monotonic() - agent.checkpointed_at < CHECKPOINT_EVERY_S)
+
+    def replayed(self, agent: LiveAgent, call: PendingCall) -> Answer | None:
+        """The journaled answer to a call the agent made before it was loaded, or None
+        (the journal has none: the agent is live again from here, and stays live).
+
+        The guest re-executed from its checkpoint must make the very calls it made: the
+        same tool, the same arguments, at the same fuel; anything else is
+        :class:`ReplayDiverged`, never a different answer. Nothing is counted, audited,
+        journaled or run again; the answer is checked against its audit record as at
+        :meth:`recover`. The guest's log lines up to this call were written by the call's
+        own commit, so the ones the re-execution logged again are dropped."""
+        ex = agent.ex
+        assert ex is not None
+        with self.store.read() as txn:
+            entry = txn.get_journal(agent.agent_id, call.seq)
+            if entry is None:
+                agent.replaying = False
+                return None
+            expected = {"tool": entry.get("tool"), "args": entry.get("args"), "fuel": entry.get("fuel")}
+            got = {"tool": call.tool, "args": call.args, "fuel": ex.fuel_used}
+            for what in ("tool", "args", "fuel"):
+                if what == "fuel" and expected["fuel"] is None:
+                    continue
+                if expected[what] != got[what]:
+                    raise ReplayDiverged(
+                        f"agent {agent.agent_id} re-executed from its checkpoint made call {call.seq} with another "
+                        f"{what} than its journal holds (expected {_brief(expected[what])}, got {_brief(got[what])}): "
+                        "the bundle, the host or the stored state is not what ran; nothing was answered")
+            if entry.get("state") != "done":
+                raise ReplayDiverged(f"agent {agent.agent_id}: journal entry {call.seq} past its checkpoint is "
+                                     f"{entry.get('state')!r}, not an answer; it cannot be replayed")
+            answer: Answer = int(entry["status"]), str(entry["response"]).encode()
+            _check_with_audit(txn, agent, call, answer)
+        budgets.count_fuel(agent, ex.fuel_used)
+        agent.unlogged = Pending()
+        agent.logs.clear()
+        agent.log_bytes = 0
+        agent.since_checkpoint += 1
+        return answer
+
     # 1 ----------------------------------------------------------------------------------
     @staticmethod
-    def receive(agent: LiveAgent, call: PendingCall) -> Captured:
-        """The guest stopped at a call: count it and capture its state (memory, globals)."""
+    def receive(agent: LiveAgent, call: PendingCall, capture: bool = True) -> Captured | None:
+        """The guest stopped at a call: count it and capture its state (memory, globals),
+        unless ``capture`` is False (a call :meth:`journal_only` may answer without a
+        checkpoint; :meth:`snapshot` captures it if one is needed after all)."""
         ex = agent.ex
         assert ex is not None
         agent.stopped_at = time.perf_counter()
         agent.usage["suspensions"] = agent.usage.get("suspensions", 0) + 1
         budgets.count_fuel(agent, ex.fuel_used)
         agent.record["last_progress"] = time.time()
-        agent.captured = ex.capture()
+        agent.captured = ex.capture() if capture else None
         agent.event("tool.requested", call_seq=call.seq, tool=call.tool, args_digest=audit.digest(call.args))
         return agent.captured
 
@@ -203,7 +302,7 @@ class ToolCallPipeline:
         return decision, after
 
     # 4 ----------------------------------------------------------------------------------
-    async def route(self, agent: LiveAgent, call: PendingCall, captured: Captured,
+    async def route(self, agent: LiveAgent, call: PendingCall, captured: Captured | None,
                     decision: policies.Decision, usage: policies.Usage | None) -> Answer | Ended | Parked:
         """Act on the decision. Every branch writes checkpoint *K* before anything else happens."""
         if isinstance(decision, policies.Terminate):
@@ -223,7 +322,12 @@ class ToolCallPipeline:
             return answer
         if spec.name == timers.SLEEP_TOOL:
             return await self.sleep(agent, call, spec, captured)
-        ran = await self.execute(agent, call, spec, self.snapshot(agent, call, captured))
+        if captured is None and spec.transactional:  # journal_only: no checkpoint, the journal replays it
+            agent.record["pending"] = call.to_dict()
+            ran = await self.execute(agent, call, spec, None)
+            agent.since_checkpoint += 1
+        else:
+            ran = await self.execute(agent, call, spec, self.snapshot(agent, call, captured))
         if isinstance(ran, Parked):  # the tool asks a person something (an MCP server's elicitation)
             return ran
         exceeded = self.check_budgets(agent, usage)
@@ -232,7 +336,7 @@ class ToolCallPipeline:
             return Ended(Failed("budget_exceeded", exceeded.message), "terminated", exceeded.to_dict())
         return ran
 
-    async def park_for_approval(self, agent: LiveAgent, call: PendingCall, captured: Captured,
+    async def park_for_approval(self, agent: LiveAgent, call: PendingCall, captured: Captured | None,
                                 decision: policies.RequireApproval) -> None:
         """Checkpoint and park: the request goes to the approvals queue, the instance is dropped."""
         request = {"agent_id": agent.agent_id, "name": agent.bundle.name, "call": call.to_dict(),
@@ -273,7 +377,7 @@ class ToolCallPipeline:
         return Parked()
 
     # 4b: waits on a time --------------------------------------------------------------------
-    async def sleep(self, agent: LiveAgent, call: PendingCall, spec: ToolSpec, captured: Captured) -> Answer | Parked:
+    async def sleep(self, agent: LiveAgent, call: PendingCall, spec: ToolSpec, captured: Captured | None) -> Answer | Parked:
         """``timer.sleep``: its wake time journaled with checkpoint *K*, waited for, then answered."""
         now = time.time()
         try:
@@ -287,16 +391,16 @@ class ToolCallPipeline:
             return Parked()
         return await self.execute(agent, call, spec, None, {"wake_at": at})
 
-    async def back_off(self, agent: LiveAgent, call: PendingCall, captured: Captured,
+    async def back_off(self, agent: LiveAgent, call: PendingCall, captured: Captured | None,
                        backoff: Backoff) -> Answer | Ended | Parked:
         """A call over a rate that waits: checkpoint *K* with its wake time, the wait, and the
         same call decided again (:meth:`redecide`): the tool runs only once it is allowed."""
         cp = self.snapshot(agent, call, captured, status=_wait_status(backoff.at, time.time()))
         if await self.wait_until(agent, call, backoff.at, "rate_limited", cp) is not None:
             return Parked()
-        return await self.redecide(agent, call, captured)
+        return await self.redecide(agent, call, agent.captured)
 
-    async def redecide(self, agent: LiveAgent, call: PendingCall, captured: Captured) -> Answer | Ended | Parked:
+    async def redecide(self, agent: LiveAgent, call: PendingCall, captured: Captured | None) -> Answer | Ended | Parked:
         """Stages 2 to 10 again for a call that waited on a rate (its arguments were judged
         JSON the first time; the request is the same pure function of them)."""
         request = self.request(agent, call)
@@ -419,8 +523,12 @@ class ToolCallPipeline:
 
     # 5 ----------------------------------------------------------------------------------
     @staticmethod
-    def snapshot(agent: LiveAgent, call: PendingCall, captured: Captured, status: str = "suspended") -> Checkpoint:
-        """Encode checkpoint *K* (a delta against the module's pristine image) and count it in the record."""
+    def snapshot(agent: LiveAgent, call: PendingCall, captured: Captured | None, status: str = "suspended") -> Checkpoint:
+        """Encode checkpoint *K* (a delta against the module's pristine image) and count it in
+        the record. ``captured`` None: the guest's state is captured now (still stopped)."""
+        if captured is None:
+            assert agent.ex is not None
+            captured = agent.captured = agent.ex.capture()
         rec = agent.record
         seq = int(rec.get("checkpoints", 0)) + 1
         u = agent.usage
@@ -433,6 +541,8 @@ class ToolCallPipeline:
         now = time.time()
         rec.update(checkpoints=seq, snapshot_bytes=int(rec.get("snapshot_bytes", 0)) + len(blob),
                    last_checkpoint_bytes=len(blob), pending=call.to_dict(), status=status, updated_at=now)
+        agent.since_checkpoint = 0
+        agent.checkpointed_at = time.monotonic()
         return Checkpoint(seq, blob, now, chunks)
 
     # 6 ----------------------------------------------------------------------------------
@@ -700,6 +810,11 @@ def _check_with_audit(txn: Any, agent: LiveAgent, call: PendingCall, answer: Ans
         label = f"journal entry {call.seq} of agent {agent.agent_id}"
         raise RecordCorrupt(f"{label} holds an answer whose digest differs from the one its audit record holds "
                             "(changed on disk; restore the store from a copy)", database="journal", key=label)
+
+
+def _brief(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _answered(call: PendingCall, answer: Answer) -> dict[str, Any]:

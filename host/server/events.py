@@ -35,7 +35,7 @@ KEEPALIVE_S = 15.0
 def _event(rec: dict[str, Any]) -> bytes:
     kind = str(rec.get("kind", "record")).replace("\n", " ").replace("\r", " ")
     data = json.dumps(rec, default=str, separators=(",", ":"))
-    return f"id: {rec.get('seq')}\nevent: {kind}\ndata: {data}\n\n".encode()
+    return f"id: {audit.event_number(rec)}\nevent: {kind}\ndata: {data}\n\n".encode()
 
 
 class Events:
@@ -59,13 +59,21 @@ class Events:
         self.open_streams += 1
         try:
             idle = 0.0
+            # ``after`` counts events (a step record holds several, audit.event_number);
+            # ``read`` is the last record read, from which the next poll reads on.
+            read = 0
             while True:
                 rec = self.host.get_agent(agent_id)  # before the records: a finish is never missed
-                new = audit.records_after(self.host.store, agent_id, after)
+                new = audit.records_after(self.host.store, agent_id, read)
                 for r in new:
-                    yield _event(r)
                     if isinstance(r.get("seq"), int):
-                        after = r["seq"]
+                        read = r["seq"]
+                    n = audit.event_number(r)
+                    if n is not None and n <= after:
+                        continue  # the client had it (Last-Event-ID)
+                    yield _event(r)
+                    if n is not None:
+                        after = n
                 if rec.get("status") in FINISHED or self.scheduler.draining:
                     yield f"event: end\ndata: {json.dumps({'status': rec.get('status')})}\n\n".encode()
                     return

@@ -2,7 +2,10 @@
 
 Each record carries the hash of the agent's previous record, and its own hash
 over its canonical JSON; altering, removing, inserting or reordering a record
-breaks the chain at that point, which the verifiers here name. Records are
+breaks the chain at that point, which the verifiers here name. A record holds the
+events of one commit: one event as a record of its kind, several (a tool call's
+request, decision, checkpoint and answer) as one ``step`` record, which readers see as
+its events (:func:`expand`); chains written one record per event verify and read alike. Records are
 appended in the same store transaction as the state change they describe (a
 checkpoint, a tool result, a termination), so the log never claims what the
 store does not hold, nor misses what it does.
@@ -52,6 +55,8 @@ HEADS_BUCKET = "audit_heads"
 HEAD_PREFIX = "h/"
 HEAD_STATE = "state"
 CHECKPOINT_KIND = "audit.checkpoint"
+#: The kind of a record holding all the events of one commit (``events``: each ``{"kind", ...data}``).
+STEP_KIND = "step"
 #: The kind of the stand-in for a record that does not decode (see ``_record``).
 UNREADABLE_KIND = "(unreadable)"
 EXPORT_FORMAT = "torpor-audit-export"
@@ -127,17 +132,51 @@ def answered_digest(txn: Any, agent_id: str, last_seq: int, call_seq: int) -> st
         raw = txn.get_blob("audit", record_key(agent_id, seq))
         if raw is None:
             return None
-        rec = _object(raw)
-        if rec is None:
+        stored = _object(raw)
+        if stored is None:
             return None  # a damaged record: audit verify reports it; no digest to compare with
-        at = rec.get("call_seq")
-        if isinstance(at, int) and not isinstance(at, bool):
-            if at < call_seq or (at == call_seq and rec.get("kind") == "tool.requested"):
-                return None
-            if at == call_seq and rec.get("kind") == "tool.answered":
-                found = rec.get("result_digest")
-                return found if isinstance(found, str) else None
+        for rec in reversed(expand(stored)):
+            at = rec.get("call_seq")
+            if isinstance(at, int) and not isinstance(at, bool):
+                if at < call_seq or (at == call_seq and rec.get("kind") == "tool.requested"):
+                    return None
+                if at == call_seq and rec.get("kind") == "tool.answered":
+                    found = rec.get("result_digest")
+                    return found if isinstance(found, str) else None
     return None
+
+
+def expand(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events one stored record holds, each as a record of its own kind: a step record
+    (:data:`STEP_KIND`, every event of one commit) as one view per event, with the step's
+    ``agent_id``, ``seq``, ``t``, ``prev`` and ``hash``; any other record as itself.
+
+    Why: a chain written before step records (one record per event) and one written after
+    read the same through :func:`records`, so what the audit shows (``torpor audit show``,
+    the console, the event stream, replay) does not depend on the format; what the chain
+    verifies is the stored records, whatever their kind."""
+    events = rec.get("events")
+    if rec.get("kind") != STEP_KIND or not isinstance(events, list):
+        return [rec]
+    common = {k: rec.get(k) for k in ("agent_id", "seq", "t", "prev", "hash")}
+    first = event_number(rec)
+    out: list[dict[str, Any]] = []
+    for i, ev in enumerate(events):
+        view = {**common, **ev} if isinstance(ev, dict) else {**common, "kind": UNREADABLE_KIND}
+        view.update((k, common[k]) for k in ("agent_id", "seq", "prev", "hash"))  # an event never renames its step
+        if first is not None:
+            view["n"] = first + i
+        out.append(view)
+    return out
+
+
+def event_number(rec: Mapping[str, Any]) -> int | None:
+    """The number of an event in its agent's chain, counting from 1 (a step's events one by
+    one): stable whatever is pruned before it, so a follower of the log can say where it got
+    to (the event stream's ``Last-Event-ID``). A record numbered as its seq holds none (every
+    record of a chain written one per event); None for a record that does not say."""
+    n = rec.get("n", rec.get("seq"))
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 def _head_key(seq: int) -> str:
@@ -163,20 +202,32 @@ def _sealed(agent_id: str, seq: int, prev: str, t: float, kind: str,
 def append_events(txn: Any, rec: dict[str, Any], events: Iterable[tuple[str, dict[str, Any]]]) -> None:
     """Seal ``events`` onto the agent's chain inside ``txn``; updates ``rec``'s chain head.
 
-    The one writer of an agent's chain: each event becomes the next record, linked to the
-    head the agent record holds, and the record's ``audit_seq`` and ``audit_head`` move on
-    in the same transaction.
+    The one writer of an agent's chain: the events of one call become its next record,
+    linked to the head the agent record holds, and the record's ``audit_seq`` and
+    ``audit_head`` move on in the same transaction. One event is a record of its own kind;
+    several (a tool call's request, decision, checkpoint and answer, committed together)
+    are one :data:`STEP_KIND` record holding them in order: one canonical encoding, one
+    SHA-256 and one put a step, not one per event (:func:`expand` reads them back apart).
+    Chains written one record per event (before step records) verify and read as before.
     """
-    seq = int(rec.get("audit_seq", 0))
+    items = list(events)
+    if not items:
+        return
+    seq = int(rec.get("audit_seq", 0)) + 1
     head = str(rec.get("audit_head") or GENESIS)
-    now = time.time()
-    for kind, data in events:
-        seq += 1
-        sealed, raw = _sealed(rec["agent_id"], seq, head, now, kind, data)
-        txn.put_blob(BUCKET, record_key(rec["agent_id"], seq), raw)
-        head = sealed["hash"]
+    # Events so far: the record's count, or (a chain an older host wrote) one a record.
+    n = int(rec.get("audit_events") or seq - 1) + 1
+    if len(items) == 1:
+        kind, data = items[0]
+    else:
+        kind, data = STEP_KIND, {"events": [{"kind": k, **d} for k, d in items]}
+    if n != seq:  # numbered as its seq when it is (every chain's first records): nothing stored
+        data = {**data, "n": n}
+    sealed, raw = _sealed(rec["agent_id"], seq, head, time.time(), kind, data)
+    txn.put_blob(BUCKET, record_key(rec["agent_id"], seq), raw)
     rec["audit_seq"] = seq
-    rec["audit_head"] = head
+    rec["audit_head"] = sealed["hash"]
+    rec["audit_events"] = n + len(items) - 1
 
 
 #: Where the head of a host-level chain is kept (in ``HEADS_BUCKET``), by chain id.
@@ -197,9 +248,11 @@ def append_host_events(txn: Any, chain: str, events: Iterable[tuple[str, dict[st
     raw = txn.get_blob(HEADS_BUCKET, key)
     head = (_object(raw) or {}) if raw is not None else {}
     rec: dict[str, Any] = {"agent_id": chain, "audit_seq": int(head.get("audit_seq") or 0),
-                           "audit_head": str(head.get("audit_head") or GENESIS)}
+                           "audit_head": str(head.get("audit_head") or GENESIS),
+                           "audit_events": head.get("audit_events")}
     append_events(txn, rec, events)
-    txn.put_blob(HEADS_BUCKET, key, canonical({"audit_seq": rec["audit_seq"], "audit_head": rec["audit_head"]}))
+    txn.put_blob(HEADS_BUCKET, key, canonical({"audit_seq": rec["audit_seq"], "audit_head": rec["audit_head"],
+                                               "audit_events": rec["audit_events"]}))
 
 
 def _host_chain_heads(txn: Any) -> dict[str, dict[str, Any]]:
@@ -997,22 +1050,29 @@ def parse_time(text: str, *, now: float | None = None) -> float:
 
 
 def records(store: Any, agent_id: str) -> list[dict[str, Any]]:
-    """The agent's audit records in order; one that does not decode is a stand-in (``UNREADABLE_KIND``)."""
+    """The agent's audit events in order, a step record's one by one (:func:`expand`); one
+    record that does not decode is a stand-in (``UNREADABLE_KIND``)."""
+    with store.read() as txn:
+        return [e for k, v in txn.iter_blobs(BUCKET, f"{agent_id}/") for e in expand(_record(k, v))]
+
+
+def stored_records(store: Any, agent_id: str) -> list[dict[str, Any]]:
+    """The agent's audit records as stored (a step record whole): what the chain links."""
     with store.read() as txn:
         return [_record(k, v) for k, v in txn.iter_blobs(BUCKET, f"{agent_id}/")]
 
 
 def records_after(store: Any, agent_id: str, seq: int) -> list[dict[str, Any]]:
-    """The agent's records after sequence number ``seq``, in order: read key by key from
+    """The agent's events (:func:`records`) after record ``seq``, in order: read key by key from
     ``seq + 1``, so that a follower of a live log reads what is new, not the whole log
     again. When ``seq + 1`` was pruned away, the records kept after ``seq`` instead."""
     with store.read() as txn:
         if seq <= 0:
-            return [_record(k, v) for k, v in txn.iter_blobs(BUCKET, f"{agent_id}/")]
+            return [e for k, v in txn.iter_blobs(BUCKET, f"{agent_id}/") for e in expand(_record(k, v))]
         out: list[dict[str, Any]] = []
         n = seq + 1
         while (raw := txn.get_blob(BUCKET, record_key(agent_id, n))) is not None:
-            out.append(_record(record_key(agent_id, n), raw))
+            out.extend(expand(_record(record_key(agent_id, n), raw)))
             n += 1
         if out:
             return out
@@ -1020,8 +1080,8 @@ def records_after(store: Any, agent_id: str, seq: int) -> list[dict[str, Any]]:
         tail = first[0].partition("/")[2] if first is not None else ""
         if not tail.isdigit() or int(tail) <= seq:
             return []  # nothing new
-        return [r for r in (_record(k, v) for k, v in txn.iter_blobs(BUCKET, f"{agent_id}/"))
-                if isinstance(r.get("seq"), int) and r["seq"] > seq]
+        return [e for r in (_record(k, v) for k, v in txn.iter_blobs(BUCKET, f"{agent_id}/"))
+                if isinstance(r.get("seq"), int) and r["seq"] > seq for e in expand(r)]
 
 
 def _short(h: Any) -> str:
