@@ -100,9 +100,41 @@ _Noreturn static void fail_oom(size_t n) {
  * at once (the only deterministic answer: a half-built object graph cannot be trusted). */
 static void *qjs_calloc(void *o, size_t c, size_t s) { (void)o; void *p = calloc(c, s); if (!p && c && s) fail_oom(c * s); return p; }
 static void *qjs_malloc(void *o, size_t s) { (void)o; void *p = malloc(s); if (!p && s) fail_oom(s); return p; }
-static void qjs_free(void *o, void *p) { (void)o; free(p); }
-static void *qjs_realloc(void *o, void *p, size_t s) { (void)o; void *q = realloc(p, s); if (!q && s) fail_oom(s); return q; }
 extern size_t malloc_usable_size(void *);
+/* A freed block of ZERO_FREED_MIN bytes or more is zeroed, and a growing one that has to
+ * move leaves zeros behind: what an agent frees in bulk (the JSON text of a tool call's
+ * arguments, JSON.stringify's buffer as it grows, a string concatenation's old halves) is
+ * the conversation again, left in new places each turn; a checkpoint stores every page
+ * that differs from the pristine image, so that garbage made each turn's new chunks grow
+ * with the conversation (issue 23's failure, re-run for JS). Zeroed, it is runs of zeros:
+ * one chunk, compressed to nothing. */
+#define ZERO_FREED_MIN 256
+/* Through a volatile pointer: a memset the compiler sees followed by free() is a dead
+ * store it deletes. */
+static void *(*volatile wipe)(void *, int, size_t) = memset;
+static void qjs_free(void *o, void *p) {
+    (void)o;
+    if (p) {
+        size_t n = malloc_usable_size(p);
+        if (n >= ZERO_FREED_MIN) wipe(p, 0, n);
+    }
+    free(p);
+}
+static void *qjs_realloc(void *o, void *p, size_t s) {
+    size_t old = p ? malloc_usable_size(p) : 0;
+    if (p && s > old && old >= ZERO_FREED_MIN) {
+        void *q = malloc(s);
+        if (!q) fail_oom(s);
+        memcpy(q, p, old);
+        qjs_free(o, p);
+        return q;
+    }
+    if (p && s && s < old && old - s >= ZERO_FREED_MIN) wipe((uint8_t *)p + s, 0, old - s); /* the tail given back */
+    (void)o;
+    void *q = realloc(p, s);
+    if (!q && s) fail_oom(s);
+    return q;
+}
 static size_t qjs_usable(const void *p) { return malloc_usable_size((void *)p); }
 static const JSMallocFunctions qjs_mf = {qjs_calloc, qjs_malloc, qjs_free, qjs_realloc, qjs_usable};
 

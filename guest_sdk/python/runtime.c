@@ -61,18 +61,33 @@ static int zero_freed;
 
 static void *a_malloc(void *ctx, size_t n) { (void)ctx; void *p = malloc(n ? n : 1); if (!p) fail_oom(); return p; }
 static void *a_calloc(void *ctx, size_t c, size_t s) { (void)ctx; void *p = calloc(c ? c : 1, s ? s : 1); if (!p) fail_oom(); return p; }
+/* At run time as well, a freed block of ZERO_FREED_MIN bytes or more is zeroed: what an
+ * agent frees in bulk (json.dumps' escaped copy of every message, the text of a tool call's
+ * arguments, a buffer a realloc moved) is the conversation again, left in new places each
+ * turn; a checkpoint stores every page that differs from the pristine image, so that garbage
+ * made each turn's new chunks grow with the conversation (issue 23's failure, re-run for
+ * Python). Zeroed, it is runs of zeros: one chunk, compressed to nothing. Small objects
+ * stay in their pools (s_free), reused in place. */
+#define ZERO_FREED_MIN 256
+static inline int zero_block(size_t n) { return zero_freed || n >= ZERO_FREED_MIN; }
+/* Through a volatile pointer: a memset the compiler sees followed by free() is a dead
+ * store it deletes (it did: the build's "zeroed" garbage and every freed message stayed). */
+static void *(*volatile wipe)(void *, int, size_t) = memset;
 static void a_free(void *ctx, void *p) {
     (void)ctx;
-    if (zero_freed && p) memset(p, 0, malloc_usable_size(p));
+    if (p) {
+        size_t n = malloc_usable_size(p);
+        if (zero_block(n)) wipe(p, 0, n);
+    }
     free(p);
 }
 static void *a_realloc(void *ctx, void *p, size_t n) {
     (void)ctx;
     if (!n) n = 1;
-    if (zero_freed && p) {
-        size_t old = malloc_usable_size(p);
+    size_t old = p ? malloc_usable_size(p) : 0;
+    if (p && zero_block(old)) {
         if (n <= old) {
-            memset((uint8_t *)p + n, 0, old - n); /* the tail a shrink gives back */
+            wipe((uint8_t *)p + n, 0, old - n); /* the tail a shrink gives back */
         } else {                                  /* a move leaves the old block behind: zero it */
             void *q = malloc(n);
             if (!q) fail_oom();
