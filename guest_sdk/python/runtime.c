@@ -61,18 +61,33 @@ static int zero_freed;
 
 static void *a_malloc(void *ctx, size_t n) { (void)ctx; void *p = malloc(n ? n : 1); if (!p) fail_oom(); return p; }
 static void *a_calloc(void *ctx, size_t c, size_t s) { (void)ctx; void *p = calloc(c ? c : 1, s ? s : 1); if (!p) fail_oom(); return p; }
+/* At run time as well, a freed block of ZERO_FREED_MIN bytes or more is zeroed: what an
+ * agent frees in bulk (json.dumps' escaped copy of every message, the text of a tool call's
+ * arguments, a buffer a realloc moved) is the conversation again, left in new places each
+ * turn; a checkpoint stores every page that differs from the pristine image, so that garbage
+ * made each turn's new chunks grow with the conversation (issue 23's failure, re-run for
+ * Python). Zeroed, it is runs of zeros: one chunk, compressed to nothing. Small objects
+ * stay in their pools (s_free), reused in place. */
+#define ZERO_FREED_MIN 256
+static inline int zero_block(size_t n) { return zero_freed || n >= ZERO_FREED_MIN; }
+/* Through a volatile pointer: a memset the compiler sees followed by free() is a dead
+ * store it deletes (it did: the build's "zeroed" garbage and every freed message stayed). */
+static void *(*volatile wipe)(void *, int, size_t) = memset;
 static void a_free(void *ctx, void *p) {
     (void)ctx;
-    if (zero_freed && p) memset(p, 0, malloc_usable_size(p));
+    if (p) {
+        size_t n = malloc_usable_size(p);
+        if (zero_block(n)) wipe(p, 0, n);
+    }
     free(p);
 }
 static void *a_realloc(void *ctx, void *p, size_t n) {
     (void)ctx;
     if (!n) n = 1;
-    if (zero_freed && p) {
-        size_t old = malloc_usable_size(p);
+    size_t old = p ? malloc_usable_size(p) : 0;
+    if (p && zero_block(old)) {
         if (n <= old) {
-            memset((uint8_t *)p + n, 0, old - n); /* the tail a shrink gives back */
+            wipe((uint8_t *)p + n, 0, old - n); /* the tail a shrink gives back */
         } else {                                  /* a move leaves the old block behind: zero it */
             void *q = malloc(n);
             if (!q) fail_oom();
@@ -179,7 +194,69 @@ static pool_t *new_pool(unsigned c) {
     return pl;
 }
 
+/* ---- mid-size blocks (513 bytes to 16 KiB): slots found by a bitmap kept apart -------- */
+
+/* A conversation's messages are blocks of a few KiB that live for the whole run, and each
+ * tool call makes and frees as many again (json.dumps' escaped copy of every message). Under
+ * libc's malloc a freed block keeps a free-list link that changes every turn, beside live
+ * messages: each checkpoint re-stored, in content chunks, more of the conversation every
+ * turn. Here a slot's state is one bit in a table apart, and a request takes the lowest free
+ * slot of the first page with room: what memory holds after a turn depends on the live
+ * blocks only, and a freed slot is zeros. */
+#define MID_MAX 16384
+#define MID_SHIFT 15 /* 32 KiB pages, carved from 256 KiB regions */
+#define MID_PAGE (1u << MID_SHIFT)
+#define MID_NCLASS 5
+#define MID_MAXPAGES 8192 /* 256 MiB of them: past it, requests go to libc */
+static const uint32_t mid_sizes[MID_NCLASS] = {1024, 2048, 4096, 8192, 16384};
+static uint8_t mid_class[(1u << (32 - MID_SHIFT))]; /* class + 1 of each 32 KiB page; 0: not a mid page */
+static uint8_t *mid_pages[MID_NCLASS][MID_MAXPAGES];
+static uint32_t mid_bits[MID_NCLASS][MID_MAXPAGES];  /* bit i: slot i handed out */
+static uint32_t mid_count[MID_NCLASS], mid_total;
+static uint8_t *mid_next, *mid_end;
+
+static inline int from_mid(const void *p) { return mid_class[(uintptr_t)p >> MID_SHIFT] != 0; }
+
+static void *m_malloc(size_t n) {
+    unsigned c = 0;
+    while (mid_sizes[c] < n) c++;
+    uint32_t slots = MID_PAGE / mid_sizes[c], full = slots == 32 ? 0xFFFFFFFFu : (1u << slots) - 1;
+    for (uint32_t i = 0; i < mid_count[c]; i++) {
+        uint32_t b = mid_bits[c][i];
+        if (b == full) continue;
+        unsigned k = (unsigned)__builtin_ctz(~b);
+        mid_bits[c][i] = b | (1u << k);
+        return mid_pages[c][i] + (size_t)k * mid_sizes[c];
+    }
+    if (mid_total >= MID_MAXPAGES) return NULL;
+    if (mid_end - mid_next < (ptrdiff_t)MID_PAGE) {
+        uint8_t *r = malloc(8 * MID_PAGE + MID_PAGE);
+        if (!r) fail_oom();
+        mid_next = (uint8_t *)(((uintptr_t)r + MID_PAGE - 1) & ~(uintptr_t)(MID_PAGE - 1));
+        mid_end = mid_next + 8 * MID_PAGE;
+    }
+    uint8_t *pg = mid_next;
+    mid_next += MID_PAGE;
+    mid_class[(uintptr_t)pg >> MID_SHIFT] = (uint8_t)(c + 1);
+    mid_total++;
+    mid_pages[c][mid_count[c]] = pg;
+    mid_bits[c][mid_count[c]++] = 1;
+    return pg;
+}
+
+static void m_free(void *p) {
+    unsigned c = mid_class[(uintptr_t)p >> MID_SHIFT] - 1u;
+    uint8_t *pg = (uint8_t *)((uintptr_t)p & ~(uintptr_t)(MID_PAGE - 1));
+    wipe(p, 0, mid_sizes[c]);
+    for (uint32_t i = 0; i < mid_count[c]; i++)
+        if (mid_pages[c][i] == pg) { mid_bits[c][i] &= ~(1u << ((uint32_t)((uint8_t *)p - pg) / mid_sizes[c])); return; }
+}
+
 static void *s_malloc(void *ctx, size_t n) {
+    if (n > SMALL_MAX && n <= MID_MAX) {
+        void *m = m_malloc(n);
+        return m ? m : a_malloc(ctx, n);
+    }
     if (n > SMALL_MAX) return a_malloc(ctx, n);
     unsigned c = size_class[n ? (n - 1) / SMALL_ALIGN : 0];
     size_t size = class_size(c);
@@ -198,6 +275,7 @@ static void *s_malloc(void *ctx, size_t n) {
 
 static void s_free(void *ctx, void *p) {
     if (!p) return;
+    if (from_mid(p)) { m_free(p); return; }
     if (!from_arena(p)) { a_free(ctx, p); return; }
     pool_t *pl = (pool_t *)((uintptr_t)p & ~(uintptr_t)(POOL_SIZE - 1));
     if (zero_freed) memset(p, 0, class_size(pl->cls));
@@ -224,6 +302,17 @@ static void *s_calloc(void *ctx, size_t c, size_t s) {
 
 static void *s_realloc(void *ctx, void *p, size_t n) {
     if (!p) return s_malloc(ctx, n);
+    if (from_mid(p)) {
+        size_t size = mid_sizes[mid_class[(uintptr_t)p >> MID_SHIFT] - 1u];
+        if (n <= size && n > size / 2) {
+            wipe((uint8_t *)p + n, 0, size - n); /* what a shrink gives back holds nothing */
+            return p;
+        }
+        void *q = s_malloc(ctx, n);
+        memcpy(q, p, n < size ? n : size);
+        m_free(p);
+        return q;
+    }
     if (!from_arena(p)) return a_realloc(ctx, p, n); /* dlmalloc's block stays dlmalloc's, as in pymalloc */
     pool_t *pl = (pool_t *)((uintptr_t)p & ~(uintptr_t)(POOL_SIZE - 1));
     size_t size = class_size(pl->cls);

@@ -33,6 +33,9 @@ This libpython is built without pymalloc, so the driver brings its own small-obj
 allocator (runtime.c: 4 KiB pools of twelve size classes with LIFO free lists, for
 requests up to 512 bytes): the objects an await makes land where the previous await's
 were, and an agent's delta stays flat instead of creeping as libc's malloc made it.
+Blocks of 513 bytes to 16 KiB (a conversation's messages) come from pages whose slots
+are bits in a table apart, and larger freed blocks are zeroed, so what a checkpoint
+stores a turn does not grow with the conversation (bench/RESULTS.md, "Long conversations").
 
 A Python agent (``agent.py`` + ``policy.toml``, and any ``.py`` modules beside it that it
 vendors) is that runtime pre-initialised with the agent (:mod:`host.sandbox.preinit`):
