@@ -523,8 +523,8 @@ class NatsBridge:
             sub = self._work_subs[(name, durable)]
             try:
                 msgs = await sub.fetch(batch, timeout=wait)
-            except self._nats.errors.TimeoutError:
-                return []
+            except (self._nats.errors.TimeoutError, asyncio.TimeoutError):
+                return []  # nats-py raises its own or asyncio's when no message came in time
             out = []
             for m in msgs:
                 self._work_ids += 1
