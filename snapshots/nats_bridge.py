@@ -523,7 +523,7 @@ class NatsBridge:
             sub = self._work_subs[(name, durable)]
             try:
                 msgs = await sub.fetch(batch, timeout=wait)
-            except (self._nats.errors.TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 return []  # nats-py raises its own or asyncio's when no message came in time
             out = []
             for m in msgs:
