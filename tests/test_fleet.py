@@ -187,11 +187,7 @@ def test_300_agents_on_3_hosts_with_a_host_and_a_node_killed(bundles: BundleFact
     url = nats_cluster.url
     # The steps example with room in its wall-clock budget: its 30 s are per run, from start to
     # end, and 300 agents queued on two cores (fewer after the kill) take longer than that each.
-    agent = tmp_path / "steps"
-    shutil.copytree(EXAMPLES / "steps", agent)
-    policy = agent / "policy.toml"
-    policy.write_text(policy.read_text().replace('wall_clock = "30s"', 'wall_clock = "900s"'))
-    [steps], secret = seed(url, stream, tmp_path / "seed", [bundles.path(agent)])
+    [steps], secret = seed(url, stream, tmp_path / "seed", [bundles.example_with_wall_clock("steps", "900s")])
     want = {"sum": n * (n + 1) // 2, "last": n}
     hdr = {"Authorization": f"Bearer {secret}"}
     started = time.monotonic()
