@@ -32,7 +32,12 @@ handle (LMDB's MDB_NOSYNC flag), not to the files.
     last two commits intact (a transaction reuses only pages freed two commits back), so
     the tree the on-disk meta page names is never overwritten. So a power loss costs at
     most the last two commits made short of ``"now"``, which nobody outside was told of; a
-    SIGKILL costs nothing (the page cache outlives the process).
+    SIGKILL costs nothing (the page cache outlives the process). The rule counts every
+    process's commits, not only this one's: other processes (a CLI command beside a
+    server, a second host) commit to the same store under LMDB's writer lock, which a
+    transaction holds once it has begun, so a transaction that is not sure the commit two
+    before it is synced (another process's, whose syncs this one does not see) syncs
+    first, under that lock (:meth:`LmdbStore._begin_write`).
 
     A durable commit is synced by the committing thread before it returns, and write
     transactions of this process are serialised with that sync (as LMDB's own
@@ -811,6 +816,12 @@ class LmdbStore:
         #: how long the last successful sync took, in seconds (0 before the first)
         self.last_sync_s = 0.0
         self.flushed_commits = 0
+        #: syncs a write transaction made because another process's commit was unsynced
+        self.interleaved_syncs = 0
+        # The newest LMDB transaction id a sync of this process is known to cover, any
+        # process's (read before the sync began); 0 at open: another process's commits
+        # may be unsynced, so this process's first write transaction syncs them first.
+        self._synced_txnid = 0
         # This process's unflushed marker (a writable handle), removed by a clean
         # close in the process that opened the store (never by a forked child).
         self._marker = marker
@@ -1324,6 +1335,7 @@ class LmdbStore:
         """
         self._raise_flush_error()
         seen, started, t0 = self.commits, time.time(), time.perf_counter()
+        txnid = int(self._env.info()["last_txnid"]) if self._sync_each else 0
         try:
             self._env.sync(True)
         except lmdb.Error as exc:
@@ -1334,6 +1346,7 @@ class LmdbStore:
         self.last_flush = started
         self.last_sync_s = time.perf_counter() - t0
         self.flushed_commits = max(self.flushed_commits, seen)
+        self._synced_txnid = max(self._synced_txnid, txnid)
         self._tell_synced(None)
 
     def _flush_failure(self, exc: lmdb.Error) -> StoreFlushError:
@@ -1451,6 +1464,29 @@ class LmdbStore:
                 self._gate.exit()
                 raise
 
+    def _begin_write(self) -> lmdb.Transaction:
+        """Begin a write transaction (the gate entered, LMDB's writer lock held) whose pages
+        cannot overwrite the tree the disk's meta page names, whichever process committed last.
+
+        ``_before_write`` keeps this process's own commits at most one unsynced before the
+        lock is taken; here, under the lock, the commit two before this transaction must be
+        known synced too, which only another process's commit (or, at open, one made before
+        this process's first sync) can leave in doubt: then this process syncs, holding the
+        lock, so no process commits meanwhile. One extra ``fdatasync`` where processes
+        interleave their commits, none otherwise."""
+        txn = self._begin(write=True)
+        if self._sync_each and txn.id() - 2 > self._synced_txnid:
+            try:
+                with self._flush_lock:  # the gate is already entered (shared), as _flushing() would
+                    if txn.id() - 2 > self._synced_txnid:
+                        self._sync_locked()
+                        self.interleaved_syncs += 1
+            except BaseException:
+                txn.abort()
+                self._gate.exit()
+                raise
+        return txn
+
     def _adopt_map_size(self) -> None:
         with self._gate.exclusive():
             self._env.set_mapsize(0)
@@ -1503,7 +1539,7 @@ class LmdbStore:
         self._require_writable()
         self._before_write()
         seen = self._map_epoch
-        txn = self._begin(write=True)
+        txn = self._begin_write()
         try:
             yield _LmdbTxn(txn, self._dbs, self._strict)
             txn.commit()
@@ -1563,7 +1599,7 @@ class LmdbStore:
         self._before_write()
         for _ in range(_MAX_GROW_ATTEMPTS):
             seen = self._map_epoch
-            txn = self._begin(write=True)
+            txn = self._begin_write()
             try:
                 result = body(txn)
                 txn.commit()

@@ -460,6 +460,55 @@ def test_process_level_commits_are_visible_at_once_and_survive_sigkill(tmp_path:
         store.transact(lambda t: t.put_checkpoint("agent", 2, b"state-2", 2.0))  # writer not wedged
 
 
+LAZY_WRITER = textwrap.dedent(
+    """
+    import sys
+    from snapshots import LmdbStore
+
+    store = LmdbStore.open(sys.argv[1], durability="sync")
+    for i in range(2):  # two commits left unsynced (its first write syncs what it found, if anything)
+        store.transact(lambda t, i=i: t.kv_set("child", f"k{i}", b"v"), sync="later")
+    print("unsynced", store.unflushed_commits, flush=True)
+    sys.stdin.readline()
+    store.close()
+    """
+)
+
+
+def test_a_write_after_another_processs_unsynced_commits_syncs_them_first(tmp_path: Path) -> None:
+    """At ``sync`` a write transaction begins only once the commit two before it is on
+    stable storage, whichever process made it: LMDB reuses pages freed two commits back, so
+    writing over another process's unsynced commits could tear the tree the disk's meta page
+    names. The other process's syncs are not seen here, so the transaction syncs first,
+    under LMDB's writer lock; a second one, with nothing of another process in doubt, does not."""
+    path = tmp_path / "shared"
+    store = LmdbStore.open(path, durability="sync")
+    try:
+        store.transact(lambda t: t.kv_set("parent", "k0", b"v"))  # durable: synced before it returns
+        spy = _spy(store)
+        proc = subprocess.Popen([sys.executable, "-c", LAZY_WRITER, str(path)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            assert proc.stdout.readline().split() == ["unsynced", "2"]
+            store.transact(lambda t: t.kv_set("parent", "k1", b"v"), sync="later")
+            assert spy.syncs == [True], "the other process's unsynced commits are synced before writing"
+            assert store.interleaved_syncs == 1
+            store.transact(lambda t: t.kv_set("parent", "k2", b"v"), sync="later")
+            assert spy.syncs == [True], "its own single unsynced commit asks for no sync"
+            proc.stdin.write("done\n")
+            proc.stdin.flush()
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    finally:
+        store.close()
+    with LmdbStore.open(path) as again, again.read() as r:
+        assert [r.kv_get("child", f"k{i}") for i in range(2)] == [b"v", b"v"]
+        assert [r.kv_get("parent", f"k{i}") for i in range(3)] == [b"v", b"v", b"v"]
+
+
 EXITS = textwrap.dedent(
     """
     import sys
