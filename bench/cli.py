@@ -153,6 +153,9 @@ def _add_benches(bench: argparse.ArgumentParser) -> None:
             sp.add_argument("--dbos-n", type=int, help="steps of DBOS's lone workflow (default 500)")
             sp.add_argument("--no-dbos", action="store_true", help="skip the DBOS baseline")
             sp.add_argument("--profile", metavar="FILE", help="write a cProfile of the many-agent phase to FILE")
+            sp.add_argument("--processes", type=int,
+                            help="host processes the many agents are also run across, on one store, one per core "
+                                 "(default: the machine's cores; 1 skips that phase)")
         elif name == "conversation":
             sp.add_argument("--turns", help="comma-separated turn counts (default 50,100,200,400; --quick 10,20)")
             sp.add_argument("--bytes", type=int, help="bytes a turn adds to the conversation (default 2,000)")

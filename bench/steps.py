@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import inspect
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -204,6 +205,102 @@ def _runtime_round_trips(b: Bundle, agents: int, n: int, profile_path: str | Non
     return out
 
 
+def _agents_worker(raw: bytes, store_dir: str, agents: int, n: int, barrier: Any, results: Any) -> None:
+    """One host process of :func:`_runtime_across_processes` (module level: it is pickled).
+
+    Its agents start when every process's do (the barrier), so the processes' timed
+    runs overlap; it reports its calls, its start and end on the machine's monotonic
+    clock (one clock for every process on Linux) and its CPU."""
+    try:
+        import anyio
+
+        from host.runtime.host import Host
+        from host.sandbox import bundle as bundle_mod
+
+        b = bundle_mod.load_bytes(raw, source="steps")
+        host = Host(store_dir, warm_idle_s=60.0)
+        try:
+            anyio.run(lambda: host.run(b, {"n": 1}))  # its instances warm, outside the timing
+            done: list[Any] = []
+
+            async def main() -> None:
+                async def one() -> None:
+                    done.append(await host.run(b, {"n": n}))
+
+                async with anyio.create_task_group() as tg:
+                    for _ in range(agents):
+                        tg.start_soon(one)
+
+            barrier.wait()
+            t0, c0 = time.monotonic(), time.process_time()
+            anyio.run(main)
+            t1, cpu = time.monotonic(), time.process_time() - c0
+        finally:
+            host.close()
+        bad = [r for r in done if r.status != "completed"]
+        if bad:
+            raise TorporError(f"{len(bad)} agents did not complete: {bad[0].error}")
+        results.put(("ok", {"calls": sum(r.tool_calls for r in done), "t0": t0, "t1": t1, "cpu": cpu}))
+    except BaseException as exc:  # reported to the parent, which fails the benchmark
+        with contextlib.suppress(Exception):
+            barrier.abort()
+        results.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def _runtime_across_processes(b: Bundle, processes: int, agents: int, n: int, progress: Progress) -> dict[str, Any]:
+    """The many-agent run spread over ``processes`` host processes sharing one store: how a
+    host uses more than one core (every stage of a call is Python under its process's GIL).
+
+    Each process is a :class:`~host.runtime.host.Host` on the same store directory, running
+    its share of the agents; LMDB serialises their commits (each process group-commits its
+    own, and at ``sync`` a transaction after another process's unsynced commits syncs them
+    first, ``snapshots.lmdb_store``). The rate is every call over the time from the first
+    process's start to the last one's end: the machine's, not a sum of separate rates."""
+    import multiprocessing
+
+    from host.runtime.host import Host
+
+    tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-steps-procs-"))
+    try:
+        host = Host(tmp, warm_idle_s=60.0)  # the store, its keys and the compiled module, made once
+        try:
+            import anyio
+
+            anyio.run(lambda: host.run(b, {"n": 1}))
+        finally:
+            host.close()
+        ctx = multiprocessing.get_context("spawn")
+        share = [agents // processes + (1 if i < agents % processes else 0) for i in range(processes)]
+        barrier = ctx.Barrier(processes, timeout=600)
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_agents_worker, args=(b.raw, str(tmp), k, n, barrier, results), daemon=True)
+                 for k in share]
+        for p in procs:
+            p.start()
+        outs: list[dict[str, Any]] = []
+        errors: list[str] = []
+        try:
+            for _ in procs:
+                status, payload = results.get(timeout=3600)
+                (outs.append(payload) if status == "ok" else errors.append(payload))
+                progress.update(len(outs))
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.terminate()
+            progress.done()
+        if errors:
+            raise TorporError("a host process failed: " + "; ".join(errors))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    calls = sum(o["calls"] for o in outs)
+    wall = max(o["t1"] for o in outs) - min(o["t0"] for o in outs)
+    return {"processes": processes, "agents": agents, "calls": calls, "round_trips_per_s": round(calls / wall),
+            "wall_s": round(wall, 2), "cpu_us_per_call": round(sum(o["cpu"] for o in outs) * 1e6 / calls, 1),
+            "per_process_round_trips_per_s": [round(o["calls"] / (o["t1"] - o["t0"])) for o in outs]}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Tool round trips per second: the runtime (one agent, many agents, and where a call's time
     goes), DBOS doing the same work in the same run, the execution core, a sync baseline."""
@@ -223,6 +320,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     one = _runtime_round_trips(b, 1, one_n, None, Progress("one agent", 1, args.progress))
     phased = _runtime_round_trips(b, 1, min(one_n, 1000), None, Progress("phases", 1, args.progress), phases=True)
     rt = _runtime_round_trips(b, agents, n, args.profile, Progress("runtime", agents, args.progress))
+    processes = positive("--processes", args.processes if args.processes is not None
+                         else min(os.cpu_count() or 1, agents, 2 if args.quick else 64))
+    spread = (_runtime_across_processes(b, processes, agents, n, Progress("processes", processes, args.progress))
+              if processes > 1 else None)
     dbos: dict[str, Any] | None = None
     if not args.no_dbos:
         if not dbos_steps.available():
@@ -233,12 +334,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "round_trips_per_s": rt["round_trips_per_s"], "runtime_agents": agents, "runtime_calls": rt["calls"],
         "runtime_wall_s": rt["wall_s"], "runtime_bytes_per_tool_call": rt["bytes_per_tool_call"],
         "runtime_cpu_us_per_call": rt["cpu_us_per_call"], "checkpoint_every": rt["checkpoint_every"],
+        "processes": spread,
         "one_agent_round_trips_per_s": one["round_trips_per_s"], "one_agent_calls": one["calls"],
         "one_agent_cpu_us_per_call": one["cpu_us_per_call"],
         "phases_us": phased["phases_us"], "phases_round_trips_per_s": phased["round_trips_per_s"],
         "dbos": dbos,
         "one_agent_vs_dbos": round(one["round_trips_per_s"] / dbos["one_workflow_steps_per_s"], 2) if dbos else None,
         "agents_vs_dbos": round(rt["round_trips_per_s"] / dbos["concurrent_steps_per_s"], 2) if dbos else None,
+        "processes_vs_dbos": (round(spread["round_trips_per_s"] / dbos["concurrent_steps_per_s"], 2)
+                              if dbos and spread else None),
         "core_round_trips_per_s": round(core_rate), "core_round_trip": core_lat.summary(),
         "baseline_round_trips_per_s": round(base_rate), "baseline_round_trip_mean_us": round(1e6 / base_rate, 2),
         "cprofile": args.profile,
@@ -279,6 +383,13 @@ def show(r: dict[str, Any]) -> None:
           f"{r['round_trips_per_s']:,}/s"
           + (f" = {r['agents_vs_dbos']}x DBOS's {d['workflows']} workflows ({d['concurrent_steps_per_s']:,} steps/s)"
              if d else "") + f"; CPU {r['runtime_cpu_us_per_call']} µs a call")
+    sp = r.get("processes")
+    if sp:
+        print(f"  {sp['agents']} agents over {sp['processes']} host processes on the one store: "
+              f"{sp['round_trips_per_s']:,}/s"
+              + (f" = {r['processes_vs_dbos']}x DBOS's {d['workflows']} workflows" if d else "")
+              + f"; CPU {sp['cpu_us_per_call']} µs a call (each process: "
+              + ", ".join(f"{x:,}/s" for x in sp["per_process_round_trips_per_s"]) + ")")
     ph = r["phases_us"]
     print("  one call, µs (a timed run of its own, one agent): "
           + ", ".join(f"{k} {ph[k]}" for k in (*PHASES, "other", "total")))

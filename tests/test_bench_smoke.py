@@ -139,7 +139,7 @@ def test_density_two_processes_share_one_store(tmp_path: Path) -> None:
 
 def test_steps_quick() -> None:
     """The runtime's rates, a call's time phase by phase, and DBOS doing the same work in the same run."""
-    r = bench("steps", "--agents", "2", "--n", "10", "--one-n", "30", "--dbos-n", "10")
+    r = bench("steps", "--agents", "2", "--n", "10", "--one-n", "30", "--dbos-n", "10", "--processes", "2")
     positive(r["round_trips_per_s"], r["core_round_trips_per_s"], r["baseline_round_trips_per_s"],
              r["one_agent_round_trips_per_s"], r["one_agent_vs_dbos"], r["agents_vs_dbos"])
     assert r["runtime_calls"] == 20 and r["one_agent_calls"] == 30
@@ -149,6 +149,10 @@ def test_steps_quick() -> None:
     d = r["dbos"]
     assert d["one_workflow_steps"] == 10 and d["workflows"] == 2 and d["steps_each"] == 5
     positive(d["one_workflow_steps_per_s"], d["concurrent_steps_per_s"])
+    # The agents again over two host processes on one store: every call of both made and counted.
+    sp = r["processes"]
+    assert sp["processes"] == 2 and sp["agents"] == 2 and sp["calls"] == 20
+    positive(sp["round_trips_per_s"], sp["cpu_us_per_call"], *sp["per_process_round_trips_per_s"], r["processes_vs_dbos"])
 
 
 def test_js_quick() -> None:
