@@ -235,12 +235,14 @@ def _agents_worker(raw: bytes, store_dir: str, agents: int, n: int, barrier: Any
             t0, c0 = time.monotonic(), time.process_time()
             anyio.run(main)
             t1, cpu = time.monotonic(), time.process_time() - c0
+            store: Any = host.store
+            syncs = {"syncs": store.flushes, "interleaved_syncs": store.interleaved_syncs}
         finally:
             host.close()
         bad = [r for r in done if r.status != "completed"]
         if bad:
             raise TorporError(f"{len(bad)} agents did not complete: {bad[0].error}")
-        results.put(("ok", {"calls": sum(r.tool_calls for r in done), "t0": t0, "t1": t1, "cpu": cpu}))
+        results.put(("ok", {"calls": sum(r.tool_calls for r in done), "t0": t0, "t1": t1, "cpu": cpu, **syncs}))
     except BaseException as exc:  # reported to the parent, which fails the benchmark
         with contextlib.suppress(Exception):
             barrier.abort()
@@ -298,7 +300,9 @@ def _runtime_across_processes(b: Bundle, processes: int, agents: int, n: int, pr
     wall = max(o["t1"] for o in outs) - min(o["t0"] for o in outs)
     return {"processes": processes, "agents": agents, "calls": calls, "round_trips_per_s": round(calls / wall),
             "wall_s": round(wall, 2), "cpu_us_per_call": round(sum(o["cpu"] for o in outs) * 1e6 / calls, 1),
-            "per_process_round_trips_per_s": [round(o["calls"] / (o["t1"] - o["t0"])) for o in outs]}
+            "per_process_round_trips_per_s": [round(o["calls"] / (o["t1"] - o["t0"])) for o in outs],
+            # syncs of each process, and those a transaction made after another process's commits
+            "syncs": [o["syncs"] for o in outs], "interleaved_syncs": [o["interleaved_syncs"] for o in outs]}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

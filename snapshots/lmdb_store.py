@@ -213,6 +213,7 @@ from .store import (
     unreadable_record,
 )
 from .summary import AgentSummary, decode_summary, encode_summary, summary_of
+from .synced_mark import SyncedMark
 
 __all__ = [
     "DEFAULT_DURABILITY",
@@ -822,6 +823,9 @@ class LmdbStore:
         # process's (read before the sync began); 0 at open: another process's commits
         # may be unsynced, so this process's first write transaction syncs them first.
         self._synced_txnid = 0
+        # What any process's syncs covered (snapshots.synced_mark), so a transaction after
+        # another process's commits syncs only when that process has not.
+        self._synced_mark = SyncedMark.open(path) if self._sync_each else None
         # This process's unflushed marker (a writable handle), removed by a clean
         # close in the process that opened the store (never by a forked child).
         self._marker = marker
@@ -1347,6 +1351,8 @@ class LmdbStore:
         self.last_sync_s = time.perf_counter() - t0
         self.flushed_commits = max(self.flushed_commits, seen)
         self._synced_txnid = max(self._synced_txnid, txnid)
+        if self._synced_mark is not None:
+            self._synced_mark.covered(txnid)
         self._tell_synced(None)
 
     def _flush_failure(self, exc: lmdb.Error) -> StoreFlushError:
@@ -1412,6 +1418,8 @@ class LmdbStore:
                             error = exc
             finally:
                 self._env.close()
+                if self._synced_mark is not None:
+                    self._synced_mark.close()
                 with _open_paths_lock:
                     _open_paths.discard(self._key)
         marker = self._marker
@@ -1472,9 +1480,15 @@ class LmdbStore:
         lock is taken; here, under the lock, the commit two before this transaction must be
         known synced too, which only another process's commit (or, at open, one made before
         this process's first sync) can leave in doubt: then this process syncs, holding the
-        lock, so no process commits meanwhile. One extra ``fdatasync`` where processes
-        interleave their commits, none otherwise."""
+        lock, so no process commits meanwhile. What other processes' syncs covered is read from
+        their shared record first (``snapshots.synced_mark``): an extra ``fdatasync`` only
+        where another process's commit is truly unsynced."""
         txn = self._begin(write=True)
+        if self._sync_each and txn.id() - 2 > self._synced_txnid:
+            mark = self._synced_mark
+            shared = mark.read() if mark is not None else 0
+            if shared < txn.id():  # else not this data file's history (an older copy restored in place)
+                self._synced_txnid = max(self._synced_txnid, shared)
         if self._sync_each and txn.id() - 2 > self._synced_txnid:
             try:
                 with self._flush_lock:  # the gate is already entered (shared), as _flushing() would

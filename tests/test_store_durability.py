@@ -509,6 +509,57 @@ def test_a_write_after_another_processs_unsynced_commits_syncs_them_first(tmp_pa
         assert [r.kv_get("parent", f"k{i}") for i in range(3)] == [b"v", b"v", b"v"]
 
 
+DURABLE_WRITER = textwrap.dedent(
+    """
+    import sys
+    from snapshots import LmdbStore
+
+    with LmdbStore.open(sys.argv[1], durability="sync") as store:
+        for i in range(3):
+            store.transact(lambda t, i=i: t.kv_set("child", f"k{i}", b"v"))  # each synced before it returns
+    print("synced", flush=True)
+    """
+)
+
+
+def test_another_processs_syncs_are_known_through_the_shared_mark(tmp_path: Path) -> None:
+    """What another process's syncs covered is read from the store's shared record
+    (``snapshots.synced_mark``), so a transaction after its durable commits does not sync
+    them again; a record of another data file (an older copy restored in place: its
+    transaction ids are behind the record's), or one that is damaged, is not believed."""
+    from snapshots.synced_mark import FILE_NAME, SyncedMark
+
+    path = tmp_path / "shared"
+    store = LmdbStore.open(path, durability="sync")
+    try:
+        store.transact(lambda t: t.kv_set("parent", "k0", b"v"))
+        spy = _spy(store)
+        out = subprocess.run([sys.executable, "-c", DURABLE_WRITER, str(path)], capture_output=True, text=True,
+                             cwd=ROOT, timeout=60)
+        assert out.stdout.split() == ["synced"], out.stderr
+        store.transact(lambda t: t.kv_set("parent", "k1", b"v"), sync="later")
+        assert spy.syncs == [] and store.interleaved_syncs == 0, "the child's own syncs covered its commits"
+    finally:
+        store.close()
+    mark = SyncedMark.open(path)
+    assert mark is not None and mark.read() > 0
+    mark.covered(10**9)  # more than this data file ever committed: a record of some other history
+    mark.close()
+    store = LmdbStore.open(path, durability="sync")
+    try:
+        spy = _spy(store)
+        store.transact(lambda t: t.kv_set("parent", "k2", b"v"), sync="later")
+        assert spy.syncs == [True] and store.interleaved_syncs == 1, "a record ahead of the file is not believed"
+    finally:
+        store.close()
+    (path / FILE_NAME).write_bytes(b"short")
+    assert SyncedMark.open(path) is None  # damaged: each process relies on its own syncs
+    with LmdbStore.open(path, durability="sync") as again:
+        again.transact(lambda t: t.kv_set("parent", "k4", b"v"))
+        with again.read() as r:
+            assert r.kv_get("parent", "k4") == b"v"
+
+
 EXITS = textwrap.dedent(
     """
     import sys
