@@ -276,6 +276,9 @@ JOURNAL_CHUNK_ABOVE = 16 * 1024
 #: (0xFE never starts UTF-8, so no JSON entry starts with it).
 _CHUNKED_ENTRY = b"\xfeTPC"
 _MAX_DBS = 32  # headroom for buckets added later without touching open flags
+#: Rounds a write transaction at ``sync`` lets go of LMDB's writer lock to sync another
+#: process's unsynced commit before it syncs holding it (``LmdbStore._begin_write``).
+_SYNC_ROUNDS = 3
 _MAX_GROW_ATTEMPTS = 64
 
 # Processes must not open one LMDB environment twice (its locks are per process).
@@ -1479,27 +1482,46 @@ class LmdbStore:
         ``_before_write`` keeps this process's own commits at most one unsynced before the
         lock is taken; here, under the lock, the commit two before this transaction must be
         known synced too, which only another process's commit (or, at open, one made before
-        this process's first sync) can leave in doubt: then this process syncs, holding the
-        lock, so no process commits meanwhile. What other processes' syncs covered is read from
-        their shared record first (``snapshots.synced_mark``): an extra ``fdatasync`` only
-        where another process's commit is truly unsynced."""
-        txn = self._begin(write=True)
-        if self._sync_each and txn.id() - 2 > self._synced_txnid:
-            mark = self._synced_mark
-            shared = mark.read() if mark is not None else 0
-            if shared < txn.id():  # else not this data file's history (an older copy restored in place)
-                self._synced_txnid = max(self._synced_txnid, shared)
-        if self._sync_each and txn.id() - 2 > self._synced_txnid:
-            try:
-                with self._flush_lock:  # the gate is already entered (shared), as _flushing() would
-                    if txn.id() - 2 > self._synced_txnid:
-                        self._sync_locked()
-                        self.interleaved_syncs += 1
-            except BaseException:
-                txn.abort()
-                self._gate.exit()
-                raise
+        this process's first sync) can leave in doubt. What other processes' syncs covered is
+        read from their shared record (``snapshots.synced_mark``); if the commit is still in
+        doubt, the transaction (nothing written yet) is let go, so the other processes commit
+        on while this one syncs, and begun again; after a few rounds lost to them, it syncs
+        holding the lock."""
+        for attempt in range(_SYNC_ROUNDS + 1):
+            txn = self._begin(write=True)
+            if not self._sync_each or self._known_synced(txn.id() - 2):
+                return txn
+            if attempt == _SYNC_ROUNDS:
+                break
+            txn.abort()
+            self._gate.exit()
+            with self._flushing():
+                self._check_open()
+                self._sync_locked()
+                self.interleaved_syncs += 1
+        try:
+            with self._flush_lock:  # the gate is already entered (shared), as _flushing() would
+                if not self._known_synced(txn.id() - 2):
+                    self._sync_locked()
+                    self.interleaved_syncs += 1
+        except BaseException:
+            txn.abort()
+            self._gate.exit()
+            raise
         return txn
+
+    def _known_synced(self, txnid: int) -> bool:
+        """Whether transaction ``txnid`` is known to be on stable storage, by this process's
+        syncs or by another's (the shared mark, unless it names more than this data file
+        holds: an older copy restored in place)."""
+        if txnid <= self._synced_txnid:
+            return True
+        mark = self._synced_mark
+        if mark is not None:
+            shared = mark.read()
+            if shared <= txnid + 1:  # txnid + 1: the newest this data file holds (being begun: + 2)
+                self._synced_txnid = max(self._synced_txnid, shared)
+        return txnid <= self._synced_txnid
 
     def _adopt_map_size(self) -> None:
         with self._gate.exclusive():
