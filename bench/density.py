@@ -27,6 +27,7 @@ from bench.rig import (
     answer,
     checkpoint_of,
     draw_plot,
+    in_processes,
     load_bundle,
     machine,
     make_engine,
@@ -264,8 +265,8 @@ def _hibernate_phase(rig: Rig, store: LmdbStore, committer: GroupCommitter, stor
             "rss_growth_mib": round((rss_kib() - rss0) / 1024, 1), "_curve": curve}
 
 
-def _hibernate_worker(profile: str, store_dir: str, n: int, per_txn: int, batch: int, rounds: int, barrier: Any,
-                      results: Any, agent: str = "steps") -> None:
+def _hibernate_worker(profile: str, store_dir: str, n: int, per_txn: int, batch: int, rounds: int, agent: str,
+                      barrier: Any, results: Any) -> None:
     """One process of :func:`_parallel_hibernate` (a module-level function: it is pickled).
 
     ``rounds``: how many batches the busiest process hibernates; a process with fewer
@@ -301,35 +302,13 @@ def _parallel_hibernate(profile: str, store: LmdbStore, store_dir: Path, n: int,
     hibernating: the rate of the machine, not a sum of rates measured at different
     moments.
     """
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
     used0, disk0 = store.used_bytes(), _disk_bytes(store_dir)
     ck0, ag0 = _db_bytes(store, "checkpoints"), _db_bytes(store, "agents")
     share = [n // processes + (1 if i < n % processes else 0) for i in range(processes)]
     rounds = max(-(-k // batch) for k in share)
-    barrier = ctx.Barrier(processes, timeout=600)
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_hibernate_worker, args=(profile, str(store_dir), k, per_txn, batch, rounds, barrier, results,
-                                                                agent),
-                         daemon=True) for k in share]
     t0 = time.perf_counter()
-    for p in procs:
-        p.start()
-    outs: list[dict[str, Any]] = []
-    errors: list[str] = []
-    try:
-        for _ in procs:
-            status, payload = results.get(timeout=3600)
-            (outs.append(payload) if status == "ok" else errors.append(payload))
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
-        progress.done()
-    if errors:
-        raise TorporError("a hibernating process failed: " + "; ".join(errors))
+    outs = in_processes(_hibernate_worker, [(profile, str(store_dir), k, per_txn, batch, rounds, agent) for k in share],
+                        progress, "a hibernating process")
     wall = time.perf_counter() - t0
     done = sum(o["agents"] for o in outs)
     used = store.used_bytes() - used0

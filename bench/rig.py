@@ -416,3 +416,34 @@ def table(rows: dict[str, dict[str, float]]) -> str:
                    f"{r['max_us']:>10.1f}")
     return "\n".join(out)
 
+
+def in_processes(target: Callable[..., None], args: Sequence[tuple[Any, ...]], progress: Progress,
+                 what: str) -> list[dict[str, Any]]:
+    """Run ``target(*a, barrier, results)`` in a fresh ("spawn") process for each ``a`` of
+    ``args`` and return what each put on ``results`` as ``("ok", dict)``, in the order they
+    finished. ``barrier`` holds every process until all have come (they time the same
+    moments); a process reports ``("error", text)`` (and aborts the barrier) instead, and
+    then this raises TorporError naming ``what`` failed."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(len(args), timeout=600)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, barrier, results), daemon=True) for a in args]
+    for p in procs:
+        p.start()
+    outs: list[dict[str, Any]] = []
+    errors: list[str] = []
+    try:
+        for _ in procs:
+            status, payload = results.get(timeout=3600)
+            (outs.append(payload) if status == "ok" else errors.append(payload))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+        progress.done()
+    if errors:
+        raise TorporError(f"{what} failed: " + "; ".join(errors))
+    return outs

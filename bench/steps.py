@@ -31,6 +31,7 @@ from bench.rig import (
     answer,
     cdf,
     draw_plot,
+    in_processes,
     load_bundle,
     machine,
     make_engine,
@@ -258,8 +259,6 @@ def _runtime_across_processes(b: Bundle, processes: int, agents: int, n: int, pr
     own, and at ``sync`` a transaction after another process's unsynced commits syncs them
     first, ``snapshots.lmdb_store``). The rate is every call over the time from the first
     process's start to the last one's end: the machine's, not a sum of separate rates."""
-    import multiprocessing
-
     from host.runtime.host import Host
 
     tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-steps-procs-"))
@@ -271,29 +270,8 @@ def _runtime_across_processes(b: Bundle, processes: int, agents: int, n: int, pr
             anyio.run(lambda: host.run(b, {"n": 1}))
         finally:
             host.close()
-        ctx = multiprocessing.get_context("spawn")
         share = [agents // processes + (1 if i < agents % processes else 0) for i in range(processes)]
-        barrier = ctx.Barrier(processes, timeout=600)
-        results = ctx.Queue()
-        procs = [ctx.Process(target=_agents_worker, args=(b.raw, str(tmp), k, n, barrier, results), daemon=True)
-                 for k in share]
-        for p in procs:
-            p.start()
-        outs: list[dict[str, Any]] = []
-        errors: list[str] = []
-        try:
-            for _ in procs:
-                status, payload = results.get(timeout=3600)
-                (outs.append(payload) if status == "ok" else errors.append(payload))
-                progress.update(len(outs))
-        finally:
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.terminate()
-            progress.done()
-        if errors:
-            raise TorporError("a host process failed: " + "; ".join(errors))
+        outs = in_processes(_agents_worker, [(b.raw, str(tmp), k, n) for k in share], progress, "a host process")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     calls = sum(o["calls"] for o in outs)
