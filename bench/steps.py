@@ -283,6 +283,30 @@ def _runtime_across_processes(b: Bundle, processes: int, agents: int, n: int, pr
             "syncs": [o["syncs"] for o in outs], "interleaved_syncs": [o["interleaved_syncs"] for o in outs]}
 
 
+#: Issue 19's targets (2-core machine): one agent at ``sync``, and many agents at each level.
+STEP_TARGETS = {"one_agent_sync_per_s": 2_000, "one_agent_vs_dbos": 3.0, "agents_sync_per_s": 10_000,
+                "agents_process_per_s": 20_000}
+
+
+def _targets(res: dict[str, Any]) -> dict[str, Any]:
+    """Each of issue 19's targets this run can judge (its durability level's), met or not:
+    the many agents by the better of one process and several (``--processes``)."""
+    level = res["durability"]
+    spread = res.get("processes") or {}
+    agents = max(res["round_trips_per_s"], spread.get("round_trips_per_s", 0))
+    out: dict[str, Any] = {}
+    if level == "sync":
+        out["one_agent_sync_per_s"] = {"target": STEP_TARGETS["one_agent_sync_per_s"],
+                                       "measured": res["one_agent_round_trips_per_s"]}
+    if res.get("one_agent_vs_dbos") is not None:
+        out["one_agent_vs_dbos"] = {"target": STEP_TARGETS["one_agent_vs_dbos"], "measured": res["one_agent_vs_dbos"]}
+    key = f"agents_{level}_per_s"
+    out[key] = {"target": STEP_TARGETS[key], "measured": agents}
+    for t in out.values():
+        t["met"] = t["measured"] >= t["target"]
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Tool round trips per second: the runtime (one agent, many agents, and where a call's time
     goes), DBOS doing the same work in the same run, the execution core, a sync baseline."""
@@ -349,6 +373,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         axes[1].tick_params(axis="x", labelrotation=20)
         axes[1].legend()
 
+    res["step_targets"] = _targets(res)
     res.update(draw_plot(args.plot, draw))
     return res
 
@@ -385,6 +410,11 @@ def show(r: dict[str, Any]) -> None:
           f"p99 {c['p99_us']} µs")
     print(f"baseline (synchronous import, no unwind):        {r['baseline_round_trips_per_s']:,}/s, mean "
           f"{r['baseline_round_trip_mean_us']} µs  [engine {r['engine']}]")
+    names = {"one_agent_sync_per_s": "one agent at sync, calls/s", "one_agent_vs_dbos": "one agent vs DBOS's one workflow, x",
+             "agents_sync_per_s": "many agents at sync, calls/s", "agents_process_per_s": "many agents at process, calls/s"}
+    print("targets (issue 19): " + "; ".join(
+        f"{names[k]} {t['measured']:,} of {t['target']:,}: {'met' if t['met'] else 'missed'}"
+        for k, t in r.get("step_targets", {}).items()))
     if r.get("cprofile"):
         print(f"cProfile of the runtime phase: {r['cprofile']} (python -m pstats {r['cprofile']})")
 

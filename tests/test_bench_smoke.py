@@ -153,6 +153,11 @@ def test_steps_quick() -> None:
     sp = r["processes"]
     assert sp["processes"] == 2 and sp["agents"] == 2 and sp["calls"] == 20
     positive(sp["round_trips_per_s"], sp["cpu_us_per_call"], *sp["per_process_round_trips_per_s"], r["processes_vs_dbos"])
+    # Issue 19's targets this level can judge, each against the run's own figure.
+    t = r["step_targets"]
+    assert set(t) == {"one_agent_sync_per_s", "one_agent_vs_dbos", "agents_sync_per_s"}
+    assert t["agents_sync_per_s"]["measured"] == max(r["round_trips_per_s"], sp["round_trips_per_s"])
+    assert all(x["met"] == (x["measured"] >= x["target"]) for x in t.values())
 
 
 def test_js_quick() -> None:
