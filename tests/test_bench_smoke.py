@@ -45,7 +45,7 @@ def test_coldstart_quick() -> None:
 
 
 def test_suspend_quick() -> None:
-    r = bench("suspend", "--n", "30", "--also", "steps-zig")
+    r = bench("suspend", "--n", "30", "--also", "steps-zig", timeout=300)  # a Zig build on a loaded machine
     positive(r["suspend_p50_us"], r["resume_p50_us"], r["baseline_suspend_p50_us"], r["record_bytes"],
              r["process_suspend_p50_us"], r["process_commit_p50_us"])
     # Every headline figure says which durability level it was measured at.
