@@ -47,12 +47,16 @@ class AgentSummary(NamedTuple):
 
 
 def _int(value: Any) -> int:
+    if type(value) is int and _I64[0] <= value <= _I64[1]:  # the usual case, first: every commit encodes five
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return 0
     return min(max(int(value), _I64[0]), _I64[1])
 
 
 def _float(value: Any) -> float | None:
+    if type(value) is float:  # the usual case, first
+        return value if math.isfinite(value) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     try:
@@ -66,32 +70,39 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def summary_of(record: dict[str, Any]) -> AgentSummary:
-    """The summary of an agent record (a stand-in for a damaged one has no usage: zeros)."""
+def _fields(record: dict[str, Any]) -> tuple[Any, ...]:
+    """The fields of :class:`AgentSummary`, in order, from an agent record."""
     usage = record.get("usage")
     if not isinstance(usage, dict):
         usage = {}
-    return AgentSummary(
-        str(record.get("agent_id")), _text(record.get("name")), _text(record.get("status")),
-        _int(usage.get("fuel_used", 0)), _int(usage.get("tool_calls", 0)), _int(usage.get("tokens", 0)),
-        _int(record.get("checkpoints", 0)), _int(record.get("last_checkpoint_bytes", 0)),
-        _float(record.get("created_at")), _float(record.get("stall_timeout")), _float(record.get("last_progress")),
+    get, uget = record.get, usage.get
+    return (
+        str(get("agent_id")), _text(get("name")), _text(get("status")),
+        _int(uget("fuel_used", 0)), _int(uget("tool_calls", 0)), _int(uget("tokens", 0)),
+        _int(get("checkpoints", 0)), _int(get("last_checkpoint_bytes", 0)),
+        _float(get("created_at")), _float(get("stall_timeout")), _float(get("last_progress")),
     )
 
 
-def _opt(value: float | None) -> float:
-    return _NONE if value is None else value
+def summary_of(record: dict[str, Any]) -> AgentSummary:
+    """The summary of an agent record (a stand-in for a damaged one has no usage: zeros)."""
+    return _new(AgentSummary, _fields(record))
 
 
 def encode_summary(record: dict[str, Any]) -> bytes:
-    """The stored form of :func:`summary_of` ``(record)`` (the agent id is the key, not stored)."""
-    s = summary_of(record)
+    """The stored form of :func:`summary_of` ``(record)`` (the agent id is the key, not stored).
+
+    Every commit of an agent writes one: packed straight from the fields, no summary built."""
+    _, name, status, fuel, calls, tokens, cps, last, created, stall, progress = _fields(record)
     # surrogatepass: a name is the host's own text, but never let a listing's record fail a commit
-    status = (s.status or "").encode("utf-8", "surrogatepass")[:255]
-    name = b"\xff" if s.name is None else s.name.encode("utf-8", "surrogatepass")
-    return _HEAD.pack(_VERSION, len(status), s.fuel_used, s.tool_calls, s.tokens, s.checkpoints,
-                      s.last_checkpoint_bytes, _opt(s.created_at), _opt(s.stall_timeout),
-                      _opt(s.last_progress)) + status + name
+    raw_status = (status or "").encode("utf-8", "surrogatepass")[:255]
+    raw_name = b"\xff" if name is None else name.encode("utf-8", "surrogatepass")
+    return _HEAD.pack(_VERSION, len(raw_status), fuel, calls, tokens, cps, last,
+                      _NONE if created is None else created, _NONE if stall is None else stall,
+                      _NONE if progress is None else progress) + raw_status + raw_name
+
+
+_new = tuple.__new__  # AgentSummary's generated __new__ costs a keyword-argument call per agent
 
 
 # Statuses and names repeat across agents: decode each distinct one once per process.
@@ -106,9 +117,6 @@ def _decode_text(raw: bytes) -> str:
         if len(_TEXT) < _TEXT_MAX:
             _TEXT[raw] = text
     return text
-
-
-_new = tuple.__new__  # AgentSummary's generated __new__ costs a keyword-argument call per agent
 
 
 def decode_summary(agent_id: str, raw: bytes) -> AgentSummary:

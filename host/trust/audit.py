@@ -46,6 +46,7 @@ from datetime import UTC, datetime
 from typing import IO, Any
 
 from host.errors import ConfigError, TorporError
+from snapshots import fastjson
 from snapshots.errors import StoreError
 from snapshots.store import UNREADABLE
 
@@ -74,16 +75,17 @@ class AuditError(TorporError):
     code = "audit"
 
 
-# Built once: json.dumps with options builds a JSONEncoder per call, and a tool call
-# canonicalises about ten values (each audit record twice). Same bytes either way.
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
 
 
 _log = logging.getLogger("torpor.audit")
 
 
 def canonical(obj: Any) -> bytes:
-    return _CANONICAL(obj).encode()
+    """The form every audit hash and digest is taken over: sorted keys, no spaces, UTF-8
+    (the standard library's ``json.dumps(..., sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False)``, byte for byte, by :func:`snapshots.fastjson.canonical`: chains
+    and digests written by earlier versions verify as they did)."""
+    return fastjson.canonical(obj)
 
 
 def _object(raw: bytes) -> dict[str, Any] | None:
