@@ -32,6 +32,14 @@ class FrozenDict(Mapping[K, V]):
         self._data: dict[K, V] = dict(data) if data is not None else {}
         self._hash: int | None = None
 
+    @classmethod
+    def _adopt(cls, data: dict[K, V]) -> FrozenDict[K, V]:
+        """A FrozenDict over ``data`` itself, not a copy (``data`` is the caller's new dict, kept by no one else)."""
+        self = cls.__new__(cls)
+        self._data = data
+        self._hash = None
+        return self
+
     def __getitem__(self, key: K) -> V:
         return self._data[key]
 
@@ -55,6 +63,10 @@ class FrozenDict(Mapping[K, V]):
         return f"FrozenDict({self._data!r})"
 
 
+#: Values frozen as they are (exact types: a subclass takes the general path of :func:`freeze`).
+_SCALARS = frozenset((type(None), bool, int, str))
+
+
 class NotJSONError(TypeError):
     """A value the engine cannot decide on because JSON cannot carry it.
 
@@ -71,19 +83,22 @@ def freeze(value: Any) -> Any:
     and ``NaN``, which is unequal to itself, would make decisions depend on
     object identity.
     """
-    if value is None or isinstance(value, bool | int | str):
+    tp = type(value)
+    if tp in _SCALARS:  # exact types first: every tool call freezes its arguments
+        return value
+    if tp is dict or (not isinstance(value, bool | int | str | float) and isinstance(value, Mapping)):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise NotJSONError(f"JSON object keys must be strings, got {type(k).__name__}")
+            out[k] = v if type(v) in _SCALARS else freeze(v)
+        return FrozenDict._adopt(out)
+    if isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
         if not math.isfinite(value):  # NaN and the infinities: no JSON text carries them
             raise NotJSONError(f"{value!r} is not a JSON value (numbers must be finite)")
         return value
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise NotJSONError(f"JSON object keys must be strings, got {type(k).__name__}")
-            out[k] = freeze(v)
-        return FrozenDict(out)
     if isinstance(value, list | tuple):
         return tuple(freeze(v) for v in value)
     raise NotJSONError(f"{type(value).__name__} is not a JSON value")

@@ -74,7 +74,7 @@ def _plain(obj: Any) -> bool:
     if tp in _SCALARS:
         return True
     if tp is float:
-        return 1e-4 <= abs(obj) < 1e16 or obj == 0.0
+        return bool(1e-4 <= abs(obj) < 1e16 or obj == 0.0)
     return False
 
 

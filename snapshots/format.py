@@ -83,7 +83,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import zstandard
 
-from . import chunks
+from . import chunks, fastjson
 from .delta import (
     MemoryDelta,
     Pieces,
@@ -366,9 +366,9 @@ def _pristine_too_big(size: int, memory_size: int) -> SnapshotMismatch:
     )
 
 
-# One encoder for every record: json.dumps with non-default options builds a new
-# JSONEncoder per call, which cost more than encoding the small metadata itself.
-_META_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+def _meta_json(value: Any) -> bytes:
+    """The metadata's JSON (no NaN: ``ValueError``), the standard library's bytes (:mod:`.fastjson`)."""
+    return fastjson.compact(value, allow_nan=False)
 
 
 def _uvarints(values: list[int]) -> bytes:
@@ -558,7 +558,7 @@ def _raw_payload(s: Snapshot, pristine: Pristine | None, *,
             flags |= _FLAG_ARGS_APART
             meta = _meta_apart(s.pending, s.usage)
         else:
-            meta = _META_JSON([s.pending, s.usage]).encode()
+            meta = _meta_json([s.pending, s.usage])
     except (TypeError, ValueError) as exc:
         raise ValueError(f"pending and usage must be JSON-able (no NaN): {exc}") from exc
     if len(agent) > 0xFFFF or len(entry) > 0xFFFF or len(s.globals) > 0xFFFF:
@@ -600,9 +600,9 @@ def _meta_apart(pending: dict[str, Any] | None, usage: dict[str, Any]) -> bytes:
     args = b""
     if isinstance(pending, dict) and pending and next(reversed(pending)) == "args":
         head = dict(pending)
-        args = _META_JSON(head.pop("args")).encode()
+        args = _meta_json(head.pop("args"))
         pending = head
-    head_json = _META_JSON([pending, usage]).encode()
+    head_json = _meta_json([pending, usage])
     return _uvarints([len(head_json)]) + head_json + args
 
 

@@ -1971,10 +1971,11 @@ class _LmdbTxn:
             self._txn.put(name, chunks.store_chunk(content), db=self._chunks)
 
     def put_journal(self, agent_id: str, call_seq: int, entry: dict[str, Any]) -> None:
-        from . import chunks  # loaded on first use (see _journal_entry)
         key = _seq_key(agent_id, call_seq, "call_seq")
         body = _json(entry)
         if len(body) >= JOURNAL_CHUNK_ABOVE:  # a long entry (a conversation): the chunks it shares
+            from . import chunks  # loaded on first use (see _journal_entry); not per short entry
+
             body = _CHUNKED_ENTRY + chunks.write_tree(body, self._put_chunk)
         value = sealed.seal("journal", key, body)
         if not self._put_append(key, value, self._journal):
