@@ -24,18 +24,29 @@ Imports nothing of the project (this is ``snapshots/``, which ``host/`` builds o
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
-
-import orjson
 
 __all__ = ["canonical", "compact"]
 
 _STD_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _STD_STRICT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 _STD_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
-_SORT = orjson.OPT_SORT_KEYS
-_dumps = orjson.dumps
-_EncodeError = orjson.JSONEncodeError
+
+
+def _load(obj: Any, option: int | None = None) -> bytes:
+    """The first encode imports orjson (a command that only reads the store, ``torpor ps``,
+    never pays its import) and puts its encoder in place of this function."""
+    global _dumps, _SORT
+    import orjson
+
+    _SORT = orjson.OPT_SORT_KEYS
+    _dumps = orjson.dumps
+    return _dumps(obj) if option is None else _dumps(obj, option=_SORT)
+
+
+_dumps: Callable[..., bytes] = _load
+_SORT = -1  # orjson.OPT_SORT_KEYS once loaded (-1: ask _load for it)
 # Types both encoders write alike whatever the value (a str's lone surrogate makes orjson
 # refuse, an int beyond 64 bits too: those fall back below).
 _SCALARS = frozenset((str, int, bool, type(None)))
@@ -87,7 +98,7 @@ def compact(obj: Any, *, allow_nan: bool = True) -> bytes:
     try:
         if _plain(obj):
             return _dumps(obj)
-    except (_EncodeError, RecursionError):  # a lone surrogate, an int beyond 64 bits, deep nesting
+    except (TypeError, RecursionError):  # orjson refused (a lone surrogate, an int beyond 64 bits, deep nesting)
         pass
     return (_STD_COMPACT if allow_nan else _STD_STRICT)(obj).encode()
 
@@ -98,6 +109,6 @@ def canonical(obj: Any) -> bytes:
     try:
         if _plain(obj):
             return _dumps(obj, option=_SORT)
-    except (_EncodeError, RecursionError):
+    except (TypeError, RecursionError):
         pass
     return _STD_CANONICAL(obj).encode()
