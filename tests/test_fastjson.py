@@ -105,3 +105,12 @@ def test_deep_nesting_falls_back() -> None:
         deep = [deep]
     assert fastjson.compact(deep) == std_compact(deep)
     assert fastjson.canonical(deep) == std_canonical(deep)
+
+
+def test_the_encoding_bench_runs_on_a_real_run_s_values() -> None:
+    """``bench/commit_encoding.py`` checks both encoders write the same bytes before timing them."""
+    from bench import commit_encoding
+
+    out = commit_encoding.run(rounds=1)
+    assert set(out["us"]) == {"agent_record", "journal_entry", "audit_step"}
+    assert out["bytes"]["agent_record"] > 500 and all(r["fast_best"] > 0 for r in out["us"].values())
