@@ -49,9 +49,13 @@ class AgentSummary(NamedTuple):
 def _int(value: Any) -> int:
     if type(value) is int and _I64[0] <= value <= _I64[1]:  # the usual case, first: every commit encodes five
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return 0
-    return min(max(int(value), _I64[0]), _I64[1])
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return 0
+        value = int(value)
+    return min(max(int(value), _I64[0]), _I64[1])  # an int beyond 64 bits: clamped, never an OverflowError
 
 
 def _float(value: Any) -> float | None:
