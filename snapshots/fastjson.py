@@ -55,7 +55,10 @@ _SCALARS = frozenset((str, int, bool, type(None)))
 def _plain(obj: Any) -> bool:
     """Whether orjson writes ``obj`` exactly as the standard library does (see the module doc).
 
-    Written for speed: it walks every commit's agent record, a hundred-odd values.
+    Written for speed: it walks every commit's agent record, a hundred-odd values. The loop
+    over a dict's items and the one over a list's values are written out twice on purpose:
+    one loop over both (keys checked apart, or a list's values zipped with empty keys)
+    measured 15-25 % slower on an agent record (``bench/commit_encoding.py``'s values).
     """
     tp = type(obj)
     if tp is dict:
