@@ -118,32 +118,41 @@ class AgentCommits:
                     after: Callable[[T], Events] | None = None, *, sync: SyncWhen = "now") -> T | None:
         """One transaction: ``fn``, the agent's queued audit events (plus ``after(result)``), its
         guest log lines since the last commit (:mod:`host.runtime.logs`), its record."""
-        queued = len(agent.events)
-        logged = (0, 0)
-
-        def write(txn: Any) -> tuple[T | None, int, str, int | None, Events]:
-            nonlocal logged
-            if self.fence is not None:
-                self._check_fence(txn, agent)
-            result = fn(txn) if fn is not None else None
-            if agent.unlogged.lines or agent.unlogged.skipped:
-                logged = logs.flush(txn, agent.agent_id, agent.unlogged)
-            events = agent.events[:queued] + (after(result) if after is not None and result is not None else [])
-            rec = dict(agent.record)
-            audit.append_events(txn, rec, events)
-            txn.put_agent(rec)
-            return result, rec["audit_seq"], rec["audit_head"], rec.get("audit_events"), events
-
+        step = _Step(self, agent, fn, after)
         t0 = time.perf_counter()
-        result, seq, head, n, sealed = await self.run(write, sync)
-        agent.record["audit_seq"] = seq
-        agent.record["audit_head"] = head
-        if n is not None:
-            agent.record["audit_events"] = n
-        del agent.events[:queued]
-        agent.unlogged.take(*logged)
-        self.observer.committed(agent, sealed, time.perf_counter() - t0)
+        result: T | None = step.done(await self.run(step, sync), t0)
         return result
+
+    def agent_now(self, agent: LiveAgent, fn: Callable[[Any], T], after: Callable[[T], Events]) -> T | None:
+        """The commit :meth:`agent` makes at ``sync="soon"``, made now, synchronously, when
+        the store can take it without waiting (on the event loop's thread, with nothing queued
+        ahead of it, no sync to wait for first, no fleet fence to check); else None and
+        nothing is written. For a call answered inside the guest's ``tool_call`` import
+        (:meth:`host.runtime.tool_call.ToolCallPipeline.answer_inline`), which cannot wait.
+        A store that fails the commit raises, as :meth:`agent` does."""
+        local = self._loop_commits_now()
+        if local is None:
+            return None
+        step = _Step(self, agent, fn, after)
+        t0 = time.perf_counter()
+        result: T | None = step.done(local.commit_now(step)[0].unwrap(), t0)
+        return result
+
+    def can_commit_now(self) -> bool:
+        """Whether :meth:`agent_now` would commit now rather than decline."""
+        return self._loop_commits_now() is not None
+
+    def _loop_commits_now(self) -> _LoopCommits | None:
+        """The running loop's committer, if this thread runs a loop whose commits go on it,
+        and it can take a commit now: nothing queued ahead, no sync to wait for, no fence."""
+        if not self._on_loop or self.fence is not None:
+            return None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a worker thread, or no loop
+            return None
+        local = self._loops.get(loop)
+        return local if local is not None and not local.queue and local.ready() else None
 
     def _check_fence(self, txn: Any, agent: LiveAgent) -> None:
         stored = txn.get_agent(agent.agent_id)
@@ -154,6 +163,49 @@ class AgentCommits:
             by = f"lease {lease}" if lease is not None else f"now {stored.get('status')}"
             raise LeaseLost(f"agent {agent.agent_id} was taken over by another host ({by}); "
                             "this host's step is not committed")
+
+
+class _Step:
+    """One agent step as a transaction (``fn``, the queued audit events, the guest's log
+    lines, the record) and the bookkeeping once it is committed: the one body of every
+    commit of an agent, made awaited (:meth:`AgentCommits.agent`) or at once
+    (:meth:`AgentCommits.agent_now`)."""
+
+    __slots__ = ("after", "agent", "commits", "fn", "logged", "queued")
+
+    def __init__(self, commits: AgentCommits, agent: LiveAgent, fn: Callable[[Any], Any] | None,
+                 after: Callable[[Any], Events] | None) -> None:
+        self.commits, self.agent, self.fn, self.after = commits, agent, fn, after
+        self.queued = len(agent.events)
+        self.logged = (0, 0)
+
+    def __call__(self, txn: Any) -> tuple[Any, int, str, int | None, Events]:
+        agent = self.agent
+        if self.commits.fence is not None:
+            self.commits._check_fence(txn, agent)
+        result = self.fn(txn) if self.fn is not None else None
+        if agent.unlogged.lines or agent.unlogged.skipped:
+            self.logged = logs.flush(txn, agent.agent_id, agent.unlogged)
+        events = agent.events[:self.queued] + (self.after(result) if self.after is not None and result is not None
+                                               else [])
+        rec = dict(agent.record)
+        audit.append_events(txn, rec, events)
+        txn.put_agent(rec)
+        return result, rec["audit_seq"], rec["audit_head"], rec.get("audit_events"), events
+
+    def done(self, written: tuple[Any, int, str, int | None, Events], t0: float) -> Any:
+        """The step is committed: the record's audit head moves on, the sealed events and
+        log lines are dropped from the queues, the observer is told; ``fn``'s result."""
+        result, seq, head, n, sealed = written
+        agent = self.agent
+        agent.record["audit_seq"] = seq
+        agent.record["audit_head"] = head
+        if n is not None:
+            agent.record["audit_events"] = n
+        del agent.events[:self.queued]
+        agent.unlogged.take(*self.logged)
+        self.commits.observer.committed(agent, sealed, time.perf_counter() - t0)
+        return result
 
 
 class _LoopCommits:
@@ -194,11 +246,17 @@ class _LoopCommits:
         """A transaction can begin now without waiting for a sync (``LmdbStore._before_write``)."""
         return not self.durable or self.store.commits - self.store.flushed_commits <= 1
 
+    def commit_now(self, fn: Callable[[Any], T]) -> tuple[Outcome, int]:
+        """Commit ``fn`` at once (the caller checked that nothing is queued and :meth:`ready`):
+        its outcome and the commit's number."""
+        (outcome,) = self.store.transact_batch((fn,), sync="later")
+        number: int = self.store.commits
+        self._sync_if_due()
+        return outcome, number
+
     async def run(self, fn: Callable[[Any], T], sync: SyncWhen) -> T:
         if not self.queue and self.ready():
-            (outcome,) = self.store.transact_batch((fn,), sync="later")
-            number = self.store.commits
-            self._sync_if_due()
+            outcome, number = self.commit_now(fn)
         else:
             fut: asyncio.Future[tuple[Outcome, int]] = self.loop.create_future()
             self.queue.append((fn, sync, fut))

@@ -33,6 +33,9 @@ from host.sandbox.execution import Execution, Failed, Outcome, PendingCall
 
 T = TypeVar("T")
 
+#: The answer to a call the guest makes, asked inside its import (:attr:`Execution.inline_answer`).
+InlineAnswer = Callable[[PendingCall], tuple[int, bytes] | None]
+
 #: Modules whose last first segment's time is remembered at most.
 _MAX_MODULES = 4096
 
@@ -60,11 +63,14 @@ class GuestRunner:
         agent.ex = ex
         return await self.run(agent, ex, ex.start)
 
-    async def answer(self, agent: LiveAgent, call: PendingCall, status: int, response: bytes) -> Outcome:
+    async def answer(self, agent: LiveAgent, call: PendingCall, status: int, response: bytes,
+                     inline: InlineAnswer | None = None) -> Outcome:
         """Give the guest its tool call's answer and run it to its next stop.
 
         A warm instance is rewound in place; a cold one is rebuilt from the agent's
-        captured state first (the checkpoint the call was written with).
+        captured state first (the checkpoint the call was written with). ``inline``: asked
+        for the answer to each call the guest makes meanwhile, inside its ``tool_call``
+        import, when the segment runs on the event loop's thread (:meth:`run`).
         """
         ex = agent.ex
         if ex is None or not ex.live:
@@ -75,7 +81,7 @@ class GuestRunner:
             agent.ex = ex
         if agent.record.get("status") != "running":
             agent.record["status"] = "running"
-        return await self.run(agent, ex, ex.resume, status, response)
+        return await self.run(agent, ex, ex.resume, status, response, inline=inline)
 
     def _execution(self, agent: LiveAgent) -> Execution:
         return Execution(agent.loaded, agent.pre, agent.limits, agent.input_bytes,
@@ -90,8 +96,16 @@ class GuestRunner:
         return sink
 
     # -- where a segment runs ---------------------------------------------------------------
-    async def run(self, agent: LiveAgent, ex: Execution, fn: Callable[..., Outcome], *args: Any) -> Outcome:
-        """Run guest code with what is left of the run's wall-clock budget, and count the time spent."""
+    async def run(self, agent: LiveAgent, ex: Execution, fn: Callable[..., Outcome], *args: Any,
+                  inline: InlineAnswer | None = None) -> Outcome:
+        """Run guest code with what is left of the run's wall-clock budget, and count the time spent.
+
+        A segment on the event loop's thread may have its tool calls answered inline
+        (``inline``, :attr:`Execution.inline_answer`); the host's time answering them is not
+        the guest's: the wall-clock budget and the segment's length (which decides where the
+        next one runs) count the guest's stretches between its calls only. (The epoch
+        deadline armed for the segment counts them too: at most a time slice,
+        ``host.runtime.tool_call.SLICE_S``, past which calls are not answered inline.)"""
         left = agent.limits.deadline_s - agent.run_exec_s
         if left <= 0:
             return Failed("deadline_exceeded", f"the agent exceeded its wall-clock budget of {agent.limits.deadline_s:g} s")
@@ -104,7 +118,7 @@ class GuestRunner:
         module = agent.bundle.module_digest
         first = agent.last_segment_s is None
         last = self._first_segment_s.get(module) if first else agent.last_segment_s
-        inline = last is not None and last < self.inline_segment_s
+        on_loop = last is not None and last < self.inline_segment_s
         took = [0.0]
 
         def timed(*a: Any) -> Outcome:
@@ -115,17 +129,22 @@ class GuestRunner:
                 took[0] = time.perf_counter() - t
 
         t0 = time.perf_counter()
-        fuel0 = ex.fuel_used
+        fuel0, answered0, host0 = ex.fuel_used, ex.inline_answers, ex.inline_s
+        ex.inline_answer = inline if on_loop else None  # never from a worker thread: commits are the loop's
         try:
-            return timed(*args) if inline else await self.in_thread(timed, *args)
+            return timed(*args) if on_loop else await self.in_thread(timed, *args)
         finally:
-            agent.last_segment_s = took[0]
+            ex.inline_answer = None
+            host_s = ex.inline_s - host0
+            guest_s = max(0.0, took[0] - host_s)
+            stretch = guest_s / (1 + ex.inline_answers - answered0)  # the guest's run between two stops
+            agent.last_segment_s = stretch
             if first:
                 if len(self._first_segment_s) >= _MAX_MODULES and module not in self._first_segment_s:
                     self._first_segment_s.clear()  # a bound, not an eviction policy: it refills at once
-                self._first_segment_s[module] = took[0]
-            agent.run_exec_s += time.perf_counter() - t0  # the budget counts the wait too
-            self.observer.ran(agent, ex.fuel_used - fuel0, took[0])
+                self._first_segment_s[module] = stretch
+            agent.run_exec_s += time.perf_counter() - t0 - host_s  # the budget counts the wait too
+            self.observer.ran(agent, ex.fuel_used - fuel0, guest_s)
 
     async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` in a worker thread (as many at once as the host has wasm threads)."""

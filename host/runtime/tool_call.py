@@ -41,11 +41,14 @@ what a resume feeds the guest re-executed from the last checkpoint
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import anyio.lowlevel
@@ -126,6 +129,65 @@ class Checkpoint:
     chunks: dict[bytes, bytes | memoryview]
 
 
+class _Turn:
+    """An agent's turn on the event loop: :data:`SLICE_S` of running without giving the loop
+    back. A turn ends when the agent gives the loop back by itself (a commit it waits for, a
+    worker thread): then the next one starts, rather than a yield it no longer owes. Seen by
+    a callback put on the loop when the turn starts, which runs only once the loop has run."""
+
+    __slots__ = ("end", "yielded")
+
+    def __init__(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        self.end = time.monotonic() + SLICE_S
+        self.yielded = False
+        with contextlib.suppress(RuntimeError):  # another backend: turns end on time alone
+            asyncio.get_running_loop().call_soon(self._mark)
+
+    def _mark(self) -> None:
+        self.yielded = True
+
+    def spent(self) -> bool:
+        """Whether the agent has held the loop for its slice, with no yield (a new turn then)."""
+        if self.yielded:
+            self.start()
+            return False
+        return time.monotonic() >= self.end
+
+
+class Prepared(NamedTuple):
+    """An allowed call ready to run (:meth:`ToolCallPipeline.prepare`)."""
+
+    args: Any
+    ctx: ToolContext
+    scrub: Scrubber
+
+
+class _Undo:
+    """What the stages before a commit change in an agent, kept to be put back when a call
+    answered inline declines after them (:meth:`ToolCallPipeline.answer_inline`)."""
+
+    __slots__ = ("agent", "captured", "events", "record", "since_checkpoint", "stopped_at", "usage")
+
+    def __init__(self, agent: LiveAgent) -> None:
+        self.agent = agent
+        self.record = dict(agent.record)
+        self.usage = dict(agent.usage)  # its counters are replaced, never changed in place
+        self.events = len(agent.events)
+        self.captured, self.stopped_at, self.since_checkpoint = agent.captured, agent.stopped_at, agent.since_checkpoint
+
+    def __call__(self) -> None:
+        agent = self.agent
+        agent.record.clear()
+        agent.record.update(self.record)
+        agent.usage.clear()
+        agent.usage.update(self.usage)
+        del agent.events[self.events:]
+        agent.captured, agent.stopped_at, agent.since_checkpoint = self.captured, self.stopped_at, self.since_checkpoint
+
+
 class ToolCallPipeline:
     """Serves an agent's tool calls until it completes, fails, or parks.
 
@@ -142,6 +204,7 @@ class ToolCallPipeline:
         self.guest = guest
         self.broker = broker
         self.mcp_config = mcp_config  # the operator's MCP servers and roots (host.tools.mcp_config)
+        self.answered_inline = 0  # calls answered inside the guest's import (:meth:`answer_inline`)
 
     async def serve(self, agent: LiveAgent, outcome: Outcome) -> Ended | Parked:
         """Answer each call the guest stops at, and run it on, until it ends or parks.
@@ -150,17 +213,24 @@ class ToolCallPipeline:
         loop back by itself, so an agent making thousands of fast calls would hold every
         other task of the loop (a server's requests, the other agents) until it ended. It
         yields once per time slice instead (:data:`SLICE_S`), as a preemptive scheduler
-        would: cheap (one yield per slice, not per call), and fair to everyone waiting."""
-        slice_end = time.monotonic() + SLICE_S
+        would: cheap (one yield per slice, not per call), and fair to everyone waiting.
+        Calls answered inside the guest's import (:meth:`answer_inline`) are answered only
+        within the slice; past it the next call unwinds, and the loop runs."""
+        turn = _Turn()
+
+        def inline(call: PendingCall) -> Answer | None:  # past the slice, the call unwinds and the loop runs
+            return None if turn.spent() else self.answer_inline(agent, call)
+
+        ask = inline if self.checkpoint_every > 1 else None
         while isinstance(outcome, Suspended):
             call = outcome.call
             step = await self.call(agent, call)
             if isinstance(step, Ended | Parked):
                 return step
-            outcome = await self.guest.answer(agent, call, *step)
-            if time.monotonic() >= slice_end:
+            outcome = await self.guest.answer(agent, call, *step, inline=ask)
+            if turn.spent():
                 await anyio.lowlevel.checkpoint()
-                slice_end = time.monotonic() + SLICE_S
+                turn.start()
         return Ended(outcome)
 
     async def call(self, agent: LiveAgent, call: PendingCall) -> Answer | Ended | Parked:
@@ -184,6 +254,55 @@ class ToolCallPipeline:
             return await self.back_off(agent, call, captured, decision)
         return await self.route(agent, call, captured, decision, usage)
 
+    def answer_inline(self, agent: LiveAgent, call: PendingCall) -> Answer | None:
+        """Stages 1 to 9 for a call answered inside the guest's ``tool_call`` import, with no
+        unwind and rewind of its instance (:attr:`host.sandbox.execution.Execution.inline_answer`),
+        or None: the call unwinds and goes the usual way (:meth:`call`), which does it all.
+
+        Only what :meth:`call` would do without waiting: an allowed transactional call in
+        the journal-only window (:meth:`journal_only`: no checkpoint), decided by the plain
+        precompiled decision (:meth:`decide_plain`), no credentials to lease, no replay under
+        way, committed at once on the loop when the store can take it then
+        (:meth:`AgentCommits.agent_now`). The same stages, the same functions, in the same
+        order: its journal entry, audit events, counters and record are those of the usual
+        way; its fuel is read at the import's entry on both ways
+        (:attr:`~host.sandbox.execution.Execution.call_fuel`), so a guest re-executed from
+        its checkpoint shows the journaled fuel at every call however each was answered.
+
+        Anything else declines: another decision, a tool error in its arguments, a store
+        that cannot commit now, an exception before the commit (what the stages changed in
+        the agent is put back first, so the usual way starts from the same state and reports
+        whatever it was). A store that fails the commit itself raises, out of the guest's
+        call and its run, as the usual way's commit raises out of :meth:`serve`."""
+        spec = agent.tools.get(call.tool)
+        if (spec is None or agent.replaying or not self.journal_only(agent, spec)
+                or agent.record.get("status") != "running" or not self.commits.can_commit_now()):
+            return None
+        grant = agent.bundle.policy.grants.get(call.tool)
+        if grant is not None and grant.credentials:
+            return None  # a lease is audited and may wait on a broker
+        undo = _Undo(agent)
+        try:
+            self.receive(agent, call, capture=False)
+            request = self.request(agent, call)
+            decision = self.decide_plain(agent, request) if isinstance(request, policies.ToolRequest) else None
+            prepared = self.prepare(agent, call, spec) if decision is not None else None
+            if not isinstance(prepared, Prepared):
+                undo()
+                return None
+            self.window(agent, call)
+            write, events = self.transaction(agent, call, spec, prepared, None)
+        except Exception:  # a host error before the commit: the usual way does it again and says why
+            log.debug("call %s of agent %s not answered inline", call.seq, agent.agent_id, exc_info=True)
+            undo()
+            return None
+        answer = self.commits.agent_now(agent, write, events)
+        if answer is None:
+            undo()
+        else:
+            self.answered_inline += 1
+        return answer
+
     # 0 ----------------------------------------------------------------------------------
     def journal_only(self, agent: LiveAgent, spec: ToolSpec | None) -> bool:
         """Whether this call, if allowed, needs no checkpoint: the journal can replay it.
@@ -206,7 +325,9 @@ class ToolCallPipeline:
 
     def replayed(self, agent: LiveAgent, call: PendingCall) -> Answer | None:
         """The journaled answer to a call the agent made before it was loaded, or None
-        (the journal has none: the agent is live again from here, and stays live).
+        (the journal has none: the agent is live again from here, and stays live). Going
+        live before the call its record last committed (:func:`_check_went_live`) is a
+        journal entry lost on disk, :class:`RecordCorrupt`: never a recorded call run again.
 
         The guest re-executed from its checkpoint must make the very calls it made: the
         same tool, the same arguments, at the same fuel; anything else is
@@ -219,10 +340,11 @@ class ToolCallPipeline:
         with self.store.read() as txn:
             entry = txn.get_journal(agent.agent_id, call.seq)
             if entry is None:
+                _check_went_live(agent, call)
                 agent.replaying = False
                 return None
             expected = {"tool": entry.get("tool"), "args": entry.get("args"), "fuel": entry.get("fuel")}
-            got = {"tool": call.tool, "args": call.args, "fuel": ex.fuel_used}
+            got = {"tool": call.tool, "args": call.args, "fuel": ex.call_fuel}
             for what in ("tool", "args", "fuel"):
                 if what == "fuel" and expected["fuel"] is None:
                     continue
@@ -236,7 +358,7 @@ class ToolCallPipeline:
                                      f"{entry.get('state')!r}, not an answer; it cannot be replayed")
             answer: Answer = int(entry["status"]), str(entry["response"]).encode()
             _check_with_audit(txn, agent, call, answer)
-        budgets.count_fuel(agent, ex.fuel_used)
+        budgets.count_fuel(agent, ex.call_fuel)
         agent.unlogged = Pending()
         agent.logs.clear()
         agent.log_bytes = 0
@@ -253,7 +375,7 @@ class ToolCallPipeline:
         assert ex is not None
         agent.stopped_at = time.perf_counter()
         agent.usage["suspensions"] = agent.usage.get("suspensions", 0) + 1
-        budgets.count_fuel(agent, ex.fuel_used)
+        budgets.count_fuel(agent, ex.call_fuel)  # at the import's entry (unwind and rewind are the host's)
         agent.record["last_progress"] = time.time()
         agent.captured = ex.capture() if capture else None
         agent.event("tool.requested", call_seq=call.seq, tool=call.tool, args_digest=audit.digest(call.args))
@@ -286,9 +408,8 @@ class ToolCallPipeline:
         A rate-limited call whose grant waits is a :class:`Backoff` instead, and counts
         nothing (neither a call nor a denial): it is decided, and counted, when it wakes."""
         now = time.time()
-        plain = budgets.decide_plain(agent, request, now)  # allowed and counted, precompiled
+        plain = self.decide_plain(agent, request, now)
         if plain is not None:
-            agent.event("tool.allowed", call_seq=request.call_seq, tool=request.tool, decision=plain.to_dict())
             return plain, None
         decision, before, after = budgets.decide(agent, self.store, request, now)
         at = _backoff_until(agent, request.tool, decision, now)
@@ -300,6 +421,15 @@ class ToolCallPipeline:
         agent.event(_DECISION_EVENT.get(decision.kind, "tool." + decision.kind),
                     call_seq=request.call_seq, tool=request.tool, decision=decision.to_dict())
         return decision, after
+
+    @staticmethod
+    def decide_plain(agent: LiveAgent, request: policies.ToolRequest, now: float | None = None) -> policies.Allow | None:
+        """A plain call allowed and counted by its precompiled decision
+        (:func:`budgets.decide_plain`), audited; None (nothing counted) when it is not one."""
+        plain = budgets.decide_plain(agent, request, time.time() if now is None else now)
+        if plain is not None:
+            agent.event("tool.allowed", call_seq=request.call_seq, tool=request.tool, decision=plain.to_dict())
+        return plain
 
     # 4 ----------------------------------------------------------------------------------
     async def route(self, agent: LiveAgent, call: PendingCall, captured: Captured | None,
@@ -323,9 +453,8 @@ class ToolCallPipeline:
         if spec.name == timers.SLEEP_TOOL:
             return await self.sleep(agent, call, spec, captured)
         if captured is None and spec.transactional:  # journal_only: no checkpoint, the journal replays it
-            agent.record["pending"] = call.to_dict()
+            self.window(agent, call)
             ran = await self.execute(agent, call, spec, None)
-            agent.since_checkpoint += 1
         else:
             ran = await self.execute(agent, call, spec, self.snapshot(agent, call, captured))
         if isinstance(ran, Parked):  # the tool asks a person something (an MCP server's elicitation)
@@ -335,6 +464,14 @@ class ToolCallPipeline:
             await self.commits.agent(agent)
             return Ended(Failed("budget_exceeded", exceeded.message), "terminated", exceeded.to_dict())
         return ran
+
+    @staticmethod
+    def window(agent: LiveAgent, call: PendingCall) -> None:
+        """A call answered from the journal alone: the record names it as the agent's last
+        call (what a resume must replay up to, :func:`_check_went_live`), and it counts in
+        the replay window (:meth:`journal_only`)."""
+        agent.record["pending"] = call.to_dict()
+        agent.since_checkpoint += 1
 
     async def park_for_approval(self, agent: LiveAgent, call: PendingCall, captured: Captured | None,
                                 decision: policies.RequireApproval) -> None:
@@ -471,27 +608,37 @@ class ToolCallPipeline:
         ``extra``: kept in its journaled answer (a sleep's ``wake_at``; the answers people
         gave to the call's questions, ``elicitations``, which the call made again is handed).
         Parked: the tool asked a person something (:meth:`park_for_input`)."""
-        try:
-            args = spec.validate(canonical_args(spec, call.args))  # what the policy decided on
-        except ToolError as err:
-            answer = answers.tool_error(err)
+        prepared = self.prepare(agent, call, spec, extra)
+        if not isinstance(prepared, Prepared):  # its arguments are not what the tool takes
+            answer = prepared
             await (self.commit(agent, call, cp, answer) if cp is not None else self.journal(agent, call, answer))
             return answer
-        ctx = self.lease(agent, call)
-        scrub = self.scrubber(agent, ctx)
-        ctx.event = lambda kind, data: agent.event(kind, call_seq=call.seq, **scrub.value(data))
-        ctx.nested = lambda tool, args: self.nested(agent, call, tool, args)
-        ctx.elicited = [dict(e) for e in (extra or {}).get("elicitations") or ()]
         if spec.transactional:
-            return await self.run_transactional(agent, call, spec, args, ctx, cp, scrub)
+            return await self.run_transactional(agent, call, spec, prepared, cp)
         if cp is not None:
             await self.commit(agent, call, cp, None)
+        args, ctx, scrub = prepared
         try:
             answer = await self.run(agent, spec, args, ctx, scrub)
         except InputRequired as need:
             return await self.park_for_input(agent, call, scrub.value(need.question), ctx.elicited)
         await self.journal(agent, call, answer, extra)
         return answer
+
+    def prepare(self, agent: LiveAgent, call: PendingCall, spec: ToolSpec,
+                extra: dict[str, Any] | None = None) -> Prepared | Answer:
+        """The tool's arguments (validated, as the policy decided on them), its context with
+        its leased secrets, and its scrubber; or the answer refusing arguments it cannot take."""
+        try:
+            args = spec.validate(canonical_args(spec, call.args))  # what the policy decided on
+        except ToolError as err:
+            return answers.tool_error(err)
+        ctx = self.lease(agent, call)
+        scrub = self.scrubber(agent, ctx)
+        ctx.event = lambda kind, data: agent.event(kind, call_seq=call.seq, **scrub.value(data))
+        ctx.nested = lambda tool, args: self.nested(agent, call, tool, args)
+        ctx.elicited = [dict(e) for e in (extra or {}).get("elicitations") or ()]
+        return Prepared(args, ctx, scrub)
 
     async def nested(self, agent: LiveAgent, call: PendingCall, tool: str, args: dict[str, Any]) -> Any:
         """Run another granted tool on behalf of call ``call`` (an MCP server's sampling
@@ -637,10 +784,26 @@ class ToolCallPipeline:
             raise asked[0]
         return result[0]
 
-    async def run_transactional(self, agent: LiveAgent, call: PendingCall, spec: ToolSpec, args: Any,
-                                ctx: ToolContext, cp: Checkpoint | None, scrub: Scrubber) -> Answer:
+    async def run_transactional(self, agent: LiveAgent, call: PendingCall, spec: ToolSpec, prepared: Prepared,
+                                cp: Checkpoint | None) -> Answer:
         """Stages 6, 8 and 9 in one commit: the checkpoint (if any), the tool's effect on a
         write overlay (kept only if it succeeds), and its journaled answer."""
+        write, events = self.transaction(agent, call, spec, prepared, cp)
+        # Only the guest sees the answer before the agent's next durable commit: synced in the
+        # background while the guest runs on (host.runtime.commits).
+        result = await self.commits.agent(agent, write, events, sync="soon")
+        assert result is not None
+        if cp is not None:
+            self.commits.observer.suspended(agent, time.perf_counter() - agent.stopped_at)
+        return result
+
+    def transaction(self, agent: LiveAgent, call: PendingCall, spec: ToolSpec, prepared: Prepared,
+                    cp: Checkpoint | None) -> tuple[Callable[[Any], Answer], Callable[[Answer], Events]]:
+        """A transactional call's commit: what it writes (checkpoint *K* if any, the tool's
+        effect on a write overlay, kept only if it succeeds, the journaled answer) and the
+        audit events its answer adds; committed awaited (:meth:`run_transactional`) or at
+        once (:meth:`answer_inline`)."""
+        args, ctx, scrub = prepared
         if cp is not None:
             agent.event("checkpoint", checkpoint=cp.seq, size=len(cp.blob))
 
@@ -660,13 +823,7 @@ class ToolCallPipeline:
         def events(answer: Answer) -> Events:
             return [("tool.answered", _answered(call, answer))]
 
-        # Only the guest sees the answer before the agent's next durable commit: synced in the
-        # background while the guest runs on (host.runtime.commits).
-        result = await self.commits.agent(agent, write, events, sync="soon")
-        assert result is not None
-        if cp is not None:
-            self.commits.observer.suspended(agent, time.perf_counter() - agent.stopped_at)
-        return result
+        return write, events
 
     # 9 ----------------------------------------------------------------------------------
     async def journal(self, agent: LiveAgent, call: PendingCall, answer: Answer,
@@ -810,6 +967,19 @@ def _check_with_audit(txn: Any, agent: LiveAgent, call: PendingCall, answer: Ans
         label = f"journal entry {call.seq} of agent {agent.agent_id}"
         raise RecordCorrupt(f"{label} holds an answer whose digest differs from the one its audit record holds "
                             "(changed on disk; restore the store from a copy)", database="journal", key=label)
+
+
+def _check_went_live(agent: LiveAgent, call: PendingCall) -> None:
+    """A re-executed guest goes live at a call its journal has no entry for: RecordCorrupt
+    if its record, committed with every call, says it had made that call already (the
+    record's last call, ``pending``). Its entry was lost on disk past the checkpoint; the
+    call ran, and must not run again (a ``kv.incr`` would count twice)."""
+    last = (agent.record.get("pending") or {}).get("seq")
+    if isinstance(last, int) and call.seq <= last:
+        label = f"journal entry {call.seq} of agent {agent.agent_id}"
+        raise RecordCorrupt(f"{label} is missing, but the agent's record says it made calls up to {last}: the entry "
+                            "was lost on disk past the checkpoint; its call is not run again (restore the store "
+                            "from a copy)", database="journal", key=label)
 
 
 def _brief(value: Any, limit: int = 120) -> str:

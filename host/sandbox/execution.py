@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import json
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -200,6 +201,17 @@ class Execution:
     #: guest code run since, or the delta a restore wrote): what a reset copies back.
     _dirty: MemoryDelta | None = None
     recycled: bool = False  # this instance came from a recycled one (for tests and benchmarks)
+    #: Asked by the ``tool_call`` import before it unwinds (:meth:`answer_inline`): the
+    #: answer to give the guest at once, or None to unwind as usual. Set by the runtime
+    #: around a segment it runs on its own thread; the sandbox knows nothing of what it does.
+    inline_answer: Callable[[PendingCall], tuple[int, bytes] | None] | None = None
+    #: The fuel the guest had used when it entered its latest ``tool_call``: what that call
+    #: is recorded and replayed with, answered inline or unwound alike.
+    call_fuel: int = 0
+    #: Calls answered inline, and the host's time spent answering them (not the guest's).
+    inline_answers: int = 0
+    inline_s: float = 0.0
+    _armed: int = 0  # the fuel the store was given at the segment's start
 
     # -- lifecycle ----------------------------------------------------------
     def _instantiate(self, capacity: int = 0) -> None:
@@ -278,7 +290,8 @@ class Execution:
     def _arm(self) -> int:
         remaining = self.limits.fuel - self.fuel_used
         store = self._store
-        store.set_fuel(max(0, remaining))
+        self._armed = max(0, remaining)
+        store.set_fuel(self._armed)
         self.loaded.engine.ensure_ticker()
         ticks = self.loaded.engine.deadline_ticks(self.limits.deadline_s)
         interrupts.note_deadline(ticks)
@@ -429,7 +442,11 @@ class Execution:
         # A signal that arrived meanwhile ends the work here, back in Python, with nothing
         # of this segment committed (an interrupt trap is the signal's, not a deadline).
         interrupts.raise_if_requested()
-        if not isinstance(outcome, Suspended):
+        if isinstance(outcome, Suspended):
+            # The unwind is the host's work, not the guest's (nor is the rewind, see
+            # finish_rewind): the call is counted at its entry, as one answered inline.
+            self.fuel_used = self.call_fuel
+        else:
             self.mode = NORMAL
         self._reusable = isinstance(outcome, Suspended | Completed)
         return outcome
@@ -574,6 +591,26 @@ class Execution:
             _global_set(self._store, ext, g)
 
     # -- imports (called by Wasmtime through the linker) ----------------------
+    def fuel_now(self) -> int:
+        """The fuel the guest has used so far, read while it runs (inside an import)."""
+        return self.fuel_used + self._armed - int(self._store.get_fuel())
+
+    def answer_inline(self, call: PendingCall) -> int | None:
+        """Ask :attr:`inline_answer` for ``call``'s answer, without unwinding: the status
+        ``tool_call`` returns, with the response buffer set as a rewind would set it, or None
+        (unwind). The time the runtime spends answering is counted in :attr:`inline_s`."""
+        ask = self.inline_answer
+        if ask is None:
+            return None
+        t0 = time.perf_counter()
+        got = ask(call)
+        if got is None:
+            return None
+        self.response_status, self.response = got
+        self.inline_answers += 1
+        self.inline_s += time.perf_counter() - t0
+        return self.response_status
+
     def begin_unwind(self, call: PendingCall) -> None:
         addr, size = self.async_buf
         base = self._mem_base_len()[0]
@@ -587,6 +624,10 @@ class Execution:
     def finish_rewind(self) -> int:
         self._call("asyncify_stop_rewind", hold_gil=self._hold_gil)
         self.mode = NORMAL
+        # The fuel the rewind burnt is given back: a call answered inline has none to burn,
+        # and a re-executed guest must show the same fuel at every call whichever way its
+        # calls were answered (the journal checks it, host.runtime.tool_call.replayed).
+        self._store.set_fuel(self._armed)
         return self.response_status
 
 

@@ -118,8 +118,13 @@ def tool_call(name_ptr: int, name_len: int, args_ptr: int, args_len: int) -> int
         args = guest_json.parse(args_raw) if args_raw.strip(JSON_WHITESPACE) else {}
     except guest_json.PoisonValue as exc:
         return _fault(abi.E_INVALID_JSON, f"tool_call: the arguments to {name!r} are not JSON ({exc})")
+    ex.call_fuel = ex.fuel_now()  # the call's fuel, at its entry, however it is answered
     ex.call_seq += 1
-    ex.begin_unwind(PendingCall(ex.call_seq, name, args))
+    call = PendingCall(ex.call_seq, name, args)
+    status = ex.answer_inline(call)  # answered now, no unwind, when the runtime can
+    if status is not None:
+        return status
+    ex.begin_unwind(call)
     return 0
 
 
