@@ -28,7 +28,9 @@ from host.runtime import tool_call
 from host.runtime.host import Host
 from host.runtime.tool_call import ToolCallPipeline
 from host.sandbox import bundle as bundle_mod
+from host.sandbox import execution
 from host.trust import audit
+from snapshots.errors import StoreUnavailable
 from snapshots.lmdb_store import _seq_key
 
 EVERY = 64
@@ -276,3 +278,76 @@ def test_a_journal_entry_lost_past_the_checkpoint_is_record_corrupt_not_a_call_r
             assert [seq for seq, _ in txn.iter_journal(agent_id)] == [s for s in seqs if s != lost]
     finally:
         host.close()
+
+
+def _in_guest() -> bool:
+    """Whether this runs inside a guest's call into wasm: in an import, a call answered inline."""
+    return getattr(execution._tls, "ex", None) is not None
+
+
+def test_a_host_error_before_the_commit_declines_and_the_usual_way_answers(
+        bundles: BundleFactory, host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every seventh inline attempt fails at its last stage before the commit (after the call
+    was counted, decided and audited): the call is not trapped but goes the usual way, from
+    the state the agent had before the attempt, and nothing is counted or audited twice."""
+    real = ToolCallPipeline.transaction
+    attempts = [0]
+
+    def failing(self: ToolCallPipeline, *a: Any, **k: Any) -> Any:
+        if _in_guest():
+            attempts[0] += 1
+            if attempts[0] % 7 == 0:
+                raise RuntimeError("a host error before the commit")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(ToolCallPipeline, "transaction", failing)
+    n = 300
+    res = _run(host, bundles.load(EXAMPLES / "steps"), {"n": n})
+    assert res.status == "completed" and res.output == {"sum": n * (n + 1) // 2, "last": n}, res.error
+    assert attempts[0] >= 14 and host.calls.answered_inline > n // 4
+    usage = host.get_agent(res.agent_id)["usage"]
+    assert usage["tool_calls"] == usage["suspensions"] == n and usage["calls_by_tool"] == {"kv.incr": n}
+    events = audit.records(host.store, res.agent_id)
+    for kind in ("tool.requested", "tool.allowed", "tool.answered"):
+        assert sorted(e["call_seq"] for e in events if e["kind"] == kind) == list(range(1, n + 1)), kind
+    assert audit.verify_store(host.store, agent_id=res.agent_id).ok
+    with host.store.read() as txn:
+        assert [seq for seq, _ in txn.iter_journal(res.agent_id)] == list(range(1, n + 1))
+
+
+def test_a_store_failing_an_inline_commit_stops_the_run_as_on_the_usual_way(
+        bundles: BundleFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store refuses a commit made inside the guest's import: the run stops with the
+    store's error (as a failing commit of the usual way stops it), the agent stays at its
+    last commit, and a resume once the store is back finishes it exactly."""
+    path = tmp_path / "store"
+    b = bundles.load(EXAMPLES / "steps")
+    n = 300
+    host = _host(path)
+    store: Any = host.store
+    real = store.transact_batch
+    failed: list[int] = []
+
+    def transact_batch(fns: Any, **kw: Any) -> Any:
+        if not failed and _in_guest() and host.calls.answered_inline >= 20:
+            failed.append(host.calls.answered_inline)
+            raise StoreUnavailable("the disk went away")
+        return real(fns, **kw)
+
+    monkeypatch.setattr(store, "transact_batch", transact_batch)
+    try:
+        with pytest.raises(StoreUnavailable):
+            _run(host, b, {"n": n})
+        assert failed
+        (agent_id,) = [r["agent_id"] for r in host.list_agents()]
+        with host.store.read() as txn:
+            made = len(list(txn.iter_journal(agent_id)))
+        assert _counter(host, agent_id) == str(made).encode()  # nothing of the failed commit
+    finally:
+        host.close()
+    with _host(path) as host:
+        res = anyio.run(lambda: host.resume(agent_id))
+        assert res.status == "completed" and res.output == {"sum": n * (n + 1) // 2, "last": n}, res.error
+        assert _counter(host, agent_id) == str(n).encode()
+        assert host.get_agent(agent_id)["usage"]["tool_calls"] == n
+        assert audit.verify_store(host.store, agent_id=agent_id).ok
