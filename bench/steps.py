@@ -89,25 +89,39 @@ def _phase_clock() -> Iterator[dict[str, int]]:
     ns = dict.fromkeys(PHASES, 0)
     clock = time.perf_counter_ns
     saved: list[tuple[Any, str, Any]] = []
+    # A phase's time is its own: a phase timed inside another (a call answered inline runs its
+    # policy and commit inside the guest's segment) is taken out of the one around it.
+    inside: list[str] = []
+
+    def begin(phase: str) -> int:
+        inside.append(phase)
+        return clock()
+
+    def end(phase: str, t: int) -> None:
+        took = clock() - t
+        inside.pop()
+        ns[phase] += took
+        if inside:
+            ns[inside[-1]] -= took
 
     def wrap(owner: Any, name: str, phase: str) -> None:
         orig = owner.__dict__[name]
         fn = orig.__func__ if isinstance(orig, staticmethod) else orig
         if inspect.iscoroutinefunction(fn):
             async def timed_async(*a: Any, **k: Any) -> Any:
-                t = clock()
+                t = begin(phase)
                 try:
                     return await fn(*a, **k)
                 finally:
-                    ns[phase] += clock() - t
+                    end(phase, t)
             new: Any = timed_async
         else:
             def timed(*a: Any, **k: Any) -> Any:
-                t = clock()
+                t = begin(phase)
                 try:
                     return fn(*a, **k)
                 finally:
-                    ns[phase] += clock() - t
+                    end(phase, t)
             new = timed
         saved.append((owner, name, orig))
         setattr(owner, name, staticmethod(new) if isinstance(orig, staticmethod) else new)
@@ -116,8 +130,10 @@ def _phase_clock() -> Iterator[dict[str, int]]:
     wrap(ToolCallPipeline, "receive", "guest")
     wrap(ToolCallPipeline, "request", "policy")
     wrap(ToolCallPipeline, "decide", "policy")
+    wrap(ToolCallPipeline, "decide_plain", "policy")  # a call answered inline decides here alone
     wrap(ToolCallPipeline, "snapshot", "encode")
     wrap(commits_mod.AgentCommits, "run", "commit")
+    wrap(commits_mod.AgentCommits, "agent_now", "commit")  # the commit of a call answered inline
     saved.append((commits_mod, "audit", audit))
 
     class _TimedAudit:  # commits.py reaches the chain through `audit.append_events`
@@ -126,11 +142,11 @@ def _phase_clock() -> Iterator[dict[str, int]]:
 
         @staticmethod
         def append_events(*a: Any, **k: Any) -> Any:
-            t = clock()
+            t = begin("audit")
             try:
                 return audit.append_events(*a, **k)
             finally:
-                ns["audit"] += clock() - t
+                end("audit", t)
 
     setattr(commits_mod, "audit", _TimedAudit())  # noqa: B010 (a module attribute, patched)
     try:
@@ -138,7 +154,6 @@ def _phase_clock() -> Iterator[dict[str, int]]:
     finally:
         for owner, name, orig in reversed(saved):
             setattr(owner, name, orig)
-    ns["commit"] -= ns["audit"]  # the audit is sealed inside the commit's transaction
 
 
 def _runtime_round_trips(b: Bundle, agents: int, n: int, profile_path: str | None,
@@ -176,6 +191,7 @@ def _runtime_round_trips(b: Bundle, agents: int, n: int, profile_path: str | Non
                 prof = cProfile.Profile()
                 prof.enable()
             every = host.calls.checkpoint_every
+            inline0 = host.calls.answered_inline
             with contextlib.ExitStack() as stack:
                 ns = stack.enter_context(_phase_clock()) if phases else None
                 t0, c0 = time.perf_counter(), time.process_time()
@@ -189,6 +205,7 @@ def _runtime_round_trips(b: Bundle, agents: int, n: int, profile_path: str | Non
             if bad:
                 raise TorporError(f"{len(bad)} runtime agents did not complete: {bad[0].error}")
             calls = sum(r.tool_calls for r in results)
+            inline = host.calls.answered_inline - inline0
             used = store.used_bytes() - used0
         finally:
             host.close()
@@ -197,7 +214,9 @@ def _runtime_round_trips(b: Bundle, agents: int, n: int, profile_path: str | Non
     out = {"round_trips_per_s": round(calls / dt), "agents": agents, "calls": calls,
            "wall_s": round(dt, 2), "bytes_per_tool_call": round(used / calls, 1),
            # the process's CPU (every thread) a call: what a loaded machine's wall clock hides
-           "cpu_us_per_call": round(cpu * 1e6 / calls, 1), "checkpoint_every": every}
+           "cpu_us_per_call": round(cpu * 1e6 / calls, 1), "checkpoint_every": every,
+           # calls answered inside the guest's import, no unwind (ToolCallPipeline.answer_inline)
+           "inline_share": round(inline / calls, 3)}
     if ns is not None:
         per = {k: round(v / calls / 1e3, 1) for k, v in ns.items()}
         per["other"] = round(dt * 1e6 / calls - sum(per.values()), 1)
@@ -341,6 +360,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "runtime_wall_s": rt["wall_s"], "runtime_bytes_per_tool_call": rt["bytes_per_tool_call"],
         "runtime_cpu_us_per_call": rt["cpu_us_per_call"], "checkpoint_every": rt["checkpoint_every"],
         "processes": spread,
+        "runtime_inline_share": rt["inline_share"], "one_agent_inline_share": one["inline_share"],
         "one_agent_round_trips_per_s": one["round_trips_per_s"], "one_agent_calls": one["calls"],
         "one_agent_cpu_us_per_call": one["cpu_us_per_call"],
         "phases_us": phased["phases_us"], "phases_round_trips_per_s": phased["round_trips_per_s"],
@@ -385,11 +405,12 @@ def show(r: dict[str, Any]) -> None:
     print(f"runtime at {r['durability']} (Host: policy, audit, durable journal + kv.incr per call, checkpoint {where}):")
     print(f"  one agent x {r['one_agent_calls']:,} calls: {r['one_agent_round_trips_per_s']:,}/s"
           + (f" = {r['one_agent_vs_dbos']}x DBOS's one workflow ({d['one_workflow_steps_per_s']:,} steps/s)" if d else "")
-          + f"; CPU {r['one_agent_cpu_us_per_call']} µs a call")
+          + f"; CPU {r['one_agent_cpu_us_per_call']} µs a call; {r.get('one_agent_inline_share', 0):.0%} answered inline")
     print(f"  {r['runtime_agents']} agents x {r['runtime_calls'] // r['runtime_agents']} calls: "
           f"{r['round_trips_per_s']:,}/s"
           + (f" = {r['agents_vs_dbos']}x DBOS's {d['workflows']} workflows ({d['concurrent_steps_per_s']:,} steps/s)"
-             if d else "") + f"; CPU {r['runtime_cpu_us_per_call']} µs a call")
+             if d else "") + f"; CPU {r['runtime_cpu_us_per_call']} µs a call; "
+          f"{r.get('runtime_inline_share', 0):.0%} answered inline")
     sp = r.get("processes")
     if sp:
         print(f"  {sp['agents']} agents over {sp['processes']} host processes on the one store: "
