@@ -66,6 +66,27 @@ class _Journal:
         self.env = None
 
 
+def cut_mid_run(host: Host, b: bundle_mod.Bundle, calls: int) -> str:
+    """Run the steps agent ``b`` on ``host`` and cut its run once it has journaled ``calls``
+    calls, as a crash would: its commits stay. The agent's id."""
+
+    def journaled() -> int:
+        with host.store.read() as txn:
+            return sum(len(list(txn.iter_journal(r["agent_id"]))) for r in host.list_agents())
+
+    async def cut() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: host.run(b, {"n": 100_000}))
+            deadline = time.monotonic() + 60
+            while journaled() < calls and time.monotonic() < deadline:
+                await anyio.sleep(0.005)
+            tg.cancel_scope.cancel()
+
+    anyio.run(cut)
+    (agent_id,) = [r["agent_id"] for r in host.list_agents()]
+    return agent_id
+
+
 def _latest_checkpoint_call(host: Host, agent_id: str) -> int:
     b = host.loader.by_digest(host.get_agent(agent_id)["bundle_digest"])
     pristine = host.loader.module(b)[0].image
@@ -142,22 +163,8 @@ def test_a_diverging_reexecution_is_replay_diverged(bundles: BundleFactory, tmp_
     monkeypatch.setattr(tool_call, "CHECKPOINT_EVERY_S", 3600.0)  # the window is counted in calls alone
     b = bundle_mod.load(bundles.example("steps"))
     host = Host(tmp_path / "store", checkpoint_every=1000)
-
-    def journaled_calls() -> int:
-        with host.store.read() as txn:
-            return sum(len(list(txn.iter_journal(r["agent_id"]))) for r in host.list_agents())
-
-    async def cut() -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: host.run(b, {"n": 100_000}))
-            deadline = time.monotonic() + 60
-            while journaled_calls() < 10 and time.monotonic() < deadline:
-                await anyio.sleep(0.005)
-            tg.cancel_scope.cancel()
-
     try:
-        anyio.run(cut)  # the run is cut mid-way, as a crash would: its commits stay
-        (agent_id,) = [r["agent_id"] for r in host.list_agents()]
+        agent_id = cut_mid_run(host, b, 10)
         at_checkpoint = _latest_checkpoint_call(host, agent_id)
         with host.store.read() as txn:
             journaled = max(seq for seq, _ in txn.iter_journal(agent_id))

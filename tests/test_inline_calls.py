@@ -14,7 +14,6 @@ kept; and that a journal entry lost on disk past the checkpoint is refused at re
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import anyio
 import lmdb
 import pytest
 from conftest import EXAMPLES, GUESTS, BundleFactory
+from test_crash_replay import cut_mid_run
 
 from host.runtime import tool_call
 from host.runtime.host import Host
@@ -234,22 +234,8 @@ def test_a_journal_entry_lost_past_the_checkpoint_is_record_corrupt_not_a_call_r
     b = bundle_mod.load(bundles.example("steps"))
     path = tmp_path / "store"
     host = Host(path, checkpoint_every=1000)
-
-    def journaled() -> int:
-        with host.store.read() as txn:
-            return sum(len(list(txn.iter_journal(r["agent_id"]))) for r in host.list_agents())
-
-    async def cut() -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: host.run(b, {"n": 100_000}))
-            deadline = time.monotonic() + 60
-            while journaled() < 20 and time.monotonic() < deadline:
-                await anyio.sleep(0.005)
-            tg.cancel_scope.cancel()
-
     try:
-        anyio.run(cut)
-        (agent_id,) = [r["agent_id"] for r in host.list_agents()]
+        agent_id = cut_mid_run(host, b, 20)
         with host.store.read() as txn:
             seqs = [seq for seq, _ in txn.iter_journal(agent_id)]
         last = max(seqs)

@@ -36,7 +36,9 @@ With ``checkpoint_every`` above 1 (``Host``), stages 1 and 5 skip the capture an
 checkpoint *K* of an allowed transactional call between checkpoints
 (:meth:`ToolCallPipeline.journal_only`): its journaled answer, committed with its effect, is
 what a resume feeds the guest re-executed from the last checkpoint
-(:meth:`ToolCallPipeline.replayed`) before it goes live again.
+(:meth:`ToolCallPipeline.replayed`) before it goes live again. Such a call is answered
+inside the guest's ``tool_call`` import when it can be at once, with no unwind and rewind
+(:meth:`ToolCallPipeline.answer_inline`): the same stages, committed synchronously.
 """
 
 from __future__ import annotations
