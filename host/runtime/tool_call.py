@@ -225,14 +225,14 @@ class ToolCallPipeline:
 
         ask = inline if self.checkpoint_every > 1 else None
         while isinstance(outcome, Suspended):
+            if turn.spent():  # here, before the call: one the slice's end unwound waits for the next turn
+                await anyio.lowlevel.checkpoint()
+                turn.start()
             call = outcome.call
             step = await self.call(agent, call)
             if isinstance(step, Ended | Parked):
                 return step
             outcome = await self.guest.answer(agent, call, *step, inline=ask)
-            if turn.spent():
-                await anyio.lowlevel.checkpoint()
-                turn.start()
         return Ended(outcome)
 
     async def call(self, agent: LiveAgent, call: PendingCall) -> Answer | Ended | Parked:

@@ -72,6 +72,8 @@ _memory_data_size = _hold_gil("wasmtime_memory_data_size")
 _export_get = _hold_gil("wasmtime_instance_export_get")
 _global_get_c = _hold_gil("wasmtime_global_get")
 _global_set_c = _hold_gil("wasmtime_global_set")
+_get_fuel_c = _hold_gil("wasmtime_context_get_fuel")  # read at every tool call (fuel_now)
+_set_fuel_c = _hold_gil("wasmtime_context_set_fuel")  # at every rewind (finish_rewind)
 # For Asyncify's four control exports only: Binaryen-generated functions that set two
 # globals and return, so holding the GIL through them cannot stall other threads, while
 # releasing and re-taking it costs a wake-up whenever another thread (the epoch ticker,
@@ -593,7 +595,11 @@ class Execution:
     # -- imports (called by Wasmtime through the linker) ----------------------
     def fuel_now(self) -> int:
         """The fuel the guest has used so far, read while it runs (inside an import)."""
-        return self.fuel_used + self._armed - int(self._store.get_fuel())
+        left = ctypes.c_uint64(0)
+        error = _get_fuel_c(self._store._context(), ctypes.byref(left))
+        if error:
+            raise wasmtime.WasmtimeError._from_ptr(error)
+        return self.fuel_used + self._armed - int(left.value)
 
     def answer_inline(self, call: PendingCall) -> int | None:
         """Ask :attr:`inline_answer` for ``call``'s answer, without unwinding: the status
@@ -627,7 +633,9 @@ class Execution:
         # The fuel the rewind burnt is given back: a call answered inline has none to burn,
         # and a re-executed guest must show the same fuel at every call whichever way its
         # calls were answered (the journal checks it, host.runtime.tool_call.replayed).
-        self._store.set_fuel(self._armed)
+        error = _set_fuel_c(self._store._context(), self._armed)
+        if error:
+            raise wasmtime.WasmtimeError._from_ptr(error)
         return self.response_status
 
 
