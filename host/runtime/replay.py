@@ -79,6 +79,9 @@ class ReplayReport:
     calls_recorded: int = 0
     calls_replayed: int = 0
     fuel_used: int = 0
+    #: whether a total this far above the replay's is an older host's count (the unwinds' and
+    #: rewinds' fuel, which a host before session 11 counted: Execution.fuel_offset_known)
+    fuel_offset_known: Callable[[int], bool] = field(default=lambda offset: offset == 0, repr=False)
     outcome: dict[str, Any] = field(default_factory=dict)  # what the replay came to
     mismatches: list[Mismatch] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -142,6 +145,7 @@ def replay(host: Any, agent_id: str, *, bundle: Bundle | None = None, cold: bool
             logs.append((level, message))
 
     ex = Execution(loaded, pre, limits, str(input_raw).encode(), log_sink=sink, seed=abi.agent_seed(agent_id))
+    ex.fuel_history = set()  # records an older host began count the unwinds too (Execution.fuel_matches)
     outcome: Any = ex.start()
     status = report.status
     stopped_by_record = False
@@ -171,7 +175,7 @@ def replay(host: Any, agent_id: str, *, bundle: Bundle | None = None, cold: bool
             break
         expected_fuel = entry.get("fuel", resumed_at.get(call.seq))  # the journal's, else the checkpoint's
         if expected_fuel is not None:
-            if int(expected_fuel) != fuel_now:
+            if not ex.fuel_matches(int(expected_fuel)):  # this host's count, or an older host's
                 source = "" if "fuel" in entry else " (from the checkpoint taken at this call)"
                 report.mismatches.append(Mismatch(call.seq, "fuel", int(expected_fuel), fuel_now,
                                                   f"fuel used at the call: expected {expected_fuel}{source}, "
@@ -197,13 +201,15 @@ def replay(host: Any, agent_id: str, *, bundle: Bundle | None = None, cold: bool
             limits = host.limits_for(b, fuel_limit, resumed_at[call.seq])
         if cold:
             captured: Captured = ex.capture()
+            host_fuel, history = ex.host_fuel, ex.fuel_history
             ex.release()
             ex = Execution.restore(loaded, pre, limits, str(input_raw).encode(), captured, fuel_used=fuel_now,
                                    call_seq=call.seq, pending=call, log_sink=sink)
+            ex.host_fuel, ex.fuel_history = host_fuel, history  # an older host's records count it from the start
         else:
             ex.limits = limits
         outcome = ex.resume(*answer)
-    report.fuel_used = ex.fuel_used
+    report.fuel_used, report.fuel_offset_known = ex.fuel_used, ex.fuel_offset_known
     ex.release()
     if isinstance(outcome, Suspended):
         report.outcome = {"status": "stopped", "at_call": outcome.call.seq, "tool": outcome.call.tool}
@@ -327,7 +333,7 @@ def _compare_outcome(report: ReplayReport, rec: dict[str, Any], outcome: Any, jo
                          "the output differs from the recorded output"))
         else:
             fuel = int((rec.get("usage") or {}).get("fuel_used", 0))
-            if fuel and fuel != report.fuel_used:
+            if fuel and not report.fuel_offset_known(fuel - report.fuel_used):  # this host's count, or an older's
                 add(Mismatch(None, "fuel_used", fuel, report.fuel_used,
                              f"total fuel: expected {fuel}, got {report.fuel_used}"))
         return

@@ -348,7 +348,8 @@ class ToolCallPipeline:
             expected = {"tool": entry.get("tool"), "args": entry.get("args"), "fuel": entry.get("fuel")}
             got = {"tool": call.tool, "args": call.args, "fuel": ex.call_fuel}
             for what in ("tool", "args", "fuel"):
-                if what == "fuel" and expected["fuel"] is None:
+                if what == "fuel" and (expected["fuel"] is None or (isinstance(expected["fuel"], int)
+                                                                     and ex.fuel_matches(expected["fuel"]))):
                     continue
                 if expected[what] != got[what]:
                     raise ReplayDiverged(

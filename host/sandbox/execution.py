@@ -210,6 +210,15 @@ class Execution:
     #: The fuel the guest had used when it entered its latest ``tool_call``: what that call
     #: is recorded and replayed with, answered inline or unwound alike.
     call_fuel: int = 0
+    #: The fuel this instance's unwinds and rewinds burnt, which is not counted (the host's
+    #: work). A host before session 11 counted it: ``call_fuel + host_fuel`` is what such a
+    #: host would have recorded at this call, had every call since the start or the restore
+    #: been unwound (as a replay's are), so its records still replay (:meth:`fuel_matches`).
+    host_fuel: int = 0
+    #: Every value :attr:`host_fuel` had at a call, kept only when asked (a replay: a set):
+    #: a record an older host began and this one resumed from one of its checkpoints is
+    #: offset by the older host's count at that checkpoint from then on.
+    fuel_history: set[int] | None = None
     #: Calls answered inline, and the host's time spent answering them (not the guest's).
     inline_answers: int = 0
     inline_s: float = 0.0
@@ -447,7 +456,10 @@ class Execution:
         if isinstance(outcome, Suspended):
             # The unwind is the host's work, not the guest's (nor is the rewind, see
             # finish_rewind): the call is counted at its entry, as one answered inline.
+            self.host_fuel += max(0, self.fuel_used - self.call_fuel)
             self.fuel_used = self.call_fuel
+            if self.fuel_history is not None:
+                self.fuel_history.add(self.host_fuel)
         else:
             self.mode = NORMAL
         self._reusable = isinstance(outcome, Suspended | Completed)
@@ -601,6 +613,17 @@ class Execution:
             raise wasmtime.WasmtimeError._from_ptr(error)
         return self.fuel_used + self._armed - int(left.value)
 
+    def fuel_matches(self, recorded: int) -> bool:
+        """Whether ``recorded``, the fuel a record holds for the call this instance is
+        stopped at, is the fuel it shows: this host's count, or an older host's, which
+        counted the unwinds and rewinds too (:attr:`host_fuel`, or one of its earlier values
+        in :attr:`fuel_history`)."""
+        return self.fuel_offset_known(recorded - self.call_fuel)
+
+    def fuel_offset_known(self, offset: int) -> bool:
+        """Whether a recorded fuel this far above this host's count is an older host's count."""
+        return offset in (0, self.host_fuel) or (self.fuel_history is not None and offset in self.fuel_history)
+
     def answer_inline(self, call: PendingCall) -> int | None:
         """Ask :attr:`inline_answer` for ``call``'s answer, without unwinding: the status
         ``tool_call`` returns, with the response buffer set as a rewind would set it, or None
@@ -633,6 +656,9 @@ class Execution:
         # The fuel the rewind burnt is given back: a call answered inline has none to burn,
         # and a re-executed guest must show the same fuel at every call whichever way its
         # calls were answered (the journal checks it, host.runtime.tool_call.replayed).
+        left = ctypes.c_uint64(0)
+        if not _get_fuel_c(self._store._context(), ctypes.byref(left)):
+            self.host_fuel += max(0, self._armed - int(left.value))
         error = _set_fuel_c(self._store._context(), self._armed)
         if error:
             raise wasmtime.WasmtimeError._from_ptr(error)
