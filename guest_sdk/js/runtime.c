@@ -98,77 +98,18 @@ _Noreturn static void fail_oom(size_t n) {
 
 /* QuickJS's allocator: libc's, except that running out ends the agent as `memory_limit`
  * at once (the only deterministic answer: a half-built object graph cannot be trusted),
- * and two things a checkpoint needs (issue 23's failure, re-run for JS: what a turn stored
- * grew with the conversation):
- * - a freed block of ZERO_FREED_MIN bytes or more is zeroed, and a growing one that has to
- *   move leaves zeros behind: what an agent frees in bulk (the JSON text of a tool call's
- *   arguments, JSON.stringify's buffer as it grows) is the conversation again, left in new
- *   places each turn, and a checkpoint stores every page that differs from the image;
- * - blocks of 513 bytes to 16 KiB (a message's string) come from 32 KiB pages whose slots
- *   are bits in a table apart, lowest free slot first: libc's malloc leaves a free-list
- *   link in every freed block, different each turn, beside live messages, so every
- *   checkpoint re-stored chunks of the conversation. Here what memory holds after a turn
- *   depends on the live blocks only. (The Python runtime's runtime.c does the same.) */
-extern size_t malloc_usable_size(void *);
-#define ZERO_FREED_MIN 256
-/* Through a volatile pointer: a memset the compiler sees followed by free() is a dead
- * store it deletes. */
-static void *(*volatile wipe)(void *, int, size_t) = memset;
-
+ * and what a checkpoint needs (guest_sdk/runtime_alloc.h, shared with the Python runtime):
+ * freed blocks of ZERO_FREED_MIN bytes or more are zeroed (and what a growing block that
+ * has to move leaves behind), and blocks of 513 bytes to 16 KiB (a message's string) come
+ * from the page allocator. */
 #define MID_MIN 513
-#define MID_MAX 16384
-#define MID_SHIFT 15
-#define MID_PAGE (1u << MID_SHIFT)
-#define MID_NCLASS 5
-#define MID_MAXPAGES 8192 /* 256 MiB of them: past it, requests go to libc */
-static const uint32_t mid_sizes[MID_NCLASS] = {1024, 2048, 4096, 8192, 16384};
-static uint8_t mid_class[(1u << (32 - MID_SHIFT))]; /* class + 1 of each 32 KiB page; 0: not a mid page */
-static uint8_t *mid_pages[MID_NCLASS][MID_MAXPAGES];
-static uint32_t mid_bits[MID_NCLASS][MID_MAXPAGES];  /* bit i: slot i handed out */
-static uint32_t mid_count[MID_NCLASS], mid_total;
-static uint8_t *mid_next, *mid_end;
-
-static inline int from_mid(const void *p) { return p && mid_class[(uintptr_t)p >> MID_SHIFT] != 0; }
-static inline size_t mid_size(const void *p) { return mid_sizes[mid_class[(uintptr_t)p >> MID_SHIFT] - 1u]; }
-
-static void *m_malloc(size_t n) {
-    unsigned c = 0;
-    while (mid_sizes[c] < n) c++;
-    uint32_t slots = MID_PAGE / mid_sizes[c], full = slots == 32 ? 0xFFFFFFFFu : (1u << slots) - 1;
-    for (uint32_t i = 0; i < mid_count[c]; i++) {
-        uint32_t b = mid_bits[c][i];
-        if (b == full) continue;
-        unsigned k = (unsigned)__builtin_ctz(~b);
-        mid_bits[c][i] = b | (1u << k);
-        return mid_pages[c][i] + (size_t)k * mid_sizes[c];
-    }
-    if (mid_total >= MID_MAXPAGES) return NULL;
-    if (mid_end - mid_next < (ptrdiff_t)MID_PAGE) {
-        uint8_t *r = malloc(8 * MID_PAGE + MID_PAGE);
-        if (!r) return NULL;
-        mid_next = (uint8_t *)(((uintptr_t)r + MID_PAGE - 1) & ~(uintptr_t)(MID_PAGE - 1));
-        mid_end = mid_next + 8 * MID_PAGE;
-    }
-    uint8_t *pg = mid_next;
-    mid_next += MID_PAGE;
-    mid_class[(uintptr_t)pg >> MID_SHIFT] = (uint8_t)(c + 1);
-    mid_total++;
-    mid_pages[c][mid_count[c]] = pg;
-    mid_bits[c][mid_count[c]++] = 1;
-    return pg;
-}
-
-static void m_free(void *p) {
-    unsigned c = mid_class[(uintptr_t)p >> MID_SHIFT] - 1u;
-    uint8_t *pg = (uint8_t *)((uintptr_t)p & ~(uintptr_t)(MID_PAGE - 1));
-    wipe(p, 0, mid_sizes[c]);
-    for (uint32_t i = 0; i < mid_count[c]; i++)
-        if (mid_pages[c][i] == pg) { mid_bits[c][i] &= ~(1u << ((uint32_t)((uint8_t *)p - pg) / mid_sizes[c])); return; }
-}
+#include "runtime_alloc.h"
+/* No region for new pages: libc's malloc serves the request (or fails it: fail_oom). */
+static void *mid_region_failed(void) { return NULL; }
 
 static void *qjs_malloc(void *o, size_t s) {
     (void)o;
-    void *p = s >= MID_MIN && s <= MID_MAX ? m_malloc(s) : NULL;
+    void *p = in_mid_range(s) ? m_malloc(s) : NULL;
     if (!p) p = malloc(s);
     if (!p && s) fail_oom(s);
     return p;
@@ -176,7 +117,7 @@ static void *qjs_malloc(void *o, size_t s) {
 static void *qjs_calloc(void *o, size_t c, size_t s) {
     if (s && c > SIZE_MAX / s) fail_oom(SIZE_MAX);
     size_t n = c * s;
-    if (n >= MID_MIN && n <= MID_MAX) {
+    if (in_mid_range(n)) {
         void *p = qjs_malloc(o, n);
         memset(p, 0, n);
         return p;
@@ -193,23 +134,23 @@ static void qjs_free(void *o, void *p) {
     if (n >= ZERO_FREED_MIN) wipe(p, 0, n);
     free(p);
 }
+static size_t qjs_usable(const void *p) { return from_mid(p) ? mid_size(p) : malloc_usable_size((void *)p); }
 static void *qjs_realloc(void *o, void *p, size_t s) {
     if (!p) return qjs_malloc(o, s);
     if (!s) { qjs_free(o, p); return NULL; }
-    size_t old = from_mid(p) ? mid_size(p) : malloc_usable_size(p);
-    if (from_mid(p) ? !(s <= old && s > old / 2) : (s > old && old >= ZERO_FREED_MIN)) {
+    if (from_mid(p) && m_resize_in_place(p, s)) return p;
+    size_t old = qjs_usable(p);
+    if (from_mid(p) || (s > old && old >= ZERO_FREED_MIN)) { /* a move: the old block is zeroed */
         void *q = qjs_malloc(o, s);
         memcpy(q, p, s < old ? s : old);
         qjs_free(o, p);
         return q;
     }
-    if (s < old && (from_mid(p) || old - s >= ZERO_FREED_MIN)) wipe((uint8_t *)p + s, 0, old - s); /* the tail given back */
-    if (from_mid(p)) return p;
+    if (s < old && old - s >= ZERO_FREED_MIN) wipe((uint8_t *)p + s, 0, old - s); /* the tail given back */
     void *q = realloc(p, s);
     if (!q) fail_oom(s);
     return q;
 }
-static size_t qjs_usable(const void *p) { return from_mid(p) ? mid_size(p) : malloc_usable_size((void *)p); }
 static const JSMallocFunctions qjs_mf = {qjs_calloc, qjs_malloc, qjs_free, qjs_realloc, qjs_usable};
 
 /* ---- the native functions behind the torpor module ------------------------- */

@@ -48,6 +48,13 @@ _Noreturn static void fail_oom(void) {
     torpor_sys_abort(1, msg, (int32_t)(sizeof msg - 1));
 }
 
+/* Zeroing what is freed (ZERO_FREED_MIN, wipe) and the page allocator of blocks above the
+ * small-object pools' SMALL_MAX, up to 16 KiB (m_malloc): shared with the JS runtime. */
+#define MID_MIN 513 /* SMALL_MAX + 1 */
+#include "runtime_alloc.h"
+/* No region for new pages: the agent is out of memory (its budget), at once. */
+static void *mid_region_failed(void) { fail_oom(); }
+
 /* Python's allocators over libc's, except that a failed allocation ends the agent as
  * `memory_limit` (a MemoryError half-way through the interpreter's own bookkeeping is not
  * something an agent can recover from reliably). Requests Python itself refuses (larger
@@ -68,11 +75,7 @@ static void *a_calloc(void *ctx, size_t c, size_t s) { (void)ctx; void *p = call
  * made each turn's new chunks grow with the conversation (issue 23's failure, re-run for
  * Python). Zeroed, it is runs of zeros: one chunk, compressed to nothing. Small objects
  * stay in their pools (s_free), reused in place. */
-#define ZERO_FREED_MIN 256
 static inline int zero_block(size_t n) { return zero_freed || n >= ZERO_FREED_MIN; }
-/* Through a volatile pointer: a memset the compiler sees followed by free() is a dead
- * store it deletes (it did: the build's "zeroed" garbage and every freed message stayed). */
-static void *(*volatile wipe)(void *, int, size_t) = memset;
 static void a_free(void *ctx, void *p) {
     (void)ctx;
     if (p) {
@@ -194,66 +197,16 @@ static pool_t *new_pool(unsigned c) {
     return pl;
 }
 
-/* ---- mid-size blocks (513 bytes to 16 KiB): slots found by a bitmap kept apart -------- */
+/* ---- mid-size blocks (513 bytes to 16 KiB): guest_sdk/runtime_alloc.h's pages -------- */
 
 /* A conversation's messages are blocks of a few KiB that live for the whole run, and each
- * tool call makes and frees as many again (json.dumps' escaped copy of every message). Under
- * libc's malloc a freed block keeps a free-list link that changes every turn, beside live
- * messages: each checkpoint re-stored, in content chunks, more of the conversation every
- * turn. Here a slot's state is one bit in a table apart, and a request takes the lowest free
- * slot of the first page with room: what memory holds after a turn depends on the live
- * blocks only, and a freed slot is zeros. */
-#define MID_MAX 16384
-#define MID_SHIFT 15 /* 32 KiB pages, carved from 256 KiB regions */
-#define MID_PAGE (1u << MID_SHIFT)
-#define MID_NCLASS 5
-#define MID_MAXPAGES 8192 /* 256 MiB of them: past it, requests go to libc */
-static const uint32_t mid_sizes[MID_NCLASS] = {1024, 2048, 4096, 8192, 16384};
-static uint8_t mid_class[(1u << (32 - MID_SHIFT))]; /* class + 1 of each 32 KiB page; 0: not a mid page */
-static uint8_t *mid_pages[MID_NCLASS][MID_MAXPAGES];
-static uint32_t mid_bits[MID_NCLASS][MID_MAXPAGES];  /* bit i: slot i handed out */
-static uint32_t mid_count[MID_NCLASS], mid_total;
-static uint8_t *mid_next, *mid_end;
-
-static inline int from_mid(const void *p) { return mid_class[(uintptr_t)p >> MID_SHIFT] != 0; }
-
-static void *m_malloc(size_t n) {
-    unsigned c = 0;
-    while (mid_sizes[c] < n) c++;
-    uint32_t slots = MID_PAGE / mid_sizes[c], full = slots == 32 ? 0xFFFFFFFFu : (1u << slots) - 1;
-    for (uint32_t i = 0; i < mid_count[c]; i++) {
-        uint32_t b = mid_bits[c][i];
-        if (b == full) continue;
-        unsigned k = (unsigned)__builtin_ctz(~b);
-        mid_bits[c][i] = b | (1u << k);
-        return mid_pages[c][i] + (size_t)k * mid_sizes[c];
-    }
-    if (mid_total >= MID_MAXPAGES) return NULL;
-    if (mid_end - mid_next < (ptrdiff_t)MID_PAGE) {
-        uint8_t *r = malloc(8 * MID_PAGE + MID_PAGE);
-        if (!r) fail_oom();
-        mid_next = (uint8_t *)(((uintptr_t)r + MID_PAGE - 1) & ~(uintptr_t)(MID_PAGE - 1));
-        mid_end = mid_next + 8 * MID_PAGE;
-    }
-    uint8_t *pg = mid_next;
-    mid_next += MID_PAGE;
-    mid_class[(uintptr_t)pg >> MID_SHIFT] = (uint8_t)(c + 1);
-    mid_total++;
-    mid_pages[c][mid_count[c]] = pg;
-    mid_bits[c][mid_count[c]++] = 1;
-    return pg;
-}
-
-static void m_free(void *p) {
-    unsigned c = mid_class[(uintptr_t)p >> MID_SHIFT] - 1u;
-    uint8_t *pg = (uint8_t *)((uintptr_t)p & ~(uintptr_t)(MID_PAGE - 1));
-    wipe(p, 0, mid_sizes[c]);
-    for (uint32_t i = 0; i < mid_count[c]; i++)
-        if (mid_pages[c][i] == pg) { mid_bits[c][i] &= ~(1u << ((uint32_t)((uint8_t *)p - pg) / mid_sizes[c])); return; }
-}
+ * tool call makes and frees as many again (json.dumps' escaped copy of every message):
+ * they come from the shared page allocator, so what memory holds after a turn depends on
+ * the live blocks only, and a freed slot is zeros. */
+_Static_assert(MID_MIN == SMALL_MAX + 1, "the page allocator starts where the pools end");
 
 static void *s_malloc(void *ctx, size_t n) {
-    if (n > SMALL_MAX && n <= MID_MAX) {
+    if (in_mid_range(n)) {
         void *m = m_malloc(n);
         return m ? m : a_malloc(ctx, n);
     }
@@ -303,11 +256,8 @@ static void *s_calloc(void *ctx, size_t c, size_t s) {
 static void *s_realloc(void *ctx, void *p, size_t n) {
     if (!p) return s_malloc(ctx, n);
     if (from_mid(p)) {
-        size_t size = mid_sizes[mid_class[(uintptr_t)p >> MID_SHIFT] - 1u];
-        if (n <= size && n > size / 2) {
-            wipe((uint8_t *)p + n, 0, size - n); /* what a shrink gives back holds nothing */
-            return p;
-        }
+        if (m_resize_in_place(p, n)) return p;
+        size_t size = mid_size(p);
         void *q = s_malloc(ctx, n);
         memcpy(q, p, n < size ? n : size);
         m_free(p);
