@@ -34,17 +34,21 @@ def test_a_change_of_the_header_changes_both_runtime_keys(tmp_path: Path, monkey
     assert after[0] != before[0] and after[1] != before[1]
 
 
-def test_both_drivers_take_the_page_allocator_from_the_shared_header() -> None:
+def test_both_drivers_take_their_allocator_from_the_shared_header() -> None:
     assert grb.SHARED_ALLOC_HEADER == SDK / "runtime_alloc.h"
     header = grb.SHARED_ALLOC_HEADER.read_text()
-    assert "static void *m_malloc(size_t n)" in header and "static void m_free(void *p)" in header
+    for own in ("static void *m_malloc(size_t n)", "static void *p_malloc(size_t n)", "static void *t_malloc(size_t n)",
+                "static void wipe_dead_stack(void)"):
+        assert own in header, own
     for driver in (SDK / "js" / "runtime.c", SDK / "python" / "runtime.c"):
         text = driver.read_text()
         assert '#include "runtime_alloc.h"' in text
-        # the hook the header asks for, and none of the allocator's own definitions
-        assert "static void *mid_region_failed(void) {" in text, driver
-        for own in ("static void *m_malloc(", "static void m_free(", "mid_bits[", "volatile wipe"):
+        # the one hook the header asks for, and none of the allocator's own definitions
+        assert "static void alloc_failed(size_t n) {" in text, driver
+        for own in ("m_malloc(size_t", "p_malloc(size_t", "mid_bits[", "pool_room[", "volatile wipe", "class_sizes[] ="):
             assert own not in text, (driver, own)
+    # QuickJS's own arena of small blocks is bypassed: every block is the runtime's
+    assert "#define __SANITIZE_ADDRESS__ 1\n#include \"quickjs.c\"" in (SDK / "js" / "qjs_link.c").read_text()
 
 
 def test_a_change_of_the_allocator_header_changes_both_runtime_keys(tmp_path: Path,

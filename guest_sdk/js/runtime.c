@@ -96,61 +96,23 @@ _Noreturn static void fail_oom(size_t n) {
     torpor_sys_abort(1, msg, (int32_t)(sizeof msg - 1));
 }
 
-/* QuickJS's allocator: libc's, except that running out ends the agent as `memory_limit`
- * at once (the only deterministic answer: a half-built object graph cannot be trusted),
- * and what a checkpoint needs (guest_sdk/runtime_alloc.h, shared with the Python runtime):
- * freed blocks of ZERO_FREED_MIN bytes or more are zeroed (and what a growing block that
- * has to move leaves behind), and blocks of 513 bytes to 16 KiB (a message's string) come
- * from the page allocator. */
-#define MID_MIN 513
+/* QuickJS's allocator and this driver's: guest_sdk/runtime_alloc.h (shared with the Python
+ * runtime), which keeps what memory holds after a turn a function of the live blocks
+ * (freed blocks zeroed; small ones from pools and mid-size ones from pages, lowest free
+ * slot first), and ends the agent as `memory_limit` at once when memory runs out (the only
+ * deterministic answer: a half-built object graph cannot be trusted). */
 #include "runtime_alloc.h"
-/* No region for new pages: libc's malloc serves the request (or fails it: fail_oom). */
-static void *mid_region_failed(void) { return NULL; }
+_Noreturn static void alloc_failed(size_t n) { fail_oom(n); }
 
-static void *qjs_malloc(void *o, size_t s) {
-    (void)o;
-    void *p = in_mid_range(s) ? m_malloc(s) : NULL;
-    if (!p) p = malloc(s);
-    if (!p && s) fail_oom(s);
-    return p;
-}
-static void *qjs_calloc(void *o, size_t c, size_t s) {
-    if (s && c > SIZE_MAX / s) fail_oom(SIZE_MAX);
-    size_t n = c * s;
-    if (in_mid_range(n)) {
-        void *p = qjs_malloc(o, n);
-        memset(p, 0, n);
-        return p;
-    }
-    void *p = calloc(c, s);
-    if (!p && c && s) fail_oom(n);
-    return p;
-}
-static void qjs_free(void *o, void *p) {
-    (void)o;
-    if (!p) return;
-    if (from_mid(p)) { m_free(p); return; }
-    size_t n = malloc_usable_size(p);
-    if (n >= ZERO_FREED_MIN) wipe(p, 0, n);
-    free(p);
-}
-static size_t qjs_usable(const void *p) { return from_mid(p) ? mid_size(p) : malloc_usable_size((void *)p); }
+static void *qjs_malloc(void *o, size_t s) { (void)o; return t_malloc(s); }
+static void *qjs_calloc(void *o, size_t c, size_t s) { (void)o; return t_calloc(c, s); }
+static void qjs_free(void *o, void *p) { (void)o; t_free(p); }
 static void *qjs_realloc(void *o, void *p, size_t s) {
-    if (!p) return qjs_malloc(o, s);
-    if (!s) { qjs_free(o, p); return NULL; }
-    if (from_mid(p) && m_resize_in_place(p, s)) return p;
-    size_t old = qjs_usable(p);
-    if (from_mid(p) || (s > old && old >= ZERO_FREED_MIN)) { /* a move: the old block is zeroed */
-        void *q = qjs_malloc(o, s);
-        memcpy(q, p, s < old ? s : old);
-        qjs_free(o, p);
-        return q;
-    }
-    if (s < old && old - s >= ZERO_FREED_MIN) wipe((uint8_t *)p + s, 0, old - s); /* the tail given back */
-    void *q = realloc(p, s);
-    if (!q) fail_oom(s);
-    return q;
+    (void)o;
+    if (p && !s) { t_free(p); return NULL; }
+    return t_realloc(p, s);
 }
+static size_t qjs_usable(const void *p) { return t_usable(p); }
 static const JSMallocFunctions qjs_mf = {qjs_calloc, qjs_malloc, qjs_free, qjs_realloc, qjs_usable};
 
 /* ---- the native functions behind the torpor module ------------------------- */
@@ -159,11 +121,10 @@ static JSValue n_input(JSContext *c, JSValueConst this_val, int argc, JSValueCon
     (void)this_val; (void)argc; (void)argv;
     int32_t n = torpor_sys_input_len();
     if (n <= 0) return JS_NewString(c, "");
-    char *buf = malloc((size_t)n);
-    if (!buf) fail_oom((size_t)n);
+    char *buf = t_malloc((size_t)n);
     int32_t got = torpor_sys_input_read(buf, n);
     JSValue s = JS_NewStringLen(c, buf, got > 0 ? (size_t)got : 0);
-    free(buf);
+    t_free(buf);
     return s;
 }
 
@@ -196,14 +157,13 @@ static JSValue n_call(JSContext *c, JSValueConst this_val, int argc, JSValueCons
     if (argc < 2) return JS_ThrowTypeError(c, "call(name, args)");
     if (queue_len >= TORPOR_JS_MAX_PENDING)
         return JS_ThrowRangeError(c, "torpor.tool: more than %d tool calls are waiting at once", TORPOR_JS_MAX_PENDING);
-    pending_call *pc = calloc(1, sizeof *pc);
-    if (!pc) fail_oom(sizeof *pc);
+    pending_call *pc = t_calloc(1, sizeof *pc);
     pc->name = JS_ToCStringLen(c, &pc->name_len, argv[0]);
     pc->args = pc->name ? JS_ToCStringLen(c, &pc->args_len, argv[1]) : NULL;
-    if (!pc->args) { JS_FreeCString(c, pc->name); free(pc); return JS_EXCEPTION; }
+    if (!pc->args) { JS_FreeCString(c, pc->name); t_free(pc); return JS_EXCEPTION; }
     JSValue funcs[2];
     JSValue promise = JS_NewPromiseCapability(c, funcs);
-    if (JS_IsException(promise)) { JS_FreeCString(c, pc->name); JS_FreeCString(c, pc->args); free(pc); return promise; }
+    if (JS_IsException(promise)) { JS_FreeCString(c, pc->name); JS_FreeCString(c, pc->args); t_free(pc); return promise; }
     pc->resolve = funcs[0];
     pc->reject = funcs[1];
     if (queue_tail) queue_tail->next = pc; else queue_head = pc;
@@ -428,6 +388,7 @@ EXPORT("torpor_js_init") int torpor_js_init(const char *lib, int32_t lib_len, co
     if (code >= 0 && note[0]) cycle_note = note; else free(note);
     building = 0;
     JS_RunGC(rt);
+    wipe_dead_stack(); /* the compiler's dead frames are no part of the image */
     initialized = 1;
     return 0;
 }
@@ -437,18 +398,18 @@ EXPORT("torpor_js_init") int torpor_js_init(const char *lib, int32_t lib_len, co
 /* The one place tool_call is made; Asyncify instruments only this, run_loop and
  * torpor_main. */
 NOINLINE static int32_t issue_call(pending_call *pc) {
+    wipe_dead_stack(); /* the interpreter's dead frames are no part of the checkpoint */
     return torpor_sys_tool_call(pc->name, (int32_t)pc->name_len, pc->args, (int32_t)pc->args_len);
 }
 
 static void settle(pending_call *pc, int32_t code) {
     int32_t n = torpor_sys_response_len();
-    char *buf = malloc(n > 0 ? (size_t)n : 1);
-    if (!buf) fail_oom((size_t)n);
+    char *buf = t_malloc(n > 0 ? (size_t)n : 1);
     int32_t got = n > 0 ? torpor_sys_response_read(buf, n) : 0;
     JSValue pair = JS_NewArray(ctx);
     JS_SetPropertyUint32(ctx, pair, 0, JS_NewInt32(ctx, code));
     JS_SetPropertyUint32(ctx, pair, 1, JS_NewStringLen(ctx, buf, got > 0 ? (size_t)got : 0));
-    free(buf);
+    t_free(buf);
     JSValue r = JS_Call(ctx, pc->resolve, JS_UNDEFINED, 1, (JSValueConst *)&pair);
     JS_FreeValue(ctx, r);
     JS_FreeValue(ctx, pair);
@@ -456,7 +417,7 @@ static void settle(pending_call *pc, int32_t code) {
     JS_FreeValue(ctx, pc->reject);
     JS_FreeCString(ctx, pc->name);
     JS_FreeCString(ctx, pc->args);
-    free(pc);
+    t_free(pc);
 }
 
 static int drain_jobs(void) {
@@ -494,11 +455,10 @@ static void seed_random(void) {
     uint64_t seed = __torpor_seed;
     if (seed == 0) {
         int32_t n = torpor_sys_input_len();
-        char *buf = malloc(n > 0 ? (size_t)n : 1);
-        if (!buf) fail_oom((size_t)n);
+        char *buf = t_malloc(n > 0 ? (size_t)n : 1);
         int32_t got = n > 0 ? torpor_sys_input_read(buf, n) : 0;
         seed = fnv1a((const uint8_t *)buf, got > 0 ? (size_t)got : 0, 0xcbf29ce484222325ULL);
-        free(buf);
+        t_free(buf);
     }
     rng_state = seed ? seed : 1;
 }
