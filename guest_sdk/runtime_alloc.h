@@ -266,18 +266,23 @@ static void l_free(void *p) {
     if (zero_libc_block(n)) wipe(p, 0, n);
     free(p);
 }
+/* libc's realloc is called only for blocks not worth zeroing: a shrink or a growth of a
+ * larger one may move it, and libc would leave the old block whole (seen: a stale copy of
+ * the conversation's JSON, the buffer json.dumps and JSON.stringify shrink at their end,
+ * in every checkpoint beside the live one). Here a move is malloc, copy and l_free; a
+ * shrink to half the block or more stays in place, its tail zeroed. */
 static void *l_realloc(void *p, size_t n) {
     if (!n) n = 1;
     size_t old = p ? malloc_usable_size(p) : 0;
     if (p && zero_libc_block(old)) {
-        if (n <= old) {
+        if (n <= old && n >= old / 2) {
             wipe((uint8_t *)p + n, 0, old - n); /* the tail a shrink gives back */
-        } else {                                  /* a move leaves the old block behind: zero it */
-            void *q = l_malloc(n);
-            memcpy(q, p, old);
-            l_free(p);
-            return q;
+            return p;
         }
+        void *q = l_malloc(n);
+        memcpy(q, p, n < old ? n : old);
+        l_free(p);
+        return q;
     }
     void *q = realloc(p, n);
     if (!q) alloc_failed(n);
