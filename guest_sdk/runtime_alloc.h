@@ -1,5 +1,6 @@
-/* The allocator pieces the JavaScript and Python runtimes share (guest_sdk/js/runtime.c,
- * guest_sdk/python/runtime.c): zeroing what is freed, and the mid-size page allocator.
+/* The one allocator of the JavaScript and Python runtimes (guest_sdk/js/runtime.c,
+ * guest_sdk/python/runtime.c): small blocks from pools, mid-size ones from pages, the rest
+ * from libc, what is freed zeroed; and the wipe of the dead C stack before a suspension.
  *
  * Why (issue 23's failure, re-run for both languages: what a turn of a conversation stored
  * grew with the conversation): a checkpoint stores every page that differs from the
@@ -15,7 +16,7 @@
  *   with room first: what memory holds after a turn depends on the live blocks only.
  *
  * One header so that the two runtimes cannot drift apart; both builds hash it into their
- * cache keys (host/sandbox/guest_runtime_build.py: SHARED_HEADERS), so a change here
+ * cache keys (host/sandbox/guest_runtime_build.py: shared_headers), so a change here
  * rebuilds both. The includer defines alloc_failed(n), what running out of memory does
  * (both end the agent as memory_limit, each with its language's message), and takes its
  * interpreter's allocations from t_malloc, t_calloc, t_realloc, t_free and t_usable.
