@@ -8,10 +8,11 @@ of 2,000 bytes in real Wasmtime; every turn's checkpoint is encoded as the host 
 (``encode_checkpoint`` against the pristine image) and the chunks no earlier checkpoint
 held are counted, compressed as the store keeps them (the checkpoints' chunks only: the
 journal's are the host's and already linear). What a turn adds from 20 to 40 must not be
-much more than what it added from 10 to 20, and stays under 30 KB. Measured here with the
+much more than what it added from 10 to 20, and stays under 20 KB. Measured here with the
 runtimes before the fix: Python 31.1 KB a turn from 10 to 20 and 49.9 KB from 20 to 40,
 JavaScript 37.6 and 38.9 KB (both fail); after: Python 17.7 and 21.0, JavaScript 22.4
-and 23.9. The whole store's figures are the benchmark's (``bench/RESULTS.md``, "Long
+and 23.9; with the one allocator of guest_sdk/runtime_alloc.h (QuickJS's own arena
+bypassed, dead frames zeroed): Python 13.9 and 15.4, JavaScript 13.5 and 13.7. The whole store's figures are the benchmark's (``bench/RESULTS.md``, "Long
 conversations").
 """
 
@@ -59,5 +60,5 @@ def test_what_a_turn_stores_does_not_grow_with_the_conversation(host: Host, bund
     added = _added_per_turn(host, bundles, agent)
     early = sum(added[k] for k in range(11, 21)) / 10
     late = sum(added[k] for k in range(21, TURNS + 1)) / (TURNS - 20)
-    assert late <= 30_000, (agent, early, late)
-    assert late <= early * 1.35, (agent, early, late)
+    assert late <= 20_000, (agent, early, late)
+    assert late <= early * 1.25, (agent, early, late)

@@ -311,7 +311,7 @@ def test_redteam_the_wall_clock_holds_while_the_host_works_inside_calls(host: Ho
     log lines in a loop) is ended by the wall clock, at about its budget. The
     same module under a 2 s policy (the compile is the module's, so it is cached)."""
     policy = hostile.policy_text.replace('wall_clock = "60s"', 'wall_clock = "2s"').replace(
-        "fuel = 400_000_000", "fuel = 1_000_000_000_000")
+        "fuel = 500_000_000", "fuel = 1_000_000_000_000")
     short = bundle_mod.load_bytes(bundle_mod.pack(hostile.module, policy))
     t0 = time.monotonic()
     res = run(host, short, {"mode": mode})

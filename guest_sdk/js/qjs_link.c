@@ -7,6 +7,15 @@
  * export, or an `export *` that resolves in a circle, is a build error naming the module,
  * and the linked environments are part of the pristine image (a spawn does not link).
  */
+/* Every allocation through the runtime's JSMallocFunctions (runtime.c: the pools and pages
+ * of guest_sdk/runtime_alloc.h), none through QuickJS's own arena of small blocks: that one
+ * keeps a LIFO free list threaded through freed blocks, which it does not zero, so the
+ * objects a turn made and dropped left their contents and a link that changes every turn
+ * scattered over the heap, and every checkpoint re-stored the chunks around them (a third
+ * of what a turn of a conversation stored). QuickJS-ng takes the per-block path when built
+ * for AddressSanitizer; that is the only thing the macro changes in its sources (dtoa.c's
+ * one use is disabled). */
+#define __SANITIZE_ADDRESS__ 1
 #include "quickjs.c"
 
 int torpor_qjs_link(JSContext *ctx, JSValueConst module) {

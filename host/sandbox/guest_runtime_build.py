@@ -30,7 +30,15 @@ from host.sandbox import abi, isolation, preinit
 #: The ABI declarations both runtimes' drivers include (``guest_sdk/runtime_abi.h``): its
 #: directory is on both compile lines and its bytes in both cache keys.
 SHARED_ABI_HEADER = Path(__file__).resolve().parents[2] / "guest_sdk" / "runtime_abi.h"
+#: The allocator both drivers include (zeroing freed blocks, the mid-size pages), beside it.
+SHARED_ALLOC_HEADER = SHARED_ABI_HEADER.with_name("runtime_alloc.h")
 SHARED_INCLUDE = f"-I{SHARED_ABI_HEADER.parent}"
+
+
+def shared_headers() -> bytes:
+    """The bytes of every header both runtimes include, for their cache keys: a change of
+    one rebuilds both."""
+    return b"\0".join(path.read_bytes() for path in (SHARED_ABI_HEADER, SHARED_ALLOC_HEADER))
 
 
 def cache_dir(kind: str, env: str) -> Path:

