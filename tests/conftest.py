@@ -173,3 +173,24 @@ def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object
     with NatsStore.open(cluster.url, tmp_path / "copy", stream=f"T{uuid.uuid4().hex[:12]}", replicas=3,
                         timeout=30.0) as s:
         yield s
+
+
+def store_entries(db: Path, name: bytes) -> int:
+    """The entries of one of a store's LMDB databases (``checkpoints``, ``agents``...), read
+    from outside while a host process writes it: 0 until it exists, or while the writer
+    grows its map (the next look reopens)."""
+    import lmdb
+
+    if not (db / "data.mdb").exists():
+        return 0
+    try:
+        env = lmdb.open(str(db), max_dbs=32, readonly=True, lock=True)
+    except lmdb.Error:
+        return 0
+    try:
+        with env.begin() as txn:  # a named db opened in a read txn is valid only in it
+            return int(txn.stat(env.open_db(name, txn=txn, create=False))["entries"])
+    except lmdb.Error:
+        return 0
+    finally:
+        env.close()

@@ -21,32 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-import lmdb
 import pytest
-from conftest import BundleFactory
+from conftest import BundleFactory, store_entries
 
 N = 200
 
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "host.cli", *args]
-
-
-def _entries(db: Path, name: bytes) -> int:
-    """The entries of one of the store's databases (agents, checkpoints), read from outside."""
-    if not (db / "data.mdb").exists():
-        return 0
-    try:
-        env = lmdb.open(str(db), max_dbs=32, readonly=True, lock=True)
-    except lmdb.Error:
-        return 0
-    try:
-        with env.begin() as txn:
-            return int(txn.stat(env.open_db(name, txn=txn, create=False))["entries"])
-    except lmdb.Error:
-        return 0
-    finally:
-        env.close()
 
 
 @pytest.mark.parametrize(("durability", "trials"), [("sync", 3), ("process", 2)])
@@ -70,10 +52,10 @@ def test_one_of_two_hosts_killed_mid_run(bundles: BundleFactory, tmp_path: Path,
         victim = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         other = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
-        while victim.poll() is None and _entries(store / "db", b"agents") < 3 and time.monotonic() < deadline:
+        while victim.poll() is None and store_entries(store / "db", b"agents") < 3 and time.monotonic() < deadline:
             time.sleep(0.001)  # both runs' agents recorded
-        target = _entries(store / "db", b"checkpoints") + rng.randint(5, N // 2)  # then both runs' calls, interleaved
-        while victim.poll() is None and _entries(store / "db", b"checkpoints") < target and time.monotonic() < deadline:
+        target = store_entries(store / "db", b"checkpoints") + rng.randint(5, N // 2)  # then both runs' calls, interleaved
+        while victim.poll() is None and store_entries(store / "db", b"checkpoints") < target and time.monotonic() < deadline:
             time.sleep(0.001)
         killed = victim.poll() is None
         if killed:

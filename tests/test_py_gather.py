@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import lmdb
 import pytest
-from conftest import EXAMPLES, GUESTS, BundleFactory
+from conftest import EXAMPLES, GUESTS, BundleFactory, store_entries
 from conftest import run_agent as run
 
 from host.runtime import Host
@@ -133,22 +132,6 @@ def test_only_agents_that_use_asyncio_carry_it(gather: bundle_mod.Bundle, bundle
     assert len(steps.module) < len(gather.module) - (1 << 20)
 
 
-def _checkpoints(db: Path) -> int:
-    if not (db / "data.mdb").exists():
-        return 0
-    try:
-        env = lmdb.open(str(db), max_dbs=32, readonly=True, lock=True)
-    except lmdb.Error:
-        return 0
-    try:
-        with env.begin() as txn:
-            return int(txn.stat(env.open_db(b"checkpoints", txn=txn, create=False))["entries"])
-    except lmdb.Error:
-        return 0
-    finally:
-        env.close()
-
-
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "host.cli", *args]
 
@@ -176,7 +159,7 @@ def test_sigkill_with_several_calls_pending_then_resume(host: Host, gather: bund
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         target = rng.randint(3, n // 3)
         deadline = time.monotonic() + 120
-        while proc.poll() is None and _checkpoints(store / "db") < target and time.monotonic() < deadline:
+        while proc.poll() is None and store_entries(store / "db", b"checkpoints") < target and time.monotonic() < deadline:
             time.sleep(0.002)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
