@@ -23,9 +23,8 @@ import time
 from pathlib import Path
 
 import anyio
-import lmdb
 import pytest
-from conftest import BundleFactory
+from conftest import BundleFactory, store_entries
 from test_crash_resume import _cli
 
 from host.runtime import tool_call
@@ -35,35 +34,6 @@ from host.trust import audit
 from snapshots.format import decode_snapshot
 
 N, EVERY = 300, 32
-
-
-class _Journal:
-    """Counts the journal entries a running host has committed, reading its LMDB from outside."""
-
-    def __init__(self, db_dir: Path) -> None:
-        self.db_dir = db_dir
-        self.env: lmdb.Environment | None = None
-
-    def count(self) -> int:
-        if self.env is None:
-            if not (self.db_dir / "data.mdb").exists():
-                return 0
-            try:
-                self.env = lmdb.open(str(self.db_dir), max_dbs=32, readonly=True, lock=True)
-            except lmdb.Error:
-                self.close()
-                return 0
-        try:
-            with self.env.begin() as txn:
-                return int(txn.stat(self.env.open_db(b"journal", txn=txn, create=False))["entries"])
-        except lmdb.Error:  # e.g. the host grew its map: reopen on the next look
-            self.close()
-            return 0
-
-    def close(self) -> None:
-        if self.env is not None:
-            self.env.close()
-        self.env = None
 
 
 def cut_mid_run(host: Host, b: bundle_mod.Bundle, calls: int) -> str:
@@ -113,11 +83,9 @@ def test_sigkill_between_checkpoints_then_resume(bundles: BundleFactory, tmp_pat
         proc = subprocess.Popen(_cli("run", bundle, "--input", json.dumps({"n": N}), "--store", str(store), "--json"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         target = rng.randint(EVERY // 2, N // 2)
-        journal = _Journal(store / "db")
         deadline = time.monotonic() + 60
-        while proc.poll() is None and journal.count() < target and time.monotonic() < deadline:
+        while proc.poll() is None and store_entries(store / "db", b"journal") < target and time.monotonic() < deadline:
             time.sleep(0.001)
-        journal.close()
         time.sleep(rng.uniform(0, 0.002))
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
