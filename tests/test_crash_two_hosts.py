@@ -24,16 +24,16 @@ from pathlib import Path
 import pytest
 from conftest import BundleFactory, store_entries
 
-N = 200
-
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "host.cli", *args]
 
 
-@pytest.mark.parametrize(("durability", "trials"), [("sync", 3), ("process", 2)])
+# N: the calls of each run, long enough that both runs' agents are recorded (two CLI start-ups
+# apart) before the first ends: at `process` a call is a fraction of a `sync` one.
+@pytest.mark.parametrize(("durability", "trials", "N"), [("sync", 3, 200), ("process", 2, 2000)])
 def test_one_of_two_hosts_killed_mid_run(bundles: BundleFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                         durability: str, trials: int) -> None:
+                                         durability: str, trials: int, N: int) -> None:
     bundle = str(bundles.example("steps"))
     monkeypatch.delenv("TORPOR_CHECKPOINT_EVERY", raising=False)
     env = {**os.environ, "TORPOR_DURABILITY": durability}
