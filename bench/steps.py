@@ -39,7 +39,7 @@ from bench.rig import (
     no_gc,
     positive,
 )
-from host.errors import TorporError
+from host.errors import ConfigError, TorporError
 from host.sandbox.bundle import Bundle
 from host.sandbox.execution import Completed, Suspended
 from snapshots.lmdb_store import resolve_durability
@@ -333,6 +333,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     agents = positive("--agents", args.agents if args.agents is not None else (4 if args.quick else 64))
     one_n = positive("--one-n", args.one_n if args.one_n is not None else (50 if args.quick else 2000))
     dbos_n = positive("--dbos-n", args.dbos_n if args.dbos_n is not None else (20 if args.quick else 500))
+    processes = positive("--processes", args.processes if args.processes is not None
+                         else min(os.cpu_count() or 1, agents, 2 if args.quick else 64))
+    if processes > agents:  # refused before anything runs: a process with no agent measures nothing
+        raise ConfigError(f"--processes {processes} is more than --agents {agents}: each process needs agents to run")
     dbos_each = min(n, 5 if args.quick else 20)
     engine_n = 2000 if args.quick else 50_000
     engine = make_engine(args.engine)
@@ -345,8 +349,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     one = _runtime_round_trips(b, 1, one_n, None, Progress("one agent", 1, args.progress))
     phased = _runtime_round_trips(b, 1, min(one_n, 1000), None, Progress("phases", 1, args.progress), phases=True)
     rt = _runtime_round_trips(b, agents, n, args.profile, Progress("runtime", agents, args.progress))
-    processes = positive("--processes", args.processes if args.processes is not None
-                         else min(os.cpu_count() or 1, agents, 2 if args.quick else 64))
     spread = (_runtime_across_processes(b, processes, agents, n, Progress("processes", processes, args.progress))
               if processes > 1 else None)
     dbos: dict[str, Any] | None = None

@@ -322,6 +322,7 @@ def test_a_benchmark_runs_as_a_script() -> None:
     ["coldstart", "--n", "0"],
     ["suspend", "--n", "-1"],
     ["steps", "--agents", "0"],
+    ["steps", "--processes", "0"],
     ["cli", "--agents", "0"],
     ["cli", "--rounds", "0"],
     ["serve", "--agents", "0"],
@@ -335,6 +336,14 @@ def test_nonsense_counts_are_one_line_errors(argv: list[str]) -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "must be a positive number" in lines[0], proc.stderr
+
+
+def test_more_host_processes_than_agents_is_refused_before_anything_runs() -> None:
+    proc = subprocess.run([sys.executable, "-m", "host.cli", "bench", "steps", "--agents", "2", "--processes", "3",
+                           "--no-plot"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--processes 3 is more than --agents 2" in lines[0], proc.stderr
 
 
 def test_full_disk_is_a_one_line_error(tmp_path: Path) -> None:
